@@ -1,0 +1,297 @@
+"""``slug``: the command-line entry point.
+
+    slug demo [--concept NAME] [--out DIR]           SLUG on the embedded world (no downloads)
+    slug unlearn --model M --concept C --forget ... --out DIR
+    slug curate --shards SPEC --concept NAME --out DIR
+    slug apply / revert / inspect                    patches
+    slug world names | train | data                  the embedded synthetic world
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("step-size search (spec §4)")
+    g.add_argument("--criterion", default="forget_top5", choices=["forget_top5", "forget_top1"],
+                   help="validation metric that must reach --threshold (default: forget_top5, the official rule)")
+    g.add_argument("--threshold", type=float, default=0.0)
+    g.add_argument("--steps", type=int, default=10, help="evaluations per layer, S (default 10)")
+    g.add_argument("--margin", type=float, default=1.1,
+                   help="applied step = margin x smallest accepted step (default 1.1; 1.0 = official rule)")
+    g.add_argument("--utility-floor", type=float, default=None,
+                   help="also require validation utility top-1 >= base - FLOOR (e.g. 0.01)")
+    g.add_argument("--selection", default="utility", choices=["utility", "mean", "min", "deepest"],
+                   help="how to choose among Pareto layers (default: best validation utility)")
+    g.add_argument("--naive-search", action="store_true",
+                   help="re-evaluate both towers at every step instead of the cached search (for checking)")
+
+
+def _search_cfg(a):
+    from .slug.search import SearchConfig
+
+    return SearchConfig(metric=a.criterion, threshold=a.threshold, steps=a.steps, margin=a.margin,
+                        utility_floor=a.utility_floor, selection=a.selection)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=False, default=None, help="output folder (refused if it holds a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--save-gradients", action="store_true", help="also write gradients.safetensors")
+    _add_search_args(p)
+
+
+def print_summary(result: dict, out: str) -> None:
+    from .report import metrics_table
+
+    m = result["metrics"]
+    print()
+    print(f"SLUG unlearned {result['concept']!r} from {result['model_label']} by editing "
+          f"{result['layer']} (step {result['step_size']:.4g}, relative change {result['relative_change']:.3f})")
+    print(metrics_table(m["before"], m["after"]))
+    t = result["timing_s"]
+    print(f"time: total {t['total']:.1f} s (gradients {t['gradients']:.1f} s, search {t['search']:.1f} s); "
+          f"patch {result['patch']['bytes']:,} bytes = {100 * result['patch']['bytes'] / result['model_bytes']:.2f}% "
+          f"of the model")
+    print(f"outputs: {out}/result.json, report.md, pareto.png, run.json, patch/")
+
+
+def cmd_demo(a) -> int:
+    from .unlearn import UnlearnConfig, run_unlearn
+    from .world.demo_data import default_concept, ensure_world_data
+
+    from .data import world
+    from .data.curate import curate
+
+    concept = a.concept or default_concept()
+    try:
+        concept = world.identity_by_name(concept).name
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    out = Path(a.out or f"runs/demo-{concept.replace(' ', '_')}")
+    from .unlearn import check_out_dir
+
+    check_out_dir(out, a.overwrite)
+    data = ensure_world_data(a.data_dir, progress=not a.no_progress)
+    cur = curate(str(data / "pool"), concept, out / "data", max_forget=100, retain=900, seed=a.seed)
+    cfg = UnlearnConfig(
+        concept=concept, out=str(out), model="embedded", forget=str(out / "data" / "forget.tar"),
+        retain=str(out / "data" / "retain.tar"), val_identities=str(data / "val" / "identities"),
+        test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
+        identity_templates=world.IDENTITY_EVAL_TEMPLATES, utility_val=str(data / "val" / "utility"),
+        utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
+        batch_size=a.batch_size, search=_search_cfg(a), cached_search=not a.naive_search, seed=a.seed,
+        threads=a.threads, device=a.device, overwrite=a.overwrite, progress=not a.no_progress,
+        save_gradients=a.save_gradients)
+    result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
+    print_summary(result, str(out))
+    return 0
+
+
+def cmd_unlearn(a) -> int:
+    from .unlearn import UnlearnConfig, run_unlearn
+
+    if not a.out:
+        print("error: --out is required", file=sys.stderr)
+        return 2
+    cfg = UnlearnConfig(
+        concept=a.concept, out=a.out, model=a.model, pretrained=a.pretrained, forget=a.forget, retain=a.retain,
+        val_identities=a.val_identities, test_identities=a.test_identities, names=a.names,
+        identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
+        utility_val=a.utility_val, utility_test=a.utility_test, utility_classnames=a.utility_classnames,
+        utility_templates=a.utility_templates, forget_samples=a.forget_samples, retain_samples=a.retain_samples,
+        batch_size=a.batch_size, search=_search_cfg(a), cached_search=not a.naive_search, seed=a.seed,
+        threads=a.threads, device=a.device, precision=a.precision, strict=a.strict, overwrite=a.overwrite,
+        progress=not a.no_progress, save_gradients=a.save_gradients)
+    result = run_unlearn(cfg)
+    print_summary(result, a.out)
+    return 0
+
+
+def cmd_curate(a) -> int:
+    from .data.curate import curate
+
+    summary = curate(a.shards, a.concept, a.out, aliases=a.alias or [], max_forget=a.max_forget,
+                     retain=a.retain, seed=a.seed, strict=a.strict, progress=not a.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _load_target(a):
+    """A safetensors state dict (--checkpoint) or a model loaded through the adapter (--model/--pretrained)."""
+    from .patch import load_state_dict_file
+
+    if a.checkpoint:
+        return load_state_dict_file(a.checkpoint), None
+    from .models import load_adapter
+
+    adapter = load_adapter(a.model, a.pretrained)
+    return adapter.model, adapter
+
+
+def _state_of(target):
+    import torch
+
+    if isinstance(target, torch.nn.Module):
+        return {k: v.detach() for k, v in target.state_dict().items()}
+    return target
+
+
+def cmd_apply(a, revert: bool = False) -> int:
+    from .patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
+
+    patches = [load_patch(p) for p in a.patch]
+    target, _ = _load_target(a)
+    if revert:
+        for p in reversed(patches):
+            revert_patch(target, p)
+    else:
+        apply_patches(target, patches)
+    if a.out:
+        save_state_dict_file(_state_of(target), a.out)
+    for p in patches:
+        print(describe(p))
+    verb = "reverted" if revert else "applied"
+    print(f"{verb} {len(patches)} patch(es)" + (f"; wrote {a.out}" if a.out else " (verified; use --out to save)"))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .patch import describe, load_patch
+
+    p = load_patch(a.patch)
+    if a.json:
+        print(json.dumps(p.meta, indent=2, sort_keys=True))
+    else:
+        print(describe(p))
+    return 0
+
+
+def cmd_world(a) -> int:
+    if a.world_cmd == "names":
+        from .data.world import identity_names
+
+        print("\n".join(identity_names()))
+        return 0
+    if a.world_cmd == "train":
+        from .world.train import train_embedded
+
+        kw = {k: v for k, v in (("steps", a.steps), ("threads", a.threads)) if v is not None}
+        report = train_embedded(a.out, seed=a.seed, **kw)
+        print(json.dumps(report, indent=2))
+        return 0
+    if a.world_cmd == "data":
+        from .world.demo_data import ensure_world_data
+
+        print(ensure_world_data(a.out))
+        return 0
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slug", description="Targeted unlearning with SLUG: edit one layer once.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="unlearn an identity from the embedded tiny CLIP (no downloads)")
+    d.add_argument("--concept", default=None, help="identity name (see `slug world names`)")
+    d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
+    _add_run_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
+    u.add_argument("--model", default="embedded", help="open_clip arch (ViT-B-32), hf-hub:/local-dir: id, "
+                                                       "a folder, or 'embedded'")
+    u.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
+    u.add_argument("--precision", default="fp32")
+    u.add_argument("--concept", required=True)
+    u.add_argument("--forget", required=True, help="forget pairs: shards (brace patterns, '::' lists) or a "
+                                                    "captioned folder; e.g. the output of `slug curate`")
+    u.add_argument("--retain", required=True, help="retain pairs: shards or captioned folder")
+    u.add_argument("--forget-samples", type=int, default=None)
+    u.add_argument("--retain-samples", type=int, default=None)
+    u.add_argument("--val-identities", required=True, help="class folder <Name>/*.jpg for the search")
+    u.add_argument("--test-identities", required=True, help="disjoint class folder for the reported metrics")
+    u.add_argument("--names", default=None, help="file with the full identity name list (one per line)")
+    u.add_argument("--identity-template", action="append", default=None,
+                   help="zero-shot identity prompt with {} (repeatable; default the official '{}.')")
+    u.add_argument("--related-names", default=None, help="file: identities that count for related accuracy")
+    u.add_argument("--utility-val", default=None, help="class folder (e.g. ImageNet val subset) for the search")
+    u.add_argument("--utility-test", default=None, help="disjoint class folder for the reported utility")
+    u.add_argument("--utility-classnames", default=None, help="file, or 'imagenet' for open_clip's 1000 names")
+    u.add_argument("--utility-templates", default="imagenet-simple",
+                   help="'imagenet-simple' (7 templates, official), 'imagenet' (80), or a file")
+    u.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
+    _add_run_args(u)
+    u.set_defaults(func=cmd_unlearn)
+
+    c = sub.add_parser("curate", help="build forget/retain sets from shards by whole-word name match")
+    c.add_argument("--shards", required=True)
+    c.add_argument("--concept", required=True)
+    c.add_argument("--alias", action="append", default=None)
+    c.add_argument("--max-forget", type=int, default=None)
+    c.add_argument("--retain", type=int, default=None, help="retain samples to keep (default all non-matches; 0: "
+                                                            "no retain set)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--strict", action="store_true")
+    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_curate)
+
+    for name, rev in (("apply", False), ("revert", True)):
+        ap = sub.add_parser(name, help=f"{name} patch(es) to a model or a safetensors checkpoint")
+        ap.add_argument("--patch", action="append", required=True, help="patch folder (repeatable to compose)")
+        ap.add_argument("--checkpoint", default=None, help="a .safetensors state dict to patch")
+        ap.add_argument("--model", default="embedded")
+        ap.add_argument("--pretrained", default=None)
+        ap.add_argument("--out", default=None, help="write the resulting state dict (.safetensors)")
+        ap.set_defaults(func=(lambda a, r=rev: cmd_apply(a, revert=r)))
+
+    i = sub.add_parser("inspect", help="describe a patch")
+    i.add_argument("patch")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    w = sub.add_parser("world", help="the embedded synthetic world")
+    wsub = w.add_subparsers(dest="world_cmd", required=True)
+    wsub.add_parser("names", help="print the identity names")
+    wt = wsub.add_parser("train", help="train the embedded tiny CLIP")
+    wt.add_argument("--out", required=True)
+    wt.add_argument("--steps", type=int, default=None)
+    wt.add_argument("--seed", type=int, default=0)
+    wt.add_argument("--threads", type=int, default=None)
+    wdd = wsub.add_parser("data", help="write the world's shards and folders")
+    wdd.add_argument("--out", default=None)
+    w.set_defaults(func=cmd_world)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from .data.curate import EmptyForgetSetError
+    from .data.shards import ShardError
+    from .models.base import ModelLoadError
+    from .patch import PatchError
+    from .slug.search import SearchFailed
+    from .unlearn import OutputExistsError
+
+    try:
+        return a.func(a)
+    except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

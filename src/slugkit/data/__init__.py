@@ -1,0 +1,1 @@
+"""Data: webdataset shards, image folders, curation, and the embedded synthetic world."""

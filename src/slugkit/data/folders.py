@@ -1,0 +1,119 @@
+"""Image folders: captioned folders (forget/retain pairs) and class folders (zero-shot evaluation).
+
+* **Captioned folder** — ``root/**/<stem>.<jpg|jpeg|png|webp>`` with a sidecar ``<stem>.txt`` caption, the layout
+  img2dataset writes with ``--output_format files``. Images without a caption are skipped and counted (an error under
+  ``strict``).
+* **Class folder** (torchvision ``ImageFolder`` layout) — ``root/<class_dir>/*.jpg``; classes are the sorted
+  sub-directory names. Class *names* (what the zero-shot prompts say) come from ``root/classnames.txt`` (one per line,
+  in sorted-directory order), else from the directory names with ``_`` replaced by spaces (CelebA-style
+  ``Elon_Musk`` → ``Elon Musk``). For ImageNet, pass ``classnames="imagenet"`` to use open_clip's 1000 class names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .shards import IMAGE_EXTS, ReadStats, Sample, ShardError, decode_image
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+
+
+def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadStats | None = None,
+                        decode: bool = True) -> Iterator[Sample]:
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"image folder not found: {root}")
+    stats = stats if stats is not None else ReadStats()
+    files = _image_files(root)
+    if not files:
+        raise ShardError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
+    for f in files:
+        cap = f.with_suffix(".txt")
+        key = str(f.relative_to(root).with_suffix(""))
+        if not cap.is_file():
+            if strict:
+                raise ShardError(f"image {f} has no caption file {cap.name}")
+            stats.skipped_no_caption += 1
+            continue
+        data = f.read_bytes()
+        image = None
+        if decode:
+            try:
+                image = decode_image(data, str(f))
+            except ShardError:
+                if strict:
+                    raise
+                stats.skipped_bad_image += 1
+                continue
+        stats.samples += 1
+        yield Sample(key=key, image=image, caption=cap.read_text(encoding="utf-8").strip(), source=str(root),
+                     data=data, ext=f.suffix.lower().lstrip("."))
+
+
+def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = None,
+               decode: bool = True) -> Iterator[Sample]:
+    """Image–caption pairs from webdataset shards (brace patterns, ``::``-joined lists, dirs of .tar) or a
+    captioned folder (a directory with images and ``.txt`` captions, no ``.tar``)."""
+    from .shards import iter_samples
+
+    p = Path(spec)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        yield from iter_caption_folder(p, strict=strict, stats=stats, decode=decode)
+    else:
+        yield from iter_samples(spec, strict=strict, stats=stats, decode=decode)
+
+
+@dataclass
+class ClassFolder:
+    root: Path
+    classnames: list[str]  # what prompts say, index = label
+    dirnames: list[str]
+    files: list[Path]
+    labels: list[int]
+
+    def load(self, strict: bool = True):
+        for f, y in zip(self.files, self.labels):
+            yield decode_image(f.read_bytes(), str(f)), y
+
+
+def read_class_folder(root: str | Path, classnames: str | list[str] | None = None) -> ClassFolder:
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"class folder not found: {root}")
+    dirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not dirs:
+        raise ShardError(f"class folder {root} has no class sub-directories (expected root/<class>/<image>)")
+    if classnames is None and (root / "classnames.txt").is_file():
+        classnames = str(root / "classnames.txt")
+    if classnames == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        names = list(IMAGENET_CLASSNAMES)
+    elif isinstance(classnames, str):
+        names = [ln.strip() for ln in Path(classnames).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    elif isinstance(classnames, list):
+        names = list(classnames)
+    else:
+        names = [d.replace("_", " ") for d in dirs]
+    if len(names) != len(dirs):
+        raise ShardError(f"{root}: {len(dirs)} class directories but {len(names)} class names "
+                         f"({classnames}); they must match one to one in sorted-directory order")
+    files, labels = [], []
+    for y, d in enumerate(dirs):
+        for f in _image_files(root / d):
+            files.append(f)
+            labels.append(y)
+    if not files:
+        raise ShardError(f"class folder {root} holds no images")
+    return ClassFolder(root, names, dirs, files, labels)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"file not found: {p}")
+    return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot forget / related / utility accuracy."""

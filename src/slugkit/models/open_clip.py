@@ -1,0 +1,218 @@
+"""open_clip adapter: any open_clip architecture + pretrained tag, ``hf-hub:`` id, local checkpoint, or the embedded model.
+
+Model ids follow open_clip: ``--model ViT-B-32 --pretrained laion400m_e32`` (a tag open_clip downloads and caches),
+``--model ViT-B-32 --pretrained /path/to/weights.safetensors`` (a local file), ``--model hf-hub:org/repo``,
+``--model local-dir:/path`` or a directory holding ``open_clip_config.json`` + weights, and ``--model embedded``
+(the tiny CLIP trained on the embedded synthetic world, shipped in ``slugkit/assets/embedded``). The embedded model
+is loaded through exactly the same ``open_clip.create_model_and_transforms`` call as every other id.
+
+Candidate tensors follow the official filters (spec §3.4): every parameter except names containing ``bias``,
+``logit_scale``, ``position`` or ``embedding``; LayerNorm gains **are** candidates (the official ``'.ln_'`` filter is
+commented out). The tower split is the official one: names containing ``visual`` are vision, all others language.
+In open_clip q/k/v live in one tensor (``attn.in_proj_weight``), so every group is a single tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .base import Adapter, ModelLoadError, Stage
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded"
+OFFICIAL_EXCLUDE = ("bias", "logit_scale", "position", "embedding")
+
+
+def _require_open_clip():
+    try:
+        import open_clip  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ModelLoadError(
+            "open_clip is not installed; install the CLIP extra: pip install 'slugkit[clip]'"
+        ) from e
+    return open_clip
+
+
+def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | None]:
+    """Map a user-facing id to the (model_name, pretrained) pair for ``open_clip.create_model_and_transforms``."""
+    if model == "embedded":
+        if not (EMBEDDED_DIR / "open_clip_config.json").is_file():
+            raise ModelLoadError(
+                f"the embedded model is missing from {EMBEDDED_DIR}; reinstall slugkit or run `slug world train "
+                f"--out {EMBEDDED_DIR}`"
+            )
+        return f"local-dir:{EMBEDDED_DIR}", None
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return model, None
+    p = Path(model)
+    if p.is_dir():
+        if not (p / "open_clip_config.json").is_file():
+            raise ModelLoadError(f"{p} is a directory but holds no open_clip_config.json")
+        return f"local-dir:{p.resolve()}", None
+    if pretrained and (Path(pretrained).suffix or "/" in pretrained):
+        pp = Path(pretrained)
+        if not pp.is_file():
+            raise ModelLoadError(f"pretrained checkpoint not found: {pp}")
+        if pp.suffix != ".safetensors":
+            raise ModelLoadError(
+                f"{pp}: slugkit loads local checkpoints only as .safetensors (it never unpickles user files). "
+                "Convert once with safetensors.torch.save_file(state_dict, 'model.safetensors')."
+            )
+    return model, pretrained
+
+
+class OpenClipAdapter(Adapter):
+    family = "open_clip"
+
+    def __init__(self, model, tokenizer, preprocess, model_id: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._preprocess = preprocess
+        self.model_id = model_id
+        self._stages: dict[str, list[Stage]] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model: str = "embedded", pretrained: str | None = None, device: str = "cpu",
+             precision: str = "fp32", cache_dir: str | None = None) -> "OpenClipAdapter":
+        open_clip = _require_open_clip()
+        name, tag = resolve_model_name(model, pretrained)
+        try:
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, precision=precision, device=device, cache_dir=cache_dir)
+            tokenizer = open_clip.get_tokenizer(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(
+                f"could not load open_clip model {model!r} (pretrained={pretrained!r}): {e}\n"
+                "If this machine has no network, download the weights elsewhere and pass them locally: "
+                "--pretrained /path/to/open_clip_model.safetensors, or --model local-dir:/path/to/folder "
+                "(open_clip_config.json + open_clip_model.safetensors)."
+            ) from e
+        net.eval()
+        return cls(net, tokenizer, preprocess, {"family": "open_clip", "model": model, "pretrained": pretrained})
+
+    @classmethod
+    def from_config(cls, cfg: dict, seed: int = 0, model_id: dict | None = None) -> "OpenClipAdapter":
+        """Build an architecture-exact model with random weights from an open_clip model config (tests, timing)."""
+        open_clip = _require_open_clip()
+        from open_clip.transform import image_transform
+
+        torch.manual_seed(seed)
+        net = open_clip.model.CLIP(**cfg).eval()
+        ctx = cfg.get("text_cfg", {}).get("context_length", 77)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+        size = cfg["vision_cfg"]["image_size"]
+        preprocess = image_transform(size, is_train=False)
+        return cls(net, tokenizer, preprocess, model_id or {"family": "open_clip", "model": "config", "config": cfg,
+                                                             "seed": seed})
+
+    # ------------------------------------------------------------------ declarations
+    def tower_of(self, name: str) -> str:
+        return "vision" if "visual" in name else "language"
+
+    def candidate_names(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if not any(s in n for s in OFFICIAL_EXCLUDE)]
+
+    # ------------------------------------------------------------------ encoders and losses
+    def preprocess(self, image):
+        return self._preprocess(image)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    def retain_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's symmetric CLIP InfoNCE (``ClipLoss``) with the model's learned logit scale (spec §2.2)."""
+        fi = self.encode_image(images)
+        ft = self.encode_text(tokens)
+        scale = self.model.logit_scale.exp()
+        logits = scale * fi @ ft.T
+        labels = torch.arange(len(fi), device=fi.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+    # ------------------------------------------------------------------ staged forward
+    def stages(self, tower: str) -> list[Stage]:
+        if tower not in self._stages:
+            self._stages[tower] = self._vision_stages() if tower == "vision" else self._text_stages()
+        return self._stages[tower]
+
+    def _names_under(self, prefix: str) -> list[str]:
+        return [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
+
+    def _vision_stages(self) -> list[Stage]:
+        v = self.model.visual
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(v, VisionTransformer):
+            # ModifiedResNet / timm towers: one opaque stage (correct, just no caching inside the tower).
+            return [Stage("visual", lambda x, ctx: v(x), self._names_under("visual."))]
+        tr = v.transformer
+        blocks = list(tr.resblocks)
+        stem_params = [f"visual.{n}" for n in ("conv1.weight", "class_embedding", "positional_embedding")]
+        stem_params += self._names_under("visual.ln_pre.") + self._names_under("visual.conv1.")
+        stages = [Stage("visual.embeds", lambda x, ctx: v._embeds(x), sorted(set(stem_params)))]
+        for i, blk in enumerate(blocks):
+            stages.append(Stage(f"visual.transformer.resblocks.{i}", _block_fn(blk, tr.batch_first, None),
+                                self._names_under(f"visual.transformer.resblocks.{i}.")))
+        used = {p for st in stages for p in st.params}
+        head_params = [n for n in self._names_under("visual.") if n not in used]
+
+        def head(x, ctx):
+            pooled, _ = v._pool(x)
+            if v.proj is not None:
+                pooled = pooled @ v.proj
+            return pooled
+
+        stages.append(Stage("visual.head", head, head_params))
+        return stages
+
+    def _text_stages(self) -> list[Stage]:
+        m = self.model
+        from open_clip.model import CLIP
+        from open_clip.transformer import text_global_pool
+
+        if not isinstance(m, CLIP):
+            lang = [n for n, _ in m.named_parameters() if self.tower_of(n) == "language"]
+            return [Stage("text", lambda x, ctx: m.encode_text(x), lang)]
+        tr = m.transformer
+        cast = tr.get_cast_dtype()
+
+        def embed(tokens, ctx):
+            x = m.token_embedding(tokens).to(cast)
+            return x + m.positional_embedding.to(cast)
+
+        stages = [Stage("text.embeds", embed, ["token_embedding.weight", "positional_embedding"])]
+        for i, blk in enumerate(tr.resblocks):
+            stages.append(Stage(f"transformer.resblocks.{i}", _block_fn(blk, tr.batch_first, m.attn_mask),
+                                self._names_under(f"transformer.resblocks.{i}.")))
+
+        def head(x, tokens):
+            x = m.ln_final(x)
+            x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+            if m.text_projection is not None:
+                x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+            return x
+
+        stages.append(Stage("text.head", head,
+                            self._names_under("ln_final.") + self._names_under("text_projection")))
+        return stages
+
+
+def _block_fn(blk, batch_first: bool, attn_mask):
+    if batch_first:
+        return lambda x, ctx: blk(x, attn_mask=attn_mask)
+    return lambda x, ctx: blk(x.transpose(0, 1).contiguous(), attn_mask=attn_mask).transpose(0, 1)

@@ -1,0 +1,136 @@
+"""Human-readable outputs of a run: the Pareto plot (PNG) and ``report.md``; ``result.json`` is the machine twin."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from .data.shards import atomic_write_bytes
+
+METRIC_LABELS = [
+    ("forget_top1", "FA@1 (forget top-1)", "lower is better"),
+    ("forget_top5", "FA@5 (forget top-5)", "lower is better"),
+    ("related_top1", "TA_CA@1 (other identities top-1)", "keep"),
+    ("utility_top1", "TA_IN@1 (utility top-1)", "keep"),
+]
+
+
+def pareto_plot(table_json: dict, path: str | Path, title: str = "", chosen: str | None = None) -> None:
+    """Log-log scatter of alignment vs importance per tower, front layers labelled (like the official PDFs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    towers = [t for t in ("vision", "language") if any(c["tower"] == t for c in table_json["candidates"])]
+    fig, axes = plt.subplots(1, max(1, len(towers)), figsize=(6.5 * max(1, len(towers)), 5.2), squeeze=False)
+    for ax, tower in zip(axes[0], towers):
+        rows = [c for c in table_json["candidates"] if c["tower"] == tower]
+        off = [r for r in rows if not r["on_front"]]
+        on = sorted([r for r in rows if r["on_front"]], key=lambda r: r["alignment"])
+        ax.scatter([r["alignment"] for r in off], [r["importance"] for r in off], s=14, c="#9aa5b1",
+                   label="candidate")
+        ax.plot([r["alignment"] for r in on], [r["importance"] for r in on], "-o", c="#d1495b", ms=5,
+                label="Pareto front")
+        for r in on:
+            short = r["name"].replace("transformer.resblocks.", "b").replace("visual.", "v.")
+            ax.annotate(short, (r["alignment"], r["importance"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        if chosen and any(r["name"] == chosen for r in rows):
+            r = next(r for r in rows if r["name"] == chosen)
+            ax.scatter([r["alignment"]], [r["importance"]], s=140, facecolors="none", edgecolors="#00798c",
+                       linewidths=2, label="chosen layer")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("gradient alignment |cos(g_f, g_r)|  (lower is better)")
+        ax.set_ylabel("layer importance ||g_f|| / ||θ||  (higher is better)")
+        ax.set_title(f"{tower} tower")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def metrics_table(before: dict, after: dict) -> str:
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for key, label, _ in METRIC_LABELS:
+        if key in before or key in after:
+            b, a = before.get(key), after.get(key)
+            d = None if a is None or b is None else a - b
+            lines.append(f"| {label} | {_fmt(b)} | {_fmt(a)} | {'–' if d is None else f'{d:+.3f}'} |")
+    return "\n".join(lines)
+
+
+def render_report(result: dict) -> str:
+    m = result["metrics"]
+    chosen = result["layer"]
+    lines = [
+        f"# SLUG unlearning report: {result['concept']}",
+        "",
+        f"Model: `{result['model_label']}` · method: SLUG · layer: `{chosen}` · step size η = "
+        f"{result['step_size']:.6g} (relative change ‖Δθ‖/‖θ‖ = {result['relative_change']:.4f})",
+        "",
+        "## Before / after (held-out test images)",
+        "",
+        metrics_table(m["before"], m["after"]),
+        "",
+        f"Test set: {result['data']['test_sizes']['forget']} images of the concept, "
+        f"{result['data']['test_sizes']['related']} images of {result['data']['test_sizes']['related_identities']} "
+        f"other identities, {result['data']['test_sizes']['utility']} utility images over "
+        f"{result['data']['test_sizes']['utility_classes']} classes. Validation images (used by the search) are "
+        f"disjoint from these.",
+        "",
+        "## Why this layer",
+        "",
+        f"{len(result['pareto_front'])} tensors are on the Pareto fronts (low gradient alignment, high importance). "
+        f"The step-size search ran on each; selection policy `{result['config']['selection']}`: "
+        + {"utility": "best validation utility top-1 at the applied step (ties: related top-1, then the smaller "
+                      "relative change).",
+           "mean": "best mean of validation utility and related top-1 at the applied step.",
+           "min": "best min of validation utility and related top-1 at the applied step.",
+           "deepest": "the deepest front layer that reached the criterion."}[result["config"]["selection"]],
+        "",
+        "| layer | tower | accepted η | applied η | η/R | val FA@5 | val related | val utility |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["layers_searched"]:
+        vm = s.get("val_metrics") or {}
+        mark = " **(chosen)**" if s["name"] == chosen else ""
+        rel = None if s["step_size"] is None else s["step_size"] / s["ratio"]
+        lines.append(
+            f"| `{s['name']}`{mark} | {s['tower']} | {_fmt(s['accepted_step']) if s['accepted_step'] else 'none'} | "
+            f"{_fmt(s['step_size']) if s['step_size'] else '–'} | {_fmt(rel)} | {_fmt(vm.get('forget_top5'))} | "
+            f"{_fmt(vm.get('related_top1'))} | {_fmt(vm.get('utility_top1'))} |")
+    lines += ["", "![Pareto fronts](pareto.png)", "", "## Search trajectory of the chosen layer", "",
+              f"Criterion: validation `{result['config']['metric']}` ≤ {result['config']['threshold']}"
+              + (f", utility drop ≤ {result['config']['utility_floor']}" if result['config']['utility_floor']
+                 is not None else "")
+              + f"; S = {result['config']['steps']} evaluations; applied step = {result['config']['margin']} × "
+                "smallest accepted step.", "",
+              "| # | η | η/R | val FA@1 | val FA@5 | accepted |", "|---|---|---|---|---|---|"]
+    k = 0
+    for e in result["search"]:
+        if e["layer"] != chosen:
+            continue
+        k += 1
+        lines.append(f"| {k} | {e['step_size']:.6g} | {e['relative_change']:.4f} | "
+                     f"{_fmt(e['metrics'].get('forget_top1'))} | {_fmt(e['metrics'].get('forget_top5'))} | "
+                     f"{'yes' if e['accepted'] else 'no'} |")
+    t = result["timing_s"]
+    lines += ["", "## Cost", "",
+              f"Gradients {t['gradients']:.1f} s · layers {t['layers']:.2f} s · search {t['search']:.1f} s · "
+              f"evaluation {t['evaluation']:.1f} s · total {t['total']:.1f} s. Patch: {result['patch']['bytes']:,} "
+              f"bytes ({100 * result['patch']['bytes'] / result['model_bytes']:.3f}% of the model's "
+              f"{result['model_bytes']:,} bytes).", "",
+              "Apply it: `slug apply --patch patch/ ...` or `slugkit.apply_patch(model, slugkit.load_patch('patch'))`; "
+              "revert is bit-exact.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Step 1 of SLUG: one pass over the forget set and one over the retain set (spec §2).
+
+Sign convention (one for every model family, DESIGN.md): L_forget = mean_i cos(f_I(x_i), f_T(t_i)) over forget pairs,
+the stored forget gradient is g_f = ∇θ L_forget, and the edit is θ_l ← θ_l − η·g_f,l with η > 0. This equals the
+official open_clip path (which stores ∇[−mean(1−cos)] and steps with λ < 0); the official HF paths flip it (§2.7).
+The retain gradient is g_r = ∇θ of the CLIP contrastive loss L_r.
+
+Averaging differs from the official code on purpose: the official ``calc_grad`` divides the sum of *batch-mean*
+gradients by the number of batches, so a partial last batch weighs as much as a full one and the result depends on
+the batch size. Here the forget gradient is the exact mean over *samples* (sum of per-sample cosine gradients / N),
+identical for any batch size. The contrastive retain loss is a batch-level quantity (each sample's loss depends on
+its batch-mates), so each batch's mean-loss gradient is weighted by its sample count (Σ_b B_b ∇ℓ_b / Σ_b B_b).
+Accumulation is float32 whatever the model dtype. Only candidate tensors are stored (others are frozen during the
+pass, which also skips e.g. the 49408-row token-embedding gradient), and an empty forget set is an error: the
+official code silently saves all-zero gradients when its tar path is wrong (§2.4).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..data.curate import EmptyForgetSetError
+
+
+class NonFiniteGradientError(FloatingPointError):
+    pass
+
+
+@dataclass
+class Gradients:
+    forget: dict[str, torch.Tensor]
+    retain: dict[str, torch.Tensor]
+    n_forget: int
+    n_retain: int
+    seconds: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save
+
+        from ..data.shards import atomic_write_bytes
+
+        tensors = {f"forget/{k}": v.contiguous() for k, v in self.forget.items()}
+        tensors.update({f"retain/{k}": v.contiguous() for k, v in self.retain.items()})
+        # One metadata key only: safetensors keeps __metadata__ in a hash map, so several keys would make the
+        # file bytes differ from run to run.
+        import json
+
+        meta = {"slugkit": json.dumps({"format": "slugkit-gradients-1", "n_forget": self.n_forget,
+                                       "n_retain": self.n_retain}, sort_keys=True)}
+        atomic_write_bytes(path, save(dict(sorted(tensors.items())), metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Gradients":
+        from safetensors import safe_open
+
+        forget, retain = {}, {}
+        import json
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("slugkit", "{}"))
+            for k in f.keys():
+                split, name = k.split("/", 1)
+                (forget if split == "forget" else retain)[name] = f.get_tensor(k)
+        return cls(forget, retain, int(meta.get("n_forget", 0)), int(meta.get("n_retain", 0)))
+
+
+def _accumulate(adapter, batches: Iterable, names: list[str], kind: str, progress: bool, total: int | None):
+    model = adapter.model
+    params = dict(model.named_parameters())
+    wanted = set(names)
+    saved_flags = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in wanted)
+    sums = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    count = 0
+    it = batches
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(batches, desc=f"gradients: {kind}", unit="batch", total=total, leave=False)
+    try:
+        for images, tokens in it:
+            b = images.shape[0]
+            if b == 0:
+                continue
+            model.zero_grad(set_to_none=True)
+            if kind == "forget":
+                loss = adapter.forget_loss_per_sample(images, tokens).sum()
+            else:
+                loss = adapter.retain_loss(images, tokens) * b
+            loss.backward()
+            for n in names:
+                g = params[n].grad
+                if g is not None:
+                    sums[n] += g.detach().float()
+            count += b
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.requires_grad_(saved_flags[n])
+    return sums, count
+
+
+def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterable, names: list[str] | None = None,
+                      *, progress: bool = True, n_forget_batches: int | None = None,
+                      n_retain_batches: int | None = None) -> Gradients:
+    """Mean forget gradient (∇ mean cos) and sample-weighted mean retain gradient (∇ CLIP loss) of ``names``.
+
+    ``*_batches`` yield ``(images, tokens)`` tensors (already preprocessed / tokenized).
+    """
+    names = list(names if names is not None else adapter.candidate_names())
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        t0 = time.perf_counter()
+        f_sum, n_f = _accumulate(adapter, forget_batches, names, "forget", progress, n_forget_batches)
+        t1 = time.perf_counter()
+        if n_f == 0:
+            raise EmptyForgetSetError("the forget set is empty: no sample reached the gradient pass. A zero gradient "
+                                      "would silently unlearn nothing; check the forget shards / folder.")
+        r_sum, n_r = _accumulate(adapter, retain_batches, names, "retain", progress, n_retain_batches)
+        t2 = time.perf_counter()
+        if n_r == 0:
+            raise ValueError("the retain set is empty: alignment with retained knowledge cannot be measured")
+    finally:
+        adapter.model.train(was_training)
+    forget = {n: f_sum[n] / n_f for n in names}
+    retain = {n: r_sum[n] / n_r for n in names}
+    for split, d in (("forget", forget), ("retain", retain)):
+        bad = [n for n, g in d.items() if not torch.isfinite(g).all()]
+        if bad:
+            raise NonFiniteGradientError(
+                f"{split} gradient has NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}; check the data (a corrupt "
+                "image?) and use fp32 precision")
+    return Gradients(forget, retain, n_f, n_r, {"forget": t1 - t0, "retain": t2 - t1})

@@ -1,0 +1,300 @@
+"""The SLUG run: data → gradients → layers → search → patch → result.json / report.md / pareto.png / run.json.
+
+``run_unlearn(UnlearnConfig(...))`` is what ``slug unlearn`` and ``slug demo`` call; it reads every input through
+the same loaders whether the model is ViT-B-32 on LAION + CelebA + ImageNet or the embedded world.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data.curate import EmptyForgetSetError
+from .data.folders import iter_pairs, read_class_folder, read_lines
+from .data.shards import ReadStats, ShardError, atomic_write_bytes
+from .eval.zeroshot import PARTS, EvalSuite, ImageSet, SuiteEvaluator
+from .slug.gradients import compute_gradients
+from .slug.layers import rank_layers
+from .slug.search import SearchConfig, choose_layer, edited, edited_values, search_layers
+
+RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+@dataclass
+class UnlearnConfig:
+    concept: str
+    out: str
+    forget: str  # shards spec or captioned folder with the concept's image–caption pairs
+    retain: str  # shards spec or captioned folder of retain pairs
+    val_identities: str  # class folder (<Name>/*.jpg) for validation: target + other identities
+    test_identities: str  # disjoint class folder for the reported metrics
+    model: str = "embedded"
+    pretrained: str | None = None
+    names: str | None = None  # file with the full identity name list (default: the folder's identities)
+    identity_templates: list[str] = field(default_factory=lambda: ["{}."])  # official CelebA template
+    related_names: str | None = None  # file restricting which other identities count as "related"
+    utility_val: str | None = None  # class folder (e.g. ImageNet val subset)
+    utility_test: str | None = None
+    utility_classnames: str | None = None  # file, "imagenet", or None (classnames.txt / folder names)
+    utility_templates: list[str] | str = "imagenet-simple"
+    forget_samples: int | None = None  # cap on forget pairs
+    retain_samples: int | None = None  # cap on retain pairs (first N)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    search: SearchConfig = field(default_factory=SearchConfig)
+    cached_search: bool = True
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    save_gradients: bool = False
+
+
+def _templates(spec: list[str] | str) -> list[str]:
+    if isinstance(spec, list):
+        return spec
+    if spec == "imagenet-simple":
+        from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+    if spec == "imagenet":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    return read_lines(spec)
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+def _stack(adapter, images) -> torch.Tensor:
+    return torch.stack([adapter.preprocess(im) for im in images]) if images else torch.empty(0)
+
+
+def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
+    stats = ReadStats()
+    images, captions = [], []
+    for s in iter_pairs(spec, strict=strict, stats=stats):
+        images.append(adapter.preprocess(s.image))
+        captions.append(s.caption)
+        if limit is not None and len(images) >= limit:
+            break
+    if not images:
+        msg = (f"the {what} set {spec} yielded no usable image–caption pairs ({stats.as_dict()}); "
+               "an empty set would silently produce a zero gradient")
+        raise EmptyForgetSetError(msg) if what == "forget" else ShardError(msg)
+    return torch.stack(images), adapter.tokenize(captions), stats
+
+
+def _batches(images: torch.Tensor, tokens: torch.Tensor, bs: int):
+    for i in range(0, images.shape[0], bs):
+        yield images[i:i + bs], tokens[i:i + bs]
+
+
+def build_suite(adapter, cfg: UnlearnConfig, identities_dir: str, utility_dir: str | None) -> EvalSuite:
+    folder = read_class_folder(identities_dir)
+    names = read_lines(cfg.names) if cfg.names else list(folder.classnames)
+    index = {_norm(n): i for i, n in enumerate(names)}
+    target = index.get(_norm(cfg.concept))
+    if target is None:
+        raise ValueError(f"concept {cfg.concept!r} is not in the identity name list ({len(names)} names from "
+                         f"{cfg.names or identities_dir}); the zero-shot forget metric needs it there")
+    unknown = [c for c in folder.classnames if _norm(c) not in index]
+    if unknown:
+        raise ValueError(f"{identities_dir}: identity folders not in the name list: {unknown[:5]} ...")
+    allowed = None
+    if cfg.related_names:
+        allowed = {_norm(n) for n in read_lines(cfg.related_names)}
+    f_imgs, r_imgs, r_labels = [], [], []
+    for (img, y) in folder.load():
+        name = folder.classnames[y]
+        lab = index[_norm(name)]
+        if lab == target:
+            f_imgs.append(img)
+        elif allowed is None or _norm(name) in allowed:
+            r_imgs.append(img)
+            r_labels.append(lab)
+    if not f_imgs:
+        raise EmptyForgetSetError(f"{identities_dir} has no images of {cfg.concept!r} (expected a folder "
+                                  f"{cfg.concept.replace(' ', '_')}/); FA cannot be measured")
+    suite = EvalSuite(
+        names=names, identity_templates=list(cfg.identity_templates), target=target,
+        forget=ImageSet(_stack(adapter, f_imgs), torch.full((len(f_imgs),), target, dtype=torch.long)),
+        related=ImageSet(_stack(adapter, r_imgs), torch.tensor(r_labels, dtype=torch.long)) if r_imgs else None)
+    if utility_dir:
+        uf = read_class_folder(utility_dir, cfg.utility_classnames)
+        imgs, labels = zip(*uf.load())
+        suite.utility_classnames = list(uf.classnames)
+        suite.utility_templates = _templates(cfg.utility_templates)
+        suite.utility = ImageSet(_stack(adapter, list(imgs)), torch.tensor(labels, dtype=torch.long))
+    return suite
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("slugkit", "open_clip_torch", "numpy", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any((out / f).exists() for f in RESULT_FILES):
+        if not overwrite:
+            raise OutputExistsError(f"{out} already holds a run (result files present); pass --overwrite to "
+                                    "replace it or choose another --out")
+
+
+def model_label(model_id: dict) -> str:
+    m = model_id.get("model")
+    return f"{m}/{model_id['pretrained']}" if model_id.get("pretrained") else str(m)
+
+
+def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None) -> dict:
+    """Run SLUG end to end and write every output into ``cfg.out``; returns the result dict."""
+    from .models import load_adapter
+    from .patch import make_patch, save_patch
+    from .report import pareto_plot, render_report
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    check_out_dir(out, cfg.overwrite)
+    if cfg.val_identities and cfg.test_identities and \
+            Path(cfg.val_identities).resolve() == Path(cfg.test_identities).resolve():
+        raise ValueError("validation and test identity folders are the same; the search must not see the test "
+                         "images (pass disjoint --val-identities and --test-identities)")
+    if cfg.utility_val and cfg.utility_test and Path(cfg.utility_val).resolve() == Path(cfg.utility_test).resolve():
+        raise ValueError("--utility-val and --utility-test are the same folder; they must be disjoint")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    timing = {}
+
+    t = time.perf_counter()
+    if adapter is None:
+        adapter = load_adapter(cfg.model, cfg.pretrained, device=cfg.device, precision=cfg.precision)
+    timing["load_model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    f_img, f_tok, f_stats = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
+    r_img, r_tok, r_stats = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
+    val_suite = build_suite(adapter, cfg, cfg.val_identities, cfg.utility_val)
+    test_suite = build_suite(adapter, cfg, cfg.test_identities, cfg.utility_test)
+    timing["load_data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    val_eval = SuiteEvaluator(adapter, val_suite, cfg.eval_batch_size)
+    test_eval = SuiteEvaluator(adapter, test_suite, cfg.eval_batch_size)
+    before = test_eval.base_metrics()
+    val_before = val_eval.base_metrics()
+    t_eval = time.perf_counter() - t
+
+    t = time.perf_counter()
+    names = adapter.candidate_names()
+    bs = cfg.batch_size
+    grads = compute_gradients(adapter, _batches(f_img, f_tok, bs), _batches(r_img, r_tok, bs), names,
+                              progress=cfg.progress, n_forget_batches=-(-len(f_img) // bs),
+                              n_retain_batches=-(-len(r_img) // bs))
+    timing["gradients"] = time.perf_counter() - t
+    if cfg.save_gradients:
+        out.mkdir(parents=True, exist_ok=True)
+        grads.save(out / "gradients.safetensors")
+
+    t = time.perf_counter()
+    table = rank_layers(adapter, grads, names)
+    front = table.front_names()
+    timing["layers"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ratios = {r.name: r.ratio for r in table.rows}
+    searches = search_layers(adapter, grads, front, ratios, val_eval, cfg.search, cached=cfg.cached_search,
+                             progress=cfg.progress)
+    chosen = choose_layer(searches, cfg.search.selection)
+    timing["search"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with edited(adapter.model, grads.forget, chosen.group, chosen.step_size):
+        after = test_eval.evaluate_cached(test_eval.prepare(chosen.name, PARTS))
+    t_eval += time.perf_counter() - t
+    timing["evaluation"] = t_eval
+
+    t = time.perf_counter()
+    new_values = edited_values(adapter.model, grads.forget, chosen.group, chosen.step_size)
+    label = model_label(adapter.model_id)
+    patch = make_patch(adapter.model, new_values, base_model=adapter.model_id, adapter=adapter.family,
+                       concept=cfg.concept, method="slug", step_size=chosen.step_size,
+                       metrics={"before": before, "after": after},
+                       extra={"layer": chosen.name, "tower": chosen.tower,
+                              "relative_change": chosen.step_size / chosen.ratio,
+                              "edit": "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"})
+    out.mkdir(parents=True, exist_ok=True)
+    save_patch(patch, out / "patch", overwrite=cfg.overwrite)
+    patch_bytes = (out / "patch" / "patch.safetensors").stat().st_size
+    timing["patch"] = time.perf_counter() - t
+    timing["total"] = time.perf_counter() - t_start
+
+    search_entries = [{"layer": s.name, "step_size": st.step_size, "relative_change": st.relative_change,
+                       "metrics": st.metrics, "accepted": st.accepted}
+                      for s in searches for st in s.trajectory]
+    result = {
+        "concept": cfg.concept,
+        "model": adapter.model_id,
+        "model_label": label,
+        "method": "slug",
+        "layer": chosen.name,
+        "group": chosen.group,
+        "tower": chosen.tower,
+        "step_size": chosen.step_size,
+        "accepted_step_size": chosen.accepted_step,
+        "relative_change": chosen.step_size / chosen.ratio,
+        "metrics": {"before": before, "after": after, "validation_before": val_before,
+                    "validation_after": chosen.val_metrics},
+        "pareto_front": front,
+        "layers_searched": [{k: v for k, v in s.to_json().items() if k != "trajectory"} for s in searches],
+        "search": search_entries,
+        "config": {"metric": cfg.search.metric, "threshold": cfg.search.threshold, "steps": cfg.search.steps,
+                   "initial_divisor": cfg.search.initial_divisor, "margin": cfg.search.margin,
+                   "utility_floor": cfg.search.utility_floor, "selection": cfg.search.selection},
+        "timing_s": timing,
+        "patch": {"path": "patch", "bytes": patch_bytes, "tensors": patch.names},
+        "model_bytes": adapter.model_bytes(),
+        "data": {"n_forget": grads.n_forget, "n_retain": grads.n_retain, "val_sizes": val_suite.sizes(),
+                 "test_sizes": test_suite.sizes()},
+    }
+    _write_json(out / "layers.json", table.to_json())
+    pareto_plot(table.to_json(), out / "pareto.png", title=f"SLUG Pareto fronts: {cfg.concept} ({label})",
+                chosen=chosen.name)
+    _write_json(out / "result.json", result)
+    cfg_json = asdict(cfg)
+    run = {"config": cfg_json, "seed": cfg.seed, "versions": _versions(), "threads": torch.get_num_threads(),
+           "data": {"forget": {"spec": cfg.forget, "read_stats": f_stats.as_dict()},
+                    "retain": {"spec": cfg.retain, "read_stats": r_stats.as_dict()},
+                    "val_sizes": val_suite.sizes(), "test_sizes": test_suite.sizes()},
+           "gradient_seconds": grads.seconds, "timing_s": timing, "chosen_layer": chosen.name,
+           "search": [s.to_json() for s in searches]}
+    if extra_run_info:
+        run.update(extra_run_info)
+    _write_json(out / "run.json", run)
+    atomic_write_bytes(out / "report.md", render_report(result).encode())
+    return result

@@ -1,0 +1,158 @@
+"""Shard reading/writing, captioned and class folders, and `slug curate` matching."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from slugkit.data.curate import EmptyForgetSetError, concept_pattern, curate, matches
+from slugkit.data.folders import iter_pairs, read_class_folder
+from slugkit.data.shards import ReadStats, ShardError, count_samples, encode_image, expand_urls, iter_samples, \
+    write_shard
+
+
+def _img(v: int) -> Image.Image:
+    a = np.full((8, 8, 3), v, dtype=np.uint8)
+    return Image.fromarray(a)
+
+
+def _write(path, captions, start=0):
+    items = [(f"s{start + i:04d}", _img(10 * i % 250), c) for i, c in enumerate(captions)]
+    write_shard(path, items)
+    return items
+
+
+def test_shard_round_trip_and_determinism(tmp_path):
+    items = _write(tmp_path / "a.tar", ["one", "two", "three"])
+    got = list(iter_samples(str(tmp_path / "a.tar")))
+    assert [s.key for s in got] == [k for k, _, _ in items]
+    assert [s.caption for s in got] == ["one", "two", "three"]
+    assert got[0].image.size == (8, 8) and got[0].ext == "jpg"
+    first = (tmp_path / "a.tar").read_bytes()
+    _write(tmp_path / "a.tar", ["one", "two", "three"])
+    assert (tmp_path / "a.tar").read_bytes() == first  # fixed mtime/uid: byte-identical
+    with pytest.raises(ValueError, match="dot"):
+        write_shard(tmp_path / "b.tar", [("x.y", _img(0), "c")])
+
+
+def test_brace_patterns_lists_and_dirs(tmp_path):
+    for k in range(3):
+        _write(tmp_path / f"{k:05d}.tar", [f"cap {k}"], start=k)
+    assert len(expand_urls(str(tmp_path / "{00000..00002}.tar"))) == 3
+    assert len(expand_urls(f"{tmp_path}/00000.tar::{tmp_path}/00002.tar")) == 2
+    assert expand_urls(str(tmp_path)) == sorted(str(p) for p in tmp_path.glob("*.tar"))
+    assert count_samples(str(tmp_path / "{00000..00002}.tar")) == 3
+    with pytest.raises(ShardError, match="2 shard.*00006.tar.*00007.tar"):
+        expand_urls(str(tmp_path / "{00006..00007}.tar"))
+
+
+def _raw_tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_counted_or_strict_errors(tmp_path):
+    good = encode_image(_img(100))
+    _raw_tar(tmp_path / "x.tar", [
+        ("a.jpg", good), ("a.txt", b"fine"),
+        ("b.jpg", good),  # no caption
+        ("c.jpg", b"not a jpeg at all"), ("c.txt", b"broken image"),
+        ("d.txt", b"caption without image"),
+        ("e.jpg", good), ("e.txt", b"also fine"), ("e.json", b"{}"),
+    ])
+    stats = ReadStats()
+    got = list(iter_samples(str(tmp_path / "x.tar"), stats=stats))
+    assert [s.key for s in got] == ["a", "e"]
+    assert (stats.skipped_no_caption, stats.skipped_bad_image, stats.skipped_no_image) == (1, 1, 1)
+    with pytest.raises(ShardError, match="no caption"):
+        list(iter_samples(str(tmp_path / "x.tar"), strict=True))
+
+
+def test_truncated_tar(tmp_path):
+    _write(tmp_path / "t.tar", [f"caption {i}" for i in range(20)])
+    data = (tmp_path / "t.tar").read_bytes()
+    (tmp_path / "t.tar").write_bytes(data[: len(data) // 2])
+    stats = ReadStats()
+    got = list(iter_samples(str(tmp_path / "t.tar"), stats=stats))
+    assert 0 < len(got) < 20 and stats.truncated_shards == [str(tmp_path / "t.tar")]
+    with pytest.raises(ShardError, match="truncated"):
+        list(iter_samples(str(tmp_path / "t.tar"), strict=True))
+
+
+def test_caption_and_class_folders(tmp_path):
+    cap = tmp_path / "caps"
+    cap.mkdir()
+    _img(5).save(cap / "x1.jpg")
+    (cap / "x1.txt").write_text("a caption")
+    _img(6).save(cap / "x2.png")  # no caption: skipped
+    stats = ReadStats()
+    got = list(iter_pairs(str(cap), stats=stats))
+    assert [s.caption for s in got] == ["a caption"] and stats.skipped_no_caption == 1
+
+    cls = tmp_path / "cls"
+    for d in ("Zed_Ora", "Ann_Lee"):
+        (cls / d).mkdir(parents=True)
+        _img(1).save(cls / d / "0.jpg")
+    f = read_class_folder(cls)
+    assert f.classnames == ["Ann Lee", "Zed Ora"] and f.labels == [0, 1]
+    (cls / "classnames.txt").write_text("ann\nzed\n")
+    assert read_class_folder(cls).classnames == ["ann", "zed"]
+    (cls / "classnames.txt").write_text("only one\n")
+    with pytest.raises(ShardError, match="must match"):
+        read_class_folder(cls)
+
+
+@pytest.mark.parametrize("caption,hit", [
+    ("A photo of Ann Lee at the beach", True),
+    ("ANN LEE.", True),
+    ("ann_lee portrait", False),  # the caption's underscore joins words: not the name as words
+    ("Annual report of Leeds", False),  # official substring matching would hit "ann"
+    ("Joanne Lee", False),
+    ("Ann  Lee", True),  # runs of whitespace
+    ("Lee, Ann", False),
+])
+def test_whole_word_case_insensitive_matching(caption, hit):
+    assert matches(caption, concept_pattern("Ann_Lee")) is hit
+
+
+def test_aliases_match():
+    pat = concept_pattern("Elon Musk", ["Musk"])
+    assert matches("musk in a suit", pat) and not matches("muskrat", pat)
+
+
+def test_curate_forget_retain_manifest(tmp_path):
+    caps = ["Ann Lee smiling", "a dog", "ann lee again", "Annual meeting", "a cat", "ANN LEE third", "a tree"]
+    _write(tmp_path / "p0.tar", caps[:4])
+    _write(tmp_path / "p1.tar", caps[4:], start=4)
+    out = tmp_path / "cur"
+    s = curate(str(tmp_path / "p{0..1}.tar"), "Ann Lee", out, max_forget=2, seed=0)
+    assert s["forget"] == 2 and s["scanned"] == 7
+    forget = list(iter_samples(str(out / "forget.tar")))
+    assert [f.caption for f in forget] == ["Ann Lee smiling", "ann lee again"]  # the cap really caps
+    retain = list(iter_samples(str(out / "retain.tar")))
+    assert len(retain) == 4 and not any(concept_pattern("Ann Lee").search(r.caption) for r in retain)
+    man = json.loads((out / "forget_manifest.json").read_text())
+    assert man["samples"][0]["sha256"] == hashlib.sha256(forget[0].data).hexdigest()
+    assert man["samples"][0]["caption"] == "Ann Lee smiling"
+    # re-running is idempotent (the official script produced an empty tar on a re-run)
+    first = (out / "forget.tar").read_bytes()
+    curate(str(tmp_path / "p{0..1}.tar"), "Ann Lee", out, max_forget=2, seed=0)
+    assert (out / "forget.tar").read_bytes() == first
+    # a capped retain set excludes matches too and is deterministic
+    curate(str(tmp_path / "p{0..1}.tar"), "Ann Lee", tmp_path / "c2", retain=2, seed=3)
+    r2 = [r.caption for r in iter_samples(str(tmp_path / "c2" / "retain.tar"))]
+    assert len(r2) == 2 and all("ann lee" not in c.lower() for c in r2)
+
+
+def test_empty_forget_set_is_an_error(tmp_path):
+    _write(tmp_path / "p.tar", ["a dog", "a cat"])
+    with pytest.raises(EmptyForgetSetError, match="2 samples scanned"):
+        curate(str(tmp_path / "p.tar"), "Ann Lee", tmp_path / "out")
+    assert not (tmp_path / "out" / "forget.tar").exists()
