@@ -25,8 +25,9 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="applied step = margin x smallest accepted step (default 1.1; 1.0 = official rule)")
     g.add_argument("--utility-floor", type=float, default=None,
                    help="also require validation utility top-1 >= base - FLOOR (e.g. 0.01)")
-    g.add_argument("--selection", default="utility", choices=["utility", "mean", "min", "deepest"],
-                   help="how to choose among Pareto layers (default: best validation utility)")
+    g.add_argument("--selection", default="min", choices=["min", "utility", "mean", "deepest"],
+                   help="how to choose among Pareto layers (default min: best worst-case retention of validation "
+                        "utility and related-identity accuracy)")
     g.add_argument("--naive-search", action="store_true",
                    help="re-evaluate both towers at every step instead of the cached search (for checking)")
 
@@ -66,11 +67,10 @@ def print_summary(result: dict, out: str) -> None:
 
 
 def cmd_demo(a) -> int:
-    from .unlearn import UnlearnConfig, run_unlearn
-    from .world.demo_data import default_concept, ensure_world_data
+    from .unlearn import check_out_dir, run_unlearn
+    from .world.demo_data import default_concept, world_config
 
     from .data import world
-    from .data.curate import curate
 
     concept = a.concept or default_concept()
     try:
@@ -79,20 +79,11 @@ def cmd_demo(a) -> int:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
     out = Path(a.out or f"runs/demo-{concept.replace(' ', '_')}")
-    from .unlearn import check_out_dir
-
     check_out_dir(out, a.overwrite)
-    data = ensure_world_data(a.data_dir, progress=not a.no_progress)
-    cur = curate(str(data / "pool"), concept, out / "data", max_forget=100, retain=900, seed=a.seed)
-    cfg = UnlearnConfig(
-        concept=concept, out=str(out), model="embedded", forget=str(out / "data" / "forget.tar"),
-        retain=str(out / "data" / "retain.tar"), val_identities=str(data / "val" / "identities"),
-        test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
-        identity_templates=world.IDENTITY_EVAL_TEMPLATES, utility_val=str(data / "val" / "utility"),
-        utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
-        batch_size=a.batch_size, search=_search_cfg(a), cached_search=not a.naive_search, seed=a.seed,
-        threads=a.threads, device=a.device, overwrite=a.overwrite, progress=not a.no_progress,
-        save_gradients=a.save_gradients)
+    cfg, cur, data = world_config(
+        concept, out, a.data_dir, progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size,
+        search=_search_cfg(a), cached_search=not a.naive_search, threads=a.threads, device=a.device,
+        overwrite=a.overwrite, save_gradients=a.save_gradients)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, str(out))
     return 0
@@ -206,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--concept", default=None, help="identity name (see `slug world names`)")
     d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
     _add_run_args(d)
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, threads=1)  # tiny model: one thread is as fast and identical everywhere
 
     u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
     u.add_argument("--model", default="embedded", help="open_clip arch (ViT-B-32), hf-hub:/local-dir: id, "

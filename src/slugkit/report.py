@@ -93,10 +93,11 @@ def render_report(result: dict) -> str:
         "",
         f"{len(result['pareto_front'])} tensors are on the Pareto fronts (low gradient alignment, high importance). "
         f"The step-size search ran on each; selection policy `{result['config']['selection']}`: "
-        + {"utility": "best validation utility top-1 at the applied step (ties: related top-1, then the smaller "
+        + {"utility": "best validation utility retention at the applied step (ties: related, then the smaller "
                       "relative change).",
-           "mean": "best mean of validation utility and related top-1 at the applied step.",
-           "min": "best min of validation utility and related top-1 at the applied step.",
+           "mean": "best mean retention (after/before) of validation utility and related top-1 at the applied step.",
+           "min": "best worst-case retention (after/before) of validation utility and related-identity top-1 at "
+                  "the applied step.",
            "deepest": "the deepest front layer that reached the criterion."}[result["config"]["selection"]],
         "",
         "| layer | tower | accepted η | applied η | η/R | val FA@5 | val related | val utility |",

@@ -230,7 +230,7 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     ratios = {r.name: r.ratio for r in table.rows}
     searches = search_layers(adapter, grads, front, ratios, val_eval, cfg.search, cached=cfg.cached_search,
                              progress=cfg.progress)
-    chosen = choose_layer(searches, cfg.search.selection)
+    chosen = choose_layer(searches, cfg.search.selection, val_before)
     timing["search"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -14,10 +14,16 @@ The step finally applied is ``margin × η*`` (default margin 1.1): η* sits exa
 with a small validation set (20 forget images on the embedded world) unseen images of the concept land on the wrong
 side of it ~30% of the time (world-notes §4b). ``margin = 1.0`` reproduces the official rule.
 
-Layer choice (the official CLIP code has none, spec §4.3): the search runs on every Pareto layer of both towers, and
-the default policy ``utility`` picks the layer with the best validation utility top-1 at the applied step, ties broken
-by validation related-identity top-1, then by the smaller relative change η/R. Alternatives: ``mean`` (mean of
-utility and related), ``min`` (min of the two) and ``deepest`` (the SD rule: the deepest front layer, §6).
+Layer choice (the official CLIP code has none, spec §4.3): the search runs on every Pareto layer of both towers and
+each layer is scored on validation at the step it would apply. Policies, with retention = metric after / before:
+
+* ``min`` (default): the best *worst* retention of utility top-1 and related-identity top-1; ties → mean retention
+  → smaller relative change η/R. Utility alone (the spec's suggestion) lets a text-tower edit that leaves the
+  utility prompts alone but blurs every other *name* win (measured on the embedded world: related drop 0.08 for
+  the default identity), so the default guards both kinds of retained knowledge;
+* ``utility``: best utility retention (ties → related → smaller η/R), the spec's recommended rule;
+* ``mean``: best mean retention of the two;
+* ``deepest``: the deepest front layer that reached the criterion (the SD rule, §6).
 
 Only what the edit can change is recomputed: see :class:`slugkit.eval.zeroshot.SuiteEvaluator`.
 """
@@ -46,7 +52,7 @@ class SearchConfig:
     initial_divisor: float = 10.0  # η₀ = R / initial_divisor
     margin: float = 1.1  # applied η = margin × smallest accepted η
     utility_floor: float | None = None  # max allowed drop of validation utility top-1 (None: unconstrained)
-    selection: str = "utility"  # layer choice policy, see module docstring
+    selection: str = "min"  # layer choice policy, see module docstring
 
     def __post_init__(self):
         if self.metric not in ("forget_top1", "forget_top5"):
@@ -139,21 +145,36 @@ def edited_values(model: torch.nn.Module, grads: dict[str, torch.Tensor], names:
             for n in names}
 
 
-def choose_layer(results: list[LayerSearch], policy: str) -> LayerSearch:
+def choose_layer(results: list[LayerSearch], policy: str, base: dict | None = None) -> LayerSearch:
+    """Pick one layer among those whose search accepted a step (see the module docstring for the policies).
+
+    ``base`` holds the validation metrics of the unedited model; ``mean`` and ``min`` compare *retention*
+    (after / before) so that utility and related accuracy count alike whatever their absolute level (on ViT-B/32
+    both sit near 0.6; on the embedded world near 1.0).
+    """
     ok = [r for r in results if r.step_size is not None]
     if not ok:
-        raise SearchFailed("no Pareto layer reached the forget criterion within the search budget")
+        raise SearchFailed("no Pareto layer reached the forget criterion within the search budget; try more --steps, "
+                           "a larger forget set, or --criterion forget_top1")
+    base = base or {}
+
+    def kept(r, key):
+        b = base.get(key) or 1.0
+        return r.val_metrics.get(key, 0.0) / b
 
     def util(r):
-        return r.val_metrics.get("utility_top1", 0.0)
+        return kept(r, "utility_top1")
 
     def rel(r):
-        return r.val_metrics.get("related_top1", 0.0)
+        return kept(r, "related_top1")
+
+    def small(r):
+        return -r.step_size / r.ratio
 
     keys = {
-        "utility": lambda r: (util(r), rel(r), -r.step_size / r.ratio),
-        "mean": lambda r: ((util(r) + rel(r)) / 2, util(r), -r.step_size / r.ratio),
-        "min": lambda r: (min(util(r), rel(r)), util(r), -r.step_size / r.ratio),
+        "utility": lambda r: (util(r), rel(r), small(r)),
+        "mean": lambda r: ((util(r) + rel(r)) / 2, min(util(r), rel(r)), small(r)),
+        "min": lambda r: (min(util(r), rel(r)), (util(r) + rel(r)) / 2, small(r)),
         "deepest": lambda r: (r.depth, util(r)),
     }
     # max() keeps the first of equal keys: front order (vision first, descending alignment) breaks exact ties.

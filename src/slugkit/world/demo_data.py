@@ -72,3 +72,27 @@ def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True)
 
 def default_concept() -> str:
     return world.IDENTITIES[0].name
+
+
+def world_config(concept: str, out: str | Path, data_dir: str | Path | None = None, *, progress: bool = True,
+                 seed: int = 0, **overrides):
+    """The ``UnlearnConfig`` of ``slug demo``: curate the concept from the world's pool shards (100 forget pairs,
+    900 retain pairs that never name it) and point validation/test at the world's disjoint class folders.
+
+    Returns ``(config, curate_summary, data_dir)``.
+    """
+    from ..data.curate import curate
+    from ..unlearn import UnlearnConfig
+
+    concept = world.identity_by_name(concept).name
+    data = ensure_world_data(data_dir, progress=progress)
+    out = Path(out)
+    cur = curate(str(data / "pool"), concept, out / "data", max_forget=100, retain=900, seed=seed)
+    cfg = UnlearnConfig(
+        concept=concept, out=str(out), model="embedded", forget=str(out / "data" / "forget.tar"),
+        retain=str(out / "data" / "retain.tar"), val_identities=str(data / "val" / "identities"),
+        test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
+        identity_templates=list(world.IDENTITY_EVAL_TEMPLATES), utility_val=str(data / "val" / "utility"),
+        utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
+        seed=seed, progress=progress, **overrides)
+    return cfg, cur, data

@@ -25,6 +25,7 @@ Run ``python -m slugkit.world.train --out DIR [--steps N]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -218,7 +219,8 @@ def make_train_tensors(per_class: int, tokenizer, progress: bool = False) -> tup
 
 
 def _param_groups(model) -> list[dict]:
-    """Weight decay on matrices only (ndim >= 2); gains, biases, class embedding and logit scale are not decayed."""
+    """Weight decay on matrices only (ndim >= 2, which includes the token and positional embeddings, as in open_clip's
+    own training); gains, biases, the class embedding and the logit scale are not decayed."""
     decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
@@ -234,6 +236,17 @@ def _make_optimizer(model) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=1e-6)
 
 
+@contextlib.contextmanager
+def _num_threads(n: int):
+    """Run with ``torch.set_num_threads(n)`` (results are bit-identical only for a fixed thread count); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_model(
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
@@ -242,9 +255,13 @@ def train_model(
     progress: bool = True,
 ):
     """Train and return ``(model, tokenizer, info)``; deterministic for a fixed (steps, seed, threads, per_class)."""
+    with _num_threads(threads):
+        return _train_model(steps, seed, per_class, progress)
+
+
+def _train_model(steps: int, seed: int, per_class: int, progress: bool):
     from tqdm import tqdm
 
-    torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
     images, tokens = make_train_tensors(per_class, tokenizer, progress=progress)
@@ -294,6 +311,7 @@ def train_model(
         "train_seconds": round(time.perf_counter() - t1, 2),
         "final_loss_mean_last100": float(np.mean(losses[-100:])) if losses else None,
         "logit_scale": float(model.logit_scale.exp().item()),
+        "optimizer": "AdamW (fused)" if opt.defaults.get("fused") else "AdamW",
     }
     return model, tokenizer, info
 
@@ -332,9 +350,13 @@ def train_embedded(
     ``open_clip.create_model_and_transforms("local-dir:...")`` and ``open_clip.get_tokenizer``; loading also checks
     that open_clip's eval transform equals the training normalisation. Returns the report.
     """
+    with _num_threads(threads):  # the evaluation in the report runs with the same thread count too
+        return _train_embedded(Path(out_dir), steps, seed, threads, progress, per_class, eval_per_class)
+
+
+def _train_embedded(out_dir: Path, steps, seed, threads, progress, per_class, eval_per_class) -> dict:
     import open_clip
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, _, info = train_model(steps=steps, seed=seed, threads=threads, per_class=per_class, progress=progress)
@@ -363,7 +385,7 @@ def train_embedded(
         "train_images_per_class": per_class,
         "batch_size": len(world.IDENTITIES) + len(world.UTILITY_CLASSES),
         "recipe": {
-            "optimizer": "AdamW",
+            "optimizer": info.pop("optimizer"),
             "lr": LR,
             "betas": list(BETAS),
             "eps": 1e-6,
@@ -420,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     m = report["test_metrics"]
     print(
         f"wrote {args.out}: {report['steps']} steps in {report['seconds']:.0f} s; test identity top-1 "
-        f"{m['identity_top1']:.4f} top-5 {m['identity_top5']:.4f}, utility top-1 {m['utility_top1']:.4f}"
+        f"{m['identity_top1']:.4f} top-5 {m['identity_top5']:.4f} (worst identity {m['identity_top1_worst']:.2f}), "
+        f"utility top-1 {m['utility_top1']:.4f}"
     )
     return 0
 

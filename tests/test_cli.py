@@ -1,0 +1,128 @@
+"""End to end: `slug demo` on the shipped embedded model, and the patch commands on its output."""
+
+import json
+
+import pytest
+import torch
+
+from slugkit.cli import main
+from slugkit.data import world
+from slugkit.models import load_adapter
+from slugkit.patch import load_state_dict_file, save_state_dict_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("world")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    return out
+
+
+def _check_thresholds(result):
+    b, a = result["metrics"]["before"], result["metrics"]["after"]
+    assert b["forget_top5"] >= 0.9
+    assert a["forget_top5"] <= 0.05 and a["forget_top1"] <= 0.02
+    assert b["related_top1"] - a["related_top1"] <= 0.05
+    assert b["utility_top1"] - a["utility_top1"] <= 0.02
+    assert result["patch"]["bytes"] <= 0.01 * result["model_bytes"]
+
+
+def test_world_names(capsys):
+    assert main(["world", "names"]) == 0
+    names = capsys.readouterr().out.strip().splitlines()
+    assert names == world.identity_names() and len(names) >= 50
+
+
+def test_demo_default_concept(demo_run, capsys):
+    result = json.loads((demo_run / "result.json").read_text())
+    for key in ("concept", "model", "method", "layer", "step_size", "metrics", "search", "timing_s", "patch",
+                "model_bytes"):
+        assert key in result
+    assert result["method"] == "slug" and result["concept"] == world.IDENTITIES[0].name
+    for k in ("gradients", "layers", "search", "total"):
+        assert result["timing_s"][k] >= 0
+    for m in ("before", "after"):
+        assert set(result["metrics"][m]) >= {"forget_top1", "forget_top5", "related_top1", "utility_top1"}
+    assert {"step_size", "metrics", "accepted"} <= set(result["search"][0])
+    assert result["data"]["test_sizes"]["forget"] >= 50 and result["data"]["test_sizes"]["utility"] >= 1500
+    _check_thresholds(result)
+    # the search drives *validation* FA@5 to zero at the accepted step
+    accepted = [e for e in result["search"] if e["layer"] == result["layer"] and e["accepted"]]
+    assert accepted and all(e["metrics"]["forget_top5"] == 0 for e in accepted)
+    for f in ("report.md", "run.json", "layers.json", "patch/patch.json", "patch/patch.safetensors"):
+        assert (demo_run / f).is_file(), f
+    assert (demo_run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (demo_run / "report.md").read_text()
+    assert result["layer"] in report and "FA@5" in report
+    layers = json.loads((demo_run / "layers.json").read_text())
+    assert any(c["on_front"] for c in layers["candidates"])
+
+
+def test_demo_refuses_existing_output(demo_run, data_dir, capsys):
+    assert main(["demo", "--out", str(demo_run), "--data-dir", str(data_dir), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_demo_other_identity_and_determinism(tmp_path, data_dir, demo_run):
+    other = world.IDENTITIES[17].name
+    out = tmp_path / "other"
+    assert main(["demo", "--concept", other, "--out", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    _check_thresholds(json.loads((out / "result.json").read_text()))
+    # same command twice -> byte-identical patch
+    again = tmp_path / "again"
+    assert main(["demo", "--out", str(again), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert (again / "patch" / "patch.safetensors").read_bytes() == \
+        (demo_run / "patch" / "patch.safetensors").read_bytes()
+
+
+def test_demo_unknown_concept(capsys, tmp_path):
+    assert main(["demo", "--concept", "Nobody Atall", "--out", str(tmp_path / "x")]) == 2
+    assert "slug world names" in capsys.readouterr().err
+
+
+def test_apply_revert_round_trip(demo_run, tmp_path, capsys):
+    base = {k: v.clone() for k, v in load_adapter("embedded").model.state_dict().items()}
+    patched_file, reverted_file = tmp_path / "patched.safetensors", tmp_path / "reverted.safetensors"
+    assert main(["apply", "--patch", str(demo_run / "patch"), "--model", "embedded", "--out", str(patched_file)]) == 0
+    patched = load_state_dict_file(patched_file)
+    layer = json.loads((demo_run / "result.json").read_text())["layer"]
+    changed = [k for k in base if not torch.equal(base[k], patched[k])]
+    assert changed == [layer]
+    assert main(["revert", "--patch", str(demo_run / "patch"), "--checkpoint", str(patched_file),
+                 "--out", str(reverted_file)]) == 0
+    reverted = load_state_dict_file(reverted_file)
+    assert all(torch.equal(base[k], reverted[k]) for k in base)  # bit-exact
+    # a model whose tensor differs from the patch's base is refused, naming the tensor
+    wrong = dict(base)
+    wrong[layer] = base[layer] + 1e-3
+    save_state_dict_file(wrong, tmp_path / "wrong.safetensors")
+    capsys.readouterr()
+    assert main(["apply", "--patch", str(demo_run / "patch"), "--checkpoint", str(tmp_path / "wrong.safetensors"),
+                 "--out", str(tmp_path / "never.safetensors")]) == 2
+    assert layer in capsys.readouterr().err
+    assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_inspect(demo_run, capsys):
+    assert main(["inspect", str(demo_run / "patch"), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["method"] == "slug" and meta["concept"] == world.IDENTITIES[0].name
+
+
+def test_curate_cli(tmp_path, data_dir, demo_run, capsys):
+    out = tmp_path / "cur"
+    name = world.IDENTITIES[3].name
+    assert main(["curate", "--shards", str(data_dir / "pool"), "--concept", name.upper(), "--max-forget", "7",
+                 "--retain", "11", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["forget"] == 7 and summary["retain"] == 11
+    assert main(["curate", "--shards", str(data_dir / "pool"), "--concept", "Nobody Atall", "--out",
+                 str(tmp_path / "none"), "--no-progress"]) == 2
+    assert "no caption" in capsys.readouterr().err
