@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
-DEMO_ARGS ?=
+DEMO_ARGS ?= --overwrite
 
 .PHONY: demo test bench clean
 

@@ -66,7 +66,7 @@ def main():
                      "related_drop": drop(r, "related_top1"), "utility_drop": drop(r, "utility_top1"),
                      "total_s": r["timing_s"]["total"], "passed": passed, "all": all(passed.values())})
         print(f"[{i + 1}/{len(names)}] {name}: layer {r['layer']} FA@5 {r['metrics']['after']['forget_top5']:.2f} "
-              f"FA@1 {r['metrics']['after']['forget_top1']:.2f} related -{drop(r, 'related_top1'):.3f} "
+              X
               f"utility -{drop(r, 'utility_top1'):.3f} {r['timing_s']['total']:.1f}s {'ok' if rows[-1]['all'] else 'FAIL'}")
     ok = [r for r in rows if "error" not in r]
     n = len(rows)
