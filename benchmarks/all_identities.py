@@ -66,8 +66,8 @@ def main():
                      "related_drop": drop(r, "related_top1"), "utility_drop": drop(r, "utility_top1"),
                      "total_s": r["timing_s"]["total"], "passed": passed, "all": all(passed.values())})
         print(f"[{i + 1}/{len(names)}] {name}: layer {r['layer']} FA@5 {r['metrics']['after']['forget_top5']:.2f} "
-              X
-              f"utility -{drop(r, 'utility_top1'):.3f} {r['timing_s']['total']:.1f}s {'ok' if rows[-1]['all'] else 'FAIL'}")
+              f"FA@1 {r['metrics']['after']['forget_top1']:.2f} related {-drop(r, 'related_top1'):+.3f} "
+              f"utility {-drop(r, 'utility_top1'):+.3f} {r['timing_s']['total']:.1f}s {'ok' if rows[-1]['all'] else 'FAIL'}")
     ok = [r for r in rows if "error" not in r]
     n = len(rows)
     summary = {"identities": n, "failed_runs": n - len(ok), "margin": a.margin, "selection": a.selection,

@@ -1,20 +1,27 @@
 """Shared fixtures for the numerical tests of the SLUG core (spec §10, "Numerical parity tests").
 
-Everything is built on a tiny random-weight open_clip ``CLIP`` (``OpenClipAdapter.from_config``) with the real BPE
-tokenizer, CPU, fp32; no downloads. Sizes are chosen so the whole numerical suite runs in seconds on 2 cores.
+Everything is built on a tiny random-weight open_clip ``CLIP`` (``OpenClipAdapter.from_config``, spec §10 fixture:
+embed 32, ViT 2x64 patch 8 on 32x32 images, text 2x32 with 4 heads) with the real BPE tokenizer, CPU, fp32, no
+downloads.
 
-Fixtures that hand out an adapter are *function*-scoped (a fresh model is cheap: ~0.1 s) so that a test that edits
-weights can never leak into another one; the data fixtures are plain tensors built from fixed generators.
+* ``adapter``: the random model (seed 0). Built once per session; every test gets its own deep copy of the weights,
+  so a test that edits a tensor can never leak into another one.
+* ``trained_adapter``: the same architecture after ~1 s of CLIP training on the synthetic world below, so that the
+  zero-shot metrics mean something (the target is recognised, edits along g_f make it forgotten); used where the
+  search must actually accept / reject steps.
+* Synthetic data: every class (12 identities + 6 utility classes) has a fixed random "prototype" image; a sample is
+  ``0.7 * prototype + 0.3 * noise`` in [-1, 1]. Captions are tokenized with the real BPE tokenizer.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from slugkit.eval.zeroshot import EvalSuite, ImageSet
 
-# The spec §10 fixture, with a 16-token context (captions here are short) and the full BPE vocabulary.
 TINY_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -22,7 +29,7 @@ TINY_CFG = {
 }
 SEED = 0
 
-# Twelve identity names (two BPE words each), two identity templates; the target is names[0].
+# Twelve identity names, two identity templates; the forget target is NAMES[0].
 NAMES = [
     "alice abbott", "bruno baker", "carla chen", "dmitri dolan", "erin evans", "felix ford",
     "greta gray", "hugo hill", "irene ito", "jonas jones", "karen kim", "lucas lopez",
@@ -30,8 +37,10 @@ NAMES = [
 IDENTITY_TEMPLATES = ["a photo of {}.", "{}."]
 UTILITY_CLASSES = ["dog", "cat", "car", "tree", "boat", "chair"]
 UTILITY_TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+CLASSES = NAMES + UTILITY_CLASSES  # class index c < 12: identity c; c >= 12: utility class c - 12
 TARGET = 0
 
+# D_f: 5 pairs of the target (5 = 2+2+1 = 3+2: partial last batches for batch sizes 2 and 3).
 FORGET_CAPTIONS = [
     "a photo of alice abbott at the beach.",
     "alice abbott on stage",
@@ -39,73 +48,160 @@ FORGET_CAPTIONS = [
     "alice abbott and a dog in the park",
     "alice abbott.",
 ]
+# D_r: 7 pairs of other classes (batches of 4 and 3: sample weighting matters).
+RETAIN_CLASSES = [3, 5, 12, 13, 14, 15, 17]
 RETAIN_CAPTIONS = [
-    "a red car parked on the street",
+    "dmitri dolan at work",
+    "felix ford.",
+    "a dog running on grass",
     "two cats sleeping on a sofa",
-    "a boat on a calm lake",
+    "a red car parked on the street",
     "a tall tree in the snow",
     "a wooden chair by the window",
-    "a dog running on grass",
-    "a bowl of fruit on a table",
 ]
 
 
 def make_images(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    """``n`` random images in [-1, 1] from a fixed generator (no global RNG state is touched)."""
+    """``n`` uniform random images in [-1, 1] from a private generator (the global RNG is not touched)."""
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, size, size, generator=g) * 2 - 1
 
 
-def split_batches(images: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive batches, the last one partial when ``batch_size`` does not divide the sample count."""
+def class_images(cls: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` images of class ``cls``: its fixed prototype plus per-sample noise, in [-1, 1]."""
+    proto = make_images(1, seed=1000 + cls)
+    return (0.7 * proto + 0.3 * make_images(n, seed=seed)).clamp(-1, 1)
+
+
+def split_batches(images: torch.Tensor, tokens: torch.Tensor, batch_size: int):
+    """Consecutive ``(images, tokens)`` batches; the last one is partial when ``batch_size`` does not divide N."""
     return [(images[i:i + batch_size], tokens[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def new_adapter():
-    """The tiny random adapter (skips the calling test when open_clip, the ``clip`` extra, is not installed)."""
+def _build_adapter():
     pytest.importorskip("open_clip")
     from slugkit.models.open_clip import OpenClipAdapter
 
     return OpenClipAdapter.from_config(TINY_CFG, seed=SEED)
 
 
-@pytest.fixture
-def adapter():
-    """A fresh tiny random open_clip adapter (same weights every time: seed 0)."""
-    return new_adapter()
+def clone_adapter(a):
+    """A new adapter with deep-copied weights (the tokenizer, which is stateless, is shared)."""
+    from slugkit.models.open_clip import OpenClipAdapter
+
+    return OpenClipAdapter(copy.deepcopy(a.model), a.tokenizer, a._preprocess, dict(a.model_id))
+
+
+@pytest.fixture(scope="session")
+def _base_adapter():
+    return _build_adapter()
 
 
 @pytest.fixture
-def forget_data(adapter):
-    """5 forget pairs (images in [-1, 1], BPE-tokenized captions naming the target)."""
-    return make_images(len(FORGET_CAPTIONS), seed=1), adapter.tokenize(FORGET_CAPTIONS)
+def adapter(_base_adapter):
+    """The tiny random open_clip adapter (seed 0), private to the test."""
+    return clone_adapter(_base_adapter)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(_base_adapter):
+    return _base_adapter.tokenizer
+
+
+def forget_pairs(tokenizer):
+    """5 forget pairs: images of the target, captions naming it."""
+    return class_images(TARGET, len(FORGET_CAPTIONS), seed=1), tokenizer(FORGET_CAPTIONS)
+
+
+def retain_pairs(tokenizer):
+    """7 retain pairs of other classes."""
+    imgs = torch.cat([class_images(c, 1, seed=300 + c) for c in RETAIN_CLASSES])
+    return imgs, tokenizer(RETAIN_CAPTIONS)
 
 
 @pytest.fixture
-def retain_data(adapter):
-    """7 retain pairs: batches of 4 and 3 (a partial last batch, so sample weighting matters)."""
-    return make_images(len(RETAIN_CAPTIONS), seed=2), adapter.tokenize(RETAIN_CAPTIONS)
+def forget_data(tokenizer):
+    return forget_pairs(tokenizer)
 
 
-def make_suite(seed: int = 3) -> EvalSuite:
-    """A tiny synthetic evaluation suite.
+@pytest.fixture
+def retain_data(tokenizer):
+    return retain_pairs(tokenizer)
 
-    * forget: the 5 forget-pair images (the target's "validation images");
-    * related: identities 1..4 with 3, 2, 2, 1 images (unequal counts: macro != micro average in general);
+
+def _gradients(a):
+    from slugkit.slug.gradients import compute_gradients
+
+    return compute_gradients(a, split_batches(*forget_pairs(a.tokenizer), 2),
+                             split_batches(*retain_pairs(a.tokenizer), 4), progress=False)
+
+
+@pytest.fixture(scope="session")
+def base_grads(_base_adapter):
+    """``compute_gradients`` of every candidate of the random model (forget batches 2+2+1, retain 4+3). Read-only."""
+    return _gradients(_base_adapter)
+
+
+@pytest.fixture(scope="session")
+def _trained_base(_base_adapter):
+    """The random model after 30 Adam steps of CLIP loss on 4 images x 18 classes (deterministic, ~1-2 s).
+
+    The 49408-row token embedding stays frozen (it dominates the optimizer cost and is not needed to separate 18
+    prompts). After training every base metric of :func:`make_suite` is 1.0.
+    """
+    a = clone_adapter(_base_adapter)
+    imgs = torch.cat([class_images(c, 4, seed=50 + c) for c in range(len(CLASSES))])
+    caps = [(IDENTITY_TEMPLATES if c < len(NAMES) else UTILITY_TEMPLATES)[j % 2].format(name)
+            for c, name in enumerate(CLASSES) for j in range(4)]
+    tokens = a.tokenize(caps)
+    emb = a.model.token_embedding.weight
+    emb.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in a.model.parameters() if p.requires_grad], lr=2e-3)
+    g = torch.Generator().manual_seed(7)
+    a.model.train()
+    for _ in range(30):
+        idx = torch.randperm(len(imgs), generator=g)[:24]
+        loss = a.retain_loss(imgs[idx], tokens[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    a.model.eval()
+    a.model.zero_grad(set_to_none=True)
+    emb.requires_grad_(True)
+    return a
+
+
+@pytest.fixture
+def trained_adapter(_trained_base):
+    return clone_adapter(_trained_base)
+
+
+@pytest.fixture(scope="session")
+def trained_grads(_trained_base):
+    """``compute_gradients`` of every candidate of the trained model. Read-only."""
+    return _gradients(_trained_base)
+
+
+def make_suite() -> EvalSuite:
+    """A tiny synthetic evaluation suite over the 12 names (target 0) and 6 utility classes.
+
+    * forget: 4 images of the target (other noise than the gradient forget pairs);
+    * related: identities 1..4 with 3, 2, 2, 1 images (unequal counts: the macro and micro averages can differ);
     * utility: 6 classes x 2 images, 2 templates.
     """
-    forget_imgs = make_images(len(FORGET_CAPTIONS), seed=1)
     rel_labels = torch.tensor([1, 1, 1, 2, 2, 3, 3, 4], dtype=torch.long)
     util_labels = torch.arange(len(UTILITY_CLASSES)).repeat_interleave(2)
     return EvalSuite(
         names=list(NAMES),
         identity_templates=list(IDENTITY_TEMPLATES),
         target=TARGET,
-        forget=ImageSet(forget_imgs, torch.full((len(forget_imgs),), TARGET, dtype=torch.long)),
-        related=ImageSet(make_images(len(rel_labels), seed=seed), rel_labels),
+        forget=ImageSet(class_images(TARGET, 4, seed=11), torch.full((4,), TARGET, dtype=torch.long)),
+        related=ImageSet(torch.cat([class_images(int(c), 1, seed=100 + k) for k, c in enumerate(rel_labels)]),
+                         rel_labels),
         utility_classnames=list(UTILITY_CLASSES),
         utility_templates=list(UTILITY_TEMPLATES),
-        utility=ImageSet(make_images(len(util_labels), seed=seed + 1), util_labels),
+        utility=ImageSet(torch.cat([class_images(len(NAMES) + int(c), 1, seed=200 + k)
+                                    for k, c in enumerate(util_labels)]), util_labels),
     )
 
 

@@ -126,3 +126,31 @@ def test_curate_cli(tmp_path, data_dir, demo_run, capsys):
     assert main(["curate", "--shards", str(data_dir / "pool"), "--concept", "Nobody Atall", "--out",
                  str(tmp_path / "none"), "--no-progress"]) == 2
     assert "no caption" in capsys.readouterr().err
+
+
+def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
+    """`slug unlearn` with explicit flags (the ViT-B-32 form) on the embedded world's files, plus `slug curate`."""
+    name = world.IDENTITIES[5].name
+    cur = tmp_path / "cur"
+    assert main(["curate", "--shards", str(data_dir / "pool") + "/pool-{00000..00003}.tar", "--concept", name,
+                 "--max-forget", "100", "--retain", "900", "--out", str(cur), "--no-progress"]) == 0
+    out = tmp_path / "run"
+    args = ["unlearn", "--model", "embedded", "--concept", name, "--forget", str(cur / "forget.tar"),
+            "--retain", str(cur / "retain.tar"), "--names", str(data_dir / "names.txt"),
+            "--val-identities", str(data_dir / "val" / "identities"),
+            "--test-identities", str(data_dir / "test" / "identities"),
+            "--utility-val", str(data_dir / "val" / "utility"), "--utility-test", str(data_dir / "test" / "utility"),
+            "--utility-templates", str(data_dir / "utility_templates.txt"), "--criterion", "forget_top1",
+            "--selection", "utility", "--threads", "1", "--no-progress", "--out", str(out)]
+    for t in world.IDENTITY_EVAL_TEMPLATES:
+        args += ["--identity-template", t]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["metric"] == "forget_top1" and result["config"]["selection"] == "utility"
+    assert result["metrics"]["after"]["forget_top1"] <= 0.05
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["identity_templates"] == world.IDENTITY_EVAL_TEMPLATES
+    # validation and test must be disjoint
+    bad = args[:-1] + [str(tmp_path / "run2")]
+    bad[bad.index("--test-identities") + 1] = str(data_dir / "val" / "identities")
+    assert main(bad) == 2

@@ -234,8 +234,9 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     timing["search"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    test_cache = test_eval.prepare(chosen.name, PARTS)  # activations entering the edited stage, unedited model
     with edited(adapter.model, grads.forget, chosen.group, chosen.step_size):
-        after = test_eval.evaluate_cached(test_eval.prepare(chosen.name, PARTS))
+        after = test_eval.evaluate_cached(test_cache)
     t_eval += time.perf_counter() - t
     timing["evaluation"] = t_eval
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .shards import IMAGE_EXTS, ReadStats, Sample, ShardError, decode_image
+from .shards import IMAGE_EXTS, ReadStats, Sample, ShardError, decode_image, decode_or_skip
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -40,15 +40,9 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
             stats.skipped_no_caption += 1
             continue
         data = f.read_bytes()
-        image = None
-        if decode:
-            try:
-                image = decode_image(data, str(f))
-            except ShardError:
-                if strict:
-                    raise
-                stats.skipped_bad_image += 1
-                continue
+        image = decode_or_skip(data, str(f), strict, stats) if decode else None
+        if decode and image is None:
+            continue
         stats.samples += 1
         yield Sample(key=key, image=image, caption=cap.read_text(encoding="utf-8").strip(), source=str(root),
                      data=data, ext=f.suffix.lower().lstrip("."))

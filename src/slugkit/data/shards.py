@@ -201,17 +201,22 @@ def iter_samples(
                     raise ShardError(f"caption of {where} is not UTF-8") from e
                 stats.skipped_no_caption += 1
                 continue
-            image = None
-            if decode:
-                try:
-                    image = decode_image(group[img_ext], where)
-                except ShardError:
-                    if strict:
-                        raise
-                    stats.skipped_bad_image += 1
-                    continue
+            image = decode_or_skip(group[img_ext], where, strict, stats) if decode else None
+            if decode and image is None:
+                continue
             stats.samples += 1
             yield Sample(key=key, image=image, caption=caption, source=path, data=group[img_ext], ext=img_ext)
+
+
+def decode_or_skip(data: bytes, where: str, strict: bool, stats: ReadStats) -> Image.Image | None:
+    """Decode an image; a broken one raises under ``strict``, else is counted in ``stats`` and gives ``None``."""
+    try:
+        return decode_image(data, where)
+    except ShardError:
+        if strict:
+            raise
+        stats.skipped_bad_image += 1
+        return None
 
 
 def count_samples(spec: str | Iterable[str], strict: bool = False) -> int:

@@ -103,10 +103,12 @@ def bisection_search(evaluate: Callable[[float], dict], ratio: float, cfg: Searc
     traj, best = [], None
     for _ in range(cfg.steps):
         m = evaluate(eta)
-        forgot = m[cfg.metric] <= cfg.threshold
+        forgot = m[cfg.metric] <= cfg.threshold + 1e-6  # float32 fractions: 2/20 = 0.10000000149 must pass 0.1
         util_ok = True
         if cfg.utility_floor is not None and base_utility is not None:
-            util_ok = m.get("utility_top1", -math.inf) >= base_utility - cfg.utility_floor
+            # a drop of exactly the floor is allowed; metrics are float32 fractions, so compare with a tolerance
+            # far below one image (1 / N) — else 0.8 -> 0.7 with floor 0.1 would be rejected (0.8 - 0.1 > 0.7)
+            util_ok = m.get("utility_top1", -math.inf) >= base_utility - cfg.utility_floor - 1e-6
         accepted = forgot and util_ok
         traj.append(SearchStep(eta, eta / ratio, m, accepted))
         if accepted and (best is None or eta < best):
@@ -215,8 +217,9 @@ def search_layers(adapter, grads, front: list[str], ratios: dict[str, float], ev
         res.trajectory, res.accepted_step = bisection_search(evaluate, res.ratio, cfg, base_util)
         if res.accepted_step is not None:
             res.step_size = cfg.margin * res.accepted_step
+            full_cache = evaluator.prepare(name, PARTS) if cached else None  # on the unedited model
             with edited(adapter.model, grads.forget, group, res.step_size):
-                res.val_metrics = (evaluator.evaluate_cached(evaluator.prepare(name, PARTS)) if cached
+                res.val_metrics = (evaluator.evaluate_cached(full_cache) if cached
                                    else evaluator.evaluate_naive(PARTS))
         res.seconds = time.perf_counter() - t0
         results.append(res)
