@@ -6,6 +6,7 @@ the same loaders whether the model is ViT-B-32 on LAION + CelebA + ImageNet or t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -85,13 +86,19 @@ def _stack(adapter, images) -> torch.Tensor:
 
 
 def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
+    """Preprocessed images, tokenized captions and read statistics of an image–caption set.
+
+    ``stats.manifest`` lists (key, source, sha256 of the image bytes) of every sample used, for ``run.json``.
+    """
     stats = ReadStats()
-    images, captions = [], []
+    images, captions, manifest = [], [], []
     for s in iter_pairs(spec, strict=strict, stats=stats):
         images.append(adapter.preprocess(s.image))
         captions.append(s.caption)
+        manifest.append({"key": s.key, "source": s.source, "sha256": hashlib.sha256(s.data).hexdigest()})
         if limit is not None and len(images) >= limit:
             break
+    stats.manifest = manifest
     if not images:
         msg = (f"the {what} set {spec} yielded no usable image–caption pairs ({stats.as_dict()}); "
                "an empty set would silently produce a zero gradient")
@@ -153,6 +160,14 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def _digest(manifest: list[dict]) -> str:
+    """One sha256 over the ordered (key, image sha256) list of a set: identifies the retain set compactly."""
+    h = hashlib.sha256()
+    for m in manifest:
+        h.update(f"{m['key']}\t{m['sha256']}\n".encode())
+    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -289,8 +304,9 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     _write_json(out / "result.json", result)
     cfg_json = asdict(cfg)
     run = {"config": cfg_json, "seed": cfg.seed, "versions": _versions(), "threads": torch.get_num_threads(),
-           "data": {"forget": {"spec": cfg.forget, "read_stats": f_stats.as_dict()},
-                    "retain": {"spec": cfg.retain, "read_stats": r_stats.as_dict()},
+           "data": {"forget": {"spec": cfg.forget, "read_stats": f_stats.as_dict(), "samples": f_stats.manifest},
+                    "retain": {"spec": cfg.retain, "read_stats": r_stats.as_dict(),
+                               "samples_sha256": _digest(r_stats.manifest)},
                     "val_sizes": val_suite.sizes(), "test_sizes": test_suite.sizes()},
            "gradient_seconds": grads.seconds, "timing_s": timing, "chosen_layer": chosen.name,
            "search": [s.to_json() for s in searches]}

@@ -56,6 +56,7 @@ class ReadStats:
     skipped_no_image: int = 0
     skipped_bad_image: int = 0
     truncated_shards: list[str] = field(default_factory=list)
+    manifest: list[dict] = field(default_factory=list)  # filled by callers that record what they used
 
     def as_dict(self) -> dict:
         return {
