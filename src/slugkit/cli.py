@@ -109,6 +109,61 @@ def cmd_unlearn(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    """`slug compare`: SLUG and the baselines on the same data (the embedded world, or explicit data flags)."""
+    from .compare import CompareConfig, render_compare, run_compare, time_ratios
+    from .data import world
+    from .world.demo_data import default_concept
+
+    if a.concepts:
+        print("error: --concepts (joint / sequential multi-concept forgetting) is not implemented yet",
+              file=sys.stderr)
+        return 2
+    try:
+        if a.forget or a.model != "embedded":
+            concept = a.concept or ""
+        else:
+            concept = world.identity_by_name(a.concept or default_concept()).name
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    lrs = {}
+    for item in a.lr or []:
+        k, _, v = item.partition("=")
+        lrs[k.strip()] = float(v)
+    out = a.out or f"runs/compare-{concept.replace(' ', '_')}"
+    unlearn = None
+    if a.forget or a.model != "embedded":
+        from .unlearn import UnlearnConfig
+
+        missing = [f"--{k.replace('_', '-')}" for k in ("concept", "forget", "retain", "val_identities",
+                                                        "test_identities") if not getattr(a, k)]
+        if missing:
+            print(f"error: with explicit data (or a model other than 'embedded') compare needs {', '.join(missing)}",
+                  file=sys.stderr)
+            return 2
+        unlearn = UnlearnConfig(
+            concept=a.concept, out=out, model=a.model, pretrained=a.pretrained, forget=a.forget, retain=a.retain,
+            val_identities=a.val_identities, test_identities=a.test_identities, names=a.names,
+            identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
+            utility_val=a.utility_val, utility_test=a.utility_test, utility_classnames=a.utility_classnames,
+            utility_templates=a.utility_templates, forget_samples=a.forget_samples,
+            retain_samples=a.retain_samples, precision=a.precision, strict=a.strict)
+    cc = CompareConfig(concept=concept, out=out, methods=methods, model=a.model, data_dir=a.data_dir,
+                       epochs=a.epochs, lr=lrs, batch_size=a.batch_size, select_metric=a.select_metric,
+                       salun_threshold=a.salun_threshold, ssd_alpha=a.ssd_alpha, forget_samples=a.forget_samples,
+                       retain_samples=a.retain_samples, seed=a.seed, threads=a.threads, overwrite=a.overwrite,
+                       progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout)
+    report = run_compare(cc)
+    print(render_compare(report))
+    ratios = time_ratios(report)
+    if ratios:
+        print("method time / SLUG time: " + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
+    print(f"outputs: {out}/compare.json, compare.md, tradeoff.png, slug/")
+    return 0
+
+
 def cmd_curate(a) -> int:
     from .data.curate import curate
 
@@ -224,6 +279,44 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
     _add_run_args(u)
     u.set_defaults(func=cmd_unlearn)
+
+    cp = sub.add_parser("compare", help="SLUG vs FT, GA, GA+FT, SalUn, SSD on the same data, with cost")
+    cp.add_argument("--model", default="embedded", help="'embedded' (the world's data by default) or any id of "
+                                                        "`slug unlearn` (then pass its data flags)")
+    cp.add_argument("--concept", default=None, help="identity name (default: the demo's)")
+    cp.add_argument("--concepts", default=None, help="A,B: several concepts (not implemented yet)")
+    cp.add_argument("--methods", default="slug,ft,ga,gaft,salun,ssd",
+                    help="comma list of slug, ft, ga, gaft, salun, salun-rl, ssd, ssd-cumulative")
+    cp.add_argument("--epochs", type=int, default=None, help="epochs of the iterative baselines (default: each "
+                                                             "method's, <= 10)")
+    cp.add_argument("--lr", action="append", default=None, metavar="METHOD=LR",
+                    help="learning-rate override, e.g. --lr gaft=2e-4 (repeatable)")
+    cp.add_argument("--select-metric", default="forget_top1", choices=["forget_top1", "forget_top5"],
+                    help="epoch selection: first epoch with validation metric 0, else the minimum (paper: FA@1)")
+    cp.add_argument("--salun-threshold", type=float, default=0.5, help="SalUn mask fraction (default 0.5)")
+    cp.add_argument("--ssd-alpha", type=float, default=10.0)
+    cp.add_argument("--forget-samples", type=int, default=None)
+    cp.add_argument("--retain-samples", type=int, default=None)
+    cp.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
+    g = cp.add_argument_group("explicit data (as `slug unlearn`; required for models other than 'embedded')")
+    g.add_argument("--pretrained", default=None)
+    g.add_argument("--precision", default="fp32")
+    for flag in ("--forget", "--retain", "--val-identities", "--test-identities", "--names", "--related-names",
+                 "--utility-val", "--utility-test", "--utility-classnames"):
+        g.add_argument(flag, default=None, help="see `slug unlearn --help`")
+    g.add_argument("--identity-template", action="append", default=None)
+    g.add_argument("--utility-templates", default="imagenet-simple")
+    g.add_argument("--strict", action="store_true")
+    g.add_argument("--mia-heldout", default=None, help="captioned pairs of the concept never trained on (shards or "
+                                                       "folder) for the MIA; without it the MIA is skipped")
+    cp.add_argument("--out", default=None)
+    cp.add_argument("--overwrite", action="store_true")
+    cp.add_argument("--batch-size", type=int, default=32, help="baselines' batch size (official 32); SLUG keeps "
+                                                               "`slug demo`'s settings")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--threads", type=int, default=1)
+    cp.add_argument("--no-progress", action="store_true")
+    cp.set_defaults(func=cmd_compare)
 
     c = sub.add_parser("curate", help="build forget/retain sets from shards by whole-word name match")
     c.add_argument("--shards", required=True)

@@ -1,0 +1,128 @@
+"""Cost of SLUG's gradient pass against a bare forward+backward over the same batches, with time and peak memory.
+
+    python benchmarks/gradient_pass.py [--arch embedded ViT-B-32 ViT-L-14] [--batch 32] [--batches 2]
+
+"bare" = for each batch: zero_grad, forward, the same loss, backward, with every parameter trainable (what any
+training step pays). "slug" = ``slugkit.slug.gradients.compute_gradients`` over the same forget and retain batches:
+float32 accumulation of the candidate tensors' gradients, non-candidates frozen. Ratio = slug / bare (target <= 1.25).
+Real-size architectures use random weights (``open_clip.create_model(arch, pretrained=None)``: no download).
+Each architecture runs in its own subprocess so that the peak RSS is its own. A GPU is used when one is present
+(peak = ``torch.cuda.max_memory_allocated``); otherwise that part is skipped with a note.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _adapter(arch: str, device: str):
+    from slugkit.models import load_adapter
+    from slugkit.models.open_clip import OpenClipAdapter
+
+    if arch == "embedded":
+        a = load_adapter("embedded")
+        a.model.to(device)
+        return a
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None, device=device).eval()
+    return OpenClipAdapter(model, open_clip.get_tokenizer(arch), None, {"family": "open_clip", "model": arch})
+
+
+def _batches(adapter, n, bs, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    size = adapter.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    out = []
+    for b in range(n):
+        imgs = torch.randn(bs, 3, size, size, generator=g).to(device)
+        toks = adapter.tokenize([f"a photo of person number {b * bs + i}." for i in range(bs)]).to(device)
+        out.append((imgs, toks))
+    return out
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(arch: str, bs: int, n: int, device: str) -> dict:
+    from slugkit.slug.gradients import compute_gradients
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    adapter = _adapter(arch, device)
+    forget, retain = _batches(adapter, n, bs, device, 1), _batches(adapter, n, bs, device, 2)
+    model = adapter.model
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # warm-up (allocator, kernels)
+    adapter.forget_loss_per_sample(*forget[0]).sum().backward()
+    model.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t = time.perf_counter()
+    for imgs, toks in forget:
+        model.zero_grad(set_to_none=True)
+        adapter.forget_loss_per_sample(imgs, toks).sum().backward()
+    for imgs, toks in retain:
+        model.zero_grad(set_to_none=True)
+        (adapter.retain_loss(imgs, toks) * imgs.shape[0]).backward()
+    _sync(device)
+    bare = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    bare_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    grads = compute_gradients(adapter, iter(forget), iter(retain), progress=False)
+    _sync(device)
+    slug = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"arch": arch, "device": device, "batch": bs, "batches_per_split": n, "params": n_params,
+            "candidates": len(grads.forget), "bare_s": round(bare, 3), "slug_s": round(slug, 3),
+            "ratio_slug_over_bare": round(slug / bare, 3),
+            "peak_bytes": int(peak), "peak_kind": "cuda max_memory_allocated" if device == "cuda" else
+            "process peak RSS", "model_rss_bytes": int(rss_model - rss0) if device == "cpu" else None,
+            "bare_peak_bytes": bare_peak, "threads": torch.get_num_threads()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", nargs="+", default=["embedded", "ViT-B-32"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=2, help="batches per split (forget and retain)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child mode
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(run_one(a.arch[0], a.batch, a.batches, a.device or "cpu")))
+        return
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if not torch.cuda.is_available():
+        print("GPU: skipped (no CUDA device on this machine)")
+    rows = []
+    for dev in ([a.device] if a.device else devices):
+        for arch in a.arch:
+            cmd = [sys.executable, __file__, "--one", "--arch", arch, "--batch", str(a.batch), "--batches",
+                   str(a.batches), "--device", dev]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{arch} on {dev}: FAILED\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(f"{arch:10s} {dev}: bare fwd+bwd {r['bare_s']:.2f} s, slug gradient pass {r['slug_s']:.2f} s, "
+                  f"ratio {r['ratio_slug_over_bare']:.2f}; peak {r['peak_bytes'] / 2**30:.2f} GiB ({r['peak_kind']})")
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

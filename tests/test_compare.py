@@ -1,0 +1,114 @@
+"""`slug compare` end to end on the embedded world with small sets: output shape and bookkeeping."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from slugkit.cli import main  # noqa: E402
+from slugkit.compare import CompareConfig, changed_storage, run_compare, state_sha256  # noqa: E402
+from slugkit.data import world  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("compare") / "run"
+    data_dir = tmp_path_factory.mktemp("world")
+    rc = main(["compare", "--methods", "slug,ga,ssd", "--epochs", "1", "--forget-samples", "40",
+               "--retain-samples", "64", "--out", str(out), "--data-dir", str(data_dir), "--no-progress"])
+    torch.set_num_threads(threads)  # `slug compare` defaults to one thread; do not leak it into other tests
+    assert rc == 0
+    return out, data_dir
+
+
+def test_compare_outputs(compare_run):
+    out, _ = compare_run
+    rep = json.loads((out / "compare.json").read_text())
+    assert rep["concept"] == world.IDENTITIES[0].name
+    assert list(rep["methods"]) == ["slug", "ga", "ssd"]
+    assert rep["data"]["n_forget"] == 40 and rep["data"]["n_retain"] == 64
+    keys = {"forget_top1", "forget_top5", "related_top1", "utility_top1", "utility_top5"}
+    for name, e in rep["methods"].items():
+        assert {"metrics", "time_s", "peak_mem_bytes", "storage_bytes", "passes", "mia", "epochs",
+                "selected_epoch"} <= set(e), name
+        assert set(e["metrics"]["before"]) >= keys and set(e["metrics"]["after"]) >= keys
+        assert e["start_sha256"] == rep["base_sha256"]
+        assert e["time_s"] > 0 and e["storage_bytes"] > 0 and e["peak_mem_bytes"] >= 0
+        assert 0 <= e["mia"]["mean"] <= 100 and len(e["mia"]["per_seed"]) == 10
+    slug = rep["methods"]["slug"]
+    assert slug["storage_bytes"] == (out / "slug" / "patch" / "patch.safetensors").stat().st_size
+    assert (out / "slug" / "result.json").is_file()
+    result = json.loads((out / "slug" / "result.json").read_text())
+    assert slug["metrics"]["after"] == result["metrics"]["after"]  # the numbers of `slug unlearn`
+    ga = rep["methods"]["ga"]
+    assert len(ga["epochs"]) == 1 and ga["selected_epoch"] == 1
+    assert ga["passes"]["backward_samples"] == 40 and ga["passes"]["optimizer_steps"] == 2  # batch 32
+    assert ga["storage_bytes"] > slug["storage_bytes"]
+    assert rep["methods"]["ssd"]["passes"]["backward_samples"] == 40 + 64
+    md = (out / "compare.md").read_text()
+    for col in ("FA@1", "FA@5", "TA_IN@1", "TA_CA@1", "MIA", "time", "storage"):
+        assert col in md
+    for name in ("original", "slug", "ga", "ssd"):
+        assert f"| {name} |" in md
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_refuses_existing_output_and_bad_method(compare_run, capsys):
+    out, data_dir = compare_run
+    assert main(["compare", "--methods", "ga", "--out", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["compare", "--methods", "ga,nope", "--out", str(out) + "x", "--data-dir", str(data_dir),
+                 "--no-progress"]) == 2
+
+
+def test_state_hash_and_changed_storage():
+    m = torch.nn.Linear(3, 2)
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    h = state_sha256(m)
+    assert changed_storage(m, base)["storage_bytes"] == 0
+    with torch.no_grad():
+        m.weight[0, 0] += 1
+    assert state_sha256(m) != h
+    s = changed_storage(m, base)
+    assert s["storage_bytes"] == 6 * 4 and s["changed_params"] == 1 and s["changed_tensors"] == 1
+    m.load_state_dict(base)
+    assert state_sha256(m) == h
+
+
+def test_compare_config_defaults():
+    cc = CompareConfig(concept="x", out="y")
+    assert cc.methods == ["slug", "ft", "ga", "gaft", "salun", "ssd"] and cc.select_metric == "forget_top1"
+    assert run_compare is not None
+
+
+def test_compare_explicit_data_flags(compare_run, tmp_path):
+    """The real-model form: the data flags of `slug unlearn` (here pointing at the world's files) + --mia-heldout."""
+    run, data_dir = compare_run
+    name = world.IDENTITIES[0].name
+    heldout = tmp_path / "heldout"
+    world.write_pair_shards(world.make_samples("test", "identity", 12, classes=[0]), heldout, prefix="h")
+    argv = ["compare", "--model", "embedded", "--concept", name, "--forget", str(run / "data" / "forget.tar"),
+            "--retain", str(run / "data" / "retain.tar"), "--val-identities", str(data_dir / "val" / "identities"),
+            "--test-identities", str(data_dir / "test" / "identities"), "--names", str(data_dir / "names.txt"),
+            "--utility-val", str(data_dir / "val" / "utility"), "--utility-test", str(data_dir / "test" / "utility"),
+            "--utility-templates", str(data_dir / "utility_templates.txt"), "--methods", "ga",
+            "--epochs", "1", "--forget-samples", "40", "--retain-samples", "64", "--no-progress"]
+    for t in world.IDENTITY_EVAL_TEMPLATES:
+        argv += ["--identity-template", t]
+    out = tmp_path / "explicit"
+    threads = torch.get_num_threads()
+    rc = main(argv + ["--mia-heldout", str(heldout / "h-00000.tar"), "--out", str(out)])
+    torch.set_num_threads(threads)
+    assert rc == 0
+    rep = json.loads((out / "compare.json").read_text())
+    first = json.loads((run / "compare.json").read_text())
+    assert rep["data"]["mia_heldout"] == 12 and rep["methods"]["ga"]["mia"]["n"] == 12
+    assert rep["original"]["metrics"]["before"] == first["original"]["metrics"]["before"]  # same test suite
+    assert rep["methods"]["ga"]["metrics"]["after"] == first["methods"]["ga"]["metrics"]["after"]  # same data
+    assert main(["compare", "--model", "ViT-B-32", "--concept", name, "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2  # real models need the data flags
