@@ -29,8 +29,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/search_cache.py
-	$(BIN)/python benchmarks/all_identities.py
+	$(BIN)/python benchmarks/summary.py --json benchmarks/results/summary.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
