@@ -3,6 +3,8 @@
     slug demo [--concept NAME] [--out DIR]           SLUG on the embedded world (no downloads)
     slug unlearn --model M --concept C --forget ... --out DIR
     slug curate --shards SPEC --concept NAME --out DIR
+    slug grads --model M --forget SPEC --retain SPEC --out G.safetensors   (also under torchrun)
+    slug compare [--concept NAME] [--methods slug,ft,ga,gaft,salun,ssd] --out DIR
     slug apply / revert / inspect                    patches
     slug world names | train | data                  the embedded synthetic world
 """
@@ -173,6 +175,13 @@ def cmd_curate(a) -> int:
     return 0
 
 
+def cmd_grads(a) -> int:
+    """`slug grads`: the streamed / distributed / resumable gradient pass (see slugkit.slug.gradpass)."""
+    from .slug.gradpass import cmd_grads as run
+
+    return run(a)
+
+
 def _load_target(a):
     """A safetensors state dict (--checkpoint) or a model loaded through the adapter (--model/--pretrained)."""
     from .patch import load_state_dict_file
@@ -330,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_curate)
+
+    gp = sub.add_parser("grads", help="gradient pass over shards: resumable, runs under torchrun on N ranks")
+    gp.add_argument("--model", required=True, help="as `slug unlearn --model`")
+    gp.add_argument("--pretrained", default=None)
+    gp.add_argument("--precision", default="fp32")
+    gp.add_argument("--forget", required=True, help="forget pairs: shards (brace patterns, '::' lists) or a folder")
+    gp.add_argument("--retain", required=True, help="retain pairs: shards or a captioned folder")
+    gp.add_argument("--out", required=True, help="output .safetensors (written by rank 0, atomically)")
+    gp.add_argument("--batch-size", type=int, default=64, help="batches are formed within each shard")
+    gp.add_argument("--checkpoint-dir", default=None, help="resume state (default OUT.ckpt; deleted on success)")
+    gp.add_argument("--stats-first", action="store_true",
+                    help="keep per-tensor scalars for all candidates, full gradients for the Pareto front only")
+    gp.add_argument("--strict", action="store_true")
+    gp.add_argument("--threads", type=int, default=None)
+    gp.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK, NCCL)")
+    gp.add_argument("--no-progress", action="store_true")
+    gp.set_defaults(func=cmd_grads)
 
     for name, rev in (("apply", False), ("revert", True)):
         ap = sub.add_parser(name, help=f"{name} patch(es) to a model or a safetensors checkpoint")

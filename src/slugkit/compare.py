@@ -39,7 +39,6 @@ concept the model never saw, e.g. a held-out LAION/CC3M shard) and is skipped wi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time

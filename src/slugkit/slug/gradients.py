@@ -65,45 +65,95 @@ class Gradients:
             meta = json.loads((f.metadata() or {}).get("slugkit", "{}"))
             for k in f.keys():
                 split, name = k.split("/", 1)
-                (forget if split == "forget" else retain)[name] = f.get_tensor(k)
+                if split in ("forget", "retain"):  # other prefixes (e.g. gradpass's ``stats/``) are not gradients
+                    (forget if split == "forget" else retain)[name] = f.get_tensor(k)
         return cls(forget, retain, int(meta.get("n_forget", 0)), int(meta.get("n_retain", 0)))
 
 
-def _accumulate(adapter, batches: Iterable, names: list[str], kind: str, progress: bool, total: int | None):
+class candidate_grads:
+    """Context manager: only ``names`` require grad inside (others are frozen); flags and ``.grad`` restored after.
+
+    Shared by :func:`compute_gradients` and the streaming pass (:mod:`slugkit.slug.gradpass`).
+    """
+
+    def __init__(self, model, names: list[str]):
+        self.model, self.names = model, list(names)
+        self.params = dict(model.named_parameters())
+
+    def __enter__(self) -> dict[str, torch.Tensor]:
+        wanted = set(self.names)
+        self._flags = {n: p.requires_grad for n, p in self.params.items()}
+        for n, p in self.params.items():
+            p.requires_grad_(n in wanted)
+        return self.params
+
+    def __exit__(self, *exc) -> None:
+        self.model.zero_grad(set_to_none=True)
+        for n, p in self.params.items():
+            p.requires_grad_(self._flags[n])
+
+
+def new_sums(params: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """float32 zero accumulators shaped like the ``names`` parameters (on their device)."""
+    return {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+
+
+def accumulate_batch(adapter, params: dict[str, torch.Tensor], names: list[str], sums: dict[str, torch.Tensor],
+                     images: torch.Tensor, tokens: torch.Tensor, kind: str) -> int:
+    """Add one batch's contribution to ``sums`` and return its sample count (the one copy of the loss logic).
+
+    forget: Σ_i ∇cos_i (per-sample sum); retain: B·∇ℓ_batch (CLIP loss weighted by the batch size).
+    """
+    b = images.shape[0]
+    if b == 0:
+        return 0
     model = adapter.model
-    params = dict(model.named_parameters())
-    wanted = set(names)
-    saved_flags = {n: p.requires_grad for n, p in params.items()}
-    for n, p in params.items():
-        p.requires_grad_(n in wanted)
-    sums = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
-    count = 0
+    model.zero_grad(set_to_none=True)
+    if kind == "forget":
+        loss = adapter.forget_loss_per_sample(images, tokens).sum()
+    else:
+        loss = adapter.retain_loss(images, tokens) * b
+    # Each tensor's gradient is added to its float32 sum as soon as autograd has it and then dropped, so a
+    # backward never holds a full ``.grad`` copy of the candidates next to the sums (peak: sums + one tensor).
+    handles = [params[n].register_post_accumulate_grad_hook(_adder(sums[n])) for n in names]
+    try:
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    return b
+
+
+def _adder(acc: torch.Tensor):
+    def hook(p: torch.Tensor) -> None:
+        acc.add_(p.grad.detach().float())
+        p.grad = None
+
+    return hook
+
+
+def _accumulate(adapter, batches: Iterable, names: list[str], kind: str, progress: bool, total: int | None):
     it = batches
     if progress:
         from tqdm import tqdm
 
         it = tqdm(batches, desc=f"gradients: {kind}", unit="batch", total=total, leave=False)
-    try:
+    with candidate_grads(adapter.model, names) as params:
+        sums = new_sums(params, names)
+        count = 0
         for images, tokens in it:
-            b = images.shape[0]
-            if b == 0:
-                continue
-            model.zero_grad(set_to_none=True)
-            if kind == "forget":
-                loss = adapter.forget_loss_per_sample(images, tokens).sum()
-            else:
-                loss = adapter.retain_loss(images, tokens) * b
-            loss.backward()
-            for n in names:
-                g = params[n].grad
-                if g is not None:
-                    sums[n] += g.detach().float()
-            count += b
-    finally:
-        model.zero_grad(set_to_none=True)
-        for n, p in params.items():
-            p.requires_grad_(saved_flags[n])
+            count += accumulate_batch(adapter, params, names, sums, images, tokens, kind)
     return sums, count
+
+
+def check_finite(forget: dict, retain: dict) -> None:
+    for split, d in (("forget", forget), ("retain", retain)):
+        bad = [n for n, g in d.items() if not torch.isfinite(g).all()]
+        if bad:
+            raise NonFiniteGradientError(
+                f"{split} gradient has NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}; check the data (a corrupt "
+                "image?) and use fp32 precision")
 
 
 def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterable, names: list[str] | None = None,
@@ -131,10 +181,5 @@ def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterabl
         adapter.model.train(was_training)
     forget = {n: f_sum[n] / n_f for n in names}
     retain = {n: r_sum[n] / n_r for n in names}
-    for split, d in (("forget", forget), ("retain", retain)):
-        bad = [n for n, g in d.items() if not torch.isfinite(g).all()]
-        if bad:
-            raise NonFiniteGradientError(
-                f"{split} gradient has NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}; check the data (a corrupt "
-                "image?) and use fp32 precision")
+    check_finite(forget, retain)
     return Gradients(forget, retain, n_f, n_r, {"forget": t1 - t0, "retain": t2 - t1})

@@ -84,7 +84,7 @@ class LayerTable:
 def rank_layers(adapter, grads, names: list[str] | None = None) -> LayerTable:
     params = dict(adapter.model.named_parameters())
     names = list(names if names is not None else adapter.candidate_names())
-    scored: dict[str, list[LayerRow]] = {"vision": [], "language": []}
+    scored: list[LayerRow] = []
     excluded = {}
     for n in names:
         if n not in grads.forget:
@@ -99,11 +99,19 @@ def rank_layers(adapter, grads, names: list[str] | None = None) -> LayerTable:
             excluded[n] = "scalar tensor"
             continue
         p_norm = float(torch.linalg.vector_norm(theta.float()).item())
-        row = LayerRow(
+        scored.append(LayerRow(
             name=n, tower=adapter.tower_of(n), shape=list(theta.shape), numel=theta.numel(), param_norm=p_norm,
             forget_grad_norm=gf_norm, retain_grad_norm=float(torch.linalg.vector_norm(gr.float()).item()),
-            importance=importance(gf, theta), alignment=alignment(gf, gr), ratio=p_norm / gf_norm)
-        scored.setdefault(row.tower, []).append(row)
+            importance=importance(gf, theta), alignment=alignment(gf, gr), ratio=p_norm / gf_norm))
+    return build_table(scored, excluded)
+
+
+def build_table(scored_rows: list[LayerRow], excluded: dict[str, str]) -> LayerTable:
+    """Sort each tower's rows by descending alignment and mark its Pareto front (the one place these rules live;
+    :func:`rank_layers` and the stats-first pass both end here)."""
+    scored: dict[str, list[LayerRow]] = {"vision": [], "language": []}
+    for r in scored_rows:
+        scored.setdefault(r.tower, []).append(r)
     rows, fronts = [], {}
     for tower, trs in scored.items():
         trs.sort(key=lambda r: -r.alignment)  # stable: ties keep named_parameters() order

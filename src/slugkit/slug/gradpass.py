@@ -1,0 +1,551 @@
+"""The gradient pass at scale: streamed from shards, spread over ranks with ``torch.distributed``, resumable.
+
+``compute_gradients`` takes in-memory batches; this module runs the *same* per-batch accumulation
+(:func:`slugkit.slug.gradients.accumulate_batch`, the one copy of the loss logic) over webdataset shards or a
+captioned folder, and is what ``slug grads`` runs (alone, or under ``torchrun``).
+
+Work split and batches
+    Each split (forget, retain) is a list of shards (``expand_urls``; a captioned folder is one "shard").
+    Batches are formed **within a shard** (consecutive samples, the last batch of a shard may be partial), so the set
+    of batches does not depend on the number of ranks. With ``W`` ranks, rank ``r`` takes shards ``r, r+W, ...``.
+    If a split has fewer shards than ranks, every rank reads every shard of that split and keeps the batches whose
+    index within the shard is ``≡ r (mod W)`` (batch, not sample, modulo: splitting samples would change the
+    contrastive retain batches). Either way the union of the ranks' batches is exactly the single-process batches,
+    so after the all-reduce the sums equal the single-process sums up to float32 summation order (≈1e-7 relative).
+    The forget gradient is batch-size invariant anyway; the retain gradient depends on the batches (CLIP loss).
+
+Distributed
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set) the process
+    group is initialised with NCCL on GPUs, gloo on CPU; per-rank float32 sums and int64 sample counts are
+    all-reduced (SUM) at the end of each split; rank 0 writes the output (atomically), the other ranks write nothing
+    but their own checkpoints. Without those variables it is one plain process.
+
+Resume
+    After every finished shard (work unit) each rank writes ``<ckpt>/rank{r}-of-{W}.safetensors`` (temp file +
+    ``os.replace``): its running float32 sums, its sample count and the ids of its completed units. At the end of the
+    forget split rank 0 writes the all-reduced forget sums to ``<ckpt>/forget.safetensors`` and every rank starts the
+    retain split from zero. Every file carries a fingerprint of the command (resolved shard paths and sizes, batch
+    size, world size, strictness, model id, a SHA-256 of the candidate tensors and their names); a checkpoint
+    directory holding a different fingerprint is refused (:class:`CheckpointMismatchError`). A restart with the same
+    command skips completed units and continues from the stored sums, so the result is bit-identical to an
+    uninterrupted run. The checkpoint directory (default ``<out>.ckpt``) is deleted after success. Multi-node runs
+    need it on a shared filesystem. Only safetensors + JSON are written or read (no pickle).
+
+    ``SLUGKIT_TEST_SLEEP_AFTER_SHARD=<seconds>`` (test-only) sleeps after each checkpoint write, so a test can kill
+    the process reliably mid-pass.
+
+Memory: full mode vs ``stats_first``
+    Common to both: each tensor's gradient is added to its float32 sum by a post-accumulate-grad hook as soon as
+    backward produces it and then freed (no full ``.grad`` copy next to the sums), and checkpoints / outputs are
+    written tensor by tensor (no serialised copy in memory). Full mode returns both mean gradients of every candidate
+    tensor, like ``compute_gradients``: its peak is the model + one batch's activations + TWO float32 copies of the
+    candidate tensors (ḡ_f and ḡ_r at the end).
+
+    ``stats_first`` keeps, per candidate tensor, only the three float64 scalars ‖ḡ_f‖², ‖ḡ_r‖², ⟨ḡ_f, ḡ_r⟩ (from
+    which importance, alignment and the Pareto front follow exactly) and full gradients only for the front tensors.
+    A squared norm of a mean gradient is quadratic in the sum, so it cannot be accumulated from per-batch scalars:
+    each split's sum must be formed first. The design: the forget split accumulates the full forget sum (one float32
+    copy of the candidates), all-reduces it, spills it to ``<ckpt>/forget.safetensors`` (it is that split's
+    checkpoint anyway) and frees it; the retain split accumulates the full retain sum in a fresh accumulator; then
+    the scalars are computed tensor by tensor, reading the forget sum back from the spill one tensor at a time (plain
+    reads, no memory map). Peak: the model + one batch's activations + ONE float32 copy of the candidates + one
+    tensor + the front tensors' gradients; disk: one float32 copy. It never costs a second forward/backward over the
+    forget set, because the forget sum is on disk. Without that spill it would: with one accumulator, the forget
+    pass gives ‖ḡ_f‖², the retain pass gives ḡ_r and ‖ḡ_r‖², and ⟨ḡ_f, ḡ_r⟩ (linear in ḡ_f) then needs a second
+    forget pass streaming ⟨g_batch, ḡ_r⟩ — and the front tensors' ḡ_f one more (not implemented). Measured on a
+    random CLIP with 145 MB of float32 candidates (ViT and text width 512 x 6 layers, 32 px, batch 4, CPU): extra
+    peak RSS over the loaded model 320 MB full, 198 MB stats-first. Output: :func:`save_stats_first` (front
+    gradients + ``stats/<name>`` scalars); :func:`rank_from_stats` gives the same
+    :class:`~slugkit.slug.layers.LayerTable` as ``rank_layers`` on the full gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.curate import EmptyForgetSetError
+from ..data.shards import ReadStats, expand_urls
+from .gradients import Gradients, NonFiniteGradientError, accumulate_batch, candidate_grads, check_finite, new_sums
+
+FORMAT = "slugkit-gradpass-1"
+SLEEP_ENV = "SLUGKIT_TEST_SLEEP_AFTER_SHARD"  # test-only: seconds to sleep after each checkpoint write
+SPLITS = ("forget", "retain")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint directory belongs to a different command (other data, model, batch size or world size)."""
+
+
+@dataclass
+class PassConfig:
+    forget: str
+    retain: str
+    out: str | None = None  # output .safetensors (written by rank 0); None: only return the result
+    batch_size: int = 64
+    checkpoint_dir: str | None = None  # default: <out>.ckpt
+    stats_first: bool = False
+    strict: bool = False
+    progress: bool = False
+
+
+@dataclass
+class PassResult:
+    grads: Gradients  # full mode: every candidate; stats_first: the front tensors only
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # stats_first: name -> [|g_f|^2, |g_r|^2, <g_f,g_r>]
+    front: list[str] = field(default_factory=list)  # stats_first: front names (vision then language)
+    read_stats: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
+    """Initialise the process group from torchrun's variables (no-op without them); returns (rank, world, device)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        use_cuda = device.startswith("cuda") and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+    rank, world = dist_info()
+    return rank, world, device
+
+
+def _all_reduce(sums: dict[str, torch.Tensor], count: int, names: list[str], device) -> int:
+    import torch.distributed as dist
+
+    if dist_info()[1] == 1:
+        return count
+    for n in names:
+        dist.all_reduce(sums[n], op=dist.ReduceOp.SUM)
+    c = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(c, op=dist.ReduceOp.SUM)
+    return int(c.item())
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- work units
+def list_shards(spec: str) -> list[str]:
+    """Resolved shard paths of a spec; a captioned folder (no ``.tar`` inside) is one shard."""
+    p = Path(spec)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        return [str(p.resolve())]
+    return [str(Path(x).resolve()) for x in expand_urls(spec)]
+
+
+@dataclass(frozen=True)
+class Unit:
+    split: str
+    index: int  # shard index in the split
+    path: str
+    part: int = -1  # -1: the whole shard; else keep batches with index % world == part
+
+    @property
+    def id(self) -> str:
+        return f"{self.split}:{self.index}" + (f":{self.part}" if self.part >= 0 else "")
+
+
+def assign_units(split: str, shards: list[str], rank: int, world: int) -> list[Unit]:
+    if len(shards) >= world:
+        return [Unit(split, i, s) for i, s in enumerate(shards) if i % world == rank]
+    return [Unit(split, i, s, rank) for i, s in enumerate(shards)]
+
+
+def unit_batches(adapter, unit: Unit, batch_size: int, world: int, strict: bool, stats: ReadStats, device):
+    """``(images, tokens)`` batches of consecutive samples of one shard (the rank's share of them)."""
+    from ..data.folders import iter_pairs
+
+    def make(buf):
+        images = torch.stack([adapter.preprocess(s.image) for s in buf]).to(device)
+        return images, adapter.tokenize([s.caption for s in buf]).to(device)
+
+    buf, j = [], 0
+    for s in iter_pairs(unit.path, strict=strict, stats=stats):
+        buf.append(s)
+        if len(buf) == batch_size:
+            if unit.part < 0 or j % world == unit.part:
+                yield make(buf)
+            buf, j = [], j + 1
+    if buf and (unit.part < 0 or j % world == unit.part):
+        yield make(buf)
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+def fingerprint(adapter, names: list[str], forget: list[str], retain: list[str], cfg: PassConfig,
+                world: int) -> dict:
+    params = dict(adapter.model.named_parameters())
+    h = hashlib.sha256()
+    for n in names:
+        t = params[n].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{n}:{t.dtype}:{tuple(params[n].shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())
+
+    def files(paths):
+        return [[p, os.path.getsize(p) if os.path.isfile(p) else -1] for p in paths]
+
+    return {
+        "format": FORMAT,
+        "model": json.loads(json.dumps(getattr(adapter, "model_id", {}), sort_keys=True, default=str)),
+        "weights_sha256": h.hexdigest(),
+        "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "forget": files(forget),
+        "retain": files(retain),
+        "batch_size": cfg.batch_size,
+        "world_size": world,
+        "strict": cfg.strict,
+    }
+
+
+def _digest(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def _read_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("slugkit", "{}"))
+
+
+def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
+    """Refuse a checkpoint directory that holds files of another command."""
+    if not ckdir.is_dir():
+        return
+    want = _digest(fp)
+    for path in sorted(ckdir.glob("*.safetensors")):
+        try:
+            meta = _read_meta(path)
+        except Exception as e:  # unreadable header: not ours to overwrite silently
+            raise CheckpointMismatchError(f"checkpoint {path} is unreadable ({e}); delete {ckdir} to start over")
+        if meta.get("digest") == want:
+            continue
+        old = meta.get("fingerprint", {})
+        diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
+        raise CheckpointMismatchError(
+            f"checkpoint directory {ckdir} holds a checkpoint of a different command ({path.name} differs in: "
+            f"{', '.join(diff) or 'format'}); rerun the original command to resume it, or delete the directory / "
+            "pass another --checkpoint-dir to start over")
+
+
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file tensor by tensor (no in-memory serialised copy of the whole dict, unlike
+    ``safetensors.torch.save``), atomically (temp file in the same directory + fsync + ``os.replace``)."""
+    import struct
+    import tempfile
+
+    items = sorted(tensors.items())
+    header: dict = {"__metadata__": metadata}
+    off = 0
+    for k, t in items:
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            for _, t in items:
+                t = t.detach().to("cpu").contiguous()
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # zero-copy view of a CPU tensor
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta: dict) -> None:
+    write_safetensors(path, {f"sums/{n}": sums[n] for n in names}, {"slugkit": json.dumps(meta, sort_keys=True)})
+
+
+def read_tensors(path: str | Path, keys: list[str], device="cpu"):
+    """Yield ``(key, tensor)`` from a safetensors file with plain reads, one tensor at a time (no memory map: only
+    the tensor being read is resident)."""
+    import struct
+
+    inv = {v: k for k, v in _DTYPES.items()}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for k in keys:
+            info = header[k]
+            t = torch.empty(info["shape"], dtype=inv[info["dtype"]])
+            begin, end = info["data_offsets"]
+            if end > begin:
+                f.seek(base + begin)
+                buf = t.reshape(-1).view(torch.uint8).numpy()
+                if f.readinto(buf) != end - begin:
+                    raise ValueError(f"{path}: tensor {k} is truncated")
+            yield k, t.to(device)
+
+
+def _load_sums(path: Path, names: list[str], device) -> tuple[dict[str, torch.Tensor], dict]:
+    sums = {k[len("sums/"):]: t for k, t in read_tensors(path, [f"sums/{n}" for n in names], device)}
+    return sums, _read_meta(path)
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+def _run_split(adapter, params, names, units, state, cfg, world, rank_file, fp, digest, rank, read_stats, device):
+    """Accumulate one split over this rank's units, resuming from ``state`` and checkpointing after each unit."""
+    split = units[0].split if units else None
+    if state is not None:
+        sums, count, done = state
+    else:
+        sums, count, done = new_sums(params, names), 0, []
+    sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    for unit in units:
+        if unit.id in done:
+            continue
+        batches = unit_batches(adapter, unit, cfg.batch_size, world, cfg.strict, read_stats, device)
+        if cfg.progress and rank == 0:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"gradients: {unit.id}", unit="batch", leave=False)
+        for images, tokens in batches:
+            count += accumulate_batch(adapter, params, names, sums, images, tokens, unit.split)
+        done.append(unit.id)
+        _save_sums(rank_file, sums, names, {"digest": digest, "fingerprint": fp, "split": split, "done": done,
+                                            "count": count})
+        if sleep:
+            time.sleep(sleep)
+    return sums, count
+
+
+def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> PassResult | None:
+    """Run the pass on this rank; rank 0 returns the result (and writes ``cfg.out``), other ranks return None."""
+    rank, world = dist_info()
+    names = list(names if names is not None else adapter.candidate_names())
+    shards = {"forget": list_shards(cfg.forget), "retain": list_shards(cfg.retain)}
+    if cfg.checkpoint_dir is None and cfg.out is None:
+        raise ValueError("the gradient pass needs an output file or a checkpoint directory")
+    ckdir = Path(cfg.checkpoint_dir if cfg.checkpoint_dir is not None else f"{cfg.out}.ckpt")
+    fp = fingerprint(adapter, names, shards["forget"], shards["retain"], cfg, world)
+    digest = _digest(fp)
+    check_checkpoint_dir(ckdir, fp)
+    rank_file = ckdir / f"rank{rank}-of-{world}.safetensors"
+    spill = ckdir / "forget.safetensors"
+    device = adapter.device
+
+    state = None
+    if rank_file.is_file():
+        meta = _read_meta(rank_file)
+        # a forget-split state is stale once the spill (the reduced forget sums) exists: do not load it
+        if not (meta["split"] == "forget" and spill.is_file()):
+            sums, _ = _load_sums(rank_file, names, device)
+            state = (meta["split"], (sums, int(meta["count"]), list(meta["done"])))
+    if rank == 0 and (state or spill.is_file()):
+        import sys
+
+        print(f"resuming from {ckdir}: forget split {'done' if spill.is_file() else 'in progress'}, "
+              f"{len(state[1][2]) if state else 0} unit(s) of the current split done on rank 0", file=sys.stderr)
+    read_stats = {s: ReadStats() for s in SPLITS}
+    timing = {}
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        with candidate_grads(adapter.model, names) as params:
+            t0 = time.perf_counter()
+            if spill.is_file():  # forget split finished in an earlier run (the spill exists only after it)
+                n_f = int(_read_meta(spill)["n"])
+            else:
+                st = state[1] if state and state[0] == "forget" else None
+                f_sums, n_f = _run_split(adapter, params, names, assign_units("forget", shards["forget"], rank, world),
+                                         st, cfg, world, rank_file, fp, digest, rank, read_stats["forget"], device)
+                n_f = _all_reduce(f_sums, n_f, names, device)
+                if n_f == 0:
+                    raise EmptyForgetSetError(
+                        f"the forget set {cfg.forget} yielded no usable image–caption pairs "
+                        f"({read_stats['forget'].as_dict()}); a zero gradient would silently unlearn nothing")
+                if rank == 0:
+                    _save_sums(spill, f_sums, names, {"digest": digest, "fingerprint": fp, "split": "forget",
+                                                      "n": n_f})
+                del f_sums
+                _barrier()
+            timing["forget"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            st = state[1] if state and state[0] == "retain" else None
+            r_sums, n_r = _run_split(adapter, params, names, assign_units("retain", shards["retain"], rank, world),
+                                     st, cfg, world, rank_file, fp, digest, rank, read_stats["retain"], device)
+            n_r = _all_reduce(r_sums, n_r, names, device)
+            if n_r == 0:
+                raise ValueError(f"the retain set {cfg.retain} yielded no usable image–caption pairs "
+                                 f"({read_stats['retain'].as_dict()}); alignment cannot be measured")
+            timing["retain"] = time.perf_counter() - t1
+    finally:
+        adapter.model.train(was_training)
+
+    result = None
+    if rank == 0:
+        retain = r_sums  # divided in place: no second copy (same op, same bits as compute_gradients' sum / n)
+        for n in names:
+            retain[n].div_(n_r)
+        if cfg.stats_first:
+            result = _stats_first_result(adapter, names, spill, n_f, retain, n_r, device)
+            if cfg.out:
+                save_stats_first(cfg.out, result)
+        else:
+            forget, _ = _load_sums(spill, names, device)
+            for n in names:
+                forget[n].div_(n_f)
+            check_finite(forget, retain)
+            result = PassResult(Gradients(forget, retain, n_f, n_r))
+            if cfg.out:
+                save_full(cfg.out, result.grads)
+        result.grads.seconds = timing
+        result.read_stats = {s: read_stats[s].as_dict() for s in SPLITS}
+    _barrier()  # rank 0 has written the output: the checkpoints can go
+    rank_file.unlink(missing_ok=True)
+    _barrier()
+    if rank == 0:
+        spill.unlink(missing_ok=True)
+        for stale in ckdir.glob(".*.safetensors.*.tmp"):  # temp files of writes cut short by a kill
+            stale.unlink(missing_ok=True)
+        try:
+            ckdir.rmdir()
+        except OSError:  # not empty (foreign files) or already gone
+            pass
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- stats-first
+def _stats_first_result(adapter, names, spill: Path, n_f: int, retain: dict, n_r: int, device) -> PassResult:
+    stats = {}
+    for k, f_sum in read_tensors(spill, [f"sums/{n}" for n in names], device):
+        n = k[len("sums/"):]
+        gf = (f_sum / n_f).double()
+        gr = retain[n].double()
+        stats[n] = torch.stack([gf.pow(2).sum(), gr.pow(2).sum(), (gf * gr).sum()]).cpu()
+        del f_sum, gf, gr
+    bad = [n for n, s in stats.items() if not torch.isfinite(s).all()]
+    if bad:
+        raise NonFiniteGradientError(f"gradient has NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}; check the data "
+                                     "(a corrupt image?) and use fp32 precision")
+    table = rank_from_stats(adapter, stats, names)
+    front = table.front_names()
+    forget = {k[len("sums/"):]: t / n_f for k, t in read_tensors(spill, [f"sums/{n}" for n in front], device)}
+    grads = Gradients(forget, {n: retain[n] for n in front}, n_f, n_r)
+    return PassResult(grads, stats, front)
+
+
+def rank_from_stats(adapter, stats: dict[str, torch.Tensor], names: list[str] | None = None):
+    """``rank_layers`` from the per-tensor scalars [‖ḡ_f‖², ‖ḡ_r‖², ⟨ḡ_f, ḡ_r⟩] (same rules, same order)."""
+    from .layers import LayerRow, build_table
+
+    params = dict(adapter.model.named_parameters())
+    names = list(names if names is not None else adapter.candidate_names())
+    scored: list[LayerRow] = []
+    excluded = {}
+    for n in names:
+        if n not in stats:
+            excluded[n] = "no stored forget gradient"
+            continue
+        ff, rr, fr = (float(x) for x in stats[n].tolist())
+        gf_norm = math.sqrt(ff)
+        theta = params[n].detach()
+        if gf_norm == 0.0:
+            excluded[n] = "zero forget gradient (the forget loss does not depend on it)"
+            continue
+        if theta.ndim == 0:
+            excluded[n] = "scalar tensor"
+            continue
+        p_norm = float(torch.linalg.vector_norm(theta.float()).item())
+        # torch.cosine_similarity: <x, y> / sqrt(max(|x|^2 |y|^2, eps^2)), eps = 1e-6 (as layers.alignment)
+        align = abs(fr / math.sqrt(max(ff * rr, 1e-12)))
+        row = LayerRow(name=n, tower=adapter.tower_of(n), shape=list(theta.shape), numel=theta.numel(),
+                       param_norm=p_norm, forget_grad_norm=gf_norm, retain_grad_norm=math.sqrt(rr),
+                       importance=gf_norm / p_norm, alignment=align, ratio=p_norm / gf_norm)
+        scored.append(row)
+    return build_table(scored, excluded)
+
+
+def save_full(path: str | Path, g: Gradients) -> None:
+    """``Gradients.save``'s layout and metadata, written tensor by tensor (no serialised copy in memory)."""
+    tensors = {f"forget/{k}": v for k, v in g.forget.items()}
+    tensors.update({f"retain/{k}": v for k, v in g.retain.items()})
+    meta = {"format": "slugkit-gradients-1", "n_forget": g.n_forget, "n_retain": g.n_retain}
+    write_safetensors(path, tensors, {"slugkit": json.dumps(meta, sort_keys=True)})
+
+
+def save_stats_first(path: str | Path, result: PassResult) -> None:
+    """Front gradients (``forget/``, ``retain/``; readable by ``Gradients.load``) + ``stats/<name>`` scalars."""
+    g = result.grads
+    tensors = {f"forget/{k}": v for k, v in g.forget.items()}
+    tensors.update({f"retain/{k}": v for k, v in g.retain.items()})
+    tensors.update({f"stats/{k}": v for k, v in result.stats.items()})
+    meta = {"format": "slugkit-gradients-1", "n_forget": g.n_forget, "n_retain": g.n_retain, "stats_first": True,
+            "front": result.front, "stats": "float64 [|g_f|^2, |g_r|^2, <g_f, g_r>] of the mean gradients"}
+    write_safetensors(path, tensors, {"slugkit": json.dumps(meta, sort_keys=True)})
+
+
+def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k.split("/", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith("stats/")}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cmd_grads(a) -> int:
+    """``slug grads``: one process, or one rank of ``torchrun --nproc_per_node N -m slugkit.cli grads ...``."""
+    from ..models import load_adapter
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rank, world, device = init_distributed(a.device)
+    try:
+        adapter = load_adapter(a.model, a.pretrained, device=device, precision=a.precision)
+        cfg = PassConfig(forget=a.forget, retain=a.retain, out=a.out, batch_size=a.batch_size,
+                         checkpoint_dir=a.checkpoint_dir, stats_first=a.stats_first, strict=a.strict,
+                         progress=not a.no_progress)
+        result = run_gradpass(adapter, cfg)
+        if rank == 0 and result is not None:
+            g = result.grads
+            what = f"stats of every candidate + gradients of {len(result.front)} front tensors" if cfg.stats_first \
+                else f"gradients of {len(g.forget)} tensors"
+            print(f"wrote {a.out}: {what} (forget {g.n_forget} samples, retain {g.n_retain} samples, "
+                  f"{world} rank(s))")
+    finally:
+        import torch.distributed as dist
+
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,305 @@
+"""The streamed gradient pass (``slug grads``): equals ``compute_gradients``, runs on 2 gloo ranks under torchrun with
+the same result, resumes after a SIGKILL to the same result, refuses a foreign checkpoint, and its stats-first mode
+ranks layers exactly like the full mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CFG
+
+open_clip = pytest.importorskip("open_clip")
+
+from PIL import Image  # noqa: E402
+
+from slugkit.data.folders import iter_pairs  # noqa: E402
+from slugkit.data.shards import write_shard  # noqa: E402
+from slugkit.slug.gradients import Gradients, compute_gradients  # noqa: E402
+from slugkit.slug.gradpass import (  # noqa: E402
+    SLEEP_ENV, CheckpointMismatchError, PassConfig, assign_units, list_shards, load_stats, rank_from_stats,
+    run_gradpass)
+from slugkit.slug.layers import rank_layers  # noqa: E402
+
+ATOL = 1e-6
+BS = 2
+WORDS = ["alice abbott", "a dog", "a red car", "a tree", "two cats", "a chair", "a boat", "bruno baker"]
+
+
+def _image(rng) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random open_clip model as a local-dir model, and forget (3 shards) / retain (1 shard) sets.
+
+    Three forget shards of 3, 2, 3 samples (partial batches at size 2); one retain shard of 7 samples: with 2 ranks
+    the forget shards are split by shard and the single retain shard by batch index.
+    """
+    from safetensors.torch import save_file
+
+    from slugkit.models.open_clip import OpenClipAdapter
+
+    root = tmp_path_factory.mktemp("gradpass")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    a = OpenClipAdapter.from_config(TINY_CFG, seed=0)
+    save_file({k: v.contiguous() for k, v in a.model.state_dict().items()},
+              str(model_dir / "open_clip_model.safetensors"))
+    (model_dir / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CFG,
+        "preprocess_cfg": {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+                           "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                           "resize_mode": "shortest"}}))
+    rng = np.random.default_rng(0)
+    forget = root / "forget"
+    for i, n in enumerate((3, 2, 3)):
+        write_shard(forget / f"{i:05d}.tar",
+                    [(f"f{i}_{k}", _image(rng), f"a photo of alice abbott {k}", "png") for k in range(n)])
+    retain = root / "retain"
+    write_shard(retain / "00000.tar",
+                [(f"r{k}", _image(rng), f"a photo of {WORDS[1 + k % 7]}", "png") for k in range(7)])
+    return {"model": str(model_dir), "forget": str(forget / "{00000..00002}.tar"), "retain": str(retain), "root": root}
+
+
+def _adapter(world):
+    from slugkit.models import load_adapter
+
+    torch.set_num_threads(1)
+    return load_adapter(world["model"])
+
+
+def _full(world, out, **kw):
+    return run_gradpass(_adapter(world), PassConfig(world["forget"], world["retain"], out=str(out), batch_size=BS,
+                                                    **kw))
+
+
+def _assert_equal_grads(got: Gradients, ref: Gradients, atol=ATOL):
+    assert (got.n_forget, got.n_retain) == (ref.n_forget, ref.n_retain)
+    for split in ("forget", "retain"):
+        a, b = getattr(got, split), getattr(ref, split)
+        assert sorted(a) == sorted(b)
+        for n in b:
+            assert torch.allclose(a[n], b[n], rtol=0, atol=atol), (split, n, (a[n] - b[n]).abs().max().item())
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    env.pop(SLEEP_ENV, None)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(world, out, *extra, bs=BS):
+    return ["-m", "slugkit.cli", "grads", "--model", world["model"], "--forget", world["forget"], "--retain",
+            world["retain"], "--out", str(out), "--batch-size", str(bs), "--threads", "1", "--no-progress", *extra]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """An uninterrupted single-process full-mode run (also written to disk)."""
+    out = tmp_path_factory.mktemp("ref") / "g.safetensors"
+    res = _full(world, out)
+    assert out.is_file() and not Path(f"{out}.ckpt").exists()  # checkpoint directory removed after success
+    return res, out
+
+
+# ---------------------------------------------------------------------------------------------- (a)
+def test_streaming_equals_compute_gradients(world, reference):
+    """Same batches (formed within each shard) -> the same gradients as the in-memory ``compute_gradients``."""
+    a = _adapter(world)
+
+    def batches(spec):
+        for shard in list_shards(spec):
+            samples = list(iter_pairs(shard))
+            for i in range(0, len(samples), BS):
+                chunk = samples[i:i + BS]
+                yield torch.stack([a.preprocess(s.image) for s in chunk]), a.tokenize([s.caption for s in chunk])
+
+    ref = compute_gradients(a, batches(world["forget"]), batches(world["retain"]), progress=False)
+    res, out = reference
+    assert (res.grads.n_forget, res.grads.n_retain) == (8, 7)
+    _assert_equal_grads(res.grads, ref)
+    _assert_equal_grads(Gradients.load(out), ref)
+    assert max(v.abs().max().item() for v in ref.forget.values()) > 1e-3  # non-trivial: 1e-6 is a real check
+
+
+def test_unit_assignment():
+    shards = ["a", "b", "c"]
+    assert [u.id for u in assign_units("forget", shards, 0, 2)] == ["forget:0", "forget:2"]
+    assert [u.id for u in assign_units("forget", shards, 1, 2)] == ["forget:1"]
+    # fewer shards than ranks: every rank reads each shard, keeps batches with index % W == rank
+    assert [u.id for u in assign_units("retain", ["a"], 1, 2)] == ["retain:0:1"]
+
+
+# ---------------------------------------------------------------------------------------------- (b)
+def test_torchrun_two_gloo_ranks_equal_single_process(world, reference, tmp_path):
+    out = tmp_path / "g2.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *_cli(world, out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 rank(s)" in p.stdout
+    _assert_equal_grads(Gradients.load(out), reference[0].grads)
+    assert not Path(f"{out}.ckpt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- (c)
+def test_resume_after_sigkill_equals_uninterrupted(world, reference, tmp_path):
+    from safetensors import safe_open
+
+    out, ck = tmp_path / "g.safetensors", tmp_path / "ck"
+    env = _env()
+    env[SLEEP_ENV] = "60"  # test-only: sleep after each checkpoint so the kill lands mid-pass
+    proc = subprocess.Popen([sys.executable, *_cli(world, out, "--checkpoint-dir", str(ck))], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank_file = ck / "rank0-of-1.safetensors"
+    try:
+        deadline = time.time() + 90
+        while not rank_file.is_file():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # no partial output
+    with safe_open(str(rank_file), framework="pt") as f:
+        meta = json.loads(f.metadata()["slugkit"])
+    assert meta["split"] == "forget" and meta["done"] == ["forget:0"] and meta["count"] == 3
+    assert not any(p.name.endswith(".tmp") for p in ck.iterdir())
+
+    # a different command (batch size) is refused and leaves the checkpoint alone
+    bad = subprocess.run([sys.executable, *_cli(world, out, "--checkpoint-dir", str(ck), bs=3)], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "different command" in bad.stderr and "batch_size" in bad.stderr
+    assert rank_file.is_file() and not out.exists()
+
+    # the same command resumes and gives exactly the uninterrupted result
+    p = subprocess.run([sys.executable, *_cli(world, out, "--checkpoint-dir", str(ck))], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming" in p.stderr and "1 unit(s)" in p.stderr
+    got, ref = Gradients.load(out), reference[0].grads
+    for split in ("forget", "retain"):
+        for n, v in getattr(ref, split).items():
+            assert torch.equal(getattr(got, split)[n], v), (split, n)
+    assert not ck.exists()
+
+
+def test_foreign_checkpoint_refused_in_process(world, tmp_path):
+    a = _adapter(world)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    # a checkpoint of another model: same data, different weights
+    from slugkit.slug.gradpass import _digest, _save_sums, fingerprint
+
+    cfg = PassConfig(world["forget"], world["retain"], out=str(tmp_path / "g.safetensors"), batch_size=BS,
+                     checkpoint_dir=str(ck))
+    names = a.candidate_names()
+    fp = fingerprint(a, names, list_shards(cfg.forget), list_shards(cfg.retain), cfg, 1)
+    fp["weights_sha256"] = "0" * 64
+    sums = {n: torch.zeros_like(p) for n, p in a.model.named_parameters() if n in names}
+    _save_sums(ck / "rank0-of-1.safetensors", sums, names, {"digest": _digest(fp), "fingerprint": fp,
+                                                             "split": "forget", "done": [], "count": 0})
+    with pytest.raises(CheckpointMismatchError, match="weights_sha256"):
+        run_gradpass(a, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- (d)
+def test_stats_first_ranks_like_full_mode(world, reference, tmp_path):
+    a = _adapter(world)
+    out = tmp_path / "s.safetensors"
+    res = run_gradpass(a, PassConfig(world["forget"], world["retain"], out=str(out), batch_size=BS, stats_first=True))
+    full = reference[0].grads
+    names = a.candidate_names()
+    ref_table = rank_layers(a, full, names)
+    table = rank_from_stats(a, load_stats(out), names)
+    assert table.fronts == ref_table.fronts and table.excluded == ref_table.excluded
+    assert [r.name for r in table.rows] == [r.name for r in ref_table.rows]
+    for r, q in zip(table.rows, ref_table.rows):
+        assert r.on_front == q.on_front
+        assert r.importance == pytest.approx(q.importance, rel=1e-5, abs=1e-9)
+        assert r.alignment == pytest.approx(q.alignment, rel=1e-5, abs=1e-6)
+        assert r.forget_grad_norm == pytest.approx(q.forget_grad_norm, rel=1e-5)
+        assert r.retain_grad_norm == pytest.approx(q.retain_grad_norm, rel=1e-5)
+    # full gradients only for the front tensors, equal to the full mode's
+    front = ref_table.front_names()
+    assert res.front == front and len(front) < len(names)
+    g = Gradients.load(out)
+    assert sorted(g.forget) == sorted(front) == sorted(g.retain)
+    for n in front:
+        assert torch.equal(g.forget[n], full.forget[n]) and torch.equal(g.retain[n], full.retain[n])
+    # rank_layers on the stats-first file (front tensors only) finds the same front
+    assert rank_layers(a, g, names).fronts == ref_table.fronts
+
+
+@pytest.mark.parametrize("crash_after", [1, 4])
+def test_resume_uses_checkpointed_sums(world, reference, tmp_path, monkeypatch, crash_after):
+    """In process: crash after the ``crash_after``-th checkpoint (1: mid forget split; 4: after the forget spill and
+    the only retain unit), resume, get the uninterrupted result bit for bit; and a resumed run really takes the
+    completed units from the checkpoint (poisoning its sums changes the result)."""
+    import slugkit.slug.gradpass as gp
+
+    calls = []
+
+    def crash(_s):
+        calls.append(1)
+        if len(calls) == crash_after:
+            raise KeyboardInterrupt("simulated kill")
+
+    ck = tmp_path / "ck"
+    cfg = PassConfig(world["forget"], world["retain"], out=str(tmp_path / "g.safetensors"), batch_size=BS,
+                     checkpoint_dir=str(ck))
+    monkeypatch.setenv(SLEEP_ENV, "1")
+    monkeypatch.setattr(gp.time, "sleep", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_gradpass(_adapter(world), cfg)
+    assert not Path(cfg.out).exists()
+    assert (ck / "forget.safetensors").is_file() == (crash_after == 4)
+    ref = reference[0].grads
+    if crash_after == 1:  # poison a copy of the checkpoint: the resumed run must use (not recompute) its sums
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        from slugkit.slug.gradpass import _read_meta
+
+        ck2 = tmp_path / "ck2"
+        shutil.copytree(ck, ck2)
+        f = ck2 / "rank0-of-1.safetensors"
+        meta = _read_meta(f)
+        save_file({k: v * 0 for k, v in load_file(str(f)).items()}, str(f), metadata={"slugkit": json.dumps(meta)})
+        poisoned = run_gradpass(_adapter(world), PassConfig(cfg.forget, cfg.retain, out=None, batch_size=BS,
+                                                            checkpoint_dir=str(ck2))).grads
+        n = next(iter(ref.forget))
+        assert not torch.allclose(poisoned.forget[n], ref.forget[n], atol=1e-6)
+        assert torch.equal(poisoned.retain[n], ref.retain[n])
+    res = run_gradpass(_adapter(world), cfg).grads
+    for split in ("forget", "retain"):
+        for n, v in getattr(ref, split).items():
+            assert torch.equal(getattr(res, split)[n], v), (split, n)
+    assert not ck.exists()
