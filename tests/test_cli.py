@@ -158,3 +158,35 @@ def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
     bad = args[:-1] + [str(tmp_path / "run2")]
     bad[bad.index("--test-identities") + 1] = str(data_dir / "val" / "identities")
     assert main(bad) == 2
+
+
+@pytest.mark.parametrize("stats_first", [False, True])
+def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, stats_first):
+    """`slug grads` (the streamed / torchrun pass) feeds `slug unlearn --gradients`: same layer, same patch."""
+    data = demo_run / "data"
+    gfile = tmp_path / "g.safetensors"
+    args = ["grads", "--model", "embedded", "--forget", str(data / "forget.tar"), "--retain",
+            str(data / "retain.tar"), "--out", str(gfile), "--threads", "1", "--no-progress"]
+    assert main(args + (["--stats-first"] if stats_first else [])) == 0
+    demo = json.loads((demo_run / "result.json").read_text())
+    out = tmp_path / "run"
+    args = ["unlearn", "--model", "embedded", "--concept", demo["concept"], "--gradients", str(gfile),
+            "--names", str(data_dir / "names.txt"), "--val-identities", str(data_dir / "val" / "identities"),
+            "--test-identities", str(data_dir / "test" / "identities"),
+            "--utility-val", str(data_dir / "val" / "utility"), "--utility-test", str(data_dir / "test" / "utility"),
+            "--utility-templates", str(data_dir / "utility_templates.txt"), "--threads", "1", "--no-progress",
+            "--out", str(out)]
+    for t in world.IDENTITY_EVAL_TEMPLATES:
+        args += ["--identity-template", t]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["pareto_front"] == demo["pareto_front"]
+    assert result["layer"] == demo["layer"]
+    assert result["step_size"] == pytest.approx(demo["step_size"], rel=1e-5)
+    assert result["metrics"]["after"] == pytest.approx(demo["metrics"]["after"], abs=1e-6)
+
+
+def test_unlearn_needs_data_or_gradients(tmp_path, capsys):
+    assert main(["unlearn", "--concept", "X", "--val-identities", "v", "--test-identities", "t",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--gradients" in capsys.readouterr().err

@@ -97,15 +97,19 @@ def cmd_unlearn(a) -> int:
     if not a.out:
         print("error: --out is required", file=sys.stderr)
         return 2
+    if not a.gradients and not (a.forget and a.retain):
+        print("error: pass --forget and --retain (or precomputed --gradients)", file=sys.stderr)
+        return 2
     cfg = UnlearnConfig(
-        concept=a.concept, out=a.out, model=a.model, pretrained=a.pretrained, forget=a.forget, retain=a.retain,
+        concept=a.concept, out=a.out, model=a.model, pretrained=a.pretrained, forget=a.forget or "",
+        retain=a.retain or "",
         val_identities=a.val_identities, test_identities=a.test_identities, names=a.names,
         identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
         utility_val=a.utility_val, utility_test=a.utility_test, utility_classnames=a.utility_classnames,
         utility_templates=a.utility_templates, forget_samples=a.forget_samples, retain_samples=a.retain_samples,
         batch_size=a.batch_size, search=_search_cfg(a), cached_search=not a.naive_search, seed=a.seed,
         threads=a.threads, device=a.device, precision=a.precision, strict=a.strict, overwrite=a.overwrite,
-        progress=not a.no_progress, save_gradients=a.save_gradients)
+        progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
     result = run_unlearn(cfg)
     print_summary(result, a.out)
     return 0
@@ -269,9 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
     u.add_argument("--precision", default="fp32")
     u.add_argument("--concept", required=True)
-    u.add_argument("--forget", required=True, help="forget pairs: shards (brace patterns, '::' lists) or a "
-                                                    "captioned folder; e.g. the output of `slug curate`")
-    u.add_argument("--retain", required=True, help="retain pairs: shards or captioned folder")
+    u.add_argument("--forget", default=None, help="forget pairs: shards (brace patterns, '::' lists) or a "
+                                                   "captioned folder; e.g. the output of `slug curate`")
+    u.add_argument("--retain", default=None, help="retain pairs: shards or captioned folder")
+    u.add_argument("--gradients", default=None,
+                   help="gradients from `slug grads` (full or --stats-first; e.g. computed under torchrun): skip "
+                        "the gradient pass; --forget/--retain are then only recorded")
     u.add_argument("--forget-samples", type=int, default=None)
     u.add_argument("--retain-samples", type=int, default=None)
     u.add_argument("--val-identities", required=True, help="class folder <Name>/*.jpg for the search")

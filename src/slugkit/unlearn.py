@@ -61,6 +61,7 @@ class UnlearnConfig:
     overwrite: bool = False
     progress: bool = True
     save_gradients: bool = False
+    gradients: str | None = None  # precomputed `slug grads` / --save-gradients file: skips the gradient pass
 
 
 def _templates(spec: list[str] | str) -> list[str]:
@@ -162,6 +163,27 @@ def _versions() -> dict:
     return out
 
 
+def load_gradients_file(path: str, names: list[str]):
+    """Gradients written by ``slug grads`` (full or ``--stats-first``) or ``--save-gradients``; checked against the
+    model's candidate tensors. Returns ``(Gradients, stats or None)``."""
+    from .slug.gradients import Gradients
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"gradients file not found: {path}")
+    grads = Gradients.load(path)
+    if grads.n_forget <= 0:
+        raise EmptyForgetSetError(f"{path} records no forget samples; recompute it with `slug grads`")
+    from .slug.gradpass import load_stats
+
+    stats = load_stats(path) or None
+    have = set(stats) if stats else set(grads.forget)
+    unknown = sorted(set(grads.forget) - set(names))
+    if unknown or not have:
+        raise ValueError(f"{path} does not match this model: tensors {unknown[:3]} are not among its candidates"
+                         if unknown else f"{path} holds no gradients")
+    return grads, stats
+
+
 def _digest(manifest: list[dict]) -> str:
     """One sha256 over the ordered (key, image sha256) list of a set: identifies the retain set compactly."""
     h = hashlib.sha256()
@@ -212,8 +234,13 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     timing["load_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    f_img, f_tok, f_stats = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
-    r_img, r_tok, r_stats = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
+    if cfg.gradients:
+        # The pairs were read by `slug grads`; here they are only recorded, not loaded (they may be huge).
+        f_img = r_img = None
+        f_stats, r_stats = ReadStats(), ReadStats()
+    else:
+        f_img, f_tok, f_stats = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
+        r_img, r_tok, r_stats = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
     val_suite = build_suite(adapter, cfg, cfg.val_identities, cfg.utility_val)
     test_suite = build_suite(adapter, cfg, cfg.test_identities, cfg.utility_test)
     timing["load_data"] = time.perf_counter() - t
@@ -228,16 +255,29 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     t = time.perf_counter()
     names = adapter.candidate_names()
     bs = cfg.batch_size
-    grads = compute_gradients(adapter, _batches(f_img, f_tok, bs), _batches(r_img, r_tok, bs), names,
-                              progress=cfg.progress, n_forget_batches=-(-len(f_img) // bs),
-                              n_retain_batches=-(-len(r_img) // bs))
+    stats = None
+    if cfg.gradients:
+        grads, stats = load_gradients_file(cfg.gradients, names)
+    else:
+        grads = compute_gradients(adapter, _batches(f_img, f_tok, bs), _batches(r_img, r_tok, bs), names,
+                                  progress=cfg.progress, n_forget_batches=-(-len(f_img) // bs),
+                                  n_retain_batches=-(-len(r_img) // bs))
     timing["gradients"] = time.perf_counter() - t
-    if cfg.save_gradients:
+    if cfg.save_gradients and not cfg.gradients:
         out.mkdir(parents=True, exist_ok=True)
         grads.save(out / "gradients.safetensors")
 
     t = time.perf_counter()
-    table = rank_layers(adapter, grads, names)
+    if stats is not None:
+        from .slug.gradpass import rank_from_stats
+
+        table = rank_from_stats(adapter, stats, names)
+        missing = [n for n in table.front_names() if n not in grads.forget]
+        if missing:
+            raise ValueError(f"{cfg.gradients}: stats-first file lacks the full gradient of front tensor(s) "
+                             f"{missing[:3]}; it was computed for other weights or candidates")
+    else:
+        table = rank_layers(adapter, grads, names)
     front = table.front_names()
     timing["layers"] = time.perf_counter() - t
 
