@@ -20,6 +20,7 @@ atomic (a temporary file renamed into place), so a crash never leaves half a sha
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -246,14 +247,16 @@ def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike):
+    """Open a temporary file next to ``path`` for writing; on success fsync it and ``os.replace`` it into place,
+    on any error remove it. A crash or a full disk never leaves a partial ``path`` behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -263,6 +266,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def write_shard(

@@ -260,7 +260,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     """Write a safetensors file tensor by tensor (no in-memory serialised copy of the whole dict, unlike
     ``safetensors.torch.save``), atomically (temp file in the same directory + fsync + ``os.replace``)."""
     import struct
-    import tempfile
+
+    from ..data.shards import atomic_writer
 
     items = sorted(tensors.items())
     header: dict = {"__metadata__": metadata}
@@ -271,25 +272,12 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         off += nbytes
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
-            for _, t in items:
-                t = t.detach().to("cpu").contiguous()
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # zero-copy view of a CPU tensor
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_writer(path) as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for _, t in items:
+            t = t.detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # zero-copy view of a CPU tensor
 
 
 def _save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta: dict) -> None:
@@ -468,33 +456,16 @@ def _stats_first_result(adapter, names, spill: Path, n_f: int, retain: dict, n_r
 
 def rank_from_stats(adapter, stats: dict[str, torch.Tensor], names: list[str] | None = None):
     """``rank_layers`` from the per-tensor scalars [‖ḡ_f‖², ‖ḡ_r‖², ⟨ḡ_f, ḡ_r⟩] (same rules, same order)."""
-    from .layers import LayerRow, build_table
+    from .layers import rank_from_scalars
 
-    params = dict(adapter.model.named_parameters())
     names = list(names if names is not None else adapter.candidate_names())
-    scored: list[LayerRow] = []
-    excluded = {}
+    scalars = {}
     for n in names:
-        if n not in stats:
-            excluded[n] = "no stored forget gradient"
-            continue
-        ff, rr, fr = (float(x) for x in stats[n].tolist())
-        gf_norm = math.sqrt(ff)
-        theta = params[n].detach()
-        if gf_norm == 0.0:
-            excluded[n] = "zero forget gradient (the forget loss does not depend on it)"
-            continue
-        if theta.ndim == 0:
-            excluded[n] = "scalar tensor"
-            continue
-        p_norm = float(torch.linalg.vector_norm(theta.float()).item())
-        # torch.cosine_similarity: <x, y> / sqrt(max(|x|^2 |y|^2, eps^2)), eps = 1e-6 (as layers.alignment)
-        align = abs(fr / math.sqrt(max(ff * rr, 1e-12)))
-        row = LayerRow(name=n, tower=adapter.tower_of(n), shape=list(theta.shape), numel=theta.numel(),
-                       param_norm=p_norm, forget_grad_norm=gf_norm, retain_grad_norm=math.sqrt(rr),
-                       importance=gf_norm / p_norm, alignment=align, ratio=p_norm / gf_norm)
-        scored.append(row)
-    return build_table(scored, excluded)
+        if n in stats:
+            ff, rr, fr = (float(x) for x in stats[n].tolist())
+            # torch.cosine_similarity: <x, y> / sqrt(max(|x|^2 |y|^2, eps^2)), eps = 1e-6 (as layers.alignment)
+            scalars[n] = (math.sqrt(ff), math.sqrt(rr), abs(fr / math.sqrt(max(ff * rr, 1e-12))))
+    return rank_from_scalars(adapter, scalars, names)
 
 
 def save_full(path: str | Path, g: Gradients) -> None:

@@ -82,16 +82,29 @@ class LayerTable:
 
 
 def rank_layers(adapter, grads, names: list[str] | None = None) -> LayerTable:
-    params = dict(adapter.model.named_parameters())
+    """The layer table from full gradients (``grads.forget`` / ``grads.retain``)."""
     names = list(names if names is not None else adapter.candidate_names())
+    scalars = {}
+    for n in names:
+        if n in grads.forget:
+            gf, gr = grads.forget[n], grads.retain[n]
+            scalars[n] = (float(torch.linalg.vector_norm(gf.float()).item()),
+                          float(torch.linalg.vector_norm(gr.float()).item()), alignment(gf, gr))
+    return rank_from_scalars(adapter, scalars, names)
+
+
+def rank_from_scalars(adapter, scalars: dict[str, tuple[float, float, float]], names: list[str]) -> LayerTable:
+    """The layer table from per-tensor (‖g_f‖, ‖g_r‖, alignment); used by :func:`rank_layers` and by the
+    stats-first gradient pass, which never holds both full gradients."""
+    params = dict(adapter.model.named_parameters())
     scored: list[LayerRow] = []
     excluded = {}
     for n in names:
-        if n not in grads.forget:
+        if n not in scalars:
             excluded[n] = "no stored forget gradient"
             continue
-        theta, gf, gr = params[n].detach(), grads.forget[n], grads.retain[n]
-        gf_norm = float(torch.linalg.vector_norm(gf.float()).item())
+        gf_norm, gr_norm, align = scalars[n]
+        theta = params[n].detach()
         if gf_norm == 0.0:
             excluded[n] = "zero forget gradient (the forget loss does not depend on it)"
             continue
@@ -101,8 +114,8 @@ def rank_layers(adapter, grads, names: list[str] | None = None) -> LayerTable:
         p_norm = float(torch.linalg.vector_norm(theta.float()).item())
         scored.append(LayerRow(
             name=n, tower=adapter.tower_of(n), shape=list(theta.shape), numel=theta.numel(), param_norm=p_norm,
-            forget_grad_norm=gf_norm, retain_grad_norm=float(torch.linalg.vector_norm(gr.float()).item()),
-            importance=importance(gf, theta), alignment=alignment(gf, gr), ratio=p_norm / gf_norm))
+            forget_grad_norm=gf_norm, retain_grad_norm=gr_norm, importance=gf_norm / p_norm, alignment=align,
+            ratio=p_norm / gf_norm))
     return build_table(scored, excluded)
 
 
