@@ -190,3 +190,48 @@ def test_unlearn_needs_data_or_gradients(tmp_path, capsys):
     assert main(["unlearn", "--concept", "X", "--val-identities", "v", "--test-identities", "t",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--gradients" in capsys.readouterr().err
+
+
+def test_demo_joint_concepts(tmp_path, data_dir):
+    names = [world.IDENTITIES[0].name, world.IDENTITIES[2].name]
+    out = tmp_path / "joint"
+    assert main(["demo", "--concepts", ",".join(names), "--out", str(out), "--data-dir", str(data_dir),
+                 "--no-progress"]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["concepts"] == names
+    by = r["metrics"]["after"]["forget_by_concept"]
+    assert set(by) == set(names)
+    assert all(v["forget_top5"] <= 0.05 and v["forget_top1"] <= 0.02 for v in by.values())
+    assert r["data"]["n_forget"] == 200  # 100 curated pairs of each
+    assert r["data"]["test_sizes"]["related_identities"] == len(world.IDENTITIES) - 2  # neither concept counts
+    accepted = [e for e in r["search"] if e["layer"] == r["layer"] and e["accepted"]]
+    assert accepted and all(e["metrics"]["forget_top5"] == 0 for e in accepted)
+
+
+def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir):
+    from slugkit.patch import apply_patch, load_patch, revert_patch
+
+    names = [world.IDENTITIES[0].name, world.IDENTITIES[2].name]
+    out = tmp_path / "seq"
+    assert main(["demo", "--concepts", ",".join(names), "--sequential", "--out", str(out), "--data-dir",
+                 str(data_dir), "--no-progress"]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["mode"] == "sequential" and [s["concept"] for s in r["steps"]] == names
+    for c in names:
+        assert r["per_concept"][c]["before"]["forget_top1"] >= 0.9
+        assert r["per_concept"][c]["after"]["forget_top1"] <= 0.02
+    # the chained patch takes the *base* model to the final weights of the two sequential edits
+    model = load_adapter("embedded").model
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = [load_patch(out / f"{k + 1}-{c.replace(' ', '_')}" / "patch") for k, c in enumerate(names)]
+    for p in steps:
+        apply_patch(model, p)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in reversed(steps):
+        revert_patch(model, p)
+    chain = load_patch(out / "patch")
+    assert chain.meta["method"] == "chained" and chain.meta["concept"] == names
+    apply_patch(model, chain)
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+    revert_patch(model, chain)
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())

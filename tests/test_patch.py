@@ -544,3 +544,24 @@ def test_describe_and_repr():
     for needle in ("Elon Musk", "slug", "tiny-test-clip", FC, "(256, 64)", "0.05", "forget_top1"):
         assert needle in text, needle
     assert "Elon Musk" in repr(p)
+
+
+def test_chain_patches_folds_sequential_edits():
+    from slugkit.patch import PatchError, apply_patch, chain_patches, make_patch, revert_patch
+
+    base = {"w": torch.arange(6, dtype=torch.float32), "v": torch.ones(3)}
+    a = make_patch(base, {"w": base["w"] + 1}, base_model="toy", adapter="t", concept="A")
+    after_a = {"w": base["w"] + 1, "v": base["v"].clone()}
+    b = make_patch(after_a, {"w": after_a["w"] * 2, "v": after_a["v"] + 3}, base_model="toy", adapter="t",
+                   concept="B")
+    chain = chain_patches([a, b])
+    assert chain.names == ["v", "w"] and chain.meta["concept"] == ["A", "B"]
+    state = {k: v.clone() for k, v in base.items()}
+    apply_patch(state, chain)
+    assert torch.equal(state["w"], (base["w"] + 1) * 2) and torch.equal(state["v"], base["v"] + 3)
+    revert_patch(state, chain)
+    assert all(torch.equal(state[k], base[k]) for k in base)
+    # a "second" patch made on the base instead of on top of the first is not a chain
+    b_wrong = make_patch(base, {"w": base["w"] * 2}, base_model="toy", adapter="t", concept="B")
+    with pytest.raises(PatchError, match="not made on top"):
+        chain_patches([a, b_wrong])

@@ -160,5 +160,5 @@ def test_suite_prompts_and_sizes(suite):
     assert ident[:3] == ["a photo of alice abbott.", "alice abbott.", "a photo of bruno baker."]
     assert len(ident) == len(NAMES) * len(IDENTITY_TEMPLATES)
     assert len(util) == len(UTILITY_CLASSES) * len(UTILITY_TEMPLATES)
-    assert suite.sizes() == {"names": 12, "forget": 4, "related": 8, "related_identities": 4, "utility": 12,
-                             "utility_classes": 6}
+    assert suite.sizes() == {"names": 12, "concepts": [NAMES[0]], "forget": 4, "related": 8,
+                             "related_identities": 4, "utility": 12, "utility_classes": 6}

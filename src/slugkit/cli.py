@@ -61,6 +61,8 @@ def print_summary(result: dict, out: str) -> None:
     print(f"SLUG unlearned {result['concept']!r} from {result['model_label']} by editing "
           f"{result['layer']} (step {result['step_size']:.4g}, relative change {result['relative_change']:.3f})")
     print(metrics_table(m["before"], m["after"]))
+    for c, fa in (m["after"].get("forget_by_concept") or {}).items():
+        print(f"  {c}: FA@1 {fa['forget_top1']:.3f}, FA@5 {fa['forget_top5']:.3f} after")
     t = result["timing_s"]
     print(f"time: total {t['total']:.1f} s (gradients {t['gradients']:.1f} s, search {t['search']:.1f} s); "
           f"patch {result['patch']['bytes']:,} bytes = {100 * result['patch']['bytes'] / result['model_bytes']:.2f}% "
@@ -69,26 +71,50 @@ def print_summary(result: dict, out: str) -> None:
 
 
 def cmd_demo(a) -> int:
-    from .unlearn import check_out_dir, run_unlearn
+    from .unlearn import check_out_dir, run_sequential, run_unlearn
     from .world.demo_data import default_concept, world_config
 
     from .data import world
 
-    concept = a.concept or default_concept()
+    wanted = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else [a.concept or
+                                                                                         default_concept()]
     try:
-        concept = world.identity_by_name(concept).name
+        concepts = [world.identity_by_name(c).name for c in wanted]
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    out = Path(a.out or f"runs/demo-{concept.replace(' ', '_')}")
+    slug_name = "+".join(c.replace(" ", "_") for c in concepts)
+    out = Path(a.out or f"runs/demo-{slug_name}")
     check_out_dir(out, a.overwrite)
-    cfg, cur, data = world_config(
-        concept, out, a.data_dir, progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size,
-        search=_search_cfg(a), cached_search=not a.naive_search, threads=a.threads, device=a.device,
-        overwrite=a.overwrite, save_gradients=a.save_gradients)
+    common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=_search_cfg(a),
+                  cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
+                  save_gradients=a.save_gradients)
+    if a.sequential and len(concepts) > 1:
+        cfgs = [world_config(c, out / f"{k + 1}-{c.replace(' ', '_')}", a.data_dir, **common)[0]
+                for k, c in enumerate(concepts)]
+        result = run_sequential(cfgs, out, overwrite=a.overwrite)
+        print_multi_summary(result, str(out))
+        return 0
+    cfg, cur, data = world_config(concepts if len(concepts) > 1 else concepts[0], out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, str(out))
     return 0
+
+
+def print_multi_summary(result: dict, out: str) -> None:
+    print()
+    print(f"SLUG unlearned {', '.join(result['concepts'])} one after another "
+          f"({' then '.join(s['layer'] for s in result['steps'])})")
+    print("| concept | FA@1 before | FA@1 after | FA@5 before | FA@5 after |")
+    print("|---|---|---|---|---|")
+    for c, m in result["per_concept"].items():
+        b, a = m["before"], m["after"]
+        print(f"| {c} | {b['forget_top1']:.3f} | {a['forget_top1']:.3f} | {b['forget_top5']:.3f} | "
+              f"{a['forget_top5']:.3f} |")
+    b, a = result["metrics"]["before"], result["metrics"]["after"]
+    print(f"shared: related top-1 (identities not unlearned) {b['related_top1']:.3f} -> {a['related_top1']:.3f}, "
+          f"utility top-1 {b['utility_top1']:.3f} -> {a['utility_top1']:.3f}")
+    print(f"one chained patch: {out}/patch ({result['patch']['bytes']:,} bytes); per-step runs in {out}/<k>-<Name>/")
 
 
 def cmd_unlearn(a) -> int:
@@ -97,11 +123,16 @@ def cmd_unlearn(a) -> int:
     if not a.out:
         print("error: --out is required", file=sys.stderr)
         return 2
+    concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else []
+    if not concepts and not a.concept:
+        print("error: pass --concept NAME (or --concepts A,B)", file=sys.stderr)
+        return 2
     if not a.gradients and not (a.forget and a.retain):
         print("error: pass --forget and --retain (or precomputed --gradients)", file=sys.stderr)
         return 2
     cfg = UnlearnConfig(
-        concept=a.concept, out=a.out, model=a.model, pretrained=a.pretrained, forget=a.forget or "",
+        concept=a.concept or " + ".join(concepts), concepts=concepts if len(concepts) > 1 else [],
+        out=a.out, model=a.model, pretrained=a.pretrained, forget=a.forget or "",
         retain=a.retain or "",
         val_identities=a.val_identities, test_identities=a.test_identities, names=a.names,
         identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
@@ -263,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="unlearn an identity from the embedded tiny CLIP (no downloads)")
     d.add_argument("--concept", default=None, help="identity name (see `slug world names`)")
+    d.add_argument("--concepts", default=None, help="A,B,...: several identities, unlearned jointly (one forget set, "
+                                                    "one edit) or, with --sequential, one after another")
+    d.add_argument("--sequential", action="store_true", help="with --concepts: one SLUG run per concept on the "
+                                                            "previously patched model; patches chained into one")
     d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
     _add_run_args(d)
     d.set_defaults(func=cmd_demo, threads=1)  # tiny model: one thread is as fast and identical everywhere
@@ -272,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "a folder, or 'embedded'")
     u.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
     u.add_argument("--precision", default="fp32")
-    u.add_argument("--concept", required=True)
+    u.add_argument("--concept", default=None)
+    u.add_argument("--concepts", default=None, help="A,B,...: unlearn several concepts jointly (one forget set "
+                                                    "holding all of them, one edit; the criterion covers each)")
     u.add_argument("--forget", default=None, help="forget pairs: shards (brace patterns, '::' lists) or a "
                                                    "captioned folder; e.g. the output of `slug curate`")
     u.add_argument("--retain", default=None, help="retain pairs: shards or captioned folder")

@@ -732,6 +732,45 @@ def compose_patches(patches: list[Patch]) -> Patch:
                  meta=_normalise_meta(meta))
 
 
+def chain_patches(patches: list[Patch]) -> Patch:
+    """Fold patches made **one after another** (each on the model the previous one produced) into one patch from
+    the first base to the final weights — sequential unlearning of several concepts.
+
+    Unlike :func:`compose_patches`, the patches may touch the same tensor: a later patch must then have been made on
+    top of the earlier one (its ``sha256_original`` equals the chain's current ``sha256_patched``), else
+    :class:`PatchError`. ``meta['components']`` lists the steps in order; ``method`` is ``"chained"``.
+    """
+    patches = list(patches)
+    if not patches:
+        raise PatchError("chain_patches needs at least one patch")
+    first = patches[0].meta
+    originals: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+    for p in patches:
+        if p.meta.get("adapter") != first.get("adapter"):
+            raise PatchError(f"cannot chain patches of different adapters: {first.get('adapter')} vs "
+                             f"{p.meta.get('adapter')}")
+        for name in p.names:
+            if name in current:
+                want = p.meta["tensors"][name]["sha256_original"]
+                if tensor_sha256(current[name]) != want:
+                    raise PatchError(f"patch for {p.concept!r} was not made on top of the earlier patches: tensor "
+                                     f"{name!r} differs from what they produce ({_short(want)}…)")
+            else:
+                originals[name] = p.original[name]
+            current[name] = p.patched[name]
+    changed = {n: t for n, t in current.items() if tensor_sha256(t) != tensor_sha256(originals[n])}
+    components = [{"concept": p.meta.get("concept"), "method": p.meta.get("method"),
+                   "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}), "tensors": p.names,
+                   "fingerprint": p.fingerprint} for p in patches]
+    chained = make_patch(originals, changed, base_model=first.get("base_model") or {"id": "unknown"},
+                         adapter=first.get("adapter", ""), concept=[c["concept"] for c in components],
+                         method="chained", extra={"order": [c["concept"] for c in components]})
+    chained.meta["components"] = components
+    chained.meta = _normalise_meta(chained.meta)
+    return chained
+
+
 def apply_patches(target, patches: list[Patch], *, check: bool = True):
     """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written."""
     return apply_patch(target, compose_patches(patches), check=check)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +62,10 @@ class UnlearnConfig:
     progress: bool = True
     save_gradients: bool = False
     gradients: str | None = None  # precomputed `slug grads` / --save-gradients file: skips the gradient pass
+    concepts: list[str] = field(default_factory=list)  # several concepts unlearned jointly (one forget set)
+
+    def concept_list(self) -> list[str]:
+        return list(self.concepts) if self.concepts else [self.concept]
 
 
 def _templates(spec: list[str] | str) -> list[str]:
@@ -116,31 +120,37 @@ def build_suite(adapter, cfg: UnlearnConfig, identities_dir: str, utility_dir: s
     folder = read_class_folder(identities_dir)
     names = read_lines(cfg.names) if cfg.names else list(folder.classnames)
     index = {_norm(n): i for i, n in enumerate(names)}
-    target = index.get(_norm(cfg.concept))
-    if target is None:
-        raise ValueError(f"concept {cfg.concept!r} is not in the identity name list ({len(names)} names from "
-                         f"{cfg.names or identities_dir}); the zero-shot forget metric needs it there")
+    targets = []
+    for concept in cfg.concept_list():
+        t = index.get(_norm(concept))
+        if t is None:
+            raise ValueError(f"concept {concept!r} is not in the identity name list ({len(names)} names from "
+                             f"{cfg.names or identities_dir}); the zero-shot forget metric needs it there")
+        targets.append(t)
     unknown = [c for c in folder.classnames if _norm(c) not in index]
     if unknown:
         raise ValueError(f"{identities_dir}: identity folders not in the name list: {unknown[:5]} ...")
     allowed = None
     if cfg.related_names:
         allowed = {_norm(n) for n in read_lines(cfg.related_names)}
-    f_imgs, r_imgs, r_labels = [], [], []
+    f_imgs, f_labels, r_imgs, r_labels = [], [], [], []
     for (img, y) in folder.load():
         name = folder.classnames[y]
         lab = index[_norm(name)]
-        if lab == target:
+        if lab in targets:
             f_imgs.append(img)
+            f_labels.append(lab)
         elif allowed is None or _norm(name) in allowed:
             r_imgs.append(img)
             r_labels.append(lab)
-    if not f_imgs:
-        raise EmptyForgetSetError(f"{identities_dir} has no images of {cfg.concept!r} (expected a folder "
-                                  f"{cfg.concept.replace(' ', '_')}/); FA cannot be measured")
+    for concept, t in zip(cfg.concept_list(), targets):
+        if t not in f_labels:
+            raise EmptyForgetSetError(f"{identities_dir} has no images of {concept!r} (expected a folder "
+                                      f"{concept.replace(' ', '_')}/); FA cannot be measured")
     suite = EvalSuite(
-        names=names, identity_templates=list(cfg.identity_templates), target=target,
-        forget=ImageSet(_stack(adapter, f_imgs), torch.full((len(f_imgs),), target, dtype=torch.long)),
+        names=names, identity_templates=list(cfg.identity_templates), target=targets[0],
+        targets=targets if len(targets) > 1 else None,
+        forget=ImageSet(_stack(adapter, f_imgs), torch.tensor(f_labels, dtype=torch.long)),
         related=ImageSet(_stack(adapter, r_imgs), torch.tensor(r_labels, dtype=torch.long)) if r_imgs else None)
     if utility_dir:
         uf = read_class_folder(utility_dir, cfg.utility_classnames)
@@ -299,7 +309,8 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     new_values = edited_values(adapter.model, grads.forget, chosen.group, chosen.step_size)
     label = model_label(adapter.model_id)
     patch = make_patch(adapter.model, new_values, base_model=adapter.model_id, adapter=adapter.family,
-                       concept=cfg.concept, method="slug", step_size=chosen.step_size,
+                       concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
+                       step_size=chosen.step_size,
                        metrics={"before": before, "after": after},
                        extra={"layer": chosen.name, "tower": chosen.tower,
                               "relative_change": chosen.step_size / chosen.ratio,
@@ -315,6 +326,7 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
                       for s in searches for st in s.trajectory]
     result = {
         "concept": cfg.concept,
+        "concepts": cfg.concept_list(),
         "model": adapter.model_id,
         "model_label": label,
         "method": "slug",
@@ -354,4 +366,57 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
         run.update(extra_run_info)
     _write_json(out / "run.json", run)
     atomic_write_bytes(out / "report.md", render_report(result).encode())
+    return result
+
+
+def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, overwrite: bool = False) -> dict:
+    """Unlearn several concepts one after another: concept k is unlearned from the model with the patches of
+    concepts 1..k-1 applied, each run writing its own folder ``out/<k>-<Name>/``; the patches are then folded into
+    one (:func:`slugkit.patch.chain_patches`) in ``out/patch`` and every concept is re-scored on the final model.
+
+    Writes ``out/result.json`` (``mode: "sequential"``, per-concept forget metrics before (base model) / after
+    (final model), shared related/utility metrics, each step's layer and step size, patch bytes). The model is
+    returned to its base weights (bit-exact) before returning.
+    """
+    from .models import load_adapter
+    from .patch import apply_patch, chain_patches, load_patch, revert_patch, save_patch
+
+    out = Path(out)
+    if (out / "result.json").exists() and not overwrite:
+        raise OutputExistsError(f"{out} already holds a run; pass --overwrite")
+    if adapter is None:
+        c0 = configs[0]
+        adapter = load_adapter(c0.model, c0.pretrained, device=c0.device, precision=c0.precision)
+    t0 = time.perf_counter()
+    applied, steps = [], []
+    try:
+        for cfg in configs:
+            r = run_unlearn(cfg, adapter=adapter)
+            p = load_patch(Path(cfg.out) / "patch")
+            apply_patch(adapter.model, p)
+            applied.append(p)
+            steps.append({"concept": cfg.concept, "out": str(cfg.out), "layer": r["layer"], "step_size": r["step_size"],
+                          "metrics_at_step": r["metrics"]})
+        chained = chain_patches(applied)
+        # one suite over all concepts: per-concept FA, and related accuracy over the identities none of them is
+        joint = replace(configs[0], concepts=[c.concept for c in configs])
+        suite = build_suite(adapter, joint, joint.test_identities, joint.utility_test)
+        final = SuiteEvaluator(adapter, suite).base_metrics()
+    finally:
+        for p in reversed(applied):
+            revert_patch(adapter.model, p)
+    base = SuiteEvaluator(adapter, suite).base_metrics()
+    chained.meta["metrics"] = {"before": base, "after": final}
+    save_patch(chained, out / "patch", overwrite=overwrite)
+    result = {
+        "mode": "sequential", "method": "slug", "concepts": [c.concept for c in configs],
+        "model": adapter.model_id, "steps": steps,
+        "per_concept": {c: {"before": base["forget_by_concept"][c], "after": final["forget_by_concept"][c]}
+                        for c in joint.concepts},
+        "metrics": {"before": base, "after": final},
+        "patch": {"path": "patch", "bytes": (out / "patch" / "patch.safetensors").stat().st_size,
+                  "tensors": chained.names},
+        "model_bytes": adapter.model_bytes(), "timing_s": {"total": time.perf_counter() - t0},
+    }
+    _write_json(out / "result.json", result)
     return result

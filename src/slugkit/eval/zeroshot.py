@@ -5,7 +5,8 @@ L2-normalise each embedding, average over templates, renormalise; logits = 100 �
 scale is not used; it does not change rankings). Metrics are fractions:
 
 * ``forget_top1`` / ``forget_top5``: share of the forget concept's images whose top-1 / top-5 over the **full name
-  list** contains the concept (FA@1, FA@5);
+  list** contains the concept (FA@1, FA@5); with several concepts (joint unlearning) each image is scored against
+  its own concept, and ``forget_by_concept`` gives the per-concept figures;
 * ``related_top1``: unweighted mean over the *other* identities of each identity's top-1 accuracy over the full
   name list (TA_CA@1; the target is excluded, unlike the official list which includes it — spec §9.5(e));
 * ``utility_top1`` / ``utility_top5``: top-1 / top-5 over the utility images with the utility class names and
@@ -42,12 +43,17 @@ class EvalSuite:
 
     names: list[str]  # identity class names for the zero-shot identity classifier (the full list)
     identity_templates: list[str]
-    target: int  # index of the forget concept in ``names``
-    forget: ImageSet  # images of the forget concept
+    target: int  # index of the forget concept in ``names`` (the first one when unlearning several jointly)
+    forget: ImageSet  # images of the forget concept(s); labels = each image's own concept
+
     related: ImageSet | None = None  # images of other identities, labels index ``names``
     utility_classnames: list[str] = field(default_factory=list)
     utility_templates: list[str] = field(default_factory=list)
     utility: ImageSet | None = None
+    targets: list[int] | None = None  # every forget concept (joint unlearning); default [target]
+
+    def target_list(self) -> list[int]:
+        return list(self.targets) if self.targets else [self.target]
 
     def prompts(self) -> tuple[list[str], list[str]]:
         ident = [t.format(n) for n in self.names for t in self.identity_templates]
@@ -55,7 +61,8 @@ class EvalSuite:
         return ident, util
 
     def sizes(self) -> dict:
-        return {"names": len(self.names), "forget": len(self.forget),
+        return {"names": len(self.names), "concepts": [self.names[c] for c in self.target_list()],
+                "forget": len(self.forget),
                 "related": len(self.related) if self.related is not None else 0,
                 "related_identities": int(self.related.labels.unique().numel()) if self.related is not None else 0,
                 "utility": len(self.utility) if self.utility is not None else 0,
@@ -78,9 +85,14 @@ def metrics_from_features(suite: EvalSuite, img: dict[str, torch.Tensor], w_id: 
     out = {}
     if "forget" in parts:
         logits = 100.0 * img["forget"] @ w_id
-        labels = torch.full((logits.shape[0],), suite.target, dtype=torch.long)
-        out["forget_top1"] = topk_hits(logits, labels, 1).float().mean().item()
-        out["forget_top5"] = topk_hits(logits, labels, 5).float().mean().item()
+        labels = suite.forget.labels
+        h1, h5 = topk_hits(logits, labels, 1).float(), topk_hits(logits, labels, 5).float()
+        out["forget_top1"] = h1.mean().item()
+        out["forget_top5"] = h5.mean().item()
+        if len(suite.target_list()) > 1:  # joint unlearning: the criterion above covers all; report each too
+            out["forget_by_concept"] = {
+                suite.names[c]: {"forget_top1": h1[labels == c].mean().item(),
+                                 "forget_top5": h5[labels == c].mean().item()} for c in suite.target_list()}
     if "related" in parts and suite.related is not None and len(suite.related):
         logits = 100.0 * img["related"] @ w_id
         hits = topk_hits(logits, suite.related.labels, 1).float()

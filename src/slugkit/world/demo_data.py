@@ -74,22 +74,25 @@ def default_concept() -> str:
     return world.IDENTITIES[0].name
 
 
-def world_config(concept: str, out: str | Path, data_dir: str | Path | None = None, *, progress: bool = True,
-                 seed: int = 0, **overrides):
+def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path | None = None, *,
+                 progress: bool = True, seed: int = 0, **overrides):
     """The ``UnlearnConfig`` of ``slug demo``: curate the concept from the world's pool shards (100 forget pairs,
     900 retain pairs that never name it) and point validation/test at the world's disjoint class folders.
+    A list of concepts is unlearned jointly: 100 forget pairs of each, a retain set naming none of them.
 
     Returns ``(config, curate_summary, data_dir)``.
     """
     from ..data.curate import curate
     from ..unlearn import UnlearnConfig
 
-    concept = world.identity_by_name(concept).name
+    concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
     data = ensure_world_data(data_dir, progress=progress)
     out = Path(out)
-    cur = curate(str(data / "pool"), concept, out / "data", max_forget=100, retain=900, seed=seed)
+    cur = curate(str(data / "pool"), concepts[0], out / "data", aliases=concepts[1:],
+                 max_forget=100 * len(concepts), retain=900, seed=seed)
     cfg = UnlearnConfig(
-        concept=concept, out=str(out), model="embedded", forget=str(out / "data" / "forget.tar"),
+        concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=str(out),
+        model="embedded", forget=str(out / "data" / "forget.tar"),
         retain=str(out / "data" / "retain.tar"), val_identities=str(data / "val" / "identities"),
         test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
         identity_templates=list(world.IDENTITY_EVAL_TEMPLATES), utility_val=str(data / "val" / "utility"),
