@@ -219,7 +219,19 @@ def model_label(model_id: dict) -> str:
 
 
 def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None) -> dict:
-    """Run SLUG end to end and write every output into ``cfg.out``; returns the result dict."""
+    """Run SLUG end to end and write every output into ``cfg.out``; returns the result dict.
+
+    ``cfg.threads`` sets torch's CPU threads for the run only (restored afterwards)."""
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _run_unlearn(cfg, adapter, extra_run_info)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None) -> dict:
     from .models import load_adapter
     from .patch import make_patch, save_patch
     from .report import pareto_plot, render_report
@@ -233,8 +245,6 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
                          "images (pass disjoint --val-identities and --test-identities)")
     if cfg.utility_val and cfg.utility_test and Path(cfg.utility_val).resolve() == Path(cfg.utility_test).resolve():
         raise ValueError("--utility-val and --utility-test are the same folder; they must be disjoint")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     timing = {}
 
