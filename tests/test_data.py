@@ -156,3 +156,12 @@ def test_empty_forget_set_is_an_error(tmp_path):
     with pytest.raises(EmptyForgetSetError, match="2 samples scanned"):
         curate(str(tmp_path / "p.tar"), "Ann Lee", tmp_path / "out")
     assert not (tmp_path / "out" / "forget.tar").exists()
+
+
+def test_curate_selection_does_not_depend_on_the_data_location(tmp_path):
+    caps = ["Ann Lee one"] + [f"other {i}" for i in range(30)]
+    for d in ("a", "b/deeper"):
+        (tmp_path / d).mkdir(parents=True)
+        _write(tmp_path / d / "p.tar", caps)
+        curate(str(tmp_path / d / "p.tar"), "Ann Lee", tmp_path / d / "out", retain=7, seed=1)
+    assert (tmp_path / "a/out/retain.tar").read_bytes() == (tmp_path / "b/deeper/out/retain.tar").read_bytes()

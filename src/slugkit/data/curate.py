@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def matches(caption: str, pattern: re.Pattern) -> bool:
 
 
 def _order_key(key: str, source: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{source}:{key}".encode()).hexdigest()
+    """Seeded hash of (shard file name, key): the retain selection depends on the data, not on where it lives."""
+    return hashlib.sha256(f"{seed}:{os.path.basename(source)}:{key}".encode()).hexdigest()
 
 
 def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] = (), max_forget: int | None = None,
