@@ -12,7 +12,7 @@ allowed also shrinks the step but is not accepted.
 
 The step finally applied is ``margin × η*`` (default margin 1.1): η* sits exactly on the validation boundary, and
 with a small validation set (20 forget images on the embedded world) unseen images of the concept land on the wrong
-side of it ~30% of the time (world-notes §4b). ``margin = 1.0`` reproduces the official rule.
+side of it: at 1.0x, 30% of the 60 embedded identities end above test FA@5 = 0.05 (1.1x: 2%). ``margin = 1.0`` reproduces the official rule.
 
 Layer choice (the official CLIP code has none, spec §4.3): the search runs on every Pareto layer of both towers and
 each layer is scored on validation at the step it would apply. Policies, with retention = metric after / before:
@@ -20,7 +20,8 @@ each layer is scored on validation at the step it would apply. Policies, with re
 * ``min`` (default): the best *worst* retention of utility top-1 and related-identity top-1; ties → mean retention
   → smaller relative change η/R. Utility alone (the spec's suggestion) lets a text-tower edit that leaves the
   utility prompts alone but blurs every other *name* win (measured on the embedded world: related drop 0.08 for
-  the default identity), so the default guards both kinds of retained knowledge;
+  the default identity; over all 60 identities 67 % meet every threshold with ``utility`` vs 90 % with ``min``),
+  so the default guards both kinds of retained knowledge;
 * ``utility``: best utility retention (ties → related → smaller η/R), the spec's recommended rule;
 * ``mean``: best mean retention of the two;
 * ``deepest``: the deepest front layer that reached the criterion (the SD rule, §6).
