@@ -266,3 +266,24 @@ class GradientMethod(Method):
 
     def _mask_grads(self, model) -> None:
         pass
+
+
+def batch_gradient_mean(adapter, batches, loss_fn, res: MethodResult | None = None,
+                        power: int = 1) -> dict[str, torch.Tensor]:
+    """Mean over ``batches`` of (∇ batch loss)^power for every trainable parameter (float32): power 1 is SalUn's
+    saliency gradient, power 2 SSD's diagonal-Fisher importance (the official per-batch definitions)."""
+    model = adapter.model
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    nb = 0
+    for images, tokens in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(adapter, images, tokens).backward()
+        if res is not None:
+            res.passes.train(int(images.shape[0]))
+        for n, p in params.items():
+            if p.grad is not None:
+                acc[n] += p.grad.float() ** power if power != 1 else p.grad.float()
+        nb += 1
+    model.zero_grad(set_to_none=True)
+    return {n: a / max(1, nb) for n, a in acc.items()}

@@ -34,25 +34,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import GradientMethod, MethodData, MethodResult, forget_loss
+from .base import GradientMethod, MethodData, MethodResult, batch_gradient_mean, forget_loss
 
 
 def forget_gradient(adapter, data: MethodData, res: MethodResult | None = None) -> dict[str, torch.Tensor]:
     """Mean over forget batches (unshuffled) of ∇ of the batch-mean forget loss, for every trainable parameter."""
-    model = adapter.model
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    batches = data.batches("forget", 0, shuffle=False)
-    for images, tokens in batches:
-        model.zero_grad(set_to_none=True)
-        forget_loss(adapter, images, tokens).backward()
-        if res is not None:
-            res.passes.train(int(images.shape[0]))
-        for n, p in params.items():
-            if p.grad is not None:
-                acc[n] += p.grad.float()
-    model.zero_grad(set_to_none=True)
-    return {n: g / len(batches) for n, g in acc.items()}
+    return batch_gradient_mean(adapter, data.batches("forget", 0, shuffle=False), forget_loss, res, power=1)
 
 
 def saliency_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:

@@ -22,26 +22,12 @@ import time
 import numpy as np
 import torch
 
-from .base import Method, MethodData, MethodResult, forget_loss, select_epoch, snapshot
+from .base import Method, MethodData, MethodResult, batch_gradient_mean, forget_loss, select_epoch, snapshot
 
 
 def importances(adapter, batches, loss_fn, res: MethodResult | None = None) -> dict[str, torch.Tensor]:
     """Mean over ``batches`` of the squared batch gradient of ``loss_fn(adapter, images, tokens)``."""
-    model = adapter.model
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    nb = 0
-    for images, tokens in batches:
-        model.zero_grad(set_to_none=True)
-        loss_fn(adapter, images, tokens).backward()
-        if res is not None:
-            res.passes.train(int(images.shape[0]))
-        for n, p in params.items():
-            if p.grad is not None:
-                acc[n] += p.grad.float() ** 2
-        nb += 1
-    model.zero_grad(set_to_none=True)
-    return {n: a / max(1, nb) for n, a in acc.items()}
+    return batch_gradient_mean(adapter, batches, loss_fn, res, power=2)
 
 
 @torch.no_grad()
