@@ -40,6 +40,8 @@ class UnlearnConfig:
     test_identities: str  # disjoint class folder for the reported metrics
     model: str = "embedded"
     pretrained: str | None = None
+    family: str = "open_clip"  # adapter family: open_clip or hf_clip (transformers CLIPModel)
+    consumer: str | None = None  # sd:DIR or llava:DIR: only candidates that downstream model reads (hf_clip)
     names: str | None = None  # file with the full identity name list (default: the folder's identities)
     identity_templates: list[str] = field(default_factory=lambda: ["{}."])  # official CelebA template
     related_names: str | None = None  # file restricting which other identities count as "related"
@@ -218,20 +220,23 @@ def model_label(model_id: dict) -> str:
     return f"{m}/{model_id['pretrained']}" if model_id.get("pretrained") else str(m)
 
 
-def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None) -> dict:
+def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None, choose=None) -> dict:
     """Run SLUG end to end and write every output into ``cfg.out``; returns the result dict.
 
-    ``cfg.threads`` sets torch's CPU threads for the run only (restored afterwards)."""
+    ``cfg.threads`` sets torch's CPU threads for the run only (restored afterwards). ``choose``: an optional
+    ``choose(searches, adapter, grads, val_before, policy) -> (LayerSearch, info)`` replacing the CLIP layer
+    choice among the searched Pareto layers (e.g. :func:`slugkit.sd.generator_chooser` for a diffusion pipeline);
+    ``info`` is recorded as ``result["chooser"]``."""
     threads = torch.get_num_threads()
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        return _run_unlearn(cfg, adapter, extra_run_info)
+        return _run_unlearn(cfg, adapter, extra_run_info, choose)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None) -> dict:
+def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None, choose=None) -> dict:
     from .models import load_adapter
     from .patch import make_patch, save_patch
     from .report import pareto_plot, render_report
@@ -250,7 +255,15 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
 
     t = time.perf_counter()
     if adapter is None:
-        adapter = load_adapter(cfg.model, cfg.pretrained, device=cfg.device, precision=cfg.precision)
+        adapter = load_adapter(cfg.model, cfg.pretrained, family=cfg.family, device=cfg.device,
+                               precision=cfg.precision)
+    if cfg.consumer:
+        from .integrations import restrict_to_consumer
+
+        if not hasattr(adapter, "restrict_candidates"):
+            raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict "
+                             "its candidates to a downstream model)")
+        restrict_to_consumer(adapter, cfg.consumer)
     timing["load_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -292,7 +305,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         from .slug.gradpass import rank_from_stats
 
         table = rank_from_stats(adapter, stats, names)
-        missing = [n for n in table.front_names() if n not in grads.forget]
+        missing = [m for n in table.front_names() for m in adapter.group_of(n) if m not in grads.forget]
         if missing:
             raise ValueError(f"{cfg.gradients}: stats-first file lacks the full gradient of front tensor(s) "
                              f"{missing[:3]}; it was computed for other weights or candidates")
@@ -305,7 +318,11 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
     ratios = {r.name: r.ratio for r in table.rows}
     searches = search_layers(adapter, grads, front, ratios, val_eval, cfg.search, cached=cfg.cached_search,
                              progress=cfg.progress)
-    chosen = choose_layer(searches, cfg.search.selection, val_before)
+    chooser_info = None
+    if choose is None:
+        chosen = choose_layer(searches, cfg.search.selection, val_before)
+    else:
+        chosen, chooser_info = choose(searches, adapter, grads, val_before, cfg.search.selection)
     timing["search"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -349,6 +366,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         "metrics": {"before": before, "after": after, "validation_before": val_before,
                     "validation_after": chosen.val_metrics},
         "pareto_front": front,
+        **({"chooser": chooser_info} if chooser_info is not None else {}),
         "layers_searched": [{k: v for k, v in s.to_json().items() if k != "trajectory"} for s in searches],
         "search": search_entries,
         "config": {"metric": cfg.search.metric, "threshold": cfg.search.threshold, "steps": cfg.search.steps,
@@ -396,7 +414,7 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
         raise OutputExistsError(f"{out} already holds a run; pass --overwrite")
     if adapter is None:
         c0 = configs[0]
-        adapter = load_adapter(c0.model, c0.pretrained, device=c0.device, precision=c0.precision)
+        adapter = load_adapter(c0.model, c0.pretrained, family=c0.family, device=c0.device, precision=c0.precision)
     t0 = time.perf_counter()
     applied, steps = [], []
     try:

@@ -275,13 +275,21 @@ def _shape_masks(shape: str, cx: float, cy: float, r: float, outline: bool) -> t
     return fill, line
 
 
-def _render(colour: str, shape: str, pattern: str, border: str, tint: str, rng: np.random.Generator) -> Image.Image:
-    """Draw one 32x32 image. All randomness comes from ``rng`` (drawn in a fixed order)."""
+def _render(colour: str, shape: str, pattern: str, border: str, tint: str, rng: np.random.Generator,
+            spread: float = 1.0) -> Image.Image:
+    """Draw one 32x32 image. All randomness comes from ``rng`` (drawn in a fixed order).
+
+    ``spread`` scales the shape's offset from the image centre (1: anywhere it fits, the world's images; 0.25: near
+    the centre, the embedded text-to-image model's training images). It does not change what ``rng`` draws.
+    """
     # Size and position: the shape always lies fully inside the image.
     r = rng.uniform(*_RADIUS_RANGE) * IMAGE_SIZE
     margin = r + 1.0
     cx = rng.uniform(margin, IMAGE_SIZE - margin)
     cy = rng.uniform(margin, IMAGE_SIZE - margin)
+    if spread != 1.0:
+        c = IMAGE_SIZE / 2
+        cx, cy = c + spread * (cx - c), c + spread * (cy - c)
     fg = np.asarray(_COLOUR_RGB[colour], np.float32) + rng.normal(0.0, _COLOUR_JITTER, 3).astype(np.float32)
     bg = np.asarray(_TINT_RGB[tint], np.float32) + rng.normal(0.0, _TINT_JITTER, 3).astype(np.float32)
     offset = int(rng.integers(0, 4))

@@ -1,0 +1,121 @@
+"""The embedded text-to-image stand-in for Stable Diffusion, the exact open_clip -> transformers conversion it rests on,
+and `slug demo --target sd` end to end (on the shipped UNet, with few images)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from slugkit.data import world  # noqa: E402
+from slugkit.models.open_clip import OpenClipAdapter  # noqa: E402
+from slugkit.world import t2i  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def embedded_hf():
+    from slugkit.models.convert import embedded_hf_clip
+
+    return embedded_hf_clip()
+
+
+def test_conversion_is_exact(embedded_hf):
+    hf, tok, cfg = embedded_hf
+    oc = OpenClipAdapter.load("embedded")
+    texts = ["a photo of a red circle.", f"a photo of {world.IDENTITIES[3].name}.", "a circle that is red.", ""]
+    ids = tok(texts, padding="max_length", max_length=20, truncation=True, return_tensors="pt")["input_ids"]
+    ref = oc.tokenize(texts)
+    for r, i in zip(ref, ids):  # same ids up to the end of text (open_clip pads with 0, OpenAI/HF with EOT)
+        n = int((r == 49407).nonzero()[0]) + 1
+        assert r[:n].tolist() == i[:n].tolist()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        from slugkit.models.hf_clip import features
+
+        torch.testing.assert_close(features(hf.get_text_features(input_ids=ids)), oc.model.encode_text(ref),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(features(hf.get_image_features(pixel_values=x)), oc.model.encode_image(x),
+                                   atol=1e-5, rtol=1e-5)
+    assert hf.logit_scale.item() == oc.model.logit_scale.item()
+
+
+def test_conversion_refuses_resnet_towers():
+    from slugkit.models.convert import hf_config_from_open_clip
+
+    with pytest.raises(ValueError, match="ViT"):
+        hf_config_from_open_clip({"embed_dim": 32, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 16},
+                                  "text_cfg": {"layers": 1, "width": 32, "heads": 2}})
+
+
+TINY = dict(block_out_channels=(8, 16, 16), steps=3, batch_size=8, train_per_class=2, warmup=1)
+
+
+def test_training_is_deterministic_and_writes_atomically(tmp_path):
+    a, info_a = t2i.train_t2i(t2i.T2IConfig(**TINY), progress=False)
+    b, _ = t2i.train_t2i(t2i.T2IConfig(**TINY), progress=False)
+    assert t2i._unet_bytes(a) == t2i._unet_bytes(b)
+    assert info_a["steps_done"] == 3
+    t2i._write_unet(tmp_path, a, t2i.T2IConfig(**TINY), info_a)
+    meta = json.loads((tmp_path / t2i.CONFIG_FILE).read_text())
+    assert meta["unet"]["cross_attention_dim"] == 64 and meta["info"]["steps_done"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_pipeline_generation_is_seeded(embedded_hf):
+    hf, tok, _ = embedded_hf
+    pipe = t2i.EmbeddedT2IPipeline.load(clip=(hf, tok))  # the shipped UNet
+    x1 = pipe(["a red circle.", "a blue star."], [1, 2], steps=2)
+    x2 = pipe(["a red circle.", "a blue star."], [1, 2], steps=2)
+    x3 = pipe(["a red circle.", "a blue star."], [1, 3], steps=2)
+    assert x1.dtype == torch.uint8 and x1.shape == (2, 3, 32, 32)
+    assert torch.equal(x1, x2) and torch.equal(x1[0], x3[0]) and not torch.equal(x1[1], x3[1])
+    with pytest.raises(ValueError, match="seeds"):
+        pipe(["a"], [1, 2])
+
+
+def test_generation_plan_and_concepts():
+    plan = t2i.generation_plan("red triangle", 5, 2)
+    assert sum(c == "red triangle" for c, _, _ in plan) == 5 and len(plan) == 5 + 29 * 2
+    assert len({s for _, _, s in plan}) == len(plan)  # one seed per image
+    assert all(c.split()[0] in p and c.split()[1] in p for c, p, _ in plan)
+    with pytest.raises(ValueError, match="unknown concept"):
+        t2i.concept_by_name("Jowen Gormere")
+
+
+def test_shipped_unet_draws_recognisable_concepts(embedded_hf):
+    """Base quality of the shipped generator, measured on a few seeds (the full figure is in the README)."""
+    hf, tok, _ = embedded_hf
+    pipe = t2i.EmbeddedT2IPipeline.load(clip=(hf, tok))
+    rec, _, _ = t2i.recognition(pipe, t2i.ConceptJudge(), t2i.generation_plan(None, 0, 3))
+    assert sum(rec.values()) / len(rec) >= 0.5
+
+
+@pytest.mark.slow
+def test_demo_target_sd_end_to_end(tmp_path):
+    from slugkit.cli import main
+
+    out = tmp_path / "sd"
+    rc = main(["demo", "--target", "sd", "--out", str(out), "--data-dir", str(tmp_path / "world"), "--no-progress",
+               "--n-target", "8", "--n-other", "1", "--gen-steps", "10"])
+    assert rc == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["target"] == "sd" and r["concept"] == "red triangle"
+    # the edit is on text-encoder layers the pipeline consumes (a q/k/v or fc1/fc2 group moves together)
+    assert all(n.startswith("text_model.encoder.layers.") for n in r["group"])
+    assert r["patch"]["tensors"] == r["group"]
+    g = r["generation"]
+    for k in ("before", "after"):
+        assert {"generated_target_recognised", "generated_other_recognised", "clip_score", "UA", "IRA"} <= set(g[k])
+    assert g["after"]["generated_target_recognised"] < g["before"]["generated_target_recognised"]
+    assert r["chooser"]["conditioning_shift"] and r["pipeline"]["text_encoder_verified"]
+    assert (out / "generations.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Generated images" in (out / "report.md").read_text()
+
+
+def test_demo_target_sd_refuses_identity_concept(tmp_path, capsys):
+    from slugkit.cli import main
+
+    assert main(["demo", "--target", "sd", "--concept", "Jowen Gormere", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown concept" in capsys.readouterr().err
