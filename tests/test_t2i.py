@@ -92,14 +92,21 @@ def test_shipped_unet_draws_recognisable_concepts(embedded_hf):
     assert sum(rec.values()) / len(rec) >= 0.5
 
 
-@pytest.mark.slow
-def test_demo_target_sd_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
     from slugkit.cli import main
 
-    out = tmp_path / "sd"
-    rc = main(["demo", "--target", "sd", "--out", str(out), "--data-dir", str(tmp_path / "world"), "--no-progress",
-               "--n-target", "8", "--n-other", "1", "--gen-steps", "10"])
+    tmp = tmp_path_factory.mktemp("sd")
+    out = tmp / "run"
+    rc = main(["demo", "--target", "sd", "--out", str(out), "--data-dir", str(tmp / "world"), "--no-progress",
+               "--n-target", "8", "--n-other", "1", "--gen-steps", "10", "--val-images", "8"])
     assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+def test_demo_target_sd_end_to_end(sd_run):
+    out = sd_run
     r = json.loads((out / "result.json").read_text())
     assert r["target"] == "sd" and r["concept"] == "red triangle"
     # the edit is on text-encoder layers the pipeline consumes (a q/k/v or fc1/fc2 group moves together)
@@ -119,3 +126,65 @@ def test_demo_target_sd_refuses_identity_concept(tmp_path, capsys):
 
     assert main(["demo", "--target", "sd", "--concept", "Jowen Gormere", "--out", str(tmp_path / "x")]) == 2
     assert "unknown concept" in capsys.readouterr().err
+
+
+def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):
+    from slugkit.cli import main
+    from slugkit.data.folders import iter_pairs
+
+    args = ["curate", "--generate", "a red circle.", "--generate", "a photo of a red circle.", "-n", "3",
+            "--concept", "red circle", "--gen-steps", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (tmp_path / "a" / "forget.tar").read_bytes(), (tmp_path / "b" / "forget.tar").read_bytes()
+    assert a == b
+    pairs = list(iter_pairs(str(tmp_path / "a" / "forget.tar")))
+    assert [p.caption for p in pairs] == ["red circle"] * 3 and pairs[0].image.size == (32, 32)
+    man = json.loads((tmp_path / "a" / "forget_manifest.json").read_text())
+    assert [s["prompt"] for s in man["samples"]] == ["a red circle.", "a photo of a red circle.", "a red circle."]
+    assert main(["curate", "--generate", "a red circle.", "--out", str(tmp_path / "c")]) == 2
+    assert "-n" in capsys.readouterr().err
+
+
+def test_generator_step_search_finds_the_smallest_forgetting_step():
+    from slugkit.sd import generator_step_search
+
+    calls = []
+
+    def evaluate(eta):  # the generator forgets for eta >= 3.0
+        calls.append(eta)
+        return 0.0 if eta >= 3.0 else 0.6
+
+    traj, best = generator_step_search(evaluate, start=1.0, steps=8, threshold=0.05)
+    assert calls[:3] == [1.0, 2.0, 4.0]  # doubling until accepted, then bisection
+    assert 3.0 <= best <= 3.0 * 1.1 and len(traj) == 8
+    assert all(t["accepted"] == (t["step_size"] >= 3.0) for t in traj)
+    _, none = generator_step_search(lambda eta: 1.0, start=1.0, steps=3)
+    assert none is None
+
+
+def test_conditioning_shift_is_relative_l2():
+    from slugkit.sd import relative_shift
+
+    h = torch.ones(2, 3, 4)
+    assert relative_shift(h, h) == 0.0
+    assert abs(relative_shift(h, 1.5 * h) - 0.5) < 1e-6
+
+
+@pytest.mark.slow
+def test_eval_sd_scores_a_pipeline_before_and_after(sd_run, tmp_path, capsys):
+    from slugkit.cli import main
+
+    out = tmp_path / "ev"
+    rc = main(["eval-sd", "--pipeline", "embedded", "--patch", str(sd_run / "patch"), "--target", "red triangle",
+               "--concepts", ",".join(t2i.concept_names()[:6]) + ",red triangle",  # a repeat is ignored "--template", "a photo of a {}.",
+               "--cross-concepts", "blue star,green cross", "--n-target", "4", "--n-other", "1", "--steps", "5",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    r = json.loads((out / "gen_eval.json").read_text())
+    assert r["images"] == {"in_domain": 4 + 5, "cross_domain": 2, "steps": 5, "guidance": None}
+    for k in ("before", "after"):
+        assert {"UA", "IRA", "CRA", "clip_score", "generated_target_recognised"} <= set(r[k])
+        assert abs(r[k]["UA"] + r[k]["generated_target_recognised"] - 1) < 1e-9
+    assert (out / "generations.png").read_bytes()[:4] == b"\x89PNG"
+    assert "UA" in capsys.readouterr().out

@@ -19,8 +19,9 @@ from pathlib import Path
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("step-size search (spec §4)")
-    g.add_argument("--criterion", default="forget_top5", choices=["forget_top5", "forget_top1"],
-                   help="validation metric that must reach --threshold (default: forget_top5, the official rule)")
+    g.add_argument("--criterion", default=None, choices=["forget_top5", "forget_top1"],
+                   help="validation metric that must reach --threshold (default: forget_top5, the official rule; "
+                        "forget_top1 for `demo --target sd`, whose 30-way concept list is short)")
     g.add_argument("--threshold", type=float, default=0.0)
     g.add_argument("--steps", type=int, default=10, help="evaluations per layer, S (default 10)")
     g.add_argument("--margin", type=float, default=1.1,
@@ -37,7 +38,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 def _search_cfg(a):
     from .slug.search import SearchConfig
 
-    return SearchConfig(metric=a.criterion, threshold=a.threshold, steps=a.steps, margin=a.margin,
+    return SearchConfig(metric=a.criterion or "forget_top5", threshold=a.threshold, steps=a.steps, margin=a.margin,
                         utility_floor=a.utility_floor, selection=a.selection)
 
 
@@ -70,8 +71,40 @@ def print_summary(result: dict, out: str) -> None:
     print(f"outputs: {out}/result.json, report.md, pareto.png, run.json, patch/")
 
 
+def cmd_demo_sd(a) -> int:
+    from dataclasses import replace
+
+    from .sd import DEFAULT_SD_CONCEPT, SD_CRITERION, print_sd_summary, run_sd_demo
+    from .world.t2i import concept_by_name
+
+    if a.concepts:
+        print("error: --target sd unlearns one concept (--concept)", file=sys.stderr)
+        return 2
+    try:
+        concept = concept_by_name(a.concept or DEFAULT_SD_CONCEPT).name
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = a.out or f"runs/demo-sd-{concept.replace(' ', '_')}"
+    search = replace(_search_cfg(a), metric=a.criterion or SD_CRITERION)
+    result = run_sd_demo(concept, out, data_dir=a.data_dir, t2i_dir=a.t2i_model, n_target=a.n_target,
+                         n_other=a.n_other, gen_steps=a.gen_steps, guidance=a.guidance, selection=a.sd_selection,
+                         gen_search=not a.no_gen_search, val_images=a.val_images, gen_threshold=a.gen_threshold,
+                         gen_margin=a.gen_margin, search=search, seed=a.seed, threads=a.threads,
+                         progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size)
+    print_sd_summary(result, out)
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .unlearn import check_out_dir, run_sequential, run_unlearn
+
+    if a.target == "sd":
+        try:
+            return cmd_demo_sd(a)
+        except ImportError as e:
+            print(f"error: {e}; `demo --target sd` needs the HF extra: pip install 'slugkit[hf]'", file=sys.stderr)
+            return 2
     from .world.demo_data import default_concept, world_config
 
     from .data import world
@@ -140,6 +173,7 @@ def cmd_unlearn(a) -> int:
         utility_templates=a.utility_templates, forget_samples=a.forget_samples, retain_samples=a.retain_samples,
         batch_size=a.batch_size, search=_search_cfg(a), cached_search=not a.naive_search, seed=a.seed,
         threads=a.threads, device=a.device, precision=a.precision, strict=a.strict, overwrite=a.overwrite,
+        family=a.family, consumer=a.consumer,
         progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
     result = run_unlearn(cfg)
     print_summary(result, a.out)
@@ -152,15 +186,13 @@ def cmd_compare(a) -> int:
     from .data import world
     from .world.demo_data import default_concept
 
-    if a.concepts:
-        print("error: --concepts (joint / sequential multi-concept forgetting) is not implemented yet",
-              file=sys.stderr)
-        return 2
+    concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else []
     try:
         if a.forget or a.model != "embedded":
-            concept = a.concept or ""
+            concept = a.concept or " + ".join(concepts)
         else:
-            concept = world.identity_by_name(a.concept or default_concept()).name
+            concepts = [world.identity_by_name(c).name for c in concepts]
+            concept = " + ".join(concepts) if concepts else world.identity_by_name(a.concept or default_concept()).name
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
@@ -169,19 +201,21 @@ def cmd_compare(a) -> int:
     for item in a.lr or []:
         k, _, v = item.partition("=")
         lrs[k.strip()] = float(v)
-    out = a.out or f"runs/compare-{concept.replace(' ', '_')}"
+    out = a.out or f"runs/compare-{'+'.join(c.replace(' ', '_') for c in (concepts or [concept]))}"
     unlearn = None
     if a.forget or a.model != "embedded":
         from .unlearn import UnlearnConfig
 
         missing = [f"--{k.replace('_', '-')}" for k in ("concept", "forget", "retain", "val_identities",
-                                                        "test_identities") if not getattr(a, k)]
+                                                        "test_identities") if not getattr(a, k)
+                   and not (k == "concept" and concepts)]
         if missing:
             print(f"error: with explicit data (or a model other than 'embedded') compare needs {', '.join(missing)}",
                   file=sys.stderr)
             return 2
         unlearn = UnlearnConfig(
-            concept=a.concept, out=out, model=a.model, pretrained=a.pretrained, forget=a.forget, retain=a.retain,
+            concept=concept, concepts=concepts if len(concepts) > 1 else [], out=out, model=a.model,
+            pretrained=a.pretrained, forget=a.forget, retain=a.retain,
             val_identities=a.val_identities, test_identities=a.test_identities, names=a.names,
             identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
             utility_val=a.utility_val, utility_test=a.utility_test, utility_classnames=a.utility_classnames,
@@ -191,19 +225,40 @@ def cmd_compare(a) -> int:
                        epochs=a.epochs, lr=lrs, batch_size=a.batch_size, select_metric=a.select_metric,
                        salun_threshold=a.salun_threshold, ssd_alpha=a.ssd_alpha, forget_samples=a.forget_samples,
                        retain_samples=a.retain_samples, seed=a.seed, threads=a.threads, overwrite=a.overwrite,
-                       progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout)
+                       progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
+                       concepts=concepts if len(concepts) > 1 else [],
+                       modes=[m.strip() for m in a.modes.split(",") if m.strip()],
+                       lr_sweep=[float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else None)
     report = run_compare(cc)
     print(render_compare(report))
-    ratios = time_ratios(report)
-    if ratios:
-        print("method time / SLUG time: " + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
-    print(f"outputs: {out}/compare.json, compare.md, tradeoff.png, slug/")
+    for part in ([report] if "methods" in report else [report[m] for m in ("joint", "sequential") if m in report]):
+        ratios = time_ratios(part)
+        if ratios:
+            print(f"method time / SLUG time{' (' + part['mode'] + ')' if part.get('mode') != 'single' else ''}: "
+                  + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
+    print(f"outputs: {out}/compare.json, compare.md, tradeoff.png, "
+          + ("slug/" if "methods" in report else ", ".join(f"{m}/" for m in ("joint", "sequential") if m in report)))
     return 0
 
 
 def cmd_curate(a) -> int:
     from .data.curate import curate
 
+    if a.generate:
+        from .data.generate import generate_pairs, load_pipeline
+
+        if not a.n:
+            print("error: --generate needs -n N (how many images)", file=sys.stderr)
+            return 2
+        pipe = load_pipeline(a.pipeline, device=a.device)
+        summary = generate_pairs(pipe, a.generate, a.n, a.out, caption=a.caption or a.concept, seed=a.seed,
+                                 steps=a.gen_steps, guidance=a.guidance, progress=not a.no_progress)
+        summary.pop("samples")
+        print(json.dumps(summary, indent=2))
+        return 0
+    if not (a.shards and a.concept):
+        print("error: curate needs --shards and --concept (or --generate PROMPT -n N --pipeline P)", file=sys.stderr)
+        return 2
     summary = curate(a.shards, a.concept, a.out, aliases=a.alias or [], max_forget=a.max_forget,
                      retain=a.retain, seed=a.seed, strict=a.strict, progress=not a.no_progress)
     print(json.dumps(summary, indent=2))
@@ -225,7 +280,7 @@ def _load_target(a):
         return load_state_dict_file(a.checkpoint), None
     from .models import load_adapter
 
-    adapter = load_adapter(a.model, a.pretrained)
+    adapter = load_adapter(a.model, a.pretrained, family=a.family)
     return adapter.model, adapter
 
 
@@ -241,6 +296,8 @@ def cmd_apply(a, revert: bool = False) -> int:
     from .patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
 
     patches = [load_patch(p) for p in a.patch]
+    if a.pipeline:
+        return _apply_pipeline(a, patches, revert)
     target, _ = _load_target(a)
     if revert:
         for p in reversed(patches):
@@ -253,6 +310,61 @@ def cmd_apply(a, revert: bool = False) -> int:
         print(describe(p))
     verb = "reverted" if revert else "applied"
     print(f"{verb} {len(patches)} patch(es)" + (f"; wrote {a.out}" if a.out else " (verified; use --out to save)"))
+    return 0
+
+
+def _apply_pipeline(a, patches, revert: bool) -> int:
+    """`slug apply --pipeline DIR --patch P --out DIR2`: the SD pipeline's text_encoder/, patched (or reverted)."""
+    from .integrations.diffusers_sd import save_patched_text_encoder
+    from .patch import compose_patches, describe
+
+    if not a.out:
+        print("error: --pipeline needs --out DIR (the patched text_encoder/ is written there)", file=sys.stderr)
+        return 2
+    patch = compose_patches(patches)
+    save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
+                              overwrite=a.overwrite)
+    print(describe(patch))
+    what = "pipeline" if a.full_pipeline else "text_encoder/"
+    print(f"{'reverted' if revert else 'applied'} on {a.pipeline}'s text encoder; wrote {a.out} ({what})")
+    return 0
+
+
+def cmd_eval_sd(a) -> int:
+    """`slug eval-sd`: UA / IRA / CRA / CLIP score of a pipeline before and after a text-encoder patch."""
+    from .data.folders import read_lines
+    from .data.generate import load_pipeline
+    from .eval.generated import GenerationPlan, ZeroShotJudge, before_after
+    from .models import load_adapter
+    from .patch import compose_patches, load_patch
+
+    def names(spec):
+        if not spec:
+            return []
+        return read_lines(spec) if Path(spec).is_file() else [c.strip() for c in spec.split(",") if c.strip()]
+
+    concepts = names(a.concepts)
+    if len(concepts) < 2:
+        print("error: --concepts needs the concept list the judge chooses from (a file or A,B,C; >= 2 names)",
+              file=sys.stderr)
+        return 2
+    pipe = load_pipeline(a.pipeline, device=a.device)
+    judge_ad = load_adapter(a.judge_model, a.judge_pretrained, family=a.judge_family, device=a.device)
+    templates = a.judge_template or [a.template]
+    judge = ZeroShotJudge(judge_ad, concepts, templates)
+    cross = names(a.cross_concepts)
+    cross_judge = ZeroShotJudge(judge_ad, cross, [a.cross_template or a.template]) if cross else None
+    plan = GenerationPlan.build(a.target, concepts, a.template, a.n_target, a.n_other, cross,
+                                a.cross_template, seed=a.seed)
+    patch = compose_patches([load_patch(p) for p in a.patch])
+    r = before_after(pipe, patch, judge, plan, a.out, cross_judge=cross_judge, steps=a.steps, guidance=a.guidance,
+                     progress=not a.no_progress)
+    print("| generated images | before | after |\n|---|---|---|")
+    for k in ("generated_target_recognised", "UA", "IRA", "CRA", "clip_score"):
+        b, af = r["before"].get(k), r["after"].get(k)
+        if b is not None:
+            print(f"| {k} | {b:.3f} | {af:.3f} |")
+    print(f"outputs: {a.out}/gen_eval.json, {a.out}/generations.png")
     return 0
 
 
@@ -299,6 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sequential", action="store_true", help="with --concepts: one SLUG run per concept on the "
                                                             "previously patched model; patches chained into one")
     d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
+    d.add_argument("--target", default="clip", choices=["clip", "sd"],
+                   help="clip: unlearn an identity from the embedded CLIP; sd: unlearn an object concept (e.g. "
+                        "'red triangle') from the embedded text-to-image pipeline by patching its CLIP text encoder")
+    sdg = d.add_argument_group("--target sd")
+    sdg.add_argument("--n-target", type=int, default=50, help="generated images of the forgotten concept")
+    sdg.add_argument("--n-other", type=int, default=10, help="generated images per other concept (29 of them)")
+    sdg.add_argument("--gen-steps", type=int, default=20, help="DDIM steps")
+    sdg.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    sdg.add_argument("--sd-selection", default="shift", choices=["shift", "clip"],
+                     help="layer choice among the searched Pareto layers: shift (least conditioning shift of the "
+                          "other concepts relative to the target's; default) or clip (the CLIP --selection policy)")
+    sdg.add_argument("--no-gen-search", action="store_true",
+                     help="apply the CLIP-searched step instead of searching it on generated validation images")
+    sdg.add_argument("--val-images", type=int, default=20, help="generated validation images per search step")
+    sdg.add_argument("--gen-threshold", type=float, default=0.05,
+                     help="search accepts a step when at most this share of validation images is recognised")
+    sdg.add_argument("--gen-margin", type=float, default=None, help="multiply the chosen step (default 1)")
+    sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
     _add_run_args(d)
     d.set_defaults(func=cmd_demo, threads=1)  # tiny model: one thread is as fast and identical everywhere
 
@@ -307,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "a folder, or 'embedded'")
     u.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
     u.add_argument("--precision", default="fp32")
+    u.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
+                   help="open_clip ids, or hf_clip: a transformers CLIPModel id/folder (e.g. "
+                        "openai/clip-vit-large-patch14)")
+    u.add_argument("--consumer", default=None, metavar="sd:DIR|llava:DIR",
+                   help="hf_clip: only edit tensors this Stable Diffusion pipeline's text encoder / LLaVA's vision "
+                        "tower reads (read from its configs)")
     u.add_argument("--concept", default=None)
     u.add_argument("--concepts", default=None, help="A,B,...: unlearn several concepts jointly (one forget set "
                                                     "holding all of them, one edit; the criterion covers each)")
@@ -337,17 +473,25 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--model", default="embedded", help="'embedded' (the world's data by default) or any id of "
                                                         "`slug unlearn` (then pass its data flags)")
     cp.add_argument("--concept", default=None, help="identity name (default: the demo's)")
-    cp.add_argument("--concepts", default=None, help="A,B: several concepts (not implemented yet)")
+    cp.add_argument("--concepts", default=None, help="A,B,...: several identities, unlearned jointly (one forget set) "
+                                                     "and sequentially (one step per concept; SLUG chains patches)")
+    cp.add_argument("--modes", default="joint,sequential", help="with --concepts: joint, sequential or both")
     cp.add_argument("--methods", default="slug,ft,ga,gaft,salun,ssd",
                     help="comma list of slug, ft, ga, gaft, salun, salun-rl, ssd, ssd-cumulative")
     cp.add_argument("--epochs", type=int, default=None, help="epochs of the iterative baselines (default: each "
                                                              "method's, <= 10)")
     cp.add_argument("--lr", action="append", default=None, metavar="METHOD=LR",
                     help="learning-rate override, e.g. --lr gaft=2e-4 (repeatable)")
-    cp.add_argument("--select-metric", default="forget_top1", choices=["forget_top1", "forget_top5"],
-                    help="epoch selection: first epoch with validation metric 0, else the minimum (paper: FA@1)")
+    cp.add_argument("--select-metric", default="forget_top5", choices=["forget_top1", "forget_top5"],
+                    help="epoch selection: first epoch with validation metric 0, else the minimum (default FA@5, "
+                         "SLUG's own criterion; the paper's rule is forget_top1)")
+    cp.add_argument("--lr-sweep", nargs="?", const="3e-5,1e-4,3e-4,1e-3", default=None, metavar="LR,LR,...",
+                    help="GA/GA+FT/SalUn: try these learning rates in ascending order, keep the smallest that meets "
+                         "the epoch rule; the whole sweep counts in the method's time (default grid "
+                         "3e-5,1e-4,3e-4,1e-3)")
     cp.add_argument("--salun-threshold", type=float, default=0.5, help="SalUn mask fraction (default 0.5)")
-    cp.add_argument("--ssd-alpha", type=float, default=10.0)
+    cp.add_argument("--ssd-alpha", type=float, default=None, help="fix SSD's α (λ = 1, one application); default: "
+                                                                  "sweep α 10,5,2,1 × λ 1,.5,.2,.1 by validation")
     cp.add_argument("--forget-samples", type=int, default=None)
     cp.add_argument("--retain-samples", type=int, default=None)
     cp.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
@@ -371,9 +515,21 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--no-progress", action="store_true")
     cp.set_defaults(func=cmd_compare)
 
-    c = sub.add_parser("curate", help="build forget/retain sets from shards by whole-word name match")
-    c.add_argument("--shards", required=True)
-    c.add_argument("--concept", required=True)
+    c = sub.add_parser("curate", help="build forget/retain sets from shards by whole-word name match, or generate "
+                                      "a forget set with a text-to-image pipeline")
+    c.add_argument("--shards", default=None)
+    c.add_argument("--concept", default=None, help="name to match in captions (with --generate: the caption of "
+                                                   "every generated image, unless --caption)")
+    c.add_argument("--generate", action="append", default=None, metavar="PROMPT",
+                   help="generate the forget set from PROMPT (repeatable; prompts rotate) with --pipeline")
+    c.add_argument("-n", type=int, default=None, help="with --generate: number of images")
+    c.add_argument("--pipeline", default="embedded", help="with --generate: a diffusers pipeline folder or "
+                                                          "'embedded' (default)")
+    c.add_argument("--caption", default=None, help="with --generate: caption stored with every image "
+                                                   "(default --concept, else the prompt)")
+    c.add_argument("--gen-steps", type=int, default=25)
+    c.add_argument("--guidance", type=float, default=None)
+    c.add_argument("--device", default="cpu")
     c.add_argument("--alias", action="append", default=None)
     c.add_argument("--max-forget", type=int, default=None)
     c.add_argument("--retain", type=int, default=None, help="retain samples to keep (default all non-matches; 0: "
@@ -388,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--model", required=True, help="as `slug unlearn --model`")
     gp.add_argument("--pretrained", default=None)
     gp.add_argument("--precision", default="fp32")
+    gp.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
+    gp.add_argument("--consumer", default=None, metavar="sd:DIR|llava:DIR", help="as `slug unlearn --consumer`")
     gp.add_argument("--forget", required=True, help="forget pairs: shards (brace patterns, '::' lists) or a folder")
     gp.add_argument("--retain", required=True, help="retain pairs: shards or a captioned folder")
     gp.add_argument("--out", required=True, help="output .safetensors (written by rank 0, atomically)")
@@ -407,8 +565,39 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--checkpoint", default=None, help="a .safetensors state dict to patch")
         ap.add_argument("--model", default="embedded")
         ap.add_argument("--pretrained", default=None)
+        ap.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
         ap.add_argument("--out", default=None, help="write the resulting state dict (.safetensors)")
+        ap.add_argument("--pipeline", default=None, help="a diffusers Stable Diffusion folder: write its text_encoder/ "
+                                                         f"{'reverted' if rev else 'patched'} into --out (folder)")
+        ap.add_argument("--full-pipeline", action="store_true", help="with --pipeline: --out gets every component "
+                                                                     "(hard links), not only text_encoder/")
+        ap.add_argument("--overwrite", action="store_true", help="with --pipeline: replace a non-empty --out")
         ap.set_defaults(func=(lambda a, r=rev: cmd_apply(a, revert=r)))
+
+    ev = sub.add_parser("eval-sd", help="score a text-to-image pipeline before/after a patch on generated images "
+                                        "(UA, IRA, CRA, CLIP score)")
+    ev.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'embedded'")
+    ev.add_argument("--patch", action="append", required=True)
+    ev.add_argument("--target", required=True, help="the forgotten concept (must be in --concepts or is added)")
+    ev.add_argument("--concepts", required=True, help="in-domain concept list the judge classifies over: a file "
+                                                      "(one per line) or A,B,C")
+    ev.add_argument("--template", default="a photo of {}.", help="generation prompt template ({} = concept)")
+    ev.add_argument("--judge-template", action="append", default=None, help="zero-shot template(s) of the judge "
+                                                                            "(default: --template)")
+    ev.add_argument("--cross-concepts", default=None, help="cross-domain concept list for CRA (file or A,B,C)")
+    ev.add_argument("--cross-template", default=None)
+    ev.add_argument("--n-target", type=int, default=10)
+    ev.add_argument("--n-other", type=int, default=2)
+    ev.add_argument("--judge-model", default="embedded", help="CLIP judge, as `slug unlearn --model`")
+    ev.add_argument("--judge-pretrained", default=None)
+    ev.add_argument("--judge-family", default="open_clip", choices=["open_clip", "hf_clip"])
+    ev.add_argument("--steps", type=int, default=25, help="denoising steps")
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=cmd_eval_sd)
 
     i = sub.add_parser("inspect", help="describe a patch")
     i.add_argument("patch")
@@ -425,11 +614,18 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--threads", type=int, default=None)
     wdd = wsub.add_parser("data", help="write the world's shards and folders")
     wdd.add_argument("--out", default=None)
+    wsub.add_parser("train-t2i", add_help=False,
+                    help="train the embedded text-to-image UNet (`slug world train-t2i --help` for options)")
     w.set_defaults(func=cmd_world)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["world", "train-t2i"]:  # its own argparse (python -m slugkit.world.t2i)
+        from .world.t2i import main as t2i_main
+
+        return t2i_main(argv[2:])
     parser = build_parser()
     a = parser.parse_args(argv)
     from .data.curate import EmptyForgetSetError
@@ -442,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a)
     except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -10,13 +10,15 @@ The flow is SD's (spec §6.1), run on the embedded stand-ins:
    CLIP text tower, then restricts the candidates to the text-tower tensors the pipeline consumes.
 3. **SLUG**: gradients on forget pairs of the concept (images + captions) and retain pairs, Pareto front, step-size
    search on CLIP zero-shot metrics (30-way over the object classes), exactly :func:`slugkit.unlearn.run_unlearn`.
-4. **Layer choice for a generator.** t2i-notes.md measured that CLIP's zero-shot ranking tolerates conditioning
-   shifts a small UNet does not, so that the layer with the best CLIP retention damaged other prompts most. Among
-   the Pareto layers whose search forgot the concept, slugkit therefore picks the one whose edit moves the
+4. **Layer and step for a generator.** t2i-notes.md measured that CLIP's zero-shot ranking tolerates conditioning
+   shifts a small UNet does not, and that the CLIP-searched step is not the step at which the generator forgets.
+   So, among the Pareto layers whose CLIP search forgot the concept, slugkit picks the one whose edit moves the
    *other* concepts' conditioning (relative L2 change of ``last_hidden_state``) least *relative to* how much it
-   moves the forgotten concept's conditioning (``--sd-selection shift``, the default; ``clip`` uses the CLIP policy).
-   Then, because the generator needs a somewhat larger shift than CLIP's argmax to drop a concept,
-   the step is multiplied by ``gen_margin`` (default 1.0 = the CLIP-searched step; see the README for measured values).
+   moves the forgotten concept's conditioning (``--sd-selection shift``, the default; ``clip`` uses the CLIP
+   policy), and then searches that layer's step on **generated validation images** (the official UnlearnCanvas
+   search does this too, spec §4.4; here seeded, with validation seeds disjoint from the reported ones): the
+   doubling/bisection rule from the CLIP step, accepted when at most ``gen_threshold`` of the concept's images
+   are still recognised; the smallest accepted step is applied (``--no-gen-search``: the CLIP step).
 5. **Evaluation** on generated images (fixed seeds, the same seeds before and after): each image is classified
    zero-shot by the **unedited** embedded CLIP over the 30 concepts. Reported: ``generated_target_recognised``
    (UA = 1 − it), ``generated_other_recognised`` (IRA: the other concepts' prompts; split into *related* — sharing a
@@ -26,16 +28,19 @@ The flow is SD's (spec §6.1), run on the embedded stand-ins:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data import world
 from .data.shards import atomic_write_bytes
+from .eval.generated import image_grid
+from .slug.search import edited_values
 from .world import t2i
 
 DEFAULT_SD_CONCEPT = "red triangle"
@@ -134,20 +139,83 @@ def shift_table(adapter, grads, searches, target: str, margin: float = 1.0) -> l
     return rows
 
 
-def generator_chooser(target: str, policy: str = "shift", gen_margin: float = 1.0):
-    """A ``choose`` callback for :func:`slugkit.unlearn.run_unlearn` (see the module docstring, point 4)."""
+@contextlib.contextmanager
+def pipeline_edit(pipe, mapping: dict[str, str], adapter, grads, group: list[str], step: float):
+    """Temporarily write θ − η·g_f of ``group`` (CLIP names) into ``pipe.text_encoder`` (mapped names); restore the
+    exact bytes on exit. The same values :func:`slugkit.slug.search.edited_values` puts in the patch."""
+    values = edited_values(adapter.model, grads.forget, group, step)
+    params = dict(pipe.text_encoder.named_parameters())
+    saved = {n: params[mapping[n]].detach().clone() for n in group}
+    try:
+        with torch.no_grad():
+            for n in group:
+                params[mapping[n]].copy_(values[n].to(params[mapping[n]].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for n in group:
+                params[mapping[n]].copy_(saved[n])
+
+
+def generator_step_search(evaluate, start: float, steps: int = 6, threshold: float = 0.05):
+    """The official doubling/bisection rule on η, with the criterion measured on *generated* images (as the official
+    UnlearnCanvas search does, spec §4.4, but seeded and on validation seeds only): ``evaluate(η)`` returns the share
+    of the forgotten concept's validation images still recognised; accepted when ≤ ``threshold``. Returns
+    (trajectory, smallest accepted η or None)."""
+    lo, hi, eta, best, traj = 0.0, math.inf, start, None, []
+    for _ in range(steps):
+        rec = evaluate(eta)
+        ok = rec <= threshold + 1e-9
+        traj.append({"step_size": eta, "target_recognised": rec, "accepted": ok})
+        if ok:
+            best = eta if best is None else min(best, eta)
+            hi = eta
+            eta = (lo + hi) / 2
+        else:
+            lo = eta
+            eta = eta * 2 if math.isinf(hi) else (lo + hi) / 2
+    return traj, best
+
+
+def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, policy: str = "shift",
+                      gen_search: bool = True, gen_margin: float = 1.0, val_images: int = 20,
+                      search_steps: int = 6, threshold: float = 0.05, gen_steps: int = 20, guidance: float = 5.0,
+                      seed: int = 0):
+    """A ``choose`` callback for :func:`slugkit.unlearn.run_unlearn` (module docstring, point 4): the layer by
+    conditioning-shift selectivity (or the CLIP policy), then the step by a search on generated validation images."""
     from .slug.search import choose_layer
 
     def choose(searches, adapter, grads, val_before, clip_policy):
-        rows = shift_table(adapter, grads, searches, target, gen_margin)
+        rows = shift_table(adapter, grads, searches, target)
         if policy == "clip" or not rows:
             chosen = choose_layer(searches, clip_policy, val_before)
         else:
             best = min(rows, key=lambda r: (r["selectivity"], r["other_shift"]))
             chosen = next(s for s in searches if s.name == best["layer"])
+        info = {"policy": policy, "conditioning_shift": rows, "clip_step_size": chosen.step_size,
+                "gen_margin": gen_margin}
+        if gen_search:
+            # validation seeds: disjoint from every evaluation plan (those use seed_base 10_000 * (seed + 1)).
+            plan = [(target, t2i.prompt_for(target, i), 7_000_000 + 1000 * seed + i) for i in range(val_images)]
+
+            def evaluate(eta):
+                with pipeline_edit(pipe, mapping, adapter, grads, chosen.group, eta):
+                    rec, _, _ = t2i.recognition(pipe, judge, plan, gen_steps, guidance)
+                return rec[target]
+
+            base = evaluate(0.0)
+            traj, eta = generator_step_search(evaluate, chosen.step_size, search_steps, threshold)
+            info["generator_search"] = {"validation_images": val_images, "threshold": threshold,
+                                        "base_target_recognised": base, "trajectory": traj, "accepted_step": eta}
+            if eta is None:
+                info["generator_search"]["note"] = ("no evaluated step made the generator forget on validation; "
+                                                    "kept the CLIP-searched step")
+            else:
+                chosen = replace(chosen, step_size=eta)
         if gen_margin != 1.0:
             chosen = replace(chosen, step_size=chosen.step_size * gen_margin)
-        return chosen, {"policy": policy, "gen_margin": gen_margin, "conditioning_shift": rows}
+        info["step_size"] = chosen.step_size
+        return chosen, info
 
     return choose
 
@@ -158,58 +226,21 @@ def generator_chooser(target: str, policy: str = "shift", gen_margin: float = 1.
 
 
 def related_to(a: str, b: str) -> bool:
+    """Two object concepts are related when they share a colour or a shape."""
     ca, cb = t2i.concept_by_name(a), t2i.concept_by_name(b)
     return ca.colour == cb.colour or ca.shape == cb.shape
 
 
-@torch.no_grad()
-def clip_score(judge: t2i.ConceptJudge, images: torch.Tensor, prompts: list[str]) -> float:
-    from .world.train import normalise
-
-    ad = judge.adapter
-    fi = ad.encode_image(normalise(images))
-    ft = ad.encode_text(ad.tokenize(prompts))
-    return float(100.0 * (fi * ft).sum(-1).clamp_min(0).mean())
-
-
 def generation_metrics(per_concept: dict[str, float], target: str) -> dict:
-    others = {c: v for c, v in per_concept.items() if c != target}
-    rel = [v for c, v in others.items() if related_to(c, target)]
-    unrel = [v for c, v in others.items() if not related_to(c, target)]
-    return {"generated_target_recognised": per_concept[target],
-            "generated_other_recognised": float(np.mean(list(others.values()))),
-            "generated_related_recognised": float(np.mean(rel)) if rel else None,
-            "generated_unrelated_recognised": float(np.mean(unrel)) if unrel else None,
-            "UA": 1.0 - per_concept[target], "IRA": float(np.mean(list(others.values()))),
-            "per_concept": per_concept}
+    from .eval.generated import summarise
+
+    return summarise(per_concept, target, related=related_to)
 
 
-def image_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, scale: int = 3) -> None:
-    """PNG: per prompt a row of before images, a gap, the same seeds after; labelled on the left."""
-    from PIL import Image, ImageDraw
+def _pil(images: torch.Tensor) -> list:
+    from PIL import Image
 
-    n = max(b.shape[0] for _, b, _ in rows)
-    s = world.IMAGE_SIZE * scale
-    label_w, gap, pad = 150, 16, 2
-    W = label_w + 2 * n * (s + pad) + gap
-    H = 18 + len(rows) * (s + pad)
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-    d.text((label_w, 2), "before", fill=(0, 0, 0))
-    d.text((label_w + n * (s + pad) + gap, 2), "after (patched text encoder, same seeds)", fill=(0, 0, 0))
-    for r, (label, before, after) in enumerate(rows):
-        y = 18 + r * (s + pad)
-        d.text((4, y + s // 2 - 6), label, fill=(0, 0, 0))
-        for j, imgs in enumerate((before, after)):
-            x0 = label_w + j * (n * (s + pad) + gap)
-            for k in range(imgs.shape[0]):
-                im = Image.fromarray(imgs[k].permute(1, 2, 0).numpy()).resize((s, s), Image.Resampling.NEAREST)
-                canvas.paste(im, (x0 + k * (s + pad), y))
-    import io
-
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +250,8 @@ def image_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, s
 
 def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None, *, data_dir=None,
                 t2i_dir=None, n_target: int = 50, n_other: int = 10, gen_steps: int = 20, guidance: float = 5.0,
-                selection: str = "shift", gen_margin: float | None = None, search=None, seed: int = 0,
+                selection: str = "shift", gen_search: bool = True, gen_margin: float | None = None,
+                val_images: int = 20, gen_threshold: float = 0.05, search=None, seed: int = 0,
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``."""
     from .integrations.diffusers_sd import (apply_patch_to_pipeline, consumed_text_candidates,
@@ -242,7 +274,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
         cd = write_concept_data(concept, out / "data")
         adapter = embedded_hf_adapter()
         pipe = t2i.EmbeddedT2IPipeline.load(t2i_dir, clip=(adapter.model, adapter.tokenizer))
-        verify_text_encoder(adapter.model, pipe.text_encoder)
+        mapping = verify_text_encoder(adapter.model, pipe.text_encoder)
+        judge = t2i.ConceptJudge()
         adapter.restrict_candidates(consumed_text_candidates(adapter, pipe.text_encoder),
                                     consumer="text encoder of the embedded text-to-image pipeline")
         search = search or SearchConfig(metric=SD_CRITERION)
@@ -251,14 +284,16 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             val_identities=str(data / "val" / "utility"), test_identities=str(data / "test" / "utility"),
             names=str(out / "data" / "concepts.txt"), identity_templates=list(world.UTILITY_EVAL_TEMPLATES),
             utility_val=str(data / "val" / "identities"), utility_test=str(data / "test" / "identities"),
-            utility_classnames=str(data / "names.txt"), utility_templates=list(world.IDENTITY_EVAL_TEMPLATES),
+            utility_templates=list(world.IDENTITY_EVAL_TEMPLATES),
             batch_size=batch_size, search=search, seed=seed, progress=progress, overwrite=overwrite)
-        result = run_unlearn(cfg, adapter=adapter, choose=generator_chooser(concept, selection, gen_margin))
+        chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
+                                    gen_margin=gen_margin, val_images=val_images, threshold=gen_threshold,
+                                    gen_steps=gen_steps, guidance=guidance, seed=seed)
+        result = run_unlearn(cfg, adapter=adapter, choose=chooser)
         t_slug = time.perf_counter() - t0
 
         # ---- generation before / after, same seeds
         t = time.perf_counter()
-        judge = t2i.ConceptJudge()
         plan = t2i.generation_plan(concept, n_target, n_other, seed_base=10_000 * (seed + 1))
         rec_b, imgs_b, _ = t2i.recognition(pipe, judge, plan, gen_steps, guidance, progress)
         patch = load_patch(out / "patch")
@@ -272,8 +307,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             raise RuntimeError("revert did not restore the pipeline's text encoder bit-exactly")
         prompts = [p for _, p, _ in plan]
         gen = {"before": generation_metrics(rec_b, concept), "after": generation_metrics(rec_a, concept)}
-        gen["before"]["clip_score"] = clip_score(judge, imgs_b, prompts)
-        gen["after"]["clip_score"] = clip_score(judge, imgs_a, prompts)
+        gen["before"]["clip_score"] = judge.clip_score(imgs_b, prompts)
+        gen["after"]["clip_score"] = judge.clip_score(imgs_a, prompts)
         gen["images"] = {"target": n_target, "per_other_concept": n_other, "other_concepts": len(rec_b) - 1,
                          "sampler": f"DDIM {gen_steps} steps, guidance {guidance}", "seed_base": plan[0][2]}
         t_gen = time.perf_counter() - t
@@ -284,7 +319,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
         rows = []
         for c in show:
             idx = [i for i, (cc, _, _) in enumerate(plan) if cc == c][:8]
-            rows.append((c, imgs_b[idx], imgs_a[idx]))
+            rows.append((c, _pil(imgs_b[idx]), _pil(imgs_a[idx])))
         image_grid(rows, out / "generations.png")
 
         result["target"] = "sd"

@@ -43,7 +43,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from slugkit.data import world
 from slugkit.data.shards import atomic_write_bytes
@@ -73,6 +72,7 @@ class T2IConfig:
     seed: int = 0
     threads: int = 1
     time_budget_s: float | None = None
+    stop_at: int | None = None  # stop after this many steps (the LR schedule still spans ``steps``)
     extra: dict = field(default_factory=dict)
 
     def unet_kwargs(self, cross_dim: int) -> dict:
@@ -233,28 +233,29 @@ def pipeline_with_unet(unet, clip=None) -> EmbeddedT2IPipeline:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ConceptJudge:
-    """Zero-shot top-1 classification of generated images over the 30 object classes by the embedded CLIP."""
+def _judge_base():
+    from slugkit.eval.generated import ZeroShotJudge
+
+    return ZeroShotJudge
+
+
+class ConceptJudge(_judge_base()):
+    """Zero-shot top-1 over the 30 object classes by the (unedited) embedded CLIP; takes uint8 image tensors (the
+    pipeline's output) or PIL images."""
 
     def __init__(self, clip_adapter=None):
         from slugkit.models.open_clip import OpenClipAdapter
 
-        self.adapter = clip_adapter or OpenClipAdapter.load("embedded")
-        self.names = concept_names()
-        ad = self.adapter
-        with torch.no_grad():
-            w = []
-            for n in self.names:
-                e = ad.encode_text(ad.tokenize([t.format(n) for t in world.UTILITY_EVAL_TEMPLATES])).mean(0)
-                w.append(F.normalize(e, dim=-1))
-            self.weights = torch.stack(w, 1)
+        super().__init__(clip_adapter or OpenClipAdapter.load("embedded"), concept_names(),
+                         world.UTILITY_EVAL_TEMPLATES)
 
     @torch.no_grad()
-    def predict(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        from slugkit.world.train import normalise
+    def features(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            from slugkit.world.train import normalise  # bit-identical to open_clip's eval transform at 32x32
 
-        feats = self.adapter.encode_image(normalise(images_uint8))
-        return (feats @ self.weights).argmax(-1)
+            return self.adapter.encode_image(normalise(images))
+        return super().features(images)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,6 +342,8 @@ def _train(cfg: T2IConfig, progress: bool, log_every: int, checkpoint) -> tuple[
     unet.train()
     for step in bar:
         if cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s:
+            break  # wall-clock stop: not reproducible; rerun with --stop-at <steps_done> for the same weights
+        if cfg.stop_at is not None and step >= cfg.stop_at:
             break
         idx = torch.randint(len(x_all), (cfg.batch_size,), generator=g)
         x0 = x_all[idx]
@@ -417,15 +420,13 @@ def generation_plan(target: str | None, n_target: int, n_other: int, seed_base: 
 
 
 def recognition(pipe: EmbeddedT2IPipeline, judge: ConceptJudge, plan, steps: int = 20, guidance: float = 5.0,
-                progress: bool = False) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+                progress: bool = False) -> tuple[dict[str, float], torch.Tensor, list[str]]:
     """Per concept: the share of its generated images the judge classifies as that concept; plus images, preds."""
+    from slugkit.eval.generated import recognised_share
+
     imgs = pipe([p for _, p, _ in plan], [s for _, _, s in plan], steps=steps, guidance=guidance, progress=progress)
     pred = judge.predict(imgs)
-    names = judge.names
-    hits: dict[str, list[int]] = {}
-    for (c, _, _), p in zip(plan, pred.tolist()):
-        hits.setdefault(c, []).append(int(names[p] == c))
-    return {c: float(np.mean(v)) for c, v in hits.items()}, imgs, pred
+    return recognised_share(pred, [c for c, _, _ in plan]), imgs, pred
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,10 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="stop after this many steps; the LR schedule still spans --steps (deterministic)")
     ap.add_argument("--eval-per-class", type=int, default=10)
     a = ap.parse_args(argv)
     cfg = T2IConfig(steps=a.steps, batch_size=a.batch_size, cond_noise=a.cond_noise, lr=a.lr, threads=a.threads,
-                    seed=a.seed, time_budget_s=a.time_budget,
+                    seed=a.seed, time_budget_s=a.time_budget, stop_at=a.stop_at,
                     block_out_channels=tuple(int(c) for c in a.channels.split(",")))
     out = Path(a.out)
     unet, info = train_t2i(cfg, checkpoint=out / "checkpoint")
