@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import Adapter, ModelLoadError, Stage
+from .hf_clip import HFClipAdapter
 from .open_clip import OpenClipAdapter
 
-ADAPTERS = {"open_clip": OpenClipAdapter}
+ADAPTERS = {"open_clip": OpenClipAdapter, "hf_clip": HFClipAdapter}
 
 
 def load_adapter(model: str = "embedded", pretrained: str | None = None, family: str = "open_clip", **kw) -> Adapter:
@@ -15,4 +16,4 @@ def load_adapter(model: str = "embedded", pretrained: str | None = None, family:
     return ADAPTERS[family].load(model, pretrained, **kw)
 
 
-__all__ = ["Adapter", "ModelLoadError", "Stage", "OpenClipAdapter", "ADAPTERS", "load_adapter"]
+__all__ = ["Adapter", "ModelLoadError", "Stage", "OpenClipAdapter", "HFClipAdapter", "ADAPTERS", "load_adapter"]

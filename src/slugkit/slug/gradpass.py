@@ -449,8 +449,10 @@ def _stats_first_result(adapter, names, spill: Path, n_f: int, retain: dict, n_r
                                      "(a corrupt image?) and use fp32 precision")
     table = rank_from_stats(adapter, stats, names)
     front = table.front_names()
-    forget = {k[len("sums/"):]: t / n_f for k, t in read_tensors(spill, [f"sums/{n}" for n in front], device)}
-    grads = Gradients(forget, {n: retain[n] for n in front}, n_f, n_r)
+    # full gradients of the front tensors and of the tensors that move with them (HF q/k/v, fc1/fc2 groups)
+    keep = list(dict.fromkeys(m for n in front for m in adapter.group_of(n) if m in retain))
+    forget = {k[len("sums/"):]: t / n_f for k, t in read_tensors(spill, [f"sums/{n}" for n in keep], device)}
+    grads = Gradients(forget, {n: retain[n] for n in keep}, n_f, n_r)
     return PassResult(grads, stats, front)
 
 
@@ -503,7 +505,12 @@ def cmd_grads(a) -> int:
         torch.set_num_threads(a.threads)
     rank, world, device = init_distributed(a.device)
     try:
-        adapter = load_adapter(a.model, a.pretrained, device=device, precision=a.precision)
+        adapter = load_adapter(a.model, a.pretrained, family=getattr(a, "family", "open_clip"), device=device,
+                               precision=a.precision)
+        if getattr(a, "consumer", None):
+            from ..integrations import restrict_to_consumer
+
+            restrict_to_consumer(adapter, a.consumer)
         cfg = PassConfig(forget=a.forget, retain=a.retain, out=a.out, batch_size=a.batch_size,
                          checkpoint_dir=a.checkpoint_dir, stats_first=a.stats_first, strict=a.strict,
                          progress=not a.no_progress)

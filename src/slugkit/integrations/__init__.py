@@ -1,0 +1,221 @@
+"""Carry a SLUG edit of a transformers ``CLIPModel`` into the models built on one of its towers.
+
+* :mod:`slugkit.integrations.diffusers_sd`: Stable Diffusion 1.x / 2.x, whose ``text_encoder`` is CLIP's text tower
+  (SD 2.x keeps only the first 23 of ViT-H/14's 24 text layers);
+* :mod:`slugkit.integrations.llava`: LLaVA-1.5, whose ``vision_tower`` is CLIP's vision tower read at
+  ``config.vision_feature_layer`` (−2: the last encoder layer, ``post_layernorm`` and ``visual_projection`` are
+  never read).
+
+The official notebooks copy *every* parameter of the edited CLIP into the pipeline (SD) or swap the whole tower
+(LLaVA). Here a patch made on the ``CLIPModel`` (names such as ``text_model.encoder.layers.3.mlp.fc1.weight``) is
+applied **in place** to the consumer's own tensors through a renamed view, with the hash checks and bit-exact revert
+of :mod:`slugkit.patch`. Names are mapped by module, not by string tables: the CLIP tower inside the consumer is found
+by structure (the shallowest module with ``embeddings``, ``encoder`` and ``final_layer_norm`` — text — or
+``pre_layrnorm``/``post_layernorm`` — vision), so the same code handles transformers 5's layout
+(``CLIPTextModel`` params ``encoder.layers.3...``; LLaVA's ``model.vision_tower.encoder.layers.3...``) and the 4.x one
+(``text_model.encoder...``; ``vision_tower.vision_model.encoder...``).
+
+**Half precision.** SD pipelines usually run an fp16 ``text_encoder``. When a consumer tensor's dtype differs from
+the patch's, the patch is cast to it first (original and patched values, ``Tensor.to``), and the hash check compares
+against the *cast* original: it passes when the consumer holds the CLIP weights rounded to its dtype, which is how
+fp16 variants are made. Revert then restores exactly the bytes the consumer held. An edit that rounds away entirely
+in the lower precision is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..patch import Patch, PatchError, PatchMismatchError, apply_patch, make_patch, revert_patch, tensor_sha256
+
+# Attribute names of the two towers inside transformers' CLIPModel (4.x and 5.x alike).
+CLIP_TOWER_PREFIX = {"text": "text_model.", "vision": "vision_model."}
+_MARKERS = {"text": ("embeddings", "encoder", "final_layer_norm"),
+            "vision": ("embeddings", "encoder", "pre_layrnorm", "post_layernorm")}
+
+
+class TowerMismatchError(PatchMismatchError):
+    """The consumer's tower is not the CLIP tower the edit was made on (names the first differing tensor)."""
+
+
+def find_tower(module: nn.Module, kind: str) -> tuple[str, nn.Module]:
+    """``(prefix, submodule)`` of the shallowest CLIP ``kind`` ("text" / "vision") transformer inside ``module``."""
+    if kind not in _MARKERS:
+        raise ValueError(f"kind must be 'text' or 'vision', not {kind!r}")
+    best = None
+    for name, mod in module.named_modules():
+        if all(hasattr(mod, a) for a in _MARKERS[kind]) and hasattr(getattr(mod, "encoder"), "layers"):
+            depth = 0 if not name else name.count(".") + 1
+            if best is None or depth < best[0]:
+                best = (depth, name, mod)
+    if best is None:
+        raise TypeError(f"{type(module).__name__} holds no CLIP {kind} transformer (a module with "
+                        f"{', '.join(_MARKERS[kind])})")
+    _, name, mod = best
+    return (name + "." if name else ""), mod
+
+
+def num_layers(module: nn.Module, kind: str) -> int:
+    """Number of encoder layers of the CLIP ``kind`` tower inside ``module``."""
+    return len(find_tower(module, kind)[1].encoder.layers)
+
+
+def tower_map(clip_model: nn.Module, consumer: nn.Module, kind: str) -> dict[str, str]:
+    """CLIPModel parameter name → consumer parameter name, for every parameter the consumer's tower holds.
+
+    Raises :class:`TowerMismatchError` if the consumer holds a tensor the CLIP tower lacks or has another shape.
+    """
+    src_prefix, src = find_tower(clip_model, kind)
+    dst_prefix, dst = find_tower(consumer, kind)
+    src_params = dict(src.named_parameters())
+    out = {}
+    for rel, p in dst.named_parameters():
+        if rel not in src_params:
+            raise TowerMismatchError(f"the consumer's {kind} tower has {dst_prefix}{rel}, which the CLIP model lacks "
+                                     f"(more layers than CLIP, or another architecture)")
+        if tuple(src_params[rel].shape) != tuple(p.shape):
+            raise TowerMismatchError(f"{dst_prefix}{rel} has shape {tuple(p.shape)}, the CLIP tensor {src_prefix}{rel} "
+                                     f"{tuple(src_params[rel].shape)}: not the same model")
+        out[src_prefix + rel] = dst_prefix + rel
+    return out
+
+
+def verify_tower(clip_model: nn.Module, consumer: nn.Module, kind: str, what: str) -> dict[str, str]:
+    """Check that every tensor of the consumer's tower equals (SHA-256) the CLIP tensor it corresponds to.
+
+    The CLIP tensor is cast to the consumer's dtype first (an fp16 consumer of fp32 CLIP weights passes). A consumer
+    with fewer layers (SD 2.x) is checked on the layers it has. Returns the name map; raises
+    :class:`TowerMismatchError` naming the first tensor that differs.
+    """
+    mapping = tower_map(clip_model, consumer, kind)
+    src = dict(clip_model.named_parameters())
+    dst = dict(consumer.named_parameters())
+    for clip_name, dst_name in mapping.items():
+        a, b = src[clip_name].detach(), dst[dst_name].detach()
+        if tensor_sha256(a.to(b.dtype)) != tensor_sha256(b):
+            raise TowerMismatchError(
+                f"{what} tensor {dst_name} differs from the CLIP tensor {clip_name} (sha256 "
+                f"{tensor_sha256(b)[:12]}… vs {tensor_sha256(a.to(b.dtype))[:12]}…): this {what} was not built from "
+                f"this CLIP model, so an edit of the CLIP model cannot be carried over. Use the CLIP checkpoint the "
+                f"{what} was made from.")
+    return mapping
+
+
+def layer_names(names, kind: str, n_layers: int) -> list[str]:
+    """The names among ``names`` that live in encoder layers ``0 .. n_layers-1`` of CLIP's ``kind`` tower."""
+    prefix = CLIP_TOWER_PREFIX[kind] + "encoder.layers."
+    out = []
+    for n in names:
+        if n.startswith(prefix):
+            i = int(n[len(prefix):].split(".", 1)[0])
+            if i < n_layers:
+                out.append(n)
+    return out
+
+
+def consumer_view(consumer: nn.Module, patch: Patch, kind: str, what: str) -> dict[str, torch.Tensor]:
+    """CLIP name → the consumer's live tensor, for every tensor of ``patch`` (refusing tensors it does not hold)."""
+    clip_prefix = CLIP_TOWER_PREFIX[kind]
+    dst_prefix, dst = find_tower(consumer, kind)
+    params = dict(dst.named_parameters())
+    view = {}
+    for name in patch.names:
+        if not name.startswith(clip_prefix):
+            raise PatchMismatchError(
+                f"the patch edits {name}, which is not part of CLIP's {kind} tower ({clip_prefix}*) and does not exist "
+                f"in the {what}: it would have no effect there. Restrict the candidates to what the {what} consumes "
+                f"(slugkit.integrations) and unlearn again.")
+        rel = name[len(clip_prefix):]
+        if rel not in params:
+            raise PatchMismatchError(
+                f"the patch edits {name}, but the {what} has no {dst_prefix}{rel} (it has "
+                f"{len(dst.encoder.layers)} encoder layers): the edit would have no effect on it. Restrict the "
+                f"candidates to the consumed layers and unlearn again.")
+        view[name] = params[rel]
+    return view
+
+
+def cast_patch(patch: Patch, dtypes: Mapping[str, torch.dtype]) -> Patch:
+    """``patch`` with each tensor's original and patched values cast to ``dtypes[name]`` (identity when equal)."""
+    if all(patch.patched[n].dtype == dtypes[n] for n in patch.names):
+        return patch
+    originals = {n: patch.original[n].to(dtypes[n]) for n in patch.names}
+    patched = {n: patch.patched[n].to(dtypes[n]) for n in patch.names}
+    for n in patch.names:
+        if torch.equal(originals[n], patched[n]):
+            raise PatchError(f"in {dtypes[n]} the edit of {n} rounds away entirely; apply the patch to a "
+                             f"{patch.patched[n].dtype} copy of the model instead")
+    m = patch.meta
+    extra = dict(m.get("extra") or {})
+    extra["cast_from"] = {n: m["tensors"][n]["dtype"] for n in patch.names}
+    return make_patch(originals, patched, base_model=m.get("base_model") or {"id": "unknown"},
+                      adapter=m.get("adapter", ""), concept=m.get("concept", ""), method=m.get("method", "slug"),
+                      step_size=m.get("step_size"), metrics=m.get("metrics"), extra=extra)
+
+
+def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *, revert: bool = False,
+                      check: bool = True) -> None:
+    """Apply (or revert) a CLIPModel patch in place on ``consumer``'s tower tensors (hash-checked, bit-exact).
+
+    ``check=False`` (apply only) skips the hash comparison, as :func:`slugkit.patch.apply_patch` does, for
+    deliberately patching a fine-tuned relative; a later revert then restores the patch's (CLIP's) originals.
+    """
+    view = consumer_view(consumer, patch, kind, what)
+    p = cast_patch(patch, {n: t.dtype for n, t in view.items()})
+    if revert:
+        revert_patch(view, p)
+    else:
+        apply_patch(view, p, check=check)
+
+
+def consumer_restriction(spec: str):
+    """``(predicate, description)`` for ``slug unlearn --consumer SPEC``, read from configs only (no weights).
+
+    * ``sd:DIR_OR_ID`` — a diffusers pipeline folder / id: text layers ``< text_encoder/config.json``'s
+      ``num_hidden_layers`` (SD 1.x: all 12 of CLIP-L; SD 2.x: 23 of CLIP-H's 24);
+    * ``llava:DIR_OR_ID`` — a LLaVA folder / id: vision layers read at ``vision_feature_layer``
+      (LLaVA-1.5: −2 → 23 of CLIP-L/14-336's 24).
+    """
+    from ..models.base import ModelLoadError
+    from ..models.hf_clip import hub_offline
+
+    kind_s, _, where = spec.partition(":")
+    if kind_s not in ("sd", "llava") or not where:
+        raise ValueError(f"--consumer must be sd:DIR_OR_ID or llava:DIR_OR_ID, not {spec!r}")
+    kw = {"local_files_only": Path(where).is_dir() or hub_offline()}
+    try:
+        if kind_s == "sd":
+            from transformers import CLIPTextConfig
+
+            n = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder", **kw).num_hidden_layers
+            kind, desc = "text", f"Stable Diffusion text encoder {where} ({n} layers)"
+        else:
+            from transformers import LlavaConfig
+
+            from .llava import consumed_vision_layer_count
+
+            cfg = LlavaConfig.from_pretrained(where, **kw)
+            n = consumed_vision_layer_count(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
+            kind, desc = "vision", (f"LLaVA vision tower {where} (vision_feature_layer={cfg.vision_feature_layer}: "
+                                    f"layers 0..{n - 1})")
+    except Exception as e:
+        raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {e}") from e
+    return (lambda name: bool(layer_names([name], kind, n))), desc
+
+
+def restrict_to_consumer(adapter, spec: str):
+    """Restrict ``adapter``'s candidates to what ``spec`` (see :func:`consumer_restriction`) consumes."""
+    if not hasattr(adapter, "restrict_candidates"):
+        raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict its "
+                         "candidates to a downstream model)")
+    pred, desc = consumer_restriction(spec)
+    return adapter.restrict_candidates(pred, consumer=desc)
+
+
+__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast_patch", "consumer_restriction",
+           "consumer_view", "find_tower", "layer_names", "num_layers", "restrict_to_consumer", "tower_map",
+           "verify_tower"]

@@ -1,0 +1,143 @@
+"""LLaVA (``transformers.LlavaForConditionalGeneration``): carry a SLUG patch of the CLIP vision tower into the VLM,
+and measure identity recognition.
+
+LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf``) uses the frozen ``openai/clip-vit-large-patch14-336`` as its vision tower
+and feeds the language model the patch tokens of ``hidden_states[vision_feature_layer]`` (−2: the output of the
+second-to-last encoder layer). So the last encoder layer, ``post_layernorm`` and ``visual_projection`` are never read:
+editing them changes nothing in the VLM (spec §7 [AMBIGUOUS], §9.1.11). :func:`consumed_vision_candidates` keeps only
+encoder layers the VLM reads. The official notebook swaps the whole tower (``llava.vision_tower.vision_model =
+edited_clip.vision_model``); :func:`apply_patch_to_llava` writes only the patched tensors, in place, hash-checked, and
+:func:`revert_patch_from_llava` restores the exact bytes.
+
+The official notebook has no scoring code; :func:`name_match` implements the recommended rule (case-insensitive
+whole-word match of the full name or the last name) and :func:`identity_recognition` the accuracy per identity.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..patch import Patch
+from . import apply_to_consumer, find_tower, layer_names, tower_map, verify_tower
+
+WHAT = "LLaVA vision tower"
+QUESTION = "What's the name of the person in this image?"
+PROMPT = "USER: <image>\n{question} ASSISTANT:"  # the LLaVA-1.5 prompt of the official notebook
+
+
+def vision_tower_map(clip_model: nn.Module, llava: nn.Module) -> dict[str, str]:
+    """CLIPModel name → LLaVA name for every vision-tower parameter, e.g. (transformers 5)
+    ``vision_model.encoder.layers.3.mlp.fc1.weight`` → ``model.vision_tower.encoder.layers.3.mlp.fc1.weight``."""
+    return tower_map(clip_model, llava, "vision")
+
+
+def verify_vision_tower(clip_model: nn.Module, llava: nn.Module) -> dict[str, str]:
+    """Refuse (:class:`~slugkit.integrations.TowerMismatchError`, naming the first differing tensor) unless every
+    tensor of LLaVA's vision tower equals the CLIP vision tensor it corresponds to (SHA-256, cast to LLaVA's dtype)."""
+    return verify_tower(clip_model, llava, "vision", WHAT)
+
+
+def consumed_vision_layer_count(num_hidden_layers: int, vision_feature_layer: int | Sequence[int]) -> int:
+    """How many encoder layers (0 .. n−1) reach the language model.
+
+    ``hidden_states[j]`` is the output after ``j`` layers (``j = 0``: the embeddings after ``pre_layrnorm``), so
+    index ``k`` (negative from the end of the ``L + 1`` states) reads layers ``0 .. (k mod (L+1)) − 1``; for a list
+    of indices the deepest one counts.
+    """
+    ks = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+    n_states = num_hidden_layers + 1
+    for k in ks:
+        if not -n_states <= k < n_states:
+            raise ValueError(f"vision_feature_layer {k} is out of range for {num_hidden_layers} layers")
+    return max(k % n_states for k in ks)
+
+
+def consumed_vision_layers(llava: nn.Module) -> int:
+    """:func:`consumed_vision_layer_count` for a loaded LLaVA (its config and its tower's actual depth)."""
+    _, tower = find_tower(llava, "vision")
+    return consumed_vision_layer_count(len(tower.encoder.layers), llava.config.vision_feature_layer)
+
+
+def consumed_vision_candidates(adapter, llava: nn.Module) -> list[str]:
+    """The adapter's HF candidates that LLaVA consumes: ``vision_model.encoder.layers.{i}.*`` for
+    ``i < consumed_vision_layers(llava)``. With ``vision_feature_layer = −2`` the last layer is out, and so are
+    ``post_layernorm`` and ``visual_projection`` (never read) and every text tensor."""
+    names = adapter.all_candidate_names() if hasattr(adapter, "all_candidate_names") else adapter.candidate_names()
+    return layer_names(names, "vision", consumed_vision_layers(llava))
+
+
+def apply_patch_to_llava(llava: nn.Module, patch: Patch, *, check: bool = True) -> nn.Module:
+    """Write the patch into LLaVA's vision tower in place (no copy), refused unless it holds the originals
+    (``check=False`` skips that comparison)."""
+    apply_to_consumer(llava, patch, "vision", WHAT, check=check)
+    return llava
+
+
+def revert_patch_from_llava(llava: nn.Module, patch: Patch) -> nn.Module:
+    """Restore the original bytes of the patched vision-tower tensors (refused unless they hold the patch)."""
+    apply_to_consumer(llava, patch, "vision", WHAT, revert=True)
+    return llava
+
+
+# ---------------------------------------------------------------------------------------------- asking the VLM
+@torch.no_grad()
+def ask_name(llava: nn.Module, processor, images: Sequence, question: str = QUESTION, max_new_tokens: int = 50,
+             prompt: str = PROMPT, batch_size: int = 8) -> list[str]:
+    """Greedy answer of the VLM to ``question`` about each image (the official notebook's prompt and decoding).
+
+    ``images`` are PIL images; returns the decoded new tokens per image, stripped.
+    """
+    text = prompt.format(question=question)
+    device = next(llava.parameters()).device
+    dtype = next(llava.parameters()).dtype
+    answers: list[str] = []
+    for i in range(0, len(images), batch_size):
+        chunk = list(images[i:i + batch_size])
+        inputs = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt")
+        inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        out = llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers.extend(s.strip() for s in processor.batch_decode(new, skip_special_tokens=True))
+    return answers
+
+
+def name_match(answer: str, full_name: str) -> bool:
+    """True when ``answer`` contains ``full_name`` or its last name as whole words, case-insensitively.
+
+    Underscores count as spaces (``Elon_Musk``); whitespace inside the name matches any whitespace. "Musk" and
+    "elon musk" match "Elon Musk"; "Muskrat" and "Elon" alone do not.
+    """
+    words = full_name.replace("_", " ").split()
+    if not words:
+        raise ValueError("empty name")
+    for cand in (words, words[-1:]):
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in cand) + r"(?!\w)"
+        if re.search(pattern, answer, flags=re.IGNORECASE):
+            return True
+    return False
+
+
+def identity_recognition(llava: nn.Module, processor, images_by_name: Mapping[str, Iterable], *,
+                         question: str = QUESTION, max_new_tokens: int = 50, prompt: str = PROMPT,
+                         batch_size: int = 8, answers: dict | None = None) -> dict[str, float]:
+    """Share of each identity's images whose answer names it (:func:`name_match`); the paper's VLM metric
+    (LLaVA-1.5-7B on 10 identities: 99.5 % → 2.8 %). Pass a dict as ``answers`` to receive the raw answers."""
+    acc = {}
+    for name, imgs in images_by_name.items():
+        imgs = list(imgs)
+        if not imgs:
+            raise ValueError(f"no images for {name!r}")
+        got = ask_name(llava, processor, imgs, question, max_new_tokens, prompt, batch_size)
+        if answers is not None:
+            answers[name] = got
+        acc[name] = sum(name_match(a, name) for a in got) / len(got)
+    return acc
+
+
+__all__ = ["apply_patch_to_llava", "ask_name", "consumed_vision_candidates", "consumed_vision_layer_count",
+           "consumed_vision_layers", "identity_recognition", "name_match", "revert_patch_from_llava",
+           "verify_vision_tower", "vision_tower_map"]

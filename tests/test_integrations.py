@@ -1,0 +1,320 @@
+"""Carrying a SLUG patch of a transformers CLIPModel into Stable Diffusion's text encoder and LLaVA's vision tower.
+
+Tiny random stand-ins built from configs (no hub): a 4+3-layer CLIPModel, a StableDiffusionPipeline whose
+``text_encoder`` is loaded from its text tower (and an SD 2.x-like encoder with one layer fewer), and a LLaVA whose
+vision tower is its vision tower read at ``vision_feature_layer = -2``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import class_images, forget_pairs, retain_pairs, split_batches  # noqa: E402
+from hf_tiny import build_adapter, clone, text_encoder_from, tiny_llava, tiny_sd_pipeline, to_pil  # noqa: E402
+
+from slugkit.integrations import TowerMismatchError  # noqa: E402
+from slugkit.integrations.diffusers_sd import (  # noqa: E402
+    apply_patch_to_pipeline, consumed_text_candidates, revert_patch_from_pipeline, save_patched_text_encoder,
+    text_encoder_map, verify_text_encoder)
+from slugkit.integrations.llava import (  # noqa: E402
+    apply_patch_to_llava, ask_name, consumed_vision_candidates, consumed_vision_layer_count, identity_recognition,
+    name_match, revert_patch_from_llava, verify_vision_tower, vision_tower_map)
+from slugkit.patch import PatchError, PatchMismatchError, make_patch, tensor_sha256  # noqa: E402
+
+LAYER = ["self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.q_proj.weight", "self_attn.out_proj.weight",
+         "mlp.fc1.weight", "mlp.fc2.weight"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return build_adapter(seed=0)
+
+
+@pytest.fixture(scope="module")
+def slug_patch(clip):
+    """A real SLUG edit made on the CLIPModel, restricted to what an SD 2.x-like (3-layer) encoder consumes: the
+    deepest Pareto text tensor (the SD rule, spec §6.1) with its group, step R/10."""
+    from slugkit.slug.gradients import compute_gradients
+    from slugkit.slug.layers import rank_layers
+    from slugkit.slug.search import edited_values
+
+    a = clone(clip).restrict_candidates(consumed_text_candidates(clip, text_encoder_from(clip, 3)), consumer="sd2")
+    grads = compute_gradients(a, split_batches(*forget_pairs(a.tokenize), 2),
+                              split_batches(*retain_pairs(a.tokenize), 4), progress=False)
+    table = rank_layers(a, grads)
+    assert table.fronts["vision"] == []
+    name = max(table.fronts["language"], key=lambda n: a.stage_index("language", n))
+    group = a.group_of(name)
+    new = edited_values(a.model, grads.forget, group, table.row(name).ratio / 10)
+    return make_patch(a.model, new, base_model=a.model_id, adapter=a.family, concept="alice abbott")
+
+
+# ---------------------------------------------------------------------------------------------- Stable Diffusion
+def test_text_encoder_map_and_verify(clip):
+    te = text_encoder_from(clip)
+    mapping = text_encoder_map(clip.model, te)
+    # transformers 5: CLIPModel.text_model and CLIPTextModel are the same class; the encoder's names carry no prefix
+    assert mapping["text_model.encoder.layers.3.self_attn.q_proj.weight"] == "encoder.layers.3.self_attn.q_proj.weight"
+    assert mapping["text_model.final_layer_norm.weight"] == "final_layer_norm.weight"
+    assert mapping["text_model.embeddings.token_embedding.weight"] == "embeddings.token_embedding.weight"
+    assert sorted(mapping.values()) == sorted(n for n, _ in te.named_parameters())
+    assert "text_projection.weight" not in mapping
+    assert verify_text_encoder(clip.model, te) == mapping
+    # SD 2.x: one layer fewer is a prefix of the CLIP text model, accepted; an fp16 copy is accepted too
+    sd2 = text_encoder_from(clip, 3)
+    assert not any("layers.3." in v for v in verify_text_encoder(clip.model, sd2).values())
+    verify_text_encoder(clip.model, text_encoder_from(clip, dtype=torch.float16))
+
+
+def test_verify_refuses_a_different_encoder(clip):
+    te = text_encoder_from(clip, 3)
+    with torch.no_grad():
+        te.encoder.layers[1].mlp.fc2.weight[0, 0] += 1e-3
+    with pytest.raises(TowerMismatchError, match=r"encoder\.layers\.1\.mlp\.fc2\.weight") as ei:
+        verify_text_encoder(clip.model, te)
+    assert "text_model.encoder.layers.1.mlp.fc2.weight" in str(ei.value)
+    with pytest.raises(TowerMismatchError, match="lacks"):  # more layers than the CLIP model
+        verify_text_encoder(build_adapter(seed=0, cfg=_cfg(text_layers=3)).model, text_encoder_from(clip))
+
+
+def _cfg(text_layers):
+    from hf_tiny import HF_CFG
+
+    cfg = json.loads(json.dumps(HF_CFG))
+    cfg["text_config"]["num_hidden_layers"] = text_layers
+    return cfg
+
+
+def test_consumed_text_candidates(clip):
+    full = consumed_text_candidates(clip, text_encoder_from(clip))
+    assert full == [f"text_model.encoder.layers.{i}.{s}" for i in range(4) for s in LAYER]
+    sd2 = consumed_text_candidates(clip, tiny_sd_pipeline(clip, 3).text_encoder)
+    assert sd2 == [f"text_model.encoder.layers.{i}.{s}" for i in range(3) for s in LAYER]  # not layer 3
+    assert consumed_text_candidates(clip, text_encoder_from(clip), clip_skip=1) == sd2
+    a = clone(clip).restrict_candidates(sd2)
+    assert a.candidate_names() == sd2 and "text_projection.weight" not in a.candidate_names()
+
+
+def test_apply_in_place_and_bit_exact_revert(clip, slug_patch):
+    pipe = tiny_sd_pipeline(clip)
+    params = dict(pipe.text_encoder.named_parameters())
+    names = {n: "encoder." + n.split("text_model.encoder.", 1)[1] for n in slug_patch.names}
+    objs = {n: params[m] for n, m in names.items()}
+    ptrs = {n: t.data_ptr() for n, t in objs.items()}
+    before = {k: tensor_sha256(v) for k, v in pipe.text_encoder.state_dict().items()}
+    assert apply_patch_to_pipeline(pipe, slug_patch) is pipe
+    after = dict(pipe.text_encoder.named_parameters())
+    for n, m in names.items():
+        assert after[m] is objs[n] and after[m].data_ptr() == ptrs[n]  # in place, no copy
+        assert torch.equal(after[m], slug_patch.patched[n])
+    untouched = [k for k in before if k not in names.values()]
+    assert all(tensor_sha256(pipe.text_encoder.state_dict()[k]) == before[k] for k in untouched)
+    with pytest.raises(PatchMismatchError, match="already"):
+        apply_patch_to_pipeline(pipe, slug_patch)
+    revert_patch_from_pipeline(pipe, slug_patch)
+    assert {k: tensor_sha256(v) for k, v in pipe.text_encoder.state_dict().items()} == before
+    with pytest.raises(PatchMismatchError, match="not applied"):
+        revert_patch_from_pipeline(pipe, slug_patch)
+
+
+def test_refuses_patches_the_pipeline_cannot_use(clip, slug_patch):
+    params = dict(clip.model.named_parameters())
+    for name in ("text_model.encoder.layers.3.mlp.fc1.weight", "vision_model.encoder.layers.0.mlp.fc1.weight",
+                 "text_projection.weight"):
+        p = make_patch(clip.model, {name: params[name].detach() * 2}, base_model=clip.model_id, adapter="hf_clip",
+                       concept="x")
+        pipe = tiny_sd_pipeline(clip, 3)
+        with pytest.raises(PatchMismatchError, match="no effect"):
+            apply_patch_to_pipeline(pipe, p)
+    # a pipeline built from another CLIP model: the hash check refuses and nothing is written
+    other = tiny_sd_pipeline(build_adapter(seed=5))
+    snap = {k: v.clone() for k, v in other.text_encoder.state_dict().items()}
+    with pytest.raises(PatchMismatchError, match="expected sha256"):
+        apply_patch_to_pipeline(other, slug_patch)
+    assert all(torch.equal(v, snap[k]) for k, v in other.text_encoder.state_dict().items())
+
+
+def test_fp16_encoder(clip, slug_patch):
+    te = text_encoder_from(clip, dtype=torch.float16)
+    before = {k: v.clone() for k, v in te.state_dict().items()}
+    apply_patch_to_pipeline(te, slug_patch)
+    n = slug_patch.names[0]
+    m = "encoder." + n.split("text_model.encoder.", 1)[1]
+    assert te.state_dict()[m].dtype == torch.float16
+    assert torch.equal(te.state_dict()[m], slug_patch.patched[n].half())
+    revert_patch_from_pipeline(te, slug_patch)
+    assert all(torch.equal(v, before[k]) for k, v in te.state_dict().items())
+
+
+@torch.no_grad()
+def test_generation_changes_after_apply_and_returns_after_revert(clip, slug_patch):
+    pipe = tiny_sd_pipeline(clip)
+
+    def gen():
+        return pipe("a photo of alice abbott.", num_inference_steps=1, height=32, width=32, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = gen()
+    apply_patch_to_pipeline(pipe, slug_patch)
+    edited = gen()
+    revert_patch_from_pipeline(pipe, slug_patch)
+    assert base.shape == (1, 3, 32, 32)
+    assert not torch.equal(edited, base)
+    assert torch.equal(gen(), base)
+
+
+def test_save_patched_text_encoder(tmp_path, clip, slug_patch):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from slugkit.cli import main
+    from slugkit.patch import save_patch
+
+    pipe = tiny_sd_pipeline(clip)
+    pipe.save_pretrained(tmp_path / "sd")
+    expect = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    for n in slug_patch.names:
+        expect["encoder." + n.split("text_model.encoder.", 1)[1]] = slug_patch.patched[n]
+
+    out = save_patched_text_encoder(tmp_path / "sd", slug_patch, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["slugkit_patch.json", "text_encoder"]
+    assert sorted(p.name for p in (out / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
+    te = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+    assert all(torch.equal(v, expect[k]) for k, v in te.state_dict().items())
+    with pytest.raises(FileExistsError):
+        save_patched_text_encoder(tmp_path / "sd", slug_patch, tmp_path / "out")
+
+    # from the pipeline object (left exactly as it was), as a complete pipeline folder
+    snap = {k: tensor_sha256(v) for k, v in pipe.text_encoder.state_dict().items()}
+    save_patched_text_encoder(pipe, slug_patch, tmp_path / "full", full_pipeline=True)
+    assert {k: tensor_sha256(v) for k, v in pipe.text_encoder.state_dict().items()} == snap
+    full = StableDiffusionPipeline.from_pretrained(tmp_path / "full", local_files_only=True)
+    assert all(torch.equal(v, expect[k]) for k, v in full.text_encoder.state_dict().items())
+
+    # CLI: slug apply --pipeline DIR --patch P --out DIR2, then slug revert on the result
+    save_patch(slug_patch, tmp_path / "patch")
+    assert main(["apply", "--pipeline", str(tmp_path / "sd"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "cli"), "--full-pipeline"]) == 0
+    assert (tmp_path / "cli" / "unet").is_dir()
+    te = CLIPTextModel.from_pretrained(tmp_path / "cli", subfolder="text_encoder")
+    assert all(torch.equal(v, expect[k]) for k, v in te.state_dict().items())
+    assert main(["revert", "--pipeline", str(tmp_path / "cli"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "cli-rev")]) == 0
+    te = CLIPTextModel.from_pretrained(tmp_path / "cli-rev", subfolder="text_encoder")
+    assert {k: tensor_sha256(v) for k, v in te.state_dict().items()} == \
+        {k: tensor_sha256(v) for k, v in pipe.text_encoder.state_dict().items()}
+    other = tiny_sd_pipeline(build_adapter(seed=5))
+    other.save_pretrained(tmp_path / "other")
+    assert main(["apply", "--pipeline", str(tmp_path / "other"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "nope")]) == 2
+    assert not (tmp_path / "nope").exists()
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA
+@pytest.fixture(scope="module")
+def llava(clip):
+    return tiny_llava(clip)
+
+
+def test_llava_map_verify_and_refusal(clip, llava):
+    model, _ = llava
+    mapping = vision_tower_map(clip.model, model)
+    assert mapping["vision_model.encoder.layers.2.self_attn.q_proj.weight"] == \
+        "model.vision_tower.encoder.layers.2.self_attn.q_proj.weight"
+    assert mapping["vision_model.post_layernorm.weight"] == "model.vision_tower.post_layernorm.weight"
+    assert "visual_projection.weight" not in mapping
+    assert verify_vision_tower(clip.model, model) == mapping
+    other, _ = tiny_llava(build_adapter(seed=5))
+    with pytest.raises(TowerMismatchError, match="LLaVA vision tower tensor model.vision_tower.embeddings"):
+        verify_vision_tower(clip.model, other)
+
+
+def test_llava_consumed_layers(clip, llava):
+    model, processor = llava
+    assert consumed_vision_layer_count(24, -2) == 23 and consumed_vision_layer_count(24, -1) == 24
+    assert consumed_vision_layer_count(24, [-2, -5]) == 23 and consumed_vision_layer_count(24, 3) == 3
+    cands = consumed_vision_candidates(clip, model)
+    assert cands == [f"vision_model.encoder.layers.{i}.{s}" for i in range(2) for s in LAYER]  # not layer 2
+    # the filter is what LLaVA really reads: layer 2 and post_layernorm do not change its image features
+    pix = processor(images=[to_pil(class_images(0, 1, seed=0)[0])], text=["<image>"], return_tensors="pt")[
+        "pixel_values"]
+    tower = model.model.vision_tower
+
+    def feats():
+        with torch.no_grad():
+            return model.model.get_image_features(pixel_values=pix).pooler_output[0]
+
+    base = feats()
+    for mod, changes in ((tower.encoder.layers[2].mlp.fc1, False), (tower.post_layernorm, False),
+                         (tower.encoder.layers[1].mlp.fc1, True)):
+        saved = mod.weight.detach().clone()
+        with torch.no_grad():
+            mod.weight.mul_(3.0)
+        try:
+            assert (not torch.equal(feats(), base)) == changes
+        finally:
+            with torch.no_grad():
+                mod.weight.copy_(saved)
+
+
+def test_llava_apply_revert_and_answers(clip, llava):
+    model, processor = llava
+    params = dict(clip.model.named_parameters())
+    group = clip.group_of("vision_model.encoder.layers.1.self_attn.q_proj.weight")
+    patch = make_patch(clip.model, {n: params[n].detach() * 1.5 for n in group}, base_model=clip.model_id,
+                       adapter="hf_clip", concept="alice abbott")
+    imgs = [to_pil(x) for x in class_images(0, 2, seed=3)]
+    before = ask_name(model, processor, imgs, max_new_tokens=4)
+    assert len(before) == 2 and all(isinstance(a, str) for a in before)
+    live = dict(model.named_parameters())
+    ptr = live["model.vision_tower.encoder.layers.1.self_attn.q_proj.weight"].data_ptr()
+    snap = {k: tensor_sha256(v) for k, v in model.state_dict().items()}
+    apply_patch_to_llava(model, patch)
+    assert live["model.vision_tower.encoder.layers.1.self_attn.q_proj.weight"].data_ptr() == ptr
+    assert torch.equal(live["model.vision_tower.encoder.layers.1.self_attn.k_proj.weight"],
+                       patch.patched["vision_model.encoder.layers.1.self_attn.k_proj.weight"])
+    revert_patch_from_llava(model, patch)
+    assert {k: tensor_sha256(v) for k, v in model.state_dict().items()} == snap
+    assert ask_name(model, processor, imgs, max_new_tokens=4) == before
+    answers = {}
+    acc = identity_recognition(model, processor, {"alice abbott": imgs, "bruno baker": imgs[:1]}, max_new_tokens=4,
+                               answers=answers)
+    assert set(acc) == {"alice abbott", "bruno baker"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert acc["alice abbott"] == sum(name_match(a, "alice abbott") for a in answers["alice abbott"]) / 2
+    bad = make_patch(clip.model, {"visual_projection.weight": params["visual_projection.weight"].detach() * 2},
+                     base_model=clip.model_id, adapter="hf_clip", concept="x")
+    with pytest.raises(PatchMismatchError, match="no effect"):
+        apply_patch_to_llava(model, bad)
+
+
+@pytest.mark.parametrize("answer,name,ok", [
+    ("This is Elon Musk.", "Elon Musk", True),
+    ("that's elon   musk, the CEO", "Elon_Musk", True),
+    ("I think it's Musk", "Elon Musk", True),
+    ("MUSK!", "Elon Musk", True),
+    ("It looks like Elon.", "Elon Musk", False),
+    ("A muskrat in a pond", "Elon Musk", False),
+    ("Elon Musks", "Elon Musk", False),
+    ("I don't know who this is.", "Taylor Swift", False),
+    ("Taylor Swift-like singer", "Taylor Swift", True),
+    ("", "Cher", False),
+    ("cher on stage", "Cher", True),
+])
+def test_name_match(answer, name, ok):
+    assert name_match(answer, name) is ok
+
+
+def test_cast_patch_refuses_an_edit_that_rounds_away(clip):
+    from slugkit.integrations import cast_patch
+
+    name = "text_model.encoder.layers.0.mlp.fc1.weight"
+    new = dict(clip.model.named_parameters())[name].detach().clone()
+    new[0, 0] = torch.nextafter(new[0, 0], torch.tensor(float("inf")))  # one float32 ulp: nothing left in fp16
+    patch = make_patch(clip.model, {name: new}, base_model=clip.model_id, adapter="hf_clip", concept="x")
+    with pytest.raises(PatchError, match="rounds away"):
+        cast_patch(patch, {name: torch.float16})
