@@ -635,12 +635,56 @@ def main(argv: list[str] | None = None) -> int:
     from .slug.search import SearchFailed
     from .unlearn import OutputExistsError
 
+    msg = check_device(getattr(a, "device", None))
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     try:
         return a.func(a)
     except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
             FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        hint = device_error_hint(e)
+        if hint is None:  # not a device problem: a bug, keep the traceback
+            raise
+        print(f"error: {e}\n{hint}", file=sys.stderr)
+        return 2
+
+
+def check_device(device: str | None) -> str | None:
+    """Why ``--device`` cannot work on this machine (an unknown device string, CUDA not available), or None."""
+    if device is None or device == "cpu":
+        return None
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        return f"--device {device}: {e}"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"--device {device}: torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                    f"{torch.version.cuda or 'none'}); use --device cpu or a CUDA build of torch on a GPU machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
+def device_error_hint(e: RuntimeError) -> str | None:
+    """A hint for a RuntimeError caused by devices (tensors on different devices, CUDA errors, out of GPU memory),
+    or None for any other RuntimeError."""
+    import torch
+
+    text = str(e)
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text:
+        return "the GPU ran out of memory: lower --batch-size or run with --device cpu"
+    if any(k in text for k in ("on the same device", "Input type", "weight type", "device", "CUDA", "cuda")):
+        return ("this is a device problem (data and model on different devices, or a CUDA error); please report it "
+                "with the command line. `--device cpu` avoids it; `slug grads --device cuda` + `--gradients` runs "
+                "only the gradient pass on the GPU")
+    return None
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
     """Preprocessed images, tokenized captions and read statistics of an image–caption set.
 
     ``stats.manifest`` lists (key, source, sha256 of the image bytes) of every sample used, for ``run.json``.
+    The tensors stay in CPU memory whatever ``--device`` is (the set may be large): the gradient pass moves each
+    batch to the model's device right before its forward.
     """
     stats = ReadStats()
     images, captions, manifest = [], [], []
@@ -114,6 +116,7 @@ def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
 
 
 def _batches(images: torch.Tensor, tokens: torch.Tensor, bs: int):
+    """Consecutive batches, on the data's device (CPU); ``accumulate_batch`` moves each to the model's device."""
     for i in range(0, images.shape[0], bs):
         yield images[i:i + bs], tokens[i:i + bs]
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 PARTS = ("forget", "related", "utility")
+_CPU = torch.device("cpu")  # where features and metrics live, whatever the model's device
 
 
 @dataclass
@@ -105,10 +106,19 @@ def metrics_from_features(suite: EvalSuite, img: dict[str, torch.Tensor], w_id: 
     return out
 
 
-def _batched(fn, x: torch.Tensor, bs: int, ctx: torch.Tensor | None = None) -> torch.Tensor:
+def _batched(fn, x: torch.Tensor, bs: int, ctx: torch.Tensor | None = None, device=None,
+             out_device=None) -> torch.Tensor:
+    """``fn`` over batches of ``x`` (and ``ctx``), concatenated. Each input batch is moved to ``device`` right before
+    ``fn`` (``x`` may stay in CPU memory) and each output to ``out_device`` (None: left where ``fn`` put it)."""
     outs = []
     for i in range(0, x.shape[0], bs):
-        outs.append(fn(x[i:i + bs], None if ctx is None else ctx[i:i + bs]))
+        xb = x[i:i + bs]
+        cb = None if ctx is None else ctx[i:i + bs]
+        if device is not None:
+            xb = xb.to(device)
+            cb = None if cb is None else cb.to(device)
+        out = fn(xb, cb)
+        outs.append(out if out_device is None else out.to(out_device))
     return torch.cat(outs) if outs else x[:0]
 
 
@@ -117,6 +127,10 @@ class SuiteEvaluator:
 
     ``inputs`` of a tower: all images of the suite (forget, related, utility concatenated) or all prompt tokens
     (identity prompts, then utility prompts). The base features of both towers are computed at construction.
+
+    Devices: the inputs stay where the suite holds them (the CPU); each batch is moved to ``adapter.device`` right
+    before its forward, and features come back to the CPU, where the metrics are computed (so a CUDA model gives
+    the same metric code path as a CPU one). The activations cached by :meth:`prepare` stay on the model's device.
     """
 
     def __init__(self, adapter, suite: EvalSuite, batch_size: int = 256):
@@ -139,10 +153,12 @@ class SuiteEvaluator:
 
     # -- full encoders --------------------------------------------------------------------------------------
     def _encode_images_full(self, images):
-        return _batched(lambda x, c: self.adapter.encode_image(x), images, self.bs)
+        return _batched(lambda x, c: self.adapter.encode_image(x), images, self.bs, device=self.adapter.device,
+                        out_device=_CPU)
 
     def _encode_text_full(self, tokens):
-        return _batched(lambda x, c: self.adapter.encode_text(x), tokens, self.bs)
+        return _batched(lambda x, c: self.adapter.encode_text(x), tokens, self.bs, device=self.adapter.device,
+                        out_device=_CPU)
 
     def _classifiers(self, txt: torch.Tensor):
         s = self.suite
@@ -197,8 +213,10 @@ class SuiteEvaluator:
                 xb = st.fn(xb, cb)
             return xb
 
+        # the cached activations stay on the model's device (no round trip per search step); ``ctx`` (token ids,
+        # small) stays on the CPU and is moved batch by batch with them
         return {"name": name, "tower": tower, "k": k, "rows": rows, "parts": tuple(parts),
-                "x": _batched(prefix, x, self.bs, ctx), "ctx": ctx}
+                "x": _batched(prefix, x, self.bs, ctx, device=self.adapter.device), "ctx": ctx}
 
     @torch.no_grad()
     def evaluate_cached(self, cache: dict) -> dict:
@@ -210,7 +228,7 @@ class SuiteEvaluator:
                 xb = st.fn(xb, cb)
             return F.normalize(xb, dim=-1)
 
-        new = _batched(suffix, cache["x"], self.bs, cache["ctx"])
+        new = _batched(suffix, cache["x"], self.bs, cache["ctx"], device=self.adapter.device, out_device=_CPU)
         if cache["tower"] == "vision":
             img, txt = self.base_img.clone(), self.base_txt
             img[cache["rows"]] = new

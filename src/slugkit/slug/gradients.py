@@ -102,11 +102,16 @@ def accumulate_batch(adapter, params: dict[str, torch.Tensor], names: list[str],
                      images: torch.Tensor, tokens: torch.Tensor, kind: str) -> int:
     """Add one batch's contribution to ``sums`` and return its sample count (the one copy of the loss logic).
 
-    forget: Σ_i ∇cos_i (per-sample sum); retain: B·∇ℓ_batch (CLIP loss weighted by the batch size).
+    forget: Σ_i ∇cos_i (per-sample sum); retain: B·∇ℓ_batch (CLIP loss weighted by the batch size). ``images`` and
+    ``tokens`` may be on any device: they are moved to ``adapter.device`` here, right before the forward; ``sums``
+    live on the model's device.
     """
     b = images.shape[0]
     if b == 0:
         return 0
+    # The data may live on the CPU (it can be large); only this batch goes to the model's device (a no-op on CPU).
+    device = adapter.device
+    images, tokens = images.to(device), tokens.to(device)
     model = adapter.model
     model.zero_grad(set_to_none=True)
     if kind == "forget":
@@ -161,7 +166,10 @@ def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterabl
                       n_retain_batches: int | None = None) -> Gradients:
     """Mean forget gradient (∇ mean cos) and sample-weighted mean retain gradient (∇ CLIP loss) of ``names``.
 
-    ``*_batches`` yield ``(images, tokens)`` tensors (already preprocessed / tokenized).
+    ``*_batches`` yield ``(images, tokens)`` tensors (already preprocessed / tokenized), typically on the CPU: each
+    batch is moved to ``adapter.device`` just before its forward and the float32 sums accumulate there. The returned
+    gradients are CPU float32 tensors whatever the model's device (with a CUDA model they are copied back once, at
+    the end).
     """
     names = list(names if names is not None else adapter.candidate_names())
     was_training = adapter.model.training
@@ -173,13 +181,24 @@ def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterabl
         if n_f == 0:
             raise EmptyForgetSetError("the forget set is empty: no sample reached the gradient pass. A zero gradient "
                                       "would silently unlearn nothing; check the forget shards / folder.")
+        forget = _mean_to_cpu(f_sum, n_f)  # off the device before the retain pass: one float32 copy there at a time
         r_sum, n_r = _accumulate(adapter, retain_batches, names, "retain", progress, n_retain_batches)
         t2 = time.perf_counter()
         if n_r == 0:
             raise ValueError("the retain set is empty: alignment with retained knowledge cannot be measured")
+        retain = _mean_to_cpu(r_sum, n_r)
     finally:
         adapter.model.train(was_training)
-    forget = {n: f_sum[n] / n_f for n in names}
-    retain = {n: r_sum[n] / n_r for n in names}
     check_finite(forget, retain)
     return Gradients(forget, retain, n_f, n_r, {"forget": t1 - t0, "retain": t2 - t1})
+
+
+def _mean_to_cpu(sums: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """``sums / n`` as CPU tensors, in place (same op and bits as ``sums[k] / n``; a CPU tensor is not copied). Each
+    device tensor is released as soon as its CPU copy exists."""
+    cpu = torch.device("cpu")
+    for k in list(sums):
+        sums[k].div_(n)
+        if sums[k].device != cpu:
+            sums[k] = sums[k].to(cpu)
+    return sums

@@ -125,14 +125,16 @@ def bisection_search(evaluate: Callable[[float], dict], ratio: float, cfg: Searc
 
 @contextlib.contextmanager
 def edited(model: torch.nn.Module, grads: dict[str, torch.Tensor], names: list[str], step_size: float):
-    """Temporarily apply θ ← θ − η·g_f to ``names`` in place; restore the exact original bytes on exit."""
+    """Temporarily apply θ ← θ − η·g_f to ``names`` in place; restore the exact original bytes on exit.
+
+    ``grads`` may live on the CPU while the model is on a GPU: the step is computed on the parameter's device."""
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in names}
     try:
         with torch.no_grad():
             for n in names:
                 p = params[n]
-                p.copy_((saved[n].float() - step_size * grads[n].float()).to(p.dtype))
+                p.copy_(_step(saved[n], grads[n], step_size).to(p.dtype))
         yield
     finally:
         with torch.no_grad():
@@ -142,10 +144,16 @@ def edited(model: torch.nn.Module, grads: dict[str, torch.Tensor], names: list[s
 
 def edited_values(model: torch.nn.Module, grads: dict[str, torch.Tensor], names: list[str],
                   step_size: float) -> dict[str, torch.Tensor]:
-    """The new values θ − η·g_f of ``names`` (computed exactly as :func:`edited` does)."""
+    """The new values θ − η·g_f of ``names`` (computed exactly as :func:`edited` does, on the parameter's device),
+    returned as CPU tensors in the parameter's dtype (what a patch stores)."""
     params = dict(model.named_parameters())
-    return {n: (params[n].detach().float() - step_size * grads[n].float()).to(params[n].dtype).clone()
+    return {n: _step(params[n].detach(), grads[n], step_size).to(params[n].dtype).to("cpu", copy=True)
             for n in names}
+
+
+def _step(theta: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
+    """float32 θ − η·g on θ's device (the one formula of :func:`edited` and :func:`edited_values`)."""
+    return theta.float() - step_size * grad.to(device=theta.device, dtype=torch.float32)
 
 
 def choose_layer(results: list[LayerSearch], policy: str, base: dict | None = None) -> LayerSearch:
