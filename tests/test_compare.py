@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("sklearn")
 
 from slugkit.cli import main  # noqa: E402
-from slugkit.compare import CompareConfig, changed_storage, run_compare, state_sha256  # noqa: E402
+from slugkit.compare import CompareConfig, changed_storage, make_baseline, run_compare, state_sha256  # noqa: E402,E501
 from slugkit.data import world  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,9 @@ def test_compare_outputs(compare_run):
     assert rep["data"]["n_forget"] == 40 and rep["data"]["n_retain"] == 64
     keys = {"forget_top1", "forget_top5", "related_top1", "utility_top1", "utility_top5"}
     for name, e in rep["methods"].items():
-        assert {"metrics", "time_s", "peak_mem_bytes", "storage_bytes", "passes", "mia", "epochs",
+        assert {"metrics", "time_s", "cpu_s", "peak_mem_bytes", "storage_bytes", "passes", "mia", "epochs",
                 "selected_epoch"} <= set(e), name
+        assert e["cpu_s"] > 0
         assert set(e["metrics"]["before"]) >= keys and set(e["metrics"]["after"]) >= keys
         assert e["start_sha256"] == rep["base_sha256"]
         assert e["time_s"] > 0 and e["storage_bytes"] > 0 and e["peak_mem_bytes"] >= 0
@@ -82,8 +83,23 @@ def test_state_hash_and_changed_storage():
 
 def test_compare_config_defaults():
     cc = CompareConfig(concept="x", out="y")
-    assert cc.methods == ["slug", "ft", "ga", "gaft", "salun", "ssd"] and cc.select_metric == "forget_top1"
+    assert cc.methods == ["slug", "ft", "ga", "gaft", "salun", "ssd"] and cc.select_metric == "forget_top5"
+    assert cc.modes == ["joint", "sequential"] and cc.concept_list() == ["x"]
     assert run_compare is not None
+
+
+def test_make_baseline_settings():
+    from slugkit.methods import ALPHA_GRID, LRSweep
+
+    cc = CompareConfig(concept="x", out="y", lr_sweep=[1e-4, 3e-5], lr={"gaft": 2e-4})
+    ga = make_baseline(cc, "ga")
+    assert isinstance(ga, LRSweep) and ga.lrs == (3e-5, 1e-4) and ga.select_metric == "forget_top5"
+    assert make_baseline(cc, "gaft").lr == 2e-4  # an explicit lr is not swept
+    assert not isinstance(make_baseline(cc, "ft"), LRSweep)  # FT is the control: not swept
+    ssd = make_baseline(cc, "ssd")
+    assert ssd.alphas == ALPHA_GRID and len(ssd.points) == 16 and ssd.early_stop
+    fixed = make_baseline(CompareConfig(concept="x", out="y", ssd_alpha=10.0), "ssd")
+    assert fixed.points == [(10.0, 1.0)]
 
 
 def test_compare_explicit_data_flags(compare_run, tmp_path):
@@ -112,3 +128,76 @@ def test_compare_explicit_data_flags(compare_run, tmp_path):
     assert rep["methods"]["ga"]["metrics"]["after"] == first["methods"]["ga"]["metrics"]["after"]  # same data
     assert main(["compare", "--model", "ViT-B-32", "--concept", name, "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2  # real models need the data flags
+
+
+# ----------------------------------------------------------------------------------------------- several concepts
+@pytest.fixture(scope="module")
+def multi_run(tmp_path_factory, compare_run):
+    _, data_dir = compare_run  # reuse the generated world
+    out = tmp_path_factory.mktemp("compare-multi") / "run"
+    a, b = world.IDENTITIES[0].name, world.IDENTITIES[1].name
+    threads = torch.get_num_threads()
+    run_compare(CompareConfig(concept=a, concepts=[a, b], out=str(out), methods=["slug", "ga"], epochs=1,
+                              retain_samples=48, mia_heldout=10, data_dir=str(data_dir), threads=1))
+    torch.set_num_threads(threads)
+    return out, (a, b)
+
+
+def test_compare_concepts_output_shape(multi_run):
+    out, concepts = multi_run
+    rep = json.loads((out / "compare.json").read_text())
+    assert rep["concepts"] == list(concepts) and {"joint", "sequential"} <= set(rep)
+    shared = {"related_top1", "utility_top1"}
+    for mode in ("joint", "sequential"):
+        part = rep[mode]
+        assert part["mode"] == mode and list(part["methods"]) == ["slug", "ga"]
+        assert part["data"]["test_sizes"]["concepts"] == list(concepts)
+        for name, e in part["methods"].items():
+            assert {"metrics", "time_s", "cpu_s", "peak_mem_bytes", "storage_bytes", "passes", "mia",
+                    "per_concept"} <= set(e)
+            assert e["start_sha256"] == rep["base_sha256"] and e["time_s"] > 0
+            assert set(e["per_concept"]) == set(concepts), (mode, name)
+            for c in concepts:
+                assert set(e["per_concept"][c]["after"]) == {"forget_top1", "forget_top5"}
+                assert e["per_concept"][c]["before"]["forget_top5"] >= 0.9
+            assert shared <= set(e["metrics"]["after"])
+            assert set(e["metrics"]["after"]["forget_by_concept"]) == set(concepts)
+        assert part["original"]["metrics"]["before"] == rep["original"]["metrics"]["before"]
+    joint, seq = rep["joint"], rep["sequential"]
+    assert joint["data"]["n_forget"] == 200 and joint["methods"]["ga"]["selected_epoch"] == 1
+    assert (out / "joint" / "slug" / "result.json").is_file()
+    # sequential: SLUG chained one patch over its two runs; each baseline ran one step per concept
+    s = seq["methods"]["slug"]
+    assert [st["concept"] for st in s["steps"]] == list(concepts)
+    assert s["storage_bytes"] == (out / "sequential" / "slug" / "patch" / "patch.safetensors").stat().st_size
+    assert json.loads((out / "sequential" / "slug" / "patch" / "patch.json").read_text())["method"] == "chained"
+    ga = seq["methods"]["ga"]
+    assert [st["concept"] for st in ga["steps"]] == list(concepts) and ga["passes"]["backward_samples"] == 200
+    assert ga["time_s"] == pytest.approx(sum(st["time_s"] for st in ga["steps"]))
+    # step 2's retain set names neither concept unlearned so far
+    step2 = seq["data"]["steps"][1]
+    assert step2["curate"]["retain_excluding_earlier"]["excludes"] == [concepts[0]]
+    from slugkit.data.folders import iter_pairs
+
+    spec = out / "sequential" / "slug" / f"2-{concepts[1].replace(' ', '_')}" / "data" / "retain-excluding-earlier.tar"
+    captions = [p.caption.lower() for p in iter_pairs(str(spec), decode=False)]
+    assert captions and not any(c.lower() in cap for cap in captions for c in concepts)
+    assert seq["data"]["mia_heldout"] == 20 and joint["data"]["mia_heldout"] == 20
+    md = (out / "compare.md").read_text()
+    assert "## Joint" in md and "## Sequential" in md
+    for c in concepts:
+        assert f"{c} FA@1" in md and f"{c} FA@5" in md
+
+
+def test_compare_concepts_refusals(compare_run, tmp_path, capsys):
+    run, data_dir = compare_run
+    a, b = world.IDENTITIES[0].name, world.IDENTITIES[1].name
+    assert main(["compare", "--concepts", f"{a},{b}", "--modes", "nope", "--out", str(tmp_path / "m"),
+                 "--data-dir", str(data_dir), "--no-progress"]) == 2
+    assert "unknown mode" in capsys.readouterr().err
+    argv = ["compare", "--concepts", f"{a},{b}", "--forget", str(run / "data" / "forget.tar"),
+            "--retain", str(run / "data" / "retain.tar"), "--val-identities", str(data_dir / "val" / "identities"),
+            "--test-identities", str(data_dir / "test" / "identities"), "--names", str(data_dir / "names.txt"),
+            "--out", str(tmp_path / "e"), "--no-progress"]
+    assert main(argv) == 2  # explicit data: sequential needs one forget set per concept
+    assert "sequential" in capsys.readouterr().err

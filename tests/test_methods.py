@@ -250,3 +250,73 @@ def test_ssd_cumulative_compounds_and_default_restarts(adapter):
     res = SSD(lambdas=(0.5, 0.5)).run(adapter, data, FakeEval([0.5, 0.1]))
     w = dict(adapter.model.named_parameters())[name].detach()
     assert torch.allclose(w[sel], base[name][sel] * beta[sel])  # each λ from the pristine weights
+
+
+# ----------------------------------------------------------------------------------------------- selection / sweeps
+def test_select_epoch_fa5_breaks_ties_by_fa1():
+    ep = lambda *v: [{"val": {"forget_top1": a, "forget_top5": b}} for a, b in v]  # noqa: E731
+    assert select_epoch(ep((0.9, 1.0), (0.2, 1.0), (0.4, 1.0)), "forget_top5") == 1  # FA@5 stuck at 1: best FA@1
+    assert select_epoch(ep((0.0, 0.3), (0.0, 0.0), (0.0, 0.0)), "forget_top5") == 1  # first FA@5 = 0
+    assert select_epoch(ep((0.0, 0.3), (0.0, 0.0)), "forget_top1") == 0  # the paper's rule stops earlier
+
+
+class SweepEval(FakeEval):
+    """Scripted FA per validation call, recording the weights at each call."""
+
+    def __init__(self, adapter, fa):
+        super().__init__(fa)
+        self.adapter, self.weights = adapter, []
+
+    def evaluate_naive(self):
+        self.weights.append(self.adapter.model.visual.conv1.weight.detach().clone())
+        return super().evaluate_naive()
+
+
+def test_lr_sweep_keeps_smallest_rate_meeting_the_rule(adapter):
+    from slugkit.methods import LRSweep
+
+    data = _data(adapter)
+    w0 = adapter.model.visual.conv1.weight.detach().clone()
+    ev = SweepEval(adapter, [0.5, 0.4, 0.3, 0.0, 0.0])  # lr 1e-4: 2 epochs, no; lr 1e-3: epoch 2 meets; 1e-2 unused
+    made = []
+
+    def factory(lr):  # records the weights each run starts from
+        made.append((lr, adapter.model.visual.conv1.weight.detach().clone()))
+        return make_method("ga", lr=lr, epochs=2, select_metric="forget_top5")
+
+    res = LRSweep(factory, (1e-2, 1e-4, 1e-3), select_metric="forget_top5").run(adapter, data, ev)
+    assert ev.calls == 4 and [lr for lr, _ in made[1:]] == [1e-4, 1e-3]  # ascending; stops at the first that meets
+    assert all(torch.equal(w, w0) for _, w in made)  # every run starts from the same weights
+    assert res.config["lr"] == 1e-3 and res.selected_epoch == 2 and len(res.epochs) == 2
+    assert [r["met"] for r in res.info["lr_sweep"]] == [False, True]
+    assert res.passes.optimizer_steps == 2 * 2 * 3  # both runs' steps count (3 forget batches per epoch)
+    assert set(res.timing_s) >= {"update", "validation"}
+    assert torch.equal(adapter.model.visual.conv1.weight, ev.weights[3])
+
+
+def test_lr_sweep_restores_the_best_run_when_none_meets(adapter):
+    from slugkit.methods import LRSweep
+
+    data = _data(adapter)
+    ev = SweepEval(adapter, [0.3, 0.2, 0.6, 0.5])
+    res = LRSweep(lambda lr: make_method("ga", lr=lr, epochs=2), (1e-4, 1e-3)).run(adapter, data, ev)
+    assert ev.calls == 4 and res.config["lr"] == 1e-4 and res.selected_epoch == 2
+    assert torch.equal(adapter.model.visual.conv1.weight, ev.weights[1])  # the 1e-4 run's epoch 2, restored
+
+
+def test_ssd_grid_stops_at_the_first_point_meeting_the_rule(adapter):
+    data = _data(adapter)
+    base = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    imp_f = importances(adapter, data.batches("forget", 0, shuffle=False), forget_loss)
+    imp_r = importances(adapter, data.batches("retain", 0, shuffle=False), lambda a, x, y: a.retain_loss(x, y))
+    ev = FakeEval([0.5, 0.4, 0.0, 0.0])
+    res = SSD(alphas=(10.0, 5.0), lambdas=(1.0, 0.5), select_metric="forget_top5").run(adapter, data, ev)
+    assert ev.calls == 3 and res.selected_epoch == 3
+    assert (res.epochs[2]["alpha"], res.epochs[2]["lambda"]) == (5.0, 1.0)
+    name = "visual.conv1.weight"
+    sel = imp_f[name] > 5.0 * imp_r[name]
+    beta = torch.clamp(imp_r[name] / imp_f[name], max=1.0)
+    w = dict(adapter.model.named_parameters())[name].detach()
+    assert torch.allclose(w[sel], base[name][sel] * beta[sel]) and torch.equal(w[~sel], base[name][~sel])
+    with pytest.raises(ValueError):
+        SSD(alphas=(1.0,), cumulative=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from .base import Method, MethodData, MethodResult, Passes, select_epoch
+from .base import LR_GRID, LRSweep, Method, MethodData, MethodResult, Passes, select_epoch
 from .ft import FT
 from .ga import GA
 from .gaft import GAFT
 from .salun import SalUn, saliency_mask
-from .ssd import SSD, dampen
+from .ssd import ALPHA_GRID, LAMBDA_GRID, SSD, dampen
 
 METHODS = {
     "ft": FT,
@@ -34,5 +34,5 @@ def make_method(name: str, **kw) -> Method:
     return METHODS[name](**kw)
 
 
-__all__ = ["METHODS", "make_method", "Method", "MethodData", "MethodResult", "Passes", "select_epoch", "FT", "GA",
-           "GAFT", "SalUn", "SSD", "saliency_mask", "dampen"]
+__all__ = ["METHODS", "make_method", "LRSweep", "LR_GRID", "ALPHA_GRID", "LAMBDA_GRID", "Method", "MethodData",
+           "MethodResult", "Passes", "select_epoch", "FT", "GA", "GAFT", "SalUn", "SSD", "saliency_mask", "dampen"]
