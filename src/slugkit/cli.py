@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sdg.add_argument("--n-target", type=int, default=50, help="generated images of the forgotten concept")
     sdg.add_argument("--n-other", type=int, default=10, help="generated images per other concept (29 of them)")
     sdg.add_argument("--gen-steps", type=int, default=20, help="DDIM steps")
-    sdg.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    sdg.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     sdg.add_argument("--sd-selection", default="shift", choices=["shift", "clip"],
                      help="layer choice among the searched Pareto layers: shift (least conditioning shift of the "
                           "other concepts relative to the target's; default) or clip (the CLIP --selection policy)")

@@ -179,7 +179,7 @@ def generator_step_search(evaluate, start: float, steps: int = 6, threshold: flo
 
 def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, policy: str = "shift",
                       gen_search: bool = True, gen_margin: float = 1.0, val_images: int = 20,
-                      search_steps: int = 6, threshold: float = 0.05, gen_steps: int = 20, guidance: float = 5.0,
+                      search_steps: int = 6, threshold: float = 0.05, gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE,
                       seed: int = 0):
     """A ``choose`` callback for :func:`slugkit.unlearn.run_unlearn` (module docstring, point 4): the layer by
     conditioning-shift selectivity (or the CLIP policy), then the step by a search on generated validation images."""
@@ -249,7 +249,7 @@ def _pil(images: torch.Tensor) -> list:
 
 
 def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None, *, data_dir=None,
-                t2i_dir=None, n_target: int = 50, n_other: int = 10, gen_steps: int = 20, guidance: float = 5.0,
+                t2i_dir=None, n_target: int = 50, n_other: int = 10, gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE,
                 selection: str = "shift", gen_search: bool = True, gen_margin: float | None = None,
                 val_images: int = 20, gen_threshold: float = 0.05, search=None, seed: int = 0,
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64) -> dict:
@@ -359,7 +359,19 @@ def render_generation_report(result: dict) -> str:
     for r in result.get("chooser", {}).get("conditioning_shift", []):
         lines.append(f"| {r['layer']} | {r['step_size']:.4g} | {r['target_shift']:.3f} | {r['other_shift']:.3f} | "
                      f"{r['selectivity']:.3f} |")
-    lines += ["", "![before/after](generations.png)", ""]
+    gs = result.get("chooser", {}).get("generator_search")
+    if gs:
+        lines += ["", f"Step search on generated validation images ({gs['validation_images']} images of the concept, "
+                  f"seeds disjoint from the ones above; accepted when at most {gs['threshold']:.0%} are recognised; "
+                  f"unedited: {gs['base_target_recognised']:.0%}):", "", "| step | recognised | accepted |",
+                  "|---|---|---|"]
+        lines += [f"| {t['step_size']:.4g} | {t['target_recognised']:.2f} | {'yes' if t['accepted'] else 'no'} |"
+                  for t in gs["trajectory"]]
+        lines += ["", f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
+                  f"{result['chooser']['clip_step_size']:.4g})."]
+    lines += ["", "In the CLIP table at the top of this report, \"other identities\" are the 29 other object concepts "
+              "and \"utility\" the world's 60 identities (the SD demo unlearns an object concept).", "",
+              "![before/after](generations.png)", ""]
     return "\n".join(lines)
 
 

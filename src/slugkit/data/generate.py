@@ -50,7 +50,8 @@ def _images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: fl
     from ..world.t2i import EmbeddedT2IPipeline
 
     if isinstance(pipe, EmbeddedT2IPipeline):
-        x = pipe(prompts, seeds, steps=steps, guidance=guidance or 5.0)
+        x = pipe(prompts, seeds, steps=steps) if guidance is None else pipe(prompts, seeds, steps=steps,
+                                                                            guidance=guidance)
         return [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x]
     kw = {} if guidance is None else {"guidance_scale": guidance}
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]

@@ -24,7 +24,9 @@ It stands in for Stable Diffusion so that SD unlearning is *real* offline: the s
   tolerant of conditioning shifts than CLIP's zero-shot ranking; the noise teaches it to tolerate small shifts
   (what an edit does to *other* prompts) while large shifts (what it does to the forgotten concept) still matter.
   Seeded, one thread: a rerun is bit-identical.
-* **Sampling**: DDIM (default 20 steps, eta 0) with classifier-free guidance 5; the null prompt ``""`` is encoded
+* **Sampling**: DDIM (default 20 steps, eta 0) with classifier-free guidance 3 (guidance 5, the prototype's choice,
+  over-saturated the backgrounds and cut recognition from 83% to ~45% on an intermediate checkpoint; 2: 79%,
+  1: 64%); the null prompt ``""`` is encoded
   by the *current* (possibly patched) text encoder, as SD does. One seed per image: same seed, same image.
 """
 
@@ -51,6 +53,7 @@ T2I_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_t2i"
 UNET_FILE = "unet.safetensors"
 CONFIG_FILE = "t2i_config.json"
 CONTEXT_LENGTH = 20
+DEFAULT_GUIDANCE = 3.0
 
 
 @dataclass
@@ -188,7 +191,7 @@ class EmbeddedT2IPipeline:
         return self.text_encoder(input_ids=self.tokenize(prompts)).last_hidden_state
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 20, guidance: float = 5.0,
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                  batch_size: int = 100, progress: bool = False) -> torch.Tensor:
         """uint8 images ``[N, 3, 32, 32]``, one per (prompt, seed); deterministic for the same inputs."""
         if len(prompts) != len(seeds):
@@ -419,7 +422,7 @@ def generation_plan(target: str | None, n_target: int, n_other: int, seed_base: 
     return plan
 
 
-def recognition(pipe: EmbeddedT2IPipeline, judge: ConceptJudge, plan, steps: int = 20, guidance: float = 5.0,
+def recognition(pipe: EmbeddedT2IPipeline, judge: ConceptJudge, plan, steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                 progress: bool = False) -> tuple[dict[str, float], torch.Tensor, list[str]]:
     """Per concept: the share of its generated images the judge classifies as that concept; plus images, preds."""
     from slugkit.eval.generated import recognised_share
