@@ -22,6 +22,7 @@ CHECKS = {
 
 def main():
     from slugkit.sd import DEFAULT_SD_CONCEPT, run_sd_demo
+    from slugkit.slug.search import SearchFailed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--concepts", default=DEFAULT_SD_CONCEPT)
@@ -35,8 +36,14 @@ def main():
     for concept in [c.strip() for c in a.concepts.split(",") if c.strip()]:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
-            r = run_sd_demo(concept, f"{d}/run", data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other,
-                            threads=a.threads, progress=False)
+            try:
+                r = run_sd_demo(concept, f"{d}/run", data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other,
+                                threads=a.threads, progress=False)
+            except SearchFailed as e:  # refused: no layer/step meets the validation criteria
+                rows.append({"concept": concept, "refused": str(e), "checks": {k: False for k in CHECKS},
+                             "timing_s": {"wall": time.perf_counter() - t}})
+                print(f"{concept:16s} REFUSED: {e}", flush=True)
+                continue
         g = r["generation"]
         row = {"concept": concept, "layer": r["layer"], "group": r["group"], "step_size": r["step_size"],
                "clip_step_size": r["chooser"]["clip_step_size"],

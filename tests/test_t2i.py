@@ -99,7 +99,8 @@ def sd_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd")
     out = tmp / "run"
     rc = main(["demo", "--target", "sd", "--out", str(out), "--data-dir", str(tmp / "world"), "--no-progress",
-               "--n-target", "8", "--n-other", "1", "--gen-steps", "10", "--val-images", "8"])
+               "--n-target", "8", "--n-other", "1", "--gen-steps", "10", "--val-images", "8",
+               "--other-budget", "0.2"])
     assert rc == 0
     return out
 
@@ -151,16 +152,23 @@ def test_generator_step_search_finds_the_smallest_forgetting_step():
 
     calls = []
 
-    def evaluate(eta):  # the generator forgets for eta >= 3.0
+    def evaluate(eta):  # the generator forgets for eta >= 3.0; the others suffer beyond eta 5.0
         calls.append(eta)
-        return 0.0 if eta >= 3.0 else 0.6
+        return (0.0 if eta >= 3.0 else 0.6), (0.2 if eta > 5.0 else 0.0)
 
-    traj, best = generator_step_search(evaluate, start=1.0, steps=8, threshold=0.05)
+    traj, best = generator_step_search(evaluate, start=1.0, steps=8, threshold=0.05, other_budget=0.05)
     assert calls[:3] == [1.0, 2.0, 4.0]  # doubling until accepted, then bisection
     assert 3.0 <= best <= 3.0 * 1.1 and len(traj) == 8
-    assert all(t["accepted"] == (t["step_size"] >= 3.0) for t in traj)
-    _, none = generator_step_search(lambda eta: 1.0, start=1.0, steps=3)
+    assert all(t["accepted"] == (3.0 <= t["step_size"] <= 5.0) for t in traj)
+    # starting too large: forgot but harmful -> bisect down into the feasible window
+    traj, best = generator_step_search(evaluate, start=8.0, steps=6)
+    assert traj[0]["accepted"] is False and best is not None and 3.0 <= best <= 5.0
+    # never forgets
+    _, none = generator_step_search(lambda eta: (1.0, 0.0), start=1.0, steps=3)
     assert none is None
+    # harm before forgetting: larger steps cannot help, the search stops at once
+    traj, none = generator_step_search(lambda eta: (0.5, 0.3), start=1.0, steps=6)
+    assert none is None and len(traj) == 1
 
 
 def test_conditioning_shift_is_relative_l2():

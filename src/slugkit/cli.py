@@ -89,7 +89,8 @@ def cmd_demo_sd(a) -> int:
     search = replace(_search_cfg(a), metric=a.criterion or SD_CRITERION)
     result = run_sd_demo(concept, out, data_dir=a.data_dir, t2i_dir=a.t2i_model, n_target=a.n_target,
                          n_other=a.n_other, gen_steps=a.gen_steps, guidance=a.guidance, selection=a.sd_selection,
-                         gen_search=not a.no_gen_search, val_images=a.val_images, gen_threshold=a.gen_threshold,
+                         gen_search=not a.no_gen_search, val_images=a.val_images, val_other=a.val_other,
+                         gen_threshold=a.gen_threshold, other_budget=a.other_budget,
                          gen_margin=a.gen_margin, search=search, seed=a.seed, threads=a.threads,
                          progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size)
     print_sd_summary(result, out)
@@ -424,10 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "other concepts relative to the target's; default) or clip (the CLIP --selection policy)")
     sdg.add_argument("--no-gen-search", action="store_true",
                      help="apply the CLIP-searched step instead of searching it on generated validation images")
-    sdg.add_argument("--val-images", type=int, default=20, help="generated validation images per search step")
+    sdg.add_argument("--val-images", type=int, default=20,
+                     help="generated validation images of the concept per search step")
+    sdg.add_argument("--val-other", type=int, default=1,
+                     help="generated validation images per other concept per search step")
+    sdg.add_argument("--other-budget", type=float, default=0.05,
+                     help="search accepts a step only if the other concepts' validation recognition drops by at "
+                          "most this much")
     sdg.add_argument("--gen-threshold", type=float, default=0.05,
                      help="search accepts a step when at most this share of validation images is recognised")
-    sdg.add_argument("--gen-margin", type=float, default=None, help="multiply the chosen step (default 1)")
+    sdg.add_argument("--gen-margin", type=float, default=None,
+                     help="applied step = this x the smallest step that forgot on validation (default 1.2)")
     sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
     _add_run_args(d)
     d.set_defaults(func=cmd_demo, threads=1)  # tiny model: one thread is as fast and identical everywhere

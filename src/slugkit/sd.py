@@ -16,9 +16,13 @@ The flow is SD's (spec §6.1), run on the embedded stand-ins:
    *other* concepts' conditioning (relative L2 change of ``last_hidden_state``) least *relative to* how much it
    moves the forgotten concept's conditioning (``--sd-selection shift``, the default; ``clip`` uses the CLIP
    policy), and then searches that layer's step on **generated validation images** (the official UnlearnCanvas
-   search does this too, spec §4.4; here seeded, with validation seeds disjoint from the reported ones): the
-   doubling/bisection rule from the CLIP step, accepted when at most ``gen_threshold`` of the concept's images
-   are still recognised; the smallest accepted step is applied (``--no-gen-search``: the CLIP step).
+   search does this too with ua / ira, spec §4.4; here seeded, on validation seeds disjoint from the reported
+   ones): the doubling/bisection rule from the CLIP step, accepted when at most ``gen_threshold`` of the concept's
+   validation images are still recognised *and* the other concepts' validation recognition drops by at most
+   ``other_budget`` at the applied step (``gen_margin`` x the accepted step, default 1.2, a noise margin like the
+   CLIP search's 1.1). Layers are tried in selectivity order until one has an accepted step; if none has, the run
+   fails with a clear message rather than shipping a patch that damages the pipeline (``--no-gen-search``: the
+   CLIP step of the most selective layer, unchecked).
 5. **Evaluation** on generated images (fixed seeds, the same seeds before and after): each image is classified
    zero-shot by the **unedited** embedded CLIP over the 30 concepts. Reported: ``generated_target_recognised``
    (UA = 1 − it), ``generated_other_recognised`` (IRA: the other concepts' prompts; split into *related* — sharing a
@@ -40,12 +44,12 @@ import torch
 from .data import world
 from .data.shards import atomic_write_bytes
 from .eval.generated import image_grid
-from .slug.search import edited_values
+from .slug.search import SearchFailed, edited_values
 from .world import t2i
 
 DEFAULT_SD_CONCEPT = "red triangle"
 SD_CRITERION = "forget_top1"  # zero-shot over 30 concepts: top-5 would demand the concept leave a sixth of the list
-DEFAULT_GEN_MARGIN = 1.0
+DEFAULT_GEN_MARGIN = 1.2  # applied step = 1.2 x the smallest step that forgot on validation (noise margin)
 
 
 def embedded_hf_adapter():
@@ -157,18 +161,30 @@ def pipeline_edit(pipe, mapping: dict[str, str], adapter, grads, group: list[str
                 params[mapping[n]].copy_(saved[n])
 
 
-def generator_step_search(evaluate, start: float, steps: int = 6, threshold: float = 0.05):
-    """The official doubling/bisection rule on η, with the criterion measured on *generated* images (as the official
-    UnlearnCanvas search does, spec §4.4, but seeded and on validation seeds only): ``evaluate(η)`` returns the share
-    of the forgotten concept's validation images still recognised; accepted when ≤ ``threshold``. Returns
-    (trajectory, smallest accepted η or None)."""
+def generator_step_search(evaluate, start: float, steps: int = 6, threshold: float = 0.05,
+                          other_budget: float = 0.05):
+    """The doubling/bisection rule on η with both criteria measured on *generated* validation images, as the official
+    UnlearnCanvas search does with ua / ira (spec §4.4), but seeded, on validation seeds only, and without its
+    re-evaluate-the-same-step no-op. ``evaluate(η)`` returns ``(target_recognised, other_drop)``.
+
+    * forgot (target ≤ ``threshold``) and others kept (drop ≤ ``other_budget``): accepted; try smaller;
+    * forgot but others damaged: the step is too large; try smaller;
+    * not forgotten and others already damaged: larger steps only damage more — this layer cannot do it; stop;
+    * neither: try larger (double while no upper bound is known).
+
+    Returns (trajectory, smallest accepted η or None).
+    """
     lo, hi, eta, best, traj = 0.0, math.inf, start, None, []
     for _ in range(steps):
-        rec = evaluate(eta)
-        ok = rec <= threshold + 1e-9
-        traj.append({"step_size": eta, "target_recognised": rec, "accepted": ok})
+        rec, drop = evaluate(eta)
+        forgot, harm = rec <= threshold + 1e-9, drop > other_budget + 1e-9
+        ok = forgot and not harm
+        traj.append({"step_size": eta, "target_recognised": rec, "other_drop": drop, "accepted": ok})
         if ok:
             best = eta if best is None else min(best, eta)
+        if forgot or harm:
+            if harm and not forgot:
+                break
             hi = eta
             eta = (lo + hi) / 2
         else:
@@ -178,42 +194,67 @@ def generator_step_search(evaluate, start: float, steps: int = 6, threshold: flo
 
 
 def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, policy: str = "shift",
-                      gen_search: bool = True, gen_margin: float = 1.0, val_images: int = 20,
-                      search_steps: int = 6, threshold: float = 0.05, gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE,
-                      seed: int = 0):
-    """A ``choose`` callback for :func:`slugkit.unlearn.run_unlearn` (module docstring, point 4): the layer by
-    conditioning-shift selectivity (or the CLIP policy), then the step by a search on generated validation images."""
+                      gen_search: bool = True, gen_margin: float = 1.0, val_images: int = 20, val_other: int = 1,
+                      search_steps: int = 6, threshold: float = 0.05, other_budget: float = 0.05,
+                      gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE, seed: int = 0):
+    """A ``choose`` callback for :func:`slugkit.unlearn.run_unlearn` (module docstring, point 4).
+
+    Layers are tried in order of conditioning-shift selectivity (or the CLIP policy's pick first); each gets the
+    generator step search, the first with an accepted step is chosen. The forgotten concept is scored at η and the
+    other concepts at ``gen_margin``·η, the step finally applied, so the margin never buys forgetting with unchecked
+    damage."""
     from .slug.search import choose_layer
 
     def choose(searches, adapter, grads, val_before, clip_policy):
         rows = shift_table(adapter, grads, searches, target)
+        by_name = {s.name: s for s in searches}
         if policy == "clip" or not rows:
-            chosen = choose_layer(searches, clip_policy, val_before)
+            first = choose_layer(searches, clip_policy, val_before)
+            order = [first] + [by_name[r["layer"]] for r in sorted(rows, key=lambda r: r["selectivity"])
+                               if r["layer"] != first.name]
         else:
-            best = min(rows, key=lambda r: (r["selectivity"], r["other_shift"]))
-            chosen = next(s for s in searches if s.name == best["layer"])
-        info = {"policy": policy, "conditioning_shift": rows, "clip_step_size": chosen.step_size,
-                "gen_margin": gen_margin}
-        if gen_search:
-            # validation seeds: disjoint from every evaluation plan (those use seed_base 10_000 * (seed + 1)).
-            plan = [(target, t2i.prompt_for(target, i), 7_000_000 + 1000 * seed + i) for i in range(val_images)]
+            order = [by_name[r["layer"]] for r in sorted(rows, key=lambda r: (r["selectivity"], r["other_shift"]))]
+        info = {"policy": policy, "conditioning_shift": rows, "gen_margin": gen_margin}
+        if not gen_search:
+            chosen = replace(order[0], step_size=order[0].step_size * gen_margin)
+            info.update(clip_step_size=order[0].step_size, step_size=chosen.step_size)
+            return chosen, info
+        # validation seeds: disjoint from every reported plan (those use seed_base 10_000 * (seed + 1)).
+        tplan = [(target, t2i.prompt_for(target, i), 7_000_000 + 1000 * seed + i) for i in range(val_images)]
+        oplan = [(c, t2i.prompt_for(c, i), 8_000_000 + 1000 * k + i) for k, c in enumerate(t2i.concept_names())
+                 if c != target for i in range(val_other)]
 
-            def evaluate(eta):
-                with pipeline_edit(pipe, mapping, adapter, grads, chosen.group, eta):
-                    rec, _, _ = t2i.recognition(pipe, judge, plan, gen_steps, guidance)
-                return rec[target]
+        def others(group, eta):
+            with pipeline_edit(pipe, mapping, adapter, grads, group, eta):
+                rec, _, _ = t2i.recognition(pipe, judge, oplan, gen_steps, guidance)
+            return float(sum(rec.values()) / len(rec))
 
-            base = evaluate(0.0)
-            traj, eta = generator_step_search(evaluate, chosen.step_size, search_steps, threshold)
-            info["generator_search"] = {"validation_images": val_images, "threshold": threshold,
-                                        "base_target_recognised": base, "trajectory": traj, "accepted_step": eta}
-            if eta is None:
-                info["generator_search"]["note"] = ("no evaluated step made the generator forget on validation; "
-                                                    "kept the CLIP-searched step")
-            else:
-                chosen = replace(chosen, step_size=eta)
-        if gen_margin != 1.0:
-            chosen = replace(chosen, step_size=chosen.step_size * gen_margin)
+        def tgt(group, eta):
+            with pipeline_edit(pipe, mapping, adapter, grads, group, eta):
+                rec, _, _ = t2i.recognition(pipe, judge, tplan, gen_steps, guidance)
+            return rec[target]
+
+        base_t, base_o = tgt(order[0].group, 0.0), others(order[0].group, 0.0)
+        searched, chosen = [], None
+        for layer in order:
+            traj, eta = generator_step_search(
+                lambda e, g=layer.group: (tgt(g, e), base_o - others(g, e * gen_margin)),
+                layer.step_size, search_steps, threshold, other_budget)
+            searched.append({"layer": layer.name, "clip_step_size": layer.step_size, "trajectory": traj,
+                             "accepted_step": eta})
+            if eta is not None:
+                chosen = replace(layer, step_size=eta * gen_margin)
+                info["clip_step_size"] = layer.step_size
+                break
+        info["generator_search"] = {"validation_images": val_images, "validation_per_other_concept": val_other,
+                                    "threshold": threshold, "other_budget": other_budget,
+                                    "base_target_recognised": base_t, "base_other_recognised": base_o,
+                                    "layers": searched}
+        if chosen is None:
+            raise SearchFailed(
+                f"no Pareto layer has a step at which the generator forgets {target!r} (≤ {threshold:.0%} of "
+                f"{val_images} validation images) while the other concepts lose ≤ {other_budget:.0%}; try "
+                "--other-budget, more --val-images, or --no-gen-search (the CLIP step)")
         info["step_size"] = chosen.step_size
         return chosen, info
 
@@ -251,7 +292,8 @@ def _pil(images: torch.Tensor) -> list:
 def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None, *, data_dir=None,
                 t2i_dir=None, n_target: int = 50, n_other: int = 10, gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE,
                 selection: str = "shift", gen_search: bool = True, gen_margin: float | None = None,
-                val_images: int = 20, gen_threshold: float = 0.05, search=None, seed: int = 0,
+                val_images: int = 20, val_other: int = 1, gen_threshold: float = 0.05, other_budget: float = 0.05,
+                search=None, seed: int = 0,
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``."""
     from .integrations.diffusers_sd import (apply_patch_to_pipeline, consumed_text_candidates,
@@ -287,7 +329,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             utility_templates=list(world.IDENTITY_EVAL_TEMPLATES),
             batch_size=batch_size, search=search, seed=seed, progress=progress, overwrite=overwrite)
         chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
-                                    gen_margin=gen_margin, val_images=val_images, threshold=gen_threshold,
+                                    gen_margin=gen_margin, val_images=val_images, val_other=val_other,
+                                    threshold=gen_threshold, other_budget=other_budget,
                                     gen_steps=gen_steps, guidance=guidance, seed=seed)
         result = run_unlearn(cfg, adapter=adapter, choose=chooser)
         t_slug = time.perf_counter() - t0
@@ -361,12 +404,15 @@ def render_generation_report(result: dict) -> str:
                      f"{r['selectivity']:.3f} |")
     gs = result.get("chooser", {}).get("generator_search")
     if gs:
-        lines += ["", f"Step search on generated validation images ({gs['validation_images']} images of the concept, "
-                  f"seeds disjoint from the ones above; accepted when at most {gs['threshold']:.0%} are recognised; "
-                  f"unedited: {gs['base_target_recognised']:.0%}):", "", "| step | recognised | accepted |",
-                  "|---|---|---|"]
-        lines += [f"| {t['step_size']:.4g} | {t['target_recognised']:.2f} | {'yes' if t['accepted'] else 'no'} |"
-                  for t in gs["trajectory"]]
+        lines += ["", f"Step search on generated validation images ({gs['validation_images']} images of the concept and "
+                  f"{gs['validation_per_other_concept']} of each other concept, seeds disjoint from the ones above; "
+                  f"accepted when at most {gs['threshold']:.0%} of the concept's images are recognised and the others "
+                  f"lose at most {gs['other_budget']:.0%} at the applied step = {result['chooser']['gen_margin']} x "
+                  f"step; unedited: {gs['base_target_recognised']:.0%} / {gs['base_other_recognised']:.0%}):", "",
+                  "| layer | step | concept recognised | others' drop | accepted |", "|---|---|---|---|---|"]
+        for L in gs["layers"]:
+            lines += [f"| {L['layer']} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
+                      f"{t['other_drop']:+.3f} | {'yes' if t['accepted'] else 'no'} |" for t in L["trajectory"]]
         lines += ["", f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
                   f"{result['chooser']['clip_step_size']:.4g})."]
     lines += ["", "In the CLIP table at the top of this report, \"other identities\" are the 29 other object concepts "

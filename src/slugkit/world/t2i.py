@@ -463,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.time()
             rec, _, _ = recognition(p, ConceptJudge(), generation_plan(None, 0, a.eval_per_class), progress=True)
             info["eval"] = {"per_concept": rec, "mean": float(np.mean(list(rec.values()))),
-                            "images_per_concept": a.eval_per_class, "eval_s": round(time.time() - t, 1)}
+                            "images_per_concept": a.eval_per_class, "sampler": "DDIM 20 steps",
+                            "guidance": DEFAULT_GUIDANCE, "judge": "embedded CLIP, zero-shot over the 30 concepts",
+                            "eval_s": round(time.time() - t, 1)}
             print(json.dumps(info["eval"], indent=1))
     _write_unet(out, unet, cfg, info)
     print(f"wrote {out / UNET_FILE} ({(out / UNET_FILE).stat().st_size:,} bytes); {info['steps_done']} steps in "
