@@ -33,7 +33,6 @@ The flow is SD's (spec §6.1), run on the embedded stand-ins:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import replace
@@ -290,10 +289,10 @@ def _pil(images: torch.Tensor) -> list:
 
 
 def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None, *, data_dir=None,
-                t2i_dir=None, n_target: int = 50, n_other: int = 10, gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE,
-                selection: str = "shift", gen_search: bool = True, gen_margin: float | None = None,
-                val_images: int = 20, val_other: int = 1, gen_threshold: float = 0.05, other_budget: float = 0.05,
-                search=None, seed: int = 0,
+                t2i_dir=None, n_target: int = 50, n_other: int = 10, gen_steps: int = 20,
+                guidance: float = t2i.DEFAULT_GUIDANCE, selection: str = "shift", gen_search: bool = True,
+                gen_margin: float | None = None, val_images: int = 20, val_other: int = 1,
+                gen_threshold: float = 0.05, other_budget: float = 0.05, search=None, seed: int = 0,
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``."""
     from .integrations.diffusers_sd import (apply_patch_to_pipeline, consumed_text_candidates,
@@ -374,8 +373,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
         result["timing_s"]["generation_eval"] = t_gen
         result["timing_s"]["total"] = time.perf_counter() - t0
         _write_json(out / "result.json", result)
-        with open(out / "report.md", "a", encoding="utf-8") as f:
-            f.write(render_generation_report(result))
+        report = (out / "report.md").read_text(encoding="utf-8") + render_generation_report(result)
+        atomic_write_bytes(out / "report.md", report.encode("utf-8"))
         return result
     finally:
         torch.set_num_threads(n_threads)
@@ -405,7 +404,8 @@ def render_generation_report(result: dict) -> str:
     gs = result.get("chooser", {}).get("generator_search")
     if gs:
         lines += ["", f"Step search on generated validation images ({gs['validation_images']} images of the concept and "
-                  f"{gs['validation_per_other_concept']} of each other concept, seeds disjoint from the ones above; "
+                  f"{gs['validation_per_other_concept']} of each other concept, seeds disjoint from the ones above;"
+                  " "
                   f"accepted when at most {gs['threshold']:.0%} of the concept's images are recognised and the others "
                   f"lose at most {gs['other_budget']:.0%} at the applied step = {result['chooser']['gen_margin']} x "
                   f"step; unedited: {gs['base_target_recognised']:.0%} / {gs['base_other_recognised']:.0%}):", "",
@@ -441,7 +441,3 @@ def print_sd_summary(result: dict, out: str) -> None:
     print(f"time: SLUG {t['slug_total']:.1f} s, generation eval {t['generation_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
     print(f"outputs: {out}/result.json, report.md, generations.png, patch/")
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2)

@@ -130,8 +130,8 @@ def hf_tokenizer_from_open_clip(context_length: int):
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    tok = transformers.CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
-                                     model_max_length=context_length)
+    tok = transformers.CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)},
+                                     merges=[tuple(m.split()) for m in merges], model_max_length=context_length)
     # Sanity: the ids must match open_clip's tokenizer (which the embedded model was trained with).
     ref = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)("a photo of a red circle.")[0]
     ids = tok("a photo of a red circle.")["input_ids"]

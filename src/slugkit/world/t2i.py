@@ -33,7 +33,6 @@ It stands in for Stable Diffusion so that SD unlearning is *real* offline: the s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -266,14 +265,10 @@ class ConceptJudge(_judge_base()):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def _num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    from slugkit.world.train import _num_threads as num_threads  # one implementation of the thread pinning
+
+    return num_threads(n)
 
 
 def _train_data(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
