@@ -1,6 +1,10 @@
 """Cost of SLUG's gradient pass against a bare forward+backward over the same batches, with time and peak memory.
 
-    python benchmarks/gradient_pass.py [--arch embedded ViT-B-32 ViT-L-14] [--batch 32] [--batches 2]
+    python benchmarks/gradient_pass.py [--arch embedded ViT-B-32 ViT-L-14 hf-L14 hf-L14-sd hf-H14-sd] [--batch 32]
+
+``hf-L14`` / ``hf-H14`` are transformers ``CLIPModel``s with the configs of ``openai/clip-vit-large-patch14`` (SD 1.5's
+text encoder) and ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (SD 2.1's), random weights; ``-sd`` restricts the
+candidates to the text-encoder layers SD consumes (all 12 for L/14, 23 of 24 for H/14), as ``--consumer sd:DIR`` does.
 
 "bare" = for each batch: zero_grad, forward, the same loss, backward, with every parameter trainable (what any
 training step pays). "slug" = ``slugkit.slug.gradients.compute_gradients`` over the same forget and retain batches:
@@ -20,10 +24,40 @@ import time
 import torch
 
 
+HF_CONFIGS = {
+    "hf-L14": dict(text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                    num_attention_heads=12, max_position_embeddings=77, vocab_size=49408),
+                   vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, image_size=224, patch_size=14),
+                   projection_dim=768),
+    "hf-H14": dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                    num_attention_heads=16, max_position_embeddings=77, vocab_size=49408,
+                                    hidden_act="gelu"),
+                   vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                      num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu"),
+                   projection_dim=1024),
+}
+
+
+def _hf_adapter(arch: str, device: str):
+    from slugkit.models.hf_clip import HFClipAdapter
+
+    base = arch.removesuffix("-sd")
+    a = HFClipAdapter.from_config(HF_CONFIGS[base], seed=0)
+    a.model.to(device)
+    if arch.endswith("-sd"):  # the text-encoder layers SD reads: all of L/14's, 23 of H/14's 24
+        n = a.model.config.text_config.num_hidden_layers - (1 if base == "hf-H14" else 0)
+        keep = tuple(f"text_model.encoder.layers.{i}." for i in range(n))
+        a.restrict_candidates(lambda name: name.startswith(keep), consumer="sd")
+    return a
+
+
 def _adapter(arch: str, device: str):
     from slugkit.models import load_adapter
     from slugkit.models.open_clip import OpenClipAdapter
 
+    if arch.startswith("hf-"):
+        return _hf_adapter(arch, device)
     if arch == "embedded":
         a = load_adapter("embedded")
         a.model.to(device)
@@ -37,7 +71,10 @@ def _adapter(arch: str, device: str):
 
 def _batches(adapter, n, bs, device, seed):
     g = torch.Generator().manual_seed(seed)
-    size = adapter.model.visual.image_size
+    if hasattr(adapter.model, "visual"):
+        size = adapter.model.visual.image_size
+    else:
+        size = adapter.model.config.vision_config.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     out = []
     for b in range(n):
@@ -80,7 +117,7 @@ def run_one(arch: str, bs: int, n: int, device: str) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    grads = compute_gradients(adapter, iter(forget), iter(retain), progress=False)
+    grads = compute_gradients(adapter, iter(forget), iter(retain), adapter.candidate_names(), progress=False)
     _sync(device)
     slug = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
