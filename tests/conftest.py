@@ -150,23 +150,9 @@ def _trained_base(_base_adapter):
     prompts). After training every base metric of :func:`make_suite` is 1.0.
     """
     a = clone_adapter(_base_adapter)
-    imgs = torch.cat([class_images(c, 4, seed=50 + c) for c in range(len(CLASSES))])
-    caps = [(IDENTITY_TEMPLATES if c < len(NAMES) else UTILITY_TEMPLATES)[j % 2].format(name)
-            for c, name in enumerate(CLASSES) for j in range(4)]
-    tokens = a.tokenize(caps)
     emb = a.model.token_embedding.weight
     emb.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in a.model.parameters() if p.requires_grad], lr=2e-3)
-    g = torch.Generator().manual_seed(7)
-    a.model.train()
-    for _ in range(30):
-        idx = torch.randperm(len(imgs), generator=g)[:24]
-        loss = a.retain_loss(imgs[idx], tokens[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    a.model.eval()
-    a.model.zero_grad(set_to_none=True)
+    train_on_world(a, [p for p in a.model.parameters() if p.requires_grad], lr=2e-3, steps=30, seed=7)
     emb.requires_grad_(True)
     return a
 
@@ -208,3 +194,52 @@ def make_suite() -> EvalSuite:
 @pytest.fixture
 def suite() -> EvalSuite:
     return make_suite()
+
+
+def train_on_world(a, params, lr: float, steps: int, seed: int):
+    """A few Adam steps of CLIP loss on 4 images x 18 classes of the synthetic world (deterministic); any adapter."""
+    imgs = torch.cat([class_images(c, 4, seed=50 + c) for c in range(len(CLASSES))])
+    caps = [(IDENTITY_TEMPLATES if c < len(NAMES) else UTILITY_TEMPLATES)[j % 2].format(name)
+            for c, name in enumerate(CLASSES) for j in range(4)]
+    tokens = a.tokenize(caps)
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    a.model.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(imgs), generator=g)[:24]
+        loss = a.retain_loss(imgs[idx], tokens[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    a.model.eval()
+    a.model.zero_grad(set_to_none=True)
+    return a
+
+
+def run_stages(stages, x, ctx, start=0, stop=None):
+    """Compose ``stages[start:stop]`` of a staged tower forward."""
+    for st in stages[start:stop]:
+        x = st.fn(x, ctx)
+    return x
+
+
+@torch.no_grad()
+def check_stage_index(adapter, images, tokens, scale):
+    """Perturbing each candidate (noise of std ``scale(p)``) leaves the activations entering its stage unchanged and
+    changes the tower output: what the cached search relies on. The weights are restored exactly."""
+    params = dict(adapter.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    for n in adapter.candidate_names():
+        tower = adapter.tower_of(n)
+        stages = adapter.stages(tower)
+        x0, ctx = (images, None) if tower == "vision" else (tokens, tokens)
+        k = adapter.stage_index(tower, n)
+        before_in, before_out = run_stages(stages, x0, ctx, 0, k), run_stages(stages, x0, ctx)
+        p = params[n]
+        saved = p.detach().clone()
+        p.add_(scale(saved) * torch.randn(p.shape, generator=g))
+        try:
+            assert torch.equal(run_stages(stages, x0, ctx, 0, k), before_in), n
+            assert not torch.allclose(run_stages(stages, x0, ctx), before_out, atol=1e-6), n
+        finally:
+            p.copy_(saved)

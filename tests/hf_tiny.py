@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import CLASSES, IDENTITY_TEMPLATES, NAMES, UTILITY_TEMPLATES, class_images
+from conftest import train_on_world
 
 HF_CFG = {
     "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -43,22 +43,7 @@ def clone(a):
 
 def train(a, steps: int = 40, seed: int = 7):
     """A few Adam steps of CLIP loss on 4 images x 18 classes (conftest's synthetic world), deterministic."""
-    imgs = torch.cat([class_images(c, 4, seed=50 + c) for c in range(len(CLASSES))])
-    caps = [(IDENTITY_TEMPLATES if c < len(NAMES) else UTILITY_TEMPLATES)[j % 2].format(name)
-            for c, name in enumerate(CLASSES) for j in range(4)]
-    tokens = a.tokenize(caps)
-    opt = torch.optim.Adam(a.model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    a.model.train()
-    for _ in range(steps):
-        idx = torch.randperm(len(imgs), generator=g)[:24]
-        loss = a.retain_loss(imgs[idx], tokens[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    a.model.eval()
-    a.model.zero_grad(set_to_none=True)
-    return a
+    return train_on_world(a, a.model.parameters(), lr=3e-3, steps=steps, seed=seed)
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:

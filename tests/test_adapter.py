@@ -12,7 +12,8 @@ import pickle
 import pytest
 import torch
 
-from conftest import TINY_CFG, class_images
+from conftest import TINY_CFG, check_stage_index, class_images
+from conftest import run_stages as _run
 
 pytest.importorskip("open_clip")
 
@@ -98,12 +99,6 @@ def test_every_tower_parameter_is_covered_once(adapter):
         adapter.stage_index("vision", "text_projection")
 
 
-def _run(stages, x, ctx, start=0, stop=None):
-    for st in stages[start:stop]:
-        x = st.fn(x, ctx)
-    return x
-
-
 @torch.no_grad()
 def test_staged_forward_equals_encoders(adapter, forget_data):
     images, tokens = forget_data
@@ -125,22 +120,7 @@ def test_stage_index_is_where_the_tensor_first_matters(adapter, forget_data):
     This is what the cached search relies on: activations before ``stage_index`` can be computed once.
     """
     images, tokens = forget_data
-    params = dict(adapter.model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    for n in adapter.candidate_names():
-        tower = adapter.tower_of(n)
-        stages = adapter.stages(tower)
-        x0, ctx = (images, None) if tower == "vision" else (tokens, tokens)
-        k = adapter.stage_index(tower, n)
-        before_in, before_out = _run(stages, x0, ctx, 0, k), _run(stages, x0, ctx)
-        p = params[n]
-        saved = p.detach().clone()
-        p.add_(0.5 * saved.std().clamp_min(0.1) * torch.randn(p.shape, generator=g))
-        try:
-            assert torch.equal(_run(stages, x0, ctx, 0, k), before_in), n
-            assert not torch.allclose(_run(stages, x0, ctx), before_out, atol=1e-6), n
-        finally:
-            p.copy_(saved)
+    check_stage_index(adapter, images, tokens, lambda p: 0.5 * p.std().clamp_min(0.1))
 
 
 # ---------------------------------------------------------------------------------------------- loading errors

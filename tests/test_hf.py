@@ -14,7 +14,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import NAMES, class_images, forget_pairs, make_suite, retain_pairs, split_batches  # noqa: E402
+from conftest import (NAMES, check_stage_index, class_images, forget_pairs, make_suite, retain_pairs,  # noqa: E402
+                      split_batches)
+from conftest import run_stages as _run  # noqa: E402
 from hf_tiny import HF_CFG, build_adapter, clone, to_pil, train  # noqa: E402
 
 from slugkit.models import load_adapter  # noqa: E402
@@ -41,12 +43,6 @@ def hf(base):
 @pytest.fixture(scope="module")
 def trained(base):
     return train(clone(base))
-
-
-def _run(stages, x, ctx, start=0, stop=None):
-    for st in stages[start:stop]:
-        x = st.fn(x, ctx)
-    return x
 
 
 # ---------------------------------------------------------------------------------------------- declarations
@@ -125,22 +121,7 @@ def test_every_parameter_in_one_stage_and_stage_index(hf):
             continue
         assert sum(n in st.params for st in hf.stages(hf.tower_of(n))) == 1, n
     images, tokens = class_images(0, 3, seed=2), hf.tokenize(["alice abbott.", "a photo of a dog.", "x"])
-    params = dict(hf.model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    for n in hf.candidate_names():
-        tower = hf.tower_of(n)
-        stages = hf.stages(tower)
-        x0, ctx = (images, None) if tower == "vision" else (tokens, tokens)
-        k = hf.stage_index(tower, n)
-        before_in, before_out = _run(stages, x0, ctx, 0, k), _run(stages, x0, ctx)
-        p = params[n]
-        saved = p.detach().clone()
-        p.add_(0.5 * torch.randn(p.shape, generator=g))
-        try:
-            assert torch.equal(_run(stages, x0, ctx, 0, k), before_in), n
-            assert not torch.allclose(_run(stages, x0, ctx), before_out, atol=1e-6), n
-        finally:
-            p.copy_(saved)
+    check_stage_index(hf, images, tokens, lambda p: 0.5)
 
 
 def test_losses_match_hf(hf):
