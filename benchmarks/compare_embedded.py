@@ -2,6 +2,7 @@
 
     python benchmarks/compare_embedded.py [--concept NAME ...] [--threads 1] [--out DIR] [--methods ...]
                                           [--select-metric forget_top5|forget_top1] [--lr-sweep [LR,...]]
+                                          [--retain-identity-fraction F ...]
                                           [--json benchmarks/results/compare_embedded.json]
 
 For each concept (default: the demo's identity; repeat ``--concept`` for more) prints the Table-1-style table (test
@@ -9,6 +10,10 @@ metrics, MIA, time incl. validation, peak memory, storage), SLUG's time as a fra
 target: <= 1/5), the methods reaching test FA@5 = 0 and, among them, whose utility and related-identity drops are
 smallest, and the wall time of the comparison (target: <= 10 min on 2 cores). ``--json`` writes all of it.
 This is the embedded tiny CLIP world, not ViT-B/32.
+
+``--retain-identity-fraction F`` (repeatable: a sweep) replaces the curated retain set (91% pairs of the other
+identities, the pool's share) by 900 pool pairs of which a share F names other identities and the rest are utility
+pairs; the last table then gives, per share and concept, each forgetting method's utility and related drops.
 """
 
 import argparse
@@ -72,24 +77,30 @@ def main():
     ap.add_argument("--select-metric", default="forget_top5", choices=["forget_top1", "forget_top5"],
                     help="baselines' epoch selection (default FA@5, SLUG's own criterion; the paper's is FA@1)")
     ap.add_argument("--lr-sweep", nargs="?", const="3e-5,1e-4,3e-4,1e-3", default=None)
+    ap.add_argument("--retain-identity-fraction", type=float, action="append", default=None, metavar="F",
+                    help="retain set: 900 pool pairs, a share F of other identities (repeatable: a sweep; "
+                         "default: the curated retain set)")
     ap.add_argument("--json", default=None, help="write every table, ratio and claim here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     concepts = a.concept or [world.IDENTITIES[0].name]
+    fractions = a.retain_identity_fraction or [None]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for concept in concepts:
+        for frac, concept in [(f, c) for f in fractions for c in concepts]:
             name = world.identity_by_name(concept).name
-            out = (Path(a.out) if a.out else Path(tmp)) / name.replace(" ", "_")
+            out = (Path(a.out) if a.out else Path(tmp)) / (name.replace(" ", "_") + ("" if frac is None
+                                                                                      else f"-retain{frac:g}"))
             t = time.perf_counter()
             rep = run_compare(CompareConfig(
                 concept=name, out=str(out), methods=a.methods.split(","), data_dir=a.data_dir, threads=a.threads,
-                overwrite=True, progress=True, select_metric=a.select_metric,
+                overwrite=True, progress=True, select_metric=a.select_metric, retain_identity_fraction=frac,
                 lr_sweep=[float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else None))
             wall = time.perf_counter() - t
             c = claims(rep)
-            print(f"\nembedded world (tiny CLIP, NOT ViT-B/32), concept {name!r}, {torch.get_num_threads()} "
-                  f"thread(s), baselines selected by validation {a.select_metric} = 0\n")
+            retain = "curated retain set" if frac is None else f"retain set {100 * frac:g}% other identities"
+            print(f"\nembedded world (tiny CLIP, NOT ViT-B/32), concept {name!r}, {retain}, "
+                  f"{torch.get_num_threads()} thread(s), baselines selected by validation {a.select_metric} = 0\n")
             table = compare_table(rep)
             print(table)
             for k in ("salun", "gaft"):
@@ -103,10 +114,20 @@ def main():
                 if best:
                     print(f"  smallest {key} drop among them: {best} ({100 * c['drops'][best][key]:.2f} points)")
             print(f"wall time of the comparison {wall:.0f} s (incl. data, evaluation, MIA)")
-            runs.append({"concept": name, "wall_s": wall, "table_md": table, "claims": c, "methods": summary(rep),
+            runs.append({"concept": name, "retain_identity_fraction": frac, "wall_s": wall, "table_md": table, "claims": c, "methods": summary(rep),
                          "original": {k: rep["original"]["metrics"]["before"][k]
                                       for k in ("forget_top1", "forget_top5", "utility_top1", "related_top1")},
                          "data": {k: rep["data"][k] for k in ("n_forget", "n_retain", "test_sizes")}})
+    if len(fractions) > 1 or fractions[0] is not None:
+        print("\nutility / related drop in points (test), methods reaching FA@5 = 0; '-' = did not reach it")
+        meths = [m for m in a.methods.split(",") if m != "ft"]
+        print("| retain identities | concept | " + " | ".join(meths) + " |")
+        print("|---|---|" + "---|" * len(meths))
+        for r in runs:
+            d, z = r["claims"]["drops"], r["claims"]["reaching_fa5_zero"]
+            cells = [f"{100 * d[m]['utility']:.2f} / {100 * d[m]['related']:.2f}" if m in z else "-" for m in meths]
+            f = r["retain_identity_fraction"]
+            print(f"| {'curated' if f is None else f'{100 * f:g}%'} | {r['concept']} | " + " | ".join(cells) + " |")
     if a.json:
         doc = {"benchmark": "benchmarks/compare_embedded.py", "world": "embedded tiny CLIP, not ViT-B/32",
                "threads": a.threads, "cpus": os.cpu_count(), "machine": platform.machine(),

@@ -220,6 +220,14 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir):
     for c in names:
         assert r["per_concept"][c]["before"]["forget_top1"] >= 0.9
         assert r["per_concept"][c]["after"]["forget_top1"] <= 0.02
+    # step 2's retain gradient came from pairs that never name the concept forgotten at step 1
+    from slugkit.data.folders import iter_pairs
+
+    step2 = out / f"2-{names[1].replace(' ', '_')}"
+    assert json.loads((step2 / "run.json").read_text())["config"]["retain"].endswith("retain-excluding-earlier.tar")
+    captions = [p.caption.lower() for p in iter_pairs(str(step2 / "data" / "retain-excluding-earlier.tar"),
+                                                        decode=False)]
+    assert len(captions) > 800 and not any(names[0].lower() in cap for cap in captions)
     # the chained patch takes the *base* model to the final weights of the two sequential edits
     model = load_adapter("embedded").model
     base = {k: v.clone() for k, v in model.state_dict().items()}

@@ -201,3 +201,30 @@ def test_compare_concepts_refusals(compare_run, tmp_path, capsys):
             "--out", str(tmp_path / "e"), "--no-progress"]
     assert main(argv) == 2  # explicit data: sequential needs one forget set per concept
     assert "sequential" in capsys.readouterr().err
+
+
+def test_mixed_retain_set_composition(compare_run, tmp_path, capsys):
+    """``--retain-identity-fraction``: exactly that share of other identities' pairs, never the concept, the rest
+    utility pairs; deterministic bytes; bad fractions and explicit data refused."""
+    from slugkit.data.folders import iter_pairs
+    from slugkit.world.demo_data import world_config, write_mixed_retain
+
+    run, data_dir = compare_run
+    concept = world.IDENTITIES[0].name
+    cfg, cur, _ = world_config(concept, tmp_path / "w", data_dir, progress=False, retain_identity_fraction=0.1)
+    assert cur["retain_mix"]["identity_pairs"] == 90 and cur["retain_mix"]["utility_pairs"] == 810
+    captions = [p.caption.lower() for p in iter_pairs(cfg.retain, decode=False)]
+    named = [next((i.name for i in world.IDENTITIES if i.name.lower() in c), None) for c in captions]
+    assert len(captions) == 900 and sum(n is not None for n in named) == 90 and concept not in named
+    assert len({n for n in named if n}) > 30  # spread over the other identities, not one of them
+    assert any(n is None for n in named[:50]) and any(n is not None for n in named[:100])  # mixed order
+    again = write_mixed_retain([concept], tmp_path / "again.tar", 0.1)
+    assert again == cur["retain_mix"] and (tmp_path / "again.tar").read_bytes() == open(cfg.retain, "rb").read()
+    with pytest.raises(ValueError, match="retain-identity-fraction"):
+        write_mixed_retain([concept], tmp_path / "bad.tar", 1.5)
+    argv = ["compare", "--concept", concept, "--retain-identity-fraction", "0.1", "--forget", str(run / "data" / "forget.tar"),
+            "--retain", str(run / "data" / "retain.tar"), "--val-identities", str(data_dir / "val" / "identities"),
+            "--test-identities", str(data_dir / "test" / "identities"), "--names", str(data_dir / "names.txt"),
+            "--out", str(tmp_path / "e"), "--no-progress"]
+    assert main(argv) == 2
+    assert "retain-identity-fraction" in capsys.readouterr().err

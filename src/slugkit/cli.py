@@ -106,7 +106,7 @@ def cmd_demo(a) -> int:
         except ImportError as e:
             print(f"error: {e}; `demo --target sd` needs the HF extra: pip install 'slugkit[hf]'", file=sys.stderr)
             return 2
-    from .world.demo_data import default_concept, world_config
+    from .world.demo_data import default_concept, sequential_world_configs, world_config
 
     from .data import world
 
@@ -124,8 +124,8 @@ def cmd_demo(a) -> int:
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients)
     if a.sequential and len(concepts) > 1:
-        cfgs = [world_config(c, out / f"{k + 1}-{c.replace(' ', '_')}", a.data_dir, **common)[0]
-                for k, c in enumerate(concepts)]
+        cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: out / f"{k + 1}-{c.replace(' ', '_')}",
+                                                        a.data_dir, **common)]
         result = run_sequential(cfgs, out, overwrite=a.overwrite)
         print_multi_summary(result, str(out))
         return 0
@@ -225,7 +225,8 @@ def cmd_compare(a) -> int:
     cc = CompareConfig(concept=concept, out=out, methods=methods, model=a.model, data_dir=a.data_dir,
                        epochs=a.epochs, lr=lrs, batch_size=a.batch_size, select_metric=a.select_metric,
                        salun_threshold=a.salun_threshold, ssd_alpha=a.ssd_alpha, forget_samples=a.forget_samples,
-                       retain_samples=a.retain_samples, seed=a.seed, threads=a.threads, overwrite=a.overwrite,
+                       retain_samples=a.retain_samples, retain_identity_fraction=a.retain_identity_fraction,
+                       seed=a.seed, threads=a.threads, overwrite=a.overwrite,
                        progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
                        concepts=concepts if len(concepts) > 1 else [],
                        modes=[m.strip() for m in a.modes.split(",") if m.strip()],
@@ -502,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "sweep α 10,5,2,1 × λ 1,.5,.2,.1 by validation")
     cp.add_argument("--forget-samples", type=int, default=None)
     cp.add_argument("--retain-samples", type=int, default=None)
+    cp.add_argument("--retain-identity-fraction", type=float, default=None, metavar="F",
+                    help="embedded world: a retain set of 900 pool pairs, a share F of them other identities' and "
+                         "the rest utility pairs (default: the curated retain set, ~91%% identities; the paper's "
+                         "LAION retain shard has few of the related test identities)")
     cp.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
     g = cp.add_argument_group("explicit data (as `slug unlearn`; required for models other than 'embedded')")
     g.add_argument("--pretrained", default=None)

@@ -106,6 +106,7 @@ class CompareConfig:
     unlearn: object | None = None  # an UnlearnConfig with explicit data (real models); None: the embedded world
     forget_samples: int | None = None  # caps (tests)
     retain_samples: int | None = None
+    retain_identity_fraction: float | None = None  # embedded world: retain share of other identities (None: curated)
     seed: int = 0
     threads: int | None = None
     overwrite: bool = False
@@ -319,7 +320,8 @@ def _world_config(cc: CompareConfig, concept, out: Path):
     from .world.demo_data import world_config
 
     return world_config(concept, out, cc.data_dir, progress=cc.progress, seed=cc.seed, threads=cc.threads,
-                        overwrite=cc.overwrite, forget_samples=cc.forget_samples, retain_samples=cc.retain_samples)
+                        overwrite=cc.overwrite, forget_samples=cc.forget_samples, retain_samples=cc.retain_samples,
+                        retain_identity_fraction=cc.retain_identity_fraction)
 
 
 def run_compare(cc: CompareConfig) -> dict:
@@ -328,6 +330,9 @@ def run_compare(cc: CompareConfig) -> dict:
 
     concepts = cc.concept_list()
     multi = len(concepts) > 1
+    if cc.retain_identity_fraction is not None and cc.unlearn is not None:
+        raise ValueError("--retain-identity-fraction builds the embedded world's retain set; with explicit data "
+                         "compose --retain yourself")
     if cc.unlearn is None and cc.model != "embedded":
         raise ValueError("slug compare needs the data flags of `slug unlearn` (--forget, --retain, --val-identities, "
                          "--test-identities, ...) for a model other than 'embedded'")
@@ -505,38 +510,17 @@ def _mia_runner(adapter, forget_pairs, heldout):
     return run
 
 
-def _retain_without(spec: str, concepts: list[str], path: Path) -> dict:
-    """Write ``spec``'s pairs minus those whose caption names any of ``concepts`` (whole word, as ``slug curate``
-    matches) to the shard ``path``; returns counts."""
-    from .data.curate import concept_pattern, matches
-    from .data.folders import iter_pairs
-    from .data.shards import write_shard
-
-    pat = concept_pattern(concepts[0], concepts[1:])
-    kept, dropped = [], 0
-    for smp in iter_pairs(spec, decode=False):
-        if matches(smp.caption, pat):
-            dropped += 1
-            continue
-        kept.append((f"{len(kept):07d}", smp.data, smp.caption, smp.ext if smp.ext != "jpeg" else "jpg"))
-    write_shard(path, kept)
-    return {"excludes": list(concepts), "kept": len(kept), "dropped": dropped}
-
-
 def _sequential_configs(cc: CompareConfig, concepts: list[str], out: Path) -> list[tuple]:
-    """One ``UnlearnConfig`` per step: step k's forget set is concept k's (curated as ``slug demo`` does), its retain
-    set that step's curated retain set minus the pairs naming a concept unlearned at an earlier step — with them, a
-    baseline's retain pass would teach an already forgotten concept again."""
-    steps = []
-    for k, c in enumerate(concepts):
-        where = out / "slug" / f"{k + 1}-{c.replace(' ', '_')}"
-        cfg, cur, data_dir = _world_config(cc, c, where)
-        if k:
-            excl = _retain_without(cfg.retain, concepts[:k], where / "data" / "retain-excluding-earlier.tar")
-            cfg = replace(cfg, retain=str(where / "data" / "retain-excluding-earlier.tar"))
-            cur = {**cur, "retain_excluding_earlier": excl}
-        steps.append((replace(cfg, progress=False, overwrite=cc.overwrite), cur, data_dir))
-    return steps
+    """One ``UnlearnConfig`` per step, as ``slug demo --sequential`` builds them
+    (:func:`slugkit.world.demo_data.sequential_world_configs`: each step's retain set drops the pairs naming an
+    earlier concept — with them, a baseline's retain pass would teach an already forgotten concept again)."""
+    from .world.demo_data import sequential_world_configs
+
+    steps = sequential_world_configs(
+        concepts, lambda k, c: out / "slug" / f"{k + 1}-{c.replace(' ', '_')}", cc.data_dir, progress=cc.progress,
+        seed=cc.seed, threads=cc.threads, overwrite=cc.overwrite, forget_samples=cc.forget_samples,
+        retain_samples=cc.retain_samples, retain_identity_fraction=cc.retain_identity_fraction)
+    return [(replace(cfg, progress=False), cur, data) for cfg, cur, data in steps]
 
 
 def _compare_sequential(cc: CompareConfig, concepts: list[str], adapter, base: _Base, out: Path,

@@ -74,11 +74,53 @@ def default_concept() -> str:
     return world.IDENTITIES[0].name
 
 
+RETAIN_PAIRS = 900
+
+
+def write_mixed_retain(concepts: list[str], path: str | Path, identity_fraction: float, n: int = RETAIN_PAIRS,
+                       seed: int = 0) -> dict:
+    """Write a retain shard of ``n`` pairs of which ``round(identity_fraction·n)`` are pairs of the *other*
+    identities and the rest utility pairs, all from the world's pool split (disjoint from training, validation and
+    test images). Returns the composition.
+
+    The curated default draws the retain set from the pool shards, which are 91% identity pairs (100 per identity,
+    20 per utility class): the retain set then covers the very identities the related-accuracy test measures. The
+    paper's retain set is a generic LAION shard, in which those identities are rare. This lets a comparison set the
+    share explicitly (``slug compare --retain-identity-fraction``); the README's sweep shows how it moves the result.
+    """
+    import numpy as np
+
+    from ..data.shards import write_shard
+
+    if not 0.0 <= identity_fraction <= 1.0:
+        raise ValueError(f"--retain-identity-fraction must lie in [0, 1], got {identity_fraction}")
+    excluded = {world.identity_by_name(c).name for c in concepts}
+    others = [k for k, ident in enumerate(world.IDENTITIES) if ident.name not in excluded]
+    n_id = int(round(identity_fraction * n))
+    n_util = n - n_id
+    id_per, util_per = COUNTS["pool"][0], -(-n_util // len(world.UTILITY_CLASSES))
+    rng = np.random.default_rng([seed, 13])
+    id_grid = [(k, i) for k in others for i in range(id_per)]
+    util_grid = [(k, i) for k in range(len(world.UTILITY_CLASSES)) for i in range(util_per)]
+    if n_id > len(id_grid):
+        raise ValueError(f"a retain set of {n} pairs at identity fraction {identity_fraction} needs {n_id} identity "
+                         f"pairs; the pool holds {len(id_grid)} of identities other than {sorted(excluded)}")
+    chosen = ([("identity", *id_grid[j]) for j in sorted(rng.choice(len(id_grid), n_id, replace=False))] +
+              [("utility", *util_grid[j]) for j in sorted(rng.choice(len(util_grid), n_util, replace=False))])
+    order = rng.permutation(len(chosen))  # mixed order: the retain batches hold both kinds
+    samples = [world.make_sample("pool", *chosen[j]) for j in order]
+    write_shard(Path(path), ((s.key, s.image, s.caption) for s in samples))
+    return {"retain_identity_fraction": identity_fraction, "identity_pairs": n_id, "utility_pairs": n_util,
+            "excludes": sorted(excluded), "seed": seed}
+
+
 def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path | None = None, *,
-                 progress: bool = True, seed: int = 0, **overrides):
+                 progress: bool = True, seed: int = 0, retain_identity_fraction: float | None = None, **overrides):
     """The ``UnlearnConfig`` of ``slug demo``: curate the concept from the world's pool shards (100 forget pairs,
     900 retain pairs that never name it) and point validation/test at the world's disjoint class folders.
     A list of concepts is unlearned jointly: 100 forget pairs of each, a retain set naming none of them.
+    ``retain_identity_fraction``: instead of the curated retain set, 900 pool pairs with that share of other
+    identities' pairs, the rest utility pairs (:func:`write_mixed_retain`).
 
     Returns ``(config, curate_summary, data_dir)``.
     """
@@ -88,8 +130,13 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
     concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
     data = ensure_world_data(data_dir, progress=progress)
     out = Path(out)
+    mixed = retain_identity_fraction is not None
     cur = curate(str(data / "pool"), concepts[0], out / "data", aliases=concepts[1:],
-                 max_forget=100 * len(concepts), retain=900, seed=seed)
+                 max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
+    if mixed:
+        cur["retain"] = RETAIN_PAIRS
+        cur["retain_mix"] = write_mixed_retain(concepts, out / "data" / "retain.tar", retain_identity_fraction,
+                                               seed=seed)
     cfg = UnlearnConfig(
         concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=str(out),
         model="embedded", forget=str(out / "data" / "forget.tar"),
@@ -99,3 +146,40 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
         utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
         seed=seed, progress=progress, **overrides)
     return cfg, cur, data
+
+
+def retain_without(spec: str, concepts: list[str], path: str | Path) -> dict:
+    """Write ``spec``'s pairs minus those whose caption names any of ``concepts`` (whole word, as ``slug curate``
+    matches) to the shard ``path``; returns counts."""
+    from ..data.curate import concept_pattern, matches
+    from ..data.folders import iter_pairs
+    from ..data.shards import write_shard
+
+    pat = concept_pattern(concepts[0], concepts[1:])
+    kept, dropped = [], 0
+    for smp in iter_pairs(spec, decode=False):
+        if matches(smp.caption, pat):
+            dropped += 1
+            continue
+        kept.append((f"{len(kept):07d}", smp.data, smp.caption, smp.ext if smp.ext != "jpeg" else "jpg"))
+    write_shard(Path(path), kept)
+    return {"excludes": list(concepts), "kept": len(kept), "dropped": dropped}
+
+
+def sequential_world_configs(concepts: list[str], where, data_dir: str | Path | None = None, **kwargs) -> list[tuple]:
+    """One :func:`world_config` per step of a sequential run, in folder ``where(k, concept)``: step k's forget set is
+    concept k's, its retain set that step's curated retain set minus the pairs naming a concept unlearned at an
+    earlier step (``data/retain-excluding-earlier.tar``). With them the retain gradient (and a baseline's retain
+    pass) would pull an already forgotten concept back. Returns ``[(config, curate_summary, data_dir), ...]``."""
+    from dataclasses import replace
+
+    steps = []
+    for k, c in enumerate(concepts):
+        folder = Path(where(k, c))
+        cfg, cur, data = world_config(c, folder, data_dir, **kwargs)
+        if k:
+            path = folder / "data" / "retain-excluding-earlier.tar"
+            cur = {**cur, "retain_excluding_earlier": retain_without(cfg.retain, concepts[:k], path)}
+            cfg = replace(cfg, retain=str(path))
+        steps.append((cfg, cur, data))
+    return steps
