@@ -363,3 +363,35 @@ def test_cuda_slug_demo(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["metrics"]["before"]["forget_top5"] >= 0.9 and result["metrics"]["after"]["forget_top5"] <= 0.05
     assert (out / "patch" / "patch.safetensors").is_file()
+
+
+def test_baselines_and_mia_move_each_batch_to_the_model(trained_adapter):
+    """`slug compare`'s baselines (updates, SalUn's saliency, SSD's importances, SalUn-RL's mixed batches) and the
+    MIA with host data on a (simulated) device model: every batch is moved, and the weights equal the CPU run's."""
+    from slugkit.eval.mia import pair_cosines
+    from slugkit.methods import MethodData, make_method
+
+    class Val:  # validation is covered above; here a constant
+        images, tokens = torch.zeros(1, 1), torch.zeros(1, 1)
+
+        def evaluate_naive(self):
+            return {"forget_top1": 1.0, "forget_top5": 1.0, "related_top1": 1.0, "utility_top1": 1.0}
+
+    a = trained_adapter
+    fi, ft = forget_pairs(a.tokenize)
+    ri, rt = retain_pairs(a.tokenize)
+    base = {k: v.clone() for k, v in a.model.state_dict().items()}
+    try:
+        for name in ("gaft", "salun", "salun-rl", "ssd"):
+            after = []
+            for adapter, place in ((a, lambda t: t), (SimDeviceAdapter(a), host)):
+                a.model.load_state_dict(base)
+                data = MethodData(place(fi), place(ft), place(ri), place(rt), batch_size=2)
+                make_method(name, lr=1e-3, epochs=1, early_stop=False).run(adapter, data, Val())
+                after.append({k: v.clone() for k, v in a.model.state_dict().items()})
+            assert any(not torch.equal(after[0][k], base[k]) for k in base), name  # the method did edit
+            assert all(torch.equal(after[0][k], after[1][k]) for k in base), name
+        a.model.load_state_dict(base)
+        assert pair_cosines(SimDeviceAdapter(a), host(fi), host(ft)) == pair_cosines(a, fi, ft)
+    finally:
+        a.model.load_state_dict(base)

@@ -7,8 +7,9 @@ import torch
 
 from conftest import forget_pairs, retain_pairs
 from slugkit.methods import METHODS, MethodData, make_method, saliency_mask, select_epoch
-from slugkit.methods.base import (LOGIT_SCALE_MAX, clamp_logit_scale, cosine_lr, forget_loss, make_optimizer,
-                                  param_groups)
+from slugkit.methods.base import (IMPORTANCE_BATCH_SIZE, LOGIT_SCALE_MAX, clamp_logit_scale, cosine_lr, forget_loss,
+                                  make_optimizer, param_groups)
+from slugkit.methods.salun import mask_size
 from slugkit.methods.ssd import SSD, dampen, importances
 
 
@@ -31,6 +32,14 @@ def _data(a, bs=2):
     fi, ft = forget_pairs(a.tokenizer)
     ri, rt = retain_pairs(a.tokenizer)
     return MethodData(fi, ft, ri, rt, batch_size=bs, seed=0)
+
+
+def _importances(a, data, bs=IMPORTANCE_BATCH_SIZE, loss="split"):
+    """SSD's imp_f, imp_r computed independently: squared batch gradients at batch ``bs`` (spec: 16)."""
+    clip = lambda m, x, y: m.retain_loss(x, y)  # noqa: E731
+    f_loss, r_loss = (clip if loss == "clip" else forget_loss), (forget_loss if loss == "cos" else clip)
+    return (importances(a, data.batches("forget", 0, shuffle=False, batch_size=bs), f_loss),
+            importances(a, data.batches("retain", 0, shuffle=False, batch_size=bs), r_loss))
 
 
 def _mean_cos(a, data):
@@ -171,13 +180,84 @@ def test_salun_masked_out_weights_bit_identical(adapter, update):
     assert moved_in > 0.5 * res.info["mask"]["ones"]  # the salient half does train
 
 
-def test_salun_rl_pairs_forget_images_with_retain_captions(adapter):
+def test_mask_size_is_the_exact_floor():
+    assert mask_size(0.29, 100) == 29 and int(0.29 * 100) == 28  # the float product would lose one
+    assert mask_size(0.5, 7) == 3 and mask_size(1.0, 5) == 5 and mask_size(0.0, 5) == 0
+    m = saliency_mask({"a": torch.arange(100.0)}, 0.29)
+    assert int(m["a"].sum()) == 29 and m["a"][71:].all()
+
+
+def test_salun_rl_two_pass_pairs_forget_images_with_retain_captions(adapter):
     data = _data(adapter)
-    m = make_method("salun-rl")
+    m = make_method("salun-rl", rl_batches="two-pass")
+    assert m.passes == ("forget", "retain")
     batches = m._epoch_batches(data, "forget", 0)
     retain_rows = {tuple(t.tolist()) for t in data.retain_tokens}
     assert all(tuple(t.tolist()) in retain_rows for _, toks in batches for t in toks)
     assert sum(len(x) for x, _ in batches) == data.forget_images.shape[0]
+
+
+def _rows(x):
+    return [tuple(v.reshape(-1)[:8].tolist()) for v in x]
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_salun_rl_mixed_batches(adapter, fraction):
+    """Spec §2.4-ii: relabelled forget pairs and retain pairs in the same batches; every relabelled pair once per
+    epoch, the schedule length equal to the batches actually run."""
+    data = _data(adapter, bs=4)
+    m = make_method("salun-rl", rl_forget_fraction=fraction)
+    assert m.passes == ("mixed",) and m.rl_batches == "mixed"
+    batches = m._epoch_batches(data, "mixed", 0)
+    assert len(batches) == m._n_batches(data, "mixed")
+    f_rows, r_rows = set(_rows(data.forget_images)), _rows(data.retain_images)
+    retain_caps = {tuple(t.tolist()) for t in data.retain_tokens}
+    seen_f, seen_r, mixed = [], [], 0
+    for imgs, toks in batches:
+        kinds = ["f" if r in f_rows else "r" for r in _rows(imgs)]
+        mixed += len(set(kinds)) == 2
+        seen_f += [r for r, k in zip(_rows(imgs), kinds) if k == "f"]
+        seen_r += [r for r, k in zip(_rows(imgs), kinds) if k == "r"]
+        assert all(tuple(t.tolist()) in retain_caps for t in toks)  # forget images carry retain captions only
+        if fraction is not None:
+            assert kinds.count("r") == 2 and kinds.count("f") in (1, 2)
+    assert sorted(seen_f) == sorted(f_rows) and mixed >= 1
+    if fraction is None:  # one pass over the union: every retain pair exactly once
+        assert sorted(seen_r) == sorted(r_rows) and len(batches) == -(-(5 + 7) // 4)
+    else:  # 2 relabelled + 2 retain per batch until the 5 forget pairs are used
+        assert len(batches) == 3 and [len(x) for x, _ in batches] == [4, 4, 3]
+    assert _rows(m._epoch_batches(data, "mixed", 0)[0][0]) == _rows(batches[0][0])  # seeded
+    assert _rows(m._epoch_batches(data, "mixed", 1)[0][0]) != _rows(batches[0][0])  # reshuffled per epoch
+    with pytest.raises(ValueError, match="forget fraction"):
+        make_method("salun-rl", rl_forget_fraction=0.0)
+
+
+def test_salun_saliency_batch_and_forget_loss_options(adapter):
+    from slugkit.methods.salun import forget_gradient
+
+    data = _data(adapter)
+    m = make_method("salun", lr=1e-3, epochs=1, early_stop=False)
+    res = m.run(adapter, data, FakeEval())
+    assert m.importance_batch_size == IMPORTANCE_BATCH_SIZE == 16
+    # the saliency pass is one batch of 16 (5 pairs), then one epoch of 3 + 4 update batches of 2
+    assert res.passes.backward_batches == 1 + 3 + 4
+    g16, g2 = forget_gradient(adapter, data, batch_size=16), forget_gradient(adapter, data, batch_size=2)
+    assert not torch.allclose(g16["visual.conv1.weight"], g2["visual.conv1.weight"])  # mean of batch means
+    with pytest.raises(ValueError, match="forget loss"):
+        make_method("ga", forget_loss="nope")
+
+
+def test_ga_clip_forget_loss_ascends_the_clip_loss(adapter):
+    """``forget_loss="clip"`` (the repo's ``_o``): GA raises the CLIP contrastive loss on the forget pairs."""
+    data = _data(adapter)
+
+    def clip_loss():
+        with torch.no_grad():
+            return float(adapter.retain_loss(data.forget_images, data.forget_tokens))
+
+    before = clip_loss()
+    make_method("ga", lr=1e-3, epochs=2, early_stop=False, forget_loss="clip").run(adapter, data, FakeEval())
+    assert clip_loss() > before + 1e-3
 
 
 def test_masking_gradients_alone_leaks_under_adamw(adapter):
@@ -212,14 +292,14 @@ def test_dampen_changes_iff_selected_by_the_right_factor():
     assert torch.equal(m2.weight.detach(), w0)
 
 
-def test_ssd_run_matches_formula_and_skips_scalars(adapter):
+@pytest.mark.parametrize("loss", ["split", "clip", "cos"])
+def test_ssd_run_matches_formula_and_skips_scalars(adapter, loss):
     data = _data(adapter)
     base = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
-    imp_f = importances(adapter, data.batches("forget", 0, shuffle=False), forget_loss)
-    imp_r = importances(adapter, data.batches("retain", 0, shuffle=False), lambda a, x, y: a.retain_loss(x, y))
-    res = SSD(alpha=10.0).run(adapter, data, FakeEval())
+    imp_f, imp_r = _importances(adapter, data, loss=loss)
+    res = SSD(alpha=10.0, importance_loss=loss).run(adapter, data, FakeEval())
     assert res.selected_epoch == 1 and res.epochs[0]["lambda"] == 1.0
-    assert res.passes.backward_batches == 3 + 4
+    assert res.passes.backward_batches == 1 + 1  # 5 forget and 7 retain pairs in batches of 16 (calc_grad's)
     n_sel = 0
     for n, p in adapter.model.named_parameters():
         if p.numel() <= 1:
@@ -233,11 +313,23 @@ def test_ssd_run_matches_formula_and_skips_scalars(adapter):
     assert n_sel == res.epochs[0]["selected_positions"] > 0
 
 
+def test_ssd_importance_batch_size_and_loss_options(adapter):
+    data = _data(adapter)
+    ev = FakeEval()
+    small = SSD(alpha=10.0, importance_batch_size=2).run(adapter, data, ev)
+    assert small.passes.backward_batches == 3 + 4 and small.config["importance_batch_size"] == 2
+    imp16, imp2 = _importances(adapter, data), _importances(adapter, data, bs=2)
+    assert not torch.allclose(imp16[0]["visual.conv1.weight"], imp2[0]["visual.conv1.weight"])  # it matters
+    with pytest.raises(ValueError, match="importance loss"):
+        SSD(importance_loss="nope")
+    with pytest.raises(ValueError, match="batch size"):
+        SSD(importance_batch_size=0)
+
+
 def test_ssd_cumulative_compounds_and_default_restarts(adapter):
     data = _data(adapter)
     base = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
-    imp_f = importances(adapter, data.batches("forget", 0, shuffle=False), forget_loss)
-    imp_r = importances(adapter, data.batches("retain", 0, shuffle=False), lambda a, x, y: a.retain_loss(x, y))
+    imp_f, imp_r = _importances(adapter, data)
     name = "visual.conv1.weight"
     sel = imp_f[name] > 10.0 * imp_r[name]
     beta = torch.clamp(0.5 * imp_r[name] / imp_f[name], max=1.0)
@@ -307,8 +399,7 @@ def test_lr_sweep_restores_the_best_run_when_none_meets(adapter):
 def test_ssd_grid_stops_at_the_first_point_meeting_the_rule(adapter):
     data = _data(adapter)
     base = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
-    imp_f = importances(adapter, data.batches("forget", 0, shuffle=False), forget_loss)
-    imp_r = importances(adapter, data.batches("retain", 0, shuffle=False), lambda a, x, y: a.retain_loss(x, y))
+    imp_f, imp_r = _importances(adapter, data)
     ev = FakeEval([0.5, 0.4, 0.0, 0.0])
     res = SSD(alphas=(10.0, 5.0), lambdas=(1.0, 0.5), select_metric="forget_top5").run(adapter, data, ev)
     assert ev.calls == 3 and res.selected_epoch == 3

@@ -224,7 +224,9 @@ def cmd_compare(a) -> int:
             retain_samples=a.retain_samples, precision=a.precision, strict=a.strict)
     cc = CompareConfig(concept=concept, out=out, methods=methods, model=a.model, data_dir=a.data_dir,
                        epochs=a.epochs, lr=lrs, batch_size=a.batch_size, select_metric=a.select_metric,
-                       salun_threshold=a.salun_threshold, ssd_alpha=a.ssd_alpha, forget_samples=a.forget_samples,
+                       salun_threshold=a.salun_threshold, ssd_alpha=a.ssd_alpha, forget_loss=a.forget_loss,
+                       rl_forget_fraction=a.rl_forget_fraction, importance_batch_size=a.importance_batch_size,
+                       ssd_importance_loss=a.ssd_importance_loss, forget_samples=a.forget_samples,
                        retain_samples=a.retain_samples, retain_identity_fraction=a.retain_identity_fraction,
                        seed=a.seed, threads=a.threads, overwrite=a.overwrite,
                        progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
@@ -501,6 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--salun-threshold", type=float, default=0.5, help="SalUn mask fraction (default 0.5)")
     cp.add_argument("--ssd-alpha", type=float, default=None, help="fix SSD's α (λ = 1, one application); default: "
                                                                   "sweep α 10,5,2,1 × λ 1,.5,.2,.1 by validation")
+    cp.add_argument("--forget-loss", choices=["cos", "clip"], default="cos",
+                    help="GA, GA+FT, SalUn forget pass: ascent on 1 - cos (default, SLUG's) or on the CLIP loss "
+                         "(the SLUG repo's _o variants)")
+    cp.add_argument("--rl-forget-fraction", type=float, default=None, metavar="F",
+                    help="salun-rl: share of relabelled forget pairs in each mixed batch (default: one shuffled "
+                         "pass over relabelled forget + retain pairs)")
+    cp.add_argument("--importance-batch-size", type=int, default=16,
+                    help="batch of SalUn's saliency gradient and SSD's importances (default 16, the SLUG repo's "
+                         "calc_grad pass)")
+    cp.add_argument("--ssd-importance-loss", choices=["split", "clip", "cos"], default="split",
+                    help="SSD importances: split = mean cos on D_f, CLIP loss on D_r (default, the SLUG repo's); "
+                         "clip / cos = that loss on both")
     cp.add_argument("--forget-samples", type=int, default=None)
     cp.add_argument("--retain-samples", type=int, default=None)
     cp.add_argument("--retain-identity-fraction", type=float, default=None, metavar="F",

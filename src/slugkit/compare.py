@@ -97,6 +97,10 @@ class CompareConfig:
     batch_size: int = 32  # baselines (official 32); SLUG keeps `slug unlearn`'s default so its numbers match
     select_metric: str = "forget_top5"  # baselines' epoch rule: first validation metric = 0 (paper: forget_top1)
     salun_threshold: float = 0.5
+    forget_loss: str = "cos"  # GA / GA+FT / SalUn forget pass: mean cos (SLUG convention) or "clip" (the repo's _o)
+    rl_forget_fraction: float | None = None  # salun-rl: share of relabelled pairs per batch (None: natural mix)
+    importance_batch_size: int = 16  # SalUn saliency gradient and SSD importances (the repo's calc_grad batch)
+    ssd_importance_loss: str = "split"  # SSD: split (cos on D_f, CLIP on D_r, the repo's), clip or cos on both
     ssd_alpha: float | None = None  # None: SSD sweeps ALPHA_GRID x LAMBDA_GRID; a number: that α with λ = 1
     lr_sweep: list[float] | None = None  # gradient baselines (not FT): smallest lr of this grid meeting the rule
     concepts: list[str] = field(default_factory=list)  # two or more: several identities (see ``modes``)
@@ -269,8 +273,14 @@ def make_baseline(cc: CompareConfig, name: str):
     from .methods import ALPHA_GRID, LRSweep, make_method
 
     kw = {"epochs": cc.epochs, "select_metric": cc.select_metric}
+    if name in ("ga", "gaft") or name.startswith("salun"):
+        kw["forget_loss"] = cc.forget_loss
     if name.startswith("salun"):
-        kw["threshold"] = cc.salun_threshold
+        kw.update(threshold=cc.salun_threshold, importance_batch_size=cc.importance_batch_size)
+    if name == "salun-rl":
+        kw["rl_forget_fraction"] = cc.rl_forget_fraction
+    if name.startswith("ssd"):
+        kw.update(importance_loss=cc.ssd_importance_loss, importance_batch_size=cc.importance_batch_size)
     if name == "ssd":
         kw.update({"alpha": cc.ssd_alpha} if cc.ssd_alpha is not None else {"alphas": ALPHA_GRID})
     elif name == "ssd-cumulative" and cc.ssd_alpha is not None:

@@ -52,7 +52,9 @@ def pair_cosines(adapter, images: torch.Tensor, tokens: torch.Tensor, batch_size
     """cos(f_I(x_i), f_T(t_i)) for each pair, on the model as it is now."""
     out = []
     for i in range(0, images.shape[0], batch_size):
-        out.append(adapter.forget_loss_per_sample(images[i:i + batch_size], tokens[i:i + batch_size]))
+        dev = adapter.device  # the pairs stay in CPU memory; each batch goes to the model's device for its forward
+        out.append(adapter.forget_loss_per_sample(images[i:i + batch_size].to(dev),
+                                                  tokens[i:i + batch_size].to(dev)).cpu())
     return torch.cat(out).tolist() if out else []
 
 

@@ -35,6 +35,16 @@ from dataclasses import dataclass, field
 import torch
 
 LOGIT_SCALE_MAX = math.log(100.0)
+# Batch size of the gradient statistics computed before any update — SalUn's saliency gradient and SSD's importances
+# — as the SLUG repo's ``calc_grad`` pass runs them (``scripts/run_compute_grad.sh``: batch 16; spec baselines.md
+# §2.4). SSD's squared batch gradients depend on it; the updates keep the comparison's batch size (official 32).
+IMPORTANCE_BATCH_SIZE = 16
+FORGET_LOSSES = ("cos", "clip")
+
+
+def on_device(adapter, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch moved to the model's device (a no-op on the CPU), right before its forward."""
+    return images.to(adapter.device), tokens.to(adapter.device)
 
 
 @dataclass
@@ -46,8 +56,10 @@ class MethodData:
     batch_size: int = 32
     seed: int = 0
 
-    def batches(self, split: str, epoch: int, shuffle: bool = True, tokens: torch.Tensor | None = None):
-        """The batches of ``split`` for ``epoch``: a seeded permutation (the same for every method)."""
+    def batches(self, split: str, epoch: int, shuffle: bool = True, tokens: torch.Tensor | None = None,
+                batch_size: int | None = None):
+        """The batches of ``split`` for ``epoch``: a seeded permutation (the same for every method). The tensors stay
+        where the data lives (the CPU); :func:`on_device` moves a batch right before its forward."""
         imgs = self.forget_images if split == "forget" else self.retain_images
         toks = tokens if tokens is not None else (self.forget_tokens if split == "forget" else self.retain_tokens)
         n = imgs.shape[0]
@@ -56,7 +68,7 @@ class MethodData:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
-        bs = self.batch_size
+        bs = batch_size or self.batch_size
         return [(imgs[order[i:i + bs]], toks[order[i:i + bs]]) for i in range(0, n, bs)]
 
     def n_batches(self, split: str) -> int:
@@ -149,6 +161,18 @@ def forget_loss(adapter, images, tokens) -> torch.Tensor:
     return adapter.forget_loss_per_sample(images, tokens).mean()
 
 
+def forget_loss_clip(adapter, images, tokens) -> torch.Tensor:
+    """−L_clip on forget pairs: ascent on the CLIP contrastive loss (the SLUG repo's ``_o`` variants). On a batch of
+    one identity the negatives are near-duplicates of the positives, which is why the repo defaults to L_cos."""
+    return -adapter.retain_loss(images, tokens)
+
+
+def forget_loss_fn(kind: str):
+    if kind not in FORGET_LOSSES:
+        raise ValueError(f"forget loss must be one of {', '.join(FORGET_LOSSES)}, not {kind!r}")
+    return forget_loss if kind == "cos" else forget_loss_clip
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -208,7 +232,8 @@ class Method:
 class GradientMethod(Method):
     """AdamW fine-tuning over a fixed sequence of passes per epoch (``passes``: "forget" and/or "retain").
 
-    * a "forget" pass minimises L_forget = mean cos on forget pairs (ascent on L_cos, SLUG's convention);
+    * a "forget" pass minimises L_forget = mean cos on forget pairs (ascent on L_cos, SLUG's convention;
+      ``forget_loss="clip"``: −L_clip, the repo's ``_o`` variant);
     * a "retain" pass minimises the CLIP contrastive loss on retain pairs.
 
     Every batch takes its own optimizer step; one optimizer and one cosine schedule for the whole run.
@@ -220,14 +245,16 @@ class GradientMethod(Method):
     default_epochs = 10
 
     def __init__(self, lr: float | None = None, epochs: int | None = None, wd: float = 0.1,
-                 select_metric: str = "forget_top1", early_stop: bool = True):
+                 select_metric: str = "forget_top1", early_stop: bool = True, forget_loss: str = "cos"):
         super().__init__(epochs=epochs or self.default_epochs, select_metric=select_metric, early_stop=early_stop)
         self.lr = self.default_lr if lr is None else lr
         self.wd = wd
+        self._forget_fn = forget_loss_fn(forget_loss)
+        self.forget_loss = forget_loss
 
     def _loss(self, adapter, split: str, images, tokens) -> torch.Tensor:
         if split == "forget":
-            return forget_loss(adapter, images, tokens)
+            return self._forget_fn(adapter, images, tokens)
         return adapter.retain_loss(images, tokens)
 
     def _prepare(self, adapter, data: MethodData, res: MethodResult) -> None:
@@ -239,6 +266,10 @@ class GradientMethod(Method):
     def _epoch_batches(self, data: MethodData, split: str, epoch: int):
         return data.batches(split, epoch)
 
+    def _n_batches(self, data: MethodData, split: str) -> int:
+        """Batches per epoch of the pass ``split`` (sets the length of the cosine schedule)."""
+        return data.n_batches(split)
+
     def run(self, adapter, data: MethodData, val_eval) -> MethodResult:
         res = MethodResult(self.name, config={"method": self.name, **self.describe(), "passes": list(self.passes)})
         model = adapter.model
@@ -246,7 +277,7 @@ class GradientMethod(Method):
         self._prepare(adapter, data, res)
         res.timing_s["precompute"] = time.perf_counter() - t
         opt = make_optimizer(model, self.lr, self.wd)
-        total = self.epochs * sum(data.n_batches(s) for s in self.passes)
+        total = self.epochs * sum(self._n_batches(data, s) for s in self.passes)
         step = [0]
 
         def epoch_fn(epoch: int) -> dict:
@@ -258,6 +289,7 @@ class GradientMethod(Method):
                     for g in opt.param_groups:
                         g["lr"] = lr
                     opt.zero_grad(set_to_none=True)
+                    images, tokens = on_device(adapter, images, tokens)
                     loss = self._loss(adapter, split, images, tokens)
                     loss.backward()
                     res.passes.train(int(images.shape[0]))
@@ -287,7 +319,7 @@ def batch_gradient_mean(adapter, batches, loss_fn, res: MethodResult | None = No
     nb = 0
     for images, tokens in batches:
         model.zero_grad(set_to_none=True)
-        loss_fn(adapter, images, tokens).backward()
+        loss_fn(adapter, *on_device(adapter, images, tokens)).backward()
         if res is not None:
             res.passes.train(int(images.shape[0]))
         for n, p in params.items():

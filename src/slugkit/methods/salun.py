@@ -11,10 +11,19 @@ deterministically by a stable sort (lower flat index first).
 * ``"gaft"`` (default, registry name ``salun``): masked GA+FT, as SalUn is run in the SLUG repo
   (``unlearn_compare.py`` + ``unlearn/GAFT.py``) for its Table 1: each epoch a pass over D_f minimising mean cos,
   then a pass over D_r minimising the CLIP loss;
-* ``"rl"`` (registry name ``salun-rl``): the SalUn paper's random labelling adapted to CLIP (spec §2.4-ii): each
-  epoch a pass over D_f where every forget image is paired with a caption drawn at random (seeded per epoch) from
-  the retain set, minimising the CLIP contrastive loss on those pairs, then a pass over D_r with the CLIP loss
-  (the CIFAR-10 two-pass form of ``unlearn/RL.py``; the pass lengths play the role of β).
+* ``"rl"`` (registry name ``salun-rl``): the SalUn paper's random labelling adapted to CLIP (spec §2.4-ii): every
+  epoch each forget image is paired with a caption drawn at random (seeded per epoch) from the retain set, and the
+  CLIP contrastive loss is minimised on **mixed batches** of these relabelled pairs and retain pairs
+  (``rl_batches="mixed"``, the default). ``rl_forget_fraction=None``: one shuffled pass over their union (the
+  CIFAR-100 form of ``unlearn/RL.py``, the natural ratio N_f / (N_f + N_r)); a number f: batches of ⌊f·B⌉
+  relabelled and B − ⌊f·B⌉ retain pairs until every relabelled pair has been used once (retain pairs in a seeded
+  order, cycling). ``rl_batches="two-pass"``: a relabelled pass, then a retain pass (the CIFAR-10 form; the pass
+  lengths play the role of β). A random caption can also sit in the same batch with its own image; the contrastive
+  loss then has a duplicate caption, as the official classification code's random labels can hit the true class.
+
+The saliency gradient is computed with batch ``importance_batch_size`` (16, the ``calc_grad`` pass of the SLUG
+repo); the updates use the comparison's batch size (32). With ``forget_loss="clip"`` the saliency and the forget pass
+use −L_clip (the repo's ``_o`` variant) instead of mean cos.
 
 **Masked-out weights stay bit-identical.** Gradients are multiplied by the mask before every step, and after every
 step the original values are copied back where m = 0 and AdamW's moments there are zeroed. Masking gradients alone
@@ -34,21 +43,35 @@ from __future__ import annotations
 
 import torch
 
-from .base import GradientMethod, MethodData, MethodResult, batch_gradient_mean, forget_loss
+import math
+from fractions import Fraction
+
+from .base import IMPORTANCE_BATCH_SIZE, GradientMethod, MethodData, MethodResult, batch_gradient_mean, forget_loss
+
+RL_BATCHES = ("mixed", "two-pass")
 
 
-def forget_gradient(adapter, data: MethodData, res: MethodResult | None = None) -> dict[str, torch.Tensor]:
-    """Mean over forget batches (unshuffled) of ∇ of the batch-mean forget loss, for every trainable parameter."""
-    return batch_gradient_mean(adapter, data.batches("forget", 0, shuffle=False), forget_loss, res, power=1)
+def forget_gradient(adapter, data: MethodData, res: MethodResult | None = None,
+                    batch_size: int = IMPORTANCE_BATCH_SIZE, loss_fn=forget_loss) -> dict[str, torch.Tensor]:
+    """Mean over forget batches (unshuffled, ``batch_size``) of ∇ of the batch-mean forget loss, for every trainable
+    parameter."""
+    return batch_gradient_mean(adapter, data.batches("forget", 0, shuffle=False, batch_size=batch_size), loss_fn, res,
+                               power=1)
+
+
+def mask_size(fraction: float, n_total: int) -> int:
+    """⌊fraction·N⌋ computed exactly from the decimal ``fraction`` (``int(0.29 * 100)`` would give 28)."""
+    return math.floor(Fraction(str(fraction)) * n_total)
 
 
 def saliency_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """Bool masks with exactly ⌊fraction·N⌋ ones over all tensors: the largest scores, ties by flat index."""
+    """Bool masks with exactly ⌊fraction·N⌋ ones over all tensors: the largest scores, ties by flat index. The masks
+    live on the scores' device."""
     names = list(scores)
     flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
     n_total = flat.numel()
-    k = int(fraction * n_total)  # floor for fraction >= 0
-    keep = torch.zeros(n_total, dtype=torch.bool)
+    k = mask_size(fraction, n_total)
+    keep = torch.zeros(n_total, dtype=torch.bool, device=flat.device)
     if k > 0:
         order = torch.argsort(flat, descending=True, stable=True)
         keep[order[:k]] = True
@@ -68,21 +91,34 @@ class SalUn(GradientMethod):
 
     def __init__(self, lr: float | None = None, epochs: int | None = None, wd: float = 0.1,
                  threshold: float = 0.5, update: str = "gaft", select_metric: str = "forget_top1",
-                 early_stop: bool = True):
+                 early_stop: bool = True, forget_loss: str = "cos", rl_batches: str = "mixed",
+                 rl_forget_fraction: float | None = None, importance_batch_size: int = IMPORTANCE_BATCH_SIZE):
         if update not in ("gaft", "rl"):
             raise ValueError(f"SalUn update must be 'gaft' or 'rl', not {update!r}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"SalUn threshold must be in [0, 1], not {threshold}")
-        super().__init__(lr=lr, epochs=epochs, wd=wd, select_metric=select_metric, early_stop=early_stop)
+        if rl_batches not in RL_BATCHES:
+            raise ValueError(f"SalUn rl_batches must be one of {', '.join(RL_BATCHES)}, not {rl_batches!r}")
+        if rl_forget_fraction is not None and not 0.0 < rl_forget_fraction <= 1.0:
+            raise ValueError(f"SalUn-RL forget fraction must be in (0, 1], not {rl_forget_fraction}")
+        if importance_batch_size < 1:
+            raise ValueError(f"importance batch size must be >= 1, not {importance_batch_size}")
+        super().__init__(lr=lr, epochs=epochs, wd=wd, select_metric=select_metric, early_stop=early_stop,
+                         forget_loss=forget_loss)
         self.threshold = threshold
         self.update = update
+        self.rl_batches = rl_batches if update == "rl" else None
+        self.rl_forget_fraction = rl_forget_fraction if update == "rl" else None
+        self.importance_batch_size = importance_batch_size
+        if update == "rl" and rl_batches == "mixed":
+            self.passes = ("mixed",)
         self._masks: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self._data: MethodData | None = None
         self.mask: dict[str, torch.Tensor] = {}
 
     def _prepare(self, adapter, data: MethodData, res: MethodResult) -> None:
         self._data = data
-        g = forget_gradient(adapter, data, res)
+        g = forget_gradient(adapter, data, res, self.importance_batch_size, self._forget_fn)
         self.mask = saliency_mask({n: v.abs() for n, v in g.items()}, self.threshold)
         params = dict(adapter.model.named_parameters())
         self._masks = [(params[n], m, params[n].detach().clone()) for n, m in self.mask.items()]
@@ -107,14 +143,50 @@ class SalUn(GradientMethod):
                     if key in st:
                         st[key].mul_(m)
 
+    @staticmethod
+    def _random_captions(data: MethodData, epoch: int) -> torch.Tensor:
+        """For each forget image, the tokens of a retain caption drawn at random (seeded per epoch)."""
+        g = torch.Generator().manual_seed(data.seed * 1000 + 500 + epoch)
+        idx = torch.randint(data.retain_tokens.shape[0], (data.forget_images.shape[0],), generator=g)
+        return data.retain_tokens[idx]
+
+    def _mixed_batches(self, data: MethodData, epoch: int) -> list:
+        f_img, f_tok = data.forget_images, self._random_captions(data, epoch)
+        r_img, r_tok = data.retain_images, data.retain_tokens
+        nf, nr, bs = f_img.shape[0], r_img.shape[0], data.batch_size
+        g = torch.Generator().manual_seed(data.seed * 1000 + 700 + epoch)
+        if self.rl_forget_fraction is None:
+            imgs, toks = torch.cat([f_img, r_img]), torch.cat([f_tok, r_tok])
+            order = torch.randperm(nf + nr, generator=g)
+            return [(imgs[order[i:i + bs]], toks[order[i:i + bs]]) for i in range(0, nf + nr, bs)]
+        kf = self._forget_per_batch(bs)
+        fo, ro = torch.randperm(nf, generator=g), torch.randperm(nr, generator=g)
+        out = []
+        for b, i in enumerate(range(0, nf, kf)):
+            fi = fo[i:i + kf]
+            ri = ro[torch.arange(b * (bs - kf), (b + 1) * (bs - kf)) % nr] if nr else ro[:0]
+            out.append((torch.cat([f_img[fi], r_img[ri]]), torch.cat([f_tok[fi], r_tok[ri]])))
+        return out
+
+    def _forget_per_batch(self, bs: int) -> int:
+        return max(1, min(bs, round(self.rl_forget_fraction * bs)))
+
     def _epoch_batches(self, data: MethodData, split: str, epoch: int):
+        if split == "mixed":
+            return self._mixed_batches(data, epoch)
         if split == "forget" and self.update == "rl":
-            g = torch.Generator().manual_seed(data.seed * 1000 + 500 + epoch)
-            idx = torch.randint(data.retain_tokens.shape[0], (data.forget_images.shape[0],), generator=g)
-            return data.batches("forget", epoch, tokens=data.retain_tokens[idx])
+            return data.batches("forget", epoch, tokens=self._random_captions(data, epoch))
         return data.batches(split, epoch)
+
+    def _n_batches(self, data: MethodData, split: str) -> int:
+        if split != "mixed":
+            return data.n_batches(split)
+        nf, nr, bs = data.forget_images.shape[0], data.retain_images.shape[0], data.batch_size
+        if self.rl_forget_fraction is None:
+            return -(-(nf + nr) // bs)
+        return -(-nf // self._forget_per_batch(bs))
 
     def _loss(self, adapter, split: str, images, tokens) -> torch.Tensor:
         if split == "forget" and self.update == "rl":
             return adapter.retain_loss(images, tokens)  # CLIP loss on (forget image, random retain caption)
-        return super()._loss(adapter, split, images, tokens)
+        return super()._loss(adapter, split, images, tokens)  # "mixed": the CLIP loss, as a retain pass

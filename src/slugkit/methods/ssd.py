@@ -20,6 +20,11 @@ No optimizer, no epochs.
   model at every "epoch", each followed by a validation (the effects compound — a quirk of the official loop).
 
 α = 10 (official for CLIP) when no grid is given.
+
+Both importances are computed with batch ``importance_batch_size`` (16, the SLUG repo's ``calc_grad`` pass; squared
+batch gradients depend on the batch size). ``importance_loss`` (spec baselines.md §4.2): ``"split"`` (default, the
+SLUG repo: mean cos on D_f, CLIP loss on D_r — two losses on different scales, so α changes meaning), ``"clip"`` (the
+CLIP loss on both) or ``"cos"`` (mean cos on both).
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ import time
 import numpy as np
 import torch
 
-from .base import Method, MethodData, MethodResult, batch_gradient_mean, forget_loss, select_epoch, snapshot
+from .base import (IMPORTANCE_BATCH_SIZE, Method, MethodData, MethodResult, batch_gradient_mean, forget_loss,
+                   select_epoch, snapshot)
+
+IMPORTANCE_LOSSES = ("split", "clip", "cos")
+
+
+def _clip_loss(adapter, images, tokens) -> torch.Tensor:
+    return adapter.retain_loss(images, tokens)
 
 
 def importances(adapter, batches, loss_fn, res: MethodResult | None = None) -> dict[str, torch.Tensor]:
@@ -66,9 +78,17 @@ class SSD(Method):
     iterative = False
 
     def __init__(self, alpha: float = 10.0, lambdas: tuple[float, ...] | None = None, cumulative: bool = False,
-                 alphas: tuple[float, ...] | None = None, select_metric: str = "forget_top1", **_ignored):
+                 alphas: tuple[float, ...] | None = None, select_metric: str = "forget_top1",
+                 importance_loss: str = "split", importance_batch_size: int = IMPORTANCE_BATCH_SIZE, **_ignored):
         if alphas is not None and cumulative:
             raise ValueError("SSD: an α grid is not combined with the cumulative (official) sweep")
+        if importance_loss not in IMPORTANCE_LOSSES:
+            raise ValueError(f"SSD importance loss must be one of {', '.join(IMPORTANCE_LOSSES)}, "
+                             f"not {importance_loss!r}")
+        if importance_batch_size < 1:
+            raise ValueError(f"importance batch size must be >= 1, not {importance_batch_size}")
+        self.importance_loss = importance_loss
+        self.importance_batch_size = importance_batch_size
         self.alpha = alpha
         self.alphas = tuple(float(a) for a in alphas) if alphas is not None else None
         self.cumulative = cumulative
@@ -84,9 +104,11 @@ class SSD(Method):
         res = MethodResult(self.name, config={"method": self.name, **self.describe()})
         model = adapter.model
         t = time.perf_counter()
-        imp_f = importances(adapter, data.batches("forget", 0, shuffle=False), forget_loss, res)
-        imp_r = importances(adapter, data.batches("retain", 0, shuffle=False),
-                            lambda a, x, y: a.retain_loss(x, y), res)
+        f_loss = _clip_loss if self.importance_loss == "clip" else forget_loss
+        r_loss = forget_loss if self.importance_loss == "cos" else _clip_loss
+        bs = self.importance_batch_size
+        imp_f = importances(adapter, data.batches("forget", 0, shuffle=False, batch_size=bs), f_loss, res)
+        imp_r = importances(adapter, data.batches("retain", 0, shuffle=False, batch_size=bs), r_loss, res)
         res.timing_s["precompute"] = time.perf_counter() - t
         several = len(self.points) > 1
         pristine = snapshot(model) if not self.cumulative and several else None
