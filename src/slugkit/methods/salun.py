@@ -42,10 +42,10 @@ concept's name stays the nearest identity name.
 
 from __future__ import annotations
 
-import torch
-
 import math
 from fractions import Fraction
+
+import torch
 
 from .base import IMPORTANCE_BATCH_SIZE, GradientMethod, MethodData, MethodResult, batch_gradient_mean, forget_loss
 
