@@ -228,3 +228,26 @@ def test_mixed_retain_set_composition(compare_run, tmp_path, capsys):
             "--out", str(tmp_path / "e"), "--no-progress"]
     assert main(argv) == 2
     assert "retain-identity-fraction" in capsys.readouterr().err
+
+
+def test_compare_on_the_model_device(compare_run, tmp_path, monkeypatch):
+    """`slug compare --device`: SLUG, the baselines, the evaluation and the MIA with the model on a (simulated)
+    separate device — data in host memory must be moved batch by batch — give the CPU run's metrics exactly."""
+    import slugkit.models as models
+    from test_device import SimDeviceAdapter
+
+    run, data_dir = compare_run
+    real = models.load_adapter
+    monkeypatch.setattr(models, "load_adapter", lambda *a, **k: SimDeviceAdapter(real(*a, **k)))
+    threads = torch.get_num_threads()
+    try:
+        rep = run_compare(CompareConfig(concept=world.IDENTITIES[0].name, out=str(tmp_path / "sim"),
+                                        methods=["slug", "ga", "ssd"], epochs=1, forget_samples=40, retain_samples=64,
+                                        data_dir=str(data_dir), threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    ref = json.loads((run / "compare.json").read_text())
+    for m in ("slug", "ga", "ssd"):
+        assert rep["methods"][m]["metrics"]["after"] == ref["methods"][m]["metrics"]["after"], m
+        assert rep["methods"][m]["mia"] == ref["methods"][m]["mia"], m
+    assert rep["config"]["device"] == "cpu"  # the simulated device stands in for a GPU on the CPU

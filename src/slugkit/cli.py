@@ -221,14 +221,14 @@ def cmd_compare(a) -> int:
             identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
             utility_val=a.utility_val, utility_test=a.utility_test, utility_classnames=a.utility_classnames,
             utility_templates=a.utility_templates, forget_samples=a.forget_samples,
-            retain_samples=a.retain_samples, precision=a.precision, strict=a.strict)
+            retain_samples=a.retain_samples, precision=a.precision, strict=a.strict, device=a.device)
     cc = CompareConfig(concept=concept, out=out, methods=methods, model=a.model, data_dir=a.data_dir,
                        epochs=a.epochs, lr=lrs, batch_size=a.batch_size, select_metric=a.select_metric,
                        salun_threshold=a.salun_threshold, ssd_alpha=a.ssd_alpha, forget_loss=a.forget_loss,
                        rl_forget_fraction=a.rl_forget_fraction, importance_batch_size=a.importance_batch_size,
                        ssd_importance_loss=a.ssd_importance_loss, forget_samples=a.forget_samples,
                        retain_samples=a.retain_samples, retain_identity_fraction=a.retain_identity_fraction,
-                       seed=a.seed, threads=a.threads, overwrite=a.overwrite,
+                       device=a.device, seed=a.seed, threads=a.threads, overwrite=a.overwrite,
                        progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
                        concepts=concepts if len(concepts) > 1 else [],
                        modes=[m.strip() for m in a.modes.split(",") if m.strip()],
@@ -521,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="embedded world: a retain set of 900 pool pairs, a share F of them other identities' and "
                          "the rest utility pairs (default: the curated retain set, ~91%% identities; the paper's "
                          "LAION retain shard has few of the related test identities)")
+    cp.add_argument("--device", default="cpu", help="the model's device, e.g. cuda (data stays in CPU memory and "
+                                                    "each batch is moved before its forward)")
     cp.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
     g = cp.add_argument_group("explicit data (as `slug unlearn`; required for models other than 'embedded')")
     g.add_argument("--pretrained", default=None)

@@ -111,6 +111,7 @@ class CompareConfig:
     forget_samples: int | None = None  # caps (tests)
     retain_samples: int | None = None
     retain_identity_fraction: float | None = None  # embedded world: retain share of other identities (None: curated)
+    device: str = "cpu"  # the model's device (data stays in CPU memory; every batch is moved before its forward)
     seed: int = 0
     threads: int | None = None
     overwrite: bool = False
@@ -181,6 +182,17 @@ class PeakRSS:
     @property
     def bytes(self) -> int:
         return max(0, self.peak - self.start)
+
+
+def _reset_cuda_peak() -> None:
+    if torch.cuda.is_available():  # pragma: no cover - no GPU here
+        torch.cuda.reset_peak_memory_stats()  # each method's own peak, not the whole run's
+
+
+def _record_cuda_peak(entry: dict) -> None:
+    """``cuda_max_memory_allocated``: the method's peak GPU memory (since :func:`_reset_cuda_peak`), when a GPU exists."""
+    if torch.cuda.is_available():  # pragma: no cover - no GPU here
+        entry["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
 
 
 def changed_storage(model: torch.nn.Module, base: dict[str, torch.Tensor]) -> dict:
@@ -331,7 +343,7 @@ def _world_config(cc: CompareConfig, concept, out: Path):
 
     return world_config(concept, out, cc.data_dir, progress=cc.progress, seed=cc.seed, threads=cc.threads,
                         overwrite=cc.overwrite, forget_samples=cc.forget_samples, retain_samples=cc.retain_samples,
-                        retain_identity_fraction=cc.retain_identity_fraction)
+                        retain_identity_fraction=cc.retain_identity_fraction, device=cc.device)
 
 
 def run_compare(cc: CompareConfig) -> dict:
@@ -389,7 +401,7 @@ def run_compare(cc: CompareConfig) -> dict:
             parts["joint"] = _compare_joint(cc, cfg, cur, data_dir, adapter, base, out / "joint", concepts, cache)
         else:
             if adapter is None:
-                adapter = load_adapter("embedded")
+                adapter = load_adapter("embedded", device=cc.device)
                 base = _Base(adapter)
             parts["sequential"] = _compare_sequential(cc, concepts, adapter, base, out / "sequential", cache)
     first = next(iter(parts.values()))
@@ -436,6 +448,7 @@ def _compare_joint(cc: CompareConfig, cfg, cur, data_dir, adapter, base: _Base, 
         if cc.progress:
             print(f"[compare] {name} ...", flush=True)
         entry = {"method": name, "start_sha256": start_hash}
+        _reset_cuda_peak()
         if name == "slug":
             scfg = replace(cfg, out=str(out / "slug"), progress=False, overwrite=cc.overwrite)
             result = run_unlearn(scfg, adapter=adapter)
@@ -477,8 +490,7 @@ def _compare_joint(cc: CompareConfig, cfg, cur, data_dir, adapter, base: _Base, 
                 "config": res.config, "info": res.info,
             })
             entry["mia"] = run_mia()
-        if torch.cuda.is_available():  # pragma: no cover - CPU here
-            entry["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        _record_cuda_peak(entry)
         pc = _per_concept(entry["metrics"]["before"], entry["metrics"]["after"])
         if pc:
             entry["per_concept"] = pc
@@ -529,7 +541,7 @@ def _sequential_configs(cc: CompareConfig, concepts: list[str], out: Path) -> li
     steps = sequential_world_configs(
         concepts, lambda k, c: out / "slug" / f"{k + 1}-{c.replace(' ', '_')}", cc.data_dir, progress=cc.progress,
         seed=cc.seed, threads=cc.threads, overwrite=cc.overwrite, forget_samples=cc.forget_samples,
-        retain_samples=cc.retain_samples, retain_identity_fraction=cc.retain_identity_fraction)
+        retain_samples=cc.retain_samples, retain_identity_fraction=cc.retain_identity_fraction, device=cc.device)
     return [(replace(cfg, progress=False), cur, data) for cfg, cur, data in steps]
 
 
@@ -560,6 +572,7 @@ def _compare_sequential(cc: CompareConfig, concepts: list[str], adapter, base: _
         if cc.progress:
             print(f"[compare] sequential {name} ...", flush=True)
         entry = {"method": name, "start_sha256": start_hash}
+        _reset_cuda_peak()
         if name == "slug":
             result = run_sequential(cfgs, out / "slug", adapter=adapter, overwrite=cc.overwrite)
             if state_sha256(adapter.model) != base.sha256:
@@ -623,6 +636,7 @@ def _compare_sequential(cc: CompareConfig, concepts: list[str], adapter, base: _
             })
             entry["mia"] = run_mia()
         entry["per_concept"] = _per_concept(before, entry["metrics"]["after"])
+        _record_cuda_peak(entry)
         entries[name] = entry
     base.restore("after the sequential comparison")
 
