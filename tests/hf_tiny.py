@@ -5,6 +5,9 @@
 * :func:`tiny_sd_pipeline`: ``StableDiffusionPipeline`` (UNet2DConditionModel + AutoencoderKL + DDIMScheduler) whose
   ``text_encoder`` is a ``CLIPTextModel`` loaded from the CLIP model's text tower — optionally with fewer layers, the
   SD 2.x situation.
+* :func:`tiny_sdxl_pipeline`: ``StableDiffusionXLPipeline`` whose ``text_encoder`` is one CLIP model's text tower and
+  ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) a second, narrower CLIP model's (``HF_CFG_G``), with the
+  UNet's added text-time embedding fed by ``text_encoder_2``'s projection, as in SDXL.
 * :func:`tiny_llava`: ``LlavaForConditionalGeneration`` (CLIP vision tower copied from the CLIP model, 2-layer Llama,
   ``vision_feature_layer=-2``) with a word-level tokenizer and a ``LlavaProcessor``.
 """
@@ -26,6 +29,14 @@ HF_CFG = {
     "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
                       "image_size": 32, "patch_size": 8},
     "projection_dim": 32,
+}
+
+
+# SDXL's second encoder is another, wider CLIP (bigG); here a narrower one suffices to tell the two apart.
+HF_CFG_G = {
+    "text_config": {**HF_CFG["text_config"], "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 5},
+    "vision_config": dict(HF_CFG["vision_config"]),
+    "projection_dim": 40,
 }
 
 
@@ -79,6 +90,40 @@ def tiny_sd_pipeline(adapter, n_layers: int | None = None, dtype=torch.float32):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder_from(adapter, n_layers, dtype),
                                    tokenizer=adapter.tokenizer, unet=unet, scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def text_encoder_2_from(adapter, dtype=torch.float32):
+    """A ``CLIPTextModelWithProjection`` holding the CLIP model's text tower and ``text_projection``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(**{**adapter.model.config.text_config.to_dict(),
+                            "projection_dim": adapter.model.config.projection_dim})
+    te = CLIPTextModelWithProjection(cfg).eval()
+    src = adapter.model.state_dict()
+    te.load_state_dict({k: v for k, v in src.items() if k in te.state_dict()}, strict=True)
+    return te.to(dtype)
+
+
+def tiny_sdxl_pipeline(adapter, adapter_2):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    te, te2 = text_encoder_from(adapter), text_encoder_2_from(adapter_2)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=te.config.hidden_size + te2.config.hidden_size, attention_head_dim=8, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=te2.config.projection_dim + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=adapter.tokenizer,
+                                     tokenizer_2=adapter_2.tokenizer, unet=unet,
+                                     scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                     force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,8 +1,9 @@
 """Carrying a SLUG patch of a transformers CLIPModel into Stable Diffusion's text encoder and LLaVA's vision tower.
 
 Tiny random stand-ins built from configs (no hub): a 4+3-layer CLIPModel, a StableDiffusionPipeline whose
-``text_encoder`` is loaded from its text tower (and an SD 2.x-like encoder with one layer fewer), and a LLaVA whose
-vision tower is its vision tower read at ``vision_feature_layer = -2``.
+``text_encoder`` is loaded from its text tower (and an SD 2.x-like encoder with one layer fewer), an SDXL pipeline
+whose two encoders come from two CLIP models of different widths, and a LLaVA whose vision tower is its vision tower
+read at ``vision_feature_layer = -2``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import class_images, forget_pairs, retain_pairs, split_batches  # noqa: E402
-from hf_tiny import build_adapter, clone, text_encoder_from, tiny_llava, tiny_sd_pipeline, to_pil  # noqa: E402
+from hf_tiny import (HF_CFG_G, build_adapter, clone, text_encoder_from, tiny_llava, tiny_sd_pipeline,  # noqa: E402
+                     tiny_sdxl_pipeline, to_pil)
 
 from slugkit.integrations import TowerMismatchError  # noqa: E402
 from slugkit.integrations.diffusers_sd import (  # noqa: E402
@@ -216,6 +218,111 @@ def test_save_patched_text_encoder(tmp_path, clip, slug_patch):
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA
+# ---------------------------------------------------------------------------------------------- SDXL
+@pytest.fixture(scope="module")
+def clip_g():
+    return build_adapter(seed=1, cfg=HF_CFG_G)
+
+
+@pytest.fixture(scope="module")
+def sdxl(clip, clip_g):
+    return tiny_sdxl_pipeline(clip, clip_g)
+
+
+def _noise_patch(a, names, seed=3, scale=0.05):
+    params = dict(a.model.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    new = {n: params[n].detach() + scale * torch.randn(params[n].shape, generator=g) for n in names}
+    return make_patch(a.model, new, base_model=a.model_id, adapter=a.family, concept="alice abbott")
+
+
+def _layer(i):
+    return [f"text_model.encoder.layers.{i}.{x}" for x in LAYER]
+
+
+def test_sdxl_reads_and_consumed_candidates(clip, clip_g, sdxl):
+    from slugkit.integrations.diffusers_sd import encoder_reads, is_sdxl
+
+    assert is_sdxl(sdxl) and not is_sdxl(tiny_sd_pipeline(clip))
+    assert encoder_reads(True, "text_encoder") == "penultimate"
+    assert encoder_reads(True, "text_encoder_2") == "penultimate+pooled" and encoder_reads(False) == "last"
+    assert "text_projection.weight" not in verify_text_encoder(clip.model, sdxl, encoder="text_encoder")
+    assert verify_text_encoder(clip_g.model, sdxl, encoder="text_encoder_2")["text_projection.weight"] == \
+        "text_projection.weight"
+    with pytest.raises(TowerMismatchError):
+        verify_text_encoder(clip.model, sdxl, encoder="text_encoder_2")
+    # text_encoder: hidden_states[-2], so its last layer (3 of 0..3) never reaches the UNet
+    c1 = consumed_text_candidates(clip, sdxl, encoder="text_encoder")
+    assert set(c1) == {n for i in range(3) for n in _layer(i)}
+    assert set(consumed_text_candidates(clip, sdxl, 1, encoder="text_encoder")) == {n for i in range(2)
+                                                                                     for n in _layer(i)}
+    # text_encoder_2: the pooled, projected output reads every layer and the projection
+    c2 = consumed_text_candidates(clip_g, sdxl, encoder="text_encoder_2")
+    assert set(c2) == {n for i in range(5) for n in _layer(i)} | {"text_projection.weight"}
+
+
+@torch.no_grad()
+def test_sdxl_apply_picks_the_encoder_refuses_unread_layers_and_reverts(clip, clip_g, sdxl):
+    def gen():
+        return sdxl("a photo of alice abbott.", num_inference_steps=2, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    def hashes():
+        return {e: {k: tensor_sha256(v) for k, v in getattr(sdxl, e).state_dict().items()}
+                for e in ("text_encoder", "text_encoder_2")}
+
+    base, h0 = gen(), hashes()
+    for a, names, enc in ((clip_g, ["text_projection.weight"], "text_encoder_2"),  # only the pooled path reads it
+                          (clip_g, _layer(4), "text_encoder_2"),  # the last layer of encoder 2: pooled only
+                          (clip, _layer(1), "text_encoder")):
+        patch = _noise_patch(a, names)
+        apply_patch_to_pipeline(sdxl, patch)
+        h = hashes()
+        other = "text_encoder" if enc == "text_encoder_2" else "text_encoder_2"
+        assert h[other] == h0[other] and h[enc] != h0[enc], names[0]  # the right encoder, and only it
+        assert not torch.equal(gen(), base), names[0]
+        revert_patch_from_pipeline(sdxl, patch)
+        assert hashes() == h0
+    assert torch.equal(gen(), base)
+    with pytest.raises(PatchMismatchError, match="never reads"):  # encoder 1's last layer: hidden_states[-2]
+        apply_patch_to_pipeline(sdxl, _noise_patch(clip, _layer(3)))
+    assert hashes() == h0
+    with pytest.raises(PatchMismatchError, match="none of the pipeline's text encoders"):
+        apply_patch_to_pipeline(sdxl, _noise_patch(build_adapter(seed=0, cfg={**HF_CFG_G, "projection_dim": 24}),
+                                                   ["text_projection.weight"]))
+
+
+def test_sdxl_save_and_consumer_restriction(tmp_path, clip, clip_g, sdxl):
+    from transformers import CLIPTextModelWithProjection
+
+    from slugkit.cli import main
+    from slugkit.integrations import consumer_restriction
+    from slugkit.patch import save_patch
+
+    sdxl.save_pretrained(tmp_path / "xl")
+    patch = _noise_patch(clip_g, ["text_projection.weight"] + _layer(2))
+    out = save_patched_text_encoder(tmp_path / "xl", patch, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["slugkit_patch.json", "text_encoder_2"]
+    assert json.loads((out / "slugkit_patch.json").read_text())["encoder"] == "text_encoder_2"
+    te2 = CLIPTextModelWithProjection.from_pretrained(out, subfolder="text_encoder_2")
+    assert torch.equal(te2.text_projection.weight, patch.patched["text_projection.weight"])
+    save_patch(patch, tmp_path / "patch")
+    assert main(["apply", "--pipeline", str(tmp_path / "xl"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "cli"), "--text-encoder", "text_encoder_2"]) == 0
+    assert (tmp_path / "cli" / "text_encoder_2" / "model.safetensors").is_file()
+    assert main(["apply", "--pipeline", str(tmp_path / "xl"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "bad"), "--text-encoder", "text_encoder"]) == 2  # the wrong encoder is refused
+    assert not (tmp_path / "bad").exists()
+    # --consumer sd:DIR on an SDXL folder: the encoder is found by the CLIP model's text width
+    pred, desc = consumer_restriction(f"sd:{tmp_path / 'xl'}", clip_g)
+    assert "text_encoder_2" in desc and pred("text_projection.weight") and pred(_layer(4)[0])
+    pred, desc = consumer_restriction(f"sd:{tmp_path / 'xl'}", clip)
+    assert "penultimate" in desc and pred(_layer(2)[0]) and not pred(_layer(3)[0])
+    assert not pred("text_projection.weight")
+    with pytest.raises(ValueError, match="SDXL"):
+        consumer_restriction(f"sd:{tmp_path / 'xl'}")
+
+
 @pytest.fixture(scope="module")
 def llava(clip):
     return tiny_llava(clip)

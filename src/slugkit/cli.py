@@ -327,7 +327,7 @@ def _apply_pipeline(a, patches, revert: bool) -> int:
         return 2
     patch = compose_patches(patches)
     save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
-                              overwrite=a.overwrite)
+                              overwrite=a.overwrite, encoder=a.text_encoder)
     print(describe(patch))
     what = "pipeline" if a.full_pipeline else "text_encoder/"
     print(f"{'reverted' if revert else 'applied'} on {a.pipeline}'s text encoder; wrote {a.out} ({what})")
@@ -601,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--full-pipeline", action="store_true", help="with --pipeline: --out gets every component "
                                                                      "(hard links), not only text_encoder/")
         ap.add_argument("--overwrite", action="store_true", help="with --pipeline: replace a non-empty --out")
+        ap.add_argument("--text-encoder", default=None, choices=["text_encoder", "text_encoder_2"],
+                        help="with --pipeline (SDXL): which text encoder the patch belongs to (default: the one "
+                             "whose shapes fit the patch)")
         ap.set_defaults(func=(lambda a, r=rev: cmd_apply(a, revert=r)))
 
     ev = sub.add_parser("eval-sd", help="score a text-to-image pipeline before/after a patch on generated images "

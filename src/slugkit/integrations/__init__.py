@@ -1,7 +1,8 @@
 """Carry a SLUG edit of a transformers ``CLIPModel`` into the models built on one of its towers.
 
 * :mod:`slugkit.integrations.diffusers_sd`: Stable Diffusion 1.x / 2.x, whose ``text_encoder`` is CLIP's text tower
-  (SD 2.x keeps only the first 23 of ViT-H/14's 24 text layers);
+  (SD 2.x keeps only the first 23 of ViT-H/14's 24 text layers), and SDXL, whose ``text_encoder`` (read at
+  ``hidden_states[-2]``) and ``text_encoder_2`` (also its projected pooled output) are two CLIPs' text towers;
 * :mod:`slugkit.integrations.llava`: LLaVA-1.5, whose ``vision_tower`` is CLIP's vision tower read at
   ``config.vision_feature_layer`` (−2: the last encoder layer, ``post_layernorm`` and ``visual_projection`` are
   never read).
@@ -117,13 +118,21 @@ def layer_names(names, kind: str, n_layers: int) -> list[str]:
     return out
 
 
-def consumer_view(consumer: nn.Module, patch: Patch, kind: str, what: str) -> dict[str, torch.Tensor]:
-    """CLIP name → the consumer's live tensor, for every tensor of ``patch`` (refusing tensors it does not hold)."""
+def consumer_view(consumer: nn.Module, patch: Patch, kind: str, what: str,
+                  extra: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """CLIP name → the consumer's live tensor, for every tensor of ``patch`` (refusing tensors it does not hold).
+
+    ``extra``: CLIP names outside the tower that the consumer also holds → their names in the consumer (SDXL's
+    ``text_encoder_2`` keeps ``text_projection.weight``)."""
     clip_prefix = CLIP_TOWER_PREFIX[kind]
     dst_prefix, dst = find_tower(consumer, kind)
     params = dict(dst.named_parameters())
+    outside = dict(consumer.named_parameters()) if extra else {}
     view = {}
     for name in patch.names:
+        if extra and name in extra:
+            view[name] = outside[extra[name]]
+            continue
         if not name.startswith(clip_prefix):
             raise PatchMismatchError(
                 f"the patch edits {name}, which is not part of CLIP's {kind} tower ({clip_prefix}*) and does not exist "
@@ -158,13 +167,14 @@ def cast_patch(patch: Patch, dtypes: Mapping[str, torch.dtype]) -> Patch:
 
 
 def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *, revert: bool = False,
-                      check: bool = True) -> None:
+                      check: bool = True, extra: Mapping[str, str] | None = None) -> None:
     """Apply (or revert) a CLIPModel patch in place on ``consumer``'s tower tensors (hash-checked, bit-exact).
 
     ``check=False`` (apply only) skips the hash comparison, as :func:`slugkit.patch.apply_patch` does, for
     deliberately patching a fine-tuned relative; a later revert then restores the patch's (CLIP's) originals.
+    ``extra``: as in :func:`consumer_view`.
     """
-    view = consumer_view(consumer, patch, kind, what)
+    view = consumer_view(consumer, patch, kind, what, extra)
     p = cast_patch(patch, {n: t.dtype for n, t in view.items()})
     if revert:
         revert_patch(view, p)
@@ -172,11 +182,13 @@ def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *
         apply_patch(view, p, check=check)
 
 
-def consumer_restriction(spec: str):
+def consumer_restriction(spec: str, adapter=None):
     """``(predicate, description)`` for ``slug unlearn --consumer SPEC``, read from configs only (no weights).
 
     * ``sd:DIR_OR_ID`` — a diffusers pipeline folder / id: text layers ``< text_encoder/config.json``'s
-      ``num_hidden_layers`` (SD 1.x: all 12 of CLIP-L; SD 2.x: 23 of CLIP-H's 24);
+      ``num_hidden_layers`` (SD 1.x: all 12 of CLIP-L; SD 2.x: 23 of CLIP-H's 24). An SDXL pipeline (it has a
+      ``text_encoder_2/``) needs ``adapter``: its encoder is the one with the adapter's text width, and the
+      consumed tensors follow :func:`slugkit.integrations.diffusers_sd.encoder_reads`;
     * ``llava:DIR_OR_ID`` — a LLaVA folder / id: vision layers read at ``vision_feature_layer``
       (LLaVA-1.5: −2 → 23 of CLIP-L/14-336's 24).
     """
@@ -189,10 +201,11 @@ def consumer_restriction(spec: str):
     kw = {"local_files_only": Path(where).is_dir() or hub_offline()}
     try:
         if kind_s == "sd":
-            from transformers import CLIPTextConfig
+            from .diffusers_sd import pipeline_consumption
 
-            n = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder", **kw).num_hidden_layers
-            kind, desc = "text", f"Stable Diffusion text encoder {where} ({n} layers)"
+            n, extra_names, desc = pipeline_consumption(where, adapter, kw)
+            kind = "text"
+            return (lambda name: bool(layer_names([name], kind, n)) or name in extra_names), desc
         else:
             from transformers import LlavaConfig
 
@@ -202,6 +215,8 @@ def consumer_restriction(spec: str):
             n = consumed_vision_layer_count(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
             kind, desc = "vision", (f"LLaVA vision tower {where} (vision_feature_layer={cfg.vision_feature_layer}: "
                                     f"layers 0..{n - 1})")
+    except (ValueError, TowerMismatchError):
+        raise
     except Exception as e:
         raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {e}") from e
     return (lambda name: bool(layer_names([name], kind, n))), desc
@@ -212,7 +227,7 @@ def restrict_to_consumer(adapter, spec: str):
     if not hasattr(adapter, "restrict_candidates"):
         raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict its "
                          "candidates to a downstream model)")
-    pred, desc = consumer_restriction(spec)
+    pred, desc = consumer_restriction(spec, adapter)
     return adapter.restrict_candidates(pred, consumer=desc)
 
 

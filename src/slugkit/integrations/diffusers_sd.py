@@ -18,8 +18,19 @@ candidates that *do* reach the pipeline; restrict the adapter to them before the
 Where the official notebook copies every parameter of the edited CLIP text model into the pipeline with ``.half()``,
 :func:`apply_patch_to_pipeline` writes only the patched tensors, in place, after checking the encoder holds the
 patch's original values; :func:`revert_patch_from_pipeline` restores the exact bytes. Works for fp16 encoders (see
-:mod:`slugkit.integrations`, "Half precision"). Only ``pipe.text_encoder`` is touched (SDXL's ``text_encoder_2`` is
-not handled).
+:mod:`slugkit.integrations`, "Half precision").
+
+**SDXL** has two text encoders, and each function takes ``encoder="text_encoder" | "text_encoder_2"`` (apply, revert
+and save pick the one that holds the patch's tensors when there is no doubt). SDXL reads them differently from SD
+1.x/2.x (diffusers ``StableDiffusionXLPipeline.encode_prompt``, :func:`encoder_reads`):
+
+* ``text_encoder`` (``openai/clip-vit-large-patch14``'s text tower): only ``hidden_states[-2]`` — the last layer and
+  ``final_layer_norm`` never reach the UNet;
+* ``text_encoder_2`` (a ``CLIPTextModelWithProjection``, ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``'s text tower):
+  ``hidden_states[-2]`` for the cross-attention **and** the projected pooled output for the added time embedding —
+  so every layer and ``text_projection`` are read.
+
+A patch of a layer the pipeline never reads is refused by :func:`apply_patch_to_pipeline`: it would change nothing.
 """
 
 from __future__ import annotations
@@ -32,59 +43,206 @@ from pathlib import Path
 
 from torch import nn
 
-from ..patch import Patch
-from . import apply_to_consumer, layer_names, num_layers, tower_map, verify_tower
+from ..patch import Patch, PatchMismatchError, tensor_sha256
+from . import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, consumer_view, layer_names, num_layers,
+               tower_map, verify_tower)
 
 WHAT = "text encoder"
+ENCODERS = ("text_encoder", "text_encoder_2")
+READS = ("last", "penultimate", "penultimate+pooled")
+PROJECTION = "text_projection.weight"
 
 
-def _encoder(pipe_or_encoder) -> nn.Module:
-    te = getattr(pipe_or_encoder, "text_encoder", pipe_or_encoder)
+def _encoder(pipe_or_encoder, encoder: str = "text_encoder") -> nn.Module:
+    if isinstance(pipe_or_encoder, nn.Module):  # the encoder itself (pipelines are not modules)
+        return pipe_or_encoder
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {encoder!r}")
+    te = getattr(pipe_or_encoder, encoder, None)
     if not isinstance(te, nn.Module):
-        raise TypeError(f"expected a pipeline with a .text_encoder or a CLIPTextModel, got {type(pipe_or_encoder)}")
+        raise TypeError(f"expected a pipeline with a .{encoder} or a CLIPTextModel, got {type(pipe_or_encoder)}")
     return te
 
 
-def text_encoder_map(clip_model: nn.Module, text_encoder: nn.Module) -> dict[str, str]:
+def is_sdxl(pipe) -> bool:
+    """A pipeline object with a second text encoder (SDXL)."""
+    return not isinstance(pipe, nn.Module) and isinstance(getattr(pipe, "text_encoder_2", None), nn.Module)
+
+
+def encoder_reads(sdxl: bool, encoder: str = "text_encoder") -> str:
+    """How the UNet reads an encoder: ``last`` (SD 1.x/2.x: ``last_hidden_state``, every layer and the final norm),
+    ``penultimate`` (SDXL ``text_encoder``: ``hidden_states[-2]``) or ``penultimate+pooled`` (SDXL
+    ``text_encoder_2``: ``hidden_states[-2]`` and the projected pooled output, so every layer and the projection)."""
+    if not sdxl:
+        return "last"
+    return "penultimate+pooled" if encoder == "text_encoder_2" else "penultimate"
+
+
+def consumed_layer_count(n_layers: int, reads: str = "last", clip_skip: int | None = None) -> int:
+    """Encoder layers whose output reaches the UNet. ``clip_skip`` (a pipeline call argument) moves the hidden state
+    read back by that many layers (diffusers: ``hidden_states[-(clip_skip + 1)]``, SDXL ``[-(clip_skip + 2)]``);
+    SDXL's pooled output still reads every layer."""
+    skip = int(clip_skip or 0)
+    if reads == "last":
+        return n_layers - skip
+    if reads == "penultimate":
+        return n_layers - 1 - skip
+    if reads == "penultimate+pooled":
+        return n_layers
+    raise ValueError(f"reads must be one of {', '.join(READS)}, not {reads!r}")
+
+
+def consumed_extra(reads: str) -> tuple[str, ...]:
+    """CLIP tensors outside the text transformer that the pipeline reads (SDXL ``text_encoder_2``: the projection)."""
+    return (PROJECTION,) if reads == "penultimate+pooled" else ()
+
+
+def _extra_map(te: nn.Module) -> dict[str, str]:
+    """``text_projection`` of a ``CLIPTextModelWithProjection`` (same name in ``CLIPModel``)."""
+    return {PROJECTION: PROJECTION} if PROJECTION in dict(te.named_parameters()) else {}
+
+
+def text_encoder_map(clip_model: nn.Module, text_encoder, encoder: str = "text_encoder") -> dict[str, str]:
     """CLIPModel name → ``text_encoder`` name for every text-encoder parameter, e.g. (transformers 5)
-    ``text_model.encoder.layers.3.self_attn.q_proj.weight`` → ``encoder.layers.3.self_attn.q_proj.weight``."""
-    return tower_map(clip_model, _encoder(text_encoder), "text")
+    ``text_model.encoder.layers.3.self_attn.q_proj.weight`` → ``encoder.layers.3.self_attn.q_proj.weight``
+    (``text_projection.weight`` too for a ``CLIPTextModelWithProjection``). ``text_encoder``: the encoder or a
+    pipeline (then ``encoder`` names which of its encoders)."""
+    te = _encoder(text_encoder, encoder)
+    out = tower_map(clip_model, te, "text")
+    extra = _extra_map(te)
+    if extra:
+        src, dst = dict(clip_model.named_parameters()), dict(te.named_parameters())
+        if PROJECTION not in src or tuple(src[PROJECTION].shape) != tuple(dst[PROJECTION].shape):
+            raise TowerMismatchError(f"the {WHAT}'s {PROJECTION} {tuple(dst[PROJECTION].shape)} has no counterpart of "
+                                     "that shape in the CLIP model: not the same model")
+        out.update(extra)
+    return out
 
 
-def verify_text_encoder(clip_model: nn.Module, text_encoder: nn.Module) -> dict[str, str]:
+def verify_text_encoder(clip_model: nn.Module, text_encoder, encoder: str = "text_encoder") -> dict[str, str]:
     """Refuse (:class:`~slugkit.integrations.TowerMismatchError`, naming the first differing tensor) unless every
     ``text_encoder`` tensor equals the corresponding CLIP text tensor (SHA-256, after casting to the encoder's dtype).
-    An encoder with fewer layers (SD 2.x) is checked on the layers it has. Returns :func:`text_encoder_map`."""
-    return verify_tower(clip_model, _encoder(text_encoder), "text", WHAT)
+    An encoder with fewer layers (SD 2.x) is checked on the layers it has; SDXL's ``text_encoder_2`` also on
+    ``text_projection``. Returns :func:`text_encoder_map`."""
+    te = _encoder(text_encoder, encoder)
+    mapping = text_encoder_map(clip_model, te)
+    verify_tower(clip_model, te, "text", WHAT)
+    if PROJECTION in mapping:
+        a = dict(clip_model.named_parameters())[PROJECTION].detach()
+        b = dict(te.named_parameters())[PROJECTION].detach()
+        if tensor_sha256(a.to(b.dtype)) != tensor_sha256(b):
+            raise TowerMismatchError(f"{WHAT} tensor {PROJECTION} differs from the CLIP model's: this {WHAT} was not "
+                                     "built from this CLIP model. Use the CLIP checkpoint it was made from.")
+    return mapping
 
 
-def consumed_text_layers(text_encoder: nn.Module, clip_skip: int | None = None) -> int:
-    """Encoder layers whose output reaches the UNet: all of the encoder's, minus ``clip_skip`` if the pipeline is
-    called with it (diffusers then reads ``hidden_states[-(clip_skip + 1)]``)."""
-    n = num_layers(_encoder(text_encoder), "text")
-    return n - int(clip_skip or 0)
+def consumed_text_layers(text_encoder, clip_skip: int | None = None, encoder: str = "text_encoder") -> int:
+    """Encoder layers whose output reaches the UNet (:func:`consumed_layer_count` for how the pipeline reads this
+    encoder; a bare encoder is read as SD 1.x/2.x read theirs)."""
+    n = num_layers(_encoder(text_encoder, encoder), "text")
+    return consumed_layer_count(n, encoder_reads(is_sdxl(text_encoder), encoder), clip_skip)
 
 
-def consumed_text_candidates(adapter, text_encoder: nn.Module, clip_skip: int | None = None) -> list[str]:
+def consumed_text_candidates(adapter, text_encoder, clip_skip: int | None = None,
+                             encoder: str = "text_encoder") -> list[str]:
     """The adapter's HF candidates that the pipeline consumes: ``text_model.encoder.layers.{i}.*`` for
-    ``i < consumed_text_layers``. ``text_projection``, every vision tensor and (by the HF filter) norms, biases and
-    embeddings are out."""
+    ``i < consumed_text_layers``, plus ``text_projection`` for SDXL's ``text_encoder_2``. Every vision tensor and
+    (by the HF filter) norms, biases and embeddings are out."""
     names = adapter.all_candidate_names() if hasattr(adapter, "all_candidate_names") else adapter.candidate_names()
-    return layer_names(names, "text", consumed_text_layers(text_encoder, clip_skip))
+    extra = consumed_extra(encoder_reads(is_sdxl(text_encoder), encoder))
+    return (layer_names(names, "text", consumed_text_layers(text_encoder, clip_skip, encoder))
+            + [n for n in names if n in extra])
 
 
-def apply_patch_to_pipeline(pipe, patch: Patch, *, check: bool = True):
-    """Write the patch into ``pipe.text_encoder`` in place (no copy); refused, untouched, unless the encoder holds
-    the patch's original values (``check=False`` skips that comparison). Accepts a pipeline or the
+def _holds(te: nn.Module, patch: Patch) -> bool:
+    try:
+        view = consumer_view(te, patch, "text", WHAT, _extra_map(te))
+    except PatchMismatchError:
+        return False
+    return all(tuple(view[n].shape) == tuple(patch.patched[n].shape) for n in patch.names)
+
+
+def pick_encoder(pipe, patch: Patch, encoder: str | None = None) -> str:
+    """``encoder`` if given; else the pipeline's only text encoder, or (SDXL) the one whose tensors have the patch's
+    names and shapes — refused when neither or both do."""
+    if encoder is not None or isinstance(pipe, nn.Module):
+        return encoder or "text_encoder"
+    present = [e for e in ENCODERS if isinstance(getattr(pipe, e, None), nn.Module)]
+    if len(present) <= 1:
+        return present[0] if present else "text_encoder"
+    fits = [e for e in present if _holds(getattr(pipe, e), patch)]
+    if len(fits) == 1:
+        return fits[0]
+    raise PatchMismatchError(
+        f"{'none' if not fits else 'each'} of the pipeline's text encoders ({', '.join(present)}) holds the patch's "
+        f"tensors ({patch.names[0]}, ...) with their shapes; "
+        + ("the patch was made on another CLIP model" if not fits else "name the encoder (encoder= / --text-encoder)"))
+
+
+def _check_consumed(sdxl: bool, encoder: str, te: nn.Module, patch: Patch) -> None:
+    """Refuse a patch of a layer (or projection) the pipeline never reads from ``te`` (SDXL ``text_encoder``'s last
+    layer): applying it would change nothing."""
+    reads = encoder_reads(sdxl, encoder)
+    n = consumed_layer_count(num_layers(te, "text"), reads)
+    layer_prefix = CLIP_TOWER_PREFIX["text"] + "encoder.layers."
+    read = set(layer_names(patch.names, "text", n)) | set(consumed_extra(reads))
+    unread = [x for x in patch.names if (x.startswith(layer_prefix) or x == PROJECTION) and x not in read]
+    if unread:
+        raise PatchMismatchError(
+            f"the patch edits {unread[0]}, which the pipeline never reads from its {encoder} (read as {reads}: layers "
+            f"0..{n - 1}{' and ' + PROJECTION if consumed_extra(reads) else ''}): the edit would have no effect. "
+            "Restrict the candidates to what the pipeline reads (--consumer sd:DIR) and unlearn again.")
+
+
+def apply_patch_to_pipeline(pipe, patch: Patch, *, check: bool = True, encoder: str | None = None):
+    """Write the patch into the pipeline's text encoder in place (no copy); refused, untouched, unless the encoder
+    holds the patch's original values (``check=False`` skips that comparison) and reads every patched tensor.
+    ``encoder``: which of SDXL's encoders (default: :func:`pick_encoder`). Accepts a pipeline or the
     ``CLIPTextModel`` itself; returns it."""
-    apply_to_consumer(_encoder(pipe), patch, "text", WHAT, check=check)
+    encoder = pick_encoder(pipe, patch, encoder)
+    te = _encoder(pipe, encoder)
+    _check_consumed(is_sdxl(pipe), encoder, te, patch)
+    apply_to_consumer(te, patch, "text", WHAT, check=check, extra=_extra_map(te))
     return pipe
 
 
-def revert_patch_from_pipeline(pipe, patch: Patch):
+def revert_patch_from_pipeline(pipe, patch: Patch, *, encoder: str | None = None):
     """Restore the original bytes of the patched text-encoder tensors (refused unless they hold the patch)."""
-    apply_to_consumer(_encoder(pipe), patch, "text", WHAT, revert=True)
+    te = _encoder(pipe, pick_encoder(pipe, patch, encoder))
+    apply_to_consumer(te, patch, "text", WHAT, revert=True, extra=_extra_map(te))
     return pipe
+
+
+def pipeline_consumption(where: str, adapter, kw: dict) -> tuple[int, set, str]:
+    """For ``--consumer sd:WHERE`` (configs only): (consumed text layers, consumed tensors outside the text
+    transformer, description). An SDXL folder / id (with ``text_encoder_2/``) is matched to ``adapter`` by text width."""
+    from transformers import CLIPTextConfig
+
+    cfg1 = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder", **kw)
+    cfg2 = None
+    if not Path(where).is_dir() or (Path(where) / "text_encoder_2" / "config.json").is_file():
+        try:
+            cfg2 = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder_2", **kw)
+        except OSError:
+            if Path(where).is_dir():
+                raise
+    if cfg2 is None:
+        n = cfg1.num_hidden_layers
+        return n, set(), f"Stable Diffusion text encoder {where} ({n} layers)"
+    if adapter is None:
+        raise ValueError(f"{where} is an SDXL pipeline (two text encoders): the CLIP model is needed to tell which "
+                         "one it is")
+    width = adapter.model.config.text_config.hidden_size
+    fits = [(e, c) for e, c in (("text_encoder", cfg1), ("text_encoder_2", cfg2)) if c.hidden_size == width]
+    if len(fits) != 1:
+        raise ValueError(f"--consumer sd:{where}: the SDXL text encoders are {cfg1.hidden_size} and "
+                         f"{cfg2.hidden_size} wide, this CLIP model's text tower {width}: it is "
+                         f"{'neither' if not fits else 'ambiguous'} (SDXL pairs openai/clip-vit-large-patch14 with "
+                         "text_encoder and laion/CLIP-ViT-bigG-14-laion2B-39B-b160k with text_encoder_2)")
+    enc, cfg = fits[0]
+    reads = encoder_reads(True, enc)
+    n = consumed_layer_count(cfg.num_hidden_layers, reads)
+    return n, set(consumed_extra(reads)), f"SDXL {enc} of {where} ({cfg.num_hidden_layers} layers, read as {reads})"
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -94,9 +252,43 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _folder_encoder(src_dir: Path, patch: Patch, encoder: str | None) -> str:
+    """The encoder subfolder of a pipeline folder to patch: ``encoder``, the only one, or (SDXL) the one whose config
+    fits the patch's shapes (text width in every tensor's shape, layer indices below its layer count)."""
+    import json as _json
+
+    present = [e for e in ENCODERS if (src_dir / e / "config.json").is_file()]
+    if encoder is not None:
+        if encoder not in present:
+            raise FileNotFoundError(f"{src_dir} has no {encoder}/ (it has {', '.join(present) or 'none'})")
+        return encoder
+    if not present:
+        raise FileNotFoundError(f"{src_dir} is not a diffusers pipeline folder (no text_encoder/ in it)")
+    if len(present) == 1:
+        return present[0]
+    prefix = CLIP_TOWER_PREFIX["text"] + "encoder.layers."
+
+    def fits(e):
+        cfg = _json.loads((src_dir / e / "config.json").read_text())
+        width, n = cfg.get("hidden_size"), cfg.get("num_hidden_layers", 0)
+        for name in patch.names:
+            if width not in tuple(patch.patched[name].shape):
+                return False
+            if name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) >= n:
+                return False
+        return True
+
+    ok = [e for e in present if fits(e)]
+    if len(ok) != 1:
+        raise PatchMismatchError(f"{'none' if not ok else 'each'} of {src_dir}'s text encoders ({', '.join(present)}) "
+                                 f"fits the patch's tensor shapes; name it with --text-encoder")
+    return ok[0]
+
+
 def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathLike, *, full_pipeline: bool = False,
-                              revert: bool = False, overwrite: bool = False) -> Path:
-    """Write the patched ``text_encoder/`` (``config.json`` + ``model.safetensors``) in diffusers' folder layout.
+                              revert: bool = False, overwrite: bool = False, encoder: str | None = None) -> Path:
+    """Write the patched ``text_encoder/`` (``config.json`` + ``model.safetensors``) in diffusers' folder layout
+    (SDXL: ``text_encoder/`` or ``text_encoder_2/``, see :func:`pick_encoder`; ``encoder`` names it).
 
     ``pipe_or_dir`` is a pipeline object or a diffusers pipeline folder (only its ``text_encoder/`` is loaded, in its
     stored dtype). By default ``out_dir`` holds just ``text_encoder/`` and ``slugkit_patch.json`` (provenance); load
@@ -110,7 +302,7 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     Weights are saved by the installed transformers in its own key layout (5.x: no ``text_model.`` prefix; 5.x reads
     both layouts).
     """
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -118,37 +310,43 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     src_dir = None
     if isinstance(pipe_or_dir, (str, os.PathLike)):
         src_dir = Path(pipe_or_dir)
-        if not (src_dir / "text_encoder").is_dir():
-            raise FileNotFoundError(f"{src_dir} is not a diffusers pipeline folder (no text_encoder/ in it)")
-        te, pipe = CLIPTextModel.from_pretrained(src_dir, subfolder="text_encoder", dtype="auto"), None
+        encoder = _folder_encoder(src_dir, patch, encoder)
+        archs = json.loads((src_dir / encoder / "config.json").read_text()).get("architectures") or []
+        cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
+        te, pipe = cls.from_pretrained(src_dir, subfolder=encoder, dtype="auto"), None
     else:
-        pipe, te = pipe_or_dir, _encoder(pipe_or_dir)
+        encoder = pick_encoder(pipe_or_dir, patch, encoder)
+        pipe, te = pipe_or_dir, _encoder(pipe_or_dir, encoder)
+    extra = _extra_map(te)
+    if not revert:
+        _check_consumed(is_sdxl(pipe) if src_dir is None else (src_dir / "text_encoder_2").is_dir(), encoder, te, patch)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     changed = False
     try:
-        apply_to_consumer(te, patch, "text", WHAT, revert=revert)
+        apply_to_consumer(te, patch, "text", WHAT, revert=revert, extra=extra)
         changed = True
         if full_pipeline and pipe is not None and pipe is not te:
             pipe.save_pretrained(tmp)
         else:
-            te.save_pretrained(tmp / "text_encoder")
+            te.save_pretrained(tmp / encoder)
             if full_pipeline:
                 if src_dir is None:
                     raise ValueError("full_pipeline needs a pipeline object or a pipeline folder, not a bare encoder")
                 for entry in src_dir.iterdir():
-                    if entry.name == "text_encoder" or entry.name.startswith("."):
+                    if entry.name == encoder or entry.name.startswith("."):
                         continue
                     if entry.is_dir():
                         shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
                     else:
                         _link_or_copy(str(entry), str(tmp / entry.name))
         if pipe is not None and changed:  # the caller's pipeline goes back to its exact bytes
-            apply_to_consumer(te, patch, "text", WHAT, revert=not revert)
+            apply_to_consumer(te, patch, "text", WHAT, revert=not revert, extra=extra)
             changed = False
         info = {"patch_fingerprint": patch.fingerprint, "concept": patch.concept, "base_model": patch.base_model,
-                "tensors": patch.names, "reverted": revert, "source": str(src_dir) if src_dir else None}
+                "tensors": patch.names, "reverted": revert, "source": str(src_dir) if src_dir else None,
+                "encoder": encoder}
         (tmp / "slugkit_patch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
         old = None
         if out_dir.exists():
@@ -161,10 +359,11 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if pipe is not None and changed:
-            apply_to_consumer(te, patch, "text", WHAT, revert=not revert)
+            apply_to_consumer(te, patch, "text", WHAT, revert=not revert, extra=extra)
         raise
     return out_dir
 
 
-__all__ = ["apply_patch_to_pipeline", "consumed_text_candidates", "consumed_text_layers", "revert_patch_from_pipeline",
-           "save_patched_text_encoder", "text_encoder_map", "verify_text_encoder"]
+__all__ = ["ENCODERS", "apply_patch_to_pipeline", "consumed_layer_count", "consumed_text_candidates",
+           "consumed_text_layers", "encoder_reads", "is_sdxl", "pick_encoder", "pipeline_consumption",
+           "revert_patch_from_pipeline", "save_patched_text_encoder", "text_encoder_map", "verify_text_encoder"]
