@@ -25,7 +25,7 @@ from slugkit.integrations.diffusers_sd import (  # noqa: E402
     text_encoder_map, verify_text_encoder)
 from slugkit.integrations.llava import (  # noqa: E402
     apply_patch_to_llava, ask_name, consumed_vision_candidates, consumed_vision_layer_count, identity_recognition,
-    name_match, revert_patch_from_llava, verify_vision_tower, vision_tower_map)
+    name_match, revert_patch_from_llava, save_patched_llava, verify_vision_tower, vision_tower_map)
 from slugkit.patch import PatchError, PatchMismatchError, make_patch, tensor_sha256  # noqa: E402
 
 LAYER = ["self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.q_proj.weight", "self_attn.out_proj.weight",
@@ -397,6 +397,53 @@ def test_llava_apply_revert_and_answers(clip, llava):
                      base_model=clip.model_id, adapter="hf_clip", concept="x")
     with pytest.raises(PatchMismatchError, match="no effect"):
         apply_patch_to_llava(model, bad)
+
+
+def test_save_patched_llava_and_refuse_unread_layers(tmp_path, clip, llava):
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from slugkit.cli import main
+    from slugkit.patch import save_patch
+
+    model, processor = llava
+    params = dict(clip.model.named_parameters())
+
+    def vpatch(layer):
+        group = clip.group_of(f"vision_model.encoder.layers.{layer}.mlp.fc1.weight")
+        return make_patch(clip.model, {n: params[n].detach() * 1.25 for n in group}, base_model=clip.model_id,
+                          adapter="hf_clip", concept="alice abbott")
+
+    patch = vpatch(0)
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    out = save_patched_llava(model, patch, tmp_path / "obj")
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())  # the caller's model is restored
+    expect = dict(snap)
+    expect["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] = \
+        patch.patched["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    expect["model.vision_tower.encoder.layers.0.mlp.fc2.weight"] = \
+        patch.patched["vision_model.encoder.layers.0.mlp.fc2.weight"]
+    loaded = LlavaForConditionalGeneration.from_pretrained(out)
+    assert all(torch.equal(v, expect[k]) for k, v in loaded.state_dict().items() if k in expect)
+    assert json.loads((out / "slugkit_patch.json").read_text())["tensors"] == patch.names
+    # CLI from a folder: the processor files come along; revert restores the original weights
+    model.save_pretrained(tmp_path / "src")
+    processor.save_pretrained(tmp_path / "src")
+    save_patch(patch, tmp_path / "patch")
+    assert main(["apply", "--llava", str(tmp_path / "src"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "cli")]) == 0
+    LlavaProcessor.from_pretrained(tmp_path / "cli")
+    assert main(["revert", "--llava", str(tmp_path / "cli"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "rev")]) == 0
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "rev")
+    assert all(torch.equal(v, snap[k]) for k, v in back.state_dict().items() if k in snap)
+    # layer 2 is never read at vision_feature_layer -2: refused, nothing written, the model untouched
+    with pytest.raises(PatchMismatchError, match="no effect"):
+        apply_patch_to_llava(model, vpatch(2))
+    save_patch(vpatch(2), tmp_path / "patch2")
+    assert main(["apply", "--llava", str(tmp_path / "src"), "--patch", str(tmp_path / "patch2"), "--out",
+                 str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("answer,name,ok", [

@@ -300,8 +300,13 @@ def cmd_apply(a, revert: bool = False) -> int:
     from .patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
 
     patches = [load_patch(p) for p in a.patch]
+    if a.pipeline and a.llava:
+        print("error: give --pipeline or --llava, not both", file=sys.stderr)
+        return 2
     if a.pipeline:
         return _apply_pipeline(a, patches, revert)
+    if a.llava:
+        return _apply_llava(a, patches, revert)
     target, _ = _load_target(a)
     if revert:
         for p in reversed(patches):
@@ -314,6 +319,21 @@ def cmd_apply(a, revert: bool = False) -> int:
         print(describe(p))
     verb = "reverted" if revert else "applied"
     print(f"{verb} {len(patches)} patch(es)" + (f"; wrote {a.out}" if a.out else " (verified; use --out to save)"))
+    return 0
+
+
+def _apply_llava(a, patches, revert: bool) -> int:
+    """`slug apply --llava DIR --patch P --out DIR2`: the LLaVA model folder with its vision tower patched."""
+    from .integrations.llava import save_patched_llava
+    from .patch import compose_patches, describe
+
+    if not a.out:
+        print("error: --llava needs --out DIR (the patched model folder is written there)", file=sys.stderr)
+        return 2
+    patch = compose_patches(patches)
+    save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
+    print(describe(patch))
+    print(f"{'reverted' if revert else 'applied'} on {a.llava}'s vision tower; wrote {a.out} (model + processor)")
     return 0
 
 
@@ -600,7 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          f"{'reverted' if rev else 'patched'} into --out (folder)")
         ap.add_argument("--full-pipeline", action="store_true", help="with --pipeline: --out gets every component "
                                                                      "(hard links), not only text_encoder/")
-        ap.add_argument("--overwrite", action="store_true", help="with --pipeline: replace a non-empty --out")
+        ap.add_argument("--llava", default=None, help="a LLaVA model folder: write it with the vision tower "
+                                                      f"{'reverted' if rev else 'patched'} into --out (folder)")
+        ap.add_argument("--overwrite", action="store_true", help="with --pipeline / --llava: replace a non-empty --out")
         ap.add_argument("--text-encoder", default=None, choices=["text_encoder", "text_encoder_2"],
                         help="with --pipeline (SDXL): which text encoder the patch belongs to (default: the one "
                              "whose shapes fit the patch)")

@@ -38,14 +38,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from ..patch import Patch, PatchMismatchError, tensor_sha256
-from . import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, consumer_view, layer_names, num_layers,
-               tower_map, verify_tower)
+from . import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, atomic_dir, consumer_view, layer_names,
+               num_layers, tower_map, verify_tower, write_provenance)
 
 WHAT = "text encoder"
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -304,9 +303,6 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
     src_dir = None
     if isinstance(pipe_or_dir, (str, os.PathLike)):
         src_dir = Path(pipe_or_dir)
@@ -321,47 +317,31 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     if not revert:
         _check_consumed(is_sdxl(pipe) if src_dir is None else (src_dir / "text_encoder_2").is_dir(), encoder, te, patch)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     changed = False
     try:
-        apply_to_consumer(te, patch, "text", WHAT, revert=revert, extra=extra)
-        changed = True
-        if full_pipeline and pipe is not None and pipe is not te:
-            pipe.save_pretrained(tmp)
-        else:
-            te.save_pretrained(tmp / encoder)
-            if full_pipeline:
-                if src_dir is None:
-                    raise ValueError("full_pipeline needs a pipeline object or a pipeline folder, not a bare encoder")
-                for entry in src_dir.iterdir():
-                    if entry.name == encoder or entry.name.startswith("."):
-                        continue
-                    if entry.is_dir():
-                        shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
-                    else:
-                        _link_or_copy(str(entry), str(tmp / entry.name))
+        with atomic_dir(out_dir, overwrite) as tmp:
+            apply_to_consumer(te, patch, "text", WHAT, revert=revert, extra=extra)
+            changed = True
+            if full_pipeline and pipe is not None and pipe is not te:
+                pipe.save_pretrained(tmp)
+            else:
+                te.save_pretrained(tmp / encoder)
+                if full_pipeline:
+                    if src_dir is None:
+                        raise ValueError("full_pipeline needs a pipeline object or a pipeline folder, not a bare "
+                                         "encoder")
+                    for entry in src_dir.iterdir():
+                        if entry.name == encoder or entry.name.startswith("."):
+                            continue
+                        if entry.is_dir():
+                            shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+                        else:
+                            _link_or_copy(str(entry), str(tmp / entry.name))
+            write_provenance(tmp, patch, revert, src_dir, encoder=encoder)
+    finally:
         if pipe is not None and changed:  # the caller's pipeline goes back to its exact bytes
             apply_to_consumer(te, patch, "text", WHAT, revert=not revert, extra=extra)
-            changed = False
-        info = {"patch_fingerprint": patch.fingerprint, "concept": patch.concept, "base_model": patch.base_model,
-                "tensors": patch.names, "reverted": revert, "source": str(src_dir) if src_dir else None,
-                "encoder": encoder}
-        (tmp / "slugkit_patch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if pipe is not None and changed:
-            apply_to_consumer(te, patch, "text", WHAT, revert=not revert, extra=extra)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 __all__ = ["ENCODERS", "apply_patch_to_pipeline", "consumed_layer_count", "consumed_text_candidates",

@@ -21,8 +21,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..patch import Patch
-from . import apply_to_consumer, find_tower, layer_names, tower_map, verify_tower
+import os
+from pathlib import Path
+
+from ..patch import Patch, PatchMismatchError
+from . import (CLIP_TOWER_PREFIX, apply_to_consumer, atomic_dir, find_tower, layer_names, tower_map, verify_tower,
+               write_provenance)
 
 WHAT = "LLaVA vision tower"
 QUESTION = "What's the name of the person in this image?"
@@ -72,7 +76,15 @@ def consumed_vision_candidates(adapter, llava: nn.Module) -> list[str]:
 
 def apply_patch_to_llava(llava: nn.Module, patch: Patch, *, check: bool = True) -> nn.Module:
     """Write the patch into LLaVA's vision tower in place (no copy), refused unless it holds the originals
-    (``check=False`` skips that comparison)."""
+    (``check=False`` skips that comparison) and the VLM reads every patched layer."""
+    n = consumed_vision_layers(llava)
+    prefix = CLIP_TOWER_PREFIX["vision"] + "encoder.layers."
+    unread = [x for x in patch.names if x.startswith(prefix) and not layer_names([x], "vision", n)]
+    if unread:
+        raise PatchMismatchError(
+            f"the patch edits {unread[0]}, but LLaVA reads vision layers 0..{n - 1} only (vision_feature_layer="
+            f"{llava.config.vision_feature_layer}): the edit would have no effect. Restrict the candidates "
+            "(--consumer llava:DIR) and unlearn again.")
     apply_to_consumer(llava, patch, "vision", WHAT, check=check)
     return llava
 
@@ -81,6 +93,49 @@ def revert_patch_from_llava(llava: nn.Module, patch: Patch) -> nn.Module:
     """Restore the original bytes of the patched vision-tower tensors (refused unless they hold the patch)."""
     apply_to_consumer(llava, patch, "vision", WHAT, revert=True)
     return llava
+
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *, revert: bool = False,
+                       overwrite: bool = False) -> Path:
+    """Write the patched (``revert=True``: reverted) LLaVA as a loadable folder: ``save_pretrained`` (config,
+    safetensors shards) plus ``slugkit_patch.json``; from a folder, its processor / tokenizer / chat-template files
+    are copied along, so ``out_dir`` loads with ``LlavaForConditionalGeneration.from_pretrained`` and
+    ``AutoProcessor.from_pretrained``.
+
+    ``llava_or_dir``: a model object (patched in place for the write, then restored bit-exact) or a folder (loaded in
+    its stored dtype). The folder appears atomically; a non-empty ``out_dir`` is refused unless ``overwrite``.
+    """
+    import shutil
+
+    src_dir = None
+    if isinstance(llava_or_dir, (str, os.PathLike)):
+        from transformers import LlavaForConditionalGeneration
+
+        src_dir = Path(llava_or_dir)
+        if not (src_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder (no config.json in it)")
+        model = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype="auto", local_files_only=True).eval()
+    else:
+        model = llava_or_dir
+    changed = False
+    try:
+        with atomic_dir(out_dir, overwrite) as tmp:
+            (revert_patch_from_llava if revert else apply_patch_to_llava)(model, patch)
+            changed = True
+            model.save_pretrained(tmp)
+            if src_dir is not None:
+                for entry in src_dir.iterdir():
+                    skip = entry.name.startswith(".") or entry.name.endswith(_WEIGHT_FILES) or entry.is_dir()
+                    if not skip and not (tmp / entry.name).exists():
+                        shutil.copy2(entry, tmp / entry.name)
+            write_provenance(tmp, patch, revert, src_dir)
+    finally:
+        if src_dir is None and changed:  # the caller's model goes back to its exact bytes
+            (apply_patch_to_llava if revert else revert_patch_from_llava)(model, patch)
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- asking the VLM
@@ -140,4 +195,4 @@ def identity_recognition(llava: nn.Module, processor, images_by_name: Mapping[st
 
 __all__ = ["apply_patch_to_llava", "ask_name", "consumed_vision_candidates", "consumed_vision_layer_count",
            "consumed_vision_layers", "identity_recognition", "name_match", "revert_patch_from_llava",
-           "verify_vision_tower", "vision_tower_map"]
+           "save_patched_llava", "verify_vision_tower", "vision_tower_map"]
