@@ -53,19 +53,20 @@ PROJECTION = "text_projection.weight"
 
 
 def _encoder(pipe_or_encoder, encoder: str = "text_encoder") -> nn.Module:
-    if isinstance(pipe_or_encoder, nn.Module):  # the encoder itself (pipelines are not modules)
-        return pipe_or_encoder
+    """The pipeline's ``encoder`` attribute, or the object itself when it is the encoder (a module without one)."""
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {encoder!r}")
     te = getattr(pipe_or_encoder, encoder, None)
-    if not isinstance(te, nn.Module):
-        raise TypeError(f"expected a pipeline with a .{encoder} or a CLIPTextModel, got {type(pipe_or_encoder)}")
-    return te
+    if isinstance(te, nn.Module):
+        return te
+    if isinstance(pipe_or_encoder, nn.Module):
+        return pipe_or_encoder
+    raise TypeError(f"expected a pipeline with a .{encoder} or a CLIPTextModel, got {type(pipe_or_encoder)}")
 
 
 def is_sdxl(pipe) -> bool:
     """A pipeline object with a second text encoder (SDXL)."""
-    return not isinstance(pipe, nn.Module) and isinstance(getattr(pipe, "text_encoder_2", None), nn.Module)
+    return isinstance(getattr(pipe, "text_encoder_2", None), nn.Module)
 
 
 def encoder_reads(sdxl: bool, encoder: str = "text_encoder") -> str:
@@ -164,8 +165,8 @@ def _holds(te: nn.Module, patch: Patch) -> bool:
 def pick_encoder(pipe, patch: Patch, encoder: str | None = None) -> str:
     """``encoder`` if given; else the pipeline's only text encoder, or (SDXL) the one whose tensors have the patch's
     names and shapes — refused when neither or both do."""
-    if encoder is not None or isinstance(pipe, nn.Module):
-        return encoder or "text_encoder"
+    if encoder is not None:
+        return encoder
     present = [e for e in ENCODERS if isinstance(getattr(pipe, e, None), nn.Module)]
     if len(present) <= 1:
         return present[0] if present else "text_encoder"
