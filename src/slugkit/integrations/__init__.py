@@ -269,6 +269,6 @@ def restrict_to_consumer(adapter, spec: str):
     return adapter.restrict_candidates(pred, consumer=desc)
 
 
-__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "atomic_dir", "write_provenance", "cast_patch", "consumer_restriction",
-           "consumer_view", "find_tower", "layer_names", "num_layers", "restrict_to_consumer", "tower_map",
-           "verify_tower"]
+__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "atomic_dir", "cast_patch",
+           "consumer_restriction", "consumer_view", "find_tower", "layer_names", "num_layers", "restrict_to_consumer",
+           "tower_map", "verify_tower", "write_provenance"]

@@ -15,14 +15,13 @@ whole-word match of the full name or the last name) and :func:`identity_recognit
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-
-import os
-from pathlib import Path
 
 from ..patch import Patch, PatchMismatchError
 from . import (CLIP_TOWER_PREFIX, apply_to_consumer, atomic_dir, find_tower, layer_names, tower_map, verify_tower,
