@@ -190,7 +190,8 @@ def _reset_cuda_peak() -> None:
 
 
 def _record_cuda_peak(entry: dict) -> None:
-    """``cuda_max_memory_allocated``: the method's peak GPU memory (since :func:`_reset_cuda_peak`), when a GPU exists."""
+    """``cuda_max_memory_allocated``: the method's peak GPU memory (since :func:`_reset_cuda_peak`), when a GPU
+    exists."""
     if torch.cuda.is_available():  # pragma: no cover - no GPU here
         entry["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
 

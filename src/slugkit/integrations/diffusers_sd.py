@@ -215,7 +215,8 @@ def revert_patch_from_pipeline(pipe, patch: Patch, *, encoder: str | None = None
 
 def pipeline_consumption(where: str, adapter, kw: dict) -> tuple[int, set, str]:
     """For ``--consumer sd:WHERE`` (configs only): (consumed text layers, consumed tensors outside the text
-    transformer, description). An SDXL folder / id (with ``text_encoder_2/``) is matched to ``adapter`` by text width."""
+    transformer, description). An SDXL folder / id (with ``text_encoder_2/``) is matched to ``adapter`` by text
+    width."""
     from transformers import CLIPTextConfig
 
     cfg1 = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder", **kw)

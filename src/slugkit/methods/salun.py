@@ -66,8 +66,8 @@ def mask_size(fraction: float, n_total: int) -> int:
 
 
 def saliency_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """Bool masks with exactly ⌊fraction·N⌋ ones over all tensors: the largest scores, ties by flat index. The masks
-    live on the scores' device."""
+    """Bool masks with exactly ⌊fraction·N⌋ ones over all tensors: the largest scores, ties by flat index. The
+    masks live on the scores' device."""
     names = list(scores)
     flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
     n_total = flat.numel()
