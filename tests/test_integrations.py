@@ -432,6 +432,7 @@ def test_save_patched_llava_and_refuse_unread_layers(tmp_path, clip, llava):
     assert main(["apply", "--llava", str(tmp_path / "src"), "--patch", str(tmp_path / "patch"), "--out",
                  str(tmp_path / "cli")]) == 0
     LlavaProcessor.from_pretrained(tmp_path / "cli")
+    assert main(["apply", "--llava", str(tmp_path / "src"), "--patch", str(tmp_path / "patch")]) == 2  # no --out
     assert main(["revert", "--llava", str(tmp_path / "cli"), "--patch", str(tmp_path / "patch"), "--out",
                  str(tmp_path / "rev")]) == 0
     back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "rev")

@@ -303,10 +303,8 @@ def cmd_apply(a, revert: bool = False) -> int:
     if a.pipeline and a.llava:
         print("error: give --pipeline or --llava, not both", file=sys.stderr)
         return 2
-    if a.pipeline:
-        return _apply_pipeline(a, patches, revert)
-    if a.llava:
-        return _apply_llava(a, patches, revert)
+    if a.pipeline or a.llava:
+        return _apply_to_folder(a, patches, revert)
     target, _ = _load_target(a)
     if revert:
         for p in reversed(patches):
@@ -322,35 +320,29 @@ def cmd_apply(a, revert: bool = False) -> int:
     return 0
 
 
-def _apply_llava(a, patches, revert: bool) -> int:
-    """`slug apply --llava DIR --patch P --out DIR2`: the LLaVA model folder with its vision tower patched."""
-    from .integrations.llava import save_patched_llava
+def _apply_to_folder(a, patches, revert: bool) -> int:
+    """`slug apply --pipeline DIR | --llava DIR --patch P --out DIR2`: write the SD pipeline's text encoder (SDXL:
+    the one the patch belongs to) or the whole LLaVA model, patched (or reverted), as a loadable folder."""
     from .patch import compose_patches, describe
 
+    flag = "--pipeline" if a.pipeline else "--llava"
     if not a.out:
-        print("error: --llava needs --out DIR (the patched model folder is written there)", file=sys.stderr)
+        print(f"error: {flag} needs --out DIR (the patched model folder is written there)", file=sys.stderr)
         return 2
     patch = compose_patches(patches)
-    save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
+    if a.pipeline:
+        from .integrations.diffusers_sd import save_patched_text_encoder
+
+        save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
+                                  overwrite=a.overwrite, encoder=a.text_encoder)
+        what = f"{a.pipeline}'s text encoder; wrote {a.out} ({'pipeline' if a.full_pipeline else 'text encoder'})"
+    else:
+        from .integrations.llava import save_patched_llava
+
+        save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
+        what = f"{a.llava}'s vision tower; wrote {a.out} (model + processor)"
     print(describe(patch))
-    print(f"{'reverted' if revert else 'applied'} on {a.llava}'s vision tower; wrote {a.out} (model + processor)")
-    return 0
-
-
-def _apply_pipeline(a, patches, revert: bool) -> int:
-    """`slug apply --pipeline DIR --patch P --out DIR2`: the SD pipeline's text_encoder/, patched (or reverted)."""
-    from .integrations.diffusers_sd import save_patched_text_encoder
-    from .patch import compose_patches, describe
-
-    if not a.out:
-        print("error: --pipeline needs --out DIR (the patched text_encoder/ is written there)", file=sys.stderr)
-        return 2
-    patch = compose_patches(patches)
-    save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
-                              overwrite=a.overwrite, encoder=a.text_encoder)
-    print(describe(patch))
-    what = "pipeline" if a.full_pipeline else "text_encoder/"
-    print(f"{'reverted' if revert else 'applied'} on {a.pipeline}'s text encoder; wrote {a.out} ({what})")
+    print(f"{'reverted' if revert else 'applied'} on {what}")
     return 0
 
 
