@@ -184,6 +184,17 @@ class PeakRSS:
         return max(0, self.peak - self.start)
 
 
+def _start_method(cc: CompareConfig, base: "_Base", name: str, mode: str = "") -> dict:
+    """Before each method: the base weights restored (hash-checked), the seed set, the CUDA peak reset; returns the
+    method's entry with its start hash."""
+    start_hash = base.restore(name)
+    torch.manual_seed(cc.seed)
+    if cc.progress:
+        print(f"[compare] {mode}{name} ...", flush=True)
+    _reset_cuda_peak()
+    return {"method": name, "start_sha256": start_hash}
+
+
 def _reset_cuda_peak() -> None:
     if torch.cuda.is_available():  # pragma: no cover - no GPU here
         torch.cuda.reset_peak_memory_stats()  # each method's own peak, not the whole run's
@@ -444,12 +455,7 @@ def _compare_joint(cc: CompareConfig, cfg, cur, data_dir, adapter, base: _Base, 
 
     entries = {}
     for name in cc.methods:
-        start_hash = base.restore(name)
-        torch.manual_seed(cc.seed)
-        if cc.progress:
-            print(f"[compare] {name} ...", flush=True)
-        entry = {"method": name, "start_sha256": start_hash}
-        _reset_cuda_peak()
+        entry = _start_method(cc, base, name)
         if name == "slug":
             scfg = replace(cfg, out=str(out / "slug"), progress=False, overwrite=cc.overwrite)
             result = run_unlearn(scfg, adapter=adapter)
@@ -568,12 +574,7 @@ def _compare_sequential(cc: CompareConfig, concepts: list[str], adapter, base: _
 
     entries = {}
     for name in cc.methods:
-        start_hash = base.restore(name)
-        torch.manual_seed(cc.seed)
-        if cc.progress:
-            print(f"[compare] sequential {name} ...", flush=True)
-        entry = {"method": name, "start_sha256": start_hash}
-        _reset_cuda_peak()
+        entry = _start_method(cc, base, name, "sequential ")
         if name == "slug":
             result = run_sequential(cfgs, out / "slug", adapter=adapter, overwrite=cc.overwrite)
             if state_sha256(adapter.model) != base.sha256:
