@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from slugkit.data import world
+from slugkit.world import render as world
 from slugkit.models import load_adapter
 from slugkit.slug.search import SearchConfig
-from slugkit.unlearn import run_unlearn
-from slugkit.world.demo_data import ensure_world_data, world_config
+from slugkit.workflows.unlearn import run_unlearn
+from slugkit.workflows.world_runs import world_config
+from slugkit.world.demo_data import ensure_world_data
 
 CHECKS = {
     "fa5_before>=0.9": lambda r: r["metrics"]["before"]["forget_top5"] >= 0.9,

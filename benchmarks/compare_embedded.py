@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from slugkit.compare import (DEFAULT_METHODS, CompareConfig, compare_table, reaching_fa5_zero, run_compare,
+from slugkit.workflows.compare import (DEFAULT_METHODS, CompareConfig, compare_table, reaching_fa5_zero, run_compare,
                               time_ratios)
-from slugkit.data import world
+from slugkit.world import render as world
 
 
 def claims(rep: dict) -> dict:

@@ -21,7 +21,7 @@ CHECKS = {
 
 
 def main():
-    from slugkit.sd import DEFAULT_SD_CONCEPT, run_sd_demo
+    from slugkit.workflows.sd_demo import DEFAULT_SD_CONCEPT, run_sd_demo
     from slugkit.slug.search import SearchFailed
 
     ap = argparse.ArgumentParser()

@@ -14,14 +14,14 @@ import time
 
 import torch
 
-from slugkit.data import world
+from slugkit.world import render as world
 from slugkit.eval.zeroshot import SuiteEvaluator
 from slugkit.models import load_adapter
 from slugkit.slug.gradients import compute_gradients
 from slugkit.slug.layers import rank_layers
 from slugkit.slug.search import search_layers
-from slugkit.unlearn import _batches, build_suite, load_pairs
-from slugkit.world.demo_data import world_config
+from slugkit.workflows.unlearn import _batches, build_suite, load_pairs
+from slugkit.workflows.world_runs import world_config
 
 
 def main():

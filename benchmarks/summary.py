@@ -48,8 +48,8 @@ def main():
 
     import torch
 
-    from slugkit.compare import CompareConfig, run_compare, time_ratios
-    from slugkit.data import world
+    from slugkit.workflows.compare import CompareConfig, run_compare, time_ratios
+    from slugkit.world import render as world
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

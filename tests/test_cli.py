@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slugkit.cli import main
-from slugkit.data import world
+from slugkit.world import render as world
 from slugkit.models import load_adapter
 from slugkit.patch import load_state_dict_file, save_state_dict_file
 

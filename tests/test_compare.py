@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("sklearn")
 
 from slugkit.cli import main  # noqa: E402
-from slugkit.compare import CompareConfig, changed_storage, make_baseline, run_compare, state_sha256  # noqa: E402,E501
-from slugkit.data import world  # noqa: E402
+from slugkit.workflows.compare import CompareConfig, changed_storage, make_baseline, run_compare, state_sha256  # noqa: E402,E501
+from slugkit.world import render as world  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -207,7 +207,8 @@ def test_mixed_retain_set_composition(compare_run, tmp_path, capsys):
     """``--retain-identity-fraction``: exactly that share of other identities' pairs, never the concept, the rest
     utility pairs; deterministic bytes; bad fractions and explicit data refused."""
     from slugkit.data.folders import iter_pairs
-    from slugkit.world.demo_data import world_config, write_mixed_retain
+    from slugkit.workflows.world_runs import world_config
+    from slugkit.world.demo_data import write_mixed_retain
 
     run, data_dir = compare_run
     concept = world.IDENTITIES[0].name

@@ -221,7 +221,7 @@ def test_run_unlearn_with_host_data(tmp_path, trained_adapter):
     pytest.importorskip("transformers")  # _write_world's to_pil lives with the HF helpers
     from test_hf import _write_world
 
-    from slugkit.unlearn import UnlearnConfig, run_unlearn
+    from slugkit.workflows.unlearn import UnlearnConfig, run_unlearn
 
     _write_world(tmp_path / "w")
     w = tmp_path / "w"

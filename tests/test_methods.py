@@ -120,7 +120,7 @@ def test_iterative_restores_selected_epoch(adapter):
 @pytest.mark.slow
 def test_ft_keeps_forget_accuracy_on_embedded():
     """A short FT on the embedded model leaves the concept recognised (FT does not forget)."""
-    from slugkit.data import world
+    from slugkit.world import render as world
     from slugkit.eval.zeroshot import EvalSuite, ImageSet, SuiteEvaluator
     from slugkit.models import load_adapter
 

@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from slugkit.data import world  # noqa: E402
+from slugkit.world import render as world  # noqa: E402
 from slugkit.models.open_clip import OpenClipAdapter  # noqa: E402
-from slugkit.world import t2i  # noqa: E402
+from slugkit.world import t2i, t2i_train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +53,11 @@ TINY = dict(block_out_channels=(8, 16, 16), steps=3, batch_size=8, train_per_cla
 
 
 def test_training_is_deterministic_and_writes_atomically(tmp_path):
-    a, info_a = t2i.train_t2i(t2i.T2IConfig(**TINY), progress=False)
-    b, _ = t2i.train_t2i(t2i.T2IConfig(**TINY), progress=False)
-    assert t2i._unet_bytes(a) == t2i._unet_bytes(b)
+    a, info_a = t2i_train.train_t2i(t2i.T2IConfig(**TINY), progress=False)
+    b, _ = t2i_train.train_t2i(t2i.T2IConfig(**TINY), progress=False)
+    assert t2i_train._unet_bytes(a) == t2i_train._unet_bytes(b)
     assert info_a["steps_done"] == 3
-    t2i._write_unet(tmp_path, a, t2i.T2IConfig(**TINY), info_a)
+    t2i_train._write_unet(tmp_path, a, t2i.T2IConfig(**TINY), info_a)
     meta = json.loads((tmp_path / t2i.CONFIG_FILE).read_text())
     assert meta["unet"]["cross_attention_dim"] == 64 and meta["info"]["steps_done"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -148,7 +148,7 @@ def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):
 
 
 def test_generator_step_search_finds_the_smallest_forgetting_step():
-    from slugkit.sd import generator_step_search
+    from slugkit.workflows.sd_demo import generator_step_search
 
     calls = []
 
@@ -172,7 +172,7 @@ def test_generator_step_search_finds_the_smallest_forgetting_step():
 
 
 def test_conditioning_shift_is_relative_l2():
-    from slugkit.sd import relative_shift
+    from slugkit.workflows.sd_demo import relative_shift
 
     h = torch.ones(2, 3, 4)
     assert relative_shift(h, h) == 0.0

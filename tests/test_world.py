@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from slugkit.data import world
+from slugkit.world import render as world
 from slugkit.data.shards import encode_image, iter_samples
 
 ATTRIBUTE_WORDS = world.COLOURS + world.SHAPES

@@ -21,14 +21,14 @@ def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
 
 def unlearn(config):
     """Run SLUG end to end (see :class:`slugkit.unlearn.UnlearnConfig`); returns the result dict."""
-    from .unlearn import run_unlearn
+    from .workflows.unlearn import run_unlearn
 
     return run_unlearn(config)
 
 
 def __getattr__(name):
     if name == "UnlearnConfig":
-        from .unlearn import UnlearnConfig
+        from .workflows.unlearn import UnlearnConfig
 
         return UnlearnConfig
     if name == "SearchConfig":

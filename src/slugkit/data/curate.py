@@ -17,11 +17,9 @@ import re
 from pathlib import Path
 
 from .folders import iter_pairs
-from .shards import ReadStats, atomic_write_bytes, write_shard
-
-
-class EmptyForgetSetError(ValueError):
-    """No sample of the forget set matched; a zero gradient would silently do nothing (official bug, spec §2.4)."""
+from ..common.errors import EmptyForgetSetError
+from ..common.files import atomic_write_bytes
+from .shards import ReadStats, write_shard
 
 
 def concept_pattern(name: str, aliases: list[str] | tuple[str, ...] = ()) -> re.Pattern:

@@ -9,7 +9,9 @@ forget set, so the rest of slugkit reads them with the same loaders:
 * ``forget_manifest.json`` lists key, prompt, seed and the image's sha256.
 
 ``pipe`` is a diffusers pipeline (anything called as ``pipe(prompt=[...], generator=[...],
-num_inference_steps=..., output_type="pil")``) or the embedded :class:`~slugkit.world.t2i.EmbeddedT2IPipeline`.
+num_inference_steps=..., output_type="pil")``) or any object with a ``generate_images(prompts, seeds, steps,
+guidance)`` method (the embedded pipeline); the caller loads it (``slug curate --generate --pipeline``). This module
+knows no model family and nothing of the embedded world.
 """
 
 from __future__ import annotations
@@ -21,38 +23,17 @@ from typing import Sequence
 
 import torch
 
-from .shards import atomic_write_bytes, encode_image, write_shard
+from ..common.files import atomic_write_bytes
+from .shards import encode_image, write_shard
 
 
-def load_pipeline(spec: str, device: str = "cpu"):
-    """``embedded`` (the embedded text-to-image model) or a local diffusers pipeline folder."""
-    if spec == "embedded":
-        from ..world.t2i import EmbeddedT2IPipeline
-
-        return EmbeddedT2IPipeline.load()
-    p = Path(spec)
-    if not (p / "model_index.json").is_file():
-        from ..models.base import ModelLoadError
-
-        raise ModelLoadError(f"{spec}: not a diffusers pipeline folder (no model_index.json); pass a folder written "
-                             "by pipe.save_pretrained(DIR) or downloaded with `huggingface-cli download ID "
-                             "--local-dir DIR`, or 'embedded'")
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None,
-                                             requires_safety_checker=False)
-    return pipe.to(device)
-
-
-def _images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float | None):
-    from PIL import Image
-
-    from ..world.t2i import EmbeddedT2IPipeline
-
-    if isinstance(pipe, EmbeddedT2IPipeline):
-        x = pipe(prompts, seeds, steps=steps) if guidance is None else pipe(prompts, seeds, steps=steps,
-                                                                            guidance=guidance)
-        return [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x]
+def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float | None) -> list:
+    """One PIL image per (prompt, seed) from ``pipe``: a pipeline with a ``generate_images(prompts, seeds, steps,
+    guidance)`` method (the embedded one, :meth:`slugkit.world.t2i.EmbeddedT2IPipeline.generate_images`) is asked
+    through it; anything else is called as a diffusers pipeline, one ``torch.Generator`` (CPU) per seed.
+    ``guidance=None`` keeps the pipeline's default scale."""
+    if hasattr(pipe, "generate_images"):
+        return pipe.generate_images(prompts, seeds, steps, guidance)
     kw = {} if guidance is None else {"guidance_scale": guidance}
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     return pipe(prompt=prompts, generator=gens, num_inference_steps=steps, output_type="pil", **kw).images
@@ -75,7 +56,7 @@ def generate_pairs(pipe, prompts: Sequence[str], n: int, out_dir: str | Path, *,
     samples, manifest = [], []
     for lo in tqdm(range(0, n, batch_size), desc="generating forget images", disable=not progress):
         chunk = plan[lo:lo + batch_size]
-        imgs = _images(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], steps, guidance)
+        imgs = pipeline_images(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], steps, guidance)
         for (i, p, s), im in zip(chunk, imgs):
             data = encode_image(im.convert("RGB"), "png")
             key = f"gen-{i:06d}"

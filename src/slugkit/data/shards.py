@@ -20,11 +20,9 @@ atomic (a temporary file renamed into place), so a crash never leaves half a sha
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,12 +30,11 @@ from typing import Iterable, Iterator
 from braceexpand import braceexpand
 from PIL import Image
 
+from ..common.errors import ShardError
+from ..common.files import atomic_write_bytes
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
-
-
-class ShardError(RuntimeError):
-    """A shard (or a sample in it) cannot be read; the message names the file and what to do."""
 
 
 @dataclass
@@ -245,33 +242,6 @@ def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tf.addfile(info, io.BytesIO(data))
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike):
-    """Open a temporary file next to ``path`` for writing; on success fsync it and ``os.replace`` it into place,
-    on any error remove it. A crash or a full disk never leaves a partial ``path`` behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path) as f:
-        f.write(data)
 
 
 def write_shard(

@@ -108,12 +108,12 @@ def generate(pipe, triples, steps: int, guidance: float | None, batch_size: int 
              desc: str = "generating") -> list:
     from tqdm.auto import tqdm
 
-    from ..data.generate import _images
+    from ..data.generate import pipeline_images
 
     out = []
     for lo in tqdm(range(0, len(triples), batch_size), desc=desc, disable=not progress):
         chunk = triples[lo:lo + batch_size]
-        out += _images(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], steps, guidance)
+        out += pipeline_images(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], steps, guidance)
     return out
 
 
@@ -138,7 +138,7 @@ def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_di
                  progress: bool = True) -> dict:
     """Score ``pipe`` unpatched, apply ``patch`` to its text encoder in place, score again, revert (bit-exact).
     Writes ``gen_eval.json`` and ``generations.png`` (before | after per concept shown) into ``out_dir``."""
-    from ..data.shards import atomic_write_bytes
+    from ..common.files import atomic_write_bytes
     from ..integrations.diffusers_sd import apply_patch_to_pipeline, revert_patch_from_pipeline
 
     out = Path(out_dir)
@@ -170,7 +170,7 @@ def image_grid(rows: list[tuple[str, list, list]], path: str | Path, cell: int =
 
     from PIL import Image, ImageDraw
 
-    from ..data.shards import atomic_write_bytes
+    from ..common.files import atomic_write_bytes
 
     n = max(len(b) for _, b, _ in rows)
     label_w, gap, pad = 150, 16, 2

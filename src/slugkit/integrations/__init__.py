@@ -25,10 +25,6 @@ in the lower precision is refused.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -186,31 +182,6 @@ def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *
         apply_patch(view, p, check=check)
 
 
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling folder to fill; when the block succeeds it replaces ``out_dir`` by rename (the old
-    one removed after), when it fails it is deleted — ``out_dir`` never holds a partial write. A non-empty existing
-    ``out_dir`` is refused unless ``overwrite``."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        yield tmp
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_provenance(folder: Path, patch: Patch, reverted: bool, source: Path | None, **extra) -> None:
     """``slugkit_patch.json`` next to a written model: which patch, on what, applied or reverted."""
     import json
@@ -269,6 +240,6 @@ def restrict_to_consumer(adapter, spec: str):
     return adapter.restrict_candidates(pred, consumer=desc)
 
 
-__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "atomic_dir", "cast_patch",
+__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast_patch",
            "consumer_restriction", "consumer_view", "find_tower", "layer_names", "num_layers", "restrict_to_consumer",
            "tower_map", "verify_tower", "write_provenance"]

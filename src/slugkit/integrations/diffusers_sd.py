@@ -42,8 +42,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError, tensor_sha256
-from . import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, atomic_dir, consumer_view, layer_names,
+from . import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, consumer_view, layer_names,
                num_layers, tower_map, verify_tower, write_provenance)
 
 WHAT = "text encoder"
@@ -346,6 +347,24 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     return Path(out_dir)
 
 
-__all__ = ["ENCODERS", "apply_patch_to_pipeline", "consumed_layer_count", "consumed_text_candidates",
+def load_pipeline_folder(folder: str, device: str = "cpu"):
+    """A local diffusers pipeline folder (``model_index.json`` inside), offline, without the safety checker, on
+    ``device``. Raises :class:`~slugkit.common.errors.ModelLoadError` naming the folder when it is not one."""
+    from ..common.errors import ModelLoadError
+
+    p = Path(folder)
+    if not (p / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json); pass a folder written "
+                             "by pipe.save_pretrained(DIR) or downloaded with `huggingface-cli download ID "
+                             "--local-dir DIR`, or 'embedded'")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None,
+                                             requires_safety_checker=False)
+    return pipe.to(device)
+
+
+__all__ = ["ENCODERS", "apply_patch_to_pipeline", "load_pipeline_folder", "consumed_layer_count", "consumed_text_candidates",
            "consumed_text_layers", "encoder_reads", "is_sdxl", "pick_encoder", "pipeline_consumption",
            "revert_patch_from_pipeline", "save_patched_text_encoder", "text_encoder_map", "verify_text_encoder"]
+

@@ -23,8 +23,9 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError
-from . import (CLIP_TOWER_PREFIX, apply_to_consumer, atomic_dir, find_tower, layer_names, tower_map, verify_tower,
+from . import (CLIP_TOWER_PREFIX, apply_to_consumer, find_tower, layer_names, tower_map, verify_tower,
                write_provenance)
 
 WHAT = "LLaVA vision tower"

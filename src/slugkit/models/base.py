@@ -21,11 +21,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..common.errors import ModelLoadError  # noqa: F401  (re-exported: slugkit.models.ModelLoadError)
+
 TOWERS = ("vision", "language")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message names what is missing and how to supply it offline."""
 
 
 @dataclass

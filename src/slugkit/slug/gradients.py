@@ -24,7 +24,7 @@ from typing import Iterable
 
 import torch
 
-from ..data.curate import EmptyForgetSetError
+from ..common.errors import EmptyForgetSetError
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -42,7 +42,7 @@ class Gradients:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
 
-        from ..data.shards import atomic_write_bytes
+        from ..common.files import atomic_write_bytes
 
         tensors = {f"forget/{k}": v.contiguous() for k, v in self.forget.items()}
         tensors.update({f"retain/{k}": v.contiguous() for k, v in self.retain.items()})

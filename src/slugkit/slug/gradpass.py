@@ -71,7 +71,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.curate import EmptyForgetSetError
+from ..common.errors import EmptyForgetSetError
+from ..common.tensorfile import read_metadata as _read_meta
+from ..common.tensorfile import read_tensors, write_safetensors
 from ..data.shards import ReadStats, expand_urls
 from .gradients import Gradients, NonFiniteGradientError, accumulate_batch, candidate_grads, check_finite, new_sums
 
@@ -225,13 +227,6 @@ def _digest(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
 
 
-def _read_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("slugkit", "{}"))
-
-
 def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
     """Refuse a checkpoint directory that holds files of another command."""
     if not ckdir.is_dir():
@@ -252,58 +247,8 @@ def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
             "pass another --checkpoint-dir to start over")
 
 
-_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file tensor by tensor (no in-memory serialised copy of the whole dict, unlike
-    ``safetensors.torch.save``), atomically (temp file in the same directory + fsync + ``os.replace``)."""
-    import struct
-
-    from ..data.shards import atomic_writer
-
-    items = sorted(tensors.items())
-    header: dict = {"__metadata__": metadata}
-    off = 0
-    for k, t in items:
-        nbytes = t.numel() * t.element_size()
-        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
-        off += nbytes
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    with atomic_writer(path) as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for _, t in items:
-            t = t.detach().to("cpu").contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # zero-copy view of a CPU tensor
-
-
 def _save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta: dict) -> None:
     write_safetensors(path, {f"sums/{n}": sums[n] for n in names}, {"slugkit": json.dumps(meta, sort_keys=True)})
-
-
-def read_tensors(path: str | Path, keys: list[str], device="cpu"):
-    """Yield ``(key, tensor)`` from a safetensors file with plain reads, one tensor at a time (no memory map: only
-    the tensor being read is resident)."""
-    import struct
-
-    inv = {v: k for k, v in _DTYPES.items()}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        base = 8 + n
-        for k in keys:
-            info = header[k]
-            t = torch.empty(info["shape"], dtype=inv[info["dtype"]])
-            begin, end = info["data_offsets"]
-            if end > begin:
-                f.seek(base + begin)
-                buf = t.reshape(-1).view(torch.uint8).numpy()
-                if f.readinto(buf) != end - begin:
-                    raise ValueError(f"{path}: tensor {k} is truncated")
-            yield k, t.to(device)
 
 
 def _load_sums(path: Path, names: list[str], device) -> tuple[dict[str, torch.Tensor], dict]:
@@ -494,36 +439,3 @@ def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
 
     with safe_open(str(path), framework="pt") as f:
         return {k.split("/", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith("stats/")}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def cmd_grads(a) -> int:
-    """``slug grads``: one process, or one rank of ``torchrun --nproc_per_node N -m slugkit.cli grads ...``."""
-    from ..models import load_adapter
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    rank, world, device = init_distributed(a.device)
-    try:
-        adapter = load_adapter(a.model, a.pretrained, family=getattr(a, "family", "open_clip"), device=device,
-                               precision=a.precision)
-        if getattr(a, "consumer", None):
-            from ..integrations import restrict_to_consumer
-
-            restrict_to_consumer(adapter, a.consumer)
-        cfg = PassConfig(forget=a.forget, retain=a.retain, out=a.out, batch_size=a.batch_size,
-                         checkpoint_dir=a.checkpoint_dir, stats_first=a.stats_first, strict=a.strict,
-                         progress=not a.no_progress)
-        result = run_gradpass(adapter, cfg)
-        if rank == 0 and result is not None:
-            g = result.grads
-            what = f"stats of every candidate + gradients of {len(result.front)} front tensors" if cfg.stats_first \
-                else f"gradients of {len(g.forget)} tensors"
-            print(f"wrote {a.out}: {what} (forget {g.n_forget} samples, retain {g.n_retain} samples, "
-                  f"{world} rank(s))")
-    finally:
-        import torch.distributed as dist
-
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0

@@ -20,8 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from ..data import world
-from ..data.shards import atomic_write_bytes
+from . import render as world
+from ..common.files import atomic_write_bytes
 
 WORLD_DATA_VERSION = 1
 COUNTS = {"pool": (100, 20), "val": (20, 10), "test": (50, 50)}
@@ -114,40 +114,6 @@ def write_mixed_retain(concepts: list[str], path: str | Path, identity_fraction:
             "excludes": sorted(excluded), "seed": seed}
 
 
-def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path | None = None, *,
-                 progress: bool = True, seed: int = 0, retain_identity_fraction: float | None = None, **overrides):
-    """The ``UnlearnConfig`` of ``slug demo``: curate the concept from the world's pool shards (100 forget pairs,
-    900 retain pairs that never name it) and point validation/test at the world's disjoint class folders.
-    A list of concepts is unlearned jointly: 100 forget pairs of each, a retain set naming none of them.
-    ``retain_identity_fraction``: instead of the curated retain set, 900 pool pairs with that share of other
-    identities' pairs, the rest utility pairs (:func:`write_mixed_retain`).
-
-    Returns ``(config, curate_summary, data_dir)``.
-    """
-    from ..data.curate import curate
-    from ..unlearn import UnlearnConfig
-
-    concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
-    data = ensure_world_data(data_dir, progress=progress)
-    out = Path(out)
-    mixed = retain_identity_fraction is not None
-    cur = curate(str(data / "pool"), concepts[0], out / "data", aliases=concepts[1:],
-                 max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
-    if mixed:
-        cur["retain"] = RETAIN_PAIRS
-        cur["retain_mix"] = write_mixed_retain(concepts, out / "data" / "retain.tar", retain_identity_fraction,
-                                               seed=seed)
-    cfg = UnlearnConfig(
-        concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=str(out),
-        model="embedded", forget=str(out / "data" / "forget.tar"),
-        retain=str(out / "data" / "retain.tar"), val_identities=str(data / "val" / "identities"),
-        test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
-        identity_templates=list(world.IDENTITY_EVAL_TEMPLATES), utility_val=str(data / "val" / "utility"),
-        utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
-        seed=seed, progress=progress, **overrides)
-    return cfg, cur, data
-
-
 def retain_without(spec: str, concepts: list[str], path: str | Path) -> dict:
     """Write ``spec``'s pairs minus those whose caption names any of ``concepts`` (whole word, as ``slug curate``
     matches) to the shard ``path``; returns counts."""
@@ -164,22 +130,3 @@ def retain_without(spec: str, concepts: list[str], path: str | Path) -> dict:
         kept.append((f"{len(kept):07d}", smp.data, smp.caption, smp.ext if smp.ext != "jpeg" else "jpg"))
     write_shard(Path(path), kept)
     return {"excludes": list(concepts), "kept": len(kept), "dropped": dropped}
-
-
-def sequential_world_configs(concepts: list[str], where, data_dir: str | Path | None = None, **kwargs) -> list[tuple]:
-    """One :func:`world_config` per step of a sequential run, in folder ``where(k, concept)``: step k's forget set is
-    concept k's, its retain set that step's curated retain set minus the pairs naming a concept unlearned at an
-    earlier step (``data/retain-excluding-earlier.tar``). With them the retain gradient (and a baseline's retain
-    pass) would pull an already forgotten concept back. Returns ``[(config, curate_summary, data_dir), ...]``."""
-    from dataclasses import replace
-
-    steps = []
-    for k, c in enumerate(concepts):
-        folder = Path(where(k, c))
-        cfg, cur, data = world_config(c, folder, data_dir, **kwargs)
-        if k:
-            path = folder / "data" / "retain-excluding-earlier.tar"
-            cur = {**cur, "retain_excluding_earlier": retain_without(cfg.retain, concepts[:k], path)}
-            cfg = replace(cfg, retain=str(path))
-        steps.append((cfg, cur, data))
-    return steps

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from slugkit.data import world
-from slugkit.data.shards import atomic_write_bytes, encode_image
+from slugkit.world import render as world
+from slugkit.common.files import atomic_write_bytes
+from slugkit.data.shards import encode_image
 
 MODEL_CFG: dict = {
     "embed_dim": 64,

@@ -227,9 +227,9 @@ def _slug_replay(adapter, cfg, f_img, f_tok, r_img, r_tok, val_eval, val_before)
     """Peak RSS growth and CPU seconds of SLUG's unlearning stages (gradients, layer ranking, search) replayed with
     the functions ``run_unlearn`` calls, on the data and validation evaluator already in memory (``run_unlearn``
     itself also loads data and builds evaluators, which the baselines' window does not include)."""
-    from .slug.gradients import compute_gradients
-    from .slug.layers import rank_layers
-    from .slug.search import choose_layer, search_layers
+    from ..slug.gradients import compute_gradients
+    from ..slug.layers import rank_layers
+    from ..slug.search import choose_layer, search_layers
     from .unlearn import _batches
 
     names, bs = adapter.candidate_names(), cfg.batch_size
@@ -249,7 +249,7 @@ def _slug_replay(adapter, cfg, f_img, f_tok, r_img, r_tok, val_eval, val_before)
 
 def _heldout_pairs(adapter, concepts: list[str], k: int):
     """``k`` held-out captioned pairs of each concept from the world's test split (never trained on)."""
-    from .data import world
+    from ..world import render as world
 
     classes = [world.identity_by_name(c).index for c in concepts]
     samples = world.make_samples("test", "identity", k, classes=classes)
@@ -286,7 +286,7 @@ def _per_concept(before: dict, after: dict) -> dict | None:
 
 
 def check_compare_out(out: Path, overwrite: bool) -> None:
-    from .unlearn import OutputExistsError
+    from ..common.errors import OutputExistsError
 
     if out.exists() and any((out / f).exists() for f in COMPARE_FILES + ("slug",) + MODES) and not overwrite:
         raise OutputExistsError(f"{out} already holds a comparison; pass --overwrite or choose another --out")
@@ -294,7 +294,7 @@ def check_compare_out(out: Path, overwrite: bool) -> None:
 
 def make_baseline(cc: CompareConfig, name: str):
     """The baseline ``name`` with the comparison's settings (epochs, lr or lr sweep, selection rule, SalUn/SSD)."""
-    from .methods import ALPHA_GRID, LRSweep, make_method
+    from ..methods import ALPHA_GRID, LRSweep, make_method
 
     kw = {"epochs": cc.epochs, "select_metric": cc.select_metric}
     if name in ("ga", "gaft") or name.startswith("salun"):
@@ -319,7 +319,7 @@ class _Base:
     """The pristine weights and their hash; :meth:`restore` puts them back and checks the hash."""
 
     def __init__(self, adapter):
-        from .methods.base import snapshot
+        from ..methods.base import snapshot
 
         self.adapter = adapter
         self.state = snapshot(adapter.model)
@@ -336,7 +336,7 @@ class _Base:
 def _evaluator(adapter, cfg, identities: str, utility: str | None, cache: dict | None):
     """``(suite, SuiteEvaluator)`` for these folders and ``cfg``'s concepts; built on the base weights and shared
     between the modes of one comparison through ``cache`` (the evaluator's base features are those weights')."""
-    from .eval.zeroshot import SuiteEvaluator
+    from ..eval.zeroshot import SuiteEvaluator
     from .unlearn import build_suite
 
     key = (identities, utility, tuple(cfg.concept_list()), cfg.names, cfg.related_names,
@@ -351,7 +351,7 @@ def _evaluator(adapter, cfg, identities: str, utility: str | None, cache: dict |
 
 
 def _world_config(cc: CompareConfig, concept, out: Path):
-    from .world.demo_data import world_config
+    from .world_runs import world_config
 
     return world_config(concept, out, cc.data_dir, progress=cc.progress, seed=cc.seed, threads=cc.threads,
                         overwrite=cc.overwrite, forget_samples=cc.forget_samples, retain_samples=cc.retain_samples,
@@ -359,8 +359,8 @@ def _world_config(cc: CompareConfig, concept, out: Path):
 
 
 def run_compare(cc: CompareConfig) -> dict:
-    from .methods import make_method
-    from .models import load_adapter
+    from ..methods import make_method
+    from ..models import load_adapter
 
     concepts = cc.concept_list()
     multi = len(concepts) > 1
@@ -426,10 +426,10 @@ def run_compare(cc: CompareConfig) -> dict:
 
 
 def _write_report(report: dict, out: Path) -> None:
-    from .data.shards import atomic_write_bytes
-    from .unlearn import _write_json
+    from ..common.files import atomic_write_bytes
+    from ..common.files import write_json
 
-    _write_json(out / "compare.json", report)
+    write_json(out / "compare.json", report)
     plotted = report if "methods" in report else report.get("joint")
     if plotted is not None:
         tradeoff_plot(plotted, out / "tradeoff.png")
@@ -439,8 +439,8 @@ def _write_report(report: dict, out: Path) -> None:
 def _compare_joint(cc: CompareConfig, cfg, cur, data_dir, adapter, base: _Base, out: Path,
                    concepts: list[str], cache: dict | None) -> dict:
     """Every method once on one forget set (one concept, or several jointly); returns the report (not written)."""
-    from .methods import MethodData
-    from .patch import apply_patch, load_patch, revert_patch
+    from ..methods import MethodData
+    from ..patch import apply_patch, load_patch, revert_patch
     from .unlearn import load_pairs, run_unlearn
 
     f_img, f_tok, _ = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
@@ -531,7 +531,7 @@ def _mia_heldout(cc: CompareConfig, adapter, cfg, concepts: list[str]):
 
 
 def _mia_runner(adapter, forget_pairs, heldout):
-    from .eval.mia import mia
+    from ..eval.mia import mia
 
     def run():
         return mia(adapter, forget_pairs, heldout) if heldout is not None else None
@@ -543,7 +543,7 @@ def _sequential_configs(cc: CompareConfig, concepts: list[str], out: Path) -> li
     """One ``UnlearnConfig`` per step, as ``slug demo --sequential`` builds them
     (:func:`slugkit.world.demo_data.sequential_world_configs`: each step's retain set drops the pairs naming an
     earlier concept — with them, a baseline's retain pass would teach an already forgotten concept again)."""
-    from .world.demo_data import sequential_world_configs
+    from .world_runs import sequential_world_configs
 
     steps = sequential_world_configs(
         concepts, lambda k, c: out / "slug" / f"{k + 1}-{c.replace(' ', '_')}", cc.data_dir, progress=cc.progress,
@@ -555,9 +555,9 @@ def _sequential_configs(cc: CompareConfig, concepts: list[str], out: Path) -> li
 def _compare_sequential(cc: CompareConfig, concepts: list[str], adapter, base: _Base, out: Path,
                         cache: dict | None) -> dict:
     """Every method over the concepts one after another (see the module docstring); returns the report."""
-    from .eval.zeroshot import SuiteEvaluator
-    from .methods import MethodData
-    from .patch import apply_patch, load_patch, revert_patch
+    from ..eval.zeroshot import SuiteEvaluator
+    from ..methods import MethodData
+    from ..patch import apply_patch, load_patch, revert_patch
     from .unlearn import load_pairs, run_sequential
 
     steps = _sequential_configs(cc, concepts, out)
@@ -808,7 +808,7 @@ def tradeoff_plot(report: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data.shards import atomic_write_bytes
+    from ..common.files import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, (name, e) in enumerate(report["methods"].items()):

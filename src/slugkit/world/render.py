@@ -33,7 +33,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from slugkit.data.shards import atomic_write_bytes, encode_image, write_shard
+from slugkit.common.files import atomic_write_bytes
+from slugkit.data.shards import encode_image, write_shard
 
 IMAGE_SIZE = 32
 

@@ -7,7 +7,6 @@ the same loaders whether the model is ViT-B-32 on LAION + CelebA + ImageNet or t
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -15,19 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .data.curate import EmptyForgetSetError
-from .data.folders import iter_pairs, read_class_folder, read_lines
-from .data.shards import ReadStats, ShardError, atomic_write_bytes
-from .eval.zeroshot import PARTS, EvalSuite, ImageSet, SuiteEvaluator
-from .slug.gradients import compute_gradients
-from .slug.layers import rank_layers
-from .slug.search import SearchConfig, choose_layer, edited, edited_values, search_layers
+from ..common.errors import EmptyForgetSetError
+from ..data.folders import iter_pairs, read_class_folder, read_lines
+from ..common.errors import OutputExistsError, ShardError
+from ..common.files import atomic_write_bytes, write_json
+from ..data.shards import ReadStats
+from ..eval.zeroshot import PARTS, EvalSuite, ImageSet, SuiteEvaluator
+from ..slug.gradients import compute_gradients
+from ..slug.layers import rank_layers
+from ..slug.search import SearchConfig, choose_layer, edited, edited_values, search_layers
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
-
-
-class OutputExistsError(FileExistsError):
-    pass
 
 
 @dataclass
@@ -181,14 +178,14 @@ def _versions() -> dict:
 def load_gradients_file(path: str, names: list[str]):
     """Gradients written by ``slug grads`` (full or ``--stats-first``) or ``--save-gradients``; checked against the
     model's candidate tensors. Returns ``(Gradients, stats or None)``."""
-    from .slug.gradients import Gradients
+    from ..slug.gradients import Gradients
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"gradients file not found: {path}")
     grads = Gradients.load(path)
     if grads.n_forget <= 0:
         raise EmptyForgetSetError(f"{path} records no forget samples; recompute it with `slug grads`")
-    from .slug.gradpass import load_stats
+    from ..slug.gradpass import load_stats
 
     stats = load_stats(path) or None
     have = set(stats) if stats else set(grads.forget)
@@ -205,10 +202,6 @@ def _digest(manifest: list[dict]) -> str:
     for m in manifest:
         h.update(f"{m['key']}\t{m['sha256']}\n".encode())
     return h.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -240,9 +233,9 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
 
 
 def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None, choose=None) -> dict:
-    from .models import load_adapter
-    from .patch import make_patch, save_patch
-    from .report import pareto_plot, render_report
+    from ..models import load_adapter
+    from ..patch import make_patch, save_patch
+    from ..report.unlearn import pareto_plot, render_report
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -261,7 +254,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         adapter = load_adapter(cfg.model, cfg.pretrained, family=cfg.family, device=cfg.device,
                                precision=cfg.precision)
     if cfg.consumer:
-        from .integrations import restrict_to_consumer
+        from ..integrations import restrict_to_consumer
 
         if not hasattr(adapter, "restrict_candidates"):
             raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict "
@@ -305,7 +298,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
 
     t = time.perf_counter()
     if stats is not None:
-        from .slug.gradpass import rank_from_stats
+        from ..slug.gradpass import rank_from_stats
 
         table = rank_from_stats(adapter, stats, names)
         missing = [m for n in table.front_names() for m in adapter.group_of(n) if m not in grads.forget]
@@ -381,10 +374,10 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         "data": {"n_forget": grads.n_forget, "n_retain": grads.n_retain, "val_sizes": val_suite.sizes(),
                  "test_sizes": test_suite.sizes()},
     }
-    _write_json(out / "layers.json", table.to_json())
+    write_json(out / "layers.json", table.to_json())
     pareto_plot(table.to_json(), out / "pareto.png", title=f"SLUG Pareto fronts: {cfg.concept} ({label})",
                 chosen=chosen.name)
-    _write_json(out / "result.json", result)
+    write_json(out / "result.json", result)
     cfg_json = asdict(cfg)
     run = {"config": cfg_json, "seed": cfg.seed, "versions": _versions(), "threads": torch.get_num_threads(),
            "data": {"forget": {"spec": cfg.forget, "read_stats": f_stats.as_dict(), "samples": f_stats.manifest},
@@ -395,7 +388,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
            "search": [s.to_json() for s in searches]}
     if extra_run_info:
         run.update(extra_run_info)
-    _write_json(out / "run.json", run)
+    write_json(out / "run.json", run)
     atomic_write_bytes(out / "report.md", render_report(result).encode())
     return result
 
@@ -409,8 +402,8 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
     (final model), shared related/utility metrics, each step's layer and step size, patch bytes). The model is
     returned to its base weights (bit-exact) before returning.
     """
-    from .models import load_adapter
-    from .patch import apply_patch, chain_patches, load_patch, revert_patch, save_patch
+    from ..models import load_adapter
+    from ..patch import apply_patch, chain_patches, load_patch, revert_patch, save_patch
 
     out = Path(out)
     if (out / "result.json").exists() and not overwrite:
@@ -449,5 +442,5 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
                   "tensors": chained.names},
         "model_bytes": adapter.model_bytes(), "timing_s": {"total": time.perf_counter() - t0},
     }
-    _write_json(out / "result.json", result)
+    write_json(out / "result.json", result)
     return result

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from .data import world
-from .data.shards import atomic_write_bytes
-from .eval.generated import image_grid
-from .slug.search import SearchFailed, edited_values
-from .world import t2i
+from ..world import render as world
+from ..common.files import atomic_write_bytes
+from ..eval.generated import image_grid
+from ..slug.search import SearchFailed, edited_values
+from ..world import t2i
 
 DEFAULT_SD_CONCEPT = "red triangle"
 SD_CRITERION = "forget_top1"  # zero-shot over 30 concepts: top-5 would demand the concept leave a sixth of the list
@@ -55,9 +55,9 @@ def embedded_hf_adapter():
     """The embedded CLIP as an :class:`HFClipAdapter` (exact conversion; see :mod:`slugkit.models.convert`)."""
     from transformers import CLIPImageProcessor
 
-    from .models.convert import embedded_hf_clip
-    from .models.hf_clip import HFClipAdapter
-    from .world.train import MEAN, STD
+    from ..models.convert import embedded_hf_clip
+    from ..models.hf_clip import HFClipAdapter
+    from ..world.train import MEAN, STD
 
     hf, tok, _ = embedded_hf_clip()
     proc = CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
@@ -108,7 +108,7 @@ def hash_key(key: str) -> str:
 @torch.no_grad()
 def conditioning(adapter, prompts: list[str]) -> torch.Tensor:
     """What the pipeline consumes: the CLIP text tower's ``last_hidden_state`` for ``prompts`` (same tokens)."""
-    from .world.t2i import CONTEXT_LENGTH
+    from ..world.t2i import CONTEXT_LENGTH
 
     ids = adapter.tokenizer(list(prompts), padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
                             return_tensors="pt")["input_ids"]
@@ -124,7 +124,7 @@ def relative_shift(before: torch.Tensor, after: torch.Tensor) -> float:
 
 def shift_table(adapter, grads, searches, target: str, margin: float = 1.0) -> list[dict]:
     """Per searched layer (that forgot on CLIP): conditioning shift of the target's and the others' prompts."""
-    from .slug.search import edited
+    from ..slug.search import edited
 
     tp = [t2i.prompt_for(target, i) for i in range(len(world.UTILITY_CAPTION_TEMPLATES))]
     op = [t2i.prompt_for(n, i) for n in t2i.concept_names() if n != target
@@ -202,7 +202,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     generator step search, the first with an accepted step is chosen. The forgotten concept is scored at η and the
     other concepts at ``gen_margin``·η, the step finally applied, so the margin never buys forgetting with unchecked
     damage."""
-    from .slug.search import choose_layer
+    from ..slug.search import choose_layer
 
     def choose(searches, adapter, grads, val_before, clip_policy):
         rows = shift_table(adapter, grads, searches, target)
@@ -272,7 +272,7 @@ def related_to(a: str, b: str) -> bool:
 
 
 def generation_metrics(per_concept: dict[str, float], target: str) -> dict:
-    from .eval.generated import summarise
+    from ..eval.generated import summarise
 
     return summarise(per_concept, target, related=related_to)
 
@@ -295,12 +295,13 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 gen_threshold: float = 0.05, other_budget: float = 0.05, search=None, seed: int = 0,
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``."""
-    from .integrations.diffusers_sd import (apply_patch_to_pipeline, consumed_text_candidates,
+    from ..integrations.diffusers_sd import (apply_patch_to_pipeline, consumed_text_candidates,
                                             revert_patch_from_pipeline, verify_text_encoder)
-    from .patch import load_patch, tensor_sha256
-    from .slug.search import SearchConfig
-    from .unlearn import UnlearnConfig, _write_json, check_out_dir, run_unlearn
-    from .world.demo_data import ensure_world_data
+    from ..patch import load_patch, tensor_sha256
+    from ..slug.search import SearchConfig
+    from ..common.files import write_json
+    from .unlearn import UnlearnConfig, check_out_dir, run_unlearn
+    from ..world.demo_data import ensure_world_data
 
     concept = t2i.concept_by_name(concept).name
     gen_margin = DEFAULT_GEN_MARGIN if gen_margin is None else gen_margin
@@ -372,7 +373,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
         result["timing_s"]["slug_total"] = t_slug
         result["timing_s"]["generation_eval"] = t_gen
         result["timing_s"]["total"] = time.perf_counter() - t0
-        _write_json(out / "result.json", result)
+        write_json(out / "result.json", result)
         report = (out / "report.md").read_text(encoding="utf-8") + render_generation_report(result)
         atomic_write_bytes(out / "report.md", report.encode("utf-8"))
         return result

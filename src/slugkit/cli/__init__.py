@@ -36,7 +36,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 
 
 def _search_cfg(a):
-    from .slug.search import SearchConfig
+    from ..slug.search import SearchConfig
 
     return SearchConfig(metric=a.criterion or "forget_top5", threshold=a.threshold, steps=a.steps, margin=a.margin,
                         utility_floor=a.utility_floor, selection=a.selection)
@@ -55,7 +55,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def print_summary(result: dict, out: str) -> None:
-    from .report import metrics_table
+    from ..report.unlearn import metrics_table
 
     m = result["metrics"]
     print()
@@ -74,8 +74,8 @@ def print_summary(result: dict, out: str) -> None:
 def cmd_demo_sd(a) -> int:
     from dataclasses import replace
 
-    from .sd import DEFAULT_SD_CONCEPT, SD_CRITERION, print_sd_summary, run_sd_demo
-    from .world.t2i import concept_by_name
+    from ..workflows.sd_demo import DEFAULT_SD_CONCEPT, SD_CRITERION, print_sd_summary, run_sd_demo
+    from ..world.t2i import concept_by_name
 
     if a.concepts:
         print("error: --target sd unlearns one concept (--concept)", file=sys.stderr)
@@ -98,7 +98,7 @@ def cmd_demo_sd(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .unlearn import check_out_dir, run_sequential, run_unlearn
+    from ..workflows.unlearn import check_out_dir, run_sequential, run_unlearn
 
     if a.target == "sd":
         try:
@@ -106,9 +106,10 @@ def cmd_demo(a) -> int:
         except ImportError as e:
             print(f"error: {e}; `demo --target sd` needs the HF extra: pip install 'slugkit[hf]'", file=sys.stderr)
             return 2
-    from .world.demo_data import default_concept, sequential_world_configs, world_config
+    from ..workflows.world_runs import sequential_world_configs, world_config
+    from ..world.demo_data import default_concept
 
-    from .data import world
+    from ..world import render as world
 
     wanted = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else [a.concept or
                                                                                          default_concept()]
@@ -152,7 +153,7 @@ def print_multi_summary(result: dict, out: str) -> None:
 
 
 def cmd_unlearn(a) -> int:
-    from .unlearn import UnlearnConfig, run_unlearn
+    from ..workflows.unlearn import UnlearnConfig, run_unlearn
 
     if not a.out:
         print("error: --out is required", file=sys.stderr)
@@ -183,9 +184,9 @@ def cmd_unlearn(a) -> int:
 
 def cmd_compare(a) -> int:
     """`slug compare`: SLUG and the baselines on the same data (the embedded world, or explicit data flags)."""
-    from .compare import CompareConfig, render_compare, run_compare, time_ratios
-    from .data import world
-    from .world.demo_data import default_concept
+    from ..workflows.compare import CompareConfig, render_compare, run_compare, time_ratios
+    from ..world import render as world
+    from ..world.demo_data import default_concept
 
     concepts = [c.strip() for c in a.concepts.split(",") if c.strip()] if a.concepts else []
     try:
@@ -205,7 +206,7 @@ def cmd_compare(a) -> int:
     out = a.out or f"runs/compare-{'+'.join(c.replace(' ', '_') for c in (concepts or [concept]))}"
     unlearn = None
     if a.forget or a.model != "embedded":
-        from .unlearn import UnlearnConfig
+        from ..workflows.unlearn import UnlearnConfig
 
         missing = [f"--{k.replace('_', '-')}" for k in ("concept", "forget", "retain", "val_identities",
                                                         "test_identities") if not getattr(a, k)
@@ -246,10 +247,10 @@ def cmd_compare(a) -> int:
 
 
 def cmd_curate(a) -> int:
-    from .data.curate import curate
+    from ..data.curate import curate
 
     if a.generate:
-        from .data.generate import generate_pairs, load_pipeline
+        from ..data.generate import generate_pairs
 
         if not a.n:
             print("error: --generate needs -n N (how many images)", file=sys.stderr)
@@ -270,19 +271,59 @@ def cmd_curate(a) -> int:
 
 
 def cmd_grads(a) -> int:
-    """`slug grads`: the streamed / distributed / resumable gradient pass (see slugkit.slug.gradpass)."""
-    from .slug.gradpass import cmd_grads as run
+    """`slug grads`: the streamed / distributed / resumable gradient pass (see slugkit.slug.gradpass); one process, or
+    one rank of ``torchrun --nproc_per_node N -m slugkit.cli grads ...``."""
+    import torch
 
-    return run(a)
+    from ..models import load_adapter
+    from ..slug.gradpass import PassConfig, init_distributed, run_gradpass
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rank, world, device = init_distributed(a.device)
+    try:
+        adapter = load_adapter(a.model, a.pretrained, family=getattr(a, "family", "open_clip"), device=device,
+                               precision=a.precision)
+        if getattr(a, "consumer", None):
+            from ..integrations import restrict_to_consumer
+
+            restrict_to_consumer(adapter, a.consumer)
+        cfg = PassConfig(forget=a.forget, retain=a.retain, out=a.out, batch_size=a.batch_size,
+                         checkpoint_dir=a.checkpoint_dir, stats_first=a.stats_first, strict=a.strict,
+                         progress=not a.no_progress)
+        result = run_gradpass(adapter, cfg)
+        if rank == 0 and result is not None:
+            g = result.grads
+            what = f"stats of every candidate + gradients of {len(result.front)} front tensors" if cfg.stats_first \
+                else f"gradients of {len(g.forget)} tensors"
+            print(f"wrote {a.out}: {what} (forget {g.n_forget} samples, retain {g.n_retain} samples, "
+                  f"{world} rank(s))")
+    finally:
+        import torch.distributed as dist
+
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def load_pipeline(spec: str, device: str = "cpu"):
+    """``--pipeline``: ``embedded`` (the embedded text-to-image model) or a local diffusers pipeline folder."""
+    if spec == "embedded":
+        from ..world.t2i import EmbeddedT2IPipeline
+
+        return EmbeddedT2IPipeline.load()
+    from ..integrations.diffusers_sd import load_pipeline_folder
+
+    return load_pipeline_folder(spec, device=device)
 
 
 def _load_target(a):
     """A safetensors state dict (--checkpoint) or a model loaded through the adapter (--model/--pretrained)."""
-    from .patch import load_state_dict_file
+    from ..patch import load_state_dict_file
 
     if a.checkpoint:
         return load_state_dict_file(a.checkpoint), None
-    from .models import load_adapter
+    from ..models import load_adapter
 
     adapter = load_adapter(a.model, a.pretrained, family=a.family)
     return adapter.model, adapter
@@ -297,7 +338,7 @@ def _state_of(target):
 
 
 def cmd_apply(a, revert: bool = False) -> int:
-    from .patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
+    from ..patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
 
     patches = [load_patch(p) for p in a.patch]
     if a.pipeline and a.llava:
@@ -323,7 +364,7 @@ def cmd_apply(a, revert: bool = False) -> int:
 def _apply_to_folder(a, patches, revert: bool) -> int:
     """`slug apply --pipeline DIR | --llava DIR --patch P --out DIR2`: write the SD pipeline's text encoder (SDXL:
     the one the patch belongs to) or the whole LLaVA model, patched (or reverted), as a loadable folder."""
-    from .patch import compose_patches, describe
+    from ..patch import compose_patches, describe
 
     flag = "--pipeline" if a.pipeline else "--llava"
     if not a.out:
@@ -331,13 +372,13 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
         return 2
     patch = compose_patches(patches)
     if a.pipeline:
-        from .integrations.diffusers_sd import save_patched_text_encoder
+        from ..integrations.diffusers_sd import save_patched_text_encoder
 
         save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
                                   overwrite=a.overwrite, encoder=a.text_encoder)
         what = f"{a.pipeline}'s text encoder; wrote {a.out} ({'pipeline' if a.full_pipeline else 'text encoder'})"
     else:
-        from .integrations.llava import save_patched_llava
+        from ..integrations.llava import save_patched_llava
 
         save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
         what = f"{a.llava}'s vision tower; wrote {a.out} (model + processor)"
@@ -348,11 +389,10 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
 
 def cmd_eval_sd(a) -> int:
     """`slug eval-sd`: UA / IRA / CRA / CLIP score of a pipeline before and after a text-encoder patch."""
-    from .data.folders import read_lines
-    from .data.generate import load_pipeline
-    from .eval.generated import GenerationPlan, ZeroShotJudge, before_after
-    from .models import load_adapter
-    from .patch import compose_patches, load_patch
+    from ..data.folders import read_lines
+    from ..eval.generated import GenerationPlan, ZeroShotJudge, before_after
+    from ..models import load_adapter
+    from ..patch import compose_patches, load_patch
 
     def names(spec):
         if not spec:
@@ -385,7 +425,7 @@ def cmd_eval_sd(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .patch import describe, load_patch
+    from ..patch import describe, load_patch
 
     p = load_patch(a.patch)
     if a.json:
@@ -397,19 +437,19 @@ def cmd_inspect(a) -> int:
 
 def cmd_world(a) -> int:
     if a.world_cmd == "names":
-        from .data.world import identity_names
+        from ..world.render import identity_names
 
         print("\n".join(identity_names()))
         return 0
     if a.world_cmd == "train":
-        from .world.train import train_embedded
+        from ..world.train import train_embedded
 
         kw = {k: v for k, v in (("steps", a.steps), ("threads", a.threads)) if v is not None}
         report = train_embedded(a.out, seed=a.seed, **kw)
         print(json.dumps(report, indent=2))
         return 0
     if a.world_cmd == "data":
-        from .world.demo_data import ensure_world_data
+        from ..world.demo_data import ensure_world_data
 
         print(ensure_world_data(a.out))
         return 0
@@ -668,18 +708,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["world", "train-t2i"]:  # its own argparse (python -m slugkit.world.t2i)
-        from .world.t2i import main as t2i_main
+    if argv[:2] == ["world", "train-t2i"]:  # its own argparse (python -m slugkit.world.t2i_train)
+        from ..world.t2i_train import main as t2i_main
 
         return t2i_main(argv[2:])
     parser = build_parser()
     a = parser.parse_args(argv)
-    from .data.curate import EmptyForgetSetError
-    from .data.shards import ShardError
-    from .models.base import ModelLoadError
-    from .patch import PatchError
-    from .slug.search import SearchFailed
-    from .unlearn import OutputExistsError
+    from ..data.curate import EmptyForgetSetError
+    from ..data.shards import ShardError
+    from ..models.base import ModelLoadError
+    from ..patch import PatchError
+    from ..slug.search import SearchFailed
+    from ..workflows.unlearn import OutputExistsError
 
     msg = check_device(getattr(a, "device", None))
     if msg:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .data.shards import atomic_write_bytes
+from ..common.files import atomic_write_bytes
 
 METRIC_LABELS = [
     ("forget_top1", "FA@1 (forget top-1)", "lower is better"),

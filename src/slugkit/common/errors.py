@@ -1,0 +1,61 @@
+"""The errors a user can cause, each with a message that names the file, sample or option and what to do.
+
+The CLI (:mod:`slugkit.cli`) prints these as one line ``error: ...`` with exit status 2; library callers catch them
+by class. Errors that belong to one component stay with it (``PatchError`` in :mod:`slugkit.patch.format`, which
+imports nothing of ours; ``SearchFailed`` in :mod:`slugkit.slug.search`); the ones shared across layers live here.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EmptyForgetSetError", "ModelLoadError", "OutputExistsError", "ShardError", "check_device",
+           "device_error_hint"]
+
+
+class ShardError(RuntimeError):
+    """A shard (or a sample in it) cannot be read; the message names the file and what to do."""
+
+
+class EmptyForgetSetError(ValueError):
+    """No sample of the forget set matched; a zero gradient would silently do nothing (official bug, spec §2.4)."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names what is missing and how to supply it offline."""
+
+
+class OutputExistsError(FileExistsError):
+    """``--out`` already holds a run; pass ``--overwrite`` or choose another folder."""
+
+
+def check_device(device: str | None) -> str | None:
+    """Why ``--device`` cannot work on this machine (an unknown device string, CUDA not available), or None."""
+    if device is None or device == "cpu":
+        return None
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        return f"--device {device}: {e}"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"--device {device}: torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                    f"{torch.version.cuda or 'none'}); use --device cpu or a CUDA build of torch on a GPU machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
+def device_error_hint(e: RuntimeError) -> str | None:
+    """A hint for a RuntimeError caused by devices (tensors on different devices, CUDA errors, out of GPU memory),
+    or None for any other RuntimeError."""
+    import torch
+
+    text = str(e)
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text:
+        return "the GPU ran out of memory: lower --batch-size or run with --device cpu"
+    if any(k in text for k in ("on the same device", "Input type", "weight type", "device", "CUDA", "cuda")):
+        return ("this is a device problem (data and model on different devices, or a CUDA error); please report it "
+                "with the command line. `--device cpu` avoids it; `slug grads --device cuda` + `--gradients` runs "
+                "only the gradient pass on the GPU")
+    return None

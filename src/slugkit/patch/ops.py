@@ -1,0 +1,344 @@
+"""Operations on patches: make one from a model, apply, revert, compose and chain (spec §5: a layer is one tensor,
+a patch a few of them). Targets are ``nn.Module`` objects or state dicts; every check runs before any tensor is
+written, so a refused operation leaves the target untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .format import (_DTYPES, FORMAT, FORMAT_VERSION, Patch, PatchError, PatchMismatchError, _base_label,
+                     _dtype_name, _normalise_meta, _short, _toolkit_version,
+                     tensor_sha256)
+
+
+# --------------------------------------------------------------------------------------------------- target access
+
+
+def _named_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name → live tensor of a module (parameters, then buffers, then other state-dict entries) or a dict.
+
+    The tensors returned share storage with the target, so an in-place ``copy_`` edits the target.
+    """
+    if isinstance(target, nn.Module):
+        out: dict[str, torch.Tensor] = dict(target.named_parameters())
+        for name, buf in target.named_buffers():
+            out.setdefault(name, buf)
+        for name, t in target.state_dict(keep_vars=True).items():
+            if isinstance(t, torch.Tensor):
+                out.setdefault(name, t)
+        return out
+    if isinstance(target, Mapping):
+        bad = [k for k, v in target.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise PatchError(f"state dict entries must be tensors; not a tensor: {bad[:5]}")
+        return dict(target)
+    raise TypeError(f"target must be an nn.Module or a dict of tensors, not {type(target).__name__}")
+
+
+def _missing_hint(missing: Iterable[str], available: Iterable[str]) -> str:
+    available = list(available)
+    hints = []
+    for name in missing:
+        close = difflib.get_close_matches(name, available, n=2, cutoff=0.75)
+        if f"module.{name}" in available:
+            close = [f"module.{name}"]
+        elif name.startswith("module.") and name.removeprefix("module.") in available:
+            close = [name.removeprefix("module.")]
+        if close:
+            hints.append(f"{name!r} (did you mean {', '.join(map(repr, close))}?)")
+        else:
+            hints.append(repr(name))
+    return ", ".join(hints)
+
+
+# --------------------------------------------------------------------------------------------------- make
+
+
+def make_patch(
+    model_or_state: nn.Module | Mapping[str, torch.Tensor],
+    patched: Mapping[str, torch.Tensor],
+    *,
+    base_model: dict | str,
+    adapter: str,
+    concept: str | list,
+    method: str = "slug",
+    step_size: float | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Patch:
+    """Build a :class:`Patch` from the unmodified model and the new values of the edited tensors.
+
+    ``model_or_state`` must still hold the *original* values (the patch records their hashes and bytes);
+    ``patched`` maps tensor name → new value, same shape and dtype. All tensors are cloned to the CPU.
+    ``base_model`` identifies the checkpoint (e.g. ``{"id": "ViT-B-32", "pretrained": "openai"}``; a string
+    is taken as ``{"id": ...}``). ``metrics`` / ``extra`` must be JSON-serialisable (numpy/torch scalars are
+    converted). Raises :class:`PatchError` for an unknown name, a shape/dtype mismatch, a tensor the patch
+    leaves unchanged, or non-finite new values where the original is finite.
+    """
+    if not patched:
+        raise PatchError("a patch needs at least one tensor; `patched` is empty")
+    if isinstance(base_model, str):
+        base_model = {"id": base_model}
+    if not isinstance(base_model, Mapping) or not base_model:
+        raise PatchError("base_model must be a non-empty dict identifying the checkpoint, e.g. {'id': 'ViT-B-32'}")
+    live = _named_tensors(model_or_state)
+    missing = [n for n in sorted(patched) if n not in live]
+    if missing:
+        raise PatchError(f"the model has no tensor named {_missing_hint(missing, live)}")
+
+    original_out: dict[str, torch.Tensor] = {}
+    patched_out: dict[str, torch.Tensor] = {}
+    tensors_meta: dict[str, dict] = {}
+    for name in sorted(patched):
+        new = patched[name]
+        if not isinstance(new, torch.Tensor):
+            raise PatchError(f"patched value of {name!r} must be a tensor, not {type(new).__name__}")
+        cur = live[name]
+        if tuple(new.shape) != tuple(cur.shape):
+            raise PatchError(f"patched value of {name!r} has shape {tuple(new.shape)}, the model's has {tuple(cur.shape)}")
+        if new.dtype != cur.dtype:
+            raise PatchError(f"patched value of {name!r} is {_dtype_name(new.dtype)}, the model's is "
+                             f"{_dtype_name(cur.dtype)}; cast it before making the patch")
+        if _dtype_name(cur.dtype) not in _DTYPES:
+            raise PatchError(f"tensor {name!r} has dtype {cur.dtype}, which a patch cannot store")
+        orig_c = cur.detach().to("cpu", copy=True).contiguous()
+        new_c = new.detach().to("cpu", copy=True).contiguous()
+        if orig_c.is_floating_point() and bool(torch.isfinite(orig_c).all()) and not bool(torch.isfinite(new_c).all()):
+            raise PatchError(f"patched value of {name!r} contains NaN/inf; the step size is probably too large")
+        sha_o, sha_p = tensor_sha256(orig_c), tensor_sha256(new_c)
+        if sha_o == sha_p:
+            raise PatchError(f"patched value of {name!r} is identical to the model's; drop it from the patch "
+                             f"(or check that the model still holds the original, unedited weights)")
+        original_out[name], patched_out[name] = orig_c, new_c
+        tensors_meta[name] = {"shape": list(cur.shape), "dtype": _dtype_name(cur.dtype),
+                              "sha256_original": sha_o, "sha256_patched": sha_p}
+
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": "slugkit",
+        "toolkit_version": _toolkit_version(),
+        "torch_version": torch.__version__,
+        "base_model": dict(base_model),
+        "adapter": str(adapter),
+        "concept": concept,
+        "method": str(method),
+        "step_size": None if step_size is None else float(step_size),
+        "metrics": dict(metrics or {}),
+        "extra": dict(extra or {}),
+        "tensors": tensors_meta,
+    }
+    return Patch(original=original_out, patched=patched_out, meta=_normalise_meta(meta))
+
+
+# --------------------------------------------------------------------------------------------------- apply / revert
+
+
+def _verify_state(target, patch: Patch, want: str, *, check_hash: bool = True) -> dict[str, torch.Tensor]:
+    """Check every tensor of ``patch`` in ``target`` before anything is touched; return name → live tensor.
+
+    ``want`` is ``"original"`` (for apply) or ``"patched"`` (for revert). Raises :class:`PatchMismatchError`
+    listing every problem.
+    """
+    live = _named_tensors(target)
+    tmeta = patch.meta["tensors"]
+    base = _base_label(patch.meta)
+    concept = patch.meta.get("concept")
+    verb = "apply" if want == "original" else "revert"
+    missing = [n for n in sorted(tmeta) if n not in live]
+    if missing:
+        raise PatchMismatchError(
+            f"cannot {verb} patch (concept {concept!r}): the model has no tensor named {_missing_hint(missing, live)}; "
+            f"load the base model the patch was made for: {base} (adapter {patch.meta.get('adapter')!r})")
+    problems: list[str] = []
+    already = 0
+    not_applied = 0
+    for name in sorted(tmeta):
+        info, t = tmeta[name], live[name]
+        if list(t.shape) != info["shape"] or _dtype_name(t.dtype) != info["dtype"]:
+            problems.append(f"tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)} in the model, the patch "
+                            f"expects {info['dtype']}{info['shape']}")
+            continue
+        if not check_hash:
+            continue
+        sha = tensor_sha256(t)
+        if sha == info[f"sha256_{want}"]:
+            continue
+        other = "patched" if want == "original" else "original"
+        if sha == info[f"sha256_{other}"]:
+            if want == "original":
+                already += 1
+                problems.append(f"tensor {name!r} already holds the patched values (the patch is already applied)")
+            else:
+                not_applied += 1
+                problems.append(f"tensor {name!r} holds the original values (the patch is not applied)")
+        else:
+            problems.append(f"tensor {name!r}: expected sha256 {_short(info[f'sha256_{want}'])}, found {_short(sha)}")
+    if not problems:
+        return {n: live[n] for n in sorted(tmeta)}
+
+    if want == "original":
+        if already == len(tmeta):
+            advice = "The patch is already applied to this model; nothing to do (use revert_patch to undo it)"
+        else:
+            advice = (f"Load the base model the patch was made for: {base}. "
+                      f"If this tensor was already patched (by this or another patch), use revert first")
+        head = f"cannot apply patch (concept {concept!r}) to this model"
+    else:
+        if not_applied == len(tmeta):
+            advice = "The model is not in the patched state: the patch is not applied, there is nothing to revert"
+        else:
+            advice = (f"The model is not in the patched state: revert only a model this patch was applied to "
+                      f"(base: {base})")
+        head = f"cannot revert patch (concept {concept!r})"
+    shown = "; ".join(problems[:8]) + (f"; … and {len(problems) - 8} more" if len(problems) > 8 else "")
+    raise PatchMismatchError(f"{head}: {shown}. {advice}. The model was not modified.")
+
+
+def _copy_all(live: dict[str, torch.Tensor], values: dict[str, torch.Tensor], undo: dict[str, torch.Tensor]) -> None:
+    """Copy ``values`` into ``live`` in place; if a copy fails, restore the ones done from ``undo``."""
+    done: list[str] = []
+    with torch.no_grad():
+        try:
+            for name, dst in live.items():
+                dst.copy_(values[name])
+                done.append(name)
+        except BaseException:
+            for name in done:
+                live[name].copy_(undo[name])
+            raise
+
+
+def apply_patch(target, patch: Patch, *, check: bool = True):
+    """Write the patched values into ``target`` (an ``nn.Module`` or a state dict), in place; returns ``target``.
+
+    Module tensors are looked up by ``named_parameters()``, then buffers / ``state_dict()`` keys. Before
+    anything is written every tensor is checked: it exists, its shape and dtype match, and (``check=True``)
+    its sha256 equals the patch's ``sha256_original``. Otherwise :class:`PatchMismatchError` is raised — naming
+    the tensor, the expected and found hash prefixes and the base model — and the model is left untouched.
+    ``check=False`` skips only the hash comparison (for deliberately applying to a fine-tuned relative of the
+    base; revert will then restore the *base* values, not the fine-tuned ones).
+    """
+    live = _verify_state(target, patch, "original", check_hash=check)
+    _copy_all(live, patch.patched, patch.original)
+    return target
+
+
+def revert_patch(target, patch: Patch):
+    """Restore the original values of the patched tensors, bit-exactly; returns ``target``.
+
+    Refuses (:class:`PatchMismatchError`, model untouched) unless every tensor currently holds exactly the
+    patched values.
+    """
+    live = _verify_state(target, patch, "patched")
+    _copy_all(live, patch.original, patch.patched)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------- compose
+
+
+def compose_patches(patches: list[Patch]) -> Patch:
+    """Merge patches that edit disjoint tensors of the same base model into one patch.
+
+    The result's ``meta['components']`` lists each part (concept, method, step_size, metrics, tensors and
+    ``fingerprint`` = sha256 of its canonical meta); ``concept`` is the list of the components' concepts and
+    ``method`` is ``"composed"``. Composing composed patches flattens the components. Raises
+    :class:`PatchError` when two patches touch the same tensor (naming it and both concepts), or were made for
+    different base models / adapters. A single patch is returned unchanged.
+    """
+    patches = list(patches)
+    if not patches:
+        raise PatchError("compose_patches needs at least one patch")
+    if len(patches) == 1:
+        return patches[0]
+    first = patches[0].meta
+    owner: dict[str, Patch] = {}
+    for p in patches:
+        if p.meta.get("base_model") != first.get("base_model") or p.meta.get("adapter") != first.get("adapter"):
+            raise PatchError(f"cannot compose patches made for different base models: {_base_label(first)} "
+                             f"({first.get('adapter')}) vs {_base_label(p.meta)} ({p.meta.get('adapter')})")
+        for name in p.names:
+            if name in owner:
+                raise PatchError(f"patches overlap on tensor {name!r}: concept {owner[name].concept!r} and concept "
+                                 f"{p.concept!r} both edit it; apply one, or re-run unlearning for both concepts")
+            owner[name] = p
+
+    components: list[dict] = []
+    for p in patches:
+        if p.meta.get("method") == "composed" and p.meta.get("components"):
+            components.extend(p.meta["components"])
+        else:
+            components.append({"concept": p.meta.get("concept"), "method": p.meta.get("method"),
+                               "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}),
+                               "tensors": p.names, "fingerprint": p.fingerprint})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": "slugkit",
+        "toolkit_version": _toolkit_version(),
+        "torch_version": torch.__version__,
+        "base_model": first.get("base_model"),
+        "adapter": first.get("adapter"),
+        "concept": [c["concept"] for c in components],
+        "method": "composed",
+        "step_size": None,
+        "metrics": {},
+        "extra": {},
+        "components": components,
+        "tensors": {n: owner[n].meta["tensors"][n] for n in sorted(owner)},
+    }
+    return Patch(original={n: owner[n].original[n] for n in sorted(owner)},
+                 patched={n: owner[n].patched[n] for n in sorted(owner)},
+                 meta=_normalise_meta(meta))
+
+
+def chain_patches(patches: list[Patch]) -> Patch:
+    """Fold patches made **one after another** (each on the model the previous one produced) into one patch from
+    the first base to the final weights — sequential unlearning of several concepts.
+
+    Unlike :func:`compose_patches`, the patches may touch the same tensor: a later patch must then have been made on
+    top of the earlier one (its ``sha256_original`` equals the chain's current ``sha256_patched``), else
+    :class:`PatchError`. ``meta['components']`` lists the steps in order; ``method`` is ``"chained"``.
+    """
+    patches = list(patches)
+    if not patches:
+        raise PatchError("chain_patches needs at least one patch")
+    first = patches[0].meta
+    originals: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+    for p in patches:
+        if p.meta.get("adapter") != first.get("adapter"):
+            raise PatchError(f"cannot chain patches of different adapters: {first.get('adapter')} vs "
+                             f"{p.meta.get('adapter')}")
+        for name in p.names:
+            if name in current:
+                want = p.meta["tensors"][name]["sha256_original"]
+                if tensor_sha256(current[name]) != want:
+                    raise PatchError(f"patch for {p.concept!r} was not made on top of the earlier patches: tensor "
+                                     f"{name!r} differs from what they produce ({_short(want)}…)")
+            else:
+                originals[name] = p.original[name]
+            current[name] = p.patched[name]
+    changed = {n: t for n, t in current.items() if tensor_sha256(t) != tensor_sha256(originals[n])}
+    components = [{"concept": p.meta.get("concept"), "method": p.meta.get("method"),
+                   "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}), "tensors": p.names,
+                   "fingerprint": p.fingerprint} for p in patches]
+    chained = make_patch(originals, changed, base_model=first.get("base_model") or {"id": "unknown"},
+                         adapter=first.get("adapter", ""), concept=[c["concept"] for c in components],
+                         method="chained", extra={"order": [c["concept"] for c in components]})
+    chained.meta["components"] = components
+    chained.meta = _normalise_meta(chained.meta)
+    return chained
+
+
+def apply_patches(target, patches: list[Patch], *, check: bool = True):
+    """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written."""
+    return apply_patch(target, compose_patches(patches), check=check)
+
+

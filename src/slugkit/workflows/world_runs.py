@@ -1,0 +1,64 @@
+"""The embedded world's runs: the ``UnlearnConfig`` that ``slug demo`` and ``slug compare`` build for a world concept.
+
+The world's data (pool shards, validation and test folders) is written by :mod:`slugkit.world.demo_data`; this module
+only curates the concept's forget/retain sets from it and points a configuration at the folders — the same
+configuration a user writes by hand for LAION + CelebA + ImageNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..data.curate import curate
+from ..world import render as world
+from ..world.demo_data import RETAIN_PAIRS, ensure_world_data, retain_without, write_mixed_retain
+from .unlearn import UnlearnConfig
+
+
+def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path | None = None, *,
+                 progress: bool = True, seed: int = 0, retain_identity_fraction: float | None = None, **overrides):
+    """The ``UnlearnConfig`` of ``slug demo``: curate the concept from the world's pool shards (100 forget pairs,
+    900 retain pairs that never name it) and point validation/test at the world's disjoint class folders.
+    A list of concepts is unlearned jointly: 100 forget pairs of each, a retain set naming none of them.
+    ``retain_identity_fraction``: instead of the curated retain set, 900 pool pairs with that share of other
+    identities' pairs, the rest utility pairs (:func:`write_mixed_retain`).
+
+    Returns ``(config, curate_summary, data_dir)``.
+    """
+    concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
+    data = ensure_world_data(data_dir, progress=progress)
+    out = Path(out)
+    mixed = retain_identity_fraction is not None
+    cur = curate(str(data / "pool"), concepts[0], out / "data", aliases=concepts[1:],
+                 max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
+    if mixed:
+        cur["retain"] = RETAIN_PAIRS
+        cur["retain_mix"] = write_mixed_retain(concepts, out / "data" / "retain.tar", retain_identity_fraction,
+                                               seed=seed)
+    cfg = UnlearnConfig(
+        concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=str(out),
+        model="embedded", forget=str(out / "data" / "forget.tar"),
+        retain=str(out / "data" / "retain.tar"), val_identities=str(data / "val" / "identities"),
+        test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
+        identity_templates=list(world.IDENTITY_EVAL_TEMPLATES), utility_val=str(data / "val" / "utility"),
+        utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
+        seed=seed, progress=progress, **overrides)
+    return cfg, cur, data
+
+
+def sequential_world_configs(concepts: list[str], where, data_dir: str | Path | None = None, **kwargs) -> list[tuple]:
+    """One :func:`world_config` per step of a sequential run, in folder ``where(k, concept)``: step k's forget set is
+    concept k's, its retain set that step's curated retain set minus the pairs naming a concept unlearned at an
+    earlier step (``data/retain-excluding-earlier.tar``). With them the retain gradient (and a baseline's retain
+    pass) would pull an already forgotten concept back. Returns ``[(config, curate_summary, data_dir), ...]``."""
+    steps = []
+    for k, c in enumerate(concepts):
+        folder = Path(where(k, c))
+        cfg, cur, data = world_config(c, folder, data_dir, **kwargs)
+        if k:
+            path = folder / "data" / "retain-excluding-earlier.tar"
+            cur = {**cur, "retain_excluding_earlier": retain_without(cfg.retain, concepts[:k], path)}
+            cfg = replace(cfg, retain=str(path))
+        steps.append((cfg, cur, data))
+    return steps
