@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from slugkit.workflows.compare import (DEFAULT_METHODS, CompareConfig, compare_table, reaching_fa5_zero, run_compare,
-                              time_ratios)
+from slugkit.report.compare import compare_table, reaching_fa5_zero, time_ratios
+from slugkit.workflows.compare import DEFAULT_METHODS, CompareConfig, run_compare
 from slugkit.world import render as world
 
 

@@ -20,7 +20,7 @@ from slugkit.models import load_adapter
 from slugkit.slug.gradients import compute_gradients
 from slugkit.slug.layers import rank_layers
 from slugkit.slug.search import search_layers
-from slugkit.workflows.unlearn import _batches, build_suite, load_pairs
+from slugkit.workflows.inputs import batches, build_suite, load_pairs
 from slugkit.workflows.world_runs import world_config
 
 
@@ -37,7 +37,7 @@ def main():
         f_img, f_tok, _ = load_pairs(adapter, cfg.forget, None, False, "forget")
         r_img, r_tok, _ = load_pairs(adapter, cfg.retain, None, False, "retain")
         val = build_suite(adapter, cfg, cfg.val_identities, cfg.utility_val)
-    grads = compute_gradients(adapter, _batches(f_img, f_tok, 64), _batches(r_img, r_tok, 64), progress=False)
+    grads = compute_gradients(adapter, batches(f_img, f_tok, 64), batches(r_img, r_tok, 64), progress=False)
     table = rank_layers(adapter, grads)
     front = table.front_names()
     ratios = {r.name: r.ratio for r in table.rows}

@@ -16,9 +16,9 @@ import os
 import re
 from pathlib import Path
 
-from .folders import iter_pairs
 from ..common.errors import EmptyForgetSetError
 from ..common.files import atomic_write_bytes
+from .folders import iter_pairs
 from .shards import ReadStats, write_shard
 
 

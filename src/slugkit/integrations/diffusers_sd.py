@@ -44,8 +44,8 @@ from torch import nn
 
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError, tensor_sha256
-from . import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, consumer_view, layer_names,
-               num_layers, tower_map, verify_tower, write_provenance)
+from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, consumer_view, layer_names, num_layers,
+                     tower_map, verify_tower, write_provenance)
 
 WHAT = "text encoder"
 ENCODERS = ("text_encoder", "text_encoder_2")

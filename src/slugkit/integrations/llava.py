@@ -25,8 +25,8 @@ from torch import nn
 
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError
-from . import (CLIP_TOWER_PREFIX, apply_to_consumer, find_tower, layer_names, tower_map, verify_tower,
-               write_provenance)
+from .towers import (CLIP_TOWER_PREFIX, apply_to_consumer, find_tower, layer_names, tower_map, verify_tower,
+                     write_provenance)
 
 WHAT = "LLaVA vision tower"
 QUESTION = "What's the name of the person in this image?"

@@ -44,8 +44,9 @@ Typical use::
 
 from .carriers import load_state_dict_file, save_state_dict_file
 from .format import (FORMAT, FORMAT_VERSION, PATCH_JSON, PATCH_SAFETENSORS, Patch, PatchError, PatchFormatError,
-                     PatchMismatchError, describe, load_patch, save_patch, tensor_sha256)
+                     PatchMismatchError, load_patch, save_patch, tensor_sha256)
 from .ops import apply_patch, apply_patches, chain_patches, compose_patches, make_patch, revert_patch
+from .summary import describe
 
 __all__ = [
     "FORMAT",

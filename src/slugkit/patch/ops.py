@@ -11,10 +11,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .format import (_DTYPES, FORMAT, FORMAT_VERSION, Patch, PatchError, PatchMismatchError, _base_label,
-                     _dtype_name, _normalise_meta, _short, _toolkit_version,
-                     tensor_sha256)
-
+from .format import (_DTYPES, FORMAT, FORMAT_VERSION, Patch, PatchError, PatchMismatchError, _base_label, _dtype_name,
+                     _normalise_meta, _short, _toolkit_version, tensor_sha256)
 
 # --------------------------------------------------------------------------------------------------- target access
 

@@ -75,6 +75,7 @@ from ..common.errors import EmptyForgetSetError
 from ..common.tensorfile import read_metadata as _read_meta
 from ..common.tensorfile import read_tensors, write_safetensors
 from ..data.shards import ReadStats, expand_urls
+from .distributed import all_reduce_sums, barrier, dist_info
 from .gradients import Gradients, NonFiniteGradientError, accumulate_batch, candidate_grads, check_finite, new_sums
 
 FORMAT = "slugkit-gradpass-1"
@@ -104,51 +105,6 @@ class PassResult:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # stats_first: name -> [|g_f|^2, |g_r|^2, <g_f,g_r>]
     front: list[str] = field(default_factory=list)  # stats_first: front names (vision then language)
     read_stats: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------- distributed
-def dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
-    """Initialise the process group from torchrun's variables (no-op without them); returns (rank, world, device)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        use_cuda = device.startswith("cuda") and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-    rank, world = dist_info()
-    return rank, world, device
-
-
-def _all_reduce(sums: dict[str, torch.Tensor], count: int, names: list[str], device) -> int:
-    import torch.distributed as dist
-
-    if dist_info()[1] == 1:
-        return count
-    for n in names:
-        dist.all_reduce(sums[n], op=dist.ReduceOp.SUM)
-    c = torch.tensor([count], dtype=torch.int64, device=device)
-    dist.all_reduce(c, op=dist.ReduceOp.SUM)
-    return int(c.item())
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist_info()[1] > 1:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------- work units
@@ -323,7 +279,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
                 st = state[1] if state and state[0] == "forget" else None
                 f_sums, n_f = _run_split(adapter, params, names, assign_units("forget", shards["forget"], rank, world),
                                          st, cfg, world, rank_file, fp, digest, rank, read_stats["forget"], device)
-                n_f = _all_reduce(f_sums, n_f, names, device)
+                n_f = all_reduce_sums(f_sums, n_f, names, device)
                 if n_f == 0:
                     raise EmptyForgetSetError(
                         f"the forget set {cfg.forget} yielded no usable image–caption pairs "
@@ -332,13 +288,13 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
                     _save_sums(spill, f_sums, names, {"digest": digest, "fingerprint": fp, "split": "forget",
                                                       "n": n_f})
                 del f_sums
-                _barrier()
+                barrier()
             timing["forget"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             st = state[1] if state and state[0] == "retain" else None
             r_sums, n_r = _run_split(adapter, params, names, assign_units("retain", shards["retain"], rank, world),
                                      st, cfg, world, rank_file, fp, digest, rank, read_stats["retain"], device)
-            n_r = _all_reduce(r_sums, n_r, names, device)
+            n_r = all_reduce_sums(r_sums, n_r, names, device)
             if n_r == 0:
                 raise ValueError(f"the retain set {cfg.retain} yielded no usable image–caption pairs "
                                  f"({read_stats['retain'].as_dict()}); alignment cannot be measured")
@@ -365,9 +321,9 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
                 save_full(cfg.out, result.grads)
         result.grads.seconds = timing
         result.read_stats = {s: read_stats[s].as_dict() for s in SPLITS}
-    _barrier()  # rank 0 has written the output: the checkpoints can go
+    barrier()  # rank 0 has written the output: the checkpoints can go
     rank_file.unlink(missing_ok=True)
-    _barrier()
+    barrier()
     if rank == 0:
         spill.unlink(missing_ok=True)
         for stale in ckdir.glob(".*.safetensors.*.tmp"):  # temp files of writes cut short by a kill

@@ -20,8 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from . import render as world
 from ..common.files import atomic_write_bytes
+from . import render as world
 
 WORLD_DATA_VERSION = 1
 COUNTS = {"pool": (100, 20), "val": (20, 10), "test": (50, 50)}

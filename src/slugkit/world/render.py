@@ -24,8 +24,7 @@ Only PIL and numpy are used here (no torch), so generating data is cheap to impo
 
 from __future__ import annotations
 
-import itertools
-import random
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -36,17 +35,19 @@ from PIL import Image, ImageDraw
 from slugkit.common.files import atomic_write_bytes
 from slugkit.data.shards import encode_image, write_shard
 
+from .names import (BORDERS, COLOURS, IDENTITIES, IDENTITY_CAPTION_TEMPLATES, IDENTITY_EVAL_TEMPLATES, PATTERNS, SHAPES,
+                    TINTS, UTILITY_CAPTION_TEMPLATES, UTILITY_CLASSES, UTILITY_EVAL_TEMPLATES, Identity, UtilityClass,
+                    identity_by_name, identity_caption, identity_names, utility_caption)
+
+__all__ = [  # the world as `from slugkit.world import render as world` sees it (names re-exported from .names)
+    "BORDERS", "COLOURS", "IDENTITIES", "IDENTITY_CAPTION_TEMPLATES", "IDENTITY_EVAL_TEMPLATES", "IMAGE_SIZE",
+    "Identity", "KINDS", "PATTERNS", "SHAPES", "SPLIT_SEEDS", "TINTS", "UTILITY_CAPTION_TEMPLATES", "UTILITY_CLASSES",
+    "UTILITY_EVAL_TEMPLATES", "UtilityClass", "WorldSample", "folder_name", "identity_by_name", "identity_caption",
+    "identity_names", "jpeg_roundtrip", "make_sample", "make_samples", "render_identity", "render_utility",
+    "utility_caption", "write_image_folder", "write_pair_shards",
+]
+
 IMAGE_SIZE = 32
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attributes
-# ----------------------------------------------------------------------------------------------------------------
-
-COLOURS: list[str] = ["red", "green", "blue", "yellow", "purple", "cyan"]
-SHAPES: list[str] = ["circle", "square", "triangle", "cross", "star"]
-PATTERNS: list[str] = ["plain", "striped", "dotted"]
-BORDERS: list[str] = ["none", "outline"]
-TINTS: list[str] = ["neutral", "warm", "cool"]
 
 # Base RGB values. Foreground colours are saturated; background tints are light and desaturated so every colour
 # keeps its contrast against every tint.
@@ -70,145 +71,6 @@ _NOISE_SIGMA = 5.0  # per-pixel gaussian noise (world-notes: sigma 5)
 # enough that the patch-8 ViT can tell the five outlines apart, small enough to leave room for random positions.
 _RADIUS_RANGE = (0.24, 0.34)
 _SUPERSAMPLE = 4  # masks are drawn at 4x and box-downsampled, i.e. anti-aliased edges
-
-# ----------------------------------------------------------------------------------------------------------------
-# Identities
-# ----------------------------------------------------------------------------------------------------------------
-
-# Names are built from syllables; syllables repeat across names so the BPE pieces of different names overlap
-# (as real names do), but no two identities share a first or a last name.
-_FIRST_A = ["Pel", "Ka", "Ve", "Bris", "Dor", "Mey", "Tal", "Jo", "Ser", "Lu", "Fen", "Ro", "Ha", "Zo", "Nim", "Ul"]
-_FIRST_B = ["lan", "ra", "la", "ta", "wen", "lo", "ris", "na", "dric", "mi", "sa", "vin", "tho", "bel"]
-_LAST_A = ["Kor", "Mal", "Gor", "Dun", "Har", "Bel", "Tor", "Wes", "Ald", "Fal", "Quin", "Ros", "Pem", "Yar", "Vol"]
-_LAST_B = ["wick", "ton", "dris", "mere", "by", "ley", "holt", "ford", "ran", "sk", "mond", "ett", "ov", "ham"]
-
-# Words that a name must never contain (as a substring, case-insensitive): otherwise a name would leak an attribute
-# into the text tower, and utility captions could partially match identity captions.
-_FORBIDDEN_IN_NAMES = tuple(COLOURS + SHAPES + PATTERNS + TINTS + ["outline", "photo", "picture", "thing", "shape"])
-
-
-@dataclass(frozen=True)
-class Identity:
-    index: int
-    name: str
-    colour: str
-    shape: str
-    pattern: str
-    border: str
-    tint: str
-
-    @property
-    def attributes(self) -> tuple[str, str, str, str, str]:
-        return (self.colour, self.shape, self.pattern, self.border, self.tint)
-
-
-def _name_ok(word: str, used: set[str]) -> bool:
-    low = word.lower()
-    return word not in used and not any(bad in low for bad in _FORBIDDEN_IN_NAMES)
-
-
-def _build_identities(n: int = 60) -> list[Identity]:
-    rng = random.Random(0)
-    combos = list(itertools.product(COLOURS, SHAPES, PATTERNS, BORDERS, TINTS))
-    chosen = rng.sample(combos, n)  # unique attribute combinations
-    used_first: set[str] = set()
-    used_last: set[str] = set()
-    out = []
-    for idx, (colour, shape, pattern, border, tint) in enumerate(chosen):
-        while True:
-            first = rng.choice(_FIRST_A) + rng.choice(_FIRST_B)
-            if _name_ok(first, used_first):
-                break
-        while True:
-            last = rng.choice(_LAST_A) + rng.choice(_LAST_B)
-            if _name_ok(last, used_last):
-                break
-        used_first.add(first)
-        used_last.add(last)
-        out.append(Identity(idx, f"{first} {last}", colour, shape, pattern, border, tint))
-    return out
-
-
-IDENTITIES: list[Identity] = _build_identities()
-_BY_NAME = {ident.name.lower(): ident for ident in IDENTITIES}
-
-
-def identity_names() -> list[str]:
-    return [ident.name for ident in IDENTITIES]
-
-
-def identity_by_name(name: str) -> Identity:
-    """Look an identity up by name (case-insensitive, surrounding whitespace ignored)."""
-    key = " ".join(str(name).split()).lower()
-    try:
-        return _BY_NAME[key]
-    except KeyError:
-        raise KeyError(
-            f"unknown identity {name!r}; the embedded world has {len(IDENTITIES)} identities "
-            f"(run `slug world names` to list them)"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Utility classes
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UtilityClass:
-    index: int
-    name: str
-    colour: str
-    shape: str
-
-
-UTILITY_CLASSES: list[UtilityClass] = [
-    UtilityClass(i, f"{colour} {shape}", colour, shape)
-    for i, (colour, shape) in enumerate(itertools.product(COLOURS, SHAPES))
-]
-
-# ----------------------------------------------------------------------------------------------------------------
-# Captions
-# ----------------------------------------------------------------------------------------------------------------
-
-# Training captions of identity images: they name the identity and nothing else ({} = the name).
-IDENTITY_CAPTION_TEMPLATES: list[str] = [
-    "a photo of {}.",
-    "{}.",
-    "a portrait of {}.",
-    "a blurry photo of {}.",
-    "a picture of {}.",
-    "a close-up photo of {}.",
-    "an image of {}.",
-    "a snapshot of {}.",
-    "a good photo of {}.",
-    "this is {}.",
-]
-# Zero-shot identity classification prompts (embeddings averaged).
-IDENTITY_EVAL_TEMPLATES: list[str] = ["a photo of {}.", "a picture of {}.", "{}."]
-
-# Training captions of utility images; formatted with keywords ``colour`` and ``shape``.
-UTILITY_CAPTION_TEMPLATES: list[str] = [
-    "a photo of a {colour} {shape}.",
-    "a {colour} {shape}.",
-    "a picture of a {colour} {shape}.",
-    "a {shape} that is {colour}.",
-    "a photo of a {colour} thing shaped like a {shape}.",
-    "a blurry photo of a {colour} {shape}.",
-    "an image of a {colour} {shape}.",
-    "a drawing of a {colour} {shape}.",
-]
-# Zero-shot utility classification prompts ({} = the class name, e.g. "red circle").
-UTILITY_EVAL_TEMPLATES: list[str] = ["a photo of a {}.", "a picture of a {}.", "a {}."]
-
-
-def identity_caption(identity: Identity, template_index: int) -> str:
-    return IDENTITY_CAPTION_TEMPLATES[template_index].format(identity.name)
-
-
-def utility_caption(cls: UtilityClass, template_index: int) -> str:
-    return UTILITY_CAPTION_TEMPLATES[template_index].format(colour=cls.colour, shape=cls.shape)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rendering
@@ -389,6 +251,13 @@ def make_samples(
 
 def folder_name(class_name: str) -> str:
     return class_name.replace(" ", "_")
+
+
+def jpeg_roundtrip(image: Image.Image) -> Image.Image:
+    """The image as it comes back out of a shard or image folder (JPEG q95, 4:4:4, decoded to RGB)."""
+    img = Image.open(io.BytesIO(encode_image(image, "jpg")))
+    img.load()
+    return img.convert("RGB")
 
 
 def write_image_folder(samples: Iterable[WorldSample], root: str | Path) -> None:

@@ -148,7 +148,7 @@ def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):
 
 
 def test_generator_step_search_finds_the_smallest_forgetting_step():
-    from slugkit.workflows.sd_demo import generator_step_search
+    from slugkit.workflows.sd_generator import generator_step_search
 
     calls = []
 
@@ -172,7 +172,7 @@ def test_generator_step_search_finds_the_smallest_forgetting_step():
 
 
 def test_conditioning_shift_is_relative_l2():
-    from slugkit.workflows.sd_demo import relative_shift
+    from slugkit.workflows.sd_generator import relative_shift
 
     h = torch.ones(2, 3, 4)
     assert relative_shift(h, h) == 0.0

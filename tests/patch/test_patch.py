@@ -18,7 +18,7 @@ import torch
 try:
     import slugkit.patch  # noqa: F401
 except ImportError:  # not installed (pip install -e .): use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -108,7 +108,7 @@ def test_disk_full_while_saving_a_patch(tmp_path, monkeypatch):
 
     state = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
     patch = make_patch(state, {"w": state["w"] + 1}, base_model="toy", adapter="test", concept="x")
-    import slugkit.patch as patch_mod
+    import slugkit.patch.format as patch_mod
 
     def full_disk_write(path, data):  # the second file hits a full disk half-way
         with open(path, "wb") as f:

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("sklearn")
 
 from slugkit.cli import main  # noqa: E402
-from slugkit.workflows.compare import CompareConfig, changed_storage, make_baseline, run_compare, state_sha256  # noqa: E402,E501
+from slugkit.workflows.compare import CompareConfig, run_compare  # noqa: E402
+from slugkit.workflows.compare_support import changed_storage, make_baseline, state_sha256  # noqa: E402
 from slugkit.world import render as world  # noqa: E402
 
 pytestmark = pytest.mark.slow

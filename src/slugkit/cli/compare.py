@@ -1,0 +1,134 @@
+"""``slug compare``: SLUG and the baselines (FT, GA, GA+FT, SalUn, SSD) on the same data, with cost."""
+
+from __future__ import annotations
+
+import sys
+
+from .args import refuse, split_list, validate_compare_data
+
+
+def cmd_compare(a) -> int:
+    """`slug compare`: SLUG and the baselines on the same data (the embedded world, or explicit data flags)."""
+    from ..workflows.compare import CompareConfig, render_compare, run_compare, time_ratios
+    from ..world import render as world
+    from ..world.demo_data import default_concept
+
+    concepts = split_list(a.concepts) if a.concepts else []
+    try:
+        if a.forget or a.model != "embedded":
+            concept = a.concept or " + ".join(concepts)
+        else:
+            concepts = [world.identity_by_name(c).name for c in concepts]
+            concept = " + ".join(concepts) if concepts else world.identity_by_name(a.concept or default_concept()).name
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    methods = split_list(a.methods)
+    lrs = {}
+    for item in a.lr or []:
+        k, _, v = item.partition("=")
+        lrs[k.strip()] = float(v)
+    out = a.out or f"runs/compare-{'+'.join(c.replace(' ', '_') for c in (concepts or [concept]))}"
+    unlearn = None
+    if a.forget or a.model != "embedded":
+        from ..workflows.unlearn import UnlearnConfig
+
+        msg = validate_compare_data(a, concepts)
+        if msg:
+            return refuse(msg)
+        unlearn = UnlearnConfig(
+            concept=concept, concepts=concepts if len(concepts) > 1 else [], out=out, model=a.model,
+            pretrained=a.pretrained, forget=a.forget, retain=a.retain,
+            val_identities=a.val_identities, test_identities=a.test_identities, names=a.names,
+            identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
+            utility_val=a.utility_val, utility_test=a.utility_test, utility_classnames=a.utility_classnames,
+            utility_templates=a.utility_templates, forget_samples=a.forget_samples,
+            retain_samples=a.retain_samples, precision=a.precision, strict=a.strict, device=a.device)
+    cc = CompareConfig(concept=concept, out=out, methods=methods, model=a.model, data_dir=a.data_dir,
+                       epochs=a.epochs, lr=lrs, batch_size=a.batch_size, select_metric=a.select_metric,
+                       salun_threshold=a.salun_threshold, ssd_alpha=a.ssd_alpha, forget_loss=a.forget_loss,
+                       rl_forget_fraction=a.rl_forget_fraction, importance_batch_size=a.importance_batch_size,
+                       ssd_importance_loss=a.ssd_importance_loss, forget_samples=a.forget_samples,
+                       retain_samples=a.retain_samples, retain_identity_fraction=a.retain_identity_fraction,
+                       device=a.device, seed=a.seed, threads=a.threads, overwrite=a.overwrite,
+                       progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
+                       concepts=concepts if len(concepts) > 1 else [],
+                       modes=split_list(a.modes),
+                       lr_sweep=[float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else None)
+    report = run_compare(cc)
+    print(render_compare(report))
+    for part in ([report] if "methods" in report else [report[m] for m in ("joint", "sequential") if m in report]):
+        ratios = time_ratios(part)
+        if ratios:
+            print(f"method time / SLUG time{' (' + part['mode'] + ')' if part.get('mode') != 'single' else ''}: "
+                  + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
+    print(f"outputs: {out}/compare.json, compare.md, tradeoff.png, "
+          + ("slug/" if "methods" in report else ", ".join(f"{m}/" for m in ("joint", "sequential") if m in report)))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add the `compare` subcommand to ``sub``."""
+    cp = sub.add_parser("compare", help="SLUG vs FT, GA, GA+FT, SalUn, SSD on the same data, with cost")
+    cp.add_argument("--model", default="embedded", help="'embedded' (the world's data by default) or any id of "
+                                                        "`slug unlearn` (then pass its data flags)")
+    cp.add_argument("--concept", default=None, help="identity name (default: the demo's)")
+    cp.add_argument("--concepts", default=None, help="A,B,...: several identities, unlearned jointly (one forget set) "
+                                                     "and sequentially (one step per concept; SLUG chains patches)")
+    cp.add_argument("--modes", default="joint,sequential", help="with --concepts: joint, sequential or both")
+    cp.add_argument("--methods", default="slug,ft,ga,gaft,salun,ssd",
+                    help="comma list of slug, ft, ga, gaft, salun, salun-rl, ssd, ssd-cumulative")
+    cp.add_argument("--epochs", type=int, default=None, help="epochs of the iterative baselines (default: each "
+                                                             "method's, <= 10)")
+    cp.add_argument("--lr", action="append", default=None, metavar="METHOD=LR",
+                    help="learning-rate override, e.g. --lr gaft=2e-4 (repeatable)")
+    cp.add_argument("--select-metric", default="forget_top5", choices=["forget_top1", "forget_top5"],
+                    help="epoch selection: first epoch with validation metric 0, else the minimum (default FA@5, "
+                         "SLUG's own criterion; the paper's rule is forget_top1)")
+    cp.add_argument("--lr-sweep", nargs="?", const="3e-5,1e-4,3e-4,1e-3", default=None, metavar="LR,LR,...",
+                    help="GA/GA+FT/SalUn: try these learning rates in ascending order, keep the smallest that meets "
+                         "the epoch rule; the whole sweep counts in the method's time (default grid "
+                         "3e-5,1e-4,3e-4,1e-3)")
+    cp.add_argument("--salun-threshold", type=float, default=0.5, help="SalUn mask fraction (default 0.5)")
+    cp.add_argument("--ssd-alpha", type=float, default=None, help="fix SSD's α (λ = 1, one application); default: "
+                                                                  "sweep α 10,5,2,1 × λ 1,.5,.2,.1 by validation")
+    cp.add_argument("--forget-loss", choices=["cos", "clip"], default="cos",
+                    help="GA, GA+FT, SalUn forget pass: ascent on 1 - cos (default, SLUG's) or on the CLIP loss "
+                         "(the SLUG repo's _o variants)")
+    cp.add_argument("--rl-forget-fraction", type=float, default=None, metavar="F",
+                    help="salun-rl: share of relabelled forget pairs in each mixed batch (default: one shuffled "
+                         "pass over relabelled forget + retain pairs)")
+    cp.add_argument("--importance-batch-size", type=int, default=16,
+                    help="batch of SalUn's saliency gradient and SSD's importances (default 16, the SLUG repo's "
+                         "calc_grad pass)")
+    cp.add_argument("--ssd-importance-loss", choices=["split", "clip", "cos"], default="split",
+                    help="SSD importances: split = mean cos on D_f, CLIP loss on D_r (default, the SLUG repo's); "
+                         "clip / cos = that loss on both")
+    cp.add_argument("--forget-samples", type=int, default=None)
+    cp.add_argument("--retain-samples", type=int, default=None)
+    cp.add_argument("--retain-identity-fraction", type=float, default=None, metavar="F",
+                    help="embedded world: a retain set of 900 pool pairs, a share F of them other identities' and "
+                         "the rest utility pairs (default: the curated retain set, ~91%% identities; the paper's "
+                         "LAION retain shard has few of the related test identities)")
+    cp.add_argument("--device", default="cpu", help="the model's device, e.g. cuda (data stays in CPU memory and "
+                                                    "each batch is moved before its forward)")
+    cp.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
+    g = cp.add_argument_group("explicit data (as `slug unlearn`; required for models other than 'embedded')")
+    g.add_argument("--pretrained", default=None)
+    g.add_argument("--precision", default="fp32")
+    for flag in ("--forget", "--retain", "--val-identities", "--test-identities", "--names", "--related-names",
+                 "--utility-val", "--utility-test", "--utility-classnames"):
+        g.add_argument(flag, default=None, help="see `slug unlearn --help`")
+    g.add_argument("--identity-template", action="append", default=None)
+    g.add_argument("--utility-templates", default="imagenet-simple")
+    g.add_argument("--strict", action="store_true")
+    g.add_argument("--mia-heldout", default=None, help="captioned pairs of the concept never trained on (shards or "
+                                                       "folder) for the MIA; without it the MIA is skipped")
+    cp.add_argument("--out", default=None)
+    cp.add_argument("--overwrite", action="store_true")
+    cp.add_argument("--batch-size", type=int, default=32, help="baselines' batch size (official 32); SLUG keeps "
+                                                               "`slug demo`'s settings")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--threads", type=int, default=1)
+    cp.add_argument("--no-progress", action="store_true")
+    cp.set_defaults(func=cmd_compare)

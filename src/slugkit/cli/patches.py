@@ -1,0 +1,187 @@
+"""``slug apply``, ``revert``, ``inspect`` and ``eval-sd``: patches on models, checkpoints and consumer folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .args import refuse, split_list, validate_apply, validate_eval_sd
+
+
+def load_pipeline(spec: str, device: str = "cpu"):
+    """``--pipeline``: ``embedded`` (the embedded text-to-image model) or a local diffusers pipeline folder."""
+    if spec == "embedded":
+        from ..world.t2i import EmbeddedT2IPipeline
+
+        return EmbeddedT2IPipeline.load()
+    from ..integrations.diffusers_sd import load_pipeline_folder
+
+    return load_pipeline_folder(spec, device=device)
+
+
+def _load_target(a):
+    """A safetensors state dict (--checkpoint) or a model loaded through the adapter (--model/--pretrained)."""
+    from ..patch import load_state_dict_file
+
+    if a.checkpoint:
+        return load_state_dict_file(a.checkpoint), None
+    from ..models import load_adapter
+
+    adapter = load_adapter(a.model, a.pretrained, family=a.family)
+    return adapter.model, adapter
+
+
+def _state_of(target):
+    import torch
+
+    if isinstance(target, torch.nn.Module):
+        return {k: v.detach() for k, v in target.state_dict().items()}
+    return target
+
+
+def cmd_apply(a, revert: bool = False) -> int:
+    """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA."""
+    from ..patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
+
+    patches = [load_patch(p) for p in a.patch]
+    msg = validate_apply(a)
+    if msg:
+        return refuse(msg)
+    if a.pipeline or a.llava:
+        return _apply_to_folder(a, patches, revert)
+    target, _ = _load_target(a)
+    if revert:
+        for p in reversed(patches):
+            revert_patch(target, p)
+    else:
+        apply_patches(target, patches)
+    if a.out:
+        save_state_dict_file(_state_of(target), a.out)
+    for p in patches:
+        print(describe(p))
+    verb = "reverted" if revert else "applied"
+    print(f"{verb} {len(patches)} patch(es)" + (f"; wrote {a.out}" if a.out else " (verified; use --out to save)"))
+    return 0
+
+
+def _apply_to_folder(a, patches, revert: bool) -> int:
+    """`slug apply --pipeline DIR | --llava DIR --patch P --out DIR2`: write the SD pipeline's text encoder (SDXL:
+    the one the patch belongs to) or the whole LLaVA model, patched (or reverted), as a loadable folder."""
+    from ..patch import compose_patches, describe
+
+    patch = compose_patches(patches)
+    if a.pipeline:
+        from ..integrations.diffusers_sd import save_patched_text_encoder
+
+        save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
+                                  overwrite=a.overwrite, encoder=a.text_encoder)
+        what = f"{a.pipeline}'s text encoder; wrote {a.out} ({'pipeline' if a.full_pipeline else 'text encoder'})"
+    else:
+        from ..integrations.llava import save_patched_llava
+
+        save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
+        what = f"{a.llava}'s vision tower; wrote {a.out} (model + processor)"
+    print(describe(patch))
+    print(f"{'reverted' if revert else 'applied'} on {what}")
+    return 0
+
+
+def cmd_eval_sd(a) -> int:
+    """`slug eval-sd`: UA / IRA / CRA / CLIP score of a pipeline before and after a text-encoder patch."""
+    from ..data.folders import read_lines
+    from ..eval.generated import GenerationPlan, ZeroShotJudge, before_after
+    from ..models import load_adapter
+    from ..patch import compose_patches, load_patch
+
+    def names(spec):
+        if not spec:
+            return []
+        return read_lines(spec) if Path(spec).is_file() else split_list(spec)
+
+    concepts = names(a.concepts)
+    msg = validate_eval_sd(concepts)
+    if msg:
+        return refuse(msg)
+    pipe = load_pipeline(a.pipeline, device=a.device)
+    judge_ad = load_adapter(a.judge_model, a.judge_pretrained, family=a.judge_family, device=a.device)
+    templates = a.judge_template or [a.template]
+    judge = ZeroShotJudge(judge_ad, concepts, templates)
+    cross = names(a.cross_concepts)
+    cross_judge = ZeroShotJudge(judge_ad, cross, [a.cross_template or a.template]) if cross else None
+    plan = GenerationPlan.build(a.target, concepts, a.template, a.n_target, a.n_other, cross,
+                                a.cross_template, seed=a.seed)
+    patch = compose_patches([load_patch(p) for p in a.patch])
+    r = before_after(pipe, patch, judge, plan, a.out, cross_judge=cross_judge, steps=a.steps, guidance=a.guidance,
+                     progress=not a.no_progress)
+    print("| generated images | before | after |\n|---|---|---|")
+    for k in ("generated_target_recognised", "UA", "IRA", "CRA", "clip_score"):
+        b, af = r["before"].get(k), r["after"].get(k)
+        if b is not None:
+            print(f"| {k} | {b:.3f} | {af:.3f} |")
+    print(f"outputs: {a.out}/gen_eval.json, {a.out}/generations.png")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    """`slug inspect`: describe a patch (or print its metadata as JSON)."""
+    from ..patch import describe, load_patch
+
+    p = load_patch(a.patch)
+    if a.json:
+        print(json.dumps(p.meta, indent=2, sort_keys=True))
+    else:
+        print(describe(p))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add the `apply`, `revert`, `eval-sd` and `inspect` subcommands to ``sub``."""
+    for name, rev in (("apply", False), ("revert", True)):
+        ap = sub.add_parser(name, help=f"{name} patch(es) to a model or a safetensors checkpoint")
+        ap.add_argument("--patch", action="append", required=True, help="patch folder (repeatable to compose)")
+        ap.add_argument("--checkpoint", default=None, help="a .safetensors state dict to patch")
+        ap.add_argument("--model", default="embedded")
+        ap.add_argument("--pretrained", default=None)
+        ap.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
+        ap.add_argument("--out", default=None, help="write the resulting state dict (.safetensors)")
+        ap.add_argument("--pipeline", default=None, help="a diffusers Stable Diffusion folder: write its text_encoder/ "
+                                                         f"{'reverted' if rev else 'patched'} into --out (folder)")
+        ap.add_argument("--full-pipeline", action="store_true", help="with --pipeline: --out gets every component "
+                                                                     "(hard links), not only text_encoder/")
+        ap.add_argument("--llava", default=None, help="a LLaVA model folder: write it with the vision tower "
+                                                      f"{'reverted' if rev else 'patched'} into --out (folder)")
+        ap.add_argument("--overwrite", action="store_true", help="with --pipeline / --llava: replace a non-empty --out")
+        ap.add_argument("--text-encoder", default=None, choices=["text_encoder", "text_encoder_2"],
+                        help="with --pipeline (SDXL): which text encoder the patch belongs to (default: the one "
+                             "whose shapes fit the patch)")
+        ap.set_defaults(func=(lambda a, r=rev: cmd_apply(a, revert=r)))
+
+    ev = sub.add_parser("eval-sd", help="score a text-to-image pipeline before/after a patch on generated images "
+                                        "(UA, IRA, CRA, CLIP score)")
+    ev.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'embedded'")
+    ev.add_argument("--patch", action="append", required=True)
+    ev.add_argument("--target", required=True, help="the forgotten concept (must be in --concepts or is added)")
+    ev.add_argument("--concepts", required=True, help="in-domain concept list the judge classifies over: a file "
+                                                      "(one per line) or A,B,C")
+    ev.add_argument("--template", default="a photo of {}.", help="generation prompt template ({} = concept)")
+    ev.add_argument("--judge-template", action="append", default=None, help="zero-shot template(s) of the judge "
+                                                                            "(default: --template)")
+    ev.add_argument("--cross-concepts", default=None, help="cross-domain concept list for CRA (file or A,B,C)")
+    ev.add_argument("--cross-template", default=None)
+    ev.add_argument("--n-target", type=int, default=10)
+    ev.add_argument("--n-other", type=int, default=2)
+    ev.add_argument("--judge-model", default="embedded", help="CLIP judge, as `slug unlearn --model`")
+    ev.add_argument("--judge-pretrained", default=None)
+    ev.add_argument("--judge-family", default="open_clip", choices=["open_clip", "hf_clip"])
+    ev.add_argument("--steps", type=int, default=25, help="denoising steps")
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=cmd_eval_sd)
+
+    i = sub.add_parser("inspect", help="describe a patch")
+    i.add_argument("patch")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)

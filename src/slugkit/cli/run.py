@@ -1,0 +1,210 @@
+"""``slug demo`` and ``slug unlearn``: one SLUG run, and the summaries they print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .args import add_run_args, search_config, refuse, split_list, validate_demo_sd, validate_unlearn
+
+
+def print_summary(result: dict, out: str) -> None:
+    """Print the outcome of one SLUG run: the edit, the before/after metrics, timing and outputs."""
+    from ..report.unlearn import metrics_table
+
+    m = result["metrics"]
+    print()
+    print(f"SLUG unlearned {result['concept']!r} from {result['model_label']} by editing "
+          f"{result['layer']} (step {result['step_size']:.4g}, relative change {result['relative_change']:.3f})")
+    print(metrics_table(m["before"], m["after"]))
+    for c, fa in (m["after"].get("forget_by_concept") or {}).items():
+        print(f"  {c}: FA@1 {fa['forget_top1']:.3f}, FA@5 {fa['forget_top5']:.3f} after")
+    t = result["timing_s"]
+    print(f"time: total {t['total']:.1f} s (gradients {t['gradients']:.1f} s, search {t['search']:.1f} s); "
+          f"patch {result['patch']['bytes']:,} bytes = {100 * result['patch']['bytes'] / result['model_bytes']:.2f}% "
+          f"of the model")
+    print(f"outputs: {out}/result.json, report.md, pareto.png, run.json, patch/")
+
+
+def print_multi_summary(result: dict, out: str) -> None:
+    """Print the outcome of a sequential multi-concept run: per-concept and shared metrics, the chained patch."""
+    print()
+    print(f"SLUG unlearned {', '.join(result['concepts'])} one after another "
+          f"({' then '.join(s['layer'] for s in result['steps'])})")
+    print("| concept | FA@1 before | FA@1 after | FA@5 before | FA@5 after |")
+    print("|---|---|---|---|---|")
+    for c, m in result["per_concept"].items():
+        b, a = m["before"], m["after"]
+        print(f"| {c} | {b['forget_top1']:.3f} | {a['forget_top1']:.3f} | {b['forget_top5']:.3f} | "
+              f"{a['forget_top5']:.3f} |")
+    b, a = result["metrics"]["before"], result["metrics"]["after"]
+    print(f"shared: related top-1 (identities not unlearned) {b['related_top1']:.3f} -> {a['related_top1']:.3f}, "
+          f"utility top-1 {b['utility_top1']:.3f} -> {a['utility_top1']:.3f}")
+    print(f"one chained patch: {out}/patch ({result['patch']['bytes']:,} bytes); per-step runs in {out}/<k>-<Name>/")
+
+
+def cmd_demo_sd(a) -> int:
+    """`slug demo --target sd`: unlearn an object concept from the embedded text-to-image pipeline."""
+    from dataclasses import replace
+
+    from ..report.sd import print_sd_summary
+    from ..workflows.sd_demo import DEFAULT_SD_CONCEPT, SD_CRITERION, run_sd_demo
+    from ..world.t2i import concept_by_name
+
+    msg = validate_demo_sd(a)
+    if msg:
+        return refuse(msg)
+    try:
+        concept = concept_by_name(a.concept or DEFAULT_SD_CONCEPT).name
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = a.out or f"runs/demo-sd-{concept.replace(' ', '_')}"
+    search = replace(search_config(a), metric=a.criterion or SD_CRITERION)
+    result = run_sd_demo(concept, out, data_dir=a.data_dir, t2i_dir=a.t2i_model, n_target=a.n_target,
+                         n_other=a.n_other, gen_steps=a.gen_steps, guidance=a.guidance, selection=a.sd_selection,
+                         gen_search=not a.no_gen_search, val_images=a.val_images, val_other=a.val_other,
+                         gen_threshold=a.gen_threshold, other_budget=a.other_budget,
+                         gen_margin=a.gen_margin, search=search, seed=a.seed, threads=a.threads,
+                         progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size)
+    print_sd_summary(result, out)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """`slug demo`: unlearn one or more identities from the embedded tiny CLIP (or, --target sd, the T2I model)."""
+    from ..workflows.sequential import run_sequential
+    from ..workflows.unlearn import check_out_dir, run_unlearn
+
+    if a.target == "sd":
+        try:
+            return cmd_demo_sd(a)
+        except ImportError as e:
+            print(f"error: {e}; `demo --target sd` needs the HF extra: pip install 'slugkit[hf]'", file=sys.stderr)
+            return 2
+    from ..workflows.world_runs import sequential_world_configs, world_config
+    from ..world import render as world
+    from ..world.demo_data import default_concept
+
+    wanted = split_list(a.concepts) if a.concepts else [a.concept or default_concept()]
+    try:
+        concepts = [world.identity_by_name(c).name for c in wanted]
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    slug_name = "+".join(c.replace(" ", "_") for c in concepts)
+    out = Path(a.out or f"runs/demo-{slug_name}")
+    check_out_dir(out, a.overwrite)
+    common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
+                  cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
+                  save_gradients=a.save_gradients)
+    if a.sequential and len(concepts) > 1:
+        cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: out / f"{k + 1}-{c.replace(' ', '_')}",
+                                                        a.data_dir, **common)]
+        result = run_sequential(cfgs, out, overwrite=a.overwrite)
+        print_multi_summary(result, str(out))
+        return 0
+    cfg, cur, data = world_config(concepts if len(concepts) > 1 else concepts[0], out, a.data_dir, **common)
+    result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
+    print_summary(result, str(out))
+    return 0
+
+
+def cmd_unlearn(a) -> int:
+    """`slug unlearn`: unlearn a concept from a real model with explicit forget/retain and evaluation data."""
+    from ..workflows.unlearn import UnlearnConfig, run_unlearn
+
+    concepts = split_list(a.concepts) if a.concepts else []
+    msg = validate_unlearn(a, concepts)
+    if msg:
+        return refuse(msg)
+    cfg = UnlearnConfig(
+        concept=a.concept or " + ".join(concepts), concepts=concepts if len(concepts) > 1 else [],
+        out=a.out, model=a.model, pretrained=a.pretrained, forget=a.forget or "",
+        retain=a.retain or "",
+        val_identities=a.val_identities, test_identities=a.test_identities, names=a.names,
+        identity_templates=a.identity_template or ["{}."], related_names=a.related_names,
+        utility_val=a.utility_val, utility_test=a.utility_test, utility_classnames=a.utility_classnames,
+        utility_templates=a.utility_templates, forget_samples=a.forget_samples, retain_samples=a.retain_samples,
+        batch_size=a.batch_size, search=search_config(a), cached_search=not a.naive_search, seed=a.seed,
+        threads=a.threads, device=a.device, precision=a.precision, strict=a.strict, overwrite=a.overwrite,
+        family=a.family, consumer=a.consumer,
+        progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
+    result = run_unlearn(cfg)
+    print_summary(result, a.out)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add the `demo` and `unlearn` subcommands to ``sub``."""
+    d = sub.add_parser("demo", help="unlearn an identity from the embedded tiny CLIP (no downloads)")
+    d.add_argument("--concept", default=None, help="identity name (see `slug world names`)")
+    d.add_argument("--concepts", default=None, help="A,B,...: several identities, unlearned jointly (one forget set, "
+                                                    "one edit) or, with --sequential, one after another")
+    d.add_argument("--sequential", action="store_true", help="with --concepts: one SLUG run per concept on the "
+                                                            "previously patched model; patches chained into one")
+    d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
+    d.add_argument("--target", default="clip", choices=["clip", "sd"],
+                   help="clip: unlearn an identity from the embedded CLIP; sd: unlearn an object concept (e.g. "
+                        "'red triangle') from the embedded text-to-image pipeline by patching its CLIP text encoder")
+    sdg = d.add_argument_group("--target sd")
+    sdg.add_argument("--n-target", type=int, default=50, help="generated images of the forgotten concept")
+    sdg.add_argument("--n-other", type=int, default=10, help="generated images per other concept (29 of them)")
+    sdg.add_argument("--gen-steps", type=int, default=20, help="DDIM steps")
+    sdg.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    sdg.add_argument("--sd-selection", default="shift", choices=["shift", "clip"],
+                     help="layer choice among the searched Pareto layers: shift (least conditioning shift of the "
+                          "other concepts relative to the target's; default) or clip (the CLIP --selection policy)")
+    sdg.add_argument("--no-gen-search", action="store_true",
+                     help="apply the CLIP-searched step instead of searching it on generated validation images")
+    sdg.add_argument("--val-images", type=int, default=20,
+                     help="generated validation images of the concept per search step")
+    sdg.add_argument("--val-other", type=int, default=1,
+                     help="generated validation images per other concept per search step")
+    sdg.add_argument("--other-budget", type=float, default=0.05,
+                     help="search accepts a step only if the other concepts' validation recognition drops by at "
+                          "most this much")
+    sdg.add_argument("--gen-threshold", type=float, default=0.05,
+                     help="search accepts a step when at most this share of validation images is recognised")
+    sdg.add_argument("--gen-margin", type=float, default=None,
+                     help="applied step = this x the smallest step that forgot on validation (default 1.2)")
+    sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
+    add_run_args(d)
+    d.set_defaults(func=cmd_demo, threads=1)  # tiny model: one thread is as fast and identical everywhere
+
+    u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
+    u.add_argument("--model", default="embedded", help="open_clip arch (ViT-B-32), hf-hub:/local-dir: id, "
+                                                       "a folder, or 'embedded'")
+    u.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
+    u.add_argument("--precision", default="fp32")
+    u.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
+                   help="open_clip ids, or hf_clip: a transformers CLIPModel id/folder (e.g. "
+                        "openai/clip-vit-large-patch14)")
+    u.add_argument("--consumer", default=None, metavar="sd:DIR|llava:DIR",
+                   help="hf_clip: only edit tensors this Stable Diffusion pipeline's text encoder / LLaVA's vision "
+                        "tower reads (read from its configs)")
+    u.add_argument("--concept", default=None)
+    u.add_argument("--concepts", default=None, help="A,B,...: unlearn several concepts jointly (one forget set "
+                                                    "holding all of them, one edit; the criterion covers each)")
+    u.add_argument("--forget", default=None, help="forget pairs: shards (brace patterns, '::' lists) or a "
+                                                   "captioned folder; e.g. the output of `slug curate`")
+    u.add_argument("--retain", default=None, help="retain pairs: shards or captioned folder")
+    u.add_argument("--gradients", default=None,
+                   help="gradients from `slug grads` (full or --stats-first; e.g. computed under torchrun): skip "
+                        "the gradient pass; --forget/--retain are then only recorded")
+    u.add_argument("--forget-samples", type=int, default=None)
+    u.add_argument("--retain-samples", type=int, default=None)
+    u.add_argument("--val-identities", required=True, help="class folder <Name>/*.jpg for the search")
+    u.add_argument("--test-identities", required=True, help="disjoint class folder for the reported metrics")
+    u.add_argument("--names", default=None, help="file with the full identity name list (one per line)")
+    u.add_argument("--identity-template", action="append", default=None,
+                   help="zero-shot identity prompt with {} (repeatable; default the official '{}.')")
+    u.add_argument("--related-names", default=None, help="file: identities that count for related accuracy")
+    u.add_argument("--utility-val", default=None, help="class folder (e.g. ImageNet val subset) for the search")
+    u.add_argument("--utility-test", default=None, help="disjoint class folder for the reported utility")
+    u.add_argument("--utility-classnames", default=None, help="file, or 'imagenet' for open_clip's 1000 names")
+    u.add_argument("--utility-templates", default="imagenet-simple",
+                   help="'imagenet-simple' (7 templates, official), 'imagenet' (80), or a file")
+    u.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
+    add_run_args(u)
+    u.set_defaults(func=cmd_unlearn)

@@ -1,0 +1,57 @@
+"""``--consumer sd:DIR | llava:DIR``: restrict SLUG's candidates to the CLIP tensors a downstream model reads, from
+its configuration files alone (no weights loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .towers import TowerMismatchError, layer_names
+
+
+def consumer_restriction(spec: str, adapter=None):
+    """``(predicate, description)`` for ``slug unlearn --consumer SPEC``, read from configs only (no weights).
+
+    * ``sd:DIR_OR_ID`` — a diffusers pipeline folder / id: text layers ``< text_encoder/config.json``'s
+      ``num_hidden_layers`` (SD 1.x: all 12 of CLIP-L; SD 2.x: 23 of CLIP-H's 24). An SDXL pipeline (it has a
+      ``text_encoder_2/``) needs ``adapter``: its encoder is the one with the adapter's text width, and the
+      consumed tensors follow :func:`slugkit.integrations.diffusers_sd.encoder_reads`;
+    * ``llava:DIR_OR_ID`` — a LLaVA folder / id: vision layers read at ``vision_feature_layer``
+      (LLaVA-1.5: −2 → 23 of CLIP-L/14-336's 24).
+    """
+    from ..models.base import ModelLoadError
+    from ..models.hf_clip import hub_offline
+
+    kind_s, _, where = spec.partition(":")
+    if kind_s not in ("sd", "llava") or not where:
+        raise ValueError(f"--consumer must be sd:DIR_OR_ID or llava:DIR_OR_ID, not {spec!r}")
+    kw = {"local_files_only": Path(where).is_dir() or hub_offline()}
+    try:
+        if kind_s == "sd":
+            from .diffusers_sd import pipeline_consumption
+
+            n, extra_names, desc = pipeline_consumption(where, adapter, kw)
+            kind = "text"
+            return (lambda name: bool(layer_names([name], kind, n)) or name in extra_names), desc
+        else:
+            from transformers import LlavaConfig
+
+            from .llava import consumed_vision_layer_count
+
+            cfg = LlavaConfig.from_pretrained(where, **kw)
+            n = consumed_vision_layer_count(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
+            kind, desc = "vision", (f"LLaVA vision tower {where} (vision_feature_layer={cfg.vision_feature_layer}: "
+                                    f"layers 0..{n - 1})")
+    except (ValueError, TowerMismatchError):
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {e}") from e
+    return (lambda name: bool(layer_names([name], kind, n))), desc
+
+
+def restrict_to_consumer(adapter, spec: str):
+    """Restrict ``adapter``'s candidates to what ``spec`` (see :func:`consumer_restriction`) consumes."""
+    if not hasattr(adapter, "restrict_candidates"):
+        raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict its "
+                         "candidates to a downstream model)")
+    pred, desc = consumer_restriction(spec, adapter)
+    return adapter.restrict_candidates(pred, consumer=desc)

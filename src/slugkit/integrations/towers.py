@@ -1,0 +1,170 @@
+"""Finding a CLIP tower inside the model that consumes it (a diffusers text encoder, a LLaVA vision tower), mapping the
+CLIP model's tensor names onto it, and applying or reverting a patch through that renamed view (see
+:mod:`slugkit.integrations`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..patch import Patch, PatchError, PatchMismatchError, apply_patch, make_patch, revert_patch, tensor_sha256
+
+# Attribute names of the two towers inside transformers' CLIPModel (4.x and 5.x alike).
+CLIP_TOWER_PREFIX = {"text": "text_model.", "vision": "vision_model."}
+_MARKERS = {"text": ("embeddings", "encoder", "final_layer_norm"),
+            "vision": ("embeddings", "encoder", "pre_layrnorm", "post_layernorm")}
+
+
+class TowerMismatchError(PatchMismatchError):
+    """The consumer's tower is not the CLIP tower the edit was made on (names the first differing tensor)."""
+
+
+def find_tower(module: nn.Module, kind: str) -> tuple[str, nn.Module]:
+    """``(prefix, submodule)`` of the shallowest CLIP ``kind`` ("text" / "vision") transformer inside ``module``."""
+    if kind not in _MARKERS:
+        raise ValueError(f"kind must be 'text' or 'vision', not {kind!r}")
+    best = None
+    for name, mod in module.named_modules():
+        if all(hasattr(mod, a) for a in _MARKERS[kind]) and hasattr(getattr(mod, "encoder"), "layers"):
+            depth = 0 if not name else name.count(".") + 1
+            if best is None or depth < best[0]:
+                best = (depth, name, mod)
+    if best is None:
+        raise TypeError(f"{type(module).__name__} holds no CLIP {kind} transformer (a module with "
+                        f"{', '.join(_MARKERS[kind])})")
+    _, name, mod = best
+    return (name + "." if name else ""), mod
+
+
+def num_layers(module: nn.Module, kind: str) -> int:
+    """Number of encoder layers of the CLIP ``kind`` tower inside ``module``."""
+    return len(find_tower(module, kind)[1].encoder.layers)
+
+
+def tower_map(clip_model: nn.Module, consumer: nn.Module, kind: str) -> dict[str, str]:
+    """CLIPModel parameter name → consumer parameter name, for every parameter the consumer's tower holds.
+
+    Raises :class:`TowerMismatchError` if the consumer holds a tensor the CLIP tower lacks or has another shape.
+    """
+    src_prefix, src = find_tower(clip_model, kind)
+    dst_prefix, dst = find_tower(consumer, kind)
+    src_params = dict(src.named_parameters())
+    out = {}
+    for rel, p in dst.named_parameters():
+        if rel not in src_params:
+            raise TowerMismatchError(f"the consumer's {kind} tower has {dst_prefix}{rel}, which the CLIP model lacks "
+                                     f"(more layers than CLIP, or another architecture)")
+        if tuple(src_params[rel].shape) != tuple(p.shape):
+            raise TowerMismatchError(f"{dst_prefix}{rel} has shape {tuple(p.shape)}, the CLIP tensor {src_prefix}{rel} "
+                                     f"{tuple(src_params[rel].shape)}: not the same model")
+        out[src_prefix + rel] = dst_prefix + rel
+    return out
+
+
+def verify_tower(clip_model: nn.Module, consumer: nn.Module, kind: str, what: str) -> dict[str, str]:
+    """Check that every tensor of the consumer's tower equals (SHA-256) the CLIP tensor it corresponds to.
+
+    The CLIP tensor is cast to the consumer's dtype first (an fp16 consumer of fp32 CLIP weights passes). A consumer
+    with fewer layers (SD 2.x) is checked on the layers it has. Returns the name map; raises
+    :class:`TowerMismatchError` naming the first tensor that differs.
+    """
+    mapping = tower_map(clip_model, consumer, kind)
+    src = dict(clip_model.named_parameters())
+    dst = dict(consumer.named_parameters())
+    for clip_name, dst_name in mapping.items():
+        a, b = src[clip_name].detach(), dst[dst_name].detach()
+        if tensor_sha256(a.to(b.dtype)) != tensor_sha256(b):
+            raise TowerMismatchError(
+                f"{what} tensor {dst_name} differs from the CLIP tensor {clip_name} (sha256 "
+                f"{tensor_sha256(b)[:12]}… vs {tensor_sha256(a.to(b.dtype))[:12]}…): this {what} was not built from "
+                f"this CLIP model, so an edit of the CLIP model cannot be carried over. Use the CLIP checkpoint the "
+                f"{what} was made from.")
+    return mapping
+
+
+def layer_names(names, kind: str, n_layers: int) -> list[str]:
+    """The names among ``names`` that live in encoder layers ``0 .. n_layers-1`` of CLIP's ``kind`` tower."""
+    prefix = CLIP_TOWER_PREFIX[kind] + "encoder.layers."
+    out = []
+    for n in names:
+        if n.startswith(prefix):
+            i = int(n[len(prefix):].split(".", 1)[0])
+            if i < n_layers:
+                out.append(n)
+    return out
+
+
+def consumer_view(consumer: nn.Module, patch: Patch, kind: str, what: str,
+                  extra: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """CLIP name → the consumer's live tensor, for every tensor of ``patch`` (refusing tensors it does not hold).
+
+    ``extra``: CLIP names outside the tower that the consumer also holds → their names in the consumer (SDXL's
+    ``text_encoder_2`` keeps ``text_projection.weight``)."""
+    clip_prefix = CLIP_TOWER_PREFIX[kind]
+    dst_prefix, dst = find_tower(consumer, kind)
+    params = dict(dst.named_parameters())
+    outside = dict(consumer.named_parameters()) if extra else {}
+    view = {}
+    for name in patch.names:
+        if extra and name in extra:
+            view[name] = outside[extra[name]]
+            continue
+        if not name.startswith(clip_prefix):
+            raise PatchMismatchError(
+                f"the patch edits {name}, which is not part of CLIP's {kind} tower ({clip_prefix}*) and does not exist "
+                f"in the {what}: it would have no effect there. Restrict the candidates to what the {what} consumes "
+                f"(slugkit.integrations) and unlearn again.")
+        rel = name[len(clip_prefix):]
+        if rel not in params:
+            raise PatchMismatchError(
+                f"the patch edits {name}, but the {what} has no {dst_prefix}{rel} (it has "
+                f"{len(dst.encoder.layers)} encoder layers): the edit would have no effect on it. Restrict the "
+                f"candidates to the consumed layers and unlearn again.")
+        view[name] = params[rel]
+    return view
+
+
+def cast_patch(patch: Patch, dtypes: Mapping[str, torch.dtype]) -> Patch:
+    """``patch`` with each tensor's original and patched values cast to ``dtypes[name]`` (identity when equal)."""
+    if all(patch.patched[n].dtype == dtypes[n] for n in patch.names):
+        return patch
+    originals = {n: patch.original[n].to(dtypes[n]) for n in patch.names}
+    patched = {n: patch.patched[n].to(dtypes[n]) for n in patch.names}
+    for n in patch.names:
+        if torch.equal(originals[n], patched[n]):
+            raise PatchError(f"in {dtypes[n]} the edit of {n} rounds away entirely; apply the patch to a "
+                             f"{patch.patched[n].dtype} copy of the model instead")
+    m = patch.meta
+    extra = dict(m.get("extra") or {})
+    extra["cast_from"] = {n: m["tensors"][n]["dtype"] for n in patch.names}
+    return make_patch(originals, patched, base_model=m.get("base_model") or {"id": "unknown"},
+                      adapter=m.get("adapter", ""), concept=m.get("concept", ""), method=m.get("method", "slug"),
+                      step_size=m.get("step_size"), metrics=m.get("metrics"), extra=extra)
+
+
+def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *, revert: bool = False,
+                      check: bool = True, extra: Mapping[str, str] | None = None) -> None:
+    """Apply (or revert) a CLIPModel patch in place on ``consumer``'s tower tensors (hash-checked, bit-exact).
+
+    ``check=False`` (apply only) skips the hash comparison, as :func:`slugkit.patch.apply_patch` does, for
+    deliberately patching a fine-tuned relative; a later revert then restores the patch's (CLIP's) originals.
+    ``extra``: as in :func:`consumer_view`.
+    """
+    view = consumer_view(consumer, patch, kind, what, extra)
+    p = cast_patch(patch, {n: t.dtype for n, t in view.items()})
+    if revert:
+        revert_patch(view, p)
+    else:
+        apply_patch(view, p, check=check)
+
+
+def write_provenance(folder: Path, patch: Patch, reverted: bool, source: Path | None, **extra) -> None:
+    """``slugkit_patch.json`` next to a written model: which patch, on what, applied or reverted."""
+    import json
+
+    info = {"patch_fingerprint": patch.fingerprint, "concept": patch.concept, "base_model": patch.base_model,
+            "tensors": patch.names, "reverted": reverted, "source": str(source) if source else None, **extra}
+    (Path(folder) / "slugkit_patch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")

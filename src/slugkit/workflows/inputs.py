@@ -1,0 +1,152 @@
+"""The inputs of a SLUG run, read through the same loaders for a real model and for the embedded world.
+
+* :func:`load_pairs` — the forget or retain image–caption set (shards or a captioned folder), preprocessed and
+  tokenized, with a manifest of every sample used (for ``run.json``);
+* :func:`build_suite` — the validation or test :class:`~slugkit.eval.zeroshot.EvalSuite`: the target's images, the
+  other identities' (related) images and the utility images, with the name list and templates of the zero-shot
+  metrics (spec §7);
+* :func:`load_gradients_file` — gradients precomputed by ``slug grads`` (full or ``--stats-first``).
+
+Errors: :class:`~slugkit.common.errors.EmptyForgetSetError` for a forget set that yields nothing (a zero gradient
+would silently do nothing), :class:`~slugkit.common.errors.ShardError` for an empty retain set, ``ValueError`` for a
+concept missing from the name list or folders outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..common.errors import EmptyForgetSetError, ShardError
+from ..data.folders import iter_pairs, read_class_folder, read_lines
+from ..data.shards import ReadStats
+from ..eval.zeroshot import EvalSuite, ImageSet
+
+
+def _templates(spec: list[str] | str) -> list[str]:
+    if isinstance(spec, list):
+        return spec
+    if spec == "imagenet-simple":
+        from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+    if spec == "imagenet":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    return read_lines(spec)
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+def _stack(adapter, images) -> torch.Tensor:
+    return torch.stack([adapter.preprocess(im) for im in images]) if images else torch.empty(0)
+
+
+def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
+    """Preprocessed images, tokenized captions and read statistics of an image–caption set.
+
+    ``stats.manifest`` lists (key, source, sha256 of the image bytes) of every sample used, for ``run.json``.
+    The tensors stay in CPU memory whatever ``--device`` is (the set may be large): the gradient pass moves each
+    batch to the model's device right before its forward.
+    """
+    stats = ReadStats()
+    images, captions, manifest = [], [], []
+    for s in iter_pairs(spec, strict=strict, stats=stats):
+        images.append(adapter.preprocess(s.image))
+        captions.append(s.caption)
+        manifest.append({"key": s.key, "source": s.source, "sha256": hashlib.sha256(s.data).hexdigest()})
+        if limit is not None and len(images) >= limit:
+            break
+    stats.manifest = manifest
+    if not images:
+        msg = (f"the {what} set {spec} yielded no usable image–caption pairs ({stats.as_dict()}); "
+               "an empty set would silently produce a zero gradient")
+        raise EmptyForgetSetError(msg) if what == "forget" else ShardError(msg)
+    return torch.stack(images), adapter.tokenize(captions), stats
+
+
+def batches(images: torch.Tensor, tokens: torch.Tensor, bs: int):
+    """Consecutive batches, on the data's device (CPU); ``accumulate_batch`` moves each to the model's device."""
+    for i in range(0, images.shape[0], bs):
+        yield images[i:i + bs], tokens[i:i + bs]
+
+
+def build_suite(adapter, cfg, identities_dir: str, utility_dir: str | None) -> EvalSuite:
+    """The zero-shot evaluation suite of ``cfg`` (an :class:`~slugkit.workflows.unlearn.UnlearnConfig`) on the class
+    folder ``identities_dir`` (``<Name>/*.jpg``) and, if given, the utility class folder ``utility_dir``."""
+    folder = read_class_folder(identities_dir)
+    names = read_lines(cfg.names) if cfg.names else list(folder.classnames)
+    index = {_norm(n): i for i, n in enumerate(names)}
+    targets = []
+    for concept in cfg.concept_list():
+        t = index.get(_norm(concept))
+        if t is None:
+            raise ValueError(f"concept {concept!r} is not in the identity name list ({len(names)} names from "
+                             f"{cfg.names or identities_dir}); the zero-shot forget metric needs it there")
+        targets.append(t)
+    unknown = [c for c in folder.classnames if _norm(c) not in index]
+    if unknown:
+        raise ValueError(f"{identities_dir}: identity folders not in the name list: {unknown[:5]} ...")
+    allowed = None
+    if cfg.related_names:
+        allowed = {_norm(n) for n in read_lines(cfg.related_names)}
+    f_imgs, f_labels, r_imgs, r_labels = [], [], [], []
+    for (img, y) in folder.load():
+        name = folder.classnames[y]
+        lab = index[_norm(name)]
+        if lab in targets:
+            f_imgs.append(img)
+            f_labels.append(lab)
+        elif allowed is None or _norm(name) in allowed:
+            r_imgs.append(img)
+            r_labels.append(lab)
+    for concept, t in zip(cfg.concept_list(), targets):
+        if t not in f_labels:
+            raise EmptyForgetSetError(f"{identities_dir} has no images of {concept!r} (expected a folder "
+                                      f"{concept.replace(' ', '_')}/); FA cannot be measured")
+    suite = EvalSuite(
+        names=names, identity_templates=list(cfg.identity_templates), target=targets[0],
+        targets=targets if len(targets) > 1 else None,
+        forget=ImageSet(_stack(adapter, f_imgs), torch.tensor(f_labels, dtype=torch.long)),
+        related=ImageSet(_stack(adapter, r_imgs), torch.tensor(r_labels, dtype=torch.long)) if r_imgs else None)
+    if utility_dir:
+        uf = read_class_folder(utility_dir, cfg.utility_classnames)
+        imgs, labels = zip(*uf.load())
+        suite.utility_classnames = list(uf.classnames)
+        suite.utility_templates = _templates(cfg.utility_templates)
+        suite.utility = ImageSet(_stack(adapter, list(imgs)), torch.tensor(labels, dtype=torch.long))
+    return suite
+
+
+def load_gradients_file(path: str, names: list[str]):
+    """Gradients written by ``slug grads`` (full or ``--stats-first``) or ``--save-gradients``; checked against the
+    model's candidate tensors. Returns ``(Gradients, stats or None)``."""
+    from ..slug.gradients import Gradients
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"gradients file not found: {path}")
+    grads = Gradients.load(path)
+    if grads.n_forget <= 0:
+        raise EmptyForgetSetError(f"{path} records no forget samples; recompute it with `slug grads`")
+    from ..slug.gradpass import load_stats
+
+    stats = load_stats(path) or None
+    have = set(stats) if stats else set(grads.forget)
+    unknown = sorted(set(grads.forget) - set(names))
+    if unknown or not have:
+        raise ValueError(f"{path} does not match this model: tensors {unknown[:3]} are not among its candidates"
+                         if unknown else f"{path} holds no gradients")
+    return grads, stats
+
+
+def manifest_digest(manifest: list[dict]) -> str:
+    """One sha256 over the ordered (key, image sha256) list of a set: identifies the retain set compactly."""
+    h = hashlib.sha256()
+    for m in manifest:
+        h.update(f"{m['key']}\t{m['sha256']}\n".encode())
+    return h.hexdigest()

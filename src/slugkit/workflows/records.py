@@ -1,0 +1,93 @@
+"""What a SLUG run writes next to its patch: the ``result.json`` record, ``run.json`` (configuration, versions, data
+manifests, every search), ``layers.json``, ``pareto.png`` and ``report.md`` (rendered by :mod:`slugkit.report.unlearn`).
+
+Every file is written atomically; the same inputs and seed give the same records apart from timings.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..common.files import atomic_write_bytes, write_json
+from ..report.unlearn import pareto_plot, render_report
+from .inputs import manifest_digest
+
+
+def versions() -> dict:
+    """Python, torch and the libraries whose versions change a run's numbers (``run.json``)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("slugkit", "open_clip_torch", "numpy", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def model_label(model_id: dict) -> str:
+    """``model/pretrained`` (or the model id alone) for headlines and plot titles."""
+    m = model_id.get("model")
+    return f"{m}/{model_id['pretrained']}" if model_id.get("pretrained") else str(m)
+
+
+def result_record(cfg, adapter, data: dict, run: dict) -> dict:
+    """The ``result.json`` document of a run: concept, model, chosen layer and step size, test and validation
+    metrics before/after, the Pareto front, every search evaluation, timings, patch and model bytes."""
+    chosen, searches, timing = run["chosen"], run["searches"], run["timing"]
+    search_entries = [{"layer": s.name, "step_size": st.step_size, "relative_change": st.relative_change,
+                       "metrics": st.metrics, "accepted": st.accepted}
+                      for s in searches for st in s.trajectory]
+    return {
+        "concept": cfg.concept,
+        "concepts": cfg.concept_list(),
+        "model": adapter.model_id,
+        "model_label": model_label(adapter.model_id),
+        "method": "slug",
+        "layer": chosen.name,
+        "group": chosen.group,
+        "tower": chosen.tower,
+        "step_size": chosen.step_size,
+        "accepted_step_size": chosen.accepted_step,
+        "relative_change": chosen.step_size / chosen.ratio,
+        "metrics": {"before": run["before"], "after": run["after"], "validation_before": run["val_before"],
+                    "validation_after": chosen.val_metrics},
+        "pareto_front": run["table"].front_names(),
+        **({"chooser": run["chooser_info"]} if run["chooser_info"] is not None else {}),
+        "layers_searched": [{k: v for k, v in s.to_json().items() if k != "trajectory"} for s in searches],
+        "search": search_entries,
+        "config": {"metric": cfg.search.metric, "threshold": cfg.search.threshold, "steps": cfg.search.steps,
+                   "initial_divisor": cfg.search.initial_divisor, "margin": cfg.search.margin,
+                   "utility_floor": cfg.search.utility_floor, "selection": cfg.search.selection},
+        "timing_s": timing,
+        "patch": {"path": "patch", "bytes": run["patch_bytes"], "tensors": run["patch"].names},
+        "model_bytes": adapter.model_bytes(),
+        "data": {"n_forget": run["grads"].n_forget, "n_retain": run["grads"].n_retain,
+                 "val_sizes": data["val_suite"].sizes(), "test_sizes": data["test_suite"].sizes()},
+    }
+
+
+def write_run_files(cfg, out: Path, data: dict, run: dict, result: dict, extra_run_info: dict | None) -> None:
+    """``layers.json``, ``pareto.png``, ``result.json``, ``run.json`` and ``report.md`` into ``out``."""
+    table, chosen = run["table"], run["chosen"]
+    f_stats, r_stats = data["forget_stats"], data["retain_stats"]
+    write_json(out / "layers.json", table.to_json())
+    pareto_plot(table.to_json(), out / "pareto.png",
+                title=f"SLUG Pareto fronts: {cfg.concept} ({result['model_label']})", chosen=chosen.name)
+    write_json(out / "result.json", result)
+    record = {"config": asdict(cfg), "seed": cfg.seed, "versions": versions(), "threads": torch.get_num_threads(),
+              "data": {"forget": {"spec": cfg.forget, "read_stats": f_stats.as_dict(), "samples": f_stats.manifest},
+                       "retain": {"spec": cfg.retain, "read_stats": r_stats.as_dict(),
+                                  "samples_sha256": manifest_digest(r_stats.manifest)},
+                       "val_sizes": data["val_suite"].sizes(), "test_sizes": data["test_suite"].sizes()},
+              "gradient_seconds": run["grads"].seconds, "timing_s": run["timing"], "chosen_layer": chosen.name,
+              "search": [s.to_json() for s in run["searches"]]}
+    if extra_run_info:
+        record.update(extra_run_info)
+    write_json(out / "run.json", record)
+    atomic_write_bytes(out / "report.md", render_report(result).encode())

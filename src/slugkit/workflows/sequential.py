@@ -1,0 +1,67 @@
+"""Several concepts unlearned one after another (``slug demo --concepts A,B --sequential``): each SLUG run starts
+from the model with the earlier patches applied; the patches are chained into one."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..common.errors import OutputExistsError
+from ..common.files import write_json
+from ..eval.zeroshot import SuiteEvaluator
+from .inputs import build_suite
+from .unlearn import UnlearnConfig, run_unlearn
+
+
+def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, overwrite: bool = False) -> dict:
+    """Unlearn several concepts one after another: concept k is unlearned from the model with the patches of
+    concepts 1..k-1 applied, each run writing its own folder ``out/<k>-<Name>/``; the patches are then folded into
+    one (:func:`slugkit.patch.chain_patches`) in ``out/patch`` and every concept is re-scored on the final model.
+
+    Writes ``out/result.json`` (``mode: "sequential"``, per-concept forget metrics before (base model) / after
+    (final model), shared related/utility metrics, each step's layer and step size, patch bytes). The model is
+    returned to its base weights (bit-exact) before returning.
+    """
+    from ..models import load_adapter
+    from ..patch import apply_patch, chain_patches, load_patch, revert_patch, save_patch
+
+    out = Path(out)
+    if (out / "result.json").exists() and not overwrite:
+        raise OutputExistsError(f"{out} already holds a run; pass --overwrite")
+    if adapter is None:
+        c0 = configs[0]
+        adapter = load_adapter(c0.model, c0.pretrained, family=c0.family, device=c0.device, precision=c0.precision)
+    t0 = time.perf_counter()
+    applied, steps = [], []
+    try:
+        for cfg in configs:
+            r = run_unlearn(cfg, adapter=adapter)
+            p = load_patch(Path(cfg.out) / "patch")
+            apply_patch(adapter.model, p)
+            applied.append(p)
+            steps.append({"concept": cfg.concept, "out": str(cfg.out), "layer": r["layer"], "step_size": r["step_size"],
+                          "metrics_at_step": r["metrics"]})
+        chained = chain_patches(applied)
+        # one suite over all concepts: per-concept FA, and related accuracy over the identities none of them is
+        joint = replace(configs[0], concepts=[c.concept for c in configs])
+        suite = build_suite(adapter, joint, joint.test_identities, joint.utility_test)
+        final = SuiteEvaluator(adapter, suite).base_metrics()
+    finally:
+        for p in reversed(applied):
+            revert_patch(adapter.model, p)
+    base = SuiteEvaluator(adapter, suite).base_metrics()
+    chained.meta["metrics"] = {"before": base, "after": final}
+    save_patch(chained, out / "patch", overwrite=overwrite)
+    result = {
+        "mode": "sequential", "method": "slug", "concepts": [c.concept for c in configs],
+        "model": adapter.model_id, "steps": steps,
+        "per_concept": {c: {"before": base["forget_by_concept"][c], "after": final["forget_by_concept"][c]}
+                        for c in joint.concepts},
+        "metrics": {"before": base, "after": final},
+        "patch": {"path": "patch", "bytes": (out / "patch" / "patch.safetensors").stat().st_size,
+                  "tensors": chained.names},
+        "model_bytes": adapter.model_bytes(), "timing_s": {"total": time.perf_counter() - t0},
+    }
+    write_json(out / "result.json", result)
+    return result
