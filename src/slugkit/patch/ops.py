@@ -57,6 +57,12 @@ def _missing_hint(missing: Iterable[str], available: Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------------- make
 
 
+def _provenance() -> dict:
+    """The first entries of every ``patch.json``: format, its version, and who wrote it with which torch."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": "slugkit",
+            "toolkit_version": _toolkit_version(), "torch_version": torch.__version__}
+
+
 def make_patch(
     model_or_state: nn.Module | Mapping[str, torch.Tensor],
     patched: Mapping[str, torch.Tensor],
@@ -117,11 +123,7 @@ def make_patch(
                               "sha256_original": sha_o, "sha256_patched": sha_p}
 
     meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created_by": "slugkit",
-        "toolkit_version": _toolkit_version(),
-        "torch_version": torch.__version__,
+        **_provenance(),
         "base_model": dict(base_model),
         "adapter": str(adapter),
         "concept": concept,
@@ -276,11 +278,7 @@ def compose_patches(patches: list[Patch]) -> Patch:
                                "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}),
                                "tensors": p.names, "fingerprint": p.fingerprint})
     meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created_by": "slugkit",
-        "toolkit_version": _toolkit_version(),
-        "torch_version": torch.__version__,
+        **_provenance(),
         "base_model": first.get("base_model"),
         "adapter": first.get("adapter"),
         "concept": [c["concept"] for c in components],
