@@ -1,11 +1,15 @@
 """``slug curate``: build a forget set (and a retain set) from image–caption shards by name matching.
 
 Fixes the official ``a0_create_tar.py`` (spec §1.2): matching is **whole-word** and case-insensitive (the official
-raw substring match turns "Ann" into a hit for "Annual"), underscores in a name count as spaces (``Elon_Musk``
-matches "elon musk"), aliases are supported, the ``--max-forget`` cap really caps, re-runs are idempotent (the tar
-is written fresh, atomically), and the concept name is never used as a path. Every forget sample goes into a
-manifest (key, caption, sha256 of the image bytes, source shard); the retain set excludes every match.
-An empty forget set is an error.
+raw substring match turns "Ann" into a hit for "Annual") on Unicode-normalised text (NFKC, apostrophe/dash/space
+variants; :mod:`slugkit.data.matching`, whose rule :func:`names_concept` / :class:`ConceptMatcher` this module
+re-exports for every other caller), underscores in a name count as spaces (``Elon_Musk`` matches "elon musk"),
+aliases are supported, the ``--max-forget`` cap really caps (a duplicate key is read once), re-runs are idempotent
+(the tar is written fresh, atomically), and the concept name is never used as a path. Every forget sample goes
+into a manifest (key, caption, sha256 of the image bytes, source shard); the retain set excludes every match.
+An empty forget set is an error (:class:`EmptyForgetSetError`) whose message says what was read
+(:meth:`ReadStats.diagnosis`): a file that is not a tar, an empty shard, members that do not pair up — and
+suggests the spelling only when usable pairs were read and none named the concept.
 """
 
 from __future__ import annotations
@@ -13,31 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 from ..common.errors import EmptyForgetSetError
 from ..common.files import atomic_write_bytes
 from .folders import iter_pairs
+from .matching import ConceptMatcher, concept_pattern, matches, names_concept, normalize_text
 from .shards import ReadStats, write_shard
 
-
-def concept_pattern(name: str, aliases: list[str] | tuple[str, ...] = ()) -> re.Pattern:
-    """Whole-word, case-insensitive regex matching ``name`` or any alias; ``_`` and runs of spaces match any
-    whitespace."""
-    terms = []
-    for t in [name, *aliases]:
-        words = [w for w in re.split(r"[\s_]+", t.strip()) if w]
-        if not words:
-            continue
-        terms.append(r"\s+".join(re.escape(w) for w in words))
-    if not terms:
-        raise ValueError("concept name is empty")
-    return re.compile(r"(?<!\w)(?:" + "|".join(terms) + r")(?!\w)", re.IGNORECASE)
-
-
-def matches(caption: str, pattern: re.Pattern) -> bool:
-    return pattern.search(caption) is not None
+__all__ = ["ConceptMatcher", "EmptyForgetSetError", "concept_pattern", "curate", "matches", "names_concept",
+           "normalize_text"]
 
 
 def _order_key(key: str, source: str, seed: int) -> str:
@@ -52,11 +41,17 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
 
     The forget set is the first ``max_forget`` matches in stream order. The retain set is ``retain`` non-matching
     samples chosen deterministically by a seeded hash of (shard, key) (``retain=None``: every non-match).
+    A sample goes to the forget set when :func:`names_concept` finds ``concept`` or an alias in its caption.
+
+    Raises :class:`EmptyForgetSetError` when nothing matches (the message carries the read diagnosis),
+    ``ValueError`` for an empty concept name, :class:`~slugkit.common.errors.ShardError` for a missing shard and,
+    under ``strict``, for any unreadable shard or sample (not a tar, empty, truncated, duplicate key, bad image or
+    caption).
     """
     pat = concept_pattern(concept, aliases)
     out = Path(out_dir)
     stats = ReadStats()
-    forget_ids, other_ids = [], []
+    forget_ids, other_ids, seen = [], [], set()
     # Pass 1: captions only (no image decoding) to find the matches.
     it = iter_pairs(spec, strict=strict, stats=stats, decode=False)
     if progress:
@@ -64,29 +59,41 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
 
         it = tqdm(it, desc="curate: scanning captions", unit="sample")
     for s in it:
-        if matches(s.caption, pat):
+        if (s.source, s.key) in seen:  # the readers skip duplicates already; never let one count twice here
+            stats.skipped_duplicate_key += 1
+            stats.samples -= 1
+            continue
+        seen.add((s.source, s.key))
+        if names_concept(s.caption, pat):
             if max_forget is None or len(forget_ids) < max_forget:
                 forget_ids.append((s.source, s.key))
         else:
             other_ids.append((s.source, s.key))
     n_scanned = stats.samples
     if not forget_ids:
+        if n_scanned == 0:
+            raise EmptyForgetSetError(f"no usable image–caption pairs in {spec}, so nothing can match {concept!r}: "
+                                      f"{stats.diagnosis()}")
+        problems = stats.problems()
         raise EmptyForgetSetError(
             f"no caption in {spec} matches {concept!r}"
             + (f" or aliases {list(aliases)}" if aliases else "")
-            + f" ({n_scanned} samples scanned; matching is whole-word and case-insensitive). "
-            "Check the spelling, add --alias, or point --shards at data that contains the concept."
+            + f" ({n_scanned} samples scanned; matching is whole-word and case-insensitive after Unicode "
+            "normalisation). Check the spelling, add --alias, or point --shards at data that contains the concept."
+            + (f" While reading: {'; '.join(problems)}." if problems else "")
         )
     if retain is not None:
         other_ids = sorted(other_ids, key=lambda sk: _order_key(sk[1], sk[0], seed))[:retain]
     forget_set, retain_set = set(forget_ids), set(other_ids)
     forget_items, retain_items, forget_manifest, retain_manifest = [], [], [], []
-    # Pass 2: collect the bytes of the chosen samples (stream order).
+    # Pass 2: collect the bytes of the chosen samples (stream order), each at most once.
     for s in iter_pairs(spec, strict=strict, decode=False):
         sk = (s.source, s.key)
         if sk in forget_set:
+            forget_set.discard(sk)
             dst, man = forget_items, forget_manifest
         elif sk in retain_set:
+            retain_set.discard(sk)
             dst, man = retain_items, retain_manifest
         else:
             continue

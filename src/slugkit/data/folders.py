@@ -1,8 +1,9 @@
 """Image folders: captioned folders (forget/retain pairs) and class folders (zero-shot evaluation).
 
 * **Captioned folder** — ``root/**/<stem>.<jpg|jpeg|png|webp>`` with a sidecar ``<stem>.txt`` caption, the layout
-  img2dataset writes with ``--output_format files``. Images without a caption are skipped and counted (an error under
-  ``strict``).
+  img2dataset writes with ``--output_format files``. Images without a caption, captions that are not UTF-8 and a
+  second image of the same stem (``a.jpg`` + ``a.png`` would share ``a.txt``; the first in sorted order is kept)
+  are skipped and counted in :class:`~slugkit.data.stats.ReadStats` (an error naming the file under ``strict``).
 * **Class folder** (torchvision ``ImageFolder`` layout) — ``root/<class_dir>/*.jpg``; classes are the sorted
   sub-directory names. Class *names* (what the zero-shot prompts say) come from ``root/classnames.txt`` (one per line,
   in sorted-directory order), else from the directory names with ``_`` replaced by spaces (CelebA-style
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .shards import IMAGE_EXTS, ReadStats, Sample, ShardError, decode_image, decode_or_skip
+from .shards import IMAGE_EXTS, ReadStats, Sample, ShardError, decode_caption, decode_image, decode_or_skip
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -24,6 +25,10 @@ def _image_files(root: Path) -> list[Path]:
 
 def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadStats | None = None,
                         decode: bool = True) -> Iterator[Sample]:
+    """Pairs of a captioned folder in sorted file order: ``key`` is the image's path below ``root`` without its
+    suffix, ``source`` is ``root``. ``decode=False`` yields ``image=None``. Raises :class:`ShardError` for a missing
+    or image-less folder, and under ``strict`` for an image without caption, a caption that is not UTF-8, an image
+    that does not decode, or two images with the same key (naming the files)."""
     root = Path(root)
     if not root.is_dir():
         raise ShardError(f"image folder not found: {root}")
@@ -31,21 +36,37 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
     files = _image_files(root)
     if not files:
         raise ShardError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
+    first: dict[str, Path] = {}
     for f in files:
         cap = f.with_suffix(".txt")
         key = str(f.relative_to(root).with_suffix(""))
+        stats.add_member(f.suffix.lower().lstrip("."))
+        if key in first:
+            if strict:
+                raise ShardError(f"images {first[key]} and {f} have the same key {key!r} (and caption {cap.name}); "
+                                 "keep one of them")
+            stats.skipped_duplicate_key += 1
+            stats.note("skipped_duplicate_key", f"{f} (same key as {first[key].name})")
+            continue
+        first[key] = f
         if not cap.is_file():
             if strict:
                 raise ShardError(f"image {f} has no caption file {cap.name}")
             stats.skipped_no_caption += 1
+            stats.note("no_caption", str(f))
             continue
+        stats.add_member("txt")
+        caption = decode_caption(cap.read_bytes(), str(cap), strict, stats)
+        if caption is None:
+            continue
+        caption = caption.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading did
         data = f.read_bytes()
         image = decode_or_skip(data, str(f), strict, stats) if decode else None
         if decode and image is None:
             continue
         stats.samples += 1
-        yield Sample(key=key, image=image, caption=cap.read_text(encoding="utf-8").strip(), source=str(root),
-                     data=data, ext=f.suffix.lower().lstrip("."))
+        yield Sample(key=key, image=image, caption=caption, source=str(root), data=data,
+                     ext=f.suffix.lower().lstrip("."))
 
 
 def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = None,

@@ -4,15 +4,21 @@ This is a small, dependency-free reader of the webdataset layout (the format img
 
 * a shard is a POSIX tar; members are grouped into samples by *key* = the member path up to the first dot of its
   file name (webdataset's ``base_plus_ext``), so ``00001/abc.jpg`` and ``00001/abc.txt`` form sample ``00001/abc``;
-* a sample needs one image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``); other members
+* a sample needs one image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``, UTF-8); other members
   (``json``, ``npy`` ...) are ignored, and nothing is ever unpickled (webdataset's own decoders would unpickle
   ``.pyd``/``.pickle`` members; we do not read them at all);
+* a key is one sample: a later copy of a key already read in the shard (adjacent or not) is skipped and counted
+  (``skipped_duplicate_key``), never merged or yielded twice; a shard listed twice in a spec is read once;
+* images are decoded into 8-bit RGB by scaling, not clipping (16-bit and float modes, transparency over white:
+  :mod:`slugkit.data.images`);
 * shard lists accept brace patterns (``laion/{00000..00009}.tar``), several patterns separated by ``::``, and
   directories (every ``*.tar`` inside, sorted).
 
 Bad input is reported, never silently turned into an empty dataset: a missing shard raises
-:class:`ShardError` naming it; a truncated tar, an undecodable image or an image without a caption is skipped and
-counted in :class:`ReadStats` (or raises under ``strict=True``).
+:class:`ShardError` naming it; a file that is not a tar (a ``.parquet``, random bytes), an empty tar, a truncated
+tar, an undecodable image or caption, an image without a caption or a duplicate key is skipped and counted in
+:class:`ReadStats` (or raises under ``strict=True``), whose :meth:`~ReadStats.diagnosis` says in words what was read
+(members, extensions, keys whose members do not pair up because of dots in the base name).
 
 Writing is deterministic (sorted-free: samples are written in the order given, with fixed mtime/uid/gid) and
 atomic (a temporary file renamed into place), so a crash never leaves half a shard behind.
@@ -23,7 +29,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,9 +38,11 @@ from PIL import Image
 
 from ..common.errors import ShardError
 from ..common.files import atomic_write_bytes
+from .images import decode_image
+from .stats import CAPTION_EXTS, IMAGE_EXTS, ReadStats
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXTS = ("txt",)
+__all__ = ["CAPTION_EXTS", "IMAGE_EXTS", "ReadStats", "Sample", "ShardError", "count_samples", "decode_caption",
+           "decode_image", "decode_or_skip", "encode_image", "expand_urls", "iter_samples", "write_shard"]
 
 
 @dataclass
@@ -45,25 +53,6 @@ class Sample:
     source: str = ""  # shard path the sample came from
     data: bytes = b""  # the encoded image bytes as stored in the shard
     ext: str = ""  # the image member's extension (jpg, png, ...)
-
-
-@dataclass
-class ReadStats:
-    samples: int = 0
-    skipped_no_caption: int = 0
-    skipped_no_image: int = 0
-    skipped_bad_image: int = 0
-    truncated_shards: list[str] = field(default_factory=list)
-    manifest: list[dict] = field(default_factory=list)  # filled by callers that record what they used
-
-    def as_dict(self) -> dict:
-        return {
-            "samples": self.samples,
-            "skipped_no_caption": self.skipped_no_caption,
-            "skipped_no_image": self.skipped_no_image,
-            "skipped_bad_image": self.skipped_bad_image,
-            "truncated_shards": list(self.truncated_shards),
-        }
 
 
 def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
@@ -111,28 +100,132 @@ def _split_key(name: str) -> tuple[str, str]:
     return (os.path.join(d, stem) if d else stem), ext.lower()
 
 
+_MAGIC = ((b"PAR1", "a Parquet file"), (b"PK\x03\x04", "a zip archive"), (b"\x89PNG", "a PNG image"),
+          (b"\xff\xd8\xff", "a JPEG image"), (b"RIFF", "a RIFF/WebP file"), (b"\x93NUMPY", "a NumPy .npy file"),
+          (b"ARROW1", "an Arrow file"), (b"SQLite format 3", "an SQLite database"), (b"{", "JSON"), (b"[", "JSON"))
+
+
+def _sniff(path: str) -> tuple[str, str]:
+    """``("tar", "")`` for a (possibly compressed or cut) tar, ``("empty", why)`` for a 0-byte file, or
+    ``("not_tar", why)`` when the first 512 bytes are no tar header (``why`` guesses what the file is)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "empty", "a 0-byte file"
+    if _is_compressed_head(head):
+        return "tar", ""
+    if len(head) == 512 and (not any(head) or _checksum_ok(head)):
+        return "tar", ""
+    if len(head) < 512 and (head[257:262] == b"ustar" or not any(head)):
+        return "tar", ""  # a tar cut inside its first header: reported as truncated
+    kind = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    return "not_tar", (f"it starts like {kind}: {head[:8]!r}" if kind else
+                       f"its first bytes {head[:8]!r} are no tar header; or the header is damaged")
+
+
+def _checksum_ok(block: bytes) -> bool:
+    """The POSIX header checksum of a 512-byte block (unsigned or, as some old tars wrote it, signed sums)."""
+    try:
+        stored = int(block[148:156].replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
+    return stored in (unsigned, signed)
+
+
+def _bad_shard(path: str, stats: ReadStats, strict: bool, kind: str, why: str) -> None:
+    """A shard that yields nothing at all: an error under ``strict``, else listed in ``stats``."""
+    if kind == "not_tar":
+        msg = (f"{path} is not a tar shard ({why}); --shards/--forget/--retain take webdataset .tar shards "
+               "(<key>.jpg + <key>.txt members) or a captioned folder")
+    else:
+        msg = f"{path} holds no file members ({why}); nothing can be read from it"
+    if strict:
+        raise ShardError(msg)
+    (stats.not_tar_shards if kind == "not_tar" else stats.empty_shards).append(path)
+    stats.note(f"{kind if kind == 'not_tar' else 'empty'}:{path}", why)
+
+
+def _duplicate(path: str, key: str, member: str, stats: ReadStats, strict: bool) -> None:
+    if strict:
+        raise ShardError(f"{path}: key {key!r} appears more than once (member {member} repeats a sample already "
+                         "read); every sample needs its own key")
+    stats.skipped_duplicate_key += 1
+    stats.note("skipped_duplicate_key", f"{path}:{key}")
+
+
+def _diagnose_group(key: str, group: dict[str, bytes], stats: ReadStats) -> None:
+    """Count the members of a sample that cannot pair up because its base name holds dots (``img.v2.00000.jpg``
+    → key ``img``, extension ``v2.00000.jpg``), and keys under which several such samples merged."""
+    if any(e in group for e in IMAGE_EXTS) and any(e in group for e in CAPTION_EXTS):
+        return
+    dotted = [e for e in group if "." in e and e.rsplit(".", 1)[-1] in IMAGE_EXTS + CAPTION_EXTS]
+    if not dotted:
+        return
+    stats.dotted_members += len(dotted)
+    stats.note("dotted", f"{key}.{dotted[0]!s}: key {key!r}, extension {dotted[0]!r}")
+    finals = [e.rsplit(".", 1)[-1] for e in group]
+    if len(set(finals)) < len(finals):
+        stats.merged_keys += 1
+
+
+def _dots_hint(group: dict[str, bytes]) -> str:
+    n = sum(1 for e in group if "." in e and e.rsplit(".", 1)[-1] in IMAGE_EXTS + CAPTION_EXTS)
+    return (f"; {n} of its {len(group)} member names hold dots inside the base name, and a key ends at the first "
+            "dot (webdataset), so they merged under this key: rename them without dots before the extension"
+            if n else "")
+
+
 def _iter_members(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) groups of consecutive members with the same key."""
+    """Yield (key, {ext: bytes}) groups of consecutive members with the same key.
+
+    A key's sample is the first run of its members; a later run of the same key (not adjacent), or a second copy
+    of it right behind the first (an extension repeats), is skipped and counted in ``skipped_duplicate_key``."""
+    try:
+        kind, why = _sniff(path)
+    except FileNotFoundError as e:
+        raise ShardError(f"shard not found: {path}") from e
+    except OSError as e:
+        raise ShardError(f"cannot read shard {path}: {e.strerror or e}") from e
+    if kind != "tar":
+        _bad_shard(path, stats, strict, kind, why)
+        return
+    seen: set[str] = set()
     current_key: str | None = None
-    group: dict[str, bytes] = {}
+    group: dict[str, bytes] | None = None  # None: the run in progress is a duplicate, skipped
+    copy_exts: set[str] = set()
+    n_members = 0
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, mode="r|*") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
+                n_members += 1
                 key, ext = _split_key(member.name)
+                stats.add_member(ext)
                 if not ext:
                     continue
-                if key != current_key:
-                    if current_key is not None:
+                if key != current_key or ext in copy_exts:
+                    if group:
+                        _diagnose_group(current_key, group, stats)
                         yield current_key, group
-                    current_key, group = key, {}
-                fobj = tf.extractfile(member)
-                if fobj is None:
-                    continue
-                group[ext] = fobj.read()
+                    if key in seen:
+                        group = None
+                        _duplicate(path, key, member.name, stats, strict)
+                    else:
+                        seen.add(key)
+                        group = {}
+                    current_key, copy_exts = key, set()
+                copy_exts.add(ext)
+                fobj = tf.extractfile(member) if group is not None else None
+                if fobj is not None:
+                    group[ext] = fobj.read()
             end = tf.offset
+        if n_members == 0:
+            _bad_shard(path, stats, strict, "empty", "an empty tar" if size else "a 0-byte file")
+            return
         # tarfile's stream reader stops quietly when a file is cut at a header boundary; a complete archive
         # ends with two zero blocks (1024 bytes) after the last member.
         if size < end + 1024 and not _is_compressed(path):
@@ -141,28 +234,43 @@ def _iter_members(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[s
     except (tarfile.ReadError, EOFError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise ShardError(f"shard not found: {path}") from e
+        if n_members == 0 and _is_compressed(path):
+            _bad_shard(path, stats, strict, "not_tar", f"compressed, but what it holds is no tar or is damaged at "
+                                                        f"the start: {e}")
+            return
         if strict:
-            raise ShardError(f"shard {path} is truncated or not a tar file ({e}); re-download or re-create it") from e
+            raise ShardError(f"shard {path} is truncated or corrupt ({e}); re-download or re-create it") from e
         stats.truncated_shards.append(path)
+        stats.note(f"truncated:{path}", str(e))
         # The group in progress may be incomplete; drop it rather than yield half a sample.
         return
-    if current_key is not None:
+    if group:
+        _diagnose_group(current_key, group, stats)
         yield current_key, group
+
+
+def _is_compressed_head(head: bytes) -> bool:
+    return head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00"
 
 
 def _is_compressed(path: str) -> bool:
     with open(path, "rb") as f:
-        head = f.read(6)
-    return head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00"
+        return _is_compressed_head(f.read(6))
 
 
-def decode_image(data: bytes, where: str) -> Image.Image:
+def decode_caption(raw: bytes, where: str, strict: bool, stats: ReadStats) -> str | None:
+    """A caption's bytes as text (UTF-8, a leading BOM dropped, stripped). Bytes that are not UTF-8 raise
+    :class:`ShardError` naming ``where`` under ``strict``, else are counted as ``skipped_bad_caption`` → ``None``."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except Exception as e:  # PIL raises a zoo of exception types for broken files
-        raise ShardError(f"cannot decode image {where}: {e}") from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if strict:
+            raise ShardError(f"caption {where} is not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset {e.start}); "
+                             "re-encode it as UTF-8, or run without --strict to skip it") from e
+        stats.skipped_bad_caption += 1
+        stats.note("skipped_bad_caption", where)
+        return None
+    return text.removeprefix("\ufeff").strip()
 
 
 def iter_samples(
@@ -175,30 +283,41 @@ def iter_samples(
     """Iterate the samples of every shard in ``spec`` in order.
 
     ``decode=False`` yields samples whose ``image`` is ``None`` (for counting and caption matching without
-    paying for JPEG decoding).
+    paying for JPEG decoding). A shard listed twice in ``spec`` is read once: the second listing's samples are
+    counted as ``skipped_duplicate_key`` (a :class:`ShardError` under ``strict``). Raises :class:`ShardError` for a
+    missing shard, and under ``strict`` for any sample or shard that cannot be used (see :class:`ReadStats`).
     """
     stats = stats if stats is not None else ReadStats()
+    done: set[str] = set()
     for path in expand_urls(spec):
+        if os.path.realpath(path) in done:
+            if strict:
+                raise ShardError(f"shard {path} is listed twice in {spec!r}; its samples would count twice")
+            stats.skipped_duplicate_key += sum(1 for _ in _iter_members(path, ReadStats(), False))
+            stats.note("skipped_duplicate_key", f"{path} (listed twice)")
+            continue
+        done.add(os.path.realpath(path))
         for key, group in _iter_members(path, stats, strict):
             img_ext = next((e for e in IMAGE_EXTS if e in group), None)
             cap_ext = next((e for e in CAPTION_EXTS if e in group), None)
             where = f"{path}:{key}"
             if img_ext is None:
                 if strict:
-                    raise ShardError(f"sample {where} has no image ({', '.join(IMAGE_EXTS)})")
+                    raise ShardError(f"sample {where} has no image ({', '.join(IMAGE_EXTS)}); members: "
+                                     f"{', '.join(sorted(group)[:6])}{_dots_hint(group)}")
                 stats.skipped_no_image += 1
+                stats.note("no_image", f"{where} with {', '.join(sorted(group)[:4])}")
                 continue
             if cap_ext is None:
                 if strict:
-                    raise ShardError(f"sample {where} has an image but no caption (.txt); pass non-strict to skip it")
+                    raise ShardError(f"sample {where} has an image but no caption (.txt; members: "
+                                     f"{', '.join(sorted(group)[:6])}){_dots_hint(group)}; pass non-strict to "
+                                     "skip it")
                 stats.skipped_no_caption += 1
+                stats.note("no_caption", f"{where} with {', '.join(sorted(group)[:4])}")
                 continue
-            try:
-                caption = group[cap_ext].decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                if strict:
-                    raise ShardError(f"caption of {where} is not UTF-8") from e
-                stats.skipped_no_caption += 1
+            caption = decode_caption(group[cap_ext], where, strict, stats)
+            if caption is None:
                 continue
             image = decode_or_skip(group[img_ext], where, strict, stats) if decode else None
             if decode and image is None:
@@ -208,13 +327,15 @@ def iter_samples(
 
 
 def decode_or_skip(data: bytes, where: str, strict: bool, stats: ReadStats) -> Image.Image | None:
-    """Decode an image; a broken one raises under ``strict``, else is counted in ``stats`` and gives ``None``."""
+    """Decode an image into 8-bit RGB (:func:`~slugkit.data.images.decode_image`); a broken one raises
+    :class:`ShardError` under ``strict``, else is counted in ``stats`` (``skipped_bad_image``) and gives ``None``."""
     try:
         return decode_image(data, where)
     except ShardError:
         if strict:
             raise
         stats.skipped_bad_image += 1
+        stats.note("skipped_bad_image", where)
         return None
 
 

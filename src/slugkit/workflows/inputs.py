@@ -63,11 +63,37 @@ def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
         if limit is not None and len(images) >= limit:
             break
     stats.manifest = manifest
+    stats.captions = captions  # kept for the forget-caption check (:func:`forget_caption_counts`), not serialised
     if not images:
-        msg = (f"the {what} set {spec} yielded no usable image–caption pairs ({stats.as_dict()}); "
+        msg = (f"the {what} set {spec} yielded no usable image–caption pairs ({stats.diagnosis()}); "
                "an empty set would silently produce a zero gradient")
         raise EmptyForgetSetError(msg) if what == "forget" else ShardError(msg)
     return torch.stack(images), adapter.tokenize(captions), stats
+
+
+def forget_caption_counts(adapter, captions: list[str], concepts: list[str]) -> tuple[int, int]:
+    """``(named, truncated)``: how many ``captions`` name one of ``concepts`` (whole word, the normalised matching
+    ``slug curate`` uses), and how many of those name it only beyond the text context, so the tokenizer cuts the name
+    off (trust cases A3, D7).
+
+    A caption's name survives tokenization when the caption cut right after the name's first occurrence still leaves
+    the tokenizer room: ``tokenize(prefix)`` differs from ``tokenize(prefix + " and more")``. Adapter-agnostic (it
+    uses only ``adapter.tokenize``); a name ending exactly at the last usable token counts as truncated.
+    """
+    from ..data.curate import ConceptMatcher
+
+    matcher = ConceptMatcher(concepts[0], list(concepts[1:]))
+    prefixes = []
+    for c in captions:
+        end = matcher.mention_end(c)
+        if end is not None:
+            prefixes.append(c[:end])
+    if not prefixes:
+        return 0, 0
+    cut = adapter.tokenize(prefixes)
+    longer = adapter.tokenize([p + " and more words" for p in prefixes])
+    truncated = int((cut == longer).all(dim=1).sum())
+    return len(prefixes), truncated
 
 
 def batches(images: torch.Tensor, tokens: torch.Tensor, bs: int):

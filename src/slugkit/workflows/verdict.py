@@ -1,0 +1,166 @@
+"""The verdict of a run: ``pass``, ``warn`` or ``fail``, with the reasons, computed from the measured numbers only.
+
+A run never says "unlearned" because its search stopped; it says so when the **held-out test** numbers show it.
+
+``fail`` (exit status 4) — the removal did not happen, or there was nothing to remove:
+  * ``nothing_to_unlearn``: the unedited model does not recognise the concept on the test images (the criterion
+    metric is already at or under the threshold before the edit);
+  * ``not_forgotten``: after the edit the test criterion metric (FA@5 by default) exceeds the threshold by more than
+    ``forget_tolerance`` (default 0.05: the search decides on *validation* images, so one test image in 20 may still
+    be recognised), or FA@1 exceeds ``forget_tolerance`` — for every concept of a joint run;
+  * for text-to-image runs the same two checks on the generated images the judge recognises
+    (:func:`generation_checks`).
+
+``warn`` (exit status 3) — the removal happened, but something a user must know did too:
+  * ``utility_drop`` / ``related_drop``: utility (TA_IN@1) or other-identity (TA_CA@1) accuracy dropped by more than
+    its budget (defaults 0.02 and 0.05, ``--utility-budget`` / ``--related-budget``);
+  * ``not_measured``: a metric could not be measured (no utility folders: the layer choice then ignored utility);
+  * ``samples_skipped``: image–caption pairs were skipped while reading (undecodable, unpaired, duplicates);
+  * ``captions_without_concept``: some forget captions do not name the concept (none at all is refused before the
+    gradient pass: :func:`caption_check`);
+  * ``name_truncated``: captions whose concept name falls beyond the text context (the tokenizer cuts it).
+
+``pass`` (exit status 0) otherwise. Reasons are dicts ``{"code", "severity", "message"}``; ``result.json`` holds
+``{"verdict": {"status", "reasons", "budgets"}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+EXIT_STATUS = {"pass": 0, "warn": 3, "fail": 4}
+METRIC_NAMES = {"forget_top1": "FA@1", "forget_top5": "FA@5", "related_top1": "TA_CA@1", "utility_top1": "TA_IN@1"}
+
+
+@dataclass
+class Budgets:
+    """How far the measured numbers may stray before the verdict changes (fractions, 0–1)."""
+
+    forget_tolerance: float = 0.05  # test criterion metric may exceed the validation threshold by this much
+    utility_drop: float = 0.02  # TA_IN@1 drop that turns the verdict into a warning
+    related_drop: float = 0.05  # TA_CA@1 drop (mean over the other identities / concepts)
+
+    def __post_init__(self):
+        for k, v in asdict(self).items():
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"budget {k} must be a fraction in [0, 1], got {v}")
+
+
+@dataclass
+class Verdict:
+    """Collects reasons; the status is the most severe one (``fail`` > ``warn`` > ``pass``)."""
+
+    reasons: list[dict] = field(default_factory=list)
+    budgets: dict = field(default_factory=dict)
+
+    def add(self, severity: str, code: str, message: str) -> None:
+        if severity not in ("warn", "fail"):
+            raise ValueError(f"severity must be warn or fail, not {severity!r}")
+        self.reasons.append({"code": code, "severity": severity, "message": message})
+
+    @property
+    def status(self) -> str:
+        sev = {r["severity"] for r in self.reasons}
+        return "fail" if "fail" in sev else "warn" if "warn" in sev else "pass"
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.status]
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "reasons": list(self.reasons), "budgets": dict(self.budgets)}
+
+
+def _name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric)
+
+
+def forgetting_checks(v: Verdict, concepts: list[str], metric: str, threshold: float, before: dict, after: dict,
+                      tol: float) -> None:
+    """``nothing_to_unlearn`` and ``not_forgotten`` on the test metrics ``before``/``after`` (fractions), per concept
+    when ``before`` holds ``forget_by_concept`` (joint runs)."""
+    per_b = before.get("forget_by_concept") or {concepts[0]: before}
+    per_a = after.get("forget_by_concept") or {concepts[0]: after}
+    for c in per_b:
+        b, a = per_b[c], per_a[c]
+        if b[metric] <= threshold:
+            v.add("fail", "nothing_to_unlearn",
+                  f"the unedited model does not recognise {c!r} on the test images ({_name(metric)} before "
+                  f"{b[metric]:.3f} <= threshold {threshold:g}): there is nothing to unlearn — check the concept "
+                  "name, the identity templates and the test folder")
+            continue
+        if a[metric] > threshold + tol:
+            v.add("fail", "not_forgotten",
+                  f"{c!r} is still recognised on the test images: {_name(metric)} {b[metric]:.3f} -> {a[metric]:.3f} "
+                  f"(criterion <= {threshold:g}, tolerance {tol:g})")
+        elif metric != "forget_top1" and a["forget_top1"] > tol:
+            v.add("fail", "not_forgotten",
+                  f"{c!r} is still named first on {a['forget_top1']:.1%} of the test images (FA@1 after "
+                  f"{a['forget_top1']:.3f} > tolerance {tol:g})")
+
+
+def collateral_checks(v: Verdict, before: dict, after: dict, budgets: Budgets, labels: dict | None = None) -> None:
+    """``utility_drop``, ``related_drop`` and ``not_measured`` from the test metrics. ``labels`` renames the two parts
+    in messages (e.g. the SD demo's "other concepts" and "identities")."""
+    labels = labels or {"related_top1": "other identities (TA_CA@1)", "utility_top1": "utility (TA_IN@1)"}
+    for key, budget, code in (("related_top1", budgets.related_drop, "related_drop"),
+                              ("utility_top1", budgets.utility_drop, "utility_drop")):
+        b, a = before.get(key), after.get(key)
+        if b is None or a is None:
+            v.add("warn", "not_measured", f"{labels[key]} accuracy was not measured (no images given), so the "
+                                          "damage to it is unknown and the layer choice ignored it")
+            continue
+        if b - a > budget:
+            v.add("warn", code, f"{labels[key]} accuracy dropped {b:.3f} -> {a:.3f} (drop {b - a:.3f} > budget "
+                                f"{budget:g})")
+
+
+def data_checks(v: Verdict, read_stats: dict[str, dict]) -> None:
+    """``samples_skipped`` for every set whose read statistics count skipped pairs (``ReadStats.as_dict()``)."""
+    for what, st in read_stats.items():
+        skipped = {k.removeprefix("skipped_"): n for k, n in st.items() if k.startswith("skipped_") and n}
+        if skipped:
+            detail = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(skipped.items()))
+            v.add("warn", "samples_skipped", f"the {what} set skipped {sum(skipped.values())} pair(s) while reading "
+                                             f"({detail}); rerun with --strict to see which")
+        for key, what_kind in (("truncated_shards", "truncated"), ("not_tar_shards", "not tar"),
+                               ("empty_shards", "empty")):
+            if st.get(key):
+                v.add("warn", "samples_skipped", f"the {what} set had {what_kind} shard(s): {st[key][:3]}")
+
+
+def caption_check(v: Verdict, named: int, total: int, truncated: int, concepts: list[str]) -> None:
+    """``captions_without_concept`` and ``name_truncated`` from the forget captions' counts (see
+    :func:`slugkit.workflows.inputs.forget_caption_counts`)."""
+    who = " / ".join(repr(c) for c in concepts)
+    if named < total:
+        v.add("warn", "captions_without_concept",
+              f"{total - named} of {total} forget captions do not name {who}; the forget gradient also moves "
+              "whatever those captions describe")
+    if truncated:
+        v.add("warn", "name_truncated",
+              f"{truncated} of {total} forget captions name {who} only beyond the text context (the tokenizer cuts "
+              "the name off); those pairs teach nothing about the name")
+
+
+def generation_checks(v: Verdict, concept: str, before: dict, after: dict, threshold: float, other_budget: float,
+                      tol: float) -> None:
+    """Text-to-image runs: the forgetting checks on generated images (share the judge recognises as the concept,
+    ``generated_target_recognised``) and the other concepts' drop (``generated_other_recognised``)."""
+    b, a = before["generated_target_recognised"], after["generated_target_recognised"]
+    if b <= threshold:
+        v.add("fail", "nothing_to_unlearn",
+              f"the unedited pipeline's images of {concept!r} are recognised only {b:.0%} of the time (<= "
+              f"{threshold:.0%}): there is nothing to unlearn")
+    elif a > threshold + tol:
+        v.add("fail", "not_forgotten", f"generated images of {concept!r} are still recognised: {b:.3f} -> {a:.3f} "
+                                       f"(criterion <= {threshold:g}, tolerance {tol:g})")
+    ob, oa = before["generated_other_recognised"], after["generated_other_recognised"]
+    if ob - oa > other_budget:
+        v.add("warn", "related_drop", f"the other concepts' generated images are recognised less: {ob:.3f} -> "
+                                      f"{oa:.3f} (drop {ob - oa:.3f} > budget {other_budget:g})")
+
+
+def exit_status_of(result: dict) -> int:
+    """The documented exit status of a finished run's result dict (0 pass, 3 warn, 4 fail)."""
+    return EXIT_STATUS[result.get("verdict", {}).get("status", "pass")]

@@ -1,0 +1,280 @@
+"""Data read wrongly (trust cases D1, D3-D6): duplicate keys, high-bit-depth images, undecodable captions, and a
+diagnosis that names the real cause when a shard yields nothing."""
+
+import io
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from slugkit.data.curate import EmptyForgetSetError, curate
+from slugkit.data.folders import iter_pairs, read_class_folder
+from slugkit.data.shards import ReadStats, ShardError, decode_image, iter_samples
+
+
+def _img(color=(200, 30, 30), size=(8, 8), mode="RGB", fmt="JPEG") -> bytes:
+    b = io.BytesIO()
+    Image.new(mode, size, color).save(b, format=fmt)
+    return b.getvalue()
+
+
+def _shard(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ D1 duplicates
+DUPLICATES = {
+    "not_adjacent": [("a.jpg", _img()), ("a.txt", b"Ann Lee on stage"), ("b.jpg", _img()), ("b.txt", b"a dog"),
+                     ("a.jpg", _img((0, 0, 200))), ("a.txt", b"a photo of a red circle")],
+    "adjacent": [("a.jpg", _img()), ("a.txt", b"Ann Lee on stage"), ("a.jpg", _img((0, 0, 200))),
+                 ("a.txt", b"a photo of a red circle"), ("b.jpg", _img()), ("b.txt", b"a dog")],
+    "adjacent_caption_only": [("a.jpg", _img()), ("a.txt", b"Ann Lee on stage"), ("a.txt", b"a red circle"),
+                              ("b.jpg", _img()), ("b.txt", b"a dog")],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(DUPLICATES))
+def test_duplicate_keys_in_a_shard_are_skipped_and_counted(tmp_path, layout):
+    path = _shard(tmp_path / "d.tar", DUPLICATES[layout])
+    stats = ReadStats()
+    got = list(iter_samples(path, stats=stats))
+    assert [(s.key, s.caption) for s in got] == [("a", "Ann Lee on stage"), ("b", "a dog")]
+    assert stats.skipped_duplicate_key == 1 and stats.samples == 2
+    assert stats.as_dict()["skipped_duplicate_key"] == 1
+    with pytest.raises(ShardError, match=r"d\.tar.*'a'.*more than once|more than once.*'a'.*d\.tar"):
+        list(iter_samples(path, strict=True))
+
+
+def test_curate_cap_holds_with_duplicate_keys(tmp_path):
+    path = _shard(tmp_path / "d.tar", DUPLICATES["not_adjacent"])
+    s = curate(path, "Ann Lee", tmp_path / "out", max_forget=1)
+    forget = list(iter_samples(str(tmp_path / "out" / "forget.tar")))
+    assert [f.caption for f in forget] == ["Ann Lee on stage"] and s["forget"] == 1
+    retain = [r.caption for r in iter_samples(str(tmp_path / "out" / "retain.tar"))]
+    assert retain == ["a dog"]
+    assert s["read_stats"]["skipped_duplicate_key"] == 1
+    with pytest.raises(ShardError, match="more than once"):
+        curate(path, "Ann Lee", tmp_path / "strict", max_forget=1, strict=True)
+
+
+def test_curate_counts_a_shard_listed_twice_once(tmp_path):
+    path = _shard(tmp_path / "p.tar", [("a.jpg", _img()), ("a.txt", b"Ann Lee"), ("b.jpg", _img()),
+                                        ("b.txt", b"a dog")])
+    s = curate(f"{path}::{path}", "Ann Lee", tmp_path / "out", max_forget=5)
+    assert s["forget"] == 1 and s["retain"] == 1
+    assert len(list(iter_samples(str(tmp_path / "out" / "forget.tar")))) == 1
+    assert len(list(iter_samples(str(tmp_path / "out" / "retain.tar")))) == 1
+
+
+def test_captioned_folder_key_collision_is_skipped_and_counted(tmp_path):
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.png")  # same key "a", same caption a.txt
+    (tmp_path / "a.txt").write_text("Ann Lee")
+    stats = ReadStats()
+    got = list(iter_pairs(str(tmp_path), stats=stats))
+    assert len(got) == 1 and stats.skipped_duplicate_key == 1
+    with pytest.raises(ShardError, match=r"a\.jpg.*a\.png|a\.png.*a\.jpg"):
+        list(iter_pairs(str(tmp_path), strict=True))
+
+
+# ------------------------------------------------------------------------------------------- D3 pixel formats
+def _png16(w, h, colour_type, values) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB)."""
+    row = b"\x00" + struct.pack(">" + "H" * len(values), *values) * w
+    raw = row * h
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _encode(im: Image.Image, fmt: str) -> bytes:
+    b = io.BytesIO()
+    im.save(b, format=fmt)
+    return b.getvalue()
+
+
+def _palette_with_transparency() -> bytes:
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.putpixel((0, 0), 1)
+    p.info["transparency"] = 0
+    return _encode(p, "PNG")
+
+
+SCALED = {  # encoded bytes -> expected RGB of pixel (1, 1), within 1
+    "I;16 greyscale PNG 40000": (_encode(Image.new("I;16", (4, 4), 40000), "PNG"), (156, 156, 156)),
+    "16-bit greyscale PNG (hand-written)": (_png16(4, 4, 0, (40000,)), (156, 156, 156)),
+    "16-bit RGB PNG": (_png16(4, 4, 2, (40000, 1000, 65535)), (156, 4, 255)),
+    "16-bit RGBA PNG, opaque": (_png16(4, 4, 6, (40000, 1000, 65535, 65535)), (156, 4, 255)),
+    "mode I TIFF 40000": (_encode(Image.new("I", (4, 4), 40000), "TIFF"), (156, 156, 156)),
+    "mode F TIFF 0.5": (_encode(Image.new("F", (4, 4), 0.5), "TIFF"), (128, 128, 128)),
+    "palette with transparency": (_palette_with_transparency(), (255, 255, 255)),  # transparent -> white
+    "RGBA fully transparent": (_encode(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), "PNG"), (255, 255, 255)),
+    "LA half transparent": (_encode(Image.new("LA", (4, 4), (0, 128)), "PNG"), (127, 127, 127)),
+    "CMYK JPEG red": (_encode(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG"), (255, 0, 0)),
+    "8-bit L PNG (unchanged)": (_encode(Image.new("L", (4, 4), 77), "PNG"), (77, 77, 77)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(SCALED))
+def test_pixel_formats_become_8bit_rgb_by_scaling(what):
+    data, want = SCALED[what]
+    im = decode_image(data, what)
+    assert im.mode == "RGB"
+    got = im.getpixel((1, 1))
+    assert all(abs(g - w) <= 1 for g, w in zip(got, want)), (got, want)
+
+
+def test_high_bit_depth_in_a_shard_is_scaled_not_clipped(tmp_path):
+    """The D3 example: a 16-bit greyscale PNG of value 40000 is about 155, not white."""
+    path = _shard(tmp_path / "h.tar", [("a.png", _img(40000, (32, 32), "I;16", "PNG")), ("a.txt", b"grey")])
+    (s,) = iter_samples(path)
+    assert np.asarray(s.image).max() <= 157 and np.asarray(s.image).min() >= 155
+
+
+@pytest.mark.parametrize("what,image", [
+    ("float image outside [0, 1]", Image.new("F", (4, 4), 3.5)),
+    ("32-bit integers beyond 16 bits", Image.new("I", (4, 4), 1_000_000)),
+])
+def test_pixel_values_without_a_known_range_are_skipped_and_counted(tmp_path, what, image):
+    path = _shard(tmp_path / "f.tar", [("a.png", _encode(image, "TIFF")), ("a.txt", b"x"),
+                                       ("b.jpg", _img()), ("b.txt", b"fine")])
+    stats = ReadStats()
+    assert [s.key for s in iter_samples(path, stats=stats)] == ["b"] and stats.skipped_bad_image == 1
+    with pytest.raises(ShardError, match=r"f\.tar:a.*(range|outside)"):
+        list(iter_samples(path, strict=True))
+
+
+def test_class_folder_images_are_scaled_too(tmp_path):
+    (tmp_path / "Ann_Lee").mkdir()
+    Image.new("I;16", (4, 4), 40000).save(tmp_path / "Ann_Lee" / "0.png")
+    ((im, y),) = list(read_class_folder(tmp_path).load())
+    assert abs(im.getpixel((0, 0))[0] - 156) <= 1 and y == 0
+
+
+# ------------------------------------------------------------------------------------ D4 undecodable captions
+def test_captioned_folder_latin1_caption_is_skipped_and_counted(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "bad.jpg")
+    (tmp_path / "bad.txt").write_bytes("café with Ann Lee".encode("latin-1"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.jpg")
+    (tmp_path / "good.txt").write_text("Ann Lee again", encoding="utf-8")
+    stats = ReadStats()
+    got = list(iter_pairs(str(tmp_path), stats=stats))
+    assert [s.caption for s in got] == ["Ann Lee again"]
+    assert stats.skipped_bad_caption == 1 and stats.as_dict()["skipped_bad_caption"] == 1
+    with pytest.raises(ShardError, match=r"bad\.txt.*UTF-8"):
+        list(iter_pairs(str(tmp_path), strict=True))
+    s = curate(str(tmp_path), "Ann Lee", tmp_path / "out")  # the run does not abort
+    assert s["forget"] == 1 and s["read_stats"]["skipped_bad_caption"] == 1
+
+
+def test_shard_latin1_caption_is_a_bad_caption(tmp_path):
+    path = _shard(tmp_path / "c.tar", [("a.jpg", _img()), ("a.txt", "café".encode("latin-1"))])
+    stats = ReadStats()
+    assert list(iter_samples(path, stats=stats)) == [] and stats.skipped_bad_caption == 1
+    with pytest.raises(ShardError, match=r"c\.tar:a.*UTF-8"):
+        list(iter_samples(path, strict=True))
+
+
+# --------------------------------------------------------------------------------- D5/D6 diagnoses, not spelling
+def _parquet(path):
+    path.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
+    return str(path)
+
+
+def _random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    return str(path)
+
+
+def _empty_tar(path):
+    return _shard(path, [])
+
+
+def _zero_bytes(path):
+    path.write_bytes(b"")
+    return str(path)
+
+
+def _gzipped_json(path):
+    import gzip
+
+    path.write_bytes(gzip.compress(b'{"caption": "Ann Lee"}\n' * 50))
+    return str(path)
+
+
+def _dotted(path):
+    return _shard(path, [m for i in range(3) for m in ((f"img.v2.{i:05d}.jpg", _img()),
+                                                       (f"img.v2.{i:05d}.txt", b"Ann Lee"))])
+
+
+def _other_caption_ext(path):
+    return _shard(path, [m for i in range(3) for m in ((f"s{i}.jpg", _img()), (f"s{i}.caption", b"Ann Lee"))])
+
+
+def _no_captions(path):
+    return _shard(path, [(f"s{i}.jpg", _img()) for i in range(3)])
+
+
+DIAGNOSES = {  # maker -> patterns the message must contain (besides the file name)
+    "parquet": (_parquet, "x.parquet", [r"not a tar", r"Parquet"]),
+    "random bytes": (_random_bytes, "x.tar", [r"not a tar"]),
+    "empty tar": (_empty_tar, "x.tar", [r"no file members|empty"]),
+    "0-byte file": (_zero_bytes, "x.tar", [r"no file members", r"0-byte"]),
+    "gzip that holds no tar": (_gzipped_json, "x.tar.gz", [r"not a tar", r"compressed"]),
+    "dots in base names": (_dotted, "x.tar", [r"6 member", r"dot", r"v2\.00000\.jpg", r"merged", r"1 key"]),
+    "captions with another extension": (_other_caption_ext, "x.tar", [r"6 member", r"caption", r"\.txt",
+                                                                      r"3 image"]),
+    "images without captions": (_no_captions, "x.tar", [r"3 member", r"3 image", r"\.txt"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIAGNOSES))
+def test_empty_forget_set_names_the_real_cause(tmp_path, case):
+    make, name, patterns = DIAGNOSES[case]
+    path = make(tmp_path / name)
+    with pytest.raises(EmptyForgetSetError) as ei:
+        curate(path, "Ann Lee", tmp_path / "out")
+    msg = str(ei.value)
+    assert "spelling" not in msg and name in msg, msg
+    for pat in patterns:
+        assert __import__("re").search(pat, msg), (pat, msg)
+    stats = ReadStats()
+    list(iter_samples(path, stats=stats))
+    assert stats.diagnosis() in msg
+
+
+@pytest.mark.parametrize("case", ["parquet", "random bytes", "empty tar", "0-byte file", "gzip that holds no tar"])
+def test_strict_names_a_shard_that_is_not_a_tar_or_empty(tmp_path, case):
+    make, name, patterns = DIAGNOSES[case]
+    path = make(tmp_path / name)
+    with pytest.raises(ShardError) as ei:
+        list(iter_samples(path, strict=True))
+    assert name in str(ei.value) and __import__("re").search(patterns[0], str(ei.value))
+
+
+def test_not_a_tar_is_not_reported_as_truncated(tmp_path):
+    stats = ReadStats()
+    path = _parquet(tmp_path / "x.parquet")
+    assert list(iter_samples(path, stats=stats)) == []
+    assert stats.not_tar_shards == [path] and stats.truncated_shards == []
+    d = stats.as_dict()
+    assert d["not_tar_shards"] == [path]
+    assert all(isinstance(v, int) for k, v in d.items() if k.startswith("skipped_"))  # what the verdict sums
+
+
+def test_spelling_hint_only_when_pairs_were_read(tmp_path):
+    path = _shard(tmp_path / "ok.tar", [("a.jpg", _img()), ("a.txt", b"a dog")])
+    with pytest.raises(EmptyForgetSetError, match="1 samples scanned.*spelling"):
+        curate(path, "Ann Lee", tmp_path / "out")

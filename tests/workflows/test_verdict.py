@@ -1,0 +1,115 @@
+"""The verdict follows the measured numbers (trust cases A1–A6): constructed metric dicts, one per reason."""
+
+import pytest
+
+from slugkit.workflows.verdict import (Budgets, Verdict, caption_check, collateral_checks, data_checks,
+                                       exit_status_of, forgetting_checks, generation_checks)
+
+BEFORE = {"forget_top1": 1.0, "forget_top5": 1.0, "related_top1": 0.99, "utility_top1": 0.99}
+
+
+def _after(**kw):
+    return {"forget_top1": 0.0, "forget_top5": 0.0, "related_top1": 0.98, "utility_top1": 0.985, **kw}
+
+
+def _verdict(before=BEFORE, after=None, metric="forget_top5", threshold=0.0, budgets=Budgets()):
+    v = Verdict(budgets=vars(budgets))
+    forgetting_checks(v, ["Jowen Gormere"], metric, threshold, before, after or _after(), budgets.forget_tolerance)
+    collateral_checks(v, before, after or _after(), budgets)
+    return v
+
+
+def codes(v):
+    return sorted(r["code"] for r in v.reasons)
+
+
+def test_clean_run_passes():
+    v = _verdict()
+    assert (v.status, v.exit_status, v.reasons) == ("pass", 0, [])
+
+
+def test_threshold_one_never_forgets_is_a_fail():
+    """A1: FA stays at 1.0; whatever the search accepted, the test numbers say no."""
+    v = _verdict(after=_after(forget_top1=1.0, forget_top5=1.0))
+    assert v.status == "fail" and codes(v) == ["not_forgotten"] and v.exit_status == 4
+
+
+def test_within_tolerance_passes_and_beyond_fails():
+    assert _verdict(after=_after(forget_top5=0.04)).status == "pass"
+    assert codes(_verdict(after=_after(forget_top5=0.06))) == ["not_forgotten"]
+    assert codes(_verdict(after=_after(forget_top1=0.1, forget_top5=0.04))) == ["not_forgotten"]
+
+
+def test_nothing_to_unlearn():
+    """A2: a template without {} makes every prompt identical: FA@5 before is already at the threshold."""
+    v = _verdict(before={**BEFORE, "forget_top1": 0.0, "forget_top5": 0.0})
+    assert codes(v) == ["nothing_to_unlearn"] and v.status == "fail"
+    assert "nothing to unlearn" in v.reasons[0]["message"]
+
+
+def test_joint_runs_are_judged_per_concept():
+    before = {**BEFORE, "forget_by_concept": {"A": {"forget_top1": 1, "forget_top5": 1},
+                                              "B": {"forget_top1": 1, "forget_top5": 1}}}
+    after = _after(forget_by_concept={"A": {"forget_top1": 0, "forget_top5": 0},
+                                      "B": {"forget_top1": 0.5, "forget_top5": 0.9}})
+    v = Verdict()
+    forgetting_checks(v, ["A", "B"], "forget_top5", 0.0, before, after, 0.05)
+    assert codes(v) == ["not_forgotten"] and "'B'" in v.reasons[0]["message"]
+
+
+@pytest.mark.parametrize("key,code", [("utility_top1", "utility_drop"), ("related_top1", "related_drop")])
+def test_collateral_over_budget_warns(key, code):
+    v = _verdict(after=_after(**{key: BEFORE[key] - 0.2}))
+    assert codes(v) == [code] and v.status == "warn" and v.exit_status == 3
+
+
+def test_budgets_are_configurable():
+    after = _after(utility_top1=0.95)  # a 0.04 drop
+    assert _verdict(after=after).status == "warn"
+    assert _verdict(after=after, budgets=Budgets(utility_drop=0.05)).status == "pass"
+    with pytest.raises(ValueError, match="utility_drop"):
+        Budgets(utility_drop=-0.1)
+
+
+def test_unmeasured_utility_warns():
+    """A5: no utility folders: say so instead of dropping the row silently."""
+    before = {k: v for k, v in BEFORE.items() if k != "utility_top1"}
+    after = {k: v for k, v in _after().items() if k != "utility_top1"}
+    v = _verdict(before=before, after=after)
+    assert codes(v) == ["not_measured"] and "utility" in v.reasons[0]["message"]
+
+
+def test_skipped_samples_warn():
+    v = Verdict()
+    data_checks(v, {"forget": {"samples": 10, "skipped_bad_image": 2, "skipped_no_caption": 0,
+                               "truncated_shards": []},
+                    "retain": {"samples": 50, "skipped_bad_image": 0, "truncated_shards": []}})
+    assert codes(v) == ["samples_skipped"] and "forget" in v.reasons[0]["message"]
+
+
+def test_captions_without_concept_and_truncated_names_warn():
+    v = Verdict()
+    caption_check(v, named=80, total=100, truncated=5, concepts=["Jowen Gormere"])
+    assert codes(v) == ["captions_without_concept", "name_truncated"] and v.status == "warn"
+    v = Verdict()
+    caption_check(v, named=100, total=100, truncated=0, concepts=["Jowen Gormere"])
+    assert v.status == "pass"
+
+
+def test_generation_checks():
+    b = {"generated_target_recognised": 0.9, "generated_other_recognised": 0.88}
+    v = Verdict()
+    generation_checks(v, "red triangle", b, {"generated_target_recognised": 0.0, "generated_other_recognised": 0.86},
+                      0.05, 0.05, 0.05)
+    assert v.status == "pass"
+    v = Verdict()
+    generation_checks(v, "red triangle", b, {"generated_target_recognised": 0.5, "generated_other_recognised": 0.7},
+                      0.05, 0.05, 0.05)
+    assert codes(v) == ["not_forgotten", "related_drop"]
+    v = Verdict()
+    generation_checks(v, "red triangle", {**b, "generated_target_recognised": 0.02}, b, 0.05, 0.05, 0.05)
+    assert codes(v) == ["nothing_to_unlearn"]
+
+
+def test_exit_status_of_result():
+    assert [exit_status_of({"verdict": {"status": s}}) for s in ("pass", "warn", "fail")] == [0, 3, 4]
