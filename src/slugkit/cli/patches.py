@@ -20,15 +20,48 @@ def load_pipeline(spec: str, device: str = "cpu"):
 
 
 def _load_target(a):
-    """A safetensors state dict (--checkpoint) or a model loaded through the adapter (--model/--pretrained)."""
+    """A safetensors state dict (--checkpoint) or a model loaded through the adapter (--model/--pretrained). Local
+    weights named by --model / --pretrained (a folder's ``*.safetensors``, a ``.safetensors`` file) are checked first:
+    a Git LFS pointer is named as one (``WeightsFileError``), not a loader's error."""
+    from ..common.weights import check_weights_file
     from ..patch import load_state_dict_file
 
     if a.checkpoint:
         return load_state_dict_file(a.checkpoint), None
+    for spec in (a.model, a.pretrained):
+        path = Path(spec.removeprefix("local-dir:")) if spec else None
+        if path is not None and path.is_dir():
+            for f in sorted(path.glob("*.safetensors")):
+                check_weights_file(f, "model weights file")
+        elif path is not None and path.suffix == ".safetensors" and path.is_file():
+            check_weights_file(path, "model weights file")
     from ..models import load_adapter
 
     adapter = load_adapter(a.model, a.pretrained, family=a.family)
     return adapter.model, adapter
+
+
+def _check_target(a, revert: bool) -> str | None:
+    """What is wrong with the target options of `slug apply` / `slug revert`, or None: one of --model, --checkpoint,
+    --pipeline, --llava is needed (no silent default model); --clip-skip is for --pipeline; a file --out is not
+    replaced without --overwrite."""
+    cmd = "revert" if revert else "apply"
+    if not (a.model or a.checkpoint or a.pipeline or a.llava):
+        return f"slug {cmd} needs --model M (or --checkpoint FILE, --pipeline DIR, --llava DIR)"
+    if a.model and a.checkpoint:
+        return "give --model or --checkpoint, not both"
+    if (a.pipeline or a.llava) and (a.model or a.checkpoint):
+        return f"{'--pipeline' if a.pipeline else '--llava'} reads the model from that folder; drop --model/--checkpoint"
+    if a.clip_skip is not None and (not a.pipeline or a.clip_skip < 0):
+        return ("--clip-skip must be >= 0" if a.pipeline else
+                "--clip-skip applies to --pipeline only (how the pipeline reads its text encoder)")
+    if a.out and not (a.pipeline or a.llava):
+        out = Path(a.out)
+        if out.is_dir():
+            return f"--out {out} is a folder; give the .safetensors file to write"
+        if out.exists() and not a.overwrite:
+            return f"{out} already exists; pass --overwrite to replace it, or choose another --out"
+    return None
 
 
 def _state_of(target):
@@ -43,10 +76,10 @@ def cmd_apply(a, revert: bool = False) -> int:
     """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA."""
     from ..patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
 
-    patches = [load_patch(p) for p in a.patch]
-    msg = validate_apply(a)
+    msg = validate_apply(a) or _check_target(a, revert)
     if msg:
         return refuse(msg)
+    patches = [load_patch(p) for p in a.patch]
     if a.pipeline or a.llava:
         return _apply_to_folder(a, patches, revert)
     target, _ = _load_target(a)
@@ -55,8 +88,8 @@ def cmd_apply(a, revert: bool = False) -> int:
             revert_patch(target, p)
     else:
         apply_patches(target, patches)
-    if a.out:
-        save_state_dict_file(_state_of(target), a.out)
+    if a.out:  # a checkpoint keeps its header (metadata, layout): revert after apply gives it back byte for byte
+        save_state_dict_file(_state_of(target), a.out, template=a.checkpoint)
     for p in patches:
         print(describe(p))
     verb = "reverted" if revert else "applied"
@@ -74,7 +107,7 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
         from ..integrations.diffusers_sd import save_patched_text_encoder
 
         save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
-                                  overwrite=a.overwrite, encoder=a.text_encoder)
+                                  overwrite=a.overwrite, encoder=a.text_encoder, clip_skip=a.clip_skip)
         what = f"{a.pipeline}'s text encoder; wrote {a.out} ({'pipeline' if a.full_pipeline else 'text encoder'})"
     else:
         from ..integrations.llava import save_patched_llava
@@ -123,12 +156,13 @@ def cmd_eval_sd(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    """`slug inspect`: describe a patch (or print its metadata as JSON)."""
+    """`slug inspect`: describe a patch (or print its metadata as JSON). Fields of the untrusted ``patch.json`` are
+    printed escaped: no control character reaches the terminal either way."""
     from ..patch import describe, load_patch
 
     p = load_patch(a.patch)
-    if a.json:
-        print(json.dumps(p.meta, indent=2, sort_keys=True))
+    if a.json:  # ASCII JSON: every control character (C0, C1) is a \uXXXX escape; DEL too
+        print(json.dumps(p.meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f"))
     else:
         print(describe(p))
     return 0
@@ -140,7 +174,9 @@ def add_parsers(sub) -> None:
         ap = sub.add_parser(name, help=f"{name} patch(es) to a model or a safetensors checkpoint")
         ap.add_argument("--patch", action="append", required=True, help="patch folder (repeatable to compose)")
         ap.add_argument("--checkpoint", default=None, help="a .safetensors state dict to patch")
-        ap.add_argument("--model", default="embedded")
+        ap.add_argument("--model", default=None, help="the model to patch, as `slug unlearn --model` (e.g. embedded); "
+                                                       "one of --model, --checkpoint, --pipeline, --llava is needed "
+                                                       "(default: none)")
         ap.add_argument("--pretrained", default=None)
         ap.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
         ap.add_argument("--out", default=None, help="write the resulting state dict (.safetensors)")
@@ -150,10 +186,18 @@ def add_parsers(sub) -> None:
                                                                      "(hard links), not only text_encoder/")
         ap.add_argument("--llava", default=None, help="a LLaVA model folder: write it with the vision tower "
                                                       f"{'reverted' if rev else 'patched'} into --out (folder)")
-        ap.add_argument("--overwrite", action="store_true", help="with --pipeline / --llava: replace a non-empty --out")
+        ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file, or with --pipeline / "
+                                                                 "--llava a non-empty --out folder (default: refuse)")
         ap.add_argument("--text-encoder", default=None, choices=["text_encoder", "text_encoder_2"],
                         help="with --pipeline (SDXL): which text encoder the patch belongs to (default: the one "
                              "whose shapes fit the patch)")
+        ap.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                        help="with --pipeline: the pipeline is run with diffusers' clip_skip=N, so its UNet reads the "
+                             "text encoder's hidden state N layers before the last (1 = the penultimate layer, "
+                             "A1111's 'CLIP skip 2'); "
+                             + ("informational: revert restores whatever the patch changed"
+                                if rev else "a patch of a layer it then never reads is refused")
+                             + " (default: none, the last layer)")
         ap.set_defaults(func=(lambda a, r=rev: cmd_apply(a, revert=r)))
 
     ev = sub.add_parser("eval-sd", help="score a text-to-image pipeline before/after a patch on generated images "

@@ -17,16 +17,23 @@ by structure (the shallowest module with ``embeddings``, ``encoder`` and ``final
 (``text_model.encoder...``; ``vision_tower.vision_model.encoder...``).
 
 **Half precision.** SD pipelines usually run an fp16 ``text_encoder``. When a consumer tensor's dtype differs from
-the patch's, the patch is cast to it first (original and patched values, ``Tensor.to``), and the hash check compares
-against the *cast* original: it passes when the consumer holds the CLIP weights rounded to its dtype, which is how
-fp16 variants are made. Revert then restores exactly the bytes the consumer held. An edit that rounds away entirely
-in the lower precision is refused.
+the patch's, the patch is cast to it first (:func:`slugkit.patch.cast_patch`, the same cast every fp16 / bf16 target
+gets: original and patched values, ``Tensor.to``), and the hash check compares against the *cast* original: it
+passes when the consumer holds the CLIP weights rounded to its dtype, which is how fp16 variants are made. Revert
+then restores exactly the bytes the consumer held. An edit that rounds away entirely in the lower precision is
+refused.
+
+**Architecture.** A patch that records the CLIP model's architecture facts (``hidden_act`` per tower,
+``layer_norm_eps``; :func:`slugkit.patch.architecture_facts`) is refused by a consumer whose config says otherwise.
+
+**Weights on disk.** Folders are checked before a library loads them (:func:`check_weight_files`): a Git LFS pointer
+in place of a ``*.safetensors`` file is named as one ("run ``git lfs pull``"), not a loader's traceback.
 """
 
 from .consumer import consumer_restriction, restrict_to_consumer
-from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, cast_patch, consumer_view, find_tower,
-                     layer_names, num_layers, tower_map, verify_tower, write_provenance)
+from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, cast_patch, check_weight_files,
+                     consumer_view, find_tower, layer_names, num_layers, tower_map, verify_tower, write_provenance)
 
-__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast_patch",
+__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast_patch", "check_weight_files",
            "consumer_restriction", "consumer_view", "find_tower", "layer_names", "num_layers", "restrict_to_consumer",
            "tower_map", "verify_tower", "write_provenance"]

@@ -8,15 +8,19 @@ from pathlib import Path
 from .towers import TowerMismatchError, layer_names
 
 
-def consumer_restriction(spec: str, adapter=None):
+def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
     """``(predicate, description)`` for ``slug unlearn --consumer SPEC``, read from configs only (no weights).
 
     * ``sd:DIR_OR_ID`` — a diffusers pipeline folder / id: text layers ``< text_encoder/config.json``'s
-      ``num_hidden_layers`` (SD 1.x: all 12 of CLIP-L; SD 2.x: 23 of CLIP-H's 24). An SDXL pipeline (it has a
-      ``text_encoder_2/``) needs ``adapter``: its encoder is the one with the adapter's text width, and the
-      consumed tensors follow :func:`slugkit.integrations.diffusers_sd.encoder_reads`;
+      ``num_hidden_layers`` (SD 1.x: all 12 of CLIP-L; SD 2.x: 23 of CLIP-H's 24), minus the last ``clip_skip``
+      when the pipeline is run with diffusers' ``clip_skip`` (1 = the penultimate layer; None / 0 = the last). An
+      SDXL pipeline (it has a ``text_encoder_2/``) needs ``adapter``: its encoder is the one with the adapter's
+      text width, and the consumed tensors follow :func:`slugkit.integrations.diffusers_sd.encoder_reads`;
     * ``llava:DIR_OR_ID`` — a LLaVA folder / id: vision layers read at ``vision_feature_layer``
-      (LLaVA-1.5: −2 → 23 of CLIP-L/14-336's 24).
+      (LLaVA-1.5: −2 → 23 of CLIP-L/14-336's 24); ``clip_skip`` does not apply.
+
+    Raises ``ValueError`` for a malformed spec, a ``clip_skip`` that is negative, leaves no layer or is given for
+    LLaVA, and :class:`~slugkit.common.errors.ModelLoadError` when the config cannot be read.
     """
     from ..models.base import ModelLoadError
     from ..models.hf_clip import hub_offline
@@ -24,12 +28,14 @@ def consumer_restriction(spec: str, adapter=None):
     kind_s, _, where = spec.partition(":")
     if kind_s not in ("sd", "llava") or not where:
         raise ValueError(f"--consumer must be sd:DIR_OR_ID or llava:DIR_OR_ID, not {spec!r}")
+    if clip_skip and kind_s != "sd":
+        raise ValueError(f"clip_skip (--clip-skip) applies to sd: consumers only, not {spec!r}")
     kw = {"local_files_only": Path(where).is_dir() or hub_offline()}
     try:
         if kind_s == "sd":
             from .diffusers_sd import pipeline_consumption
 
-            n, extra_names, desc = pipeline_consumption(where, adapter, kw)
+            n, extra_names, desc = pipeline_consumption(where, adapter, kw, clip_skip)
             kind = "text"
             return (lambda name: bool(layer_names([name], kind, n)) or name in extra_names), desc
         else:
@@ -48,10 +54,12 @@ def consumer_restriction(spec: str, adapter=None):
     return (lambda name: bool(layer_names([name], kind, n))), desc
 
 
-def restrict_to_consumer(adapter, spec: str):
-    """Restrict ``adapter``'s candidates to what ``spec`` (see :func:`consumer_restriction`) consumes."""
+def restrict_to_consumer(adapter, spec: str, clip_skip: int | None = None):
+    """Restrict ``adapter``'s candidates to what ``spec`` (run with ``clip_skip``; see
+    :func:`consumer_restriction`) consumes. Raises ``ValueError`` for an adapter that cannot restrict its
+    candidates (not hf_clip), and what :func:`consumer_restriction` raises."""
     if not hasattr(adapter, "restrict_candidates"):
         raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict its "
                          "candidates to a downstream model)")
-    pred, desc = consumer_restriction(spec, adapter)
+    pred, desc = consumer_restriction(spec, adapter, clip_skip)
     return adapter.restrict_candidates(pred, consumer=desc)

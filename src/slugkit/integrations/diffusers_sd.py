@@ -31,6 +31,13 @@ and save pick the one that holds the patch's tensors when there is no doubt). SD
   so every layer and ``text_projection`` are read.
 
 A patch of a layer the pipeline never reads is refused by :func:`apply_patch_to_pipeline`: it would change nothing.
+
+**CLIP skip.** ``clip_skip`` follows diffusers exactly (``StableDiffusionPipeline.encode_prompt(clip_skip=k)``):
+``None`` or 0 reads the last hidden state; ``k`` reads ``hidden_states[-(k + 1)]`` (SD 1.x/2.x, then
+``final_layer_norm``) or ``hidden_states[-(k + 2)]`` (SDXL), so the last ``k`` layers are not read. diffusers' 1 is
+what A1111 / ComfyUI call "CLIP skip 2". Pass the value the pipeline is run with to :func:`consumed_layer_count`,
+``--consumer sd:DIR`` (:func:`slugkit.integrations.consumer_restriction`), :func:`apply_patch_to_pipeline` and
+:func:`save_patched_text_encoder` (``slug apply --pipeline DIR --clip-skip N``).
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ from torch import nn
 
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError, tensor_sha256
-from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, consumer_view, layer_names, num_layers,
-                     tower_map, verify_tower, write_provenance)
+from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_weight_files, consumer_view,
+                     layer_names, num_layers, tower_map, verify_tower, write_provenance)
 
 WHAT = "text encoder"
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -80,17 +87,19 @@ def encoder_reads(sdxl: bool, encoder: str = "text_encoder") -> str:
 
 
 def consumed_layer_count(n_layers: int, reads: str = "last", clip_skip: int | None = None) -> int:
-    """Encoder layers whose output reaches the UNet. ``clip_skip`` (a pipeline call argument) moves the hidden state
-    read back by that many layers (diffusers: ``hidden_states[-(clip_skip + 1)]``, SDXL ``[-(clip_skip + 2)]``);
-    SDXL's pooled output still reads every layer."""
+    """Encoder layers whose output reaches the UNet. ``clip_skip`` (a pipeline call argument; None or 0: none) moves
+    the hidden state read back by that many layers (diffusers: ``hidden_states[-(clip_skip + 1)]``, SDXL
+    ``[-(clip_skip + 2)]``); SDXL's pooled output still reads every layer. Raises ``ValueError`` for an unknown
+    ``reads``, a negative ``clip_skip`` or one that leaves no layer read."""
     skip = int(clip_skip or 0)
-    if reads == "last":
-        return n_layers - skip
-    if reads == "penultimate":
-        return n_layers - 1 - skip
-    if reads == "penultimate+pooled":
-        return n_layers
-    raise ValueError(f"reads must be one of {', '.join(READS)}, not {reads!r}")
+    if skip < 0:
+        raise ValueError(f"clip_skip must be >= 0 (diffusers: 1 reads the penultimate layer), not {skip}")
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {', '.join(READS)}, not {reads!r}")
+    n = {"last": n_layers - skip, "penultimate": n_layers - 1 - skip, "penultimate+pooled": n_layers}[reads]
+    if n < 1:
+        raise ValueError(f"clip_skip={skip} leaves no layer of the {n_layers}-layer text encoder read ({reads})")
+    return n
 
 
 def consumed_extra(reads: str) -> tuple[str, ...]:
@@ -180,29 +189,33 @@ def pick_encoder(pipe, patch: Patch, encoder: str | None = None) -> str:
         + ("the patch was made on another CLIP model" if not fits else "name the encoder (encoder= / --text-encoder)"))
 
 
-def _check_consumed(sdxl: bool, encoder: str, te: nn.Module, patch: Patch) -> None:
+def _check_consumed(sdxl: bool, encoder: str, te: nn.Module, patch: Patch, clip_skip: int | None = None) -> None:
     """Refuse a patch of a layer (or projection) the pipeline never reads from ``te`` (SDXL ``text_encoder``'s last
-    layer): applying it would change nothing."""
+    layer; the last ``clip_skip`` layers): applying it would change nothing."""
     reads = encoder_reads(sdxl, encoder)
-    n = consumed_layer_count(num_layers(te, "text"), reads)
+    n = consumed_layer_count(num_layers(te, "text"), reads, clip_skip)
     layer_prefix = CLIP_TOWER_PREFIX["text"] + "encoder.layers."
     read = set(layer_names(patch.names, "text", n)) | set(consumed_extra(reads))
     unread = [x for x in patch.names if (x.startswith(layer_prefix) or x == PROJECTION) and x not in read]
     if unread:
         raise PatchMismatchError(
-            f"the patch edits {unread[0]}, which the pipeline never reads from its {encoder} (read as {reads}: layers "
-            f"0..{n - 1}{' and ' + PROJECTION if consumed_extra(reads) else ''}): the edit would have no effect. "
-            "Restrict the candidates to what the pipeline reads (--consumer sd:DIR) and unlearn again.")
+            f"the patch edits {unread[0]}, which the pipeline never reads from its {encoder} (read as {reads}"
+            f"{f', clip_skip={clip_skip}' if clip_skip else ''}: layers 0..{n - 1}"
+            f"{' and ' + PROJECTION if consumed_extra(reads) else ''}): the edit would have no effect. "
+            "Restrict the candidates to what the pipeline reads (--consumer sd:DIR, with the same clip skip) and "
+            "unlearn again.")
 
 
-def apply_patch_to_pipeline(pipe, patch: Patch, *, check: bool = True, encoder: str | None = None):
-    """Write the patch into the pipeline's text encoder in place (no copy); refused, untouched, unless the encoder
-    holds the patch's original values (``check=False`` skips that comparison) and reads every patched tensor.
-    ``encoder``: which of SDXL's encoders (default: :func:`pick_encoder`). Accepts a pipeline or the
+def apply_patch_to_pipeline(pipe, patch: Patch, *, check: bool = True, encoder: str | None = None,
+                            clip_skip: int | None = None):
+    """Write the patch into the pipeline's text encoder in place (no copy); refused (:class:`PatchMismatchError`),
+    untouched, unless the encoder holds the patch's original values and architecture (``check=False`` skips those
+    comparisons) and the pipeline, run with ``clip_skip`` (diffusers' meaning; module docstring), reads every
+    patched tensor. ``encoder``: which of SDXL's encoders (default: :func:`pick_encoder`). Accepts a pipeline or the
     ``CLIPTextModel`` itself; returns it."""
     encoder = pick_encoder(pipe, patch, encoder)
     te = _encoder(pipe, encoder)
-    _check_consumed(is_sdxl(pipe), encoder, te, patch)
+    _check_consumed(is_sdxl(pipe), encoder, te, patch, clip_skip)
     apply_to_consumer(te, patch, "text", WHAT, check=check, extra=_extra_map(te))
     return pipe
 
@@ -214,10 +227,11 @@ def revert_patch_from_pipeline(pipe, patch: Patch, *, encoder: str | None = None
     return pipe
 
 
-def pipeline_consumption(where: str, adapter, kw: dict) -> tuple[int, set, str]:
+def pipeline_consumption(where: str, adapter, kw: dict, clip_skip: int | None = None) -> tuple[int, set, str]:
     """For ``--consumer sd:WHERE`` (configs only): (consumed text layers, consumed tensors outside the text
-    transformer, description). An SDXL folder / id (with ``text_encoder_2/``) is matched to ``adapter`` by text
-    width."""
+    transformer, description) when the pipeline is run with ``clip_skip`` (diffusers' meaning, module docstring).
+    An SDXL folder / id (with ``text_encoder_2/``) is matched to ``adapter`` by text width. Raises ``ValueError``
+    for an SDXL pipeline without ``adapter`` or that fits it ambiguously, or a ``clip_skip`` that leaves no layer."""
     from transformers import CLIPTextConfig
 
     cfg1 = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder", **kw)
@@ -228,9 +242,11 @@ def pipeline_consumption(where: str, adapter, kw: dict) -> tuple[int, set, str]:
         except OSError:
             if Path(where).is_dir():
                 raise
+    skip = f", clip_skip={clip_skip}" if clip_skip else ""
     if cfg2 is None:
-        n = cfg1.num_hidden_layers
-        return n, set(), f"Stable Diffusion text encoder {where} ({n} layers)"
+        n = consumed_layer_count(cfg1.num_hidden_layers, "last", clip_skip)
+        return n, set(), (f"Stable Diffusion text encoder {where} ({cfg1.num_hidden_layers} layers{skip}"
+                          + (f": layers 0..{n - 1})" if skip else ")"))
     if adapter is None:
         raise ValueError(f"{where} is an SDXL pipeline (two text encoders): the CLIP model is needed to tell which "
                          "one it is")
@@ -243,8 +259,9 @@ def pipeline_consumption(where: str, adapter, kw: dict) -> tuple[int, set, str]:
                          "text_encoder and laion/CLIP-ViT-bigG-14-laion2B-39B-b160k with text_encoder_2)")
     enc, cfg = fits[0]
     reads = encoder_reads(True, enc)
-    n = consumed_layer_count(cfg.num_hidden_layers, reads)
-    return n, set(consumed_extra(reads)), f"SDXL {enc} of {where} ({cfg.num_hidden_layers} layers, read as {reads})"
+    n = consumed_layer_count(cfg.num_hidden_layers, reads, clip_skip)
+    return n, set(consumed_extra(reads)), (f"SDXL {enc} of {where} ({cfg.num_hidden_layers} layers, read as "
+                                           f"{reads}{skip})")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -288,7 +305,8 @@ def _folder_encoder(src_dir: Path, patch: Patch, encoder: str | None) -> str:
 
 
 def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathLike, *, full_pipeline: bool = False,
-                              revert: bool = False, overwrite: bool = False, encoder: str | None = None) -> Path:
+                              revert: bool = False, overwrite: bool = False, encoder: str | None = None,
+                              clip_skip: int | None = None) -> Path:
     """Write the patched ``text_encoder/`` (``config.json`` + ``model.safetensors``) in diffusers' folder layout
     (SDXL: ``text_encoder/`` or ``text_encoder_2/``, see :func:`pick_encoder`; ``encoder`` names it).
 
@@ -302,7 +320,10 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     A pipeline object is patched in place for the write and reverted afterwards (bit-exact). The folder appears
     atomically (temporary sibling, then rename); an existing non-empty ``out_dir`` is refused unless ``overwrite``.
     Weights are saved by the installed transformers in its own key layout (5.x: no ``text_model.`` prefix; 5.x reads
-    both layouts).
+    both layouts). ``clip_skip``: as in :func:`apply_patch_to_pipeline` (apply only; recorded in
+    ``slugkit_patch.json``). From a folder, its ``*.safetensors`` (every component's with ``full_pipeline``) are
+    checked first (:func:`~slugkit.integrations.check_weight_files`): a Git LFS pointer raises ``ValueError`` naming
+    it. Refusals raise :class:`PatchMismatchError` and write nothing.
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -310,6 +331,7 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     if isinstance(pipe_or_dir, (str, os.PathLike)):
         src_dir = Path(pipe_or_dir)
         encoder = _folder_encoder(src_dir, patch, encoder)
+        check_weight_files(src_dir if full_pipeline else src_dir / encoder, "pipeline weights file", full_pipeline)
         archs = json.loads((src_dir / encoder / "config.json").read_text()).get("architectures") or []
         cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
         te, pipe = cls.from_pretrained(src_dir, subfolder=encoder, dtype="auto"), None
@@ -318,7 +340,8 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
         pipe, te = pipe_or_dir, _encoder(pipe_or_dir, encoder)
     extra = _extra_map(te)
     if not revert:
-        _check_consumed(is_sdxl(pipe) if src_dir is None else (src_dir / "text_encoder_2").is_dir(), encoder, te, patch)
+        _check_consumed(is_sdxl(pipe) if src_dir is None else (src_dir / "text_encoder_2").is_dir(), encoder, te, patch,
+                        clip_skip)
 
     changed = False
     try:
@@ -340,7 +363,8 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
                             shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
                         else:
                             _link_or_copy(str(entry), str(tmp / entry.name))
-            write_provenance(tmp, patch, revert, src_dir, encoder=encoder)
+            write_provenance(tmp, patch, revert, src_dir, encoder=encoder,
+                             **({"clip_skip": clip_skip} if clip_skip is not None else {}))
     finally:
         if pipe is not None and changed:  # the caller's pipeline goes back to its exact bytes
             apply_to_consumer(te, patch, "text", WHAT, revert=not revert, extra=extra)
@@ -349,7 +373,8 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
 
 def load_pipeline_folder(folder: str, device: str = "cpu"):
     """A local diffusers pipeline folder (``model_index.json`` inside), offline, without the safety checker, on
-    ``device``. Raises :class:`~slugkit.common.errors.ModelLoadError` naming the folder when it is not one."""
+    ``device``. Raises :class:`~slugkit.common.errors.ModelLoadError` naming the folder when it is not one, and
+    ``ValueError`` naming the file when a ``*.safetensors`` in it is a Git LFS pointer (or otherwise unreadable)."""
     from ..common.errors import ModelLoadError
 
     p = Path(folder)
@@ -357,6 +382,7 @@ def load_pipeline_folder(folder: str, device: str = "cpu"):
         raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json); pass a folder written "
                              "by pipe.save_pretrained(DIR) or downloaded with `huggingface-cli download ID "
                              "--local-dir DIR`, or 'embedded'")
+    check_weight_files(p, "pipeline weights file", recursive=True)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None,

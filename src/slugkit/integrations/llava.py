@@ -25,8 +25,8 @@ from torch import nn
 
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError
-from .towers import (CLIP_TOWER_PREFIX, apply_to_consumer, find_tower, layer_names, tower_map, verify_tower,
-                     write_provenance)
+from .towers import (CLIP_TOWER_PREFIX, apply_to_consumer, check_weight_files, find_tower, layer_names, tower_map,
+                     verify_tower, write_provenance)
 
 WHAT = "LLaVA vision tower"
 QUESTION = "What's the name of the person in this image?"
@@ -106,7 +106,9 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
     ``AutoProcessor.from_pretrained``.
 
     ``llava_or_dir``: a model object (patched in place for the write, then restored bit-exact) or a folder (loaded in
-    its stored dtype). The folder appears atomically; a non-empty ``out_dir`` is refused unless ``overwrite``.
+    its stored dtype; its ``*.safetensors`` are checked first, so a Git LFS pointer raises ``ValueError`` naming
+    it). The folder appears atomically; a non-empty ``out_dir`` is refused unless ``overwrite``. A patch LLaVA
+    cannot use raises :class:`PatchMismatchError` and writes nothing.
     """
     import shutil
 
@@ -117,6 +119,7 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
         src_dir = Path(llava_or_dir)
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder (no config.json in it)")
+        check_weight_files(src_dir, "LLaVA weights file")
         model = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype="auto", local_files_only=True).eval()
     else:
         model = llava_or_dir

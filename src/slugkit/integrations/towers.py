@@ -10,7 +10,13 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..patch import Patch, PatchError, PatchMismatchError, apply_patch, make_patch, revert_patch, tensor_sha256
+from ..common.weights import check_weights_file
+from ..patch import (Patch, PatchMismatchError, apply_patch, cast_patch, check_architecture, revert_patch,
+                     tensor_sha256)
+
+__all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast_patch", "check_weight_files",
+           "consumer_view", "find_tower", "layer_names", "num_layers", "tower_map", "verify_tower",
+           "write_provenance"]
 
 # Attribute names of the two towers inside transformers' CLIPModel (4.x and 5.x alike).
 CLIP_TOWER_PREFIX = {"text": "text_model.", "vision": "vision_model."}
@@ -127,30 +133,25 @@ def consumer_view(consumer: nn.Module, patch: Patch, kind: str, what: str,
     return view
 
 
-def cast_patch(patch: Patch, dtypes: Mapping[str, torch.dtype]) -> Patch:
-    """``patch`` with each tensor's original and patched values cast to ``dtypes[name]`` (identity when equal)."""
-    if all(patch.patched[n].dtype == dtypes[n] for n in patch.names):
-        return patch
-    originals = {n: patch.original[n].to(dtypes[n]) for n in patch.names}
-    patched = {n: patch.patched[n].to(dtypes[n]) for n in patch.names}
-    for n in patch.names:
-        if torch.equal(originals[n], patched[n]):
-            raise PatchError(f"in {dtypes[n]} the edit of {n} rounds away entirely; apply the patch to a "
-                             f"{patch.patched[n].dtype} copy of the model instead")
-    m = patch.meta
-    extra = dict(m.get("extra") or {})
-    extra["cast_from"] = {n: m["tensors"][n]["dtype"] for n in patch.names}
-    return make_patch(originals, patched, base_model=m.get("base_model") or {"id": "unknown"},
-                      adapter=m.get("adapter", ""), concept=m.get("concept", ""), method=m.get("method", "slug"),
-                      step_size=m.get("step_size"), metrics=m.get("metrics"), extra=extra)
+def check_weight_files(folder: str | Path, what: str, recursive: bool = False) -> None:
+    """Check every ``*.safetensors`` in ``folder`` (``recursive``: in its subfolders too) before a library loads it:
+    a Git LFS pointer, a pickle, an empty or truncated file raises
+    :class:`~slugkit.common.weights.WeightsFileError` (a ``ValueError``) naming the file and what to do, instead of a
+    loader's traceback. ``what`` names the files in messages."""
+    folder = Path(folder)
+    for f in sorted(folder.rglob("*.safetensors") if recursive else folder.glob("*.safetensors")):
+        check_weights_file(f, what)
 
 
 def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *, revert: bool = False,
                       check: bool = True, extra: Mapping[str, str] | None = None) -> None:
     """Apply (or revert) a CLIPModel patch in place on ``consumer``'s tower tensors (hash-checked, bit-exact).
 
-    ``check=False`` (apply only) skips the hash comparison, as :func:`slugkit.patch.apply_patch` does, for
-    deliberately patching a fine-tuned relative; a later revert then restores the patch's (CLIP's) originals.
+    The patch is cast to the consumer's dtype (:func:`slugkit.patch.cast_patch`: an fp16 encoder is checked against
+    the cast originals). On apply, the architecture facts the patch records are checked against the consumer's
+    config (:func:`slugkit.patch.check_architecture`, e.g. ``hidden_act``: :class:`PatchMismatchError` naming both).
+    ``check=False`` (apply only) skips both comparisons, as :func:`slugkit.patch.apply_patch` does, for deliberately
+    patching a fine-tuned relative; a later revert then restores the patch's (CLIP's) originals.
     ``extra``: as in :func:`consumer_view`.
     """
     view = consumer_view(consumer, patch, kind, what, extra)
@@ -158,6 +159,8 @@ def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *
     if revert:
         revert_patch(view, p)
     else:
+        if check:
+            check_architecture(consumer, patch, what)
         apply_patch(view, p, check=check)
 
 

@@ -15,18 +15,25 @@ checkpoint but a *patch*, a folder with two files:
     for), ``adapter``, ``concept``, ``method``, ``step_size`` (η), ``metrics`` (headline numbers), ``extra``,
     library versions, and ``tensors``: for each name its ``shape``, ``dtype``, ``sha256_original`` and
     ``sha256_patched`` (sha256 of the tensor's raw bytes, see :func:`tensor_sha256`). It also records
-    ``safetensors_sha256``, the sha256 of the bytes of ``patch.safetensors``.
+    ``safetensors_sha256``, the sha256 of the bytes of ``patch.safetensors``. When made with ``architecture=``
+    (:func:`architecture_facts`), ``architecture`` records what the hashes cannot see: the activation and other
+    facts that change the model's outputs (e.g. ``{"text.activation": "gelu", ...}``).
 
 Guarantees
 ----------
 * **Wrong base is refused.** Before anything is written, every tensor of the target is hashed and compared
-  with ``sha256_original``; a difference raises :class:`PatchMismatchError` and leaves the model untouched.
+  with ``sha256_original``; a difference raises :class:`PatchMismatchError` and leaves the model untouched. So
+  is a model whose architecture facts contradict the patch's ``architecture`` (same weights, other activation).
+* **Half precision works.** An fp16 / bf16 model or checkpoint gets the patch cast to its dtype
+  (:func:`cast_patch`), hash-checked against the cast originals and reverted bit-exactly.
 * **Revert is exact.** :func:`revert_patch` checks the model holds the patched values, then copies the stored
   originals back byte for byte.
 * **Patches compose** when they touch different tensors (:func:`compose_patches`, :func:`apply_patches`) and
   are refused, naming the tensor and both concepts, when they overlap.
-* **Nothing is unpickled.** Tensors are read with ``safetensors``, metadata with ``json``; ``.pt``/``.bin``
-  pickle checkpoints are refused (:func:`load_state_dict_file`).
+* **Nothing is unpickled.** Tensors are read with ``safetensors``, metadata with ``json``; checkpoints are
+  recognised by parsing their header, and pickles and Git LFS pointers are refused by name
+  (:func:`load_state_dict_file`). A checkpoint written back after apply / revert keeps its header (metadata and
+  layout): revert after apply gives the original file byte for byte (:func:`save_state_dict_file`).
 * **Nothing is written half-way.** Files go to a temporary sibling and are renamed into place.
 * **Deterministic.** No timestamps, sorted keys: the same inputs give byte-identical files.
 * **Loading is paranoid.** :func:`load_patch` checks the file checksum, the tensor set, shapes, dtypes and
@@ -42,10 +49,12 @@ Typical use::
     revert_patch(model, patch)                           # back to the exact original bytes
 """
 
+from .architecture import architecture_facts, check_architecture
 from .carriers import load_state_dict_file, save_state_dict_file
+from .combine import apply_patches, chain_patches, compose_patches
 from .format import (FORMAT, FORMAT_VERSION, PATCH_JSON, PATCH_SAFETENSORS, Patch, PatchError, PatchFormatError,
                      PatchMismatchError, load_patch, save_patch, tensor_sha256)
-from .ops import apply_patch, apply_patches, chain_patches, compose_patches, make_patch, revert_patch
+from .ops import apply_patch, cast_patch, make_patch, revert_patch
 from .summary import describe
 
 __all__ = [
@@ -59,7 +68,10 @@ __all__ = [
     "PatchMismatchError",
     "apply_patch",
     "apply_patches",
+    "architecture_facts",
+    "cast_patch",
     "chain_patches",
+    "check_architecture",
     "compose_patches",
     "describe",
     "load_patch",

@@ -1,6 +1,12 @@
 """Operations on patches: make one from a model, apply, revert, compose and chain (spec §5: a layer is one tensor,
 a patch a few of them). Targets are ``nn.Module`` objects or state dicts; every check runs before any tensor is
 written, so a refused operation leaves the target untouched.
+
+**Half precision.** A target whose floating tensors have another dtype than the patch's (an fp16 / bf16 model or
+checkpoint, an SD pipeline's fp16 text encoder) gets the patch cast to its dtype first (:func:`cast_patch`: original
+and patched values, ``Tensor.to``), and the hash check compares against the *cast* originals: it passes when the
+target holds the base weights rounded to its dtype, which is how half-precision variants are made. Revert then
+restores exactly the bytes the target held. An edit that rounds away entirely in the lower precision is refused.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from .architecture import check_architecture
 from .format import (_DTYPES, FORMAT, FORMAT_VERSION, Patch, PatchError, PatchMismatchError, _base_label, _dtype_name,
                      _normalise_meta, _short, _toolkit_version, tensor_sha256)
+from .summary import printable
 
 # --------------------------------------------------------------------------------------------------- target access
 
@@ -74,6 +82,7 @@ def make_patch(
     step_size: float | None = None,
     metrics: dict | None = None,
     extra: dict | None = None,
+    architecture: Mapping | None = None,
 ) -> Patch:
     """Build a :class:`Patch` from the unmodified model and the new values of the edited tensors.
 
@@ -81,8 +90,11 @@ def make_patch(
     ``patched`` maps tensor name → new value, same shape and dtype. All tensors are cloned to the CPU.
     ``base_model`` identifies the checkpoint (e.g. ``{"id": "ViT-B-32", "pretrained": "openai"}``; a string
     is taken as ``{"id": ...}``). ``metrics`` / ``extra`` must be JSON-serialisable (numpy/torch scalars are
-    converted). Raises :class:`PatchError` for an unknown name, a shape/dtype mismatch, a tensor the patch
-    leaves unchanged, or non-finite new values where the original is finite.
+    converted). ``architecture``: the facts of the model the patch is made on that change its outputs
+    (:func:`slugkit.patch.architecture_facts`), recorded as ``meta['architecture']`` and checked by
+    :func:`apply_patch` (omitted when None or empty). Raises :class:`PatchError` for an unknown name, a
+    shape/dtype mismatch, a tensor the patch leaves unchanged, non-finite new values where the original is finite,
+    or an ``architecture`` that is not a flat mapping of names to strings / numbers / booleans.
     """
     if not patched:
         raise PatchError("a patch needs at least one tensor; `patched` is empty")
@@ -122,8 +134,15 @@ def make_patch(
         tensors_meta[name] = {"shape": list(cur.shape), "dtype": _dtype_name(cur.dtype),
                               "sha256_original": sha_o, "sha256_patched": sha_p}
 
+    if architecture:
+        if not isinstance(architecture, Mapping) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
+                for k, v in architecture.items()):
+            raise PatchError(f"architecture must map fact names to strings / numbers, e.g. "
+                             f"{{'text.activation': 'gelu'}}, not {architecture!r}")
     meta = {
         **_provenance(),
+        **({"architecture": dict(architecture)} if architecture else {}),
         "base_model": dict(base_model),
         "adapter": str(adapter),
         "concept": concept,
@@ -139,15 +158,14 @@ def make_patch(
 # --------------------------------------------------------------------------------------------------- apply / revert
 
 
-def _verify_state(target, patch: Patch, want: str, *, check_hash: bool = True) -> dict[str, torch.Tensor]:
-    """Check every tensor of ``patch`` in ``target`` before anything is touched; return name → live tensor.
-
-    ``want`` is ``"original"`` (for apply) or ``"patched"`` (for revert). Raises :class:`PatchMismatchError`
-    listing every problem.
+def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
+                  check_hash: bool = True) -> dict[str, torch.Tensor]:
+    """Check every tensor of ``patch`` in ``live`` (:func:`_named_tensors` of the target) before anything is touched;
+    return name → live tensor. ``want`` is ``"original"`` (for apply) or ``"patched"`` (for revert). Raises
+    :class:`PatchMismatchError` listing every problem.
     """
-    live = _named_tensors(target)
     tmeta = patch.meta["tensors"]
-    base = _base_label(patch.meta)
+    base = printable(_base_label(patch.meta))
     concept = patch.meta.get("concept")
     verb = "apply" if want == "original" else "revert"
     missing = [n for n in sorted(tmeta) if n not in live]
@@ -156,6 +174,7 @@ def _verify_state(target, patch: Patch, want: str, *, check_hash: bool = True) -
             f"cannot {verb} patch (concept {concept!r}): the model has no tensor named {_missing_hint(missing, live)}; "
             f"load the base model the patch was made for: {base} (adapter {patch.meta.get('adapter')!r})")
     problems: list[str] = []
+    layout = 0
     already = 0
     not_applied = 0
     for name in sorted(tmeta):
@@ -163,6 +182,7 @@ def _verify_state(target, patch: Patch, want: str, *, check_hash: bool = True) -
         if list(t.shape) != info["shape"] or _dtype_name(t.dtype) != info["dtype"]:
             problems.append(f"tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)} in the model, the patch "
                             f"expects {info['dtype']}{info['shape']}")
+            layout += 1
             continue
         if not check_hash:
             continue
@@ -185,6 +205,8 @@ def _verify_state(target, patch: Patch, want: str, *, check_hash: bool = True) -
     if want == "original":
         if already == len(tmeta):
             advice = "The patch is already applied to this model; nothing to do (use revert_patch to undo it)"
+        elif layout:
+            advice = f"Load the base model the patch was made for: {base}"
         else:
             advice = (f"Load the base model the patch was made for: {base}. "
                       f"If this tensor was already patched (by this or another patch), use revert first")
@@ -221,10 +243,19 @@ def apply_patch(target, patch: Patch, *, check: bool = True):
     anything is written every tensor is checked: it exists, its shape and dtype match, and (``check=True``)
     its sha256 equals the patch's ``sha256_original``. Otherwise :class:`PatchMismatchError` is raised — naming
     the tensor, the expected and found hash prefixes and the base model — and the model is left untouched.
-    ``check=False`` skips only the hash comparison (for deliberately applying to a fine-tuned relative of the
-    base; revert will then restore the *base* values, not the fine-tuned ones).
+    ``check=False`` skips the hash comparison (for deliberately applying to a fine-tuned relative of the
+    base; revert will then restore the *base* values, not the fine-tuned ones) and the architecture check.
+
+    A module is also checked against the patch's recorded ``architecture`` (:func:`check_architecture`: e.g. a
+    GELU patch on a QuickGELU model with the same weights is refused, naming both). Floating tensors of another
+    dtype than the patch's get the patch cast to theirs first (module docstring, "Half precision"; raises
+    :class:`PatchError` when the edit rounds away entirely).
     """
-    live = _verify_state(target, patch, "original", check_hash=check)
+    live = _named_tensors(target)
+    if check and isinstance(target, nn.Module):
+        check_architecture(target, patch)
+    patch = _cast_to(live, patch)
+    live = _verify_state(live, patch, "original", check_hash=check)
     _copy_all(live, patch.patched, patch.original)
     return target
 
@@ -233,108 +264,47 @@ def revert_patch(target, patch: Patch):
     """Restore the original values of the patched tensors, bit-exactly; returns ``target``.
 
     Refuses (:class:`PatchMismatchError`, model untouched) unless every tensor currently holds exactly the
-    patched values.
+    patched values (cast to the target's dtype, as :func:`apply_patch` wrote them).
     """
-    live = _verify_state(target, patch, "patched")
+    live = _named_tensors(target)
+    patch = _cast_to(live, patch)
+    live = _verify_state(live, patch, "patched")
     _copy_all(live, patch.original, patch.patched)
     return target
 
 
-# --------------------------------------------------------------------------------------------------- compose
+def cast_patch(patch: Patch, dtypes: Mapping[str, torch.dtype]) -> Patch:
+    """``patch`` with each tensor's original and patched values cast to ``dtypes[name]`` (``patch`` itself when no
+    dtype changes); hashes are recomputed on the cast values, ``extra['cast_from']`` records the patch's dtypes and
+    the rest of ``meta`` is kept. Raises :class:`PatchError` when an edit rounds away entirely in the new dtype."""
+    if all(patch.patched[n].dtype == dtypes.get(n, patch.patched[n].dtype) for n in patch.names):
+        return patch
+    to = {n: dtypes.get(n, patch.patched[n].dtype) for n in patch.names}
+    originals = {n: patch.original[n].to(to[n]) for n in patch.names}
+    patched = {n: patch.patched[n].to(to[n]) for n in patch.names}
+    for n in patch.names:
+        if torch.equal(originals[n], patched[n]):
+            raise PatchError(f"in {to[n]} the edit of {n!r} rounds away entirely; apply the patch to a "
+                             f"{patch.patched[n].dtype} copy of the model instead")
+    m = patch.meta
+    extra = dict(m.get("extra") or {})
+    extra["cast_from"] = {n: m["tensors"][n]["dtype"] for n in patch.names}
+    cast = make_patch(originals, patched, base_model=m.get("base_model") or {"id": "unknown"},
+                      adapter=m.get("adapter", ""), concept=m.get("concept", ""), method=m.get("method", "slug"),
+                      step_size=m.get("step_size"), metrics=m.get("metrics"), extra=extra,
+                      architecture=m.get("architecture"))
+    if m.get("components"):
+        cast.meta = _normalise_meta({**cast.meta, "components": m["components"]})
+    return cast
 
 
-def compose_patches(patches: list[Patch]) -> Patch:
-    """Merge patches that edit disjoint tensors of the same base model into one patch.
-
-    The result's ``meta['components']`` lists each part (concept, method, step_size, metrics, tensors and
-    ``fingerprint`` = sha256 of its canonical meta); ``concept`` is the list of the components' concepts and
-    ``method`` is ``"composed"``. Composing composed patches flattens the components. Raises
-    :class:`PatchError` when two patches touch the same tensor (naming it and both concepts), or were made for
-    different base models / adapters. A single patch is returned unchanged.
-    """
-    patches = list(patches)
-    if not patches:
-        raise PatchError("compose_patches needs at least one patch")
-    if len(patches) == 1:
-        return patches[0]
-    first = patches[0].meta
-    owner: dict[str, Patch] = {}
-    for p in patches:
-        if p.meta.get("base_model") != first.get("base_model") or p.meta.get("adapter") != first.get("adapter"):
-            raise PatchError(f"cannot compose patches made for different base models: {_base_label(first)} "
-                             f"({first.get('adapter')}) vs {_base_label(p.meta)} ({p.meta.get('adapter')})")
-        for name in p.names:
-            if name in owner:
-                raise PatchError(f"patches overlap on tensor {name!r}: concept {owner[name].concept!r} and concept "
-                                 f"{p.concept!r} both edit it; apply one, or re-run unlearning for both concepts")
-            owner[name] = p
-
-    components: list[dict] = []
-    for p in patches:
-        if p.meta.get("method") == "composed" and p.meta.get("components"):
-            components.extend(p.meta["components"])
-        else:
-            components.append({"concept": p.meta.get("concept"), "method": p.meta.get("method"),
-                               "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}),
-                               "tensors": p.names, "fingerprint": p.fingerprint})
-    meta = {
-        **_provenance(),
-        "base_model": first.get("base_model"),
-        "adapter": first.get("adapter"),
-        "concept": [c["concept"] for c in components],
-        "method": "composed",
-        "step_size": None,
-        "metrics": {},
-        "extra": {},
-        "components": components,
-        "tensors": {n: owner[n].meta["tensors"][n] for n in sorted(owner)},
-    }
-    return Patch(original={n: owner[n].original[n] for n in sorted(owner)},
-                 patched={n: owner[n].patched[n] for n in sorted(owner)},
-                 meta=_normalise_meta(meta))
-
-
-def chain_patches(patches: list[Patch]) -> Patch:
-    """Fold patches made **one after another** (each on the model the previous one produced) into one patch from
-    the first base to the final weights — sequential unlearning of several concepts.
-
-    Unlike :func:`compose_patches`, the patches may touch the same tensor: a later patch must then have been made on
-    top of the earlier one (its ``sha256_original`` equals the chain's current ``sha256_patched``), else
-    :class:`PatchError`. ``meta['components']`` lists the steps in order; ``method`` is ``"chained"``.
-    """
-    patches = list(patches)
-    if not patches:
-        raise PatchError("chain_patches needs at least one patch")
-    first = patches[0].meta
-    originals: dict[str, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
-    for p in patches:
-        if p.meta.get("adapter") != first.get("adapter"):
-            raise PatchError(f"cannot chain patches of different adapters: {first.get('adapter')} vs "
-                             f"{p.meta.get('adapter')}")
-        for name in p.names:
-            if name in current:
-                want = p.meta["tensors"][name]["sha256_original"]
-                if tensor_sha256(current[name]) != want:
-                    raise PatchError(f"patch for {p.concept!r} was not made on top of the earlier patches: tensor "
-                                     f"{name!r} differs from what they produce ({_short(want)}…)")
-            else:
-                originals[name] = p.original[name]
-            current[name] = p.patched[name]
-    changed = {n: t for n, t in current.items() if tensor_sha256(t) != tensor_sha256(originals[n])}
-    components = [{"concept": p.meta.get("concept"), "method": p.meta.get("method"),
-                   "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}), "tensors": p.names,
-                   "fingerprint": p.fingerprint} for p in patches]
-    chained = make_patch(originals, changed, base_model=first.get("base_model") or {"id": "unknown"},
-                         adapter=first.get("adapter", ""), concept=[c["concept"] for c in components],
-                         method="chained", extra={"order": [c["concept"] for c in components]})
-    chained.meta["components"] = components
-    chained.meta = _normalise_meta(chained.meta)
-    return chained
-
-
-def apply_patches(target, patches: list[Patch], *, check: bool = True):
-    """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written."""
-    return apply_patch(target, compose_patches(patches), check=check)
-
-
+def _cast_to(live: Mapping[str, torch.Tensor], patch: Patch) -> Patch:
+    """``patch`` cast to the dtypes of the floating tensors of ``live`` that have its shapes (the others are left
+    for :func:`_verify_state` to report)."""
+    dtypes = {}
+    for n in patch.names:
+        t = live.get(n)
+        if (t is not None and t.is_floating_point() and patch.patched[n].is_floating_point()
+                and tuple(t.shape) == tuple(patch.patched[n].shape)):
+            dtypes[n] = t.dtype
+    return cast_patch(patch, dtypes)

@@ -1,19 +1,50 @@
-"""How a patch reads to a person: ``slug inspect`` and the lines ``slug apply`` prints."""
+"""How a patch reads to a person: ``slug inspect`` and the lines ``slug apply`` prints.
+
+``patch.json`` is untrusted input: a concept such as ``"\\x1b[2J\\r\\nbase model: evil"`` would clear the terminal and
+fake a line. Every field is therefore passed through :func:`printable`, which writes control characters (C0, DEL, C1),
+Unicode format characters (bidi overrides, zero-width marks) and line/paragraph separators as escapes (``\\x1b``,
+``\\r``, ``\\n``, ``\\u202e``); everything else, accented letters included, is printed as is.
+"""
 
 from __future__ import annotations
 
+import unicodedata
+
 from .format import Patch, _base_label
+
+__all__ = ["describe", "printable"]
+
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPED = ("Cc", "Cf", "Cs", "Zl", "Zp")  # controls, format characters, surrogates, line/paragraph separators
+
+
+def _escape(c: str) -> str:
+    if c in _SHORT:
+        return _SHORT[c]
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else (f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+
+
+def printable(value) -> str:
+    """``str(value)`` with every character that can move the cursor, recolour or reorder a terminal line escaped
+    (see the module docstring). Never raises."""
+    s = value if isinstance(value, str) else str(value)
+    if s.isprintable():
+        return s
+    return "".join(_escape(c) if unicodedata.category(c) in _ESCAPED else c for c in s)
 
 
 def describe(patch: Patch) -> str:
-    """A short human summary: concept, method, base model, tensors (shape, dtype, relative change), η, metrics."""
-    m = patch.meta
+    """A short human summary: concept, method, base model, tensors (shape, dtype, relative change), η, metrics.
+    Every value read from ``patch.json`` is escaped (:func:`printable`), so the text holds no control character
+    but its line breaks."""
+    m, p = patch.meta, printable
     lines = [
-        f"slugkit patch (format {m.get('format_version')}, slugkit {m.get('toolkit_version')})",
-        f"  concept:    {m.get('concept')}",
-        f"  method:     {m.get('method')}",
-        f"  base model: {_base_label(m)}  [adapter: {m.get('adapter')}]",
-        f"  step size:  {m.get('step_size')}",
+        f"slugkit patch (format {p(m.get('format_version'))}, slugkit {p(m.get('toolkit_version'))})",
+        f"  concept:    {p(m.get('concept'))}",
+        f"  method:     {p(m.get('method'))}",
+        f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
+        f"  step size:  {p(m.get('step_size'))}",
         f"  tensors ({len(patch.names)}, {patch.nbytes / 2**20:.2f} MiB incl. originals):",
     ]
     for name in patch.names:
@@ -23,14 +54,18 @@ def describe(patch: Patch) -> str:
             o = patch.original[name].double()
             d = (patch.patched[name].double() - o).norm()
             rel = f"  ‖Δ‖/‖θ‖={float(d / o.norm().clamp_min(1e-30)):.3g}"
-        lines.append(f"    {name}  {info['dtype']}{tuple(info['shape'])}{rel}")
+        lines.append(f"    {p(name)}  {p(info['dtype'])}{tuple(info['shape'])}{rel}")
+    arch = m.get("architecture")
+    if isinstance(arch, dict) and arch:
+        lines.append("  architecture: " + ", ".join(f"{p(k)}={p(arch[k])}" for k in sorted(arch)))
     for comp in m.get("components") or []:
-        lines.append(f"  component: {comp.get('concept')} ({comp.get('method')}, η={comp.get('step_size')}) "
-                     f"→ {', '.join(comp.get('tensors', []))}")
+        tensors = comp.get("tensors", [])
+        lines.append(f"  component: {p(comp.get('concept'))} ({p(comp.get('method'))}, η={p(comp.get('step_size'))}) "
+                     f"→ {', '.join(p(t) for t in (tensors if isinstance(tensors, list) else [tensors]))}")
     metrics = m.get("metrics") or {}
     if metrics:
         lines.append("  metrics:")
-        for k in sorted(metrics):
+        for k in sorted(metrics, key=str):
             v = metrics[k]
-            lines.append(f"    {k}: {v:.4g}" if isinstance(v, float) else f"    {k}: {v}")
+            lines.append(f"    {p(k)}: {v:.4g}" if isinstance(v, float) else f"    {p(k)}: {p(v)}")
     return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Combining patches: :func:`compose_patches` (disjoint edits of one base, all-or-nothing), :func:`chain_patches`
+(edits made one after another, folded into one) and :func:`apply_patches`. A combined patch keeps the architecture
+facts its parts record (they must agree; :mod:`slugkit.patch.architecture`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format import Patch, PatchError, _base_label, _normalise_meta, _short, tensor_sha256
+from .ops import _provenance, apply_patch, make_patch
+from .summary import printable
+
+# --------------------------------------------------------------------------------------------------- compose
+
+
+def _common_architecture(patches: list[Patch]) -> dict:
+    """``{"architecture": facts}`` shared by the patches that record it ({} when none does); raises
+    :class:`PatchError` when two record different facts (they were made on models of different architectures)."""
+    recorded = [p for p in patches if p.meta.get("architecture")]
+    for p in recorded[1:]:
+        if p.meta["architecture"] != recorded[0].meta["architecture"]:
+            raise PatchError(f"cannot combine patches made on models of different architecture: concept "
+                             f"{recorded[0].concept!r} {recorded[0].meta['architecture']!r} vs concept {p.concept!r} "
+                             f"{p.meta['architecture']!r}")
+    return {"architecture": dict(recorded[0].meta["architecture"])} if recorded else {}
+
+
+def compose_patches(patches: list[Patch]) -> Patch:
+    """Merge patches that edit disjoint tensors of the same base model into one patch.
+
+    The result's ``meta['components']`` lists each part (concept, method, step_size, metrics, tensors and
+    ``fingerprint`` = sha256 of its canonical meta); ``concept`` is the list of the components' concepts and
+    ``method`` is ``"composed"``. Composing composed patches flattens the components. Raises
+    :class:`PatchError` when two patches touch the same tensor (naming it and both concepts), or were made for
+    different base models / adapters / architectures (``meta['architecture']``, kept in the result). A single patch
+    is returned unchanged.
+    """
+    patches = list(patches)
+    if not patches:
+        raise PatchError("compose_patches needs at least one patch")
+    if len(patches) == 1:
+        return patches[0]
+    first = patches[0].meta
+    owner: dict[str, Patch] = {}
+    for p in patches:
+        if p.meta.get("base_model") != first.get("base_model") or p.meta.get("adapter") != first.get("adapter"):
+            raise PatchError(f"cannot compose patches made for different base models: "
+                             f"{printable(_base_label(first))} ({printable(first.get('adapter'))}) vs "
+                             f"{printable(_base_label(p.meta))} ({printable(p.meta.get('adapter'))})")
+        for name in p.names:
+            if name in owner:
+                raise PatchError(f"patches overlap on tensor {name!r}: concept {owner[name].concept!r} and concept "
+                                 f"{p.concept!r} both edit it; apply one, or re-run unlearning for both concepts")
+            owner[name] = p
+
+    components: list[dict] = []
+    for p in patches:
+        if p.meta.get("method") == "composed" and p.meta.get("components"):
+            components.extend(p.meta["components"])
+        else:
+            components.append({"concept": p.meta.get("concept"), "method": p.meta.get("method"),
+                               "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}),
+                               "tensors": p.names, "fingerprint": p.fingerprint})
+    meta = {
+        **_provenance(),
+        **_common_architecture(patches),
+        "base_model": first.get("base_model"),
+        "adapter": first.get("adapter"),
+        "concept": [c["concept"] for c in components],
+        "method": "composed",
+        "step_size": None,
+        "metrics": {},
+        "extra": {},
+        "components": components,
+        "tensors": {n: owner[n].meta["tensors"][n] for n in sorted(owner)},
+    }
+    return Patch(original={n: owner[n].original[n] for n in sorted(owner)},
+                 patched={n: owner[n].patched[n] for n in sorted(owner)},
+                 meta=_normalise_meta(meta))
+
+
+def chain_patches(patches: list[Patch]) -> Patch:
+    """Fold patches made **one after another** (each on the model the previous one produced) into one patch from
+    the first base to the final weights — sequential unlearning of several concepts.
+
+    Unlike :func:`compose_patches`, the patches may touch the same tensor: a later patch must then have been made on
+    top of the earlier one (its ``sha256_original`` equals the chain's current ``sha256_patched``), else
+    :class:`PatchError`, as are steps of different adapters or recorded architectures (the shared
+    ``meta['architecture']`` is kept). ``meta['components']`` lists the steps in order; ``method`` is ``"chained"``.
+    """
+    patches = list(patches)
+    if not patches:
+        raise PatchError("chain_patches needs at least one patch")
+    first = patches[0].meta
+    originals: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+    for p in patches:
+        if p.meta.get("adapter") != first.get("adapter"):
+            raise PatchError(f"cannot chain patches of different adapters: {printable(first.get('adapter'))} vs "
+                             f"{printable(p.meta.get('adapter'))}")
+        for name in p.names:
+            if name in current:
+                want = p.meta["tensors"][name]["sha256_original"]
+                if tensor_sha256(current[name]) != want:
+                    raise PatchError(f"patch for {p.concept!r} was not made on top of the earlier patches: tensor "
+                                     f"{name!r} differs from what they produce ({_short(want)}…)")
+            else:
+                originals[name] = p.original[name]
+            current[name] = p.patched[name]
+    changed = {n: t for n, t in current.items() if tensor_sha256(t) != tensor_sha256(originals[n])}
+    components = [{"concept": p.meta.get("concept"), "method": p.meta.get("method"),
+                   "step_size": p.meta.get("step_size"), "metrics": p.meta.get("metrics", {}), "tensors": p.names,
+                   "fingerprint": p.fingerprint} for p in patches]
+    chained = make_patch(originals, changed, base_model=first.get("base_model") or {"id": "unknown"},
+                         adapter=first.get("adapter", ""), concept=[c["concept"] for c in components],
+                         method="chained", extra={"order": [c["concept"] for c in components]},
+                         architecture=_common_architecture(patches).get("architecture"))
+    chained.meta["components"] = components
+    chained.meta = _normalise_meta(chained.meta)
+    return chained
+
+
+def apply_patches(target, patches: list[Patch], *, check: bool = True):
+    """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written."""
+    return apply_patch(target, compose_patches(patches), check=check)
+
+
