@@ -8,19 +8,125 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+# --------------------------------------------------------------------------------------------- value checks
+# argparse ``type=`` callables: a bad value is refused at parse time with a one-line message naming the flag
+# (``error: argument --threshold: must be in [0, 1), got 1.0``), before any model or data is loaded.
+
+
+def _number(kind, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+
+
+def int_at_least(lo: int):
+    """An integer >= ``lo``."""
+    def check(text: str) -> int:
+        v = _number(int, text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    check.__name__ = f"integer >= {lo}"
+    return check
+
+
+def float_in(lo: float, hi: float, hi_open: bool = False):
+    """A number in [lo, hi] (or [lo, hi) with ``hi_open``)."""
+    def check(text: str) -> float:
+        v = _number(float, text)
+        if not (lo <= v and (v < hi if hi_open else v <= hi)):
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v:g}")
+        return v
+    check.__name__ = "number"
+    return check
+
+
+def float_at_least(lo: float):
+    """A number >= ``lo``."""
+    def check(text: str) -> float:
+        v = _number(float, text)
+        if not v >= lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo:g}, got {v:g}")
+        return v
+    check.__name__ = "number"
+    return check
+
+
+def nonempty(text: str) -> str:
+    """A non-blank string, stripped (an unset shell variable gives ``--concept ""``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return text.strip()
+
+
+def name_list(text: str) -> str:
+    """A comma list ``A,B`` naming at least two non-blank items (returned as given; split with :func:`split_list`)."""
+    items = split_list(text)
+    if len(items) < 2:
+        raise argparse.ArgumentTypeError(f"needs at least two comma-separated names, got {text!r}")
+    return text
+
+
+def template(text: str) -> str:
+    """A prompt template holding ``{}`` where the name goes (without it every class gets the same prompt)."""
+    if "{}" not in text:
+        raise argparse.ArgumentTypeError(f"must contain {{}} where the name goes, got {text!r}")
+    try:
+        text.format("x")
+    except (IndexError, KeyError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"is not a format template with one {{}} ({e}): {text!r}")
+    return text
+
+
+def method_lr(text: str) -> str:
+    """``METHOD=LR`` with a positive learning rate."""
+    method, eq, lr = text.partition("=")
+    if not eq or not method.strip():
+        raise argparse.ArgumentTypeError(f"expected METHOD=LR (e.g. gaft=2e-4), got {text!r}")
+    if not _number(float, lr) > 0:
+        raise argparse.ArgumentTypeError(f"the learning rate must be > 0, got {lr!r}")
+    return text
+
+
+def deprecated_alias(new_flag: str):
+    """An argparse action for an old spelling: stores into the new option's dest and warns on stderr."""
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {option_string} is deprecated; use {new_flag}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+    return Deprecated
+
+
+FRACTION = float_in(0.0, 1.0)
+THRESHOLD = float_in(0.0, 1.0, hi_open=True)
+THREADS = int_at_least(1)
+COUNT = int_at_least(1)
+BATCH = int_at_least(2)  # the retain loss is contrastive: a batch of one pair has a zero gradient (trust case A6)
+
+
+class SlugParser(argparse.ArgumentParser):
+    """``error: <message>`` on one line (no usage block), exit status 2, with a pointer to ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
-    """The step-size search options (spec §4) shared by demo and unlearn."""
-    g = p.add_argument_group("step-size search (spec §4)")
+    """The step-size search options (paper §3.3) shared by demo and unlearn."""
+    g = p.add_argument_group("step-size search (paper §3.3, Algorithm 3)")
     g.add_argument("--criterion", default=None, choices=["forget_top5", "forget_top1"],
                    help="validation metric that must reach --threshold (default: forget_top5, the official rule; "
                         "forget_top1 for `demo --target sd`, whose 30-way concept list is short)")
-    g.add_argument("--threshold", type=float, default=0.0)
-    g.add_argument("--steps", type=int, default=10, help="evaluations per layer, S (default 10)")
-    g.add_argument("--margin", type=float, default=1.1,
+    g.add_argument("--threshold", type=THRESHOLD, default=0.0,
+                   help="the criterion holds when the validation metric is <= this, in [0, 1) (default 0)")
+    g.add_argument("--steps", type=COUNT, default=10, help="evaluations per layer, S (default 10)")
+    g.add_argument("--margin", type=float_at_least(1.0), default=1.1,
                    help="applied step = margin x smallest accepted step (default 1.1; 1.0 = official rule)")
-    g.add_argument("--utility-floor", type=float, default=None,
+    g.add_argument("--utility-floor", type=FRACTION, default=None,
                    help="also require validation utility top-1 >= base - FLOOR (e.g. 0.01)")
     g.add_argument("--selection", default="min", choices=["min", "utility", "mean", "deepest"],
                    help="how to choose among Pareto layers (default min: best worst-case retention of validation "
@@ -41,13 +147,34 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """Output, seed, threads, device and progress options of a run, plus the search options."""
     p.add_argument("--out", required=False, default=None, help="output folder (refused if it holds a run)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=BATCH, default=64,
+                   help="pairs per batch of the gradient pass, >= 2: the retain loss is contrastive (default 64; the "
+                        "official script uses 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--save-gradients", action="store_true", help="also write gradients.safetensors")
     add_search_args(p)
+    add_verdict_args(p)
+
+
+def add_verdict_args(p: argparse.ArgumentParser) -> None:
+    """The budgets of the run's verdict (:mod:`slugkit.workflows.verdict`)."""
+    g = p.add_argument_group("verdict (exit status 0 pass, 3 warn, 4 fail)")
+    g.add_argument("--forget-tolerance", type=FRACTION, default=0.05,
+                   help="fail when the test criterion metric exceeds --threshold by more than this (default 0.05)")
+    g.add_argument("--utility-budget", type=FRACTION, default=0.02,
+                   help="warn when utility top-1 (TA_IN@1) drops by more than this (default 0.02)")
+    g.add_argument("--related-budget", type=FRACTION, default=0.05,
+                   help="warn when other-identity top-1 (TA_CA@1) drops by more than this (default 0.05)")
+
+
+def budgets_of(a):
+    """The verdict :class:`~slugkit.workflows.verdict.Budgets` those options give."""
+    from ..workflows.verdict import Budgets
+
+    return Budgets(forget_tolerance=a.forget_tolerance, utility_drop=a.utility_budget, related_drop=a.related_budget)
 
 
 def split_list(spec: str) -> list[str]:
@@ -68,14 +195,27 @@ def validate_demo_sd(a) -> str | None:
     return None
 
 
+def world_mode(a) -> bool:
+    """`slug unlearn --model embedded` with no data flag at all runs on the embedded world's data (like `slug demo`)."""
+    return a.model == "embedded" and not any((a.forget, a.retain, a.gradients, a.val_identities, a.test_identities,
+                                              a.names, a.utility_val, a.utility_test))
+
+
 def validate_unlearn(a, concepts: list[str]) -> str | None:
-    """`slug unlearn`: --out, a concept, and forget/retain data (or precomputed gradients) are required."""
+    """`slug unlearn`: --out and a concept are required; forget/retain data (or precomputed gradients) and the
+    validation/test folders too, unless it runs on the embedded world's data (:func:`world_mode`)."""
     if not a.out:
         return "--out is required"
-    if not concepts and not a.concept:
+    if not concepts and a.concept is None:
         return "pass --concept NAME (or --concepts A,B)"
+    if world_mode(a):
+        return None
     if not a.gradients and not (a.forget and a.retain):
         return "pass --forget and --retain (or precomputed --gradients)"
+    missing = [f for f, v in (("--val-identities", a.val_identities), ("--test-identities", a.test_identities))
+               if not v]
+    if missing:
+        return f"pass {' and '.join(missing)} (class folders <Name>/*.jpg for the search and the reported metrics)"
     return None
 
 
@@ -100,13 +240,38 @@ def validate_curate(a) -> str | None:
     return None
 
 
-def validate_apply(a) -> str | None:
-    """`slug apply` / `slug revert`: at most one of --pipeline / --llava, and either one needs --out."""
+def validate_apply(a, revert: bool = False) -> str | None:
+    """`slug apply` / `slug revert`: at most one of --pipeline / --llava, and either one needs --out; then the target
+    checks of :func:`_apply_target`."""
     if a.pipeline and a.llava:
         return "give --pipeline or --llava, not both"
     if (a.pipeline or a.llava) and not a.out:
         flag = "--pipeline" if a.pipeline else "--llava"
         return f"{flag} needs --out DIR (the patched model folder is written there)"
+    return _apply_target(a, revert)
+
+
+def _apply_target(a, revert: bool) -> str | None:
+    """What is wrong with the target options of `slug apply` / `slug revert`, or None: one of --model, --checkpoint,
+    --pipeline, --llava is needed (no silent default model); --clip-skip is for --pipeline; a file --out is not
+    replaced without --overwrite."""
+    cmd = "revert" if revert else "apply"
+    if not (a.model or a.checkpoint or a.pipeline or a.llava):
+        return f"slug {cmd} needs --model M (or --checkpoint FILE, --pipeline DIR, --llava DIR)"
+    if a.model and a.checkpoint:
+        return "give --model or --checkpoint, not both"
+    if (a.pipeline or a.llava) and (a.model or a.checkpoint):
+        return (f"{'--pipeline' if a.pipeline else '--llava'} reads the model from that folder; drop "
+                "--model/--checkpoint")
+    if a.clip_skip is not None and (not a.pipeline or a.clip_skip < 0):
+        return ("--clip-skip must be >= 0" if a.pipeline else
+                "--clip-skip applies to --pipeline only (how the pipeline reads its text encoder)")
+    if a.out and not (a.pipeline or a.llava):
+        out = Path(a.out)
+        if out.is_dir():
+            return f"--out {out} is a folder; give the .safetensors file to write"
+        if out.exists() and not a.overwrite:
+            return f"{out} already exists; pass --overwrite to replace it, or choose another --out"
     return None
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .args import refuse, split_list, validate_compare_data
+from .args import (BATCH, COUNT, FRACTION, THREADS, float_at_least, float_in, method_lr, name_list, nonempty, refuse,
+                   split_list, template, validate_compare_data)
 
 
 def cmd_compare(a) -> int:
@@ -16,10 +17,11 @@ def cmd_compare(a) -> int:
     concepts = split_list(a.concepts) if a.concepts else []
     try:
         if a.forget or a.model != "embedded":
-            concept = a.concept or " + ".join(concepts)
+            concept = a.concept if a.concept is not None else " + ".join(concepts)
         else:
             concepts = [world.identity_by_name(c).name for c in concepts]
-            concept = " + ".join(concepts) if concepts else world.identity_by_name(a.concept or default_concept()).name
+            concept = " + ".join(concepts) if concepts else world.identity_by_name(
+                default_concept() if a.concept is None else a.concept).name
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
@@ -72,15 +74,16 @@ def add_parsers(sub) -> None:
     cp = sub.add_parser("compare", help="SLUG vs FT, GA, GA+FT, SalUn, SSD on the same data, with cost")
     cp.add_argument("--model", default="embedded", help="'embedded' (the world's data by default) or any id of "
                                                         "`slug unlearn` (then pass its data flags)")
-    cp.add_argument("--concept", default=None, help="identity name (default: the demo's)")
-    cp.add_argument("--concepts", default=None, help="A,B,...: several identities, unlearned jointly (one forget set) "
-                                                     "and sequentially (one step per concept; SLUG chains patches)")
+    cp.add_argument("--concept", type=nonempty, default=None, help="identity name (default: the demo's)")
+    cp.add_argument("--concepts", type=name_list, default=None,
+                    help="A,B,...: several identities, unlearned jointly (one forget set) and sequentially (one step "
+                         "per concept; SLUG chains patches)")
     cp.add_argument("--modes", default="joint,sequential", help="with --concepts: joint, sequential or both")
     cp.add_argument("--methods", default="slug,ft,ga,gaft,salun,ssd",
                     help="comma list of slug, ft, ga, gaft, salun, salun-rl, ssd, ssd-cumulative")
-    cp.add_argument("--epochs", type=int, default=None, help="epochs of the iterative baselines (default: each "
+    cp.add_argument("--epochs", type=COUNT, default=None, help="epochs of the iterative baselines (default: each "
                                                              "method's, <= 10)")
-    cp.add_argument("--lr", action="append", default=None, metavar="METHOD=LR",
+    cp.add_argument("--lr", type=method_lr, action="append", default=None, metavar="METHOD=LR",
                     help="learning-rate override, e.g. --lr gaft=2e-4 (repeatable)")
     cp.add_argument("--select-metric", default="forget_top5", choices=["forget_top1", "forget_top5"],
                     help="epoch selection: first epoch with validation metric 0, else the minimum (default FA@5, "
@@ -89,24 +92,24 @@ def add_parsers(sub) -> None:
                     help="GA/GA+FT/SalUn: try these learning rates in ascending order, keep the smallest that meets "
                          "the epoch rule; the whole sweep counts in the method's time (default grid "
                          "3e-5,1e-4,3e-4,1e-3)")
-    cp.add_argument("--salun-threshold", type=float, default=0.5, help="SalUn mask fraction (default 0.5)")
-    cp.add_argument("--ssd-alpha", type=float, default=None, help="fix SSD's α (λ = 1, one application); default: "
-                                                                  "sweep α 10,5,2,1 × λ 1,.5,.2,.1 by validation")
+    cp.add_argument("--salun-threshold", type=float_in(0.0, 1.0), default=0.5, help="SalUn mask fraction (default 0.5)")
+    cp.add_argument("--ssd-alpha", type=float_at_least(0.0), default=None,
+                    help="fix SSD's α (λ = 1, one application); default: sweep α 10,5,2,1 × λ 1,.5,.2,.1 by validation")
     cp.add_argument("--forget-loss", choices=["cos", "clip"], default="cos",
                     help="GA, GA+FT, SalUn forget pass: ascent on 1 - cos (default, SLUG's) or on the CLIP loss "
                          "(the SLUG repo's _o variants)")
-    cp.add_argument("--rl-forget-fraction", type=float, default=None, metavar="F",
+    cp.add_argument("--rl-forget-fraction", type=FRACTION, default=None, metavar="F",
                     help="salun-rl: share of relabelled forget pairs in each mixed batch (default: one shuffled "
                          "pass over relabelled forget + retain pairs)")
-    cp.add_argument("--importance-batch-size", type=int, default=16,
+    cp.add_argument("--importance-batch-size", type=BATCH, default=16,
                     help="batch of SalUn's saliency gradient and SSD's importances (default 16, the SLUG repo's "
                          "calc_grad pass)")
     cp.add_argument("--ssd-importance-loss", choices=["split", "clip", "cos"], default="split",
                     help="SSD importances: split = mean cos on D_f, CLIP loss on D_r (default, the SLUG repo's); "
                          "clip / cos = that loss on both")
-    cp.add_argument("--forget-samples", type=int, default=None)
-    cp.add_argument("--retain-samples", type=int, default=None)
-    cp.add_argument("--retain-identity-fraction", type=float, default=None, metavar="F",
+    cp.add_argument("--forget-samples", type=COUNT, default=None, help="use the first N forget pairs (default all)")
+    cp.add_argument("--retain-samples", type=COUNT, default=None, help="use the first N retain pairs (default all)")
+    cp.add_argument("--retain-identity-fraction", type=FRACTION, default=None, metavar="F",
                     help="embedded world: a retain set of 900 pool pairs, a share F of them other identities' and "
                          "the rest utility pairs (default: the curated retain set, ~91%% identities; the paper's "
                          "LAION retain shard has few of the related test identities)")
@@ -114,21 +117,22 @@ def add_parsers(sub) -> None:
                                                     "each batch is moved before its forward)")
     cp.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
     g = cp.add_argument_group("explicit data (as `slug unlearn`; required for models other than 'embedded')")
-    g.add_argument("--pretrained", default=None)
-    g.add_argument("--precision", default="fp32")
+    g.add_argument("--pretrained", default=None, help="see `slug unlearn --help`")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="see `slug unlearn --help`")
     for flag in ("--forget", "--retain", "--val-identities", "--test-identities", "--names", "--related-names",
                  "--utility-val", "--utility-test", "--utility-classnames"):
         g.add_argument(flag, default=None, help="see `slug unlearn --help`")
-    g.add_argument("--identity-template", action="append", default=None)
-    g.add_argument("--utility-templates", default="imagenet-simple")
-    g.add_argument("--strict", action="store_true")
+    g.add_argument("--identity-template", type=template, action="append", default=None,
+                   help="see `slug unlearn --help` (default '{}.')")
+    g.add_argument("--utility-templates", default="imagenet-simple", help="see `slug unlearn --help`")
+    g.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
     g.add_argument("--mia-heldout", default=None, help="captioned pairs of the concept never trained on (shards or "
                                                        "folder) for the MIA; without it the MIA is skipped")
-    cp.add_argument("--out", default=None)
-    cp.add_argument("--overwrite", action="store_true")
-    cp.add_argument("--batch-size", type=int, default=32, help="baselines' batch size (official 32); SLUG keeps "
+    cp.add_argument("--out", default=None, help="output folder (default runs/compare-<Name>)")
+    cp.add_argument("--overwrite", action="store_true", help="replace an existing comparison in --out")
+    cp.add_argument("--batch-size", type=BATCH, default=32, help="baselines' batch size (official 32); SLUG keeps "
                                                                "`slug demo`'s settings")
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--threads", type=int, default=1)
-    cp.add_argument("--no-progress", action="store_true")
+    cp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    cp.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
+    cp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cp.set_defaults(func=cmd_compare)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from .args import refuse, validate_curate
+from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
+                   validate_curate)
 from .patches import load_pipeline
 
 
@@ -25,7 +27,7 @@ def cmd_curate(a) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     summary = curate(a.shards, a.concept, a.out, aliases=a.alias or [], max_forget=a.max_forget,
-                     retain=a.retain, seed=a.seed, strict=a.strict, progress=not a.no_progress)
+                     retain=a.max_retain, seed=a.seed, strict=a.strict, progress=not a.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -48,7 +50,7 @@ def cmd_grads(a) -> int:
         if getattr(a, "consumer", None):
             from ..integrations import restrict_to_consumer
 
-            restrict_to_consumer(adapter, a.consumer)
+            restrict_to_consumer(adapter, a.consumer, clip_skip=a.clip_skip)
         cfg = PassConfig(forget=a.forget, retain=a.retain, out=a.out, batch_size=a.batch_size,
                          checkpoint_dir=a.checkpoint_dir, stats_first=a.stats_first, strict=a.strict,
                          progress=not a.no_progress)
@@ -71,44 +73,55 @@ def add_parsers(sub) -> None:
     """Add the `curate` and `grads` subcommands to ``sub``."""
     c = sub.add_parser("curate", help="build forget/retain sets from shards by whole-word name match, or generate "
                                       "a forget set with a text-to-image pipeline")
-    c.add_argument("--shards", default=None)
-    c.add_argument("--concept", default=None, help="name to match in captions (with --generate: the caption of "
-                                                   "every generated image, unless --caption)")
+    c.add_argument("--shards", default=None, help="webdataset shards to draw from: a .tar, brace pattern "
+                                                  "(laion/{00000..00009}.tar), '::' list or folder of .tar files")
+    c.add_argument("--concept", type=nonempty, default=None,
+                   help="name to match in captions (with --generate: the caption of every generated image, unless "
+                        "--caption)")
     c.add_argument("--generate", action="append", default=None, metavar="PROMPT",
                    help="generate the forget set from PROMPT (repeatable; prompts rotate) with --pipeline")
-    c.add_argument("-n", type=int, default=None, help="with --generate: number of images")
+    c.add_argument("-n", type=COUNT, default=None, help="with --generate: number of images")
     c.add_argument("--pipeline", default="embedded", help="with --generate: a diffusers pipeline folder or "
                                                           "'embedded' (default)")
     c.add_argument("--caption", default=None, help="with --generate: caption stored with every image "
                                                    "(default --concept, else the prompt)")
-    c.add_argument("--gen-steps", type=int, default=25)
-    c.add_argument("--guidance", type=float, default=None)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--alias", action="append", default=None)
-    c.add_argument("--max-forget", type=int, default=None)
-    c.add_argument("--retain", type=int, default=None, help="retain samples to keep (default all non-matches; 0: "
-                                                            "no retain set)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--strict", action="store_true")
-    c.add_argument("--no-progress", action="store_true")
-    c.add_argument("--out", required=True)
+    c.add_argument("--gen-steps", type=COUNT, default=25, help="with --generate: denoising steps (default 25)")
+    c.add_argument("--guidance", type=float_at_least(0.0), default=None,
+                   help="with --generate: guidance scale (default: the pipeline's)")
+    c.add_argument("--device", default="cpu", help="with --generate: the pipeline's device (default cpu)")
+    c.add_argument("--alias", type=nonempty, action="append", default=None,
+                   help="another spelling of the concept that also counts as a match (repeatable)")
+    c.add_argument("--max-forget", type=COUNT, default=None, help="keep at most N forget pairs (default all matches)")
+    c.add_argument("--max-retain", type=int_at_least(0), default=None,
+                   help="retain pairs to keep (default all non-matches; 0: no retain set)")
+    c.add_argument("--retain", type=int_at_least(0), dest="max_retain", action=deprecated_alias("--max-retain"),
+                   help=argparse.SUPPRESS)  # old spelling: elsewhere --retain is a path, here it was a count
+    c.add_argument("--seed", type=int, default=0, help="seed of the retain subsample (default 0)")
+    c.add_argument("--strict", action="store_true", help="fail on unreadable samples instead of skipping them")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--out", required=True, help="output folder for forget.tar, retain.tar and the manifests")
     c.set_defaults(func=cmd_curate)
 
     gp = sub.add_parser("grads", help="gradient pass over shards: resumable, runs under torchrun on N ranks")
     gp.add_argument("--model", required=True, help="as `slug unlearn --model`")
-    gp.add_argument("--pretrained", default=None)
-    gp.add_argument("--precision", default="fp32")
-    gp.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
+    gp.add_argument("--pretrained", default=None, help="as `slug unlearn --pretrained`")
+    gp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="as `slug unlearn --precision` (default fp32)")
+    gp.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
+                    help="as `slug unlearn --family` (default open_clip)")
     gp.add_argument("--consumer", default=None, metavar="sd:DIR|llava:DIR", help="as `slug unlearn --consumer`")
+    gp.add_argument("--clip-skip", type=int_at_least(0), default=None, metavar="N",
+                    help="as `slug unlearn --clip-skip` (default: none)")
     gp.add_argument("--forget", required=True, help="forget pairs: shards (brace patterns, '::' lists) or a folder")
     gp.add_argument("--retain", required=True, help="retain pairs: shards or a captioned folder")
     gp.add_argument("--out", required=True, help="output .safetensors (written by rank 0, atomically)")
-    gp.add_argument("--batch-size", type=int, default=64, help="batches are formed within each shard")
+    gp.add_argument("--batch-size", type=BATCH, default=64,
+                    help="batches are formed within each shard; >= 2 (default 64)")
     gp.add_argument("--checkpoint-dir", default=None, help="resume state (default OUT.ckpt; deleted on success)")
     gp.add_argument("--stats-first", action="store_true",
                     help="keep per-tensor scalars for all candidates, full gradients for the Pareto front only")
-    gp.add_argument("--strict", action="store_true")
-    gp.add_argument("--threads", type=int, default=None)
+    gp.add_argument("--strict", action="store_true", help="fail on unreadable samples instead of skipping them")
+    gp.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
     gp.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK, NCCL)")
-    gp.add_argument("--no-progress", action="store_true")
+    gp.add_argument("--no-progress", action="store_true", help="no progress bars")
     gp.set_defaults(func=cmd_grads)

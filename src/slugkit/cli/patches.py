@@ -41,29 +41,6 @@ def _load_target(a):
     return adapter.model, adapter
 
 
-def _check_target(a, revert: bool) -> str | None:
-    """What is wrong with the target options of `slug apply` / `slug revert`, or None: one of --model, --checkpoint,
-    --pipeline, --llava is needed (no silent default model); --clip-skip is for --pipeline; a file --out is not
-    replaced without --overwrite."""
-    cmd = "revert" if revert else "apply"
-    if not (a.model or a.checkpoint or a.pipeline or a.llava):
-        return f"slug {cmd} needs --model M (or --checkpoint FILE, --pipeline DIR, --llava DIR)"
-    if a.model and a.checkpoint:
-        return "give --model or --checkpoint, not both"
-    if (a.pipeline or a.llava) and (a.model or a.checkpoint):
-        return f"{'--pipeline' if a.pipeline else '--llava'} reads the model from that folder; drop --model/--checkpoint"
-    if a.clip_skip is not None and (not a.pipeline or a.clip_skip < 0):
-        return ("--clip-skip must be >= 0" if a.pipeline else
-                "--clip-skip applies to --pipeline only (how the pipeline reads its text encoder)")
-    if a.out and not (a.pipeline or a.llava):
-        out = Path(a.out)
-        if out.is_dir():
-            return f"--out {out} is a folder; give the .safetensors file to write"
-        if out.exists() and not a.overwrite:
-            return f"{out} already exists; pass --overwrite to replace it, or choose another --out"
-    return None
-
-
 def _state_of(target):
     import torch
 
@@ -76,7 +53,7 @@ def cmd_apply(a, revert: bool = False) -> int:
     """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA."""
     from ..patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
 
-    msg = validate_apply(a) or _check_target(a, revert)
+    msg = validate_apply(a, revert)
     if msg:
         return refuse(msg)
     patches = [load_patch(p) for p in a.patch]

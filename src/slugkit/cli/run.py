@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import add_run_args, search_config, refuse, split_list, validate_demo_sd, validate_unlearn
+from .args import (COUNT, FRACTION, add_run_args, float_at_least, int_at_least, name_list, nonempty, refuse,
+                   search_config, split_list, template, validate_demo_sd, validate_unlearn, world_mode)
 
 
 def print_summary(result: dict, out: str) -> None:
@@ -23,7 +24,7 @@ def print_summary(result: dict, out: str) -> None:
     print(f"time: total {t['total']:.1f} s (gradients {t['gradients']:.1f} s, search {t['search']:.1f} s); "
           f"patch {result['patch']['bytes']:,} bytes = {100 * result['patch']['bytes'] / result['model_bytes']:.2f}% "
           f"of the model")
-    print(f"outputs: {out}/result.json, report.md, pareto.png, run.json, patch/")
+    print(f"outputs: {out}/result.json, report.md, pareto.png, layers.json, run.json, patch/")
 
 
 def print_multi_summary(result: dict, out: str) -> None:
@@ -55,7 +56,7 @@ def cmd_demo_sd(a) -> int:
     if msg:
         return refuse(msg)
     try:
-        concept = concept_by_name(a.concept or DEFAULT_SD_CONCEPT).name
+        concept = concept_by_name(a.concept if a.concept is not None else DEFAULT_SD_CONCEPT).name
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -86,7 +87,7 @@ def cmd_demo(a) -> int:
     from ..world import render as world
     from ..world.demo_data import default_concept
 
-    wanted = split_list(a.concepts) if a.concepts else [a.concept or default_concept()]
+    wanted = split_list(a.concepts) if a.concepts else [a.concept if a.concept is not None else default_concept()]
     try:
         concepts = [world.identity_by_name(c).name for c in wanted]
     except KeyError as e:
@@ -118,6 +119,8 @@ def cmd_unlearn(a) -> int:
     msg = validate_unlearn(a, concepts)
     if msg:
         return refuse(msg)
+    if world_mode(a):
+        return _unlearn_on_world(a, concepts)
     cfg = UnlearnConfig(
         concept=a.concept or " + ".join(concepts), concepts=concepts if len(concepts) > 1 else [],
         out=a.out, model=a.model, pretrained=a.pretrained, forget=a.forget or "",
@@ -135,12 +138,34 @@ def cmd_unlearn(a) -> int:
     return 0
 
 
+def _unlearn_on_world(a, concepts: list[str]) -> int:
+    """`slug unlearn --model embedded --concept NAME --out DIR` with no data flags: the world's data, as `slug demo`."""
+    from ..workflows.unlearn import run_unlearn
+    from ..workflows.world_runs import world_config
+    from ..world import render as world
+
+    try:
+        names = [world.identity_by_name(c).name for c in (concepts or [a.concept])]
+    except KeyError as e:
+        return refuse(e.args[0])
+    common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
+                  cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
+                  save_gradients=a.save_gradients, precision=a.precision, strict=a.strict,
+                  forget_samples=a.forget_samples, retain_samples=a.retain_samples)
+    cfg, cur, data = world_config(names if len(names) > 1 else names[0], a.out, a.data_dir, **common)
+    result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
+    print_summary(result, a.out)
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Add the `demo` and `unlearn` subcommands to ``sub``."""
     d = sub.add_parser("demo", help="unlearn an identity from the embedded tiny CLIP (no downloads)")
-    d.add_argument("--concept", default=None, help="identity name (see `slug world names`)")
-    d.add_argument("--concepts", default=None, help="A,B,...: several identities, unlearned jointly (one forget set, "
-                                                    "one edit) or, with --sequential, one after another")
+    d.add_argument("--concept", type=nonempty, default=None,
+                   help="identity name (see `slug world names`; default: the world's first identity)")
+    d.add_argument("--concepts", type=name_list, default=None,
+                   help="A,B,...: several identities, unlearned jointly (one forget set, one edit) or, with "
+                        "--sequential, one after another")
     d.add_argument("--sequential", action="store_true", help="with --concepts: one SLUG run per concept on the "
                                                             "previously patched model; patches chained into one")
     d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
@@ -148,25 +173,29 @@ def add_parsers(sub) -> None:
                    help="clip: unlearn an identity from the embedded CLIP; sd: unlearn an object concept (e.g. "
                         "'red triangle') from the embedded text-to-image pipeline by patching its CLIP text encoder")
     sdg = d.add_argument_group("--target sd")
-    sdg.add_argument("--n-target", type=int, default=50, help="generated images of the forgotten concept")
-    sdg.add_argument("--n-other", type=int, default=10, help="generated images per other concept (29 of them)")
-    sdg.add_argument("--gen-steps", type=int, default=20, help="DDIM steps")
-    sdg.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    sdg.add_argument("--n-target", type=COUNT, default=50,
+                     help="generated images of the forgotten concept (default 50)")
+    sdg.add_argument("--n-other", type=COUNT, default=10,
+                     help="generated images per other concept (29 of them; default 10)")
+    sdg.add_argument("--gen-steps", type=COUNT, default=20, help="DDIM steps (default 20)")
+    sdg.add_argument("--guidance", type=float_at_least(0.0), default=3.0,
+                     help="classifier-free guidance scale (default 3)")
     sdg.add_argument("--sd-selection", default="shift", choices=["shift", "clip"],
                      help="layer choice among the searched Pareto layers: shift (least conditioning shift of the "
                           "other concepts relative to the target's; default) or clip (the CLIP --selection policy)")
     sdg.add_argument("--no-gen-search", action="store_true",
                      help="apply the CLIP-searched step instead of searching it on generated validation images")
-    sdg.add_argument("--val-images", type=int, default=20,
-                     help="generated validation images of the concept per search step")
-    sdg.add_argument("--val-other", type=int, default=1,
-                     help="generated validation images per other concept per search step")
-    sdg.add_argument("--other-budget", type=float, default=0.05,
+    sdg.add_argument("--val-images", type=COUNT, default=20,
+                     help="generated validation images of the concept per search step (default 20)")
+    sdg.add_argument("--val-other", type=COUNT, default=1,
+                     help="generated validation images per other concept per search step (default 1)")
+    sdg.add_argument("--other-budget", type=FRACTION, default=0.05,
                      help="search accepts a step only if the other concepts' validation recognition drops by at "
-                          "most this much")
-    sdg.add_argument("--gen-threshold", type=float, default=0.05,
-                     help="search accepts a step when at most this share of validation images is recognised")
-    sdg.add_argument("--gen-margin", type=float, default=None,
+                          "most this much (default 0.05; also the verdict's budget on the test images)")
+    sdg.add_argument("--gen-threshold", type=FRACTION, default=0.05,
+                     help="search accepts a step when at most this share of validation images is recognised "
+                          "(default 0.05)")
+    sdg.add_argument("--gen-margin", type=float_at_least(1.0), default=None,
                      help="applied step = this x the smallest step that forgot on validation (default 1.2)")
     sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
     add_run_args(d)
@@ -174,30 +203,40 @@ def add_parsers(sub) -> None:
 
     u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
     u.add_argument("--model", default="embedded", help="open_clip arch (ViT-B-32), hf-hub:/local-dir: id, "
-                                                       "a folder, or 'embedded'")
+                                                       "a folder, or 'embedded' (default; with no data flags it "
+                                                       "runs on the embedded world's data, like `slug demo`)")
     u.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
-    u.add_argument("--precision", default="fp32")
+    u.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="forward passes under autocast in this precision; weights and gradient sums stay float32 "
+                        "(default fp32)")
     u.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
                    help="open_clip ids, or hf_clip: a transformers CLIPModel id/folder (e.g. "
                         "openai/clip-vit-large-patch14)")
     u.add_argument("--consumer", default=None, metavar="sd:DIR|llava:DIR",
                    help="hf_clip: only edit tensors this Stable Diffusion pipeline's text encoder / LLaVA's vision "
                         "tower reads (read from its configs)")
-    u.add_argument("--concept", default=None)
-    u.add_argument("--concepts", default=None, help="A,B,...: unlearn several concepts jointly (one forget set "
-                                                    "holding all of them, one edit; the criterion covers each)")
+    u.add_argument("--clip-skip", type=int_at_least(0), default=None, metavar="N",
+                   help="with --consumer sd:DIR: the pipeline runs with diffusers' clip_skip=N (1 = the penultimate "
+                        "text layer, A1111's 'CLIP skip 2'), so its last N text layers are not candidates (default: "
+                        "none)")
+    u.add_argument("--concept", type=nonempty, default=None, help="the name to unlearn, as the name list spells it")
+    u.add_argument("--concepts", type=name_list, default=None,
+                   help="A,B,...: unlearn several concepts jointly (one forget set holding all of them, one edit; the "
+                        "criterion covers each)")
     u.add_argument("--forget", default=None, help="forget pairs: shards (brace patterns, '::' lists) or a "
                                                    "captioned folder; e.g. the output of `slug curate`")
     u.add_argument("--retain", default=None, help="retain pairs: shards or captioned folder")
     u.add_argument("--gradients", default=None,
                    help="gradients from `slug grads` (full or --stats-first; e.g. computed under torchrun): skip "
                         "the gradient pass; --forget/--retain are then only recorded")
-    u.add_argument("--forget-samples", type=int, default=None)
-    u.add_argument("--retain-samples", type=int, default=None)
-    u.add_argument("--val-identities", required=True, help="class folder <Name>/*.jpg for the search")
-    u.add_argument("--test-identities", required=True, help="disjoint class folder for the reported metrics")
+    u.add_argument("--forget-samples", type=COUNT, default=None, help="use the first N forget pairs (default all)")
+    u.add_argument("--retain-samples", type=COUNT, default=None, help="use the first N retain pairs (default all)")
+    u.add_argument("--val-identities", default=None,
+                   help="class folder <Name>/*.jpg for the search (required unless --model embedded without data)")
+    u.add_argument("--test-identities", default=None, help="disjoint class folder for the reported metrics (required "
+                                                           "unless --model embedded without data)")
     u.add_argument("--names", default=None, help="file with the full identity name list (one per line)")
-    u.add_argument("--identity-template", action="append", default=None,
+    u.add_argument("--identity-template", type=template, action="append", default=None,
                    help="zero-shot identity prompt with {} (repeatable; default the official '{}.')")
     u.add_argument("--related-names", default=None, help="file: identities that count for related accuracy")
     u.add_argument("--utility-val", default=None, help="class folder (e.g. ImageNet val subset) for the search")
@@ -205,6 +244,8 @@ def add_parsers(sub) -> None:
     u.add_argument("--utility-classnames", default=None, help="file, or 'imagenet' for open_clip's 1000 names")
     u.add_argument("--utility-templates", default="imagenet-simple",
                    help="'imagenet-simple' (7 templates, official), 'imagenet' (80), or a file")
+    u.add_argument("--data-dir", default=None,
+                   help="--model embedded without data flags: where the world's data is generated (default: cache dir)")
     u.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
     add_run_args(u)
     u.set_defaults(func=cmd_unlearn)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .args import COUNT, THREADS
+
 
 def cmd_world(a) -> int:
     """`slug world ...`: print the identity names, train the embedded tiny CLIP, or write the world's data."""
@@ -33,12 +35,12 @@ def add_parsers(sub) -> None:
     wsub = w.add_subparsers(dest="world_cmd", required=True)
     wsub.add_parser("names", help="print the identity names")
     wt = wsub.add_parser("train", help="train the embedded tiny CLIP")
-    wt.add_argument("--out", required=True)
-    wt.add_argument("--steps", type=int, default=None)
-    wt.add_argument("--seed", type=int, default=0)
-    wt.add_argument("--threads", type=int, default=None)
+    wt.add_argument("--out", required=True, help="folder for open_clip_config.json, the weights and train_report.json")
+    wt.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
+    wt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    wt.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
     wdd = wsub.add_parser("data", help="write the world's shards and folders")
-    wdd.add_argument("--out", default=None)
+    wdd.add_argument("--out", default=None, help="folder to write (default: the cache dir the demos use)")
     wsub.add_parser("train-t2i", add_help=False,
                     help="train the embedded text-to-image UNet (`slug world train-t2i --help` for options)")
     w.set_defaults(func=cmd_world)
