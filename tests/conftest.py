@@ -243,3 +243,27 @@ def check_stage_index(adapter, images, tokens, scale):
             assert not torch.allclose(run_stages(stages, x0, ctx), before_out, atol=1e-6), n
         finally:
             p.copy_(saved)
+
+
+def write_captioned_world(root):
+    """Captioned forget/retain folders and disjoint val/test identity class folders (PNG), from conftest's world."""
+    import random
+
+    from hf_tiny import to_pil
+
+    def save(img, path, caption=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(img).save(path)
+        if caption is not None:
+            path.with_suffix(".txt").write_text(caption)
+
+    for k, (img, cap) in enumerate(zip(class_images(0, 5, seed=1), FORGET_CAPTIONS)):
+        save(img, root / "forget" / f"{k}.png", cap)
+    rng = random.Random(0)
+    for k, (c, cap) in enumerate(zip(RETAIN_CLASSES * 3, RETAIN_CAPTIONS * 3)):
+        save(class_images(c, 1, seed=300 + k)[0], root / "retain" / f"{k}.png", cap)
+    for split, seed in (("val", 11), ("test", 21)):
+        for c, name in enumerate(NAMES[:6]):
+            for j, img in enumerate(class_images(c, 3, seed=seed + 31 * c + rng.randrange(1000))):
+                save(img, root / split / name.replace(" ", "_") / f"{j}.png")
+    (root / "names.txt").write_text("\n".join(NAMES) + "\n")

@@ -133,7 +133,7 @@ def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
     name = world.IDENTITIES[5].name
     cur = tmp_path / "cur"
     assert main(["curate", "--shards", str(data_dir / "pool") + "/pool-{00000..00003}.tar", "--concept", name,
-                 "--max-forget", "100", "--retain", "900", "--out", str(cur), "--no-progress"]) == 0
+                 "--max-forget", "100", "--max-retain", "900", "--out", str(cur), "--no-progress"]) == 0
     out = tmp_path / "run"
     args = ["unlearn", "--model", "embedded", "--concept", name, "--forget", str(cur / "forget.tar"),
             "--retain", str(cur / "retain.tar"), "--names", str(data_dir / "names.txt"),
@@ -155,7 +155,8 @@ def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["identity_templates"] == world.IDENTITY_EVAL_TEMPLATES
     # validation and test must be disjoint
-    bad = args[:-1] + [str(tmp_path / "run2")]
+    bad = list(args)
+    bad[bad.index("--out") + 1] = str(tmp_path / "run2")
     bad[bad.index("--test-identities") + 1] = str(data_dir / "val" / "identities")
     assert main(bad) == 2
 

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from conftest import (NAMES, check_stage_index, class_images, forget_pairs, make_suite, retain_pairs,  # noqa: E402
                       split_batches)
 from conftest import run_stages as _run  # noqa: E402
+from conftest import write_captioned_world  # noqa: E402
 from hf_tiny import HF_CFG, build_adapter, clone, to_pil, train  # noqa: E402
 
 from slugkit.models import load_adapter  # noqa: E402
@@ -234,30 +235,6 @@ def test_patch_on_clipmodel_names(hf):
         assert load_patch(d + "/p").names == sorted(group)
 
 
-def _write_world(root):
-    """Captioned forget/retain folders and disjoint val/test identity class folders (PNG), from conftest's world."""
-    import random
-
-    from conftest import FORGET_CAPTIONS, RETAIN_CAPTIONS, RETAIN_CLASSES
-
-    def save(img, path, caption=None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        to_pil(img).save(path)
-        if caption is not None:
-            path.with_suffix(".txt").write_text(caption)
-
-    for k, (img, cap) in enumerate(zip(class_images(0, 5, seed=1), FORGET_CAPTIONS)):
-        save(img, root / "forget" / f"{k}.png", cap)
-    rng = random.Random(0)
-    for k, (c, cap) in enumerate(zip(RETAIN_CLASSES * 3, RETAIN_CAPTIONS * 3)):
-        save(class_images(c, 1, seed=300 + k)[0], root / "retain" / f"{k}.png", cap)
-    for split, seed in (("val", 11), ("test", 21)):
-        for c, name in enumerate(NAMES[:6]):
-            for j, img in enumerate(class_images(c, 3, seed=seed + 31 * c + rng.randrange(1000))):
-                save(img, root / split / name.replace(" ", "_") / f"{j}.png")
-    (root / "names.txt").write_text("\n".join(NAMES) + "\n")
-
-
 @pytest.mark.slow
 def test_slug_unlearn_hf_family_with_sd_consumer(tmp_path, trained):
     """`slug unlearn --family hf_clip --model DIR --consumer sd:PIPE` end to end: the edit lands in a text layer the
@@ -269,7 +246,7 @@ def test_slug_unlearn_hf_family_with_sd_consumer(tmp_path, trained):
     trained.save_pretrained(tmp_path / "clip")
     te_cfg = CLIPTextConfig(**{**trained.model.config.text_config.to_dict(), "num_hidden_layers": 3})
     te_cfg.save_pretrained(tmp_path / "pipe" / "text_encoder")
-    _write_world(tmp_path / "w")
+    write_captioned_world(tmp_path / "w")
     w = tmp_path / "w"
     out = tmp_path / "run"
     args = ["unlearn", "--family", "hf_clip", "--model", str(tmp_path / "clip"), "--consumer",

@@ -123,6 +123,22 @@ def reference(world, tmp_path_factory):
     return res, out
 
 
+def test_out_folder_refused_up_front(world, tmp_path, capsys):
+    """`slug grads --out <existing folder>` (or a path under a file) is refused before the pass, as one line
+    `error: <path>: <reason>`, with no `*.ckpt/` left behind."""
+    from slugkit.cli import main
+
+    d = tmp_path / "grads"
+    d.mkdir()
+    assert main(_cli(world, d)[2:]) == 2
+    assert capsys.readouterr().err == f"error: {d}: is a folder; --out names the .safetensors file to write\n"
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    assert main(_cli(world, f / "g.safetensors")[2:]) == 2
+    assert capsys.readouterr().err == f"error: {f}: is not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grads", "notes.txt"] and list(d.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------- (a)
 def test_streaming_equals_compute_gradients(world, reference):
     """Same batches (formed within each shard) -> the same gradients as the in-memory ``compute_gradients``."""

@@ -236,7 +236,7 @@ def test_compare_on_the_model_device(compare_run, tmp_path, monkeypatch):
     """`slug compare --device`: SLUG, the baselines, the evaluation and the MIA with the model on a (simulated)
     separate device — data in host memory must be moved batch by batch — give the CPU run's metrics exactly."""
     import slugkit.models as models
-    from test_device import SimDeviceAdapter
+    from sim_device import SimDeviceAdapter
 
     run, data_dir = compare_run
     real = models.load_adapter
@@ -253,3 +253,21 @@ def test_compare_on_the_model_device(compare_run, tmp_path, monkeypatch):
         assert rep["methods"][m]["metrics"]["after"] == ref["methods"][m]["metrics"]["after"], m
         assert rep["methods"][m]["mia"] == ref["methods"][m]["mia"], m
     assert rep["config"]["device"] == "cpu"  # the simulated device stands in for a GPU on the CPU
+
+
+def test_compare_records_final_paths(compare_run, multi_run):
+    """Assembled in a temporary folder and renamed: compare.json and the SLUG runs inside it record the paths the
+    folders have after the rename, and no temporary folder or lock is left next to them."""
+    for out in (compare_run[0], multi_run[0]):
+        for f in out.rglob("*.json"):
+            assert ".slug-" not in f.read_text(), f
+        assert not [p.name for p in out.parent.iterdir() if ".slug-" in p.name]
+    out = compare_run[0]
+    run = json.loads((out / "slug" / "run.json").read_text())
+    assert run["config"]["out"] == str(out / "slug")
+    assert run["config"]["forget"] == str(out / "data" / "forget.tar") and (out / "data" / "forget.tar").is_file()
+    out, concepts = multi_run
+    seq = json.loads((out / "sequential" / "slug" / "result.json").read_text())
+    steps = [out / "sequential" / "slug" / f"{k + 1}-{c.replace(' ', '_')}" for k, c in enumerate(concepts)]
+    assert [s["out"] for s in seq["steps"]] == [str(p) for p in steps]
+    assert all((p / "result.json").is_file() for p in steps)

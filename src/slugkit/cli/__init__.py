@@ -16,6 +16,7 @@ argument groups and the argument checks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..common.errors import check_device, device_error_hint
@@ -26,7 +27,13 @@ __all__ = ["build_parser", "check_device", "device_error_hint", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``slug`` argument parser, with every command's subparser (in the order `slug --help` lists them)."""
-    p = argparse.ArgumentParser(prog="slug", description="Targeted unlearning with SLUG: edit one layer once.")
+    from .. import __version__
+    from .args import SlugParser
+
+    p = SlugParser(prog="slug", description="Targeted unlearning with SLUG: edit one layer once. Exit status: 0 pass, "
+                                            "2 a usage or input error, 3 unlearned with warnings, 4 not unlearned "
+                                            "(or nothing to unlearn), 130 interrupted.")
+    p.add_argument("--version", action="version", version=f"slugkit {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     run.add_parsers(sub)  # demo, unlearn
     compare.add_parsers(sub)  # compare
@@ -37,7 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``slug ARGS``: parse, check --device, dispatch; user errors print `error: ...` and return 2."""
+    """Run ``slug ARGS``; returns the exit status.
+
+    0 success (verdict ``pass``); 3 the run finished with verdict ``warn``; 4 verdict ``fail`` (not unlearned, or
+    nothing to unlearn); 2 a user error, printed as one line ``error: ...`` (an OS error as
+    ``error: <path>: <reason>``), with nothing left behind; 130 interrupted (Ctrl-C: ``interrupted`` on stderr, the run's temporary folder removed);
+    141 stdout closed early (``slug inspect P | head -1``: the rest of the output is dropped quietly, as a program
+    killed by SIGPIPE). A claim on an output folder that the command left unfinished is undone on the way out."""
+    from ..common.progress import plain_progress_if_not_a_tty
+    from ..common.runfolder import abandon_claims
+
+    plain_progress_if_not_a_tty()
+    try:
+        try:
+            rc = _dispatch(argv)
+        finally:
+            abandon_claims()
+        sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
+        return rc
+    except BrokenPipeError:
+        # Python docs, "Note on SIGPIPE": point stdout at devnull so the flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str] | None) -> int:
+    """Parse, check --device, run the command; user errors print `error: ...` and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["world", "train-t2i"]:  # its own argparse (python -m slugkit.world.t2i_train)
         from ..world.t2i_train import main as t2i_main
@@ -46,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     from ..common.errors import EmptyForgetSetError, ModelLoadError, OutputExistsError, ShardError
+    from ..common.runfolder import RunLockedError
     from ..patch import PatchError
     from ..slug.search import SearchFailed
 
@@ -55,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return a.func(a)
+    except BrokenPipeError:
+        raise
     except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
-            FileNotFoundError, FileExistsError, ValueError) as e:
+            RunLockedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_status", 2)  # NothingToUnlearnError: 4, like a failed verdict
+    except OSError as e:  # a missing or existing path, a full disk, a read-only filesystem, a folder for a file ...
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         hint = device_error_hint(e)
@@ -66,3 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}\n{hint}", file=sys.stderr)
         return 2
 
+
+def os_error_text(e: OSError) -> str:
+    """``<path>: <reason>`` for an OSError that names a path (``<path> -> <path2>: <reason>`` for two), else its
+    message."""
+    if e.filename is None or e.strerror is None:
+        return str(e)
+    where = os.fsdecode(e.filename) + (f" -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else "")
+    return f"{where}: {e.strerror}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .args import refuse, split_list, validate_apply, validate_eval_sd
+from .args import COUNT, float_at_least, int_at_least, refuse, split_list, template, validate_apply, validate_eval_sd
 
 
 def load_pipeline(spec: str, device: str = "cpu"):
@@ -154,8 +154,9 @@ def add_parsers(sub) -> None:
         ap.add_argument("--model", default=None, help="the model to patch, as `slug unlearn --model` (e.g. embedded); "
                                                        "one of --model, --checkpoint, --pipeline, --llava is needed "
                                                        "(default: none)")
-        ap.add_argument("--pretrained", default=None)
-        ap.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
+        ap.add_argument("--pretrained", default=None, help="with --model: as `slug unlearn --pretrained`")
+        ap.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
+                        help="with --model: as `slug unlearn --family` (default open_clip)")
         ap.add_argument("--out", default=None, help="write the resulting state dict (.safetensors)")
         ap.add_argument("--pipeline", default=None, help="a diffusers Stable Diffusion folder: write its text_encoder/ "
                                                          f"{'reverted' if rev else 'patched'} into --out (folder)")
@@ -168,7 +169,7 @@ def add_parsers(sub) -> None:
         ap.add_argument("--text-encoder", default=None, choices=["text_encoder", "text_encoder_2"],
                         help="with --pipeline (SDXL): which text encoder the patch belongs to (default: the one "
                              "whose shapes fit the patch)")
-        ap.add_argument("--clip-skip", type=int, default=None, metavar="N",
+        ap.add_argument("--clip-skip", type=int_at_least(0), default=None, metavar="N",
                         help="with --pipeline: the pipeline is run with diffusers' clip_skip=N, so its UNet reads the "
                              "text encoder's hidden state N layers before the last (1 = the penultimate layer, "
                              "A1111's 'CLIP skip 2'); "
@@ -180,29 +181,33 @@ def add_parsers(sub) -> None:
     ev = sub.add_parser("eval-sd", help="score a text-to-image pipeline before/after a patch on generated images "
                                         "(UA, IRA, CRA, CLIP score)")
     ev.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'embedded'")
-    ev.add_argument("--patch", action="append", required=True)
+    ev.add_argument("--patch", action="append", required=True, help="patch folder (repeatable to compose)")
     ev.add_argument("--target", required=True, help="the forgotten concept (must be in --concepts or is added)")
     ev.add_argument("--concepts", required=True, help="in-domain concept list the judge classifies over: a file "
                                                       "(one per line) or A,B,C")
-    ev.add_argument("--template", default="a photo of {}.", help="generation prompt template ({} = concept)")
-    ev.add_argument("--judge-template", action="append", default=None, help="zero-shot template(s) of the judge "
-                                                                            "(default: --template)")
+    ev.add_argument("--template", type=template, default="a photo of {}.",
+                    help="generation prompt template ({} = concept; default 'a photo of {}.')")
+    ev.add_argument("--judge-template", type=template, action="append", default=None,
+                    help="zero-shot template(s) of the judge (default: --template)")
     ev.add_argument("--cross-concepts", default=None, help="cross-domain concept list for CRA (file or A,B,C)")
-    ev.add_argument("--cross-template", default=None)
-    ev.add_argument("--n-target", type=int, default=10)
-    ev.add_argument("--n-other", type=int, default=2)
+    ev.add_argument("--cross-template", type=template, default=None,
+                    help="prompt template of the cross-domain concepts (default: --template)")
+    ev.add_argument("--n-target", type=COUNT, default=10, help="generated images of the target (default 10)")
+    ev.add_argument("--n-other", type=COUNT, default=2, help="generated images per other concept (default 2)")
     ev.add_argument("--judge-model", default="embedded", help="CLIP judge, as `slug unlearn --model`")
-    ev.add_argument("--judge-pretrained", default=None)
-    ev.add_argument("--judge-family", default="open_clip", choices=["open_clip", "hf_clip"])
-    ev.add_argument("--steps", type=int, default=25, help="denoising steps")
-    ev.add_argument("--guidance", type=float, default=None)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument("--out", required=True)
+    ev.add_argument("--judge-pretrained", default=None, help="as `slug unlearn --pretrained`, for the judge")
+    ev.add_argument("--judge-family", default="open_clip", choices=["open_clip", "hf_clip"],
+                    help="as `slug unlearn --family`, for the judge (default open_clip)")
+    ev.add_argument("--steps", type=COUNT, default=25, help="denoising steps (default 25)")
+    ev.add_argument("--guidance", type=float_at_least(0.0), default=None,
+                    help="guidance scale (default: the pipeline's)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the generation plan (default 0)")
+    ev.add_argument("--device", default="cpu", help="the pipeline's and the judge's device (default cpu)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--out", required=True, help="folder for gen_eval.json and generations.png")
     ev.set_defaults(func=cmd_eval_sd)
 
     i = sub.add_parser("inspect", help="describe a patch")
-    i.add_argument("patch")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("patch", help="a patch folder (or its patch.json)")
+    i.add_argument("--json", action="store_true", help="print patch.json's metadata as JSON")
     i.set_defaults(func=cmd_inspect)

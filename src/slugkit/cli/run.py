@@ -140,7 +140,7 @@ def cmd_unlearn(a) -> int:
 
 def _unlearn_on_world(a, concepts: list[str]) -> int:
     """`slug unlearn --model embedded --concept NAME --out DIR` with no data flags: the world's data, as `slug demo`."""
-    from ..workflows.unlearn import run_unlearn
+    from ..workflows.unlearn import check_out_dir, run_unlearn
     from ..workflows.world_runs import world_config
     from ..world import render as world
 
@@ -148,6 +148,7 @@ def _unlearn_on_world(a, concepts: list[str]) -> int:
         names = [world.identity_by_name(c).name for c in (concepts or [a.concept])]
     except KeyError as e:
         return refuse(e.args[0])
+    check_out_dir(Path(a.out), a.overwrite)  # lock --out before the world's data is curated into it
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients, precision=a.precision, strict=a.strict,

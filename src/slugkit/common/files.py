@@ -3,39 +3,182 @@
 Every writer in slugkit goes through these (patches keep their own folder writer so that the patch format imports
 nothing of ours; :func:`slugkit.patch.format.save_patch`). Files are written to a temporary sibling in the same
 folder (so the final ``os.replace``/``os.rename`` is atomic on one filesystem), fsync'd, then renamed into place; on
-any error, Ctrl-C included, the temporary file or folder is removed.
+any error, Ctrl-C included, the temporary file or folder is removed. A whole run folder is assembled the same way,
+under a lock: :mod:`slugkit.common.runfolder`.
+
+**Modes.** ``mkstemp`` creates 0600 files and ``mkdtemp`` 0700 folders, and a rename keeps the mode; every file and
+folder written here is given the mode a plain ``open()`` / ``mkdir()`` would have under the process's umask
+(:func:`file_mode`, :func:`dir_mode`).
+
+**Final paths.** While a run is assembled in a temporary folder (:func:`slugkit.common.runfolder.run_folder`), the
+paths a run records must name the folder it will be renamed to. :func:`write_json` writes every string that names a
+path inside a registered temporary folder with the final folder instead (:func:`final_paths`), so ``run.json``
+reads ``runs/demo-X/data/forget.tar``, never ``runs/.demo-X.slug-k2j4.tmp/data/forget.tar``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_writer", "write_json"]
+__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_writer", "check_file_target", "check_folder_target",
+           "current_umask", "dir_mode", "file_mode", "final_path", "final_paths", "fix_modes", "register_staging",
+           "unregister_staging", "write_json"]
 
 
+# ------------------------------------------------------------------------------------------------------- modes
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` (Linux ≥ 4.7) without changing it; elsewhere by the
+    ``os.umask(0); os.umask(old)`` round trip, which is racy across threads (a file another thread creates in that
+    instant gets mode 0666/0777) — acceptable here: slugkit writes its outputs from one thread."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def file_mode(executable: bool = False) -> int:
+    """The mode ``open(path, "w")`` (or an executable file) gets under the current umask."""
+    return (0o777 if executable else 0o666) & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``os.mkdir`` gets under the current umask."""
+    return 0o777 & ~current_umask()
+
+
+def fix_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything below it the modes a plain ``open()`` / ``mkdir()`` would have under the current
+    umask (files keep their executable bit). For trees that were written through ``mkstemp``/``mkdtemp`` (0600/0700)
+    by writers outside this module, e.g. a patch folder. Symbolic links are left alone."""
+    root = Path(root)
+    dmode, fmode, xmode = dir_mode(), file_mode(), file_mode(executable=True)
+    if root.is_symlink() or not root.exists():
+        return
+    if not root.is_dir():
+        os.chmod(root, xmode if os.stat(root).st_mode & 0o111 else fmode)
+        return
+    os.chmod(root, dmode)
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            p = os.path.join(base, d)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+        for name in files:
+            p = os.path.join(base, name)
+            if not os.path.islink(p):
+                os.chmod(p, xmode if os.stat(p).st_mode & 0o111 else fmode)
+
+
+# ------------------------------------------------------------------------------------------------- final paths
+_STAGING: dict[str, str] = {}  # temporary folder name -> final folder name (siblings: same parent)
+_STAGING_LOCK = threading.Lock()
+
+
+def register_staging(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Record that the temporary folder ``tmp`` will be renamed to its sibling ``final`` (see :func:`final_paths`)."""
+    with _STAGING_LOCK:
+        _STAGING[Path(tmp).name] = Path(final).name
+
+
+def unregister_staging(tmp: str | os.PathLike) -> None:
+    with _STAGING_LOCK:
+        _STAGING.pop(Path(tmp).name, None)
+
+
+def final_path(path: str) -> str:
+    """``path`` with every component that is a registered temporary folder replaced by its final name (the two are
+    siblings, so the rest of the path is unchanged)."""
+    with _STAGING_LOCK:
+        names = dict(_STAGING)
+    for tmp, final in names.items():
+        if tmp in path:
+            path = re.sub(r"(^|[/\\])" + re.escape(tmp) + r"(?=$|[/\\])", r"\g<1>" + final.replace("\\", r"\\"),
+                          path)
+    return path
+
+
+def final_paths(obj):
+    """``obj`` (JSON-like: dicts, lists, tuples, strings) with :func:`final_path` applied to every string value."""
+    if not _STAGING:
+        return obj
+    if isinstance(obj, str):
+        return final_path(obj)
+    if isinstance(obj, dict):
+        return {k: final_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(final_paths(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------- output paths
+def check_file_target(path: str | os.PathLike | None, hint: str = "expected a file") -> None:
+    """Refuse, before any work, a file output ``path`` that is a folder (``IsADirectoryError``) or lies under a
+    file (``NotADirectoryError``); both name the path (the CLI prints ``error: <path>: <reason>``). None: no output."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"is a folder; {hint}", str(p))
+    _check_parents(p)
+
+
+def check_folder_target(path: str | os.PathLike, hint: str = "expected a folder") -> None:
+    """Refuse, before any work, a folder output ``path`` that is a file or lies under one (``NotADirectoryError``)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"is not a folder; {hint}", str(p))
+    _check_parents(p)
+
+
+def _check_parents(p: Path) -> None:
+    parent = p.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is not a folder", str(parent))
+
+
+# ----------------------------------------------------------------------------------------------------- writers
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike):
     """Open a temporary file next to ``path`` for writing; on success fsync it and ``os.replace`` it into place,
-    on any error remove it. A crash or a full disk never leaves a partial ``path`` behind."""
+    on any error remove it. A crash or a full disk never leaves a partial ``path`` behind. The file gets the mode
+    ``open()`` would give it under the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and (e.filename is None or e.filename == tmp):
+            e.filename = str(path)  # "error: <path>: No space left on device" names the file being written
         raise
 
 
@@ -46,15 +189,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """``obj`` as indented JSON (keys in insertion order) plus a newline, written atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """``obj`` as indented JSON (keys in insertion order) plus a newline, written atomically; paths inside a run's
+    temporary folder are written as their final paths (:func:`final_paths`)."""
+    atomic_write_bytes(path, (json.dumps(final_paths(obj), indent=2, sort_keys=False) + "\n").encode())
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary sibling folder to fill; when the block succeeds it replaces ``out_dir`` by rename (the old
     one removed after), when it fails it is deleted — ``out_dir`` never holds a partial write. A non-empty existing
-    ``out_dir`` is refused (``FileExistsError``) unless ``overwrite``."""
+    ``out_dir`` is refused (``FileExistsError``) unless ``overwrite``. The new folder's tree gets the umask's modes."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
@@ -62,6 +206,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
+        fix_modes(tmp)
         old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))

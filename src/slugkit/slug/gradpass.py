@@ -72,6 +72,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import EmptyForgetSetError
+from ..common.files import check_file_target, check_folder_target
 from ..common.tensorfile import read_metadata as _read_meta
 from ..common.tensorfile import read_tensors, write_safetensors
 from ..data.shards import ReadStats, expand_urls
@@ -247,6 +248,8 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
     if cfg.checkpoint_dir is None and cfg.out is None:
         raise ValueError("the gradient pass needs an output file or a checkpoint directory")
     ckdir = Path(cfg.checkpoint_dir if cfg.checkpoint_dir is not None else f"{cfg.out}.ckpt")
+    check_file_target(cfg.out, "--out names the .safetensors file to write")  # before any work or checkpoint
+    check_folder_target(ckdir, "--checkpoint-dir names a folder")
     fp = fingerprint(adapter, names, shards["forget"], shards["retain"], cfg, world)
     digest = _digest(fp)
     check_checkpoint_dir(ckdir, fp)

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from ..common.files import final_paths
+from ..common.runfolder import claim_out, run_folder
 from ..report.compare import COMPARE_FILES, MODES, render_compare, time_ratios, write_compare_report
 from .compare_joint import compare_joint
 from .compare_sequential import compare_sequential
@@ -56,6 +58,7 @@ __all__ = ["DEFAULT_METHODS", "MODES", "CompareConfig", "check_compare_out", "re
            "time_ratios"]
 
 DEFAULT_METHODS = ("slug", "ft", "ga", "gaft", "salun", "ssd")
+COMPARE_MARKER = COMPARE_FILES[0]  # compare.json: a folder holding it is a complete comparison
 
 
 @dataclass
@@ -99,19 +102,20 @@ class CompareConfig:
 
 def run_compare(cc: CompareConfig) -> dict:
     """Run every method of ``cc`` on the same data from the same weights; write ``compare.json``, ``compare.md`` and
-    ``tradeoff.png`` in ``cc.out`` and return the report."""
+    ``tradeoff.png`` (and the runs: ``data/``, ``slug/``, ``joint/``, ``sequential/``) in ``cc.out`` and return the
+    report. Everything is written into a temporary folder and renamed to ``cc.out`` at the end, under a lock
+    (:func:`slugkit.common.runfolder.run_folder`)."""
     concepts = cc.concept_list()
     _check_config(cc, concepts)
-    out = Path(cc.out)
-    check_compare_out(out, cc.overwrite)
     if cc.threads:
         torch.set_num_threads(cc.threads)
-    if len(concepts) > 1:
-        report = _compare_modes(cc, concepts, out)
-    else:
-        report = _compare_single(cc, concepts, out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_compare_report(report, out)
+    with run_folder(cc.out, cc.overwrite, COMPARE_MARKER) as out:
+        if len(concepts) > 1:
+            report = _compare_modes(cc, concepts, out)
+        else:
+            report = _compare_single(cc, concepts, out)
+        write_compare_report(report, out)
+        report = final_paths(report)  # paths as they read after the rename
     return report
 
 
@@ -139,11 +143,9 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
 
 
 def check_compare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that already holds a comparison unless ``overwrite``."""
-    from ..common.errors import OutputExistsError
-
-    if out.exists() and any((out / f).exists() for f in COMPARE_FILES + ("slug",) + MODES) and not overwrite:
-        raise OutputExistsError(f"{out} already holds a comparison; pass --overwrite or choose another --out")
+    """Claim ``out`` for the comparison this process is about to run (lock; a folder holding ``compare.json`` is
+    refused unless ``overwrite``), as :func:`slugkit.workflows.unlearn.check_out_dir` does for a run."""
+    claim_out(out, overwrite, COMPARE_MARKER)
 
 
 def _unlearn_config(cc: CompareConfig, concept: str | list[str], where: Path) -> tuple:

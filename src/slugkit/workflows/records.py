@@ -1,7 +1,9 @@
 """What a SLUG run writes next to its patch: the ``result.json`` record, ``run.json`` (configuration, versions, data
 manifests, every search), ``layers.json``, ``pareto.png`` and ``report.md`` (rendered by :mod:`slugkit.report.unlearn`).
 
-Every file is written atomically; the same inputs and seed give the same records apart from timings.
+Every file is written atomically, into the run's temporary folder (:func:`slugkit.common.runfolder.run_folder`); the
+paths the JSON files record are the final ones (``--out``, not the temporary folder: ``write_json`` maps them). The
+same inputs and seed give the same records apart from timings.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..common.files import atomic_write_bytes, write_json
+from ..common.runfolder import run_folder
 from ..eval.generated import image_grid
 from ..report.sd import render_generation_report
 from ..world import render as world
@@ -115,50 +116,51 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 gen_margin: float | None = None, val_images: int = 20, val_other: int = 1,
                 gen_threshold: float = 0.05, other_budget: float = 0.05, search=None, seed: int = 0,
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64) -> dict:
-    """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``."""
+    """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``
+    (assembled in a temporary folder and renamed into place at the end, :func:`slugkit.common.runfolder.run_folder`)."""
     from ..slug.search import SearchConfig
     from ..world.demo_data import ensure_world_data
-    from .unlearn import check_out_dir, run_unlearn
+    from .unlearn import run_unlearn
 
     concept = t2i.concept_by_name(concept).name
     gen_margin = DEFAULT_GEN_MARGIN if gen_margin is None else gen_margin
     out = Path(out or f"runs/demo-sd-{concept.replace(' ', '_')}")
-    check_out_dir(out, overwrite)
     n_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        t0 = time.perf_counter()
-        data = ensure_world_data(data_dir, progress=progress)
-        cd = write_concept_data(concept, out / "data")
-        adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
-        cfg = _sd_config(concept, out, data, cd, search or SearchConfig(metric=SD_CRITERION), batch_size=batch_size,
-                         seed=seed, progress=progress, overwrite=overwrite)
-        chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
-                                    gen_margin=gen_margin, val_images=val_images, val_other=val_other,
-                                    threshold=gen_threshold, other_budget=other_budget,
-                                    gen_steps=gen_steps, guidance=guidance, seed=seed)
-        result = run_unlearn(cfg, adapter=adapter, choose=chooser)
-        t_slug = time.perf_counter() - t0
+        with run_folder(out, overwrite) as stage:
+            t0 = time.perf_counter()
+            data = ensure_world_data(data_dir, progress=progress)
+            cd = write_concept_data(concept, stage / "data")
+            adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
+            cfg = _sd_config(concept, stage, data, cd, search or SearchConfig(metric=SD_CRITERION),
+                             batch_size=batch_size, seed=seed, progress=progress, overwrite=overwrite)
+            chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
+                                        gen_margin=gen_margin, val_images=val_images, val_other=val_other,
+                                        threshold=gen_threshold, other_budget=other_budget,
+                                        gen_steps=gen_steps, guidance=guidance, seed=seed)
+            result = run_unlearn(cfg, adapter=adapter, choose=chooser)  # writes into the temporary folder
+            t_slug = time.perf_counter() - t0
 
-        t = time.perf_counter()
-        plan = t2i.generation_plan(concept, n_target, n_other, seed_base=10_000 * (seed + 1))
-        gen, imgs_b, imgs_a = _generation_before_after(pipe, judge, plan, out, concept, (n_target, n_other),
-                                                       gen_steps, guidance, progress)
-        t_gen = time.perf_counter() - t
-        _write_grid(concept, plan, imgs_b, imgs_a, out / "generations.png")
+            t = time.perf_counter()
+            plan = t2i.generation_plan(concept, n_target, n_other, seed_base=10_000 * (seed + 1))
+            gen, imgs_b, imgs_a = _generation_before_after(pipe, judge, plan, stage, concept, (n_target, n_other),
+                                                           gen_steps, guidance, progress)
+            t_gen = time.perf_counter() - t
+            _write_grid(concept, plan, imgs_b, imgs_a, stage / "generations.png")
 
-        result["target"] = "sd"
-        result["pipeline"] = {"kind": "embedded text-to-image (diffusers UNet2DConditionModel, pixel space)",
-                              "text_encoder_verified": True, "consumer": adapter.consumer,
-                              "candidates": len(adapter.candidate_names())}
-        result["generation"] = gen
-        result["timing_s"]["slug_total"] = t_slug
-        result["timing_s"]["generation_eval"] = t_gen
-        result["timing_s"]["total"] = time.perf_counter() - t0
-        write_json(out / "result.json", result)
-        report = (out / "report.md").read_text(encoding="utf-8") + render_generation_report(result)
-        atomic_write_bytes(out / "report.md", report.encode("utf-8"))
+            result["target"] = "sd"
+            result["pipeline"] = {"kind": "embedded text-to-image (diffusers UNet2DConditionModel, pixel space)",
+                                  "text_encoder_verified": True, "consumer": adapter.consumer,
+                                  "candidates": len(adapter.candidate_names())}
+            result["generation"] = gen
+            result["timing_s"]["slug_total"] = t_slug
+            result["timing_s"]["generation_eval"] = t_gen
+            result["timing_s"]["total"] = time.perf_counter() - t0
+            write_json(stage / "result.json", result)
+            report = (stage / "report.md").read_text(encoding="utf-8") + render_generation_report(result)
+            atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:
         torch.set_num_threads(n_threads)

@@ -7,8 +7,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.errors import OutputExistsError
-from ..common.files import write_json
+from ..common.files import final_paths, write_json
+from ..common.runfolder import run_folder
 from ..eval.zeroshot import SuiteEvaluator
 from .inputs import build_suite
 from .unlearn import UnlearnConfig, run_unlearn
@@ -21,47 +21,50 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
 
     Writes ``out/result.json`` (``mode: "sequential"``, per-concept forget metrics before (base model) / after
     (final model), shared related/utility metrics, each step's layer and step size, patch bytes). The model is
-    returned to its base weights (bit-exact) before returning.
+    returned to its base weights (bit-exact) before returning. The whole run is assembled in a temporary folder and
+    renamed to ``out`` at the end (:func:`slugkit.common.runfolder.run_folder`); the step folders are part of it when
+    they lie inside ``out`` (``out`` claimed first, :func:`slugkit.workflows.unlearn.check_out_dir`, or the
+    configurations pointed into a private folder).
     """
     from ..models import load_adapter
     from ..patch import apply_patch, chain_patches, load_patch, revert_patch, save_patch
 
-    out = Path(out)
-    if (out / "result.json").exists() and not overwrite:
-        raise OutputExistsError(f"{out} already holds a run; pass --overwrite")
-    if adapter is None:
-        c0 = configs[0]
-        adapter = load_adapter(c0.model, c0.pretrained, family=c0.family, device=c0.device, precision=c0.precision)
-    t0 = time.perf_counter()
-    applied, steps = [], []
-    try:
-        for cfg in configs:
-            r = run_unlearn(cfg, adapter=adapter)
-            p = load_patch(Path(cfg.out) / "patch")
-            apply_patch(adapter.model, p)
-            applied.append(p)
-            steps.append({"concept": cfg.concept, "out": str(cfg.out), "layer": r["layer"], "step_size": r["step_size"],
-                          "metrics_at_step": r["metrics"]})
-        chained = chain_patches(applied)
-        # one suite over all concepts: per-concept FA, and related accuracy over the identities none of them is
-        joint = replace(configs[0], concepts=[c.concept for c in configs])
-        suite = build_suite(adapter, joint, joint.test_identities, joint.utility_test)
-        final = SuiteEvaluator(adapter, suite).base_metrics()
-    finally:
-        for p in reversed(applied):
-            revert_patch(adapter.model, p)
-    base = SuiteEvaluator(adapter, suite).base_metrics()
-    chained.meta["metrics"] = {"before": base, "after": final}
-    save_patch(chained, out / "patch", overwrite=overwrite)
-    result = {
-        "mode": "sequential", "method": "slug", "concepts": [c.concept for c in configs],
-        "model": adapter.model_id, "steps": steps,
-        "per_concept": {c: {"before": base["forget_by_concept"][c], "after": final["forget_by_concept"][c]}
-                        for c in joint.concepts},
-        "metrics": {"before": base, "after": final},
-        "patch": {"path": "patch", "bytes": (out / "patch" / "patch.safetensors").stat().st_size,
-                  "tensors": chained.names},
-        "model_bytes": adapter.model_bytes(), "timing_s": {"total": time.perf_counter() - t0},
-    }
-    write_json(out / "result.json", result)
+    with run_folder(out, overwrite) as stage:
+        if adapter is None:
+            c0 = configs[0]
+            adapter = load_adapter(c0.model, c0.pretrained, family=c0.family, device=c0.device,
+                                   precision=c0.precision)
+        t0 = time.perf_counter()
+        applied, steps = [], []
+        try:
+            for cfg in configs:
+                r = run_unlearn(cfg, adapter=adapter)
+                p = load_patch(Path(cfg.out) / "patch")
+                apply_patch(adapter.model, p)
+                applied.append(p)
+                steps.append({"concept": cfg.concept, "out": str(cfg.out), "layer": r["layer"],
+                              "step_size": r["step_size"], "metrics_at_step": r["metrics"]})
+            chained = chain_patches(applied)
+            # one suite over all concepts: per-concept FA, and related accuracy over the identities none of them is
+            joint = replace(configs[0], concepts=[c.concept for c in configs])
+            suite = build_suite(adapter, joint, joint.test_identities, joint.utility_test)
+            final = SuiteEvaluator(adapter, suite).base_metrics()
+        finally:
+            for p in reversed(applied):
+                revert_patch(adapter.model, p)
+        base = SuiteEvaluator(adapter, suite).base_metrics()
+        chained.meta["metrics"] = {"before": base, "after": final}
+        save_patch(chained, stage / "patch", overwrite=overwrite)
+        result = {
+            "mode": "sequential", "method": "slug", "concepts": [c.concept for c in configs],
+            "model": adapter.model_id, "steps": steps,
+            "per_concept": {c: {"before": base["forget_by_concept"][c], "after": final["forget_by_concept"][c]}
+                            for c in joint.concepts},
+            "metrics": {"before": base, "after": final},
+            "patch": {"path": "patch", "bytes": (stage / "patch" / "patch.safetensors").stat().st_size,
+                      "tensors": chained.names},
+            "model_bytes": adapter.model_bytes(), "timing_s": {"total": time.perf_counter() - t0},
+        }
+        write_json(stage / "result.json", result)
+        result = final_paths(result)  # the step folders' final paths (while the temporary folder is registered)
     return result

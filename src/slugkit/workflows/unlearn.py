@@ -3,6 +3,10 @@
 ``run_unlearn(UnlearnConfig(...))`` is what ``slug unlearn`` and ``slug demo`` call; it reads every input through
 the same loaders whether the model is ViT-B-32 on LAION + CelebA + ImageNet or the embedded world. Each stage is one
 function below, called in order by :func:`_run_unlearn`; the stages' wall-clock seconds go to ``timing_s``.
+
+The whole run is written into a private temporary folder next to ``cfg.out`` and renamed into place at the end,
+under a lock on ``cfg.out`` (:func:`slugkit.common.runfolder.run_folder`): a second run into the same folder stops at
+once, and an interrupted or failed run leaves ``cfg.out`` as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.errors import OutputExistsError
+from ..common.runfolder import claim_out, pause_point, run_folder
 from ..data.shards import ReadStats
 from ..eval.zeroshot import PARTS, SuiteEvaluator
 from ..slug.gradients import compute_gradients
@@ -24,6 +28,7 @@ from .inputs import batches, build_suite, load_gradients_file, load_pairs
 from .records import result_record, write_run_files
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
+RUN_MARKER = RESULT_FILES[0]  # a folder holding it is a complete run (the run appears whole, by one rename)
 
 
 @dataclass
@@ -67,15 +72,17 @@ class UnlearnConfig:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse (:class:`OutputExistsError`) an ``out`` that already holds a run's files unless ``overwrite``."""
-    if out.exists() and any((out / f).exists() for f in RESULT_FILES):
-        if not overwrite:
-            raise OutputExistsError(f"{out} already holds a run (result files present); pass --overwrite to "
-                                    "replace it or choose another --out")
+    """Claim ``out`` for the run this process is about to make (:func:`slugkit.common.runfolder.claim_out`): take the
+    lock on it (:class:`~slugkit.common.runfolder.RunLockedError` when another run holds it), refuse
+    (:class:`~slugkit.common.errors.OutputExistsError`) a folder that holds a run unless ``overwrite``, and move
+    what it holds aside. Callers that write a run's inputs into ``out`` before :func:`run_unlearn` (``slug demo``:
+    ``out/data``) call this first; those writes then become part of the run, and are removed if it fails."""
+    claim_out(out, overwrite, RUN_MARKER)
 
 
 def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None, choose=None) -> dict:
-    """Run SLUG end to end and write every output into ``cfg.out``; returns the result dict.
+    """Run SLUG end to end and write every output into ``cfg.out`` (assembled in a temporary folder, renamed into
+    place at the end); returns the result dict.
 
     ``cfg.threads`` sets torch's CPU threads for the run only (restored afterwards). ``choose``: an optional
     ``choose(searches, adapter, grads, val_before, policy) -> (LayerSearch, info)`` replacing the CLIP layer
@@ -92,56 +99,56 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
 
 @contextlib.contextmanager
 def _timed(timing: dict, name: str):
-    """Add the block's wall-clock seconds to ``timing[name]``."""
+    """Add the block's wall-clock seconds to ``timing[name]`` (each stage is also a test pause point)."""
     t = time.perf_counter()
     yield
     timing[name] = timing.get(name, 0.0) + time.perf_counter() - t
+    pause_point(name)
 
 
 def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None, choose=None) -> dict:
     t_start = time.perf_counter()
-    out = Path(cfg.out)
-    _check_inputs(cfg, out)
-    torch.manual_seed(cfg.seed)
-    timing: dict[str, float] = {}
-    with _timed(timing, "load_model"):
-        adapter = _load_model(cfg, adapter)
-    with _timed(timing, "load_data"):
-        data = _load_data(cfg, adapter)
-    with _timed(timing, "evaluation"):
-        val_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
-        test_eval = SuiteEvaluator(adapter, data["test_suite"], cfg.eval_batch_size)
-        before, val_before = test_eval.base_metrics(), val_eval.base_metrics()
-    names = adapter.candidate_names()
-    with _timed(timing, "gradients"):
-        grads, stats = _gradients(cfg, adapter, data, names)
-    if cfg.save_gradients and not cfg.gradients:
-        out.mkdir(parents=True, exist_ok=True)
-        grads.save(out / "gradients.safetensors")
-    with _timed(timing, "layers"):
-        table = _layers(cfg, adapter, grads, stats, names)
-    with _timed(timing, "search"):
-        searches, chosen, chooser_info = _search(cfg, adapter, grads, table, val_eval, val_before, choose)
-    with _timed(timing, "evaluation"):
-        after = _evaluate_edit(adapter, grads, chosen, test_eval)
-    timing["evaluation"] = timing.pop("evaluation")  # keep the stages in run order in result.json
-    with _timed(timing, "patch"):
-        patch, patch_bytes = _write_patch(cfg, adapter, grads, chosen, before, after, out)
-    timing["total"] = time.perf_counter() - t_start
-    run = {"before": before, "after": after, "val_before": val_before, "searches": searches, "chosen": chosen,
-           "chooser_info": chooser_info, "table": table, "grads": grads, "timing": timing, "patch": patch,
-           "patch_bytes": patch_bytes}
-    result = result_record(cfg, adapter, data, run)
-    write_run_files(cfg, out, data, run, result, extra_run_info)
+    _check_inputs(cfg)
+    with run_folder(cfg.out, cfg.overwrite, RUN_MARKER) as out:  # a private temporary folder, renamed to cfg.out
+        torch.manual_seed(cfg.seed)
+        timing: dict[str, float] = {}
+        with _timed(timing, "load_model"):
+            adapter = _load_model(cfg, adapter)
+        with _timed(timing, "load_data"):
+            data = _load_data(cfg, adapter)
+        with _timed(timing, "evaluation"):
+            val_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
+            test_eval = SuiteEvaluator(adapter, data["test_suite"], cfg.eval_batch_size)
+            before, val_before = test_eval.base_metrics(), val_eval.base_metrics()
+        names = adapter.candidate_names()
+        with _timed(timing, "gradients"):
+            grads, stats = _gradients(cfg, adapter, data, names)
+        if cfg.save_gradients and not cfg.gradients:
+            grads.save(out / "gradients.safetensors")
+        with _timed(timing, "layers"):
+            table = _layers(cfg, adapter, grads, stats, names)
+        with _timed(timing, "search"):
+            searches, chosen, chooser_info = _search(cfg, adapter, grads, table, val_eval, val_before, choose)
+        with _timed(timing, "evaluation"):
+            after = _evaluate_edit(adapter, grads, chosen, test_eval)
+        timing["evaluation"] = timing.pop("evaluation")  # keep the stages in run order in result.json
+        with _timed(timing, "patch"):
+            patch, patch_bytes = _write_patch(cfg, adapter, grads, chosen, before, after, out)
+        timing["total"] = time.perf_counter() - t_start
+        run = {"before": before, "after": after, "val_before": val_before, "searches": searches, "chosen": chosen,
+               "chooser_info": chooser_info, "table": table, "grads": grads, "timing": timing, "patch": patch,
+               "patch_bytes": patch_bytes}
+        result = result_record(cfg, adapter, data, run)
+        write_run_files(cfg, out, data, run, result, extra_run_info)
     return result
 
 
 # ---------------------------------------------------------------------------------------------------- the stages
 
 
-def _check_inputs(cfg: UnlearnConfig, out: Path) -> None:
-    """Refuse an ``--out`` holding a run, and validation/test (or utility) folders that are the same folder."""
-    check_out_dir(out, cfg.overwrite)
+def _check_inputs(cfg: UnlearnConfig) -> None:
+    """Refuse validation/test (or utility) folders that are the same folder (``--out`` is checked by
+    :func:`~slugkit.common.runfolder.run_folder`)."""
     if cfg.val_identities and cfg.test_identities and \
             Path(cfg.val_identities).resolve() == Path(cfg.test_identities).resolve():
         raise ValueError("validation and test identity folders are the same; the search must not see the test "
@@ -237,7 +244,6 @@ def _write_patch(cfg: UnlearnConfig, adapter, grads, chosen, before: dict, after
                        extra={"layer": chosen.name, "tower": chosen.tower,
                               "relative_change": chosen.step_size / chosen.ratio,
                               "edit": "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"})
-    out.mkdir(parents=True, exist_ok=True)
     save_patch(patch, out / "patch", overwrite=cfg.overwrite)
     return patch, (out / "patch" / "patch.safetensors").stat().st_size
 

@@ -164,3 +164,49 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
 def exit_status_of(result: dict) -> int:
     """The documented exit status of a finished run's result dict (0 pass, 3 warn, 4 fail)."""
     return EXIT_STATUS[result.get("verdict", {}).get("status", "pass")]
+
+
+class NothingToUnlearnError(ValueError):
+    """The unedited model does not recognise the concept on the validation images: the search would accept any
+    step, so no run is made (exit status 4, like a ``fail`` verdict)."""
+
+    exit_status = 4
+
+
+class ForgetCaptionsError(ValueError):
+    """None of the forget captions names the concept (e.g. another person's forget set): refused before the
+    gradient pass."""
+
+
+def check_recognised(concepts: list[str], metric: str, threshold: float, val_before: dict) -> None:
+    """Raise :class:`NothingToUnlearnError` when every concept's validation criterion metric is already at or under
+    the threshold before any edit (trust case A2: a template without ``{}`` makes every prompt identical)."""
+    per = val_before.get("forget_by_concept") or {concepts[0]: val_before}
+    if all(m[metric] <= threshold for m in per.values()):
+        shown = ", ".join(f"{c!r} {_name(metric)} {m[metric]:.3f}" for c, m in per.items())
+        raise NothingToUnlearnError(
+            f"nothing to unlearn: the unedited model does not recognise the concept on the validation images "
+            f"({shown} <= threshold {threshold:g}); check the concept name, the identity templates (each needs {{}} "
+            "where the name goes) and the validation folder")
+
+
+def check_captions(named: int, total: int, concepts: list[str], spec: str) -> None:
+    """Raise :class:`ForgetCaptionsError` when no forget caption names any of ``concepts``."""
+    if total and named == 0:
+        who = " / ".join(repr(c) for c in concepts)
+        raise ForgetCaptionsError(
+            f"none of the {total} forget captions in {spec} names {who} (whole word, Unicode-normalised): is this "
+            "the right --forget set? Pass --no-caption-check if your captions never name the concept")
+
+
+def clip_verdict(concepts: list[str], metric: str, threshold: float, before: dict, after: dict, budgets: Budgets,
+                 read_stats: dict[str, dict], captions: dict | None) -> Verdict:
+    """The verdict of a CLIP run from its test metrics, read statistics and forget-caption counts
+    (``captions = {"named", "total", "truncated"}`` or None when the pairs were not read)."""
+    v = Verdict(budgets=asdict(budgets))
+    forgetting_checks(v, concepts, metric, threshold, before, after, budgets.forget_tolerance)
+    collateral_checks(v, before, after, budgets)
+    data_checks(v, read_stats)
+    if captions is not None:
+        caption_check(v, captions["named"], captions["total"], captions["truncated"], concepts)
+    return v

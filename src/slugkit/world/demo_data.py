@@ -12,6 +12,9 @@ complete folder):
 * ``names.txt``, ``identity_templates.txt``, ``utility_templates.txt``.
 
 Every split uses its own seed (``world.SPLIT_SEEDS``), so pool, validation and test images never coincide.
+
+The folder is written into a temporary sibling and renamed into place (:func:`slugkit.common.runfolder.run_folder`),
+under a lock: processes that need it at the same time wait for the one generating it, then use its copy.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 from pathlib import Path
 
 from ..common.files import atomic_write_bytes
+from ..common.runfolder import out_lock, run_folder
 from . import render as world
 
 WORLD_DATA_VERSION = 1
@@ -36,24 +40,44 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Generate the world's data folders under ``data_dir`` unless a complete copy is already there."""
-    d = Path(data_dir) if data_dir else default_data_dir()
-    marker = d / "world.json"
-    spec = {"version": WORLD_DATA_VERSION, "counts": COUNTS, "identities": len(world.IDENTITIES),
+def _spec() -> dict:
+    return {"version": WORLD_DATA_VERSION, "counts": COUNTS, "identities": len(world.IDENTITIES),
             "utility_classes": len(world.UTILITY_CLASSES)}
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text())["spec"] == json.loads(json.dumps(spec)):
-                return d
-        except (ValueError, KeyError):
-            pass
+
+
+def _complete(d: Path, spec: dict) -> bool:
+    """Whether ``d`` holds the world's data for ``spec`` (its ``world.json`` says so)."""
+    try:
+        return json.loads((d / "world.json").read_text())["spec"] == json.loads(json.dumps(spec))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Generate the world's data folders under ``data_dir`` unless a complete copy is already there; returns it.
+
+    Generated into a temporary sibling and renamed into place, so ``data_dir`` is complete or absent (an old or
+    partial copy is replaced, other files in the folder are kept). Concurrent callers wait for the one writing it."""
+    d = Path(data_dir) if data_dir else default_data_dir()
+    spec = _spec()
+    if _complete(d, spec):
+        return d
+    with out_lock(d, wait=True):
+        if _complete(d, spec):  # written by another process while this one waited
+            return d
+        with run_folder(d, overwrite=True, marker="world.json") as tmp:
+            _write_world(tmp, spec, progress, shown=d)
+    return d
+
+
+def _write_world(d: Path, spec: dict, progress: bool, shown: Path) -> None:
+    """Write the splits, name lists and (last) ``world.json`` into ``d``; ``shown``: the folder named in progress."""
     steps = [("pool", None), ("val", "identities"), ("val", "utility"), ("test", "identities"), ("test", "utility")]
     it = steps
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(steps, desc=f"world: writing data to {d}", unit="part", leave=False)
+        it = tqdm(steps, desc=f"world: writing data to {shown}", unit="part", leave=False)
     for split, part in it:
         n_id, n_util = COUNTS[split]
         if part is None:
@@ -66,8 +90,7 @@ def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True)
     _write_lines(d / "names.txt", world.identity_names())
     _write_lines(d / "identity_templates.txt", world.IDENTITY_EVAL_TEMPLATES)
     _write_lines(d / "utility_templates.txt", world.UTILITY_EVAL_TEMPLATES)
-    atomic_write_bytes(marker, (json.dumps({"spec": spec}, indent=2) + "\n").encode())
-    return d
+    atomic_write_bytes(d / "world.json", (json.dumps({"spec": spec}, indent=2) + "\n").encode())
 
 
 def default_concept() -> str:

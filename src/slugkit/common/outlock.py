@@ -1,0 +1,390 @@
+"""The lock on a run's output folder (``--out``) and the claim a run holds on it; the folder itself is written by
+:func:`slugkit.common.runfolder.run_folder`.
+
+* **Lock.** ``.<name>.slug-lock`` next to OUT, held with ``fcntl.flock`` (exclusive, non-blocking). The kernel drops
+  the lock when its process dies, so a dead run never blocks the next one; the file records the holder's pid and
+  host, which the loser of a race is told (:class:`RunLockedError`: "another slug run is writing to OUT (pid N)").
+  The file is removed by its holder on release (while still locked; a locker checks it locked the current file).
+* **Journal.** The lock file also records what its holder moved where (the old folder's temporary name, the inode of
+  the temporary folder being filled, whether it committed). A process that gets the lock and finds a record there
+  knows that the holder died unfinished: it repairs OUT from the record (puts the old folder back, removes partial
+  writes and temporary folders) and says so on stderr ("note: ... taking over its lock").
+* **Early claims.** :func:`claim_out` takes the lock *before* a run, for callers that write a run's inputs into OUT
+  before they call the workflow (``slug demo`` curates ``OUT/data`` first). OUT then belongs to the run: its old
+  content (a run, only with ``overwrite``; or other files) is moved aside, put back if the run fails, deleted when it
+  succeeds (other files are carried into the new run); what the caller writes into OUT becomes part of the run; a
+  folder inside it is private (:func:`is_private`). The run's ``run_folder`` releases the claim; a claim whose run
+  never started is undone by :func:`abandon_claims` (the CLI calls it on its way out; also at exit).
+* **Interruption.** Undoing (:func:`abort`) and committing run with SIGINT/SIGTERM held back (:func:`signals_held`).
+
+``SLUGKIT_TEST_PAUSE_AT=stage[,stage]`` (test-only) makes :func:`pause_point` print ``slugkit-test: paused at STAGE``
+on stderr and sleep (``SLUGKIT_TEST_PAUSE_S``, default 60 s), so a test can interrupt a run at a named stage.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import OutputExistsError
+from .files import unregister_staging
+
+__all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "out_lock", "pause_point"]
+
+PAUSE_ENV, PAUSE_SECONDS_ENV = "SLUGKIT_TEST_PAUSE_AT", "SLUGKIT_TEST_PAUSE_S"
+TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the lock on the output folder."""
+
+
+def pause_point(stage: str) -> None:
+    """Test-only: pause at ``stage`` when ``SLUGKIT_TEST_PAUSE_AT`` names it (see the module docstring)."""
+    spec = os.environ.get(PAUSE_ENV)
+    if spec and stage in spec.split(","):
+        print(f"slugkit-test: paused at {stage}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV) or 60))
+
+
+@dataclass
+class Claim:
+    """This process's hold on one output folder (see the module docstring)."""
+
+    out: Path  # as the caller named it (messages)
+    target: Path  # where the folder is (OUT, or what a symlink OUT points to)
+    lock: Path
+    fd: int
+    early: bool = False  # claimed before the run: OUT belongs to the run, anything written into it is the run's
+    owns_target: bool = False  # early, set up: OUT (absent, empty or its old content moved aside) is the run's now
+    released_by_run: bool = True  # the run_folder that uses the claim releases it (False: out_lock does)
+    created_parents: list = field(default_factory=list)
+    was_empty_dir: bool = False
+    aside: Path | None = None  # the old OUT, renamed away
+    aside_is_run: bool = False  # ... and it held a complete run (replaced whole, nothing carried over)
+    replace_run: bool = False  # lazy claim: OUT holds a complete run that the new one replaces
+    stage: Path | None = None
+    stage_id: tuple | None = None  # (st_dev, st_ino) of the temporary folder: identifies it after the rename
+    committed: bool = False
+
+    def journal(self) -> None:
+        """Write the holder and its moves into the lock file (read by whoever takes over after a crash)."""
+        doc = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(self.out),
+               "owns_target": self.owns_target, "was_empty_dir": self.was_empty_dir,
+               "aside": self.aside.name if self.aside else None, "stage": self.stage.name if self.stage else None,
+               "stage_id": self.stage_id, "committed": self.committed}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(doc).encode(), 0)
+
+
+_CLAIMS: dict[str, Claim] = {}
+_CLAIMS_LOCK = threading.RLock()
+
+
+def _key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    p, f = _key(path), _key(folder)
+    return p.startswith(f + os.sep)
+
+
+def is_private(path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies inside a temporary folder this process is filling, or inside an OUT it claimed early:
+    no other writer can reach it, and whatever is written there is committed or removed with that run."""
+    path = Path(path)
+    with _CLAIMS_LOCK:
+        for c in _CLAIMS.values():
+            if c.stage is not None and (_key(path) == _key(c.stage) or _inside(path, c.stage)):
+                return True
+            if c.owns_target and _inside(path, c.target):
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------- the lock
+def _makedirs(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _holder(lock: Path) -> dict:
+    """The lock file's record (the holder writes it right after locking: retry briefly when it is still empty)."""
+    for _ in range(20):
+        try:
+            text = lock.read_text(encoding="utf-8", errors="replace")
+            if text:
+                return json.loads(text)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return {}
+
+
+def _holder_text(doc: dict) -> str:
+    pid = doc.get("pid", "unknown")
+    host = doc.get("host")
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+def _acquire(out: Path, target: Path, wait: bool) -> tuple[int, Path, list]:
+    """Lock ``target``: an open file descriptor holding the flock, the lock file, the parents created for it."""
+    import fcntl
+
+    lock = target.parent / f".{target.name}{TAG}lock"
+    created = _makedirs(target.parent)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder_text(_holder(lock))
+                if not wait:
+                    raise RunLockedError(f"another slug run is writing to {out} ({holder}); wait for it or choose "
+                                         "another --out") from None
+                print(f"waiting for the slug run that is writing to {out} ({holder})", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            try:
+                same = os.stat(lock)
+            except FileNotFoundError:
+                same = None
+            if same is not None and (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
+                return fd, lock, created
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed the file as we locked it: lock the new one
+
+
+def _release(claim: Claim) -> None:
+    with _CLAIMS_LOCK:
+        if _CLAIMS.get(_key(claim.target)) is claim:
+            del _CLAIMS[_key(claim.target)]
+    try:
+        claim.lock.unlink()  # while still holding the lock; _acquire checks the inode it locked is still the file
+    except FileNotFoundError:
+        pass
+    os.close(claim.fd)
+
+
+def rmtree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def siblings(target: Path, suffix: str) -> list[Path]:
+    prefix = f".{target.name}{TAG}"
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    return [target.parent / n for n in names if n.startswith(prefix) and n.endswith(suffix)]
+
+
+def _recover(claim: Claim, doc: dict) -> None:
+    """Repair ``claim.target`` after a holder that died (``doc``: its journal; {} when unreadable) and say what was
+    done."""
+    target, done = claim.target, []
+    aside = target.parent / doc["aside"] if doc.get("aside") else None
+    committed = bool(doc.get("committed"))
+    if not committed and doc.get("stage_id") and target.exists():
+        st = target.stat()
+        committed = [st.st_dev, st.st_ino] == list(doc["stage_id"])
+    if committed:
+        if aside is not None and aside.exists():
+            rmtree(aside)
+            done.append("removed the run it replaced")
+    else:
+        if doc.get("owns_target") and target.exists():
+            rmtree(target)
+            if doc.get("was_empty_dir"):
+                target.mkdir()
+            done.append("removed its partial output")
+        if aside is not None and aside.exists() and not target.exists():
+            os.rename(aside, target)
+            done.append("put the previous folder back")
+    for stale in siblings(target, ".tmp"):
+        rmtree(stale)
+        done.append(f"removed {stale.name}")
+    left = [p.name for p in siblings(target, ".old")]
+    print(f"note: the slug run {_holder_text(doc)} that was writing to {claim.out} ended without finishing; "
+          f"taking over its lock" + (f"; {', '.join(done)}" if done else "") +
+          (f" (left alone: {', '.join(left)})" if left else ""), file=sys.stderr)
+
+
+def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
+    """What OUT holds: ``absent``, ``empty``, ``run`` (``marker`` present: refused without ``overwrite``) or
+    ``other``; a file is refused."""
+    target = claim.target
+    if not target.exists():
+        return "absent"
+    if not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; choose another --out", str(claim.out))
+    if not any(target.iterdir()):
+        return "empty"
+    if (target / marker).exists():
+        if not overwrite:
+            raise OutputExistsError(f"{claim.out} already holds a run ({marker} present); pass --overwrite to "
+                                    "replace it or choose another --out")
+        return "run"
+    return "other"
+
+
+def _read_journal(fd: int) -> dict | None:
+    """The record a previous holder left in the lock file (None: none; {}: unreadable)."""
+    data = os.pread(fd, 1 << 16, 0)
+    if not data:
+        return None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        return doc if isinstance(doc, dict) else {}
+    except ValueError:
+        return {}
+
+
+def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "result.json", *, early: bool = True,
+              wait: bool = False) -> Claim:
+    """Lock OUT for this process (again: the claim it already holds). ``early`` (before the run's inputs are written
+    into OUT, see the module docstring): refuse a run without ``overwrite``, a file always; move what OUT holds
+    aside. Raises :class:`RunLockedError` when another process holds the lock (``wait``: wait for it instead)."""
+    out = Path(out)
+    target = out.resolve() if out.is_symlink() else out
+    with _CLAIMS_LOCK:
+        if _key(target) in _CLAIMS:
+            return _CLAIMS[_key(target)]
+    try:
+        fd, lock, created = _acquire(out, target, wait)
+    except OSError as e:
+        if e.filename is not None and os.fsdecode(e.filename).endswith(f"{TAG}lock"):
+            e.filename = str(out)  # name the folder the user gave, not our lock file
+        raise
+    claim = Claim(out, target, lock, fd, early=early, created_parents=created)
+    with _CLAIMS_LOCK:
+        _CLAIMS[_key(target)] = claim
+    try:
+        previous = _read_journal(fd)
+        if previous is not None:
+            _recover(claim, previous)
+        else:
+            for stale in siblings(target, ".tmp"):
+                rmtree(stale)
+        claim.journal()
+        if early:
+            _take(claim, overwrite, marker)
+    except BaseException:
+        with signals_held():
+            abort(claim)
+            finish(claim)
+        raise
+    pause_point("claimed")
+    return claim
+
+
+def _take(claim: Claim, overwrite: bool, marker: str) -> None:
+    """Early claim: make OUT the run's — its old content (a run, with ``overwrite``, or other files) moved aside."""
+    state = inspect_out(claim, overwrite, marker)
+    claim.was_empty_dir = state == "empty"
+    if state in ("run", "other"):
+        claim.aside, claim.aside_is_run = new_name(claim.target, ".old"), state == "run"
+        claim.journal()
+        os.rename(claim.target, claim.aside)
+    claim.owns_target = True
+    claim.journal()
+
+
+@contextlib.contextmanager
+def out_lock(out: str | os.PathLike, wait: bool = True):
+    """Hold the lock on OUT for the block (waiting for another process by default), without touching OUT; a
+    :func:`run_folder` inside the block uses it."""
+    claim = claim_out(out, early=False, wait=wait)
+    claim.released_by_run = False
+    try:
+        yield claim
+    finally:
+        with signals_held():
+            abort(claim)
+            finish(claim)
+
+
+# ------------------------------------------------------------------------------------------------- the folder
+def new_name(target: Path, suffix: str) -> Path:
+    p = Path(tempfile.mkdtemp(prefix=f".{target.name}{TAG}", suffix=suffix, dir=target.parent))
+    os.rmdir(p)
+    return target.parent / p.name  # keep the caller's form of the path (relative stays relative)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back for the block (main thread, POSIX); they are delivered when it ends."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def abort(claim: Claim) -> None:
+    """Undo an unfinished claim: the temporary folder removed, what the run wrote into an early-claimed OUT removed,
+    the old folder put back. Safe to repeat."""
+    if claim.committed:
+        return
+    if claim.stage is not None:
+        shutil.rmtree(claim.stage, ignore_errors=True)
+        unregister_staging(claim.stage)
+        claim.stage = None
+    target = claim.target
+    if claim.owns_target and target.exists():
+        rmtree(target)
+        if claim.was_empty_dir:
+            target.mkdir()
+    if claim.aside is not None and claim.aside.exists() and not target.exists():
+        os.rename(claim.aside, target)
+    claim.aside = None
+
+
+def finish(claim: Claim) -> None:
+    """Release the lock (removing its file); after a failure also the parent folders made for it, when empty."""
+    _release(claim)
+    if not claim.committed:
+        for d in reversed(claim.created_parents):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def abandon_claims() -> None:
+    """Undo and release every claim this process still holds (an early claim whose run never ran or failed)."""
+    with _CLAIMS_LOCK:
+        claims = list(_CLAIMS.values())
+    for claim in claims:
+        with signals_held():
+            abort(claim)
+            finish(claim)
+
+
+atexit.register(abandon_claims)

@@ -1,0 +1,148 @@
+"""A run's output folder (``--out``), written so that it cannot be corrupted: one writer at a time, never partial.
+
+    with run_folder(out, overwrite, marker="result.json") as tmp:
+        ...  # write the whole run into tmp
+    # OUT is now the complete run; on any error or Ctrl-C it is as it was before and tmp is gone
+
+* **Lock** on OUT for the whole run (:mod:`slugkit.common.outlock`): a second run into the same OUT stops at once
+  with "another slug run is writing to OUT (pid N)"; a dead run's lock is taken over and its leftovers repaired.
+* **Temporary folder** ``.<name>.slug-XXXX.tmp`` next to OUT (same filesystem), in which the whole run is written.
+  Paths inside it that the run records are written as OUT's (:func:`~slugkit.common.files.final_paths`); an
+  OSError naming a path inside it names OUT's instead.
+* **Commit.** The tree gets the modes the umask gives (``mkstemp``/``mkdtemp`` made 0600/0700;
+  :func:`~slugkit.common.files.fix_modes`) and is renamed to OUT, SIGINT/SIGTERM held back meanwhile. A folder holding
+  a complete run (``marker`` present) is replaced only with ``overwrite``, renamed away first and deleted after the
+  rename succeeded. A folder holding something else keeps those entries: the ones the run did not write (a caller's
+  inputs such as ``data/``, or unrelated files) are hard-linked into the new folder (copied where links fail) first.
+* **Failure** — any exception, ``KeyboardInterrupt`` and a full disk included: the temporary folder is removed and
+  OUT is as before (after an early claim, :func:`~slugkit.common.outlock.claim_out`, what the caller wrote into it
+  is removed too and the old folder put back).
+* **Nesting.** Inside a private folder (the temporary folder of a run, or an early-claimed OUT) ``run_folder`` writes
+  in place: ``slug compare``'s SLUG run and ``slug demo --sequential``'s steps are committed with their parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .files import dir_mode, final_path, fix_modes, register_staging, unregister_staging
+from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inspect_out, is_private,
+                      new_name, out_lock, pause_point, rmtree, signals_held)
+
+__all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "out_lock", "pause_point", "run_folder"]
+
+
+# --------------------------------------------------------------------------------------------------- commit
+def _link_missing(src: Path, dst: Path) -> None:
+    """Carry over every entry of ``src`` that ``dst`` lacks (by name, top level; the run's own entries win) into
+    ``dst``: files hard-linked (copied where links fail), folders recreated and filled the same way."""
+    for entry in sorted(os.listdir(src)):
+        if not os.path.lexists(dst / entry):
+            _link_tree(src / entry, dst / entry)
+
+
+def _link_tree(s: Path, d: Path) -> None:
+    if s.is_symlink():
+        os.symlink(os.readlink(s), d)
+    elif s.is_dir():
+        d.mkdir()
+        for entry in sorted(os.listdir(s)):
+            _link_tree(s / entry, d / entry)
+        shutil.copystat(s, d)
+    else:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+
+def _start(claim: Claim, overwrite: bool, marker: str) -> Path:
+    """Create the temporary folder (the umask's mode) for a run into OUT."""
+    if claim.stage is not None:
+        raise RuntimeError(f"{claim.out} is already being written by this process")
+    if not claim.early:
+        claim.replace_run = inspect_out(claim, overwrite, marker) == "run"
+    stage = Path(tempfile.mkdtemp(prefix=f".{claim.target.name}{TAG}", suffix=".tmp", dir=claim.target.parent))
+    stage = claim.target.parent / stage.name
+    os.chmod(stage, dir_mode())
+    st = stage.stat()
+    claim.stage, claim.stage_id = stage, (st.st_dev, st.st_ino)
+    register_staging(stage, claim.target)
+    claim.journal()
+    return stage
+
+
+def _commit(claim: Claim) -> None:
+    """Rename the temporary folder to OUT: the entries OUT (or, early, the old folder) held that the run did not
+    write are linked in first, a replaced folder is renamed away and then deleted."""
+    stage, target = claim.stage, claim.target
+    if claim.early and target.exists():
+        _link_missing(target, stage)  # what the caller wrote into OUT for this run
+    fix_modes(stage)
+    if claim.early:
+        if claim.aside is not None and not claim.aside_is_run:
+            _link_missing(claim.aside, stage)
+        if target.exists():
+            rmtree(target)
+    elif target.exists():
+        if not claim.replace_run:
+            _link_missing(target, stage)
+        claim.aside = new_name(target, ".old")
+        claim.journal()
+        os.rename(target, claim.aside)
+    os.rename(stage, target)
+    unregister_staging(stage)
+    claim.stage, claim.committed = None, True
+    claim.journal()
+    if claim.aside is not None:
+        rmtree(claim.aside)
+        claim.aside = None
+
+
+def _name_final(e: BaseException) -> None:
+    """Make an OSError raised inside the temporary folder name the final path."""
+    if isinstance(e, OSError):
+        if e.filename is not None:
+            e.filename = final_path(os.fsdecode(e.filename))
+        if e.filename2 is not None:
+            e.filename2 = final_path(os.fsdecode(e.filename2))
+
+
+@contextlib.contextmanager
+def run_folder(out: str | os.PathLike, overwrite: bool = False, marker: str = "result.json", *, wait: bool = False):
+    """Yield a private temporary folder to write a whole run into; rename it to ``out`` when the block succeeds,
+    remove it (and restore ``out``) when it fails. ``marker``: the file whose presence makes ``out`` a complete run
+    (refused without ``overwrite``). Inside a private folder (:func:`is_private`) it yields ``out`` itself."""
+    out = Path(out)
+    if is_private(out):
+        yield out
+        return
+    claim = claim_out(out, early=False, wait=wait)
+    try:
+        stage = _start(claim, overwrite, marker)
+    except BaseException:
+        if claim.released_by_run:
+            abort(claim)
+            finish(claim)
+        raise
+    try:
+        yield stage
+        pause_point("commit")
+        with signals_held():
+            _commit(claim)
+    except BaseException as e:
+        _name_final(e)
+        with signals_held():
+            abort(claim)
+            if claim.released_by_run:
+                finish(claim)
+        raise
+    pause_point("committed")
+    if claim.released_by_run:
+        finish(claim)
+
+

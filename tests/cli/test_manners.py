@@ -1,0 +1,72 @@
+"""Command-line manners (trust cases A1, A2, A4, A6, C, F): values that make a run meaningless are refused at parse
+time with one line naming the flag; every option says what it does; --version; the curate --retain rename."""
+
+import argparse
+
+import pytest
+
+from slugkit.cli import build_parser, main
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["demo", "--threshold", "1"], "--threshold"),  # A1: FA can never drop below 1
+    (["demo", "--threshold", "-0.1"], "--threshold"),
+    (["demo", "--concept", ""], "--concept"),  # A4: an unset shell variable
+    (["demo", "--concept", "   "], "--concept"),
+    (["demo", "--concepts", ","], "--concepts"),
+    (["demo", "--batch-size", "1"], "--batch-size"),  # A6: a one-pair retain batch has a zero gradient
+    (["demo", "--batch-size", "0"], "--batch-size"),
+    (["demo", "--batch-size", "-1"], "--batch-size"),
+    (["demo", "--threads", "0"], "--threads"),
+    (["demo", "--threads", "-1"], "--threads"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--margin", "0.5"], "--margin"),
+    (["demo", "--utility-budget", "2"], "--utility-budget"),
+    (["unlearn", "--identity-template", "a photo", "--out", "x", "--concept", "A"], "--identity-template"),  # A2
+    (["unlearn", "--forget-samples", "0", "--out", "x", "--concept", "A"], "--forget-samples"),
+    (["grads", "--model", "m", "--forget", "f", "--retain", "r", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["compare", "--lr", "gaft=abc"], "--lr"),
+    (["compare", "--lr", "gaft"], "--lr"),
+    (["curate", "--shards", "s", "--concept", "", "--out", "o"], "--concept"),
+])
+def test_meaningless_values_are_refused_at_parse_time(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def _options(parser, prefix="slug"):
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from _options(sp, f"{prefix} {name}")
+        elif a.option_strings and a.dest != "help":
+            yield prefix, a
+
+
+def test_every_option_has_help():
+    missing = [f"{cmd} {a.option_strings[0]}" for cmd, a in _options(build_parser()) if not a.help]
+    assert missing == []
+
+
+def test_version(capsys):
+    import slugkit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and slugkit.__version__ in capsys.readouterr().out
+
+
+def test_curate_retain_is_renamed_with_a_deprecated_alias(capsys):
+    a = build_parser().parse_args(["curate", "--shards", "s", "--concept", "A", "--out", "o", "--retain", "5"])
+    assert a.max_retain == 5 and "deprecated" in capsys.readouterr().err
+    a = build_parser().parse_args(["curate", "--shards", "s", "--concept", "A", "--out", "o", "--max-retain", "0"])
+    assert a.max_retain == 0
+
+
+def test_unlearn_needs_evaluation_folders_for_real_models(capsys):
+    rc = main(["unlearn", "--model", "ViT-B-32", "--concept", "A", "--out", "x", "--forget", "f", "--retain", "r"])
+    assert rc == 2 and "--val-identities and --test-identities" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""The atomic writers: outputs honour the umask, errors name the file, recorded paths are final paths."""
+
+import errno
+import json
+import os
+import stat
+import tempfile
+
+import pytest
+
+from slugkit.common import files
+from slugkit.common.files import atomic_dir, atomic_write_bytes, write_json
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _mode(p) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_current_umask_reads_without_changing(umask):
+    assert files.current_umask() == umask
+    assert files.current_umask() == umask  # unchanged by the read
+
+
+def test_atomic_write_bytes_honours_umask(tmp_path, umask):
+    p = tmp_path / "sub" / "x.json"
+    atomic_write_bytes(p, b"{}")
+    assert _mode(p) == 0o666 & ~umask  # mkstemp alone would give 0600 whatever the umask
+    write_json(tmp_path / "y.json", {"a": 1})
+    assert _mode(tmp_path / "y.json") == 0o666 & ~umask
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert _mode(p) == _mode(plain)
+
+
+def test_atomic_dir_honours_umask(tmp_path, umask):
+    with atomic_dir(tmp_path / "d") as tmp:
+        fd, name = tempfile.mkstemp(dir=tmp)  # 0600, as a writer outside files.py makes it
+        os.close(fd)
+        os.mkdir(tmp / "sub", 0o700)
+    assert _mode(tmp_path / "d") == 0o777 & ~umask
+    assert _mode(tmp_path / "d" / "sub") == 0o777 & ~umask
+    assert _mode(tmp_path / "d" / os.path.basename(name)) == 0o666 & ~umask
+
+
+def test_fix_modes_keeps_executable_bit(tmp_path, umask):
+    f = tmp_path / "tool.sh"
+    f.write_text("#!/bin/sh\n")
+    os.chmod(f, 0o700)
+    g = tmp_path / "data.bin"
+    g.write_bytes(b"")
+    os.chmod(g, 0o600)
+    files.fix_modes(tmp_path)
+    assert _mode(f) == 0o777 & ~umask and _mode(g) == 0o666 & ~umask
+
+
+def test_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(tmp_path / "x.bin", b"data")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "x.bin")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_final_paths_map_temporary_folders(tmp_path):
+    tmp, final = tmp_path / ".run.slug-ab12.tmp", tmp_path / "run"
+    files.register_staging(tmp, final)
+    try:
+        doc = {"out": str(tmp), "forget": str(tmp / "data" / "forget.tar"), "rel": ".run.slug-ab12.tmp/x",
+               "other": str(tmp_path / ".run.slug-ab12.tmpx"), "n": 3, "list": [str(tmp / "a")]}
+        write_json(tmp_path / "r.json", doc)
+        got = json.loads((tmp_path / "r.json").read_text())
+    finally:
+        files.unregister_staging(tmp)
+    assert got == {"out": str(final), "forget": str(final / "data" / "forget.tar"), "rel": "run/x",
+                   "other": str(tmp_path / ".run.slug-ab12.tmpx"), "n": 3, "list": [str(final / "a")]}
+    assert files.final_path(str(tmp)) == str(tmp)  # unregistered: unchanged
+
+
+def test_output_targets_checked_before_work(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(IsADirectoryError) as e:
+        files.check_file_target(d)
+    assert e.value.filename == str(d)
+    with pytest.raises(NotADirectoryError) as e:
+        files.check_file_target(f / "g.safetensors")
+    assert e.value.filename == str(f)
+    with pytest.raises(NotADirectoryError):
+        files.check_folder_target(f)
+    files.check_file_target(tmp_path / "new" / "g.safetensors")
+    files.check_folder_target(tmp_path / "new.ckpt")
+    files.check_file_target(None)

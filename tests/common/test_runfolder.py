@@ -1,0 +1,251 @@
+"""The run folder: one writer at a time (a lock that dies with its process), assembled in a temporary folder and
+renamed into place, nothing left by a failure, Ctrl-C or a killed process; modes follow the umask."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+from slugkit.common.errors import OutputExistsError
+from slugkit.common.files import write_json
+from slugkit.common.runfolder import RunLockedError, abandon_claims, claim_out, out_lock, run_folder
+
+
+@pytest.fixture(autouse=True)
+def _no_claims_left():
+    yield
+    abandon_claims()  # a failing test must not leave a claim behind for the next one
+
+
+def _leftovers(parent):
+    """Temporary folders, old folders and lock files of slugkit next to the run folders in ``parent``."""
+    return sorted(p.name for p in parent.iterdir() if ".slug-" in p.name)
+
+
+def _old_run(out):
+    out.mkdir()
+    (out / "result.json").write_text('{"old": true}')
+    (out / "patch").mkdir()
+    (out / "patch" / "patch.json").write_text("old patch")
+
+
+def _child(code: str, *args: str) -> subprocess.Popen:
+    """A python process running ``code`` (which prints ``ready`` once it holds what the test needs)."""
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.strip() == "ready", (line, p.stderr.read() if p.poll() is not None else "")
+    return p
+
+
+HOLD_RUN = """
+    import sys, time
+    from pathlib import Path
+    from slugkit.common.runfolder import run_folder
+    with run_folder(sys.argv[1], overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+        print("ready", flush=True)
+        time.sleep(60)
+"""
+
+HOLD_EARLY = """
+    import sys, time
+    from pathlib import Path
+    from slugkit.common.runfolder import claim_out
+    out = Path(sys.argv[1])
+    claim_out(out, overwrite=True)
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "forget.tar").write_text("partial")
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_run_appears_whole_by_rename(tmp_path):
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".run.slug-") and not out.exists()
+        (tmp / "patch").mkdir()
+        (tmp / "patch" / "patch.json").write_text("{}")
+        write_json(tmp / "run.json", {"out": str(tmp), "forget": str(tmp / "data" / "forget.tar")})
+        (tmp / "result.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["patch", "result.json", "run.json"]
+    assert json.loads((out / "run.json").read_text()) == {"out": str(out), "forget": str(out / "data" / "forget.tar")}
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError, ValueError])
+def test_failure_leaves_nothing_and_keeps_the_old_run(tmp_path, error):
+    out = tmp_path / "run"
+    with pytest.raises(error):
+        with run_folder(out) as tmp:
+            (tmp / "data").mkdir()
+            (tmp / "data" / "forget.tar").write_text("x")
+            raise error()
+    assert list(tmp_path.iterdir()) == []
+    _old_run(out)
+    with pytest.raises(error):
+        with run_folder(out, overwrite=True) as tmp:
+            (tmp / "result.json").write_text("{}")
+            raise error()
+    assert json.loads((out / "result.json").read_text()) == {"old": True}
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_run_needs_overwrite_and_is_replaced_whole(tmp_path):
+    out = tmp_path / "run"
+    _old_run(out)
+    with pytest.raises(OutputExistsError, match="already holds a run"):
+        with run_folder(out):
+            pass
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text('{"new": true}')
+    assert sorted(p.name for p in out.iterdir()) == ["result.json"]  # the old run's patch/ went with it
+    assert _leftovers(tmp_path) == []
+
+
+def test_other_files_in_out_are_kept(tmp_path):
+    """A folder that holds no run (a caller's inputs, a user's notes) keeps what the run does not write."""
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "forget.tar").write_text("inputs")
+    (out / "notes.txt").write_text("mine")
+    (out / "report.md").write_text("stale")
+    with run_folder(out) as tmp:
+        (tmp / "report.md").write_text("new")
+        (tmp / "result.json").write_text("{}")
+    assert (out / "data" / "forget.tar").read_text() == "inputs" and (out / "notes.txt").read_text() == "mine"
+    assert (out / "report.md").read_text() == "new"
+    assert _leftovers(tmp_path) == []
+
+
+def test_file_in_the_way_is_refused(tmp_path):
+    f = tmp_path / "run"
+    f.write_text("a file")
+    with pytest.raises(NotADirectoryError) as e:
+        with run_folder(f):
+            pass
+    assert e.value.filename == str(f) and f.read_text() == "a file"
+    assert _leftovers(tmp_path) == []
+
+
+def test_nested_runs_inside_a_temporary_folder_write_in_place(tmp_path):
+    out = tmp_path / "cmp"
+    with run_folder(out, marker="compare.json") as tmp:
+        with run_folder(tmp / "slug") as inner:
+            assert inner == tmp / "slug"
+            inner.mkdir()
+            (inner / "result.json").write_text("{}")
+        (tmp / "compare.json").write_text("{}")
+    assert (out / "slug" / "result.json").is_file() and _leftovers(tmp_path) == []
+
+
+def test_early_claim_owns_what_the_caller_writes(tmp_path):
+    """`slug demo` claims OUT, curates OUT/data, then runs: the data becomes part of the run, an old run comes back
+    when the new one fails, and a claim whose run never ran is undone."""
+    out = tmp_path / "run"
+    _old_run(out)
+    with pytest.raises(OutputExistsError):
+        claim_out(out, overwrite=False)
+    assert json.loads((out / "result.json").read_text()) == {"old": True} and _leftovers(tmp_path) == []
+    claim_out(out, overwrite=True)
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "forget.tar").write_text("new inputs")
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder(out, overwrite=True) as tmp:
+            (tmp / "result.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in out.iterdir()) == ["patch", "result.json"]  # the old run, untouched
+    assert _leftovers(tmp_path) == []
+
+    claim_out(out, overwrite=True)
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "forget.tar").write_text("new inputs")
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text('{"new": true}')
+    assert sorted(p.name for p in out.iterdir()) == ["data", "result.json"]
+    assert (out / "data" / "forget.tar").read_text() == "new inputs" and _leftovers(tmp_path) == []
+
+    claim_out(out, overwrite=True)  # claimed and inputs written, then the command fails before its run starts
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "forget.tar").write_text("partial")
+    abandon_claims()
+    assert json.loads((out / "result.json").read_text()) == {"new": True} and _leftovers(tmp_path) == []
+
+
+def test_second_writer_is_refused_with_the_holders_pid(tmp_path):
+    out = tmp_path / "run"
+    holder = _child(HOLD_RUN, str(out))
+    try:
+        with pytest.raises(RunLockedError) as e:
+            with run_folder(out, overwrite=True):
+                pass
+        assert str(e.value) == (f"another slug run is writing to {out} (pid {holder.pid}); wait for it or choose "
+                                "another --out")
+        with pytest.raises(RunLockedError):
+            claim_out(out, overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+
+
+def test_dead_holders_lock_is_taken_over_and_its_leftovers_removed(tmp_path, capfd):
+    out = tmp_path / "run"
+    holder = _child(HOLD_RUN, str(out))
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert any(n.endswith(".tmp") for n in _leftovers(tmp_path))  # what a SIGKILL leaves
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+    err = capfd.readouterr().err
+    assert f"pid {holder.pid}" in err and "taking over its lock" in err
+    assert _leftovers(tmp_path) == []
+
+
+def test_dead_early_claim_puts_the_old_run_back(tmp_path, capfd):
+    out = tmp_path / "run"
+    _old_run(out)
+    holder = _child(HOLD_EARLY, str(out))
+    assert not (out / "result.json").exists()  # moved aside while the new run is prepared
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with pytest.raises(OutputExistsError):  # the old run is back, so it needs --overwrite again
+        claim_out(out, overwrite=False)
+    assert "put the previous folder back" in capfd.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["patch", "result.json"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_waiting_lock_serialises_writers(tmp_path):
+    out = tmp_path / "world"
+    holder = _child(HOLD_RUN, str(out))
+    holder.kill()  # the kernel drops its lock: a waiting claim gets it at once
+    holder.wait()
+    with out_lock(out, wait=True):
+        with run_folder(out, overwrite=True, marker="world.json") as tmp:
+            (tmp / "world.json").write_text("{}")
+    assert (out / "world.json").is_file() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_run_folder_modes_follow_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        out = tmp_path / "run"
+        with run_folder(out) as tmp:
+            fd, name = tempfile.mkstemp(dir=tmp)  # as save_patch's own writer leaves files: 0600
+            os.close(fd)
+            sub = tempfile.mkdtemp(dir=tmp)  # ... and its temporary folder: 0700
+            (tmp / "result.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes == {"run": 0o777 & ~mask, os.path.basename(name): 0o666 & ~mask,
+                     os.path.basename(sub): 0o777 & ~mask, "result.json": 0o666 & ~mask}
