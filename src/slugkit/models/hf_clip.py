@@ -21,6 +21,9 @@ norms, ``pre_layrnorm``, ``post_layernorm``, ``final_layer_norm``), ``embedding`
 plus ``text_projection.weight`` and ``visual_projection.weight``. Groups (spec §4.1): a chosen ``q/k/v_proj`` moves
 all three projections of its layer, a chosen ``fc1``/``fc2`` moves both; ``out_proj`` and the projections move alone.
 
+``precision`` (``fp32`` | ``bf16`` | ``fp16``) is autocast over float32 weights (:mod:`slugkit.models.base`): the
+model is always loaded with ``dtype=torch.float32`` (also when the folder stores fp16 weights), never cast.
+
 :meth:`HFClipAdapter.restrict_candidates` limits candidates to what a downstream consumer reads (SD's text encoder,
 LLaVA's vision tower; see :mod:`slugkit.integrations`): an edit the consumer never reads has no effect on it.
 """
@@ -35,14 +38,12 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, ModelLoadError, Stage
+from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_precision
 
 HF_EXCLUDE = ("bias", "norm", "embedding", "position", "logit_scale")
 _GROUP_RE = re.compile(r"^(?P<layer>.*\.layers\.\d+\.)(?P<comp>self_attn\.[qkv]_proj|mlp\.fc[12])\.weight$")
 _QKV = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj")  # named_parameters() order
 _MLP = ("mlp.fc1", "mlp.fc2")
-_PRECISION = {"fp32": torch.float32, "amp": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-              "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16}
 
 
 def _require_transformers():
@@ -110,7 +111,9 @@ class HFClipAdapter(Adapter):
 
     family = "hf_clip"
 
-    def __init__(self, model, tokenizer, image_processor, model_id: dict):
+    def __init__(self, model, tokenizer, image_processor, model_id: dict, precision: str = "fp32"):
+        autocast_dtype(precision)  # an unknown string fails here; the device check comes with each autocast()
+        self.precision = precision
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -128,23 +131,24 @@ class HFClipAdapter(Adapter):
         ``model`` is a hub id (downloaded / cached by ``huggingface_hub``) or a local folder written by
         ``save_pretrained`` (``config.json``, weights, tokenizer and preprocessor files). ``pretrained`` is accepted
         for symmetry with open_clip and must be ``None`` (HF ids carry their weights). With ``HF_HUB_OFFLINE`` set,
-        only local files / the cache are used.
+        only local files / the cache are used. ``precision``: ``fp32`` | ``bf16`` | ``fp16``, the autocast dtype of
+        every forward; the weights are float32 (``ValueError`` before anything is read for an unknown string or an
+        autocast torch cannot run on ``device``).
         """
+        check_precision(precision, device)
         _require_transformers()
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         if pretrained:
             raise ModelLoadError(f"--pretrained {pretrained!r} is not used by the hf_clip family: a transformers id "
                                  f"or folder carries its weights (pass --model {pretrained} instead?)")
-        if precision not in _PRECISION:
-            raise ModelLoadError(f"unknown precision {precision!r}; use one of {sorted(_PRECISION)}")
         local = Path(model).is_dir()
         if not local and Path(model).exists():
             raise ModelLoadError(f"{model} is a file; the hf_clip family loads a folder written by save_pretrained "
                                  f"(config.json + model.safetensors + tokenizer/preprocessor files) or a hub id")
         kw = {"cache_dir": cache_dir, "local_files_only": local or hub_offline()}
         try:
-            net = CLIPModel.from_pretrained(model, dtype=_PRECISION[precision], **kw)
+            net = CLIPModel.from_pretrained(model, dtype=torch.float32, **kw)
             tokenizer = AutoTokenizer.from_pretrained(model, **kw)
             image_processor = CLIPImageProcessor.from_pretrained(model, **kw)
         except Exception as e:
@@ -159,16 +163,16 @@ class HFClipAdapter(Adapter):
             ) from e
         net.to(device).eval()
         return cls(net, tokenizer, image_processor,
-                   {"family": "hf_clip", "model": model, "pretrained": None, "precision": precision})
+                   {"family": "hf_clip", "model": model, "pretrained": None, "precision": precision}, precision)
 
     @classmethod
     def from_config(cls, config, seed: int = 0, tokenizer=None, image_processor=None,
-                    model_id: dict | None = None) -> "HFClipAdapter":
+                    model_id: dict | None = None, precision: str = "fp32") -> "HFClipAdapter":
         """An architecture-exact ``CLIPModel`` with random weights (seeded) from a ``CLIPConfig`` or its kwargs dict.
 
         Without ``tokenizer`` a character-level CLIP tokenizer is built (:func:`char_tokenizer`; the text config's
         ``vocab_size`` must be ≥ 514); without ``image_processor`` a ``CLIPImageProcessor`` for the vision config's
-        image size (OpenAI mean/std, resize shortest side + centre crop).
+        image size (OpenAI mean/std, resize shortest side + centre crop). ``precision`` as in :meth:`load`.
         """
         _require_transformers()
         from transformers import CLIPConfig, CLIPModel
@@ -184,7 +188,8 @@ class HFClipAdapter(Adapter):
         if image_processor is None:
             image_processor = _image_processor_for(cfg.vision_config.image_size)
         return cls(net, tokenizer, image_processor,
-                   model_id or {"family": "hf_clip", "model": "config", "config": cfg.to_dict(), "seed": seed})
+                   model_id or {"family": "hf_clip", "model": "config", "config": cfg.to_dict(), "seed": seed},
+                   precision)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write model, tokenizer and image processor so that :meth:`load` (``--model DIR``) reads them back."""
@@ -244,10 +249,6 @@ class HFClipAdapter(Adapter):
 
     # ------------------------------------------------------------------ encoders and losses
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
     def context_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
 
@@ -281,11 +282,14 @@ class HFClipAdapter(Adapter):
         return (pos[None, :] <= self.eos_index(tokens).to(tokens.device)[:, None]).long()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(features(self.model.get_image_features(pixel_values=images)), dim=-1)
+        """N×C×H×W float32 pixels → N×D float32 L2-normalised embeddings (forward under :meth:`autocast`)."""
+        return F.normalize(self._forward(lambda: features(self.model.get_image_features(pixel_values=images))), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_text_features(input_ids=tokens, attention_mask=self.attention_mask(tokens))
-        return F.normalize(features(out), dim=-1)
+        """N×L int64 token ids → N×D float32 L2-normalised embeddings (forward under :meth:`autocast`)."""
+        mask = self.attention_mask(tokens)
+        return F.normalize(self._forward(lambda: features(self.model.get_text_features(input_ids=tokens,
+                                                                                     attention_mask=mask))), dim=-1)
 
     def retain_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Symmetric CLIP InfoNCE with ``logit_scale.exp()`` (HF's ``outputs.loss``; same formula as open_clip)."""
@@ -298,9 +302,11 @@ class HFClipAdapter(Adapter):
     # ------------------------------------------------------------------ staged forward
     def stages(self, tower: str) -> list[Stage]:
         """The tower as embeddings → each encoder layer → head; composing them equals ``encode_*`` before the L2
-        normalisation (same modules called with the same arguments as ``CLIPVisionModel``/``CLIPTextModel``)."""
+        normalisation (same modules called with the same arguments as ``CLIPVisionModel``/``CLIPTextModel``), each
+        run under :meth:`autocast`; the head returns float32."""
         if tower not in self._stages:
-            self._stages[tower] = self._vision_stages() if tower == "vision" else self._text_stages()
+            st = self._vision_stages() if tower == "vision" else self._text_stages()
+            self._stages[tower] = self.autocast_stages(st)
         return self._stages[tower]
 
     def _names_under(self, prefix: str) -> list[str]:

@@ -10,6 +10,11 @@ Candidate tensors follow the official filters (spec §3.4): every parameter exce
 ``logit_scale``, ``position`` or ``embedding``; LayerNorm gains **are** candidates (the official ``'.ln_'`` filter is
 commented out). The tower split is the official one: names containing ``visual`` are vision, all others language.
 In open_clip q/k/v live in one tensor (``attn.in_proj_weight``), so every group is a single tensor.
+
+``precision`` (``fp32`` | ``bf16`` | ``fp16``) is autocast over float32 weights (see :mod:`slugkit.models.base`):
+the model is always created with open_clip's ``precision="fp32"``, because open_clip's ``"bf16"``/``"fp16"`` cast
+the weights (``convert_weights_to_lp``: linear/conv/attention weights in the low dtype, the rest float32), which
+changes the tensors a patch is hashed against and makes a float32 input batch crash with a dtype mismatch.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, ModelLoadError, Stage
+from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_precision
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 OFFICIAL_EXCLUDE = ("bias", "logit_scale", "position", "embedding")
@@ -67,22 +72,31 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
 class OpenClipAdapter(Adapter):
     family = "open_clip"
 
-    def __init__(self, model, tokenizer, preprocess, model_id: dict):
+    def __init__(self, model, tokenizer, preprocess, model_id: dict, precision: str = "fp32"):
+        autocast_dtype(precision)  # an unknown string fails here; the device check comes with each autocast()
         self.model = model
         self.tokenizer = tokenizer
         self._preprocess = preprocess
         self.model_id = model_id
+        self.precision = precision
         self._stages: dict[str, list[Stage]] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model: str = "embedded", pretrained: str | None = None, device: str = "cpu",
              precision: str = "fp32", cache_dir: str | None = None) -> "OpenClipAdapter":
+        """Load an open_clip model (ids: module docstring) in eval mode on ``device``, float32 weights.
+
+        ``precision``: ``fp32`` | ``bf16`` | ``fp16``, the autocast dtype of every forward (weights stay float32);
+        checked before anything is read (``ValueError``: unknown string, or an autocast torch cannot run on
+        ``device``). Raises :class:`ModelLoadError` when the model cannot be loaded (the message says how to pass
+        weights offline)."""
+        check_precision(precision, device)
         open_clip = _require_open_clip()
         name, tag = resolve_model_name(model, pretrained)
         try:
             net, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, precision=precision, device=device, cache_dir=cache_dir)
+                name, pretrained=tag, precision="fp32", device=device, cache_dir=cache_dir)
             tokenizer = open_clip.get_tokenizer(name)
         except ModelLoadError:
             raise
@@ -94,11 +108,14 @@ class OpenClipAdapter(Adapter):
                 "(open_clip_config.json + open_clip_model.safetensors)."
             ) from e
         net.eval()
-        return cls(net, tokenizer, preprocess, {"family": "open_clip", "model": model, "pretrained": pretrained})
+        return cls(net, tokenizer, preprocess, {"family": "open_clip", "model": model, "pretrained": pretrained,
+                                                "precision": precision}, precision=precision)
 
     @classmethod
-    def from_config(cls, cfg: dict, seed: int = 0, model_id: dict | None = None) -> "OpenClipAdapter":
-        """Build an architecture-exact model with random weights from an open_clip model config (tests, timing)."""
+    def from_config(cls, cfg: dict, seed: int = 0, model_id: dict | None = None,
+                    precision: str = "fp32") -> "OpenClipAdapter":
+        """Build an architecture-exact model with random float32 weights from an open_clip model config (tests,
+        timing); ``precision`` as in :meth:`load`."""
         open_clip = _require_open_clip()
         from open_clip.transform import image_transform
 
@@ -109,7 +126,7 @@ class OpenClipAdapter(Adapter):
         size = cfg["vision_cfg"]["image_size"]
         preprocess = image_transform(size, is_train=False)
         return cls(net, tokenizer, preprocess, model_id or {"family": "open_clip", "model": "config", "config": cfg,
-                                                             "seed": seed})
+                                                             "seed": seed}, precision=precision)
 
     # ------------------------------------------------------------------ declarations
     def tower_of(self, name: str) -> str:
@@ -125,15 +142,13 @@ class OpenClipAdapter(Adapter):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(images), dim=-1)
+        """N×C×H×W float32 images → N×D float32 L2-normalised embeddings (forward under :meth:`autocast`)."""
+        return F.normalize(self._forward(self.model.encode_image, images), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(tokens), dim=-1)
+        """N×L int64 token ids → N×D float32 L2-normalised embeddings (forward under :meth:`autocast`)."""
+        return F.normalize(self._forward(self.model.encode_text, tokens), dim=-1)
 
     def retain_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """open_clip's symmetric CLIP InfoNCE (``ClipLoss``) with the model's learned logit scale (spec §2.2)."""
@@ -146,8 +161,10 @@ class OpenClipAdapter(Adapter):
 
     # ------------------------------------------------------------------ staged forward
     def stages(self, tower: str) -> list[Stage]:
+        """The tower as stem → each block → head, each run under :meth:`autocast`; the head returns float32."""
         if tower not in self._stages:
-            self._stages[tower] = self._vision_stages() if tower == "vision" else self._text_stages()
+            st = self._vision_stages() if tower == "vision" else self._text_stages()
+            self._stages[tower] = self.autocast_stages(st)
         return self._stages[tower]
 
     def _names_under(self, prefix: str) -> list[str]:

@@ -10,7 +10,13 @@ gradients by the number of batches, so a partial last batch weighs as much as a 
 the batch size. Here the forget gradient is the exact mean over *samples* (sum of per-sample cosine gradients / N),
 identical for any batch size. The contrastive retain loss is a batch-level quantity (each sample's loss depends on
 its batch-mates), so each batch's mean-loss gradient is weighted by its sample count (Σ_b B_b ∇ℓ_b / Σ_b B_b).
-Accumulation is float32 whatever the model dtype. Only candidate tensors are stored (others are frozen during the
+Accumulation is float32 whatever the model dtype.
+
+Precision (``--precision bf16|fp16``): the adapter's forward methods (``forget_loss_per_sample``, ``retain_loss`` via
+``encode_*``) run the model under ``adapter.autocast()`` themselves (:mod:`slugkit.models.base`); the weights are
+float32 leaves, so autograd returns each candidate's ``.grad`` in float32 (the backward of autocast's weight cast),
+the losses are float32, and the sums are float32 as in fp32 runs. Nothing here depends on the precision. Only
+candidate tensors are stored (others are frozen during the
 pass, which also skips e.g. the 49408-row token-embedding gradient), and an empty forget set is an error: the
 official code silently saves all-zero gradients when its tar path is wrong (§2.4).
 """
@@ -102,9 +108,10 @@ def accumulate_batch(adapter, params: dict[str, torch.Tensor], names: list[str],
                      images: torch.Tensor, tokens: torch.Tensor, kind: str) -> int:
     """Add one batch's contribution to ``sums`` and return its sample count (the one copy of the loss logic).
 
-    forget: Σ_i ∇cos_i (per-sample sum); retain: B·∇ℓ_batch (CLIP loss weighted by the batch size). ``images`` and
-    ``tokens`` may be on any device: they are moved to ``adapter.device`` here, right before the forward; ``sums``
-    live on the model's device.
+    forget: Σ_i ∇cos_i (per-sample sum); retain: B·∇ℓ_batch (CLIP loss weighted by the batch size). ``images``
+    (B×C×H×W float32) and ``tokens`` (B×L int64) may be on any device: they are moved to ``adapter.device`` here,
+    right before the forward (run by the adapter under its ``autocast()``); ``sums`` (float32, shaped like the
+    parameters) live on the model's device and are added to in place.
     """
     b = images.shape[0]
     if b == 0:
@@ -158,7 +165,7 @@ def check_finite(forget: dict, retain: dict) -> None:
         if bad:
             raise NonFiniteGradientError(
                 f"{split} gradient has NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}; check the data (a corrupt "
-                "image?) and use fp32 precision")
+                "image?) and use fp32 precision (fp16 autocast can overflow; bf16 has float32's range)")
 
 
 def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterable, names: list[str] | None = None,
