@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``slug ARGS``; returns the exit status.
 
     0 success (verdict ``pass``); 3 the run finished with verdict ``warn``; 4 verdict ``fail`` (not unlearned, or
-    nothing to unlearn); 2 a user error, printed as one line ``error: ...`` (an OS error as
-    ``error: <path>: <reason>``), with nothing left behind; 130 interrupted (Ctrl-C: ``interrupted`` on stderr, the
-    run's temporary folder removed); 141 stdout closed early (``slug inspect P | head -1``: the rest of the output is
-    dropped quietly, as a program killed by SIGPIPE). A claim on an output folder that the command left unfinished is undone on the way out."""
+    nothing to unlearn); 2 a user error, printed as one line ``error: ...`` (an OS error as ``error: <path>:
+    <reason>``), with nothing left behind; 130 interrupted (Ctrl-C: ``interrupted`` on stderr, the run's temporary
+    folder removed); 141 stdout closed early (``slug inspect P | head -1``: the rest of the output is dropped quietly,
+    as a program killed by SIGPIPE). A claim on an output folder that the command left unfinished is undone on the
+    way out."""
     from ..common.progress import plain_progress_if_not_a_tty
     from ..common.runfolder import abandon_claims
 
