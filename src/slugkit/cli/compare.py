@@ -66,7 +66,12 @@ def cmd_compare(a) -> int:
                   + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
     print(f"outputs: {out}/compare.json, compare.md, tradeoff.png, "
           + ("slug/" if "methods" in report else ", ".join(f"{m}/" for m in ("joint", "sequential") if m in report)))
-    return 0
+    from ..report.unlearn import verdict_lines
+    from ..workflows.verdict import exit_status_of
+
+    for line in verdict_lines(report.get("verdict")):
+        print(line)
+    return exit_status_of(report)
 
 
 def add_parsers(sub) -> None:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import (COUNT, FRACTION, add_run_args, float_at_least, int_at_least, name_list, nonempty, refuse,
-                   search_config, split_list, template, validate_demo_sd, validate_unlearn, world_mode)
+from ..workflows.verdict import exit_status_of
+from .args import (COUNT, FRACTION, add_run_args, budgets_of, float_at_least, int_at_least, name_list, nonempty,
+                   refuse, search_config, split_list, template, validate_demo_sd, validate_unlearn, world_mode)
 
 
 def print_summary(result: dict, out: str) -> None:
     """Print the outcome of one SLUG run: the edit, the before/after metrics, timing and outputs."""
-    from ..report.unlearn import metrics_table
+    from ..report.unlearn import headline, metrics_table, verdict_lines
 
     m = result["metrics"]
     print()
-    print(f"SLUG unlearned {result['concept']!r} from {result['model_label']} by editing "
-          f"{result['layer']} (step {result['step_size']:.4g}, relative change {result['relative_change']:.3f})")
+    print(headline(result, result["model_label"], f"{result['layer']} (step {result['step_size']:.4g}, relative "
+                                                  f"change {result['relative_change']:.3f})"))
     print(metrics_table(m["before"], m["after"]))
     for c, fa in (m["after"].get("forget_by_concept") or {}).items():
         print(f"  {c}: FA@1 {fa['forget_top1']:.3f}, FA@5 {fa['forget_top5']:.3f} after")
@@ -25,12 +26,17 @@ def print_summary(result: dict, out: str) -> None:
           f"patch {result['patch']['bytes']:,} bytes = {100 * result['patch']['bytes'] / result['model_bytes']:.2f}% "
           f"of the model")
     print(f"outputs: {out}/result.json, report.md, pareto.png, layers.json, run.json, patch/")
+    for line in verdict_lines(result.get("verdict")):
+        print(line)
 
 
 def print_multi_summary(result: dict, out: str) -> None:
     """Print the outcome of a sequential multi-concept run: per-concept and shared metrics, the chained patch."""
+    from ..report.unlearn import verdict_lines
+
     print()
-    print(f"SLUG unlearned {', '.join(result['concepts'])} one after another "
+    verb = "did NOT unlearn" if result["verdict"]["status"] == "fail" else "unlearned"
+    print(f"SLUG {verb} {', '.join(result['concepts'])} one after another "
           f"({' then '.join(s['layer'] for s in result['steps'])})")
     print("| concept | FA@1 before | FA@1 after | FA@5 before | FA@5 after |")
     print("|---|---|---|---|---|")
@@ -42,6 +48,8 @@ def print_multi_summary(result: dict, out: str) -> None:
     print(f"shared: related top-1 (identities not unlearned) {b['related_top1']:.3f} -> {a['related_top1']:.3f}, "
           f"utility top-1 {b['utility_top1']:.3f} -> {a['utility_top1']:.3f}")
     print(f"one chained patch: {out}/patch ({result['patch']['bytes']:,} bytes); per-step runs in {out}/<k>-<Name>/")
+    for line in verdict_lines(result.get("verdict")):
+        print(line)
 
 
 def cmd_demo_sd(a) -> int:
@@ -67,9 +75,10 @@ def cmd_demo_sd(a) -> int:
                          gen_search=not a.no_gen_search, val_images=a.val_images, val_other=a.val_other,
                          gen_threshold=a.gen_threshold, other_budget=a.other_budget,
                          gen_margin=a.gen_margin, search=search, seed=a.seed, threads=a.threads,
-                         progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size)
+                         progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size,
+                         budgets=budgets_of(a))
     print_sd_summary(result, out)
-    return 0
+    return exit_status_of(result)
 
 
 def cmd_demo(a) -> int:
@@ -98,17 +107,17 @@ def cmd_demo(a) -> int:
     check_out_dir(out, a.overwrite)
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
-                  save_gradients=a.save_gradients)
+                  save_gradients=a.save_gradients, budgets=budgets_of(a))
     if a.sequential and len(concepts) > 1:
         cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: out / f"{k + 1}-{c.replace(' ', '_')}",
                                                         a.data_dir, **common)]
         result = run_sequential(cfgs, out, overwrite=a.overwrite)
         print_multi_summary(result, str(out))
-        return 0
+        return exit_status_of(result)
     cfg, cur, data = world_config(concepts if len(concepts) > 1 else concepts[0], out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, str(out))
-    return 0
+    return exit_status_of(result)
 
 
 def cmd_unlearn(a) -> int:
@@ -131,11 +140,12 @@ def cmd_unlearn(a) -> int:
         utility_templates=a.utility_templates, forget_samples=a.forget_samples, retain_samples=a.retain_samples,
         batch_size=a.batch_size, search=search_config(a), cached_search=not a.naive_search, seed=a.seed,
         threads=a.threads, device=a.device, precision=a.precision, strict=a.strict, overwrite=a.overwrite,
-        family=a.family, consumer=a.consumer,
+        family=a.family, consumer=a.consumer, clip_skip=a.clip_skip, budgets=budgets_of(a),
+        caption_check=not a.no_caption_check,
         progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
     result = run_unlearn(cfg)
     print_summary(result, a.out)
-    return 0
+    return exit_status_of(result)
 
 
 def _unlearn_on_world(a, concepts: list[str]) -> int:
@@ -152,11 +162,12 @@ def _unlearn_on_world(a, concepts: list[str]) -> int:
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients, precision=a.precision, strict=a.strict,
-                  forget_samples=a.forget_samples, retain_samples=a.retain_samples)
+                  forget_samples=a.forget_samples, retain_samples=a.retain_samples, budgets=budgets_of(a),
+                  caption_check=not a.no_caption_check)
     cfg, cur, data = world_config(names if len(names) > 1 else names[0], a.out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, a.out)
-    return 0
+    return exit_status_of(result)
 
 
 def add_parsers(sub) -> None:
@@ -248,5 +259,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--data-dir", default=None,
                    help="--model embedded without data flags: where the world's data is generated (default: cache dir)")
     u.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
+    u.add_argument("--no-caption-check", action="store_true",
+                   help="run even when no forget caption names the concept (default: refuse such a forget set)")
     add_run_args(u)
     u.set_defaults(func=cmd_unlearn)

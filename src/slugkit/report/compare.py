@@ -141,12 +141,16 @@ def render_compare(report: dict) -> str:
     """``compare.md``: the table and notes of a single-concept report, or one section per mode of a
     several-concept one."""
     rule = _rule(report)
+    v = report.get("verdict")
+    verdict = ([f"SLUG's verdict: **{v['status']}**" + "".join(f"; {r['message']}" for r in v["reasons"]), ""]
+               if v else [])
     if "methods" in report:
-        lines = [f"# Unlearning methods compared: {report['concept']} ({report['model'].get('model')})", ""]
+        lines = [f"# Unlearning methods compared: {report['concept']} ({report['model'].get('model')})", "", *verdict]
         lines += _render_section(report, rule)
         lines += ["", "![trade-off](tradeoff.png)", ""]
         return "\n".join(lines)
-    lines = [f"# Unlearning methods compared: {', '.join(report['concepts'])} ({report['model'].get('model')})", ""]
+    lines = [f"# Unlearning methods compared: {', '.join(report['concepts'])} ({report['model'].get('model')})", "",
+             *verdict]
     for mode in MODES:
         if mode in report:
             lines += [f"## {mode.capitalize()}", ""] + _render_section(report[mode], rule) + [""]

@@ -45,11 +45,15 @@ def render_generation_report(result: dict) -> str:
 
 
 def print_sd_summary(result: dict, out: str) -> None:
+    """The console summary of ``slug demo --target sd``: headline (from the verdict), generated-image table, the CLIP
+    figures, timing, outputs and the verdict's reasons."""
+    from .unlearn import headline, verdict_lines
+
     g = result["generation"]
     b, a = g["before"], g["after"]
     print()
-    print(f"SLUG unlearned {result['concept']!r} from the embedded text-to-image pipeline by editing "
-          f"{', '.join(result['group'])} (step {result['step_size']:.4g}) of its CLIP text encoder")
+    print(headline(result, "the embedded text-to-image pipeline",
+                   f"{', '.join(result['group'])} (step {result['step_size']:.4g}) of its CLIP text encoder"))
     print("| generated images | before | after |")
     print("|---|---|---|")
     print(f"| '{result['concept']}' recognised | {b['generated_target_recognised']:.3f} | "
@@ -64,3 +68,5 @@ def print_sd_summary(result: dict, out: str) -> None:
     print(f"time: SLUG {t['slug_total']:.1f} s, generation eval {t['generation_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
     print(f"outputs: {out}/result.json, report.md, generations.png, patch/")
+    for line in verdict_lines(result.get("verdict")):
+        print(line)

@@ -70,11 +70,30 @@ def metrics_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(result: dict, subject: str, edit: str) -> str:
+    """The one line a run opens its summary with; it says "unlearned" only when the verdict is not ``fail``."""
+    status = result.get("verdict", {}).get("status", "pass")
+    if status == "fail":
+        return f"SLUG did NOT unlearn {result['concept']!r} from {subject} (edit of {edit} kept for inspection)"
+    return (f"SLUG unlearned {result['concept']!r} from {subject} by editing {edit}"
+            + (" — with warnings" if status == "warn" else ""))
+
+
+def verdict_lines(verdict: dict | None) -> list[str]:
+    """``verdict: STATUS`` and one ``fail:`` / ``warning:`` line per reason."""
+    if not verdict:
+        return []
+    return [f"verdict: {verdict['status']}"] + [
+        f"{'fail' if r['severity'] == 'fail' else 'warning'}: {r['message']}" for r in verdict["reasons"]]
+
+
 def render_report(result: dict) -> str:
     m = result["metrics"]
     chosen = result["layer"]
     lines = [
         f"# SLUG unlearning report: {result['concept']}",
+        "",
+        *(f"**{x}**" if i == 0 else f"- {x}" for i, x in enumerate(verdict_lines(result.get("verdict")))),
         "",
         f"Model: `{result['model_label']}` · method: SLUG · layer: `{chosen}` · step size η = "
         f"{result['step_size']:.6g} (relative change ‖Δθ‖/‖θ‖ = {result['relative_change']:.4f})",

@@ -114,9 +114,25 @@ def run_compare(cc: CompareConfig) -> dict:
             report = _compare_modes(cc, concepts, out)
         else:
             report = _compare_single(cc, concepts, out)
+        verdict = slug_verdict(report)
+        if verdict is not None:
+            report["verdict"] = verdict
         write_compare_report(report, out)
         report = final_paths(report)  # paths as they read after the rename
     return report
+
+
+def slug_verdict(report: dict) -> dict | None:
+    """The comparison's verdict: SLUG's own run's (``slug/result.json``; for several concepts every mode's, the
+    reasons prefixed with the mode), or None when SLUG was not among the methods. Baselines are compared, not judged."""
+    parts = [("", report)] if "methods" in report else [(f"{m}: ", report[m]) for m in MODES if m in report]
+    found = [(p, part["methods"]["slug"]["verdict"]) for p, part in parts if "slug" in part.get("methods", {})]
+    if not found:
+        return None
+    order = ("pass", "warn", "fail")
+    status = max((v["status"] for _, v in found), key=order.index)
+    reasons = [{**r, "message": p + r["message"]} for p, v in found for r in v["reasons"]]
+    return {"status": status, "reasons": reasons, "budgets": found[0][1].get("budgets", {})}
 
 
 def _check_config(cc: CompareConfig, concepts: list[str]) -> None:

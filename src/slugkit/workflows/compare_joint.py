@@ -91,6 +91,7 @@ def _slug_joint(cc, cfg, adapter, base: Base, out: Path, j: _Inputs) -> dict:
     t = result["timing_s"]
     entry = {
         "metrics": result["metrics"],
+        "verdict": result["verdict"],
         "time_s": t["gradients"] + t["layers"] + t["search"],
         "timing_s": {"precompute": t["gradients"] + t["layers"], "search": t["search"], "run_unlearn": t},
         **dict(zip(("peak_mem_bytes", "cpu_s"),

@@ -112,6 +112,7 @@ def _slug_sequential(cc, adapter, base, out: Path, s: _Steps) -> dict:
     after = s.test_eval.evaluate_naive()
     entry = {
         "metrics": {"before": s.before, "after": after},
+        "verdict": result["verdict"],
         "time_s": sum(r["timing_s"][k] for r in step_results for k in ("gradients", "layers", "search")),
         "cpu_s": cpu,
         "timing_s": {"per_step": [r["timing_s"] for r in step_results],

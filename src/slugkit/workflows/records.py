@@ -39,8 +39,9 @@ def model_label(model_id: dict) -> str:
 
 
 def result_record(cfg, adapter, data: dict, run: dict) -> dict:
-    """The ``result.json`` document of a run: concept, model, chosen layer and step size, test and validation
-    metrics before/after, the Pareto front, every search evaluation, timings, patch and model bytes."""
+    """The ``result.json`` document of a run: concept, model, the verdict (:mod:`slugkit.workflows.verdict`),
+    chosen layer and step size, test and validation metrics before/after, the Pareto front, every search evaluation,
+    timings, patch and model bytes."""
     chosen, searches, timing = run["chosen"], run["searches"], run["timing"]
     search_entries = [{"layer": s.name, "step_size": st.step_size, "relative_change": st.relative_change,
                        "metrics": st.metrics, "accepted": st.accepted}
@@ -51,6 +52,7 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
         "model": adapter.model_id,
         "model_label": model_label(adapter.model_id),
         "method": "slug",
+        "verdict": run["verdict"],
         "layer": chosen.name,
         "group": chosen.group,
         "tower": chosen.tower,

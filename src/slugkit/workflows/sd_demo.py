@@ -44,6 +44,7 @@ from ..report.sd import render_generation_report
 from ..world import render as world
 from ..world import t2i
 from .sd_generator import generation_metrics, generator_chooser, related_to
+from .verdict import Budgets, sd_verdict
 
 DEFAULT_SD_CONCEPT = "red triangle"
 SD_CRITERION = "forget_top1"  # zero-shot over 30 concepts: top-5 would demand the concept leave a sixth of the list
@@ -115,8 +116,11 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 guidance: float = t2i.DEFAULT_GUIDANCE, selection: str = "shift", gen_search: bool = True,
                 gen_margin: float | None = None, val_images: int = 20, val_other: int = 1,
                 gen_threshold: float = 0.05, other_budget: float = 0.05, search=None, seed: int = 0,
-                threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64) -> dict:
+                threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64,
+                budgets=None) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``
+    with ``result.json → verdict`` judged on the generated images (:func:`slugkit.workflows.verdict.sd_verdict`:
+    ``gen_threshold`` + ``budgets.forget_tolerance``, ``other_budget``)
     (assembled in a temporary folder and renamed into place at the end, :func:`slugkit.common.runfolder.run_folder`)."""
     from ..slug.search import SearchConfig
     from ..world.demo_data import ensure_world_data
@@ -124,6 +128,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
 
     concept = t2i.concept_by_name(concept).name
     gen_margin = DEFAULT_GEN_MARGIN if gen_margin is None else gen_margin
+    budgets = budgets or Budgets()
     out = Path(out or f"runs/demo-sd-{concept.replace(' ', '_')}")
     n_threads = torch.get_num_threads()
     if threads:
@@ -135,7 +140,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             cd = write_concept_data(concept, stage / "data")
             adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
             cfg = _sd_config(concept, stage, data, cd, search or SearchConfig(metric=SD_CRITERION),
-                             batch_size=batch_size, seed=seed, progress=progress, overwrite=overwrite)
+                             batch_size=batch_size, seed=seed, progress=progress, overwrite=overwrite,
+                             budgets=budgets)
             chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
                                         gen_margin=gen_margin, val_images=val_images, val_other=val_other,
                                         threshold=gen_threshold, other_budget=other_budget,
@@ -155,6 +161,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                                   "text_encoder_verified": True, "consumer": adapter.consumer,
                                   "candidates": len(adapter.candidate_names())}
             result["generation"] = gen
+            result["verdict"] = sd_verdict(concept, result["verdict"], gen["before"], gen["after"], gen_threshold,
+                                           other_budget, budgets.forget_tolerance).to_json()
             result["timing_s"]["slug_total"] = t_slug
             result["timing_s"]["generation_eval"] = t_gen
             result["timing_s"]["total"] = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from ..common.runfolder import run_folder
 from ..eval.zeroshot import SuiteEvaluator
 from .inputs import build_suite
 from .unlearn import UnlearnConfig, run_unlearn
+from .verdict import sequential_verdict
 
 
 def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, overwrite: bool = False) -> dict:
@@ -37,11 +38,13 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
         t0 = time.perf_counter()
         applied, steps = [], []
         try:
+            step_verdicts = []
             for cfg in configs:
                 r = run_unlearn(cfg, adapter=adapter)
                 p = load_patch(Path(cfg.out) / "patch")
                 apply_patch(adapter.model, p)
                 applied.append(p)
+                step_verdicts.append(r["verdict"])
                 steps.append({"concept": cfg.concept, "out": str(cfg.out), "layer": r["layer"],
                               "step_size": r["step_size"], "metrics_at_step": r["metrics"]})
             chained = chain_patches(applied)
@@ -61,6 +64,8 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
             "per_concept": {c: {"before": base["forget_by_concept"][c], "after": final["forget_by_concept"][c]}
                             for c in joint.concepts},
             "metrics": {"before": base, "after": final},
+            "verdict": sequential_verdict(joint.concepts, configs[0].search.metric, configs[0].search.threshold, base,
+                                          final, configs[0].budgets, step_verdicts).to_json(),
             "patch": {"path": "patch", "bytes": (stage / "patch" / "patch.safetensors").stat().st_size,
                       "tensors": chained.names},
             "model_bytes": adapter.model_bytes(), "timing_s": {"total": time.perf_counter() - t0},

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import torch
 
+from ..common.progress import status
 from ..common.runfolder import claim_out, pause_point, run_folder
 from ..data.shards import ReadStats
 from ..eval.zeroshot import PARTS, SuiteEvaluator
 from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
 from ..slug.search import SearchConfig, choose_layer, edited, edited_values, search_layers
-from .inputs import batches, build_suite, load_gradients_file, load_pairs
+from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs
 from .records import result_record, write_run_files
+from .verdict import Budgets, check_captions, check_recognised, clip_verdict
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
 RUN_MARKER = RESULT_FILES[0]  # a folder holding it is a complete run (the run appears whole, by one rename)
@@ -66,6 +68,9 @@ class UnlearnConfig:
     save_gradients: bool = False
     gradients: str | None = None  # precomputed `slug grads` / --save-gradients file: skips the gradient pass
     concepts: list[str] = field(default_factory=list)  # several concepts unlearned jointly (one forget set)
+    budgets: Budgets = field(default_factory=Budgets)  # what the verdict tolerates (slugkit.workflows.verdict)
+    caption_check: bool = True  # refuse a forget set none of whose captions names the concept
+    clip_skip: int | None = None  # with consumer sd:DIR: diffusers' clip_skip (the pipeline's last N layers unread)
 
     def concept_list(self) -> list[str]:
         return list(self.concepts) if self.concepts else [self.concept]
@@ -113,13 +118,17 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         torch.manual_seed(cfg.seed)
         timing: dict[str, float] = {}
         with _timed(timing, "load_model"):
+            status(f"loading model {cfg.model}" + (f" ({cfg.pretrained})" if cfg.pretrained else ""), cfg.progress)
             adapter = _load_model(cfg, adapter)
         with _timed(timing, "load_data"):
+            status("reading the forget and retain pairs and the validation and test folders", cfg.progress)
             data = _load_data(cfg, adapter)
         with _timed(timing, "evaluation"):
+            status("evaluating the unedited model (validation, test)", cfg.progress)
             val_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
             test_eval = SuiteEvaluator(adapter, data["test_suite"], cfg.eval_batch_size)
             before, val_before = test_eval.base_metrics(), val_eval.base_metrics()
+        check_recognised(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, val_before)
         names = adapter.candidate_names()
         with _timed(timing, "gradients"):
             grads, stats = _gradients(cfg, adapter, data, names)
@@ -130,14 +139,17 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         with _timed(timing, "search"):
             searches, chosen, chooser_info = _search(cfg, adapter, grads, table, val_eval, val_before, choose)
         with _timed(timing, "evaluation"):
+            status(f"evaluating the edit of {chosen.name} on the test images", cfg.progress)
             after = _evaluate_edit(adapter, grads, chosen, test_eval)
         timing["evaluation"] = timing.pop("evaluation")  # keep the stages in run order in result.json
+        verdict = clip_verdict(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, before, after, cfg.budgets,
+                               {k: data[f"{k}_stats"].as_dict() for k in ("forget", "retain")}, data["captions"])
         with _timed(timing, "patch"):
             patch, patch_bytes = _write_patch(cfg, adapter, grads, chosen, before, after, out)
         timing["total"] = time.perf_counter() - t_start
         run = {"before": before, "after": after, "val_before": val_before, "searches": searches, "chosen": chosen,
                "chooser_info": chooser_info, "table": table, "grads": grads, "timing": timing, "patch": patch,
-               "patch_bytes": patch_bytes}
+               "patch_bytes": patch_bytes, "verdict": verdict.to_json()}
         result = result_record(cfg, adapter, data, run)
         write_run_files(cfg, out, data, run, result, extra_run_info)
     return result
@@ -170,7 +182,7 @@ def _load_model(cfg: UnlearnConfig, adapter):
         if not hasattr(adapter, "restrict_candidates"):
             raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict "
                              "its candidates to a downstream model)")
-        restrict_to_consumer(adapter, cfg.consumer)
+        restrict_to_consumer(adapter, cfg.consumer, clip_skip=cfg.clip_skip)
     return adapter
 
 
@@ -178,8 +190,14 @@ def _load_data(cfg: UnlearnConfig, adapter) -> dict:
     """Forget and retain pairs (not loaded when gradients are precomputed: only recorded), validation and test
     suites."""
     data = {"forget": None, "retain": None, "forget_stats": ReadStats(), "retain_stats": ReadStats()}
+    data["captions"] = None  # not read when gradients are precomputed
     if not cfg.gradients:
         f_img, f_tok, data["forget_stats"] = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
+        captions = data["forget_stats"].captions
+        named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list())
+        if cfg.caption_check:
+            check_captions(named, len(captions), cfg.concept_list(), cfg.forget)
+        data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}
         r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
         data["forget"], data["retain"] = (f_img, f_tok), (r_img, r_tok)
     data["val_suite"] = build_suite(adapter, cfg, cfg.val_identities, cfg.utility_val)
@@ -234,10 +252,11 @@ def _evaluate_edit(adapter, grads, chosen, test_eval) -> dict:
 
 def _write_patch(cfg: UnlearnConfig, adapter, grads, chosen, before: dict, after: dict, out: Path):
     """``out/patch``: the chosen group's new values with the base hashes (spec §5); returns (patch, file bytes)."""
-    from ..patch import make_patch, save_patch
+    from ..patch import architecture_facts, make_patch, save_patch
 
     new_values = edited_values(adapter.model, grads.forget, chosen.group, chosen.step_size)
     patch = make_patch(adapter.model, new_values, base_model=adapter.model_id, adapter=adapter.family,
+                       architecture=architecture_facts(adapter.model),
                        concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
                        step_size=chosen.step_size,
                        metrics={"before": before, "after": after},

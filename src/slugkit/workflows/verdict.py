@@ -210,3 +210,31 @@ def clip_verdict(concepts: list[str], metric: str, threshold: float, before: dic
     if captions is not None:
         caption_check(v, captions["named"], captions["total"], captions["truncated"], concepts)
     return v
+
+
+_FORGETTING = ("not_forgotten", "nothing_to_unlearn")
+
+
+def sd_verdict(concept: str, clip_verdict_json: dict, gen_before: dict, gen_after: dict, threshold: float,
+               other_budget: float, tol: float) -> Verdict:
+    """A text-to-image run: forgetting is judged on the **generated** images (:func:`generation_checks`), not on
+    CLIP's zero-shot ranking (the generator forgets at a smaller step than CLIP's argmax needs); the CLIP run's
+    other reasons (collateral, skipped samples, captions) are kept."""
+    v = Verdict(budgets={**clip_verdict_json.get("budgets", {}), "generated_threshold": threshold,
+                         "generated_other_drop": other_budget})
+    generation_checks(v, concept, gen_before, gen_after, threshold, other_budget, tol)
+    v.reasons += [r for r in clip_verdict_json.get("reasons", []) if r["code"] not in _FORGETTING]
+    return v
+
+
+def sequential_verdict(concepts: list[str], metric: str, threshold: float, before: dict, after: dict,
+                       budgets: Budgets, step_verdicts: list[dict]) -> Verdict:
+    """Several concepts one after another: every concept judged on the final model against the base model, the
+    collateral over the identities none of them is, and each step's non-forgetting reasons (data, captions)."""
+    v = Verdict(budgets=asdict(budgets))
+    forgetting_checks(v, concepts, metric, threshold, before, after, budgets.forget_tolerance)
+    collateral_checks(v, before, after, budgets)
+    for c, sv in zip(concepts, step_verdicts):
+        v.reasons += [{**r, "message": f"step {c!r}: {r['message']}"} for r in sv.get("reasons", [])
+                      if r["code"] not in _FORGETTING and r["code"] not in ("utility_drop", "related_drop")]
+    return v
