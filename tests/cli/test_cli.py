@@ -244,3 +244,46 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir):
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
     revert_patch(model, chain)
     assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())
+
+
+def test_demo_verdict_pass(demo_run):
+    """The default demo forgets on the test images within every budget: verdict pass, exit status 0 (fixture)."""
+    result = json.loads((demo_run / "result.json").read_text())
+    assert result["verdict"]["status"] == "pass" and result["verdict"]["reasons"] == []
+    assert result["verdict"]["budgets"] == {"forget_tolerance": 0.05, "utility_drop": 0.02, "related_drop": 0.05}
+    assert "**verdict: pass**" in (demo_run / "report.md").read_text()
+
+
+def test_demo_verdict_fail_when_test_forgetting_does_not_happen(tmp_path, data_dir, capsys):
+    """Trust case A1: a criterion the search meets at once (validation FA@5 <= 0.95) leaves the concept named on the
+    test images; the run says so, exits 4 and never prints "SLUG unlearned"."""
+    out = tmp_path / "run"
+    rc = main(["demo", "--out", str(out), "--data-dir", str(data_dir), "--no-progress", "--threshold", "0.95",
+               "--margin", "1"])
+    printed = capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert rc == 4 and result["verdict"]["status"] == "fail"
+    assert [r["code"] for r in result["verdict"]["reasons"]] == ["not_forgotten"]
+    assert "SLUG did NOT unlearn" in printed and "SLUG unlearned" not in printed
+
+
+def test_unlearn_verdict_warns_without_utility_and_refuses_foreign_forget_set(tmp_path, data_dir, demo_run,
+                                                                             capsys):
+    """Trust cases A5 and A3: without utility folders the run warns (exit 3) that utility was not measured; another
+    person's forget set (no caption names the concept) is refused before the gradient pass, nothing written."""
+    data = demo_run / "data"
+    common = ["--forget", str(data / "forget.tar"), "--retain", str(data / "retain.tar"),
+              "--names", str(data_dir / "names.txt"), "--val-identities", str(data_dir / "val" / "identities"),
+              "--test-identities", str(data_dir / "test" / "identities"), "--identity-template", "a photo of {}.",
+              "--threads", "1", "--no-progress"]
+    concept = world.IDENTITIES[0].name
+    out = tmp_path / "warn"
+    assert main(["unlearn", "--concept", concept, "--out", str(out), *common]) == 3
+    result = json.loads((out / "result.json").read_text())
+    assert result["verdict"]["status"] == "warn"
+    assert "not_measured" in [r["code"] for r in result["verdict"]["reasons"]]
+    assert "warning: utility" in capsys.readouterr().out
+    other = world.IDENTITIES[1].name
+    assert main(["unlearn", "--concept", other, "--out", str(tmp_path / "foreign"), *common]) == 2
+    assert "none of the 100 forget captions" in capsys.readouterr().err
+    assert not (tmp_path / "foreign").exists()

@@ -113,3 +113,45 @@ def test_generation_checks():
 
 def test_exit_status_of_result():
     assert [exit_status_of({"verdict": {"status": s}}) for s in ("pass", "warn", "fail")] == [0, 3, 4]
+
+
+def test_nothing_to_unlearn_on_validation_is_refused_before_the_gradient_pass():
+    from slugkit.workflows.verdict import NothingToUnlearnError, check_recognised
+
+    with pytest.raises(NothingToUnlearnError, match="nothing to unlearn") as e:
+        check_recognised(["A"], "forget_top5", 0.0, {"forget_top5": 0.0})
+    assert e.value.exit_status == 4
+    check_recognised(["A"], "forget_top5", 0.0, {"forget_top5": 0.5})  # recognised: no error
+    joint = {"forget_by_concept": {"A": {"forget_top5": 0.0}, "B": {"forget_top5": 1.0}}}
+    check_recognised(["A", "B"], "forget_top5", 0.0, joint)  # one of them still to unlearn
+
+
+def test_no_forget_caption_names_the_concept_is_refused():
+    from slugkit.workflows.verdict import ForgetCaptionsError, check_captions
+
+    with pytest.raises(ForgetCaptionsError, match="none of the 100 forget captions"):
+        check_captions(0, 100, ["Meylan Falmond"], "forget.tar")
+    check_captions(1, 100, ["Meylan Falmond"], "forget.tar")
+
+
+def test_sd_verdict_judges_generated_images_and_keeps_other_reasons():
+    from slugkit.workflows.verdict import sd_verdict
+
+    clip = {"status": "fail", "budgets": {"forget_tolerance": 0.05},
+            "reasons": [{"code": "not_forgotten", "severity": "fail", "message": "CLIP still ranks it first"},
+                        {"code": "samples_skipped", "severity": "warn", "message": "2 skipped"}]}
+    gb = {"generated_target_recognised": 0.9, "generated_other_recognised": 0.88}
+    ga = {"generated_target_recognised": 0.0, "generated_other_recognised": 0.85}
+    v = sd_verdict("red triangle", clip, gb, ga, 0.05, 0.05, 0.05)
+    assert v.status == "warn" and codes(v) == ["samples_skipped"]
+
+
+def test_sequential_verdict_judges_every_concept_on_the_final_model():
+    from slugkit.workflows.verdict import sequential_verdict
+
+    before = {**BEFORE, "forget_by_concept": {"A": {"forget_top1": 1, "forget_top5": 1},
+                                              "B": {"forget_top1": 1, "forget_top5": 1}}}
+    after = _after(forget_by_concept={"A": {"forget_top1": 0.3, "forget_top5": 0.5},  # A came back after step B
+                                      "B": {"forget_top1": 0, "forget_top5": 0}})
+    v = sequential_verdict(["A", "B"], "forget_top5", 0.0, before, after, Budgets(), [{"reasons": []}] * 2)
+    assert v.status == "fail" and "'A'" in v.reasons[0]["message"]
