@@ -70,3 +70,11 @@ def test_curate_retain_is_renamed_with_a_deprecated_alias(capsys):
 def test_unlearn_needs_evaluation_folders_for_real_models(capsys):
     rc = main(["unlearn", "--model", "ViT-B-32", "--concept", "A", "--out", "x", "--forget", "f", "--retain", "r"])
     assert rc == 2 and "--val-identities and --test-identities" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["meta", "tpu9"])
+def test_devices_that_cannot_run_are_refused(device, capsys, tmp_path):
+    assert main(["demo", "--device", device, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device {device}") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()

@@ -155,3 +155,13 @@ def test_sequential_verdict_judges_every_concept_on_the_final_model():
                                       "B": {"forget_top1": 0, "forget_top5": 0}})
     v = sequential_verdict(["A", "B"], "forget_top5", 0.0, before, after, Budgets(), [{"reasons": []}] * 2)
     assert v.status == "fail" and "'A'" in v.reasons[0]["message"]
+
+
+def test_names_cut_off_by_the_context_are_refused_when_most_are_or_under_strict():
+    from slugkit.workflows.verdict import ForgetCaptionsError, check_captions
+
+    with pytest.raises(ForgetCaptionsError, match="beyond the text"):
+        check_captions(100, 100, ["A"], "forget.tar", truncated=60)
+    check_captions(100, 100, ["A"], "forget.tar", truncated=10)  # a few: a warning in the verdict, not an error
+    with pytest.raises(ForgetCaptionsError, match="--strict"):
+        check_captions(100, 100, ["A"], "forget.tar", truncated=10, strict=True)

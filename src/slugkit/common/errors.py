@@ -37,6 +37,10 @@ def check_device(device: str | None) -> str | None:
         d = torch.device(device)
     except RuntimeError as e:
         return f"--device {device}: {e}"
+    if d.type not in ("cpu", "cuda", "mps"):
+        return f"--device {device}: slugkit runs on cpu, cuda or mps ({d.type!r} holds no data to compute with)"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: torch sees no Apple GPU (mps); use --device cpu"
     if d.type == "cuda":
         if not torch.cuda.is_available():
             return (f"--device {device}: torch sees no CUDA device (torch {torch.__version__}, built for CUDA "

@@ -204,7 +204,7 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
 
     if want == "original":
         if already == len(tmeta):
-            advice = "The patch is already applied to this model; nothing to do (use revert_patch to undo it)"
+            advice = "The patch is already applied to this model; nothing to do (`slug revert`, or revert_patch, undoes it)"
         elif layout:
             advice = f"Load the base model the patch was made for: {base}"
         else:

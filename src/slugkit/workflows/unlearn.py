@@ -196,7 +196,7 @@ def _load_data(cfg: UnlearnConfig, adapter) -> dict:
         captions = data["forget_stats"].captions
         named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list())
         if cfg.caption_check:
-            check_captions(named, len(captions), cfg.concept_list(), cfg.forget)
+            check_captions(named, len(captions), cfg.concept_list(), cfg.forget, truncated, cfg.strict)
         data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}
         r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
         data["forget"], data["retain"] = (f_img, f_tok), (r_img, r_tok)

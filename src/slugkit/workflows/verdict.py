@@ -190,13 +190,20 @@ def check_recognised(concepts: list[str], metric: str, threshold: float, val_bef
             "where the name goes) and the validation folder")
 
 
-def check_captions(named: int, total: int, concepts: list[str], spec: str) -> None:
-    """Raise :class:`ForgetCaptionsError` when no forget caption names any of ``concepts``."""
+def check_captions(named: int, total: int, concepts: list[str], spec: str, truncated: int = 0,
+                   strict: bool = False) -> None:
+    """Raise :class:`ForgetCaptionsError` when no forget caption names any of ``concepts``, or when the text context
+    cuts the name off in most of the captions that name it (in any of them under ``strict``; trust case D7)."""
+    who = " / ".join(repr(c) for c in concepts)
     if total and named == 0:
-        who = " / ".join(repr(c) for c in concepts)
         raise ForgetCaptionsError(
             f"none of the {total} forget captions in {spec} names {who} (whole word, Unicode-normalised): is this "
             "the right --forget set? Pass --no-caption-check if your captions never name the concept")
+    if truncated and (strict or 2 * truncated > named):
+        raise ForgetCaptionsError(
+            f"{truncated} of the {named} forget captions in {spec} that name {who} name it only beyond the text "
+            "context (the tokenizer cuts the name off), so they teach nothing about the name; shorten the captions "
+            "or put the name first" + (" (--strict refuses any)" if strict and 2 * truncated <= named else ""))
 
 
 def clip_verdict(concepts: list[str], metric: str, threshold: float, before: dict, after: dict, budgets: Budgets,
