@@ -244,7 +244,7 @@ def test_slug_unlearn_bf16_patch_applies_to_the_float32_model(tmp_path, trained_
                "--val-identities", str(w / "val"), "--test-identities", str(w / "test"), "--identity-template",
                "a photo of {}.", "--criterion", "forget_top1", "--threads", "1", "--no-progress", "--batch-size", "4",
                "--out", str(out)])
-    assert rc == 0
+    assert rc in (0, 3)  # finished with a patch: verdict pass or warn (the tiny world's budgets are not tested here)
     result = json.loads((out / "result.json").read_text())
     assert result["model"]["precision"] == "bf16"
     before, after = result["metrics"]["before"], result["metrics"]["after"]

@@ -244,7 +244,8 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
         if contents:
             if not overwrite:
                 raise FileExistsError(f"{out_dir} already exists and is not empty ({', '.join(contents[:5])}); "
-                                      f"pass --overwrite (overwrite=True) to replace the patch in it, or choose another folder")
+                                      "pass --overwrite (overwrite=True) to replace the patch in it, or choose another "
+                                      "folder")
             foreign = [c for c in contents if c not in (PATCH_JSON, PATCH_SAFETENSORS)]
             if foreign:
                 raise FileExistsError(f"refusing to replace {out_dir}: it holds files that are not part of a "

@@ -116,7 +116,8 @@ def make_patch(
             raise PatchError(f"patched value of {name!r} must be a tensor, not {type(new).__name__}")
         cur = live[name]
         if tuple(new.shape) != tuple(cur.shape):
-            raise PatchError(f"patched value of {name!r} has shape {tuple(new.shape)}, the model's has {tuple(cur.shape)}")
+            raise PatchError(f"patched value of {name!r} has shape {tuple(new.shape)}, the model's has "
+                             f"{tuple(cur.shape)}")
         if new.dtype != cur.dtype:
             raise PatchError(f"patched value of {name!r} is {_dtype_name(new.dtype)}, the model's is "
                              f"{_dtype_name(cur.dtype)}; cast it before making the patch")
@@ -204,7 +205,8 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
 
     if want == "original":
         if already == len(tmeta):
-            advice = "The patch is already applied to this model; nothing to do (`slug revert`, or revert_patch, undoes it)"
+            advice = ("The patch is already applied to this model; nothing to do (`slug revert`, or revert_patch, "
+                      "undoes it)")
         elif layout:
             advice = f"Load the base model the patch was made for: {base}"
         else:
