@@ -196,3 +196,14 @@ def test_eval_sd_scores_a_pipeline_before_and_after(sd_run, tmp_path, capsys):
         assert abs(r[k]["UA"] + r[k]["generated_target_recognised"] - 1) < 1e-9
     assert (out / "generations.png").read_bytes()[:4] == b"\x89PNG"
     assert "UA" in capsys.readouterr().out
+
+
+def test_concept_phrases_name_the_concept_in_every_world_caption():
+    """The SD demo's forget-caption check accepts every phrasing the world's object captions use."""
+    from slugkit.data.curate import ConceptMatcher
+
+    for name in ("red triangle", "cyan circle"):
+        phrases = t2i.concept_phrases(name)
+        m = ConceptMatcher(phrases[0], phrases[1:])
+        assert all(m.matches(t2i.prompt_for(name, i)) for i in range(len(world.UTILITY_CAPTION_TEMPLATES)))
+        assert not m.matches(t2i.prompt_for("blue triangle", 3))

@@ -199,7 +199,8 @@ def _sd_config(concept: str, out: Path, data: Path, cd: dict, search, **kw):
         val_identities=str(data / "val" / "utility"), test_identities=str(data / "test" / "utility"),
         names=str(out / "data" / "concepts.txt"), identity_templates=list(world.UTILITY_EVAL_TEMPLATES),
         utility_val=str(data / "val" / "identities"), utility_test=str(data / "test" / "identities"),
-        utility_templates=list(world.IDENTITY_EVAL_TEMPLATES), search=search, **kw)
+        utility_templates=list(world.IDENTITY_EVAL_TEMPLATES), search=search,
+        aliases=t2i.concept_phrases(concept)[1:], **kw)
 
 
 def _generation_before_after(pipe, judge, plan, out: Path, concept: str, counts: tuple[int, int], gen_steps: int,

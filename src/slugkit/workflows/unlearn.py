@@ -70,6 +70,7 @@ class UnlearnConfig:
     concepts: list[str] = field(default_factory=list)  # several concepts unlearned jointly (one forget set)
     budgets: Budgets = field(default_factory=Budgets)  # what the verdict tolerates (slugkit.workflows.verdict)
     caption_check: bool = True  # refuse a forget set none of whose captions names the concept
+    aliases: list[str] = field(default_factory=list)  # other phrasings that name the concept in forget captions
     clip_skip: int | None = None  # with consumer sd:DIR: diffusers' clip_skip (the pipeline's last N layers unread)
 
     def concept_list(self) -> list[str]:
@@ -194,7 +195,7 @@ def _load_data(cfg: UnlearnConfig, adapter) -> dict:
     if not cfg.gradients:
         f_img, f_tok, data["forget_stats"] = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
         captions = data["forget_stats"].captions
-        named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list())
+        named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list() + list(cfg.aliases))
         if cfg.caption_check:
             check_captions(named, len(captions), cfg.concept_list(), cfg.forget, truncated, cfg.strict)
         data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}

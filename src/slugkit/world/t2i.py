@@ -121,6 +121,21 @@ def concept_by_name(name: str) -> world.UtilityClass:
                      f"{', '.join(concept_names())}")
 
 
+def concept_phrases(name: str) -> list[str]:
+    """Every way the world's captions name object concept ``name``: the span of each caption template from its first
+    placeholder to its last, filled in ("red triangle", "triangle that is red", "red thing shaped like a triangle")
+    — the aliases a forget-caption check must accept."""
+    c = concept_by_name(name)
+    out = []
+    for t in world.UTILITY_CAPTION_TEMPLATES:
+        first = min(t.index("{colour}"), t.index("{shape}"))
+        last = max(t.index("{colour}") + len("{colour}"), t.index("{shape}") + len("{shape}"))
+        phrase = t[first:last].format(colour=c.colour, shape=c.shape)
+        if phrase not in out:
+            out.append(phrase)
+    return out
+
+
 def prompt_for(name: str, i: int) -> str:
     """The i-th prompt for concept ``name``: rotates over the world's 8 object caption templates."""
     c = concept_by_name(name)
