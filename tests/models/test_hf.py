@@ -255,8 +255,11 @@ def test_slug_unlearn_hf_family_with_sd_consumer(tmp_path, trained):
             "--test-identities", str(w / "test"), "--identity-template", "a photo of {}.", "--criterion",
             "forget_top1", "--selection", "deepest", "--threads", "1", "--no-progress", "--batch-size", "4",
             "--out", str(out)]
-    assert main(args) == 0
+    rc = main(args)
     result = json.loads((out / "result.json").read_text())
+    # the exit status follows the verdict (a tiny model, 3 test images per identity and no utility folders: the
+    # verdict may warn or fail; the test checks the consumer restriction, not the removal's quality)
+    assert rc == {"pass": 0, "warn": 3, "fail": 4}[result["verdict"]["status"]]
     assert result["model"]["family"] == "hf_clip"
     assert all(n.startswith(("text_model.encoder.layers.0.", "text_model.encoder.layers.1.",
                              "text_model.encoder.layers.2.")) for n in result["pareto_front"])

@@ -19,8 +19,8 @@ def load_adapter(model: str = "embedded", pretrained: str | None = None, family:
     applies to the same float32 model), and the forward passes of the gradient pass and of evaluation run under
     ``adapter.autocast()`` = ``torch.autocast(device.type, dtype)``, with float32 losses, gradients and sums
     (:mod:`slugkit.models.base`). Raises ``ValueError`` for an unknown family or precision (naming the valid ones),
-    before any file is read, and for an autocast this torch cannot run on the device (fp16 on a CPU without
-    support: "use bf16 on CPU"); :class:`ModelLoadError` when the model cannot be loaded.
+    before any file is read; for ``fp16`` on the CPU ("--precision fp16 needs a CUDA device; use bf16 on CPU") and an
+    autocast this torch cannot run on the device; :class:`ModelLoadError` when the model cannot be loaded.
     """
     if family not in ADAPTERS:
         raise ValueError(f"unknown model family {family!r}; available: {sorted(ADAPTERS)}")

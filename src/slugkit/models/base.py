@@ -24,7 +24,8 @@ returns float32, so the losses, the logits and the metrics are float32, and each
 (autograd casts it back through the autocast weight cast), added to float32 sums by ``slug.gradients``. Callers
 therefore need no wrapping of their own; a caller that runs ``adapter.model`` directly wraps it in
 ``adapter.autocast()``. The weight-cast cache is off because the step-size search edits weights in place between
-evaluations: a cached bf16 copy would be stale under an autocast region that spans several evaluations.
+evaluations: a cached bf16 copy would be stale under an autocast region that spans several evaluations. ``fp16`` is
+for CUDA devices: on the CPU it is refused with "use bf16 on CPU" (:func:`check_precision` says why).
 
 The SLUG core (``slugkit.slug``) only talks to this protocol, never to a library directly.
 """
@@ -74,28 +75,28 @@ def _autocast_problem(device_type: str, dtype: torch.dtype) -> str | None:
     return None if y.dtype == dtype else f"autocast ran the matmul in {y.dtype}"
 
 
-def check_precision(precision: str, device: torch.device | str = "cpu", warn: bool = True) -> torch.dtype | None:
+def check_precision(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
     """Validate ``precision`` for ``device``; return its autocast dtype (None for ``fp32``).
 
-    Raises ``ValueError``: for an unknown string (listing the valid ones), and when this torch cannot run that
-    autocast on the device (``--precision fp16 needs a CUDA device; use bf16 on CPU`` for fp16 on a CPU without
-    support). fp16 on a CPU that torch does support works, with a ``RuntimeWarning`` (when ``warn``): most CPUs have no fp16 matrix
-    units, so it is slower than fp32 (4.5x slower than fp32 on ViT-B-32 on our 2-core machine; bf16 was faster)."""
+    Raises ``ValueError``: for an unknown string (listing the valid ones); for ``fp16`` on the CPU
+    (``--precision fp16 needs a CUDA device; use bf16 on CPU``); and when this torch cannot run the autocast on the
+    device (e.g. bf16 on a GPU without it). fp16 on the CPU is refused even where torch runs it (torch 2.14 does, for
+    every op the adapters use): without fp16 matrix units it is far slower than fp32 (a ViT-B-32 gradient pass, batch
+    16: 454 s against 9 s on our 2-core machine), while bf16 is faster than fp32 there."""
     dtype = autocast_dtype(precision)
     if dtype is None:
         return None
     dev = torch.device(device).type
     why = _autocast_problem(dev, dtype)
+    if dev == "cpu" and dtype == torch.float16:
+        detail = (f"torch {torch.__version__} cannot run fp16 autocast on the CPU: {why}" if why else
+                  "torch runs fp16 autocast on the CPU, but far slower than fp32 on CPUs without fp16 matrix units: "
+                  "a ViT-B-32 gradient pass took 50x as long")
+        raise ValueError(f"--precision fp16 needs a CUDA device; use bf16 on CPU ({detail})")
     if why is not None:
-        if dev == "cpu" and dtype == torch.float16:
-            raise ValueError(f"--precision fp16 needs a CUDA device; use bf16 on CPU (torch {torch.__version__} "
-                             f"cannot run fp16 autocast on the CPU: {why})")
-        other = "fp16" if dtype == torch.bfloat16 else "bf16"
+        other = "fp32" if dev == "cpu" else ("fp16 or fp32" if dtype == torch.bfloat16 else "bf16 or fp32")
         raise ValueError(f"--precision {precision} is not supported on {dev} by torch {torch.__version__} ({why}); "
-                         f"use {other} or fp32")
-    if warn and dev == "cpu" and dtype == torch.float16:
-        warnings.warn("--precision fp16 on the CPU: most CPUs have no fp16 matrix units, so this is usually slower "
-                      "than fp32; bf16 is the low precision for CPUs", RuntimeWarning, stacklevel=3)
+                         f"use {other}")
     return dtype
 
 
@@ -128,7 +129,7 @@ class Adapter:
         ``encode_*`` and the ``stages()`` callables enter it themselves; use it around direct ``self.model`` calls.
         Checked at each entry (cached), so a model moved to a device without that autocast raises ``ValueError``
         (see :func:`check_precision`) instead of running in another precision."""
-        dtype = check_precision(self.precision, self.device, warn=False)
+        dtype = check_precision(self.precision, self.device)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)

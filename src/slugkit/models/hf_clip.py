@@ -132,8 +132,8 @@ class HFClipAdapter(Adapter):
         ``save_pretrained`` (``config.json``, weights, tokenizer and preprocessor files). ``pretrained`` is accepted
         for symmetry with open_clip and must be ``None`` (HF ids carry their weights). With ``HF_HUB_OFFLINE`` set,
         only local files / the cache are used. ``precision``: ``fp32`` | ``bf16`` | ``fp16``, the autocast dtype of
-        every forward; the weights are float32 (``ValueError`` before anything is read for an unknown string or an
-        autocast torch cannot run on ``device``).
+        every forward; the weights are float32 (``ValueError`` before anything is read for an unknown string, ``fp16``
+        on the CPU, or an autocast torch cannot run on ``device``).
         """
         check_precision(precision, device)
         _require_transformers()

@@ -88,9 +88,9 @@ class OpenClipAdapter(Adapter):
         """Load an open_clip model (ids: module docstring) in eval mode on ``device``, float32 weights.
 
         ``precision``: ``fp32`` | ``bf16`` | ``fp16``, the autocast dtype of every forward (weights stay float32);
-        checked before anything is read (``ValueError``: unknown string, or an autocast torch cannot run on
-        ``device``). Raises :class:`ModelLoadError` when the model cannot be loaded (the message says how to pass
-        weights offline)."""
+        checked before anything is read (``ValueError``: unknown string, ``fp16`` on the CPU, or an autocast torch
+        cannot run on ``device``). Raises :class:`ModelLoadError` when the model cannot be loaded (the message says
+        how to pass weights offline)."""
         check_precision(precision, device)
         open_clip = _require_open_clip()
         name, tag = resolve_model_name(model, pretrained)
