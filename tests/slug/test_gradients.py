@@ -297,3 +297,14 @@ def test_slug_grads_bf16_every_family(tmp_path, family):
     assert 1e-6 < max(rel_f) <= 0.06, max(rel_f)
     assert min(cos_r) >= 0.97, min(cos_r)
     assert max(d_align) <= 0.05, max(d_align)
+
+
+def test_a_zero_retain_gradient_is_an_error_like_nan():
+    """Trust case A6: contrastive retain batches of one pair give a zero retain gradient; every alignment would be 0
+    and the Pareto front meaningless. It is refused like a NaN gradient."""
+    from slugkit.slug.gradients import NonFiniteGradientError, check_finite
+
+    f = {"w": torch.ones(3)}
+    with pytest.raises(NonFiniteGradientError, match="retain gradient is exactly zero.*at least 2 pairs"):
+        check_finite(f, {"w": torch.zeros(3), "v": torch.zeros(2)})
+    check_finite(f, {"w": torch.zeros(3), "v": torch.ones(2)})  # one tensor zero is fine

@@ -160,12 +160,21 @@ def _accumulate(adapter, batches: Iterable, names: list[str], kind: str, progres
 
 
 def check_finite(forget: dict, retain: dict) -> None:
+    """Raise :class:`NonFiniteGradientError` when a gradient holds NaN/inf, or when a whole split's gradient is
+    exactly zero (trust case A6: a contrastive retain loss over batches of one pair has a zero gradient; every
+    alignment would be 0 and the Pareto front meaningless) — an empty edit direction is as wrong as a NaN one."""
     for split, d in (("forget", forget), ("retain", retain)):
         bad = [n for n, g in d.items() if not torch.isfinite(g).all()]
         if bad:
             raise NonFiniteGradientError(
                 f"{split} gradient has NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}; check the data (a corrupt "
                 "image?) and use fp32 precision (fp16 autocast can overflow; bf16 has float32's range)")
+        if d and all(not bool(g.any()) for g in d.values()):
+            raise NonFiniteGradientError(
+                f"the {split} gradient is exactly zero in all {len(d)} candidate tensors"
+                + ("; the retain loss is contrastive, so every retain batch needs at least 2 pairs (--batch-size >= 2,"
+                   " and no shard with a single pair when batches are formed per shard)" if split == "retain" else
+                   "; check that the forget pairs reach the model"))
 
 
 def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterable, names: list[str] | None = None,
