@@ -236,3 +236,24 @@ def test_f_describe_escapes_control_characters():
     assert "\\x1b[2J\\r\\nbase model: evil" in text
     for needle in ("tiny\\x9b31m", "open\\x07clip", "slug\\x00", "k\\x1b", "v\\r\\x85"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o077, 0o700)])
+def test_saved_patch_folder_follows_the_umask(tmp_path, umask, mode):
+    """Trust case F: a patch folder a teammate should read is not 0700 whatever the umask."""
+    import os
+    import stat
+
+    import torch
+
+    from slugkit.patch import make_patch, save_patch
+
+    state = {"w": torch.arange(6, dtype=torch.float32)}
+    patch = make_patch(state, {"w": state["w"] + 1}, base_model="toy", adapter="test", concept="x")
+    old = os.umask(umask)
+    try:
+        out = save_patch(patch, tmp_path / "patch")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+    assert stat.S_IMODE((out / "patch.json").stat().st_mode) == mode & 0o666

@@ -254,6 +254,9 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    umask = os.umask(0o022)  # mkdtemp makes 0700; the folder gets what mkdir() gives under the umask
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     old = None
     try:
         _write_file(tmp / PATCH_SAFETENSORS, st_bytes)
