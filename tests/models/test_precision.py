@@ -216,28 +216,6 @@ def test_staged_forward_equals_encoders_under_autocast(model_dirs, family):
 
 
 # ---------------------------------------------------------------------------------------------- slug unlearn (E3)
-def _write_world(root):
-    """Captioned forget/retain folders, disjoint val/test identity class folders (PNG) and the name list."""
-    from conftest import FORGET_CAPTIONS, NAMES, RETAIN_CAPTIONS, RETAIN_CLASSES, class_images
-    from hf_tiny import to_pil
-
-    def save(img, path, caption=None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        to_pil(img).save(path)
-        if caption is not None:
-            path.with_suffix(".txt").write_text(caption)
-
-    for k, (img, cap) in enumerate(zip(class_images(0, 5, seed=1), FORGET_CAPTIONS)):
-        save(img, root / "forget" / f"{k}.png", cap)
-    for k, (c, cap) in enumerate(zip(RETAIN_CLASSES * 3, RETAIN_CAPTIONS * 3)):
-        save(class_images(c, 1, seed=300 + k)[0], root / "retain" / f"{k}.png", cap)
-    for split, seed in (("val", 11), ("test", 21)):
-        for c, name in enumerate(NAMES[:6]):
-            for j, img in enumerate(class_images(c, 3, seed=seed + 31 * c)):
-                save(img, root / split / name.replace(" ", "_") / f"{j}.png")
-    (root / "names.txt").write_text("\n".join(NAMES) + "\n")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_slug_unlearn_bf16_patch_applies_to_the_float32_model(tmp_path, trained_adapter, family):
@@ -245,7 +223,7 @@ def test_slug_unlearn_bf16_patch_applies_to_the_float32_model(tmp_path, trained_
     a patch of the float32 weights: it applies, hash-checked, to the model loaded in fp32, and reverts bit-exactly."""
     from safetensors.torch import save_file
 
-    from conftest import NAMES
+    from conftest import NAMES, write_captioned_world
     from hf_tiny import build_adapter, train
     from slugkit.cli import main
     from slugkit.patch import apply_patch, load_patch, revert_patch
@@ -259,7 +237,7 @@ def test_slug_unlearn_bf16_patch_applies_to_the_float32_model(tmp_path, trained_
                   str(model / "open_clip_model.safetensors"))
         (model / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
     w = tmp_path / "w"
-    _write_world(w)
+    write_captioned_world(w)
     out = tmp_path / "run"
     rc = main(["unlearn", "--family", family, "--model", str(model), "--precision", "bf16", "--concept", NAMES[0],
                "--forget", str(w / "forget"), "--retain", str(w / "retain"), "--names", str(w / "names.txt"),
