@@ -78,3 +78,11 @@ def test_devices_that_cannot_run_are_refused(device, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith(f"error: --device {device}") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, capsys):
+    """`--out .` would have the run renamed over the folder the user stands in."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "."]) == 2
+    assert "is the current folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -49,3 +49,15 @@ def test_first_frame_is_shown_and_partial_text_is_flushed():
     stream.write("partial")
     stream.flush()
     assert out.getvalue() == "loading: 1/3\nloading: 3/3\npartial"
+
+
+def test_a_bar_that_clears_itself_still_logs_its_last_state():
+    out, clock = io.StringIO(), Clock()
+    stream = PlainLines(out, interval=10.0, clock=clock)
+    bar = tqdm(total=10, desc="gradients: forget", file=stream, mininterval=0, ncols=60, leave=False)
+    for _ in range(10):
+        clock.t += 0.1
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("gradients: forget:   0%") and lines[-1].startswith("gradients: forget: 100%")

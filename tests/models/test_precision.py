@@ -257,3 +257,28 @@ def test_slug_unlearn_bf16_patch_applies_to_the_float32_model(tmp_path, trained_
     assert changed and sorted(changed) == sorted(patch.names)
     revert_patch(fp32.model, patch)
     assert all(torch.equal(p, base[n]) for n, p in fp32.model.named_parameters())
+
+
+def test_lfs_pointer_behind_a_model_folder_is_named(tmp_path):
+    """Trust case E2 on the unlearn/grads path: a model folder whose weights are a Git LFS pointer is named as such
+    (one line), for the open_clip family (folder, local-dir:, --pretrained file) and the hf_clip family."""
+    import shutil
+
+    from slugkit.models import ModelLoadError, load_adapter
+    from slugkit.models.open_clip import EMBEDDED_DIR
+
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 5000000\n"
+    d = tmp_path / "oc"
+    d.mkdir()
+    shutil.copy(EMBEDDED_DIR / "open_clip_config.json", d)
+    (d / "open_clip_model.safetensors").write_bytes(pointer)
+    for model, pretrained in ((str(d), None), (f"local-dir:{d}", None),
+                              ("ViT-B-32", str(d / "open_clip_model.safetensors"))):
+        with pytest.raises(ModelLoadError, match="Git LFS pointer"):
+            load_adapter(model, pretrained)
+    h = tmp_path / "hf"
+    h.mkdir()
+    (h / "config.json").write_text("{}")
+    (h / "model.safetensors").write_bytes(pointer)
+    with pytest.raises(ModelLoadError, match="Git LFS pointer"):
+        load_adapter(str(h), family="hf_clip")

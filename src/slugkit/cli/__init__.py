@@ -85,6 +85,7 @@ def _dispatch(argv: list[str] | None) -> int:
     from ..common.errors import EmptyForgetSetError, ModelLoadError, OutputExistsError, ShardError
     from ..common.runfolder import RunLockedError
     from ..patch import PatchError
+    from ..slug.gradients import NonFiniteGradientError
     from ..slug.search import SearchFailed
 
     msg = check_device(getattr(a, "device", None))
@@ -96,7 +97,7 @@ def _dispatch(argv: list[str] | None) -> int:
     except BrokenPipeError:
         raise
     except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
-            RunLockedError, ValueError) as e:
+            RunLockedError, ValueError, NonFiniteGradientError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # NothingToUnlearnError: 4, like a failed verdict
     except OSError as e:  # a missing or existing path, a full disk, a read-only filesystem, a folder for a file ...

@@ -77,8 +77,8 @@ def template(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must contain {{}} where the name goes, got {text!r}")
     try:
         text.format("x")
-    except (IndexError, KeyError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"is not a format template with one {{}} ({e}): {text!r}")
+    except (IndexError, KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"must hold exactly one {{}} (other braces doubled: {{{{ }}}}), got {text!r}")
     return text
 
 
@@ -143,15 +143,21 @@ def search_config(a):
                         utility_floor=a.utility_floor, selection=a.selection)
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    """Output, seed, threads, device and progress options of a run, plus the search options."""
-    p.add_argument("--out", required=False, default=None, help="output folder (refused if it holds a run)")
+def add_run_args(p: argparse.ArgumentParser, threads: int | None = None, out_default: str = "") -> None:
+    """Output, seed, threads, device and progress options of a run, plus the search options. ``threads``: the
+    command's default thread count (None: torch's choice); ``out_default``: how the default --out is named."""
+    p.add_argument("--out", required=False, default=None,
+                   help="output folder (refused if it holds a run" + (f"; default {out_default}" if out_default else "")
+                        + ")")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--batch-size", type=BATCH, default=64,
                    help="pairs per batch of the gradient pass, >= 2: the retain loss is contrastive (default 64; the "
                         "official script uses 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=THREADS, default=threads,
+                   help="torch CPU threads (default: "
+                        + ("torch's choice)" if threads is None else f"{threads}: as fast for the tiny model, and "
+                                                                     "bit-identical everywhere)"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--save-gradients", action="store_true", help="also write gradients.safetensors")
@@ -162,8 +168,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 def add_verdict_args(p: argparse.ArgumentParser) -> None:
     """The budgets of the run's verdict (:mod:`slugkit.workflows.verdict`)."""
     g = p.add_argument_group("verdict (exit status 0 pass, 3 warn, 4 fail)")
-    g.add_argument("--forget-tolerance", type=FRACTION, default=0.05,
-                   help="fail when the test criterion metric exceeds --threshold by more than this (default 0.05)")
+    g.add_argument("--forget-tolerance", type=float_in(0.0, 0.5, hi_open=True), default=0.05,
+                   help="fail when the test criterion metric exceeds --threshold by more than this, or FA@1 exceeds "
+                        "it, in [0, 0.5) (default 0.05)")
     g.add_argument("--utility-budget", type=FRACTION, default=0.02,
                    help="warn when utility top-1 (TA_IN@1) drops by more than this (default 0.02)")
     g.add_argument("--related-budget", type=FRACTION, default=0.05,

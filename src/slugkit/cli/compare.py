@@ -113,7 +113,8 @@ def add_parsers(sub) -> None:
                     help="SSD importances: split = mean cos on D_f, CLIP loss on D_r (default, the SLUG repo's); "
                          "clip / cos = that loss on both")
     cp.add_argument("--forget-samples", type=COUNT, default=None, help="use the first N forget pairs (default all)")
-    cp.add_argument("--retain-samples", type=COUNT, default=None, help="use the first N retain pairs (default all)")
+    cp.add_argument("--retain-samples", type=BATCH, default=None,
+                    help="use the first N retain pairs, N >= 2 (default all)")
     cp.add_argument("--retain-identity-fraction", type=FRACTION, default=None, metavar="F",
                     help="embedded world: a retain set of 900 pool pairs, a share F of them other identities' and "
                          "the rest utility pairs (default: the curated retain set, ~91%% identities; the paper's "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .args import COUNT, float_at_least, int_at_least, refuse, split_list, template, validate_apply, validate_eval_sd
@@ -57,6 +58,10 @@ def cmd_apply(a, revert: bool = False) -> int:
     if msg:
         return refuse(msg)
     patches = [load_patch(p) for p in a.patch]
+    for path, p in zip(a.patch, patches):
+        if not revert and (p.meta.get("extra") or {}).get("verdict") == "fail":
+            print(f"warning: {path} comes from a run whose verdict was fail (the concept was not forgotten on its "
+                  "test images); see its result.json", file=sys.stderr)
     if a.pipeline or a.llava:
         return _apply_to_folder(a, patches, revert)
     target, _ = _load_target(a)

@@ -182,8 +182,9 @@ def add_parsers(sub) -> None:
                                                             "previously patched model; patches chained into one")
     d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
     d.add_argument("--target", default="clip", choices=["clip", "sd"],
-                   help="clip: unlearn an identity from the embedded CLIP; sd: unlearn an object concept (e.g. "
-                        "'red triangle') from the embedded text-to-image pipeline by patching its CLIP text encoder")
+                   help="clip (default): unlearn an identity from the embedded CLIP; sd: unlearn an object concept "
+                        "(e.g. 'red triangle') from the embedded text-to-image pipeline by patching its CLIP text "
+                        "encoder")
     sdg = d.add_argument_group("--target sd")
     sdg.add_argument("--n-target", type=COUNT, default=50,
                      help="generated images of the forgotten concept (default 50)")
@@ -210,8 +211,8 @@ def add_parsers(sub) -> None:
     sdg.add_argument("--gen-margin", type=float_at_least(1.0), default=None,
                      help="applied step = this x the smallest step that forgot on validation (default 1.2)")
     sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
-    add_run_args(d)
-    d.set_defaults(func=cmd_demo, threads=1)  # tiny model: one thread is as fast and identical everywhere
+    add_run_args(d, threads=1, out_default="runs/demo-<Name> (--target sd: runs/demo-sd-<concept>)")
+    d.set_defaults(func=cmd_demo)
 
     u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
     u.add_argument("--model", default="embedded", help="open_clip arch (ViT-B-32), hf-hub:/local-dir: id, "
@@ -242,7 +243,8 @@ def add_parsers(sub) -> None:
                    help="gradients from `slug grads` (full or --stats-first; e.g. computed under torchrun): skip "
                         "the gradient pass; --forget/--retain are then only recorded")
     u.add_argument("--forget-samples", type=COUNT, default=None, help="use the first N forget pairs (default all)")
-    u.add_argument("--retain-samples", type=COUNT, default=None, help="use the first N retain pairs (default all)")
+    u.add_argument("--retain-samples", type=int_at_least(2), default=None,
+                   help="use the first N retain pairs, N >= 2 (default all)")
     u.add_argument("--val-identities", default=None,
                    help="class folder <Name>/*.jpg for the search (required unless --model embedded without data)")
     u.add_argument("--test-identities", default=None, help="disjoint class folder for the reported metrics (required "

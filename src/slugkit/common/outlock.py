@@ -271,6 +271,10 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
     into OUT, see the module docstring): refuse a run without ``overwrite``, a file always; move what OUT holds
     aside. Raises :class:`RunLockedError` when another process holds the lock (``wait``: wait for it instead)."""
     out = Path(out)
+    here = Path.cwd().resolve()
+    if here == out.resolve() or out.resolve() in here.parents:
+        raise ValueError(f"{out}: is the current folder or holds it; a run folder is put in place by a rename, so "
+                         "choose a new folder (e.g. runs/NAME)")
     target = out.resolve() if out.is_symlink() else out
     with _CLAIMS_LOCK:
         if _key(target) in _CLAIMS:

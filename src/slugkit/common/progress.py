@@ -34,6 +34,7 @@ class PlainLines(io.TextIOBase):
         self.stream, self.interval, self.clock = stream, interval, clock
         self._frame = ""
         self._in_frame = False
+        self._pending = ""
         self._last = -float("inf")
 
     def writable(self) -> bool:
@@ -56,13 +57,20 @@ class PlainLines(io.TextIOBase):
     def write(self, s: str) -> int:
         for ch_block in _split_keep(s):
             if ch_block == "\r":
-                if self._in_frame and self._frame.strip() and self.clock() - self._last >= self.interval:
-                    self._emit(self._frame.rstrip())
-                    self._last = self.clock()
+                if self._in_frame and self._frame.strip():
+                    if self.clock() - self._last >= self.interval:
+                        self._emit(self._frame.rstrip())
+                        self._last, self._pending = self.clock(), ""
+                    else:
+                        self._pending = self._frame.rstrip()  # shown if the bar clears itself next
+                elif self._in_frame and self._pending:
+                    self._emit(self._pending)  # a bar clearing itself (leave=False): its last state
+                    self._last, self._pending = self.clock(), ""
                 elif not self._in_frame and self._frame:
                     self._emit(self._frame)  # plain text cut by a frame: keep it
                 self._frame, self._in_frame = "", True
             elif ch_block == "\n":
+                self._pending = ""
                 if self._frame.strip() or not self._in_frame:
                     self._emit(self._frame.rstrip() if self._in_frame else self._frame)
                     if self._in_frame:

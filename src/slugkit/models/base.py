@@ -36,6 +36,7 @@ import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -211,3 +212,17 @@ def _under_autocast(adapter: Adapter, fn: Callable, to_float32: bool) -> Callabl
         return y.float() if to_float32 else y
 
     return run
+
+
+def check_local_weights(path: Path) -> None:
+    """Every ``*.safetensors`` of a local folder (or the file itself) must really be safetensors: a Git LFS pointer,
+    a pickle or a truncated file is named here (:func:`slugkit.common.weights.check_weights_file`) instead of failing
+    deep inside the loader. Raises :class:`ModelLoadError`."""
+    from ..common.weights import WeightsFileError, check_weights_file
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    for f in files:
+        try:
+            check_weights_file(f, "model weights file")
+        except WeightsFileError as e:
+            raise ModelLoadError(str(e)) from None

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_precision
+from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision
 
 HF_EXCLUDE = ("bias", "norm", "embedding", "position", "logit_scale")
 _GROUP_RE = re.compile(r"^(?P<layer>.*\.layers\.\d+\.)(?P<comp>self_attn\.[qkv]_proj|mlp\.fc[12])\.weight$")
@@ -146,6 +146,8 @@ class HFClipAdapter(Adapter):
         if not local and Path(model).exists():
             raise ModelLoadError(f"{model} is a file; the hf_clip family loads a folder written by save_pretrained "
                                  f"(config.json + model.safetensors + tokenizer/preprocessor files) or a hub id")
+        if local:
+            check_local_weights(Path(model))
         kw = {"cache_dir": cache_dir, "local_files_only": local or hub_offline()}
         try:
             net = CLIPModel.from_pretrained(model, dtype=torch.float32, **kw)

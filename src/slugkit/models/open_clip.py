@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_precision
+from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 OFFICIAL_EXCLUDE = ("bias", "logit_scale", "position", "embedding")
@@ -50,12 +50,16 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
                 f"--out {EMBEDDED_DIR}`"
             )
         return f"local-dir:{EMBEDDED_DIR}", None
-    if model.startswith(("hf-hub:", "local-dir:")):
+    if model.startswith("hf-hub:"):
+        return model, None
+    if model.startswith("local-dir:"):
+        check_local_weights(Path(model.removeprefix("local-dir:")))
         return model, None
     p = Path(model)
     if p.is_dir():
         if not (p / "open_clip_config.json").is_file():
             raise ModelLoadError(f"{p} is a directory but holds no open_clip_config.json")
+        check_local_weights(p)
         return f"local-dir:{p.resolve()}", None
     if pretrained and (Path(pretrained).suffix or "/" in pretrained):
         pp = Path(pretrained)
@@ -66,7 +70,9 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
                 f"{pp}: slugkit loads local checkpoints only as .safetensors (it never unpickles user files). "
                 "Convert once with safetensors.torch.save_file(state_dict, 'model.safetensors')."
             )
+        check_local_weights(pp)
     return model, pretrained
+
 
 
 class OpenClipAdapter(Adapter):

@@ -211,7 +211,7 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
             advice = f"Load the base model the patch was made for: {base}"
         else:
             advice = (f"Load the base model the patch was made for: {base}. "
-                      f"If this tensor was already patched (by this or another patch), use revert first")
+                      f"If this tensor was already patched (by this or another patch), revert it first (`slug revert --patch …`)")
         head = f"cannot apply patch (concept {concept!r}) to this model"
     else:
         if not_applied == len(tmeta):

@@ -146,7 +146,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         verdict = clip_verdict(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, before, after, cfg.budgets,
                                {k: data[f"{k}_stats"].as_dict() for k in ("forget", "retain")}, data["captions"])
         with _timed(timing, "patch"):
-            patch, patch_bytes = _write_patch(cfg, adapter, grads, chosen, before, after, out)
+            patch, patch_bytes = _write_patch(cfg, adapter, grads, chosen, before, after, out, verdict.status)
         timing["total"] = time.perf_counter() - t_start
         run = {"before": before, "after": after, "val_before": val_before, "searches": searches, "chosen": chosen,
                "chooser_info": chooser_info, "table": table, "grads": grads, "timing": timing, "patch": patch,
@@ -251,7 +251,8 @@ def _evaluate_edit(adapter, grads, chosen, test_eval) -> dict:
         return test_eval.evaluate_cached(test_cache)
 
 
-def _write_patch(cfg: UnlearnConfig, adapter, grads, chosen, before: dict, after: dict, out: Path):
+def _write_patch(cfg: UnlearnConfig, adapter, grads, chosen, before: dict, after: dict, out: Path,
+                 verdict: str = "pass"):
     """``out/patch``: the chosen group's new values with the base hashes (spec §5); returns (patch, file bytes)."""
     from ..patch import architecture_facts, make_patch, save_patch
 
@@ -261,7 +262,7 @@ def _write_patch(cfg: UnlearnConfig, adapter, grads, chosen, before: dict, after
                        concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
                        step_size=chosen.step_size,
                        metrics={"before": before, "after": after},
-                       extra={"layer": chosen.name, "tower": chosen.tower,
+                       extra={"layer": chosen.name, "tower": chosen.tower, "verdict": verdict,
                               "relative_change": chosen.step_size / chosen.ratio,
                               "edit": "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"})
     save_patch(patch, out / "patch", overwrite=cfg.overwrite)

@@ -89,7 +89,7 @@ def forgetting_checks(v: Verdict, concepts: list[str], metric: str, threshold: f
                   f"{b[metric]:.3f} <= threshold {threshold:g}): there is nothing to unlearn — check the concept "
                   "name, the identity templates and the test folder")
             continue
-        if a[metric] > threshold + tol:
+        if a[metric] > threshold + tol or a[metric] >= b[metric]:
             v.add("fail", "not_forgotten",
                   f"{c!r} is still recognised on the test images: {_name(metric)} {b[metric]:.3f} -> {a[metric]:.3f} "
                   f"(criterion <= {threshold:g}, tolerance {tol:g})")
