@@ -267,3 +267,16 @@ def write_captioned_world(root):
             for j, img in enumerate(class_images(c, 3, seed=seed + 31 * c + rng.randrange(1000))):
                 save(img, root / split / name.replace(" ", "_") / f"{j}.png")
     (root / "names.txt").write_text("\n".join(NAMES) + "\n")
+
+
+def raw_tar(path, members) -> str:
+    """A tar file of ``(member name, bytes)`` exactly as given (no pairing or checks): for hostile shard inputs."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)

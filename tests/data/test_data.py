@@ -1,13 +1,13 @@
 """Shard reading/writing, captioned and class folders, and `slug curate` matching."""
 
 import hashlib
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import raw_tar
 
 from slugkit.data.curate import EmptyForgetSetError, concept_pattern, curate, matches
 from slugkit.data.folders import iter_pairs, read_class_folder
@@ -50,17 +50,9 @@ def test_brace_patterns_lists_and_dirs(tmp_path):
         expand_urls(str(tmp_path / "{00006..00007}.tar"))
 
 
-def _raw_tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 def test_bad_samples_are_counted_or_strict_errors(tmp_path):
     good = encode_image(_img(100))
-    _raw_tar(tmp_path / "x.tar", [
+    raw_tar(tmp_path / "x.tar", [
         ("a.jpg", good), ("a.txt", b"fine"),
         ("b.jpg", good),  # no caption
         ("c.jpg", b"not a jpeg at all"), ("c.txt", b"broken image"),

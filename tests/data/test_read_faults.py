@@ -3,12 +3,13 @@ diagnosis that names the real cause when a shard yields nothing."""
 
 import io
 import struct
-import tarfile
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import raw_tar
 
 from slugkit.data.curate import EmptyForgetSetError, curate
 from slugkit.data.folders import iter_pairs, read_class_folder
@@ -19,15 +20,6 @@ def _img(color=(200, 30, 30), size=(8, 8), mode="RGB", fmt="JPEG") -> bytes:
     b = io.BytesIO()
     Image.new(mode, size, color).save(b, format=fmt)
     return b.getvalue()
-
-
-def _shard(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ D1 duplicates
@@ -43,7 +35,7 @@ DUPLICATES = {
 
 @pytest.mark.parametrize("layout", sorted(DUPLICATES))
 def test_duplicate_keys_in_a_shard_are_skipped_and_counted(tmp_path, layout):
-    path = _shard(tmp_path / "d.tar", DUPLICATES[layout])
+    path = raw_tar(tmp_path / "d.tar", DUPLICATES[layout])
     stats = ReadStats()
     got = list(iter_samples(path, stats=stats))
     assert [(s.key, s.caption) for s in got] == [("a", "Ann Lee on stage"), ("b", "a dog")]
@@ -54,7 +46,7 @@ def test_duplicate_keys_in_a_shard_are_skipped_and_counted(tmp_path, layout):
 
 
 def test_curate_cap_holds_with_duplicate_keys(tmp_path):
-    path = _shard(tmp_path / "d.tar", DUPLICATES["not_adjacent"])
+    path = raw_tar(tmp_path / "d.tar", DUPLICATES["not_adjacent"])
     s = curate(path, "Ann Lee", tmp_path / "out", max_forget=1)
     forget = list(iter_samples(str(tmp_path / "out" / "forget.tar")))
     assert [f.caption for f in forget] == ["Ann Lee on stage"] and s["forget"] == 1
@@ -66,7 +58,7 @@ def test_curate_cap_holds_with_duplicate_keys(tmp_path):
 
 
 def test_curate_counts_a_shard_listed_twice_once(tmp_path):
-    path = _shard(tmp_path / "p.tar", [("a.jpg", _img()), ("a.txt", b"Ann Lee"), ("b.jpg", _img()),
+    path = raw_tar(tmp_path / "p.tar", [("a.jpg", _img()), ("a.txt", b"Ann Lee"), ("b.jpg", _img()),
                                         ("b.txt", b"a dog")])
     s = curate(f"{path}::{path}", "Ann Lee", tmp_path / "out", max_forget=5)
     assert s["forget"] == 1 and s["retain"] == 1
@@ -138,7 +130,7 @@ def test_pixel_formats_become_8bit_rgb_by_scaling(what):
 
 def test_high_bit_depth_in_a_shard_is_scaled_not_clipped(tmp_path):
     """The D3 example: a 16-bit greyscale PNG of value 40000 is about 155, not white."""
-    path = _shard(tmp_path / "h.tar", [("a.png", _img(40000, (32, 32), "I;16", "PNG")), ("a.txt", b"grey")])
+    path = raw_tar(tmp_path / "h.tar", [("a.png", _img(40000, (32, 32), "I;16", "PNG")), ("a.txt", b"grey")])
     (s,) = iter_samples(path)
     assert np.asarray(s.image).max() <= 157 and np.asarray(s.image).min() >= 155
 
@@ -148,7 +140,7 @@ def test_high_bit_depth_in_a_shard_is_scaled_not_clipped(tmp_path):
     ("32-bit integers beyond 16 bits", Image.new("I", (4, 4), 1_000_000)),
 ])
 def test_pixel_values_without_a_known_range_are_skipped_and_counted(tmp_path, what, image):
-    path = _shard(tmp_path / "f.tar", [("a.png", _encode(image, "TIFF")), ("a.txt", b"x"),
+    path = raw_tar(tmp_path / "f.tar", [("a.png", _encode(image, "TIFF")), ("a.txt", b"x"),
                                        ("b.jpg", _img()), ("b.txt", b"fine")])
     stats = ReadStats()
     assert [s.key for s in iter_samples(path, stats=stats)] == ["b"] and stats.skipped_bad_image == 1
@@ -180,7 +172,7 @@ def test_captioned_folder_latin1_caption_is_skipped_and_counted(tmp_path):
 
 
 def test_shard_latin1_caption_is_a_bad_caption(tmp_path):
-    path = _shard(tmp_path / "c.tar", [("a.jpg", _img()), ("a.txt", "café".encode("latin-1"))])
+    path = raw_tar(tmp_path / "c.tar", [("a.jpg", _img()), ("a.txt", "café".encode("latin-1"))])
     stats = ReadStats()
     assert list(iter_samples(path, stats=stats)) == [] and stats.skipped_bad_caption == 1
     with pytest.raises(ShardError, match=r"c\.tar:a.*UTF-8"):
@@ -199,7 +191,7 @@ def _random_bytes(path):
 
 
 def _empty_tar(path):
-    return _shard(path, [])
+    return raw_tar(path, [])
 
 
 def _zero_bytes(path):
@@ -215,16 +207,16 @@ def _gzipped_json(path):
 
 
 def _dotted(path):
-    return _shard(path, [m for i in range(3) for m in ((f"img.v2.{i:05d}.jpg", _img()),
+    return raw_tar(path, [m for i in range(3) for m in ((f"img.v2.{i:05d}.jpg", _img()),
                                                        (f"img.v2.{i:05d}.txt", b"Ann Lee"))])
 
 
 def _other_caption_ext(path):
-    return _shard(path, [m for i in range(3) for m in ((f"s{i}.jpg", _img()), (f"s{i}.caption", b"Ann Lee"))])
+    return raw_tar(path, [m for i in range(3) for m in ((f"s{i}.jpg", _img()), (f"s{i}.caption", b"Ann Lee"))])
 
 
 def _no_captions(path):
-    return _shard(path, [(f"s{i}.jpg", _img()) for i in range(3)])
+    return raw_tar(path, [(f"s{i}.jpg", _img()) for i in range(3)])
 
 
 DIAGNOSES = {  # maker -> patterns the message must contain (besides the file name)
@@ -275,6 +267,6 @@ def test_not_a_tar_is_not_reported_as_truncated(tmp_path):
 
 
 def test_spelling_hint_only_when_pairs_were_read(tmp_path):
-    path = _shard(tmp_path / "ok.tar", [("a.jpg", _img()), ("a.txt", b"a dog")])
+    path = raw_tar(tmp_path / "ok.tar", [("a.jpg", _img()), ("a.txt", b"a dog")])
     with pytest.raises(EmptyForgetSetError, match="1 samples scanned.*spelling"):
         curate(path, "Ann Lee", tmp_path / "out")
