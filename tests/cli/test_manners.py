@@ -21,6 +21,8 @@ from slugkit.cli import build_parser, main
     (["demo", "--threads", "-1"], "--threads"),
     (["demo", "--steps", "0"], "--steps"),
     (["demo", "--margin", "0.5"], "--margin"),
+    (["demo", "--margin", "inf"], "--margin"),
+    (["demo", "--threshold", "nan"], "--threshold"),
     (["demo", "--utility-budget", "2"], "--utility-budget"),
     (["unlearn", "--identity-template", "a photo", "--out", "x", "--concept", "A"], "--identity-template"),  # A2
     (["unlearn", "--forget-samples", "0", "--out", "x", "--concept", "A"], "--forget-samples"),

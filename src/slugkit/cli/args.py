@@ -7,6 +7,7 @@ by :func:`refuse`) or None; its command calls it before doing the work the argum
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -18,9 +19,12 @@ from pathlib import Path
 
 def _number(kind, text: str):
     try:
-        return kind(text)
+        v = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if kind is float and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
 
 
 def int_at_least(lo: int):
