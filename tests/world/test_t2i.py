@@ -120,6 +120,9 @@ def test_demo_target_sd_end_to_end(sd_run):
     assert r["chooser"]["conditioning_shift"] and r["pipeline"]["text_encoder_verified"]
     assert (out / "generations.png").read_bytes()[:4] == b"\x89PNG"
     assert "Generated images" in (out / "report.md").read_text()
+    # judged on the generated images, and the patch carries that verdict (not the CLIP run's)
+    assert r["verdict"]["status"] == "pass"
+    assert json.loads((out / "patch" / "patch.json").read_text())["extra"]["verdict"] == "pass"
 
 
 def test_demo_target_sd_refuses_identity_concept(tmp_path, capsys):

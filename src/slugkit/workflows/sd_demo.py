@@ -163,6 +163,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["generation"] = gen
             result["verdict"] = sd_verdict(concept, result["verdict"], gen["before"], gen["after"], gen_threshold,
                                            other_budget, budgets.forget_tolerance).to_json()
+            _mark_patch(stage / "patch", result["verdict"]["status"])
             result["timing_s"]["slug_total"] = t_slug
             result["timing_s"]["generation_eval"] = t_gen
             result["timing_s"]["total"] = time.perf_counter() - t0
@@ -172,6 +173,17 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
         return result
     finally:
         torch.set_num_threads(n_threads)
+
+
+def _mark_patch(folder: Path, status: str) -> None:
+    """Record the pipeline's verdict in the patch (``extra.verdict``; the CLIP run marked it with CLIP's, which does
+    not decide for a generator). Only ``patch.json`` changes; the tensors and their hashes stay as they are."""
+    from ..patch import load_patch, save_patch
+
+    patch = load_patch(folder)
+    if (patch.meta.get("extra") or {}).get("verdict") != status:
+        patch.meta["extra"] = {**patch.meta.get("extra", {}), "verdict": status}
+        save_patch(patch, folder, overwrite=True)
 
 
 def _clip_and_pipeline(t2i_dir):
