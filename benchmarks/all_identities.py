@@ -1,9 +1,16 @@
 """Run `slug demo` for every identity of the embedded world and report how many meet each acceptance threshold.
 
-    python benchmarks/all_identities.py [--limit N] [--json results.json] [--margin 1.1] [--selection utility]
+    python benchmarks/all_identities.py [--limit N] [--json results.json] [--variant default|paper|...] [--threads 1]
 
-Thresholds (issue #2, on held-out test images): FA@5 before >= 0.9; FA@5 after <= 0.05; FA@1 after <= 0.02;
-related top-1 drop <= 0.05; utility top-1 drop <= 0.02; patch <= 1% of the model bytes; timing_s.total <= 60 s.
+Variants: ``default`` (today's defaults: neighbour-protected step, worst-drop layer choice, multi-layer fallback),
+``paper`` (``--protect-neighbours 0 --max-layers 1``, no worst budget: the paper's single-layer step with the 1.1x
+margin), or ``key=value,...`` over ``protect_neighbours``, ``max_layers``, ``worst_budget`` (``none``), ``margin``,
+``selection``. Run two variants in two processes to compare them side by side (one thread each).
+
+Thresholds (issues #2 and #12, on held-out test images, 50 per identity): FA@5 before >= 0.9; FA@5 after <= 0.05;
+FA@1 after <= 0.02; related top-1 drop (mean over the 59 others) <= 0.05; utility top-1 drop <= 0.02; patch <= 1% of
+the model bytes ("core"); and every other identity's top-1 drop <= 0.20 ("worst"). Also printed: median and worst of
+the mean related drop and of the worst single-identity drop, and the run time.
 """
 
 import argparse
@@ -29,8 +36,27 @@ CHECKS = {
     "related_drop<=0.05": lambda r: drop(r, "related_top1") <= 0.05,
     "utility_drop<=0.02": lambda r: drop(r, "utility_top1") <= 0.02,
     "patch<=1%": lambda r: r["patch"]["bytes"] <= 0.01 * r["model_bytes"],
-    "total<=60s": lambda r: r["timing_s"]["total"] <= 60,
 }
+WORST = 0.20
+
+
+def worst_single(r):
+    c = r.get("collateral") or {}
+    return (c.get("worst") or {}).get("drop", 0.0), (c.get("worst") or {}).get("concept")
+
+
+VARIANTS = {"default": {}, "paper": {"protect_neighbours": 0, "max_layers": 1, "worst_budget": None}}
+
+
+def variant(spec: str) -> dict:
+    if spec in VARIANTS:
+        return dict(VARIANTS[spec])
+    out = {}
+    for kv in spec.split(","):
+        k, v = kv.split("=")
+        out[k] = None if v == "none" else (float(v) if k in ("worst_budget", "margin") else
+                                           v if k == "selection" else int(v))
+    return out
 
 
 def drop(r, key):
@@ -41,8 +67,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--margin", type=float, default=1.1)
-    ap.add_argument("--selection", default="min")
+    ap.add_argument("--variant", default="default")
     ap.add_argument("--json", default=None)
     ap.add_argument("--data-dir", default=None)
     a = ap.parse_args()
@@ -53,8 +78,9 @@ def main():
     rows, t0 = [], time.perf_counter()
     for i, name in enumerate(names):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg, _, _ = world_config(name, tmp, data, progress=False,
-                                     search=SearchConfig(margin=a.margin, selection=a.selection))
+            v = variant(a.variant)
+            search = {k: v.pop(k) for k in ("margin", "selection", "worst_budget") if k in v}
+            cfg, _, _ = world_config(name, tmp, data, progress=False, search=SearchConfig(**search), **v)
             try:
                 r = run_unlearn(cfg, adapter=adapter)
             except Exception as e:  # a failed search counts as failing every threshold
@@ -62,26 +88,34 @@ def main():
                 print(f"[{i + 1}/{len(names)}] {name}: FAILED {e}")
                 continue
         passed = {k: bool(f(r)) for k, f in CHECKS.items()}
-        rows.append({"concept": name, "layer": r["layer"], "relative_change": r["relative_change"],
+        core = all(passed[k] for k in CHECKS if k != "fa5_before>=0.9")
+        wd, wc = worst_single(r)
+        rows.append({"concept": name, "layer": r["layer"], "layers": r.get("layers_edited", [r["layer"]]),
+                     "relative_change": r["relative_change"], "worst_drop": wd, "worst_concept": wc,
+                     "core": core, "core_and_worst": core and wd <= WORST + 1e-9,
+                     "verdict": r["verdict"]["status"],
                      "before": r["metrics"]["before"], "after": r["metrics"]["after"],
                      "related_drop": drop(r, "related_top1"), "utility_drop": drop(r, "utility_top1"),
                      "total_s": r["timing_s"]["total"], "passed": passed, "all": all(passed.values())})
         print(f"[{i + 1}/{len(names)}] {name}: layer {r['layer']} FA@5 {r['metrics']['after']['forget_top5']:.2f} "
               f"FA@1 {r['metrics']['after']['forget_top1']:.2f} related {-drop(r, 'related_top1'):+.3f} "
-              f"utility {-drop(r, 'utility_top1'):+.3f} {r['timing_s']['total']:.1f}s {'ok' if rows[-1]['all'] else 'FAIL'}")
+              f"utility {-drop(r, 'utility_top1'):+.3f} worst {wd:.2f} ({wc}) {r['timing_s']['total']:.1f}s "
+              f"{'ok' if rows[-1]['core_and_worst'] else 'core' if core else 'FAIL'}", flush=True)
     ok = [r for r in rows if "error" not in r]
     n = len(rows)
-    summary = {"identities": n, "failed_runs": n - len(ok), "margin": a.margin, "selection": a.selection,
+    summary = {"identities": n, "failed_runs": n - len(ok), "variant": a.variant, "settings": variant(a.variant),
                "fraction_passing": {k: sum(r["passed"][k] for r in ok) / n for k in CHECKS},
-               "fraction_all": sum(r["all"] for r in ok) / n}
-    for key in ("related_drop", "utility_drop", "total_s"):
+               "core_pass": sum(r["core"] for r in ok), "core_and_worst_pass": sum(r["core_and_worst"] for r in ok),
+               "verdicts": {s: sum(r["verdict"] == s for r in ok) for s in ("pass", "warn", "fail")}}
+    for key in ("related_drop", "utility_drop", "worst_drop", "total_s"):
         vals = [r[key] for r in ok]
         summary[key] = {"median": statistics.median(vals), "worst": max(vals)} if vals else None
     summary["after_forget_top5"] = {"median": statistics.median([r["after"]["forget_top5"] for r in ok]),
                                     "worst": max(r["after"]["forget_top5"] for r in ok)} if ok else None
-    summary["layers"] = {}
+    summary["layers"], summary["layers_edited"] = {}, {}
     for r in ok:
         summary["layers"][r["layer"]] = summary["layers"].get(r["layer"], 0) + 1
+        summary["layers_edited"][len(r["layers"])] = summary["layers_edited"].get(len(r["layers"]), 0) + 1
     summary["wall_s"] = time.perf_counter() - t0
     print(json.dumps(summary, indent=2))
     if a.json:

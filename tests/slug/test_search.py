@@ -333,6 +333,30 @@ def test_choose_uses_retention_against_base():
     assert _pick(res, "min", {"utility_top1": 0.5, "related_top1": 1.0}) == "b"  # retention: min .5 vs .6
 
 
+def LSW(name, util, rel, per_id):
+    r = LS(name, util, rel)
+    r.val_metrics["related_by_concept"] = per_id
+    return r
+
+
+def test_choose_keeps_the_worst_neighbour_within_budget():
+    base = {"utility_top1": 1.0, "related_top1": 1.0, "related_by_concept": {"x": 1.0, "y": 1.0, "z": 1.0}}
+    # a: best mean/min retention but breaks the look-alike y (drop 0.6); b: a little worse on average, y kept
+    a = LSW("a", .99, .95, {"x": 1.0, "y": 0.4, "z": 1.0})
+    b = LSW("b", .97, .93, {"x": 0.9, "y": 0.9, "z": 0.95})
+    assert choose_layer([a, b], "min", base).name == "a"  # without a worst budget: the mean hides y
+    assert choose_layer([a, b], "min", base, worst_budget=0.2).name == "b"
+    # none within the budget: the least damaging one, whatever its mean retention
+    c = LSW("c", .99, .99, {"x": 1.0, "y": 0.5, "z": 1.0})
+    assert choose_layer([a, c], "min", base, worst_budget=0.2).name == "c"
+    # then the utility budget among those: b's 0.03 utility drop is over 0.02, d's is not
+    d = LSW("d", .99, .90, {"x": 0.85, "y": 0.9, "z": 0.9})
+    assert choose_layer([b, d], "min", base, worst_budget=0.2).name == "b"
+    assert choose_layer([b, d], "min", base, worst_budget=0.2, utility_budget=0.02).name == "d"
+    with pytest.raises(ValueError, match="worst budget"):
+        SearchConfig(worst_budget=1.5)
+
+
 def test_choose_fails_without_accepted_layer():
     with pytest.raises(SearchFailed):
         choose_layer([], "utility")

@@ -165,3 +165,29 @@ def test_names_cut_off_by_the_context_are_refused_when_most_are_or_under_strict(
     check_captions(100, 100, ["A"], "forget.tar", truncated=10)  # a few: a warning in the verdict, not an error
     with pytest.raises(ForgetCaptionsError, match="--strict"):
         check_captions(100, 100, ["A"], "forget.tar", truncated=10, strict=True)
+
+
+def test_one_broken_look_alike_warns_although_the_mean_is_fine():
+    per_b = {f"id{i}": 1.0 for i in range(19)} | {"look-alike": 1.0}
+    per_a = {f"id{i}": 1.0 for i in range(19)} | {"look-alike": 0.3}
+    before = {**BEFORE, "related_top1": 1.0, "related_by_concept": per_b}
+    after = _after(related_top1=0.965, related_by_concept=per_a)  # mean drop 0.035: inside the 0.05 budget
+    v = _verdict(before, after)
+    assert codes(v) == ["worst_drop"] and v.exit_status == 3
+    assert "'look-alike' lost 0.700" in v.reasons[0]["message"]
+    assert codes(_verdict(before, after, budgets=Budgets(worst_drop=0.7))) == []
+    with pytest.raises(ValueError, match="worst_drop"):
+        Budgets(worst_drop=1.2)
+
+
+def test_generation_checks_warn_on_the_worst_concept():
+    b = {"generated_target_recognised": 0.9, "generated_other_recognised": 0.9,
+         "per_concept": {"red triangle": 0.9, "purple triangle": 0.9, "blue star": 0.9}}
+    a = {"generated_target_recognised": 0.0, "generated_other_recognised": 0.85,
+         "per_concept": {"red triangle": 0.0, "purple triangle": 0.2, "blue star": 0.9}}
+    v = Verdict()
+    generation_checks(v, "red triangle", b, a, 0.05, 0.1, 0.05, worst_budget=0.2)
+    assert codes(v) == ["worst_drop"] and "'purple triangle' lost 0.700" in v.reasons[0]["message"]
+    v = Verdict()
+    generation_checks(v, "red triangle", b, a, 0.05, 0.1, 0.05)  # no worst budget: the mean alone
+    assert codes(v) == []

@@ -38,6 +38,17 @@ def int_at_least(lo: int):
     return check
 
 
+def int_in(lo: int, hi: int):
+    """An integer in [lo, hi]."""
+    def check(text: str) -> int:
+        v = _number(int, text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}")
+        return v
+    check.__name__ = f"integer in [{lo}, {hi}]"
+    return check
+
+
 def float_in(lo: float, hi: float, hi_open: bool = False):
     """A number in [lo, hi] (or [lo, hi) with ``hi_open``)."""
     def check(text: str) -> float:
@@ -137,6 +148,12 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                         "utility and related-identity accuracy)")
     g.add_argument("--naive-search", action="store_true",
                    help="re-evaluate both towers at every step instead of the cached search (for checking)")
+    g.add_argument("--protect-neighbours", type=int_in(0, 50), default=10, metavar="K",
+                   help="project the step off the K nearest identities' own alignment gradients, so the edit leaves "
+                        "them unchanged to first order (default 10; 0 = the paper's step)")
+    g.add_argument("--max-layers", type=int_in(1, 3), default=2,
+                   help="when no single layer forgets within the budgets, edit up to this many layers, recomputing "
+                        "the gradients after each (default 2; 1 = the paper's single layer)")
 
 
 def search_config(a):
@@ -144,7 +161,13 @@ def search_config(a):
     from ..slug.search import SearchConfig
 
     return SearchConfig(metric=a.criterion or "forget_top5", threshold=a.threshold, steps=a.steps, margin=a.margin,
-                        utility_floor=a.utility_floor, selection=a.selection)
+                        utility_floor=a.utility_floor, selection=a.selection, worst_budget=a.worst_budget)
+
+
+def step_options(a) -> dict:
+    """The :class:`~slugkit.workflows.unlearn.UnlearnConfig` fields of the neighbour-safe step and the multi-layer
+    fallback."""
+    return {"protect_neighbours": a.protect_neighbours, "max_layers": a.max_layers}
 
 
 def add_run_args(p: argparse.ArgumentParser, threads: int | None = None, out_default: str = "") -> None:
@@ -179,13 +202,17 @@ def add_verdict_args(p: argparse.ArgumentParser) -> None:
                    help="warn when utility top-1 (TA_IN@1) drops by more than this (default 0.02)")
     g.add_argument("--related-budget", type=FRACTION, default=0.05,
                    help="warn when other-identity top-1 (TA_CA@1) drops by more than this (default 0.05)")
+    g.add_argument("--worst-budget", type=FRACTION, default=0.20,
+                   help="the most any single other identity may lose: the layer choice keeps it on validation and "
+                        "the verdict warns when a test drop exceeds it (default 0.20)")
 
 
 def budgets_of(a):
     """The verdict :class:`~slugkit.workflows.verdict.Budgets` those options give."""
     from ..workflows.verdict import Budgets
 
-    return Budgets(forget_tolerance=a.forget_tolerance, utility_drop=a.utility_budget, related_drop=a.related_budget)
+    return Budgets(forget_tolerance=a.forget_tolerance, utility_drop=a.utility_budget, related_drop=a.related_budget,
+                   worst_drop=a.worst_budget)
 
 
 def split_list(spec: str) -> list[str]:

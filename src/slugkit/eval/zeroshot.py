@@ -9,6 +9,8 @@ scale is not used; it does not change rankings). Metrics are fractions:
   its own concept, and ``forget_by_concept`` gives the per-concept figures;
 * ``related_top1``: unweighted mean over the *other* identities of each identity's top-1 accuracy over the full
   name list (TA_CA@1; the target is excluded, unlike the official list which includes it — spec §9.5(e));
+  ``related_by_concept`` gives each identity's own top-1 (``{name: fraction}``; the worst-case collateral of
+  :mod:`slugkit.eval.collateral`);
 * ``utility_top1`` / ``utility_top5``: top-1 / top-5 over the utility images with the utility class names and
   templates (TA_IN@1, e.g. ImageNet).
 
@@ -97,8 +99,10 @@ def metrics_from_features(suite: EvalSuite, img: dict[str, torch.Tensor], w_id: 
     if "related" in parts and suite.related is not None and len(suite.related):
         logits = 100.0 * img["related"] @ w_id
         hits = topk_hits(logits, suite.related.labels, 1).float()
-        per_id = [hits[suite.related.labels == c].mean().item() for c in suite.related.labels.unique().tolist()]
-        out["related_top1"] = float(sum(per_id) / len(per_id))
+        per_id = {suite.names[c]: hits[suite.related.labels == c].mean().item()
+                  for c in suite.related.labels.unique().tolist()}
+        out["related_top1"] = float(sum(per_id.values()) / len(per_id))
+        out["related_by_concept"] = per_id
     if "utility" in parts and suite.utility is not None and len(suite.utility):
         logits = 100.0 * img["utility"] @ w_util
         out["utility_top1"] = topk_hits(logits, suite.utility.labels, 1).float().mean().item()
@@ -173,6 +177,11 @@ class SuiteEvaluator:
         w_id, w_util = self._classifiers(txt)
         feats = {k: img[sl] for k, sl in self.img_slices.items()}
         return metrics_from_features(self.suite, feats, w_id, w_util, parts)
+
+    def class_embeddings(self) -> torch.Tensor:
+        """C x D: the unedited model's zero-shot class embedding of every name (templates averaged, normalised) —
+        the text-embedding similarity that ranks the target's nearest neighbours."""
+        return self._classifiers(self.base_txt)[0].T
 
     def base_metrics(self, parts=PARTS) -> dict:
         return self._metrics(self.base_img, self.base_txt, parts)

@@ -61,6 +61,12 @@ def _epoch_cell(name: str, e: dict) -> str:
     return " + ".join(f"{c} ({n})" if n else c for c, n in cells)
 
 
+def _worst(e: dict) -> str:
+    """``name −drop%`` of the method's most damaged other identity (``result.json → collateral``)."""
+    w = (e.get("collateral") or {}).get("worst")
+    return "–" if not w else f"{w['concept']} {-100 * w['drop']:+.0f}"
+
+
 def compare_table(report: dict) -> str:
     """The Table-1-style markdown table (test metrics in %, MIA mean ± std, time, storage); with several concepts
     each concept's FA@1/FA@5 follow the pooled ones."""
@@ -68,9 +74,9 @@ def compare_table(report: dict) -> str:
     concepts = report.get("concepts") or [report["concept"]]
     per = len(concepts) > 1
     pc_head = "".join(f" {c} FA@1 | {c} FA@5 |" for c in concepts) if per else ""
-    rows = [f"| method | FA@1 | FA@5 |{pc_head} TA_IN@1 (utility) | TA_CA@1 (related) | MIA | time (s) | CPU (s) "
-            "| peak mem | storage | epoch |",
-            "|---|---|---|" + "---|---|" * len(concepts) * per + "---|---|---|---|---|---|---|---|"]
+    rows = [f"| method | FA@1 | FA@5 |{pc_head} TA_IN@1 (utility) | TA_CA@1 (related) | worst other identity | MIA "
+            "| time (s) | CPU (s) | peak mem | storage | epoch |",
+            "|---|---|---|" + "---|---|" * len(concepts) * per + "---|---|---|---|---|---|---|---|---|"]
 
     def pc_cells(m: dict) -> str:
         if not per:
@@ -81,12 +87,12 @@ def compare_table(report: dict) -> str:
 
     b = o["metrics"]["before"]
     rows.append(f"| original | {_pct(b['forget_top1'])} | {_pct(b['forget_top5'])} |{pc_cells(b)} "
-                f"{_pct(b.get('utility_top1'))} | {_pct(b.get('related_top1'))} | {_mia(o['mia'])} | – | – | – | – "
-                "| – |")
+                f"{_pct(b.get('utility_top1'))} | {_pct(b.get('related_top1'))} | – | {_mia(o['mia'])} | – | – | – "
+                "| – | – |")
     for name, e in report["methods"].items():
         a = e["metrics"]["after"]
         rows.append(f"| {name} | {_pct(a['forget_top1'])} | {_pct(a['forget_top5'])} |{pc_cells(a)} "
-                    f"{_pct(a.get('utility_top1'))} | {_pct(a.get('related_top1'))} | {_mia(e['mia'])} "
+                    f"{_pct(a.get('utility_top1'))} | {_pct(a.get('related_top1'))} | {_worst(e)} | {_mia(e['mia'])} "
                     f"| {e['time_s']:.1f} | {_cpu(e)} | {_bytes(e['peak_mem_bytes'])} | {_bytes(e['storage_bytes'])} "
                     f"| {_epoch_cell(name, e)} |")
     return "\n".join(rows)

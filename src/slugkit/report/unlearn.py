@@ -79,12 +79,57 @@ def headline(result: dict, subject: str, edit: str) -> str:
             + (" — with warnings" if status == "warn" else ""))
 
 
+def edit_label(result: dict) -> str:
+    """``layer (step η, relative change η/R)``, or every edited layer joined by `` + `` (multi-layer fallback)."""
+    edits = result.get("layers_edited") or [{"layer": result["layer"], "step_size": result["step_size"],
+                                             "relative_change": result["relative_change"]}]
+    return " + ".join(f"{e['layer']} (step {e['step_size']:.4g}, relative change {e['relative_change']:.3f})"
+                      for e in edits)
+
+
+def collateral_lines(coll: dict | None, what: str = "identity", whats: str = "identities", top: int = 5) -> list[str]:
+    """Markdown for a :func:`slugkit.eval.collateral.collateral_record`: the mean next to the worst, the nearest
+    neighbours' before/after, and the ``top`` largest drops."""
+    if not coll:
+        return [f"Per-{what} accuracy was not measured (no images of other {whats}), so the worst case is unknown."]
+    w = coll["worst"]
+    lines = [f"Metric: {coll['metric']}, over {coll['concepts']} other {whats}. Mean drop "
+             f"{coll['mean_drop']:+.3f} ({coll['mean_before']:.3f} → {coll['mean_after']:.3f}); **worst: "
+             f"{w['concept']} {w['before']:.2f} → {w['after']:.2f} (drop {w['drop']:+.2f})**.", "",
+             f"Nearest {whats} to the target (k = {coll['neighbours']['k']}, by {coll['neighbours']['similarity']}):",
+             "", f"| {what} | similarity | before | after | drop |", "|---|---|---|---|---|"]
+    lines += [f"| {n['concept']} | {n['similarity']:.3f} | {n['before']:.2f} | {n['after']:.2f} | {n['drop']:+.2f} |"
+              for n in coll["neighbours"]["concepts"]]
+    hit = sorted(coll["per_concept"].items(), key=lambda kv: (-kv[1]["drop"], kv[0]))[:top]
+    lines += ["", "Largest drops: " + ", ".join(f"{c} {v['drop']:+.2f}" for c, v in hit) + "."]
+    return lines
+
+
 def verdict_lines(verdict: dict | None) -> list[str]:
     """``verdict: STATUS`` and one ``fail:`` / ``warning:`` line per reason."""
     if not verdict:
         return []
     return [f"verdict: {verdict['status']}"] + [
         f"{'fail' if r['severity'] == 'fail' else 'warning'}: {r['message']}" for r in verdict["reasons"]]
+
+
+def _protection_lines(result: dict) -> list[str]:
+    """The neighbour-protected step and the layers edited, when the run used them."""
+    lines = []
+    prot = result.get("neighbour_protection") or {}
+    if prot.get("k"):
+        used = ", ".join(f"{n['concept']} ({n['pairs']} pairs)" for n in prot["neighbours"])
+        lines += [f"Step projected off the alignment gradients of the {prot['k']} nearest identities ({used})"
+                  + (f"; skipped for too few retain pairs: {', '.join(str(n['concept']) for n in prot['skipped'])}"
+                     if prot.get("skipped") else "") + " — `--protect-neighbours 0` is the paper's step.", ""]
+    edits = result.get("layers_edited") or []
+    if len(edits) > 1 or any(e.get("why", "").startswith("single layer kept") for e in edits):
+        lines += ["Layers edited (multi-layer fallback, `--max-layers 1` is the paper's method):", "",
+                  "| round | layer | η | η/R | why |", "|---|---|---|---|---|"]
+        lines += [f"| {e['round']} | `{e['layer']}` | {e['step_size']:.4g} | {e['relative_change']:.3f} | {e['why']} |"
+                  for e in edits]
+        lines.append("")
+    return lines
 
 
 def render_report(result: dict) -> str:
@@ -108,6 +153,11 @@ def render_report(result: dict) -> str:
         f"{result['data']['test_sizes']['utility_classes']} classes. Validation images (used by the search) are "
         f"disjoint from these.",
         "",
+        "## Collateral: the other identities, worst first",
+        "",
+        *collateral_lines(result.get("collateral")),
+        "",
+        *_protection_lines(result),
         "## Why this layer",
         "",
         f"{len(result['pareto_front'])} tensors are on the Pareto fronts (low gradient alignment, high importance). "

@@ -177,6 +177,23 @@ def check_finite(forget: dict, retain: dict) -> None:
                    "; check that the forget pairs reach the model"))
 
 
+def alignment_gradient(adapter, images: torch.Tensor, tokens: torch.Tensor, names: list[str],
+                       batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """∇ mean cos(image, caption) of ``names`` over the pairs ``images`` (N x C x H x W) / ``tokens`` (N x L) — the
+    forget gradient's formula (spec §1.1) on any pairs (e.g. a neighbour's, :mod:`slugkit.slug.neighbours`). CPU
+    float32 tensors; raises :class:`~slugkit.common.errors.EmptyForgetSetError` for N = 0."""
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        sums, n = _accumulate(adapter, ((images[i:i + batch_size], tokens[i:i + batch_size])
+                                        for i in range(0, images.shape[0], batch_size)), names, "forget", False, None)
+    finally:
+        adapter.model.train(was_training)
+    if n == 0:
+        raise EmptyForgetSetError("no pairs reached the alignment gradient")
+    return _mean_to_cpu(sums, n)
+
+
 def compute_gradients(adapter, forget_batches: Iterable, retain_batches: Iterable, names: list[str] | None = None,
                       *, progress: bool = True, n_forget_batches: int | None = None,
                       n_retain_batches: int | None = None) -> Gradients:

@@ -54,6 +54,7 @@ class SearchConfig:
     margin: float = 1.1  # applied η = margin × smallest accepted η
     utility_floor: float | None = None  # max allowed drop of validation utility top-1 (None: unconstrained)
     selection: str = "min"  # layer choice policy, see module docstring
+    worst_budget: float | None = 0.20  # max validation drop of any single other identity at the applied step
 
     def __post_init__(self):
         if self.metric not in ("forget_top1", "forget_top5"):
@@ -62,6 +63,8 @@ class SearchConfig:
             raise ValueError("search steps must be >= 1")
         if self.margin < 1.0:
             raise ValueError("margin must be >= 1.0 (1.0 = the official smallest accepted step)")
+        if self.worst_budget is not None and not 0.0 <= self.worst_budget <= 1.0:
+            raise ValueError(f"worst budget must be a fraction in [0, 1], not {self.worst_budget}")
         if self.selection not in SELECTION_POLICIES:
             raise ValueError(f"selection must be one of {SELECTION_POLICIES}, not {self.selection!r}")
 
@@ -156,8 +159,24 @@ def _step(theta: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Te
     return theta.float() - step_size * grad.to(device=theta.device, dtype=torch.float32)
 
 
-def choose_layer(results: list[LayerSearch], policy: str, base: dict | None = None) -> LayerSearch:
+def worst_val_drop(metrics: dict | None, base: dict | None) -> tuple[str | None, float]:
+    """``(identity, drop)`` of the largest per-identity top-1 drop between ``base`` and ``metrics`` (their
+    ``related_by_concept``); ``(None, 0.0)`` when either lacks it."""
+    from ..eval.collateral import worst_drop
+
+    if not metrics or not base or not metrics.get("related_by_concept") or not base.get("related_by_concept"):
+        return None, 0.0
+    return worst_drop(base["related_by_concept"], metrics["related_by_concept"])
+
+
+def choose_layer(results: list[LayerSearch], policy: str, base: dict | None = None,
+                 worst_budget: float | None = None, utility_budget: float | None = None) -> LayerSearch:
     """Pick one layer among those whose search accepted a step (see the module docstring for the policies).
+
+    ``worst_budget``: only layers whose worst single other-identity drop on validation (at the applied step) stays
+    within it compete, when any does (issue 12); otherwise only the least damaging ones do, and the verdict reports
+    the damage. ``utility_budget``: then, among those, only layers whose validation utility drop stays within it,
+    when any does.
 
     ``base`` holds the validation metrics of the unedited model; ``mean`` and ``min`` compare *retention*
     (after / before) so that utility and related accuracy count alike whatever their absolute level (on ViT-B/32
@@ -166,8 +185,17 @@ def choose_layer(results: list[LayerSearch], policy: str, base: dict | None = No
     ok = [r for r in results if r.step_size is not None]
     if not ok:
         raise SearchFailed("no Pareto layer reached the forget criterion within the search budget; try more --steps, "
-                           "a larger forget set, or --criterion forget_top1")
+                           "a larger forget set, --criterion forget_top1, or --max-layers 2 (a second layer)")
     base = base or {}
+    if worst_budget is not None:  # the worst single other identity first: a mean can hide a broken look-alike
+        safe = [r for r in ok if worst_val_drop(r.val_metrics, base)[1] <= worst_budget + 1e-6]
+        if not safe:  # none within the budget: the least damaging one (the verdict reports it)
+            least = min(worst_val_drop(r.val_metrics, base)[1] for r in ok)
+            safe = [r for r in ok if worst_val_drop(r.val_metrics, base)[1] <= least + 1e-6]
+        ok = safe
+    if utility_budget is not None and base.get("utility_top1") is not None:
+        ok = [r for r in ok if base["utility_top1"] - r.val_metrics.get("utility_top1", 0.0) <= utility_budget + 1e-6
+              ] or ok
 
     def kept(r, key):
         b = base.get(key) or 1.0

@@ -92,8 +92,9 @@ def _slug_joint(cc, cfg, adapter, base: Base, out: Path, j: _Inputs) -> dict:
     entry = {
         "metrics": result["metrics"],
         "verdict": result["verdict"],
-        "time_s": t["gradients"] + t["layers"] + t["search"],
-        "timing_s": {"precompute": t["gradients"] + t["layers"], "search": t["search"], "run_unlearn": t},
+        "time_s": t["gradients"] + t["layers"] + t.get("neighbours", 0.0) + t["search"],
+        "timing_s": {"precompute": t["gradients"] + t["layers"] + t.get("neighbours", 0.0), "search": t["search"],
+                     "run_unlearn": t},
         **dict(zip(("peak_mem_bytes", "cpu_s"),
                    slug_replay(adapter, cfg, j.f_img, j.f_tok, j.r_img, j.r_tok, j.val_eval, j.val_before))),
         "storage_bytes": result["patch"]["bytes"],
@@ -135,7 +136,15 @@ def _baseline_joint(cc, name: str, adapter, base: Base, j: _Inputs) -> dict:
 
 
 def _joint_report(cfg, cur, data_dir, adapter, base: Base, concepts: list[str], j: _Inputs, entries: dict) -> dict:
-    """The joint (or single-concept) report (not written): the base, the data sizes and the methods' entries."""
+    """The joint (or single-concept) report (not written): the base, the data sizes and the methods' entries, each
+    with its worst-case collateral (:func:`slugkit.workflows.records.collateral_of`: every other identity, the worst,
+    the nearest neighbours)."""
+    from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
+    from .records import collateral_of
+
+    near = nearest_concepts(j.val_eval.class_embeddings(), j.val_suite.names, j.val_suite.target_list(), NEIGHBOURS_K)
+    for e in entries.values():
+        e["collateral"] = collateral_of(j.before, e["metrics"]["after"], near)
     return {
         "concept": cfg.concept, "concepts": concepts, "mode": "joint" if len(concepts) > 1 else "single",
         "model": adapter.model_id, "base_sha256": base.sha256,

@@ -48,7 +48,13 @@ class _Steps:
 
 def compare_sequential(cc, concepts: list[str], adapter, base, out: Path, cache: dict | None) -> dict:
     """Every method over the concepts one after another (see the module docstring); returns the report."""
+    from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
+    from .records import collateral_of
+
     s = _load_steps(cc, concepts, adapter, out, cache)
+    suite = s.val_suites[-1]  # the last step's suite names every concept unlearned
+    near = nearest_concepts(s.val_evals[-1].class_embeddings(), suite.names,
+                            [suite.names.index(c) for c in concepts if c in suite.names], NEIGHBOURS_K)
     entries = {}
     for name in cc.methods:
         entry = start_method(cc, base, name, "sequential ")
@@ -57,6 +63,7 @@ def compare_sequential(cc, concepts: list[str], adapter, base, out: Path, cache:
         else:
             entry.update(_baseline_sequential(cc, name, adapter, base, s))
         entry["per_concept"] = per_concept(s.before, entry["metrics"]["after"])
+        entry["collateral"] = collateral_of(s.before, entry["metrics"]["after"], near)
         record_cuda_peak(entry)
         entries[name] = entry
     base.restore("after the sequential comparison")
@@ -121,7 +128,8 @@ def _slug_sequential(cc, adapter, base, out: Path, s: _Steps) -> dict:
         "changed_params": changed_storage(adapter.model, base.state)["changed_params"],
         "passes": _slug_seq_passes(step_results),
         "steps": [{"concept": c.concept, "layer": r["layer"], "step_size": r["step_size"],
-                   "time_s": r["timing_s"]["gradients"] + r["timing_s"]["layers"] + r["timing_s"]["search"],
+                   "time_s": r["timing_s"]["gradients"] + r["timing_s"]["layers"]
+                   + r["timing_s"].get("neighbours", 0.0) + r["timing_s"]["search"],
                    "validation_after": r["metrics"]["validation_after"],
                    "result": str(Path(c.out).relative_to(out) / "result.json")}
                   for c, r in zip(cfgs, step_results)],

@@ -42,10 +42,13 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
     """The ``result.json`` document of a run: concept, model, the verdict (:mod:`slugkit.workflows.verdict`),
     chosen layer and step size, test and validation metrics before/after, the Pareto front, every search evaluation,
     timings, patch and model bytes."""
-    chosen, searches, timing = run["chosen"], run["searches"], run["timing"]
+    searches, timing = run["searches"], run["timing"]
+    edits = run.get("edits") or []
+    chosen = edits[0].search if edits else run["chosen"]  # the first edited layer names the run
     search_entries = [{"layer": s.name, "step_size": st.step_size, "relative_change": st.relative_change,
-                       "metrics": st.metrics, "accepted": st.accepted}
+                       "metrics": brief(st.metrics), "accepted": st.accepted}
                       for s in searches for st in s.trajectory]
+    before, after = run["before"], run["after"]
     return {
         "concept": cfg.concept,
         "concepts": cfg.concept_list(),
@@ -59,15 +62,20 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
         "step_size": chosen.step_size,
         "accepted_step_size": chosen.accepted_step,
         "relative_change": chosen.step_size / chosen.ratio,
-        "metrics": {"before": run["before"], "after": run["after"], "validation_before": run["val_before"],
-                    "validation_after": chosen.val_metrics},
+        "metrics": {"before": before, "after": after, "validation_before": run["val_before"],
+                    "validation_after": brief(run["chosen"].val_metrics)},
+        "collateral": collateral_of(before, after, run.get("neighbours", [])),
+        "neighbour_protection": run["protection"].to_json() if run.get("protection") else None,
+        "layers_edited": [e.to_json() for e in edits],
         "pareto_front": run["table"].front_names(),
         **({"chooser": run["chooser_info"]} if run["chooser_info"] is not None else {}),
-        "layers_searched": [{k: v for k, v in s.to_json().items() if k != "trajectory"} for s in searches],
+        "layers_searched": [{k: (brief(v) if k == "val_metrics" and v else v) for k, v in s.to_json().items()
+                             if k != "trajectory"} for s in searches],
         "search": search_entries,
         "config": {"metric": cfg.search.metric, "threshold": cfg.search.threshold, "steps": cfg.search.steps,
                    "initial_divisor": cfg.search.initial_divisor, "margin": cfg.search.margin,
-                   "utility_floor": cfg.search.utility_floor, "selection": cfg.search.selection},
+                   "utility_floor": cfg.search.utility_floor, "selection": cfg.search.selection,
+                   "protect_neighbours": cfg.protect_neighbours},
         "timing_s": timing,
         "patch": {"path": "patch", "bytes": run["patch_bytes"], "tensors": run["patch"].names},
         "model_bytes": adapter.model_bytes(),
@@ -76,9 +84,28 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
     }
 
 
+def brief(metrics: dict) -> dict:
+    """``metrics`` without the per-identity dict (kept once, in ``collateral``), with its worst drop instead when the
+    search recorded it."""
+    return {k: v for k, v in metrics.items() if k != "related_by_concept"}
+
+
+def collateral_of(before: dict, after: dict, neighbours: list[tuple[str, float]]) -> dict | None:
+    """The worst-case collateral record (:func:`slugkit.eval.collateral.collateral_record`) of the test metrics:
+    every other identity's top-1 before/after, the worst, the :data:`~slugkit.eval.collateral.NEIGHBOURS_K` nearest
+    neighbours by the model's text embedding. None when no other identity was measured."""
+    from ..eval.collateral import NEIGHBOURS_K, collateral_record
+
+    if not before.get("related_by_concept") or not after.get("related_by_concept"):
+        return None
+    return collateral_record(before["related_by_concept"], after["related_by_concept"], neighbours[:NEIGHBOURS_K],
+                             "identity top-1 over the full name list (TA_CA@1 per identity)", NEIGHBOURS_K,
+                             "cosine of the unedited model's zero-shot class embeddings (validation templates)")
+
+
 def write_run_files(cfg, out: Path, data: dict, run: dict, result: dict, extra_run_info: dict | None) -> None:
     """``layers.json``, ``pareto.png``, ``result.json``, ``run.json`` and ``report.md`` into ``out``."""
-    table, chosen = run["table"], run["chosen"]
+    table, chosen = run["table"], (run["edits"][0].search if run.get("edits") else run["chosen"])
     f_stats, r_stats = data["forget_stats"], data["retain_stats"]
     write_json(out / "layers.json", table.to_json())
     pareto_plot(table.to_json(), out / "pareto.png",
@@ -91,6 +118,9 @@ def write_run_files(cfg, out: Path, data: dict, run: dict, result: dict, extra_r
                        "val_sizes": data["val_suite"].sizes(), "test_sizes": data["test_suite"].sizes()},
               "gradient_seconds": run["grads"].seconds, "timing_s": run["timing"], "chosen_layer": chosen.name,
               "search": [s.to_json() for s in run["searches"]]}
+    for s in record["search"]:
+        s["trajectory"] = [{**t, "metrics": brief(t["metrics"])} for t in s["trajectory"]]
+        s["val_metrics"] = brief(s["val_metrics"]) if s.get("val_metrics") else s.get("val_metrics")
     if extra_run_info:
         record.update(extra_run_info)
     write_json(out / "run.json", record)

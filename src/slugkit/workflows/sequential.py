@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ..common.files import final_paths, write_json
 from ..common.runfolder import run_folder
+from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
 from ..eval.zeroshot import SuiteEvaluator
 from .inputs import build_suite
+from .records import collateral_of
 from .unlearn import UnlearnConfig, run_unlearn
 from .verdict import sequential_verdict
 
@@ -55,7 +57,9 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
         finally:
             for p in reversed(applied):
                 revert_patch(adapter.model, p)
-        base = SuiteEvaluator(adapter, suite).base_metrics()
+        base_eval = SuiteEvaluator(adapter, suite)
+        base = base_eval.base_metrics()
+        near = nearest_concepts(base_eval.class_embeddings(), suite.names, suite.target_list(), NEIGHBOURS_K)
         chained.meta["metrics"] = {"before": base, "after": final}
         save_patch(chained, stage / "patch", overwrite=overwrite)
         result = {
@@ -64,6 +68,7 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
             "per_concept": {c: {"before": base["forget_by_concept"][c], "after": final["forget_by_concept"][c]}
                             for c in joint.concepts},
             "metrics": {"before": base, "after": final},
+            "collateral": collateral_of(base, final, near),
             "verdict": sequential_verdict(joint.concepts, configs[0].search.metric, configs[0].search.threshold, base,
                                           final, configs[0].budgets, step_verdicts).to_json(),
             "patch": {"path": "patch", "bytes": (stage / "patch" / "patch.safetensors").stat().st_size,

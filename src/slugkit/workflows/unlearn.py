@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,12 +21,15 @@ import torch
 from ..common.progress import status
 from ..common.runfolder import claim_out, pause_point, run_folder
 from ..data.shards import ReadStats
+from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
 from ..eval.zeroshot import PARTS, SuiteEvaluator
 from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
-from ..slug.search import SearchConfig, choose_layer, edited, edited_values, search_layers
+from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
+from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, edited_values, search_layers
 from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs
 from .records import result_record, write_run_files
+from .rounds import Edit, applied, more_rounds
 from .verdict import Budgets, check_captions, check_recognised, clip_verdict
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
@@ -72,6 +75,8 @@ class UnlearnConfig:
     caption_check: bool = True  # refuse a forget set none of whose captions names the concept
     aliases: list[str] = field(default_factory=list)  # other phrasings that name the concept in forget captions
     clip_skip: int | None = None  # with consumer sd:DIR: diffusers' clip_skip (the pipeline's last N layers unread)
+    protect_neighbours: int = DEFAULT_PROTECT  # k nearest neighbours the step is projected off (0: the paper's step)
+    max_layers: int = 2  # layers the fallback may edit (1: the paper's single layer; slugkit.workflows.rounds)
 
     def concept_list(self) -> list[str]:
         return list(self.concepts) if self.concepts else [self.concept]
@@ -137,20 +142,30 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
             grads.save(out / "gradients.safetensors")
         with _timed(timing, "layers"):
             table = _layers(cfg, adapter, grads, stats, names)
+        with _timed(timing, "neighbours"):
+            neighbours = nearest_concepts(val_eval.class_embeddings(), data["val_suite"].names,
+                                          data["val_suite"].target_list(), max(NEIGHBOURS_K, cfg.protect_neighbours))
+            grads, protection, ratios = _protect(cfg, adapter, grads, table, data, neighbours)
         with _timed(timing, "search"):
-            searches, chosen, chooser_info = _search(cfg, adapter, grads, table, val_eval, val_before, choose)
+            searches, chosen, chooser_info = _search(cfg, adapter, grads, table, ratios, val_eval, val_before,
+                                                     choose)
+            edits = _rounds(cfg, adapter, data, (searches, chosen, grads), val_before, neighbours, choose)
+            chosen = edits[-1].search
         with _timed(timing, "evaluation"):
-            status(f"evaluating the edit of {chosen.name} on the test images", cfg.progress)
-            after = _evaluate_edit(adapter, grads, chosen, test_eval)
+            status(f"evaluating the edit of {' + '.join(e.search.name for e in edits)} on the test images",
+                   cfg.progress)
+            after = _evaluate_edits(adapter, edits, test_eval)
         timing["evaluation"] = timing.pop("evaluation")  # keep the stages in run order in result.json
         verdict = clip_verdict(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, before, after, cfg.budgets,
                                {k: data[f"{k}_stats"].as_dict() for k in ("forget", "retain")}, data["captions"])
         with _timed(timing, "patch"):
-            patch, patch_bytes = _write_patch(cfg, adapter, grads, chosen, before, after, out, verdict.status)
+            patch, patch_bytes = _write_patch(cfg, adapter, edits, before, after, out, verdict.status)
         timing["total"] = time.perf_counter() - t_start
         run = {"before": before, "after": after, "val_before": val_before, "searches": searches, "chosen": chosen,
+               "edits": edits,
                "chooser_info": chooser_info, "table": table, "grads": grads, "timing": timing, "patch": patch,
-               "patch_bytes": patch_bytes, "verdict": verdict.to_json()}
+               "patch_bytes": patch_bytes, "verdict": verdict.to_json(), "neighbours": neighbours,
+               "protection": protection}
         result = result_record(cfg, adapter, data, run)
         write_run_files(cfg, out, data, run, result, extra_run_info)
     return result
@@ -233,36 +248,88 @@ def _layers(cfg: UnlearnConfig, adapter, grads, stats, names: list[str]):
     return table
 
 
-def _search(cfg: UnlearnConfig, adapter, grads, table, val_eval, val_before, choose):
-    """The step-size search on every Pareto layer (spec §4) and the choice among them (or ``choose``'s)."""
+def _protect(cfg: UnlearnConfig, adapter, grads, table, data: dict, neighbours: list[tuple[str, float]]):
+    """The forget gradients of the Pareto layers projected off the nearest neighbours' alignment gradients
+    (:mod:`slugkit.slug.neighbours`; ``cfg.protect_neighbours = 0``: unchanged, the paper's step), and each front
+    tensor's R = ‖θ‖/‖g‖ for the gradient the search applies. Precomputed gradients carry no retain pairs, so no
+    neighbour gradient: the step is then the paper's, and the record says why."""
     ratios = {r.name: r.ratio for r in table.rows}
-    searches = search_layers(adapter, grads, table.front_names(), ratios, val_eval, cfg.search,
-                             cached=cfg.cached_search, progress=cfg.progress)
+    k = cfg.protect_neighbours
+    if k <= 0 or data["retain"] is None:
+        rec = NeighbourProtection(0)
+        if k > 0:
+            rec.skipped = [{"concept": None, "reason": "precomputed gradients (--gradients): no retain pairs read"}]
+        return grads, rec, ratios
+    groups = list({tuple(adapter.group_of(n)): adapter.group_of(n) for n in table.front_names()}.values())
+    r_img, r_tok = data["retain"]
+    status(f"projecting the step off the {k} nearest neighbours' gradients", cfg.progress)
+    forget, rec = protect_neighbours(adapter, grads.forget, r_img, r_tok, data["retain_stats"].captions, neighbours,
+                                     groups, k, cfg.batch_size)
+    params = dict(adapter.model.named_parameters())
+    for n in table.front_names():
+        gn = float(torch.linalg.vector_norm(forget[n].float()))
+        ratios[n] = float(torch.linalg.vector_norm(params[n].detach().float())) / gn if gn > 0 else ratios[n]
+    return replace(grads, forget=forget), rec, ratios
+
+
+def _search(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval, val_before, choose):
+    """The step-size search on every Pareto layer (spec §4) and the choice among them (or ``choose``'s)."""
+    searches = _search_front(cfg, adapter, grads, table, ratios, val_eval)
     if choose is None:
-        return searches, choose_layer(searches, cfg.search.selection, val_before), None
+        try:
+            return searches, choose_layer(searches, cfg.search.selection, val_before, cfg.search.worst_budget,
+                                  cfg.budgets.utility_drop), None
+        except SearchFailed:
+            if cfg.max_layers <= 1:
+                raise
+            return searches, None, None  # the multi-layer fallback takes over (_rounds)
     chosen, chooser_info = choose(searches, adapter, grads, val_before, cfg.search.selection)
     return searches, chosen, chooser_info
 
 
-def _evaluate_edit(adapter, grads, chosen, test_eval) -> dict:
-    """Test metrics of the edited model (the activations entering the edited stage are computed unedited once)."""
+def _search_front(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval):
+    return search_layers(adapter, grads, table.front_names(), ratios, val_eval, cfg.search, cached=cfg.cached_search,
+                         progress=cfg.progress)
+
+
+def _rounds(cfg: UnlearnConfig, adapter, data, first, val_before, neighbours, choose):
+    """The edits of the run: round 1's layer, or the multi-layer fallback's (:mod:`slugkit.workflows.rounds`).
+    A ``choose`` callback (the SD demo's generator-aware choice) keeps its single layer."""
+    if choose is not None:
+        return [Edit(first[1], first[2], "chosen by the generator-aware search", 1)]
+    stages = {"gradients": _gradients, "layers": _layers, "search": _search_front,
+              "protect": lambda c, a, g, t, d: _protect(c, a, g, t, d, neighbours)}
+    return more_rounds(cfg, adapter, data, first, val_before, stages)
+
+
+def _evaluate_edits(adapter, edits, test_eval) -> dict:
+    """Test metrics of the edited model. One edit: the activations entering the edited stage are computed unedited
+    once (cached path); several: every edit applied and both towers recomputed."""
+    if len(edits) > 1:
+        with applied(adapter.model, edits):
+            return test_eval.evaluate_naive()
+    chosen, grads = edits[0].search, edits[0].grads
     test_cache = test_eval.prepare(chosen.name, PARTS)
     with edited(adapter.model, grads.forget, chosen.group, chosen.step_size):
         return test_eval.evaluate_cached(test_cache)
 
 
-def _write_patch(cfg: UnlearnConfig, adapter, grads, chosen, before: dict, after: dict, out: Path,
-                 verdict: str = "pass"):
-    """``out/patch``: the chosen group's new values with the base hashes (spec §5); returns (patch, file bytes)."""
+def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, out: Path, verdict: str = "pass"):
+    """``out/patch``: every edited group's new values with the base hashes (spec §5); returns (patch, file bytes).
+    Groups are disjoint, so each group's θ − η·g is computed on the unedited model."""
     from ..patch import architecture_facts, make_patch, save_patch
 
-    new_values = edited_values(adapter.model, grads.forget, chosen.group, chosen.step_size)
+    chosen = edits[0].search
+    new_values = {}
+    for e in edits:
+        new_values.update(edited_values(adapter.model, e.grads.forget, e.search.group, e.search.step_size))
     patch = make_patch(adapter.model, new_values, base_model=adapter.model_id, adapter=adapter.family,
                        architecture=architecture_facts(adapter.model),
                        concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
                        step_size=chosen.step_size,
                        metrics={"before": before, "after": after},
                        extra={"layer": chosen.name, "tower": chosen.tower, "verdict": verdict,
+                              **({"layers_edited": [e.to_json() for e in edits]} if len(edits) > 1 else {}),
                               "relative_change": chosen.step_size / chosen.ratio,
                               "edit": "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"})
     save_patch(patch, out / "patch", overwrite=cfg.overwrite)

@@ -14,6 +14,8 @@ A run never says "unlearned" because its search stopped; it says so when the **h
 ``warn`` (exit status 3) — the removal happened, but something a user must know did too:
   * ``utility_drop`` / ``related_drop``: utility (TA_IN@1) or other-identity (TA_CA@1) accuracy dropped by more than
     its budget (defaults 0.02 and 0.05, ``--utility-budget`` / ``--related-budget``);
+  * ``worst_drop``: one other identity (or concept) lost more than ``worst_drop`` (default 0.20, ``--worst-budget``)
+    of its accuracy — the mean can hide a look-alike the edit broke (:mod:`slugkit.eval.collateral`);
   * ``not_measured``: a metric could not be measured (no utility folders: the layer choice then ignored utility);
   * ``samples_skipped``: image–caption pairs were skipped while reading (undecodable, unpaired, duplicates);
   * ``captions_without_concept``: some forget captions do not name the concept (none at all is refused before the
@@ -39,6 +41,7 @@ class Budgets:
     forget_tolerance: float = 0.05  # test criterion metric may exceed the validation threshold by this much
     utility_drop: float = 0.02  # TA_IN@1 drop that turns the verdict into a warning
     related_drop: float = 0.05  # TA_CA@1 drop (mean over the other identities / concepts)
+    worst_drop: float = 0.20  # the largest drop of any single other identity / concept (issue 12)
 
     def __post_init__(self):
         for k, v in asdict(self).items():
@@ -113,6 +116,21 @@ def collateral_checks(v: Verdict, before: dict, after: dict, budgets: Budgets, l
         if b - a > budget:
             v.add("warn", code, f"{labels[key]} accuracy dropped {b:.3f} -> {a:.3f} (drop {b - a:.3f} > budget "
                                 f"{budget:g})")
+    worst_check(v, before.get("related_by_concept"), after.get("related_by_concept"), budgets.worst_drop)
+
+
+def worst_check(v: Verdict, before: dict | None, after: dict | None, budget: float) -> None:
+    """``worst_drop``: warn when the single most damaged other concept (``{concept: accuracy}`` before/after, as
+    :mod:`slugkit.eval.collateral` reads them) lost more than ``budget``; nothing when per-concept values are absent."""
+    from ..eval.collateral import worst_drop
+
+    if not before or not after:
+        return
+    name, drop = worst_drop(before, after)
+    if name is not None and drop > budget + 1e-9:
+        v.add("warn", "worst_drop", f"{name!r} lost {drop:.3f} of its accuracy ({before[name]:.3f} -> "
+                                    f"{after[name]:.3f} > worst budget {budget:g}): the edit damaged this "
+                                    "neighbouring concept although the mean drop may look small")
 
 
 def data_checks(v: Verdict, read_stats: dict[str, dict]) -> None:
@@ -144,9 +162,10 @@ def caption_check(v: Verdict, named: int, total: int, truncated: int, concepts: 
 
 
 def generation_checks(v: Verdict, concept: str, before: dict, after: dict, threshold: float, other_budget: float,
-                      tol: float) -> None:
+                      tol: float, worst_budget: float | None = None) -> None:
     """Text-to-image runs: the forgetting checks on generated images (share the judge recognises as the concept,
-    ``generated_target_recognised``) and the other concepts' drop (``generated_other_recognised``)."""
+    ``generated_target_recognised``), the other concepts' mean drop (``generated_other_recognised``) and, with
+    ``worst_budget``, the worst single other concept's drop (from ``per_concept``)."""
     b, a = before["generated_target_recognised"], after["generated_target_recognised"]
     if b <= threshold:
         v.add("fail", "nothing_to_unlearn",
@@ -159,6 +178,10 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
     if ob - oa > other_budget:
         v.add("warn", "related_drop", f"the other concepts' generated images are recognised less: {ob:.3f} -> "
                                       f"{oa:.3f} (drop {ob - oa:.3f} > budget {other_budget:g})")
+    if worst_budget is not None:
+        others = [c for c in before.get("per_concept", {}) if c.lower() != concept.lower()]
+        worst_check(v, {c: before["per_concept"][c] for c in others},
+                    {c: after["per_concept"][c] for c in others if c in after.get("per_concept", {})}, worst_budget)
 
 
 def exit_status_of(result: dict) -> int:
@@ -227,9 +250,10 @@ def sd_verdict(concept: str, clip_verdict_json: dict, gen_before: dict, gen_afte
     """A text-to-image run: forgetting is judged on the **generated** images (:func:`generation_checks`), not on
     CLIP's zero-shot ranking (the generator forgets at a smaller step than CLIP's argmax needs); the CLIP run's
     other reasons (collateral, skipped samples, captions) are kept."""
-    v = Verdict(budgets={**clip_verdict_json.get("budgets", {}), "generated_threshold": threshold,
-                         "generated_other_drop": other_budget})
-    generation_checks(v, concept, gen_before, gen_after, threshold, other_budget, tol)
+    budgets = clip_verdict_json.get("budgets", {})
+    v = Verdict(budgets={**budgets, "generated_threshold": threshold, "generated_other_drop": other_budget})
+    generation_checks(v, concept, gen_before, gen_after, threshold, other_budget, tol, budgets.get("worst_drop"))
+    # the CLIP run's collateral on identity names is kept; its worst-drop reason too (the generated one is added above)
     v.reasons += [r for r in clip_verdict_json.get("reasons", []) if r["code"] not in _FORGETTING]
     return v
 
@@ -243,5 +267,6 @@ def sequential_verdict(concepts: list[str], metric: str, threshold: float, befor
     collateral_checks(v, before, after, budgets)
     for c, sv in zip(concepts, step_verdicts):
         v.reasons += [{**r, "message": f"step {c!r}: {r['message']}"} for r in sv.get("reasons", [])
-                      if r["code"] not in _FORGETTING and r["code"] not in ("utility_drop", "related_drop")]
+                      if r["code"] not in _FORGETTING and r["code"] not in ("utility_drop", "related_drop",
+                                                                            "worst_drop")]
     return v

@@ -1,0 +1,59 @@
+"""The multi-layer fallback (issue 12, :mod:`slugkit.workflows.rounds`) on the embedded world.
+
+Constructed case: a search budget of S = 2 evaluations (η = R/10, then R/5) cannot reach the forget criterion on any
+single Pareto layer for the default identity, so ``--max-layers 1`` (the paper's method) refuses, while the fallback
+takes a partial step on one layer, recomputes the gradients on the edited model, and finishes on a second layer."""
+
+import json
+
+import pytest
+import torch
+
+from slugkit.models import load_adapter
+from slugkit.patch import apply_patch, load_patch
+from slugkit.slug.search import SearchConfig, SearchFailed
+from slugkit.workflows.unlearn import run_unlearn
+from slugkit.workflows.world_runs import world_config
+from slugkit.world.demo_data import default_concept, ensure_world_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world_dir():
+    return ensure_world_data(None, progress=False)
+
+
+def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
+    concept = default_concept()
+    cfg, _, _ = world_config(concept, tmp_path / "one", world_dir, progress=False, threads=1,
+                             search=SearchConfig(steps=2), max_layers=1)
+    with pytest.raises(SearchFailed, match="--max-layers 2"):
+        run_unlearn(cfg)
+    assert not (tmp_path / "one" / "result.json").exists() and not (tmp_path / "one" / "patch").exists()
+
+    cfg, _, _ = world_config(concept, tmp_path / "two", world_dir, progress=False, threads=1,
+                             search=SearchConfig(steps=2), max_layers=2)
+    r = run_unlearn(cfg)
+    edits = r["layers_edited"]
+    assert [e["round"] for e in edits] == [1, 2]
+    assert edits[0]["why"].startswith("partial step: no Pareto layer reached")
+    assert edits[0]["layer"] != edits[1]["layer"]
+    assert r["verdict"]["status"] == "pass"
+    assert r["metrics"]["after"]["forget_top5"] <= 0.05 and r["collateral"]["worst"]["drop"] <= 0.2
+    assert r["patch"]["bytes"] <= 0.01 * r["model_bytes"]
+    patch = load_patch(tmp_path / "two" / "patch")
+    assert sorted(patch.names) == sorted(n for e in edits for n in e["group"])
+    assert json.loads((tmp_path / "two" / "result.json").read_text())["layers_edited"] == edits
+    assert "Layers edited (multi-layer fallback" in (tmp_path / "two" / "report.md").read_text()
+
+    # the patch is the edit that was measured: applied to a fresh model it gives the recorded test metrics
+    from slugkit.eval.zeroshot import evaluate_suite
+    from slugkit.workflows.inputs import build_suite
+
+    adapter = load_adapter("embedded")
+    apply_patch(adapter.model, patch)
+    with torch.no_grad():
+        m = evaluate_suite(adapter, build_suite(adapter, cfg, cfg.test_identities, cfg.utility_test))
+    for k in ("forget_top1", "forget_top5", "related_top1", "utility_top1"):
+        assert m[k] == pytest.approx(r["metrics"]["after"][k], abs=1e-6)
