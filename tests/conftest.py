@@ -280,3 +280,41 @@ def raw_tar(path, members) -> str:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return str(path)
+
+
+# ----------------------------------------------------------------------- a CLIP text-encoder patch (LoRA export)
+TEXT_PATCH_TENSORS = [f"text_model.encoder.layers.2.self_attn.{x}_proj.weight" for x in "qkv"] + \
+    [f"text_model.encoder.layers.3.mlp.fc{i}.weight" for i in (1, 2)]
+
+
+def spectral_edit(model, names, seed: int = 0, decays=(0.5, 0.6, 0.7), size: float = 0.05) -> dict:
+    """New values ``W + ΔW`` for the tensors ``names`` of ``model``: ``ΔW = U·diag(σ)·Vᵀ`` with random orthonormal
+    ``U``, ``V`` (QR of seeded Gaussians) and ``σ_j = size·‖W‖_F·d^j``, ``d`` cycling over ``decays`` — the decaying
+    spectrum of a gradient step (a SLUG edit), without a gradient pass. Deterministic for the same arguments."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, name in enumerate(names):
+        w = params[name].detach()
+        n_out, n_in = w.shape
+        k = min(n_out, n_in)
+        u = torch.linalg.qr(torch.randn(n_out, k, generator=g, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(n_in, k, generator=g, dtype=torch.float64))[0]
+        sigma = size * float(w.norm()) * decays[i % len(decays)] ** torch.arange(k, dtype=torch.float64)
+        out[name] = (w.double() + (u * sigma) @ v.T).to(w.dtype)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_text_patch():
+    """``(adapter, patch)``: the tiny transformers CLIP of ``hf_tiny`` and a patch of its text layer 2's q/k/v and
+    layer 3's fc1/fc2 (:func:`spectral_edit`), shaped like what `slug unlearn --family hf_clip --consumer sd:DIR`
+    writes (architecture facts included). Tests must not modify either."""
+    from hf_tiny import build_adapter
+
+    from slugkit.patch import architecture_facts, make_patch
+
+    a = build_adapter(seed=0)
+    new = spectral_edit(a.model, TEXT_PATCH_TENSORS)
+    return a, make_patch(a.model, new, base_model=a.model_id, adapter=a.family, concept="alice abbott",
+                         architecture=architecture_facts(a.model))

@@ -6,10 +6,11 @@
     slug grads --model M --forget SPEC --retain SPEC --out G.safetensors   (also under torchrun)
     slug compare [--concept NAME] [--methods slug,ft,ga,gaft,salun,ssd] --out DIR
     slug apply / revert / inspect                    patches
+    slug export --lora PATCH --pipeline DIR --out F  a text-encoder patch as a diffusers LoRA file
     slug world names | train | data                  the embedded synthetic world
 
 Each command group lives in its own module (``run``: demo, unlearn; ``compare``; ``data``: curate, grads;
-``patches``: apply, revert, eval-sd, inspect; ``world``), which adds its subparsers; ``args`` holds the shared
+``patches``: apply, revert, eval-sd, inspect, export; ``world``), which adds its subparsers; ``args`` holds the shared
 argument groups and the argument checks.
 """
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parsers(sub)  # demo, unlearn
     compare.add_parsers(sub)  # compare
     data.add_parsers(sub)  # curate, grads
-    patches.add_parsers(sub)  # apply, revert, eval-sd, inspect
+    patches.add_parsers(sub)  # apply, revert, eval-sd, inspect, export
     world.add_parsers(sub)  # world names | train | data | train-t2i
     return p
 

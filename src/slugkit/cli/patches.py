@@ -1,4 +1,5 @@
-"""``slug apply``, ``revert``, ``inspect`` and ``eval-sd``: patches on models, checkpoints and consumer folders."""
+"""``slug apply``, ``revert``, ``inspect``, ``eval-sd`` and ``export``: patches on models, checkpoints and consumer
+folders, and a text-encoder patch as a LoRA file."""
 
 from __future__ import annotations
 
@@ -137,6 +138,97 @@ def cmd_eval_sd(a) -> int:
     return 0
 
 
+def _text_encoders(spec: str):
+    """``--pipeline`` for `slug export`: the embedded pipeline, or an object holding only the text encoder(s) of a
+    diffusers pipeline folder (``text_encoder/``, SDXL's ``text_encoder_2/`` too; in their stored dtype, offline): the
+    UNet and VAE are not needed to write a LoRA of the text encoder."""
+    if spec == "embedded":
+        return load_pipeline(spec)
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..common.errors import ModelLoadError
+    from ..integrations import check_weight_files
+    from ..integrations.diffusers_sd import ENCODERS
+
+    folder = Path(spec)
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{spec}: not a diffusers pipeline folder (no model_index.json); pass a folder written by "
+                             "pipe.save_pretrained(DIR) or downloaded with `huggingface-cli download ID --local-dir "
+                             "DIR`, or 'embedded'")
+    encoders = {}
+    for name in ENCODERS:
+        cfg = folder / name / "config.json"
+        if cfg.is_file():
+            check_weight_files(folder / name, "pipeline weights file")
+            archs = json.loads(cfg.read_text()).get("architectures") or []
+            cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
+            encoders[name] = cls.from_pretrained(folder, subfolder=name, dtype="auto", local_files_only=True).eval()
+    if not encoders:
+        raise ModelLoadError(f"{spec}: the pipeline folder has no text_encoder/ (config.json); a LoRA of a CLIP text "
+                             "encoder needs one")
+    return SimpleNamespace(**encoders)
+
+
+def _max_error(text: str) -> float:
+    """``--max-error``: a number in (0, 1)."""
+    import argparse
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not (math.isfinite(v) and 0.0 < v < 1.0):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
+
+
+def cmd_export(a) -> int:
+    """`slug export --lora PATCH --pipeline DIR|embedded --out FILE`: the patch's text-encoder edit as a LoRA file
+    (:mod:`slugkit.patch.lora`). The pipeline's text encoder is hash-checked against the patch's original weights
+    exactly as `slug apply --pipeline` does (apply, then revert in memory: bit-exact), so the LoRA is written only
+    for the model it reproduces the patch on."""
+    from ..common.files import check_file_target
+    from ..integrations.diffusers_sd import apply_patch_to_pipeline, pick_encoder, revert_patch_from_pipeline
+    from ..patch import PatchMismatchError, load_patch
+    from ..patch.lora import DEFAULT_MAX_ERROR, check_exportable, export_lora
+    from ..patch.summary import printable
+
+    out = Path(a.out)
+    check_file_target(out, "give the .safetensors file to write")
+    if out.suffix.lower() != ".safetensors":
+        return refuse(f"--out {out}: a LoRA is written as .safetensors; use a name ending in .safetensors")
+    if (out.exists() or out.is_symlink()) and not a.overwrite:
+        return refuse(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    patch = load_patch(a.lora)
+    check_exportable(patch)
+    if (patch.meta.get("extra") or {}).get("verdict") == "fail":
+        print(f"warning: {a.lora} comes from a run whose verdict was fail (the concept was not forgotten on its test "
+              "images); see its result.json", file=sys.stderr)
+    holder = _text_encoders(a.pipeline)
+    encoder = pick_encoder(holder, patch, a.text_encoder)
+    try:
+        apply_patch_to_pipeline(holder, patch, encoder=encoder, clip_skip=a.clip_skip)
+    except PatchMismatchError as e:
+        raise PatchMismatchError(f"{a.pipeline} ({encoder}) does not fit the patch, no LoRA written: {e}") from e
+    revert_patch_from_pipeline(holder, patch, encoder=encoder)
+    max_error = DEFAULT_MAX_ERROR if a.max_error is None else a.max_error
+    extra = {"clip_skip": a.clip_skip} if a.clip_skip is not None else None
+    lora = export_lora(patch, getattr(holder, encoder), out, prefix=encoder, max_error=max_error, rank=a.rank,
+                       overwrite=a.overwrite, extra=extra)
+    for m in lora.modules:
+        print(f"{lora.prefix}.{m.module}: rank {m.rank} of {m.full_rank}, relative error {m.relative_error:.3e}")
+    worst = max(m.relative_error for m in lora.modules)
+    bound = f"forced rank {a.rank}" if a.rank is not None else f"bound {max_error:g}"
+    how = ("StableDiffusionPipeline.load_lora_into_text_encoder(...) on pipe.text_encoder" if a.pipeline == "embedded"
+           else f"pipe.load_lora_weights({str(out)!r})")
+    print(f"wrote {out}: LoRA of '{printable(patch.concept)}' (patch {patch.fingerprint[:12]}), {len(lora.modules)} "
+          f"module(s) of {encoder}, largest relative error {worst:.3e} ({bound}); load it with {how}")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     """`slug inspect`: describe a patch (or print its metadata as JSON). Fields of the untrusted ``patch.json`` are
     printed escaped: no control character reaches the terminal either way."""
@@ -151,7 +243,7 @@ def cmd_inspect(a) -> int:
 
 
 def add_parsers(sub) -> None:
-    """Add the `apply`, `revert`, `eval-sd` and `inspect` subcommands to ``sub``."""
+    """Add the `apply`, `revert`, `eval-sd`, `export` and `inspect` subcommands to ``sub``."""
     for name, rev in (("apply", False), ("revert", True)):
         ap = sub.add_parser(name, help=f"{name} patch(es) to a model or a safetensors checkpoint")
         ap.add_argument("--patch", action="append", required=True, help="patch folder (repeatable to compose)")
@@ -211,6 +303,29 @@ def add_parsers(sub) -> None:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--out", required=True, help="folder for gen_eval.json and generations.png")
     ev.set_defaults(func=cmd_eval_sd)
+
+    ex = sub.add_parser("export", help="write a text-encoder patch as a LoRA file that diffusers' "
+                                       "pipe.load_lora_weights(FILE) loads")
+    ex.add_argument("--lora", required=True, metavar="PATCH",
+                    help="the patch folder to export as a LoRA: a CLIP text-encoder patch (`slug demo --target sd`, "
+                         "`slug unlearn --family hf_clip --consumer sd:DIR`)")
+    ex.add_argument("--pipeline", required=True, help="the pipeline the LoRA is for: a diffusers Stable Diffusion "
+                                                      "folder or 'embedded'; its text encoder must hold the patch's "
+                                                      "original weights (hash-checked, as by `slug apply --pipeline`)")
+    ex.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    size = ex.add_mutually_exclusive_group()
+    size.add_argument("--max-error", type=_max_error, default=None, metavar="E",
+                      help="per module, the smallest rank whose relative error ||dW - B A||_F / ||dW||_F is <= E "
+                           "(default 1e-3)")
+    size.add_argument("--rank", type=int_at_least(1), default=None, metavar="N",
+                      help="force rank N in every module (at most its full rank; the error is recorded, not bounded)")
+    ex.add_argument("--text-encoder", default=None, choices=["text_encoder", "text_encoder_2"],
+                    help="(SDXL) which text encoder the patch belongs to (default: the one whose shapes fit the patch)")
+    ex.add_argument("--clip-skip", type=int_at_least(0), default=None, metavar="N",
+                    help="the pipeline is run with diffusers' clip_skip=N: a patch of a layer it then never reads is "
+                         "refused (default: none)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
+    ex.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="describe a patch")
     i.add_argument("patch", help="a patch folder (or its patch.json)")

@@ -54,12 +54,14 @@ from .carriers import load_state_dict_file, save_state_dict_file
 from .combine import apply_patches, chain_patches, compose_patches
 from .format import (FORMAT, FORMAT_VERSION, PATCH_JSON, PATCH_SAFETENSORS, Patch, PatchError, PatchFormatError,
                      PatchMismatchError, load_patch, save_patch, tensor_sha256)
+from .lora import LoraExportError, export_lora, lora_from_patch, read_lora
 from .ops import apply_patch, cast_patch, make_patch, revert_patch
 from .summary import describe
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "LoraExportError",
     "PATCH_JSON",
     "PATCH_SAFETENSORS",
     "Patch",
@@ -74,9 +76,12 @@ __all__ = [
     "check_architecture",
     "compose_patches",
     "describe",
+    "export_lora",
     "load_patch",
     "load_state_dict_file",
+    "lora_from_patch",
     "make_patch",
+    "read_lora",
     "revert_patch",
     "save_patch",
     "save_state_dict_file",

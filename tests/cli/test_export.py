@@ -1,0 +1,203 @@
+"""`slug export --lora PATCH --pipeline DIR|embedded --out FILE`: a text-encoder patch as a LoRA file, loaded back with
+diffusers (``pipe.load_lora_weights``; the embedded pipeline through diffusers' text-encoder loader), its recorded
+ranks and errors, the refusals (exit 2, one line naming the problem) and byte-identical reruns.
+
+Stand-ins: conftest's ``hf_text_patch`` on the tiny transformers CLIP of ``hf_tiny``, saved with a tiny
+StableDiffusionPipeline folder built from it; the shipped embedded text-to-image pipeline. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from conftest import TEXT_PATCH_TENSORS, spectral_edit  # noqa: E402
+from hf_tiny import build_adapter, tiny_sd_pipeline  # noqa: E402
+
+from slugkit.cli import main  # noqa: E402
+from slugkit.integrations.diffusers_sd import apply_patch_to_pipeline  # noqa: E402
+from slugkit.patch import make_patch, save_patch  # noqa: E402
+from slugkit.patch.lora import DEFAULT_MAX_ERROR, read_lora  # noqa: E402
+
+PROMPTS = ["a photo of alice abbott.", "a photo of bruno baker.", ""]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory, hf_text_patch):
+    """A folder with ``sd/`` (the tiny pipeline of the patch's CLIP, saved) and ``patch/``."""
+    clip, patch = hf_text_patch
+    root = tmp_path_factory.mktemp("export")
+    tiny_sd_pipeline(clip).save_pretrained(root / "sd")
+    save_patch(patch, root / "patch")
+    return root
+
+
+def _export(sd, out, *extra) -> int:
+    return main(["export", "--lora", str(sd / "patch"), "--pipeline", str(sd / "sd"), "--out", str(out), *extra])
+
+
+def _error_line(capsys) -> str:
+    """The one ``error: ...`` line on stderr (after any library progress bars), checked to be the last line."""
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[-1].startswith("error: ")
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    return lines[-1]
+
+
+@torch.no_grad()
+def _hidden(text_encoder, ids):
+    return text_encoder(input_ids=ids).last_hidden_state
+
+
+def test_full_rank_lora_loads_into_the_pipeline_as_the_patch(sd, tmp_path, hf_text_patch, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    clip, patch = hf_text_patch
+    out = tmp_path / "lora.safetensors"
+    assert _export(sd, out, "--rank", "64") == 0
+    printed = capsys.readouterr().out
+    for name in TEXT_PATCH_TENSORS:
+        assert f"text_encoder.{name.removesuffix('.weight')}: rank 64 of 64, relative error" in printed
+    assert f"wrote {out}" in printed
+
+    ref = StableDiffusionPipeline.from_pretrained(sd / "sd", local_files_only=True)
+    apply_patch_to_pipeline(ref, patch)
+    pipe = StableDiffusionPipeline.from_pretrained(sd / "sd", local_files_only=True)
+    pipe.load_lora_weights(str(out))
+    ids = clip.tokenize(PROMPTS)
+    assert (_hidden(pipe.text_encoder, ids) - _hidden(ref.text_encoder, ids)).abs().max() <= 1e-5
+
+
+def test_error_bound_and_forced_rank(sd, tmp_path, hf_text_patch, capsys):
+    _, patch = hf_text_patch
+    default, loose, one = tmp_path / "d.safetensors", tmp_path / "l.safetensors", tmp_path / "1.safetensors"
+    assert _export(sd, default) == 0
+    printed = capsys.readouterr().out
+    assert _export(sd, loose, "--max-error", "0.3") == 0
+    assert _export(sd, one, "--rank", "1") == 0
+    (t_d, m_d), (_, m_l), (_, m_1) = read_lora(default), read_lora(loose), read_lora(one)
+    assert m_d["max_error"] == DEFAULT_MAX_ERROR and m_l["max_error"] == 0.3 and m_1["max_error"] is None
+    assert m_1["rank"] == 1 and m_d["rank"] is None
+    for key, name in m_d["tensors"].items():
+        b, a = t_d[f"{key}.lora_B.weight"].double(), t_d[f"{key}.lora_A.weight"].double()
+        delta = patch.patched[name].double() - patch.original[name].double()
+        measured = float(torch.linalg.matrix_norm(delta - b @ a) / torch.linalg.matrix_norm(delta))
+        assert m_d["relative_errors"][key] == pytest.approx(measured, rel=1e-12)
+        assert m_d["relative_errors"][key] <= DEFAULT_MAX_ERROR
+        assert f"{key}: rank {m_d['ranks'][key]} of 64, relative error {measured:.3e}" in printed
+        assert m_l["ranks"][key] < m_d["ranks"][key]
+        assert m_d["relative_errors"][key] < m_l["relative_errors"][key] <= 0.3
+        assert m_1["ranks"][key] == 1 and m_1["relative_errors"][key] > m_l["relative_errors"][key]
+
+
+def test_embedded_pipeline(tmp_path, capsys):
+    """`--pipeline embedded`: the LoRA of a patch of the embedded CLIP's text tower gives the patched encoder's outputs
+    in the embedded text-to-image pipeline. That pipeline is not a diffusers pipeline (no load_lora_weights), so the
+    LoRA goes into its text encoder through peft directly (inject_adapter_in_model + set_peft_model_state_dict, with
+    the file's lora_adapter_metadata as the LoraConfig) and through diffusers' own text-encoder loader."""
+    import peft
+    from diffusers import StableDiffusionPipeline
+
+    from slugkit.models.convert import embedded_hf_clip
+    from slugkit.world.t2i import EmbeddedT2IPipeline, pipeline_with_unet
+
+    hf, tok, _ = embedded_hf_clip()
+    names = ["text_model.encoder.layers.0.self_attn.out_proj.weight", "text_model.encoder.layers.2.mlp.fc2.weight"]
+    patch = make_patch(hf, spectral_edit(hf, names, seed=2), base_model="embedded", adapter="hf_clip",
+                       concept="red triangle")
+    save_patch(patch, tmp_path / "patch")
+    out = tmp_path / "red_triangle.safetensors"
+    assert main(["export", "--lora", str(tmp_path / "patch"), "--pipeline", "embedded", "--out", str(out),
+                 "--rank", "1000"]) == 0
+    assert "load_lora_into_text_encoder" in capsys.readouterr().out
+
+    pipe = EmbeddedT2IPipeline.load(clip=(hf, tok))
+    ids = pipe.tokenize(["a photo of a red triangle.", "a blue star", ""])
+    apply_patch_to_pipeline(pipe, patch)
+    want = _hidden(pipe.text_encoder, ids)
+    tensors, meta = read_lora(out)
+    assert meta["ranks"] == {f"text_encoder.{n.removesuffix('.weight')}": 64 for n in names}
+    cfg = {k.removeprefix("text_encoder."): v for k, v in meta["lora_adapter_metadata"].items()}
+    te = peft.inject_adapter_in_model(peft.LoraConfig(**cfg), pipeline_with_unet(pipe.unet, (hf, tok)).text_encoder)
+    state = {k.removeprefix("text_encoder.").removeprefix("text_model."): v for k, v in tensors.items()}
+    assert not peft.set_peft_model_state_dict(te, state).unexpected_keys
+    assert (_hidden(te, ids) - want).abs().max() <= 1e-5
+
+    te = pipeline_with_unet(pipe.unet, (hf, tok)).text_encoder
+    state, alphas, file_meta = StableDiffusionPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, te, metadata=file_meta)
+    assert (_hidden(te, ids) - want).abs().max() <= 1e-5
+
+
+def _saved_patch(tmp_path, model, name, adapter="hf_clip"):
+    w = dict(model.named_parameters())[name].detach() if hasattr(model, "named_parameters") else model[name]
+    p = make_patch(model, {name: w * 1.5 + 0.01}, base_model="tiny", adapter=adapter, concept="x")
+    return str(save_patch(p, tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("name, words", [
+    ("vision_model.encoder.layers.0.mlp.fc1.weight", "vision tower"),
+    ("text_model.encoder.layers.1.layer_norm1.weight", "belongs to a LayerNorm"),
+    ("text_model.encoder.layers.1.self_attn.q_proj.bias", "it is a bias"),
+])
+def test_refuses_edits_a_lora_cannot_express(sd, tmp_path, hf_text_patch, capsys, name, words):
+    clip, _ = hf_text_patch
+    out = tmp_path / "x.safetensors"
+    bad = _saved_patch(tmp_path, clip.model, name)
+    assert main(["export", "--lora", bad, "--pipeline", str(sd / "sd"), "--out", str(out)]) == 2
+    err = _error_line(capsys)
+    assert name in err and words in err
+    assert not out.exists()
+
+
+def test_refuses_a_patch_that_is_not_of_a_text_encoder(sd, tmp_path, capsys):
+    state = {"visual.proj": torch.randn(8, 4, generator=torch.Generator().manual_seed(0))}
+    bad = _saved_patch(tmp_path, state, "visual.proj", adapter="open_clip")
+    assert main(["export", "--lora", bad, "--pipeline", str(sd / "sd"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = _error_line(capsys)
+    assert "'visual.proj'" in err and "not a text-encoder patch" in err and "--family hf_clip" in err
+
+
+def test_refuses_another_base_model(sd, tmp_path, capsys):
+    tiny_sd_pipeline(build_adapter(seed=5)).save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    out = tmp_path / "x.safetensors"
+    assert main(["export", "--lora", str(sd / "patch"), "--pipeline", str(tmp_path / "other"), "--out", str(out)]) == 2
+    err = _error_line(capsys)
+    assert "does not fit the patch, no LoRA written" in err and "expected sha256" in err
+    assert "text_model.encoder.layers.2.self_attn" in err
+    assert not out.exists()
+
+
+def test_refuses_a_layer_the_pipeline_does_not_read(sd, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert _export(sd, out, "--clip-skip", "1") == 2  # the patch edits layer 3, the last one: skipped
+    assert "text_model.encoder.layers.3.mlp.fc1.weight, which the pipeline never reads" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_and_bad_options(sd, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    out.write_bytes(b"keep me")
+    assert _export(sd, out) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert _export(sd, out, "--overwrite") == 0
+    assert read_lora(out)[1]["format"] == "slugkit-lora"
+    assert _export(sd, tmp_path / "lora.bin") == 2
+    assert ".safetensors" in capsys.readouterr().err
+    for extra in (["--rank", "2", "--max-error", "0.1"], ["--max-error", "0"], ["--max-error", "1.5"], ["--rank", "0"]):
+        with pytest.raises(SystemExit) as e:
+            _export(sd, tmp_path / "y.safetensors", *extra)
+        assert e.value.code == 2
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_two_exports_are_byte_identical(sd, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert _export(sd, a) == 0 and _export(sd, b) == 0
+    assert a.read_bytes() == b.read_bytes()
