@@ -26,17 +26,12 @@ from slugkit.world import render as world
 from slugkit.models import load_adapter
 from slugkit.slug.search import SearchConfig
 from slugkit.workflows.unlearn import run_unlearn
+from slugkit.workflows.verdict import EPS  # float32 fractions: 30/1500 = 0.02 must count as a drop of 0.02
 from slugkit.workflows.world_runs import world_config
 from slugkit.world.demo_data import ensure_world_data
 
-CHECKS = {
-    "fa5_before>=0.9": lambda r: r["metrics"]["before"]["forget_top5"] >= 0.9,
-    "fa5_after<=0.05": lambda r: r["metrics"]["after"]["forget_top5"] <= 0.05,
-    "fa1_after<=0.02": lambda r: r["metrics"]["after"]["forget_top1"] <= 0.02,
-    "related_drop<=0.05": lambda r: drop(r, "related_top1") <= 0.05,
-    "utility_drop<=0.02": lambda r: drop(r, "utility_top1") <= 0.02,
-    "patch<=1%": lambda r: r["patch"]["bytes"] <= 0.01 * r["model_bytes"],
-}
+CHECKS = ("fa5_before>=0.9", "fa5_after<=0.05", "fa1_after<=0.02", "related_drop<=0.05", "utility_drop<=0.02",
+          "patch<=1%")  # computed by score()
 WORST = 0.20
 
 
@@ -49,10 +44,12 @@ VARIANTS = {"default": {}, "paper": {"protect_neighbours": 0, "max_layers": 1, "
 
 
 def variant(spec: str) -> dict:
-    if spec in VARIANTS:
-        return dict(VARIANTS[spec])
+    """``default``, ``paper`` or ``key=value`` items, comma-separated (``paper,margin=1.0``: later items win)."""
     out = {}
     for kv in spec.split(","):
+        if "=" not in kv:
+            out.update(VARIANTS[kv])
+            continue
         k, v = kv.split("=")
         out[k] = None if v == "none" else (float(v) if k in ("worst_budget", "margin") else
                                            v if k == "selection" else int(v))
@@ -70,7 +67,10 @@ def main():
     ap.add_argument("--variant", default="default")
     ap.add_argument("--json", default=None)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--rescore", default=None, help="re-score a saved --json file with the current checks, in place")
     a = ap.parse_args()
+    if a.rescore:
+        return rescore(a.rescore)
     torch.set_num_threads(a.threads)
     data = ensure_world_data(a.data_dir, progress=False)
     adapter = load_adapter("embedded")
@@ -87,23 +87,42 @@ def main():
                 rows.append({"concept": name, "error": str(e)})
                 print(f"[{i + 1}/{len(names)}] {name}: FAILED {e}")
                 continue
-        passed = {k: bool(f(r)) for k, f in CHECKS.items()}
-        core = all(passed[k] for k in CHECKS if k != "fa5_before>=0.9")
         wd, wc = worst_single(r)
-        rows.append({"concept": name, "layer": r["layer"], "layers": r.get("layers_edited", [r["layer"]]),
-                     "relative_change": r["relative_change"], "worst_drop": wd, "worst_concept": wc,
-                     "core": core, "core_and_worst": core and wd <= WORST + 1e-9,
-                     "verdict": r["verdict"]["status"],
-                     "before": r["metrics"]["before"], "after": r["metrics"]["after"],
-                     "related_drop": drop(r, "related_top1"), "utility_drop": drop(r, "utility_top1"),
-                     "total_s": r["timing_s"]["total"], "passed": passed, "all": all(passed.values())})
+        rows.append(score({"concept": name, "layer": r["layer"], "layers": r.get("layers_edited", [r["layer"]]),
+                           "relative_change": r["relative_change"], "worst_drop": wd, "worst_concept": wc,
+                           "verdict": r["verdict"]["status"],
+                           "before": r["metrics"]["before"], "after": r["metrics"]["after"],
+                           "related_drop": drop(r, "related_top1"), "utility_drop": drop(r, "utility_top1"),
+                           "total_s": r["timing_s"]["total"],
+                           "passed": {"patch<=1%": r["patch"]["bytes"] <= 0.01 * r["model_bytes"]}}))
+        core = rows[-1]["core"]
         print(f"[{i + 1}/{len(names)}] {name}: layer {r['layer']} FA@5 {r['metrics']['after']['forget_top5']:.2f} "
               f"FA@1 {r['metrics']['after']['forget_top1']:.2f} related {-drop(r, 'related_top1'):+.3f} "
               f"utility {-drop(r, 'utility_top1'):+.3f} worst {wd:.2f} ({wc}) {r['timing_s']['total']:.1f}s "
               f"{'ok' if rows[-1]['core_and_worst'] else 'core' if core else 'FAIL'}", flush=True)
+    summary = summarise(rows, a.variant, time.perf_counter() - t0)
+    print(json.dumps(summary, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"summary": summary, "runs": rows}, indent=2) + "\n")
+
+
+def score(row: dict) -> dict:
+    """The row's checks recomputed from its test metrics with the current rules (the patch check is kept)."""
+    b, a = row["before"], row["after"]
+    passed = {"fa5_before>=0.9": b["forget_top5"] >= 0.9, "fa5_after<=0.05": a["forget_top5"] <= 0.05,
+              "fa1_after<=0.02": a["forget_top1"] <= 0.02,
+              "related_drop<=0.05": b["related_top1"] - a["related_top1"] <= 0.05 + EPS,
+              "utility_drop<=0.02": b["utility_top1"] - a["utility_top1"] <= 0.02 + EPS,
+              "patch<=1%": row["passed"]["patch<=1%"]}
+    core = all(passed[k] for k in passed if k != "fa5_before>=0.9")
+    return {**row, "passed": passed, "core": core, "core_and_worst": core and row["worst_drop"] <= WORST + EPS,
+            "all": all(passed.values())}
+
+
+def summarise(rows: list[dict], name: str, wall_s: float) -> dict:
     ok = [r for r in rows if "error" not in r]
     n = len(rows)
-    summary = {"identities": n, "failed_runs": n - len(ok), "variant": a.variant, "settings": variant(a.variant),
+    summary = {"identities": n, "failed_runs": n - len(ok), "variant": name, "settings": variant(name),
                "fraction_passing": {k: sum(r["passed"][k] for r in ok) / n for k in CHECKS},
                "core_pass": sum(r["core"] for r in ok), "core_and_worst_pass": sum(r["core_and_worst"] for r in ok),
                "verdicts": {s: sum(r["verdict"] == s for r in ok) for s in ("pass", "warn", "fail")}}
@@ -116,10 +135,17 @@ def main():
     for r in ok:
         summary["layers"][r["layer"]] = summary["layers"].get(r["layer"], 0) + 1
         summary["layers_edited"][len(r["layers"])] = summary["layers_edited"].get(len(r["layers"]), 0) + 1
-    summary["wall_s"] = time.perf_counter() - t0
-    print(json.dumps(summary, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps({"summary": summary, "runs": rows}, indent=2) + "\n")
+    summary["wall_s"] = wall_s
+    return summary
+
+
+def rescore(path: str) -> None:
+    """Re-score a saved run with the current checks (e.g. after the float32 slack of ``EPS`` was added) in place."""
+    d = json.loads(Path(path).read_text())
+    rows = [r if "error" in r else score(r) for r in d["runs"]]
+    d = {"summary": summarise(rows, d["summary"]["variant"], d["summary"]["wall_s"]), "runs": rows}
+    Path(path).write_text(json.dumps(d, indent=2) + "\n")
+    print(json.dumps(d["summary"], indent=2))
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ def test_apply_revert_round_trip(demo_run, tmp_path, capsys):
     patched_file, reverted_file = tmp_path / "patched.safetensors", tmp_path / "reverted.safetensors"
     assert main(["apply", "--patch", str(demo_run / "patch"), "--model", "embedded", "--out", str(patched_file)]) == 0
     patched = load_state_dict_file(patched_file)
-    layer = json.loads((demo_run / "result.json").read_text())["layer"]
+    result = json.loads((demo_run / "result.json").read_text())
+    layer = result["layer"]
     changed = [k for k in base if not torch.equal(base[k], patched[k])]
-    assert changed == [layer]
+    assert sorted(changed) == sorted(n for e in result["layers_edited"] for n in e["group"])  # every edited layer
     assert main(["revert", "--patch", str(demo_run / "patch"), "--checkpoint", str(patched_file),
                  "--out", str(reverted_file)]) == 0
     reverted = load_state_dict_file(reverted_file)
@@ -161,30 +162,50 @@ def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
     assert main(bad) == 2
 
 
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory, data_dir, demo_run):
+    """`slug unlearn` on the demo's forget/retain sets with the paper's step (no neighbour projection, one layer):
+    what a precomputed gradient file can reproduce (it carries no retain pairs to project or recompute with)."""
+    data = demo_run / "data"
+    out = tmp_path_factory.mktemp("paper") / "run"
+    rc = main(_unlearn_args(data_dir, json.loads((demo_run / "result.json").read_text())["concept"], out)
+              + ["--forget", str(data / "forget.tar"), "--retain", str(data / "retain.tar")])
+    return rc, json.loads((out / "result.json").read_text())
+
+
+def _unlearn_args(data_dir, concept, out):
+    args = ["unlearn", "--model", "embedded", "--concept", concept,
+            "--names", str(data_dir / "names.txt"), "--val-identities", str(data_dir / "val" / "identities"),
+            "--test-identities", str(data_dir / "test" / "identities"),
+            "--utility-val", str(data_dir / "val" / "utility"), "--utility-test", str(data_dir / "test" / "utility"),
+            "--utility-templates", str(data_dir / "utility_templates.txt"), "--threads", "1", "--no-progress",
+            "--out", str(out), "--protect-neighbours", "0", "--max-layers", "1"]
+    for t in world.IDENTITY_EVAL_TEMPLATES:
+        args += ["--identity-template", t]
+    return args
+
+
 @pytest.mark.parametrize("stats_first", [False, True])
-def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, stats_first):
-    """`slug grads` (the streamed / torchrun pass) feeds `slug unlearn --gradients`: same layer, same patch."""
+def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, paper_run, stats_first):
+    """`slug grads` (the streamed / torchrun pass) feeds `slug unlearn --gradients`: same layer, same patch as the
+    in-process gradient pass."""
     data = demo_run / "data"
     gfile = tmp_path / "g.safetensors"
     args = ["grads", "--model", "embedded", "--forget", str(data / "forget.tar"), "--retain",
             str(data / "retain.tar"), "--out", str(gfile), "--threads", "1", "--no-progress"]
     assert main(args + (["--stats-first"] if stats_first else [])) == 0
-    demo = json.loads((demo_run / "result.json").read_text())
+    rc, demo = paper_run
     out = tmp_path / "run"
-    args = ["unlearn", "--model", "embedded", "--concept", demo["concept"], "--gradients", str(gfile),
-            "--names", str(data_dir / "names.txt"), "--val-identities", str(data_dir / "val" / "identities"),
-            "--test-identities", str(data_dir / "test" / "identities"),
-            "--utility-val", str(data_dir / "val" / "utility"), "--utility-test", str(data_dir / "test" / "utility"),
-            "--utility-templates", str(data_dir / "utility_templates.txt"), "--threads", "1", "--no-progress",
-            "--out", str(out)]
-    for t in world.IDENTITY_EVAL_TEMPLATES:
-        args += ["--identity-template", t]
-    assert main(args) == 0
+    assert main(_unlearn_args(data_dir, demo["concept"], out) + ["--gradients", str(gfile)]) == rc
     result = json.loads((out / "result.json").read_text())
+    assert result["verdict"] == demo["verdict"]
     assert result["pareto_front"] == demo["pareto_front"]
     assert result["layer"] == demo["layer"]
     assert result["step_size"] == pytest.approx(demo["step_size"], rel=1e-5)
-    assert result["metrics"]["after"] == pytest.approx(demo["metrics"]["after"], abs=1e-6)
+    after, ref = dict(result["metrics"]["after"]), dict(demo["metrics"]["after"])
+    assert after.pop("related_by_concept") == pytest.approx(ref.pop("related_by_concept"), abs=1e-6)
+    assert after == pytest.approx(ref, abs=1e-6)
+    assert result["neighbour_protection"]["k"] == 0
 
 
 def test_unlearn_needs_data_or_gradients(tmp_path, capsys):
@@ -219,12 +240,16 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir):
     rc = main(["demo", "--concepts", ",".join(names), "--sequential", "--out", str(out), "--data-dir", str(data_dir),
                "--no-progress"])
     r = json.loads((out / "result.json").read_text())
-    assert rc == {"pass": 0, "warn": 3}[r["verdict"]["status"]]
-    assert {x["code"] for x in r["verdict"]["reasons"]} <= {"related_drop", "utility_drop"}
+    # the verdict follows the final model's numbers: step 2 (visual.proj) lets 3 of Jowen's 50 test images back into
+    # the top 5 (FA@5 0.06 > tolerance 0.05), which the verdict reports as a fail — never hidden
+    assert rc == {"pass": 0, "warn": 3, "fail": 4}[r["verdict"]["status"]]
+    assert {x["code"] for x in r["verdict"]["reasons"]} <= {"related_drop", "utility_drop", "not_forgotten"}
     assert r["mode"] == "sequential" and [s["concept"] for s in r["steps"]] == names
     for c in names:
         assert r["per_concept"][c]["before"]["forget_top1"] >= 0.9
         assert r["per_concept"][c]["after"]["forget_top1"] <= 0.02
+        assert r["per_concept"][c]["after"]["forget_top5"] <= 0.1
+    assert r["collateral"]["worst"]["drop"] <= 0.2 and r["collateral"]["concepts"] == len(world.IDENTITIES) - 2
     # step 2's retain gradient came from pairs that never name the concept forgotten at step 1
     from slugkit.data.folders import iter_pairs
 
@@ -254,7 +279,9 @@ def test_demo_verdict_pass(demo_run):
     """The default demo forgets on the test images within every budget: verdict pass, exit status 0 (fixture)."""
     result = json.loads((demo_run / "result.json").read_text())
     assert result["verdict"]["status"] == "pass" and result["verdict"]["reasons"] == []
-    assert result["verdict"]["budgets"] == {"forget_tolerance": 0.05, "utility_drop": 0.02, "related_drop": 0.05}
+    assert result["verdict"]["budgets"] == {"forget_tolerance": 0.05, "utility_drop": 0.02, "related_drop": 0.05,
+                                            "worst_drop": 0.2}
+    assert result["collateral"]["worst"]["drop"] <= 0.2 and len(result["collateral"]["neighbours"]["concepts"]) == 5
     assert "**verdict: pass**" in (demo_run / "report.md").read_text()
 
 

@@ -24,6 +24,10 @@ from slugkit.cli import build_parser, main
     (["demo", "--margin", "inf"], "--margin"),
     (["demo", "--threshold", "nan"], "--threshold"),
     (["demo", "--utility-budget", "2"], "--utility-budget"),
+    (["demo", "--worst-budget", "-0.1"], "--worst-budget"),
+    (["demo", "--max-layers", "0"], "--max-layers"),
+    (["demo", "--max-layers", "4"], "--max-layers"),
+    (["unlearn", "--protect-neighbours", "-1", "--out", "x", "--concept", "A"], "--protect-neighbours"),
     (["unlearn", "--identity-template", "a photo", "--out", "x", "--concept", "A"], "--identity-template"),  # A2
     (["unlearn", "--forget-samples", "0", "--out", "x", "--concept", "A"], "--forget-samples"),
     (["grads", "--model", "m", "--forget", "f", "--retain", "r", "--out", "o", "--batch-size", "0"], "--batch-size"),

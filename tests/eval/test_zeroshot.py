@@ -112,9 +112,12 @@ def test_metrics_from_features_hand_case():
     assert micro == pytest.approx(0.6) and m["related_top1"] != pytest.approx(micro)
     assert m["utility_top1"] == pytest.approx(0.5, rel=1e-6)
     assert m["utility_top5"] == 1.0  # 3 classes: k clamped
-    assert set(m) == {"forget_top1", "forget_top5", "related_top1", "utility_top1", "utility_top5"}
+    assert set(m) == {"forget_top1", "forget_top5", "related_top1", "related_by_concept", "utility_top1",
+                      "utility_top5"}
+    names = suite.names
+    assert m["related_by_concept"] == {names[1]: 1.0, names[2]: 0.0}  # each identity's own top-1 (worst case)
     assert set(metrics_from_features(suite, img, w_id, w_util, ("forget",))) == {"forget_top1", "forget_top5"}
-    assert set(metrics_from_features(suite, img, w_id, None, ("related",))) == {"related_top1"}
+    assert set(metrics_from_features(suite, img, w_id, None, ("related",))) == {"related_top1", "related_by_concept"}
 
 
 def _hand_metrics(adapter, suite):
@@ -129,12 +132,13 @@ def _hand_metrics(adapter, suite):
         lu = 100 * adapter.encode_image(suite.utility.images) @ w_util
     rank_t = (lf > lf[:, suite.target:suite.target + 1]).sum(1)  # number of names scoring above the target
     pred_r = lr.argmax(1)
-    per_id = [float((pred_r[suite.related.labels == c] == c).float().mean())
-              for c in sorted(set(suite.related.labels.tolist()))]
+    per_id = {suite.names[c]: float((pred_r[suite.related.labels == c] == c).float().mean())
+              for c in sorted(set(suite.related.labels.tolist()))}
     return {
         "forget_top1": float((rank_t < 1).float().mean()),
         "forget_top5": float((rank_t < 5).float().mean()),
-        "related_top1": sum(per_id) / len(per_id),
+        "related_top1": sum(per_id.values()) / len(per_id),
+        "related_by_concept": per_id,
         "utility_top1": float((lu.argmax(1) == suite.utility.labels).float().mean()),
         "utility_top5": float((lu.topk(5, 1).indices == suite.utility.labels[:, None]).any(1).float().mean()),
     }
@@ -152,7 +156,9 @@ def test_suite_evaluator_base_metrics_by_hand(request, suite, which):
     assert evaluate_suite(a, suite) == m
     assert ev.evaluate_naive(PARTS) == m
     if which == "trained":  # the trained fixture recognises everything: the metrics are not trivially zero
-        assert m == {k: 1.0 for k in m}
+        assert m["related_by_concept"] == {n: 1.0 for n in m["related_by_concept"]}
+        assert {k: v for k, v in m.items() if k != "related_by_concept"} == {k: 1.0 for k in m if
+                                                                            k != "related_by_concept"}
 
 
 def test_suite_prompts_and_sizes(suite):

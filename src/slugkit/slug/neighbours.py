@@ -80,7 +80,17 @@ def project_off(forget: dict[str, torch.Tensor], basis_grads: list[dict[str, tor
     ``forget``: {tensor name: gradient} (any shapes); ``basis_grads``: one such dict per neighbour (covering every
     tensor of ``groups``); ``groups``: lists of tensor names edited together. Tensors outside ``groups`` are returned
     unchanged (same objects). Returns ``(projected, info)`` with ``info[group[0]] = {"rank", "removed"}``: the basis
-    rank and ‖BBᵀg‖/‖g‖. Computed in float64, returned in float32."""
+    rank and ‖BBᵀg‖/‖g‖. Computed in float64 on one CPU thread (the same bytes whatever ``--threads``), returned in
+    float32."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _project_off(forget, basis_grads, groups)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _project_off(forget, basis_grads, groups):
     out, info = dict(forget), {}
     for group in groups:
         g = torch.cat([forget[n].double().flatten() for n in group])

@@ -136,7 +136,7 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
             raise SearchFailed("no Pareto layer reached the forget criterion within the search budget; try more "
                                "--steps, a larger forget set, --criterion forget_top1, or --max-layers 2")
         return [Edit(chosen, grads, "chosen by the layer policy", 1)]
-    edits, done = [], set()
+    edits, done, tried = [], set(), ""
     single, first_grads = chosen, grads  # round 1's own choice, kept when the fallback does no better
     cap = PATCH_SHARE * adapter.model_bytes() / 2  # a patch stores new values and the base's (revert): ~2x
     for rnd in range(1, cfg.max_layers):
@@ -144,7 +144,8 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
         with applied(adapter.model, edits):
             base_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
             part = partial_step(adapter, grads, layer, base_eval, val_before, budget, cfg.budgets.utility_drop)
-        if part is None:
+        if part is None:  # even a small step of it breaks a budget: nothing to build on
+            tried = f"no partial step of {layer.name} stays within half the budgets"
             break
         edits.append(Edit(part, grads, f"partial step: {why}", rnd))
         done |= set(part.group)
@@ -154,6 +155,7 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
             names = [n for n in adapter.candidate_names() if n not in done and
                      used + group_bytes(adapter, [adapter.group_of(n)]) <= cap]
             if not names:
+                chosen, tried = None, "no other candidate fits the patch-size cap"
                 break
             grads, _ = stages["gradients"](cfg, adapter, data, names)
             table = stages["layers"](cfg, adapter, grads, None, names)
@@ -173,7 +175,7 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
     if why is not None and single is not None and (
             chosen is None or excess(single, val_before, budget, cfg.budgets.utility_drop)
             <= excess(chosen, val_before, budget, cfg.budgets.utility_drop)):
-        tried = " + ".join(e.search.name for e in edits) + (f" + {chosen.name}" if chosen is not None else "")
+        tried = tried or " + ".join([e.search.name for e in edits] + ([chosen.name] if chosen is not None else []))
         return [Edit(single, first_grads, f"single layer kept: the fallback ({tried}) did no better ({why})", 1)]
     edits.append(Edit(chosen, grads, "completes the removal" if why is None else f"best found; {why}",
                       len(edits) + 1))

@@ -12,7 +12,7 @@ from ..common.runfolder import run_folder
 from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
 from ..eval.zeroshot import SuiteEvaluator
 from .inputs import build_suite
-from .records import collateral_of
+from .records import brief, collateral_of
 from .unlearn import UnlearnConfig, run_unlearn
 from .verdict import sequential_verdict
 
@@ -60,7 +60,7 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
         base_eval = SuiteEvaluator(adapter, suite)
         base = base_eval.base_metrics()
         near = nearest_concepts(base_eval.class_embeddings(), suite.names, suite.target_list(), NEIGHBOURS_K)
-        chained.meta["metrics"] = {"before": base, "after": final}
+        chained.meta["metrics"] = {"before": brief(base), "after": brief(final)}
         save_patch(chained, stage / "patch", overwrite=overwrite)
         result = {
             "mode": "sequential", "method": "slug", "concepts": [c.concept for c in configs],

@@ -28,7 +28,7 @@ from ..slug.layers import rank_layers
 from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
 from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, edited_values, search_layers
 from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs
-from .records import result_record, write_run_files
+from .records import brief, result_record, write_run_files
 from .rounds import Edit, applied, more_rounds
 from .verdict import Budgets, check_captions, check_recognised, clip_verdict
 
@@ -277,8 +277,11 @@ def _search(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval, val_bef
     searches = _search_front(cfg, adapter, grads, table, ratios, val_eval)
     if choose is None:
         try:
+            # worst_budget None: the policy alone, as before the budgets existed (``benchmarks/all_identities.py
+            # --variant paper``); otherwise the worst and utility budgets first
+            util = cfg.budgets.utility_drop if cfg.search.worst_budget is not None else None
             return searches, choose_layer(searches, cfg.search.selection, val_before, cfg.search.worst_budget,
-                                  cfg.budgets.utility_drop), None
+                                          util), None
         except SearchFailed:
             if cfg.max_layers <= 1:
                 raise
@@ -327,7 +330,7 @@ def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, 
                        architecture=architecture_facts(adapter.model),
                        concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
                        step_size=chosen.step_size,
-                       metrics={"before": before, "after": after},
+                       metrics={"before": brief(before), "after": brief(after)},
                        extra={"layer": chosen.name, "tower": chosen.tower, "verdict": verdict,
                               **({"layers_edited": [e.to_json() for e in edits]} if len(edits) > 1 else {}),
                               "relative_change": chosen.step_size / chosen.ratio,

@@ -31,6 +31,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 EXIT_STATUS = {"pass": 0, "warn": 3, "fail": 4}
+# Metrics are float32 fractions: 30 of 1500 utility images is 0.02, yet 0.994 - 0.974 = 0.0200000405 in float32. A drop
+# is over its budget only beyond this slack, far below one image of any evaluation set (as the search compares).
+EPS = 1e-6
 METRIC_NAMES = {"forget_top1": "FA@1", "forget_top5": "FA@5", "related_top1": "TA_CA@1", "utility_top1": "TA_IN@1"}
 
 
@@ -113,7 +116,7 @@ def collateral_checks(v: Verdict, before: dict, after: dict, budgets: Budgets, l
             v.add("warn", "not_measured", f"{labels[key]} accuracy was not measured (no images given), so the "
                                           "damage to it is unknown and the layer choice ignored it")
             continue
-        if b - a > budget:
+        if b - a > budget + EPS:
             v.add("warn", code, f"{labels[key]} accuracy dropped {b:.3f} -> {a:.3f} (drop {b - a:.3f} > budget "
                                 f"{budget:g})")
     worst_check(v, before.get("related_by_concept"), after.get("related_by_concept"), budgets.worst_drop)
@@ -127,7 +130,7 @@ def worst_check(v: Verdict, before: dict | None, after: dict | None, budget: flo
     if not before or not after:
         return
     name, drop = worst_drop(before, after)
-    if name is not None and drop > budget + 1e-9:
+    if name is not None and drop > budget + EPS:
         v.add("warn", "worst_drop", f"{name!r} lost {drop:.3f} of its accuracy ({before[name]:.3f} -> "
                                     f"{after[name]:.3f} > worst budget {budget:g}): the edit damaged this "
                                     "neighbouring concept although the mean drop may look small")
@@ -175,7 +178,7 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
         v.add("fail", "not_forgotten", f"generated images of {concept!r} are still recognised: {b:.3f} -> {a:.3f} "
                                        f"(criterion <= {threshold:g}, tolerance {tol:g})")
     ob, oa = before["generated_other_recognised"], after["generated_other_recognised"]
-    if ob - oa > other_budget:
+    if ob - oa > other_budget + EPS:
         v.add("warn", "related_drop", f"the other concepts' generated images are recognised less: {ob:.3f} -> "
                                       f"{oa:.3f} (drop {ob - oa:.3f} > budget {other_budget:g})")
     if worst_budget is not None:
