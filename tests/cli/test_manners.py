@@ -25,6 +25,7 @@ from slugkit.cli import build_parser, main
     (["demo", "--threshold", "nan"], "--threshold"),
     (["demo", "--utility-budget", "2"], "--utility-budget"),
     (["demo", "--worst-budget", "-0.1"], "--worst-budget"),
+    (["demo", "--worst-budget", "abc"], "--worst-budget"),
     (["demo", "--max-layers", "0"], "--max-layers"),
     (["demo", "--max-layers", "4"], "--max-layers"),
     (["unlearn", "--protect-neighbours", "-1", "--out", "x", "--concept", "A"], "--protect-neighbours"),
@@ -92,3 +93,13 @@ def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, capsys
     assert main(["demo", "--out", "."]) == 2
     assert "is the current folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_worst_budget_off_is_the_papers_choice():
+    from slugkit.cli import build_parser
+    from slugkit.cli.args import budgets_of, search_config
+
+    a = build_parser().parse_args(["demo", "--worst-budget", "off"])
+    assert search_config(a).worst_budget is None and budgets_of(a).worst_drop == 1.0
+    a = build_parser().parse_args(["demo"])
+    assert search_config(a).worst_budget == 0.2 and budgets_of(a).worst_drop == 0.2

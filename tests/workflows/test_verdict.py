@@ -174,7 +174,7 @@ def test_one_broken_look_alike_warns_although_the_mean_is_fine():
     after = _after(related_top1=0.965, related_by_concept=per_a)  # mean drop 0.035: inside the 0.05 budget
     v = _verdict(before, after)
     assert codes(v) == ["worst_drop"] and v.exit_status == 3
-    assert "'look-alike' lost 0.700" in v.reasons[0]["message"]
+    assert "'look-alike' dropped 0.700" in v.reasons[0]["message"]
     assert codes(_verdict(before, after, budgets=Budgets(worst_drop=0.7))) == []
     with pytest.raises(ValueError, match="worst_drop"):
         Budgets(worst_drop=1.2)
@@ -187,7 +187,7 @@ def test_generation_checks_warn_on_the_worst_concept():
          "per_concept": {"red triangle": 0.0, "purple triangle": 0.2, "blue star": 0.9}}
     v = Verdict()
     generation_checks(v, "red triangle", b, a, 0.05, 0.1, 0.05, worst_budget=0.2)
-    assert codes(v) == ["worst_drop"] and "'purple triangle' lost 0.700" in v.reasons[0]["message"]
+    assert codes(v) == ["worst_drop"] and "'purple triangle' dropped 0.700" in v.reasons[0]["message"]
     v = Verdict()
     generation_checks(v, "red triangle", b, a, 0.05, 0.1, 0.05)  # no worst budget: the mean alone
     assert codes(v) == []

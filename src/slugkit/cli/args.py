@@ -38,6 +38,16 @@ def int_at_least(lo: int):
     return check
 
 
+def fraction_or_off(text: str) -> float | None:
+    """A fraction in [0, 1], or ``off`` (None)."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    return FRACTION(text)
+
+
+fraction_or_off.__name__ = "fraction or off"
+
+
 def int_in(lo: int, hi: int):
     """An integer in [lo, hi]."""
     def check(text: str) -> int:
@@ -150,10 +160,10 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    help="re-evaluate both towers at every step instead of the cached search (for checking)")
     g.add_argument("--protect-neighbours", type=int_in(0, 50), default=10, metavar="K",
                    help="project the step off the K nearest identities' own alignment gradients, so the edit leaves "
-                        "them unchanged to first order (default 10; 0 = the paper's step)")
+                        "them unchanged to first order, K in [0, 50] (default 10; 0 = the paper's step)")
     g.add_argument("--max-layers", type=int_in(1, 3), default=2,
-                   help="when no single layer forgets within the budgets, edit up to this many layers, recomputing "
-                        "the gradients after each (default 2; 1 = the paper's single layer)")
+                   help="when no single layer forgets within the budgets, edit up to this many layers (1-3), "
+                        "recomputing the gradients after each (default 2; 1 = the paper's single layer)")
 
 
 def search_config(a):
@@ -202,9 +212,10 @@ def add_verdict_args(p: argparse.ArgumentParser) -> None:
                    help="warn when utility top-1 (TA_IN@1) drops by more than this (default 0.02)")
     g.add_argument("--related-budget", type=FRACTION, default=0.05,
                    help="warn when other-identity top-1 (TA_CA@1) drops by more than this (default 0.05)")
-    g.add_argument("--worst-budget", type=FRACTION, default=0.20,
-                   help="the most any single other identity may lose: the layer choice keeps it on validation and "
-                        "the verdict warns when a test drop exceeds it (default 0.20)")
+    g.add_argument("--worst-budget", type=fraction_or_off, default=0.20,
+                   help="the most any single other identity may lose, in [0, 1]: the layer choice keeps it on "
+                        "validation and the verdict warns when a test drop exceeds it (default 0.20; off: the "
+                        "paper's layer choice, no such warning)")
 
 
 def budgets_of(a):
@@ -212,7 +223,7 @@ def budgets_of(a):
     from ..workflows.verdict import Budgets
 
     return Budgets(forget_tolerance=a.forget_tolerance, utility_drop=a.utility_budget, related_drop=a.related_budget,
-                   worst_drop=a.worst_budget)
+                   worst_drop=1.0 if a.worst_budget is None else a.worst_budget)  # off: a drop never exceeds 1
 
 
 def split_list(spec: str) -> list[str]:

@@ -64,7 +64,7 @@ def _epoch_cell(name: str, e: dict) -> str:
 def _worst(e: dict) -> str:
     """``name −drop%`` of the method's most damaged other identity (``result.json → collateral``)."""
     w = (e.get("collateral") or {}).get("worst")
-    return "–" if not w else f"{w['concept']} {-100 * w['drop']:+.0f}"
+    return "–" if not w else f"{w['concept']} {w['before']:.2f} → {w['after']:.2f}"
 
 
 def compare_table(report: dict) -> str:

@@ -94,14 +94,14 @@ def collateral_lines(coll: dict | None, what: str = "identity", whats: str = "id
         return [f"Per-{what} accuracy was not measured (no images of other {whats}), so the worst case is unknown."]
     w = coll["worst"]
     lines = [f"Metric: {coll['metric']}, over {coll['concepts']} other {whats}. Mean drop "
-             f"{coll['mean_drop']:+.3f} ({coll['mean_before']:.3f} → {coll['mean_after']:.3f}); **worst: "
-             f"{w['concept']} {w['before']:.2f} → {w['after']:.2f} (drop {w['drop']:+.2f})**.", "",
+             f"{coll['mean_drop']:.3f} ({coll['mean_before']:.3f} → {coll['mean_after']:.3f}); **worst: "
+             f"{w['concept']} {w['before']:.2f} → {w['after']:.2f} (drop {w['drop']:.2f})**.", "",
              f"Nearest {whats} to the target (k = {coll['neighbours']['k']}, by {coll['neighbours']['similarity']}):",
              "", f"| {what} | similarity | before | after | drop |", "|---|---|---|---|---|"]
-    lines += [f"| {n['concept']} | {n['similarity']:.3f} | {n['before']:.2f} | {n['after']:.2f} | {n['drop']:+.2f} |"
+    lines += [f"| {n['concept']} | {n['similarity']:.3f} | {n['before']:.2f} | {n['after']:.2f} | {n['drop']:.2f} |"
               for n in coll["neighbours"]["concepts"]]
     hit = sorted(coll["per_concept"].items(), key=lambda kv: (-kv[1]["drop"], kv[0]))[:top]
-    lines += ["", "Largest drops: " + ", ".join(f"{c} {v['drop']:+.2f}" for c, v in hit) + "."]
+    lines += ["", "Largest drops (before − after): " + ", ".join(f"{c} {v['drop']:.2f}" for c, v in hit) + "."]
     return lines
 
 
@@ -117,6 +117,10 @@ def _protection_lines(result: dict) -> list[str]:
     """The neighbour-protected step and the layers edited, when the run used them."""
     lines = []
     prot = result.get("neighbour_protection") or {}
+    if prot and not prot.get("k"):
+        lines += ["Neighbour protection off: the paper's step (`--protect-neighbours 0`, or precomputed gradients, "
+                  "which carry no retain pairs). The defaults project the step off the nearest identities' "
+                  "gradients; see the README's \"The nearest neighbours\".", ""]
     if prot.get("k"):
         used = ", ".join(f"{n['concept']} ({n['pairs']} pairs)" for n in prot["neighbours"])
         lines += [f"Step projected off the alignment gradients of the {prot['k']} nearest identities ({used})"
@@ -140,8 +144,7 @@ def render_report(result: dict) -> str:
         "",
         *(f"**{x}**" if i == 0 else f"- {x}" for i, x in enumerate(verdict_lines(result.get("verdict")))),
         "",
-        f"Model: `{result['model_label']}` · method: SLUG · layer: `{chosen}` · step size η = "
-        f"{result['step_size']:.6g} (relative change ‖Δθ‖/‖θ‖ = {result['relative_change']:.4f})",
+        f"Model: `{result['model_label']}` · method: SLUG · edit: {edit_label(result)}",
         "",
         "## Before / after (held-out test images)",
         "",
@@ -169,18 +172,28 @@ def render_report(result: dict) -> str:
                   "the applied step.",
            "deepest": "the deepest front layer that reached the criterion."}[result["config"]["selection"]],
         "",
-        "| layer | tower | accepted η | applied η | η/R | val FA@5 | val related | val utility |",
-        "|---|---|---|---|---|---|---|---|",
+        "Each layer below is scored at 1.1 × its smallest accepted step; an edited layer's applied step is in "
+        "\"Layers edited\" when the fallback took only part of it. Round 2+ rows were searched on the model with the "
+        "earlier edits applied.",
+        "",
+        "| round | layer | tower | accepted η | η at scoring | η/R | val FA@5 | val related | val utility | val worst "
+        "identity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    edited_in = {(e["round"], e["layer"]) for e in result.get("layers_edited") or []}
     for s in result["layers_searched"]:
         vm = s.get("val_metrics") or {}
-        mark = " **(chosen)**" if s["name"] == chosen else ""
+        rnd = s.get("round", 1)
+        mark = " **(edited)**" if (rnd, s["name"]) in edited_in or (not edited_in and s["name"] == chosen) else ""
         rel = None if s["step_size"] is None else s["step_size"] / s["ratio"]
+        w = s.get("val_worst")
         lines.append(
-            f"| `{s['name']}`{mark} | {s['tower']} | {_fmt(s['accepted_step']) if s['accepted_step'] else 'none'} | "
+            f"| {rnd} | `{s['name']}`{mark} | {s['tower']} | "
+            f"{_fmt(s['accepted_step']) if s['accepted_step'] else 'none'} | "
             f"{_fmt(s['step_size']) if s['step_size'] else '–'} | {_fmt(rel)} | {_fmt(vm.get('forget_top5'))} | "
-            f"{_fmt(vm.get('related_top1'))} | {_fmt(vm.get('utility_top1'))} |")
-    lines += ["", "![Pareto fronts](pareto.png)", "", "## Search trajectory of the chosen layer", "",
+            f"{_fmt(vm.get('related_top1'))} | {_fmt(vm.get('utility_top1'))} | "
+            f"{'–' if not w else w['concept'] + ' ' + format(-w['drop'], '+.2f')} |")
+    lines += ["", "![Pareto fronts](pareto.png)", "", "## Search trajectory of the first edited layer", "",
               f"Criterion: validation `{result['config']['metric']}` ≤ {result['config']['threshold']}"
               + (f", utility drop ≤ {result['config']['utility_floor']}" if result['config']['utility_floor']
                  is not None else "")
@@ -189,7 +202,7 @@ def render_report(result: dict) -> str:
               "| # | η | η/R | val FA@1 | val FA@5 | accepted |", "|---|---|---|---|---|---|"]
     k = 0
     for e in result["search"]:
-        if e["layer"] != chosen:
+        if e["layer"] != chosen or e.get("round", 1) != 1:
             continue
         k += 1
         lines.append(f"| {k} | {e['step_size']:.6g} | {e['relative_change']:.4f} | "

@@ -42,12 +42,13 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
     """The ``result.json`` document of a run: concept, model, the verdict (:mod:`slugkit.workflows.verdict`),
     chosen layer and step size, test and validation metrics before/after, the Pareto front, every search evaluation,
     timings, patch and model bytes."""
-    searches, timing = run["searches"], run["timing"]
+    timing = run["timing"]
     edits = run.get("edits") or []
     chosen = edits[0].search if edits else run["chosen"]  # the first edited layer names the run
-    search_entries = [{"layer": s.name, "step_size": st.step_size, "relative_change": st.relative_change,
+    searched = all_searches(run)
+    search_entries = [{"layer": s.name, "round": rnd, "step_size": st.step_size, "relative_change": st.relative_change,
                        "metrics": brief(st.metrics), "accepted": st.accepted}
-                      for s in searches for st in s.trajectory]
+                      for rnd, s in searched for st in s.trajectory]
     before, after = run["before"], run["after"]
     return {
         "concept": cfg.concept,
@@ -69,8 +70,9 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
         "layers_edited": [e.to_json() for e in edits],
         "pareto_front": run["table"].front_names(),
         **({"chooser": run["chooser_info"]} if run["chooser_info"] is not None else {}),
-        "layers_searched": [{k: (brief(v) if k == "val_metrics" and v else v) for k, v in s.to_json().items()
-                             if k != "trajectory"} for s in searches],
+        "layers_searched": [{"round": rnd, **{k: (brief(v) if k == "val_metrics" and v else v)
+                                              for k, v in s.to_json().items() if k != "trajectory"},
+                             "val_worst": _val_worst(s, run["val_before"])} for rnd, s in searched],
         "search": search_entries,
         "config": {"metric": cfg.search.metric, "threshold": cfg.search.threshold, "steps": cfg.search.steps,
                    "initial_divisor": cfg.search.initial_divisor, "margin": cfg.search.margin,
@@ -82,6 +84,20 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
         "data": {"n_forget": run["grads"].n_forget, "n_retain": run["grads"].n_retain,
                  "val_sizes": data["val_suite"].sizes(), "test_sizes": data["test_suite"].sizes()},
     }
+
+
+def all_searches(run: dict) -> list[tuple[int, object]]:
+    """``(round, LayerSearch)`` of every layer searched: round 1's front, then each later round's
+    (:mod:`slugkit.workflows.rounds`)."""
+    return [(1, s) for s in run["searches"]] + [(e.round, s) for e in run.get("edits") or [] for s in e.searches]
+
+
+def _val_worst(search, val_before: dict) -> dict | None:
+    """The validation worst single-identity drop of a searched layer at its applied step (what the choice saw)."""
+    from ..slug.search import worst_val_drop
+
+    name, drop = worst_val_drop(search.val_metrics, val_before)
+    return None if name is None else {"concept": name, "drop": drop}
 
 
 def brief(metrics: dict) -> dict:
@@ -117,7 +133,7 @@ def write_run_files(cfg, out: Path, data: dict, run: dict, result: dict, extra_r
                                   "samples_sha256": manifest_digest(r_stats.manifest)},
                        "val_sizes": data["val_suite"].sizes(), "test_sizes": data["test_suite"].sizes()},
               "gradient_seconds": run["grads"].seconds, "timing_s": run["timing"], "chosen_layer": chosen.name,
-              "search": [s.to_json() for s in run["searches"]]}
+              "search": [{"round": rnd, **s.to_json()} for rnd, s in all_searches(run)]}
     for s in record["search"]:
         s["trajectory"] = [{**t, "metrics": brief(t["metrics"])} for t in s["trajectory"]]
         s["val_metrics"] = brief(s["val_metrics"]) if s.get("val_metrics") else s.get("val_metrics")

@@ -26,7 +26,7 @@ with the verdict's ``worst_drop`` warning. ``max_layers = 1`` is the paper's met
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..common.progress import status
 from ..eval.zeroshot import PARTS, SuiteEvaluator
@@ -44,6 +44,7 @@ class Edit:
     grads: object  # slugkit.slug.gradients.Gradients (projected forget gradients of its round)
     why: str
     round: int
+    searches: list = field(default_factory=list)  # rounds > 1: every layer that round searched (LayerSearch)
 
     def to_json(self) -> dict:
         s = self.search
@@ -147,7 +148,8 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
         if part is None:  # even a small step of it breaks a budget: nothing to build on
             tried = f"no partial step of {layer.name} stays within half the budgets"
             break
-        edits.append(Edit(part, grads, f"partial step: {why}", rnd))
+        closest_note = "" if chosen is not None else f" ({layer.name} got closest)"
+        edits.append(Edit(part, grads, f"partial step: {why}{closest_note}", rnd))
         done |= set(part.group)
         status(f"round {rnd + 1}: {why}; recomputing gradients on the edited model", cfg.progress)
         with applied(adapter.model, edits):
@@ -177,6 +179,6 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
             <= excess(chosen, val_before, budget, cfg.budgets.utility_drop)):
         tried = tried or " + ".join([e.search.name for e in edits] + ([chosen.name] if chosen is not None else []))
         return [Edit(single, first_grads, f"single layer kept: the fallback ({tried}) did no better ({why})", 1)]
-    edits.append(Edit(chosen, grads, "completes the removal" if why is None else f"best found; {why}",
-                      len(edits) + 1))
+    edits.append(Edit(chosen, grads, "completes the removal within the budgets" if why is None
+                      else f"best found; {why}", len(edits) + 1, searches))
     return edits

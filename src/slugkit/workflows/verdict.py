@@ -131,9 +131,13 @@ def worst_check(v: Verdict, before: dict | None, after: dict | None, budget: flo
         return
     name, drop = worst_drop(before, after)
     if name is not None and drop > budget + EPS:
-        v.add("warn", "worst_drop", f"{name!r} lost {drop:.3f} of its accuracy ({before[name]:.3f} -> "
-                                    f"{after[name]:.3f} > worst budget {budget:g}): the edit damaged this "
-                                    "neighbouring concept although the mean drop may look small")
+        over = sorted((c for c in before if c in after and before[c] - after[c] > budget + EPS),
+                      key=lambda c: (after[c] - before[c], c))
+        more = f"; also over budget: {', '.join(f'{c!r} -{before[c] - after[c]:.2f}' for c in over[1:])}" \
+            if len(over) > 1 else ""
+        v.add("warn", "worst_drop", f"{name!r} dropped {drop:.3f} ({before[name]:.3f} -> {after[name]:.3f}, more "
+                                    f"than the worst budget {budget:g}) although the mean over the others may look "
+                                    f"small{more}")
 
 
 def data_checks(v: Verdict, read_stats: dict[str, dict]) -> None:
