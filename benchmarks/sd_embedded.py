@@ -1,71 +1,152 @@
-"""Run `slug demo --target sd` for several object concepts of the embedded world and check issue #3's thresholds.
+"""Run `slug demo --target sd` for object concepts of the embedded world and check the thresholds (issues 3 and 12).
 
-    python benchmarks/sd_embedded.py [--concepts "red triangle,blue star"] [--json results.json] [--threads 1]
+    python benchmarks/sd_embedded.py [--concepts "red triangle,blue star" | --all] [--json results.json]
+                                     [--threads 1] [--step slug|null-space] [--neighbour-budget 0.2] ...
 
-Thresholds (on generated images, fixed seeds; >= 50 of the forgotten concept, >= 10 of each of the 29 others):
-the forgotten concept is recognised by the embedded CLIP in >= 70% of its images before the patch and <= 10% after;
-recognition of the other concepts' images drops by <= 10 points (mean over the 29 concepts).
+``--all``: every object concept whose base recognition is >= 0.70 — measured first on the unedited pipeline with the
+demo's own target images (``--n-target`` images, the seeds the demo reports with), so a concept the generator cannot
+draw is left out before its 3-minute run. One demo takes ~3 minutes on one thread; the ~30 concepts ~90 minutes.
+
+Per concept, on generated images (fixed seeds, the same before and after; ``--n-target`` of the concept, >= 20 of each
+of the 5 nearest neighbours by the pipeline's text encoder, ``--n-other`` of every other concept), a concept
+**passes** when
+
+* the forgotten concept is recognised in <= 10% of its images after the patch,
+* the other concepts' recognition drops by <= 0.05 on average (29 concepts), and
+* no single other concept drops by more than 0.20 (the verdict's worst-drop budget);
+
+a **refusal** (no layer/step met the validation criteria) is not a pass; it must carry a reason and leave no run
+folder (no patch). Printed: the pass fraction, the median and worst mean drop and the median and worst single-
+neighbour drop over the runs that wrote a patch; ``--json`` writes every row.
 """
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
+from pathlib import Path
 
+TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {
-    "target_before>=0.7": lambda g: g["before"]["generated_target_recognised"] >= 0.7,
-    "target_after<=0.1": lambda g: g["after"]["generated_target_recognised"] <= 0.1,
-    "other_drop<=0.1": lambda g: g["before"]["generated_other_recognised"] - g["after"]["generated_other_recognised"]
-    <= 0.1 + 1e-9,
+    "target_after<=0.1": lambda g, c: g["after"]["generated_target_recognised"] <= TARGET_AFTER + 1e-9,
+    "mean_other_drop<=0.05": lambda g, c: c["mean_drop"] <= MEAN_DROP + 1e-9,
+    "worst_other_drop<=0.2": lambda g, c: c["worst"]["drop"] <= WORST_DROP + 1e-9,
 }
 
 
-def main():
-    from slugkit.workflows.sd_demo import DEFAULT_SD_CONCEPT, run_sd_demo
-    from slugkit.slug.search import SearchFailed
+def base_recognition(n_target: int, seed: int, threads: int) -> dict[str, float]:
+    """Each concept's recognition on the unedited pipeline, with the images the demo reports for it as the target."""
+    import torch
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--concepts", default=DEFAULT_SD_CONCEPT)
+    from slugkit.workflows.sd_demo import _clip_and_pipeline
+    from slugkit.world import t2i
+
+    torch.set_num_threads(threads)
+    _, pipe, _, judge = _clip_and_pipeline(None)
+    plan = t2i.generation_plan(None, 0, n_target, seed_base=10_000 * (seed + 1))  # every concept n_target images
+    return t2i.recognition(pipe, judge, plan)[0]
+
+
+def run_one(concept: str, a) -> dict:
+    from slugkit.slug.search import SearchFailed
+    from slugkit.workflows.sd_demo import run_sd_demo
+    from slugkit.workflows.verdict import NothingToUnlearnError
+
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "run"
+        try:
+            r = run_sd_demo(concept, out, data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other,
+                            n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
+                            neighbour_budget=a.neighbour_budget, other_budget=a.other_budget, selection=a.selection,
+                            step=a.step, null_energy=a.null_space_energy, seed=a.seed, threads=a.threads,
+                            progress=False)
+        except (SearchFailed, NothingToUnlearnError) as e:
+            return {"concept": concept, "refused": str(e), "refusal_clean": bool(str(e)) and not out.exists(),
+                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
+    g, c = r["generation"], r["generation"]["collateral"]
+    nbs = c["neighbours"]["concepts"]
+    checks = {k: bool(f(g, c)) for k, f in CHECKS.items()}
+    return {"concept": concept, "layer": r["layer"], "group": r["group"], "step_size": r["step_size"],
+            "step": r["chooser"].get("step", "slug"), "clip_step_size": r["chooser"]["clip_step_size"],
+            "target": [g["before"]["generated_target_recognised"], g["after"]["generated_target_recognised"]],
+            "other": [c["mean_before"], c["mean_after"]], "mean_drop": c["mean_drop"],
+            "worst": c["worst"], "neighbours": nbs, "worst_neighbour_drop": max((n["drop"] for n in nbs), default=0.0),
+            "clip_score": [g["before"]["clip_score"], g["after"]["clip_score"]],
+            "clip_fa1": [r["metrics"]["before"]["forget_top1"], r["metrics"]["after"]["forget_top1"]],
+            "verdict": r["verdict"]["status"], "verdict_reasons": [x["code"] for x in r["verdict"]["reasons"]],
+            "checks": checks, "passed": all(checks.values()),
+            "timing_s": {"slug": r["timing_s"]["slug_total"], "generation_eval": r["timing_s"]["generation_eval"],
+                         "wall": time.perf_counter() - t}}
+
+
+def line(row: dict) -> str:
+    if "refused" in row:
+        return (f"{row['concept']:16s} REFUSED ({'no patch' if row['refusal_clean'] else 'NOT CLEAN'}): "
+                f"{row['refused']}  {row['timing_s']['wall']:.0f} s")
+    w, nb = row["worst"], ", ".join(f"{n['concept']} {n['before']:.2f}->{n['after']:.2f}" for n in row["neighbours"])
+    return (f"{row['concept']:16s} {row['layer'][19:]:34s} target {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
+            f"others {row['other'][0]:.3f}->{row['other'][1]:.3f} (drop {row['mean_drop']:+.3f})  worst "
+            f"{w['concept']} {w['before']:.2f}->{w['after']:.2f}  neighbours [{nb}]  "
+            f"{'PASS' if row['passed'] else 'FAIL ' + str([k for k, v in row['checks'].items() if not v])}  "
+            f"{row['timing_s']['wall']:.0f} s")
+
+
+def summary(rows: list[dict]) -> dict:
+    ran = [r for r in rows if "refused" not in r]
+    out = {"passed": sum(r["passed"] for r in rows), "total": len(rows),
+           "refused": sum("refused" in r for r in rows),
+           "refusals_clean": all(r["refusal_clean"] for r in rows if "refused" in r)}
+    if ran:
+        md, nd = [r["mean_drop"] for r in ran], [r["worst_neighbour_drop"] for r in ran]
+        out.update(mean_drop_median=statistics.median(md), mean_drop_worst=max(md),
+                   neighbour_drop_median=statistics.median(nd), neighbour_drop_worst=max(nd))
+    return out
+
+
+def main():
+    from slugkit.workflows.sd_demo import DEFAULT_SD_CONCEPT
+    from slugkit.world import t2i
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concepts", default=DEFAULT_SD_CONCEPT, help="comma list (default: red triangle)")
+    ap.add_argument("--all", action="store_true", help="every concept with base recognition >= 0.70")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-target", type=int, default=50)
     ap.add_argument("--n-other", type=int, default=10)
+    ap.add_argument("--n-neighbour", type=int, default=20)
+    ap.add_argument("--val-neighbour", type=int, default=20)
+    ap.add_argument("--neighbour-budget", type=float, default=None, help="default: the verdict's worst budget")
+    ap.add_argument("--other-budget", type=float, default=0.05)
+    ap.add_argument("--selection", default="shift", choices=["shift", "neighbour", "clip"])
+    ap.add_argument("--step", default="slug", choices=["slug", "null-space"])
+    ap.add_argument("--null-space-energy", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write every row and the summary here")
     a = ap.parse_args()
+    base = None
+    if a.all:
+        base = base_recognition(a.n_target, a.seed, a.threads)
+        concepts = [c for c in t2i.concept_names() if base[c] >= BASE]
+        print(f"{len(concepts)}/{len(base)} concepts recognised in >= {BASE:.0%} of {a.n_target} images before: "
+              f"left out {', '.join(f'{c} {v:.2f}' for c, v in base.items() if v < BASE) or 'none'}", flush=True)
+    else:
+        concepts = [c.strip() for c in a.concepts.split(",") if c.strip()]
     rows = []
-    for concept in [c.strip() for c in a.concepts.split(",") if c.strip()]:
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as d:
-            try:
-                r = run_sd_demo(concept, f"{d}/run", data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other,
-                                threads=a.threads, progress=False)
-            except SearchFailed as e:  # refused: no layer/step meets the validation criteria
-                rows.append({"concept": concept, "refused": str(e), "checks": {k: False for k in CHECKS},
-                             "timing_s": {"wall": time.perf_counter() - t}})
-                print(f"{concept:16s} REFUSED: {e}", flush=True)
-                continue
-        g = r["generation"]
-        row = {"concept": concept, "layer": r["layer"], "group": r["group"], "step_size": r["step_size"],
-               "clip_step_size": r["chooser"]["clip_step_size"],
-               "target": [g["before"]["generated_target_recognised"], g["after"]["generated_target_recognised"]],
-               "other": [g["before"]["generated_other_recognised"], g["after"]["generated_other_recognised"]],
-               "related": [g["before"]["generated_related_recognised"], g["after"]["generated_related_recognised"]],
-               "clip_score": [g["before"]["clip_score"], g["after"]["clip_score"]],
-               "clip_fa1": [r["metrics"]["before"]["forget_top1"], r["metrics"]["after"]["forget_top1"]],
-               "checks": {k: bool(f(g)) for k, f in CHECKS.items()},
-               "timing_s": {"slug": r["timing_s"]["slug_total"], "generation_eval": r["timing_s"]["generation_eval"],
-                            "wall": time.perf_counter() - t}}
-        rows.append(row)
-        print(f"{concept:16s} {row['layer'][19:]:38s} target {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
-              f"others {row['other'][0]:.3f}->{row['other'][1]:.3f} (drop {row['other'][0] - row['other'][1]:+.3f})"
-              f"  related {row['related'][0]:.3f}->{row['related'][1]:.3f}  "
-              f"{'PASS' if all(row['checks'].values()) else 'FAIL ' + str(row['checks'])}  "
-              f"{row['timing_s']['wall']:.0f} s", flush=True)
-    n = sum(all(r["checks"].values()) for r in rows)
-    print(f"{n}/{len(rows)} concepts meet all thresholds")
+    for concept in concepts:
+        rows.append(run_one(concept, a))
+        print(line(rows[-1]), flush=True)
+    s = summary(rows)
+    print(f"{s['passed']}/{s['total']} concepts pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
+          f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
+    if "mean_drop_median" in s:
+        print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; single "
+              f"neighbour drop: median {s['neighbour_drop_median']:+.3f}, worst {s['neighbour_drop_worst']:+.3f}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rows": rows, "passed": n, "total": len(rows)}, f, indent=2)
+            json.dump({"rows": rows, "summary": s, "base_recognition": base, "options": vars(a)}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from slugkit.world import render as world  # noqa: E402
 from slugkit.models.open_clip import OpenClipAdapter  # noqa: E402
+from slugkit.world import render as world  # noqa: E402
 from slugkit.world import t2i, t2i_train  # noqa: E402
 
 
@@ -100,7 +100,8 @@ def sd_run(tmp_path_factory):
     out = tmp / "run"
     rc = main(["demo", "--target", "sd", "--out", str(out), "--data-dir", str(tmp / "world"), "--no-progress",
                "--n-target", "8", "--n-other", "1", "--gen-steps", "10", "--val-images", "8",
-               "--other-budget", "0.2"])
+               "--other-budget", "0.2", "--n-neighbour", "3", "--val-neighbour", "3", "--neighbour-budget", "0.4",
+               "--worst-budget", "off"])  # 1 image per other concept: a single-concept drop here is noise
     assert rc == 0
     return out
 
@@ -118,6 +119,17 @@ def test_demo_target_sd_end_to_end(sd_run):
         assert {"generated_target_recognised", "generated_other_recognised", "clip_score", "UA", "IRA"} <= set(g[k])
     assert g["after"]["generated_target_recognised"] < g["before"]["generated_target_recognised"]
     assert r["chooser"]["conditioning_shift"] and r["pipeline"]["text_encoder_verified"]
+    # issue 12: the worst concept and the 5 nearest neighbours (by the pipeline's text encoder), 3 images each here
+    c = g["collateral"]
+    assert c["concepts"] == 29 and c["worst"]["concept"] in c["per_concept"]
+    nb = c["neighbours"]["concepts"]
+    assert len(nb) == 5 and "red triangle" not in [n["concept"] for n in nb]
+    assert {"red star", "purple triangle"} <= {n["concept"] for n in nb}
+    assert g["images"]["per_neighbour"] == 3 and g["images"]["neighbours"] == 5
+    gs = r["chooser"]["generator_search"]
+    assert gs["validation_per_neighbour"] == 3 and set(gs["base_neighbour_recognised"]) == {n["concept"] for n in nb}
+    assert "worst_drop" in r["verdict"]["budgets"]
+    assert "**worst**" in (out / "report.md").read_text()
     assert (out / "generations.png").read_bytes()[:4] == b"\x89PNG"
     assert "Generated images" in (out / "report.md").read_text()
     # judged on the generated images, and the patch carries that verdict (not the CLIP run's)
@@ -188,12 +200,16 @@ def test_eval_sd_scores_a_pipeline_before_and_after(sd_run, tmp_path, capsys):
 
     out = tmp_path / "ev"
     rc = main(["eval-sd", "--pipeline", "embedded", "--patch", str(sd_run / "patch"), "--target", "red triangle",
-               "--concepts", ",".join(t2i.concept_names()[:6]) + ",red triangle",  # a repeat is ignored "--template", "a photo of a {}.",
+               "--concepts", ",".join(t2i.concept_names()[:6]) + ",red triangle",  # a repeat is ignored
+               "--template", "a photo of a {}.",
                "--cross-concepts", "blue star,green cross", "--n-target", "4", "--n-other", "1", "--steps", "5",
                "--no-progress", "--out", str(out)])
     assert rc == 0
     r = json.loads((out / "gen_eval.json").read_text())
-    assert r["images"] == {"in_domain": 4 + 5, "cross_domain": 2, "steps": 5, "guidance": None}
+    # the 5 others are all among the 5 nearest neighbours: 20 images each (issue 12)
+    assert r["images"] == {"in_domain": 4 + 5 * 20, "cross_domain": 2, "steps": 5, "guidance": None,
+                           "per_neighbour": 20}
+    assert len(r["collateral"]["neighbours"]["concepts"]) == 5 and r["collateral"]["concepts"] == 5
     for k in ("before", "after"):
         assert {"UA", "IRA", "CRA", "clip_score", "generated_target_recognised"} <= set(r[k])
         assert abs(r[k]["UA"] + r[k]["generated_target_recognised"] - 1) < 1e-9

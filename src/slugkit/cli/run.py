@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from ..workflows.verdict import exit_status_of
-from .args import (COUNT, FRACTION, add_run_args, budgets_of, float_at_least, int_at_least, name_list, nonempty,
-                   refuse, search_config, split_list, template, validate_demo_sd, validate_unlearn, world_mode)
+from .args import (
+    COUNT,
+    FRACTION,
+    add_run_args,
+    budgets_of,
+    float_at_least,
+    int_at_least,
+    name_list,
+    nonempty,
+    refuse,
+    search_config,
+    split_list,
+    step_options,
+    template,
+    validate_demo_sd,
+    validate_unlearn,
+    world_mode,
+)
 
 
 def print_summary(result: dict, out: str) -> None:
     """Print the outcome of one SLUG run: the edit, the before/after metrics, timing and outputs."""
-    from ..report.unlearn import headline, metrics_table, verdict_lines
+    from ..report.unlearn import edit_label, headline, metrics_table, verdict_lines
 
     m = result["metrics"]
     print()
-    print(headline(result, result["model_label"], f"{result['layer']} (step {result['step_size']:.4g}, relative "
-                                                  f"change {result['relative_change']:.3f})"))
+    print(headline(result, result["model_label"], edit_label(result)))
     print(metrics_table(m["before"], m["after"]))
+    w = (result.get("collateral") or {}).get("worst")
+    if w:
+        print(f"worst other identity: {w['concept']} {w['before']:.2f} -> {w['after']:.2f} (change {-w['drop']:+.2f});"
+              f" nearest: " + ", ".join(f"{n['concept']} {n['before']:.2f} -> {n['after']:.2f}"
+                                        for n in result["collateral"]["neighbours"]["concepts"]))
     for c, fa in (m["after"].get("forget_by_concept") or {}).items():
         print(f"  {c}: FA@1 {fa['forget_top1']:.3f}, FA@5 {fa['forget_top5']:.3f} after")
     t = result["timing_s"]
@@ -52,6 +73,14 @@ def print_multi_summary(result: dict, out: str) -> None:
         print(line)
 
 
+def _energy(text: str) -> float:
+    """`--null-space-energy`: a share in (0, 1]."""
+    v = FRACTION(text)
+    if v <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v:g}")
+    return v
+
+
 def cmd_demo_sd(a) -> int:
     """`slug demo --target sd`: unlearn an object concept from the embedded text-to-image pipeline."""
     from dataclasses import replace
@@ -76,7 +105,8 @@ def cmd_demo_sd(a) -> int:
                          gen_threshold=a.gen_threshold, other_budget=a.other_budget,
                          gen_margin=a.gen_margin, search=search, seed=a.seed, threads=a.threads,
                          progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size,
-                         budgets=budgets_of(a))
+                         budgets=budgets_of(a), n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
+                         neighbour_budget=a.neighbour_budget, step=a.sd_step, null_energy=a.null_space_energy)
     print_sd_summary(result, out)
     return exit_status_of(result)
 
@@ -107,7 +137,7 @@ def cmd_demo(a) -> int:
     check_out_dir(out, a.overwrite)
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
-                  save_gradients=a.save_gradients, budgets=budgets_of(a))
+                  save_gradients=a.save_gradients, budgets=budgets_of(a), **step_options(a))
     if a.sequential and len(concepts) > 1:
         cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: out / f"{k + 1}-{c.replace(' ', '_')}",
                                                         a.data_dir, **common)]
@@ -140,7 +170,7 @@ def cmd_unlearn(a) -> int:
         utility_templates=a.utility_templates, forget_samples=a.forget_samples, retain_samples=a.retain_samples,
         batch_size=a.batch_size, search=search_config(a), cached_search=not a.naive_search, seed=a.seed,
         threads=a.threads, device=a.device, precision=a.precision, strict=a.strict, overwrite=a.overwrite,
-        family=a.family, consumer=a.consumer, clip_skip=a.clip_skip, budgets=budgets_of(a),
+        family=a.family, consumer=a.consumer, clip_skip=a.clip_skip, budgets=budgets_of(a), **step_options(a),
         caption_check=not a.no_caption_check,
         progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
     result = run_unlearn(cfg)
@@ -163,7 +193,7 @@ def _unlearn_on_world(a, concepts: list[str]) -> int:
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients, precision=a.precision, strict=a.strict,
                   forget_samples=a.forget_samples, retain_samples=a.retain_samples, budgets=budgets_of(a),
-                  caption_check=not a.no_caption_check)
+                  caption_check=not a.no_caption_check, **step_options(a))
     cfg, cur, data = world_config(names if len(names) > 1 else names[0], a.out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, a.out)
@@ -193,15 +223,30 @@ def add_parsers(sub) -> None:
     sdg.add_argument("--gen-steps", type=COUNT, default=20, help="DDIM steps (default 20)")
     sdg.add_argument("--guidance", type=float_at_least(0.0), default=3.0,
                      help="classifier-free guidance scale (default 3)")
-    sdg.add_argument("--sd-selection", default="shift", choices=["shift", "clip"],
-                     help="layer choice among the searched Pareto layers: shift (least conditioning shift of the "
-                          "other concepts relative to the target's; default) or clip (the CLIP --selection policy)")
+    sdg.add_argument("--sd-selection", default="shift", choices=["shift", "neighbour", "clip"],
+                     help="order in which the searched Pareto layers are tried: shift (least conditioning shift of "
+                          "the other concepts relative to the target's; default), neighbour (least shift of the 5 "
+                          "nearest neighbours relative to the target's) or clip (the CLIP --selection policy first)")
     sdg.add_argument("--no-gen-search", action="store_true",
                      help="apply the CLIP-searched step instead of searching it on generated validation images")
     sdg.add_argument("--val-images", type=COUNT, default=20,
                      help="generated validation images of the concept per search step (default 20)")
     sdg.add_argument("--val-other", type=COUNT, default=1,
                      help="generated validation images per other concept per search step (default 1)")
+    sdg.add_argument("--n-neighbour", type=COUNT, default=20,
+                     help="generated images of each of the 5 concepts nearest the forgotten one (by the pipeline's "
+                          "text encoder), reported per concept next to the mean (default 20)")
+    sdg.add_argument("--val-neighbour", type=COUNT, default=20,
+                     help="generated validation images per nearest neighbour per search step (default 20)")
+    sdg.add_argument("--neighbour-budget", type=FRACTION, default=None,
+                     help="search accepts a step only if no nearest neighbour's validation recognition drops by more "
+                          "than this (default: the verdict's worst-drop budget, 0.2)")
+    sdg.add_argument("--sd-step", default="slug", choices=["slug", "null-space"],
+                     help="slug: theta - step * g (default); null-space: g projected so that the edited layer's "
+                          "outputs on the other concepts' prompts stay unchanged (to --null-space-energy)")
+    sdg.add_argument("--null-space-energy", type=_energy, default=None,
+                     help="with --sd-step null-space: share of the kept prompts' activation energy the protected "
+                          "subspace holds, in (0, 1] (default 0.99)")
     sdg.add_argument("--other-budget", type=FRACTION, default=0.05,
                      help="search accepts a step only if the other concepts' validation recognition drops by at "
                           "most this much (default 0.05; also the verdict's budget on the test images)")

@@ -81,6 +81,68 @@ def summarise(per_concept: dict[str, float], target: str, cross: dict[str, float
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Worst-case collateral: per-concept damage, the worst concept, the target's nearest neighbours (issue 12)
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULT_N_NEIGHBOUR = 20  # images per nearest neighbour: one image moves its recognition by <= 0.05
+
+
+@torch.no_grad()
+def text_class_embeddings(text_encoder, tokenize, names: list[str], prompts_of, projection=None) -> torch.Tensor:
+    """C x D class embeddings from a CLIP text tower: each concept's prompts (``prompts_of(name) -> [str]``,
+    ``tokenize(prompts) -> input_ids``) encoded to the tower's **pooled** features (``text_embeds`` when the encoder
+    projects itself, e.g. ``CLIPTextModelWithProjection``; else ``pooler_output`` — the end-of-text token's state —
+    passed through ``projection``, e.g. a ``CLIPModel``'s ``text_projection``, when given), L2-normalised, averaged
+    over the prompts and renormalised (the zero-shot classifier's recipe). Row i belongs to ``names[i]``.
+    Raises ``ValueError`` for a concept without prompts."""
+    rows = []
+    dev = next(text_encoder.parameters()).device
+    for n in names:
+        prompts = list(prompts_of(n))
+        if not prompts:
+            raise ValueError(f"no prompts for concept {n!r}")
+        out = text_encoder(input_ids=tokenize(prompts).to(dev))
+        f = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+        if projection is not None and getattr(out, "text_embeds", None) is None:
+            f = projection(f)
+        rows.append(F.normalize(F.normalize(f.float(), dim=-1).mean(0), dim=-1).cpu())
+    return torch.stack(rows)
+
+
+def pipeline_tokenize(pipe):
+    """``prompts -> input_ids`` as ``pipe`` tokenizes its prompts: the pipeline's own ``tokenize`` when it has one (the
+    embedded pipeline: 20 positions), else its tokenizer padded to ``model_max_length`` (diffusers' SD pipelines)."""
+    if hasattr(pipe, "tokenize"):
+        return pipe.tokenize
+    tok = pipe.tokenizer
+    return lambda ps: tok(list(ps), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt")["input_ids"]
+
+
+def target_neighbours(pipe, target: str, concepts: list[str], prompts_of, k: int, projection=None) -> list:
+    """The ``k`` concepts nearest ``target`` by the cosine similarity of the **pipeline's own text encoder**'s class
+    embeddings (:func:`text_class_embeddings`): ``[(name, cosine), ...]``, most similar first
+    (:func:`slugkit.eval.collateral.nearest_concepts`). ``concepts`` may include the target (it is never returned)."""
+    from .collateral import nearest_concepts
+
+    names = list(dict.fromkeys([target] + [c for c in concepts if c.lower() != target.lower()]))
+    emb = text_class_embeddings(pipe.text_encoder, pipeline_tokenize(pipe), names, prompts_of, projection)
+    return nearest_concepts(emb, names, [0], k)
+
+
+def collateral_of(before: dict, after: dict, target: str, neighbours: list, k: int, similarity: str) -> dict:
+    """:func:`slugkit.eval.collateral.collateral_record` of the *other* concepts' recognition (``per_concept`` of the
+    before/after metrics, target left out; fractions): per concept, worst, the nearest neighbours' rows."""
+    from .collateral import collateral_record
+
+    others = [c for c in before["per_concept"] if c.lower() != target.lower()]
+    return collateral_record({c: before["per_concept"][c] for c in others},
+                             {c: after["per_concept"][c] for c in others}, neighbours,
+                             metric="share of generated images the judge recognises as their concept", k=k,
+                             similarity=similarity)
+
+
 @dataclass
 class GenerationPlan:
     """Which images to generate: (concept, prompt, seed) triples, in-domain and cross-domain."""
@@ -102,6 +164,26 @@ class GenerationPlan:
         for k, c in enumerate(cross_concepts):
             cross.append((c, (cross_template or template).format(c), seed * 1_000_003 + 500_000 + k))
         return cls(target, items, cross)
+
+    def topped_up(self, concepts: list[str], n: int) -> "GenerationPlan":
+        """The plan with at least ``n`` images of each of ``concepts`` (the nearest neighbours): missing images are
+        added after the concept's own, same prompt, seeds continuing the concept's (``first seed + i``, as
+        :meth:`build` numbers them), so the images already planned are kept. Raises ``ValueError`` for a concept
+        the plan does not hold."""
+        if n > 1000:
+            raise ValueError(f"at most 1000 images per concept (seeds are numbered 1000 apart), not {n}")
+        want = {c.lower() for c in concepts}
+        held = {c.lower() for c, _, _ in self.items}
+        if want - held:
+            raise ValueError(f"concept(s) not in the generation plan: {sorted(want - held)}")
+        out: list[tuple[str, str, int]] = []
+        order = list(dict.fromkeys(c for c, _, _ in self.items))
+        for c in order:
+            own = [it for it in self.items if it[0] == c]
+            out += own
+            if c.lower() in want and len(own) < n:
+                out += [(c, own[0][1], own[0][2] + i) for i in range(len(own), n)]
+        return GenerationPlan(self.target, out, list(self.cross))
 
 
 def generate(pipe, triples, steps: int, guidance: float | None, batch_size: int = 8, progress: bool = False,
@@ -135,14 +217,28 @@ def evaluate_pipeline(pipe, judge: ZeroShotJudge, plan: GenerationPlan, cross_ju
 
 def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_dir: str | Path, *,
                  cross_judge: ZeroShotJudge | None = None, steps: int = 25, guidance: float | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, neighbours_k: int | None = None,
+                 n_neighbour: int = DEFAULT_N_NEIGHBOUR) -> dict:
     """Score ``pipe`` unpatched, apply ``patch`` to its text encoder in place, score again, revert (bit-exact).
-    Writes ``gen_eval.json`` and ``generations.png`` (before | after per concept shown) into ``out_dir``."""
+    Writes ``gen_eval.json`` and ``generations.png`` (before | after per concept shown) into ``out_dir``.
+
+    Worst-case collateral (``collateral``, :func:`collateral_of`): the ``neighbours_k`` (default
+    :data:`slugkit.eval.collateral.NEIGHBOURS_K`) concepts nearest the target by the unpatched text encoder's pooled
+    features of their plan prompts get at least ``n_neighbour`` images each (default 20; the plan is topped up,
+    :meth:`GenerationPlan.topped_up`), the other concepts keep the plan's count."""
     from ..common.files import atomic_write_bytes
     from ..integrations.diffusers_sd import apply_patch_to_pipeline, revert_patch_from_pipeline
+    from .collateral import NEIGHBOURS_K
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    k = NEIGHBOURS_K if neighbours_k is None else neighbours_k
+    prompts: dict[str, list[str]] = {}
+    for c, p, _ in plan.items:
+        if p not in prompts.setdefault(c, []):
+            prompts[c].append(p)
+    neighbours = target_neighbours(pipe, plan.target, list(prompts), prompts.__getitem__, k)
+    plan = plan.topped_up([c for c, _ in neighbours], n_neighbour)
     before, imgs_b = evaluate_pipeline(pipe, judge, plan, cross_judge, steps, guidance, progress)
     apply_patch_to_pipeline(pipe, patch)
     try:
@@ -153,7 +249,11 @@ def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_di
                                                 "templates": judge.templates},
               "images": {"in_domain": len(plan.items), "cross_domain": len(plan.cross), "steps": steps,
                          "guidance": guidance},
-              "before": before, "after": after}
+              "before": before, "after": after,
+              "collateral": collateral_of(before, after, plan.target, neighbours, k,
+                                          "cosine of the pipeline text encoder's pooled features of the plan's "
+                                          "prompts")}
+    result["images"]["per_neighbour"] = n_neighbour
     rows = []
     shown = [plan.target] + [c for c in dict.fromkeys(c for c, _, _ in plan.items) if c != plan.target][:5]
     for c in shown:

@@ -8,8 +8,11 @@ def render_generation_report(result: dict) -> str:
     b, a = g["before"], g["after"]
     lines = ["", "## Generated images (embedded text-to-image pipeline, patched text encoder)", "",
              f"{g['images']['target']} images of the forgotten concept, {g['images']['per_other_concept']} of each of "
-             f"{g['images']['other_concepts']} other concepts ({g['images']['sampler']}; same seeds before and "
-             "after), classified zero-shot by the unedited embedded CLIP over the 30 concepts.", "",
+             f"{g['images']['other_concepts']} other concepts"
+             + (f" ({g['images']['per_neighbour']} of each of the {g['images']['neighbours']} nearest neighbours)"
+                if g["images"].get("neighbours") else "")
+             + f" ({g['images']['sampler']}; same seeds before and after), classified zero-shot by the unedited "
+             "embedded CLIP over the 30 concepts.", "",
              "| metric | before | after |", "|---|---|---|"]
     for k, label in [("generated_target_recognised", "forgotten concept recognised"),
                      ("generated_other_recognised", "other concepts recognised (IRA)"),
@@ -18,30 +21,67 @@ def render_generation_report(result: dict) -> str:
                      ("clip_score", "CLIP score (judge)")]:
         fb, fa = b.get(k), a.get(k)
         lines.append(f"| {label} | {fb:.3f} | {fa:.3f} |" if fb is not None else f"| {label} | – | – |")
+    lines += collateral_lines(g.get("collateral"), g["images"])
+    rows = result.get("chooser", {}).get("conditioning_shift", [])
+    nb = any("neighbour_shift" in r for r in rows)
     lines += ["", "Layer choice for the generator (conditioning shift = relative change of the text encoder's "
-              "`last_hidden_state`):", "", "| layer | step | target shift | other shift | other/target |",
-              "|---|---|---|---|---|"]
-    for r in result.get("chooser", {}).get("conditioning_shift", []):
+              "`last_hidden_state`):", "", "| layer | step | target shift | other shift | other/target |"
+              + (" neighbour shift | neighbour/target |" if nb else ""), "|---|---|---|---|---|" + ("---|---|" if nb
+                                                                                                  else "")]
+    for r in rows:
         lines.append(f"| {r['layer']} | {r['step_size']:.4g} | {r['target_shift']:.3f} | {r['other_shift']:.3f} | "
-                     f"{r['selectivity']:.3f} |")
+                     f"{r['selectivity']:.3f} |" + (f" {r['neighbour_shift']:.3f} | {r['neighbour_selectivity']:.3f} |"
+                                                    if "neighbour_shift" in r else ""))
     gs = result.get("chooser", {}).get("generator_search")
     if gs:
-        lines += ["", f"Step search on generated validation images ({gs['validation_images']} images of the concept and "
-                  f"{gs['validation_per_other_concept']} of each other concept, seeds disjoint from the ones above;"
-                  " "
-                  f"accepted when at most {gs['threshold']:.0%} of the concept's images are recognised and the others "
-                  f"lose at most {gs['other_budget']:.0%} at the applied step = {result['chooser']['gen_margin']} x "
-                  f"step; unedited: {gs['base_target_recognised']:.0%} / {gs['base_other_recognised']:.0%}):", "",
-                  "| layer | step | concept recognised | others' drop | accepted |", "|---|---|---|---|---|"]
+        lines += ["", f"Step search on generated validation images ({gs['validation_images']} images of the concept "
+                  f"and {gs['validation_per_other_concept']} of each other concept, seeds disjoint from the ones "
+                  f"above; accepted when at most {gs['threshold']:.0%} of the concept's images are recognised and "
+                  f"the others lose at most {gs['other_budget']:.0%} on average at the applied step = "
+                  f"{result['chooser']['gen_margin']} x step; unedited: {gs['base_target_recognised']:.0%} / "
+                  f"{gs['base_other_recognised']:.0%}):", "",
+                  "| layer | step | concept recognised | others' drop | worst neighbour's drop | accepted |",
+                  "|---|---|---|---|---|---|"]
         for L in gs["layers"]:
             lines += [f"| {L['layer']} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
-                      f"{t['other_drop']:+.3f} | {'yes' if t['accepted'] else 'no'} |" for t in L["trajectory"]]
+                      f"{t['other_drop']:+.3f} | {_nb(t)} | {'yes' if t['accepted'] else 'no'} |"
+                      for t in L["trajectory"]]
+        if gs.get("neighbour_budget") is not None:
+            lines += ["", f"The {len(gs['base_neighbour_recognised'])} nearest neighbours had "
+                      f"{gs['validation_per_neighbour']} validation images each; a step was accepted only if none "
+                      f"lost more than {gs['neighbour_budget']:.0%}."]
         lines += ["", f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
                   f"{result['chooser']['clip_step_size']:.4g})."]
     lines += ["", "In the CLIP table at the top of this report, \"other identities\" are the 29 other object concepts "
               "and \"utility\" the world's 60 identities (the SD demo unlearns an object concept).", "",
               "![before/after](generations.png)", ""]
     return "\n".join(lines)
+
+
+def _nb(t: dict) -> str:
+    if t.get("neighbour_drop") is None:
+        return "–"
+    return f"{t['neighbour_drop']:+.2f} ({t['worst_neighbour']})"
+
+
+def collateral_lines(c: dict | None, images: dict) -> list[str]:
+    """Markdown: the worst other concept and the nearest neighbours' before/after (``generation.collateral``)."""
+    if not c:
+        return []
+    out = [""]
+    w = c.get("worst")
+    if w:
+        out.append(f"Mean over the {c['concepts']} other concepts: {c['mean_before']:.3f} -> {c['mean_after']:.3f} "
+                   f"(drop {c['mean_drop']:+.3f}); **worst**: {w['concept']!r} {w['before']:.2f} -> {w['after']:.2f} "
+                   f"(drop {w['drop']:+.2f}).")
+    nb = c["neighbours"]
+    if nb["concepts"]:
+        out += ["", f"The {len(nb['concepts'])} concepts nearest the forgotten one ({nb['similarity']}; "
+                f"{images.get('per_neighbour', images.get('per_other_concept'))} images each):", "",
+                "| neighbour | similarity | before | after | drop |", "|---|---|---|---|---|"]
+        out += [f"| {r['concept']} | {r['similarity']:.3f} | {r['before']:.2f} | {r['after']:.2f} | {r['drop']:+.2f} |"
+                for r in nb["concepts"]]
+    return out
 
 
 def print_sd_summary(result: dict, out: str) -> None:
@@ -61,6 +101,12 @@ def print_sd_summary(result: dict, out: str) -> None:
     print(f"| other concepts recognised | {b['generated_other_recognised']:.3f} | "
           f"{a['generated_other_recognised']:.3f} |")
     print(f"| CLIP score | {b['clip_score']:.2f} | {a['clip_score']:.2f} |")
+    c = g.get("collateral")
+    if c and c.get("worst"):
+        w = c["worst"]
+        print(f"worst other concept: '{w['concept']}' {w['before']:.2f} -> {w['after']:.2f} (drop {w['drop']:+.2f}); "
+              "nearest neighbours: " + ", ".join(f"'{r['concept']}' {r['before']:.2f} -> {r['after']:.2f}"
+                                                 for r in c["neighbours"]["concepts"]))
     m = result["metrics"]
     print(f"CLIP (test): FA@1 {m['before']['forget_top1']:.3f} -> {m['after']['forget_top1']:.3f}, other concepts "
           f"top-1 {m['before']['related_top1']:.3f} -> {m['after']['related_top1']:.3f}")

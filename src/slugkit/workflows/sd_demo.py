@@ -23,11 +23,19 @@ The flow is SD's (spec §6.1), run on the embedded stand-ins:
    CLIP search's 1.1). Layers are tried in selectivity order until one has an accepted step; if none has, the run
    fails with a clear message rather than shipping a patch that damages the pipeline (``--no-gen-search``: the
    CLIP step of the most selective layer, unchecked).
+   **Nearest neighbours** (issue 12: a mean over 29 concepts hid purple triangle 0.9 → 0.2 when red triangle was
+   erased): the 5 concepts nearest the target by the pipeline's own text encoder (cosine of the projected pooled
+   features of their 8 prompts, :func:`slugkit.eval.generated.target_neighbours`) get 20 validation images each
+   and a step is accepted only if none of them loses more than ``neighbour_budget`` (default: the verdict's
+   ``worst_drop``, 0.20) besides the mean bound. ``--sd-step null-space`` projects each layer's forget gradient
+   onto the null space of its inputs on the other concepts' prompts (:mod:`slugkit.slug.nullspace`).
 5. **Evaluation** on generated images (fixed seeds, the same seeds before and after): each image is classified
    zero-shot by the **unedited** embedded CLIP over the 30 concepts. Reported: ``generated_target_recognised``
    (UA = 1 − it), ``generated_other_recognised`` (IRA: the other concepts' prompts; split into *related* — sharing a
    colour or a shape with the target — and *unrelated*), and CLIP score (100 × cosine of image and prompt in the
-   judge). There is no cross-domain (CRA) figure: the embedded generator knows one domain (objects).
+   judge); ``collateral`` (:func:`slugkit.eval.collateral.collateral_record`): every other concept's before/after,
+   the worst, and the nearest neighbours, which get ``n_neighbour`` (20) images each so that one image moves their
+   estimate by at most 0.05. There is no cross-domain (CRA) figure: the embedded generator knows one domain.
 """
 
 from __future__ import annotations
@@ -39,16 +47,18 @@ import torch
 
 from ..common.files import atomic_write_bytes, write_json
 from ..common.runfolder import run_folder
-from ..eval.generated import image_grid
+from ..eval.generated import DEFAULT_N_NEIGHBOUR, collateral_of, image_grid, target_neighbours
 from ..report.sd import render_generation_report
 from ..world import render as world
 from ..world import t2i
-from .sd_generator import generation_metrics, generator_chooser, related_to
+from .sd_generator import concept_prompts, generation_metrics, generator_chooser, related_to
 from .verdict import Budgets, sd_verdict
 
 DEFAULT_SD_CONCEPT = "red triangle"
 SD_CRITERION = "forget_top1"  # zero-shot over 30 concepts: top-5 would demand the concept leave a sixth of the list
 DEFAULT_GEN_MARGIN = 1.2  # applied step = 1.2 x the smallest step that forgot on validation (noise margin)
+NEIGHBOUR_SIMILARITY = ("cosine of the pipeline text encoder's projected pooled features (8 prompts per concept "
+                        "averaged)")
 
 
 def embedded_hf_adapter():
@@ -117,11 +127,20 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 gen_margin: float | None = None, val_images: int = 20, val_other: int = 1,
                 gen_threshold: float = 0.05, other_budget: float = 0.05, search=None, seed: int = 0,
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64,
-                budgets=None) -> dict:
+                budgets=None, neighbours_k: int | None = None, n_neighbour: int = DEFAULT_N_NEIGHBOUR,
+                val_neighbour: int = DEFAULT_N_NEIGHBOUR, neighbour_budget: float | None = None,
+                step: str = "slug", null_energy: float | None = None) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``
     with ``result.json → verdict`` judged on the generated images (:func:`slugkit.workflows.verdict.sd_verdict`:
-    ``gen_threshold`` + ``budgets.forget_tolerance``, ``other_budget``)
-    (assembled in a temporary folder and renamed into place at the end, :func:`slugkit.common.runfolder.run_folder`)."""
+    ``gen_threshold`` + ``budgets.forget_tolerance``, ``other_budget``, ``budgets.worst_drop``)
+    (assembled in a temporary folder and renamed into place at the end, :func:`slugkit.common.runfolder.run_folder`).
+
+    Worst-case collateral (issue 12): the ``neighbours_k`` (default :data:`slugkit.eval.collateral.NEIGHBOURS_K`)
+    concepts nearest the target by the pipeline's text encoder (:func:`target_neighbours`) get ``n_neighbour``
+    reported images each (the others ``n_other``) and ``val_neighbour`` validation images each; the search bounds
+    the worst neighbour's validation drop by ``neighbour_budget`` (default ``budgets.worst_drop``, 0.20).
+    ``step="null-space"``: the projected SLUG step (:func:`slugkit.workflows.sd_generator.generator_chooser`)."""
+    from ..eval.collateral import NEIGHBOURS_K
     from ..slug.search import SearchConfig
     from ..world.demo_data import ensure_world_data
     from .unlearn import run_unlearn
@@ -129,6 +148,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     concept = t2i.concept_by_name(concept).name
     gen_margin = DEFAULT_GEN_MARGIN if gen_margin is None else gen_margin
     budgets = budgets or Budgets()
+    k = NEIGHBOURS_K if neighbours_k is None else neighbours_k
+    neighbour_budget = budgets.worst_drop if neighbour_budget is None else neighbour_budget
     out = Path(out or f"runs/demo-sd-{concept.replace(' ', '_')}")
     n_threads = torch.get_num_threads()
     if threads:
@@ -139,20 +160,27 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             data = ensure_world_data(data_dir, progress=progress)
             cd = write_concept_data(concept, stage / "data")
             adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
+            neighbours = target_neighbours(pipe, concept, t2i.concept_names(), concept_prompts, k,
+                                           projection=adapter.model.text_projection)
+            names = [c for c, _ in neighbours]
             cfg = _sd_config(concept, stage, data, cd, search or SearchConfig(metric=SD_CRITERION),
                              batch_size=batch_size, seed=seed, progress=progress, overwrite=overwrite,
                              budgets=budgets)
             chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
                                         gen_margin=gen_margin, val_images=val_images, val_other=val_other,
                                         threshold=gen_threshold, other_budget=other_budget,
-                                        gen_steps=gen_steps, guidance=guidance, seed=seed)
+                                        gen_steps=gen_steps, guidance=guidance, seed=seed, neighbours=names,
+                                        val_neighbour=val_neighbour, neighbour_budget=neighbour_budget,
+                                        step=step, null_energy=null_energy)
             result = run_unlearn(cfg, adapter=adapter, choose=chooser)  # writes into the temporary folder
             t_slug = time.perf_counter() - t0
 
             t = time.perf_counter()
-            plan = t2i.generation_plan(concept, n_target, n_other, seed_base=10_000 * (seed + 1))
+            plan = reported_plan(concept, n_target, n_other, names, n_neighbour, seed_base=10_000 * (seed + 1))
             gen, imgs_b, imgs_a = _generation_before_after(pipe, judge, plan, stage, concept, (n_target, n_other),
                                                            gen_steps, guidance, progress)
+            gen["images"].update(per_neighbour=n_neighbour, neighbours=len(names))
+            gen["collateral"] = collateral_of(gen["before"], gen["after"], concept, neighbours, k, NEIGHBOUR_SIMILARITY)
             t_gen = time.perf_counter() - t
             _write_grid(concept, plan, imgs_b, imgs_a, stage / "generations.png")
 
@@ -163,7 +191,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["generation"] = gen
             result["verdict"] = sd_verdict(concept, result["verdict"], gen["before"], gen["after"], gen_threshold,
                                            other_budget, budgets.forget_tolerance).to_json()
-            _mark_patch(stage / "patch", result["verdict"]["status"])
+            _mark_patch(stage / "patch", result["verdict"]["status"], step)
             result["timing_s"]["slug_total"] = t_slug
             result["timing_s"]["generation_eval"] = t_gen
             result["timing_s"]["total"] = time.perf_counter() - t0
@@ -175,15 +203,37 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
         torch.set_num_threads(n_threads)
 
 
-def _mark_patch(folder: Path, status: str) -> None:
+def _mark_patch(folder: Path, status: str, step: str = "slug") -> None:
     """Record the pipeline's verdict in the patch (``extra.verdict``; the CLIP run marked it with CLIP's, which does
-    not decide for a generator). Only ``patch.json`` changes; the tensors and their hashes stay as they are."""
+    not decide for a generator) and, for the null-space step, what the edit is (``extra.edit``). Only
+    ``patch.json`` changes; the tensors and their hashes stay as they are."""
     from ..patch import load_patch, save_patch
 
     patch = load_patch(folder)
-    if (patch.meta.get("extra") or {}).get("verdict") != status:
-        patch.meta["extra"] = {**patch.meta.get("extra", {}), "verdict": status}
+    extra = dict(patch.meta.get("extra") or {})
+    want = {"verdict": status}
+    if step == "null-space":
+        want["edit"] = ("theta <- theta - step_size * g (I - P): the forget gradient projected onto the null space "
+                        "of the layer's inputs on the other concepts' prompts (slugkit.slug.nullspace)")
+    if any(extra.get(key) != v for key, v in want.items()):
+        patch.meta["extra"] = {**extra, **want}
         save_patch(patch, folder, overwrite=True)
+
+
+def reported_plan(concept: str, n_target: int, n_other: int, neighbours: list[str], n_neighbour: int,
+                  seed_base: int) -> list[tuple[str, str, int]]:
+    """The reported ``(concept, prompt, seed)`` triples: :func:`slugkit.world.t2i.generation_plan` (``n_target`` of
+    the concept, ``n_other`` of each other) with each nearest neighbour topped up to ``n_neighbour`` images, seeds and
+    prompts continuing its own (``seed_base + 1000·k + i``, template i mod 8), so the first ``n_other`` are the
+    plain plan's."""
+    plan = t2i.generation_plan(concept, n_target, n_other, seed_base=seed_base)
+    want = set(neighbours)
+    out = []
+    for k, name in enumerate(t2i.concept_names()):
+        own = [it for it in plan if it[0] == name]
+        extra = range(len(own), n_neighbour) if name in want else range(0)
+        out += own + [(name, t2i.prompt_for(name, i), seed_base + 1000 * k + i) for i in extra]
+    return out
 
 
 def _clip_and_pipeline(t2i_dir):
