@@ -57,3 +57,26 @@ def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
         m = evaluate_suite(adapter, build_suite(adapter, cfg, cfg.test_identities, cfg.utility_test))
     for k in ("forget_top1", "forget_top5", "related_top1", "utility_top1"):
         assert m[k] == pytest.approx(r["metrics"]["after"][k], abs=1e-6)
+
+
+def _layer(util, per_id, name="visual.proj"):
+    from slugkit.slug.search import LayerSearch
+
+    return LayerSearch(name, [name], "vision", 10.0, accepted_step=1.0, step_size=1.1,
+                       val_metrics={"utility_top1": util, "related_top1": 0.9, "related_by_concept": per_id})
+
+
+def test_excess_and_the_single_layer_note():
+    from types import SimpleNamespace
+
+    from slugkit.workflows.rounds import excess, more_rounds
+
+    base = {"utility_top1": 1.0, "related_by_concept": {"a": 1.0, "b": 1.0}}
+    layer = _layer(0.97, {"a": 1.0, "b": 0.9})  # utility drop 0.03, worst drop 0.1
+    assert excess(layer, base, 0.2, 0.02) == pytest.approx(1.5)  # the utility budget is the one broken
+    assert excess(layer, base, 0.0, None) == pytest.approx(0.1 / 1e-9)  # a zero budget counts every drop
+    assert excess(layer, base, None, None) == 0.0
+    cfg = SimpleNamespace(search=SimpleNamespace(worst_budget=0.2), budgets=SimpleNamespace(utility_drop=0.02),
+                          max_layers=1)
+    (edit,) = more_rounds(cfg, None, {"forget": object()}, ([layer], layer, None), base, {})
+    assert edit.search is layer and "drops utility by 0.030" in edit.why and "--max-layers 1" in edit.why

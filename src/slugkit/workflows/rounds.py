@@ -80,11 +80,11 @@ def excess(chosen, val_before: dict, worst_budget: float | None, utility_budget:
     """How far past its budgets a choice is on validation: max(worst drop / worst budget, utility drop / utility
     budget) (≤ 1: within both). What the fallback compares round 1's single layer with."""
     out = 0.0
-    if worst_budget:
-        out = worst_val_drop(chosen.val_metrics, val_before)[1] / worst_budget
+    if worst_budget is not None:  # a budget of 0 counts every drop (1e-9: no division by zero)
+        out = worst_val_drop(chosen.val_metrics, val_before)[1] / max(worst_budget, 1e-9)
     u0, u1 = val_before.get("utility_top1"), (chosen.val_metrics or {}).get("utility_top1")
-    if utility_budget and u0 is not None and u1 is not None:
-        out = max(out, (u0 - u1) / utility_budget)
+    if utility_budget is not None and u0 is not None and u1 is not None:
+        out = max(out, (u0 - u1) / max(utility_budget, 1e-9))
     return out
 
 
@@ -136,7 +136,8 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
         if chosen is None:
             raise SearchFailed("no Pareto layer reached the forget criterion within the search budget; try more "
                                "--steps, a larger forget set, --criterion forget_top1, or --max-layers 2")
-        return [Edit(chosen, grads, "chosen by the layer policy", 1)]
+        note = "" if why is None else f"; {why} (no second layer: --max-layers {cfg.max_layers})"
+        return [Edit(chosen, grads, "chosen by the layer policy" + note, 1)]
     edits, done, tried = [], set(), ""
     single, first_grads = chosen, grads  # round 1's own choice, kept when the fallback does no better
     cap = PATCH_SHARE * adapter.model_bytes() / 2  # a patch stores new values and the base's (revert): ~2x
