@@ -6,8 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from slugkit.eval.generated import (GenerationPlan, collateral_of, pipeline_tokenize, target_neighbours,
-                                    text_class_embeddings)
+from slugkit.eval.generated import (
+    GenerationPlan,
+    collateral_of,
+    pipeline_tokenize,
+    target_neighbours,
+    text_class_embeddings,
+)
 
 
 class FakeEncoder(torch.nn.Module):

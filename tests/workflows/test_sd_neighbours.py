@@ -89,7 +89,8 @@ def test_report_shows_the_worst_concept_and_the_neighbours_next_to_the_mean():
               "chooser": {"conditioning_shift": []}}
     md = render_generation_report(result)
     assert "**worst**: 'purple triangle' 0.90 -> 0.20 (drop +0.70)" in md
-    assert "| purple triangle | 0.610 | 0.90 | 0.20 | +0.70 |" in md and "| red circle | 0.660 | 0.90 | 0.90 | +0.00 |" in md
+    assert "| purple triangle | 0.610 | 0.90 | 0.20 | +0.70 |" in md
+    assert "| red circle | 0.660 | 0.90 | 0.90 | +0.00 |" in md
     assert "20 of each of the 2 nearest neighbours" in md
 
 
@@ -173,3 +174,37 @@ def test_a_refusal_names_the_step_that_came_closest():
     never_forgot = [{**searched[0], "trajectory": searched[0]["trajectory"][:1]}]
     assert "step 1: concept recognised 0.50" in closest(never_forgot, 0.05, 0.05, 0.2)
     assert closest([], 0.05, 0.05, 0.2) == ""
+
+
+@pytest.mark.slow
+def test_demo_null_space_patch_leaves_the_kept_prompts_layer_outputs_within_the_bound(tmp_path, embedded):
+    """`slug demo --target sd --sd-step null-space --no-gen-search`: the patch's ΔW of every tensor satisfies
+    Σ‖ΔW·x‖² <= ‖ΔW‖₂²·(1 − energy kept)·Σ‖x‖² over the kept prompts' inputs to that layer, and says what it is."""
+    import json
+
+    from slugkit.cli import main
+    from slugkit.patch import load_patch
+    from slugkit.slug.nullspace import linear_inputs
+    from slugkit.workflows.sd_generator import conditioning, kept_prompts
+
+    out = tmp_path / "run"
+    rc = main(["demo", "--target", "sd", "--concept", "green circle", "--sd-step", "null-space", "--no-gen-search",
+               "--out", str(out), "--data-dir", str(tmp_path / "world"), "--no-progress", "--n-target", "4",
+               "--n-other", "1", "--n-neighbour", "2", "--gen-steps", "4"])
+    assert rc in (0, 3, 4)  # judged like any run; what is tested here is the edit
+    r = json.loads((out / "result.json").read_text())
+    ns = r["chooser"]["null_space"]
+    assert r["chooser"]["step"] == "null-space" and ns["energy"] == 0.99
+    patch = load_patch(out / "patch")
+    assert "null space" in patch.meta["extra"]["edit"]
+    ad = embedded
+    params = dict(ad.model.named_parameters())
+    acts = linear_inputs(ad.model, r["group"], lambda: conditioning(ad, kept_prompts("green circle")))
+    for n in r["group"]:
+        dw = patch.patched[n].float() - patch.original[n].float()
+        assert torch.equal(patch.original[n], params[n].detach())
+        x = acts[n]
+        moved = float(((x @ dw.T) ** 2).sum())
+        bound = float(torch.linalg.matrix_norm(dw, ord=2)) ** 2 * (1 - ns["tensors"][n]["energy"]) * float(
+            (x ** 2).sum())
+        assert float(dw.abs().max()) > 0 and moved <= bound * 1.001

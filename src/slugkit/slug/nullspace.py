@@ -30,7 +30,10 @@ from typing import Callable
 
 import torch
 
-DEFAULT_ENERGY = 0.99  # share of the kept inputs' second moment that P covers (see the module docstring)
+# Share of the kept inputs' second moment that P covers (see the module docstring). On the embedded text-to-image
+# path (width-64 text layers, 233 kept prompts x 20 tokens) 0.99 keeps 11-17 of 64 directions of an attention input
+# and ~15 + ~30 of an fc1/fc2 pair; 0.99 and 0.999 let the same concepts through, 0.99 with ~3x smaller steps.
+DEFAULT_ENERGY = 0.99
 
 
 def module_of(model: torch.nn.Module, param_name: str) -> tuple[str, torch.nn.Linear]:

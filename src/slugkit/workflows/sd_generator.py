@@ -140,15 +140,28 @@ def validation_plans(target: str, neighbours: list[str], val_images: int, val_ot
     return tplan, oplan
 
 
-def null_space_forget(adapter, grads, searches, target: str, energy: float) -> tuple[dict, dict]:
-    """The searched layers' forget gradients projected onto the null space of their Linear inputs on the **kept
-    prompts** — every other concept's 8 prompts and the empty prompt (classifier-free guidance encodes it with the
-    edited encoder too) — keeping the top principal directions holding ``energy`` of their second moment
+def kept_prompts(target: str, identities: bool = False) -> list[str]:
+    """The prompts whose layer inputs the null-space step protects: every other concept's 8 prompts, the empty
+    prompt (classifier-free guidance encodes it with the edited encoder too) and, with ``identities``, the 60 world
+    identities' 10 caption templates (the retain set's other half, which CLIP's utility metric reads). Not by
+    default: the pipeline draws objects only, and protecting the 600 identity captions too left too little room —
+    green circle and blue star, accepted without them, were refused with them (energy 0.99)."""
+    kept = [p for n in t2i.concept_names() if n != target for p in concept_prompts(n)] + [""]
+    if identities:
+        kept += [world.identity_caption(i, k) for i in world.IDENTITIES
+                 for k in range(len(world.IDENTITY_CAPTION_TEMPLATES))]
+    return kept
+
+
+def null_space_forget(adapter, grads, searches, target: str, energy: float,
+                      identities: bool = False) -> tuple[dict, dict]:
+    """The searched layers' forget gradients projected onto the null space of their Linear inputs on the
+    :func:`kept_prompts`, keeping the top principal directions holding ``energy`` of their second moment
     (:mod:`slugkit.slug.nullspace`). Returns ``(forget gradients with those groups replaced, per-tensor info)``."""
     from ..slug.nullspace import null_space_gradients
 
     names = sorted({n for s in searches if s.step_size is not None for n in s.group})
-    kept = [p for n in t2i.concept_names() if n != target for p in concept_prompts(n)] + [""]
+    kept = kept_prompts(target, identities)
     proj, info = null_space_gradients(adapter.model, grads.forget, names, lambda: conditioning(adapter, kept),
                                       energy=energy)
     return {**grads.forget, **proj}, info
@@ -263,7 +276,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             forget, ns = null_space_forget(adapter, grads, searches, target, energy)
             g_edit = SimpleNamespace(forget=forget)
             searches, starts = matched_steps(adapter, grads, forget, searches, target)
-            info["null_space"] = {"energy": energy, "kept_prompts": "the other concepts' 8 prompts each and ''",
+            info["null_space"] = {"energy": energy, "kept_prompts": len(kept_prompts(target)),
                                   "tensors": ns, "start_steps": starts}
             if not any(s.step_size is not None for s in searches):
                 raise SearchFailed(f"the null-space projection (energy {energy:g}) leaves no forget gradient in any "
