@@ -158,3 +158,37 @@ def identity_caption(identity: Identity, template_index: int) -> str:
 
 def utility_caption(cls: UtilityClass, template_index: int) -> str:
     return UTILITY_CAPTION_TEMPLATES[template_index].format(colour=cls.colour, shape=cls.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out identities (controls)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def held_out_identities(n: int = 2) -> list[Identity]:
+    """``n`` identities the world never drew: attribute combinations none of the 60 has, names whose first and last
+    names occur in no identity (and contain no attribute word). They are never captioned and never in any split, so
+    the embedded model never learned them — the **control concepts** of ``slug audit`` (an attack or a fine-tuning
+    that reaches one of them shows the budget is strong enough to elicit a concept the model never knew).
+    Deterministic (``random.Random(1)``); ``index`` is ``-1 - k``. Raises ``ValueError`` for ``n < 1``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(1)
+    used = {ident.attributes for ident in IDENTITIES}
+    free = [c for c in itertools.product(COLOURS, SHAPES, PATTERNS, BORDERS, TINTS) if c not in used]
+    used_first = {ident.name.split()[0] for ident in IDENTITIES}
+    used_last = {ident.name.split()[1] for ident in IDENTITIES}
+    out = []
+    for k, combo in enumerate(rng.sample(free, n)):
+        while True:
+            first = rng.choice(_FIRST_A) + rng.choice(_FIRST_B)
+            if _name_ok(first, used_first):
+                break
+        while True:
+            last = rng.choice(_LAST_A) + rng.choice(_LAST_B)
+            if _name_ok(last, used_last):
+                break
+        used_first.add(first)
+        used_last.add(last)
+        out.append(Identity(-1 - k, f"{first} {last}", *combo))
+    return out

@@ -37,13 +37,14 @@ from slugkit.data.shards import encode_image, write_shard
 
 from .names import (BORDERS, COLOURS, IDENTITIES, IDENTITY_CAPTION_TEMPLATES, IDENTITY_EVAL_TEMPLATES, PATTERNS, SHAPES,
                     TINTS, UTILITY_CAPTION_TEMPLATES, UTILITY_CLASSES, UTILITY_EVAL_TEMPLATES, Identity, UtilityClass,
-                    identity_by_name, identity_caption, identity_names, utility_caption)
+                    held_out_identities, identity_by_name, identity_caption, identity_names, utility_caption)
 
 __all__ = [  # the world as `from slugkit.world import render as world` sees it (names re-exported from .names)
     "BORDERS", "COLOURS", "IDENTITIES", "IDENTITY_CAPTION_TEMPLATES", "IDENTITY_EVAL_TEMPLATES", "IMAGE_SIZE",
     "Identity", "KINDS", "PATTERNS", "SHAPES", "SPLIT_SEEDS", "TINTS", "UTILITY_CAPTION_TEMPLATES", "UTILITY_CLASSES",
     "UTILITY_EVAL_TEMPLATES", "UtilityClass", "WorldSample", "folder_name", "identity_by_name", "identity_caption",
-    "identity_names", "jpeg_roundtrip", "make_sample", "make_samples", "render_identity", "render_utility",
+    "held_out_identities", "held_out_images", "identity_names", "jpeg_roundtrip", "make_sample", "make_samples",
+    "render_identity", "render_utility",
     "utility_caption", "write_image_folder", "write_pair_shards",
 ]
 
@@ -226,6 +227,19 @@ def make_sample(split: str, kind: str, label: int, i: int) -> WorldSample:
         image = render_utility(cls, rng)
         name = cls.name
     return WorldSample(f"{split}-{kind}-{label:03d}-{i:05d}", image, caption, kind, label, name)
+
+
+def held_out_images(identity: Identity, split: str, n: int, start: int = 0) -> list[Image.Image]:
+    """``n`` images of a held-out identity (:func:`~slugkit.world.names.held_out_identities`, index < 0) in ``split``,
+    each a pure function of (split, identity, i) — seeded ``[split_seed, 2, -index, i]``, a kind id no world sample
+    uses — and passed through :func:`jpeg_roundtrip` like the images of the world's folders. Raises ``ValueError``
+    for an identity of the world itself (index >= 0) or an unknown split."""
+    if identity.index >= 0:
+        raise ValueError(f"{identity.name} is one of the world's identities; use make_samples for its images")
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
+    seeds = ([SPLIT_SEEDS[split], 2, -identity.index, i] for i in range(start, start + n))
+    return [jpeg_roundtrip(render_identity(identity, np.random.default_rng(s))) for s in seeds]
 
 
 def make_samples(

@@ -1,0 +1,140 @@
+"""What an audit needs besides the two models: the concept's images and names, the other identities, a control.
+
+:class:`AuditData` holds preprocessed images (``[N, C, H, W]`` float32, CPU) per identity name:
+
+* ``test``: held-out images of the concept and of every other identity — what every probe scores on;
+* ``train``: training-split images (the representation probe's training data; the relearning pairs);
+* ``controls``: **control names** the model never learned (invented names never captioned): the attack and the
+  relearning probes run the same search or fine-tuning on the concept's own images with a control name in place of
+  the concept's name, so a budget strong enough to attach *any* name to those images can be told from one that
+  recovers the forgotten name.
+
+:func:`world_audit_data` builds it for the embedded world (test split, 50 images per identity; 20 training-split
+images per identity; controls :func:`default_controls`).
+:func:`folder_audit_data` builds it from a user's class folders (``<Name>/*.jpg``), the form ``slug audit`` takes for
+a real model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import torch
+
+from ..common.errors import EmptyForgetSetError
+
+
+@dataclass
+class AuditData:
+    """Images and names of one audit (module docstring). ``names``: the zero-shot class list (every identity, the
+    concept included); ``templates``: the zero-shot prompt templates of the run (``{}`` = the name);
+    ``seen_templates``: templates the search or the forget captions used (never counted as unseen prompt forms);
+    ``aliases``: other names the concept goes by (tried as name variants)."""
+
+    concept: str
+    names: list[str]
+    templates: list[str]
+    test: dict[str, torch.Tensor]
+    train: dict[str, torch.Tensor] = field(default_factory=dict)
+    controls: list[str] = field(default_factory=list)
+    seen_templates: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self):
+        if self.concept not in self.names:
+            raise ValueError(f"concept {self.concept!r} is not in the name list ({len(self.names)} names); "
+                             "the audit scores it against the others")
+        if self.concept not in self.test or not len(self.test[self.concept]):
+            raise EmptyForgetSetError(f"no test images of {self.concept!r}; every probe scores on them")
+        if not self.controls:
+            self.controls = default_controls(self.names)
+        for c in self.controls:
+            if c.strip().lower() in {n.lower() for n in self.names}:
+                raise ValueError(f"control name {c!r} is in the name list; a control must be a name the model never "
+                                 "learned")
+
+    @property
+    def concept_index(self) -> int:
+        return self.names.index(self.concept)
+
+    def others(self) -> list[str]:
+        """The other identities with test images, in name-list order."""
+        return [n for n in self.names if n != self.concept and n in self.test]
+
+
+def default_controls(names: list[str], n: int = 3) -> list[str]:
+    """``n`` invented names (:func:`slugkit.world.names.held_out_identities`) not in ``names``: never captioned in the
+    embedded world, and invented, so a real model has not learned them either."""
+    from ..world.names import held_out_identities
+
+    taken = {x.lower() for x in names}
+    return [i.name for i in held_out_identities(n + 5) if i.name.lower() not in taken][:n]
+
+
+def _preprocess(adapter, images) -> torch.Tensor:
+    return torch.stack([adapter.preprocess(im) for im in images])
+
+
+def _world_split(split: str, per: int) -> dict[str, list]:
+    from ..world import render as world
+
+    by: dict[str, list] = {}
+    for s in world.make_samples(split, "identity", per):
+        by.setdefault(s.class_name, []).append(world.jpeg_roundtrip(s.image))
+    return by
+
+
+def world_audit_data(adapter, concept: str, per_test: int = 50, per_train: int = 20) -> AuditData:
+    """The embedded world's audit data for identity ``concept`` (rendered directly: the same images as the world's
+    folders, JPEG round trip included); the controls are :func:`default_controls`. Raises ``KeyError`` for a name
+    the world does not have."""
+    from ..world import render as world
+
+    ident = world.identity_by_name(concept)
+    names = world.identity_names()
+    test, train = ({n: _preprocess(adapter, ims) for n, ims in _world_split(split, per).items()}
+                   for split, per in (("test", per_test), ("train", per_train)))
+    return AuditData(
+        concept=ident.name, names=names, templates=list(world.IDENTITY_EVAL_TEMPLATES), test=test, train=train,
+        seen_templates=list(world.IDENTITY_CAPTION_TEMPLATES) + list(world.IDENTITY_EVAL_TEMPLATES),
+        source="embedded world (test split, train split)")
+
+
+def _class_images(adapter, root: str, what: str) -> dict[str, torch.Tensor]:
+    from ..data.folders import read_class_folder
+
+    folder = read_class_folder(root)
+    by: dict[str, list] = {}
+    for img, y in folder.load():
+        by.setdefault(folder.classnames[y], []).append(adapter.preprocess(img))
+    if not by:
+        raise EmptyForgetSetError(f"{root}: no images in the {what} class folder")
+    return {n: torch.stack(v) for n, v in by.items()}
+
+
+def folder_audit_data(adapter, concept: str, names: list[str], templates: list[str], test_identities: str, *,
+                      train_identities: str | None = None, controls: list[str] | None = None,
+                      seen_templates: list[str] | None = None, aliases: list[str] | None = None) -> AuditData:
+    """Audit data from class folders (``<Name>/*.jpg``, names as ``names`` spells them, spaces or underscores):
+    ``test_identities`` (required; the concept must have a folder) and ``train_identities`` (the representation
+    probe and the relearning pairs; without it those probes are skipped). ``controls``: names the model never
+    learned (default :func:`default_controls`). Raises ``EmptyForgetSetError`` when the concept has no test images,
+    ``ValueError`` for a folder whose class is not in ``names`` or a control that is."""
+    norm = {n.replace("_", " ").strip().lower(): n for n in names}
+
+    def rename(d: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in d.items():
+            key = norm.get(k.replace("_", " ").strip().lower())
+            if key is None:
+                raise ValueError(f"{where}: class folder {k!r} is not in the name list")
+            out[key] = v
+        return out
+
+    concept = norm.get(concept.replace("_", " ").strip().lower(), concept)
+    test = rename(_class_images(adapter, test_identities, "test"), test_identities)
+    train = rename(_class_images(adapter, train_identities, "train"), train_identities) if train_identities else {}
+    return AuditData(concept=concept, names=list(names), templates=list(templates), test=test, train=train,
+                     controls=list(controls or []), seen_templates=list(seen_templates or []) + list(templates),
+                     aliases=list(aliases or []),
+                     source=f"class folders: test {test_identities}, train {train_identities or '-'}")

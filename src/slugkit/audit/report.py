@@ -1,0 +1,107 @@
+"""``audit.md``: the audit record of :func:`slugkit.audit.run.run_audit` as markdown — a summary table (one row per
+probe: what it tried, its budget, before → after, the graded number, the status) and a short section per probe."""
+
+from __future__ import annotations
+
+from .representation import EXPLANATION
+
+TITLES = {"prompts": "Prompt variants", "attack": "Adversarial prompt search", "precision": "Reduced precision",
+          "relearn": "Relearning", "representation": "Representation (linear probe)"}
+MARK = {"pass": "pass", "warn": "**warn**", "fail": "**FAIL**", "skipped": "skipped"}
+
+
+def _f(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _steps(v, rec: dict) -> str:
+    return f"> {rec['budget']['steps']}" if v is None else str(v)
+
+
+def _before_after(rec: dict) -> str:
+    p = rec["probe"]
+    if rec["status"] == "skipped":
+        return "–"
+    if p == "prompts" and rec.get("worst"):
+        return f"{_f(rec['worst']['before'])} → {_f(rec['worst']['after'])}"
+    if p == "precision" and rec.get("worst"):
+        return f"{_f(rec['worst']['before'])} → {_f(rec['worst']['after'])}"
+    if p == "attack":
+        c = rec["concept"]
+        ctl = rec.get("control")
+        return (f"{_f(c['natural_before'])} → {_f(c['natural_after'])} (attack {_f(c['success'])}"
+                + (f"; from control names {_f(ctl['success'])})" if ctl else "; no control)"))
+    if p == "relearn":
+        return "; ".join(f"n={r['n']}: {_steps(r['concept_steps'], rec)} vs {_steps(r.get('control_steps'), rec)}"
+                         for r in rec["rows"]) + " steps"
+    if p == "representation":
+        return f"{_f(rec['before']['concept'])} → {_f(rec['after']['concept'])}"
+    return "–"
+
+
+def audit_markdown(result: dict) -> str:
+    """The markdown text (ends with a newline)."""
+    lines = [f"## Audit: does the removal of {result['concept']} hold?", "",
+             f"Overall (gating probes): **{result['status']}**. Control names (never learned): "
+             f"{', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
+             f"Time: {result['seconds']:.0f} s.", "",
+             "| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
+             "|---|---|---|---|---|---|"]
+    for rec in result["probes"]:
+        g = rec.get("graded")
+        graded = f"{g['name']}: {g['value']:.2f}" if g else "–"
+        th = f"{g['pass_at']:g} / {g['fail_at']:g}" if g else "–"
+        gate = "" if rec.get("gating") else " (not gating)"
+        lines.append(f"| {TITLES[rec['probe']]} | {rec.get('tried', '–')} | {_before_after(rec)} | {graded} | {th} | "
+                     f"{MARK[rec['status']]}{gate} |")
+    lines.append("")
+    for rec in result["probes"]:
+        lines += [f"### {TITLES[rec['probe']]}: {rec['status']}", "", rec["summary"] + ".", ""]
+        p = rec["probe"]
+        if p == "prompts" and rec.get("rows"):
+            lines += ["| kind | variant | before top-1 | after top-1 | after top-5 |", "|---|---|---|---|---|"]
+            for r in sorted((r for r in rec["rows"] if "after" in r), key=lambda r: -r["after"]["top1"]):
+                tag = "" if r["informative"] else " (uninformative)"
+                lines.append(f"| {r['kind']} | `{r['variant']}`{tag} | {_f(r['before']['top1'])} | "
+                             f"{_f(r['after']['top1'])} | {_f(r['after']['top5'])} |")
+            same = [r["variant"] for r in rec["rows"] if r.get("same_tokens")]
+            if same:
+                lines.append(f"\nSame tokens as the name (not scored): {', '.join(f'`{v}`' for v in same)}.")
+            lines.append("")
+        elif p == "precision" and rec.get("rows"):
+            lines += ["| condition | before top-1 | after top-1 | after top-5 |", "|---|---|---|---|"]
+            for r in rec["rows"]:
+                if "skipped" in r:
+                    lines.append(f"| {r['condition']} | skipped: {r['skipped']} | | |")
+                else:
+                    tag = "" if r.get("informative", True) else " (uninformative)"
+                    lines.append(f"| {r['condition']}{tag} | {_f(r['before']['top1'])} | {_f(r['after']['top1'])} | "
+                                 f"{_f(r['after']['top5'])} |")
+            lines.append("")
+        elif p == "attack":
+            c, ctl = rec["concept"], rec.get("control")
+            lines.append(f"Found prompt starting from the concept's name: `{c['prompt']}` (test top-1 "
+                         f"{c['success']:.2f}, loss {c['loss']:.3f}).")
+            for x in (ctl["each"] if ctl else []):
+                lines.append(f"Same search, same images, from the never-learned name {x['name']!r}: `{x['prompt']}` "
+                             f"(test top-1 {x['success']:.2f}).")
+            k = rec["budget"]["iterations"]
+            steps = sorted({0, 1, 2, 3, 5, 10, 20, k} & set(range(0, k + 1)))
+            lines += ["", "| iteration | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|",
+                      "| concept top-1 | " + " | ".join(f"{c['curve'][i]:.2f}" for i in steps) + " |"]
+            if ctl:
+                lines.append("| control names top-1 | " + " | ".join(f"{ctl['curve'][i]:.2f}" for i in steps) + " |")
+            lines.append("")
+        elif p == "relearn" and rec.get("rows"):
+            lines += ["| n pairs | concept top-1 at start | steps to 0.5 | controls' steps to 0.5 | speed-up |",
+                      "|---|---|---|---|---|"]
+            for r in rec["rows"]:
+                ctl = _steps(r.get("control_steps"), rec) if "control" in r else "–"
+                lines.append(f"| {r['n']} | {_f(r['concept'][0])} | {_steps(r['concept_steps'], rec)} | {ctl} | "
+                             f"{r['speedup']:.2f} |")
+            lines.append("")
+        elif p == "representation" and rec["status"] != "skipped":
+            lines.append(f"Other identities: {_f(rec['before']['others_mean'])} → {_f(rec['after']['others_mean'])} "
+                         f"(worst {_f(rec['after']['others_worst'])}). What a high value means: {EXPLANATION}.")
+            lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -1,0 +1,130 @@
+"""Run the audit probes on a patch and write ``audit.json`` / ``audit.md`` (and the audit section of ``report.md``).
+
+:func:`run_audit` takes the unedited and the patched adapter (the same family; the patched one usually
+:func:`patched_copy` of the other) and an :class:`~slugkit.audit.data.AuditData`; :func:`audit_patch` loads them
+from a model id and a patch folder (the form ``slug audit`` takes). The result's ``status`` is the worst status of
+the **gating** probes (the representation probe is reported but not gating unless asked; see
+:mod:`slugkit.audit.representation`); a skipped probe says why and does not count.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..common.files import atomic_write_bytes, write_json
+from ..common.progress import status as say
+from .attack import AttackBudget, probe_attack
+from .base import AuditThresholds, worst_status
+from .data import AuditData
+from .precision import probe_precision
+from .prompts import probe_prompts
+from .relearn import RelearnBudget, clone_adapter, probe_relearn
+from .representation import probe_representation
+
+PROBES = ("prompts", "attack", "precision", "relearn", "representation")
+AUDIT_JSON, AUDIT_MD = "audit.json", "audit.md"
+REPORT_BEGIN, REPORT_END = "<!-- slug audit: begin -->", "<!-- slug audit: end -->"
+
+
+def patched_copy(adapter, patch):
+    """A copy of ``adapter`` (own model) with ``patch`` applied (hash-checked: a wrong base raises
+    :class:`~slugkit.patch.PatchMismatchError`)."""
+    from ..patch import apply_patch
+
+    a = clone_adapter(adapter)
+    apply_patch(a.model, patch)
+    return a
+
+
+def run_audit(before, after, data: AuditData, *, probes=PROBES, thresholds: AuditThresholds = AuditThresholds(),
+              attack: AttackBudget = AttackBudget(), relearn: RelearnBudget = RelearnBudget(),
+              gate_representation: bool = False, progress: bool = True, out: str | Path | None = None,
+              meta: dict | None = None) -> dict:
+    """Run ``probes`` (names from :data:`PROBES`) and return the audit record; with ``out``, write it there
+    (:func:`write_audit`). Raises ``ValueError`` for an unknown probe name."""
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown:
+        raise ValueError(f"unknown audit probe(s) {unknown}; available: {', '.join(PROBES)}")
+    t0 = time.perf_counter()
+    records = []
+    for name in PROBES:
+        if name not in probes:
+            continue
+        say(f"audit: {name} ...", progress)
+        torch.manual_seed(0)
+        if name == "prompts":
+            rec = probe_prompts(before, after, data, thresholds)
+        elif name == "attack":
+            rec = probe_attack(before, after, data, thresholds, attack)
+        elif name == "precision":
+            rec = probe_precision(before, after, data, thresholds)
+        elif name == "relearn":
+            rec = probe_relearn(before, after, data, thresholds, relearn)
+        else:
+            rec = probe_representation(before, after, data, thresholds, gating=gate_representation)
+        say(f"audit: {name}: {rec['status']} — {rec['summary']}", progress)
+        records.append(rec)
+    gating = [r["status"] for r in records if r.get("gating") and r["status"] != "skipped"]
+    result = {"audit_version": 1, "concept": data.concept, "controls": data.controls, "data": data.source,
+              **(meta or {}), "status": worst_status(gating),
+              "probes": records, "thresholds": thresholds.as_dict(),
+              "budgets": {"attack": asdict(attack), "relearn": asdict(relearn)},
+              "seconds": time.perf_counter() - t0}
+    if out is not None:
+        write_audit(result, out)
+    return result
+
+
+def audit_patch(patch_path: str | Path, model: str = "embedded", concept: str | None = None, *,
+                pretrained: str | None = None, family: str = "open_clip", data: AuditData | None = None,
+                threads: int | None = None, device: str = "cpu", **kw) -> dict:
+    """Load ``model`` and the patch at ``patch_path``, build the world's audit data when ``data`` is None (the
+    embedded model only: otherwise pass ``data``), and :func:`run_audit`. ``concept`` defaults to the patch's.
+    Raises :class:`~slugkit.patch.PatchError` for a bad patch or a wrong base, ``ValueError`` when no data can be
+    built."""
+    from ..models import load_adapter
+    from ..patch import load_patch
+    from .data import world_audit_data
+
+    if threads:
+        torch.set_num_threads(threads)
+    patch = load_patch(patch_path)
+    concept = concept or patch.meta.get("concept")
+    if not concept:
+        raise ValueError(f"{patch_path}: the patch names no concept; pass --concept NAME")
+    before = load_adapter(model, pretrained, family, device=device)
+    after = patched_copy(before, patch)
+    if data is None:
+        if model != "embedded":
+            raise ValueError("slug audit on a model other than the embedded one needs its data: --test-identities "
+                             "and --names (and --train-identities, --control-name/--control-images for the "
+                             "relearning, representation and control probes)")
+        data = world_audit_data(before, concept)
+    meta = {"patch": str(patch_path), "model": model, "method": patch.meta.get("method"), "layers": patch.names}
+    return run_audit(before, after, data, meta=meta, **kw)
+
+
+def write_audit(result: dict, out: str | Path) -> None:
+    """``audit.json`` and ``audit.md`` in ``out`` (created if missing), each written atomically; if ``out`` holds a
+    ``report.md`` (a run folder), its audit section is replaced (or appended) with the same markdown."""
+    from .report import audit_markdown
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = audit_markdown(result)
+    write_json(out / AUDIT_JSON, result)
+    atomic_write_bytes(out / AUDIT_MD, md.encode())
+    report = out / "report.md"
+    if report.is_file():
+        text = report.read_text()
+        section = f"{REPORT_BEGIN}\n{md}{REPORT_END}\n"
+        if REPORT_BEGIN in text and REPORT_END in text:
+            head, rest = text.split(REPORT_BEGIN, 1)
+            text = head + section + rest.split(REPORT_END, 1)[1].lstrip("\n")
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        atomic_write_bytes(report, text.encode())
