@@ -84,10 +84,11 @@ def _world_split(split: str, per: int) -> dict[str, list]:
     return by
 
 
-def world_audit_data(adapter, concept: str, per_test: int = 50, per_train: int = 20) -> AuditData:
+def world_audit_data(adapter, concept: str, per_test: int = 50, per_train: int = 20,
+                     controls: list[str] | None = None, aliases: list[str] | None = None) -> AuditData:
     """The embedded world's audit data for identity ``concept`` (rendered directly: the same images as the world's
-    folders, JPEG round trip included); the controls are :func:`default_controls`. Raises ``KeyError`` for a name
-    the world does not have."""
+    folders, JPEG round trip included); ``controls`` default to :func:`default_controls`. Raises ``KeyError`` for a
+    name the world does not have, ``ValueError`` for a control that is one of its names."""
     from ..world import render as world
 
     ident = world.identity_by_name(concept)
@@ -97,7 +98,7 @@ def world_audit_data(adapter, concept: str, per_test: int = 50, per_train: int =
     return AuditData(
         concept=ident.name, names=names, templates=list(world.IDENTITY_EVAL_TEMPLATES), test=test, train=train,
         seen_templates=list(world.IDENTITY_CAPTION_TEMPLATES) + list(world.IDENTITY_EVAL_TEMPLATES),
-        source="embedded world (test split, train split)")
+        controls=list(controls or []), aliases=list(aliases or []), source="embedded world (test split, train split)")
 
 
 def _class_images(adapter, root: str, what: str) -> dict[str, torch.Tensor]:

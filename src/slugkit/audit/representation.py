@@ -77,5 +77,7 @@ def probe_representation(before, after, data: AuditData, thresholds: AuditThresh
                graded={"name": "probe accuracy on the concept's test images after", "value": value,
                        "pass_at": thresholds.representation[0], "fail_at": thresholds.representation[1]},
                summary=f"probe accuracy {res['before']['concept']:.2f} -> {value:.2f} (other identities "
-                       f"{res['after']['others_mean']:.2f})" + (f"; {EXPLANATION}" if status != "pass" else ""))
+                       f"{res['after']['others_mean']:.2f})" + ("; the identity is still visually separable, the "
+                                                                "name association is what was removed"
+                                                                if status != "pass" else ""))
     return rec

@@ -66,7 +66,7 @@ def run_audit(before, after, data: AuditData, *, probes=PROBES, thresholds: Audi
             rec = probe_relearn(before, after, data, thresholds, relearn)
         else:
             rec = probe_representation(before, after, data, thresholds, gating=gate_representation)
-        say(f"audit: {name}: {rec['status']} — {rec['summary']}", progress)
+        say(f"audit: {name}: {rec['status']} ({rec.get('seconds', 0.0):.0f} s)", progress)
         records.append(rec)
     gating = [r["status"] for r in records if r.get("gating") and r["status"] != "skipped"]
     result = {"audit_version": 1, "concept": data.concept, "controls": data.controls, "data": data.source,
@@ -80,30 +80,41 @@ def run_audit(before, after, data: AuditData, *, probes=PROBES, thresholds: Audi
 
 
 def audit_patch(patch_path: str | Path, model: str = "embedded", concept: str | None = None, *,
-                pretrained: str | None = None, family: str = "open_clip", data: AuditData | None = None,
-                threads: int | None = None, device: str = "cpu", **kw) -> dict:
-    """Load ``model`` and the patch at ``patch_path``, build the world's audit data when ``data`` is None (the
-    embedded model only: otherwise pass ``data``), and :func:`run_audit`. ``concept`` defaults to the patch's.
-    Raises :class:`~slugkit.patch.PatchError` for a bad patch or a wrong base, ``ValueError`` when no data can be
-    built."""
+                pretrained: str | None = None, family: str = "open_clip", data=None, controls: list[str] | None = None,
+                aliases: list[str] | None = None, threads: int | None = None, device: str = "cpu", **kw) -> dict:
+    """Load ``model`` and the patch at ``patch_path`` and :func:`run_audit`. ``concept`` defaults to the patch's.
+    ``data``: an :class:`AuditData`, a callable ``(adapter, concept) -> AuditData`` (called with the loaded base
+    model, so a large model is loaded once), or None for the embedded world's data (``controls``/``aliases`` then
+    passed on; the embedded model only). Raises :class:`~slugkit.patch.PatchError` for a bad patch or a wrong
+    base, ``ValueError`` when no data can be built or the patch names no concept. ``threads``: torch's CPU threads
+    for the audit only (restored afterwards)."""
+    before_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        return _audit_patch(patch_path, model, concept, pretrained, family, data, controls, aliases, device, kw)
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+def _audit_patch(patch_path, model, concept, pretrained, family, data, controls, aliases, device, kw) -> dict:
     from ..models import load_adapter
     from ..patch import load_patch
     from .data import world_audit_data
 
-    if threads:
-        torch.set_num_threads(threads)
     patch = load_patch(patch_path)
     concept = concept or patch.meta.get("concept")
-    if not concept:
-        raise ValueError(f"{patch_path}: the patch names no concept; pass --concept NAME")
+    if not concept or not isinstance(concept, str):
+        raise ValueError(f"{patch_path}: the patch names no single concept ({concept!r}); pass --concept NAME")
+    if data is None and model != "embedded":
+        raise ValueError("slug audit on a model other than the embedded one needs its data: --test-identities "
+                         "and --names (and --train-identities for the relearning and representation probes)")
     before = load_adapter(model, pretrained, family, device=device)
     after = patched_copy(before, patch)
     if data is None:
-        if model != "embedded":
-            raise ValueError("slug audit on a model other than the embedded one needs its data: --test-identities "
-                             "and --names (and --train-identities, --control-name/--control-images for the "
-                             "relearning, representation and control probes)")
-        data = world_audit_data(before, concept)
+        data = world_audit_data(before, concept, controls=controls, aliases=aliases)
+    elif callable(data):
+        data = data(before, concept)
     meta = {"patch": str(patch_path), "model": model, "method": patch.meta.get("method"), "layers": patch.names}
     return run_audit(before, after, data, meta=meta, **kw)
 

@@ -7,11 +7,12 @@
     slug compare [--concept NAME] [--methods slug,ft,ga,gaft,salun,ssd] --out DIR
     slug apply / revert / inspect                    patches
     slug export --lora PATCH --pipeline DIR --out F  a text-encoder patch as a diffusers LoRA file
+    slug audit --patch RUN|PATCH [--out DIR]          does the removal hold? (prompts, attack, precision, ...)
     slug world names | train | data                  the embedded synthetic world
 
 Each command group lives in its own module (``run``: demo, unlearn; ``compare``; ``data``: curate, grads;
-``patches``: apply, revert, eval-sd, inspect, export; ``world``), which adds its subparsers; ``args`` holds the shared
-argument groups and the argument checks.
+``patches``: apply, revert, eval-sd, inspect, export; ``audit``; ``world``), which adds its subparsers; ``args``
+holds the shared argument groups and the argument checks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import sys
 
 from ..common.errors import check_device, device_error_hint
-from . import compare, data, patches, run, world
+from . import audit, compare, data, patches, run, world
 
 __all__ = ["build_parser", "check_device", "device_error_hint", "main"]
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parsers(sub)  # compare
     data.add_parsers(sub)  # curate, grads
     patches.add_parsers(sub)  # apply, revert, eval-sd, inspect, export
+    audit.add_parsers(sub)  # audit
     world.add_parsers(sub)  # world names | train | data | train-t2i
     return p
 

@@ -117,6 +117,9 @@ def cmd_demo(a) -> int:
     from ..workflows.unlearn import check_out_dir, run_unlearn
 
     if a.target == "sd":
+        if a.audit:
+            return refuse("--audit with --target sd is not available yet: the audit probes cover CLIP patches "
+                          "(slug audit --patch RUN); run the SD demo without --audit")
         try:
             return cmd_demo_sd(a)
         except ImportError as e:
@@ -138,6 +141,9 @@ def cmd_demo(a) -> int:
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients, budgets=budgets_of(a), **step_options(a))
+    if a.audit and len(concepts) > 1:
+        return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept of a "
+                      "joint or sequential run")
     if a.sequential and len(concepts) > 1:
         cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: out / f"{k + 1}-{c.replace(' ', '_')}",
                                                         a.data_dir, **common)]
@@ -147,7 +153,19 @@ def cmd_demo(a) -> int:
     cfg, cur, data = world_config(concepts if len(concepts) > 1 else concepts[0], out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, str(out))
-    return exit_status_of(result)
+    return _with_audit(a, out, result)
+
+
+def _with_audit(a, out, result: dict, data=None) -> int:
+    """The run's exit status; with ``--audit``, the audit of the run folder's patch runs too and the more severe of
+    the two statuses is returned (a removal the audit shows does not hold is not a pass)."""
+    rc = exit_status_of(result)
+    if not getattr(a, "audit", False):
+        return rc
+    from .audit import audit_run_folder
+
+    rc_audit = audit_run_folder(out, a, result, data)
+    return rc if rc_audit is None else max(rc, rc_audit)
 
 
 def cmd_unlearn(a) -> int:
@@ -173,9 +191,26 @@ def cmd_unlearn(a) -> int:
         family=a.family, consumer=a.consumer, clip_skip=a.clip_skip, budgets=budgets_of(a), **step_options(a),
         caption_check=not a.no_caption_check,
         progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
+    if a.audit and len(concepts) > 1:
+        return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept")
+    if a.audit and not (a.test_identities and a.names):
+        return refuse("--audit needs --test-identities and --names (the audit scores the concept against every name)")
     result = run_unlearn(cfg)
     print_summary(result, a.out)
-    return exit_status_of(result)
+    return _with_audit(a, a.out, result, _folder_data(a))
+
+
+def _folder_data(a):
+    """``slug unlearn --audit`` on a real model: the audit's data callable from the run's own folders."""
+    from ..audit import folder_audit_data
+    from ..data.folders import read_lines
+
+    names = read_lines(a.names)
+
+    def data(adapter, concept):
+        return folder_audit_data(adapter, concept, names, a.identity_template or ["{}."], a.test_identities,
+                                 train_identities=a.train_identities, controls=a.control_name, aliases=a.alias or [])
+    return data
 
 
 def _unlearn_on_world(a, concepts: list[str]) -> int:
@@ -197,7 +232,7 @@ def _unlearn_on_world(a, concepts: list[str]) -> int:
     cfg, cur, data = world_config(names if len(names) > 1 else names[0], a.out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, a.out)
-    return exit_status_of(result)
+    return _with_audit(a, a.out, result)
 
 
 def add_parsers(sub) -> None:
@@ -257,6 +292,7 @@ def add_parsers(sub) -> None:
                      help="applied step = this x the smallest step that forgot on validation (default 1.2)")
     sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
     add_run_args(d, threads=1, out_default="runs/demo-<Name> (--target sd: runs/demo-sd-<concept>)")
+    _add_audit_args(d)
     d.set_defaults(func=cmd_demo)
 
     u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
@@ -308,5 +344,21 @@ def add_parsers(sub) -> None:
     u.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
     u.add_argument("--no-caption-check", action="store_true",
                    help="run even when no forget caption names the concept (default: refuse such a forget set)")
+    u.add_argument("--train-identities", default=None,
+                   help="with --audit: class folder of training-split images (the relearning and representation "
+                        "probes; skipped without it)")
+    u.add_argument("--alias", action="append", default=None,
+                   help="with --audit: another name of the concept, tried as a prompt variant (repeatable)")
     add_run_args(u)
+    _add_audit_args(u)
     u.set_defaults(func=cmd_unlearn)
+
+
+def _add_audit_args(p) -> None:
+    from .audit import add_audit_budget_args
+
+    p.add_argument("--audit", action="store_true",
+                   help="after the run, audit its patch (slug audit: prompt variants, adversarial prompts, precision, "
+                        "relearning, linear probe) into audit.json / audit.md and report.md; the exit status is the "
+                        "more severe of the run's and the audit's")
+    add_audit_budget_args(p)

@@ -1,0 +1,164 @@
+"""``slug audit``: does a removal hold? (:mod:`slugkit.audit`), and the ``--audit`` option of ``demo`` / ``unlearn``.
+
+    slug audit --patch RUN_OR_PATCH [--model embedded] [--concept NAME] [--out DIR] [--probes a,b,...]
+
+``--patch`` takes a patch folder or a run folder (its ``patch/``); a run folder is also the default ``--out`` (the
+audit section is added to its ``report.md``). Exit status: 0 every gating probe passed, 3 a warning, 4 a failure,
+2 a usage or input error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .args import COUNT, THREADS, float_at_least, refuse, split_list, template
+
+AUDIT_EXIT = {"pass": 0, "warn": 3, "fail": 4}
+
+
+def add_audit_budget_args(p) -> None:
+    """The probes and their budgets (shared by ``slug audit`` and ``--audit`` of the run commands)."""
+    from ..audit import PROBES
+
+    g = p.add_argument_group("audit probes and budgets (slug audit; documented in slugkit.audit)")
+    g.add_argument("--probes", default=",".join(PROBES),
+                   help=f"comma list of probes to run (default all: {','.join(PROBES)})")
+    g.add_argument("--attack-iterations", type=COUNT, default=40, help="GCG iterations per search (default 40)")
+    g.add_argument("--attack-candidates", type=COUNT, default=64,
+                   help="candidate prompts scored per GCG iteration (default 64)")
+    g.add_argument("--attack-tokens", type=COUNT, default=8, help="free tokens after 'a photo of <name>' (default 8)")
+    g.add_argument("--attack-restarts", type=COUNT, default=3, help="GCG restarts, curves averaged (default 3)")
+    g.add_argument("--relearn-steps", type=COUNT, default=30, help="fine-tuning steps of the relearning probe "
+                                                                   "(default 30)")
+    g.add_argument("--relearn-sizes", default="5,20", help="comma list of forget-pair counts n (default 5,20)")
+    g.add_argument("--relearn-lr", type=float_at_least(1e-12), default=1e-4,
+                   help="AdamW learning rate of the relearning probe (default 1e-4: the embedded model; ~1e-5 suits "
+                        "a pretrained CLIP)")
+    g.add_argument("--control-name", action="append", default=None,
+                   help="a name the model never learned, the attack's and relearning's control (repeatable; default "
+                        "three invented names)")
+    g.add_argument("--gate-representation", action="store_true",
+                   help="let the representation probe change the exit status (default: reported only)")
+
+
+def audit_options(a) -> dict:
+    """``run_audit`` keyword arguments from the parsed options. Raises ``ValueError`` naming the bad option."""
+    from ..audit import PROBES, AttackBudget, RelearnBudget
+
+    probes = split_list(a.probes)
+    bad = [p for p in probes if p not in PROBES]
+    if not probes or bad:
+        raise ValueError(f"--probes: unknown {bad or 'empty list'}; choose from {','.join(PROBES)}")
+    try:
+        sizes = tuple(int(x) for x in split_list(a.relearn_sizes))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--relearn-sizes: expected a comma list of positive integers, got {a.relearn_sizes!r}")
+    return {"probes": probes, "gate_representation": a.gate_representation,
+            "attack": AttackBudget(n_tokens=a.attack_tokens, iterations=a.attack_iterations,
+                                   candidates=a.attack_candidates, restarts=a.attack_restarts),
+            "relearn": RelearnBudget(sizes=sizes, steps=a.relearn_steps, lr=a.relearn_lr),
+            "progress": not getattr(a, "no_progress", False)}
+
+
+def _patch_and_out(a) -> tuple[Path, Path]:
+    p = Path(a.patch)
+    run = p if (p / "patch" / "patch.json").is_file() else None
+    patch = run / "patch" if run else p
+    if not (patch.is_dir() and (patch / "patch.json").is_file()) and not patch.is_file():
+        raise ValueError(f"--patch {a.patch}: no patch there (expected a patch folder with patch.json, or a run folder "
+                         "with patch/)")
+    if a.out is None and run is None:
+        raise ValueError("--out is required when --patch is a patch folder (a run folder is its own default --out)")
+    return patch, Path(a.out) if a.out else run
+
+
+def cmd_audit(a) -> int:
+    """`slug audit`."""
+    from ..audit import audit_patch, folder_audit_data
+    from ..audit.report import TITLES
+    from ..audit.run import AUDIT_JSON
+    from ..data.folders import read_lines
+
+    opts = audit_options(a)
+    patch, out = _patch_and_out(a)
+    if (out / AUDIT_JSON).exists() and not a.overwrite:
+        return refuse(f"{out / AUDIT_JSON} exists; pass --overwrite to replace it")
+    data = None
+    if a.test_identities or a.model != "embedded":
+        if not (a.test_identities and a.names):
+            return refuse("--test-identities and --names are required for a model other than the embedded one "
+                          "(--train-identities too, for the relearning and representation probes)")
+        names = read_lines(a.names)
+
+        def data(adapter, concept):
+            return folder_audit_data(adapter, concept, names, a.identity_template or ["{}."], a.test_identities,
+                                     train_identities=a.train_identities, controls=a.control_name,
+                                     aliases=a.alias or [])
+    result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
+                         controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
+                         **opts)
+    print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}")
+    for rec in result["probes"]:
+        gate = "" if rec.get("gating") else " (not gating)"
+        print(f"  {TITLES[rec['probe']]:32s} {rec['status']:7s}{gate}  {rec['summary']}")
+    print(f"wrote {out / AUDIT_JSON} and {out / 'audit.md'}" + (" (and its section of report.md)"
+                                                                 if (out / "report.md").is_file() else ""))
+    return AUDIT_EXIT[result["status"]]
+
+
+def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
+    """``--audit`` of ``slug demo`` / ``slug unlearn``: audit the run just written in ``out`` (``data``: as
+    :func:`slugkit.audit.audit_patch` takes it; None: the embedded world's). Returns the audit's exit status, None
+    when the run wrote no patch."""
+    from ..audit import audit_patch
+    from ..audit.report import TITLES
+
+    patch = Path(out) / "patch"
+    if not (patch / "patch.json").is_file():
+        print("audit: no patch was written; nothing to audit", file=sys.stderr)
+        return None
+    m = result.get("model") if isinstance(result.get("model"), dict) else {}
+    res = audit_patch(patch, m.get("model", "embedded"), None, pretrained=m.get("pretrained"),
+                      family=m.get("family", "open_clip"),
+                      data=data, controls=a.control_name, device=getattr(a, "device", "cpu"), out=out,
+                      threads=getattr(a, "threads", None),
+                      **audit_options(a))
+    print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + "; ".join(
+        f"{TITLES[r['probe']]} {r['status']}" + ("" if r.get("gating") else " (not gating)") for r in res["probes"])
+        + f" (see {Path(out) / 'audit.md'})")
+    return AUDIT_EXIT[res["status"]]
+
+
+def add_parsers(sub) -> None:
+    """Add the `audit` subcommand to ``sub``."""
+    p = sub.add_parser("audit", help="does a removal hold? probe a patch with prompt variants, adversarial prompts, "
+                                     "reduced precision, relearning and a linear probe")
+    p.add_argument("--patch", required=True, help="a patch folder, or a run folder (its patch/; also the default "
+                                                  "--out)")
+    p.add_argument("--model", default="embedded", help="the base model the patch was made for (default embedded; "
+                                                       "other models need --test-identities and --names)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
+    p.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
+    p.add_argument("--concept", default=None, help="the forgotten name (default: the patch's concept)")
+    p.add_argument("--out", default=None, help="folder for audit.json / audit.md (default: the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing audit.json in --out")
+    p.add_argument("--test-identities", default=None, help="class folder <Name>/*.jpg of held-out images (a real "
+                                                           "model's data; the embedded world's otherwise)")
+    p.add_argument("--train-identities", default=None,
+                   help="class folder of training-split images (the relearning and representation probes)")
+    p.add_argument("--names", default=None, help="file with the full identity name list (one per line)")
+    p.add_argument("--identity-template", type=template, action="append", default=None,
+                   help="zero-shot prompt with {} as the run used it (repeatable; default '{}.')")
+    p.add_argument("--alias", action="append", default=None, help="another name of the concept, tried as a variant "
+                                                                  "(repeatable)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    add_audit_budget_args(p)
+    p.set_defaults(func=cmd_audit)
+
+
+__all__ = ["add_audit_budget_args", "add_parsers", "audit_options", "audit_run_folder", "cmd_audit"]

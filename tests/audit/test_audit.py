@@ -1,0 +1,311 @@
+"""`slug audit` (issue 13): each probe fails on a constructed leaky removal and passes on a constructed sound one.
+
+All on the shipped embedded CLIP and the world's images (concept "Talsa Falham": its first name alone names it on
+the unedited model, so a removal that only breaks the last name can be caught). Constructed removals:
+
+* ``last_name_edit``: only the last name's token-embedding rows moved, until the run's full-name prompts stop naming
+  the concept — the first name still does (prompt variants, adversarial prompt: leaky);
+* ``prompt_only_edit``: ``text_projection`` changed in closed form so that the run's three full-name prompts give the
+  embedding of "a photo of a thing." — it carries over to other templates and the first name (prompt variants and
+  precision: sound);
+* ``int4_box_edit``: ``text_projection`` moved only inside its own 4-bit rounding box, so int4 rounding returns the
+  unedited weights (precision: leaky);
+* ``barely_edit``: the closed-form edit scaled down to the smallest step that still removes the name on the test
+  images — a few fine-tuning steps bring it back (relearning: leaky);
+* a concept the model **never learned** (a held-out identity, unedited model): the sound limit for the attack and for
+  relearning;
+* a rank-one ``visual.proj`` (every image feature on one line): nothing is visually separable (representation:
+  sound); the text-only edits leave the image features as they were (representation: leaky).
+"""
+
+import json
+
+import pytest
+import torch
+
+from slugkit.audit import AttackBudget, AuditData, RelearnBudget, run_audit, world_audit_data
+from slugkit.audit.base import grade, worst_status
+from slugkit.audit.precision import quantize_rows, round_weights
+from slugkit.audit.prompts import misspellings, name_variants
+from slugkit.audit.relearn import clone_adapter
+from slugkit.audit.score import class_weights, hit_rates, image_features, name_prompts
+from slugkit.models import load_adapter
+from slugkit.world import render as world
+
+CONCEPT = "Talsa Falham"
+FAST_ATTACK = AttackBudget(iterations=12, candidates=64, restarts=2)
+FAST_RELEARN = RelearnBudget(sizes=(5,), steps=15)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(1)
+    return load_adapter("embedded")
+
+
+@pytest.fixture(scope="module")
+def data(base):
+    return world_audit_data(base, CONCEPT)
+
+
+def top1(adapter, d: AuditData) -> float:
+    w = class_weights(adapter, name_prompts(d.names, d.templates))
+    return hit_rates(image_features(adapter, d.test[d.concept]), w, d.concept_index)["top1"]
+
+
+def _pooled_text(adapter, prompts):
+    cap = {}
+    h = adapter.model.ln_final.register_forward_hook(lambda m, i, o: cap.__setitem__("x", o))
+    tok = adapter.tokenize(prompts)
+    with torch.no_grad():
+        adapter.model.encode_text(tok)
+    h.remove()
+    return cap["x"][torch.arange(tok.shape[0]), tok.argmax(-1)]
+
+
+def prompt_only_edit(adapter, d: AuditData, scale: float = 1.0):
+    """text_projection + the minimal-norm change mapping the run's full-name prompts to a neutral prompt."""
+    b = clone_adapter(adapter)
+    x = _pooled_text(adapter, [t.format(d.concept) for t in d.templates])
+    p = adapter.model.text_projection.detach()
+    y = _pooled_text(adapter, ["a photo of a thing."]) @ p
+    dp = x.T @ torch.linalg.solve(x @ x.T, y - x @ p)
+    with torch.no_grad():
+        b.model.text_projection.add_(scale * dp)
+    return b
+
+
+def box_edit(adapter, d: AuditData, name: str, rows=None, bits=None, steps=150, lr=0.01):
+    """Projected Adam on parameter ``name`` (its ``rows`` only, if given) against the full-name prompts; with
+    ``bits``, every entry stays within 0.45 grid steps of its ``bits``-bit rounding and each row's largest entry
+    is left alone, so :func:`quantize_rows` of the result is the rounding of the original."""
+    b = clone_adapter(adapter)
+    for q in b.model.parameters():
+        q.requires_grad_(False)
+    p = b.model.get_parameter(name)
+    orig = p.detach().clone()
+    mask = torch.zeros_like(orig)
+    mask[slice(None) if rows is None else rows] = 1
+    amax = orig.abs().amax(1, keepdim=True)
+    if bits:
+        center = torch.where(mask.bool(), quantize_rows(orig, bits), orig)
+        r = 0.45 * amax / (2 ** (bits - 1) - 1)
+        mask = mask * (orig.abs() < amax).float()
+    else:
+        center, r = orig, torch.full_like(amax, float("inf"))
+    imgs = image_features(adapter, d.train[d.concept])
+    tok = adapter.tokenize([t.format(d.concept) for t in d.templates])
+    with torch.no_grad():
+        p.copy_(center)
+    p.requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr)
+    for _ in range(steps):
+        loss = 100 * (imgs @ b.encode_text(tok).mean(0)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            p.copy_((center + torch.maximum(torch.minimum(p - center, r), -r) * mask).clamp(-amax, amax))
+    p.requires_grad_(False)
+    return b
+
+
+@pytest.fixture(scope="module")
+def last_name_edit(base, data):
+    first, last = CONCEPT.split()
+    special = set(base.tokenize([""])[0].tolist()) | set(base.tokenize([first])[0].tolist())
+    rows = [t for t in base.tokenize([last])[0].tolist() if t not in special]
+    return box_edit(base, data, "token_embedding.weight", rows=rows)
+
+
+@pytest.fixture(scope="module")
+def never_learned(base, data):
+    """A held-out identity the model never saw, audited on the unedited model: nothing to leak."""
+    h = world.held_out_identities(4)[3]
+    prep = lambda ims: torch.stack([base.preprocess(i) for i in ims])  # noqa: E731
+    return AuditData(concept=h.name, names=data.names + [h.name], templates=data.templates,
+                     test={**data.test, h.name: prep(world.held_out_images(h, "test", 50))},
+                     train={**data.train, h.name: prep(world.held_out_images(h, "train", 20))})
+
+
+def _probe(before, after, d, name, **kw):
+    return run_audit(before, after, d, probes=(name,), progress=False, **kw)["probes"][0]
+
+
+# ---------------------------------------------------------------------------------------------------- building blocks
+def test_grading_and_name_variants():
+    assert [grade(v, (0.1, 0.3)) for v in (0.0, 0.1, 0.2, 0.3, 0.31)] == ["pass", "pass", "warn", "warn", "fail"]
+    assert worst_status(["pass", "warn"]) == "warn" and worst_status([]) == "pass"
+    kinds = dict((v, k) for k, v in name_variants("Talsa Falham", aliases=["T. F."]))
+    assert kinds["Talsa"] == "first name" and kinds["Falham"] == "last name" and kinds["T. F."] == "alias"
+    ms = misspellings("Talsa Falham")
+    assert len(ms) == 4 and all(len(m.split()) == 2 and m != "Talsa Falham" for m in ms)
+    assert misspellings("Talsa Falham") == ms  # deterministic
+
+
+def test_quantize_rows_is_a_per_row_grid():
+    w = torch.tensor([[1.0, 0.5, -0.26, 0.0], [0.0, 0.0, 0.0, 0.0], [-4.0, 2.0, 1.1, 0.3]])
+    q = quantize_rows(w, 4)
+    assert torch.equal(q[1], w[1])  # an all-zero row stays zero
+    for row, qr in zip(w, q):
+        s = row.abs().max() / 7 if row.abs().max() > 0 else 1.0
+        assert torch.allclose(qr / s, torch.round(qr / s), atol=1e-5)  # on the grid
+        assert (qr - row).abs().max() <= s / 2 + 1e-6
+
+
+def test_round_weights_keeps_the_attention_mask(base):
+    m = round_weights(clone_adapter(base).model, "int4")
+    assert torch.equal(m.attn_mask, base.model.attn_mask)  # -inf entries: a buffer, not a weight
+    assert not torch.equal(m.visual.proj, base.model.visual.proj)
+
+
+def test_audit_data_refuses_a_control_the_model_knows(data):
+    with pytest.raises(ValueError, match="never learned"):
+        AuditData(concept=CONCEPT, names=data.names, templates=data.templates, test=data.test,
+                  controls=[data.names[0]])
+    assert data.controls and not set(data.controls) & set(data.names)
+
+
+# ---------------------------------------------------------------------------------------------------- the probes
+def test_prompt_probe_fails_when_the_first_name_bypasses_the_edit(base, data, last_name_edit):
+    assert top1(base, data) == 1.0 and top1(last_name_edit, data) <= 0.02  # the run's own prompts: removed
+    rec = _probe(base, last_name_edit, data, "prompts")
+    assert rec["status"] == "fail"
+    assert rec["worst"]["kind"] == "first name" and rec["worst"]["after"] > 0.3
+
+
+def test_prompt_probe_passes_a_removal_that_carries_over(base, data):
+    rec = _probe(base, prompt_only_edit(base, data), data, "prompts")
+    assert rec["status"] == "pass", rec["summary"]
+    assert rec["informative"] >= 10  # templates and name variants the unedited model resolved
+
+
+def test_precision_probe_fails_when_4bit_rounding_undoes_the_edit(base, data):
+    leaky = box_edit(base, data, "text_projection", bits=4)
+    assert top1(leaky, data) <= 0.02
+    assert torch.equal(quantize_rows(leaky.model.text_projection, 4), quantize_rows(base.model.text_projection, 4))
+    rec = _probe(base, leaky, data, "precision")
+    assert rec["status"] == "fail" and rec["worst"]["condition"] == "int4"
+    rows = {r["condition"]: r for r in rec["rows"]}
+    assert rows["int4"]["informative"] and rows["fp16"]["after"]["top1"] <= 0.02  # only the rounding undoes it
+
+
+def test_precision_probe_passes_a_robust_edit(base, data):
+    rec = _probe(base, prompt_only_edit(base, data), data, "precision")
+    assert rec["status"] == "pass", rec["summary"]
+    assert {r["condition"] for r in rec["rows"]} >= {"fp32", "fp16", "bf16", "bf16-autocast", "int8", "int4"}
+
+
+@pytest.mark.slow
+def test_attack_probe_fails_when_the_forgotten_name_gives_a_head_start(base, data, last_name_edit):
+    rec = _probe(base, last_name_edit, data, "attack", attack=FAST_ATTACK)
+    assert rec["status"] == "fail", rec["summary"]
+    assert rec["concept"]["iterations_to_level"] is not None
+    assert len(rec["control"]["each"]) == len(data.controls) == 3
+    assert rec["budget"]["evaluations"] == FAST_ATTACK.restarts * FAST_ATTACK.iterations * FAST_ATTACK.candidates
+
+
+@pytest.mark.slow
+def test_attack_probe_passes_a_concept_never_learned(base, never_learned):
+    rec = _probe(base, base, never_learned, "attack", attack=FAST_ATTACK)
+    assert rec["status"] == "pass", rec["summary"]
+    # the search is strong: it names the never-learned identity's images from its name and from control names alike
+    assert rec["concept"]["success"] >= 0.5 and rec["control"]["success"] >= 0.5
+
+
+@pytest.mark.slow
+def test_relearn_probe_fails_when_a_few_steps_revert_the_removal(base, data):
+    full = prompt_only_edit(base, data)
+    assert top1(full, data) == 0.0
+    lo, hi = 0.0, 1.0  # the smallest scale of the edit that still removes the name: a barely-there removal
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if top1(prompt_only_edit(base, data, mid), data) <= 0.02 else (mid, hi)
+    rec = _probe(base, prompt_only_edit(base, data, hi), data, "relearn", relearn=FAST_RELEARN)
+    assert rec["status"] == "fail", rec["summary"]
+    row = rec["rows"][0]
+    assert row["concept"][0] <= 0.02 and row["concept_steps"] <= 3
+    assert len(row["concept"]) == FAST_RELEARN.steps + 1
+
+
+@pytest.mark.slow
+def test_relearn_probe_passes_a_concept_never_learned(base, never_learned):
+    rec = _probe(base, base, never_learned, "relearn", relearn=FAST_RELEARN)
+    assert rec["status"] == "pass", rec["summary"]
+
+
+def test_representation_probe(base, data):
+    leaky = _probe(base, prompt_only_edit(base, data), data, "representation")  # the images are untouched
+    assert leaky["status"] == "fail" and leaky["after"]["concept"] >= 0.9 and not leaky["gating"]
+    collapsed = clone_adapter(base)
+    with torch.no_grad():
+        p = collapsed.model.visual.proj
+        p.copy_(torch.outer(p[:, 0], p[0]))  # rank one: every image feature is ±the same vector
+    sound = _probe(base, collapsed, data, "representation")
+    assert sound["status"] == "pass" and sound["after"]["concept"] <= 0.2
+    assert sound["before"]["concept"] >= 0.9
+
+
+def test_representation_gating_and_skips(base, data):
+    d = AuditData(concept=CONCEPT, names=data.names, templates=data.templates, test=data.test)  # no train split
+    res = run_audit(base, prompt_only_edit(base, data), d, probes=("prompts", "relearn", "representation"),
+                    progress=False)
+    st = {r["probe"]: r["status"] for r in res["probes"]}
+    assert st["relearn"] == st["representation"] == "skipped"
+    assert res["status"] == "pass"  # skipped probes do not count
+    with pytest.raises(ValueError, match="unknown audit probe"):
+        run_audit(base, base, data, probes=("nope",))
+
+
+# ---------------------------------------------------------------------------------------------------- files and CLI
+@pytest.fixture(scope="module")
+def leaky_patch(base, data, last_name_edit, tmp_path_factory):
+    from slugkit.patch import make_patch, save_patch
+
+    d = tmp_path_factory.mktemp("patch") / "patch"
+    name = "token_embedding.weight"
+    patch = make_patch(base.model, {name: last_name_edit.model.get_parameter(name).detach().clone()},
+                       base_model=base.model_id, adapter="open_clip", concept=CONCEPT, method="test-last-name")
+    save_patch(patch, d)
+    return d
+
+
+@pytest.mark.slow
+def test_cli_audit_writes_files_and_exit_status(leaky_patch, tmp_path):
+    from slugkit.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.md").write_text("# a run\n")
+    import shutil
+
+    shutil.copytree(leaky_patch, run / "patch")
+    args = ["audit", "--patch", str(run), "--probes", "prompts,precision", "--threads", "1", "--no-progress"]
+    assert main(args) == 4  # the first name bypasses the edit: fail
+    res = json.loads((run / "audit.json").read_text())
+    assert res["concept"] == CONCEPT and res["status"] == "fail" and res["method"] == "test-last-name"
+    assert [r["probe"] for r in res["probes"]] == ["prompts", "precision"]
+    md = (run / "audit.md").read_text()
+    assert "Prompt variants" in md and "first name" in md
+    report = (run / "report.md").read_text()
+    assert report.startswith("# a run") and report.count("slug audit: begin") == 1
+    assert main(args) == 2  # audit.json exists
+    assert main(args + ["--overwrite"]) == 4
+    assert (run / "report.md").read_text().count("slug audit: begin") == 1  # the section is replaced, not repeated
+
+
+def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
+    from slugkit.cli import main
+
+    assert main(["audit", "--patch", str(leaky_patch)]) == 2  # a bare patch needs --out
+    assert "--out is required" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no patch there" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--probes", "prompts,bogus"]) == 2
+    assert "--probes" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--model", "ViT-B-32"]) == 2
+    assert "--test-identities" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--control-name",
+                 "Talsa Falham", "--probes", "prompts"]) == 2
+    assert "never learned" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "audit.json").exists()
