@@ -75,8 +75,9 @@ ALLOWED = {
     "methods": {"common", "data", "models", "eval", "patch", "slug"},
     "report": {"common"},
     "world": {"common", "data", "models", "integrations", "eval", "patch", "slug"},
-    "workflows": {*BELOW_WORKFLOWS, "world"},
-    "cli": {*BELOW_WORKFLOWS, "world", "workflows"},
+    "audit": {"common", "data", "models", "eval", "patch", "world"},
+    "workflows": {*BELOW_WORKFLOWS, "world", "audit"},
+    "cli": {*BELOW_WORKFLOWS, "world", "audit", "workflows"},
 }
 
 

@@ -309,3 +309,43 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
                  "Talsa Falham", "--probes", "prompts"]) == 2
     assert "never learned" in capsys.readouterr().err
     assert not (tmp_path / "o" / "audit.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_and_compare_with_audit(tmp_path, capsys):
+    from slugkit.cli import main
+
+    data = tmp_path / "world"
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--no-progress", "--audit",
+               "--probes", "prompts,precision"])
+    assert rc == 0  # the default identity: the verdict passes and its removal holds under both probes
+    res = json.loads((out / "audit.json").read_text())
+    assert res["status"] == "pass" and res["concept"] == json.loads((out / "result.json").read_text())["concept"]
+    assert "slug audit: begin" in (out / "report.md").read_text()
+    assert "audit (" in capsys.readouterr().out
+
+    cmp_out = tmp_path / "compare"
+    main(["compare", "--methods", "slug,ga", "--epochs", "1", "--out", str(cmp_out), "--data-dir", str(data),
+          "--no-progress", "--audit", "--probes", "prompts,attack", "--attack-iterations", "3",
+          "--attack-restarts", "1"])
+    rep = json.loads((cmp_out / "compare.json").read_text())
+    for name in ("slug", "ga"):
+        a = rep["methods"][name]["audit"]
+        assert a["status"] in ("pass", "warn", "fail") and set(a["probes"]) == {"prompts", "attack"}
+        assert "control_iterations" in a["probes"]["attack"]  # the calibration sits next to the attack number
+        assert (cmp_out / "audit" / name / "audit.json").is_file()
+    assert rep["methods"]["slug"]["audit"]["probes"]["prompts"]["status"] == "pass"
+    assert rep["methods"]["ga"]["audit"]["probes"]["prompts"]["status"] == "fail"  # one epoch of GA forgets nothing
+    md = (cmp_out / "compare.md").read_text()
+    assert "does each method's removal hold?" in md and "never-learned names" in md
+
+
+def test_audit_option_refusals(tmp_path, capsys):
+    from slugkit.cli import main
+
+    assert main(["demo", "--target", "sd", "--audit", "--out", str(tmp_path / "sd")]) == 2
+    assert "--target sd" in capsys.readouterr().err
+    assert main(["demo", "--concepts", "Talsa Falham,Jowen Gormere", "--audit", "--out", str(tmp_path / "j")]) == 2
+    assert "one concept" in capsys.readouterr().err
+    assert not (tmp_path / "sd").exists() and not (tmp_path / "j").exists()

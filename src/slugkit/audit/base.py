@@ -54,3 +54,17 @@ def grade(value: float, bounds: tuple[float, float], eps: float = 1e-6) -> str:
 def worst_status(statuses) -> str:
     """The most severe of ``statuses`` (``pass`` for none)."""
     return max(statuses, key=STATUS_ORDER.__getitem__, default="pass")
+
+
+def grade_worst(rec: dict, informative: list[dict], bounds: tuple[float, float], what: str, unable: str) -> dict | None:
+    """Grade ``rec`` by the largest ``after.top1`` among the ``informative`` rows (variants, conditions): sets
+    ``status`` and ``graded`` (``"worst informative <what> top-1 after"``) and returns the worst row; with no
+    informative row, ``status`` ``warn``, the summary ``unable`` and None (the probe could not tell)."""
+    if not informative:
+        rec.update(status="warn", graded=None, summary=unable)
+        return None
+    worst = max(informative, key=lambda r: r["after"]["top1"])
+    value = worst["after"]["top1"]
+    rec.update(status=grade(value, bounds), graded={"name": f"worst informative {what} top-1 after", "value": value,
+                                                    "pass_at": bounds[0], "fail_at": bounds[1]})
+    return worst

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .base import AuditThresholds, grade
+from .base import AuditThresholds, grade_worst
 from .data import AuditData
 from .score import class_weights, hit_rates, image_features, name_prompts
 
@@ -124,16 +124,11 @@ def probe_precision(before, after, data: AuditData, thresholds: AuditThresholds 
            "tried": "weights rounded to " + ", ".join(c for c in conditions if c != "bf16-autocast")
                     + "; bf16 autocast of every forward",
            "budget": {"conditions": len(conditions), "images": int(data.test[data.concept].shape[0])}}
-    if not informative:
-        rec.update(status="warn", graded=None,
-                   summary="no reduced precision kept the unedited model naming the concept: the probe cannot tell")
-        return rec
-    worst = max(informative, key=lambda r: r["after"]["top1"])
-    value = worst["after"]["top1"]
-    rec.update(status=grade(value, thresholds.precision),
-               graded={"name": "worst informative precision top-1 after", "value": value,
-                       "pass_at": thresholds.precision[0], "fail_at": thresholds.precision[1]},
-               worst={"condition": worst["condition"], "before": worst["before"]["top1"], "after": value},
-               summary=f"worst {worst['condition']}: top-1 {worst['before']['top1']:.2f} -> {value:.2f} "
-                       f"(fp32 {rows[0]['after']['top1']:.2f})")
+    worst = grade_worst(rec, informative, thresholds.precision, "precision",
+                        "no reduced precision kept the unedited model naming the concept: the probe cannot tell")
+    if worst is not None:
+        value = worst["after"]["top1"]
+        rec.update(worst={"condition": worst["condition"], "before": worst["before"]["top1"], "after": value},
+                   summary=f"worst {worst['condition']}: top-1 {worst['before']['top1']:.2f} -> {value:.2f} "
+                           f"(fp32 {rows[0]['after']['top1']:.2f})")
     return rec

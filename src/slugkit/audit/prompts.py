@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .base import AuditThresholds, grade
+from .base import AuditThresholds, grade_worst
 from .data import AuditData
 from .score import class_weights, hit_rates, image_features, name_prompts
 
@@ -117,20 +117,15 @@ def probe_prompts(before, after, data: AuditData, thresholds: AuditThresholds = 
            "tried": f"{len(templates)} unseen templates and {len(variants) - len(templates)} name variants "
                     f"({len(rows) - len(scored)} with the name's own tokens not scored)",
            "budget": {"variants": len(scored), "images": int(data.test[data.concept].shape[0])}}
-    if not informative:
-        rec.update(status="warn", graded=None,
-                   summary="no variant named the concept on the unedited model (≥ 50 % top-1): the probe cannot "
-                           "tell whether the removal holds under other prompts")
-        return rec
-    worst = max(informative, key=lambda r: r["after"]["top1"])
-    value = worst["after"]["top1"]
-    rec.update(status=grade(value, thresholds.prompts),
-               graded={"name": "worst informative variant top-1 after", "value": value,
-                       "pass_at": thresholds.prompts[0], "fail_at": thresholds.prompts[1]},
-               worst={"kind": worst["kind"], "variant": worst["variant"], "before": worst["before"]["top1"],
-                      "after": value},
-               mean_after=sum(r["after"]["top1"] for r in informative) / len(informative),
-               informative=len(informative),
-               summary=f"{len(informative)}/{len(scored)} variants informative; worst {worst['kind']} "
-                       f"{worst['variant']!r}: top-1 {worst['before']['top1']:.2f} -> {value:.2f}")
+    worst = grade_worst(rec, informative, thresholds.prompts, "variant",
+                        "no variant named the concept on the unedited model (≥ 50 % top-1): the probe cannot tell "
+                        "whether the removal holds under other prompts")
+    if worst is not None:
+        value = worst["after"]["top1"]
+        rec.update(worst={"kind": worst["kind"], "variant": worst["variant"], "before": worst["before"]["top1"],
+                          "after": value},
+                   mean_after=sum(r["after"]["top1"] for r in informative) / len(informative),
+                   informative=len(informative),
+                   summary=f"{len(informative)}/{len(scored)} variants informative; worst {worst['kind']} "
+                           f"{worst['variant']!r}: top-1 {worst['before']['top1']:.2f} -> {value:.2f}")
     return rec

@@ -80,7 +80,7 @@ def cmd_audit(a) -> int:
     from ..audit import audit_patch, folder_audit_data
     from ..audit.report import TITLES
     from ..audit.run import AUDIT_JSON
-    from ..data.folders import read_lines
+    from ..audit.data import name_list
 
     opts = audit_options(a)
     patch, out = _patch_and_out(a)
@@ -88,10 +88,10 @@ def cmd_audit(a) -> int:
         return refuse(f"{out / AUDIT_JSON} exists; pass --overwrite to replace it")
     data = None
     if a.test_identities or a.model != "embedded":
-        if not (a.test_identities and a.names):
-            return refuse("--test-identities and --names are required for a model other than the embedded one "
-                          "(--train-identities too, for the relearning and representation probes)")
-        names = read_lines(a.names)
+        if not a.test_identities:
+            return refuse("--test-identities is required for a model other than the embedded one (and --names for "
+                          "the full name list; --train-identities for the relearning and representation probes)")
+        names = name_list(a.names, a.test_identities)
 
         def data(adapter, concept):
             return folder_audit_data(adapter, concept, names, a.identity_template or ["{}."], a.test_identities,

@@ -56,7 +56,8 @@ def cmd_compare(a) -> int:
                        progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
                        concepts=concepts if len(concepts) > 1 else [],
                        modes=split_list(a.modes),
-                       lr_sweep=[float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else None)
+                       lr_sweep=[float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else None,
+                       audit=_audit_opts(a, concepts))
     report = run_compare(cc)
     print(render_compare(report))
     for part in ([report] if "methods" in report else [report[m] for m in ("joint", "sequential") if m in report]):
@@ -65,13 +66,26 @@ def cmd_compare(a) -> int:
             print(f"method time / SLUG time{' (' + part['mode'] + ')' if part.get('mode') != 'single' else ''}: "
                   + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
     print(f"outputs: {out}/compare.json, compare.md, tradeoff.png, "
-          + ("slug/" if "methods" in report else ", ".join(f"{m}/" for m in ("joint", "sequential") if m in report)))
+          + ("slug/" if "methods" in report else ", ".join(f"{m}/" for m in ("joint", "sequential") if m in report))
+          + (", audit/" if a.audit else ""))
     from ..report.unlearn import verdict_lines
     from ..workflows.verdict import exit_status_of
 
     for line in verdict_lines(report.get("verdict")):
         print(line)
     return exit_status_of(report)
+
+
+def _audit_opts(a, concepts: list[str]) -> dict | None:
+    """``--audit``: the audit options (raises ``ValueError`` for several concepts: audit one at a time)."""
+    if not a.audit:
+        return None
+    if len(concepts) > 1:
+        raise ValueError("--audit audits one concept: compare with --concept NAME, or run `slug audit --patch "
+                         "RUN/slug --concept NAME` per concept")
+    from .audit import audit_options
+
+    return {k: v for k, v in audit_options(a).items() if k != "progress"}
 
 
 def add_parsers(sub) -> None:
@@ -141,4 +155,11 @@ def add_parsers(sub) -> None:
     cp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     cp.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
     cp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cp.add_argument("--audit", action="store_true",
+                    help="audit every method's result (slug audit's probes: prompt variants, adversarial prompts, "
+                         "precision, relearning, linear probe); a table in compare.md, each method's full audit in "
+                         "audit/<method>/")
+    from .audit import add_audit_budget_args
+
+    add_audit_budget_args(cp)
     cp.set_defaults(func=cmd_compare)

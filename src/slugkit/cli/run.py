@@ -135,15 +135,15 @@ def cmd_demo(a) -> int:
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
+    if a.audit and len(concepts) > 1:
+        return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept of a "
+                      "joint or sequential run")
     slug_name = "+".join(c.replace(" ", "_") for c in concepts)
     out = Path(a.out or f"runs/demo-{slug_name}")
     check_out_dir(out, a.overwrite)
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients, budgets=budgets_of(a), **step_options(a))
-    if a.audit and len(concepts) > 1:
-        return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept of a "
-                      "joint or sequential run")
     if a.sequential and len(concepts) > 1:
         cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: out / f"{k + 1}-{c.replace(' ', '_')}",
                                                         a.data_dir, **common)]
@@ -176,6 +176,8 @@ def cmd_unlearn(a) -> int:
     msg = validate_unlearn(a, concepts)
     if msg:
         return refuse(msg)
+    if a.audit and len(concepts) > 1:
+        return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept")
     if world_mode(a):
         return _unlearn_on_world(a, concepts)
     cfg = UnlearnConfig(
@@ -191,10 +193,6 @@ def cmd_unlearn(a) -> int:
         family=a.family, consumer=a.consumer, clip_skip=a.clip_skip, budgets=budgets_of(a), **step_options(a),
         caption_check=not a.no_caption_check,
         progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
-    if a.audit and len(concepts) > 1:
-        return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept")
-    if a.audit and not (a.test_identities and a.names):
-        return refuse("--audit needs --test-identities and --names (the audit scores the concept against every name)")
     result = run_unlearn(cfg)
     print_summary(result, a.out)
     return _with_audit(a, a.out, result, _folder_data(a))
@@ -203,9 +201,9 @@ def cmd_unlearn(a) -> int:
 def _folder_data(a):
     """``slug unlearn --audit`` on a real model: the audit's data callable from the run's own folders."""
     from ..audit import folder_audit_data
-    from ..data.folders import read_lines
+    from ..audit.data import name_list
 
-    names = read_lines(a.names)
+    names = name_list(a.names, a.test_identities)
 
     def data(adapter, concept):
         return folder_audit_data(adapter, concept, names, a.identity_template or ["{}."], a.test_identities,

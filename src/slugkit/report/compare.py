@@ -140,6 +140,51 @@ def _render_section(report: dict, rule: str) -> list[str]:
                          "machine): " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
         lines.append("")
     lines.append(f"Methods reaching test FA@5 = 0: {', '.join(reaching_fa5_zero(report)) or 'none'}.")
+    if any("audit" in e for e in report["methods"].values()):
+        lines += ["", *audit_table(report)]
+    return lines
+
+
+def _iters(v, unit: str) -> str:
+    return f"never (> budget) {unit}" if v is None else f"{v} {unit}"
+
+
+def _audit_cell(p: dict | None) -> str:
+    if not p:
+        return "–"
+    if p["status"] == "skipped":
+        return "skipped"
+    g = p.get("graded")
+    val = "" if not g else f" {g['value']:.2f}"
+    tag = p["status"] if p.get("gating", True) else p["status"] + ", not gating"
+    if "concept_iterations" in p:  # attack: the control calibration beside the number
+        val += (f" ({_iters(p['concept_iterations'], 'it')} from the name vs "
+                f"{_iters(p['control_iterations'], 'it')} from never-learned names)")
+    elif "concept_steps" in p:
+        val += (f" (n={p['n']}: {_iters(p['concept_steps'], 'steps')} vs "
+                f"{_iters(p['control_steps'], 'steps')} for a new name)")
+    return f"{tag}:{val}"
+
+
+def audit_table(report: dict) -> list[str]:
+    """``slug compare --audit``: one row per method, one column per probe (status, graded number, and for the
+    attack and relearning probes the control calibration next to it)."""
+    audited = [e["audit"] for e in report["methods"].values() if e.get("audit")]
+    probes = list(audited[0]["probes"]) if audited else []
+    titles = [audited[0]["probes"][p].get("title", p) for p in probes]
+    lines = ["### Audit: does each method's removal hold?", "",
+             "Each cell: status and the graded number (thresholds in `slug audit`'s docs: prompt variants and "
+             "precision = worst informative top-1 after; attack and relearning = speed-up of the forgotten name "
+             "over never-learned control names on the same images, 1 = no head start; representation = linear-probe "
+             "accuracy on the concept's test images, not gating). Full records: `audit/<method>/audit.md`.", "",
+             "| method | overall | " + " | ".join(titles) + " |",
+             "|---|---|" + "---|" * len(probes)]
+    for name, e in report["methods"].items():
+        a = e.get("audit")
+        if not a:
+            continue
+        lines.append(f"| {name} | **{a['status']}** | "
+                     + " | ".join(_audit_cell(a["probes"].get(p)) for p in probes) + " |")
     return lines
 
 

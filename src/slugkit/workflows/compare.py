@@ -94,6 +94,7 @@ class CompareConfig:
     threads: int | None = None
     overwrite: bool = False
     progress: bool = False
+    audit: dict | None = None  # run_audit options: audit every method's result (single concept; slugkit.audit)
 
     def concept_list(self) -> list[str]:
         """The concepts to unlearn: ``concepts`` when it names several, else ``[concept]``."""

@@ -11,7 +11,7 @@ validation criterion covers all the concepts' images (each scored against its ow
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +39,7 @@ class _Inputs:
     run_mia: Callable
     mia_before: dict | None
     data: object  # the baselines' MethodData
+    extra: dict = field(default_factory=dict)  # built on first use (the audit's data)
 
 
 def compare_joint(cc, cfg, cur, data_dir, adapter, base: Base, out: Path, concepts: list[str],
@@ -56,6 +57,8 @@ def compare_joint(cc, cfg, cur, data_dir, adapter, base: Base, out: Path, concep
         pc = per_concept(entry["metrics"]["before"], entry["metrics"]["after"])
         if pc:
             entry["per_concept"] = pc
+        if cc.audit is not None and len(concepts) == 1:
+            entry["audit"] = _audit_method(cc, cfg, adapter, base, out, name, concepts[0], j)
         entries[name] = entry
     base.restore("after the comparison")
     return _joint_report(cfg, cur, data_dir, adapter, base, concepts, j, entries)
@@ -133,6 +136,45 @@ def _baseline_joint(cc, name: str, adapter, base: Base, j: _Inputs) -> dict:
     }
     entry["mia"] = j.run_mia()
     return entry
+
+
+def _audit_method(cc, cfg, adapter, base: Base, out: Path, name: str, concept: str, j: _Inputs) -> dict:
+    """``slug compare --audit``: the audit probes (:mod:`slugkit.audit`) on method ``name``'s result — the weights
+    the adapter holds after a baseline, SLUG's patch applied to a copy — against the base weights; the full record
+    in ``out/audit/<name>/audit.json`` / ``audit.md``; returns the summary kept in ``compare.json``."""
+    from ..audit import folder_audit_data, patched_copy, run_audit, world_audit_data
+    from ..audit.relearn import clone_adapter
+    from ..audit.report import TITLES
+    from ..audit.data import name_list
+    from ..patch import load_patch
+
+    before = clone_adapter(adapter)
+    before.model.load_state_dict(base.state)
+    after = patched_copy(before, load_patch(out / "slug" / "patch")) if name == "slug" else clone_adapter(adapter)
+    if "audit_data" not in j.extra:
+        if cc.unlearn is None:
+            j.extra["audit_data"] = world_audit_data(before, concept)
+        else:
+            j.extra["audit_data"] = folder_audit_data(before, concept, name_list(cfg.names, cfg.test_identities),
+                                                      cfg.identity_templates, cfg.test_identities)
+    res = run_audit(before, after, j.extra["audit_data"], out=out / "audit" / name,
+                    meta={"method": name, "model": cfg.model}, **{**cc.audit, "progress": cc.progress})
+    return {"status": res["status"], "file": f"audit/{name}/audit.json", "seconds": res["seconds"],
+            "probes": {r["probe"]: {k: r.get(k) for k in ("status", "graded", "summary", "gating")}
+                       | {"title": TITLES[r["probe"]]} | _calibration(r) for r in res["probes"]}}
+
+
+def _calibration(rec: dict) -> dict:
+    """The control numbers that sit next to an attack or relearning result in ``compare.md``."""
+    if rec["probe"] == "attack" and rec.get("concept"):
+        ctl = rec.get("control") or {}
+        return {"concept_iterations": rec["concept"].get("iterations_to_level"),
+                "control_iterations": ctl.get("iterations_to_level"), "concept_success": rec["concept"]["success"],
+                "control_success": ctl.get("success")}
+    if rec["probe"] == "relearn" and rec.get("rows"):
+        r = max(rec["rows"], key=lambda x: x["speedup"])
+        return {"n": r["n"], "concept_steps": r["concept_steps"], "control_steps": r.get("control_steps")}
+    return {}
 
 
 def _joint_report(cfg, cur, data_dir, adapter, base: Base, concepts: list[str], j: _Inputs, entries: dict) -> dict:

@@ -65,18 +65,23 @@ def _build_identities(n: int = 60) -> list[Identity]:
     used_last: set[str] = set()
     out = []
     for idx, (colour, shape, pattern, border, tint) in enumerate(chosen):
-        while True:
-            first = rng.choice(_FIRST_A) + rng.choice(_FIRST_B)
-            if _name_ok(first, used_first):
-                break
-        while True:
-            last = rng.choice(_LAST_A) + rng.choice(_LAST_B)
-            if _name_ok(last, used_last):
-                break
-        used_first.add(first)
-        used_last.add(last)
-        out.append(Identity(idx, f"{first} {last}", colour, shape, pattern, border, tint))
+        out.append(Identity(idx, _draw_name(rng, used_first, used_last), colour, shape, pattern, border, tint))
     return out
+
+
+def _draw_name(rng: random.Random, used_first: set[str], used_last: set[str]) -> str:
+    """A first and a last name from the syllable lists, neither used yet (both then marked used)."""
+    while True:
+        first = rng.choice(_FIRST_A) + rng.choice(_FIRST_B)
+        if _name_ok(first, used_first):
+            break
+    while True:
+        last = rng.choice(_LAST_A) + rng.choice(_LAST_B)
+        if _name_ok(last, used_last):
+            break
+    used_first.add(first)
+    used_last.add(last)
+    return f"{first} {last}"
 
 
 IDENTITIES: list[Identity] = _build_identities()
@@ -180,15 +185,5 @@ def held_out_identities(n: int = 2) -> list[Identity]:
     used_last = {ident.name.split()[1] for ident in IDENTITIES}
     out = []
     for k, combo in enumerate(rng.sample(free, n)):
-        while True:
-            first = rng.choice(_FIRST_A) + rng.choice(_FIRST_B)
-            if _name_ok(first, used_first):
-                break
-        while True:
-            last = rng.choice(_LAST_A) + rng.choice(_LAST_B)
-            if _name_ok(last, used_last):
-                break
-        used_first.add(first)
-        used_last.add(last)
-        out.append(Identity(-1 - k, f"{first} {last}", *combo))
+        out.append(Identity(-1 - k, _draw_name(rng, used_first, used_last), *combo))
     return out
