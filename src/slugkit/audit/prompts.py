@@ -94,21 +94,26 @@ def probe_prompts(before, after, data: AuditData, thresholds: AuditThresholds = 
     base_tok = before.tokenize([t.format(data.concept) for t in data.templates])
     variants = [("template", t) for t in templates] + name_variants(data.concept, data.aliases)
     feats = {tag: image_features(m, data.test[data.concept]) for tag, m in (("before", before), ("after", after))}
+    # the other classes with the run's templates are encoded once per model; a name variant replaces one column
+    run_w = {tag: class_weights(m, name_prompts(names, data.templates)) for tag, m in (("before", before),
+                                                                                        ("after", after))}
     rows = []
     for kind, v in variants:
         row = {"kind": kind, "variant": v}
         if kind == "template":
-            cp = name_prompts(names, [v])
             row["prompt"] = v.format(data.concept)
         else:
-            cp = name_prompts(names, data.templates)
-            cp[ci] = [t.format(v) for t in data.templates]
             row["prompt"] = data.templates[0].format(v)
-            if torch.equal(before.tokenize(cp[ci]), base_tok):
+            if torch.equal(before.tokenize([t.format(v) for t in data.templates]), base_tok):
                 rows.append({**row, "same_tokens": True})
                 continue
         for tag, m in (("before", before), ("after", after)):
-            row[tag] = hit_rates(feats[tag], class_weights(m, cp), ci)
+            if kind == "template":  # every class prompted with this one template
+                w = class_weights(m, name_prompts(names, [v]))
+            else:
+                w = run_w[tag].clone()
+                w[:, ci] = class_weights(m, [[t.format(v) for t in data.templates]])[:, 0]
+            row[tag] = hit_rates(feats[tag], w, ci)
         row["informative"] = row["before"]["top1"] >= thresholds.informative_at
         rows.append(row)
     scored = [r for r in rows if "after" in r]
