@@ -226,3 +226,28 @@ def test_concept_phrases_name_the_concept_in_every_world_caption():
         m = ConceptMatcher(phrases[0], phrases[1:])
         assert all(m.matches(t2i.prompt_for(name, i)) for i in range(len(world.UTILITY_CAPTION_TEMPLATES)))
         assert not m.matches(t2i.prompt_for("blue triangle", 3))
+
+
+@pytest.mark.slow
+def test_audit_of_the_sd_demo_patch(sd_run, tmp_path):
+    """Issue 13: `slug audit` on a text-to-image run: prompt variants, the attack with its never-learned controls and
+    the rounded text encoder, judged on generated images (small budgets here)."""
+    from slugkit.cli import main
+
+    out = tmp_path / "audit"
+    args = ["audit", "--patch", str(sd_run), "--out", str(out), "--audit-images", "4", "--audit-gen-steps", "10",
+            "--attack-iterations", "4", "--attack-candidates", "16", "--threads", "1", "--no-progress"]
+    rc = main(args)
+    res = json.loads((out / "audit.json").read_text())
+    assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["status"]]
+    assert res["target"] == "t2i" and res["concept"] == "red triangle"
+    probes = {r["probe"]: r for r in res["probes"]}
+    assert set(probes) == {"prompts", "attack", "precision"}
+    kinds = {r["kind"] for r in probes["prompts"]["rows"]}
+    assert kinds == {"template", "paraphrase", "misspelling", "composition"}
+    assert all(0.0 <= r[t]["top1"] <= 1.0 for r in probes["prompts"]["rows"] for t in ("before", "after"))
+    att = probes["attack"]
+    assert len(att["controls"]) == 3 and set(att["concept"]["recognised"]) == {"0", "1", "2", "4"}  # JSON keys
+    assert [r["condition"] for r in probes["precision"]["rows"]] == ["fp32", "fp16", "bf16", "int8", "int4"]
+    assert "Prompt variants" in (out / "audit.md").read_text()
+    assert main(args) == 2  # audit.json exists: refused without --overwrite

@@ -72,13 +72,14 @@ def token_embedding(adapter) -> torch.nn.Embedding:
     raise ValueError(f"{type(m).__name__}: no token-embedding layer found; the adversarial prompt search needs one")
 
 
-def free_positions(adapter, n_tokens: int, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens [L], positions [n_tokens])``: the tokenized ``prefix + " x" * n_tokens`` and the positions of the
-    free tokens (right after the prefix's tokens). Raises ``ValueError`` when they do not fit the text context."""
-    special = set(adapter.tokenize([""])[0].tolist())
-    n_prefix = sum(int(t) not in special for t in adapter.tokenize([prefix])[0])
-    x_id = int(adapter.tokenize(["x"])[0][1])
-    tokens = adapter.tokenize([prefix + " x" * n_tokens])[0].clone()
+def free_positions(tokenize, n_tokens: int, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [L], positions [n_tokens])``: the tokenized (``tokenize(list[str]) -> [B, L]`` ids) ``prefix + " x" *
+    n_tokens`` and the positions of the free tokens (right after the prefix's tokens). Raises ``ValueError`` when
+    they do not fit the text context."""
+    special = set(tokenize([""])[0].tolist())
+    n_prefix = sum(int(t) not in special for t in tokenize([prefix])[0])
+    x_id = int(tokenize(["x"])[0][1])
+    tokens = tokenize([prefix + " x" * n_tokens])[0].clone()
     pos = torch.arange(1 + n_prefix, 1 + n_prefix + n_tokens)
     if pos[-1] >= tokens.numel() or not bool((tokens[pos] == x_id).all()):
         raise ValueError(f"{n_tokens} free tokens after {prefix!r} do not fit the text context "
@@ -95,20 +96,18 @@ def _ce(logits_other: torch.Tensor, logit_target: torch.Tensor, insert_at: int) 
     return (torch.logsumexp(full, dim=2) - logit_target).mean(0)
 
 
-def gcg_search(adapter, feats: torch.Tensor, w_other: torch.Tensor, insert_at: int, prefix: str,
-               budget: AttackBudget = AttackBudget(), score=None) -> dict:
-    """Search a prompt ``prefix`` + free tokens for the class inserted at column ``insert_at`` among ``w_other``
-    (``[D, C-1]``) that the images ``feats`` (``[N, D]``, normalised) are classified as. Returns ``{"tokens": [L]
-    ids, "prompt": decoded text or None, "loss": best loss, "history": best loss per iteration, "curve":
-    score(best tokens) for the start and after each iteration (with ``score``, a callable of the token ids)}``."""
-    emb = token_embedding(adapter)
-    tokens, pos = free_positions(adapter, budget.n_tokens, prefix)
-    special = set(adapter.tokenize([""])[0].tolist())
+def gcg(emb: torch.nn.Embedding, tokenize, encode, objective, prefix: str, budget: AttackBudget = AttackBudget(),
+        score=None) -> dict:
+    """Greedy coordinate gradient over the free tokens after ``prefix`` (module docstring), for any objective:
+    ``encode(tokens [B, L]) -> features`` (differentiable when grad is enabled; the hook on ``emb`` gives the
+    token-embedding gradient), ``objective(features) -> [B]`` losses to minimise. Returns ``{"tokens": [L] ids of
+    the best prompt, "loss", "history": best loss per iteration, "curve": score(best tokens) for the start and after
+    each iteration (with ``score``)}``. Deterministic for a fixed ``budget.seed``."""
+    tokens, pos = free_positions(tokenize, budget.n_tokens, prefix)
+    special = set(tokenize([""])[0].tolist())
     allowed = torch.ones(emb.num_embeddings, dtype=torch.bool)
     allowed[list(special)] = False
     gen = torch.Generator().manual_seed(budget.seed)
-    dev = adapter.device
-    lo = 100.0 * feats @ w_other  # [N, C-1]
     captured: dict = {}
 
     def hook(_m, _i, out):
@@ -118,8 +117,7 @@ def gcg_search(adapter, feats: torch.Tensor, w_other: torch.Tensor, insert_at: i
 
     def losses(cands: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            f = adapter.encode_text(cands.to(dev)).float().cpu()
-        return _ce(lo, 100.0 * feats @ f.T, insert_at)
+            return objective(encode(cands)).float().cpu()
 
     cur = tokens.clone()
     best_loss = float(losses(cur[None])[0])
@@ -131,8 +129,7 @@ def gcg_search(adapter, feats: torch.Tensor, w_other: torch.Tensor, insert_at: i
         handle = emb.register_forward_hook(hook)
         try:
             with torch.enable_grad():
-                f = adapter.encode_text(cur[None].to(dev)).float().cpu()
-                loss = _ce(lo, 100.0 * feats @ f.T, insert_at)[0]
+                loss = objective(encode(cur[None]))[0]
                 g = torch.autograd.grad(loss, captured["e"])[0][0, pos].float().cpu()  # [n_tokens, d]
         finally:
             handle.remove()
@@ -151,17 +148,29 @@ def gcg_search(adapter, feats: torch.Tensor, w_other: torch.Tensor, insert_at: i
         history.append(best_loss)
         if score is not None:
             curve.append(score(best))
-    out = {"tokens": best, "prompt": _decode(adapter, best), "loss": best_loss, "history": history}
+    out = {"tokens": best, "loss": best_loss, "history": history}
     return {**out, "curve": curve} if score is not None else out
 
 
-def _decode(adapter, tokens: torch.Tensor) -> str | None:
-    tok = adapter.tokenizer
-    special = set(adapter.tokenize([""])[0].tolist())
+def gcg_search(adapter, feats: torch.Tensor, w_other: torch.Tensor, insert_at: int, prefix: str,
+               budget: AttackBudget = AttackBudget(), score=None) -> dict:
+    """:func:`gcg` for a CLIP: a prompt ``prefix`` + free tokens for the class inserted at column ``insert_at`` among
+    ``w_other`` (``[D, C-1]``) that the images ``feats`` (``[N, D]``, normalised) are classified as (cross-entropy,
+    100 · cosine logits); ``prompt`` (decoded text or None) added to :func:`gcg`'s record."""
+    dev = adapter.device
+    lo = 100.0 * feats @ w_other  # [N, C-1]
+    found = gcg(token_embedding(adapter), adapter.tokenize, lambda t: adapter.encode_text(t.to(dev)).float().cpu(),
+                lambda f: _ce(lo, 100.0 * feats @ f.T, insert_at), prefix, budget, score)
+    return {**found, "prompt": decode(adapter.tokenizer, adapter.tokenize, found["tokens"])}
+
+
+def decode(tokenizer, tokenize, tokens: torch.Tensor) -> str | None:
+    """The text of ``tokens`` without special tokens (None when the tokenizer cannot decode: the ids are recorded)."""
+    special = set(tokenize([""])[0].tolist())
     ids = [int(t) for t in tokens.tolist() if int(t) not in special]
     try:
-        return str(tok.decode(ids)).strip()
-    except Exception:  # a tokenizer without decode: the ids are in the record
+        return str(tokenizer.decode(ids)).strip()
+    except Exception:
         return None
 
 

@@ -18,6 +18,7 @@ a real model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from ..common.errors import EmptyForgetSetError
@@ -57,14 +58,11 @@ class AuditData:
     def concept_index(self) -> int:
         return self.names.index(self.concept)
 
-    def others(self) -> list[str]:
-        """The other identities with test images, in name-list order."""
-        return [n for n in self.names if n != self.concept and n in self.test]
-
 
 def default_controls(names: list[str], n: int = 3) -> list[str]:
     """``n`` invented names (:func:`slugkit.world.names.held_out_identities`) not in ``names``: never captioned in the
-    embedded world, and invented, so a real model has not learned them either."""
+    embedded world, and invented (two-syllable first and last names from the world's syllable lists), so a real
+    model is very unlikely to have learned them either; pass your own with ``--control-name``."""
     from ..world.names import held_out_identities
 
     taken = {x.lower() for x in names}

@@ -26,6 +26,9 @@ def _before_after(rec: dict) -> str:
         return f"{_f(rec['worst']['before'])} → {_f(rec['worst']['after'])}"
     if p == "precision" and rec.get("worst"):
         return f"{_f(rec['worst']['before'])} → {_f(rec['worst']['after'])}"
+    if p == "attack" and "natural_before" not in rec["concept"]:  # text-to-image: recognition at checkpoints
+        c = rec["concept"]["recognised"]
+        return f"from the name: {', '.join(f'{v:.2f}' for _, v in sorted(c.items(), key=lambda x: int(x[0])))}"
     if p == "attack":
         c = rec["concept"]
         ctl = rec.get("control")
@@ -63,7 +66,7 @@ def audit_markdown(result: dict) -> str:
             for r in sorted((r for r in rec["rows"] if "after" in r), key=lambda r: -r["after"]["top1"]):
                 tag = "" if r["informative"] else " (uninformative)"
                 lines.append(f"| {r['kind']} | `{r['variant']}`{tag} | {_f(r['before']['top1'])} | "
-                             f"{_f(r['after']['top1'])} | {_f(r['after']['top5'])} |")
+                             f"{_f(r['after']['top1'])} | {_f(r['after'].get('top5'))} |")
             same = [r["variant"] for r in rec["rows"] if r.get("same_tokens")]
             if same:
                 lines.append(f"\nSame tokens as the name (not scored): {', '.join(f'`{v}`' for v in same)}.")
@@ -76,7 +79,12 @@ def audit_markdown(result: dict) -> str:
                 else:
                     tag = "" if r.get("informative", True) else " (uninformative)"
                     lines.append(f"| {r['condition']}{tag} | {_f(r['before']['top1'])} | {_f(r['after']['top1'])} | "
-                                 f"{_f(r['after']['top5'])} |")
+                                 f"{_f(r['after'].get('top5'))} |")
+            lines.append("")
+        elif p == "attack" and "controls" in rec:  # text-to-image
+            for x in [rec["concept"]] + rec["controls"]:
+                marks = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(x["recognised"].items(), key=lambda y: int(y[0])))
+                lines.append(f"- from `{x['start']}`: best prompt `{x['prompt']}`; recognised at iterations {marks}")
             lines.append("")
         elif p == "attack":
             c, ctl = rec["concept"], rec.get("control")

@@ -38,6 +38,10 @@ def add_audit_budget_args(p) -> None:
     g.add_argument("--control-name", action="append", default=None,
                    help="a name the model never learned, the attack's and relearning's control (repeatable; default "
                         "three invented names)")
+    g.add_argument("--audit-images", type=COUNT, default=10,
+                   help="text-to-image audit: images generated per prompt, before and after (default 10)")
+    g.add_argument("--audit-gen-steps", type=COUNT, default=20,
+                   help="text-to-image audit: DDIM steps per image (default 20)")
     g.add_argument("--gate-representation", action="store_true",
                    help="let the representation probe change the exit status (default: reported only)")
 
@@ -78,7 +82,6 @@ def _patch_and_out(a) -> tuple[Path, Path]:
 def cmd_audit(a) -> int:
     """`slug audit`."""
     from ..audit import audit_patch, folder_audit_data
-    from ..audit.report import TITLES
     from ..audit.run import AUDIT_JSON
     from ..audit.data import name_list
 
@@ -86,6 +89,9 @@ def cmd_audit(a) -> int:
     patch, out = _patch_and_out(a)
     if (out / AUDIT_JSON).exists() and not a.overwrite:
         return refuse(f"{out / AUDIT_JSON} exists; pass --overwrite to replace it")
+    if a.model == "embedded" and _is_t2i_patch(patch):
+        result = audit_sd(patch, out, a)
+        return _print_audit(result, out)
     data = None
     if a.test_identities or a.model != "embedded":
         if not a.test_identities:
@@ -100,6 +106,13 @@ def cmd_audit(a) -> int:
     result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
                          controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
                          **opts)
+    return _print_audit(result, out)
+
+
+def _print_audit(result: dict, out: Path) -> int:
+    from ..audit.report import TITLES
+    from ..audit.run import AUDIT_JSON
+
     print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}")
     for rec in result["probes"]:
         gate = "" if rec.get("gating") else " (not gating)"
@@ -107,6 +120,48 @@ def cmd_audit(a) -> int:
     print(f"wrote {out / AUDIT_JSON} and {out / 'audit.md'}" + (" (and its section of report.md)"
                                                                  if (out / "report.md").is_file() else ""))
     return AUDIT_EXIT[result["status"]]
+
+
+def _is_t2i_patch(patch: Path) -> bool:
+    """A patch of the embedded text-to-image pipeline's text encoder (``slug demo --target sd``)."""
+    from ..patch import load_patch
+    from ..world import t2i
+
+    meta = load_patch(patch).meta
+    return meta.get("adapter") == "hf_clip" and meta.get("concept") in t2i.concept_names()
+
+
+def audit_sd(patch: Path, out: Path, a) -> dict:
+    """The text-to-image audit (:mod:`slugkit.audit.t2i`) of an embedded SD demo patch, written to ``out``."""
+    from dataclasses import replace
+
+    import torch
+
+    from ..audit.t2i import T2IAuditBudget, run_t2i_audit
+    from ..patch import load_patch
+    from ..workflows.sd_demo import _clip_and_pipeline
+
+    opts = audit_options(a)
+    probes = [p for p in opts["probes"] if p in ("prompts", "attack", "precision")]
+    before_threads = torch.get_num_threads()
+    try:
+        if getattr(a, "threads", None):
+            torch.set_num_threads(a.threads)
+        p = load_patch(patch)
+        _, pipe, _, judge = _clip_and_pipeline(getattr(a, "t2i_model", None))
+        from ..audit.t2i import patched_pipeline
+
+        it = a.attack_iterations
+        budget = T2IAuditBudget(n_images=a.audit_images, gen_steps=a.audit_gen_steps,
+                                checkpoints=tuple(sorted({0, it // 8, it // 4, it // 2, it})))
+        budget = replace(budget, attack=replace(budget.attack, candidates=a.attack_candidates,
+                                                n_tokens=min(a.attack_tokens, 6)))
+        return run_t2i_audit(pipe, patched_pipeline(pipe, p), judge, p.meta["concept"], probes=probes,
+                             budget=budget, progress=opts["progress"], out=out,
+                             meta={"patch": str(patch), "model": "embedded text-to-image",
+                                   "method": p.meta.get("method"), "layers": p.names})
+    finally:
+        torch.set_num_threads(before_threads)
 
 
 def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:

@@ -108,7 +108,15 @@ def cmd_demo_sd(a) -> int:
                          budgets=budgets_of(a), n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
                          neighbour_budget=a.neighbour_budget, step=a.sd_step, null_energy=a.null_space_energy)
     print_sd_summary(result, out)
-    return exit_status_of(result)
+    rc = exit_status_of(result)
+    if a.audit and (Path(out) / "patch" / "patch.json").is_file():
+        from .audit import AUDIT_EXIT, audit_sd
+
+        res = audit_sd(Path(out) / "patch", Path(out), a)
+        print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + "; ".join(
+            f"{r['probe']} {r['status']}" for r in res["probes"]) + f" (see {Path(out) / 'audit.md'})")
+        rc = max(rc, AUDIT_EXIT[res["status"]])
+    return rc
 
 
 def cmd_demo(a) -> int:
@@ -117,9 +125,6 @@ def cmd_demo(a) -> int:
     from ..workflows.unlearn import check_out_dir, run_unlearn
 
     if a.target == "sd":
-        if a.audit:
-            return refuse("--audit with --target sd is not available yet: the audit probes cover CLIP patches "
-                          "(slug audit --patch RUN); run the SD demo without --audit")
         try:
             return cmd_demo_sd(a)
         except ImportError as e:
