@@ -308,7 +308,22 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--control-name",
                  "Talsa Falham", "--probes", "prompts"]) == 2
     assert "never learned" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--concept", "Jowen Gormere",
+                 "--probes", "prompts"]) == 2  # another concept than the patch removed says nothing about the patch
+    assert "removed 'Talsa Falham'" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--test-identities",
+                 str(tmp_path / "missing"), "--probes", "prompts"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a folder" in capsys.readouterr().err
     assert not (tmp_path / "o" / "audit.json").exists()
+
+
+def test_a_budget_that_decides_nothing_is_inconclusive(base, data):
+    rec = _probe(base, prompt_only_edit(base, data), data, "attack",
+                 attack=AttackBudget(iterations=1, candidates=2, restarts=1))
+    assert rec["status"] == "warn" and rec.get("inconclusive") and "inconclusive" in rec["summary"]
 
 
 @pytest.mark.slow
@@ -344,8 +359,6 @@ def test_demo_and_compare_with_audit(tmp_path, capsys):
 def test_audit_option_refusals(tmp_path, capsys):
     from slugkit.cli import main
 
-    assert main(["demo", "--target", "sd", "--audit", "--out", str(tmp_path / "sd")]) == 2
-    assert "--target sd" in capsys.readouterr().err
     assert main(["demo", "--concepts", "Talsa Falham,Jowen Gormere", "--audit", "--out", str(tmp_path / "j")]) == 2
     assert "one concept" in capsys.readouterr().err
-    assert not (tmp_path / "sd").exists() and not (tmp_path / "j").exists()
+    assert not (tmp_path / "j").exists()

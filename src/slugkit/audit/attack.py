@@ -245,6 +245,10 @@ def probe_attack(before, after, data: AuditData, thresholds: AuditThresholds = A
                        + (f"; from never-learned names {control['success']:.2f} ("
                           + (f"{level:.1f} after {t_control} iterations)" if t_control is not None else
                              f"never {level:.1f})") if control else "; no control"))
+    if t_concept is None and (t_control is None or not control):
+        rec.update(status="warn", inconclusive=True,
+                   summary=rec["summary"] + "; inconclusive: the budget reached neither the concept nor the controls "
+                                            "(raise --attack-iterations)")
     return rec
 
 

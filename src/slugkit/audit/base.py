@@ -63,8 +63,11 @@ def grade_worst(rec: dict, informative: list[dict], bounds: tuple[float, float],
     if not informative:
         rec.update(status="warn", graded=None, summary=unable)
         return None
-    worst = max(informative, key=lambda r: r["after"]["top1"])
-    value = worst["after"]["top1"]
+    value = max(r["after"]["top1"] for r in informative)
+    tied = [r for r in informative if r["after"]["top1"] == value]
+    worst = tied[-1]  # among equals the last listed: the harshest condition (int4), the least usual variant
+    if len(tied) > 1:
+        rec["tied"] = len(tied)
     rec.update(status=grade(value, bounds), graded={"name": f"worst informative {what} top-1 after", "value": value,
                                                     "pass_at": bounds[0], "fail_at": bounds[1]})
     return worst

@@ -85,11 +85,14 @@ def _world_split(split: str, per: int) -> dict[str, list]:
 def world_audit_data(adapter, concept: str, per_test: int = 50, per_train: int = 20,
                      controls: list[str] | None = None, aliases: list[str] | None = None) -> AuditData:
     """The embedded world's audit data for identity ``concept`` (rendered directly: the same images as the world's
-    folders, JPEG round trip included); ``controls`` default to :func:`default_controls`. Raises ``KeyError`` for a
-    name the world does not have, ``ValueError`` for a control that is one of its names."""
+    folders, JPEG round trip included); ``controls`` default to :func:`default_controls`. Raises ``ValueError`` for a
+    name the world does not have or a control that is one of its names."""
     from ..world import render as world
 
-    ident = world.identity_by_name(concept)
+    try:
+        ident = world.identity_by_name(concept)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
     names = world.identity_names()
     test, train = ({n: _preprocess(adapter, ims) for n, ims in _world_split(split, per).items()}
                    for split, per in (("test", per_test), ("train", per_train)))

@@ -114,15 +114,19 @@ def probe_precision(before, after, data: AuditData, thresholds: AuditThresholds 
                     row[tag] = _score(m, data)
         except (RuntimeError, ImportError, NotImplementedError, AssertionError, AttributeError,
                 TypeError) as e:  # a torch build without it, or a model that cannot run quantised modules
-            rows.append({"condition": how, "skipped": f"could not run this model: {type(e).__name__}: "
-                                                      f"{str(e).splitlines()[0][:200]}"})
+            rows.append({"condition": how, "skipped": "torch's dynamically quantised modules cannot run this model "
+                                                      "(e.g. open_clip reads Linear weights directly; the int8 weight "
+                                                      f"rounding above covers int8): {type(e).__name__}: "
+                                                      f"{str(e).splitlines()[0][:160]}"})
             continue
         row["informative"] = row["before"]["top1"] >= thresholds.informative_at
         rows.append(row)
     informative = [r for r in rows[1:] if r.get("informative")]
     rec = {"probe": "precision", "gating": True, "rows": rows, "seconds": time.perf_counter() - t0,
-           "tried": "weights rounded to " + ", ".join(c for c in conditions if c != "bf16-autocast")
-                    + "; bf16 autocast of every forward",
+           "tried": "weights rounded to " + ", ".join(r["condition"] for r in rows[1:]
+                                                       if r["condition"] != "bf16-autocast" and "skipped" not in r)
+                    + "; bf16 autocast of every forward"
+                    + "".join(f"; {r['condition']} skipped" for r in rows if "skipped" in r),
            "budget": {"conditions": len(conditions), "images": int(data.test[data.concept].shape[0])}}
     worst = grade_worst(rec, informative, thresholds.precision, "precision",
                         "no reduced precision kept the unedited model naming the concept: the probe cannot tell")
@@ -130,5 +134,6 @@ def probe_precision(before, after, data: AuditData, thresholds: AuditThresholds 
         value = worst["after"]["top1"]
         rec.update(worst={"condition": worst["condition"], "before": worst["before"]["top1"], "after": value},
                    summary=f"worst {worst['condition']}: top-1 {worst['before']['top1']:.2f} -> {value:.2f} "
-                           f"(fp32 {rows[0]['after']['top1']:.2f})")
+                           f"(fp32 {rows[0]['after']['top1']:.2f})"
+                           + (f"; {rec['tied']} conditions tied at {value:.2f}" if rec.get("tied") else ""))
     return rec

@@ -132,5 +132,6 @@ def probe_prompts(before, after, data: AuditData, thresholds: AuditThresholds = 
                    mean_after=sum(r["after"]["top1"] for r in informative) / len(informative),
                    informative=len(informative),
                    summary=f"{len(informative)}/{len(scored)} variants informative; worst {worst['kind']} "
-                           f"{worst['variant']!r}: top-1 {worst['before']['top1']:.2f} -> {value:.2f}")
+                           f"{worst['variant']!r}: top-1 {worst['before']['top1']:.2f} -> {value:.2f}"
+                           + (f" ({rec['tied']} variants tied at {value:.2f})" if rec.get("tied") else ""))
     return rec

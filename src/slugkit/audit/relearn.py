@@ -108,7 +108,7 @@ def probe_relearn(before, after, data: AuditData, thresholds: AuditThresholds = 
     ci, names = data.concept_index, data.names
     rows = []
     for n in budget.sizes:
-        row = {"n": int(min(n, data.train[data.concept].shape[0]))}
+        row = {"n": int(min(n, data.train[data.concept].shape[0])), "requested": int(n)}
         m = clone_adapter(after)
         x, tok = _pairs(m, data, data.concept, data.train[data.concept], n)
 
@@ -143,6 +143,7 @@ def probe_relearn(before, after, data: AuditData, thresholds: AuditThresholds = 
         rows.append(row)
     worst = max(rows, key=lambda r: r["speedup"])
     value = worst["speedup"]
+    capped = [r for r in rows if r["n"] < r["requested"]]
     names_c = ", ".join(data.controls)
     rec.update(rows=rows, seconds=time.perf_counter() - t0, control=names_c or None,
                tried=f"fine-tuning the patched model on n = {', '.join(str(r['n']) for r in rows)} concept pairs "
@@ -158,5 +159,10 @@ def probe_relearn(before, after, data: AuditData, thresholds: AuditThresholds = 
                       f"not within {budget.steps} steps")
                    + (f", a new name learned after {r['control_steps']}" if r.get("control_steps") is not None else
                       f", a new name not learned within {budget.steps}" if data.controls else "")
-                   for r in rows))
+                   for r in rows)
+               + (f" (n capped at the {capped[0]['n']} training images of the concept)" if capped else ""))
+    if all(r["concept_steps"] is None and r.get("control_steps") is None for r in rows):
+        rec.update(status="warn", inconclusive=True,
+                   summary=rec["summary"] + "; inconclusive: neither the concept nor a new name was learned within "
+                                            "the budget (raise --relearn-steps or --relearn-lr)")
     return rec

@@ -47,7 +47,8 @@ def audit_markdown(result: dict) -> str:
     lines = [f"## Audit: does the removal of {result['concept']} hold?", "",
              f"Overall (gating probes): **{result['status']}**. Control names (never learned): "
              f"{', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
-             f"Time: {result['seconds']:.0f} s.", "",
+             f"Time: {result['seconds']:.0f} s."
+             + (f" Not run (--probes): {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
              "| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
              "|---|---|---|---|---|---|"]
     for rec in result["probes"]:

@@ -71,7 +71,7 @@ def run_audit(before, after, data: AuditData, *, probes=PROBES, thresholds: Audi
     gating = [r["status"] for r in records if r.get("gating") and r["status"] != "skipped"]
     result = {"audit_version": 1, "concept": data.concept, "controls": data.controls, "data": data.source,
               **(meta or {}), "status": worst_status(gating),
-              "probes": records, "thresholds": thresholds.as_dict(),
+              "probes": records, "not_run": [p for p in PROBES if p not in probes], "thresholds": thresholds.as_dict(),
               "budgets": {"attack": asdict(attack), "relearn": asdict(relearn)},
               "seconds": time.perf_counter() - t0}
     if out is not None:
@@ -103,9 +103,14 @@ def _audit_patch(patch_path, model, concept, pretrained, family, data, controls,
     from .data import world_audit_data
 
     patch = load_patch(patch_path)
-    concept = concept or patch.meta.get("concept")
-    if not concept or not isinstance(concept, str):
-        raise ValueError(f"{patch_path}: the patch names no single concept ({concept!r}); pass --concept NAME")
+    removed = patch.meta.get("concept")
+    removed_list = removed if isinstance(removed, list) else [removed] if removed else []
+    concept = concept or (removed if isinstance(removed, str) else None)
+    if not concept:
+        raise ValueError(f"{patch_path}: the patch removed {removed!r}; pass --concept NAME (one of them)")
+    if removed_list and concept.strip().lower() not in {str(c).strip().lower() for c in removed_list}:
+        raise ValueError(f"--concept {concept!r}: the patch at {patch_path} removed {removed!r}; auditing another "
+                         "concept says nothing about it (omit --concept, or name one the patch removed)")
     if data is None and model != "embedded":
         raise ValueError("slug audit on a model other than the embedded one needs its data: --test-identities "
                          "and --names (and --train-identities for the relearning and representation probes)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import COUNT, THREADS, float_at_least, refuse, split_list, template
+from .args import COUNT, THREADS, float_at_least, nonempty, refuse, split_list, template
 
 AUDIT_EXIT = {"pass": 0, "warn": 3, "fail": 4}
 
@@ -35,7 +35,7 @@ def add_audit_budget_args(p) -> None:
     g.add_argument("--relearn-lr", type=float_at_least(1e-12), default=1e-4,
                    help="AdamW learning rate of the relearning probe (default 1e-4: the embedded model; ~1e-5 suits "
                         "a pretrained CLIP)")
-    g.add_argument("--control-name", action="append", default=None,
+    g.add_argument("--control-name", type=nonempty, action="append", default=None,
                    help="a name the model never learned, the attack's and relearning's control (repeatable; default "
                         "three invented names)")
     g.add_argument("--audit-images", type=COUNT, default=10,
@@ -76,7 +76,15 @@ def _patch_and_out(a) -> tuple[Path, Path]:
                          "with patch/)")
     if a.out is None and run is None:
         raise ValueError("--out is required when --patch is a patch folder (a run folder is its own default --out)")
-    return patch, Path(a.out) if a.out else run
+    out = Path(a.out) if a.out else run
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is there; --out is a folder (created if missing)")
+    for flag, path, want in (("--test-identities", getattr(a, "test_identities", None), "dir"),
+                             ("--train-identities", getattr(a, "train_identities", None), "dir"),
+                             ("--names", getattr(a, "names", None), "file")):
+        if path and not (Path(path).is_dir() if want == "dir" else Path(path).is_file()):
+            raise ValueError(f"{flag} {path}: no such {'folder' if want == 'dir' else 'file'}")
+    return patch, out
 
 
 def cmd_audit(a) -> int:
@@ -207,8 +215,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--names", default=None, help="file with the full identity name list (one per line)")
     p.add_argument("--identity-template", type=template, action="append", default=None,
                    help="zero-shot prompt with {} as the run used it (repeatable; default '{}.')")
-    p.add_argument("--alias", action="append", default=None, help="another name of the concept, tried as a variant "
-                                                                  "(repeatable)")
+    p.add_argument("--alias", type=nonempty, action="append", default=None,
+                   help="another name of the concept, tried as a variant (repeatable)")
     p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")

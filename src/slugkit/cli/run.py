@@ -350,7 +350,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--train-identities", default=None,
                    help="with --audit: class folder of training-split images (the relearning and representation "
                         "probes; skipped without it)")
-    u.add_argument("--alias", action="append", default=None,
+    u.add_argument("--alias", type=nonempty, action="append", default=None,
                    help="with --audit: another name of the concept, tried as a prompt variant (repeatable)")
     add_run_args(u)
     _add_audit_args(u)
