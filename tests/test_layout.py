@@ -75,7 +75,7 @@ ALLOWED = {
     "methods": {"common", "data", "models", "eval", "patch", "slug"},
     "report": {"common"},
     "world": {"common", "data", "models", "integrations", "eval", "patch", "slug"},
-    "audit": {"common", "data", "models", "eval", "patch", "world"},
+    "audit": {"common", "data", "models", "integrations", "eval", "patch", "world"},
     "workflows": {*BELOW_WORKFLOWS, "world", "audit"},
     "cli": {*BELOW_WORKFLOWS, "world", "audit", "workflows"},
 }

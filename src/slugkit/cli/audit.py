@@ -204,7 +204,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default="embedded", help="the base model the patch was made for (default embedded; "
                                                        "other models need --test-identities and --names)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
-    p.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"])
+    p.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
+                   help="the model family of --model (default open_clip; hf_clip: a transformers CLIPModel)")
     p.add_argument("--concept", default=None, help="the forgotten name (default: the patch's concept)")
     p.add_argument("--out", default=None, help="folder for audit.json / audit.md (default: the run folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing audit.json in --out")
