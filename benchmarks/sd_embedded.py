@@ -17,11 +17,11 @@ of the 5 nearest neighbours by the pipeline's text encoder, ``--n-other`` of eve
 
 a **refusal** (no layer/step met the validation criteria) is not a pass; it must carry a reason and leave no run
 folder (no patch). Printed: the pass fraction, the median and worst mean drop and the median and worst single-
-neighbour drop over the runs that wrote a patch; ``--json`` writes every row.
+neighbour drop over the runs that wrote a patch; ``--json`` writes every row (rewritten atomically after each
+concept, ``"complete": false`` until the sweep ends, so a partial sweep survives).
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -60,10 +60,17 @@ def run_one(concept: str, a) -> dict:
             r = run_sd_demo(concept, out, data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other,
                             n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
                             neighbour_budget=a.neighbour_budget, other_budget=a.other_budget, selection=a.selection,
-                            step=a.step, null_energy=a.null_space_energy, seed=a.seed, threads=a.threads,
+                            step=a.step, null_energy=a.null_space_energy, null_layers=a.null_space_layers,
+                            max_searched=a.max_searched,
+                            seed=a.seed, threads=a.threads,
                             progress=False)
         except (SearchFailed, NothingToUnlearnError) as e:
             return {"concept": concept, "refused": str(e), "refusal_clean": bool(str(e)) and not out.exists(),
+                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
+        except Exception as e:  # a crash is recorded (a failure, not a refusal) and the sweep goes on
+            import traceback
+
+            return {"concept": concept, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                     "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
     g, c = r["generation"], r["generation"]["collateral"]
     nbs = c["neighbours"]["concepts"]
@@ -82,6 +89,8 @@ def run_one(concept: str, a) -> dict:
 
 
 def line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['concept']:16s} ERROR: {row['error']}  {row['timing_s']['wall']:.0f} s"
     if "refused" in row:
         return (f"{row['concept']:16s} REFUSED ({'no patch' if row['refusal_clean'] else 'NOT CLEAN'}): "
                 f"{row['refused']}  {row['timing_s']['wall']:.0f} s")
@@ -94,15 +103,22 @@ def line(row: dict) -> str:
 
 
 def summary(rows: list[dict]) -> dict:
-    ran = [r for r in rows if "refused" not in r]
+    ran = [r for r in rows if "refused" not in r and "error" not in r]
     out = {"passed": sum(r["passed"] for r in rows), "total": len(rows),
-           "refused": sum("refused" in r for r in rows),
+           "refused": sum("refused" in r for r in rows), "errors": sum("error" in r for r in rows),
            "refusals_clean": all(r["refusal_clean"] for r in rows if "refused" in r)}
     if ran:
         md, nd = [r["mean_drop"] for r in ran], [r["worst_neighbour_drop"] for r in ran]
         out.update(mean_drop_median=statistics.median(md), mean_drop_worst=max(md),
                    neighbour_drop_median=statistics.median(nd), neighbour_drop_worst=max(nd))
     return out
+
+
+def write_json(path: str, obj: dict) -> None:
+    """``obj`` as JSON at ``path``, atomically (slugkit's own writer: temporary sibling, renamed, usual file mode)."""
+    from slugkit.common.files import write_json as atomic_json
+
+    atomic_json(path, obj)
 
 
 def main():
@@ -122,6 +138,10 @@ def main():
     ap.add_argument("--selection", default="shift", choices=["shift", "neighbour", "clip"])
     ap.add_argument("--step", default="slug", choices=["slug", "null-space"])
     ap.add_argument("--null-space-energy", type=float, default=None)
+    ap.add_argument("--null-space-layers", default="front", choices=["front", "all"],
+                    help="null-space step: search the CLIP Pareto layers that forgot (front) or every Linear group")
+    ap.add_argument("--max-searched", type=int, default=None,
+                    help="the generator search tries at most this many layers (default: every candidate)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", default=None, help="write every row and the summary here")
@@ -138,15 +158,19 @@ def main():
     for concept in concepts:
         rows.append(run_one(concept, a))
         print(line(rows[-1]), flush=True)
+        if a.json:  # after every row, so that a partial sweep survives
+            write_json(a.json, {"rows": rows, "summary": summary(rows), "base_recognition": base,
+                                "options": vars(a), "complete": False})
     s = summary(rows)
     print(f"{s['passed']}/{s['total']} concepts pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
+          f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
           f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
     if "mean_drop_median" in s:
         print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; single "
               f"neighbour drop: median {s['neighbour_drop_median']:+.3f}, worst {s['neighbour_drop_worst']:+.3f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"rows": rows, "summary": s, "base_recognition": base, "options": vars(a)}, f, indent=2)
+        write_json(a.json, {"rows": rows, "summary": s, "base_recognition": base, "options": vars(a),
+                            "complete": True})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ from slugkit.cli import build_parser, main
     (["compare", "--lr", "gaft=abc"], "--lr"),
     (["compare", "--lr", "gaft"], "--lr"),
     (["curate", "--shards", "s", "--concept", "", "--out", "o"], "--concept"),
+    (["audit", "--patch", "p", "--attack-iterations", "0"], "--attack-iterations"),
+    (["audit", "--patch", "p", "--alias", ""], "--alias"),
+    (["audit", "--patch", "p", "--control-name", " "], "--control-name"),
+    (["demo", "--target", "sd", "--max-searched", "0"], "--max-searched"),
 ])
 def test_meaningless_values_are_refused_at_parse_time(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -103,3 +107,8 @@ def test_worst_budget_off_is_the_papers_choice():
     assert search_config(a).worst_budget is None and budgets_of(a).worst_drop == 1.0
     a = build_parser().parse_args(["demo"])
     assert search_config(a).worst_budget == 0.2 and budgets_of(a).worst_drop == 0.2
+
+
+def test_null_space_layers_all_needs_the_null_space_step(tmp_path, capsys):
+    assert main(["demo", "--target", "sd", "--null-space-layers", "all", "--out", str(tmp_path / "x")]) == 2
+    assert "--sd-step null-space" in capsys.readouterr().err and not (tmp_path / "x").exists()

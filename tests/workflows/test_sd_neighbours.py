@@ -208,3 +208,172 @@ def test_demo_null_space_patch_leaves_the_kept_prompts_layer_outputs_within_the_
         bound = float(torch.linalg.matrix_norm(dw, ord=2)) ** 2 * (1 - ns["tensors"][n]["energy"]) * float(
             (x ** 2).sum())
         assert float(dw.abs().max()) > 0 and moved <= bound * 1.001
+
+
+def _text_grads(ad, seed=0):
+    params = dict(ad.model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    grads = type("G", (), {})()
+    grads.forget = {n: torch.randn(params[n].shape, generator=gen) for n in ad.candidate_names()
+                    if n.startswith("text_model.encoder.")}
+    return grads
+
+
+def test_null_space_layers_all_adds_every_linear_group_of_the_text_tower_once(embedded):
+    """`--null-space-layers all`: every q/k/v, out_proj and fc1+fc2 group with a gradient besides the searched ones,
+    each once, not searched on CLIP (no step, empty validation metrics), ratio ‖θ‖/‖g‖."""
+    from slugkit.slug.search import LayerSearch
+    from slugkit.workflows.sd_generator import extra_groups
+
+    ad = embedded
+    grads = _text_grads(ad)
+    front = LayerSearch(name="text_model.encoder.layers.0.self_attn.out_proj.weight",
+                        group=["text_model.encoder.layers.0.self_attn.out_proj.weight"], tower="language", ratio=1.0,
+                        step_size=0.05)
+    extra = extra_groups(ad, grads, [front])
+    n_layers = ad.model.text_model.config.num_hidden_layers
+    assert len(extra) == 3 * n_layers - 1  # q/k/v, out_proj, fc1+fc2 per layer, less the searched one
+    groups = [frozenset(s.group) for s in extra]
+    assert len(set(groups)) == len(groups) and frozenset(front.group) not in groups
+    covered = {n for s in extra for n in s.group} | set(front.group)
+    assert covered == set(grads.forget) - {n for n in grads.forget if not n.endswith(".weight")}
+    params = dict(ad.model.named_parameters())
+    for s in extra:
+        assert s.step_size is None and s.val_metrics == {}
+        assert abs(s.ratio - float(params[s.name].detach().norm() / grads.forget[s.name].norm())) < 1e-4 * s.ratio
+    # a group without a forget gradient is not a candidate
+    fewer = type("G", (), {"forget": {n: g for n, g in grads.forget.items() if "layers.3." not in n}})()
+    assert len(extra_groups(ad, fewer, [front])) == 3 * (n_layers - 1) - 1
+
+
+def test_extra_layers_start_where_they_move_the_target_as_much_as_the_searched_layers(embedded):
+    from slugkit.slug.search import LayerSearch, edited
+    from slugkit.workflows.sd_generator import (
+        concept_prompts,
+        conditioning,
+        extra_groups,
+        matched_steps,
+        null_space_forget,
+        relative_shift,
+    )
+
+    ad = embedded
+    grads = _text_grads(ad, 1)
+    name = "text_model.encoder.layers.1.self_attn.out_proj.weight"
+    front = LayerSearch(name=name, group=[name], tower="language", ratio=1.0, step_size=0.05)
+    extra = [s for s in extra_groups(ad, grads, [front]) if ".mlp." in s.name][:2]
+    forget, info = null_space_forget(ad, grads, [front], "red triangle", energy=0.999, extra=extra)
+    assert {n for s in extra for n in s.group} <= set(info)
+    searches, starts = matched_steps(ad, grads, forget, [front], "red triangle", extra=extra)
+    assert [s.name for s in searches] == [name] + [s.name for s in extra]
+    goal = starts[name]["target_shift"]
+    tp = concept_prompts("red triangle")
+    h = conditioning(ad, tp)
+    for s in searches[1:]:
+        rec = starts[s.name]
+        assert rec["extra"] is True and rec["clip_step_size"] is None and rec["target_shift"] == goal
+        assert s.step_size == rec["start"] > 0
+        with edited(ad.model, forget, s.group, s.step_size):
+            got = relative_shift(h, conditioning(ad, tp))
+        assert abs(got - goal) < 0.05 * goal
+
+
+def test_null_space_layers_all_lets_the_search_choose_a_layer_off_the_clip_front(embedded, monkeypatch):
+    """With a generator that forgets only under an edit of layer 1's MLP (not on the CLIP front), the front alone is
+    refused, ``null_layers="all"`` chooses that group and writes its projected gradients into ``grads.forget``."""
+    import contextlib
+
+    from slugkit.slug.search import LayerSearch, SearchFailed
+    from slugkit.workflows import sd_generator as sg
+
+    ad = embedded
+    mlp = "text_model.encoder.layers.1.mlp.fc1.weight"
+    state = {"group": (), "eta": 0.0, "searched": []}
+
+    @contextlib.contextmanager
+    def fake_edit(pipe, mapping, adapter, g, group, eta):
+        state.update(group=tuple(group), eta=eta)
+        if eta > 0 and tuple(group) not in state["searched"]:
+            state["searched"].append(tuple(group))
+        yield
+
+    def fake_recognition(pipe, judge, plan, *a, **k):
+        forgot = mlp in state["group"] and state["eta"] > 0
+        harm = state["eta"] > 0 and not forgot  # any other layer damages the others before it forgets
+        return {c: (0.0 if forgot else 1.0) if c == "red triangle" else (0.5 if harm else 1.0)
+                for c, _, _ in plan}, None, None
+
+    monkeypatch.setattr(sg, "pipeline_edit", fake_edit)
+    monkeypatch.setattr(sg.t2i, "recognition", fake_recognition)
+    name = "text_model.encoder.layers.0.self_attn.out_proj.weight"
+
+    def run(null_layers, max_searched=None):
+        state["searched"].clear()
+        grads = _text_grads(ad, 2)
+        raw = {n: g.clone() for n, g in grads.forget.items()}
+        front = LayerSearch(name=name, group=[name], tower="language", ratio=1.0, step_size=0.05)
+        choose = sg.generator_chooser("red triangle", None, None, {}, step="null-space", null_energy=0.999,
+                                      null_layers=null_layers, search_steps=3, max_searched=max_searched)
+        return choose([front], ad, grads, None, "shift"), grads, raw
+
+    with pytest.raises(SearchFailed):
+        run("front")
+    (chosen, info), grads, raw = run("all")
+    assert chosen.name == mlp and info["null_space"]["layers"] == "all"
+    assert info["null_space"]["start_steps"][mlp]["extra"] is True and info["clip_step_size"] is None
+    assert info["generator_search"]["layers"][-1]["layer"] == mlp
+    for n in chosen.group:
+        assert not torch.equal(grads.forget[n], raw[n])
+        assert float(grads.forget[n].norm()) < float(raw[n].norm())
+    order = list(state["searched"])
+    assert len(order) >= 2 and order[-1] == tuple(chosen.group)  # it came after layers that damaged the others
+    with pytest.raises(SearchFailed, match=f"searched the first {len(order) - 1} of 12 in selectivity order"):
+        run("all", max_searched=len(order) - 1)
+    assert state["searched"] == order[:-1]
+    with pytest.raises(ValueError, match="max_searched"):
+        sg.generator_chooser("red triangle", None, None, {}, max_searched=0)
+    with pytest.raises(ValueError, match="needs the null-space step"):
+        sg.generator_chooser("red triangle", None, None, {}, step="slug", null_layers="all")
+    with pytest.raises(ValueError, match="unknown null_layers"):
+        sg.generator_chooser("red triangle", None, None, {}, step="null-space", null_layers="some")
+
+
+def test_benchmark_writes_its_json_atomically(tmp_path):
+    """benchmarks/sd_embedded.py rewrites its --json after every concept: complete files only, no temporary left,
+    the previous file intact when a row cannot be written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sd_embedded.py"
+    spec = importlib.util.spec_from_file_location("sd_embedded_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    bench.write_json(str(out), {"rows": [1], "complete": False})
+    assert json.loads(out.read_text()) == {"rows": [1], "complete": False}
+    with pytest.raises(TypeError):
+        bench.write_json(str(out), {"rows": [object()]})
+    assert json.loads(out.read_text()) == {"rows": [1], "complete": False}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+def test_report_of_a_layer_off_the_clip_front_says_it_has_no_clip_step():
+    from slugkit.workflows.sd_demo import _generation_report
+
+    names = t2i.concept_names()
+    before = {c: 0.9 for c in names}
+    gb, ga = _gen(before, {**before, "red triangle": 0.0}, "red triangle")
+    for g in (gb, ga):
+        g["clip_score"] = 70.0
+    gs = {"validation_images": 20, "validation_per_other_concept": 1, "threshold": 0.05, "other_budget": 0.05,
+          "base_target_recognised": 0.9, "base_other_recognised": 0.88, "layers": []}
+    result = {"generation": {"before": gb, "after": ga, "collateral": None,
+                             "images": {"target": 50, "per_other_concept": 10, "other_concepts": 29,
+                                        "sampler": "DDIM 20 steps"}},
+              "step_size": 5865.0, "chooser": {"conditioning_shift": [], "generator_search": gs, "gen_margin": 1.2,
+                                               "clip_step_size": None}}
+    md = _generation_report(result)
+    assert "Applied step: 5865 (a layer off the CLIP Pareto front: no CLIP step; --null-space-layers all)." in md
+    result["chooser"]["clip_step_size"] = 31.2
+    assert "Applied step: 5865 (the CLIP search's step for this layer: 31.2)." in _generation_report(result)

@@ -241,6 +241,8 @@ def validate_demo_sd(a) -> str | None:
     """`slug demo --target sd`: it takes one --concept, not --concepts."""
     if a.concepts:
         return "--target sd unlearns one concept (--concept)"
+    if getattr(a, "null_space_layers", "front") != "front" and a.sd_step != "null-space":
+        return "--null-space-layers all needs --sd-step null-space (the slug step searches the CLIP Pareto layers)"
     return None
 
 

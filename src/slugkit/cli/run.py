@@ -106,7 +106,8 @@ def cmd_demo_sd(a) -> int:
                          gen_margin=a.gen_margin, search=search, seed=a.seed, threads=a.threads,
                          progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size,
                          budgets=budgets_of(a), n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
-                         neighbour_budget=a.neighbour_budget, step=a.sd_step, null_energy=a.null_space_energy)
+                         neighbour_budget=a.neighbour_budget, step=a.sd_step, null_energy=a.null_space_energy,
+                         null_layers=a.null_space_layers, max_searched=a.max_searched)
     print_sd_summary(result, out)
     rc = exit_status_of(result)
     if a.audit and (Path(out) / "patch" / "patch.json").is_file():
@@ -285,6 +286,12 @@ def add_parsers(sub) -> None:
     sdg.add_argument("--null-space-energy", type=_energy, default=None,
                      help="with --sd-step null-space: share of the kept prompts' activation energy the protected "
                           "subspace holds, in (0, 1] (default 0.99)")
+    sdg.add_argument("--null-space-layers", default="front", choices=["front", "all"],
+                     help="with --sd-step null-space: the CLIP Pareto layers that forgot (front, default) or every "
+                          "Linear group of the text tower the pipeline reads (all; 7 of 9 concepts passed the "
+                          "issue-12 criteria with it, see the README)")
+    sdg.add_argument("--max-searched", type=COUNT, default=None,
+                     help="the generator search tries at most this many layers, most selective first (default all)")
     sdg.add_argument("--other-budget", type=FRACTION, default=0.05,
                      help="search accepts a step only if the other concepts' validation recognition drops by at "
                           "most this much (default 0.05; also the verdict's budget on the test images)")

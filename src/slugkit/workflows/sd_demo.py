@@ -129,7 +129,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 threads: int | None = 1, progress: bool = True, overwrite: bool = False, batch_size: int = 64,
                 budgets=None, neighbours_k: int | None = None, n_neighbour: int = DEFAULT_N_NEIGHBOUR,
                 val_neighbour: int = DEFAULT_N_NEIGHBOUR, neighbour_budget: float | None = None,
-                step: str = "slug", null_energy: float | None = None) -> dict:
+                step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
+                max_searched: int | None = None) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``
     with ``result.json → verdict`` judged on the generated images (:func:`slugkit.workflows.verdict.sd_verdict`:
     ``gen_threshold`` + ``budgets.forget_tolerance``, ``other_budget``, ``budgets.worst_drop``)
@@ -139,7 +140,9 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     concepts nearest the target by the pipeline's text encoder (:func:`target_neighbours`) get ``n_neighbour``
     reported images each (the others ``n_other``) and ``val_neighbour`` validation images each; the search bounds
     the worst neighbour's validation drop by ``neighbour_budget`` (default ``budgets.worst_drop``, 0.20).
-    ``step="null-space"``: the projected SLUG step (:func:`slugkit.workflows.sd_generator.generator_chooser`)."""
+    ``step="null-space"``: the projected SLUG step (:func:`slugkit.workflows.sd_generator.generator_chooser`);
+    ``null_layers="all"`` with it: every Linear group of the consumed text tower is a candidate, not only the CLIP
+    Pareto layers that forgot; ``max_searched``: the generator search tries at most that many layers."""
     from ..eval.collateral import NEIGHBOURS_K
     from ..slug.search import SearchConfig
     from ..world.demo_data import ensure_world_data
@@ -171,7 +174,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                                         threshold=gen_threshold, other_budget=other_budget,
                                         gen_steps=gen_steps, guidance=guidance, seed=seed, neighbours=names,
                                         val_neighbour=val_neighbour, neighbour_budget=neighbour_budget,
-                                        step=step, null_energy=null_energy)
+                                        step=step, null_energy=null_energy, null_layers=null_layers,
+                                        max_searched=max_searched)
             result = run_unlearn(cfg, adapter=adapter, choose=chooser)  # writes into the temporary folder
             t_slug = time.perf_counter() - t0
 
@@ -196,11 +200,22 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["timing_s"]["generation_eval"] = t_gen
             result["timing_s"]["total"] = time.perf_counter() - t0
             write_json(stage / "result.json", result)
-            report = (stage / "report.md").read_text(encoding="utf-8") + render_generation_report(result)
+            report = (stage / "report.md").read_text(encoding="utf-8") + _generation_report(result)
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:
         torch.set_num_threads(n_threads)
+
+
+def _generation_report(result: dict) -> str:
+    """:func:`render_generation_report`; a layer off the CLIP Pareto front (``null_layers="all"``) has no CLIP step,
+    which the report then says instead of a number."""
+    chooser = result.get("chooser") or {}
+    if "clip_step_size" not in chooser or chooser["clip_step_size"] is not None:
+        return render_generation_report(result)
+    md = render_generation_report({**result, "chooser": {**chooser, "clip_step_size": float("nan")}})
+    return md.replace("(the CLIP search's step for this layer: nan)",
+                      "(a layer off the CLIP Pareto front: no CLIP step; --null-space-layers all)")
 
 
 def _mark_patch(folder: Path, status: str, step: str = "slug") -> None:

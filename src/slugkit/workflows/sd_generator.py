@@ -13,34 +13,13 @@ from dataclasses import replace
 import torch
 
 from ..slug.search import SearchFailed, edited_values
-from ..world import render as world
 from ..world import t2i
+from .sd_conditioning import (EXTRA_SHIFT_GOAL, NULL_LAYERS, concept_prompts, conditioning, extra_groups,
+                              kept_prompts, matched_steps, null_space_forget, relative_shift, secant_log)
 
 # ----------------------------------------------------------------------------------------------------------------
-# Conditioning shift and the generator-aware layer choice
+# The generator-aware layer choice
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def conditioning(adapter, prompts: list[str]) -> torch.Tensor:
-    """What the pipeline consumes: the CLIP text tower's ``last_hidden_state`` for ``prompts`` (same tokens)."""
-    from ..world.t2i import CONTEXT_LENGTH
-
-    ids = adapter.tokenizer(list(prompts), padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
-                            return_tensors="pt")["input_ids"]
-    return adapter.model.text_model(input_ids=ids).last_hidden_state
-
-
-def relative_shift(before: torch.Tensor, after: torch.Tensor) -> float:
-    """Mean over prompts of ||ΔH||_F / ||H||_F (all token positions)."""
-    num = (after - before).flatten(1).norm(dim=1)
-    den = before.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return float((num / den).mean())
-
-
-def concept_prompts(name: str) -> list[str]:
-    """The prompts the pipeline is given for concept ``name``: one per world caption template (8)."""
-    return [t2i.prompt_for(name, i) for i in range(len(world.UTILITY_CAPTION_TEMPLATES))]
 
 
 def shift_table(adapter, grads, searches, target: str, margin: float = 1.0, neighbours: list[str] = ()) -> list[dict]:
@@ -140,83 +119,6 @@ def validation_plans(target: str, neighbours: list[str], val_images: int, val_ot
     return tplan, oplan
 
 
-def kept_prompts(target: str, identities: bool = False) -> list[str]:
-    """The prompts whose layer inputs the null-space step protects: every other concept's 8 prompts, the empty
-    prompt (classifier-free guidance encodes it with the edited encoder too) and, with ``identities``, the 60 world
-    identities' 10 caption templates (the retain set's other half, which CLIP's utility metric reads). Not by
-    default: the pipeline draws objects only, and protecting the 600 identity captions too left too little room —
-    green circle and blue star, accepted without them, were refused with them (energy 0.99)."""
-    kept = [p for n in t2i.concept_names() if n != target for p in concept_prompts(n)] + [""]
-    if identities:
-        kept += [world.identity_caption(i, k) for i in world.IDENTITIES
-                 for k in range(len(world.IDENTITY_CAPTION_TEMPLATES))]
-    return kept
-
-
-def null_space_forget(adapter, grads, searches, target: str, energy: float,
-                      identities: bool = False) -> tuple[dict, dict]:
-    """The searched layers' forget gradients projected onto the null space of their Linear inputs on the
-    :func:`kept_prompts`, keeping the top principal directions holding ``energy`` of their second moment
-    (:mod:`slugkit.slug.nullspace`). Returns ``(forget gradients with those groups replaced, per-tensor info)``."""
-    from ..slug.nullspace import null_space_gradients
-
-    names = sorted({n for s in searches if s.step_size is not None for n in s.group})
-    kept = kept_prompts(target, identities)
-    proj, info = null_space_gradients(adapter.model, grads.forget, names, lambda: conditioning(adapter, kept),
-                                      energy=energy)
-    return {**grads.forget, **proj}, info
-
-
-def secant_log(f, goal: float, x0: float, iters: int = 4, tol: float = 0.01) -> float:
-    """``x > 0`` with ``f(x) ≈ goal`` for an increasing ``f > 0`` that behaves like a power law: secant steps on
-    ``log f`` against ``log x`` from ``x0`` (the first step assumes ``f ∝ x``; slopes clipped to [0.1, 5]), at most
-    ``iters`` steps, stopping within a relative ``tol``. Returns the evaluated x whose ``f`` came closest."""
-    lg = math.log(max(goal, 1e-12))
-    xs = [math.log(x0)]
-    fs = [math.log(max(f(x0), 1e-12))]
-    for _ in range(iters):
-        if abs(fs[-1] - lg) < tol:
-            break
-        slope = 1.0 if len(xs) < 2 or xs[-1] == xs[-2] else (fs[-1] - fs[-2]) / (xs[-1] - xs[-2])
-        xs.append(xs[-1] + (lg - fs[-1]) / min(max(slope, 0.1), 5.0))
-        fs.append(math.log(max(f(math.exp(xs[-1])), 1e-12)))
-    return math.exp(xs[min(range(len(xs)), key=lambda i: abs(fs[i] - lg))])
-
-
-def matched_steps(adapter, grads, forget: dict, searches, target: str, iters: int = 4):
-    """Start steps for the projected gradients ``forget``: per searched layer, the step at which the projected edit
-    moves the target's conditioning as much as the raw edit does at its CLIP step (:func:`secant_log`, ``iters``
-    steps from the step of equal Frobenius norm). A layer whose projected
-    gradient vanishes (< 1e-9 of the raw norm) gets ``step_size=None`` (not a candidate). Returns (searches, start
-    records)."""
-    from ..slug.search import edited
-
-    tp = concept_prompts(target)
-    h_t = conditioning(adapter, tp)
-
-    def shift(g, group, eta):
-        with edited(adapter.model, g, group, eta):
-            return relative_shift(h_t, conditioning(adapter, tp))
-
-    out, records = [], {}
-    for s in searches:
-        if s.step_size is None:
-            out.append(s)
-            continue
-        raw = sum(float(grads.forget[n].float().norm()) ** 2 for n in s.group) ** 0.5
-        new = sum(float(forget[n].float().norm()) ** 2 for n in s.group) ** 0.5
-        if new < 1e-9 * raw:
-            out.append(replace(s, step_size=None))
-            records[s.name] = {"norm_ratio": new / max(raw, 1e-30), "start": None}
-            continue
-        goal = shift(grads.forget, s.group, s.step_size)
-        eta = secant_log(lambda e, g=s.group: shift(forget, g, e), goal, s.step_size * raw / new, iters)
-        out.append(replace(s, step_size=eta))
-        records[s.name] = {"norm_ratio": new / raw, "clip_step_size": s.step_size, "target_shift": goal,
-                           "start": eta}
-    return out, records
-
-
 def closest(searched: list[dict], threshold: float, other_budget: float, neighbour_budget: float | None) -> str:
     """``"; closest: <layer> step η: ..."`` for a refusal: the searched step that came nearest to acceptance (among
     those that forgot, the least damage relative to the budgets; else the lowest recognition of the concept)."""
@@ -242,7 +144,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                       search_steps: int = 6, threshold: float = 0.05, other_budget: float = 0.05,
                       gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE, seed: int = 0,
                       neighbours: list[str] = (), val_neighbour: int = 20, neighbour_budget: float | None = 0.20,
-                      step: str = "slug", null_energy: float | None = None):
+                      step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
+                      max_searched: int | None = None):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 4).
 
     Layers are tried in order of conditioning-shift selectivity (``policy="shift"``: other / target shift;
@@ -257,8 +160,13 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     :data:`slugkit.slug.nullspace.DEFAULT_ENERGY`) and searched from the step at which it moves the target's
     conditioning as much as the raw edit at its CLIP step (:func:`matched_steps`); the chosen group's projected
     gradients are **written into** ``grads.forget``, so run_unlearn's test evaluation and patch use the projected
-    edit. Raises :class:`~slugkit.slug.search.SearchFailed` when no layer has an accepted step (the message names the
-    criteria) and ``ValueError`` for an unknown ``step``."""
+    edit. ``null_layers="all"`` (null-space step only): besides the Pareto layers that forgot on CLIP, every other
+    Linear group of the consumed text tower is a candidate (:func:`extra_groups`; started by :func:`matched_steps`)
+    and takes its place in the selectivity order. ``max_searched``: the generator search tries at most this many
+    layers of the order (None: every one; each costs up to ``search_steps`` validation generations). Raises
+    :class:`~slugkit.slug.search.SearchFailed` when no layer has an accepted step (the message names the criteria)
+    and ``ValueError`` for an unknown ``step`` or ``null_layers``, ``null_layers="all"`` with the SLUG step or
+    ``max_searched`` < 1."""
     from types import SimpleNamespace
 
     from ..slug.nullspace import DEFAULT_ENERGY
@@ -267,16 +175,25 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     neighbours = list(neighbours)
     if step not in ("slug", "null-space"):
         raise ValueError(f"unknown step {step!r}: slug or null-space")
+    if null_layers not in NULL_LAYERS:
+        raise ValueError(f"unknown null_layers {null_layers!r}: {' or '.join(NULL_LAYERS)}")
+    if max_searched is not None and max_searched < 1:
+        raise ValueError(f"max_searched must be >= 1 or None, got {max_searched}")
+    if null_layers != "front" and step != "null-space":
+        raise ValueError(f"null_layers={null_layers!r} needs the null-space step (the SLUG step searches the Pareto "
+                         "layers that forgot on CLIP)")
 
     def choose(searches, adapter, grads, val_before, clip_policy):
         info = {"policy": policy, "gen_margin": gen_margin, "step": step, "neighbours": neighbours}
         g_edit, clip_steps = grads, {s.name: s.step_size for s in searches}
         if step == "null-space":
             energy = DEFAULT_ENERGY if null_energy is None else null_energy
-            forget, ns = null_space_forget(adapter, grads, searches, target, energy)
+            extra = extra_groups(adapter, grads, searches) if null_layers == "all" else []
+            clip_steps.update({s.name: None for s in extra})
+            forget, ns = null_space_forget(adapter, grads, searches, target, energy, extra=extra)
             g_edit = SimpleNamespace(forget=forget)
-            searches, starts = matched_steps(adapter, grads, forget, searches, target)
-            info["null_space"] = {"energy": energy, "kept_prompts": len(kept_prompts(target)),
+            searches, starts = matched_steps(adapter, grads, forget, searches, target, extra=extra)
+            info["null_space"] = {"energy": energy, "kept_prompts": len(kept_prompts(target)), "layers": null_layers,
                                   "tensors": ns, "start_steps": starts}
             if not any(s.step_size is not None for s in searches):
                 raise SearchFailed(f"the null-space projection (energy {energy:g}) leaves no forget gradient in any "
@@ -323,7 +240,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             return (rec_t, mean_drop) if worst is None else (rec_t, mean_drop, drops[worst], worst)
 
         searched, chosen = [], None
-        for layer in order:
+        for layer in order[:max_searched]:
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), layer.step_size,
                                               search_steps, threshold, other_budget, neighbour_budget)
             searched.append({"layer": layer.name, "clip_step_size": clip_steps[layer.name],
@@ -338,14 +255,18 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                                     "neighbour_budget": neighbour_budget if neighbours else None,
                                     "base_target_recognised": base_t, "base_other_recognised": base_o,
                                     "base_neighbour_recognised": {c: base_per[c] for c in neighbours},
+                                    "max_searched": max_searched, "layers_in_order": len(order),
                                     "layers": searched}
         if chosen is None:
+            cut = (f" (searched the first {max_searched} of {len(order)} in selectivity order)"
+                   if max_searched is not None and max_searched < len(order) else "")
             bounded = bool(neighbours) and neighbour_budget is not None and neighbour_budget < 1.0
             nb = (f", and none of its {len(neighbours)} nearest neighbours loses more than {neighbour_budget:.0%} "
                   f"(of {val_neighbour} validation images each)") if bounded else ""
             raise SearchFailed(
-                f"no Pareto layer has a step at which the generator forgets {target!r} (≤ {threshold:.0%} of "
-                f"{val_images} validation images) while the other concepts lose ≤ {other_budget:.0%} on average{nb}"
+                f"no {'candidate' if null_layers == 'all' else 'Pareto'} layer{cut} has a step at which the generator "
+                f"forgets {target!r} (≤ {threshold:.0%} of {val_images} validation images) while the other "
+                f"concepts lose ≤ {other_budget:.0%} on average{nb}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget)}; try --other-budget / "
                 "--neighbour-budget, more --val-images, or --no-gen-search (the CLIP step)")
         info["step_size"] = chosen.step_size
@@ -369,3 +290,10 @@ def generation_metrics(per_concept: dict[str, float], target: str) -> dict:
     from ..eval.generated import summarise
 
     return summarise(per_concept, target, related=related_to)
+
+
+# re-exported: the tests and callers know these names from here
+__all__ = ["EXTRA_SHIFT_GOAL", "NULL_LAYERS", "closest", "concept_prompts", "conditioning", "extra_groups",
+           "generation_metrics", "generator_chooser", "generator_step_search", "kept_prompts", "matched_steps",
+           "null_space_forget", "pipeline_edit", "related_to", "relative_shift", "secant_log", "shift_table",
+           "validation_plans"]
