@@ -201,7 +201,7 @@ def cmd_unlearn(a) -> int:
         progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
     result = run_unlearn(cfg)
     print_summary(result, a.out)
-    return _with_audit(a, a.out, result, _folder_data(a))
+    return _with_audit(a, a.out, result, _folder_data(a) if a.audit else None)
 
 
 def _folder_data(a):
