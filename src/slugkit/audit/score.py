@@ -8,30 +8,24 @@ scored it, so a hit means the variant brings the concept back against the same c
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-from ..eval.zeroshot import topk_hits
+from ..eval.zeroshot import _batched, topk_hits
 
 
 @torch.no_grad()
 def text_features(adapter, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """``[len(prompts), D]`` float32 CPU, L2-normalised."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        tok = adapter.tokenize(prompts[i:i + batch_size]).to(adapter.device)
-        out.append(adapter.encode_text(tok).float().cpu())
-    return torch.cat(out)
+    """``[len(prompts), D]`` float32 CPU, L2-normalised (batched as :mod:`slugkit.eval.zeroshot` does)."""
+    return _batched(lambda x, c: adapter.encode_text(x).float(), adapter.tokenize(prompts), batch_size,
+                    device=adapter.device, out_device="cpu")
 
 
 @torch.no_grad()
 def image_features(adapter, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``[N, D]`` float32 CPU, L2-normalised, for preprocessed images ``[N, C, H, W]``."""
-    out = [adapter.encode_image(images[i:i + batch_size].to(adapter.device)).float().cpu()
-           for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out) if out else images.new_zeros((0, 1))
+    return _batched(lambda x, c: adapter.encode_image(x).float(), images, batch_size, device=adapter.device,
+                    out_device="cpu")
 
 
 def class_weights(adapter, class_prompts: list[list[str]]) -> torch.Tensor:
@@ -55,22 +49,3 @@ def hit_rates(feats: torch.Tensor, weights: torch.Tensor, label: int) -> dict:
     labels = torch.full((feats.shape[0],), label, dtype=torch.long)
     return {"top1": topk_hits(logits, labels, 1).float().mean().item(),
             "top5": topk_hits(logits, labels, 5).float().mean().item()}
-
-
-def per_class_top1(feats: dict[str, torch.Tensor], weights: torch.Tensor, names: list[str]) -> dict[str, float]:
-    """Each class's own top-1 accuracy over ``names`` (``feats``: image features per class name)."""
-    out = {}
-    for n, f in feats.items():
-        out[n] = hit_rates(f, weights, names.index(n))["top1"]
-    return out
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """``model.eval()`` for the block, the previous mode restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
