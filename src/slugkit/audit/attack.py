@@ -97,13 +97,17 @@ def _ce(logits_other: torch.Tensor, logit_target: torch.Tensor, insert_at: int) 
 
 
 def gcg(emb: torch.nn.Embedding, tokenize, encode, objective, prefix: str, budget: AttackBudget = AttackBudget(),
-        score=None) -> dict:
+        score=None, init_id: int | None = None) -> dict:
     """Greedy coordinate gradient over the free tokens after ``prefix`` (module docstring), for any objective:
     ``encode(tokens [B, L]) -> features`` (differentiable when grad is enabled; the hook on ``emb`` gives the
     token-embedding gradient), ``objective(features) -> [B]`` losses to minimise. Returns ``{"tokens": [L] ids of
     the best prompt, "loss", "history": best loss per iteration, "curve": score(best tokens) for the start and after
-    each iteration (with ``score``)}``. Deterministic for a fixed ``budget.seed``."""
+    each iteration (with ``score``)}``. Deterministic for a fixed ``budget.seed``. ``init_id``: the token the free
+    positions start from (default "x"; the text-to-image audit starts from the padding token, so that the first
+    prompt is the prefix itself — a tiny generator draws *something* from "x x x", which would count as success)."""
     tokens, pos = free_positions(tokenize, budget.n_tokens, prefix)
+    if init_id is not None:
+        tokens[pos] = init_id
     special = set(tokenize([""])[0].tolist())
     allowed = torch.ones(emb.num_embeddings, dtype=torch.bool)
     allowed[list(special)] = False

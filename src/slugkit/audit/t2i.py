@@ -12,7 +12,9 @@ not draw the concept (< 0.5) is uninformative.
 * **adversarial prompt** (in the manner of UnlearnDiffAtk, in the text encoder's space): GCG (:func:`slugkit.audit.
   attack.gcg`) over free tokens after "a <concept>" on the patched encoder, minimising the distance of its token
   states to the **unedited** encoder's states for the concept's prompt — what the UNet reads; success = recognition
-  of images generated from the best prompt so far, at checkpoints. **Control**: the same search toward the same
+  of images generated from the best prompt so far, at checkpoints. The free tokens start as padding, so the first
+  prompt is exactly "a <concept>" (an "x x x" start made this generator draw triangles of every colour, and a
+  control "reached" the concept before any search). **Control**: the same search toward the same
   target starting from concept words the generator never learned (:data:`CONTROL_PHRASES`); graded by the speed-up
   in checkpoints to 0.5, as for CLIP.
 * **precision**: the text encoder's weights rounded (fp16, bf16, int8, int4 per row; :func:`slugkit.audit.precision.
@@ -167,6 +169,7 @@ def probe_attack_t2i(before, after, judge, concept, budget, thresholds) -> dict:
     emb = te.get_input_embeddings()
     seeds = _seeds(budget, 200)
     marks_at = set(budget.checkpoints)
+    pad = int(tok([""])[0][-1])  # free tokens start as padding: iteration 0 draws the start prompt itself
     bud = replace(budget.attack, iterations=max(budget.checkpoints))
 
     def encode(t):
@@ -187,7 +190,7 @@ def probe_attack_t2i(before, after, judge, concept, budget, thresholds) -> dict:
                 marks[i] = None
             return marks[i]
 
-        found = gcg(emb, tok, encode, objective, f"a {start}", bud, score)
+        found = gcg(emb, tok, encode, objective, f"a {start}", bud, score, init_id=pad)
         curve = {i: v for i, v in marks.items() if v is not None}
         first = next((i for i in sorted(curve) if curve[i] >= thresholds.informative_at), None)
         return {"start": start, "prompt": decode(after.tokenizer, tok, found["tokens"]), "loss": found["loss"],
@@ -212,6 +215,10 @@ def probe_attack_t2i(before, after, judge, concept, budget, thresholds) -> dict:
            "summary": (f"from the concept's name: recognised {_fmt(concept_run['recognised'])}; from never-learned "
                        f"words: reached 0.5 at {ctl_first}"),
            "seconds": time.perf_counter() - t0}
+    if t is None and all(v is None for v in ctl_first):  # as for CLIP: a budget that decides nothing never passes
+        rec.update(status="warn", inconclusive=True,
+                   summary=rec["summary"] + "; inconclusive: the budget reached neither the concept nor the controls "
+                                            "(raise --attack-iterations)")
     return rec
 
 

@@ -160,6 +160,27 @@ def edited_values(model: torch.nn.Module, grads: dict[str, torch.Tensor], names:
             for n in names}
 
 
+@contextlib.contextmanager
+def edited_consumer(consumer: torch.nn.Module, mapping: dict[str, str], model: torch.nn.Module,
+                    grads: dict[str, torch.Tensor], names: list[str], step_size: float):
+    """Temporarily write θ − η·g_f of ``names`` (``model``'s names: the CLIP the gradients belong to) into
+    ``consumer`` — a module holding those tensors under other names (``mapping``: model name → consumer name), e.g.
+    a diffusers text encoder or LLaVA's vision tower; the exact bytes come back on exit. The values are
+    :func:`edited_values`', i.e. what the patch stores."""
+    values = edited_values(model, grads, names, step_size)
+    params = dict(consumer.named_parameters())
+    saved = {n: params[mapping[n]].detach().clone() for n in names}
+    try:
+        with torch.no_grad():
+            for n in names:
+                params[mapping[n]].copy_(values[n].to(params[mapping[n]].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for n in names:
+                params[mapping[n]].copy_(saved[n])
+
+
 def _step(theta: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
     """float32 θ − η·g on θ's device (the one formula of :func:`edited` and :func:`edited_values`)."""
     return theta.float() - step_size * grad.to(device=theta.device, dtype=torch.float32)

@@ -6,13 +6,11 @@ doubling/bisection step search on generated validation images, and the ``choose`
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import replace
 
-import torch
 
-from ..slug.search import SearchFailed, edited_values
+from ..slug.search import SearchFailed, edited_consumer
 from ..world import t2i
 from .sd_conditioning import (EXTRA_SHIFT_GOAL, NULL_LAYERS, concept_prompts, conditioning, extra_groups,
                               kept_prompts, matched_steps, null_space_forget, relative_shift, secant_log)
@@ -50,32 +48,22 @@ def shift_table(adapter, grads, searches, target: str, margin: float = 1.0, neig
     return rows
 
 
-@contextlib.contextmanager
 def pipeline_edit(pipe, mapping: dict[str, str], adapter, grads, group: list[str], step: float):
     """Temporarily write θ − η·g_f of ``group`` (CLIP names) into ``pipe.text_encoder`` (mapped names); restore the
-    exact bytes on exit. The same values :func:`slugkit.slug.search.edited_values` puts in the patch."""
-    values = edited_values(adapter.model, grads.forget, group, step)
-    params = dict(pipe.text_encoder.named_parameters())
-    saved = {n: params[mapping[n]].detach().clone() for n in group}
-    try:
-        with torch.no_grad():
-            for n in group:
-                params[mapping[n]].copy_(values[n].to(params[mapping[n]].dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for n in group:
-                params[mapping[n]].copy_(saved[n])
+    exact bytes on exit (:func:`slugkit.slug.search.edited_consumer`: the values the patch stores)."""
+    return edited_consumer(pipe.text_encoder, mapping, adapter.model, grads.forget, group, step)
 
 
 def generator_step_search(evaluate, start: float, steps: int = 6, threshold: float = 0.05,
-                          other_budget: float = 0.05, neighbour_budget: float | None = None):
+                          other_budget: float = 0.05, neighbour_budget: float | None = None,
+                          utility_budget: float | None = None):
     """The doubling/bisection rule on η with both criteria measured on *generated* validation images, as the official
     UnlearnCanvas search does with ua / ira (spec §4.4), but seeded, on validation seeds only, and without its
     re-evaluate-the-same-step no-op. ``evaluate(η)`` returns ``(target_recognised, other_drop)`` or
-    ``(target_recognised, other_drop, worst_neighbour_drop, worst_neighbour)``; the others are *damaged* when their
-    mean drop exceeds ``other_budget`` or (with ``neighbour_budget``) the worst nearest neighbour's drop exceeds
-    ``neighbour_budget``:
+    ``(target_recognised, other_drop, worst_neighbour_drop, worst_neighbour)`` or, with a fifth element, also the
+    ``utility_drop`` (the VLM demo's utility questions); the others are *damaged* when their mean drop exceeds
+    ``other_budget`` or (with ``neighbour_budget``) the worst nearest neighbour's drop exceeds ``neighbour_budget``
+    or (with ``utility_budget``) the utility drop exceeds it:
 
     * forgot (target ≤ ``threshold``) and others kept: accepted; try smaller;
     * forgot but others damaged: the step is too large; try smaller;
@@ -88,12 +76,15 @@ def generator_step_search(evaluate, start: float, steps: int = 6, threshold: flo
     for _ in range(steps):
         rec, drop, *nb = evaluate(eta)
         forgot = rec <= threshold + 1e-9
-        nb_harm = bool(nb) and neighbour_budget is not None and nb[0] > neighbour_budget + 1e-9
-        harm = drop > other_budget + 1e-9 or nb_harm
+        nb_harm = bool(nb) and nb[0] is not None and neighbour_budget is not None and nb[0] > neighbour_budget + 1e-9
+        util_harm = len(nb) > 2 and utility_budget is not None and nb[2] > utility_budget + 1e-9
+        harm = drop > other_budget + 1e-9 or nb_harm or util_harm
         ok = forgot and not harm
         row = {"step_size": eta, "target_recognised": rec, "other_drop": drop, "accepted": ok}
         if nb:
             row.update(neighbour_drop=nb[0], worst_neighbour=nb[1] if len(nb) > 1 else None)
+        if len(nb) > 2:
+            row["utility_drop"] = nb[2]
         traj.append(row)
         if ok:
             best = eta if best is None else min(best, eta)
