@@ -101,7 +101,7 @@ def cmd_demo_sd(a) -> int:
     search = replace(search_config(a), metric=a.criterion or SD_CRITERION)
     result = run_sd_demo(concept, out, data_dir=a.data_dir, t2i_dir=a.t2i_model, n_target=a.n_target,
                          n_other=a.n_other, gen_steps=a.gen_steps, guidance=a.guidance, selection=a.sd_selection,
-                         gen_search=not a.no_gen_search, val_images=a.val_images, val_other=a.val_other,
+                         gen_search=not a.no_gen_search, val_images=a.val_images or 20, val_other=a.val_other,
                          gen_threshold=a.gen_threshold, other_budget=a.other_budget,
                          gen_margin=a.gen_margin, search=search, seed=a.seed, threads=a.threads,
                          progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size,
@@ -121,15 +121,21 @@ def cmd_demo_sd(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """`slug demo`: unlearn one or more identities from the embedded tiny CLIP (or, --target sd, the T2I model)."""
+    """`slug demo`: unlearn one or more identities from the embedded tiny CLIP (or, --target sd, an object concept
+    from the T2I model; --target vlm, identities from the VLM)."""
     from ..workflows.sequential import run_sequential
     from ..workflows.unlearn import check_out_dir, run_unlearn
 
-    if a.target == "sd":
+    if a.target in ("sd", "vlm"):
         try:
-            return cmd_demo_sd(a)
+            if a.target == "sd":
+                return cmd_demo_sd(a)
+            from .vlm import cmd_demo_vlm
+
+            return cmd_demo_vlm(a)
         except ImportError as e:
-            print(f"error: {e}; `demo --target sd` needs the HF extra: pip install 'slugkit[hf]'", file=sys.stderr)
+            print(f"error: {e}; `demo --target {a.target}` needs the HF extra: pip install 'slugkit[hf]'",
+                  file=sys.stderr)
             return 2
     from ..workflows.world_runs import sequential_world_configs, world_config
     from ..world import render as world
@@ -241,6 +247,8 @@ def _unlearn_on_world(a, concepts: list[str]) -> int:
 
 def add_parsers(sub) -> None:
     """Add the `demo` and `unlearn` subcommands to ``sub``."""
+    from .vlm import add_vlm_args
+
     d = sub.add_parser("demo", help="unlearn an identity from the embedded tiny CLIP (no downloads)")
     d.add_argument("--concept", type=nonempty, default=None,
                    help="identity name (see `slug world names`; default: the world's first identity)")
@@ -250,10 +258,12 @@ def add_parsers(sub) -> None:
     d.add_argument("--sequential", action="store_true", help="with --concepts: one SLUG run per concept on the "
                                                             "previously patched model; patches chained into one")
     d.add_argument("--data-dir", default=None, help="where the world's data is generated (default: cache dir)")
-    d.add_argument("--target", default="clip", choices=["clip", "sd"],
+    d.add_argument("--target", default="clip", choices=["clip", "sd", "vlm"],
                    help="clip (default): unlearn an identity from the embedded CLIP; sd: unlearn an object concept "
                         "(e.g. 'red triangle') from the embedded text-to-image pipeline by patching its CLIP text "
-                        "encoder")
+                        "encoder; vlm: unlearn an identity (or --concepts) from the embedded VLM (LLaVA) by patching "
+                        "its CLIP vision tower, the step searched on the VLM's answers")
+    add_vlm_args(d)
     sdg = d.add_argument_group("--target sd")
     sdg.add_argument("--n-target", type=COUNT, default=50,
                      help="generated images of the forgotten concept (default 50)")
@@ -268,8 +278,9 @@ def add_parsers(sub) -> None:
                           "nearest neighbours relative to the target's) or clip (the CLIP --selection policy first)")
     sdg.add_argument("--no-gen-search", action="store_true",
                      help="apply the CLIP-searched step instead of searching it on generated validation images")
-    sdg.add_argument("--val-images", type=COUNT, default=20,
-                     help="generated validation images of the concept per search step (default 20)")
+    sdg.add_argument("--val-images", type=COUNT, default=None,
+                     help="validation images of the concept per search step: generated (--target sd, default 20) or "
+                          "asked about (--target vlm, default 10)")
     sdg.add_argument("--val-other", type=COUNT, default=1,
                      help="generated validation images per other concept per search step (default 1)")
     sdg.add_argument("--n-neighbour", type=COUNT, default=20,

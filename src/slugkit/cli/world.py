@@ -1,4 +1,5 @@
-"""``slug world names | train | data``: the embedded synthetic world (``train-t2i`` is dispatched in ``main``)."""
+"""``slug world names | train | train-vlm | data``: the embedded synthetic world (``train-t2i``: dispatched in
+``main``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ def cmd_world(a) -> int:
         report = train_embedded(a.out, seed=a.seed, **kw)
         print(json.dumps(report, indent=2))
         return 0
+    if a.world_cmd == "train-vlm":
+        from ..world.vlm_train import VLMConfig, train_embedded_vlm
+
+        cfg = VLMConfig(**{k: v for k, v in (("steps", a.steps), ("threads", a.threads), ("seed", a.seed),
+                                              ("feature_noise", a.feature_noise)) if v is not None})
+        info = train_embedded_vlm(a.out, cfg, eval_images=a.eval_images, overwrite=a.overwrite,
+                                  progress=not a.no_progress)
+        ev = info.get("eval")
+        print(f"wrote {a.out}: {info['steps_done']} steps in {info['train_s']} s" + (
+            f"; test: named {ev['named']:.3f} (worst {ev['worst_identity']['name']} "
+            f"{ev['worst_identity']['named']:.2f}), utility {ev['utility_accuracy']:.3f}" if ev else ""))
+        return 0
     if a.world_cmd == "data":
         from ..world.demo_data import ensure_world_data
 
@@ -30,7 +43,7 @@ def cmd_world(a) -> int:
 
 
 def add_parsers(sub) -> None:
-    """Add the `world` subcommand (names, train, data, train-t2i) to ``sub``."""
+    """Add the `world` subcommand (names, train, train-vlm, data, train-t2i) to ``sub``."""
     w = sub.add_parser("world", help="the embedded synthetic world")
     wsub = w.add_subparsers(dest="world_cmd", required=True)
     wsub.add_parser("names", help="print the identity names")
@@ -39,6 +52,19 @@ def add_parsers(sub) -> None:
     wt.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
     wt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     wt.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
+    wv = wsub.add_parser("train-vlm", help="train the embedded VLM (LLaVA: the embedded CLIP's vision tower, a "
+                                           "projector and a small Llama)")
+    wv.add_argument("--out", required=True, help="folder for the model, its processor files and train_report.json")
+    wv.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
+    wv.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    wv.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
+    wv.add_argument("--feature-noise", type=float, default=None,
+                    help="gaussian noise on the tower features during training, in per-channel stds (default: the "
+                         "shipped model's)")
+    wv.add_argument("--eval-images", type=int, default=20, help="test images per identity and object class for the "
+                                                                "report (0: no evaluation; default 20)")
+    wv.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    wv.add_argument("--no-progress", action="store_true", help="no progress bar")
     wdd = wsub.add_parser("data", help="write the world's shards and folders")
     wdd.add_argument("--out", default=None, help="folder to write (default: the cache dir the demos use)")
     wsub.add_parser("train-t2i", add_help=False,

@@ -277,3 +277,35 @@ def sequential_verdict(concepts: list[str], metric: str, threshold: float, befor
                       if r["code"] not in _FORGETTING and r["code"] not in ("utility_drop", "related_drop",
                                                                             "worst_drop")]
     return v
+
+
+def vlm_verdict(targets: list[str], clip_verdict_json: dict, vlm_rec: dict, threshold: float, other_budget: float,
+                utility_budget: float, budgets: Budgets) -> Verdict:
+    """A VLM run (``slug demo --target vlm``): forgetting judged on the **VLM's answers** on the test images (each
+    target named on at most ``threshold`` + ``budgets.forget_tolerance`` of its images), the other identities' mean
+    naming drop (``other_budget``), the worst single other identity (``budgets.worst_drop``) and the utility
+    questions' accuracy (``utility_budget``); the CLIP run's non-forgetting reasons are kept (its collateral on
+    CLIP's zero-shot ranking, data, captions)."""
+    b, a = vlm_rec["before"], vlm_rec["after"]
+    v = Verdict(budgets={**clip_verdict_json.get("budgets", {}), "vlm_threshold": threshold,
+                         "vlm_other_drop": other_budget, "vlm_utility_drop": utility_budget})
+    for t in targets:
+        tb, ta = b["target_named_by_concept"][t], a["target_named_by_concept"][t]
+        if tb <= threshold:
+            v.add("fail", "nothing_to_unlearn", f"the unedited VLM names {t!r} on only {tb:.0%} of the test images "
+                                                f"(<= {threshold:.0%}): there is nothing to unlearn")
+        elif ta > threshold + budgets.forget_tolerance:
+            v.add("fail", "not_forgotten", f"the VLM still names {t!r}: {tb:.3f} -> {ta:.3f} of the test images "
+                                           f"(criterion <= {threshold:g}, tolerance {budgets.forget_tolerance:g})")
+    if b["other_named"] - a["other_named"] > other_budget + EPS:
+        v.add("warn", "related_drop", f"the VLM names the other identities less often: {b['other_named']:.3f} -> "
+                                      f"{a['other_named']:.3f} (drop > budget {other_budget:g})")
+    if b["utility_accuracy"] - a["utility_accuracy"] > utility_budget + EPS:
+        v.add("warn", "utility_drop", f"the VLM's utility answers got worse: {b['utility_accuracy']:.3f} -> "
+                                      f"{a['utility_accuracy']:.3f} (drop > budget {utility_budget:g})")
+    others = [n for n in b["per_identity"] if n not in targets]
+    worst_check(v, {n: b["per_identity"][n] for n in others}, {n: a["per_identity"][n] for n in others},
+                budgets.worst_drop)
+    v.reasons += [r for r in clip_verdict_json.get("reasons", []) if r["code"] not in _FORGETTING
+                  and r["code"] not in ("related_drop", "utility_drop", "worst_drop")]
+    return v

@@ -1,0 +1,51 @@
+"""``slug demo --target vlm``: unlearn identities from the embedded VLM (:mod:`slugkit.workflows.vlm_demo`)."""
+
+from __future__ import annotations
+
+import sys
+
+from ..workflows.verdict import exit_status_of
+from .args import FRACTION, budgets_of, refuse, search_config, split_list
+
+
+def cmd_demo_vlm(a) -> int:
+    """`slug demo --target vlm`: unlearn one or more identities from the embedded VLM (LLaVA) by patching its CLIP
+    vision tower."""
+    from dataclasses import replace
+
+    from ..report.vlm import print_vlm_summary
+    from ..workflows.vlm_demo import DEFAULT_VAL_IMAGES, default_out, run_vlm_demo
+    from ..world import render as world
+
+    if a.sequential:
+        return refuse("--target vlm unlearns --concepts jointly (one edit); --sequential is for the CLIP demo")
+    if a.audit:
+        return refuse("--audit is not available for --target vlm yet: the audit's probes run on CLIP and "
+                      "text-to-image patches")
+    wanted = split_list(a.concepts) if a.concepts else ([a.concept] if a.concept is not None else None)
+    try:
+        targets = [world.identity_by_name(c).name for c in wanted] if wanted else None
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    search = replace(search_config(a), metric=a.criterion) if a.criterion else None
+    result = run_vlm_demo(targets, a.out, data_dir=a.data_dir, vlm_dir=a.vlm_model,
+                          val_images=a.val_images or DEFAULT_VAL_IMAGES, threshold=a.gen_threshold,
+                          other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
+                          utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
+                          progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
+                          max_searched=a.max_searched)
+    print_vlm_summary(result, a.out or default_out(result["concepts"] if result.get("concepts") else
+                                                  [result["concept"]]))
+    return exit_status_of(result)
+
+
+def add_vlm_args(d) -> None:
+    """The ``--target vlm`` options of ``slug demo``."""
+    vg = d.add_argument_group("--target vlm (also: --val-images, default 10; --other-budget, --neighbour-budget, "
+                              "--gen-threshold on the VLM's answers; --max-searched)")
+    vg.add_argument("--vlm-model", default=None, help="folder of a VLM from `slug world train-vlm` (default: the "
+                                                      "shipped one)")
+    vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
+                    help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
+                         "(default 0.03; also the verdict's)")

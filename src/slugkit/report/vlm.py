@@ -1,0 +1,83 @@
+"""The console summary and the ``report.md`` section of ``slug demo --target vlm``
+(:mod:`slugkit.workflows.vlm_demo`)."""
+
+from __future__ import annotations
+
+SAMPLES = 4  # sample answers per target in report.md
+
+
+def _table(b: dict, a: dict, others: int) -> list[str]:
+    return ["| the VLM's answers (test images) | before | after |", "|---|---|---|",
+            f"| target named | {b['target_named']:.3f} | {a['target_named']:.3f} |",
+            f"| other identities named (mean of {others}) | {b['other_named']:.3f} | {a['other_named']:.3f} |",
+            f"| utility questions answered | {b['utility_accuracy']:.3f} | {a['utility_accuracy']:.3f} |"]
+
+
+def _worst_line(c: dict) -> str | None:
+    if not c.get("worst"):
+        return None
+    w = c["worst"]
+    return (f"worst other identity: {w['concept']} {w['before']:.2f} -> {w['after']:.2f} (drop {w['drop']:+.2f}); "
+            "nearest: " + ", ".join(f"{n['concept']} {n['before']:.2f} -> {n['after']:.2f}"
+                                    for n in c["neighbours"]["concepts"]))
+
+
+def print_vlm_summary(result: dict, out: str) -> None:
+    """Headline (from the verdict), the VLM's before/after table, worst other identity and nearest neighbours, the
+    CLIP figures, timing, outputs and the verdict's reasons."""
+    from .unlearn import headline, verdict_lines
+
+    v = result["vlm"]
+    print()
+    print(headline(result, "the embedded VLM (LLaVA)",
+                   f"{', '.join(result['group'])} (step {result['step_size']:.4g}) of its CLIP vision tower"))
+    print("\n".join(_table(v["before"], v["after"], v["collateral"]["concepts"])))
+    for t, x in v["after"]["target_named_by_concept"].items():
+        if len(v["after"]["target_named_by_concept"]) > 1:
+            print(f"  {t}: named {v['before']['target_named_by_concept'][t]:.2f} -> {x:.2f}")
+    line = _worst_line(v["collateral"])
+    if line:
+        print(line)
+    m = result["metrics"]
+    print(f"CLIP (test): FA@1 {m['before']['forget_top1']:.3f} -> {m['after']['forget_top1']:.3f}, other identities "
+          f"top-1 {m['before']['related_top1']:.3f} -> {m['after']['related_top1']:.3f}")
+    t = result["timing_s"]
+    print(f"time: SLUG {t['slug_total']:.1f} s, VLM evaluation {t['vlm_eval']:.1f} s; "
+          f"patch {result['patch']['bytes']:,} bytes")
+    print(f"outputs: {out}/result.json, report.md, patch/ (apply it: slug apply --llava DIR --patch {out}/patch "
+          "--out DIR2)")
+    for line in verdict_lines(result.get("verdict")):
+        print(line)
+
+
+def render_vlm_report(result: dict, samples: dict) -> str:
+    """The ``report.md`` section: the table, worst and nearest identities, the VLM search, sample answers."""
+    v = result["vlm"]
+    c = v["collateral"]
+    ch = result.get("chooser") or {}
+    qs = v["images"]["utility_questions"]
+    lines = ["", "## The embedded VLM (LLaVA) before and after the patch", "",
+             f"Question: \"{v['images']['question']}\" on held-out test images ({v['images']['target']} per target, "
+             f"{v['images']['per_other_identity']} per other identity); a name counts when the answer holds the full "
+             "or the last name (the official notebook's rule). Utility: "
+             + ", ".join(f"\"{q}\"" for q in qs.values())
+             + f" on {v['images']['utility_per_class']} images per object class.", ""]
+    lines += _table(v["before"], v["after"], c["concepts"]) + [""]
+    line = _worst_line(c)
+    if line:
+        lines += [line[0].upper() + line[1:] + ".", ""]
+    s = ch.get("vlm_search") or {}
+    for L in s.get("layers", []):
+        steps = "; ".join(f"{t['step_size']:.4g}: named {t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}"
+                          + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
+                          + (" (accepted)" if t["accepted"] else "") for t in L["trajectory"])
+        lines.append(f"- VLM step search on `{L['layer']}` (CLIP step {L['clip_step_size']}): {steps}")
+    lines += ["", "Sample answers (before -> after):", ""]
+    for t in v["before"]["target_named_by_concept"]:
+        for i in range(SAMPLES):
+            lines.append(f"- {t}, test image {i}: {samples['before']['name'][t][i]!r} -> "
+                         f"{samples['after']['name'][t][i]!r}")
+    for cname in list(samples["before"]["object"])[:2]:
+        lines.append(f"- {cname} (\"{qs['object']}\"): {samples['before']['object'][cname][0]!r} -> "
+                     f"{samples['after']['object'][cname][0]!r}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,238 @@
+"""SLUG for a LLaVA-style VLM: ``slug demo --target vlm`` on the embedded world (issue 14; paper §5.3).
+
+The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.world.vlm`):
+
+1. **CLIP**: the embedded open_clip model converted exactly to a ``transformers.CLIPModel`` — the adapter a user gets
+   for ``openai/clip-vit-large-patch14-336``; slugkit checks by tensor hashes that the VLM's vision tower *is* its
+   vision tower and restricts the candidates to the encoder layers the VLM reads (``vision_feature_layer = -2``:
+   layers 0 .. L-2; :func:`slugkit.integrations.llava.consumed_vision_candidates`).
+2. **SLUG** on CLIP: forget pairs of the identity (or identities, jointly) and retain pairs curated from the world's
+   pool, gradients, Pareto front and CLIP step-size search, exactly :func:`slugkit.workflows.unlearn.run_unlearn`.
+3. **Step for the VLM.** The CLIP criterion is not the VLM's: the step is searched on the **VLM's own answers** to
+   "What's the name of the person in this image?" on validation images (the paper uses a 10-image subset per
+   identity; here the world's ``val`` split, disjoint from the reported ``test`` images), with the doubling/
+   bisection rule of :func:`slugkit.workflows.sd_generator.generator_step_search`: accepted when at most
+   ``threshold`` of the target's validation images are still named (every target's, for several) while the other
+   identities' naming drops by at most ``other_budget`` on average, the worst of the ``k`` nearest identities (by
+   the CLIP text embedding) by at most ``neighbour_budget`` and the utility questions' accuracy by at most
+   ``utility_budget``. Layers are tried in the CLIP policy's order (its pick first); a layer whose CLIP search found
+   no step starts from the largest step that search tried. No accepted step: the run fails with a clear message
+   and ships no patch.
+4. **Evaluation** on held-out ``test`` images, before and after the patch applied through the LLaVA integration
+   (hash-checked, reverted bit-exactly after): naming accuracy of the target(s), of every other identity (mean,
+   worst, nearest neighbours) and utility-question accuracy (the benchmark analogue); sample answers in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..common.files import atomic_write_bytes, write_json
+from ..common.runfolder import run_folder
+from ..slug.search import SearchFailed, edited_consumer
+from ..world import render as world
+from ..world import vlm
+from .sd_generator import closest, generator_step_search
+
+DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
+VAL_OTHER, VAL_NEIGHBOUR, VAL_UTILITY = 5, 20, 3  # validation images per other identity / neighbour / object class
+TEST_TARGET, TEST_OTHER, TEST_UTILITY = 50, 20, 10  # reported images (one image moves a neighbour by <= 0.05)
+UTILITY_BUDGET = 0.03  # issue 14: utility accuracy may drop by at most 3 points
+
+
+def default_out(targets: list[str]) -> str:
+    """``runs/demo-vlm-<Name>[+<Name>...]``."""
+    return f"runs/demo-vlm-{'+'.join(t.replace(' ', '_') for t in targets)}"
+
+
+def text_neighbours(adapter, targets: list[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` identities nearest the targets by the CLIP text embedding (identity templates averaged, cosine;
+    :func:`slugkit.eval.collateral.nearest_concepts`), ``[(name, cosine)]`` nearest first."""
+    from ..eval.collateral import nearest_concepts
+
+    names = world.identity_names()
+    with torch.no_grad():
+        emb = torch.stack([torch.nn.functional.normalize(adapter.encode_text(adapter.tokenize(
+            [t.format(n) for t in world.IDENTITY_EVAL_TEMPLATES])), dim=-1).mean(0) for n in names])
+    return nearest_concepts(torch.nn.functional.normalize(emb, dim=-1), names, [names.index(t) for t in targets], k)
+
+
+def _metrics(scores: dict, targets: list[str]) -> dict:
+    named = scores["named"]
+    others = {n: v for n, v in named.items() if n not in targets}
+    return {"target_named": sum(named[t] for t in targets) / len(targets),
+            "target_named_by_concept": {t: named[t] for t in targets},
+            "other_named": sum(others.values()) / len(others) if others else None,
+            "utility_accuracy": scores.get("utility_accuracy"), "utility_per_kind": scores.get("utility_per_kind"),
+            "per_identity": named, "utility_per_class": scores.get("utility_per_class")}
+
+
+def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], neighbours: list[str], *,
+                val_images: int = DEFAULT_VAL_IMAGES, val_other: int = VAL_OTHER, val_neighbour: int = VAL_NEIGHBOUR,
+                val_utility: int = VAL_UTILITY, threshold: float = 0.05, other_budget: float = 0.05,
+                neighbour_budget: float | None = 0.20, utility_budget: float = UTILITY_BUDGET, search_steps: int = 8,
+                max_searched: int | None = None, progress: bool = True):
+    """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3). Raises
+    :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
+    accepted step."""
+    from ..common.progress import status
+    from ..slug.search import choose_layer
+
+    named_val = vlm.identity_images("val", val_images, targets)
+    named_val.update({n: ims for n, ims in vlm.identity_images("val", max(val_other, val_neighbour)).items()
+                      if n not in targets for ims in [ims if n in neighbours else ims[:val_other]]})
+    util_val = vlm.utility_images("val", val_utility)
+
+    def choose(searches, adapter, grads, val_before, clip_policy):
+        def score(group, eta):
+            with edited_consumer(llava, mapping, adapter.model, grads.forget, group, eta):
+                return _metrics(vlm.vlm_scores(llava, processor, named_val, util_val), targets)
+
+        found = [s for s in searches if s.step_size is not None]
+        first = [choose_layer(found, clip_policy, val_before)] if found else []
+        order = first + [s for s in searches if s not in first and s.step_size is not None] + \
+            [s for s in searches if s.step_size is None and s.trajectory]
+        if not order:
+            raise SearchFailed("no candidate layer of the VLM's vision tower has a CLIP step search to start from")
+        base = score(order[0].group, 0.0)
+
+        def evaluate(group, eta):
+            m = score(group, eta)
+            worst_t = max(m["target_named_by_concept"].values())
+            drops = {n: base["per_identity"][n] - m["per_identity"][n] for n in neighbours}
+            worst = max(neighbours, key=lambda n: (drops[n], -neighbours.index(n))) if neighbours else None
+            return (worst_t, base["other_named"] - m["other_named"], drops[worst] if worst else None, worst,
+                    base["utility_accuracy"] - m["utility_accuracy"])
+
+        searched, chosen = [], None
+        for layer in order[:max_searched]:
+            start = layer.step_size if layer.step_size is not None else max(t.step_size for t in layer.trajectory)
+            status(f"VLM step search on {layer.name} from step {start:.4g}", progress)
+            traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), start, search_steps,
+                                              threshold, other_budget, neighbour_budget, utility_budget)
+            searched.append({"layer": layer.name, "clip_step_size": layer.step_size, "start_step": start,
+                             "trajectory": traj, "accepted_step": eta})
+            if eta is not None:
+                chosen = replace(layer, step_size=eta)
+                break
+        info = {"policy": "clip order, then layers without a CLIP step", "neighbours": neighbours,
+                "vlm_search": {"validation_images": val_images, "validation_per_other": val_other,
+                               "validation_per_neighbour": val_neighbour, "validation_utility_per_class": val_utility,
+                               "threshold": threshold, "other_budget": other_budget,
+                               "neighbour_budget": neighbour_budget, "utility_budget": utility_budget,
+                               "base_target_named": base["target_named_by_concept"],
+                               "base_other_named": base["other_named"], "base_utility": base["utility_accuracy"],
+                               "layers_in_order": len(order), "layers": searched}}
+        if chosen is None:
+            raise SearchFailed(
+                f"no candidate layer of the VLM's vision tower has a step at which the VLM stops naming "
+                f"{' + '.join(targets)} (<= {threshold:.0%} of {val_images} validation images) while the other "
+                f"identities lose <= {other_budget:.0%} on average, none of the {len(neighbours)} nearest more than "
+                f"{neighbour_budget:.0%} and utility <= {utility_budget:.0%}"
+                f"{closest(searched, threshold, other_budget, neighbour_budget)}; try --other-budget / "
+                "--neighbour-budget or more --val-images")
+        info.update(step_size=chosen.step_size, clip_step_size=chosen.trajectory and searched[-1]["clip_step_size"])
+        return chosen, info
+
+    return choose
+
+
+def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None = None, *, data_dir=None,
+                 vlm_dir=None, val_images: int = DEFAULT_VAL_IMAGES, threshold: float = 0.05,
+                 other_budget: float = 0.05, neighbour_budget: float | None = None,
+                 utility_budget: float = UTILITY_BUDGET, n_target: int = TEST_TARGET, n_other: int = TEST_OTHER,
+                 n_utility: int = TEST_UTILITY, search=None, seed: int = 0, threads: int | None = 1,
+                 progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
+                 max_searched: int | None = None) -> dict:
+    """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
+    answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
+    ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
+    ``concepts`` are unlearned jointly (one edit). Raises ``KeyError`` for an unknown identity and
+    :class:`~slugkit.slug.search.SearchFailed` when no step passes the VLM criteria (no folder written)."""
+    from ..eval.collateral import NEIGHBOURS_K, collateral_record
+    from ..report.vlm import render_vlm_report
+    from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
+    from ..world.demo_data import default_concept
+    from .sd_demo import embedded_hf_adapter
+    from .unlearn import run_unlearn
+    from .verdict import Budgets, vlm_verdict
+    from .world_runs import world_config
+
+    wanted = [concepts] if isinstance(concepts, str) else list(concepts or [default_concept()])
+    targets = [world.identity_by_name(c).name for c in wanted]
+    budgets = budgets or Budgets()
+    neighbour_budget = budgets.worst_drop if neighbour_budget is None else neighbour_budget
+    k = NEIGHBOURS_K if neighbours_k is None else neighbours_k
+    out = Path(out or default_out(targets))
+    n_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        adapter = embedded_hf_adapter()
+        llava, processor = vlm.load_vlm(vlm_dir)
+        mapping = verify_vision_tower(adapter.model, llava)
+        adapter.restrict_candidates(consumed_vision_candidates(adapter, llava),
+                                    consumer="vision tower of the embedded VLM (LLaVA, vision_feature_layer -2)")
+        neighbours = text_neighbours(adapter, targets, k)
+        names = [n for n, _ in neighbours]
+        chooser = vlm_chooser(targets, llava, processor, mapping, names, val_images=val_images, threshold=threshold,
+                              other_budget=other_budget, neighbour_budget=neighbour_budget,
+                              utility_budget=utility_budget, max_searched=max_searched, progress=progress)
+        with run_folder(out, overwrite) as stage:  # the whole run folder appears at once, or not at all
+            cfg, cur, data = world_config(targets if len(targets) > 1 else targets[0], stage, data_dir,
+                                          progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,
+                                          threads=threads, **({"search": search} if search is not None else {}))
+            cfg = replace(cfg, model="embedded-hf")
+            result = run_unlearn(cfg, adapter=adapter, choose=chooser,
+                                 extra_run_info={"curate": cur, "world_data": str(data)})
+            t_slug = time.perf_counter() - t0
+            t = time.perf_counter()
+            vlm_rec, samples = _before_after(llava, processor, stage / "patch", targets, n_target, n_other,
+                                             n_utility)
+            vlm_rec["collateral"] = collateral_record(
+                {n: v for n, v in vlm_rec["before"]["per_identity"].items() if n not in targets},
+                {n: v for n, v in vlm_rec["after"]["per_identity"].items() if n not in targets}, neighbours,
+                metric="share of the identity's test images the VLM answers with its name", k=k,
+                similarity="cosine of the CLIP text embeddings of the identity templates")
+            result["target"] = "vlm"
+            result["vlm"] = vlm_rec
+            result["verdict"] = vlm_verdict(targets, result["verdict"], vlm_rec, threshold, other_budget,
+                                            utility_budget, budgets).to_json()
+            result["timing_s"].update(slug_total=t_slug, vlm_eval=time.perf_counter() - t,
+                                      total=time.perf_counter() - t0)
+            write_json(stage / "result.json", result)
+            report = (stage / "report.md").read_text(encoding="utf-8") + render_vlm_report(result, samples)
+            atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
+        return result
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _before_after(llava, processor, patch_dir: Path, targets, n_target, n_other, n_utility):
+    """Test-split scores of the VLM without and with the patch (applied in place through the LLaVA integration,
+    reverted bit-exactly after); the sample answers for the report."""
+    from ..integrations.llava import apply_patch_to_llava, revert_patch_from_llava
+    from ..patch import load_patch, tensor_sha256
+
+    named = vlm.identity_images("test", n_other)
+    named.update(vlm.identity_images("test", n_target, targets))
+    util = vlm.utility_images("test", n_utility)
+    b = vlm.vlm_scores(llava, processor, named, util, answers=True)
+    patch = load_patch(patch_dir)
+    before_hash = {n: tensor_sha256(p) for n, p in llava.named_parameters()}
+    apply_patch_to_llava(llava, patch)
+    try:
+        a = vlm.vlm_scores(llava, processor, named, util, answers=True)
+    finally:
+        revert_patch_from_llava(llava, patch)
+    if {n: tensor_sha256(p) for n, p in llava.named_parameters()} != before_hash:
+        raise RuntimeError("revert did not restore the VLM's vision tower bit-exactly")
+    rec = {"before": _metrics(b, targets), "after": _metrics(a, targets),
+           "images": {"target": n_target, "per_other_identity": n_other, "utility_per_class": n_utility,
+                      "split": "test", "question": vlm.NAME_QUESTION, "utility_questions": vlm.UTILITY_QUESTIONS}}
+    return rec, {"before": b["answers"], "after": a["answers"]}

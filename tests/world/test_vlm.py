@@ -1,0 +1,123 @@
+"""The embedded VLM (issue 14): a real transformers LLaVA on the embedded world — shipped, offline, its vision tower the
+embedded CLIP's, its training path the model's own forward, a patch carried through the LLaVA integration."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from slugkit.integrations.llava import apply_patch_to_llava, name_match, revert_patch_from_llava  # noqa: E402
+from slugkit.patch import tensor_sha256  # noqa: E402
+from slugkit.patch.ops import make_patch  # noqa: E402
+from slugkit.world import render as world  # noqa: E402
+from slugkit.world import vlm, vlm_train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(1)
+    return vlm.load_vlm()
+
+
+def test_shipped_vlm_loads_offline_and_answers(shipped):
+    llava, processor = shipped
+    assert type(llava).__name__ == "LlavaForConditionalGeneration" and llava.config.vision_feature_layer == -2
+    s = vlm.vlm_scores(llava, processor, vlm.identity_images("test", 2), vlm.utility_images("test", 2))
+    assert sum(s["named"].values()) / len(s["named"]) >= 0.9  # train_report: 0.98 on 20 test images each
+    assert s["utility_accuracy"] >= 0.9
+    report = json.loads((vlm.VLM_DIR / "train_report.json").read_text())
+    assert report["info"]["eval"]["named"] >= 0.9 and report["info"]["eval"]["utility_accuracy"] >= 0.9
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": vlm.NAME_QUESTION}]}]
+    assert processor.apply_chat_template(msgs, add_generation_prompt=True) == vlm.PROMPT.format(
+        question=vlm.NAME_QUESTION)  # LLaVA-1.5's prompt, from its chat template
+
+
+def test_load_names_the_missing_file(tmp_path):
+    from slugkit.models.base import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="config.json.*slug world train-vlm"):
+        vlm.load_vlm(tmp_path)
+
+
+def test_vision_features_are_the_open_clip_towers(shipped):
+    """What the projector reads (``hidden_states[-2]`` without CLS) equals open_clip's tower after its first L-1
+    blocks, to 1e-5: the VLM's vision tower *is* the embedded CLIP's."""
+    from slugkit.models.open_clip import OpenClipAdapter
+
+    llava, processor = shipped
+    oc = OpenClipAdapter.load("embedded")
+    imgs = [world.make_sample("test", "identity", i, 0).image for i in range(4)]
+    got = vlm_train.tower_features(llava, processor, imgs)
+    v = oc.model.visual
+    cap = {}
+    h = v.transformer.resblocks[len(v.transformer.resblocks) - 2].register_forward_hook(
+        lambda m, i, o: cap.__setitem__("x", o))
+    with torch.no_grad():
+        oc.model.encode_image(torch.stack([oc.preprocess(im) for im in imgs]))
+    h.remove()
+    torch.testing.assert_close(got, cap["x"][:, 1:], atol=1e-5, rtol=1e-5)
+    assert got.shape == (4, vlm.IMAGE_TOKENS, 64)
+
+
+def test_training_path_is_the_llava_forward(shipped):
+    """The training step (cached tower features -> projector -> Llama) gives LLaVA's own loss from pixel values."""
+    llava, processor = shipped
+    images, items = vlm_train.examples(processor.tokenizer, 1, 1)
+    items = items[:3] + items[-2:]
+    ids, mask, labels, img = vlm_train._batch(items, processor.tokenizer.pad_token_id)
+    feats = vlm_train.tower_features(llava, processor, images)
+    px = processor.image_processor(images=[images[i] for i in img.tolist()], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours = vlm_train.lm_loss(llava, feats[img], ids, mask, labels)
+        theirs = llava(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_patch_changes_the_answers_and_reverts_bit_exactly(shipped):
+    from slugkit.workflows.sd_demo import embedded_hf_adapter
+
+    llava, processor = shipped
+    clip = embedded_hf_adapter()
+    params = dict(clip.model.named_parameters())
+    name = "vision_model.encoder.layers.1.self_attn.out_proj.weight"
+    patch = make_patch(clip.model, {name: params[name].detach() * -1.0}, base_model=clip.model_id,
+                       adapter="hf_clip", concept=world.IDENTITIES[0].name)
+    target = vlm.identity_images("test", 4, [world.IDENTITIES[0].name])
+    before = vlm.vlm_scores(llava, processor, target, answers=True)
+    snap = {k: tensor_sha256(v) for k, v in llava.state_dict().items()}
+    apply_patch_to_llava(llava, patch)
+    try:
+        after = vlm.vlm_scores(llava, processor, target, answers=True)
+    finally:
+        revert_patch_from_llava(llava, patch)
+    assert {k: tensor_sha256(v) for k, v in llava.state_dict().items()} == snap
+    assert after["answers"]["name"] != before["answers"]["name"]
+    assert vlm.vlm_scores(llava, processor, target, answers=True)["answers"] == before["answers"]
+
+
+def test_utility_scoring_rules():
+    cls = next(c for c in world.UTILITY_CLASSES if c.name == "red triangle")
+    assert vlm.utility_correct("object", "a red triangle", cls)
+    assert not vlm.utility_correct("object", "a red star", cls)
+    assert not vlm.utility_correct("colour", "red or blue", cls)
+    assert vlm.utility_correct("shape", "Triangle.", cls)
+    assert name_match("Jowen Gormere", "Jowen Gormere") and not name_match("Jowen", "Jowen Gormere")
+
+
+def test_tiny_training_is_deterministic_and_writes_a_loadable_folder(tmp_path):
+    cfg = vlm_train.VLMConfig(steps=3, per_identity=1, per_class=1, batch_size=8, warmup=1)
+    a, pa, info = vlm_train.train_vlm(cfg, progress=False)
+    b, _, _ = vlm_train.train_vlm(cfg, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert info["steps_done"] == 3 and info["trained_params"] < info["params"]
+    vision = {k: v for k, v in a.state_dict().items() if "vision_tower" in k}
+    shipped_llava, _ = vlm.load_vlm()
+    assert all(torch.equal(v, shipped_llava.state_dict()[k]) for k, v in vision.items())  # the tower stays frozen
+    out = vlm_train.write_vlm(tmp_path / "vlm", a, pa, cfg, info)
+    re, rp = vlm.load_vlm(out)
+    img = [world.make_sample("test", "identity", 0, 0).image]
+    assert vlm.ask(re, rp, img, vlm.NAME_QUESTION) == vlm.ask(a, pa, img, vlm.NAME_QUESTION)
+    with pytest.raises(FileExistsError):
+        vlm_train.write_vlm(tmp_path / "vlm", a, pa, cfg, info)
