@@ -121,3 +121,54 @@ def test_tiny_training_is_deterministic_and_writes_a_loadable_folder(tmp_path):
     assert vlm.ask(re, rp, img, vlm.NAME_QUESTION) == vlm.ask(a, pa, img, vlm.NAME_QUESTION)
     with pytest.raises(FileExistsError):
         vlm_train.write_vlm(tmp_path / "vlm", a, pa, cfg, info)
+
+
+@pytest.mark.slow
+def test_demo_target_vlm_end_to_end(tmp_path, capsys):
+    """`slug demo --target vlm` with every collateral budget open: the search takes the first step at which the VLM
+    stops naming the target on validation; result.json, report.md and the patch come out, the patch is applied to
+    the VLM through the LLaVA integration (reverted bit-exactly) and the verdict judges the damage."""
+    from slugkit.cli import main
+
+    out = tmp_path / "vlm"
+    rc = main(["demo", "--target", "vlm", "--out", str(out), "--other-budget", "1", "--neighbour-budget", "1",
+               "--vlm-utility-budget", "1", "--max-searched", "2", "--no-progress"])
+    res = json.loads((out / "result.json").read_text())
+    assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
+    assert res["target"] == "vlm" and res["concept"] == world.IDENTITIES[0].name
+    assert res["group"][0].startswith("vision_model.encoder.layers.") and ".3." not in res["group"][0]  # read by LLaVA
+    b, a = res["vlm"]["before"], res["vlm"]["after"]
+    for m in (b, a):
+        assert {"target_named", "other_named", "utility_accuracy", "per_identity", "utility_per_kind"} <= set(m)
+    assert b["target_named"] >= 0.9 and a["target_named"] < b["target_named"]
+    assert res["vlm"]["collateral"]["worst"]["concept"] != res["concept"]
+    assert len(res["vlm"]["collateral"]["neighbours"]["concepts"]) == 5
+    report = (out / "report.md").read_text()
+    assert "## The embedded VLM (LLaVA)" in report and "Sample answers" in report
+    assert (out / "patch" / "patch.json").is_file()
+    assert "SLUG" in capsys.readouterr().out
+
+
+def test_demo_target_vlm_refusals(tmp_path, capsys):
+    from slugkit.cli import main
+
+    assert main(["demo", "--target", "vlm", "--concept", "Nobody Here", "--out", str(tmp_path / "x")]) == 2
+    assert "Nobody Here" in capsys.readouterr().err
+    assert main(["demo", "--target", "vlm", "--sequential", "--concepts", "Jowen Gormere,Serna Malton",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "jointly" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_demo_target_vlm_refuses_without_a_patch_when_no_step_is_safe(tmp_path, capsys):
+    """The default budgets on the default identity: SLUG's CLIP gradient cannot make the embedded VLM forget
+    without breaking other identities (measured; README), so the run is refused with the closest step and no
+    folder — never a patch that says "unlearned"."""
+    from slugkit.cli import main
+
+    out = tmp_path / "vlm"
+    rc = main(["demo", "--target", "vlm", "--out", str(out), "--max-searched", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "closest:" in err and "stops naming" in err
+    assert not out.exists()

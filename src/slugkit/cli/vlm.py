@@ -34,7 +34,7 @@ def cmd_demo_vlm(a) -> int:
                           other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
                           utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
-                          max_searched=a.max_searched)
+                          max_searched=a.max_searched, gradient=a.vlm_gradient)
     print_vlm_summary(result, a.out or default_out(result["concepts"] if result.get("concepts") else
                                                   [result["concept"]]))
     return exit_status_of(result)
@@ -46,6 +46,10 @@ def add_vlm_args(d) -> None:
                               "--gen-threshold on the VLM's answers; --max-searched)")
     vg.add_argument("--vlm-model", default=None, help="folder of a VLM from `slug world train-vlm` (default: the "
                                                       "shipped one)")
+    vg.add_argument("--vlm-gradient", default="clip", choices=["clip", "vlm"],
+                    help="the edit: SLUG's CLIP forget gradient on the CLIP Pareto layers (clip, the paper's method; "
+                         "default) or the VLM's own answer-loss gradient, projected off the other identities' and the "
+                         "utility answers' gradients, on every consumed layer (vlm)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")

@@ -109,13 +109,16 @@ def validation_plans(target: str, neighbours: list[str], val_images: int, val_ot
     return tplan, oplan
 
 
-def closest(searched: list[dict], threshold: float, other_budget: float, neighbour_budget: float | None) -> str:
+def closest(searched: list[dict], threshold: float, other_budget: float, neighbour_budget: float | None,
+            utility_budget: float | None = None) -> str:
     """``"; closest: <layer> step η: ..."`` for a refusal: the searched step that came nearest to acceptance (among
     those that forgot, the least damage relative to the budgets; else the lowest recognition of the concept)."""
     def harm(t):
         h = t["other_drop"] / max(other_budget, 1e-9)
         if t.get("neighbour_drop") is not None and neighbour_budget is not None:
             h = max(h, t["neighbour_drop"] / max(neighbour_budget, 1e-9))
+        if t.get("utility_drop") is not None and utility_budget is not None:
+            h = max(h, t["utility_drop"] / max(utility_budget, 1e-9))
         return h
 
     rows = [(L["layer"], t) for L in searched for t in L["trajectory"]]
@@ -125,8 +128,9 @@ def closest(searched: list[dict], threshold: float, other_budget: float, neighbo
     layer, t = min(forgot, key=lambda r: harm(r[1])) if forgot else min(rows, key=lambda r: r[1]["target_recognised"])
     nb = (f", worst neighbour {t['worst_neighbour']!r} {-t['neighbour_drop']:+.2f}"
           if t.get("neighbour_drop") is not None else "")
+    ut = f", utility {-t['utility_drop']:+.3f}" if t.get("utility_drop") is not None else ""
     return (f"; closest: {layer.removeprefix('text_model.encoder.')} step {t['step_size']:.4g}: concept recognised "
-            f"{t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}{nb}")
+            f"{t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}{nb}{ut}")
 
 
 def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, policy: str = "shift",

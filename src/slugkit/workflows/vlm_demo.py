@@ -33,6 +33,7 @@ import torch
 
 from ..common.files import atomic_write_bytes, write_json
 from ..common.runfolder import run_folder
+from ..slug.neighbours import project_off
 from ..slug.search import SearchFailed, edited_consumer
 from ..world import render as world
 from ..world import vlm
@@ -42,6 +43,7 @@ DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
 VAL_OTHER, VAL_NEIGHBOUR, VAL_UTILITY = 5, 20, 3  # validation images per other identity / neighbour / object class
 TEST_TARGET, TEST_OTHER, TEST_UTILITY = 50, 20, 10  # reported images (one image moves a neighbour by <= 0.05)
 UTILITY_BUDGET = 0.03  # issue 14: utility accuracy may drop by at most 3 points
+DEFAULT_MARGIN = 1.2  # applied step = 1.2 x the smallest that forgot on 10 validation images (as the SD demo's)
 
 
 def default_out(targets: list[str]) -> str:
@@ -71,14 +73,106 @@ def _metrics(scores: dict, targets: list[str]) -> dict:
             "per_identity": named, "utility_per_class": scores.get("utility_per_class")}
 
 
+def vlm_gradients(llava, processor, mapping: dict[str, str], names: list[str], targets: list[str],
+                  n_forget: int = 100, n_retain: int = 5, batch_size: int = 50, protect: list[str] = (),
+                  n_protect: int = 20) -> tuple[dict, dict, list[dict]]:
+    """``(forget, retain)`` gradients of the **VLM's own answer loss** w.r.t. the vision-tower tensors ``names``
+    (CLIP names; ``mapping``: CLIP name → LLaVA name), float32 on the CPU, same shapes as the tensors.
+
+    forget: ∇θ of minus the mean answer NLL of "What's the name of the person in this image?" → the target's name on
+    ``n_forget`` of each target's ``pool`` images (the images SLUG's forget pairs come from), so that θ − η·g raises
+    it — the sign convention of SLUG's CLIP forget gradient; retain: ∇θ of the mean NLL of the other identities'
+    names on ``n_retain`` pool images each and of the three utility answers on ``n_retain`` pool images per object
+    class (used for the alignment of the layer ranking, as SLUG's retain gradient is); and the **protected**
+    directions: for each identity in ``protect`` the gradient of its name's NLL on ``n_protect`` of its pool images,
+    and one per utility question kind and object class (its answers' NLL on the ``n_retain`` images of the class) —
+    the step is later projected off their span (:func:`slugkit.slug.neighbours.project_off`), so that, to first
+    order, the edit changes neither the nearest identities' answers nor the utility answers."""
+    from ..world.vlm_train import _batch, qa_ids
+
+    tok = processor.tokenizer
+    forget = [(im, vlm.NAME_QUESTION, t) for t, ims in vlm.identity_images("pool", n_forget, targets).items()
+              for im in ims]
+    retain = [(im, vlm.NAME_QUESTION, n) for n, ims in vlm.identity_images("pool", n_retain).items()
+              if n not in targets for im in ims]
+    classes = {c.name: c for c in world.UTILITY_CLASSES}
+    util_images = vlm.utility_images("pool", n_retain)
+    classes_of = {id(im): c for c, ims in util_images.items() for im in ims}
+    util = {k: [(im, q, vlm.utility_answers(classes[c])[k]) for c, ims in util_images.items() for im in ims]
+            for k, q in vlm.UTILITY_QUESTIONS.items()}
+    retain += [r for rows in util.values() for r in rows]
+    guard = [[(im, vlm.NAME_QUESTION, n) for im in ims]
+             for n, ims in vlm.identity_images("pool", n_protect, list(protect)).items()]
+    guard += [[r for r in rows if classes_of[id(r[0])] == c] for rows in util.values() for c in classes]
+    params = dict(llava.named_parameters())
+    live = [params[mapping[n]] for n in names]
+
+    def grad(rows, sign: float) -> dict:
+        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(names, live)}
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            ids, mask, labels, _ = _batch([(k, *qa_ids(tok, q, a)) for k, (_, q, a) in enumerate(chunk)],
+                                          tok.pad_token_id)
+            px = processor.image_processor(images=[r[0] for r in chunk], return_tensors="pt")["pixel_values"]
+            loss = llava(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
+            gs = torch.autograd.grad(sign * loss * len(chunk) / len(rows), live)
+            for n, g in zip(names, gs):
+                total[n] += g.detach().float()
+        return total
+
+    before = [p.requires_grad for p in live]
+    try:
+        for p in live:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            return grad(forget, -1.0), grad(retain, 1.0), [grad(rows, 1.0) for rows in guard]
+    finally:
+        for p, r in zip(live, before):
+            p.requires_grad_(r)
+
+
+def vlm_layer_order(adapter, forget: dict, retain: dict) -> tuple[list, dict]:
+    """Every candidate group of the consumed vision tower as a :class:`~slugkit.slug.search.LayerSearch` (no CLIP
+    step; ``ratio`` = ‖θ‖/‖g_f‖ of the VLM gradient), Pareto-front groups first (SLUG's importance and alignment of
+    the VLM gradients, :func:`slugkit.slug.layers.rank_layers`), each part by descending importance; and the layer
+    table's JSON."""
+    from types import SimpleNamespace
+
+    from ..slug.layers import rank_layers
+    from ..slug.search import LayerSearch
+
+    table = rank_layers(adapter, SimpleNamespace(forget=forget, retain=retain), list(forget))
+    rows = {r.name: r for r in table.rows}
+    front = set(table.front_names())
+    seen, out = set(), []
+    for r in sorted(table.rows, key=lambda r: (r.name not in front, -r.importance)):
+        group = [n for n in adapter.group_of(r.name) if n in rows]
+        if frozenset(group) in seen:
+            continue
+        seen.add(frozenset(group))
+        out.append(LayerSearch(r.name, group, r.tower, r.ratio, depth=adapter.stage_index(r.tower, r.name),
+                               val_metrics={}))
+    return out, table.to_json()
+
+
 def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], neighbours: list[str], *,
                 val_images: int = DEFAULT_VAL_IMAGES, val_other: int = VAL_OTHER, val_neighbour: int = VAL_NEIGHBOUR,
                 val_utility: int = VAL_UTILITY, threshold: float = 0.05, other_budget: float = 0.05,
                 neighbour_budget: float | None = 0.20, utility_budget: float = UTILITY_BUDGET, search_steps: int = 8,
-                max_searched: int | None = None, progress: bool = True):
-    """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3). Raises
-    :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
-    accepted step."""
+                max_searched: int | None = None, gradient: str = "clip", protect_all: bool = True,
+                margin: float = DEFAULT_MARGIN, progress: bool = True):
+    """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3).
+
+    ``gradient="clip"``: SLUG's CLIP forget gradient on the CLIP Pareto layers (the paper's method);
+    The target is scored at η and the collateral at ``margin`` × η, the step finally applied (10 validation images
+    leave noise: Dorla Volwick forgot on validation at η and was still named on 12 % of 50 test images).
+    ``"vlm"``: the VLM's own answer-loss gradient (:func:`vlm_gradients`) on every consumed group in
+    :func:`vlm_layer_order`, each searched from 0.1 × its ratio; the chosen group's VLM gradient is **written into**
+    ``grads.forget``, so the test evaluation and the patch use it. Raises :class:`~slugkit.slug.search.SearchFailed`
+    naming the criteria and the closest step when no layer has an accepted step, ``ValueError`` for another
+    ``gradient``."""
+    if gradient not in ("clip", "vlm"):
+        raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
     from ..common.progress import status
     from ..slug.search import choose_layer
 
@@ -88,21 +182,39 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     util_val = vlm.utility_images("val", val_utility)
 
     def choose(searches, adapter, grads, val_before, clip_policy):
+        g_edit, extra = grads.forget, {}
+        if gradient == "vlm":
+            status("gradients of the VLM's answers (forget: the target's name; retain: other names, utility)",
+                   progress)
+            names = [n for n in adapter.candidate_names() if n in grads.forget]
+            protected = [n for n in world.identity_names() if n not in targets] if protect_all else neighbours
+            g_edit, g_ret, basis = vlm_gradients(llava, processor, mapping, names, targets, protect=protected,
+                                                 n_protect=5 if protect_all else 20)
+            order, extra["vlm_layers"] = vlm_layer_order(adapter, g_edit, g_ret)
+            g_edit, extra["protected"] = project_off(g_edit, basis, [s.group for s in order])
+            extra["protected_directions"] = (f"{len(protected)} identities' names + 3 utility questions x 30 object "
+                                             "classes")
+            params = dict(adapter.model.named_parameters())
+            for s in order:  # the unit of the step: R = ||theta|| / ||g|| of the projected gradient
+                gn = float(g_edit[s.name].float().norm())
+                s.ratio = float(params[s.name].detach().float().norm()) / gn if gn > 0 else s.ratio
+        else:
+            found = [s for s in searches if s.step_size is not None]
+            first = [choose_layer(found, clip_policy, val_before)] if found else []
+            order = first + [s for s in searches if s not in first and s.step_size is not None] + \
+                [s for s in searches if s.step_size is None and s.trajectory]
+
         def score(group, eta):
-            with edited_consumer(llava, mapping, adapter.model, grads.forget, group, eta):
+            with edited_consumer(llava, mapping, adapter.model, g_edit, group, eta):
                 return _metrics(vlm.vlm_scores(llava, processor, named_val, util_val), targets)
 
-        found = [s for s in searches if s.step_size is not None]
-        first = [choose_layer(found, clip_policy, val_before)] if found else []
-        order = first + [s for s in searches if s not in first and s.step_size is not None] + \
-            [s for s in searches if s.step_size is None and s.trajectory]
         if not order:
             raise SearchFailed("no candidate layer of the VLM's vision tower has a CLIP step search to start from")
         base = score(order[0].group, 0.0)
 
         def evaluate(group, eta):
-            m = score(group, eta)
-            worst_t = max(m["target_named_by_concept"].values())
+            worst_t = max(score(group, eta)["target_named_by_concept"].values())
+            m = score(group, eta * margin)  # the collateral at the step that will be applied
             drops = {n: base["per_identity"][n] - m["per_identity"][n] for n in neighbours}
             worst = max(neighbours, key=lambda n: (drops[n], -neighbours.index(n))) if neighbours else None
             return (worst_t, base["other_named"] - m["other_named"], drops[worst] if worst else None, worst,
@@ -110,20 +222,26 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
 
         searched, chosen = [], None
         for layer in order[:max_searched]:
-            start = layer.step_size if layer.step_size is not None else max(t.step_size for t in layer.trajectory)
+            if gradient == "vlm":
+                start = 0.1 * layer.ratio
+            else:
+                start = layer.step_size if layer.step_size is not None else max(t.step_size for t in layer.trajectory)
             status(f"VLM step search on {layer.name} from step {start:.4g}", progress)
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), start, search_steps,
                                               threshold, other_budget, neighbour_budget, utility_budget)
             searched.append({"layer": layer.name, "clip_step_size": layer.step_size, "start_step": start,
                              "trajectory": traj, "accepted_step": eta})
             if eta is not None:
-                chosen = replace(layer, step_size=eta)
+                chosen = replace(layer, step_size=eta * margin)
                 break
-        info = {"policy": "clip order, then layers without a CLIP step", "neighbours": neighbours,
+        info = {"gradient": gradient, "neighbours": neighbours, **extra,
+                "policy": ("VLM-gradient Pareto front first, by importance" if gradient == "vlm" else
+                           "clip order, then layers without a CLIP step"),
                 "vlm_search": {"validation_images": val_images, "validation_per_other": val_other,
                                "validation_per_neighbour": val_neighbour, "validation_utility_per_class": val_utility,
                                "threshold": threshold, "other_budget": other_budget,
                                "neighbour_budget": neighbour_budget, "utility_budget": utility_budget,
+                               "margin": margin,
                                "base_target_named": base["target_named_by_concept"],
                                "base_other_named": base["other_named"], "base_utility": base["utility_accuracy"],
                                "layers_in_order": len(order), "layers": searched}}
@@ -133,9 +251,11 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 f"{' + '.join(targets)} (<= {threshold:.0%} of {val_images} validation images) while the other "
                 f"identities lose <= {other_budget:.0%} on average, none of the {len(neighbours)} nearest more than "
                 f"{neighbour_budget:.0%} and utility <= {utility_budget:.0%}"
-                f"{closest(searched, threshold, other_budget, neighbour_budget)}; try --other-budget / "
+                f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try --other-budget / "
                 "--neighbour-budget or more --val-images")
-        info.update(step_size=chosen.step_size, clip_step_size=chosen.trajectory and searched[-1]["clip_step_size"])
+        info.update(step_size=chosen.step_size, clip_step_size=searched[-1]["clip_step_size"])
+        if gradient == "vlm":
+            grads.forget.update({n: g_edit[n] for n in chosen.group})
         return chosen, info
 
     return choose
@@ -147,7 +267,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                  utility_budget: float = UTILITY_BUDGET, n_target: int = TEST_TARGET, n_other: int = TEST_OTHER,
                  n_utility: int = TEST_UTILITY, search=None, seed: int = 0, threads: int | None = 1,
                  progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
-                 max_searched: int | None = None) -> dict:
+                 max_searched: int | None = None, gradient: str = "clip") -> dict:
     """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
     answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
     ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
@@ -182,7 +302,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
         names = [n for n, _ in neighbours]
         chooser = vlm_chooser(targets, llava, processor, mapping, names, val_images=val_images, threshold=threshold,
                               other_budget=other_budget, neighbour_budget=neighbour_budget,
-                              utility_budget=utility_budget, max_searched=max_searched, progress=progress)
+                              utility_budget=utility_budget, max_searched=max_searched, gradient=gradient,
+                              progress=progress)
         with run_folder(out, overwrite) as stage:  # the whole run folder appears at once, or not at all
             cfg, cur, data = world_config(targets if len(targets) > 1 else targets[0], stage, data_dir,
                                           progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,

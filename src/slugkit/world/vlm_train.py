@@ -64,16 +64,18 @@ def tower_features(llava, processor, images, batch_size: int = 256) -> torch.Ten
     return torch.cat(out)
 
 
+def qa_ids(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """``(prompt ids, answer ids)``: the LLaVA-1.5 prompt for ``question`` with ``<image>`` expanded to the image
+    tokens (``<s>`` first), and `` answer`` + ``</s>``."""
+    p = tokenizer(vlm.PROMPT.format(question=question).replace("<image>", "<image>" * vlm.IMAGE_TOKENS))["input_ids"]
+    return p, tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def examples(tokenizer, per_identity: int, per_class: int, split: str = "train"):
     """``(images, items)``: PIL images of ``split`` and ``(image_index, prompt_ids, answer_ids)`` items in a fixed
     order — every name question for each identity image, every utility question for each object image."""
-    expand = "<image>" * vlm.IMAGE_TOKENS
-    eos = tokenizer.eos_token_id
-
     def ids(question: str, answer: str):
-        p = tokenizer(vlm.PROMPT.format(question=question).replace("<image>", expand))["input_ids"]
-        a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [eos]
-        return p, a
+        return qa_ids(tokenizer, question, answer)
 
     images, items = [], []
     for s in world.make_samples(split, "identity", per_identity):

@@ -1,0 +1,144 @@
+"""Run `slug demo --target vlm` for identities of the embedded world and check issue 14's thresholds.
+
+    python benchmarks/vlm_embedded.py [--concepts "Jowen Gormere,Hasa Malwick" | --first 10] [--joint A,B,...]
+                                      [--gradient clip|vlm] [--json results.json] [--threads 1] ...
+
+Per run, on the VLM's answers to "What's the name of the person in this image?" on held-out test images (50 of each
+target, 20 of every other identity; utility: three questions on 10 images of each of the 30 object classes), a run
+**passes** when
+
+* each target is named in <= 5% of its images after the patch (from >= 90% before),
+* the other identities' naming drops by <= 0.05 on average, and
+* the utility questions' accuracy drops by <= 0.03;
+
+the worst single other identity's drop is reported next to it (median and worst over the runs). A **refusal** (no
+layer/step met the validation criteria) is not a pass; it must carry a reason and leave no run folder. ``--joint``:
+one extra run unlearning those identities together (the paper's 10-identity setting). ``--json`` is rewritten
+atomically after every run (``"complete": false`` until the sweep ends).
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
+
+
+def run_one(concepts: list[str], a) -> dict:
+    from slugkit.slug.search import SearchFailed
+    from slugkit.workflows.verdict import NothingToUnlearnError
+    from slugkit.workflows.vlm_demo import run_vlm_demo
+
+    name = " + ".join(concepts)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "run"
+        try:
+            r = run_vlm_demo(concepts, out, data_dir=a.data_dir, other_budget=a.other_budget,
+                             neighbour_budget=a.neighbour_budget, utility_budget=a.utility_budget,
+                             val_images=a.val_images, max_searched=a.max_searched, seed=a.seed, threads=a.threads,
+                             gradient=a.gradient, progress=False)
+        except (SearchFailed, NothingToUnlearnError) as e:
+            return {"concept": name, "refused": str(e), "refusal_clean": bool(str(e)) and not out.exists(),
+                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
+        except Exception as e:  # a crash is recorded (a failure, not a refusal) and the sweep goes on
+            import traceback
+
+            return {"concept": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
+    v = r["vlm"]
+    b, af, c = v["before"], v["after"], v["collateral"]
+    checks = {
+        "target_before>=0.9": all(x >= TARGET_BEFORE - 1e-9 for x in b["target_named_by_concept"].values()),
+        "target_after<=0.05": all(x <= TARGET_AFTER + 1e-9 for x in af["target_named_by_concept"].values()),
+        "other_drop<=0.05": c["mean_drop"] <= OTHER_DROP + 1e-9,
+        "utility_drop<=0.03": b["utility_accuracy"] - af["utility_accuracy"] <= UTILITY_DROP + 1e-9,
+    }
+    return {"concept": name, "layer": r["layer"], "step_size": r["step_size"],
+            "target": [b["target_named"], af["target_named"]], "other": [c["mean_before"], c["mean_after"]],
+            "mean_drop": c["mean_drop"], "worst": c["worst"], "neighbours": c["neighbours"]["concepts"],
+            "utility": [b["utility_accuracy"], af["utility_accuracy"]],
+            "utility_drop": b["utility_accuracy"] - af["utility_accuracy"],
+            "verdict": r["verdict"]["status"], "checks": checks, "passed": all(checks.values()),
+            "timing_s": {"slug": r["timing_s"]["slug_total"], "vlm_eval": r["timing_s"]["vlm_eval"],
+                         "wall": time.perf_counter() - t}}
+
+
+def line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['concept']:16s} ERROR: {row['error']}  {row['timing_s']['wall']:.0f} s"
+    if "refused" in row:
+        return (f"{row['concept']:16s} REFUSED ({'no patch' if row['refusal_clean'] else 'NOT CLEAN'}): "
+                f"{row['refused']}  {row['timing_s']['wall']:.0f} s")
+    w = row["worst"]
+    verdict = "PASS" if row["passed"] else "FAIL " + str([k for k, v in row["checks"].items() if not v])
+    return (f"{row['concept']:16s} {row['layer'][21:]:30s} named {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
+            f"others {row['other'][0]:.3f}->{row['other'][1]:.3f} (drop {row['mean_drop']:+.3f})  worst "
+            f"{w['concept']} {w['before']:.2f}->{w['after']:.2f}  utility {row['utility'][0]:.3f}->"
+            f"{row['utility'][1]:.3f}  {verdict}  {row['timing_s']['wall']:.0f} s")
+
+
+def summary(rows: list[dict]) -> dict:
+    ran = [r for r in rows if "refused" not in r and "error" not in r]
+    out = {"passed": sum(r["passed"] for r in rows), "total": len(rows),
+           "refused": sum("refused" in r for r in rows), "errors": sum("error" in r for r in rows),
+           "refusals_clean": all(r["refusal_clean"] for r in rows if "refused" in r)}
+    if ran:
+        md, wd, ud = [r["mean_drop"] for r in ran], [r["worst"]["drop"] for r in ran], [r["utility_drop"] for r in ran]
+        out.update(mean_drop_median=statistics.median(md), mean_drop_worst=max(md),
+                   worst_identity_drop_median=statistics.median(wd), worst_identity_drop_worst=max(wd),
+                   utility_drop_median=statistics.median(ud), utility_drop_worst=max(ud),
+                   slowest_s=max(r["timing_s"]["wall"] for r in ran))
+    return out
+
+
+def main():
+    from slugkit.common.files import write_json
+    from slugkit.world import render as world
+    from slugkit.world.demo_data import default_concept
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concepts", default=None, help="comma list (default: the demo's identity)")
+    ap.add_argument("--first", type=int, default=None, help="the world's first N identities, one run each")
+    ap.add_argument("--joint", default=None, help="comma list: one more run unlearning these jointly")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--val-images", type=int, default=10)
+    ap.add_argument("--other-budget", type=float, default=0.05)
+    ap.add_argument("--neighbour-budget", type=float, default=None, help="default: the verdict's worst budget")
+    ap.add_argument("--utility-budget", type=float, default=0.03)
+    ap.add_argument("--max-searched", type=int, default=None)
+    ap.add_argument("--gradient", default="vlm", choices=["clip", "vlm"],
+                    help="the edit's gradient: SLUG's CLIP forget gradient (the paper) or the VLM's own (default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--json", default=None, help="write every row and the summary here")
+    a = ap.parse_args()
+    if a.first:
+        runs = [[n] for n in world.identity_names()[:a.first]]
+    else:
+        runs = [[c.strip()] for c in (a.concepts or default_concept()).split(",") if c.strip()]
+    if a.joint:
+        runs.append([c.strip() for c in a.joint.split(",") if c.strip()])
+    rows = []
+    for concepts in runs:
+        rows.append(run_one(concepts, a))
+        print(line(rows[-1]), flush=True)
+        if a.json:
+            write_json(a.json, {"rows": rows, "summary": summary(rows), "options": vars(a), "complete": False})
+    s = summary(rows)
+    print(f"{s['passed']}/{s['total']} runs pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
+          f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
+          f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
+    if "mean_drop_median" in s:
+        print(f"other identities' drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
+              f"single identity: median {s['worst_identity_drop_median']:+.3f}, worst "
+              f"{s['worst_identity_drop_worst']:+.3f}; utility drop: median {s['utility_drop_median']:+.3f}, worst "
+              f"{s['utility_drop_worst']:+.3f}; slowest run {s['slowest_s']:.0f} s")
+    if a.json:
+        write_json(a.json, {"rows": rows, "summary": s, "options": vars(a), "complete": True})
+
+
+if __name__ == "__main__":
+    main()
