@@ -23,9 +23,9 @@ concept, ``"complete": false`` until the sweep ends, so a partial sweep survives
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
+
+from sweep import guarded_run, unfinished_line
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {
@@ -49,29 +49,15 @@ def base_recognition(n_target: int, seed: int, threads: int) -> dict[str, float]
 
 
 def run_one(concept: str, a) -> dict:
-    from slugkit.slug.search import SearchFailed
     from slugkit.workflows.sd_demo import run_sd_demo
-    from slugkit.workflows.verdict import NothingToUnlearnError
 
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "run"
-        try:
-            r = run_sd_demo(concept, out, data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other,
-                            n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
-                            neighbour_budget=a.neighbour_budget, other_budget=a.other_budget, selection=a.selection,
-                            step=a.step, null_energy=a.null_space_energy, null_layers=a.null_space_layers,
-                            max_searched=a.max_searched,
-                            seed=a.seed, threads=a.threads,
-                            progress=False)
-        except (SearchFailed, NothingToUnlearnError) as e:
-            return {"concept": concept, "refused": str(e), "refusal_clean": bool(str(e)) and not out.exists(),
-                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
-        except Exception as e:  # a crash is recorded (a failure, not a refusal) and the sweep goes on
-            import traceback
-
-            return {"concept": concept, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
+    r, row, t = guarded_run(concept, lambda out: run_sd_demo(
+        concept, out, data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other, n_neighbour=a.n_neighbour,
+        val_neighbour=a.val_neighbour, neighbour_budget=a.neighbour_budget, other_budget=a.other_budget,
+        selection=a.selection, step=a.step, null_energy=a.null_space_energy, null_layers=a.null_space_layers,
+        max_searched=a.max_searched, seed=a.seed, threads=a.threads, progress=False))
+    if row is not None:
+        return row
     g, c = r["generation"], r["generation"]["collateral"]
     nbs = c["neighbours"]["concepts"]
     checks = {k: bool(f(g, c)) for k, f in CHECKS.items()}
@@ -89,11 +75,9 @@ def run_one(concept: str, a) -> dict:
 
 
 def line(row: dict) -> str:
-    if "error" in row:
-        return f"{row['concept']:16s} ERROR: {row['error']}  {row['timing_s']['wall']:.0f} s"
-    if "refused" in row:
-        return (f"{row['concept']:16s} REFUSED ({'no patch' if row['refusal_clean'] else 'NOT CLEAN'}): "
-                f"{row['refused']}  {row['timing_s']['wall']:.0f} s")
+    done = unfinished_line(row)
+    if done is not None:
+        return done
     w, nb = row["worst"], ", ".join(f"{n['concept']} {n['before']:.2f}->{n['after']:.2f}" for n in row["neighbours"])
     return (f"{row['concept']:16s} {row['layer'][19:]:34s} target {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
             f"others {row['other'][0]:.3f}->{row['other'][1]:.3f} (drop {row['mean_drop']:+.3f})  worst "

@@ -19,35 +19,23 @@ atomically after every run (``"complete": false`` until the sweep ends).
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
+
+from sweep import guarded_run, unfinished_line
 
 TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
 
 
 def run_one(concepts: list[str], a) -> dict:
-    from slugkit.slug.search import SearchFailed
-    from slugkit.workflows.verdict import NothingToUnlearnError
     from slugkit.workflows.vlm_demo import run_vlm_demo
 
     name = " + ".join(concepts)
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "run"
-        try:
-            r = run_vlm_demo(concepts, out, data_dir=a.data_dir, other_budget=a.other_budget,
-                             neighbour_budget=a.neighbour_budget, utility_budget=a.utility_budget,
-                             val_images=a.val_images, max_searched=a.max_searched, seed=a.seed, threads=a.threads,
-                             gradient=a.gradient, progress=False)
-        except (SearchFailed, NothingToUnlearnError) as e:
-            return {"concept": name, "refused": str(e), "refusal_clean": bool(str(e)) and not out.exists(),
-                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
-        except Exception as e:  # a crash is recorded (a failure, not a refusal) and the sweep goes on
-            import traceback
-
-            return {"concept": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                    "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
+    r, row, t = guarded_run(name, lambda out: run_vlm_demo(
+        concepts, out, data_dir=a.data_dir, other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
+        utility_budget=a.utility_budget, val_images=a.val_images, max_searched=a.max_searched, seed=a.seed,
+        threads=a.threads, gradient=a.gradient, progress=False))
+    if row is not None:
+        return row
     v = r["vlm"]
     b, af, c = v["before"], v["after"], v["collateral"]
     checks = {
@@ -67,11 +55,9 @@ def run_one(concepts: list[str], a) -> dict:
 
 
 def line(row: dict) -> str:
-    if "error" in row:
-        return f"{row['concept']:16s} ERROR: {row['error']}  {row['timing_s']['wall']:.0f} s"
-    if "refused" in row:
-        return (f"{row['concept']:16s} REFUSED ({'no patch' if row['refusal_clean'] else 'NOT CLEAN'}): "
-                f"{row['refused']}  {row['timing_s']['wall']:.0f} s")
+    done = unfinished_line(row)
+    if done is not None:
+        return done
     w = row["worst"]
     verdict = "PASS" if row["passed"] else "FAIL " + str([k for k, v in row["checks"].items() if not v])
     return (f"{row['concept']:16s} {row['layer'][21:]:30s} named {row['target'][0]:.2f}->{row['target'][1]:.2f}  "

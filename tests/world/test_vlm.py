@@ -37,8 +37,15 @@ def test_shipped_vlm_loads_offline_and_answers(shipped):
 def test_load_names_the_missing_file(tmp_path):
     from slugkit.models.base import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="config.json.*slug world train-vlm"):
+    with pytest.raises(ModelLoadError, match="--vlm-model .*config.json.*slug world train-vlm"):
         vlm.load_vlm(tmp_path)
+
+
+def test_train_vlm_refuses_a_full_out_folder_before_training(tmp_path, monkeypatch):
+    (tmp_path / "keep.txt").write_text("x")
+    monkeypatch.setattr(vlm_train, "train_vlm", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        vlm_train.train_embedded_vlm(tmp_path, vlm_train.VLMConfig(steps=1))
 
 
 def test_vision_features_are_the_open_clip_towers(shipped):
@@ -145,7 +152,9 @@ def test_demo_target_vlm_end_to_end(tmp_path, capsys):
     assert len(res["vlm"]["collateral"]["neighbours"]["concepts"]) == 5
     report = (out / "report.md").read_text()
     assert "## The embedded VLM (LLaVA)" in report and "Sample answers" in report
-    assert (out / "patch" / "patch.json").is_file()
+    assert report.startswith(f"> **This run's verdict is the VLM's: {res['verdict']['status']}**")
+    patch = json.loads((out / "patch" / "patch.json").read_text())
+    assert patch["extra"]["verdict"] == res["verdict"]["status"]  # the VLM's verdict, not the CLIP run's
     assert "SLUG" in capsys.readouterr().out
 
 
@@ -170,5 +179,5 @@ def test_demo_target_vlm_refuses_without_a_patch_when_no_step_is_safe(tmp_path, 
     out = tmp_path / "vlm"
     rc = main(["demo", "--target", "vlm", "--out", str(out), "--max-searched", "2", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "closest:" in err and "stops naming" in err
+    assert rc == 2 and "closest:" in err and "stops naming" in err and "--vlm-gradient vlm" in err
     assert not out.exists()

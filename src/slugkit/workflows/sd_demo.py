@@ -218,16 +218,18 @@ def _generation_report(result: dict) -> str:
                       "(a layer off the CLIP Pareto front: no CLIP step; --null-space-layers all)")
 
 
-def _mark_patch(folder: Path, status: str, step: str = "slug") -> None:
+def _mark_patch(folder: Path, status: str, step: str = "slug", edit: str | None = None) -> None:
     """Record the pipeline's verdict in the patch (``extra.verdict``; the CLIP run marked it with CLIP's, which does
-    not decide for a generator) and, for the null-space step, what the edit is (``extra.edit``). Only
-    ``patch.json`` changes; the tensors and their hashes stay as they are."""
+    not decide for a generator) and, for the null-space step (or any ``edit`` text), what the edit is
+    (``extra.edit``). Only ``patch.json`` changes; the tensors and their hashes stay as they are."""
     from ..patch import load_patch, save_patch
 
     patch = load_patch(folder)
     extra = dict(patch.meta.get("extra") or {})
     want = {"verdict": status}
-    if step == "null-space":
+    if edit is not None:
+        want["edit"] = edit
+    elif step == "null-space":
         want["edit"] = ("theta <- theta - step_size * g (I - P): the forget gradient projected onto the null space "
                         "of the layer's inputs on the other concepts' prompts (slugkit.slug.nullspace)")
     if any(extra.get(key) != v for key, v in want.items()):

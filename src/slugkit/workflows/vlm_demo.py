@@ -251,8 +251,9 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 f"{' + '.join(targets)} (<= {threshold:.0%} of {val_images} validation images) while the other "
                 f"identities lose <= {other_budget:.0%} on average, none of the {len(neighbours)} nearest more than "
                 f"{neighbour_budget:.0%} and utility <= {utility_budget:.0%}"
-                f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try --other-budget / "
-                "--neighbour-budget or more --val-images")
+                f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try "
+                + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
+                + "--other-budget / --neighbour-budget / --vlm-utility-budget, or more --val-images")
         info.update(step_size=chosen.step_size, clip_step_size=searched[-1]["clip_step_size"])
         if gradient == "vlm":
             grads.forget.update({n: g_edit[n] for n in chosen.group})
@@ -277,7 +278,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from ..report.vlm import render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
     from ..world.demo_data import default_concept
-    from .sd_demo import embedded_hf_adapter
+    from .sd_demo import _mark_patch, embedded_hf_adapter
     from .unlearn import run_unlearn
     from .verdict import Budgets, vlm_verdict
     from .world_runs import world_config
@@ -326,8 +327,16 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                                             utility_budget, budgets).to_json()
             result["timing_s"].update(slug_total=t_slug, vlm_eval=time.perf_counter() - t,
                                       total=time.perf_counter() - t0)
+            _mark_patch(stage / "patch", result["verdict"]["status"], edit=(
+                "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
+                "identities' and the utility answers' gradients (slugkit.workflows.vlm_demo.vlm_gradients)"
+                if gradient == "vlm" else None))
             write_json(stage / "result.json", result)
-            report = (stage / "report.md").read_text(encoding="utf-8") + render_vlm_report(result, samples)
+            head = (f"> **This run's verdict is the VLM's: {result['verdict']['status']}** (section \"The "
+                    f"embedded VLM\" below; applied step {result['step_size']:.4g} on `{result['layer']}`). The CLIP "
+                    "sections that follow describe the CLIP run whose gradient and layers the VLM search started "
+                    "from; their own verdict and step are CLIP's.\n\n")
+            report = head + (stage / "report.md").read_text(encoding="utf-8") + render_vlm_report(result, samples)
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:

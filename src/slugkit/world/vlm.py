@@ -146,6 +146,9 @@ def load_vlm(vlm_dir: str | os.PathLike | None = None):
     d = Path(vlm_dir) if vlm_dir else VLM_DIR
     for f in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
         if not (d / f).is_file():
+            if vlm_dir:
+                raise ModelLoadError(f"--vlm-model {d}: no {f} in it; give a folder written by `slug world "
+                                     "train-vlm --out DIR` (or leave --vlm-model out for the shipped VLM)")
             raise ModelLoadError(f"embedded VLM file missing: {d / f}; reinstall slugkit or run "
                                  f"`slug world train-vlm --out {d}`")
     try:

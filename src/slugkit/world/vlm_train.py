@@ -199,6 +199,10 @@ def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_image
     report's ``info``."""
     from .train import _num_threads
 
+    out_dir = Path(out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite or another --out (checked before "
+                              "training, so no training is thrown away)")
     llava, processor, info = train_vlm(cfg, progress=progress)
     if eval_images:
         with _num_threads(cfg.threads):
