@@ -104,6 +104,12 @@ def test_a_patch_changes_the_answers_and_reverts_bit_exactly(shipped):
     assert vlm.vlm_scores(llava, processor, target, answers=True)["answers"] == before["answers"]
 
 
+def test_audit_paraphrases_are_never_trained():
+    from slugkit.audit.vlm import PARAPHRASES
+
+    assert not set(PARAPHRASES) & set(vlm.TRAIN_NAME_QUESTIONS) and len(PARAPHRASES) >= 10
+
+
 def test_utility_scoring_rules():
     cls = next(c for c in world.UTILITY_CLASSES if c.name == "red triangle")
     assert vlm.utility_correct("object", "a red triangle", cls)
@@ -155,6 +161,18 @@ def test_demo_target_vlm_end_to_end(tmp_path, capsys):
     assert report.startswith(f"> **This run's verdict is the VLM's: {res['verdict']['status']}**")
     patch = json.loads((out / "patch" / "patch.json").read_text())
     assert patch["extra"]["verdict"] == res["verdict"]["status"]  # the VLM's verdict, not the CLIP run's
+    assert patch["extra"]["target"] == "vlm"
+    # `slug audit` recognises the VLM patch and runs the VLM probes on the VLM's answers
+    rc = main(["audit", "--patch", str(out), "--threads", "1", "--no-progress"])
+    aud = json.loads((out / "audit.json").read_text())
+    assert aud["target"] == "vlm" and rc == {"pass": 0, "warn": 3, "fail": 4}[aud["status"]]
+    probes = {r["probe"]: r for r in aud["probes"]}
+    assert set(probes) == {"prompts", "precision", "representation"} and not probes["representation"]["gating"]
+    assert {r["kind"] for r in probes["prompts"]["rows"]} == {"trained question", "paraphrase"}
+    assert [r["condition"] for r in probes["precision"]["rows"]] == ["fp32", "fp16", "bf16", "int8", "int4"]
+    assert probes["prompts"]["rows"][0]["after"]["top1"] == a["target_named_by_concept"][res["concept"]]
+    assert any(x.startswith("attack") for x in aud["not_run"])
+    assert "## Audit" in (out / "report.md").read_text()
     assert "SLUG" in capsys.readouterr().out
 
 

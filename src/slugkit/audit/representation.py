@@ -30,22 +30,25 @@ EXPLANATION = ("a linear probe on the image features still recognises the identi
 
 
 def _probe_accuracy(adapter, data: AuditData, classes: list[str], seed: int) -> dict:
+    train = {n: image_features(adapter, data.train[n]).numpy() for n in classes}
+    test = {n: image_features(adapter, data.test[n]).numpy() for n in classes if n in data.test}
+    return probe_accuracy(train, test, data.concept, seed)
+
+
+def probe_accuracy(train: dict, test: dict, concept: str, seed: int = 0) -> dict:
+    """The linear probe (module docstring) on given features: ``train`` / ``test`` ``{class: [N, D] array}``;
+    returns the accuracy on ``concept``'s test features and the mean and worst over the other classes'."""
     from sklearn.linear_model import LogisticRegression
 
-    xs, ys = [], []
-    for k, n in enumerate(classes):
-        f = image_features(adapter, data.train[n])
-        xs.append(f.numpy())
-        ys += [k] * f.shape[0]
+    classes = list(train)
+    xs = [np.asarray(train[n], dtype=np.float64) for n in classes]
+    ys = [k for k, x in enumerate(xs) for _ in range(x.shape[0])]
     clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
-    clf.fit(np.concatenate(xs).astype(np.float64), np.asarray(ys))
-    acc = {}
-    for k, n in enumerate(classes):
-        if n in data.test:
-            pred = clf.predict(image_features(adapter, data.test[n]).numpy().astype(np.float64))
-            acc[n] = float((pred == k).mean())
-    others = [v for n, v in acc.items() if n != data.concept]
-    return {"concept": acc[data.concept], "others_mean": float(np.mean(others)) if others else None,
+    clf.fit(np.concatenate(xs), np.asarray(ys))
+    acc = {n: float((clf.predict(np.asarray(test[n], dtype=np.float64)) == k).mean())
+           for k, n in enumerate(classes) if n in test}
+    others = [v for n, v in acc.items() if n != concept]
+    return {"concept": acc[concept], "others_mean": float(np.mean(others)) if others else None,
             "others_worst": min(others) if others else None}
 
 

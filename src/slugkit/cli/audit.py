@@ -100,6 +100,8 @@ def cmd_audit(a) -> int:
     if a.model == "embedded" and _is_t2i_patch(patch):
         result = audit_sd(patch, out, a)
         return _print_audit(result, out)
+    if a.model == "embedded" and _is_vlm_patch(patch):
+        return _print_audit(audit_vlm(patch, out, a), out)
     data = None
     if a.test_identities or a.model != "embedded":
         if not a.test_identities:
@@ -137,6 +139,43 @@ def _is_t2i_patch(patch: Path) -> bool:
 
     meta = load_patch(patch).meta
     return meta.get("adapter") == "hf_clip" and meta.get("concept") in t2i.concept_names()
+
+
+def _is_vlm_patch(patch: Path) -> bool:
+    """A patch of the embedded VLM's vision tower (``slug demo --target vlm`` marks it ``extra.target = "vlm"``)."""
+    from ..patch import load_patch
+
+    return (load_patch(patch).meta.get("extra") or {}).get("target") == "vlm"
+
+
+def audit_vlm(patch: Path, out: Path, a) -> dict:
+    """The VLM audit (:mod:`slugkit.audit.vlm`) of an embedded VLM demo patch, written to ``out``: the shipped VLM (or
+    the ``--vlm-model`` folder the run used, recorded in the patch) unedited and with the patch applied through the
+    LLaVA integration."""
+    import copy
+
+    import torch
+
+    from ..audit.vlm import NOT_RUN, PROBES, run_vlm_audit
+    from ..integrations.llava import apply_patch_to_llava
+    from ..patch import load_patch
+    from ..world.vlm import load_vlm
+
+    opts = audit_options(a)
+    before_threads = torch.get_num_threads()
+    try:
+        if getattr(a, "threads", None):
+            torch.set_num_threads(a.threads)
+        p = load_patch(patch)
+        llava, processor = load_vlm((p.meta.get("extra") or {}).get("vlm_model"))
+        after = apply_patch_to_llava(copy.deepcopy(llava), p)
+        probes = [x for x in opts["probes"] if x in PROBES or x in NOT_RUN]
+        return run_vlm_audit(llava, after, processor, p.meta["concept"], probes=probes,
+                             gate_representation=opts["gate_representation"], progress=opts["progress"], out=out,
+                             meta={"patch": str(patch), "model": "embedded VLM (LLaVA)", "method": p.meta.get("method"),
+                                   "layers": p.names})
+    finally:
+        torch.set_num_threads(before_threads)
 
 
 def audit_sd(patch: Path, out: Path, a) -> dict:

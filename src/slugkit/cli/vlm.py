@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..workflows.verdict import exit_status_of
 from .args import FRACTION, budgets_of, refuse, search_config, split_list
@@ -19,10 +20,9 @@ def cmd_demo_vlm(a) -> int:
 
     if a.sequential:
         return refuse("--target vlm unlearns --concepts jointly (one edit); --sequential is for the CLIP demo")
-    if a.audit:
-        return refuse("--audit is not available for --target vlm yet: the audit's probes run on CLIP and "
-                      "text-to-image patches")
     wanted = split_list(a.concepts) if a.concepts else ([a.concept] if a.concept is not None else None)
+    if a.audit and wanted and len(wanted) > 1:
+        return refuse("--audit audits one concept: run `slug audit --patch RUN` for a single-identity run")
     try:
         targets = [world.identity_by_name(c).name for c in wanted] if wanted else None
     except KeyError as e:
@@ -35,9 +35,18 @@ def cmd_demo_vlm(a) -> int:
                           utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
                           max_searched=a.max_searched, gradient=a.vlm_gradient)
-    print_vlm_summary(result, a.out or default_out(result["concepts"] if result.get("concepts") else
-                                                  [result["concept"]]))
-    return exit_status_of(result)
+    out = Path(a.out or default_out(result["concepts"] if result.get("concepts") else [result["concept"]]))
+    print_vlm_summary(result, str(out))
+    rc = exit_status_of(result)
+    if a.audit and (out / "patch" / "patch.json").is_file():
+        from .audit import AUDIT_EXIT, audit_vlm
+
+        res = audit_vlm(out / "patch", out, a)
+        print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + "; ".join(
+            f"{r['probe']} {r['status']}" + ("" if r.get("gating") else " (not gating)") for r in res["probes"])
+            + f" (see {out / 'audit.md'})")
+        rc = max(rc, AUDIT_EXIT[res["status"]])
+    return rc
 
 
 def add_vlm_args(d) -> None:

@@ -218,15 +218,16 @@ def _generation_report(result: dict) -> str:
                       "(a layer off the CLIP Pareto front: no CLIP step; --null-space-layers all)")
 
 
-def _mark_patch(folder: Path, status: str, step: str = "slug", edit: str | None = None) -> None:
+def _mark_patch(folder: Path, status: str, step: str = "slug", edit: str | None = None, **fields) -> None:
     """Record the pipeline's verdict in the patch (``extra.verdict``; the CLIP run marked it with CLIP's, which does
     not decide for a generator) and, for the null-space step (or any ``edit`` text), what the edit is
-    (``extra.edit``). Only ``patch.json`` changes; the tensors and their hashes stay as they are."""
+    (``extra.edit``), and any other ``fields`` (e.g. ``target="vlm"``). Only ``patch.json`` changes; the tensors
+    and their hashes stay as they are."""
     from ..patch import load_patch, save_patch
 
     patch = load_patch(folder)
     extra = dict(patch.meta.get("extra") or {})
-    want = {"verdict": status}
+    want = {"verdict": status, **fields}
     if edit is not None:
         want["edit"] = edit
     elif step == "null-space":

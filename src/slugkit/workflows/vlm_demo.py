@@ -330,7 +330,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             _mark_patch(stage / "patch", result["verdict"]["status"], edit=(
                 "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
                 "identities' and the utility answers' gradients (slugkit.workflows.vlm_demo.vlm_gradients)"
-                if gradient == "vlm" else None))
+                if gradient == "vlm" else None), target="vlm", **({"vlm_model": str(vlm_dir)} if vlm_dir else {}))
             write_json(stage / "result.json", result)
             head = (f"> **This run's verdict is the VLM's: {result['verdict']['status']}** (section \"The "
                     f"embedded VLM\" below; applied step {result['step_size']:.4g} on `{result['layer']}`). The CLIP "
