@@ -15,9 +15,13 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
    ``threshold`` of the target's validation images are still named (every target's, for several) while the other
    identities' naming drops by at most ``other_budget`` on average, the worst of the ``k`` nearest identities (by
    the CLIP text embedding) by at most ``neighbour_budget`` and the utility questions' accuracy by at most
-   ``utility_budget``. Layers are tried in the CLIP policy's order (its pick first); a layer whose CLIP search found
-   no step starts from the largest step that search tried. No accepted step: the run fails with a clear message
-   and ships no patch.
+   ``utility_budget``; the collateral is scored at 1.2 × the step (the step applied). Layers are tried in the CLIP
+   policy's order (its pick first); a layer whose CLIP search found no step starts from the largest step that
+   search tried. No accepted step: the run fails with a clear message and ships no patch.
+   ``--vlm-gradient vlm`` (not the paper's): the edit uses the VLM's own answer-loss gradient instead, projected off
+   the other identities' and the utility answers' gradients (:func:`vlm_gradients`), on every consumed layer.
+   Measured on the first ten identities (README): the CLIP gradient forgets only by breaking other identities, the
+   VLM's is far more selective but the nearest look-alike usually still falls; the default stays the paper's.
 4. **Evaluation** on held-out ``test`` images, before and after the patch applied through the LLaVA integration
    (hash-checked, reverted bit-exactly after): naming accuracy of the target(s), of every other identity (mean,
    worst, nearest neighbours) and utility-question accuracy (the benchmark analogue); sample answers in the report.
@@ -163,14 +167,15 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 margin: float = DEFAULT_MARGIN, progress: bool = True):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3).
 
-    ``gradient="clip"``: SLUG's CLIP forget gradient on the CLIP Pareto layers (the paper's method);
-    The target is scored at η and the collateral at ``margin`` × η, the step finally applied (10 validation images
-    leave noise: Dorla Volwick forgot on validation at η and was still named on 12 % of 50 test images).
-    ``"vlm"``: the VLM's own answer-loss gradient (:func:`vlm_gradients`) on every consumed group in
+    ``gradient="clip"``: SLUG's CLIP forget gradient on the CLIP Pareto layers (the paper's method); ``"vlm"``: the
+    VLM's own answer-loss gradient (:func:`vlm_gradients`), projected off the other identities' (``protect_all``;
+    else the ``neighbours``') and the utility answers' gradients, on every consumed group in
     :func:`vlm_layer_order`, each searched from 0.1 × its ratio; the chosen group's VLM gradient is **written into**
-    ``grads.forget``, so the test evaluation and the patch use it. Raises :class:`~slugkit.slug.search.SearchFailed`
-    naming the criteria and the closest step when no layer has an accepted step, ``ValueError`` for another
-    ``gradient``."""
+    ``grads.forget``, so the test evaluation and the patch use it. The target is scored at η and the collateral at
+    ``margin`` × η, the step finally applied (10 validation images leave noise: without the margin Dorla Volwick
+    forgot on validation and was still named on 12 % of 50 test images). Raises
+    :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
+    accepted step, ``ValueError`` for another ``gradient``."""
     if gradient not in ("clip", "vlm"):
         raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
     from ..common.progress import status
@@ -213,8 +218,10 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
         base = score(order[0].group, 0.0)
 
         def evaluate(group, eta):
-            worst_t = max(score(group, eta)["target_named_by_concept"].values())
-            m = score(group, eta * margin)  # the collateral at the step that will be applied
+            m = score(group, eta)
+            worst_t = max(m["target_named_by_concept"].values())
+            if margin != 1.0:
+                m = score(group, eta * margin)  # the collateral at the step that will be applied
             drops = {n: base["per_identity"][n] - m["per_identity"][n] for n in neighbours}
             worst = max(neighbours, key=lambda n: (drops[n], -neighbours.index(n))) if neighbours else None
             return (worst_t, base["other_named"] - m["other_named"], drops[worst] if worst else None, worst,
@@ -249,8 +256,10 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             raise SearchFailed(
                 f"no candidate layer of the VLM's vision tower has a step at which the VLM stops naming "
                 f"{' + '.join(targets)} (<= {threshold:.0%} of {val_images} validation images) while the other "
-                f"identities lose <= {other_budget:.0%} on average, none of the {len(neighbours)} nearest more than "
-                f"{neighbour_budget:.0%} and utility <= {utility_budget:.0%}"
+                f"identities lose <= {other_budget:.0%} on average"
+                + (f", none of the {len(neighbours)} nearest more than {neighbour_budget:.0%}"
+                   if neighbour_budget is not None and neighbours else "")
+                + f" and utility <= {utility_budget:.0%}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try "
                 + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
                 + "--other-budget / --neighbour-budget / --vlm-utility-budget, or more --val-images")
