@@ -25,7 +25,7 @@ import argparse
 import statistics
 import time
 
-from sweep import guarded_run, unfinished_line
+from sweep import counts, guarded_run, unfinished_line
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {
@@ -87,10 +87,7 @@ def line(row: dict) -> str:
 
 
 def summary(rows: list[dict]) -> dict:
-    ran = [r for r in rows if "refused" not in r and "error" not in r]
-    out = {"passed": sum(r["passed"] for r in rows), "total": len(rows),
-           "refused": sum("refused" in r for r in rows), "errors": sum("error" in r for r in rows),
-           "refusals_clean": all(r["refusal_clean"] for r in rows if "refused" in r)}
+    ran, out = counts(rows)
     if ran:
         md, nd = [r["mean_drop"] for r in ran], [r["worst_neighbour_drop"] for r in ran]
         out.update(mean_drop_median=statistics.median(md), mean_drop_worst=max(md),

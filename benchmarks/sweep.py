@@ -37,3 +37,11 @@ def unfinished_line(row: dict) -> str | None:
         return (f"{row['concept']:16s} REFUSED ({'no patch' if row['refusal_clean'] else 'NOT CLEAN'}): "
                 f"{row['refused']}  {row['timing_s']['wall']:.0f} s")
     return None
+
+
+def counts(rows: list[dict]) -> tuple[list[dict], dict]:
+    """``(rows that finished, {passed, total, refused, errors, refusals_clean})`` of a sweep."""
+    ran = [r for r in rows if "refused" not in r and "error" not in r]
+    return ran, {"passed": sum(r["passed"] for r in rows), "total": len(rows),
+                 "refused": sum("refused" in r for r in rows), "errors": sum("error" in r for r in rows),
+                 "refusals_clean": all(r["refusal_clean"] for r in rows if "refused" in r)}
