@@ -23,9 +23,12 @@ concept, ``"complete": false`` until the sweep ends, so a partial sweep survives
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from sweep import counts, guarded_run, unfinished_line
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
+from sweep import counts, guarded_run, unfinished_line  # noqa: E402
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {

@@ -19,9 +19,12 @@ atomically after every run (``"complete": false`` until the sweep ends).
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from sweep import counts, guarded_run, unfinished_line
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
+from sweep import counts, guarded_run, unfinished_line  # noqa: E402
 
 TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
 
