@@ -81,7 +81,7 @@ class Blocklist(t2i.EmbeddedT2IPipeline):
         return super().encode_prompts(["" if p in self.blocked else p for p in prompts])
 
 
-def int4_box(pipe, steps=300, lr=0.003):
+def int4_box(pipe, steps=120, lr=0.003):
     q = _copy(pipe)
     te = q.text_encoder
     params, boxes = [], []
