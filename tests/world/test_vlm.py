@@ -184,7 +184,18 @@ def test_demo_target_vlm_refusals(tmp_path, capsys):
     assert main(["demo", "--target", "vlm", "--sequential", "--concepts", "Jowen Gormere,Serna Malton",
                  "--out", str(tmp_path / "y")]) == 2
     assert "jointly" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["demo", "--target", "vlm", "--gen-margin", "1.5", "--n-other", "3", "--out", str(tmp_path / "z")]) == 2
+    assert "--n-other, --gen-margin: option(s) of --target sd" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_sd_only_defaults_match_the_parser():
+    """The list of --target sd options the VLM demo refuses holds their parser defaults (else every run refuses)."""
+    from slugkit.cli import build_parser
+    from slugkit.cli.vlm import SD_ONLY
+
+    a = build_parser().parse_args(["demo", "--target", "vlm"])
+    assert {k: getattr(a, k) for k in SD_ONLY} == SD_ONLY
 
 
 @pytest.mark.slow

@@ -20,6 +20,10 @@ def cmd_demo_vlm(a) -> int:
 
     if a.sequential:
         return refuse("--target vlm unlearns --concepts jointly (one edit); --sequential is for the CLIP demo")
+    unused = [k for k, default in SD_ONLY.items() if getattr(a, k, default) != default]
+    if unused:
+        return refuse(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: option(s) of --target sd, which "
+                      "--target vlm does not use (its options: slug demo --help, group '--target vlm')")
     wanted = split_list(a.concepts) if a.concepts else ([a.concept] if a.concept is not None else None)
     if a.audit and wanted and len(wanted) > 1:
         return refuse("--audit audits one concept: run `slug audit --patch RUN` for a single-identity run")
@@ -47,6 +51,12 @@ def cmd_demo_vlm(a) -> int:
             + f" (see {out / 'audit.md'})")
         rc = max(rc, AUDIT_EXIT[res["status"]])
     return rc
+
+
+# `slug demo`'s --target sd options with their defaults: given with --target vlm they would be silently ignored
+SD_ONLY = {"n_target": 50, "n_other": 10, "gen_steps": 20, "guidance": 3.0, "sd_selection": "shift",
+           "no_gen_search": False, "val_other": 1, "n_neighbour": 20, "val_neighbour": 20, "sd_step": "slug",
+           "null_space_energy": None, "null_space_layers": "front", "gen_margin": None, "t2i_model": None}
 
 
 def add_vlm_args(d) -> None:
