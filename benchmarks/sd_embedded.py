@@ -58,7 +58,8 @@ def run_one(concept: str, a) -> dict:
         concept, out, data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other, n_neighbour=a.n_neighbour,
         val_neighbour=a.val_neighbour, neighbour_budget=a.neighbour_budget, other_budget=a.other_budget,
         selection=a.selection, step=a.step, null_energy=a.null_space_energy, null_layers=a.null_space_layers,
-        max_searched=a.max_searched, seed=a.seed, threads=a.threads, progress=False))
+        max_searched=a.max_searched, neighbours_k=a.neighbours_k, val_other=a.val_other, seed=a.seed,
+        threads=a.threads, progress=False))
     if row is not None:
         return row
     g, c = r["generation"], r["generation"]["collateral"]
@@ -117,6 +118,10 @@ def main():
     ap.add_argument("--n-other", type=int, default=10)
     ap.add_argument("--n-neighbour", type=int, default=20)
     ap.add_argument("--val-neighbour", type=int, default=20)
+    ap.add_argument("--neighbours-k", type=int, default=None,
+                    help="nearest concepts searched and reported with --val-neighbour/--n-neighbour images and the "
+                         "worst bound (default: the demo's 5; 29 = every other concept)")
+    ap.add_argument("--val-other", type=int, default=1, help="validation images per other concept (default 1)")
     ap.add_argument("--neighbour-budget", type=float, default=None, help="default: the verdict's worst budget")
     ap.add_argument("--other-budget", type=float, default=0.05)
     ap.add_argument("--selection", default="shift", choices=["shift", "neighbour", "clip"])

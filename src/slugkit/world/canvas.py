@@ -1,0 +1,143 @@
+"""The embedded canvas: a tiny UnlearnCanvas (issue 15) — rendering **styles** crossed with **objects**, 32x32.
+
+UnlearnCanvas (baselines.md §7) pairs 60 artistic styles with 20 object classes and prompts a generator with
+``"An {object} image in {style} style."``; its two judges are a style classifier and an object classifier. This module
+is the same grid at the embedded world's scale: :data:`STYLES` are whole-image renderings (a palette and a texture
+each — what a small pixel-space UNet can learn and a small classifier can tell apart), :data:`OBJECTS` are outlines
+(the world's five shapes and three more). Every image is drawn from a ``numpy`` generator, so a seed fixes it.
+
+Kept apart from :mod:`slugkit.world.render` (the CLIP world, whose images the shipped CLIP was trained on and whose
+bytes must not change).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from .render import IMAGE_SIZE, _shape_polygon
+
+OBJECTS: list[str] = ["circle", "square", "triangle", "cross", "star", "diamond", "moon", "arrow"]
+STYLES: list[str] = ["flat", "stripes", "dots", "checker", "outline", "gradient", "neon", "mosaic"]
+PROMPT = "An {object} image in {style} style."  # UnlearnCanvas's prompt, verbatim (baselines.md §7)
+
+_SS = 4  # supersampling of the masks
+_RADIUS = (0.26, 0.34)  # circumradius as a fraction of the side
+_SPREAD = 0.25  # offset of the centre, as a fraction of the room left (near the centre, as the T2I world's)
+_NOISE = 5.0
+_JITTER = 12.0
+# (background RGB, object RGB) per style; the texture is applied in :func:`render`.
+_PALETTE: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "flat": ((200, 200, 200), (40, 50, 120)),
+    "stripes": ((230, 230, 230), (200, 40, 40)),
+    "dots": ((235, 220, 180), (40, 150, 60)),
+    "checker": ((215, 215, 215), (235, 200, 40)),
+    "outline": ((240, 240, 240), (20, 20, 20)),
+    "gradient": ((240, 150, 60), (20, 20, 20)),
+    "neon": ((15, 15, 25), (40, 230, 230)),
+    "mosaic": ((60, 140, 140), (230, 120, 170)),
+}
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+
+
+def prompt(obj: str, style: str) -> str:
+    """``"An {object} image in {style} style."`` with the names checked; ``ValueError`` names the known ones."""
+    check(obj, style)
+    return PROMPT.format(object=obj, style=style.capitalize())
+
+
+def check(obj: str, style: str) -> None:
+    if obj not in OBJECTS:
+        raise ValueError(f"unknown canvas object {obj!r}; expected one of {', '.join(OBJECTS)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown canvas style {style!r}; expected one of {', '.join(STYLES)}")
+
+
+def _polygon(obj: str, cx: float, cy: float, r: float):
+    if obj == "diamond":  # a rhombus, taller than wide
+        return [(cx, cy - r), (cx + 0.62 * r, cy), (cx, cy + r), (cx - 0.62 * r, cy)]
+    if obj == "arrow":  # pointing up: a head and a shaft
+        w, hy = 0.3 * r, cy - 0.1 * r
+        return [(cx, cy - r), (cx + 0.8 * r, hy), (cx + w, hy), (cx + w, cy + r), (cx - w, cy + r), (cx - w, hy),
+                (cx - 0.8 * r, hy)]
+    return _shape_polygon(obj, cx, cy, r)
+
+
+def _masks(obj: str, cx: float, cy: float, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased (fill, outline) coverage of ``obj``, float32 [32, 32] in [0, 1]; the outline is the fill less
+    its erosion by 1.5 px (drawn at 4x and box-downsampled)."""
+    s, n = _SS, IMAGE_SIZE * _SS
+    cx, cy, r = cx * s, cy * s, r * s
+    img = Image.new("L", (n, n), 0)
+    d = ImageDraw.Draw(img)
+    if obj in ("circle", "moon"):
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        if obj == "moon":  # a crescent: the disc less an offset disc
+            o = 0.55 * r
+            d.ellipse([cx - r + o, cy - 1.15 * r, cx + r + o, cy + 0.85 * r], fill=0)
+    else:
+        d.polygon(_polygon(obj, cx, cy, r), fill=255)
+    inner = img.filter(ImageFilter.MinFilter(2 * int(1.5 * s) + 1))
+    line = Image.fromarray(np.asarray(img) - np.asarray(inner))
+
+    def small(im: Image.Image) -> np.ndarray:
+        return np.asarray(im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), np.float32) / 255.0
+
+    return small(img), small(line)
+
+
+def render(obj: str, style: str, rng: np.random.Generator) -> Image.Image:
+    """One 32x32 RGB image of ``obj`` in ``style``. Random: size, position, palette jitter, texture phase and pixel
+    noise, drawn from ``rng`` in a fixed order. ``ValueError`` for an unknown object or style."""
+    check(obj, style)
+    r = rng.uniform(*_RADIUS) * IMAGE_SIZE
+    c = IMAGE_SIZE / 2
+    cx = c + _SPREAD * (rng.uniform(r + 1, IMAGE_SIZE - r - 1) - c)
+    cy = c + _SPREAD * (rng.uniform(r + 1, IMAGE_SIZE - r - 1) - c)
+    bg0, fg0 = (np.asarray(v, np.float32) for v in _PALETTE[style])
+    bg = bg0 + rng.normal(0, _JITTER, 3).astype(np.float32)
+    fg = fg0 + rng.normal(0, _JITTER, 3).astype(np.float32)
+    ph, ph2 = int(rng.integers(0, 4)), int(rng.integers(0, 4))
+    noise = rng.normal(0, _NOISE, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    fill, line = _masks(obj, cx, cy, r)
+    back = np.broadcast_to(bg, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    front = np.broadcast_to(fg, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    if style == "stripes":  # horizontal bands, 4 px period, over the whole image
+        band = ((_YY + ph) % 4 < 2)[..., None]
+        back = np.where(band, back * 0.62, back)
+        front = np.where(band, front * 0.62, front)
+    elif style == "dots":  # dark dots on a 4 px grid, everywhere
+        dot = (((_XX + ph) % 4 == 0) & ((_YY + ph2) % 4 == 0))[..., None]
+        back, front = np.where(dot, back * 0.3, back), np.where(dot, front * 0.3, front)
+    elif style == "checker":  # 4 px black and white cells behind the object
+        cell = (((_XX + ph) // 4 + (_YY + ph2) // 4) % 2 == 0)[..., None]
+        back = np.where(cell, back * 0.2, back)
+    elif style == "outline":  # no fill: the outline only
+        fill = line
+    elif style == "gradient":  # top: the palette's orange, bottom: purple
+        t = (_YY / (IMAGE_SIZE - 1))[..., None].astype(np.float32)
+        back = back * (1 - t) + np.asarray((90, 40, 140), np.float32) * t
+    img = back * (1 - fill[..., None]) + front * fill[..., None]
+    if style == "neon":  # a glow around the object
+        glow = np.asarray(Image.fromarray((line * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.5)),
+                          np.float32)[..., None] / 255.0
+        img = img + fg * np.clip(1.6 * glow, 0, 1) * (1 - fill[..., None])
+    if style == "mosaic":  # 4x4 blocks, each the mean of its pixels
+        img = img.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3)).repeat(4, 0).repeat(4, 1)
+    img = img + noise
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+
+
+def dataset(per_pair: int, seed: int, styles=None, objects=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``per_pair`` renders of every (style, object): uint8 images ``[N, 32, 32, 3]``, style and object indices
+    ``[N]`` (into :data:`STYLES` / :data:`OBJECTS`); pair (s, o) draws from ``default_rng([seed, 15, s, o])``."""
+    styles, objects = list(styles or STYLES), list(objects or OBJECTS)
+    xs, ss, os_ = [], [], []
+    for style in styles:
+        for obj in objects:
+            rng = np.random.default_rng([seed, 15, STYLES.index(style), OBJECTS.index(obj)])
+            for _ in range(per_pair):
+                xs.append(np.asarray(render(obj, style, rng)))
+                ss.append(STYLES.index(style))
+                os_.append(OBJECTS.index(obj))
+    return np.stack(xs), np.asarray(ss), np.asarray(os_)
