@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slugkit.methods.uce import applied, closed_form, cross_attention_kv, prompt_keys, uce  # noqa: E402
+from slugkit.methods.diffusion import applied  # noqa: E402
+from slugkit.methods.uce import closed_form, cross_attention_kv, prompt_keys, uce  # noqa: E402
 
 
 def _objective(w, w_old, ke, vt, kp, se, sp, lamb):

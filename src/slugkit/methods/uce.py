@@ -21,11 +21,11 @@ Not copied: the older UnlearnCanvas port's padding-position keys (``train_erase.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass, field
 
 import torch
+
+from .diffusion import DiffusionEdit, applied, storage, tokenize
 
 DEFAULT_LAMBDA = 0.5
 DEFAULT_ERASE_SCALE = 1.0
@@ -53,8 +53,7 @@ def prompt_keys(text_encoder: torch.nn.Module, tokenizer, prompts: list[str], ma
     prompts."""
     if not prompts:
         raise ValueError("UCE needs at least one prompt here (got none)")
-    length = max_length or min(getattr(tokenizer, "model_max_length", 77) or 77, 77)
-    enc = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    enc = tokenize(tokenizer, prompts, max_length)
     h = text_encoder(input_ids=enc["input_ids"]).last_hidden_state
     idx = enc["attention_mask"].sum(1) - 2
     return h[torch.arange(h.shape[0]), idx.clamp(min=0)].float()
@@ -84,24 +83,14 @@ def closed_form(w_old: torch.Tensor, k_erase: torch.Tensor, v_target: torch.Tens
         raise ValueError(f"UCE's system is singular (lamb={lamb}); use lamb > 0") from e
 
 
-@dataclass
-class UCEResult:
-    """The edited tensors (``{UNet parameter name: new weight}``, float32 on the CPU), what it cost and its inputs."""
-
-    tensors: dict[str, torch.Tensor]
-    time_s: float
-    storage_bytes: int  # the edited tensors in float32, as a patch would store them
-    info: dict = field(default_factory=dict)
-
-
 def uce(text_encoder, tokenizer, unet, erase: list[str], preserve: list[str] = (), guide: str | list[str] = "", *,
         erase_scale: float = DEFAULT_ERASE_SCALE, preserve_scale: float | None = DEFAULT_PRESERVE_SCALE,
-        lamb: float = DEFAULT_LAMBDA, max_length: int | None = None) -> UCEResult:
+        lamb: float = DEFAULT_LAMBDA, max_length: int | None = None) -> DiffusionEdit:
     """UCE on ``unet`` (module docstring): erase the concepts named by the ``erase`` prompts toward the ``guide``
     prompt(s) (one string for all, or one per erase prompt) while keeping the ``preserve`` prompts' keys. The UNet is
-    **not** modified; apply the result with :func:`applied`. ``preserve_scale=None``: the UnlearnCanvas port's
-    max(0.1, 1/|P|). Raises ``ValueError`` for no erase prompts, a guide list of another length, or a prompt that is
-    also in the preserve set (it would be both erased and kept)."""
+    **not** modified; apply the result with :func:`slugkit.methods.diffusion.applied`. ``preserve_scale=None``: the
+    UnlearnCanvas port's max(0.1, 1/|P|). Raises ``ValueError`` for no erase prompts, a guide list of another
+    length, or a prompt that is also in the preserve set (it would be both erased and kept)."""
     t0 = time.perf_counter()
     erase, preserve = list(erase), list(preserve)
     if not erase:
@@ -120,28 +109,11 @@ def uce(text_encoder, tokenizer, unet, erase: list[str], preserve: list[str] = (
     for name, p in cross_attention_kv(unet).items():
         w = p.detach().float().cpu()
         out[name] = closed_form(w, k_e, k_g @ w.T, k_p, erase_scale, s_p, lamb).contiguous()
-    storage = sum(t.numel() * 4 for t in out.values())
-    return UCEResult(out, time.perf_counter() - t0, storage,
+    return DiffusionEdit(out, time.perf_counter() - t0, storage(out), None,
                      {"erase": erase, "guide": guides, "preserve": len(preserve), "erase_scale": erase_scale,
                       "preserve_scale": s_p, "lamb": lamb, "tensors": len(out),
                       "params": sum(t.numel() for t in out.values())})
 
 
-@contextlib.contextmanager
-def applied(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]):
-    """``tensors`` written into ``unet`` (by parameter name) for the ``with`` block; the exact bytes back on exit.
-    ``KeyError`` names a tensor the UNet does not have."""
-    params = dict(unet.named_parameters())
-    missing = [n for n in tensors if n not in params]
-    if missing:
-        raise KeyError(f"the UNet has no parameter {missing[0]!r} (edit made for another UNet?)")
-    saved = {n: params[n].detach().clone() for n in tensors}
-    try:
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t.to(params[n].dtype))
-        yield unet
-    finally:
-        with torch.no_grad():
-            for n, t in saved.items():
-                params[n].copy_(t)
+__all__ = ["DEFAULT_ERASE_SCALE", "DEFAULT_LAMBDA", "DEFAULT_PRESERVE_SCALE", "applied", "closed_form",
+           "cross_attention_kv", "prompt_keys", "uce"]
