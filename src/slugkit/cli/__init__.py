@@ -22,7 +22,7 @@ import os
 import sys
 
 from ..common.errors import check_device, device_error_hint
-from . import audit, compare, data, patches, run, world
+from . import audit, canvas, compare, data, patches, run, world
 
 __all__ = ["build_parser", "check_device", "device_error_hint", "main"]
 
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parsers(sub)  # curate, grads
     patches.add_parsers(sub)  # apply, revert, eval-sd, inspect, export
     audit.add_parsers(sub)  # audit
-    world.add_parsers(sub)  # world names | train | data | train-t2i
+    world.add_parsers(sub)  # world names | train | data | train-t2i | train-canvas
+    canvas.add_parsers(sub)  # canvas lite
     return p
 
 
@@ -83,6 +84,10 @@ def _dispatch(argv: list[str] | None) -> int:
         from ..world.t2i_train import main as t2i_main
 
         return t2i_main(argv[2:])
+    if argv[:2] == ["world", "train-canvas"]:  # its own argparse (python -m slugkit.world.canvas_train)
+        from ..world.canvas_train import main as canvas_main
+
+        return canvas_main(argv[2:])
     parser = build_parser()
     a = parser.parse_args(argv)
     from ..common.errors import EmptyForgetSetError, ModelLoadError, OutputExistsError, ShardError

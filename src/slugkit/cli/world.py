@@ -69,4 +69,6 @@ def add_parsers(sub) -> None:
     wdd.add_argument("--out", default=None, help="folder to write (default: the cache dir the demos use)")
     wsub.add_parser("train-t2i", add_help=False,
                     help="train the embedded text-to-image UNet (`slug world train-t2i --help` for options)")
+    wsub.add_parser("train-canvas", add_help=False,
+                    help="train the embedded canvas (UNet + style/object judges; `slug world train-canvas --help`)")
     w.set_defaults(func=cmd_world)

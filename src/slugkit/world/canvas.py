@@ -12,7 +12,11 @@ bytes must not change).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from .render import IMAGE_SIZE, _shape_polygon
@@ -141,3 +145,107 @@ def dataset(per_pair: int, seed: int, styles=None, objects=None) -> tuple[np.nda
                 ss.append(STYLES.index(style))
                 os_.append(OBJECTS.index(obj))
     return np.stack(xs), np.asarray(ss), np.asarray(os_)
+
+
+def domain_of(target: str) -> str:
+    """"style" or "object"; ``ValueError`` names the known ones."""
+    if target in STYLES:
+        return "style"
+    if target in OBJECTS:
+        return "object"
+    raise ValueError(f"unknown canvas target {target!r}; styles: {', '.join(STYLES)}; objects: "
+                     f"{', '.join(OBJECTS)}")
+
+
+def target_pairs(target: str) -> list[tuple[str, str]]:
+    """The (style, object) pairs whose prompt names ``target``."""
+    if domain_of(target) == "style":
+        return [(target, o) for o in OBJECTS]
+    return [(s, target) for s in STYLES]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped canvas: generator, judges, answer set
+# ----------------------------------------------------------------------------------------------------------------
+
+CANVAS_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_canvas"
+UNET_FILE, CONFIG_FILE = "unet.safetensors", "canvas_config.json"
+JUDGE_FILES = {"style": "style_judge.safetensors", "object": "object_judge.safetensors"}
+
+
+class CanvasNet(torch.nn.Module):
+    """A judge: 3x3 convolutions 32-32-pool-64-pool-64, global average pooling, a linear head; input ``[N, 3, 32,
+    32]`` in [−1, 1], output logits ``[N, classes]``."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        nn = torch.nn
+        self.f = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                               nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.Linear(64, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+class CanvasJudges:
+    """The benchmark's two classifiers (UnlearnCanvas's style and object ViTs, here :class:`CanvasNet`)."""
+
+    def __init__(self, style: CanvasNet, obj: CanvasNet):
+        self.style, self.object = style.eval(), obj.eval()
+
+    @classmethod
+    def load(cls, canvas_dir: str | os.PathLike | None = None) -> "CanvasJudges":
+        from safetensors.torch import load_file
+
+        d = Path(canvas_dir) if canvas_dir else CANVAS_DIR
+        nets = []
+        for task, n in (("style", len(STYLES)), ("object", len(OBJECTS))):
+            f = d / JUDGE_FILES[task]
+            if not f.is_file():
+                from slugkit.models.base import ModelLoadError
+
+                raise ModelLoadError(f"embedded canvas judge missing: {f}; reinstall slugkit or run "
+                                     f"`slug world train-canvas --out {d}`")
+            net = CanvasNet(n)
+            net.load_state_dict(load_file(str(f)))
+            nets.append(net)
+        return cls(*nets)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``[N, 3, 32, 32]`` (a pipeline's output) → (style indices, object indices), each ``[N]``."""
+        x = images.float().div(127.5).sub(1)
+        return self.style(x).argmax(1).numpy(), self.object(x).argmax(1).numpy()
+
+
+class CanvasPipeline:
+    """The canvas generator: the embedded text-to-image pipeline (:class:`slugkit.world.t2i.EmbeddedT2IPipeline` —
+    the embedded CLIP's text tower, DDIM, classifier-free guidance) around the canvas UNet."""
+
+    @staticmethod
+    def from_parts(unet, clip=None):
+        from .t2i import pipeline_with_unet
+
+        return pipeline_with_unet(unet, clip)
+
+    @staticmethod
+    def load(canvas_dir: str | os.PathLike | None = None, clip=None):
+        """The shipped canvas generator (or the one in ``canvas_dir``); ``ModelLoadError`` names a missing file."""
+        from .t2i import EmbeddedT2IPipeline
+
+        d = Path(canvas_dir) if canvas_dir else CANVAS_DIR
+        return EmbeddedT2IPipeline.load(d, clip, files=(CONFIG_FILE, UNET_FILE),
+                                        hint=f"`slug world train-canvas --out {d}`")
+
+
+def answer_plan(per_pair: int, seed_base: int = 50_000, styles=None, objects=None) -> list[tuple[str, str, str, int]]:
+    """UnlearnCanvas's answer set at this scale: ``(style, object, prompt, seed)`` for ``per_pair`` seeds of every
+    pair (seed = seed_base + 100·pair + i, pair = style index · |objects| + object index)."""
+    out = []
+    for style in styles or STYLES:
+        for obj in objects or OBJECTS:
+            pair = STYLES.index(style) * len(OBJECTS) + OBJECTS.index(obj)
+            out += [(style, obj, prompt(obj, style), seed_base + 100 * pair + i) for i in range(per_pair)]
+    return out

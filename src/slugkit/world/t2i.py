@@ -171,20 +171,22 @@ class EmbeddedT2IPipeline:
         self.scheduler = scheduler or make_scheduler("ddim")
 
     @classmethod
-    def load(cls, t2i_dir: str | os.PathLike | None = None, clip=None) -> "EmbeddedT2IPipeline":
+    def load(cls, t2i_dir: str | os.PathLike | None = None, clip=None,
+             files: tuple[str, str] = (CONFIG_FILE, UNET_FILE), hint: str | None = None) -> "EmbeddedT2IPipeline":
         """The shipped model (or ``t2i_dir``); ``clip``: an ``(hf CLIPModel, tokenizer)`` pair to take the text tower
-        from (default: the embedded CLIP, converted)."""
+        from (default: the embedded CLIP, converted). ``files``: the config and weight file names (the embedded
+        canvas has its own); ``hint``: how to rebuild them, for the error naming a missing file."""
         diffusers = _require_diffusers()
         from safetensors.torch import load_file
 
         d = Path(t2i_dir) if t2i_dir else T2I_DIR
-        cfg_file, w_file = d / CONFIG_FILE, d / UNET_FILE
+        cfg_file, w_file = d / files[0], d / files[1]
         for f in (cfg_file, w_file):
             if not f.is_file():
                 from slugkit.models.base import ModelLoadError
 
                 raise ModelLoadError(f"embedded text-to-image model file missing: {f}; reinstall slugkit or run "
-                                     f"`slug world train-t2i --out {d}`")
+                                     f"{hint or f'`slug world train-t2i --out {d}`'}")
         meta = json.loads(cfg_file.read_text())
         unet = diffusers.UNet2DConditionModel(**meta["unet"])
         unet.load_state_dict(load_file(str(w_file)))

@@ -56,13 +56,27 @@ def _lr(step: int, cfg: T2IConfig) -> float:
 
 
 def train_t2i(cfg: T2IConfig, progress: bool = True, log_every: int = 100,
-              checkpoint: str | os.PathLike | None = None) -> tuple[object, dict]:
-    """Train the UNet; returns ``(ema_unet, info)``. Deterministic for a fixed config (thread count included)."""
+              checkpoint: str | os.PathLike | None = None, data=None, flip: bool = True) -> tuple[object, dict]:
+    """Train the UNet; returns ``(ema_unet, info)``. Deterministic for a fixed config (thread count included).
+
+    ``data``: ``(prompts, images, rows)`` to train on instead of the object world — ``prompts`` every caption in
+    groups of equal size n (one group per class; the null prompt is added here), ``images`` float ``[N, 3, 32, 32]``
+    in [−1, 1], ``rows`` ``[N]`` the index of each image's group (its caption: one of the group's n, drawn per
+    step); the embedded canvas (:mod:`slugkit.world.canvas_train`) passes n = 1. ``flip``: random horizontal flips."""
     with _num_threads(cfg.threads):
-        return _train(cfg, progress, log_every, checkpoint)
+        return _train(cfg, progress, log_every, checkpoint, data, flip)
 
 
-def _train(cfg: T2IConfig, progress: bool, log_every: int, checkpoint) -> tuple[object, dict]:
+def _object_data(cfg: T2IConfig):
+    """The object world's captions (30 classes x 8 templates) and plain renders."""
+    caps = [world.utility_caption(c, j) for c in world.UTILITY_CLASSES
+            for j in range(len(world.UTILITY_CAPTION_TEMPLATES))]
+    x_all, y_all = _train_data(cfg.train_per_class, cfg.seed)
+    return caps, x_all, y_all
+
+
+def _train(cfg: T2IConfig, progress: bool, log_every: int, checkpoint, data=None, flip: bool = True
+           ) -> tuple[object, dict]:
     diffusers = _require_diffusers()
     from tqdm.auto import tqdm
 
@@ -73,16 +87,14 @@ def _train(cfg: T2IConfig, progress: bool, log_every: int, checkpoint) -> tuple[
     hf, tok, _ = embedded_hf_clip()
     te = hf.text_model.eval()
     width = hf.config.text_config.hidden_size
-    # Every caption the training can show: 30 classes x 8 templates, plus the null prompt (index -1).
-    caps = [[world.utility_caption(c, j) for j in range(len(world.UTILITY_CAPTION_TEMPLATES))]
-            for c in world.UTILITY_CLASSES]
-    flat = [p for row in caps for p in row] + [""]
+    caps, x_all, y_all = data if data is not None else _object_data(cfg)
+    n_t = len(caps) // (int(y_all.max()) + 1)  # captions per class
+    # Every caption the training can show, plus the null prompt (index -1).
+    flat = list(caps) + [""]
     with torch.no_grad():
         ids = tok(flat, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
                   return_tensors="pt")["input_ids"]
-        states = te(input_ids=ids).last_hidden_state  # [241, ctx, width]
-    n_t = len(world.UTILITY_CAPTION_TEMPLATES)
-    x_all, y_all = _train_data(cfg.train_per_class, cfg.seed)
+        states = te(input_ids=ids).last_hidden_state  # [241, ctx, width] for the object world
     t_data = time.time() - t0
 
     torch.manual_seed(cfg.seed)
@@ -110,8 +122,9 @@ def _train(cfg: T2IConfig, progress: bool, log_every: int, checkpoint) -> tuple[
             break
         idx = torch.randint(len(x_all), (cfg.batch_size,), generator=g)
         x0 = x_all[idx]
-        flip = torch.rand(cfg.batch_size, generator=g) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        flips = torch.rand(cfg.batch_size, generator=g) < 0.5  # drawn either way: one stream of random numbers
+        if flip:
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
         tmpl = torch.randint(n_t, (cfg.batch_size,), generator=g)
         cap = y_all[idx] * n_t + tmpl
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout

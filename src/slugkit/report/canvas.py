@@ -1,0 +1,97 @@
+"""The ``slug canvas lite`` report: UnlearnCanvas's table (one row per method) as markdown and a plot; the JSON is
+written beside it by the workflow."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from ..common.files import atomic_write_bytes
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def render_canvas(report: dict) -> str:
+    """Markdown: the method table (style UA/IRA/CRA, object UA/IRA/CRA in %, time, peak memory, storage), the
+    worst target per method and domain, the cost ratios against SLUG, then every row."""
+    o = report["options"]
+    lines = ["# UnlearnCanvas on the embedded canvas (`slug canvas lite`)", "",
+             f"Answer set: {o['per_pair']} image(s) per (style, object) pair, DDIM 20 steps, seeds fixed and shared "
+             f"by every method; base model: style accuracy {_pct(report['base']['style_accuracy'])} %, object "
+             f"accuracy {_pct(report['base']['object_accuracy'])} %. Targets: {', '.join(o['targets'])}.", "",
+             "| method | targets (refused) | style UA | style IRA | style CRA | object UA | object IRA | object CRA "
+             "| time (s, mean) | slowest (s) | peak memory | storage |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in report["methods"].items():
+        s, ob = r.get("style", {}), r.get("object", {})
+        slow = r.get("slowest")
+        slowest = "—" if not slow else f"{slow['time_s']:.1f} ({slow['target']})"
+        lines.append(f"| {m} | {r['targets']} ({r['refused']}) | {_pct(s.get('ua'))} | {_pct(s.get('ira'))} | "
+                     f"{_pct(s.get('cra'))} | {_pct(ob.get('ua'))} | {_pct(ob.get('ira'))} | {_pct(ob.get('cra'))} | "
+                     f"{r.get('time_s', float('nan')):.2f} | "
+                     f"{slowest} | "
+                     f"{_bytes(r.get('peak_mem_bytes'))} | {_bytes(r.get('storage_bytes'))} |")
+    lines += ["", "Worst target by in-domain retention (IRA):", ""]
+    for m, r in report["methods"].items():
+        for dom in ("style", "object"):
+            if dom in r:
+                w = r[dom]["worst_ira"]
+                lines.append(f"- {m}, {dom}: {w['target']} (IRA {_pct(w['ira'])} %)")
+    ratios = report.get("ratios") or {}
+    if ratios:
+        lines += ["", "Cost against SLUG (the paper: ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 GB : 4.0 GB : "
+                      "0.04 GB):", ""]
+        for m, r in ratios.items():
+            lines.append(f"- {m}: time × {r['time']:.1f}, storage × {r['storage']:.1f} of SLUG's")
+    lines += ["", "## Every run", "", "| method | target | UA | IRA | CRA | time (s) | storage | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        note = ("refused: " + r["refused"][:120]) if r.get("refused") else \
+            (f"layer {r['info'].get('layer')}" if r["method"] == "slug" else "")
+        took = "—" if r["time_s"] is None else f"{r['time_s']:.2f}"
+        lines.append(f"| {r['method']} | {r['target']} | {_pct(r['ua'])} | {_pct(r['ira'])} | {_pct(r['cra'])} | "
+                     f"{took} | {_bytes(r['storage_bytes'])} | "
+                     f"{note} |")
+    lines += ["", "![UA against IRA](canvas.png)", ""]
+    return "\n".join(lines)
+
+
+def canvas_plot(report: dict, path: str | Path) -> None:
+    """UA against IRA per run (one colour per method; circles styles, squares objects), the unedited model as a
+    black cross per domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for i, m in enumerate(report["methods"]):
+        for dom, mk in (("style", "o"), ("object", "s")):
+            pts = [(r["ira"], r["ua"]) for r in report["rows"] if r["method"] == m and r["domain"] == dom]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, mk, color=f"C{i}", alpha=0.8, label=f"{m} ({dom})")
+    ax.set_xlabel("IRA: in-domain retention (higher is better)")
+    ax.set_ylabel("UA: unlearning accuracy (higher is better)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Embedded canvas: every unlearning run")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())

@@ -1,0 +1,89 @@
+"""`slug canvas lite` on a tiny canvas stand-in (a UNet trained two steps, judges at random init, saved in the shipped
+layout): every method runs through the protocol, the JSON carries the table's columns and the costs, UA/IRA/CRA follow
+their definitions on a constructed answer set, and bad options are refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slugkit.cli import main
+from slugkit.world import canvas
+from slugkit.workflows.canvas_lite import AnswerSet, choose_targets, run_canvas_lite
+
+
+@pytest.fixture(scope="module")
+def tiny_canvas(tmp_path_factory):
+    from slugkit.common.files import atomic_write_bytes
+    from slugkit.world.canvas_train import _net_bytes, canvas_data
+    from slugkit.world.t2i import T2IConfig
+    from slugkit.world.t2i_train import _unet_bytes, train_t2i
+
+    d = tmp_path_factory.mktemp("canvas")
+    cfg = T2IConfig(steps=10, stop_at=2, batch_size=4, block_out_channels=(8, 16, 16), norm_num_groups=4, threads=1)
+    unet, _ = train_t2i(cfg, progress=False, data=canvas_data(1, 0), flip=False)
+    atomic_write_bytes(d / canvas.UNET_FILE, _unet_bytes(unet))
+    meta = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in
+                     cfg.unet_kwargs(unet.config.cross_attention_dim).items()}}
+    (d / canvas.CONFIG_FILE).write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    for task, n in (("style", 8), ("object", 8)):
+        atomic_write_bytes(d / canvas.JUDGE_FILES[task], _net_bytes(canvas.CanvasNet(n)))
+    return d
+
+
+def test_scores_follow_the_definitions():
+    # 2 styles x 2 objects shown, the style judge right except on one "neon" image, the object judge always wrong
+    s = np.array([6, 6, 0, 0])  # neon, neon, flat, flat
+    o = np.array([0, 1, 0, 1])
+    a = AnswerSet(s, o, pred_style=np.array([6, 0, 0, 0]), pred_object=np.array([1, 0, 1, 0]))
+    sc = a.scores("neon")
+    assert sc["ua"] == pytest.approx(0.5) and sc["domain"] == "style"
+    # IRA averages the other styles that have images (flat: 1.0)
+    assert sc["ira"] == pytest.approx(1.0)
+    assert sc["cra"] == 0.0
+    ob = a.scores("circle")
+    assert ob["ua"] == 1.0 and ob["cra"] == pytest.approx(0.75)
+
+
+def test_choose_targets():
+    assert choose_targets(None, 2) == ["flat", "stripes", "circle", "square"]
+    assert choose_targets(["moon", "neon", "moon"], None) == ["moon", "neon"]
+    with pytest.raises(ValueError, match="unknown canvas target 'cubism'"):
+        choose_targets(["cubism"], None)
+
+
+def test_every_method_runs_the_protocol(tiny_canvas):
+    fast = {"esd": {"iterations": 2, "ddim_steps": 3}, "salun": {"steps": 2, "per_pair": 1},
+            "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1}}
+    r = run_canvas_lite(["slug", "esd", "salun", "uce"], ["neon"], per_pair=1, canvas_dir=tiny_canvas,
+                        progress=False, settings=fast)
+    assert [(x["method"], x["target"]) for x in r["rows"]] == [(m, "neon") for m in ("slug", "esd", "salun", "uce")]
+    for m in ("slug", "esd", "salun", "uce"):
+        rec = r["methods"][m]
+        assert rec["targets"] == 1 and set(rec["style"]) >= {"ua", "ira", "cra", "worst_ira"}
+        row = next(x for x in r["rows"] if x["method"] == m)
+        if not row.get("refused"):
+            assert rec["time_s"] > 0 and rec["storage_bytes"] > 0 and rec["peak_mem_bytes"] >= 0
+    uce = next(x for x in r["rows"] if x["method"] == "uce")
+    assert uce["module"] == "unet" and uce["info"]["preserve_scale"] == pytest.approx(0.1)  # max(0.1, 1/56)
+    assert r["options"]["settings"]["esd"]["iterations"] == 2 and r["base"]["answer_set_images"] == 64
+
+
+def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsys):
+    out = tmp_path / "lite"
+    rc = main(["canvas", "lite", "--methods", "uce", "--targets", "moon", "--per-pair", "1", "--canvas-model",
+               str(tiny_canvas), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rep = json.loads((out / "canvas.json").read_text())
+    assert rep["methods"]["uce"]["object"]["ua"] >= 0 and (out / "canvas.png").stat().st_size > 1000
+    assert "| uce | 1 (0) |" in (out / "canvas.md").read_text()
+    assert main(["canvas", "lite", "--methods", "uce,sgd", "--out", str(tmp_path / "x")]) == 2
+    assert main(["canvas", "lite", "--targets", "moon", "--max-targets", "2", "--out", str(tmp_path / "x")]) == 2
+    assert main(["canvas", "lite", "--targets", "cubism", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown 'cubism'" in err and "choose from slug, esd, salun, uce" in err
+    assert not (tmp_path / "x").exists()
+    assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "y")]) == 2
