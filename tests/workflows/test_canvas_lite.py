@@ -87,3 +87,14 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     assert not (tmp_path / "x").exists()
     assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(tmp_path / "none"), "--out",
                  str(tmp_path / "y")]) == 2
+
+
+def test_cost_ratios_against_slug():
+    from slugkit.workflows.canvas_lite import ratios, row_line
+
+    table = {"slug": {"time_s": 2.0, "storage_bytes": 100}, "esd": {"time_s": 50.0, "storage_bytes": 10_000},
+             "uce": {"time_s": 0.1, "storage_bytes": 400}, "salun": {"refused": 1}}
+    assert ratios(table) == {"esd": {"time": 25.0, "storage": 100.0}, "uce": {"time": 0.05, "storage": 4.0}}
+    assert ratios({"esd": {"time_s": 1.0, "storage_bytes": 1}}) == {}
+    assert row_line({"method": "slug", "target": "neon", "ua": 1, "ira": 0.5, "cra": 0.25, "time_s": 3.0}).endswith(
+        "UA 1.00 IRA 0.50 CRA 0.25  3.0 s")

@@ -17,7 +17,7 @@ def cmd_canvas(a) -> int:
     from ..common.runfolder import run_folder
     from ..report.canvas import canvas_plot, render_canvas
     from ..world import canvas
-    from ..workflows.canvas_lite import METHODS, run_canvas_lite
+    from ..workflows.canvas_lite import METHODS, row_line, run_canvas_lite
 
     methods = split_list(a.methods)
     bad = [m for m in methods if m not in METHODS]
@@ -34,17 +34,10 @@ def cmd_canvas(a) -> int:
 
     def line(row):
         if not a.no_progress:
-            cost = "refused" if row.get("refused") else f"{row['time_s']:.1f} s"
-            print(f"{row['method']:6s} {row['target']:9s} UA {row['ua']:.2f} IRA {row['ira']:.2f} "
-                  f"CRA {row['cra']:.2f}  {cost}", flush=True)
+            print(row_line(row), flush=True)
 
     report = run_canvas_lite(methods, targets, a.max_targets, a.per_pair, a.canvas_model, a.seed, a.threads,
                              progress=not a.no_progress, on_row=line)
-    slug = report["methods"].get("slug", {})
-    if slug.get("time_s"):
-        report["ratios"] = {m: {"time": r["time_s"] / slug["time_s"],
-                                "storage": r["storage_bytes"] / max(slug["storage_bytes"], 1)}
-                            for m, r in report["methods"].items() if m != "slug" and r.get("time_s")}
     with run_folder(a.out, a.overwrite, marker="canvas.json") as stage:
         write_json(stage / "canvas.json", report)
         atomic_write_bytes(stage / "canvas.md", render_canvas(report).encode())

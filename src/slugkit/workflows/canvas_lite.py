@@ -205,7 +205,8 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
                     on_row(row)
     finally:
         torch.set_num_threads(n_threads)
-    return {"rows": rows, "methods": summarise(rows, methods),
+    table = summarise(rows, methods)
+    return {"rows": rows, "methods": table, "ratios": ratios(table),
             "base": {"per_pair": per_pair, "answer_set_images": len(base.styles), "generation_s": base_s,
                      "style_accuracy": float((base.pred_style == base.styles).mean()),
                      "object_accuracy": float((base.pred_object == base.objects).mean())},
@@ -238,5 +239,22 @@ def summarise(rows: list[dict], methods) -> dict:
     return out
 
 
+def ratios(methods: dict) -> dict:
+    """Per baseline, its mean time and storage over SLUG's (the paper's 6163 : 667 : 39 s comparison); empty
+    without a timed SLUG."""
+    s = methods.get("slug", {})
+    if not s.get("time_s"):
+        return {}
+    return {m: {"time": r["time_s"] / s["time_s"], "storage": r["storage_bytes"] / max(s["storage_bytes"], 1)}
+            for m, r in methods.items() if m != "slug" and r.get("time_s")}
+
+
+def row_line(row: dict) -> str:
+    """One progress line per run: method, target, UA/IRA/CRA, time (or "refused")."""
+    cost = "refused" if row.get("refused") else f"{row['time_s']:.1f} s"
+    return (f"{row['method']:6s} {row['target']:9s} UA {row['ua']:.2f} IRA {row['ira']:.2f} CRA {row['cra']:.2f}  "
+            f"{cost}")
+
+
 __all__ = ["AnswerSet", "BASELINE_SETTINGS", "METHODS", "answer_set", "choose_targets", "domain_of", "renders",
-           "run_canvas_lite", "summarise", "target_pairs", "unlearn"]
+           "ratios", "row_line", "run_canvas_lite", "summarise", "target_pairs", "unlearn"]

@@ -1,0 +1,72 @@
+"""UnlearnCanvas on the embedded canvas, every method side by side in one run, and issue 15's efficiency checks.
+
+    python benchmarks/canvas_embedded.py [--max-targets 4 | --targets neon,moon] [--methods slug,esd,salun,uce]
+                                         [--per-pair 2] [--json results.json] [--threads 1]
+
+Runs :func:`slugkit.workflows.canvas_lite.run_canvas_lite` (the same code as ``slug canvas lite``), prints the table
+and, from this one run, the ratios the paper reports (ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 : 4.0 :
+0.04 GB) with the checks:
+
+* SLUG's mean time <= 1/10 of ESD's and <= 1/5 of SalUn's;
+* SLUG's style UA within 10 points of each of theirs;
+* SLUG's storage <= 1/50 of theirs.
+
+Times are per unlearning (the unlearning procedure alone, not the answer-set generation), on this machine's CPU with
+the given threads; the slowest target is printed next to each mean.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def checks(methods: dict) -> dict:
+    s = methods.get("slug", {})
+    out = {}
+    for m, limit in (("esd", 10), ("salun", 5)):
+        r = methods.get(m)
+        if not r or not s.get("time_s") or not r.get("time_s"):
+            continue
+        out[f"time slug <= 1/{limit} {m}"] = s["time_s"] * limit <= r["time_s"]
+        if "style" in s and "style" in r:
+            out[f"style UA slug within 10 pts of {m}"] = abs(s["style"]["ua"] - r["style"]["ua"]) <= 0.10 + 1e-9
+        out[f"storage slug <= 1/50 {m}"] = s["storage_bytes"] * 50 <= r["storage_bytes"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="slug,esd,salun,uce")
+    ap.add_argument("--targets", default=None)
+    ap.add_argument("--max-targets", type=int, default=2)
+    ap.add_argument("--per-pair", type=int, default=2)
+    ap.add_argument("--canvas-model", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    from slugkit.common.files import write_json
+    from slugkit.report.canvas import render_canvas
+    from slugkit.workflows.canvas_lite import row_line, run_canvas_lite
+
+    t0 = time.perf_counter()
+    targets = [t.strip() for t in a.targets.split(",")] if a.targets else None
+    rep = run_canvas_lite([m.strip() for m in a.methods.split(",")], targets, None if targets else a.max_targets,
+                          a.per_pair, a.canvas_model, a.seed, a.threads, progress=False,
+                          on_row=lambda r: print(row_line(r), flush=True))
+    rep["checks"] = checks(rep["methods"])
+    rep["wall_s"] = time.perf_counter() - t0
+    print(render_canvas(rep).split("\n## Every run")[0])
+    for k, v in rep["checks"].items():
+        print(f"{'PASS' if v else 'FAIL'}  {k}")
+    print(f"wall {rep['wall_s']:.0f} s")
+    if a.json:
+        write_json(Path(a.json), rep)
+    return 0 if rep["checks"] and all(rep["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
