@@ -56,9 +56,9 @@ def test_choose_targets():
 
 def test_every_method_runs_the_protocol(tiny_canvas):
     fast = {"esd": {"iterations": 2, "ddim_steps": 3}, "salun": {"steps": 2, "per_pair": 1},
-            "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1}}
+            "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1, "sampling_steps": 3}}
     r = run_canvas_lite(["slug", "esd", "salun", "uce"], ["neon"], per_pair=1, canvas_dir=tiny_canvas,
-                        progress=False, settings=fast)
+                        progress=False, settings=fast, steps=3)
     assert [(x["method"], x["target"]) for x in r["rows"]] == [(m, "neon") for m in ("slug", "esd", "salun", "uce")]
     for m in ("slug", "esd", "salun", "uce"):
         rec = r["methods"][m]
@@ -73,7 +73,8 @@ def test_every_method_runs_the_protocol(tiny_canvas):
 
 def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsys):
     out = tmp_path / "lite"
-    rc = main(["canvas", "lite", "--methods", "uce", "--targets", "moon", "--per-pair", "1", "--canvas-model",
+    rc = main(["canvas", "lite", "--methods", "uce", "--targets", "moon", "--per-pair", "1", "--sampling-steps", "3",
+               "--canvas-model",
                str(tiny_canvas), "--out", str(out), "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "canvas.json").read_text())

@@ -37,7 +37,8 @@ def cmd_canvas(a) -> int:
             print(row_line(row), flush=True)
 
     report = run_canvas_lite(methods, targets, a.max_targets, a.per_pair, a.canvas_model, a.seed, a.threads,
-                             progress=not a.no_progress, on_row=line)
+                             progress=not a.no_progress, on_row=line, steps=a.sampling_steps,
+                             settings={"slug": {"sampling_steps": a.sampling_steps}})
     with run_folder(a.out, a.overwrite, marker="canvas.json") as stage:
         write_json(stage / "canvas.json", report)
         atomic_write_bytes(stage / "canvas.md", render_canvas(report).encode())
@@ -56,6 +57,8 @@ def add_parsers(sub) -> None:
     lite.add_argument("--max-targets", type=COUNT, default=None, help="at most N styles and N objects")
     lite.add_argument("--per-pair", type=COUNT, default=2,
                       help="answer-set images per (style, object) pair (default 2: 128 images per model)")
+    lite.add_argument("--sampling-steps", type=COUNT, default=20,
+                      help="DDIM steps of every generated image (answer set and SLUG's validation; default 20)")
     lite.add_argument("--canvas-model", default=None, help="folder from `slug world train-canvas` (default: shipped)")
     lite.add_argument("--out", required=True, help="folder to write")
     lite.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -80,10 +80,11 @@ class AnswerSet:
                 "worst_other": min(((v, n) for n, v in per.items() if n != target))[1], "domain": dom, "k": k}
 
 
-def answer_set(pipe, judges, per_pair: int, seed_base: int = 50_000, keep_images: bool = False) -> AnswerSet:
-    """Generate and judge the answer set (module docstring)."""
+def answer_set(pipe, judges, per_pair: int, seed_base: int = 50_000, keep_images: bool = False,
+               steps: int = 20) -> AnswerSet:
+    """Generate (DDIM ``steps``) and judge the answer set (module docstring)."""
     plan = canvas.answer_plan(per_pair, seed_base)
-    imgs = pipe([p for _, _, p, _ in plan], [s for *_, s in plan], steps=20)
+    imgs = pipe([p for _, _, p, _ in plan], [s for *_, s in plan], steps=steps)
     ps, po = judges.predict(imgs)
     return AnswerSet(np.array([canvas.STYLES.index(s) for s, *_ in plan]),
                      np.array([canvas.OBJECTS.index(o) for _, o, *_ in plan]), ps, po,
@@ -161,10 +162,11 @@ def choose_targets(targets: list[str] | None, max_targets: int | None) -> list[s
 
 def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targets: int | None = None,
                     per_pair: int = 2, canvas_dir=None, seed: int = 0, threads: int | None = 1,
-                    progress: bool = True, on_row=None, settings: dict | None = None) -> dict:
+                    progress: bool = True, on_row=None, settings: dict | None = None, steps: int = 20) -> dict:
     """Every method on every target (module docstring); returns ``{"rows", "methods", "base", "options"}``. A SLUG
     run whose search finds no step is recorded as ``refused`` (no edit: it scores as the unedited model) and the
-    methods' averages count it. ``on_row(row)`` is called after each row (progress lines)."""
+    methods' averages count it. ``on_row(row)`` is called after each row (progress lines); ``steps``: DDIM steps of the
+    answer set (20; fewer only to test the plumbing)."""
     from ..common.progress import status
     from ..methods.diffusion import applied
     from ..slug.search import SearchFailed
@@ -181,7 +183,7 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
         ctx = _context(canvas_dir)
         pipe, judges = ctx[1], ctx[3]
         t = time.perf_counter()
-        base = answer_set(pipe, judges, per_pair)
+        base = answer_set(pipe, judges, per_pair, steps=steps)
         base_s = time.perf_counter() - t
         rows = []
         for target in chosen:
@@ -196,7 +198,7 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
                     row.update(refused=str(e), **row["base"], time_s=None, peak_mem_bytes=None, storage_bytes=0)
                 else:
                     with applied(getattr(pipe, module), edit.tensors):
-                        sc = answer_set(pipe, judges, per_pair).scores(target)
+                        sc = answer_set(pipe, judges, per_pair, steps=steps).scores(target)
                     row.update({k: sc[k] for k in ("ua", "ira", "cra", "worst_other")}, module=module,
                                time_s=edit.time_s, peak_mem_bytes=pm.bytes, storage_bytes=edit.storage_bytes,
                                info={k: v for k, v in edit.info.items() if k not in ("log", "search")})
@@ -211,6 +213,7 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
                      "style_accuracy": float((base.pred_style == base.styles).mean()),
                      "object_accuracy": float((base.pred_object == base.objects).mean())},
             "options": {"methods": list(methods), "targets": chosen, "per_pair": per_pair, "seed": seed,
+                        "sampling_steps": steps,
                         "threads": threads,
                         "settings": {m: {**v, **(settings or {}).get(m, {})} for m, v in BASELINE_SETTINGS.items()}}}
 

@@ -84,11 +84,11 @@ def validation_plan(target: str, val_target: int = VAL_TARGET, val_other: int = 
 
 def slug_canvas(target: str, pipe, judges, adapter, mapping: dict[str, str], *, threshold: float = 0.0,
                 ira_budget: float = IRA_BUDGET, val_target: int = VAL_TARGET, val_other: int = VAL_OTHER,
-                search_steps: int = 8, max_searched: int | None = 4, seed: int = 0,
+                search_steps: int = 8, max_searched: int | None = 4, seed: int = 0, sampling_steps: int = 20,
                 progress: bool = False) -> DiffusionEdit:
     """SLUG on the canvas for ``target`` (module docstring). ``adapter``: the embedded CLIP as an HF adapter,
     restricted to the text layers the generator consumes; ``mapping``: adapter tensor name → ``pipe.text_encoder``
-    name."""
+    name; ``sampling_steps``: DDIM steps of the validation images."""
     from .vlm_demo import vlm_layer_order
 
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def slug_canvas(target: str, pipe, judges, adapter, mapping: dict[str, str], *, 
 
     def score(group, eta):
         with edited_consumer(pipe.text_encoder, mapping, adapter.model, grads.forget, group, eta):
-            imgs = pipe([p for _, _, p, _ in plan], [s for *_, s in plan], steps=20)
+            imgs = pipe([p for _, _, p, _ in plan], [s for *_, s in plan], steps=sampling_steps)
         ps, po = judges.predict(imgs)
         pred = ps if dom == "style" else po
         hit = pred == truth
