@@ -82,3 +82,15 @@ def test_canvas_training_is_deterministic_and_judges_learn(tmp_path):
     assert info["accuracy"] > 0.5 and set(info["per_class"]) == set(canvas.STYLES)
     with pytest.raises(ValueError, match="unknown judge task"):
         train_judge("colour")
+
+
+
+def test_unshipped_canvas_says_how_to_get_one(monkeypatch, tmp_path):
+    from slugkit.models.base import ModelLoadError
+
+    monkeypatch.setattr(canvas, "CANVAS_DIR", tmp_path / "absent")
+    for load in (canvas.CanvasJudges.load, canvas.CanvasPipeline.load):
+        with pytest.raises(ModelLoadError, match="not shipped yet.*slug world train-canvas --out DIR"):
+            load()
+    with pytest.raises(ModelLoadError, match="canvas_config.json.*slug world train-canvas --out"):
+        canvas.CanvasPipeline.load(tmp_path)

@@ -171,6 +171,17 @@ def target_pairs(target: str) -> list[tuple[str, str]]:
 CANVAS_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_canvas"
 UNET_FILE, CONFIG_FILE = "unet.safetensors", "canvas_config.json"
 JUDGE_FILES = {"style": "style_judge.safetensors", "object": "object_judge.safetensors"}
+NOT_SHIPPED = ("the embedded canvas is not shipped yet (issue 15: the 1 M-parameter UNet trained so far draws the "
+               "asked style in only ~31 % of its images); train one with `slug world train-canvas --out DIR` (~40 "
+               "min on one core) and pass --canvas-model DIR")
+
+
+def _require_shipped(canvas_dir) -> None:
+    """``ModelLoadError`` (:data:`NOT_SHIPPED`) when no folder is given and the package holds no canvas."""
+    if canvas_dir is None and not (CANVAS_DIR / CONFIG_FILE).is_file():
+        from slugkit.models.base import ModelLoadError
+
+        raise ModelLoadError(NOT_SHIPPED)
 
 
 class CanvasNet(torch.nn.Module):
@@ -199,6 +210,7 @@ class CanvasJudges:
     def load(cls, canvas_dir: str | os.PathLike | None = None) -> "CanvasJudges":
         from safetensors.torch import load_file
 
+        _require_shipped(canvas_dir)
         d = Path(canvas_dir) if canvas_dir else CANVAS_DIR
         nets = []
         for task, n in (("style", len(STYLES)), ("object", len(OBJECTS))):
@@ -235,6 +247,7 @@ class CanvasPipeline:
         """The shipped canvas generator (or the one in ``canvas_dir``); ``ModelLoadError`` names a missing file."""
         from .t2i import EmbeddedT2IPipeline
 
+        _require_shipped(canvas_dir)
         d = Path(canvas_dir) if canvas_dir else CANVAS_DIR
         return EmbeddedT2IPipeline.load(d, clip, files=(CONFIG_FILE, UNET_FILE),
                                         hint=f"`slug world train-canvas --out {d}`")
