@@ -80,14 +80,20 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     rep = json.loads((out / "canvas.json").read_text())
     assert rep["methods"]["uce"]["object"]["ua"] >= 0 and (out / "canvas.png").stat().st_size > 1000
     assert "| uce | 1 (0) |" in (out / "canvas.md").read_text()
-    assert main(["canvas", "lite", "--methods", "uce,sgd", "--out", str(tmp_path / "x")]) == 2
+    assert main(["canvas", "lite", "--methods", "uce,sgd", "--out", str(tmp_path / "x")]) == 2  # names sgd
     assert main(["canvas", "lite", "--targets", "moon", "--max-targets", "2", "--out", str(tmp_path / "x")]) == 2
     assert main(["canvas", "lite", "--targets", "cubism", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "unknown 'cubism'" in err and "choose from slug, esd, salun, uce" in err
+    assert "unknown 'cubism'" in err and "--methods: unknown 'sgd'; choose from slug, esd, salun, uce" in err
     assert not (tmp_path / "x").exists()
     assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(tmp_path / "none"), "--out",
                  str(tmp_path / "y")]) == 2
+    assert "not a complete canvas model" in capsys.readouterr().err
+    # an existing run is refused before any work (no generation, no unlearning)
+    assert main(["canvas", "lite", "--methods", "slug", "--targets", "moon", "--canvas-model", str(tmp_path / "none"),
+                 "--out", str(out)]) == 2
+    assert "already holds a run (canvas.json present)" in capsys.readouterr().err
+    assert "DDIM 3 steps" in (out / "canvas.md").read_text()
 
 
 def test_cost_ratios_against_slug():

@@ -92,5 +92,22 @@ def test_unshipped_canvas_says_how_to_get_one(monkeypatch, tmp_path):
     for load in (canvas.CanvasJudges.load, canvas.CanvasPipeline.load):
         with pytest.raises(ModelLoadError, match="not shipped yet.*slug world train-canvas --out DIR"):
             load()
-    with pytest.raises(ModelLoadError, match="canvas_config.json.*slug world train-canvas --out"):
+    with pytest.raises(ModelLoadError, match="canvas_config.json is missing.*not a complete canvas model"):
         canvas.CanvasPipeline.load(tmp_path)
+    with pytest.raises(ModelLoadError, match="style_judge.safetensors is missing.*--canvas-model DIR"):
+        canvas.CanvasJudges.load(tmp_path)
+
+
+def test_train_canvas_refuses_bad_options(tmp_path, capsys):
+    from slugkit.cli import main
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "file").write_text("")
+    for args, msg in ((["--out", str(tmp_path / "full")], "is not empty; pass --overwrite"),
+                      (["--out", str(tmp_path / "file")], "exists and is not a folder"),
+                      (["--out", str(tmp_path / "new"), "--steps", "0"], "--steps must be >= 1, got 0"),
+                      (["--out", str(tmp_path / "new"), "--per-pair", "0"], "--per-pair must be >= 1")):
+        assert main(["world", "train-canvas", *args]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

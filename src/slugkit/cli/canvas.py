@@ -22,7 +22,7 @@ def cmd_canvas(a) -> int:
     methods = split_list(a.methods)
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
-        return refuse(f"--methods {a.methods!r}: choose from {', '.join(METHODS)}")
+        return refuse(f"--methods: unknown {bad[0] if bad else a.methods!r}; choose from {', '.join(METHODS)}")
     targets = split_list(a.targets) if a.targets else None
     if targets:
         unknown = [t for t in targets if t not in canvas.STYLES + canvas.OBJECTS]
@@ -31,6 +31,10 @@ def cmd_canvas(a) -> int:
                           f"{', '.join(canvas.OBJECTS)}")
     if targets and a.max_targets is not None:
         return refuse("--targets and --max-targets exclude each other")
+
+    from ..common.outlock import claim_out
+
+    claim_out(a.out, a.overwrite, "canvas.json")  # an existing run is refused now, not after hours of work
 
     def line(row):
         if not a.no_progress:
@@ -59,7 +63,8 @@ def add_parsers(sub) -> None:
                       help="answer-set images per (style, object) pair (default 2: 128 images per model)")
     lite.add_argument("--sampling-steps", type=COUNT, default=20,
                       help="DDIM steps of every generated image (answer set and SLUG's validation; default 20)")
-    lite.add_argument("--canvas-model", default=None, help="folder from `slug world train-canvas` (default: shipped)")
+    lite.add_argument("--canvas-model", default=None,
+                      help="folder written by `slug world train-canvas` (needed: no canvas is shipped yet)")
     lite.add_argument("--out", required=True, help="folder to write")
     lite.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     lite.add_argument("--seed", type=int, default=0)

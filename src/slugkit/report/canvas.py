@@ -28,7 +28,8 @@ def render_canvas(report: dict) -> str:
     worst target per method and domain, the cost ratios against SLUG, then every row."""
     o = report["options"]
     lines = ["# UnlearnCanvas on the embedded canvas (`slug canvas lite`)", "",
-             f"Answer set: {o['per_pair']} image(s) per (style, object) pair, DDIM 20 steps, seeds fixed and shared "
+             f"Answer set: {o['per_pair']} image(s) per (style, object) pair, DDIM {o.get('sampling_steps', 20)} "
+             "steps, seeds fixed and shared "
              f"by every method; base model: style accuracy {_pct(report['base']['style_accuracy'])} %, object "
              f"accuracy {_pct(report['base']['object_accuracy'])} %. Targets: {', '.join(o['targets'])}.", "",
              "| method | targets (refused) | style UA | style IRA | style CRA | object UA | object IRA | object CRA "
@@ -54,16 +55,18 @@ def render_canvas(report: dict) -> str:
         lines += ["", "Cost against SLUG (the paper: ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 GB : 4.0 GB : "
                       "0.04 GB):", ""]
         for m, r in ratios.items():
-            lines.append(f"- {m}: time × {r['time']:.1f}, storage × {r['storage']:.1f} of SLUG's")
-    lines += ["", "## Every run", "", "| method | target | UA | IRA | CRA | time (s) | storage | note |",
+            lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of SLUG's")
+    lines += ["", "## Every run", "", "Base: the unedited model's values on the same answer set.", "",
+              "| method | target | UA (base) | IRA (base) | CRA (base) | time (s) | storage | note |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         note = ("refused: " + r["refused"][:120]) if r.get("refused") else \
             (f"layer {r['info'].get('layer')}" if r["method"] == "slug" else "")
         took = "—" if r["time_s"] is None else f"{r['time_s']:.2f}"
-        lines.append(f"| {r['method']} | {r['target']} | {_pct(r['ua'])} | {_pct(r['ira'])} | {_pct(r['cra'])} | "
-                     f"{took} | {_bytes(r['storage_bytes'])} | "
-                     f"{note} |")
+        b = r["base"]
+        lines.append(f"| {r['method']} | {r['target']} | {_pct(r['ua'])} ({_pct(b['ua'])}) | {_pct(r['ira'])} "
+                     f"({_pct(b['ira'])}) | {_pct(r['cra'])} ({_pct(b['cra'])}) | {took} | "
+                     f"{_bytes(r['storage_bytes'])} | {note} |")
     lines += ["", "![UA against IRA](canvas.png)", ""]
     return "\n".join(lines)
 

@@ -218,8 +218,8 @@ class CanvasJudges:
             if not f.is_file():
                 from slugkit.models.base import ModelLoadError
 
-                raise ModelLoadError(f"embedded canvas judge missing: {f}; reinstall slugkit or run "
-                                     f"`slug world train-canvas --out {d}`")
+                raise ModelLoadError(f"{f} is missing: {d} is not a complete canvas model; write one with `slug "
+                                     "world train-canvas --out DIR` and pass it as --canvas-model DIR")
             net = CanvasNet(n)
             net.load_state_dict(load_file(str(f)))
             nets.append(net)
@@ -250,7 +250,8 @@ class CanvasPipeline:
         _require_shipped(canvas_dir)
         d = Path(canvas_dir) if canvas_dir else CANVAS_DIR
         return EmbeddedT2IPipeline.load(d, clip, files=(CONFIG_FILE, UNET_FILE),
-                                        hint=f"`slug world train-canvas --out {d}`")
+                                        hint=f"{d} is not a complete canvas model; write one with `slug world "
+                                             "train-canvas --out DIR` and pass it as --canvas-model DIR")
 
 
 def answer_plan(per_pair: int, seed_base: int = 50_000, styles=None, objects=None) -> list[tuple[str, str, str, int]]:

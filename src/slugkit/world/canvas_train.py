@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -114,31 +115,47 @@ def main(argv: list[str] | None = None) -> int:
     from slugkit.world.t2i_train import _num_threads, _unet_bytes, train_t2i
 
     ap = argparse.ArgumentParser(prog="slug world train-canvas",
-                                 description="train the embedded canvas: its UNet and its style/object judges")
-    ap.add_argument("--out", default=str(canvas.CANVAS_DIR))
-    ap.add_argument("--steps", type=int, default=CANVAS_STEPS)
+                                 description="train the embedded canvas: its style/object judges, then its UNet; "
+                                             f"stops if a judge's held-out accuracy is < {JUDGE_MIN_ACCURACY}",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder to write (created; a non-empty one needs --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    ap.add_argument("--steps", type=int, default=CANVAS_STEPS, help="UNet optimizer steps (batch 64)")
     ap.add_argument("--per-pair", type=int, default=150, help="training renders per (style, object) pair")
     ap.add_argument("--cond-noise", type=float, default=CANVAS_COND_NOISE,
-                    help="relative noise on the text states during training (default 0)")
-    ap.add_argument("--judge-steps", type=int, default=JUDGE_STEPS)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-per-pair", type=int, default=5, help="generated images per pair for the report")
+                    help="relative noise on the text states during training")
+    ap.add_argument("--judge-steps", type=int, default=JUDGE_STEPS, help="optimizer steps per judge (batch 64)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are bit-identical for a "
+                                                           "fixed count)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the UNet's and judges' training")
+    ap.add_argument("--eval-per-pair", type=int, default=5, help="generated images per pair for the report (0: none)")
     a = ap.parse_args(argv)
     out = Path(a.out)
+    bad = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
+           (("steps", a.steps), ("per_pair", a.per_pair), ("judge_steps", a.judge_steps), ("threads", a.threads))
+           if v < 1]
+    if a.eval_per_pair < 0:
+        bad.append(f"--eval-per-pair must be >= 0, got {a.eval_per_pair}")
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out} exists and is not a folder")
+        bad.append(f"--out {out} exists and is not a folder")
+    elif out.is_dir() and any(out.iterdir()) and not a.overwrite:
+        bad.append(f"--out {out} is not empty; pass --overwrite to write into it")
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
     cfg = T2IConfig(steps=a.steps, threads=a.threads, seed=a.seed, train_per_class=a.per_pair,
                     cond_noise=a.cond_noise)
     with _num_threads(a.threads):
         t0 = time.time()
         judges, judge_info = {}, {}
         for task in ("style", "object"):
+            print(f"training the {task} judge ({a.judge_steps} steps)...", flush=True)
             judges[task], judge_info[task] = train_judge(task, steps=a.judge_steps, seed=a.seed)
             print(f"{task} judge: held-out accuracy {judge_info[task]['accuracy']:.3f}", flush=True)
             if judge_info[task]["accuracy"] < JUDGE_MIN_ACCURACY:
-                raise SystemExit(f"the {task} judge reached {judge_info[task]['accuracy']:.3f} < "
-                                 f"{JUDGE_MIN_ACCURACY} on held-out renders; more --judge-steps")
+                print(f"error: the {task} judge reached {judge_info[task]['accuracy']:.3f} < {JUDGE_MIN_ACCURACY} "
+                      "on held-out renders; pass more --judge-steps (nothing written)", file=sys.stderr)
+                return 2
         t_judges = time.time() - t0
         unet, info = train_t2i(cfg, data=canvas_data(a.per_pair, a.seed), flip=False)
         info.update(judges=judge_info, judges_s=round(t_judges, 1))
@@ -148,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             info["eval"] = generated_accuracy(pipe, canvas.CanvasJudges(judges["style"], judges["object"]),
                                               a.eval_per_pair)
             info["eval"]["eval_s"] = round(time.time() - t, 1)
-            print(json.dumps({k: v for k, v in info["eval"].items() if not k.startswith("per_")}), flush=True)
+            e = info["eval"]
+            print(f"generated images ({e['images_per_pair']} per pair): style {e['style_accuracy']:.1%}, object "
+                  f"{e['object_accuracy']:.1%}, both {e['both']:.1%} (per style and object: canvas_config.json)",
+                  flush=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / canvas.UNET_FILE, _unet_bytes(unet))
     for task, net in judges.items():

@@ -175,7 +175,7 @@ class EmbeddedT2IPipeline:
              files: tuple[str, str] = (CONFIG_FILE, UNET_FILE), hint: str | None = None) -> "EmbeddedT2IPipeline":
         """The shipped model (or ``t2i_dir``); ``clip``: an ``(hf CLIPModel, tokenizer)`` pair to take the text tower
         from (default: the embedded CLIP, converted). ``files``: the config and weight file names (the embedded
-        canvas has its own); ``hint``: how to rebuild them, for the error naming a missing file."""
+        canvas has its own); ``hint``: what to do, for the error naming a missing file."""
         diffusers = _require_diffusers()
         from safetensors.torch import load_file
 
@@ -185,8 +185,8 @@ class EmbeddedT2IPipeline:
             if not f.is_file():
                 from slugkit.models.base import ModelLoadError
 
-                raise ModelLoadError(f"embedded text-to-image model file missing: {f}; reinstall slugkit or run "
-                                     f"{hint or f'`slug world train-t2i --out {d}`'}")
+                raise ModelLoadError(f"{f} is missing; "
+                                     f"{hint or f'reinstall slugkit or run `slug world train-t2i --out {d}`'}")
         meta = json.loads(cfg_file.read_text())
         unet = diffusers.UNet2DConditionModel(**meta["unet"])
         unet.load_state_dict(load_file(str(w_file)))
