@@ -45,13 +45,10 @@ BASELINE_SETTINGS = {"esd": {"iterations": 200, "lr": 2e-4, "ddim_steps": 20, "w
 
 def renders(pairs: list[tuple[str, str]], per_pair: int, seed: int) -> list[tuple[torch.Tensor, str]]:
     """``per_pair`` renders of each (style, object) with its prompt: ``[(image [3, 32, 32] in [−1, 1], prompt)]``."""
-    out = []
-    for style, obj in pairs:
-        rng = np.random.default_rng([seed, 1515, canvas.STYLES.index(style), canvas.OBJECTS.index(obj)])
-        for _ in range(per_pair):
-            x = torch.from_numpy(np.array(canvas.render(obj, style, rng))).permute(2, 0, 1).float()
-            out.append((x.div(127.5).sub(1), canvas.prompt(obj, style)))
-    return out
+    from ..world.canvas_train import images_tensor
+
+    x, prompts = canvas.render_pairs(pairs, per_pair, seed, 1515)
+    return list(zip(images_tensor(x), prompts))
 
 
 @dataclass
@@ -83,12 +80,8 @@ class AnswerSet:
 def answer_set(pipe, judges, per_pair: int, seed_base: int = 50_000, keep_images: bool = False,
                steps: int = 20) -> AnswerSet:
     """Generate (DDIM ``steps``) and judge the answer set (module docstring)."""
-    plan = canvas.answer_plan(per_pair, seed_base)
-    imgs = pipe([p for _, _, p, _ in plan], [s for *_, s in plan], steps=steps)
-    ps, po = judges.predict(imgs)
-    return AnswerSet(np.array([canvas.STYLES.index(s) for s, *_ in plan]),
-                     np.array([canvas.OBJECTS.index(o) for _, o, *_ in plan]), ps, po,
-                     imgs if keep_images else None)
+    S, O, ps, po, imgs = canvas.judge_plan(pipe, judges, canvas.answer_plan(per_pair, seed_base), steps)
+    return AnswerSet(S, O, ps, po, imgs if keep_images else None)
 
 
 def _context(canvas_dir=None):

@@ -39,13 +39,8 @@ IRA_BUDGET = 0.10  # the official stopping rule: IRA changed by < 0.1
 
 
 def _pairs_uint8(pairs, per_pair: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    xs, prompts = [], []
-    for style, obj in pairs:
-        rng = np.random.default_rng([seed, 1616, canvas.STYLES.index(style), canvas.OBJECTS.index(obj)])
-        for _ in range(per_pair):
-            xs.append(np.asarray(canvas.render(obj, style, rng)))
-            prompts.append(canvas.prompt(obj, style))
-    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), prompts
+    x, prompts = canvas.render_pairs(pairs, per_pair, seed, 1616)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), prompts
 
 
 def canvas_gradients(adapter, target: str, n_forget: int = 8, n_retain: int = 2, seed: int = 0,

@@ -132,6 +132,28 @@ def render(obj: str, style: str, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
+def render_pairs(pairs, per_pair: int, seed: int, salt: int) -> tuple[np.ndarray, list[str]]:
+    """``per_pair`` renders of each (style, object) in ``pairs`` and their prompts: uint8 ``[N, 32, 32, 3]``; pair
+    (s, o) draws from ``default_rng([seed, salt, s, o])`` (``salt`` keeps the callers' image sets apart)."""
+    xs, prompts = [], []
+    for style, obj in pairs:
+        rng = np.random.default_rng([seed, salt, STYLES.index(style), OBJECTS.index(obj)])
+        for _ in range(per_pair):
+            xs.append(np.asarray(render(obj, style, rng)))
+            prompts.append(prompt(obj, style))
+    return np.stack(xs), prompts
+
+
+def judge_plan(pipe, judges, plan, steps: int = 20, guidance: float | None = None):
+    """Generate ``plan`` (:func:`answer_plan` rows; DDIM ``steps``) and judge it: ``(true styles, true objects,
+    predicted styles, predicted objects, images)``, index arrays ``[N]`` and uint8 ``[N, 3, 32, 32]``."""
+    imgs = pipe([p for _, _, p, _ in plan], [sd for *_, sd in plan], steps=steps,
+                **({} if guidance is None else {"guidance": guidance}))
+    ps, po = judges.predict(imgs)
+    return (np.array([STYLES.index(s) for s, *_ in plan]), np.array([OBJECTS.index(o) for _, o, *_ in plan]), ps, po,
+            imgs)
+
+
 def dataset(per_pair: int, seed: int, styles=None, objects=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``per_pair`` renders of every (style, object): uint8 images ``[N, 32, 32, 3]``, style and object indices
     ``[N]`` (into :data:`STYLES` / :data:`OBJECTS`); pair (s, o) draws from ``default_rng([seed, 15, s, o])``."""

@@ -92,12 +92,7 @@ def train_judge(task: str, per_pair: int = 60, steps: int = JUDGE_STEPS, seed: i
 def generated_accuracy(pipe, judges, per_pair: int, seed_base: int = 50_000, guidance: float | None = None) -> dict:
     """Style and object accuracy of ``per_pair`` generated images of every pair (DDIM 20 steps), per style and
     object, and the share with both right."""
-    plan = canvas.answer_plan(per_pair, seed_base)
-    imgs = pipe([p for _, _, p, _ in plan], [sd for *_, sd in plan], steps=20,
-                **({} if guidance is None else {"guidance": guidance}))
-    ps, po = judges.predict(imgs)
-    S = np.array([canvas.STYLES.index(s) for s, _, _, _ in plan])
-    O = np.array([canvas.OBJECTS.index(o) for _, o, _, _ in plan])
+    S, O, ps, po, _ = canvas.judge_plan(pipe, judges, canvas.answer_plan(per_pair, seed_base), guidance=guidance)
     return {"style_accuracy": float((ps == S).mean()), "object_accuracy": float((po == O).mean()),
             "both": float(((ps == S) & (po == O)).mean()), "images_per_pair": per_pair,
             "per_style": {s: float((ps[S == k] == k).mean()) for k, s in enumerate(canvas.STYLES)},
