@@ -28,19 +28,19 @@ def tiny_canvas(tmp_path_factory):
                      cfg.unet_kwargs(unet.config.cross_attention_dim).items()}}
     (d / canvas.CONFIG_FILE).write_text(json.dumps(meta))
     torch.manual_seed(0)
-    for task, n in (("style", 8), ("object", 8)):
+    for task, n in (("style", len(canvas.STYLES)), ("object", len(canvas.OBJECTS))):
         atomic_write_bytes(d / canvas.JUDGE_FILES[task], _net_bytes(canvas.CanvasNet(n)))
     return d
 
 
 def test_scores_follow_the_definitions():
-    # 2 styles x 2 objects shown, the style judge right except on one "neon" image, the object judge always wrong
-    s = np.array([6, 6, 0, 0])  # neon, neon, flat, flat
+    # 2 styles x 2 objects shown, the style judge right except on one "slan" image, the object judge always wrong
+    s = np.array([6, 6, 0, 0])  # slan, slan, harley, harley
     o = np.array([0, 1, 0, 1])
     a = AnswerSet(s, o, pred_style=np.array([6, 0, 0, 0]), pred_object=np.array([1, 0, 1, 0]))
-    sc = a.scores("neon")
+    sc = a.scores("slan")
     assert sc["ua"] == pytest.approx(0.5) and sc["domain"] == "style"
-    # IRA averages the other styles that have images (flat: 1.0)
+    # IRA averages the other styles that have images (harley: 1.0)
     assert sc["ira"] == pytest.approx(1.0)
     assert sc["cra"] == 0.0
     ob = a.scores("circle")
@@ -48,18 +48,18 @@ def test_scores_follow_the_definitions():
 
 
 def test_choose_targets():
-    assert choose_targets(None, 2) == ["flat", "stripes", "circle", "square"]
-    assert choose_targets(["moon", "neon", "moon"], None) == ["moon", "neon"]
+    assert choose_targets(None, 2) == ["harley", "wesley", "circle", "square"]
+    assert choose_targets(["star", "slan", "star"], None) == ["star", "slan"]
     with pytest.raises(ValueError, match="unknown canvas target 'cubism'"):
         choose_targets(["cubism"], None)
 
 
 def test_every_method_runs_the_protocol(tiny_canvas):
     fast = {"esd": {"iterations": 2, "ddim_steps": 3}, "salun": {"steps": 2, "per_pair": 1},
-            "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1, "sampling_steps": 3}}
-    r = run_canvas_lite(["slug", "esd", "salun", "uce"], ["neon"], per_pair=1, canvas_dir=tiny_canvas,
+            "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1}}
+    r = run_canvas_lite(["slug", "esd", "salun", "uce"], ["slan"], per_pair=1, canvas_dir=tiny_canvas,
                         progress=False, settings=fast, steps=3)
-    assert [(x["method"], x["target"]) for x in r["rows"]] == [(m, "neon") for m in ("slug", "esd", "salun", "uce")]
+    assert [(x["method"], x["target"]) for x in r["rows"]] == [(m, "slan") for m in ("slug", "esd", "salun", "uce")]
     for m in ("slug", "esd", "salun", "uce"):
         rec = r["methods"][m]
         assert rec["targets"] == 1 and set(rec["style"]) >= {"ua", "ira", "cra", "worst_ira"}
@@ -67,13 +67,14 @@ def test_every_method_runs_the_protocol(tiny_canvas):
         if not row.get("refused"):
             assert rec["time_s"] > 0 and rec["storage_bytes"] > 0 and rec["peak_mem_bytes"] >= 0
     uce = next(x for x in r["rows"] if x["method"] == "uce")
-    assert uce["module"] == "unet" and uce["info"]["preserve_scale"] == pytest.approx(0.1)  # max(0.1, 1/56)
-    assert r["options"]["settings"]["esd"]["iterations"] == 2 and r["base"]["answer_set_images"] == 64
+    assert uce["module"] == "unet" and uce["info"]["preserve_scale"] == pytest.approx(0.1)  # max(0.1, 1/35)
+    assert uce["storage_full_bytes"] > uce["storage_bytes"]  # the whole UNet against its K/V tensors
+    assert r["options"]["settings"]["esd"]["iterations"] == 2 and r["base"]["answer_set_images"] == 40
 
 
 def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsys):
     out = tmp_path / "lite"
-    rc = main(["canvas", "lite", "--methods", "uce", "--targets", "moon", "--per-pair", "1", "--sampling-steps", "3",
+    rc = main(["canvas", "lite", "--methods", "uce", "--targets", "star", "--per-pair", "1", "--sampling-steps", "3",
                "--canvas-model",
                str(tiny_canvas), "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -81,7 +82,7 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     assert rep["methods"]["uce"]["object"]["ua"] >= 0 and (out / "canvas.png").stat().st_size > 1000
     assert "| uce | 1 (0) |" in (out / "canvas.md").read_text()
     assert main(["canvas", "lite", "--methods", "uce,sgd", "--out", str(tmp_path / "x")]) == 2  # names sgd
-    assert main(["canvas", "lite", "--targets", "moon", "--max-targets", "2", "--out", str(tmp_path / "x")]) == 2
+    assert main(["canvas", "lite", "--targets", "star", "--max-targets", "2", "--out", str(tmp_path / "x")]) == 2
     assert main(["canvas", "lite", "--targets", "cubism", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "unknown 'cubism'" in err and "--methods: unknown 'sgd'; choose from slug, esd, salun, uce" in err
@@ -90,7 +91,7 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
                  str(tmp_path / "y")]) == 2
     assert "not a complete canvas model" in capsys.readouterr().err
     # an existing run is refused before any work (no generation, no unlearning)
-    assert main(["canvas", "lite", "--methods", "slug", "--targets", "moon", "--canvas-model", str(tmp_path / "none"),
+    assert main(["canvas", "lite", "--methods", "slug", "--targets", "star", "--canvas-model", str(tmp_path / "none"),
                  "--out", str(out)]) == 2
     assert "already holds a run (canvas.json present)" in capsys.readouterr().err
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
@@ -99,9 +100,11 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
 def test_cost_ratios_against_slug():
     from slugkit.workflows.canvas_lite import ratios, row_line
 
-    table = {"slug": {"time_s": 2.0, "storage_bytes": 100}, "esd": {"time_s": 50.0, "storage_bytes": 10_000},
-             "uce": {"time_s": 0.1, "storage_bytes": 400}, "salun": {"refused": 1}}
-    assert ratios(table) == {"esd": {"time": 25.0, "storage": 100.0}, "uce": {"time": 0.05, "storage": 4.0}}
+    table = {"slug": {"time_s": 2.0, "storage_bytes": 100},
+             "esd": {"time_s": 50.0, "storage_bytes": 10_000, "storage_full_bytes": 90_000},
+             "uce": {"time_s": 0.1, "storage_bytes": 400, "storage_full_bytes": 400}, "salun": {"refused": 1}}
+    assert ratios(table) == {"esd": {"time": 25.0, "storage": 900.0, "storage_minimal": 100.0},
+                             "uce": {"time": 0.05, "storage": 4.0, "storage_minimal": 4.0}}
     assert ratios({"esd": {"time_s": 1.0, "storage_bytes": 1}}) == {}
-    assert row_line({"method": "slug", "target": "neon", "ua": 1, "ira": 0.5, "cra": 0.25, "time_s": 3.0}).endswith(
+    assert row_line({"method": "slug", "target": "slan", "ua": 1, "ira": 0.5, "cra": 0.25, "time_s": 3.0}).endswith(
         "UA 1.00 IRA 0.50 CRA 0.25  3.0 s")

@@ -1,6 +1,8 @@
-"""``slug canvas lite``: UnlearnCanvas on the embedded canvas (:mod:`slugkit.workflows.canvas_lite`).
+"""``slug canvas lite``: UnlearnCanvas on the embedded canvas (:mod:`slugkit.workflows.canvas_lite`);
+``slug canvas run``: the official protocol on a local UnlearnCanvas (:mod:`slugkit.workflows.canvas_official`).
 
     slug canvas lite [--methods slug,esd,salun,uce] [--targets A,B | --max-targets N] [--per-pair 2] --out DIR
+    slug canvas run --pipeline DIR --clip DIR --classifiers DIR --data DIR [--targets ...] --out DIR
 
 Writes ``canvas.json`` (every run and the per-method table; ``time_s``, ``peak_mem_bytes``, ``storage_bytes`` per
 method), ``canvas.md`` and ``canvas.png`` into ``--out`` at once (a temporary folder renamed into place). Exit
@@ -12,37 +14,39 @@ from __future__ import annotations
 from .args import COUNT, THREADS, refuse, split_list
 
 
-def cmd_canvas(a) -> int:
-    from ..common.files import atomic_write_bytes, write_json
-    from ..common.runfolder import run_folder
-    from ..report.canvas import canvas_plot, render_canvas
-    from ..world import canvas
-    from ..workflows.canvas_lite import METHODS, row_line, run_canvas_lite
+def _check(a, grid) -> str | None:
+    """The usage error of the shared options, or None."""
+    from ..workflows.canvas_lite import METHODS
 
     methods = split_list(a.methods)
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
-        return refuse(f"--methods: unknown {bad[0] if bad else a.methods!r}; choose from {', '.join(METHODS)}")
-    targets = split_list(a.targets) if a.targets else None
-    if targets:
-        unknown = [t for t in targets if t not in canvas.STYLES + canvas.OBJECTS]
-        if unknown:
-            return refuse(f"--targets: unknown {unknown[0]!r}; styles: {', '.join(canvas.STYLES)}; objects: "
-                          f"{', '.join(canvas.OBJECTS)}")
+        return f"--methods: unknown {bad[0] if bad else a.methods!r}; choose from {', '.join(METHODS)}"
+    targets = split_list(a.targets) if a.targets else []
+    unknown = [t for t in targets if t not in grid.styles + grid.objects]
+    if unknown:
+        return (f"--targets: unknown {unknown[0]!r}; styles: {', '.join(grid.styles)}; objects: "
+                f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:
-        return refuse("--targets and --max-targets exclude each other")
+        return "--targets and --max-targets exclude each other"
+    return None
 
+
+def _run_and_write(a, run) -> int:
+    """Claim ``--out`` (an existing run is refused before any work), run, write JSON + markdown + plot at once."""
+    from ..common.files import atomic_write_bytes, write_json
     from ..common.outlock import claim_out
+    from ..common.runfolder import run_folder
+    from ..report.canvas import canvas_plot, render_canvas
+    from ..workflows.canvas_lite import row_line
 
-    claim_out(a.out, a.overwrite, "canvas.json")  # an existing run is refused now, not after hours of work
+    claim_out(a.out, a.overwrite, "canvas.json")
 
     def line(row):
         if not a.no_progress:
             print(row_line(row), flush=True)
 
-    report = run_canvas_lite(methods, targets, a.max_targets, a.per_pair, a.canvas_model, a.seed, a.threads,
-                             progress=not a.no_progress, on_row=line, steps=a.sampling_steps,
-                             settings={"slug": {"sampling_steps": a.sampling_steps}})
+    report = run(line)
     with run_folder(a.out, a.overwrite, marker="canvas.json") as stage:
         write_json(stage / "canvas.json", report)
         atomic_write_bytes(stage / "canvas.md", render_canvas(report).encode())
@@ -51,23 +55,104 @@ def cmd_canvas(a) -> int:
     return 0
 
 
+def cmd_canvas(a) -> int:
+    from ..world import canvas
+    from ..workflows.canvas_lite import run_canvas_lite
+
+    err = _check(a, canvas.EMBEDDED)
+    if err:
+        return refuse(err)
+    targets = split_list(a.targets) if a.targets else None
+
+    def run(line):
+        r = run_canvas_lite(split_list(a.methods), targets, a.max_targets, a.per_pair, a.canvas_model, a.seed,
+                            a.threads, progress=not a.no_progress, on_row=line, steps=a.sampling_steps)
+        return {"protocol": "lite", **r}
+
+    return _run_and_write(a, run)
+
+
+def cmd_canvas_run(a) -> int:
+    import torch
+
+    from ..workflows import canvas_official as off
+    from ..workflows.canvas_lite import run_protocol
+
+    styles = split_list(a.styles) if a.styles else None
+    objects = split_list(a.objects) if a.objects else None
+    for flag, given, known in (("--styles", styles, off.STYLE_LABELS), ("--objects", objects, off.OBJECTS20)):
+        bad = [n for n in given or [] if n not in known]
+        if bad:
+            return refuse(f"{flag}: unknown {bad[0]!r}; UnlearnCanvas has {', '.join(known)}")
+    seeds = None
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in split_list(a.seeds)]
+        except ValueError:
+            return refuse(f"--seeds: {a.seeds!r} is not a comma list of integers (official: 188,288,588,688,888)")
+    grid = off.Grid(styles or off.STYLE_LABELS, objects or off.OBJECTS20, capitalize=False)
+    err = _check(a, grid)
+    if err:
+        return refuse(err)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        ctx = off.official_context(a.pipeline, a.clip, a.classifiers, a.data, styles=styles, objects=objects,
+                                   steps=a.steps, guidance=a.guidance, seeds=seeds, device=a.device,
+                                   batch_size=a.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        return refuse(str(e))
+
+    def run(line):
+        r = run_protocol(ctx, split_list(a.methods), split_list(a.targets) if a.targets else None, a.max_targets,
+                         1, a.seed, progress=not a.no_progress, on_row=line)
+        r["options"].update(pipeline=str(a.pipeline), clip=str(a.clip), classifiers=str(a.classifiers),
+                            data=str(a.data), device=a.device, threads=a.threads)
+        return {"protocol": "official", **r}
+
+    return _run_and_write(a, run)
+
+
+def _shared(p, what: str) -> None:
+    p.add_argument("--methods", default="slug,esd,salun,uce", help="comma list (default slug,esd,salun,uce)")
+    p.add_argument("--targets", default=None, help=f"comma list of styles and/or objects (default: every {what})")
+    p.add_argument("--max-targets", type=COUNT, default=None, help="at most N styles and N objects")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the methods' own randomness (default 0)")
+    p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+
+
 def add_parsers(sub) -> None:
-    """Add ``canvas lite`` to ``sub``."""
+    """Add ``canvas lite`` and ``canvas run`` to ``sub``."""
     c = sub.add_parser("canvas", help="UnlearnCanvas: styles and objects, SLUG beside ESD, SalUn and UCE")
     csub = c.add_subparsers(dest="canvas_cmd", required=True)
-    lite = csub.add_parser("lite", help="the UnlearnCanvas protocol on the embedded canvas (8 styles x 8 objects)")
-    lite.add_argument("--methods", default="slug,esd,salun,uce", help="comma list (default slug,esd,salun,uce)")
-    lite.add_argument("--targets", default=None, help="comma list of styles and/or objects (default: every one)")
-    lite.add_argument("--max-targets", type=COUNT, default=None, help="at most N styles and N objects")
+    lite = csub.add_parser("lite", help="the UnlearnCanvas protocol on the embedded canvas (8 styles x 5 objects)")
+    _shared(lite, "style and object")
     lite.add_argument("--per-pair", type=COUNT, default=2,
-                      help="answer-set images per (style, object) pair (default 2: 128 images per model)")
+                      help="answer-set images per (style, object) pair (default 2: 80 images per model)")
     lite.add_argument("--sampling-steps", type=COUNT, default=20,
                       help="DDIM steps of every generated image (answer set and SLUG's validation; default 20)")
     lite.add_argument("--canvas-model", default=None,
-                      help="folder written by `slug world train-canvas` (needed: no canvas is shipped yet)")
-    lite.add_argument("--out", required=True, help="folder to write")
-    lite.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    lite.add_argument("--seed", type=int, default=0, help="seed of the methods' own randomness (default 0)")
-    lite.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
-    lite.add_argument("--no-progress", action="store_true", help="no progress lines")
-    c.set_defaults(func=cmd_canvas)
+                      help="folder written by `slug world train-canvas` (default: the shipped canvas)")
+    lite.set_defaults(func=cmd_canvas)
+    run = csub.add_parser("run", help="the official UnlearnCanvas protocol on your local copy (SD v1.5 fine-tuned, "
+                                      "its two classifiers, its dataset)")
+    run.add_argument("--pipeline", required=True, help="the fine-tuned SD v1.5, a diffusers folder (model_index.json)")
+    run.add_argument("--clip", required=True,
+                     help="the CLIP folder whose text tower is the pipeline's text encoder (openai/clip-vit-large-"
+                          "patch14 saved with save_pretrained); SLUG's gradients are computed on it")
+    run.add_argument("--classifiers", required=True,
+                     help="folder with style50.safetensors and style50_cls.safetensors (converted from the official "
+                          ".pth files: see the README) and optionally judges.json")
+    run.add_argument("--data", required=True, help="the UnlearnCanvas dataset folder: DIR/{Style}/{Object}/{n}.jpg")
+    _shared(run, "style (not Seed_Images) and object")
+    run.add_argument("--styles", default=None, help="a declared subset of the 51 style labels (default: all)")
+    run.add_argument("--objects", default=None, help="a declared subset of the 20 objects (default: all)")
+    run.add_argument("--seeds", default=None, help="answer-set seeds (default the official 188,288,588,688,888)")
+    run.add_argument("--steps", type=COUNT, default=100, help="DDIM steps of every generated image (default 100)")
+    run.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9.0)")
+    run.add_argument("--device", default="cpu", help="torch device of the pipeline and the CLIP (default cpu)")
+    run.add_argument("--batch-size", type=COUNT, default=8, help="images per generation batch (default 8)")
+    run.set_defaults(func=cmd_canvas_run)

@@ -1,4 +1,4 @@
-"""The ``slug canvas lite`` report: UnlearnCanvas's table (one row per method) as markdown and a plot; the JSON is
+"""The ``slug canvas lite`` / ``slug canvas run`` report: UnlearnCanvas's table (one row per method) as markdown and a plot; the JSON is
 written beside it by the workflow."""
 
 from __future__ import annotations
@@ -27,13 +27,20 @@ def render_canvas(report: dict) -> str:
     """Markdown: the method table (style UA/IRA/CRA, object UA/IRA/CRA in %, time, peak memory, storage), the
     worst target per method and domain, the cost ratios against SLUG, then every row."""
     o = report["options"]
-    lines = ["# UnlearnCanvas on the embedded canvas (`slug canvas lite`)", "",
-             f"Answer set: {o['per_pair']} image(s) per (style, object) pair, DDIM {o.get('sampling_steps', 20)} "
-             "steps, seeds fixed and shared "
-             f"by every method; base model: style accuracy {_pct(report['base']['style_accuracy'])} %, object "
+    official = report.get("protocol") == "official"
+    seeds = (f"seeds {', '.join(map(str, o['answer_seeds']))}" if o.get("answer_seeds") else
+             f"{o['per_pair']} fixed seed(s)")
+    guidance = f", guidance {o['guidance']}" if o.get("guidance") is not None else ""
+    lines = ["# UnlearnCanvas, the official protocol (`slug canvas run`)" if official else
+             "# UnlearnCanvas on the embedded canvas (`slug canvas lite`)", "",
+             f"Answer set: every (style, object) pair × {seeds}, DDIM {o.get('sampling_steps', 20)} steps{guidance}, "
+             "shared by every method; base model: style accuracy "
+             f"{_pct(report['base']['style_accuracy'])} %, object "
              f"accuracy {_pct(report['base']['object_accuracy'])} %. Targets: {', '.join(o['targets'])}.", "",
+             "Storage: the changed tensors (float32) / the checkpoint as UnlearnCanvas stores it (the whole edited "
+             "UNet; SLUG's is its patch).", "",
              "| method | targets (refused) | style UA | style IRA | style CRA | object UA | object IRA | object CRA "
-             "| time (s, mean) | slowest (s) | peak memory | storage |",
+             "| time (s, mean) | slowest (s) | peak memory | storage (changed / checkpoint) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in report["methods"].items():
         s, ob = r.get("style", {}), r.get("object", {})
@@ -43,7 +50,8 @@ def render_canvas(report: dict) -> str:
                      f"{_pct(s.get('cra'))} | {_pct(ob.get('ua'))} | {_pct(ob.get('ira'))} | {_pct(ob.get('cra'))} | "
                      f"{r.get('time_s', float('nan')):.2f} | "
                      f"{slowest} | "
-                     f"{_bytes(r.get('peak_mem_bytes'))} | {_bytes(r.get('storage_bytes'))} |")
+                     f"{_bytes(r.get('peak_mem_bytes'))} | {_bytes(r.get('storage_bytes'))} / "
+                     f"{_bytes(r.get('storage_full_bytes'))} |")
     lines += ["", "Worst target by in-domain retention (IRA):", ""]
     for m, r in report["methods"].items():
         for dom in ("style", "object"):
@@ -55,7 +63,8 @@ def render_canvas(report: dict) -> str:
         lines += ["", "Cost against SLUG (the paper: ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 GB : 4.0 GB : "
                       "0.04 GB):", ""]
         for m, r in ratios.items():
-            lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of SLUG's")
+            lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of SLUG's (checkpoint against "
+                         f"patch, the paper's comparison; changed tensors only: × {r['storage_minimal']:.3g})")
     lines += ["", "## Every run", "", "Base: the unedited model's values on the same answer set.", "",
               "| method | target | UA (base) | IRA (base) | CRA (base) | time (s) | storage | note |",
               "|---|---|---|---|---|---|---|---|"]
@@ -92,7 +101,8 @@ def canvas_plot(report: dict, path: str | Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("Embedded canvas: every unlearning run")
+    ax.set_title("UnlearnCanvas: every unlearning run" if report.get("protocol") == "official" else
+                 "Embedded canvas: every unlearning run")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)

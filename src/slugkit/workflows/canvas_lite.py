@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from ..world import canvas
-from ..world.canvas import domain_of, target_pairs
 
 METHODS = ("slug", "esd", "salun", "uce")
 # Scaled to the 1 M-parameter canvas UNet (official: ESD 1000 it. lr 1e-5; SalUn ~600 steps lr 1e-5)
@@ -43,11 +42,38 @@ BASELINE_SETTINGS = {"esd": {"iterations": 200, "lr": 2e-4, "ddim_steps": 20, "w
                      "uce": {"preserve_scale": None}}
 
 
-def renders(pairs: list[tuple[str, str]], per_pair: int, seed: int) -> list[tuple[torch.Tensor, str]]:
-    """``per_pair`` renders of each (style, object) with its prompt: ``[(image [3, 32, 32] in [−1, 1], prompt)]``."""
+@dataclass
+class CanvasContext:
+    """What a canvas run needs: the CLIP whose text tower is the generator's (``adapter``, restricted to the consumed
+    text layers; ``mapping``: its tensor names → the generator's text-encoder names), the generator ``pipe``
+    (``pipe(prompts, seeds, steps=, guidance=)`` → uint8 ``[N, 3, H, W]``, with ``text_encoder``, ``tokenizer``,
+    ``unet``, ``scheduler``), the two ``judges`` (``predict(uint8 images)`` → style and object indices), the
+    :class:`~slugkit.world.canvas.Grid`, the prompt length the generator encodes (``max_length``), the sampler
+    settings of every generated image (DDIM ``steps``, ``guidance`` — None: the pipeline's), the answer set's fixed
+    ``seeds`` (None: ``per_pair`` seeds per pair) and, for a latent-space UNet, ``to_latent`` (images in [−1, 1] →
+    scaled VAE latents; SalUn needs it)."""
+
+    adapter: object
+    pipe: object
+    mapping: dict
+    judges: object
+    grid: canvas.Grid
+    max_length: int | None = None
+    steps: int = 20
+    guidance: float | None = None
+    seeds: list[int] | None = None
+    to_latent: object = None
+
+    def sampling(self, steps: int | None = None) -> dict:
+        """Keyword arguments of ``pipe`` for one generation (``steps`` overrides the context's)."""
+        return {"steps": steps or self.steps, **({} if self.guidance is None else {"guidance": self.guidance})}
+
+
+def renders(grid, pairs: list[tuple[str, str]], per_pair: int, seed: int) -> list[tuple[torch.Tensor, str]]:
+    """``per_pair`` images of each (style, object) with its prompt: ``[(image [3, H, W] in [−1, 1], prompt)]``."""
     from ..world.canvas_train import images_tensor
 
-    x, prompts = canvas.render_pairs(pairs, per_pair, seed, 1515)
+    x, prompts = grid.images(pairs, per_pair, seed, 1515)
     return list(zip(images_tensor(x), prompts))
 
 
@@ -61,11 +87,11 @@ class AnswerSet:
     pred_object: np.ndarray
     images: torch.Tensor | None = field(default=None, repr=False)
 
-    def scores(self, target: str) -> dict:
+    def scores(self, target: str, grid: canvas.Grid = canvas.EMBEDDED) -> dict:
         """UA / IRA / CRA of ``target`` (module docstring), fractions, and per concept the in-domain accuracy."""
-        dom = domain_of(target)
-        true, pred, names = ((self.styles, self.pred_style, canvas.STYLES) if dom == "style" else
-                             (self.objects, self.pred_object, canvas.OBJECTS))
+        dom = grid.domain_of(target)
+        true, pred, names = ((self.styles, self.pred_style, grid.styles) if dom == "style" else
+                             (self.objects, self.pred_object, grid.objects))
         o_true, o_pred = ((self.objects, self.pred_object) if dom == "style" else (self.styles, self.pred_style))
         k = names.index(target)
         per = {n: float((pred[true == i] == i).mean()) for i, n in enumerate(names) if (true == i).any()}
@@ -77,17 +103,18 @@ class AnswerSet:
                 "worst_other": min(((v, n) for n, v in per.items() if n != target))[1], "domain": dom, "k": k}
 
 
-def answer_set(pipe, judges, per_pair: int, seed_base: int = 50_000, keep_images: bool = False,
-               steps: int = 20) -> AnswerSet:
-    """Generate (DDIM ``steps``) and judge the answer set (module docstring)."""
-    S, O, ps, po, imgs = canvas.judge_plan(pipe, judges, canvas.answer_plan(per_pair, seed_base), steps)
+def answer_set(ctx: CanvasContext, per_pair: int, seed_base: int = 50_000, keep_images: bool = False) -> AnswerSet:
+    """Generate and judge the answer set (module docstring; the context's sampler settings and seeds)."""
+    plan = ctx.grid.answer_plan(per_pair, seed_base, seeds=ctx.seeds)
+    S, O, ps, po, imgs = ctx.grid.judge_plan(ctx.pipe, ctx.judges, plan, **ctx.sampling())
     return AnswerSet(S, O, ps, po, imgs if keep_images else None)
 
 
-def _context(canvas_dir=None):
+def embedded_context(canvas_dir=None, steps: int = 20) -> CanvasContext:
     """The embedded CLIP (HF adapter, candidates = the text layers the canvas consumes), the canvas pipeline around
     its text tower (hash-checked), the tensor-name mapping and the judges."""
     from ..integrations.diffusers_sd import consumed_text_candidates, verify_text_encoder
+    from ..world.t2i import CONTEXT_LENGTH
     from .sd_demo import embedded_hf_adapter
 
     adapter = embedded_hf_adapter()
@@ -95,11 +122,12 @@ def _context(canvas_dir=None):
     mapping = verify_text_encoder(adapter.model, pipe.text_encoder)
     adapter.restrict_candidates(consumed_text_candidates(adapter, pipe.text_encoder),
                                 consumer="text encoder of the embedded canvas")
-    return adapter, pipe, mapping, canvas.CanvasJudges.load(canvas_dir)
+    return CanvasContext(adapter, pipe, mapping, canvas.CanvasJudges.load(canvas_dir), canvas.EMBEDDED,
+                         max_length=CONTEXT_LENGTH, steps=steps)
 
 
-def _next(target: str) -> str:
-    names = canvas.STYLES if domain_of(target) == "style" else canvas.OBJECTS
+def _next(grid, target: str) -> str:
+    names = grid.names(grid.domain_of(target))
     return names[(names.index(target) + 1) % len(names)]
 
 
@@ -110,56 +138,72 @@ def unlearn(method: str, target: str, ctx, seed: int = 0, progress: bool = False
     from ..methods.esd import esd
     from ..methods.salun_sd import salun_sd
     from ..methods.uce import uce
-    from ..world.t2i import CONTEXT_LENGTH
     from .canvas_slug import slug_canvas
 
-    adapter, pipe, mapping, judges = ctx
+    pipe, grid, L = ctx.pipe, ctx.grid, ctx.max_length
     te, tok, unet = pipe.text_encoder, pipe.tokenizer, pipe.unet
-    style = domain_of(target) == "style"
-    others = [(s, o) for s in canvas.STYLES for o in canvas.OBJECTS if (s, o) not in target_pairs(target)]
+    style = grid.domain_of(target) == "style"
+    pairs, others = grid.target_pairs(target), grid.other_pairs(target)
     if method == "slug":
-        return "text_encoder", slug_canvas(target, pipe, judges, adapter, mapping, seed=seed, progress=progress,
+        return "text_encoder", slug_canvas(target, ctx, seed=seed, progress=progress,
                                            **(settings or {}).get("slug", {}))
     if method == "esd":
-        concept = f"{target.capitalize()} Style" if style else f"An image of {target}"
+        concept = f"{grid.display(target)} Style" if style else f"An image of {target}"
         kw = {**BASELINE_SETTINGS["esd"], **(settings or {}).get("esd", {})}
-        return "unet", esd(te, tok, unet, pipe.scheduler, concept, seed=seed, max_length=CONTEXT_LENGTH,
-                           progress=progress, **kw)
+        return "unet", esd(te, tok, unet, pipe.scheduler, concept, seed=seed, max_length=L, progress=progress, **kw)
     if method == "salun":
         kw = {**BASELINE_SETTINGS["salun"], **(settings or {}).get("salun", {})}
         n = kw.pop("per_pair")
-        pairs = target_pairs(target)
-        forget = renders(pairs, n, seed + 7)
-        pseudo = [canvas.prompt(o, _next(s)) if style else canvas.prompt(_next(o), s) for s, o in pairs for _ in
-                  range(n)]
-        retain = renders(others, 1, seed + 8)
-        return "unet", salun_sd(te, tok, unet, pipe.scheduler, forget, retain, pseudo, seed=seed,
-                                max_length=CONTEXT_LENGTH, progress=progress, **kw)
+        forget = renders(grid, pairs, n, seed + 7)
+        pseudo = [grid.prompt(o, _next(grid, s)) if style else grid.prompt(_next(grid, o), s) for s, o in pairs
+                  for _ in range(n)]
+        retain = renders(grid, others, 1, seed + 8)
+        return "unet", salun_sd(te, tok, unet, pipe.scheduler, forget, retain, pseudo, seed=seed, max_length=L,
+                                to_latent=ctx.to_latent, progress=progress, **kw)
     if method == "uce":
-        erase = [canvas.prompt(o, s) for s, o in target_pairs(target)]
-        preserve = [canvas.prompt(o, s) for s, o in others]
-        return "unet", uce(te, tok, unet, erase, preserve, guide="", max_length=CONTEXT_LENGTH,
+        erase = [grid.prompt(o, s) for s, o in pairs]
+        preserve = [grid.prompt(o, s) for s, o in others]
+        return "unet", uce(te, tok, unet, erase, preserve, guide="", max_length=L,
                            **{**BASELINE_SETTINGS["uce"], **(settings or {}).get("uce", {})})
     raise ValueError(f"unknown canvas method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def choose_targets(targets: list[str] | None, max_targets: int | None) -> list[str]:
-    """``targets`` checked, or every style then every object — at most ``max_targets`` of each domain."""
+def choose_targets(targets: list[str] | None, max_targets: int | None, grid: canvas.Grid = canvas.EMBEDDED
+                   ) -> list[str]:
+    """``targets`` checked, or every style target then every object — at most ``max_targets`` of each domain."""
     if targets:
         for t in targets:
-            domain_of(t)
+            grid.domain_of(t)
         return list(dict.fromkeys(targets))
-    k = max_targets if max_targets is not None else max(len(canvas.STYLES), len(canvas.OBJECTS))
-    return canvas.STYLES[:k] + canvas.OBJECTS[:k]
+    styles = [s for s in grid.styles if s not in grid.not_targets]
+    k = max_targets if max_targets is not None else max(len(styles), len(grid.objects))
+    return styles[:k] + grid.objects[:k]
 
 
 def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targets: int | None = None,
                     per_pair: int = 2, canvas_dir=None, seed: int = 0, threads: int | None = 1,
                     progress: bool = True, on_row=None, settings: dict | None = None, steps: int = 20) -> dict:
-    """Every method on every target (module docstring); returns ``{"rows", "methods", "base", "options"}``. A SLUG
-    run whose search finds no step is recorded as ``refused`` (no edit: it scores as the unedited model) and the
-    methods' averages count it. ``on_row(row)`` is called after each row (progress lines); ``steps``: DDIM steps of the
-    answer set (20; fewer only to test the plumbing)."""
+    """Every method on every target of the embedded canvas (module docstring); see :func:`run_protocol`.
+    ``steps``: DDIM steps of every generated image (20; fewer only to test the plumbing)."""
+    n_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report = run_protocol(embedded_context(canvas_dir, steps), methods, targets, max_targets, per_pair, seed,
+                              progress, on_row, settings)
+    finally:
+        torch.set_num_threads(n_threads)
+    report["options"]["threads"] = threads
+    return report
+
+
+def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None = None,
+                 max_targets: int | None = None, per_pair: int = 2, seed: int = 0, progress: bool = True,
+                 on_row=None, settings: dict | None = None) -> dict:
+    """Every method on every target of ``ctx``'s grid: one unlearned model each, scored on the answer set; returns
+    ``{"rows", "methods", "ratios", "base", "options"}``. A SLUG run whose search finds no step is recorded as
+    ``refused`` (no edit: it scores as the unedited model) and the methods' averages count it. ``on_row(row)`` is
+    called after each row (progress lines). ``ValueError`` for an unknown method or target."""
     from ..common.progress import status
     from ..methods.diffusion import applied
     from ..slug.search import SearchFailed
@@ -168,46 +212,41 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown canvas method {m!r}; choose from {', '.join(METHODS)}")
-    chosen = choose_targets(targets, max_targets)
-    n_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        ctx = _context(canvas_dir)
-        pipe, judges = ctx[1], ctx[3]
-        t = time.perf_counter()
-        base = answer_set(pipe, judges, per_pair, steps=steps)
-        base_s = time.perf_counter() - t
-        rows = []
-        for target in chosen:
-            for method in methods:
-                status(f"{method} on {target!r}", progress)
-                row = {"method": method, "target": target, "domain": domain_of(target),
-                       "base": {k: v for k, v in base.scores(target).items() if k in ("ua", "ira", "cra")}}
-                try:
-                    with PeakRSS() as pm:
-                        module, edit = unlearn(method, target, ctx, seed, progress=False, settings=settings)
-                except SearchFailed as e:
-                    row.update(refused=str(e), **row["base"], time_s=None, peak_mem_bytes=None, storage_bytes=0)
-                else:
-                    with applied(getattr(pipe, module), edit.tensors):
-                        sc = answer_set(pipe, judges, per_pair, steps=steps).scores(target)
-                    row.update({k: sc[k] for k in ("ua", "ira", "cra", "worst_other")}, module=module,
-                               time_s=edit.time_s, peak_mem_bytes=pm.bytes, storage_bytes=edit.storage_bytes,
-                               info={k: v for k, v in edit.info.items() if k not in ("log", "search")})
-                rows.append(row)
-                if on_row:
-                    on_row(row)
-    finally:
-        torch.set_num_threads(n_threads)
+    grid = ctx.grid
+    chosen = choose_targets(targets, max_targets, grid)
+    t = time.perf_counter()
+    base = answer_set(ctx, per_pair)
+    base_s = time.perf_counter() - t
+    rows = []
+    for target in chosen:
+        for method in methods:
+            status(f"{method} on {target!r}", progress)
+            row = {"method": method, "target": target, "domain": grid.domain_of(target),
+                   "base": {k: v for k, v in base.scores(target, grid).items() if k in ("ua", "ira", "cra")}}
+            try:
+                with PeakRSS() as pm:
+                    module, edit = unlearn(method, target, ctx, seed, progress=False, settings=settings)
+            except SearchFailed as e:
+                row.update(refused=str(e), **row["base"], time_s=None, peak_mem_bytes=None, storage_bytes=0,
+                           storage_full_bytes=0)
+            else:
+                with applied(getattr(ctx.pipe, module), edit.tensors):
+                    sc = answer_set(ctx, per_pair).scores(target, grid)
+                full = sum(p.numel() * 4 for p in getattr(ctx.pipe, module).parameters())
+                row.update({k: sc[k] for k in ("ua", "ira", "cra", "worst_other")}, module=module,
+                           time_s=edit.time_s, peak_mem_bytes=pm.bytes, storage_bytes=edit.storage_bytes,
+                           storage_full_bytes=full if module == "unet" else edit.storage_bytes,
+                           info={k: v for k, v in edit.info.items() if k not in ("log", "search")})
+            rows.append(row)
+            if on_row:
+                on_row(row)
     table = summarise(rows, methods)
     return {"rows": rows, "methods": table, "ratios": ratios(table),
             "base": {"per_pair": per_pair, "answer_set_images": len(base.styles), "generation_s": base_s,
                      "style_accuracy": float((base.pred_style == base.styles).mean()),
                      "object_accuracy": float((base.pred_object == base.objects).mean())},
             "options": {"methods": list(methods), "targets": chosen, "per_pair": per_pair, "seed": seed,
-                        "sampling_steps": steps,
-                        "threads": threads,
+                        "sampling_steps": ctx.steps, "guidance": ctx.guidance, "answer_seeds": ctx.seeds,
                         "settings": {m: {**v, **(settings or {}).get(m, {})} for m, v in BASELINE_SETTINGS.items()}}}
 
 
@@ -230,18 +269,22 @@ def summarise(rows: list[dict], methods) -> dict:
             rec.update(time_s=float(np.mean([r["time_s"] for r in timed])),
                        slowest={"target": slow["target"], "time_s": slow["time_s"]},
                        peak_mem_bytes=max(r["peak_mem_bytes"] for r in timed),
-                       storage_bytes=float(np.mean([r["storage_bytes"] for r in timed])))
+                       storage_bytes=float(np.mean([r["storage_bytes"] for r in timed])),
+                       storage_full_bytes=float(np.mean([r["storage_full_bytes"] for r in timed])))
         out[m] = rec
     return out
 
 
 def ratios(methods: dict) -> dict:
-    """Per baseline, its mean time and storage over SLUG's (the paper's 6163 : 667 : 39 s comparison); empty
-    without a timed SLUG."""
+    """Per baseline, over SLUG's: mean ``time`` (the paper's 6163 : 667 : 39 s comparison), ``storage`` — the
+    baseline's checkpoint as UnlearnCanvas stores it (the whole edited UNet) over SLUG's patch, the paper's 4.3 GB :
+    0.04 GB comparison — and ``storage_minimal`` (the changed tensors only, both sides); empty without a timed SLUG."""
     s = methods.get("slug", {})
     if not s.get("time_s"):
         return {}
-    return {m: {"time": r["time_s"] / s["time_s"], "storage": r["storage_bytes"] / max(s["storage_bytes"], 1)}
+    return {m: {"time": r["time_s"] / s["time_s"],
+                "storage": r.get("storage_full_bytes", r["storage_bytes"]) / max(s["storage_bytes"], 1),
+                "storage_minimal": r["storage_bytes"] / max(s["storage_bytes"], 1)}
             for m, r in methods.items() if m != "slug" and r.get("time_s")}
 
 
@@ -252,5 +295,6 @@ def row_line(row: dict) -> str:
             f"{cost}")
 
 
-__all__ = ["AnswerSet", "BASELINE_SETTINGS", "METHODS", "answer_set", "choose_targets", "domain_of", "renders",
-           "ratios", "row_line", "run_canvas_lite", "summarise", "target_pairs", "unlearn"]
+__all__ = ["AnswerSet", "BASELINE_SETTINGS", "CanvasContext", "METHODS", "answer_set", "choose_targets",
+           "embedded_context", "renders", "ratios", "row_line", "run_canvas_lite", "run_protocol", "summarise",
+           "unlearn"]

@@ -55,7 +55,7 @@ def pipeline_edit(pipe, mapping: dict[str, str], adapter, grads, group: list[str
 
 def generator_step_search(evaluate, start: float, steps: int = 6, threshold: float = 0.05,
                           other_budget: float = 0.05, neighbour_budget: float | None = None,
-                          utility_budget: float | None = None):
+                          utility_budget: float | None = None, first_accepted: bool = False):
     """The doubling/bisection rule on η with both criteria measured on *generated* validation images, as the official
     UnlearnCanvas search does with ua / ira (spec §4.4), but seeded, on validation seeds only, and without its
     re-evaluate-the-same-step no-op. ``evaluate(η)`` returns ``(target_recognised, other_drop)`` or
@@ -69,7 +69,8 @@ def generator_step_search(evaluate, start: float, steps: int = 6, threshold: flo
     * not forgotten and others already damaged: larger steps only damage more — this layer cannot do it; stop;
     * neither: try larger (double while no upper bound is known).
 
-    Returns (trajectory, smallest accepted η or None).
+    With ``first_accepted`` the search stops at the first accepted η (SLUG's UnlearnCanvas script: "stop when UA-hit
+    is 0 and the IRA change is < 0.1, or after 11 iterations"). Returns (trajectory, smallest accepted η or None).
     """
     lo, hi, eta, best, traj = 0.0, math.inf, start, None, []
     for _ in range(steps):
@@ -87,6 +88,8 @@ def generator_step_search(evaluate, start: float, steps: int = 6, threshold: flo
         traj.append(row)
         if ok:
             best = eta if best is None else min(best, eta)
+            if first_accepted:
+                break
         if forgot or harm:
             if harm and not forgot:
                 break

@@ -31,7 +31,7 @@ from slugkit.common.files import atomic_write_bytes
 from slugkit.world import canvas
 from slugkit.world.t2i import T2IConfig
 
-CANVAS_STEPS = 2400
+CANVAS_STEPS = 3600
 # No conditioning noise (the object T2I model trains with 0.2): the style words are ones the embedded CLIP never
 # saw in training, so a style moves the text states by only ~0.2 (relative) against ~1 for an object word
 # (measured), and noise of that size drowned them — the 1,800-step prototype with 0.2 drew the asked style in 26 %

@@ -1,0 +1,207 @@
+"""``slug canvas run``: the official UnlearnCanvas protocol on the user's local copy (issue 15; spec ``baselines.md``
+§7.1–§7.3, ``slug-algorithm.md`` §6.2).
+
+Inputs, all local (nothing is downloaded):
+
+* ``--pipeline DIR``: the UnlearnCanvas fine-tuned SD v1.5, diffusers layout (``model_index.json``), loaded by
+  :func:`slugkit.integrations.diffusers_sd.load_pipeline_folder`, its scheduler replaced by DDIM (eta 0);
+* ``--clip DIR``: the CLIP whose text tower the pipeline's text encoder is (``openai/clip-vit-large-patch14`` saved
+  with ``save_pretrained``) — SLUG's gradients are computed on it; the two are hash-checked;
+* ``--classifiers DIR``: the benchmark's two judges as safetensors state dicts, ``style50.safetensors`` (51
+  outputs: :data:`STYLE_LABELS`) and ``style50_cls.safetensors`` (20: :data:`OBJECTS20`), timm
+  ``vit_large_patch16_224`` with a ``Linear(1024, K)`` head, input Resize(224) and Normalize(0.5, 0.5). The official
+  files are pickled ``.pth`` checkpoints (key ``model_state_dict``); slugkit does not unpickle files, so convert
+  them once yourself (the README's command). An optional ``judges.json`` (``{"arch", "kwargs", "image_size",
+  "style_labels", "object_labels"}``) describes other classifiers (the tests' tiny ViTs);
+* ``--data DIR``: the dataset, ``DIR/{Style}/{Object}/{n}.jpg`` — SLUG's forget/retain pairs and SalUn's images
+  come from it (captions "An {Object} image in {Style} style.", underscores kept as the official scripts keep them).
+
+The answer set is the official one: every style of :data:`STYLE_LABELS` (Seed_Images included) × every object,
+seeds 188, 288, 588, 688, 888, DDIM 100 steps, guidance 9.0 (``--styles``/``--objects``/``--seeds``/``--steps``
+declare a subset, recorded in the JSON as the spec's "lite" protocol asks). Targets: the 50 styles (not Seed_Images)
+and the 20 objects. UA/IRA/CRA per target and averaged, time/peak memory/storage of the unlearning alone — exactly
+:func:`slugkit.workflows.canvas_lite.run_protocol`, which also runs the embedded canvas.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..world.canvas import Grid
+
+STYLE_LABELS = ["Abstractionism", "Artist_Sketch", "Blossom_Season", "Bricks", "Byzantine", "Cartoon", "Cold_Warm",
+                "Color_Fantasy", "Comic_Etch", "Crayon", "Cubism", "Dadaism", "Dapple", "Defoliation", "Early_Autumn",
+                "Expressionism", "Fauvism", "French", "Glowing_Sunset", "Gorgeous_Love", "Greenfield", "Impressionism",
+                "Ink_Art", "Joy", "Liquid_Dreams", "Magic_Cube", "Meta_Physics", "Meteor_Shower", "Monet", "Mosaic",
+                "Neon_Lines", "On_Fire", "Pastel", "Pencil_Drawing", "Picasso", "Pop_Art", "Red_Blue_Ink", "Rust",
+                "Seed_Images", "Sketch", "Sponge_Dabbed", "Structuralism", "Superstring", "Surrealism", "Ukiyoe",
+                "Van_Gogh", "Vibrant_Flow", "Warm_Love", "Warm_Smear", "Watercolor", "Winter"]
+OBJECTS20 = ["Architectures", "Bears", "Birds", "Butterfly", "Cats", "Dogs", "Fishes", "Flame", "Flowers", "Frogs",
+             "Horses", "Human", "Jellyfish", "Rabbits", "Sandwiches", "Sea", "Statues", "Towers", "Trees", "Waterfalls"]
+SEEDS = [188, 288, 588, 688, 888]
+STEPS, GUIDANCE = 100, 9.0
+JUDGE_FILES = {"style": "style50.safetensors", "object": "style50_cls.safetensors"}
+JUDGE_ARCH = "vit_large_patch16_224"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+class UnlearnCanvasGrid(Grid):
+    """The official grid over a local dataset folder; images are read (never drawn) and resized to ``image_size``
+    (the generator's resolution: SalUn encodes them with its VAE)."""
+
+    def __init__(self, data_dir, styles=None, objects=None, image_size: int = 512):
+        styles = list(styles or STYLE_LABELS)
+        super().__init__(styles, list(objects or OBJECTS20), capitalize=False, not_targets=["Seed_Images"])
+        self.data_dir, self.image_size = Path(data_dir), image_size
+        if not self.data_dir.is_dir():
+            raise FileNotFoundError(f"--data {data_dir}: no such folder (expected the UnlearnCanvas dataset, "
+                                    "DIR/{Style}/{Object}/{n}.jpg)")
+
+    def files(self, style: str, obj: str) -> list[Path]:
+        """The images of one pair, sorted; ``FileNotFoundError`` naming the folder when it has none."""
+        d = self.data_dir / style / obj
+        found = sorted(p for p in d.glob("*") if p.suffix.lower() in IMAGE_EXTS) if d.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"{d}: no .jpg/.png images — the UnlearnCanvas layout is DIR/{{Style}}/{{Object}}/"
+                                    "{n}.jpg; restrict the grid with --styles/--objects to the pairs you have")
+        return found
+
+    def images(self, pairs, per_pair: int, seed: int, salt: int) -> tuple[np.ndarray, list[str]]:
+        """``per_pair`` images of each pair, drawn without replacement (with, when a folder holds fewer) by
+        ``default_rng([seed, salt, s, o])``: uint8 ``[N, image_size, image_size, 3]`` and the prompts."""
+        xs, prompts = [], []
+        for style, obj in pairs:
+            files = self.files(style, obj)
+            rng = np.random.default_rng([seed, salt, self.styles.index(style), self.objects.index(obj)])
+            pick = rng.choice(len(files), per_pair, replace=len(files) < per_pair)
+            for i in pick:
+                with Image.open(files[int(i)]) as im:
+                    im = im.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+                    xs.append(np.asarray(im))
+                prompts.append(self.prompt(obj, style))
+        return np.stack(xs), prompts
+
+    def clip_inputs(self, x: torch.Tensor, adapter) -> torch.Tensor:
+        """uint8 ``[N, 3, H, W]`` through the CLIP's own image processor."""
+        return torch.stack([adapter.preprocess(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in x])
+
+
+class TimmJudges:
+    """The benchmark's style and object classifiers (timm ViTs, safetensors state dicts), predicting indices into a
+    grid's styles/objects (−1 for a label outside the grid: counted as wrong)."""
+
+    def __init__(self, style, obj, grid: Grid, style_labels, object_labels, image_size: int = 224):
+        self.style, self.object, self.image_size = style.eval(), obj.eval(), image_size
+        self.maps = [np.array([grid.styles.index(n) if n in grid.styles else -1 for n in style_labels]),
+                     np.array([grid.objects.index(n) if n in grid.objects else -1 for n in object_labels])]
+
+    @classmethod
+    def load(cls, folder, grid: Grid) -> "TimmJudges":
+        """``FileNotFoundError`` naming the missing file (and the conversion to do for a ``.pth``)."""
+        import timm
+        from safetensors.torch import load_file
+
+        d = Path(folder)
+        spec = json.loads((d / "judges.json").read_text()) if (d / "judges.json").is_file() else {}
+        labels = {"style": spec.get("style_labels", STYLE_LABELS), "object": spec.get("object_labels", OBJECTS20)}
+        nets = []
+        for task, name in JUDGE_FILES.items():
+            f = d / name
+            if not f.is_file():
+                pth = f.with_suffix(".pth")
+                hint = (f"; {pth.name} is there: slugkit does not unpickle files — convert it once (README, "
+                        "'UnlearnCanvas, the official protocol')" if pth.is_file() else "")
+                raise FileNotFoundError(f"--classifiers {d}: {name} is missing{hint}")
+            net = timm.create_model(spec.get("arch", JUDGE_ARCH), pretrained=False, num_classes=len(labels[task]),
+                                    **spec.get("kwargs", {}))
+            net.load_state_dict(load_file(str(f)))
+            nets.append(net)
+        return cls(*nets, grid, labels["style"], labels["object"], spec.get("image_size", 224))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``[N, 3, H, W]`` → (style indices, object indices) into the grid, each ``[N]``."""
+        out = [[], []]
+        for lo in range(0, len(images), batch_size):
+            x = images[lo:lo + batch_size].float().div(255)
+            x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                                antialias=True, align_corners=False)
+            x = (x - 0.5) / 0.5
+            p = next(self.style.parameters())
+            x = x.to(p.device, p.dtype)
+            for k, net in enumerate((self.style, self.object)):
+                out[k].append(self.maps[k][net(x).argmax(1).cpu().numpy()])
+        return np.concatenate(out[0]), np.concatenate(out[1])
+
+
+class DiffusersGenerator:
+    """A diffusers Stable Diffusion pipeline called as the canvas protocol calls a generator:
+    ``gen(prompts, seeds, steps=, guidance=)`` → uint8 ``[N, 3, H, W]``, one CPU ``torch.Generator`` per seed (as
+    :func:`slugkit.data.generate.pipeline_images`), DDIM eta 0; exposes ``text_encoder``, ``tokenizer``, ``unet``,
+    ``scheduler`` for the methods and ``to_latent`` for SalUn."""
+
+    def __init__(self, pipe, batch_size: int = 8):
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe, self.batch_size = pipe, batch_size
+        self.text_encoder, self.tokenizer, self.unet = pipe.text_encoder, pipe.tokenizer, pipe.unet
+        self.scheduler = pipe.scheduler
+
+    @torch.no_grad()
+    def __call__(self, prompts, seeds, steps: int = STEPS, guidance: float = GUIDANCE) -> torch.Tensor:
+        from ..data.generate import pipeline_images
+
+        out = []
+        for lo in range(0, len(prompts), self.batch_size):
+            ims = pipeline_images(self.pipe, list(prompts[lo:lo + self.batch_size]),
+                                  [int(s) for s in seeds[lo:lo + self.batch_size]], steps, guidance)
+            out += [torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in ims]
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [−1, 1] → the VAE posterior's mean × ``scaling_factor`` (deterministic; the
+        SalUn port samples the posterior)."""
+        vae = self.pipe.vae
+        p = next(vae.parameters())
+        return vae.encode(images.to(p.device, p.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+def official_context(pipeline_dir, clip_dir, classifiers_dir, data_dir, *, styles=None, objects=None,
+                     steps: int = STEPS, guidance: float = GUIDANCE, seeds=None, device: str = "cpu",
+                     batch_size: int = 8):
+    """A :class:`~slugkit.workflows.canvas_lite.CanvasContext` for the official protocol (module docstring).
+    Raises ``FileNotFoundError``/:class:`~slugkit.common.errors.ModelLoadError` naming the missing input, and
+    ``ValueError`` when the CLIP's text tower is not the pipeline's text encoder."""
+    from ..integrations.diffusers_sd import consumed_text_candidates, load_pipeline_folder, verify_text_encoder
+    from ..models.hf_clip import HFClipAdapter
+    from .canvas_lite import CanvasContext
+
+    for flag, d in (("--pipeline", pipeline_dir), ("--clip", clip_dir), ("--classifiers", classifiers_dir)):
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"{flag} {d}: no such folder")
+    pipe = load_pipeline_folder(str(pipeline_dir), device)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    grid = UnlearnCanvasGrid(data_dir, styles, objects, image_size=size)
+    for s in grid.styles:
+        for o in grid.objects:
+            grid.files(s, o)  # every pair is there before hours of work, not after
+    adapter = HFClipAdapter.load(str(clip_dir), device=device)
+    mapping = verify_text_encoder(adapter.model, pipe.text_encoder)
+    adapter.restrict_candidates(consumed_text_candidates(adapter, pipe.text_encoder),
+                                consumer="text encoder of the UnlearnCanvas pipeline")
+    gen = DiffusersGenerator(pipe, batch_size)
+    return CanvasContext(adapter, gen, mapping, TimmJudges.load(classifiers_dir, grid), grid,
+                         max_length=pipe.tokenizer.model_max_length, steps=steps, guidance=guidance,
+                         seeds=list(SEEDS if seeds is None else seeds), to_latent=gen.to_latent)
+
+
+__all__ = ["DiffusersGenerator", "GUIDANCE", "OBJECTS20", "SEEDS", "STEPS", "STYLE_LABELS", "TimmJudges",
+           "UnlearnCanvasGrid", "official_context"]

@@ -1,0 +1,125 @@
+"""`slug canvas run` (the official UnlearnCanvas protocol) on tiny stand-ins: a tiny SD pipeline saved as a diffusers
+folder, the tiny CLIP it was built from, two tiny timm ViT classifiers saved as safetensors with a judges.json, and a
+five-image fake dataset in the official layout. Every method runs through the protocol; the answer set is the
+declared subset × the given seeds; bad inputs are refused naming what is wrong, before any work."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from slugkit.cli import main  # noqa: E402
+from slugkit.workflows import canvas_official as off  # noqa: E402
+
+STYLES, OBJECTS = "Van_Gogh,Seed_Images", "Cats,Dogs"
+FILES = ["Van_Gogh/Cats/1.jpg", "Van_Gogh/Cats/2.jpg", "Van_Gogh/Dogs/1.jpg", "Seed_Images/Cats/1.jpg",
+         "Seed_Images/Dogs/1.jpg"]
+JUDGES = {"arch": "vit_tiny_patch16_224", "image_size": 32,
+          "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    import timm
+    from hf_tiny import build_adapter, tiny_sd_pipeline
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ucanvas")
+    clip = build_adapter(seed=3)
+    clip.save_pretrained(root / "clip")
+    tiny_sd_pipeline(clip).save_pretrained(root / "sd")
+    (root / "cls").mkdir()
+    torch.manual_seed(0)
+    for name, k in (("style50", 51), ("style50_cls", 20)):
+        net = timm.create_model(JUDGES["arch"], pretrained=False, num_classes=k, **JUDGES["kwargs"])
+        save_file({n: t.contiguous() for n, t in net.state_dict().items()}, str(root / "cls" / f"{name}.safetensors"))
+    (root / "cls" / "judges.json").write_text(json.dumps(JUDGES))
+    rng = np.random.default_rng(0)
+    for f in FILES:
+        p = root / "data" / f
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(p)
+    return root
+
+
+def _args(bench, *extra):
+    return ["canvas", "run", "--pipeline", str(bench / "sd"), "--clip", str(bench / "clip"), "--classifiers",
+            str(bench / "cls"), "--data", str(bench / "data"), "--styles", STYLES, "--objects", OBJECTS, *extra]
+
+
+def test_every_method_runs_the_official_protocol(bench):
+    from slugkit.workflows.canvas_lite import run_protocol
+
+    ctx = off.official_context(bench / "sd", bench / "clip", bench / "cls", bench / "data",
+                               styles=STYLES.split(","), objects=OBJECTS.split(","), steps=2, seeds=[188, 288])
+    assert ctx.grid.image_size == 32 and ctx.max_length == 48 and ctx.guidance == 9.0
+    x, prompts = ctx.grid.images([("Van_Gogh", "Cats")], 3, 0, 1)
+    assert x.shape == (3, 32, 32, 3) and prompts[0] == "An Cats image in Van_Gogh style."  # underscores kept
+    fast = {"esd": {"iterations": 2, "ddim_steps": 2}, "salun": {"steps": 2, "per_pair": 1},
+            "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1}}
+    r = run_protocol(ctx, ["slug", "esd", "salun", "uce"], None, None, 1, progress=False, settings=fast)
+    # Seed_Images is judged (in the answer set) but not a target
+    assert r["options"]["targets"] == ["Van_Gogh", "Cats", "Dogs"]
+    assert r["base"]["answer_set_images"] == 2 * 2 * 2 and r["options"]["answer_seeds"] == [188, 288]
+    for row in r["rows"]:
+        assert set(row) >= {"ua", "ira", "cra", "time_s", "peak_mem_bytes", "storage_bytes", "storage_full_bytes"}
+        if not row.get("refused"):
+            assert row["time_s"] > 0 and row["storage_bytes"] > 0
+    salun = next(x for x in r["rows"] if x["method"] == "salun")
+    assert salun["module"] == "unet" and salun["storage_full_bytes"] >= salun["storage_bytes"]
+
+
+def test_judges_map_official_labels_into_the_grid(bench):
+    from slugkit.world.canvas import Grid
+
+    grid = Grid(["Monet", "Van_Gogh"], ["Dogs"], capitalize=False)
+    j = off.TimmJudges.load(bench / "cls", grid)
+    assert j.maps[0][off.STYLE_LABELS.index("Van_Gogh")] == 1 and j.maps[0][0] == -1  # Abstractionism: outside
+    assert j.maps[1][off.OBJECTS20.index("Dogs")] == 0
+    s, o = j.predict(torch.zeros(3, 3, 40, 40, dtype=torch.uint8))
+    assert s.shape == (3,) and set(s) <= {-1, 0, 1} and set(o) <= {-1, 0}
+
+
+def test_cli_writes_the_table(bench, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(bench, "--methods", "uce", "--targets", "Dogs", "--seeds", "188", "--steps", "2", "--out",
+                      str(out), "--no-progress")) == 0
+    rep = json.loads((out / "canvas.json").read_text())
+    assert rep["protocol"] == "official" and rep["methods"]["uce"]["object"]["ua"] >= 0
+    assert "the official protocol (`slug canvas run`)" in (out / "canvas.md").read_text()
+    assert rep["options"]["data"] == str(bench / "data")
+
+
+def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(_args(bench, "--styles", "Van_Gogh,Monet", "--out", str(out))) == 2  # no Monet folder
+    assert "Monet/Cats: no .jpg/.png images" in capsys.readouterr().err
+    assert main(_args(bench, "--styles", "Vangogh", "--out", str(out))) == 2
+    assert "--styles: unknown 'Vangogh'" in capsys.readouterr().err
+    assert main(_args(bench, "--targets", "Monet", "--out", str(out))) == 2  # not in the declared grid
+    assert "--targets: unknown 'Monet'" in capsys.readouterr().err
+    assert main(_args(bench, "--seeds", "188,x", "--out", str(out))) == 2
+    assert "--seeds" in capsys.readouterr().err
+    pth = tmp_path / "cls"
+    pth.mkdir()
+    (pth / "style50.pth").write_bytes(b"not read")
+    args = _args(bench, "--out", str(out))
+    args[args.index("--classifiers") + 1] = str(pth)
+    assert main(args) == 2
+    assert "style50.safetensors is missing; style50.pth is there: slugkit does not unpickle" in capsys.readouterr().err
+    args[args.index("--classifiers") + 1] = str(bench / "cls")
+    args[args.index("--clip") + 1] = str(tmp_path / "nope")
+    assert main(args) == 2
+    assert "--clip" in capsys.readouterr().err
+    from hf_tiny import build_adapter
+
+    build_adapter(seed=9).save_pretrained(tmp_path / "other_clip")  # not the CLIP the pipeline was built from
+    args[args.index("--clip") + 1] = str(tmp_path / "other_clip")
+    assert main(args) == 2
+    assert "Use the CLIP checkpoint the text encoder was made from" in capsys.readouterr().err and not out.exists()
