@@ -66,7 +66,8 @@ def cmd_canvas(a) -> int:
 
     def run(line):
         r = run_canvas_lite(split_list(a.methods), targets, a.max_targets, a.per_pair, a.canvas_model, a.seed,
-                            a.threads, progress=not a.no_progress, on_row=line, steps=a.sampling_steps)
+                            a.threads, progress=not a.no_progress, on_row=line, steps=a.sampling_steps,
+                            baseline_max_targets=a.baseline_max_targets)
         return {"protocol": "lite", **r}
 
     return _run_and_write(a, run)
@@ -105,7 +106,8 @@ def cmd_canvas_run(a) -> int:
 
     def run(line):
         r = run_protocol(ctx, split_list(a.methods), split_list(a.targets) if a.targets else None, a.max_targets,
-                         1, a.seed, progress=not a.no_progress, on_row=line)
+                         1, a.seed, progress=not a.no_progress, on_row=line,
+                         baseline_max_targets=a.baseline_max_targets)
         r["options"].update(pipeline=str(a.pipeline), clip=str(a.clip), classifiers=str(a.classifiers),
                             data=str(a.data), device=a.device, threads=a.threads)
         return {"protocol": "official", **r}
@@ -117,6 +119,8 @@ def _shared(p, what: str) -> None:
     p.add_argument("--methods", default="slug,esd,salun,uce", help="comma list (default slug,esd,salun,uce)")
     p.add_argument("--targets", default=None, help=f"comma list of styles and/or objects (default: every {what})")
     p.add_argument("--max-targets", type=COUNT, default=None, help="at most N styles and N objects")
+    p.add_argument("--baseline-max-targets", type=COUNT, default=None,
+                   help="the baselines on at most N of those styles and N objects (SLUG on all; default: all)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the methods' own randomness (default 0)")

@@ -1,5 +1,5 @@
-"""The ``slug canvas lite`` / ``slug canvas run`` report: UnlearnCanvas's table (one row per method) as markdown and a plot; the JSON is
-written beside it by the workflow."""
+"""The ``slug canvas lite`` / ``slug canvas run`` report: UnlearnCanvas's table (one row per method) as markdown and
+a plot; the JSON is written beside it by the workflow."""
 
 from __future__ import annotations
 

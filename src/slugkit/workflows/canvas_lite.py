@@ -182,7 +182,8 @@ def choose_targets(targets: list[str] | None, max_targets: int | None, grid: can
 
 def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targets: int | None = None,
                     per_pair: int = 2, canvas_dir=None, seed: int = 0, threads: int | None = 1,
-                    progress: bool = True, on_row=None, settings: dict | None = None, steps: int = 20) -> dict:
+                    progress: bool = True, on_row=None, settings: dict | None = None, steps: int = 20,
+                    baseline_max_targets: int | None = None) -> dict:
     """Every method on every target of the embedded canvas (module docstring); see :func:`run_protocol`.
     ``steps``: DDIM steps of every generated image (20; fewer only to test the plumbing)."""
     n_threads = torch.get_num_threads()
@@ -190,7 +191,7 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
         torch.set_num_threads(threads)
     try:
         report = run_protocol(embedded_context(canvas_dir, steps), methods, targets, max_targets, per_pair, seed,
-                              progress, on_row, settings)
+                              progress, on_row, settings, baseline_max_targets)
     finally:
         torch.set_num_threads(n_threads)
     report["options"]["threads"] = threads
@@ -199,11 +200,13 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
 
 def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None = None,
                  max_targets: int | None = None, per_pair: int = 2, seed: int = 0, progress: bool = True,
-                 on_row=None, settings: dict | None = None) -> dict:
+                 on_row=None, settings: dict | None = None, baseline_max_targets: int | None = None) -> dict:
     """Every method on every target of ``ctx``'s grid: one unlearned model each, scored on the answer set; returns
-    ``{"rows", "methods", "ratios", "base", "options"}``. A SLUG run whose search finds no step is recorded as
-    ``refused`` (no edit: it scores as the unedited model) and the methods' averages count it. ``on_row(row)`` is
-    called after each row (progress lines). ``ValueError`` for an unknown method or target."""
+    ``{"rows", "methods", "ratios", "base", "options"}``. With ``baseline_max_targets`` the baselines run on at
+    most that many of the chosen styles and of the chosen objects (SLUG on all of them: the baselines cost minutes
+    each). A SLUG run whose search finds no step is recorded as ``refused`` (no edit: it scores as the unedited
+    model) and the methods' averages count it. ``on_row(row)`` is called after each row (progress lines).
+    ``ValueError`` for an unknown method or target."""
     from ..common.progress import status
     from ..methods.diffusion import applied
     from ..slug.search import SearchFailed
@@ -214,12 +217,17 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
             raise ValueError(f"unknown canvas method {m!r}; choose from {', '.join(METHODS)}")
     grid = ctx.grid
     chosen = choose_targets(targets, max_targets, grid)
+    k = baseline_max_targets
+    baseline = ([t for t in chosen if grid.domain_of(t) == "style"][:k] +
+                [t for t in chosen if grid.domain_of(t) == "object"][:k]) if k is not None else chosen
     t = time.perf_counter()
     base = answer_set(ctx, per_pair)
     base_s = time.perf_counter() - t
     rows = []
     for target in chosen:
         for method in methods:
+            if method != "slug" and target not in baseline:
+                continue
             status(f"{method} on {target!r}", progress)
             row = {"method": method, "target": target, "domain": grid.domain_of(target),
                    "base": {k: v for k, v in base.scores(target, grid).items() if k in ("ua", "ira", "cra")}}
@@ -245,7 +253,8 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
             "base": {"per_pair": per_pair, "answer_set_images": len(base.styles), "generation_s": base_s,
                      "style_accuracy": float((base.pred_style == base.styles).mean()),
                      "object_accuracy": float((base.pred_object == base.objects).mean())},
-            "options": {"methods": list(methods), "targets": chosen, "per_pair": per_pair, "seed": seed,
+            "options": {"methods": list(methods), "targets": chosen, "baseline_targets": baseline,
+                        "per_pair": per_pair, "seed": seed,
                         "sampling_steps": ctx.steps, "guidance": ctx.guidance, "answer_seeds": ctx.seeds,
                         "settings": {m: {**v, **(settings or {}).get(m, {})} for m, v in BASELINE_SETTINGS.items()}}}
 

@@ -125,7 +125,8 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
     if chosen is None:
         raise SearchFailed(f"no searched text layer has a step at which the canvas stops drawing {target!r} "
                            f"(<= {threshold:.0%} of {val_target} validation images) while the other {dom}s' "
-                           f"accuracy drops <= {ira_budget:.0%} (searched {len(searched)} layers){closest(searched, threshold, ira_budget, None)}")
+                           f"accuracy drops <= {ira_budget:.0%} (searched {len(searched)} layers)"
+                           f"{closest(searched, threshold, ira_budget, None)}")
     layer, eta = chosen
     values = edited_values(adapter.model, grads.forget, layer.group, eta)
     tensors = {mapping[n]: v.detach().float().cpu().contiguous() for n, v in values.items()}
@@ -135,4 +136,5 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
                           "front": table["fronts"]})
 
 
-__all__ = ["IRA_BUDGET", "SEARCH_STEPS", "VAL_OTHER", "VAL_TARGET", "SearchFailed", "canvas_gradients", "slug_canvas", "validation_plan"]
+__all__ = ["IRA_BUDGET", "SEARCH_STEPS", "VAL_OTHER", "VAL_TARGET", "SearchFailed", "canvas_gradients", "slug_canvas",
+           "validation_plan"]
