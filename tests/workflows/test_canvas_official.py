@@ -94,6 +94,7 @@ def test_cli_writes_the_table(bench, tmp_path):
     assert rep["protocol"] == "official" and rep["methods"]["uce"]["object"]["ua"] >= 0
     assert "the official protocol (`slug canvas run`)" in (out / "canvas.md").read_text()
     assert rep["options"]["data"] == str(bench / "data")
+    assert rep["options"]["settings"]["esd"] == off.OFFICIAL_SETTINGS["esd"]  # SD-1.5 scale, not the embedded one
 
 
 def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):

@@ -106,7 +106,7 @@ def cmd_canvas_run(a) -> int:
 
     def run(line):
         r = run_protocol(ctx, split_list(a.methods), split_list(a.targets) if a.targets else None, a.max_targets,
-                         1, a.seed, progress=not a.no_progress, on_row=line,
+                         1, a.seed, progress=not a.no_progress, on_row=line, settings=off.OFFICIAL_SETTINGS,
                          baseline_max_targets=a.baseline_max_targets)
         r["options"].update(pipeline=str(a.pipeline), clip=str(a.clip), classifiers=str(a.classifiers),
                             data=str(a.data), device=a.device, threads=a.threads)

@@ -1,9 +1,11 @@
-"""``slug canvas lite``: the UnlearnCanvas protocol on the embedded canvas (issue 15; spec ``baselines.md`` §7).
+"""The UnlearnCanvas protocol (issue 15; spec ``baselines.md`` §7) on any canvas: ``slug canvas lite`` runs it on the
+embedded canvas (:func:`run_canvas_lite`), ``slug canvas run`` on the user's UnlearnCanvas
+(:mod:`slugkit.workflows.canvas_official`); both are :func:`run_protocol` over a :class:`CanvasContext`.
 
-For every target (a style or an object of :mod:`slugkit.world.canvas`) and every method, one unlearned model, then
-the **answer set**: ``per_pair`` generated images of "An {object} image in {style} style." for every (style, object)
-pair (DDIM 20 steps, the canvas's guidance, fixed seeds — the same for every method, so before/after are paired),
-scored by the canvas's two judges:
+For every target (a style or an object of the context's :class:`~slugkit.world.canvas.Grid`) and every method, one
+unlearned model, then the **answer set**: generated images of "An {object} image in {style} style." for every
+(style, object) pair (the context's sampler settings and fixed seeds — the same for every method, so before/after
+are paired; the embedded canvas: ``per_pair`` seeds per pair, DDIM 20 steps), scored by the two judges:
 
 * **UA** = 1 − the target-domain judge's accuracy on the images whose prompt names the target;
 * **IRA** = the same judge's accuracy on the images of the other concepts of the target's domain;
@@ -11,18 +13,22 @@ scored by the canvas's two judges:
   scores the whole answer set in both domains);
 
 and the cost of the unlearning alone: ``time_s`` (wall), ``peak_mem_bytes`` (resident-set growth, sampled;
-:class:`slugkit.workflows.compare_support.PeakRSS`) and ``storage_bytes`` (the changed tensors in float32).
+:class:`slugkit.workflows.compare_support.PeakRSS`), ``storage_bytes`` (the changed tensors in float32) and
+``storage_full_bytes`` (the checkpoint as UnlearnCanvas stores a method's result: the whole edited UNet; SLUG's is
+its patch).
 
 Methods (each its own module): **SLUG** edits one layer of the text encoder (:func:`slug_canvas`: forget pairs =
 renders of the target with their prompts, retain pairs = renders of the other concepts of its domain, SLUG's
 gradients, importance/alignment Pareto front on the consumed text layers, then the step searched on **generated**
-validation images as SLUG's own UnlearnCanvas evaluation does (§7.5: target judged on a few images, in-domain others
-on a few; seeds disjoint from the answer set)); **ESD** (:mod:`slugkit.methods.esd`, ESD-x as UnlearnCanvas runs
+validation images as SLUG's own UnlearnCanvas script does (§7.5: 3 images of the target, one each of 3 other
+concepts of its domain, the first accepted step; seeds disjoint from the answer set)); **ESD** (:mod:`slugkit.methods.esd`, ESD-x as UnlearnCanvas runs
 it, prompts "{Style} Style" / "An image of {Object}"), **SalUn** (:mod:`slugkit.methods.salun_sd`; c′ the next
 concept of the domain — Imagenette's (k+1) mod N rule, as the canvas has no "Photo" style), **UCE**
 (:mod:`slugkit.methods.uce`; the UnlearnCanvas port's settings: guide "", the other prompts preserved with
-s_p = max(0.1, 1/|P|)). Their iteration counts and learning rates are the official ones scaled to this 1 M-parameter
-UNet (:data:`BASELINE_SETTINGS`; the official values are in each module).
+s_p = max(0.1, 1/|P|)). :data:`BASELINE_SETTINGS`: ESD's iteration count is the official diffusers code's (200;
+the CompVis code's 1,000), its learning rate and SalUn's step count scaled to the embedded 1 M-parameter UNet; the
+official values are in each module. ``slug canvas run`` uses the same settings (override them through
+``settings=`` in Python).
 """
 
 from __future__ import annotations

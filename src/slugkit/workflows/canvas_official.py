@@ -48,6 +48,12 @@ STEPS, GUIDANCE = 100, 9.0
 JUDGE_FILES = {"style": "style50.safetensors", "object": "style50_cls.safetensors"}
 JUDGE_ARCH = "vit_large_patch16_224"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+# The official settings at SD-1.5 scale (each module documents its sources): ESD-x as UnlearnCanvas runs it, the
+# CompVis code's 1,000 iterations, Adam lr 1e-5, DDIM 50; canonical SalUn (spec §2.5 — not the UnlearnCanvas port's
+# unmasked variant, §2.8) with the port's data and schedule: 3 images per pair, Adam lr 1e-5, 2 epochs over the
+# 60 forget images of a style at batch 8 (15 steps).
+OFFICIAL_SETTINGS = {"esd": {"iterations": 1000, "lr": 1e-5, "ddim_steps": 50, "which": "esd-x"},
+                     "salun": {"steps": 15, "lr": 1e-5, "batch_size": 8, "per_pair": 3}}
 
 
 class UnlearnCanvasGrid(Grid):
@@ -203,5 +209,5 @@ def official_context(pipeline_dir, clip_dir, classifiers_dir, data_dir, *, style
                          seeds=list(SEEDS if seeds is None else seeds), to_latent=gen.to_latent)
 
 
-__all__ = ["DiffusersGenerator", "GUIDANCE", "OBJECTS20", "SEEDS", "STEPS", "STYLE_LABELS", "TimmJudges",
+__all__ = ["DiffusersGenerator", "GUIDANCE", "OBJECTS20", "OFFICIAL_SETTINGS", "SEEDS", "STEPS", "STYLE_LABELS", "TimmJudges",
            "UnlearnCanvasGrid", "official_context"]
