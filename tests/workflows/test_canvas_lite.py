@@ -94,6 +94,14 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     assert main(["canvas", "lite", "--methods", "slug", "--targets", "star", "--canvas-model", str(tmp_path / "none"),
                  "--out", str(out)]) == 2
     assert "already holds a run (canvas.json present)" in capsys.readouterr().err
+    import shutil
+
+    old = tmp_path / "old"  # a canvas trained on another grid (an older slugkit's) is refused, not misread
+    shutil.copytree(tiny_canvas, old)
+    meta = json.loads((old / canvas.CONFIG_FILE).read_text())
+    (old / canvas.CONFIG_FILE).write_text(json.dumps({**meta, "styles": ["flat", "stripes"]}))
+    assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(old), "--out", str(tmp_path / "z")]) == 2
+    assert "holds a canvas trained on styles ['flat', 'stripes']" in capsys.readouterr().err
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
 
 

@@ -240,17 +240,26 @@ def dataset(per_pair: int, seed: int, styles=None, objects=None) -> tuple[np.nda
 CANVAS_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_canvas"
 UNET_FILE, CONFIG_FILE = "unet.safetensors", "canvas_config.json"
 JUDGE_FILES = {"style": "style_judge.safetensors", "object": "object_judge.safetensors"}
-NOT_SHIPPED = ("the embedded canvas is not shipped yet (issue 15: the 1 M-parameter UNet trained so far draws the "
-               "asked style in only ~31 % of its images); train one with `slug world train-canvas --out DIR` (~40 "
-               "min on one core) and pass --canvas-model DIR")
+NOT_SHIPPED = (f"the embedded canvas is missing from this installation ({CANVAS_DIR}); reinstall slugkit, or write "
+               "one with `slug world train-canvas --out DIR` and pass --canvas-model DIR")
 
 
 def _require_shipped(canvas_dir) -> None:
-    """``ModelLoadError`` (:data:`NOT_SHIPPED`) when no folder is given and the package holds no canvas."""
-    if canvas_dir is None and not (CANVAS_DIR / CONFIG_FILE).is_file():
-        from slugkit.models.base import ModelLoadError
+    """``ModelLoadError`` (:data:`NOT_SHIPPED`) when no folder is given and the package holds no canvas, and when
+    the folder's model was trained on another grid than :data:`STYLES` × :data:`OBJECTS` (an older canvas)."""
+    import json
 
+    from slugkit.models.base import ModelLoadError
+
+    if canvas_dir is None and not (CANVAS_DIR / CONFIG_FILE).is_file():
         raise ModelLoadError(NOT_SHIPPED)
+    cfg = Path(canvas_dir or CANVAS_DIR) / CONFIG_FILE
+    if cfg.is_file():
+        meta = json.loads(cfg.read_text())
+        if (meta.get("styles", STYLES), meta.get("objects", OBJECTS)) != (STYLES, OBJECTS):
+            raise ModelLoadError(f"{cfg.parent} holds a canvas trained on styles {meta.get('styles')} x objects "
+                                 f"{meta.get('objects')}; this slugkit's canvas is {STYLES} x {OBJECTS}: write a "
+                                 "new one with `slug world train-canvas --out DIR`")
 
 
 class CanvasNet(torch.nn.Module):
