@@ -100,12 +100,12 @@ def test_canvas_training_is_deterministic_and_judges_learn(tmp_path):
 
 
 
-def test_unshipped_canvas_says_how_to_get_one(monkeypatch, tmp_path):
+def test_missing_canvas_says_how_to_get_one(monkeypatch, tmp_path):
     from slugkit.models.base import ModelLoadError
 
     monkeypatch.setattr(canvas, "CANVAS_DIR", tmp_path / "absent")
     for load in (canvas.CanvasJudges.load, canvas.CanvasPipeline.load):
-        with pytest.raises(ModelLoadError, match="not shipped yet.*slug world train-canvas --out DIR"):
+        with pytest.raises(ModelLoadError, match="missing from this installation.*reinstall slugkit.*train-canvas"):
             load()
     with pytest.raises(ModelLoadError, match="canvas_config.json is missing.*not a complete canvas model"):
         canvas.CanvasPipeline.load(tmp_path)
