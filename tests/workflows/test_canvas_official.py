@@ -60,7 +60,11 @@ def test_every_method_runs_the_official_protocol(bench):
                                styles=STYLES.split(","), objects=OBJECTS.split(","), steps=2, seeds=[188, 288])
     assert ctx.grid.image_size == 32 and ctx.max_length == 48 and ctx.guidance == 9.0
     x, prompts = ctx.grid.images([("Van_Gogh", "Cats")], 3, 0, 1)
-    assert x.shape == (3, 32, 32, 3) and prompts[0] == "An Cats image in Van_Gogh style."  # underscores kept
+    # the official sampling scripts' prompt: "A", underscores replaced
+    assert x.shape == (3, 32, 32, 3) and prompts[0] == "A Cats image in Van Gogh style."
+    erase, keep = ctx.grid.uce_prompts("Van_Gogh")  # UCE's train_erase.py: the bare name; "" and the other pairs
+    assert erase == ["Van Gogh"] and keep == ["", "A Cats image in Seed Images style.", "A Dogs image in Seed Images "
+                                                                                         "style."]
     fast = {"esd": {"iterations": 2, "ddim_steps": 2}, "salun": {"steps": 2, "per_pair": 1},
             "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1}}
     r = run_protocol(ctx, ["slug", "esd", "salun", "uce"], None, None, 1, progress=False, settings=fast)
@@ -105,8 +109,12 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     assert "--styles: unknown 'Vangogh'" in capsys.readouterr().err
     assert main(_args(bench, "--targets", "Monet", "--out", str(out))) == 2  # not in the declared grid
     assert "--targets: unknown 'Monet'" in capsys.readouterr().err
-    assert main(_args(bench, "--seeds", "188,x", "--out", str(out))) == 2
-    assert "--seeds" in capsys.readouterr().err
+    for extra, msg in ((["--seeds", "188,x"], "--seeds"), (["--seeds", ","], "--seeds"),
+                       (["--seeds", "188,188"], "distinct"), (["--guidance", "nan"], "--guidance must be a finite number"),
+                       (["--targets", "Seed_Images"], "never unlearns"), (["--objects", "Cats"], "at least two"),
+                       (["--styles", "Van_Gogh,Van_Gogh"], "given twice")):
+        assert main(_args(bench, *extra, "--out", str(out))) == 2, extra
+        assert msg in capsys.readouterr().err, extra
     pth = tmp_path / "cls"
     pth.mkdir()
     (pth / "style50.pth").write_bytes(b"not read")
@@ -114,7 +122,31 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     args[args.index("--classifiers") + 1] = str(pth)
     assert main(args) == 2
     assert "style50.safetensors is missing; style50.pth is there: slugkit does not unpickle" in capsys.readouterr().err
+    import shutil
+
+    broken = tmp_path / "cls_broken"  # a truncated classifier file, then one with the wrong head
+    shutil.copytree(bench / "cls", broken)
+    (broken / "style50.safetensors").write_bytes((bench / "cls" / "style50.safetensors").read_bytes()[:100])
+    args[args.index("--classifiers") + 1] = str(broken)
+    assert main(args) == 2
+    assert "style50.safetensors is not a vit_tiny_patch16_224 with 51 style outputs" in capsys.readouterr().err
+    shutil.copy(bench / "cls" / "style50_cls.safetensors", broken / "style50.safetensors")
+    assert main(args) == 2
+    assert "must hold the style classifier's state dict" in capsys.readouterr().err
+    (broken / "judges.json").write_text("{nope")
+    assert main(args) == 2
+    assert "judges.json is not valid JSON" in capsys.readouterr().err
     args[args.index("--classifiers") + 1] = str(bench / "cls")
+    bad_img = tmp_path / "data"
+    shutil.copytree(bench / "data", bad_img)
+    (bad_img / "Van_Gogh" / "Cats" / "3.jpg").write_text("not an image")
+    args[args.index("--data") + 1] = str(bad_img)
+    assert main(args) == 2
+    assert "3.jpg is not a readable image" in capsys.readouterr().err
+    args[args.index("--data") + 1] = str(bench / "data")
+    args[args.index("--clip") + 1] = str(bench / "sd" / "text_encoder")  # the pipeline's text encoder: not a CLIP
+    assert main(args) == 2
+    assert "not a transformers CLIPModel folder" in capsys.readouterr().err
     args[args.index("--clip") + 1] = str(tmp_path / "nope")
     assert main(args) == 2
     assert "--clip" in capsys.readouterr().err

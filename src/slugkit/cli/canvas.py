@@ -32,8 +32,9 @@ def _check(a, grid) -> str | None:
     return None
 
 
-def _run_and_write(a, run) -> int:
-    """Claim ``--out`` (an existing run is refused before any work), run, write JSON + markdown + plot at once."""
+def _run_and_write(a, run, prepare=None) -> int:
+    """Claim ``--out`` (an existing run is refused before any work), ``prepare()`` (loading; its
+    ``FileNotFoundError``/``ValueError`` is a usage error), run, write JSON + markdown + plot at once."""
     from ..common.files import atomic_write_bytes, write_json
     from ..common.outlock import claim_out
     from ..common.runfolder import run_folder
@@ -41,18 +42,34 @@ def _run_and_write(a, run) -> int:
     from ..workflows.canvas_lite import row_line
 
     claim_out(a.out, a.overwrite, "canvas.json")
+    state = None
+    if prepare is not None:
+        try:
+            state = prepare()
+        except (FileNotFoundError, ValueError) as e:
+            return refuse(str(e))
 
     def line(row):
         if not a.no_progress:
             print(row_line(row), flush=True)
 
-    report = run(line)
+    report = run(line, state)
     with run_folder(a.out, a.overwrite, marker="canvas.json") as stage:
         write_json(stage / "canvas.json", report)
         atomic_write_bytes(stage / "canvas.md", render_canvas(report).encode())
         canvas_plot(report, stage / "canvas.png")
     print(f"wrote {a.out}/canvas.json, canvas.md, canvas.png")
     return 0
+
+
+def _settings(a) -> dict:
+    """``--esd-iterations`` / ``--salun-steps`` over the defaults."""
+    out = {}
+    if a.esd_iterations is not None:
+        out["esd"] = {"iterations": a.esd_iterations}
+    if a.salun_steps is not None:
+        out["salun"] = {"steps": a.salun_steps}
+    return out
 
 
 def cmd_canvas(a) -> int:
@@ -64,55 +81,63 @@ def cmd_canvas(a) -> int:
         return refuse(err)
     targets = split_list(a.targets) if a.targets else None
 
-    def run(line):
+    def run(line, _):
         r = run_canvas_lite(split_list(a.methods), targets, a.max_targets, a.per_pair, a.canvas_model, a.seed,
                             a.threads, progress=not a.no_progress, on_row=line, steps=a.sampling_steps,
-                            baseline_max_targets=a.baseline_max_targets)
+                            baseline_max_targets=a.baseline_max_targets, settings=_settings(a))
         return {"protocol": "lite", **r}
 
     return _run_and_write(a, run)
 
 
 def cmd_canvas_run(a) -> int:
+    import math
+    from pathlib import Path
+
     import torch
 
     from ..workflows import canvas_official as off
     from ..workflows.canvas_lite import run_protocol
 
-    styles = split_list(a.styles) if a.styles else None
-    objects = split_list(a.objects) if a.objects else None
-    for flag, given, known in (("--styles", styles, off.STYLE_LABELS), ("--objects", objects, off.OBJECTS20)):
-        bad = [n for n in given or [] if n not in known]
-        if bad:
-            return refuse(f"{flag}: unknown {bad[0]!r}; UnlearnCanvas has {', '.join(known)}")
+    styles = split_list(a.styles) if a.styles is not None else list(off.STYLE_LABELS)
+    objects = split_list(a.objects) if a.objects is not None else list(off.OBJECTS20)
+    targets = split_list(a.targets) if a.targets else None
+    err = off.check_grid(styles, objects, targets)
+    if err:
+        return refuse(err)
     seeds = None
-    if a.seeds:
+    if a.seeds is not None:
         try:
             seeds = [int(x) for x in split_list(a.seeds)]
         except ValueError:
-            return refuse(f"--seeds: {a.seeds!r} is not a comma list of integers (official: 188,288,588,688,888)")
-    grid = off.Grid(styles or off.STYLE_LABELS, objects or off.OBJECTS20, capitalize=False)
-    err = _check(a, grid)
+            seeds = []
+        if not seeds or any(not 0 <= x < 2 ** 63 for x in seeds) or len(set(seeds)) != len(seeds):
+            return refuse(f"--seeds: {a.seeds!r} is not a comma list of distinct integers in [0, 2^63) (official: "
+                          "188,288,588,688,888)")
+    if not math.isfinite(a.guidance) or a.guidance < 0:
+        return refuse(f"--guidance must be a finite number >= 0 (official 9.0), got {a.guidance}")
+    err = _check(a, off.Grid(styles, objects, capitalize=False))
     if err:
         return refuse(err)
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        ctx = off.official_context(a.pipeline, a.clip, a.classifiers, a.data, styles=styles, objects=objects,
-                                   steps=a.steps, guidance=a.guidance, seeds=seeds, device=a.device,
-                                   batch_size=a.batch_size)
-    except (FileNotFoundError, ValueError) as e:
-        return refuse(str(e))
+    paths = {k: str(Path(getattr(a, k)).resolve()) for k in ("pipeline", "clip", "classifiers", "data")}
 
-    def run(line):
-        r = run_protocol(ctx, split_list(a.methods), split_list(a.targets) if a.targets else None, a.max_targets,
-                         1, a.seed, progress=not a.no_progress, on_row=line, settings=off.OFFICIAL_SETTINGS,
-                         baseline_max_targets=a.baseline_max_targets)
-        r["options"].update(pipeline=str(a.pipeline), clip=str(a.clip), classifiers=str(a.classifiers),
-                            data=str(a.data), device=a.device, threads=a.threads)
+    def prepare():
+        return off.official_context(paths["pipeline"], paths["clip"], paths["classifiers"], paths["data"],
+                                    styles=styles, objects=objects, steps=a.steps, guidance=a.guidance, seeds=seeds,
+                                    device=a.device, batch_size=a.batch_size, progress=not a.no_progress)
+
+    def run(line, ctx):
+        settings = {m: {**v, **_settings(a).get(m, {})} for m, v in off.OFFICIAL_SETTINGS.items()}
+        r = run_protocol(ctx, split_list(a.methods), targets, a.max_targets, 1, a.seed, progress=not a.no_progress,
+                         on_row=line, settings=settings, baseline_max_targets=a.baseline_max_targets)
+        full = styles == off.STYLE_LABELS and objects == off.OBJECTS20 and ctx.seeds == off.SEEDS and \
+            a.steps == off.STEPS and a.guidance == off.GUIDANCE
+        r["options"].update(paths, device=a.device, threads=a.threads, declared_subset=not full)
         return {"protocol": "official", **r}
 
-    return _run_and_write(a, run)
+    return _run_and_write(a, run, prepare)
 
 
 def _shared(p, what: str) -> None:
@@ -124,6 +149,8 @@ def _shared(p, what: str) -> None:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the methods' own randomness (default 0)")
+    p.add_argument("--esd-iterations", type=COUNT, default=None, help="ESD's iterations (default: the settings')")
+    p.add_argument("--salun-steps", type=COUNT, default=None, help="SalUn's steps (default: the settings')")
     p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
 

@@ -37,6 +37,10 @@ def render_canvas(report: dict) -> str:
              "shared by every method; base model: style accuracy "
              f"{_pct(report['base']['style_accuracy'])} %, object "
              f"accuracy {_pct(report['base']['object_accuracy'])} %. Targets: {', '.join(o['targets'])}.", "",
+             f"Grid: {len(o.get('styles', []))} styles ({', '.join(o.get('styles', []))}) × "
+             f"{len(o.get('objects', []))} objects ({', '.join(o.get('objects', []))})"
+             + (" — **a declared subset of the official protocol** (its answer set: 51 styles × 20 objects × 5 seeds, "
+                "DDIM 100, guidance 9.0)." if o.get("declared_subset") else "."), "",
              "Storage: the changed tensors (float32) / the checkpoint as UnlearnCanvas stores it (the whole edited "
              "UNet; SLUG's is its patch).", "",
              "| method | targets (refused) | style UA | style IRA | style CRA | object UA | object IRA | object CRA "
@@ -59,6 +63,9 @@ def render_canvas(report: dict) -> str:
                 w = r[dom]["worst_ira"]
                 lines.append(f"- {m}, {dom}: {w['target']} (IRA {_pct(w['ira'])} %)")
     ratios = report.get("ratios") or {}
+    if report.get("slug_on_baseline_targets"):
+        lines += ["", f"The baselines ran on {', '.join(o['baseline_targets'])} only; the ratios below compare SLUG "
+                      "on those targets (paired), the table above averages each method over its own targets."]
     if ratios:
         lines += ["", "Cost against SLUG (the paper: ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 GB : 4.0 GB : "
                       "0.04 GB):", ""]

@@ -21,14 +21,14 @@ Methods (each its own module): **SLUG** edits one layer of the text encoder (:fu
 renders of the target with their prompts, retain pairs = renders of the other concepts of its domain, SLUG's
 gradients, importance/alignment Pareto front on the consumed text layers, then the step searched on **generated**
 validation images as SLUG's own UnlearnCanvas script does (§7.5: 3 images of the target, one each of 3 other
-concepts of its domain, the first accepted step; seeds disjoint from the answer set)); **ESD** (:mod:`slugkit.methods.esd`, ESD-x as UnlearnCanvas runs
-it, prompts "{Style} Style" / "An image of {Object}"), **SalUn** (:mod:`slugkit.methods.salun_sd`; c′ the next
-concept of the domain — Imagenette's (k+1) mod N rule, as the canvas has no "Photo" style), **UCE**
-(:mod:`slugkit.methods.uce`; the UnlearnCanvas port's settings: guide "", the other prompts preserved with
-s_p = max(0.1, 1/|P|)). :data:`BASELINE_SETTINGS`: ESD's iteration count is the official diffusers code's (200;
-the CompVis code's 1,000), its learning rate and SalUn's step count scaled to the embedded 1 M-parameter UNet; the
-official values are in each module. ``slug canvas run`` uses the same settings (override them through
-``settings=`` in Python).
+concepts of its domain, the first accepted step; seeds disjoint from the answer set)); **ESD**
+(:mod:`slugkit.methods.esd`, ESD-x as UnlearnCanvas runs it, prompts "{Style} Style" / "An image of {Object}"),
+**SalUn** (:mod:`slugkit.methods.salun_sd`; c′ the next concept of the domain — Imagenette's (k+1) mod N rule, as
+the canvas has no "Photo" style), **UCE** (:mod:`slugkit.methods.uce`; the UnlearnCanvas port's settings: guide "",
+the prompts of :meth:`~slugkit.world.canvas.Grid.uce_prompts`, s_p = max(0.1, 1/|P|)). :data:`BASELINE_SETTINGS`:
+ESD's iteration count is the official diffusers code's (200; the CompVis code's 1,000), its learning rate and
+SalUn's step count scaled to the embedded 1 M-parameter UNet; the official values are in each module. ``slug canvas
+run`` uses :data:`slugkit.workflows.canvas_official.OFFICIAL_SETTINGS` (SD-1.5 scale).
 """
 
 from __future__ import annotations
@@ -167,8 +167,7 @@ def unlearn(method: str, target: str, ctx, seed: int = 0, progress: bool = False
         return "unet", salun_sd(te, tok, unet, pipe.scheduler, forget, retain, pseudo, seed=seed, max_length=L,
                                 to_latent=ctx.to_latent, progress=progress, **kw)
     if method == "uce":
-        erase = [grid.prompt(o, s) for s, o in pairs]
-        preserve = [grid.prompt(o, s) for s, o in others]
+        erase, preserve = grid.uce_prompts(target)
         return "unet", uce(te, tok, unet, erase, preserve, guide="", max_length=L,
                            **{**BASELINE_SETTINGS["uce"], **(settings or {}).get("uce", {})})
     raise ValueError(f"unknown canvas method {method!r}; choose from {', '.join(METHODS)}")
@@ -237,9 +236,12 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
             status(f"{method} on {target!r}", progress)
             row = {"method": method, "target": target, "domain": grid.domain_of(target),
                    "base": {k: v for k, v in base.scores(target, grid).items() if k in ("ua", "ira", "cra")}}
+            cuda = next(ctx.pipe.unet.parameters()).is_cuda
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             try:
                 with PeakRSS() as pm:
-                    module, edit = unlearn(method, target, ctx, seed, progress=False, settings=settings)
+                    module, edit = unlearn(method, target, ctx, seed, progress=progress, settings=settings)
             except SearchFailed as e:
                 row.update(refused=str(e), **row["base"], time_s=None, peak_mem_bytes=None, storage_bytes=0,
                            storage_full_bytes=0)
@@ -249,17 +251,25 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
                 full = sum(p.numel() * 4 for p in getattr(ctx.pipe, module).parameters())
                 row.update({k: sc[k] for k in ("ua", "ira", "cra", "worst_other")}, module=module,
                            time_s=edit.time_s, peak_mem_bytes=pm.bytes, storage_bytes=edit.storage_bytes,
+                           **({"peak_gpu_mem_bytes": torch.cuda.max_memory_allocated()} if cuda else {}),
                            storage_full_bytes=full if module == "unet" else edit.storage_bytes,
                            info={k: v for k, v in edit.info.items() if k not in ("log", "search")})
             rows.append(row)
             if on_row:
                 on_row(row)
     table = summarise(rows, methods)
-    return {"rows": rows, "methods": table, "ratios": ratios(table),
+    paired = table
+    if "slug" in table and set(baseline) != set(chosen):  # compare SLUG on the baselines' targets only
+        keep = set(baseline)
+        paired = {**table, "slug": summarise([r for r in rows if r["method"] == "slug" and r["target"] in keep],
+                                             ["slug"])["slug"]}
+    return {"rows": rows, "methods": table, "ratios": ratios(paired),
+            **({"slug_on_baseline_targets": paired["slug"]} if paired is not table else {}),
             "base": {"per_pair": per_pair, "answer_set_images": len(base.styles), "generation_s": base_s,
                      "style_accuracy": float((base.pred_style == base.styles).mean()),
                      "object_accuracy": float((base.pred_object == base.objects).mean())},
-            "options": {"methods": list(methods), "targets": chosen, "baseline_targets": baseline,
+            "options": {"methods": list(methods), "styles": grid.styles, "objects": grid.objects, "targets": chosen,
+                        "baseline_targets": baseline,
                         "per_pair": per_pair, "seed": seed,
                         "sampling_steps": ctx.steps, "guidance": ctx.guidance, "answer_seeds": ctx.seeds,
                         "settings": {m: {**v, **(settings or {}).get(m, {})} for m, v in BASELINE_SETTINGS.items()}}}

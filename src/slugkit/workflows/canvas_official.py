@@ -14,13 +14,17 @@ Inputs, all local (nothing is downloaded):
   them once yourself (the README's command). An optional ``judges.json`` (``{"arch", "kwargs", "image_size",
   "style_labels", "object_labels"}``) describes other classifiers (the tests' tiny ViTs);
 * ``--data DIR``: the dataset, ``DIR/{Style}/{Object}/{n}.jpg`` — SLUG's forget/retain pairs and SalUn's images
-  come from it (captions "An {Object} image in {Style} style.", underscores kept as the official scripts keep them).
+  come from it, captioned with the answer set's prompt.
 
 The answer set is the official one: every style of :data:`STYLE_LABELS` (Seed_Images included) × every object,
-seeds 188, 288, 588, 688, 888, DDIM 100 steps, guidance 9.0 (``--styles``/``--objects``/``--seeds``/``--steps``
-declare a subset, recorded in the JSON as the spec's "lite" protocol asks). Targets: the 50 styles (not Seed_Images)
-and the 20 objects. UA/IRA/CRA per target and averaged, time/peak memory/storage of the unlearning alone — exactly
-:func:`slugkit.workflows.canvas_lite.run_protocol`, which also runs the embedded canvas.
+prompted as UnlearnCanvas's sampling scripts prompt it — ``"A {object} image in {style} style."`` with the style's
+underscores replaced by spaces (:data:`PROMPT`) — seeds 188, 288, 588, 688, 888, DDIM 100 steps (eta 0), guidance 9.0
+(``--styles``/``--objects``/``--seeds``/``--steps`` declare a subset, recorded in the JSON as the spec's "lite"
+protocol asks). Departure: one sampler for every method (the official UCE script samples with LMS). Targets: the 50
+styles (not Seed_Images) and the 20 objects. UA/IRA/CRA per target and averaged, time/peak memory/storage of the
+unlearning alone — exactly :func:`slugkit.workflows.canvas_lite.run_protocol`, which also runs the embedded canvas.
+ESD's concept is ``"{style} Style"`` / ``"An image of {object}"`` (underscores replaced, as its training script); UCE
+erases the bare concept name and preserves ``""`` and every other pair's prompt, as its ``train_erase.py``.
 """
 
 from __future__ import annotations
@@ -48,12 +52,31 @@ STEPS, GUIDANCE = 100, 9.0
 JUDGE_FILES = {"style": "style50.safetensors", "object": "style50_cls.safetensors"}
 JUDGE_ARCH = "vit_large_patch16_224"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+PROMPT = "A {object} image in {style} style."  # the official sampling scripts' (the embedded canvas: "An ...")
 # The official settings at SD-1.5 scale (each module documents its sources): ESD-x as UnlearnCanvas runs it, the
 # CompVis code's 1,000 iterations, Adam lr 1e-5, DDIM 50; canonical SalUn (spec §2.5 — not the UnlearnCanvas port's
 # unmasked variant, §2.8) with the port's data and schedule: 3 images per pair, Adam lr 1e-5, 2 epochs over the
-# 60 forget images of a style at batch 8 (15 steps).
+# 60 forget images of a style at batch 8 (15 steps); UCE with the UnlearnCanvas port's s_p = max(0.1, 1/|P|) (None).
 OFFICIAL_SETTINGS = {"esd": {"iterations": 1000, "lr": 1e-5, "ddim_steps": 50, "which": "esd-x"},
-                     "salun": {"steps": 15, "lr": 1e-5, "batch_size": 8, "per_pair": 3}}
+                     "salun": {"steps": 15, "lr": 1e-5, "batch_size": 8, "per_pair": 3},
+                     "uce": {"preserve_scale": None}}
+
+
+def check_grid(styles: list[str], objects: list[str], targets: list[str] | None = None) -> str | None:
+    """The usage error of a declared grid (names unknown or repeated, fewer than two per domain — IRA needs another
+    concept —, Seed_Images as a target), or None."""
+    for flag, given, known in (("--styles", styles, STYLE_LABELS), ("--objects", objects, OBJECTS20)):
+        bad = [n for n in given if n not in known]
+        if bad:
+            return f"{flag}: unknown {bad[0]!r}; UnlearnCanvas has {', '.join(known)}"
+        if len(set(given)) != len(given):
+            return f"{flag}: {[n for n in given if given.count(n) > 1][0]!r} is given twice"
+        if len(given) < 2:
+            return (f"{flag}: at least two are needed (in-domain retention, IRA, is measured on the others); got "
+                    f"{', '.join(given)}")
+    if targets and "Seed_Images" in targets:
+        return "--targets: Seed_Images is the photo theme UnlearnCanvas judges but never unlearns; name a style"
+    return None
 
 
 class UnlearnCanvasGrid(Grid):
@@ -62,11 +85,39 @@ class UnlearnCanvasGrid(Grid):
 
     def __init__(self, data_dir, styles=None, objects=None, image_size: int = 512):
         styles = list(styles or STYLE_LABELS)
-        super().__init__(styles, list(objects or OBJECTS20), capitalize=False, not_targets=["Seed_Images"])
+        super().__init__(styles, list(objects or OBJECTS20), template=PROMPT, capitalize=False,
+                         not_targets=["Seed_Images"])
         self.data_dir, self.image_size = Path(data_dir), image_size
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"--data {data_dir}: no such folder (expected the UnlearnCanvas dataset, "
                                     "DIR/{Style}/{Object}/{n}.jpg)")
+
+    def display(self, style: str) -> str:
+        """The style as the official prompts spell it: underscores replaced by spaces."""
+        return style.replace("_", " ")
+
+    def uce_prompts(self, target: str) -> tuple[list[str], list[str]]:
+        """UCE's official prompts: erase the bare concept name; preserve ``""`` and every other pair's prompt."""
+        name = self.display(target) if self.domain_of(target) == "style" else target
+        return [name], [""] + [self.prompt(o, s) for s, o in self.other_pairs(target)]
+
+    def check_files(self, progress: bool = False) -> int:
+        """Every pair of the grid has images, and each opens as one (``PIL.Image.verify``, no decoding): the number
+        checked. ``FileNotFoundError``/``ValueError`` naming the folder or file — before any work."""
+        from tqdm.auto import tqdm
+
+        n = 0
+        pairs = [(s, o) for s in self.styles for o in self.objects]
+        for s, o in tqdm(pairs, desc="checking the dataset", disable=not progress, leave=False):
+            for f in self.files(s, o):
+                try:
+                    with Image.open(f) as im:
+                        im.verify()
+                except Exception as e:
+                    raise ValueError(f"--data: {f} is not a readable image ({type(e).__name__}: {e}); remove or "
+                                     "replace it") from None
+                n += 1
+        return n
 
     def files(self, style: str, obj: str) -> list[Path]:
         """The images of one pair, sorted; ``FileNotFoundError`` naming the folder when it has none."""
@@ -86,9 +137,12 @@ class UnlearnCanvasGrid(Grid):
             rng = np.random.default_rng([seed, salt, self.styles.index(style), self.objects.index(obj)])
             pick = rng.choice(len(files), per_pair, replace=len(files) < per_pair)
             for i in pick:
-                with Image.open(files[int(i)]) as im:
-                    im = im.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-                    xs.append(np.asarray(im))
+                try:
+                    with Image.open(files[int(i)]) as im:
+                        im = im.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+                        xs.append(np.asarray(im))
+                except OSError as e:
+                    raise ValueError(f"--data: {files[int(i)]} cannot be read ({e}); remove or replace it") from None
                 prompts.append(self.prompt(obj, style))
         return np.stack(xs), prompts
 
@@ -107,14 +161,24 @@ class TimmJudges:
                      np.array([grid.objects.index(n) if n in grid.objects else -1 for n in object_labels])]
 
     @classmethod
-    def load(cls, folder, grid: Grid) -> "TimmJudges":
-        """``FileNotFoundError`` naming the missing file (and the conversion to do for a ``.pth``)."""
+    def load(cls, folder, grid: Grid, device: str = "cpu") -> "TimmJudges":
+        """The two classifiers on ``device``. ``FileNotFoundError`` naming the missing file (and the conversion to do
+        for a ``.pth``); ``ValueError`` naming the file for an unreadable or mismatched one or a bad judges.json."""
         import timm
         from safetensors.torch import load_file
 
         d = Path(folder)
-        spec = json.loads((d / "judges.json").read_text()) if (d / "judges.json").is_file() else {}
+        spec = {}
+        if (d / "judges.json").is_file():
+            try:
+                spec = json.loads((d / "judges.json").read_text())
+            except ValueError as e:
+                raise ValueError(f"--classifiers: {d / 'judges.json'} is not valid JSON ({e})") from None
+            if not isinstance(spec, dict):
+                raise ValueError(f"--classifiers: {d / 'judges.json'} must be an object with keys arch, kwargs, "
+                                 "image_size, style_labels, object_labels")
         labels = {"style": spec.get("style_labels", STYLE_LABELS), "object": spec.get("object_labels", OBJECTS20)}
+        arch = spec.get("arch", JUDGE_ARCH)
         nets = []
         for task, name in JUDGE_FILES.items():
             f = d / name
@@ -123,11 +187,20 @@ class TimmJudges:
                 hint = (f"; {pth.name} is there: slugkit does not unpickle files — convert it once (README, "
                         "'UnlearnCanvas, the official protocol')" if pth.is_file() else "")
                 raise FileNotFoundError(f"--classifiers {d}: {name} is missing{hint}")
-            net = timm.create_model(spec.get("arch", JUDGE_ARCH), pretrained=False, num_classes=len(labels[task]),
-                                    **spec.get("kwargs", {}))
-            net.load_state_dict(load_file(str(f)))
+            try:
+                net = timm.create_model(arch, pretrained=False, num_classes=len(labels[task]), **spec.get("kwargs", {}))
+            except Exception as e:
+                raise ValueError(f"--classifiers: timm cannot build {arch!r} with {spec.get('kwargs', {})} "
+                                 f"({type(e).__name__}: {e}); fix 'arch'/'kwargs' in {d / 'judges.json'}") from None
+            try:
+                net.load_state_dict(load_file(str(f)))
+            except Exception as e:
+                msg = str(e).splitlines()[0][:300]
+                raise ValueError(f"--classifiers: {f} is not a {arch} with {len(labels[task])} {task} outputs "
+                                 f"({type(e).__name__}: {msg}); {name} must hold the {task} classifier's state dict "
+                                 "(README: the conversion), or describe it in judges.json") from None
             nets.append(net)
-        return cls(*nets, grid, labels["style"], labels["object"], spec.get("image_size", 224))
+        return cls(*[n.to(device) for n in nets], grid, labels["style"], labels["object"], spec.get("image_size", 224))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +255,7 @@ class DiffusersGenerator:
 
 def official_context(pipeline_dir, clip_dir, classifiers_dir, data_dir, *, styles=None, objects=None,
                      steps: int = STEPS, guidance: float = GUIDANCE, seeds=None, device: str = "cpu",
-                     batch_size: int = 8):
+                     batch_size: int = 8, progress: bool = False):
     """A :class:`~slugkit.workflows.canvas_lite.CanvasContext` for the official protocol (module docstring).
     Raises ``FileNotFoundError``/:class:`~slugkit.common.errors.ModelLoadError` naming the missing input, and
     ``ValueError`` when the CLIP's text tower is not the pipeline's text encoder."""
@@ -193,21 +266,35 @@ def official_context(pipeline_dir, clip_dir, classifiers_dir, data_dir, *, style
     for flag, d in (("--pipeline", pipeline_dir), ("--clip", clip_dir), ("--classifiers", classifiers_dir)):
         if not Path(d).is_dir():
             raise FileNotFoundError(f"{flag} {d}: no such folder")
-    pipe = load_pipeline_folder(str(pipeline_dir), device)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    grid = UnlearnCanvasGrid(data_dir, styles, objects, image_size=size)
-    for s in grid.styles:
-        for o in grid.objects:
-            grid.files(s, o)  # every pair is there before hours of work, not after
+    if not (Path(pipeline_dir) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--pipeline {pipeline_dir}: not a diffusers pipeline folder (no model_index.json); "
+                                "pass UnlearnCanvas's checkpoints/diffusion/diffuser/style50 folder")
+    cfg = Path(clip_dir) / "config.json"
+    try:
+        ok = {"text_config", "vision_config"} <= set(json.loads(cfg.read_text()))
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise FileNotFoundError(f"--clip {clip_dir}: not a transformers CLIPModel folder (its config.json has no "
+                                "text_config and vision_config); the pipeline's text_encoder/ is not enough — pass "
+                                "openai/clip-vit-large-patch14 saved with CLIPModel/CLIPProcessor.save_pretrained")
+    grid = UnlearnCanvasGrid(data_dir, styles, objects)
+    grid.check_files(progress)  # every pair and image is there before hours of work, not after
+    judges = TimmJudges.load(classifiers_dir, grid, device)
+    try:
+        pipe = load_pipeline_folder(str(pipeline_dir), device)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--pipeline {pipeline_dir}: the diffusers pipeline does not load ({e})") from None
+    grid.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     adapter = HFClipAdapter.load(str(clip_dir), device=device)
     mapping = verify_text_encoder(adapter.model, pipe.text_encoder)
     adapter.restrict_candidates(consumed_text_candidates(adapter, pipe.text_encoder),
                                 consumer="text encoder of the UnlearnCanvas pipeline")
     gen = DiffusersGenerator(pipe, batch_size)
-    return CanvasContext(adapter, gen, mapping, TimmJudges.load(classifiers_dir, grid), grid,
+    return CanvasContext(adapter, gen, mapping, judges, grid,
                          max_length=pipe.tokenizer.model_max_length, steps=steps, guidance=guidance,
                          seeds=list(SEEDS if seeds is None else seeds), to_latent=gen.to_latent)
 
 
-__all__ = ["DiffusersGenerator", "GUIDANCE", "OBJECTS20", "OFFICIAL_SETTINGS", "SEEDS", "STEPS", "STYLE_LABELS", "TimmJudges",
-           "UnlearnCanvasGrid", "official_context"]
+__all__ = ["DiffusersGenerator", "GUIDANCE", "OBJECTS20", "OFFICIAL_SETTINGS", "PROMPT", "SEEDS", "STEPS",
+           "STYLE_LABELS", "TimmJudges", "UnlearnCanvasGrid", "check_grid", "official_context"]

@@ -167,6 +167,11 @@ class Grid:
         tp = set(self.target_pairs(target))
         return [(s, o) for s in self.styles for o in self.objects if (s, o) not in tp]
 
+    def uce_prompts(self, target: str) -> tuple[list[str], list[str]]:
+        """UCE's (erase, preserve) prompts: every pair prompt naming ``target`` / every other pair prompt."""
+        return ([self.prompt(o, s) for s, o in self.target_pairs(target)],
+                [self.prompt(o, s) for s, o in self.other_pairs(target)])
+
     def answer_plan(self, per_pair: int, seed_base: int = 50_000, styles=None, objects=None,
                     seeds: list[int] | None = None) -> list[tuple[str, str, str, int]]:
         """UnlearnCanvas's answer set: ``(style, object, prompt, seed)`` for every pair, with the fixed ``seeds``
