@@ -184,6 +184,10 @@ def test_generator_step_search_finds_the_smallest_forgetting_step():
     # harm before forgetting: larger steps cannot help, the search stops at once
     traj, none = generator_step_search(lambda eta: (0.5, 0.3), start=1.0, steps=6)
     assert none is None and len(traj) == 1
+    # the official UnlearnCanvas rule: stop at the first accepted step (1, 2, 4: accepted)
+    calls.clear()
+    traj, best = generator_step_search(evaluate, start=1.0, steps=11, first_accepted=True)
+    assert calls == [1.0, 2.0, 4.0] and best == 4.0 and traj[-1]["accepted"]
 
 
 def test_conditioning_shift_is_relative_l2():
