@@ -116,3 +116,18 @@ def test_cost_ratios_against_slug():
     assert ratios({"esd": {"time_s": 1.0, "storage_bytes": 1}}) == {}
     assert row_line({"method": "slug", "target": "slan", "ua": 1, "ira": 0.5, "cra": 0.25, "time_s": 3.0}).endswith(
         "UA 1.00 IRA 0.50 CRA 0.25  3.0 s")
+
+
+def test_slug_validation_plan_is_the_official_budget():
+    """SLUG's search on the canvas judges 3 images of the target and one each of 3 distinct other concepts of its
+    domain (the official script's n_test = 3), on seeds disjoint from the answer set's, the same every time."""
+    from slugkit.workflows.canvas_slug import validation_plan
+
+    plan = validation_plan(canvas.EMBEDDED, "slan")
+    assert [s for s, *_ in plan[:3]] == ["slan"] * 3
+    others = [s for s, *_ in plan[3:]]
+    assert len(others) == 3 and len(set(others)) == 3 and "slan" not in others
+    assert min(sd for *_, sd in plan) >= 9_000_000 > max(sd for *_, sd in canvas.answer_plan(50))
+    assert plan == validation_plan(canvas.EMBEDDED, "slan")
+    objs = validation_plan(canvas.EMBEDDED, "star")
+    assert [o for _, o, *_ in objs[:3]] == ["star"] * 3 and all(o != "star" for _, o, *_ in objs[3:])
