@@ -32,10 +32,10 @@ from slugkit.world import canvas
 from slugkit.world.t2i import T2IConfig
 
 CANVAS_STEPS = 3600
-# No conditioning noise (the object T2I model trains with 0.2): the style words are ones the embedded CLIP never
-# saw in training, so a style moves the text states by only ~0.2 (relative) against ~1 for an object word
-# (measured), and noise of that size drowned them — the 1,800-step prototype with 0.2 drew the asked style in 26 %
-# of its images (objects 70 %).
+# No conditioning noise (the object T2I model trains with 0.2): measured when the style words were tokens the embedded
+# CLIP never trained — a style then moved the text states by only ~0.2 (relative) against ~1 for an object word, and
+# noise of that size drowned them (the 1,800-step prototype with 0.2 drew the asked style in 26 % of its images).
+# The styles are now named with trained tokens (canvas.STYLES); 0.0 was kept, not re-measured.
 CANVAS_COND_NOISE = 0.0
 JUDGE_STEPS = 1200
 JUDGE_MIN_ACCURACY = 0.90
