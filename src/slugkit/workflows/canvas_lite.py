@@ -26,8 +26,8 @@ concepts of its domain, the first accepted step; seeds disjoint from the answer 
 **SalUn** (:mod:`slugkit.methods.salun_sd`; c′ the next concept of the domain — Imagenette's (k+1) mod N rule, as
 the canvas has no "Photo" style), **UCE** (:mod:`slugkit.methods.uce`; the UnlearnCanvas port's settings: guide "",
 the prompts of :meth:`~slugkit.world.canvas.Grid.uce_prompts`, s_p = max(0.1, 1/|P|)). :data:`BASELINE_SETTINGS`:
-ESD's iteration count is the official diffusers code's (200; the CompVis code's 1,000), its learning rate and
-SalUn's step count scaled to the embedded 1 M-parameter UNet; the official values are in each module. ``slug canvas
+ESD's iteration count is the CompVis code's (1,000, what UnlearnCanvas timed), its learning rate and SalUn's scaled
+to the embedded 1 M-parameter UNet; the official values are in each module. ``slug canvas
 run`` uses :data:`slugkit.workflows.canvas_official.OFFICIAL_SETTINGS` (SD-1.5 scale).
 """
 
@@ -42,8 +42,10 @@ import torch
 from ..world import canvas
 
 METHODS = ("slug", "esd", "salun", "uce")
-# Scaled to the 1 M-parameter canvas UNet (official: ESD 1000 it. lr 1e-5; SalUn ~600 steps lr 1e-5)
-BASELINE_SETTINGS = {"esd": {"iterations": 200, "lr": 2e-4, "ddim_steps": 20, "which": "esd-x"},
+# ESD: the CompVis code's 1,000 iterations (the code UnlearnCanvas ran for its 6,163 s), z_t sampled with the canvas's
+# 20 DDIM steps, Adam lr 4e-5 — the total displacement (iterations × lr) of 200 × 2e-4, the rate measured to erase on
+# this 1 M-parameter UNet (the official 1e-5 is for SD 1.x). SalUn: 100 steps (its NSFW schedule), lr 5e-4.
+BASELINE_SETTINGS = {"esd": {"iterations": 1000, "lr": 4e-5, "ddim_steps": 20, "which": "esd-x"},
                      "salun": {"steps": 100, "lr": 5e-4, "batch_size": 8, "per_pair": 3},
                      "uce": {"preserve_scale": None}}
 

@@ -15,10 +15,11 @@ iterations. Here, on any :class:`~slugkit.world.canvas.Grid` (the embedded canva
    0.1 × ‖θ‖/‖g_f‖, stopping at the first accepted step as the official script does: accepted when the
    target-domain judge recognises at most ``threshold`` of the ``val_target`` validation images of the target and
    the accuracy on the ``val_other`` other concepts dropped by at most ``ira_budget`` (0.1); the first layer with an
-   accepted step wins. Departures, each to make the search reproducible: the validation seeds (9,000,000 + i) are
-   fixed and disjoint from the answer set's, the other concepts are drawn once per target from a seeded generator
-   (the official script redraws them at every iteration, unseeded), and a layer whose step cannot forget without
-   harming is left for the next Pareto layer (the official script searches one layer).
+   accepted step wins. Departures: the validation seeds (9,000,000 + i) are fixed and disjoint from the answer set's,
+   the other concepts are drawn once per target from a seeded generator (the official script redraws them at every
+   iteration, unseeded), the validation images are ones the unedited model draws recognisably
+   (:func:`recognised_plan`), and a layer whose step cannot forget without harming is left for the next Pareto
+   layer (the official script searches one layer).
 
 Returns the edited text-encoder tensors as a :class:`~slugkit.methods.diffusion.DiffusionEdit` (its tensors are
 named as in the pipeline's text encoder; apply with :func:`slugkit.methods.diffusion.applied` on
@@ -59,21 +60,50 @@ def canvas_gradients(ctx, target: str, n_forget: int = 8, n_retain: int = 2, see
                              progress=progress)
 
 
-def validation_plan(grid, target: str, val_target: int = VAL_TARGET, val_other: int = VAL_OTHER, seed: int = 0):
-    """``[(style, object, prompt, seed)]``: ``val_target`` images of the target and one image of each of
-    ``val_other`` other concepts of its domain (drawn from ``default_rng([seed, 7, target index])``), the other
-    domain's concept cycling; seeds 9,000,000 + i."""
+def validation_plan(grid, target: str, val_target: int = VAL_TARGET, val_other: int = VAL_OTHER, seed: int = 0,
+                    tries: int = 1):
+    """``[(style, object, prompt, seed)]``: ``tries`` × ``val_target`` candidate images of the target and ``tries``
+    candidates for each of ``val_other`` other concepts of its domain (drawn from ``default_rng([seed, 7, target
+    index])``), the other domain's concept cycling; seeds 9,000,000 + i."""
     dom = grid.domain_of(target)
     names, cross = grid.names(dom), grid.names("object" if dom == "style" else "style")
     rng = np.random.default_rng([seed, 7, names.index(target)])
     others = [n for n in names if n != target]
     chosen = [others[i] for i in sorted(rng.choice(len(others), min(val_other, len(others)), replace=False))]
     rows = []
-    for j, name in enumerate([target] * val_target + chosen):
+    for j, name in enumerate([target] * (val_target * tries) + [n for n in chosen for _ in range(tries)]):
         other = cross[(j + names.index(name)) % len(cross)]
         style, obj = (name, other) if dom == "style" else (other, name)
         rows.append((style, obj, grid.prompt(obj, style), 9_000_000 + j))
     return rows
+
+
+def recognised_plan(ctx, target: str, val_target: int = VAL_TARGET, val_other: int = VAL_OTHER, seed: int = 0,
+                    tries: int = 4, sampling_steps: int | None = None):
+    """The validation images the search judges: of :func:`validation_plan`'s candidates, generated once by the
+    unedited model, the first ``val_target`` on which the target-domain judge recognises the target and, per other
+    concept, the first one recognised as that concept — so that "not recognised" after an edit means forgotten, not
+    "never drawn", and a drop of the others is a real drop. (Departure from the official script, which judges
+    random generations: on a generator that misdraws a concept, its first tiny step is "accepted".) Returns
+    ``(plan, info)``; ``SearchFailed`` when no candidate of the target is recognised."""
+    dom = ctx.grid.domain_of(target)
+    names = ctx.grid.names(dom)
+    cand = validation_plan(ctx.grid, target, val_target, val_other, seed, tries)
+    imgs = ctx.pipe([p for _, _, p, _ in cand], [sd for *_, sd in cand], **ctx.sampling(sampling_steps))
+    pred = ctx.judges.predict(imgs)[0 if dom == "style" else 1]
+    label = [s if dom == "style" else o for s, o, _, _ in cand]
+    ok = [int(pred[i]) == names.index(label[i]) for i in range(len(cand))]
+    tgt = [i for i in range(len(cand)) if label[i] == target and ok[i]][:val_target]
+    if not tgt:
+        raise SearchFailed(f"the unedited generator does not draw {target!r} recognisably on any of "
+                           f"{val_target * tries} validation images: there is nothing to forget")
+    oth = []
+    for name in dict.fromkeys(n for n in label if n != target):
+        oth += [i for i in range(len(cand)) if label[i] == name and ok[i]][:1]
+    seen = sum(ok[i] for i in range(len(cand)) if label[i] == target)
+    info = {"candidates": len(cand), "target_recognised": f"{seen}/{val_target * tries}", "target_images": len(tgt),
+            "other_images": len(oth)}
+    return [cand[i] for i in tgt + oth], info
 
 
 def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float = IRA_BUDGET,
@@ -91,7 +121,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
     grads = canvas_gradients(ctx, target, seed=seed, progress=progress)
     order, table = vlm_layer_order(adapter, grads.forget, grads.retain)
     params = dict(adapter.model.named_parameters())
-    plan = validation_plan(grid, target, val_target, val_other, seed)
+    plan, val_info = recognised_plan(ctx, target, val_target, val_other, seed, sampling_steps=sampling_steps)
     dom = grid.domain_of(target)
     names = grid.names(dom)
     truth = np.array([names.index(s if dom == "style" else o) for s, o, _, _ in plan])
@@ -132,7 +162,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
     tensors = {mapping[n]: v.detach().float().cpu().contiguous() for n, v in values.items()}
     return DiffusionEdit(tensors, time.perf_counter() - t0, storage(tensors), None,
                          {"layer": layer.name, "group": layer.group, "step_size": eta, "module": "text_encoder",
-                          "base_validation": {"target": base_t, "others": base_o}, "search": searched,
+                          "base_validation": {"target": base_t, "others": base_o, **val_info}, "search": searched,
                           "front": table["fronts"]})
 
 
