@@ -45,15 +45,16 @@ def checks(methods: dict, slug: dict) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default="slug,esd,salun,uce")
-    ap.add_argument("--targets", default=None)
-    ap.add_argument("--max-targets", type=int, default=None)
-    ap.add_argument("--baseline-max-targets", type=int, default=4)
-    ap.add_argument("--per-pair", type=int, default=2)
-    ap.add_argument("--canvas-model", default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--methods", default="slug,esd,salun,uce", help="comma list (default all four)")
+    ap.add_argument("--targets", default=None, help="comma list of styles/objects (default: every one)")
+    ap.add_argument("--max-targets", type=int, default=None, help="at most N styles and N objects")
+    ap.add_argument("--baseline-max-targets", type=int, default=4,
+                    help="the baselines on the first N styles and N objects (default 4; SLUG on all)")
+    ap.add_argument("--per-pair", type=int, default=2, help="answer-set images per (style, object) pair")
+    ap.add_argument("--canvas-model", default=None, help="a `slug world train-canvas` folder (default: shipped)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the README's run: 2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the methods' randomness")
+    ap.add_argument("--json", default=None, help="write the whole report here")
     a = ap.parse_args()
     from slugkit.common.files import write_json
     from slugkit.report.canvas import render_canvas

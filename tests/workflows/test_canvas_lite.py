@@ -64,12 +64,14 @@ def test_every_method_runs_the_protocol(tiny_canvas):
         rec = r["methods"][m]
         assert rec["targets"] == 1 and set(rec["style"]) >= {"ua", "ira", "cra", "worst_ira"}
         row = next(x for x in r["rows"] if x["method"] == m)
+        assert rec["time_s"] > 0 and row["time_s"] > 0 and rec["peak_mem_bytes"] >= 0  # a refusal's search counts
         if not row.get("refused"):
-            assert rec["time_s"] > 0 and rec["storage_bytes"] > 0 and rec["peak_mem_bytes"] >= 0
+            assert rec["storage_bytes"] > 0
     uce = next(x for x in r["rows"] if x["method"] == "uce")
     assert uce["module"] == "unet" and uce["info"]["preserve_scale"] == pytest.approx(0.1)  # max(0.1, 1/35)
     assert uce["storage_full_bytes"] > uce["storage_bytes"]  # the whole UNet against its K/V tensors
     assert r["options"]["settings"]["esd"]["iterations"] == 2 and r["base"]["answer_set_images"] == 40
+    assert r["options"]["canvas_model"] == str(tiny_canvas) and len(r["options"]["canvas_unet_sha256"]) == 64
 
 
 def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsys):
@@ -102,6 +104,20 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     (old / canvas.CONFIG_FILE).write_text(json.dumps({**meta, "styles": ["flat", "stripes"]}))
     assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(old), "--out", str(tmp_path / "z")]) == 2
     assert "holds a canvas trained on styles ['flat', 'stripes']" in capsys.readouterr().err
+    # damaged files are named, not tracebacks
+    for name, data, msg in ((canvas.UNET_FILE, b"\x00" * 100, "does not load as this canvas's UNet"),
+                            (canvas.JUDGE_FILES["style"], b"\x00" * 100, "is not a canvas judge"),
+                            (canvas.CONFIG_FILE, b"{}", "is not a canvas config")):
+        bad = tmp_path / f"bad_{name}"
+        shutil.copytree(tiny_canvas, bad)
+        (bad / name).write_bytes(data)
+        assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(bad), "--out",
+                     str(tmp_path / "z")]) == 2, name
+        assert msg in capsys.readouterr().err, name
+    for extra, msg in ((["--targets", ""], "--targets: empty"), (["--targets", "star,star"], "'star' is given twice"),
+                       (["--methods", "uce,uce"], "'uce' is given twice")):
+        assert main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")]) == 2, extra
+        assert msg in capsys.readouterr().err, extra
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
 
 

@@ -110,7 +110,7 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     assert main(_args(bench, "--targets", "Monet", "--out", str(out))) == 2  # not in the declared grid
     assert "--targets: unknown 'Monet'" in capsys.readouterr().err
     for extra, msg in ((["--seeds", "188,x"], "--seeds"), (["--seeds", ","], "--seeds"),
-                       (["--seeds", "188,188"], "distinct"), (["--guidance", "nan"], "--guidance must be a finite number"),
+                       (["--seeds", "188,188"], "distinct"), (["--guidance", "nan"], "--guidance must be a finite"),
                        (["--targets", "Seed_Images"], "never unlearns"), (["--objects", "Cats"], "at least two"),
                        (["--styles", "Van_Gogh,Van_Gogh"], "given twice")):
         assert main(_args(bench, *extra, "--out", str(out))) == 2, extra

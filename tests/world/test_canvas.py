@@ -122,7 +122,9 @@ def test_train_canvas_refuses_bad_options(tmp_path, capsys):
     for args, msg in ((["--out", str(tmp_path / "full")], "is not empty; pass --overwrite"),
                       (["--out", str(tmp_path / "file")], "exists and is not a folder"),
                       (["--out", str(tmp_path / "new"), "--steps", "0"], "--steps must be >= 1, got 0"),
-                      (["--out", str(tmp_path / "new"), "--per-pair", "0"], "--per-pair must be >= 1")):
+                      (["--out", str(tmp_path / "new"), "--per-pair", "0"], "--per-pair must be >= 1"),
+                      (["--out", str(tmp_path / "new"), "--cond-noise", "nan"], "--cond-noise must be a finite"),
+                      (["--out", str(tmp_path / "new"), "--cond-noise", "-1"], "--cond-noise must be a finite")):
         assert main(["world", "train-canvas", *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "new").exists()

@@ -22,7 +22,13 @@ def _check(a, grid) -> str | None:
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
         return f"--methods: unknown {bad[0] if bad else a.methods!r}; choose from {', '.join(METHODS)}"
+    if a.targets is not None and not split_list(a.targets):
+        return "--targets: empty; name styles and/or objects, or leave the option out for every one"
     targets = split_list(a.targets) if a.targets else []
+    for flag, given in (("--methods", methods), ("--targets", targets)):
+        twice = [n for n in given if given.count(n) > 1]
+        if twice:
+            return f"{flag}: {twice[0]!r} is given twice"
     unknown = [t for t in targets if t not in grid.styles + grid.objects]
     if unknown:
         return (f"--targets: unknown {unknown[0]!r}; styles: {', '.join(grid.styles)}; objects: "

@@ -46,13 +46,21 @@ def render_canvas(report: dict) -> str:
              "| method | targets (refused) | style UA | style IRA | style CRA | object UA | object IRA | object CRA "
              "| time (s, mean) | slowest (s) | peak memory | storage (changed / checkpoint) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for row in report["rows"]:  # the unedited model, averaged over the distinct targets of the table
+        base.setdefault(row["domain"], {})[row["target"]] = row["base"]
+    cells = []
+    for dom in ("style", "object"):
+        vals = list(base.get(dom, {}).values())
+        cells += [_pct(sum(v[k] for v in vals) / len(vals)) if vals else "—" for k in ("ua", "ira", "cra")]
+    lines.append("| unedited (every target above) | — | " + " | ".join(cells) + " | — | — | — | — |")
     for m, r in report["methods"].items():
         s, ob = r.get("style", {}), r.get("object", {})
         slow = r.get("slowest")
         slowest = "—" if not slow else f"{slow['time_s']:.1f} ({slow['target']})"
         lines.append(f"| {m} | {r['targets']} ({r['refused']}) | {_pct(s.get('ua'))} | {_pct(s.get('ira'))} | "
                      f"{_pct(s.get('cra'))} | {_pct(ob.get('ua'))} | {_pct(ob.get('ira'))} | {_pct(ob.get('cra'))} | "
-                     f"{r.get('time_s', float('nan')):.2f} | "
+                     f"{'—' if r.get('time_s') is None else format(r['time_s'], '.2f')} | "
                      f"{slowest} | "
                      f"{_bytes(r.get('peak_mem_bytes'))} | {_bytes(r.get('storage_bytes'))} / "
                      f"{_bytes(r.get('storage_full_bytes'))} |")
@@ -76,7 +84,7 @@ def render_canvas(report: dict) -> str:
               "| method | target | UA (base) | IRA (base) | CRA (base) | time (s) | storage | note |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        note = ("refused: " + r["refused"][:120]) if r.get("refused") else \
+        note = ("refused: " + r["refused"][:400]) if r.get("refused") else \
             (f"layer {r['info'].get('layer')}" if r["method"] == "slug" else "")
         took = "—" if r["time_s"] is None else f"{r['time_s']:.2f}"
         b = r["base"]

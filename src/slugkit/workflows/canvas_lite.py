@@ -3,9 +3,10 @@ embedded canvas (:func:`run_canvas_lite`), ``slug canvas run`` on the user's Unl
 (:mod:`slugkit.workflows.canvas_official`); both are :func:`run_protocol` over a :class:`CanvasContext`.
 
 For every target (a style or an object of the context's :class:`~slugkit.world.canvas.Grid`) and every method, one
-unlearned model, then the **answer set**: generated images of "An {object} image in {style} style." for every
-(style, object) pair (the context's sampler settings and fixed seeds — the same for every method, so before/after
-are paired; the embedded canvas: ``per_pair`` seeds per pair, DDIM 20 steps), scored by the two judges:
+unlearned model, then the **answer set**: generated images of the grid's prompt ("An {object} image in {Style}
+style." on the embedded canvas, "A {object} image in {style} style." on UnlearnCanvas) for every (style, object) pair
+(the context's sampler settings and fixed seeds — the same for every method, so before/after are paired; the
+embedded canvas: ``per_pair`` seeds per pair, DDIM 20 steps), scored by the two judges:
 
 * **UA** = 1 − the target-domain judge's accuracy on the images whose prompt names the target;
 * **IRA** = the same judge's accuracy on the images of the other concepts of the target's domain;
@@ -27,14 +28,15 @@ concepts of its domain, the first accepted step; seeds disjoint from the answer 
 the canvas has no "Photo" style), **UCE** (:mod:`slugkit.methods.uce`; the UnlearnCanvas port's settings: guide "",
 the prompts of :meth:`~slugkit.world.canvas.Grid.uce_prompts`, s_p = max(0.1, 1/|P|)). :data:`BASELINE_SETTINGS`:
 ESD's iteration count is the CompVis code's (1,000, what UnlearnCanvas timed), its learning rate and SalUn's scaled
-to the embedded 1 M-parameter UNet; the official values are in each module. ``slug canvas
-run`` uses :data:`slugkit.workflows.canvas_official.OFFICIAL_SETTINGS` (SD-1.5 scale).
+to the embedded 1 M-parameter UNet; the official values are in each module. ``slug canvas run`` uses
+:data:`slugkit.workflows.canvas_official.OFFICIAL_SETTINGS` (SD-1.5 scale).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -201,7 +203,11 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
                               progress, on_row, settings, baseline_max_targets)
     finally:
         torch.set_num_threads(n_threads)
-    report["options"]["threads"] = threads
+    import hashlib
+
+    d = canvas.CANVAS_DIR if canvas_dir is None else canvas_dir
+    report["options"].update(threads=threads, canvas_model=str(d), canvas_unet_sha256=hashlib.sha256(
+        (Path(d) / canvas.UNET_FILE).read_bytes()).hexdigest())
     return report
 
 
@@ -241,12 +247,13 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
             cuda = next(ctx.pipe.unet.parameters()).is_cuda
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            t_run = time.perf_counter()
             try:
                 with PeakRSS() as pm:
                     module, edit = unlearn(method, target, ctx, seed, progress=progress, settings=settings)
-            except SearchFailed as e:
-                row.update(refused=str(e), **row["base"], time_s=None, peak_mem_bytes=None, storage_bytes=0,
-                           storage_full_bytes=0)
+            except SearchFailed as e:  # the search's cost is a cost of the method: its time is recorded
+                row.update(refused=str(e), **row["base"], time_s=time.perf_counter() - t_run,
+                           peak_mem_bytes=pm.bytes, storage_bytes=0, storage_full_bytes=0)
             else:
                 with applied(getattr(ctx.pipe, module), edit.tensors):
                     sc = answer_set(ctx, per_pair).scores(target, grid)
@@ -290,14 +297,16 @@ def summarise(rows: list[dict], methods) -> dict:
                 rec[dom] = {k: float(np.mean([r[k] for r in part])) for k in ("ua", "ira", "cra")}
                 worst = min(part, key=lambda r: r["ira"])
                 rec[dom]["worst_ira"] = {"target": worst["target"], "ira": worst["ira"]}
-        timed = [r for r in mine if r.get("time_s") is not None]
+        timed = [r for r in mine if r.get("time_s") is not None]  # refused runs too: their search took time
+        edits = [r for r in timed if not r.get("refused")]
         if timed:
             slow = max(timed, key=lambda r: r["time_s"])
             rec.update(time_s=float(np.mean([r["time_s"] for r in timed])),
                        slowest={"target": slow["target"], "time_s": slow["time_s"]},
-                       peak_mem_bytes=max(r["peak_mem_bytes"] for r in timed),
-                       storage_bytes=float(np.mean([r["storage_bytes"] for r in timed])),
-                       storage_full_bytes=float(np.mean([r["storage_full_bytes"] for r in timed])))
+                       peak_mem_bytes=max(r["peak_mem_bytes"] for r in timed))
+        if edits:
+            rec.update(storage_bytes=float(np.mean([r["storage_bytes"] for r in edits])),
+                       storage_full_bytes=float(np.mean([r["storage_full_bytes"] for r in edits])))
         out[m] = rec
     return out
 
@@ -307,17 +316,17 @@ def ratios(methods: dict) -> dict:
     baseline's checkpoint as UnlearnCanvas stores it (the whole edited UNet) over SLUG's patch, the paper's 4.3 GB :
     0.04 GB comparison — and ``storage_minimal`` (the changed tensors only, both sides); empty without a timed SLUG."""
     s = methods.get("slug", {})
-    if not s.get("time_s"):
+    if not s.get("time_s") or not s.get("storage_bytes"):
         return {}
     return {m: {"time": r["time_s"] / s["time_s"],
                 "storage": r.get("storage_full_bytes", r["storage_bytes"]) / max(s["storage_bytes"], 1),
                 "storage_minimal": r["storage_bytes"] / max(s["storage_bytes"], 1)}
-            for m, r in methods.items() if m != "slug" and r.get("time_s")}
+            for m, r in methods.items() if m != "slug" and r.get("time_s") and r.get("storage_bytes")}
 
 
 def row_line(row: dict) -> str:
     """One progress line per run: method, target, UA/IRA/CRA, time (or "refused")."""
-    cost = "refused" if row.get("refused") else f"{row['time_s']:.1f} s"
+    cost = f"{row['time_s']:.1f} s" + (" (refused)" if row.get("refused") else "")
     return (f"{row['method']:6s} {row['target']:9s} UA {row['ua']:.2f} IRA {row['ira']:.2f} CRA {row['cra']:.2f}  "
             f"{cost}")
 

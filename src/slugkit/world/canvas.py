@@ -30,7 +30,7 @@ OBJECTS: list[str] = ["circle", "square", "triangle", "cross", "star"]
 STYLE_LOOKS: dict[str, str] = {"harley": "flat", "wesley": "stripes", "serra": "dots", "kasa": "checker",
                                "holt": "outline", "ford": "gradient", "slan": "neon", "mond": "mosaic"}
 STYLES: list[str] = list(STYLE_LOOKS)
-PROMPT = "An {object} image in {style} style."  # UnlearnCanvas's prompt, verbatim (baselines.md §7)
+PROMPT = "An {object} image in {style} style."  # its training caption (baselines.md §7.1; sampling: "A ...")
 
 _SS = 4  # supersampling of the masks
 _RADIUS = (0.26, 0.34)  # circumradius as a fraction of the side
@@ -260,7 +260,13 @@ def _require_shipped(canvas_dir) -> None:
         raise ModelLoadError(NOT_SHIPPED)
     cfg = Path(canvas_dir or CANVAS_DIR) / CONFIG_FILE
     if cfg.is_file():
-        meta = json.loads(cfg.read_text())
+        try:
+            meta = json.loads(cfg.read_text())
+            if not isinstance(meta, dict) or "unet" not in meta:
+                raise ValueError("no 'unet' section")
+        except ValueError as e:
+            raise ModelLoadError(f"{cfg} is not a canvas config ({e}); write the model again with `slug world "
+                                 "train-canvas --out DIR`") from None
         if (meta.get("styles", STYLES), meta.get("objects", OBJECTS)) != (STYLES, OBJECTS):
             raise ModelLoadError(f"{cfg.parent} holds a canvas trained on styles {meta.get('styles')} x objects "
                                  f"{meta.get('objects')}; this slugkit's canvas is {STYLES} x {OBJECTS}: write a "
@@ -304,7 +310,14 @@ class CanvasJudges:
                 raise ModelLoadError(f"{f} is missing: {d} is not a complete canvas model; write one with `slug "
                                      "world train-canvas --out DIR` and pass it as --canvas-model DIR")
             net = CanvasNet(n)
-            net.load_state_dict(load_file(str(f)))
+            try:
+                net.load_state_dict(load_file(str(f)))
+            except Exception as e:  # a truncated or foreign file: name it
+                from slugkit.models.base import ModelLoadError
+
+                raise ModelLoadError(f"{f} is not a canvas judge with {n} classes ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:200]}); write the model again with `slug world "
+                                     "train-canvas --out DIR`") from None
             nets.append(net)
         return cls(*nets)
 
@@ -330,8 +343,17 @@ class CanvasPipeline:
         """The shipped canvas generator (or the one in ``canvas_dir``); ``ModelLoadError`` names a missing file."""
         from .t2i import EmbeddedT2IPipeline
 
+        from slugkit.models.base import ModelLoadError
+
         _require_shipped(canvas_dir)
         d = Path(canvas_dir) if canvas_dir else CANVAS_DIR
-        return EmbeddedT2IPipeline.load(d, clip, files=(CONFIG_FILE, UNET_FILE),
-                                        hint=f"{d} is not a complete canvas model; write one with `slug world "
-                                             "train-canvas --out DIR` and pass it as --canvas-model DIR")
+        try:
+            return EmbeddedT2IPipeline.load(d, clip, files=(CONFIG_FILE, UNET_FILE),
+                                            hint=f"{d} is not a complete canvas model; write one with `slug world "
+                                                 "train-canvas --out DIR` and pass it as --canvas-model DIR")
+        except ModelLoadError:
+            raise
+        except Exception as e:  # a truncated or foreign UNet file: name it
+            raise ModelLoadError(f"{d / UNET_FILE} does not load as this canvas's UNet ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}); write the model again with `slug world "
+                                 "train-canvas --out DIR`") from None

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
            (("steps", a.steps), ("per_pair", a.per_pair), ("judge_steps", a.judge_steps), ("threads", a.threads))
            if v < 1]
+    if not a.cond_noise >= 0 or a.cond_noise == float("inf"):
+        bad.append(f"--cond-noise must be a finite number >= 0, got {a.cond_noise}")
     if a.eval_per_pair < 0:
         bad.append(f"--eval-per-pair must be >= 0, got {a.eval_per_pair}")
     if out.exists() and not out.is_dir():
