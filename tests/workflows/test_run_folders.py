@@ -38,6 +38,11 @@ def world_dir():
 
 def _slug(*args: str, env: dict | None = None, umask: int | None = None, **kw) -> subprocess.Popen:
     def pre():
+        # A terminal's Ctrl-C reaches a process whose SIGINT is the default and unblocked; a child inherits an ignored
+        # or blocked SIGINT from this pytest process, whatever an earlier test in the session left (the full suite
+        # timed out here while the test alone passed), so set what a user's shell gives.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         if umask is not None:
             os.umask(umask)
 
