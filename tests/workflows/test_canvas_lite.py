@@ -147,3 +147,39 @@ def test_slug_validation_plan_is_the_official_budget():
     assert plan == validation_plan(canvas.EMBEDDED, "slan")
     objs = validation_plan(canvas.EMBEDDED, "star")
     assert [o for _, o, *_ in objs[:3]] == ["star"] * 3 and all(o != "star" for _, o, *_ in objs[3:])
+
+
+def test_recognised_plan_takes_the_first_recognised_candidates_generating_only_what_it_needs():
+    """The search's validation images are, in candidate order, the first 3 the unedited model draws recognisably as
+    the target and the first of each other concept: the same choice as judging all 4 tries at once, but candidates
+    are generated try by try for the slots still empty; a target never drawn recognisably is refused."""
+    from types import SimpleNamespace
+
+    from slugkit.slug.search import SearchFailed
+    from slugkit.workflows.canvas_slug import recognised_plan, validation_plan
+
+    grid = canvas.EMBEDDED
+    cand = validation_plan(grid, "serra", tries=4)
+    label = {sd: grid.styles.index(s) for s, _, _, sd in cand}
+    good = {sd for k, (*_, sd) in enumerate(cand) if k % 3 != 1}  # every third candidate is misdrawn
+    generated = []
+
+    def pipe(prompts, seeds, **kw):
+        generated.append(len(seeds))
+        return torch.tensor(seeds)  # the "image" is its seed
+
+    def predict(imgs):
+        s = [label[int(sd)] if int(sd) in good else (label[int(sd)] + 1) % len(grid.styles) for sd in imgs]
+        return np.array(s), np.zeros(len(s), dtype=int)
+
+    ctx = SimpleNamespace(grid=grid, pipe=pipe, judges=SimpleNamespace(predict=predict), sampling=lambda steps=None: {})
+    plan, info = recognised_plan(ctx, "serra")
+    ok = [sd in good for *_, sd in cand]
+    want = [i for i, c in enumerate(cand) if c[0] == "serra" and ok[i]][:3]
+    for name in dict.fromkeys(c[0] for c in cand if c[0] != "serra"):
+        want += [i for i, c in enumerate(cand) if c[0] == name and ok[i]][:1]
+    assert plan == [cand[i] for i in want] and len(plan) == 6
+    assert info["candidates_generated"] == sum(generated) < len(cand) and len(generated) == 2
+    good.clear()
+    with pytest.raises(SearchFailed, match="does not draw 'serra' recognisably"):
+        recognised_plan(ctx, "serra")

@@ -188,6 +188,14 @@ def test_generator_step_search_finds_the_smallest_forgetting_step():
     calls.clear()
     traj, best = generator_step_search(evaluate, start=1.0, steps=11, first_accepted=True)
     assert calls == [1.0, 2.0, 4.0] and best == 4.0 and traj[-1]["accepted"]
+    # ... from its first step 0.4 R in its bracket [0, 10 x 0.4 R] (spec §4.4): growing bisects towards the bracket's
+    # top instead of doubling; forgot-but-harmful halves towards the last step that did not forget
+    calls.clear()
+    traj, best = generator_step_search(evaluate, start=0.4, steps=11, first_accepted=True, upper=4.0)
+    assert calls == pytest.approx([0.4, 2.2, 3.1]) and best == pytest.approx(3.1)
+    calls.clear()
+    traj, best = generator_step_search(evaluate, start=8.0, steps=11, first_accepted=True, upper=80.0)
+    assert calls == [8.0, 4.0] and best == 4.0 and [t["accepted"] for t in traj] == [False, True]
 
 
 def test_conditioning_shift_is_relative_l2():

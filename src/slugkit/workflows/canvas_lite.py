@@ -252,7 +252,9 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
                 with PeakRSS() as pm:
                     module, edit = unlearn(method, target, ctx, seed, progress=progress, settings=settings)
             except SearchFailed as e:  # the search's cost is a cost of the method: its time is recorded
-                row.update(refused=str(e), **row["base"], time_s=time.perf_counter() - t_run,
+                spent = getattr(e, "time_s", None)  # SLUG's own clock (data in hand), else the whole call
+                spent = time.perf_counter() - t_run if spent is None else spent
+                row.update(refused=str(e), **row["base"], time_s=spent,
                            peak_mem_bytes=pm.bytes, storage_bytes=0, storage_full_bytes=0)
             else:
                 with applied(getattr(ctx.pipe, module), edit.tensors):

@@ -55,7 +55,8 @@ def pipeline_edit(pipe, mapping: dict[str, str], adapter, grads, group: list[str
 
 def generator_step_search(evaluate, start: float, steps: int = 6, threshold: float = 0.05,
                           other_budget: float = 0.05, neighbour_budget: float | None = None,
-                          utility_budget: float | None = None, first_accepted: bool = False):
+                          utility_budget: float | None = None, first_accepted: bool = False,
+                          upper: float = math.inf):
     """The doubling/bisection rule on η with both criteria measured on *generated* validation images, as the official
     UnlearnCanvas search does with ua / ira (spec §4.4), but seeded, on validation seeds only, and without its
     re-evaluate-the-same-step no-op. ``evaluate(η)`` returns ``(target_recognised, other_drop)`` or
@@ -70,9 +71,11 @@ def generator_step_search(evaluate, start: float, steps: int = 6, threshold: flo
     * neither: try larger (double while no upper bound is known).
 
     With ``first_accepted`` the search stops at the first accepted η (SLUG's UnlearnCanvas script: "stop when UA-hit
-    is 0 and the IRA change is < 0.1, or after 11 iterations"). Returns (trajectory, smallest accepted η or None).
+    is 0 and the IRA change is < 0.1, or after 11 iterations"). ``upper``: a known upper end of the bracket (that
+    script's ``r_hi = 10 × start``: growing bisects towards it instead of doubling). Returns (trajectory, smallest
+    accepted η or None).
     """
-    lo, hi, eta, best, traj = 0.0, math.inf, start, None, []
+    lo, hi, eta, best, traj = 0.0, upper, start, None, []
     for _ in range(steps):
         rec, drop, *nb = evaluate(eta)
         forgot = rec <= threshold + 1e-9
