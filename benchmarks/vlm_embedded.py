@@ -36,7 +36,7 @@ def run_one(concepts: list[str], a) -> dict:
     r, row, t = guarded_run(name, lambda out: run_vlm_demo(
         concepts, out, data_dir=a.data_dir, other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
         utility_budget=a.utility_budget, val_images=a.val_images, max_searched=a.max_searched, seed=a.seed,
-        threads=a.threads, gradient=a.gradient, progress=False))
+        threads=a.threads, gradient=a.gradient, per_image=a.per_image, n_protect=a.n_protect, progress=False))
     if row is not None:
         return row
     v = r["vlm"]
@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--max-searched", type=int, default=None)
     ap.add_argument("--gradient", default="vlm", choices=["clip", "vlm"],
                     help="the edit's gradient: SLUG's CLIP forget gradient (the paper) or the VLM's own (default)")
+    ap.add_argument("--per-image", action="store_true",
+                    help="--gradient vlm: protect each image of the other identities, not each identity's mean")
+    ap.add_argument("--n-protect", type=int, default=None, help="images per protected identity (default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", default=None, help="write every row and the summary here")

@@ -210,3 +210,32 @@ def test_demo_target_vlm_refuses_without_a_patch_when_no_step_is_safe(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "closest:" in err and "stops naming" in err and "--vlm-gradient vlm" in err
     assert not out.exists()
+
+
+def test_per_image_protection_leaves_each_protected_image_unchanged_to_first_order(shipped):
+    """``vlm_gradients(per_image=True)``: one protected direction per image of each protected identity; the
+    projected forget gradient is orthogonal to every one of them (so to first order no protected image's name loss
+    moves), while identity-mean protection only guarantees it for their mean."""
+    from slugkit.integrations.llava import verify_vision_tower
+    from slugkit.slug.neighbours import project_off
+    from slugkit.workflows.sd_demo import embedded_hf_adapter
+    from slugkit.workflows.vlm_demo import vlm_gradients
+
+    llava, processor = shipped
+    clip = embedded_hf_adapter()
+    mapping = verify_vision_tower(clip.model, llava)
+    name = "vision_model.encoder.layers.1.self_attn.out_proj.weight"
+    target, protect = world.IDENTITIES[0].name, [world.IDENTITIES[1].name, world.IDENTITIES[2].name]
+    kw = dict(n_forget=3, n_retain=1, protect=protect, n_protect=3)
+    forget, _, per_image = vlm_gradients(llava, processor, mapping, [name], [target], per_image=True, **kw)
+    _, _, per_identity = vlm_gradients(llava, processor, mapping, [name], [target], **kw)
+    assert len(per_image) - len(per_identity) == 2 * 3 - 2  # 6 image directions instead of 2 identity means
+    mean = [sum(b[name] for b in per_image[3 * i:3 * i + 3]) / 3 for i in range(2)]
+    for m, b in zip(mean, per_identity[:2]):
+        assert torch.allclose(m, b[name], rtol=1e-4, atol=1e-7)  # the identity direction is its images' mean
+    proj, info = project_off(forget, per_image, [[name]])
+    g = proj[name].double().flatten()
+    for b in per_image[:6]:
+        d = b[name].double().flatten()
+        assert abs(float(g @ d)) <= 1e-5 * float(g.norm() * d.norm())
+    assert 0 < info[name]["removed"] < 1 and info[name]["rank"] >= 6

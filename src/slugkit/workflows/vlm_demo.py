@@ -79,7 +79,7 @@ def _metrics(scores: dict, targets: list[str]) -> dict:
 
 def vlm_gradients(llava, processor, mapping: dict[str, str], names: list[str], targets: list[str],
                   n_forget: int = 100, n_retain: int = 5, batch_size: int = 50, protect: list[str] = (),
-                  n_protect: int = 20) -> tuple[dict, dict, list[dict]]:
+                  n_protect: int = 20, per_image: bool = False) -> tuple[dict, dict, list[dict]]:
     """``(forget, retain)`` gradients of the **VLM's own answer loss** w.r.t. the vision-tower tensors ``names``
     (CLIP names; ``mapping``: CLIP name → LLaVA name), float32 on the CPU, same shapes as the tensors.
 
@@ -91,7 +91,9 @@ def vlm_gradients(llava, processor, mapping: dict[str, str], names: list[str], t
     directions: for each identity in ``protect`` the gradient of its name's NLL on ``n_protect`` of its pool images,
     and one per utility question kind and object class (its answers' NLL on the ``n_retain`` images of the class) —
     the step is later projected off their span (:func:`slugkit.slug.neighbours.project_off`), so that, to first
-    order, the edit changes neither the nearest identities' answers nor the utility answers."""
+    order, the edit changes neither the nearest identities' answers nor the utility answers. ``per_image``: one
+    protected direction per image of each protected identity (its name's NLL on that image) instead of one per
+    identity — to first order, no protected image's answer changes, not only their mean."""
     from ..world.vlm_train import _batch, qa_ids
 
     tok = processor.tokenizer
@@ -107,6 +109,8 @@ def vlm_gradients(llava, processor, mapping: dict[str, str], names: list[str], t
     retain += [r for rows in util.values() for r in rows]
     guard = [[(im, vlm.NAME_QUESTION, n) for im in ims]
              for n, ims in vlm.identity_images("pool", n_protect, list(protect)).items()]
+    if per_image:
+        guard = [[row] for rows in guard for row in rows]
     guard += [[r for r in rows if classes_of[id(r[0])] == c] for rows in util.values() for c in classes]
     params = dict(llava.named_parameters())
     live = [params[mapping[n]] for n in names]
@@ -164,7 +168,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 val_utility: int = VAL_UTILITY, threshold: float = 0.05, other_budget: float = 0.05,
                 neighbour_budget: float | None = 0.20, utility_budget: float = UTILITY_BUDGET, search_steps: int = 8,
                 max_searched: int | None = None, gradient: str = "clip", protect_all: bool = True,
-                margin: float = DEFAULT_MARGIN, progress: bool = True):
+                margin: float = DEFAULT_MARGIN, per_image: bool = False, n_protect: int | None = None,
+                progress: bool = True):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3).
 
     ``gradient="clip"``: SLUG's CLIP forget gradient on the CLIP Pareto layers (the paper's method); ``"vlm"``: the
@@ -193,12 +198,14 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                    progress)
             names = [n for n in adapter.candidate_names() if n in grads.forget]
             protected = [n for n in world.identity_names() if n not in targets] if protect_all else neighbours
+            n_prot = n_protect or (5 if protect_all else 20)
             g_edit, g_ret, basis = vlm_gradients(llava, processor, mapping, names, targets, protect=protected,
-                                                 n_protect=5 if protect_all else 20)
+                                                 n_protect=n_prot, per_image=per_image)
             order, extra["vlm_layers"] = vlm_layer_order(adapter, g_edit, g_ret)
             g_edit, extra["protected"] = project_off(g_edit, basis, [s.group for s in order])
-            extra["protected_directions"] = (f"{len(protected)} identities' names + 3 utility questions x 30 object "
-                                             "classes")
+            extra["protected_directions"] = (
+                f"{len(protected)} identities' names" + (f" on each of {n_prot} images" if per_image else "")
+                + " + 3 utility questions x 30 object classes")
             params = dict(adapter.model.named_parameters())
             for s in order:  # the unit of the step: R = ||theta|| / ||g|| of the projected gradient
                 gn = float(g_edit[s.name].float().norm())
@@ -277,7 +284,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                  utility_budget: float = UTILITY_BUDGET, n_target: int = TEST_TARGET, n_other: int = TEST_OTHER,
                  n_utility: int = TEST_UTILITY, search=None, seed: int = 0, threads: int | None = 1,
                  progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
-                 max_searched: int | None = None, gradient: str = "clip") -> dict:
+                 max_searched: int | None = None, gradient: str = "clip", per_image: bool = False,
+                 n_protect: int | None = None) -> dict:
     """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
     answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
     ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
@@ -313,7 +321,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
         chooser = vlm_chooser(targets, llava, processor, mapping, names, val_images=val_images, threshold=threshold,
                               other_budget=other_budget, neighbour_budget=neighbour_budget,
                               utility_budget=utility_budget, max_searched=max_searched, gradient=gradient,
-                              progress=progress)
+                              per_image=per_image, n_protect=n_protect, progress=progress)
         with run_folder(out, overwrite) as stage:  # the whole run folder appears at once, or not at all
             cfg, cur, data = world_config(targets if len(targets) > 1 else targets[0], stage, data_dir,
                                           progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,
