@@ -115,7 +115,8 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
                      str(tmp_path / "z")]) == 2, name
         assert msg in capsys.readouterr().err, name
     for extra, msg in ((["--targets", ""], "--targets: empty"), (["--targets", "star,star"], "'star' is given twice"),
-                       (["--methods", "uce,uce"], "'uce' is given twice")):
+                       (["--methods", "uce,uce"], "'uce' is given twice"),
+                       (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1")):
         assert main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")]) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
@@ -183,3 +184,27 @@ def test_recognised_plan_takes_the_first_recognised_candidates_generating_only_w
     good.clear()
     with pytest.raises(SearchFailed, match="does not draw 'serra' recognisably"):
         recognised_plan(ctx, "serra")
+
+
+def test_baseline_limit_without_slug_is_refused_not_a_silent_drop():
+    from slugkit.workflows.canvas_lite import run_protocol
+
+    with pytest.raises(ValueError, match="use max_targets"):
+        run_protocol(None, methods=["esd"], baseline_max_targets=1)  # refused before any model is touched
+
+
+def test_plot_shows_refused_runs_apart_and_the_unedited_model(tmp_path):
+    from slugkit.report.canvas import canvas_plot, plot_series
+
+    base = {"ua": 0.2, "ira": 0.7, "cra": 0.8}
+    rows = [{"method": "slug", "target": "harley", "domain": "style", "ua": 0.6, "ira": 0.6, "base": base},
+            {"method": "slug", "target": "wesley", "domain": "style", "ua": 0.4, "ira": 0.8, "refused": "no step",
+             "base": {"ua": 0.4, "ira": 0.8, "cra": 0.8}},
+            {"method": "esd", "target": "harley", "domain": "style", "ua": 0.9, "ira": 0.65, "base": base}]
+    series = {(s["method"], s["refused"]): s["points"] for s in plot_series({"methods": ["slug", "esd"],
+                                                                            "rows": rows})}
+    assert series[("slug", False)] == [(0.6, 0.6)] and series[("slug", True)] == [(0.8, 0.4)]
+    assert series[("esd", False)] == [(0.65, 0.9)] and ("esd", True) not in series
+    assert series[("unedited", False)] == [pytest.approx((0.75, 0.3))]  # the mean over harley and wesley
+    canvas_plot({"methods": ["slug", "esd"], "rows": rows}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

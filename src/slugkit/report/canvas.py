@@ -95,21 +95,47 @@ def render_canvas(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_series(report: dict) -> list[dict]:
+    """The points of :func:`canvas_plot`: per method and domain the edited runs (``refused=False``) and, apart,
+    the refused SLUG runs (``refused=True``; they score as the unedited model), each ``{"method", "domain",
+    "refused", "points": [(IRA, UA)]}``; and per domain the unedited model's mean over the targets
+    (``method="unedited"``)."""
+    out = []
+    for m in report["methods"]:
+        for dom in ("style", "object"):
+            for refused in (False, True):
+                pts = [(r["ira"], r["ua"]) for r in report["rows"]
+                       if r["method"] == m and r["domain"] == dom and bool(r.get("refused")) == refused]
+                if pts:
+                    out.append({"method": m, "domain": dom, "refused": refused, "points": pts})
+    for dom in ("style", "object"):
+        base = {r["target"]: r["base"] for r in report["rows"] if r["domain"] == dom}
+        if base:
+            pt = (sum(b["ira"] for b in base.values()) / len(base), sum(b["ua"] for b in base.values()) / len(base))
+            out.append({"method": "unedited", "domain": dom, "refused": False, "points": [pt]})
+    return out
+
+
 def canvas_plot(report: dict, path: str | Path) -> None:
-    """UA against IRA per run (one colour per method; circles styles, squares objects), the unedited model as a
-    black cross per domain."""
+    """UA against IRA per run (one colour per method; circles styles, squares objects; refused SLUG runs hollow),
+    the unedited model's mean over the targets as a black cross per domain (:func:`plot_series`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    for i, m in enumerate(report["methods"]):
-        for dom, mk in (("style", "o"), ("object", "s")):
-            pts = [(r["ira"], r["ua"]) for r in report["rows"] if r["method"] == m and r["domain"] == dom]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, mk, color=f"C{i}", alpha=0.8, label=f"{m} ({dom})")
+    colour = {m: f"C{i}" for i, m in enumerate(report["methods"])}
+    for ser in plot_series(report):
+        xs, ys = zip(*ser["points"])
+        mk = "o" if ser["domain"] == "style" else "s"
+        if ser["method"] == "unedited":
+            ax.plot(xs, ys, "x", color="black", markersize=9, label=f"unedited ({ser['domain']}, mean)")
+        elif ser["refused"]:
+            ax.plot(xs, ys, mk, markerfacecolor="none", color=colour[ser["method"]],
+                    label=f"{ser['method']} ({ser['domain']}) refused: scored unedited")
+        else:
+            ax.plot(xs, ys, mk, color=colour[ser["method"]], alpha=0.8, label=f"{ser['method']} ({ser['domain']})")
     ax.set_xlabel("IRA: in-domain retention (higher is better)")
     ax.set_ylabel("UA: unlearning accuracy (higher is better)")
     ax.set_xlim(-0.02, 1.02)

@@ -219,7 +219,7 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
     most that many of the chosen styles and of the chosen objects (SLUG on all of them: the baselines cost minutes
     each). A SLUG run whose search finds no step is recorded as ``refused`` (no edit: it scores as the unedited
     model) and the methods' averages count it. ``on_row(row)`` is called after each row (progress lines).
-    ``ValueError`` for an unknown method or target."""
+    ``ValueError`` for an unknown method or target, or ``baseline_max_targets`` without SLUG among the methods."""
     from ..common.progress import status
     from ..methods.diffusion import applied
     from ..slug.search import SearchFailed
@@ -228,6 +228,9 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown canvas method {m!r}; choose from {', '.join(METHODS)}")
+    if baseline_max_targets is not None and "slug" not in methods:
+        raise ValueError("baseline_max_targets limits the baselines while SLUG runs on every target; without slug "
+                         "among the methods the other targets would run no method: use max_targets")
     grid = ctx.grid
     chosen = choose_targets(targets, max_targets, grid)
     k = baseline_max_targets
