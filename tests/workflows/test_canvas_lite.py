@@ -116,7 +116,8 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
         assert msg in capsys.readouterr().err, name
     for extra, msg in ((["--targets", ""], "--targets: empty"), (["--targets", "star,star"], "'star' is given twice"),
                        (["--methods", "uce,uce"], "'uce' is given twice"),
-                       (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1")):
+                       (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1"),
+                       (["--methods", ""], "--methods: empty; choose from")):
         assert main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")]) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
@@ -208,3 +209,15 @@ def test_plot_shows_refused_runs_apart_and_the_unedited_model(tmp_path):
     assert series[("unedited", False)] == [pytest.approx((0.75, 0.3))]  # the mean over harley and wesley
     canvas_plot({"methods": ["slug", "esd"], "rows": rows}, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_slowest_run_says_when_it_was_a_refused_search():
+    from slugkit.workflows.canvas_lite import summarise
+
+    base = {"ua": 0.2, "ira": 0.7, "cra": 0.8}
+    rows = [{"method": "slug", "target": "harley", "domain": "style", "ua": 0.6, "ira": 0.6, "cra": 0.7, "base": base,
+             "time_s": 3.0, "peak_mem_bytes": 1, "storage_bytes": 16, "storage_full_bytes": 16},
+            {"method": "slug", "target": "wesley", "domain": "style", "ua": 0.4, "ira": 0.8, "cra": 0.8, "base": base,
+             "refused": "no step", "time_s": 9.0, "peak_mem_bytes": 1, "storage_bytes": 0, "storage_full_bytes": 0}]
+    s = summarise(rows, ["slug"])["slug"]
+    assert s["slowest"] == {"target": "wesley", "time_s": 9.0, "refused": True} and s["time_s"] == 6.0

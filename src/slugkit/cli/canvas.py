@@ -20,8 +20,10 @@ def _check(a, grid) -> str | None:
 
     methods = split_list(a.methods)
     bad = [m for m in methods if m not in METHODS]
-    if not methods or bad:
-        return f"--methods: unknown {bad[0] if bad else a.methods!r}; choose from {', '.join(METHODS)}"
+    if not methods:
+        return f"--methods: empty; choose from {', '.join(METHODS)}"
+    if bad:
+        return f"--methods: unknown {bad[0]!r}; choose from {', '.join(METHODS)}"
     if a.targets is not None and not split_list(a.targets):
         return "--targets: empty; name styles and/or objects, or leave the option out for every one"
     targets = split_list(a.targets) if a.targets else []

@@ -57,7 +57,8 @@ def render_canvas(report: dict) -> str:
     for m, r in report["methods"].items():
         s, ob = r.get("style", {}), r.get("object", {})
         slow = r.get("slowest")
-        slowest = "—" if not slow else f"{slow['time_s']:.1f} ({slow['target']})"
+        slowest = "—" if not slow else (f"{slow['time_s']:.2f} ({slow['target']}"
+                                        + (", refused)" if slow.get("refused") else ")"))
         lines.append(f"| {m} | {r['targets']} ({r['refused']}) | {_pct(s.get('ua'))} | {_pct(s.get('ira'))} | "
                      f"{_pct(s.get('cra'))} | {_pct(ob.get('ua'))} | {_pct(ob.get('ira'))} | {_pct(ob.get('cra'))} | "
                      f"{'—' if r.get('time_s') is None else format(r['time_s'], '.2f')} | "
@@ -118,7 +119,7 @@ def plot_series(report: dict) -> list[dict]:
 
 def canvas_plot(report: dict, path: str | Path) -> None:
     """UA against IRA per run (one colour per method; circles styles, squares objects; refused SLUG runs hollow),
-    the unedited model's mean over the targets as a black cross per domain (:func:`plot_series`)."""
+    the unedited model's mean over the targets as a black × (styles) and + (objects) (:func:`plot_series`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +131,8 @@ def canvas_plot(report: dict, path: str | Path) -> None:
         xs, ys = zip(*ser["points"])
         mk = "o" if ser["domain"] == "style" else "s"
         if ser["method"] == "unedited":
-            ax.plot(xs, ys, "x", color="black", markersize=9, label=f"unedited ({ser['domain']}, mean)")
+            ax.plot(xs, ys, "x" if ser["domain"] == "style" else "+", color="black", markersize=10,
+                    label=f"unedited ({ser['domain']}, mean)")
         elif ser["refused"]:
             ax.plot(xs, ys, mk, markerfacecolor="none", color=colour[ser["method"]],
                     label=f"{ser['method']} ({ser['domain']}) refused: scored unedited")

@@ -307,7 +307,8 @@ def summarise(rows: list[dict], methods) -> dict:
         if timed:
             slow = max(timed, key=lambda r: r["time_s"])
             rec.update(time_s=float(np.mean([r["time_s"] for r in timed])),
-                       slowest={"target": slow["target"], "time_s": slow["time_s"]},
+                       slowest={"target": slow["target"], "time_s": slow["time_s"],
+                                "refused": bool(slow.get("refused"))},
                        peak_mem_bytes=max(r["peak_mem_bytes"] for r in timed))
         if edits:
             rec.update(storage_bytes=float(np.mean([r["storage_bytes"] for r in edits])),

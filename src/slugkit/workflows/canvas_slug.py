@@ -182,8 +182,11 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
                 chosen = (layer, eta)
                 break
         if chosen is None:
+            n_t = int((truth == names.index(target)).sum())
+            share = (f"none of its {n_t} validation images" if threshold <= 0 else
+                     f"<= {threshold:.0%} of its validation images")
             raise SearchFailed(f"no searched text layer has a step at which the canvas stops drawing {target!r} "
-                               f"(<= {threshold:.0%} of {val_target} validation images) while the other {dom}s' "
+                               f"(recognised on {share}) while the other {dom}s' "
                                f"accuracy drops <= {ira_budget:.0%} (searched {len(searched)} layers)"
                                f"{closest(searched, threshold, ira_budget, None)}")
     except SearchFailed as e:  # a refusal costs its search: the caller records this time (as the edit's time_s)
