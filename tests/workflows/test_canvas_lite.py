@@ -107,7 +107,9 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     # damaged files are named, not tracebacks
     for name, data, msg in ((canvas.UNET_FILE, b"\x00" * 100, "does not load as this canvas's UNet"),
                             (canvas.JUDGE_FILES["style"], b"\x00" * 100, "is not a canvas judge"),
-                            (canvas.CONFIG_FILE, b"{}", "is not a canvas config")):
+                            (canvas.CONFIG_FILE, b"{}", "is not a canvas config (no 'unet' section); write the "
+                             "model again with `slug world train-canvas --out DIR` and pass that folder as "
+                             "--canvas-model DIR")):
         bad = tmp_path / f"bad_{name}"
         shutil.copytree(tiny_canvas, bad)
         (bad / name).write_bytes(data)
@@ -117,7 +119,8 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     for extra, msg in ((["--targets", ""], "--targets: empty"), (["--targets", "star,star"], "'star' is given twice"),
                        (["--methods", "uce,uce"], "'uce' is given twice"),
                        (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1"),
-                       (["--methods", ""], "--methods: empty; choose from")):
+                       (["--methods", ""], "--methods: empty; choose from"),
+                       (["--methods", "slug", "--baseline-max-targets", "1"], "with --methods slug alone")):
         assert main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")]) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
@@ -221,3 +224,20 @@ def test_the_slowest_run_says_when_it_was_a_refused_search():
              "refused": "no step", "time_s": 9.0, "peak_mem_bytes": 1, "storage_bytes": 0, "storage_full_bytes": 0}]
     s = summarise(rows, ["slug"])["slug"]
     assert s["slowest"] == {"target": "wesley", "time_s": 9.0, "refused": True} and s["time_s"] == 6.0
+
+
+def test_report_says_why_there_is_no_cost_ratio_when_every_slug_search_was_refused():
+    from slugkit.report.canvas import render_canvas
+    from slugkit.workflows.canvas_lite import ratios, summarise
+
+    base = {"ua": 0.2, "ira": 0.7, "cra": 0.8}
+    rows = [{"method": "slug", "target": "harley", "domain": "style", "ua": 0.2, "ira": 0.7, "cra": 0.8, "base": base,
+             "refused": "no step", "time_s": 9.0, "peak_mem_bytes": 1, "storage_bytes": 0, "storage_full_bytes": 0},
+            {"method": "uce", "target": "harley", "domain": "style", "ua": 0.9, "ira": 0.5, "cra": 0.6, "base": base,
+             "time_s": 0.02, "peak_mem_bytes": 1, "storage_bytes": 400, "storage_full_bytes": 4000, "info": {}}]
+    methods = summarise(rows, ["slug", "uce"])
+    assert ratios(methods) == {}
+    md = render_canvas({"rows": rows, "methods": methods, "ratios": ratios(methods), "base": {
+        "style_accuracy": 0.7, "object_accuracy": 0.8}, "options": {"per_pair": 1, "targets": ["harley"]}})
+    assert "No cost ratios against SLUG: every SLUG search on the baselines' targets was refused" in md
+    assert "| 9.00 (harley, refused) |" in md

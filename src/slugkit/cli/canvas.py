@@ -37,6 +37,8 @@ def _check(a, grid) -> str | None:
                 f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:
         return "--targets and --max-targets exclude each other"
+    if a.baseline_max_targets is not None and methods == ["slug"]:
+        return "--baseline-max-targets limits the baselines; with --methods slug alone it would do nothing"
     if a.baseline_max_targets is not None and "slug" not in methods:
         return (f"--baseline-max-targets limits the baselines while SLUG runs on every target; without slug in "
                 f"--methods the other targets would run no method — use --max-targets {a.baseline_max_targets}")

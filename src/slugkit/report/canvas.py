@@ -81,6 +81,9 @@ def render_canvas(report: dict) -> str:
         for m, r in ratios.items():
             lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of SLUG's (checkpoint against "
                          f"patch, the paper's comparison; changed tensors only: × {r['storage_minimal']:.3g})")
+    elif "slug" in report["methods"] and any(m != "slug" for m in report["methods"]):
+        lines += ["", "No cost ratios against SLUG: every SLUG search on the baselines' targets was refused, so there "
+                      "is no SLUG edit to compare with (its search times are in the table above)."]
     lines += ["", "## Every run", "", "Base: the unedited model's values on the same answer set.", "",
               "| method | target | UA (base) | IRA (base) | CRA (base) | time (s) | storage | note |",
               "|---|---|---|---|---|---|---|---|"]

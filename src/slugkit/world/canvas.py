@@ -266,7 +266,7 @@ def _require_shipped(canvas_dir) -> None:
                 raise ValueError("no 'unet' section")
         except ValueError as e:
             raise ModelLoadError(f"{cfg} is not a canvas config ({e}); write the model again with `slug world "
-                                 "train-canvas --out DIR`") from None
+                                 "train-canvas --out DIR` and pass that folder as --canvas-model DIR") from None
         if (meta.get("styles", STYLES), meta.get("objects", OBJECTS)) != (STYLES, OBJECTS):
             raise ModelLoadError(f"{cfg.parent} holds a canvas trained on styles {meta.get('styles')} x objects "
                                  f"{meta.get('objects')}; this slugkit's canvas is {STYLES} x {OBJECTS}: write a "
