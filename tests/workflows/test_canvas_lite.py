@@ -118,9 +118,9 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
         assert msg in capsys.readouterr().err, name
     for extra, msg in ((["--targets", ""], "--targets: empty"), (["--targets", "star,star"], "'star' is given twice"),
                        (["--methods", "uce,uce"], "'uce' is given twice"),
-                       (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1"),
+                       (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1 instead"),
                        (["--methods", ""], "--methods: empty; choose from"),
-                       (["--methods", "slug", "--baseline-max-targets", "1"], "with --methods slug alone")):
+                       (["--methods", "slug", "--baseline-max-targets", "1"], "with SLUG alone among the methods")):
         assert main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")]) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
@@ -193,8 +193,9 @@ def test_recognised_plan_takes_the_first_recognised_candidates_generating_only_w
 def test_baseline_limit_without_slug_is_refused_not_a_silent_drop():
     from slugkit.workflows.canvas_lite import run_protocol
 
-    with pytest.raises(ValueError, match="use max_targets"):
-        run_protocol(None, methods=["esd"], baseline_max_targets=1)  # refused before any model is touched
+    for methods, msg in ((["esd"], "use max_targets=1 instead"), (["slug"], "would do nothing")):
+        with pytest.raises(ValueError, match=msg):  # refused before any model is touched
+            run_protocol(None, methods=methods, baseline_max_targets=1)
 
 
 def test_plot_shows_refused_runs_apart_and_the_unedited_model(tmp_path):

@@ -16,7 +16,7 @@ from .args import COUNT, THREADS, refuse, split_list
 
 def _check(a, grid) -> str | None:
     """The usage error of the shared options, or None."""
-    from ..workflows.canvas_lite import METHODS
+    from ..workflows.canvas_lite import METHODS, baseline_limit_error
 
     methods = split_list(a.methods)
     bad = [m for m in methods if m not in METHODS]
@@ -37,12 +37,7 @@ def _check(a, grid) -> str | None:
                 f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:
         return "--targets and --max-targets exclude each other"
-    if a.baseline_max_targets is not None and methods == ["slug"]:
-        return "--baseline-max-targets limits the baselines; with --methods slug alone it would do nothing"
-    if a.baseline_max_targets is not None and "slug" not in methods:
-        return (f"--baseline-max-targets limits the baselines while SLUG runs on every target; without slug in "
-                f"--methods the other targets would run no method — use --max-targets {a.baseline_max_targets}")
-    return None
+    return baseline_limit_error(methods, a.baseline_max_targets, "--baseline-max-targets")
 
 
 def _run_and_write(a, run, prepare=None) -> int:

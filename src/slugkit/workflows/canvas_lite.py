@@ -189,6 +189,22 @@ def choose_targets(targets: list[str] | None, max_targets: int | None, grid: can
     return styles[:k] + grid.objects[:k]
 
 
+def baseline_limit_error(methods, baseline_max_targets: int | None, flag: str = "baseline_max_targets") -> str | None:
+    """Why ``baseline_max_targets`` cannot apply to ``methods`` (None when it can): it limits the baselines while
+    SLUG runs on every target, so with SLUG alone it would do nothing, and without SLUG the other targets would run
+    no method at all (``max_targets`` is the limit then). ``flag`` names the option in the message (a CLI flag
+    such as ``--baseline-max-targets`` makes it suggest ``--max-targets N``)."""
+    if baseline_max_targets is None:
+        return None
+    if list(methods) == ["slug"]:
+        return f"{flag} limits the baselines; with SLUG alone among the methods it would do nothing"
+    if "slug" not in methods:
+        alt = "--max-targets " if flag.startswith("--") else "max_targets="
+        return (f"{flag} limits the baselines while SLUG runs on every target; without slug among the methods the "
+                f"other targets would run no method — use {alt}{baseline_max_targets} instead")
+    return None
+
+
 def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targets: int | None = None,
                     per_pair: int = 2, canvas_dir=None, seed: int = 0, threads: int | None = 1,
                     progress: bool = True, on_row=None, settings: dict | None = None, steps: int = 20,
@@ -219,7 +235,8 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
     most that many of the chosen styles and of the chosen objects (SLUG on all of them: the baselines cost minutes
     each). A SLUG run whose search finds no step is recorded as ``refused`` (no edit: it scores as the unedited
     model) and the methods' averages count it. ``on_row(row)`` is called after each row (progress lines).
-    ``ValueError`` for an unknown method or target, or ``baseline_max_targets`` without SLUG among the methods."""
+    ``ValueError`` for an unknown method or target, or a ``baseline_max_targets`` that cannot apply
+    (:func:`baseline_limit_error`)."""
     from ..common.progress import status
     from ..methods.diffusion import applied
     from ..slug.search import SearchFailed
@@ -228,9 +245,9 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown canvas method {m!r}; choose from {', '.join(METHODS)}")
-    if baseline_max_targets is not None and "slug" not in methods:
-        raise ValueError("baseline_max_targets limits the baselines while SLUG runs on every target; without slug "
-                         "among the methods the other targets would run no method: use max_targets")
+    why = baseline_limit_error(methods, baseline_max_targets)
+    if why:
+        raise ValueError(why)
     grid = ctx.grid
     chosen = choose_targets(targets, max_targets, grid)
     k = baseline_max_targets
