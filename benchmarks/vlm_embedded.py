@@ -89,21 +89,29 @@ def main():
     ap.add_argument("--concepts", default=None, help="comma list (default: the demo's identity)")
     ap.add_argument("--first", type=int, default=None, help="the world's first N identities, one run each")
     ap.add_argument("--joint", default=None, help="comma list: one more run unlearning these jointly")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--val-images", type=int, default=10)
-    ap.add_argument("--other-budget", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    ap.add_argument("--val-images", type=int, default=10, help="validation images of the target (default 10)")
+    ap.add_argument("--other-budget", type=float, default=0.05,
+                    help="the other identities' mean naming drop allowed (default 0.05)")
     ap.add_argument("--neighbour-budget", type=float, default=None, help="default: the verdict's worst budget")
-    ap.add_argument("--utility-budget", type=float, default=0.03)
-    ap.add_argument("--max-searched", type=int, default=None)
+    ap.add_argument("--utility-budget", type=float, default=0.03, help="utility accuracy drop allowed (default 0.03)")
+    ap.add_argument("--max-searched", type=int, default=None, help="layers the VLM search tries (default: all)")
     ap.add_argument("--gradient", default="vlm", choices=["clip", "vlm"],
-                    help="the edit's gradient: SLUG's CLIP forget gradient (the paper) or the VLM's own (default)")
+                    help="the edit's gradient: clip = SLUG's CLIP forget gradient (the paper's, and the default of "
+                         "`slug demo --target vlm`); vlm = the VLM's own answer gradient (this benchmark's default)")
     ap.add_argument("--per-image", action="store_true",
-                    help="--gradient vlm: protect each image of the other identities, not each identity's mean")
-    ap.add_argument("--n-protect", type=int, default=None, help="images per protected identity (default 5)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-dir", default=None)
+                    help="with --gradient vlm: one protected direction per image of each other identity, instead "
+                         "of one per identity (the mean over its images)")
+    ap.add_argument("--n-protect", type=int, default=None,
+                    help="with --gradient vlm: images per protected identity (default: the workflow's, 5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    ap.add_argument("--data-dir", default=None, help="the world's data folder (default: written on first use)")
     ap.add_argument("--json", default=None, help="write every row and the summary here")
     a = ap.parse_args()
+    if a.gradient != "vlm" and (a.per_image or a.n_protect is not None):
+        ap.error("--per-image and --n-protect apply to --gradient vlm only")
+    if a.n_protect is not None and a.n_protect < 1:
+        ap.error(f"--n-protect must be >= 1, got {a.n_protect}")
     if a.first:
         runs = [[n] for n in world.identity_names()[:a.first]]
     else:

@@ -239,3 +239,10 @@ def test_per_image_protection_leaves_each_protected_image_unchanged_to_first_ord
         d = b[name].double().flatten()
         assert abs(float(g @ d)) <= 1e-5 * float(g.norm() * d.norm())
     assert 0 < info[name]["removed"] < 1 and info[name]["rank"] >= 6
+
+
+def test_vlm_chooser_refuses_a_protection_of_no_images():
+    from slugkit.workflows.vlm_demo import vlm_chooser
+
+    with pytest.raises(ValueError, match="n_protect must be >= 1"):
+        vlm_chooser(["x"], None, None, {}, [], gradient="vlm", n_protect=0)

@@ -180,9 +180,11 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     ``margin`` × η, the step finally applied (10 validation images leave noise: without the margin Dorla Volwick
     forgot on validation and was still named on 12 % of 50 test images). Raises
     :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
-    accepted step, ``ValueError`` for another ``gradient``."""
+    accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1."""
     if gradient not in ("clip", "vlm"):
         raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
+    if n_protect is not None and n_protect < 1:
+        raise ValueError(f"n_protect must be >= 1 (images per protected identity), got {n_protect}")
     from ..common.progress import status
     from ..slug.search import choose_layer
 
@@ -198,7 +200,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                    progress)
             names = [n for n in adapter.candidate_names() if n in grads.forget]
             protected = [n for n in world.identity_names() if n not in targets] if protect_all else neighbours
-            n_prot = n_protect or (5 if protect_all else 20)
+            n_prot = n_protect if n_protect is not None else (5 if protect_all else 20)
             g_edit, g_ret, basis = vlm_gradients(llava, processor, mapping, names, targets, protect=protected,
                                                  n_protect=n_prot, per_image=per_image)
             order, extra["vlm_layers"] = vlm_layer_order(adapter, g_edit, g_ret)
