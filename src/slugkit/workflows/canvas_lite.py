@@ -13,10 +13,10 @@ embedded canvas: ``per_pair`` seeds per pair, DDIM 20 steps), scored by the two 
 * **CRA** = the other domain's judge's accuracy on every image of the answer set (UnlearnCanvas ``accuracy.py``
   scores the whole answer set in both domains);
 
-and the cost of the unlearning alone: ``time_s`` (wall), ``peak_mem_bytes`` (resident-set growth, sampled;
-:class:`slugkit.workflows.compare_support.PeakRSS`), ``storage_bytes`` (the changed tensors in float32) and
-``storage_full_bytes`` (the checkpoint as UnlearnCanvas stores a method's result: the whole edited UNet; SLUG's is
-its patch).
+and the cost of the unlearning alone: ``time_s`` (wall), ``peak_mem_bytes`` (resident-set growth, the kernel's
+high-water mark: :class:`slugkit.workflows.compare_support.PeakRSS`), ``storage_bytes`` (the changed tensors in
+float32) and ``storage_full_bytes`` (the checkpoint as UnlearnCanvas stores a method's result: the whole edited
+UNet; SLUG's is its patch).
 
 Methods (each its own module): **SLUG** edits one layer of the text encoder (:func:`slug_canvas`: forget pairs =
 renders of the target with their prompts, retain pairs = renders of the other concepts of its domain, SLUG's

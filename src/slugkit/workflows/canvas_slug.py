@@ -95,7 +95,8 @@ def recognised_plan(ctx, target: str, val_target: int = VAL_TARGET, val_other: i
     the first one recognised as that concept — so that "not recognised" after an edit means forgotten, not "never
     drawn", and a drop of the others is a real drop. (Departure from the official script, which judges random
     generations: on a generator that misdraws a concept, its first tiny step is "accepted".) Candidates are
-    generated try by try, only for the slots still empty (most are filled by the first try), so the selection is the
+    generated round by round, only as many as slots are still empty (the target's next candidates in order, each
+    unfilled other concept's next one; most slots fill in the first round), so the selection is the
     first-recognised one in candidate order at a fraction of the ``tries`` × cost. By construction the unedited
     model recognises every chosen image, so the search's baseline is 1.0 on both sides. Returns ``(plan, info)``;
     ``SearchFailed`` when no candidate of the target is recognised."""
@@ -103,23 +104,25 @@ def recognised_plan(ctx, target: str, val_target: int = VAL_TARGET, val_other: i
     names = ctx.grid.names(dom)
     cand = validation_plan(ctx.grid, target, val_target, val_other, seed, tries)
     label = [s if dom == "style" else o for s, o, _, _ in cand]
-    slots = [[i for i in range(len(cand)) if label[i] == target][k * val_target:(k + 1) * val_target]
-             for k in range(tries)]
+    queue = [i for i in range(len(cand)) if label[i] == target]  # the target's candidates, in order
     other_names = list(dict.fromkeys(n for n in label if n != target))
     per_other = {n: [i for i in range(len(cand)) if label[i] == n] for n in other_names}
-    tgt, oth, generated, seen, t_generated = [], {}, 0, 0, 0
-    for k in range(tries):
-        want = (slots[k] if len(tgt) < val_target else []) + [per_other[n][k] for n in other_names if n not in oth]
+    tgt, oth, generated, seen, t_generated, k = [], {}, 0, 0, 0, 0
+    while True:
+        # as many of the target's next candidates as slots are empty, and each unfilled other concept's k-th
+        need = val_target - len(tgt)
+        want, queue = queue[:need], queue[need:]
+        want += [per_other[n][k] for n in other_names if n not in oth and k < len(per_other[n])]
         if not want:
             break
         imgs = ctx.pipe([cand[i][2] for i in want], [cand[i][3] for i in want], **ctx.sampling(sampling_steps))
         pred = ctx.judges.predict(imgs)[0 if dom == "style" else 1]
-        generated += len(want)
+        generated, k = generated + len(want), k + 1
         for i, p in zip(want, pred):
             ok = int(p) == names.index(label[i])
             if label[i] == target:
                 seen, t_generated = seen + ok, t_generated + 1
-                if ok and len(tgt) < val_target:
+                if ok:
                     tgt.append(i)
             elif ok and label[i] not in oth:
                 oth[label[i]] = i
