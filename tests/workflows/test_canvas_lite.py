@@ -65,6 +65,7 @@ def test_every_method_runs_the_protocol(tiny_canvas):
         assert rec["targets"] == 1 and set(rec["style"]) >= {"ua", "ira", "cra", "worst_ira"}
         row = next(x for x in r["rows"] if x["method"] == m)
         assert rec["time_s"] > 0 and row["time_s"] > 0 and rec["peak_mem_bytes"] >= 0  # a refusal's search counts
+        assert row["peak_mem_method"] in ("hwm", "sampled")  # which measure the number comes from
         if not row.get("refused"):
             assert rec["storage_bytes"] > 0
     uce = next(x for x in r["rows"] if x["method"] == "uce")

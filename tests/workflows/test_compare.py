@@ -32,6 +32,7 @@ def test_compare_outputs(compare_run):
     rep = json.loads((out / "compare.json").read_text())
     assert rep["concept"] == world.IDENTITIES[0].name
     assert list(rep["methods"]) == ["slug", "ga", "ssd"]
+    assert rep["peak_mem_method"] in ("hwm", "sampled") and "VmHWM" in rep["peak_mem_note"]
     assert rep["data"]["n_forget"] == 40 and rep["data"]["n_retain"] == 64
     keys = {"forget_top1", "forget_top5", "related_top1", "utility_top1", "utility_top5"}
     for name, e in rep["methods"].items():

@@ -44,3 +44,27 @@ def test_kernel_mark_used_where_it_resets(monkeypatch):
 def test_unknown_method_refused():
     with pytest.raises(ValueError, match="auto' or 'sampled"):
         PeakRSS(method="exact")
+    with pytest.raises(TypeError):  # the method is keyword-only: PeakRSS("sampled") is not an interval
+        PeakRSS(0.005, "sampled")
+
+
+def test_nested_window_keeps_the_outer_peak_and_instances_can_be_reused():
+    outer = PeakRSS()
+    with outer:
+        _spike(150)
+        with PeakRSS() as inner:  # must not reset the kernel mark the outer window reads
+            _spike(40)
+    assert outer.bytes >= 130 * MB, outer.bytes
+    assert inner.mode == "sampled" and 25 * MB <= inner.bytes < 130 * MB, inner.bytes
+    for method in ("auto", "sampled"):
+        pm = PeakRSS(method=method)
+        for _ in range(2):  # the second window measures again (the sampling thread restarts)
+            with pm:
+                _spike(80)
+            assert pm.bytes >= 60 * MB, (method, pm.bytes)
+
+
+@pytest.mark.parametrize("interval", [0, -1, "x", True])
+def test_bad_interval_refused(interval):
+    with pytest.raises(ValueError, match="interval must be a number of seconds > 0"):
+        PeakRSS(interval)

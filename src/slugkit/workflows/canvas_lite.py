@@ -275,13 +275,14 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
                 spent = getattr(e, "time_s", None)  # SLUG's own clock (data in hand), else the whole call
                 spent = time.perf_counter() - t_run if spent is None else spent
                 row.update(refused=str(e), **row["base"], time_s=spent,
-                           peak_mem_bytes=pm.bytes, storage_bytes=0, storage_full_bytes=0)
+                           peak_mem_bytes=pm.bytes, peak_mem_method=pm.mode, storage_bytes=0, storage_full_bytes=0)
             else:
                 with applied(getattr(ctx.pipe, module), edit.tensors):
                     sc = answer_set(ctx, per_pair).scores(target, grid)
                 full = sum(p.numel() * 4 for p in getattr(ctx.pipe, module).parameters())
                 row.update({k: sc[k] for k in ("ua", "ira", "cra", "worst_other")}, module=module,
-                           time_s=edit.time_s, peak_mem_bytes=pm.bytes, storage_bytes=edit.storage_bytes,
+                           time_s=edit.time_s, peak_mem_bytes=pm.bytes, peak_mem_method=pm.mode,
+                           storage_bytes=edit.storage_bytes,
                            **({"peak_gpu_mem_bytes": torch.cuda.max_memory_allocated()} if cuda else {}),
                            storage_full_bytes=full if module == "unet" else edit.storage_bytes,
                            info={k: v for k, v in edit.info.items() if k not in ("log", "search")})

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from .compare_support import (PEAK_MEM_NOTE, Base, PeakRSS, changed_storage, evaluator, make_baseline, mia_heldout,
-                              mia_runner, per_concept, record_cuda_peak, slug_passes, slug_replay, start_method)
+                              mia_runner, peak_mem_method, per_concept, record_cuda_peak, slug_passes, slug_replay,
+                              start_method)
 
 
 @dataclass
@@ -195,6 +196,6 @@ def _joint_report(cfg, cur, data_dir, adapter, base: Base, concepts: list[str], 
                  "val_sizes": j.val_suite.sizes(), "test_sizes": j.test_suite.sizes(),
                  "mia_heldout": int(j.heldout[0].shape[0]) if j.heldout is not None else 0,
                  "world_data": str(data_dir), "curate": cur},
-        "peak_mem_note": PEAK_MEM_NOTE,
+        "peak_mem_method": peak_mem_method(), "peak_mem_note": PEAK_MEM_NOTE,
         "methods": entries,
     }

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from .compare_support import (PEAK_MEM_NOTE, PeakRSS, add_passes, changed_storage, evaluator, make_baseline,
-                              mia_heldout, mia_runner, per_concept, record_cuda_peak, slug_passes, slug_replay,
-                              start_method)
+                              mia_heldout, mia_runner, peak_mem_method, per_concept, record_cuda_peak, slug_passes,
+                              slug_replay, start_method)
 
 
 @dataclass
@@ -212,6 +212,6 @@ def _sequential_report(concepts: list[str], adapter, base, s: _Steps, entries: d
                  "test_sizes": s.test_suite.sizes(),
                  "mia_heldout": int(heldout[0].shape[0]) if heldout is not None else 0,
                  "world_data": str(s.steps[0][2])},
-        "peak_mem_note": PEAK_MEM_NOTE + "; sequential: the largest step's",
+        "peak_mem_method": peak_mem_method(), "peak_mem_note": PEAK_MEM_NOTE + "; sequential: the largest step's",
         "methods": entries,
     }

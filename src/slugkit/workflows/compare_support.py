@@ -47,6 +47,15 @@ PEAK_MEM_NOTE = ("peak RSS growth over the method after gc + malloc_trim: the ke
                  "SLUG: replay of its gradient/ranking/search stages")
 
 
+def peak_mem_method() -> str:
+    """What :class:`PeakRSS` measures with in this process: ``"hwm"`` (the kernel's mark can be reset) or
+    ``"sampled"``. Probes by resetting the mark, so call it when no window is open (else: ``"sampled"``)."""
+    with _OPEN_LOCK:
+        if _OPEN_WINDOWS[0]:
+            return "sampled"
+        return "hwm" if _reset_hwm() else "sampled"
+
+
 def state_sha256(model: torch.nn.Module) -> str:
     """sha256 over every state-dict tensor of ``model`` (name and bytes), in name order."""
     h = hashlib.sha256()
@@ -93,20 +102,30 @@ def _reset_hwm() -> bool:
     return hwm is not None and rss is not None and hwm - rss <= 4096
 
 
+_OPEN_WINDOWS = [0]  # PeakRSS windows open in this process (a nested one must not reset the outer one's mark)
+_OPEN_LOCK = threading.Lock()
+
+
 class PeakRSS:
-    """Peak growth of the resident set size over a ``with`` block, in bytes (:attr:`bytes`).
+    """Peak growth of the resident set size over a ``with`` block, in bytes (:attr:`bytes`, read after the block).
 
     ``method="auto"``: the kernel's own high-water mark (``VmHWM`` of ``/proc/self/status``), reset at entry through
     ``/proc/self/clear_refs`` — exact, and free for the measured code. Where the reset is refused or not honoured
-    (not Linux, some sandboxes) or with ``method="sampled"``: RSS sampled every ``interval`` seconds by a thread.
-    That thread takes the GIL 200 times a second, and measured it slowed what it watched: SLUG on the embedded canvas
-    (2 torch threads, many small ops) took 3.4 s instead of 2.7 s — which is why it is only the fallback (a peak
-    shorter than ``interval`` can also escape it). :attr:`mode` says which was used: ``"hwm"`` or ``"sampled"``."""
+    (not Linux, some sandboxes), inside another open window (a reset would erase the outer window's peak), or with
+    ``method="sampled"``: RSS sampled every ``interval`` seconds (> 0) by a thread. That thread takes the GIL 200
+    times a second; measured on SLUG on the embedded canvas (2 torch threads, many small operations), the watched run
+    took 3.4 s instead of 2.7 s — which is why it is only the fallback (a peak shorter than ``interval`` can also
+    escape it). :attr:`mode` says which was used: ``"hwm"`` or ``"sampled"``. Side effect of the reset: the
+    process's lifetime peak (``getrusage`` ``ru_maxrss``, ``/usr/bin/time``'s maximum RSS) afterwards reports the
+    largest peak since the last window opened, not since the process started. ``ValueError`` for another
+    ``method`` or a non-positive ``interval``. An instance can be entered again (each window starts afresh)."""
 
-    def __init__(self, interval: float = 0.005, method: str = "auto"):
+    def __init__(self, interval: float = 0.005, *, method: str = "auto"):
         if method not in ("auto", "sampled"):
             raise ValueError(f"PeakRSS method must be 'auto' or 'sampled', not {method!r}")
-        self.interval = interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise ValueError(f"PeakRSS interval must be a number of seconds > 0, not {interval!r}")
+        self.interval = float(interval)
         self.method = method
         self.mode = None
         self.peak = 0
@@ -131,15 +150,22 @@ class PeakRSS:
 
     def __enter__(self):
         _release_free_memory()
-        self.mode = "hwm" if self.method == "auto" and _reset_hwm() else "sampled"
+        with _OPEN_LOCK:
+            outermost = _OPEN_WINDOWS[0] == 0
+            _OPEN_WINDOWS[0] += 1
+        self.mode = "hwm" if self.method == "auto" and outermost and _reset_hwm() else "sampled"
         self.start = self._rss()
         self.peak = self.start
+        self._stop.clear()
+        self._thread = None
         if self.mode == "sampled":
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        with _OPEN_LOCK:
+            _OPEN_WINDOWS[0] -= 1
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -148,7 +174,7 @@ class PeakRSS:
 
     @property
     def bytes(self) -> int:
-        """The peak growth in bytes (0 if the set shrank)."""
+        """The peak growth in bytes (0 if the set shrank); final once the ``with`` block has exited."""
         return max(0, self.peak - self.start)
 
 
