@@ -97,6 +97,15 @@ def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, capsys
     assert main(["demo", "--out", "."]) == 2
     assert "is the current folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    assert main(["canvas", "lite", "--out", ""]) == 2  # '' is the current folder too: named as the empty option
+    assert "the output folder (--out) is empty" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    for out in ("afile/sub", "afile/sub/deeper"):  # a file in the way: the message names --out and the culprit
+        assert main(["canvas", "lite", "--methods", "uce", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"{out}: cannot create or lock this output folder" in err and "(--out)" in err, err
+        assert "afile" in err.split(":", 1)[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_worst_budget_off_is_the_papers_choice():

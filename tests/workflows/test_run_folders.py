@@ -164,7 +164,8 @@ def test_read_only_target_leaves_nothing(tmp_path, world_dir, monkeypatch, capsy
     monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
     out = ro / "run"
     assert main(_demo_args(out, world_dir)) == 2
-    assert capsys.readouterr().err == f"error: {out}: Read-only file system\n"
+    assert capsys.readouterr().err == (f"error: {out}: cannot create or lock this output folder: Read-only file "
+                                       "system; choose another output folder (--out)\n")
     assert list(ro.iterdir()) == []
 
 
@@ -188,7 +189,8 @@ def test_real_full_and_read_only_filesystems(tmpfs, world_dir, capsys):
     assert list(tmpfs.iterdir()) == []
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     assert main(_demo_args(out, world_dir)) == 2
-    assert capsys.readouterr().err == f"error: {out}: Read-only file system\n"
+    assert capsys.readouterr().err == (f"error: {out}: cannot create or lock this output folder: Read-only file "
+                                       "system; choose another output folder (--out)\n")
 
 
 def test_out_is_a_file(tmp_path, world_dir, capsys):

@@ -270,6 +270,8 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
     """Lock OUT for this process (again: the claim it already holds). ``early`` (before the run's inputs are written
     into OUT, see the module docstring): refuse a run without ``overwrite``, a file always; move what OUT holds
     aside. Raises :class:`RunLockedError` when another process holds the lock (``wait``: wait for it instead)."""
+    if not os.fspath(out).strip():
+        raise ValueError("the output folder (--out) is empty; name a new folder (e.g. runs/NAME)")
     out = Path(out)
     here = Path.cwd().resolve()
     if here == out.resolve() or out.resolve() in here.parents:
@@ -281,10 +283,11 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
             return _CLAIMS[_key(target)]
     try:
         fd, lock, created = _acquire(out, target, wait)
-    except OSError as e:
-        if e.filename is not None and os.fsdecode(e.filename).endswith(f"{TAG}lock"):
-            e.filename = str(out)  # name the folder the user gave, not our lock file
-        raise
+    except OSError as e:  # name the folder the user gave (and the part of its path that failed), not our lock file
+        failed = None if e.filename is None else os.fsdecode(e.filename)
+        where = "" if failed is None or failed.endswith(f"{TAG}lock") or Path(failed) == out else f" at {failed}"
+        raise OSError(e.errno, f"cannot create or lock this output folder{where}: {e.strerror or e}; choose "
+                      "another output folder (--out)", str(out)) from None
     claim = Claim(out, target, lock, fd, early=early, created_parents=created)
     with _CLAIMS_LOCK:
         _CLAIMS[_key(target)] = claim
