@@ -97,8 +97,9 @@ def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, capsys
     assert main(["demo", "--out", "."]) == 2
     assert "is the current folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-    assert main(["canvas", "lite", "--out", ""]) == 2  # '' is the current folder too: named as the empty option
-    assert "the output folder (--out) is empty" in capsys.readouterr().err
+    for cmd in (["canvas", "lite"], ["demo"], ["compare"], ["demo", "--target", "vlm"]):  # '' is not the default
+        assert main([*cmd, "--out", " "]) == 2
+        assert "--out is empty" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
     for out in ("afile/sub", "afile/sub/deeper"):  # a file in the way: the message names --out and the culprit
         assert main(["canvas", "lite", "--methods", "uce", "--out", out]) == 2

@@ -97,6 +97,9 @@ def _dispatch(argv: list[str] | None) -> int:
     from ..slug.search import SearchFailed
 
     msg = check_device(getattr(a, "device", None))
+    out = getattr(a, "out", None)
+    if isinstance(out, str) and not out.strip():  # every command: '' is not "the default folder" nor "here"
+        msg = "--out is empty; name where to write (e.g. runs/NAME), or leave the option out where it has a default"
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         return 2

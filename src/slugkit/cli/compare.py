@@ -30,7 +30,8 @@ def cmd_compare(a) -> int:
     for item in a.lr or []:
         k, _, v = item.partition("=")
         lrs[k.strip()] = float(v)
-    out = a.out or f"runs/compare-{'+'.join(c.replace(' ', '_') for c in (concepts or [concept]))}"
+    default_out = f"runs/compare-{'+'.join(c.replace(' ', '_') for c in (concepts or [concept]))}"
+    out = a.out if a.out is not None else default_out
     unlearn = None
     if a.forget or a.model != "embedded":
         from ..workflows.unlearn import UnlearnConfig

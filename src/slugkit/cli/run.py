@@ -97,7 +97,7 @@ def cmd_demo_sd(a) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = a.out or f"runs/demo-sd-{concept.replace(' ', '_')}"
+    out = a.out if a.out is not None else f"runs/demo-sd-{concept.replace(' ', '_')}"
     search = replace(search_config(a), metric=a.criterion or SD_CRITERION)
     result = run_sd_demo(concept, out, data_dir=a.data_dir, t2i_dir=a.t2i_model, n_target=a.n_target,
                          n_other=a.n_other, gen_steps=a.gen_steps, guidance=a.guidance, selection=a.sd_selection,
@@ -151,7 +151,7 @@ def cmd_demo(a) -> int:
         return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept of a "
                       "joint or sequential run")
     slug_name = "+".join(c.replace(" ", "_") for c in concepts)
-    out = Path(a.out or f"runs/demo-{slug_name}")
+    out = Path(a.out if a.out is not None else f"runs/demo-{slug_name}")
     check_out_dir(out, a.overwrite)
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,

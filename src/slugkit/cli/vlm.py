@@ -39,7 +39,8 @@ def cmd_demo_vlm(a) -> int:
                           utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
                           max_searched=a.max_searched, gradient=a.vlm_gradient)
-    out = Path(a.out or default_out(result["concepts"] if result.get("concepts") else [result["concept"]]))
+    done = result["concepts"] if result.get("concepts") else [result["concept"]]
+    out = Path(a.out if a.out is not None else default_out(done))
     print_vlm_summary(result, str(out))
     rc = exit_status_of(result)
     if a.audit and (out / "patch" / "patch.json").is_file():

@@ -153,7 +153,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     budgets = budgets or Budgets()
     k = NEIGHBOURS_K if neighbours_k is None else neighbours_k
     neighbour_budget = budgets.worst_drop if neighbour_budget is None else neighbour_budget
-    out = Path(out or f"runs/demo-sd-{concept.replace(' ', '_')}")
+    out = Path(out if out is not None else f"runs/demo-sd-{concept.replace(' ', '_')}")
     n_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -307,7 +307,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     budgets = budgets or Budgets()
     neighbour_budget = budgets.worst_drop if neighbour_budget is None else neighbour_budget
     k = NEIGHBOURS_K if neighbours_k is None else neighbours_k
-    out = Path(out or default_out(targets))
+    out = Path(out if out is not None else default_out(targets))
     n_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
