@@ -125,6 +125,33 @@ def test_other_files_in_out_are_kept(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("foreign", ["compare.json", "canvas.json", "result.json"])
+def test_another_commands_run_is_a_run_too(tmp_path, foreign):
+    """`slug compare --out` on a demo's run folder (or the reverse) must not merge into it: every command's marker
+    counts, whichever command asks."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / foreign).write_text('{"old": true}')
+    (out / "data").mkdir()
+    for marker in ("result.json", "compare.json", "canvas.json"):
+        with pytest.raises(OutputExistsError, match=f"already holds a run \\({foreign} present\\)"):
+            with run_folder(out, marker=marker):
+                pass
+    assert (out / foreign).read_text() == '{"old": true}' and (out / "data").is_dir()
+    with run_folder(out, overwrite=True, marker="compare.json") as tmp:
+        (tmp / "compare.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json"]  # replaced whole, nothing merged
+    assert _leftovers(tmp_path) == []
+
+
+def test_refused_lock_leaves_no_folders_it_made(tmp_path):
+    """A lock file that cannot be made (here: its name too long) takes the parent folders made for it away."""
+    out = tmp_path / "new" / "deeper" / ("x" * 250)  # a legal folder name; ".<name>.slug-lock" is not
+    with pytest.raises(OSError, match="cannot create or lock this output folder"):
+        claim_out(out)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_file_in_the_way_is_refused(tmp_path):
     f = tmp_path / "run"
     f.write_text("a file")

@@ -148,10 +148,24 @@ def _holder_text(doc: dict) -> str:
 
 def _acquire(out: Path, target: Path, wait: bool) -> tuple[int, Path, list]:
     """Lock ``target``: an open file descriptor holding the flock, the lock file, the parents created for it."""
-    import fcntl
-
     lock = target.parent / f".{target.name}{TAG}lock"
     created = _makedirs(target.parent)
+    try:
+        return _lock_file(out, lock, wait) + (created,)
+    except BaseException:  # the lock could not be taken: the folders made for it go again (nothing left behind)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _lock_file(out: Path, lock: Path, wait: bool) -> tuple[int, Path]:
+    """Open and flock ``lock``: ``(fd, lock)``; ``RunLockedError`` when another process holds it and not ``wait``
+    (else wait for it)."""
+    import fcntl
+
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -170,7 +184,7 @@ def _acquire(out: Path, target: Path, wait: bool) -> tuple[int, Path, list]:
             except FileNotFoundError:
                 same = None
             if same is not None and (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
-                return fd, lock, created
+                return fd, lock
         except BaseException:
             os.close(fd)
             raise
@@ -235,9 +249,13 @@ def _recover(claim: Claim, doc: dict) -> None:
           (f" (left alone: {', '.join(left)})" if left else ""), file=sys.stderr)
 
 
+# the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
+RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
+
+
 def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
-    """What OUT holds: ``absent``, ``empty``, ``run`` (``marker`` present: refused without ``overwrite``) or
-    ``other``; a file is refused."""
+    """What OUT holds: ``absent``, ``empty``, ``run`` (``marker`` or another command's marker, :data:`RUN_MARKERS`,
+    present: refused without ``overwrite``, replaced whole with it) or ``other``; a file is refused."""
     target = claim.target
     if not target.exists():
         return "absent"
@@ -245,9 +263,10 @@ def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; choose another --out", str(claim.out))
     if not any(target.iterdir()):
         return "empty"
-    if (target / marker).exists():
+    found = [m for m in dict.fromkeys((marker, *RUN_MARKERS)) if (target / m).exists()]
+    if found:
         if not overwrite:
-            raise OutputExistsError(f"{claim.out} already holds a run ({marker} present); pass --overwrite to "
+            raise OutputExistsError(f"{claim.out} already holds a run ({found[0]} present); pass --overwrite to "
                                     "replace it or choose another --out")
         return "run"
     return "other"
