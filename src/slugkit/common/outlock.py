@@ -41,7 +41,7 @@ from pathlib import Path
 from .errors import OutputExistsError
 from .files import unregister_staging
 
-__all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "out_lock", "pause_point"]
+__all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "pause_point"]
 
 PAUSE_ENV, PAUSE_SECONDS_ENV = "SLUGKIT_TEST_PAUSE_AT", "SLUGKIT_TEST_PAUSE_S"
 TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
@@ -148,47 +148,40 @@ def _holder_text(doc: dict) -> str:
 
 def _acquire(out: Path, target: Path, wait: bool) -> tuple[int, Path, list]:
     """Lock ``target``: an open file descriptor holding the flock, the lock file, the parents created for it."""
+    import fcntl
+
     lock = target.parent / f".{target.name}{TAG}lock"
     created = _makedirs(target.parent)
     try:
-        return _lock_file(out, lock, wait) + (created,)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holder_text(_holder(lock))
+                    if not wait:
+                        raise RunLockedError(f"another slug run is writing to {out} ({holder}); wait for it or "
+                                             "choose another --out") from None
+                    print(f"waiting for the slug run that is writing to {out} ({holder})", file=sys.stderr,
+                          flush=True)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                st = os.fstat(fd)
+                try:
+                    same = os.stat(lock)
+                except FileNotFoundError:
+                    same = None
+                if same is not None and (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
+                    return fd, lock, created
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the holder removed the file as we locked it: lock the new one
     except BaseException:  # the lock could not be taken: the folders made for it go again (nothing left behind)
         for d in reversed(created):
-            try:
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                break
         raise
-
-
-def _lock_file(out: Path, lock: Path, wait: bool) -> tuple[int, Path]:
-    """Open and flock ``lock``: ``(fd, lock)``; ``RunLockedError`` when another process holds it and not ``wait``
-    (else wait for it)."""
-    import fcntl
-
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder_text(_holder(lock))
-                if not wait:
-                    raise RunLockedError(f"another slug run is writing to {out} ({holder}); wait for it or choose "
-                                         "another --out") from None
-                print(f"waiting for the slug run that is writing to {out} ({holder})", file=sys.stderr, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            st = os.fstat(fd)
-            try:
-                same = os.stat(lock)
-            except FileNotFoundError:
-                same = None
-            if same is not None and (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
-                return fd, lock
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # the holder removed the file as we locked it: lock the new one
 
 
 def _release(claim: Claim) -> None:
@@ -339,20 +332,6 @@ def _take(claim: Claim, overwrite: bool, marker: str) -> None:
         os.rename(claim.target, claim.aside)
     claim.owns_target = True
     claim.journal()
-
-
-@contextlib.contextmanager
-def out_lock(out: str | os.PathLike, wait: bool = True):
-    """Hold the lock on OUT for the block (waiting for another process by default), without touching OUT; a
-    :func:`run_folder` inside the block uses it."""
-    claim = claim_out(out, early=False, wait=wait)
-    claim.released_by_run = False
-    try:
-        yield claim
-    finally:
-        with signals_held():
-            abort(claim)
-            finish(claim)
 
 
 # ------------------------------------------------------------------------------------------------- the folder

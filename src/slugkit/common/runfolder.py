@@ -31,9 +31,23 @@ from pathlib import Path
 
 from .files import dir_mode, final_path, fix_modes, register_staging, unregister_staging
 from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inspect_out, is_private,
-                      new_name, out_lock, pause_point, rmtree, signals_held)
+                      new_name, pause_point, rmtree, signals_held)
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "out_lock", "pause_point", "run_folder"]
+
+
+@contextlib.contextmanager
+def out_lock(out: str | os.PathLike, wait: bool = True):
+    """Hold the lock on OUT for the block (waiting for another process by default), without touching OUT; a
+    :func:`run_folder` inside the block uses it."""
+    claim = claim_out(out, early=False, wait=wait)
+    claim.released_by_run = False
+    try:
+        yield claim
+    finally:
+        with signals_held():
+            abort(claim)
+            finish(claim)
 
 
 # --------------------------------------------------------------------------------------------------- commit
