@@ -58,15 +58,16 @@ def run_one(concept: str, a) -> dict:
         concept, out, data_dir=a.data_dir, n_target=a.n_target, n_other=a.n_other, n_neighbour=a.n_neighbour,
         val_neighbour=a.val_neighbour, neighbour_budget=a.neighbour_budget, other_budget=a.other_budget,
         selection=a.selection, step=a.step, null_energy=a.null_space_energy, null_layers=a.null_space_layers,
-        max_searched=a.max_searched, neighbours_k=a.neighbours_k, val_other=a.val_other, seed=a.seed,
-        threads=a.threads, progress=False))
+        max_searched=a.max_searched, max_layers=a.max_layers, neighbours_k=a.neighbours_k, val_other=a.val_other,
+        seed=a.seed, threads=a.threads, progress=False))
     if row is not None:
         return row
     g, c = r["generation"], r["generation"]["collateral"]
     nbs = c["neighbours"]["concepts"]
     checks = {k: bool(f(g, c)) for k, f in CHECKS.items()}
     return {"concept": concept, "layer": r["layer"], "group": r["group"], "step_size": r["step_size"],
-            "step": r["chooser"].get("step", "slug"), "clip_step_size": r["chooser"]["clip_step_size"],
+            "layers_edited": r.get("layers_edited") or [], "step": r["chooser"].get("step", "slug"),
+            "clip_step_size": r["chooser"]["clip_step_size"],
             "target": [g["before"]["generated_target_recognised"], g["after"]["generated_target_recognised"]],
             "other": [c["mean_before"], c["mean_after"]], "mean_drop": c["mean_drop"],
             "worst": c["worst"], "neighbours": nbs, "worst_neighbour_drop": max((n["drop"] for n in nbs), default=0.0),
@@ -83,7 +84,8 @@ def line(row: dict) -> str:
     if done is not None:
         return done
     w, nb = row["worst"], ", ".join(f"{n['concept']} {n['before']:.2f}->{n['after']:.2f}" for n in row["neighbours"])
-    return (f"{row['concept']:16s} {row['layer'][19:]:34s} target {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
+    layers = " + ".join(e["layer"][19:] for e in row.get("layers_edited") or []) or row["layer"][19:]
+    return (f"{row['concept']:16s} {layers:34s} target {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
             f"others {row['other'][0]:.3f}->{row['other'][1]:.3f} (drop {row['mean_drop']:+.3f})  worst "
             f"{w['concept']} {w['before']:.2f}->{w['after']:.2f}  neighbours [{nb}]  "
             f"{'PASS' if row['passed'] else 'FAIL ' + str([k for k, v in row['checks'].items() if not v])}  "
@@ -131,6 +133,9 @@ def main():
                     help="null-space step: search the CLIP Pareto layers that forgot (front) or every Linear group")
     ap.add_argument("--max-searched", type=int, default=None,
                     help="the generator search tries at most this many layers (default: every candidate)")
+    ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
+                    help="layers the fallback may edit when no single layer forgets within the budgets (default 2, "
+                         "the demo's; 1 = the paper's single layer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", default=None, help="write every row and the summary here")

@@ -107,7 +107,7 @@ def cmd_demo_sd(a) -> int:
                          progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size,
                          budgets=budgets_of(a), n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
                          neighbour_budget=a.neighbour_budget, step=a.sd_step, null_energy=a.null_space_energy,
-                         null_layers=a.null_space_layers, max_searched=a.max_searched)
+                         null_layers=a.null_space_layers, max_searched=a.max_searched, max_layers=a.max_layers)
     print_sd_summary(result, out)
     rc = exit_status_of(result)
     if a.audit and (Path(out) / "patch" / "patch.json").is_file():

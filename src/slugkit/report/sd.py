@@ -42,10 +42,19 @@ def render_generation_report(result: dict) -> str:
                   f"{gs['base_other_recognised']:.0%}):", "",
                   "| layer | step | concept recognised | others' drop | worst neighbour's drop | accepted |",
                   "|---|---|---|---|---|---|"]
-        for L in gs["layers"]:
+        rounds = result["chooser"].get("rounds") or [result["chooser"]]
+        for rd in rounds:
+            if len(rounds) > 1:
+                part = rd.get("partial_step")
+                lines.append(f"| **round {rd['round']}**" + (f": partial step {part['applied_step']:.4g} of "
+                                                              f"{part['layer']} kept" if part else "") + " | | | | | |")
             lines += [f"| {L['layer']} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
                       f"{t['other_drop']:+.3f} | {_nb(t)} | {'yes' if t['accepted'] else 'no'} |"
-                      for t in L["trajectory"]]
+                      for L in rd["generator_search"]["layers"] for t in L["trajectory"]]
+        if len(rounds) > 1:
+            lines += ["", "No single layer had an accepted step, so the closest step within half the budgets was kept "
+                      "and the next round searched on the edited model (drops against the unedited pipeline; "
+                      "`--max-layers 1` is the paper's single layer)."]
         if gs.get("neighbour_budget") is not None:
             lines += ["", f"The {len(gs['base_neighbour_recognised'])} nearest neighbours had "
                       f"{gs['validation_per_neighbour']} validation images each; a step was accepted only if none "
@@ -92,8 +101,10 @@ def print_sd_summary(result: dict, out: str) -> None:
     g = result["generation"]
     b, a = g["before"], g["after"]
     print()
-    print(headline(result, "the embedded text-to-image pipeline",
-                   f"{', '.join(result['group'])} (step {result['step_size']:.4g}) of its CLIP text encoder"))
+    edits = result.get("layers_edited") or [{"group": result["group"], "step_size": result["step_size"]}]
+    where = " + ".join(f"{', '.join(e['group'])} (step {e['step_size']:.4g})" for e in edits)
+    print(headline(result, "the embedded text-to-image pipeline", f"{where} of its CLIP text encoder"
+                   + (f" ({len(edits)} layers: no single layer forgot within the budgets)" if len(edits) > 1 else "")))
     print("| generated images | before | after |")
     print("|---|---|---|")
     print(f"| '{result['concept']}' recognised | {b['generated_target_recognised']:.3f} | "

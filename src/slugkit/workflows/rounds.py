@@ -120,6 +120,16 @@ def group_bytes(adapter, groups: list[list[str]]) -> int:
     return sum(params[n].numel() * params[n].element_size() for g in groups for n in g)
 
 
+def room_after(adapter, groups: list[list[str]]) -> list[str]:
+    """The candidates a next round may edit once ``groups`` are edited: not already edited, and the patch of all of
+    them within :data:`PATCH_SHARE` of the model's bytes (a patch stores new and base values: ~2x the tensors)."""
+    cap = PATCH_SHARE * adapter.model_bytes() / 2
+    done = {n for g in groups for n in g}
+    used = group_bytes(adapter, groups)
+    return [n for n in adapter.candidate_names() if n not in done and
+            used + group_bytes(adapter, [adapter.group_of(n)]) <= cap]
+
+
 def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> list[Edit]:
     """Round 1's outcome ``first = (searches, chosen or None, grads)`` extended by the fallback (module docstring).
 
@@ -183,3 +193,50 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
     edits.append(Edit(chosen, grads, "completes the removal within the budgets" if why is None
                       else f"best found; {why}", len(edits) + 1, searches))
     return edits
+
+
+def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose, stages) -> tuple[list[Edit], dict]:
+    """The multi-layer fallback for a ``choose`` callback that judges on a downstream model's outputs (the SD demo's
+    :func:`~slugkit.workflows.sd_generator.generator_chooser`): round 1 is ``choose`` on round 1's searches; when it
+    refuses (:class:`~slugkit.workflows.sd_generator.GeneratorRefused`) but names a partial step (the layer and step
+    that lowered the concept most within half the budgets) and ``cfg.max_layers`` allows, that partial edit is
+    applied, the gradients are recomputed on the edited model (one more gradient pass, as :func:`more_rounds`), the
+    remaining candidates are ranked and searched, and ``choose(..., prior=edits)`` judges the next layer with every
+    earlier edit applied, its budgets measured against the unedited pipeline. A run whose last round still refuses
+    raises :class:`SearchFailed` (no patch). Returns (edits, the chooser record: the last round's, with every
+    round's under ``rounds`` when there are several)."""
+    searches, _, grads = first
+    edits, infos = [], []
+    for rnd in range(1, max(cfg.max_layers, 1) + 1):
+        with applied(adapter.model, edits):
+            if rnd > 1:
+                names = room_after(adapter, [e.search.group for e in edits])
+                if not names:
+                    raise SearchFailed(f"{infos[-1]['refusal']}; no other candidate fits the patch-size cap for a "
+                                       f"round {rnd} (no patch)")
+                status(f"round {rnd}: partial step of {edits[-1].search.name}; recomputing gradients on the edited "
+                       "model", cfg.progress)
+                grads, _ = stages["gradients"](cfg, adapter, data, names)
+                table = stages["layers"](cfg, adapter, grads, None, names)
+                grads, _, ratios = stages["protect"](cfg, adapter, grads, table, data)
+                round_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
+                searches = stages["search"](cfg, adapter, grads, table, ratios, round_eval)
+            try:
+                chosen, info = choose(searches, adapter, grads, val_before, cfg.search.selection,
+                                      **({"prior": list(edits)} if edits else {}))
+            except SearchFailed as e:
+                partial = getattr(e, "partial", None)
+                infos.append({**getattr(e, "info", {}), "refusal": str(e)})
+                if partial is None or rnd >= cfg.max_layers:
+                    if not edits:
+                        raise
+                    raise SearchFailed(f"{len(edits) + 1} layers did not forget within the budgets (round 1: "
+                                       f"{infos[0]['refusal']}; round {rnd}: {e}) (no patch)") from e
+                edits.append(Edit(partial, grads, f"partial step (no single layer forgets within the budgets; "
+                                  f"lowered the concept most within half of them): {str(e).split(';')[0]}", rnd))
+                continue
+        infos.append(info)
+        edits.append(Edit(chosen, grads, "chosen by the generator-aware search" if rnd == 1 else
+                          "completes the removal within the budgets (generator-aware search)", rnd, searches))
+        break
+    return edits, infos[0] if len(infos) == 1 else {**infos[-1], "rounds": infos}

@@ -130,7 +130,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 budgets=None, neighbours_k: int | None = None, n_neighbour: int = DEFAULT_N_NEIGHBOUR,
                 val_neighbour: int = DEFAULT_N_NEIGHBOUR, neighbour_budget: float | None = None,
                 step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
-                max_searched: int | None = None) -> dict:
+                max_searched: int | None = None, max_layers: int = 2) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``
     with ``result.json → verdict`` judged on the generated images (:func:`slugkit.workflows.verdict.sd_verdict`:
     ``gen_threshold`` + ``budgets.forget_tolerance``, ``other_budget``, ``budgets.worst_drop``)
@@ -142,7 +142,10 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     the worst neighbour's validation drop by ``neighbour_budget`` (default ``budgets.worst_drop``, 0.20).
     ``step="null-space"``: the projected SLUG step (:func:`slugkit.workflows.sd_generator.generator_chooser`);
     ``null_layers="all"`` with it: every Linear group of the consumed text tower is a candidate, not only the CLIP
-    Pareto layers that forgot; ``max_searched``: the generator search tries at most that many layers."""
+    Pareto layers that forgot; ``max_searched``: the generator search tries at most that many layers.
+    ``max_layers`` (1–3): when no layer has an accepted step, the closest layer's partial step and up to
+    ``max_layers`` − 1 more layers, each searched on the edited model
+    (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's single layer."""
     from ..eval.collateral import NEIGHBOURS_K
     from ..slug.search import SearchConfig
     from ..world.demo_data import ensure_world_data
@@ -168,14 +171,14 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             names = [c for c, _ in neighbours]
             cfg = _sd_config(concept, stage, data, cd, search or SearchConfig(metric=SD_CRITERION),
                              batch_size=batch_size, seed=seed, progress=progress, overwrite=overwrite,
-                             budgets=budgets)
+                             budgets=budgets, max_layers=max_layers)
             chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
                                         gen_margin=gen_margin, val_images=val_images, val_other=val_other,
                                         threshold=gen_threshold, other_budget=other_budget,
                                         gen_steps=gen_steps, guidance=guidance, seed=seed, neighbours=names,
                                         val_neighbour=val_neighbour, neighbour_budget=neighbour_budget,
                                         step=step, null_energy=null_energy, null_layers=null_layers,
-                                        max_searched=max_searched)
+                                        max_searched=max_searched, max_layers=max_layers)
             result = run_unlearn(cfg, adapter=adapter, choose=chooser)  # writes into the temporary folder
             t_slug = time.perf_counter() - t0
 

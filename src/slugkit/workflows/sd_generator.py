@@ -6,6 +6,7 @@ doubling/bisection step search on generated validation images, and the ``choose`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
@@ -104,6 +105,37 @@ def generator_step_search(evaluate, start: float, steps: int = 6, threshold: flo
     return traj, best
 
 
+class GeneratorRefused(SearchFailed):
+    """No searched layer has an accepted step. ``partial``: the layer at the step from which a second layer may
+    finish the removal (:func:`partial_row`; None: none qualifies), ``info``: the round's chooser record."""
+
+    def __init__(self, message: str, partial=None, info: dict | None = None):
+        super().__init__(message)
+        self.partial, self.info = partial, info or {}
+
+
+def partial_row(searched: list[dict], base_target: float, other_budget: float,
+                neighbour_budget: float | None, allowed=None) -> dict | None:
+    """The multi-layer fallback's first edit (issue 12, :func:`slugkit.workflows.rounds.generator_rounds`): among
+    every step the generator search measured, the one that lowered the concept's validation recognition most while
+    the others' mean drop stayed within **half** ``other_budget`` and the worst neighbour's within half
+    ``neighbour_budget`` (the other half is left to the next layer); ties → the least mean damage. Only steps that
+    lowered the recognition below ``base_target`` qualify, and only layers in ``allowed`` (None: any; the
+    fallback passes those after which another layer still fits the patch-size cap). Costs no generation: the
+    trajectories are reused.
+    Returns ``{"layer", "step_size" (η at which the concept was measured), ...the trajectory row}`` or None."""
+    rows = []
+    for L in searched:
+        if allowed is not None and L["layer"] not in allowed:
+            continue
+        for t in L["trajectory"]:
+            nb = t.get("neighbour_drop")
+            if (t["target_recognised"] < base_target - 1e-9 and t["other_drop"] <= other_budget / 2 + 1e-9
+                    and (nb is None or neighbour_budget is None or nb <= neighbour_budget / 2 + 1e-9)):
+                rows.append({"layer": L["layer"], **t})
+    return min(rows, key=lambda r: (r["target_recognised"], r["other_drop"]), default=None)
+
+
 def validation_plans(target: str, neighbours: list[str], val_images: int, val_other: int, val_neighbour: int,
                      seed: int = 0):
     """``(target plan, others plan)`` of the generator search: ``val_images`` of the target, ``val_neighbour`` of each
@@ -145,7 +177,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                       gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE, seed: int = 0,
                       neighbours: list[str] = (), val_neighbour: int = 20, neighbour_budget: float | None = 0.20,
                       step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
-                      max_searched: int | None = None):
+                      max_searched: int | None = None, max_layers: int = 1):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 4).
 
     Layers are tried in order of conditioning-shift selectivity (``policy="shift"``: other / target shift;
@@ -164,9 +196,14 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     Linear group of the consumed text tower is a candidate (:func:`extra_groups`; started by :func:`matched_steps`)
     and takes its place in the selectivity order. ``max_searched``: the generator search tries at most this many
     layers of the order (None: every one; each costs up to ``search_steps`` validation generations). Raises
-    :class:`~slugkit.slug.search.SearchFailed` when no layer has an accepted step (the message names the criteria)
-    and ``ValueError`` for an unknown ``step`` or ``null_layers``, ``null_layers="all"`` with the SLUG step or
-    ``max_searched`` < 1."""
+    :class:`GeneratorRefused` (a :class:`~slugkit.slug.search.SearchFailed`) when no layer has an accepted step
+    (the message names the criteria; with ``max_layers`` > 1 it carries the :func:`partial_row` a second layer
+    may build on) and ``ValueError`` for an unknown ``step`` or ``null_layers``, ``null_layers="all"`` with the SLUG
+    step or ``max_searched`` < 1.
+
+    ``choose(..., prior=edits)`` (round ≥ 2 of :func:`slugkit.workflows.rounds.generator_rounds`): ``edits`` are
+    already applied to ``adapter.model``; their values are copied into the pipeline's text encoder for the round, and
+    every drop is measured against the **unedited** pipeline's validation recognition (kept from round 1)."""
     from types import SimpleNamespace
 
     from ..slug.nullspace import DEFAULT_ENERGY
@@ -183,8 +220,17 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
         raise ValueError(f"null_layers={null_layers!r} needs the null-space step (the SLUG step searches the Pareto "
                          "layers that forgot on CLIP)")
 
-    def choose(searches, adapter, grads, val_before, clip_policy):
-        info = {"policy": policy, "gen_margin": gen_margin, "step": step, "neighbours": neighbours}
+    state = {}  # the unedited pipeline's validation recognition, measured once (round 1)
+
+    def choose(searches, adapter, grads, val_before, clip_policy, prior=()):
+        with contextlib.ExitStack() as stack:
+            for e in prior:  # adapter.model already holds these edits: step 0 copies its values into the pipeline
+                stack.enter_context(pipeline_edit(pipe, mapping, adapter, e.grads, e.search.group, 0.0))
+            return choose_round(searches, adapter, grads, val_before, clip_policy, list(prior))
+
+    def choose_round(searches, adapter, grads, val_before, clip_policy, prior):
+        rnd = len(prior) + 1
+        info = {"round": rnd, "policy": policy, "gen_margin": gen_margin, "step": step, "neighbours": neighbours}
         g_edit, clip_steps = grads, {s.name: s.step_size for s in searches}
         if step == "null-space":
             energy = DEFAULT_ENERGY if null_energy is None else null_energy
@@ -228,7 +274,9 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             with pipeline_edit(pipe, mapping, adapter, g_edit, group, eta):
                 return t2i.recognition(pipe, judge, tplan, gen_steps, guidance)[0][target]
 
-        base_t, base_per = tgt(order[0].group, 0.0), others(order[0].group, 0.0)
+        if "base" not in state:
+            state["base"] = tgt(order[0].group, 0.0), others(order[0].group, 0.0)
+        base_t, base_per = state["base"]
         base_o = float(sum(base_per.values()) / len(base_per))
 
         def evaluate(group, eta):
@@ -263,12 +311,23 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             bounded = bool(neighbours) and neighbour_budget is not None and neighbour_budget < 1.0
             nb = (f", and none of its {len(neighbours)} nearest neighbours loses more than {neighbour_budget:.0%} "
                   f"(of {val_neighbour} validation images each)") if bounded else ""
-            raise SearchFailed(
+            row = None
+            if max_layers > rnd:
+                from .rounds import room_after
+
+                kept = [list(e.search.group) for e in prior]
+                row = partial_row(searched, base_t, other_budget, neighbour_budget,
+                                  {s.name for s in order if room_after(adapter, kept + [list(s.group)])})
+            partial = None
+            if row is not None:
+                info["partial_step"] = {**row, "applied_step": row["step_size"] * gen_margin}
+                partial, _ = done(replace(by_name[row["layer"]], step_size=row["step_size"] * gen_margin))
+            raise GeneratorRefused(
                 f"no {'candidate' if null_layers == 'all' else 'Pareto'} layer{cut} has a step at which the generator "
                 f"forgets {target!r} (≤ {threshold:.0%} of {val_images} validation images) while the other "
                 f"concepts lose ≤ {other_budget:.0%} on average{nb}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget)}; try --other-budget / "
-                "--neighbour-budget, more --val-images, or --no-gen-search (the CLIP step)")
+                "--neighbour-budget, more --val-images, or --no-gen-search (the CLIP step)", partial, info)
         info["step_size"] = chosen.step_size
         return done(chosen)
 
@@ -293,7 +352,7 @@ def generation_metrics(per_concept: dict[str, float], target: str) -> dict:
 
 
 # re-exported: the tests and callers know these names from here
-__all__ = ["EXTRA_SHIFT_GOAL", "NULL_LAYERS", "closest", "concept_prompts", "conditioning", "extra_groups",
-           "generation_metrics", "generator_chooser", "generator_step_search", "kept_prompts", "matched_steps",
-           "null_space_forget", "pipeline_edit", "related_to", "relative_shift", "secant_log", "shift_table",
-           "validation_plans"]
+__all__ = ["EXTRA_SHIFT_GOAL", "NULL_LAYERS", "GeneratorRefused", "closest", "concept_prompts", "conditioning",
+           "extra_groups", "generation_metrics", "generator_chooser", "generator_step_search", "kept_prompts",
+           "matched_steps", "null_space_forget", "partial_row", "pipeline_edit", "related_to", "relative_shift",
+           "secant_log", "shift_table", "validation_plans"]

@@ -29,7 +29,7 @@ from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neig
 from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, edited_values, search_layers
 from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs
 from .records import brief, result_record, write_run_files
-from .rounds import Edit, applied, more_rounds
+from .rounds import applied, generator_rounds, more_rounds
 from .verdict import Budgets, check_captions, check_recognised, clip_verdict
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
@@ -149,7 +149,8 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         with _timed(timing, "search"):
             searches, chosen, chooser_info = _search(cfg, adapter, grads, table, ratios, val_eval, val_before,
                                                      choose)
-            edits = _rounds(cfg, adapter, data, (searches, chosen, grads), val_before, neighbours, choose)
+            edits, chooser_info = _rounds(cfg, adapter, data, (searches, chosen, grads), val_before, neighbours,
+                                          choose)
             chosen = edits[-1].search
         with _timed(timing, "evaluation"):
             status(f"evaluating the edit of {' + '.join(e.search.name for e in edits)} on the test images",
@@ -273,7 +274,8 @@ def _protect(cfg: UnlearnConfig, adapter, grads, table, data: dict, neighbours: 
 
 
 def _search(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval, val_before, choose):
-    """The step-size search on every Pareto layer (spec §4) and the choice among them (or ``choose``'s)."""
+    """The step-size search on every Pareto layer (spec §4) and the choice among them (a ``choose`` callback is
+    called by :func:`_rounds`)."""
     searches = _search_front(cfg, adapter, grads, table, ratios, val_eval)
     if choose is None:
         try:
@@ -286,8 +288,7 @@ def _search(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval, val_bef
             if cfg.max_layers <= 1:
                 raise
             return searches, None, None  # the multi-layer fallback takes over (_rounds)
-    chosen, chooser_info = choose(searches, adapter, grads, val_before, cfg.search.selection)
-    return searches, chosen, chooser_info
+    return searches, None, None
 
 
 def _search_front(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval):
@@ -296,13 +297,13 @@ def _search_front(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval):
 
 
 def _rounds(cfg: UnlearnConfig, adapter, data, first, val_before, neighbours, choose):
-    """The edits of the run: round 1's layer, or the multi-layer fallback's (:mod:`slugkit.workflows.rounds`).
-    A ``choose`` callback (the SD demo's generator-aware choice) keeps its single layer."""
-    if choose is not None:
-        return [Edit(first[1], first[2], "chosen by the generator-aware search", 1)]
+    """(edits, chooser record): round 1's layer, or the multi-layer fallback's (:mod:`slugkit.workflows.rounds`);
+    with a ``choose`` callback (the SD demo's generator-aware choice) its rounds (:func:`generator_rounds`)."""
     stages = {"gradients": _gradients, "layers": _layers, "search": _search_front,
               "protect": lambda c, a, g, t, d: _protect(c, a, g, t, d, neighbours)}
-    return more_rounds(cfg, adapter, data, first, val_before, stages)
+    if choose is not None:
+        return generator_rounds(cfg, adapter, data, first, val_before, choose, stages)
+    return more_rounds(cfg, adapter, data, first, val_before, stages), None
 
 
 def _evaluate_edits(adapter, edits, test_eval) -> dict:

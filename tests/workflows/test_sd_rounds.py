@@ -1,0 +1,152 @@
+"""The multi-layer fallback of the text-to-image path (issue 12, :func:`slugkit.workflows.rounds.generator_rounds`).
+
+Constructed case, on the embedded text tower with a stand-in generator: the "pipeline" is a copy of the text
+tower, and its recognition is a function of how far two attention projections (A, B) have moved from their unedited
+values (relative change a, b): the concept is recognised 1 − (a + b)/T of the time, and its nearest neighbour loses
+0.3·(a² + b²)/T². One layer alone forgets only at a = T, where the neighbour loses 0.30 (> the 0.20 budget): refused.
+A partial step of A (within half the budget) and then B forget with the neighbour's loss ≤ 0.20 — which only holds
+if the second round's pipeline really carries A's edit and its drops are measured against the *unedited* pipeline.
+"""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from slugkit.slug.search import LayerSearch, SearchFailed  # noqa: E402
+
+A = "text_model.encoder.layers.0.self_attn.out_proj.weight"
+B = "text_model.encoder.layers.1.self_attn.out_proj.weight"
+T, TARGET, NEIGHBOUR = 0.4, "red triangle", "purple triangle"
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from slugkit.workflows.sd_demo import embedded_hf_adapter
+
+    return embedded_hf_adapter()
+
+
+def _setup(ad, monkeypatch, harm_b: float = 0.3):
+    from slugkit.workflows import rounds
+    from slugkit.workflows import sd_generator as sg
+
+    pipe = SimpleNamespace(text_encoder=copy.deepcopy(ad.model))
+    mapping = {n: n for n, _ in ad.model.named_parameters()}
+    base = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters() if n in (A, B)}
+
+    def moved(n):
+        p = dict(pipe.text_encoder.named_parameters())[n].detach()
+        return float(torch.linalg.vector_norm(p - base[n]) / torch.linalg.vector_norm(base[n]))
+
+    def recognition(pipe_, judge, plan, *args, **kw):
+        a, b = moved(A), moved(B)
+        rec = max(0.0, 1.0 - (a + b) / T)
+        nb = 0.3 * a * a / T ** 2 + harm_b * b * b / T ** 2
+        return {c: rec if c == TARGET else (1.0 - nb if c == NEIGHBOUR else 1.0) for c, _, _ in plan}, None, None
+
+    monkeypatch.setattr(sg.t2i, "recognition", recognition)
+    monkeypatch.setattr(rounds, "SuiteEvaluator", lambda *a, **k: None)
+
+    def grads_of(names):  # g = θ: θ − η·g = (1 − η)·θ, a relative change of η
+        params = dict(ad.model.named_parameters())
+        return SimpleNamespace(forget={n: params[n].detach().clone() for n in names})
+
+    def layer(n):
+        return LayerSearch(name=n, group=[n], tower="language", ratio=1.0, step_size=0.1)
+
+    calls = []
+    stages = {"gradients": lambda cfg, adapter, data, names: (calls.append(sorted(names)) or grads_of(names), None),
+              "layers": lambda cfg, adapter, grads, stats, names: None,
+              "protect": lambda cfg, adapter, grads, table, data: (grads, None, None),
+              "search": lambda cfg, adapter, grads, table, ratios, ev: [layer(B)]}
+    choose_kw = dict(neighbours=[NEIGHBOUR], val_images=2, val_other=1, val_neighbour=2, search_steps=6,
+                     neighbour_budget=0.2, other_budget=0.05, threshold=0.05)
+    first = ([layer(A)], None, grads_of([A]))
+    return sg, pipe, mapping, base, stages, choose_kw, first, calls
+
+
+def _cfg(max_layers):
+    return SimpleNamespace(max_layers=max_layers, search=SimpleNamespace(selection="min"), eval_batch_size=8,
+                           progress=False)
+
+
+def test_a_partial_step_and_a_second_layer_forget_within_the_neighbour_budget(embedded, monkeypatch):
+    from slugkit.workflows.rounds import generator_rounds
+
+    ad = embedded
+    sg, pipe, mapping, base, stages, kw, first, calls = _setup(ad, monkeypatch)
+    before = {n: p.detach().clone() for n, p in ad.model.named_parameters()}
+
+    # --max-layers 1 (the paper's single layer): refused, no partial step offered
+    one = sg.generator_chooser(TARGET, pipe, None, mapping, max_layers=1, **kw)
+    with pytest.raises(SearchFailed, match="none of its 1 nearest neighbours loses more than 20%") as e:
+        generator_rounds(_cfg(1), ad, {"val_suite": None}, first, {}, one, stages)
+    assert e.value.partial is None and calls == []
+
+    two = sg.generator_chooser(TARGET, pipe, None, mapping, max_layers=2, **kw)
+    edits, info = generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {}, two, stages)
+    assert [(e.search.name, e.round) for e in edits] == [(A, 1), (B, 2)]
+    assert edits[0].why.startswith("partial step")
+    a, b = edits[0].search.step_size, edits[1].search.step_size
+    part = info["rounds"][0]["partial_step"]
+    assert part["layer"] == A and a == pytest.approx(part["applied_step"])
+    assert part["neighbour_drop"] <= 0.1 + 1e-9 and part["target_recognised"] < 1.0  # within half the budget
+    assert a + b >= T * 0.95 - 1e-6  # together they forget (≤ 5% recognised)...
+    assert 0.3 * (a * a + b * b) / T ** 2 <= 0.2 + 1e-6  # ...within the neighbour budget
+    # round 2 measured against the unedited pipeline: its recorded neighbour drops are the total, A's included
+    accepted = [t for t in info["generator_search"]["layers"][0]["trajectory"] if t["accepted"]]
+    assert accepted and all(t["neighbour_drop"] >= 0.3 * a * a / T ** 2 - 1e-6 for t in accepted)
+    assert info["round"] == 2 and [r["round"] for r in info["rounds"]] == [1, 2] and "refusal" in info["rounds"][0]
+    assert len(calls) == 1 and A not in calls[0] and B in calls[0]  # one more gradient pass, A not a candidate
+    # the report shows both rounds' searches and the partial step kept
+    from slugkit.report.sd import render_generation_report
+    from slugkit.world import t2i
+    from slugkit.workflows.sd_generator import generation_metrics
+
+    per = {c: 0.9 for c in t2i.concept_names()}
+    g = {k: {**generation_metrics(per, TARGET), "clip_score": 70.0} for k in ("before", "after")}
+    result = {"generation": {**g, "collateral": None, "images": {"target": 2, "per_other_concept": 1,
+                                                                  "other_concepts": 29, "sampler": "DDIM 4 steps"}},
+              "step_size": b, "chooser": {**info, "gen_margin": 1.0, "clip_step_size": 0.1}}
+    md = render_generation_report(result)
+    assert f"| **round 1**: partial step {a:.4g} of {A} kept | | | | | |" in md and "| **round 2** | | | | | |" in md
+    assert md.count(f"| {A} |") == len(info["rounds"][0]["generator_search"]["layers"][0]["trajectory"])
+    assert "the next round searched on the edited model" in md
+    # everything restored bit-exactly: the CLIP model and the pipeline's text encoder
+    assert all(torch.equal(p, before[n]) for n, p in ad.model.named_parameters())
+    assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
+
+
+def test_a_second_round_that_still_fails_refuses_with_both_reasons(embedded, monkeypatch):
+    from slugkit.workflows.rounds import generator_rounds
+
+    ad = embedded
+    sg, pipe, mapping, base, stages, kw, first, _ = _setup(ad, monkeypatch, harm_b=3.0)  # B is far more harmful
+    two = sg.generator_chooser(TARGET, pipe, None, mapping, max_layers=2, **kw)
+    with pytest.raises(SearchFailed, match=r"2 layers did not forget within the budgets \(round 1: .*round 2: .*"
+                                           r"\(no patch\)"):
+        generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {}, two, stages)
+    assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
+
+
+def test_the_partial_row_is_the_lowest_recognition_within_half_the_budgets():
+    from slugkit.workflows.sd_generator import partial_row
+
+    searched = [{"layer": "x", "trajectory": [
+        {"step_size": 1.0, "target_recognised": 0.6, "other_drop": 0.01, "neighbour_drop": 0.05},
+        {"step_size": 2.0, "target_recognised": 0.2, "other_drop": 0.02, "neighbour_drop": 0.12},  # > half of 0.2
+        {"step_size": 1.5, "target_recognised": 0.4, "other_drop": 0.03, "neighbour_drop": 0.1}]},  # > 0.05 / 2
+        {"layer": "y", "trajectory": [
+            {"step_size": 3.0, "target_recognised": 0.5, "other_drop": 0.0, "neighbour_drop": 0.0},
+            {"step_size": 4.0, "target_recognised": 0.9, "other_drop": 0.0, "neighbour_drop": 0.0}]}]
+    row = partial_row(searched, 0.9, 0.05, 0.2)
+    assert (row["layer"], row["step_size"]) == ("y", 3.0)
+    assert partial_row(searched, 0.9, 0.05, None)["step_size"] == 2.0  # no neighbour bound: only the mean's half
+    assert partial_row(searched, 0.4, 0.05, 0.2) is None  # nothing below the unedited recognition
+    assert partial_row([], 0.9, 0.05, 0.2) is None
+    assert partial_row(searched, 0.9, 0.05, 0.2, allowed={"x"})["step_size"] == 1.0  # y leaves no room: not offered
