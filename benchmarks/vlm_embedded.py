@@ -36,7 +36,8 @@ def run_one(concepts: list[str], a) -> dict:
     r, row, t = guarded_run(name, lambda out: run_vlm_demo(
         concepts, out, data_dir=a.data_dir, other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
         utility_budget=a.utility_budget, val_images=a.val_images, max_searched=a.max_searched, seed=a.seed,
-        threads=a.threads, gradient=a.gradient, per_image=a.per_image, n_protect=a.n_protect, progress=False))
+        threads=a.threads, gradient=a.gradient, per_image=a.per_image, n_protect=a.n_protect, progress=False,
+        max_layers=a.max_layers))
     if row is not None:
         return row
     v = r["vlm"]
@@ -47,7 +48,8 @@ def run_one(concepts: list[str], a) -> dict:
         "other_drop<=0.05": c["mean_drop"] <= OTHER_DROP + 1e-9,
         "utility_drop<=0.03": b["utility_accuracy"] - af["utility_accuracy"] <= UTILITY_DROP + 1e-9,
     }
-    return {"concept": name, "layer": r["layer"], "step_size": r["step_size"],
+    return {"concept": name, "layer": r["layer"], "layers_edited": r.get("layers_edited") or [],
+            "step_size": r["step_size"],
             "target": [b["target_named"], af["target_named"]], "other": [c["mean_before"], c["mean_after"]],
             "mean_drop": c["mean_drop"], "worst": c["worst"], "neighbours": c["neighbours"]["concepts"],
             "utility": [b["utility_accuracy"], af["utility_accuracy"]],
@@ -104,6 +106,9 @@ def main():
                          "of one per identity (the mean over its images)")
     ap.add_argument("--n-protect", type=int, default=None,
                     help="with --gradient vlm: images per protected identity (default: the workflow's, 5)")
+    ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
+                    help="layers the fallback may edit when no single layer passes (default 2, the demo's; 1 = the "
+                         "paper's single layer)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     ap.add_argument("--data-dir", default=None, help="the world's data folder (default: written on first use)")
     ap.add_argument("--json", default=None, help="write every row and the summary here")

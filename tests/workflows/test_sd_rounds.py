@@ -150,3 +150,9 @@ def test_the_partial_row_is_the_lowest_recognition_within_half_the_budgets():
     assert partial_row(searched, 0.4, 0.05, 0.2) is None  # nothing below the unedited recognition
     assert partial_row([], 0.9, 0.05, 0.2) is None
     assert partial_row(searched, 0.9, 0.05, 0.2, allowed={"x"})["step_size"] == 1.0  # y leaves no room: not offered
+    # the VLM's rows carry a utility drop: half its budget too
+    vlm_rows = [{"layer": "v", "trajectory": [
+        {"step_size": 1.0, "target_recognised": 0.3, "other_drop": 0.0, "neighbour_drop": 0.0, "utility_drop": 0.02},
+        {"step_size": 0.5, "target_recognised": 0.6, "other_drop": 0.0, "neighbour_drop": 0.0, "utility_drop": 0.01}]}]
+    assert partial_row(vlm_rows, 1.0, 0.05, 0.2, utility_budget=0.03)["step_size"] == 0.5
+    assert partial_row(vlm_rows, 1.0, 0.05, 0.2)["step_size"] == 1.0

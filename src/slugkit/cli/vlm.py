@@ -38,7 +38,7 @@ def cmd_demo_vlm(a) -> int:
                           other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
                           utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
-                          max_searched=a.max_searched, gradient=a.vlm_gradient)
+                          max_searched=a.max_searched, gradient=a.vlm_gradient, max_layers=a.max_layers)
     done = result["concepts"] if result.get("concepts") else [result["concept"]]
     out = Path(a.out if a.out is not None else default_out(done))
     print_vlm_summary(result, str(out))

@@ -66,12 +66,13 @@ def render_vlm_report(result: dict, samples: dict) -> str:
     line = _worst_line(c)
     if line:
         lines += [line[0].upper() + line[1:] + ".", ""]
-    s = ch.get("vlm_search") or {}
-    for L in s.get("layers", []):
-        steps = "; ".join(f"{t['step_size']:.4g}: named {t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}"
-                          + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
-                          + (" (accepted)" if t["accepted"] else "") for t in L["trajectory"])
-        lines.append(f"- VLM step search on `{L['layer']}` (CLIP step {L['clip_step_size']}): {steps}")
+    rounds = ch.get("rounds") or [ch]
+    for rd in rounds:
+        if len(rounds) > 1:
+            part = rd.get("partial_step")
+            lines.append(f"- **round {rd['round']}**" + (f": partial step {part['applied_step']:.4g} of "
+                                                          f"`{part['layer']}` kept" if part else ""))
+        lines += _search_lines((rd.get("vlm_search") or {}).get("layers", []))
     lines += ["", "Sample answers (before -> after):", ""]
     for t in v["before"]["target_named_by_concept"]:
         for i in range(SAMPLES):
@@ -81,3 +82,13 @@ def render_vlm_report(result: dict, samples: dict) -> str:
         lines.append(f"- {cname} (\"{qs['object']}\"): {samples['before']['object'][cname][0]!r} -> "
                      f"{samples['after']['object'][cname][0]!r}")
     return "\n".join(lines) + "\n"
+
+
+def _search_lines(layers: list[dict]) -> list[str]:
+    lines = []
+    for L in layers:
+        steps = "; ".join(f"{t['step_size']:.4g}: named {t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}"
+                          + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
+                          + (" (accepted)" if t["accepted"] else "") for t in L["trajectory"])
+        lines.append(f"- VLM step search on `{L['layer']}` (CLIP step {L['clip_step_size']}): {steps}")
+    return lines

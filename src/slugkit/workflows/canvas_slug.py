@@ -10,7 +10,7 @@ iterations. Here, on any :class:`~slugkit.world.canvas.Grid` (the embedded canva
    images of every other pair; SLUG's forget (∇ mean cos) and retain (∇ CLIP loss) gradients on the CLIP whose text
    tower *is* the generator's (:func:`slugkit.slug.gradients.compute_gradients`; hash-checked by the caller);
 2. importance and alignment of every text layer the generator consumes; the Pareto front first (by importance),
-   then the other layers (:func:`slugkit.workflows.vlm_demo.vlm_layer_order` — the same ordering);
+   then the other layers (:func:`slugkit.workflows.vlm_gradients.vlm_layer_order` — the same ordering);
 3. per layer, the bisection rule of :func:`slugkit.workflows.sd_generator.generator_step_search` from the
    official first step 0.4 × ‖θ‖/‖g_f‖ in the official bracket [0, 10 × that] (``start_fraction``), stopping at the
    first accepted step as the official script does: accepted when the
@@ -142,7 +142,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
     :class:`~slugkit.workflows.canvas_lite.CanvasContext` (its adapter restricted to the text layers the generator
     consumes, its mapping from adapter tensor names to ``pipe.text_encoder`` names); ``sampling_steps``: DDIM steps
     of the validation images (default: the context's)."""
-    from .vlm_demo import vlm_layer_order
+    from .vlm_gradients import vlm_layer_order
 
     adapter, pipe, mapping, judges, grid = ctx.adapter, ctx.pipe, ctx.mapping, ctx.judges, ctx.grid
     t_data = time.perf_counter()

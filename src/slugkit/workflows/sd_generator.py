@@ -115,11 +115,12 @@ class GeneratorRefused(SearchFailed):
 
 
 def partial_row(searched: list[dict], base_target: float, other_budget: float,
-                neighbour_budget: float | None, allowed=None) -> dict | None:
+                neighbour_budget: float | None, allowed=None, utility_budget: float | None = None) -> dict | None:
     """The multi-layer fallback's first edit (issue 12, :func:`slugkit.workflows.rounds.generator_rounds`): among
     every step the generator search measured, the one that lowered the concept's validation recognition most while
-    the others' mean drop stayed within **half** ``other_budget`` and the worst neighbour's within half
-    ``neighbour_budget`` (the other half is left to the next layer); ties → the least mean damage. Only steps that
+    the others' mean drop stayed within **half** ``other_budget``, the worst neighbour's within half
+    ``neighbour_budget`` and (rows that carry one, the VLM's) the utility drop within half ``utility_budget`` (the
+    other half is left to the next layer); ties → the least mean damage. Only steps that
     lowered the recognition below ``base_target`` qualify, and only layers in ``allowed`` (None: any; the
     fallback passes those after which another layer still fits the patch-size cap). Costs no generation: the
     trajectories are reused.
@@ -129,9 +130,10 @@ def partial_row(searched: list[dict], base_target: float, other_budget: float,
         if allowed is not None and L["layer"] not in allowed:
             continue
         for t in L["trajectory"]:
-            nb = t.get("neighbour_drop")
+            nb, ut = t.get("neighbour_drop"), t.get("utility_drop")
             if (t["target_recognised"] < base_target - 1e-9 and t["other_drop"] <= other_budget / 2 + 1e-9
-                    and (nb is None or neighbour_budget is None or nb <= neighbour_budget / 2 + 1e-9)):
+                    and (nb is None or neighbour_budget is None or nb <= neighbour_budget / 2 + 1e-9)
+                    and (ut is None or utility_budget is None or ut <= utility_budget / 2 + 1e-9)):
                 rows.append({"layer": L["layer"], **t})
     return min(rows, key=lambda r: (r["target_recognised"], r["other_drop"]), default=None)
 

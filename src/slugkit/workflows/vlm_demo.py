@@ -29,6 +29,7 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +42,8 @@ from ..slug.neighbours import project_off
 from ..slug.search import SearchFailed, edited_consumer
 from ..world import render as world
 from ..world import vlm
-from .sd_generator import closest, generator_step_search
+from .sd_generator import GeneratorRefused, closest, generator_step_search, partial_row
+from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
 
 DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
 VAL_OTHER, VAL_NEIGHBOUR, VAL_UTILITY = 5, 20, 3  # validation images per other identity / neighbour / object class
@@ -77,99 +79,13 @@ def _metrics(scores: dict, targets: list[str]) -> dict:
             "per_identity": named, "utility_per_class": scores.get("utility_per_class")}
 
 
-def vlm_gradients(llava, processor, mapping: dict[str, str], names: list[str], targets: list[str],
-                  n_forget: int = 100, n_retain: int = 5, batch_size: int = 50, protect: list[str] = (),
-                  n_protect: int = 20, per_image: bool = False) -> tuple[dict, dict, list[dict]]:
-    """``(forget, retain)`` gradients of the **VLM's own answer loss** w.r.t. the vision-tower tensors ``names``
-    (CLIP names; ``mapping``: CLIP name → LLaVA name), float32 on the CPU, same shapes as the tensors.
-
-    forget: ∇θ of minus the mean answer NLL of "What's the name of the person in this image?" → the target's name on
-    ``n_forget`` of each target's ``pool`` images (the images SLUG's forget pairs come from), so that θ − η·g raises
-    it — the sign convention of SLUG's CLIP forget gradient; retain: ∇θ of the mean NLL of the other identities'
-    names on ``n_retain`` pool images each and of the three utility answers on ``n_retain`` pool images per object
-    class (used for the alignment of the layer ranking, as SLUG's retain gradient is); and the **protected**
-    directions: for each identity in ``protect`` the gradient of its name's NLL on ``n_protect`` of its pool images,
-    and one per utility question kind and object class (its answers' NLL on the ``n_retain`` images of the class) —
-    the step is later projected off their span (:func:`slugkit.slug.neighbours.project_off`), so that, to first
-    order, the edit changes neither the nearest identities' answers nor the utility answers. ``per_image``: one
-    protected direction per image of each protected identity (its name's NLL on that image) instead of one per
-    identity — to first order, no protected image's answer changes, not only their mean."""
-    from ..world.vlm_train import _batch, qa_ids
-
-    tok = processor.tokenizer
-    forget = [(im, vlm.NAME_QUESTION, t) for t, ims in vlm.identity_images("pool", n_forget, targets).items()
-              for im in ims]
-    retain = [(im, vlm.NAME_QUESTION, n) for n, ims in vlm.identity_images("pool", n_retain).items()
-              if n not in targets for im in ims]
-    classes = {c.name: c for c in world.UTILITY_CLASSES}
-    util_images = vlm.utility_images("pool", n_retain)
-    classes_of = {id(im): c for c, ims in util_images.items() for im in ims}
-    util = {k: [(im, q, vlm.utility_answers(classes[c])[k]) for c, ims in util_images.items() for im in ims]
-            for k, q in vlm.UTILITY_QUESTIONS.items()}
-    retain += [r for rows in util.values() for r in rows]
-    guard = [[(im, vlm.NAME_QUESTION, n) for im in ims]
-             for n, ims in vlm.identity_images("pool", n_protect, list(protect)).items()]
-    if per_image:
-        guard = [[row] for rows in guard for row in rows]
-    guard += [[r for r in rows if classes_of[id(r[0])] == c] for rows in util.values() for c in classes]
-    params = dict(llava.named_parameters())
-    live = [params[mapping[n]] for n in names]
-
-    def grad(rows, sign: float) -> dict:
-        total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(names, live)}
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            ids, mask, labels, _ = _batch([(k, *qa_ids(tok, q, a)) for k, (_, q, a) in enumerate(chunk)],
-                                          tok.pad_token_id)
-            px = processor.image_processor(images=[r[0] for r in chunk], return_tensors="pt")["pixel_values"]
-            loss = llava(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
-            gs = torch.autograd.grad(sign * loss * len(chunk) / len(rows), live)
-            for n, g in zip(names, gs):
-                total[n] += g.detach().float()
-        return total
-
-    before = [p.requires_grad for p in live]
-    try:
-        for p in live:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            return grad(forget, -1.0), grad(retain, 1.0), [grad(rows, 1.0) for rows in guard]
-    finally:
-        for p, r in zip(live, before):
-            p.requires_grad_(r)
-
-
-def vlm_layer_order(adapter, forget: dict, retain: dict) -> tuple[list, dict]:
-    """Every candidate group of the consumed vision tower as a :class:`~slugkit.slug.search.LayerSearch` (no CLIP
-    step; ``ratio`` = ‖θ‖/‖g_f‖ of the VLM gradient), Pareto-front groups first (SLUG's importance and alignment of
-    the VLM gradients, :func:`slugkit.slug.layers.rank_layers`), each part by descending importance; and the layer
-    table's JSON."""
-    from types import SimpleNamespace
-
-    from ..slug.layers import rank_layers
-    from ..slug.search import LayerSearch
-
-    table = rank_layers(adapter, SimpleNamespace(forget=forget, retain=retain), list(forget))
-    rows = {r.name: r for r in table.rows}
-    front = set(table.front_names())
-    seen, out = set(), []
-    for r in sorted(table.rows, key=lambda r: (r.name not in front, -r.importance)):
-        group = [n for n in adapter.group_of(r.name) if n in rows]
-        if frozenset(group) in seen:
-            continue
-        seen.add(frozenset(group))
-        out.append(LayerSearch(r.name, group, r.tower, r.ratio, depth=adapter.stage_index(r.tower, r.name),
-                               val_metrics={}))
-    return out, table.to_json()
-
-
 def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], neighbours: list[str], *,
                 val_images: int = DEFAULT_VAL_IMAGES, val_other: int = VAL_OTHER, val_neighbour: int = VAL_NEIGHBOUR,
                 val_utility: int = VAL_UTILITY, threshold: float = 0.05, other_budget: float = 0.05,
                 neighbour_budget: float | None = 0.20, utility_budget: float = UTILITY_BUDGET, search_steps: int = 8,
                 max_searched: int | None = None, gradient: str = "clip", protect_all: bool = True,
                 margin: float = DEFAULT_MARGIN, per_image: bool = False, n_protect: int | None = None,
-                progress: bool = True):
+                progress: bool = True, max_layers: int = 1):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3).
 
     ``gradient="clip"``: SLUG's CLIP forget gradient on the CLIP Pareto layers (the paper's method); ``"vlm"``: the
@@ -180,7 +96,10 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     ``margin`` × η, the step finally applied (10 validation images leave noise: without the margin Dorla Volwick
     forgot on validation and was still named on 12 % of 50 test images). Raises
     :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
-    accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1."""
+    accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1. ``max_layers`` > 1: a refusal
+    carries the partial step a next layer may build on and ``choose(..., prior=edits)`` searches that layer with the
+    earlier edits in the VLM, drops measured against the unedited VLM, exactly as the SD path's
+    (:func:`slugkit.workflows.rounds.generator_rounds`)."""
     if gradient not in ("clip", "vlm"):
         raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
     if n_protect is not None and n_protect < 1:
@@ -193,8 +112,16 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                       if n not in targets for ims in [ims if n in neighbours else ims[:val_other]]})
     util_val = vlm.utility_images("val", val_utility)
 
-    def choose(searches, adapter, grads, val_before, clip_policy):
-        g_edit, extra = grads.forget, {}
+    state = {}  # the unedited VLM's validation scores, measured once (round 1)
+
+    def choose(searches, adapter, grads, val_before, clip_policy, prior=()):
+        with contextlib.ExitStack() as stack:
+            for e in prior:  # adapter.model already holds these edits: step 0 copies its values into the VLM
+                stack.enter_context(edited_consumer(llava, mapping, adapter.model, e.grads.forget, e.search.group, 0))
+            return choose_round(searches, adapter, grads, val_before, clip_policy, list(prior))
+
+    def choose_round(searches, adapter, grads, val_before, clip_policy, prior):
+        g_edit, extra = grads.forget, {"round": len(prior) + 1}
         if gradient == "vlm":
             status("gradients of the VLM's answers (forget: the target's name; retain: other names, utility)",
                    progress)
@@ -224,7 +151,9 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
 
         if not order:
             raise SearchFailed("no candidate layer of the VLM's vision tower has a CLIP step search to start from")
-        base = score(order[0].group, 0.0)
+        if "base" not in state:
+            state["base"] = score(order[0].group, 0.0)
+        base = state["base"]
 
         def evaluate(group, eta):
             m = score(group, eta)
@@ -262,7 +191,20 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                                "base_other_named": base["other_named"], "base_utility": base["utility_accuracy"],
                                "layers_in_order": len(order), "layers": searched}}
         if chosen is None:
-            raise SearchFailed(
+            row, partial = None, None
+            if max_layers > len(prior) + 1:
+                from .rounds import room_after
+
+                kept = [list(e.search.group) for e in prior]
+                row = partial_row(searched, max(base["target_named_by_concept"].values()), other_budget,
+                                  neighbour_budget, {s.name for s in order if room_after(adapter, kept + [s.group])},
+                                  utility_budget)
+            if row is not None:
+                info["partial_step"] = {**row, "applied_step": row["step_size"] * margin}
+                partial = replace(next(s for s in order if s.name == row["layer"]), step_size=row["step_size"] * margin)
+                if gradient == "vlm":
+                    grads.forget.update({n: g_edit[n] for n in partial.group})
+            raise GeneratorRefused(
                 f"no candidate layer of the VLM's vision tower has a step at which the VLM stops naming "
                 f"{' + '.join(targets)} (<= {threshold:.0%} of {val_images} validation images) while the other "
                 f"identities lose <= {other_budget:.0%} on average"
@@ -271,7 +213,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 + f" and utility <= {utility_budget:.0%}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try "
                 + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
-                + "--other-budget / --neighbour-budget / --vlm-utility-budget, or more --val-images")
+                + "--other-budget / --neighbour-budget / --vlm-utility-budget, or more --val-images", partial, info)
         info.update(step_size=chosen.step_size, clip_step_size=searched[-1]["clip_step_size"])
         if gradient == "vlm":
             grads.forget.update({n: g_edit[n] for n in chosen.group})
@@ -287,12 +229,14 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                  n_utility: int = TEST_UTILITY, search=None, seed: int = 0, threads: int | None = 1,
                  progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
                  max_searched: int | None = None, gradient: str = "clip", per_image: bool = False,
-                 n_protect: int | None = None) -> dict:
+                 n_protect: int | None = None, max_layers: int = 2) -> dict:
     """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
     answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
     ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
     ``concepts`` are unlearned jointly (one edit). Raises ``KeyError`` for an unknown identity and
-    :class:`~slugkit.slug.search.SearchFailed` when no step passes the VLM criteria (no folder written)."""
+    :class:`~slugkit.slug.search.SearchFailed` when no step passes the VLM criteria (no folder written).
+    ``max_layers`` (1–3): when no layer has an accepted step, the closest step within half the budgets and up to
+    ``max_layers`` − 1 more layers (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
     from ..report.vlm import render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
@@ -323,12 +267,12 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
         chooser = vlm_chooser(targets, llava, processor, mapping, names, val_images=val_images, threshold=threshold,
                               other_budget=other_budget, neighbour_budget=neighbour_budget,
                               utility_budget=utility_budget, max_searched=max_searched, gradient=gradient,
-                              per_image=per_image, n_protect=n_protect, progress=progress)
+                              per_image=per_image, n_protect=n_protect, progress=progress, max_layers=max_layers)
         with run_folder(out, overwrite) as stage:  # the whole run folder appears at once, or not at all
             cfg, cur, data = world_config(targets if len(targets) > 1 else targets[0], stage, data_dir,
                                           progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,
                                           threads=threads, **({"search": search} if search is not None else {}))
-            cfg = replace(cfg, model="embedded-hf")
+            cfg = replace(cfg, model="embedded-hf", max_layers=max_layers)
             result = run_unlearn(cfg, adapter=adapter, choose=chooser,
                                  extra_run_info={"curate": cur, "world_data": str(data)})
             t_slug = time.perf_counter() - t0
