@@ -156,3 +156,26 @@ def test_the_partial_row_is_the_lowest_recognition_within_half_the_budgets():
         {"step_size": 0.5, "target_recognised": 0.6, "other_drop": 0.0, "neighbour_drop": 0.0, "utility_drop": 0.01}]}]
     assert partial_row(vlm_rows, 1.0, 0.05, 0.2, utility_budget=0.03)["step_size"] == 0.5
     assert partial_row(vlm_rows, 1.0, 0.05, 0.2)["step_size"] == 1.0
+
+
+def test_the_fallback_partial_respects_the_patch_cap_and_says_why_not(embedded):
+    """An MLP group of the embedded text tower (2 x 256 x 64 float32, stored twice in a patch: 262 KB) is 1.8% of
+    the CLIP's 14.3 MB, so no second layer fits beside it within the 1% cap: its step is not offered as a partial,
+    and the refusal says so; an attention projection (33 KB in a patch) leaves room."""
+    from slugkit.workflows.rounds import room_after
+    from slugkit.workflows.sd_generator import fallback_partial
+
+    ad = embedded
+    mlp = ad.group_of("text_model.encoder.layers.1.mlp.fc1.weight")
+    assert room_after(ad, [mlp]) == [] and B in room_after(ad, [[A]]) and A not in room_after(ad, [[A]])
+    order = [LayerSearch(name=mlp[0], group=mlp, tower="language", ratio=1.0),
+             LayerSearch(name=A, group=[A], tower="language", ratio=1.0)]
+    row = {"step_size": 1.0, "target_recognised": 0.5, "other_drop": 0.0, "neighbour_drop": 0.0}
+    assert fallback_partial(ad, [], order, [{"layer": mlp[0], "trajectory": [row]}], 0.9, 0.05, 0.2) == (
+        None, " (no second layer: the layers whose steps lowered it within half the budgets leave no room for "
+              "another within the 1% patch-size cap)")
+    got, why = fallback_partial(ad, [], order, [{"layer": A, "trajectory": [row]}], 0.9, 0.05, 0.2)
+    assert got["layer"] == A and why == ""
+    harmful = {**row, "other_drop": 0.04}
+    assert fallback_partial(ad, [], order, [{"layer": A, "trajectory": [harmful]}], 0.9, 0.05, 0.2)[1] == (
+        " (no second layer: no searched step lowered it within half the budgets)")

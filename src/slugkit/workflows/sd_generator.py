@@ -138,6 +138,24 @@ def partial_row(searched: list[dict], base_target: float, other_budget: float,
     return min(rows, key=lambda r: (r["target_recognised"], r["other_drop"]), default=None)
 
 
+def fallback_partial(adapter, prior, order, searched: list[dict], base_target: float, other_budget: float,
+                     neighbour_budget: float | None, utility_budget: float | None = None) -> tuple[dict | None, str]:
+    """``(row, why_not)``: :func:`partial_row` among the searched layers after which another candidate still fits
+    the patch-size cap (:func:`slugkit.workflows.rounds.room_after`, the ``prior`` edits counted), and — when there
+    is none — the reason a refusal gives for not trying a second layer."""
+    from .rounds import room_after
+
+    kept = [list(e.search.group) for e in prior]
+    allowed = {s.name for s in order if room_after(adapter, kept + [list(s.group)])}
+    row = partial_row(searched, base_target, other_budget, neighbour_budget, allowed, utility_budget)
+    if row is not None:
+        return row, ""
+    if partial_row(searched, base_target, other_budget, neighbour_budget, None, utility_budget) is not None:
+        return None, (" (no second layer: the layers whose steps lowered it within half the budgets leave no room "
+                      "for another within the 1% patch-size cap)")
+    return None, " (no second layer: no searched step lowered it within half the budgets)"
+
+
 def validation_plans(target: str, neighbours: list[str], val_images: int, val_other: int, val_neighbour: int,
                      seed: int = 0):
     """``(target plan, others plan)`` of the generator search: ``val_images`` of the target, ``val_neighbour`` of each
@@ -313,13 +331,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             bounded = bool(neighbours) and neighbour_budget is not None and neighbour_budget < 1.0
             nb = (f", and none of its {len(neighbours)} nearest neighbours loses more than {neighbour_budget:.0%} "
                   f"(of {val_neighbour} validation images each)") if bounded else ""
-            row = None
-            if max_layers > rnd:
-                from .rounds import room_after
-
-                kept = [list(e.search.group) for e in prior]
-                row = partial_row(searched, base_t, other_budget, neighbour_budget,
-                                  {s.name for s in order if room_after(adapter, kept + [list(s.group)])})
+            row, why_not = fallback_partial(adapter, prior, order, searched, base_t, other_budget,
+                                            neighbour_budget) if max_layers > rnd else (None, "")
             partial = None
             if row is not None:
                 info["partial_step"] = {**row, "applied_step": row["step_size"] * gen_margin}
@@ -327,7 +340,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             raise GeneratorRefused(
                 f"no {'candidate' if null_layers == 'all' else 'Pareto'} layer{cut} has a step at which the generator "
                 f"forgets {target!r} (≤ {threshold:.0%} of {val_images} validation images) while the other "
-                f"concepts lose ≤ {other_budget:.0%} on average{nb}"
+                f"concepts lose ≤ {other_budget:.0%} on average{nb}{why_not}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget)}; try --other-budget / "
                 "--neighbour-budget, more --val-images, or --no-gen-search (the CLIP step)", partial, info)
         info["step_size"] = chosen.step_size
@@ -355,6 +368,6 @@ def generation_metrics(per_concept: dict[str, float], target: str) -> dict:
 
 # re-exported: the tests and callers know these names from here
 __all__ = ["EXTRA_SHIFT_GOAL", "NULL_LAYERS", "GeneratorRefused", "closest", "concept_prompts", "conditioning",
-           "extra_groups", "generation_metrics", "generator_chooser", "generator_step_search", "kept_prompts",
-           "matched_steps", "null_space_forget", "partial_row", "pipeline_edit", "related_to", "relative_shift",
-           "secant_log", "shift_table", "validation_plans"]
+           "extra_groups", "fallback_partial", "generation_metrics", "generator_chooser", "generator_step_search",
+           "kept_prompts", "matched_steps", "null_space_forget", "partial_row", "pipeline_edit", "related_to",
+           "relative_shift", "secant_log", "shift_table", "validation_plans"]

@@ -42,7 +42,7 @@ from ..slug.neighbours import project_off
 from ..slug.search import SearchFailed, edited_consumer
 from ..world import render as world
 from ..world import vlm
-from .sd_generator import GeneratorRefused, closest, generator_step_search, partial_row
+from .sd_generator import GeneratorRefused, closest, fallback_partial, generator_step_search
 from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
 
 DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
@@ -191,14 +191,12 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                                "base_other_named": base["other_named"], "base_utility": base["utility_accuracy"],
                                "layers_in_order": len(order), "layers": searched}}
         if chosen is None:
-            row, partial = None, None
+            partial = None
+            row, why_not = None, ""
             if max_layers > len(prior) + 1:
-                from .rounds import room_after
-
-                kept = [list(e.search.group) for e in prior]
-                row = partial_row(searched, max(base["target_named_by_concept"].values()), other_budget,
-                                  neighbour_budget, {s.name for s in order if room_after(adapter, kept + [s.group])},
-                                  utility_budget)
+                row, why_not = fallback_partial(adapter, prior, order, searched,
+                                                max(base["target_named_by_concept"].values()), other_budget,
+                                                neighbour_budget, utility_budget)
             if row is not None:
                 info["partial_step"] = {**row, "applied_step": row["step_size"] * margin}
                 partial = replace(next(s for s in order if s.name == row["layer"]), step_size=row["step_size"] * margin)
@@ -210,7 +208,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 f"identities lose <= {other_budget:.0%} on average"
                 + (f", none of the {len(neighbours)} nearest more than {neighbour_budget:.0%}"
                    if neighbour_budget is not None and neighbours else "")
-                + f" and utility <= {utility_budget:.0%}"
+                + f" and utility <= {utility_budget:.0%}{why_not}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try "
                 + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
                 + "--other-budget / --neighbour-budget / --vlm-utility-budget, or more --val-images", partial, info)
