@@ -1,4 +1,5 @@
-"""The multi-layer fallback of the text-to-image path (issue 12, :func:`slugkit.workflows.rounds.generator_rounds`).
+"""The multi-layer fallback of the text-to-image and VLM paths (issues 12, 14; :func:`~slugkit.workflows.rounds.
+generator_rounds`).
 
 Constructed case, on the embedded text tower with a stand-in generator: the "pipeline" is a copy of the text
 tower, and its recognition is a function of how far two attention projections (A, B) have moved from their unedited
@@ -179,3 +180,59 @@ def test_the_fallback_partial_respects_the_patch_cap_and_says_why_not(embedded):
     harmful = {**row, "other_drop": 0.04}
     assert fallback_partial(ad, [], order, [{"layer": A, "trajectory": [harmful]}], 0.9, 0.05, 0.2)[1] == (
         " (no second layer: no searched step lowered it within half the budgets)")
+
+
+def test_the_vlm_chooser_takes_the_same_two_rounds(embedded, monkeypatch):
+    """The VLM demo's chooser on the same constructed case, in the vision tower: a stand-in VLM (a copy of the CLIP;
+    the answers a function of how far two vision attention projections moved) is named 1 − (a + b)/T of the time,
+    the nearest identity loses 0.3·(a² + b²)/T². One layer: refused; two: the second round forgets within the
+    budgets, with the first edit in the VLM and its drops against the unedited VLM."""
+    from slugkit.workflows import rounds
+    from slugkit.workflows import vlm_demo
+    from slugkit.world import render as world
+
+    ad = embedded
+    va, vb = (f"vision_model.encoder.layers.{i}.self_attn.out_proj.weight" for i in (0, 1))
+    target, near = world.IDENTITIES[0].name, world.IDENTITIES[1].name
+    llava = copy.deepcopy(ad.model)
+    mapping = {n: n for n, _ in ad.model.named_parameters()}
+    base = {n: p.detach().clone() for n, p in llava.named_parameters() if n in (va, vb)}
+
+    def moved(n):
+        p = dict(llava.named_parameters())[n].detach()
+        return float(torch.linalg.vector_norm(p - base[n]) / torch.linalg.vector_norm(base[n]))
+
+    def scores(llava_, processor, named, util=None, **kw):
+        a, b = moved(va), moved(vb)
+        nb = 0.3 * (a * a + b * b) / T ** 2
+        return {"named": {n: max(0.0, 1.0 - (a + b) / T) if n == target else (1.0 - nb if n == near else 1.0)
+                          for n in named}, "utility_accuracy": 1.0}
+
+    monkeypatch.setattr(vlm_demo.vlm, "vlm_scores", scores)
+    monkeypatch.setattr(rounds, "SuiteEvaluator", lambda *a, **k: None)
+
+    def grads_of(names):
+        params = dict(ad.model.named_parameters())
+        return SimpleNamespace(forget={n: params[n].detach().clone() for n in names})
+
+    def layer(n):
+        return LayerSearch(name=n, group=[n], tower="vision", ratio=1.0, step_size=0.1, val_metrics={})
+
+    stages = {"gradients": lambda cfg, adapter, data, names: (grads_of(names), None),
+              "layers": lambda *a: None, "protect": lambda cfg, adapter, grads, table, data: (grads, None, None),
+              "search": lambda *a: [layer(vb)]}
+    kw = dict(val_images=2, val_other=1, val_neighbour=2, val_utility=1, search_steps=6, margin=1.0,
+              neighbour_budget=0.2, progress=False)
+    first = ([layer(va)], None, grads_of([va]))
+    with pytest.raises(SearchFailed, match="stops naming") as e:
+        rounds.generator_rounds(_cfg(1), ad, {"val_suite": None}, first, {},
+                                vlm_demo.vlm_chooser([target], llava, None, mapping, [near], max_layers=1, **kw),
+                                stages)
+    assert e.value.partial is None
+    choose = vlm_demo.vlm_chooser([target], llava, None, mapping, [near], max_layers=2, **kw)
+    edits, info = rounds.generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {}, choose, stages)
+    assert [(e.search.name, e.round) for e in edits] == [(va, 1), (vb, 2)]
+    a, b = (e.search.step_size for e in edits)
+    assert a + b >= T * 0.95 - 1e-6 and 0.3 * (a * a + b * b) / T ** 2 <= 0.2 + 1e-6
+    assert info["rounds"][0]["partial_step"]["layer"] == va and "vlm_search" in info
+    assert all(torch.equal(dict(llava.named_parameters())[n], v) for n, v in base.items())
