@@ -163,7 +163,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                         "them unchanged to first order, K in [0, 50] (default 10; 0 = the paper's step)")
     g.add_argument("--max-layers", type=int_in(1, 3), default=2,
                    help="when no single layer forgets within the budgets, edit up to this many layers (1-3), "
-                        "recomputing the gradients after each (default 2; 1 = the paper's single layer)")
+                        "recomputing the gradients after each (default 2; 1 = the paper's single layer). With "
+                        "--target sd/vlm: judged on the generated images / the VLM's answers, and 1 = refuse rather "
+                        "than add a layer; a patch of several layers stays within 1%% of the CLIP's bytes")
 
 
 def search_config(a):

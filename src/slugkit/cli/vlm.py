@@ -63,7 +63,7 @@ SD_ONLY = {"n_target": 50, "n_other": 10, "gen_steps": 20, "guidance": 3.0, "sd_
 def add_vlm_args(d) -> None:
     """The ``--target vlm`` options of ``slug demo``."""
     vg = d.add_argument_group("--target vlm (also: --val-images, default 10; --other-budget, --neighbour-budget, "
-                              "--gen-threshold on the VLM's answers; --max-searched)")
+                              "--gen-threshold on the VLM's answers; --max-searched; --max-layers)")
     vg.add_argument("--vlm-model", default=None, help="folder of a VLM from `slug world train-vlm` (default: the "
                                                       "shipped one)")
     vg.add_argument("--vlm-gradient", default="clip", choices=["clip", "vlm"],
