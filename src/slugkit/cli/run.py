@@ -296,7 +296,7 @@ def add_parsers(sub) -> None:
                           "outputs on the other concepts' prompts stay unchanged (to --null-space-energy)")
     sdg.add_argument("--null-space-energy", type=_energy, default=None,
                      help="with --sd-step null-space: share of the kept prompts' activation energy the protected "
-                          "subspace holds, in (0, 1] (default 0.99)")
+                          "subspace holds, in (0, 1] (default 0.999)")
     sdg.add_argument("--null-space-layers", default="front", choices=["front", "all"],
                      help="with --sd-step null-space: the CLIP Pareto layers that forgot (front, default) or every "
                           "Linear group of the text tower the pipeline reads (all; 7 of 9 concepts passed the "
