@@ -130,6 +130,16 @@ def room_after(adapter, groups: list[list[str]]) -> list[str]:
             used + group_bytes(adapter, [adapter.group_of(n)]) <= cap]
 
 
+def next_front(cfg, adapter, data, names: list[str], stages) -> tuple:
+    """One more round's SLUG step on the (edited) model: gradients of ``names``, their ranking, the neighbour
+    projection and the step-size search on the new Pareto front; returns (gradients, searches)."""
+    grads, _ = stages["gradients"](cfg, adapter, data, names)
+    table = stages["layers"](cfg, adapter, grads, None, names)
+    grads, _, ratios = stages["protect"](cfg, adapter, grads, table, data)
+    round_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
+    return grads, stages["search"](cfg, adapter, grads, table, ratios, round_eval)
+
+
 def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> list[Edit]:
     """Round 1's outcome ``first = (searches, chosen or None, grads)`` extended by the fallback (module docstring).
 
@@ -148,9 +158,8 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
                                "--steps, a larger forget set, --criterion forget_top1, or --max-layers 2")
         note = "" if why is None else f"; {why} (no second layer: --max-layers {cfg.max_layers})"
         return [Edit(chosen, grads, "chosen by the layer policy" + note, 1)]
-    edits, done, tried = [], set(), ""
+    edits, tried = [], ""
     single, first_grads = chosen, grads  # round 1's own choice, kept when the fallback does no better
-    cap = PATCH_SHARE * adapter.model_bytes() / 2  # a patch stores new values and the base's (revert): ~2x
     for rnd in range(1, cfg.max_layers):
         layer = chosen if chosen is not None else closest(searches)
         with applied(adapter.model, edits):
@@ -161,20 +170,13 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
             break
         closest_note = "" if chosen is not None else f" ({layer.name} got closest)"
         edits.append(Edit(part, grads, f"partial step: {why}{closest_note}", rnd))
-        done |= set(part.group)
         status(f"round {rnd + 1}: {why}; recomputing gradients on the edited model", cfg.progress)
         with applied(adapter.model, edits):
-            used = group_bytes(adapter, [e.search.group for e in edits])
-            names = [n for n in adapter.candidate_names() if n not in done and
-                     used + group_bytes(adapter, [adapter.group_of(n)]) <= cap]
+            names = room_after(adapter, [e.search.group for e in edits])
             if not names:
                 chosen, tried = None, "no other candidate fits the patch-size cap"
                 break
-            grads, _ = stages["gradients"](cfg, adapter, data, names)
-            table = stages["layers"](cfg, adapter, grads, None, names)
-            grads, _, ratios = stages["protect"](cfg, adapter, grads, table, data)
-            round_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
-            searches = stages["search"](cfg, adapter, grads, table, ratios, round_eval)
+            grads, searches = next_front(cfg, adapter, data, names, stages)
         try:
             chosen = choose_layer(searches, cfg.search.selection, val_before, budget, cfg.budgets.utility_drop)
         except SearchFailed:
@@ -216,11 +218,7 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
                                        f"round {rnd} (no patch)")
                 status(f"round {rnd}: partial step of {edits[-1].search.name}; recomputing gradients on the edited "
                        "model", cfg.progress)
-                grads, _ = stages["gradients"](cfg, adapter, data, names)
-                table = stages["layers"](cfg, adapter, grads, None, names)
-                grads, _, ratios = stages["protect"](cfg, adapter, grads, table, data)
-                round_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
-                searches = stages["search"](cfg, adapter, grads, table, ratios, round_eval)
+                grads, searches = next_front(cfg, adapter, data, names, stages)
             try:
                 chosen, info = choose(searches, adapter, grads, val_before, cfg.search.selection,
                                       **({"prior": list(edits)} if edits else {}))
