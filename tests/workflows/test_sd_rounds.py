@@ -93,6 +93,13 @@ def test_a_partial_step_and_a_second_layer_forget_within_the_neighbour_budget(em
     edits, info = generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {}, two, stages)
     assert [(e.search.name, e.round) for e in edits] == [(A, 1), (B, 2)]
     assert edits[0].why.startswith("partial step")
+    # result.json lists every layer searched once: round 1's front is the run's own, round 2's rides on its edit
+    from slugkit.workflows.records import all_searches
+
+    assert [(r, s.name) for r, s in all_searches({"searches": first[0], "edits": edits})] == [(1, A), (2, B)]
+    one, _ = generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {},
+                              lambda *a, **k: (first[0][0], {"round": 1}), stages)
+    assert [(r, s.name) for r, s in all_searches({"searches": first[0], "edits": one})] == [(1, A)]
     a, b = edits[0].search.step_size, edits[1].search.step_size
     part = info["rounds"][0]["partial_step"]
     assert part["layer"] == A and a == pytest.approx(part["applied_step"])

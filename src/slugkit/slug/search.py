@@ -167,17 +167,33 @@ def edited_consumer(consumer: torch.nn.Module, mapping: dict[str, str], model: t
     ``consumer`` — a module holding those tensors under other names (``mapping``: model name → consumer name), e.g.
     a diffusers text encoder or LLaVA's vision tower; the exact bytes come back on exit. The values are
     :func:`edited_values`', i.e. what the patch stores."""
-    values = edited_values(model, grads, names, step_size)
+    with written(consumer, mapping, edited_values(model, grads, names, step_size)):
+        yield
+
+
+@contextlib.contextmanager
+def carried_edits(consumer: torch.nn.Module, mapping: dict[str, str], model: torch.nn.Module, names: list[str]):
+    """Temporarily copy ``model``'s current values of ``names`` into ``consumer`` (``mapping``: model name → consumer
+    name) — e.g. earlier rounds' edits, already applied to the CLIP, carried into the pipeline or VLM that judges the
+    next round (:func:`slugkit.workflows.rounds.generator_rounds`); the exact bytes come back on exit."""
+    params = dict(model.named_parameters())
+    with written(consumer, mapping, {n: params[n].detach().clone() for n in names}):
+        yield
+
+
+@contextlib.contextmanager
+def written(consumer: torch.nn.Module, mapping: dict[str, str], values: dict[str, torch.Tensor]):
+    """``values`` (model names) written into ``consumer``'s mapped tensors; their exact bytes restored on exit."""
     params = dict(consumer.named_parameters())
-    saved = {n: params[mapping[n]].detach().clone() for n in names}
+    saved = {n: params[mapping[n]].detach().clone() for n in values}
     try:
         with torch.no_grad():
-            for n in names:
-                params[mapping[n]].copy_(values[n].to(params[mapping[n]].dtype))
+            for n, v in values.items():
+                params[mapping[n]].copy_(v.to(params[mapping[n]].dtype))
         yield
     finally:
         with torch.no_grad():
-            for n in names:
+            for n in values:
                 params[mapping[n]].copy_(saved[n])
 
 

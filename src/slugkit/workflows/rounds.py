@@ -235,6 +235,7 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
                 continue
         infos.append(info)
         edits.append(Edit(chosen, grads, "chosen by the generator-aware search" if rnd == 1 else
-                          "completes the removal within the budgets (generator-aware search)", rnd, searches))
+                          "completes the removal within the budgets (generator-aware search)", rnd,
+                          searches if rnd > 1 else []))  # round 1's searches are the run's own (records.py)
         break
     return edits, infos[0] if len(infos) == 1 else {**infos[-1], "rounds": infos}

@@ -6,11 +6,10 @@ doubling/bisection step search on generated validation images, and the ``choose`
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import replace
 
-from ..slug.search import SearchFailed, edited_consumer
+from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import t2i
 from .sd_conditioning import (EXTRA_SHIFT_GOAL, NULL_LAYERS, concept_prompts, conditioning, extra_groups,
                               kept_prompts, matched_steps, null_space_forget, relative_shift, secant_log)
@@ -243,9 +242,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     state = {}  # the unedited pipeline's validation recognition, measured once (round 1)
 
     def choose(searches, adapter, grads, val_before, clip_policy, prior=()):
-        with contextlib.ExitStack() as stack:
-            for e in prior:  # adapter.model already holds these edits: step 0 copies its values into the pipeline
-                stack.enter_context(pipeline_edit(pipe, mapping, adapter, e.grads, e.search.group, 0.0))
+        with carried_edits(pipe.text_encoder, mapping, adapter.model, [n for e in prior for n in e.search.group]):
             return choose_round(searches, adapter, grads, val_before, clip_policy, list(prior))
 
     def choose_round(searches, adapter, grads, val_before, clip_policy, prior):

@@ -29,7 +29,6 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from ..common.files import atomic_write_bytes, write_json
 from ..common.runfolder import run_folder
 from ..slug.neighbours import project_off
-from ..slug.search import SearchFailed, edited_consumer
+from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import render as world
 from ..world import vlm
 from .sd_generator import GeneratorRefused, closest, fallback_partial, generator_step_search
@@ -115,9 +114,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     state = {}  # the unedited VLM's validation scores, measured once (round 1)
 
     def choose(searches, adapter, grads, val_before, clip_policy, prior=()):
-        with contextlib.ExitStack() as stack:
-            for e in prior:  # adapter.model already holds these edits: step 0 copies its values into the VLM
-                stack.enter_context(edited_consumer(llava, mapping, adapter.model, e.grads.forget, e.search.group, 0))
+        with carried_edits(llava, mapping, adapter.model, [n for e in prior for n in e.search.group]):
             return choose_round(searches, adapter, grads, val_before, clip_policy, list(prior))
 
     def choose_round(searches, adapter, grads, val_before, clip_policy, prior):
