@@ -144,6 +144,31 @@ def test_cli_refuses_meaningless_sd_neighbour_options(capsys):
             main(["demo", "--target", "sd", *bad])
         assert e.value.code == 2
         assert bad[0] in capsys.readouterr().err
+    for v in ("0", "1.5", "nan", "x"):  # one range in every message
+        with pytest.raises(SystemExit):
+            main(["demo", "--target", "sd", "--sd-step", "null-space", "--null-space-energy", v])
+        assert "(0, 1]" in capsys.readouterr().err
+    # an option of the null-space step without it would be silently ignored: refused before any work
+    assert main(["demo", "--target", "sd", "--null-space-energy", "0.5", "--out", "never-written"]) == 2
+    assert "--null-space-energy needs --sd-step null-space" in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_a_wrapped_import_error_counts_as_an_interrupt(monkeypatch, capsys):
+    """diffusers wraps a KeyboardInterrupt raised while it lazily imports in ``RuntimeError("Failed to import
+    ...")``: `slug` still exits 130 with "interrupted", not a traceback; other errors still propagate."""
+    import slugkit.cli as cli
+
+    def wrapped(argv):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to import diffusers.models") from e
+
+    monkeypatch.setattr(cli, "_dispatch", wrapped)
+    assert cli.main(["demo"]) == 130 and "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_dispatch", lambda argv: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        cli.main(["demo"])
 
 
 def test_secant_log_finds_the_step_of_a_power_law_shift():

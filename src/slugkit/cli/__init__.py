@@ -75,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # Ctrl-C during a lazy import surfaces wrapped (e.g. diffusers' "Failed to import ...")
+        if _interrupted(e):
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` was caused (directly or down its ``__cause__``/``__context__`` chain) by a KeyboardInterrupt."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _dispatch(argv: list[str] | None) -> int:

@@ -245,6 +245,8 @@ def validate_demo_sd(a) -> str | None:
         return "--target sd unlearns one concept (--concept)"
     if getattr(a, "null_space_layers", "front") != "front" and a.sd_step != "null-space":
         return "--null-space-layers all needs --sd-step null-space (the slug step searches the CLIP Pareto layers)"
+    if getattr(a, "null_space_energy", None) is not None and a.sd_step != "null-space":
+        return "--null-space-energy needs --sd-step null-space (the slug step projects nothing)"
     return None
 
 

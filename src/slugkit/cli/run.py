@@ -75,8 +75,11 @@ def print_multi_summary(result: dict, out: str) -> None:
 
 def _energy(text: str) -> float:
     """`--null-space-energy`: a share in (0, 1]."""
-    v = FRACTION(text)
-    if v <= 0.0:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v:g}")
     return v
 
@@ -299,8 +302,8 @@ def add_parsers(sub) -> None:
                           "subspace holds, in (0, 1] (default 0.999)")
     sdg.add_argument("--null-space-layers", default="front", choices=["front", "all"],
                      help="with --sd-step null-space: the CLIP Pareto layers that forgot (front, default) or every "
-                          "Linear group of the text tower the pipeline reads (all; 7 of 9 concepts passed the "
-                          "issue-12 criteria with it, see the README)")
+                          "Linear group of the text tower the pipeline reads (all; 19 of 28 concepts passed the "
+                          "README's neighbour-safe criteria with it)")
     sdg.add_argument("--max-searched", type=COUNT, default=None,
                      help="the generator search tries at most this many layers, most selective first (default all)")
     sdg.add_argument("--other-budget", type=FRACTION, default=0.05,
