@@ -242,6 +242,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     state = {}  # the unedited pipeline's validation recognition, measured once (round 1)
 
     def choose(searches, adapter, grads, val_before, clip_policy, prior=()):
+        if not prior:  # round 1: nothing to carry (and no pipeline touched before the search needs it)
+            return choose_round(searches, adapter, grads, val_before, clip_policy, [])
         with carried_edits(pipe.text_encoder, mapping, adapter.model, [n for e in prior for n in e.search.group]):
             return choose_round(searches, adapter, grads, val_before, clip_policy, list(prior))
 
