@@ -8,8 +8,9 @@ from pathlib import Path
 
 def guarded_run(name: str, run):
     """``(result, None)`` from ``run(out)`` (``out``: a fresh folder path inside a temporary directory), or
-    ``(None, row)`` when it refused (``SearchFailed``, ``NothingToUnlearnError``: the row records the reason and
-    whether the run left no folder behind) or crashed (the row records the traceback; the sweep goes on). Either way
+    ``(None, row)`` when it refused (``SearchFailed``, ``NothingToUnlearnError``: the row records the reason,
+    whether the run left no folder behind and, under ``search``, the refusal's search record when it carries one) or
+    crashed (the row records the traceback; the sweep goes on). Either way
     ``row``/the caller's row carries ``timing_s.wall``; the start time is returned as the third value."""
     from slugkit.slug.search import SearchFailed
     from slugkit.workflows.verdict import NothingToUnlearnError
@@ -20,8 +21,11 @@ def guarded_run(name: str, run):
         try:
             return run(out), None, t
         except (SearchFailed, NothingToUnlearnError) as e:
-            return None, {"concept": name, "refused": str(e), "refusal_clean": bool(str(e)) and not out.exists(),
-                          "passed": False, "timing_s": {"wall": time.perf_counter() - t}}, t
+            row = {"concept": name, "refused": str(e), "refusal_clean": bool(str(e)) and not out.exists(),
+                   "passed": False, "timing_s": {"wall": time.perf_counter() - t}}
+            if getattr(e, "info", None):  # the search record of a generator/VLM refusal: every step it measured
+                row["search"] = e.info
+            return None, row, t
         except Exception as e:  # a crash is recorded (a failure, not a refusal) and the sweep goes on
             import traceback
 

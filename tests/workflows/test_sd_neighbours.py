@@ -402,3 +402,30 @@ def test_report_of_a_layer_off_the_clip_front_says_it_has_no_clip_step():
     assert "Applied step: 5865 (a layer off the CLIP Pareto front: no CLIP step; --null-space-layers all)." in md
     result["chooser"]["clip_step_size"] = 31.2
     assert "Applied step: 5865 (the CLIP search's step for this layer: 31.2)." in _generation_report(result)
+
+
+def test_a_sweep_row_of_a_refusal_keeps_its_search_record(tmp_path):
+    """benchmarks/sweep.py: a refusal becomes a row with its reason, whether it left a folder, and — when the
+    refusal carries one (generator/VLM searches) — its search record, every measured step included."""
+    import sys
+    from pathlib import Path
+
+    from slugkit.slug.search import SearchFailed
+    from slugkit.workflows.gen_search import GeneratorRefused
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        from sweep import guarded_run
+    finally:
+        sys.path.pop(0)
+    record = {"generator_search": {"layers": [{"layer": "x", "trajectory": [{"step_size": 1.0, "probe": True}]}]}}
+
+    def refuse(err):
+        def run(out):
+            raise err
+        return run
+
+    _, row, _ = guarded_run("c", refuse(GeneratorRefused("no layer", None, record)))
+    assert row["refused"] == "no layer" and row["refusal_clean"] and row["search"] == record
+    _, row, _ = guarded_run("c", refuse(SearchFailed("plain")))
+    assert "search" not in row and row["refused"] == "plain"

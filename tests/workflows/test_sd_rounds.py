@@ -137,8 +137,10 @@ def test_a_second_round_that_still_fails_refuses_with_both_reasons(embedded, mon
     sg, pipe, mapping, base, stages, kw, first, _ = _setup(ad, monkeypatch, harm_b=3.0)  # B is far more harmful
     two = sg.generator_chooser(TARGET, pipe, None, mapping, max_layers=2, **kw)
     with pytest.raises(SearchFailed, match=r"2 layers did not forget within the budgets \(round 1: .*round 2: .*"
-                                           r"\(no patch\)"):
+                                           r"\(no patch\)") as err:
         generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {}, two, stages)
+    rounds = err.value.info["rounds"]  # the refusal keeps every round's search (the benchmarks record it)
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["generator_search"]["layers"] for r in rounds)
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
 
 
@@ -187,6 +189,51 @@ def test_the_fallback_partial_respects_the_patch_cap_and_says_why_not(embedded):
     harmful = {**row, "other_drop": 0.04}
     assert fallback_partial(ad, [], order, [{"layer": A, "trajectory": [harmful]}], 0.9, 0.05, 0.2)[1] == (
         " (no second layer: no searched step lowered it within half the budgets)")
+    # the MLP qualifies but has no room; halvings of the attention layer's step harm: both reasons are given
+    got, why = fallback_partial(ad, [], order, [{"layer": mlp[0], "trajectory": [dict(row)]},
+                                                {"layer": A, "trajectory": [dict(harmful)]}], 0.9, 0.05, 0.2,
+                                probe=lambda g, e: (0.5, 0.04, 0.0, NEIGHBOUR))
+    assert got is None and why.startswith(
+        " (no second layer: the layers whose steps lowered it within half the budgets leave no room for another "
+        "within the 1% patch-size cap; nor did 3 halvings of the other layers' smallest steps (the smallest: "
+        "layers.0.self_attn.out_proj.weight step 0.125: concept recognised 0.50, others -0.040")
+
+
+def test_the_fallback_probes_smaller_steps_when_no_measured_one_qualifies(embedded):
+    """The search left each layer at its first step (it harmed without forgetting): nothing smaller was measured.
+    The fallback halves the smallest measured step of the closest layers (lowest recognition first) until a step
+    lowers the concept within half the budgets, records every probed step in the trajectory, and stops there."""
+    from slugkit.workflows.gen_search import PROBE_HALVINGS, fallback_partial
+
+    ad = embedded
+    order = [LayerSearch(name=A, group=[A], tower="language", ratio=1.0),
+             LayerSearch(name=B, group=[B], tower="language", ratio=1.0)]
+    first = {"step_size": 8.0, "target_recognised": 0.5, "other_drop": 0.08, "neighbour_drop": 0.3,
+             "accepted": False}
+    calls = []
+
+    def probe(group, eta):  # recognition 0.9 - 0.05*eta, mean drop 0.01*eta, neighbour drop 0.02*eta
+        calls.append((group[0], eta))
+        return 0.9 - 0.05 * eta, 0.01 * eta, 0.02 * eta, NEIGHBOUR
+
+    searched = [{"layer": B, "trajectory": [{**first, "target_recognised": 0.7}]},
+                {"layer": A, "trajectory": [dict(first)]}]
+    row, why = fallback_partial(ad, [], order, searched, 0.9, 0.05, 0.2, probe=probe)
+    assert why == "" and calls == [(A, 4.0), (A, 2.0)]  # A got closer (0.5 < 0.7); 4: 0.04 > 0.025 harms
+    assert row["layer"] == A and row["step_size"] == 2.0 and row["target_recognised"] == pytest.approx(0.8)
+    probed = [t for t in searched[1]["trajectory"] if t.get("probe")]
+    assert [t["step_size"] for t in probed] == [4.0, 2.0] and not any(t["accepted"] for t in probed)
+    calls.clear()  # nothing qualifies: every halving of both layers is tried, and the refusal says so
+    searched = [{"layer": A, "trajectory": [dict(first)]}, {"layer": B, "trajectory": [dict(first)]}]
+    row, why = fallback_partial(ad, [], order, searched, 0.9, 0.05, 0.2,
+                                probe=lambda g, e: (probe(g, e)[0], 0.5, None, None))
+    assert row is None and len(calls) == 2 * PROBE_HALVINGS
+    assert why == (f" (no second layer: no searched step lowered it within half the budgets, nor {PROBE_HALVINGS} "
+                   "halvings of the closest layers' smallest steps (the smallest: layers.0.self_attn.out_proj.weight "
+                   "step 1: concept recognised 0.85, others -0.500))")
+    calls.clear()  # without a probe nothing is generated
+    assert fallback_partial(ad, [], order, [{"layer": A, "trajectory": [dict(first)]}], 0.9, 0.05, 0.2)[0] is None
+    assert calls == []
 
 
 def test_the_vlm_chooser_takes_the_same_two_rounds(embedded, monkeypatch):

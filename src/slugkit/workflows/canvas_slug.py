@@ -11,7 +11,7 @@ iterations. Here, on any :class:`~slugkit.world.canvas.Grid` (the embedded canva
    tower *is* the generator's (:func:`slugkit.slug.gradients.compute_gradients`; hash-checked by the caller);
 2. importance and alignment of every text layer the generator consumes; the Pareto front first (by importance),
    then the other layers (:func:`slugkit.workflows.vlm_gradients.vlm_layer_order` — the same ordering);
-3. per layer, the bisection rule of :func:`slugkit.workflows.sd_generator.generator_step_search` from the
+3. per layer, the bisection rule of :func:`slugkit.workflows.gen_search.generator_step_search` from the
    official first step 0.4 × ‖θ‖/‖g_f‖ in the official bracket [0, 10 × that] (``start_fraction``), stopping at the
    first accepted step as the official script does: accepted when the
    target-domain judge recognises at most ``threshold`` of the ``val_target`` validation images of the target and
@@ -36,7 +36,7 @@ import torch
 
 from ..methods.diffusion import DiffusionEdit, storage
 from ..slug.search import SearchFailed, edited_consumer, edited_values
-from .sd_generator import closest, generator_step_search
+from .gen_search import closest, generator_step_search
 
 VAL_TARGET, VAL_OTHER = 3, 3  # the official n_test during the search
 SEARCH_STEPS = 11  # the official iteration cap

@@ -200,12 +200,13 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
 def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose, stages) -> tuple[list[Edit], dict]:
     """The multi-layer fallback for a ``choose`` callback that judges on a downstream model's outputs (the SD demo's
     :func:`~slugkit.workflows.sd_generator.generator_chooser`): round 1 is ``choose`` on round 1's searches; when it
-    refuses (:class:`~slugkit.workflows.sd_generator.GeneratorRefused`) but names a partial step (the layer and step
+    refuses (:class:`~slugkit.workflows.gen_search.GeneratorRefused`) but names a partial step (the layer and step
     that lowered the concept most within half the budgets) and ``cfg.max_layers`` allows, that partial edit is
     applied, the gradients are recomputed on the edited model (one more gradient pass, as :func:`more_rounds`), the
     remaining candidates are ranked and searched, and ``choose(..., prior=edits)`` judges the next layer with every
     earlier edit applied, its budgets measured against the unedited pipeline. A run whose last round still refuses
-    raises :class:`SearchFailed` (no patch). Returns (edits, the chooser record: the last round's, with every
+    raises :class:`SearchFailed` (no patch; its ``info`` holds every round's record, as a refusal in round 1 carries
+    its own). Returns (edits, the chooser record: the last round's, with every
     round's under ``rounds`` when there are several)."""
     searches, _, grads = first
     edits, infos = [], []
@@ -228,8 +229,10 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
                 if partial is None or rnd >= cfg.max_layers:
                     if not edits:
                         raise
-                    raise SearchFailed(f"{len(edits) + 1} layers did not forget within the budgets (round 1: "
-                                       f"{infos[0]['refusal']}; round {rnd}: {e}) (no patch)") from e
+                    err = SearchFailed(f"{len(edits) + 1} layers did not forget within the budgets (round 1: "
+                                       f"{infos[0]['refusal']}; round {rnd}: {e}) (no patch)")
+                    err.info = {**infos[-1], "rounds": infos}  # every round's search, for the refusal's record
+                    raise err from e
                 edits.append(Edit(partial, grads, f"partial step (no single layer forgets within the budgets; "
                                   f"lowered the concept most within half of them): {str(e).split(';')[0]}", rnd))
                 continue

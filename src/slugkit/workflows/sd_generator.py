@@ -6,11 +6,11 @@ doubling/bisection step search on generated validation images, and the ``choose`
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import t2i
+from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, partial_row
 from .sd_conditioning import (EXTRA_SHIFT_GOAL, NULL_LAYERS, concept_prompts, conditioning, extra_groups,
                               kept_prompts, matched_steps, null_space_forget, relative_shift, secant_log)
 
@@ -53,108 +53,6 @@ def pipeline_edit(pipe, mapping: dict[str, str], adapter, grads, group: list[str
     return edited_consumer(pipe.text_encoder, mapping, adapter.model, grads.forget, group, step)
 
 
-def generator_step_search(evaluate, start: float, steps: int = 6, threshold: float = 0.05,
-                          other_budget: float = 0.05, neighbour_budget: float | None = None,
-                          utility_budget: float | None = None, first_accepted: bool = False,
-                          upper: float = math.inf):
-    """The doubling/bisection rule on η with both criteria measured on *generated* validation images, as the official
-    UnlearnCanvas search does with ua / ira (spec §4.4), but seeded, on validation seeds only, and without its
-    re-evaluate-the-same-step no-op. ``evaluate(η)`` returns ``(target_recognised, other_drop)`` or
-    ``(target_recognised, other_drop, worst_neighbour_drop, worst_neighbour)`` or, with a fifth element, also the
-    ``utility_drop`` (the VLM demo's utility questions); the others are *damaged* when their mean drop exceeds
-    ``other_budget`` or (with ``neighbour_budget``) the worst nearest neighbour's drop exceeds ``neighbour_budget``
-    or (with ``utility_budget``) the utility drop exceeds it:
-
-    * forgot (target ≤ ``threshold``) and others kept: accepted; try smaller;
-    * forgot but others damaged: the step is too large; try smaller;
-    * not forgotten and others already damaged: larger steps only damage more — this layer cannot do it; stop;
-    * neither: try larger (double while no upper bound is known).
-
-    With ``first_accepted`` the search stops at the first accepted η (SLUG's UnlearnCanvas script: "stop when UA-hit
-    is 0 and the IRA change is < 0.1, or after 11 iterations"). ``upper``: a known upper end of the bracket (that
-    script's ``r_hi = 10 × start``: growing bisects towards it instead of doubling). Returns (trajectory, smallest
-    accepted η or None).
-    """
-    lo, hi, eta, best, traj = 0.0, upper, start, None, []
-    for _ in range(steps):
-        rec, drop, *nb = evaluate(eta)
-        forgot = rec <= threshold + 1e-9
-        nb_harm = bool(nb) and nb[0] is not None and neighbour_budget is not None and nb[0] > neighbour_budget + 1e-9
-        util_harm = len(nb) > 2 and utility_budget is not None and nb[2] > utility_budget + 1e-9
-        harm = drop > other_budget + 1e-9 or nb_harm or util_harm
-        ok = forgot and not harm
-        row = {"step_size": eta, "target_recognised": rec, "other_drop": drop, "accepted": ok}
-        if nb:
-            row.update(neighbour_drop=nb[0], worst_neighbour=nb[1] if len(nb) > 1 else None)
-        if len(nb) > 2:
-            row["utility_drop"] = nb[2]
-        traj.append(row)
-        if ok:
-            best = eta if best is None else min(best, eta)
-            if first_accepted:
-                break
-        if forgot or harm:
-            if harm and not forgot:
-                break
-            hi = eta
-            eta = (lo + hi) / 2
-        else:
-            lo = eta
-            eta = eta * 2 if math.isinf(hi) else (lo + hi) / 2
-    return traj, best
-
-
-class GeneratorRefused(SearchFailed):
-    """No searched layer has an accepted step. ``partial``: the layer at the step from which a second layer may
-    finish the removal (:func:`partial_row`; None: none qualifies), ``info``: the round's chooser record."""
-
-    def __init__(self, message: str, partial=None, info: dict | None = None):
-        super().__init__(message)
-        self.partial, self.info = partial, info or {}
-
-
-def partial_row(searched: list[dict], base_target: float, other_budget: float,
-                neighbour_budget: float | None, allowed=None, utility_budget: float | None = None) -> dict | None:
-    """The multi-layer fallback's first edit (issue 12, :func:`slugkit.workflows.rounds.generator_rounds`): among
-    every step the generator search measured, the one that lowered the concept's validation recognition most while
-    the others' mean drop stayed within **half** ``other_budget``, the worst neighbour's within half
-    ``neighbour_budget`` and (rows that carry one, the VLM's) the utility drop within half ``utility_budget`` (the
-    other half is left to the next layer); ties → the least mean damage. Only steps that
-    lowered the recognition below ``base_target`` qualify, and only layers in ``allowed`` (None: any; the
-    fallback passes those after which another layer still fits the patch-size cap). Costs no generation: the
-    trajectories are reused.
-    Returns ``{"layer", "step_size" (η at which the concept was measured), ...the trajectory row}`` or None."""
-    rows = []
-    for L in searched:
-        if allowed is not None and L["layer"] not in allowed:
-            continue
-        for t in L["trajectory"]:
-            nb, ut = t.get("neighbour_drop"), t.get("utility_drop")
-            if (t["target_recognised"] < base_target - 1e-9 and t["other_drop"] <= other_budget / 2 + 1e-9
-                    and (nb is None or neighbour_budget is None or nb <= neighbour_budget / 2 + 1e-9)
-                    and (ut is None or utility_budget is None or ut <= utility_budget / 2 + 1e-9)):
-                rows.append({"layer": L["layer"], **t})
-    return min(rows, key=lambda r: (r["target_recognised"], r["other_drop"]), default=None)
-
-
-def fallback_partial(adapter, prior, order, searched: list[dict], base_target: float, other_budget: float,
-                     neighbour_budget: float | None, utility_budget: float | None = None) -> tuple[dict | None, str]:
-    """``(row, why_not)``: :func:`partial_row` among the searched layers after which another candidate still fits
-    the patch-size cap (:func:`slugkit.workflows.rounds.room_after`, the ``prior`` edits counted), and — when there
-    is none — the reason a refusal gives for not trying a second layer."""
-    from .rounds import room_after
-
-    kept = [list(e.search.group) for e in prior]
-    allowed = {s.name for s in order if room_after(adapter, kept + [list(s.group)])}
-    row = partial_row(searched, base_target, other_budget, neighbour_budget, allowed, utility_budget)
-    if row is not None:
-        return row, ""
-    if partial_row(searched, base_target, other_budget, neighbour_budget, None, utility_budget) is not None:
-        return None, (" (no second layer: the layers whose steps lowered it within half the budgets leave no room "
-                      "for another within the 1% patch-size cap)")
-    return None, " (no second layer: no searched step lowered it within half the budgets)"
-
-
 def validation_plans(target: str, neighbours: list[str], val_images: int, val_other: int, val_neighbour: int,
                      seed: int = 0):
     """``(target plan, others plan)`` of the generator search: ``val_images`` of the target, ``val_neighbour`` of each
@@ -164,30 +62,6 @@ def validation_plans(target: str, neighbours: list[str], val_images: int, val_ot
     oplan = [(c, t2i.prompt_for(c, i), 8_000_000 + 1000 * k + i) for k, c in enumerate(t2i.concept_names())
              if c != target for i in range(max(val_other, val_neighbour) if c in neighbours else val_other)]
     return tplan, oplan
-
-
-def closest(searched: list[dict], threshold: float, other_budget: float, neighbour_budget: float | None,
-            utility_budget: float | None = None) -> str:
-    """``"; closest: <layer> step η: ..."`` for a refusal: the searched step that came nearest to acceptance (among
-    those that forgot, the least damage relative to the budgets; else the lowest recognition of the concept)."""
-    def harm(t):
-        h = t["other_drop"] / max(other_budget, 1e-9)
-        if t.get("neighbour_drop") is not None and neighbour_budget is not None:
-            h = max(h, t["neighbour_drop"] / max(neighbour_budget, 1e-9))
-        if t.get("utility_drop") is not None and utility_budget is not None:
-            h = max(h, t["utility_drop"] / max(utility_budget, 1e-9))
-        return h
-
-    rows = [(L["layer"], t) for L in searched for t in L["trajectory"]]
-    if not rows:
-        return ""
-    forgot = [r for r in rows if r[1]["target_recognised"] <= threshold + 1e-9]
-    layer, t = min(forgot, key=lambda r: harm(r[1])) if forgot else min(rows, key=lambda r: r[1]["target_recognised"])
-    nb = (f", worst neighbour {t['worst_neighbour']!r} {-t['neighbour_drop']:+.2f}"
-          if t.get("neighbour_drop") is not None else "")
-    ut = f", utility {-t['utility_drop']:+.3f}" if t.get("utility_drop") is not None else ""
-    return (f"; closest: {layer.removeprefix('text_model.encoder.')} step {t['step_size']:.4g}: concept recognised "
-            f"{t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}{nb}{ut}")
 
 
 def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, policy: str = "shift",
@@ -331,7 +205,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             nb = (f", and none of its {len(neighbours)} nearest neighbours loses more than {neighbour_budget:.0%} "
                   f"(of {val_neighbour} validation images each)") if bounded else ""
             row, why_not = fallback_partial(adapter, prior, order, searched, base_t, other_budget,
-                                            neighbour_budget) if max_layers > rnd else (None, "")
+                                            neighbour_budget, probe=evaluate) if max_layers > rnd else (None, "")
             partial = None
             if row is not None:
                 info["partial_step"] = {**row, "applied_step": row["step_size"] * gen_margin}

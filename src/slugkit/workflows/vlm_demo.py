@@ -11,7 +11,7 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
 3. **Step for the VLM.** The CLIP criterion is not the VLM's: the step is searched on the **VLM's own answers** to
    "What's the name of the person in this image?" on validation images (the paper uses a 10-image subset per
    identity; here the world's ``val`` split, disjoint from the reported ``test`` images), with the doubling/
-   bisection rule of :func:`slugkit.workflows.sd_generator.generator_step_search`: accepted when at most
+   bisection rule of :func:`slugkit.workflows.gen_search.generator_step_search`: accepted when at most
    ``threshold`` of the target's validation images are still named (every target's, for several) while the other
    identities' naming drops by at most ``other_budget`` on average, the worst of the ``k`` nearest identities (by
    the CLIP text embedding) by at most ``neighbour_budget`` and the utility questions' accuracy by at most
@@ -41,7 +41,7 @@ from ..slug.neighbours import project_off
 from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import render as world
 from ..world import vlm
-from .sd_generator import GeneratorRefused, closest, fallback_partial, generator_step_search
+from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search
 from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
 
 DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
@@ -193,7 +193,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             if max_layers > len(prior) + 1:
                 row, why_not = fallback_partial(adapter, prior, order, searched,
                                                 max(base["target_named_by_concept"].values()), other_budget,
-                                                neighbour_budget, utility_budget)
+                                                neighbour_budget, utility_budget, probe=evaluate)
             if row is not None:
                 info["partial_step"] = {**row, "applied_step": row["step_size"] * margin}
                 partial = replace(next(s for s in order if s.name == row["layer"]), step_size=row["step_size"] * margin)
