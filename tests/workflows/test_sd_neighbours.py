@@ -135,7 +135,7 @@ def test_null_space_step_keeps_the_kept_prompts_layer_inputs_within_the_energy_b
     assert abs(got - starts[group[0]]["target_shift"]) < 0.05 * starts[group[0]]["target_shift"]
 
 
-def test_cli_refuses_meaningless_sd_neighbour_options(capsys):
+def test_cli_refuses_meaningless_sd_neighbour_options(capsys, tmp_path):
     from slugkit.cli import main
 
     for bad in (["--null-space-energy", "0"], ["--neighbour-budget", "1.5"], ["--n-neighbour", "0"],
@@ -151,6 +151,12 @@ def test_cli_refuses_meaningless_sd_neighbour_options(capsys):
     # an option of the null-space step without it would be silently ignored: refused before any work
     assert main(["demo", "--target", "sd", "--null-space-energy", "0.5", "--out", "never-written"]) == 2
     assert "--null-space-energy needs --sd-step null-space" in capsys.readouterr().err
+    # options of --target sd / vlm given to the CLIP demo (the default target) would be ignored too: refused
+    for extra in (["--sd-step", "null-space"], ["--max-searched", "4"], ["--vlm-gradient", "vlm"]):
+        assert main(["demo", *extra, "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert f"{extra[0]}: option(s) of --target sd / vlm" in err and "--target clip" in err
+        assert not (tmp_path / "never").exists()
 
 
 def test_ctrl_c_inside_a_wrapped_import_error_counts_as_an_interrupt(monkeypatch, capsys):

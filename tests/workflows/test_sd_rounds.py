@@ -230,7 +230,7 @@ def test_the_fallback_probes_smaller_steps_when_no_measured_one_qualifies(embedd
     assert row is None and len(calls) == 2 * PROBE_HALVINGS
     assert why == (f" (no second layer: no searched step lowered it within half the budgets, nor {PROBE_HALVINGS} "
                    "halvings of the closest layers' smallest steps (the smallest: layers.0.self_attn.out_proj.weight "
-                   "step 1: concept recognised 0.85, others -0.500))")
+                   "step 1: concept recognised 0.85, others -0.500; unedited 0.90))")
     calls.clear()  # without a probe nothing is generated
     assert fallback_partial(ad, [], order, [{"layer": A, "trajectory": [dict(first)]}], 0.9, 0.05, 0.2)[0] is None
     assert calls == []

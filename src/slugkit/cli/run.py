@@ -143,6 +143,11 @@ def cmd_demo(a) -> int:
     from ..workflows.world_runs import sequential_world_configs, world_config
     from ..world import render as world
     from ..world.demo_data import default_concept
+    from .vlm import unused_by_clip
+
+    msg = unused_by_clip(a)
+    if msg:
+        return refuse(msg)
 
     wanted = split_list(a.concepts) if a.concepts else [a.concept if a.concept is not None else default_concept()]
     try:
@@ -303,7 +308,7 @@ def add_parsers(sub) -> None:
     sdg.add_argument("--null-space-layers", default="front", choices=["front", "all"],
                      help="with --sd-step null-space: the CLIP Pareto layers that forgot (front, default) or every "
                           "Linear group of the text tower the pipeline reads (all; 19 of 28 concepts passed the "
-                          "README's neighbour-safe criteria with it)")
+                          "README's neighbour-safe criteria with it, 20 with a second layer)")
     sdg.add_argument("--max-searched", type=COUNT, default=None,
                      help="the generator search tries at most this many layers, most selective first (default all)")
     sdg.add_argument("--other-budget", type=FRACTION, default=0.05,

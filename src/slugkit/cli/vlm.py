@@ -60,6 +60,20 @@ SD_ONLY = {"n_target": 50, "n_other": 10, "gen_steps": 20, "guidance": 3.0, "sd_
            "null_space_energy": None, "null_space_layers": "front", "gen_margin": None, "t2i_model": None}
 
 
+# options of --target sd and --target vlm (with their defaults) that the CLIP demo does not read
+GENERATOR_ONLY = {**SD_ONLY, "val_images": None, "other_budget": 0.05, "neighbour_budget": None, "gen_threshold": 0.05,
+                  "max_searched": None, "vlm_model": None, "vlm_gradient": "clip", "vlm_utility_budget": 0.03}
+
+
+def unused_by_clip(a) -> str | None:
+    """`slug demo` (--target clip): the --target sd / vlm options given, which it would silently ignore."""
+    unused = [k for k, default in GENERATOR_ONLY.items() if getattr(a, k, default) != default]
+    if not unused:
+        return None
+    return (f"{', '.join('--' + k.replace('_', '-') for k in unused)}: option(s) of --target sd / vlm, which the CLIP "
+            "demo (--target clip) does not use; add --target sd or --target vlm, or drop them")
+
+
 def add_vlm_args(d) -> None:
     """The ``--target vlm`` options of ``slug demo``."""
     vg = d.add_argument_group("--target vlm (also: --val-images, default 10; --other-budget, --neighbour-budget, "

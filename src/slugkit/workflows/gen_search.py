@@ -139,8 +139,8 @@ def fallback_partial(adapter, prior, order, searched: list[dict], base_target: f
             row = partial_row([L], base_target, other_budget, neighbour_budget, allowed, utility_budget)
             if row is not None:
                 return row, ""
-    smallest = (f" (the smallest: {described(layers[0]['layer'], layers[0]['trajectory'][-1])})"
-                if probe is not None and layers else None)
+    smallest = (f" (the smallest: {described(layers[0]['layer'], layers[0]['trajectory'][-1])}; unedited "
+                f"{base_target:.2f})" if probe is not None and layers else None)
     if partial_row(searched, base_target, other_budget, neighbour_budget, None, utility_budget) is not None:
         return None, (" (no second layer: the layers whose steps lowered it within half the budgets leave no room "
                       "for another within the 1% patch-size cap" + (

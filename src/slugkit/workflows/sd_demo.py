@@ -178,7 +178,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                                         gen_steps=gen_steps, guidance=guidance, seed=seed, neighbours=names,
                                         val_neighbour=val_neighbour, neighbour_budget=neighbour_budget,
                                         step=step, null_energy=null_energy, null_layers=null_layers,
-                                        max_searched=max_searched, max_layers=max_layers)
+                                        max_searched=max_searched, max_layers=max_layers, progress=progress)
             result = run_unlearn(cfg, adapter=adapter, choose=chooser)  # writes into the temporary folder
             t_slug = time.perf_counter() - t0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..common.progress import status
 from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import t2i
 from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, partial_row
@@ -70,7 +71,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                       gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE, seed: int = 0,
                       neighbours: list[str] = (), val_neighbour: int = 20, neighbour_budget: float | None = 0.20,
                       step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
-                      max_searched: int | None = None, max_layers: int = 1):
+                      max_searched: int | None = None, max_layers: int = 1, progress: bool = False):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 4).
 
     Layers are tried in order of conditioning-shift selectivity (``policy="shift"``: other / target shift;
@@ -92,7 +93,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     :class:`GeneratorRefused` (a :class:`~slugkit.slug.search.SearchFailed`) when no layer has an accepted step
     (the message names the criteria; with ``max_layers`` > 1 it carries the :func:`partial_row` a second layer
     may build on) and ``ValueError`` for an unknown ``step`` or ``null_layers``, ``null_layers="all"`` with the SLUG
-    step or ``max_searched`` < 1.
+    step or ``max_searched`` < 1. ``progress``: one line on stderr per searched layer and per measured step (each
+    step generates the validation images: tens of seconds on a CPU).
 
     ``choose(..., prior=edits)`` (round ≥ 2 of :func:`slugkit.workflows.rounds.generator_rounds`): ``edits`` are
     already applied to ``adapter.model``; their values are copied into the pipeline's text encoder for the round, and
@@ -178,10 +180,15 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             drops = {c: base_per[c] - per[c] for c in neighbours}
             worst = max(neighbours, key=lambda c: (drops[c], -neighbours.index(c))) if neighbours else None
             mean_drop = base_o - float(sum(per.values()) / len(per))
+            status(f"  step {eta:.4g}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}), others "
+                   f"{-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
+                   progress)
             return (rec_t, mean_drop) if worst is None else (rec_t, mean_drop, drops[worst], worst)
 
         searched, chosen = [], None
-        for layer in order[:max_searched]:
+        for k, layer in enumerate(order[:max_searched]):
+            status(f"round {rnd}: generator step search on {layer.name} ({k + 1} of "
+                   f"{len(order[:max_searched])}), from step {layer.step_size:.4g}", progress)
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), layer.step_size,
                                               search_steps, threshold, other_budget, neighbour_budget)
             searched.append({"layer": layer.name, "clip_step_size": clip_steps[layer.name],
