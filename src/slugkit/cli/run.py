@@ -259,7 +259,8 @@ def add_parsers(sub) -> None:
 
     d = sub.add_parser("demo", help="unlearn an identity from the embedded tiny CLIP (no downloads)")
     d.add_argument("--concept", type=nonempty, default=None,
-                   help="identity name (see `slug world names`; default: the world's first identity)")
+                   help="identity name (see `slug world names`; default: the world's first identity); with "
+                        "--target sd an object concept such as 'cyan square' (default: red triangle)")
     d.add_argument("--concepts", type=name_list, default=None,
                    help="A,B,...: several identities, unlearned jointly (one forget set, one edit) or, with "
                         "--sequential, one after another")
