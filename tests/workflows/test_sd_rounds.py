@@ -290,3 +290,18 @@ def test_the_vlm_chooser_takes_the_same_two_rounds(embedded, monkeypatch):
     assert a + b >= T * 0.95 - 1e-6 and 0.3 * (a * a + b * b) / T ** 2 <= 0.2 + 1e-6
     assert info["rounds"][0]["partial_step"]["layer"] == va and "vlm_search" in info
     assert all(torch.equal(dict(llava.named_parameters())[n], v) for n, v in base.items())
+
+
+def test_the_report_says_where_a_layer_chosen_off_the_clip_search_has_its_trajectory():
+    """A T2I/VLM run's edited layer may come only from the generator/VLM search: its CLIP trajectory is empty, and
+    the report says so instead of printing an empty table (found by a new-user trial)."""
+    from slugkit.report.unlearn import trajectory_lines
+
+    cfg = {"metric": "forget_top5", "threshold": 0.0, "utility_floor": None, "steps": 8, "margin": 1.1}
+    row = {"layer": A, "round": 1, "step_size": 2.0, "relative_change": 0.1, "metrics": {"forget_top1": 0.0,
+                                                                                       "forget_top5": 0.1},
+           "accepted": True}
+    got = trajectory_lines({"config": cfg, "search": [row]}, A)
+    assert got[-2:] == ["|---|---|---|---|---|---|", "| 1 | 2 | 0.1000 | 0.000 | 0.100 | yes |"]
+    got = trajectory_lines({"config": cfg, "search": [row]}, B)
+    assert "| # |" not in "\n".join(got) and got[-1].startswith(f"`{B}` was not searched on the CLIP's validation")

@@ -136,6 +136,27 @@ def _protection_lines(result: dict) -> list[str]:
     return lines
 
 
+def trajectory_lines(result: dict, chosen: str) -> list[str]:
+    """The report's "Search trajectory of the first edited layer": its CLIP step search, or — when the layer was
+    chosen off that search (by the search on a pipeline's generations or a VLM's answers) — a line saying where its
+    trajectory is instead of an empty table."""
+    c = result["config"]
+    lines = ["## Search trajectory of the first edited layer", "",
+             f"Criterion: validation `{c['metric']}` ≤ {c['threshold']}"
+             + (f", utility drop ≤ {c['utility_floor']}" if c['utility_floor'] is not None else "")
+             + f"; S = {c['steps']} evaluations; applied step = {c['margin']} × smallest accepted step.", ""]
+    rows = [e for e in result["search"] if e["layer"] == chosen and e.get("round", 1) == 1]
+    if not rows:
+        return lines + [f"`{chosen}` was not searched on the CLIP's validation metrics: its step comes from the "
+                        "search on the downstream model's outputs, whose trajectory is in that section below."]
+    lines += ["| # | η | η/R | val FA@1 | val FA@5 | accepted |", "|---|---|---|---|---|---|"]
+    for k, e in enumerate(rows, 1):
+        lines.append(f"| {k} | {e['step_size']:.6g} | {e['relative_change']:.4f} | "
+                     f"{_fmt(e['metrics'].get('forget_top1'))} | {_fmt(e['metrics'].get('forget_top5'))} | "
+                     f"{'yes' if e['accepted'] else 'no'} |")
+    return lines
+
+
 def render_report(result: dict) -> str:
     m = result["metrics"]
     chosen = result["layer"]
@@ -193,21 +214,7 @@ def render_report(result: dict) -> str:
             f"{_fmt(s['step_size']) if s['step_size'] else '–'} | {_fmt(rel)} | {_fmt(vm.get('forget_top5'))} | "
             f"{_fmt(vm.get('related_top1'))} | {_fmt(vm.get('utility_top1'))} | "
             f"{'–' if not w else w['concept'] + ' ' + format(-w['drop'], '+.2f')} |")
-    lines += ["", "![Pareto fronts](pareto.png)", "", "## Search trajectory of the first edited layer", "",
-              f"Criterion: validation `{result['config']['metric']}` ≤ {result['config']['threshold']}"
-              + (f", utility drop ≤ {result['config']['utility_floor']}" if result['config']['utility_floor']
-                 is not None else "")
-              + f"; S = {result['config']['steps']} evaluations; applied step = {result['config']['margin']} × "
-                "smallest accepted step.", "",
-              "| # | η | η/R | val FA@1 | val FA@5 | accepted |", "|---|---|---|---|---|---|"]
-    k = 0
-    for e in result["search"]:
-        if e["layer"] != chosen or e.get("round", 1) != 1:
-            continue
-        k += 1
-        lines.append(f"| {k} | {e['step_size']:.6g} | {e['relative_change']:.4f} | "
-                     f"{_fmt(e['metrics'].get('forget_top1'))} | {_fmt(e['metrics'].get('forget_top5'))} | "
-                     f"{'yes' if e['accepted'] else 'no'} |")
+    lines += ["", "![Pareto fronts](pareto.png)", "", *trajectory_lines(result, chosen)]
     t = result["timing_s"]
     lines += ["", "## Cost", "",
               f"Gradients {t['gradients']:.1f} s · layers {t['layers']:.2f} s · search {t['search']:.1f} s · "
