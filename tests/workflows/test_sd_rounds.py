@@ -122,7 +122,8 @@ def test_a_partial_step_and_a_second_layer_forget_within_the_neighbour_budget(em
                                                                   "other_concepts": 29, "sampler": "DDIM 4 steps"}},
               "step_size": b, "chooser": {**info, "gen_margin": 1.0, "clip_step_size": 0.1}}
     md = render_generation_report(result)
-    assert f"| **round 1**: partial step {a:.4g} of {A} kept | | | | | |" in md and "| **round 2** | | | | | |" in md
+    assert f"| **round 1** (rows below): partial step {a:.4g} of {A} kept | | | | | |" in md
+    assert "| **round 2** (rows below) | | | | | |" in md
     assert md.count(f"| {A} |") == len(info["rounds"][0]["generator_search"]["layers"][0]["trajectory"])
     assert "the next round searched on the edited model" in md
     # everything restored bit-exactly: the CLIP model and the pipeline's text encoder
@@ -223,6 +224,9 @@ def test_the_fallback_probes_smaller_steps_when_no_measured_one_qualifies(embedd
     assert row["layer"] == A and row["step_size"] == 2.0 and row["target_recognised"] == pytest.approx(0.8)
     probed = [t for t in searched[1]["trajectory"] if t.get("probe")]
     assert [t["step_size"] for t in probed] == [4.0, 2.0] and not any(t["accepted"] for t in probed)
+    from slugkit.report.sd import _accepted
+
+    assert [_accepted(t) for t in searched[1]["trajectory"]] == ["no", "probe", "probe"]  # the report marks them
     calls.clear()  # nothing qualifies: every halving of both layers is tried, and the refusal says so
     searched = [{"layer": A, "trajectory": [dict(first)]}, {"layer": B, "trajectory": [dict(first)]}]
     row, why = fallback_partial(ad, [], order, searched, 0.9, 0.05, 0.2,

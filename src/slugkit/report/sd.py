@@ -38,18 +38,20 @@ def render_generation_report(result: dict) -> str:
                   f"and {gs['validation_per_other_concept']} of each other concept, seeds disjoint from the ones "
                   f"above; accepted when at most {gs['threshold']:.0%} of the concept's images are recognised and "
                   f"the others lose at most {gs['other_budget']:.0%} on average at the applied step = "
-                  f"{result['chooser']['gen_margin']} x step; unedited: {gs['base_target_recognised']:.0%} / "
-                  f"{gs['base_other_recognised']:.0%}):", "",
+                  f"{result['chooser']['gen_margin']} x step; unedited pipeline: concept recognised "
+                  f"{gs['base_target_recognised']:.0%}, others {gs['base_other_recognised']:.0%}; \"probe\": a "
+                  "smaller step the fallback measured after the search):", "",
                   "| layer | step | concept recognised | others' drop | worst neighbour's drop | accepted |",
                   "|---|---|---|---|---|---|"]
         rounds = result["chooser"].get("rounds") or [result["chooser"]]
         for rd in rounds:
             if len(rounds) > 1:
                 part = rd.get("partial_step")
-                lines.append(f"| **round {rd['round']}**" + (f": partial step {part['applied_step']:.4g} of "
-                                                              f"{part['layer']} kept" if part else "") + " | | | | | |")
+                lines.append(f"| **round {rd['round']}** (rows below)" + (
+                    f": partial step {part['applied_step']:.4g} of {part['layer']} kept" if part else "")
+                    + " | | | | | |")
             lines += [f"| {L['layer']} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
-                      f"{t['other_drop']:+.3f} | {_nb(t)} | {'yes' if t['accepted'] else 'no'} |"
+                      f"{t['other_drop']:+.3f} | {_nb(t)} | {_accepted(t)} |"
                       for L in rd["generator_search"]["layers"] for t in L["trajectory"]]
         if len(rounds) > 1:
             lines += ["", "No single layer had an accepted step, so the closest step within half the budgets was kept "
@@ -65,6 +67,10 @@ def render_generation_report(result: dict) -> str:
               "and \"utility\" the world's 60 identities (the SD demo unlearns an object concept).", "",
               "![before/after](generations.png)", ""]
     return "\n".join(lines)
+
+
+def _accepted(t: dict) -> str:
+    return "yes" if t["accepted"] else "probe" if t.get("probe") else "no"
 
 
 def _nb(t: dict) -> str:

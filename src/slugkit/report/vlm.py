@@ -89,6 +89,7 @@ def _search_lines(layers: list[dict]) -> list[str]:
     for L in layers:
         steps = "; ".join(f"{t['step_size']:.4g}: named {t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}"
                           + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
-                          + (" (accepted)" if t["accepted"] else "") for t in L["trajectory"])
+                          + (" (accepted)" if t["accepted"] else " (probe)" if t.get("probe") else "")
+                          for t in L["trajectory"])
         lines.append(f"- VLM step search on `{L['layer']}` (CLIP step {L['clip_step_size']}): {steps}")
     return lines
