@@ -93,8 +93,9 @@ def test_two_demos_into_one_folder_one_wins(tmp_path, world_dir):
         assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
 
 
-def _interrupt_at(stage: str, args: list[str], umask: int | None = None) -> tuple[int, str]:
-    """Run `slug ARGS` until it pauses at ``stage``, press Ctrl-C (SIGINT), return (exit status, stderr)."""
+def _interrupt_at(stage: str, args: list[str], umask: int | None = None, sig=signal.SIGINT) -> tuple[int, str]:
+    """Run `slug ARGS` until it pauses at ``stage``, press Ctrl-C (SIGINT; or send ``sig``), return (exit status,
+    stderr)."""
     p = _slug(*args, env={"SLUGKIT_TEST_PAUSE_AT": stage, "SLUGKIT_TEST_PAUSE_S": "120"}, umask=umask)
     seen = []
     for line in p.stderr:
@@ -104,7 +105,7 @@ def _interrupt_at(stage: str, args: list[str], umask: int | None = None) -> tupl
     else:
         p.wait()
         pytest.fail(f"never paused at {stage}: {''.join(seen)[-3000:]}")
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     rc = p.wait(timeout=120)
     return rc, "".join(seen) + p.stderr.read()
 
@@ -132,6 +133,16 @@ def test_ctrl_c_leaves_nothing_or_a_complete_run(tmp_path, world_dir):
     assert rc == 130 and "interrupted" in err
     assert {q.relative_to(out): q.read_bytes() for q in out.rglob("*") if q.is_file()} == before
     assert _leftovers(tmp_path) == []
+
+
+def test_sigterm_unwinds_like_ctrl_c(tmp_path, world_dir):
+    """SIGTERM (kill, a scheduler's cancel) once the forget set is curated into OUT/data and after the gradients:
+    exit 143, `terminated`, and no OUT/data or temporary folder left (it used to die with OUT/data in place)."""
+    out = tmp_path / "run"
+    for stage in ("gradients", "commit"):
+        rc, err = _interrupt_at(stage, _demo_args(out, world_dir), sig=signal.SIGTERM)
+        assert rc == 143 and err.rstrip().endswith("terminated") and "Traceback" not in err, (stage, err[-3000:])
+        assert not out.exists() and _leftovers(tmp_path) == [], stage
 
 
 def test_disk_full_leaves_nothing(tmp_path, world_dir, monkeypatch, capsys):

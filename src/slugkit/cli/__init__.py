@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from ..common.errors import check_device, device_error_hint
 from . import audit, canvas, compare, data, patches, run, world
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = SlugParser(prog="slug", description="Targeted unlearning with SLUG: edit one layer once. Exit status: 0 pass, "
                                             "2 a usage or input error, 3 unlearned with warnings, 4 not unlearned "
-                                            "(or nothing to unlearn), 130 interrupted.")
+                                            "(or nothing to unlearn), 130 interrupted, 143 terminated.")
     p.add_argument("--version", action="version", version=f"slugkit {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     run.add_parsers(sub)  # demo, unlearn
@@ -54,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     nothing to unlearn); 2 a user error, printed as one line ``error: ...`` (an OS error as ``error: <path>:
     <reason>``), with nothing left behind; 130 interrupted (Ctrl-C: ``interrupted`` on stderr, the run's temporary
     folder removed); 141 stdout closed early (``slug inspect P | head -1``: the rest of the output is dropped quietly,
-    as a program killed by SIGPIPE). A claim on an output folder that the command left unfinished is undone on the
-    way out."""
+    as a program killed by SIGPIPE); 143 terminated (SIGTERM — ``kill``, a scheduler cancelling the job — unwinds
+    like Ctrl-C: ``terminated`` on stderr, the run's temporary folder and curated inputs removed). A claim on an
+    output folder that the command left unfinished is undone on the way out."""
     from ..common.progress import plain_progress_if_not_a_tty
     from ..common.runfolder import abandon_claims
 
     plain_progress_if_not_a_tty()
+    old = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         try:
             rc = _dispatch(argv)
@@ -72,25 +76,43 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _stopped(e)
     except Exception as e:  # Ctrl-C during a lazy import surfaces wrapped (e.g. diffusers' "Failed to import ...")
-        if _interrupted(e):
-            print("interrupted", file=sys.stderr)
-            return 130
+        cause = _interrupted(e)
+        if cause is not None:
+            return _stopped(cause)
         raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether ``e`` was caused (directly or down its ``__cause__``/``__context__`` chain) by a KeyboardInterrupt."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the run unwinds exactly as on Ctrl-C (temporary folder removed,
+    claims undone) instead of dying with its partial output in place."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    terminated = isinstance(e, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
+    return 143 if terminated else 130
+
+
+def _interrupted(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or :class:`Terminated`) that caused ``e`` (directly or down its
+    ``__cause__``/``__context__`` chain), or None."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
-            return True
+            return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def _dispatch(argv: list[str] | None) -> int:
