@@ -155,8 +155,12 @@ def test_cli_refuses_meaningless_sd_neighbour_options(capsys, tmp_path):
     for extra in (["--sd-step", "null-space"], ["--max-searched", "4"], ["--vlm-gradient", "vlm"]):
         assert main(["demo", *extra, "--out", str(tmp_path / "never")]) == 2
         err = capsys.readouterr().err
-        assert f"{extra[0]}: option(s) of --target sd / vlm" in err and "--target clip" in err
+        assert f"{extra[0]}: option(s) of --target sd / --target vlm" in err and "--target clip" in err
         assert not (tmp_path / "never").exists()
+    # and a --target vlm option given to --target sd
+    assert main(["demo", "--target", "sd", "--vlm-gradient", "vlm", "--out", str(tmp_path / "never")]) == 2
+    assert "--vlm-gradient: option(s) of --target vlm, which --target sd does not use" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 def test_ctrl_c_inside_a_wrapped_import_error_counts_as_an_interrupt(monkeypatch, capsys):

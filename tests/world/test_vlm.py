@@ -189,13 +189,18 @@ def test_demo_target_vlm_refusals(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
-def test_sd_only_defaults_match_the_parser():
-    """The list of --target sd options the VLM demo refuses holds their parser defaults (else every run refuses)."""
+def test_the_options_each_target_refuses_come_from_the_parser():
+    """The --target sd options the VLM demo refuses (and the sd/vlm ones the CLIP demo refuses) are read from the
+    parser's groups with their defaults: none is refused at its default, the shared ones are not refused by vlm."""
     from slugkit.cli import build_parser
-    from slugkit.cli.vlm import SD_ONLY
 
     a = build_parser().parse_args(["demo", "--target", "vlm"])
-    assert {k: getattr(a, k) for k in SD_ONLY} == SD_ONLY
+    assert {"n_other", "gen_margin", "sd_step", "t2i_model"} <= set(a.sd_defaults)
+    assert not {"val_images", "other_budget", "max_searched"} & set(a.sd_defaults)
+    assert set(a.vlm_defaults) == {"vlm_model", "vlm_gradient", "vlm_utility_budget"}
+    assert set(a.generator_defaults) >= set(a.sd_defaults) | set(a.vlm_defaults) | {"val_images", "max_searched"}
+    for d in (a.sd_defaults, a.vlm_defaults, a.generator_defaults):
+        assert all(getattr(a, k) == v for k, v in d.items())
 
 
 @pytest.mark.slow

@@ -207,7 +207,7 @@ def add_run_args(p: argparse.ArgumentParser, threads: int | None = None, out_def
 def add_verdict_args(p: argparse.ArgumentParser) -> None:
     """The budgets of the run's verdict (:mod:`slugkit.workflows.verdict`)."""
     g = p.add_argument_group("verdict (exit status 0 pass, 3 warn, 4 fail; 2 a usage error or a refusal: no layer "
-                              "and step met the criteria, no patch written; 130 interrupted)")
+                              "and step met the criteria, no patch written; 130 interrupted, 143 terminated)")
     g.add_argument("--forget-tolerance", type=float_in(0.0, 0.5, hi_open=True), default=0.05,
                    help="fail when the test criterion metric exceeds --threshold by more than this, or FA@1 exceeds "
                         "it, in [0, 0.5) (default 0.05)")

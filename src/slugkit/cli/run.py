@@ -92,7 +92,9 @@ def cmd_demo_sd(a) -> int:
     from ..workflows.sd_demo import DEFAULT_SD_CONCEPT, SD_CRITERION, run_sd_demo
     from ..world.t2i import concept_by_name
 
-    msg = validate_demo_sd(a)
+    from .vlm import unused
+
+    msg = validate_demo_sd(a) or unused(a, a.vlm_defaults, "--target vlm", "--target sd")
     if msg:
         return refuse(msg)
     try:
@@ -255,7 +257,7 @@ def _unlearn_on_world(a, concepts: list[str]) -> int:
 
 def add_parsers(sub) -> None:
     """Add the `demo` and `unlearn` subcommands to ``sub``."""
-    from .vlm import add_vlm_args
+    from .vlm import VLM_READS, add_vlm_args
 
     d = sub.add_parser("demo", help="unlearn an identity from the embedded tiny CLIP (no downloads)")
     d.add_argument("--concept", type=nonempty, default=None,
@@ -272,7 +274,7 @@ def add_parsers(sub) -> None:
                         "(e.g. 'red triangle') from the embedded text-to-image pipeline by patching its CLIP text "
                         "encoder; vlm: unlearn an identity (or --concepts) from the embedded VLM (LLaVA) by patching "
                         "its CLIP vision tower, the step searched on the VLM's answers")
-    add_vlm_args(d)
+    vg = add_vlm_args(d)
     sdg = d.add_argument_group("--target sd")
     sdg.add_argument("--n-target", type=COUNT, default=50,
                      help="generated images of the forgotten concept (default 50)")
@@ -323,7 +325,10 @@ def add_parsers(sub) -> None:
     sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
     add_run_args(d, threads=1, out_default="runs/demo-<Name> (--target sd: runs/demo-sd-<concept>)")
     _add_audit_args(d)
-    d.set_defaults(func=cmd_demo)
+    # what the CLIP demo refuses when given (cli.vlm.unused_by_clip): read from the two groups, not restated
+    d.set_defaults(func=cmd_demo, generator_defaults={x.dest: x.default for g in (vg, sdg) for x in g._group_actions},
+                   vlm_defaults={x.dest: x.default for x in vg._group_actions},
+                   sd_defaults={x.dest: x.default for x in sdg._group_actions if x.dest not in VLM_READS})
 
     u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
     u.add_argument("--model", default="embedded", help="open_clip arch (ViT-B-32), hf-hub:/local-dir: id, "

@@ -20,10 +20,9 @@ def cmd_demo_vlm(a) -> int:
 
     if a.sequential:
         return refuse("--target vlm unlearns --concepts jointly (one edit); --sequential is for the CLIP demo")
-    unused = [k for k, default in SD_ONLY.items() if getattr(a, k, default) != default]
-    if unused:
-        return refuse(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: option(s) of --target sd, which "
-                      "--target vlm does not use (its options: slug demo --help, group '--target vlm')")
+    msg = unused(a, a.sd_defaults, "--target sd", "--target vlm")
+    if msg:
+        return refuse(msg)
     wanted = split_list(a.concepts) if a.concepts else ([a.concept] if a.concept is not None else None)
     if a.audit and wanted and len(wanted) > 1:
         return refuse("--audit audits one concept: run `slug audit --patch RUN` for a single-identity run")
@@ -54,28 +53,28 @@ def cmd_demo_vlm(a) -> int:
     return rc
 
 
-# `slug demo`'s --target sd options with their defaults: given with --target vlm they would be silently ignored
-SD_ONLY = {"n_target": 50, "n_other": 10, "gen_steps": 20, "guidance": 3.0, "sd_selection": "shift",
-           "no_gen_search": False, "val_other": 1, "n_neighbour": 20, "val_neighbour": 20, "sd_step": "slug",
-           "null_space_energy": None, "null_space_layers": "front", "gen_margin": None, "t2i_model": None}
+# the --target sd group's options that --target vlm reads too (the others it refuses: cli.run sets sd_defaults)
+VLM_READS = frozenset({"val_images", "other_budget", "neighbour_budget", "gen_threshold", "max_searched"})
 
 
-# options of --target sd and --target vlm (with their defaults) that the CLIP demo does not read
-GENERATOR_ONLY = {**SD_ONLY, "val_images": None, "other_budget": 0.05, "neighbour_budget": None, "gen_threshold": 0.05,
-                  "max_searched": None, "vlm_model": None, "vlm_gradient": "clip", "vlm_utility_budget": 0.03}
+def unused(a, defaults: dict, owner: str, target: str) -> str | None:
+    """The refusal for options of ``owner`` (their dests and defaults, as the parser set them in ``a``) given to a
+    ``slug demo --target`` that would silently ignore them; None when none was given."""
+    given = [k for k, default in defaults.items() if getattr(a, k, default) != default]
+    if not given:
+        return None
+    return (f"{', '.join('--' + k.replace('_', '-') for k in given)}: option(s) of {owner}, which {target} does not "
+            f"use; drop them or run {owner.split(' / ')[0]}")
 
 
 def unused_by_clip(a) -> str | None:
-    """`slug demo` (--target clip): the --target sd / vlm options given, which it would silently ignore."""
-    unused = [k for k, default in GENERATOR_ONLY.items() if getattr(a, k, default) != default]
-    if not unused:
-        return None
-    return (f"{', '.join('--' + k.replace('_', '-') for k in unused)}: option(s) of --target sd / vlm, which the CLIP "
-            "demo (--target clip) does not use; add --target sd or --target vlm, or drop them")
+    """`slug demo` (--target clip): the --target sd / vlm options given, which it would silently ignore
+    (``a.generator_defaults``: every option of those two argument groups with its default, set by the parser)."""
+    return unused(a, a.generator_defaults, "--target sd / --target vlm", "the CLIP demo (--target clip)")
 
 
-def add_vlm_args(d) -> None:
-    """The ``--target vlm`` options of ``slug demo``."""
+def add_vlm_args(d):
+    """The ``--target vlm`` options of ``slug demo``; returns their argument group."""
     vg = d.add_argument_group("--target vlm (also: --val-images, default 10; --other-budget, --neighbour-budget, "
                               "--gen-threshold on the VLM's answers; --max-searched; --max-layers)")
     vg.add_argument("--vlm-model", default=None, help="folder of a VLM from `slug world train-vlm` (default: the "
@@ -87,3 +86,4 @@ def add_vlm_args(d) -> None:
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")
+    return vg
