@@ -439,3 +439,20 @@ def test_a_sweep_row_of_a_refusal_keeps_its_search_record(tmp_path):
     assert row["refused"] == "no layer" and row["refusal_clean"] and row["search"] == record
     _, row, _ = guarded_run("c", refuse(SearchFailed("plain")))
     assert "search" not in row and row["refused"] == "plain"
+
+
+def test_sigterm_handler_only_when_slug_is_the_program(monkeypatch):
+    """`slug` (main() with argv None, in the main thread) turns SIGTERM into the Ctrl-C unwinding for the run and
+    restores the previous handler after; a caller running main(argv) in-process keeps its own SIGTERM handling."""
+    import signal
+    import sys
+
+    import slugkit.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_dispatch", lambda argv: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["demo"]) == 0 and seen[-1] == before
+    monkeypatch.setattr(sys, "argv", ["slug", "demo"])
+    assert cli.main() == 0 and seen[-1] is cli._terminate
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -57,13 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     <reason>``), with nothing left behind; 130 interrupted (Ctrl-C: ``interrupted`` on stderr, the run's temporary
     folder removed); 141 stdout closed early (``slug inspect P | head -1``: the rest of the output is dropped quietly,
     as a program killed by SIGPIPE); 143 terminated (SIGTERM — ``kill``, a scheduler cancelling the job — unwinds
-    like Ctrl-C: ``terminated`` on stderr, the run's temporary folder and curated inputs removed). A claim on an
-    output folder that the command left unfinished is undone on the way out."""
+    like Ctrl-C when ``slug`` is the program, ``argv`` None: ``terminated`` on stderr, the run's temporary folder
+    and curated inputs removed). A claim on an output folder that the command left unfinished is undone on the way
+    out."""
     from ..common.progress import plain_progress_if_not_a_tty
     from ..common.runfolder import abandon_claims
 
     plain_progress_if_not_a_tty()
-    old = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    # only as the program (`slug`, `python -m slugkit.cli`: argv None), in its main thread: a caller that runs main
+    # in-process with its own argv keeps its own SIGTERM handling
+    old = (signal.signal(signal.SIGTERM, _terminate)
+           if argv is None and threading.current_thread() is threading.main_thread() else None)
     try:
         try:
             rc = _dispatch(argv)
