@@ -152,6 +152,26 @@ def test_refused_lock_leaves_no_folders_it_made(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A mount point (a docker volume given as --out) cannot be renamed over or removed: a run into it failed at the
+    end and the next run's recovery deleted files in it (new-user trial) — it is refused up front, nothing touched."""
+    from slugkit.common import outlock
+
+    out = tmp_path / "vol"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    monkeypatch.setattr(outlock.os.path, "ismount", lambda p: os.fspath(p) == os.fspath(out))
+    with pytest.raises(ValueError, match=r"is a mount point; .* choose a folder inside it \(e\.g\. .*vol/run\)"):
+        claim_out(out)
+    with pytest.raises(ValueError, match="is a mount point"):
+        with run_folder(out):
+            pass
+    assert (out / "mine.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["vol"]
+    with run_folder(out / "run") as tmp:  # a folder inside it is fine
+        (tmp / "result.json").write_text("{}")
+    assert (out / "run" / "result.json").exists()
+
+
 def test_file_in_the_way_is_refused(tmp_path):
     f = tmp_path / "run"
     f.write_text("a file")

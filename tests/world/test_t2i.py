@@ -141,7 +141,13 @@ def test_demo_target_sd_refuses_identity_concept(tmp_path, capsys):
     from slugkit.cli import main
 
     assert main(["demo", "--target", "sd", "--concept", "Jowen Gormere", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown concept" in capsys.readouterr().err
+    assert "error: --concept: unknown concept" in capsys.readouterr().err
+    # the same kind on the other targets: the message names the option
+    assert main(["demo", "--concept", "Nobody Here", "--out", str(tmp_path / "x")]) == 2
+    assert "error: --concept: unknown identity 'Nobody Here'" in capsys.readouterr().err
+    assert main(["demo", "--target", "vlm", "--concepts", "Jowen Gormere,Nobody", "--out", str(tmp_path / "x")]) == 2
+    assert "error: --concepts: unknown identity 'Nobody'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):

@@ -23,7 +23,7 @@ def cmd_compare(a) -> int:
             concept = " + ".join(concepts) if concepts else world.identity_by_name(
                 default_concept() if a.concept is None else a.concept).name
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
+        print(f"error: {'--concepts' if getattr(a, 'concepts', None) else '--concept'}: {e.args[0]}", file=sys.stderr)
         return 2
     methods = split_list(a.methods)
     lrs = {}

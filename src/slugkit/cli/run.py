@@ -100,7 +100,7 @@ def cmd_demo_sd(a) -> int:
     try:
         concept = concept_by_name(a.concept if a.concept is not None else DEFAULT_SD_CONCEPT).name
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: --concept: {e}", file=sys.stderr)
         return 2
     out = a.out if a.out is not None else f"runs/demo-sd-{concept.replace(' ', '_')}"
     search = replace(search_config(a), metric=a.criterion or SD_CRITERION)
@@ -155,7 +155,7 @@ def cmd_demo(a) -> int:
     try:
         concepts = [world.identity_by_name(c).name for c in wanted]
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
+        print(f"error: {'--concepts' if a.concepts else '--concept'}: {e.args[0]}", file=sys.stderr)
         return 2
     if a.audit and len(concepts) > 1:
         return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept of a "

@@ -29,7 +29,7 @@ def cmd_demo_vlm(a) -> int:
     try:
         targets = [world.identity_by_name(c).name for c in wanted] if wanted else None
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
+        print(f"error: {'--concepts' if a.concepts else '--concept'}: {e.args[0]}", file=sys.stderr)
         return 2
     search = replace(search_config(a), metric=a.criterion) if a.criterion else None
     result = run_vlm_demo(targets, a.out, data_dir=a.data_dir, vlm_dir=a.vlm_model,

@@ -290,6 +290,9 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
         raise ValueError(f"{out}: is the current folder or holds it; a run folder is put in place by a rename, so "
                          "choose a new folder (e.g. runs/NAME)")
     target = out.resolve() if out.is_symlink() else out
+    if os.path.ismount(target):  # a mount point cannot be renamed over or removed: finishing would fail mid-way
+        raise ValueError(f"{out}: is a mount point; a run folder is put in place by a rename, which cannot replace a "
+                         f"mount point, so choose a folder inside it (e.g. {out / 'run'})")
     with _CLAIMS_LOCK:
         if _key(target) in _CLAIMS:
             return _CLAIMS[_key(target)]
