@@ -49,6 +49,16 @@ def test_atomic_dir_honours_umask(tmp_path, umask):
     assert _mode(tmp_path / "d" / os.path.basename(name)) == 0o666 & ~umask
 
 
+def test_atomic_dir_keeps_an_existing_folders_mode(tmp_path, umask):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "old.txt").write_text("x")
+    os.chmod(d, 0o750)
+    with atomic_dir(d, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("y")
+    assert _mode(d) == 0o750 and _mode(d / "new.txt") == 0o666 & ~umask and not (d / "old.txt").exists()
+
+
 def test_fix_modes_keeps_executable_bit(tmp_path, umask):
     f = tmp_path / "tool.sh"
     f.write_text("#!/bin/sh\n")

@@ -296,3 +296,30 @@ def test_run_folder_modes_follow_the_umask(tmp_path, mask):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
     assert modes == {"run": 0o777 & ~mask, os.path.basename(name): 0o666 & ~mask,
                      os.path.basename(sub): 0o777 & ~mask, "result.json": 0o666 & ~mask}
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["lazy", "early"])
+@pytest.mark.parametrize("held", ["empty", "other", "run"])
+def test_an_existing_out_keeps_its_mode(tmp_path, early, held):
+    """A user who made OUT 0700 (a private run) keeps a 0700 OUT after the run replaced it; what is inside follows
+    the umask (0022 here)."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        if held == "other":
+            (out / "notes.txt").write_text("mine")
+        elif held == "run":
+            (out / "result.json").write_text("{}")
+        os.chmod(out, 0o700)
+        if early:
+            claim_out(out, overwrite=True)
+            (out / "data").mkdir(parents=True)  # as slug demo curates its inputs into OUT (moved aside) first
+        with run_folder(out, overwrite=True) as tmp:
+            (tmp / "result.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert stat.S_IMODE((out / "result.json").stat().st_mode) == 0o644
+    assert (out / "notes.txt").read_text() == "mine" if held == "other" else not (out / "notes.txt").exists()
+    assert _leftovers(tmp_path) == []

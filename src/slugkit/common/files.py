@@ -198,15 +198,19 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary sibling folder to fill; when the block succeeds it replaces ``out_dir`` by rename (the old
     one removed after), when it fails it is deleted — ``out_dir`` never holds a partial write. A non-empty existing
-    ``out_dir`` is refused (``FileExistsError``) unless ``overwrite``. The new folder's tree gets the umask's modes."""
+    ``out_dir`` is refused (``FileExistsError``) unless ``overwrite``. The new folder's tree gets the umask's modes;
+    ``out_dir`` itself, when it existed as a folder, keeps its mode (e.g. 0700)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    mode = os.stat(out_dir).st_mode & 0o7777 if out_dir.is_dir() else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
         fix_modes(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
         old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))

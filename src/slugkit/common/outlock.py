@@ -78,6 +78,7 @@ class Claim:
     stage: Path | None = None
     stage_id: tuple | None = None  # (st_dev, st_ino) of the temporary folder: identifies it after the rename
     committed: bool = False
+    mode: int | None = None  # OUT's permission bits when it was claimed as an existing folder: the new OUT keeps them
 
     def journal(self) -> None:
         """Write the holder and its moves into the lock file (read by whoever takes over after a crash)."""
@@ -314,6 +315,8 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
             for stale in siblings(target, ".tmp"):
                 rmtree(stale)
         claim.journal()
+        if target.is_dir():  # the user's choice for OUT (e.g. 0700 to keep a run private) outlives the replacement
+            claim.mode = os.stat(target).st_mode & 0o7777
         if early:
             _take(claim, overwrite, marker)
     except BaseException:

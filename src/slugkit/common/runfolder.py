@@ -10,7 +10,8 @@
   Paths inside it that the run records are written as OUT's (:func:`~slugkit.common.files.final_paths`); an
   OSError naming a path inside it names OUT's instead.
 * **Commit.** The tree gets the modes the umask gives (``mkstemp``/``mkdtemp`` made 0600/0700;
-  :func:`~slugkit.common.files.fix_modes`) and is renamed to OUT, SIGINT/SIGTERM held back meanwhile. A folder holding
+  :func:`~slugkit.common.files.fix_modes`), except OUT itself when it existed as a folder: it keeps the mode it had
+  (a user who made OUT 0700 to keep a run private still has a 0700 OUT after the run), and is renamed to OUT, SIGINT/SIGTERM held back meanwhile. A folder holding
   a complete run (``marker`` present) is replaced only with ``overwrite``, renamed away first and deleted after the
   rename succeeded. A folder holding something else keeps those entries: the ones the run did not write (a caller's
   inputs such as ``data/``, or unrelated files) are hard-linked into the new folder (copied where links fail) first.
@@ -97,6 +98,8 @@ def _commit(claim: Claim) -> None:
     if claim.early and target.exists():
         _link_missing(target, stage)  # what the caller wrote into OUT for this run
     fix_modes(stage)
+    if claim.mode is not None:
+        os.chmod(stage, claim.mode)
     if claim.early:
         if claim.aside is not None and not claim.aside_is_run:
             _link_missing(claim.aside, stage)
