@@ -29,17 +29,14 @@ from .args import (
 
 def print_summary(result: dict, out: str) -> None:
     """Print the outcome of one SLUG run: the edit, the before/after metrics, timing and outputs."""
-    from ..report.unlearn import edit_label, headline, metrics_table, verdict_lines
+    from ..report.unlearn import edit_label, headline, metrics_table, verdict_lines, worst_line
 
     m = result["metrics"]
     print()
     print(headline(result, result["model_label"], edit_label(result)))
     print(metrics_table(m["before"], m["after"]))
-    w = (result.get("collateral") or {}).get("worst")
-    if w:
-        print(f"worst other identity: {w['concept']} {w['before']:.2f} -> {w['after']:.2f} (change {-w['drop']:+.2f});"
-              f" nearest: " + ", ".join(f"{n['concept']} {n['before']:.2f} -> {n['after']:.2f}"
-                                        for n in result["collateral"]["neighbours"]["concepts"]))
+    if line := worst_line(result.get("collateral")):
+        print(line)
     for c, fa in (m["after"].get("forget_by_concept") or {}).items():
         print(f"  {c}: FA@1 {fa['forget_top1']:.3f}, FA@5 {fa['forget_top5']:.3f} after")
     t = result["timing_s"]

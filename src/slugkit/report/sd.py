@@ -102,7 +102,7 @@ def collateral_lines(c: dict | None, images: dict) -> list[str]:
 def print_sd_summary(result: dict, out: str) -> None:
     """The console summary of ``slug demo --target sd``: headline (from the verdict), generated-image table, the CLIP
     figures, timing, outputs and the verdict's reasons."""
-    from .unlearn import headline, verdict_lines
+    from .unlearn import headline, verdict_lines, worst_line
 
     g = result["generation"]
     b, a = g["before"], g["after"]
@@ -118,12 +118,8 @@ def print_sd_summary(result: dict, out: str) -> None:
     print(f"| other concepts recognised | {b['generated_other_recognised']:.3f} | "
           f"{a['generated_other_recognised']:.3f} |")
     print(f"| CLIP score | {b['clip_score']:.2f} | {a['clip_score']:.2f} |")
-    c = g.get("collateral")
-    if c and c.get("worst"):
-        w = c["worst"]
-        print(f"worst other concept: '{w['concept']}' {w['before']:.2f} -> {w['after']:.2f} (drop {w['drop']:+.2f}); "
-              "nearest neighbours: " + ", ".join(f"'{r['concept']}' {r['before']:.2f} -> {r['after']:.2f}"
-                                                 for r in c["neighbours"]["concepts"]))
+    if line := worst_line(g.get("collateral"), "concept"):
+        print(line)
     m = result["metrics"]
     print(f"CLIP (test): FA@1 {m['before']['forget_top1']:.3f} -> {m['after']['forget_top1']:.3f}, other concepts "
           f"top-1 {m['before']['related_top1']:.3f} -> {m['after']['related_top1']:.3f}")

@@ -105,6 +105,17 @@ def collateral_lines(coll: dict | None, what: str = "identity", whats: str = "id
     return lines
 
 
+def worst_line(coll: dict | None, what: str = "identity") -> str | None:
+    """The terminal summary's collateral line, the same for the CLIP, SD and VLM demos: the worst other concept's
+    before → after and drop (before − after, as in report.md), then the nearest neighbours'; None when not measured."""
+    if not coll or not coll.get("worst"):
+        return None
+    w = coll["worst"]
+    return (f"worst other {what}: {w['concept']} {w['before']:.2f} -> {w['after']:.2f} (drop {w['drop']:.2f}); "
+            "nearest: " + ", ".join(f"{n['concept']} {n['before']:.2f} -> {n['after']:.2f}"
+                                    for n in coll["neighbours"]["concepts"]))
+
+
 def verdict_lines(verdict: dict | None) -> list[str]:
     """``verdict: STATUS`` and one ``fail:`` / ``warning:`` line per reason."""
     if not verdict:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .unlearn import worst_line
+
 SAMPLES = 4  # sample answers per target in report.md
 
 
@@ -11,15 +13,6 @@ def _table(b: dict, a: dict, others: int) -> list[str]:
             f"| target named | {b['target_named']:.3f} | {a['target_named']:.3f} |",
             f"| other identities named (mean of {others}) | {b['other_named']:.3f} | {a['other_named']:.3f} |",
             f"| utility questions answered | {b['utility_accuracy']:.3f} | {a['utility_accuracy']:.3f} |"]
-
-
-def _worst_line(c: dict) -> str | None:
-    if not c.get("worst"):
-        return None
-    w = c["worst"]
-    return (f"worst other identity: {w['concept']} {w['before']:.2f} -> {w['after']:.2f} (drop {w['drop']:+.2f}); "
-            "nearest: " + ", ".join(f"{n['concept']} {n['before']:.2f} -> {n['after']:.2f}"
-                                    for n in c["neighbours"]["concepts"]))
 
 
 def print_vlm_summary(result: dict, out: str) -> None:
@@ -35,7 +28,7 @@ def print_vlm_summary(result: dict, out: str) -> None:
     for t, x in v["after"]["target_named_by_concept"].items():
         if len(v["after"]["target_named_by_concept"]) > 1:
             print(f"  {t}: named {v['before']['target_named_by_concept'][t]:.2f} -> {x:.2f}")
-    line = _worst_line(v["collateral"])
+    line = worst_line(v["collateral"])
     if line:
         print(line)
     m = result["metrics"]
@@ -63,7 +56,7 @@ def render_vlm_report(result: dict, samples: dict) -> str:
              + ", ".join(f"\"{q}\"" for q in qs.values())
              + f" on {v['images']['utility_per_class']} images per object class.", ""]
     lines += _table(v["before"], v["after"], c["concepts"]) + [""]
-    line = _worst_line(c)
+    line = worst_line(c)
     if line:
         lines += [line[0].upper() + line[1:] + ".", ""]
     rounds = ch.get("rounds") or [ch]
