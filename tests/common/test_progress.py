@@ -61,3 +61,25 @@ def test_a_bar_that_clears_itself_still_logs_its_last_state():
     bar.close()
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("gradients: forget:   0%") and lines[-1].startswith("gradients: forget: 100%")
+
+
+def test_bars_that_vanish_in_a_terminal_end_on_their_final_state_in_a_log(monkeypatch):
+    """A ``leave=False`` bar never draws its final state: in a log, a pass that finished read "93% 14/15" (its last
+    0.1 s refresh). Off a terminal, :func:`vanishing_bar` leaves the bar, so the log ends on 15/15."""
+    import sys
+
+    from slugkit.common.progress import leave_bar, vanishing_bar
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", PlainLines(out, interval=10.0))
+    assert leave_bar() is True
+    for _ in vanishing_bar(range(15), desc="gradients: retain", unit="batch", file=sys.stderr):
+        pass  # faster than tqdm's 0.1 s refresh: only the first frame would be drawn before close
+    assert out.getvalue().splitlines()[-1].startswith("gradients: retain: 100%|") and "15/15" in out.getvalue()
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert leave_bar() is False  # a terminal: the bar clears itself as before

@@ -315,8 +315,7 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
             for stale in siblings(target, ".tmp"):
                 rmtree(stale)
         claim.journal()
-        if target.is_dir():  # the user's choice for OUT (e.g. 0700 to keep a run private) outlives the replacement
-            claim.mode = os.stat(target).st_mode & 0o7777
+        claim.mode = os.stat(target).st_mode & 0o7777 if target.is_dir() else None  # e.g. 0700: kept by the new OUT
         if early:
             _take(claim, overwrite, marker)
     except BaseException:

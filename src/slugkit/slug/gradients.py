@@ -31,6 +31,7 @@ from typing import Iterable
 import torch
 
 from ..common.errors import EmptyForgetSetError
+from ..common.progress import vanishing_bar
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -148,9 +149,7 @@ def _adder(acc: torch.Tensor):
 def _accumulate(adapter, batches: Iterable, names: list[str], kind: str, progress: bool, total: int | None):
     it = batches
     if progress:
-        from tqdm import tqdm
-
-        it = tqdm(batches, desc=f"gradients: {kind}", unit="batch", total=total, leave=False)
+        it = vanishing_bar(batches, desc=f"gradients: {kind}", unit="batch", total=total)
     with candidate_grads(adapter.model, names) as params:
         sums = new_sums(params, names)
         count = 0

@@ -73,6 +73,7 @@ import torch
 
 from ..common.errors import EmptyForgetSetError
 from ..common.files import check_file_target, check_folder_target
+from ..common.progress import vanishing_bar
 from ..common.tensorfile import read_metadata as _read_meta
 from ..common.tensorfile import read_tensors, write_safetensors
 from ..data.shards import ReadStats, expand_urls
@@ -227,9 +228,7 @@ def _run_split(adapter, params, names, units, state, cfg, world, rank_file, fp, 
             continue
         batches = unit_batches(adapter, unit, cfg.batch_size, world, cfg.strict, read_stats, device)
         if cfg.progress and rank == 0:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc=f"gradients: {unit.id}", unit="batch", leave=False)
+            batches = vanishing_bar(batches, desc=f"gradients: {unit.id}", unit="batch")
         for images, tokens in batches:
             count += accumulate_batch(adapter, params, names, sums, images, tokens, unit.split)
         done.append(unit.id)

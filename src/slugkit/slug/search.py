@@ -275,9 +275,9 @@ def search_layers(adapter, grads, front: list[str], ratios: dict[str, float], ev
     results = []
     it = front
     if progress:
-        from tqdm import tqdm
+        from ..common.progress import vanishing_bar
 
-        it = tqdm(front, desc="search: Pareto layers", unit="layer", leave=False)
+        it = vanishing_bar(front, desc="search: Pareto layers", unit="layer")
     for name in it:
         t0 = time.perf_counter()
         group = adapter.group_of(name)

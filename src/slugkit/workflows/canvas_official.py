@@ -104,11 +104,11 @@ class UnlearnCanvasGrid(Grid):
     def check_files(self, progress: bool = False) -> int:
         """Every pair of the grid has images, and each opens as one (``PIL.Image.verify``, no decoding): the number
         checked. ``FileNotFoundError``/``ValueError`` naming the folder or file — before any work."""
-        from tqdm.auto import tqdm
+        from ..common.progress import vanishing_bar
 
         n = 0
         pairs = [(s, o) for s in self.styles for o in self.objects]
-        for s, o in tqdm(pairs, desc="checking the dataset", disable=not progress, leave=False):
+        for s, o in vanishing_bar(pairs, desc="checking the dataset", disable=not progress):
             for f in self.files(s, o):
                 try:
                     with Image.open(f) as im:

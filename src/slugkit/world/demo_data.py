@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from ..common.files import atomic_write_bytes
+from ..common.progress import vanishing_bar
 from ..common.runfolder import out_lock, run_folder
 from . import render as world
 
@@ -75,9 +76,7 @@ def _write_world(d: Path, spec: dict, progress: bool, shown: Path) -> None:
     steps = [("pool", None), ("val", "identities"), ("val", "utility"), ("test", "identities"), ("test", "utility")]
     it = steps
     if progress:
-        from tqdm import tqdm
-
-        it = tqdm(steps, desc=f"world: writing data to {shown}", unit="part", leave=False)
+        it = vanishing_bar(steps, desc=f"world: writing data to {shown}", unit="part")
     for split, part in it:
         n_id, n_util = COUNTS[split]
         if part is None:

@@ -207,12 +207,12 @@ class EmbeddedT2IPipeline:
         """uint8 images ``[N, 3, 32, 32]``, one per (prompt, seed); deterministic for the same inputs."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        from tqdm.auto import tqdm
+        from ..common.progress import vanishing_bar
 
         out = []
         null = self.encode_prompts([""])
         batches = range(0, len(prompts), batch_size)
-        for lo in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        for lo in vanishing_bar(batches, desc="generating", disable=not progress):
             ps, ss = list(prompts[lo:lo + batch_size]), list(seeds[lo:lo + batch_size])
             cond = self.encode_prompts(ps)
             ctx = torch.cat([null.expand(len(ps), -1, -1), cond])

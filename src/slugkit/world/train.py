@@ -142,12 +142,12 @@ def make_train_tensors(per_class: int, tokenizer, progress: bool = False) -> tup
 
     Returns uint8 images ``[90, per_class, 3, 32, 32]`` (JPEG round-tripped) and tokens ``[90, per_class, 20]``.
     """
-    from tqdm import tqdm
+    from ..common.progress import vanishing_bar
 
     classes = [("identity", c) for c in range(len(world.IDENTITIES))]
     classes += [("utility", c) for c in range(len(world.UTILITY_CLASSES))]
     imgs, toks = [], []
-    for kind, c in tqdm(classes, desc="generating train split", disable=not progress, leave=False):
+    for kind, c in vanishing_bar(classes, desc="generating train split", disable=not progress):
         samples = world.make_samples("train", kind, per_class, classes=[c])
         imgs.append(images_to_uint8([jpeg_roundtrip(s.image) for s in samples]))
         toks.append(tokenizer([s.caption for s in samples]))
