@@ -550,6 +550,19 @@ def test_describe_and_repr():
     assert "Elon Musk" in repr(p)
 
 
+def test_describe_gives_every_layers_step_of_a_multi_layer_patch():
+    """The fallback's patch holds two layers with two step sizes; ``step_size`` at the top is the first one's only."""
+    from slugkit.patch import make_patch
+
+    base = {"a": torch.ones(3), "b": torch.ones(2)}
+    edits = [{"layer": "a", "step_size": 2.5, "round": 1}, {"layer": "b", "step_size": 0.75, "round": 2}]
+    p = make_patch(base, {"a": base["a"] * 2, "b": base["b"] * 3}, base_model="toy", adapter="t", concept="A",
+                   step_size=2.5, extra={"layers_edited": edits})
+    assert "  step sizes: a 2.5 (round 1); b 0.75 (round 2)" in describe(p).splitlines()
+    p.meta["extra"]["layers_edited"][1] = "b\x1b[2J"  # untrusted patch.json: a malformed entry is printed, escaped
+    assert "; b\\x1b[2J" in describe(p)
+
+
 def test_chain_patches_folds_sequential_edits():
     from slugkit.patch import PatchError, apply_patch, chain_patches, make_patch, revert_patch
 

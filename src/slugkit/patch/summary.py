@@ -34,6 +34,17 @@ def printable(value) -> str:
     return "".join(_escape(c) if unicodedata.category(c) in _ESCAPED else c for c in s)
 
 
+def _steps(m: dict) -> str:
+    """The step size line; a patch of several layers (``extra.layers_edited``, the multi-layer fallback) gives each
+    layer's step and round — the top-level ``step_size`` is the first layer's only."""
+    edits = (m.get("extra") or {}).get("layers_edited") if isinstance(m.get("extra"), dict) else None
+    if not isinstance(edits, list) or len(edits) < 2:
+        return f"  step size:  {printable(m.get('step_size'))}"
+    return "  step sizes: " + "; ".join(
+        f"{printable(e.get('layer'))} {printable(e.get('step_size'))} (round {printable(e.get('round'))})"
+        if isinstance(e, dict) else printable(e) for e in edits)
+
+
 def describe(patch: Patch) -> str:
     """A short human summary: concept, method, base model, tensors (shape, dtype, relative change), η, metrics.
     Every value read from ``patch.json`` is escaped (:func:`printable`), so the text holds no control character
@@ -44,7 +55,7 @@ def describe(patch: Patch) -> str:
         f"  concept:    {p(m.get('concept'))}",
         f"  method:     {p(m.get('method'))}",
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
-        f"  step size:  {p(m.get('step_size'))}",
+        _steps(m),
         f"  tensors ({len(patch.names)}, {patch.nbytes / 2**20:.2f} MiB incl. originals):",
     ]
     for name in patch.names:
