@@ -63,6 +63,21 @@ def test_every_option_has_help():
     assert missing == []
 
 
+def test_top_level_help_lists_every_exit_status(capsys):
+    """`slug --help` names each status the CLI can end with (main returns 141 and 143 itself; a refusal is 2)."""
+    import re
+
+    from slugkit import cli
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    returned = set(re.findall(r"return (1[34]\d)\b", open(cli.__file__).read()))
+    assert returned >= {"141", "143"}
+    for code in ["0 pass", "2 a usage or input error, or a refusal", "3 ", "4 ", "130 interrupted", *returned]:
+        assert code in text, code
+
+
 def test_version(capsys):
     import slugkit
 
