@@ -40,15 +40,3 @@ def test_collateral_record_reports_what_the_mean_hides():
     with pytest.raises(ValueError, match="different concepts"):
         collateral_record(before, {"c0": 1.0}, [], "top-1")
 
-
-def test_the_summary_line_is_the_same_for_every_demo_and_says_drop():
-    """The CLIP, SD and VLM demos print the worst case through one function (the CLIP's said "change −0.06" while
-    the others said "drop +0.06" for the same fact)."""
-    from slugkit.report.unlearn import worst_line
-
-    before = {"look-alike": 0.9, "far": 1.0}
-    after = {"look-alike": 0.2, "far": 1.0}
-    rec = collateral_record(before, after, [("look-alike", 0.8), ("far", 0.1)], "top-1", k=2)
-    assert worst_line(rec, "concept") == ("worst other concept: look-alike 0.90 -> 0.20 (drop 0.70); "
-                                          "nearest: look-alike 0.90 -> 0.20, far 1.00 -> 1.00")
-    assert worst_line(None) is None and worst_line({"worst": None}) is None

@@ -29,7 +29,7 @@ from .args import (
 
 def print_summary(result: dict, out: str) -> None:
     """Print the outcome of one SLUG run: the edit, the before/after metrics, timing and outputs."""
-    from ..report.unlearn import edit_label, headline, metrics_table, verdict_lines, worst_line
+    from ..report.unlearn import edit_label, headline, metrics_table, outputs_line, verdict_lines, worst_line
 
     m = result["metrics"]
     print()
@@ -43,7 +43,7 @@ def print_summary(result: dict, out: str) -> None:
     print(f"time: total {t['total']:.1f} s (gradients {t['gradients']:.1f} s, search {t['search']:.1f} s); "
           f"patch {result['patch']['bytes']:,} bytes = {100 * result['patch']['bytes'] / result['model_bytes']:.2f}% "
           f"of the model")
-    print(f"outputs: {out}/result.json, report.md, pareto.png, layers.json, run.json, patch/")
+    print(outputs_line(out))
     for line in verdict_lines(result.get("verdict")):
         print(line)
 

@@ -102,7 +102,7 @@ def collateral_lines(c: dict | None, images: dict) -> list[str]:
 def print_sd_summary(result: dict, out: str) -> None:
     """The console summary of ``slug demo --target sd``: headline (from the verdict), generated-image table, the CLIP
     figures, timing, outputs and the verdict's reasons."""
-    from .unlearn import headline, verdict_lines, worst_line
+    from .unlearn import headline, outputs_line, verdict_lines, worst_line
 
     g = result["generation"]
     b, a = g["before"], g["after"]
@@ -126,6 +126,6 @@ def print_sd_summary(result: dict, out: str) -> None:
     t = result["timing_s"]
     print(f"time: SLUG {t['slug_total']:.1f} s, generation eval {t['generation_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
-    print(f"outputs: {out}/result.json, report.md, generations.png, patch/")
+    print(outputs_line(out))
     for line in verdict_lines(result.get("verdict")):
         print(line)

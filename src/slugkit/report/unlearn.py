@@ -105,6 +105,14 @@ def collateral_lines(coll: dict | None, what: str = "identity", whats: str = "id
     return lines
 
 
+def outputs_line(out: str | Path) -> str:
+    """``outputs: OUT/result.json, report.md, …, patch/``: what the finished run folder holds at its top level
+    (result.json first, folders last), read from the folder so that the line cannot drift from what a run writes."""
+    entries = sorted(Path(out).iterdir(), key=lambda p: (p.name != "result.json", p.is_dir(), p.name))
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries if not p.name.startswith(".")]
+    return f"outputs: {out}/" + ", ".join(names)
+
+
 def worst_line(coll: dict | None, what: str = "identity") -> str | None:
     """The terminal summary's collateral line, the same for the CLIP, SD and VLM demos: the worst other concept's
     before → after and drop (before − after, as in report.md), then the nearest neighbours'; None when not measured."""

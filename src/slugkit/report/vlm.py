@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .unlearn import worst_line
+from .unlearn import outputs_line, worst_line
 
 SAMPLES = 4  # sample answers per target in report.md
 
@@ -37,8 +37,7 @@ def print_vlm_summary(result: dict, out: str) -> None:
     t = result["timing_s"]
     print(f"time: SLUG {t['slug_total']:.1f} s, VLM evaluation {t['vlm_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
-    print(f"outputs: {out}/result.json, report.md, patch/ (apply it: slug apply --llava DIR --patch {out}/patch "
-          "--out DIR2)")
+    print(f"{outputs_line(out)} (apply the patch: slug apply --llava DIR --patch {out}/patch --out DIR2)")
     for line in verdict_lines(result.get("verdict")):
         print(line)
 

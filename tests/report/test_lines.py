@@ -1,0 +1,24 @@
+"""The terminal summary's lines shared by the CLIP, SD and VLM demos (report.unlearn): the worst case, the outputs."""
+
+from slugkit.eval.collateral import collateral_record
+from slugkit.report.unlearn import outputs_line, worst_line
+
+
+def test_the_summary_line_is_the_same_for_every_demo_and_says_drop():
+    """The CLIP, SD and VLM demos print the worst case through one function (the CLIP's said "change −0.06" while
+    the others said "drop +0.06" for the same fact)."""
+    before = {"look-alike": 0.9, "far": 1.0}
+    after = {"look-alike": 0.2, "far": 1.0}
+    rec = collateral_record(before, after, [("look-alike", 0.8), ("far", 0.1)], "top-1", k=2)
+    assert worst_line(rec, "concept") == ("worst other concept: look-alike 0.90 -> 0.20 (drop 0.70); "
+                                          "nearest: look-alike 0.90 -> 0.20, far 1.00 -> 1.00")
+    assert worst_line(None) is None and worst_line({"worst": None}) is None
+
+
+def test_the_outputs_line_lists_what_the_run_folder_holds(tmp_path):
+    """The summary's outputs line is read from the folder (the SD one omitted layers.json, run.json and data/)."""
+    for f in ["report.md", "result.json", "layers.json", ".hidden"]:
+        (tmp_path / f).write_text("x")
+    (tmp_path / "patch").mkdir()
+    (tmp_path / "data").mkdir()
+    assert outputs_line(tmp_path) == f"outputs: {tmp_path}/result.json, layers.json, report.md, data/, patch/"
