@@ -1,4 +1,5 @@
-"""The terminal summary's lines shared by the CLIP, SD and VLM demos (report.unlearn): the worst case, the outputs."""
+"""Lines shared by the CLIP, SD and VLM demos (report.unlearn): the worst case and the outputs in the terminal
+summary, the heading of report.md's layer table."""
 
 from slugkit.eval.collateral import collateral_record
 from slugkit.report.unlearn import outputs_line, worst_line
@@ -22,3 +23,18 @@ def test_the_outputs_line_lists_what_the_run_folder_holds(tmp_path):
     (tmp_path / "patch").mkdir()
     (tmp_path / "data").mkdir()
     assert outputs_line(tmp_path) == f"outputs: {tmp_path}/result.json, layers.json, report.md, data/, patch/"
+
+
+def test_report_says_when_a_downstream_search_chose_the_layers():
+    """A T2I/VLM run's layer table lists the CLIP side's candidates: under "Why this layer" a reader took the
+    unedited candidates for the edit."""
+    from slugkit.report.unlearn import _why_heading
+
+    assert _why_heading({"layer": "visual.proj"}) == ["## Why this layer", ""]
+    two = {"layer": "a", "layers_edited": [{"layer": "a", "round": 1}, {"layer": "b", "round": 2}],
+           "chooser": {"rounds": [{"round": 1, "generator_search": {"layers": []}}, {"round": 2}]}}
+    text = "\n".join(_why_heading(two))
+    assert text.startswith("## The CLIP search over the candidate layers")
+    assert "(`a`, `b`)" in text and "the generated images" in text
+    one = {"layer": "c", "chooser": {"vlm_search": {"layers": []}}}
+    assert "(`c`)" in "\n".join(_why_heading(one)) and "the VLM's answers" in "\n".join(_why_heading(one))

@@ -176,6 +176,23 @@ def trajectory_lines(result: dict, chosen: str) -> list[str]:
     return lines
 
 
+def _why_heading(result: dict) -> list[str]:
+    """"Why this layer" — or, when a search on a downstream model's outputs chose the edited layers (``--target sd``:
+    generated images, ``--target vlm``: the VLM's answers), a heading saying that the table below is the CLIP side's
+    search over the candidates, so layers it lists but nobody edited are not mistaken for the edit."""
+    ch = result.get("chooser") or {}
+    rounds = ch.get("rounds") or [ch]
+    what = ("the generated images" if any(r.get("generator_search") for r in rounds)
+            else "the VLM's answers" if any(r.get("vlm_search") for r in rounds) else None)
+    if what is None:
+        return ["## Why this layer", ""]
+    edited = ", ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`"
+    return ["## The CLIP search over the candidate layers", "",
+            f"The edited layers ({edited}) and their steps were chosen by the search on {what} (its section below); "
+            "the CLIP search summarised here gave the candidates and their starting steps. A row marked **(edited)** "
+            "is a layer that was edited; the others were candidates only.", ""]
+
+
 def render_report(result: dict) -> str:
     m = result["metrics"]
     chosen = result["layer"]
@@ -201,8 +218,7 @@ def render_report(result: dict) -> str:
         *collateral_lines(result.get("collateral")),
         "",
         *_protection_lines(result),
-        "## Why this layer",
-        "",
+        *_why_heading(result),
         f"{len(result['pareto_front'])} tensors are on the Pareto fronts (low gradient alignment, high importance). "
         f"The step-size search ran on each; selection policy `{result['config']['selection']}`: "
         + {"utility": "best validation utility retention at the applied step (ties: related, then the smaller "
