@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .patch import Patch, apply_patch, apply_patches, compose_patches, load_patch, revert_patch, save_patch
+_PATCH_API = ("Patch", "apply_patch", "apply_patches", "compose_patches", "load_patch", "revert_patch", "save_patch")
 
 
 def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
@@ -27,6 +27,12 @@ def unlearn(config):
 
 
 def __getattr__(name):
+    """Lazy public names: ``import slugkit`` (and ``slug --help``, ``slug --version``, a usage error) does not import
+    torch (1.7 s); the first use of a name below does."""
+    if name in _PATCH_API:
+        from . import patch
+
+        return getattr(patch, name)
     if name == "UnlearnConfig":
         from .workflows.unlearn import UnlearnConfig
 

@@ -78,6 +78,22 @@ def test_top_level_help_lists_every_exit_status(capsys):
         assert code in text, code
 
 
+def test_help_version_and_usage_errors_do_not_import_torch():
+    """`slug --help`, `--version` and a refused option answer in ~0.1 s: building the parser imports no torch (it
+    took 1.7 s of a 2–3 s wait for a one-line usage error)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import slugkit; from slugkit.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "from slugkit import apply_patch; assert 'torch' in sys.modules")  # the public API still works
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    for argv in (["--version"], ["demo", "--threshold", "2"]):
+        code = (f"import sys; from slugkit.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+                "assert 'torch' not in sys.modules, 'torch imported'")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
 def test_version(capsys):
     import slugkit
 

@@ -7,11 +7,21 @@ relearning by fine-tuning, again against a control (:mod:`.relearn`), and a line
 (:mod:`.representation`). :func:`run_audit` runs them and writes ``audit.json`` / ``audit.md``.
 """
 
-from .attack import AttackBudget
-from .base import AuditThresholds
-from .data import AuditData, folder_audit_data, world_audit_data
-from .relearn import RelearnBudget
-from .run import PROBES, audit_patch, patched_copy, run_audit, write_audit
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {"AttackBudget": "attack", "AuditThresholds": "base", "PROBES": "base", "AuditData": "data",
+          "folder_audit_data": "data", "world_audit_data": "data", "RelearnBudget": "relearn", "audit_patch": "run",
+          "patched_copy": "run", "run_audit": "run", "write_audit": "run"}
+
+
+def __getattr__(name):
+    """Lazy names (PEP 562): building the CLI's parser reads ``PROBES`` without importing torch."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["AttackBudget", "AuditData", "AuditThresholds", "PROBES", "RelearnBudget", "audit_patch",
            "folder_audit_data", "patched_copy", "run_audit", "world_audit_data", "write_audit"]

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+PROBES = ("prompts", "attack", "precision", "relearn", "representation")  # slug audit's probes, in run order
+
 STATUS_ORDER = {"pass": 0, "warn": 1, "fail": 2}
 
 

@@ -18,14 +18,13 @@ import torch
 from ..common.files import atomic_write_bytes, write_json
 from ..common.progress import status as say
 from .attack import AttackBudget, probe_attack
-from .base import AuditThresholds, worst_status
+from .base import PROBES, AuditThresholds, worst_status
 from .data import AuditData
 from .precision import probe_precision
 from .prompts import probe_prompts
 from .relearn import RelearnBudget, clone_adapter, probe_relearn
 from .representation import probe_representation
 
-PROBES = ("prompts", "attack", "precision", "relearn", "representation")
 AUDIT_JSON, AUDIT_MD = "audit.json", "audit.md"
 REPORT_BEGIN, REPORT_END = "<!-- slug audit: begin -->", "<!-- slug audit: end -->"
 
