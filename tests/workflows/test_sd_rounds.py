@@ -120,8 +120,10 @@ def test_a_partial_step_and_a_second_layer_forget_within_the_neighbour_budget(em
     g = {k: {**generation_metrics(per, TARGET), "clip_score": 70.0} for k in ("before", "after")}
     result = {"generation": {**g, "collateral": None, "images": {"target": 2, "per_other_concept": 1,
                                                                   "other_concepts": 29, "sampler": "DDIM 4 steps"}},
-              "step_size": b, "chooser": {**info, "gen_margin": 1.0, "clip_step_size": 0.1}}
+              "step_size": a, "chooser": {**info, "gen_margin": 1.0, "clip_step_size": 0.1},
+              "layers_edited": [e.to_json() for e in edits]}
     md = render_generation_report(result)
+    assert f"Applied steps: round 1: `{A}` {a:.4g}; round 2: `{B}` {b:.4g}." in md  # not round 1's alone
     assert f"| **round 1** (rows below): partial step {a:.4g} of {A} kept | | | | | |" in md
     assert "| **round 2** (rows below) | | | | | |" in md
     assert md.count(f"| {A} |") == len(info["rounds"][0]["generator_search"]["layers"][0]["trajectory"])

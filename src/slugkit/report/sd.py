@@ -61,7 +61,10 @@ def render_generation_report(result: dict) -> str:
             lines += ["", f"The {len(gs['base_neighbour_recognised'])} nearest neighbours had "
                       f"{gs['validation_per_neighbour']} validation images each; a step was accepted only if none "
                       f"lost more than {gs['neighbour_budget']:.0%}."]
-        lines += ["", f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
+        edits = result.get("layers_edited") or []
+        lines += ["", "Applied steps: " + "; ".join(f"round {e['round']}: `{e['layer']}` {e['step_size']:.4g}"
+                                                    for e in edits) + "." if len(edits) > 1 else
+                  f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
                   f"{result['chooser']['clip_step_size']:.4g})."]
     lines += ["", "In the CLIP table at the top of this report, \"other identities\" are the 29 other object concepts "
               "and \"utility\" the world's 60 identities (the SD demo unlearns an object concept).", "",
