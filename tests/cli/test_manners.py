@@ -94,6 +94,24 @@ def test_help_version_and_usage_errors_do_not_import_torch():
         subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
 
 
+def test_a_refusal_reads_as_indented_clauses():
+    """A refusal is one sentence of up to ~900 characters; the terminal gets its clauses on indented lines, split
+    only outside parentheses (the exception's text, stored in result/benchmark JSON, is unchanged)."""
+    from slugkit.cli import refusal_text
+
+    msg = ("no candidate layer (searched 4 of 12) has a step at which the generator forgets 'x' (≤ 5%; of 20) while "
+           "the others lose ≤ 5% (no second layer: no searched step lowered it, nor 3 halvings (the smallest: L1 step "
+           "2: concept 0.85)); closest: L2 step 9: concept 0.10; try --other-budget (the CLIP step)")
+    assert refusal_text(msg).split("\n") == [
+        "no candidate layer (searched 4 of 12) has a step at which the generator forgets 'x' (≤ 5%; of 20) while the "
+        "others lose ≤ 5%",
+        "  no second layer: no searched step lowered it, nor 3 halvings (the smallest: L1 step 2: concept 0.85)",
+        "  closest: L2 step 9: concept 0.10",
+        "  try --other-budget (the CLIP step)"]
+    inside = "2 layers did not forget within the budgets (round 1: a; round 2: b; closest: c) (no patch)"
+    assert refusal_text(inside) == inside
+
+
 def test_version(capsys):
     import slugkit
 

@@ -153,7 +153,7 @@ def _dispatch(argv: list[str] | None) -> int:
         raise
     except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
             RunLockedError, ValueError, NonFiniteGradientError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {refusal_text(str(e)) if isinstance(e, SearchFailed) else e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # NothingToUnlearnError: 4, like a failed verdict
     except OSError as e:  # a missing or existing path, a full disk, a read-only filesystem, a folder for a file ...
         print(f"error: {os_error_text(e)}", file=sys.stderr)
@@ -164,6 +164,28 @@ def _dispatch(argv: list[str] | None) -> int:
             raise
         print(f"error: {e}\n{hint}", file=sys.stderr)
         return 2
+
+
+def refusal_text(msg: str) -> str:
+    """A refusal (:class:`~slugkit.slug.search.SearchFailed`) as the terminal shows it: its clauses — what no layer
+    met; ``no second layer: …``; ``closest: …``; ``try …`` — on indented lines instead of one line of ~900
+    characters. Splits only outside parentheses; the message itself (result JSON, benchmark rows) stays one line."""
+    opener = " (no second layer: "
+    lines, cur, depth, group, i = [], "", 0, False, 0
+    while i < len(msg):
+        if depth == 0 and msg.startswith("; ", i):
+            lines, cur, i = lines + [cur], "", i + 2
+        elif depth == 0 and msg.startswith(opener, i):
+            lines, cur, i, depth, group = lines + [cur], "no second layer: ", i + len(opener), 1, True
+        else:
+            depth += {"(": 1, ")": -1}.get(msg[i], 0)
+            if group and depth == 0:  # the group's own ")" is dropped: its clause is a line now
+                lines, cur, group = lines + [cur], "", False
+            else:
+                cur += msg[i]
+            i += 1
+    lines = [x.strip() for x in lines + [cur] if x.strip()]
+    return "\n  ".join(lines)
 
 
 def os_error_text(e: OSError) -> str:
