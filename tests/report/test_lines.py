@@ -18,7 +18,7 @@ def test_the_summary_line_is_the_same_for_every_demo_and_says_drop():
 
 def test_the_outputs_line_lists_what_the_run_folder_holds(tmp_path):
     """The summary's outputs line is read from the folder (the SD one omitted layers.json, run.json and data/)."""
-    for f in ["report.md", "result.json", "layers.json", ".hidden"]:
+    for f in ["report.md", "result.json", "layers.json", ".hidden", "thesis.txt"]:  # the last two: not the run's
         (tmp_path / f).write_text("x")
     (tmp_path / "patch").mkdir()
     (tmp_path / "data").mkdir()
