@@ -127,9 +127,23 @@ def test_curate_cli(tmp_path, data_dir, demo_run, capsys):
     assert main(["curate", "--shards", str(data_dir / "pool"), "--concept", "Nobody Atall", "--out",
                  str(tmp_path / "none"), "--no-progress"]) == 2
     assert "no caption" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # a failed curation leaves nothing
+    # an existing curated set is not replaced silently: --overwrite, and then no stale retain set is left behind
+    again = ["curate", "--shards", str(data_dir / "pool"), "--concept", name, "--max-forget", "5", "--max-retain", "0",
+             "--out", str(out), "--no-progress"]
+    assert main(again) == 2
+    assert "already holds a run (curate.json present); pass --overwrite" in capsys.readouterr().err
+    assert json.loads((out / "curate.json").read_text())["forget"] == 7
+    (out / "notes.txt").write_text("mine")
+    assert main(again + ["--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["forget"] == 5
+    assert not (out / "retain.tar").exists() and (out / "notes.txt").read_text() == "mine"
+    # a curated set is not written into a run's folder (it would be deleted with that run, or delete its data)
+    assert main(again[:-3] + ["--out", str(demo_run / "data" / "mine"), "--overwrite"]) == 2
+    assert f"inside the slug run folder {demo_run}" in capsys.readouterr().err
 
 
-def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
+def test_unlearn_real_model_form(tmp_path, data_dir, demo_run, capsys):
     """`slug unlearn` with explicit flags (the ViT-B-32 form) on the embedded world's files, plus `slug curate`."""
     name = world.IDENTITIES[5].name
     cur = tmp_path / "cur"
@@ -160,6 +174,18 @@ def test_unlearn_real_model_form(tmp_path, data_dir, demo_run):
     bad[bad.index("--out") + 1] = str(tmp_path / "run2")
     bad[bad.index("--test-identities") + 1] = str(data_dir / "val" / "identities")
     assert main(bad) == 2
+    # a retain set made of the concept's own pairs (new-user trial: accepted without a word) is refused up front
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.tar").symlink_to(cur / "forget.tar")
+    for retain, why in [(cur / "forget.tar", "--retain and --forget are the same set"),
+                        (mixed, f"100 of the 100 retain captions in {mixed} name '{name}'")]:
+        bad = list(args)
+        bad[bad.index("--retain") + 1] = str(retain)
+        bad[bad.index("--out") + 1] = str(tmp_path / "run3")
+        capsys.readouterr()
+        assert main(bad) == 2 and not (tmp_path / "run3").exists()
+        assert why in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

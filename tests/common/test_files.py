@@ -59,6 +59,30 @@ def test_atomic_dir_keeps_an_existing_folders_mode(tmp_path, umask):
     assert _mode(d) == 0o750 and _mode(d / "new.txt") == 0o666 & ~umask and not (d / "old.txt").exists()
 
 
+def test_overwrite_replaces_only_a_folder_slug_wrote(tmp_path):
+    """`slug apply --pipeline P --out ~/Documents --overwrite` replaced the folder whole (new-user trial): with a
+    marker, --overwrite replaces only a folder holding it, and the refusal names what is there."""
+    docs = tmp_path / "Documents"
+    docs.mkdir()
+    for i in range(7):
+        (docs / f"letter{i}.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"Documents exists and is not empty"):
+        with atomic_dir(docs, marker="slugkit_patch.json"):
+            pass
+    with pytest.raises(FileExistsError, match=r"holds files slug did not write \(letter0.txt, .*letter4.txt and 2 "
+                                              r"more; no slugkit_patch.json\); --overwrite replaces only a folder"):
+        with atomic_dir(docs, overwrite=True, marker="slugkit_patch.json"):
+            pass
+    assert len(list(docs.iterdir())) == 7 and sorted(p.name for p in tmp_path.iterdir()) == ["Documents"]
+    out = tmp_path / "patched"
+    with atomic_dir(out, marker="slugkit_patch.json") as tmp:
+        (tmp / "slugkit_patch.json").write_text("{}")
+        (tmp / "old.bin").write_text("x")
+    with atomic_dir(out, overwrite=True, marker="slugkit_patch.json") as tmp:  # slug's own output: replaced
+        (tmp / "slugkit_patch.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["slugkit_patch.json"]
+
+
 def test_fix_modes_keeps_executable_bit(tmp_path, umask):
     f = tmp_path / "tool.sh"
     f.write_text("#!/bin/sh\n")

@@ -14,6 +14,7 @@ import pytest
 
 from slugkit.common.errors import OutputExistsError
 from slugkit.common.files import write_json
+from slugkit.common.outguard import MANIFEST
 from slugkit.common.runfolder import RunLockedError, abandon_claims, claim_out, out_lock, run_folder
 
 
@@ -26,6 +27,11 @@ def _no_claims_left():
 def _leftovers(parent):
     """Temporary folders, old folders and lock files of slugkit next to the run folders in ``parent``."""
     return sorted(p.name for p in parent.iterdir() if ".slug-" in p.name)
+
+
+def _names(out):
+    """The entries of a run folder, without the manifest of the run's own entries."""
+    return sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
 
 
 def _old_run(out):
@@ -75,7 +81,8 @@ def test_run_appears_whole_by_rename(tmp_path):
         (tmp / "patch" / "patch.json").write_text("{}")
         write_json(tmp / "run.json", {"out": str(tmp), "forget": str(tmp / "data" / "forget.tar")})
         (tmp / "result.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["patch", "result.json", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "patch", "result.json", "run.json"]
+    assert json.loads((out / MANIFEST).read_text()) == {"entries": [MANIFEST, "patch", "result.json", "run.json"]}
     assert json.loads((out / "run.json").read_text()) == {"out": str(out), "forget": str(out / "data" / "forget.tar")}
     assert _leftovers(tmp_path) == []
 
@@ -106,7 +113,7 @@ def test_existing_run_needs_overwrite_and_is_replaced_whole(tmp_path):
             pass
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text('{"new": true}')
-    assert sorted(p.name for p in out.iterdir()) == ["result.json"]  # the old run's patch/ went with it
+    assert _names(out) == ["result.json"]  # the old run's patch/ went with it
     assert _leftovers(tmp_path) == []
 
 
@@ -140,7 +147,7 @@ def test_another_commands_run_is_a_run_too(tmp_path, foreign):
     assert (out / foreign).read_text() == '{"old": true}' and (out / "data").is_dir()
     with run_folder(out, overwrite=True, marker="compare.json") as tmp:
         (tmp / "compare.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json"]  # replaced whole, nothing merged
+    assert _names(out) == ["compare.json"]  # replaced whole, nothing merged
     assert _leftovers(tmp_path) == []
 
 
@@ -216,7 +223,7 @@ def test_early_claim_owns_what_the_caller_writes(tmp_path):
     (out / "data" / "forget.tar").write_text("new inputs")
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text('{"new": true}')
-    assert sorted(p.name for p in out.iterdir()) == ["data", "result.json"]
+    assert _names(out) == ["data", "result.json"]
     assert (out / "data" / "forget.tar").read_text() == "new inputs" and _leftovers(tmp_path) == []
 
     claim_out(out, overwrite=True)  # claimed and inputs written, then the command fails before its run starts
@@ -295,7 +302,7 @@ def test_run_folder_modes_follow_the_umask(tmp_path, mask):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
     assert modes == {"run": 0o777 & ~mask, os.path.basename(name): 0o666 & ~mask,
-                     os.path.basename(sub): 0o777 & ~mask, "result.json": 0o666 & ~mask}
+                     os.path.basename(sub): 0o777 & ~mask, "result.json": 0o666 & ~mask, MANIFEST: 0o666 & ~mask}
 
 
 @pytest.mark.parametrize("early", [False, True], ids=["lazy", "early"])
@@ -323,3 +330,111 @@ def test_an_existing_out_keeps_its_mode(tmp_path, early, held):
     assert stat.S_IMODE((out / "result.json").stat().st_mode) == 0o644
     assert (out / "notes.txt").read_text() == "mine" if held == "other" else not (out / "notes.txt").exists()
     assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- slug never deletes what it did not write
+def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
+    """`--overwrite` replaced a run folder whole, deleting a user's notes kept in it (new-user trial): the entries no
+    slug run wrote are carried into the new run and named on stderr; the old run's own entries go."""
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "generations.png").write_text("old png")
+        (tmp / "2-step").mkdir()  # a name only the manifest knows as the run's
+    (out / "notes.txt").write_text("mine")
+    (out / "thesis").mkdir()
+    (out / "thesis" / "ch1.tex").write_text("chapter")
+    capfd.readouterr()
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text('{"new": true}')
+    assert _names(out) == ["notes.txt", "result.json", "thesis"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "thesis" / "ch1.tex").read_text() == "chapter"
+    assert f"note: kept in {out} what slug did not write there: notes.txt, thesis" in capfd.readouterr().err
+    assert json.loads((out / MANIFEST).read_text())["entries"] == [MANIFEST, "result.json"]  # still the user's
+    # an early claim (slug demo) replacing a run keeps them too; a folder from before the manifest: by known names
+    (out / MANIFEST).unlink()
+    (out / "report.md").write_text("old report")
+    claim_out(out, overwrite=True)
+    (out / "data").mkdir()
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert _names(out) == ["data", "notes.txt", "result.json", "thesis"] and _leftovers(tmp_path) == []
+    assert "what slug did not write there: notes.txt, thesis" in capfd.readouterr().err
+
+
+def test_an_out_inside_another_run_is_refused(tmp_path):
+    """`--out RUN/patch` was accepted, and a later `--overwrite` of it deleted RUN's patch files (new-user trial)."""
+    run = tmp_path / "run"
+    _old_run(run)
+    for inner in (run / "patch", run / "patch" / "deeper", run / "mine"):
+        with pytest.raises(ValueError, match=f"inside the slug run folder {run} \\(result.json present\\)"):
+            with run_folder(inner, overwrite=True):
+                pass
+        with pytest.raises(ValueError, match="choose a folder outside"):
+            claim_out(inner, overwrite=True)
+    assert (run / "patch" / "patch.json").read_text() == "old patch" and not (run / "mine").exists()
+    plain = tmp_path / "project"  # someone else's result.json alone does not make a slug run
+    plain.mkdir()
+    (plain / "result.json").write_text("{}")
+    with run_folder(plain / "runs" / "a") as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert (plain / "runs" / "a" / "result.json").exists() and _leftovers(plain) == []
+
+
+def test_an_out_inside_a_folder_being_written_is_refused(tmp_path):
+    out = tmp_path / "n"
+    holder = _child(HOLD_RUN, str(out))
+    try:
+        with pytest.raises(ValueError, match=f"is inside {out}, which another slug run is writing \\(pid "
+                                             f"{holder.pid}\\)"):
+            claim_out(out / "sub")
+        stage = next(p for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+        with pytest.raises(ValueError, match="a slug run's temporary folder"):
+            claim_out(stage / "sub")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("where", ["at", "below"])
+def test_a_bind_mount_is_refused(tmp_path, monkeypatch, where):
+    """A bind mount of the same filesystem is not seen by os.path.ismount: the run finished, then failed with EBUSY
+    (new-user trial). /proc/self/mountinfo is read too; a mount inside OUT is refused as well (removing the replaced
+    folder would delete files in it)."""
+    from slugkit.common import outguard
+
+    out = tmp_path / "vol"
+    (out / "m").mkdir(parents=True)
+    point = os.path.realpath(out if where == "at" else out / "m")
+    monkeypatch.setattr(outguard, "_mount_points", lambda: ["/", point])
+    with pytest.raises(ValueError, match="is a mount point" if where == "at" else "holds a mount point"):
+        claim_out(out, overwrite=True)
+    assert (out / "m").is_dir() and _leftovers(tmp_path) == []
+
+
+def test_mountinfo_is_parsed_with_its_escapes():
+    from slugkit.common import outguard
+
+    points = outguard._mount_points()
+    if not os.path.exists("/proc/self/mountinfo"):
+        pytest.skip("no /proc/self/mountinfo here")
+    assert "/" in points and all("\\040" not in p for p in points)
+
+
+@pytest.mark.parametrize("kind", ["to a run", "dangling"])
+def test_an_out_symlink_is_followed_by_an_early_claim(tmp_path, kind):
+    """`--out LINK` (a symlink to a run, or to a folder not made yet) failed with "link: File exists" once the early
+    claim had moved the old folder aside (new-user trial): the run now lands in the link's target."""
+    real = tmp_path / "real" / "x"
+    if kind == "to a run":
+        real.parent.mkdir()
+        _old_run(real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    claim_out(link, overwrite=True)
+    (link / "data").mkdir()
+    (link / "data" / "forget.tar").write_text("inputs")
+    with run_folder(link, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert link.is_symlink() and _names(real) == ["data", "result.json"]
+    assert (real / "data" / "forget.tar").read_text() == "inputs" and _leftovers(real.parent) == []

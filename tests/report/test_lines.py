@@ -23,6 +23,14 @@ def test_the_outputs_line_lists_what_the_run_folder_holds(tmp_path):
     (tmp_path / "patch").mkdir()
     (tmp_path / "data").mkdir()
     assert outputs_line(tmp_path) == f"outputs: {tmp_path}/result.json, layers.json, report.md, data/, patch/"
+    # a run folder records its own entries: the line lists exactly those (a compare run: its marker first)
+    from slugkit.common.outguard import write_manifest
+
+    for f in ["compare.json", "compare.md", "tradeoff.png"]:
+        (tmp_path / f).write_text("x")
+    (tmp_path / "slug").mkdir()
+    write_manifest(tmp_path, ["compare.json", "compare.md", "tradeoff.png", "slug", "data"])
+    assert outputs_line(tmp_path) == f"outputs: {tmp_path}/compare.json, compare.md, tradeoff.png, data/, slug/"
 
 
 def test_report_says_when_a_downstream_search_chose_the_layers():

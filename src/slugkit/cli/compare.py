@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .args import (BATCH, COUNT, FRACTION, THREADS, float_at_least, float_in, method_lr, name_list, nonempty, refuse,
-                   split_list, template, validate_compare_data)
+from .args import (BATCH, COUNT, FRACTION, THREADS, float_at_least, float_in, item_list, method_lr, name_list, nonempty,
+                   refuse, split_list, template, validate_compare_data)
 
 
 def cmd_compare(a) -> int:
@@ -66,10 +66,9 @@ def cmd_compare(a) -> int:
         if ratios:
             print(f"method time / SLUG time{' (' + part['mode'] + ')' if part.get('mode') != 'single' else ''}: "
                   + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
-    print(f"outputs: {out}/compare.json, compare.md, tradeoff.png, "
-          + ("slug/" if "methods" in report else ", ".join(f"{m}/" for m in ("joint", "sequential") if m in report))
-          + (", audit/" if a.audit else ""))
-    from ..report.unlearn import verdict_lines
+    from ..report.unlearn import outputs_line, verdict_lines
+
+    print(outputs_line(out))
     from ..workflows.verdict import exit_status_of
 
     for line in verdict_lines(report.get("verdict")):
@@ -98,8 +97,9 @@ def add_parsers(sub) -> None:
     cp.add_argument("--concepts", type=name_list, default=None,
                     help="A,B,...: several identities, unlearned jointly (one forget set) and sequentially (one step "
                          "per concept; SLUG chains patches)")
-    cp.add_argument("--modes", default="joint,sequential", help="with --concepts: joint, sequential or both")
-    cp.add_argument("--methods", default="slug,ft,ga,gaft,salun,ssd",
+    cp.add_argument("--modes", type=item_list, default="joint,sequential",
+                    help="with --concepts: joint, sequential or both")
+    cp.add_argument("--methods", type=item_list, default="slug,ft,ga,gaft,salun,ssd",
                     help="comma list of slug, ft, ga, gaft, salun, salun-rl, ssd, ssd-cumulative")
     cp.add_argument("--epochs", type=COUNT, default=None, help="epochs of the iterative baselines (default: each "
                                                              "method's, <= 10)")

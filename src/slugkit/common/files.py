@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 
 __all__ = ["atomic_dir", "atomic_write_bytes", "atomic_writer", "check_file_target", "check_folder_target",
+           "check_replaceable",
            "current_umask", "dir_mode", "file_mode", "final_path", "final_paths", "fix_modes", "register_staging",
            "unregister_staging", "write_json"]
 
@@ -194,15 +195,31 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(final_paths(obj), indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_replaceable(out_dir: str | os.PathLike, overwrite: bool, marker: str | None = None) -> None:
+    """Refuse (``FileExistsError``, naming the folder and what to do) a non-empty ``out_dir`` without ``overwrite``,
+    and with it one that does not hold ``marker`` (the file slug writes into every folder of this kind): slug never
+    deletes a folder it did not write (``slug apply --pipeline P --out ~/Documents --overwrite`` wiped the folder)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
+    if marker is not None and not (out_dir / marker).is_file():
+        names = sorted(os.listdir(out_dir))
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise FileExistsError(f"{out_dir} holds files slug did not write ({shown}; no {marker}); --overwrite "
+                              "replaces only a folder slug wrote, so choose another path (or empty this one)")
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str | None = None):
     """Yield a temporary sibling folder to fill; when the block succeeds it replaces ``out_dir`` by rename (the old
     one removed after), when it fails it is deleted — ``out_dir`` never holds a partial write. A non-empty existing
-    ``out_dir`` is refused (``FileExistsError``) unless ``overwrite``. The new folder's tree gets the umask's modes;
-    ``out_dir`` itself, when it existed as a folder, keeps its mode (e.g. 0700)."""
+    ``out_dir`` is refused (``FileExistsError``, :func:`check_replaceable`) unless ``overwrite`` and, when ``marker``
+    is given, it holds ``marker`` (slug wrote it). The new folder's tree gets the umask's modes; ``out_dir`` itself,
+    when it existed as a folder, keeps its mode (e.g. 0700)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
+    check_replaceable(out_dir, overwrite, marker)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     mode = os.stat(out_dir).st_mode & 0o7777 if out_dir.is_dir() else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

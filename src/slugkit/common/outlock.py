@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 from .files import unregister_staging
+from .outguard import RUN_MARKERS, refuse_unsafe_out
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "pause_point"]
 
@@ -99,7 +100,7 @@ def _key(path: Path) -> str:
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    p, f = _key(path), _key(folder)
+    p, f = os.path.realpath(path), os.path.realpath(folder)  # OUT/data where OUT is a symlink is inside its target
     return p.startswith(f + os.sep)
 
 
@@ -243,10 +244,6 @@ def _recover(claim: Claim, doc: dict) -> None:
           (f" (left alone: {', '.join(left)})" if left else ""), file=sys.stderr)
 
 
-# the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
-RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
-
-
 def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
     """What OUT holds: ``absent``, ``empty``, ``run`` (``marker`` or another command's marker, :data:`RUN_MARKERS`,
     present: refused without ``overwrite``, replaced whole with it) or ``other``; a file is refused."""
@@ -286,14 +283,10 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
     if not os.fspath(out).strip():
         raise ValueError("the output folder (--out) is empty; name a new folder (e.g. runs/NAME)")
     out = Path(out)
-    here = Path.cwd().resolve()
-    if here == out.resolve() or out.resolve() in here.parents:
-        raise ValueError(f"{out}: is the current folder or holds it; a run folder is put in place by a rename, so "
-                         "choose a new folder (e.g. runs/NAME)")
     target = out.resolve() if out.is_symlink() else out
-    if os.path.ismount(target):  # a mount point cannot be renamed over or removed: finishing would fail mid-way
-        raise ValueError(f"{out}: is a mount point; a run folder is put in place by a rename, which cannot replace a "
-                         f"mount point, so choose a folder inside it (e.g. {out / 'run'})")
+    with _CLAIMS_LOCK:
+        own_locks = {os.path.abspath(c.lock) for c in _CLAIMS.values()}
+    refuse_unsafe_out(out, target, own_locks)
     with _CLAIMS_LOCK:
         if _key(target) in _CLAIMS:
             return _CLAIMS[_key(target)]
@@ -337,6 +330,7 @@ def _take(claim: Claim, overwrite: bool, marker: str) -> None:
         os.rename(claim.target, claim.aside)
     claim.owns_target = True
     claim.journal()
+    claim.target.mkdir(exist_ok=True)  # the caller writes into OUT (also through an OUT symlink, whose target moved)
 
 
 # ------------------------------------------------------------------------------------------------- the folder

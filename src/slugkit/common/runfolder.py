@@ -11,9 +11,12 @@
   OSError naming a path inside it names OUT's instead.
 * **Commit.** The tree gets the modes the umask gives (``mkstemp``/``mkdtemp`` made 0600/0700;
   :func:`~slugkit.common.files.fix_modes`), except OUT itself when it existed as a folder: it keeps the mode it had
-  (a user who made OUT 0700 to keep a run private still has a 0700 OUT after the run), and is renamed to OUT, SIGINT/SIGTERM held back meanwhile. A folder holding
-  a complete run (``marker`` present) is replaced only with ``overwrite``, renamed away first and deleted after the
-  rename succeeded. A folder holding something else keeps those entries: the ones the run did not write (a caller's
+  (a user who made OUT 0700 to keep a run private still has a 0700 OUT after the run), and is renamed to OUT,
+  SIGINT/SIGTERM held back meanwhile. The run's own top-level entries are recorded in ``OUT/.slugkit-entries.json``
+  (:data:`~slugkit.common.outguard.MANIFEST`). A folder holding a complete run (``marker`` present) is replaced only
+  with ``overwrite``, renamed away first and deleted after the rename succeeded, except the entries slug did not
+  write (a user's notes; :func:`~slugkit.common.outguard.foreign_entries`): they are carried into the new run and
+  named on stderr. A folder holding something else keeps those entries: the ones the run did not write (a caller's
   inputs such as ``data/``, or unrelated files) are hard-linked into the new folder (copied where links fail) first.
 * **Failure** — any exception, ``KeyboardInterrupt`` and a full disk included: the temporary folder is removed and
   OUT is as before (after an early claim, :func:`~slugkit.common.outlock.claim_out`, what the caller wrote into it
@@ -27,10 +30,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from .files import dir_mode, final_path, fix_modes, register_staging, unregister_staging
+from .outguard import foreign_entries, write_manifest
 from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inspect_out, is_private,
                       new_name, pause_point, rmtree, signals_held)
 
@@ -52,12 +57,16 @@ def out_lock(out: str | os.PathLike, wait: bool = True):
 
 
 # --------------------------------------------------------------------------------------------------- commit
-def _link_missing(src: Path, dst: Path) -> None:
-    """Carry over every entry of ``src`` that ``dst`` lacks (by name, top level; the run's own entries win) into
-    ``dst``: files hard-linked (copied where links fail), folders recreated and filled the same way."""
-    for entry in sorted(os.listdir(src)):
+def _link_missing(src: Path, dst: Path, names: list[str] | None = None) -> list[str]:
+    """Carry over every entry of ``src`` (``names``: only those) that ``dst`` lacks (by name, top level; the run's
+    own entries win) into ``dst``: files hard-linked (copied where links fail), folders recreated and filled the same
+    way. Returns the names carried."""
+    carried = []
+    for entry in sorted(os.listdir(src) if names is None else names):
         if not os.path.lexists(dst / entry):
             _link_tree(src / entry, dst / entry)
+            carried.append(entry)
+    return carried
 
 
 def _link_tree(s: Path, d: Path) -> None:
@@ -93,21 +102,28 @@ def _start(claim: Claim, overwrite: bool, marker: str) -> Path:
 
 def _commit(claim: Claim) -> None:
     """Rename the temporary folder to OUT: the entries OUT (or, early, the old folder) held that the run did not
-    write are linked in first, a replaced folder is renamed away and then deleted."""
+    write are linked in first — of a replaced run only those slug did not write (:func:`foreign_entries`), named on
+    stderr — and the run's own entries recorded (:data:`MANIFEST`); a replaced folder is renamed away, then deleted."""
     stage, target = claim.stage, claim.target
+    own = set(os.listdir(stage))
     if claim.early and target.exists():
-        _link_missing(target, stage)  # what the caller wrote into OUT for this run
+        own |= set(_link_missing(target, stage))  # what the caller wrote into OUT for this run
+    write_manifest(stage, sorted(own))
+    kept: list[str] = []
+    if claim.early:
+        if claim.aside is not None:
+            kept = _link_missing(claim.aside, stage, foreign_entries(claim.aside) if claim.aside_is_run else None)
+            kept = kept if claim.aside_is_run else []
+    elif target.exists():
+        kept = _link_missing(target, stage, foreign_entries(target) if claim.replace_run else None)
+        kept = kept if claim.replace_run else []
     fix_modes(stage)
     if claim.mode is not None:
         os.chmod(stage, claim.mode)
     if claim.early:
-        if claim.aside is not None and not claim.aside_is_run:
-            _link_missing(claim.aside, stage)
         if target.exists():
             rmtree(target)
     elif target.exists():
-        if not claim.replace_run:
-            _link_missing(target, stage)
         claim.aside = new_name(target, ".old")
         claim.journal()
         os.rename(target, claim.aside)
@@ -118,6 +134,8 @@ def _commit(claim: Claim) -> None:
     if claim.aside is not None:
         rmtree(claim.aside)
         claim.aside = None
+    if kept:
+        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(kept)}", file=sys.stderr)
 
 
 def _name_final(e: BaseException) -> None:

@@ -14,6 +14,7 @@ what to do; callers re-raise it as their own error class where they have one.
 from __future__ import annotations
 
 import json
+import errno
 import os
 import struct
 from pathlib import Path
@@ -74,6 +75,10 @@ def check_weights_file(path: str | os.PathLike, what: str = "weights file") -> d
     file and the cause otherwise, or ``FileNotFoundError`` when it does not exist. ``what`` names the file's role in
     messages (e.g. ``"checkpoint"``)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        raise IsADirectoryError(errno.EISDIR, f"is a folder; the {what} is a .safetensors file"
+                                + (f" (this folder holds {', '.join(inside[:3])})" if inside else ""), str(path))
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, "rb") as f:

@@ -125,7 +125,7 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
         model = llava_or_dir
     changed = False
     try:
-        with atomic_dir(out_dir, overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite, marker="slugkit_patch.json") as tmp:
             (revert_patch_from_llava if revert else apply_patch_to_llava)(model, patch)
             changed = True
             model.save_pretrained(tmp)

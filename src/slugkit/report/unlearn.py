@@ -105,16 +105,16 @@ def collateral_lines(coll: dict | None, what: str = "identity", whats: str = "id
     return lines
 
 
-RUN_OUTPUTS = {"result.json", "report.md", "pareto.png", "layers.json", "run.json", "generations.png", "audit.json",
-               "audit.md", "data", "patch"}  # what a demo/unlearn run writes at its folder's top level
-
-
 def outputs_line(out: str | Path) -> str:
     """``outputs: OUT/result.json, report.md, …, patch/``: what the finished run folder holds at its top level
-    (result.json first, folders last), read from the folder so that the line cannot drift from what a run writes."""
-    entries = sorted(Path(out).iterdir(), key=lambda p: (p.name != "result.json", p.is_dir(), p.name))
-    names = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name in RUN_OUTPUTS]  # not a user's files
-    return f"outputs: {out}/" + ", ".join(names)
+    (its marker first, folders last), read from the folder so that the line cannot drift from what a run writes —
+    only the run's own entries (:func:`slugkit.common.outguard.own_entries`), not a user's files kept in it."""
+    from ..common.outguard import MANIFEST, RUN_MARKERS, own_entries
+
+    own = own_entries(Path(out)) - {MANIFEST}
+    entries = sorted((p for p in Path(out).iterdir() if p.name in own),
+                     key=lambda p: (p.name not in RUN_MARKERS, p.is_dir(), p.name))
+    return f"outputs: {out}/" + ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries)
 
 
 def worst_line(coll: dict | None, what: str = "identity") -> str | None:

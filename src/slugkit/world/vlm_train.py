@@ -183,7 +183,7 @@ def write_vlm(out: str | Path, llava, processor, cfg: VLMConfig, info: dict, ove
     from ..common.files import atomic_dir
 
     out = Path(out)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, marker="train_report.json") as tmp:
         llava.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         report = {"train": asdict(cfg), "info": info,
@@ -197,12 +197,13 @@ def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_image
     """``slug world train-vlm``: train (:func:`train_vlm`), evaluate on ``eval_images`` test images per identity and
     per object class (:func:`evaluate_vlm`, in the report) and write ``out`` (:func:`write_vlm`). Returns the
     report's ``info``."""
+    from ..common.files import check_replaceable
     from .train import _num_threads
 
     out_dir = Path(out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite or another --out (checked before "
-                              "training, so no training is thrown away)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another --out")
+    check_replaceable(out_dir, overwrite, "train_report.json")  # before training, so no training is thrown away
     llava, processor, info = train_vlm(cfg, progress=progress)
     if eval_images:
         with _num_threads(cfg.threads):

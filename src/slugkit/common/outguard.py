@@ -1,0 +1,148 @@
+"""What an output folder (``--out``) may be, checked before a run claims it, and which of its entries are a run's.
+
+slug never deletes a file it did not write. Three checks keep that promise before any work
+(:func:`refuse_unsafe_out`, called by :func:`slugkit.common.outlock.claim_out`):
+
+* **Not inside another run.** An OUT inside another slug run's folder (``--out RUN/patch``) would be deleted with
+  that run's outputs when RUN is replaced (``--overwrite``) — and replacing it would delete RUN's files. Refused, as
+  is an OUT inside a folder another process is writing (its lock is held) or inside a run's temporary folder.
+* **Not a mount point, and no mount point inside.** A run folder is put in place by a rename, which cannot replace
+  a mount point (``EBUSY`` after all the work), and removing a replaced folder would walk into a filesystem mounted
+  inside it. ``os.path.ismount`` misses a bind mount of the same filesystem, so Linux's ``/proc/self/mountinfo`` is
+  read as well.
+* **Not the current folder or one holding it** (it is renamed away).
+
+**Whose entries.** When a run replaces a run (``--overwrite``), the entries of the old folder that slug did not
+write — a user's ``notes.txt`` — are carried into the new folder and named on stderr. A committed run folder records
+its own top-level entries in :data:`MANIFEST` (``.slugkit-entries.json``); a folder written by an older slugkit
+(no manifest) is judged by the names slug commands write (:data:`KNOWN_ENTRIES`), and anything else is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "foreign_entries", "is_run", "own_entries", "refuse_unsafe_out",
+           "write_manifest"]
+
+# the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
+RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
+MANIFEST = ".slugkit-entries.json"  # the top-level entries a run wrote (JSON: {"entries": [...]})
+# what slug commands write at a run folder's top level (for folders from before MANIFEST); compare's method folders
+KNOWN_ENTRIES = frozenset({
+    "result.json", "report.md", "pareto.png", "layers.json", "run.json", "generations.png", "audit.json", "audit.md",
+    "data", "patch", "compare.json", "compare.md", "tradeoff.png", "audit", "sequential", "joint", "slug", "ft", "ga",
+    "gaft", "salun", "salun-rl", "ssd", "ssd-cumulative", "canvas.json", "canvas.md", "canvas.png", "world.json",
+    "val", "test", "pool", "names.txt", "identity_templates.txt", "utility_templates.txt", "concepts.txt",
+    "curate.json", "forget.tar", "retain.tar", "forget_manifest.json", "retain_manifest.json", MANIFEST})
+# a marker alone could be anyone's result.json: a slug run also holds one of these (or the manifest)
+_COMPANIONS = ("patch", "run.json", "compare.md", "canvas.md", "names.txt", MANIFEST)
+
+
+def is_run(folder: Path) -> str | None:
+    """The marker of the slug run that ``folder`` holds (a marker and a companion entry present), else None."""
+    marker = next((m for m in RUN_MARKERS if (folder / m).is_file()), None)
+    if marker is None or not any(os.path.lexists(folder / c) for c in _COMPANIONS):
+        return None
+    return marker
+
+
+def write_manifest(folder: Path, entries: list[str]) -> None:
+    """Record ``entries`` (top-level names the run wrote) in ``folder/MANIFEST``."""
+    (folder / MANIFEST).write_text(json.dumps({"entries": sorted(set(entries) | {MANIFEST})}) + "\n",
+                                   encoding="utf-8")
+
+
+def own_entries(folder: Path) -> set[str]:
+    """The top-level names the run in ``folder`` wrote: its :data:`MANIFEST`, else :data:`KNOWN_ENTRIES`."""
+    try:
+        doc = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return set(doc["entries"]) if isinstance(doc, dict) and isinstance(doc.get("entries"), list) else \
+            set(KNOWN_ENTRIES)
+    except (OSError, ValueError, KeyError):
+        return set(KNOWN_ENTRIES)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Top-level names in the run folder ``folder`` that no slug run wrote (a user's files), sorted."""
+    own = own_entries(folder)
+    return sorted(n for n in os.listdir(folder) if n not in own)
+
+
+# ------------------------------------------------------------------------------------------------ the checks
+def _mount_points() -> list[str]:
+    """Every mount point of this process's mount namespace (Linux ``/proc/self/mountinfo``; [] elsewhere)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:  # field 5: the mount point, with space, tab, newline, backslash as octal escapes
+            points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+def _mounts_at_or_below(real: str) -> list[str]:
+    found = [m for m in _mount_points() if m == real or m.startswith(real.rstrip(os.sep) + os.sep)]
+    if os.path.ismount(real) and real not in found:
+        found.insert(0, real)
+    return sorted(found)
+
+
+def _writer_of(folder: Path, own_locks: set[str]) -> str | None:
+    """``pid N`` when another process holds the slug lock on ``folder`` (its lock file exists and is locked)."""
+    import fcntl
+
+    lock = folder.parent / f".{folder.name}.slug-lock"
+    if not lock.exists() or os.path.abspath(lock) in own_locks:
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        try:
+            return f"pid {json.loads(os.pread(fd, 1 << 16, 0).decode()).get('pid', 'unknown')}"
+        except (OSError, ValueError, AttributeError):
+            return "pid unknown"
+    finally:
+        os.close(fd)
+
+
+def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()) -> None:
+    """Raise ``ValueError`` (naming ``out`` and what to do) when ``target`` (OUT, or what an OUT symlink points to)
+    is the current folder or holds it, is or holds a mount point, or lies inside another slug run's folder, inside a
+    folder another slug process is writing, or inside a run's temporary folder. ``own_locks``: lock files this
+    process holds (its own nested runs are not refused)."""
+    real = os.path.realpath(target)
+    here = os.path.realpath(os.getcwd())
+    if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{out}: is the current folder or holds it; a run folder is put in place by a rename, so "
+                         "choose a new folder (e.g. runs/NAME)")
+    mounts = _mounts_at_or_below(real)
+    if real in mounts:
+        raise ValueError(f"{out}: is a mount point; a run folder is put in place by a rename, which cannot replace a "
+                         f"mount point, so choose a folder inside it (e.g. {out / 'run'})")
+    if mounts and os.path.isdir(real):
+        raise ValueError(f"{out}: holds a mount point ({mounts[0]}); replacing the folder would remove files of the "
+                         "filesystem mounted there, so choose another --out (or unmount it)")
+    for a in Path(real).parents:
+        marker = is_run(a)
+        if marker is not None:
+            raise ValueError(f"{out}: is inside the slug run folder {a} ({marker} present); that run's --overwrite "
+                             f"would delete it, and it could delete that run's files: choose a folder outside {a}")
+        if a.name.startswith(".") and ".slug-" in a.name and a.name.endswith((".tmp", ".old")):
+            raise ValueError(f"{out}: is inside {a}, a slug run's temporary folder; choose another --out")
+        writer = _writer_of(a, own_locks)
+        if writer is not None:
+            raise ValueError(f"{out}: is inside {a}, which another slug run is writing ({writer}); wait for it "
+                             "and choose a folder outside it")
