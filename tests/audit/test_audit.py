@@ -295,10 +295,18 @@ def test_cli_audit_writes_files_and_exit_status(leaky_patch, tmp_path):
 
 
 def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
-    from slugkit.cli import main
+    from slugkit.cli import build_parser, main
 
     assert main(["audit", "--patch", str(leaky_patch)]) == 2  # a bare patch needs --out
     assert "--out is required" in capsys.readouterr().err
+    from slugkit.cli.audit import _patch_and_out
+
+    run = tmp_path / "run"  # RUN/patch stands for RUN: its folder is the default --out (the report went to RUN/patch)
+    (run / "patch").mkdir(parents=True)
+    (run / "result.json").write_text("{}")
+    (run / "patch" / "patch.json").write_text("{}")
+    for given in (run, run / "patch"):
+        assert _patch_and_out(build_parser().parse_args(["audit", "--patch", str(given)])) == (run / "patch", run)
     assert main(["audit", "--patch", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no patch there" in capsys.readouterr().err
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--probes", "prompts,bogus"]) == 2

@@ -113,7 +113,8 @@ def test_embedded_pipeline(tmp_path, capsys):
     out = tmp_path / "red_triangle.safetensors"
     assert main(["export", "--lora", str(tmp_path / "patch"), "--pipeline", "embedded", "--out", str(out),
                  "--rank", "1000"]) == 0
-    assert "load_lora_into_text_encoder" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "load_lora_into_text_encoder" in printed and "rank 1000 asked, capped at the full rank 64: exact" in printed
 
     pipe = EmbeddedT2IPipeline.load(clip=(hf, tok))
     ids = pipe.tokenize(["a photo of a red triangle.", "a blue star", ""])
@@ -126,6 +127,17 @@ def test_embedded_pipeline(tmp_path, capsys):
     state = {k.removeprefix("text_encoder.").removeprefix("text_model."): v for k, v in tensors.items()}
     assert not peft.set_peft_model_state_dict(te, state).unexpected_keys
     assert (_hidden(te, ids) - want).abs().max() <= 1e-5
+
+    # `slug apply --pipeline embedded` writes the same patched text encoder (it was refused while export took it)
+    from transformers import CLIPTextModel
+
+    assert main(["apply", "--pipeline", "embedded", "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "te")]) == 0
+    written = CLIPTextModel.from_pretrained(tmp_path / "te", subfolder="text_encoder").eval()
+    assert (_hidden(written, ids) - want).abs().max() <= 1e-6
+    assert main(["apply", "--pipeline", "embedded", "--full-pipeline", "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "te2")]) == 2
+    assert "not a diffusers pipeline" in capsys.readouterr().err
 
     te = pipeline_with_unet(pipe.unet, (hf, tok)).text_encoder
     state, alphas, file_meta = StableDiffusionPipeline.lora_state_dict(str(out), return_lora_metadata=True)

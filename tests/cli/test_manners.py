@@ -39,6 +39,14 @@ from slugkit.cli import build_parser, main
     (["audit", "--patch", "p", "--alias", ""], "--alias"),
     (["audit", "--patch", "p", "--control-name", " "], "--control-name"),
     (["demo", "--target", "sd", "--max-searched", "0"], "--max-searched"),
+    # comma lists: empty ran nothing and exited 0; a repeated item counted twice (new-user trial)
+    (["compare", "--methods", ""], "--methods"),
+    (["compare", "--methods", ","], "--methods"),
+    (["compare", "--methods", "slug,ft,SLUG"], "--methods"),
+    (["compare", "--concepts", "A,A"], "--concepts"),
+    (["demo", "--concepts", "Jowen Gormere, jowen gormere"], "--concepts"),
+    (["compare", "--modes", ""], "--modes"),
+    (["audit", "--patch", "p", "--probes", "prompts,prompts"], "--probes"),
 ])
 def test_meaningless_values_are_refused_at_parse_time(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

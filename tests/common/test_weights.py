@@ -56,3 +56,14 @@ def test_truncated_safetensors_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         check_weights_file(tmp_path / "nope.safetensors", what="checkpoint")
+
+
+def test_a_folder_is_named_as_one(tmp_path):
+    """`slug apply --checkpoint DIR` said "checkpoint not found: DIR" (new-user trial): a folder is named as one, with
+    the .safetensors files it holds."""
+    with pytest.raises(IsADirectoryError, match=r"is a folder; the checkpoint is a \.safetensors file"):
+        check_weights_file(tmp_path, "checkpoint")
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(IsADirectoryError, match=r"this folder holds model\.safetensors") as e:
+        check_weights_file(tmp_path, "checkpoint")
+    assert e.value.filename == str(tmp_path)

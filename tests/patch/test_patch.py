@@ -418,8 +418,27 @@ def test_invalid_json_and_missing_file(saved):
     with pytest.raises(PatchFormatError, match="patch.json.*not valid JSON"):
         load_patch(saved)
     (saved / PATCH_JSON).unlink()
-    with pytest.raises(PatchFormatError, match="patch.json.*missing"):
+    with pytest.raises(PatchFormatError, match=f"{saved}: holds no patch.json, so it is not a patch"):
         load_patch(saved)
+
+
+def test_patch_paths_that_are_not_a_patch_say_what_they_are(saved, tmp_path, monkeypatch):
+    """`slug inspect FILE` and `slug inspect ""` answered "patch.json: missing" without a path (new-user trial)."""
+    with pytest.raises(ValueError, match="the patch path is empty"):
+        load_patch("")
+    note = tmp_path / "notes.json"
+    note.write_text("{}")
+    with pytest.raises(PatchFormatError, match=f"{note}: is a file, not a patch; a patch is a folder holding"):
+        load_patch(note)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(PatchFormatError, match=f"{tmp_path / 'empty'}: holds no patch.json"):
+        load_patch(".")
+    run = tmp_path / "run"  # a run folder stands for its patch
+    run.mkdir()
+    (run / "result.json").write_text("{}")
+    saved.rename(run / "patch")
+    assert load_patch(run).fingerprint == load_patch(run / "patch").fingerprint
 
 
 def test_dropped_tensor_in_safetensors_is_a_format_error(saved):

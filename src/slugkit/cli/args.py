@@ -88,9 +88,26 @@ def nonempty(text: str) -> str:
     return text.strip()
 
 
-def name_list(text: str) -> str:
-    """A comma list ``A,B`` naming at least two non-blank items (returned as given; split with :func:`split_list`)."""
+def item_list(text: str) -> str:
+    """A comma list ``A,B,...`` of at least one non-blank item, none given twice (case-insensitive): ``--methods ""``
+    ran nothing and exited 0, ``--concepts A,A`` unlearned A as two concepts (new-user trial). Returned as given;
+    split with :func:`split_list`."""
     items = split_list(text)
+    if not items:
+        raise argparse.ArgumentTypeError(f"is empty ({text!r}); give a comma list, or leave the option out for its "
+                                         "default")
+    seen = {}
+    for item in items:
+        if item.casefold() in seen:
+            raise argparse.ArgumentTypeError(f"{item!r} is given twice")
+        seen[item.casefold()] = item
+    return text
+
+
+def name_list(text: str) -> str:
+    """A comma list ``A,B`` naming at least two distinct non-blank items (returned as given; split with
+    :func:`split_list`)."""
+    items = split_list(item_list(text))
     if len(items) < 2:
         raise argparse.ArgumentTypeError(f"needs at least two comma-separated names, got {text!r}")
     return text

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import COUNT, THREADS, float_at_least, nonempty, refuse, split_list, template
+from .args import COUNT, THREADS, float_at_least, item_list, nonempty, refuse, split_list, template
 
 AUDIT_EXIT = {"pass": 0, "warn": 3, "fail": 4}
 
@@ -22,7 +22,7 @@ def add_audit_budget_args(p) -> None:
     from ..audit import PROBES
 
     g = p.add_argument_group("audit probes and budgets (slug audit; documented in slugkit.audit)")
-    g.add_argument("--probes", default=",".join(PROBES),
+    g.add_argument("--probes", type=item_list, default=",".join(PROBES),
                    help=f"comma list of probes to run (default all: {','.join(PROBES)})")
     g.add_argument("--attack-iterations", type=COUNT, default=40, help="GCG iterations per search (default 40)")
     g.add_argument("--attack-candidates", type=COUNT, default=64,
@@ -31,7 +31,8 @@ def add_audit_budget_args(p) -> None:
     g.add_argument("--attack-restarts", type=COUNT, default=3, help="GCG restarts, curves averaged (default 3)")
     g.add_argument("--relearn-steps", type=COUNT, default=30, help="fine-tuning steps of the relearning probe "
                                                                    "(default 30)")
-    g.add_argument("--relearn-sizes", default="5,20", help="comma list of forget-pair counts n (default 5,20)")
+    g.add_argument("--relearn-sizes", type=item_list, default="5,20",
+                   help="comma list of forget-pair counts n (default 5,20)")
     g.add_argument("--relearn-lr", type=float_at_least(1e-12), default=1e-4,
                    help="AdamW learning rate of the relearning probe (default 1e-4: the embedded model; ~1e-5 suits "
                         "a pretrained CLIP)")
@@ -70,6 +71,8 @@ def audit_options(a) -> dict:
 def _patch_and_out(a) -> tuple[Path, Path]:
     p = Path(a.patch)
     run = p if (p / "patch" / "patch.json").is_file() else None
+    if run is None and p.name == "patch" and (p / "patch.json").is_file() and (p.parent / "result.json").is_file():
+        run = p.parent  # RUN/patch given for RUN: the run folder is the default --out, as for RUN
     patch = run / "patch" if run else p
     if not (patch.is_dir() and (patch / "patch.json").is_file()) and not patch.is_file():
         raise ValueError(f"--patch {a.patch}: no patch there (expected a patch folder with patch.json, or a run folder "

@@ -89,7 +89,12 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
     if a.pipeline:
         from ..integrations.diffusers_sd import save_patched_text_encoder
 
-        save_patched_text_encoder(a.pipeline, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
+        if a.pipeline == "embedded" and a.full_pipeline:
+            raise ValueError("--full-pipeline: the embedded text-to-image model is not a diffusers pipeline; without "
+                             "--full-pipeline its patched text encoder is written (as `slug export --pipeline embedded`"
+                             " reads it)")
+        source = load_pipeline("embedded") if a.pipeline == "embedded" else a.pipeline
+        save_patched_text_encoder(source, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
                                   overwrite=a.overwrite, encoder=a.text_encoder, clip_skip=a.clip_skip)
         what = f"{a.pipeline}'s text encoder; wrote {a.out} ({'pipeline' if a.full_pipeline else 'text encoder'})"
     else:
@@ -150,13 +155,10 @@ def _text_encoders(spec: str):
 
     from ..common.errors import ModelLoadError
     from ..integrations import check_weight_files
-    from ..integrations.diffusers_sd import ENCODERS
+    from ..integrations.diffusers_sd import ENCODERS, check_pipeline_folder
 
     folder = Path(spec)
-    if not (folder / "model_index.json").is_file():
-        raise ModelLoadError(f"{spec}: not a diffusers pipeline folder (no model_index.json); pass a folder written by "
-                             "pipe.save_pretrained(DIR) or downloaded with `huggingface-cli download ID --local-dir "
-                             "DIR`, or 'embedded'")
+    check_pipeline_folder(folder)
     encoders = {}
     for name in ENCODERS:
         cfg = folder / name / "config.json"
@@ -221,7 +223,9 @@ def cmd_export(a) -> int:
     for m in lora.modules:
         print(f"{lora.prefix}.{m.module}: rank {m.rank} of {m.full_rank}, relative error {m.relative_error:.3e}")
     worst = max(m.relative_error for m in lora.modules)
-    bound = f"forced rank {a.rank}" if a.rank is not None else f"bound {max_error:g}"
+    capped = sorted({m.full_rank for m in lora.modules if a.rank is not None and m.full_rank < a.rank})
+    bound = (f"bound {max_error:g}" if a.rank is None else f"forced rank {a.rank}" if not capped
+             else f"rank {a.rank} asked, capped at the full rank {'/'.join(map(str, capped))}: exact")
     how = ("StableDiffusionPipeline.load_lora_into_text_encoder(...) on pipe.text_encoder" if a.pipeline == "embedded"
            else f"pipe.load_lora_weights({str(out)!r})")
     print(f"wrote {out}: LoRA of '{printable(patch.concept)}' (patch {patch.fingerprint[:12]}), {len(lora.modules)} "
@@ -255,8 +259,9 @@ def add_parsers(sub) -> None:
         ap.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
                         help="with --model: as `slug unlearn --family` (default open_clip)")
         ap.add_argument("--out", default=None, help="write the resulting state dict (.safetensors)")
-        ap.add_argument("--pipeline", default=None, help="a diffusers Stable Diffusion folder: write its text_encoder/ "
-                                                         f"{'reverted' if rev else 'patched'} into --out (folder)")
+        ap.add_argument("--pipeline", default=None, help="a diffusers Stable Diffusion folder, or 'embedded': write "
+                                                         f"its text_encoder/ {'reverted' if rev else 'patched'} into "
+                                                         "--out (folder)")
         ap.add_argument("--full-pipeline", action="store_true", help="with --pipeline: --out gets every component "
                                                                      "(hard links), not only text_encoder/")
         ap.add_argument("--llava", default=None, help="a LLaVA model folder: write it with the vision tower "

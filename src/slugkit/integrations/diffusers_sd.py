@@ -51,8 +51,9 @@ from torch import nn
 
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError, tensor_sha256
-from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_weight_files, consumer_view,
-                     layer_names, num_layers, tower_map, verify_tower, write_provenance)
+from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_pipeline_folder,
+                     check_weight_files, consumer_view, layer_names, num_layers, tower_map, verify_tower,
+                     write_provenance)
 
 WHAT = "text encoder"
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -345,7 +346,7 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
 
     changed = False
     try:
-        with atomic_dir(out_dir, overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite, marker="slugkit_patch.json") as tmp:
             apply_to_consumer(te, patch, "text", WHAT, revert=revert, extra=extra)
             changed = True
             if full_pipeline and pipe is not None and pipe is not te:
@@ -375,13 +376,8 @@ def load_pipeline_folder(folder: str, device: str = "cpu"):
     """A local diffusers pipeline folder (``model_index.json`` inside), offline, without the safety checker, on
     ``device``. Raises :class:`~slugkit.common.errors.ModelLoadError` naming the folder when it is not one, and
     ``ValueError`` naming the file when a ``*.safetensors`` in it is a Git LFS pointer (or otherwise unreadable)."""
-    from ..common.errors import ModelLoadError
-
     p = Path(folder)
-    if not (p / "model_index.json").is_file():
-        raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json); pass a folder written "
-                             "by pipe.save_pretrained(DIR) or downloaded with `huggingface-cli download ID "
-                             "--local-dir DIR`, or 'embedded'")
+    check_pipeline_folder(p)
     check_weight_files(p, "pipeline weights file", recursive=True)
     from diffusers import DiffusionPipeline
 
@@ -390,7 +386,8 @@ def load_pipeline_folder(folder: str, device: str = "cpu"):
     return pipe.to(device)
 
 
-__all__ = ["ENCODERS", "apply_patch_to_pipeline", "load_pipeline_folder", "consumed_layer_count", "consumed_text_candidates",
+__all__ = ["ENCODERS", "apply_patch_to_pipeline", "check_pipeline_folder", "load_pipeline_folder",
+           "consumed_layer_count", "consumed_text_candidates",
            "consumed_text_layers", "encoder_reads", "is_sdxl", "pick_encoder", "pipeline_consumption",
            "revert_patch_from_pipeline", "save_patched_text_encoder", "text_encoder_map", "verify_text_encoder"]
 

@@ -171,3 +171,16 @@ def write_provenance(folder: Path, patch: Patch, reverted: bool, source: Path | 
     info = {"patch_fingerprint": patch.fingerprint, "concept": patch.concept, "base_model": patch.base_model,
             "tensors": patch.names, "reverted": reverted, "source": str(source) if source else None, **extra}
     (Path(folder) / "slugkit_patch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_pipeline_folder(folder: str | Path) -> None:
+    """Raise :class:`~slugkit.common.errors.ModelLoadError` naming ``folder`` when it is not a diffusers pipeline
+    folder (missing, a file, or no ``model_index.json``), with how to get one."""
+    from ..common.errors import ModelLoadError
+
+    p = Path(folder)
+    what = ("no such folder" if not p.exists() else "is a file, not a folder" if not p.is_dir()
+            else "not a diffusers pipeline folder (no model_index.json)")
+    if not (p / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: {what}; pass a folder written by pipe.save_pretrained(DIR) or downloaded with "
+                             "`huggingface-cli download ID --local-dir DIR`, or 'embedded'")

@@ -283,12 +283,22 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
 
 
 def _resolve_patch_dir(path: str | os.PathLike) -> Path:
+    """The patch folder ``path`` names: the folder itself, the folder of its ``patch.json``/``patch.safetensors``, or
+    a run folder's ``patch/``. Raises ``ValueError`` (empty path), :class:`PatchFormatError` (another file) or
+    ``FileNotFoundError``, each naming the path and what a patch is."""
+    if not os.fspath(path).strip():
+        raise ValueError(f"the patch path is empty; name a patch folder (holding {PATCH_JSON} and "
+                         f"{PATCH_SAFETENSORS}; a run's is RUN/patch)")
     p = Path(path)
     if p.is_dir():
+        if not (p / PATCH_JSON).exists() and (p / "patch" / PATCH_JSON).is_file():
+            return p / "patch"  # a run folder: its patch
         return p
-    if p.name in (PATCH_JSON, PATCH_SAFETENSORS) or p.suffix in (".json", ".safetensors"):
-        if p.exists() or p.parent.is_dir():
-            return p.parent
+    if p.name in (PATCH_JSON, PATCH_SAFETENSORS) and p.parent.is_dir():
+        return p.parent
+    if p.exists():
+        raise _format_error(p, f"is a file, not a patch; a patch is a folder holding {PATCH_JSON} and "
+                               f"{PATCH_SAFETENSORS} (a run's is RUN/patch)")
     raise FileNotFoundError(f"no patch at {p}: expected a folder holding {PATCH_JSON} and {PATCH_SAFETENSORS}")
 
 
@@ -345,7 +355,9 @@ def load_patch(path: str | os.PathLike) -> Patch:
     jf, sf = folder / PATCH_JSON, folder / PATCH_SAFETENSORS
     for f in (jf, sf):
         if not f.is_file():
-            raise _format_error(f, f"missing; a patch folder holds {PATCH_JSON} and {PATCH_SAFETENSORS}")
+            shown = Path(os.path.abspath(folder)) if str(folder) == "." else folder
+            raise _format_error(shown, f"holds no {f.name}, so it is not a patch; a patch folder holds {PATCH_JSON} "
+                                       f"and {PATCH_SAFETENSORS} (a run's is RUN/patch)")
 
     try:
         doc = json.loads(jf.read_bytes().decode("utf-8"))

@@ -30,7 +30,7 @@ from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, edit
 from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs
 from .records import brief, result_record, write_run_files
 from .rounds import applied, generator_rounds, more_rounds
-from .verdict import Budgets, check_captions, check_recognised, clip_verdict
+from .verdict import Budgets, check_captions, check_recognised, check_retain_captions, clip_verdict
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
 RUN_MARKER = RESULT_FILES[0]  # a folder holding it is a complete run (the run appears whole, by one rename)
@@ -216,6 +216,11 @@ def _load_data(cfg: UnlearnConfig, adapter) -> dict:
             check_captions(named, len(captions), cfg.concept_list(), cfg.forget, truncated, cfg.strict)
         data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}
         r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
+        r_caps = data["retain_stats"].captions
+        r_named = forget_caption_counts(adapter, r_caps, cfg.concept_list() + list(cfg.aliases))[0]
+        if cfg.caption_check:
+            check_retain_captions(r_named, len(r_caps), cfg.concept_list(), cfg.retain, cfg.forget)
+        data["captions"].update(retain_named=r_named, retain_total=len(r_caps))
         data["forget"], data["retain"] = (f_img, f_tok), (r_img, r_tok)
     data["val_suite"] = build_suite(adapter, cfg, cfg.val_identities, cfg.utility_val)
     data["test_suite"] = build_suite(adapter, cfg, cfg.test_identities, cfg.utility_test)

@@ -28,6 +28,7 @@ A run never says "unlearned" because its search stopped; it says so when the **h
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 EXIT_STATUS = {"pass": 0, "warn": 3, "fail": 4}
@@ -154,10 +155,16 @@ def data_checks(v: Verdict, read_stats: dict[str, dict]) -> None:
                 v.add("warn", "samples_skipped", f"the {what} set had {what_kind} shard(s): {st[key][:3]}")
 
 
-def caption_check(v: Verdict, named: int, total: int, truncated: int, concepts: list[str]) -> None:
+def caption_check(v: Verdict, named: int, total: int, truncated: int, concepts: list[str],
+                  retain_named: int = 0, retain_total: int = 0) -> None:
     """``captions_without_concept`` and ``name_truncated`` from the forget captions' counts (see
-    :func:`slugkit.workflows.inputs.forget_caption_counts`)."""
+    :func:`slugkit.workflows.inputs.forget_caption_counts`); ``retain_names_concept`` when some retain captions name
+    the concept (most of them is refused before the run: :func:`check_retain_captions`)."""
     who = " / ".join(repr(c) for c in concepts)
+    if retain_named:
+        v.add("warn", "retain_names_concept",
+              f"{retain_named} of {retain_total} retain captions name {who}; their retain gradient pulls against the "
+              "forgetting (slug curate builds a retain set without the concept)")
     if named < total:
         v.add("warn", "captions_without_concept",
               f"{total - named} of {total} forget captions do not name {who}; the forget gradient also moves "
@@ -236,6 +243,23 @@ def check_captions(named: int, total: int, concepts: list[str], spec: str, trunc
             "or put the name first" + (" (--strict refuses any)" if strict and 2 * truncated <= named else ""))
 
 
+def check_retain_captions(named: int, total: int, concepts: list[str], spec: str, forget_spec: str) -> None:
+    """Raise :class:`ForgetCaptionsError` when the retain set is the forget set (same ``spec``) or most of its
+    ``total`` captions name one of ``concepts`` (``named``): the retain set is everything *but* the concept, and a
+    retain gradient of the concept's own pairs cancels the forget gradient (spec §1: importance and the update take
+    the difference). A minority is a ``retain_names_concept`` warning in the verdict (:func:`caption_check`)."""
+    who = " / ".join(repr(c) for c in concepts)
+    fix = ("curate one that excludes the concept (slug curate --shards ... --concept NAME writes retain.tar), or pass "
+           "--no-caption-check if this is deliberate")
+    if os.path.abspath(spec) == os.path.abspath(forget_spec):
+        raise ForgetCaptionsError(f"--retain and --forget are the same set ({spec}); the retain set is what the "
+                                  f"model should keep, not the concept: {fix}")
+    if total and 2 * named > total:
+        raise ForgetCaptionsError(f"{named} of the {total} retain captions in {spec} name {who}: the retain set is "
+                                  f"meant to be everything but the concept (its gradient would undo the forgetting); "
+                                  f"{fix}")
+
+
 def clip_verdict(concepts: list[str], metric: str, threshold: float, before: dict, after: dict, budgets: Budgets,
                  read_stats: dict[str, dict], captions: dict | None) -> Verdict:
     """The verdict of a CLIP run from its test metrics, read statistics and forget-caption counts
@@ -245,7 +269,8 @@ def clip_verdict(concepts: list[str], metric: str, threshold: float, before: dic
     collateral_checks(v, before, after, budgets)
     data_checks(v, read_stats)
     if captions is not None:
-        caption_check(v, captions["named"], captions["total"], captions["truncated"], concepts)
+        caption_check(v, captions["named"], captions["total"], captions["truncated"], concepts,
+                      captions.get("retain_named", 0), captions.get("retain_total", 0))
     return v
 
 
