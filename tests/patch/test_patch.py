@@ -422,6 +422,24 @@ def test_invalid_json_and_missing_file(saved):
         load_patch(saved)
 
 
+def test_hand_edited_metadata_is_refused(saved):
+    """`slug inspect` showed hand-edited metrics as the patch's (new-user trial): the recorded fingerprint seals the
+    metadata; a patch without one (older) still loads."""
+    good = load_patch(saved)
+    assert json.loads((saved / PATCH_JSON).read_text())["fingerprint"] == good.fingerprint
+    assert "fingerprint" not in good.meta and "safetensors_sha256" not in good.meta
+    _edit_json(saved, lambda d: d.__setitem__("concept", "Someone Else"))
+    with pytest.raises(PatchFormatError, match=r"patch.json: was edited after slug wrote it: .* not the recorded "):
+        load_patch(saved)
+    _edit_json(saved, lambda d: d.__setitem__("concept", good.concept))
+    assert load_patch(saved).fingerprint == good.fingerprint  # restored: loads again
+    _edit_json(saved, lambda d: d.__setitem__("metrics", {**(d.get("metrics") or {}), "forget_top5": 0.0}))
+    with pytest.raises(PatchFormatError, match="was edited after slug wrote it"):
+        load_patch(saved)
+    _edit_json(saved, lambda d: d.pop("fingerprint"))
+    assert load_patch(saved).meta["metrics"]["forget_top5"] == 0.0  # an older patch: nothing to check against
+
+
 def test_patch_paths_that_are_not_a_patch_say_what_they_are(saved, tmp_path, monkeypatch):
     """`slug inspect FILE` and `slug inspect ""` answered "patch.json: missing" without a path (new-user trial)."""
     with pytest.raises(ValueError, match="the patch path is empty"):

@@ -15,9 +15,10 @@ checkpoint but a *patch*, a folder with two files:
     for), ``adapter``, ``concept``, ``method``, ``step_size`` (η), ``metrics`` (headline numbers), ``extra``,
     library versions, and ``tensors``: for each name its ``shape``, ``dtype``, ``sha256_original`` and
     ``sha256_patched`` (sha256 of the tensor's raw bytes, see :func:`tensor_sha256`). It also records
-    ``safetensors_sha256``, the sha256 of the bytes of ``patch.safetensors``. When made with ``architecture=``
-    (:func:`architecture_facts`), ``architecture`` records what the hashes cannot see: the activation and other
-    facts that change the model's outputs (e.g. ``{"text.activation": "gelu", ...}``).
+    ``safetensors_sha256``, the sha256 of the bytes of ``patch.safetensors``, and ``fingerprint``, the sha256 of the
+    rest (:attr:`Patch.fingerprint`; a hand edit of the metadata is refused on load — not a signature). When made
+    with ``architecture=`` (:func:`architecture_facts`), ``architecture`` records what the hashes cannot see: the
+    activation and other facts that change the model's outputs (e.g. ``{"text.activation": "gelu", ...}``).
 
 Guarantees
 ----------

@@ -27,6 +27,7 @@ PATCH_SAFETENSORS = "patch.safetensors"
 _PATCHED = "patched/"
 _ORIGINAL = "original/"
 _SHA_PREFIX = 12  # hex digits shown in error messages
+_SEALS = ("safetensors_sha256", "fingerprint")  # patch.json fields that check the rest (not part of Patch.meta)
 
 # Dtypes safetensors can store, by the name we write in patch.json (``str(dtype)`` without ``torch.``).
 _DTYPES: dict[str, torch.dtype] = {
@@ -43,7 +44,6 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 
 # --------------------------------------------------------------------------------------------------- errors
 
-
 class PatchError(ValueError):
     """A patch cannot be made, composed, saved or used; the message says why and what to do."""
 
@@ -57,7 +57,6 @@ class PatchFormatError(PatchError):
 
 
 # --------------------------------------------------------------------------------------------------- hashing
-
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 (hex) of a tensor's raw bytes in C order, native (little-endian) byte order.
@@ -80,7 +79,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the patch
-
 
 @dataclass(eq=False)
 class Patch:
@@ -128,7 +126,6 @@ class Patch:
 
 
 # --------------------------------------------------------------------------------------------------- JSON helpers
-
 
 def _json_default(o: Any) -> Any:
     """Make numpy / torch scalars and paths JSON-able; anything else is an error."""
@@ -232,8 +229,8 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
     out_dir = Path(out_dir)
     _check_consistent(patch)
     st_bytes = _safetensors_bytes(patch)
-    doc = {k: v for k, v in patch.meta.items() if k != "safetensors_sha256"}
-    doc["safetensors_sha256"] = hashlib.sha256(st_bytes).hexdigest()
+    doc = {k: v for k, v in patch.meta.items() if k not in _SEALS}
+    doc["safetensors_sha256"], doc["fingerprint"] = hashlib.sha256(st_bytes).hexdigest(), patch.fingerprint
     json_bytes = _canonical_json(doc).encode("utf-8")
 
     existing = None
@@ -283,12 +280,10 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
 
 
 def _resolve_patch_dir(path: str | os.PathLike) -> Path:
-    """The patch folder ``path`` names: the folder itself, the folder of its ``patch.json``/``patch.safetensors``, or
-    a run folder's ``patch/``. Raises ``ValueError`` (empty path), :class:`PatchFormatError` (another file) or
-    ``FileNotFoundError``, each naming the path and what a patch is."""
+    """The patch folder ``path`` names: itself, the folder of its patch.json/patch.safetensors, or a run's ``patch/``.
+    Raises ``ValueError`` (empty), :class:`PatchFormatError` (another file) or ``FileNotFoundError``, naming it."""
     if not os.fspath(path).strip():
-        raise ValueError(f"the patch path is empty; name a patch folder (holding {PATCH_JSON} and "
-                         f"{PATCH_SAFETENSORS}; a run's is RUN/patch)")
+        raise ValueError("the patch path is empty; name a patch folder (a run's is RUN/patch)")
     p = Path(path)
     if p.is_dir():
         if not (p / PATCH_JSON).exists() and (p / "patch" / PATCH_JSON).is_file():
@@ -296,10 +291,10 @@ def _resolve_patch_dir(path: str | os.PathLike) -> Path:
         return p
     if p.name in (PATCH_JSON, PATCH_SAFETENSORS) and p.parent.is_dir():
         return p.parent
+    what = f"a patch is a folder holding {PATCH_JSON} and {PATCH_SAFETENSORS} (a run's is RUN/patch)"
     if p.exists():
-        raise _format_error(p, f"is a file, not a patch; a patch is a folder holding {PATCH_JSON} and "
-                               f"{PATCH_SAFETENSORS} (a run's is RUN/patch)")
-    raise FileNotFoundError(f"no patch at {p}: expected a folder holding {PATCH_JSON} and {PATCH_SAFETENSORS}")
+        raise _format_error(p, f"is a file, not a patch; {what}")
+    raise FileNotFoundError(f"no patch at {p}: {what}")
 
 
 def _format_error(file: Path, msg: str, tensor: str | None = None) -> PatchFormatError:
@@ -348,7 +343,8 @@ def load_patch(path: str | os.PathLike) -> Patch:
     Checks, in order: ``patch.json`` parses and is a slugkit patch of a supported ``format_version`` (a newer
     one is refused with "upgrade slugkit"); the sha256 of ``patch.safetensors`` equals ``safetensors_sha256``;
     the file parses; it holds exactly ``patched/<name>`` and ``original/<name>`` for the names in JSON; shapes,
-    dtypes and the sha256 of every tensor agree with JSON. Any failure raises :class:`PatchFormatError`
+    dtypes and the sha256 of every tensor agree with JSON; the recorded ``fingerprint`` (older patches lack it) equals
+    the metadata's, so a hand-edited concept or metric is caught. Any failure raises :class:`PatchFormatError`
     naming the file (and tensor). A missing folder raises ``FileNotFoundError``. Never unpickles.
     """
     folder = _resolve_patch_dir(path)
@@ -395,5 +391,9 @@ def load_patch(path: str | os.PathLike) -> Patch:
                 raise _format_error(sf, f"{prefix}{name} does not match its {key} in {PATCH_JSON}", name)
             store[name] = t
 
-    meta = {k: v for k, v in doc.items() if k != "safetensors_sha256"}
-    return Patch(original=original, patched=patched, meta=meta)
+    patch = Patch(original=original, patched=patched, meta={k: v for k, v in doc.items() if k not in _SEALS})
+    if "fingerprint" in doc and doc["fingerprint"] != patch.fingerprint:  # not a signature: it catches hand edits
+        raise _format_error(jf, f"was edited after slug wrote it: its metadata (concept, metrics, verdict…) gives "
+                                f"fingerprint {_short(patch.fingerprint)}, not the recorded "
+                                f"{_short(str(doc['fingerprint']))}; restore the file (tensors are intact) or rerun")
+    return patch
