@@ -370,3 +370,17 @@ def test_audit_option_refusals(tmp_path, capsys):
     assert main(["demo", "--concepts", "Talsa Falham,Jowen Gormere", "--audit", "--out", str(tmp_path / "j")]) == 2
     assert "one concept" in capsys.readouterr().err
     assert not (tmp_path / "j").exists()
+
+
+def test_cli_audit_of_the_embedded_model_runs_on_one_thread(leaky_patch, tmp_path, monkeypatch):
+    """`slug audit` took torch's thread count while `slug demo --audit` used 1: the same patch's audit.json differed
+    between the two (and between machines). The embedded models default to 1 thread; --threads overrides."""
+    import slugkit.audit
+    from slugkit.cli import main
+
+    seen = []
+    monkeypatch.setattr(slugkit.audit, "audit_patch", lambda *a, **kw: seen.append(kw["threads"]) or {})
+    monkeypatch.setattr("slugkit.cli.audit._print_audit", lambda result, out: 0)
+    for extra in ([], ["--threads", "2"]):
+        assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), *extra]) == 0
+    assert seen == [1, 2]

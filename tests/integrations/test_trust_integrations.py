@@ -154,6 +154,10 @@ def test_e7_clip_skip_follows_diffusers(clip):
     apply_patch_to_pipeline(pipe, layer_patch(clip, 2), clip_skip=1)
     assert not torch.equal(embeds(pipe, 1), base[1])
     assert consumed_layer_count(4, "last", 1) == 3
+    with pytest.raises(ValueError, match=r"clip_skip=4 skips every layer of the 4-layer text encoder \(the pipeline "
+                                         r"reads its last hidden state, moved back 4 layers\); use a clip_skip of at "
+                                         r"most 3"):  # it said "(last)"
+        consumed_layer_count(4, "last", 4)
     with pytest.raises(PatchMismatchError, match="(?s)clip_skip.*no effect"):
         apply_patch_to_pipeline(tiny_sd_pipeline(clip), layer_patch(clip, 3), clip_skip=1)
 

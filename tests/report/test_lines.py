@@ -2,7 +2,7 @@
 summary, the heading of report.md's layer table."""
 
 from slugkit.eval.collateral import collateral_record
-from slugkit.report.unlearn import outputs_line, worst_line
+from slugkit.report.unlearn import outputs_line, two, worst_line
 
 
 def test_the_summary_line_is_the_same_for_every_demo_and_says_drop():
@@ -14,6 +14,9 @@ def test_the_summary_line_is_the_same_for_every_demo_and_says_drop():
     assert worst_line(rec, "concept") == ("worst other concept: look-alike 0.90 -> 0.20 (drop 0.70); "
                                           "nearest: look-alike 0.90 -> 0.20, far 1.00 -> 1.00")
     assert worst_line(None) is None and worst_line({"worst": None}) is None
+    flat = collateral_record({"a": 1.0, "b": 0.999}, {"a": 1.0, "b": 1.0}, [("a", 0.8), ("b", 0.1)], "top-1", k=1)
+    assert "(drop 0.00)" in worst_line(flat) and "-0.00" not in worst_line(flat)  # report.md's column printed -0.00
+    assert [two(x) for x in (-0.001, -0.0, 0.004, -0.25)] == ["0.00", "0.00", "0.00", "-0.25"]
 
 
 def test_the_outputs_line_lists_what_the_run_folder_holds(tmp_path):

@@ -262,7 +262,7 @@ def test_audit_of_the_sd_demo_patch(sd_run, tmp_path):
     probes = {r["probe"]: r for r in res["probes"]}
     assert set(probes) == {"prompts", "attack", "precision"}
     kinds = {r["kind"] for r in probes["prompts"]["rows"]}
-    assert kinds == {"template", "paraphrase", "misspelling", "composition"}
+    assert kinds == {"template", "paraphrase", "bare name", "misspelling", "composition"}
     assert all(0.0 <= r[t]["top1"] <= 1.0 for r in probes["prompts"]["rows"] for t in ("before", "after"))
     att = probes["attack"]
     assert len(att["controls"]) == 3 and set(att["concept"]["recognised"]) == {"0", "1", "2", "4"}  # JSON keys

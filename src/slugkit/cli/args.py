@@ -42,7 +42,10 @@ def fraction_or_off(text: str) -> float | None:
     """A fraction in [0, 1], or ``off`` (None)."""
     if text.strip().lower() in ("off", "none"):
         return None
-    return FRACTION(text)
+    try:
+        return FRACTION(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or 'off'") from None
 
 
 fraction_or_off.__name__ = "fraction or off"

@@ -98,6 +98,8 @@ def cmd_audit(a) -> int:
 
     opts = audit_options(a)
     patch, out = _patch_and_out(a)
+    if a.threads is None and a.model == "embedded":
+        a.threads = 1  # as `slug demo`: as fast for the tiny models, and the same audit.json on every machine
     if (out / AUDIT_JSON).exists() and not a.overwrite:
         return refuse(f"{out / AUDIT_JSON} exists; pass --overwrite to replace it")
     if a.model == "embedded" and _is_t2i_patch(patch):
@@ -260,7 +262,9 @@ def add_parsers(sub) -> None:
                    help="zero-shot prompt with {} as the run used it (repeatable; default '{}.')")
     p.add_argument("--alias", type=nonempty, action="append", default=None,
                    help="another name of the concept, tried as a variant (repeatable)")
-    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=THREADS, default=None,
+                   help="torch CPU threads (default 1 for the embedded models, as slug demo: bit-identical audits; "
+                        "torch's choice for others)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     add_audit_budget_args(p)

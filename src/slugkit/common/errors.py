@@ -35,8 +35,8 @@ def check_device(device: str | None) -> str | None:
 
     try:
         d = torch.device(device)
-    except RuntimeError as e:
-        return f"--device {device}: {e}"
+    except RuntimeError:  # torch's message lists twenty device types slugkit cannot use
+        return f"--device {device}: not a device; slugkit runs on cpu, cuda (cuda:N) or mps"
     if d.type not in ("cpu", "cuda", "mps"):
         return f"--device {device}: slugkit runs on cpu, cuda or mps ({d.type!r} holds no data to compute with)"
     if d.type == "mps" and not torch.backends.mps.is_available():

@@ -99,7 +99,10 @@ def consumed_layer_count(n_layers: int, reads: str = "last", clip_skip: int | No
         raise ValueError(f"reads must be one of {', '.join(READS)}, not {reads!r}")
     n = {"last": n_layers - skip, "penultimate": n_layers - 1 - skip, "penultimate+pooled": n_layers}[reads]
     if n < 1:
-        raise ValueError(f"clip_skip={skip} leaves no layer of the {n_layers}-layer text encoder read ({reads})")
+        top = n_layers - 1 - (reads == "penultimate")
+        raise ValueError(f"clip_skip={skip} skips every layer of the {n_layers}-layer text encoder (the pipeline reads "
+                         f"its {'penultimate' if reads == 'penultimate' else 'last'} hidden state, moved back {skip} "
+                         f"layers); use a clip_skip of at most {top}")
     return n
 
 

@@ -49,6 +49,9 @@ def compose_patches(patches: list[Patch]) -> Patch:
                              f"{printable(_base_label(first))} ({printable(first.get('adapter'))}) vs "
                              f"{printable(_base_label(p.meta))} ({printable(p.meta.get('adapter'))})")
         for name in p.names:
+            if name in owner and owner[name].fingerprint == p.fingerprint:
+                raise PatchError(f"the same patch (concept {printable(p.concept)!r}, fingerprint {p.fingerprint[:12]}) "
+                                 "is given twice; give it once")
             if name in owner:
                 raise PatchError(f"patches overlap on tensor {name!r}: concept {owner[name].concept!r} and concept "
                                  f"{p.concept!r} both edit it; apply one, or re-run unlearning for both concepts")

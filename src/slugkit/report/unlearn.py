@@ -117,13 +117,18 @@ def outputs_line(out: str | Path) -> str:
     return f"outputs: {out}/" + ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries)
 
 
+def two(x: float) -> str:
+    """``x`` with two decimals, never ``-0.00`` (a drop of -0.001 is no drop)."""
+    return f"{round(x, 2) + 0.0:.2f}"
+
+
 def worst_line(coll: dict | None, what: str = "identity") -> str | None:
     """The terminal summary's collateral line, the same for the CLIP, SD and VLM demos: the worst other concept's
     before → after and drop (before − after, as in report.md), then the nearest neighbours'; None when not measured."""
     if not coll or not coll.get("worst"):
         return None
     w = coll["worst"]
-    return (f"worst other {what}: {w['concept']} {w['before']:.2f} -> {w['after']:.2f} (drop {w['drop']:.2f}); "
+    return (f"worst other {what}: {w['concept']} {w['before']:.2f} -> {w['after']:.2f} (drop {two(w['drop'])}); "
             "nearest: " + ", ".join(f"{n['concept']} {n['before']:.2f} -> {n['after']:.2f}"
                                     for n in coll["neighbours"]["concepts"]))
 
@@ -252,7 +257,7 @@ def render_report(result: dict) -> str:
             f"{_fmt(s['accepted_step']) if s['accepted_step'] else 'none'} | "
             f"{_fmt(s['step_size']) if s['step_size'] else '–'} | {_fmt(rel)} | {_fmt(vm.get('forget_top5'))} | "
             f"{_fmt(vm.get('related_top1'))} | {_fmt(vm.get('utility_top1'))} | "
-            f"{'–' if not w else w['concept'] + ' ' + format(-w['drop'], '+.2f')} |")
+            f"{'–' if not w else w['concept'] + ' drop ' + two(w['drop'])} |")
     lines += ["", "![Pareto fronts](pareto.png)", "", *trajectory_lines(result, chosen)]
     t = result["timing_s"]
     lines += ["", "## Cost", "",
