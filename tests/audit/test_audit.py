@@ -307,6 +307,10 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     (run / "patch" / "patch.json").write_text("{}")
     for given in (run, run / "patch"):
         assert _patch_and_out(build_parser().parse_args(["audit", "--patch", str(given)])) == (run / "patch", run)
+    (run / "audit.md").write_text("my notes")  # audit.md alone was overwritten without --overwrite
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(run)]) == 2
+    assert "audit.md exists; pass --overwrite" in capsys.readouterr().err
+    assert (run / "audit.md").read_text() == "my notes"
     assert main(["audit", "--patch", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no patch there" in capsys.readouterr().err
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--probes", "prompts,bogus"]) == 2

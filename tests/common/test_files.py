@@ -78,9 +78,13 @@ def test_overwrite_replaces_only_a_folder_slug_wrote(tmp_path):
     with atomic_dir(out, marker="slugkit_patch.json") as tmp:
         (tmp / "slugkit_patch.json").write_text("{}")
         (tmp / "old.bin").write_text("x")
+    (out / "README.md").write_text("my model card")  # a user's file in slug's output: kept (and named)
     with atomic_dir(out, overwrite=True, marker="slugkit_patch.json") as tmp:  # slug's own output: replaced
         (tmp / "slugkit_patch.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["slugkit_patch.json"]
+        (tmp / "README.md").write_text("slug's")
+    assert sorted(p.name for p in out.iterdir()) == [files.MANIFEST, "README.md", "README.md.before-slug",
+                                                     "slugkit_patch.json"]
+    assert (out / "README.md.before-slug").read_text() == "my model card" and not (out / "old.bin").exists()
 
 
 def test_fix_modes_keeps_executable_bit(tmp_path, umask):

@@ -82,7 +82,8 @@ def test_run_appears_whole_by_rename(tmp_path):
         write_json(tmp / "run.json", {"out": str(tmp), "forget": str(tmp / "data" / "forget.tar")})
         (tmp / "result.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "patch", "result.json", "run.json"]
-    assert json.loads((out / MANIFEST).read_text()) == {"entries": [MANIFEST, "patch", "result.json", "run.json"]}
+    assert json.loads((out / MANIFEST).read_text()) == {"entries": [MANIFEST, "patch", "result.json", "run.json"],
+                                                        "files": ["patch/patch.json"]}
     assert json.loads((out / "run.json").read_text()) == {"out": str(out), "forget": str(out / "data" / "forget.tar")}
     assert _leftovers(tmp_path) == []
 
@@ -129,7 +130,52 @@ def test_other_files_in_out_are_kept(tmp_path):
         (tmp / "result.json").write_text("{}")
     assert (out / "data" / "forget.tar").read_text() == "inputs" and (out / "notes.txt").read_text() == "mine"
     assert (out / "report.md").read_text() == "new"
+    assert (out / "report.md.before-slug").read_text() == "stale"  # the user's own report.md was replaced silently
     assert _leftovers(tmp_path) == []
+
+
+def test_a_users_entries_named_like_the_runs_are_kept_aside(tmp_path, capfd):
+    """`slug demo --out userdir` where userdir held the user's own data/ and report.md (no run): they were replaced
+    without a word (new-user trial). They are kept as NAME.before-slug and named; early claims (the demo) too."""
+    out = tmp_path / "userdir"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "important.csv").write_text("mine")
+    (out / "report.md").write_text("my report")
+    claim_out(out)
+    (out / "data").mkdir()
+    (out / "data" / "forget.tar").write_text("curated")
+    with run_folder(out) as tmp:
+        (tmp / "report.md").write_text("slug's")
+        (tmp / "result.json").write_text("{}")
+    assert (out / "data" / "forget.tar").read_text() == "curated" and (out / "report.md").read_text() == "slug's"
+    assert (out / "data.before-slug" / "important.csv").read_text() == "mine"
+    assert (out / "report.md.before-slug").read_text() == "my report"
+    err = capfd.readouterr().err
+    assert "data as data.before-slug, report.md as report.md.before-slug" in err and _leftovers(tmp_path) == []
+
+
+def test_overwrite_refuses_a_users_files_inside_the_runs_folders(tmp_path):
+    """`--overwrite` deleted a user's note put into RUN/patch/ and RUN/data/ with the old run (new-user trial):
+    refused before any work, naming them; the top level's are carried (test above)."""
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "patch").mkdir()
+        (tmp / "patch" / "patch.json").write_text("{}")
+    (out / "patch" / "mynote.txt").write_text("mine")
+    for early in (True, False):
+        with pytest.raises(OutputExistsError, match=r"holds files slug did not write inside its run's folders "
+                                                    r"\(patch/mynote.txt\); --overwrite would delete them"):
+            if early:
+                claim_out(out, overwrite=True)
+            else:
+                with run_folder(out, overwrite=True):
+                    pass
+    assert (out / "patch" / "mynote.txt").read_text() == "mine" and _leftovers(tmp_path) == []
+    (out / "patch" / "mynote.txt").unlink()
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text('{"new": 1}')
+    assert _names(out) == ["result.json"]
 
 
 @pytest.mark.parametrize("foreign", ["compare.json", "canvas.json", "result.json"])
@@ -438,3 +484,20 @@ def test_an_out_symlink_is_followed_by_an_early_claim(tmp_path, kind):
         (tmp / "result.json").write_text("{}")
     assert link.is_symlink() and _names(real) == ["data", "result.json"]
     assert (real / "data" / "forget.tar").read_text() == "inputs" and _leftovers(real.parent) == []
+
+
+def test_an_audit_written_into_a_run_goes_with_it(tmp_path, capfd):
+    """`slug audit RUN` writes audit.json/audit.md into the finished run (write_audit records them): a later
+    --overwrite must not carry the old patch's audit into the new run as if it were the user's."""
+    from slugkit.common.outguard import record_entries
+
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+    (out / "audit.json").write_text('{"old": true}')
+    record_entries(out, ["audit.json"])
+    capfd.readouterr()
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert _names(out) == ["result.json"] and "kept in" not in capfd.readouterr().err
+    record_entries(tmp_path / "nothing", ["x"])  # no manifest: nothing to do

@@ -19,6 +19,7 @@ from conftest import class_images, forget_pairs, retain_pairs, split_batches  # 
 from hf_tiny import (HF_CFG_G, build_adapter, clone, text_encoder_from, tiny_llava, tiny_sd_pipeline,  # noqa: E402
                      tiny_sdxl_pipeline, to_pil)
 
+from slugkit.common.files import MANIFEST  # noqa: E402
 from slugkit.integrations import TowerMismatchError  # noqa: E402
 from slugkit.integrations.diffusers_sd import (  # noqa: E402
     apply_patch_to_pipeline, consumed_text_candidates, revert_patch_from_pipeline, save_patched_text_encoder,
@@ -184,7 +185,7 @@ def test_save_patched_text_encoder(tmp_path, clip, slug_patch):
         expect["encoder." + n.split("text_model.encoder.", 1)[1]] = slug_patch.patched[n]
 
     out = save_patched_text_encoder(tmp_path / "sd", slug_patch, tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["slugkit_patch.json", "text_encoder"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "slugkit_patch.json", "text_encoder"]
     assert sorted(p.name for p in (out / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
     te = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
     assert all(torch.equal(v, expect[k]) for k, v in te.state_dict().items())
@@ -302,7 +303,7 @@ def test_sdxl_save_and_consumer_restriction(tmp_path, clip, clip_g, sdxl):
     sdxl.save_pretrained(tmp_path / "xl")
     patch = _noise_patch(clip_g, ["text_projection.weight"] + _layer(2))
     out = save_patched_text_encoder(tmp_path / "xl", patch, tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["slugkit_patch.json", "text_encoder_2"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "slugkit_patch.json", "text_encoder_2"]
     assert json.loads((out / "slugkit_patch.json").read_text())["encoder"] == "text_encoder_2"
     te2 = CLIPTextModelWithProjection.from_pretrained(out, subfolder="text_encoder_2")
     assert torch.equal(te2.text_projection.weight, patch.patched["text_projection.weight"])

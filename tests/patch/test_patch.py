@@ -619,3 +619,16 @@ def test_chain_patches_folds_sequential_edits():
     b_wrong = make_patch(base, {"w": base["w"] * 2}, base_model="toy", adapter="t", concept="B")
     with pytest.raises(PatchError, match="not made on top"):
         chain_patches([a, b_wrong])
+
+
+def test_describe_shows_the_verdict_and_rounded_numbers():
+    """`slug inspect` never showed a fail verdict (only --json did) and printed nested metrics as raw floats
+    (0.03999999910593033; new-user trial)."""
+    from slugkit.patch import make_patch
+
+    base = {"a": torch.ones(3)}
+    p = make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept="A", step_size=2.1936208891788933,
+                   metrics={"after": {"forget_top5": 0.03999999910593033}}, extra={"verdict": "fail"})
+    lines = describe(p).splitlines()
+    assert "  verdict:    fail (of the run that made it; see its result.json)" in lines
+    assert "  step size:  2.19362" in lines and "    after: {'forget_top5': 0.04}" in lines

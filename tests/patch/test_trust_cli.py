@@ -100,6 +100,14 @@ def test_f_out_over_an_existing_file_needs_overwrite(tmp_path, patch_dir, capsys
     assert main(["apply", "--patch", str(patch_dir), "--checkpoint", str(src), "--out", str(out),
                  "--overwrite"]) == 0
     assert "enc.w" in load_state_dict_file(out)
+    from slugkit.patch import load_patch
+
+    before = load_patch(patch_dir).fingerprint
+    for inside in (patch_dir / "patch.safetensors", patch_dir / "sub" / "x.safetensors"):  # the patch was destroyed
+        assert main(["apply", "--patch", str(patch_dir), "--checkpoint", str(src), "--out", str(inside),
+                     "--overwrite"]) == 2
+        assert "is inside the patch" in _err(capsys)
+    assert load_patch(patch_dir).fingerprint == before
 
 
 def test_f_new_options_have_help_with_default():

@@ -135,7 +135,8 @@ def test_out_folder_refused_up_front(world, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("x")
     assert main(_cli(world, f / "g.safetensors")[2:]) == 2
-    assert capsys.readouterr().err == f"error: {f}: is not a folder\n"
+    assert capsys.readouterr().err == (f"error: {f}: is a file, not a folder, so {f / 'g.safetensors'} cannot be "
+                                       "created under it\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grads", "notes.txt"] and list(d.iterdir()) == []
 
 

@@ -293,3 +293,16 @@ def test_ctrl_c_anywhere_is_exit_130(monkeypatch, capsys):
         rc = "KeyboardInterrupt escaped"
     assert rc == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_world_data_is_never_written_over_a_run(tmp_path):
+    """`slug world data --out RUN` and `slug demo --data-dir RUN` replaced a finished run with the world's data
+    (the world folder is written with overwrite, as a cache): another command's run is refused, untouched."""
+    from slugkit.common.errors import OutputExistsError
+
+    run = tmp_path / "run"
+    (run / "patch").mkdir(parents=True)
+    (run / "result.json").write_text('{"concept": "x"}')
+    with pytest.raises(OutputExistsError, match=r"holds a slug run \(result.json present\), not the world's data"):
+        ensure_world_data(run, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["patch", "result.json"] and _leftovers(tmp_path) == []

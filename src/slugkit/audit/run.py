@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..common.files import atomic_write_bytes, write_json
+from ..common.outguard import record_entries
 from ..common.progress import status as say
 from .attack import AttackBudget, probe_attack
 from .base import PROBES, AuditThresholds, worst_status
@@ -133,6 +134,7 @@ def write_audit(result: dict, out: str | Path) -> None:
     md = audit_markdown(result)
     write_json(out / AUDIT_JSON, result)
     atomic_write_bytes(out / AUDIT_MD, md.encode())
+    record_entries(out, [AUDIT_JSON, AUDIT_MD])  # a run folder's: replaced with the run, not kept as the user's
     report = out / "report.md"
     if report.is_file():
         text = report.read_text()

@@ -93,15 +93,16 @@ def _patch_and_out(a) -> tuple[Path, Path]:
 def cmd_audit(a) -> int:
     """`slug audit`."""
     from ..audit import audit_patch, folder_audit_data
-    from ..audit.run import AUDIT_JSON
+    from ..audit.run import AUDIT_JSON, AUDIT_MD
     from ..audit.data import name_list
 
     opts = audit_options(a)
     patch, out = _patch_and_out(a)
     if a.threads is None and a.model == "embedded":
         a.threads = 1  # as `slug demo`: as fast for the tiny models, and the same audit.json on every machine
-    if (out / AUDIT_JSON).exists() and not a.overwrite:
-        return refuse(f"{out / AUDIT_JSON} exists; pass --overwrite to replace it")
+    there = [n for n in (AUDIT_JSON, AUDIT_MD) if (out / n).exists()]
+    if there and not a.overwrite:  # audit.md alone was overwritten without a word
+        return refuse(f"{out / there[0]} exists; pass --overwrite to replace it")
     if a.model == "embedded" and _is_t2i_patch(patch):
         result = audit_sd(patch, out, a)
         return _print_audit(result, out)

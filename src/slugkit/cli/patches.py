@@ -4,6 +4,7 @@ folders, and a text-encoder patch as a LoRA file."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,11 +55,17 @@ def _state_of(target):
 def cmd_apply(a, revert: bool = False) -> int:
     """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA."""
     from ..patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
+    from ..patch.format import resolve_patch_dir
 
     msg = validate_apply(a, revert)
     if msg:
         return refuse(msg)
     patches = [load_patch(p) for p in a.patch]
+    for given in a.patch:  # --out onto the patch's own files replaced the patch with the model (new-user trial)
+        folder = os.path.realpath(resolve_patch_dir(given))
+        if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
+            return refuse(f"--out {a.out} is inside the patch {given}; writing there would destroy the patch: "
+                          "choose a path outside it")
     for path, p in zip(a.patch, patches):
         if not revert and (p.meta.get("extra") or {}).get("verdict") == "fail":
             print(f"warning: {path} comes from a run whose verdict was fail (the concept was not forgotten on its "

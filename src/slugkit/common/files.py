@@ -24,9 +24,12 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
+
+MANIFEST = ".slugkit-entries.json"  # the top-level entries slug wrote into an output folder (JSON: {"entries": [...]})
 
 __all__ = ["atomic_dir", "atomic_write_bytes", "atomic_writer", "check_file_target", "check_folder_target",
            "check_replaceable",
@@ -154,7 +157,8 @@ def _check_parents(p: Path) -> None:
     while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "is not a folder", str(parent))
+        raise NotADirectoryError(errno.ENOTDIR, f"is a file, not a folder, so {p} cannot be created under it",
+                                 str(parent))
 
 
 # ----------------------------------------------------------------------------------------------------- writers
@@ -203,7 +207,8 @@ def check_replaceable(out_dir: str | os.PathLike, overwrite: bool, marker: str |
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it (overwrite=True in "
+                              "Python), or choose another --out")
     if marker is not None and not (out_dir / marker).is_file():
         names = sorted(os.listdir(out_dir))
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -225,6 +230,9 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
+        own = sorted(os.listdir(tmp))
+        (tmp / MANIFEST).write_text(json.dumps({"entries": sorted(own + [MANIFEST])}) + "\n", encoding="utf-8")
+        kept = _keep_foreign(out_dir, tmp, own) if out_dir.is_dir() else []
         fix_modes(tmp)
         if mode is not None:
             os.chmod(tmp, mode)
@@ -236,6 +244,34 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
         os.rename(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if kept:
+            print(f"note: kept in {out_dir} what slug did not write there: {', '.join(kept)}", file=sys.stderr)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _keep_foreign(old: Path, new: Path, own: list[str]) -> list[str]:
+    """Carry the entries of the folder ``old`` that slug did not write (not in its :data:`MANIFEST`; a folder slug
+    wrote before the manifest counts as all slug's) into ``new``, hard-linked where possible; one named like an
+    entry slug writes now is kept as ``NAME.before-slug``. Returns what was kept, as printed."""
+    try:
+        recorded = set(json.loads((old / MANIFEST).read_text(encoding="utf-8"))["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    kept = []
+    for name in sorted(set(os.listdir(old)) - recorded):
+        dst = name if name not in own else f"{name}.before-slug"
+        if (old / name).is_dir() and not (old / name).is_symlink():
+            shutil.copytree(old / name, new / dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(old / name, new / dst)
+        kept.append(name if dst == name else f"{name} as {dst}")
+    return kept
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)

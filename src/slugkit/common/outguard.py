@@ -25,12 +25,13 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "foreign_entries", "is_run", "own_entries", "refuse_unsafe_out",
-           "write_manifest"]
+from .files import MANIFEST, atomic_write_bytes
+
+__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "foreign_entries", "is_run", "nested_foreign", "own_entries",
+           "record_entries", "refuse_unsafe_out", "write_manifest"]
 
 # the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
 RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
-MANIFEST = ".slugkit-entries.json"  # the top-level entries a run wrote (JSON: {"entries": [...]})
 # what slug commands write at a run folder's top level (for folders from before MANIFEST); compare's method folders
 KNOWN_ENTRIES = frozenset({
     "result.json", "report.md", "pareto.png", "layers.json", "run.json", "generations.png", "audit.json", "audit.md",
@@ -50,10 +51,46 @@ def is_run(folder: Path) -> str | None:
     return marker
 
 
-def write_manifest(folder: Path, entries: list[str]) -> None:
-    """Record ``entries`` (top-level names the run wrote) in ``folder/MANIFEST``."""
-    (folder / MANIFEST).write_text(json.dumps({"entries": sorted(set(entries) | {MANIFEST})}) + "\n",
-                                   encoding="utf-8")
+def write_manifest(folder: Path, entries: list[str], max_files: int = 5000) -> None:
+    """Record ``entries`` (top-level names the run wrote) in ``folder/MANIFEST``, and the files inside those that are
+    folders (paths relative to ``folder``; omitted beyond ``max_files``, e.g. the world's thousands of images)."""
+    files = []
+    for e in sorted(entries):
+        if (folder / e).is_dir() and not (folder / e).is_symlink():
+            files += [p.relative_to(folder).as_posix() for p in sorted((folder / e).rglob("*")) if not p.is_dir()]
+    doc = {"entries": sorted(set(entries) | {MANIFEST}), "files": files if len(files) <= max_files else None}
+    (folder / MANIFEST).write_text(json.dumps(doc) + "\n", encoding="utf-8")
+
+
+def record_entries(folder: Path, names: list[str]) -> None:
+    """Add ``names`` (written into a finished run folder afterwards, e.g. by ``slug audit RUN``) to its manifest, so
+    a later ``--overwrite`` removes them with the run instead of carrying a stale audit into the new one. No-op for
+    a folder without a manifest."""
+    try:
+        doc = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(doc, dict) and isinstance(doc.get("entries"), list) and not set(names) <= set(doc["entries"]):
+        doc["entries"] = sorted(set(doc["entries"]) | set(names))
+        atomic_write_bytes(folder / MANIFEST, (json.dumps(doc) + "\n").encode())
+
+
+def nested_foreign(folder: Path) -> list[str]:
+    """Files inside the run's own folders (``patch/``, ``data/`` …) of the run folder ``folder`` that the run did not
+    write (a user's note in ``patch/``), relative paths; [] when the run recorded no file list (older runs)."""
+    try:
+        doc = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = set(doc["files"]) if isinstance(doc.get("files"), list) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if files is None:
+        return []
+    found = []
+    for e in sorted(own_entries(folder)):
+        if (folder / e).is_dir() and not (folder / e).is_symlink():
+            found += [p.relative_to(folder).as_posix() for p in sorted((folder / e).rglob("*"))
+                      if not p.is_dir() and p.relative_to(folder).as_posix() not in files]
+    return found
 
 
 def own_entries(folder: Path) -> set[str]:

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OutputExistsError
-from .files import unregister_staging
-from .outguard import RUN_MARKERS, refuse_unsafe_out
+from .files import check_folder_target, unregister_staging
+from .outguard import RUN_MARKERS, nested_foreign, refuse_unsafe_out
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "pause_point"]
 
@@ -259,6 +259,11 @@ def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
         if not overwrite:
             raise OutputExistsError(f"{claim.out} already holds a run ({found[0]} present); pass --overwrite to "
                                     "replace it or choose another --out")
+        mine = nested_foreign(target)
+        if mine:  # inside the run's own folders they would go with them; top-level ones are carried over
+            raise OutputExistsError(f"{claim.out} holds files slug did not write inside its run's folders "
+                                    f"({', '.join(mine[:5])}{' …' if len(mine) > 5 else ''}); --overwrite would delete "
+                                    "them with that run: move them out first")
         return "run"
     return "other"
 
@@ -283,13 +288,14 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
     if not os.fspath(out).strip():
         raise ValueError("the output folder (--out) is empty; name a new folder (e.g. runs/NAME)")
     out = Path(out)
+    if not os.path.lexists(out):
+        check_folder_target(out)  # under a file: say so, not "cannot create or lock … File exists"
     target = out.resolve() if out.is_symlink() else out
     with _CLAIMS_LOCK:
+        if _key(target) in _CLAIMS:  # this process's own claim (checked when it was made)
+            return _CLAIMS[_key(target)]
         own_locks = {os.path.abspath(c.lock) for c in _CLAIMS.values()}
     refuse_unsafe_out(out, target, own_locks)
-    with _CLAIMS_LOCK:
-        if _key(target) in _CLAIMS:
-            return _CLAIMS[_key(target)]
     try:
         fd, lock, created = _acquire(out, target, wait)
     except OSError as e:  # name the folder the user gave (and the part of its path that failed), not our lock file

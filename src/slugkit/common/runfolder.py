@@ -100,23 +100,40 @@ def _start(claim: Claim, overwrite: bool, marker: str) -> Path:
     return stage
 
 
+def _carry(src: Path, stage: Path, names: list[str], own: set[str]) -> tuple[list[str], list[str]]:
+    """Link ``names`` of ``src`` (entries slug did not write) into the run: into their place, or, where the run wrote
+    the same name, as ``NAME.before-slug`` (a user's own ``report.md`` or ``data/`` in --out). Returns (carried,
+    kept under another name as ``"NAME as NEW"``)."""
+    carried, renamed = [], []
+    for entry in sorted(names):
+        if entry in own:
+            new, i = f"{entry}.before-slug", 1
+            while os.path.lexists(stage / new):
+                new, i = f"{entry}.before-slug-{i}", i + 1
+            _link_tree(src / entry, stage / new)
+            renamed.append(f"{entry} as {new}")
+        elif not os.path.lexists(stage / entry):
+            _link_tree(src / entry, stage / entry)
+            carried.append(entry)
+    return carried, renamed
+
+
 def _commit(claim: Claim) -> None:
     """Rename the temporary folder to OUT: the entries OUT (or, early, the old folder) held that the run did not
     write are linked in first — of a replaced run only those slug did not write (:func:`foreign_entries`), named on
-    stderr — and the run's own entries recorded (:data:`MANIFEST`); a replaced folder is renamed away, then deleted."""
+    stderr; an entry of the user's with a name the run wrote is kept as ``NAME.before-slug`` — and the run's own
+    entries recorded (:data:`MANIFEST`); a replaced folder is renamed away, then deleted."""
     stage, target = claim.stage, claim.target
     own = set(os.listdir(stage))
     if claim.early and target.exists():
         own |= set(_link_missing(target, stage))  # what the caller wrote into OUT for this run
     write_manifest(stage, sorted(own))
-    kept: list[str] = []
-    if claim.early:
-        if claim.aside is not None:
-            kept = _link_missing(claim.aside, stage, foreign_entries(claim.aside) if claim.aside_is_run else None)
-            kept = kept if claim.aside_is_run else []
-    elif target.exists():
-        kept = _link_missing(target, stage, foreign_entries(target) if claim.replace_run else None)
-        kept = kept if claim.replace_run else []
+    src = claim.aside if claim.early else (target if target.exists() else None)
+    replaced = claim.aside_is_run if claim.early else claim.replace_run
+    kept, renamed = [], []
+    if src is not None:
+        kept, renamed = _carry(src, stage, foreign_entries(src) if replaced else os.listdir(src), own)
+        kept = kept if replaced else []  # a folder that held no run keeps its other files, as documented
     fix_modes(stage)
     if claim.mode is not None:
         os.chmod(stage, claim.mode)
@@ -134,8 +151,9 @@ def _commit(claim: Claim) -> None:
     if claim.aside is not None:
         rmtree(claim.aside)
         claim.aside = None
-    if kept:
-        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(kept)}", file=sys.stderr)
+    if kept or renamed:
+        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(kept + renamed)}",
+              file=sys.stderr)
 
 
 def _name_final(e: BaseException) -> None:

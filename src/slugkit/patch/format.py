@@ -279,7 +279,7 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
     return out_dir
 
 
-def _resolve_patch_dir(path: str | os.PathLike) -> Path:
+def resolve_patch_dir(path: str | os.PathLike) -> Path:
     """The patch folder ``path`` names: itself, the folder of its patch.json/patch.safetensors, or a run's ``patch/``.
     Raises ``ValueError`` (empty), :class:`PatchFormatError` (another file) or ``FileNotFoundError``, naming it."""
     if not os.fspath(path).strip():
@@ -347,7 +347,7 @@ def load_patch(path: str | os.PathLike) -> Patch:
     the metadata's, so a hand-edited concept or metric is caught. Any failure raises :class:`PatchFormatError`
     naming the file (and tensor). A missing folder raises ``FileNotFoundError``. Never unpickles.
     """
-    folder = _resolve_patch_dir(path)
+    folder = resolve_patch_dir(path)
     jf, sf = folder / PATCH_JSON, folder / PATCH_SAFETENSORS
     for f in (jf, sf):
         if not f.is_file():

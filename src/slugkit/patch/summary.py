@@ -39,9 +39,9 @@ def _steps(m: dict) -> str:
     layer's step and round — the top-level ``step_size`` is the first layer's only."""
     edits = (m.get("extra") or {}).get("layers_edited") if isinstance(m.get("extra"), dict) else None
     if not isinstance(edits, list) or len(edits) < 2:
-        return f"  step size:  {printable(m.get('step_size'))}"
+        return f"  step size:  {printable(_rounded(m.get('step_size'), 6))}"
     return "  step sizes: " + "; ".join(
-        f"{printable(e.get('layer'))} {printable(e.get('step_size'))} (round {printable(e.get('round'))})"
+        f"{printable(e.get('layer'))} {printable(_rounded(e.get('step_size'), 6))} (round {printable(e.get('round'))})"
         if isinstance(e, dict) else printable(e) for e in edits)
 
 
@@ -55,6 +55,8 @@ def describe(patch: Patch) -> str:
         f"  concept:    {p(m.get('concept'))}",
         f"  method:     {p(m.get('method'))}",
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
+        *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"]
+          if isinstance(m.get("extra"), dict) and m["extra"].get("verdict") else []),
         _steps(m),
         f"  tensors ({len(patch.names)}, {patch.nbytes / 2**20:.2f} MiB incl. originals):",
     ]
@@ -78,5 +80,17 @@ def describe(patch: Patch) -> str:
         lines.append("  metrics:")
         for k in sorted(metrics, key=str):
             v = metrics[k]
-            lines.append(f"    {p(k)}: {v:.4g}" if isinstance(v, float) else f"    {p(k)}: {p(v)}")
+            lines.append(f"    {p(k)}: {p(_rounded(v))}")
     return "\n".join(lines)
+
+
+def _rounded(v, digits: int = 4):
+    """Floats to ``digits`` significant digits, inside lists and dicts too (0.03999999910593033 → 0.04); patch.json
+    keeps the exact values."""
+    if isinstance(v, float):
+        return float(f"{v:.{digits}g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x, digits) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_rounded(x, digits) for x in v]
+    return v

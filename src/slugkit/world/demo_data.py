@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from ..common.errors import OutputExistsError
 from ..common.files import atomic_write_bytes
 from ..common.progress import vanishing_bar
 from ..common.runfolder import out_lock, run_folder
@@ -66,6 +67,10 @@ def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True)
     with out_lock(d, wait=True):
         if _complete(d, spec):  # written by another process while this one waited
             return d
+        other = [m for m in ("result.json", "compare.json", "canvas.json", "curate.json") if (d / m).is_file()]
+        if other:  # an old world is a cache and is replaced; another command's run is not (it deleted demos' runs)
+            raise OutputExistsError(f"{d} holds a slug run ({other[0]} present), not the world's data; the world "
+                                    "is written into a folder of its own: choose another --data-dir (or --out)")
         with run_folder(d, overwrite=True, marker="world.json") as tmp:
             _write_world(tmp, spec, progress, shown=d)
     return d
