@@ -132,7 +132,7 @@ def test_curate_cli(tmp_path, data_dir, demo_run, capsys):
     again = ["curate", "--shards", str(data_dir / "pool"), "--concept", name, "--max-forget", "5", "--max-retain", "0",
              "--out", str(out), "--no-progress"]
     assert main(again) == 2
-    assert "already holds a run (curate.json present); pass --overwrite" in capsys.readouterr().err
+    assert "already holds a curated set (curate.json present); pass --overwrite" in capsys.readouterr().err
     assert json.loads((out / "curate.json").read_text())["forget"] == 7
     (out / "notes.txt").write_text("mine")
     assert main(again + ["--overwrite"]) == 0

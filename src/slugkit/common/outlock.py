@@ -120,8 +120,7 @@ def is_private(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------------------------------------------- the lock
 def _makedirs(folder: Path) -> list[Path]:
     """``mkdir -p folder``; returns the folders it created, outermost first."""
-    missing = []
-    p = folder
+    missing, p = [], folder
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
@@ -257,7 +256,8 @@ def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
     found = [m for m in dict.fromkeys((marker, *RUN_MARKERS)) if (target / m).exists()]
     if found:
         if not overwrite:
-            raise OutputExistsError(f"{claim.out} already holds a run ({found[0]} present); pass --overwrite to "
+            what = "a curated set" if found[0] == "curate.json" else "a run"
+            raise OutputExistsError(f"{claim.out} already holds {what} ({found[0]} present); pass --overwrite to "
                                     "replace it or choose another --out")
         mine = nested_foreign(target)
         if mine:  # inside the run's own folders they would go with them; top-level ones are carried over
