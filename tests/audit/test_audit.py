@@ -388,3 +388,31 @@ def test_cli_audit_of_the_embedded_model_runs_on_one_thread(leaky_patch, tmp_pat
     for extra in ([], ["--threads", "2"]):
         assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), *extra]) == 0
     assert seen == [1, 2]
+
+
+def test_cli_audit_refuses_a_folder_another_run_is_writing(leaky_patch, tmp_path, capsys):
+    """`slug audit --out RUN` while another process is writing RUN: the audit would land in the folder about to be
+    replaced (new-user trial)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from slugkit.cli import main
+
+    out = tmp_path / "run"
+    code = textwrap.dedent("""
+        import sys, time
+        from slugkit.common.runfolder import run_folder
+        with run_folder(sys.argv[1]) as tmp:
+            print("ready", flush=True)
+            time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        for where in (out, out / "sub"):
+            assert main(["audit", "--patch", str(leaky_patch), "--out", str(where)]) == 2
+            assert f"another slug run is writing {out} (pid {child.pid})" in capsys.readouterr().err
+    finally:
+        child.kill()
+        child.wait()

@@ -82,6 +82,11 @@ def _patch_and_out(a) -> tuple[Path, Path]:
     out = Path(a.out) if a.out else run
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file is there; --out is a folder (created if missing)")
+    from ..common.outguard import writer_of
+
+    for d in (out, *out.resolve().parents):  # the audit would land in a folder that is about to be replaced
+        if writer_of(d):
+            raise ValueError(f"--out {out}: another slug run is writing {d} ({writer_of(d)}); wait for it to finish")
     for flag, path, want in (("--test-identities", getattr(a, "test_identities", None), "dir"),
                              ("--train-identities", getattr(a, "train_identities", None), "dir"),
                              ("--names", getattr(a, "names", None), "file")):

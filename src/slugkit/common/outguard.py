@@ -28,7 +28,7 @@ from pathlib import Path
 from .files import MANIFEST, atomic_write_bytes
 
 __all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "foreign_entries", "is_run", "nested_foreign", "own_entries",
-           "record_entries", "refuse_unsafe_out", "write_manifest"]
+           "record_entries", "refuse_unsafe_out", "write_manifest", "writer_of"]
 
 # the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
 RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
@@ -131,7 +131,7 @@ def _mounts_at_or_below(real: str) -> list[str]:
     return sorted(found)
 
 
-def _writer_of(folder: Path, own_locks: set[str]) -> str | None:
+def writer_of(folder: Path, own_locks: set[str] = frozenset()) -> str | None:
     """``pid N`` when another process holds the slug lock on ``folder`` (its lock file exists and is locked)."""
     import fcntl
 
@@ -179,7 +179,7 @@ def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()
                              f"would delete it, and it could delete that run's files: choose a folder outside {a}")
         if a.name.startswith(".") and ".slug-" in a.name and a.name.endswith((".tmp", ".old")):
             raise ValueError(f"{out}: is inside {a}, a slug run's temporary folder; choose another --out")
-        writer = _writer_of(a, own_locks)
+        writer = writer_of(a, own_locks)
         if writer is not None:
             raise ValueError(f"{out}: is inside {a}, which another slug run is writing ({writer}); wait for it "
                              "and choose a folder outside it")
