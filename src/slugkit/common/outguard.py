@@ -12,10 +12,14 @@ slug never deletes a file it did not write. Three checks keep that promise befor
   read as well.
 * **Not the current folder or one holding it** (it is renamed away).
 
-**Whose entries.** When a run replaces a run (``--overwrite``), the entries of the old folder that slug did not
-write — a user's ``notes.txt`` — are carried into the new folder and named on stderr. A committed run folder records
-its own top-level entries in :data:`MANIFEST` (``.slugkit-entries.json``); a folder written by an older slugkit
-(no manifest) is judged by the names slug commands write (:data:`KNOWN_ENTRIES`), and anything else is kept.
+**Whose entries.** A committed run folder records its own top-level entries, and the files inside its folders, in
+:data:`MANIFEST` (``.slugkit-entries.json``; :func:`write_manifest`; files written into it later by slug, such as
+``slug audit RUN``'s, are added: :func:`record_entries`). When a run replaces a run (``--overwrite``), the entries of
+the old folder that slug did not write — a user's ``notes.txt`` — are carried into the new folder and named on
+stderr (:func:`foreign_entries`); a user's file inside the old run's own folders refuses the ``--overwrite``
+(:func:`nested_foreign`); an entry of the user's named like one the run writes is kept as ``NAME.before-slug``
+(:mod:`slugkit.common.runfolder`). A folder written by an older slugkit (no manifest) is judged by the names slug
+commands write (:data:`KNOWN_ENTRIES`); anything else is kept.
 """
 
 from __future__ import annotations
