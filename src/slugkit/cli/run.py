@@ -129,8 +129,7 @@ def cmd_demo(a) -> int:
     from ..workflows.unlearn import check_out_dir, run_unlearn
 
     if a.concept is not None and a.concepts:  # --concept was ignored and the others unlearned (new-user trial)
-        return refuse(f"--concept {a.concept!r} and --concepts {a.concepts!r} exclude each other; name every concept "
-                      "in --concepts")
+        return refuse(f"--concept {a.concept!r} and --concepts {a.concepts!r} exclude each other: use --concepts")
     if a.sequential and not a.concepts:
         return refuse("--sequential unlearns the --concepts one after another; give --concepts A,B")
     if a.target in ("sd", "vlm"):
