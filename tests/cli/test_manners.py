@@ -185,9 +185,12 @@ def test_null_space_layers_all_needs_the_null_space_step(tmp_path, capsys):
 @pytest.mark.parametrize("argv, said", [
     (["demo", "--concept", "Serna Malton", "--concepts", "Jowen Gormere,Meylan Falmond"], "exclude each other"),
     (["demo", "--sequential"], "--sequential unlearns the --concepts one after another"),
+    (["demo", "--data-dir", "{tmp}/x"], "overlap"),  # the run curated over the world's files, then refused
+    (["demo", "--data-dir", "{tmp}/x/world"], "overlap"),
+    (["compare", "--data-dir", "{tmp}"], "overlap"),
 ])
 def test_conflicting_demo_options_are_refused(argv, said, capsys, tmp_path):
     """`--concept` beside `--concepts` was ignored (the others were unlearned), `--sequential` alone was ignored
     (new-user trial): both are refused before any work."""
-    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    assert main([*(x.format(tmp=tmp_path) for x in argv), "--out", str(tmp_path / "x")]) == 2
     assert said in capsys.readouterr().err and not (tmp_path / "x").exists()

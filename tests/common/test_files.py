@@ -79,12 +79,14 @@ def test_overwrite_replaces_only_a_folder_slug_wrote(tmp_path):
         (tmp / "slugkit_patch.json").write_text("{}")
         (tmp / "old.bin").write_text("x")
     (out / "README.md").write_text("my model card")  # a user's file in slug's output: kept (and named)
+    (out / "README.md.before-slug").write_text("older card")  # and one already named so: not overwritten
     with atomic_dir(out, overwrite=True, marker="slugkit_patch.json") as tmp:  # slug's own output: replaced
         (tmp / "slugkit_patch.json").write_text("{}")
         (tmp / "README.md").write_text("slug's")
     assert sorted(p.name for p in out.iterdir()) == [files.MANIFEST, "README.md", "README.md.before-slug",
-                                                     "slugkit_patch.json"]
-    assert (out / "README.md.before-slug").read_text() == "my model card" and not (out / "old.bin").exists()
+                                                     "README.md.before-slug-1", "slugkit_patch.json"]
+    assert (out / "README.md.before-slug-1").read_text() == "my model card" and not (out / "old.bin").exists()
+    assert (out / "README.md.before-slug").read_text() == "older card"
 
 
 def test_fix_modes_keeps_executable_bit(tmp_path, umask):

@@ -141,6 +141,7 @@ def test_a_users_entries_named_like_the_runs_are_kept_aside(tmp_path, capfd):
     (out / "data").mkdir(parents=True)
     (out / "data" / "important.csv").write_text("mine")
     (out / "report.md").write_text("my report")
+    (out / "data.before-slug").write_text("B")  # already there: never overwritten (third trial)
     claim_out(out)
     (out / "data").mkdir()
     (out / "data" / "forget.tar").write_text("curated")
@@ -148,10 +149,11 @@ def test_a_users_entries_named_like_the_runs_are_kept_aside(tmp_path, capfd):
         (tmp / "report.md").write_text("slug's")
         (tmp / "result.json").write_text("{}")
     assert (out / "data" / "forget.tar").read_text() == "curated" and (out / "report.md").read_text() == "slug's"
-    assert (out / "data.before-slug" / "important.csv").read_text() == "mine"
+    assert (out / "data.before-slug-1" / "important.csv").read_text() == "mine"
+    assert (out / "data.before-slug").read_text() == "B"
     assert (out / "report.md.before-slug").read_text() == "my report"
     err = capfd.readouterr().err
-    assert "data as data.before-slug, report.md as report.md.before-slug" in err and _leftovers(tmp_path) == []
+    assert "data as data.before-slug-1, report.md as report.md.before-slug" in err and _leftovers(tmp_path) == []
 
 
 def test_overwrite_refuses_a_users_files_inside_the_runs_folders(tmp_path):
@@ -173,6 +175,14 @@ def test_overwrite_refuses_a_users_files_inside_the_runs_folders(tmp_path):
                     pass
     assert (out / "patch" / "mynote.txt").read_text() == "mine" and _leftovers(tmp_path) == []
     (out / "patch" / "mynote.txt").unlink()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (out / "patch" / "link").symlink_to(mine)  # a symlink and an empty folder went silently (third trial)
+    (out / "patch" / "emptydir").mkdir()
+    with pytest.raises(OutputExistsError, match=r"\(patch/link, patch/emptydir/\)"):
+        claim_out(out, overwrite=True)
+    (out / "patch" / "link").unlink()
+    (out / "patch" / "emptydir").rmdir()
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text('{"new": 1}')
     assert _names(out) == ["result.json"]

@@ -436,8 +436,14 @@ def test_hand_edited_metadata_is_refused(saved):
     _edit_json(saved, lambda d: d.__setitem__("metrics", {**(d.get("metrics") or {}), "forget_top5": 0.0}))
     with pytest.raises(PatchFormatError, match="was edited after slug wrote it"):
         load_patch(saved)
-    _edit_json(saved, lambda d: d.pop("fingerprint"))
-    assert load_patch(saved).meta["metrics"]["forget_top5"] == 0.0  # an older patch: nothing to check against
+    _edit_json(saved, lambda d: d.pop("fingerprint"))  # stripping the seal does not turn the check off
+    with pytest.raises(PatchFormatError, match="has no fingerprint, which its format_version requires"):
+        load_patch(saved)
+    _edit_json(saved, lambda d: d.__setitem__("format_version", 1))  # a format 1 patch: loads, shown as unsealed
+    old = load_patch(saved)
+    assert old.meta["metrics"]["forget_top5"] == 0.0
+    assert "  sealed:     no (a format 1 patch: its concept and metrics are not covered by a fingerprint)" in \
+        describe(old).splitlines()
 
 
 def test_patch_paths_that_are_not_a_patch_say_what_they_are(saved, tmp_path, monkeypatch):

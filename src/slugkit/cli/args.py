@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -252,6 +253,28 @@ def budgets_of(a):
 def split_list(spec: str) -> list[str]:
     """The non-empty, stripped items of a comma list ``A,B,C``."""
     return [c.strip() for c in spec.split(",") if c.strip()]
+
+
+def data_dir_conflict(a) -> str | None:
+    """``--data-dir`` and ``--out`` must not overlap: the run curated into OUT/data over the world's (and the user's)
+    files and then refused, or deleted the world it had read (third new-user trial)."""
+    if getattr(a, "data_dir", None) is None or getattr(a, "out", None) is None:
+        return None
+    d, o = os.path.realpath(a.data_dir), os.path.realpath(a.out)
+    if d == o or d.startswith(o + os.sep) or o.startswith(d + os.sep):
+        return (f"--data-dir {a.data_dir} and --out {a.out} overlap; the world's data and a run each need a folder "
+                "of their own")
+    return None
+
+
+def demo_conflicts(a) -> str | None:
+    """`slug demo` options that contradict each other: --concept beside --concepts (it was ignored and the others
+    unlearned), --sequential without --concepts (ignored), --data-dir overlapping --out."""
+    if a.concept is not None and a.concepts:
+        return f"--concept {a.concept!r} and --concepts {a.concepts!r} exclude each other: use --concepts"
+    if a.sequential and not a.concepts:
+        return "--sequential unlearns the --concepts one after another; give --concepts A,B"
+    return data_dir_conflict(a)
 
 
 def refuse(msg: str) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .args import (BATCH, COUNT, FRACTION, THREADS, float_at_least, float_in, item_list, method_lr, name_list, nonempty,
-                   refuse, split_list, template, validate_compare_data)
+from .args import (BATCH, COUNT, FRACTION, THREADS, data_dir_conflict, float_at_least, float_in, item_list, method_lr,
+                   name_list, nonempty, refuse, split_list, template, validate_compare_data)
 
 
 def cmd_compare(a) -> int:
@@ -14,6 +14,9 @@ def cmd_compare(a) -> int:
     from ..world import render as world
     from ..world.demo_data import default_concept
 
+    msg = data_dir_conflict(a)
+    if msg:
+        return refuse(msg)
     concepts = split_list(a.concepts) if a.concepts else []
     try:
         if a.forget or a.model != "embedded":

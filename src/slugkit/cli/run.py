@@ -7,24 +7,9 @@ import sys
 from pathlib import Path
 
 from ..workflows.verdict import exit_status_of
-from .args import (
-    COUNT,
-    FRACTION,
-    add_run_args,
-    budgets_of,
-    float_at_least,
-    int_at_least,
-    name_list,
-    nonempty,
-    refuse,
-    search_config,
-    split_list,
-    step_options,
-    template,
-    validate_demo_sd,
-    validate_unlearn,
-    world_mode,
-)
+from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, name_list,
+                   nonempty, refuse, search_config, split_list, step_options, template, validate_demo_sd,
+                   validate_unlearn, world_mode)
 
 
 def print_summary(result: dict, out: str) -> None:
@@ -128,10 +113,9 @@ def cmd_demo(a) -> int:
     from ..workflows.sequential import run_sequential
     from ..workflows.unlearn import check_out_dir, run_unlearn
 
-    if a.concept is not None and a.concepts:  # --concept was ignored and the others unlearned (new-user trial)
-        return refuse(f"--concept {a.concept!r} and --concepts {a.concepts!r} exclude each other: use --concepts")
-    if a.sequential and not a.concepts:
-        return refuse("--sequential unlearns the --concepts one after another; give --concepts A,B")
+    msg = demo_conflicts(a)
+    if msg:
+        return refuse(msg)
     if a.target in ("sd", "vlm"):
         try:
             if a.target == "sd":

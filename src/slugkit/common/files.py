@@ -259,9 +259,11 @@ def _keep_foreign(old: Path, new: Path, own: list[str]) -> list[str]:
         recorded = set(json.loads((old / MANIFEST).read_text(encoding="utf-8"))["entries"])
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    kept = []
-    for name in sorted(set(os.listdir(old)) - recorded):
-        dst = name if name not in own else f"{name}.before-slug"
+    kept, mine = [], sorted(set(os.listdir(old)) - recorded)
+    for name in sorted(mine, key=lambda e: e in own):  # the user's names first: a new name never takes one
+        dst, i = name, 1
+        while os.path.lexists(new / dst) or (dst != name and os.path.lexists(old / dst)):
+            dst, i = f"{name}.before-slug" + (f"-{i - 1}" if i > 1 else ""), i + 1
         if (old / name).is_dir() and not (old / name).is_symlink():
             shutil.copytree(old / name, new / dst, symlinks=True, copy_function=_link_or_copy)
         else:

@@ -55,13 +55,27 @@ def is_run(folder: Path) -> str | None:
     return marker
 
 
-def write_manifest(folder: Path, entries: list[str], max_files: int = 5000) -> None:
-    """Record ``entries`` (top-level names the run wrote) in ``folder/MANIFEST``, and the files inside those that are
-    folders (paths relative to ``folder``; omitted beyond ``max_files``, e.g. the world's thousands of images)."""
-    files = []
+def _tree(folder: Path, entries) -> list[str]:
+    """Everything inside the top-level folders ``entries`` of ``folder``, relative paths: files, symlinks (never
+    followed) and empty folders (with a trailing ``/``)."""
+    out = []
     for e in sorted(entries):
-        if (folder / e).is_dir() and not (folder / e).is_symlink():
-            files += [p.relative_to(folder).as_posix() for p in sorted((folder / e).rglob("*")) if not p.is_dir()]
+        top = folder / e
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for root, dirs, files in os.walk(top):
+            rel = Path(root).relative_to(folder).as_posix()
+            links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+            out += [f"{rel}/{n}" for n in sorted(files + links)]
+            if not dirs and not files:
+                out.append(rel + "/")
+    return out
+
+
+def write_manifest(folder: Path, entries: list[str], max_files: int = 50_000) -> None:
+    """Record ``entries`` (top-level names the run wrote) in ``folder/MANIFEST``, and everything inside those that
+    are folders (:func:`_tree`; omitted beyond ``max_files``)."""
+    files = _tree(folder, entries)
     doc = {"entries": sorted(set(entries) | {MANIFEST}), "files": files if len(files) <= max_files else None}
     (folder / MANIFEST).write_text(json.dumps(doc) + "\n", encoding="utf-8")
 
@@ -89,12 +103,7 @@ def nested_foreign(folder: Path) -> list[str]:
         return []
     if files is None:
         return []
-    found = []
-    for e in sorted(own_entries(folder)):
-        if (folder / e).is_dir() and not (folder / e).is_symlink():
-            found += [p.relative_to(folder).as_posix() for p in sorted((folder / e).rglob("*"))
-                      if not p.is_dir() and p.relative_to(folder).as_posix() not in files]
-    return found
+    return [f for f in _tree(folder, own_entries(folder)) if f not in files]
 
 
 def own_entries(folder: Path) -> set[str]:

@@ -105,14 +105,14 @@ def _carry(src: Path, stage: Path, names: list[str], own: set[str]) -> tuple[lis
     the same name, as ``NAME.before-slug`` (a user's own ``report.md`` or ``data/`` in --out). Returns (carried,
     kept under another name as ``"NAME as NEW"``)."""
     carried, renamed = [], []
-    for entry in sorted(names):
-        if entry in own:
+    for entry in sorted(names, key=lambda e: e in own):  # the user's own names first: a new name never takes one
+        if entry in own or os.path.lexists(stage / entry):
             new, i = f"{entry}.before-slug", 1
-            while os.path.lexists(stage / new):
+            while os.path.lexists(stage / new) or os.path.lexists(src / new):
                 new, i = f"{entry}.before-slug-{i}", i + 1
             _link_tree(src / entry, stage / new)
             renamed.append(f"{entry} as {new}")
-        elif not os.path.lexists(stage / entry):
+        else:
             _link_tree(src / entry, stage / entry)
             carried.append(entry)
     return carried, renamed

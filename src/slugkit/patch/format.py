@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 
 FORMAT = "slugkit-patch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: patch.json records the fingerprint (format 1 patches load, unsealed)
 PATCH_JSON = "patch.json"
 PATCH_SAFETENSORS = "patch.safetensors"
 
@@ -221,16 +221,15 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
     """Write ``patch`` as a folder ``out_dir/{patch.safetensors, patch.json}``; returns ``out_dir``.
 
     Both files are written into a temporary sibling folder which is then renamed into place, so ``out_dir``
-    is either absent, the old patch, or the complete new one. Refuses (``FileExistsError``) a non-empty
-    ``out_dir`` unless ``overwrite=True``; even then it only replaces a folder that holds nothing but patch
-    files (it never deletes a folder of other things). The tensors are re-verified against ``meta`` first.
-    Output is deterministic: same patch → byte-identical files.
-    """
+    is either absent, the old patch, or the complete new one. Refuses (``FileExistsError``) a non-empty ``out_dir``
+    unless ``overwrite=True``; even then it only replaces a folder holding nothing but patch files. The tensors are
+    re-verified against ``meta`` first. Output is deterministic: same patch → byte-identical files."""
     out_dir = Path(out_dir)
     _check_consistent(patch)
     st_bytes = _safetensors_bytes(patch)
-    doc = {k: v for k, v in patch.meta.items() if k not in _SEALS}
-    doc["safetensors_sha256"], doc["fingerprint"] = hashlib.sha256(st_bytes).hexdigest(), patch.fingerprint
+    doc = {k: v for k, v in patch.meta.items() if k not in _SEALS} | {"format_version": FORMAT_VERSION}
+    doc["fingerprint"] = hashlib.sha256(_canonical_json(doc).encode("utf-8")).hexdigest()  # = Patch.fingerprint
+    doc["safetensors_sha256"] = hashlib.sha256(st_bytes).hexdigest()
     json_bytes = _canonical_json(doc).encode("utf-8")
 
     existing = None
@@ -392,6 +391,8 @@ def load_patch(path: str | os.PathLike) -> Patch:
             store[name] = t
 
     patch = Patch(original=original, patched=patched, meta={k: v for k, v in doc.items() if k not in _SEALS})
+    if "fingerprint" not in doc and doc["format_version"] >= 2:  # stripping it must not turn the check off
+        raise _format_error(jf, "has no fingerprint, which its format_version requires: it was edited by hand")
     if "fingerprint" in doc and doc["fingerprint"] != patch.fingerprint:  # not a signature: it catches hand edits
         raise _format_error(jf, f"was edited after slug wrote it: its metadata (concept, metrics, verdict…) gives "
                                 f"fingerprint {_short(patch.fingerprint)}, not the recorded "

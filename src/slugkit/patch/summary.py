@@ -52,6 +52,8 @@ def describe(patch: Patch) -> str:
     m, p = patch.meta, printable
     lines = [
         f"slugkit patch (format {p(m.get('format_version'))}, slugkit {p(m.get('toolkit_version'))})",
+        *(["  sealed:     no (a format 1 patch: its concept and metrics are not covered by a fingerprint)"]
+          if m.get("format_version") == 1 else []),
         f"  concept:    {p(m.get('concept'))}",
         f"  method:     {p(m.get('method'))}",
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
