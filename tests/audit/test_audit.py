@@ -307,6 +307,8 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     (run / "patch" / "patch.json").write_text("{}")
     for given in (run, run / "patch"):
         assert _patch_and_out(build_parser().parse_args(["audit", "--patch", str(given)])) == (run / "patch", run)
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(run / "patch")]) == 2  # inside a run's folders
+    assert f"is inside the run folder {run}" in capsys.readouterr().err
     (run / "audit.md").write_text("my notes")  # audit.md alone was overwritten without --overwrite
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(run)]) == 2
     assert "audit.md exists; pass --overwrite" in capsys.readouterr().err

@@ -92,6 +92,11 @@ def test_apply_revert_round_trip(demo_run, tmp_path, capsys):
     patched_file, reverted_file = tmp_path / "patched.safetensors", tmp_path / "reverted.safetensors"
     assert main(["apply", "--patch", str(demo_run / "patch"), "--model", "embedded", "--out", str(patched_file)]) == 0
     patched = load_state_dict_file(patched_file)
+    for inside in (demo_run / "patch" / "model.safetensors", demo_run / "result.json"):  # third new-user trial
+        assert main(["apply", "--patch", str(demo_run / "patch"), "--model", "embedded", "--out", str(inside),
+                     "--overwrite"]) == 2
+        assert f"is inside the run folder {demo_run}" in capsys.readouterr().err
+    assert not (demo_run / "patch" / "model.safetensors").exists()
     result = json.loads((demo_run / "result.json").read_text())
     layer = result["layer"]
     changed = [k for k in base if not torch.equal(base[k], patched[k])]

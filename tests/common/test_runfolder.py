@@ -511,3 +511,19 @@ def test_an_audit_written_into_a_run_goes_with_it(tmp_path, capfd):
         (tmp / "result.json").write_text("{}")
     assert _names(out) == ["result.json"] and "kept in" not in capfd.readouterr().err
     record_entries(tmp_path / "nothing", ["x"])  # no manifest: nothing to do
+
+
+def test_a_quoted_tilde_a_home_folder_and_a_git_repository_are_refused(tmp_path, monkeypatch):
+    """`--out '~/runs/x'` made a folder named '~' and printed `~/runs/x` as if it were home; `--out ~` and
+    `--out REPO` mixed a run with the user's files (third new-user trial)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    for out, said in (("~/runs/x", "which the shell did not expand"), (tmp_path / "home", "your home folder"),
+                      (tmp_path / "repo", "a git repository")):
+        with pytest.raises(ValueError, match=said):
+            claim_out(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "repo"]
+    with run_folder(tmp_path / "repo" / "runs" / "a") as tmp:  # inside them is fine
+        (tmp / "result.json").write_text("{}")

@@ -82,8 +82,12 @@ def _patch_and_out(a) -> tuple[Path, Path]:
     out = Path(a.out) if a.out else run
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file is there; --out is a folder (created if missing)")
-    from ..common.outguard import writer_of
+    from ..common.outguard import inside_run, writer_of
 
+    holder = inside_run(out)
+    if holder is not None:  # RUN/patch/audit.json made RUN's next --overwrite refuse "files slug did not write"
+        raise ValueError(f"--out {out}: is inside the run folder {holder[0]}; write the audit into the run folder "
+                         "itself (the default for --patch RUN) or outside it")
     for d in (out, *out.resolve().parents):  # the audit would land in a folder that is about to be replaced
         if writer_of(d):
             raise ValueError(f"--out {out}: another slug run is writing {d} ({writer_of(d)}); wait for it to finish")

@@ -61,6 +61,11 @@ def cmd_apply(a, revert: bool = False) -> int:
     if msg:
         return refuse(msg)
     patches = [load_patch(p) for p in a.patch]
+    from ..common.outguard import inside_run
+
+    holder = inside_run(a.out) if a.out else None
+    if holder is not None:  # a model written into RUN/patch/ (or over RUN/result.json) mixes with that run
+        return refuse(f"--out {a.out} is inside the run folder {holder[0]}; write the model outside it")
     for given in a.patch:  # --out onto the patch's own files replaced the patch with the model (new-user trial)
         folder = os.path.realpath(resolve_patch_dir(given))
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from .files import MANIFEST, atomic_write_bytes
 
-__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "foreign_entries", "is_run", "nested_foreign", "own_entries",
-           "record_entries", "refuse_unsafe_out", "write_manifest", "writer_of"]
+__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "foreign_entries", "inside_run", "is_run", "nested_foreign",
+           "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest", "writer_of"]
 
 # the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
 RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
@@ -168,6 +168,16 @@ def writer_of(folder: Path, own_locks: set[str] = frozenset()) -> str | None:
         os.close(fd)
 
 
+def inside_run(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """``(folder, marker)`` of the slug run folder that ``path`` lies strictly inside, or None (``slug audit`` and
+    ``slug apply`` outputs: a file written into another run's folders refuses that run's ``--overwrite``)."""
+    for a in Path(os.path.realpath(path)).parents:
+        marker = is_run(a)
+        if marker is not None:
+            return a, marker
+    return None
+
+
 def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()) -> None:
     """Raise ``ValueError`` (naming ``out`` and what to do) when ``target`` (OUT, or what an OUT symlink points to)
     is the current folder or holds it, is or holds a mount point, or lies inside another slug run's folder, inside a
@@ -185,11 +195,17 @@ def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()
     if mounts and os.path.isdir(real):
         raise ValueError(f"{out}: holds a mount point ({mounts[0]}); replacing the folder would remove files of the "
                          "filesystem mounted there, so choose another --out (or unmount it)")
+    if os.fspath(out).startswith("~") and not os.path.lexists(out):  # quoted: the shell did not expand it
+        raise ValueError(f"{out}: starts with '~', which the shell did not expand (was it quoted?); slug would make a "
+                         f"folder named '~' here: write the path out, e.g. {os.path.expanduser(os.fspath(out))}")
+    if real == os.path.realpath(os.path.expanduser("~")) or os.path.isdir(os.path.join(real, ".git")):
+        raise ValueError(f"{out}: is your home folder or a git repository; a run folder's outputs would mix with its "
+                         f"files: choose a new folder inside it (e.g. {out / 'runs' / 'NAME'})")
     for a in Path(real).parents:
         marker = is_run(a)
         if marker is not None:
-            raise ValueError(f"{out}: is inside the slug run folder {a} ({marker} present); that run's --overwrite "
-                             f"would delete it, and it could delete that run's files: choose a folder outside {a}")
+            raise ValueError(f"{out}: is inside the slug run folder {a} ({marker} present); a run folder cannot hold "
+                             f"another run's outputs: choose a folder outside {a}")
         if a.name.startswith(".") and ".slug-" in a.name and a.name.endswith((".tmp", ".old")):
             raise ValueError(f"{out}: is inside {a}, a slug run's temporary folder; choose another --out")
         writer = writer_of(a, own_locks)
