@@ -194,3 +194,13 @@ def test_conflicting_demo_options_are_refused(argv, said, capsys, tmp_path):
     (new-user trial): both are refused before any work."""
     assert main([*(x.format(tmp=tmp_path) for x in argv), "--out", str(tmp_path / "x")]) == 2
     assert said in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_more_threads_than_cores_is_warned_about(capsys, tmp_path):
+    """`--threads 999` on 2 cores was accepted silently and the demo crawled (third new-user trial)."""
+    import os
+
+    many = (os.cpu_count() or 1) + 1
+    assert main(["demo", "--threads", str(many), "--sequential", "--out", str(tmp_path / "x")]) == 2  # stops early
+    err = capsys.readouterr().err
+    assert f"warning: --threads {many} is more than the {os.cpu_count() or 1} CPU cores here" in err

@@ -398,14 +398,16 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
         (tmp / "generations.png").write_text("old png")
         (tmp / "2-step").mkdir()  # a name only the manifest knows as the run's
     (out / "notes.txt").write_text("mine")
+    (out / "odd\nname").write_text("mine too")  # printed escaped: a newline in a name broke the note line
     (out / "thesis").mkdir()
     (out / "thesis" / "ch1.tex").write_text("chapter")
     capfd.readouterr()
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text('{"new": true}')
-    assert _names(out) == ["notes.txt", "result.json", "thesis"]
+    assert _names(out) == ["notes.txt", "odd\nname", "result.json", "thesis"]
     assert (out / "notes.txt").read_text() == "mine" and (out / "thesis" / "ch1.tex").read_text() == "chapter"
-    assert f"note: kept in {out} what slug did not write there: notes.txt, thesis" in capfd.readouterr().err
+    assert f"note: kept in {out} what slug did not write there: notes.txt, 'odd\\nname', thesis\n" in \
+        capfd.readouterr().err
     assert json.loads((out / MANIFEST).read_text())["entries"] == [MANIFEST, "result.json"]  # still the user's
     # an early claim (slug demo) replacing a run keeps them too; a folder from before the manifest: by known names
     (out / MANIFEST).unlink()
@@ -414,8 +416,8 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
     (out / "data").mkdir()
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text("{}")
-    assert _names(out) == ["data", "notes.txt", "result.json", "thesis"] and _leftovers(tmp_path) == []
-    assert "what slug did not write there: notes.txt, thesis" in capfd.readouterr().err
+    assert _names(out) == ["data", "notes.txt", "odd\nname", "result.json", "thesis"] and _leftovers(tmp_path) == []
+    assert "what slug did not write there: notes.txt, 'odd\\nname', thesis" in capfd.readouterr().err
 
 
 def test_an_out_inside_another_run_is_refused(tmp_path):

@@ -306,3 +306,16 @@ def test_world_data_is_never_written_over_a_run(tmp_path):
     with pytest.raises(OutputExistsError, match=r"holds a slug run \(result.json present\), not the world's data"):
         ensure_world_data(run, progress=False)
     assert sorted(p.name for p in run.iterdir()) == ["patch", "result.json"] and _leftovers(tmp_path) == []
+
+
+def test_world_data_cli_says_what_it_holds(world_dir, tmp_path, capsys):
+    """`slug world data` printed only the folder name and refused --no-progress (third new-user trial)."""
+    from slugkit.cli import main
+
+    assert main(["world", "data", "--out", str(world_dir), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"world data in {world_dir}: identity_templates.txt, names.txt, pool/")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text("{}")
+    (tmp_path / "run" / "run.json").write_text("{}")
+    assert main(["world", "data", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "not the world's data" in capsys.readouterr().err

@@ -147,6 +147,10 @@ def _dispatch(argv: list[str] | None) -> int:
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    threads, cores = getattr(a, "threads", None), os.cpu_count() or 1
+    if isinstance(threads, int) and threads > cores:  # `--threads 999` on 2 cores crawled without a word
+        print(f"warning: --threads {threads} is more than the {cores} CPU cores here; torch slows down past the core "
+              "count", file=sys.stderr)
     try:
         return a.func(a)
     except BrokenPipeError:

@@ -37,7 +37,9 @@ def cmd_world(a) -> int:
     if a.world_cmd == "data":
         from ..world.demo_data import ensure_world_data
 
-        print(ensure_world_data(a.out))
+        d = ensure_world_data(a.out, progress=not a.no_progress)
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir() if not p.name.startswith("."))
+        print(f"world data in {d}: {', '.join(held)}")
         return 0
     return 2
 
@@ -67,6 +69,7 @@ def add_parsers(sub) -> None:
     wv.add_argument("--no-progress", action="store_true", help="no progress bar")
     wdd = wsub.add_parser("data", help="write the world's shards and folders")
     wdd.add_argument("--out", default=None, help="folder to write (default: the cache dir the demos use)")
+    wdd.add_argument("--no-progress", action="store_true", help="no progress bar")
     wsub.add_parser("train-t2i", add_help=False,
                     help="train the embedded text-to-image UNet (`slug world train-t2i --help` for options)")
     wsub.add_parser("train-canvas", add_help=False,

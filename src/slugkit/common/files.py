@@ -245,7 +245,8 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if kept:
-            print(f"note: kept in {out_dir} what slug did not write there: {', '.join(kept)}", file=sys.stderr)
+            names = [n if n.isprintable() else ascii(n) for n in kept]
+            print(f"note: kept in {out_dir} what slug did not write there: {', '.join(names)}", file=sys.stderr)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -152,8 +152,8 @@ def _commit(claim: Claim) -> None:
         rmtree(claim.aside)
         claim.aside = None
     if kept or renamed:
-        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(kept + renamed)}",
-              file=sys.stderr)
+        names = [n if n.isprintable() else ascii(n) for n in kept + renamed]  # a newline in a name broke the line
+        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(names)}", file=sys.stderr)
 
 
 def _name_final(e: BaseException) -> None:
