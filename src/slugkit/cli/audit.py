@@ -89,8 +89,9 @@ def _patch_and_out(a) -> tuple[Path, Path]:
         raise ValueError(f"--out {out}: is inside the run folder {holder[0]}; write the audit into the run folder "
                          "itself (the default for --patch RUN) or outside it")
     for d in (out, *out.resolve().parents):  # the audit would land in a folder that is about to be replaced
-        if writer_of(d):
-            raise ValueError(f"--out {out}: another slug run is writing {d} ({writer_of(d)}); wait for it to finish")
+        writer = writer_of(d)
+        if writer:
+            raise ValueError(f"--out {out}: another slug run is writing {d} ({writer}); wait for it to finish")
     for flag, path, want in (("--test-identities", getattr(a, "test_identities", None), "dir"),
                              ("--train-identities", getattr(a, "train_identities", None), "dir"),
                              ("--names", getattr(a, "names", None), "file")):

@@ -31,10 +31,9 @@ from pathlib import Path
 
 MANIFEST = ".slugkit-entries.json"  # the top-level entries slug wrote into an output folder (JSON: {"entries": [...]})
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_writer", "check_file_target", "check_folder_target",
-           "check_replaceable",
-           "current_umask", "dir_mode", "file_mode", "final_path", "final_paths", "fix_modes", "register_staging",
-           "unregister_staging", "write_json"]
+__all__ = ["MANIFEST", "atomic_dir", "atomic_write_bytes", "atomic_writer", "check_file_target", "check_folder_target",
+           "check_replaceable", "current_umask", "dir_mode", "file_mode", "final_path", "final_paths", "fix_modes",
+           "kept_name", "link_or_copy", "read_manifest", "register_staging", "unregister_staging", "write_json"]
 
 
 # ------------------------------------------------------------------------------------------------------- modes
@@ -256,24 +255,41 @@ def _keep_foreign(old: Path, new: Path, own: list[str]) -> list[str]:
     """Carry the entries of the folder ``old`` that slug did not write (not in its :data:`MANIFEST`; a folder slug
     wrote before the manifest counts as all slug's) into ``new``, hard-linked where possible; one named like an
     entry slug writes now is kept as ``NAME.before-slug``. Returns what was kept, as printed."""
-    try:
-        recorded = set(json.loads((old / MANIFEST).read_text(encoding="utf-8"))["entries"])
-    except (OSError, ValueError, KeyError, TypeError):
+    doc = read_manifest(old)
+    if doc is None:
         return []
-    kept, mine = [], sorted(set(os.listdir(old)) - recorded)
+    kept, mine = [], sorted(set(os.listdir(old)) - set(doc["entries"]))
     for name in sorted(mine, key=lambda e: e in own):  # the user's names first: a new name never takes one
-        dst, i = name, 1
-        while os.path.lexists(new / dst) or (dst != name and os.path.lexists(old / dst)):
-            dst, i = f"{name}.before-slug" + (f"-{i - 1}" if i > 1 else ""), i + 1
+        dst = name if not os.path.lexists(new / name) else kept_name(name, new, old)
         if (old / name).is_dir() and not (old / name).is_symlink():
-            shutil.copytree(old / name, new / dst, symlinks=True, copy_function=_link_or_copy)
+            shutil.copytree(old / name, new / dst, symlinks=True, copy_function=link_or_copy)
         else:
-            _link_or_copy(old / name, new / dst)
+            link_or_copy(old / name, new / dst)
         kept.append(name if dst == name else f"{name} as {dst}")
     return kept
 
 
-def _link_or_copy(src, dst) -> None:
+def read_manifest(folder: Path) -> dict | None:
+    """``folder``'s :data:`MANIFEST` (``{"entries": [...], "files": [...] | None}``), or None when it has none or it
+    is unreadable."""
+    try:
+        doc = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("entries"), list) else None
+
+
+def kept_name(name: str, *folders: Path) -> str:
+    """``NAME.before-slug`` (``-1``, ``-2`` … when taken in any of ``folders``): where a user's entry named like one
+    slug writes is kept."""
+    new, i = f"{name}.before-slug", 1
+    while any(os.path.lexists(Path(f) / new) for f in folders):
+        new, i = f"{name}.before-slug-{i}", i + 1
+    return new
+
+
+def link_or_copy(src, dst) -> None:
+    """Hard-link ``src`` to ``dst`` (a symlink as itself), copying where links fail (another filesystem)."""
     try:
         os.link(src, dst, follow_symlinks=False)
     except OSError:

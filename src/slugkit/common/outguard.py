@@ -29,11 +29,12 @@ import os
 import re
 from pathlib import Path
 
-from .files import MANIFEST, atomic_write_bytes
+from .files import MANIFEST, atomic_write_bytes, read_manifest
 
-__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "foreign_entries", "inside_run", "is_run", "nested_foreign",
-           "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest", "writer_of"]
+__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "foreign_entries", "inside_run", "is_run",
+           "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest", "writer_of"]
 
+TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
 # the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
 RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
 # what slug commands write at a run folder's top level (for folders from before MANIFEST); compare's method folders
@@ -84,11 +85,8 @@ def record_entries(folder: Path, names: list[str]) -> None:
     """Add ``names`` (written into a finished run folder afterwards, e.g. by ``slug audit RUN``) to its manifest, so
     a later ``--overwrite`` removes them with the run instead of carrying a stale audit into the new one. No-op for
     a folder without a manifest."""
-    try:
-        doc = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if isinstance(doc, dict) and isinstance(doc.get("entries"), list) and not set(names) <= set(doc["entries"]):
+    doc = read_manifest(folder)
+    if doc is not None and not set(names) <= set(doc["entries"]):
         doc["entries"] = sorted(set(doc["entries"]) | set(names))
         atomic_write_bytes(folder / MANIFEST, (json.dumps(doc) + "\n").encode())
 
@@ -96,24 +94,17 @@ def record_entries(folder: Path, names: list[str]) -> None:
 def nested_foreign(folder: Path) -> list[str]:
     """Files inside the run's own folders (``patch/``, ``data/`` …) of the run folder ``folder`` that the run did not
     write (a user's note in ``patch/``), relative paths; [] when the run recorded no file list (older runs)."""
-    try:
-        doc = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        files = set(doc["files"]) if isinstance(doc.get("files"), list) else None
-    except (OSError, ValueError, KeyError, TypeError):
+    doc = read_manifest(folder)
+    if doc is None or not isinstance(doc.get("files"), list):
         return []
-    if files is None:
-        return []
-    return [f for f in _tree(folder, own_entries(folder)) if f not in files]
+    files = set(doc["files"])
+    return [f for f in _tree(folder, doc["entries"]) if f not in files]
 
 
 def own_entries(folder: Path) -> set[str]:
     """The top-level names the run in ``folder`` wrote: its :data:`MANIFEST`, else :data:`KNOWN_ENTRIES`."""
-    try:
-        doc = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        return set(doc["entries"]) if isinstance(doc, dict) and isinstance(doc.get("entries"), list) else \
-            set(KNOWN_ENTRIES)
-    except (OSError, ValueError, KeyError):
-        return set(KNOWN_ENTRIES)
+    doc = read_manifest(folder)
+    return set(KNOWN_ENTRIES) if doc is None else set(doc["entries"])
 
 
 def foreign_entries(folder: Path) -> list[str]:
@@ -148,7 +139,7 @@ def writer_of(folder: Path, own_locks: set[str] = frozenset()) -> str | None:
     """``pid N`` when another process holds the slug lock on ``folder`` (its lock file exists and is locked)."""
     import fcntl
 
-    lock = folder.parent / f".{folder.name}.slug-lock"
+    lock = folder.parent / f".{folder.name}{TAG}lock"
     if not lock.exists() or os.path.abspath(lock) in own_locks:
         return None
     try:
@@ -201,12 +192,12 @@ def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()
     if real == os.path.realpath(os.path.expanduser("~")) or os.path.isdir(os.path.join(real, ".git")):
         raise ValueError(f"{out}: is your home folder or a git repository; a run folder's outputs would mix with its "
                          f"files: choose a new folder inside it (e.g. {out / 'runs' / 'NAME'})")
+    holder = inside_run(real)
+    if holder is not None:
+        raise ValueError(f"{out}: is inside the slug run folder {holder[0]} ({holder[1]} present); a run folder cannot "
+                         f"hold another run's outputs: choose a folder outside {holder[0]}")
     for a in Path(real).parents:
-        marker = is_run(a)
-        if marker is not None:
-            raise ValueError(f"{out}: is inside the slug run folder {a} ({marker} present); a run folder cannot hold "
-                             f"another run's outputs: choose a folder outside {a}")
-        if a.name.startswith(".") and ".slug-" in a.name and a.name.endswith((".tmp", ".old")):
+        if a.name.startswith(".") and TAG in a.name and a.name.endswith((".tmp", ".old")):
             raise ValueError(f"{out}: is inside {a}, a slug run's temporary folder; choose another --out")
         writer = writer_of(a, own_locks)
         if writer is not None:

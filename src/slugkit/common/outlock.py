@@ -40,12 +40,11 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 from .files import check_folder_target, unregister_staging
-from .outguard import RUN_MARKERS, nested_foreign, refuse_unsafe_out
+from .outguard import RUN_MARKERS, TAG, nested_foreign, refuse_unsafe_out
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "pause_point"]
 
 PAUSE_ENV, PAUSE_SECONDS_ENV = "SLUGKIT_TEST_PAUSE_AT", "SLUGKIT_TEST_PAUSE_S"
-TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
 
 
 class RunLockedError(RuntimeError):

@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .files import dir_mode, final_path, fix_modes, register_staging, unregister_staging
+from .files import dir_mode, final_path, fix_modes, kept_name, link_or_copy, register_staging, unregister_staging
 from .outguard import foreign_entries, write_manifest
 from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inspect_out, is_private,
                       new_name, pause_point, rmtree, signals_held)
@@ -78,10 +78,7 @@ def _link_tree(s: Path, d: Path) -> None:
             _link_tree(s / entry, d / entry)
         shutil.copystat(s, d)
     else:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
+        link_or_copy(s, d)
 
 
 def _start(claim: Claim, overwrite: bool, marker: str) -> Path:
@@ -107,9 +104,7 @@ def _carry(src: Path, stage: Path, names: list[str], own: set[str]) -> tuple[lis
     carried, renamed = [], []
     for entry in sorted(names, key=lambda e: e in own):  # the user's own names first: a new name never takes one
         if entry in own or os.path.lexists(stage / entry):
-            new, i = f"{entry}.before-slug", 1
-            while os.path.lexists(stage / new) or os.path.lexists(src / new):
-                new, i = f"{entry}.before-slug-{i}", i + 1
+            new = kept_name(entry, stage, src)
             _link_tree(src / entry, stage / new)
             renamed.append(f"{entry} as {new}")
         else:
