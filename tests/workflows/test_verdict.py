@@ -96,6 +96,22 @@ def test_captions_without_concept_and_truncated_names_warn():
     assert v.status == "pass"
 
 
+def test_retain_captions_naming_the_concept():
+    """Most retain captions naming the concept (or the same set as --forget) is refused before the run; a minority
+    is a warning with the count (new-user trial: a retain set of the concept's own pairs was accepted silently)."""
+    from slugkit.workflows.verdict import ForgetCaptionsError, check_retain_captions
+
+    with pytest.raises(ForgetCaptionsError, match="--retain and --forget are the same set"):
+        check_retain_captions(0, 10, ["Jowen Gormere"], "d/forget.tar", "d/./forget.tar")
+    with pytest.raises(ForgetCaptionsError, match="6 of the 10 retain captions in r.tar name 'Jowen Gormere'"):
+        check_retain_captions(6, 10, ["Jowen Gormere"], "r.tar", "f.tar")
+    check_retain_captions(5, 10, ["Jowen Gormere"], "r.tar", "f.tar")  # half: not most
+    v = Verdict()
+    caption_check(v, named=100, total=100, truncated=0, concepts=["Jowen Gormere"], retain_named=5, retain_total=10)
+    assert codes(v) == ["retain_names_concept"] and v.status == "warn" and "5 of 10 retain captions" in \
+        v.reasons[0]["message"]
+
+
 def test_generation_checks():
     b = {"generated_target_recognised": 0.9, "generated_other_recognised": 0.88}
     v = Verdict()
