@@ -97,6 +97,11 @@ def test_apply_revert_round_trip(demo_run, tmp_path, capsys):
                      "--overwrite"]) == 2
         assert f"is inside the run folder {demo_run}" in capsys.readouterr().err
     assert not (demo_run / "patch" / "model.safetensors").exists()
+    for cmd in (["export", "--lora", str(demo_run / "patch"), "--pipeline", "embedded"],  # same kind: other files
+                ["grads", "--model", "embedded", "--forget", "f.tar", "--retain", "r.tar"]):
+        assert main([*cmd, "--out", str(demo_run / "patch" / "x.safetensors")]) == 2
+        assert f"is inside the run folder {demo_run}" in capsys.readouterr().err
+    assert not (demo_run / "patch" / "x.safetensors").exists()
     result = json.loads((demo_run / "result.json").read_text())
     layer = result["layer"]
     changed = [k for k in base if not torch.equal(base[k], patched[k])]

@@ -267,6 +267,15 @@ def data_dir_conflict(a) -> str | None:
     return None
 
 
+def out_inside_run(out) -> str | None:
+    """A file output (``slug apply/export/grads --out``) inside another slug run's folder: it mixes with that run
+    (and its next ``--overwrite`` refuses "files slug did not write"); the refusal text, or None."""
+    from ..common.outguard import inside_run
+
+    holder = inside_run(out) if out else None
+    return None if holder is None else f"--out {out} is inside the run folder {holder[0]}; write it outside that run"
+
+
 def demo_conflicts(a) -> str | None:
     """`slug demo` options that contradict each other: --concept beside --concepts (it was ignored and the others
     unlearned), --sequential without --concepts (ignored), --data-dir overlapping --out."""

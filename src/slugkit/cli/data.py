@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
-                   validate_curate)
+from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, out_inside_run,
+                   refuse, validate_curate)
 from .patches import load_pipeline
 
 
@@ -47,6 +47,8 @@ def cmd_grads(a) -> int:
     from ..slug.distributed import init_distributed
     from ..slug.gradpass import PassConfig, run_gradpass
 
+    if out_inside_run(a.out):
+        return refuse(out_inside_run(a.out))
     if a.threads:
         torch.set_num_threads(a.threads)
     rank, world, device = init_distributed(a.device)

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .args import COUNT, float_at_least, int_at_least, refuse, split_list, template, validate_apply, validate_eval_sd
+from .args import (COUNT, float_at_least, int_at_least, out_inside_run, refuse, split_list, template, validate_apply,
+                   validate_eval_sd)
 
 
 def load_pipeline(spec: str, device: str = "cpu"):
@@ -61,11 +62,9 @@ def cmd_apply(a, revert: bool = False) -> int:
     if msg:
         return refuse(msg)
     patches = [load_patch(p) for p in a.patch]
-    from ..common.outguard import inside_run
-
-    holder = inside_run(a.out) if a.out else None
-    if holder is not None:  # a model written into RUN/patch/ (or over RUN/result.json) mixes with that run
-        return refuse(f"--out {a.out} is inside the run folder {holder[0]}; write the model outside it")
+    msg = out_inside_run(a.out)  # a model written into RUN/patch/ (or over RUN/result.json) mixes with that run
+    if msg:
+        return refuse(msg)
     for given in a.patch:  # --out onto the patch's own files replaced the patch with the model (new-user trial)
         folder = os.path.realpath(resolve_patch_dir(given))
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
@@ -212,6 +211,8 @@ def cmd_export(a) -> int:
 
     out = Path(a.out)
     check_file_target(out, "give the .safetensors file to write")
+    if out_inside_run(a.out):
+        return refuse(out_inside_run(a.out))
     if out.suffix.lower() != ".safetensors":
         return refuse(f"--out {out}: a LoRA is written as .safetensors; use a name ending in .safetensors")
     if (out.exists() or out.is_symlink()) and not a.overwrite:
