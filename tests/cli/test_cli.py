@@ -1,6 +1,7 @@
 """End to end: `slug demo` on the shipped embedded model, and the patch commands on its output."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -102,6 +103,8 @@ def test_apply_revert_round_trip(demo_run, tmp_path, capsys):
         assert main([*cmd, "--out", str(demo_run / "patch" / "x.safetensors")]) == 2
         assert f"is inside the run folder {demo_run}" in capsys.readouterr().err
     assert not (demo_run / "patch" / "x.safetensors").exists()
+    assert main(["apply", "--patch", str(demo_run / "patch"), "--model", "embedded", "--out", "~/m.safetensors"]) == 2
+    assert "which the shell did not expand" in capsys.readouterr().err and not os.path.exists("~")
     result = json.loads((demo_run / "result.json").read_text())
     layer = result["layer"]
     changed = [k for k in base if not torch.equal(base[k], patched[k])]

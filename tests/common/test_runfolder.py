@@ -522,10 +522,12 @@ def test_a_quoted_tilde_a_home_folder_and_a_git_repository_are_refused(tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     (tmp_path / "repo" / ".git").mkdir(parents=True)
-    for out, said in (("~/runs/x", "which the shell did not expand"), (tmp_path / "home", "your home folder"),
-                      (tmp_path / "repo", "a git repository")):
+    (tmp_path / "worktree").mkdir()
+    (tmp_path / "worktree" / ".git").write_text("gitdir: ../repo/.git/worktrees/w\n")  # a worktree's .git is a file
+    for out, said in (("~/runs/x", "which the shell did not expand"), (tmp_path / "home", "is your home folder"),
+                      (tmp_path / "repo", "is a git repository"), (tmp_path / "worktree", "is a git repository")):
         with pytest.raises(ValueError, match=said):
             claim_out(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "repo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "repo", "worktree"]
     with run_folder(tmp_path / "repo" / "runs" / "a") as tmp:  # inside them is fine
         (tmp / "result.json").write_text("{}")

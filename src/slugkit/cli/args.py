@@ -268,10 +268,12 @@ def data_dir_conflict(a) -> str | None:
 
 
 def out_inside_run(out) -> str | None:
-    """A file output (``slug apply/export/grads --out``) inside another slug run's folder: it mixes with that run
-    (and its next ``--overwrite`` refuses "files slug did not write"); the refusal text, or None."""
+    """A file output (``slug apply/export/grads/audit --out``) starting with an unexpanded ``~``, or inside another
+    slug run's folder (it mixes with that run, whose next ``--overwrite`` refuses it); the refusal text, or None."""
     from ..common.outguard import inside_run
 
+    if out and os.fspath(out).startswith("~") and not os.path.lexists(out):  # quoted: the shell did not expand it
+        return f"--out {out}: starts with '~', which the shell did not expand; write it out ({os.path.expanduser(out)})"
     holder = inside_run(out) if out else None
     return None if holder is None else f"--out {out} is inside the run folder {holder[0]}; write it outside that run"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import COUNT, THREADS, float_at_least, item_list, nonempty, refuse, split_list, template
+from .args import COUNT, THREADS, float_at_least, item_list, nonempty, out_inside_run, refuse, split_list, template
 
 AUDIT_EXIT = {"pass": 0, "warn": 3, "fail": 4}
 
@@ -84,6 +84,8 @@ def _patch_and_out(a) -> tuple[Path, Path]:
         raise ValueError(f"--out {out}: a file is there; --out is a folder (created if missing)")
     from ..common.outguard import inside_run, writer_of
 
+    if a.out and out_inside_run(a.out) and a.out.startswith("~"):
+        raise ValueError(out_inside_run(a.out))
     holder = inside_run(out)
     if holder is not None:  # RUN/patch/audit.json made RUN's next --overwrite refuse "files slug did not write"
         raise ValueError(f"--out {out}: is inside the run folder {holder[0]}; write the audit into the run folder "

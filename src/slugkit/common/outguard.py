@@ -189,9 +189,10 @@ def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()
     if os.fspath(out).startswith("~") and not os.path.lexists(out):  # quoted: the shell did not expand it
         raise ValueError(f"{out}: starts with '~', which the shell did not expand (was it quoted?); slug would make a "
                          f"folder named '~' here: write the path out, e.g. {os.path.expanduser(os.fspath(out))}")
-    if real == os.path.realpath(os.path.expanduser("~")) or os.path.isdir(os.path.join(real, ".git")):
-        raise ValueError(f"{out}: is your home folder or a git repository; a run folder's outputs would mix with its "
-                         f"files: choose a new folder inside it (e.g. {out / 'runs' / 'NAME'})")
+    home = real == os.path.realpath(os.path.expanduser("~"))
+    if home or os.path.lexists(os.path.join(real, ".git")):  # .git: a folder, or a file in a worktree
+        raise ValueError(f"{out}: is {'your home folder' if home else 'a git repository'}; a run folder's outputs "
+                         f"would mix with its files: choose a new folder inside it (e.g. {out / 'runs' / 'NAME'})")
     holder = inside_run(real)
     if holder is not None:
         raise ValueError(f"{out}: is inside the slug run folder {holder[0]} ({holder[1]} present); a run folder cannot "
