@@ -15,7 +15,7 @@ import pytest
 from slugkit.common.errors import OutputExistsError
 from slugkit.common.files import write_json
 from slugkit.common.outguard import MANIFEST
-from slugkit.common.runfolder import RunLockedError, abandon_claims, claim_out, out_lock, run_folder
+from slugkit.common.runfolder import RunLockedError, abandon_claims, claim_entry, claim_out, out_lock, run_folder
 
 
 @pytest.fixture(autouse=True)
@@ -63,9 +63,10 @@ HOLD_RUN = """
 HOLD_EARLY = """
     import sys, time
     from pathlib import Path
-    from slugkit.common.runfolder import claim_out
+    from slugkit.common.runfolder import claim_entry, claim_out
     out = Path(sys.argv[1])
     claim_out(out, overwrite=True)
+    claim_entry(out / "data")
     (out / "data").mkdir(parents=True)
     (out / "data" / "forget.tar").write_text("partial")
     print("ready", flush=True)
@@ -143,6 +144,7 @@ def test_a_users_entries_named_like_the_runs_are_kept_aside(tmp_path, capfd):
     (out / "report.md").write_text("my report")
     (out / "data.before-slug").write_text("B")  # already there: never overwritten (third trial)
     claim_out(out)
+    claim_entry(out / "data")
     (out / "data").mkdir()
     (out / "data" / "forget.tar").write_text("curated")
     with run_folder(out) as tmp:
@@ -265,6 +267,7 @@ def test_early_claim_owns_what_the_caller_writes(tmp_path):
         claim_out(out, overwrite=False)
     assert json.loads((out / "result.json").read_text()) == {"old": True} and _leftovers(tmp_path) == []
     claim_out(out, overwrite=True)
+    claim_entry(out / "data" / "forget.tar")
     (out / "data").mkdir(parents=True)
     (out / "data" / "forget.tar").write_text("new inputs")
     with pytest.raises(KeyboardInterrupt):
@@ -275,6 +278,7 @@ def test_early_claim_owns_what_the_caller_writes(tmp_path):
     assert _leftovers(tmp_path) == []
 
     claim_out(out, overwrite=True)
+    claim_entry(out / "data" / "forget.tar")
     (out / "data").mkdir(parents=True)
     (out / "data" / "forget.tar").write_text("new inputs")
     with run_folder(out, overwrite=True) as tmp:
@@ -283,6 +287,7 @@ def test_early_claim_owns_what_the_caller_writes(tmp_path):
     assert (out / "data" / "forget.tar").read_text() == "new inputs" and _leftovers(tmp_path) == []
 
     claim_out(out, overwrite=True)  # claimed and inputs written, then the command fails before its run starts
+    claim_entry(out / "data")
     (out / "data").mkdir(parents=True)
     (out / "data" / "forget.tar").write_text("partial")
     abandon_claims()
@@ -377,6 +382,7 @@ def test_an_existing_out_keeps_its_mode(tmp_path, early, held):
         os.chmod(out, 0o700)
         if early:
             claim_out(out, overwrite=True)
+            claim_entry(out / "data")
             (out / "data").mkdir(parents=True)  # as slug demo curates its inputs into OUT (moved aside) first
         with run_folder(out, overwrite=True) as tmp:
             (tmp / "result.json").write_text("{}")
@@ -413,11 +419,90 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
     (out / MANIFEST).unlink()
     (out / "report.md").write_text("old report")
     claim_out(out, overwrite=True)
+    claim_entry(out / "data")
     (out / "data").mkdir()
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text("{}")
     assert _names(out) == ["data", "notes.txt", "odd\nname", "result.json", "thesis"] and _leftovers(tmp_path) == []
     assert "what slug did not write there: notes.txt, 'odd\\nname', thesis" in capfd.readouterr().err
+
+
+def test_a_users_files_put_into_out_while_a_run_goes_on_are_kept(tmp_path, capfd):
+    """A file the user wrote into OUT while an `--overwrite` run was going on (the old folder moved aside) was taken
+    for the run's own (fourth trial): it is carried as the user's, named, and left out of the manifest; the version
+    from before slug ran keeps NAME.before-slug. A file put there while a run that then fails is kept too."""
+    out = tmp_path / "run"
+    _old_run(out)
+    (out / "notes.txt").write_text("old notes")
+    os.chmod(out / "notes.txt", 0o600)  # a carried file is a hard link: the run's chmod must not reach it
+    claim_out(out, overwrite=True)
+    claim_entry(out / "data")
+    (out / "data").mkdir()
+    (out / "notes.txt").write_text("new notes")
+    (out / "todo.txt").write_text("mine")
+    capfd.readouterr()
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert _names(out) == ["data", "notes.txt", "notes.txt.before-slug", "result.json", "todo.txt"]
+    assert (out / "notes.txt").read_text() == "new notes" and (out / "notes.txt.before-slug").read_text() == "old notes"
+    assert stat.S_IMODE((out / "notes.txt.before-slug").stat().st_mode) == 0o600
+    assert json.loads((out / MANIFEST).read_text())["entries"] == [MANIFEST, "data", "result.json"]
+    assert "what slug did not write there: notes.txt, todo.txt, notes.txt as notes.txt.before-slug" in \
+        capfd.readouterr().err
+    claim_out(out, overwrite=True)  # a run that fails: its data goes, the user's new file stays in the old folder
+    claim_entry(out / "data")
+    (out / "data").mkdir()
+    (out / "draft.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder(out, overwrite=True):
+            raise KeyboardInterrupt
+    assert _names(out) == ["data", "draft.txt", "notes.txt", "notes.txt.before-slug", "result.json", "todo.txt"]
+    assert f"note: kept in {out} what slug did not write there: draft.txt" in capfd.readouterr().err
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("before", ["a run", "nothing"])
+def test_a_killed_runs_repair_keeps_what_the_user_wrote_after(tmp_path, capfd, before):
+    """After `kill -9` of an `--overwrite` demo, files the user then wrote into OUT were deleted, unnamed, by the
+    next run's repair (fourth trial): only the dead run's recorded entries go; the user's are kept (moved into the
+    previous folder when it comes back, its own version of the name kept as NAME.before-slug) and named."""
+    out = tmp_path / "run"
+    if before == "a run":
+        _old_run(out)
+        (out / "notes.txt").write_text("old notes")
+    holder = _child(HOLD_EARLY, str(out))
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    (out / "notes.txt").write_text("written after the kill")
+    (out / "data" / "mine.csv").write_text("inside the run's folder: goes with it")
+    capfd.readouterr()
+    claim_out(out, overwrite=True)
+    abandon_claims()
+    err = capfd.readouterr().err
+    assert "removed its partial output" in err and not (out / "data").exists()
+    assert (out / "notes.txt").read_text() == "written after the kill"
+    if before == "a run":
+        assert _names(out) == ["notes.txt", "notes.txt.before-slug", "patch", "result.json"]
+        assert (out / "notes.txt.before-slug").read_text() == "old notes"
+        assert "put the previous folder back; kept what it did not write: notes.txt (the previous one as " \
+               "notes.txt.before-slug)" in err
+    else:
+        assert _names(out) == ["notes.txt"] and "kept what it did not write: notes.txt" in err
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_journal_without_entries_is_judged_by_the_names_slug_writes(tmp_path, capfd):
+    """A lock left by a slugkit that did not record its entries: the names slug writes go, the rest is kept."""
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "1-Ada_Quill").mkdir()
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / ".run.slug-lock").write_text(json.dumps({"pid": 2 ** 22 + 1, "owns_target": True, "aside": None,
+                                                         "was_empty_dir": False, "committed": False}))
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert _names(out) == ["notes.txt", "result.json"]
+    assert "kept what it did not write: notes.txt" in capfd.readouterr().err and _leftovers(tmp_path) == []
 
 
 def test_an_out_inside_another_run_is_refused(tmp_path):
@@ -490,6 +575,7 @@ def test_an_out_symlink_is_followed_by_an_early_claim(tmp_path, kind):
     link = tmp_path / "link"
     link.symlink_to(real)
     claim_out(link, overwrite=True)
+    claim_entry(link / "data")
     (link / "data").mkdir()
     (link / "data" / "forget.tar").write_text("inputs")
     with run_folder(link, overwrite=True) as tmp:

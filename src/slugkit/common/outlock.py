@@ -12,9 +12,11 @@
 * **Early claims.** :func:`claim_out` takes the lock *before* a run, for callers that write a run's inputs into OUT
   before they call the workflow (``slug demo`` curates ``OUT/data`` first). OUT then belongs to the run: its old
   content (a run, only with ``overwrite``; or other files) is moved aside, put back if the run fails, deleted when it
-  succeeds (other files are carried into the new run); what the caller writes into OUT becomes part of the run; a
-  folder inside it is private (:func:`is_private`). The run's ``run_folder`` releases the claim; a claim whose run
-  never started is undone by :func:`abandon_claims` (the CLI calls it on its way out; also at exit).
+  succeeds (other files are carried into the new run); the entries the caller writes into OUT, recorded first
+  (:func:`claim_entry`), become part of the run, and only they are removed if it fails — a file the user puts into
+  OUT meanwhile is kept (:mod:`slugkit.common.outundo`); a folder inside OUT is private (:func:`is_private`). The run's
+  ``run_folder`` releases the claim; a claim whose run never started is undone by :func:`abandon_claims` (the CLI
+  calls it on its way out; also at exit).
 * **Interruption.** Undoing (:func:`abort`) and committing run with SIGINT/SIGTERM held back (:func:`signals_held`).
 
 ``SLUGKIT_TEST_PAUSE_AT=stage[,stage]`` (test-only) makes :func:`pause_point` print ``slugkit-test: paused at STAGE``
@@ -41,8 +43,9 @@ from pathlib import Path
 from .errors import OutputExistsError
 from .files import check_folder_target, unregister_staging
 from .outguard import RUN_MARKERS, TAG, nested_foreign, refuse_unsafe_out
+from .outundo import own_names, rmtree, siblings, undo_out
 
-__all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "pause_point"]
+__all__ = ["RunLockedError", "abandon_claims", "claim_entry", "claim_out", "is_private", "pause_point"]
 
 PAUSE_ENV, PAUSE_SECONDS_ENV = "SLUGKIT_TEST_PAUSE_AT", "SLUGKIT_TEST_PAUSE_S"
 
@@ -79,13 +82,14 @@ class Claim:
     stage_id: tuple | None = None  # (st_dev, st_ino) of the temporary folder: identifies it after the rename
     committed: bool = False
     mode: int | None = None  # OUT's permission bits when it was claimed as an existing folder: the new OUT keeps them
+    entries: list = field(default_factory=list)  # early: OUT's top-level entries the run writes (claim_entry)
 
     def journal(self) -> None:
         """Write the holder and its moves into the lock file (read by whoever takes over after a crash)."""
         doc = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(self.out),
                "owns_target": self.owns_target, "was_empty_dir": self.was_empty_dir,
                "aside": self.aside.name if self.aside else None, "stage": self.stage.name if self.stage else None,
-               "stage_id": self.stage_id, "committed": self.committed}
+               "stage_id": self.stage_id, "committed": self.committed, "entries": self.entries}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(doc).encode(), 0)
 
@@ -114,6 +118,21 @@ def is_private(path: str | os.PathLike) -> bool:
             if c.owns_target and _inside(path, c.target):
                 return True
     return False
+
+
+def claim_entry(path: str | os.PathLike) -> None:
+    """Record, before writing it, that ``path`` inside an OUT this process claimed early is the run's: its top-level
+    entry (``OUT/data`` for ``OUT/data/forget.tar``) is journaled, removed if the run fails and part of the run when
+    it commits. Entries nobody recorded are the user's (kept, :mod:`slugkit.common.outundo`). No-op elsewhere."""
+    p = os.path.realpath(path)
+    with _CLAIMS_LOCK:
+        for c in _CLAIMS.values():
+            t = os.path.realpath(c.target)
+            if c.owns_target and p.startswith(t + os.sep):
+                name = p[len(t) + 1:].split(os.sep)[0]
+                if name not in c.entries:
+                    c.entries.append(name)
+                    c.journal()
 
 
 # ---------------------------------------------------------------------------------------------------- the lock
@@ -195,26 +214,10 @@ def _release(claim: Claim) -> None:
     os.close(claim.fd)
 
 
-def rmtree(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-def siblings(target: Path, suffix: str) -> list[Path]:
-    prefix = f".{target.name}{TAG}"
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return []
-    return [target.parent / n for n in names if n.startswith(prefix) and n.endswith(suffix)]
-
-
 def _recover(claim: Claim, doc: dict) -> None:
     """Repair ``claim.target`` after a holder that died (``doc``: its journal; {} when unreadable) and say what was
-    done."""
-    target, done = claim.target, []
+    done: only the entries it wrote are removed (:mod:`slugkit.common.outundo`)."""
+    target, done, kept = claim.target, [], []
     aside = target.parent / doc["aside"] if doc.get("aside") else None
     committed = bool(doc.get("committed"))
     if not committed and doc.get("stage_id") and target.exists():
@@ -225,20 +228,17 @@ def _recover(claim: Claim, doc: dict) -> None:
             rmtree(aside)
             done.append("removed the run it replaced")
     else:
-        if doc.get("owns_target") and target.exists():
-            rmtree(target)
-            if doc.get("was_empty_dir"):
-                target.mkdir()
-            done.append("removed its partial output")
-        if aside is not None and aside.exists() and not target.exists():
-            os.rename(aside, target)
-            done.append("put the previous folder back")
+        names = os.listdir(target) if target.is_dir() else []
+        done, kept = undo_out(target, own_names(doc, names), aside, bool(doc.get("was_empty_dir")),
+                              bool(doc.get("owns_target")))
     for stale in siblings(target, ".tmp"):
         rmtree(stale)
         done.append(f"removed {stale.name}")
+    if kept:
+        done.append(f"kept what it did not write: {', '.join(kept)}")
     left = [p.name for p in siblings(target, ".old")]
     print(f"note: the slug run {_holder_text(doc)} that was writing to {claim.out} ended without finishing; "
-          f"taking over its lock" + (f"; {', '.join(done)}" if done else "") +
+          f"taking over its lock" + "".join(f"; {d}" for d in done) +
           (f" (left alone: {', '.join(left)})" if left else ""), file=sys.stderr)
 
 
@@ -359,22 +359,19 @@ def signals_held():
 
 
 def abort(claim: Claim) -> None:
-    """Undo an unfinished claim: the temporary folder removed, what the run wrote into an early-claimed OUT removed,
-    the old folder put back. Safe to repeat."""
+    """Undo an unfinished claim: the temporary folder removed, what the run wrote into an early-claimed OUT removed
+    (entries it did not write kept and named, :func:`~slugkit.common.outundo.undo_out`), the old folder put back.
+    Safe to repeat."""
     if claim.committed:
         return
     if claim.stage is not None:
         shutil.rmtree(claim.stage, ignore_errors=True)
         unregister_staging(claim.stage)
         claim.stage = None
-    target = claim.target
-    if claim.owns_target and target.exists():
-        rmtree(target)
-        if claim.was_empty_dir:
-            target.mkdir()
-    if claim.aside is not None and claim.aside.exists() and not target.exists():
-        os.rename(claim.aside, target)
-    claim.aside = None
+    _, kept = undo_out(claim.target, set(claim.entries), claim.aside, claim.was_empty_dir, claim.owns_target)
+    claim.aside, claim.owns_target = None, False
+    if kept:
+        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(kept)}", file=sys.stderr)
 
 
 def finish(claim: Claim) -> None:

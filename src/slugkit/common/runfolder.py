@@ -36,10 +36,11 @@ from pathlib import Path
 
 from .files import dir_mode, final_path, fix_modes, kept_name, link_or_copy, register_staging, unregister_staging
 from .outguard import foreign_entries, write_manifest
-from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inspect_out, is_private,
-                      new_name, pause_point, rmtree, signals_held)
+from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_entry, claim_out, finish, inspect_out,
+                      is_private, new_name, pause_point, rmtree, signals_held)
 
-__all__ = ["RunLockedError", "abandon_claims", "claim_out", "is_private", "out_lock", "pause_point", "run_folder"]
+__all__ = ["RunLockedError", "abandon_claims", "claim_entry", "claim_out", "is_private", "out_lock", "pause_point",
+           "run_folder"]
 
 
 @contextlib.contextmanager
@@ -119,17 +120,18 @@ def _commit(claim: Claim) -> None:
     stderr; an entry of the user's with a name the run wrote is kept as ``NAME.before-slug`` — and the run's own
     entries recorded (:data:`MANIFEST`); a replaced folder is renamed away, then deleted."""
     stage, target = claim.stage, claim.target
-    own = set(os.listdir(stage))
-    if claim.early and target.exists():
-        own |= set(_link_missing(target, stage))  # what the caller wrote into OUT for this run
+    own, during = set(os.listdir(stage)), []
+    if claim.early and target.exists():  # what the caller wrote into OUT for this run (claim_entry), and the rest
+        own |= set(_link_missing(target, stage, [n for n in claim.entries if os.path.lexists(target / n)]))
+        during = sorted(set(os.listdir(target)) - set(claim.entries))  # the user's, put there while the run went on
     write_manifest(stage, sorted(own))
+    fix_modes(stage)  # the run's files only: a carried file is a hard link, chmod would change the user's own file
+    kept, renamed = _carry(target, stage, during, own) if during else ([], [])
     src = claim.aside if claim.early else (target if target.exists() else None)
     replaced = claim.aside_is_run if claim.early else claim.replace_run
-    kept, renamed = [], []
     if src is not None:
-        kept, renamed = _carry(src, stage, foreign_entries(src) if replaced else os.listdir(src), own)
-        kept = kept if replaced else []  # a folder that held no run keeps its other files, as documented
-    fix_modes(stage)
+        k, r = _carry(src, stage, foreign_entries(src) if replaced else os.listdir(src), own)
+        kept, renamed = kept + (k if replaced else []), renamed + r  # a folder that held no run: kept as documented
     if claim.mode is not None:
         os.chmod(stage, claim.mode)
     if claim.early:
@@ -167,6 +169,7 @@ def run_folder(out: str | os.PathLike, overwrite: bool = False, marker: str = "r
     (refused without ``overwrite``). Inside a private folder (:func:`is_private`) it yields ``out`` itself."""
     out = Path(out)
     if is_private(out):
+        claim_entry(out)  # inside an early-claimed OUT: the run's entry
         yield out
         return
     claim = claim_out(out, early=False, wait=wait)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ..common.outlock import claim_entry
 from ..data.curate import curate
 from ..world import render as world
 from ..world.demo_data import RETAIN_PAIRS, ensure_world_data, retain_without, write_mixed_retain
@@ -30,6 +31,7 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
     data = ensure_world_data(data_dir, progress=progress)
     out = Path(out)
     mixed = retain_identity_fraction is not None
+    claim_entry(out / "data")  # in an OUT claimed early (`slug demo`): the run's entry, removed if the run fails
     cur = curate(str(data / "pool"), concepts[0], out / "data", aliases=concepts[1:],
                  max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
     if mixed:

@@ -1,0 +1,89 @@
+"""Undoing an unfinished run's writes into its output folder (``--out``) without deleting what slug did not write.
+
+A run that claims OUT early (:func:`slugkit.common.outlock.claim_out`; ``slug demo`` curates ``OUT/data`` before
+the run) records, in its lock file's journal, each top-level entry it writes into OUT
+(:func:`slugkit.common.outlock.claim_entry`). When the run fails, is interrupted, or dies and the next slug command
+takes over its lock, only those entries are removed (:func:`undo_out`): a file the user put into OUT meanwhile — a
+``notes.txt`` written while the run was going, or after it was killed — is kept, moved into the previous folder when
+that is put back (the previous version of the same name kept as ``NAME.before-slug``), and named on stderr. A
+journal from before entries were recorded is judged by the names slug writes (:data:`~.outguard.KNOWN_ENTRIES`, and
+``slug demo --sequential``'s step folders ``N-Name``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .files import kept_name
+from .outguard import KNOWN_ENTRIES, TAG
+
+__all__ = ["own_names", "rmtree", "siblings", "undo_out"]
+
+_STEP_FOLDER = re.compile(r"^[0-9]+-")  # `slug demo --sequential`'s OUT/1-Name, OUT/2-Name ...
+
+
+def rmtree(path: Path) -> None:
+    """Remove ``path``: a file or symlink (never followed), or a folder and everything in it."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def siblings(target: Path, suffix: str) -> list[Path]:
+    """slug's folders next to ``target`` ending in ``suffix`` (``.tmp``: being written; ``.old``: moved aside)."""
+    prefix = f".{target.name}{TAG}"
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    return [target.parent / n for n in names if n.startswith(prefix) and n.endswith(suffix)]
+
+
+def own_names(doc: dict, names: list[str]) -> set[str]:
+    """Which of ``names`` (entries of OUT) the run whose journal is ``doc`` wrote: its recorded ``entries``; for a
+    journal without them, the names slug writes."""
+    if isinstance(doc.get("entries"), list):
+        return set(doc["entries"]) & set(names)
+    return {n for n in names if n in KNOWN_ENTRIES or _STEP_FOLDER.match(n)}
+
+
+def _shown(name: str) -> str:
+    return name if name.isprintable() else ascii(name)
+
+
+def undo_out(target: Path, own: set[str], aside: Path | None, was_empty_dir: bool, owns_target: bool
+             ) -> tuple[list[str], list[str]]:
+    """Put OUT (``target``) back as it was before an unfinished run: the run's entries ``own`` removed (when it
+    ``owns_target``), the previous folder ``aside`` renamed back, the entries slug did not write kept — moved into
+    the previous folder when there is one (its own entry of the same name is renamed ``NAME.before-slug``), else left
+    in OUT. Returns (what was done, the entries kept, printable). Safe to repeat."""
+    done, kept = [], []
+    if owns_target and target.is_dir() and not target.is_symlink():
+        names = sorted(os.listdir(target))
+        mine = [n for n in names if n in own]
+        for n in mine:
+            rmtree(target / n)
+        if mine:
+            done.append("removed its partial output")
+        foreign = [n for n in names if n not in own]
+        if foreign and aside is not None and aside.is_dir():
+            for n in foreign:
+                if os.path.lexists(aside / n):  # the previous version keeps the name "from before slug"
+                    old = kept_name(n, aside, target)
+                    os.rename(aside / n, aside / old)
+                    kept.append(f"{_shown(n)} (the previous one as {_shown(old)})")
+                else:
+                    kept.append(_shown(n))
+                os.rename(target / n, aside / n)
+        else:
+            kept = [_shown(n) for n in foreign]
+        if not os.listdir(target) and ((aside is not None and aside.exists()) or not was_empty_dir):
+            os.rmdir(target)
+    if aside is not None and aside.exists() and not os.path.lexists(target):
+        os.rename(aside, target)
+        done.append("put the previous folder back")
+    return done, kept
