@@ -454,5 +454,5 @@ def test_sigterm_handler_only_when_slug_is_the_program(monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     assert cli.main(["demo"]) == 0 and seen[-1] == before
     monkeypatch.setattr(sys, "argv", ["slug", "demo"])
-    assert cli.main() == 0 and seen[-1] is cli._terminate
+    assert cli.main() == 0 and seen[-1] is cli.interrupts._on_signal
     assert signal.getsignal(signal.SIGTERM) == before

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 
 from ..common.errors import check_device, device_error_hint
+from ..common import interrupts
+from ..common.interrupts import Terminated
 from . import audit, canvas, compare, data, patches, run, world
 
 __all__ = ["build_parser", "check_device", "device_error_hint", "main"]
@@ -66,15 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..common.runfolder import abandon_claims
 
     plain_progress_if_not_a_tty()
-    # only as the program (`slug`, `python -m slugkit.cli`: argv None), in its main thread: a caller that runs main
-    # in-process with its own argv keeps its own SIGTERM handling
-    old = (signal.signal(signal.SIGTERM, _terminate)
-           if argv is None and threading.current_thread() is threading.main_thread() else None)
     try:
-        try:
-            rc = _dispatch(argv)
-        finally:
-            abandon_claims()
+        # only as the program (`slug`, `python -m slugkit.cli`: argv None), in its main thread: a caller that runs
+        # main in-process with its own argv keeps its own signal handling
+        with interrupts.handling(argv is None):
+            try:
+                rc = _dispatch(argv)
+            finally:
+                abandon_claims()
         sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
         return rc
     except BrokenPipeError:
@@ -89,18 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         if cause is not None:
             return _stopped(cause)
         raise
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that the run unwinds exactly as on Ctrl-C (temporary folder removed,
-    claims undone) instead of dying with its partial output in place."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
 
 
 def _stopped(e: KeyboardInterrupt) -> int:

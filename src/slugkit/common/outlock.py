@@ -347,11 +347,12 @@ def new_name(target: Path, suffix: str) -> Path:
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold SIGINT and SIGTERM back for the block (main thread, POSIX); they are delivered when it ends."""
+    """Hold SIGINT and SIGTERM back for the block (main thread, POSIX); they are delivered when it ends. SIGALRM too:
+    it delivers a Ctrl-C held back during an import (:mod:`slugkit.common.interrupts`)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGALRM})
     try:
         yield
     finally:

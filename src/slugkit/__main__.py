@@ -1,0 +1,28 @@
+"""The ``slug`` program (the console script; also ``python -m slugkit``).
+
+Ctrl-C handling (:mod:`slugkit.common.interrupts`: never inside an import) is installed before the command line
+interface and its libraries are imported, so a Ctrl-C in the first tenth of a second is ``interrupted`` (exit 130)
+like any other, not a traceback from the middle of an import.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .common import interrupts
+
+
+def main() -> int:
+    """Run ``slug`` with ``sys.argv``; returns the exit status (see :func:`slugkit.cli.main`)."""
+    with interrupts.handling():
+        try:
+            from .cli import main as cli_main
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, interrupts.Terminated)
+            print("terminated" if terminated else "interrupted", file=sys.stderr)
+            return 143 if terminated else 130
+        return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

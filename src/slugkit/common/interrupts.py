@@ -1,0 +1,85 @@
+"""Ctrl-C and SIGTERM for the ``slug`` program: never inside an ``import``.
+
+Python raises ``KeyboardInterrupt`` at whatever line runs when Ctrl-C arrives. In the first second of a command that
+is nearly always a library's import (numpy, torch, open_clip), and some of those imports catch every exception and
+carry on without the module, or leave a half-initialised package behind: the fourth new-user trial saw an early
+Ctrl-C swallowed (the run went on and exited 0) or turned into an ``AttributeError`` traceback from numpy (exit 1).
+
+So, while ``slug`` is the program (:func:`handling`, installed by the ``slug`` script, :mod:`slugkit.__main__`,
+before it imports anything else of slugkit's, and by :func:`slugkit.cli.main`), SIGINT and SIGTERM are held back while an import is executing
+(a frame of ``importlib._bootstrap`` on the main thread's stack) and delivered as soon as it has finished (checked
+every 50 ms with ``SIGALRM``): Ctrl-C then unwinds the run as anywhere else (``interrupted``, exit 130; SIGTERM:
+:class:`Terminated`, ``terminated``, exit 143). A third Ctrl-C during one import is delivered at once (an import that
+hangs can still be stopped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+__all__ = ["Terminated", "handling"]
+
+RETRY_S = 0.05  # how often a held-back signal is re-checked
+PRESSES_TO_FORCE = 3  # Ctrl-C presses during one import that raise at once
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the run unwinds exactly as on Ctrl-C (temporary folder removed,
+    claims undone) instead of dying with its partial output in place."""
+
+
+_pending: list[int] = []  # signals held back (in arrival order); [] when none
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` (the main thread's current frame) is inside an import being executed."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise(signum: int):
+    _pending.clear()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum, frame):
+    if _importing(frame) and _pending.count(signal.SIGINT) + 1 < PRESSES_TO_FORCE:
+        _pending.append(signum)
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        return
+    _raise(signum)
+
+
+def _on_retry(signum, frame):
+    if not _pending:
+        return
+    if _importing(frame):
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        return
+    _raise(signal.SIGTERM if signal.SIGTERM in _pending else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def handling(active: bool = True):
+    """For the block: SIGINT raises ``KeyboardInterrupt`` and SIGTERM :class:`Terminated`, both held back while an
+    import executes (module docstring). ``active`` False, or outside the main thread: nothing changes (a caller that
+    runs ``slug``'s ``main(argv)`` in-process keeps its own handlers). The previous handlers are restored after."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = {signal.SIGINT: _on_signal, signal.SIGTERM: _on_signal, signal.SIGALRM: _on_retry}
+    # a signal the shell made us ignore (`nohup`, a background job's SIGINT) stays ignored
+    old = {s: signal.signal(s, h) for s, h in wanted.items() if signal.getsignal(s) != signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _pending.clear()
+        for s, h in old.items():
+            signal.signal(s, h)
