@@ -491,6 +491,37 @@ def test_a_killed_runs_repair_keeps_what_the_user_wrote_after(tmp_path, capfd, b
     assert _leftovers(tmp_path) == []
 
 
+def test_reading_a_run_being_replaced_is_refused_and_a_dead_ones_is_repaired_first(tmp_path, capsys):
+    """During an `--overwrite` demo, `slug inspect/audit RUN` said "no patch there" (the old run is set aside); after
+    the run was killed nothing said how to get it back (fourth trial). A reader is told who is writing; after a kill
+    the reader repairs the folder (the previous run put back, said on stderr) and reads it."""
+    from slugkit.cli import main
+    from slugkit.common.runfolder import settle
+
+    out = tmp_path / "run"
+    _old_run(out)
+    holder = _child(HOLD_EARLY, str(out))
+    try:
+        for path in (out, out / "patch", out / "patch" / "patch.json"):
+            with pytest.raises(RunLockedError, match=f"another slug run is writing {out} \\(pid {holder.pid}\\); "
+                                                     "the run that was there is set aside until it finishes"):
+                settle(path)
+        assert main(["inspect", str(out)]) == 2
+        assert f"another slug run is writing {out} (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not (out / "result.json").exists()  # what kill -9 leaves: the old run set aside
+    assert main(["inspect", str(out / "patch")]) == 2  # repaired, then read: our stand-in patch.json is not JSON
+    err = capsys.readouterr().err
+    assert "ended without finishing; taking over its lock; removed its partial output; put the previous folder " \
+           "back" in err and "holds no patch.safetensors" in err  # the old folder read, not a missing one
+    assert _names(out) == ["patch", "result.json"] and _leftovers(tmp_path) == []
+    settle(out / "patch")  # nothing to do, nothing said
+    settle(tmp_path / "absent")
+    assert capsys.readouterr().err == ""
+
+
 def test_a_journal_without_entries_is_judged_by_the_names_slug_writes(tmp_path, capfd):
     """A lock left by a slugkit that did not record its entries: the names slug writes go, the rest is kept."""
     out = tmp_path / "run"

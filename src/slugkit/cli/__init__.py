@@ -139,6 +139,7 @@ def _dispatch(argv: list[str] | None) -> int:
         print(f"warning: --threads {threads} is more than the {cores} CPU cores here; torch slows down past the core "
               "count", file=sys.stderr)
     try:
+        _settle_inputs(a)
         return a.func(a)
     except BrokenPipeError:
         raise
@@ -155,6 +156,18 @@ def _dispatch(argv: list[str] | None) -> int:
             raise
         print(f"error: {e}\n{hint}", file=sys.stderr)
         return 2
+
+
+def _settle_inputs(a) -> None:
+    """The patch and run folders the command reads (``--patch``, ``inspect PATCH``, ``export --lora``): refused while
+    a slug run writes them, repaired when one died writing them (:func:`slugkit.common.runfolder.settle`)."""
+    from ..common.runfolder import settle
+
+    for name in ("patch", "lora"):
+        given = getattr(a, name, None)
+        for path in ([given] if isinstance(given, str) else given if isinstance(given, list) else []):
+            if isinstance(path, str) and path.strip():
+                settle(path)
 
 
 def refusal_text(msg: str) -> str:

@@ -6,11 +6,11 @@ carry on without the module, or leave a half-initialised package behind: the fou
 Ctrl-C swallowed (the run went on and exited 0) or turned into an ``AttributeError`` traceback from numpy (exit 1).
 
 So, while ``slug`` is the program (:func:`handling`, installed by the ``slug`` script, :mod:`slugkit.__main__`,
-before it imports anything else of slugkit's, and by :func:`slugkit.cli.main`), SIGINT and SIGTERM are held back while an import is executing
-(a frame of ``importlib._bootstrap`` on the main thread's stack) and delivered as soon as it has finished (checked
-every 50 ms with ``SIGALRM``): Ctrl-C then unwinds the run as anywhere else (``interrupted``, exit 130; SIGTERM:
-:class:`Terminated`, ``terminated``, exit 143). A third Ctrl-C during one import is delivered at once (an import that
-hangs can still be stopped).
+before it imports anything else of slugkit's, and by :func:`slugkit.cli.main`), SIGINT and SIGTERM are held back
+while an import is executing (a frame of ``importlib._bootstrap`` on the main thread's stack) and delivered as soon
+as it has finished (checked every 50 ms with ``SIGALRM``): Ctrl-C then unwinds the run as anywhere else
+(``interrupted``, exit 130; SIGTERM: :class:`Terminated`, ``terminated``, exit 143). A third Ctrl-C during one import
+is delivered at once (an import that hangs can still be stopped).
 """
 
 from __future__ import annotations

@@ -35,12 +35,12 @@ import tempfile
 from pathlib import Path
 
 from .files import dir_mode, final_path, fix_modes, kept_name, link_or_copy, register_staging, unregister_staging
-from .outguard import foreign_entries, write_manifest
+from .outguard import foreign_entries, write_manifest, writer_of
 from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_entry, claim_out, finish, inspect_out,
                       is_private, new_name, pause_point, rmtree, signals_held)
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_entry", "claim_out", "is_private", "out_lock", "pause_point",
-           "run_folder"]
+           "run_folder", "settle"]
 
 
 @contextlib.contextmanager
@@ -55,6 +55,24 @@ def out_lock(out: str | os.PathLike, wait: bool = True):
         with signals_held():
             abort(claim)
             finish(claim)
+
+
+def settle(path: str | os.PathLike) -> None:
+    """Before a command reads ``path`` (a run or patch folder, or a file in one): when a slug run is writing the run
+    folder it lies in (``path``, or one of its two parents), raise :class:`RunLockedError` naming its pid — the run
+    that was there is set aside until the new one finishes, and would read as missing; when the run that was writing
+    it died unfinished (``kill -9``), repair the folder now, saying so, so that the previous run is read."""
+    p = Path(path)
+    for folder in [p, *list(p.parents)[:2]]:
+        if not folder.name or not (folder.parent / f".{folder.name}{TAG}lock").exists():
+            continue
+        writer = writer_of(folder)
+        if writer is not None:
+            raise RunLockedError(f"{path}: another slug run is writing {folder} ({writer}); the run that was there is "
+                                 "set aside until it finishes: wait for it")
+        with contextlib.suppress(RunLockedError, ValueError, OSError):  # a folder no run may claim: nothing to repair
+            with out_lock(folder, wait=False):
+                pass
 
 
 # --------------------------------------------------------------------------------------------------- commit
