@@ -305,8 +305,10 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     (run / "patch").mkdir(parents=True)
     (run / "result.json").write_text("{}")
     (run / "patch" / "patch.json").write_text("{}")
-    for given in (run, run / "patch"):
+    for given in (run, run / "patch", run / "patch" / "patch.json"):  # the file said "--out is required"
         assert _patch_and_out(build_parser().parse_args(["audit", "--patch", str(given)])) == (run / "patch", run)
+    assert main(["audit", "--patch", str(run / "result.json")]) == 2
+    assert "result.json: is a file, not a patch; a patch is a folder" in capsys.readouterr().err
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(run / "patch")]) == 2  # inside a run's folders
     assert f"is inside the run folder {run}" in capsys.readouterr().err
     (run / "audit.md").write_text("my notes")  # audit.md alone was overwritten without --overwrite

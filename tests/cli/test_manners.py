@@ -158,6 +158,10 @@ def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, capsys
     for cmd in (["canvas", "lite"], ["demo"], ["compare"], ["demo", "--target", "vlm"]):  # '' is not the default
         assert main([*cmd, "--out", " "]) == 2
         assert "--out is empty" in capsys.readouterr().err
+    for flag in ("--forget", "--retain", "--gradients"):  # an unset shell variable said "pass --forget and --retain"
+        args = {"--forget": "f.tar", "--retain": "r.tar", flag: ""}
+        assert main(["unlearn", "--model", "ViT-B-32", "--concept", "X", "--out", "o", *sum(args.items(), ())]) == 2
+        assert f"error: {flag} is empty (an unset shell variable?)" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
     for out in ("afile/sub", "afile/sub/deeper"):  # a file in the way: the message names --out and the culprit
         assert main(["canvas", "lite", "--methods", "uce", "--out", out]) == 2

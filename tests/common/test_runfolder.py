@@ -508,6 +508,10 @@ def test_reading_a_run_being_replaced_is_refused_and_a_dead_ones_is_repaired_fir
                 settle(path)
         assert main(["inspect", str(out)]) == 2
         assert f"another slug run is writing {out} (pid {holder.pid})" in capsys.readouterr().err
+        from slugkit.cli.outputs import out_inside_run  # apply/export --out into it: replaced with that run
+
+        assert out_inside_run(str(out / "model")) == (f"--out {out / 'model'}: another slug run is writing {out} "
+                                                      f"(pid {holder.pid}); wait for it or write elsewhere")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -520,6 +524,32 @@ def test_reading_a_run_being_replaced_is_refused_and_a_dead_ones_is_repaired_fir
     settle(out / "patch")  # nothing to do, nothing said
     settle(tmp_path / "absent")
     assert capsys.readouterr().err == ""
+
+
+def test_an_out_holding_run_folders_is_refused(tmp_path):
+    """`slug demo --out runs` where runs/demo-X is a run was accepted, the runs taken in as the user's files (fourth
+    trial); a run (compare, a sequential demo) holding its own runs is replaced as usual."""
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    _old_run(parent / "demo-a")
+    (parent / "demo-a" / "run.json").write_text("{}")
+    for early in (True, False):
+        with pytest.raises(ValueError, match=f"{parent}: holds slug run folders \\(demo-a\\); a run folder of its own "
+                                             f"is needed: choose a new one \\(e.g. {parent / 'NAME'}\\)"):
+            if early:
+                claim_out(parent, overwrite=True)
+            else:
+                with run_folder(parent, overwrite=True):
+                    pass
+    with run_folder(parent / "cmp") as tmp:
+        (tmp / "compare.json").write_text("{}")
+        (tmp / "compare.md").write_text("")
+        (tmp / "slug").mkdir()
+        (tmp / "slug" / "result.json").write_text("{}")
+        (tmp / "slug" / "run.json").write_text("{}")
+    with run_folder(parent / "cmp", overwrite=True, marker="compare.json") as tmp:
+        (tmp / "compare.json").write_text('{"new": 1}')
+    assert _leftovers(parent) == [] and _leftovers(tmp_path) == []
 
 
 def test_a_journal_without_entries_is_judged_by_the_names_slug_writes(tmp_path, capfd):

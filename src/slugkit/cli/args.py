@@ -267,17 +267,6 @@ def data_dir_conflict(a) -> str | None:
     return None
 
 
-def out_inside_run(out) -> str | None:
-    """A file output (``slug apply/export/grads/audit --out``) starting with an unexpanded ``~``, or inside another
-    slug run's folder (it mixes with that run, whose next ``--overwrite`` refuses it); the refusal text, or None."""
-    from ..common.outguard import inside_run
-
-    if out and os.fspath(out).startswith("~") and not os.path.lexists(out):  # quoted: the shell did not expand it
-        return f"--out {out}: starts with '~', which the shell did not expand; write it out ({os.path.expanduser(out)})"
-    holder = inside_run(out) if out else None
-    return None if holder is None else f"--out {out} is inside the run folder {holder[0]}; write it outside that run"
-
-
 def demo_conflicts(a) -> str | None:
     """`slug demo` options that contradict each other: --concept beside --concepts (it was ignored and the others
     unlearned), --sequential without --concepts (ignored), --data-dir overlapping --out."""
@@ -320,6 +309,11 @@ def validate_unlearn(a, concepts: list[str]) -> str | None:
         return "pass --concept NAME (or --concepts A,B)"
     if world_mode(a):
         return None
+    empty = [f for f, v in (("--forget", a.forget), ("--retain", a.retain), ("--gradients", a.gradients))
+             if isinstance(v, str) and not v.strip()]
+    if empty:  # `--forget ""` (an unset shell variable) said "pass --forget and --retain"
+        what = "the gradients file (slug grads --out)" if empty[0] == "--gradients" else "the shards or folder"
+        return f"{empty[0]} is empty (an unset shell variable?); name {what} to read"
     if not a.gradients and not (a.forget and a.retain):
         return "pass --forget and --retain (or precomputed --gradients)"
     missing = [f for f, v in (("--val-identities", a.val_identities), ("--test-identities", a.test_identities))

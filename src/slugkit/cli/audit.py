@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import COUNT, THREADS, float_at_least, item_list, nonempty, out_inside_run, refuse, split_list, template
+from .args import COUNT, THREADS, float_at_least, item_list, nonempty, refuse, split_list, template
+from .outputs import out_inside_run
 
 AUDIT_EXIT = {"pass": 0, "warn": 3, "fail": 4}
 
@@ -70,11 +71,16 @@ def audit_options(a) -> dict:
 
 def _patch_and_out(a) -> tuple[Path, Path]:
     p = Path(a.patch)
+    if p.is_file():  # RUN/patch/patch.json: its folder (another file said "--out is required")
+        if p.name not in ("patch.json", "patch.safetensors"):
+            raise ValueError(f"--patch {a.patch}: is a file, not a patch; a patch is a folder holding patch.json and "
+                             "patch.safetensors (a run's is RUN/patch)")
+        p = p.parent
     run = p if (p / "patch" / "patch.json").is_file() else None
     if run is None and p.name == "patch" and (p / "patch.json").is_file() and (p.parent / "result.json").is_file():
         run = p.parent  # RUN/patch given for RUN: the run folder is the default --out, as for RUN
     patch = run / "patch" if run else p
-    if not (patch.is_dir() and (patch / "patch.json").is_file()) and not patch.is_file():
+    if not (patch.is_dir() and (patch / "patch.json").is_file()):
         raise ValueError(f"--patch {a.patch}: no patch there (expected a patch folder with patch.json, or a run folder "
                          "with patch/)")
     if a.out is None and run is None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, out_inside_run,
-                   refuse, validate_curate)
+from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
+                   validate_curate)
+from .outputs import out_inside_run
 from .patches import load_pipeline
 
 

@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from .args import (COUNT, float_at_least, int_at_least, out_inside_run, refuse, split_list, template, validate_apply,
+from .args import (COUNT, float_at_least, int_at_least, refuse, split_list, template, validate_apply,
                    validate_eval_sd)
+from .outputs import out_inside_run
 
 
 def load_pipeline(spec: str, device: str = "cpu"):

@@ -191,8 +191,14 @@ def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()
                          f"folder named '~' here: write the path out, e.g. {os.path.expanduser(os.fspath(out))}")
     home = real == os.path.realpath(os.path.expanduser("~"))
     if home or os.path.lexists(os.path.join(real, ".git")):  # .git: a folder, or a file in a worktree
+        inside = Path(os.path.normpath(out)) / "runs" / "NAME"  # not ~/.cache/../runs/NAME
         raise ValueError(f"{out}: is {'your home folder' if home else 'a git repository'}; a run folder's outputs "
-                         f"would mix with its files: choose a new folder inside it (e.g. {out / 'runs' / 'NAME'})")
+                         f"would mix with its files: choose a new folder inside it (e.g. {inside})")
+    if os.path.isdir(real) and is_run(Path(real)) is None:
+        runs = sorted(n for n in os.listdir(real) if os.path.isdir(os.path.join(real, n)) and is_run(Path(real) / n))
+        if runs:  # the new run would take them in as "files slug did not write"
+            raise ValueError(f"{out}: holds slug run folders ({', '.join(runs[:3])}{', …' if len(runs) > 3 else ''});"
+                             f" a run folder of its own is needed: choose a new one (e.g. {out / 'NAME'})")
     holder = inside_run(real)
     if holder is not None:
         raise ValueError(f"{out}: is inside the slug run folder {holder[0]} ({holder[1]} present); a run folder cannot "

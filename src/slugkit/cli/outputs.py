@@ -1,0 +1,26 @@
+"""Checks of a command's file output (``--out`` of ``slug apply/export/grads/audit``) before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["out_inside_run"]
+
+
+def out_inside_run(out) -> str | None:
+    """A file output (``slug apply/export/grads/audit --out``) starting with an unexpanded ``~``, inside another slug
+    run's folder (it mixes with that run, whose next ``--overwrite`` refuses it), or at or inside a folder another slug
+    run is writing (it would be replaced with it); the refusal text, or None."""
+    from ..common.outguard import inside_run, writer_of
+
+    if out and os.fspath(out).startswith("~") and not os.path.lexists(out):  # quoted: the shell did not expand it
+        return f"--out {out}: starts with '~', which the shell did not expand; write it out ({os.path.expanduser(out)})"
+    holder = inside_run(out) if out else None
+    if holder is not None:
+        return f"--out {out} is inside the run folder {holder[0]}; write it outside that run"
+    for d in (Path(out), *Path(os.path.realpath(out)).parents) if out else ():  # about to be replaced by that run
+        writer = writer_of(d)
+        if writer:
+            return f"--out {out}: another slug run is writing {d} ({writer}); wait for it or write elsewhere"
+    return None
