@@ -325,6 +325,13 @@ def test_world_data_cli_says_what_it_holds(world_dir, tmp_path, capsys):
 
     assert main(["world", "data", "--out", str(world_dir), "--no-progress"]) == 0
     assert capsys.readouterr().out.startswith(f"world data in {world_dir}: identity_templates.txt, names.txt, pool/")
+    mine = tmp_path / "world"  # a user's file in it is not listed as the world's (fourth trial)
+    subprocess.run(["cp", "-al", str(world_dir), str(mine)], check=True)
+    (mine / "notes.txt").write_text("mine")
+    assert main(["world", "data", "--out", str(mine), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "notes.txt" not in out.split(" (also")[0]
+    assert out.rstrip().endswith("(also there, not the world's: notes.txt)")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "result.json").write_text("{}")
     (tmp_path / "run" / "run.json").write_text("{}")

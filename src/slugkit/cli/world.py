@@ -37,9 +37,14 @@ def cmd_world(a) -> int:
     if a.world_cmd == "data":
         from ..world.demo_data import ensure_world_data
 
+        from ..common.outguard import own_entries
+
         d = ensure_world_data(a.out, progress=not a.no_progress)
+        own = own_entries(d)  # the manifest of what the world's writer put there; a user's files are named apart
         held = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir() if not p.name.startswith("."))
-        print(f"world data in {d}: {', '.join(held)}")
+        print(f"world data in {d}: {', '.join(h for h in held if h.rstrip('/') in own)}" +
+              "".join(f" (also there, not the world's: {', '.join(x)})" for x in
+                      [[h if h.isprintable() else ascii(h) for h in held if h.rstrip("/") not in own]] if x))
         return 0
     return 2
 
