@@ -208,3 +208,16 @@ def test_more_threads_than_cores_is_warned_about(capsys, tmp_path):
     assert main(["demo", "--threads", str(many), "--sequential", "--out", str(tmp_path / "x")]) == 2  # stops early
     err = capsys.readouterr().err
     assert f"warning: --threads {many} is more than the {os.cpu_count() or 1} CPU cores here" in err
+
+
+def test_an_error_naming_an_odd_path_stays_one_line(tmp_path, capsys):
+    """A newline or an escape sequence in a path split the one-line `error: …` or recoloured the terminal (fourth
+    trial): they are escaped, as `slug inspect` escapes a patch's fields; other letters are shown as they are."""
+    for args in (["inspect", str(tmp_path / "bad\nname")], ["audit", "--patch", str(tmp_path / "p\x1b[31mq")],
+                 ["apply", "--patch", str(tmp_path / "nö\npatch"), "--model", "embedded", "--out", "o"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "\x1b" not in err, err
+        assert "\\n" in err or "\\x1b" in err
+    assert main(["inspect", str(tmp_path / "bä d")]) == 2
+    assert "bä d" in capsys.readouterr().err

@@ -124,6 +124,7 @@ def _dispatch(argv: list[str] | None) -> int:
     from ..common.errors import EmptyForgetSetError, ModelLoadError, OutputExistsError, ShardError
     from ..common.runfolder import RunLockedError
     from ..patch import PatchError
+    from ..patch.summary import printable
     from ..slug.gradients import NonFiniteGradientError
     from ..slug.search import SearchFailed
 
@@ -145,10 +146,10 @@ def _dispatch(argv: list[str] | None) -> int:
         raise
     except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
             RunLockedError, ValueError, NonFiniteGradientError) as e:
-        print(f"error: {refusal_text(str(e)) if isinstance(e, SearchFailed) else e}", file=sys.stderr)
+        print(f"error: {refusal_text(str(e)) if isinstance(e, SearchFailed) else printable(e)}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # NothingToUnlearnError: 4, like a failed verdict
     except OSError as e:  # a missing or existing path, a full disk, a read-only filesystem, a folder for a file ...
-        print(f"error: {os_error_text(e)}", file=sys.stderr)
+        print(f"error: {printable(os_error_text(e))}", file=sys.stderr)  # a newline in a path split the line
         return 2
     except RuntimeError as e:
         hint = device_error_hint(e)

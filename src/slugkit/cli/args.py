@@ -279,7 +279,9 @@ def demo_conflicts(a) -> str | None:
 
 def refuse(msg: str) -> int:
     """Print ``error: MSG`` to stderr and return the usage-error exit status 2."""
-    print(f"error: {msg}", file=sys.stderr)
+    from ..patch.summary import printable
+
+    print(f"error: {printable(msg)}", file=sys.stderr)  # a newline in a path split the one-line error
     return 2
 
 
