@@ -21,8 +21,8 @@ import argparse
 import os
 import sys
 
-from ..common.errors import check_device, device_error_hint
 from ..common import interrupts
+from ..common.errors import check_device, device_error_hint
 from ..common.interrupts import Terminated
 from . import audit, canvas, compare, data, patches, run, world
 

@@ -35,9 +35,8 @@ def cmd_world(a) -> int:
             f"{ev['worst_identity']['named']:.2f}), utility {ev['utility_accuracy']:.3f}" if ev else ""))
         return 0
     if a.world_cmd == "data":
-        from ..world.demo_data import ensure_world_data
-
         from ..common.outguard import own_entries
+        from ..world.demo_data import ensure_world_data
 
         d = ensure_world_data(a.out, progress=not a.no_progress)
         own = own_entries(d)  # the manifest of what the world's writer put there; a user's files are named apart
