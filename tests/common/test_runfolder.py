@@ -41,6 +41,17 @@ def _old_run(out):
     (out / "patch" / "patch.json").write_text("old patch")
 
 
+def _both_claims_refused(out, error, match: str) -> None:
+    """An early claim (`slug demo`) and a run folder's own claim of ``out`` with --overwrite both raise ``error``."""
+    for early in (True, False):
+        with pytest.raises(error, match=match):
+            if early:
+                claim_out(out, overwrite=True)
+            else:
+                with run_folder(out, overwrite=True):
+                    pass
+
+
 def _child(code: str, *args: str) -> subprocess.Popen:
     """A python process running ``code`` (which prints ``ready`` once it holds what the test needs)."""
     p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
@@ -167,14 +178,8 @@ def test_overwrite_refuses_a_users_files_inside_the_runs_folders(tmp_path):
         (tmp / "patch").mkdir()
         (tmp / "patch" / "patch.json").write_text("{}")
     (out / "patch" / "mynote.txt").write_text("mine")
-    for early in (True, False):
-        with pytest.raises(OutputExistsError, match=r"holds files slug did not write inside its run's folders "
-                                                    r"\(patch/mynote.txt\); --overwrite would delete them"):
-            if early:
-                claim_out(out, overwrite=True)
-            else:
-                with run_folder(out, overwrite=True):
-                    pass
+    _both_claims_refused(out, OutputExistsError, r"holds files slug did not write inside its run's folders "
+                                                 r"\(patch/mynote.txt\); --overwrite would delete them")
     assert (out / "patch" / "mynote.txt").read_text() == "mine" and _leftovers(tmp_path) == []
     (out / "patch" / "mynote.txt").unlink()
     mine = tmp_path / "mine"
@@ -533,14 +538,8 @@ def test_an_out_holding_run_folders_is_refused(tmp_path):
     parent.mkdir()
     _old_run(parent / "demo-a")
     (parent / "demo-a" / "run.json").write_text("{}")
-    for early in (True, False):
-        with pytest.raises(ValueError, match=f"{parent}: holds slug run folders \\(demo-a\\); a run folder of its own "
-                                             f"is needed: choose a new one \\(e.g. {parent / 'NAME'}\\)"):
-            if early:
-                claim_out(parent, overwrite=True)
-            else:
-                with run_folder(parent, overwrite=True):
-                    pass
+    _both_claims_refused(parent, ValueError, f"{parent}: holds slug run folders \\(demo-a\\); a run folder of its own "
+                                             f"is needed: choose a new one \\(e.g. {parent / 'NAME'}\\)")
     with run_folder(parent / "cmp") as tmp:
         (tmp / "compare.json").write_text("{}")
         (tmp / "compare.md").write_text("")
