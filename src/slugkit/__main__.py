@@ -17,11 +17,12 @@ def main() -> int:
     with interrupts.handling():
         try:
             from .cli import main as cli_main
-        except KeyboardInterrupt as e:
+
+            return cli_main()
+        except KeyboardInterrupt as e:  # while importing the CLI, or after its own handling (a late Ctrl-C)
             terminated = isinstance(e, interrupts.Terminated)
             print("terminated" if terminated else "interrupted", file=sys.stderr)
             return 143 if terminated else 130
-        return cli_main()
 
 
 if __name__ == "__main__":

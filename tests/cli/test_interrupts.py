@@ -33,7 +33,8 @@ try:
         time.sleep(30)
         print("never interrupted", flush=True)
 except KeyboardInterrupt as e:
-    print("raised", type(e).__name__, flush=True)
+    print("raised", type(e).__name__, "after the import:", getattr(sys.modules.get("slowlib"), "DONE", False),
+          flush=True)
 """
 
 
@@ -53,11 +54,13 @@ def _start(tmp_path, module: str = SLOW_MODULE) -> subprocess.Popen:
 
 @pytest.mark.parametrize("sig, raised", [(signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, "Terminated")])
 def test_a_signal_during_an_import_is_delivered_after_it(tmp_path, sig, raised):
-    """The import that would have swallowed the interrupt finishes whole; the interrupt is raised right after."""
+    """The import that would have swallowed the interrupt finishes whole; the interrupt is raised right after, by
+    the import statement (fifth trial: with only the 50 ms re-check, `slug revert` finished its work first)."""
     p = _start(tmp_path)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert out.splitlines() == ["imported whole: True", f"raised {raised}"], (out, err)
+    # raised by the import statement, once the module had run whole (the next line never ran)
+    assert out.splitlines() == [f"raised {raised} after the import: True"], (out, err)
 
 
 def test_three_ctrl_c_during_one_import_stop_it_at_once(tmp_path):
@@ -68,7 +71,8 @@ def test_three_ctrl_c_during_one_import_stop_it_at_once(tmp_path):
         p.send_signal(signal.SIGINT)
         time.sleep(0.1)
     out, err = p.communicate(timeout=60)
-    assert out.splitlines() == ["raised KeyboardInterrupt"] and time.perf_counter() - t < 5, (out, err)
+    assert out.splitlines() == ["raised KeyboardInterrupt after the import: False"] and time.perf_counter() - t < 5, \
+        (out, err)
 
 
 def test_outside_an_import_ctrl_c_raises_at_once(tmp_path):
@@ -80,7 +84,7 @@ def test_outside_an_import_ctrl_c_raises_at_once(tmp_path):
     t = time.perf_counter()
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=60)
-    assert out.strip() == "raised KeyboardInterrupt" and time.perf_counter() - t < 5
+    assert out.strip() == "raised KeyboardInterrupt after the import: True" and time.perf_counter() - t < 5
 
 
 def test_handlers_are_restored_and_an_ignored_sigint_stays_ignored():

@@ -15,7 +15,8 @@ import pytest
 from slugkit.common.errors import OutputExistsError
 from slugkit.common.files import write_json
 from slugkit.common.outguard import MANIFEST
-from slugkit.common.runfolder import RunLockedError, abandon_claims, claim_entry, claim_out, out_lock, run_folder
+from slugkit.common.runfolder import (RunLockedError, abandon_claims, claim_out, inputs_folder, out_lock,
+                                     run_folder)
 
 
 @pytest.fixture(autouse=True)
@@ -74,12 +75,12 @@ HOLD_RUN = """
 HOLD_EARLY = """
     import sys, time
     from pathlib import Path
-    from slugkit.common.runfolder import claim_entry, claim_out
+    from slugkit.common.runfolder import claim_out, inputs_folder
     out = Path(sys.argv[1])
     claim_out(out, overwrite=True)
-    claim_entry(out / "data")
-    (out / "data").mkdir(parents=True)
-    (out / "data" / "forget.tar").write_text("partial")
+    inp = inputs_folder(out)  # the run's temporary folder: out itself is not touched
+    (inp / "data").mkdir(parents=True)
+    (inp / "data" / "forget.tar").write_text("partial")
     print("ready", flush=True)
     time.sleep(60)
 """
@@ -155,9 +156,9 @@ def test_a_users_entries_named_like_the_runs_are_kept_aside(tmp_path, capfd):
     (out / "report.md").write_text("my report")
     (out / "data.before-slug").write_text("B")  # already there: never overwritten (third trial)
     claim_out(out)
-    claim_entry(out / "data")
-    (out / "data").mkdir()
-    (out / "data" / "forget.tar").write_text("curated")
+    inp = inputs_folder(out)  # the run's temporary folder: out itself is not touched
+    (inp / "data").mkdir()
+    (inp / "data" / "forget.tar").write_text("curated")
     with run_folder(out) as tmp:
         (tmp / "report.md").write_text("slug's")
         (tmp / "result.json").write_text("{}")
@@ -272,9 +273,9 @@ def test_early_claim_owns_what_the_caller_writes(tmp_path):
         claim_out(out, overwrite=False)
     assert json.loads((out / "result.json").read_text()) == {"old": True} and _leftovers(tmp_path) == []
     claim_out(out, overwrite=True)
-    claim_entry(out / "data" / "forget.tar")
-    (out / "data").mkdir(parents=True)
-    (out / "data" / "forget.tar").write_text("new inputs")
+    inp = inputs_folder(out)  # the run's temporary folder: out itself is not touched
+    (inp / "data").mkdir(parents=True)
+    (inp / "data" / "forget.tar").write_text("new inputs")
     with pytest.raises(KeyboardInterrupt):
         with run_folder(out, overwrite=True) as tmp:
             (tmp / "result.json").write_text("{}")
@@ -283,18 +284,18 @@ def test_early_claim_owns_what_the_caller_writes(tmp_path):
     assert _leftovers(tmp_path) == []
 
     claim_out(out, overwrite=True)
-    claim_entry(out / "data" / "forget.tar")
-    (out / "data").mkdir(parents=True)
-    (out / "data" / "forget.tar").write_text("new inputs")
+    inp = inputs_folder(out)  # the run's temporary folder: out itself is not touched
+    (inp / "data").mkdir(parents=True)
+    (inp / "data" / "forget.tar").write_text("new inputs")
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text('{"new": true}')
     assert _names(out) == ["data", "result.json"]
     assert (out / "data" / "forget.tar").read_text() == "new inputs" and _leftovers(tmp_path) == []
 
     claim_out(out, overwrite=True)  # claimed and inputs written, then the command fails before its run starts
-    claim_entry(out / "data")
-    (out / "data").mkdir(parents=True)
-    (out / "data" / "forget.tar").write_text("partial")
+    inp = inputs_folder(out)  # the run's temporary folder: out itself is not touched
+    (inp / "data").mkdir(parents=True)
+    (inp / "data" / "forget.tar").write_text("partial")
     abandon_claims()
     assert json.loads((out / "result.json").read_text()) == {"new": True} and _leftovers(tmp_path) == []
 
@@ -329,17 +330,21 @@ def test_dead_holders_lock_is_taken_over_and_its_leftovers_removed(tmp_path, cap
     assert _leftovers(tmp_path) == []
 
 
-def test_dead_early_claim_puts_the_old_run_back(tmp_path, capfd):
+def test_a_dead_early_claim_leaves_out_untouched(tmp_path, capfd):
+    """An early claim (`slug demo` curating its inputs) writes into its temporary folder, not into OUT: the old run
+    stays in place while the new one is prepared, and a `kill -9` leaves only the hidden folder, removed (and said)
+    by the next claim. (OUT used to be moved aside and its inputs curated into a visible OUT/data, where a file the
+    user put was deleted with them, fifth trial.)"""
     out = tmp_path / "run"
     _old_run(out)
     holder = _child(HOLD_EARLY, str(out))
-    assert not (out / "result.json").exists()  # moved aside while the new run is prepared
+    assert _names(out) == ["patch", "result.json"]  # still the old run, readable while the new one is prepared
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    with pytest.raises(OutputExistsError):  # the old run is back, so it needs --overwrite again
+    assert _names(out) == ["patch", "result.json"] and any(n.endswith(".tmp") for n in _leftovers(tmp_path))
+    with pytest.raises(OutputExistsError):  # the old run is there, so it needs --overwrite
         claim_out(out, overwrite=False)
-    assert "put the previous folder back" in capfd.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["patch", "result.json"]
+    assert "removed its temporary folder .run.slug-" in capfd.readouterr().err
     assert _leftovers(tmp_path) == []
 
 
@@ -387,8 +392,8 @@ def test_an_existing_out_keeps_its_mode(tmp_path, early, held):
         os.chmod(out, 0o700)
         if early:
             claim_out(out, overwrite=True)
-            claim_entry(out / "data")
-            (out / "data").mkdir(parents=True)  # as slug demo curates its inputs into OUT (moved aside) first
+            inp = inputs_folder(out)  # the run's temporary folder: out itself is not touched
+            (inp / "data").mkdir(parents=True)  # as slug demo curates its inputs first
         with run_folder(out, overwrite=True) as tmp:
             (tmp / "result.json").write_text("{}")
     finally:
@@ -424,8 +429,8 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
     (out / MANIFEST).unlink()
     (out / "report.md").write_text("old report")
     claim_out(out, overwrite=True)
-    claim_entry(out / "data")
-    (out / "data").mkdir()
+    inp = inputs_folder(out)  # the run's temporary folder: out itself is not touched
+    (inp / "data").mkdir()
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text("{}")
     assert _names(out) == ["data", "notes.txt", "odd\nname", "result.json", "thesis"] and _leftovers(tmp_path) == []
@@ -433,99 +438,94 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
 
 
 def test_a_users_files_put_into_out_while_a_run_goes_on_are_kept(tmp_path, capfd):
-    """A file the user wrote into OUT while an `--overwrite` run was going on (the old folder moved aside) was taken
-    for the run's own (fourth trial): it is carried as the user's, named, and left out of the manifest; the version
-    from before slug ran keeps NAME.before-slug. A file put there while a run that then fails is kept too."""
+    """Files the user writes into OUT while an `--overwrite` run goes on — beside the old run's, or inside its own
+    folders (`OUT/data/extra.txt`: the fifth trial saw it recorded as the run's, then deleted) — are kept: OUT is not
+    touched until the commit, which carries them (an old run's folder holding one is kept whole as
+    NAME.before-slug) and names them. A file edited in place keeps its mode (a carried file is a hard link)."""
     out = tmp_path / "run"
     _old_run(out)
+    with run_folder(out, overwrite=True) as tmp:  # a run with its own data/ and manifest
+        (tmp / "result.json").write_text("{}")
+        (tmp / "patch").mkdir()
+        (tmp / "data").mkdir()
+        (tmp / "data" / "forget.tar").write_text("old set")
     (out / "notes.txt").write_text("old notes")
-    os.chmod(out / "notes.txt", 0o600)  # a carried file is a hard link: the run's chmod must not reach it
+    os.chmod(out / "notes.txt", 0o600)
     claim_out(out, overwrite=True)
-    claim_entry(out / "data")
-    (out / "data").mkdir()
-    (out / "notes.txt").write_text("new notes")
-    (out / "todo.txt").write_text("mine")
+    inp = inputs_folder(out)
+    (inp / "data").mkdir()
+    (inp / "data" / "forget.tar").write_text("new set")
+    (out / "notes.txt").write_text("new notes")  # during the run
+    (out / "data" / "extra.txt").write_text("mine")
     capfd.readouterr()
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text("{}")
-    assert _names(out) == ["data", "notes.txt", "notes.txt.before-slug", "result.json", "todo.txt"]
-    assert (out / "notes.txt").read_text() == "new notes" and (out / "notes.txt.before-slug").read_text() == "old notes"
-    assert stat.S_IMODE((out / "notes.txt.before-slug").stat().st_mode) == 0o600
+    assert _names(out) == ["data", "data.before-slug", "notes.txt", "result.json"]
+    assert (out / "notes.txt").read_text() == "new notes" and stat.S_IMODE((out / "notes.txt").stat().st_mode) == 0o600
+    assert (out / "data" / "forget.tar").read_text() == "new set"
+    assert (out / "data.before-slug" / "extra.txt").read_text() == "mine"
     assert json.loads((out / MANIFEST).read_text())["entries"] == [MANIFEST, "data", "result.json"]
-    assert "what slug did not write there: notes.txt, todo.txt, notes.txt as notes.txt.before-slug" in \
-        capfd.readouterr().err
-    claim_out(out, overwrite=True)  # a run that fails: its data goes, the user's new file stays in the old folder
-    claim_entry(out / "data")
-    (out / "data").mkdir()
+    assert "what slug did not write there: notes.txt, data as data.before-slug" in capfd.readouterr().err
+    claim_out(out, overwrite=True)  # a run that fails: OUT, with the file the user added meanwhile, stays as it is
     (out / "draft.txt").write_text("mine")
     with pytest.raises(KeyboardInterrupt):
         with run_folder(out, overwrite=True):
             raise KeyboardInterrupt
-    assert _names(out) == ["data", "draft.txt", "notes.txt", "notes.txt.before-slug", "result.json", "todo.txt"]
-    assert f"note: kept in {out} what slug did not write there: draft.txt" in capfd.readouterr().err
+    assert _names(out) == ["data", "data.before-slug", "draft.txt", "notes.txt", "result.json"]
     assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("before", ["a run", "nothing"])
-def test_a_killed_runs_repair_keeps_what_the_user_wrote_after(tmp_path, capfd, before):
-    """After `kill -9` of an `--overwrite` demo, files the user then wrote into OUT were deleted, unnamed, by the
-    next run's repair (fourth trial): only the dead run's recorded entries go; the user's are kept (moved into the
-    previous folder when it comes back, its own version of the name kept as NAME.before-slug) and named."""
+def test_a_killed_run_leaves_what_the_user_wrote_after(tmp_path, capfd, before):
+    """After `kill -9` of an `--overwrite` demo, files the user then wrote into OUT were deleted by the next run's
+    repair (fourth and fifth trials): the dead run wrote only into its temporary folder, so the repair removes that
+    and nothing in OUT."""
     out = tmp_path / "run"
     if before == "a run":
         _old_run(out)
-        (out / "notes.txt").write_text("old notes")
     holder = _child(HOLD_EARLY, str(out))
     holder.send_signal(signal.SIGKILL)
     holder.wait()
+    out.mkdir(exist_ok=True)
     (out / "notes.txt").write_text("written after the kill")
-    (out / "data" / "mine.csv").write_text("inside the run's folder: goes with it")
     capfd.readouterr()
     claim_out(out, overwrite=True)
     abandon_claims()
-    err = capfd.readouterr().err
-    assert "removed its partial output" in err and not (out / "data").exists()
-    assert (out / "notes.txt").read_text() == "written after the kill"
-    if before == "a run":
-        assert _names(out) == ["notes.txt", "notes.txt.before-slug", "patch", "result.json"]
-        assert (out / "notes.txt.before-slug").read_text() == "old notes"
-        assert "put the previous folder back; kept what it did not write: notes.txt (the previous one as " \
-               "notes.txt.before-slug)" in err
-    else:
-        assert _names(out) == ["notes.txt"] and "kept what it did not write: notes.txt" in err
+    assert "removed its temporary folder" in capfd.readouterr().err
+    assert _names(out) == (["notes.txt", "patch", "result.json"] if before == "a run" else ["notes.txt"])
     assert _leftovers(tmp_path) == []
 
 
-def test_reading_a_run_being_replaced_is_refused_and_a_dead_ones_is_repaired_first(tmp_path, capsys):
-    """During an `--overwrite` demo, `slug inspect/audit RUN` said "no patch there" (the old run is set aside); after
-    the run was killed nothing said how to get it back (fourth trial). A reader is told who is writing; after a kill
-    the reader repairs the folder (the previous run put back, said on stderr) and reads it."""
+def test_a_run_being_replaced_stays_readable_and_a_dead_writer_is_cleaned_up_by_a_reader(tmp_path, capsys):
+    """During an `--overwrite` demo, `slug inspect/audit RUN` said "no patch there" (the old run was set aside,
+    fourth trial): the old run stays in place until the commit, so it is read; a file output into the folder being
+    written is refused; after a kill, the reader removes the dead run's temporary folder and says so."""
     from slugkit.cli import main
+    from slugkit.cli.outputs import out_inside_run
     from slugkit.common.runfolder import settle
 
     out = tmp_path / "run"
     _old_run(out)
     holder = _child(HOLD_EARLY, str(out))
     try:
-        for path in (out, out / "patch", out / "patch" / "patch.json"):
-            with pytest.raises(RunLockedError, match=f"another slug run is writing {out} \\(pid {holder.pid}\\); "
-                                                     "the run that was there is set aside until it finishes"):
-                settle(path)
-        assert main(["inspect", str(out)]) == 2
-        assert f"another slug run is writing {out} (pid {holder.pid})" in capsys.readouterr().err
-        from slugkit.cli.outputs import out_inside_run  # apply/export --out into it: replaced with that run
-
-        assert out_inside_run(str(out / "model")) == (f"--out {out / 'model'}: another slug run is writing {out} "
-                                                      f"(pid {holder.pid}); wait for it or write elsewhere")
+        assert main(["inspect", str(out)]) == 2  # read: our stand-in patch has no patch.safetensors
+        assert "holds no patch.safetensors" in capsys.readouterr().err
+        assert "is inside the run folder" in out_inside_run(str(out / "model"))
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert not (out / "result.json").exists()  # what kill -9 leaves: the old run set aside
-    assert main(["inspect", str(out / "patch")]) == 2  # repaired, then read: our stand-in patch.json is not JSON
+    fresh = tmp_path / "fresh"  # no run there yet: a file output into the folder being written is refused too
+    other = _child(HOLD_EARLY, str(fresh))
+    try:
+        assert out_inside_run(str(fresh / "m")) == (f"--out {fresh / 'm'}: another slug run is writing {fresh} "
+                                                    f"(pid {other.pid}); wait for it or write elsewhere")
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["inspect", str(out / "patch")]) == 2
     err = capsys.readouterr().err
-    assert "ended without finishing; taking over its lock; removed its partial output; put the previous folder " \
-           "back" in err and "holds no patch.safetensors" in err  # the old folder read, not a missing one
-    assert _names(out) == ["patch", "result.json"] and _leftovers(tmp_path) == []
+    assert "ended without finishing; taking over its lock; removed its temporary folder" in err
+    assert _names(out) == ["patch", "result.json"] and not [n for n in _leftovers(tmp_path) if n.startswith(".run.")]
     settle(out / "patch")  # nothing to do, nothing said
     settle(tmp_path / "absent")
     assert capsys.readouterr().err == ""
@@ -635,9 +635,9 @@ def test_an_out_symlink_is_followed_by_an_early_claim(tmp_path, kind):
     link = tmp_path / "link"
     link.symlink_to(real)
     claim_out(link, overwrite=True)
-    claim_entry(link / "data")
-    (link / "data").mkdir()
-    (link / "data" / "forget.tar").write_text("inputs")
+    inp = inputs_folder(link)  # the run's temporary folder: link itself is not touched
+    (inp / "data").mkdir()
+    (inp / "data" / "forget.tar").write_text("inputs")
     with run_folder(link, overwrite=True) as tmp:
         (tmp / "result.json").write_text("{}")
     assert link.is_symlink() and _names(real) == ["data", "result.json"]

@@ -133,16 +133,18 @@ def test_ctrl_c_leaves_nothing_or_a_complete_run(tmp_path, world_dir):
     assert rc == 130 and "interrupted" in err
     assert {q.relative_to(out): q.read_bytes() for q in out.rglob("*") if q.is_file()} == before
     assert _leftovers(tmp_path) == []
-    # kill -9 of an --overwrite run, then a file written into OUT: the next run's repair deleted it (fourth trial)
+    # kill -9 of an --overwrite run, then a file written into OUT and into its data/: the next run's repair deleted
+    # them (fourth and fifth trials). The run writes only into its temporary folder: OUT is the old run throughout
     rc, err = _interrupt_at("gradients", _demo_args(out, world_dir, "--overwrite"), sig=signal.SIGKILL)
-    assert rc == -signal.SIGKILL and (out / "data" / "forget.tar").is_file()
+    assert rc == -signal.SIGKILL
+    assert {q.relative_to(out): q.read_bytes() for q in out.rglob("*") if q.is_file()} == before
     (out / "notes.txt").write_text("mine")
-    rc, err = _interrupt_at("claimed", _demo_args(out, world_dir, "--overwrite"))
-    assert rc == 130 and "removed its partial output; put the previous folder back;" in err, err[-3000:]
-    assert "; kept what it did not write: notes.txt\n" in err
-    assert (out / "notes.txt").read_text() == "mine"
-    assert {q.relative_to(out): q.read_bytes() for q in out.rglob("*") if q.is_file() and q.name != "notes.txt"} \
-        == before
+    (out / "data" / "extra.txt").write_text("mine too")
+    p = _slug(*_demo_args(out, world_dir, "--overwrite"))
+    rc, (_, err) = p.wait(timeout=600), p.communicate()
+    assert rc == 2 and "taking over its lock; removed its temporary folder" in err, err[-3000:]
+    assert "holds files slug did not write inside its run's folders (data/extra.txt)" in err  # refused up front
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "extra.txt").read_text() == "mine too"
     assert _leftovers(tmp_path) == []
 
 

@@ -196,7 +196,10 @@ def refusal_text(msg: str) -> str:
 def os_error_text(e: OSError) -> str:
     """``<path>: <reason>`` for an OSError that names a path (``<path> -> <path2>: <reason>`` for two), else its
     message."""
+    from ..common.files import final_path  # a path in a run's temporary folder is named as OUT's
+
     if e.filename is None or e.strerror is None:
         return str(e)
-    where = os.fsdecode(e.filename) + (f" -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else "")
+    where = final_path(os.fsdecode(e.filename)) + (f" -> {final_path(os.fsdecode(e.filename2))}"
+                                                   if e.filename2 is not None else "")
     return f"{where}: {e.strerror}"

@@ -152,7 +152,10 @@ def cmd_demo(a) -> int:
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients, budgets=budgets_of(a), **step_options(a))
     if a.sequential and len(concepts) > 1:
-        cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: out / f"{k + 1}-{c.replace(' ', '_')}",
+        from ..common.outlock import inputs_folder
+
+        steps = inputs_folder(out)  # the run's temporary folder: the steps are written there, committed as OUT/k-Name
+        cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: steps / f"{k + 1}-{c.replace(' ', '_')}",
                                                         a.data_dir, **common)]
         result = run_sequential(cfgs, out, overwrite=a.overwrite)
         print_multi_summary(result, str(out))

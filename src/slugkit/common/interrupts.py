@@ -8,15 +8,18 @@ Ctrl-C swallowed (the run went on and exited 0) or turned into an ``AttributeErr
 So, while ``slug`` is the program (:func:`handling`, installed by the ``slug`` script, :mod:`slugkit.__main__`,
 before it imports anything else of slugkit's, and by :func:`slugkit.cli.main`), SIGINT and SIGTERM are held back
 while an import is executing (a frame of ``importlib._bootstrap`` on the main thread's stack) and delivered as soon
-as it has finished (checked every 50 ms with ``SIGALRM``): Ctrl-C then unwinds the run as anywhere else
-(``interrupted``, exit 130; SIGTERM: :class:`Terminated`, ``terminated``, exit 143). A third Ctrl-C during one import
-is delivered at once (an import that hangs can still be stopped).
+as it has finished: the ``import`` statement that finished it raises (checked every 50 ms with ``SIGALRM`` too; the
+fifth trial saw ``slug revert`` do all its work in the 50 ms after torch's import, the Ctrl-C lost). Ctrl-C then
+unwinds the run as anywhere else (``interrupted``, exit 130; SIGTERM: :class:`Terminated`, ``terminated``, exit
+143). A third Ctrl-C during one import is delivered at once (an import that hangs can still be stopped).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import signal
+import sys
 import threading
 
 __all__ = ["Terminated", "handling"]
@@ -65,6 +68,17 @@ def _on_retry(signum, frame):
     _raise(signal.SIGTERM if signal.SIGTERM in _pending else signal.SIGINT)
 
 
+_import = builtins.__import__
+
+
+def _import_then_deliver(name, globals=None, locals=None, fromlist=(), level=0):
+    """``__import__``, after which a signal held back during the import is delivered (unless still inside one)."""
+    module = _import(name, globals, locals, fromlist, level)
+    if _pending and not _importing(sys._getframe(1)):
+        _raise(signal.SIGTERM if signal.SIGTERM in _pending else signal.SIGINT)
+    return module
+
+
 @contextlib.contextmanager
 def handling(active: bool = True):
     """For the block: SIGINT raises ``KeyboardInterrupt`` and SIGTERM :class:`Terminated`, both held back while an
@@ -76,9 +90,11 @@ def handling(active: bool = True):
     wanted = {signal.SIGINT: _on_signal, signal.SIGTERM: _on_signal, signal.SIGALRM: _on_retry}
     # a signal the shell made us ignore (`nohup`, a background job's SIGINT) stays ignored
     old = {s: signal.signal(s, h) for s, h in wanted.items() if signal.getsignal(s) != signal.SIG_IGN}
+    old_import, builtins.__import__ = builtins.__import__, _import_then_deliver
     try:
         yield
     finally:
+        builtins.__import__ = old_import
         signal.setitimer(signal.ITIMER_REAL, 0)
         _pending.clear()
         for s, h in old.items():

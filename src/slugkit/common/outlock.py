@@ -9,14 +9,14 @@
   the temporary folder being filled, whether it committed). A process that gets the lock and finds a record there
   knows that the holder died unfinished: it repairs OUT from the record (puts the old folder back, removes partial
   writes and temporary folders) and says so on stderr ("note: ... taking over its lock").
-* **Early claims.** :func:`claim_out` takes the lock *before* a run, for callers that write a run's inputs into OUT
-  before they call the workflow (``slug demo`` curates ``OUT/data`` first). OUT then belongs to the run: its old
-  content (a run, only with ``overwrite``; or other files) is moved aside, put back if the run fails, deleted when it
-  succeeds (other files are carried into the new run); the entries the caller writes into OUT, recorded first
-  (:func:`claim_entry`), become part of the run, and only they are removed if it fails — a file the user puts into
-  OUT meanwhile is kept (:mod:`slugkit.common.outundo`); a folder inside OUT is private (:func:`is_private`). The run's
-  ``run_folder`` releases the claim; a claim whose run never started is undone by :func:`abandon_claims` (the CLI
-  calls it on its way out; also at exit).
+* **Early claims.** :func:`claim_out` takes the lock *before* a run, for callers that write a run's inputs before
+  they call the workflow (``slug demo`` curates its forget and retain sets first): it checks OUT (a run is refused
+  without ``overwrite``) and creates the run's temporary folder at once; the caller writes the inputs into it
+  (:func:`inputs_folder`: ``OUT/data`` is written as ``.OUT.slug-XXXX.tmp/data``), and the run's ``run_folder`` fills
+  and commits that same folder. OUT itself is not touched until the commit: while the run goes on it still holds the
+  old run (``slug inspect`` reads it), a file the user puts there is theirs, and a failed or killed run leaves only
+  the hidden temporary folder, which the next claim removes. The run's ``run_folder`` releases the claim; a claim
+  whose run never started is undone by :func:`abandon_claims` (the CLI calls it on its way out; also at exit).
 * **Interruption.** Undoing (:func:`abort`) and committing run with SIGINT/SIGTERM held back (:func:`signals_held`).
 
 ``SLUGKIT_TEST_PAUSE_AT=stage[,stage]`` (test-only) makes :func:`pause_point` print ``slugkit-test: paused at STAGE``
@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OutputExistsError
-from .files import check_folder_target, unregister_staging
+from .files import check_folder_target, dir_mode, register_staging, unregister_staging
 from .outguard import RUN_MARKERS, TAG, nested_foreign, refuse_unsafe_out
 from .outundo import own_names, rmtree, siblings, undo_out
 
-__all__ = ["RunLockedError", "abandon_claims", "claim_entry", "claim_out", "is_private", "pause_point"]
+__all__ = ["RunLockedError", "abandon_claims", "claim_out", "inputs_folder", "is_private", "new_stage", "pause_point"]
 
 PAUSE_ENV, PAUSE_SECONDS_ENV = "SLUGKIT_TEST_PAUSE_AT", "SLUGKIT_TEST_PAUSE_S"
 
@@ -70,26 +70,22 @@ class Claim:
     target: Path  # where the folder is (OUT, or what a symlink OUT points to)
     lock: Path
     fd: int
-    early: bool = False  # claimed before the run: OUT belongs to the run, anything written into it is the run's
-    owns_target: bool = False  # early, set up: OUT (absent, empty or its old content moved aside) is the run's now
+    early: bool = False  # claimed before the run: its temporary folder exists from the start (inputs_folder)
+    stage_taken: bool = False  # early: the run's run_folder has taken the temporary folder made at the claim
     released_by_run: bool = True  # the run_folder that uses the claim releases it (False: out_lock does)
     created_parents: list = field(default_factory=list)
-    was_empty_dir: bool = False
-    aside: Path | None = None  # the old OUT, renamed away
-    aside_is_run: bool = False  # ... and it held a complete run (replaced whole, nothing carried over)
-    replace_run: bool = False  # lazy claim: OUT holds a complete run that the new one replaces
+    aside: Path | None = None  # the old OUT, renamed away at the commit (deleted once the new one is in place)
+    replace_run: bool = False  # OUT holds a complete run that the new one replaces
     stage: Path | None = None
     stage_id: tuple | None = None  # (st_dev, st_ino) of the temporary folder: identifies it after the rename
     committed: bool = False
     mode: int | None = None  # OUT's permission bits when it was claimed as an existing folder: the new OUT keeps them
-    entries: list = field(default_factory=list)  # early: OUT's top-level entries the run writes (claim_entry)
 
     def journal(self) -> None:
         """Write the holder and its moves into the lock file (read by whoever takes over after a crash)."""
         doc = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(self.out),
-               "owns_target": self.owns_target, "was_empty_dir": self.was_empty_dir,
                "aside": self.aside.name if self.aside else None, "stage": self.stage.name if self.stage else None,
-               "stage_id": self.stage_id, "committed": self.committed, "entries": self.entries}
+               "stage_id": self.stage_id, "committed": self.committed}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(doc).encode(), 0)
 
@@ -108,31 +104,23 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def is_private(path: str | os.PathLike) -> bool:
-    """Whether ``path`` lies inside a temporary folder this process is filling, or inside an OUT it claimed early:
-    no other writer can reach it, and whatever is written there is committed or removed with that run."""
+    """Whether ``path`` lies inside a temporary folder this process is filling: no other writer can reach it, and
+    whatever is written there is committed or removed with that run."""
     path = Path(path)
     with _CLAIMS_LOCK:
         for c in _CLAIMS.values():
             if c.stage is not None and (_key(path) == _key(c.stage) or _inside(path, c.stage)):
                 return True
-            if c.owns_target and _inside(path, c.target):
-                return True
     return False
 
 
-def claim_entry(path: str | os.PathLike) -> None:
-    """Record, before writing it, that ``path`` inside an OUT this process claimed early is the run's: its top-level
-    entry (``OUT/data`` for ``OUT/data/forget.tar``) is journaled, removed if the run fails and part of the run when
-    it commits. Entries nobody recorded are the user's (kept, :mod:`slugkit.common.outundo`). No-op elsewhere."""
-    p = os.path.realpath(path)
+def inputs_folder(out: str | os.PathLike) -> Path:
+    """Where a caller writes a run's inputs for OUT before the run (``slug demo``: ``inputs_folder(OUT) / "data"``):
+    the temporary folder of this process's early claim on ``out``, which the run then fills and commits; ``out``
+    itself when there is none (OUT is inside a temporary folder already, or not claimed early)."""
     with _CLAIMS_LOCK:
-        for c in _CLAIMS.values():
-            t = os.path.realpath(c.target)
-            if c.owns_target and p.startswith(t + os.sep):
-                name = p[len(t) + 1:].split(os.sep)[0]
-                if name not in c.entries:
-                    c.entries.append(name)
-                    c.journal()
+        c = _CLAIMS.get(_key(Path(out).resolve() if Path(out).is_symlink() else Path(out)))
+    return c.stage if c is not None and c.early and c.stage is not None and not c.stage_taken else Path(out)
 
 
 # ---------------------------------------------------------------------------------------------------- the lock
@@ -216,7 +204,8 @@ def _release(claim: Claim) -> None:
 
 def _recover(claim: Claim, doc: dict) -> None:
     """Repair ``claim.target`` after a holder that died (``doc``: its journal; {} when unreadable) and say what was
-    done: only the entries it wrote are removed (:mod:`slugkit.common.outundo`)."""
+    done: its temporary folder removed, the old folder put back if its commit had moved it away (a journal of an
+    older slugkit whose early claim wrote into OUT itself: only the entries it wrote removed, :mod:`.outundo`)."""
     target, done, kept = claim.target, [], []
     aside = target.parent / doc["aside"] if doc.get("aside") else None
     committed = bool(doc.get("committed"))
@@ -233,7 +222,7 @@ def _recover(claim: Claim, doc: dict) -> None:
                               bool(doc.get("owns_target")))
     for stale in siblings(target, ".tmp"):
         rmtree(stale)
-        done.append(f"removed {stale.name}")
+        done.append(f"removed its temporary folder {stale.name}")
     if kept:
         done.append(f"kept what it did not write: {', '.join(kept)}")
     left = [p.name for p in siblings(target, ".old")]
@@ -326,16 +315,21 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
 
 
 def _take(claim: Claim, overwrite: bool, marker: str) -> None:
-    """Early claim: make OUT the run's — its old content (a run, with ``overwrite``, or other files) moved aside."""
-    state = inspect_out(claim, overwrite, marker)
-    claim.was_empty_dir = state == "empty"
-    if state in ("run", "other"):
-        claim.aside, claim.aside_is_run = new_name(claim.target, ".old"), state == "run"
-        claim.journal()
-        os.rename(claim.target, claim.aside)
-    claim.owns_target = True
+    """Early claim: check OUT (a run is refused without ``overwrite``) and create the run's temporary folder."""
+    claim.replace_run = inspect_out(claim, overwrite, marker) == "run"
+    new_stage(claim)
+
+
+def new_stage(claim: Claim) -> Path:
+    """Create the temporary folder (the umask's mode) for the run into ``claim``'s OUT, next to it; journaled."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{claim.target.name}{TAG}", suffix=".tmp", dir=claim.target.parent))
+    stage = claim.target.parent / stage.name
+    os.chmod(stage, dir_mode())
+    st = stage.stat()
+    claim.stage, claim.stage_id = stage, (st.st_dev, st.st_ino)
+    register_staging(stage, claim.target)
     claim.journal()
-    claim.target.mkdir(exist_ok=True)  # the caller writes into OUT (also through an OUT symlink, whose target moved)
+    return stage
 
 
 # ------------------------------------------------------------------------------------------------- the folder
@@ -360,19 +354,16 @@ def signals_held():
 
 
 def abort(claim: Claim) -> None:
-    """Undo an unfinished claim: the temporary folder removed, what the run wrote into an early-claimed OUT removed
-    (entries it did not write kept and named, :func:`~slugkit.common.outundo.undo_out`), the old folder put back.
-    Safe to repeat."""
+    """Undo an unfinished claim: the temporary folder removed, the old folder put back if the commit had moved it
+    away. Safe to repeat."""
     if claim.committed:
         return
     if claim.stage is not None:
         shutil.rmtree(claim.stage, ignore_errors=True)
         unregister_staging(claim.stage)
         claim.stage = None
-    _, kept = undo_out(claim.target, set(claim.entries), claim.aside, claim.was_empty_dir, claim.owns_target)
-    claim.aside, claim.owns_target = None, False
-    if kept:
-        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(kept)}", file=sys.stderr)
+    undo_out(claim.target, set(), claim.aside, False, False)
+    claim.aside = None
 
 
 def finish(claim: Claim) -> None:

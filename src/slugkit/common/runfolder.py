@@ -16,13 +16,15 @@
   (:data:`~slugkit.common.outguard.MANIFEST`). A folder holding a complete run (``marker`` present) is replaced only
   with ``overwrite``, renamed away first and deleted after the rename succeeded, except the entries slug did not
   write (a user's notes; :func:`~slugkit.common.outguard.foreign_entries`): they are carried into the new run and
-  named on stderr. A folder holding something else keeps those entries: the ones the run did not write (a caller's
-  inputs such as ``data/``, or unrelated files) are hard-linked into the new folder (copied where links fail) first.
+  named on stderr, as is an entry of the old run holding a file the user put there (kept whole, as
+  ``NAME.before-slug``). A folder holding something else keeps all its entries: they are hard-linked into the new
+  folder (copied where links fail) first. Until that rename OUT is not touched — also after an early claim
+  (:func:`~slugkit.common.outlock.claim_out`), whose inputs are written into the temporary folder
+  (:func:`~slugkit.common.outlock.inputs_folder`).
 * **Failure** — any exception, ``KeyboardInterrupt`` and a full disk included: the temporary folder is removed and
-  OUT is as before (after an early claim, :func:`~slugkit.common.outlock.claim_out`, what the caller wrote into it
-  is removed too and the old folder put back).
-* **Nesting.** Inside a private folder (the temporary folder of a run, or an early-claimed OUT) ``run_folder`` writes
-  in place: ``slug compare``'s SLUG run and ``slug demo --sequential``'s steps are committed with their parent.
+  OUT is as before. A ``kill -9`` leaves only the hidden temporary folder, removed by the next claim of OUT.
+* **Nesting.** Inside a private folder (the temporary folder of a run) ``run_folder`` writes in place: ``slug
+  compare``'s SLUG run and ``slug demo --sequential``'s steps are committed with their parent.
 """
 
 from __future__ import annotations
@@ -31,15 +33,14 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .files import dir_mode, final_path, fix_modes, kept_name, link_or_copy, register_staging, unregister_staging
-from .outguard import foreign_entries, write_manifest, writer_of
-from .outlock import (TAG, Claim, RunLockedError, abandon_claims, abort, claim_entry, claim_out, finish, inspect_out,
-                      is_private, new_name, pause_point, rmtree, signals_held)
+from .files import final_path, fix_modes, kept_name, link_or_copy, unregister_staging
+from .outguard import TAG, foreign_entries, nested_foreign, write_manifest, writer_of
+from .outlock import (Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inputs_folder, inspect_out,
+                      is_private, new_name, new_stage, pause_point, rmtree, signals_held)
 
-__all__ = ["RunLockedError", "abandon_claims", "claim_entry", "claim_out", "is_private", "out_lock", "pause_point",
+__all__ = ["RunLockedError", "abandon_claims", "claim_out", "inputs_folder", "is_private", "out_lock", "pause_point",
            "run_folder", "settle"]
 
 
@@ -58,36 +59,19 @@ def out_lock(out: str | os.PathLike, wait: bool = True):
 
 
 def settle(path: str | os.PathLike) -> None:
-    """Before a command reads ``path`` (a run or patch folder, or a file in one): when a slug run is writing the run
-    folder it lies in (``path``, or one of its two parents), raise :class:`RunLockedError` naming its pid — the run
-    that was there is set aside until the new one finishes, and would read as missing; when the run that was writing
-    it died unfinished (``kill -9``), repair the folder now, saying so, so that the previous run is read."""
+    """Before a command reads ``path`` (a run or patch folder, or a file in one): when the slug run that was writing
+    the run folder it lies in (``path``, or one of its two parents) died unfinished (``kill -9``), repair that folder
+    now, saying so. A run still writing it leaves it alone: the run there stays whole until the new one's commit."""
     p = Path(path)
     for folder in [p, *list(p.parents)[:2]]:
-        if not folder.name or not (folder.parent / f".{folder.name}{TAG}lock").exists():
+        if not folder.name or not (folder.parent / f".{folder.name}{TAG}lock").exists() or writer_of(folder):
             continue
-        writer = writer_of(folder)
-        if writer is not None:
-            raise RunLockedError(f"{path}: another slug run is writing {folder} ({writer}); the run that was there is "
-                                 "set aside until it finishes: wait for it")
         with contextlib.suppress(RunLockedError, ValueError, OSError):  # a folder no run may claim: nothing to repair
             with out_lock(folder, wait=False):
                 pass
 
 
 # --------------------------------------------------------------------------------------------------- commit
-def _link_missing(src: Path, dst: Path, names: list[str] | None = None) -> list[str]:
-    """Carry over every entry of ``src`` (``names``: only those) that ``dst`` lacks (by name, top level; the run's
-    own entries win) into ``dst``: files hard-linked (copied where links fail), folders recreated and filled the same
-    way. Returns the names carried."""
-    carried = []
-    for entry in sorted(os.listdir(src) if names is None else names):
-        if not os.path.lexists(dst / entry):
-            _link_tree(src / entry, dst / entry)
-            carried.append(entry)
-    return carried
-
-
 def _link_tree(s: Path, d: Path) -> None:
     if s.is_symlink():
         os.symlink(os.readlink(s), d)
@@ -101,19 +85,14 @@ def _link_tree(s: Path, d: Path) -> None:
 
 
 def _start(claim: Claim, overwrite: bool, marker: str) -> Path:
-    """Create the temporary folder (the umask's mode) for a run into OUT."""
+    """The temporary folder for a run into OUT: made at an early claim (holding the caller's inputs), else now."""
+    if claim.early and claim.stage is not None and not claim.stage_taken:
+        claim.stage_taken = True
+        return claim.stage
     if claim.stage is not None:
         raise RuntimeError(f"{claim.out} is already being written by this process")
-    if not claim.early:
-        claim.replace_run = inspect_out(claim, overwrite, marker) == "run"
-    stage = Path(tempfile.mkdtemp(prefix=f".{claim.target.name}{TAG}", suffix=".tmp", dir=claim.target.parent))
-    stage = claim.target.parent / stage.name
-    os.chmod(stage, dir_mode())
-    st = stage.stat()
-    claim.stage, claim.stage_id = stage, (st.st_dev, st.st_ino)
-    register_staging(stage, claim.target)
-    claim.journal()
-    return stage
+    claim.replace_run = inspect_out(claim, overwrite, marker) == "run"
+    return new_stage(claim)
 
 
 def _carry(src: Path, stage: Path, names: list[str], own: set[str]) -> tuple[list[str], list[str]]:
@@ -133,29 +112,25 @@ def _carry(src: Path, stage: Path, names: list[str], own: set[str]) -> tuple[lis
 
 
 def _commit(claim: Claim) -> None:
-    """Rename the temporary folder to OUT: the entries OUT (or, early, the old folder) held that the run did not
-    write are linked in first — of a replaced run only those slug did not write (:func:`foreign_entries`), named on
-    stderr; an entry of the user's with a name the run wrote is kept as ``NAME.before-slug`` — and the run's own
-    entries recorded (:data:`MANIFEST`); a replaced folder is renamed away, then deleted."""
+    """Rename the temporary folder to OUT: the entries OUT held that the run did not write are linked in first — of
+    a replaced run only those slug did not write (:func:`foreign_entries`), and its entries holding a user's file,
+    named on stderr; an entry of the user's with a name the run wrote is kept as ``NAME.before-slug`` — and the run's
+    own entries recorded (:data:`MANIFEST`); a replaced folder is renamed away, then deleted."""
     stage, target = claim.stage, claim.target
-    own, during = set(os.listdir(stage)), []
-    if claim.early and target.exists():  # what the caller wrote into OUT for this run (claim_entry), and the rest
-        own |= set(_link_missing(target, stage, [n for n in claim.entries if os.path.lexists(target / n)]))
-        during = sorted(set(os.listdir(target)) - set(claim.entries))  # the user's, put there while the run went on
+    own = set(os.listdir(stage))
     write_manifest(stage, sorted(own))
     fix_modes(stage)  # the run's files only: a carried file is a hard link, chmod would change the user's own file
-    kept, renamed = _carry(target, stage, during, own) if during else ([], [])
-    src = claim.aside if claim.early else (target if target.exists() else None)
-    replaced = claim.aside_is_run if claim.early else claim.replace_run
-    if src is not None:
-        k, r = _carry(src, stage, foreign_entries(src) if replaced else os.listdir(src), own)
-        kept, renamed = kept + (k if replaced else []), renamed + r  # a folder that held no run: kept as documented
+    kept, renamed = [], []
+    if target.is_dir():
+        replaced = claim.replace_run
+        theirs = foreign_entries(target) if replaced else os.listdir(target)
+        if replaced:  # an entry of the old run holding a file the user put there (even during this run): kept whole
+            theirs += sorted({f.split("/")[0] for f in nested_foreign(target)} - set(theirs))
+        k, renamed = _carry(target, stage, theirs, own)
+        kept = k if replaced else []  # a folder that held no run: kept as documented
     if claim.mode is not None:
         os.chmod(stage, claim.mode)
-    if claim.early:
-        if target.exists():
-            rmtree(target)
-    elif target.exists():
+    if target.exists():
         claim.aside = new_name(target, ".old")
         claim.journal()
         os.rename(target, claim.aside)
@@ -187,7 +162,6 @@ def run_folder(out: str | os.PathLike, overwrite: bool = False, marker: str = "r
     (refused without ``overwrite``). Inside a private folder (:func:`is_private`) it yields ``out`` itself."""
     out = Path(out)
     if is_private(out):
-        claim_entry(out)  # inside an early-claimed OUT: the run's entry
         yield out
         return
     claim = claim_out(out, early=False, wait=wait)
@@ -205,6 +179,8 @@ def run_folder(out: str | os.PathLike, overwrite: bool = False, marker: str = "r
             _commit(claim)
     except BaseException as e:
         _name_final(e)
+        if claim.committed and isinstance(e, KeyboardInterrupt):  # held back during the commit, delivered after it
+            print(f"note: {out} had been written whole when the interrupt came", file=sys.stderr)
         with signals_held():
             abort(claim)
             if claim.released_by_run:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.outlock import claim_entry
+from ..common.outlock import inputs_folder
 from ..data.curate import curate
 from ..world import render as world
 from ..world.demo_data import RETAIN_PAIRS, ensure_world_data, retain_without, write_mixed_retain
@@ -31,17 +31,17 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
     data = ensure_world_data(data_dir, progress=progress)
     out = Path(out)
     mixed = retain_identity_fraction is not None
-    claim_entry(out / "data")  # in an OUT claimed early (`slug demo`): the run's entry, removed if the run fails
-    cur = curate(str(data / "pool"), concepts[0], out / "data", aliases=concepts[1:],
+    inputs = inputs_folder(out) / "data"  # OUT claimed early (`slug demo`): its temporary folder; OUT is not touched
+    cur = curate(str(data / "pool"), concepts[0], inputs, aliases=concepts[1:],
                  max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
     if mixed:
         cur["retain"] = RETAIN_PAIRS
-        cur["retain_mix"] = write_mixed_retain(concepts, out / "data" / "retain.tar", retain_identity_fraction,
+        cur["retain_mix"] = write_mixed_retain(concepts, inputs / "retain.tar", retain_identity_fraction,
                                                seed=seed)
     cfg = UnlearnConfig(
         concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=str(out),
-        model="embedded", forget=str(out / "data" / "forget.tar"),
-        retain=str(out / "data" / "retain.tar"), val_identities=str(data / "val" / "identities"),
+        model="embedded", forget=str(inputs / "forget.tar"),
+        retain=str(inputs / "retain.tar"), val_identities=str(data / "val" / "identities"),
         test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
         identity_templates=list(world.IDENTITY_EVAL_TEMPLATES), utility_val=str(data / "val" / "utility"),
         utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
