@@ -2,6 +2,7 @@
 time with one line naming the flag; every option says what it does; --version; the curate --retain rename."""
 
 import argparse
+import os
 
 import pytest
 
@@ -221,3 +222,24 @@ def test_an_error_naming_an_odd_path_stays_one_line(tmp_path, capsys):
         assert "\\n" in err or "\\x1b" in err
     assert main(["inspect", str(tmp_path / "bä d")]) == 2
     assert "bä d" in capsys.readouterr().err
+
+
+def test_a_symlink_loop_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """`ln -s loopB loopA; ln -s loopA loopB; slug demo --out loopA` was a RuntimeError traceback (fifth trial)."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loopB", "loopA")
+    os.symlink("loopA", "loopB")
+    for args in (["demo", "--out", "loopA"], ["world", "data", "--out", "loopA"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {tmp_path / 'loopA'}: is a loop of symbolic links; name a real folder or file\n", err
+
+
+def test_a_closed_stdout_at_start_is_no_traceback():
+    """`slug world names >&-` ended with an AttributeError on sys.stdout None (fifth trial)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "slugkit", "world", "names"], preexec_fn=lambda: os.close(1),
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == "", p.stderr

@@ -677,3 +677,24 @@ def test_a_quoted_tilde_a_home_folder_and_a_git_repository_are_refused(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "repo", "worktree"]
     with run_folder(tmp_path / "repo" / "runs" / "a") as tmp:  # inside them is fine
         (tmp / "result.json").write_text("{}")
+
+
+def test_a_ctrl_c_held_back_during_the_commit_says_the_run_is_whole(tmp_path, monkeypatch, capfd):
+    """A Ctrl-C during the commit is delivered when it is done: the run is complete, and the note says so (the
+    fifth trial saw `verdict: pass`, a complete folder, and a death by SIGINT without a word)."""
+    import contextlib
+
+    import slugkit.common.runfolder as rf
+
+    @contextlib.contextmanager
+    def held_then_delivered():
+        yield
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rf, "signals_held", held_then_delivered)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder(out) as tmp:
+            (tmp / "result.json").write_text("{}")
+    assert f"note: {out} had been written whole when the interrupt came" in capfd.readouterr().err
+    assert _names(out) == ["result.json"]

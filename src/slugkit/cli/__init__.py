@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 rc = _dispatch(argv)
             finally:
                 abandon_claims()
-        sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
+        if sys.stdout is not None:  # None: started with stdout closed (`slug demo >&-`); print() drops the output
+            sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
         return rc
     except BrokenPipeError:
         # Python docs, "Note on SIGPIPE": point stdout at devnull so the flush at exit does not fail again
@@ -152,6 +153,10 @@ def _dispatch(argv: list[str] | None) -> int:
         print(f"error: {printable(os_error_text(e))}", file=sys.stderr)  # a newline in a path split the line
         return 2
     except RuntimeError as e:
+        if str(e).startswith("Symlink loop from "):  # pathlib's resolve() on `ln -s a b; ln -s b a`
+            where = printable(str(e).removeprefix("Symlink loop from ").strip("'"))
+            print(f"error: {where}: is a loop of symbolic links; name a real folder or file", file=sys.stderr)
+            return 2
         hint = device_error_hint(e)
         if hint is None:  # not a device problem: a bug, keep the traceback
             raise
