@@ -45,6 +45,7 @@ from slugkit.cli import build_parser, main
     (["compare", "--methods", ","], "--methods"),
     (["compare", "--methods", "slug,ft,SLUG"], "--methods"),
     (["compare", "--concepts", "A,A"], "--concepts"),
+    (["demo", "--concepts", "Jowen Gormere,,Serna Malton"], "--concepts"),  # the empty item was dropped (fifth trial)
     (["demo", "--concepts", "Jowen Gormere, jowen gormere"], "--concepts"),
     (["compare", "--modes", ""], "--modes"),
     (["audit", "--patch", "p", "--probes", "prompts,prompts"], "--probes"),
@@ -163,6 +164,17 @@ def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, capsys
         args = {"--forget": "f.tar", "--retain": "r.tar", flag: ""}
         assert main(["unlearn", "--model", "ViT-B-32", "--concept", "X", "--out", "o", *sum(args.items(), ())]) == 2
         assert f"error: {flag} is empty (an unset shell variable?)" in capsys.readouterr().err
+    for args in (["apply", "--patch", "p", "--checkpoint", "", "--out", "x.safetensors"],  # "needs --model M"
+                 ["export", "--lora", "p", "--pipeline", " ", "--out", "l.safetensors"],  # ".: not a pipeline"
+                 ["curate", "--shards", "", "--concept", "x", "--out", "c"], ["audit", "--patch", "p", "--concept", ""],
+                 ["world", "data", "--out", ""], ["apply", "--patch", "", "--model", "embedded", "--out", "x.st"]):
+        assert main(args) == 2
+        flag = next(args[i] for i in range(len(args) - 1) if not args[i + 1].strip())
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out is empty") if flag == "--out" else \
+            err == f"error: {flag} is empty (an unset shell variable?); give a value, or leave the option out\n", err
+    assert main(["inspect", ""]) == 2
+    assert "the patch argument is empty" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
     for out in ("afile/sub", "afile/sub/deeper"):  # a file in the way: the message names --out and the culprit
         assert main(["canvas", "lite", "--methods", "uce", "--out", out]) == 2

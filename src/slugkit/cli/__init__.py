@@ -133,6 +133,7 @@ def _dispatch(argv: list[str] | None) -> int:
     out = getattr(a, "out", None)
     if isinstance(out, str) and not out.strip():  # every command: '' is not "the default folder" nor "here"
         msg = "--out is empty; name where to write (e.g. runs/NAME), or leave the option out where it has a default"
+    msg = msg or _empty_value(parser, argv, a)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         return 2
@@ -162,6 +163,26 @@ def _dispatch(argv: list[str] | None) -> int:
             raise
         print(f"error: {e}\n{hint}", file=sys.stderr)
         return 2
+
+
+def _empty_value(parser: argparse.ArgumentParser, argv: list[str], a) -> str | None:
+    """``--checkpoint ""``, ``--shards ""``, ``inspect ""`` (an unset shell variable): named, instead of the option
+    being taken as absent (``needs --model M``) or as the current folder (``.: not a pipeline folder``)."""
+    sub = parser
+    for word in argv:  # the command's own parser (`slug world data`: two levels)
+        actions = [x for x in sub._actions if isinstance(x, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            break
+        sub = actions[0].choices[word]
+    for action in sub._actions:
+        value = getattr(a, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            if not action.option_strings:
+                return f"the {action.dest} argument is empty (an unset shell variable?); give a value"
+            flag = action.option_strings[-1]
+            return f"{flag} is empty (an unset shell variable?); give a value, or leave the option out"
+    return None
 
 
 def _settle_inputs(a) -> None:

@@ -100,6 +100,8 @@ def item_list(text: str) -> str:
     if not items:
         raise argparse.ArgumentTypeError(f"is empty ({text!r}); give a comma list, or leave the option out for its "
                                          "default")
+    if len(items) != len(text.split(",")):  # `A,,B` or `A,`: a value lost (an unset variable in `$A,$B`?)
+        raise argparse.ArgumentTypeError(f"has an empty item ({text!r}); give each item once, separated by commas")
     seen = {}
     for item in items:
         if item.casefold() in seen:
@@ -311,11 +313,6 @@ def validate_unlearn(a, concepts: list[str]) -> str | None:
         return "pass --concept NAME (or --concepts A,B)"
     if world_mode(a):
         return None
-    empty = [f for f, v in (("--forget", a.forget), ("--retain", a.retain), ("--gradients", a.gradients))
-             if isinstance(v, str) and not v.strip()]
-    if empty:  # `--forget ""` (an unset shell variable) said "pass --forget and --retain"
-        what = "the gradients file (slug grads --out)" if empty[0] == "--gradients" else "the shards or folder"
-        return f"{empty[0]} is empty (an unset shell variable?); name {what} to read"
     if not a.gradients and not (a.forget and a.retain):
         return "pass --forget and --retain (or precomputed --gradients)"
     missing = [f for f, v in (("--val-identities", a.val_identities), ("--test-identities", a.test_identities))
