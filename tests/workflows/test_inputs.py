@@ -24,3 +24,30 @@ def test_names_beyond_the_text_context_are_counted_as_truncated(adapter):
     long_prefix = "word " * 80
     caps = [long_prefix + "Jowen Gormere", "Jowen Gormere " + long_prefix, "a photo of Jowen Gormere."]
     assert forget_caption_counts(adapter, caps, ["Jowen Gormere"]) == (3, 1)
+
+
+def test_test_images_that_are_validation_images_are_refused(tmp_path):
+    """`cp -al val/identities valcopy` passed as the test folder ran, reporting metrics on the images the search saw
+    (fifth trial): a link to or a copy of a validation image in the test folder is refused, naming both."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from slugkit.workflows.unlearn import UnlearnConfig, _check_inputs
+
+    val, test = tmp_path / "val" / "A", tmp_path / "test" / "A"
+    val.mkdir(parents=True)
+    test.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(val / f"{i}.png")
+        Image.new("RGB", (8, 8), (0, i * 40 + 1, 0)).save(test / f"{i}.png")
+    cfg = UnlearnConfig(concept="A", out=str(tmp_path / "o"), forget="f", retain="r", val_identities=str(val.parent),
+                        test_identities=str(test.parent))
+    _check_inputs(cfg)  # disjoint: fine
+    for share in (os.link, shutil.copyfile):  # the same file, or the same bytes
+        (test / "x.png").unlink(missing_ok=True)
+        share(val / "1.png", test / "x.png")
+        with pytest.raises(ValueError, match=r"--val-identities/--test-identities: 1 test image\(s\) are validation "
+                                             r"images too .* e\.g\. .*x\.png = .*1\.png"):
+            _check_inputs(cfg)

@@ -132,3 +132,36 @@ def read_lines(path: str | Path) -> list[str]:
     if not p.is_file():
         raise FileNotFoundError(f"file not found: {p}")
     return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def shared_images(a: str | Path, b: str | Path) -> list[tuple[Path, Path]]:
+    """Image files of folder ``b`` that are also in folder ``a``: the same file (a hard or symbolic link: same
+    inode) or the same bytes (a copy; only files of equal size are hashed). Pairs ``(file in a, file in b)``.
+    Used to keep the test images out of the validation the search sees (fifth trial: ``cp -al`` of the validation
+    folder passed as the test folder was not noticed)."""
+    import hashlib
+
+    def files(root):
+        return {p: p.stat() for p in _image_files(Path(root))}
+
+    fa, fb = files(a), files(b)
+    by_inode = {(st.st_dev, st.st_ino): p for p, st in fa.items()}
+    sizes = {}
+    for p, st in fa.items():
+        sizes.setdefault(st.st_size, []).append(p)
+    digest = {}
+
+    def sha(p):
+        if p not in digest:
+            digest[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return digest[p]
+
+    out = []
+    for p, st in fb.items():
+        same = by_inode.get((st.st_dev, st.st_ino))
+        if same is None:
+            same = next((q for q in sizes.get(st.st_size, []) if sha(q) == sha(p)), None)
+        if same is not None:
+            out.append((same, p))
+    return out
+

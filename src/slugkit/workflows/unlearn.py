@@ -176,14 +176,24 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
 
 
 def _check_inputs(cfg: UnlearnConfig) -> None:
-    """Refuse validation/test (or utility) folders that are the same folder (``--out`` is checked by
-    :func:`~slugkit.common.runfolder.run_folder`)."""
+    """Refuse validation/test (or utility) folders that are the same folder or share images (links or copies;
+    ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`)."""
     if cfg.val_identities and cfg.test_identities and \
             Path(cfg.val_identities).resolve() == Path(cfg.test_identities).resolve():
         raise ValueError("validation and test identity folders are the same; the search must not see the test "
                          "images (pass disjoint --val-identities and --test-identities)")
     if cfg.utility_val and cfg.utility_test and Path(cfg.utility_val).resolve() == Path(cfg.utility_test).resolve():
         raise ValueError("--utility-val and --utility-test are the same folder; they must be disjoint")
+    from ..data.folders import shared_images
+
+    for flags, val, test in (("--val-identities/--test-identities", cfg.val_identities, cfg.test_identities),
+                             ("--utility-val/--utility-test", cfg.utility_val, cfg.utility_test)):
+        if val and test and Path(val).is_dir() and Path(test).is_dir():
+            shared = shared_images(val, test)
+            if shared:  # links to, or copies of, the validation images: the reported metrics would be the searched
+                raise ValueError(f"{flags}: {len(shared)} test image(s) are validation images too (the same file or "
+                                 f"the same bytes; e.g. {shared[0][1]} = {shared[0][0]}); the search must not see "
+                                 "the test images: remove them from one folder")
 
 
 def _load_model(cfg: UnlearnConfig, adapter):
