@@ -108,6 +108,13 @@ def test_f_out_over_an_existing_file_needs_overwrite(tmp_path, patch_dir, capsys
                      "--overwrite"]) == 2
         assert "is inside the patch" in _err(capsys)
     assert load_patch(patch_dir).fingerprint == before
+    for target in ("nowhere/q.safetensors", "loop.safetensors"):  # a dangling link, a loop: replaced without a word
+        link = tmp_path / f"link-{target.replace('/', '_')}"
+        link.symlink_to(tmp_path / target)
+        if target.startswith("loop"):
+            (tmp_path / target).symlink_to(link)
+        assert main(["apply", "--patch", str(patch_dir), "--checkpoint", str(src), "--out", str(link)]) == 2
+        assert f"{link} is a symbolic link; pass --overwrite" in _err(capsys) and link.is_symlink()
 
 
 def test_f_new_options_have_help_with_default():

@@ -373,8 +373,9 @@ def _apply_target(a, revert: bool) -> str | None:
         out = Path(a.out)
         if out.is_dir():
             return f"--out {out} is a folder; give the .safetensors file to write"
-        if out.exists() and not a.overwrite:
-            return f"{out} already exists; pass --overwrite to replace it, or choose another --out"
+        if os.path.lexists(out) and not a.overwrite:  # a symbolic link too (dangling, or a loop: exists() is False)
+            what = "is a symbolic link" if out.is_symlink() else "already exists"
+            return f"{out} {what}; pass --overwrite to replace it, or choose another --out"
     return None
 
 
