@@ -339,3 +339,26 @@ def test_world_data_cli_says_what_it_holds(world_dir, tmp_path, capsys):
     (tmp_path / "run" / "run.json").write_text("{}")
     assert main(["world", "data", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "not the world's data" in capsys.readouterr().err
+
+
+def test_world_data_errors_name_the_data_folder_options(world_dir, tmp_path, capsys):
+    """`demo --data-dir FILE` said "choose another --out"; an outdated world holding a user's file in pool/ said
+    "--overwrite would delete them", an option neither `demo` nor `world data` has (fifth trial)."""
+    from slugkit.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["demo", "--data-dir", str(tmp_path / "afile"), "--out", str(tmp_path / "o")]) == 2
+    assert "is a file, not a folder; the world's data is written into a folder: choose another --data-dir" in \
+        capsys.readouterr().err
+    old = tmp_path / "world"
+    subprocess.run(["cp", "-al", str(world_dir), str(old)], check=True)
+    (old / "world.json").unlink()
+    (old / "world.json").write_text(json.dumps({"spec": {"outdated": True}}))
+    from slugkit.common.outguard import write_manifest
+
+    write_manifest(old, [p.name for p in old.iterdir() if not p.name.startswith(".")])  # as slug writes the world
+    (old / "pool" / "mine.txt").write_text("mine")
+    assert main(["world", "data", "--out", str(old), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "inside the world's folders (pool/mine.txt); the outdated world is rewritten there" in err, err
+    assert "--overwrite" not in err and (old / "pool" / "mine.txt").read_text() == "mine"

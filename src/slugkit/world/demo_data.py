@@ -71,8 +71,17 @@ def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True)
         if other:  # an old world is a cache and is replaced; another command's run is not (it deleted demos' runs)
             raise OutputExistsError(f"{d} holds a slug run ({other[0]} present), not the world's data; the world "
                                     "is written into a folder of its own: choose another --data-dir (or --out)")
-        with run_folder(d, overwrite=True, marker="world.json") as tmp:
-            _write_world(tmp, spec, progress, shown=d)
+        try:
+            with run_folder(d, overwrite=True, marker="world.json") as tmp:
+                _write_world(tmp, spec, progress, shown=d)
+        except NotADirectoryError:  # said "choose another --out" for --data-dir
+            raise NotADirectoryError(f"{d}: is a file, not a folder; the world's data is written into a folder: "
+                                     "choose another --data-dir (slug world data: --out)") from None
+        except OutputExistsError as e:  # said "--overwrite would delete them", an option neither command has
+            files = str(e)[str(e).find("("):str(e).find(")") + 1]
+            raise OutputExistsError(f"{d} holds files slug did not write inside the world's folders {files}; the "
+                                    "outdated world is rewritten there, which would delete them: move them out, or "
+                                    "choose another --data-dir (slug world data: --out)") from None
     return d
 
 
