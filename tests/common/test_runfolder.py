@@ -95,8 +95,9 @@ def test_run_appears_whole_by_rename(tmp_path):
         write_json(tmp / "run.json", {"out": str(tmp), "forget": str(tmp / "data" / "forget.tar")})
         (tmp / "result.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "patch", "result.json", "run.json"]
-    assert json.loads((out / MANIFEST).read_text()) == {"entries": [MANIFEST, "patch", "result.json", "run.json"],
-                                                        "files": ["patch/patch.json"]}
+    doc = json.loads((out / MANIFEST).read_text())
+    assert doc["entries"] == [MANIFEST, "patch", "result.json", "run.json"] and doc["files"] == ["patch/patch.json"]
+    assert sorted(doc["stamps"]) == ["patch/patch.json", "result.json", "run.json"]  # [size, mtime_ns] each
     assert json.loads((out / "run.json").read_text()) == {"out": str(out), "forget": str(out / "data" / "forget.tar")}
     assert _leftovers(tmp_path) == []
 
@@ -698,3 +699,35 @@ def test_a_ctrl_c_held_back_during_the_commit_says_the_run_is_whole(tmp_path, mo
             (tmp / "result.json").write_text("{}")
     assert f"note: {out} had been written whole when the interrupt came" in capfd.readouterr().err
     assert _names(out) == ["result.json"]
+
+
+def test_a_users_edit_of_a_runs_own_file_is_kept_on_overwrite(tmp_path, capfd):
+    """`echo notes >> RUN/report.md; slug demo --out RUN --overwrite` replaced the edited report without a word
+    (fifth trial): the manifest stamps each file (size, modification time); an entry edited since is kept whole as
+    NAME.before-slug and named. slug's own later changes (`slug audit` rewriting report.md) are re-stamped."""
+    import time
+
+    from slugkit.common.outguard import edited_entries, record_entries
+
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "report.md").write_text("slug's report\n")
+        (tmp / "patch").mkdir()
+        (tmp / "patch" / "patch.json").write_text("{}")
+    assert edited_entries(out) == []
+    time.sleep(0.01)
+    (out / "report.md").write_text("slug's report\nwith the audit section\n")  # as `slug audit RUN` does
+    record_entries(out, ["report.md"])
+    assert edited_entries(out) == []
+    with open(out / "report.md", "a") as f:
+        f.write("MY IMPORTANT NOTES\n")
+    os.utime(out / "patch" / "patch.json", ns=(0, 0))  # touched, even with the same size
+    assert edited_entries(out) == ["patch", "report.md"]
+    capfd.readouterr()
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "report.md").write_text("new report\n")
+    assert "MY IMPORTANT NOTES" in (out / "report.md.before-slug").read_text()
+    assert (out / "report.md").read_text() == "new report\n" and (out / "patch" / "patch.json").exists()
+    assert "patch, report.md as report.md.before-slug" in capfd.readouterr().err

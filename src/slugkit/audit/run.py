@@ -145,3 +145,4 @@ def write_audit(result: dict, out: str | Path) -> None:
         else:
             text = text.rstrip("\n") + "\n\n" + section
         atomic_write_bytes(report, text.encode())
+        record_entries(out, ["report.md"])  # slug's own change: not a user's edit (outguard.edited_entries)

@@ -27,12 +27,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from .files import MANIFEST, atomic_write_bytes, read_manifest
 
-__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "foreign_entries", "inside_run", "is_run",
-           "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest", "writer_of"]
+__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", "foreign_entries", "inside_run",
+           "is_run", "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest",
+           "writer_of"]
 
 TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
 # the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
@@ -73,22 +75,52 @@ def _tree(folder: Path, entries) -> list[str]:
     return out
 
 
+def _stamps(folder: Path, paths) -> dict[str, list[int]]:
+    """``{relative path: [size, mtime_ns]}`` of the regular files among ``paths`` (a link is not followed)."""
+    out = {}
+    for rel in paths:
+        try:
+            st = os.lstat(folder / rel)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[rel] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def write_manifest(folder: Path, entries: list[str], max_files: int = 50_000) -> None:
     """Record ``entries`` (top-level names the run wrote) in ``folder/MANIFEST``, and everything inside those that
-    are folders (:func:`_tree`; omitted beyond ``max_files``)."""
+    are folders (:func:`_tree`; omitted beyond ``max_files``), with each file's size and modification time
+    (``stamps``: a file the user edits later is told from the run's, :func:`edited_entries`)."""
     files = _tree(folder, entries)
-    doc = {"entries": sorted(set(entries) | {MANIFEST}), "files": files if len(files) <= max_files else None}
+    keep = len(files) <= max_files
+    doc = {"entries": sorted(set(entries) | {MANIFEST}), "files": files if keep else None,
+           "stamps": _stamps(folder, [*entries, *files]) if keep else None}
     (folder / MANIFEST).write_text(json.dumps(doc) + "\n", encoding="utf-8")
 
 
 def record_entries(folder: Path, names: list[str]) -> None:
-    """Add ``names`` (written into a finished run folder afterwards, e.g. by ``slug audit RUN``) to its manifest, so
-    a later ``--overwrite`` removes them with the run instead of carrying a stale audit into the new one. No-op for
-    a folder without a manifest."""
+    """Add ``names`` (written into a finished run folder afterwards, e.g. by ``slug audit RUN``; also files it
+    rewrote, such as ``report.md``) to its manifest, with their current stamps, so a later ``--overwrite`` removes
+    them with the run instead of carrying a stale audit into the new one. No-op for a folder without a manifest."""
     doc = read_manifest(folder)
-    if doc is not None and not set(names) <= set(doc["entries"]):
+    if doc is not None:
         doc["entries"] = sorted(set(doc["entries"]) | set(names))
+        if isinstance(doc.get("stamps"), dict):
+            doc["stamps"].update(_stamps(folder, names))
         atomic_write_bytes(folder / MANIFEST, (json.dumps(doc) + "\n").encode())
+
+
+def edited_entries(folder: Path) -> list[str]:
+    """Top-level entries of the run folder ``folder`` holding a file of the run's that was changed after the run
+    wrote it (its size or modification time differs from the manifest's stamp: a user's edit of ``report.md``),
+    sorted; [] for a run that recorded no stamps."""
+    doc = read_manifest(folder)
+    stamps = doc.get("stamps") if doc else None
+    if not isinstance(stamps, dict):
+        return []
+    now = _stamps(folder, stamps)
+    return sorted({rel.split("/")[0] for rel, st in now.items() if st != stamps[rel]})
 
 
 def nested_foreign(folder: Path) -> list[str]:

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from .files import final_path, fix_modes, kept_name, link_or_copy, unregister_staging
-from .outguard import TAG, foreign_entries, nested_foreign, write_manifest, writer_of
+from .outguard import TAG, edited_entries, foreign_entries, nested_foreign, write_manifest, writer_of
 from .outlock import (Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inputs_folder, inspect_out,
                       is_private, new_name, new_stage, pause_point, rmtree, signals_held)
 
@@ -124,8 +124,9 @@ def _commit(claim: Claim) -> None:
     if target.is_dir():
         replaced = claim.replace_run
         theirs = foreign_entries(target) if replaced else os.listdir(target)
-        if replaced:  # an entry of the old run holding a file the user put there (even during this run): kept whole
-            theirs += sorted({f.split("/")[0] for f in nested_foreign(target)} - set(theirs))
+        if replaced:  # an entry of the old run holding a file the user put there or edited (even during this run):
+            mine = {f.split("/")[0] for f in nested_foreign(target)} | set(edited_entries(target))  # kept whole
+            theirs += sorted(mine - set(theirs))
         k, renamed = _carry(target, stage, theirs, own)
         kept = k if replaced else []  # a folder that held no run: kept as documented
     if claim.mode is not None:
