@@ -198,7 +198,7 @@ def test_overwrite_refuses_a_users_files_inside_the_runs_folders(tmp_path):
 
 
 @pytest.mark.parametrize("foreign", ["compare.json", "canvas.json", "result.json"])
-def test_another_commands_run_is_a_run_too(tmp_path, foreign):
+def test_another_commands_run_is_a_run_too(tmp_path, foreign, capfd):
     """`slug compare --out` on a demo's run folder (or the reverse) must not merge into it: every command's marker
     counts, whichever command asks."""
     out = tmp_path / "run"
@@ -214,6 +214,8 @@ def test_another_commands_run_is_a_run_too(tmp_path, foreign):
         (tmp / "compare.json").write_text("{}")
     assert _names(out) == ["compare.json"]  # replaced whole, nothing merged
     assert _leftovers(tmp_path) == []
+    said = f"note: {out} holds another command's run ({foreign}); --overwrite replaces it"  # fifth trial: silent
+    assert (said in capfd.readouterr().err) == (foreign != "compare.json")
 
 
 def test_refused_lock_leaves_no_folders_it_made(tmp_path):

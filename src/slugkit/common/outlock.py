@@ -252,6 +252,9 @@ def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
             raise OutputExistsError(f"{claim.out} holds files slug did not write inside its run's folders "
                                     f"({', '.join(mine[:5])}{' …' if len(mine) > 5 else ''}); --overwrite would delete "
                                     "them with that run: move them out first")
+        if found[0] != marker:  # `slug curate --out DEMO_RUN --overwrite` replaced a demo's run without a word
+            print(f"note: {claim.out} holds another command's run ({found[0]}); --overwrite replaces it",
+                  file=sys.stderr)
         return "run"
     return "other"
 
