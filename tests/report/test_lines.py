@@ -34,6 +34,10 @@ def test_the_outputs_line_lists_what_the_run_folder_holds(tmp_path):
     (tmp_path / "slug").mkdir()
     write_manifest(tmp_path, ["compare.json", "compare.md", "tradeoff.png", "slug", "data"])
     assert outputs_line(tmp_path) == f"outputs: {tmp_path}/compare.json, compare.md, tradeoff.png, data/, slug/"
+    odd = tmp_path / "a\nb"  # `--out $'a\nb'` split the line (fifth trial)
+    odd.mkdir()
+    (odd / "result.json").write_text("x")
+    assert outputs_line(odd) == f"outputs: {ascii(str(odd))}/result.json"
 
 
 def test_report_says_when_a_downstream_search_chose_the_layers():

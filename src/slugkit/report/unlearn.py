@@ -114,7 +114,8 @@ def outputs_line(out: str | Path) -> str:
     own = own_entries(Path(out)) - {MANIFEST}
     entries = sorted((p for p in Path(out).iterdir() if p.name in own),
                      key=lambda p: (p.name not in RUN_MARKERS, p.is_dir(), p.name))
-    return f"outputs: {out}/" + ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries)
+    shown = str(out) if str(out).isprintable() else ascii(str(out))  # a newline in --out split the line
+    return f"outputs: {shown}/" + ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries)
 
 
 def two(x: float) -> str:
