@@ -733,3 +733,62 @@ def test_a_users_edit_of_a_runs_own_file_is_kept_on_overwrite(tmp_path, capfd):
     assert "MY IMPORTANT NOTES" in (out / "report.md.before-slug").read_text()
     assert (out / "report.md").read_text() == "new report\n" and (out / "patch" / "patch.json").exists()
     assert "patch, report.md as report.md.before-slug" in capfd.readouterr().err
+
+
+def test_a_file_written_into_out_during_the_commit_is_kept(tmp_path, monkeypatch, capfd):
+    """Files written into OUT in the ~0.1 s of an `--overwrite` commit were deleted without a word (sixth trial):
+    OUT was listed before it was renamed away. It is listed after the rename now, when nothing can be added."""
+    import slugkit.common.runfolder as rf
+
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:  # a run with its manifest
+        (tmp / "result.json").write_text("{}")
+        (tmp / "patch").mkdir()
+        (tmp / "patch" / "patch.json").write_text("{}")
+    real = rf.new_name
+
+    def a_user_write_just_before_the_rename(target, suffix):
+        (out / "late.txt").write_text("mine")  # the user's write, while the commit runs
+        (out / "patch" / "late-inside.txt").write_text("mine too")
+        return real(target, suffix)
+
+    monkeypatch.setattr(rf, "new_name", a_user_write_just_before_the_rename)
+    capfd.readouterr()
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert (out / "late.txt").read_text() == "mine"
+    assert (out / "patch" / "late-inside.txt").read_text() == "mine too"  # the old run's patch/, kept whole
+    assert "late.txt, patch" in capfd.readouterr().err and _leftovers(tmp_path) == []
+
+
+def test_signals_held_also_holds_a_signal_taken_by_another_thread():
+    """A process-wide SIGINT is handed to any thread that does not block it (torch's workers); Python then ran the
+    handler in the main thread inside the held block (sixth trial: it stopped the deletion of the replaced folder
+    half-way, leaving a hidden .old folder). The handler is held too now: KeyboardInterrupt comes after the block."""
+    import threading
+
+    from slugkit.common.outlock import signals_held
+
+    go, sent = threading.Event(), threading.Event()
+
+    def sender():  # started before the block: its signal mask is not the block's
+        go.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+        sent.set()
+
+    t = threading.Thread(target=sender)
+    t.start()
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = False
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                go.set()
+                sent.wait(5)
+                for _ in range(100_000):  # bytecode: where Python runs pending handlers
+                    pass
+                done = True
+    finally:
+        signal.signal(signal.SIGINT, old)
+        t.join()
+    assert done  # the block ran to its end; the interrupt came after it

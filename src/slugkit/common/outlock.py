@@ -344,16 +344,25 @@ def new_name(target: Path, suffix: str) -> Path:
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold SIGINT and SIGTERM back for the block (main thread, POSIX); they are delivered when it ends. SIGALRM too:
-    it delivers a Ctrl-C held back during an import (:mod:`slugkit.common.interrupts`)."""
+    """Hold SIGINT, SIGTERM and SIGALRM (:mod:`.interrupts`) back for the block (main thread, POSIX), delivered when
+    it ends. Blocking them in the main thread is not enough (a Ctrl-C reaching a torch worker thread interrupted the
+    deletion of the replaced folder, sixth trial): the Python handlers are swapped for a recorder meanwhile."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGALRM})
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+    got: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(held))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal pending on the main thread reaches the recorder
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(got):
+            if handlers[s] not in (signal.SIG_IGN, None):
+                signal.raise_signal(s)  # now handled as it would have been (KeyboardInterrupt, Terminated, …)
 
 
 def abort(claim: Claim) -> None:

@@ -112,29 +112,30 @@ def _carry(src: Path, stage: Path, names: list[str], own: set[str]) -> tuple[lis
 
 
 def _commit(claim: Claim) -> None:
-    """Rename the temporary folder to OUT: the entries OUT held that the run did not write are linked in first — of
-    a replaced run only those slug did not write (:func:`foreign_entries`), and its entries holding a user's file,
-    named on stderr; an entry of the user's with a name the run wrote is kept as ``NAME.before-slug`` — and the run's
-    own entries recorded (:data:`MANIFEST`); a replaced folder is renamed away, then deleted."""
+    """Rename the temporary folder to OUT. The run's own entries are recorded first (:data:`MANIFEST`); then OUT is
+    renamed away — from then on nothing can be written into it — and the entries it held that the run did not write
+    are linked into the new folder: of a replaced run only those slug did not write (:func:`foreign_entries`) and
+    its entries holding a user's file or edit, named on stderr; an entry of the user's with a name the run wrote is
+    kept as ``NAME.before-slug``. The old folder is deleted once the new one is in place. (Listing OUT before the
+    rename lost files written in between: sixth trial.)"""
     stage, target = claim.stage, claim.target
     own = set(os.listdir(stage))
     write_manifest(stage, sorted(own))
     fix_modes(stage)  # the run's files only: a carried file is a hard link, chmod would change the user's own file
-    kept, renamed = [], []
-    if target.is_dir():
-        replaced = claim.replace_run
-        theirs = foreign_entries(target) if replaced else os.listdir(target)
-        if replaced:  # an entry of the old run holding a file the user put there or edited (even during this run):
-            mine = {f.split("/")[0] for f in nested_foreign(target)} | set(edited_entries(target))  # kept whole
-            theirs += sorted(mine - set(theirs))
-        k, renamed = _carry(target, stage, theirs, own)
-        kept = k if replaced else []  # a folder that held no run: kept as documented
     if claim.mode is not None:
         os.chmod(stage, claim.mode)
+    kept, renamed = [], []
     if target.exists():
         claim.aside = new_name(target, ".old")
         claim.journal()
         os.rename(target, claim.aside)
+        src, replaced = claim.aside, claim.replace_run
+        theirs = foreign_entries(src) if replaced else os.listdir(src)
+        if replaced:  # an entry of the old run holding a file the user put there or edited (even during this run):
+            mine = {f.split("/")[0] for f in nested_foreign(src)} | set(edited_entries(src))  # kept whole
+            theirs += sorted(mine - set(theirs))
+        k, renamed = _carry(src, stage, theirs, own)
+        kept = k if replaced else []  # a folder that held no run: kept as documented
     os.rename(stage, target)
     unregister_staging(stage)
     claim.stage, claim.committed = None, True
