@@ -136,32 +136,23 @@ def read_lines(path: str | Path) -> list[str]:
 
 def shared_images(a: str | Path, b: str | Path) -> list[tuple[Path, Path]]:
     """Image files of folder ``b`` that are also in folder ``a``: the same file (a hard or symbolic link: same
-    inode) or the same bytes (a copy; only files of equal size are hashed). Pairs ``(file in a, file in b)``.
-    Used to keep the test images out of the validation the search sees (fifth trial: ``cp -al`` of the validation
-    folder passed as the test folder was not noticed)."""
+    inode) or the same bytes (a copy; only files whose size occurs in both folders are hashed, each once). Pairs
+    ``(file in a, file in b)``. Used to keep the test images out of the validation the search sees (fifth trial:
+    ``cp -al`` of the validation folder passed as the test folder was not noticed)."""
     import hashlib
 
-    def files(root):
-        return {p: p.stat() for p in _image_files(Path(root))}
-
-    fa, fb = files(a), files(b)
+    fa = {p: p.stat() for p in _image_files(Path(a))}
+    fb = {p: p.stat() for p in _image_files(Path(b))}
     by_inode = {(st.st_dev, st.st_ino): p for p, st in fa.items()}
-    sizes = {}
-    for p, st in fa.items():
-        sizes.setdefault(st.st_size, []).append(p)
-    digest = {}
-
-    def sha(p):
-        if p not in digest:
-            digest[p] = hashlib.sha256(p.read_bytes()).hexdigest()
-        return digest[p]
-
+    sizes_b = {st.st_size for st in fb.values()}
+    by_content = {(st.st_size, hashlib.sha256(p.read_bytes()).digest()): p for p, st in fa.items()
+                  if st.st_size in sizes_b}
+    sizes_a = {size for size, _ in by_content}
     out = []
     for p, st in fb.items():
         same = by_inode.get((st.st_dev, st.st_ino))
-        if same is None:
-            same = next((q for q in sizes.get(st.st_size, []) if sha(q) == sha(p)), None)
+        if same is None and st.st_size in sizes_a:
+            same = by_content.get((st.st_size, hashlib.sha256(p.read_bytes()).digest()))
         if same is not None:
             out.append((same, p))
     return out
-
