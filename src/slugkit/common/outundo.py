@@ -1,13 +1,13 @@
-"""Undoing an unfinished run's writes into its output folder (``--out``) without deleting what slug did not write.
+"""Putting an output folder (``--out``) back after an unfinished run, without deleting what slug did not write.
 
-A run that claims OUT early (:func:`slugkit.common.outlock.claim_out`; ``slug demo`` curates ``OUT/data`` before
-the run) records, in its lock file's journal, each top-level entry it writes into OUT
-(:func:`slugkit.common.outlock.claim_entry`). When the run fails, is interrupted, or dies and the next slug command
-takes over its lock, only those entries are removed (:func:`undo_out`): a file the user put into OUT meanwhile — a
-``notes.txt`` written while the run was going, or after it was killed — is kept, moved into the previous folder when
-that is put back (the previous version of the same name kept as ``NAME.before-slug``), and named on stderr. A
-journal from before entries were recorded is judged by the names slug writes (:data:`~.outguard.KNOWN_ENTRIES`, and
-``slug demo --sequential``'s step folders ``N-Name``).
+Today a run writes only into its temporary folder until the commit renames it into place
+(:mod:`slugkit.common.runfolder`), so undoing it is: remove the temporary folder, and put the old folder back if the
+commit had renamed it away (:func:`undo_out` with ``owns_target`` False). A lock left by an older slugkit, whose
+early claim moved OUT aside and wrote the run's inputs into OUT itself (journal ``owns_target``), is repaired by
+removing only the entries that run wrote — those its journal lists (``entries``), or else the names slug writes
+(:data:`~.outguard.KNOWN_ENTRIES`, ``slug demo --sequential``'s ``N-Name`` step folders) — and keeping the rest: a
+file the user put into OUT meanwhile is moved into the previous folder when that is put back (the previous version
+of the same name kept as ``NAME.before-slug``), and named on stderr.
 """
 
 from __future__ import annotations
