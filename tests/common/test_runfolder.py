@@ -792,3 +792,37 @@ def test_signals_held_also_holds_a_signal_taken_by_another_thread():
         signal.signal(signal.SIGINT, old)
         t.join()
     assert done  # the block ran to its end; the interrupt came after it
+
+
+def test_an_out_recreated_during_the_commit_is_carried_not_a_failure(tmp_path, monkeypatch, capfd):
+    """A logger's `makedirs(OUT/data)` during the commit recreated OUT after it was renamed away: the rename of the
+    new run failed ("Directory not empty"), the run was discarded and the old one stranded in a hidden .old folder
+    nothing mentioned (seventh trial). The recreated OUT is carried in as the user's and the rename retried; a
+    stranded .old folder is named by the next claim."""
+    import slugkit.common.runfolder as rf
+
+    out = tmp_path / "run"
+    _old_run(out)
+    real = rf._carry
+    seen = []
+
+    def carry_while_a_logger_recreates_out(src, stage, names, own):
+        if not seen:
+            seen.append(1)
+            (out / "data").mkdir(parents=True)  # OUT is renamed away at this point: this makes a new one
+            (out / "data" / "log.txt").write_text("mine")
+        return real(src, stage, names, own)
+
+    monkeypatch.setattr(rf, "_carry", carry_while_a_logger_recreates_out)
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text('{"new": true}')
+    assert json.loads((out / "result.json").read_text()) == {"new": True}
+    assert (out / "data" / "log.txt").read_text() == "mine" and _leftovers(tmp_path) == []
+    assert "what slug did not write there: data" in capfd.readouterr().err
+    stranded = tmp_path / ".run.slug-abcd.old"
+    stranded.mkdir()
+    claim_out(out, overwrite=True)
+    assert f"note: next to {out} is .run.slug-abcd.old, a previous {out} slug could not put back" in \
+        capfd.readouterr().err
+    abandon_claims()
+    assert stranded.is_dir()

@@ -132,7 +132,8 @@ def _dispatch(argv: list[str] | None) -> int:
     msg = check_device(getattr(a, "device", None))
     out = getattr(a, "out", None)
     if isinstance(out, str) and not out.strip():  # every command: '' is not "the default folder" nor "here"
-        msg = "--out is empty; name where to write (e.g. runs/NAME), or leave the option out where it has a default"
+        msg = ("--out is empty (an unset shell variable?); name where to write, or leave the option out where it has "
+               "a default")
     msg = msg or _empty_value(parser, argv, a)
     if msg:
         print(f"error: {msg}", file=sys.stderr)

@@ -43,7 +43,7 @@ from pathlib import Path
 from .errors import OutputExistsError
 from .files import check_folder_target, dir_mode, register_staging, unregister_staging
 from .outguard import RUN_MARKERS, TAG, nested_foreign, refuse_unsafe_out
-from .outundo import own_names, rmtree, siblings, undo_out
+from .outundo import own_names, rmtree, siblings, tidy, undo_out
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "inputs_folder", "is_private", "new_stage", "pause_point"]
 
@@ -302,8 +302,7 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
         if previous is not None:
             _recover(claim, previous)
         else:
-            for stale in siblings(target, ".tmp"):
-                rmtree(stale)
+            tidy(target, claim.out)
         claim.journal()
         claim.mode = os.stat(target).st_mode & 0o7777 if target.is_dir() else None  # e.g. 0700: kept by the new OUT
         if early:

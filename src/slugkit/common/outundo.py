@@ -20,7 +20,7 @@ from pathlib import Path
 from .files import kept_name
 from .outguard import KNOWN_ENTRIES, TAG
 
-__all__ = ["own_names", "rmtree", "siblings", "undo_out"]
+__all__ = ["own_names", "rmtree", "siblings", "tidy", "undo_out"]
 
 _STEP_FOLDER = re.compile(r"^[0-9]+-")  # `slug demo --sequential`'s OUT/1-Name, OUT/2-Name ...
 
@@ -87,3 +87,17 @@ def undo_out(target: Path, own: set[str], aside: Path | None, was_empty_dir: boo
         os.rename(aside, target)
         done.append("put the previous folder back")
     return done, kept
+
+
+def tidy(target: Path, out) -> None:
+    """When a claim of OUT finds no record of an unfinished run: remove leftover temporary folders, and name any
+    ``.old`` folder next to OUT (a previous OUT that could not be put back) instead of leaving it unmentioned."""
+    import sys
+
+    for stale in siblings(target, ".tmp"):
+        rmtree(stale)
+    left = sorted(p.name for p in siblings(target, ".old"))
+    if left:
+        print(f"note: next to {out} is {', '.join(left)}, a previous {out} slug could not put back; left alone: "
+              "look inside (your files may be there) before deleting it", file=sys.stderr)
+

@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -136,16 +137,37 @@ def _commit(claim: Claim) -> None:
             theirs += sorted(mine - set(theirs))
         k, renamed = _carry(src, stage, theirs, own)
         kept = k if replaced else []  # a folder that held no run: kept as documented
-    os.rename(stage, target)
+    recreated = _rename_in(stage, target, own, kept, renamed)
     unregister_staging(stage)
     claim.stage, claim.committed = None, True
     claim.journal()
-    if claim.aside is not None:
-        rmtree(claim.aside)
-        claim.aside = None
+    for old in ([claim.aside] if claim.aside is not None else []) + recreated:
+        rmtree(old)  # what the user wrote there is linked into the new OUT
+    claim.aside = None
     if kept or renamed:
         names = [n if n.isprintable() else ascii(n) for n in kept + renamed]  # a newline in a name broke the line
         print(f"note: kept in {claim.out} what slug did not write there: {', '.join(names)}", file=sys.stderr)
+
+
+def _rename_in(stage: Path, target: Path, own: set[str], kept: list, renamed: list) -> list[Path]:
+    """Rename ``stage`` to ``target``. When something recreated OUT after it was renamed away (a logger's
+    ``makedirs(OUT/data)``: the rename failed with "Directory not empty", the new run was discarded and the old one
+    stranded in a hidden folder — seventh trial), that OUT is renamed away too, all of it carried in as the user's
+    (added to ``kept``/``renamed``), and the rename tried again. Returns the folders renamed away this way."""
+    away = []
+    for attempt in range(5):
+        try:
+            os.rename(stage, target)
+            return away
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 4:
+                raise
+        away.append(new_name(target, ".old"))
+        os.rename(target, away[-1])
+        k, r = _carry(away[-1], stage, os.listdir(away[-1]), own)
+        kept += k
+        renamed += r
+    return away
 
 
 def _name_final(e: BaseException) -> None:
