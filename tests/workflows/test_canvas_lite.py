@@ -117,10 +117,11 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
         assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(bad), "--out",
                      str(tmp_path / "z")]) == 2, name
         assert msg in capsys.readouterr().err, name
-    for extra, msg in ((["--targets", ""], "--targets: empty"), (["--targets", "star,star"], "'star' is given twice"),
+    for extra, msg in ((["--targets", ""], "--targets is empty"), (["--targets", ","], "--targets: empty"),
+                       (["--targets", "star,star"], "'star' is given twice"),
                        (["--methods", "uce,uce"], "'uce' is given twice"),
                        (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1 instead"),
-                       (["--methods", ""], "--methods: empty; choose from"),
+                       (["--methods", ""], "--methods is empty"), (["--methods", ","], "--methods: empty; choose from"),
                        (["--methods", "slug", "--baseline-max-targets", "1"], "with SLUG alone among the methods")):
         assert main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")]) == 2, extra
         assert msg in capsys.readouterr().err, extra
