@@ -628,16 +628,23 @@ def test_mountinfo_is_parsed_with_its_escapes():
 
 
 @pytest.mark.parametrize("kind", ["to a run", "dangling"])
-def test_an_out_symlink_is_followed_by_an_early_claim(tmp_path, kind):
+def test_an_out_symlink_is_followed_by_an_early_claim(tmp_path, kind, capfd):
     """`--out LINK` (a symlink to a run, or to a folder not made yet) failed with "link: File exists" once the early
-    claim had moved the old folder aside (new-user trial): the run now lands in the link's target."""
+    claim had moved the old folder aside (new-user trial): the run now lands in the link's target. A link to a folder
+    not made yet is said, with the folders made for it (the summary names the link only; eighth trial)."""
     real = tmp_path / "real" / "x"
     if kind == "to a run":
         real.parent.mkdir()
         _old_run(real)
     link = tmp_path / "link"
     link.symlink_to(real)
+    capfd.readouterr()
     claim_out(link, overwrite=True)
+    said = capfd.readouterr().err
+    if kind == "dangling":
+        assert f"is a symbolic link to {real}, which does not exist yet" in said and f"(made {real.parent})" in said
+    else:
+        assert "symbolic link" not in said
     inp = inputs_folder(link)  # the run's temporary folder: link itself is not touched
     (inp / "data").mkdir()
     (inp / "data" / "forget.tar").write_text("inputs")

@@ -148,8 +148,7 @@ def _holder(lock: Path) -> dict:
 
 
 def _holder_text(doc: dict) -> str:
-    pid = doc.get("pid", "unknown")
-    host = doc.get("host")
+    pid, host = doc.get("pid", "unknown"), doc.get("host")
     return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
@@ -170,8 +169,7 @@ def _acquire(out: Path, target: Path, wait: bool) -> tuple[int, Path, list]:
                     if not wait:
                         raise RunLockedError(f"another slug run is writing to {out} ({holder}); wait for it or "
                                              "choose another --out") from None
-                    print(f"waiting for the slug run that is writing to {out} ({holder})", file=sys.stderr,
-                          flush=True)
+                    print(f"waiting for the slug run that is writing to {out} ({holder})", file=sys.stderr)
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 st = os.fstat(fd)
                 try:
@@ -273,9 +271,9 @@ def _read_journal(fd: int) -> dict | None:
 
 def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "result.json", *, early: bool = True,
               wait: bool = False) -> Claim:
-    """Lock OUT for this process (again: the claim it already holds). ``early`` (before the run's inputs are written
-    into OUT, see the module docstring): refuse a run without ``overwrite``, a file always; move what OUT holds
-    aside. Raises :class:`RunLockedError` when another process holds the lock (``wait``: wait for it instead)."""
+    """Lock OUT for this process (again: the claim it already holds). ``early`` (see the module docstring): refuse a
+    run without ``overwrite``, a file always; create the run's temporary folder. Raises :class:`RunLockedError` when
+    another process holds the lock (``wait``: wait for it instead)."""
     if not os.fspath(out).strip():
         raise ValueError("the output folder (--out) is empty; name a new folder (e.g. runs/NAME)")
     out = Path(out)
@@ -295,6 +293,9 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
         raise OSError(e.errno, f"cannot create or lock this output folder{where}: {e.strerror or e}; choose "
                       "another output folder (--out)", str(out)) from None
     claim = Claim(out, target, lock, fd, early=early, created_parents=created)
+    if out.is_symlink() and not target.is_dir():  # the summary names the link: say where the run goes (and made)
+        print(f"note: --out {out} is a symbolic link to {target}, which does not exist yet; the run is written there"
+              f"{' (made ' + ', '.join(map(str, created)) + ')' if created else ''}", file=sys.stderr, flush=True)
     with _CLAIMS_LOCK:
         _CLAIMS[_key(target)] = claim
     try:
