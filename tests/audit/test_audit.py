@@ -316,6 +316,9 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     assert "audit.md exists; pass --overwrite" in capsys.readouterr().err
     assert (run / "audit.md").read_text() == "my notes"
     assert main(["audit", "--patch", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert f"no patch at {tmp_path / 'nothing'}: a patch is a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["audit", "--patch", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no patch there" in capsys.readouterr().err
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--probes", "prompts,bogus"]) == 2
     assert "--probes" in capsys.readouterr().err

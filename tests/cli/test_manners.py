@@ -245,6 +245,13 @@ def test_a_symlink_loop_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsy
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err == f"error: {tmp_path / 'loopA'}: is a loop of symbolic links; name a real folder or file\n", err
+    os.symlink("nowhere", "dangling")
+    for patch, said in (("loopA", "it is a loop of symbolic links"),
+                        ("dangling", "it is a symbolic link to nowhere, which does not exist")):
+        for args in (["inspect", patch], ["audit", "--patch", patch, "--out", "o"]):  # said "no patch at" only
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: no patch at {patch}: {said}; a patch is a folder"), err
 
 
 def test_a_closed_stdout_at_start_is_no_traceback():

@@ -425,7 +425,7 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
         (tmp / "result.json").write_text('{"new": true}')
     assert _names(out) == ["notes.txt", "odd\nname", "result.json", "thesis"]
     assert (out / "notes.txt").read_text() == "mine" and (out / "thesis" / "ch1.tex").read_text() == "chapter"
-    assert f"note: kept in {out} what slug did not write there: notes.txt, 'odd\\nname', thesis\n" in \
+    assert f"note: kept in {out} what slug did not write there: notes.txt, odd\\nname, thesis\n" in \
         capfd.readouterr().err
     assert json.loads((out / MANIFEST).read_text())["entries"] == [MANIFEST, "result.json"]  # still the user's
     # an early claim (slug demo) replacing a run keeps them too; a folder from before the manifest: by known names
@@ -437,7 +437,7 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text("{}")
     assert _names(out) == ["data", "notes.txt", "odd\nname", "result.json", "thesis"] and _leftovers(tmp_path) == []
-    assert "what slug did not write there: notes.txt, 'odd\\nname', thesis" in capfd.readouterr().err
+    assert "what slug did not write there: notes.txt, odd\\nname, thesis" in capfd.readouterr().err
 
 
 def test_a_users_files_put_into_out_while_a_run_goes_on_are_kept(tmp_path, capfd):

@@ -149,3 +149,14 @@ def test_f_inspect_escapes_control_characters(tmp_path, capsys):
     assert not [c for c in out if (ord(c) < 0x20 and c != "\n") or 0x7f <= ord(c) < 0xa0]
     meta = json.loads(out)
     assert meta["concept"] == evil and meta["base_model"]["id"] == "toy\x9b2J"
+
+
+def test_the_wrote_line_escapes_a_newline_in_out(tmp_path, patch_dir, capsys):
+    """A newline in `--out` split `slug apply`'s "wrote OUT" line (and `slug audit`'s; eighth trial): the success
+    lines escape it as the errors do; accented letters are shown as they are."""
+    ck = tmp_path / "te.safetensors"
+    safetensors.torch.save_file(base_state(), str(ck), metadata={"format": "pt"})
+    for name, shown in (("ou\nt.safetensors", "ou\\nt.safetensors"), ("née.safetensors", "née.safetensors")):
+        assert main(["apply", "--patch", str(patch_dir), "--checkpoint", str(ck), "--out", str(tmp_path / name)]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if "patch(es)" in x]
+        assert line == [f"applied 1 patch(es); wrote {tmp_path / shown}"], line

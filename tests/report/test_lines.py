@@ -37,7 +37,11 @@ def test_the_outputs_line_lists_what_the_run_folder_holds(tmp_path):
     odd = tmp_path / "a\nb"  # `--out $'a\nb'` split the line (fifth trial)
     odd.mkdir()
     (odd / "result.json").write_text("x")
-    assert outputs_line(odd) == f"outputs: {ascii(str(odd))}/result.json"
+    assert outputs_line(odd) == f"outputs: {tmp_path}/a\\nb/result.json"
+    accented = tmp_path / "résumé"  # printable: shown as is (ascii() wrote r\xe9sum\xe9; eighth trial)
+    accented.mkdir()
+    (accented / "result.json").write_text("x")
+    assert outputs_line(accented) == f"outputs: {accented}/result.json"
 
 
 def test_report_says_when_a_downstream_search_chose_the_layers():

@@ -125,7 +125,7 @@ def _dispatch(argv: list[str] | None) -> int:
     from ..common.errors import EmptyForgetSetError, ModelLoadError, OutputExistsError, ShardError
     from ..common.runfolder import RunLockedError
     from ..patch import PatchError
-    from ..patch.summary import printable
+    from ..common.text import printable
     from ..slug.gradients import NonFiniteGradientError
     from ..slug.search import SearchFailed
 

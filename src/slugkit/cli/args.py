@@ -281,7 +281,7 @@ def demo_conflicts(a) -> str | None:
 
 def refuse(msg: str) -> int:
     """Print ``error: MSG`` to stderr and return the usage-error exit status 2."""
-    from ..patch.summary import printable
+    from ..common.text import printable
 
     print(f"error: {printable(msg)}", file=sys.stderr)  # a newline in a path split the one-line error
     return 2

@@ -9,6 +9,8 @@ audit section is added to its ``report.md``). Exit status: 0 every gating probe 
 
 from __future__ import annotations
 
+from ..common.text import printable
+
 import sys
 from pathlib import Path
 
@@ -81,6 +83,10 @@ def _patch_and_out(a) -> tuple[Path, Path]:
         run = p.parent  # RUN/patch given for RUN: the run folder is the default --out, as for RUN
     patch = run / "patch" if run else p
     if not (patch.is_dir() and (patch / "patch.json").is_file()):
+        if not p.exists():
+            from ..patch.format import resolve_patch_dir
+
+            resolve_patch_dir(p)  # raises, saying a symbolic link leads nowhere
         raise ValueError(f"--patch {a.patch}: no patch there (expected a patch folder with patch.json, or a run folder "
                          "with patch/)")
     if a.out is None and run is None:
@@ -151,7 +157,7 @@ def _print_audit(result: dict, out: Path) -> int:
     for rec in result["probes"]:
         gate = "" if rec.get("gating") else " (not gating)"
         print(f"  {TITLES[rec['probe']]:32s} {rec['status']:7s}{gate}  {rec['summary']}")
-    print(f"wrote {out / AUDIT_JSON} and {out / 'audit.md'}" + (" (and its section of report.md)"
+    print(f"wrote {printable(out / AUDIT_JSON)} and {printable(out / 'audit.md')}" + (" (and its section of report.md)"
                                                                  if (out / "report.md").is_file() else ""))
     return AUDIT_EXIT[result["status"]]
 

@@ -11,6 +11,8 @@ status 0, or 2 for a usage or input error.
 
 from __future__ import annotations
 
+from ..common.text import printable
+
 from .args import COUNT, THREADS, refuse, split_list
 
 
@@ -66,7 +68,7 @@ def _run_and_write(a, run, prepare=None) -> int:
         write_json(stage / "canvas.json", report)
         atomic_write_bytes(stage / "canvas.md", render_canvas(report).encode())
         canvas_plot(report, stage / "canvas.png")
-    print(f"wrote {a.out}/canvas.json, canvas.md, canvas.png")
+    print(f"wrote {printable(a.out)}/canvas.json, canvas.md, canvas.png")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..common.text import printable
+
 import argparse
 import json
 
@@ -68,7 +70,7 @@ def cmd_grads(a) -> int:
             g = result.grads
             what = f"stats of every candidate + gradients of {len(result.front)} front tensors" if cfg.stats_first \
                 else f"gradients of {len(g.forget)} tensors"
-            print(f"wrote {a.out}: {what} (forget {g.n_forget} samples, retain {g.n_retain} samples, "
+            print(f"wrote {printable(a.out)}: {what} (forget {g.n_forget} samples, retain {g.n_retain} samples, "
                   f"{world} rank(s))")
     finally:
         import torch.distributed as dist

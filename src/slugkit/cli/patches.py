@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..common.text import printable
 from .args import (COUNT, float_at_least, int_at_least, refuse, split_list, template, validate_apply,
                    validate_eval_sd)
 from .outputs import out_inside_run
@@ -88,7 +89,8 @@ def cmd_apply(a, revert: bool = False) -> int:
     for p in patches:
         print(describe(p))
     verb = "reverted" if revert else "applied"
-    print(f"{verb} {len(patches)} patch(es)" + (f"; wrote {a.out}" if a.out else " (verified; use --out to save)"))
+    print(f"{verb} {len(patches)} patch(es)"
+          + (f"; wrote {printable(a.out)}" if a.out else " (verified; use --out to save)"))
     return 0
 
 
@@ -108,12 +110,13 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
         source = load_pipeline("embedded") if a.pipeline == "embedded" else a.pipeline
         save_patched_text_encoder(source, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
                                   overwrite=a.overwrite, encoder=a.text_encoder, clip_skip=a.clip_skip)
-        what = f"{a.pipeline}'s text encoder; wrote {a.out} ({'pipeline' if a.full_pipeline else 'text encoder'})"
+        what = (f"{printable(a.pipeline)}'s text encoder; wrote {printable(a.out)} "
+                f"({'pipeline' if a.full_pipeline else 'text encoder'})")
     else:
         from ..integrations.llava import save_patched_llava
 
         save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
-        what = f"{a.llava}'s vision tower; wrote {a.out} (model + processor)"
+        what = f"{printable(a.llava)}'s vision tower; wrote {printable(a.out)} (model + processor)"
     print(describe(patch))
     print(f"{'reverted' if revert else 'applied'} on {what}")
     return 0
@@ -151,7 +154,7 @@ def cmd_eval_sd(a) -> int:
         b, af = r["before"].get(k), r["after"].get(k)
         if b is not None:
             print(f"| {k} | {b:.3f} | {af:.3f} |")
-    print(f"outputs: {a.out}/gen_eval.json, {a.out}/generations.png")
+    print(f"outputs: {printable(a.out)}/gen_eval.json, {printable(a.out)}/generations.png")
     return 0
 
 
@@ -208,7 +211,6 @@ def cmd_export(a) -> int:
     from ..integrations.diffusers_sd import apply_patch_to_pipeline, pick_encoder, revert_patch_from_pipeline
     from ..patch import PatchMismatchError, load_patch
     from ..patch.lora import DEFAULT_MAX_ERROR, check_exportable, export_lora
-    from ..patch.summary import printable
 
     out = Path(a.out)
     check_file_target(out, "give the .safetensors file to write")

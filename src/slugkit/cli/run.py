@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..common.text import printable
+
 import argparse
 import sys
 from pathlib import Path
@@ -50,7 +52,8 @@ def print_multi_summary(result: dict, out: str) -> None:
     b, a = result["metrics"]["before"], result["metrics"]["after"]
     print(f"shared: related top-1 (identities not unlearned) {b['related_top1']:.3f} -> {a['related_top1']:.3f}, "
           f"utility top-1 {b['utility_top1']:.3f} -> {a['utility_top1']:.3f}")
-    print(f"one chained patch: {out}/patch ({result['patch']['bytes']:,} bytes); per-step runs in {out}/<k>-<Name>/")
+    print(f"one chained patch: {printable(out)}/patch ({result['patch']['bytes']:,} bytes); "
+          f"per-step runs in {printable(out)}/<k>-<Name>/")
     for line in verdict_lines(result.get("verdict")):
         print(line)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..common.text import printable
+
 import sys
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def cmd_demo_vlm(a) -> int:
         res = audit_vlm(out / "patch", out, a)
         print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + "; ".join(
             f"{r['probe']} {r['status']}" + ("" if r.get("gating") else " (not gating)") for r in res["probes"])
-            + f" (see {out / 'audit.md'})")
+            + f" (see {printable(out / 'audit.md')})")
         rc = max(rc, AUDIT_EXIT[res["status"]])
     return rc
 

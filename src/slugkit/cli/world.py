@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from ..common.text import printable
 from .args import COUNT, THREADS
 
 
@@ -30,7 +31,7 @@ def cmd_world(a) -> int:
         info = train_embedded_vlm(a.out, cfg, eval_images=a.eval_images, overwrite=a.overwrite,
                                   progress=not a.no_progress)
         ev = info.get("eval")
-        print(f"wrote {a.out}: {info['steps_done']} steps in {info['train_s']} s" + (
+        print(f"wrote {printable(a.out)}: {info['steps_done']} steps in {info['train_s']} s" + (
             f"; test: named {ev['named']:.3f} (worst {ev['worst_identity']['name']} "
             f"{ev['worst_identity']['named']:.2f}), utility {ev['utility_accuracy']:.3f}" if ev else ""))
         return 0
@@ -43,7 +44,7 @@ def cmd_world(a) -> int:
         held = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir() if not p.name.startswith("."))
         print(f"world data in {d}: {', '.join(h for h in held if h.rstrip('/') in own)}" +
               "".join(f" (also there, not the world's: {', '.join(x)})" for x in
-                      [[h if h.isprintable() else ascii(h) for h in held if h.rstrip("/") not in own]] if x))
+                      [[printable(h) for h in held if h.rstrip("/") not in own]] if x))
         return 0
     return 2
 

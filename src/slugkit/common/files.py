@@ -29,6 +29,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .text import printable
+
 MANIFEST = ".slugkit-entries.json"  # the top-level entries slug wrote into an output folder (JSON: {"entries": [...]})
 
 __all__ = ["MANIFEST", "atomic_dir", "atomic_write_bytes", "atomic_writer", "check_file_target", "check_folder_target",
@@ -244,7 +246,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if kept:
-            names = [n if n.isprintable() else ascii(n) for n in kept]
+            names = [printable(n) for n in kept]
             print(f"note: kept in {out_dir} what slug did not write there: {', '.join(names)}", file=sys.stderr)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .files import kept_name
 from .outguard import KNOWN_ENTRIES, TAG
+from .text import printable
 
 __all__ = ["own_names", "rmtree", "siblings", "tidy", "undo_out"]
 
@@ -52,7 +53,7 @@ def own_names(doc: dict, names: list[str]) -> set[str]:
 
 
 def _shown(name: str) -> str:
-    return name if name.isprintable() else ascii(name)
+    return printable(name)
 
 
 def undo_out(target: Path, own: set[str], aside: Path | None, was_empty_dir: bool, owns_target: bool

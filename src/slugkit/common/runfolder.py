@@ -40,6 +40,7 @@ from .files import final_path, fix_modes, kept_name, link_or_copy, unregister_st
 from .outguard import TAG, edited_entries, foreign_entries, nested_foreign, write_manifest, writer_of
 from .outlock import (Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inputs_folder, inspect_out,
                       is_private, new_name, new_stage, pause_point, rmtree, signals_held)
+from .text import printable
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "inputs_folder", "is_private", "out_lock", "pause_point",
            "run_folder", "settle"]
@@ -145,7 +146,7 @@ def _commit(claim: Claim) -> None:
         rmtree(old)  # what the user wrote there is linked into the new OUT
     claim.aside = None
     if kept or renamed:
-        names = [n if n.isprintable() else ascii(n) for n in kept + renamed]  # a newline in a name broke the line
+        names = [printable(n) for n in kept + renamed]  # a newline in a name broke the line
         print(f"note: kept in {claim.out} what slug did not write there: {', '.join(names)}", file=sys.stderr)
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ..common.text import printable
 from .format import Patch, PatchError, _base_label, _normalise_meta, _short, tensor_sha256
 from .ops import _provenance, apply_patch, make_patch
-from .summary import printable
 
 # --------------------------------------------------------------------------------------------------- compose
 

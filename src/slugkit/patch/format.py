@@ -6,6 +6,7 @@ This module imports nothing of slugkit's: a patch can be read and verified with 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -59,11 +60,8 @@ class PatchFormatError(PatchError):
 # --------------------------------------------------------------------------------------------------- hashing
 
 def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 (hex) of a tensor's raw bytes in C order, native (little-endian) byte order.
-
-    Shape and dtype are *not* part of the hash; the patch records them separately. Works for any dtype
-    (float32, float16, bfloat16, ints, bool) and on any device (the tensor is copied to the CPU).
-    """
+    """sha256 (hex) of a tensor's raw bytes in C order, native (little-endian) byte order. Shape and dtype are *not*
+    part of the hash; the patch records them separately. Any dtype, any device (the tensor is copied to the CPU)."""
     if t.is_meta:
         raise PatchError("cannot hash a tensor on the 'meta' device: the model's weights are not materialised")
     flat = t.detach().to("cpu").contiguous().reshape(-1)
@@ -87,8 +85,7 @@ class Patch:
     ``original`` and ``patched`` map tensor name → CPU tensor (same names, shapes and dtypes). ``meta`` is the
     content of ``patch.json`` minus the file checksum ``safetensors_sha256`` (a property of the saved file, not
     of the patch); ``meta["tensors"][name]`` holds ``shape``, ``dtype``, ``sha256_original`` and
-    ``sha256_patched``. Build one with :func:`make_patch` or :func:`load_patch`, not by hand.
-    """
+    ``sha256_patched``. Build one with :func:`make_patch` or :func:`load_patch`, not by hand."""
 
     original: dict[str, torch.Tensor]
     patched: dict[str, torch.Tensor]
@@ -101,10 +98,8 @@ class Patch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data held by the patch: original + patched values of every tensor.
-
-        This is the size of ``patch.safetensors`` minus its small JSON header (a few hundred bytes).
-        """
+        """Bytes of tensor data held by the patch: original + patched values of every tensor (the size of
+        ``patch.safetensors`` minus its small JSON header, a few hundred bytes)."""
         return sum(t.numel() * t.element_size() for d in (self.original, self.patched) for t in d.values())
 
     @property
@@ -293,6 +288,12 @@ def resolve_patch_dir(path: str | os.PathLike) -> Path:
     what = f"a patch is a folder holding {PATCH_JSON} and {PATCH_SAFETENSORS} (a run's is RUN/patch)"
     if p.exists():
         raise _format_error(p, f"is a file, not a patch; {what}")
+    if p.is_symlink():  # "no patch at LINK" hid that the link leads nowhere (eighth trial)
+        try:
+            p.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # RuntimeError: a loop (Python < 3.13)
+            what = ("it is a loop of symbolic links" if isinstance(e, RuntimeError) or e.errno == errno.ELOOP else
+                    f"it is a symbolic link to {os.readlink(p)}, which does not exist") + f"; {what}"
     raise FileNotFoundError(f"no patch at {p}: {what}")
 
 
@@ -344,8 +345,7 @@ def load_patch(path: str | os.PathLike) -> Patch:
     the file parses; it holds exactly ``patched/<name>`` and ``original/<name>`` for the names in JSON; shapes,
     dtypes and the sha256 of every tensor agree with JSON; the recorded ``fingerprint`` (older patches lack it) equals
     the metadata's, so a hand-edited concept or metric is caught. Any failure raises :class:`PatchFormatError`
-    naming the file (and tensor). A missing folder raises ``FileNotFoundError``. Never unpickles.
-    """
+    naming the file (and tensor). A missing folder raises ``FileNotFoundError``. Never unpickles."""
     folder = resolve_patch_dir(path)
     jf, sf = folder / PATCH_JSON, folder / PATCH_SAFETENSORS
     for f in (jf, sf):

@@ -17,10 +17,10 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..common.text import printable
 from .architecture import check_architecture
 from .format import (_DTYPES, FORMAT, FORMAT_VERSION, Patch, PatchError, PatchMismatchError, _base_label, _dtype_name,
                      _normalise_meta, _short, _toolkit_version, tensor_sha256)
-from .summary import printable
 
 # --------------------------------------------------------------------------------------------------- target access
 

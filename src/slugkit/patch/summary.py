@@ -1,37 +1,15 @@
 """How a patch reads to a person: ``slug inspect`` and the lines ``slug apply`` prints.
 
-``patch.json`` is untrusted input: a concept such as ``"\\x1b[2J\\r\\nbase model: evil"`` would clear the terminal and
-fake a line. Every field is therefore passed through :func:`printable`, which writes control characters (C0, DEL, C1),
-Unicode format characters (bidi overrides, zero-width marks) and line/paragraph separators as escapes (``\\x1b``,
-``\\r``, ``\\n``, ``\\u202e``); everything else, accented letters included, is printed as is.
+``patch.json`` is untrusted input: every field is passed through :func:`slugkit.common.text.printable` (a concept
+such as ``"\\x1b[2J\\r\\nbase model: evil"`` would clear the terminal and fake a line).
 """
 
 from __future__ import annotations
 
-import unicodedata
-
+from ..common.text import printable
 from .format import Patch, _base_label
 
 __all__ = ["describe", "printable"]
-
-_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_ESCAPED = ("Cc", "Cf", "Cs", "Zl", "Zp")  # controls, format characters, surrogates, line/paragraph separators
-
-
-def _escape(c: str) -> str:
-    if c in _SHORT:
-        return _SHORT[c]
-    o = ord(c)
-    return f"\\x{o:02x}" if o < 0x100 else (f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-
-
-def printable(value) -> str:
-    """``str(value)`` with every character that can move the cursor, recolour or reorder a terminal line escaped
-    (see the module docstring). Never raises."""
-    s = value if isinstance(value, str) else str(value)
-    if s.isprintable():
-        return s
-    return "".join(_escape(c) if unicodedata.category(c) in _ESCAPED else c for c in s)
 
 
 def _steps(m: dict) -> str:

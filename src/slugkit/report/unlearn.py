@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 from ..common.files import atomic_write_bytes
+from ..common.text import printable
 
 METRIC_LABELS = [
     ("forget_top1", "FA@1 (forget top-1)", "lower is better"),
@@ -114,7 +115,7 @@ def outputs_line(out: str | Path) -> str:
     own = own_entries(Path(out)) - {MANIFEST}
     entries = sorted((p for p in Path(out).iterdir() if p.name in own),
                      key=lambda p: (p.name not in RUN_MARKERS, p.is_dir(), p.name))
-    shown = str(out) if str(out).isprintable() else ascii(str(out))  # a newline in --out split the line
+    shown = printable(out)  # a newline in --out split the line
     return f"outputs: {shown}/" + ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries)
 
 
