@@ -36,7 +36,7 @@ def _names(out):
 
 
 def _old_run(out):
-    out.mkdir()
+    out.mkdir(parents=True)
     (out / "result.json").write_text('{"old": true}')
     (out / "patch").mkdir()
     (out / "patch" / "patch.json").write_text("old patch")
@@ -552,6 +552,13 @@ def test_an_out_holding_run_folders_is_refused(tmp_path):
     with run_folder(parent / "cmp", overwrite=True, marker="compare.json") as tmp:
         (tmp / "compare.json").write_text('{"new": 1}')
     assert _leftovers(parent) == [] and _leftovers(tmp_path) == []
+    deep = tmp_path / "deep"  # runs/2024/demo-b, three levels at most (eighth trial: one level only was looked at)
+    _old_run(deep / "2024" / "11" / "demo-b")
+    _old_run(deep / ".hidden" / "demo-c")  # hidden folders are not entered
+    _both_claims_refused(deep, ValueError, "holds slug run folders \\(2024/11/demo-b\\); a run folder")
+    _old_run(tmp_path / "deeper" / "a" / "b" / "c" / "demo-d")  # four levels down: not looked for
+    claim_out(tmp_path / "deeper")
+    abandon_claims()
 
 
 def test_a_journal_without_entries_is_judged_by_the_names_slug_writes(tmp_path, capfd):

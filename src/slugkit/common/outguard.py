@@ -201,6 +201,27 @@ def inside_run(path: str | os.PathLike) -> tuple[Path, str] | None:
     return None
 
 
+def runs_below(folder: Path, depth: int = 3, budget: int = 2000) -> list[str]:
+    """Run folders at most ``depth`` levels below ``folder`` (``a``, ``2024/a``), sorted; at most ``budget`` folders
+    are looked at (a large tree is not walked whole); symbolic links, hidden folders and runs are not entered."""
+    found, level = [], [(folder, "")]
+    for _ in range(depth):
+        below = []
+        for d, rel in level:
+            try:
+                names = sorted(e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
+            except OSError:
+                continue
+            for n in names[:max(budget, 0)]:
+                budget -= 1
+                if is_run(d / n):
+                    found.append(f"{rel}{n}")
+                elif not n.startswith("."):  # not into .git, nor a run's temporary folder
+                    below.append((d / n, f"{rel}{n}/"))
+        level = below
+    return sorted(found)
+
+
 def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()) -> None:
     """Raise ``ValueError`` (naming ``out`` and what to do) when ``target`` (OUT, or what an OUT symlink points to)
     is the current folder or holds it, is or holds a mount point, or lies inside another slug run's folder, inside a
@@ -227,7 +248,7 @@ def refuse_unsafe_out(out: Path, target: Path, own_locks: set[str] = frozenset()
         raise ValueError(f"{out}: is {'your home folder' if home else 'a git repository'}; a run folder's outputs "
                          f"would mix with its files: choose a new folder inside it (e.g. {inside})")
     if os.path.isdir(real) and is_run(Path(real)) is None:
-        runs = sorted(n for n in os.listdir(real) if os.path.isdir(os.path.join(real, n)) and is_run(Path(real) / n))
+        runs = runs_below(Path(real))
         if runs:  # the new run would take them in as "files slug did not write"
             raise ValueError(f"{out}: holds slug run folders ({', '.join(runs[:3])}{', …' if len(runs) > 3 else ''});"
                              f" a run folder of its own is needed: choose a new one (e.g. {out / 'NAME'})")
