@@ -9,11 +9,10 @@ audit section is added to its ``report.md``). Exit status: 0 every gating probe 
 
 from __future__ import annotations
 
-from ..common.text import printable
-
 import sys
 from pathlib import Path
 
+from ..common.text import printable
 from .args import COUNT, THREADS, float_at_least, item_list, nonempty, refuse, split_list, template
 from .outputs import out_inside_run
 

@@ -12,7 +12,6 @@ status 0, or 2 for a usage or input error.
 from __future__ import annotations
 
 from ..common.text import printable
-
 from .args import COUNT, THREADS, refuse, split_list
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from ..common.text import printable
-
 import argparse
 import json
 
+from ..common.text import printable
 from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
                    validate_curate)
 from .outputs import out_inside_run

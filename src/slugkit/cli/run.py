@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from ..common.text import printable
-
 import argparse
 import sys
 from pathlib import Path
 
+from ..common.text import printable
 from ..workflows.verdict import exit_status_of
 from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, name_list,
                    nonempty, refuse, search_config, split_list, step_options, template, validate_demo_sd,

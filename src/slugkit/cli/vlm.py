@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from ..common.text import printable
-
 import sys
 from pathlib import Path
 
+from ..common.text import printable
 from ..workflows.verdict import exit_status_of
 from .args import FRACTION, budgets_of, refuse, search_config, split_list
 
