@@ -308,6 +308,10 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir):
         revert_patch(model, p)
     chain = load_patch(out / "patch")
     assert chain.meta["method"] == "chained" and chain.meta["concept"] == names
+    # the chained patch carries the run's verdict (slug apply warns on a fail; it carried none: eighth trial), and
+    # every step records all its layers (the headline named the first of a two-layer step only)
+    assert chain.meta["extra"]["verdict"] == r["verdict"]["status"]
+    assert all(s["layers_edited"] and s["layers_edited"][0]["layer"] == s["layer"] for s in r["steps"])
     apply_patch(model, chain)
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
     revert_patch(model, chain)

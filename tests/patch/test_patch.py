@@ -616,6 +616,7 @@ def test_chain_patches_folds_sequential_edits():
                    concept="B")
     chain = chain_patches([a, b])
     assert chain.names == ["v", "w"] and chain.meta["concept"] == ["A", "B"]
+    assert "  step sizes: per component, below (η of each component's first layer)" in describe(chain).splitlines()
     state = {k: v.clone() for k, v in base.items()}
     apply_patch(state, chain)
     assert torch.equal(state["w"], (base["w"] + 1) * 2) and torch.equal(state["v"], base["v"] + 3)

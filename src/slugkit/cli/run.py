@@ -40,8 +40,9 @@ def print_multi_summary(result: dict, out: str) -> None:
 
     print()
     verb = "did NOT unlearn" if result["verdict"]["status"] == "fail" else "unlearned"
-    print(f"SLUG {verb} {', '.join(result['concepts'])} one after another "
-          f"({' then '.join(s['layer'] for s in result['steps'])})")
+    print(f"SLUG {verb} {', '.join(result['concepts'])} one after another ("
+          + " then ".join(" + ".join(e["layer"] for e in s.get("layers_edited") or [s]) for s in result["steps"])
+          + ")")  # every layer of a step (the second layer of a two-layer step was not named: eighth trial)
     print("| concept | FA@1 before | FA@1 after | FA@5 before | FA@5 after |")
     print("|---|---|---|---|---|")
     for c, m in result["per_concept"].items():

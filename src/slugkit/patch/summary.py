@@ -16,6 +16,8 @@ def _steps(m: dict) -> str:
     """The step size line; a patch of several layers (``extra.layers_edited``, the multi-layer fallback) gives each
     layer's step and round — the top-level ``step_size`` is the first layer's only."""
     edits = (m.get("extra") or {}).get("layers_edited") if isinstance(m.get("extra"), dict) else None
+    if m.get("step_size") is None and m.get("components"):  # a chained or composed patch ("step size: None")
+        return "  step sizes: per component, below (η of each component's first layer)"
     if not isinstance(edits, list) or len(edits) < 2:
         return f"  step size:  {printable(_rounded(m.get('step_size'), 6))}"
     return "  step sizes: " + "; ".join(

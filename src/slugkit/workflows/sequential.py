@@ -48,7 +48,8 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
                 applied.append(p)
                 step_verdicts.append(r["verdict"])
                 steps.append({"concept": cfg.concept, "out": str(cfg.out), "layer": r["layer"],
-                              "step_size": r["step_size"], "metrics_at_step": r["metrics"]})
+                              "step_size": r["step_size"], "layers_edited": r.get("layers_edited") or [],
+                              "verdict": r["verdict"]["status"], "metrics_at_step": r["metrics"]})
             chained = chain_patches(applied)
             # one suite over all concepts: per-concept FA, and related accuracy over the identities none of them is
             joint = replace(configs[0], concepts=[c.concept for c in configs])
@@ -61,6 +62,11 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
         base = base_eval.base_metrics()
         near = nearest_concepts(base_eval.class_embeddings(), suite.names, suite.target_list(), NEIGHBOURS_K)
         chained.meta["metrics"] = {"before": brief(base), "after": brief(final)}
+        verdict = sequential_verdict(joint.concepts, configs[0].search.metric, configs[0].search.threshold, base,
+                                     final, configs[0].budgets, step_verdicts).to_json()
+        # the chained patch carries the whole run's verdict, as a single run's does (slug apply warns on "fail";
+        # it carried none, so a failed sequential run's patch applied without a word: eighth trial)
+        chained.meta["extra"] = {**(chained.meta.get("extra") or {}), "verdict": verdict["status"]}
         save_patch(chained, stage / "patch", overwrite=overwrite)
         result = {
             "mode": "sequential", "method": "slug", "concepts": [c.concept for c in configs],
@@ -69,8 +75,7 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
                             for c in joint.concepts},
             "metrics": {"before": base, "after": final},
             "collateral": collateral_of(base, final, near),
-            "verdict": sequential_verdict(joint.concepts, configs[0].search.metric, configs[0].search.threshold, base,
-                                          final, configs[0].budgets, step_verdicts).to_json(),
+            "verdict": verdict,
             "patch": {"path": "patch", "bytes": (stage / "patch" / "patch.safetensors").stat().st_size,
                       "tensors": chained.names},
             "model_bytes": adapter.model_bytes(), "timing_s": {"total": time.perf_counter() - t0},
