@@ -164,6 +164,7 @@ def test_unreachable_hub_id_explains_local_folder(tmp_path, monkeypatch):
         HFClipAdapter.load("openai/clip-vit-large-patch14", cache_dir=str(tmp_path / "cache"))
     msg = str(ei.value)
     assert "openai/clip-vit-large-patch14" in msg and "--model DIR" in msg and "huggingface-cli download" in msg
+    assert "\n" not in msg  # the hub's multi-line OSError is one line (it was printed as a literal \n)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         HFClipAdapter.load(str(tmp_path / "empty"))
@@ -269,3 +270,27 @@ def test_slug_unlearn_hf_family_with_sd_consumer(tmp_path, trained):
     assert sorted(patch["tensors"]) == sorted(result["group"]) and patch["adapter"] == "hf_clip"
     layers = json.loads((out / "layers.json").read_text())
     assert not any("layers.3." in c["name"] or "projection" in c["name"] for c in layers["candidates"])
+
+
+def test_embedded_with_the_hf_family_is_the_converted_clip_offline_and_apply_defaults_to_the_patchs_family(
+        tmp_path, monkeypatch, capsys):
+    """`slug apply --patch <an SD demo's patch> --model embedded` failed (open_clip has no `text_model.*`), and the
+    `--family hf_clip` it then needed went to the hub for a model named "embedded" (eighth trial): `embedded` with
+    the hf_clip family is the shipped CLIP converted, and apply/revert take the family from the patch."""
+    from slugkit.cli import main
+    from slugkit.models.convert import embedded_hf_clip
+    from slugkit.patch import make_patch, save_patch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ad = load_adapter("embedded", family="hf_clip")
+    ref, _, _ = embedded_hf_clip()
+    assert ad.model_id["model"] == "embedded (converted to transformers)" and ad.model_id["precision"] == "fp32"
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ad.model.state_dict().items())
+    name = "text_model.encoder.layers.0.self_attn.out_proj.weight"
+    base = {name: ad.model.state_dict()[name].clone()}
+    patch = make_patch(base, {name: base[name] * 0.9}, base_model=ad.model_id, adapter="hf_clip", concept="x")
+    save_patch(patch, tmp_path / "patch")
+    assert main(["apply", "--patch", str(tmp_path / "patch"), "--model", "embedded",
+                 "--out", str(tmp_path / "m.safetensors")]) == 0, capsys.readouterr().err
+    assert main(["apply", "--patch", str(tmp_path / "patch"), "--model", "embedded", "--family", "open_clip"]) == 2
+    assert "no tensor named 'text_model.encoder" in capsys.readouterr().err

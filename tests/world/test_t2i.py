@@ -129,9 +129,14 @@ def test_demo_target_sd_end_to_end(sd_run):
     gs = r["chooser"]["generator_search"]
     assert gs["validation_per_neighbour"] == 3 and set(gs["base_neighbour_recognised"]) == {n["concept"] for n in nb}
     assert "worst_drop" in r["verdict"]["budgets"]
+    # accepted_step_size is the generator search's accepted step (it was the CLIP search's; eighth trial)
+    assert r["step_size"] == pytest.approx(r["accepted_step_size"] * r["chooser"]["gen_margin"], rel=1e-12)
     assert "**worst**" in (out / "report.md").read_text()
     assert (out / "generations.png").read_bytes()[:4] == b"\x89PNG"
     assert "Generated images" in (out / "report.md").read_text()
+    # report.md opens with the run's own verdict: the CLIP section's line below it (the CLIP run's) was taken for it
+    assert (out / "report.md").read_text().startswith(
+        f"> **This run's verdict is the generated images': {r['verdict']['status']}** (section \"Generated images\"")
     # judged on the generated images, and the patch carries that verdict (not the CLIP run's)
     assert r["verdict"]["status"] == "pass"
     assert json.loads((out / "patch" / "patch.json").read_text())["extra"]["verdict"] == "pass"

@@ -142,6 +142,10 @@ def cmd_audit(a) -> int:
             return folder_audit_data(adapter, concept, names, a.identity_template or ["{}."], a.test_identities,
                                      train_identities=a.train_identities, controls=a.control_name,
                                      aliases=a.alias or [])
+    if a.family is None:  # the patch's adapter, as `slug apply` (an hf_clip patch was audited on open_clip)
+        from ..patch import load_patch
+
+        a.family = "hf_clip" if load_patch(patch).meta.get("adapter") == "hf_clip" else "open_clip"
     result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
                          controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
                          **opts)
@@ -272,8 +276,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default="embedded", help="the base model the patch was made for (default embedded; "
                                                        "other models need --test-identities and --names)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local .safetensors file")
-    p.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
-                   help="the model family of --model (default open_clip; hf_clip: a transformers CLIPModel)")
+    p.add_argument("--family", default=None, choices=["open_clip", "hf_clip"],
+                   help="the model family of --model (default: the patch's adapter; hf_clip: a transformers CLIPModel)")
     p.add_argument("--concept", default=None, help="the forgotten name (default: the patch's concept)")
     p.add_argument("--out", default=None, help="folder for audit.json / audit.md (default: the run folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing audit.json in --out")

@@ -78,6 +78,9 @@ def cmd_apply(a, revert: bool = False) -> int:
                   "test images); see its result.json", file=sys.stderr)
     if a.pipeline or a.llava:
         return _apply_to_folder(a, patches, revert)
+    if a.family is None:  # the patch's own adapter (an SD demo's patch, hf_clip, failed under open_clip: 8th trial)
+        named = {p.meta.get("adapter") for p in patches} & {"open_clip", "hf_clip"}
+        a.family = named.pop() if len(named) == 1 else "open_clip"
     target, _ = _load_target(a)
     if revert:
         for p in reversed(patches):
@@ -272,8 +275,9 @@ def add_parsers(sub) -> None:
                                                        "one of --model, --checkpoint, --pipeline, --llava is needed "
                                                        "(default: none)")
         ap.add_argument("--pretrained", default=None, help="with --model: as `slug unlearn --pretrained`")
-        ap.add_argument("--family", default="open_clip", choices=["open_clip", "hf_clip"],
-                        help="with --model: as `slug unlearn --family` (default open_clip)")
+        ap.add_argument("--family", default=None, choices=["open_clip", "hf_clip"],
+                        help="with --model: as `slug unlearn --family` (default: the patch's adapter, e.g. hf_clip "
+                             "for a --target sd/vlm demo's patch; open_clip if it names none)")
         ap.add_argument("--out", default=None, help="write the resulting state dict (.safetensors)")
         ap.add_argument("--pipeline", default=None, help="a diffusers Stable Diffusion folder, or 'embedded': write "
                                                          f"its text_encoder/ {'reverted' if rev else 'patched'} into "

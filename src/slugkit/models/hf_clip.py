@@ -129,7 +129,8 @@ class HFClipAdapter(Adapter):
         """``CLIPModel.from_pretrained(model)`` plus its tokenizer and image processor.
 
         ``model`` is a hub id (downloaded / cached by ``huggingface_hub``) or a local folder written by
-        ``save_pretrained`` (``config.json``, weights, tokenizer and preprocessor files). ``pretrained`` is accepted
+        ``save_pretrained`` (``config.json``, weights, tokenizer and preprocessor files); ``embedded`` (or
+        ``embedded-hf``) is the shipped CLIP converted exactly, offline. ``pretrained`` is accepted
         for symmetry with open_clip and must be ``None`` (HF ids carry their weights). With ``HF_HUB_OFFLINE`` set,
         only local files / the cache are used. ``precision``: ``fp32`` | ``bf16`` | ``fp16``, the autocast dtype of
         every forward; the weights are float32 (``ValueError`` before anything is read for an unknown string, ``fp16``
@@ -142,7 +143,13 @@ class HFClipAdapter(Adapter):
         if pretrained:
             raise ModelLoadError(f"--pretrained {pretrained!r} is not used by the hf_clip family: a transformers id "
                                  f"or folder carries its weights (pass --model {pretrained} instead?)")
+        from .convert import EMBEDDED_HF_IDS, embedded_hf_adapter
+
         local = Path(model).is_dir()
+        if model in EMBEDDED_HF_IDS and not local:  # the shipped CLIP, converted (it went to the hub: eighth trial)
+            e = embedded_hf_adapter()
+            e.model.to(device).eval()
+            return cls(e.model, e.tokenizer, e.image_processor, {**e.model_id, "precision": precision}, precision)
         if not local and Path(model).exists():
             raise ModelLoadError(f"{model} is a file; the hf_clip family loads a folder written by save_pretrained "
                                  f"(config.json + model.safetensors + tokenizer/preprocessor files) or a hub id")
@@ -158,7 +165,7 @@ class HFClipAdapter(Adapter):
                      f"preprocessor_config.json, as written by CLIPModel/CLIPProcessor.save_pretrained)") if local \
                 else f"the hub id {model!r}"
             raise ModelLoadError(
-                f"could not load transformers CLIPModel from {where}: {type(e).__name__}: {e}\n"
+                f"could not load transformers CLIPModel from {where}: {type(e).__name__}: {' '.join(str(e).split())}. "
                 "If this machine cannot reach the Hugging Face hub, fetch the model elsewhere, e.g. "
                 f"`huggingface-cli download {model} --local-dir DIR` (or CLIPModel/CLIPProcessor.from_pretrained(id)"
                 ".save_pretrained(DIR)), copy DIR here and pass --model DIR."

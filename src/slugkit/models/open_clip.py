@@ -108,7 +108,7 @@ class OpenClipAdapter(Adapter):
             raise
         except Exception as e:
             raise ModelLoadError(
-                f"could not load open_clip model {model!r} (pretrained={pretrained!r}): {e}\n"
+                f"could not load open_clip model {model!r} (pretrained={pretrained!r}): {' '.join(str(e).split())}. "
                 "If this machine has no network, download the weights elsewhere and pass them locally: "
                 "--pretrained /path/to/open_clip_model.safetensors, or --model local-dir:/path/to/folder "
                 "(open_clip_config.json + open_clip_model.safetensors)."

@@ -204,6 +204,18 @@ def _why_heading(result: dict) -> list[str]:
             "is a layer that was edited; the others were candidates only.", ""]
 
 
+def downstream_head(result: dict, whose: str, section: str, started: str) -> str:
+    """The first lines of ``report.md`` for a run judged on a downstream model (``--target sd``: the generated
+    images; ``--target vlm``: the VLM's answers): its verdict is that model's, and the CLIP sections below (their
+    verdict, worst identity and step) describe the CLIP run the downstream search ``started`` from — a reader took
+    the CLIP section's "fail" for the run's (eighth trial)."""
+    edited = " + ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`"
+    return (f"> **This run's verdict is the {whose}: {result['verdict']['status']}** (section \"{section}\" below; "
+            f"applied step {result['step_size']:.4g} on {edited}). The CLIP sections that follow describe the CLIP "
+            f"run whose gradient and layers the {started} started from; their own verdict, worst case and step are "
+            "CLIP's.\n\n")
+
+
 def render_report(result: dict) -> str:
     m = result["metrics"]
     chosen = result["layer"]

@@ -49,6 +49,7 @@ from ..common.files import atomic_write_bytes, write_json
 from ..common.runfolder import run_folder
 from ..eval.generated import DEFAULT_N_NEIGHBOUR, collateral_of, image_grid, target_neighbours
 from ..report.sd import render_generation_report
+from ..report.unlearn import downstream_head
 from ..world import render as world
 from ..world import t2i
 from .sd_generator import concept_prompts, generation_metrics, generator_chooser, related_to
@@ -62,19 +63,10 @@ NEIGHBOUR_SIMILARITY = ("cosine of the pipeline text encoder's projected pooled 
 
 
 def embedded_hf_adapter():
-    """The embedded CLIP as an :class:`HFClipAdapter` (exact conversion; see :mod:`slugkit.models.convert`)."""
-    from transformers import CLIPImageProcessor
+    """The embedded CLIP as an :class:`HFClipAdapter` (:func:`slugkit.models.convert.embedded_hf_adapter`)."""
+    from ..models.convert import embedded_hf_adapter as converted
 
-    from ..models.convert import embedded_hf_clip
-    from ..models.hf_clip import HFClipAdapter
-    from ..world.train import MEAN, STD
-
-    hf, tok, _ = embedded_hf_clip()
-    proc = CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
-                              crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
-                              image_mean=list(MEAN), image_std=list(STD))
-    return HFClipAdapter(hf, tok, proc, {"family": "hf_clip", "model": "embedded (converted to transformers)",
-                                         "pretrained": None})
+    return converted()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,7 +195,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["timing_s"]["generation_eval"] = t_gen
             result["timing_s"]["total"] = time.perf_counter() - t0
             write_json(stage / "result.json", result)
-            report = (stage / "report.md").read_text(encoding="utf-8") + _generation_report(result)
+            report = (downstream_head(result, "generated images'", "Generated images", "generator search")
+                      + (stage / "report.md").read_text(encoding="utf-8") + _generation_report(result))
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:

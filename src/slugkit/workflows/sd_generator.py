@@ -180,9 +180,10 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             drops = {c: base_per[c] - per[c] for c in neighbours}
             worst = max(neighbours, key=lambda c: (drops[c], -neighbours.index(c))) if neighbours else None
             mean_drop = base_o - float(sum(per.values()) / len(per))
-            status(f"  step {eta:.4g}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}), others "
+            at = "" if gen_margin == 1.0 else f"; at the step applied ({gen_margin:g} × = {eta * gen_margin:.4g}):"
+            status(f"  step {eta:.4g}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}){at} others "
                    f"{-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
-                   progress)
+                   progress)  # the collateral is measured at the margin's step (the trial took it for η's)
             return (rec_t, mean_drop) if worst is None else (rec_t, mean_drop, drops[worst], worst)
 
         searched, chosen = [], None
@@ -194,7 +195,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             searched.append({"layer": layer.name, "clip_step_size": clip_steps[layer.name],
                              "start_step": layer.step_size, "trajectory": traj, "accepted_step": eta})
             if eta is not None:
-                chosen = replace(layer, step_size=eta * gen_margin)
+                chosen = replace(layer, step_size=eta * gen_margin, accepted_step=eta)  # not the CLIP search's
                 info["clip_step_size"] = clip_steps[layer.name]
                 break
         info["generator_search"] = {"validation_images": val_images, "validation_per_other_concept": val_other,

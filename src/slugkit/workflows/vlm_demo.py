@@ -174,7 +174,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             searched.append({"layer": layer.name, "clip_step_size": layer.step_size, "start_step": start,
                              "trajectory": traj, "accepted_step": eta})
             if eta is not None:
-                chosen = replace(layer, step_size=eta * margin)
+                chosen = replace(layer, step_size=eta * margin, accepted_step=eta)  # not the CLIP search's
                 break
         info = {"gradient": gradient, "neighbours": neighbours, **extra,
                 "policy": ("VLM-gradient Pareto front first, by importance" if gradient == "vlm" else
@@ -233,6 +233,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     ``max_layers`` (1–3): when no layer has an accepted step, the closest step within half the budgets and up to
     ``max_layers`` − 1 more layers (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
+    from ..report.unlearn import downstream_head
     from ..report.vlm import render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
     from ..world.demo_data import default_concept
@@ -290,10 +291,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                 "identities' and the utility answers' gradients (slugkit.workflows.vlm_demo.vlm_gradients)"
                 if gradient == "vlm" else None), target="vlm", **({"vlm_model": str(vlm_dir)} if vlm_dir else {}))
             write_json(stage / "result.json", result)
-            head = (f"> **This run's verdict is the VLM's: {result['verdict']['status']}** (section \"The "
-                    f"embedded VLM\" below; applied step {result['step_size']:.4g} on `{result['layer']}`). The CLIP "
-                    "sections that follow describe the CLIP run whose gradient and layers the VLM search started "
-                    "from; their own verdict and step are CLIP's.\n\n")
+            head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search")
             report = head + (stage / "report.md").read_text(encoding="utf-8") + render_vlm_report(result, samples)
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
