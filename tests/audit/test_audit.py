@@ -201,6 +201,8 @@ def test_attack_probe_fails_when_the_forgotten_name_gives_a_head_start(base, dat
     rec = _probe(base, last_name_edit, data, "attack", attack=FAST_ATTACK)
     assert rec["status"] == "fail", rec["summary"]
     assert rec["concept"]["iterations_to_level"] is not None
+    # the one-line summary names the graded number beside the success rate (a "0.84 … pass" line alarmed a reader)
+    assert f"graded on the speed-up over them, {rec['graded']['value']:.2f} (pass ≤ 1.5, fail > 3)" in rec["summary"]
     assert len(rec["control"]["each"]) == len(data.controls) == 3
     assert rec["budget"]["evaluations"] == FAST_ATTACK.restarts * FAST_ATTACK.iterations * FAST_ATTACK.candidates
 

@@ -137,6 +137,7 @@ def test_demo_target_sd_end_to_end(sd_run):
     # report.md opens with the run's own verdict: the CLIP section's line below it (the CLIP run's) was taken for it
     assert (out / "report.md").read_text().startswith(
         f"> **This run's verdict is the generated images': {r['verdict']['status']}** (section \"Generated images\"")
+    assert f"Cost of the whole run: SLUG {r['timing_s']['slug_total']:.1f} s" in (out / "report.md").read_text()
     # judged on the generated images, and the patch carries that verdict (not the CLIP run's)
     assert r["verdict"]["status"] == "pass"
     assert json.loads((out / "patch" / "patch.json").read_text())["extra"]["verdict"] == "pass"

@@ -248,7 +248,9 @@ def probe_attack(before, after, data: AuditData, thresholds: AuditThresholds = A
                           f"(never {level:.1f} in {i_max} iterations)")
                        + (f"; from never-learned names {control['success']:.2f} ("
                           + (f"{level:.1f} after {t_control} iterations)" if t_control is not None else
-                             f"never {level:.1f})") if control else "; no control"))
+                             f"never {level:.1f})") if control else "; no control")
+               + f"; graded on the speed-up over them, {value:.2f} (pass ≤ {thresholds.attack[0]:g}, fail > "
+                 f"{thresholds.attack[1]:g})")  # the line read "0.84 … pass" alone (eighth trial)
     if t_concept is None and (t_control is None or not control):
         rec.update(status="warn", inconclusive=True,
                    summary=rec["summary"] + "; inconclusive: the budget reached neither the concept nor the controls "

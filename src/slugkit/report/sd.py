@@ -68,8 +68,17 @@ def render_generation_report(result: dict) -> str:
                   f"{result['chooser']['clip_step_size']:.4g})."]
     lines += ["", "In the CLIP table at the top of this report, \"other identities\" are the 29 other object concepts "
               "and \"utility\" the world's 60 identities (the SD demo unlearns an object concept).", "",
-              "![before/after](generations.png)", ""]
+              "![before/after](generations.png)", "", *cost_lines(result, "generation_eval", "generation evaluation")]
     return "\n".join(lines)
+
+
+def cost_lines(result: dict, key: str, what: str) -> list[str]:
+    """The whole run's cost, for a run judged on a downstream model: the CLIP section's "Cost" counts the CLIP run
+    alone, while the terminal and ``result.json`` give these (three totals disagreed; eighth trial)."""
+    t = result["timing_s"]
+    return [f"Cost of the whole run: SLUG {t['slug_total']:.1f} s (the world's data, the CLIP run above with its "
+            f"search on the downstream model) · {what} {t[key]:.1f} s · total {t['total']:.1f} s "
+            "(`timing_s` in result.json; the CLIP section's \"Cost\" counts the CLIP run alone).", ""]
 
 
 def _accepted(t: dict) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .sd import cost_lines
 from .unlearn import outputs_line, worst_line
 
 SAMPLES = 4  # sample answers per target in report.md
@@ -73,6 +74,7 @@ def render_vlm_report(result: dict, samples: dict) -> str:
     for cname in list(samples["before"]["object"])[:2]:
         lines.append(f"- {cname} (\"{qs['object']}\"): {samples['before']['object'][cname][0]!r} -> "
                      f"{samples['after']['object'][cname][0]!r}")
+    lines += ["", *cost_lines(result, "vlm_eval", "VLM evaluation")]
     return "\n".join(lines) + "\n"
 
 
