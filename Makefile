@@ -32,4 +32,4 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/summary.py --json benchmarks/results/summary.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .hypothesis src/*.egg-info

@@ -64,6 +64,9 @@ def test_demo_default_concept(demo_run, capsys):
     assert result["layer"] in report and "FA@5" in report
     layers = json.loads((demo_run / "layers.json").read_text())
     assert any(c["on_front"] for c in layers["candidates"])
+    # the patch says which gradient its step took: projected off the 5 nearest identities' (the default)
+    edit = json.loads((demo_run / "patch" / "patch.json").read_text())["extra"]["edit"]
+    assert "projected off the alignment gradients of the 5 nearest identities" in edit, edit
 
 
 def test_demo_refuses_existing_output(demo_run, data_dir, capsys):

@@ -262,3 +262,24 @@ def test_a_closed_stdout_at_start_is_no_traceback():
     p = subprocess.run([sys.executable, "-m", "slugkit", "world", "names"], preexec_fn=lambda: os.close(1),
                        stderr=subprocess.PIPE, text=True, timeout=120)
     assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+def test_the_joint_and_the_sequential_run_of_the_same_concepts_default_to_different_folders(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """The README's joint then sequential commands collided: both defaulted to runs/demo-A+B (eighth trial)."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("demo-Jowen_Gormere+Serna_Malton", "demo-Jowen_Gormere+Serna_Malton-sequential"):
+        (tmp_path / "runs" / folder).mkdir(parents=True)
+        (tmp_path / "runs" / folder / "result.json").write_text("{}")
+    for extra, folder in (([], "demo-Jowen_Gormere+Serna_Malton"),
+                          (["--sequential"], "demo-Jowen_Gormere+Serna_Malton-sequential")):
+        assert main(["demo", "--concepts", "Jowen Gormere,Serna Malton", *extra]) == 2
+        assert f"runs/{folder} already holds a run" in capsys.readouterr().err
+
+
+def test_a_misspelled_name_gets_a_suggestion(capsys):
+    """`--concept "Jowen Gormer"` said "unknown identity" with no hint (eighth trial); a T2I concept likewise."""
+    assert main(["demo", "--concept", "Jowen Gormer"]) == 2
+    assert "unknown identity 'Jowen Gormer'; did you mean 'Jowen Gormere'?" in capsys.readouterr().err
+    assert main(["demo", "--target", "sd", "--concept", "red triangel"]) == 2
+    assert "did you mean 'red triangle'?" in capsys.readouterr().err

@@ -287,7 +287,8 @@ def add_parsers(sub) -> None:
                    help="class folder of training-split images (the relearning and representation probes)")
     p.add_argument("--names", default=None, help="file with the full identity name list (one per line)")
     p.add_argument("--identity-template", type=template, action="append", default=None,
-                   help="zero-shot prompt with {} as the run used it (repeatable; default '{}.')")
+                   help="zero-shot prompt with {} as the run used it, for --test-identities data (repeatable; "
+                        "default '{}.'; the embedded world uses its own caption templates)")
     p.add_argument("--alias", type=nonempty, action="append", default=None,
                    help="another name of the concept, tried as a variant (repeatable)")
     p.add_argument("--threads", type=THREADS, default=None,

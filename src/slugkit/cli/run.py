@@ -149,7 +149,8 @@ def cmd_demo(a) -> int:
         return refuse("--audit audits one concept: run `slug audit --patch RUN --concept NAME` for each concept of a "
                       "joint or sequential run")
     slug_name = "+".join(c.replace(" ", "_") for c in concepts)
-    out = Path(a.out if a.out is not None else f"runs/demo-{slug_name}")
+    seq = "-sequential" if a.sequential else ""  # the joint and the sequential run of A,B must not share a folder
+    out = Path(a.out if a.out is not None else f"runs/demo-{slug_name}{seq}")
     check_out_dir(out, a.overwrite)
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
@@ -314,7 +315,8 @@ def add_parsers(sub) -> None:
     sdg.add_argument("--gen-margin", type=float_at_least(1.0), default=None,
                      help="applied step = this x the smallest step that forgot on validation (default 1.2)")
     sdg.add_argument("--t2i-model", default=None, help="folder of a text-to-image UNet from `slug world train-t2i`")
-    add_run_args(d, threads=1, out_default="runs/demo-<Name> (--target sd: runs/demo-sd-<concept>)")
+    add_run_args(d, threads=1, out_default="runs/demo-<Name> (--sequential: runs/demo-<A+B>-sequential; --target "
+                                           "sd: runs/demo-sd-<concept>)")
     _add_audit_args(d)
     # what the CLIP demo refuses when given (cli.vlm.unused_by_clip): read from the two groups, not restated
     d.set_defaults(func=cmd_demo, generator_defaults={x.dest: x.default for g in (vg, sdg) for x in g._group_actions},

@@ -161,7 +161,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         verdict = clip_verdict(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, before, after, cfg.budgets,
                                {k: data[f"{k}_stats"].as_dict() for k in ("forget", "retain")}, data["captions"])
         with _timed(timing, "patch"):
-            patch, patch_bytes = _write_patch(cfg, adapter, edits, before, after, out, verdict.status)
+            patch, patch_bytes = _write_patch(cfg, adapter, edits, before, after, out, verdict.status, protection)
         timing["total"] = time.perf_counter() - t_start
         run = {"before": before, "after": after, "val_before": val_before, "searches": searches, "chosen": chosen,
                "edits": edits,
@@ -344,9 +344,15 @@ def _evaluate_edits(adapter, edits, test_eval) -> dict:
         return test_eval.evaluate_cached(test_cache)
 
 
-def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, out: Path, verdict: str = "pass"):
+def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, out: Path, verdict: str = "pass",
+                 protection=None):
     """``out/patch``: every edited group's new values with the base hashes (spec §5); returns (patch, file bytes).
-    Groups are disjoint, so each group's θ − η·g is computed on the unedited model."""
+    Groups are disjoint, so each group's θ − η·g is computed on the unedited model. ``extra.edit`` says which g:
+    the paper's, or projected off the nearest neighbours' gradients (``protection``)."""
+    edit = "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"
+    if protection is not None and protection.neighbours:  # the default step; extra.edit said the paper's (8th trial)
+        edit += (f", projected off the alignment gradients of the {len(protection.neighbours)} nearest identities "
+                 "(slugkit.slug.neighbours; --protect-neighbours 0: the paper's step)")
     from ..patch import architecture_facts, make_patch, save_patch
 
     chosen = edits[0].search
@@ -361,7 +367,7 @@ def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, 
                        extra={"layer": chosen.name, "tower": chosen.tower, "verdict": verdict,
                               **({"layers_edited": [e.to_json() for e in edits]} if len(edits) > 1 else {}),
                               "relative_change": chosen.step_size / chosen.ratio,
-                              "edit": "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"})
+                              "edit": edit})
     save_patch(patch, out / "patch", overwrite=cfg.overwrite)
     return patch, (out / "patch" / "patch.safetensors").stat().st_size
 

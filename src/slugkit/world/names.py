@@ -98,8 +98,12 @@ def identity_by_name(name: str) -> Identity:
     try:
         return _BY_NAME[key]
     except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(_BY_NAME), n=2, cutoff=0.8)  # "Jowen Gormer" got no hint (8th)
+        hint = f"did you mean {' or '.join(repr(_BY_NAME[c].name) for c in close)}? " if close else ""
         raise KeyError(
-            f"unknown identity {name!r}; the embedded world has {len(IDENTITIES)} identities "
+            f"unknown identity {name!r}; {hint}the embedded world has {len(IDENTITIES)} identities "
             f"(run `slug world names` to list them)"
         ) from None
 

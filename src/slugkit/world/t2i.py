@@ -117,8 +117,12 @@ def concept_by_name(name: str) -> world.UtilityClass:
     for c in world.UTILITY_CLASSES:
         if c.name == low:
             return c
-    raise ValueError(f"unknown concept {name!r} for the embedded text-to-image model; choose one of: "
-                     f"{', '.join(concept_names())}")
+    import difflib
+
+    close = difflib.get_close_matches(" ".join(low.split()), concept_names(), n=1, cutoff=0.8)
+    raise ValueError(f"unknown concept {name!r} for the embedded text-to-image model; "
+                     + (f"did you mean {close[0]!r}? " if close else "")
+                     + f"choose one of: {', '.join(concept_names())}")
 
 
 def concept_phrases(name: str) -> list[str]:
