@@ -64,9 +64,10 @@ def test_demo_default_concept(demo_run, capsys):
     assert result["layer"] in report and "FA@5" in report
     layers = json.loads((demo_run / "layers.json").read_text())
     assert any(c["on_front"] for c in layers["candidates"])
-    # the patch says which gradient its step took: projected off the 5 nearest identities' (the default)
+    # the patch says which gradient its step took: projected off the nearest identities' (the default, 10)
     edit = json.loads((demo_run / "patch" / "patch.json").read_text())["extra"]["edit"]
-    assert "projected off the alignment gradients of the 5 nearest identities" in edit, edit
+    k = len(result["neighbour_protection"]["neighbours"])
+    assert k == 10 and f"projected off the alignment gradients of the {k} nearest identities" in edit, edit
 
 
 def test_demo_refuses_existing_output(demo_run, data_dir, capsys):
