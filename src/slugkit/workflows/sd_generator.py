@@ -180,7 +180,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             drops = {c: base_per[c] - per[c] for c in neighbours}
             worst = max(neighbours, key=lambda c: (drops[c], -neighbours.index(c))) if neighbours else None
             mean_drop = base_o - float(sum(per.values()) / len(per))
-            at = "" if gen_margin == 1.0 else f"; at the step applied ({gen_margin:g} × = {eta * gen_margin:.4g}):"
+            at = "," if gen_margin == 1.0 else f"; at the step applied ({gen_margin:g} × η = {eta * gen_margin:.4g}):"
             status(f"  step {eta:.4g}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}){at} others "
                    f"{-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
                    progress)  # the collateral is measured at the margin's step (the trial took it for η's)
