@@ -140,28 +140,6 @@ def hf_tokenizer_from_open_clip(context_length: int):
     return tok
 
 
-def embedded_hf_adapter():
-    """The embedded CLIP as an :class:`~slugkit.models.hf_clip.HFClipAdapter` (exact conversion, the image processor
-    from the shipped ``preprocess_cfg``): what ``--model embedded --family hf_clip`` loads, and the CLIP of the
-    text-to-image, VLM and canvas demos (their patches name it "embedded (converted to transformers)")."""
-    import json
-
-    from transformers import CLIPImageProcessor
-
-    from .hf_clip import HFClipAdapter
-    from .open_clip import EMBEDDED_DIR
-
-    hf, tok, _ = embedded_hf_clip()
-    pre = json.loads((Path(EMBEDDED_DIR) / "open_clip_config.json").read_text())["preprocess_cfg"]
-    proc = CLIPImageProcessor(size={"shortest_edge": pre["size"]}, crop_size={"height": pre["size"],
-                              "width": pre["size"]}, image_mean=list(pre["mean"]), image_std=list(pre["std"]))
-    return HFClipAdapter(hf, tok, proc, {"family": "hf_clip", "model": EMBEDDED_HF_LABEL, "pretrained": None})
-
-
-EMBEDDED_HF_LABEL = "embedded (converted to transformers)"
-EMBEDDED_HF_IDS = ("embedded", "embedded-hf", EMBEDDED_HF_LABEL)  # --model values that load it with --family hf_clip
-
-
 def embedded_hf_clip():
     """(CLIPModel, CLIPTokenizer, open_clip config) of the embedded model, converted exactly; no files written."""
     import json

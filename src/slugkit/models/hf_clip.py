@@ -1,5 +1,6 @@
 """transformers ``CLIPModel`` adapter: ``openai/clip-vit-large-patch14``, ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``,
-``openai/clip-vit-large-patch14-336`` or any local folder written by ``save_pretrained``.
+``openai/clip-vit-large-patch14-336``, any local folder written by ``save_pretrained``, or ``embedded`` (the shipped
+CLIP converted exactly, :func:`embedded_hf_adapter`).
 
 This is the model family of the official SD / UnlearnCanvas / LLaVA experiments (spec §2.7, §6, §7). The SLUG core
 sees it through the same :class:`~slugkit.models.base.Adapter` protocol as open_clip; what differs is declared here.
@@ -23,7 +24,6 @@ all three projections of its layer, a chosen ``fc1``/``fc2`` moves both; ``out_p
 
 ``precision`` (``fp32`` | ``bf16`` | ``fp16``) is autocast over float32 weights (:mod:`slugkit.models.base`): the
 model is always loaded with ``dtype=torch.float32`` (also when the folder stores fp16 weights), never cast.
-
 :meth:`HFClipAdapter.restrict_candidates` limits candidates to what a downstream consumer reads (SD's text encoder,
 LLaVA's vision tower; see :mod:`slugkit.integrations`): an edit the consumer never reads has no effect on it.
 """
@@ -61,11 +61,8 @@ def hub_offline() -> bool:
 
 
 def features(out) -> torch.Tensor:
-    """The projected embedding from ``get_image_features`` / ``get_text_features``.
-
-    transformers 4.x returns the tensor; 5.x returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` holds
-    the *projected* features.
-    """
+    """The projected embedding from ``get_image_features`` / ``get_text_features``: transformers 4.x returns the
+    tensor; 5.x returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` holds the *projected* features."""
     if isinstance(out, torch.Tensor):
         return out
     pooled = getattr(out, "pooler_output", None)
@@ -143,8 +140,6 @@ class HFClipAdapter(Adapter):
         if pretrained:
             raise ModelLoadError(f"--pretrained {pretrained!r} is not used by the hf_clip family: a transformers id "
                                  f"or folder carries its weights (pass --model {pretrained} instead?)")
-        from .convert import EMBEDDED_HF_IDS, embedded_hf_adapter
-
         local = Path(model).is_dir()
         if model in EMBEDDED_HF_IDS and not local:  # the shipped CLIP, converted (it went to the hub: eighth trial)
             e = embedded_hf_adapter()
@@ -380,3 +375,24 @@ def _causal_mask(config, x: torch.Tensor, attention_mask: torch.Tensor):
     from transformers.masking_utils import create_causal_mask
 
     return create_causal_mask(config=config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=None)
+
+
+def embedded_hf_adapter():
+    """The embedded CLIP as an :class:`HFClipAdapter` (exact conversion; the shipped ``preprocess_cfg``): what
+    ``--model embedded --family hf_clip`` loads, and the CLIP of the text-to-image, VLM and canvas demos."""
+    import json
+
+    from transformers import CLIPImageProcessor
+
+    from .convert import embedded_hf_clip
+    from .open_clip import EMBEDDED_DIR
+
+    hf, tok, _ = embedded_hf_clip()
+    pre = json.loads((Path(EMBEDDED_DIR) / "open_clip_config.json").read_text())["preprocess_cfg"]
+    proc = CLIPImageProcessor(size={"shortest_edge": pre["size"]}, crop_size={"height": pre["size"],
+                              "width": pre["size"]}, image_mean=list(pre["mean"]), image_std=list(pre["std"]))
+    return HFClipAdapter(hf, tok, proc, {"family": "hf_clip", "model": EMBEDDED_HF_LABEL, "pretrained": None})
+
+
+EMBEDDED_HF_LABEL = "embedded (converted to transformers)"  # the patches of those demos name their base model so
+EMBEDDED_HF_IDS = ("embedded", "embedded-hf", EMBEDDED_HF_LABEL)  # --model values that load it with --family hf_clip

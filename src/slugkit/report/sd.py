@@ -75,7 +75,9 @@ def render_generation_report(result: dict) -> str:
 def cost_lines(result: dict, key: str, what: str) -> list[str]:
     """The whole run's cost, for a run judged on a downstream model: the CLIP section's "Cost" counts the CLIP run
     alone, while the terminal and ``result.json`` give these (three totals disagreed; eighth trial)."""
-    t = result["timing_s"]
+    t = result.get("timing_s") or {}
+    if not all(k in t for k in ("slug_total", key, "total")):  # a result put together by hand (no run's timings)
+        return []
     return [f"Cost of the whole run: SLUG {t['slug_total']:.1f} s (the world's data, the CLIP run above with its "
             f"search on the downstream model) · {what} {t[key]:.1f} s · total {t['total']:.1f} s "
             "(`timing_s` in result.json; the CLIP section's \"Cost\" counts the CLIP run alone).", ""]

@@ -63,8 +63,8 @@ NEIGHBOUR_SIMILARITY = ("cosine of the pipeline text encoder's projected pooled 
 
 
 def embedded_hf_adapter():
-    """The embedded CLIP as an :class:`HFClipAdapter` (:func:`slugkit.models.convert.embedded_hf_adapter`)."""
-    from ..models.convert import embedded_hf_adapter as converted
+    """The embedded CLIP as an :class:`HFClipAdapter` (:func:`slugkit.models.hf_clip.embedded_hf_adapter`)."""
+    from ..models.hf_clip import embedded_hf_adapter as converted
 
     return converted()
 
