@@ -87,6 +87,14 @@ def test_caption_and_class_folders(tmp_path):
     stats = ReadStats()
     got = list(iter_pairs(str(cap), stats=stats))
     assert [s.caption for s in got] == ["a caption"] and stats.skipped_no_caption == 1
+    (cap / "sub").mkdir()
+    (cap / "sub" / "orphan.txt").write_text("a caption with no image")  # ignored, even under --strict (9th trial)
+    stats = ReadStats()
+    assert [s.caption for s in iter_pairs(str(cap), stats=stats)] == ["a caption"] and stats.skipped_no_image == 1
+    assert "orphan.txt" in stats.examples["no_image"]
+    (cap / "x2.txt").write_text("x2's caption")
+    with pytest.raises(ShardError, match="orphan.txt has no image"):
+        list(iter_pairs(str(cap), strict=True))
 
     cls = tmp_path / "cls"
     for d in ("Zed_Ora", "Ann_Lee"):
@@ -157,3 +165,27 @@ def test_curate_selection_does_not_depend_on_the_data_location(tmp_path):
         _write(tmp_path / d / "p.tar", caps)
         curate(str(tmp_path / d / "p.tar"), "Ann Lee", tmp_path / d / "out", retain=7, seed=1)
     assert (tmp_path / "a/out/retain.tar").read_bytes() == (tmp_path / "b/deeper/out/retain.tar").read_bytes()
+
+
+def test_a_tar_whose_pairs_are_apart_is_named_so_and_curate_warns(tmp_path, capsys):
+    """`tar cf` of a folder in directory order put a.jpg, b.jpg, …, then a.txt, b.txt, …: curate kept 1 pair of 29,
+    exit 0, silent, and the read stats called the captions "later copies of a key" (ninth trial)."""
+    from slugkit.cli import main
+
+    good = encode_image(_img(100))
+    names = [f"s{i}" for i in range(24)]
+    raw_tar(tmp_path / "x.tar", [(f"{n}.jpg", good) for n in names] + [(f"{n}.txt", f"Jowen Gormere {n}".encode())
+                                                                        for n in names])
+    stats = ReadStats()
+    assert list(iter_samples(str(tmp_path / "x.tar"), stats=stats)) == []
+    assert stats.split_keys == 24 and "are not next to each other in the tar" in " ".join(stats.problems())
+    with pytest.raises(ShardError, match="s0 has an image but no caption"):  # strict stops at the first half
+        list(iter_samples(str(tmp_path / "x.tar"), strict=True))
+    raw_tar(tmp_path / "y.tar", [(f"{n}.{e}", good if e == "jpg" else f"Jowen Gormere {n}".encode())
+                                 for n in names for e in ("jpg", "txt")]
+            + [(f"{n}.txt", b"a") for n in names[:2]] + [("z.jpg", good)] + [("z.txt", b"someone else")] * 1)
+    assert main(["curate", "--shards", str(tmp_path / "y.tar"), "--concept", "Jowen Gormere", "--alias", "s1",
+                 "--out", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: while reading" in err and "2 of those were the other half" not in err  # copies, not halves
+    assert "warning: 24 of the 25 captions name 'Jowen Gormere' or an alias ('s1')" in err

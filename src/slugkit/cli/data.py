@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..common.text import printable
 from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
@@ -37,6 +38,14 @@ def cmd_curate(a) -> int:
                              retain=a.max_retain, seed=a.seed, strict=a.strict, progress=not a.no_progress)
         summary = final_paths(summary)
     print(json.dumps(summary, indent=2))
+    for problem in summary.get("read_problems") or []:  # they sat in the JSON only (ninth trial)
+        print(f"warning: while reading {printable(a.shards)}: {problem}", file=sys.stderr)
+    scanned = summary.get("scanned") or 0
+    if not a.generate and scanned >= 20 and summary["forget"] > scanned / 2:
+        print(f"warning: {summary['forget']} of the {scanned} captions name {a.concept!r}"
+              + (f" or an alias ({', '.join(map(repr, a.alias))})" if a.alias else "")
+              + ": a concept is usually a small part of the data; is a name or alias too common a word?",
+              file=sys.stderr)
     return 0
 
 

@@ -109,7 +109,7 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         _write_json(out / "retain_manifest.json", {"excludes": concept, "samples": retain_manifest})
     summary = {"concept": concept, "aliases": list(aliases), "source": spec, "scanned": n_scanned,
                "forget": len(forget_items), "retain": len(retain_items) if retain != 0 else 0,
-               "max_forget": max_forget, "seed": seed, "read_stats": stats.as_dict()}
+               "max_forget": max_forget, "seed": seed, "read_stats": stats.as_dict(), "read_problems": stats.problems()}
     _write_json(out / "curate.json", summary)
     return summary
 

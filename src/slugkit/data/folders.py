@@ -3,7 +3,7 @@
 * **Captioned folder** — ``root/**/<stem>.<jpg|jpeg|png|webp>`` with a sidecar ``<stem>.txt`` caption, the layout
   img2dataset writes with ``--output_format files``. Images without a caption, captions that are not UTF-8 and a
   second image of the same stem (``a.jpg`` + ``a.png`` would share ``a.txt``; the first in sorted order is kept)
-  are skipped and counted in :class:`~slugkit.data.stats.ReadStats` (an error naming the file under ``strict``).
+  are skipped and counted, and so is a caption with no image in :class:`~slugkit.data.stats.ReadStats` (an error naming the file under ``strict``).
 * **Class folder** (torchvision ``ImageFolder`` layout) — ``root/<class_dir>/*.jpg``; classes are the sorted
   sub-directory names. Class *names* (what the zero-shot prompts say) come from ``root/classnames.txt`` (one per line,
   in sorted-directory order), else from the directory names with ``_`` replaced by spaces (CelebA-style
@@ -36,6 +36,14 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
     files = _image_files(root)
     if not files:
         raise ShardError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
+    stems = {f.with_suffix("") for f in files}  # a caption with no image was not even counted (ninth trial)
+    orphans = sorted(c for c in root.rglob("*.txt") if c.is_file() and c.with_suffix("") not in stems)
+    if orphans and strict:
+        raise ShardError(f"caption {orphans[0]} has no image ({', '.join(IMAGE_EXTS)}) beside it"
+                         + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
+    stats.skipped_no_image += len(orphans)
+    if orphans:
+        stats.note("no_image", str(orphans[0]))
     first: dict[str, Path] = {}
     for f in files:
         cap = f.with_suffix(".txt")

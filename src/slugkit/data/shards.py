@@ -147,12 +147,18 @@ def _bad_shard(path: str, stats: ReadStats, strict: bool, kind: str, why: str) -
     stats.note(f"{kind if kind == 'not_tar' else 'empty'}:{path}", why)
 
 
-def _duplicate(path: str, key: str, member: str, stats: ReadStats, strict: bool) -> None:
+def _duplicate(path: str, key: str, member: str, stats: ReadStats, strict: bool, split: bool = False) -> None:
+    """A later run of ``key`` (``split``: it brings a member its first run lacked, so the pair's files are apart)."""
     if strict:
-        raise ShardError(f"{path}: key {key!r} appears more than once (member {member} repeats a sample already "
-                         "read); every sample needs its own key")
+        raise ShardError(f"{path}: key {key!r} appears more than once (member {member} "
+                         + ("is apart from the rest of its sample: a webdataset shard keeps each sample's files "
+                            "together; rebuild it sorted, tar --sort=name)" if split else
+                            "repeats a sample already read); every sample needs its own key"))
     stats.skipped_duplicate_key += 1
     stats.note("skipped_duplicate_key", f"{path}:{key}")
+    if split:
+        stats.split_keys += 1
+        stats.note("split_keys", f"{path}:{key} ({member} apart from the rest of its sample)")
 
 
 def _diagnose_group(key: str, group: dict[str, bytes], stats: ReadStats) -> None:
@@ -191,7 +197,7 @@ def _iter_members(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[s
     if kind != "tar":
         _bad_shard(path, stats, strict, kind, why)
         return
-    seen: set[str] = set()
+    seen: dict[str, set[str]] = {}  # key -> the extensions of its first run
     current_key: str | None = None
     group: dict[str, bytes] | None = None  # None: the run in progress is a duplicate, skipped
     copy_exts: set[str] = set()
@@ -213,12 +219,14 @@ def _iter_members(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[s
                         yield current_key, group
                     if key in seen:
                         group = None
-                        _duplicate(path, key, member.name, stats, strict)
+                        _duplicate(path, key, member.name, stats, strict, split=ext not in seen[key])
                     else:
-                        seen.add(key)
+                        seen[key] = set()
                         group = {}
                     current_key, copy_exts = key, set()
                 copy_exts.add(ext)
+                if group is not None:
+                    seen[key].add(ext)
                 fobj = tf.extractfile(member) if group is not None else None
                 if fobj is not None:
                     group[ext] = fobj.read()

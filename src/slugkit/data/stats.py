@@ -40,6 +40,7 @@ class ReadStats:
     extensions: Counter = field(default_factory=Counter)
     dotted_members: int = 0
     merged_keys: int = 0
+    split_keys: int = 0  # of skipped_duplicate_key: a later run bringing members the first lacked (members apart)
     examples: dict[str, str] = field(default_factory=dict)  # problem -> first example, for the diagnosis
     manifest: list[dict] = field(default_factory=list)  # filled by callers that record what they used
 
@@ -58,6 +59,7 @@ class ReadStats:
             "members": self.members,
             "extensions": dict(self.extensions),
             "merged_keys": self.merged_keys,
+            "split_keys": self.split_keys,
         }
 
     def note(self, problem: str, example: str) -> None:
@@ -106,6 +108,10 @@ class ReadStats:
             n = getattr(self, attr)
             if n:
                 out.append(f"{n} {what} (e.g. {self.examples.get(attr, '?')})")
+        if self.split_keys:  # "later copies" hid that the image and the caption of a pair were apart (ninth trial)
+            out.append(f"{self.split_keys} of those were the other half of a pair whose members are not next to each "
+                       f"other in the tar (e.g. {self.examples.get('split_keys', '?')}); a webdataset shard keeps each "
+                       "sample's files together: rebuild it sorted (tar --sort=name -cf SHARD.tar -C DIR .)")
         return out
 
     def diagnosis(self) -> str:

@@ -96,6 +96,15 @@ def forget_caption_counts(adapter, captions: list[str], concepts: list[str]) -> 
     return len(prefixes), truncated
 
 
+def unnamed_concepts(captions: list[str], concepts: list[str]) -> list[str]:
+    """The ``concepts`` of a joint run that no caption names (whole word, as :func:`forget_caption_counts`): the
+    forget set of ``--concepts A,B`` holding A's pairs only was unlearned for both, wrecking the model (ninth
+    trial)."""
+    from ..data.curate import ConceptMatcher
+
+    return [c for c in concepts if not any(ConceptMatcher(c, []).mention_end(x) is not None for x in captions)]
+
+
 def batches(images: torch.Tensor, tokens: torch.Tensor, bs: int):
     """Consecutive batches, on the data's device (CPU); ``accumulate_batch`` moves each to the model's device."""
     for i in range(0, images.shape[0], bs):

@@ -27,10 +27,11 @@ from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
 from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
 from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, edited_values, search_layers
-from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs
+from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs, unnamed_concepts
 from .records import brief, result_record, write_run_files
 from .rounds import applied, generator_rounds, more_rounds
-from .verdict import Budgets, check_captions, check_recognised, check_retain_captions, clip_verdict
+from .verdict import (Budgets, ForgetCaptionsError, check_captions, check_recognised, check_retain_captions,
+                      clip_verdict)
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
 RUN_MARKER = RESULT_FILES[0]  # a folder holding it is a complete run (the run appears whole, by one rename)
@@ -225,6 +226,12 @@ def _load_data(cfg: UnlearnConfig, adapter) -> dict:
         named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list() + list(cfg.aliases))
         if cfg.caption_check:
             check_captions(named, len(captions), cfg.concept_list(), cfg.forget, truncated, cfg.strict)
+            missing = unnamed_concepts(captions, cfg.concept_list()) if len(cfg.concept_list()) > 1 else []
+            if missing and named:
+                raise ForgetCaptionsError(
+                    f"none of the {len(captions)} forget captions in {cfg.forget} names "
+                    f"{' / '.join(map(repr, missing))}: a joint run unlearns every concept from one forget set, so "
+                    "each needs its own pairs; add them (slug curate --concept NAME) or leave the concept out")
         data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}
         r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
         r_caps = data["retain_stats"].captions
