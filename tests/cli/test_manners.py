@@ -283,3 +283,25 @@ def test_a_misspelled_name_gets_a_suggestion(capsys):
     assert "unknown identity 'Jowen Gormer'; did you mean 'Jowen Gormere'?" in capsys.readouterr().err
     assert main(["demo", "--target", "sd", "--concept", "red triangel"]) == 2
     assert "did you mean 'red triangle'?" in capsys.readouterr().err
+
+
+def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, capsys):
+    """The relearning line printed step counts while the grade came from a speed-up shown only in audit.md, and the
+    audit of a failed run's patch read as a plain pass (ninth trial)."""
+    import torch
+
+    from slugkit.cli.audit import _print_audit
+    from slugkit.patch import make_patch, save_patch
+
+    base = {"w": torch.ones(3)}
+    save_patch(make_patch(base, {"w": base["w"] * 2}, base_model="toy", adapter="t", concept="A",
+                          extra={"verdict": "fail"}), tmp_path / "patch")
+    rec = {"probe": "relearn", "status": "pass", "gating": True, "summary": "n=5: concept back to 0.5 after 8 steps",
+           "graded": {"name": "speed-up of relearning over learning the controls", "value": 0.888, "pass_at": 1.5,
+                      "fail_at": 3.0}}
+    assert _print_audit({"concept": "A", "seconds": 1.0, "status": "pass", "probes": [rec]}, tmp_path,
+                        tmp_path / "patch") == 0
+    out = capsys.readouterr().out
+    assert ("after 8 steps; graded on the speed-up of relearning over learning the controls: 0.89 (pass ≤ 1.5, "
+            "fail > 3)") in out
+    assert "note: the run that made this patch had verdict fail" in out

@@ -26,3 +26,21 @@ def test_a_joint_run_whose_forget_set_misses_a_concept_is_refused_before_the_gra
     with pytest.raises(ForgetCaptionsError, match=f"names '{b}': a joint run unlearns every concept"):
         run_unlearn(replace(cfg, concepts=[a, b]))
     assert not (tmp_path / "run" / "result.json").exists() and not (tmp_path / "run" / "patch").exists()
+
+
+@pytest.mark.slow
+def test_forget_images_in_the_test_folder_are_refused(tmp_path):
+    """The forget set's own images copied in as the concept's test images read FA@5 0.00 where the held-out ones read
+    0.06, and flipped the verdict to "unlearned" (ninth trial); val/test overlap was caught, forget/test was not."""
+    import shutil
+
+    from slugkit.data.folders import iter_pairs
+
+    a = world.IDENTITIES[0].name
+    cfg, _, _ = world_config(a, tmp_path / "run", ensure_world_data(None, progress=False), progress=False, threads=1)
+    test = tmp_path / "test"
+    shutil.copytree(cfg.test_identities, test)
+    first = next(iter_pairs(cfg.forget, decode=False))
+    (test / a.replace(" ", "_") / "leaked.jpg").write_bytes(first.data)
+    with pytest.raises(ValueError, match=r"--test-identities: 1 image\(s\) are forget-set images .*leaked.jpg"):
+        run_unlearn(replace(cfg, test_identities=str(test)))

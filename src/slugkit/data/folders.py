@@ -3,7 +3,8 @@
 * **Captioned folder** — ``root/**/<stem>.<jpg|jpeg|png|webp>`` with a sidecar ``<stem>.txt`` caption, the layout
   img2dataset writes with ``--output_format files``. Images without a caption, captions that are not UTF-8 and a
   second image of the same stem (``a.jpg`` + ``a.png`` would share ``a.txt``; the first in sorted order is kept)
-  are skipped and counted, and so is a caption with no image in :class:`~slugkit.data.stats.ReadStats` (an error naming the file under ``strict``).
+  are skipped, and so is a caption with no image, counted in :class:`~slugkit.data.stats.ReadStats` (an error
+  naming the file under ``strict``).
 * **Class folder** (torchvision ``ImageFolder`` layout) — ``root/<class_dir>/*.jpg``; classes are the sorted
   sub-directory names. Class *names* (what the zero-shot prompts say) come from ``root/classnames.txt`` (one per line,
   in sorted-directory order), else from the directory names with ``_`` replaced by spaces (CelebA-style
@@ -164,3 +165,18 @@ def shared_images(a: str | Path, b: str | Path) -> list[tuple[Path, Path]]:
         if same is not None:
             out.append((same, p))
     return out
+
+
+def images_with_digests(folder: str | Path, digests: dict[str, str]) -> list[tuple[Path, str]]:
+    """Image files of ``folder`` whose sha256 (hex) is a key of ``digests``: ``[(file, digests[sha])]``. Used to keep
+    the forget set's own images out of the test and validation folders (ninth trial: the forget images copied in as
+    the concept's test images read FA@5 0.00 where the held-out ones read 0.06, and flipped the verdict)."""
+    import hashlib
+
+    out = []
+    for p in _image_files(Path(folder)):
+        sha = hashlib.sha256(p.read_bytes()).hexdigest()
+        if sha in digests:
+            out.append((p, digests[sha]))
+    return out
+

@@ -80,7 +80,8 @@ def cost_lines(result: dict, key: str, what: str) -> list[str]:
         return []
     return [f"Cost of the whole run: SLUG {t['slug_total']:.1f} s (the world's data, the CLIP run above with its "
             f"search on the downstream model) · {what} {t[key]:.1f} s · total {t['total']:.1f} s "
-            "(`timing_s` in result.json; the CLIP section's \"Cost\" counts the CLIP run alone).", ""]
+            "(`timing_s` in result.json; the CLIP section's \"Cost\" counts the CLIP run, its \"search\" the "
+            "search on the downstream model too).", ""]
 
 
 def _accepted(t: dict) -> str:

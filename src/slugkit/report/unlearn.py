@@ -212,8 +212,9 @@ def downstream_head(result: dict, whose: str, section: str, started: str) -> str
     edited = " + ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`"
     return (f"> **This run's verdict is the {whose}: {result['verdict']['status']}** (section \"{section}\" below; "
             f"applied step {result['step_size']:.4g} on {edited}). The CLIP sections that follow describe the CLIP "
-            f"run whose gradient and layers the {started} started from; their own verdict, worst case, step and cost "
-            "are CLIP's.\n\n")
+            f"run whose gradient and layers the {started} started from; their own verdict, worst case and step are "
+            f"CLIP's (their \"Cost\" counts the {started} in \"search\"; the whole run's cost ends this report)."
+            "\n\n")
 
 
 def render_report(result: dict) -> str:

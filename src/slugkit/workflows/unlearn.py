@@ -198,6 +198,20 @@ def _check_inputs(cfg: UnlearnConfig) -> None:
                                  "the test images: remove them from one folder")
 
 
+def _refuse_forget_in_eval(cfg: UnlearnConfig, manifest: list[dict]) -> None:
+    """Raise ``ValueError`` when a validation or test image is one of the forget set's own images (the same bytes):
+    the search or the report would score the images the gradient was taken on."""
+    from ..data.folders import images_with_digests
+
+    digests = {m["sha256"]: f"{m['source']}:{m['key']}" for m in manifest}
+    for flag, folder in (("--val-identities", cfg.val_identities), ("--test-identities", cfg.test_identities)):
+        hit = images_with_digests(folder, digests) if folder and Path(folder).is_dir() else []
+        if hit:
+            raise ValueError(f"{flag}: {len(hit)} image(s) are forget-set images (the same bytes; e.g. {hit[0][0]} = "
+                             f"forget sample {hit[0][1]}); evaluation images must be held out of the forget set: "
+                             "remove them")
+
+
 def _load_model(cfg: UnlearnConfig, adapter):
     """The adapter of ``cfg.model`` (unless one is given), restricted to what ``cfg.consumer`` reads."""
     from ..models import load_adapter
@@ -233,6 +247,7 @@ def _load_data(cfg: UnlearnConfig, adapter) -> dict:
                     f"{' / '.join(map(repr, missing))}: a joint run unlearns every concept from one forget set, so "
                     "each needs its own pairs; add them (slug curate --concept NAME) or leave the concept out")
         data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}
+        _refuse_forget_in_eval(cfg, data["forget_stats"].manifest)
         r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
         r_caps = data["retain_stats"].captions
         r_named = forget_caption_counts(adapter, r_caps, cfg.concept_list() + list(cfg.aliases))[0]
