@@ -305,3 +305,14 @@ def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, cap
     assert ("after 8 steps; graded on the speed-up of relearning over learning the controls: 0.89 (pass ≤ 1.5, "
             "fail > 3)") in out
     assert "note: the run that made this patch had verdict fail" in out
+
+
+@pytest.mark.parametrize("flag", ["--utility-classnames", "--names", "--related-names", "--utility-templates"])
+def test_a_folder_or_a_missing_file_for_a_text_file_option_names_the_option(flag, tmp_path, capsys):
+    """`--utility-classnames W/val/utility` said "W/val/utility: Is a directory", naming no option (ninth trial)."""
+    for cmd, value, said in (("unlearn", tmp_path, f"{tmp_path} is a folder; give a text file"),
+                             ("compare", tmp_path, f"{tmp_path} is a folder; give a text file"),
+                             ("unlearn", tmp_path / "nope.txt", f"{tmp_path / 'nope.txt'}: no such file")):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, flag, str(value), "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err

@@ -189,3 +189,25 @@ def test_a_tar_whose_pairs_are_apart_is_named_so_and_curate_warns(tmp_path, caps
     err = capsys.readouterr().err
     assert "warning: while reading" in err and "2 of those were the other half" not in err  # copies, not halves
     assert "warning: 24 of the 25 captions name 'Jowen Gormere' or an alias ('s1')" in err
+
+
+def test_an_undecodable_image_is_named_without_python_object_text():
+    """`cannot identify image file <_io.BytesIO object at 0x7f…>` leaked into a --strict error (ninth trial)."""
+    from slugkit.data.images import decode_image
+
+    for data, said in ((b"", "cannot decode image a.jpg: cannot identify image file (an empty file)"),
+                       (b"not an image", "cannot decode image a.jpg: cannot identify image file")):
+        with pytest.raises(ShardError) as e:
+            decode_image(data, "a.jpg")
+        assert str(e.value) == said
+
+
+def test_a_blank_caption_is_skipped_and_counted_and_strict_refuses_it(tmp_path):
+    """An empty caption file made a pair that teaches nothing, accepted even under --strict (ninth trial)."""
+    good = encode_image(_img(100))
+    raw_tar(tmp_path / "x.tar", [("a.jpg", good), ("a.txt", b"fine"), ("b.jpg", good), ("b.txt", b"  \n")])
+    stats = ReadStats()
+    assert [s.key for s in iter_samples(str(tmp_path / "x.tar"), stats=stats)] == ["a"]
+    assert stats.skipped_bad_caption == 1 and "not UTF-8 or are blank" in " ".join(stats.problems())
+    with pytest.raises(ShardError, match="x.tar:b is blank; write the caption"):
+        list(iter_samples(str(tmp_path / "x.tar"), strict=True))

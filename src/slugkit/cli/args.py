@@ -119,6 +119,20 @@ def name_list(text: str) -> str:
     return text
 
 
+def text_file(*keywords: str):
+    """An argparse type: one of ``keywords``, or a text file that exists (a folder was read as one: "W/val/utility:
+    Is a directory", naming no option; ninth trial)."""
+    def check(text: str) -> str:
+        if text in keywords:
+            return text
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"{text} is a folder; give a text file, one entry per line")
+        if not os.path.isfile(text):
+            raise argparse.ArgumentTypeError(f"{text}: no such file" + f" (or: {', '.join(keywords)})" * bool(keywords))
+        return text
+    return check
+
+
 def template(text: str) -> str:
     """A prompt template holding ``{}`` where the name goes (without it every class gets the same prompt)."""
     if "{}" not in text:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .args import (BATCH, COUNT, FRACTION, THREADS, data_dir_conflict, float_at_least, float_in, item_list, method_lr,
-                   name_list, nonempty, refuse, split_list, template, validate_compare_data)
+                   name_list, nonempty, refuse, split_list, template, text_file, validate_compare_data)
 
 
 def cmd_compare(a) -> int:
@@ -143,12 +143,14 @@ def add_parsers(sub) -> None:
     g = cp.add_argument_group("explicit data (as `slug unlearn`; required for models other than 'embedded')")
     g.add_argument("--pretrained", default=None, help="see `slug unlearn --help`")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="see `slug unlearn --help`")
-    for flag in ("--forget", "--retain", "--val-identities", "--test-identities", "--names", "--related-names",
-                 "--utility-val", "--utility-test", "--utility-classnames"):
+    for flag in ("--forget", "--retain", "--val-identities", "--test-identities", "--utility-val", "--utility-test"):
         g.add_argument(flag, default=None, help="see `slug unlearn --help`")
+    for flag, keywords in (("--names", ()), ("--related-names", ()), ("--utility-classnames", ("imagenet",))):
+        g.add_argument(flag, type=text_file(*keywords), default=None, help="see `slug unlearn --help`")
     g.add_argument("--identity-template", type=template, action="append", default=None,
                    help="see `slug unlearn --help` (default '{}.')")
-    g.add_argument("--utility-templates", default="imagenet-simple", help="see `slug unlearn --help`")
+    g.add_argument("--utility-templates", type=text_file("imagenet-simple", "imagenet"), default="imagenet-simple",
+                   help="see `slug unlearn --help`")
     g.add_argument("--strict", action="store_true", help="fail on samples without caption / bad images")
     g.add_argument("--mia-heldout", default=None, help="captioned pairs of the concept never trained on (shards or "
                                                        "folder) for the MIA; without it the MIA is skipped")

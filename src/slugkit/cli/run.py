@@ -9,7 +9,8 @@ from pathlib import Path
 from ..common.text import printable
 from ..workflows.verdict import exit_status_of
 from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, name_list,
-                   nonempty, refuse, search_config, split_list, step_options, template, validate_demo_sd,
+                   nonempty, refuse, search_config, split_list, step_options, template, text_file,
+                   validate_demo_sd,
                    validate_unlearn, world_mode)
 
 
@@ -358,14 +359,17 @@ def add_parsers(sub) -> None:
                    help="class folder <Name>/*.jpg for the search (required unless --model embedded without data)")
     u.add_argument("--test-identities", default=None, help="disjoint class folder for the reported metrics (required "
                                                            "unless --model embedded without data)")
-    u.add_argument("--names", default=None, help="file with the full identity name list (one per line)")
+    u.add_argument("--names", type=text_file(), default=None,
+                   help="file with the full identity name list (one per line)")
     u.add_argument("--identity-template", type=template, action="append", default=None,
                    help="zero-shot identity prompt with {} (repeatable; default the official '{}.')")
-    u.add_argument("--related-names", default=None, help="file: identities that count for related accuracy")
+    u.add_argument("--related-names", type=text_file(), default=None,
+                   help="file: identities that count for related accuracy")
     u.add_argument("--utility-val", default=None, help="class folder (e.g. ImageNet val subset) for the search")
     u.add_argument("--utility-test", default=None, help="disjoint class folder for the reported utility")
-    u.add_argument("--utility-classnames", default=None, help="file, or 'imagenet' for open_clip's 1000 names")
-    u.add_argument("--utility-templates", default="imagenet-simple",
+    u.add_argument("--utility-classnames", type=text_file("imagenet"), default=None,
+                   help="file, or 'imagenet' for open_clip's 1000 names")
+    u.add_argument("--utility-templates", type=text_file("imagenet-simple", "imagenet"), default="imagenet-simple",
                    help="'imagenet-simple' (7 templates, official), 'imagenet' (80), or a file")
     u.add_argument("--data-dir", default=None,
                    help="--model embedded without data flags: where the world's data is generated (default: cache dir)")

@@ -16,6 +16,7 @@ white) and drops transparency without looking at it. :func:`to_rgb8` converts by
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -67,7 +68,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # PIL raises a zoo of exception types for broken files
-        raise ShardError(f"cannot decode image {where}: {e}") from e
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__  # no object text
+        raise ShardError(f"cannot decode image {where}: {why}"
+                         + (" (an empty file)" if not data else "")) from e
     try:
         return to_rgb8(img, where)
     except ShardError:

@@ -1,27 +1,21 @@
 """Webdataset shards: read and write ``.tar`` files of ``<key>.<img-ext>`` + ``<key>.txt`` pairs.
 
-This is a small, dependency-free reader of the webdataset layout (the format img2dataset writes for LAION):
+A small reader of the webdataset layout (the format img2dataset writes for LAION), kept instead of webdataset's
+because its decoders would unpickle ``.pyd``/``.pickle`` members; here nothing is ever unpickled:
 
 * a shard is a POSIX tar; members are grouped into samples by *key* = the member path up to the first dot of its
   file name (webdataset's ``base_plus_ext``), so ``00001/abc.jpg`` and ``00001/abc.txt`` form sample ``00001/abc``;
-* a sample needs one image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``, UTF-8); other members
-  (``json``, ``npy`` ...) are ignored, and nothing is ever unpickled (webdataset's own decoders would unpickle
-  ``.pyd``/``.pickle`` members; we do not read them at all);
-* a key is one sample: a later copy of a key already read in the shard (adjacent or not) is skipped and counted
-  (``skipped_duplicate_key``), never merged or yielded twice; a shard listed twice in a spec is read once;
-* images are decoded into 8-bit RGB by scaling, not clipping (16-bit and float modes, transparency over white:
-  :mod:`slugkit.data.images`);
-* shard lists accept brace patterns (``laion/{00000..00009}.tar``), several patterns separated by ``::``, and
-  directories (every ``*.tar`` inside, sorted).
+* a sample needs an image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``, UTF-8, not blank); others ignored;
+* a key is one sample: a later run of a key already read in the shard (a copy, or the other half of a pair whose
+  members are apart) is skipped and counted (``skipped_duplicate_key``); a shard listed twice in a spec is read once;
+* images are decoded into 8-bit RGB by scaling, not clipping (:mod:`slugkit.data.images`); shard lists accept brace
+  patterns (``laion/{00000..00009}.tar``), several patterns separated by ``::``, and directories (``*.tar``, sorted).
 
-Bad input is reported, never silently turned into an empty dataset: a missing shard raises
-:class:`ShardError` naming it; a file that is not a tar (a ``.parquet``, random bytes), an empty tar, a truncated
-tar, an undecodable image or caption, an image without a caption or a duplicate key is skipped and counted in
-:class:`ReadStats` (or raises under ``strict=True``), whose :meth:`~ReadStats.diagnosis` says in words what was read
-(members, extensions, keys whose members do not pair up because of dots in the base name).
-
-Writing is deterministic (sorted-free: samples are written in the order given, with fixed mtime/uid/gid) and
-atomic (a temporary file renamed into place), so a crash never leaves half a shard behind.
+Bad input is reported, never silently turned into an empty dataset: a missing shard raises :class:`ShardError`
+naming it; a file that is not a tar, an empty or truncated tar, an undecodable image or caption, an image without a
+caption or a duplicate key is skipped and counted in :class:`ReadStats` (or raises under ``strict=True``), whose
+:meth:`~ReadStats.diagnosis` says in words what was read. Writing is deterministic (samples in the order given,
+fixed mtime/uid/gid) and atomic (a temporary file renamed into place).
 """
 
 from __future__ import annotations
@@ -267,8 +261,8 @@ def _is_compressed(path: str) -> bool:
 
 
 def decode_caption(raw: bytes, where: str, strict: bool, stats: ReadStats) -> str | None:
-    """A caption's bytes as text (UTF-8, a leading BOM dropped, stripped). Bytes that are not UTF-8 raise
-    :class:`ShardError` naming ``where`` under ``strict``, else are counted as ``skipped_bad_caption`` → ``None``."""
+    """A caption's bytes as text (UTF-8, a leading BOM dropped, stripped). Bytes that are not UTF-8, or a blank
+    caption, raise :class:`ShardError` naming ``where`` under ``strict``, else count as ``skipped_bad_caption``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -278,7 +272,13 @@ def decode_caption(raw: bytes, where: str, strict: bool, stats: ReadStats) -> st
         stats.skipped_bad_caption += 1
         stats.note("skipped_bad_caption", where)
         return None
-    return text.removeprefix("\ufeff").strip()
+    text = text.removeprefix("\ufeff").strip()
+    if not text:  # a blank caption made a pair that teaches nothing, even under --strict (ninth trial)
+        if strict:
+            raise ShardError(f"caption {where} is blank; write the caption, or run without --strict to skip it")
+        stats.skipped_bad_caption += 1
+        stats.note("skipped_bad_caption", f"{where} (blank)")
+    return text or None
 
 
 def iter_samples(

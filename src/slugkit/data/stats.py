@@ -103,7 +103,7 @@ class ReadStats:
             out.append(f"{self.skipped_no_image} sample(s) have no image ({'/'.join(IMAGE_EXTS)}; e.g. "
                        f"{self.examples.get('no_image', '?')})")
         for attr, what in (("skipped_bad_image", "image(s) could not be decoded or converted to 8-bit RGB"),
-                           ("skipped_bad_caption", "caption(s) are not UTF-8"),
+                           ("skipped_bad_caption", "caption(s) are not UTF-8 or are blank"),
                            ("skipped_duplicate_key", "later copies of a key already read were skipped")):
             n = getattr(self, attr)
             if n:
