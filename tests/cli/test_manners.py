@@ -252,6 +252,9 @@ def test_a_symlink_loop_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsy
             assert main(args) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"error: no patch at {patch}: {said}; a patch is a folder"), err
+    assert main(["inspect", "dangling/patch"]) == 2  # a folder above the patch leads nowhere (ninth trial)
+    assert ("no patch at dangling/patch: dangling is a symbolic link to nowhere, which does not exist"
+            in capsys.readouterr().err)
 
 
 def test_a_closed_stdout_at_start_is_no_traceback():

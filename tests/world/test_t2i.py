@@ -141,6 +141,13 @@ def test_demo_target_sd_end_to_end(sd_run):
     # judged on the generated images, and the patch carries that verdict (not the CLIP run's)
     assert r["verdict"]["status"] == "pass"
     assert json.loads((out / "patch" / "patch.json").read_text())["extra"]["verdict"] == "pass"
+    # and what it was judged on, which `slug inspect` prints beside the CLIP metrics (ninth trial)
+    from slugkit.patch import describe, load_patch
+
+    down = json.loads((out / "patch" / "patch.json").read_text())["extra"]["downstream"]
+    assert down["concept"] == [g["before"]["generated_target_recognised"], g["after"]["generated_target_recognised"]]
+    assert down["worst_other"][0] == g["collateral"]["worst"]["concept"]
+    assert "  judged on:  generated images: concept " in describe(load_patch(out / "patch"))
 
 
 def test_demo_target_sd_refuses_identity_concept(tmp_path, capsys):

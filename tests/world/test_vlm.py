@@ -163,6 +163,7 @@ def test_demo_target_vlm_end_to_end(tmp_path, capsys):
     patch = json.loads((out / "patch" / "patch.json").read_text())
     assert patch["extra"]["verdict"] == res["verdict"]["status"]  # the VLM's verdict, not the CLIP run's
     assert patch["extra"]["target"] == "vlm"
+    assert patch["extra"]["downstream"]["concept"] == [b["target_named"], a["target_named"]]
     # `slug audit` recognises the VLM patch and runs the VLM probes on the VLM's answers
     rc = main(["audit", "--patch", str(out), "--threads", "1", "--no-progress"])
     aud = json.loads((out / "audit.json").read_text())

@@ -1,8 +1,6 @@
 """The patch format: :class:`Patch`, its files (``patch.safetensors`` + ``patch.json``), hashing, load, save
-and the consistency checks; see :mod:`slugkit.patch` for the layout and the guarantees.
-
-This module imports nothing of slugkit's: a patch can be read and verified with torch, safetensors and json alone.
-"""
+and the consistency checks; see :mod:`slugkit.patch` for the layout and the guarantees. This module imports nothing
+of slugkit's: a patch can be read and verified with torch, safetensors and json alone."""
 
 from __future__ import annotations
 
@@ -213,9 +211,8 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``patch`` as a folder ``out_dir/{patch.safetensors, patch.json}``; returns ``out_dir``.
-
-    Both files are written into a temporary sibling folder which is then renamed into place, so ``out_dir``
+    """Write ``patch`` as a folder ``out_dir/{patch.safetensors, patch.json}``; returns ``out_dir``. Both files are
+    written into a temporary sibling folder which is then renamed into place, so ``out_dir``
     is either absent, the old patch, or the complete new one. Refuses (``FileExistsError``) a non-empty ``out_dir``
     unless ``overwrite=True``; even then it only replaces a folder holding nothing but patch files. The tensors are
     re-verified against ``meta`` first. Output is deterministic: same patch → byte-identical files."""
@@ -288,12 +285,14 @@ def resolve_patch_dir(path: str | os.PathLike) -> Path:
     what = f"a patch is a folder holding {PATCH_JSON} and {PATCH_SAFETENSORS} (a run's is RUN/patch)"
     if p.exists():
         raise _format_error(p, f"is a file, not a patch; {what}")
-    if p.is_symlink():  # "no patch at LINK" hid that the link leads nowhere (eighth trial)
+    link = next((q for q in (p, *p.parents) if q.is_symlink() and not q.exists()), None)  # p or a folder above it
+    if link is not None:  # "no patch at LINK" hid that the link leads nowhere (eighth and ninth trials)
         try:
-            p.resolve(strict=True)
+            link.resolve(strict=True)
         except (OSError, RuntimeError) as e:  # RuntimeError: a loop (Python < 3.13)
-            what = ("it is a loop of symbolic links" if isinstance(e, RuntimeError) or e.errno == errno.ELOOP else
-                    f"it is a symbolic link to {os.readlink(p)}, which does not exist") + f"; {what}"
+            what = ("it" if link == p else str(link)) + (" is a loop of symbolic links" if isinstance(
+                e, RuntimeError) or e.errno == errno.ELOOP else f" is a symbolic link to {os.readlink(link)}, which "
+                                                                "does not exist") + f"; {what}"
     raise FileNotFoundError(f"no patch at {p}: {what}")
 
 

@@ -39,6 +39,7 @@ def describe(patch: Patch) -> str:
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
         *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"]
           if isinstance(m.get("extra"), dict) and m["extra"].get("verdict") else []),
+        *_downstream(m),
         _steps(m),
         f"  tensors ({len(patch.names)}, {patch.nbytes / 2**20:.2f} MiB incl. originals):",
     ]
@@ -64,6 +65,17 @@ def describe(patch: Patch) -> str:
             v = metrics[k]
             lines.append(f"    {p(k)}: {p(_rounded(v))}")
     return "\n".join(lines)
+
+
+def _downstream(m: dict) -> list[str]:
+    """The ``downstream`` line of a patch judged on a downstream model (``--target sd``/``vlm``)."""
+    d = (m.get("extra") or {}).get("downstream") if isinstance(m.get("extra"), dict) else None
+    if not isinstance(d, dict):
+        return []
+    c, w = d.get("concept") or [None, None], d.get("worst_other") or [None, None]
+    return [f"  judged on:  {printable(d.get('judged_on'))}: concept {printable(_rounded(c[0]))} → "
+            f"{printable(_rounded(c[-1]))}, others' mean drop {printable(_rounded(d.get('others_mean_drop')))}, worst "
+            f"{printable(w[0])} {printable(_rounded(w[-1]))} (the metrics below are the CLIP's)"]
 
 
 def _rounded(v, digits: int = 4):

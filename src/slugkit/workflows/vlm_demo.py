@@ -237,7 +237,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from ..report.vlm import render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
     from ..world.demo_data import default_concept
-    from .sd_demo import _mark_patch, embedded_hf_adapter
+    from .sd_demo import _mark_patch, downstream_record, embedded_hf_adapter
     from .unlearn import run_unlearn
     from .verdict import Budgets, vlm_verdict
     from .world_runs import world_config
@@ -289,7 +289,9 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             _mark_patch(stage / "patch", result["verdict"]["status"], edit=(
                 "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
                 "identities' and the utility answers' gradients (slugkit.workflows.vlm_demo.vlm_gradients)"
-                if gradient == "vlm" else None), target="vlm", **({"vlm_model": str(vlm_dir)} if vlm_dir else {}))
+                if gradient == "vlm" else None), target="vlm", **({"vlm_model": str(vlm_dir)} if vlm_dir else {}),
+                downstream=downstream_record("the VLM's answers (target named)", vlm_rec["before"]["target_named"],
+                                             vlm_rec["after"]["target_named"], vlm_rec["collateral"]))
             write_json(stage / "result.json", result)
             head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search")
             report = head + (stage / "report.md").read_text(encoding="utf-8") + render_vlm_report(result, samples)
