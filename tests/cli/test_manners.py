@@ -319,3 +319,21 @@ def test_a_folder_or_a_missing_file_for_a_text_file_option_names_the_option(flag
         with pytest.raises(SystemExit) as e:
             main([cmd, flag, str(value), "--out", str(tmp_path / "o")])
         assert e.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err
+
+
+def test_unlearn_on_the_embedded_model_defaults_to_one_thread(tmp_path, monkeypatch):
+    """`slug unlearn --model embedded` ran on torch's 2 threads: beside another job 130 s against 13.6 s with
+    --threads 1, the same patch bytes (ninth trial); `slug demo` and `slug audit` already default to 1."""
+    import slugkit.workflows.world_runs as world_runs
+
+    seen = []
+
+    def stop(*args, **kw):
+        seen.append(kw["threads"])
+        raise ValueError("stopped by the test")  # before any work: printed as an error, exit 2
+
+    monkeypatch.setattr(world_runs, "world_config", stop)
+    for extra in ([], ["--threads", "2"]):
+        assert main(["unlearn", "--model", "embedded", "--concept", "Jowen Gormere", "--out", str(tmp_path / "o"),
+                     *extra]) != 0
+    assert seen == [1, 2]

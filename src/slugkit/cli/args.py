@@ -232,8 +232,8 @@ def add_run_args(p: argparse.ArgumentParser, threads: int | None = None, out_def
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=THREADS, default=threads,
                    help="torch CPU threads (default: "
-                        + ("torch's choice)" if threads is None else f"{threads}: as fast for the tiny model, and "
-                                                                     "bit-identical everywhere)"))
+                        + ("1 for --model embedded on the CPU, as `slug demo`; else torch's choice)" if threads is None
+                           else f"{threads}: as fast for the tiny model, and bit-identical everywhere)"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--save-gradients", action="store_true", help="also write gradients.safetensors")
