@@ -2,6 +2,7 @@
 time with one line naming the flag; every option says what it does; --version; the curate --retain rename."""
 
 import argparse
+import json
 import os
 
 import pytest
@@ -308,6 +309,13 @@ def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, cap
     assert ("after 8 steps; graded on the speed-up of relearning over learning the controls: 0.89 (pass ≤ 1.5, "
             "fail > 3)") in out
     assert "note: the run that made this patch had verdict fail" in out
+    # and the saved audit says it too (the terminal did, audit.md / audit.json opened with a plain pass: tenth trial)
+    from slugkit.audit.run import write_audit
+
+    write_audit({"concept": "A", "seconds": 1.0, "status": "pass", "probes": [], "patch": str(tmp_path / "patch")},
+                tmp_path / "audit")
+    assert json.loads((tmp_path / "audit" / "audit.json").read_text())["patch_run_verdict"] == "fail"
+    assert "**Note: the run that made this patch had verdict fail**" in (tmp_path / "audit" / "audit.md").read_text()
 
 
 @pytest.mark.parametrize("flag", ["--utility-classnames", "--names", "--related-names", "--utility-templates"])

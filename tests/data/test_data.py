@@ -188,7 +188,14 @@ def test_a_tar_whose_pairs_are_apart_is_named_so_and_curate_warns(tmp_path, caps
                  "--out", str(tmp_path / "c")]) == 0
     err = capsys.readouterr().err
     assert "warning: while reading" in err and "2 of those were the other half" not in err  # copies, not halves
-    assert "warning: 24 of the 25 captions name 'Jowen Gormere' or an alias ('s1')" in err
+    assert "warning: 24 of the 25 captions name 'Jowen Gormere' or an alias ('s1'): is an alias too common" in err
+    assert main(["curate", "--shards", str(tmp_path / "y.tar"), "--concept", "Jowen Gormere",
+                 "--out", str(tmp_path / "d")]) == 0  # no alias: a forget-only pool is no reason to warn
+    assert "captions name" not in capsys.readouterr().err
+    raw_tar(tmp_path / "z.tar", [("z.jpg", good), ("z.txt", b"someone else")] + [(f"{n}.jpg", good) for n in names]
+            + [(f"{n}.txt", f"Jowen Gormere {n}".encode()) for n in names])  # one pair readable, the rest apart
+    with pytest.raises(EmptyForgetSetError, match="some of its pairs could not be read .*not next to each other"):
+        curate(str(tmp_path / "z.tar"), "Jowen Gormere", tmp_path / "e")  # not "check the spelling"
 
 
 def test_an_undecodable_image_is_named_without_python_object_text():

@@ -49,6 +49,9 @@ def audit_markdown(result: dict) -> str:
              f"{', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
              f"Time: {result['seconds']:.0f} s."
              + (f" Not run (--probes): {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
+             *(["**Note: the run that made this patch had verdict fail** (the concept was not forgotten on its test "
+                "images; see its result.json): this audit tests how well the removal holds, not whether it "
+                "happened.", ""] if result.get("patch_run_verdict") == "fail" else []),
              "| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
              "|---|---|---|---|---|---|"]
     for rec in result["probes"]:

@@ -124,6 +124,21 @@ def _audit_patch(patch_path, model, concept, pretrained, family, data, controls,
     return run_audit(before, after, data, meta=meta, **kw)
 
 
+def _run_verdict(patch: str | None) -> str | None:
+    """``extra.verdict`` of the run that made the patch at ``patch`` (its ``patch.json``; None when unknown): the saved
+    audit of a failed run's patch read as a plain pass (tenth trial)."""
+    import json
+
+    from ..patch.format import resolve_patch_dir
+
+    try:
+        doc = json.loads((resolve_patch_dir(patch) / "patch.json").read_text(encoding="utf-8")) if patch else {}
+    except (OSError, ValueError):
+        return None
+    extra = doc.get("extra") if isinstance(doc, dict) else None
+    return extra.get("verdict") if isinstance(extra, dict) else None
+
+
 def write_audit(result: dict, out: str | Path) -> None:
     """``audit.json`` and ``audit.md`` in ``out`` (created if missing), each written atomically; if ``out`` holds a
     ``report.md`` (a run folder), its audit section is replaced (or appended) with the same markdown."""
@@ -131,6 +146,7 @@ def write_audit(result: dict, out: str | Path) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    result.setdefault("patch_run_verdict", _run_verdict(result.get("patch")))
     md = audit_markdown(result)
     write_json(out / AUDIT_JSON, result)
     atomic_write_bytes(out / AUDIT_MD, md.encode())

@@ -75,6 +75,9 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
             raise EmptyForgetSetError(f"no usable image–caption pairs in {spec}, so nothing can match {concept!r}: "
                                       f"{stats.diagnosis()}")
         problems = stats.problems()
+        if stats.split_keys:  # the pairs are apart: that, not the spelling, is why (tenth trial)
+            raise EmptyForgetSetError(f"no caption in {spec} matches {concept!r}, and some of its pairs could not be "
+                                      f"read ({n_scanned} scanned): {'; '.join(problems)}")
         raise EmptyForgetSetError(
             f"no caption in {spec} matches {concept!r}"
             + (f" or aliases {list(aliases)}" if aliases else "")
