@@ -393,7 +393,7 @@ def test_cli_audit_of_the_embedded_model_runs_on_one_thread(leaky_patch, tmp_pat
 
     seen = []
     monkeypatch.setattr(slugkit.audit, "audit_patch", lambda *a, **kw: seen.append(kw["threads"]) or {})
-    monkeypatch.setattr("slugkit.cli.audit._print_audit", lambda result, out, patch: 0)
+    monkeypatch.setattr("slugkit.cli.audit._print_audit", lambda result, out: 0)
     for extra in ([], ["--threads", "2"]):
         assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), *extra]) == 0
     assert seen == [1, 2]

@@ -300,20 +300,20 @@ def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, cap
     base = {"w": torch.ones(3)}
     save_patch(make_patch(base, {"w": base["w"] * 2}, base_model="toy", adapter="t", concept="A",
                           extra={"verdict": "fail"}), tmp_path / "patch")
-    rec = {"probe": "relearn", "status": "pass", "gating": True, "summary": "n=5: concept back to 0.5 after 8 steps",
+    rec = {"probe": "relearn", "status": "pass", "gating": True, "rows": [],
+           "summary": "n=5: concept back to 0.5 after 8 steps",
            "graded": {"name": "speed-up of relearning over learning the controls", "value": 0.888, "pass_at": 1.5,
                       "fail_at": 3.0}}
-    assert _print_audit({"concept": "A", "seconds": 1.0, "status": "pass", "probes": [rec]}, tmp_path,
-                        tmp_path / "patch") == 0
+    from slugkit.audit.run import write_audit
+
+    result = {"concept": "A", "seconds": 1.0, "status": "pass", "probes": [rec], "patch": str(tmp_path / "patch")}
+    write_audit(result, tmp_path / "audit")  # as every audit does before the CLI prints it
+    assert _print_audit(result, tmp_path / "audit") == 0
     out = capsys.readouterr().out
     assert ("after 8 steps; graded on the speed-up of relearning over learning the controls: 0.89 (pass ≤ 1.5, "
             "fail > 3)") in out
     assert "note: the run that made this patch had verdict fail" in out
     # and the saved audit says it too (the terminal did, audit.md / audit.json opened with a plain pass: tenth trial)
-    from slugkit.audit.run import write_audit
-
-    write_audit({"concept": "A", "seconds": 1.0, "status": "pass", "probes": [], "patch": str(tmp_path / "patch")},
-                tmp_path / "audit")
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["patch_run_verdict"] == "fail"
     assert "**Note: the run that made this patch had verdict fail**" in (tmp_path / "audit" / "audit.md").read_text()
 

@@ -128,9 +128,9 @@ def cmd_audit(a) -> int:
         return refuse(f"{out / there[0]} exists; pass --overwrite to replace it")
     if a.model == "embedded" and _is_t2i_patch(patch):
         result = audit_sd(patch, out, a)
-        return _print_audit(result, out, patch)
+        return _print_audit(result, out)
     if a.model == "embedded" and _is_vlm_patch(patch):
-        return _print_audit(audit_vlm(patch, out, a), out, patch)
+        return _print_audit(audit_vlm(patch, out, a), out)
     data = None
     if a.test_identities or a.model != "embedded":
         if not a.test_identities:
@@ -149,16 +149,15 @@ def cmd_audit(a) -> int:
     result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
                          controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
                          **opts)
-    return _print_audit(result, out, patch)
+    return _print_audit(result, out)
 
 
-def _print_audit(result: dict, out: Path, patch: Path) -> int:
+def _print_audit(result: dict, out: Path) -> int:
     from ..audit.report import TITLES
     from ..audit.run import AUDIT_JSON
-    from ..patch import load_patch
 
     print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}")
-    if (load_patch(patch).meta.get("extra") or {}).get("verdict") == "fail":  # a plain "pass" read as all good
+    if result.get("patch_run_verdict") == "fail":  # a plain "pass" read as all good (set by write_audit)
         print("  note: the run that made this patch had verdict fail (the concept was not forgotten on its test "
               "images; see its result.json): the audit tests how well the removal holds, not whether it happened")
     for rec in result["probes"]:
