@@ -138,6 +138,8 @@ def test_demo_target_sd_end_to_end(sd_run):
     assert (out / "report.md").read_text().startswith(
         f"> **This run's verdict is the generated images': {r['verdict']['status']}** (section \"Generated images\"")
     assert f"Cost of the whole run: SLUG {r['timing_s']['slug_total']:.1f} s" in (out / "report.md").read_text()
+    # the CLIP and the pipeline are loaded before run_unlearn, whose own load_model read ~0 (it was given them)
+    assert 0.01 < r["timing_s"]["load_model"] < r["timing_s"]["slug_total"]
     # judged on the generated images, and the patch carries that verdict (not the CLIP run's)
     assert r["verdict"]["status"] == "pass"
     assert json.loads((out / "patch" / "patch.json").read_text())["extra"]["verdict"] == "pass"

@@ -160,6 +160,7 @@ def test_demo_target_vlm_end_to_end(tmp_path, capsys):
     assert "## The embedded VLM (LLaVA)" in report and "Sample answers" in report
     assert report.startswith(f"> **This run's verdict is the VLM's: {res['verdict']['status']}**")
     assert f"VLM evaluation {res['timing_s']['vlm_eval']:.1f} s · total {res['timing_s']['total']:.1f} s" in report
+    assert 0.01 < res["timing_s"]["load_model"] < res["timing_s"]["slug_total"]  # the CLIP and the VLM's load
     patch = json.loads((out / "patch" / "patch.json").read_text())
     assert patch["extra"]["verdict"] == res["verdict"]["status"]  # the VLM's verdict, not the CLIP run's
     assert patch["extra"]["target"] == "vlm"
