@@ -179,8 +179,13 @@ def test_a_tar_whose_pairs_are_apart_is_named_so_and_curate_warns(tmp_path, caps
     stats = ReadStats()
     assert list(iter_samples(str(tmp_path / "x.tar"), stats=stats)) == []
     assert stats.split_keys == 24 and "are not next to each other in the tar" in " ".join(stats.problems())
-    with pytest.raises(ShardError, match="s0 has an image but no caption"):  # strict stops at the first half
+    # strict stopped at the first half with "has an image but no caption"; it names the split (eleventh session)
+    with pytest.raises(ShardError, match=r"sample 's0' is apart: s0.txt comes later in the tar, not next to s0.jpg.*"
+                                         r"tar --sort=name"):
         list(iter_samples(str(tmp_path / "x.tar"), strict=True))
+    raw_tar(tmp_path / "w.tar", [("a.jpg", good), ("b.jpg", good), ("b.txt", b"Jowen Gormere")])
+    with pytest.raises(ShardError, match="sample .*w.tar:a has an image but no caption"):  # one truly without
+        list(iter_samples(str(tmp_path / "w.tar"), strict=True))
     raw_tar(tmp_path / "y.tar", [(f"{n}.{e}", good if e == "jpg" else f"Jowen Gormere {n}".encode())
                                  for n in names for e in ("jpg", "txt")]
             + [(f"{n}.txt", b"a") for n in names[:2]] + [("z.jpg", good)] + [("z.txt", b"someone else")] * 1)

@@ -92,12 +92,14 @@ class _FullDisk(io.RawIOBase):
 
 
 def test_disk_full_leaves_no_partial_artifact(tmp_path, monkeypatch):
+    from slugkit.common.files import atomic_write_bytes
+
     monkeypatch.setattr(shards.os, "fdopen", lambda fd, mode="wb": _FullDisk(fd, budget=100))
     img = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
     with pytest.raises(OSError, match="No space"):
         write_shard(tmp_path / "out.tar", [("a", img, "caption")])
     with pytest.raises(OSError):
-        shards.atomic_write_bytes(tmp_path / "result.json", b"x" * 1000)
+        atomic_write_bytes(tmp_path / "result.json", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp file is left behind
 
 

@@ -14,13 +14,11 @@ because its decoders would unpickle ``.pyd``/``.pickle`` members; here nothing i
 Bad input is reported, never silently turned into an empty dataset: a missing shard raises :class:`ShardError`
 naming it; a file that is not a tar, an empty or truncated tar, an undecodable image or caption, an image without a
 caption or a duplicate key is skipped and counted in :class:`ReadStats` (or raises under ``strict=True``), whose
-:meth:`~ReadStats.diagnosis` says in words what was read. Writing is deterministic (samples in the order given,
-fixed mtime/uid/gid) and atomic (a temporary file renamed into place).
+:meth:`~ReadStats.diagnosis` says in words what was read. Writing is in :mod:`slugkit.data.shard_writer`.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -31,8 +29,8 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ..common.errors import ShardError
-from ..common.files import atomic_write_bytes
 from .images import decode_image
+from .shard_writer import encode_image, write_shard  # noqa: F401  (their home before; re-exported)
 from .stats import CAPTION_EXTS, IMAGE_EXTS, ReadStats
 
 __all__ = ["CAPTION_EXTS", "IMAGE_EXTS", "ReadStats", "Sample", "ShardError", "count_samples", "decode_caption",
@@ -309,6 +307,8 @@ def iter_samples(
             img_ext = next((e for e in IMAGE_EXTS if e in group), None)
             cap_ext = next((e for e in CAPTION_EXTS if e in group), None)
             where = f"{path}:{key}"
+            if strict and (img_ext is None or cap_ext is None):
+                _refuse_apart(path, key, group)
             if img_ext is None:
                 if strict:
                     raise ShardError(f"sample {where} has no image ({', '.join(IMAGE_EXTS)}); members: "
@@ -334,6 +334,20 @@ def iter_samples(
             yield Sample(key=key, image=image, caption=caption, source=path, data=group[img_ext], ext=img_ext)
 
 
+def _refuse_apart(path: str, key: str, group: dict[str, bytes]) -> None:
+    """Under ``strict``, a sample missing its image or caption whose other member comes later in the tar (a tar
+    made in directory order: images first, then captions) is named as such, not as "no caption" (eleventh session;
+    reading on would have found the split only at the second run of the key). Costs one more pass over the tar's
+    headers, on this error path only."""
+    with tarfile.open(path, mode="r|*") as tf:
+        later = next((m.name for m in tf if m.isfile() and _split_key(m.name)[0] == key
+                      and _split_key(m.name)[1] not in group and _split_key(m.name)[1]), None)
+    if later is not None:
+        raise ShardError(f"{path}: sample {key!r} is apart: {later} comes later in the tar, not next to "
+                         f"{', '.join(f'{key}.{e}' for e in sorted(group))}; a webdataset shard keeps each sample's "
+                         "files together: rebuild it sorted (tar --sort=name)")
+
+
 def decode_or_skip(data: bytes, where: str, strict: bool, stats: ReadStats) -> Image.Image | None:
     """Decode an image into 8-bit RGB (:func:`~slugkit.data.images.decode_image`); a broken one raises
     :class:`ShardError` under ``strict``, else is counted in ``stats`` (``skipped_bad_image``) and gives ``None``."""
@@ -350,51 +364,3 @@ def decode_or_skip(data: bytes, where: str, strict: bool, stats: ReadStats) -> I
 def count_samples(spec: str | Iterable[str], strict: bool = False) -> int:
     """Count usable samples by iterating (no ``_stats.json`` sidecar needed, no image decoding)."""
     return sum(1 for _ in iter_samples(spec, strict=strict, decode=False))
-
-
-def encode_image(image: Image.Image, ext: str = "jpg", quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    if ext in ("jpg", "jpeg"):
-        image.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=0)
-    elif ext == "png":
-        image.save(buf, format="PNG")
-    else:
-        raise ValueError(f"unsupported image extension {ext!r}")
-    return buf.getvalue()
-
-
-def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tf.addfile(info, io.BytesIO(data))
-
-
-def write_shard(
-    path: str | os.PathLike,
-    samples: Iterable[tuple],
-    image_ext: str = "jpg",
-) -> int:
-    """Write ``(key, image, caption[, ext])`` items as one webdataset shard, atomically and deterministically.
-
-    ``image`` is a PIL image (encoded as ``ext``, default ``image_ext``) or already-encoded bytes.
-
-    Keys must not contain dots (webdataset splits the key at the first dot). Returns the number of samples.
-    """
-    buf = io.BytesIO()
-    n = 0
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for item in samples:
-            key, image, caption = item[:3]
-            ext = item[3] if len(item) > 3 else image_ext
-            if "." in os.path.basename(key):
-                raise ValueError(f"sample key {key!r} contains a dot; webdataset keys end at the first dot")
-            data = image if isinstance(image, bytes) else encode_image(image, ext)
-            _add_bytes(tf, f"{key}.{ext}", data)
-            _add_bytes(tf, f"{key}.txt", caption.encode("utf-8"))
-            n += 1
-    atomic_write_bytes(path, buf.getvalue())
-    return n
