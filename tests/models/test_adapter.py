@@ -159,6 +159,32 @@ def test_pt_checkpoint_is_refused_and_never_unpickled(tmp_path):
     assert not sentinel.exists()
 
 
+def test_a_folder_model_takes_its_weights_from_a_pretrained_file(tmp_path):
+    """``--model embedded --pretrained patched.safetensors`` silently loaded the shipped weights: the run, its patch
+    and an audit described another model than the one named (twelfth trial). The file's weights are used now, and
+    a file that does not fit or a tag beside a folder is refused."""
+    from safetensors.torch import save_file
+
+    base = OpenClipAdapter.load("embedded")
+    state = {k: v.clone().contiguous() for k, v in base.model.state_dict().items()}
+    state["visual.proj"] = state["visual.proj"] * 0.5
+    save_file(state, str(tmp_path / "patched.safetensors"))
+    got = OpenClipAdapter.load("embedded", str(tmp_path / "patched.safetensors"))
+    assert torch.equal(got.model.visual.proj, base.model.visual.proj * 0.5)
+    assert torch.equal(got.model.text_projection, base.model.text_projection)
+    assert got.model_id["pretrained"] == str(tmp_path / "patched.safetensors")
+    del state["text_projection"]
+    state["visual.conv1.weight"] = state["visual.conv1.weight"][:, :1].contiguous()
+    save_file(state, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"does not fit 'embedded': missing 1 \(text_projection\); shape "
+                                             r"differs for 1 \(visual.conv1.weight\)"):
+        OpenClipAdapter.load("embedded", str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelLoadError, match="'laion400m_e32' is a tag of a named model; 'embedded' is a folder"):
+        OpenClipAdapter.load("embedded", "laion400m_e32")
+    with pytest.raises(ModelLoadError, match="not found"):
+        OpenClipAdapter.load("embedded", str(tmp_path / "nope.safetensors"))
+
+
 def test_directory_without_config_is_an_error(tmp_path):
     with pytest.raises(ModelLoadError, match="open_clip_config.json"):
         resolve_model_name(str(tmp_path), None)

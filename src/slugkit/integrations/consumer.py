@@ -23,14 +23,16 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
     LLaVA, and :class:`~slugkit.common.errors.ModelLoadError` when the config cannot be read.
     """
     from ..models.base import ModelLoadError
-    from ..models.hf_clip import hub_offline
+    from ..models.hub import hub_offline, hub_unreachable, unreachable_note
 
     kind_s, _, where = spec.partition(":")
     if kind_s not in ("sd", "llava") or not where:
         raise ValueError(f"--consumer must be sd:DIR_OR_ID or llava:DIR_OR_ID, not {spec!r}")
     if clip_skip and kind_s != "sd":
         raise ValueError(f"clip_skip (--clip-skip) applies to sd: consumers only, not {spec!r}")
-    kw = {"local_files_only": Path(where).is_dir() or hub_offline()}
+    local = Path(where).is_dir() or hub_offline()
+    why = None if local else hub_unreachable()  # fail at once, not after ~50 s of retries
+    kw = {"local_files_only": local or why is not None}
     try:
         if kind_s == "sd":
             from .diffusers_sd import pipeline_consumption
@@ -50,7 +52,8 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
     except (ValueError, TowerMismatchError):
         raise
     except Exception as e:
-        raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {e}."
+                             f"{unreachable_note(why)}") from e
     return (lambda name: bool(layer_names([name], kind, n))), desc
 
 

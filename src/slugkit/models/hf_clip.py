@@ -30,7 +30,6 @@ LLaVA's vision tower; see :mod:`slugkit.integrations`): an edit the consumer nev
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision
+from .hub import hub_offline, hub_unreachable, unreachable_note  # noqa: F401 (hub_offline: its home before)
 
 HF_EXCLUDE = ("bias", "norm", "embedding", "position", "logit_scale")
 _GROUP_RE = re.compile(r"^(?P<layer>.*\.layers\.\d+\.)(?P<comp>self_attn\.[qkv]_proj|mlp\.fc[12])\.weight$")
@@ -52,12 +52,6 @@ def _require_transformers():
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ModelLoadError("transformers is not installed; install the HF extra: pip install 'slugkit[hf]'") from e
     return transformers
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def features(out) -> torch.Tensor:
@@ -150,7 +144,8 @@ class HFClipAdapter(Adapter):
                                  f"(config.json + model.safetensors + tokenizer/preprocessor files) or a hub id")
         if local:
             check_local_weights(Path(model))
-        kw = {"cache_dir": cache_dir, "local_files_only": local or hub_offline()}
+        why = None if local else hub_unreachable() if not hub_offline() else None  # fail at once, not after ~50 s
+        kw = {"cache_dir": cache_dir, "local_files_only": local or hub_offline() or why is not None}
         try:
             net = CLIPModel.from_pretrained(model, dtype=torch.float32, **kw)
             tokenizer = AutoTokenizer.from_pretrained(model, **kw)
@@ -160,7 +155,8 @@ class HFClipAdapter(Adapter):
                      f"preprocessor_config.json, as written by CLIPModel/CLIPProcessor.save_pretrained)") if local \
                 else f"the hub id {model!r}"
             raise ModelLoadError(
-                f"could not load transformers CLIPModel from {where}: {type(e).__name__}: {' '.join(str(e).split())}. "
+                f"could not load transformers CLIPModel from {where}: {type(e).__name__}: {' '.join(str(e).split())}."
+                f"{unreachable_note(why)} "
                 "If this machine cannot reach the Hugging Face hub, fetch the model elsewhere, e.g. "
                 f"`huggingface-cli download {model} --local-dir DIR` (or CLIPModel/CLIPProcessor.from_pretrained(id)"
                 ".save_pretrained(DIR)), copy DIR here and pass --model DIR."

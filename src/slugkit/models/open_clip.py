@@ -19,6 +19,7 @@ changes the tensors a patch is hashed against and makes a float32 input batch cr
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision
+from .hub import offline_unless_reachable, unreachable_note
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 OFFICIAL_EXCLUDE = ("bias", "logit_scale", "position", "embedding")
@@ -41,8 +43,40 @@ def _require_open_clip():
     return open_clip
 
 
+def _checkpoint_file(pretrained: str) -> Path:
+    """``--pretrained`` as a local checkpoint: it must exist and be safetensors (never unpickled)."""
+    pp = Path(pretrained)
+    if not pp.is_file():
+        raise ModelLoadError(f"pretrained checkpoint not found: {pp}")
+    if pp.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"{pp}: slugkit loads local checkpoints only as .safetensors (it never unpickles user files). "
+            "Convert once with safetensors.torch.save_file(state_dict, 'model.safetensors')."
+        )
+    check_local_weights(pp)
+    return pp
+
+
+def weights_override(model: str, pretrained: str | None) -> Path | None:
+    """The ``--pretrained`` file that replaces the weights of a model given as a folder (``embedded``,
+    ``local-dir:DIR``, ``DIR``): its config comes from the folder, its weights from the file — e.g. a checkpoint
+    ``slug apply --out`` wrote. It was silently ignored, so a run, its patch and an audit described the folder's
+    weights while naming the file (twelfth trial). None for hub ids and names (open_clip reads ``pretrained``
+    itself) and when no ``pretrained`` is given. Raises :class:`ModelLoadError` for a tag (``laion400m_e32``) beside
+    a folder, a missing file or a file that is not safetensors."""
+    if not pretrained or model.startswith("hf-hub:") or not (
+            model == "embedded" or model.startswith("local-dir:") or Path(model).is_dir()):
+        return None
+    if not (Path(pretrained).suffix or "/" in pretrained):
+        raise ModelLoadError(f"--pretrained {pretrained!r} is a tag of a named model; {model!r} is a folder that "
+                             "carries its own weights: leave --pretrained out, or pass a .safetensors checkpoint of "
+                             "the same architecture to use its weights instead")
+    return _checkpoint_file(pretrained)
+
+
 def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | None]:
-    """Map a user-facing id to the (model_name, pretrained) pair for ``open_clip.create_model_and_transforms``."""
+    """Map a user-facing id to the (model_name, pretrained) pair for ``open_clip.create_model_and_transforms``; a
+    folder's ``pretrained`` file is loaded afterwards (:func:`weights_override`)."""
     if model == "embedded":
         if not (EMBEDDED_DIR / "open_clip_config.json").is_file():
             raise ModelLoadError(
@@ -62,17 +96,27 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
         check_local_weights(p)
         return f"local-dir:{p.resolve()}", None
     if pretrained and (Path(pretrained).suffix or "/" in pretrained):
-        pp = Path(pretrained)
-        if not pp.is_file():
-            raise ModelLoadError(f"pretrained checkpoint not found: {pp}")
-        if pp.suffix != ".safetensors":
-            raise ModelLoadError(
-                f"{pp}: slugkit loads local checkpoints only as .safetensors (it never unpickles user files). "
-                "Convert once with safetensors.torch.save_file(state_dict, 'model.safetensors')."
-            )
-        check_local_weights(pp)
+        _checkpoint_file(pretrained)
     return model, pretrained
 
+
+def _load_weights(net, path: Path, model: str) -> None:
+    """``path``'s tensors into ``net`` (every parameter and buffer, same names and shapes; :func:`weights_override`)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = net.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        raise ModelLoadError(
+            f"{path} does not fit {model!r}: " + "; ".join(
+                f"{what} {len(keys)} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})" for what, keys in
+                (("missing", missing), ("unexpected", extra), ("shape differs for", shapes)) if keys)
+            + ": pass the --model the checkpoint was saved from")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
 
 
 class OpenClipAdapter(Adapter):
@@ -99,16 +143,23 @@ class OpenClipAdapter(Adapter):
         how to pass weights offline)."""
         check_precision(precision, device)
         open_clip = _require_open_clip()
+        override = weights_override(model, pretrained)
         name, tag = resolve_model_name(model, pretrained)
+        hub = name.startswith("hf-hub:") or bool(tag and not Path(tag).is_file())  # may download
+        why = None
         try:
-            net, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, precision="fp32", device=device, cache_dir=cache_dir)
-            tokenizer = open_clip.get_tokenizer(name)
+            with offline_unless_reachable() if hub else contextlib.nullcontext() as why:
+                net, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=tag, precision="fp32", device=device, cache_dir=cache_dir)
+                tokenizer = open_clip.get_tokenizer(name)
+            if override is not None:
+                _load_weights(net, override, model)
         except ModelLoadError:
             raise
         except Exception as e:
             raise ModelLoadError(
-                f"could not load open_clip model {model!r} (pretrained={pretrained!r}): {' '.join(str(e).split())}. "
+                f"could not load open_clip model {model!r} (pretrained={pretrained!r}): {' '.join(str(e).split())}."
+                f"{unreachable_note(why)} "
                 "If this machine has no network, download the weights elsewhere and pass them locally: "
                 "--pretrained /path/to/open_clip_model.safetensors, or --model local-dir:/path/to/folder "
                 "(open_clip_config.json + open_clip_model.safetensors)."

@@ -1,0 +1,70 @@
+"""Knowing at once that the hub cannot be reached (twelfth trial: a hub id took ~52 s of retries to fail)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from slugkit.models import hub
+from slugkit.models.base import ModelLoadError
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    for v in hub.PROXY_VARS + ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    calls = []
+
+    def refuse(address, timeout=None, *a, **k):
+        calls.append((address, timeout))
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return calls
+
+
+def test_an_unreachable_hub_is_named_and_the_block_runs_offline(no_network, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example:8443")
+    assert hub.hub_unreachable() == "hub.example:8443: Name or service not known"
+    assert no_network[-1] == (("hub.example", 8443), hub.PROBE_TIMEOUT_S)
+    before = constants.HF_HUB_OFFLINE
+    with hub.offline_unless_reachable() as why:
+        assert why == "hub.example:8443: Name or service not known" and constants.HF_HUB_OFFLINE is True
+    assert constants.HF_HUB_OFFLINE == before  # restored
+    assert "cannot be reached from this machine (hub.example:8443" in hub.unreachable_note(why)
+    assert hub.unreachable_note(None) == ""
+
+
+def test_nothing_is_probed_behind_a_proxy_or_when_already_offline(no_network, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert hub.hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with hub.offline_unless_reachable() as why:
+        assert why is None
+    assert no_network == []
+
+
+def test_a_hub_id_fails_at_once_when_the_hub_is_unreachable(no_network, tmp_path):
+    pytest.importorskip("transformers")
+    from slugkit.models.hf_clip import HFClipAdapter
+
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="cannot be reached from this machine .*Name or service not known.*only "
+                                             "the local cache was tried"):
+        HFClipAdapter.load("slugkit-test/no-such-clip", cache_dir=str(tmp_path))
+    assert time.perf_counter() - t < 20  # ~50 s of retries before
+    assert no_network
+
+
+def test_an_open_clip_tag_fails_at_once_when_the_hub_is_unreachable(no_network, tmp_path):
+    pytest.importorskip("open_clip")
+    from slugkit.models.open_clip import OpenClipAdapter
+
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="cannot be reached from this machine"):
+        OpenClipAdapter.load("ViT-B-32", "laion400m_e32", cache_dir=str(tmp_path))
+    assert time.perf_counter() - t < 20
