@@ -239,7 +239,8 @@ def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, paper_
     assert main(args + (["--stats-first"] if stats_first else [])) == 0
     rc, demo = paper_run
     out = tmp_path / "run"
-    assert main(_unlearn_args(data_dir, demo["concept"], out) + ["--gradients", str(gfile)]) == rc
+    pairs = ["--forget", str(data / "forget.tar"), "--retain", str(data / "retain.tar")]
+    assert main(_unlearn_args(data_dir, demo["concept"], out) + pairs + ["--gradients", str(gfile)]) == rc
     result = json.loads((out / "result.json").read_text())
     assert result["verdict"] == demo["verdict"]
     assert result["pareto_front"] == demo["pareto_front"]
@@ -251,10 +252,43 @@ def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, paper_
     assert result["neighbour_protection"]["k"] == 0
 
 
+def _without_paper_flags(args):
+    i = args.index("--protect-neighbours")
+    assert args[i:i + 4] == ["--protect-neighbours", "0", "--max-layers", "1"]
+    return args[:i] + args[i + 4:]
+
+
+def test_precomputed_gradients_keep_the_default_step_and_check_the_pairs(tmp_path, data_dir, demo_run, capsys):
+    """`--gradients` silently took the paper's step (no neighbour protection, no second layer: no retain pairs were
+    read) and ran on a forget set of another person (its captions unread): twelfth trial. The pairs are read now:
+    the default run from a gradient file is the in-process one, and pairs that do not match are refused."""
+    data, demo = demo_run / "data", json.loads((demo_run / "result.json").read_text())
+    gfile = tmp_path / "g.safetensors"
+    pairs = ["--forget", str(data / "forget.tar"), "--retain", str(data / "retain.tar")]
+    assert main(["grads", "--model", "embedded", *pairs, "--out", str(gfile), "--threads", "1", "--no-progress"]) == 0
+    default = _without_paper_flags(_unlearn_args(data_dir, demo["concept"], tmp_path / "run"))
+    assert main(default + pairs + ["--gradients", str(gfile)]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["neighbour_protection"]["k"] == demo["neighbour_protection"]["k"] == 10
+    assert [e["layer"] for e in result["layers_edited"]] == [e["layer"] for e in demo["layers_edited"]]
+    assert [e["step_size"] for e in result["layers_edited"]] == pytest.approx(
+        [e["step_size"] for e in demo["layers_edited"]], rel=1e-4)
+    capsys.readouterr()
+    other = _without_paper_flags(_unlearn_args(data_dir, world.IDENTITIES[5].name, tmp_path / "other"))
+    assert main(other + pairs + ["--gradients", str(gfile)]) == 2
+    assert f"names {world.IDENTITIES[5].name!r}" in capsys.readouterr().err  # the forget captions name another
+    fewer = _without_paper_flags(_unlearn_args(data_dir, demo["concept"], tmp_path / "fewer"))
+    assert main(fewer + pairs + ["--forget-samples", "5", "--gradients", str(gfile)]) == 2
+    assert "was computed on 100 forget pairs, --forget 5: pass the --forget and --retain" in capsys.readouterr().err
+
+
 def test_unlearn_needs_data_or_gradients(tmp_path, capsys):
     assert main(["unlearn", "--concept", "X", "--val-identities", "v", "--test-identities", "t",
                  "--out", str(tmp_path / "o")]) == 2
-    assert "--gradients" in capsys.readouterr().err
+    assert "pass --forget and --retain" in capsys.readouterr().err
+    assert main(["unlearn", "--concept", "X", "--val-identities", "v", "--test-identities", "t", "--gradients", "g",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "pass --forget and --retain too: the pairs the --gradients were computed on" in capsys.readouterr().err
 
 
 def test_demo_joint_concepts(tmp_path, data_dir):

@@ -327,8 +327,8 @@ def validate_unlearn(a, concepts: list[str]) -> str | None:
         return "pass --concept NAME (or --concepts A,B)"
     if world_mode(a):
         return None
-    if not a.gradients and not (a.forget and a.retain):
-        return "pass --forget and --retain (or precomputed --gradients)"
+    if not (a.forget and a.retain):
+        return "pass --forget and --retain" + (" too: the pairs the --gradients were computed on" * bool(a.gradients))
     missing = [f for f, v in (("--val-identities", a.val_identities), ("--test-identities", a.test_identities))
                if not v]
     if missing:

@@ -353,7 +353,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--retain", default=None, help="retain pairs: shards or captioned folder")
     u.add_argument("--gradients", default=None,
                    help="gradients from `slug grads` (full or --stats-first; e.g. computed under torchrun): skip "
-                        "the gradient pass; --forget/--retain are then only recorded")
+                        "the gradient pass; --forget/--retain are still read (the pairs they were computed on)")
     u.add_argument("--forget-samples", type=COUNT, default=None, help="use the first N forget pairs (default all)")
     u.add_argument("--retain-samples", type=int_at_least(2), default=None,
                    help="use the first N retain pairs, N >= 2 (default all)")

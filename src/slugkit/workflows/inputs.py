@@ -158,9 +158,10 @@ def build_suite(adapter, cfg, identities_dir: str, utility_dir: str | None) -> E
     return suite
 
 
-def load_gradients_file(path: str, names: list[str]):
+def load_gradients_file(path: str, names: list[str], read: dict[str, int] | None = None):
     """Gradients written by ``slug grads`` (full or ``--stats-first``) or ``--save-gradients``; checked against the
-    model's candidate tensors. Returns ``(Gradients, stats or None)``."""
+    model's candidate tensors and (``read``: ``{"forget": N, "retain": M}``, the pairs the run read) the number of
+    pairs they were computed on. Returns ``(Gradients, stats or None)``; ``ValueError`` when they do not match."""
     from ..slug.gradients import Gradients
 
     if not Path(path).is_file():
@@ -168,6 +169,12 @@ def load_gradients_file(path: str, names: list[str]):
     grads = Gradients.load(path)
     if grads.n_forget <= 0:
         raise EmptyForgetSetError(f"{path} records no forget samples; recompute it with `slug grads`")
+    counts = {"forget": grads.n_forget, "retain": grads.n_retain}
+    wrong = [f"{counts[k]} {k} pairs, --{k} {n}" for k, n in (read or {}).items() if n != counts[k]]
+    if wrong:
+        raise ValueError(f"{path} was computed on {' and '.join(wrong)}: pass the --forget and --retain (and "
+                         "--forget-samples / --retain-samples) the gradients were computed with, or recompute them "
+                         "(slug grads)")
     from ..slug.gradpass import load_stats
 
     stats = load_stats(path) or None

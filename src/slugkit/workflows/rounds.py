@@ -149,9 +149,6 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
     searches, chosen, grads = first
     budget = cfg.search.worst_budget
     why = shortfall(chosen, val_before, budget, cfg.budgets.utility_drop)
-    if why is not None and cfg.max_layers > 1 and data.get("forget") is None:
-        why += " (precomputed gradients: the fallback cannot recompute them on the edited model)"
-        cfg = replace(cfg, max_layers=1)
     if why is None or cfg.max_layers <= 1:
         if chosen is None:
             raise SearchFailed("no Pareto layer reached the forget criterion within the search budget; try more "

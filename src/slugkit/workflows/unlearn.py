@@ -179,7 +179,11 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
 
 def _check_inputs(cfg: UnlearnConfig) -> None:
     """Refuse validation/test (or utility) folders that are the same folder or share images (links or copies;
-    ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`)."""
+    ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`), and a run without forget or retain pairs."""
+    if not (cfg.forget and cfg.retain):
+        raise ValueError("pass forget and retain pairs (--forget, --retain), with --gradients too: the pairs they "
+                         "were computed on (their captions are checked; the neighbour protection and a second layer "
+                         "use them)")
     if cfg.val_identities and cfg.test_identities and \
             Path(cfg.val_identities).resolve() == Path(cfg.test_identities).resolve():
         raise ValueError("validation and test identity folders are the same; the search must not see the test "
@@ -230,11 +234,12 @@ def _load_model(cfg: UnlearnConfig, adapter):
 
 
 def _load_data(cfg: UnlearnConfig, adapter) -> dict:
-    """Forget and retain pairs (not loaded when gradients are precomputed: only recorded), validation and test
-    suites."""
+    """Forget and retain pairs, validation and test suites. With precomputed gradients the pairs are read too: their
+    captions are checked, and the neighbour protection and a second layer need them (skipped before, the run
+    silently took the paper's step, and a forget set of another person went through; twelfth trial)."""
     data = {"forget": None, "retain": None, "forget_stats": ReadStats(), "retain_stats": ReadStats()}
-    data["captions"] = None  # not read when gradients are precomputed
-    if not cfg.gradients:
+    data["captions"] = None
+    if cfg.forget and cfg.retain:
         f_img, f_tok, data["forget_stats"] = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
         captions = data["forget_stats"].captions
         named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list() + list(cfg.aliases))
@@ -264,7 +269,7 @@ def _gradients(cfg: UnlearnConfig, adapter, data: dict, names: list[str]):
     """Mean forget and retain gradients of every candidate tensor (spec §1), or the precomputed file's; plus the
     stats-first scalars when the file holds them."""
     if cfg.gradients:
-        return load_gradients_file(cfg.gradients, names)
+        return load_gradients_file(cfg.gradients, names, {k: len(data[k][0]) for k in ("forget", "retain")})
     bs = cfg.batch_size
     (f_img, f_tok), (r_img, r_tok) = data["forget"], data["retain"]
     grads = compute_gradients(adapter, batches(f_img, f_tok, bs), batches(r_img, r_tok, bs), names,
@@ -290,15 +295,11 @@ def _layers(cfg: UnlearnConfig, adapter, grads, stats, names: list[str]):
 def _protect(cfg: UnlearnConfig, adapter, grads, table, data: dict, neighbours: list[tuple[str, float]]):
     """The forget gradients of the Pareto layers projected off the nearest neighbours' alignment gradients
     (:mod:`slugkit.slug.neighbours`; ``cfg.protect_neighbours = 0``: unchanged, the paper's step), and each front
-    tensor's R = ‖θ‖/‖g‖ for the gradient the search applies. Precomputed gradients carry no retain pairs, so no
-    neighbour gradient: the step is then the paper's, and the record says why."""
+    tensor's R = ‖θ‖/‖g‖ for the gradient the search applies."""
     ratios = {r.name: r.ratio for r in table.rows}
     k = cfg.protect_neighbours
-    if k <= 0 or data["retain"] is None:
-        rec = NeighbourProtection(0)
-        if k > 0:
-            rec.skipped = [{"concept": None, "reason": "precomputed gradients (--gradients): no retain pairs read"}]
-        return grads, rec, ratios
+    if k <= 0:
+        return grads, NeighbourProtection(0), ratios
     groups = list({tuple(adapter.group_of(n)): adapter.group_of(n) for n in table.front_names()}.values())
     r_img, r_tok = data["retain"]
     status(f"projecting the step off the {k} nearest neighbours' gradients", cfg.progress)
@@ -339,10 +340,10 @@ def _rounds(cfg: UnlearnConfig, adapter, data, first, val_before, neighbours, ch
     with a ``choose`` callback (the SD demo's generator-aware choice) its rounds (:func:`generator_rounds`). A later
     round's gradient pass is added to ``timing["gradients"]`` and ``timing["later_gradients"]`` (the report's
     "gradients" counted the first pass only: eighth trial)."""
-    def gradients(*args):
+    def gradients(c, *args):  # on the edited model: in-process, a --gradients file holds the unedited model's
         t = time.perf_counter()
         try:
-            return _gradients(*args)
+            return _gradients(replace(c, gradients=None), *args)
         finally:
             for key in ("gradients", "later_gradients"):
                 timing[key] = timing.get(key, 0.0) + time.perf_counter() - t
