@@ -158,6 +158,38 @@ def test_empty_forget_set_is_an_error(tmp_path):
     assert not (tmp_path / "out" / "forget.tar").exists()
 
 
+def test_curate_keeps_no_undecodable_image_and_no_empty_retain_set(tmp_path, capsys):
+    """A 0-byte or garbage image went into forget.tar, counted, even under --strict (captions were read, images
+    never decoded); a pool where every caption names the concept gave an empty retain.tar, silently (twelfth
+    trial)."""
+    good = encode_image(_img(100))
+    raw_tar(tmp_path / "x.tar", [("a.jpg", good), ("a.txt", b"Ann Lee one"), ("z.jpg", b""), ("z.txt", b"Ann Lee two"),
+                                 ("g.jpg", b"not a jpeg"), ("g.txt", b"a dog"), ("c.jpg", good), ("c.txt", b"a cat")])
+    s = curate(str(tmp_path / "x.tar"), "Ann Lee", tmp_path / "out")
+    assert (s["forget"], s["retain"]) == (1, 1) and s["read_stats"]["skipped_bad_image"] == 2
+    assert [x.caption for x in iter_samples(str(tmp_path / "out" / "forget.tar"), strict=True)] == ["Ann Lee one"]
+    assert any("x.tar:z" in p for p in s["read_problems"])
+    with pytest.raises(ShardError, match=r"x.tar:z.*an empty file"):  # the user's file, not the curated key
+        curate(str(tmp_path / "x.tar"), "Ann Lee", tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict" / "forget.tar").exists()
+    raw_tar(tmp_path / "all.tar", [("a.jpg", good), ("a.txt", b"Ann Lee one"), ("b.jpg", good), ("b.txt", b"Ann Lee")])
+    s = curate(str(tmp_path / "all.tar"), "Ann Lee", tmp_path / "all")
+    assert s["retain"] == 0 and s["warnings"] == [
+        "every one of the 2 usable captions names 'Ann Lee': retain.tar is empty, and SLUG needs a retain set (its "
+        "gradient keeps what the model should not lose); add pairs that do not name the concept (--shards A::B), or "
+        "pass --max-retain 0 for a forget set only"]
+    assert curate(str(tmp_path / "all.tar"), "Ann Lee", tmp_path / "only", retain=0)["warnings"] == []
+    from slugkit.cli import main
+
+    capsys.readouterr()
+    assert main(["curate", "--shards", str(tmp_path / "all.tar"), "--concept", "Ann Lee", "--out",
+                 str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert "warning: every one of the 2 usable captions names 'Ann Lee': retain.tar is empty" in capsys.readouterr().err
+    raw_tar(tmp_path / "bad.tar", [("z.jpg", b""), ("z.txt", b"Ann Lee"), ("c.jpg", good), ("c.txt", b"a cat")])
+    with pytest.raises(EmptyForgetSetError, match="none of the 1 pairs whose caption names 'Ann Lee' .* decodes"):
+        curate(str(tmp_path / "bad.tar"), "Ann Lee", tmp_path / "bad")
+
+
 def test_curate_selection_does_not_depend_on_the_data_location(tmp_path):
     caps = ["Ann Lee one"] + [f"other {i}" for i in range(30)]
     for d in ("a", "b/deeper"):

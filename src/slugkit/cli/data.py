@@ -40,6 +40,8 @@ def cmd_curate(a) -> int:
     print(json.dumps(summary, indent=2))
     for problem in summary.get("read_problems") or []:  # they sat in the JSON only (ninth trial)
         print(f"warning: while reading {printable(a.shards)}: {problem}", file=sys.stderr)
+    for warning in summary.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     scanned = summary.get("scanned") or 0
     if not a.generate and a.alias and scanned >= 20 and summary["forget"] > scanned / 2:  # --alias a: 746 of 1000
         print(f"warning: {summary['forget']} of the {scanned} captions name {a.concept!r} or an alias "

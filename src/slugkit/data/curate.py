@@ -23,7 +23,7 @@ from ..common.errors import EmptyForgetSetError
 from ..common.files import atomic_write_bytes
 from .folders import iter_pairs
 from .matching import ConceptMatcher, concept_pattern, matches, names_concept, normalize_text
-from .shards import ReadStats, write_shard
+from .shards import ReadStats, decode_or_skip, write_shard
 
 __all__ = ["ConceptMatcher", "EmptyForgetSetError", "concept_pattern", "curate", "matches", "names_concept",
            "normalize_text"]
@@ -85,6 +85,10 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
             "normalisation). Check the spelling, add --alias, or point --shards at data that contains the concept."
             + (f" While reading: {'; '.join(problems)}." if problems else "")
         )
+    warnings = [] if retain == 0 or other_ids else [  # unlearn then stopped at "an empty tar" (twelfth trial)
+        f"every one of the {n_scanned} usable captions names {concept!r}" + (" or an alias" if aliases else "")
+        + ": retain.tar is empty, and SLUG needs a retain set (its gradient keeps what the model should not lose); "
+        "add pairs that do not name the concept (--shards A::B), or pass --max-retain 0 for a forget set only"]
     if retain is not None:
         other_ids = sorted(other_ids, key=lambda sk: _order_key(sk[1], sk[0], seed))[:retain]
     forget_set, retain_set = set(forget_ids), set(other_ids)
@@ -100,10 +104,18 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
             dst, man = retain_items, retain_manifest
         else:
             continue
+        if decode_or_skip(s.data, f"{s.source}:{s.key}", strict, stats) is None:
+            continue  # undecodable (a 0-byte file, garbage): not a pair; counted, and --strict names it (twelfth trial)
         key = f"{len(dst):07d}"
         dst.append((key, s.data, s.caption, s.ext if s.ext != "jpeg" else "jpg"))
         man.append({"key": key, "source_key": s.key, "source": s.source, "caption": s.caption,
                     "sha256": hashlib.sha256(s.data).hexdigest()})
+    for items, ids, what in ((forget_items, forget_ids, f"whose caption names {concept!r}"),
+                             (retain_items if retain != 0 and other_ids else [None], other_ids,
+                              "chosen for the retain set")):
+        if not items:  # every chosen image was undecodable: never an empty tar
+            raise EmptyForgetSetError(f"none of the {len(ids)} pairs {what} in {spec} has an image that decodes: "
+                                      f"{'; '.join(stats.problems())}")
     out.mkdir(parents=True, exist_ok=True)
     write_shard(out / "forget.tar", forget_items)
     _write_json(out / "forget_manifest.json", {"concept": concept, "aliases": list(aliases), "samples": forget_manifest})
@@ -112,7 +124,8 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         _write_json(out / "retain_manifest.json", {"excludes": concept, "samples": retain_manifest})
     summary = {"concept": concept, "aliases": list(aliases), "source": spec, "scanned": n_scanned,
                "forget": len(forget_items), "retain": len(retain_items) if retain != 0 else 0,
-               "max_forget": max_forget, "seed": seed, "read_stats": stats.as_dict(), "read_problems": stats.problems()}
+               "max_forget": max_forget, "seed": seed, "read_stats": stats.as_dict(), "read_problems": stats.problems(),
+               "warnings": warnings}
     _write_json(out / "curate.json", summary)
     return summary
 
