@@ -246,6 +246,40 @@ def test_foreign_checkpoint_refused_in_process(world, tmp_path):
         run_gradpass(a, cfg)
 
 
+def test_a_shard_rewritten_at_the_same_size_is_not_resumed(world, tmp_path, monkeypatch, capsys):
+    """A finished shard re-curated in place keeps its size (tar padding): the resume took the old sums, and the
+    interrupted command said only "interrupted" (twelfth trial)."""
+    import shutil
+
+    import slugkit.slug.gradpass as gp
+    from slugkit.cli import main
+
+    shutil.copytree(world["root"] / "forget", tmp_path / "forget")
+    shutil.copytree(world["root"] / "retain", tmp_path / "retain")
+    forget, retain = str(tmp_path / "forget" / "{00000..00002}.tar"), str(tmp_path / "retain")
+    real, calls = gp._save_sums, []
+
+    def stop_after_first(*args, **kw):
+        real(*args, **kw)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gp, "_save_sums", stop_after_first)
+    out = tmp_path / "g.safetensors"
+    args = ["grads", "--model", world["model"], "--forget", forget, "--retain", retain,
+            "--batch-size", str(BS), "--out", str(out), "--no-progress"]
+    assert main(args) == 130 and calls
+    err = capsys.readouterr().err
+    assert f"note: the finished shards are checkpointed in {out}.ckpt; rerun the same command to resume" in err
+    monkeypatch.setattr(gp, "_save_sums", real)
+    first = list_shards(forget)[0]
+    st = os.stat(first)
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten: same size, later modification time
+    assert main(args) == 2
+    assert "holds a checkpoint of a different command (rank0-of-1.safetensors differs in: forget)" in \
+        capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- (d)
 def test_stats_first_ranks_like_full_mode(world, reference, tmp_path):
     a = _adapter(world)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..common.text import printable
 from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
@@ -73,7 +74,14 @@ def cmd_grads(a) -> int:
         cfg = PassConfig(forget=a.forget, retain=a.retain, out=a.out, batch_size=a.batch_size,
                          checkpoint_dir=a.checkpoint_dir, stats_first=a.stats_first, strict=a.strict,
                          progress=not a.no_progress)
-        result = run_gradpass(adapter, cfg)
+        try:
+            result = run_gradpass(adapter, cfg)
+        except KeyboardInterrupt:  # "interrupted" alone did not say that the work done so far is kept (twelfth trial)
+            ck = Path(cfg.checkpoint_dir if cfg.checkpoint_dir is not None else f"{cfg.out}.ckpt")
+            if rank == 0 and any(ck.glob("*.safetensors")):
+                print(f"note: the finished shards are checkpointed in {printable(ck)}; rerun the same command to "
+                      "resume from them", file=sys.stderr)
+            raise
         if rank == 0 and result is not None:
             g = result.grads
             what = f"stats of every candidate + gradients of {len(result.front)} front tensors" if cfg.stats_first \

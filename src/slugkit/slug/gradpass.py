@@ -24,8 +24,8 @@ Resume
     After every finished shard (work unit) each rank writes ``<ckpt>/rank{r}-of-{W}.safetensors`` (temp file +
     ``os.replace``): its running float32 sums, its sample count and the ids of its completed units. At the end of the
     forget split rank 0 writes the all-reduced forget sums to ``<ckpt>/forget.safetensors`` and every rank starts the
-    retain split from zero. Every file carries a fingerprint of the command (resolved shard paths and sizes, batch
-    size, world size, strictness, model id, a SHA-256 of the candidate tensors and their names); a checkpoint
+    retain split from zero. Every file carries a fingerprint of the command (resolved shard paths, sizes and
+    modification times, batch size, world size, strictness, model id, a SHA-256 of the candidate tensors and their names); a checkpoint
     directory holding a different fingerprint is refused (:class:`CheckpointMismatchError`). A restart with the same
     command skips completed units and continues from the stored sums, so the result is bit-identical to an
     uninterrupted run. The checkpoint directory (default ``<out>.ckpt``) is deleted after success. Multi-node runs
@@ -165,8 +165,9 @@ def fingerprint(adapter, names: list[str], forget: list[str], retain: list[str],
         h.update(f"{n}:{t.dtype}:{tuple(params[n].shape)};".encode())
         h.update(t.view(torch.uint8).numpy())
 
-    def files(paths):
-        return [[p, os.path.getsize(p) if os.path.isfile(p) else -1] for p in paths]
+    def files(paths):  # size and modification time: a shard rewritten in place at the same size (re-curated with
+        # --overwrite, a caption edited) resumed with the old sums (twelfth trial)
+        return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] if os.path.isfile(p) else [p, -1, -1] for p in paths]
 
     return {
         "format": FORMAT,
