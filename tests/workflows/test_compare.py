@@ -48,6 +48,13 @@ def test_compare_outputs(compare_run):
     assert (out / "slug" / "result.json").is_file()
     result = json.loads((out / "slug" / "result.json").read_text())
     assert slug["metrics"]["after"] == result["metrics"]["after"]  # the numbers of `slug unlearn`
+    # time and CPU seconds of the run's own stages, every round and the neighbour projection (the CPU came from a
+    # replay of round 1 alone: 2.4 s against 7.2 s of wall time for a two-layer run; eleventh trial)
+    stages = ("gradients", "layers", "neighbours", "search")
+    assert slug["time_s"] == pytest.approx(sum(result["timing_s"][k] for k in stages))
+    assert slug["cpu_s"] == pytest.approx(sum(result["cpu_s"][k] for k in stages))
+    rounds = max(e["round"] for e in result["layers_edited"])
+    assert slug["passes"]["gradient_passes"] == rounds and slug["passes"]["backward_samples"] == rounds * (40 + 64)
     ga = rep["methods"]["ga"]
     assert len(ga["epochs"]) == 1 and ga["selected_epoch"] == 1
     assert ga["passes"]["backward_samples"] == 40 and ga["passes"]["optimizer_steps"] == 2  # batch 32

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from .compare_support import (PEAK_MEM_NOTE, Base, PeakRSS, changed_storage, evaluator, make_baseline, mia_heldout,
-                              mia_runner, peak_mem_method, per_concept, record_cuda_peak, slug_passes, slug_replay,
-                              start_method)
+                              mia_runner, peak_mem_method, per_concept, record_cuda_peak, slug_cost, slug_passes,
+                              slug_replay, start_method)
 
 
 @dataclass
@@ -93,14 +93,14 @@ def _slug_joint(cc, cfg, adapter, base: Base, out: Path, j: _Inputs) -> dict:
     scfg = replace(cfg, out=str(out / "slug"), progress=False, overwrite=cc.overwrite)
     result = run_unlearn(scfg, adapter=adapter)
     t = result["timing_s"]
+    time_s, cpu_s = slug_cost(result)
     entry = {
         "metrics": result["metrics"],
         "verdict": result["verdict"],
-        "time_s": t["gradients"] + t["layers"] + t.get("neighbours", 0.0) + t["search"],
+        "time_s": time_s, "cpu_s": cpu_s,
         "timing_s": {"precompute": t["gradients"] + t["layers"] + t.get("neighbours", 0.0), "search": t["search"],
                      "run_unlearn": t},
-        **dict(zip(("peak_mem_bytes", "cpu_s"),
-                   slug_replay(adapter, cfg, j.f_img, j.f_tok, j.r_img, j.r_tok, j.val_eval, j.val_before))),
+        "peak_mem_bytes": slug_replay(adapter, cfg, j.f_img, j.f_tok, j.r_img, j.r_tok, j.val_eval, j.val_before)[0],
         "storage_bytes": result["patch"]["bytes"],
         "passes": slug_passes(result),
         "epochs": [{"epoch": i + 1, "layer": e["layer"], "step_size": e["step_size"], "val": e["metrics"],

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from .compare_support import (PEAK_MEM_NOTE, PeakRSS, add_passes, changed_storage, evaluator, make_baseline,
-                              mia_heldout, mia_runner, peak_mem_method, per_concept, record_cuda_peak, slug_passes,
-                              slug_replay, start_method)
+                              mia_heldout, mia_runner, peak_mem_method, per_concept, record_cuda_peak, slug_cost,
+                              slug_passes, slug_replay, start_method)
 
 
 @dataclass
@@ -113,23 +113,22 @@ def _slug_sequential(cc, adapter, base, out: Path, s: _Steps) -> dict:
     result = run_sequential(cfgs, out / "slug", adapter=adapter, overwrite=cc.overwrite)
     base.check_unchanged("run_sequential")
     step_results = [json.loads((Path(c.out) / "result.json").read_text()) for c in cfgs]
-    peak, cpu = _replay_steps(adapter, s)
+    peak = _replay_steps(adapter, s)
     chained = load_patch(out / "slug" / "patch")
     apply_patch(adapter.model, chained)
     after = s.test_eval.evaluate_naive()
     entry = {
         "metrics": {"before": s.before, "after": after},
         "verdict": result["verdict"],
-        "time_s": sum(r["timing_s"][k] for r in step_results for k in ("gradients", "layers", "search")),
-        "cpu_s": cpu,
+        "time_s": sum(slug_cost(r)[0] for r in step_results),  # the neighbour projection was left out
+        "cpu_s": sum(slug_cost(r)[1] for r in step_results),
         "timing_s": {"per_step": [r["timing_s"] for r in step_results],
                      "run_sequential_total": result["timing_s"]["total"]},
         "peak_mem_bytes": peak, "storage_bytes": result["patch"]["bytes"],
         "changed_params": changed_storage(adapter.model, base.state)["changed_params"],
         "passes": _slug_seq_passes(step_results),
         "steps": [{"concept": c.concept, "layer": r["layer"], "step_size": r["step_size"],
-                   "time_s": r["timing_s"]["gradients"] + r["timing_s"]["layers"]
-                   + r["timing_s"].get("neighbours", 0.0) + r["timing_s"]["search"],
+                   "time_s": slug_cost(r)[0],
                    "validation_after": r["metrics"]["validation_after"],
                    "result": str(Path(c.out).relative_to(out) / "result.json")}
                   for c, r in zip(cfgs, step_results)],
@@ -140,22 +139,21 @@ def _slug_sequential(cc, adapter, base, out: Path, s: _Steps) -> dict:
     return entry
 
 
-def _replay_steps(adapter, s: _Steps) -> tuple[int, float]:
-    """SLUG's peak memory (the largest step's) and CPU seconds (summed): each step's stages replayed on the model
-    carrying the earlier steps' patches, which are reverted afterwards."""
+def _replay_steps(adapter, s: _Steps) -> int:
+    """SLUG's peak memory (the largest step's): each step's round-1 stages replayed on the model carrying the
+    earlier steps' patches, which are reverted afterwards."""
     from ..eval.zeroshot import SuiteEvaluator
     from ..patch import apply_patch, load_patch, revert_patch
 
-    patches, peak, cpu = [load_patch(Path(c.out) / "patch") for c in s.cfgs], 0, 0.0
+    patches, peak = [load_patch(Path(c.out) / "patch") for c in s.cfgs], 0
     for k, (c, (fi, ft, ri, rt)) in enumerate(zip(s.cfgs, s.pairs)):
         if k:
             apply_patch(adapter.model, patches[k - 1])
         ve = SuiteEvaluator(adapter, s.val_suites[k], c.eval_batch_size)
-        mem, c_s = slug_replay(adapter, c, fi, ft, ri, rt, ve, ve.base_metrics())
-        peak, cpu = max(peak, mem), cpu + c_s
+        peak = max(peak, slug_replay(adapter, c, fi, ft, ri, rt, ve, ve.base_metrics())[0])
     for p in reversed(patches[:-1]):
         revert_patch(adapter.model, p)
-    return peak, cpu
+    return peak
 
 
 def _slug_seq_passes(step_results: list[dict]) -> dict:

@@ -7,17 +7,19 @@ Per method (``compare.json``):
   SLUG: gradients + layer ranking + step-size search (``timing_s`` of ``run_unlearn``); baselines: pre-computation
   (SalUn's mask, SSD's importances) + updates + per-epoch validation. Excluded: model and data loading, the test
   evaluation, the MIA;
-* ``cpu_s``: CPU seconds of the process over the same work (``time.process_time``; SLUG: over the replay below).
-  With one torch thread this is close to the wall time on an idle machine and, unlike it, barely moves when other
-  jobs share the CPU;
+* ``cpu_s``: CPU seconds of the process over the same work (``time.process_time``; SLUG: over the same stages of
+  ``run_unlearn`` — every round's gradients, the neighbour projection, every search — its ``result.json → cpu_s``;
+  it was taken over a replay of round 1 alone, a third of a two-layer run's: eleventh trial). With one torch thread
+  this is close to the wall time on an idle machine and, unlike it, barely moves when other jobs share the CPU;
 * ``peak_mem_bytes``: peak resident-set growth of the process over the method (:class:`PeakRSS`: the kernel's
   high-water mark ``VmHWM``, reset at the method's start; where that cannot be reset, sampled every 5 ms from
   ``/proc/self/statm``) (``resource.getrusage`` ``ru_maxrss`` is a process-lifetime high-water mark and says nothing
   about the second method of a run; ``tracemalloc`` does not see torch's allocator). On CUDA devices
   ``torch.cuda.max_memory_allocated`` is recorded as well. Freed heap memory is handed back to the OS
   (``malloc_trim``) before each window. For SLUG the window is a replay of its gradient / ranking / search stages with
-  the same functions on the data already in memory (``run_unlearn`` also loads data and builds evaluators). RSS
-  growth is a coarse measure (allocator reuse can hide memory): read it as an order of magnitude;
+  the same functions on the data already in memory (``run_unlearn`` also loads data and builds evaluators) — round
+  1's paper step only, so a lower bound for a run the neighbour projection or a second layer adds to. RSS growth is a
+  coarse measure (allocator reuse can hide memory): read it as an order of magnitude;
 * ``storage_bytes``: what a user must keep to hold the result: SLUG's ``patch.safetensors``; for the baselines the
   bytes of every tensor whose values changed (``changed_params`` counts the changed scalars; a sparse form — SalUn's
   values + bit-packed mask — would be smaller, see ``storage_sparse_bytes``);
@@ -314,10 +316,21 @@ def changed_storage(model: torch.nn.Module, base: dict[str, torch.Tensor]) -> di
             "storage_sparse_bytes": sparse}
 
 
+METHOD_STAGES = ("gradients", "layers", "neighbours", "search")  # SLUG's unlearning procedure in run_unlearn's timings
+
+
+def slug_cost(result: dict) -> tuple[float, float]:
+    """``(time_s, cpu_s)`` of SLUG's unlearning procedure in a ``result.json``: its :data:`METHOD_STAGES`, every
+    round (a later round's gradients are in "gradients", its search in "search")."""
+    t, c = result["timing_s"], result.get("cpu_s") or {}
+    return sum(t.get(k, 0.0) for k in METHOD_STAGES), sum(c.get(k, 0.0) for k in METHOD_STAGES)
+
+
 def slug_replay(adapter, cfg, f_img, f_tok, r_img, r_tok, val_eval, val_before) -> tuple[int, float]:
-    """Peak RSS growth and CPU seconds of SLUG's unlearning stages (gradients, layer ranking, search) replayed with
-    the functions ``run_unlearn`` calls, on the data and validation evaluator already in memory (``run_unlearn``
-    itself also loads data and builds evaluators, which the baselines' window does not include)."""
+    """Peak RSS growth and CPU seconds of SLUG's round-1 paper step (gradients, layer ranking, search) replayed
+    with the functions ``run_unlearn`` calls, on the data and validation evaluator already in memory (``run_unlearn``
+    itself also loads data and builds evaluators, which the baselines' window does not include). Its memory is
+    what ``compare.json`` records (a lower bound: module docstring); its CPU seconds are not (:func:`slug_cost`)."""
     from ..slug.gradients import compute_gradients
     from ..slug.layers import rank_layers
     from ..slug.search import choose_layer, search_layers
@@ -339,15 +352,21 @@ def slug_replay(adapter, cfg, f_img, f_tok, r_img, r_tok, val_eval, val_before) 
 
 
 def slug_passes(result: dict) -> dict:
-    """SLUG's passes, derived from a ``result.json``'s data sizes and search trajectory."""
+    """SLUG's passes, derived from a ``result.json``'s data sizes, rounds and search trajectory: one gradient pass
+    over D_f and D_r per round (``layers_edited``; it said "one" for a two-layer run: eleventh trial)."""
     n_f, n_r = result["data"]["n_forget"], result["data"]["n_retain"]
     val = result["data"]["val_sizes"]
     n_eval = len(result["search"])
-    return {"forward_samples": n_f + n_r, "backward_samples": n_f + n_r,
-            "search_evaluations": n_eval,
+    rounds = max([e.get("round", 1) for e in result.get("layers_edited") or []] + [1])
+    nb = (result.get("neighbour_protection") or {}).get("k") or 0
+    return {"forward_samples": rounds * (n_f + n_r), "backward_samples": rounds * (n_f + n_r),
+            "gradient_passes": rounds, "search_evaluations": n_eval,
             "eval_forward_images_upper_bound": n_eval * (val["forget"] + val["related"] + val["utility"]),
-            "note": "one gradient pass over D_f and D_r; each search evaluation re-runs only the edited tower "
-                    "from the cached activations entering the edited block"}
+            "note": f"{rounds} gradient pass(es) over D_f and D_r (one per edited layer's round)"
+                    + (f", plus the alignment gradients of the {nb} nearest neighbours' retain pairs the step is "
+                       "projected off" if nb else "")
+                    + "; each search evaluation re-runs only the edited tower from the cached activations entering "
+                      "the edited block"}
 
 
 def add_passes(total: dict, more: dict) -> dict:

@@ -79,6 +79,7 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
                    "utility_floor": cfg.search.utility_floor, "selection": cfg.search.selection,
                    "protect_neighbours": cfg.protect_neighbours},
         "timing_s": timing,
+        "cpu_s": run.get("cpu") or {},
         "patch": {"path": "patch", "bytes": run["patch_bytes"], "tensors": run["patch"].names},
         "model_bytes": adapter.model_bytes(),
         "data": {"n_forget": run["grads"].n_forget, "n_retain": run["grads"].n_retain,

@@ -110,11 +110,14 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
 
 
 @contextlib.contextmanager
-def _timed(timing: dict, name: str):
-    """Add the block's wall-clock seconds to ``timing[name]`` (each stage is also a test pause point)."""
-    t = time.perf_counter()
+def _timed(timing: dict, name: str, cpu: dict | None = None):
+    """Add the block's wall-clock seconds to ``timing[name]`` and its CPU seconds to ``cpu[name]`` (``slug compare``'s
+    ``cpu_s``; each stage is also a test pause point)."""
+    t, c = time.perf_counter(), time.process_time()
     yield
     timing[name] = timing.get(name, 0.0) + time.perf_counter() - t
+    if cpu is not None:
+        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c
     pause_point(name)
 
 
@@ -123,7 +126,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
     _check_inputs(cfg)
     with run_folder(cfg.out, cfg.overwrite, RUN_MARKER) as out:  # a private temporary folder, renamed to cfg.out
         torch.manual_seed(cfg.seed)
-        timing: dict[str, float] = {}
+        timing, cpu = {}, {}  # seconds per stage: wall clock; CPU of the method's own stages
         with _timed(timing, "load_model"):
             status(f"loading model {cfg.model}" + (f" ({cfg.pretrained})" if cfg.pretrained else ""), cfg.progress)
             adapter = _load_model(cfg, adapter)
@@ -137,17 +140,17 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
             before, val_before = test_eval.base_metrics(), val_eval.base_metrics()
         check_recognised(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, val_before)
         names = adapter.candidate_names()
-        with _timed(timing, "gradients"):
+        with _timed(timing, "gradients", cpu):
             grads, stats = _gradients(cfg, adapter, data, names)
         if cfg.save_gradients and not cfg.gradients:
             grads.save(out / "gradients.safetensors")
-        with _timed(timing, "layers"):
+        with _timed(timing, "layers", cpu):
             table = _layers(cfg, adapter, grads, stats, names)
-        with _timed(timing, "neighbours"):
+        with _timed(timing, "neighbours", cpu):
             neighbours = nearest_concepts(val_eval.class_embeddings(), data["val_suite"].names,
                                           data["val_suite"].target_list(), max(NEIGHBOURS_K, cfg.protect_neighbours))
             grads, protection, ratios = _protect(cfg, adapter, grads, table, data, neighbours)
-        with _timed(timing, "search"):
+        with _timed(timing, "search", cpu):
             searches, chosen, chooser_info = _search(cfg, adapter, grads, table, ratios, val_eval, val_before,
                                                      choose)
             edits, chooser_info = _rounds(cfg, adapter, data, (searches, chosen, grads), val_before, neighbours,
@@ -168,7 +171,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
                "edits": edits,
                "chooser_info": chooser_info, "table": table, "grads": grads, "timing": timing, "patch": patch,
                "patch_bytes": patch_bytes, "verdict": verdict.to_json(), "neighbours": neighbours,
-               "protection": protection}
+               "protection": protection, "cpu": cpu}
         result = result_record(cfg, adapter, data, run)
         write_run_files(cfg, out, data, run, result, extra_run_info)
     return result
