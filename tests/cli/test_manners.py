@@ -36,6 +36,12 @@ from slugkit.cli import build_parser, main
     (["grads", "--model", "m", "--forget", "f", "--retain", "r", "--out", "o", "--batch-size", "0"], "--batch-size"),
     (["compare", "--lr", "gaft=abc"], "--lr"),
     (["compare", "--lr", "gaft"], "--lr"),
+    # --lr-sweep: 0 ran, -1 failed in torch after 15 s, abc named no option (eleventh trial)
+    (["compare", "--lr-sweep", "0,1"], "--lr-sweep"),
+    (["compare", "--lr-sweep", "-1"], "--lr-sweep"),
+    (["compare", "--lr-sweep", "abc"], "--lr-sweep"),
+    (["compare", "--lr-sweep", "1e-4,1e-4"], "--lr-sweep"),
+    (["compare", "--lr-sweep", "1e-4,,3e-4"], "--lr-sweep"),
     (["curate", "--shards", "s", "--concept", "", "--out", "o"], "--concept"),
     (["audit", "--patch", "p", "--attack-iterations", "0"], "--attack-iterations"),
     (["audit", "--patch", "p", "--alias", ""], "--alias"),

@@ -1,6 +1,7 @@
 """`slug compare` end to end on the embedded world with small sets: output shape and bookkeeping."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,31 @@ def test_state_hash_and_changed_storage():
     assert s["storage_bytes"] == 6 * 4 and s["changed_params"] == 1 and s["changed_tensors"] == 1
     m.load_state_dict(base)
     assert state_sha256(m) == h
+
+
+def test_compare_refuses_learning_rates_it_would_drop(compare_run, capsys):
+    """`--lr GAFT=5e-4` (or `--lr foo=1e-4`) ran with the default rate and said nothing; a repeated --lr kept the
+    last (eleventh trial)."""
+    out, data_dir = compare_run
+    base = ["compare", "--out", str(out) + "-lr", "--data-dir", str(data_dir), "--no-progress", "--epochs", "1"]
+    for lr, said in ((["--methods", "gaft", "--lr", "GAFT=5e-4"], "--lr GAFT=...: 'GAFT' is not among --methods"),
+                     (["--methods", "ga", "--lr", "foo=1e-4"], "'foo' is not among --methods (ga)"),
+                     (["--methods", "ga,ssd", "--lr", "ssd=1e-4"], "--lr ssd=...: ssd has no learning rate"),
+                     (["--methods", "ga", "--lr", "ga=1e-4", "--lr", "ga=2e-4"], "--lr ga is given twice")):
+        assert main(base + lr) == 2
+        assert said in capsys.readouterr().err
+    assert not Path(str(out) + "-lr").exists()
+    from slugkit.cli.compare import lr_list
+    assert lr_list("3e-4,1e-4") == [1e-4, 3e-4]
+
+
+def test_reaching_fa5_zero_says_what_was_broken_on_the_way():
+    from slugkit.report.compare import _with_damage
+
+    m = {"before": {"utility_top1": 0.99, "related_top1": 0.99}, "after": {"utility_top1": 0.03,
+                                                                          "related_top1": 0.98}}
+    report = {"methods": {"ga": {"metrics": m}, "slug": {"metrics": {"before": m["before"], "after": m["before"]}}}}
+    assert _with_damage(report, ["ga", "slug"]) == ["ga (but utility 0.99 → 0.03)", "slug"]
 
 
 def test_compare_config_defaults():

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from .args import (BATCH, COUNT, FRACTION, THREADS, data_dir_conflict, float_at_least, float_in, item_list, method_lr,
-                   name_list, nonempty, refuse, split_list, template, text_file, validate_compare_data)
+from .args import (BATCH, COUNT, FRACTION, THREADS, _number, data_dir_conflict, float_at_least, float_in, item_list,
+                   method_lr, name_list, nonempty, refuse, split_list, template, text_file, validate_compare_data)
+
+
+def lr_list(text: str) -> list[float]:
+    """``--lr-sweep``: a comma list of distinct learning rates, each > 0 (``0,1`` ran, ``-1`` failed in torch after
+    15 s of loading, naming no option; eleventh trial)."""
+    import argparse
+
+    values = [_number(float, x) for x in split_list(item_list(text))]
+    bad = [v for v in values if not v > 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"each learning rate must be > 0, got {bad[0]:g} in {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a learning rate is given twice in {text!r}")
+    return sorted(values)
 
 
 def cmd_compare(a) -> int:
@@ -32,6 +46,8 @@ def cmd_compare(a) -> int:
     lrs = {}
     for item in a.lr or []:
         k, _, v = item.partition("=")
+        if k.strip() in lrs:
+            return refuse(f"--lr {k.strip()} is given twice ({lrs[k.strip()]:g} and {float(v):g}); give it once")
         lrs[k.strip()] = float(v)
     default_out = f"runs/compare-{'+'.join(c.replace(' ', '_') for c in (concepts or [concept]))}"
     out = a.out if a.out is not None else default_out
@@ -60,7 +76,7 @@ def cmd_compare(a) -> int:
                        progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
                        concepts=concepts if len(concepts) > 1 else [],
                        modes=split_list(a.modes),
-                       lr_sweep=[float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else None,
+                       lr_sweep=a.lr_sweep,
                        audit=_audit_opts(a, concepts))
     report = run_compare(cc)
     print(render_compare(report))
@@ -111,7 +127,8 @@ def add_parsers(sub) -> None:
     cp.add_argument("--select-metric", default="forget_top5", choices=["forget_top1", "forget_top5"],
                     help="epoch selection: first epoch with validation metric 0, else the minimum (default FA@5, "
                          "SLUG's own criterion; the paper's rule is forget_top1)")
-    cp.add_argument("--lr-sweep", nargs="?", const="3e-5,1e-4,3e-4,1e-3", default=None, metavar="LR,LR,...",
+    cp.add_argument("--lr-sweep", nargs="?", type=lr_list, const=[3e-5, 1e-4, 3e-4, 1e-3], default=None,
+                    metavar="LR,LR,...",
                     help="GA/GA+FT/SalUn: try these learning rates in ascending order, keep the smallest that meets "
                          "the epoch rule; the whole sweep counts in the method's time (default grid "
                          "3e-5,1e-4,3e-4,1e-3)")

@@ -111,6 +111,23 @@ def reaching_fa5_zero(report: dict) -> list[str]:
     return [k for k, e in report["methods"].items() if e["metrics"]["after"]["forget_top5"] == 0]
 
 
+def _with_damage(report: dict, names: list[str]) -> list[str]:
+    """Each name, with what it broke beyond the verdict's default budgets (utility 0.02, other identities 0.05): a
+    GA at lr 1 "reached FA@5 = 0" at utility 3 % (eleventh trial)."""
+    from ..workflows.verdict import Budgets
+
+    b, out = Budgets(), []
+    for k in names:
+        m = report["methods"][k]["metrics"]
+        worse = [f"{label} {m['before'][key]:.2f} → {m['after'][key]:.2f}"
+                 for key, label, budget in (("utility_top1", "utility", b.utility_drop),
+                                            ("related_top1", "other identities", b.related_drop))
+                 if m["before"].get(key) is not None and m["after"].get(key) is not None
+                 and m["before"][key] - m["after"][key] > budget + 1e-6]
+        out.append(k + (f" (but {', '.join(worse)})" if worse else ""))
+    return out
+
+
 def _rule(report: dict) -> str:
     metric = (report.get("config") or {}).get("select_metric", "forget_top5")
     return {"forget_top5": "FA@5", "forget_top1": "FA@1"}.get(metric, metric)
@@ -139,7 +156,8 @@ def _render_section(report: dict, rule: str) -> list[str]:
             lines.append("SLUG CPU seconds / method CPU seconds (one thread; insensitive to other load on the "
                          "machine): " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
         lines.append("")
-    lines.append(f"Methods reaching test FA@5 = 0: {', '.join(reaching_fa5_zero(report)) or 'none'}.")
+    reached = _with_damage(report, reaching_fa5_zero(report))
+    lines.append(f"Methods reaching test FA@5 = 0: {', '.join(reached) or 'none'}.")
     if any("audit" in e for e in report["methods"].values()):
         lines += ["", *audit_table(report)]
     return lines

@@ -149,6 +149,11 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
     for m in cc.methods:
         if m != "slug":
             make_method(m)  # raises ValueError on unknown names before any work
+    for m in cc.lr:  # a misspelt --lr GAFT=... was dropped silently (eleventh trial)
+        if m not in cc.methods:
+            raise ValueError(f"--lr {m}=...: {m!r} is not among --methods ({', '.join(cc.methods)})")
+        if not _takes_lr(m):
+            raise ValueError(f"--lr {m}=...: {m} has no learning rate (SLUG searches a step size; SSD dampens)")
     if len(concepts) > 1:
         bad = [m for m in cc.modes if m not in MODES]
         if bad or not cc.modes:
@@ -157,6 +162,14 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
             raise ValueError("sequential multi-concept comparison needs one forget set per concept: it runs on the "
                              "embedded world only; with explicit data use --modes joint (one --forget holding "
                              "every concept)")
+
+
+def _takes_lr(name: str) -> bool:
+    import inspect
+
+    from ..methods import METHODS
+
+    return name in METHODS and "lr" in inspect.signature(METHODS[name]).parameters
 
 
 def check_compare_out(out: Path, overwrite: bool) -> None:
