@@ -132,3 +132,17 @@ def test_pickle_checkpoint_is_refused(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"\x80\x04not really")
     with pytest.raises(ModelLoadError, match="never unpickles"):
         resolve_model_name("ViT-B-32", str(tmp_path / "model.pt"))
+
+
+def test_the_pickle_message_is_one_line_and_never_suggests_overwriting_the_input(tmp_path):
+    """The suggested conversion printed literal "\\n"s (refuse() escapes newlines), and for a pickle named
+    x.safetensors it told the user to save over the input (eleventh trial)."""
+    from slugkit.common.weights import WeightsFileError, check_weights_file
+
+    for name, target in (("pk.pt", "pk.safetensors"), ("pk.safetensors", "pk.converted.safetensors")):
+        (tmp_path / name).write_bytes(b"\x80\x04not really")
+        with pytest.raises(WeightsFileError) as e:
+            check_weights_file(tmp_path / name, "checkpoint")
+        msg = str(e.value)
+        assert "\n" not in msg and "is a pickle checkpoint" in msg
+        assert f"save_file(sd, {str(tmp_path / target)!r})" in msg

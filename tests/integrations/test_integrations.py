@@ -171,7 +171,7 @@ def test_generation_changes_after_apply_and_returns_after_revert(clip, slug_patc
     assert torch.equal(gen(), base)
 
 
-def test_save_patched_text_encoder(tmp_path, clip, slug_patch):
+def test_save_patched_text_encoder(tmp_path, clip, slug_patch, capsys):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -216,6 +216,11 @@ def test_save_patched_text_encoder(tmp_path, clip, slug_patch):
     assert main(["apply", "--pipeline", str(tmp_path / "other"), "--patch", str(tmp_path / "patch"), "--out",
                  str(tmp_path / "nope")]) == 2
     assert not (tmp_path / "nope").exists()
+    for cmd in ("apply", "revert"):  # a missing folder said "is not a diffusers pipeline folder" (eleventh trial)
+        assert main([cmd, "--pipeline", str(tmp_path / "missing"), "--patch", str(tmp_path / "patch"), "--out",
+                     str(tmp_path / "nope")]) == 2
+        assert f"{tmp_path / 'missing'}: no such folder; pass a folder written by pipe.save_pretrained(DIR)" in \
+            capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA

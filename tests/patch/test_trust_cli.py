@@ -160,3 +160,17 @@ def test_the_wrote_line_escapes_a_newline_in_out(tmp_path, patch_dir, capsys):
         assert main(["apply", "--patch", str(patch_dir), "--checkpoint", str(ck), "--out", str(tmp_path / name)]) == 0
         line = [x for x in capsys.readouterr().out.splitlines() if "patch(es)" in x]
         assert line == [f"applied 1 patch(es); wrote {tmp_path / shown}"], line
+
+
+def test_a_folder_with_patches_below_it_names_them(tmp_path):
+    """`slug inspect runs/compare` said "no patch … (a run's is RUN/patch)": a compare run's is slug/patch (eleventh
+    trial). One patch below a folder is its patch; several are named."""
+    from slugkit.patch.format import resolve_patch_dir
+
+    for sub in ("joint/slug/patch", "sequential/slug/patch"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "patch.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"holds no patch but 2 below it: .*joint/slug/patch, "
+                                                r".*sequential/slug/patch"):
+        resolve_patch_dir(tmp_path)
+    assert resolve_patch_dir(tmp_path / "joint") == tmp_path / "joint" / "slug" / "patch"

@@ -77,13 +77,18 @@ def test_every_method_runs_the_protocol(tiny_canvas):
 
 def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsys):
     out = tmp_path / "lite"
-    rc = main(["canvas", "lite", "--methods", "uce", "--targets", "star", "--per-pair", "1", "--sampling-steps", "3",
-               "--canvas-model",
+    rc = main(["canvas", "lite", "--methods", "uce,esd", "--targets", "star", "--per-pair", "1", "--sampling-steps",
+               "3", "--esd-iterations", "2", "--salun-steps", "3", "--canvas-model",
                str(tiny_canvas), "--out", str(out), "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "canvas.json").read_text())
     assert rep["methods"]["uce"]["object"]["ua"] >= 0 and (out / "canvas.png").stat().st_size > 1000
-    assert "| uce | 1 (0) |" in (out / "canvas.md").read_text()
+    md = (out / "canvas.md").read_text()
+    assert "| uce | 1 (0) |" in md
+    # an override is said in canvas.md, for the methods that ran (it was in canvas.json only; eleventh trial)
+    assert rep["options"]["overridden"] == {"esd": {"iterations": 2}}
+    assert "**Settings changed on the command line** (the times and UA below are for these, not the defaults): " \
+           "esd iterations 2." in md
     assert main(["canvas", "lite", "--methods", "uce,sgd", "--out", str(tmp_path / "x")]) == 2  # names sgd
     assert main(["canvas", "lite", "--targets", "star", "--max-targets", "2", "--out", str(tmp_path / "x")]) == 2
     assert main(["canvas", "lite", "--targets", "cubism", "--out", str(tmp_path / "x")]) == 2
@@ -117,13 +122,22 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
         assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(bad), "--out",
                      str(tmp_path / "z")]) == 2, name
         assert msg in capsys.readouterr().err, name
-    for extra, msg in ((["--targets", ""], "--targets is empty"), (["--targets", ","], "--targets: empty"),
+    for extra, msg in ((["--targets", ""], "argument --targets: is empty"),
+                       (["--targets", ","], "argument --targets: is empty"),
                        (["--targets", "star,star"], "'star' is given twice"),
                        (["--methods", "uce,uce"], "'uce' is given twice"),
                        (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1 instead"),
-                       (["--methods", ""], "--methods is empty"), (["--methods", ","], "--methods: empty; choose from"),
-                       (["--methods", "slug", "--baseline-max-targets", "1"], "with SLUG alone among the methods")):
-        assert main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")]) == 2, extra
+                       (["--methods", ""], "argument --methods: is empty"),
+                       (["--methods", "slug", "--baseline-max-targets", "1"], "with SLUG alone among the methods"),
+                       # empty items ran (eleventh trial); a limit above --max-targets was accepted
+                       (["--targets", "star,"], "has an empty item"), (["--methods", "slug,,uce"], "has an empty item"),
+                       (["--max-targets", "1", "--baseline-max-targets", "3"],
+                        "--baseline-max-targets 3 limits nothing: the run's targets are 1 styles and 1 objects")):
+        try:
+            rc = main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")])
+        except SystemExit as e:  # refused by the parser
+            rc = e.code
+        assert rc == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert "DDIM 3 steps" in (out / "canvas.md").read_text()
 

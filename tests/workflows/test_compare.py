@@ -47,6 +47,8 @@ def test_compare_outputs(compare_run):
     slug = rep["methods"]["slug"]
     assert slug["storage_bytes"] == (out / "slug" / "patch" / "patch.safetensors").stat().st_size
     assert (out / "slug" / "result.json").is_file()
+    from slugkit.patch.format import resolve_patch_dir  # `slug inspect RUN` on a compare run (eleventh trial)
+    assert resolve_patch_dir(out) == out / "slug" / "patch"
     result = json.loads((out / "slug" / "result.json").read_text())
     assert slug["metrics"]["after"] == result["metrics"]["after"]  # the numbers of `slug unlearn`
     # time and CPU seconds of the run's own stages, every round and the neighbour projection (the CPU came from a
@@ -103,12 +105,17 @@ def test_compare_refuses_learning_rates_it_would_drop(compare_run, capsys):
         assert main(base + lr) == 2
         assert said in capsys.readouterr().err
     assert not Path(str(out) + "-lr").exists()
+    assert main(base + ["--methods", "ga", "--modes", "joint"]) == 2  # ran the single-concept comparison
+    assert "--modes applies to several concepts: add --concepts A,B" in capsys.readouterr().err
     from slugkit.cli.compare import lr_list
     assert lr_list("3e-4,1e-4") == [1e-4, 3e-4]
 
 
 def test_reaching_fa5_zero_says_what_was_broken_on_the_way():
-    from slugkit.report.compare import _with_damage
+    from slugkit.report.compare import DAMAGE_BUDGETS, _with_damage
+    from slugkit.workflows.verdict import Budgets
+
+    assert DAMAGE_BUDGETS == {k: getattr(Budgets(), k) for k in DAMAGE_BUDGETS}
 
     m = {"before": {"utility_top1": 0.99, "related_top1": 0.99}, "after": {"utility_top1": 0.03,
                                                                           "related_top1": 0.98}}

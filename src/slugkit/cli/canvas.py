@@ -12,12 +12,12 @@ status 0, or 2 for a usage or input error.
 from __future__ import annotations
 
 from ..common.text import printable
-from .args import COUNT, THREADS, refuse, split_list
+from .args import COUNT, THREADS, item_list, refuse, split_list
 
 
 def _check(a, grid) -> str | None:
     """The usage error of the shared options, or None."""
-    from ..workflows.canvas_lite import METHODS, baseline_limit_error
+    from ..workflows.canvas_lite import METHODS, baseline_limit_error, choose_targets, limit_does_nothing
 
     methods = split_list(a.methods)
     bad = [m for m in methods if m not in METHODS]
@@ -38,7 +38,8 @@ def _check(a, grid) -> str | None:
                 f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:
         return "--targets and --max-targets exclude each other"
-    return baseline_limit_error(methods, a.baseline_max_targets, "--baseline-max-targets")
+    return baseline_limit_error(methods, a.baseline_max_targets, "--baseline-max-targets") or limit_does_nothing(
+        choose_targets(targets or None, a.max_targets, grid), a.baseline_max_targets, grid, "--baseline-max-targets")
 
 
 def _run_and_write(a, run, prepare=None) -> int:
@@ -63,6 +64,8 @@ def _run_and_write(a, run, prepare=None) -> int:
             print(row_line(row), flush=True)
 
     report = run(line, state)
+    ran = split_list(a.methods)  # said in canvas.md too (eleventh trial); only for the methods that ran
+    report["options"]["overridden"] = {m: kv for m, kv in _settings(a).items() if m in ran}
     with run_folder(a.out, a.overwrite, marker="canvas.json") as stage:
         write_json(stage / "canvas.json", report)
         atomic_write_bytes(stage / "canvas.md", render_canvas(report).encode())
@@ -150,8 +153,10 @@ def cmd_canvas_run(a) -> int:
 
 
 def _shared(p, what: str) -> None:
-    p.add_argument("--methods", default="slug,esd,salun,uce", help="comma list (default slug,esd,salun,uce)")
-    p.add_argument("--targets", default=None, help=f"comma list of styles and/or objects (default: every {what})")
+    p.add_argument("--methods", type=item_list, default="slug,esd,salun,uce",
+                   help="comma list (default slug,esd,salun,uce)")
+    p.add_argument("--targets", type=item_list, default=None,
+                   help=f"comma list of styles and/or objects (default: every {what})")
     p.add_argument("--max-targets", type=COUNT, default=None, help="at most N styles and N objects")
     p.add_argument("--baseline-max-targets", type=COUNT, default=None,
                    help="the baselines on at most N of those styles and N objects (SLUG on all; default: all)")
@@ -188,8 +193,10 @@ def add_parsers(sub) -> None:
                           ".pth files: see the README) and optionally judges.json")
     run.add_argument("--data", required=True, help="the UnlearnCanvas dataset folder: DIR/{Style}/{Object}/{n}.jpg")
     _shared(run, "style (not Seed_Images) and object")
-    run.add_argument("--styles", default=None, help="a declared subset of the 51 style labels (default: all)")
-    run.add_argument("--objects", default=None, help="a declared subset of the 20 objects (default: all)")
+    run.add_argument("--styles", type=item_list, default=None,
+                     help="a declared subset of the 51 style labels (default: all)")
+    run.add_argument("--objects", type=item_list, default=None,
+                     help="a declared subset of the 20 objects (default: all)")
     run.add_argument("--seeds", default=None, help="answer-set seeds (default the official 188,288,588,688,888)")
     run.add_argument("--steps", type=COUNT, default=100, help="DDIM steps of every generated image (default 100)")
     run.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9.0)")

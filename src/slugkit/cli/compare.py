@@ -32,6 +32,8 @@ def cmd_compare(a) -> int:
     if msg:
         return refuse(msg)
     concepts = split_list(a.concepts) if a.concepts else []
+    if a.modes is not None and not concepts:  # it ran the single-concept comparison, silently (eleventh trial)
+        return refuse("--modes applies to several concepts: add --concepts A,B (or leave --modes out)")
     try:
         if a.forget or a.model != "embedded":
             concept = a.concept if a.concept is not None else " + ".join(concepts)
@@ -75,7 +77,7 @@ def cmd_compare(a) -> int:
                        device=a.device, seed=a.seed, threads=a.threads, overwrite=a.overwrite,
                        progress=not a.no_progress, unlearn=unlearn, mia_heldout_pairs=a.mia_heldout,
                        concepts=concepts if len(concepts) > 1 else [],
-                       modes=split_list(a.modes),
+                       modes=split_list(a.modes or "joint,sequential"),
                        lr_sweep=a.lr_sweep,
                        audit=_audit_opts(a, concepts))
     report = run_compare(cc)
@@ -116,8 +118,8 @@ def add_parsers(sub) -> None:
     cp.add_argument("--concepts", type=name_list, default=None,
                     help="A,B,...: several identities, unlearned jointly (one forget set) and sequentially (one step "
                          "per concept; SLUG chains patches)")
-    cp.add_argument("--modes", type=item_list, default="joint,sequential",
-                    help="with --concepts: joint, sequential or both")
+    cp.add_argument("--modes", type=item_list, default=None,
+                    help="with --concepts: joint, sequential or both (default both)")
     cp.add_argument("--methods", type=item_list, default="slug,ft,ga,gaft,salun,ssd",
                     help="comma list of slug, ft, ga, gaft, salun, salun-rl, ssd, ssd-cumulative")
     cp.add_argument("--epochs", type=COUNT, default=None, help="epochs of the iterative baselines (default: each "

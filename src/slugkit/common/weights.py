@@ -31,6 +31,13 @@ class WeightsFileError(ValueError):
     """A weights file is not a readable safetensors file (pickle, LFS pointer, truncated, other format)."""
 
 
+def _converted(path: Path) -> Path:
+    """Where the conversion the pickle error suggests should write: never over the input (a pickle named
+    ``x.safetensors`` was told to save to itself; its lines printed a literal ``\\n``: eleventh trial)."""
+    out = path.with_suffix(".safetensors")
+    return out if out != path else path.with_name(path.stem + ".converted.safetensors")
+
+
 def safetensors_header(path: str | os.PathLike) -> dict | None:
     """The parsed JSON header of ``path`` if it is a structurally valid safetensors file (header length within the
     file, JSON object, every tensor's byte range inside the data section and matching its dtype and shape), else
@@ -92,11 +99,10 @@ def check_weights_file(path: str | os.PathLike, what: str = "weights file") -> d
     if start[:4] == b"PK\x03\x04" or (start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise WeightsFileError(
             f"{path}: is a pickle checkpoint (torch.save), not safetensors. slugkit never unpickles files, because "
-            f"unpickling can run arbitrary code. If you trust this file, convert it yourself, e.g.\n"
-            f"    import torch, safetensors.torch\n"
-            f"    sd = torch.load({str(path)!r}, map_location='cpu', weights_only=True)\n"
-            f"    safetensors.torch.save_file(sd, {str(path.with_suffix('.safetensors'))!r})\n"
-            f"(unwrap a nested 'state_dict' key first if there is one), and pass the .safetensors file instead.")
+            f"unpickling can run arbitrary code. If you trust this file, convert it yourself, e.g. `python -c "
+            f"\"import torch, safetensors.torch; sd = torch.load({str(path)!r}, map_location='cpu', "
+            f"weights_only=True); safetensors.torch.save_file(sd, {str(_converted(path))!r})\"` (unwrap a nested "
+            f"'state_dict' key first if there is one), and pass the .safetensors file instead.")
     if not start:
         raise WeightsFileError(f"{path}: is empty; the {what} was not written completely")
     raise WeightsFileError(f"{path}: is not a safetensors file (its header does not parse or its tensors do not fit "

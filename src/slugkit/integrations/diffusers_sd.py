@@ -280,6 +280,8 @@ def _folder_encoder(src_dir: Path, patch: Patch, encoder: str | None) -> str:
     fits the patch's shapes (text width in every tensor's shape, layer indices below its layer count)."""
     import json as _json
 
+    if not src_dir.is_dir():  # "no such folder; pass a folder written by …", as `slug export` says (eleventh trial)
+        check_pipeline_folder(src_dir)
     present = [e for e in ENCODERS if (src_dir / e / "config.json").is_file()]
     if encoder is not None:
         if encoder not in present:

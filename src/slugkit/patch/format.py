@@ -29,13 +29,9 @@ _SHA_PREFIX = 12  # hex digits shown in error messages
 _SEALS = ("safetensors_sha256", "fingerprint")  # patch.json fields that check the rest (not part of Patch.meta)
 
 # Dtypes safetensors can store, by the name we write in patch.json (``str(dtype)`` without ``torch.``).
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    )
-}
+_DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool)}
 for _name in ("float8_e4m3fn", "float8_e5m2"):
     if hasattr(torch, _name):
         _DTYPES[_name] = getattr(torch, _name)
@@ -279,7 +275,11 @@ def resolve_patch_dir(path: str | os.PathLike) -> Path:
     if p.is_dir():
         if not (p / PATCH_JSON).exists() and (p / "patch" / PATCH_JSON).is_file():
             return p / "patch"  # a run folder: its patch
-        return p
+        nested = [] if (p / PATCH_JSON).exists() else sorted(  # a compare run: slug/patch, joint/slug/patch, …
+            q.parent for pat in ("*/patch/", "*/*/patch/") for q in p.glob(pat + PATCH_JSON))
+        if len(nested) > 1:
+            raise FileNotFoundError(f"{p} holds no patch but {len(nested)} below it: {', '.join(map(str, nested))}")
+        return nested[0] if nested else p
     if p.name in (PATCH_JSON, PATCH_SAFETENSORS) and p.parent.is_dir():
         return p.parent
     what = f"a patch is a folder holding {PATCH_JSON} and {PATCH_SAFETENSORS} (a run's is RUN/patch)"
@@ -297,8 +297,7 @@ def resolve_patch_dir(path: str | os.PathLike) -> Path:
 
 
 def _format_error(file: Path, msg: str, tensor: str | None = None) -> PatchFormatError:
-    where = f"{file}" + (f", tensor {tensor!r}" if tensor else "")
-    return PatchFormatError(f"{where}: {msg}")
+    return PatchFormatError(f"{file}" + (f", tensor {tensor!r}" if tensor else "") + f": {msg}")
 
 
 def _validate_json(doc: Any, jf: Path) -> dict:

@@ -23,6 +23,17 @@ def _bytes(n) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
+def _overrides(o: dict) -> str:
+    """``"esd iterations 100, salun steps 10"``: the settings given on the command line (``options.overridden``;
+    they were in canvas.json only: eleventh trial)."""
+    return ", ".join(f"{m} {k} {v}" for m, kv in sorted((o.get("overridden") or {}).items()) for k, v in kv.items())
+
+
+def _changed(o: dict, method: str) -> str:
+    kv = (o.get("overridden") or {}).get(method)
+    return f" — at {', '.join(f'{k} {v}' for k, v in kv.items())}, not the default" if kv else ""
+
+
 def render_canvas(report: dict) -> str:
     """Markdown: the method table (style UA/IRA/CRA, object UA/IRA/CRA in %, time, peak memory, storage), the
     worst target per method and domain, the cost ratios against SLUG, then every row."""
@@ -43,6 +54,8 @@ def render_canvas(report: dict) -> str:
                 "DDIM 100, guidance 9.0)." if o.get("declared_subset") else "."), "",
              "Storage: the changed tensors (float32) / the checkpoint as UnlearnCanvas stores it (the whole edited "
              "UNet; SLUG's is its patch).", "",
+             *([f"**Settings changed on the command line** (the times and UA below are for these, not the defaults): "
+                f"{_overrides(o)}.", ""] if o.get("overridden") else []),
              "| method | targets (refused) | style UA | style IRA | style CRA | object UA | object IRA | object CRA "
              "| time (s, mean) | slowest (s) | peak memory | storage (changed / checkpoint) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -80,7 +93,8 @@ def render_canvas(report: dict) -> str:
                       "0.04 GB):", ""]
         for m, r in ratios.items():
             lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of SLUG's (checkpoint against "
-                         f"patch, the paper's comparison; changed tensors only: × {r['storage_minimal']:.3g})")
+                         f"patch, the paper's comparison; changed tensors only: × {r['storage_minimal']:.3g})"
+                         + _changed(o, m))
     elif "slug" in report["methods"] and any(m != "slug" for m in report["methods"]):
         lines += ["", "No cost ratios against SLUG: every SLUG search on the baselines' targets was refused, so there "
                       "is no SLUG edit to compare with (its search times are in the table above)."]

@@ -111,17 +111,18 @@ def reaching_fa5_zero(report: dict) -> list[str]:
     return [k for k, e in report["methods"].items() if e["metrics"]["after"]["forget_top5"] == 0]
 
 
+DAMAGE_BUDGETS = {"utility_drop": 0.02, "related_drop": 0.05}  # the verdict's defaults (Budgets; a test keeps them so)
+
+
 def _with_damage(report: dict, names: list[str]) -> list[str]:
     """Each name, with what it broke beyond the verdict's default budgets (utility 0.02, other identities 0.05): a
     GA at lr 1 "reached FA@5 = 0" at utility 3 % (eleventh trial)."""
-    from ..workflows.verdict import Budgets
-
-    b, out = Budgets(), []
+    out = []
     for k in names:
         m = report["methods"][k]["metrics"]
         worse = [f"{label} {m['before'][key]:.2f} → {m['after'][key]:.2f}"
-                 for key, label, budget in (("utility_top1", "utility", b.utility_drop),
-                                            ("related_top1", "other identities", b.related_drop))
+                 for key, label, budget in (("utility_top1", "utility", DAMAGE_BUDGETS["utility_drop"]),
+                                            ("related_top1", "other identities", DAMAGE_BUDGETS["related_drop"]))
                  if m["before"].get(key) is not None and m["after"].get(key) is not None
                  and m["before"][key] - m["after"][key] > budget + 1e-6]
         out.append(k + (f" (but {', '.join(worse)})" if worse else ""))

@@ -227,6 +227,16 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
     return report
 
 
+def limit_does_nothing(chosen: list[str], k: int | None, grid, flag: str = "baseline_max_targets") -> str | None:
+    """Why a ``baseline_max_targets`` of ``k`` limits nothing among the ``chosen`` targets (None when it does): it
+    was accepted silently above --max-targets (eleventh trial)."""
+    n = [sum(grid.domain_of(t) == d for t in chosen) for d in ("style", "object")]
+    if k is None or k < max(n):
+        return None
+    return (f"{flag} {k} limits nothing: the run's targets are {n[0]} styles and {n[1]} objects; leave it out, or "
+            f"give fewer than {max(n)}")
+
+
 def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None = None,
                  max_targets: int | None = None, per_pair: int = 2, seed: int = 0, progress: bool = True,
                  on_row=None, settings: dict | None = None, baseline_max_targets: int | None = None) -> dict:
@@ -250,6 +260,9 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
         raise ValueError(why)
     grid = ctx.grid
     chosen = choose_targets(targets, max_targets, grid)
+    why = limit_does_nothing(chosen, baseline_max_targets, grid)
+    if why:
+        raise ValueError(why)
     k = baseline_max_targets
     baseline = ([t for t in chosen if grid.domain_of(t) == "style"][:k] +
                 [t for t in chosen if grid.domain_of(t) == "object"][:k]) if k is not None else chosen
