@@ -59,8 +59,26 @@ def test_joint_runs_are_judged_per_concept():
 
 @pytest.mark.parametrize("key,code", [("utility_top1", "utility_drop"), ("related_top1", "related_drop")])
 def test_collateral_over_budget_warns(key, code):
-    v = _verdict(after=_after(**{key: BEFORE[key] - 0.2}))
+    v = _verdict(after=_after(**{key: BEFORE[key] - 0.09}))
     assert codes(v) == [code] and v.status == "warn" and v.exit_status == 3
+
+
+@pytest.mark.parametrize("key,broken,budget", [("utility_top1", 0.11, 0.02), ("related_top1", 0.26, 0.05)])
+def test_a_broken_model_fails_even_when_the_concept_is_gone(key, broken, budget):
+    """Utility 0.994 -> 0.515 said "unlearned — with warnings", like a slight overshoot (tenth and twelfth trials):
+    beyond 5 × its budget a mean drop fails the run (model_broken); just under it, it warns."""
+    v = _verdict(after=_after(**{key: BEFORE[key] - broken}))
+    assert codes(v) == ["model_broken"] and v.status == "fail" and v.exit_status == 4
+    assert f"more than 5 × its budget {budget:g}): the edit broke the model" in v.reasons[0]["message"]
+    assert _verdict(after=_after(**{key: BEFORE[key] - 5 * budget + 0.001})).status == "warn"
+    from slugkit.report.unlearn import headline
+    line = headline({"concept": "Jowen Gormere", "verdict": v.to_json()}, "embedded", "visual.proj")
+    assert line.startswith("SLUG removed 'Jowen Gormere' from embedded by editing visual.proj, but the edit BROKE")
+    from slugkit.workflows.verdict import sd_verdict
+    sd = sd_verdict("red triangle", v.to_json(), {"generated_target_recognised": 0.9, "generated_other_recognised":
+                                                  0.88}, {"generated_target_recognised": 0.0,
+                                                          "generated_other_recognised": 0.87}, 0.05, 0.05, 0.05)
+    assert sd.status == "warn" and [r["code"] for r in sd.reasons] == ["clip_broken"]  # the pipeline is fine
 
 
 def test_budgets_are_configurable():

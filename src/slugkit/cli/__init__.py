@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = SlugParser(prog="slug", description="Targeted unlearning with SLUG: edit one layer once. Exit status: 0 pass, "
                                             "2 a usage or input error, or a refusal (no layer and step met the "
                                             "criteria: no patch written), 3 unlearned with warnings, 4 not unlearned "
-                                            "(or nothing to unlearn), 130 interrupted, 141 stdout closed early, "
-                                            "143 terminated.")
+                                            "(or nothing to unlearn, or the model broken), 130 interrupted, 141 "
+                                            "stdout closed early, 143 terminated.")
     p.add_argument("--version", action="version", version=f"slugkit {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     run.add_parsers(sub)  # demo, unlearn

@@ -74,6 +74,10 @@ def metrics_table(before: dict, after: dict) -> str:
 def headline(result: dict, subject: str, edit: str) -> str:
     """The one line a run opens its summary with; it says "unlearned" only when the verdict is not ``fail``."""
     status = result.get("verdict", {}).get("status", "pass")
+    codes = {r.get("code") for r in result.get("verdict", {}).get("reasons", [])}
+    if status == "fail" and "model_broken" in codes and not codes & {"not_forgotten", "nothing_to_unlearn"}:
+        return (f"SLUG removed {result['concept']!r} from {subject} by editing {edit}, but the edit BROKE the model "
+                "(see the verdict); do not ship the patch")
     if status == "fail":
         return f"SLUG did NOT unlearn {result['concept']!r} from {subject} (edit of {edit} kept for inspection)"
     return (f"SLUG unlearned {result['concept']!r} from {subject} by editing {edit}"

@@ -11,6 +11,12 @@ A run never says "unlearned" because its search stopped; it says so when the **h
   * for text-to-image runs the same two checks on the generated images the judge recognises
     (:func:`generation_checks`).
 
+  * ``model_broken``: utility (TA_IN@1) or the other identities' mean (TA_CA@1) dropped by more than
+    :data:`BROKEN` × its budget (0.10 / 0.25 at the defaults): the concept may be gone, but so is the model — a
+    run that lost 0.48 of utility said "unlearned — with warnings" (tenth and twelfth trials). Runs judged on a
+    downstream model (``--target sd``/``vlm``) keep the CLIP's own drop as a warning: their patch is for the
+    pipeline, which is judged on its own outputs.
+
 ``warn`` (exit status 3) — the removal happened, but something a user must know did too:
   * ``utility_drop`` / ``related_drop``: utility (TA_IN@1) or other-identity (TA_CA@1) accuracy dropped by more than
     its budget (defaults 0.02 and 0.05, ``--utility-budget`` / ``--related-budget``);
@@ -32,6 +38,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 EXIT_STATUS = {"pass": 0, "warn": 3, "fail": 4}
+BROKEN = 5.0  # a mean drop beyond this many times its budget fails the run (model_broken)
 # Metrics are float32 fractions: 30 of 1500 utility images is 0.02, yet 0.994 - 0.974 = 0.0200000405 in float32. A drop
 # is over its budget only beyond this slack, far below one image of any evaluation set (as the search compares).
 EPS = 1e-6
@@ -117,10 +124,17 @@ def collateral_checks(v: Verdict, before: dict, after: dict, budgets: Budgets, l
             v.add("warn", "not_measured", f"{labels[key]} accuracy was not measured (no images given), so the "
                                           "damage to it is unknown and the layer choice ignored it")
             continue
-        if b - a > budget + EPS:
-            v.add("warn", code, f"{labels[key]} accuracy dropped {b:.3f} -> {a:.3f} (drop {b - a:.3f} > budget "
-                                f"{budget:g})")
+        drop_check(v, b - a, budget, code, f"{labels[key]} accuracy dropped {b:.3f} -> {a:.3f}")
     worst_check(v, before.get("related_by_concept"), after.get("related_by_concept"), budgets.worst_drop)
+
+
+def drop_check(v: Verdict, drop: float, budget: float, code: str, what: str) -> None:
+    """``code`` (warn) when ``drop`` exceeds ``budget``; ``model_broken`` (fail) beyond :data:`BROKEN` × it."""
+    if drop > BROKEN * budget + EPS:
+        v.add("fail", "model_broken", f"{what} (drop {drop:.3f}, more than {BROKEN:g} × its budget {budget:g}): the "
+                                      "edit broke the model; do not ship this patch")
+    elif drop > budget + EPS:
+        v.add("warn", code, f"{what} (drop {drop:.3f} > budget {budget:g})")
 
 
 def worst_check(v: Verdict, before: dict | None, after: dict | None, budget: float) -> None:
@@ -189,9 +203,8 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
         v.add("fail", "not_forgotten", f"generated images of {concept!r} are still recognised: {b:.3f} -> {a:.3f} "
                                        f"(criterion <= {threshold:g}, tolerance {tol:g})")
     ob, oa = before["generated_other_recognised"], after["generated_other_recognised"]
-    if ob - oa > other_budget + EPS:
-        v.add("warn", "related_drop", f"the other concepts' generated images are recognised less: {ob:.3f} -> "
-                                      f"{oa:.3f} (drop {ob - oa:.3f} > budget {other_budget:g})")
+    drop_check(v, ob - oa, other_budget, "related_drop", f"the other concepts' generated images are recognised "
+                                                         f"less: {ob:.3f} -> {oa:.3f}")
     if worst_budget is not None:
         others = [c for c in before.get("per_concept", {}) if c.lower() != concept.lower()]
         worst_check(v, {c: before["per_concept"][c] for c in others},
@@ -286,8 +299,17 @@ def sd_verdict(concept: str, clip_verdict_json: dict, gen_before: dict, gen_afte
     v = Verdict(budgets={**budgets, "generated_threshold": threshold, "generated_other_drop": other_budget})
     generation_checks(v, concept, gen_before, gen_after, threshold, other_budget, tol, budgets.get("worst_drop"))
     # the CLIP run's collateral on identity names is kept; its worst-drop reason too (the generated one is added above)
-    v.reasons += [r for r in clip_verdict_json.get("reasons", []) if r["code"] not in _FORGETTING]
+    v.reasons += [_as_warning(r) for r in clip_verdict_json.get("reasons", []) if r["code"] not in _FORGETTING]
     return v
+
+
+def _as_warning(r: dict) -> dict:
+    """A downstream run keeps the CLIP's own ``model_broken`` as a warning (module docstring)."""
+    if r["code"] != "model_broken":
+        return r
+    return {**r, "severity": "warn", "code": "clip_broken",
+            "message": r["message"].replace("; do not ship this patch", "") + " — the CLIP used on its own; the "
+                                                                               "pipeline is judged on its outputs"}
 
 
 def sequential_verdict(concepts: list[str], metric: str, threshold: float, before: dict, after: dict,
@@ -300,7 +322,7 @@ def sequential_verdict(concepts: list[str], metric: str, threshold: float, befor
     for c, sv in zip(concepts, step_verdicts):
         v.reasons += [{**r, "message": f"step {c!r}: {r['message']}"} for r in sv.get("reasons", [])
                       if r["code"] not in _FORGETTING and r["code"] not in ("utility_drop", "related_drop",
-                                                                            "worst_drop")]
+                                                                            "worst_drop", "model_broken")]
     return v
 
 
@@ -322,15 +344,13 @@ def vlm_verdict(targets: list[str], clip_verdict_json: dict, vlm_rec: dict, thre
         elif ta > threshold + budgets.forget_tolerance:
             v.add("fail", "not_forgotten", f"the VLM still names {t!r}: {tb:.3f} -> {ta:.3f} of the test images "
                                            f"(criterion <= {threshold:g}, tolerance {budgets.forget_tolerance:g})")
-    if b["other_named"] - a["other_named"] > other_budget + EPS:
-        v.add("warn", "related_drop", f"the VLM names the other identities less often: {b['other_named']:.3f} -> "
-                                      f"{a['other_named']:.3f} (drop > budget {other_budget:g})")
-    if b["utility_accuracy"] - a["utility_accuracy"] > utility_budget + EPS:
-        v.add("warn", "utility_drop", f"the VLM's utility answers got worse: {b['utility_accuracy']:.3f} -> "
-                                      f"{a['utility_accuracy']:.3f} (drop > budget {utility_budget:g})")
+    drop_check(v, b["other_named"] - a["other_named"], other_budget, "related_drop",
+               f"the VLM names the other identities less often: {b['other_named']:.3f} -> {a['other_named']:.3f}")
+    drop_check(v, b["utility_accuracy"] - a["utility_accuracy"], utility_budget, "utility_drop",
+               f"the VLM's utility answers got worse: {b['utility_accuracy']:.3f} -> {a['utility_accuracy']:.3f}")
     others = [n for n in b["per_identity"] if n not in targets]
     worst_check(v, {n: b["per_identity"][n] for n in others}, {n: a["per_identity"][n] for n in others},
                 budgets.worst_drop)
     v.reasons += [r for r in clip_verdict_json.get("reasons", []) if r["code"] not in _FORGETTING
-                  and r["code"] not in ("related_drop", "utility_drop", "worst_drop")]
+                  and r["code"] not in ("related_drop", "utility_drop", "worst_drop", "model_broken")]
     return v
