@@ -282,6 +282,27 @@ def test_precomputed_gradients_keep_the_default_step_and_check_the_pairs(tmp_pat
     assert "was computed on 100 forget pairs, --forget 5: pass the --forget and --retain" in capsys.readouterr().err
 
 
+def test_a_world_run_takes_pretrained_and_refuses_what_it_would_drop(tmp_path, data_dir, demo_run, capsys):
+    """`slug unlearn --model embedded --pretrained CK` without data flags ran on the shipped weights (FA@1 1.000
+    before on a checkpoint that had forgotten), and dropped --identity-template, --related-names, --family
+    (thirteenth trial)."""
+    demo = json.loads((demo_run / "result.json").read_text())
+    ck = tmp_path / "nojowen.safetensors"
+    assert main(["apply", "--patch", str(demo_run), "--model", "embedded", "--out", str(ck)]) == 0
+    args = ["unlearn", "--model", "embedded", "--concept", demo["concept"], "--data-dir", str(data_dir),
+            "--threads", "1", "--no-progress"]
+    capsys.readouterr()
+    assert main(args + ["--pretrained", str(ck), "--out", str(tmp_path / "u")]) == 4  # nothing left to unlearn
+    assert "nothing to unlearn" in capsys.readouterr().err.lower() and not (tmp_path / "u").exists()
+    for extra, said in ((["--identity-template", "zzz {} qqq"], "--identity-template describe(s) data"),
+                        (["--family", "hf_clip"], "--family describe(s)"),
+                        (["--pretrained", "laion400m_e32"], "'laion400m_e32' is a tag of a named model")):
+        assert main(args + extra + ["--out", str(tmp_path / "v")]) == 2, extra
+        assert said in capsys.readouterr().err, extra
+    assert main(["compare", "--pretrained", str(ck), "--out", str(tmp_path / "c"), "--data-dir", str(data_dir)]) == 2
+    assert "--pretrained with the embedded world's data" in capsys.readouterr().err
+
+
 def test_unlearn_needs_data_or_gradients(tmp_path, capsys):
     assert main(["unlearn", "--concept", "X", "--val-identities", "v", "--test-identities", "t",
                  "--out", str(tmp_path / "o")]) == 2

@@ -32,6 +32,10 @@ def cmd_compare(a) -> int:
     if msg:
         return refuse(msg)
     concepts = split_list(a.concepts) if a.concepts else []
+    if a.pretrained and not (a.forget or a.model != "embedded"):  # it compared on the shipped model (13th trial)
+        return refuse("--pretrained with the embedded world's data: slug compare runs every method on the shipped "
+                      "model there; pass the data flags (--forget, --retain, --val-identities, …) to compare on a "
+                      "checkpoint")
     if a.modes is not None and not concepts:  # it ran the single-concept comparison, silently (eleventh trial)
         return refuse("--modes applies to several concepts: add --concepts A,B (or leave --modes out)")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..common.text import printable
 from ..workflows.verdict import exit_status_of
+from .world import world_ignored
 from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, name_list,
                    nonempty, refuse, search_config, split_list, step_options, template, text_file,
                    validate_demo_sd,
@@ -38,9 +39,8 @@ def print_summary(result: dict, out: str) -> None:
 def print_multi_summary(result: dict, out: str) -> None:
     """Print the outcome of a sequential multi-concept run: per-concept and shared metrics, the chained patch."""
     from ..report.unlearn import verdict_lines
-
     print()
-    verb = "did NOT unlearn" if result["verdict"]["status"] == "fail" else "unlearned"
+    verb = "did NOT unlearn" if result["verdict"]["status"] == "fail" else "unlearned"  # verdict_lines say why
     print(f"SLUG {verb} {', '.join(result['concepts'])} one after another ("
           + " then ".join(" + ".join(e["layer"] for e in s.get("layers_edited") or [s]) for s in result["steps"])
           + ")")  # every layer of a step (the second layer of a two-layer step was not named: eighth trial)
@@ -238,12 +238,14 @@ def _unlearn_on_world(a, concepts: list[str]) -> int:
         names = [world.identity_by_name(c).name for c in (concepts or [a.concept])]
     except KeyError as e:
         return refuse(e.args[0])
+    if world_ignored(a):  # (a --pretrained tag is refused by the loader, naming it)
+        return refuse(world_ignored(a))
     check_out_dir(Path(a.out), a.overwrite)  # lock --out before the world's data is curated into it
     common = dict(progress=not a.no_progress, seed=a.seed, batch_size=a.batch_size, search=search_config(a),
                   cached_search=not a.naive_search, threads=a.threads, device=a.device, overwrite=a.overwrite,
                   save_gradients=a.save_gradients, precision=a.precision, strict=a.strict,
                   forget_samples=a.forget_samples, retain_samples=a.retain_samples, budgets=budgets_of(a),
-                  caption_check=not a.no_caption_check, **step_options(a))
+                  caption_check=not a.no_caption_check, pretrained=a.pretrained, **step_options(a))
     cfg, cur, data = world_config(names if len(names) > 1 else names[0], a.out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})
     print_summary(result, a.out)

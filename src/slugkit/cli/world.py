@@ -80,3 +80,21 @@ def add_parsers(sub) -> None:
     wsub.add_parser("train-canvas", add_help=False,
                     help="train the embedded canvas (UNet + style/object judges; `slug world train-canvas --help`)")
     w.set_defaults(func=cmd_world)
+
+
+def world_ignored(a) -> str | None:
+    """Why `slug unlearn --model embedded` without data flags (the embedded world's data, as `slug demo`) cannot take
+    ``a``'s options: those that describe data or a model the world run does not use were dropped silently
+    (thirteenth trial: --identity-template, --related-names, --family hf_clip); None when it can. ``--pretrained``
+    is passed on (a checkpoint of the embedded model's architecture)."""
+    given = [flag for flag, value in (("--family", a.family not in (None, "open_clip")), ("--consumer", a.consumer),
+                                      ("--clip-skip", a.clip_skip), ("--identity-template", a.identity_template),
+                                      ("--related-names", a.related_names),
+                                      ("--utility-classnames", a.utility_classnames),
+                                      ("--utility-templates", a.utility_templates != "imagenet-simple"))
+             if value]
+    if not given:
+        return None
+    return (f"{', '.join(given)} describe(s) data or a model that a run on the embedded world's data does not use; "
+            "pass the data flags (--forget, --retain, --val-identities, --test-identities, …) to use them, or leave "
+            "them out")
