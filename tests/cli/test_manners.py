@@ -305,7 +305,7 @@ def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, cap
 
     base = {"w": torch.ones(3)}
     save_patch(make_patch(base, {"w": base["w"] * 2}, base_model="toy", adapter="t", concept="A",
-                          extra={"verdict": "fail"}), tmp_path / "patch")
+                          extra={"verdict": "fail", "verdict_codes": ["model_broken"]}), tmp_path / "patch")
     rec = {"probe": "relearn", "status": "pass", "gating": True, "rows": [],
            "summary": "n=5: concept back to 0.5 after 8 steps",
            "graded": {"name": "speed-up of relearning over learning the controls", "value": 0.888, "pass_at": 1.5,
@@ -318,10 +318,11 @@ def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, cap
     out = capsys.readouterr().out
     assert ("after 8 steps; graded on the speed-up of relearning over learning the controls: 0.89 (pass ≤ 1.5, "
             "fail > 3)") in out
-    assert "note: the run that made this patch had verdict fail" in out
+    assert "note: the run that made this patch had verdict fail (the edit broke the model: utility" in out
     # and the saved audit says it too (the terminal did, audit.md / audit.json opened with a plain pass: tenth trial)
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["patch_run_verdict"] == "fail"
-    assert "**Note: the run that made this patch had verdict fail**" in (tmp_path / "audit" / "audit.md").read_text()
+    assert "**Note: the run that made this patch had verdict fail** (the edit broke the model" in \
+        (tmp_path / "audit" / "audit.md").read_text()
 
 
 @pytest.mark.parametrize("flag", ["--utility-classnames", "--names", "--related-names", "--utility-templates"])

@@ -637,5 +637,10 @@ def test_describe_shows_the_verdict_and_rounded_numbers():
     p = make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept="A", step_size=2.1936208891788933,
                    metrics={"after": {"forget_top5": 0.03999999910593033}}, extra={"verdict": "fail"})
     lines = describe(p).splitlines()
-    assert "  verdict:    fail (of the run that made it; see its result.json)" in lines
+    # why it failed: "not forgotten" was said of a run whose model broke (thirteenth trial); an old patch: both
+    assert ("  verdict:    fail (of the run that made it; see its result.json): the concept was not forgotten on its "
+            "test images, or the edit broke the model") in lines
+    p.meta["extra"]["verdict_codes"] = ["model_broken"]
+    assert ("  verdict:    fail (of the run that made it; see its result.json): the edit broke the model: utility or "
+            "the other concepts lost more than 5 × their budget") in describe(p).splitlines()
     assert "  step size:  2.19362" in lines and "    after: {'forget_top5': 0.04}" in lines

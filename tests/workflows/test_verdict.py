@@ -69,7 +69,10 @@ def test_a_broken_model_fails_even_when_the_concept_is_gone(key, broken, budget)
     beyond 5 × its budget a mean drop fails the run (model_broken); just under it, it warns."""
     v = _verdict(after=_after(**{key: BEFORE[key] - broken}))
     assert codes(v) == ["model_broken"] and v.status == "fail" and v.exit_status == 4
-    assert f"more than 5 × its budget {budget:g}): the edit broke the model" in v.reasons[0]["message"]
+    assert f"more than {5 * budget:g} = 5 × the budget): the edit broke the model" in v.reasons[0]["message"]
+    zero = Budgets(**{"utility_top1": {"utility_drop": 0.0}, "related_top1": {"related_drop": 0.0}}[key])
+    assert codes(_verdict(after=_after(**{key: BEFORE[key] - 0.002}), budgets=zero)) == [  # a warning, not broken
+        "utility_drop" if key == "utility_top1" else "related_drop"]
     assert _verdict(after=_after(**{key: BEFORE[key] - 5 * budget + 0.001})).status == "warn"
     from slugkit.report.unlearn import headline
     line = headline({"concept": "Jowen Gormere", "verdict": v.to_json()}, "embedded", "visual.proj")
@@ -209,7 +212,12 @@ def test_one_broken_look_alike_warns_although_the_mean_is_fine():
     v = _verdict(before, after)
     assert codes(v) == ["worst_drop"] and v.exit_status == 3
     assert "'look-alike' dropped 0.700" in v.reasons[0]["message"]
+    assert "although the mean over the others may look small" in v.reasons[0]["message"]
     assert codes(_verdict(before, after, budgets=Budgets(worst_drop=0.7))) == []
+    per_a = {f"id{i}": 0.6 for i in range(19)} | {"look-alike": 0.3}  # the mean fell too: not "may look small"
+    v = _verdict(before, _after(related_top1=0.6, related_by_concept=per_a))
+    worst = next(r["message"] for r in v.reasons if r["code"] == "worst_drop")
+    assert "the mean over the others dropped 0.415 too" in worst and "look small" not in worst
     with pytest.raises(ValueError, match="worst_drop"):
         Budgets(worst_drop=1.2)
 

@@ -49,9 +49,9 @@ def audit_markdown(result: dict) -> str:
              f"{', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
              f"Time: {result['seconds']:.0f} s."
              + (f" Not run (--probes): {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
-             *(["**Note: the run that made this patch had verdict fail** (the concept was not forgotten on its test "
-                "images; see its result.json): this audit tests how well the removal holds, not whether it "
-                "happened.", ""] if result.get("patch_run_verdict") == "fail" else []),
+             *([f"**Note: the run that made this patch had verdict fail** ({_why(result)}; see its result.json): "
+                "this audit tests how well the removal holds, not whether it happened.", ""]
+               if result.get("patch_run_verdict") == "fail" else []),
              "| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
              "|---|---|---|---|---|---|"]
     for rec in result["probes"]:
@@ -117,3 +117,8 @@ def audit_markdown(result: dict) -> str:
                          f"(worst {_f(rec['after']['others_worst'])}). What a high value means: {EXPLANATION}.")
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _why(result: dict) -> str:
+    return (result.get("patch_run_why")
+            or "the concept was not forgotten on its test images, or the edit broke the model")

@@ -124,9 +124,10 @@ def _audit_patch(patch_path, model, concept, pretrained, family, data, controls,
     return run_audit(before, after, data, meta=meta, **kw)
 
 
-def _run_verdict(patch: str | None) -> str | None:
-    """``extra.verdict`` of the run that made the patch at ``patch`` (its ``patch.json``; None when unknown): the saved
-    audit of a failed run's patch read as a plain pass (tenth trial)."""
+def _run_verdict(patch: str | None) -> dict:
+    """``{"patch_run_verdict": extra.verdict, "patch_run_why": why it failed}`` of the run that made the patch at
+    ``patch`` (its ``patch.json``; the verdict None when unknown): the saved audit of a failed run's patch read as a
+    plain pass (tenth trial)."""
     import json
 
     from ..patch.format import resolve_patch_dir
@@ -134,9 +135,14 @@ def _run_verdict(patch: str | None) -> str | None:
     try:
         doc = json.loads((resolve_patch_dir(patch) / "patch.json").read_text(encoding="utf-8")) if patch else {}
     except (OSError, ValueError):
-        return None
+        return {"patch_run_verdict": None}
     extra = doc.get("extra") if isinstance(doc, dict) else None
-    return extra.get("verdict") if isinstance(extra, dict) else None
+    if not isinstance(extra, dict):
+        return {"patch_run_verdict": None}
+    from ..patch.summary import failed_because
+
+    return {"patch_run_verdict": extra.get("verdict"),
+            **({"patch_run_why": failed_because(extra)} if extra.get("verdict") == "fail" else {})}
 
 
 def write_audit(result: dict, out: str | Path) -> None:
@@ -146,7 +152,8 @@ def write_audit(result: dict, out: str | Path) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result.setdefault("patch_run_verdict", _run_verdict(result.get("patch")))
+    if "patch_run_verdict" not in result:
+        result.update(_run_verdict(result.get("patch")))
     md = audit_markdown(result)
     write_json(out / AUDIT_JSON, result)
     atomic_write_bytes(out / AUDIT_MD, md.encode())

@@ -158,8 +158,8 @@ def _print_audit(result: dict, out: Path) -> int:
 
     print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}")
     if result.get("patch_run_verdict") == "fail":  # a plain "pass" read as all good (set by write_audit)
-        print("  note: the run that made this patch had verdict fail (the concept was not forgotten on its test "
-              "images; see its result.json): the audit tests how well the removal holds, not whether it happened")
+        print(f"  note: the run that made this patch had verdict fail ({result.get('patch_run_why') or 'see below'}; "
+              "see its result.json): the audit tests how well the removal holds, not whether it happened")
     for rec in result["probes"]:
         gate = "" if rec.get("gating") else " (not gating)"
         g = rec.get("graded") if isinstance(rec.get("graded"), dict) else None

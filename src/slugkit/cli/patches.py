@@ -74,8 +74,10 @@ def cmd_apply(a, revert: bool = False) -> int:
                           "choose a path outside it")
     for path, p in zip(a.patch, patches):
         if not revert and (p.meta.get("extra") or {}).get("verdict") == "fail":
-            print(f"warning: {path} comes from a run whose verdict was fail (the concept was not forgotten on its "
-                  "test images); see its result.json", file=sys.stderr)
+            from ..patch.summary import failed_because
+
+            print(f"warning: {path} comes from a run whose verdict was fail ({failed_because(p.meta['extra'])}); "
+                  "see its result.json", file=sys.stderr)
     if a.pipeline or a.llava:
         return _apply_to_folder(a, patches, revert)
     if a.family is None:  # the patch's own adapter (an SD demo's patch, hf_clip, failed under open_clip: 8th trial)
@@ -226,8 +228,10 @@ def cmd_export(a) -> int:
     patch = load_patch(a.lora)
     check_exportable(patch)
     if (patch.meta.get("extra") or {}).get("verdict") == "fail":
-        print(f"warning: {a.lora} comes from a run whose verdict was fail (the concept was not forgotten on its test "
-              "images); see its result.json", file=sys.stderr)
+        from ..patch.summary import failed_because
+
+        print(f"warning: {a.lora} comes from a run whose verdict was fail ({failed_because(patch.meta['extra'])}); "
+              "see its result.json", file=sys.stderr)
     holder = _text_encoders(a.pipeline)
     encoder = pick_encoder(holder, patch, a.text_encoder)
     try:

@@ -9,7 +9,20 @@ from __future__ import annotations
 from ..common.text import printable
 from .format import Patch, _base_label
 
-__all__ = ["describe", "printable"]
+__all__ = ["describe", "failed_because", "printable"]
+
+_WHY = {"not_forgotten": "the concept was not forgotten on its test images",
+        "nothing_to_unlearn": "the unedited model did not recognise the concept: there was nothing to unlearn",
+        "model_broken": "the edit broke the model: utility or the other concepts lost more than 5 × their budget"}
+
+
+def failed_because(extra) -> str:
+    """Why the run that made a patch failed, from ``patch.json → extra.verdict_codes`` (its fail reasons' codes):
+    "the concept was not forgotten" was said of a run whose concept was gone but whose model broke (thirteenth
+    trial). A patch without the codes (an older slugkit's) gets both possibilities."""
+    codes = extra.get("verdict_codes") if isinstance(extra, dict) else None
+    said = [_WHY[c] for c in codes or [] if c in _WHY]
+    return "; ".join(said) or "the concept was not forgotten on its test images, or the edit broke the model"
 
 
 def _steps(m: dict) -> str:
@@ -37,7 +50,8 @@ def describe(patch: Patch) -> str:
         f"  concept:    {p(m.get('concept'))}",
         f"  method:     {p(m.get('method'))}",
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
-        *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"]
+        *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"
+           + (f": {p(failed_because(m['extra']))}" if m["extra"].get("verdict") == "fail" else "")]
           if isinstance(m.get("extra"), dict) and m["extra"].get("verdict") else []),
         *_downstream(m),
         _steps(m),

@@ -53,7 +53,7 @@ from ..report.unlearn import downstream_head
 from ..world import render as world
 from ..world import t2i
 from .sd_generator import concept_prompts, generation_metrics, generator_chooser, related_to
-from .verdict import Budgets, sd_verdict
+from .verdict import Budgets, sd_verdict, verdict_fields
 
 DEFAULT_SD_CONCEPT = "red triangle"
 SD_CRITERION = "forget_top1"  # zero-shot over 30 concepts: top-5 would demand the concept leave a sixth of the list
@@ -192,7 +192,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["generation"] = gen
             result["verdict"] = sd_verdict(concept, result["verdict"], gen["before"], gen["after"], gen_threshold,
                                            other_budget, budgets.forget_tolerance).to_json()
-            _mark_patch(stage / "patch", result["verdict"]["status"], step, downstream=downstream_record(
+            _mark_patch(stage / "patch", result["verdict"], step, downstream=downstream_record(
                 "generated images", gen["before"]["generated_target_recognised"],
                 gen["after"]["generated_target_recognised"], gen["collateral"]))
             result["timing_s"]["load_model"] = result["timing_s"].get("load_model", 0.0) + t_load
@@ -228,7 +228,7 @@ def downstream_record(judged_on: str, before: float, after: float, collateral: d
             "worst_other": [w.get("concept"), w.get("drop")]}
 
 
-def _mark_patch(folder: Path, status: str, step: str = "slug", edit: str | None = None, **fields) -> None:
+def _mark_patch(folder: Path, verdict: dict, step: str = "slug", edit: str | None = None, **fields) -> None:
     """Record the pipeline's verdict in the patch (``extra.verdict``; the CLIP run marked it with CLIP's, which does
     not decide for a generator) and, for the null-space step (or any ``edit`` text), what the edit is
     (``extra.edit``), and any other ``fields`` (e.g. ``target="vlm"``). Only ``patch.json`` changes; the tensors
@@ -237,7 +237,7 @@ def _mark_patch(folder: Path, status: str, step: str = "slug", edit: str | None 
 
     patch = load_patch(folder)
     extra = dict(patch.meta.get("extra") or {})
-    want = {"verdict": status, **fields}
+    want = {**verdict_fields(verdict), **fields}
     if edit is not None:
         want["edit"] = edit
     elif step == "null-space":

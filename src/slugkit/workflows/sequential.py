@@ -14,7 +14,7 @@ from ..eval.zeroshot import SuiteEvaluator
 from .inputs import build_suite
 from .records import brief, collateral_of
 from .unlearn import UnlearnConfig, run_unlearn
-from .verdict import sequential_verdict
+from .verdict import sequential_verdict, verdict_fields
 
 
 def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, overwrite: bool = False) -> dict:
@@ -66,7 +66,7 @@ def run_sequential(configs: list[UnlearnConfig], out: str | Path, adapter=None, 
                                      final, configs[0].budgets, step_verdicts).to_json()
         # the chained patch carries the whole run's verdict, as a single run's does (slug apply warns on "fail";
         # it carried none, so a failed sequential run's patch applied without a word: eighth trial)
-        chained.meta["extra"] = {**(chained.meta.get("extra") or {}), "verdict": verdict["status"]}
+        chained.meta["extra"] = {**(chained.meta.get("extra") or {}), **verdict_fields(verdict)}
         save_patch(chained, stage / "patch", overwrite=overwrite)
         result = {
             "mode": "sequential", "method": "slug", "concepts": [c.concept for c in configs],

@@ -31,7 +31,7 @@ from .inputs import batches, build_suite, forget_caption_counts, load_gradients_
 from .records import brief, result_record, write_run_files
 from .rounds import applied, generator_rounds, more_rounds
 from .verdict import (Budgets, ForgetCaptionsError, check_captions, check_recognised, check_retain_captions,
-                      clip_verdict)
+                      clip_verdict, verdict_fields)
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
 RUN_MARKER = RESULT_FILES[0]  # a folder holding it is a complete run (the run appears whole, by one rename)
@@ -165,7 +165,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         verdict = clip_verdict(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, before, after, cfg.budgets,
                                {k: data[f"{k}_stats"].as_dict() for k in ("forget", "retain")}, data["captions"])
         with _timed(timing, "patch"):
-            patch, patch_bytes = _write_patch(cfg, adapter, edits, before, after, out, verdict.status, protection)
+            patch, patch_bytes = _write_patch(cfg, adapter, edits, before, after, out, verdict.to_json(), protection)
         timing["total"] = time.perf_counter() - t_start
         run = {"before": before, "after": after, "val_before": val_before, "searches": searches, "chosen": chosen,
                "edits": edits,
@@ -370,7 +370,7 @@ def _evaluate_edits(adapter, edits, test_eval) -> dict:
         return test_eval.evaluate_cached(test_cache)
 
 
-def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, out: Path, verdict: str = "pass",
+def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, out: Path, verdict: dict,
                  protection=None):
     """``out/patch``: every edited group's new values with the base hashes (spec §5); returns (patch, file bytes).
     Groups are disjoint, so each group's θ − η·g is computed on the unedited model. ``extra.edit`` says which g:
@@ -390,7 +390,7 @@ def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, 
                        concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
                        step_size=chosen.step_size,
                        metrics={"before": brief(before), "after": brief(after)},
-                       extra={"layer": chosen.name, "tower": chosen.tower, "verdict": verdict,
+                       extra={"layer": chosen.name, "tower": chosen.tower, **verdict_fields(verdict),
                               **({"layers_edited": [e.to_json() for e in edits]} if len(edits) > 1 else {}),
                               "relative_change": chosen.step_size / chosen.ratio,
                               "edit": edit})

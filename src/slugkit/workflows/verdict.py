@@ -12,7 +12,7 @@ A run never says "unlearned" because its search stopped; it says so when the **h
     (:func:`generation_checks`).
 
   * ``model_broken``: utility (TA_IN@1) or the other identities' mean (TA_CA@1) dropped by more than
-    :data:`BROKEN` × its budget (0.10 / 0.25 at the defaults): the concept may be gone, but so is the model — a
+    :data:`BROKEN` × its budget (0.10 / 0.25 at the defaults; never less): the concept may be gone, but so is the model — a
     run that lost 0.48 of utility said "unlearned — with warnings" (tenth and twelfth trials). Runs judged on a
     downstream model (``--target sd``/``vlm``) keep the CLIP's own drop as a warning: their patch is for the
     pipeline, which is judged on its own outputs.
@@ -129,10 +129,14 @@ def collateral_checks(v: Verdict, before: dict, after: dict, budgets: Budgets, l
 
 
 def drop_check(v: Verdict, drop: float, budget: float, code: str, what: str) -> None:
-    """``code`` (warn) when ``drop`` exceeds ``budget``; ``model_broken`` (fail) beyond :data:`BROKEN` × it."""
-    if drop > BROKEN * budget + EPS:
-        v.add("fail", "model_broken", f"{what} (drop {drop:.3f}, more than {BROKEN:g} × its budget {budget:g}): the "
-                                      "edit broke the model; do not ship this patch")
+    """``code`` (warn) when ``drop`` exceeds ``budget``; ``model_broken`` (fail) beyond :data:`BROKEN` × it — never
+    below :data:`BROKEN` × the default budget (``--related-budget 0`` asked for a warning on any drop, and got a
+    0.002 drop called a broken model: thirteenth trial)."""
+    line = BROKEN * max(budget, getattr(Budgets(), code, 0.0))
+    if drop > line + EPS:
+        v.add("fail", "model_broken", f"{what} (drop {drop:.3f}, more than {line:g} = {BROKEN:g} × the budget"
+                                      f"{'' if line == BROKEN * budget else ' by default'}): the edit broke the "
+                                      "model; do not ship this patch")
     elif drop > budget + EPS:
         v.add("warn", code, f"{what} (drop {drop:.3f} > budget {budget:g})")
 
@@ -150,9 +154,11 @@ def worst_check(v: Verdict, before: dict | None, after: dict | None, budget: flo
                       key=lambda c: (after[c] - before[c], c))
         more = f"; also over budget: {', '.join(f'{c!r} -{before[c] - after[c]:.2f}' for c in over[1:])}" \
             if len(over) > 1 else ""
+        mean = sum(before[c] - after[c] for c in before if c in after) / max(1, sum(c in after for c in before))
         v.add("warn", "worst_drop", f"{name!r} dropped {drop:.3f} ({before[name]:.3f} -> {after[name]:.3f}, more "
-                                    f"than the worst budget {budget:g}) although the mean over the others may look "
-                                    f"small{more}")
+                                    f"than the worst budget {budget:g})"
+                                    + (" although the mean over the others may look small" if mean <= 0.05 else
+                                       f"; the mean over the others dropped {mean:.3f} too") + more)
 
 
 def data_checks(v: Verdict, read_stats: dict[str, dict]) -> None:
@@ -209,6 +215,13 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
         others = [c for c in before.get("per_concept", {}) if c.lower() != concept.lower()]
         worst_check(v, {c: before["per_concept"][c] for c in others},
                     {c: after["per_concept"][c] for c in others if c in after.get("per_concept", {})}, worst_budget)
+
+
+def verdict_fields(verdict: dict) -> dict:
+    """What a patch records of its run's verdict (``patch.json → extra``): the status and its fail reasons' codes,
+    so that `slug inspect`, `apply` and `audit` say why (:func:`slugkit.patch.summary.failed_because`)."""
+    return {"verdict": verdict["status"],
+            "verdict_codes": sorted({r["code"] for r in verdict.get("reasons", []) if r["severity"] == "fail"})}
 
 
 def exit_status_of(result: dict) -> int:

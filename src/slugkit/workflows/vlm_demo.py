@@ -288,7 +288,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             result["timing_s"]["load_model"] = result["timing_s"].get("load_model", 0.0) + t_load
             result["timing_s"].update(slug_total=t_slug, vlm_eval=time.perf_counter() - t,
                                       total=time.perf_counter() - t0)
-            _mark_patch(stage / "patch", result["verdict"]["status"], edit=(
+            _mark_patch(stage / "patch", result["verdict"], edit=(
                 "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
                 "identities' and the utility answers' gradients (slugkit.workflows.vlm_demo.vlm_gradients)"
                 if gradient == "vlm" else None), target="vlm", **({"vlm_model": str(vlm_dir)} if vlm_dir else {}),
