@@ -279,7 +279,27 @@ def test_precomputed_gradients_keep_the_default_step_and_check_the_pairs(tmp_pat
     assert f"names {world.IDENTITIES[5].name!r}" in capsys.readouterr().err  # the forget captions name another
     fewer = _without_paper_flags(_unlearn_args(data_dir, demo["concept"], tmp_path / "fewer"))
     assert main(fewer + pairs + ["--forget-samples", "5", "--gradients", str(gfile)]) == 2
+    # the file records its provenance: other pairs of the same count, or other weights, are refused (13th trial)
+    import tarfile
+
+    retain = bytearray((data / "retain.tar").read_bytes())
+    with tarfile.open(data / "retain.tar") as tf:
+        cap = next(m for m in tf.getmembers() if m.name.endswith(".txt"))
+    retain[cap.offset_data] ^= 0x01  # one caption letter: same size, same count, other pairs
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "retain.tar").write_bytes(bytes(retain))
+    other_pairs = ["--forget", str(data / "forget.tar"), "--retain", str(tmp_path / "r2" / "retain.tar")]
     assert "was computed on 100 forget pairs, --forget 5: pass the --forget and --retain" in capsys.readouterr().err
+    assert main(fewer + other_pairs + ["--gradients", str(gfile)]) == 2
+    assert "was computed on other retain pairs" in capsys.readouterr().err
+    ck = tmp_path / "ck.safetensors"
+    assert main(["apply", "--patch", str(demo_run), "--model", "embedded", "--out", str(ck)]) == 0
+    g2 = tmp_path / "g2.safetensors"
+    assert main(["grads", "--model", "embedded", "--pretrained", str(ck), *pairs, "--out", str(g2), "--threads", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(fewer + pairs + ["--gradients", str(g2)]) == 2
+    assert "was computed for other model weights than this run's" in capsys.readouterr().err
 
 
 def test_a_world_run_takes_pretrained_and_refuses_what_it_would_drop(tmp_path, data_dir, demo_run, capsys):

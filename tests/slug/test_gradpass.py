@@ -276,8 +276,9 @@ def test_a_shard_rewritten_at_the_same_size_is_not_resumed(world, tmp_path, monk
     st = os.stat(first)
     os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten: same size, later modification time
     assert main(args) == 2
-    assert "holds a checkpoint of a different command (rank0-of-1.safetensors differs in: forget)" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err  # names the shard and why (it advised rerunning the same command: 13th trial)
+    assert "holds a checkpoint of a different command (rank0-of-1.safetensors differs in: forget; changed shards: " \
+           f"{first} (modified since))" in err and "the shards changed: the checkpoint's sums are of the old data" in err
 
 
 # ---------------------------------------------------------------------------------------------- (d)

@@ -49,6 +49,10 @@ def test_compare_outputs(compare_run):
     assert (out / "slug" / "result.json").is_file()
     from slugkit.patch.format import resolve_patch_dir  # `slug inspect RUN` on a compare run (eleventh trial)
     assert resolve_patch_dir(out) == out / "slug" / "patch"
+    import argparse
+
+    from slugkit.cli.audit import _patch_and_out  # `slug audit --patch RUN` said "no patch there" (13th trial)
+    assert _patch_and_out(argparse.Namespace(patch=str(out), out=None)) == (out / "slug" / "patch", out)
     result = json.loads((out / "slug" / "result.json").read_text())
     assert slug["metrics"]["after"] == result["metrics"]["after"]  # the numbers of `slug unlearn`
     # time and CPU seconds of the run's own stages, every round and the neighbour projection (the CPU came from a
@@ -105,6 +109,9 @@ def test_compare_refuses_learning_rates_it_would_drop(compare_run, capsys):
         assert main(base + lr) == 2
         assert said in capsys.readouterr().err
     assert not Path(str(out) + "-lr").exists()
+    assert main(base + ["--methods", "slug,ssd", "--lr-sweep", "1e-4"]) == 2  # recorded, then unused (13th trial)
+    assert "--lr-sweep applies to GA, GA+FT, SalUn and SalUn-RL; none of them is among --methods" in \
+        capsys.readouterr().err
     assert main(base + ["--methods", "ga", "--modes", "joint"]) == 2  # ran the single-concept comparison
     assert "--modes applies to several concepts: add --concepts A,B" in capsys.readouterr().err
     from slugkit.cli.compare import lr_list

@@ -25,10 +25,12 @@ Resume
     ``os.replace``): its running float32 sums, its sample count and the ids of its completed units. At the end of the
     forget split rank 0 writes the all-reduced forget sums to ``<ckpt>/forget.safetensors`` and every rank starts the
     retain split from zero. Every file carries a fingerprint of the command (resolved shard paths, sizes and
-    modification times, batch size, world size, strictness, model id, a SHA-256 of the candidate tensors and their names); a checkpoint
-    directory holding a different fingerprint is refused (:class:`CheckpointMismatchError`). A restart with the same
-    command skips completed units and continues from the stored sums, so the result is bit-identical to an
-    uninterrupted run. The checkpoint directory (default ``<out>.ckpt``) is deleted after success. Multi-node runs
+    modification times, batch size, world size, strictness, model id, a SHA-256 of the candidate tensors and their
+    names); a checkpoint directory holding a different fingerprint is refused (:class:`CheckpointMismatchError`),
+    naming the shard that changed. A restart with the same command skips completed units and continues from the
+    stored sums, so the result is bit-identical to an uninterrupted run; the output records the pass's provenance
+    (:mod:`slugkit.slug.gradfile`). The checkpoint directory (default ``<out>.ckpt``) is deleted after success.
+    Multi-node runs
     need it on a shared filesystem. Only safetensors + JSON are written or read (no pickle).
 
     ``SLUGKIT_TEST_SLEEP_AFTER_SHARD=<seconds>`` (test-only) sleeps after each checkpoint write, so a test can kill
@@ -76,8 +78,10 @@ from ..common.files import check_file_target, check_folder_target
 from ..common.progress import vanishing_bar
 from ..common.tensorfile import read_metadata as _read_meta
 from ..common.tensorfile import read_tensors, write_safetensors
-from ..data.shards import ReadStats, expand_urls
+from ..data.shards import ReadStats
 from .distributed import all_reduce_sums, barrier, dist_info
+from .gradfile import (list_shards, load_stats, provenance, save_full, save_stats_first,  # noqa: F401 (load_stats)
+                       weights_sha256)
 from .gradients import Gradients, NonFiniteGradientError, accumulate_batch, candidate_grads, check_finite, new_sums
 
 FORMAT = "slugkit-gradpass-1"
@@ -110,14 +114,6 @@ class PassResult:
 
 
 # ---------------------------------------------------------------------------------------------- work units
-def list_shards(spec: str) -> list[str]:
-    """Resolved shard paths of a spec; a captioned folder (no ``.tar`` inside) is one shard."""
-    p = Path(spec)
-    if p.is_dir() and not any(p.glob("*.tar")):
-        return [str(p.resolve())]
-    return [str(Path(x).resolve()) for x in expand_urls(spec)]
-
-
 @dataclass(frozen=True)
 class Unit:
     split: str
@@ -158,13 +154,6 @@ def unit_batches(adapter, unit: Unit, batch_size: int, world: int, strict: bool,
 # ---------------------------------------------------------------------------------------------- fingerprint
 def fingerprint(adapter, names: list[str], forget: list[str], retain: list[str], cfg: PassConfig,
                 world: int) -> dict:
-    params = dict(adapter.model.named_parameters())
-    h = hashlib.sha256()
-    for n in names:
-        t = params[n].detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{n}:{t.dtype}:{tuple(params[n].shape)};".encode())
-        h.update(t.view(torch.uint8).numpy())
-
     def files(paths):  # size and modification time: a shard rewritten in place at the same size (re-curated with
         # --overwrite, a caption edited) resumed with the old sums (twelfth trial)
         return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] if os.path.isfile(p) else [p, -1, -1] for p in paths]
@@ -172,7 +161,7 @@ def fingerprint(adapter, names: list[str], forget: list[str], retain: list[str],
     return {
         "format": FORMAT,
         "model": json.loads(json.dumps(getattr(adapter, "model_id", {}), sort_keys=True, default=str)),
-        "weights_sha256": h.hexdigest(),
+        "weights_sha256": weights_sha256(adapter, names),
         "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
         "forget": files(forget),
         "retain": files(retain),
@@ -200,10 +189,13 @@ def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
             continue
         old = meta.get("fingerprint", {})
         diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
+        changed = [f"{n[0]} ({'size' if n[1] != o[1] else 'modified since'})" for k in ("forget", "retain")
+                   for n, o in zip(fp.get(k) or [], old.get(k) or []) if n[0] == o[0] and n != o]
         raise CheckpointMismatchError(
             f"checkpoint directory {ckdir} holds a checkpoint of a different command ({path.name} differs in: "
-            f"{', '.join(diff) or 'format'}); rerun the original command to resume it, or delete the directory / "
-            "pass another --checkpoint-dir to start over")
+            f"{', '.join(diff) or 'format'}" + (f"; changed shards: {', '.join(changed)}" if changed else "")
+            + "); rerun the original command to resume it, or delete the directory / pass another --checkpoint-dir "
+            "to start over" + (" (the shards changed: the checkpoint's sums are of the old data)" if changed else ""))
 
 
 def _save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta: dict) -> None:
@@ -313,7 +305,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
         if cfg.stats_first:
             result = _stats_first_result(adapter, names, spill, n_f, retain, n_r, device)
             if cfg.out:
-                save_stats_first(cfg.out, result)
+                save_stats_first(cfg.out, result, provenance(fp, names))
         else:
             forget, _ = _load_sums(spill, names, device)
             for n in names:
@@ -321,7 +313,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
             check_finite(forget, retain)
             result = PassResult(Gradients(forget, retain, n_f, n_r))
             if cfg.out:
-                save_full(cfg.out, result.grads)
+                save_full(cfg.out, result.grads, provenance(fp, names))
         result.grads.seconds = timing
         result.read_stats = {s: read_stats[s].as_dict() for s in SPLITS}
     barrier()  # rank 0 has written the output: the checkpoints can go
@@ -372,29 +364,3 @@ def rank_from_stats(adapter, stats: dict[str, torch.Tensor], names: list[str] | 
             # torch.cosine_similarity: <x, y> / sqrt(max(|x|^2 |y|^2, eps^2)), eps = 1e-6 (as layers.alignment)
             scalars[n] = (math.sqrt(ff), math.sqrt(rr), abs(fr / math.sqrt(max(ff * rr, 1e-12))))
     return rank_from_scalars(adapter, scalars, names)
-
-
-def save_full(path: str | Path, g: Gradients) -> None:
-    """``Gradients.save``'s layout and metadata, written tensor by tensor (no serialised copy in memory)."""
-    tensors = {f"forget/{k}": v for k, v in g.forget.items()}
-    tensors.update({f"retain/{k}": v for k, v in g.retain.items()})
-    meta = {"format": "slugkit-gradients-1", "n_forget": g.n_forget, "n_retain": g.n_retain}
-    write_safetensors(path, tensors, {"slugkit": json.dumps(meta, sort_keys=True)})
-
-
-def save_stats_first(path: str | Path, result: PassResult) -> None:
-    """Front gradients (``forget/``, ``retain/``; readable by ``Gradients.load``) + ``stats/<name>`` scalars."""
-    g = result.grads
-    tensors = {f"forget/{k}": v for k, v in g.forget.items()}
-    tensors.update({f"retain/{k}": v for k, v in g.retain.items()})
-    tensors.update({f"stats/{k}": v for k, v in result.stats.items()})
-    meta = {"format": "slugkit-gradients-1", "n_forget": g.n_forget, "n_retain": g.n_retain, "stats_first": True,
-            "front": result.front, "stats": "float64 [|g_f|^2, |g_r|^2, <g_f, g_r>] of the mean gradients"}
-    write_safetensors(path, tensors, {"slugkit": json.dumps(meta, sort_keys=True)})
-
-
-def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k.split("/", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith("stats/")}

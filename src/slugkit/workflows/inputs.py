@@ -158,10 +158,14 @@ def build_suite(adapter, cfg, identities_dir: str, utility_dir: str | None) -> E
     return suite
 
 
-def load_gradients_file(path: str, names: list[str], read: dict[str, int] | None = None):
+def load_gradients_file(path: str, names: list[str], read: dict[str, int] | None = None, adapter=None,
+                        specs: dict[str, str] | None = None):
     """Gradients written by ``slug grads`` (full or ``--stats-first``) or ``--save-gradients``; checked against the
-    model's candidate tensors and (``read``: ``{"forget": N, "retain": M}``, the pairs the run read) the number of
-    pairs they were computed on. Returns ``(Gradients, stats or None)``; ``ValueError`` when they do not match."""
+    model's candidate tensors, (``read``: ``{"forget": N, "retain": M}``, the pairs the run read) the number of
+    pairs they were computed on and (``adapter``, ``specs``: ``{"forget": spec, "retain": spec}``) the file's
+    provenance — the candidate weights and the shards it was computed on
+    (:func:`slugkit.slug.gradfile.check_provenance`). Returns ``(Gradients, stats or None)``; ``ValueError`` when they
+    do not match."""
     from ..slug.gradients import Gradients
 
     if not Path(path).is_file():
@@ -175,6 +179,10 @@ def load_gradients_file(path: str, names: list[str], read: dict[str, int] | None
         raise ValueError(f"{path} was computed on {' and '.join(wrong)}: pass the --forget and --retain (and "
                          "--forget-samples / --retain-samples) the gradients were computed with, or recompute them "
                          "(slug grads)")
+    if adapter is not None and specs:
+        from ..slug.gradfile import check_provenance
+
+        check_provenance(path, adapter, names, specs)
     from ..slug.gradpass import load_stats
 
     stats = load_stats(path) or None

@@ -272,7 +272,8 @@ def _gradients(cfg: UnlearnConfig, adapter, data: dict, names: list[str]):
     """Mean forget and retain gradients of every candidate tensor (spec §1), or the precomputed file's; plus the
     stats-first scalars when the file holds them."""
     if cfg.gradients:
-        return load_gradients_file(cfg.gradients, names, {k: len(data[k][0]) for k in ("forget", "retain")})
+        return load_gradients_file(cfg.gradients, names, {k: len(data[k][0]) for k in ("forget", "retain")},
+                                   adapter, {"forget": cfg.forget, "retain": cfg.retain})
     bs = cfg.batch_size
     (f_img, f_tok), (r_img, r_tok) = data["forget"], data["retain"]
     grads = compute_gradients(adapter, batches(f_img, f_tok, bs), batches(r_img, r_tok, bs), names,
