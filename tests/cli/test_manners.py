@@ -319,6 +319,7 @@ def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, cap
     assert ("after 8 steps; graded on the speed-up of relearning over learning the controls: 0.89 (pass ≤ 1.5, "
             "fail > 3)") in out
     assert "note: the run that made this patch had verdict fail (the edit broke the model: utility" in out
+    assert "not the damage the edit did to the rest of the model" in out  # "not whether it happened": it did
     # and the saved audit says it too (the terminal did, audit.md / audit.json opened with a plain pass: tenth trial)
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["patch_run_verdict"] == "fail"
     assert "**Note: the run that made this patch had verdict fail** (the edit broke the model" in \

@@ -185,6 +185,16 @@ def test_curate_keeps_no_undecodable_image_and_no_empty_retain_set(tmp_path, cap
     assert main(["curate", "--shards", str(tmp_path / "all.tar"), "--concept", "Ann Lee", "--out",
                  str(tmp_path / "cli"), "--no-progress"]) == 0
     assert "warning: every one of the 2 usable captions names 'Ann Lee': retain.tar is empty" in capsys.readouterr().err
+    # the caps count usable pairs: a bad image is replaced by the next one (2 of 3 were kept: fourteenth trial)
+    members = [("z.jpg", b""), ("z.txt", b"Ann Lee zero")]
+    for i in range(3):
+        members += [(f"f{i}.jpg", good), (f"f{i}.txt", f"Ann Lee {i}".encode())]
+    for i in range(9):
+        members += [(f"r{i}.jpg", b"garbage" if i % 3 == 0 else good), (f"r{i}.txt", f"a dog {i}".encode())]
+    raw_tar(tmp_path / "caps.tar", members)
+    s = curate(str(tmp_path / "caps.tar"), "Ann Lee", tmp_path / "caps", max_forget=3, retain=5)
+    assert (s["forget"], s["retain"]) == (3, 5) and s["scanned"] == 13 - 1  # the 0-byte match is not usable
+    assert all(x.caption.startswith("a dog") for x in iter_samples(str(tmp_path / "caps" / "retain.tar"), strict=True))
     raw_tar(tmp_path / "bad.tar", [("z.jpg", b""), ("z.txt", b"Ann Lee"), ("c.jpg", good), ("c.txt", b"a cat")])
     with pytest.raises(EmptyForgetSetError, match="none of the 1 pairs whose caption names 'Ann Lee' .* decodes"):
         curate(str(tmp_path / "bad.tar"), "Ann Lee", tmp_path / "bad")

@@ -110,8 +110,9 @@ def test_compare_refuses_learning_rates_it_would_drop(compare_run, capsys):
         assert said in capsys.readouterr().err
     assert not Path(str(out) + "-lr").exists()
     assert main(base + ["--methods", "slug,ssd", "--lr-sweep", "1e-4"]) == 2  # recorded, then unused (13th trial)
-    assert "--lr-sweep applies to GA, GA+FT, SalUn and SalUn-RL; none of them is among --methods" in \
+    assert "--lr-sweep applies to GA, GA+FT, SalUn and SalUn-RL without an --lr of their own" in \
         capsys.readouterr().err
+    assert main(base + ["--methods", "slug,ga", "--lr-sweep", "1e-4", "--lr", "ga=1e-3"]) == 2  # the --lr won
     assert main(base + ["--methods", "ga", "--modes", "joint"]) == 2  # ran the single-concept comparison
     assert "--modes applies to several concepts: add --concepts A,B" in capsys.readouterr().err
     from slugkit.cli.compare import lr_list

@@ -73,6 +73,10 @@ def test_a_broken_model_fails_even_when_the_concept_is_gone(key, broken, budget)
     zero = Budgets(**{"utility_top1": {"utility_drop": 0.0}, "related_top1": {"related_drop": 0.0}}[key])
     assert codes(_verdict(after=_after(**{key: BEFORE[key] - 0.002}), budgets=zero)) == [  # a warning, not broken
         "utility_drop" if key == "utility_top1" else "related_drop"]
+    loose = Budgets(**{"utility_top1": {"utility_drop": 0.2}, "related_top1": {"related_drop": 0.2}}[key])
+    v = _verdict(after=_after(**{key: BEFORE[key] - 0.45}), budgets=loose)  # 5 x 0.2 = 1: never (14th trial)
+    assert codes(v) == ["model_broken"] and "more than 0.3 = the most any budget below it allows" in \
+        v.reasons[0]["message"]
     assert _verdict(after=_after(**{key: BEFORE[key] - 5 * budget + 0.001})).status == "warn"
     from slugkit.report.unlearn import headline
     line = headline({"concept": "Jowen Gormere", "verdict": v.to_json()}, "embedded", "visual.proj")

@@ -50,7 +50,7 @@ def audit_markdown(result: dict) -> str:
              f"Time: {result['seconds']:.0f} s."
              + (f" Not run (--probes): {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
              *([f"**Note: the run that made this patch had verdict fail** ({_why(result)}; see its result.json): "
-                "this audit tests how well the removal holds, not whether it happened.", ""]
+                f"{audit_scope(result)}.", ""]
                if result.get("patch_run_verdict") == "fail" else []),
              "| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
              "|---|---|---|---|---|---|"]
@@ -122,3 +122,11 @@ def audit_markdown(result: dict) -> str:
 def _why(result: dict) -> str:
     return (result.get("patch_run_why")
             or "the concept was not forgotten on its test images, or the edit broke the model")
+
+
+def audit_scope(result: dict) -> str:
+    """What the audit of a failed run's patch does not tell: whether the removal happened, or (a broken model: the
+    removal happened; fourteenth trial) the damage the edit did."""
+    if "broke the model" in (result.get("patch_run_why") or ""):
+        return "this audit tests how well the removal holds, not the damage the edit did to the rest of the model"
+    return "this audit tests how well the removal holds, not whether it happened"

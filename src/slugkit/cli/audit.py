@@ -146,10 +146,16 @@ def cmd_audit(a) -> int:
             return folder_audit_data(adapter, concept, names, a.identity_template or ["{}."], a.test_identities,
                                      train_identities=a.train_identities, controls=a.control_name,
                                      aliases=a.alias or [])
-    if a.family is None:  # the patch's adapter, as `slug apply` (an hf_clip patch was audited on open_clip)
-        from ..patch import load_patch
+    from ..patch import load_patch
 
-        a.family = "hf_clip" if load_patch(patch).meta.get("adapter") == "hf_clip" else "open_clip"
+    meta = load_patch(patch).meta
+    if a.family is None:  # the patch's adapter, as `slug apply` (an hf_clip patch was audited on open_clip)
+        a.family = "hf_clip" if meta.get("adapter") == "hf_clip" else "open_clip"
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    if a.pretrained is None and base.get("pretrained") and base.get("model") == a.model:
+        a.pretrained = base["pretrained"]  # the patch's own checkpoint: the shipped weights were audited (14th trial)
+        print(f"note: auditing on the patch's base checkpoint {printable(a.pretrained)} (--pretrained)",
+              file=sys.stderr)
     result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
                          controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
                          **opts)
@@ -162,8 +168,10 @@ def _print_audit(result: dict, out: Path) -> int:
 
     print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}")
     if result.get("patch_run_verdict") == "fail":  # a plain "pass" read as all good (set by write_audit)
+        from ..audit.report import audit_scope
+
         print(f"  note: the run that made this patch had verdict fail ({result.get('patch_run_why') or 'see below'}; "
-              "see its result.json): the audit tests how well the removal holds, not whether it happened")
+              f"see its result.json): {audit_scope(result)}")
     for rec in result["probes"]:
         gate = "" if rec.get("gating") else " (not gating)"
         g = rec.get("graded") if isinstance(rec.get("graded"), dict) else None

@@ -51,7 +51,7 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
     pat = concept_pattern(concept, aliases)
     out = Path(out_dir)
     stats = ReadStats()
-    forget_ids, other_ids, seen = [], [], set()
+    forget_ids, other_ids, seen, bad_matches = [], [], set(), 0
     # Pass 1: captions only (no image decoding) to find the matches.
     it = iter_pairs(spec, strict=strict, stats=stats, decode=False)
     if progress:
@@ -66,11 +66,17 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         seen.add((s.source, s.key))
         if names_concept(s.caption, pat):
             if max_forget is None or len(forget_ids) < max_forget:
-                forget_ids.append((s.source, s.key))
+                if decode_or_skip(s.data, f"{s.source}:{s.key}", strict, stats) is None:
+                    bad_matches += 1  # decoded here: the cap counts usable pairs (fourteenth trial)
+                else:
+                    forget_ids.append((s.source, s.key))
         else:
             other_ids.append((s.source, s.key))
-    n_scanned = stats.samples
+    n_scanned = stats.samples - stats.skipped_bad_image  # usable (an undecodable match is not)
     if not forget_ids:
+        if bad_matches:  # every pair naming the concept has an undecodable image: never an empty tar
+            raise EmptyForgetSetError(f"none of the {bad_matches} pairs whose caption names {concept!r} in {spec} has "
+                                      f"an image that decodes: {'; '.join(stats.problems())}")
         if n_scanned == 0:
             raise EmptyForgetSetError(f"no usable image–caption pairs in {spec}, so nothing can match {concept!r}: "
                                       f"{stats.diagnosis()}")
@@ -89,33 +95,30 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         f"every one of the {n_scanned} usable captions names {concept!r}" + (" or an alias" if aliases else "")
         + ": retain.tar is empty, and SLUG needs a retain set (its gradient keeps what the model should not lose); "
         "add pairs that do not name the concept (--shards A::B), or pass --max-retain 0 for a forget set only"]
-    if retain is not None:
-        other_ids = sorted(other_ids, key=lambda sk: _order_key(sk[1], sk[0], seed))[:retain]
-    forget_set, retain_set = set(forget_ids), set(other_ids)
-    forget_items, retain_items, forget_manifest, retain_manifest = [], [], [], []
-    # Pass 2: collect the bytes of the chosen samples (stream order), each at most once.
-    for s in iter_pairs(spec, strict=strict, decode=False):
-        sk = (s.source, s.key)
-        if sk in forget_set:
-            forget_set.discard(sk)
-            dst, man = forget_items, forget_manifest
-        elif sk in retain_set:
-            retain_set.discard(sk)
-            dst, man = retain_items, retain_manifest
-        else:
-            continue
-        if decode_or_skip(s.data, f"{s.source}:{s.key}", strict, stats) is None:
-            continue  # undecodable (a 0-byte file, garbage): not a pair; counted, and --strict names it (twelfth trial)
-        key = f"{len(dst):07d}"
-        dst.append((key, s.data, s.caption, s.ext if s.ext != "jpeg" else "jpg"))
-        man.append({"key": key, "source_key": s.key, "source": s.source, "caption": s.caption,
-                    "sha256": hashlib.sha256(s.data).hexdigest()})
-    for items, ids, what in ((forget_items, forget_ids, f"whose caption names {concept!r}"),
-                             (retain_items if retain != 0 and other_ids else [None], other_ids,
-                              "chosen for the retain set")):
-        if not items:  # every chosen image was undecodable: never an empty tar
-            raise EmptyForgetSetError(f"none of the {len(ids)} pairs {what} in {spec} has an image that decodes: "
-                                      f"{'; '.join(stats.problems())}")
+    ranked = sorted(other_ids, key=lambda sk: _order_key(sk[1], sk[0], seed)) if retain is not None else other_ids
+    want = len(ranked) if retain is None else retain
+    # Pass 2: collect the bytes of the chosen samples, each at most once, in stream order; a retain pair whose image
+    # does not decode is replaced by the next in rank (one more pass only when some did not: fourteenth trial).
+    forget_set, forget_got, retain_got, start = set(forget_ids), {}, {}, 0
+    while len(retain_got) < want and start < len(ranked):
+        retain_set = set(ranked[start:start + want - len(retain_got)])
+        start += len(retain_set)
+        for k, s in enumerate(iter_pairs(spec, strict=strict, decode=False)):
+            sk = (s.source, s.key)
+            if sk in forget_set:
+                forget_set.discard(sk)
+                forget_got[k] = s
+            elif sk in retain_set and decode_or_skip(s.data, f"{s.source}:{s.key}", strict, stats) is not None:
+                retain_got[k] = s  # an undecodable one is counted (--strict: named) and skipped
+    if forget_set:  # no retain pass ran (--max-retain 0, or no other pairs): one pass for the forget pairs
+        forget_got = {k: s for k, s in enumerate(iter_pairs(spec, strict=strict, decode=False))
+                      if (s.source, s.key) in forget_set}
+    forget_manifest, retain_manifest = [], []
+    forget_items = _pairs([forget_got[k] for k in sorted(forget_got)], forget_manifest)
+    retain_items = _pairs([retain_got[k] for k in sorted(retain_got)], retain_manifest)
+    if retain != 0 and other_ids and not retain_items:  # every other pair's image was undecodable
+        raise EmptyForgetSetError(f"none of the {len(other_ids)} pairs without {concept!r} in {spec} has an image that "
+                                  f"decodes, so the retain set would be empty: {'; '.join(stats.problems())}")
     out.mkdir(parents=True, exist_ok=True)
     write_shard(out / "forget.tar", forget_items)
     _write_json(out / "forget_manifest.json", {"concept": concept, "aliases": list(aliases), "samples": forget_manifest})
@@ -128,6 +131,18 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
                "warnings": warnings}
     _write_json(out / "curate.json", summary)
     return summary
+
+
+def _pairs(samples, manifest: list) -> list[tuple]:
+    """``(key, image bytes, caption, ext)`` items for :func:`write_shard`, keyed 0000000… in order; ``manifest``
+    gets each one's key, source key and shard, caption and image sha256."""
+    items = []
+    for s in samples:
+        key = f"{len(items):07d}"
+        items.append((key, s.data, s.caption, s.ext if s.ext != "jpeg" else "jpg"))
+        manifest.append({"key": key, "source_key": s.key, "source": s.source, "caption": s.caption,
+                         "sha256": hashlib.sha256(s.data).hexdigest()})
+    return items
 
 
 def _write_json(path: Path, obj) -> None:

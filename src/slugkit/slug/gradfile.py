@@ -1,7 +1,7 @@
 """The gradients file of ``slug grads`` and ``slug unlearn --save-gradients``: its layout (``forget/<tensor>``,
 ``retain/<tensor>``, with ``--stats-first`` also ``stats/<tensor>``), its metadata, and the **provenance** that lets
-``slug unlearn --gradients`` check the file belongs to its run: the sha256 of the model's candidate tensors and of
-their names, and of each forget/retain shard's content. A file from another model or other pairs ran
+``slug unlearn --gradients`` check the file belongs to its run: the sha256 of the model's parameters and of the
+candidate tensors' names, and of each forget/retain shard's content. A file from another model or other pairs ran
 silently — another person's gradients against this forget set lost 0.24 of the other identities (thirteenth
 trial). Only safetensors + JSON are written or read.
 """
@@ -30,13 +30,14 @@ def list_shards(spec: str) -> list[str]:
     return [str(Path(x).resolve()) for x in expand_urls(spec)]
 
 
-def weights_sha256(adapter, names: list[str]) -> str:
-    """sha256 over the candidate tensors ``names`` of ``adapter.model`` (name, dtype, shape, bytes), in order."""
-    params = dict(adapter.model.named_parameters())
+def weights_sha256(adapter, names: list[str] | None = None) -> str:
+    """sha256 over **every** parameter of ``adapter.model`` (name, dtype, shape, bytes), in ``named_parameters``
+    order: a gradient depends on the biases and norms too, not only on the candidate tensors it is taken of (a file
+    computed with other biases passed the check: fourteenth trial). ``names`` is unused (kept for callers)."""
     h = hashlib.sha256()
-    for n in names:
-        t = params[n].detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{n}:{t.dtype}:{tuple(params[n].shape)};".encode())
+    for n, p in adapter.model.named_parameters():
+        t = p.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{n}:{t.dtype}:{tuple(p.shape)};".encode())
         h.update(t.view(torch.uint8).numpy())
     return h.hexdigest()
 
@@ -85,8 +86,8 @@ def check_provenance(path: str | Path, adapter, names: list[str], specs: dict[st
         return
     if prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest() or \
             prov.get("weights_sha256") != weights_sha256(adapter, names):
-        raise ValueError(f"{path} was computed for other model weights than this run's (the sha256 of the candidate "
-                         "tensors differs): pass the --model/--pretrained it was computed with, or recompute it "
+        raise ValueError(f"{path} was computed for other model weights than this run's (the sha256 of its "
+                         "parameters differs): pass the --model/--pretrained it was computed with, or recompute it "
                          "(slug grads)")
     for split, spec in specs.items():
         here = _shards(list_shards(spec))

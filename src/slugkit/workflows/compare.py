@@ -149,9 +149,9 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
     for m in cc.methods:
         if m != "slug":
             make_method(m)  # raises ValueError on unknown names before any work
-    if cc.lr_sweep and not any(_takes_lr(m) and m != "ft" for m in cc.methods):  # recorded, unused (13th trial)
-        raise ValueError(f"--lr-sweep applies to GA, GA+FT, SalUn and SalUn-RL; none of them is among --methods "
-                         f"({', '.join(cc.methods)})")
+    if cc.lr_sweep and not any(_takes_lr(m) and m != "ft" and m not in cc.lr for m in cc.methods):  # unused
+        raise ValueError(f"--lr-sweep applies to GA, GA+FT, SalUn and SalUn-RL without an --lr of their own; none "
+                         f"of --methods ({', '.join(cc.methods)}) is swept (13th and 14th trials)")
     for m in cc.lr:  # a misspelt --lr GAFT=... was dropped silently (eleventh trial)
         if m not in cc.methods:
             raise ValueError(f"--lr {m}=...: {m!r} is not among --methods ({', '.join(cc.methods)})")

@@ -174,7 +174,7 @@ def load_gradients_file(path: str, names: list[str], read: dict[str, int] | None
     if grads.n_forget <= 0:
         raise EmptyForgetSetError(f"{path} records no forget samples; recompute it with `slug grads`")
     counts = {"forget": grads.n_forget, "retain": grads.n_retain}
-    wrong = [f"{counts[k]} {k} pairs, --{k} {n}" for k, n in (read or {}).items() if n != counts[k]]
+    wrong = [f"{counts[k]} {k} pairs, this run read {n}" for k, n in (read or {}).items() if n != counts[k]]
     if wrong:
         raise ValueError(f"{path} was computed on {' and '.join(wrong)}: pass the --forget and --retain (and "
                          "--forget-samples / --retain-samples) the gradients were computed with, or recompute them "

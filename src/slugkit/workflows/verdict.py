@@ -12,7 +12,8 @@ A run never says "unlearned" because its search stopped; it says so when the **h
     (:func:`generation_checks`).
 
   * ``model_broken``: utility (TA_IN@1) or the other identities' mean (TA_CA@1) dropped by more than
-    :data:`BROKEN` × its budget (0.10 / 0.25 at the defaults; never less): the concept may be gone, but so is the model — a
+    :data:`BROKEN` × its budget (0.10 / 0.25 at the defaults; never less than at the defaults, never more than
+    :data:`BROKEN_CAP` unless the budget is): the concept may be gone, but so is the model — a
     run that lost 0.48 of utility said "unlearned — with warnings" (tenth and twelfth trials). Runs judged on a
     downstream model (``--target sd``/``vlm``) keep the CLIP's own drop as a warning: their patch is for the
     pipeline, which is judged on its own outputs.
@@ -38,7 +39,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 EXIT_STATUS = {"pass": 0, "warn": 3, "fail": 4}
-BROKEN = 5.0  # a mean drop beyond this many times its budget fails the run (model_broken)
+BROKEN = 5.0  # a mean drop beyond this many times its budget fails the run (model_broken) ...
+BROKEN_CAP = 0.30  # ... or beyond 0.30, unless the budget itself is larger (--utility-budget 0.2 disarmed it: 14th trial)
 # Metrics are float32 fractions: 30 of 1500 utility images is 0.02, yet 0.994 - 0.974 = 0.0200000405 in float32. A drop
 # is over its budget only beyond this slack, far below one image of any evaluation set (as the search compares).
 EPS = 1e-6
@@ -131,11 +133,12 @@ def collateral_checks(v: Verdict, before: dict, after: dict, budgets: Budgets, l
 def drop_check(v: Verdict, drop: float, budget: float, code: str, what: str) -> None:
     """``code`` (warn) when ``drop`` exceeds ``budget``; ``model_broken`` (fail) beyond :data:`BROKEN` × it — never
     below :data:`BROKEN` × the default budget (``--related-budget 0`` asked for a warning on any drop, and got a
-    0.002 drop called a broken model: thirteenth trial)."""
-    line = BROKEN * max(budget, getattr(Budgets(), code, 0.0))
+    0.002 drop called a broken model: thirteenth trial) and never above :data:`BROKEN_CAP` unless ``budget`` is."""
+    line = max(budget, min(BROKEN * max(budget, getattr(Budgets(), code, 0.0)), BROKEN_CAP))
     if drop > line + EPS:
-        v.add("fail", "model_broken", f"{what} (drop {drop:.3f}, more than {line:g} = {BROKEN:g} × the budget"
-                                      f"{'' if line == BROKEN * budget else ' by default'}): the edit broke the "
+        rule = (f"{BROKEN:g} × the budget" if line == BROKEN * budget else f"{BROKEN:g} × the default budget"
+                if line < BROKEN_CAP else "the most any budget below it allows")
+        v.add("fail", "model_broken", f"{what} (drop {drop:.3f}, more than {line:g} = {rule}): the edit broke the "
                                       "model; do not ship this patch")
     elif drop > budget + EPS:
         v.add("warn", code, f"{what} (drop {drop:.3f} > budget {budget:g})")
