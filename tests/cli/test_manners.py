@@ -353,3 +353,31 @@ def test_unlearn_on_the_embedded_model_defaults_to_one_thread(tmp_path, monkeypa
         assert main(["unlearn", "--model", "embedded", "--concept", "Jowen Gormere", "--out", str(tmp_path / "o"),
                      *extra]) != 0
     assert seen == [1, 2]
+
+
+def test_audit_takes_the_patchs_base_checkpoint(tmp_path, monkeypatch, capsys):
+    """A patch made with `--pretrained ck.safetensors` was audited on the shipped weights, and failed there
+    (fourteenth trial): the audit now loads the patch's base checkpoint unless --pretrained says otherwise."""
+    import torch
+
+    import slugkit.audit as audit
+    from slugkit.patch import make_patch, save_patch
+
+    base = {"w": torch.ones(3)}
+    save_patch(make_patch(base, {"w": base["w"] * 2}, base_model={"model": "embedded", "pretrained": "ck.safetensors"},
+                          adapter="open_clip", concept="A"), tmp_path / "patch")
+    seen = {}
+
+    def fake(patch, model, concept, pretrained=None, **kw):
+        seen.update(model=model, pretrained=pretrained)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(audit, "audit_patch", fake)
+    with pytest.raises(SystemExit):
+        main(["audit", "--patch", str(tmp_path / "patch"), "--out", str(tmp_path / "a")])
+    assert seen == {"model": "embedded", "pretrained": "ck.safetensors"}
+    assert "note: auditing on the patch's base checkpoint ck.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["audit", "--patch", str(tmp_path / "patch"), "--pretrained", "other.safetensors", "--out",
+              str(tmp_path / "b")])
+    assert seen["pretrained"] == "other.safetensors"
