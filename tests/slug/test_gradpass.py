@@ -355,3 +355,24 @@ def test_resume_uses_checkpointed_sums(world, reference, tmp_path, monkeypatch, 
         for n, v in getattr(ref, split).items():
             assert torch.equal(getattr(res, split)[n], v), (split, n)
     assert not ck.exists()
+
+
+def test_provenance_sees_every_parameter_and_a_folders_files(world, tmp_path):
+    """A bias-only change passed the gradients file's weights check (only the candidate tensors were hashed), and a
+    captioned folder's fingerprint was [-1, -1] whatever it held (fourteenth trial)."""
+    from slugkit.slug.gradfile import weights_sha256
+    from slugkit.slug.gradpass import _folder_stat
+
+    a = _adapter(world)
+    before = weights_sha256(a)
+    bias = next(p for n, p in a.model.named_parameters() if n.endswith("bias") and n not in a.candidate_names())
+    with torch.no_grad():
+        bias.add_(1e-3)
+    assert weights_sha256(a) != before
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.txt").write_text("Alice Abbott")
+    first = _folder_stat(str(tmp_path / "f"))
+    (tmp_path / "f" / "a.txt").write_text("Bruno Baker!")
+    st = os.stat(tmp_path / "f" / "a.txt")
+    os.utime(tmp_path / "f" / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert first[0] > 0 and _folder_stat(str(tmp_path / "f")) != first
