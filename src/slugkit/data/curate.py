@@ -39,8 +39,9 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
     """Write ``forget.tar`` + ``forget_manifest.json`` (and, if ``retain`` is not 0, ``retain.tar`` +
     ``retain_manifest.json``) into ``out_dir``. Returns a summary dict (also written as ``curate.json``).
 
-    The forget set is the first ``max_forget`` matches in stream order. The retain set is ``retain`` non-matching
-    samples chosen deterministically by a seeded hash of (shard, key) (``retain=None``: every non-match).
+    The forget set is the first ``max_forget`` matches in stream order whose image decodes. The retain set is
+    ``retain`` non-matching samples whose image decodes, chosen deterministically by a seeded hash of (shard, key)
+    (``retain=None``: every non-match); an undecodable one is skipped, counted, and replaced by the next in rank.
     A sample goes to the forget set when :func:`names_concept` finds ``concept`` or an alias in its caption.
 
     Raises :class:`EmptyForgetSetError` when nothing matches (the message carries the read diagnosis),
@@ -52,7 +53,7 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
     out = Path(out_dir)
     stats = ReadStats()
     forget_ids, other_ids, seen, bad_matches = [], [], set(), 0
-    # Pass 1: captions only (no image decoding) to find the matches.
+    # Pass 1: the captions, to find the matches (only the matches' images are decoded, up to the cap).
     it = iter_pairs(spec, strict=strict, stats=stats, decode=False)
     if progress:
         from tqdm import tqdm

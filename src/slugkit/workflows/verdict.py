@@ -9,8 +9,7 @@ A run never says "unlearned" because its search stopped; it says so when the **h
     ``forget_tolerance`` (default 0.05: the search decides on *validation* images, so one test image in 20 may still
     be recognised), or FA@1 exceeds ``forget_tolerance`` — for every concept of a joint run;
   * for text-to-image runs the same two checks on the generated images the judge recognises
-    (:func:`generation_checks`).
-
+    (:func:`generation_checks`);
   * ``model_broken``: utility (TA_IN@1) or the other identities' mean (TA_CA@1) dropped by more than
     :data:`BROKEN` × its budget (0.10 / 0.25 at the defaults; never less than at the defaults, never more than
     :data:`BROKEN_CAP` unless the budget is): the concept may be gone, but so is the model — a
