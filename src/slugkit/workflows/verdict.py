@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 EXIT_STATUS = {"pass": 0, "warn": 3, "fail": 4}
 BROKEN = 5.0  # a mean drop beyond this many times its budget fails the run (model_broken) ...
-BROKEN_CAP = 0.30  # ... or beyond 0.30, unless the budget itself is larger (--utility-budget 0.2 disarmed it: 14th trial)
+BROKEN_CAP = 0.30  # ... or beyond 0.30, unless the budget is larger (--utility-budget 0.2 disarmed it: 14th trial)
 # Metrics are float32 fractions: 30 of 1500 utility images is 0.02, yet 0.994 - 0.974 = 0.0200000405 in float32. A drop
 # is over its budget only beyond this slack, far below one image of any evaluation set (as the search compares).
 EPS = 1e-6
