@@ -360,15 +360,15 @@ def test_resume_uses_checkpointed_sums(world, reference, tmp_path, monkeypatch, 
 def test_provenance_sees_every_parameter_and_a_folders_files(world, tmp_path):
     """A bias-only change passed the gradients file's weights check (only the candidate tensors were hashed), and a
     captioned folder's fingerprint was [-1, -1] whatever it held (fourteenth trial)."""
-    from slugkit.slug.gradfile import weights_sha256
+    from slugkit.slug.gradfile import state_sha256
     from slugkit.slug.gradpass import _folder_stat
 
     a = _adapter(world)
-    before = weights_sha256(a)
+    before = state_sha256(a.model)
     bias = next(p for n, p in a.model.named_parameters() if n.endswith("bias") and n not in a.candidate_names())
     with torch.no_grad():
         bias.add_(1e-3)
-    assert weights_sha256(a) != before
+    assert state_sha256(a.model) != before
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "a.txt").write_text("Alice Abbott")
     first = _folder_stat(str(tmp_path / "f"))

@@ -30,15 +30,15 @@ def list_shards(spec: str) -> list[str]:
     return [str(Path(x).resolve()) for x in expand_urls(spec)]
 
 
-def weights_sha256(adapter, names: list[str] | None = None) -> str:
-    """sha256 over **every** parameter of ``adapter.model`` (name, dtype, shape, bytes), in ``named_parameters``
-    order: a gradient depends on the biases and norms too, not only on the candidate tensors it is taken of (a file
-    computed with other biases passed the check: fourteenth trial). ``names`` is unused (kept for callers)."""
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 over **every** state-dict tensor of ``model`` (name, dtype, shape, bytes), in name order: a gradient
+    depends on the biases, norms and buffers too, not only on the candidate tensors it is taken of (a file computed
+    with other biases passed a candidates-only check: fourteenth trial). Also ``slug compare``'s base-weights check."""
     h = hashlib.sha256()
-    for n, p in adapter.model.named_parameters():
-        t = p.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{n}:{t.dtype}:{tuple(p.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy())
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(v.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -85,7 +85,7 @@ def check_provenance(path: str | Path, adapter, names: list[str], specs: dict[st
     if not prov:
         return
     if prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest() or \
-            prov.get("weights_sha256") != weights_sha256(adapter, names):
+            prov.get("weights_sha256") != state_sha256(adapter.model):
         raise ValueError(f"{path} was computed for other model weights than this run's (the sha256 of its "
                          "parameters differs): pass the --model/--pretrained it was computed with, or recompute it "
                          "(slug grads)")

@@ -81,7 +81,7 @@ from ..common.tensorfile import read_tensors, write_safetensors
 from ..data.shards import ReadStats
 from .distributed import all_reduce_sums, barrier, dist_info
 from .gradfile import (list_shards, load_stats, provenance, save_full, save_stats_first,  # noqa: F401 (load_stats)
-                       weights_sha256)
+                       state_sha256)
 from .gradients import Gradients, NonFiniteGradientError, accumulate_batch, candidate_grads, check_finite, new_sums
 
 FORMAT = "slugkit-gradpass-1"
@@ -162,7 +162,7 @@ def fingerprint(adapter, names: list[str], forget: list[str], retain: list[str],
     return {
         "format": FORMAT,
         "model": json.loads(json.dumps(getattr(adapter, "model_id", {}), sort_keys=True, default=str)),
-        "weights_sha256": weights_sha256(adapter, names),
+        "weights_sha256": state_sha256(adapter.model),
         "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
         "forget": files(forget),
         "retain": files(retain),

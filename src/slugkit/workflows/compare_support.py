@@ -37,12 +37,13 @@ The functions here take the comparison's :class:`~slugkit.workflows.compare.Comp
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
 
 import torch
+
+from ..slug.gradfile import state_sha256
 
 PEAK_MEM_NOTE = ("peak RSS growth over the method after gc + malloc_trim: the kernel's VmHWM, reset at the start "
                  "(/proc/self/clear_refs), else sampled every 5 ms from /proc/self/statm; "
@@ -56,15 +57,6 @@ def peak_mem_method() -> str:
         if _OPEN_WINDOWS[0]:
             return "sampled"
         return "hwm" if _reset_hwm() else "sampled"
-
-
-def state_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict tensor of ``model`` (name and bytes), in name order."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
 
 
 def _release_free_memory() -> None:
