@@ -140,6 +140,23 @@ def test_out_folder_refused_up_front(world, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grads", "notes.txt"] and list(d.iterdir()) == []
 
 
+def test_existing_out_needs_overwrite(world, reference, tmp_path, capsys):
+    """A second `slug grads --out FILE` replaced a finished pass without a word; it is refused unless --overwrite
+    (the file untouched), and --overwrite replaces it."""
+    from slugkit.cli import main
+
+    out = tmp_path / "g.safetensors"
+    out.write_bytes(reference[1].read_bytes())
+    before = out.read_bytes()
+    assert main(_cli(world, out)[2:]) == 2
+    assert capsys.readouterr().err == (f"error: {out} already exists; pass --overwrite to replace it, or choose "
+                                       "another --out\n")
+    assert out.read_bytes() == before and not Path(f"{out}.ckpt").exists()
+    out.write_bytes(b"stale")
+    assert main(_cli(world, out, "--overwrite")[2:]) == 0
+    _assert_equal_grads(Gradients.load(out), reference[0].grads)
+
+
 # ---------------------------------------------------------------------------------------------- (a)
 def test_streaming_equals_compute_gradients(world, reference):
     """Same batches (formed within each shard) -> the same gradients as the in-memory ``compute_gradients``."""

@@ -61,6 +61,9 @@ def cmd_grads(a) -> int:
 
     if out_inside_run(a.out):
         return refuse(out_inside_run(a.out))
+    out = Path(a.out)
+    if (out.is_file() or out.is_symlink()) and not a.overwrite:  # a finished pass was replaced without a word
+        return refuse(f"{printable(a.out)} already exists; pass --overwrite to replace it, or choose another --out")
     if a.threads:
         torch.set_num_threads(a.threads)
     rank, world, device = init_distributed(a.device)
@@ -144,6 +147,7 @@ def add_parsers(sub) -> None:
     gp.add_argument("--forget", required=True, help="forget pairs: shards (brace patterns, '::' lists) or a folder")
     gp.add_argument("--retain", required=True, help="retain pairs: shards or a captioned folder")
     gp.add_argument("--out", required=True, help="output .safetensors (written by rank 0, atomically)")
+    gp.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     gp.add_argument("--batch-size", type=BATCH, default=64,
                     help="batches are formed within each shard; >= 2 (default 64)")
     gp.add_argument("--checkpoint-dir", default=None, help="resume state (default OUT.ckpt; deleted on success)")
