@@ -7,6 +7,7 @@ adapter's own filter), so a changed filter fails here.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 
 import pytest
@@ -190,17 +191,23 @@ def test_directory_without_config_is_an_error(tmp_path):
         resolve_model_name(str(tmp_path), None)
 
 
-def test_unreachable_pretrained_tag_explains_local_weights(tmp_path, monkeypatch):
-    """Offline, a pretrained tag fails fast with a message that says how to pass local weights."""
+def test_unreachable_pretrained_tag_explains_local_weights(tmp_path, monkeypatch, caplog):
+    """Offline, a pretrained tag fails fast with a message that says how to pass local weights, said once (open_clip
+    also logged it as ``ERROR:root:Failed to download weights …`` before our error)."""
     hf_constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads the variable at import time; patch the module flag it consults as well
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True, raising=False)
     if hasattr(hf_constants, "is_offline_mode") and not hf_constants.is_offline_mode():
         pytest.skip("cannot force huggingface_hub offline in-process; the download would retry for ~1 minute")
+    caplog.set_level("DEBUG")
     with pytest.raises(ModelLoadError) as ei:
         OpenClipAdapter.load("ViT-B-32", "laion400m_e32", cache_dir=str(tmp_path / "cache"))
     msg = str(ei.value)
+    assert "Failed to download weights for tag 'laion400m_e32'" in msg
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    logging.getLogger().error("after the load: logged as usual")  # the filter was removed
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == ["after the load: logged as usual"]
     assert "ViT-B-32" in msg and "laion400m_e32" in msg
     assert "--pretrained /path/to/open_clip_model.safetensors" in msg
     assert "local-dir:" in msg

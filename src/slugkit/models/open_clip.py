@@ -20,6 +20,7 @@ changes the tensors a patch is hashed against and makes a float32 input batch cr
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -100,6 +101,25 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
     return model, pretrained
 
 
+class _OpenClipErrorsRaised(logging.Filter):
+    """Drops open_clip's own ``logging.error`` lines: it logs a failed download on the root logger and then raises
+    the same text, which :meth:`OpenClipAdapter.load` reports once (the user saw it twice, the first time as
+    ``ERROR:root:…``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "/open_clip/" in record.pathname.replace("\\", "/"))
+
+
+@contextlib.contextmanager
+def _errors_raised_not_logged():
+    root, flt = logging.getLogger(), _OpenClipErrorsRaised()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
 def _load_weights(net, path: Path, model: str) -> None:
     """``path``'s tensors into ``net`` (every parameter and buffer, same names and shapes; :func:`weights_override`)."""
     from safetensors.torch import load_file
@@ -148,7 +168,7 @@ class OpenClipAdapter(Adapter):
         hub = name.startswith("hf-hub:") or bool(tag and not Path(tag).is_file())  # may download
         why = None
         try:
-            with offline_unless_reachable() if hub else contextlib.nullcontext() as why:
+            with offline_unless_reachable() if hub else contextlib.nullcontext() as why, _errors_raised_not_logged():
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=tag, precision="fp32", device=device, cache_dir=cache_dir)
                 tokenizer = open_clip.get_tokenizer(name)
