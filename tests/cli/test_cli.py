@@ -302,6 +302,34 @@ def test_precomputed_gradients_keep_the_default_step_and_check_the_pairs(tmp_pat
     assert "was computed for other model weights than this run's" in capsys.readouterr().err
 
 
+def test_saved_gradients_record_their_provenance(tmp_path, data_dir, demo_run, capsys):
+    """`slug unlearn --save-gradients` wrote a file without provenance, so `--gradients` checked only its pair
+    counts: other pairs of the same count ran. It records the same provenance as `slug grads`."""
+    from slugkit.slug.gradfile import read_provenance
+
+    data, demo = demo_run / "data", json.loads((demo_run / "result.json").read_text())
+    pairs = ["--forget", str(data / "forget.tar"), "--retain", str(data / "retain.tar")]
+    run = tmp_path / "run"
+    assert main(_unlearn_args(data_dir, demo["concept"], run) + pairs + ["--save-gradients"]) in (0, 3)
+    gfile = tmp_path / "g.safetensors"
+    assert main(["grads", "--model", "embedded", *pairs, "--out", str(gfile), "--threads", "1", "--no-progress"]) == 0
+    saved = read_provenance(run / "gradients.safetensors")
+    assert saved == read_provenance(gfile) and saved["retain"] and saved["weights_sha256"]
+    (tmp_path / "r2").mkdir()
+    import tarfile
+
+    retain = bytearray((data / "retain.tar").read_bytes())
+    with tarfile.open(data / "retain.tar") as tf:
+        cap = next(m for m in tf.getmembers() if m.name.endswith(".txt"))
+    retain[cap.offset_data] ^= 0x01  # one caption letter: same size, same count, other pairs
+    (tmp_path / "r2" / "retain.tar").write_bytes(bytes(retain))
+    capsys.readouterr()
+    other = ["--forget", str(data / "forget.tar"), "--retain", str(tmp_path / "r2" / "retain.tar")]
+    assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "again") + other
+                + ["--gradients", str(run / "gradients.safetensors")]) == 2
+    assert "was computed on other retain pairs" in capsys.readouterr().err
+
+
 def test_a_world_run_takes_pretrained_and_refuses_what_it_would_drop(tmp_path, data_dir, demo_run, capsys):
     """`slug unlearn --model embedded --pretrained CK` without data flags ran on the shipped weights (FA@1 1.000
     before on a checkpoint that had forgotten), and dropped --identity-template, --related-names, --family

@@ -68,6 +68,17 @@ def provenance(fp: dict, names: list[str]) -> dict:
             "forget": _shards([e[0] for e in fp["forget"]]), "retain": _shards([e[0] for e in fp["retain"]])}
 
 
+def run_provenance(adapter, names: list[str], specs: dict[str, str | None]) -> dict:
+    """The provenance of gradients computed in-process (``slug unlearn --save-gradients``): the unedited model's
+    weights, the candidate names and each given split's shards (``specs``: ``{"forget": spec or None, ...}``; the
+    world's generated pairs have none). Such a file recorded none, so only its pair counts were checked when it was
+    read back with ``--gradients``."""
+    prov = {"weights_sha256": state_sha256(adapter.model),
+            "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    prov.update({split: _shards(list_shards(spec)) for split, spec in specs.items() if spec})
+    return prov
+
+
 def read_provenance(path: str | Path) -> dict | None:
     """The provenance a gradients file records (None: a file of an older slugkit's, which recorded none)."""
     from safetensors import safe_open

@@ -23,6 +23,7 @@ from ..common.runfolder import claim_out, pause_point, run_folder
 from ..data.shards import ReadStats
 from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
 from ..eval.zeroshot import PARTS, SuiteEvaluator
+from ..slug.gradfile import run_provenance, save_full
 from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
 from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
@@ -143,7 +144,8 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         with _timed(timing, "gradients", cpu):
             grads, stats = _gradients(cfg, adapter, data, names)
         if cfg.save_gradients and not cfg.gradients:
-            grads.save(out / "gradients.safetensors")
+            prov = run_provenance(adapter, names, {"forget": cfg.forget, "retain": cfg.retain})
+            save_full(out / "gradients.safetensors", grads, prov)
         with _timed(timing, "layers", cpu):
             table = _layers(cfg, adapter, grads, stats, names)
         with _timed(timing, "neighbours", cpu):
@@ -389,12 +391,10 @@ def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, 
     patch = make_patch(adapter.model, new_values, base_model=adapter.model_id, adapter=adapter.family,
                        architecture=architecture_facts(adapter.model),
                        concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
-                       step_size=chosen.step_size,
-                       metrics={"before": brief(before), "after": brief(after)},
+                       step_size=chosen.step_size, metrics={"before": brief(before), "after": brief(after)},
                        extra={"layer": chosen.name, "tower": chosen.tower, **verdict_fields(verdict),
                               **({"layers_edited": [e.to_json() for e in edits]} if len(edits) > 1 else {}),
-                              "relative_change": chosen.step_size / chosen.ratio,
-                              "edit": edit})
+                              "relative_change": chosen.step_size / chosen.ratio, "edit": edit})
     save_patch(patch, out / "patch", overwrite=cfg.overwrite)
     return patch, (out / "patch" / "patch.safetensors").stat().st_size
 
