@@ -88,6 +88,24 @@ def test_a_broken_model_fails_even_when_the_concept_is_gone(key, broken, budget)
     assert sd.status == "warn" and [r["code"] for r in sd.reasons] == ["clip_broken"]  # the pipeline is fine
 
 
+def test_a_sequential_run_that_broke_the_model_says_so(capsys):
+    """The sequential summary said "did NOT unlearn A, B" when both were gone and the edits broke the model."""
+    from slugkit.report.unlearn import print_sequential_summary
+
+    m = {"forget_top1": 0.0, "forget_top5": 0.0, "related_top1": 0.5, "utility_top1": 0.4}
+    result = {"concepts": ["A", "B"], "steps": [{"layer": "visual.proj"}, {"layer": "ln_final"}],
+              "per_concept": {c: {"before": {**m, "forget_top1": 1.0, "forget_top5": 1.0}, "after": m} for c in "AB"},
+              "metrics": {"before": {**m, "related_top1": 1.0, "utility_top1": 1.0}, "after": m},
+              "patch": {"bytes": 10}}
+    broken = {"code": "model_broken", "severity": "fail", "message": "x"}
+    for reasons, said in (([broken], "SLUG removed A, B one after another (visual.proj then ln_final), but the "
+                           "edits BROKE the model (see the verdict); do not ship the patch"),
+                          ([broken, {"code": "not_forgotten", "severity": "fail", "message": "y"}],
+                           "SLUG did NOT unlearn A, B one after another (visual.proj then ln_final)\n")):
+        print_sequential_summary({**result, "verdict": {"status": "fail", "reasons": reasons}}, "out")
+        assert said in capsys.readouterr().out
+
+
 def test_budgets_are_configurable():
     after = _after(utility_top1=0.95)  # a 0.04 drop
     assert _verdict(after=after).status == "warn"

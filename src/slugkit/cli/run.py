@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..common.text import printable
 from ..workflows.verdict import exit_status_of
 from .world import world_ignored
 from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, name_list,
@@ -32,29 +31,6 @@ def print_summary(result: dict, out: str) -> None:
           f"patch {result['patch']['bytes']:,} bytes = {100 * result['patch']['bytes'] / result['model_bytes']:.2f}% "
           f"of the model")
     print(outputs_line(out))
-    for line in verdict_lines(result.get("verdict")):
-        print(line)
-
-
-def print_multi_summary(result: dict, out: str) -> None:
-    """Print the outcome of a sequential multi-concept run: per-concept and shared metrics, the chained patch."""
-    from ..report.unlearn import verdict_lines
-    print()
-    verb = "did NOT unlearn" if result["verdict"]["status"] == "fail" else "unlearned"  # verdict_lines say why
-    print(f"SLUG {verb} {', '.join(result['concepts'])} one after another ("
-          + " then ".join(" + ".join(e["layer"] for e in s.get("layers_edited") or [s]) for s in result["steps"])
-          + ")")  # every layer of a step (the second layer of a two-layer step was not named: eighth trial)
-    print("| concept | FA@1 before | FA@1 after | FA@5 before | FA@5 after |")
-    print("|---|---|---|---|---|")
-    for c, m in result["per_concept"].items():
-        b, a = m["before"], m["after"]
-        print(f"| {c} | {b['forget_top1']:.3f} | {a['forget_top1']:.3f} | {b['forget_top5']:.3f} | "
-              f"{a['forget_top5']:.3f} |")
-    b, a = result["metrics"]["before"], result["metrics"]["after"]
-    print(f"shared: related top-1 (identities not unlearned) {b['related_top1']:.3f} -> {a['related_top1']:.3f}, "
-          f"utility top-1 {b['utility_top1']:.3f} -> {a['utility_top1']:.3f}")
-    print(f"one chained patch: {printable(out)}/patch ({result['patch']['bytes']:,} bytes); "
-          f"per-step runs in {printable(out)}/<k>-<Name>/")
     for line in verdict_lines(result.get("verdict")):
         print(line)
 
@@ -163,7 +139,9 @@ def cmd_demo(a) -> int:
         cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: steps / f"{k + 1}-{c.replace(' ', '_')}",
                                                         a.data_dir, **common)]
         result = run_sequential(cfgs, out, overwrite=a.overwrite)
-        print_multi_summary(result, str(out))
+        from ..report.unlearn import print_sequential_summary
+
+        print_sequential_summary(result, str(out))
         return exit_status_of(result)
     cfg, cur, data = world_config(concepts if len(concepts) > 1 else concepts[0], out, a.data_dir, **common)
     result = run_unlearn(cfg, extra_run_info={"curate": cur, "world_data": str(data)})

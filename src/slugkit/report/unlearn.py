@@ -71,11 +71,18 @@ def metrics_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def broke_the_model(verdict: dict | None) -> bool:
+    """A ``fail`` verdict whose concept went but whose edit broke the model (``model_broken`` without a forgetting
+    failure): the headline says so rather than "did NOT unlearn"."""
+    codes = {r.get("code") for r in (verdict or {}).get("reasons", [])}
+    return (verdict or {}).get("status") == "fail" and "model_broken" in codes \
+        and not codes & {"not_forgotten", "nothing_to_unlearn"}
+
+
 def headline(result: dict, subject: str, edit: str) -> str:
     """The one line a run opens its summary with; it says "unlearned" only when the verdict is not ``fail``."""
     status = result.get("verdict", {}).get("status", "pass")
-    codes = {r.get("code") for r in result.get("verdict", {}).get("reasons", [])}
-    if status == "fail" and "model_broken" in codes and not codes & {"not_forgotten", "nothing_to_unlearn"}:
+    if broke_the_model(result.get("verdict")):
         return (f"SLUG removed {result['concept']!r} from {subject} by editing {edit}, but the edit BROKE the model "
                 "(see the verdict); do not ship the patch")
     if status == "fail":
@@ -287,3 +294,27 @@ def render_report(result: dict) -> str:
               "Apply it: `slug apply --patch patch/ ...` or `slugkit.apply_patch(model, slugkit.load_patch('patch'))`; "
               "revert is bit-exact.", ""]
     return "\n".join(lines)
+
+
+def print_sequential_summary(result: dict, out: str) -> None:
+    """Print the outcome of a sequential multi-concept run: per-concept and shared metrics, the chained patch."""
+    print()
+    verb = "removed" if broke_the_model(result["verdict"]) else "did NOT unlearn" \
+        if result["verdict"]["status"] == "fail" else "unlearned"  # verdict_lines say why
+    print(f"SLUG {verb} {', '.join(result['concepts'])} one after another ("
+          + " then ".join(" + ".join(e["layer"] for e in s.get("layers_edited") or [s]) for s in result["steps"])
+          + ")" + (", but the edits BROKE the model (see the verdict); do not ship the patch"
+                   if broke_the_model(result["verdict"]) else ""))  # every layer of a step named (eighth trial)
+    print("| concept | FA@1 before | FA@1 after | FA@5 before | FA@5 after |")
+    print("|---|---|---|---|---|")
+    for c, m in result["per_concept"].items():
+        b, a = m["before"], m["after"]
+        print(f"| {c} | {b['forget_top1']:.3f} | {a['forget_top1']:.3f} | {b['forget_top5']:.3f} | "
+              f"{a['forget_top5']:.3f} |")
+    b, a = result["metrics"]["before"], result["metrics"]["after"]
+    print(f"shared: related top-1 (identities not unlearned) {b['related_top1']:.3f} -> {a['related_top1']:.3f}, "
+          f"utility top-1 {b['utility_top1']:.3f} -> {a['utility_top1']:.3f}")
+    print(f"one chained patch: {printable(out)}/patch ({result['patch']['bytes']:,} bytes); "
+          f"per-step runs in {printable(out)}/<k>-<Name>/")
+    for line in verdict_lines(result.get("verdict")):
+        print(line)
