@@ -211,6 +211,16 @@ def test_save_patched_text_encoder(tmp_path, clip, slug_patch, capsys):
     te = CLIPTextModel.from_pretrained(tmp_path / "cli-rev", subfolder="text_encoder")
     assert {k: tensor_sha256(v) for k, v in te.state_dict().items()} == \
         {k: tensor_sha256(v) for k, v in pipe.text_encoder.state_dict().items()}
+    # --full-pipeline linked slugkit_patch.json too: the revert rewrote cli's record (fifteenth trial); each folder
+    # has its own record now, and the earlier ones travel with it
+    record = (tmp_path / "cli" / "slugkit_patch.json").read_bytes()
+    assert main(["revert", "--pipeline", str(tmp_path / "cli"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "cli-rev-full"), "--full-pipeline"]) == 0
+    assert (tmp_path / "cli" / "slugkit_patch.json").read_bytes() == record
+    assert json.loads(record)["reverted"] is False
+    rev = json.loads((tmp_path / "cli-rev-full" / "slugkit_patch.json").read_text())
+    assert rev["reverted"] is True and rev["earlier"] == [json.loads(record)]
+    assert (tmp_path / "cli-rev-full" / "slugkit_patch.json").stat().st_nlink == 1
     other = tiny_sd_pipeline(build_adapter(seed=5))
     other.save_pretrained(tmp_path / "other")
     assert main(["apply", "--pipeline", str(tmp_path / "other"), "--patch", str(tmp_path / "patch"), "--out",

@@ -284,3 +284,38 @@ def test_audit_of_the_sd_demo_patch(sd_run, tmp_path):
     assert [r["condition"] for r in probes["precision"]["rows"]] == ["fp32", "fp16", "bf16", "int8", "int4"]
     assert "Prompt variants" in (out / "audit.md").read_text()
     assert main(args) == 2  # audit.json exists: refused without --overwrite
+
+
+def test_train_t2i_needs_out_and_writes_whole_after_a_step(tmp_path, capsys):
+    """`slug world train-t2i` without --out wrote into the shipped model's folder: a 1-second trial replaced the
+    shipped UNet with an untrained one (fifteenth trial). --out is required, a run of no step writes nothing, an
+    existing model needs --overwrite (the user's files in it kept), a folder of other files or another model is
+    refused before training."""
+    from pathlib import Path
+
+    from slugkit.cli import main
+
+    shipped = {p.name: p.read_bytes() for p in t2i.T2I_DIR.iterdir()}
+    with pytest.raises(SystemExit):
+        main(["world", "train-t2i", "--steps", "1"])
+    assert "--out" in capsys.readouterr().err
+    out = tmp_path / "t2i"
+    tiny = ["--channels", "8,16,16", "--batch-size", "8", "--eval-per-class", "0", "--out", str(out)]
+    assert main(["world", "train-t2i", *tiny, "--steps", "3", "--stop-at", "0"]) == 2
+    assert "no training step finished" in capsys.readouterr().err and not out.exists()
+    assert not Path(f"{out}.checkpoint").exists()
+    assert main(["world", "train-t2i", *tiny, "--steps", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".slugkit-entries.json", t2i.CONFIG_FILE, t2i.UNET_FILE]
+    (out / "notes.txt").write_text("mine")
+    assert main(["world", "train-t2i", *tiny, "--steps", "2"]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["world", "train-t2i", *tiny, "--steps", "2", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / t2i.UNET_FILE).is_file()
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "train_report.json").write_text("{}")
+    (clip / "open_clip_config.json").write_text("{}")
+    assert main(["world", "train-t2i", *tiny[:-1], str(clip), "--steps", "2", "--overwrite"]) == 2
+    assert "holds files slug did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in clip.iterdir()) == ["open_clip_config.json", "train_report.json"]
+    assert {p.name: p.read_bytes() for p in t2i.T2I_DIR.iterdir()} == shipped

@@ -157,3 +157,40 @@ def test_train_smoke_loads_as_local_dir(tmp_path):
     assert torch.equal(preprocess(img)[None], train.normalise(train.images_to_uint8([img])))
     with torch.no_grad():
         assert model.encode_image(preprocess(img)[None]).shape == (1, 64)
+
+
+def test_trainers_out_keeps_what_is_not_theirs(tmp_path, capsys):
+    """`slug world train` wrote into any folder (a user's model replaced, no --overwrite) and wrote no manifest, so
+    `train-vlm --overwrite` then deleted the CLIP and the user's notes beside its train_report.json (fifteenth
+    trial). Now: --overwrite replaces only a model of the same kind, the user's files are kept, a run folder is
+    refused, and a folder written without a manifest keeps every entry the new model does not write."""
+    pytest.importorskip("open_clip")
+    from slugkit.common.files import atomic_dir
+    from slugkit.common.outguard import check_model_out
+    from slugkit.world import train
+
+    out = tmp_path / "clip"
+    train.train_embedded(out, steps=1, per_class=2, eval_per_class=1, progress=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
+        train.train_embedded(out, steps=1, per_class=2, eval_per_class=1, progress=False)
+    train.train_embedded(out, steps=1, per_class=2, eval_per_class=1, progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "open_clip_model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match=r"holds another model slug wrote \(no processor_config.json\)"):
+        check_model_out(out, True, "train_report.json", "processor_config.json")  # train-vlm's check
+    run = tmp_path / "run"
+    (run / "patch").mkdir(parents=True)
+    (run / "result.json").write_text("{}")
+    for where in (run, run / "patch" / "m"):
+        with pytest.raises(FileExistsError, match="slug run folder"):
+            check_model_out(where, True, "train_report.json")
+    old = tmp_path / "old"  # written before the manifest: only what the new write writes is replaced
+    old.mkdir()
+    for name in ("train_report.json", "open_clip_model.safetensors", "notes.txt"):
+        (old / name).write_text("old " + name)
+    with atomic_dir(old, True, marker="train_report.json") as tmp:
+        (tmp / "train_report.json").write_text("new")
+    assert sorted(p.name for p in old.iterdir() if not p.name.startswith(".")) == [
+        "notes.txt", "open_clip_model.safetensors", "train_report.json"]
+    assert (old / "train_report.json").read_text() == "new" and (old / "notes.txt").read_text() == "old notes.txt"
+    assert "note: kept in" in capsys.readouterr().err

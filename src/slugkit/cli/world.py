@@ -20,7 +20,7 @@ def cmd_world(a) -> int:
         from ..world.train import train_embedded
 
         kw = {k: v for k, v in (("steps", a.steps), ("threads", a.threads)) if v is not None}
-        report = train_embedded(a.out, seed=a.seed, **kw)
+        report = train_embedded(a.out, seed=a.seed, overwrite=a.overwrite, progress=not a.no_progress, **kw)
         print(json.dumps(report, indent=2))
         return 0
     if a.world_cmd == "train-vlm":
@@ -59,6 +59,9 @@ def add_parsers(sub) -> None:
     wt.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
     wt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     wt.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
+    wt.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
+                                                            "of other files is refused; your files in it are kept)")
+    wt.add_argument("--no-progress", action="store_true", help="no progress bar")
     wv = wsub.add_parser("train-vlm", help="train the embedded VLM (LLaVA: the embedded CLIP's vision tower, a "
                                            "projector and a small Llama)")
     wv.add_argument("--out", required=True, help="folder for the model, its processor files and train_report.json")
@@ -70,7 +73,8 @@ def add_parsers(sub) -> None:
                          "shipped model's)")
     wv.add_argument("--eval-images", type=int, default=20, help="test images per identity and object class for the "
                                                                 "report (0: no evaluation; default 20)")
-    wv.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    wv.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
+                                                            "of other files is refused; your files in it are kept)")
     wv.add_argument("--no-progress", action="store_true", help="no progress bar")
     wdd = wsub.add_parser("data", help="write the world's shards and folders")
     wdd.add_argument("--out", default=None, help="folder to write (default: the cache dir the demos use)")

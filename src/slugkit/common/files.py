@@ -254,13 +254,15 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
 
 
 def _keep_foreign(old: Path, new: Path, own: list[str]) -> list[str]:
-    """Carry the entries of the folder ``old`` that slug did not write (not in its :data:`MANIFEST`; a folder slug
-    wrote before the manifest counts as all slug's) into ``new``, hard-linked where possible; one named like an
-    entry slug writes now is kept as ``NAME.before-slug``. Returns what was kept, as printed."""
+    """Carry the entries of the folder ``old`` that slug did not write (not in its :data:`MANIFEST`) into ``new``,
+    hard-linked where possible; one named like an entry slug writes now is kept as ``NAME.before-slug``. In a folder
+    without a manifest (``slug world train`` wrote none, nor did slug before the manifest) only the entries slug
+    writes now (``own``) are replaced and every other one is kept: such a folder counted as all slug's, and
+    ``slug world train-vlm --overwrite`` deleted a user's notes and another command's model beside its marker
+    (fifteenth trial). Returns what was kept, as printed."""
     doc = read_manifest(old)
-    if doc is None:
-        return []
-    kept, mine = [], sorted(set(os.listdir(old)) - set(doc["entries"]))
+    written = set(doc["entries"]) if doc is not None else set(own) | {MANIFEST}
+    kept, mine = [], sorted(set(os.listdir(old)) - written)
     for name in sorted(mine, key=lambda e: e in own):  # the user's names first: a new name never takes one
         dst = name if not os.path.lexists(new / name) else kept_name(name, new, old)
         if (old / name).is_dir() and not (old / name).is_symlink():

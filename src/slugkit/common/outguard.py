@@ -30,7 +30,7 @@ import re
 import stat
 from pathlib import Path
 
-from .files import MANIFEST, atomic_write_bytes, read_manifest
+from .files import MANIFEST, atomic_write_bytes, check_replaceable, read_manifest
 
 __all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", "foreign_entries", "inside_run",
            "is_run", "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest",
@@ -199,6 +199,28 @@ def inside_run(path: str | os.PathLike) -> tuple[Path, str] | None:
         if marker is not None:
             return a, marker
     return None
+
+
+def check_model_out(out: str | os.PathLike, overwrite: bool, marker: str, kind: str | None = None) -> None:
+    """Before a trainer's work (``slug world train | train-t2i | train-canvas | train-vlm --out``): refuse, with
+    ``FileExistsError`` naming ``--out`` and what to do, a file, a slug run folder or a folder inside one (replacing
+    the run would delete the model, and the model's folder would take the run's files), and a non-empty folder without
+    ``overwrite`` or, with it, one without ``marker`` (:func:`slugkit.common.files.check_replaceable`) or without
+    ``kind`` (the file that tells this trainer's model from another's: ``train-vlm --overwrite`` replaced a CLIP that
+    ``slug world train`` wrote, as both write ``train_report.json``). They wrote into any folder, replacing a user's
+    files without a word (fifteenth trial)."""
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder; give a folder for the model")
+    marker_run = is_run(out) if out.is_dir() else None
+    holder = (out, marker_run) if marker_run else inside_run(out)
+    if holder is not None:
+        raise FileExistsError(f"--out {out} is {'the' if holder[0] == out else 'inside the'} slug run folder "
+                              f"{holder[0]} ({holder[1]}); write the model outside that run")
+    check_replaceable(out, overwrite, marker)
+    if kind and out.is_dir() and any(out.iterdir()) and not (out / kind).is_file():
+        raise FileExistsError(f"--out {out} holds another model slug wrote (no {kind}); --overwrite replaces only a "
+                              "model of the same kind, so choose another --out")
 
 
 def runs_below(folder: Path, depth: int = 3, budget: int = 2000) -> list[str]:

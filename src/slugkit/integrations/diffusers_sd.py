@@ -363,7 +363,7 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
                         raise ValueError("full_pipeline needs a pipeline object or a pipeline folder, not a bare "
                                          "encoder")
                     for entry in src_dir.iterdir():
-                        if entry.name == encoder or entry.name.startswith("."):
+                        if entry.name in (encoder, "slugkit_patch.json") or entry.name.startswith("."):
                             continue
                         if entry.is_dir():
                             shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)

@@ -165,12 +165,27 @@ def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *
 
 
 def write_provenance(folder: Path, patch: Patch, reverted: bool, source: Path | None, **extra) -> None:
-    """``slugkit_patch.json`` next to a written model: which patch, on what, applied or reverted."""
+    """``slugkit_patch.json`` next to a written model: which patch, on what, applied or reverted, and (``earlier``)
+    the records of the folder it was written from, oldest first — a folder patched twice named only the second
+    patch. Written as a new file (by rename): a hard link to the source folder's record (``--full-pipeline`` links
+    what it copies) was written through, and an apply or revert rewrote the records of the folders before it
+    (fifteenth trial)."""
     import json
 
+    from ..common.files import atomic_write_bytes
+
+    earlier = []
+    try:
+        prev = json.loads((Path(source) / "slugkit_patch.json").read_text(encoding="utf-8")) if source else None
+    except (OSError, ValueError):
+        prev = None
+    if isinstance(prev, dict):
+        earlier = [*(prev.pop("earlier", None) or []), prev]
     info = {"patch_fingerprint": patch.fingerprint, "concept": patch.concept, "base_model": patch.base_model,
-            "tensors": patch.names, "reverted": reverted, "source": str(source) if source else None, **extra}
-    (Path(folder) / "slugkit_patch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+            "tensors": patch.names, "reverted": reverted, "source": str(source) if source else None, **extra,
+            **({"earlier": earlier} if earlier else {})}
+    text = json.dumps(info, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write_bytes(Path(folder) / "slugkit_patch.json", text.encode())
 
 
 def check_pipeline_folder(folder: str | Path) -> None:

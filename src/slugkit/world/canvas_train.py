@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slugkit.common.files import atomic_write_bytes
+from slugkit.common.files import atomic_dir, atomic_write_bytes
+from slugkit.common.outguard import check_model_out
 from slugkit.world import canvas
 from slugkit.world.t2i import T2IConfig
 
@@ -107,14 +108,15 @@ def _net_bytes(net: torch.nn.Module) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slugkit.world.t2i_train import _num_threads, _unet_bytes, train_t2i
+    from slugkit.world.t2i_train import _num_threads, train_t2i
 
     ap = argparse.ArgumentParser(prog="slug world train-canvas",
                                  description="train the embedded canvas: its style/object judges, then its UNet; "
                                              f"stops if a judge's held-out accuracy is < {JUDGE_MIN_ACCURACY}",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="folder to write (created; a non-empty one needs --overwrite)")
-    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    ap.add_argument("--overwrite", action="store_true", help="replace a canvas this command wrote in --out (a folder "
+                                                             "of other files is refused; your files in it are kept)")
     ap.add_argument("--steps", type=int, default=CANVAS_STEPS, help="UNet optimizer steps (batch 64)")
     ap.add_argument("--per-pair", type=int, default=150, help="training renders per (style, object) pair")
     ap.add_argument("--cond-noise", type=float, default=CANVAS_COND_NOISE,
@@ -133,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         bad.append(f"--cond-noise must be a finite number >= 0, got {a.cond_noise}")
     if a.eval_per_pair < 0:
         bad.append(f"--eval-per-pair must be >= 0, got {a.eval_per_pair}")
-    if out.exists() and not out.is_dir():
-        bad.append(f"--out {out} exists and is not a folder")
-    elif out.is_dir() and any(out.iterdir()) and not a.overwrite:
-        bad.append(f"--out {out} is not empty; pass --overwrite to write into it")
+    try:  # a file, a run folder (or inside one), a non-empty folder without --overwrite, another model's folder
+        check_model_out(out, a.overwrite, canvas.CONFIG_FILE)  # (it wrote into any of them: fifteenth trial)
+    except FileExistsError as e:
+        bad.append(str(e))
     if bad:
         print(f"error: {bad[0]}", file=sys.stderr)
         return 2
@@ -166,7 +168,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generated images ({e['images_per_pair']} per pair): style {e['style_accuracy']:.1%}, object "
                   f"{e['object_accuracy']:.1%}, both {e['both']:.1%} (per style and object: canvas_config.json)",
                   flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, a.overwrite, marker=canvas.CONFIG_FILE) as tmp:  # whole or not at all
+        _write_canvas(tmp, unet, judges, cfg, a, info)
+    print(f"wrote {out}: UNet {info['steps_done']} steps in {info['train_s']} s, judges in {t_judges:.0f} s")
+    return 0
+
+
+def _write_canvas(out: Path, unet, judges: dict, cfg, a, info: dict) -> None:
+    from slugkit.world.t2i_train import _unet_bytes
+
     atomic_write_bytes(out / canvas.UNET_FILE, _unet_bytes(unet))
     for task, net in judges.items():
         atomic_write_bytes(out / canvas.JUDGE_FILES[task], _net_bytes(net))
@@ -176,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
             "info": info, "styles": canvas.STYLES, "objects": canvas.OBJECTS,
             "versions": {"torch": torch.__version__, "python": platform.python_version()}}
     atomic_write_bytes(out / canvas.CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    print(f"wrote {out}: UNet {info['steps_done']} steps in {info['train_s']} s, judges in {t_judges:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -185,25 +185,60 @@ def _write_unet(out: Path, unet, cfg: T2IConfig, info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="train the embedded text-to-image UNet")
-    ap.add_argument("--out", default=str(T2I_DIR))
-    ap.add_argument("--steps", type=int, default=T2IConfig.steps)
-    ap.add_argument("--batch-size", type=int, default=T2IConfig.batch_size)
-    ap.add_argument("--channels", default="16,32,64")
-    ap.add_argument("--cond-noise", type=float, default=T2IConfig.cond_noise)
-    ap.add_argument("--lr", type=float, default=T2IConfig.lr)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    """``slug world train-t2i`` (``python -m slugkit.world.t2i_train``). ``--out`` is required: it defaulted to the
+    shipped model's folder inside the package, and a 1-second trial run replaced the shipped UNet with an untrained
+    one (fifteenth trial). The folder is written whole or not at all, and only after at least one training step."""
+    import shutil
+    import sys
+
+    from slugkit.common.files import atomic_dir
+    from slugkit.common.outguard import check_model_out
+
+    ap = argparse.ArgumentParser(prog="slug world train-t2i", description="train the embedded text-to-image UNet "
+                                 "(deterministic for a fixed thread count)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder to write: unet.safetensors and t2i_config.json (the shipped "
+                                                 f"model is in {T2I_DIR}; pass that to retrain it)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
+                                                             "of other files is refused; your files in it are kept)")
+    ap.add_argument("--steps", type=int, default=T2IConfig.steps, help="optimizer steps (the LR schedule's length)")
+    ap.add_argument("--batch-size", type=int, default=T2IConfig.batch_size, help="images per step")
+    ap.add_argument("--channels", default="16,32,64", help="the UNet's block_out_channels, comma-separated")
+    ap.add_argument("--cond-noise", type=float, default=T2IConfig.cond_noise,
+                    help="relative noise on the text states during training")
+    ap.add_argument("--lr", type=float, default=T2IConfig.lr, help="peak learning rate")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (bit-identical for a fixed count)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training")
+    ap.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (not reproducible)")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="stop after this many steps; the LR schedule still spans --steps (deterministic)")
-    ap.add_argument("--eval-per-class", type=int, default=10)
+    ap.add_argument("--eval-per-class", type=int, default=10, help="generated images per concept for the report "
+                                                                   "(0: none)")
     a = ap.parse_args(argv)
-    cfg = T2IConfig(steps=a.steps, batch_size=a.batch_size, cond_noise=a.cond_noise, lr=a.lr, threads=a.threads,
-                    seed=a.seed, time_budget_s=a.time_budget, stop_at=a.stop_at,
-                    block_out_channels=tuple(int(c) for c in a.channels.split(",")))
+    bad = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
+           (("steps", a.steps), ("batch_size", a.batch_size), ("threads", a.threads)) if v < 1]
+    try:
+        channels = tuple(int(c) for c in a.channels.split(","))
+    except ValueError:
+        channels, bad = (), bad + [f"--channels {a.channels!r}: give comma-separated integers, e.g. 16,32,64"]
+    if a.eval_per_class < 0:
+        bad.append(f"--eval-per-class must be >= 0, got {a.eval_per_class}")
     out = Path(a.out)
-    unet, info = train_t2i(cfg, checkpoint=out / "checkpoint")
+    try:
+        check_model_out(out, a.overwrite, CONFIG_FILE)  # before the training, so none is thrown away
+    except FileExistsError as e:
+        bad.append(str(e))
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
+    cfg = T2IConfig(steps=a.steps, batch_size=a.batch_size, cond_noise=a.cond_noise, lr=a.lr, threads=a.threads,
+                    seed=a.seed, time_budget_s=a.time_budget, stop_at=a.stop_at, block_out_channels=channels)
+    checkpoint = Path(f"{out}.checkpoint")  # snapshots during training, beside --out; removed after success
+    unet, info = train_t2i(cfg, checkpoint=checkpoint)
+    if not info["steps_done"]:
+        print(f"error: no training step finished (--time-budget {a.time_budget}, --stop-at {a.stop_at}); nothing "
+              f"written to {out}", file=sys.stderr)
+        return 2
     if a.eval_per_class:
         with _num_threads(cfg.threads):
             p = pipeline_with_unet(unet)
@@ -214,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                             "guidance": DEFAULT_GUIDANCE, "judge": "embedded CLIP, zero-shot over the 30 concepts",
                             "eval_s": round(time.time() - t, 1)}
             print(json.dumps(info["eval"], indent=1))
-    _write_unet(out, unet, cfg, info)
+    with atomic_dir(out, a.overwrite, marker=CONFIG_FILE) as tmp:
+        _write_unet(tmp, unet, cfg, info)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     print(f"wrote {out / UNET_FILE} ({(out / UNET_FILE).stat().st_size:,} bytes); {info['steps_done']} steps in "
           f"{info['train_s']} s")
     return 0

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from slugkit.common.files import atomic_write_bytes
+from slugkit.common.files import atomic_dir, atomic_write_bytes
+from slugkit.common.outguard import check_model_out
 from slugkit.world import render as world
 from slugkit.world.evaluate import evaluate_world_model
 from slugkit.world.render import jpeg_roundtrip
@@ -278,22 +279,26 @@ def train_embedded(
     progress: bool = True,
     per_class: int = DEFAULT_TRAIN_PER_CLASS,
     eval_per_class: int = 50,
+    overwrite: bool = False,
 ) -> dict:
     """Train the embedded tiny CLIP and write it to ``out_dir`` as an open_clip ``local-dir`` model.
 
-    Writes (each atomically) ``open_clip_config.json``, ``open_clip_model.safetensors`` and ``train_report.json``.
+    Writes ``open_clip_config.json``, ``open_clip_model.safetensors`` and ``train_report.json``, the folder whole or
+    not at all (:func:`slugkit.common.files.atomic_dir`; a user's files in a replaced folder are kept). A non-empty
+    ``out_dir`` needs ``overwrite`` and must be one this command wrote; a run folder, or a folder inside one, is
+    refused before training (``FileExistsError``, :func:`slugkit.common.outguard.check_model_out`).
     The test metrics in the report are measured on the model *as loaded back* through
     ``open_clip.create_model_and_transforms("local-dir:...")`` and ``open_clip.get_tokenizer``; loading also checks
     that open_clip's eval transform equals the training normalisation. Returns the report.
     """
-    with _num_threads(threads):  # the evaluation in the report runs with the same thread count too
-        return _train_embedded(Path(out_dir), steps, seed, threads, progress, per_class, eval_per_class)
+    check_model_out(out_dir, overwrite, REPORT_NAME, CONFIG_NAME)  # before the training, so none is thrown away
+    with _num_threads(threads), atomic_dir(out_dir, overwrite, marker=REPORT_NAME) as tmp:  # same threads in the eval
+        return _train_embedded(tmp, steps, seed, threads, progress, per_class, eval_per_class)
 
 
 def _train_embedded(out_dir: Path, steps, seed, threads, progress, per_class, eval_per_class) -> dict:
     import open_clip
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, _, info = train_model(steps=steps, seed=seed, threads=threads, per_class=per_class, progress=progress)
 
@@ -364,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS, help="training images per class")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -374,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         progress=not args.no_progress,
         per_class=args.per_class,
+        overwrite=args.overwrite,
     )
     m = report["test_metrics"]
     print(

@@ -197,13 +197,10 @@ def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_image
     """``slug world train-vlm``: train (:func:`train_vlm`), evaluate on ``eval_images`` test images per identity and
     per object class (:func:`evaluate_vlm`, in the report) and write ``out`` (:func:`write_vlm`). Returns the
     report's ``info``."""
-    from ..common.files import check_replaceable
+    from ..common.outguard import check_model_out
     from .train import _num_threads
 
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another --out")
-    check_replaceable(out_dir, overwrite, "train_report.json")  # before training, so no training is thrown away
+    check_model_out(out, overwrite, "train_report.json", "processor_config.json")  # before training: none wasted
     llava, processor, info = train_vlm(cfg, progress=progress)
     if eval_images:
         with _num_threads(cfg.threads):
