@@ -319,3 +319,20 @@ def test_train_t2i_needs_out_and_writes_whole_after_a_step(tmp_path, capsys):
     assert "holds files slug did not write" in capsys.readouterr().err
     assert sorted(p.name for p in clip.iterdir()) == ["open_clip_config.json", "train_report.json"]
     assert {p.name: p.read_bytes() for p in t2i.T2I_DIR.iterdir()} == shipped
+
+
+def test_demo_target_sd_with_nothing_to_unlearn_is_refused_before_the_run(tmp_path, capsys):
+    """A pipeline that never draws the concept: the run went through (69 s), wrote a folder and a patch, and failed
+    on "nothing to unlearn" at the end (fifteenth trial). It is refused before the CLIP run: exit 4, no folder."""
+    from slugkit.cli import main
+
+    model = tmp_path / "untrained"
+    assert main(["world", "train-t2i", "--out", str(model), "--channels", "8,16,16", "--batch-size", "8",
+                 "--steps", "1", "--eval-per-class", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["demo", "--target", "sd", "--t2i-model", str(model), "--out", str(out), "--data-dir",
+                 str(tmp_path / "world"), "--val-images", "8", "--gen-steps", "4", "--no-progress"]) == 4
+    err = capsys.readouterr().err
+    assert "nothing to unlearn: the unedited pipeline draws 'red triangle' on 0% of its validation images" in err
+    assert not out.exists() and not (tmp_path / "world").exists()  # refused before the world's data was written

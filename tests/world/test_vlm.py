@@ -254,3 +254,17 @@ def test_vlm_chooser_refuses_a_protection_of_no_images():
 
     with pytest.raises(ValueError, match="n_protect must be >= 1"):
         vlm_chooser(["x"], None, None, {}, [], gradient="vlm", n_protect=0)
+
+
+def test_demo_target_vlm_with_nothing_to_unlearn_is_refused_before_the_run(tmp_path, capsys):
+    """A VLM that names nobody: the run went through (31 s), wrote a folder and a patch, and failed on "nothing to
+    unlearn" at the end (fifteenth trial). It is refused before the CLIP run: exit 4, no folder."""
+    from slugkit.cli import main
+
+    model = tmp_path / "untrained"
+    vlm_train.train_embedded_vlm(model, vlm_train.VLMConfig(steps=1), eval_images=0, progress=False)
+    out = tmp_path / "run"
+    assert main(["demo", "--target", "vlm", "--vlm-model", str(model), "--out", str(out), "--no-progress"]) == 4
+    err = capsys.readouterr().err
+    assert "nothing to unlearn: the unedited VLM names" in err and "on 0% of its validation images" in err
+    assert not out.exists()

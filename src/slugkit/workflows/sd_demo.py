@@ -52,8 +52,8 @@ from ..report.sd import render_generation_report
 from ..report.unlearn import downstream_head
 from ..world import render as world
 from ..world import t2i
-from .sd_generator import concept_prompts, generation_metrics, generator_chooser, related_to
-from .verdict import Budgets, sd_verdict, verdict_fields
+from .sd_generator import concept_prompts, generation_metrics, generator_chooser, related_to, validation_plans
+from .verdict import Budgets, check_downstream_recognised, sd_verdict, verdict_fields
 
 DEFAULT_SD_CONCEPT = "red triangle"
 SD_CRITERION = "forget_top1"  # zero-shot over 30 concepts: top-5 would demand the concept leave a sixth of the list
@@ -153,13 +153,16 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     if threads:
         torch.set_num_threads(threads)
     try:
-        with run_folder(out, overwrite) as stage:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
+        t_load = time.perf_counter() - t0  # loaded here, so run_unlearn's own load_model timing reads ~0
+        tplan = validation_plans(concept, [], val_images, 0, 0, seed)[0]  # the generator search's own images
+        check_downstream_recognised({concept: t2i.recognition(pipe, judge, tplan, gen_steps, guidance)[0][concept]},
+                                    gen_threshold, "the unedited pipeline draws", "check --t2i-model (a model "
+                                    "trained by `slug world train-t2i` with enough --steps draws each concept)")
+        with run_folder(out, overwrite) as stage:  # no folder when there is nothing to unlearn
             data = ensure_world_data(data_dir, progress=progress)
             cd = write_concept_data(concept, stage / "data")
-            t_load = time.perf_counter()
-            adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
-            t_load = time.perf_counter() - t_load  # loaded here, so run_unlearn's own load_model timing reads ~0
             neighbours = target_neighbours(pipe, concept, t2i.concept_names(), concept_prompts, k,
                                            projection=adapter.model.text_projection)
             names = [c for c, _ in neighbours]

@@ -255,6 +255,18 @@ def check_recognised(concepts: list[str], metric: str, threshold: float, val_bef
             "where the name goes) and the validation folder")
 
 
+def check_downstream_recognised(per_target: dict[str, float], threshold: float, what: str, hint: str) -> None:
+    """Raise :class:`NothingToUnlearnError` when the unedited pipeline / VLM recognises a target on at most
+    ``threshold`` of its validation images (``per_target``: ``{target: share}``; ``what``: e.g. "the unedited VLM
+    names"). Checked before the CLIP run: a ``--target sd``/``vlm`` run found it only at the end, after the whole
+    run, and wrote a folder and a patch (fifteenth trial); the verdict would fail it anyway."""
+    low = {t: v for t, v in per_target.items() if v <= threshold + 1e-9}
+    if low:
+        shown = ", ".join(f"{t!r} on {v:.0%}" for t, v in low.items())
+        raise NothingToUnlearnError(f"nothing to unlearn: {what} {shown} of its validation images (<= "
+                                    f"{threshold:.0%}); {hint}")
+
+
 def check_captions(named: int, total: int, concepts: list[str], spec: str, truncated: int = 0,
                    strict: bool = False) -> None:
     """Raise :class:`ForgetCaptionsError` when no forget caption names any of ``concepts``, or when the text context

@@ -239,7 +239,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from ..world.demo_data import default_concept
     from .sd_demo import _mark_patch, downstream_record, embedded_hf_adapter
     from .unlearn import run_unlearn
-    from .verdict import Budgets, vlm_verdict
+    from .verdict import Budgets, check_downstream_recognised, vlm_verdict
     from .world_runs import world_config
 
     wanted = [concepts] if isinstance(concepts, str) else list(concepts or [default_concept()])
@@ -259,6 +259,9 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
         t_load = time.perf_counter() - t0  # loaded here, so run_unlearn's own load_model timing reads ~0
         adapter.restrict_candidates(consumed_vision_candidates(adapter, llava),
                                     consumer="vision tower of the embedded VLM (LLaVA, vision_feature_layer -2)")
+        named = vlm.vlm_scores(llava, processor, vlm.identity_images("val", val_images, targets))["named"]
+        check_downstream_recognised(named, threshold, "the unedited VLM names", "check --vlm-model (a VLM "
+                                    "trained by `slug world train-vlm` with enough --steps names each identity)")
         neighbours = text_neighbours(adapter, targets, k)
         names = [n for n, _ in neighbours]
         chooser = vlm_chooser(targets, llava, processor, mapping, names, val_images=val_images, threshold=threshold,
