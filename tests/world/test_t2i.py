@@ -233,7 +233,7 @@ def test_eval_sd_scores_a_pipeline_before_and_after(sd_run, tmp_path, capsys):
 
     out = tmp_path / "ev"
     rc = main(["eval-sd", "--pipeline", "embedded", "--patch", str(sd_run / "patch"), "--target", "red triangle",
-               "--concepts", ",".join(t2i.concept_names()[:6]) + ",red triangle",  # a repeat is ignored
+               "--concepts", ",".join(t2i.concept_names()[:6]),
                "--template", "a photo of a {}.",
                "--cross-concepts", "blue star,green cross", "--n-target", "4", "--n-other", "1", "--steps", "5",
                "--no-progress", "--out", str(out)])
@@ -248,6 +248,50 @@ def test_eval_sd_scores_a_pipeline_before_and_after(sd_run, tmp_path, capsys):
         assert abs(r[k]["UA"] + r[k]["generated_target_recognised"] - 1) < 1e-9
     assert (out / "generations.png").read_bytes()[:4] == b"\x89PNG"
     assert "UA" in capsys.readouterr().out
+    # what was evaluated is recorded (it was not: two patches composed looked like one; fifteenth trial)
+    from slugkit.patch import load_patch
+
+    assert r["patches"] == [{"path": str(sd_run / "patch"), "fingerprint": load_patch(sd_run / "patch").fingerprint,
+                             "concept": "red triangle"}]
+    assert (r["pipeline"], r["seed"], r["template"], r["n_target"]) == ("embedded", 0, "a photo of a {}.", 4)
+    args = ["eval-sd", "--pipeline", "embedded", "--patch", str(sd_run / "patch"), "--concepts",
+            "blue star,green cross,red circle", "--n-target", "2", "--n-other", "1", "--n-neighbour", "0", "--steps",
+            "1", "--no-progress"]
+    assert main(args + ["--target", "red triangle", "--out", str(out)]) == 2  # replaced a finished one silently
+    assert f"{out} already holds gen_eval.json; pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--target", "blue star", "--out", str(tmp_path / "ev2")]) == 0
+    err = capsys.readouterr().err  # a target the patch never removed, and one the pipeline never drew: said so
+    assert "--target 'blue star' is not the concept of the patch ('red triangle')" in err
+    assert "the unpatched pipeline drew 'blue star' recognisably on only 0% of its images" in err
+    assert json.loads((tmp_path / "ev2" / "gen_eval.json").read_text())["images"]["in_domain"] == 2 + 2
+
+
+def test_eval_sd_refuses_bad_concept_lists_and_outputs_before_any_work(tmp_path, capsys):
+    """A missing --concepts file read as one concept ("needs >= 2 names"), a name given twice was two classes, a
+    '# comment' line of a concepts file became a concept, --out inside a run folder or a pipeline folder was taken
+    (fifteenth trial)."""
+    from slugkit.cli import main
+    from slugkit.cli.evalsd import concept_names
+
+    base = ["eval-sd", "--pipeline", "embedded", "--patch", str(tmp_path / "p"), "--target", "red triangle"]
+    (tmp_path / "c.txt").write_text("# objects\nred circle\n\n  red star\n")
+    assert concept_names(str(tmp_path / "c.txt"), "--concepts") == ["red circle", "red star"]
+    run = tmp_path / "run"
+    (run / "patch").mkdir(parents=True)
+    (run / "result.json").write_text("{}")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    for extra, said in (
+            (["--concepts", str(tmp_path / "nofile.txt")], f"--concepts {tmp_path / 'nofile.txt'}: no such file"),
+            (["--concepts", "red circle,Red Circle,blue star"], "--concepts: 'Red Circle' is given twice"),
+            (["--concepts", "a,b", "--cross-concepts", "x,x"], "--cross-concepts: 'x' is given twice"),
+            (["--concepts", "a,b", "--out", str(run / "ev")], f"is inside the run folder {run}"),
+            (["--concepts", "a,b", "--out", str(tmp_path / "pipe")], "is a diffusers pipeline folder")):
+        args = base + extra + ([] if "--out" in extra else ["--out", str(tmp_path / "ev")])
+        assert main(args) == 2, extra
+        assert said in capsys.readouterr().err, extra
+    assert not (tmp_path / "ev").exists() and list((tmp_path / "pipe").iterdir()) == [tmp_path / "pipe" /
+                                                                                     "model_index.json"]
 
 
 def test_concept_phrases_name_the_concept_in_every_world_caption():

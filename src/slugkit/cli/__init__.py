@@ -11,8 +11,8 @@
     slug world names | train | data                  the embedded synthetic world
 
 Each command group lives in its own module (``run``: demo, unlearn; ``compare``; ``data``: curate, grads;
-``patches``: apply, revert, eval-sd, inspect, export; ``audit``; ``world``), which adds its subparsers; ``args``
-holds the shared argument groups and the argument checks.
+``patches``: apply, revert, inspect, export; ``evalsd``: eval-sd; ``audit``; ``world``), which adds its subparsers;
+``args`` holds the shared argument groups and the argument checks.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parsers(sub)  # demo, unlearn
     compare.add_parsers(sub)  # compare
     data.add_parsers(sub)  # curate, grads
-    patches.add_parsers(sub)  # apply, revert, eval-sd, inspect, export
+    patches.add_parsers(sub)  # apply, revert, eval-sd (cli.evalsd), inspect, export
     audit.add_parsers(sub)  # audit
     world.add_parsers(sub)  # world names | train | data | train-t2i | train-canvas
     canvas.add_parsers(sub)  # canvas lite

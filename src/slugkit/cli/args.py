@@ -391,10 +391,3 @@ def _apply_target(a, revert: bool) -> str | None:
             what = "is a symbolic link" if out.is_symlink() else "already exists"
             return f"{out} {what}; pass --overwrite to replace it, or choose another --out"
     return None
-
-
-def validate_eval_sd(concepts: list[str]) -> str | None:
-    """`slug eval-sd`: the judge needs a concept list of at least two names."""
-    if len(concepts) < 2:
-        return "--concepts needs the concept list the judge chooses from (a file or A,B,C; >= 2 names)"
-    return None

@@ -11,7 +11,7 @@ from ..common.text import printable
 from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
                    validate_curate)
 from .outputs import out_inside_run
-from .patches import load_pipeline
+from .evalsd import load_pipeline
 
 
 def cmd_curate(a) -> int:

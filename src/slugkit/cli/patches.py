@@ -1,5 +1,5 @@
-"""``slug apply``, ``revert``, ``inspect``, ``eval-sd`` and ``export``: patches on models, checkpoints and consumer
-folders, and a text-encoder patch as a LoRA file."""
+"""``slug apply``, ``revert``, ``inspect`` and ``export`` (``eval-sd``: :mod:`slugkit.cli.evalsd`): patches on
+models, checkpoints and consumer folders, and a text-encoder patch as a LoRA file."""
 
 from __future__ import annotations
 
@@ -9,20 +9,9 @@ import sys
 from pathlib import Path
 
 from ..common.text import printable
-from .args import (COUNT, float_at_least, int_at_least, refuse, split_list, template, validate_apply,
-                   validate_eval_sd)
+from .args import int_at_least, refuse, validate_apply
+from .evalsd import add_eval_sd_parser, load_pipeline
 from .outputs import out_inside_run
-
-
-def load_pipeline(spec: str, device: str = "cpu"):
-    """``--pipeline``: ``embedded`` (the embedded text-to-image model) or a local diffusers pipeline folder."""
-    if spec == "embedded":
-        from ..world.t2i import EmbeddedT2IPipeline
-
-        return EmbeddedT2IPipeline.load()
-    from ..integrations.diffusers_sd import load_pipeline_folder
-
-    return load_pipeline_folder(spec, device=device)
 
 
 def _load_target(a):
@@ -124,42 +113,6 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
         what = f"{printable(a.llava)}'s vision tower; wrote {printable(a.out)} (model + processor)"
     print(describe(patch))
     print(f"{'reverted' if revert else 'applied'} on {what}")
-    return 0
-
-
-def cmd_eval_sd(a) -> int:
-    """`slug eval-sd`: UA / IRA / CRA / CLIP score of a pipeline before and after a text-encoder patch."""
-    from ..data.folders import read_lines
-    from ..eval.generated import GenerationPlan, ZeroShotJudge, before_after
-    from ..models import load_adapter
-    from ..patch import compose_patches, load_patch
-
-    def names(spec):
-        if not spec:
-            return []
-        return read_lines(spec) if Path(spec).is_file() else split_list(spec)
-
-    concepts = names(a.concepts)
-    msg = validate_eval_sd(concepts)
-    if msg:
-        return refuse(msg)
-    pipe = load_pipeline(a.pipeline, device=a.device)
-    judge_ad = load_adapter(a.judge_model, a.judge_pretrained, family=a.judge_family, device=a.device)
-    templates = a.judge_template or [a.template]
-    judge = ZeroShotJudge(judge_ad, concepts, templates)
-    cross = names(a.cross_concepts)
-    cross_judge = ZeroShotJudge(judge_ad, cross, [a.cross_template or a.template]) if cross else None
-    plan = GenerationPlan.build(a.target, concepts, a.template, a.n_target, a.n_other, cross,
-                                a.cross_template, seed=a.seed)
-    patch = compose_patches([load_patch(p) for p in a.patch])
-    r = before_after(pipe, patch, judge, plan, a.out, cross_judge=cross_judge, steps=a.steps, guidance=a.guidance,
-                     progress=not a.no_progress)
-    print("| generated images | before | after |\n|---|---|---|")
-    for k in ("generated_target_recognised", "UA", "IRA", "CRA", "clip_score"):
-        b, af = r["before"].get(k), r["after"].get(k)
-        if b is not None:
-            print(f"| {k} | {b:.3f} | {af:.3f} |")
-    print(f"outputs: {printable(a.out)}/gen_eval.json, {printable(a.out)}/generations.png")
     return 0
 
 
@@ -304,34 +257,7 @@ def add_parsers(sub) -> None:
                              + " (default: none, the last layer)")
         ap.set_defaults(func=(lambda a, r=rev: cmd_apply(a, revert=r)))
 
-    ev = sub.add_parser("eval-sd", help="score a text-to-image pipeline before/after a patch on generated images "
-                                        "(UA, IRA, CRA, CLIP score)")
-    ev.add_argument("--pipeline", required=True, help="diffusers pipeline folder, or 'embedded'")
-    ev.add_argument("--patch", action="append", required=True, help="patch folder (repeatable to compose)")
-    ev.add_argument("--target", required=True, help="the forgotten concept (must be in --concepts or is added)")
-    ev.add_argument("--concepts", required=True, help="in-domain concept list the judge classifies over: a file "
-                                                      "(one per line) or A,B,C")
-    ev.add_argument("--template", type=template, default="a photo of {}.",
-                    help="generation prompt template ({} = concept; default 'a photo of {}.')")
-    ev.add_argument("--judge-template", type=template, action="append", default=None,
-                    help="zero-shot template(s) of the judge (default: --template)")
-    ev.add_argument("--cross-concepts", default=None, help="cross-domain concept list for CRA (file or A,B,C)")
-    ev.add_argument("--cross-template", type=template, default=None,
-                    help="prompt template of the cross-domain concepts (default: --template)")
-    ev.add_argument("--n-target", type=COUNT, default=10, help="generated images of the target (default 10)")
-    ev.add_argument("--n-other", type=COUNT, default=2, help="generated images per other concept (default 2)")
-    ev.add_argument("--judge-model", default="embedded", help="CLIP judge, as `slug unlearn --model`")
-    ev.add_argument("--judge-pretrained", default=None, help="as `slug unlearn --pretrained`, for the judge")
-    ev.add_argument("--judge-family", default="open_clip", choices=["open_clip", "hf_clip"],
-                    help="as `slug unlearn --family`, for the judge (default open_clip)")
-    ev.add_argument("--steps", type=COUNT, default=25, help="denoising steps (default 25)")
-    ev.add_argument("--guidance", type=float_at_least(0.0), default=None,
-                    help="guidance scale (default: the pipeline's)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the generation plan (default 0)")
-    ev.add_argument("--device", default="cpu", help="the pipeline's and the judge's device (default cpu)")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ev.add_argument("--out", required=True, help="folder for gen_eval.json and generations.png")
-    ev.set_defaults(func=cmd_eval_sd)
+    add_eval_sd_parser(sub)
 
     ex = sub.add_parser("export", help="write a text-encoder patch as a LoRA file that diffusers' "
                                        "pipe.load_lora_weights(FILE) loads")

@@ -137,10 +137,13 @@ def read_class_folder(root: str | Path, classnames: str | list[str] | None = Non
 
 
 def read_lines(path: str | Path) -> list[str]:
+    """The stripped lines of a text file of names or templates, without blank lines and comment lines (first
+    non-blank character ``#``: a ``# comment`` line became a concept). ``FileNotFoundError`` names a missing file."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"file not found: {p}")
-    return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()
+            and not ln.strip().startswith("#")]
 
 
 def shared_images(a: str | Path, b: str | Path) -> list[tuple[Path, Path]]:

@@ -218,14 +218,16 @@ def evaluate_pipeline(pipe, judge: ZeroShotJudge, plan: GenerationPlan, cross_ju
 def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_dir: str | Path, *,
                  cross_judge: ZeroShotJudge | None = None, steps: int = 25, guidance: float | None = None,
                  progress: bool = True, neighbours_k: int | None = None,
-                 n_neighbour: int = DEFAULT_N_NEIGHBOUR) -> dict:
+                 n_neighbour: int = DEFAULT_N_NEIGHBOUR, meta: dict | None = None) -> dict:
     """Score ``pipe`` unpatched, apply ``patch`` to its text encoder in place, score again, revert (bit-exact).
     Writes ``gen_eval.json`` and ``generations.png`` (before | after per concept shown) into ``out_dir``.
 
     Worst-case collateral (``collateral``, :func:`collateral_of`): the ``neighbours_k`` (default
     :data:`slugkit.eval.collateral.NEIGHBOURS_K`) concepts nearest the target by the unpatched text encoder's pooled
     features of their plan prompts get at least ``n_neighbour`` images each (default 20; the plan is topped up,
-    :meth:`GenerationPlan.topped_up`), the other concepts keep the plan's count."""
+    :meth:`GenerationPlan.topped_up`), the other concepts keep the plan's count. ``meta``: what was evaluated
+    (``slug eval-sd``: the pipeline, the patches' paths and fingerprints, the template, the seed), recorded first in
+    ``gen_eval.json`` (it recorded none: two patches composed looked like one)."""
     from ..common.files import atomic_write_bytes
     from ..integrations.diffusers_sd import apply_patch_to_pipeline, revert_patch_from_pipeline
     from .collateral import NEIGHBOURS_K
@@ -245,8 +247,8 @@ def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_di
         after, imgs_a = evaluate_pipeline(pipe, judge, plan, cross_judge, steps, guidance, progress)
     finally:
         revert_patch_from_pipeline(pipe, patch)
-    result = {"target": plan.target, "judge": {"model": judge.adapter.model_id, "classes": len(judge.names),
-                                                "templates": judge.templates},
+    result = {**(meta or {}), "target": plan.target,
+              "judge": {"model": judge.adapter.model_id, "classes": len(judge.names), "templates": judge.templates},
               "images": {"in_domain": len(plan.items), "cross_domain": len(plan.cross), "steps": steps,
                          "guidance": guidance},
               "before": before, "after": after,
