@@ -468,3 +468,21 @@ def test_unlearn_verdict_warns_without_utility_and_refuses_foreign_forget_set(tm
     assert main(["unlearn", "--concept", other, "--out", str(tmp_path / "foreign"), *common]) == 2
     assert "none of the 100 forget captions" in capsys.readouterr().err
     assert not (tmp_path / "foreign").exists()
+
+
+def test_an_open_clip_patch_on_a_pipeline_names_the_real_reason(tmp_path, demo_run, capsys):
+    """`slug apply --pipeline embedded --patch <a CLIP demo's patch>` said the text-tower tensor it edits "is not part
+    of CLIP's text tower"; the patch is open_clip's, the pipeline's encoder a transformers CLIP (fifteenth trial)."""
+    assert main(["apply", "--pipeline", "embedded", "--patch", str(demo_run), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "the patch is of an open_clip model (it edits " in err and "--family hf_clip --consumer sd:DIR" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_option_given_twice_is_refused(tmp_path, capsys):
+    """`--out A --out B`, `export --lora A --lora B`: argparse kept the last without a word (fifteenth trial)."""
+    for args, flag, first, second in ((["demo", "--out", "a", "--out=b"], "--out", "a", "b"),
+                                      (["export", "--lora", "x", "--lora", "y", "--out", "f"], "--lora", "x", "y")):
+        assert main(args) == 2
+        assert capsys.readouterr().err == f"error: {flag} is given twice ({first!r}, then {second!r}); give it once\n"
+    assert not (tmp_path / "a").exists()

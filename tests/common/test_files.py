@@ -143,3 +143,15 @@ def test_output_targets_checked_before_work(tmp_path):
     files.check_file_target(tmp_path / "new" / "g.safetensors")
     files.check_folder_target(tmp_path / "new.ckpt")
     files.check_file_target(None)
+
+
+def test_a_write_that_cannot_start_names_the_file_asked_for(tmp_path, monkeypatch):
+    """A read-only folder: the error named the temporary file (`.x.safetensors.3b9h65nu.tmp: Read-only file
+    system`), not the --out given (fifteenth trial)."""
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".x.safetensors.3b9h65nu.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(tmp_path / "x.safetensors", b"data")
+    assert e.value.filename == str(tmp_path / "x.safetensors") and e.value.errno == errno.EROFS

@@ -86,6 +86,7 @@ def test_a_broken_model_fails_even_when_the_concept_is_gone(key, broken, budget)
                                                   0.88}, {"generated_target_recognised": 0.0,
                                                           "generated_other_recognised": 0.87}, 0.05, 0.05, 0.05)
     assert sd.status == "warn" and [r["code"] for r in sd.reasons] == ["clip_broken"]  # the pipeline is fine
+    assert sd.reasons[0]["message"].startswith("CLIP zero-shot, the text encoder on its own: ")  # whose numbers
 
 
 def test_a_sequential_run_that_broke_the_model_says_so(capsys):

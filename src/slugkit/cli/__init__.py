@@ -134,7 +134,7 @@ def _dispatch(argv: list[str] | None) -> int:
     if isinstance(out, str) and not out.strip():  # every command: '' is not "the default folder" nor "here"
         msg = ("--out is empty (an unset shell variable?); name where to write, or leave the option out where it has "
                "a default")
-    msg = msg or _empty_value(parser, argv, a)
+    msg = msg or _empty_value(parser, argv, a) or _given_twice(parser, argv)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         return 2
@@ -169,12 +169,7 @@ def _dispatch(argv: list[str] | None) -> int:
 def _empty_value(parser: argparse.ArgumentParser, argv: list[str], a) -> str | None:
     """``--checkpoint ""``, ``--shards ""``, ``inspect ""`` (an unset shell variable): named, instead of the option
     being taken as absent (``needs --model M``) or as the current folder (``.: not a pipeline folder``)."""
-    sub = parser
-    for word in argv:  # the command's own parser (`slug world data`: two levels)
-        actions = [x for x in sub._actions if isinstance(x, argparse._SubParsersAction)]
-        if not actions or word not in actions[0].choices:
-            break
-        sub = actions[0].choices[word]
+    sub = _command_parser(parser, argv)
     for action in sub._actions:
         value = getattr(a, action.dest, None)
         values = value if isinstance(value, list) else [value]
@@ -183,6 +178,38 @@ def _empty_value(parser: argparse.ArgumentParser, argv: list[str], a) -> str | N
                 return f"the {action.dest} argument is empty (an unset shell variable?); give a value"
             flag = action.option_strings[-1]
             return f"{flag} is empty (an unset shell variable?); give a value, or leave the option out"
+    return None
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the command ``argv`` names (``slug world data``: two levels down)."""
+    sub = parser
+    for word in argv:
+        actions = [x for x in sub._actions if isinstance(x, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            break
+        sub = actions[0].choices[word]
+    return sub
+
+
+def _given_twice(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """An option that takes one value given more than once (``--out A --out B``, ``export --lora A --lora B``):
+    argparse silently kept the last (fifteenth trial); repeatable options (``--patch``, ``--identity-template``) and
+    flags are not counted."""
+    sub = _command_parser(parser, argv)
+    single = {o: act for act in sub._actions if isinstance(act, argparse._StoreAction) for o in act.option_strings}
+    seen: dict = {}
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        flag, _, inline = word.partition("=")
+        act = single.get(flag)
+        if act is None:
+            continue
+        value = inline if inline or "=" in word else (argv[i + 1] if i + 1 < len(argv) else "")
+        if act.dest in seen:
+            return f"{flag} is given twice ({seen[act.dest]!r}, then {value!r}); give it once"
+        seen[act.dest] = value
     return None
 
 

@@ -118,6 +118,11 @@ def consumer_view(consumer: nn.Module, patch: Patch, kind: str, what: str,
         if extra and name in extra:
             view[name] = outside[extra[name]]
             continue
+        if not name.startswith(clip_prefix) and patch.meta.get("adapter") == "open_clip":  # not "not in the tower"
+            raise PatchMismatchError(
+                f"the patch is of an open_clip model (it edits {name}, open_clip's name); the {what} is a transformers "
+                "CLIP, whose tensors are named otherwise. Unlearn on the transformers CLIP it holds (`slug demo "
+                "--target sd|vlm`, or `slug unlearn --family hf_clip --consumer sd:DIR|llava:DIR`)")
         if not name.startswith(clip_prefix):
             raise PatchMismatchError(
                 f"the patch edits {name}, which is not part of CLIP's {kind} tower ({clip_prefix}*) and does not exist "
