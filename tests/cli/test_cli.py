@@ -482,7 +482,8 @@ def test_an_open_clip_patch_on_a_pipeline_names_the_real_reason(tmp_path, demo_r
 def test_an_option_given_twice_is_refused(tmp_path, capsys):
     """`--out A --out B`, `export --lora A --lora B`: argparse kept the last without a word (fifteenth trial)."""
     for args, flag, first, second in ((["demo", "--out", "a", "--out=b"], "--out", "a", "b"),
-                                      (["export", "--lora", "x", "--lora", "y", "--out", "f"], "--lora", "x", "y")):
+                                      (["export", "--lora", "x", "--lora", "y", "--pipeline", "embedded", "--out",
+                                        "f"], "--lora", "x", "y")):
         assert main(args) == 2
         assert capsys.readouterr().err == f"error: {flag} is given twice ({first!r}, then {second!r}); give it once\n"
     assert not (tmp_path / "a").exists()
