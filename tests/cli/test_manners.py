@@ -179,7 +179,11 @@ def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, capsys
         flag = next(args[i] for i in range(len(args) - 1) if not args[i + 1].strip())
         err = capsys.readouterr().err
         assert err.startswith("error: --out is empty") if flag == "--out" else \
-            err == f"error: {flag} is empty (an unset shell variable?); give a value, or leave the option out\n", err
+            err.startswith(f"error: {flag} is empty (an unset shell variable?); give a value"), err
+    assert main(["curate", "--shards", "", "--concept", "x", "--out", "c"]) == 2  # optional: may be left out
+    assert capsys.readouterr().err.endswith("give a value, or leave the option out\n")
+    assert main(["export", "--lora", "", "--pipeline", "embedded", "--out", "l.safetensors"]) == 2  # required
+    assert capsys.readouterr().err == "error: --lora is empty (an unset shell variable?); give a value\n"
     assert main(["inspect", ""]) == 2
     assert "the patch argument is empty" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
@@ -381,3 +385,19 @@ def test_audit_takes_the_patchs_base_checkpoint(tmp_path, monkeypatch, capsys):
         main(["audit", "--patch", str(tmp_path / "patch"), "--pretrained", "other.safetensors", "--out",
               str(tmp_path / "b")])
     assert seen["pretrained"] == "other.safetensors"
+
+
+def test_apply_options_that_would_be_ignored_are_refused(tmp_path, capsys):
+    """`slug apply --checkpoint F` dropped --full-pipeline, --text-encoder and --pretrained without a word (while
+    --clip-skip was refused; fifteenth trial)."""
+    ck = ["--patch", "p", "--checkpoint", "c.safetensors", "--out", str(tmp_path / "o.safetensors")]
+    for cmd in ("apply", "revert"):
+        for extra, said in ((["--pretrained", "w.safetensors"], "--pretrained goes with --model"),
+                            (["--family", "hf_clip"], "--family goes with --model"),
+                            (["--full-pipeline"], "--full-pipeline applies to --pipeline only"),
+                            (["--text-encoder", "text_encoder_2"], "--text-encoder applies to --pipeline only")):
+            assert main([cmd, *ck, *extra]) == 2, (cmd, extra)
+            assert said in capsys.readouterr().err, (cmd, extra)
+    assert main(["apply", "--patch", "p", "--llava", "l", "--out", str(tmp_path / "x"), "--full-pipeline"]) == 2
+    assert "--full-pipeline applies to --pipeline only" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

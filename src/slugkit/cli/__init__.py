@@ -177,7 +177,8 @@ def _empty_value(parser: argparse.ArgumentParser, argv: list[str], a) -> str | N
             if not action.option_strings:
                 return f"the {action.dest} argument is empty (an unset shell variable?); give a value"
             flag = action.option_strings[-1]
-            return f"{flag} is empty (an unset shell variable?); give a value, or leave the option out"
+            return f"{flag} is empty (an unset shell variable?); give a value" + (
+                "" if action.required else ", or leave the option out")  # `export --lora ""`: it is required
     return None
 
 

@@ -380,6 +380,12 @@ def _apply_target(a, revert: bool) -> str | None:
     if (a.pipeline or a.llava) and (a.model or a.checkpoint):
         return (f"{'--pipeline' if a.pipeline else '--llava'} reads the model from that folder; drop "
                 "--model/--checkpoint")
+    given = [f for f, v in (("--pretrained", a.pretrained), ("--family", a.family)) if v is not None]
+    if given and not a.model:  # they describe --model; with --checkpoint or a folder they were dropped silently
+        return f"{given[0]} goes with --model (it describes the model to load); drop it here"
+    pipe_only = [f for f, v in (("--full-pipeline", a.full_pipeline), ("--text-encoder", a.text_encoder)) if v]
+    if pipe_only and not a.pipeline:
+        return f"{pipe_only[0]} applies to --pipeline only (it was ignored here)"
     if a.clip_skip is not None and (not a.pipeline or a.clip_skip < 0):
         return ("--clip-skip must be >= 0" if a.pipeline else
                 "--clip-skip applies to --pipeline only (how the pipeline reads its text encoder)")
