@@ -401,3 +401,12 @@ def test_apply_options_that_would_be_ignored_are_refused(tmp_path, capsys):
     assert main(["apply", "--patch", "p", "--llava", "l", "--out", str(tmp_path / "x"), "--full-pipeline"]) == 2
     assert "--full-pipeline applies to --pipeline only" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_command_names_the_commands(capsys):
+    """`slug` or `slug world` alone said `the following arguments are required: cmd` / `world_cmd`."""
+    for argv, prog, first in (([], "slug", "demo"), (["world"], "slug world", "names"),
+                              (["canvas"], "slug canvas", "lite")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {prog} needs a command: {first}, " in err and f"`{prog} --help` says what each does" in err

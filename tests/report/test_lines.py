@@ -57,3 +57,14 @@ def test_report_says_when_a_downstream_search_chose_the_layers():
     assert "(`a`, `b`)" in text and "the generated images" in text
     one = {"layer": "c", "chooser": {"vlm_search": {"layers": []}}}
     assert "(`c`)" in "\n".join(_why_heading(one)) and "the VLM's answers" in "\n".join(_why_heading(one))
+
+
+def test_vlm_search_lines_say_where_a_search_without_a_clip_step_started():
+    """The VLM report printed `(CLIP step None)` for a layer the VLM gradient searched (fifteenth trial)."""
+    from slugkit.report.vlm import _search_lines
+
+    row = {"step_size": 0.5, "target_recognised": 0.0, "other_drop": 0.01, "accepted": True}
+    lines = _search_lines([{"layer": "a", "clip_step_size": None, "start_step": 1.25, "trajectory": [row]},
+                           {"layer": "b", "clip_step_size": 2.0, "start_step": 2.0, "trajectory": [row]}])
+    assert lines[0].startswith("- VLM step search on `a` (no CLIP step; started at 1.25): 0.5: named 0.00")
+    assert lines[1].startswith("- VLM step search on `b` (CLIP step 2): ") and "None" not in "".join(lines)

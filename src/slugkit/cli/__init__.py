@@ -121,6 +121,12 @@ def _dispatch(argv: list[str] | None) -> int:
 
         return canvas_main(argv[2:])
     parser = build_parser()
+    sub = _command_parser(parser, argv)
+    subs = [x for x in sub._actions if isinstance(x, argparse._SubParsersAction)]
+    if subs and not {"-h", "--help", "--version"} & set(argv):  # `slug`, `slug world`: "required: cmd"
+        print(f"{sub.format_usage().rstrip()}\nerror: {sub.prog} needs a command: {', '.join(subs[0].choices)} "
+              f"(`{sub.prog} --help` says what each does)", file=sys.stderr)
+        return 2
     a = parser.parse_args(argv)
     from ..common.errors import EmptyForgetSetError, ModelLoadError, OutputExistsError, ShardError
     from ..common.runfolder import RunLockedError

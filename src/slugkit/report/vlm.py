@@ -85,5 +85,8 @@ def _search_lines(layers: list[dict]) -> list[str]:
                           + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
                           + (" (accepted)" if t["accepted"] else " (probe)" if t.get("probe") else "")
                           for t in L["trajectory"])
-        lines.append(f"- VLM step search on `{L['layer']}` (CLIP step {L['clip_step_size']}): {steps}")
+        clip = L.get("clip_step_size")  # None: the layer had no accepted CLIP step (the VLM gradient's search)
+        start = f"CLIP step {clip:.4g}" if clip is not None else \
+            f"no CLIP step; started at {L.get('start_step') or 0:.4g}"
+        lines.append(f"- VLM step search on `{L['layer']}` ({start}): {steps}")
     return lines
