@@ -177,14 +177,25 @@ def evaluate_vlm(llava, processor, per_identity: int = 20, per_class: int = 20, 
             "per_identity": s["named"], "utility_per_class": s["utility_per_class"]}
 
 
-def write_vlm(out: str | Path, llava, processor, cfg: VLMConfig, info: dict, overwrite: bool = False) -> Path:
+def write_vlm(out: str | Path, llava, processor, cfg: VLMConfig, info: dict, overwrite: bool = False,
+              progress: bool = True) -> Path:
     """``out`` (atomically): ``config.json`` + ``model.safetensors`` + ``generation_config.json`` (save_pretrained),
-    the processor's files (tokenizer, image processor, chat template) and ``train_report.json``."""
+    the processor's files (tokenizer, image processor, chat template) and ``train_report.json``. ``progress=False``
+    also silences transformers' "Writing model shards" bar (``--no-progress`` printed it)."""
+    from transformers.utils import logging as hf_logging
+
     from ..common.files import atomic_dir
 
     out = Path(out)
+    was = hf_logging.is_progress_bar_enabled()
     with atomic_dir(out, overwrite, marker="train_report.json") as tmp:
-        llava.save_pretrained(tmp)
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            llava.save_pretrained(tmp)
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
         processor.save_pretrained(tmp)
         report = {"train": asdict(cfg), "info": info,
                   "versions": {"torch": torch.__version__, "python": platform.python_version()}}
@@ -205,5 +216,5 @@ def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_image
     if eval_images:
         with _num_threads(cfg.threads):
             info["eval"] = evaluate_vlm(llava, processor, eval_images, eval_images)
-    write_vlm(out, llava, processor, cfg, info, overwrite=overwrite)
+    write_vlm(out, llava, processor, cfg, info, overwrite=overwrite, progress=progress)
     return info
