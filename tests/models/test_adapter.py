@@ -243,3 +243,31 @@ def test_from_config_is_seeded():
     assert not torch.equal(pa["visual.proj"], pc["visual.proj"])
     imgs = class_images(0, 2, seed=5)
     assert a.encode_image(imgs).shape == (2, 32)
+
+
+def test_an_unknown_model_name_is_one_line_and_a_weights_file_is_pointed_to_pretrained(tmp_path):
+    """`--judge-model bad.safetensors` printed a 3 KB error listing every open_clip model (fifteenth trial)."""
+    f = tmp_path / "bad.safetensors"
+    f.write_text("x")
+    for model, extra in ((str(f), "(it is a file: a weights file goes in --pretrained"), ("ViT-Q-99", None)):
+        with pytest.raises(ModelLoadError) as e:
+            OpenClipAdapter.load(model)
+        msg = str(e.value)
+        assert msg.startswith(f"{model!r} is not an open_clip model name") and len(msg) < 400, msg
+        assert (extra in msg) if extra else "it is a file" not in msg
+
+
+def test_a_model_folder_option_given_a_file_says_so(tmp_path):
+    """`--canvas-model FILE` said `FILE/canvas_config.json is missing`; the kind: every model-folder option."""
+    from slugkit.world import canvas, t2i, vlm
+
+    f = tmp_path / "base.safetensors"
+    f.write_text("x")
+    for load, option in ((lambda: canvas.CanvasPipeline.load(f), "--canvas-model"),
+                         (lambda: t2i.EmbeddedT2IPipeline.load(f), "--t2i-model"),
+                         (lambda: vlm.load_vlm(f), "--vlm-model"),
+                         (lambda: vlm.load_vlm(tmp_path / "no"), "--vlm-model")):
+        with pytest.raises(ModelLoadError) as e:
+            load()
+        assert (" is a file, not a folder; " in str(e.value) or " is no such folder; " in str(e.value)) and \
+            f"{option}: give the folder `slug world train-" in str(e.value)

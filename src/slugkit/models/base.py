@@ -226,3 +226,13 @@ def check_local_weights(path: Path) -> None:
             check_weights_file(f, "model weights file")
         except WeightsFileError as e:
             raise ModelLoadError(str(e)) from None
+
+
+def check_model_folder(folder, what: str) -> None:
+    """Raise :class:`ModelLoadError` when ``folder`` (a ``--t2i-model``, ``--canvas-model`` or ``--vlm-model``) is a
+    file or does not exist: it was read as a folder and reported ``FILE/canvas_config.json is missing``. ``what``:
+    e.g. ``"--canvas-model: give the folder `slug world train-canvas --out DIR` wrote"``."""
+    p = Path(folder)
+    if p.is_dir():
+        return
+    raise ModelLoadError(f"{p} is {'a file, not a folder' if p.exists() else 'no such folder'}; {what}")

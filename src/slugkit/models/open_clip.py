@@ -177,6 +177,14 @@ class OpenClipAdapter(Adapter):
         except ModelLoadError:
             raise
         except Exception as e:
+            if "not found in built-ins" in str(e):  # it listed all ~100 open_clip names (3 KB; fifteenth trial)
+                is_file = Path(model).is_file()
+                raise ModelLoadError(
+                    f"{model!r} is not an open_clip model name" + (
+                        " (it is a file: a weights file goes in --pretrained, with its architecture in --model, e.g. "
+                        "--model ViT-B-32 --pretrained FILE)" if is_file else "") +
+                    "; the names: python -c 'import open_clip; print(open_clip.list_models())'; or give a folder "
+                    "(local-dir:DIR with open_clip_config.json)") from None
             raise ModelLoadError(
                 f"could not load open_clip model {model!r} (pretrained={pretrained!r}): {' '.join(str(e).split())}."
                 f"{unreachable_note(why)} "

@@ -258,6 +258,10 @@ def _require_shipped(canvas_dir) -> None:
 
     if canvas_dir is None and not (CANVAS_DIR / CONFIG_FILE).is_file():
         raise ModelLoadError(NOT_SHIPPED)
+    if canvas_dir is not None:
+        from slugkit.models.base import check_model_folder
+
+        check_model_folder(canvas_dir, "--canvas-model: give the folder `slug world train-canvas --out DIR` wrote")
     cfg = Path(canvas_dir or CANVAS_DIR) / CONFIG_FILE
     if cfg.is_file():
         try:

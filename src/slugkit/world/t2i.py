@@ -184,6 +184,10 @@ class EmbeddedT2IPipeline:
         from safetensors.torch import load_file
 
         d = Path(t2i_dir) if t2i_dir else T2I_DIR
+        if t2i_dir:
+            from slugkit.models.base import check_model_folder
+
+            check_model_folder(d, hint or "--t2i-model: give the folder `slug world train-t2i --out DIR` wrote")
         cfg_file, w_file = d / files[0], d / files[1]
         for f in (cfg_file, w_file):
             if not f.is_file():

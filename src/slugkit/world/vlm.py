@@ -144,6 +144,10 @@ def load_vlm(vlm_dir: str | os.PathLike | None = None):
     from ..models.base import ModelLoadError
 
     d = Path(vlm_dir) if vlm_dir else VLM_DIR
+    if vlm_dir:
+        from ..models.base import check_model_folder
+
+        check_model_folder(d, "--vlm-model: give the folder `slug world train-vlm --out DIR` wrote")
     for f in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
         if not (d / f).is_file():
             if vlm_dir:
