@@ -192,6 +192,9 @@ def test_save_patched_text_encoder(tmp_path, clip, slug_patch, capsys):
     with pytest.raises(FileExistsError):
         save_patched_text_encoder(tmp_path / "sd", slug_patch, tmp_path / "out")
 
+    from slugkit.data.generate import default_guidance
+
+    assert default_guidance(pipe) == 7.5  # what gen_eval.json records when --guidance is not given (it said null)
     # from the pipeline object (left exactly as it was), as a complete pipeline folder
     snap = {k: tensor_sha256(v) for k, v in pipe.text_encoder.state_dict().items()}
     save_patched_text_encoder(pipe, slug_patch, tmp_path / "full", full_pipeline=True)

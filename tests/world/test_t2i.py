@@ -240,8 +240,8 @@ def test_eval_sd_scores_a_pipeline_before_and_after(sd_run, tmp_path, capsys):
     assert rc == 0
     r = json.loads((out / "gen_eval.json").read_text())
     # the 5 others are all among the 5 nearest neighbours: 20 images each (issue 12)
-    assert r["images"] == {"in_domain": 4 + 5 * 20, "cross_domain": 2, "steps": 5, "guidance": None,
-                           "per_neighbour": 20}
+    assert r["images"] == {"in_domain": 4 + 5 * 20, "cross_domain": 2, "steps": 5,
+                           "guidance": t2i.DEFAULT_GUIDANCE, "per_neighbour": 20}  # the scale used, not null
     assert len(r["collateral"]["neighbours"]["concepts"]) == 5 and r["collateral"]["concepts"] == 5
     for k in ("before", "after"):
         assert {"UA", "IRA", "CRA", "clip_score", "generated_target_recognised"} <= set(r[k])

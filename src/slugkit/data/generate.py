@@ -27,6 +27,20 @@ from ..common.files import atomic_write_bytes
 from .shards import encode_image, write_shard
 
 
+def default_guidance(pipe) -> float | None:
+    """The guidance scale ``pipe`` uses when none is given (the default of its ``__call__``: ``guidance`` of the
+    embedded pipeline, ``guidance_scale`` of diffusers' — 7.5 for SD), so that a report records the scale used rather
+    than ``null``; None when it declares none."""
+    import inspect
+
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None
+    p = params.get("guidance", params.get("guidance_scale"))
+    return float(p.default) if p is not None and isinstance(p.default, (int, float)) else None
+
+
 def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float | None) -> list:
     """One PIL image per (prompt, seed) from ``pipe``: a pipeline with a ``generate_images(prompts, seeds, steps,
     guidance)`` method (the embedded one, :meth:`slugkit.world.t2i.EmbeddedT2IPipeline.generate_images`) is asked

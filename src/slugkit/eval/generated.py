@@ -229,6 +229,7 @@ def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_di
     (``slug eval-sd``: the pipeline, the patches' paths and fingerprints, the template, the seed), recorded first in
     ``gen_eval.json`` (it recorded none: two patches composed looked like one)."""
     from ..common.files import atomic_write_bytes
+    from ..data.generate import default_guidance
     from ..integrations.diffusers_sd import apply_patch_to_pipeline, revert_patch_from_pipeline
     from .collateral import NEIGHBOURS_K
 
@@ -250,7 +251,7 @@ def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_di
     result = {**(meta or {}), "target": plan.target,
               "judge": {"model": judge.adapter.model_id, "classes": len(judge.names), "templates": judge.templates},
               "images": {"in_domain": len(plan.items), "cross_domain": len(plan.cross), "steps": steps,
-                         "guidance": guidance},
+                         "guidance": guidance if guidance is not None else default_guidance(pipe)},
               "before": before, "after": after,
               "collateral": collateral_of(before, after, plan.target, neighbours, k,
                                           "cosine of the pipeline text encoder's pooled features of the plan's "
