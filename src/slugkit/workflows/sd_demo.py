@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from ..common.files import atomic_write_bytes, write_json
-from ..common.runfolder import run_folder
+from ..common.runfolder import claim_out, run_folder
 from ..eval.generated import DEFAULT_N_NEIGHBOUR, collateral_of, image_grid, target_neighbours
 from ..report.sd import render_generation_report
 from ..report.unlearn import downstream_head
@@ -153,6 +153,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     if threads:
         torch.set_num_threads(threads)
     try:
+        claim_out(out, overwrite)  # an existing run is refused before the loading and the check below
         t0 = time.perf_counter()
         adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
         t_load = time.perf_counter() - t0  # loaded here, so run_unlearn's own load_model timing reads ~0

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..common.files import atomic_write_bytes, write_json
-from ..common.runfolder import run_folder
+from ..common.runfolder import claim_out, run_folder
 from ..slug.neighbours import project_off
 from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import render as world
@@ -252,6 +252,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     if threads:
         torch.set_num_threads(threads)
     try:
+        claim_out(out, overwrite)  # an existing run is refused before the loading and the check below
         t0 = time.perf_counter()
         adapter = embedded_hf_adapter()
         llava, processor = vlm.load_vlm(vlm_dir)
