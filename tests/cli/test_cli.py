@@ -487,3 +487,23 @@ def test_an_option_given_twice_is_refused(tmp_path, capsys):
         assert main(args) == 2
         assert capsys.readouterr().err == f"error: {flag} is given twice ({first!r}, then {second!r}); give it once\n"
     assert not (tmp_path / "a").exists()
+
+
+def test_unlearn_refuses_a_name_listed_twice_and_a_template_without_braces(tmp_path, data_dir, demo_run, capsys):
+    """Sixteenth trial: `--names` with a name listed twice ran ("FA@1 0.000 -> 0.000", verdict warn), a
+    `--utility-templates` line without {} put utility at chance and passed."""
+    names = (data_dir / "names.txt").read_text().splitlines()
+    dup = tmp_path / "dup.txt"
+    dup.write_text("\n".join(names + [names[0]]) + "\n")
+    data = demo_run / "data"
+    args = _unlearn_args(data_dir, names[0], tmp_path / "run") + ["--forget", str(data / "forget.tar"), "--retain",
+                                                                  str(data / "retain.tar")]
+    i = args.index("--names")
+    assert main(args[:i + 1] + [str(dup)] + args[i + 2:]) == 2
+    assert f"{dup}: {names[0]!r} is listed twice (entries 1 and {len(names) + 1})" in capsys.readouterr().err
+    bad = tmp_path / "t.txt"
+    bad.write_text("a photo of\n")
+    j = args.index("--utility-templates")
+    assert main(args[:j + 1] + [str(bad)] + args[j + 2:]) == 2
+    assert "the template 'a photo of' has no {}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

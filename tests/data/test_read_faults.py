@@ -270,3 +270,33 @@ def test_spelling_hint_only_when_pairs_were_read(tmp_path):
     path = raw_tar(tmp_path / "ok.tar", [("a.jpg", _img()), ("a.txt", b"a dog")])
     with pytest.raises(EmptyForgetSetError, match="1 samples scanned.*spelling"):
         curate(path, "Ann Lee", tmp_path / "out")
+
+
+def test_names_and_template_files_are_read_strictly(tmp_path):
+    """Sixteenth trial: a name listed twice was two classes (the concept read 0.000 before any edit), a template
+    without {} put utility at chance and passed, an empty templates file ended in a traceback, a byte-order mark made
+    the first comment line a class, a Latin-1 or PNG file gave a bare codec error, a folder read as a file."""
+    from slugkit.data.folders import read_lines, read_names, read_templates
+
+    f = tmp_path / "names.txt"
+    f.write_bytes("\ufeff# my names\r\nJowen Gormere\r\n\r\nHasa Malwick\r\n".encode())
+    assert read_lines(f) == read_names(f) == ["Jowen Gormere", "Hasa Malwick"]
+    f.write_text("Jowen Gormere\nHasa Malwick\njowen  gormere\n")
+    with pytest.raises(ValueError, match=r"names.txt: 'jowen  gormere' is listed twice \(entries 1 and 3\)"):
+        read_names(f)
+    f.write_text("# only a comment\n")
+    with pytest.raises(ValueError, match="holds no names"):
+        read_names(f)
+    t = tmp_path / "t.txt"
+    t.write_text("a photo of a {}.\na photo of\n")
+    with pytest.raises(ValueError, match=r"the template 'a photo of' has no \{\}"):
+        read_templates(t)
+    t.write_text("\n# nothing\n")
+    with pytest.raises(ValueError, match="holds no templates"):
+        read_templates(t)
+    b = tmp_path / "latin.txt"
+    b.write_bytes("Jos\xe9 Mart\xedn\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(byte 3\)"):
+        read_lines(b)
+    with pytest.raises(ValueError, match="is a folder; give a text file"):
+        read_lines(tmp_path)

@@ -104,9 +104,9 @@ def world_audit_data(adapter, concept: str, per_test: int = 50, per_train: int =
 
 def name_list(names_file: str | None, test_identities: str) -> list[str]:
     """The zero-shot name list as a run builds it: the ``--names`` file, else the test folder's class names."""
-    from ..data.folders import read_class_folder, read_lines
+    from ..data.folders import read_class_folder, read_names
 
-    return read_lines(names_file) if names_file else list(read_class_folder(test_identities).classnames)
+    return read_names(names_file) if names_file else list(read_class_folder(test_identities).classnames)
 
 
 def _class_images(adapter, root: str, what: str) -> dict[str, torch.Tensor]:

@@ -106,8 +106,9 @@ class ClassFolder:
 
 def read_class_folder(root: str | Path, classnames: str | list[str] | None = None) -> ClassFolder:
     root = Path(root)
-    if not root.is_dir():
-        raise ShardError(f"class folder not found: {root}")
+    if not root.is_dir():  # a file said "not found" (sixteenth trial)
+        raise ShardError(f"{root} is a file, not a class folder (<class name>/<images>)" if root.exists() else
+                         f"class folder not found: {root}")
     dirs = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not dirs:
         raise ShardError(f"class folder {root} has no class sub-directories (expected root/<class>/<image>)")
@@ -137,13 +138,53 @@ def read_class_folder(root: str | Path, classnames: str | list[str] | None = Non
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """The stripped lines of a text file of names or templates, without blank lines and comment lines (first
-    non-blank character ``#``: a ``# comment`` line became a concept). ``FileNotFoundError`` names a missing file."""
+    """The stripped lines of a UTF-8 text file of names or templates (a byte-order mark is dropped: it made the first
+    line another class), without blank lines and comment lines (first non-blank character ``#``: a ``# comment`` line
+    became a concept). ``FileNotFoundError`` names a missing file, ``ValueError`` a folder or a file that is not UTF-8
+    text (a PNG said "'utf-8' codec can't decode byte 0x89", naming no file)."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder; give a text file (one entry per line)")
     if not p.is_file():
         raise FileNotFoundError(f"file not found: {p}")
-    return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()
-            and not ln.strip().startswith("#")]
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text (byte {e.start}); give a UTF-8 text file, one entry per line "
+                         "(iconv -f latin1 -t utf-8 converts a Latin-1 one)") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def read_names(path: str | Path) -> list[str]:
+    """:func:`read_lines` of a name list, refusing (``ValueError``, naming the file) a name given twice (compared
+    case- and space-insensitively: ``unlearn --names`` with a name listed twice counted it as two classes, and the
+    concept's own top-1 read 0.000 before any edit) and an empty list."""
+    names = read_lines(path)
+    if not names:
+        raise ValueError(f"{path} holds no names (blank and '#' lines are skipped)")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        key = " ".join(n.replace("_", " ").split()).casefold()
+        if key in seen:
+            raise ValueError(f"{path}: {n!r} is listed twice (entries {seen[key] + 1} and {i + 1}); list each name "
+                             "once")
+        seen[key] = i
+    return names
+
+
+def read_templates(path: str | Path) -> list[str]:
+    """:func:`read_lines` of a prompt-template file, refusing (``ValueError``, naming the file and line) an empty
+    file and a template without ``{}`` (every class got the same prompt: utility read chance, 0.033, and passed;
+    an empty file ended in a reshape traceback)."""
+    templates = read_lines(path)
+    if not templates:
+        raise ValueError(f"{path} holds no templates (blank and '#' lines are skipped); give one per line, each with "
+                         "{} where the class name goes")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"{path}: the template {bad[0]!r} has no {{}}; each template needs {{}} where the class name "
+                         "goes (otherwise every class gets the same prompt)")
+    return templates
 
 
 def shared_images(a: str | Path, b: str | Path) -> list[tuple[Path, Path]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import EmptyForgetSetError, ShardError
-from ..data.folders import iter_pairs, read_class_folder, read_lines
+from ..data.folders import iter_pairs, read_class_folder, read_lines, read_names, read_templates
 from ..data.shards import ReadStats
 from ..eval.zeroshot import EvalSuite, ImageSet
 
@@ -36,7 +36,7 @@ def _templates(spec: list[str] | str) -> list[str]:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-    return read_lines(spec)
+    return read_templates(spec)
 
 
 def _norm(name: str) -> str:
@@ -115,7 +115,7 @@ def build_suite(adapter, cfg, identities_dir: str, utility_dir: str | None) -> E
     """The zero-shot evaluation suite of ``cfg`` (an :class:`~slugkit.workflows.unlearn.UnlearnConfig`) on the class
     folder ``identities_dir`` (``<Name>/*.jpg``) and, if given, the utility class folder ``utility_dir``."""
     folder = read_class_folder(identities_dir)
-    names = read_lines(cfg.names) if cfg.names else list(folder.classnames)
+    names = read_names(cfg.names) if cfg.names else list(folder.classnames)
     index = {_norm(n): i for i, n in enumerate(names)}
     targets = []
     for concept in cfg.concept_list():
