@@ -263,7 +263,17 @@ def test_eval_sd_scores_a_pipeline_before_and_after(sd_run, tmp_path, capsys):
     err = capsys.readouterr().err  # a target the patch never removed, and one the pipeline never drew: said so
     assert "--target 'blue star' is not the concept of the patch ('red triangle')" in err
     assert "the unpatched pipeline drew 'blue star' recognisably on only 0% of its images" in err
-    assert json.loads((tmp_path / "ev2" / "gen_eval.json").read_text())["images"]["in_domain"] == 2 + 2
+    ev2 = json.loads((tmp_path / "ev2" / "gen_eval.json").read_text())
+    assert ev2["images"]["in_domain"] == 2 + 2 and ev2["images"]["per_neighbour"] == 1  # what they got
+    assert [w.split(" ")[0] for w in ev2["warnings"]] == ["--target", "the"]  # the JSON read alone said UA 1.000
+    # a target not in --concepts is a class of the judge too (it was not: UA 1.000 before and after), and another
+    # spelling of a listed one is that one ("Red Circle" ended in KeyError): sixteenth trial
+    assert main(args + ["--target", "Red Triangle", "--out", str(tmp_path / "ev3")]) == 0
+    assert "note: --target 'Red Triangle' is not in --concepts; the judge classifies over it too (4 classes)" in \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "ev3" / "gen_eval.json").read_text())["judge"]["classes"] == 4
+    assert main(args + ["--target", "Red Circle", "--out", str(tmp_path / "ev4")]) == 0
+    assert json.loads((tmp_path / "ev4" / "gen_eval.json").read_text())["target"] == "red circle"
 
 
 def test_eval_sd_refuses_bad_concept_lists_and_outputs_before_any_work(tmp_path, capsys):
@@ -286,7 +296,8 @@ def test_eval_sd_refuses_bad_concept_lists_and_outputs_before_any_work(tmp_path,
             (["--concepts", "red circle,Red Circle,blue star"], "--concepts: 'Red Circle' is given twice"),
             (["--concepts", "a,b", "--cross-concepts", "x,x"], "--cross-concepts: 'x' is given twice"),
             (["--concepts", "a,b", "--out", str(run / "ev")], f"is inside the run folder {run}"),
-            (["--concepts", "a,b", "--out", str(tmp_path / "pipe")], "is a diffusers pipeline folder")):
+            (["--concepts", "a,b", "--out", str(tmp_path / "pipe" / "ev")], "is in a diffusers pipeline folder"),
+            (["--concepts", "a,b", "--out", str(t2i.T2I_DIR / "ev")], "is inside the slugkit package")):
         args = base + extra + ([] if "--out" in extra else ["--out", str(tmp_path / "ev")])
         assert main(args) == 2, extra
         assert said in capsys.readouterr().err, extra

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..common.files import write_json
 from ..common.text import printable
 from .args import COUNT, THREADS, float_at_least, int_at_least, refuse, split_list, template
 from .outputs import out_inside_run
@@ -56,8 +57,14 @@ def _check_out(a) -> str | None:
         return msg
     if os.path.lexists(out) and not out.is_dir():
         return f"--out {a.out} exists and is not a folder; give a folder for {GEN_EVAL} and generations.png"
-    if out.is_dir() and (out / "model_index.json").is_file():
-        return f"--out {a.out} is a diffusers pipeline folder; write the evaluation elsewhere"
+    import slugkit
+
+    package = os.path.realpath(Path(slugkit.__file__).parent)
+    real = os.path.realpath(out)
+    if real == package or real.startswith(package + os.sep):  # it wrote into the shipped pipeline's folder
+        return f"--out {a.out} is inside the slugkit package ({package}); write the evaluation elsewhere"
+    if any((d / "model_index.json").is_file() for d in (out, *out.parents) if d.is_dir()):
+        return f"--out {a.out} is in a diffusers pipeline folder; write the evaluation elsewhere"
     if (out / GEN_EVAL).exists() and not a.overwrite:  # a 4-minute evaluation was replaced without a word
         return f"{a.out} already holds {GEN_EVAL}; pass --overwrite to replace it, or choose another --out"
     return None
@@ -84,27 +91,35 @@ def cmd_eval_sd(a) -> int:
     msg = _check_out(a)
     if msg:
         return refuse(msg)
+    spelled = {c.casefold(): c for c in concepts}
+    target = spelled.get(a.target.casefold(), a.target)  # "Red Triangle" ended in KeyError (sixteenth trial)
+    if target.casefold() not in spelled:  # the judge never had it as a class: UA 1.000 before and after
+        concepts = [target, *concepts]
+        print(f"note: --target {target!r} is not in --concepts; the judge classifies over it too "
+              f"({len(concepts)} classes)", file=sys.stderr)
     if a.threads:
         torch.set_num_threads(a.threads)
     patches = [load_patch(p) for p in a.patch]
-    for path, p in zip(a.patch, patches):
-        if (p.meta.get("extra") or {}).get("verdict") == "fail":  # as `slug apply` and `export` warn
-            print(f"warning: {path} comes from a run whose verdict was fail ({failed_because(p.meta['extra'])}); "
-                  "see its result.json", file=sys.stderr)
+    warnings = [f"{path} comes from a run whose verdict was fail ({failed_because(p.meta['extra'])}); see its "
+                "result.json" for path, p in zip(a.patch, patches)
+                if (p.meta.get("extra") or {}).get("verdict") == "fail"]
     named = [c for p in patches for c in _patch_concepts(p)]
-    if named and a.target.casefold() not in {c.casefold() for c in named}:
-        print(f"warning: --target {a.target!r} is not the concept of the patch ({', '.join(map(repr, named))}); UA "
-              "measures the target you name", file=sys.stderr)
+    if named and target.casefold() not in {c.casefold() for c in named}:
+        warnings.append(f"--target {target!r} is not the concept of the patch ({', '.join(map(repr, named))}); UA "
+                        "measures the target you name")
+    for w in warnings:  # as `slug apply` and `export` warn; also recorded in gen_eval.json
+        print(f"warning: {w}", file=sys.stderr)
     pipe = load_pipeline(a.pipeline, device=a.device)
     judge_ad = load_adapter(a.judge_model, a.judge_pretrained, family=a.judge_family, device=a.device)
     judge = ZeroShotJudge(judge_ad, concepts, a.judge_template or [a.template])
     cross_judge = ZeroShotJudge(judge_ad, cross, [a.cross_template or a.template]) if cross else None
-    plan = GenerationPlan.build(a.target, concepts, a.template, a.n_target, a.n_other, cross,
+    plan = GenerationPlan.build(target, concepts, a.template, a.n_target, a.n_other, cross,
                                 a.cross_template, seed=a.seed)
     patch = compose_patches(patches)
     meta = {"pipeline": a.pipeline, "template": a.template, "seed": a.seed, "n_target": a.n_target,
             "n_other": a.n_other, "patches": [{"path": str(path), "fingerprint": p.fingerprint,
-                                               "concept": p.meta.get("concept")} for path, p in zip(a.patch, patches)]}
+                                               "concept": p.meta.get("concept")} for path, p in zip(a.patch, patches)],
+            "warnings": warnings}
     r = before_after(pipe, patch, judge, plan, a.out, cross_judge=cross_judge, steps=a.steps, guidance=a.guidance,
                      progress=not a.no_progress, n_neighbour=a.n_neighbour, meta=meta)
     print("| generated images | before | after |\n|---|---|---|")
@@ -114,9 +129,10 @@ def cmd_eval_sd(a) -> int:
             print(f"| {k} | {b:.3f} | {af:.3f} |")
     base = r["before"].get("generated_target_recognised")
     if base is not None and base < LOW_BASE:  # "UA 1.000" read as perfect forgetting of a concept never drawn
-        print(f"warning: the unpatched pipeline drew {a.target!r} recognisably on only {base:.0%} of its images; "
-              "UA and the after column say little about forgetting it (check --target, --template and --concepts)",
-              file=sys.stderr)
+        w = (f"the unpatched pipeline drew {target!r} recognisably on only {base:.0%} of its images; UA and the "
+             "after column say little about forgetting it (check --target, --template and --concepts)")
+        print(f"warning: {w}", file=sys.stderr)
+        write_json(Path(a.out) / GEN_EVAL, {**r, "warnings": [*warnings, w]})  # the JSON read alone said UA 1.000
     print(f"outputs: {printable(a.out)}/{GEN_EVAL}, {printable(a.out)}/generations.png")
     return 0
 

@@ -233,8 +233,9 @@ def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_di
     from ..integrations.diffusers_sd import apply_patch_to_pipeline, revert_patch_from_pipeline
     from .collateral import NEIGHBOURS_K
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # created by the first write: a patch refused below left an empty folder (16th trial)
+    apply_patch_to_pipeline(pipe, patch)  # a patch the pipeline cannot take is refused before any generation
+    revert_patch_from_pipeline(pipe, patch)  # (bit-exact)
     k = NEIGHBOURS_K if neighbours_k is None else neighbours_k
     prompts: dict[str, list[str]] = {}
     for c, p, _ in plan.items:
@@ -256,7 +257,8 @@ def before_after(pipe, patch, judge: ZeroShotJudge, plan: GenerationPlan, out_di
               "collateral": collateral_of(before, after, plan.target, neighbours, k,
                                           "cosine of the pipeline text encoder's pooled features of the plan's "
                                           "prompts")}
-    result["images"]["per_neighbour"] = n_neighbour
+    result["images"]["per_neighbour"] = min((sum(c == n for c, _, _ in plan.items) for n, _ in neighbours),
+                                            default=n_neighbour)  # what they got: --n-other when that is more
     rows = []
     shown = [plan.target] + [c for c in dict.fromkeys(c for c, _, _ in plan.items) if c != plan.target][:5]
     for c in shown:
