@@ -255,6 +255,11 @@ def test_representation_gating_and_skips(base, data):
     st = {r["probe"]: r["status"] for r in res["probes"]}
     assert st["relearn"] == st["representation"] == "skipped"
     assert res["status"] == "pass"  # skipped probes do not count
+    only = run_audit(base, prompt_only_edit(base, data), d, probes=("relearn", "representation"), progress=False)
+    assert only["status"] == "warn" and only["status_note"].startswith("no gating probe ran")  # it read "pass"
+    from slugkit.audit.report import audit_markdown
+
+    assert "**warn** (no gating probe ran" in audit_markdown({**only, "seconds": 0.0})
     with pytest.raises(ValueError, match="unknown audit probe"):
         run_audit(base, base, data, probes=("nope",))
 

@@ -58,6 +58,18 @@ def worst_status(statuses) -> str:
     return max(statuses, key=STATUS_ORDER.__getitem__, default="pass")
 
 
+NOTHING_GATED = ("no gating probe ran (those asked for were skipped, do not apply to this patch, or do not gate), so "
+                 "the audit cannot say the removal holds")
+
+
+def overall(records: list[dict], gating_only: bool = True) -> dict:
+    """``{"status": …}`` of an audit: the worst status of the gating probes that ran; ``warn`` with
+    ``status_note`` :data:`NOTHING_GATED` when none ran (``--probes relearn`` on a text-to-image patch, or
+    ``--probes representation`` alone, read "pass", exit 0: sixteenth trial)."""
+    ran = [r["status"] for r in records if (r.get("gating") or not gating_only) and r["status"] != "skipped"]
+    return {"status": worst_status(ran)} if ran else {"status": "warn", "status_note": NOTHING_GATED}
+
+
 def grade_worst(rec: dict, informative: list[dict], bounds: tuple[float, float], what: str, unable: str) -> dict | None:
     """Grade ``rec`` by the largest ``after.top1`` among the ``informative`` rows (variants, conditions): sets
     ``status`` and ``graded`` (``"worst informative <what> top-1 after"``) and returns the worst row; with no

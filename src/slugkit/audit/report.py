@@ -45,8 +45,9 @@ def _before_after(rec: dict) -> str:
 def audit_markdown(result: dict) -> str:
     """The markdown text (ends with a newline)."""
     lines = [f"## Audit: does the removal of {result['concept']} hold?", "",
-             f"Overall (gating probes): **{result['status']}**. Control names (never learned): "
-             f"{', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
+             f"Overall (gating probes): **{result['status']}**"
+             + (f" ({result['status_note']})" if result.get("status_note") else "") + ". Control names (never "
+             f"learned): {', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
              f"Time: {result['seconds']:.0f} s."
              + (f" Not run (--probes): {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
              *([f"**Note: the run that made this patch had verdict fail** ({_why(result)}; see its result.json): "

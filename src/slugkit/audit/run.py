@@ -19,7 +19,7 @@ from ..common.files import atomic_write_bytes, write_json
 from ..common.outguard import record_entries
 from ..common.progress import status as say
 from .attack import AttackBudget, probe_attack
-from .base import PROBES, AuditThresholds, worst_status
+from .base import PROBES, AuditThresholds, overall
 from .data import AuditData
 from .precision import probe_precision
 from .prompts import probe_prompts
@@ -68,9 +68,8 @@ def run_audit(before, after, data: AuditData, *, probes=PROBES, thresholds: Audi
             rec = probe_representation(before, after, data, thresholds, gating=gate_representation)
         say(f"audit: {name}: {rec['status']} ({rec.get('seconds', 0.0):.0f} s)", progress)
         records.append(rec)
-    gating = [r["status"] for r in records if r.get("gating") and r["status"] != "skipped"]
     result = {"audit_version": 1, "concept": data.concept, "controls": data.controls, "data": data.source,
-              **(meta or {}), "status": worst_status(gating),
+              **(meta or {}), **overall(records),
               "probes": records, "not_run": [p for p in PROBES if p not in probes], "thresholds": thresholds.as_dict(),
               "budgets": {"attack": asdict(attack), "relearn": asdict(relearn)},
               "seconds": time.perf_counter() - t0}

@@ -233,7 +233,7 @@ def run_t2i_audit(before, after, judge, concept: str, *, probes=("prompts", "att
     """Run the text-to-image probes (``before``/``after``: pipelines; ``judge``: a concept judge) and return the audit
     record (written to ``out`` like the CLIP audit). Raises ``ValueError`` for a probe this audit does not have."""
     from ..common.progress import status as say
-    from .base import worst_status
+    from .base import overall
     from .run import write_audit
 
     fns = {"prompts": probe_prompts_t2i, "attack": probe_attack_t2i, "precision": probe_precision_t2i}
@@ -252,7 +252,7 @@ def run_t2i_audit(before, after, judge, concept: str, *, probes=("prompts", "att
     result = {"audit_version": 1, "target": "t2i", "concept": concept, "controls": list(CONTROL_PHRASES),
               "data": f"generated images ({budget.n_images} per prompt, seeds from {budget.seed}), judged by the "
                       "unedited embedded CLIP", **(meta or {}),
-              "status": worst_status([r["status"] for r in records if r["status"] != "skipped"]),
+              **overall(records, gating_only=False),
               "probes": records, "not_run": [p for p in fns if p not in probes], "thresholds": thresholds.as_dict(),
               "budgets": {"t2i": budget.as_dict()},
               "seconds": time.perf_counter() - t0}

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .base import AuditThresholds, grade, grade_worst, worst_status
+from .base import AuditThresholds, grade, grade_worst, overall
 from .precision import round_weights
 
 PARAPHRASES = ["Can you tell me who this person is?", "Who is shown in this picture?",
@@ -156,10 +156,9 @@ def run_vlm_audit(before, after, processor, concept: str, *, probes=PROBES,
             rec = fns[name]()
         say(f"audit: {name}: {rec['status']} ({rec.get('seconds', 0):.0f} s)", progress)
         records.append(rec)
-    gating = [r["status"] for r in records if r.get("gating") and r["status"] != "skipped"]
     result = {"audit_version": 1, "target": "vlm", "concept": concept, "controls": [],
               "data": f"the world's test images ({n_test} of the concept), the VLM's greedy answers", **(meta or {}),
-              "status": worst_status(gating), "probes": records,
+              **overall(records), "probes": records,
               "not_run": [p for p in PROBES if p not in probes] + [f"{p} ({why})" for p, why in NOT_RUN.items()],
               "thresholds": thresholds.as_dict(), "budgets": {"vlm": {"test_images": n_test, "train_images": n_train}},
               "seconds": time.perf_counter() - t0}

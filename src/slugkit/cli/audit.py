@@ -166,7 +166,8 @@ def _print_audit(result: dict, out: Path) -> int:
     from ..audit.report import TITLES
     from ..audit.run import AUDIT_JSON
 
-    print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}")
+    print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}"
+          + (f" — {result['status_note']}" if result.get("status_note") else ""))
     if result.get("patch_run_verdict") == "fail":  # a plain "pass" read as all good (set by write_audit)
         from ..audit.report import audit_scope
 
