@@ -486,6 +486,8 @@ def test_an_option_given_twice_is_refused(tmp_path, capsys):
                                         "f"], "--lora", "x", "y")):
         assert main(args) == 2
         assert capsys.readouterr().err == f"error: {flag} is given twice ({first!r}, then {second!r}); give it once\n"
+    assert main(["world", "train", "--out", "x1", "--ou", "x2"]) == 2  # an abbreviation argparse accepts (16th trial)
+    assert "--out is given twice ('x1', then 'x2')" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 

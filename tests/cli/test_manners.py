@@ -410,3 +410,22 @@ def test_a_missing_command_names_the_commands(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"error: {prog} needs a command: {first}, " in err and f"`{prog} --help` says what each does" in err
+
+
+def test_small_misleading_refusals(tmp_path, capsys):
+    """Sixteenth trial: `--vlm-model` with the CLIP demo said "run --target sd"; `apply --full-pipeline --out` inside
+    the source pipeline was taken (later copies carried it along); `eval-sd --concepts <folder>` said ">= 2 names"."""
+    assert main(["demo", "--vlm-model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("drop them or run --target vlm")
+    pipe = tmp_path / "pipe base"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text("{}")
+    (tmp_path / "p").mkdir()
+    for cmd in ("apply", "revert"):
+        assert main([cmd, "--pipeline", str(pipe), "--patch", str(tmp_path / "p"), "--out", str(pipe / "patched"),
+                     "--full-pipeline"]) == 2
+        assert f"is inside {pipe}, the model it is written from" in capsys.readouterr().err
+    assert main(["eval-sd", "--pipeline", "embedded", "--patch", "p", "--target", "x", "--concepts", str(tmp_path),
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert f"{tmp_path} is a folder; give a text file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "pipe base"]

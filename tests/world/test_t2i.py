@@ -371,7 +371,7 @@ def test_train_t2i_needs_out_and_writes_whole_after_a_step(tmp_path, capsys):
     (clip / "train_report.json").write_text("{}")
     (clip / "open_clip_config.json").write_text("{}")
     assert main(["world", "train-t2i", *tiny[:-1], str(clip), "--steps", "2", "--overwrite"]) == 2
-    assert "holds files slug did not write" in capsys.readouterr().err
+    assert "holds another model slug wrote (train_report.json; no t2i_config.json)" in capsys.readouterr().err
     assert sorted(p.name for p in clip.iterdir()) == ["open_clip_config.json", "train_report.json"]
     assert {p.name: p.read_bytes() for p in t2i.T2I_DIR.iterdir()} == shipped
 

@@ -176,7 +176,8 @@ def test_trainers_out_keeps_what_is_not_theirs(tmp_path, capsys):
         train.train_embedded(out, steps=1, per_class=2, eval_per_class=1, progress=False)
     train.train_embedded(out, steps=1, per_class=2, eval_per_class=1, progress=False, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and (out / "open_clip_model.safetensors").is_file()
-    with pytest.raises(FileExistsError, match=r"holds another model slug wrote \(no processor_config.json\)"):
+    with pytest.raises(FileExistsError, match=r"holds another model slug wrote \(train_report.json; no "
+                                              r"processor_config.json\)"):
         check_model_out(out, True, "train_report.json", "processor_config.json")  # train-vlm's check
     run = tmp_path / "run"
     (run / "patch").mkdir(parents=True)
@@ -194,3 +195,16 @@ def test_trainers_out_keeps_what_is_not_theirs(tmp_path, capsys):
         "notes.txt", "open_clip_model.safetensors", "train_report.json"]
     assert (old / "train_report.json").read_text() == "new" and (old / "notes.txt").read_text() == "old notes.txt"
     assert "note: kept in" in capsys.readouterr().err
+
+
+def test_replacing_a_shipped_model_says_so(capsys, tmp_path, monkeypatch):
+    """`slug world train-t2i --out <package>/assets/embedded_t2i --overwrite` replaced the shipped UNet without a word
+    (sixteenth trial): it is allowed (that is how the shipped model is retrained) and noted."""
+    from slugkit.common.outguard import check_model_out
+    from slugkit.world.t2i import CONFIG_FILE, T2I_DIR
+
+    check_model_out(T2I_DIR, True, CONFIG_FILE)
+    assert "is inside the slugkit package: this replaces the model slugkit ships" in capsys.readouterr().err
+    (tmp_path / CONFIG_FILE).write_text("{}")
+    check_model_out(tmp_path, True, CONFIG_FILE)
+    assert capsys.readouterr().err == ""

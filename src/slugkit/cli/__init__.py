@@ -205,11 +205,15 @@ def _given_twice(parser: argparse.ArgumentParser, argv: list[str]) -> str | None
     flags are not counted."""
     sub = _command_parser(parser, argv)
     single = {o: act for act in sub._actions if isinstance(act, argparse._StoreAction) for o in act.option_strings}
+    every = [o for act in sub._actions for o in act.option_strings]
     seen: dict = {}
     for i, word in enumerate(argv):
         if word == "--":
             break
         flag, _, inline = word.partition("=")
+        if flag.startswith("--") and flag not in every:  # an abbreviation argparse accepts: `--ou x2`
+            whole = [o for o in every if o.startswith(flag)]
+            flag = whole[0] if len(whole) == 1 else flag
         act = single.get(flag)
         if act is None:
             continue

@@ -36,7 +36,7 @@ def concept_names(spec: str | None, option: str) -> list[str]:
 
     if not spec:
         return []
-    if Path(spec).is_file():
+    if Path(spec).is_file() or Path(spec).is_dir():  # a folder: read_lines says so (it read as one name)
         names = read_lines(spec)
     elif "," not in spec and (os.sep in spec or spec.endswith((".txt", ".csv"))):
         raise ValueError(f"{option} {spec}: no such file; give a file of names (one per line) or a comma list A,B,C")

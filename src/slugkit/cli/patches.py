@@ -52,6 +52,10 @@ def cmd_apply(a, revert: bool = False) -> int:
     msg = validate_apply(a, revert)
     if msg:
         return refuse(msg)
+    src = a.pipeline if a.pipeline and a.pipeline != "embedded" else a.llava
+    if src and (os.path.realpath(a.out) + os.sep).startswith(os.path.realpath(src) + os.sep):
+        return refuse(f"--out {a.out} is inside {src}, the model it is written from (a later --full-pipeline copy "
+                      "would carry it along); write it beside that folder")
     patches = [load_patch(p) for p in a.patch]
     msg = out_inside_run(a.out)  # a model written into RUN/patch/ (or over RUN/result.json) mixes with that run
     if msg:

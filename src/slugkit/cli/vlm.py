@@ -64,8 +64,9 @@ def unused(a, defaults: dict, owner: str, target: str) -> str | None:
     given = [k for k, default in defaults.items() if getattr(a, k, default) != default]
     if not given:
         return None
+    run = "--target vlm" if any(k.startswith("vlm") for k in given) else owner.split(" / ")[0]  # --vlm-model: vlm
     return (f"{', '.join('--' + k.replace('_', '-') for k in given)}: option(s) of {owner}, which {target} does not "
-            f"use; drop them or run {owner.split(' / ')[0]}")
+            f"use; drop them or run {run}")
 
 
 def unused_by_clip(a) -> str | None:

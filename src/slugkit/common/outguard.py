@@ -28,6 +28,7 @@ import json
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 
 from .files import MANIFEST, atomic_write_bytes, check_replaceable, read_manifest
@@ -201,6 +202,9 @@ def inside_run(path: str | os.PathLike) -> tuple[Path, str] | None:
     return None
 
 
+MODEL_MARKERS = ("train_report.json", "t2i_config.json", "canvas_config.json")  # what slug's trainers write
+
+
 def check_model_out(out: str | os.PathLike, overwrite: bool, marker: str, kind: str | None = None) -> None:
     """Before a trainer's work (``slug world train | train-t2i | train-canvas | train-vlm --out``): refuse, with
     ``FileExistsError`` naming ``--out`` and what to do, a file, a slug run folder or a folder inside one (replacing
@@ -217,10 +221,18 @@ def check_model_out(out: str | os.PathLike, overwrite: bool, marker: str, kind: 
     if holder is not None:
         raise FileExistsError(f"--out {out} is {'the' if holder[0] == out else 'inside the'} slug run folder "
                               f"{holder[0]} ({holder[1]}); write the model outside that run")
-    check_replaceable(out, overwrite, marker)
-    if kind and out.is_dir() and any(out.iterdir()) and not (out / kind).is_file():
-        raise FileExistsError(f"--out {out} holds another model slug wrote (no {kind}); --overwrite replaces only a "
+    mine = [m for m in (marker, kind) if m]
+    other = [m for m in MODEL_MARKERS if (out / m).is_file()] if out.is_dir() else []
+    if overwrite and other and any(not (out / m).is_file() for m in mine):  # said "files slug did not write"
+        raise FileExistsError(f"--out {out} holds another model slug wrote ({', '.join(other)}; no "
+                              f"{' / '.join(m for m in mine if not (out / m).is_file())}); --overwrite replaces only a "
                               "model of the same kind, so choose another --out")
+    check_replaceable(out, overwrite, marker)
+    package = Path(__file__).resolve().parents[1]
+    real = Path(os.path.realpath(out))
+    if overwrite and (real == package or package in real.parents) and out.is_dir() and any(out.iterdir()):
+        print(f"note: --out {out} is inside the slugkit package: this replaces the model slugkit ships (reinstall "
+              "slugkit, or `git checkout` it in a checkout, to restore it)", file=sys.stderr)
 
 
 def runs_below(folder: Path, depth: int = 3, budget: int = 2000) -> list[str]:
