@@ -97,7 +97,8 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     assert not (tmp_path / "x").exists()
     assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(tmp_path / "none"), "--out",
                  str(tmp_path / "y")]) == 2
-    assert "not a complete canvas model" in capsys.readouterr().err
+    assert f"{tmp_path / 'none'} is no such folder; --canvas-model: give the folder `slug world train-canvas --out " \
+        "DIR` wrote" in capsys.readouterr().err
     # an existing run is refused before any work (no generation, no unlearning)
     assert main(["canvas", "lite", "--methods", "slug", "--targets", "star", "--canvas-model", str(tmp_path / "none"),
                  "--out", str(out)]) == 2

@@ -48,9 +48,14 @@ def bench(tmp_path_factory):
     return root
 
 
-def _args(bench, *extra):
+def _args(bench, *extra, styles=STYLES):
+    """The command line; a ``--styles``/``--objects`` in ``extra`` replaces the default (an option given twice is
+    refused)."""
+    base = {"--styles": styles, "--objects": OBJECTS}
+    given = [extra[i] for i in range(0, len(extra)) if extra[i] in base]
     return ["canvas", "run", "--pipeline", str(bench / "sd"), "--clip", str(bench / "clip"), "--classifiers",
-            str(bench / "cls"), "--data", str(bench / "data"), "--styles", STYLES, "--objects", OBJECTS, *extra]
+            str(bench / "cls"), "--data", str(bench / "data"),
+            *[w for k, v in base.items() if k not in given for w in (k, v)], *extra]
 
 
 def test_every_method_runs_the_official_protocol(bench):
@@ -103,7 +108,7 @@ def test_cli_writes_the_table(bench, tmp_path):
 
 def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     out = tmp_path / "x"
-    assert main(_args(bench, "--styles", "Van_Gogh,Monet", "--out", str(out))) == 2  # no Monet folder
+    assert main(_args(bench, "--out", str(out), styles="Van_Gogh,Monet")) == 2  # no Monet folder
     assert "Monet/Cats: no .jpg/.png images" in capsys.readouterr().err
     assert main(_args(bench, "--styles", "Vangogh", "--out", str(out))) == 2
     assert "--styles: unknown 'Vangogh'" in capsys.readouterr().err
