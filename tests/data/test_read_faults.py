@@ -281,19 +281,15 @@ def test_names_and_template_files_are_read_strictly(tmp_path):
     f = tmp_path / "names.txt"
     f.write_bytes("\ufeff# my names\r\nJowen Gormere\r\n\r\nHasa Malwick\r\n".encode())
     assert read_lines(f) == read_names(f) == ["Jowen Gormere", "Hasa Malwick"]
-    f.write_text("Jowen Gormere\nHasa Malwick\njowen  gormere\n")
-    with pytest.raises(ValueError, match=r"names.txt: 'jowen  gormere' is listed twice \(entries 1 and 3\)"):
-        read_names(f)
-    f.write_text("# only a comment\n")
-    with pytest.raises(ValueError, match="holds no names"):
-        read_names(f)
-    t = tmp_path / "t.txt"
-    t.write_text("a photo of a {}.\na photo of\n")
-    with pytest.raises(ValueError, match=r"the template 'a photo of' has no \{\}"):
-        read_templates(t)
-    t.write_text("\n# nothing\n")
-    with pytest.raises(ValueError, match="holds no templates"):
-        read_templates(t)
+    for read, text, said in (
+            (read_names, "Jowen Gormere\nHasa Malwick\njowen  gormere\n",
+             r"names.txt: 'jowen  gormere' is listed twice \(entries 1 and 3\)"),
+            (read_names, "# only a comment\n", "holds no names"),
+            (read_templates, "a photo of a {}.\na photo of\n", r"the template 'a photo of' has no \{\}"),
+            (read_templates, "\n# nothing\n", "holds no templates")):
+        f.write_text(text)
+        with pytest.raises(ValueError, match=said):
+            read(f)
     b = tmp_path / "latin.txt"
     b.write_bytes("Jos\xe9 Mart\xedn\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(byte 3\)"):
