@@ -488,6 +488,9 @@ def test_an_option_given_twice_is_refused(tmp_path, capsys):
         assert capsys.readouterr().err == f"error: {flag} is given twice ({first!r}, then {second!r}); give it once\n"
     assert main(["world", "train", "--out", "x1", "--ou", "x2"]) == 2  # an abbreviation argparse accepts (16th trial)
     assert "--out is given twice ('x1', then 'x2')" in capsys.readouterr().err
+    for cmd in ("train-t2i", "train-canvas"):  # their own parsers were not checked (review of the 16th trial)
+        assert main(["world", cmd, "--out", "x1", "--ou", "x2"]) == 2, cmd
+        assert "--out is given twice ('x1', then 'x2')" in capsys.readouterr().err, cmd
     assert not (tmp_path / "a").exists()
 
 

@@ -200,28 +200,10 @@ def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
 
 
 def _given_twice(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
-    """An option that takes one value given more than once (``--out A --out B``, ``export --lora A --lora B``):
-    argparse silently kept the last (fifteenth trial); repeatable options (``--patch``, ``--identity-template``) and
-    flags are not counted."""
-    sub = _command_parser(parser, argv)
-    single = {o: act for act in sub._actions if isinstance(act, argparse._StoreAction) for o in act.option_strings}
-    every = [o for act in sub._actions for o in act.option_strings]
-    seen: dict = {}
-    for i, word in enumerate(argv):
-        if word == "--":
-            break
-        flag, _, inline = word.partition("=")
-        if flag.startswith("--") and flag not in every:  # an abbreviation argparse accepts: `--ou x2`
-            whole = [o for o in every if o.startswith(flag)]
-            flag = whole[0] if len(whole) == 1 else flag
-        act = single.get(flag)
-        if act is None:
-            continue
-        value = inline if inline or "=" in word else (argv[i + 1] if i + 1 < len(argv) else "")
-        if act.dest in seen:
-            return f"{flag} is given twice ({seen[act.dest]!r}, then {value!r}); give it once"
-        seen[act.dest] = value
-    return None
+    """:func:`slugkit.common.argv.given_twice` on the parser of the command ``argv`` names."""
+    from ..common.argv import given_twice
+
+    return given_twice(_command_parser(parser, argv), argv)
 
 
 def _settle_inputs(a) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from slugkit.common.files import atomic_dir, atomic_write_bytes
+from slugkit.common.argv import given_twice
 from slugkit.common.outguard import check_model_out
 from slugkit.world import canvas
 from slugkit.world.t2i import T2IConfig
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                                                            "fixed count)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the UNet's and judges' training")
     ap.add_argument("--eval-per-pair", type=int, default=5, help="generated images per pair for the report (0: none)")
+    twice = given_twice(ap, list(sys.argv[1:] if argv is None else argv))
+    if twice:
+        print(f"error: {twice}", file=sys.stderr)
+        return 2
     a = ap.parse_args(argv)
     out = Path(a.out)
     bad = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in

@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from slugkit.common.files import atomic_dir
+    from slugkit.common.argv import given_twice
     from slugkit.common.outguard import check_model_out
 
     ap = argparse.ArgumentParser(prog="slug world train-t2i", description="train the embedded text-to-image UNet "
@@ -214,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop after this many steps; the LR schedule still spans --steps (deterministic)")
     ap.add_argument("--eval-per-class", type=int, default=10, help="generated images per concept for the report "
                                                                    "(0: none)")
+    twice = given_twice(ap, list(sys.argv[1:] if argv is None else argv))
+    if twice:
+        print(f"error: {twice}", file=sys.stderr)
+        return 2
     a = ap.parse_args(argv)
     bad = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
            (("steps", a.steps), ("batch_size", a.batch_size), ("threads", a.threads)) if v < 1]

@@ -1,0 +1,32 @@
+"""Checks of a command line that argparse does not make (shared by ``slug`` and the trainers' own parsers)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["given_twice"]
+
+
+def given_twice(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """An option that takes one value given more than once (``--out A --out B``, ``export --lora A --lora B``):
+    argparse silently kept the last (fifteenth trial); repeatable options (``--patch``, ``--identity-template``) and
+    flags are not counted. ``sub``: the command's own parser (``slug world train-t2i`` and ``train-canvas`` have
+    theirs, and were not checked: sixteenth-trial review). Returns the refusal, or None."""
+    single = {o: act for act in sub._actions if isinstance(act, argparse._StoreAction) for o in act.option_strings}
+    every = [o for act in sub._actions for o in act.option_strings]
+    seen: dict = {}
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        flag, _, inline = word.partition("=")
+        if flag.startswith("--") and flag not in every:  # an abbreviation argparse accepts: `--ou x2`
+            whole = [o for o in every if o.startswith(flag)]
+            flag = whole[0] if len(whole) == 1 else flag
+        act = single.get(flag)
+        if act is None:
+            continue
+        value = inline if inline or "=" in word else (argv[i + 1] if i + 1 < len(argv) else "")
+        if act.dest in seen:
+            return f"{flag} is given twice ({seen[act.dest]!r}, then {value!r}); give it once"
+        seen[act.dest] = value
+    return None
