@@ -296,3 +296,29 @@ def test_names_and_template_files_are_read_strictly(tmp_path):
         read_lines(b)
     with pytest.raises(ValueError, match="is a folder; give a text file"):
         read_lines(tmp_path)
+
+
+def test_one_name_rule_for_name_lists_class_folders_and_audit_folders(tmp_path):
+    """Three copies of the name rule had drifted: the audit's kept a double space ("jowen  gormere" was not in the
+    name list there while `unlearn` accepted it). `data.folders.name_key` is now the one rule."""
+    from PIL import Image
+
+    from slugkit.audit.data import folder_audit_data
+    from slugkit.data.folders import name_key
+
+    assert name_key(" Jowen__Gormere ") == name_key("jowen  GORMERE") == name_key("Jowen Gormere") == "jowen gormere"
+    assert name_key("STRASSE") == name_key("straße")  # case folded, not only lowered
+    assert name_key("Jowen Gormere") != name_key("Jowen Gormer")
+    for d in ("jowen  gormere", "Hasa_Malwick"):
+        (tmp_path / "test" / d).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "test" / d / "0.png")
+
+    class Adapter:
+        @staticmethod
+        def preprocess(img):
+            import torch
+            return torch.zeros(3, 4, 4)
+
+    data = folder_audit_data(Adapter(), "jowen_gormere", ["Jowen Gormere", "Hasa Malwick"], ["{}."],
+                             str(tmp_path / "test"))
+    assert data.concept == "Jowen Gormere" and sorted(data.test) == ["Hasa Malwick", "Jowen Gormere"]

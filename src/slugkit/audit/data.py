@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common.errors import EmptyForgetSetError
+from ..data.folders import name_key
 
 
 @dataclass
@@ -129,18 +130,18 @@ def folder_audit_data(adapter, concept: str, names: list[str], templates: list[s
     probe and the relearning pairs; without it those probes are skipped). ``controls``: names the model never
     learned (default :func:`default_controls`). Raises ``EmptyForgetSetError`` when the concept has no test images,
     ``ValueError`` for a folder whose class is not in ``names`` or a control that is."""
-    norm = {n.replace("_", " ").strip().lower(): n for n in names}
+    norm = {name_key(n): n for n in names}
 
     def rename(d: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in d.items():
-            key = norm.get(k.replace("_", " ").strip().lower())
+            key = norm.get(name_key(k))
             if key is None:
                 raise ValueError(f"{where}: class folder {k!r} is not in the name list")
             out[key] = v
         return out
 
-    concept = norm.get(concept.replace("_", " ").strip().lower(), concept)
+    concept = norm.get(name_key(concept), concept)
     test = rename(_class_images(adapter, test_identities, "test"), test_identities)
     train = rename(_class_images(adapter, train_identities, "train"), train_identities) if train_identities else {}
     return AuditData(concept=concept, names=list(names), templates=list(templates), test=test, train=train,

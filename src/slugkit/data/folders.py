@@ -155,6 +155,13 @@ def read_lines(path: str | Path) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
+def name_key(name: str) -> str:
+    """The key under which two spellings of a class name are the same name: underscores read as spaces, runs of
+    whitespace as one space, case folded (``"Jowen_Gormere"``, ``" jowen  gormere"`` -> ``"jowen gormere"``). The one
+    rule for name lists, class folders, ``--concept`` and audit folders alike."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
 def read_names(path: str | Path) -> list[str]:
     """:func:`read_lines` of a name list, refusing (``ValueError``, naming the file) a name given twice (compared
     case- and space-insensitively: ``unlearn --names`` with a name listed twice counted it as two classes, and the
@@ -164,7 +171,7 @@ def read_names(path: str | Path) -> list[str]:
         raise ValueError(f"{path} holds no names (blank and '#' lines are skipped)")
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
-        key = " ".join(n.replace("_", " ").split()).casefold()
+        key = name_key(n)
         if key in seen:
             raise ValueError(f"{path}: {n!r} is listed twice (entries {seen[key] + 1} and {i + 1}); list each name "
                              "once")

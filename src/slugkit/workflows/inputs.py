@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import EmptyForgetSetError, ShardError
-from ..data.folders import iter_pairs, read_class_folder, read_lines, read_names, read_templates
+from ..data.folders import iter_pairs, name_key, read_class_folder, read_lines, read_names, read_templates
 from ..data.shards import ReadStats
 from ..eval.zeroshot import EvalSuite, ImageSet
 
@@ -37,10 +37,6 @@ def _templates(spec: list[str] | str) -> list[str]:
 
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     return read_templates(spec)
-
-
-def _norm(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).lower()
 
 
 def _stack(adapter, images) -> torch.Tensor:
@@ -116,28 +112,28 @@ def build_suite(adapter, cfg, identities_dir: str, utility_dir: str | None) -> E
     folder ``identities_dir`` (``<Name>/*.jpg``) and, if given, the utility class folder ``utility_dir``."""
     folder = read_class_folder(identities_dir)
     names = read_names(cfg.names) if cfg.names else list(folder.classnames)
-    index = {_norm(n): i for i, n in enumerate(names)}
+    index = {name_key(n): i for i, n in enumerate(names)}
     targets = []
     for concept in cfg.concept_list():
-        t = index.get(_norm(concept))
+        t = index.get(name_key(concept))
         if t is None:
             raise ValueError(f"concept {concept!r} is not in the identity name list ({len(names)} names from "
                              f"{cfg.names or identities_dir}); the zero-shot forget metric needs it there")
         targets.append(t)
-    unknown = [c for c in folder.classnames if _norm(c) not in index]
+    unknown = [c for c in folder.classnames if name_key(c) not in index]
     if unknown:
         raise ValueError(f"{identities_dir}: identity folders not in the name list: {unknown[:5]} ...")
     allowed = None
     if cfg.related_names:
-        allowed = {_norm(n) for n in read_lines(cfg.related_names)}
+        allowed = {name_key(n) for n in read_lines(cfg.related_names)}
     f_imgs, f_labels, r_imgs, r_labels = [], [], [], []
     for (img, y) in folder.load():
         name = folder.classnames[y]
-        lab = index[_norm(name)]
+        lab = index[name_key(name)]
         if lab in targets:
             f_imgs.append(img)
             f_labels.append(lab)
-        elif allowed is None or _norm(name) in allowed:
+        elif allowed is None or name_key(name) in allowed:
             r_imgs.append(img)
             r_labels.append(lab)
     for concept, t in zip(cfg.concept_list(), targets):
