@@ -311,3 +311,28 @@ def test_the_report_says_where_a_layer_chosen_off_the_clip_search_has_its_trajec
     assert got[-2:] == ["|---|---|---|---|---|---|", "| 1 | 2 | 0.1000 | 0.000 | 0.100 | yes |"]
     got = trajectory_lines({"config": cfg, "search": [row]}, B)
     assert "| # |" not in "\n".join(got) and got[-1].startswith(f"`{B}` was not searched on the CLIP's validation")
+
+
+def test_the_unedited_targets_validation_images_are_generated_once(embedded, monkeypatch):
+    """`slug demo --target sd` measures the unedited pipeline on the target's validation images to refuse a concept
+    with nothing to unlearn before the run; the chooser took that measurement again in round 1 (20 images × 20
+    steps, ~2–3 s). Given as ``base_target`` it is not repeated, and the search's outcome is the same."""
+    from slugkit.workflows.rounds import generator_rounds
+
+    ad = embedded
+    sg, pipe, mapping, base, stages, kw, first, calls = _setup(ad, monkeypatch)
+    inner, seen = sg.t2i.recognition, []
+
+    def counting(pipe_, judge, plan, *args, **k):
+        seen.append(plan[0][0] == TARGET)
+        return inner(pipe_, judge, plan, *args, **k)
+
+    monkeypatch.setattr(sg.t2i, "recognition", counting)
+    outcomes = []
+    for given in (None, 1.0):
+        seen.clear()
+        two = sg.generator_chooser(TARGET, pipe, None, mapping, max_layers=2, base_target=given, **kw)
+        edits, _ = generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {}, two, stages)
+        outcomes.append(([(e.search.name, e.round, e.search.step_size) for e in edits], seen.count(True)))
+    (edits_a, target_calls_a), (edits_b, target_calls_b) = outcomes
+    assert edits_a == edits_b and target_calls_b == target_calls_a - 1

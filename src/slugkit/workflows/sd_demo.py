@@ -158,9 +158,10 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
         adapter, pipe, mapping, judge = _clip_and_pipeline(t2i_dir)
         t_load = time.perf_counter() - t0  # loaded here, so run_unlearn's own load_model timing reads ~0
         tplan = validation_plans(concept, [], val_images, 0, 0, seed)[0]  # the generator search's own images
-        check_downstream_recognised({concept: t2i.recognition(pipe, judge, tplan, gen_steps, guidance)[0][concept]},
-                                    gen_threshold, "the unedited pipeline draws", "check --t2i-model (a model "
-                                    "trained by `slug world train-t2i` with enough --steps draws each concept)")
+        base_target = t2i.recognition(pipe, judge, tplan, gen_steps, guidance)[0][concept]
+        check_downstream_recognised({concept: base_target}, gen_threshold, "the unedited pipeline draws",
+                                    "check --t2i-model (a model trained by `slug world train-t2i` with enough "
+                                    "--steps draws each concept)")
         with run_folder(out, overwrite) as stage:  # no folder when there is nothing to unlearn
             data = ensure_world_data(data_dir, progress=progress)
             cd = write_concept_data(concept, stage / "data")
@@ -176,7 +177,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                                         gen_steps=gen_steps, guidance=guidance, seed=seed, neighbours=names,
                                         val_neighbour=val_neighbour, neighbour_budget=neighbour_budget,
                                         step=step, null_energy=null_energy, null_layers=null_layers,
-                                        max_searched=max_searched, max_layers=max_layers, progress=progress)
+                                        max_searched=max_searched, max_layers=max_layers,
+                                        base_target=base_target, progress=progress)
             result = run_unlearn(cfg, adapter=adapter, choose=chooser)  # writes into the temporary folder
             t_slug = time.perf_counter() - t0
 

@@ -71,7 +71,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                       gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE, seed: int = 0,
                       neighbours: list[str] = (), val_neighbour: int = 20, neighbour_budget: float | None = 0.20,
                       step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
-                      max_searched: int | None = None, max_layers: int = 1, progress: bool = False):
+                      max_searched: int | None = None, max_layers: int = 1, base_target: float | None = None,
+                      progress: bool = False):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 4).
 
     Layers are tried in order of conditioning-shift selectivity (``policy="shift"``: other / target shift;
@@ -93,8 +94,12 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     :class:`GeneratorRefused` (a :class:`~slugkit.slug.search.SearchFailed`) when no layer has an accepted step
     (the message names the criteria; with ``max_layers`` > 1 it carries the :func:`partial_row` a second layer
     may build on) and ``ValueError`` for an unknown ``step`` or ``null_layers``, ``null_layers="all"`` with the SLUG
-    step or ``max_searched`` < 1. ``progress``: one line on stderr per searched layer and per measured step (each
-    step generates the validation images: tens of seconds on a CPU).
+    step or ``max_searched`` < 1. ``base_target``: the unedited pipeline's recognition of the target on its
+    validation images (:func:`validation_plans`' first plan, same ``val_images``, ``seed``, ``gen_steps`` and
+    ``guidance``) when the caller has already measured it — ``slug demo --target sd`` does, to refuse a concept with
+    nothing to unlearn before the run — so round 1 does not generate those images again. ``progress``: one line on
+    stderr per searched layer and per measured step (each step generates the validation images: tens of seconds on a
+    CPU).
 
     ``choose(..., prior=edits)`` (round ≥ 2 of :func:`slugkit.workflows.rounds.generator_rounds`): ``edits`` are
     already applied to ``adapter.model``; their values are copied into the pipeline's text encoder for the round, and
@@ -170,7 +175,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                 return t2i.recognition(pipe, judge, tplan, gen_steps, guidance)[0][target]
 
         if "base" not in state:
-            state["base"] = tgt(order[0].group, 0.0), others(order[0].group, 0.0)
+            state["base"] = (tgt(order[0].group, 0.0) if base_target is None else base_target,
+                             others(order[0].group, 0.0))
         base_t, base_per = state["base"]
         base_o = float(sum(base_per.values()) / len(base_per))
 
