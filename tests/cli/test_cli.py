@@ -492,6 +492,13 @@ def test_an_option_given_twice_is_refused(tmp_path, capsys):
         assert main(["world", cmd, "--out", "x1", "--ou", "x2"]) == 2, cmd
         assert "--out is given twice ('x1', then 'x2')" in capsys.readouterr().err, cmd
     assert not (tmp_path / "a").exists()
+    patch = tmp_path / "p"
+    patch.mkdir()
+    for same in (str(patch), f"{tmp_path}/./p/"):  # a repeatable option given one value twice, however spelled
+        assert main(["revert", "--patch", str(patch), "--patch", same, "--checkpoint", "x", "--out", "y"]) == 2
+        assert f"--patch is given the same value twice ({same!r}); give each once" in capsys.readouterr().err
+    assert main(["unlearn", "--identity-template", "a {}.", "--identity-template=a {}."]) == 2
+    assert "--identity-template is given the same value twice ('a {}.')" in capsys.readouterr().err
 
 
 def test_unlearn_refuses_a_name_listed_twice_and_a_template_without_braces(tmp_path, data_dir, demo_run, capsys):

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["given_twice"]
 
 
 def given_twice(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
     """An option that takes one value given more than once (``--out A --out B``, ``export --lora A --lora B``):
-    argparse silently kept the last (fifteenth trial); repeatable options (``--patch``, ``--identity-template``) and
-    flags are not counted. ``sub``: the command's own parser (``slug world train-t2i`` and ``train-canvas`` have
+    argparse silently kept the last (fifteenth trial). A repeatable option (``--patch``, ``--identity-template``)
+    given the same value twice (the same path, however spelled) is refused too: ``revert --patch P --patch P``
+    failed on the second copy's hash with a message about the weights. Flags are not counted. ``sub``: the command's own parser (``slug world train-t2i`` and ``train-canvas`` have
     theirs, and were not checked: sixteenth-trial review). Returns the refusal, or None."""
     single = {o: act for act in sub._actions if isinstance(act, argparse._StoreAction) for o in act.option_strings}
+    many = {o: act for act in sub._actions if isinstance(act, argparse._AppendAction) for o in act.option_strings}
     every = [o for act in sub._actions for o in act.option_strings]
     seen: dict = {}
+    values: dict = {}
     for i, word in enumerate(argv):
         if word == "--":
             break
@@ -22,10 +26,16 @@ def given_twice(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
         if flag.startswith("--") and flag not in every:  # an abbreviation argparse accepts: `--ou x2`
             whole = [o for o in every if o.startswith(flag)]
             flag = whole[0] if len(whole) == 1 else flag
-        act = single.get(flag)
+        act = single.get(flag) or many.get(flag)
         if act is None:
             continue
         value = inline if inline or "=" in word else (argv[i + 1] if i + 1 < len(argv) else "")
+        if act is many.get(flag):
+            key = os.path.realpath(value) if value and os.path.exists(value) else value
+            if key in values.setdefault(act.dest, set()):
+                return f"{flag} is given the same value twice ({value!r}); give each once"
+            values[act.dest].add(key)
+            continue
         if act.dest in seen:
             return f"{flag} is given twice ({seen[act.dest]!r}, then {value!r}); give it once"
         seen[act.dest] = value
