@@ -213,3 +213,28 @@ def test_e2_lfs_pointer_in_a_model_folder_for_slug_apply(tmp_path, clip, capsys)
     assert main(["apply", "--family", "hf_clip", "--model", str(tmp_path / "clip"), "--patch", str(tmp_path / "patch"),
                  "--out", str(tmp_path / "out.safetensors")]) == 2
     _one_line_lfs_error(capsys, weights)
+
+
+def test_apply_checkpoint_on_a_text_encoder_file_saved_without_the_tower_prefix(tmp_path, clip, capsys):
+    """`slug apply --checkpoint sd/text_encoder/model.safetensors`: transformers 5 saves a CLIPTextModel without
+    ``text_model.``, and the patch's names failed on "no tensor named". The file is now matched through the prefix,
+    written back under its own names, and reverted byte for byte."""
+    from safetensors.torch import load_file
+
+    tiny_sd_pipeline(clip).save_pretrained(tmp_path / "sd")
+    ck = tmp_path / "sd" / "text_encoder" / "model.safetensors"
+    keys = set(load_file(ck))
+    if any(k.startswith("text_model.") for k in keys):
+        pytest.skip("this transformers saves CLIPTextModel with its text_model. prefix")
+    patch = layer_patch(clip, 1)
+    save_patch(patch, tmp_path / "p")
+    out, back = tmp_path / "o.safetensors", tmp_path / "back.safetensors"
+    capsys.readouterr()
+    assert main(["apply", "--patch", str(tmp_path / "p"), "--checkpoint", str(ck), "--out", str(out)]) == 0
+    assert "saved without 'text_model.'" in capsys.readouterr().err
+    got = load_file(out)
+    assert set(got) == keys
+    for name, value in patch.patched.items():
+        assert torch.equal(got[name.removeprefix("text_model.")], value.to(got[name.removeprefix("text_model.")].dtype))
+    assert main(["revert", "--patch", str(tmp_path / "p"), "--checkpoint", str(out), "--out", str(back)]) == 0
+    assert back.read_bytes() == ck.read_bytes()

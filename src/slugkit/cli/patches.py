@@ -77,13 +77,22 @@ def cmd_apply(a, revert: bool = False) -> int:
         named = {p.meta.get("adapter") for p in patches} & {"open_clip", "hf_clip"}
         a.family = named.pop() if len(named) == 1 else "open_clip"
     target, _ = _load_target(a)
+    saved = target  # what --out writes: the checkpoint under its own names, edited in place through the view
+    if a.checkpoint:  # a lone tower saved without its prefix (transformers 5's CLIPTextModel): seen as the patch names
+        from ..integrations.towers import checkpoint_tower_view
+
+        target, prefix = checkpoint_tower_view(target, [n for p in patches for n in p.meta["tensors"]])
+        if prefix:
+            print(f"note: {printable(a.checkpoint)} holds a lone CLIP tower saved without {prefix!r} (as "
+                  f"transformers 5 saves a CLIPTextModel); the patch's {prefix}* tensors are matched to it",
+                  file=sys.stderr)
     if revert:
         for p in reversed(patches):
             revert_patch(target, p)
     else:
         apply_patches(target, patches)
     if a.out:  # a checkpoint keeps its header (metadata, layout): revert after apply gives it back byte for byte
-        save_state_dict_file(_state_of(target), a.out, template=a.checkpoint)
+        save_state_dict_file(_state_of(saved), a.out, template=a.checkpoint)
     for p in patches:
         print(describe(p))
     verb = "reverted" if revert else "applied"

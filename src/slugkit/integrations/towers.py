@@ -15,8 +15,8 @@ from ..patch import (Patch, PatchMismatchError, apply_patch, cast_patch, check_a
                      tensor_sha256)
 
 __all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast_patch", "check_weight_files",
-           "consumer_view", "find_tower", "layer_names", "num_layers", "tower_map", "verify_tower",
-           "write_provenance"]
+           "checkpoint_tower_view", "consumer_view", "find_tower", "layer_names", "num_layers", "tower_map",
+           "verify_tower", "write_provenance"]
 
 # Attribute names of the two towers inside transformers' CLIPModel (4.x and 5.x alike).
 CLIP_TOWER_PREFIX = {"text": "text_model.", "vision": "vision_model."}
@@ -136,6 +136,22 @@ def consumer_view(consumer: nn.Module, patch: Patch, kind: str, what: str,
                 f"candidates to the consumed layers and unlearn again.")
         view[name] = params[rel]
     return view
+
+
+def checkpoint_tower_view(state: Mapping[str, torch.Tensor], names) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``state`` (a ``--checkpoint`` state dict) seen under the CLIPModel names a patch uses, when it is a lone tower
+    saved without its prefix: transformers 5 saves a ``CLIPTextModel`` (SD's ``text_encoder/model.safetensors``) as
+    ``encoder.layers.3…``, where the patch says ``text_model.encoder.layers.3…`` (``apply --checkpoint`` on it had
+    failed on "no tensor named"). Returns ``(view, prefix)``: the view's tensors are ``state``'s own (an in-place
+    apply edits ``state``), and ``prefix`` is the tower prefix added, or None when ``state`` is returned as it is
+    (the names are there, or some are missing under either spelling: the patch check then names them)."""
+    names = list(names)
+    if all(n in state for n in names):
+        return dict(state), None
+    for prefix in CLIP_TOWER_PREFIX.values():
+        if names and all(n.startswith(prefix) and n.removeprefix(prefix) in state for n in names):
+            return {**{prefix + k: v for k, v in state.items()}, **state}, prefix
+    return dict(state), None
 
 
 def check_weight_files(folder: str | Path, what: str, recursive: bool = False) -> None:
