@@ -43,10 +43,11 @@ def cmd_curate(a) -> int:
         print(f"warning: while reading {printable(a.shards)}: {problem}", file=sys.stderr)
     for warning in summary.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
-    scanned = summary.get("scanned") or 0
-    if not a.generate and a.alias and scanned >= 20 and summary["forget"] > scanned / 2:  # --alias a: 746 of 1000
-        print(f"warning: {summary['forget']} of the {scanned} captions name {a.concept!r} or an alias "
-              f"({', '.join(map(repr, a.alias))}): is an alias too common a word?", file=sys.stderr)
+    n_var = (summary.get("variant_spellings") or {}).get("excluded_from_retain") or 0
+    if n_var:
+        print(f"note: {n_var} caption(s) name {a.concept!r} only in another spelling (e.g. "
+              f"{printable(summary['variant_spellings']['examples'][0])!r}): kept out of the retain set, not put in "
+              "the forget set (add the spelling with --alias to forget them)", file=sys.stderr)
     return 0
 
 

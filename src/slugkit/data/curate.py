@@ -6,7 +6,8 @@ variants; :mod:`slugkit.data.matching`, whose rule :func:`names_concept` / :clas
 re-exports for every other caller), underscores in a name count as spaces (``Elon_Musk`` matches "elon musk"),
 aliases are supported, the ``--max-forget`` cap really caps (a duplicate key is read once), re-runs are idempotent
 (the tar is written fresh, atomically), and the concept name is never used as a path. Every forget sample goes
-into a manifest (key, caption, sha256 of the image bytes, source shard); the retain set excludes every match.
+into a manifest (key, caption, sha256 of the image bytes, source shard); the retain set excludes every match and
+every variant spelling (:func:`~slugkit.data.matching.variant_pattern`: ``Jowen-Gormere``, ``#JowenGormere``).
 An empty forget set is an error (:class:`EmptyForgetSetError`) whose message says what was read
 (:meth:`ReadStats.diagnosis`): a file that is not a tar, an empty shard, members that do not pair up — and
 suggests the spelling only when usable pairs were read and none named the concept.
@@ -22,7 +23,7 @@ from pathlib import Path
 from ..common.errors import EmptyForgetSetError
 from ..common.files import atomic_write_bytes
 from .folders import iter_pairs
-from .matching import ConceptMatcher, concept_pattern, matches, names_concept, normalize_text
+from .matching import ConceptMatcher, concept_pattern, matches, names_concept, normalize_text, variant_pattern
 from .shards import ReadStats, decode_or_skip, write_shard
 
 __all__ = ["ConceptMatcher", "EmptyForgetSetError", "concept_pattern", "curate", "matches", "names_concept",
@@ -42,14 +43,22 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
     The forget set is the first ``max_forget`` matches in stream order whose image decodes. The retain set is
     ``retain`` non-matching samples whose image decodes, chosen deterministically by a seeded hash of (shard, key)
     (``retain=None``: every non-match); an undecodable one is skipped, counted, and replaced by the next in rank.
-    A sample goes to the forget set when :func:`names_concept` finds ``concept`` or an alias in its caption.
+    A sample goes to the forget set when :func:`names_concept` finds ``concept`` or an alias in its caption; one whose
+    caption holds only a variant spelling (:func:`~slugkit.data.matching.variant_pattern`) goes to neither set, and is
+    counted (``variant_spellings`` in the summary, with up to 3 examples). ``curate.json`` records ``max_retain``,
+    and warns when more than half of 20 or more captions name the concept (or an alias), naming which.
 
     Raises :class:`EmptyForgetSetError` when nothing matches (the message carries the read diagnosis),
     ``ValueError`` for an empty concept name, :class:`~slugkit.common.errors.ShardError` for a missing shard and,
     under ``strict``, for any unreadable shard or sample (not a tar, empty, truncated, duplicate key, bad image or
-    caption).
+    caption), and ``ValueError`` for an alias that spells the concept itself.
     """
     pat = concept_pattern(concept, aliases)
+    same = [al for al in aliases if concept_pattern(al).fullmatch(normalize_text(concept))]
+    if same:
+        raise ValueError(f"--alias {same[0]!r} is the concept {concept!r} itself; an alias is another name for it")
+    variant, own = variant_pattern(concept, aliases), concept_pattern(concept)
+    variants, own_matches = [], 0
     out = Path(out_dir)
     stats = ReadStats()
     forget_ids, other_ids, seen, bad_matches = [], [], set(), 0
@@ -66,11 +75,14 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
             continue
         seen.add((s.source, s.key))
         if names_concept(s.caption, pat):
+            own_matches += names_concept(s.caption, own)
             if max_forget is None or len(forget_ids) < max_forget:
                 if decode_or_skip(s.data, f"{s.source}:{s.key}", strict, stats) is None:
                     bad_matches += 1  # decoded here: the cap counts usable pairs (fourteenth trial)
                 else:
                     forget_ids.append((s.source, s.key))
+        elif variant.search(normalize_text(s.caption)):
+            variants.append(s.caption)  # names it in another spelling: never a retain pair, not a forget pair
         else:
             other_ids.append((s.source, s.key))
     n_scanned = stats.samples - stats.skipped_bad_image  # usable (an undecodable match is not)
@@ -96,6 +108,16 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         f"every one of the {n_scanned} usable captions names {concept!r}" + (" or an alias" if aliases else "")
         + ": retain.tar is empty, and SLUG needs a retain set (its gradient keeps what the model should not lose); "
         "add pairs that do not name the concept (--shards A::B), or pass --max-retain 0 for a forget set only"]
+    # Most captions match: a pool of the concept's own pairs (a multi-word name) is normal; a single word, or an
+    # alias that made the majority, is likely a common word (--alias a: 746 of 1000; --concept a: 51 of 76, and an
+    # alias equal to the concept was blamed for the concept's own matches: 17th trial).
+    matched, half = len(forget_ids) + bad_matches, n_scanned / 2
+    culprit = (f"is an alias ({', '.join(map(repr, aliases))}) too common a word?" if own_matches <= half else
+               f"is {concept!r} too common a word?" if len(concept.replace("_", " ").split()) == 1 else None)
+    if n_scanned >= 20 and matched > half and culprit:
+        warnings.append(f"{matched} of the {n_scanned} captions name {concept!r}" + (" or an alias" if aliases else "")
+                        + f": {culprit} Every one of them went to the forget set (up to --max-forget) and none to "
+                        "the retain set")
     ranked = sorted(other_ids, key=lambda sk: _order_key(sk[1], sk[0], seed)) if retain is not None else other_ids
     want = len(ranked) if retain is None else retain
     # Pass 2: collect the bytes of the chosen samples, each at most once, in stream order; a retain pair whose image
@@ -128,7 +150,9 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         _write_json(out / "retain_manifest.json", {"excludes": concept, "samples": retain_manifest})
     summary = {"concept": concept, "aliases": list(aliases), "source": spec, "scanned": n_scanned,
                "forget": len(forget_items), "retain": len(retain_items) if retain != 0 else 0,
-               "max_forget": max_forget, "seed": seed, "read_stats": stats.as_dict(), "read_problems": stats.problems(),
+               "max_forget": max_forget, "max_retain": retain, "seed": seed,
+               "variant_spellings": {"excluded_from_retain": len(variants), "examples": variants[:3]},
+               "read_stats": stats.as_dict(), "read_problems": stats.problems(),
                "warnings": warnings}
     _write_json(out / "curate.json", summary)
     return summary
