@@ -135,6 +135,19 @@ def test_missing_safetensors_names_the_path(tmp_path):
     assert str(missing) in str(ei.value)
 
 
+def test_a_named_model_without_pretrained_weights_is_refused_not_randomly_initialised(capsys):
+    """Trial 17: `slug grads --model ViT-B-32` (the README's torchrun line had no --pretrained) ran on a random model;
+    only open_clip's log said so. A misspelt name still gets its own message."""
+    from slugkit.cli import main
+
+    with pytest.raises(ModelLoadError, match="without --pretrained would be randomly initialised"):
+        OpenClipAdapter.load("ViT-B-32")
+    with pytest.raises(ModelLoadError, match="is not an open_clip model name"):
+        OpenClipAdapter.load("ViT-B-3")
+    assert main(["grads", "--model", "ViT-B-32", "--forget", "f.tar", "--retain", "r.tar", "--out", "g"]) == 2
+    assert "pass --pretrained TAG (e.g. --model ViT-B-32 --pretrained laion400m_e32)" in capsys.readouterr().err
+
+
 def _tripwire(path):  # unpickling a _Tripwire calls this
     open(path, "w").close()
 

@@ -160,11 +160,17 @@ class OpenClipAdapter(Adapter):
         ``precision``: ``fp32`` | ``bf16`` | ``fp16``, the autocast dtype of every forward (weights stay float32);
         checked before anything is read (``ValueError``: unknown string, ``fp16`` on the CPU, or an autocast torch
         cannot run on ``device``). Raises :class:`ModelLoadError` when the model cannot be loaded (the message says
-        how to pass weights offline)."""
+        how to pass weights offline), and for an open_clip name without ``pretrained``, which open_clip would
+        initialise randomly with only a log line."""
         check_precision(precision, device)
         open_clip = _require_open_clip()
         override = weights_override(model, pretrained)
         name, tag = resolve_model_name(model, pretrained)
+        if tag is None and not name.startswith(("local-dir:", "hf-hub:")) and name in open_clip.list_models():
+            raise ModelLoadError(  # open_clip only logged "initialized randomly" and the pass ran (17th trial)
+                f"--model {model!r} without --pretrained would be randomly initialised by open_clip: there is nothing "
+                f"to unlearn in it; pass --pretrained TAG (e.g. --model ViT-B-32 --pretrained laion400m_e32) or a "
+                "local .safetensors file, or --model local-dir:DIR for a folder with its weights")
         hub = name.startswith("hf-hub:") or bool(tag and not Path(tag).is_file())  # may download
         why = None
         try:
