@@ -129,6 +129,10 @@ def test_reaching_fa5_zero_says_what_was_broken_on_the_way():
                                                                           "related_top1": 0.98}}
     report = {"methods": {"ga": {"metrics": m}, "slug": {"metrics": {"before": m["before"], "after": m["before"]}}}}
     assert _with_damage(report, ["ga", "slug"]) == ["ga (but utility 0.99 → 0.03)", "slug"]
+    worst = {"worst": {"concept": "Jota Quinford", "before": 1.0, "after": 0.0}}  # the mean hid it (17th trial)
+    report["methods"]["ssd"] = {"metrics": {"before": m["before"], "after": m["before"]}, "collateral": worst}
+    report["methods"]["slug"]["collateral"] = {"worst": {"concept": "Hasa Malwick", "before": 1.0, "after": 0.8}}
+    assert _with_damage(report, ["ssd", "slug"]) == ["ssd (but Jota Quinford 1.00 → 0.00)", "slug"]
 
 
 def test_compare_config_defaults():

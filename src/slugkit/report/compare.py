@@ -111,20 +111,26 @@ def reaching_fa5_zero(report: dict) -> list[str]:
     return [k for k, e in report["methods"].items() if e["metrics"]["after"]["forget_top5"] == 0]
 
 
-DAMAGE_BUDGETS = {"utility_drop": 0.02, "related_drop": 0.05}  # the verdict's defaults (Budgets; a test keeps them so)
+# the verdict's defaults (Budgets; a test keeps them so)
+DAMAGE_BUDGETS = {"utility_drop": 0.02, "related_drop": 0.05, "worst_drop": 0.20}
 
 
 def _with_damage(report: dict, names: list[str]) -> list[str]:
-    """Each name, with what it broke beyond the verdict's default budgets (utility 0.02, other identities 0.05): a
-    GA at lr 1 "reached FA@5 = 0" at utility 3 % (eleventh trial)."""
+    """Each name, with what it broke beyond the verdict's default budgets (utility 0.02, other identities 0.05 on
+    average, any single other identity 0.20): a GA at lr 1 "reached FA@5 = 0" at utility 3 % (eleventh trial), an
+    SSD with one other identity at 1.00 → 0.00 (seventeenth trial)."""
     out = []
     for k in names:
-        m = report["methods"][k]["metrics"]
+        e = report["methods"][k]
+        m = e["metrics"]
         worse = [f"{label} {m['before'][key]:.2f} → {m['after'][key]:.2f}"
                  for key, label, budget in (("utility_top1", "utility", DAMAGE_BUDGETS["utility_drop"]),
                                             ("related_top1", "other identities", DAMAGE_BUDGETS["related_drop"]))
                  if m["before"].get(key) is not None and m["after"].get(key) is not None
                  and m["before"][key] - m["after"][key] > budget + 1e-6]
+        w = (e.get("collateral") or {}).get("worst")
+        if w and w["before"] - w["after"] > DAMAGE_BUDGETS["worst_drop"] + 1e-6:
+            worse.append(f"{w['concept']} {w['before']:.2f} → {w['after']:.2f}")
         out.append(k + (f" (but {', '.join(worse)})" if worse else ""))
     return out
 
