@@ -207,6 +207,15 @@ def test_refuses_to_overwrite_and_bad_options(sd, tmp_path, capsys):
             _export(sd, tmp_path / "y.safetensors", *extra)
         assert e.value.code == 2
     assert not (tmp_path / "y.safetensors").exists()
+    # an encoder the pipeline lacks: a TypeError traceback (seventeenth trial), now one line; apply --pipeline too
+    capsys.readouterr()
+    assert _export(sd, tmp_path / "y.safetensors", "--text-encoder", "text_encoder_2") == 2
+    assert "--text-encoder text_encoder_2: this pipeline has no text_encoder_2 (it has text_encoder)" in \
+        _error_line(capsys)
+    assert main(["apply", "--patch", str(sd / "patch"), "--pipeline", str(sd / "sd"), "--out", str(tmp_path / "o"),
+                 "--text-encoder", "text_encoder_2"]) == 2
+    assert "sd has no text_encoder_2/ (it has text_encoder)" in _error_line(capsys)
+    assert not (tmp_path / "y.safetensors").exists() and not (tmp_path / "o").exists()
 
 
 def test_two_exports_are_byte_identical(sd, tmp_path):

@@ -17,8 +17,7 @@ candidates that *do* reach the pipeline; restrict the adapter to them before the
 
 Where the official notebook copies every parameter of the edited CLIP text model into the pipeline with ``.half()``,
 :func:`apply_patch_to_pipeline` writes only the patched tensors, in place, after checking the encoder holds the
-patch's original values; :func:`revert_patch_from_pipeline` restores the exact bytes. Works for fp16 encoders (see
-:mod:`slugkit.integrations`, "Half precision").
+patch's original values; :func:`revert_patch_from_pipeline` restores the exact bytes (fp16 encoders too).
 
 **SDXL** has two text encoders, and each function takes ``encoder="text_encoder" | "text_encoder_2"`` (apply, revert
 and save pick the one that holds the patch's tensors when there is no doubt). SDXL reads them differently from SD
@@ -177,11 +176,14 @@ def _holds(te: nn.Module, patch: Patch) -> bool:
 
 
 def pick_encoder(pipe, patch: Patch, encoder: str | None = None) -> str:
-    """``encoder`` if given; else the pipeline's only text encoder, or (SDXL) the one whose tensors have the patch's
-    names and shapes — refused when neither or both do."""
+    """``encoder`` if given (``ValueError`` when the pipeline lacks it); else the pipeline's only text encoder, or
+    (SDXL) the one whose tensors have the patch's names and shapes — refused when neither or both do."""
+    present = [e for e in ENCODERS if isinstance(getattr(pipe, e, None), nn.Module)]
+    if encoder is not None and present and encoder not in present:  # a TypeError had ended `export` (17th trial)
+        raise ValueError(f"--text-encoder {encoder}: this pipeline has no {encoder} (it has {', '.join(present)}); "
+                         "leave --text-encoder out, or name one it has")
     if encoder is not None:
         return encoder
-    present = [e for e in ENCODERS if isinstance(getattr(pipe, e, None), nn.Module)]
     if len(present) <= 1:
         return present[0] if present else "text_encoder"
     fits = [e for e in present if _holds(getattr(pipe, e), patch)]
