@@ -163,3 +163,23 @@ def test_attack_probe_fails_a_blocklist_and_passes_the_swap(sd, swap):
     sound = _run(probe_attack_t2i, pipe, swap, judge)
     assert sound["status"] == "pass", sound["summary"]
     assert len(sound["controls"]) == 3
+
+
+def test_clip_probes_asked_of_a_t2i_audit_are_listed_as_not_run_with_why(tmp_path):
+    """Seventeenth trial: `slug audit --patch SD_RUN --probes relearn,representation` said "Not run (--probes):
+    prompts, attack, precision" (the probes left out) and never that the two asked for are CLIP probes; its header
+    named generated images that were never generated."""
+    from slugkit.audit.report import audit_markdown
+    from slugkit.audit.t2i import run_t2i_audit
+
+    r = run_t2i_audit(None, None, None, "red triangle", probes=("relearn", "representation"), progress=False)
+    assert r["probes"] == [] and r["status"] == "warn" and r["data"] == "none (no probe ran)"
+    assert [x.split(" (")[0] for x in r["not_run"]] == ["relearn", "representation", "prompts", "attack",
+                                                          "precision"]
+    assert r["not_run"][1] == "representation (a CLIP probe: the patch edits no image tower)"
+    md = audit_markdown(r)
+    assert "Not run: relearn (a CLIP probe" in md and "(--probes)" not in md
+    default = run_t2i_audit(None, None, None, "red triangle", probes=(), progress=False)
+    assert [x.split(" (")[0] for x in default["not_run"]][-2:] == ["relearn", "representation"]
+    with pytest.raises(ValueError, match="has no probe"):
+        run_t2i_audit(None, None, None, "red triangle", probes=("mia",), progress=False)

@@ -37,6 +37,8 @@ from .attack import AttackBudget, decode, gcg
 from .base import AuditThresholds, grade, grade_worst
 from .precision import round_weights
 
+NOT_RUN = {"relearn": "a CLIP probe: relearning would train the UNet's conditioning loop, which the patch does not "
+                     "edit", "representation": "a CLIP probe: the patch edits no image tower"}
 UNSEEN = ["an illustration of a {colour} {shape}.", "a {colour} {shape} on a plain background.",
           "a close-up of a {colour} {shape}.", "one {colour} {shape}.", "a small {colour} {shape}.",
           "a simple {colour} {shape}."]
@@ -237,7 +239,7 @@ def run_t2i_audit(before, after, judge, concept: str, *, probes=("prompts", "att
     from .run import write_audit
 
     fns = {"prompts": probe_prompts_t2i, "attack": probe_attack_t2i, "precision": probe_precision_t2i}
-    bad = [p for p in probes if p not in fns]
+    bad = [p for p in probes if p not in fns and p not in NOT_RUN]
     if bad:
         raise ValueError(f"the text-to-image audit has no probe {bad}; available: {', '.join(fns)} (relearning and "
                          "representation are CLIP probes)")
@@ -250,10 +252,14 @@ def run_t2i_audit(before, after, judge, concept: str, *, probes=("prompts", "att
         say(f"audit: {name}: {rec['status']} ({rec['seconds']:.0f} s)", progress)
         records.append(rec)
     result = {"audit_version": 1, "target": "t2i", "concept": concept, "controls": list(CONTROL_PHRASES),
-              "data": f"generated images ({budget.n_images} per prompt, seeds from {budget.seed}), judged by the "
-                      "unedited embedded CLIP", **(meta or {}),
-              **overall(records, gating_only=False),
-              "probes": records, "not_run": [p for p in fns if p not in probes], "thresholds": thresholds.as_dict(),
+              "data": (f"generated images ({budget.n_images} per prompt, seeds from {budget.seed}), judged by the "
+                       "unedited embedded CLIP") if records else "none (no probe ran)", **(meta or {}),
+              **overall(records, gating_only=False), "probes": records,
+              # asked-for CLIP probes first, with why (they were listed nowhere, and the probes left out were
+              # called "not run" as if those were what was asked for: seventeenth trial)
+              "not_run": [f"{p} ({why})" for p, why in NOT_RUN.items() if p in probes]
+              + [p for p in fns if p not in probes]
+              + [f"{p} ({why})" for p, why in NOT_RUN.items() if p not in probes], "thresholds": thresholds.as_dict(),
               "budgets": {"t2i": budget.as_dict()},
               "seconds": time.perf_counter() - t0}
     if out is not None:

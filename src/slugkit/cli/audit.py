@@ -241,7 +241,7 @@ def audit_sd(patch: Path, out: Path, a) -> dict:
     from ..workflows.sd_demo import _clip_and_pipeline
 
     opts = audit_options(a)
-    probes = [p for p in opts["probes"] if p in ("prompts", "attack", "precision")]
+    probes = opts["probes"]  # relearn/representation: listed as not run, with why (run_t2i_audit)
     before_threads = torch.get_num_threads()
     try:
         if getattr(a, "threads", None):
