@@ -148,8 +148,12 @@ def test_demo_target_sd_end_to_end(sd_run):
 
     down = json.loads((out / "patch" / "patch.json").read_text())["extra"]["downstream"]
     assert down["concept"] == [g["before"]["generated_target_recognised"], g["after"]["generated_target_recognised"]]
-    assert down["worst_other"][0] == g["collateral"]["worst"]["concept"]
-    assert "  judged on:  generated images: concept " in describe(load_patch(out / "patch"))
+    w = g["collateral"]["worst"]
+    assert down["worst_other"] == [w["concept"], w["drop"], w["before"], w["after"]]
+    text = describe(load_patch(out / "patch"))  # the drop said as one (1.0 read as "still recognised": 17th trial)
+    assert "  judged on:  generated images: concept " in text
+    drop = float(f"{w['drop']:.4g}")  # as inspect rounds it
+    assert f"worst {w['concept']} drop {drop} ({w['before']:.2f} → {w['after']:.2f})" in text
 
 
 def test_demo_target_sd_refuses_identity_concept(tmp_path, capsys):

@@ -86,10 +86,11 @@ def _downstream(m: dict) -> list[str]:
     d = (m.get("extra") or {}).get("downstream") if isinstance(m.get("extra"), dict) else None
     if not isinstance(d, dict):
         return []
-    c, w = d.get("concept") or [None, None], d.get("worst_other") or [None, None]
+    c, w = d.get("concept") or [None, None], list(d.get("worst_other") or [None, None]) + [None, None]
+    values = f" ({w[2]:.2f} → {w[3]:.2f})" if all(isinstance(x, (int, float)) for x in w[2:4]) else ""
     return [f"  judged on:  {printable(d.get('judged_on'))}: concept {printable(_rounded(c[0]))} → "
             f"{printable(_rounded(c[-1]))}, others' mean drop {printable(_rounded(d.get('others_mean_drop')))}, worst "
-            f"{printable(w[0])} {printable(_rounded(w[-1]))} (the metrics below are the CLIP's)"]
+            f"{printable(w[0])} drop {printable(_rounded(w[1]))}{values} (the metrics below are the CLIP's)"]
 
 
 def _rounded(v, digits: int = 4):

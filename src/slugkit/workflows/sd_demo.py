@@ -231,7 +231,7 @@ def downstream_record(judged_on: str, before: float, after: float, collateral: d
     looked failed: its CLIP FA@1 0.66 was all inspect showed; ninth trial)."""
     w = (collateral or {}).get("worst") or {}
     return {"judged_on": judged_on, "concept": [before, after], "others_mean_drop": (collateral or {}).get("mean_drop"),
-            "worst_other": [w.get("concept"), w.get("drop")]}
+            "worst_other": [w.get("concept"), w.get("drop"), w.get("before"), w.get("after")]}  # drop, then values
 
 
 def _mark_patch(folder: Path, verdict: dict, step: str = "slug", edit: str | None = None, **fields) -> None:
