@@ -299,3 +299,19 @@ def test_curate_keeps_variant_spellings_out_of_the_retain_set_and_blames_the_rig
                      "--overwrite"]) == 0
         assert said in capsys.readouterr().err
         assert said in " ".join(json.loads((tmp_path / "w" / "curate.json").read_text())["warnings"])
+
+
+def test_a_captioned_folder_can_be_part_of_a_shard_list(tmp_path):
+    """Seventeenth trial: `curate --shards 'pool.tar::my_folder'` (curate's own advice for adding retain pairs) said
+    "directory my_folder holds no .tar shards" although the folder alone is read as captioned."""
+    _write(tmp_path / "pool.tar", ["Jowen Gormere at the beach", "a dog"])
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, cap in enumerate(["a cat on a mat", "Jowen Gormere smiling"]):
+        _img(40 * i).save(folder / f"p{i}.jpg")
+        (folder / f"p{i}.txt").write_text(cap)
+    pairs = list(iter_pairs(f"{tmp_path / 'pool.tar'}::{folder}"))
+    assert [s.caption for s in pairs] == ["Jowen Gormere at the beach", "a dog", "a cat on a mat",
+                                          "Jowen Gormere smiling"]
+    s = curate(f"{folder}::{tmp_path / 'pool.tar'}", "Jowen Gormere", tmp_path / "c")
+    assert (s["forget"], s["retain"]) == (2, 2)

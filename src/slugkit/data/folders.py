@@ -81,14 +81,24 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
 def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = None,
                decode: bool = True) -> Iterator[Sample]:
     """Image–caption pairs from webdataset shards (brace patterns, ``::``-joined lists, dirs of .tar) or a
-    captioned folder (a directory with images and ``.txt`` captions, no ``.tar``)."""
+    captioned folder (a directory with images and ``.txt`` captions, no ``.tar``) — also as a part of a ``::`` list
+    (``pool::my_folder``: curate's own advice, "add pairs … (--shards A::B)", had failed on a folder A with
+    "holds no .tar shards"; seventeenth trial)."""
     from .shards import iter_samples
 
-    p = Path(spec)
-    if p.is_dir() and not any(p.glob("*.tar")):
-        yield from iter_caption_folder(p, strict=strict, stats=stats, decode=decode)
+    parts = [x.strip() for x in str(spec).split("::") if x.strip()]
+    if len(parts) > 1 and any(_captioned(x) for x in parts):
+        for part in parts:
+            yield from iter_pairs(part, strict=strict, stats=stats, decode=decode)
+    elif _captioned(spec):
+        yield from iter_caption_folder(Path(spec), strict=strict, stats=stats, decode=decode)
     else:
         yield from iter_samples(spec, strict=strict, stats=stats, decode=decode)
+
+
+def _captioned(part: str) -> bool:
+    p = Path(part)
+    return p.is_dir() and not any(p.glob("*.tar"))
 
 
 @dataclass
