@@ -93,7 +93,8 @@ def render_canvas(report: dict) -> str:
                       "0.04 GB):", ""]
         for m, r in ratios.items():
             lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of SLUG's (checkpoint against "
-                         f"patch, the paper's comparison; changed tensors only: × {r['storage_minimal']:.3g})"
+                         f"SLUG's edited layer, the paper's comparison; a slugkit patch file, which keeps the original "
+                         f"values too, is 2× that; changed tensors only: × {r['storage_minimal']:.3g})"
                          + _changed(o, m))
     elif "slug" in report["methods"] and any(m != "slug" for m in report["methods"]):
         lines += ["", "No cost ratios against SLUG: every SLUG search on the baselines' targets was refused, so there "

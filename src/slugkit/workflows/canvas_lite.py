@@ -16,7 +16,8 @@ embedded canvas: ``per_pair`` seeds per pair, DDIM 20 steps), scored by the two 
 and the cost of the unlearning alone: ``time_s`` (wall), ``peak_mem_bytes`` (resident-set growth, the kernel's
 high-water mark: :class:`slugkit.workflows.compare_support.PeakRSS`), ``storage_bytes`` (the changed tensors in
 float32) and ``storage_full_bytes`` (the checkpoint as UnlearnCanvas stores a method's result: the whole edited
-UNet; SLUG's is its patch).
+UNet; SLUG's is its edited layer, float32, as the paper counts it — a slugkit patch file also keeps the original
+values for a verifiable revert, 2× that).
 
 Methods (each its own module): **SLUG** edits one layer of the text encoder (:func:`slug_canvas`: forget pairs =
 renders of the target with their prompts, retain pairs = renders of the other concepts of its domain, SLUG's
