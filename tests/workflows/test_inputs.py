@@ -51,3 +51,20 @@ def test_test_images_that_are_validation_images_are_refused(tmp_path):
         with pytest.raises(ValueError, match=r"--val-identities/--test-identities: 1 test image\(s\) are validation "
                                              r"images too .* e\.g\. .*x\.png = .*1\.png"):
             _check_inputs(cfg)
+
+
+def test_a_sample_cap_above_the_set_size_is_said(adapter, tmp_path, capsys):
+    """Seventeenth trial: `compare --forget-samples 100000` on 100 pairs recorded 100000 in its config and used 100
+    without a word."""
+    from PIL import Image
+
+    from slugkit.data.shards import write_shard
+    from slugkit.workflows.inputs import load_pairs
+
+    write_shard(tmp_path / "f.tar", [(f"k{i}", Image.new("RGB", (8, 8), (9 * i, 0, 0)), f"a photo {i}")
+                                     for i in range(3)])
+    images, _, stats = load_pairs(adapter, str(tmp_path / "f.tar"), 100000, False, "forget")
+    assert len(images) == 3
+    assert "note: --forget-samples 100000: the forget set " in capsys.readouterr().err
+    load_pairs(adapter, str(tmp_path / "f.tar"), 2, False, "forget")
+    assert capsys.readouterr().err == ""

@@ -64,6 +64,11 @@ def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
         msg = (f"the {what} set {spec} yielded no usable image–caption pairs ({stats.diagnosis()}); "
                "an empty set would silently produce a zero gradient")
         raise EmptyForgetSetError(msg) if what == "forget" else ShardError(msg)
+    if limit is not None and len(images) < limit:  # the cap read as the count used (config 100000, header 100)
+        import sys
+
+        print(f"note: --{what}-samples {limit}: the {what} set {spec} has {len(images)} usable pairs; all are used",
+              file=sys.stderr)
     return torch.stack(images), adapter.tokenize(captions), stats
 
 
