@@ -68,3 +68,14 @@ def test_a_sample_cap_above_the_set_size_is_said(adapter, tmp_path, capsys):
     assert "note: --forget-samples 100000: the forget set " in capsys.readouterr().err
     load_pairs(adapter, str(tmp_path / "f.tar"), 2, False, "forget")
     assert capsys.readouterr().err == ""
+
+
+def test_retain_captions_naming_the_concept_in_any_spelling_are_counted():
+    """The retain check counted only whole-word names; "Jowen-Gormere at home" and "#JowenGormere" in a retain set
+    pulled against the forget gradient unseen (seventeenth trial)."""
+    from slugkit.workflows.inputs import retain_caption_count
+
+    caps = ["a photo of Jowen Gormere.", "Jowen-Gormere at home", "#JowenGormere", "jowen_gormere.jpg", "a red circle",
+            "Jowen Gormeres cafe", "Hasa Malwick"]
+    assert retain_caption_count(caps, ["Jowen Gormere"]) == 4
+    assert retain_caption_count(caps, ["Jowen Gormere", "Hasa Malwick"]) == 5

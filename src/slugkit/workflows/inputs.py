@@ -97,6 +97,16 @@ def forget_caption_counts(adapter, captions: list[str], concepts: list[str]) -> 
     return len(prefixes), truncated
 
 
+def retain_caption_count(captions: list[str], concepts: list[str]) -> int:
+    """How many retain ``captions`` name one of ``concepts`` in any spelling — whole words or a variant such as
+    ``Jowen-Gormere``, ``#JowenGormere`` (:func:`slugkit.data.matching.variant_pattern`): the retain set must not
+    name the concept at all (seventeenth trial: such captions sat in a retain set without a word)."""
+    from ..data.matching import normalize_text, variant_pattern
+
+    pattern = variant_pattern(concepts[0], list(concepts[1:]))
+    return sum(1 for c in captions if pattern.search(normalize_text(c)))
+
+
 def unnamed_concepts(captions: list[str], concepts: list[str]) -> list[str]:
     """The ``concepts`` of a joint run that no caption names (whole word, as :func:`forget_caption_counts`): the
     forget set of ``--concepts A,B`` holding A's pairs only was unlearned for both, wrecking the model (ninth

@@ -20,6 +20,7 @@ import torch
 
 from ..common.progress import status
 from ..common.runfolder import claim_out, pause_point, run_folder
+from ..data.folders import images_with_digests, shared_images
 from ..data.shards import ReadStats
 from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
 from ..eval.zeroshot import PARTS, SuiteEvaluator
@@ -28,7 +29,8 @@ from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
 from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
 from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, edited_values, search_layers
-from .inputs import batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs, unnamed_concepts
+from .inputs import (batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs,
+                     retain_caption_count, unnamed_concepts)
 from .records import brief, result_record, write_run_files
 from .rounds import applied, generator_rounds, more_rounds
 from .verdict import (Budgets, ForgetCaptionsError, check_captions, check_recognised, check_retain_captions,
@@ -195,8 +197,6 @@ def _check_inputs(cfg: UnlearnConfig) -> None:
                          "images (pass disjoint --val-identities and --test-identities)")
     if cfg.utility_val and cfg.utility_test and Path(cfg.utility_val).resolve() == Path(cfg.utility_test).resolve():
         raise ValueError("--utility-val and --utility-test are the same folder; they must be disjoint")
-    from ..data.folders import shared_images
-
     for flags, val, test in (("--val-identities/--test-identities", cfg.val_identities, cfg.test_identities),
                              ("--utility-val/--utility-test", cfg.utility_val, cfg.utility_test)):
         if val and test and Path(val).is_dir() and Path(test).is_dir():
@@ -210,8 +210,6 @@ def _check_inputs(cfg: UnlearnConfig) -> None:
 def _refuse_forget_in_eval(cfg: UnlearnConfig, manifest: list[dict]) -> None:
     """Raise ``ValueError`` when a validation or test image is one of the forget set's own images (the same bytes):
     the search or the report would score the images the gradient was taken on."""
-    from ..data.folders import images_with_digests
-
     digests = {m["sha256"]: f"{m['source']}:{m['key']}" for m in manifest}
     for flag, folder in (("--val-identities", cfg.val_identities), ("--test-identities", cfg.test_identities)):
         hit = images_with_digests(folder, digests) if folder and Path(folder).is_dir() else []
@@ -260,7 +258,7 @@ def _load_data(cfg: UnlearnConfig, adapter) -> dict:
         _refuse_forget_in_eval(cfg, data["forget_stats"].manifest)
         r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
         r_caps = data["retain_stats"].captions
-        r_named = forget_caption_counts(adapter, r_caps, cfg.concept_list() + list(cfg.aliases))[0]
+        r_named = retain_caption_count(r_caps, cfg.concept_list() + list(cfg.aliases))
         if cfg.caption_check:
             check_retain_captions(r_named, len(r_caps), cfg.concept_list(), cfg.retain, cfg.forget)
         data["captions"].update(retain_named=r_named, retain_total=len(r_caps))
