@@ -12,8 +12,9 @@ def given_twice(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
     """An option that takes one value given more than once (``--out A --out B``, ``export --lora A --lora B``):
     argparse silently kept the last (fifteenth trial). A repeatable option (``--patch``, ``--identity-template``)
     given the same value twice (the same path, however spelled) is refused too: ``revert --patch P --patch P``
-    failed on the second copy's hash with a message about the weights. Flags are not counted. ``sub``: the command's own parser (``slug world train-t2i`` and ``train-canvas`` have
-    theirs, and were not checked: sixteenth-trial review). Returns the refusal, or None."""
+    failed on the second copy's hash with a message about the weights. Flags are not counted. ``sub``: the
+    command's own parser (``slug world train-t2i`` and ``train-canvas`` have theirs, and were not checked:
+    sixteenth-trial review). Returns the refusal, or None."""
     single = {o: act for act in sub._actions if isinstance(act, argparse._StoreAction) for o in act.option_strings}
     many = {o: act for act in sub._actions if isinstance(act, argparse._AppendAction) for o in act.option_strings}
     every = [o for act in sub._actions for o in act.option_strings]
