@@ -77,5 +77,5 @@ def test_retain_captions_naming_the_concept_in_any_spelling_are_counted():
 
     caps = ["a photo of Jowen Gormere.", "Jowen-Gormere at home", "#JowenGormere", "jowen_gormere.jpg", "a red circle",
             "Jowen Gormeres cafe", "Hasa Malwick"]
-    assert retain_caption_count(caps, ["Jowen Gormere"]) == 4
-    assert retain_caption_count(caps, ["Jowen Gormere", "Hasa Malwick"]) == 5
+    assert retain_caption_count(caps, ["Jowen Gormere"]) == 5  # "Jowen Gormeres" too (eighteenth trial)
+    assert retain_caption_count(caps, ["Jowen Gormere", "Hasa Malwick"]) == 6

@@ -45,9 +45,9 @@ def cmd_curate(a) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     n_var = (summary.get("variant_spellings") or {}).get("excluded_from_retain") or 0
     if n_var:
-        print(f"note: {n_var} caption(s) name {a.concept!r} only in another spelling (e.g. "
-              f"{printable(summary['variant_spellings']['examples'][0])!r}): kept out of the retain set, not put in "
-              "the forget set (add the spelling with --alias to forget them)", file=sys.stderr)
+        print(f"note: {n_var} caption(s) name {a.concept!r}{' or an alias' if a.alias else ''} only in another "
+              f"spelling (e.g. {printable(summary['variant_spellings']['examples'][0])!r}): kept out of the retain "
+              "set, and not put in the forget set, which takes names as whole words only", file=sys.stderr)
     return 0
 
 

@@ -71,6 +71,7 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
     for s in it:
         if (s.source, s.key) in seen:  # the readers skip duplicates already; never let one count twice here
             stats.skipped_duplicate_key += 1
+            stats.note("skipped_duplicate_key", f"{s.source}:{s.key}")  # the warning's example read "?"
             stats.samples -= 1
             continue
         seen.add((s.source, s.key))

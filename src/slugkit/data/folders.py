@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -88,12 +89,34 @@ def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = Non
 
     parts = [x.strip() for x in str(spec).split("::") if x.strip()]
     if len(parts) > 1 and any(_captioned(x) for x in parts):
-        for part in parts:
-            yield from iter_pairs(part, strict=strict, stats=stats, decode=decode)
+        yield from _mixed_pairs(spec, parts, strict, stats if stats is not None else ReadStats(), decode)
     elif _captioned(spec):
         yield from iter_caption_folder(Path(spec), strict=strict, stats=stats, decode=decode)
     else:
         yield from iter_samples(spec, strict=strict, stats=stats, decode=decode)
+
+
+def _mixed_pairs(spec: str, parts: list[str], strict: bool, stats: ReadStats, decode: bool) -> Iterator[Sample]:
+    """A ``::`` list with captioned folders in it: each part as what it is, a folder or shard listed twice read once
+    (its pairs counted as ``skipped_duplicate_key``, as :func:`~slugkit.data.shards.iter_samples` does for shards;
+    ``folder::folder`` had written every retain pair twice: eighteenth trial)."""
+    from .shards import expand_urls, iter_samples
+
+    seen: set[str] = set()
+    for part in parts:
+        paths = [part] if _captioned(part) else expand_urls(part)
+        again = [x for x in paths if os.path.realpath(x) in seen]
+        if again and strict:
+            raise ShardError(f"{again[0]} is listed twice in {spec!r}; its samples would count twice")
+        for x in again:
+            stats.skipped_duplicate_key += sum(1 for _ in iter_pairs(x, stats=ReadStats(), decode=False))
+            stats.note("skipped_duplicate_key", f"{x} (listed twice)")
+        new = [x for x in paths if os.path.realpath(x) not in seen]
+        seen.update(os.path.realpath(x) for x in new)
+        if new and _captioned(part):
+            yield from iter_caption_folder(Path(part), strict=strict, stats=stats, decode=decode)
+        elif new:
+            yield from iter_samples(new, strict=strict, stats=stats, decode=decode)
 
 
 def _captioned(part: str) -> bool:
