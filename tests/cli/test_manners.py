@@ -212,6 +212,8 @@ def test_null_space_layers_all_needs_the_null_space_step(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, said", [
     (["demo", "--concept", "Serna Malton", "--concepts", "Jowen Gormere,Meylan Falmond"], "exclude each other"),
+    (["unlearn", "--concept", "Serna Malton", "--concepts", "Jowen Gormere,Meylan Falmond"], "exclude each other"),
+    (["compare", "--concept", "Serna Malton", "--concepts", "Jowen Gormere,Meylan Falmond"], "exclude each other"),
     (["demo", "--sequential"], "--sequential unlearns the --concepts one after another"),
     (["demo", "--data-dir", "{tmp}/x"], "overlap"),  # the run curated over the world's files, then refused
     (["demo", "--data-dir", "{tmp}/x/world"], "overlap"),

@@ -140,6 +140,9 @@ def _dispatch(argv: list[str] | None) -> int:
     if isinstance(out, str) and not out.strip():  # every command: '' is not "the default folder" nor "here"
         msg = ("--out is empty (an unset shell variable?); name where to write, or leave the option out where it has "
                "a default")
+    # demo, unlearn, compare: --concept beside --concepts was dropped silently (ninth and eighteenth trials)
+    if getattr(a, "concept", None) is not None and getattr(a, "concepts", None):
+        msg = f"--concept {a.concept!r} and --concepts {a.concepts!r} exclude each other: use --concepts"
     msg = msg or _empty_value(parser, argv, a) or _given_twice(parser, argv)
     if msg:
         print(f"error: {msg}", file=sys.stderr)

@@ -284,10 +284,8 @@ def data_dir_conflict(a) -> str | None:
 
 
 def demo_conflicts(a) -> str | None:
-    """`slug demo` options that contradict each other: --concept beside --concepts (it was ignored and the others
-    unlearned), --sequential without --concepts (ignored), --data-dir overlapping --out."""
-    if a.concept is not None and a.concepts:
-        return f"--concept {a.concept!r} and --concepts {a.concepts!r} exclude each other: use --concepts"
+    """`slug demo` options that contradict each other (--concept beside --concepts: refused for every command in
+    :func:`slugkit.cli.main`): --sequential without --concepts (ignored), --data-dir overlapping --out."""
     if a.sequential and not a.concepts:
         return "--sequential unlearns the --concepts one after another; give --concepts A,B"
     return data_dir_conflict(a)
