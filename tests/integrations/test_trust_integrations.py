@@ -238,3 +238,9 @@ def test_apply_checkpoint_on_a_text_encoder_file_saved_without_the_tower_prefix(
         assert torch.equal(got[name.removeprefix("text_model.")], value.to(got[name.removeprefix("text_model.")].dtype))
     assert main(["revert", "--patch", str(tmp_path / "p"), "--checkpoint", str(out), "--out", str(back)]) == 0
     assert back.read_bytes() == ck.read_bytes()
+    # a vision patch on that text file: its layer names fit the text layers too, and it ended on a hash mismatch
+    save_patch(layer_patch(clip, 0, kind="vision"), tmp_path / "v")
+    capsys.readouterr()
+    assert main(["apply", "--patch", str(tmp_path / "v"), "--checkpoint", str(ck), "--out", str(tmp_path / "w")]) == 2
+    assert "is a lone CLIP text tower; the patch edits the vision tower" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -84,8 +84,8 @@ def cmd_apply(a, revert: bool = False) -> int:
         target, prefix = checkpoint_tower_view(target, [n for p in patches for n in p.meta["tensors"]])
         if prefix:
             print(f"note: {printable(a.checkpoint)} holds a lone CLIP tower saved without {prefix!r} (as "
-                  f"transformers 5 saves a CLIPTextModel); the patch's {prefix}* tensors are matched to it",
-                  file=sys.stderr)
+                  f"transformers 5 saves a {'CLIPTextModel' if prefix == 'text_model.' else 'CLIPVisionModel'}); the "
+                  f"patch's {prefix}* tensors are matched to it", file=sys.stderr)
     if revert:
         for p in reversed(patches):
             revert_patch(target, p)

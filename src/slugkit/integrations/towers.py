@@ -20,6 +20,7 @@ __all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast
 
 # Attribute names of the two towers inside transformers' CLIPModel (4.x and 5.x alike).
 CLIP_TOWER_PREFIX = {"text": "text_model.", "vision": "vision_model."}
+_LONE = {"text": "embeddings.token_embedding.weight", "vision": "embeddings.patch_embedding.weight"}  # unprefixed
 _MARKERS = {"text": ("embeddings", "encoder", "final_layer_norm"),
             "vision": ("embeddings", "encoder", "pre_layrnorm", "post_layernorm")}
 
@@ -148,7 +149,12 @@ def checkpoint_tower_view(state: Mapping[str, torch.Tensor], names) -> tuple[dic
     names = list(names)
     if all(n in state for n in names):
         return dict(state), None
-    for prefix in CLIP_TOWER_PREFIX.values():
+    lone = [k for k, marker in _LONE.items() if marker in state]  # which tower the file is, by its embeddings
+    for kind, prefix in CLIP_TOWER_PREFIX.items():
+        if names and all(n.startswith(prefix) for n in names) and lone and kind not in lone:
+            raise PatchMismatchError(  # the layer names fit either tower: a vision patch was mapped onto text layers
+                f"the checkpoint is a lone CLIP {lone[0]} tower; the patch edits the {kind} tower ({names[0]}): give "
+                f"the checkpoint of the {kind} tower, or the whole CLIP")
         if names and all(n.startswith(prefix) and n.removeprefix(prefix) in state for n in names):
             return {**{prefix + k: v for k, v in state.items()}, **state}, prefix
     return dict(state), None
