@@ -183,3 +183,13 @@ def test_clip_probes_asked_of_a_t2i_audit_are_listed_as_not_run_with_why(tmp_pat
     assert [x.split(" (")[0] for x in default["not_run"]][-2:] == ["relearn", "representation"]
     with pytest.raises(ValueError, match="has no probe"):
         run_t2i_audit(None, None, None, "red triangle", probes=("mia",), progress=False)
+
+
+def test_probes_the_vlm_audit_cannot_run_are_listed_first_with_why():
+    """Eighteenth trial: `slug audit --patch VLM_RUN --probes attack,relearn` named the test images as its data and
+    listed the probes left out before the two asked for."""
+    from slugkit.audit.vlm import run_vlm_audit
+
+    r = run_vlm_audit(None, None, None, "Jowen Gormere", probes=("attack", "relearn"), n_test=2, progress=False)
+    assert r["probes"] == [] and r["data"] == "none (no probe ran)" and r["status"] == "warn"
+    assert [x.split(" (")[0] for x in r["not_run"]] == ["attack", "relearn", "prompts", "precision", "representation"]

@@ -157,9 +157,11 @@ def run_vlm_audit(before, after, processor, concept: str, *, probes=PROBES,
         say(f"audit: {name}: {rec['status']} ({rec.get('seconds', 0):.0f} s)", progress)
         records.append(rec)
     result = {"audit_version": 1, "target": "vlm", "concept": concept, "controls": [],
-              "data": f"the world's test images ({n_test} of the concept), the VLM's greedy answers", **(meta or {}),
-              **overall(records), "probes": records,
-              "not_run": [p for p in PROBES if p not in probes] + [f"{p} ({why})" for p, why in NOT_RUN.items()],
+              "data": f"the world's test images ({n_test} of the concept), the VLM's greedy answers" if records else
+                      "none (no probe ran)", **(meta or {}), **overall(records), "probes": records,
+              "not_run": [f"{p} ({why})" for p, why in NOT_RUN.items() if p in probes]  # asked for first (18th trial)
+              + [p for p in PROBES if p not in probes]
+              + [f"{p} ({why})" for p, why in NOT_RUN.items() if p not in probes],
               "thresholds": thresholds.as_dict(), "budgets": {"vlm": {"test_images": n_test, "train_images": n_train}},
               "seconds": time.perf_counter() - t0}
     if out is not None:
