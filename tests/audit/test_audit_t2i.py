@@ -193,3 +193,18 @@ def test_probes_the_vlm_audit_cannot_run_are_listed_first_with_why():
     r = run_vlm_audit(None, None, None, "Jowen Gormere", probes=("attack", "relearn"), n_test=2, progress=False)
     assert r["probes"] == [] and r["data"] == "none (no probe ran)" and r["status"] == "warn"
     assert [x.split(" (")[0] for x in r["not_run"]] == ["attack", "relearn", "prompts", "precision", "representation"]
+
+
+def test_a_warn_patch_is_said_by_apply_export_and_audit_alike():
+    """Eighteenth trial: `slug apply` showed a warn patch's verdict, `export` and the audit's console and audit.md said
+    nothing of it (audit.json only)."""
+    from slugkit.audit.report import audit_markdown
+    from slugkit.audit.t2i import run_t2i_audit
+    from slugkit.patch.summary import verdict_line
+
+    assert verdict_line("p", {"extra": {"verdict": "warn"}}).startswith("note: p comes from a run whose verdict was warn")
+    assert verdict_line("p", {"extra": {"verdict": "fail", "verdict_codes": []}}).startswith("warning: p comes from")
+    assert verdict_line("p", {"extra": {"verdict": "pass"}}) is None and verdict_line("p", {}) is None
+    r = run_t2i_audit(None, None, None, "red triangle", probes=(), progress=False)
+    r["patch_run_verdict"] = "warn"
+    assert "Note: the run that made this patch had verdict warn" in audit_markdown(r)

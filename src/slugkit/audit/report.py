@@ -52,7 +52,9 @@ def audit_markdown(result: dict) -> str:
              + (f" Not run: {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
              *([f"**Note: the run that made this patch had verdict fail** ({_why(result)}; see its result.json): "
                 f"{audit_scope(result)}.", ""]
-               if result.get("patch_run_verdict") == "fail" else []),
+               if result.get("patch_run_verdict") == "fail" else
+               ["Note: the run that made this patch had verdict warn; its warnings are in that run's result.json.", ""]
+               if result.get("patch_run_verdict") == "warn" else []),
              "| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
              "|---|---|---|---|---|---|"]
     for rec in result["probes"]:

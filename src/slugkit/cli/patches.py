@@ -66,11 +66,11 @@ def cmd_apply(a, revert: bool = False) -> int:
             return refuse(f"--out {a.out} is inside the patch {given}; writing there would destroy the patch: "
                           "choose a path outside it")
     for path, p in zip(a.patch, patches):
-        if not revert and (p.meta.get("extra") or {}).get("verdict") == "fail":
-            from ..patch.summary import failed_because
+        from ..patch.summary import verdict_line
 
-            print(f"warning: {path} comes from a run whose verdict was fail ({failed_because(p.meta['extra'])}); "
-                  "see its result.json", file=sys.stderr)
+        line = None if revert else verdict_line(path, p.meta)
+        if line:
+            print(line, file=sys.stderr)
     if a.pipeline or a.llava:
         return _apply_to_folder(a, patches, revert)
     if a.family is None:  # the patch's own adapter (an SD demo's patch, hf_clip, failed under open_clip: 8th trial)
@@ -193,11 +193,10 @@ def cmd_export(a) -> int:
         return refuse(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     patch = load_patch(a.lora)
     check_exportable(patch)
-    if (patch.meta.get("extra") or {}).get("verdict") == "fail":
-        from ..patch.summary import failed_because
+    from ..patch.summary import verdict_line
 
-        print(f"warning: {a.lora} comes from a run whose verdict was fail ({failed_because(patch.meta['extra'])}); "
-              "see its result.json", file=sys.stderr)
+    if verdict_line(a.lora, patch.meta):
+        print(verdict_line(a.lora, patch.meta), file=sys.stderr)
     holder = _text_encoders(a.pipeline)
     encoder = pick_encoder(holder, patch, a.text_encoder)
     try:

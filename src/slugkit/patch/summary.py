@@ -25,6 +25,18 @@ def failed_because(extra) -> str:
     return "; ".join(said) or "the concept was not forgotten on its test images, or the edit broke the model"
 
 
+def verdict_line(path, meta: dict) -> str | None:
+    """What ``slug apply`` and ``slug export`` print of the verdict of the run that made the patch at ``path``: a
+    ``warning:`` for fail (with :func:`failed_because`), a ``note:`` for warn (export said nothing of a warn patch;
+    eighteenth trial), None for pass or an unknown verdict."""
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    if extra.get("verdict") == "fail":
+        return f"warning: {path} comes from a run whose verdict was fail ({failed_because(extra)}); see its result.json"
+    if extra.get("verdict") == "warn":
+        return f"note: {path} comes from a run whose verdict was warn; its warnings are in that run's result.json"
+    return None
+
+
 def _steps(m: dict) -> str:
     """The step size line; a patch of several layers (``extra.layers_edited``, the multi-layer fallback) gives each
     layer's step and round — the top-level ``step_size`` is the first layer's only."""

@@ -67,8 +67,8 @@ def load_pairs(adapter, spec: str, limit: int | None, strict: bool, what: str):
     if limit is not None and len(images) < limit:  # the cap read as the count used (config 100000, header 100)
         import sys
 
-        print(f"note: --{what}-samples {limit}: the {what} set {spec} has {len(images)} usable pairs; all are used",
-              file=sys.stderr)
+        print(f"note: --{what}-samples {limit}: the {what} set has {len(images)} usable pairs; all are used",
+              file=sys.stderr)  # not its path: a compare's is a hidden temporary folder (eighteenth trial)
     return torch.stack(images), adapter.tokenize(captions), stats
 
 
