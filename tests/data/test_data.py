@@ -276,18 +276,19 @@ def test_curate_keeps_variant_spellings_out_of_the_retain_set_and_blames_the_rig
 
     caps = ["Jowen Gormere", "Jowen Gormere smiling", "Jowen-Gormere at home", "#JowenGormere", "jowen_gormere.jpg",
             "a cat", "JowenGormere2024", "#JowenGormereFan", "IMG_jowengormere01.jpg", "Jowen%20Gormere",
-            "Jowen/Gormere", "Jowen+Gormere", "Jowen Gormer", "Gormere Jowen", "xjowengormere"]
+            "Jowen/Gormere", "Jowen+Gormere", "Jowen Gormer", "Gormere Jowen", "xjowengormere", "Jowen\\Gormere",
+            "jowen%5Fgormere"]
     _write(tmp_path / "v.tar", caps)
     s = curate(str(tmp_path / "v.tar"), "Jowen Gormere", tmp_path / "c", retain=20)
     retained = [r["caption"] for r in json.loads((tmp_path / "c" / "retain_manifest.json").read_text())["samples"]]
     assert s["forget"] == 2 and sorted(retained) == ["Gormere Jowen", "Jowen Gormer", "a cat", "xjowengormere"]
-    assert s["variant_spellings"] == {"excluded_from_retain": 9, "examples": caps[2:5]} and s["max_retain"] == 20
+    assert s["variant_spellings"] == {"excluded_from_retain": 11, "examples": caps[2:5]} and s["max_retain"] == 20
     one = variant_pattern("Musk")  # a one-word name: no letter may follow it either
     assert [bool(one.search(c)) for c in ("muskrat", "musk2024", "elon_musk", "#musk")] == [False, True, True, True]
     assert variant_pattern("Jowen Gormere").search("jowen gormere")  # the strict spelling is a variant too
     assert main(["curate", "--shards", str(tmp_path / "v.tar"), "--concept", "Jowen Gormere", "--out",
                  str(tmp_path / "d")]) == 0
-    assert "note: 9 caption(s) name 'Jowen Gormere' only in another spelling (e.g. 'Jowen-Gormere at home')" in \
+    assert "note: 11 caption(s) name 'Jowen Gormere' only in another spelling (e.g. 'Jowen-Gormere at home')" in \
         capsys.readouterr().err
     assert main(["curate", "--shards", str(tmp_path / "v.tar"), "--concept", "Jowen Gormere", "--alias",
                  "jowen_gormere", "--out", str(tmp_path / "e")]) == 2

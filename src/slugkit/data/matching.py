@@ -61,19 +61,20 @@ def concept_pattern(name: str, aliases: list[str] | tuple[str, ...] = ()) -> re.
 def variant_pattern(name: str, aliases: list[str] | tuple[str, ...] = ()) -> re.Pattern:
     """Regex for the spellings of ``name`` (or an alias) that :func:`concept_pattern` deliberately does not count as
     naming it, to be searched in :func:`normalize_text`-normalised captions: the words joined by ``-``, ``_``, ``.``,
-    ``/``, ``+``, ``%20`` (URL-encoded space) or nothing (``Jowen-Gormere``, ``jowen_gormere.jpg``, ``#JowenGormere``,
-    ``Jowen%20Gormere``); a letter may not come before the name, and for a one-word name not after it either (so
-    ``Musk`` is not found in "muskrat"), while digits and, after a name of several words, letters may
-    (``JowenGormere2024``, ``#JowenGormereFan``, ``IMG_jowengormere01.jpg``). ``slug curate`` keeps such captions out
-    of the retain set (which must never name the concept) without putting them in the forget set (trials 17 and 18:
-    they sat in retain.tar without a word). A caption that :func:`concept_pattern` matches also matches this one.
-    Raises ``ValueError`` when the name and every alias are empty."""
+    ``/``, ``\\``, ``+``, ``%20``/``%5F``/``%2D`` (URL-encoded space, ``_``, ``-``) or nothing (``Jowen-Gormere``,
+    ``jowen_gormere.jpg``, ``#JowenGormere``, ``Jowen%20Gormere``); a letter may not come before the name, and for a
+    one-word name not after it either (so ``Musk`` is not found in "muskrat"), while digits and, after a name of
+    several words, letters may (``JowenGormere2024``, ``#JowenGormereFan``, ``IMG_jowengormere01.jpg``).
+    ``slug curate`` keeps such captions out of the retain set (which must never name the concept) without putting
+    them in the forget set (trials 17–19: they sat in retain.tar without a word). A caption that
+    :func:`concept_pattern` matches also matches this one. Raises ``ValueError`` when the name and every alias are
+    empty."""
     terms = []
     for t in [name, *aliases]:
         words = [w for w in re.split(r"[\s_]+", normalize_text(t or "")) if w]
         if words:
             after = "" if len(words) > 1 else r"(?![^\W\d_])"
-            terms.append(r"(?:[\s\-_./+]|%20)*".join(re.escape(w) for w in words) + after)
+            terms.append(r"(?:[\s\-_./+\\]|%20|%5f|%2d)*".join(re.escape(w) for w in words) + after)
     if not terms:
         raise ValueError("concept name is empty")
     return re.compile(r"(?<![^\W\d_])(?:" + "|".join(terms) + ")", re.IGNORECASE)
