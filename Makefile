@@ -5,6 +5,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DEMO_ARGS ?= --overwrite
+# the suite runs one worker per core (pytest-xdist), a test file per worker so that a module's fixtures are built once;
+# `make test PYTEST_ARGS=` runs it in one process
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: demo test bench clean
 
@@ -26,7 +29,7 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/slug demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/summary.py --json benchmarks/results/summary.json

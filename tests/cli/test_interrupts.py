@@ -103,3 +103,14 @@ def test_handlers_are_restored_and_an_ignored_sigint_stays_ignored():
         signal.signal(signal.SIGINT, old)
     with interrupts.handling(active=False):
         assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+
+
+def test_sigterm_unwinds_through_every_ctrl_c_handler():
+    """``Terminated`` is a ``KeyboardInterrupt``: every ``except KeyboardInterrupt`` that cleans up after Ctrl-C (the
+    run folder's temporary folder, claims) cleans up after SIGTERM too — which lets the run-folder tests interrupt the
+    later stages with Ctrl-C only."""
+    from slugkit.common.interrupts import Terminated
+
+    assert issubclass(Terminated, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        raise Terminated()
