@@ -303,6 +303,17 @@ def test_curate_keeps_variant_spellings_out_of_the_retain_set_and_blames_the_rig
                      "--overwrite"]) == 0
         assert said in capsys.readouterr().err
         assert said in " ".join(json.loads((tmp_path / "w" / "curate.json").read_text())["warnings"])
+    # an alias that matches nothing (misspelt) was silent: the forget set was the concept's matches only
+    assert main(["curate", "--shards", str(tmp_path / "v.tar"), "--concept", "Jowen Gormere", "--alias", "Gormere",
+                 "--alias", "Jowan", "--out", str(tmp_path / "x")]) == 0
+    said = ("--alias 'Jowan' matched none of the 17 captions (the forget set holds the captions naming 'Jowen "
+            "Gormere' or another alias); check its spelling")
+    assert said in capsys.readouterr().err
+    summary = json.loads((tmp_path / "x" / "curate.json").read_text())
+    assert summary["alias_matches"] == {"Gormere": 7, "Jowan": 0}
+    assert main(["curate", "--shards", str(tmp_path / "v.tar"), "--concept", "Jowen Gormere", "--alias", "Gormere",
+                 "--out", str(tmp_path / "y")]) == 0
+    assert "matched none" not in capsys.readouterr().err
 
 
 def test_a_captioned_folder_can_be_part_of_a_shard_list(tmp_path):

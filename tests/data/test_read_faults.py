@@ -66,6 +66,46 @@ def test_curate_counts_a_shard_listed_twice_once(tmp_path):
     assert len(list(iter_samples(str(tmp_path / "out" / "retain.tar")))) == 1
 
 
+def test_a_copied_shard_or_folder_is_read_once_whatever_its_name(tmp_path, capsys):
+    """A shard copied under another name (same keys, another file) and a folder holding the same pairs as a shard were
+    read twice, silently: every pair counted double in the gradients. A pair byte-identical to one read earlier in
+    the same read (image bytes and caption) is skipped and counted, naming both; a same image with another caption
+    is another pair."""
+    import shutil
+
+    members = [("a.jpg", _img()), ("a.txt", b"Ann Lee on stage"), ("b.jpg", _img((0, 0, 200))),
+               ("b.txt", b"a dog"), ("c.jpg", _img()), ("c.txt", b"a red square")]
+    path = raw_tar(tmp_path / "d.tar", members)
+    copy = tmp_path / "copy_of_d.tar"
+    shutil.copy(path, copy)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(_img((0, 0, 200)))
+    (folder / "x.txt").write_text("a dog")
+    (folder / "y.jpg").write_bytes(_img((0, 0, 200)))
+    (folder / "y.txt").write_text("a blue dog")
+    for spec, kept, skipped, example in (
+            (f"{path}::{copy}", ["Ann Lee on stage", "a dog", "a red square"], 3, f"{copy}:a = {path}:a"),
+            (f"{path}::{folder}", ["Ann Lee on stage", "a dog", "a red square", "a blue dog"], 1,
+             f"{folder / 'x.jpg'} = {path}:b"),
+            (str(path), ["Ann Lee on stage", "a dog", "a red square"], 0, None)):
+        stats = ReadStats()
+        assert [s.caption for s in iter_pairs(spec, stats=stats)] == kept, spec
+        assert stats.skipped_duplicate_pair == skipped and stats.samples == len(kept), spec
+        assert stats.as_dict()["skipped_duplicate_pair"] == skipped
+        if example:
+            line = next(p for p in stats.problems() if "byte-identical" in p)
+            assert line.startswith(f"{skipped} pair(s) byte-identical") and example in line, line
+            with pytest.raises(ShardError, match="the same image and caption twice"):
+                list(iter_pairs(spec, strict=True))
+    # curate writes each pair once and says why
+    s = curate(f"{path}::{copy}", "Ann Lee", tmp_path / "out")
+    assert [f.caption for f in iter_samples(str(tmp_path / "out" / "forget.tar"))] == ["Ann Lee on stage"]
+    assert sorted(r.caption for r in iter_samples(str(tmp_path / "out" / "retain.tar"))) == ["a dog", "a red square"]
+    assert s["read_stats"]["skipped_duplicate_pair"] == 3
+    assert any("byte-identical" in p for p in s["read_problems"])
+
+
 def test_captioned_folder_key_collision_is_skipped_and_counted(tmp_path):
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.jpg")
     Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.png")  # same key "a", same caption a.txt

@@ -59,6 +59,8 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         raise ValueError(f"--alias {same[0]!r} is the concept {concept!r} itself; an alias is another name for it")
     variant, own = variant_pattern(concept, aliases), concept_pattern(concept)
     variants, own_matches = [], 0
+    alias_pats = {al: concept_pattern(al) for al in aliases}
+    alias_matches = dict.fromkeys(aliases, 0)  # an alias that matched nothing said nothing (a misspelling?)
     out = Path(out_dir)
     stats = ReadStats()
     forget_ids, other_ids, seen, bad_matches = [], [], set(), 0
@@ -77,6 +79,8 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         seen.add((s.source, s.key))
         if names_concept(s.caption, pat):
             own_matches += names_concept(s.caption, own)
+            for al, ap in alias_pats.items():
+                alias_matches[al] += names_concept(s.caption, ap)
             if max_forget is None or len(forget_ids) < max_forget:
                 if decode_or_skip(s.data, f"{s.source}:{s.key}", strict, stats) is None:
                     bad_matches += 1  # decoded here: the cap counts usable pairs (fourteenth trial)
@@ -119,6 +123,12 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
         warnings.append(f"{matched} of the {n_scanned} captions name {concept!r}" + (" or an alias" if aliases else "")
                         + f": {culprit} Every one of them went to the forget set (up to --max-forget) and none to "
                         "the retain set")
+    unmatched = [al for al, n in alias_matches.items() if n == 0]
+    if unmatched:
+        warnings.append(f"--alias {', '.join(map(repr, unmatched))} matched none of the {n_scanned} captions (the "
+                        f"forget set holds the captions naming {concept!r}"
+                        + (" or another alias" if len(unmatched) < len(aliases) else "")
+                        + "); check its spelling — an alias is matched as whole words, like the concept")
     ranked = sorted(other_ids, key=lambda sk: _order_key(sk[1], sk[0], seed)) if retain is not None else other_ids
     want = len(ranked) if retain is None else retain
     # Pass 2: collect the bytes of the chosen samples, each at most once, in stream order; a retain pair whose image
@@ -154,7 +164,7 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
                "max_forget": max_forget, "max_retain": retain, "seed": seed,
                "variant_spellings": {"excluded_from_retain": len(variants), "examples": variants[:3]},
                "read_stats": stats.as_dict(), "read_problems": stats.problems(),
-               "warnings": warnings}
+               "alias_matches": alias_matches, "warnings": warnings}
     _write_json(out / "curate.json", summary)
     return summary
 

@@ -84,12 +84,43 @@ def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = Non
     """Image–caption pairs from webdataset shards (brace patterns, ``::``-joined lists, dirs of .tar) or a
     captioned folder (a directory with images and ``.txt`` captions, no ``.tar``) — also as a part of a ``::`` list
     (``pool::my_folder``: curate's own advice, "add pairs … (--shards A::B)", had failed on a folder A with
-    "holds no .tar shards"; seventeenth trial)."""
+    "holds no .tar shards"; seventeenth trial).
+
+    A pair whose image bytes and caption equal those of a pair already yielded by this call (another key, another
+    shard or folder: a copy of a shard under another name was read twice, its pairs weighted double in the
+    gradients) is skipped and counted as ``skipped_duplicate_pair`` with an example naming both; under ``strict`` a
+    :class:`ShardError`. Costs a SHA-256 of each pair and 16 bytes per pair read. (The streaming gradient pass,
+    :mod:`slugkit.slug.gradpass`, reads shard by shard: it skips copies within a shard, not across shards.)"""
+    import hashlib
+
+    stats = stats if stats is not None else ReadStats()
+    first: dict[bytes, str] = {}
+    for s in _iter_pairs(spec, strict, stats, decode):
+        digest = hashlib.sha256(s.data + b"\0" + s.caption.encode("utf-8")).digest()[:16]
+        if digest in first:
+            where = f"{_named(s)} = {first[digest]}"
+            if strict:
+                raise ShardError(f"{where}: the same image and caption twice; each pair would count twice — remove "
+                                 "the copy (a shard or folder copied under another name?)")
+            stats.skipped_duplicate_pair += 1
+            stats.samples -= 1
+            stats.note("skipped_duplicate_pair", where)
+            continue
+        first[digest] = _named(s)
+        yield s
+
+
+def _named(s: Sample) -> str:
+    """A pair as a user finds it: ``shard.tar:key``, or a captioned folder's image file."""
+    return os.path.join(s.source, f"{s.key}.{s.ext}") if os.path.isdir(s.source) else f"{s.source}:{s.key}"
+
+
+def _iter_pairs(spec: str, strict: bool, stats: ReadStats, decode: bool) -> Iterator[Sample]:
     from .shards import iter_samples
 
     parts = [x.strip() for x in str(spec).split("::") if x.strip()]
     if len(parts) > 1 and any(_captioned(x) for x in parts):
-        yield from _mixed_pairs(spec, parts, strict, stats if stats is not None else ReadStats(), decode)
+        yield from _mixed_pairs(spec, parts, strict, stats, decode)
     elif _captioned(spec):
         yield from iter_caption_folder(Path(spec), strict=strict, stats=stats, decode=decode)
     else:

@@ -22,7 +22,9 @@ class ReadStats:
     ``samples`` usable pairs; ``skipped_*`` pairs dropped (``no_caption``: image without a ``.txt``; ``no_image``:
     no ``jpg/jpeg/png/webp`` member; ``bad_image``: undecodable or unconvertible; ``bad_caption``: caption bytes
     not UTF-8; ``duplicate_key``: a later copy of a key already read in the same shard or folder, or a shard
-    listed twice); ``truncated_shards`` (cut or corrupt after the start), ``not_tar_shards`` (not a tar at all),
+    listed twice; ``duplicate_pair``: a pair whose image bytes and caption equal those of a pair read earlier in the
+    same read, under another key or in another file — a copied shard or folder); ``truncated_shards`` (cut or
+    corrupt after the start), ``not_tar_shards`` (not a tar at all),
     ``empty_shards`` (no file members); ``members`` file members seen, ``extensions`` their extensions (the part
     after the first dot of the file name, at most 20 distinct), ``dotted_members`` members whose base name holds
     further dots before an image/caption extension, ``merged_keys`` keys holding several images or captions."""
@@ -33,6 +35,7 @@ class ReadStats:
     skipped_bad_image: int = 0
     skipped_bad_caption: int = 0
     skipped_duplicate_key: int = 0
+    skipped_duplicate_pair: int = 0
     truncated_shards: list[str] = field(default_factory=list)
     not_tar_shards: list[str] = field(default_factory=list)
     empty_shards: list[str] = field(default_factory=list)
@@ -53,6 +56,7 @@ class ReadStats:
             "skipped_bad_image": self.skipped_bad_image,
             "skipped_bad_caption": self.skipped_bad_caption,
             "skipped_duplicate_key": self.skipped_duplicate_key,
+            "skipped_duplicate_pair": self.skipped_duplicate_pair,
             "truncated_shards": list(self.truncated_shards),
             "not_tar_shards": list(self.not_tar_shards),
             "empty_shards": list(self.empty_shards),
@@ -104,7 +108,10 @@ class ReadStats:
                        f"{self.examples.get('no_image', '?')})")
         for attr, what in (("skipped_bad_image", "image(s) could not be decoded or converted to 8-bit RGB"),
                            ("skipped_bad_caption", "caption(s) are not UTF-8 or are blank"),
-                           ("skipped_duplicate_key", "later copies of a key already read were skipped")):
+                           ("skipped_duplicate_key", "later copies of a key already read were skipped"),
+                           ("skipped_duplicate_pair", "pair(s) byte-identical (image and caption) to a pair read "
+                                                      "earlier were skipped, so that no pair counts twice; a shard or "
+                                                      "folder copied under another name?")):
             n = getattr(self, attr)
             if n:
                 out.append(f"{n} {what} (e.g. {self.examples.get(attr, '?')})")
