@@ -179,6 +179,7 @@ def test_clip_probes_asked_of_a_t2i_audit_are_listed_as_not_run_with_why(tmp_pat
     assert r["not_run"][1] == "representation (a CLIP probe: the patch edits no image tower)"
     md = audit_markdown(r)
     assert "Not run: relearn (a CLIP probe" in md and "(--probes)" not in md
+    assert "| probe |" not in md and 'No probe ran on this patch (see "Not run" above for why).' in md  # no empty table
     default = run_t2i_audit(None, None, None, "red triangle", probes=(), progress=False)
     assert [x.split(" (")[0] for x in default["not_run"]][-2:] == ["relearn", "representation"]
     with pytest.raises(ValueError, match="has no probe"):

@@ -55,8 +55,9 @@ def audit_markdown(result: dict) -> str:
                if result.get("patch_run_verdict") == "fail" else
                ["Note: the run that made this patch had verdict warn; its warnings are in that run's result.json.", ""]
                if result.get("patch_run_verdict") == "warn" else []),
-             "| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
-             "|---|---|---|---|---|---|"]
+             *(["| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
+                "|---|---|---|---|---|---|"] if result["probes"] else
+               ["No probe ran on this patch (see \"Not run\" above for why)."])]
     for rec in result["probes"]:
         g = rec.get("graded")
         graded = f"{g['name']}: {g['value']:.2f}" if g else "–"

@@ -282,9 +282,9 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
                       data=data, controls=a.control_name, device=getattr(a, "device", "cpu"), out=out,
                       threads=getattr(a, "threads", None),
                       **audit_options(a))
-    print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + "; ".join(
+    print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + ("; ".join(
         f"{TITLES[r['probe']]} {r['status']}" + ("" if r.get("gating") else " (not gating)") for r in res["probes"])
-        + f" (see {Path(out) / 'audit.md'})")
+        or "no probe ran") + f" (see {Path(out) / 'audit.md'})")
     return AUDIT_EXIT[res["status"]]
 
 
