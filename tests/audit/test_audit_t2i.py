@@ -209,3 +209,23 @@ def test_a_warn_patch_is_said_by_apply_export_and_audit_alike():
     r = run_t2i_audit(None, None, None, "red triangle", probes=(), progress=False)
     r["patch_run_verdict"] = "warn"
     assert "Note: the run that made this patch had verdict warn" in audit_markdown(r)
+
+
+def test_the_vlm_audit_tables_say_named_not_top_k():
+    """The VLM audit's prompt and precision tables were headed "before top-1 | after top-1 | after top-5" and showed
+    "–" for a top-5 the VLM's answers never have (a name is said or not)."""
+    from slugkit.audit.report import audit_markdown
+
+    row = {"before": {"top1": 1.0}, "after": {"top1": 0.1}}
+    probes = [{"probe": "prompts", "status": "pass", "gating": True, "summary": "s", "tried": 2,
+               "rows": [{"kind": "paraphrase", "variant": "Who is this?", "informative": True, **row}]},
+              {"probe": "precision", "status": "pass", "gating": True, "summary": "s", "tried": 2,
+               "rows": [{"condition": "bf16", **row}, {"condition": "int8", "skipped": "no bitsandbytes"}]}]
+    base = {"concept": "Jowen Gormere", "status": "pass", "controls": [], "data": "d", "seconds": 1.0,
+            "probes": probes}
+    vlm = audit_markdown({**base, "target": "vlm"})
+    assert "| kind | question | named before | named after |" in vlm and "top-5" not in vlm
+    assert "| `Who is this?` | 1.00 | 0.10 |" in vlm and "| bf16 | 1.00 | 0.10 |" in vlm
+    assert "| int8 | skipped: no bitsandbytes | |" in vlm
+    clip = audit_markdown(base)
+    assert "| kind | variant | before top-1 | after top-1 | after top-5 |" in clip and "| bf16 | 1.00 | 0.10 | – |" in clip

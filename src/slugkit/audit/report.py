@@ -69,25 +69,28 @@ def audit_markdown(result: dict) -> str:
     for rec in result["probes"]:
         lines += [f"### {TITLES[rec['probe']]}: {rec['status']}", "", rec["summary"] + ".", ""]
         p = rec["probe"]
+        vlm = result.get("target") == "vlm"  # the VLM's answers name the person or not: no top-5
         if p == "prompts" and rec.get("rows"):
-            lines += ["| kind | variant | before top-1 | after top-1 | after top-5 |", "|---|---|---|---|---|"]
+            lines += (["| kind | question | named before | named after |", "|---|---|---|---|"] if vlm else
+                      ["| kind | variant | before top-1 | after top-1 | after top-5 |", "|---|---|---|---|---|"])
             for r in sorted((r for r in rec["rows"] if "after" in r), key=lambda r: -r["after"]["top1"]):
                 tag = "" if r["informative"] else " (uninformative)"
                 lines.append(f"| {r['kind']} | `{r['variant']}`{tag} | {_f(r['before']['top1'])} | "
-                             f"{_f(r['after']['top1'])} | {_f(r['after'].get('top5'))} |")
+                             f"{_f(r['after']['top1'])} |" + ("" if vlm else f" {_f(r['after'].get('top5'))} |"))
             same = [r["variant"] for r in rec["rows"] if r.get("same_tokens")]
             if same:
                 lines.append(f"\nSame tokens as the name (not scored): {', '.join(f'`{v}`' for v in same)}.")
             lines.append("")
         elif p == "precision" and rec.get("rows"):
-            lines += ["| condition | before top-1 | after top-1 | after top-5 |", "|---|---|---|---|"]
+            lines += (["| condition | named before | named after |", "|---|---|---|"] if vlm else
+                      ["| condition | before top-1 | after top-1 | after top-5 |", "|---|---|---|---|"])
             for r in rec["rows"]:
                 if "skipped" in r:
-                    lines.append(f"| {r['condition']} | skipped: {r['skipped']} | | |")
+                    lines.append(f"| {r['condition']} | skipped: {r['skipped']} |" + (" |" if vlm else " | |"))
                 else:
                     tag = "" if r.get("informative", True) else " (uninformative)"
-                    lines.append(f"| {r['condition']}{tag} | {_f(r['before']['top1'])} | {_f(r['after']['top1'])} | "
-                                 f"{_f(r['after'].get('top5'))} |")
+                    lines.append(f"| {r['condition']}{tag} | {_f(r['before']['top1'])} | {_f(r['after']['top1'])} |"
+                                 + ("" if vlm else f" {_f(r['after'].get('top5'))} |"))
             lines.append("")
         elif p == "attack" and "controls" in rec:  # text-to-image
             for x in [rec["concept"]] + rec["controls"]:
