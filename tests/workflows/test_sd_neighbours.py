@@ -209,6 +209,12 @@ def test_a_refusal_names_the_step_that_came_closest():
     never_forgot = [{**searched[0], "trajectory": searched[0]["trajectory"][:1]}]
     assert "step 1: concept recognised 0.50" in closest(never_forgot, 0.05, 0.05, 0.2)
     assert closest([], 0.05, 0.05, 0.2) == ""
+    # the VLM's rows (the only ones with a utility drop): its answers name the person, nothing is "recognised"
+    vlm = [{"layer": "vision_model.encoder.layers.2.self_attn.v_proj.weight", "trajectory": [
+        {"step_size": 2.2, "target_recognised": 0.3, "other_drop": 0.01, "utility_drop": 0.004}]}]
+    assert closest(vlm, 0.05, 0.05, None, 0.03) == ("; closest: vision_model.encoder.layers.2.self_attn.v_proj.weight "
+                                                    "step 2.2: named on 0.30 of the validation images, others -0.010, "
+                                                    "utility -0.004")
 
 
 @pytest.mark.slow
