@@ -606,6 +606,17 @@ def test_describe_gives_every_layers_step_of_a_multi_layer_patch():
     assert "; b\\x1b[2J" in describe(p)
 
 
+def test_describe_names_a_joint_runs_concepts_as_words():
+    """`slug inspect` of a joint run's patch printed the concept list as Python's ``['A', 'B']``."""
+    from slugkit.patch import make_patch
+
+    base = {"a": torch.ones(3)}
+    p = make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept=["Jowen Gormere", "B\x1b[2J"],
+                   step_size=1.0)
+    lines = describe(p).splitlines()
+    assert "  concepts:   Jowen Gormere, B\\x1b[2J" in lines, lines
+
+
 def test_chain_patches_folds_sequential_edits():
     from slugkit.patch import PatchError, apply_patch, chain_patches, make_patch, revert_patch
 

@@ -59,7 +59,7 @@ def describe(patch: Patch) -> str:
         f"slugkit patch (format {p(m.get('format_version'))}, slugkit {p(m.get('toolkit_version'))})",
         *(["  sealed:     no (a format 1 patch: its concept and metrics are not covered by a fingerprint)"]
           if m.get("format_version") == 1 else []),
-        f"  concept:    {p(m.get('concept'))}",
+        ("  concepts:   " if isinstance(m.get("concept"), list) else "  concept:    ") + _names(m.get("concept")),
         f"  method:     {p(m.get('method'))}",
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
         *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"
@@ -82,7 +82,8 @@ def describe(patch: Patch) -> str:
         lines.append("  architecture: " + ", ".join(f"{p(k)}={p(arch[k])}" for k in sorted(arch)))
     for comp in m.get("components") or []:
         tensors = comp.get("tensors", [])
-        lines.append(f"  component: {p(comp.get('concept'))} ({p(comp.get('method'))}, η={p(comp.get('step_size'))}) "
+        lines.append(f"  component: {_names(comp.get('concept'))} ({p(comp.get('method'))}, "
+                     f"η={p(comp.get('step_size'))}) "
                      f"→ {', '.join(p(t) for t in (tensors if isinstance(tensors, list) else [tensors]))}")
     metrics = m.get("metrics") or {}
     if metrics:
@@ -91,6 +92,11 @@ def describe(patch: Patch) -> str:
             v = metrics[k]
             lines.append(f"    {p(k)}: {p(_rounded(v))}")
     return "\n".join(lines)
+
+
+def _names(v) -> str:
+    """A concept, or a joint run's concepts (a list: ``A, B``, not Python's ``['A', 'B']``), escaped."""
+    return ", ".join(printable(x) for x in v) if isinstance(v, list) else printable(v)
 
 
 def _downstream(m: dict) -> list[str]:
