@@ -196,7 +196,7 @@ def test_probes_the_vlm_audit_cannot_run_are_listed_first_with_why():
     assert [x.split(" (")[0] for x in r["not_run"]] == ["attack", "relearn", "prompts", "precision", "representation"]
 
 
-def test_a_warn_patch_is_said_by_apply_export_and_audit_alike():
+def test_a_warn_patch_is_said_by_apply_export_and_audit_alike(tmp_path):
     """Eighteenth trial: `slug apply` showed a warn patch's verdict, `export` and the audit's console and audit.md said
     nothing of it (audit.json only)."""
     from slugkit.audit.report import audit_markdown
@@ -210,6 +210,24 @@ def test_a_warn_patch_is_said_by_apply_export_and_audit_alike():
     r = run_t2i_audit(None, None, None, "red triangle", probes=(), progress=False)
     r["patch_run_verdict"] = "warn"
     assert "Note: the run that made this patch had verdict warn" in audit_markdown(r)
+    # which warnings: recorded in the patch (they were in the run's result.json only, which a patch handed on lacks)
+    from slugkit.audit.run import _run_verdict
+    from slugkit.patch import describe, make_patch, save_patch
+    from slugkit.workflows.verdict import verdict_fields
+
+    fields = verdict_fields({"status": "warn", "reasons": [{"severity": "warn", "code": "worst_drop"},
+                                                           {"severity": "warn", "code": "samples_skipped"}]})
+    assert fields == {"verdict": "warn", "verdict_codes": [], "warning_codes": ["samples_skipped", "worst_drop"]}
+    assert verdict_line("p", {"extra": fields}) == ("note: p comes from a run whose verdict was warn (samples_skipped, "
+                                                    "worst_drop); its warnings are in that run's result.json")
+    base = {"a": torch.ones(2)}
+    patch = make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept="A", step_size=1.0,
+                       extra=fields)
+    assert "  verdict:    warn (of the run that made it; see its result.json): warnings samples_skipped, worst_drop" \
+        in describe(patch).splitlines()
+    save_patch(patch, tmp_path / "patch")
+    r.update(_run_verdict(str(tmp_path / "patch")))
+    assert "had verdict warn (samples_skipped, worst_drop); its warnings" in audit_markdown(r)
 
 
 def test_the_vlm_audit_tables_say_named_not_top_k():

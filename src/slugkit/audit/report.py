@@ -53,7 +53,9 @@ def audit_markdown(result: dict) -> str:
              *([f"**Note: the run that made this patch had verdict fail** ({_why(result)}; see its result.json): "
                 f"{audit_scope(result)}.", ""]
                if result.get("patch_run_verdict") == "fail" else
-               ["Note: the run that made this patch had verdict warn; its warnings are in that run's result.json.", ""]
+               ["Note: the run that made this patch had verdict warn"
+                + (f" ({result['patch_run_why']})" if result.get("patch_run_why") else "")
+                + "; its warnings are in that run's result.json.", ""]
                if result.get("patch_run_verdict") == "warn" else []),
              *(["| probe | tried | before → after | graded | thresholds (pass ≤ / fail >) | status |",
                 "|---|---|---|---|---|---|"] if result["probes"] else

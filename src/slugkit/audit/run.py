@@ -124,7 +124,8 @@ def _audit_patch(patch_path, model, concept, pretrained, family, data, controls,
 
 
 def _run_verdict(patch: str | None) -> dict:
-    """``{"patch_run_verdict": extra.verdict, "patch_run_why": why it failed}`` of the run that made the patch at
+    """``{"patch_run_verdict": extra.verdict, "patch_run_why": why it failed / what it warned of}`` of the run that
+    made the patch at
     ``patch`` (its ``patch.json``; the verdict None when unknown): the saved audit of a failed run's patch read as a
     plain pass (tenth trial)."""
     import json
@@ -138,10 +139,11 @@ def _run_verdict(patch: str | None) -> dict:
     extra = doc.get("extra") if isinstance(doc, dict) else None
     if not isinstance(extra, dict):
         return {"patch_run_verdict": None}
-    from ..patch.summary import failed_because
+    from ..patch.summary import failed_because, warned_of
 
     return {"patch_run_verdict": extra.get("verdict"),
-            **({"patch_run_why": failed_because(extra)} if extra.get("verdict") == "fail" else {})}
+            **({"patch_run_why": failed_because(extra)} if extra.get("verdict") == "fail" else
+               {"patch_run_why": warned_of(extra)} if extra.get("verdict") == "warn" and warned_of(extra) else {})}
 
 
 def write_audit(result: dict, out: str | Path) -> None:

@@ -174,7 +174,9 @@ def _print_audit(result: dict, out: Path) -> int:
         print(f"  note: the run that made this patch had verdict fail ({result.get('patch_run_why') or 'see below'}; "
               f"see its result.json): {audit_scope(result)}")
     elif result.get("patch_run_verdict") == "warn":  # said in audit.json only (eighteenth trial)
-        print("  note: the run that made this patch had verdict warn; its warnings are in that run's result.json")
+        print("  note: the run that made this patch had verdict warn"
+              + (f" ({result['patch_run_why']})" if result.get("patch_run_why") else "")
+              + "; its warnings are in that run's result.json")
     for rec in result["probes"]:
         gate = "" if rec.get("gating") else " (not gating)"
         g = rec.get("graded") if isinstance(rec.get("graded"), dict) else None

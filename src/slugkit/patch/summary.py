@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..common.text import printable
 from .format import Patch, _base_label
 
-__all__ = ["describe", "failed_because", "printable"]
+__all__ = ["describe", "failed_because", "printable", "warned_of"]
 
 _WHY = {"not_forgotten": "the concept was not forgotten on its test images",
         "nothing_to_unlearn": "the unedited model did not recognise the concept: there was nothing to unlearn",
@@ -25,6 +25,13 @@ def failed_because(extra) -> str:
     return "; ".join(said) or "the concept was not forgotten on its test images, or the edit broke the model"
 
 
+def warned_of(extra) -> str:
+    """``"worst_drop, samples_skipped"``: the warning codes a warn run recorded in its patch
+    (``extra.warning_codes``), escaped; ``""`` when it recorded none (an older slugkit's patch)."""
+    codes = extra.get("warning_codes") if isinstance(extra, dict) else None
+    return ", ".join(printable(c) for c in codes) if isinstance(codes, list) else ""
+
+
 def verdict_line(path, meta: dict) -> str | None:
     """What ``slug apply`` and ``slug export`` print of the verdict of the run that made the patch at ``path``: a
     ``warning:`` for fail (with :func:`failed_because`), a ``note:`` for warn (export said nothing of a warn patch;
@@ -33,7 +40,9 @@ def verdict_line(path, meta: dict) -> str | None:
     if extra.get("verdict") == "fail":
         return f"warning: {path} comes from a run whose verdict was fail ({failed_because(extra)}); see its result.json"
     if extra.get("verdict") == "warn":
-        return f"note: {path} comes from a run whose verdict was warn; its warnings are in that run's result.json"
+        codes = warned_of(extra)
+        return (f"note: {path} comes from a run whose verdict was warn" + (f" ({codes})" if codes else "")
+                + "; its warnings are in that run's result.json")
     return None
 
 
@@ -63,7 +72,8 @@ def describe(patch: Patch) -> str:
         f"  method:     {p(m.get('method'))}",
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
         *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"
-           + (f": {p(failed_because(m['extra']))}" if m["extra"].get("verdict") == "fail" else "")]
+           + (f": {p(failed_because(m['extra']))}" if m["extra"].get("verdict") == "fail" else
+              f": warnings {warned_of(m['extra'])}" if warned_of(m["extra"]) else "")]
           if isinstance(m.get("extra"), dict) and m["extra"].get("verdict") else []),
         *_downstream(m),
         _steps(m),

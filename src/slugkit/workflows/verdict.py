@@ -220,10 +220,14 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
 
 
 def verdict_fields(verdict: dict) -> dict:
-    """What a patch records of its run's verdict (``patch.json → extra``): the status and its fail reasons' codes,
-    so that `slug inspect`, `apply` and `audit` say why (:func:`slugkit.patch.summary.failed_because`)."""
-    return {"verdict": verdict["status"],
-            "verdict_codes": sorted({r["code"] for r in verdict.get("reasons", []) if r["severity"] == "fail"})}
+    """What a patch records of its run's verdict (``patch.json → extra``): the status, its fail reasons' codes and
+    its warnings' codes, so that `slug inspect`, `apply`, `export` and `audit` say why
+    (:func:`slugkit.patch.summary.failed_because`, :func:`~slugkit.patch.summary.verdict_line`; a warn patch said
+    only "see result.json", which a patch handed on does not come with)."""
+    def codes(severity):
+        return sorted({r["code"] for r in verdict.get("reasons", []) if r["severity"] == severity})
+
+    return {"verdict": verdict["status"], "verdict_codes": codes("fail"), "warning_codes": codes("warn")}
 
 
 def exit_status_of(result: dict) -> int:
