@@ -82,6 +82,15 @@ def test_every_method_runs_the_official_protocol(bench):
             assert row["time_s"] > 0 and row["storage_bytes"] > 0
     salun = next(x for x in r["rows"] if x["method"] == "salun")
     assert salun["module"] == "unet" and salun["storage_full_bytes"] >= salun["storage_bytes"]
+    # the untrained judges recognise (almost) nothing: the targets they never recognise on the unedited model's
+    # images are named, and their rows marked, for a UA of 100 % that says nothing (twentieth trial)
+    gone = [t for t in r["options"]["targets"] if next(x for x in r["rows"] if x["target"] == t)["base"]["ua"] == 1.0]
+    assert gone and r["base"]["unrecognised_targets"] == gone
+    assert all(x.get("base_unrecognised", False) == (x["target"] in gone) for x in r["rows"])
+    from slugkit.report.canvas import render_canvas
+
+    assert f"of {', '.join(gone)}**: their UA reads 100 % for any method" in render_canvas({"protocol": "official",
+                                                                                          **r})
 
 
 def test_judges_map_official_labels_into_the_grid(bench):
@@ -145,6 +154,22 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     (broken / "judges.json").write_text("{nope")
     assert main(args) == 2
     assert "judges.json is not valid JSON" in capsys.readouterr().err
+    # twentieth trial: lowercased labels made every method a "perfect" erasure (exit 0, UA 100 %); a negative
+    # image_size was a traceback after the pipeline loaded; a misspelt key fell back to the default arch silently
+    shutil.copy(bench / "cls" / "style50.safetensors", broken / "style50.safetensors")
+    lower = {**JUDGES, "style_labels": [x.lower() for x in off.STYLE_LABELS]}
+    for spec, said in ((lower, "hold no 'Van_Gogh' (2 of the grid's styles missing) — they spell it 'van_gogh': "
+                               "labels are matched exactly"),
+                       ({**JUDGES, "image_size": -5}, "image_size must be a positive integer (pixels), got -5"),
+                       ({**JUDGES, "archh": "x"}, "unknown key 'archh' (did you mean 'arch'?)"),
+                       ({**JUDGES, "object_labels": ["Cats", "Cats"]}, "object_labels must be a non-empty list of "
+                                                                        "distinct names")):
+        (broken / "judges.json").write_text(json.dumps(spec))
+        assert main(args) == 2, spec
+        assert said in capsys.readouterr().err, spec
+    assert not out.exists()
+    assert main(_args(bench, "--methods", "uce", "--esd-iterations", "5", "--out", str(out))) == 2
+    assert "--esd-iterations sets esd's budget, and --methods uce does not run esd" in capsys.readouterr().err
     args[args.index("--classifiers") + 1] = str(bench / "cls")
     bad_img = tmp_path / "data"
     shutil.copytree(bench / "data", bad_img)

@@ -38,6 +38,9 @@ def _check(a, grid) -> str | None:
                 f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:
         return "--targets and --max-targets exclude each other"
+    for flag, method in (("--esd-iterations", "esd"), ("--salun-steps", "salun")):  # dropped silently (20th trial)
+        if getattr(a, flag[2:].replace("-", "_")) is not None and method not in methods:
+            return f"{flag} sets {method}'s budget, and --methods {','.join(methods)} does not run {method}"
     return baseline_limit_error(methods, a.baseline_max_targets, "--baseline-max-targets") or limit_does_nothing(
         choose_targets(targets or None, a.max_targets, grid), a.baseline_max_targets, grid, "--baseline-max-targets")
 
@@ -71,6 +74,13 @@ def _run_and_write(a, run, prepare=None) -> int:
         atomic_write_bytes(stage / "canvas.md", render_canvas(report).encode())
         canvas_plot(report, stage / "canvas.png")
     print(f"wrote {printable(a.out)}/canvas.json, canvas.md, canvas.png")
+    gone = report["base"].get("unrecognised_targets") or []
+    if gone:
+        import sys
+
+        print(f"warning: the judges recognise none of the unedited model's answer-set images of "
+              f"{', '.join(map(printable, gone))}: their UA reads 100 % for any method and says nothing of the method "
+              "(check the classifiers — labels, image size — and the pipeline)", file=sys.stderr)
     return 0
 
 

@@ -48,6 +48,10 @@ def render_canvas(report: dict) -> str:
              "shared by every method; base model: style accuracy "
              f"{_pct(report['base']['style_accuracy'])} %, object "
              f"accuracy {_pct(report['base']['object_accuracy'])} %. Targets: {', '.join(o['targets'])}.", "",
+             *([f"**The judges recognise none of the unedited model's answer-set images of "
+                f"{', '.join(report['base']['unrecognised_targets'])}**: their UA reads 100 % for any method and says "
+                "nothing of the method (check the classifiers — labels, image size — and the pipeline).", ""]
+               if report["base"].get("unrecognised_targets") else []),
              f"Grid: {len(o.get('styles', []))} styles ({', '.join(o.get('styles', []))}) × "
              f"{len(o.get('objects', []))} objects ({', '.join(o.get('objects', []))})"
              + (" — **a declared subset of the official protocol** (its answer set: 51 styles × 20 objects × 5 seeds, "

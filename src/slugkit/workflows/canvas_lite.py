@@ -270,6 +270,9 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
     t = time.perf_counter()
     base = answer_set(ctx, per_pair)
     base_s = time.perf_counter() - t
+    # a target the judge never recognises on the unedited model's images has UA 100 % after any method, which says
+    # nothing (20th trial: untrained or mislabelled judges, every method a "perfect" erasure); said, and marked
+    unrecognised = [x for x in chosen if base.scores(x, grid)["target_accuracy"] == 0]
     rows = []
     for target in chosen:
         for method in methods:
@@ -277,7 +280,8 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
                 continue
             status(f"{method} on {target!r}", progress)
             row = {"method": method, "target": target, "domain": grid.domain_of(target),
-                   "base": {k: v for k, v in base.scores(target, grid).items() if k in ("ua", "ira", "cra")}}
+                   "base": {k: v for k, v in base.scores(target, grid).items() if k in ("ua", "ira", "cra")},
+                   **({"base_unrecognised": True} if target in unrecognised else {})}
             cuda = next(ctx.pipe.unet.parameters()).is_cuda
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -313,7 +317,8 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
             **({"slug_on_baseline_targets": paired["slug"]} if paired is not table else {}),
             "base": {"per_pair": per_pair, "answer_set_images": len(base.styles), "generation_s": base_s,
                      "style_accuracy": float((base.pred_style == base.styles).mean()),
-                     "object_accuracy": float((base.pred_object == base.objects).mean())},
+                     "object_accuracy": float((base.pred_object == base.objects).mean()),
+                     "unrecognised_targets": unrecognised},
             "options": {"methods": list(methods), "styles": grid.styles, "objects": grid.objects, "targets": chosen,
                         "baseline_targets": baseline,
                         "per_pair": per_pair, "seed": seed,

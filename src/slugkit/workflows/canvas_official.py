@@ -151,6 +151,34 @@ class UnlearnCanvasGrid(Grid):
         return torch.stack([adapter.preprocess(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in x])
 
 
+JUDGE_KEYS = ("arch", "kwargs", "image_size", "style_labels", "object_labels")
+
+
+def _check_spec(spec: dict, path) -> None:
+    """``ValueError`` naming ``path`` and the key for a judges.json that would fail later (a traceback after the
+    pipeline loaded) or be silently half-used: an unknown key (a misspelt ``arch`` fell back to the default arch
+    with the given kwargs), a non-positive ``image_size``, labels that are not a list of distinct names, kwargs that
+    are not an object (20th trial)."""
+    import difflib
+
+    for k in spec:
+        if k not in JUDGE_KEYS:
+            near = difflib.get_close_matches(k, JUDGE_KEYS, 1)
+            raise ValueError(f"--classifiers: {path} has an unknown key {k!r}"
+                             + (f" (did you mean {near[0]!r}?)" if near else "") + f"; keys: {', '.join(JUDGE_KEYS)}")
+    size = spec.get("image_size", 224)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"--classifiers: {path}: image_size must be a positive integer (pixels), got {size!r}")
+    if not isinstance(spec.get("arch", JUDGE_ARCH), str) or not isinstance(spec.get("kwargs", {}), dict):
+        raise ValueError(f"--classifiers: {path}: arch must be a timm model name and kwargs an object")
+    for k in ("style_labels", "object_labels"):
+        v = spec.get(k)
+        if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v)
+                              or len(set(v)) != len(v)):
+            raise ValueError(f"--classifiers: {path}: {k} must be a non-empty list of distinct names, one per "
+                             "classifier output, in output order")
+
+
 class TimmJudges:
     """The benchmark's style and object classifiers (timm ViTs, safetensors state dicts), predicting indices into a
     grid's styles/objects (−1 for a label outside the grid: counted as wrong)."""
@@ -177,7 +205,18 @@ class TimmJudges:
             if not isinstance(spec, dict):
                 raise ValueError(f"--classifiers: {d / 'judges.json'} must be an object with keys arch, kwargs, "
                                  "image_size, style_labels, object_labels")
+        _check_spec(spec, d / "judges.json")
         labels = {"style": spec.get("style_labels", STYLE_LABELS), "object": spec.get("object_labels", OBJECTS20)}
+        for task, names in (("style", grid.styles), ("object", grid.objects)):  # a grid name no judge label
+            # matches is never "recognised": every method's UA read 100 % (20th trial: lowercased labels)
+            missing = [n for n in names if n not in labels[task]]
+            if missing:
+                near = {n.lower(): n for n in labels[task]}.get(missing[0].lower())
+                raise ValueError(f"--classifiers: the {task} classifier's labels ({task}_labels in "
+                                 f"{d / 'judges.json'}, else the official ones) hold no {missing[0]!r}"
+                                 + (f" ({len(missing)} of the grid's {task}s missing)" if len(missing) > 1 else "")
+                                 + (f" — they spell it {near!r}: labels are matched exactly" if near else "")
+                                 + "; the judge could never recognise it, and every method's UA would read 100 %")
         arch = spec.get("arch", JUDGE_ARCH)
         nets = []
         for task, name in JUDGE_FILES.items():
