@@ -307,6 +307,15 @@ def test_eval_sd_refuses_bad_concept_lists_and_outputs_before_any_work(tmp_path,
         assert said in capsys.readouterr().err, extra
     assert not (tmp_path / "ev").exists() and list((tmp_path / "pipe").iterdir()) == [tmp_path / "pipe" /
                                                                                      "model_index.json"]
+    # twentieth trial: a misspelt --target became a class of its own, the real target counted as collateral
+    typo = base[:-1] + ["red triangl", "--concepts", "red triangle,red circle,blue star", "--out", str(tmp_path / "ev")]
+    assert main(typo) == 2
+    assert ("--target 'red triangl' is not in --concepts, which has 'red triangle': did you mean it?"
+            in capsys.readouterr().err) and not (tmp_path / "ev").exists()
+    from slugkit.cli.evalsd import _judge_options  # the judge's loading errors name the judge's options
+
+    assert _judge_options("--model 'ViT-B-32' without --pretrained would be …; pass --pretrained TAG, --family x") == \
+        "--judge-model 'ViT-B-32' without --judge-pretrained would be …; pass --judge-pretrained TAG, --judge-family x"
 
 
 def test_concept_phrases_name_the_concept_in_every_world_caption():

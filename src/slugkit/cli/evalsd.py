@@ -75,12 +75,20 @@ def _patch_concepts(patch) -> list[str]:
     return [str(x) for x in (c if isinstance(c, list) else [c] if c else [])]
 
 
+def _judge_options(msg: str) -> str:
+    """A model-loading message with the judge's options named as eval-sd spells them (the loaders say ``--model``,
+    ``--pretrained``, ``--family``: the options of the commands that load the model being unlearned)."""
+    import re
+
+    return re.sub(r"--(model|pretrained|family)\b", r"--judge-\1", msg)
+
+
 def cmd_eval_sd(a) -> int:
     """`slug eval-sd`: UA / IRA / CRA / CLIP score of a pipeline before and after a text-encoder patch."""
     import torch
 
     from ..eval.generated import GenerationPlan, ZeroShotJudge, before_after
-    from ..models import load_adapter
+    from ..models import ModelLoadError, load_adapter
     from ..patch import compose_patches, load_patch
     from ..patch.summary import failed_because
 
@@ -94,6 +102,12 @@ def cmd_eval_sd(a) -> int:
     spelled = {c.casefold(): c for c in concepts}
     target = spelled.get(a.target.casefold(), a.target)  # "Red Triangle" ended in KeyError (sixteenth trial)
     if target.casefold() not in spelled:  # the judge never had it as a class: UA 1.000 before and after
+        import difflib
+
+        near = difflib.get_close_matches(target.casefold(), list(spelled), 1, 0.8)
+        if near:  # "red triangl" became a class of its own and the real target collateral (twentieth trial)
+            return refuse(f"--target {target!r} is not in --concepts, which has {spelled[near[0]]!r}: did you mean "
+                          "it? (a target outside --concepts is added as a class of its own)")
         concepts = [target, *concepts]
         print(f"note: --target {target!r} is not in --concepts; the judge classifies over it too "
               f"({len(concepts)} classes)", file=sys.stderr)
@@ -110,7 +124,10 @@ def cmd_eval_sd(a) -> int:
     for w in warnings:  # as `slug apply` and `export` warn; also recorded in gen_eval.json
         print(f"warning: {w}", file=sys.stderr)
     pipe = load_pipeline(a.pipeline, device=a.device)
-    judge_ad = load_adapter(a.judge_model, a.judge_pretrained, family=a.judge_family, device=a.device)
+    try:
+        judge_ad = load_adapter(a.judge_model, a.judge_pretrained, family=a.judge_family, device=a.device)
+    except (ModelLoadError, ValueError) as e:  # said "--model …; pass --pretrained TAG" (twentieth trial)
+        raise type(e)(_judge_options(str(e))) from None
     judge = ZeroShotJudge(judge_ad, concepts, a.judge_template or [a.template])
     cross_judge = ZeroShotJudge(judge_ad, cross, [a.cross_template or a.template]) if cross else None
     plan = GenerationPlan.build(target, concepts, a.template, a.n_target, a.n_other, cross,
