@@ -215,3 +215,19 @@ def test_file_is_deterministic_atomic_and_not_overwritten(tmp_path, hf_text_patc
     _, meta = read_lora(a)
     assert meta["rank"] == 1 and meta["max_error"] is None
     assert json.loads(json.dumps(meta))  # every field is JSON
+
+
+def test_the_lora_file_carries_the_runs_verdict(tmp_path, hf_text_patch):
+    """Twentieth trial: the LoRA of a patch whose run failed (model_broken: "do not ship the patch") said nothing of it
+    in the file; only `slug export` warned, on stderr. The verdict and its codes now travel in the metadata."""
+    from slugkit.patch import architecture_facts
+
+    clip, patch = hf_text_patch
+    verdict = {"verdict": "fail", "verdict_codes": ["model_broken"], "warning_codes": ["worst_drop"]}
+    failed = make_patch(clip.model, dict(patch.patched), base_model=clip.model_id, adapter=clip.family,
+                        concept="alice abbott", architecture=architecture_facts(clip.model), extra=verdict)
+    export_lora(failed, None, tmp_path / "f.safetensors")
+    _, meta = read_lora(tmp_path / "f.safetensors")
+    assert {k: meta[k] for k in verdict} == verdict
+    export_lora(patch, None, tmp_path / "p.safetensors")  # a patch without a recorded verdict: nothing invented
+    assert "verdict" not in read_lora(tmp_path / "p.safetensors")[1]

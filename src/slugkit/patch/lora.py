@@ -290,8 +290,16 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
             "rank": None if rank is None else int(rank), "patch_fingerprint": patch.fingerprint,
             "concept": patch.concept, "base_model": patch.base_model,
             "base_sha256": {n: tmeta[n]["sha256_original"] for n in patch.names},
-            "patched_sha256": {n: tmeta[n]["sha256_patched"] for n in patch.names}, **dict(extra or {})}
+            "patched_sha256": {n: tmeta[n]["sha256_patched"] for n in patch.names},
+            **_verdict_of(patch), **dict(extra or {})}
     return Lora(prefix=prefix, modules=sorted(modules, key=lambda m: m.module), meta=meta)
+
+
+def _verdict_of(patch) -> dict:
+    """The verdict of the run that made ``patch`` (``patch.json → extra``: status, fail and warning codes), carried
+    into the LoRA file: a fail patch's LoRA said nothing of it once handed on without the patch (twentieth trial)."""
+    extra = patch.meta.get("extra") if isinstance(patch.meta.get("extra"), dict) else {}
+    return {k: extra[k] for k in ("verdict", "verdict_codes", "warning_codes") if k in extra}
 
 
 # --------------------------------------------------------------------------------------------------- files
