@@ -387,6 +387,23 @@ def test_train_t2i_needs_out_and_writes_whole_after_a_step(tmp_path, capsys):
     assert "holds another model slug wrote (train_report.json; no t2i_config.json)" in capsys.readouterr().err
     assert sorted(p.name for p in clip.iterdir()) == ["open_clip_config.json", "train_report.json"]
     assert {p.name: p.read_bytes() for p in t2i.T2I_DIR.iterdir()} == shipped
+    # twentieth trial: tracebacks (--channels 0, 15,30,60, --lr -1), --time-budget 0 read as "no budget",
+    # --stop-at past --steps and a negative --cond-noise accepted; train-vlm's negative options too
+    fresh = tmp_path / "fresh"
+    for extra, said in ((["--channels", "0"], "--channels '0': give 3 widths"),
+                        (["--channels", "15,30,60"], "each a positive multiple of 8"),
+                        (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+                        (["--time-budget", "0"], "--time-budget must be a number of seconds > 0"),
+                        (["--stop-at", "5"], "--stop-at must be in [0, --steps 2]"),
+                        (["--cond-noise", "-0.5"], "--cond-noise must be a finite number >= 0")):
+        args = ["--channels", "8,16,16", *extra] if extra[0] != "--channels" else extra
+        assert main(["world", "train-t2i", "--batch-size", "8", "--out", str(fresh), "--steps", "2", *args]) == 2, extra
+        assert said in capsys.readouterr().err, extra
+    for extra in (["--feature-noise", "-1"], ["--eval-images", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["world", "train-vlm", "--out", str(fresh), *extra])
+        assert f"argument {extra[0]}: must be >= 0" in capsys.readouterr().err, extra
+    assert not fresh.exists()
 
 
 def test_demo_target_sd_with_nothing_to_unlearn_is_refused_before_the_run(tmp_path, capsys):

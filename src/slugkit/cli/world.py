@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from ..common.text import printable
-from .args import COUNT, THREADS
+from .args import COUNT, THREADS, float_at_least, int_at_least
 
 
 def cmd_world(a) -> int:
@@ -68,11 +68,11 @@ def add_parsers(sub) -> None:
     wv.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
     wv.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     wv.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
-    wv.add_argument("--feature-noise", type=float, default=None,
+    wv.add_argument("--feature-noise", type=float_at_least(0), default=None,
                     help="gaussian noise on the tower features during training, in per-channel stds (default: the "
                          "shipped model's)")
-    wv.add_argument("--eval-images", type=int, default=20, help="test images per identity and object class for the "
-                                                                "report (0: no evaluation; default 20)")
+    wv.add_argument("--eval-images", type=int_at_least(0), default=20,
+                    help="test images per identity and object class for the report (0: no evaluation; default 20)")
     wv.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
                                                             "of other files is refused; your files in it are kept)")
     wv.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -226,6 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         channels = tuple(int(c) for c in a.channels.split(","))
     except ValueError:
         channels, bad = (), bad + [f"--channels {a.channels!r}: give comma-separated integers, e.g. 16,32,64"]
+    groups = T2IConfig.norm_num_groups  # diffusers' GroupNorm: a traceback after the data was drawn (20th trial)
+    if channels and (len(channels) != 3 or any(c < groups or c % groups for c in channels)):
+        bad.append(f"--channels {a.channels!r}: give 3 widths (the UNet's three blocks), each a positive multiple of "
+                   f"{groups} (its GroupNorm groups), e.g. 16,32,64")
+    import math
+
+    for flag, v, ok, what in (("--cond-noise", a.cond_noise, a.cond_noise >= 0, "a finite number >= 0"),
+                              ("--lr", a.lr, a.lr > 0, "a finite number > 0"),
+                              ("--time-budget", a.time_budget, a.time_budget is None or a.time_budget > 0,
+                               "a number of seconds > 0 (leave it out for no budget)")):
+        if v is not None and (not ok or not math.isfinite(v)):
+            bad.append(f"{flag} must be {what}, got {v}")
+    if a.stop_at is not None and not 0 <= a.stop_at <= a.steps:
+        bad.append(f"--stop-at must be in [0, --steps {a.steps}] (it stops a run whose LR schedule spans --steps), "
+                   f"got {a.stop_at}")
     if a.eval_per_class < 0:
         bad.append(f"--eval-per-class must be >= 0, got {a.eval_per_class}")
     out = Path(a.out)
