@@ -78,14 +78,15 @@ def test_every_method_runs_the_protocol(tiny_canvas):
 def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsys):
     out = tmp_path / "lite"
     rc = main(["canvas", "lite", "--methods", "uce,esd", "--targets", "star", "--per-pair", "1", "--sampling-steps",
-               "3", "--esd-iterations", "2", "--salun-steps", "3", "--canvas-model",
+               "3", "--esd-iterations", "2", "--canvas-model",
                str(tiny_canvas), "--out", str(out), "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "canvas.json").read_text())
     assert rep["methods"]["uce"]["object"]["ua"] >= 0 and (out / "canvas.png").stat().st_size > 1000
     md = (out / "canvas.md").read_text()
     assert "| uce | 1 (0) |" in md
-    # an override is said in canvas.md, for the methods that ran (it was in canvas.json only; eleventh trial)
+    # an override is said in canvas.md (it was in canvas.json only; eleventh trial); one for a method that does not
+    # run is refused (it was dropped silently: twentieth trial, test_canvas_official.py)
     assert rep["options"]["overridden"] == {"esd": {"iterations": 2}}
     assert "**Settings changed on the command line** (the times and UA below are for these, not the defaults): " \
            "esd iterations 2." in md
@@ -133,7 +134,11 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
                        # empty items ran (eleventh trial); a limit above --max-targets was accepted
                        (["--targets", "star,"], "has an empty item"), (["--methods", "slug,,uce"], "has an empty item"),
                        (["--max-targets", "1", "--baseline-max-targets", "3"],
-                        "--baseline-max-targets 3 limits nothing: the run's targets are 1 styles and 1 objects")):
+                        "--baseline-max-targets 3 limits nothing: the targets are 1 style and 1 object; leave it "
+                        "out\n"),  # it said "give fewer than 1" (twentieth trial)
+                       (["--max-targets", "2", "--baseline-max-targets", "3"], "leave it out, or give fewer than 2"),
+                       (["--max-targets", "100"], "--max-targets 100 limits nothing: the targets are 8 styles and "
+                                                  "5 objects")):  # it ran every target (twentieth trial)
         try:
             rc = main(["canvas", "lite", *extra, "--out", str(tmp_path / "z")])
         except SystemExit as e:  # refused by the parser

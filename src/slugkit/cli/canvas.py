@@ -38,6 +38,9 @@ def _check(a, grid) -> str | None:
                 f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:
         return "--targets and --max-targets exclude each other"
+    why = limit_does_nothing(choose_targets(None, None, grid), a.max_targets, grid, "--max-targets")
+    if why:
+        return why
     for flag, method in (("--esd-iterations", "esd"), ("--salun-steps", "salun")):  # dropped silently (20th trial)
         if getattr(a, flag[2:].replace("-", "_")) is not None and method not in methods:
             return f"{flag} sets {method}'s budget, and --methods {','.join(methods)} does not run {method}"

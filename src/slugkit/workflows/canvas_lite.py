@@ -229,13 +229,17 @@ def run_canvas_lite(methods=METHODS, targets: list[str] | None = None, max_targe
 
 
 def limit_does_nothing(chosen: list[str], k: int | None, grid, flag: str = "baseline_max_targets") -> str | None:
-    """Why a ``baseline_max_targets`` of ``k`` limits nothing among the ``chosen`` targets (None when it does): it
-    was accepted silently above --max-targets (eleventh trial)."""
+    """Why a ``baseline_max_targets`` (or ``--max-targets``, with every target of the grid as ``chosen``) of ``k``
+    limits nothing among the ``chosen`` targets (None when it does): it was accepted silently above --max-targets
+    (eleventh trial; --max-targets 100 ran everything, twentieth)."""
     n = [sum(grid.domain_of(t) == d for t in chosen) for d in ("style", "object")]
     if k is None or k < max(n):
         return None
-    return (f"{flag} {k} limits nothing: the run's targets are {n[0]} styles and {n[1]} objects; leave it out, or "
-            f"give fewer than {max(n)}")
+    def count(m, word):
+        return f"{m} {word}{'' if m == 1 else 's'}"
+
+    return (f"{flag} {k} limits nothing: the targets are {count(n[0], 'style')} and {count(n[1], 'object')}; leave it "
+            "out" + (f", or give fewer than {max(n)}" if max(n) > 1 else ""))  # "give fewer than 1" (20th trial)
 
 
 def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None = None,
