@@ -431,3 +431,15 @@ def test_small_misleading_refusals(tmp_path, capsys):
                  "--out", str(tmp_path / "ev")]) == 2
     assert f"{tmp_path} is a folder; give a text file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "pipe base"]
+
+
+def test_an_unknown_option_names_the_commands_help_and_the_nearest_option(capsys):
+    """Twentieth trial: `slug demo --n-targt 3` said `(see `slug --help`)`, the top-level help, which lists commands,
+    not the option the user misspelt."""
+    for argv, said in ((["demo", "--n-targt", "3"], "error: unrecognized arguments: --n-targt 3 (did you mean "
+                                                    "--n-target?) (see `slug demo --help`)"),
+                       (["world", "names", "--zzzzzz"], "error: unrecognized arguments: --zzzzzz (see `slug world "
+                                                        "names --help`)")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == said
