@@ -67,7 +67,8 @@ def test_demo_default_concept(demo_run, capsys):
     # the patch says which gradient its step took: projected off the nearest identities' (the default, 10)
     edit = json.loads((demo_run / "patch" / "patch.json").read_text())["extra"]["edit"]
     k = len(result["neighbour_protection"]["neighbours"])
-    assert k == 10 and f"projected off the alignment gradients of the {k} nearest identities" in edit, edit
+    # ("concepts": an SD run's are objects; its patch said "the 10 nearest identities", twentieth trial)
+    assert k == 10 and f"projected off the alignment gradients of the {k} nearest other concepts" in edit, edit
 
 
 def test_demo_refuses_existing_output(demo_run, data_dir, capsys):

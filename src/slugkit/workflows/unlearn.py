@@ -378,7 +378,7 @@ def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, 
     the paper's, or projected off the nearest neighbours' gradients (``protection``)."""
     edit = "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"
     if protection is not None and protection.neighbours:  # the default step; extra.edit said the paper's (8th trial)
-        edit += (f", projected off the alignment gradients of the {len(protection.neighbours)} nearest identities "
+        edit += (f", projected off the alignment gradients of the {len(protection.neighbours)} nearest other concepts "
                  "(slugkit.slug.neighbours; --protect-neighbours 0: the paper's step)")
     from ..patch import architecture_facts, make_patch, save_patch
 
