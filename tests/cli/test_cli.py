@@ -290,7 +290,8 @@ def test_precomputed_gradients_keep_the_default_step_and_check_the_pairs(tmp_pat
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "retain.tar").write_bytes(bytes(retain))
     other_pairs = ["--forget", str(data / "forget.tar"), "--retain", str(tmp_path / "r2" / "retain.tar")]
-    assert "was computed on 100 forget pairs, this run read 5: pass the --forget and --retain" in capsys.readouterr().err
+    said = "was computed on 100 forget pairs, this run read 5: pass the --forget and --retain"
+    assert said in capsys.readouterr().err
     assert main(fewer + other_pairs + ["--gradients", str(gfile)]) == 2
     assert "was computed on other retain pairs" in capsys.readouterr().err
     ck = tmp_path / "ck.safetensors"
