@@ -218,6 +218,21 @@ def test_refuses_to_overwrite_and_bad_options(sd, tmp_path, capsys):
     assert not (tmp_path / "y.safetensors").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_folder_it_cannot_write_in_is_refused_before_the_work(sd, tmp_path, capsys, monkeypatch):
+    """Twentieth trial: an --out in a read-only folder failed only after the factorisation (~17 s on the embedded
+    pipeline). As root a chmod does not stop a write, so the access check the command makes is what is simulated."""
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *k, **kw: False if str(p) == str(ro) else real(p, mode, *k,
+                                                                                                     **kw))
+    assert _export(sd, ro / "x.safetensors") == 2
+    assert f"--out {ro / 'x.safetensors'}: cannot write in {ro} (read-only or not yours)" in _error_line(capsys)
+    assert list(ro.iterdir()) == []
+
+
 def test_two_exports_are_byte_identical(sd, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert _export(sd, a) == 0 and _export(sd, b) == 0

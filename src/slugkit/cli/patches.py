@@ -191,6 +191,9 @@ def cmd_export(a) -> int:
         return refuse(f"--out {out}: a LoRA is written as .safetensors; use a name ending in .safetensors")
     if (out.exists() or out.is_symlink()) and not a.overwrite:
         return refuse(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):  # said after the SVD work (twentieth trial)
+        return refuse(f"--out {out}: cannot write in {parent} (read-only or not yours); choose another --out")
     patch = load_patch(a.lora)
     check_exportable(patch)
     from ..patch.summary import verdict_line
