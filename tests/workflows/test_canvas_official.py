@@ -184,6 +184,10 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     args[args.index("--clip") + 1] = str(tmp_path / "nope")
     assert main(args) == 2
     assert "--clip" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")  # a file was "no such folder" (twentieth trial)
+    args[args.index("--clip") + 1] = str(tmp_path / "afile")
+    assert main(args) == 2
+    assert f"--clip {tmp_path / 'afile'}: is a file, not a folder" in capsys.readouterr().err
     from hf_tiny import build_adapter
 
     build_adapter(seed=9).save_pretrained(tmp_path / "other_clip")  # not the CLIP the pipeline was built from

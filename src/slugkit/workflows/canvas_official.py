@@ -89,7 +89,9 @@ class UnlearnCanvasGrid(Grid):
                          not_targets=["Seed_Images"])
         self.data_dir, self.image_size = Path(data_dir), image_size
         if not self.data_dir.is_dir():
-            raise FileNotFoundError(f"--data {data_dir}: no such folder (expected the UnlearnCanvas dataset, "
+            raise FileNotFoundError(f"--data {data_dir}: "
+                                    + ("is a file, not a folder" if self.data_dir.exists() else "no such folder")
+                                    + " (expected the UnlearnCanvas dataset, "
                                     "DIR/{Style}/{Object}/{n}.jpg)")
 
     def display(self, style: str) -> str:
@@ -303,8 +305,9 @@ def official_context(pipeline_dir, clip_dir, classifiers_dir, data_dir, *, style
     from .canvas_lite import CanvasContext
 
     for flag, d in (("--pipeline", pipeline_dir), ("--clip", clip_dir), ("--classifiers", classifiers_dir)):
-        if not Path(d).is_dir():
-            raise FileNotFoundError(f"{flag} {d}: no such folder")
+        if not Path(d).is_dir():  # a file was "no such folder" (twentieth trial)
+            raise FileNotFoundError(f"{flag} {d}: " + ("is a file, not a folder" if Path(d).exists() else
+                                                        "no such folder"))
     if not (Path(pipeline_dir) / "model_index.json").is_file():
         raise FileNotFoundError(f"--pipeline {pipeline_dir}: not a diffusers pipeline folder (no model_index.json); "
                                 "pass UnlearnCanvas's checkpoints/diffusion/diffuser/style50 folder")
