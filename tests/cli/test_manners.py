@@ -443,3 +443,13 @@ def test_an_unknown_option_names_the_commands_help_and_the_nearest_option(capsys
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and capsys.readouterr().err.strip() == said
+
+
+def test_a_required_option_shows_no_default_in_help(capsys):
+    """Twentieth trial: `slug world train-t2i --help` said "--out OUT … (default: None)" of a required option."""
+    for cmd in ("train-t2i", "train-canvas"):
+        with pytest.raises(SystemExit):
+            main(["world", cmd, "--help"])
+        text = capsys.readouterr().out
+        out_help = text[text.index("  --out OUT"):text.index("  --overwrite")]
+        assert "(default: None)" not in out_help and "(default: False)" in text, cmd

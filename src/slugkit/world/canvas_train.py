@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description="train the embedded canvas: its style/object judges, then its UNet; "
                                              f"stops if a judge's held-out accuracy is < {JUDGE_MIN_ACCURACY}",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder to write (created; a non-empty one needs --overwrite)")
+    ap.add_argument("--out", required=True, default=argparse.SUPPRESS,  # no "(default: None)" in --help
+                    help="folder to write (created; a non-empty one needs --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace a canvas this command wrote in --out (a folder "
                                                              "of other files is refused; your files in it are kept)")
     ap.add_argument("--steps", type=int, default=CANVAS_STEPS, help="UNet optimizer steps (batch 64)")

@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slug world train-t2i", description="train the embedded text-to-image UNet "
                                  "(deterministic for a fixed thread count)",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder to write: unet.safetensors and t2i_config.json (the shipped "
-                                                 f"model is in {T2I_DIR}; pass that to retrain it)")
+    ap.add_argument("--out", required=True, default=argparse.SUPPRESS,  # no "(default: None)" in --help
+                    help="folder to write: unet.safetensors and t2i_config.json (the shipped "
+                         f"model is in {T2I_DIR}; pass that to retrain it)")
     ap.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
                                                              "of other files is refused; your files in it are kept)")
     ap.add_argument("--steps", type=int, default=T2IConfig.steps, help="optimizer steps (the LR schedule's length)")
