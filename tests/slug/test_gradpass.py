@@ -177,6 +177,27 @@ def test_streaming_equals_compute_gradients(world, reference):
     assert max(v.abs().max().item() for v in ref.forget.values()) > 1e-3  # non-trivial: 1e-6 is a real check
 
 
+def test_a_shard_listed_twice_or_copied_is_read_once(world, reference, tmp_path, capsys):
+    """`slug grads --forget 'a.tar::a.tar'` and a copy of a shard under another name were read twice by the streaming
+    pass, their pairs weighted double; each is now read once, said in a note, and the gradients equal the
+    reference's."""
+    import shutil
+
+    first = world["root"] / "forget" / "00000.tar"
+    shutil.copy(first, tmp_path / "copy_of_00000.tar")
+    dropped = []
+    spec = f"{world['forget']}::{first}::{tmp_path / 'copy_of_00000.tar'}"
+    assert list_shards(spec, dropped) == list_shards(world["forget"])
+    assert dropped == [(str(first.resolve()), str(first.resolve())),
+                       (str((tmp_path / "copy_of_00000.tar").resolve()), str(first.resolve()))]
+    res = run_gradpass(_adapter(world), PassConfig(spec, world["retain"], out=str(tmp_path / "g.safetensors"),
+                                                   batch_size=BS))
+    _assert_equal_grads(res.grads, reference[0].grads)
+    err = capsys.readouterr().err
+    assert f"note: --forget: {first.resolve()} is listed twice; read once" in err
+    assert f"is a copy of {first.resolve()}; read once" in err
+
+
 def test_unit_assignment():
     shards = ["a", "b", "c"]
     assert [u.id for u in assign_units("forget", shards, 0, 2)] == ["forget:0", "forget:2"]

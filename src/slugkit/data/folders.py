@@ -90,7 +90,8 @@ def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = Non
     shard or folder: a copy of a shard under another name was read twice, its pairs weighted double in the
     gradients) is skipped and counted as ``skipped_duplicate_pair`` with an example naming both; under ``strict`` a
     :class:`ShardError`. Costs a SHA-256 of each pair and 16 bytes per pair read. (The streaming gradient pass,
-    :mod:`slugkit.slug.gradpass`, reads shard by shard: it skips copies within a shard, not across shards.)"""
+    :mod:`slugkit.slug.gradpass`, reads shard by shard: it skips copied pairs within a shard, and whole shards that
+    are listed twice or byte-identical copies: :func:`slugkit.slug.gradfile.list_shards`.)"""
     import hashlib
 
     stats = stats if stats is not None else ReadStats()

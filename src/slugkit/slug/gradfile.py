@@ -22,12 +22,36 @@ from .gradients import Gradients
 FORMAT = "slugkit-gradients-1"
 
 
-def list_shards(spec: str) -> list[str]:
-    """Resolved shard paths of a spec; a captioned folder (no ``.tar`` inside) is one shard."""
+def list_shards(spec: str, dropped: list | None = None) -> list[str]:
+    """Resolved shard paths of a spec, each read once; a captioned folder (no ``.tar`` inside) is one shard.
+
+    A shard listed twice, and a shard file byte-identical to an earlier one (a copy under another name; only files
+    of equal size are hashed), is left out — the streaming pass read it twice, its pairs weighted double in the
+    gradients — as the in-process readers skip byte-identical pairs
+    (:func:`slugkit.data.folders.iter_pairs`). Each one left out is appended to ``dropped`` as ``(path, the earlier
+    path it repeats)``."""
     p = Path(spec)
     if p.is_dir() and not any(p.glob("*.tar")):
         return [str(p.resolve())]
-    return [str(Path(x).resolve()) for x in expand_urls(spec)]
+    kept, by_size, digests = [], {}, {}
+    for x in (str(Path(x).resolve()) for x in expand_urls(spec)):
+        same = x if x in kept else None
+        if same is None and os.path.isfile(x):
+            for other in by_size.get(os.path.getsize(x), []):
+                for q in (other, x):
+                    if q not in digests:
+                        digests[q] = content_sha256(q)
+                if digests[other] == digests[x]:
+                    same = other
+                    break
+        if same is not None:
+            if dropped is not None:
+                dropped.append((x, same))
+            continue
+        kept.append(x)
+        if os.path.isfile(x):
+            by_size.setdefault(os.path.getsize(x), []).append(x)
+    return kept
 
 
 def state_sha256(model: torch.nn.Module) -> str:

@@ -67,6 +67,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,7 +245,12 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
     """Run the pass on this rank; rank 0 returns the result (and writes ``cfg.out``), other ranks return None."""
     rank, world = dist_info()
     names = list(names if names is not None else adapter.candidate_names())
-    shards = {"forget": list_shards(cfg.forget), "retain": list_shards(cfg.retain)}
+    dropped = {"forget": [], "retain": []}
+    shards = {split: list_shards(getattr(cfg, split), dropped[split]) for split in ("forget", "retain")}
+    for split, rows in dropped.items():
+        for path, same in rows if rank == 0 else []:
+            print(f"note: --{split}: {path} " + ("is listed twice" if path == same else f"is a copy of {same}")
+                  + "; read once", file=sys.stderr)
     if cfg.checkpoint_dir is None and cfg.out is None:
         raise ValueError("the gradient pass needs an output file or a checkpoint directory")
     ckdir = Path(cfg.checkpoint_dir if cfg.checkpoint_dir is not None else f"{cfg.out}.ckpt")
@@ -265,8 +271,6 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
             sums, _ = _load_sums(rank_file, names, device)
             state = (meta["split"], (sums, int(meta["count"]), list(meta["done"])))
     if rank == 0 and (state or spill.is_file()):
-        import sys
-
         print(f"resuming from {ckdir}: forget split {'done' if spill.is_file() else 'in progress'}, "
               f"{len(state[1][2]) if state else 0} unit(s) of the current split done on rank 0", file=sys.stderr)
     read_stats = {s: ReadStats() for s in SPLITS}
