@@ -439,7 +439,13 @@ def test_an_unknown_option_names_the_commands_help_and_the_nearest_option(capsys
     for argv, said in ((["demo", "--n-targt", "3"], "error: unrecognized arguments: --n-targt 3 (did you mean "
                                                     "--n-target?) (see `slug demo --help`)"),
                        (["world", "names", "--zzzzzz"], "error: unrecognized arguments: --zzzzzz (see `slug world "
-                                                        "names --help`)")):
+                                                        "names --help`)"),
+                       # the trainers' own parsers printed argparse's usage block (twenty-first trial)
+                       (["world", "train-t2i", "--chanels", "8", "--out", "x"],
+                        "error: unrecognized arguments: --chanels 8 (did you mean --channels?) (see `slug world "
+                        "train-t2i --help`)"),
+                       (["world", "train-canvas", "--steps", "abc", "--out", "x"],
+                        "error: argument --steps: invalid int value: 'abc' (see `slug world train-canvas --help`)")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and capsys.readouterr().err.strip() == said

@@ -161,6 +161,7 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     for spec, said in ((lower, "hold no 'Van_Gogh' (2 of the grid's styles missing) — they spell it 'van_gogh': "
                                "labels are matched exactly"),
                        ({**JUDGES, "image_size": -5}, "image_size must be a positive integer (pixels), got -5"),
+                       ({**JUDGES, "image_size": 64}, "the style classifier does not take 64×64 images"),
                        ({**JUDGES, "archh": "x"}, "unknown key 'archh' (did you mean 'arch'?)"),
                        ({**JUDGES, "object_labels": ["Cats", "Cats"]}, "object_labels must be a non-empty list of "
                                                                         "distinct names")):
@@ -170,6 +171,12 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     assert not out.exists()
     assert main(_args(bench, "--methods", "uce", "--esd-iterations", "5", "--out", str(out))) == 2
     assert "--esd-iterations sets esd's budget, and --methods uce does not run esd" in capsys.readouterr().err
+    # Seed_Images is judged, never a target: it was counted as one, so a limit that limits nothing ran (21st trial)
+    assert main(_args(bench, "--max-targets", "2", "--out", str(out))) == 2
+    assert "--max-targets 2 limits nothing: the targets are 1 style and 2 objects" in capsys.readouterr().err
+    assert main(_args(bench, "--methods", "slug,uce", "--baseline-max-targets", "2", "--out", str(out))) == 2
+    assert "--baseline-max-targets 2 limits nothing: the targets are 1 style and 2 objects" in \
+        capsys.readouterr().err
     args[args.index("--classifiers") + 1] = str(bench / "cls")
     bad_img = tmp_path / "data"
     shutil.copytree(bench / "data", bad_img)

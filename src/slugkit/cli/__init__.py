@@ -128,12 +128,8 @@ def _dispatch(argv: list[str] | None) -> int:
               f"(`{sub.prog} --help` says what each does)", file=sys.stderr)
         return 2
     a, extra = parser.parse_known_args(argv)
-    if extra:  # argparse's own error named the top-level `slug --help` (twentieth trial): name the command's
-        import difflib
-
-        flags = [o for x in sub._actions for o in x.option_strings if o.startswith("--")]
-        near = next((difflib.get_close_matches(x.split("=")[0], flags, 1) for x in extra if x.startswith("--")), [])
-        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {near[0]}?)" if near else ""))
+    if extra:  # argparse's own error named the top-level `slug --help` (twentieth trial): the command's parser says
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")  # it, with the nearest option (SlugParser)
     from ..common.errors import EmptyForgetSetError, ModelLoadError, OutputExistsError, ShardError
     from ..common.runfolder import RunLockedError
     from ..patch import PatchError

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..common.argv import SlugParser  # noqa: F401 (one-line errors; shared with the trainers' parsers)
+
 
 # --------------------------------------------------------------------------------------------- value checks
 # argparse ``type=`` callables: a bad value is refused at parse time with a one-line message naming the flag
@@ -170,11 +172,6 @@ COUNT = int_at_least(1)
 BATCH = int_at_least(2)  # the retain loss is contrastive: a batch of one pair has a zero gradient (trust case A6)
 
 
-class SlugParser(argparse.ArgumentParser):
-    """``error: <message>`` on one line (no usage block), exit status 2, with a pointer to ``--help``."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:

@@ -141,7 +141,8 @@ def cmd_canvas_run(a) -> int:
                           "188,288,588,688,888)")
     if not math.isfinite(a.guidance) or a.guidance < 0:
         return refuse(f"--guidance must be a finite number >= 0 (official 9.0), got {a.guidance}")
-    err = _check(a, off.Grid(styles, objects, capitalize=False))
+    err = _check(a, off.Grid(styles, objects, capitalize=False, not_targets=["Seed_Images"]))  # as the run's grid
+    # (without it, Seed_Images counted as a target: a --max-targets that limits nothing ran; twenty-first trial)
     if err:
         return refuse(err)
     if a.threads:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["given_twice"]
+__all__ = ["SlugParser", "given_twice"]
 
 
 def given_twice(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
@@ -41,3 +41,20 @@ def given_twice(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
             return f"{flag} is given twice ({seen[act.dest]!r}, then {value!r}); give it once"
         seen[act.dest] = value
     return None
+
+
+class SlugParser(argparse.ArgumentParser):
+    """``error: <message>`` on one line (no usage block), exit status 2, with a pointer to ``--help`` and, for an
+    unknown option, the nearest one (``slug`` and the trainers' own parsers: ``world train-t2i --chanels 8`` printed
+    argparse's usage block with neither; twenty-first trial)."""
+
+    def error(self, message):
+        near = []
+        if message.startswith("unrecognized arguments:"):
+            import difflib
+
+            flags = [o for x in self._actions for o in x.option_strings if o.startswith("--")]
+            words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+            near = next((m for m in (difflib.get_close_matches(w, flags, 1) for w in words) if m), [])
+        self.exit(2, f"error: {message}" + (f" (did you mean {near[0]}?)" if near else "")
+                  + f" (see `{self.prog} --help`)\n")

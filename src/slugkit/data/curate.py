@@ -125,10 +125,12 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
                         "the retain set")
     unmatched = [al for al, n in alias_matches.items() if n == 0]
     if unmatched:
-        warnings.append(f"--alias {', '.join(map(repr, unmatched))} matched none of the {n_scanned} captions (the "
-                        f"forget set holds the captions naming {concept!r}"
+        many = len(unmatched) > 1
+        warnings.append(" and ".join(f"--alias {al!r}" for al in unmatched) + f" matched none of the {n_scanned} "
+                        f"captions (the forget set holds the captions naming {concept!r}"
                         + (" or another alias" if len(unmatched) < len(aliases) else "")
-                        + "); check its spelling — an alias is matched as whole words, like the concept")
+                        + f"); check {'their' if many else 'its'} spelling — an alias is matched as whole words, like "
+                          "the concept")
     ranked = sorted(other_ids, key=lambda sk: _order_key(sk[1], sk[0], seed)) if retain is not None else other_ids
     want = len(ranked) if retain is None else retain
     # Pass 2: collect the bytes of the chosen samples, each at most once, in stream order; a retain pair whose image

@@ -241,6 +241,16 @@ class TimmJudges:
                                  f"({type(e).__name__}: {msg}); {name} must hold the {task} classifier's state dict "
                                  "(README: the conversion), or describe it in judges.json") from None
             nets.append(net)
+        size = spec.get("image_size", 224)
+        try:  # an image_size the classifiers were not built for was a traceback at the first judging (21st trial)
+            with torch.no_grad():
+                for task, net in zip(JUDGE_FILES, nets):
+                    net.eval()(torch.zeros(1, 3, size, size))
+        except Exception as e:
+            msg = str(e).splitlines()[0][:200]
+            raise ValueError(f"--classifiers: the {task} classifier does not take {size}×{size} images "
+                             f"({type(e).__name__}: {msg}); set image_size in {d / 'judges.json'} to the size it was "
+                             "built for") from None
         return cls(*[n.to(device) for n in nets], grid, labels["style"], labels["object"], spec.get("image_size", 224))
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from slugkit.common.files import atomic_dir, atomic_write_bytes
-from slugkit.common.argv import given_twice
+from slugkit.common.argv import SlugParser, given_twice
 from slugkit.common.outguard import check_model_out
 from slugkit.world import canvas
 from slugkit.world.t2i import T2IConfig
@@ -111,7 +111,7 @@ def _net_bytes(net: torch.nn.Module) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     from slugkit.world.t2i_train import _num_threads, train_t2i
 
-    ap = argparse.ArgumentParser(prog="slug world train-canvas",
+    ap = SlugParser(prog="slug world train-canvas",
                                  description="train the embedded canvas: its style/object judges, then its UNet; "
                                              f"stops if a judge's held-out accuracy is < {JUDGE_MIN_ACCURACY}",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -192,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from slugkit.common.files import atomic_dir
-    from slugkit.common.argv import given_twice
+    from slugkit.common.argv import SlugParser, given_twice
     from slugkit.common.outguard import check_model_out
 
-    ap = argparse.ArgumentParser(prog="slug world train-t2i", description="train the embedded text-to-image UNet "
+    ap = SlugParser(prog="slug world train-t2i", description="train the embedded text-to-image UNet "
                                  "(deterministic for a fixed thread count)",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, default=argparse.SUPPRESS,  # no "(default: None)" in --help
