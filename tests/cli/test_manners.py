@@ -445,7 +445,10 @@ def test_an_unknown_option_names_the_commands_help_and_the_nearest_option(capsys
                         "error: unrecognized arguments: --chanels 8 (did you mean --channels?) (see `slug world "
                         "train-t2i --help`)"),
                        (["world", "train-canvas", "--steps", "abc", "--out", "x"],
-                        "error: argument --steps: invalid int value: 'abc' (see `slug world train-canvas --help`)")):
+                        "error: argument --steps: invalid int value: 'abc' (see `slug world train-canvas --help`)"),
+                       # no option near: "did you mean --help?" (twenty-second trial)
+                       (["world", "train-canvas", "--chanels", "8", "--out", "x"],
+                        "error: unrecognized arguments: --chanels 8 (see `slug world train-canvas --help`)")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and capsys.readouterr().err.strip() == said
@@ -459,3 +462,9 @@ def test_a_required_option_shows_no_default_in_help(capsys):
         text = capsys.readouterr().out
         out_help = text[text.index("  --out OUT"):text.index("  --overwrite")]
         assert "(default: None)" not in out_help and "(default: False)" in text, cmd
+
+
+def test_curate_names_only_the_option_missing(capsys, tmp_path):
+    """Twenty-second trial: `slug curate --shards X --out O` said "curate needs --shards and --concept"."""
+    assert main(["curate", "--shards", str(tmp_path / "x.tar"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: curate needs --concept (or --generate")

@@ -347,8 +347,9 @@ def validate_curate(a) -> str | None:
         if not a.n:
             return "--generate needs -n N (how many images)"
         return None
-    if not (a.shards and a.concept):
-        return "curate needs --shards and --concept (or --generate PROMPT -n N --pipeline P)"
+    missing = [f for f, v in (("--shards", a.shards), ("--concept", a.concept)) if not v]
+    if missing:  # "needs --shards and --concept" when --shards was given (twenty-second trial)
+        return f"curate needs {' and '.join(missing)} (or --generate PROMPT -n N --pipeline P)"
     return None
 
 

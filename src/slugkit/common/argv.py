@@ -53,7 +53,7 @@ class SlugParser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             import difflib
 
-            flags = [o for x in self._actions for o in x.option_strings if o.startswith("--")]
+            flags = [o for x in self._actions for o in x.option_strings if o.startswith("--") and o != "--help"]
             words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
             near = next((m for m in (difflib.get_close_matches(w, flags, 1) for w in words) if m), [])
         self.exit(2, f"error: {message}" + (f" (did you mean {near[0]}?)" if near else "")
