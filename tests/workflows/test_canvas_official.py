@@ -104,7 +104,7 @@ def test_judges_map_official_labels_into_the_grid(bench):
     assert s.shape == (3,) and set(s) <= {-1, 0, 1} and set(o) <= {-1, 0}
 
 
-def test_cli_writes_the_table(bench, tmp_path):
+def test_cli_writes_the_table(bench, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(bench, "--methods", "uce", "--targets", "Dogs", "--seeds", "188", "--steps", "2", "--out",
                       str(out), "--no-progress")) == 0
@@ -113,6 +113,12 @@ def test_cli_writes_the_table(bench, tmp_path):
     assert "the official protocol (`slug canvas run`)" in (out / "canvas.md").read_text()
     assert rep["options"]["data"] == str(bench / "data")
     assert rep["options"]["settings"]["esd"] == off.OFFICIAL_SETTINGS["esd"]  # SD-1.5 scale, not the embedded one
+    # the untrained stand-in judges recognise no Dogs: stderr and canvas.md say it in the same words
+    from slugkit.report.canvas import unrecognised_warning
+
+    assert rep["base"]["unrecognised_targets"] == ["Dogs"]
+    assert f"warning: {unrecognised_warning(['Dogs'])}" in capsys.readouterr().err
+    assert unrecognised_warning(["Dogs"], bold=True) in (out / "canvas.md").read_text()
 
 
 def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):

@@ -81,9 +81,9 @@ def _run_and_write(a, run, prepare=None) -> int:
     if gone:
         import sys
 
-        print(f"warning: the judges recognise none of the unedited model's answer-set images of "
-              f"{', '.join(map(printable, gone))}: their UA reads 100 % for any method and says nothing of the method "
-              "(check the classifiers — labels, image size — and the pipeline)", file=sys.stderr)
+        from ..report.canvas import unrecognised_warning
+
+        print(f"warning: {unrecognised_warning([printable(g) for g in gone])}", file=sys.stderr)
     return 0
 
 

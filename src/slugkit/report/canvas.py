@@ -34,6 +34,15 @@ def _changed(o: dict, method: str) -> str:
     return f" — at {', '.join(f'{k} {v}' for k, v in kv.items())}, not the default" if kv else ""
 
 
+def unrecognised_warning(targets: list[str], bold: bool = False) -> str:
+    """The one sentence ``canvas.md`` and the CLI's stderr give for targets the judges recognise on none of the
+    unedited model's answer-set images (``canvas.json → base.unrecognised_targets``)."""
+    b = "**" if bold else ""
+    return (f"{b}The judges recognise none of the unedited model's answer-set images of {', '.join(targets)}{b}: "
+            "their UA reads 100 % for any method and says nothing of the method (check the classifiers — labels, "
+            "image size — and the pipeline).")
+
+
 def render_canvas(report: dict) -> str:
     """Markdown: the method table (style UA/IRA/CRA, object UA/IRA/CRA in %, time, peak memory, storage), the
     worst target per method and domain, the cost ratios against SLUG, then every row."""
@@ -48,9 +57,7 @@ def render_canvas(report: dict) -> str:
              "shared by every method; base model: style accuracy "
              f"{_pct(report['base']['style_accuracy'])} %, object "
              f"accuracy {_pct(report['base']['object_accuracy'])} %. Targets: {', '.join(o['targets'])}.", "",
-             *([f"**The judges recognise none of the unedited model's answer-set images of "
-                f"{', '.join(report['base']['unrecognised_targets'])}**: their UA reads 100 % for any method and says "
-                "nothing of the method (check the classifiers — labels, image size — and the pipeline).", ""]
+             *([unrecognised_warning(report["base"]["unrecognised_targets"], bold=True), ""]
                if report["base"].get("unrecognised_targets") else []),
              f"Grid: {len(o.get('styles', []))} styles ({', '.join(o.get('styles', []))}) × "
              f"{len(o.get('objects', []))} objects ({', '.join(o.get('objects', []))})"
