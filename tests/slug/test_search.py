@@ -193,6 +193,15 @@ def test_group_edit_and_edited_values(adapter, base_grads):
             assert torch.equal(now[n].detach(), vals[n])
             assert torch.equal(vals[n], before[n] - 0.25 * base_grads.forget[n])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # a later round's edit of the same group composes: its values start from the earlier round's (the patch of two
+    # rounds on one layer equals the two edits applied in order)
+    g2 = {n: -0.5 * base_grads.forget[n] for n in group}
+    twice = edited_values(model, g2, group, 0.1, base=vals)
+    with edited(model, base_grads.forget, group, 0.25), edited(model, g2, group, 0.1):
+        now = dict(model.named_parameters())
+        assert all(torch.equal(now[n].detach(), twice[n]) for n in group)
+    assert not torch.equal(twice[group[0]], vals[group[0]])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 # ---------------------------------------------------------------------------------------------- search_layers wiring

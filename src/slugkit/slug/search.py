@@ -152,11 +152,13 @@ def edited(model: torch.nn.Module, grads: dict[str, torch.Tensor], names: list[s
 
 
 def edited_values(model: torch.nn.Module, grads: dict[str, torch.Tensor], names: list[str],
-                  step_size: float) -> dict[str, torch.Tensor]:
+                  step_size: float, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The new values θ − η·g_f of ``names`` (computed exactly as :func:`edited` does, on the parameter's device),
-    returned as CPU tensors in the parameter's dtype (what a patch stores)."""
+    returned as CPU tensors in the parameter's dtype (what a patch stores). ``base``: θ of the names it holds (an
+    earlier round's values of the same tensors) instead of the model's."""
     params = dict(model.named_parameters())
-    return {n: _step(params[n].detach(), grads[n], step_size).to(params[n].dtype).to("cpu", copy=True)
+    theta = {n: (base or {}).get(n, params[n].detach()) for n in names}
+    return {n: _step(theta[n].to(params[n].device), grads[n], step_size).to(params[n].dtype).to("cpu", copy=True)
             for n in names}
 
 

@@ -28,11 +28,11 @@ from ..slug.gradfile import run_provenance, save_full
 from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
 from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
-from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, edited_values, search_layers
+from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, search_layers
 from .inputs import (batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs,
                      retain_caption_count, unnamed_concepts)
 from .records import brief, result_record, write_run_files
-from .rounds import applied, generator_rounds, more_rounds
+from .rounds import applied, composed_values, generator_rounds, more_rounds
 from .verdict import (Budgets, ForgetCaptionsError, check_captions, check_recognised, check_retain_captions,
                       clip_verdict, verdict_fields)
 
@@ -374,7 +374,7 @@ def _evaluate_edits(adapter, edits, test_eval) -> dict:
 def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, out: Path, verdict: dict,
                  protection=None):
     """``out/patch``: every edited group's new values with the base hashes (spec §5); returns (patch, file bytes).
-    Groups are disjoint, so each group's θ − η·g is computed on the unedited model. ``extra.edit`` says which g:
+    Each edit's θ − η·g is computed on the values before it, in round order. ``extra.edit`` says which g:
     the paper's, or projected off the nearest neighbours' gradients (``protection``)."""
     edit = "theta <- theta - step_size * grad(mean cos(image, caption)) on forget pairs"
     if protection is not None and protection.neighbours:  # the default step; extra.edit said the paper's (8th trial)
@@ -383,9 +383,7 @@ def _write_patch(cfg: UnlearnConfig, adapter, edits, before: dict, after: dict, 
     from ..patch import architecture_facts, make_patch, save_patch
 
     chosen = edits[0].search
-    new_values = {}
-    for e in edits:
-        new_values.update(edited_values(adapter.model, e.grads.forget, e.search.group, e.search.step_size))
+    new_values = composed_values(adapter.model, edits)  # a layer a later round stepped again holds both steps
     patch = make_patch(adapter.model, new_values, base_model=adapter.model_id, adapter=adapter.family,
                        architecture=architecture_facts(adapter.model),
                        concept=cfg.concept if not cfg.concepts else cfg.concept_list(), method="slug",
