@@ -110,7 +110,7 @@ def test_a_partial_step_and_a_second_layer_forget_within_the_neighbour_budget(em
     accepted = [t for t in info["generator_search"]["layers"][0]["trajectory"] if t["accepted"]]
     assert accepted and all(t["neighbour_drop"] >= 0.3 * a * a / T ** 2 - 1e-6 for t in accepted)
     assert info["round"] == 2 and [r["round"] for r in info["rounds"]] == [1, 2] and "refusal" in info["rounds"][0]
-    assert len(calls) == 1 and A in calls[0] and B in calls[0]  # one more gradient pass; A a candidate again
+    assert len(calls) == 1 and A not in calls[0] and B in calls[0]  # one more gradient pass, A not a candidate
     # the report shows both rounds' searches and the partial step kept
     from slugkit.report.sd import render_generation_report
     from slugkit.world import t2i
@@ -171,26 +171,19 @@ def test_the_partial_row_is_the_lowest_recognition_within_half_the_budgets():
     assert partial_row(vlm_rows, 1.0, 0.05, 0.2)["step_size"] == 1.0
 
 
-def test_the_fallback_partial_respects_the_patch_cap_and_says_why_not(embedded, monkeypatch):
+def test_the_fallback_partial_respects_the_patch_cap_and_says_why_not(embedded):
     """An MLP group of the embedded text tower (2 x 256 x 64 float32, stored twice in a patch: 262 KB) is 1.8% of
-    the CLIP's 14.3 MB, so no *other* layer fits beside it within the 1% cap. The generator rounds may step it again
-    (REEDIT: a patch of one group is not capped), so its step is offered as a partial; without re-editing it is not,
+    the CLIP's 14.3 MB, so no second layer fits beside it within the 1% cap: its step is not offered as a partial,
     and the refusal says so; an attention projection (33 KB in a patch) leaves room."""
-    from slugkit.workflows import rounds
     from slugkit.workflows.rounds import room_after
     from slugkit.workflows.sd_generator import fallback_partial
 
     ad = embedded
     mlp = ad.group_of("text_model.encoder.layers.1.mlp.fc1.weight")
     assert room_after(ad, [mlp]) == [] and B in room_after(ad, [[A]]) and A not in room_after(ad, [[A]])
-    assert room_after(ad, [mlp], again=True) == mlp  # only itself again
     order = [LayerSearch(name=mlp[0], group=mlp, tower="language", ratio=1.0),
              LayerSearch(name=A, group=[A], tower="language", ratio=1.0)]
     row = {"step_size": 1.0, "target_recognised": 0.5, "other_drop": 0.0, "neighbour_drop": 0.0}
-    assert rounds.REEDIT
-    got, why = fallback_partial(ad, [], order, [{"layer": mlp[0], "trajectory": [row]}], 0.9, 0.05, 0.2)
-    assert got["layer"] == mlp[0] and why == ""
-    monkeypatch.setattr(rounds, "REEDIT", False)  # rounds that edit disjoint layers only
     assert fallback_partial(ad, [], order, [{"layer": mlp[0], "trajectory": [row]}], 0.9, 0.05, 0.2) == (
         None, " (no second layer: the layers whose steps lowered it within half the budgets leave no room for "
               "another within the 1% patch-size cap)")
@@ -343,60 +336,3 @@ def test_the_unedited_targets_validation_images_are_generated_once(embedded, mon
         outcomes.append(([(e.search.name, e.round, e.search.step_size) for e in edits], seen.count(True)))
     (edits_a, target_calls_a), (edits_b, target_calls_b) = outcomes
     assert edits_a == edits_b and target_calls_b == target_calls_a - 1
-
-
-def test_a_second_round_may_step_the_same_layer_again_and_the_patch_composes(embedded, monkeypatch):
-    """Re-linearised rounds (:data:`~slugkit.workflows.rounds.REEDIT`): one layer A, whose round-1 gradient moves it
-    along u + v — u forgets the concept (recognised 1 − x_u/T), v harms its nearest neighbour (loses 0.3·(x_v/T)²;
-    x = relative movement along each direction) — so no step of round 1 forgets within the 0.20 budget (at x_u =
-    0.95·T the neighbour loses 0.27). The gradient recomputed on the partially edited model is u alone: a second
-    step of A itself finishes the removal within the budget. The patch's values are both steps composed."""
-    from slugkit.workflows import rounds
-    from slugkit.workflows import sd_generator as sg
-
-    ad = embedded
-    pipe = SimpleNamespace(text_encoder=copy.deepcopy(ad.model))
-    mapping = {n: n for n, _ in ad.model.named_parameters()}
-    theta0 = dict(ad.model.named_parameters())[A].detach().clone()
-    g = torch.Generator().manual_seed(0)
-    u, v = torch.linalg.qr(torch.randn(theta0.numel(), 2, generator=g))[0].T  # orthonormal directions
-    scale = float(theta0.norm())
-    u, v = (d.reshape(theta0.shape) * scale for d in (u, v))
-
-    def along(d):
-        delta = dict(pipe.text_encoder.named_parameters())[A].detach() - theta0
-        return float((delta * d).sum()) / scale ** 2
-
-    def recognition(pipe_, judge, plan, *args, **kw):
-        rec, nb = max(0.0, 1.0 - along(u) / T), 0.3 * (along(v) / T) ** 2
-        return {c: rec if c == TARGET else (1.0 - nb if c == NEIGHBOUR else 1.0) for c, _, _ in plan}, None, None
-
-    monkeypatch.setattr(sg.t2i, "recognition", recognition)
-    monkeypatch.setattr(rounds, "SuiteEvaluator", lambda *a, **k: None)
-    g1 = SimpleNamespace(forget={A: -(u + v) / 2 ** 0.5})  # θ − η·g moves η/√2 along each
-    g2 = SimpleNamespace(forget={A: -u})
-    calls = []
-    stages = {"gradients": lambda cfg, adapter, data, names: (calls.append(sorted(names)) or g2, None),
-              "layers": lambda *a: None, "protect": lambda cfg, adapter, grads, table, data: (grads, None, None),
-              "search": lambda *a: [LayerSearch(name=A, group=[A], tower="language", ratio=1.0, step_size=0.1)]}
-    kw = dict(neighbours=[NEIGHBOUR], val_images=2, val_other=1, val_neighbour=2, search_steps=8,
-              neighbour_budget=0.2, other_budget=0.05, threshold=0.05)
-    first = ([LayerSearch(name=A, group=[A], tower="language", ratio=1.0, step_size=0.1)], None, g1)
-    with pytest.raises(SearchFailed, match="none of its 1 nearest neighbours loses more than 20%"):
-        rounds.generator_rounds(_cfg(1), ad, {"val_suite": None}, first, {},
-                                sg.generator_chooser(TARGET, pipe, None, mapping, max_layers=1, **kw), stages)
-    choose = sg.generator_chooser(TARGET, pipe, None, mapping, max_layers=2, **kw)
-    edits, info = rounds.generator_rounds(_cfg(2), ad, {"val_suite": None}, first, {}, choose, stages)
-    assert [(e.search.name, e.round) for e in edits] == [(A, 1), (A, 2)] and A in calls[0]
-    a, b = (e.search.step_size for e in edits)
-    x_u, x_v = a / 2 ** 0.5 + b, a / 2 ** 0.5
-    assert x_u >= 0.95 * T - 1e-6 and 0.3 * (x_v / T) ** 2 <= 0.1 + 1e-6  # forgotten; the neighbour within half
-    # the patch stores both steps composed: the values the two edits give applied in order, bit for bit
-    vals = rounds.composed_values(ad.model, edits)
-    with rounds.applied(ad.model, edits):
-        assert torch.equal(dict(ad.model.named_parameters())[A].detach(), vals[A])
-    assert torch.allclose(vals[A], theta0 + a * (u + v) / 2 ** 0.5 + b * u, atol=1e-5)
-    assert torch.equal(dict(ad.model.named_parameters())[A].detach(), theta0)  # restored
-    # a tensor edited in two rounds counts once against the patch-size cap
-    assert rounds.group_bytes(ad, [[A], [A]]) == rounds.group_bytes(ad, [[A]])
-    assert A in rounds.room_after(ad, [[A]], again=True) and A not in rounds.room_after(ad, [[A]])

@@ -119,10 +119,10 @@ def fallback_partial(adapter, prior, order, searched: list[dict], base_target: f
     evaluated until a step qualifies; each probed step is appended to its layer's trajectory with ``"probe": True``
     (so the record shows every generation paid for). Costs up to ``probe_layers`` × ``halvings`` validation
     generations, only on a refusal."""
-    from .rounds import REEDIT, room_after
+    from .rounds import room_after
 
     kept = [list(e.search.group) for e in prior]
-    allowed = {s.name for s in order if room_after(adapter, kept + [list(s.group)], again=REEDIT)}
+    allowed = {s.name for s in order if room_after(adapter, kept + [list(s.group)])}
     row = partial_row(searched, base_target, other_budget, neighbour_budget, allowed, utility_budget)
     if row is not None:
         return row, ""

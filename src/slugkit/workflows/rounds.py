@@ -34,7 +34,6 @@ from ..slug.search import SearchFailed, choose_layer, edited, edited_values, wor
 
 PARTIAL_HALVINGS = 6
 PATCH_SHARE = 0.01  # the patch stays within this share of the model's bytes
-REEDIT = True  # generator rounds may step an edited layer again (room_after's ``again``; the CLIP rounds do not)
 
 
 @dataclass
@@ -63,9 +62,9 @@ def applied(model, edits: list[Edit]):
 
 
 def composed_values(model, edits: list[Edit]) -> dict:
-    """The new values of every tensor ``edits`` change (what the patch stores): each edit's θ − η·g computed on the
-    values before it, in round order — a layer a later round steps again holds both steps (= :func:`applied`'s
-    values, bit for bit); a layer edited once holds θ − η·g of the unedited model. CPU tensors in the model's dtype."""
+    """The new values of every tensor ``edits`` change (what the patch stores), = :func:`applied`'s values bit for
+    bit: each edit's θ − η·g computed on the values before it, in round order (a tensor edited twice holds both
+    steps; the rounds edit disjoint groups, each θ − η·g of the unedited model). CPU tensors in the model's dtype."""
     values: dict = {}
     for e in edits:
         values.update(edited_values(model, e.grads.forget, e.search.group, e.search.step_size, base=values))
@@ -132,17 +131,18 @@ def group_bytes(adapter, groups: list[list[str]]) -> int:
     return sum(params[n].numel() * params[n].element_size() for n in dict.fromkeys(n for g in groups for n in g))
 
 
-def room_after(adapter, groups: list[list[str]], again: bool = False) -> list[str]:
-    """The candidates a next round may edit once ``groups`` are edited: the patch of all of them within
-    :data:`PATCH_SHARE` of the model's bytes (a patch stores new and base values: ~2x the tensors). An edited
-    tensor is a candidate again only with ``again`` (the generator rounds: a later round may step the same layer
-    again along gradients recomputed on the edited model — it adds no bytes, and a patch of one group is not capped,
-    as a single-layer patch never is)."""
+def room_after(adapter, groups: list[list[str]]) -> list[str]:
+    """The candidates a next round may edit once ``groups`` are edited: not already edited, and the patch of all of
+    them within :data:`PATCH_SHARE` of the model's bytes (a patch stores new and base values: ~2x the tensors).
+
+    Measured and not kept: letting a generator round step an edited layer again, along the gradient recomputed on
+    the edited model (commit 66bfeac; README, "A second layer" of the VLM section) — on the embedded VLM's first 10
+    identities it passed as many as before with ``--max-layers 2`` (one gained, one lost)."""
     cap = PATCH_SHARE * adapter.model_bytes() / 2
     done = {n for g in groups for n in g}
     used = group_bytes(adapter, groups)
-    return [n for n in adapter.candidate_names() if (again and n in done) or (
-        n not in done and used + group_bytes(adapter, [adapter.group_of(n)]) <= cap)]
+    return [n for n in adapter.candidate_names() if n not in done and
+            used + group_bytes(adapter, [adapter.group_of(n)]) <= cap]
 
 
 def next_front(cfg, adapter, data, names: list[str], stages) -> tuple:
@@ -215,18 +215,17 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
     refuses (:class:`~slugkit.workflows.gen_search.GeneratorRefused`) but names a partial step (the layer and step
     that lowered the concept most within half the budgets) and ``cfg.max_layers`` allows, that partial edit is
     applied, the gradients are recomputed on the edited model (one more gradient pass, as :func:`more_rounds`), the
-    candidates are ranked and searched — the layers already edited among them (:data:`REEDIT`: another step of one,
-    along its gradient at the edited point; the patch stores the steps composed) — and ``choose(..., prior=edits)``
-    judges the next layer with every earlier edit applied, its budgets measured against the unedited pipeline. A run
-    whose last round still refuses raises :class:`SearchFailed` (no patch; its ``info`` holds every round's record,
-    as a refusal in round 1 carries its own). Returns (edits, the chooser record: the last round's, with every
+    remaining candidates are ranked and searched, and ``choose(..., prior=edits)`` judges the next layer with every
+    earlier edit applied, its budgets measured against the unedited pipeline. A run whose last round still refuses
+    raises :class:`SearchFailed` (no patch; its ``info`` holds every round's record, as a refusal in round 1 carries
+    its own). Returns (edits, the chooser record: the last round's, with every
     round's under ``rounds`` when there are several)."""
     searches, _, grads = first
     edits, infos = [], []
     for rnd in range(1, max(cfg.max_layers, 1) + 1):
         with applied(adapter.model, edits):
             if rnd > 1:
-                names = room_after(adapter, [e.search.group for e in edits], again=REEDIT)
+                names = room_after(adapter, [e.search.group for e in edits])
                 if not names:
                     raise SearchFailed(f"{infos[-1]['refusal']}; no other candidate fits the patch-size cap for a "
                                        f"round {rnd} (no patch)")
