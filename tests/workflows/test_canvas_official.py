@@ -166,6 +166,8 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     lower = {**JUDGES, "style_labels": [x.lower() for x in off.STYLE_LABELS]}
     for spec, said in ((lower, "hold no 'Van_Gogh' (2 of the grid's styles missing) — they spell it 'van_gogh': "
                                "labels are matched exactly"),
+                       ({**JUDGES, "style_labels": [x.replace("_", " ") for x in off.STYLE_LABELS]},
+                        "hold no 'Van_Gogh' (2 of the grid's styles missing) — they spell it 'Van Gogh'"),
                        ({**JUDGES, "image_size": -5}, "image_size must be a positive integer (pixels), got -5"),
                        ({**JUDGES, "image_size": 64}, "the style classifier does not take 64×64 images"),
                        ({**JUDGES, "archh": "x"}, "unknown key 'archh' (did you mean 'arch'?)"),

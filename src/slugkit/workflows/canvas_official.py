@@ -30,6 +30,7 @@ erases the bare concept name and preserves ``""`` and every other pair's prompt,
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,11 @@ class UnlearnCanvasGrid(Grid):
         return torch.stack([adapter.preprocess(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in x])
 
 
+def _loose(name: str) -> str:
+    """A label as a near miss compares: lowercased, runs of spaces, ``_`` and ``-`` as one ``_``."""
+    return re.sub(r"[\s_\-]+", "_", name.strip().lower())
+
+
 JUDGE_KEYS = ("arch", "kwargs", "image_size", "style_labels", "object_labels")
 
 
@@ -213,7 +219,7 @@ class TimmJudges:
             # matches is never "recognised": every method's UA read 100 % (20th trial: lowercased labels)
             missing = [n for n in names if n not in labels[task]]
             if missing:
-                near = {n.lower(): n for n in labels[task]}.get(missing[0].lower())
+                near = {_loose(n): n for n in labels[task]}.get(_loose(missing[0]))  # case, spaces, - and _
                 raise ValueError(f"--classifiers: the {task} classifier's labels ({task}_labels in "
                                  f"{d / 'judges.json'}, else the official ones) hold no {missing[0]!r}"
                                  + (f" ({len(missing)} of the grid's {task}s missing)" if len(missing) > 1 else "")
