@@ -448,7 +448,15 @@ def test_an_unknown_option_names_the_commands_help_and_the_nearest_option(capsys
                         "error: argument --steps: invalid int value: 'abc' (see `slug world train-canvas --help`)"),
                        # no option near: "did you mean --help?" (twenty-second trial)
                        (["world", "train-canvas", "--chanels", "8", "--out", "x"],
-                        "error: unrecognized arguments: --chanels 8 (see `slug world train-canvas --help`)")):
+                        "error: unrecognized arguments: --chanels 8 (see `slug world train-canvas --help`)"),
+                       # a typo that leaves a required option out: argparse named only the missing ones
+                       (["apply", "--patchh", "x"], "error: unrecognized arguments: --patchh (did you mean --patch?) "
+                                                    "(see `slug apply --help`)"),
+                       (["world", "train-t2i", "--chanels", "8"],
+                        "error: unrecognized arguments: --chanels (did you mean --channels?) (see `slug world "
+                        "train-t2i --help`)"),
+                       (["export"], "error: the following arguments are required: --lora, --pipeline, --out (see "
+                                    "`slug export --help`)")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and capsys.readouterr().err.strip() == said

@@ -48,8 +48,27 @@ class SlugParser(argparse.ArgumentParser):
     unknown option, the nearest one (``slug`` and the trainers' own parsers: ``world train-t2i --chanels 8`` printed
     argparse's usage block with neither; twenty-first trial)."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._words = list(args) if args is not None else None  # for error(): a typo before a missing option
+        return super().parse_known_args(args, namespace)
+
+    def _unknown_options(self) -> list[str]:
+        """The ``--words`` of this parse that name none of this parser's options (nor abbreviate one)."""
+        flags = [o for x in self._actions for o in x.option_strings]
+        out = []
+        for w in getattr(self, "_words", None) or []:
+            if w == "--":
+                break
+            w = w.split("=")[0]
+            if w.startswith("--") and w not in flags and sum(f.startswith(w) for f in flags) != 1:
+                out.append(w)
+        return out
+
     def error(self, message):
         near = []
+        unknown = self._unknown_options() if message.startswith("the following arguments are required") else []
+        if unknown:  # `export --patchh P` said only "required: --lora, --pipeline, --out" (the typo unnamed)
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         if message.startswith("unrecognized arguments:"):
             import difflib
 
