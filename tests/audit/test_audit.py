@@ -343,6 +343,13 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "afile")]) == 2
     assert "is a folder" in capsys.readouterr().err
+    # a folder for the names file, a file for the class folders: "no such file" of a folder (23rd trial)
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--test-identities",
+                 str(tmp_path / "empty"), "--names", str(tmp_path / "empty"), "--probes", "prompts"]) == 2
+    assert f"--names {tmp_path / 'empty'}: is a folder; give a text file" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--test-identities",
+                 str(tmp_path / "afile"), "--probes", "prompts"]) == 2
+    assert f"--test-identities {tmp_path / 'afile'}: is a file; give a folder" in capsys.readouterr().err
     assert not (tmp_path / "o" / "audit.json").exists()
 
 
@@ -430,3 +437,17 @@ def test_cli_audit_refuses_a_folder_another_run_is_writing(leaky_patch, tmp_path
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_tie_at_top1_names_the_variant_with_the_highest_top5():
+    """Twenty-third trial: every variant at top-1 0.00 after, and the last listed was named the "worst" while
+    another still put the concept in the top 5 on half the images."""
+    from slugkit.audit.base import grade_worst
+
+    rows = [{"variant": v, "after": {"top1": 0.0, "top5": t5}} for v, t5 in (("a", 0.10), ("b", 0.48), ("c", 0.0))]
+    rec = {}
+    assert grade_worst(rec, rows, (0.05, 0.2), "variant", "")["variant"] == "b"
+    assert rec["tied"] == 3 and rec["tie_break"] == "highest top-5 after" and rec["status"] == "pass"
+    conds = [{"c": c, "after": {"top1": 0.1}} for c in ("fp16", "int4")]  # no top-5 (generated images): last listed
+    rec = {}
+    assert grade_worst(rec, conds, (0.05, 0.2), "precision", "")["c"] == "int4" and rec["tie_break"] == "last listed"

@@ -38,6 +38,11 @@ def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
     edits = r["layers_edited"]
     assert [e["round"] for e in edits] == [1, 2]
     assert edits[0]["why"].startswith("partial step: no Pareto layer reached")
+    # what round 2 met is the validation budgets; the verdict is the test images' (a failed run's layer table said
+    # "completes the removal", twenty-third trial)
+    from slugkit.workflows.rounds import VALIDATED
+
+    assert edits[-1]["why"] == VALIDATED and "on the validation images" in VALIDATED
     assert edits[0]["layer"] != edits[1]["layer"]
     assert r["verdict"]["status"] == "pass"
     assert r["metrics"]["after"]["forget_top5"] <= 0.05 and r["collateral"]["worst"]["drop"] <= 0.2

@@ -79,9 +79,13 @@ def grade_worst(rec: dict, informative: list[dict], bounds: tuple[float, float],
         return None
     value = max(r["after"]["top1"] for r in informative)
     tied = [r for r in informative if r["after"]["top1"] == value]
-    worst = tied[-1]  # among equals the last listed: the harshest condition (int4), the least usual variant
+    # among equals the highest top-5 after (where the rows have one: the CLIP probes), then the last listed (the
+    # harshest condition, int4; the least usual variant) — with every variant at top-1 0.00 the last one was named
+    # "worst" for no reason while another still ranked the concept in the top 5 on half the images (23rd trial)
+    worst = max(enumerate(tied), key=lambda ir: (ir[1]["after"].get("top5", 0.0), ir[0]))[1]
     if len(tied) > 1:
         rec["tied"] = len(tied)
+        rec["tie_break"] = "highest top-5 after" if any("top5" in r["after"] for r in tied) else "last listed"
     rec.update(status=grade(value, bounds), graded={"name": f"worst informative {what} top-1 after", "value": value,
                                                     "pass_at": bounds[0], "fail_at": bounds[1]})
     return worst

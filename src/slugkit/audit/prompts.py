@@ -133,5 +133,6 @@ def probe_prompts(before, after, data: AuditData, thresholds: AuditThresholds = 
                    informative=len(informative),
                    summary=f"{len(informative)}/{len(scored)} variants informative; worst {worst['kind']} "
                            f"{worst['variant']!r}: top-1 {worst['before']['top1']:.2f} -> {value:.2f}"
-                           + (f" ({rec['tied']} variants tied at {value:.2f})" if rec.get("tied") else ""))
+                           + (f", top-5 {worst['after']['top5']:.2f} ({rec['tied']} variants tied at top-1 "
+                              f"{value:.2f}: the one with the highest top-5 named)" if rec.get("tied") else ""))
     return rec

@@ -113,7 +113,11 @@ def _patch_and_out(a) -> tuple[Path, Path]:
                              ("--train-identities", getattr(a, "train_identities", None), "dir"),
                              ("--names", getattr(a, "names", None), "file")):
         if path and not (Path(path).is_dir() if want == "dir" else Path(path).is_file()):
-            raise ValueError(f"{flag} {path}: no such {'folder' if want == 'dir' else 'file'}")
+            other = Path(path).is_file() if want == "dir" else Path(path).is_dir()  # "no such file" of a folder: 23rd
+            raise ValueError(f"{flag} {path}: " + (("is a file; give a folder of class folders <Name>/<image>"
+                                                    if want == "dir" else "is a folder; give a text file, one name per "
+                                                    "line") if other else
+                                                   f"no such {'folder' if want == 'dir' else 'file'}"))
     return patch, out
 
 

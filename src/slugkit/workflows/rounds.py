@@ -34,6 +34,9 @@ from ..slug.search import SearchFailed, choose_layer, edited, edited_values, wor
 
 PARTIAL_HALVINGS = 6
 PATCH_SHARE = 0.01  # the patch stays within this share of the model's bytes
+# a later round's why: it met the budgets on the validation images, what the search sees — the test images decide the
+# verdict (a failed run's layer table said "completes the removal", twenty-third trial)
+VALIDATED = "completes the removal within the budgets on the validation images (the verdict is the test images')"
 
 
 @dataclass
@@ -204,7 +207,7 @@ def more_rounds(cfg, adapter, data, first: tuple, val_before: dict, stages) -> l
             <= excess(chosen, val_before, budget, cfg.budgets.utility_drop)):
         tried = tried or " + ".join([e.search.name for e in edits] + ([chosen.name] if chosen is not None else []))
         return [Edit(single, first_grads, f"single layer kept: the fallback ({tried}) did no better ({why})", 1)]
-    edits.append(Edit(chosen, grads, "completes the removal within the budgets" if why is None
+    edits.append(Edit(chosen, grads, VALIDATED if why is None
                       else f"best found; {why}", len(edits) + 1, searches))
     return edits
 
@@ -250,7 +253,7 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
                 continue
         infos.append(info)
         edits.append(Edit(chosen, grads, "chosen by the generator-aware search" if rnd == 1 else
-                          "completes the removal within the budgets (generator-aware search)", rnd,
+                          f"{VALIDATED} (generator-aware search)", rnd,
                           searches if rnd > 1 else []))  # round 1's searches are the run's own (records.py)
         break
     return edits, infos[0] if len(infos) == 1 else {**infos[-1], "rounds": infos}
