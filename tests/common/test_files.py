@@ -155,3 +155,16 @@ def test_a_write_that_cannot_start_names_the_file_asked_for(tmp_path, monkeypatc
     with pytest.raises(OSError) as e:
         atomic_write_bytes(tmp_path / "x.safetensors", b"data")
     assert e.value.filename == str(tmp_path / "x.safetensors") and e.value.errno == errno.EROFS
+
+
+def test_a_failed_atomic_dir_removes_the_parents_it_created(tmp_path):
+    """Twenty-third trial: a refused `slug apply --pipeline … --out wf/pipe` left an empty `wf/`."""
+    (tmp_path / "keep").mkdir()
+    for out in (tmp_path / "wf" / "a" / "pipe", tmp_path / "keep" / "pipe"):
+        with pytest.raises(ValueError):
+            with atomic_dir(out):
+                raise ValueError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"] and list((tmp_path / "keep").iterdir()) == []
+    with atomic_dir(tmp_path / "wf" / "b" / "pipe") as tmp:  # a success keeps them
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "wf" / "b" / "pipe" / "x").read_text() == "x"

@@ -433,6 +433,15 @@ def test_hand_edited_metadata_is_refused(saved):
         load_patch(saved)
     _edit_json(saved, lambda d: d.__setitem__("concept", good.concept))
     assert load_patch(saved).fingerprint == good.fingerprint  # restored: loads again
+    # a tensor hash edited in patch.json is blamed on patch.json, not on the intact tensors (23rd trial)
+    name = sorted(good.meta["tensors"])[0]
+    _edit_json(saved, lambda d: d["tensors"][name].__setitem__("sha256_original", "0" * 64))
+    with pytest.raises(PatchFormatError, match=r"patch.json, tensor '.*': was edited after slug wrote it: its "
+                                               r"sha256_original is not the stored tensor's hash"):
+        load_patch(saved)
+    _edit_json(saved, lambda d: d["tensors"][name].__setitem__("sha256_original",
+                                                                good.meta["tensors"][name]["sha256_original"]))
+    assert load_patch(saved).fingerprint == good.fingerprint
     _edit_json(saved, lambda d: d.__setitem__("metrics", {**(d.get("metrics") or {}), "forget_top5": 0.0}))
     with pytest.raises(PatchFormatError, match="was edited after slug wrote it"):
         load_patch(saved)

@@ -230,6 +230,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
     when it existed as a folder, keeps its mode (e.g. 0700)."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, overwrite, marker)
+    made = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]  # deepest first
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     mode = os.stat(out_dir).st_mode & 0o7777 if out_dir.is_dir() else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -254,6 +255,11 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
             print(f"note: kept in {out_dir} what slug did not write there: {', '.join(names)}", file=sys.stderr)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # the parents it created for OUT, if still empty (a failed apply left `wf/`: 23rd trial)
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
 
 

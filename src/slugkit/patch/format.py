@@ -385,6 +385,12 @@ def load_patch(path: str | os.PathLike) -> Patch:
                 raise _format_error(sf, f"{prefix}{name} is {_dtype_name(t.dtype)}{list(t.shape)} but {PATCH_JSON} "
                                         f"says {info['dtype']}{info['shape']}", name)
             if tensor_sha256(t) != info[key]:
+                meta = {k: v for k, v in doc.items() if k not in _SEALS}
+                if "fingerprint" in doc and doc["fingerprint"] != hashlib.sha256(
+                        _canonical_json(meta).encode("utf-8")).hexdigest():  # the hash was edited, not the tensor
+                    raise _format_error(jf, f"was edited after slug wrote it: its {key} is not the stored tensor's "
+                                            "hash, and its fingerprint no longer matches; restore the file (the "
+                                            "tensors are intact) or rerun", name)  # it blamed the tensors: 23rd
                 raise _format_error(sf, f"{prefix}{name} does not match its {key} in {PATCH_JSON}", name)
             store[name] = t
 
