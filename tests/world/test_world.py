@@ -208,3 +208,17 @@ def test_replacing_a_shipped_model_says_so(capsys, tmp_path, monkeypatch):
     (tmp_path / CONFIG_FILE).write_text("{}")
     check_model_out(tmp_path, True, CONFIG_FILE)
     assert capsys.readouterr().err == ""
+
+
+def test_a_stale_world_json_is_named_with_why(tmp_path):
+    """Twenty-third trial: a damaged world.json in --data-dir made slug rewrite the whole folder without a word."""
+    from slugkit.world.demo_data import _spec, _stale
+
+    f, spec = tmp_path / "world.json", _spec()
+    for text, said in (("{nope", "is unreadable (JSONDecodeError)"),
+                       (json.dumps({"spec": [1]}), "is not a world.json slug wrote (no spec object)"),
+                       (json.dumps({"spec": {**spec, "version": -1}}), "describes another world (version -1, this "
+                                                                       f"slugkit's is {spec['version']!r})"),
+                       (json.dumps({"spec": {**spec, "counts": {}}}), "its counts differ")):
+        f.write_text(text)
+        assert said in _stale(f, spec), text

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..common.errors import OutputExistsError
@@ -55,6 +56,19 @@ def _complete(d: Path, spec: dict) -> bool:
         return False
 
 
+def _stale(f: Path, spec: dict) -> str:
+    """Why ``f`` (a ``world.json``) does not mark a complete world for ``spec``, in words."""
+    try:
+        got = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        return f"is unreadable ({type(e).__name__})"
+    if not isinstance(got, dict) or not isinstance(got.get("spec"), dict):
+        return "is not a world.json slug wrote (no spec object)"
+    return (f"describes another world (version {got['spec'].get('version')!r}, this slugkit's is "
+            f"{spec['version']!r})" if got["spec"].get("version") != spec["version"] else
+            "describes another world (its counts differ from this slugkit's)")
+
+
 def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Generate the world's data folders under ``data_dir`` unless a complete copy is already there; returns it.
 
@@ -71,6 +85,9 @@ def ensure_world_data(data_dir: str | Path | None = None, progress: bool = True)
         if other:  # an old world is a cache and is replaced; another command's run is not (it deleted demos' runs)
             raise OutputExistsError(f"{d} holds a slug run ({other[0]} present), not the world's data; the world "
                                     "is written into a folder of its own: choose another --data-dir (or --out)")
+        if (d / "world.json").exists():  # rewritten silently, its backups piling up (twenty-third trial): say why
+            print(f"note: {d / 'world.json'} {_stale(d / 'world.json', spec)}; the world's data is written again "
+                  "there", file=sys.stderr)
         try:
             with run_folder(d, overwrite=True, marker="world.json") as tmp:
                 _write_world(tmp, spec, progress, shown=d)
