@@ -43,6 +43,9 @@ def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
     from slugkit.workflows.rounds import VALIDATED
 
     assert edits[-1]["why"] == VALIDATED and "on the validation images" in VALIDATED
+    # the trajectory heading gave the margin rule alone, not the partial step applied (23rd trial)
+    assert (f"applied step = 1.1 × smallest accepted step, except here: the fallback applied a partial step of it, "
+            f"η = {edits[0]['step_size']:.6g}") in (tmp_path / "two" / "report.md").read_text()
     assert edits[0]["layer"] != edits[1]["layer"]
     assert r["verdict"]["status"] == "pass"
     assert r["metrics"]["after"]["forget_top5"] <= 0.05 and r["collateral"]["worst"]["drop"] <= 0.2

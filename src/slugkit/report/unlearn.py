@@ -177,6 +177,16 @@ def _protection_lines(result: dict) -> list[str]:
     return lines
 
 
+def _partial_note(result: dict) -> str:
+    """", except here: …" when the multi-layer fallback applied only part of the first layer's step (the heading
+    gave the margin rule alone, twenty-third trial)."""
+    first = (result.get("layers_edited") or [{}])[0]
+    if not str(first.get("why", "")).startswith("partial step"):
+        return ""
+    return (f", except here: the fallback applied a partial step of it, η = {first['step_size']:.6g} (η/R "
+            f"{first['relative_change']:.4f}; \"Layers edited\"), and searched the next round on the edited model")
+
+
 def trajectory_lines(result: dict, chosen: str) -> list[str]:
     """The report's "Search trajectory of the first edited layer": its CLIP step search, or — when the layer was
     chosen off that search (by the search on a pipeline's generations or a VLM's answers) — a line saying where its
@@ -185,7 +195,8 @@ def trajectory_lines(result: dict, chosen: str) -> list[str]:
     lines = ["## Search trajectory of the first edited layer", "",
              f"Criterion: validation `{c['metric']}` ≤ {c['threshold']}"
              + (f", utility drop ≤ {c['utility_floor']}" if c['utility_floor'] is not None else "")
-             + f"; S = {c['steps']} evaluations; applied step = {c['margin']} × smallest accepted step.", ""]
+             + f"; S = {c['steps']} evaluations; applied step = {c['margin']} × smallest accepted step"
+             + _partial_note(result) + ".", ""]
     rows = [e for e in result["search"] if e["layer"] == chosen and e.get("round", 1) == 1]
     if not rows:
         return lines + [f"`{chosen}` was not searched on the CLIP's validation metrics: its step comes from the "
