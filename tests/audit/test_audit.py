@@ -326,7 +326,8 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     assert f"no patch at {tmp_path / 'nothing'}: a patch is a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["audit", "--patch", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
-    assert "no patch there" in capsys.readouterr().err
+    assert "empty: holds no patch.json, so it is not a patch; a patch folder holds patch.json and patch.safetensors" \
+        in capsys.readouterr().err  # as `slug inspect` says it (it said "no patch there", 23rd trial)
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--probes", "prompts,bogus"]) == 2
     assert "--probes" in capsys.readouterr().err
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--model", "ViT-B-32"]) == 2

@@ -307,6 +307,16 @@ def test_apply_twice_and_revert_unpatched_are_refused():
         revert_patch(model, p)
     with pytest.raises(PatchMismatchError, match="not in the patched state"):
         revert_patch(tiny_clip(3), p)
+    # every tensor in the same state is said once, not per tensor (it said "not applied" three times, 23rd trial)
+    two = make(model, (FC, PROJ))
+    with pytest.raises(PatchMismatchError) as e:
+        revert_patch(model, two)
+    assert str(e.value).count("not applied") == 1 and "each of its 2 tensors" in str(e.value)
+    apply_patch(model, two)
+    with pytest.raises(PatchMismatchError, match=r"each of its 2 tensors \(.*\) holds the patched values\. The "
+                                                 r"patch is already applied"):
+        apply_patch(model, two)
+    revert_patch(model, two)
 
 
 def test_apply_check_false_skips_only_the_hash():
@@ -442,6 +452,11 @@ def test_hand_edited_metadata_is_refused(saved):
     _edit_json(saved, lambda d: d["tensors"][name].__setitem__("sha256_original",
                                                                 good.meta["tensors"][name]["sha256_original"]))
     assert load_patch(saved).fingerprint == good.fingerprint
+    sha = json.loads((saved / PATCH_JSON).read_text())["safetensors_sha256"]
+    _edit_json(saved, lambda d: d.__setitem__("safetensors_sha256", 123))  # present, another type: not "missing"
+    with pytest.raises(PatchFormatError, match="safetensors_sha256 must be a hex string, got int"):
+        load_patch(saved)
+    _edit_json(saved, lambda d: d.__setitem__("safetensors_sha256", sha))
     _edit_json(saved, lambda d: d.__setitem__("metrics", {**(d.get("metrics") or {}), "forget_top5": 0.0}))
     with pytest.raises(PatchFormatError, match="was edited after slug wrote it"):
         load_patch(saved)

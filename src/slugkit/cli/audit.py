@@ -90,8 +90,8 @@ def _patch_and_out(a) -> tuple[Path, Path]:
             from ..patch.format import resolve_patch_dir
 
             resolve_patch_dir(p)  # raises, saying a symbolic link leads nowhere
-        raise ValueError(f"--patch {a.patch}: no patch there (expected a patch folder with patch.json, or a run folder "
-                         "with patch/)")
+        raise ValueError(f"--patch {a.patch}: holds no patch.json, so it is not a patch; a patch folder holds "
+                         "patch.json and patch.safetensors (a run's is RUN/patch)")  # inspect's words (23rd trial)
     if a.out is None and run is None:
         raise ValueError("--out is required when --patch is a patch folder (a run folder is its own default --out)")
     out = Path(a.out) if a.out else run

@@ -312,8 +312,10 @@ def _validate_json(doc: Any, jf: Path) -> dict:
     if version > FORMAT_VERSION:
         raise _format_error(jf, f"written by a newer slugkit (format_version {version}; this slugkit reads up to "
                                 f"{FORMAT_VERSION}); upgrade slugkit to use this patch")
-    if not isinstance(doc.get("safetensors_sha256"), str):
-        raise _format_error(jf, "missing safetensors_sha256")
+    if not isinstance(doc.get("safetensors_sha256"), str):  # "missing" of one present with another type: 23rd
+        raise _format_error(jf, "missing safetensors_sha256" if "safetensors_sha256" not in doc else
+                            f"safetensors_sha256 must be a hex string, got {type(doc['safetensors_sha256']).__name__}"
+                            " (edited by hand?)")
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict) or not tensors:
         raise _format_error(jf, "missing or empty 'tensors'")

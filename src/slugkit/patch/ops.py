@@ -220,7 +220,13 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
             advice = (f"The model is not in the patched state: revert only a model this patch was applied to "
                       f"(base: {base})")
         head = f"cannot revert patch (concept {concept!r})"
-    shown = "; ".join(problems[:8]) + (f"; … and {len(problems) - 8} more" if len(problems) > 8 else "")
+    if len(tmeta) > 1 and (already if want == "original" else not_applied) == len(tmeta):
+        # every tensor in the same state: said once, not per tensor (it said "not applied" three times, 23rd trial)
+        state = "the patched values" if want == "original" else "the original values"
+        shown = f"each of its {len(tmeta)} tensors ({', '.join(repr(n) for n in sorted(tmeta)[:4])}" + \
+            (", …" if len(tmeta) > 4 else "") + f") holds {state}"
+    else:
+        shown = "; ".join(problems[:8]) + (f"; … and {len(problems) - 8} more" if len(problems) > 8 else "")
     raise PatchMismatchError(f"{head}: {shown}. {advice}. The model was not modified.")
 
 
