@@ -679,3 +679,8 @@ def test_describe_shows_the_verdict_and_rounded_numbers():
     assert ("  verdict:    fail (of the run that made it; see its result.json): the edit broke the model: utility or "
             "the other concepts lost more than 5 × their budget") in describe(p).splitlines()
     assert "  step size:  2.19362" in lines and "    after: {'forget_top5': 0.04}" in lines
+    # before and after: one line a metric in report.md's names (Python dicts of internal keys, 23rd trial)
+    p.meta["metrics"] = {"before": {"forget_top1": 1.0, "utility_top1": 0.99399}, "after": {"forget_top1": 0.0}}
+    got = describe(p).splitlines()
+    i = got.index("  metrics (before → after):")
+    assert got[i + 1:i + 3] == ["    FA@1: 1.0 → 0.0", "    TA_IN@1 (utility): 0.994 → –"]

@@ -96,12 +96,30 @@ def describe(patch: Patch) -> str:
                      f"η={p(comp.get('step_size'))}) "
                      f"→ {', '.join(p(t) for t in (tensors if isinstance(tensors, list) else [tensors]))}")
     metrics = m.get("metrics") or {}
-    if metrics:
+    if isinstance(metrics, dict) and isinstance(metrics.get("before"), dict) and isinstance(metrics.get("after"), dict):
+        lines += ["  metrics (before → after):", *_before_after(metrics["before"], metrics["after"])]
+    elif metrics:
         lines.append("  metrics:")
         for k in sorted(metrics, key=str):
             v = metrics[k]
             lines.append(f"    {p(k)}: {p(_rounded(v))}")
     return "\n".join(lines)
+
+
+METRIC_NAMES = {"forget_top1": "FA@1", "forget_top5": "FA@5", "related_top1": "TA_CA@1 (other identities)",
+                "utility_top1": "TA_IN@1 (utility)", "utility_top5": "TA_IN@5"}  # report.md's names
+
+
+def _before_after(before: dict, after: dict) -> list[str]:
+    """One line a metric, in report.md's names and order (``inspect`` printed Python dicts of the internal keys,
+    twenty-third trial); a key neither names is shown as stored."""
+    keys = [k for k in METRIC_NAMES if k in before or k in after]
+    keys += sorted((set(before) | set(after)) - set(keys), key=str)
+
+    def v(d, k):
+        return printable(_rounded(d[k])) if k in d else "–"
+
+    return [f"    {printable(METRIC_NAMES.get(k, k))}: {v(before, k)} → {v(after, k)}" for k in keys]
 
 
 def _names(v) -> str:
