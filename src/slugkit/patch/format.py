@@ -92,8 +92,7 @@ class Patch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data held by the patch: original + patched values of every tensor (the size of
-        ``patch.safetensors`` minus its small JSON header, a few hundred bytes)."""
+        """Bytes of tensor data: original + patched values of every tensor (``patch.safetensors`` minus its header)."""
         return sum(t.numel() * t.element_size() for d in (self.original, self.patched) for t in d.values())
 
     @property
@@ -312,10 +311,8 @@ def _validate_json(doc: Any, jf: Path) -> dict:
     if version > FORMAT_VERSION:
         raise _format_error(jf, f"written by a newer slugkit (format_version {version}; this slugkit reads up to "
                                 f"{FORMAT_VERSION}); upgrade slugkit to use this patch")
-    if not isinstance(doc.get("safetensors_sha256"), str):  # "missing" of one present with another type: 23rd
-        raise _format_error(jf, "missing safetensors_sha256" if "safetensors_sha256" not in doc else
-                            f"safetensors_sha256 must be a hex string, got {type(doc['safetensors_sha256']).__name__}"
-                            " (edited by hand?)")
+    if not isinstance(doc.get("safetensors_sha256"), str):  # not "missing" of one of another type (23rd trial)
+        raise _format_error(jf, f"{'missing' if 'safetensors_sha256' not in doc else 'non-string'} safetensors_sha256")
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict) or not tensors:
         raise _format_error(jf, "missing or empty 'tensors'")
@@ -339,13 +336,12 @@ def _validate_json(doc: Any, jf: Path) -> dict:
 
 def load_patch(path: str | os.PathLike) -> Patch:
     """Read and fully verify a patch folder (``path`` may also be its ``patch.json`` or ``patch.safetensors``).
-
-    Checks, in order: ``patch.json`` parses and is a slugkit patch of a supported ``format_version`` (a newer
-    one is refused with "upgrade slugkit"); the sha256 of ``patch.safetensors`` equals ``safetensors_sha256``;
-    the file parses; it holds exactly ``patched/<name>`` and ``original/<name>`` for the names in JSON; shapes,
-    dtypes and the sha256 of every tensor agree with JSON; the recorded ``fingerprint`` (older patches lack it) equals
-    the metadata's, so a hand-edited concept or metric is caught. Any failure raises :class:`PatchFormatError`
-    naming the file (and tensor). A missing folder raises ``FileNotFoundError``. Never unpickles."""
+    Checks, in order: ``patch.json`` parses and is a slugkit patch of a supported ``format_version`` (a newer one is
+    refused with "upgrade slugkit"); the sha256 of ``patch.safetensors`` equals ``safetensors_sha256``; the file
+    parses; it holds exactly ``patched/<name>`` and ``original/<name>`` for the names in JSON; shapes, dtypes and the
+    sha256 of every tensor agree with JSON (a mismatch with an edited patch.json blames patch.json); the recorded
+    ``fingerprint`` (older patches lack it) equals the metadata's (a hand-edited concept or metric). Never unpickles.
+    Failures raise :class:`PatchFormatError` naming the file (and tensor); a missing folder ``FileNotFoundError``."""
     folder = resolve_patch_dir(path)
     jf, sf = folder / PATCH_JSON, folder / PATCH_SAFETENSORS
     for f in (jf, sf):
@@ -379,6 +375,8 @@ def load_patch(path: str | os.PathLike) -> Patch:
 
     original: dict[str, torch.Tensor] = {}
     patched: dict[str, torch.Tensor] = {}
+    meta = {k: v for k, v in doc.items() if k not in _SEALS}
+    edited = "fingerprint" in doc and doc["fingerprint"] != Patch(original={}, patched={}, meta=meta).fingerprint
     for name in sorted(tmeta):
         info = tmeta[name]
         for prefix, key, store in ((_ORIGINAL, "sha256_original", original), (_PATCHED, "sha256_patched", patched)):
@@ -386,17 +384,13 @@ def load_patch(path: str | os.PathLike) -> Patch:
             if list(t.shape) != info["shape"] or _dtype_name(t.dtype) != info["dtype"]:
                 raise _format_error(sf, f"{prefix}{name} is {_dtype_name(t.dtype)}{list(t.shape)} but {PATCH_JSON} "
                                         f"says {info['dtype']}{info['shape']}", name)
-            if tensor_sha256(t) != info[key]:
-                meta = {k: v for k, v in doc.items() if k not in _SEALS}
-                if "fingerprint" in doc and doc["fingerprint"] != hashlib.sha256(
-                        _canonical_json(meta).encode("utf-8")).hexdigest():  # the hash was edited, not the tensor
-                    raise _format_error(jf, f"was edited after slug wrote it: its {key} is not the stored tensor's "
-                                            "hash, and its fingerprint no longer matches; restore the file (the "
-                                            "tensors are intact) or rerun", name)  # it blamed the tensors: 23rd
-                raise _format_error(sf, f"{prefix}{name} does not match its {key} in {PATCH_JSON}", name)
+            if tensor_sha256(t) != info[key]:  # an edited hash is patch.json's fault (it blamed the tensors: 23rd)
+                why = (jf, f"was edited after slug wrote it: its {key} is not the stored tensor's hash") if edited \
+                    else (sf, f"{prefix}{name} does not match its {key} in {PATCH_JSON}")
+                raise _format_error(*why, name)
             store[name] = t
 
-    patch = Patch(original=original, patched=patched, meta={k: v for k, v in doc.items() if k not in _SEALS})
+    patch = Patch(original=original, patched=patched, meta=meta)
     if "fingerprint" not in doc and doc["format_version"] >= 2:  # stripping it must not turn the check off
         raise _format_error(jf, "has no fingerprint, which its format_version requires: it was edited by hand")
     if "fingerprint" in doc and doc["fingerprint"] != patch.fingerprint:  # not a signature: it catches hand edits
