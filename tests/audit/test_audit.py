@@ -351,6 +351,10 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--test-identities",
                  str(tmp_path / "afile"), "--probes", "prompts"]) == 2
     assert f"--test-identities {tmp_path / 'afile'}: is a file; give a folder" in capsys.readouterr().err
+    # a --family that is not the patch's adapter is named, as `slug apply` names it (23rd trial, the same kind)
+    assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--family", "hf_clip",
+                 "--probes", "prompts"]) == 2
+    assert "--family hf_clip: the patch's adapter is open_clip" in capsys.readouterr().err
     assert not (tmp_path / "o" / "audit.json").exists()
 
 

@@ -172,8 +172,6 @@ COUNT = int_at_least(1)
 BATCH = int_at_least(2)  # the retain loss is contrastive: a batch of one pair has a zero gradient (trust case A6)
 
 
-
-
 def add_search_args(p: argparse.ArgumentParser) -> None:
     """The step-size search options (paper §3.3) shared by demo and unlearn."""
     g = p.add_argument_group("step-size search (paper §3.3, Algorithm 3)")

@@ -153,6 +153,11 @@ def cmd_audit(a) -> int:
     from ..patch import load_patch
 
     meta = load_patch(patch).meta
+    from ..patch.summary import family_mismatch
+
+    why = family_mismatch(a.family, [meta])
+    if why:
+        raise ValueError(why)
     if a.family is None:  # the patch's adapter, as `slug apply` (an hf_clip patch was audited on open_clip)
         a.family = "hf_clip" if meta.get("adapter") == "hf_clip" else "open_clip"
     base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}

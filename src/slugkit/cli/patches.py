@@ -73,13 +73,14 @@ def cmd_apply(a, revert: bool = False) -> int:
             print(line, file=sys.stderr)
     if a.pipeline or a.llava:
         return _apply_to_folder(a, patches, revert)
-    named = {p.meta.get("adapter") for p in patches} & {"open_clip", "hf_clip"}
+    from ..patch.summary import family_mismatch
+
+    why = family_mismatch(a.family, [p.meta for p in patches])
+    if why:
+        return refuse(why)
     if a.family is None:  # the patch's own adapter (an SD demo's patch, hf_clip, failed under open_clip: 8th trial)
+        named = {p.meta.get("adapter") for p in patches} & {"open_clip", "hf_clip"}
         a.family = named.pop() if len(named) == 1 else "open_clip"
-    elif named and a.family not in named:  # it failed on tensor names and named the model, not --family (23rd trial)
-        return refuse(f"--family {a.family}: the patch's adapter is {' and '.join(sorted(named))} (its tensors carry "
-                      f"that family's names); leave --family out (it defaults to the patch's) or give --family "
-                      f"{' '.join(sorted(named))}")
     target, _ = _load_target(a)
     saved = target  # what --out writes: the checkpoint under its own names, edited in place through the view
     if a.checkpoint:  # a lone tower saved without its prefix (transformers 5's CLIPTextModel): seen as the patch names

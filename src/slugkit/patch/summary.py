@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..common.text import printable
 from .format import Patch, _base_label
 
-__all__ = ["describe", "failed_because", "printable", "warned_of"]
+__all__ = ["describe", "failed_because", "family_mismatch", "printable", "warned_of"]
 
 _WHY = {"not_forgotten": "the concept was not forgotten on its test images",
         "nothing_to_unlearn": "the unedited model did not recognise the concept: there was nothing to unlearn",
@@ -23,6 +23,17 @@ def failed_because(extra) -> str:
     codes = extra.get("verdict_codes") if isinstance(extra, dict) else None
     said = [_WHY[c] for c in codes or [] if c in _WHY]
     return "; ".join(said) or "the concept was not forgotten on its test images, or the edit broke the model"
+
+
+def family_mismatch(family: str | None, metas: list[dict]) -> str | None:
+    """The refusal for a ``--family`` that is not the patches' adapter (``slug apply``/``revert``/``audit``): it failed
+    on tensor names and named the model, not the option (twenty-third trial). None when it fits or none was given."""
+    named = {m.get("adapter") for m in metas} & {"open_clip", "hf_clip"}
+    if family is None or not named or family in named:
+        return None
+    have = " and ".join(sorted(named))
+    return (f"--family {family}: the patch's adapter is {have} (its tensors carry that family's names); leave "
+            f"--family out (it defaults to the patch's) or give --family {have}")
 
 
 def warned_of(extra) -> str:

@@ -257,7 +257,7 @@ class TimmJudges:
             raise ValueError(f"--classifiers: the {task} classifier does not take {size}×{size} images "
                              f"({type(e).__name__}: {msg}); set image_size in {d / 'judges.json'} to the size it was "
                              "built for") from None
-        return cls(*[n.to(device) for n in nets], grid, labels["style"], labels["object"], spec.get("image_size", 224))
+        return cls(*[n.to(device) for n in nets], grid, labels["style"], labels["object"], size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:

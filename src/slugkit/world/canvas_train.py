@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     from slugkit.world.t2i_train import _num_threads, train_t2i
 
     ap = SlugParser(prog="slug world train-canvas",
-                                 description="train the embedded canvas: its style/object judges, then its UNet; "
-                                             f"stops if a judge's held-out accuracy is < {JUDGE_MIN_ACCURACY}",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    description="train the embedded canvas: its style/object judges, then its UNet; "
+                                f"stops if a judge's held-out accuracy is < {JUDGE_MIN_ACCURACY}",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, default=argparse.SUPPRESS,  # no "(default: None)" in --help
                     help="folder to write (created; a non-empty one needs --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace a canvas this command wrote in --out (a folder "

@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from slugkit.common.outguard import check_model_out
 
     ap = SlugParser(prog="slug world train-t2i", description="train the embedded text-to-image UNet "
-                                 "(deterministic for a fixed thread count)",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(deterministic for a fixed thread count)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, default=argparse.SUPPRESS,  # no "(default: None)" in --help
                     help="folder to write: unet.safetensors and t2i_config.json (the shipped "
                          f"model is in {T2I_DIR}; pass that to retrain it)")
