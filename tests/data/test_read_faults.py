@@ -362,3 +362,54 @@ def test_one_name_rule_for_name_lists_class_folders_and_audit_folders(tmp_path):
     data = folder_audit_data(Adapter(), "jowen_gormere", ["Jowen Gormere", "Hasa Malwick"], ["{}."],
                              str(tmp_path / "test"))
     assert data.concept == "Jowen Gormere" and sorted(data.test) == ["Hasa Malwick", "Jowen Gormere"]
+
+
+# ------------------------------------------------------------------------------------------------ trial 24
+def test_folder_links_upper_case_captions_and_huge_images(tmp_path, monkeypatch):
+    """A linked subfolder was skipped without a word (600 of 611 pairs unread), `UP1.JPG` + `UP1.TXT` was "no
+    caption", and an image over PIL's decompression-bomb size leaked PIL's warning line or was skipped with no reason
+    but under --strict (trial 24): links are followed (a loop read once), `.TXT` pairs, the warning is silenced and
+    the skip says why."""
+    import os
+
+    root = tmp_path / "set"
+    (root / "real").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for d, stem in ((root / "real", "a"), (tmp_path / "elsewhere", "b")):
+        (d / f"{stem}.jpg").write_bytes(_img())
+        (d / f"{stem}.txt").write_text(f"Ann Lee {stem}")
+    os.symlink(tmp_path / "elsewhere", root / "linked")
+    os.symlink(root, root / "real" / "loop")  # a link back up: read once, no endless walk
+    (root / "UP1.JPG").write_bytes(_img((0, 200, 0)))
+    (root / "UP1.TXT").write_text("Ann Lee upper")
+    stats = ReadStats()
+    got = sorted(s.key for s in iter_pairs(str(root), stats=stats))
+    assert got == ["UP1", "linked/b", "real/a"] and stats.problems() == []
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40×40 > 1000 warns; 50×50 > 2×1000 is refused by PIL
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")  # a leaked DecompressionBombWarning fails the test
+        assert decode_image(_img(size=(40, 40)), "big.jpg").size == (40, 40)
+    (root / "huge.jpg").write_bytes(_img(size=(50, 50)))
+    (root / "huge.txt").write_text("Ann Lee huge")
+    stats = ReadStats()
+    assert len(list(iter_pairs(str(root), stats=stats))) == 3
+    assert stats.skipped_bad_image == 1 and "decompression bomb" in stats.problems()[0]
+
+
+def test_a_tar_of_links_names_the_links(tmp_path):
+    """`tar cf x.tar -C dir .` over links stores links: it read as "an empty tar" (trial 24)."""
+    import tarfile
+
+    (tmp_path / "d").mkdir()
+    for name in ("a.jpg", "a.txt"):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = tarfile.SYMTYPE, f"/elsewhere/{name}"
+        with tarfile.open(tmp_path / "links.tar", "a") as tf:
+            tf.addfile(info)
+    stats = ReadStats()
+    assert list(iter_samples(str(tmp_path / "links.tar"), stats=stats)) == []
+    assert stats.link_members == 2
+    assert "only links, e.g. " in stats.problems()[0] and "tar -h" in stats.problems()[0]
+    with pytest.raises(ShardError, match="only links"):
+        list(iter_samples(str(tmp_path / "links.tar"), strict=True))

@@ -244,3 +244,24 @@ def test_apply_checkpoint_on_a_text_encoder_file_saved_without_the_tower_prefix(
     assert main(["apply", "--patch", str(tmp_path / "v"), "--checkpoint", str(ck), "--out", str(tmp_path / "w")]) == 2
     assert "is a lone CLIP text tower; the patch edits the vision tower" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_consumer_folder_that_is_not_one_is_refused(tmp_path):
+    """`--consumer sd:DIR` took an empty folder, or a data folder, as a pipeline whose text encoder has transformers'
+    default 12 layers, and `sd:embedded` failed with a hub error while `--pipeline embedded` works (trial 24)."""
+    from slugkit.integrations import consumer_restriction
+    from slugkit.models.base import ModelLoadError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"--consumer sd:.*empty: not a diffusers pipeline folder"):
+        consumer_restriction(f"sd:{tmp_path / 'empty'}")
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        consumer_restriction(f"sd:{tmp_path / 'missing'}")
+    with pytest.raises(ModelLoadError, match="not a LLaVA model folder"):
+        consumer_restriction(f"llava:{tmp_path / 'empty'}")
+    pred, desc = consumer_restriction("sd:embedded")
+    assert desc == "the embedded text-to-image model (4 text layers)"
+    assert pred("text_model.encoder.layers.3.mlp.fc1.weight")
+    assert not pred("vision_model.encoder.layers.0.mlp.fc1.weight")
+    with pytest.raises(ValueError, match="clip-skip"):
+        consumer_restriction("sd:embedded", clip_skip=1)

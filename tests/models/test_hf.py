@@ -247,6 +247,7 @@ def test_slug_unlearn_hf_family_with_sd_consumer(tmp_path, trained):
     trained.save_pretrained(tmp_path / "clip")
     te_cfg = CLIPTextConfig(**{**trained.model.config.text_config.to_dict(), "num_hidden_layers": 3})
     te_cfg.save_pretrained(tmp_path / "pipe" / "text_encoder")
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     write_captioned_world(tmp_path / "w")
     w = tmp_path / "w"
     out = tmp_path / "run"

@@ -270,7 +270,7 @@ def test_foreign_checkpoint_refused_in_process(world, tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
     # a checkpoint of another model: same data, different weights
-    from slugkit.slug.gradpass import _digest, _save_sums, fingerprint
+    from slugkit.slug.checkpoint import fingerprint, fingerprint_digest, save_sums
 
     cfg = PassConfig(world["forget"], world["retain"], out=str(tmp_path / "g.safetensors"), batch_size=BS,
                      checkpoint_dir=str(ck))
@@ -278,7 +278,7 @@ def test_foreign_checkpoint_refused_in_process(world, tmp_path):
     fp = fingerprint(a, names, list_shards(cfg.forget), list_shards(cfg.retain), cfg, 1)
     fp["weights_sha256"] = "0" * 64
     sums = {n: torch.zeros_like(p) for n, p in a.model.named_parameters() if n in names}
-    _save_sums(ck / "rank0-of-1.safetensors", sums, names, {"digest": _digest(fp), "fingerprint": fp,
+    save_sums(ck / "rank0-of-1.safetensors", sums, names, {"digest": fingerprint_digest(fp), "fingerprint": fp,
                                                              "split": "forget", "done": [], "count": 0})
     with pytest.raises(CheckpointMismatchError, match="weights_sha256"):
         run_gradpass(a, cfg)
@@ -295,21 +295,21 @@ def test_a_shard_rewritten_at_the_same_size_is_not_resumed(world, tmp_path, monk
     shutil.copytree(world["root"] / "forget", tmp_path / "forget")
     shutil.copytree(world["root"] / "retain", tmp_path / "retain")
     forget, retain = str(tmp_path / "forget" / "{00000..00002}.tar"), str(tmp_path / "retain")
-    real, calls = gp._save_sums, []
+    real, calls = gp.save_sums, []
 
     def stop_after_first(*args, **kw):
         real(*args, **kw)
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gp, "_save_sums", stop_after_first)
+    monkeypatch.setattr(gp, "save_sums", stop_after_first)
     out = tmp_path / "g.safetensors"
     args = ["grads", "--model", world["model"], "--forget", forget, "--retain", retain,
             "--batch-size", str(BS), "--out", str(out), "--no-progress"]
     assert main(args) == 130 and calls
     err = capsys.readouterr().err
     assert f"note: the finished shards are checkpointed in {out}.ckpt; rerun the same command to resume" in err
-    monkeypatch.setattr(gp, "_save_sums", real)
+    monkeypatch.setattr(gp, "save_sums", real)
     first = list_shards(forget)[0]
     st = os.stat(first)
     os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten: same size, later modification time
@@ -399,7 +399,7 @@ def test_provenance_sees_every_parameter_and_a_folders_files(world, tmp_path):
     """A bias-only change passed the gradients file's weights check (only the candidate tensors were hashed), and a
     captioned folder's fingerprint was [-1, -1] whatever it held (fourteenth trial)."""
     from slugkit.slug.gradfile import state_sha256
-    from slugkit.slug.gradpass import _folder_stat
+    from slugkit.slug.checkpoint import folder_stat
 
     a = _adapter(world)
     before = state_sha256(a.model)
@@ -409,8 +409,92 @@ def test_provenance_sees_every_parameter_and_a_folders_files(world, tmp_path):
     assert state_sha256(a.model) != before
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "a.txt").write_text("Alice Abbott")
-    first = _folder_stat(str(tmp_path / "f"))
+    first = folder_stat(str(tmp_path / "f"))
     (tmp_path / "f" / "a.txt").write_text("Bruno Baker!")
     st = os.stat(tmp_path / "f" / "a.txt")
     os.utime(tmp_path / "f" / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert first[0] > 0 and _folder_stat(str(tmp_path / "f")) != first
+    assert first[0] > 0 and folder_stat(str(tmp_path / "f")) != first
+
+
+def _tar_with(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _members(shard: Path) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+
+
+def test_a_pair_repeated_in_another_shard_is_read_once_resumed_too(world, reference, tmp_path, monkeypatch):
+    """`slug grads` skipped copied pairs only within a shard: a pair repeated in another shard counted twice, while
+    `slug unlearn` reads it once, so `--gradients` refused the file for a pair count it could never reach (trial 24).
+    The split's shards now share one set of pair digests, kept in the checkpoint, so a pass killed after the first
+    shard and resumed still reads the repeat once: the gradients equal the reference's and the skip is counted."""
+    import slugkit.slug.gradpass as gp
+
+    m = _members(world["root"] / "forget" / "00000.tar")
+    _tar_with(tmp_path / "again.tar", {"again0.png": m["f0_0.png"], "again0.txt": m["f0_0.txt"]})
+    spec = f"{world['forget']}::{tmp_path / 'again.tar'}"
+    assert sum(1 for _ in iter_pairs(spec)) == 8  # what `slug unlearn` reads
+    res = run_gradpass(_adapter(world), PassConfig(spec, world["retain"], out=None, batch_size=BS,
+                                                   checkpoint_dir=str(tmp_path / "ck0")))
+    _assert_equal_grads(res.grads, reference[0].grads)
+    assert res.read_stats["forget"].skipped_duplicate_pair == 1
+    assert "a pair of an earlier shard" in res.read_stats["forget"].problems()[0]
+
+    calls = []
+
+    def crash(_s):
+        calls.append(1)
+        if len(calls) == 1:  # after the first forget shard: the repeat comes in the last one
+            raise KeyboardInterrupt("simulated kill")
+
+    cfg = PassConfig(spec, world["retain"], out=str(tmp_path / "g.safetensors"), batch_size=BS,
+                     checkpoint_dir=str(tmp_path / "ck"))
+    monkeypatch.setenv(SLEEP_ENV, "1")
+    monkeypatch.setattr(gp.time, "sleep", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_gradpass(_adapter(world), cfg)
+    res = run_gradpass(_adapter(world), cfg)
+    for split in ("forget", "retain"):
+        for n, v in getattr(reference[0].grads, split).items():
+            assert torch.equal(getattr(res.grads, split)[n], v), (split, n)
+    st = res.read_stats["forget"]
+    assert (st.samples, st.skipped_duplicate_pair) == (8, 1)  # the first run's shard is counted too
+    from slugkit.slug.gradfile import read_provenance
+
+    prov = read_provenance(cfg.out)
+    assert prov["read_stats"]["forget"]["skipped_duplicate_pair"] == 1 and prov["batch_size"] == BS
+
+
+def test_cli_grads_reads_a_folder_in_a_list_and_says_what_it_skipped(world, tmp_path, capsys):
+    """`slug grads --forget 'a.tar::my_folder'` was refused ("holds no .tar shards") while `slug unlearn` read it, and
+    `slug grads` dropped a corrupt image without a word (`slug unlearn` warns): trial 24."""
+    from slugkit.cli import main
+
+    folder = tmp_path / "my folder"
+    folder.mkdir()
+    _image(np.random.default_rng(5)).save(folder / "ok.png")
+    (folder / "ok.txt").write_text("a photo of alice abbott")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "broken.txt").write_text("a photo of alice abbott again")
+    shard = world["root"] / "forget" / "00000.tar"
+    assert list_shards(f"{shard}::{folder}") == [str(shard.resolve()), str(folder.resolve())]
+    out = tmp_path / "g.safetensors"
+    assert main(["grads", "--model", world["model"], "--forget", f"{shard}::{folder}", "--retain", world["retain"],
+                 "--out", str(out), "--batch-size", str(BS), "--threads", "1", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "(forget 4 samples, retain 7 samples" in cap.out  # 3 in the shard + the folder's good pair
+    assert f"warning: --forget {shard}::{folder}: 1 image(s) could not be decoded" in cap.err
+    assert "broken.jpg" in cap.err
+    g = Gradients.load(out)
+    assert g.n_forget == 4

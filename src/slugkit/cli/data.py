@@ -92,6 +92,9 @@ def cmd_grads(a) -> int:
                 else f"gradients of {len(g.forget)} tensors"
             print(f"wrote {printable(a.out)}: {what} (forget {g.n_forget} samples, retain {g.n_retain} samples, "
                   f"{world} rank(s))")
+            for split, st in result.read_stats.items():  # it said nothing of what it skipped (trial 24)
+                for problem in st.problems():
+                    print(f"warning: --{split} {printable(getattr(a, split))}: {problem}", file=sys.stderr)
     finally:
         import torch.distributed as dist
 

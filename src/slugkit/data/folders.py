@@ -21,8 +21,25 @@ from typing import Iterator
 from .shards import IMAGE_EXTS, ReadStats, Sample, ShardError, decode_caption, decode_image, decode_or_skip
 
 
-def _image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+def folder_files(root: str | Path) -> list[Path]:
+    """Every file below ``root``, sorted, following links to folders (``Path.rglob`` skipped a linked subfolder
+    without a word: 600 of 611 retain pairs unread; trial 24); a folder reached twice (a link loop, two links to one
+    folder) is read once."""
+    root, out, seen = Path(root), [], set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        out += [Path(d) / f for f in files if os.path.isfile(os.path.join(d, f))]
+    return sorted(out)
+
+
+def _image_files(root: str | Path, files: list[Path] | None = None) -> list[Path]:
+    """The images of :func:`folder_files` (or of ``files``), sorted."""
+    return [p for p in (folder_files(root) if files is None else files) if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
 
 
 def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadStats | None = None,
@@ -35,11 +52,15 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
     if not root.is_dir():
         raise ShardError(f"image folder not found: {root}")
     stats = stats if stats is not None else ReadStats()
-    files = _image_files(root)
+    every = folder_files(root)
+    files = _image_files(root, every)
     if not files:
         raise ShardError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
     stems = {f.with_suffix("") for f in files}  # a caption with no image was not even counted (ninth trial)
-    orphans = sorted(c for c in root.rglob("*.txt") if c.is_file() and c.with_suffix("") not in stems)
+    # .txt in any case (UP1.JPG + UP1.TXT was "no caption"; trial 24), a lower-case one first
+    captions = {c.with_suffix(""): c for c in every if c.suffix.lower() == ".txt" and c.suffix != ".txt"}
+    captions.update({c.with_suffix(""): c for c in every if c.suffix == ".txt"})
+    orphans = sorted(c for c in captions.values() if c.with_suffix("") not in stems)
     if orphans and strict:
         raise ShardError(f"caption {orphans[0]} has no image ({', '.join(IMAGE_EXTS)}) beside it"
                          + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
@@ -48,7 +69,7 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
         stats.note("no_image", str(orphans[0]))
     first: dict[str, Path] = {}
     for f in files:
-        cap = f.with_suffix(".txt")
+        cap = captions.get(f.with_suffix(""), f.with_suffix(".txt"))
         key = str(f.relative_to(root).with_suffix(""))
         stats.add_member(f.suffix.lower().lstrip("."))
         if key in first:
@@ -80,7 +101,7 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
 
 
 def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = None,
-               decode: bool = True) -> Iterator[Sample]:
+               decode: bool = True, seen: set[bytes] | None = None) -> Iterator[Sample]:
     """Image–caption pairs from webdataset shards (brace patterns, ``::``-joined lists, dirs of .tar) or a
     captioned folder (a directory with images and ``.txt`` captions, no ``.tar``) — also as a part of a ``::`` list
     (``pool::my_folder``: curate's own advice, "add pairs … (--shards A::B)", had failed on a folder A with
@@ -89,17 +110,19 @@ def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = Non
     A pair whose image bytes and caption equal those of a pair already yielded by this call (another key, another
     shard or folder: a copy of a shard under another name was read twice, its pairs weighted double in the
     gradients) is skipped and counted as ``skipped_duplicate_pair`` with an example naming both; under ``strict`` a
-    :class:`ShardError`. Costs a SHA-256 of each pair and 16 bytes per pair read. (The streaming gradient pass,
-    :mod:`slugkit.slug.gradpass`, reads shard by shard: it skips copied pairs within a shard, and whole shards that
-    are listed twice or byte-identical copies: :func:`slugkit.slug.gradfile.list_shards`.)"""
+    :class:`ShardError`. Costs a SHA-256 of each pair and 16 bytes per pair read. ``seen``: the 16-byte digests of
+    pairs read by earlier calls, updated in place — the streaming gradient pass (:mod:`slugkit.slug.gradpass`) reads
+    shard by shard and shares one set over a split's shards, so that it reads each pair once as this function does
+    over a whole spec (it counted a pair repeated in another shard twice, and ``slug unlearn --gradients`` then
+    refused its file for a pair count it could never reach: trial 24)."""
     import hashlib
 
     stats = stats if stats is not None else ReadStats()
     first: dict[bytes, str] = {}
     for s in _iter_pairs(spec, strict, stats, decode):
         digest = hashlib.sha256(s.data + b"\0" + s.caption.encode("utf-8")).digest()[:16]
-        if digest in first:
-            where = f"{_named(s)} = {first[digest]}"
+        if digest in first or (seen is not None and digest in seen):
+            where = f"{_named(s)} = {first.get(digest, 'a pair of an earlier shard')}"
             if strict:
                 raise ShardError(f"{where}: the same image and caption twice; each pair would count twice — remove "
                                  "the copy (a shard or folder copied under another name?)")
@@ -108,6 +131,8 @@ def iter_pairs(spec: str, *, strict: bool = False, stats: ReadStats | None = Non
             stats.note("skipped_duplicate_pair", where)
             continue
         first[digest] = _named(s)
+        if seen is not None:
+            seen.add(digest)
         yield s
 
 
@@ -120,9 +145,9 @@ def _iter_pairs(spec: str, strict: bool, stats: ReadStats, decode: bool) -> Iter
     from .shards import iter_samples
 
     parts = [x.strip() for x in str(spec).split("::") if x.strip()]
-    if len(parts) > 1 and any(_captioned(x) for x in parts):
+    if len(parts) > 1 and any(is_captioned_folder(x) for x in parts):
         yield from _mixed_pairs(spec, parts, strict, stats, decode)
-    elif _captioned(spec):
+    elif is_captioned_folder(spec):
         yield from iter_caption_folder(Path(spec), strict=strict, stats=stats, decode=decode)
     else:
         yield from iter_samples(spec, strict=strict, stats=stats, decode=decode)
@@ -136,7 +161,7 @@ def _mixed_pairs(spec: str, parts: list[str], strict: bool, stats: ReadStats, de
 
     seen: set[str] = set()
     for part in parts:
-        paths = [part] if _captioned(part) else expand_urls(part)
+        paths = [part] if is_captioned_folder(part) else expand_urls(part)
         again = [x for x in paths if os.path.realpath(x) in seen]
         if again and strict:
             raise ShardError(f"{again[0]} is listed twice in {spec!r}; its samples would count twice")
@@ -145,13 +170,14 @@ def _mixed_pairs(spec: str, parts: list[str], strict: bool, stats: ReadStats, de
             stats.note("skipped_duplicate_key", f"{x} (listed twice)")
         new = [x for x in paths if os.path.realpath(x) not in seen]
         seen.update(os.path.realpath(x) for x in new)
-        if new and _captioned(part):
+        if new and is_captioned_folder(part):
             yield from iter_caption_folder(Path(part), strict=strict, stats=stats, decode=decode)
         elif new:
             yield from iter_samples(new, strict=strict, stats=stats, decode=decode)
 
 
-def _captioned(part: str) -> bool:
+def is_captioned_folder(part: str) -> bool:
+    """A directory that holds images and ``.txt`` captions rather than ``.tar`` shards (one source of pairs)."""
     p = Path(part)
     return p.is_dir() and not any(p.glob("*.tar"))
 

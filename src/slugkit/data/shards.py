@@ -31,7 +31,7 @@ from PIL import Image
 from ..common.errors import ShardError
 from .images import decode_image
 from .shard_writer import encode_image, write_shard  # noqa: F401  (their home before; re-exported)
-from .stats import CAPTION_EXTS, IMAGE_EXTS, ReadStats
+from .stats import CAPTION_EXTS, IMAGE_EXTS, LINKS_HINT, ReadStats
 
 __all__ = ["CAPTION_EXTS", "IMAGE_EXTS", "ReadStats", "Sample", "ShardError", "count_samples", "decode_caption",
            "decode_image", "decode_or_skip", "encode_image", "expand_urls", "iter_samples", "write_shard"]
@@ -193,11 +193,15 @@ def _iter_members(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[s
     current_key: str | None = None
     group: dict[str, bytes] | None = None  # None: the run in progress is a duplicate, skipped
     copy_exts: set[str] = set()
-    n_members = 0
+    n_members, first_link = 0, ""
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, mode="r|*") as tf:
             for member in tf:
+                if member.issym() or member.islnk():  # a tar of links holds no image: it read as "an empty tar"
+                    stats.link_members += 1
+                    first_link = first_link or f"{path}:{member.name} -> {member.linkname}"
+                    stats.note("link_members", first_link)
                 if not member.isfile():
                     continue
                 n_members += 1
@@ -224,7 +228,8 @@ def _iter_members(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[s
                     group[ext] = fobj.read()
             end = tf.offset
         if n_members == 0:
-            _bad_shard(path, stats, strict, "empty", "an empty tar" if size else "a 0-byte file")
+            _bad_shard(path, stats, strict, "empty", f"only links, e.g. {first_link}: {LINKS_HINT}" if first_link
+                       else "an empty tar" if size else "a 0-byte file")
             return
         # tarfile's stream reader stops quietly when a file is cut at a header boundary; a complete archive
         # ends with two zero blocks (1024 bytes) after the last member.
@@ -353,11 +358,11 @@ def decode_or_skip(data: bytes, where: str, strict: bool, stats: ReadStats) -> I
     :class:`ShardError` under ``strict``, else is counted in ``stats`` (``skipped_bad_image``) and gives ``None``."""
     try:
         return decode_image(data, where)
-    except ShardError:
+    except ShardError as e:
         if strict:
             raise
         stats.skipped_bad_image += 1
-        stats.note("skipped_bad_image", where)
+        stats.note("skipped_bad_image", str(e))  # the reason too: it was given under --strict only (trial 24)
         return None
 
 

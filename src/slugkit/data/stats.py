@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LINKS_HINT = "a tar stores a link, not the file it points to; create it with `tar -h` (--dereference)"
 CAPTION_EXTS = ("txt",)
 _MAX_EXTS = 20  # distinct extensions remembered (dotted base names make every extension distinct)
 
@@ -43,6 +44,7 @@ class ReadStats:
     extensions: Counter = field(default_factory=Counter)
     dotted_members: int = 0
     merged_keys: int = 0
+    link_members: int = 0  # symbolic or hard links in a tar: no image or caption bytes, skipped
     split_keys: int = 0  # of skipped_duplicate_key: a later run bringing members the first lacked (members apart)
     examples: dict[str, str] = field(default_factory=dict)  # problem -> first example, for the diagnosis
     manifest: list[dict] = field(default_factory=list)  # filled by callers that record what they used
@@ -64,7 +66,32 @@ class ReadStats:
             "extensions": dict(self.extensions),
             "merged_keys": self.merged_keys,
             "split_keys": self.split_keys,
+            "link_members": self.link_members,
         }
+
+    def to_json(self) -> dict:
+        """Everything :meth:`from_json` needs to rebuild these counts (a resumed pass keeps what it read before)."""
+        return {**self.as_dict(), "dotted_members": self.dotted_members, "examples": dict(self.examples)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ReadStats":
+        """The counts :meth:`to_json` wrote (or the sum of several: :meth:`absorb`)."""
+        out = cls()
+        out.absorb(d)
+        return out
+
+    def absorb(self, d: dict) -> None:
+        """Add the counts of another read (``to_json``'s dict): another rank's, or an earlier run's before a resume."""
+        for k, v in d.items():
+            if k == "examples":
+                for problem, example in v.items():
+                    self.note(problem, example)
+            elif k == "extensions":
+                self.extensions.update(v)
+            elif isinstance(v, list):
+                getattr(self, k).extend(x for x in v if x not in getattr(self, k))
+            elif hasattr(self, k):
+                setattr(self, k, getattr(self, k) + int(v))
 
     def note(self, problem: str, example: str) -> None:
         """Remember the first example of ``problem`` (a short text naming the file/member) for :meth:`diagnosis`."""
@@ -115,6 +142,11 @@ class ReadStats:
             n = getattr(self, attr)
             if n:
                 out.append(f"{n} {what} (e.g. {self.examples.get(attr, '?')})")
+        if self.link_members and not self.empty_shards:  # a tar of links alone is an empty shard, said above
+            out.append(f"{self.link_members} tar member(s) are links, skipped (e.g. "
+                       f"{self.examples.get('link_members', '?')}): {LINKS_HINT}")
+        if "across_ranks" in self.examples:  # set by the distributed gradient pass (slugkit.slug.gradpass)
+            out.append(self.examples["across_ranks"])
         if self.split_keys:  # "later copies" hid that the image and the caption of a pair were apart (ninth trial)
             out.append(f"{self.split_keys} of those were the other half of a pair whose members are not next to each "
                        f"other in the tar (e.g. {self.examples.get('split_keys', '?')}); a webdataset shard keeps each "

@@ -30,6 +30,10 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
         raise ValueError(f"--consumer must be sd:DIR_OR_ID or llava:DIR_OR_ID, not {spec!r}")
     if clip_skip and kind_s != "sd":
         raise ValueError(f"clip_skip (--clip-skip) applies to sd: consumers only, not {spec!r}")
+    if kind_s == "sd" and where == "embedded":  # as `slug apply/export --pipeline embedded` (trial 24)
+        return _embedded_sd(clip_skip)
+    if Path(where).exists() or where.startswith((".", "/", "~")):  # a path, not a hub id: any folder was taken
+        _check_consumer_folder(kind_s, where)  # for a pipeline, its text encoder read as transformers' defaults
     local = Path(where).is_dir() or hub_offline()
     why = None if local else hub_unreachable()  # fail at once, not after ~50 s of retries
     kw = {"local_files_only": local or why is not None}
@@ -55,6 +59,34 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
         raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {e}."
                              f"{unreachable_note(why)}") from e
     return (lambda name: bool(layer_names([name], kind, n))), desc
+
+
+def _check_consumer_folder(kind: str, where: str) -> None:
+    """A local consumer folder that is not what ``kind`` needs is refused (``sd:`` an empty folder or a data folder
+    read as a 12-layer text encoder, transformers' default config: the candidates of a CLIP-H or bigG would have
+    been cut to layers 0..11 without a word; trial 24)."""
+    from ..models.base import ModelLoadError
+    from .towers import check_pipeline_folder
+
+    if kind == "sd":
+        try:
+            check_pipeline_folder(where)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"--consumer sd:{e}") from None
+    elif not (Path(where) / "config.json").is_file():
+        raise ModelLoadError(f"--consumer llava:{where}: " + ("no such folder" if not Path(where).exists() else
+                                                              "not a LLaVA model folder (no config.json)")
+                             + "; pass a folder written by model.save_pretrained(DIR) or a hub id")
+
+
+def _embedded_sd(clip_skip: int | None):
+    """The embedded text-to-image model reads its text encoder's last hidden state: every text layer."""
+    if clip_skip:
+        raise ValueError("--clip-skip: the embedded text-to-image model reads the last text layer; it takes none")
+    from ..models.convert import embedded_hf_clip
+
+    n = embedded_hf_clip()[0].config.text_config.num_hidden_layers
+    return (lambda name: bool(layer_names([name], "text", n))), f"the embedded text-to-image model ({n} text layers)"
 
 
 def restrict_to_consumer(adapter, spec: str, clip_skip: int | None = None):

@@ -54,3 +54,15 @@ def barrier() -> None:
 
     if dist_info()[1] > 1:
         dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (JSON-able or a set of bytes), in rank order; ``[obj]`` for one process."""
+    import torch.distributed as dist
+
+    world = dist_info()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

@@ -30,11 +30,14 @@ def list_shards(spec: str, dropped: list | None = None) -> list[str]:
     gradients — as the in-process readers skip byte-identical pairs
     (:func:`slugkit.data.folders.iter_pairs`). Each one left out is appended to ``dropped`` as ``(path, the earlier
     path it repeats)``."""
-    p = Path(spec)
-    if p.is_dir() and not any(p.glob("*.tar")):
-        return [str(p.resolve())]
+    from ..data.folders import is_captioned_folder
+
+    # a captioned folder is one shard, alone or as a part of a '::' list (`pool.tar::my_folder` was refused by
+    # `slug grads` as "holds no .tar shards" while `slug unlearn` read it; trial 24)
+    paths = [x for part in str(spec).split("::") if part.strip()
+             for x in ([part.strip()] if is_captioned_folder(part.strip()) else expand_urls(part.strip()))]
     kept, by_size, digests = [], {}, {}
-    for x in (str(Path(x).resolve()) for x in expand_urls(spec)):
+    for x in (str(Path(x).resolve()) for x in paths):
         same = x if x in kept else None
         if same is None and os.path.isfile(x):
             for other in by_size.get(os.path.getsize(x), []):
@@ -69,8 +72,10 @@ def state_sha256(model: torch.nn.Module) -> str:
 def content_sha256(path: str) -> str:
     """sha256 of a shard's bytes (read in 1 MiB chunks); of a captioned folder, over its files' relative names and
     bytes, in name order."""
+    from ..data.folders import folder_files
+
     h = hashlib.sha256()
-    files = [Path(path)] if Path(path).is_file() else sorted(q for q in Path(path).rglob("*") if q.is_file())
+    files = [Path(path)] if Path(path).is_file() else folder_files(path)
     for f in files:
         if f != Path(path):
             h.update(f"{f.relative_to(path)}\0".encode())

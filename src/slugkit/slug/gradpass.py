@@ -63,8 +63,6 @@ Memory: full mode vs ``stats_first``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
@@ -78,20 +76,17 @@ from ..common.errors import EmptyForgetSetError
 from ..common.files import check_file_target, check_folder_target
 from ..common.progress import vanishing_bar
 from ..common.tensorfile import read_metadata as _read_meta
-from ..common.tensorfile import read_tensors, write_safetensors
+from ..common.tensorfile import read_tensors
 from ..data.shards import ReadStats
 from .distributed import all_reduce_sums, barrier, dist_info
 from .gradfile import (list_shards, load_stats, provenance, save_full, save_stats_first,  # noqa: F401 (load_stats)
                        state_sha256)
+from .checkpoint import (FORMAT, CheckpointMismatchError, check_checkpoint_dir, fingerprint,  # noqa: F401 (tests)
+                         fingerprint_digest, gathered_stats, load_seen, load_sums, save_sums)
 from .gradients import Gradients, NonFiniteGradientError, accumulate_batch, candidate_grads, check_finite, new_sums
 
-FORMAT = "slugkit-gradpass-1"
 SLEEP_ENV = "SLUGKIT_TEST_SLEEP_AFTER_SHARD"  # test-only: seconds to sleep after each checkpoint write
 SPLITS = ("forget", "retain")
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint directory belongs to a different command (other data, model, batch size or world size)."""
 
 
 @dataclass
@@ -133,8 +128,11 @@ def assign_units(split: str, shards: list[str], rank: int, world: int) -> list[U
     return [Unit(split, i, s, rank) for i, s in enumerate(shards)]
 
 
-def unit_batches(adapter, unit: Unit, batch_size: int, world: int, strict: bool, stats: ReadStats, device):
-    """``(images, tokens)`` batches of consecutive samples of one shard (the rank's share of them)."""
+def unit_batches(adapter, unit: Unit, batch_size: int, world: int, strict: bool, stats: ReadStats, device,
+                 seen: set[bytes] | None = None):
+    """``(images, tokens)`` batches of consecutive samples of one shard (the rank's share of them); ``seen``: the
+    digests of the pairs this rank read in earlier shards of the split (a repeated pair is read once, as
+    :func:`~slugkit.data.folders.iter_pairs` reads a whole spec)."""
     from ..data.folders import iter_pairs
 
     def make(buf):
@@ -142,7 +140,7 @@ def unit_batches(adapter, unit: Unit, batch_size: int, world: int, strict: bool,
         return images, adapter.tokenize([s.caption for s in buf]).to(device)
 
     buf, j = [], 0
-    for s in iter_pairs(unit.path, strict=strict, stats=stats):
+    for s in iter_pairs(unit.path, strict=strict, stats=stats, seen=seen):
         buf.append(s)
         if len(buf) == batch_size:
             if unit.part < 0 or j % world == unit.part:
@@ -152,93 +150,29 @@ def unit_batches(adapter, unit: Unit, batch_size: int, world: int, strict: bool,
         yield make(buf)
 
 
-# ---------------------------------------------------------------------------------------------- fingerprint
-def fingerprint(adapter, names: list[str], forget: list[str], retain: list[str], cfg: PassConfig,
-                world: int) -> dict:
-    def files(paths):  # size and modification time: a shard rewritten in place at the same size (re-curated with
-        # --overwrite, a caption edited) resumed with the old sums (twelfth trial)
-        return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] if os.path.isfile(p) else [p, *_folder_stat(p)]
-                for p in paths]
-
-    return {
-        "format": FORMAT,
-        "model": json.loads(json.dumps(getattr(adapter, "model_id", {}), sort_keys=True, default=str)),
-        "weights_sha256": state_sha256(adapter.model),
-        "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-        "forget": files(forget),
-        "retain": files(retain),
-        "batch_size": cfg.batch_size,
-        "world_size": world,
-        "strict": cfg.strict,
-    }
-
-
-def _folder_stat(path: str) -> list[int]:
-    """A captioned folder's [total bytes, newest modification time] (it was [-1, -1]: 50 images replaced in the
-    folder resumed with the old sums; fourteenth trial)."""
-    st = [q.stat() for q in Path(path).rglob("*") if q.is_file()] if os.path.isdir(path) else []
-    return [sum(x.st_size for x in st), max((x.st_mtime_ns for x in st), default=-1)] if st else [-1, -1]
-
-
-def _digest(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
-
-
-def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
-    """Refuse a checkpoint directory that holds files of another command."""
-    if not ckdir.is_dir():
-        return
-    want = _digest(fp)
-    for path in sorted(ckdir.glob("*.safetensors")):
-        try:
-            meta = _read_meta(path)
-        except Exception as e:  # unreadable header: not ours to overwrite silently
-            raise CheckpointMismatchError(f"checkpoint {path} is unreadable ({e}); delete {ckdir} to start over")
-        if meta.get("digest") == want:
-            continue
-        old = meta.get("fingerprint", {})
-        diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
-        changed = [f"{n[0]} ({'size' if n[1] != o[1] else 'modified since'})" for k in ("forget", "retain")
-                   for n, o in zip(fp.get(k) or [], old.get(k) or []) if n[0] == o[0] and n != o]
-        raise CheckpointMismatchError(
-            f"checkpoint directory {ckdir} holds a checkpoint of a different command ({path.name} differs in: "
-            f"{', '.join(diff) or 'format'}" + (f"; changed shards: {', '.join(changed)}" if changed else "")
-            + "); rerun the original command to resume it, or delete the directory / pass another --checkpoint-dir "
-            "to start over" + (" (the shards changed: the checkpoint's sums are of the old data)" if changed else ""))
-
-
-def _save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta: dict) -> None:
-    write_safetensors(path, {f"sums/{n}": sums[n] for n in names}, {"slugkit": json.dumps(meta, sort_keys=True)})
-
-
-def _load_sums(path: Path, names: list[str], device) -> tuple[dict[str, torch.Tensor], dict]:
-    sums = {k[len("sums/"):]: t for k, t in read_tensors(path, [f"sums/{n}" for n in names], device)}
-    return sums, _read_meta(path)
-
-
 # ---------------------------------------------------------------------------------------------- the pass
 def _run_split(adapter, params, names, units, state, cfg, world, rank_file, fp, digest, rank, read_stats, device):
     """Accumulate one split over this rank's units, resuming from ``state`` and checkpointing after each unit."""
     split = units[0].split if units else None
     if state is not None:
-        sums, count, done = state
+        sums, count, done, seen = state
     else:
-        sums, count, done = new_sums(params, names), 0, []
+        sums, count, done, seen = new_sums(params, names), 0, [], set()
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     for unit in units:
         if unit.id in done:
             continue
-        batches = unit_batches(adapter, unit, cfg.batch_size, world, cfg.strict, read_stats, device)
+        batches = unit_batches(adapter, unit, cfg.batch_size, world, cfg.strict, read_stats, device, seen)
         if cfg.progress and rank == 0:
             batches = vanishing_bar(batches, desc=f"gradients: {unit.id}", unit="batch")
         for images, tokens in batches:
             count += accumulate_batch(adapter, params, names, sums, images, tokens, unit.split)
         done.append(unit.id)
-        _save_sums(rank_file, sums, names, {"digest": digest, "fingerprint": fp, "split": split, "done": done,
-                                            "count": count})
+        save_sums(rank_file, sums, names, {"digest": digest, "fingerprint": fp, "split": split, "done": done,
+                                            "count": count, "read_stats": read_stats.to_json()}, seen)
         if sleep:
             time.sleep(sleep)
-    return sums, count
+    return sums, count, seen
 
 
 def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> PassResult | None:
@@ -257,7 +191,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
     check_file_target(cfg.out, "--out names the .safetensors file to write")  # before any work or checkpoint
     check_folder_target(ckdir, "--checkpoint-dir names a folder")
     fp = fingerprint(adapter, names, shards["forget"], shards["retain"], cfg, world)
-    digest = _digest(fp)
+    digest = fingerprint_digest(fp)
     check_checkpoint_dir(ckdir, fp)
     rank_file = ckdir / f"rank{rank}-of-{world}.safetensors"
     spill = ckdir / "forget.safetensors"
@@ -268,12 +202,13 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
         meta = _read_meta(rank_file)
         # a forget-split state is stale once the spill (the reduced forget sums) exists: do not load it
         if not (meta["split"] == "forget" and spill.is_file()):
-            sums, _ = _load_sums(rank_file, names, device)
-            state = (meta["split"], (sums, int(meta["count"]), list(meta["done"])))
+            sums, _ = load_sums(rank_file, names, device)
+            state = (meta["split"], (sums, int(meta["count"]), list(meta["done"]), load_seen(rank_file)),
+                     ReadStats.from_json(meta.get("read_stats") or {}))
     if rank == 0 and (state or spill.is_file()):
         print(f"resuming from {ckdir}: forget split {'done' if spill.is_file() else 'in progress'}, "
               f"{len(state[1][2]) if state else 0} unit(s) of the current split done on rank 0", file=sys.stderr)
-    read_stats = {s: ReadStats() for s in SPLITS}
+    read_stats = {s: state[2] if state and state[0] == s else ReadStats() for s in SPLITS}
     timing = {}
     was_training = adapter.model.training
     adapter.model.eval()
@@ -282,52 +217,61 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
             t0 = time.perf_counter()
             if spill.is_file():  # forget split finished in an earlier run (the spill exists only after it)
                 n_f = int(_read_meta(spill)["n"])
+                read_stats["forget"] = ReadStats.from_json(_read_meta(spill).get("read_stats") or {})
             else:
                 st = state[1] if state and state[0] == "forget" else None
-                f_sums, n_f = _run_split(adapter, params, names, assign_units("forget", shards["forget"], rank, world),
-                                         st, cfg, world, rank_file, fp, digest, rank, read_stats["forget"], device)
+                units = assign_units("forget", shards["forget"], rank, world)
+                f_sums, n_f, seen = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp, digest,
+                                               rank, read_stats["forget"], device)
                 n_f = all_reduce_sums(f_sums, n_f, names, device)
+                read_stats["forget"] = gathered_stats(read_stats["forget"], units, seen)
                 if n_f == 0:
                     raise EmptyForgetSetError(
                         f"the forget set {cfg.forget} yielded no usable image–caption pairs "
-                        f"({read_stats['forget'].as_dict()}); a zero gradient would silently unlearn nothing")
+                        f"({read_stats['forget'].diagnosis()}); a zero gradient would silently unlearn nothing")
                 if rank == 0:
-                    _save_sums(spill, f_sums, names, {"digest": digest, "fingerprint": fp, "split": "forget",
-                                                      "n": n_f})
+                    save_sums(spill, f_sums, names, {"digest": digest, "fingerprint": fp, "split": "forget",
+                                                      "n": n_f, "read_stats": read_stats["forget"].to_json()})
                 del f_sums
                 barrier()
             timing["forget"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             st = state[1] if state and state[0] == "retain" else None
-            r_sums, n_r = _run_split(adapter, params, names, assign_units("retain", shards["retain"], rank, world),
-                                     st, cfg, world, rank_file, fp, digest, rank, read_stats["retain"], device)
+            units = assign_units("retain", shards["retain"], rank, world)
+            r_sums, n_r, seen = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp, digest, rank,
+                                           read_stats["retain"], device)
             n_r = all_reduce_sums(r_sums, n_r, names, device)
+            read_stats["retain"] = gathered_stats(read_stats["retain"], units, seen)
             if n_r == 0:
                 raise ValueError(f"the retain set {cfg.retain} yielded no usable image–caption pairs "
-                                 f"({read_stats['retain'].as_dict()}); alignment cannot be measured")
+                                 f"({read_stats['retain'].diagnosis()}); alignment cannot be measured")
             timing["retain"] = time.perf_counter() - t1
     finally:
         adapter.model.train(was_training)
 
     result = None
     if rank == 0:
+        # what was read and skipped, and the batch size (the retain gradient depends on it), kept in the file: `slug
+        # grads` said nothing of the pairs it skipped (trial 24)
+        prov = {**provenance(fp, names), "batch_size": cfg.batch_size,
+                "read_stats": {s: read_stats[s].as_dict() for s in SPLITS}}
         retain = r_sums  # divided in place: no second copy (same op, same bits as compute_gradients' sum / n)
         for n in names:
             retain[n].div_(n_r)
         if cfg.stats_first:
             result = _stats_first_result(adapter, names, spill, n_f, retain, n_r, device)
             if cfg.out:
-                save_stats_first(cfg.out, result, provenance(fp, names))
+                save_stats_first(cfg.out, result, prov)
         else:
-            forget, _ = _load_sums(spill, names, device)
+            forget, _ = load_sums(spill, names, device)
             for n in names:
                 forget[n].div_(n_f)
             check_finite(forget, retain)
             result = PassResult(Gradients(forget, retain, n_f, n_r))
             if cfg.out:
-                save_full(cfg.out, result.grads, provenance(fp, names))
+                save_full(cfg.out, result.grads, prov)
         result.grads.seconds = timing
-        result.read_stats = {s: read_stats[s].as_dict() for s in SPLITS}
+        result.read_stats = {s: read_stats[s] for s in SPLITS}
     barrier()  # rank 0 has written the output: the checkpoints can go
     rank_file.unlink(missing_ok=True)
     barrier()
