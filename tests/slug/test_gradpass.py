@@ -317,6 +317,10 @@ def test_a_shard_rewritten_at_the_same_size_is_not_resumed(world, tmp_path, monk
     err = capsys.readouterr().err  # names the shard and why (it advised rerunning the same command: 13th trial)
     assert "holds a checkpoint of a different command (rank0-of-1.safetensors differs in: forget; changed shards: " \
            f"{first} (modified since))" in err and "the shards changed: the checkpoint's sums are of the old data" in err
+    # a shard left out of the command is named too (it said only "differs in: forget"; trial 24)
+    two = str(tmp_path / "forget" / "{00000..00001}.tar")
+    assert main([*args[:4], two, *args[5:]]) == 2
+    assert f"changed shards: {first} (modified since), {list_shards(forget)[2]} (gone))" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- (d)
@@ -474,6 +478,17 @@ def test_a_pair_repeated_in_another_shard_is_read_once_resumed_too(world, refere
 
     prov = read_provenance(cfg.out)
     assert prov["read_stats"]["forget"]["skipped_duplicate_pair"] == 1 and prov["batch_size"] == BS
+    assert prov["retain_batches"] == 4 and res.warnings == []  # 7 pairs in one shard at batch 2
+
+
+def test_shards_smaller_than_a_batch_are_warned_about():
+    """50 retain shards of 3 pairs at batch 64 gave retain gradients at cosine 0.82 to `slug unlearn`'s, which batches
+    across shards, and another layer (trial 24); `slug grads` now says so."""
+    from slugkit.slug.gradpass import small_shards_warning
+
+    (w,) = small_shards_warning(150, 50, 64)
+    assert w.startswith("the 150 retain pairs made 50 batches of 3.0 pairs on average") and "3 of up to 64" in w
+    assert small_shards_warning(7, 4, 2) == [] and small_shards_warning(1000, 20, 64) == []
 
 
 def test_cli_grads_reads_a_folder_in_a_list_and_says_what_it_skipped(world, tmp_path, capsys):

@@ -95,6 +95,8 @@ def cmd_grads(a) -> int:
             for split, st in result.read_stats.items():  # it said nothing of what it skipped (trial 24)
                 for problem in st.problems():
                     print(f"warning: --{split} {printable(getattr(a, split))}: {problem}", file=sys.stderr)
+            for warning in result.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
     finally:
         import torch.distributed as dist
 

@@ -76,6 +76,9 @@ def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
         diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
         changed = [f"{n[0]} ({'size' if n[1] != o[1] else 'modified since'})" for k in ("forget", "retain")
                    for n, o in zip(fp.get(k) or [], old.get(k) or []) if n[0] == o[0] and n != o]
+        for k in ("forget", "retain"):  # a shard added or removed was not named ("differs in: retain"; trial 24)
+            now, then = [e[0] for e in fp.get(k) or []], [e[0] for e in old.get(k) or []]
+            changed += [f"{p} (added)" for p in now if p not in then] + [f"{p} (gone)" for p in then if p not in now]
         raise CheckpointMismatchError(
             f"checkpoint directory {ckdir} holds a checkpoint of a different command ({path.name} differs in: "
             f"{', '.join(diff) or 'format'}" + (f"; changed shards: {', '.join(changed)}" if changed else "")

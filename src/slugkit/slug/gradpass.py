@@ -78,7 +78,7 @@ from ..common.progress import vanishing_bar
 from ..common.tensorfile import read_metadata as _read_meta
 from ..common.tensorfile import read_tensors
 from ..data.shards import ReadStats
-from .distributed import all_reduce_sums, barrier, dist_info
+from .distributed import all_reduce_sums, barrier, dist_info, gather_objects
 from .gradfile import (list_shards, load_stats, provenance, save_full, save_stats_first,  # noqa: F401 (load_stats)
                        state_sha256)
 from .checkpoint import (FORMAT, CheckpointMismatchError, check_checkpoint_dir, fingerprint,  # noqa: F401 (tests)
@@ -106,7 +106,8 @@ class PassResult:
     grads: Gradients  # full mode: every candidate; stats_first: the front tensors only
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # stats_first: name -> [|g_f|^2, |g_r|^2, <g_f,g_r>]
     front: list[str] = field(default_factory=list)  # stats_first: front names (vision then language)
-    read_stats: dict = field(default_factory=dict)
+    read_stats: dict = field(default_factory=dict)  # split -> ReadStats
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- work units
@@ -150,14 +151,29 @@ def unit_batches(adapter, unit: Unit, batch_size: int, world: int, strict: bool,
         yield make(buf)
 
 
+def small_shards_warning(n: int, batches: int, batch_size: int) -> list[str]:
+    """The retain split's batches are formed within each shard: shards of fewer pairs than ``batch_size`` make smaller
+    contrastive batches than ``slug unlearn``'s, which batches across shards — another retain gradient, maybe another
+    layer (50 shards of 3 pairs at batch 64: cosine 0.82 to the in-process gradient, another layer; trial 24). Said
+    when the pass formed more than 1.5 × the batches one stream of the same pairs would."""
+    whole = -(-n // batch_size)
+    if batches <= 1.5 * whole:
+        return []
+    return [f"the {n} retain pairs made {batches} batches of {n / batches:.1f} pairs on average (batches are formed "
+            f"within each shard, and the shards hold fewer than --batch-size {batch_size}); `slug unlearn` forms "
+            f"{whole} of up to {batch_size} across shards, so its retain gradient, and the layer it chooses, may "
+            "differ from this file's: repack the pairs into larger shards (`slug curate --shards DIR --concept NAME "
+            "--out D`)"]
+
+
 # ---------------------------------------------------------------------------------------------- the pass
 def _run_split(adapter, params, names, units, state, cfg, world, rank_file, fp, digest, rank, read_stats, device):
     """Accumulate one split over this rank's units, resuming from ``state`` and checkpointing after each unit."""
     split = units[0].split if units else None
     if state is not None:
-        sums, count, done, seen = state
+        sums, count, done, seen, n_batches = state
     else:
-        sums, count, done, seen = new_sums(params, names), 0, [], set()
+        sums, count, done, seen, n_batches = new_sums(params, names), 0, [], set(), 0
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     for unit in units:
         if unit.id in done:
@@ -167,12 +183,14 @@ def _run_split(adapter, params, names, units, state, cfg, world, rank_file, fp, 
             batches = vanishing_bar(batches, desc=f"gradients: {unit.id}", unit="batch")
         for images, tokens in batches:
             count += accumulate_batch(adapter, params, names, sums, images, tokens, unit.split)
+            n_batches += 1
         done.append(unit.id)
         save_sums(rank_file, sums, names, {"digest": digest, "fingerprint": fp, "split": split, "done": done,
-                                            "count": count, "read_stats": read_stats.to_json()}, seen)
+                                           "count": count, "batches": n_batches, "read_stats": read_stats.to_json()},
+                  seen)
         if sleep:
             time.sleep(sleep)
-    return sums, count, seen
+    return sums, count, seen, n_batches
 
 
 def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> PassResult | None:
@@ -203,7 +221,8 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
         # a forget-split state is stale once the spill (the reduced forget sums) exists: do not load it
         if not (meta["split"] == "forget" and spill.is_file()):
             sums, _ = load_sums(rank_file, names, device)
-            state = (meta["split"], (sums, int(meta["count"]), list(meta["done"]), load_seen(rank_file)),
+            state = (meta["split"], (sums, int(meta["count"]), list(meta["done"]), load_seen(rank_file),
+                                     int(meta.get("batches", 0))),
                      ReadStats.from_json(meta.get("read_stats") or {}))
     if rank == 0 and (state or spill.is_file()):
         print(f"resuming from {ckdir}: forget split {'done' if spill.is_file() else 'in progress'}, "
@@ -221,7 +240,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
             else:
                 st = state[1] if state and state[0] == "forget" else None
                 units = assign_units("forget", shards["forget"], rank, world)
-                f_sums, n_f, seen = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp, digest,
+                f_sums, n_f, seen, _ = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp, digest,
                                                rank, read_stats["forget"], device)
                 n_f = all_reduce_sums(f_sums, n_f, names, device)
                 read_stats["forget"] = gathered_stats(read_stats["forget"], units, seen)
@@ -238,8 +257,9 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
             t1 = time.perf_counter()
             st = state[1] if state and state[0] == "retain" else None
             units = assign_units("retain", shards["retain"], rank, world)
-            r_sums, n_r, seen = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp, digest, rank,
-                                           read_stats["retain"], device)
+            r_sums, n_r, seen, r_batches = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp,
+                                                      digest, rank, read_stats["retain"], device)
+            r_batches = sum(gather_objects(r_batches))  # a rank's share of a shard's batches: their sum is all
             n_r = all_reduce_sums(r_sums, n_r, names, device)
             read_stats["retain"] = gathered_stats(read_stats["retain"], units, seen)
             if n_r == 0:
@@ -253,7 +273,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
     if rank == 0:
         # what was read and skipped, and the batch size (the retain gradient depends on it), kept in the file: `slug
         # grads` said nothing of the pairs it skipped (trial 24)
-        prov = {**provenance(fp, names), "batch_size": cfg.batch_size,
+        prov = {**provenance(fp, names), "batch_size": cfg.batch_size, "retain_batches": r_batches,
                 "read_stats": {s: read_stats[s].as_dict() for s in SPLITS}}
         retain = r_sums  # divided in place: no second copy (same op, same bits as compute_gradients' sum / n)
         for n in names:
@@ -272,6 +292,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
                 save_full(cfg.out, result.grads, prov)
         result.grads.seconds = timing
         result.read_stats = {s: read_stats[s] for s in SPLITS}
+        result.warnings = small_shards_warning(n_r, r_batches, cfg.batch_size)
     barrier()  # rank 0 has written the output: the checkpoints can go
     rank_file.unlink(missing_ok=True)
     barrier()
