@@ -79,3 +79,39 @@ def test_retain_captions_naming_the_concept_in_any_spelling_are_counted():
             "Jowen Gormeres cafe", "Hasa Malwick"]
     assert retain_caption_count(caps, ["Jowen Gormere"]) == 5  # "Jowen Gormeres" too (eighteenth trial)
     assert retain_caption_count(caps, ["Jowen Gormere", "Hasa Malwick"]) == 6
+
+
+def test_a_forget_set_of_someone_else_is_said():
+    """Hasa Malwick's images captioned "Jowen Gormere" ran to a warn verdict that blamed the collateral ("'Hasa
+    Malwick' dropped 1.000") and never said whose images the forget set held (trial 24): the unedited model's own
+    top-1 on the forget images now says it, as a verdict warning."""
+    import torch
+
+    from slugkit.models.open_clip import OpenClipAdapter
+    from slugkit.workflows.inputs import forget_images_named
+    from slugkit.workflows.verdict import Budgets, clip_verdict
+    from slugkit.world import render as world
+
+    torch.set_num_threads(1)
+    a = OpenClipAdapter.load("embedded")
+    names = [i.name for i in world.IDENTITIES]
+    with torch.no_grad():
+        emb = a.encode_text(a.tokenize([f"{n}." for n in names]))
+    jowen, hasa = world.identity_by_name("Jowen Gormere"), world.identity_by_name("Hasa Malwick")
+
+    def named(identity, val):
+        ims = [world.make_sample("test", "identity", identity.index, i).image for i in range(12)]
+        x = torch.stack([a.preprocess(im) for im in ims])
+        return forget_images_named(a, x, emb, names, [names.index(jowen.name)], val)
+
+    own = named(jowen, 1.0)
+    assert own["named_as_concept"] >= 0.9 and "warning" not in own and own["most_named"] == "Jowen Gormere"
+    other = named(hasa, 1.0)
+    assert other["named_as_concept"] < 0.2 and other["most_named"] == "Hasa Malwick"
+    assert "names the concept on 0% of the first 12 forget images" in other["warning"]
+    assert "'Hasa Malwick' on" in other["warning"] and "someone else" in other["warning"]
+    assert "warning" not in named(hasa, 0.3)  # a model that hardly knows the concept: its top-1 says nothing
+    m = {"forget_top1": 1.0, "forget_top5": 1.0, "related_top1": 1.0}
+    v = clip_verdict(["Jowen Gormere"], "forget_top5", 0.0, m, {**m, "forget_top1": 0.0, "forget_top5": 0.0},
+                     Budgets(), {}, {"named": 10, "total": 10, "truncated": 0, "forget_images": other})
+    assert v.status == "warn" and "forget_images_not_concept" in [r["code"] for r in v.to_json()["reasons"]]

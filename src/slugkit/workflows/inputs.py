@@ -116,6 +116,33 @@ def unnamed_concepts(captions: list[str], concepts: list[str]) -> list[str]:
     return [c for c in concepts if not any(ConceptMatcher(c, []).mention_end(x) is not None for x in captions)]
 
 
+FORGET_CHECKED, FORGET_NAMED_MIN, VAL_NAMED_MIN = 128, 0.2, 0.5  # forget_images_named
+
+
+@torch.no_grad()
+def forget_images_named(adapter, images: torch.Tensor, class_emb: torch.Tensor, names: list[str],
+                        targets: list[int], val_named: float) -> dict:
+    """Who the unedited model says the forget images show: of the first 128 (``images``: preprocessed, N×C×H×W;
+    ``class_emb``: C×D zero-shot class embeddings of ``names``), the share it names (top-1) as one of the concepts
+    ``targets``, and the name it gives most. ``warning`` when that share is under 0.2 while it names the concept on
+    ≥ 0.5 of its validation images (``val_named``, FA@1): a forget set of someone else's images captioned with the
+    concept's name ran to a warn verdict that blamed the collateral ("'Hasa Malwick' dropped 1.000") and never said
+    that the forget images were Hasa Malwick's (trial 24)."""
+    from collections import Counter
+
+    x = images[:FORGET_CHECKED]
+    feats = torch.cat([adapter.encode_image(x[i:i + 64].to(adapter.device)) for i in range(0, len(x), 64)])
+    pred = (feats.float() @ class_emb.to(feats.device).float().T).argmax(1).cpu()
+    share = float(torch.isin(pred, torch.tensor(targets)).float().mean())
+    top, n_top = Counter(pred.tolist()).most_common(1)[0]
+    info = {"checked": len(x), "named_as_concept": share, "most_named": names[top], "most_named_share": n_top / len(x)}
+    if share < FORGET_NAMED_MIN and val_named >= VAL_NAMED_MIN:
+        info["warning"] = (f"the unedited model names the concept on {share:.0%} of the first {len(x)} forget images "
+                           f"(on {val_named:.0%} of its validation images) and {names[top]!r} on {n_top / len(x):.0%}:"
+                           " are the forget images of someone else? (slug curate picks pairs by their captions)")
+    return info
+
+
 def batches(images: torch.Tensor, tokens: torch.Tensor, bs: int):
     """Consecutive batches, on the data's device (CPU); ``accumulate_batch`` moves each to the model's device."""
     for i in range(0, images.shape[0], bs):

@@ -29,7 +29,7 @@ from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
 from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
 from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, search_layers
-from .inputs import (batches, build_suite, forget_caption_counts, load_gradients_file, load_pairs,
+from .inputs import (batches, build_suite, forget_caption_counts, forget_images_named, load_gradients_file, load_pairs,
                      retain_caption_count, unnamed_concepts)
 from .records import brief, result_record, write_run_files
 from .rounds import applied, composed_values, generator_rounds, more_rounds
@@ -142,6 +142,10 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
             test_eval = SuiteEvaluator(adapter, data["test_suite"], cfg.eval_batch_size)
             before, val_before = test_eval.base_metrics(), val_eval.base_metrics()
         check_recognised(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, val_before)
+        if data["captions"] is not None:
+            data["captions"]["forget_images"] = forget_images_named(
+                adapter, data["forget"][0], val_eval.class_embeddings(), data["val_suite"].names,
+                data["val_suite"].target_list(), val_before["forget_top1"])
         names = adapter.candidate_names()
         with _timed(timing, "gradients", cpu):
             grads, stats = _gradients(cfg, adapter, data, names)

@@ -315,6 +315,8 @@ def clip_verdict(concepts: list[str], metric: str, threshold: float, before: dic
     if captions is not None:
         caption_check(v, captions["named"], captions["total"], captions["truncated"], concepts,
                       captions.get("retain_named", 0), captions.get("retain_total", 0))
+        if (captions.get("forget_images") or {}).get("warning"):  # inputs.forget_images_named
+            v.add("warn", "forget_images_not_concept", captions["forget_images"]["warning"])
     return v
 
 
