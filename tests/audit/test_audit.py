@@ -368,7 +368,9 @@ def test_a_budget_that_decides_nothing_is_inconclusive(base, data):
 def test_demo_and_compare_with_audit(tmp_path, capsys):
     from slugkit.cli import main
 
-    data = tmp_path / "world"
+    from slugkit.world.demo_data import ensure_world_data
+
+    data = ensure_world_data(None, progress=False)  # the shared world cache: a copy costs ~11 s
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--no-progress", "--audit",
                "--probes", "prompts,precision"])

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("world")
+def data_dir():
+    from slugkit.world.demo_data import ensure_world_data
+
+    return ensure_world_data(None, progress=False)  # the shared world cache: a copy costs ~11 s
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 def compare_run(tmp_path_factory):
     threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp("compare") / "run"
-    data_dir = tmp_path_factory.mktemp("world")
+    from slugkit.world.demo_data import ensure_world_data
+
+    data_dir = ensure_world_data(None, progress=False)  # the shared world cache: a copy costs ~11 s
     rc = main(["compare", "--methods", "slug,ga,ssd", "--epochs", "1", "--forget-samples", "40",
                "--retain-samples", "64", "--out", str(out), "--data-dir", str(data_dir), "--no-progress"])
     torch.set_num_threads(threads)  # `slug compare` defaults to one thread; do not leak it into other tests

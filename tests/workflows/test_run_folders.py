@@ -52,7 +52,9 @@ def _slug(*args: str, env: dict | None = None, umask: int | None = None, **kw) -
 
 
 def _demo_args(out: Path, world_dir: Path, *extra: str) -> list[str]:
-    return ["demo", "--out", str(out), "--data-dir", str(world_dir), "--threads", "1", "--no-progress", *extra]
+    # one layer: these runs test the folder, not the method, and a second round cost ~10 s a run
+    return ["demo", "--out", str(out), "--data-dir", str(world_dir), "--threads", "1", "--no-progress",
+            "--max-layers", "1", *extra]
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -227,10 +227,12 @@ def test_demo_null_space_patch_leaves_the_kept_prompts_layer_outputs_within_the_
     from slugkit.patch import load_patch
     from slugkit.slug.nullspace import linear_inputs
     from slugkit.workflows.sd_generator import conditioning, kept_prompts
+    from slugkit.world.demo_data import ensure_world_data
 
     out = tmp_path / "run"
+    world_dir = ensure_world_data(None, progress=False)  # the shared world cache: its own copy cost ~11 s
     rc = main(["demo", "--target", "sd", "--concept", "green circle", "--sd-step", "null-space", "--no-gen-search",
-               "--out", str(out), "--data-dir", str(tmp_path / "world"), "--no-progress", "--n-target", "4",
+               "--out", str(out), "--data-dir", str(world_dir), "--no-progress", "--n-target", "4",
                "--n-other", "1", "--n-neighbour", "2", "--gen-steps", "4"])
     assert rc in (0, 3, 4)  # judged like any run; what is tested here is the edit
     r = json.loads((out / "result.json").read_text())

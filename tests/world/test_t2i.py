@@ -98,7 +98,10 @@ def sd_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sd")
     out = tmp / "run"
-    rc = main(["demo", "--target", "sd", "--out", str(out), "--data-dir", str(tmp / "world"), "--no-progress",
+    from slugkit.world.demo_data import ensure_world_data
+
+    world_dir = ensure_world_data(None, progress=False)  # the shared world cache: its own copy cost ~11 s
+    rc = main(["demo", "--target", "sd", "--out", str(out), "--data-dir", str(world_dir), "--no-progress",
                "--n-target", "8", "--n-other", "1", "--gen-steps", "10", "--val-images", "8",
                "--other-budget", "0.2", "--n-neighbour", "3", "--val-neighbour", "3", "--neighbour-budget", "0.4",
                "--worst-budget", "off"])  # 1 image per other concept: a single-concept drop here is noise
