@@ -246,7 +246,7 @@ def test_apply_checkpoint_on_a_text_encoder_file_saved_without_the_tower_prefix(
     assert not (tmp_path / "w").exists()
 
 
-def test_a_consumer_folder_that_is_not_one_is_refused(tmp_path):
+def test_a_consumer_folder_that_is_not_one_is_refused(tmp_path, monkeypatch):
     """`--consumer sd:DIR` took an empty folder, or a data folder, as a pipeline whose text encoder has transformers'
     default 12 layers, and `sd:embedded` failed with a hub error while `--pipeline embedded` works (trial 24)."""
     from slugkit.integrations import consumer_restriction
@@ -265,3 +265,7 @@ def test_a_consumer_folder_that_is_not_one_is_refused(tmp_path):
     assert not pred("vision_model.encoder.layers.0.mlp.fc1.weight")
     with pytest.raises(ValueError, match="clip-skip"):
         consumer_restriction("sd:embedded", clip_skip=1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id not in the cache: transformers' message, on one line
+    with pytest.raises(ModelLoadError, match="could not read the consumer's config from 'someorg/somemodel'") as e:
+        consumer_restriction("sd:someorg/somemodel")
+    assert "\n" not in str(e.value) and ".." not in str(e.value)

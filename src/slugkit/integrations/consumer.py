@@ -56,7 +56,8 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
     except (ValueError, TowerMismatchError):
         raise
     except Exception as e:
-        raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {e}."
+        said = " ".join(str(e).split()).rstrip(".")  # transformers' text holds newlines (printed as a literal \n)
+        raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {said}."
                              f"{unreachable_note(why)}") from e
     return (lambda name: bool(layer_names([name], kind, n))), desc
 
