@@ -90,7 +90,7 @@ def save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta:
                seen: set[bytes] | None = None) -> None:
     tensors = {f"sums/{n}": sums[n] for n in names}
     if seen is not None:  # the split's pair digests so far, so that a resumed pass still reads each pair once
-        tensors["seen"] = torch.frombuffer(bytearray(b"".join(sorted(seen))), dtype=torch.uint8).reshape(-1, 16) \
+        tensors["seen"] = torch.frombuffer(bytearray(b"".join(seen)), dtype=torch.uint8).reshape(-1, 16) \
             if seen else torch.zeros(0, 16, dtype=torch.uint8)
     write_safetensors(path, tensors, {"slugkit": json.dumps(meta, sort_keys=True)})
 
