@@ -413,3 +413,40 @@ def test_a_tar_of_links_names_the_links(tmp_path):
     assert "only links, e.g. " in stats.problems()[0] and "tar -h" in stats.problems()[0]
     with pytest.raises(ShardError, match="only links"):
         list(iter_samples(str(tmp_path / "links.tar"), strict=True))
+
+
+def test_what_a_captioned_folder_holds_but_does_not_read_is_said(tmp_path):
+    """Trial 25: a folder with one stray .tar beside its images was read as a folder of shards (its pairs dropped
+    without a word); a .tar below a captioned folder, a folder linked twice and an image link to nothing ("a caption
+    with no image") were not said, or said wrongly."""
+    import os
+
+    from slugkit.data.shards import expand_urls
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jpg").write_bytes(_img())
+    (mixed / "a.txt").write_text("Ann Lee")
+    raw_tar(mixed / "extra.tar", [("b.jpg", _img()), ("b.txt", b"Bo Ray")])
+    with pytest.raises(ShardError, match=r"holds both \.tar shards \(extra\.tar\) and images \(a\.jpg"):
+        expand_urls(str(mixed))
+    with pytest.raises(ShardError, match="holds both"):
+        list(iter_pairs(str(mixed)))
+
+    root = tmp_path / "set"
+    (root / "old").mkdir(parents=True)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "s.jpg").write_bytes(_img((0, 0, 200)))
+    (tmp_path / "shared" / "s.txt").write_text("Ann Lee shared")
+    os.symlink(tmp_path / "shared", root / "a")
+    os.symlink(tmp_path / "shared", root / "b")
+    raw_tar(root / "old" / "x.tar", [("c.jpg", _img()), ("c.txt", b"Cy Dee")])
+    os.symlink("/nonexistent/x.jpg", root / "dang.jpg")
+    (root / "dang.txt").write_text("Ann Lee dangling")
+    stats = ReadStats()
+    assert [s.key for s in iter_pairs(str(root), stats=stats)] == ["a/s"]
+    said = "\n".join(stats.problems())
+    assert stats.skipped_broken_link == 1 and stats.skipped_no_image == 0
+    assert "1 pair(s) skipped: the image or caption is a link to nothing (e.g. " in said and "dang.jpg -> " in said
+    assert f"{root / 'b'} is the folder {root / 'a'} again (linked twice): read once" in said
+    assert "1 .tar file(s) inside the captioned folder" in said and f"'{root}::{root / 'old' / 'x.tar'}'" in said

@@ -5,6 +5,7 @@ and diffusers' ``clip_skip`` in what the UNet reads."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -269,3 +270,28 @@ def test_a_consumer_folder_that_is_not_one_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="could not read the consumer's config from 'someorg/somemodel'") as e:
         consumer_restriction("sd:someorg/somemodel")
     assert "\n" not in str(e.value) and ".." not in str(e.value)
+
+
+def test_a_consumer_of_another_model_is_refused(tmp_path, clip):
+    """Trial 25: `--consumer llava:DIR` took a CLIP's config.json as a default LLaVA's (24 vision layers), and a
+    consumer built on another CLIP went through; `sd:models/sd15` (a relative path) was tried on the hub."""
+    from slugkit.integrations import consumer_restriction
+
+    (tmp_path / "clipdir").mkdir()
+    (tmp_path / "clipdir" / "config.json").write_text('{"model_type": "clip"}')
+    with pytest.raises(ValueError, match="config.json is of a 'clip' model, not a LLaVA"):
+        consumer_restriction(f"llava:{tmp_path / 'clipdir'}", clip)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text('{"model_type": "llava"}')  # transformers' defaults: CLIP-L
+    with pytest.raises(ValueError, match=r"vision tower \(24 layers, width 1024\) is not this CLIP's vision tower"):
+        consumer_restriction(f"llava:{tmp_path / 'big'}", clip)
+    from slugkit.models.base import ModelLoadError
+
+    (tmp_path / "models").mkdir()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ModelLoadError, match="no such folder"):
+            consumer_restriction("sd:models/sd15")
+    finally:
+        os.chdir(cwd)

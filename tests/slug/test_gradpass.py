@@ -513,3 +513,17 @@ def test_cli_grads_reads_a_folder_in_a_list_and_says_what_it_skipped(world, tmp_
     assert "broken.jpg" in cap.err
     g = Gradients.load(out)
     assert g.n_forget == 4
+
+
+def test_bad_input_leaves_no_checkpoint_that_blocks_the_corrected_rerun(world, tmp_path):
+    """A retain set of links only failed after the forget split and left OUT.ckpt, which refused the corrected rerun
+    as "a checkpoint of a different command" (trial 25): an input error now removes it."""
+    bad = tmp_path / "retain.tar"
+    _tar_with(bad, {})
+    out = tmp_path / "g.safetensors"
+    cfg = PassConfig(world["forget"], str(bad), out=str(out), batch_size=BS)
+    with pytest.raises(ValueError, match="yielded no usable image"):
+        run_gradpass(_adapter(world), cfg)
+    assert not Path(f"{out}.ckpt").exists() and not out.exists()
+    _tar_with(bad, _members(Path(world["root"]) / "retain" / "00000.tar"))
+    assert run_gradpass(_adapter(world), cfg).grads.n_retain == 7

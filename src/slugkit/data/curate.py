@@ -157,7 +157,8 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
                                   f"decodes, so the retain set would be empty: {'; '.join(stats.problems())}")
     out.mkdir(parents=True, exist_ok=True)
     write_shard(out / "forget.tar", forget_items)
-    _write_json(out / "forget_manifest.json", {"concept": concept, "aliases": list(aliases), "samples": forget_manifest})
+    _write_json(out / "forget_manifest.json",
+                {"concept": concept, "aliases": list(aliases), "samples": forget_manifest})
     if retain != 0:
         write_shard(out / "retain.tar", retain_items)
         _write_json(out / "retain_manifest.json", {"excludes": concept, "samples": retain_manifest})

@@ -18,28 +18,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .shards import IMAGE_EXTS, ReadStats, Sample, ShardError, decode_caption, decode_image, decode_or_skip
+from .shards import (CAPTION_EXTS, IMAGE_EXTS, ReadStats, Sample, ShardError, decode_caption, decode_image,
+                     decode_or_skip)
 
 
-def folder_files(root: str | Path) -> list[Path]:
+def folder_files(root: str | Path, notes: dict | None = None) -> list[Path]:
     """Every file below ``root``, sorted, following links to folders (``Path.rglob`` skipped a linked subfolder
     without a word: 600 of 611 retain pairs unread; trial 24); a folder reached twice (a link loop, two links to one
-    folder) is read once."""
-    root, out, seen = Path(root), [], set()
+    folder) is read once. ``notes`` (optional) collects ``"broken"``: links to nothing (as ``(link, target)``) and
+    ``"again"``: folders reached a second time (as ``(path, the path it was read under)``)."""
+    root, out, seen = Path(root), [], {}
+    notes = notes if notes is not None else {}
     for d, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(d)
         if real in seen:
+            if not Path(d).is_relative_to(seen[real]):  # a loop back up is no second copy
+                notes.setdefault("again", []).append((d, seen[real]))
             dirs[:] = []
             continue
-        seen.add(real)
+        seen[real] = d
         dirs.sort()
-        out += [Path(d) / f for f in files if os.path.isfile(os.path.join(d, f))]
+        for f in files:
+            path = os.path.join(d, f)
+            if os.path.isfile(path):
+                out.append(Path(path))
+            elif os.path.islink(path) and not os.path.exists(path):
+                notes.setdefault("broken", []).append((path, os.readlink(path)))
     return sorted(out)
 
 
 def _image_files(root: str | Path, files: list[Path] | None = None) -> list[Path]:
     """The images of :func:`folder_files` (or of ``files``), sorted."""
     return [p for p in (folder_files(root) if files is None else files) if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
+
+
+def _folder_notes(root: Path, every: list[Path], notes: dict, stats: ReadStats) -> set[Path]:
+    """What a captioned folder holds that is not read — a folder linked twice, ``.tar`` shards below it — said in
+    ``stats``; links to nothing (an image link to nothing was reported as "a caption with no image"; trial 25):
+    returns the stems of those that are images or captions, whose pairs :func:`iter_caption_folder` skips as such."""
+    broken = {}
+    for link, target in notes.get("broken", []):
+        if Path(link).suffix.lower().lstrip(".") in IMAGE_EXTS + CAPTION_EXTS:
+            broken[Path(link).with_suffix("")] = f"{link} -> {target}"
+    for path, first in notes.get("again", []):
+        stats.note("folder_again", f"{path} is the folder {first} again (linked twice): read once")
+    tars = [f for f in every if f.suffix.lower() == ".tar"]
+    if tars:
+        stats.note("tars_in_folder", f"{len(tars)} .tar file(s) inside the captioned folder {root} are not read (e.g. "
+                                     f"{tars[0]}): give shards as a part of the spec, e.g. '{root}::{tars[0]}'")
+    if broken:
+        stats.skipped_broken_link += len(broken)
+        stats.note("skipped_broken_link", next(iter(broken.values())))
+    return set(broken)
 
 
 def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadStats | None = None,
@@ -52,15 +82,19 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
     if not root.is_dir():
         raise ShardError(f"image folder not found: {root}")
     stats = stats if stats is not None else ReadStats()
-    every = folder_files(root)
+    notes: dict = {}
+    every = folder_files(root, notes)
+    broken = _folder_notes(root, every, notes, stats)
     files = _image_files(root, every)
     if not files:
-        raise ShardError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
+        raise ShardError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)})"
+                         + (f"; {len(broken)} link(s) to nothing, e.g. {stats.examples['skipped_broken_link']}"
+                            if broken else ""))
     stems = {f.with_suffix("") for f in files}  # a caption with no image was not even counted (ninth trial)
     # .txt in any case (UP1.JPG + UP1.TXT was "no caption"; trial 24), a lower-case one first
     captions = {c.with_suffix(""): c for c in every if c.suffix.lower() == ".txt" and c.suffix != ".txt"}
     captions.update({c.with_suffix(""): c for c in every if c.suffix == ".txt"})
-    orphans = sorted(c for c in captions.values() if c.with_suffix("") not in stems)
+    orphans = sorted(c for c in captions.values() if c.with_suffix("") not in stems | broken)
     if orphans and strict:
         raise ShardError(f"caption {orphans[0]} has no image ({', '.join(IMAGE_EXTS)}) beside it"
                          + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
@@ -80,6 +114,8 @@ def iter_caption_folder(root: str | Path, *, strict: bool = False, stats: ReadSt
             stats.note("skipped_duplicate_key", f"{f} (same key as {first[key].name})")
             continue
         first[key] = f
+        if not cap.is_file() and f.with_suffix("") in broken:  # its caption is a link to nothing: counted
+            continue
         if not cap.is_file():
             if strict:
                 raise ShardError(f"image {f} has no caption file {cap.name}")

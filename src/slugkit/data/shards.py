@@ -69,6 +69,12 @@ def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
                 tars = sorted(str(x) for x in p.glob("*.tar"))
                 if not tars:
                     raise ShardError(f"directory {p} holds no .tar shards")
+                images = [x for x in p.iterdir() if x.suffix.lower().lstrip(".") in IMAGE_EXTS]
+                if images:  # read as a folder of shards, its pairs were dropped without a word (trial 25)
+                    raise ShardError(f"directory {p} holds both .tar shards ({Path(tars[0]).name}"
+                                     + (f" and {len(tars) - 1} more" if len(tars) > 1 else "") + f") and images "
+                                     f"({images[0].name} …): is it a folder of shards or a captioned folder? Move one "
+                                     "kind out and give both, e.g. 'pairs_folder::shards_folder'")
                 out.extend(tars)
             elif p.exists():
                 out.append(str(p))

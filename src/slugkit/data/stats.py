@@ -11,7 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-LINKS_HINT = "a tar stores a link, not the file it points to; create it with `tar -h` (--dereference)"
+LINKS_HINT = ("a tar stores a link, not the file it points to; create it with `tar -h` (symbolic links) or "
+              "`tar --hard-dereference` (hard links)")
 CAPTION_EXTS = ("txt",)
 _MAX_EXTS = 20  # distinct extensions remembered (dotted base names make every extension distinct)
 
@@ -37,6 +38,7 @@ class ReadStats:
     skipped_bad_caption: int = 0
     skipped_duplicate_key: int = 0
     skipped_duplicate_pair: int = 0
+    skipped_broken_link: int = 0  # a captioned folder's image or caption that is a link to nothing
     truncated_shards: list[str] = field(default_factory=list)
     not_tar_shards: list[str] = field(default_factory=list)
     empty_shards: list[str] = field(default_factory=list)
@@ -59,6 +61,7 @@ class ReadStats:
             "skipped_bad_caption": self.skipped_bad_caption,
             "skipped_duplicate_key": self.skipped_duplicate_key,
             "skipped_duplicate_pair": self.skipped_duplicate_pair,
+            "skipped_broken_link": self.skipped_broken_link,
             "truncated_shards": list(self.truncated_shards),
             "not_tar_shards": list(self.not_tar_shards),
             "empty_shards": list(self.empty_shards),
@@ -138,15 +141,17 @@ class ReadStats:
                            ("skipped_duplicate_key", "later copies of a key already read were skipped"),
                            ("skipped_duplicate_pair", "pair(s) byte-identical (image and caption) to a pair read "
                                                       "earlier were skipped, so that no pair counts twice; a shard or "
-                                                      "folder copied under another name?")):
+                                                      "folder copied under another name?"),
+                           ("skipped_broken_link", "pair(s) skipped: the image or caption is a link to nothing")):
             n = getattr(self, attr)
             if n:
                 out.append(f"{n} {what} (e.g. {self.examples.get(attr, '?')})")
         if self.link_members and not self.empty_shards:  # a tar of links alone is an empty shard, said above
             out.append(f"{self.link_members} tar member(s) are links, skipped (e.g. "
                        f"{self.examples.get('link_members', '?')}): {LINKS_HINT}")
-        if "across_ranks" in self.examples:  # set by the distributed gradient pass (slugkit.slug.gradpass)
-            out.append(self.examples["across_ranks"])
+        for said in ("across_ranks", "folder_again", "tars_in_folder"):  # gradpass; captioned folders
+            if said in self.examples:
+                out.append(self.examples[said])
         if self.split_keys:  # "later copies" hid that the image and the caption of a pair were apart (ninth trial)
             out.append(f"{self.split_keys} of those were the other half of a pair whose members are not next to each "
                        f"other in the tar (e.g. {self.examples.get('split_keys', '?')}); a webdataset shard keeps each "

@@ -32,8 +32,8 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
         raise ValueError(f"clip_skip (--clip-skip) applies to sd: consumers only, not {spec!r}")
     if kind_s == "sd" and where == "embedded":  # as `slug apply/export --pipeline embedded` (trial 24)
         return _embedded_sd(clip_skip)
-    if Path(where).exists() or where.startswith((".", "/", "~")):  # a path, not a hub id: any folder was taken
-        _check_consumer_folder(kind_s, where)  # for a pipeline, its text encoder read as transformers' defaults
+    if _is_path(where):  # a path, not a hub id: any folder was taken, its text encoder read as transformers' defaults
+        _check_consumer_folder(kind_s, where)
     local = Path(where).is_dir() or hub_offline()
     why = None if local else hub_unreachable()  # fail at once, not after ~50 s of retries
     kw = {"local_files_only": local or why is not None}
@@ -49,7 +49,12 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
 
             from .llava import consumed_vision_layer_count
 
+            raw, _ = LlavaConfig.get_config_dict(where, **kw)
+            if raw.get("model_type") != "llava":  # transformers read a CLIP's or BERT's config as a default LLaVA
+                raise ValueError(f"--consumer llava:{where}: its config.json is of a {raw.get('model_type')!r} model, "
+                                 "not a LLaVA ('llava'); give the LLaVA model's folder or hub id")
             cfg = LlavaConfig.from_pretrained(where, **kw)
+            same_tower(adapter, cfg.vision_config, "vision", f"the LLaVA {where}'s vision tower")
             n = consumed_vision_layer_count(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
             kind, desc = "vision", (f"LLaVA vision tower {where} (vision_feature_layer={cfg.vision_feature_layer}: "
                                     f"layers 0..{n - 1})")
@@ -57,9 +62,30 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
         raise
     except Exception as e:
         said = " ".join(str(e).split()).rstrip(".")  # transformers' text holds newlines (printed as a literal \n)
+        here = f" (and there is no folder {where!r} here)" if "/" in where and not Path(where).exists() else ""
         raise ModelLoadError(f"could not read the consumer's config from {where!r}: {type(e).__name__}: {said}."
-                             f"{unreachable_note(why)}") from e
+                             f"{unreachable_note(why)}{here}") from e
     return (lambda name: bool(layer_names([name], kind, n))), desc
+
+
+def _is_path(where: str) -> bool:
+    """A local path rather than a hub id: it exists, starts like a path, has more parts than ``org/name``, or its
+    first part is a folder here (`sd:models/sd15` with models/ present was tried on the hub; trial 25)."""
+    parts = where.split("/")
+    return (Path(where).exists() or where.startswith((".", "/", "~")) or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def same_tower(adapter, cfg, tower: str, what: str) -> None:
+    """Refuse a consumer whose tower is not ``adapter``'s: another width, or more layers than the CLIP has (a
+    consumer may read fewer: SD 2.x's 23 of CLIP-H's 24). ``adapter`` None: not checked."""
+    mine = getattr(getattr(getattr(adapter, "model", None), "config", None), f"{tower}_config", None)
+    if mine is None:
+        return
+    if cfg.hidden_size != mine.hidden_size or cfg.num_hidden_layers > mine.num_hidden_layers:
+        raise ValueError(f"--consumer: {what} ({cfg.num_hidden_layers} layers, width {cfg.hidden_size}) is not this "
+                         f"CLIP's {tower} tower ({mine.num_hidden_layers} layers, width {mine.hidden_size}); give the "
+                         "downstream model built on this CLIP")
 
 
 def _check_consumer_folder(kind: str, where: str) -> None:

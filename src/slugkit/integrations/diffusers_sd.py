@@ -250,6 +250,9 @@ def pipeline_consumption(where: str, adapter, kw: dict, clip_skip: int | None = 
                 raise
     skip = f", clip_skip={clip_skip}" if clip_skip else ""
     if cfg2 is None:
+        from .consumer import same_tower
+
+        same_tower(adapter, cfg1, "text", f"the text encoder of {where}")
         n = consumed_layer_count(cfg1.num_hidden_layers, "last", clip_skip)
         return n, set(), (f"Stable Diffusion text encoder {where} ({cfg1.num_hidden_layers} layers{skip}"
                           + (f": layers 0..{n - 1})" if skip else ")"))

@@ -123,3 +123,17 @@ def gathered_stats(stats: ReadStats, units: list, seen: set[bytes]) -> ReadStats
         out.note("across_ranks", f"{n_across} pair(s) are repeated in shards that different ranks read and count "
                                  "once per rank (a one-rank pass reads each once): remove the repeats from the shards")
     return out
+
+
+def drop_checkpoint(ckdir: Path, rank_file: Path, spill: Path | None) -> None:
+    """Remove this rank's checkpoint (and, with ``spill``: rank 0's part, the forget spill and the temp files of
+    writes cut short by a kill), and the directory once empty (files not ours keep it)."""
+    rank_file.unlink(missing_ok=True)
+    if spill is not None:
+        spill.unlink(missing_ok=True)
+        for stale in ckdir.glob(".*.safetensors.*.tmp"):
+            stale.unlink(missing_ok=True)
+    try:
+        ckdir.rmdir()
+    except OSError:  # not empty (another rank's file, foreign files) or not there
+        pass

@@ -72,7 +72,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.errors import EmptyForgetSetError
+from ..common.errors import EmptyForgetSetError, ShardError
 from ..common.files import check_file_target, check_folder_target
 from ..common.progress import vanishing_bar
 from ..common.tensorfile import read_metadata as _read_meta
@@ -81,8 +81,8 @@ from ..data.shards import ReadStats
 from .distributed import all_reduce_sums, barrier, dist_info, gather_objects
 from .gradfile import (list_shards, load_stats, provenance, save_full, save_stats_first,  # noqa: F401 (load_stats)
                        state_sha256)
-from .checkpoint import (FORMAT, CheckpointMismatchError, check_checkpoint_dir, fingerprint,  # noqa: F401 (tests)
-                         fingerprint_digest, gathered_stats, load_seen, load_sums, save_sums)
+from .checkpoint import (FORMAT, CheckpointMismatchError, check_checkpoint_dir, drop_checkpoint,  # noqa: F401
+                         fingerprint, fingerprint_digest, gathered_stats, load_seen, load_sums, save_sums)
 from .gradients import Gradients, NonFiniteGradientError, accumulate_batch, candidate_grads, check_finite, new_sums
 
 SLEEP_ENV = "SLUGKIT_TEST_SLEEP_AFTER_SHARD"  # test-only: seconds to sleep after each checkpoint write
@@ -162,8 +162,8 @@ def small_shards_warning(n: int, batches: int, batch_size: int) -> list[str]:
     return [f"the {n} retain pairs made {batches} batches of {n / batches:.1f} pairs on average (batches are formed "
             f"within each shard, and the shards hold fewer than --batch-size {batch_size}); `slug unlearn` forms "
             f"{whole} of up to {batch_size} across shards, so its retain gradient, and the layer it chooses, may "
-            "differ from this file's: repack the pairs into larger shards (`slug curate --shards DIR --concept NAME "
-            "--out D`)"]
+            "differ from this file's: give the pairs as fewer, larger shards (a captioned folder is read as one), or "
+            "let `slug unlearn` compute the gradients"]
 
 
 # ---------------------------------------------------------------------------------------------- the pass
@@ -266,6 +266,11 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
                 raise ValueError(f"the retain set {cfg.retain} yielded no usable image–caption pairs "
                                  f"({read_stats['retain'].diagnosis()}); alignment cannot be measured")
             timing["retain"] = time.perf_counter() - t1
+    except (ShardError, ValueError):  # bad input: the data must change, and with it the fingerprint, so the
+        # checkpoint could never be resumed — it blocked the corrected rerun ("holds a checkpoint of a different
+        # command"; trial 25)
+        drop_checkpoint(ckdir, rank_file, spill if rank == 0 else None)
+        raise
     finally:
         adapter.model.train(was_training)
 
@@ -274,7 +279,8 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
         # what was read and skipped, and the batch size (the retain gradient depends on it), kept in the file: `slug
         # grads` said nothing of the pairs it skipped (trial 24)
         prov = {**provenance(fp, names), "batch_size": cfg.batch_size, "retain_batches": r_batches,
-                "read_stats": {s: read_stats[s].as_dict() for s in SPLITS}}
+                "read_stats": {s: read_stats[s].as_dict() for s in SPLITS},
+                "shards_read_once": {s: [list(x) for x in dropped[s]] for s in SPLITS if dropped[s]}}
         retain = r_sums  # divided in place: no second copy (same op, same bits as compute_gradients' sum / n)
         for n in names:
             retain[n].div_(n_r)
@@ -297,13 +303,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
     rank_file.unlink(missing_ok=True)
     barrier()
     if rank == 0:
-        spill.unlink(missing_ok=True)
-        for stale in ckdir.glob(".*.safetensors.*.tmp"):  # temp files of writes cut short by a kill
-            stale.unlink(missing_ok=True)
-        try:
-            ckdir.rmdir()
-        except OSError:  # not empty (foreign files) or already gone
-            pass
+        drop_checkpoint(ckdir, rank_file, spill)  # the spill, temp files of writes cut short by a kill, the folder
     return result
 
 
