@@ -317,8 +317,10 @@ def test_saved_gradients_record_their_provenance(tmp_path, data_dir, demo_run, c
     assert main(_unlearn_args(data_dir, demo["concept"], run) + pairs + ["--save-gradients"]) in (0, 3)
     gfile = tmp_path / "g.safetensors"
     assert main(["grads", "--model", "embedded", *pairs, "--out", str(gfile), "--threads", "1", "--no-progress"]) == 0
-    saved = read_provenance(run / "gradients.safetensors")
-    assert saved == read_provenance(gfile) and saved["retain"] and saved["weights_sha256"]
+    saved, streamed = read_provenance(run / "gradients.safetensors"), read_provenance(gfile)
+    assert saved == {k: streamed[k] for k in saved} and saved["retain"] and saved["weights_sha256"]
+    assert set(saved) == {"weights_sha256", "names_sha256", "forget", "retain"}  # what the --gradients check reads
+    assert streamed["batch_size"] == 64 and streamed["read_stats"]["retain"]["samples"] == 900  # grads says more
     (tmp_path / "r2").mkdir()
     import tarfile
 
