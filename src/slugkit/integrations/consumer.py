@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .towers import TowerMismatchError, layer_names
+from .towers import TowerMismatchError, layer_names, same_tower
 
 
 def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
@@ -74,18 +74,6 @@ def _is_path(where: str) -> bool:
     parts = where.split("/")
     return (Path(where).exists() or where.startswith((".", "/", "~")) or len(parts) > 2
             or (len(parts) == 2 and Path(parts[0]).is_dir()))
-
-
-def same_tower(adapter, cfg, tower: str, what: str) -> None:
-    """Refuse a consumer whose tower is not ``adapter``'s: another width, or more layers than the CLIP has (a
-    consumer may read fewer: SD 2.x's 23 of CLIP-H's 24). ``adapter`` None: not checked."""
-    mine = getattr(getattr(getattr(adapter, "model", None), "config", None), f"{tower}_config", None)
-    if mine is None:
-        return
-    if cfg.hidden_size != mine.hidden_size or cfg.num_hidden_layers > mine.num_hidden_layers:
-        raise ValueError(f"--consumer: {what} ({cfg.num_hidden_layers} layers, width {cfg.hidden_size}) is not this "
-                         f"CLIP's {tower} tower ({mine.num_hidden_layers} layers, width {mine.hidden_size}); give the "
-                         "downstream model built on this CLIP")
 
 
 def _check_consumer_folder(kind: str, where: str) -> None:

@@ -51,7 +51,7 @@ from torch import nn
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError, tensor_sha256
 from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_pipeline_folder,
-                     check_weight_files, consumer_view, layer_names, num_layers, tower_map, verify_tower,
+                     check_weight_files, consumer_view, layer_names, num_layers, same_tower, tower_map, verify_tower,
                      write_provenance)
 
 WHAT = "text encoder"
@@ -240,8 +240,7 @@ def pipeline_consumption(where: str, adapter, kw: dict, clip_skip: int | None = 
     for an SDXL pipeline without ``adapter`` or that fits it ambiguously, or a ``clip_skip`` that leaves no layer."""
     from transformers import CLIPTextConfig
 
-    cfg1 = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder", **kw)
-    cfg2 = None
+    cfg1, cfg2 = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder", **kw), None
     if not Path(where).is_dir() or (Path(where) / "text_encoder_2" / "config.json").is_file():
         try:
             cfg2 = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder_2", **kw)
@@ -250,8 +249,6 @@ def pipeline_consumption(where: str, adapter, kw: dict, clip_skip: int | None = 
                 raise
     skip = f", clip_skip={clip_skip}" if clip_skip else ""
     if cfg2 is None:
-        from .consumer import same_tower
-
         same_tower(adapter, cfg1, "text", f"the text encoder of {where}")
         n = consumed_layer_count(cfg1.num_hidden_layers, "last", clip_skip)
         return n, set(), (f"Stable Diffusion text encoder {where} ({cfg1.num_hidden_layers} layers{skip}"

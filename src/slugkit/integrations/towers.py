@@ -226,3 +226,15 @@ def check_pipeline_folder(folder: str | Path) -> None:
     if not (p / "model_index.json").is_file():
         raise ModelLoadError(f"{folder}: {what}; pass a folder written by pipe.save_pretrained(DIR) or downloaded with "
                              "`huggingface-cli download ID --local-dir DIR`, or 'embedded'")
+
+
+def same_tower(adapter, cfg, tower: str, what: str) -> None:
+    """Refuse a consumer whose tower is not ``adapter``'s: another width, or more layers than the CLIP has (a
+    consumer may read fewer: SD 2.x's 23 of CLIP-H's 24). ``adapter`` None: not checked."""
+    mine = getattr(getattr(getattr(adapter, "model", None), "config", None), f"{tower}_config", None)
+    if mine is None:
+        return
+    if cfg.hidden_size != mine.hidden_size or cfg.num_hidden_layers > mine.num_hidden_layers:
+        raise ValueError(f"--consumer: {what} ({cfg.num_hidden_layers} layers, width {cfg.hidden_size}) is not this "
+                         f"CLIP's {tower} tower ({mine.num_hidden_layers} layers, width {mine.hidden_size}); give the "
+                         "downstream model built on this CLIP")
