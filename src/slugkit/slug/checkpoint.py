@@ -87,7 +87,9 @@ def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
 
 
 def save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta: dict,
-               seen: set[bytes] | None = None) -> None:
+              seen: set[bytes] | None = None) -> None:
+    """Write a rank's checkpoint (or the forget spill): ``sums/<name>`` float32 sums, ``seen`` the [N, 16] uint8
+    digests of the pairs read so far, ``meta`` as JSON (temp file + rename)."""
     tensors = {f"sums/{n}": sums[n] for n in names}
     if seen is not None:  # the split's pair digests so far, so that a resumed pass still reads each pair once
         tensors["seen"] = torch.frombuffer(bytearray(b"".join(seen)), dtype=torch.uint8).reshape(-1, 16) \
@@ -96,11 +98,13 @@ def save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta:
 
 
 def load_sums(path: Path, names: list[str], device) -> tuple[dict[str, torch.Tensor], dict]:
+    """The sums :func:`save_sums` wrote, and its metadata."""
     sums = {k[len("sums/"):]: t for k, t in read_tensors(path, [f"sums/{n}" for n in names], device)}
     return sums, _read_meta(path)
 
 
 def load_seen(path: Path) -> set[bytes]:
+    """The pair digests :func:`save_sums` wrote (empty for a checkpoint of an older slugkit, which kept none)."""
     if "seen" not in read_header(path)[0]:
         return set()
     t = next(iter(read_tensors(path, ["seen"])))[1]
