@@ -232,9 +232,10 @@ def _unlearn_args(data_dir, concept, out):
 
 
 @pytest.mark.parametrize("stats_first", [False, True])
-def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, paper_run, stats_first):
+def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, paper_run, stats_first, capsys):
     """`slug grads` (the streamed / torchrun pass) feeds `slug unlearn --gradients`: same layer, same patch as the
-    in-process gradient pass."""
+    in-process gradient pass. The run's --batch-size differs from the file's (the paper's step batches nothing after
+    the gradients, so the results are the same): said, and kept in result.json — it was used without a word."""
     data = demo_run / "data"
     gfile = tmp_path / "g.safetensors"
     args = ["grads", "--model", "embedded", "--forget", str(data / "forget.tar"), "--retain",
@@ -243,8 +244,16 @@ def test_unlearn_from_precomputed_gradients(tmp_path, data_dir, demo_run, paper_
     rc, demo = paper_run
     out = tmp_path / "run"
     pairs = ["--forget", str(data / "forget.tar"), "--retain", str(data / "retain.tar")]
-    assert main(_unlearn_args(data_dir, demo["concept"], out) + pairs + ["--gradients", str(gfile)]) == rc
+    capsys.readouterr()
+    assert main(_unlearn_args(data_dir, demo["concept"], out) + pairs + ["--gradients", str(gfile),
+                                                                          "--batch-size", "32"]) == rc
+    said = f"warning: {gfile} was computed at --batch-size 64, this run's is 32: the retain loss is CLIP's contrastive"
+    assert said in capsys.readouterr().err
     result = json.loads((out / "result.json").read_text())
+    batching = result["gradients_file"]
+    assert (batching["path"], batching["batch_size"], batching["run_batch_size"]) == (str(gfile), 64, 32)
+    assert (batching["retain_batches"], batching["run_retain_batches"]) == (15, 29)  # 900 pairs at 64 and at 32
+    assert len(batching["warnings"]) == 1
     assert result["verdict"] == demo["verdict"]
     assert result["pareto_front"] == demo["pareto_front"]
     assert result["layer"] == demo["layer"]
@@ -319,7 +328,9 @@ def test_saved_gradients_record_their_provenance(tmp_path, data_dir, demo_run, c
     assert main(["grads", "--model", "embedded", *pairs, "--out", str(gfile), "--threads", "1", "--no-progress"]) == 0
     saved, streamed = read_provenance(run / "gradients.safetensors"), read_provenance(gfile)
     assert saved == {k: streamed[k] for k in saved} and saved["retain"] and saved["weights_sha256"]
-    assert set(saved) == {"weights_sha256", "names_sha256", "forget", "retain"}  # what the --gradients check reads
+    # what the --gradients checks read; the batching is the same as the streamed pass's (one shard each)
+    assert set(saved) == {"weights_sha256", "names_sha256", "forget", "retain", "batch_size", "retain_batches"}
+    assert (saved["batch_size"], saved["retain_batches"]) == (64, 15)
     assert streamed["batch_size"] == 64 and streamed["read_stats"]["retain"]["samples"] == 900  # grads says more
     (tmp_path / "r2").mkdir()
     import tarfile

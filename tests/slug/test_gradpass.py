@@ -491,6 +491,31 @@ def test_shards_smaller_than_a_batch_are_warned_about():
     assert small_shards_warning(7, 4, 2) == [] and small_shards_warning(1000, 20, 64) == []
 
 
+def test_a_file_batched_otherwise_is_said_by_unlearn(tmp_path):
+    """`slug unlearn --gradients` took a file computed at another --batch-size, or over shards smaller than a batch,
+    without a word, though the contrastive retain loss (its negatives are the batch) makes that another gradient."""
+    from slugkit.slug.gradfile import batching_record, save_full
+    from slugkit.slug.gradients import Gradients
+
+    g = Gradients({"w": torch.ones(2)}, {"w": torch.ones(2)}, 100, 150)
+
+    def record(prov, batch_size=64):
+        path = tmp_path / "g.safetensors"
+        save_full(path, g, prov)
+        return batching_record(path, batch_size, 150)
+
+    same = record({"batch_size": 64, "retain_batches": 3})
+    assert same["warnings"] == [] and same["run_retain_batches"] == 3
+    (w,) = record({"batch_size": 64, "retain_batches": 3}, batch_size=32)["warnings"]
+    assert "was computed at --batch-size 64, this run's is 32" in w and "pass --batch-size 64" in w
+    (w,) = record({"batch_size": 64, "retain_batches": 50})["warnings"]
+    assert "formed its 150 retain pairs into 50 batches of 3.0 pairs on average" in w
+    assert "would form 3 of up to 64" in w
+    assert record({"batch_size": 64, "retain_batches": 4})["warnings"] == []  # within 1.5x of one stream's
+    old = record(None)  # an older slugkit's file records no batching: nothing to compare, nothing said
+    assert old["batch_size"] is None and old["warnings"] == []
+
+
 def test_cli_grads_reads_a_folder_in_a_list_and_says_what_it_skipped(world, tmp_path, capsys):
     """`slug grads --forget 'a.tar::my_folder'` was refused ("holds no .tar shards") while `slug unlearn` read it, and
     `slug grads` dropped a corrupt image without a word (`slug unlearn` warns): trial 24."""

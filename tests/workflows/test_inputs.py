@@ -34,7 +34,8 @@ def test_test_images_that_are_validation_images_are_refused(tmp_path):
 
     from PIL import Image
 
-    from slugkit.workflows.unlearn import UnlearnConfig, _check_inputs
+    from slugkit.workflows.run_inputs import check_inputs as _check_inputs
+    from slugkit.workflows.unlearn import UnlearnConfig
 
     val, test = tmp_path / "val" / "A", tmp_path / "test" / "A"
     val.mkdir(parents=True)

@@ -97,14 +97,16 @@ def provenance(fp: dict, names: list[str]) -> dict:
             "forget": _shards([e[0] for e in fp["forget"]]), "retain": _shards([e[0] for e in fp["retain"]])}
 
 
-def run_provenance(adapter, names: list[str], specs: dict[str, str | None]) -> dict:
+def run_provenance(adapter, names: list[str], specs: dict[str, str | None], batching: dict | None = None) -> dict:
     """The provenance of gradients computed in-process (``slug unlearn --save-gradients``): the unedited model's
-    weights, the candidate names and each given split's shards (``specs``: ``{"forget": spec or None, ...}``; the
-    world's generated pairs have none). Such a file recorded none, so only its pair counts were checked when it was
-    read back with ``--gradients``."""
+    weights, the candidate names, each given split's shards (``specs``: ``{"forget": spec or None, ...}``; the
+    world's generated pairs have none) and ``batching`` (``{"batch_size", "retain_batches"}``).
+    (An older slugkit's file recorded none of it, so only its pair counts are checked when it is read back with
+    ``--gradients``.)"""
     prov = {"weights_sha256": state_sha256(adapter.model),
             "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
     prov.update({split: _shards(list_shards(spec)) for split, spec in specs.items() if spec})
+    prov.update(batching or {})
     return prov
 
 
@@ -115,6 +117,35 @@ def read_provenance(path: str | Path) -> dict | None:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("slugkit", "{}"))
     return meta.get("provenance")
+
+
+def batching_record(path: str | Path, batch_size: int, n_retain: int) -> dict:
+    """How the gradients file at ``path`` batched its retain pairs, beside this run's ``batch_size`` (``n_retain``:
+    the retain pairs the run read): ``{"batch_size", "retain_batches", "run_batch_size", "run_retain_batches",
+    "warnings"}`` (a file of an older slugkit records no batching: ``None`` values, no warning).
+
+    The retain loss is CLIP's contrastive loss, whose negatives are the batch's other pairs, so the retain gradient —
+    and the alignments and the layer it chooses — depends on how the pairs were batched (the forget gradient, an exact
+    sample mean, does not; spec §1): a file computed at another ``--batch-size``, or over shards of fewer pairs than
+    a batch (``slug grads`` forms batches within each shard; :func:`slugkit.slug.gradpass.small_shards_warning`),
+    holds another gradient than this run would compute, and ``slug unlearn --gradients`` used it without a word.
+    Said, not refused: it is still a valid SLUG gradient of the same pairs."""
+    prov = read_provenance(path) or {}
+    bs, made = prov.get("batch_size"), prov.get("retain_batches")
+    rec = {"batch_size": bs, "retain_batches": made, "run_batch_size": batch_size,
+           "run_retain_batches": -(-n_retain // batch_size), "warnings": []}
+    why = ("the retain loss is CLIP's contrastive loss, whose negatives are the batch's other pairs, so the retain "
+           "gradient, and the layer it chooses, may differ from the one this run would compute")
+    if bs is not None and bs != batch_size:
+        rec["warnings"].append(f"{path} was computed at --batch-size {bs}, this run's is {batch_size}: {why}; pass "
+                               f"--batch-size {bs} (the later stages batch with it too), or recompute the file")
+    elif made and n_retain and made > 1.5 * rec["run_retain_batches"]:
+        rec["warnings"].append(
+            f"{path} formed its {n_retain} retain pairs into {made} batches of {n_retain / made:.1f} pairs on average "
+            f"(`slug grads` batches within each shard), this run would form {rec['run_retain_batches']} of up to "
+            f"{batch_size}: {why}; give the pairs as fewer, larger shards (a captioned folder is read as one), or let "
+            "`slug unlearn` compute the gradients")
+    return rec
 
 
 def check_provenance(path: str | Path, adapter, names: list[str], specs: dict[str, str]) -> None:

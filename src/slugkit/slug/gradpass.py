@@ -240,8 +240,8 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
             else:
                 st = state[1] if state and state[0] == "forget" else None
                 units = assign_units("forget", shards["forget"], rank, world)
-                f_sums, n_f, seen, _ = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp, digest,
-                                               rank, read_stats["forget"], device)
+                f_sums, n_f, seen, _ = _run_split(adapter, params, names, units, st, cfg, world, rank_file, fp,
+                                                  digest, rank, read_stats["forget"], device)
                 n_f = all_reduce_sums(f_sums, n_f, names, device)
                 read_stats["forget"] = gathered_stats(read_stats["forget"], units, seen)
                 if n_f == 0:
@@ -276,8 +276,8 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
 
     result = None
     if rank == 0:
-        # what was read and skipped, and the batch size (the retain gradient depends on it), kept in the file: `slug
-        # grads` said nothing of the pairs it skipped (trial 24)
+        # what was read and skipped, and the batching (the gradients depend on it: gradfile.batching_record), kept
+        # in the file: `slug grads` said nothing of the pairs it skipped (trial 24)
         prov = {**provenance(fp, names), "batch_size": cfg.batch_size, "retain_batches": r_batches,
                 "read_stats": {s: read_stats[s].as_dict() for s in SPLITS},
                 "shards_read_once": {s: [list(x) for x in dropped[s]] for s in SPLITS if dropped[s]}}

@@ -69,6 +69,8 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
         "neighbour_protection": run["protection"].to_json() if run.get("protection") else None,
         "layers_edited": [e.to_json() for e in edits],
         "pareto_front": run["table"].front_names(),
+        # --gradients: the file's batching beside this run's, and what differs (gradfile.batching_record)
+        **({"gradients_file": {"path": cfg.gradients, **data["gradients_file"]}} if data.get("gradients_file") else {}),
         **({"chooser": run["chooser_info"]} if run["chooser_info"] is not None else {}),
         "layers_searched": [{"round": rnd, **{k: (brief(v) if k == "val_metrics" and v else v)
                                               for k, v in s.to_json().items() if k != "trajectory"},

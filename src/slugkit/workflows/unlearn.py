@@ -12,6 +12,7 @@ once, and an interrupted or failed run leaves ``cfg.out`` as it was.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,21 +21,18 @@ import torch
 
 from ..common.progress import status
 from ..common.runfolder import claim_out, pause_point, run_folder
-from ..data.folders import images_with_digests, shared_images
-from ..data.shards import ReadStats
 from ..eval.collateral import NEIGHBOURS_K, nearest_concepts
 from ..eval.zeroshot import PARTS, SuiteEvaluator
-from ..slug.gradfile import run_provenance, save_full
+from ..slug.gradfile import batching_record, run_provenance, save_full
 from ..slug.gradients import compute_gradients
 from ..slug.layers import rank_layers
 from ..slug.neighbours import DEFAULT_PROTECT, NeighbourProtection, protect_neighbours
 from ..slug.search import SearchConfig, SearchFailed, choose_layer, edited, search_layers
-from .inputs import (batches, build_suite, forget_caption_counts, forget_images_named, load_gradients_file, load_pairs,
-                     retain_caption_count, unnamed_concepts)
+from .inputs import batches, forget_images_named, load_gradients_file
 from .records import brief, result_record, write_run_files
 from .rounds import applied, composed_values, generator_rounds, more_rounds
-from .verdict import (Budgets, ForgetCaptionsError, check_captions, check_recognised, check_retain_captions,
-                      clip_verdict, verdict_fields)
+from .run_inputs import check_inputs, load_model, load_run_data
+from .verdict import Budgets, check_recognised, clip_verdict, verdict_fields
 
 RESULT_FILES = ("result.json", "run.json", "report.md", "pareto.png", "layers.json", "patch")
 RUN_MARKER = RESULT_FILES[0]  # a folder holding it is a complete run (the run appears whole, by one rename)
@@ -126,16 +124,16 @@ def _timed(timing: dict, name: str, cpu: dict | None = None):
 
 def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = None, choose=None) -> dict:
     t_start = time.perf_counter()
-    _check_inputs(cfg)
+    check_inputs(cfg)
     with run_folder(cfg.out, cfg.overwrite, RUN_MARKER) as out:  # a private temporary folder, renamed to cfg.out
         torch.manual_seed(cfg.seed)
         timing, cpu = {}, {}  # seconds per stage: wall clock; CPU of the method's own stages
         with _timed(timing, "load_model"):
             status(f"loading model {cfg.model}" + (f" ({cfg.pretrained})" if cfg.pretrained else ""), cfg.progress)
-            adapter = _load_model(cfg, adapter)
+            adapter = load_model(cfg, adapter)
         with _timed(timing, "load_data"):
             status("reading the forget and retain pairs and the validation and test folders", cfg.progress)
-            data = _load_data(cfg, adapter)
+            data = load_run_data(cfg, adapter)
         with _timed(timing, "evaluation"):
             status("evaluating the unedited model (validation, test)", cfg.progress)
             val_eval = SuiteEvaluator(adapter, data["val_suite"], cfg.eval_batch_size)
@@ -150,7 +148,8 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         with _timed(timing, "gradients", cpu):
             grads, stats = _gradients(cfg, adapter, data, names)
         if cfg.save_gradients and not cfg.gradients:
-            prov = run_provenance(adapter, names, {"forget": cfg.forget, "retain": cfg.retain})
+            batching = {"batch_size": cfg.batch_size, "retain_batches": -(-len(data["retain"][0]) // cfg.batch_size)}
+            prov = run_provenance(adapter, names, {"forget": cfg.forget, "retain": cfg.retain}, batching)
             save_full(out / "gradients.safetensors", grads, prov)
         with _timed(timing, "layers", cpu):
             table = _layers(cfg, adapter, grads, stats, names)
@@ -188,96 +187,18 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
 # ---------------------------------------------------------------------------------------------------- the stages
 
 
-def _check_inputs(cfg: UnlearnConfig) -> None:
-    """Refuse validation/test (or utility) folders that are the same folder or share images (links or copies;
-    ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`), and a run without forget or retain pairs."""
-    if not (cfg.forget and cfg.retain):
-        raise ValueError("pass forget and retain pairs (--forget, --retain), with --gradients too: the pairs they "
-                         "were computed on (their captions are checked; the neighbour protection and a second layer "
-                         "use them)")
-    if cfg.val_identities and cfg.test_identities and \
-            Path(cfg.val_identities).resolve() == Path(cfg.test_identities).resolve():
-        raise ValueError("validation and test identity folders are the same; the search must not see the test "
-                         "images (pass disjoint --val-identities and --test-identities)")
-    if cfg.utility_val and cfg.utility_test and Path(cfg.utility_val).resolve() == Path(cfg.utility_test).resolve():
-        raise ValueError("--utility-val and --utility-test are the same folder; they must be disjoint")
-    for flags, val, test in (("--val-identities/--test-identities", cfg.val_identities, cfg.test_identities),
-                             ("--utility-val/--utility-test", cfg.utility_val, cfg.utility_test)):
-        if val and test and Path(val).is_dir() and Path(test).is_dir():
-            shared = shared_images(val, test)
-            if shared:  # links to, or copies of, the validation images: the reported metrics would be the searched
-                raise ValueError(f"{flags}: {len(shared)} test image(s) are validation images too (the same file or "
-                                 f"the same bytes; e.g. {shared[0][1]} = {shared[0][0]}); the search must not see "
-                                 "the test images: remove them from one folder")
-
-
-def _refuse_forget_in_eval(cfg: UnlearnConfig, manifest: list[dict]) -> None:
-    """Raise ``ValueError`` when a validation or test image is one of the forget set's own images (the same bytes):
-    the search or the report would score the images the gradient was taken on."""
-    digests = {m["sha256"]: f"{m['source']}:{m['key']}" for m in manifest}
-    for flag, folder in (("--val-identities", cfg.val_identities), ("--test-identities", cfg.test_identities)):
-        hit = images_with_digests(folder, digests) if folder and Path(folder).is_dir() else []
-        if hit:
-            raise ValueError(f"{flag}: {len(hit)} image(s) are forget-set images (the same bytes; e.g. {hit[0][0]} = "
-                             f"forget sample {hit[0][1]}); evaluation images must be held out of the forget set: "
-                             "remove them")
-
-
-def _load_model(cfg: UnlearnConfig, adapter):
-    """The adapter of ``cfg.model`` (unless one is given), restricted to what ``cfg.consumer`` reads."""
-    from ..models import load_adapter
-
-    if adapter is None:
-        adapter = load_adapter(cfg.model, cfg.pretrained, family=cfg.family, device=cfg.device,
-                               precision=cfg.precision)
-    if cfg.consumer:
-        from ..integrations import restrict_to_consumer
-
-        if not hasattr(adapter, "restrict_candidates"):
-            raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict "
-                             "its candidates to a downstream model)")
-        restrict_to_consumer(adapter, cfg.consumer, clip_skip=cfg.clip_skip)
-    return adapter
-
-
-def _load_data(cfg: UnlearnConfig, adapter) -> dict:
-    """Forget and retain pairs, validation and test suites. With precomputed gradients the pairs are read too: their
-    captions are checked, and the neighbour protection and a second layer need them (skipped before, the run
-    silently took the paper's step, and a forget set of another person went through; twelfth trial)."""
-    data = {"forget": None, "retain": None, "forget_stats": ReadStats(), "retain_stats": ReadStats()}
-    data["captions"] = None
-    if cfg.forget and cfg.retain:
-        f_img, f_tok, data["forget_stats"] = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
-        captions = data["forget_stats"].captions
-        named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list() + list(cfg.aliases))
-        if cfg.caption_check:
-            check_captions(named, len(captions), cfg.concept_list(), cfg.forget, truncated, cfg.strict)
-            missing = unnamed_concepts(captions, cfg.concept_list()) if len(cfg.concept_list()) > 1 else []
-            if missing and named:
-                raise ForgetCaptionsError(
-                    f"none of the {len(captions)} forget captions in {cfg.forget} names "
-                    f"{' / '.join(map(repr, missing))}: a joint run unlearns every concept from one forget set, so "
-                    "each needs its own pairs; add them (slug curate --concept NAME) or leave the concept out")
-        data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}
-        _refuse_forget_in_eval(cfg, data["forget_stats"].manifest)
-        r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
-        r_caps = data["retain_stats"].captions
-        r_named = retain_caption_count(r_caps, cfg.concept_list() + list(cfg.aliases))
-        if cfg.caption_check:
-            check_retain_captions(r_named, len(r_caps), cfg.concept_list(), cfg.retain, cfg.forget)
-        data["captions"].update(retain_named=r_named, retain_total=len(r_caps))
-        data["forget"], data["retain"] = (f_img, f_tok), (r_img, r_tok)
-    data["val_suite"] = build_suite(adapter, cfg, cfg.val_identities, cfg.utility_val)
-    data["test_suite"] = build_suite(adapter, cfg, cfg.test_identities, cfg.utility_test)
-    return data
-
-
 def _gradients(cfg: UnlearnConfig, adapter, data: dict, names: list[str]):
     """Mean forget and retain gradients of every candidate tensor (spec §1), or the precomputed file's; plus the
     stats-first scalars when the file holds them."""
+    counts = {k: len(data[k][0]) for k in ("forget", "retain")}
     if cfg.gradients:
-        return load_gradients_file(cfg.gradients, names, {k: len(data[k][0]) for k in ("forget", "retain")},
-                                   adapter, {"forget": cfg.forget, "retain": cfg.retain})
+        loaded = load_gradients_file(cfg.gradients, names, counts, adapter,
+                                     {"forget": cfg.forget, "retain": cfg.retain})
+        # a file batched otherwise holds another gradient (contrastive loss): said, kept in result.json
+        data["gradients_file"] = batching_record(cfg.gradients, cfg.batch_size, counts["retain"])
+        for w in data["gradients_file"]["warnings"]:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+        return loaded
     bs = cfg.batch_size
     (f_img, f_tok), (r_img, r_tok) = data["forget"], data["retain"]
     grads = compute_gradients(adapter, batches(f_img, f_tok, bs), batches(r_img, r_tok, bs), names,

@@ -1,0 +1,99 @@
+"""What a SLUG run reads before its gradient pass (:func:`slugkit.workflows.unlearn.run_unlearn`'s first stages):
+the checks on its folders (:func:`check_inputs`, :func:`refuse_forget_in_eval`), the model restricted to what a
+downstream consumer reads (:func:`load_model`), the forget/retain pairs with their caption checks and the validation
+and test suites (:func:`load_run_data`), and the checks on a precomputed gradients file's batching
+(:func:`gradients_file_record`). ``cfg`` is an :class:`~slugkit.workflows.unlearn.UnlearnConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.folders import images_with_digests, shared_images
+from ..data.shards import ReadStats
+from .inputs import (build_suite, forget_caption_counts, load_pairs, retain_caption_count, unnamed_concepts)
+from .verdict import ForgetCaptionsError, check_captions, check_retain_captions
+
+
+def check_inputs(cfg) -> None:
+    """Refuse validation/test (or utility) folders that are the same folder or share images (links or copies;
+    ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`), and a run without forget or retain pairs."""
+    if not (cfg.forget and cfg.retain):
+        raise ValueError("pass forget and retain pairs (--forget, --retain), with --gradients too: the pairs they "
+                         "were computed on (their captions are checked; the neighbour protection and a second layer "
+                         "use them)")
+    if cfg.val_identities and cfg.test_identities and \
+            Path(cfg.val_identities).resolve() == Path(cfg.test_identities).resolve():
+        raise ValueError("validation and test identity folders are the same; the search must not see the test "
+                         "images (pass disjoint --val-identities and --test-identities)")
+    if cfg.utility_val and cfg.utility_test and Path(cfg.utility_val).resolve() == Path(cfg.utility_test).resolve():
+        raise ValueError("--utility-val and --utility-test are the same folder; they must be disjoint")
+    for flags, val, test in (("--val-identities/--test-identities", cfg.val_identities, cfg.test_identities),
+                             ("--utility-val/--utility-test", cfg.utility_val, cfg.utility_test)):
+        if val and test and Path(val).is_dir() and Path(test).is_dir():
+            shared = shared_images(val, test)
+            if shared:  # links to, or copies of, the validation images: the reported metrics would be the searched
+                raise ValueError(f"{flags}: {len(shared)} test image(s) are validation images too (the same file or "
+                                 f"the same bytes; e.g. {shared[0][1]} = {shared[0][0]}); the search must not see "
+                                 "the test images: remove them from one folder")
+
+
+def refuse_forget_in_eval(cfg, manifest: list[dict]) -> None:
+    """Raise ``ValueError`` when a validation or test image is one of the forget set's own images (the same bytes):
+    the search or the report would score the images the gradient was taken on."""
+    digests = {m["sha256"]: f"{m['source']}:{m['key']}" for m in manifest}
+    for flag, folder in (("--val-identities", cfg.val_identities), ("--test-identities", cfg.test_identities)):
+        hit = images_with_digests(folder, digests) if folder and Path(folder).is_dir() else []
+        if hit:
+            raise ValueError(f"{flag}: {len(hit)} image(s) are forget-set images (the same bytes; e.g. {hit[0][0]} = "
+                             f"forget sample {hit[0][1]}); evaluation images must be held out of the forget set: "
+                             "remove them")
+
+
+def load_model(cfg, adapter):
+    """The adapter of ``cfg.model`` (unless one is given), restricted to what ``cfg.consumer`` reads."""
+    from ..models import load_adapter
+
+    if adapter is None:
+        adapter = load_adapter(cfg.model, cfg.pretrained, family=cfg.family, device=cfg.device,
+                               precision=cfg.precision)
+    if cfg.consumer:
+        from ..integrations import restrict_to_consumer
+
+        if not hasattr(adapter, "restrict_candidates"):
+            raise ValueError(f"--consumer needs the hf_clip family (the {adapter.family} adapter cannot restrict "
+                             "its candidates to a downstream model)")
+        restrict_to_consumer(adapter, cfg.consumer, clip_skip=cfg.clip_skip)
+    return adapter
+
+
+def load_run_data(cfg, adapter) -> dict:
+    """Forget and retain pairs, validation and test suites. With precomputed gradients the pairs are read too: their
+    captions are checked, and the neighbour protection and a second layer need them (skipped before, the run
+    silently took the paper's step, and a forget set of another person went through; twelfth trial)."""
+    data = {"forget": None, "retain": None, "forget_stats": ReadStats(), "retain_stats": ReadStats()}
+    data["captions"] = None
+    if cfg.forget and cfg.retain:
+        f_img, f_tok, data["forget_stats"] = load_pairs(adapter, cfg.forget, cfg.forget_samples, cfg.strict, "forget")
+        captions = data["forget_stats"].captions
+        named, truncated = forget_caption_counts(adapter, captions, cfg.concept_list() + list(cfg.aliases))
+        if cfg.caption_check:
+            check_captions(named, len(captions), cfg.concept_list(), cfg.forget, truncated, cfg.strict)
+            missing = unnamed_concepts(captions, cfg.concept_list()) if len(cfg.concept_list()) > 1 else []
+            if missing and named:
+                raise ForgetCaptionsError(
+                    f"none of the {len(captions)} forget captions in {cfg.forget} names "
+                    f"{' / '.join(map(repr, missing))}: a joint run unlearns every concept from one forget set, so "
+                    "each needs its own pairs; add them (slug curate --concept NAME) or leave the concept out")
+        data["captions"] = {"named": named, "total": len(captions), "truncated": truncated}
+        refuse_forget_in_eval(cfg, data["forget_stats"].manifest)
+        r_img, r_tok, data["retain_stats"] = load_pairs(adapter, cfg.retain, cfg.retain_samples, cfg.strict, "retain")
+        r_caps = data["retain_stats"].captions
+        r_named = retain_caption_count(r_caps, cfg.concept_list() + list(cfg.aliases))
+        if cfg.caption_check:
+            check_retain_captions(r_named, len(r_caps), cfg.concept_list(), cfg.retain, cfg.forget)
+        data["captions"].update(retain_named=r_named, retain_total=len(r_caps))
+        data["forget"], data["retain"] = (f_img, f_tok), (r_img, r_tok)
+    data["val_suite"] = build_suite(adapter, cfg, cfg.val_identities, cfg.utility_val)
+    data["test_suite"] = build_suite(adapter, cfg, cfg.test_identities, cfg.utility_test)
+    return data
