@@ -268,3 +268,32 @@ def test_demo_target_vlm_with_nothing_to_unlearn_is_refused_before_the_run(tmp_p
     err = capsys.readouterr().err
     assert "nothing to unlearn: the unedited VLM names" in err and "on 0% of its validation images" in err
     assert not out.exists()
+
+
+def test_the_embedded_vlm_is_named_embedded_for_apply_revert_and_consumer(tmp_path, capsys):
+    """`slug demo --target vlm` patches the shipped VLM, yet `slug apply --llava` and `--consumer llava:` took only a
+    folder (`--pipeline embedded` and `sd:embedded` exist for the text-to-image model): `embedded` names it too."""
+    from safetensors.torch import load_file
+
+    from slugkit.cli import main
+    from slugkit.integrations import consumer_restriction
+    from slugkit.patch import save_patch
+    from slugkit.workflows.sd_demo import embedded_hf_adapter
+
+    clip = embedded_hf_adapter()
+    name = "vision_model.encoder.layers.1.self_attn.out_proj.weight"
+    patch = make_patch(clip.model, {name: dict(clip.model.named_parameters())[name].detach() * -1.0},
+                       base_model=clip.model_id, adapter="hf_clip", concept=world.IDENTITIES[0].name)
+    save_patch(patch, tmp_path / "patch")
+    assert main(["apply", "--llava", "embedded", "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "patched")]) == 0
+    assert "applied on the embedded VLM's vision tower; wrote" in capsys.readouterr().out
+    assert main(["revert", "--llava", str(tmp_path / "patched"), "--patch", str(tmp_path / "patch"), "--out",
+                 str(tmp_path / "back")]) == 0
+    shipped, back = load_file(str(vlm.VLM_DIR / "model.safetensors")), load_file(str(tmp_path / "back" /
+                                                                                       "model.safetensors"))
+    assert shipped.keys() == back.keys() and all(torch.equal(shipped[k], back[k]) for k in shipped)
+    pred, desc = consumer_restriction("llava:embedded", clip)
+    assert desc.startswith("LLaVA vision tower embedded (vision_feature_layer=-2: layers 0..")
+    assert pred("vision_model.encoder.layers.0.mlp.fc1.weight")
+    assert not pred("text_model.encoder.layers.0.mlp.fc1.weight")

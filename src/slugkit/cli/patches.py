@@ -52,6 +52,10 @@ def cmd_apply(a, revert: bool = False) -> int:
     msg = validate_apply(a, revert)
     if msg:
         return refuse(msg)
+    if a.llava == "embedded":  # the shipped VLM (`slug demo --target vlm` patches it), as --pipeline embedded
+        from ..world.vlm import VLM_DIR
+
+        a.llava, a.llava_label = str(VLM_DIR), "the embedded VLM"
     src = a.pipeline if a.pipeline and a.pipeline != "embedded" else a.llava
     if src and (os.path.realpath(a.out) + os.sep).startswith(os.path.realpath(src) + os.sep):
         return refuse(f"--out {a.out} is inside {src}, the model it is written from (a later --full-pipeline copy "
@@ -128,7 +132,8 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
         from ..integrations.llava import save_patched_llava
 
         save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
-        what = f"{printable(a.llava)}'s vision tower; wrote {printable(a.out)} (model + processor)"
+        label = getattr(a, "llava_label", None) or printable(a.llava)
+        what = f"{label}'s vision tower; wrote {printable(a.out)} (model + processor)"
     print(describe(patch))
     print(f"{'reverted' if revert else 'applied'} on {what}")
     return 0
@@ -261,8 +266,9 @@ def add_parsers(sub) -> None:
                                                          "--out (folder)")
         ap.add_argument("--full-pipeline", action="store_true", help="with --pipeline: --out gets every component "
                                                                      "(hard links), not only text_encoder/")
-        ap.add_argument("--llava", default=None, help="a LLaVA model folder: write it with the vision tower "
-                                                      f"{'reverted' if rev else 'patched'} into --out (folder)")
+        ap.add_argument("--llava", default=None, help="a LLaVA model folder, or 'embedded' (the shipped VLM): write "
+                                                      f"it with the vision tower {'reverted' if rev else 'patched'} "
+                                                      "into --out (folder)")
         ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file, or with --pipeline / "
                                                                  "--llava a non-empty --out folder (default: refuse)")
         ap.add_argument("--text-encoder", default=None, choices=["text_encoder", "text_encoder_2"],

@@ -17,7 +17,8 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
       SDXL pipeline (it has a ``text_encoder_2/``) needs ``adapter``: its encoder is the one with the adapter's
       text width, and the consumed tensors follow :func:`slugkit.integrations.diffusers_sd.encoder_reads`;
     * ``llava:DIR_OR_ID`` — a LLaVA folder / id: vision layers read at ``vision_feature_layer``
-      (LLaVA-1.5: −2 → 23 of CLIP-L/14-336's 24); ``clip_skip`` does not apply.
+      (LLaVA-1.5: −2 → 23 of CLIP-L/14-336's 24); ``clip_skip`` does not apply;
+    * ``sd:embedded`` / ``llava:embedded`` — the shipped text-to-image model / VLM.
 
     Raises ``ValueError`` for a malformed spec, a ``clip_skip`` that is negative, leaves no layer or is given for
     LLaVA, and :class:`~slugkit.common.errors.ModelLoadError` when the config cannot be read.
@@ -32,6 +33,11 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
         raise ValueError(f"clip_skip (--clip-skip) applies to sd: consumers only, not {spec!r}")
     if kind_s == "sd" and where == "embedded":  # as `slug apply/export --pipeline embedded` (trial 24)
         return _embedded_sd(clip_skip)
+    shown = where
+    if kind_s == "llava" and where == "embedded":  # the shipped VLM, as `slug apply --llava embedded`
+        from ..world.vlm import VLM_DIR
+
+        where, shown = str(VLM_DIR), "embedded"
     if _is_path(where):  # a path, not a hub id: any folder was taken, its text encoder read as transformers' defaults
         _check_consumer_folder(kind_s, where)
     local = Path(where).is_dir() or hub_offline()
@@ -56,7 +62,7 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
             cfg = LlavaConfig.from_pretrained(where, **kw)
             same_tower(adapter, cfg.vision_config, "vision", f"the LLaVA {where}'s vision tower")
             n = consumed_vision_layer_count(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
-            kind, desc = "vision", (f"LLaVA vision tower {where} (vision_feature_layer={cfg.vision_feature_layer}: "
+            kind, desc = "vision", (f"LLaVA vision tower {shown} (vision_feature_layer={cfg.vision_feature_layer}: "
                                     f"layers 0..{n - 1})")
     except (ValueError, TowerMismatchError):
         raise
