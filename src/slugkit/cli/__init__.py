@@ -153,6 +153,10 @@ def _dispatch(argv: list[str] | None) -> int:
     if isinstance(threads, int) and threads > cores:  # `--threads 999` on 2 cores crawled without a word
         print(f"warning: --threads {threads} is more than the {cores} CPU cores here; torch slows down past the core "
               "count", file=sys.stderr)
+    if getattr(a, "no_progress", False):  # transformers' and the hub's bars too ("Loading weights": trial 26); read
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # when transformers is first imported, and by the hub
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         _settle_inputs(a)
         return a.func(a)

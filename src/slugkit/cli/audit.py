@@ -134,11 +134,10 @@ def cmd_audit(a) -> int:
     there = [n for n in (AUDIT_JSON, AUDIT_MD) if (out / n).exists()]
     if there and not a.overwrite:  # audit.md alone was overwritten without a word
         return refuse(f"{out / there[0]} exists; pass --overwrite to replace it")
-    if a.model == "embedded" and _is_t2i_patch(patch):
-        result = audit_sd(patch, out, a)
-        return _print_audit(result, out)
-    if a.model == "embedded" and _is_vlm_patch(patch):
-        return _print_audit(audit_vlm(patch, out, a), out)
+    for kind, is_kind, audit in (("text-to-image", _is_t2i_patch, audit_sd), ("VLM", _is_vlm_patch, audit_vlm)):
+        if a.model == "embedded" and is_kind(patch):
+            msg = _downstream_unused(a, patch, kind)
+            return refuse(msg) if msg else _print_audit(audit(patch, out, a), out)
     data = None
     if a.test_identities or a.model != "embedded":
         if not a.test_identities:
@@ -195,6 +194,29 @@ def _print_audit(result: dict, out: Path) -> int:
     print(f"wrote {printable(out / AUDIT_JSON)} and {printable(out / 'audit.md')}" + (" (and its section of report.md)"
                                                                  if (out / "report.md").is_file() else ""))
     return AUDIT_EXIT[result["status"]]
+
+
+CLIP_AUDIT_FLAGS = ("alias", "test_identities", "train_identities", "names", "identity_template", "control_name",
+                    "pretrained", "family")
+
+
+def _downstream_unused(a, patch: Path, kind: str) -> str | None:
+    """A refusal for options the embedded text-to-image / VLM audit does not read: another --concept than the patch
+    removed, or the CLIP audit's data and model options (the VLM audit audited the patch's concept whatever
+    --concept named, a typo too, and dropped --alias and bogus --test-identities/--names without a word; trial 26)."""
+    from ..patch import load_patch
+
+    removed = load_patch(patch).meta.get("concept")
+    removed_list = removed if isinstance(removed, list) else [removed] if removed else []
+    if a.concept is not None and a.concept.strip().lower() not in {str(c).strip().lower() for c in removed_list}:
+        return (f"--concept {a.concept!r}: the patch at {patch} removed {removed!r}; auditing another concept says "
+                "nothing about it (omit --concept, or name one the patch removed)")
+    given = ["--" + f.replace("_", "-") for f in CLIP_AUDIT_FLAGS if getattr(a, f, None) is not None]
+    if given:
+        return (f"{', '.join(given)}: {'apply' if len(given) > 1 else 'applies'} to the audit of a CLIP patch; this "
+                f"patch is of the embedded {kind} model, audited on it and on the world's images: drop "
+                f"{'them' if len(given) > 1 else 'it'}")
+    return None
 
 
 def _is_t2i_patch(patch: Path) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["out_inside_run"]
+__all__ = ["out_inside_model", "out_inside_run"]
 
 
 def out_inside_run(out) -> str | None:
@@ -23,4 +23,23 @@ def out_inside_run(out) -> str | None:
         writer = writer_of(d)
         if writer:
             return f"--out {out}: another slug run is writing {d} ({writer}); wait for it or write elsewhere"
+    return None
+
+
+def out_inside_model(out, models: dict[str, str | None]) -> str | None:
+    """A run folder ``out`` inside the slugkit package (the shipped models' folders) or inside one of ``models``
+    (``{"--vlm-model": DIR, ...}``, None entries skipped): the refusal text, or None. `slug demo --target vlm --out
+    MODEL/run` wrote a run into the VLM folder it read, the package's own assets too (trial 26), while `slug apply`
+    and `slug eval-sd` refuse such an --out."""
+    if not out:
+        return None
+    import slugkit
+
+    real = os.path.realpath(out)
+    places = {"the slugkit package": Path(slugkit.__file__).parent, **{f"{flag} {d}": Path(d) for flag, d in
+                                                                     models.items() if d}}
+    for what, d in places.items():
+        folder = os.path.realpath(d)
+        if real == folder or real.startswith(folder + os.sep):
+            return f"--out {out} is inside {what} ({folder}), whose files it would mix with; write the run elsewhere"
     return None

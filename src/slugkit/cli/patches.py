@@ -76,6 +76,9 @@ def cmd_apply(a, revert: bool = False) -> int:
         if line:
             print(line, file=sys.stderr)
     if a.pipeline or a.llava:
+        if os.path.lexists(a.out) and not os.path.isdir(a.out):  # it was moved aside without a word (trial 26)
+            return refuse(f"--out {a.out} exists and is not a folder; --{'pipeline' if a.pipeline else 'llava'} "
+                          "writes a model folder there: choose another --out, or remove that file first")
         return _apply_to_folder(a, patches, revert)
     from ..patch.summary import family_mismatch
 
@@ -133,7 +136,13 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
 
         save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
         label = getattr(a, "llava_label", None) or printable(a.llava)
+        tokenizer = any(Path(a.out).glob("tokenizer*")) or (Path(a.out) / "vocab.json").is_file()
         what = f"{label}'s vision tower; wrote {printable(a.out)} (model + processor)"
+        if not tokenizer:  # it said "model + processor" of a folder AutoProcessor cannot load (trial 26)
+            what = f"{label}'s vision tower; wrote {printable(a.out)} (the model only)"
+            print(f"warning: {printable(a.llava)} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                  f"…), so AutoProcessor cannot load {printable(a.out)}: copy them from the model's source",
+                  file=sys.stderr)
     print(describe(patch))
     print(f"{'reverted' if revert else 'applied'} on {what}")
     return 0

@@ -93,10 +93,20 @@ def cmd_demo(a) -> int:
     from ..workflows.sequential import run_sequential
     from ..workflows.unlearn import check_out_dir, run_unlearn
 
-    msg = demo_conflicts(a)
+    from .outputs import out_inside_model
+
+    msg = demo_conflicts(a) or out_inside_model(a.out, {"--vlm-model": getattr(a, "vlm_model", None),
+                                                        "--t2i-model": getattr(a, "t2i_model", None)})
     if msg:
         return refuse(msg)
     if a.target in ("sd", "vlm"):
+        from .vlm import unused
+
+        # CLIP-run options these demos do not read (--save-gradients wrote nothing under --target vlm: trial 26)
+        ignored = {"save_gradients": False, "device": "cpu", **({"batch_size": 64} if a.target == "vlm" else {})}
+        msg = unused(a, ignored, "the CLIP demo (--target clip)", f"--target {a.target}")
+        if msg:
+            return refuse(msg)
         try:
             if a.target == "sd":
                 return cmd_demo_sd(a)

@@ -131,7 +131,9 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
             model.save_pretrained(tmp)
             if src_dir is not None:
                 for entry in src_dir.iterdir():
-                    skip = entry.name.startswith(".") or entry.name.endswith(_WEIGHT_FILES) or entry.is_dir()
+                    # train_report.json (`slug world train-vlm`'s scores of the unpatched model) would be stale
+                    skip = entry.name.startswith(".") or entry.name.endswith(_WEIGHT_FILES) or entry.is_dir() \
+                        or entry.name == "train_report.json"
                     if not skip and not (tmp / entry.name).exists():
                         shutil.copy2(entry, tmp / entry.name)
             write_provenance(tmp, patch, revert, src_dir)

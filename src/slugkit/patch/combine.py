@@ -26,6 +26,13 @@ def _common_architecture(patches: list[Patch]) -> dict:
     return {"architecture": dict(recorded[0].meta["architecture"])} if recorded else {}
 
 
+def _base(meta: dict):
+    """The patch's base model for comparison: a dict without ``precision`` is an fp32 one (`slug demo --target vlm`
+    recorded none, `slug unlearn` "fp32", and their patches of the same model could not be composed; trial 26)."""
+    base = meta.get("base_model")
+    return {"precision": "fp32", **base} if isinstance(base, dict) else base
+
+
 def compose_patches(patches: list[Patch]) -> Patch:
     """Merge patches that edit disjoint tensors of the same base model into one patch.
 
@@ -44,7 +51,7 @@ def compose_patches(patches: list[Patch]) -> Patch:
     first = patches[0].meta
     owner: dict[str, Patch] = {}
     for p in patches:
-        if p.meta.get("base_model") != first.get("base_model") or p.meta.get("adapter") != first.get("adapter"):
+        if _base(p.meta) != _base(first) or p.meta.get("adapter") != first.get("adapter"):
             raise PatchError(f"cannot compose patches made for different base models: "
                              f"{printable(_base_label(first))} ({printable(first.get('adapter'))}) vs "
                              f"{printable(_base_label(p.meta))} ({printable(p.meta.get('adapter'))})")

@@ -155,6 +155,12 @@ def check_provenance(path: str | Path, adapter, names: list[str], specs: dict[st
     prov = read_provenance(path)
     if not prov:
         return
+    if prov.get("weights_sha256") == state_sha256(adapter.model) and \
+            prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest():
+        # the same weights, other candidates: it blamed the weights (trial 26)
+        raise ValueError(f"{path} was computed for other candidate tensors than this run's ({len(names)}; the "
+                         "model's weights are the same): pass the --consumer / --clip-skip it was computed with, or "
+                         "recompute it (slug grads)")
     if prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest() or \
             prov.get("weights_sha256") != state_sha256(adapter.model):
         raise ValueError(f"{path} was computed for other model weights than this run's (the sha256 of its "

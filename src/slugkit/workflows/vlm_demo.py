@@ -29,6 +29,7 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -285,7 +286,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                 {n: v for n, v in vlm_rec["after"]["per_identity"].items() if n not in targets}, neighbours,
                 metric="share of the identity's test images the VLM answers with its name", k=k,
                 similarity="cosine of the CLIP text embeddings of the identity templates")
-            result["target"] = "vlm"
+            result["target"] = "vlm"  # the VLM judged on (absolute: `slug audit` reads it from another folder too)
+            result["vlm_model"] = os.path.realpath(vlm_dir) if vlm_dir else "embedded"
             result["vlm"] = vlm_rec
             result["verdict"] = vlm_verdict(targets, result["verdict"], vlm_rec, threshold, other_budget,
                                             utility_budget, budgets).to_json()
@@ -295,7 +297,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             _mark_patch(stage / "patch", result["verdict"], edit=(
                 "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
                 "identities' and the utility answers' gradients (slugkit.workflows.vlm_demo.vlm_gradients)"
-                if gradient == "vlm" else None), target="vlm", **({"vlm_model": str(vlm_dir)} if vlm_dir else {}),
+                if gradient == "vlm" else None), target="vlm",
+                **({"vlm_model": os.path.realpath(vlm_dir)} if vlm_dir else {}),
                 downstream=downstream_record("the VLM's answers (target named)", vlm_rec["before"]["target_named"],
                                              vlm_rec["after"]["target_named"], vlm_rec["collateral"]))
             write_json(stage / "result.json", result)

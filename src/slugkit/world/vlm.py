@@ -159,8 +159,18 @@ def load_vlm(vlm_dir: str | os.PathLike | None = None):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
     except ImportError as e:  # pragma: no cover
         raise ModelLoadError("transformers is not installed; install the HF extra: pip install 'slugkit[hf]'") from e
-    llava = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True).eval()
-    processor = AutoProcessor.from_pretrained(d, local_files_only=True)
+    from ..integrations.towers import check_weight_files
+
+    what = "--vlm-model weights file" if vlm_dir else "embedded VLM weights file"
+    check_weight_files(d, what)  # a Git LFS pointer or a truncated file: one line naming it (a traceback; trial 26)
+    try:
+        llava = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True).eval()
+        processor = AutoProcessor.from_pretrained(d, local_files_only=True)
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. a config.json the weights do not fit
+        said = " ".join(str(e).split())[:400]
+        raise ModelLoadError(f"{'--vlm-model ' if vlm_dir else ''}{d}: transformers could not load it "
+                             f"({type(e).__name__}: {said}); give a folder written by `slug world train-vlm --out "
+                             "DIR`, unchanged") from e
     return llava, processor
 
 

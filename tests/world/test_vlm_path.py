@@ -1,0 +1,136 @@
+"""The VLM path as a new user drives it (trial 26): apply/audit/demo options and folders it mishandled."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from slugkit.cli import main  # noqa: E402
+from slugkit.patch import save_patch  # noqa: E402
+from slugkit.patch.ops import make_patch  # noqa: E402
+from slugkit.world import render as world  # noqa: E402
+from slugkit.world import vlm  # noqa: E402
+
+NAME = "vision_model.encoder.layers.1.self_attn.out_proj.weight"
+OTHER = "vision_model.encoder.layers.0.mlp.fc1.weight"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from slugkit.models.hf_clip import embedded_hf_adapter
+
+    return embedded_hf_adapter()
+
+
+def _patch(clip, out, name=NAME, base=None, concept=None):
+    p = make_patch(clip.model, {name: dict(clip.model.named_parameters())[name].detach() * -1.0},
+                   base_model=base or clip.model_id, adapter="hf_clip", concept=concept or world.IDENTITIES[0].name,
+                   extra={"target": "vlm"})
+    save_patch(p, out)
+    return out
+
+
+def test_apply_llava_onto_an_existing_file_is_refused(clip, tmp_path, capsys):
+    """`slug apply --llava … --out notes.txt` moved the user's file to a hidden .old and wrote a model folder, exit 0."""
+    patch = _patch(clip, tmp_path / "patch")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    assert main(["apply", "--llava", "embedded", "--patch", str(patch), "--out", str(notes)]) == 2
+    assert "exists and is not a folder; --llava writes a model folder there" in capsys.readouterr().err
+    assert notes.read_text() == "my precious notes" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt", "patch"]
+
+
+def test_the_audit_of_a_vlm_patch_refuses_what_it_would_ignore(clip, tmp_path, capsys):
+    """`slug audit` of a VLM patch audited the patch's concept whatever --concept said (a typo too) and dropped
+    --alias, --test-identities, --names without a word, while the CLIP audit refuses another concept."""
+    patch = _patch(clip, tmp_path / "patch")
+    other = world.IDENTITIES[3].name
+    assert main(["audit", "--patch", str(patch), "--concept", other, "--out", str(tmp_path / "a")]) == 2
+    assert f"--concept {other!r}: the patch at {patch} removed" in capsys.readouterr().err
+    (tmp_path / "n.txt").write_text("A B\n")
+    assert main(["audit", "--patch", str(patch), "--alias", "Jowen", "--names", str(tmp_path / "n.txt"), "--out",
+                 str(tmp_path / "a")]) == 2
+    assert ("--alias, --names: apply to the audit of a CLIP patch; this patch is of the embedded VLM model"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "a").exists()
+
+
+def test_demo_vlm_refuses_options_and_folders_it_would_misuse(tmp_path, capsys, monkeypatch):
+    """--save-gradients wrote nothing under --target vlm; --out inside the VLM folder it read, or inside the
+    package's assets, was written into. --no-progress now also silences transformers' and the hub's bars."""
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    assert main(["demo", "--target", "vlm", "--save-gradients", "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    assert "--save-gradients: option(s) of the CLIP demo (--target clip), which --target vlm does not use" in \
+        capsys.readouterr().err
+    assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"
+    assert main(["demo", "--target", "vlm", "--batch-size", "32", "--out", str(tmp_path / "r")]) == 2
+    assert "--batch-size: option(s) of the CLIP demo" in capsys.readouterr().err
+    copy = tmp_path / "vlm_copy"
+    copy.mkdir()
+    assert main(["demo", "--target", "vlm", "--vlm-model", str(copy), "--out", str(copy / "run")]) == 2
+    assert f"--out {copy / 'run'} is inside --vlm-model {copy}" in capsys.readouterr().err
+    inside = vlm.VLM_DIR / "run"
+    assert main(["demo", "--target", "vlm", "--out", str(inside)]) == 2
+    assert "is inside the slugkit package" in capsys.readouterr().err and not inside.exists()
+
+
+def test_a_damaged_vlm_folder_is_one_line(tmp_path):
+    """A Git LFS pointer for the weights, or a config the weights do not fit, ended `slug demo --target vlm` in a
+    traceback."""
+    from slugkit.models.base import ModelLoadError
+
+    d = tmp_path / "m"
+    shutil.copytree(vlm.VLM_DIR, d)
+    (d / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(ValueError, match="Git LFS pointer"):
+        vlm.load_vlm(d)
+    shutil.copy2(vlm.VLM_DIR / "model.safetensors", d / "model.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["hidden_size"] = 2 * cfg["text_config"]["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"--vlm-model .*: transformers could not load it \(") as e:
+        vlm.load_vlm(d)
+    assert "\n" not in str(e.value)
+
+
+def test_apply_llava_says_when_no_processor_went_along(clip, tmp_path, capsys):
+    """A LLaVA folder without tokenizer files was written as "(model + processor)" that AutoProcessor could not
+    load; the shipped VLM's train_report.json (the unpatched model's scores) was copied into the patched folder."""
+    src = tmp_path / "notok"
+    shutil.copytree(vlm.VLM_DIR, src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).unlink()
+    patch = _patch(clip, tmp_path / "patch")
+    assert main(["apply", "--llava", str(src), "--patch", str(patch), "--out", str(tmp_path / "o")]) == 0
+    out, err = capsys.readouterr()
+    assert "(the model only)" in out and "holds no tokenizer files" in err
+    assert not (tmp_path / "o" / "train_report.json").exists() and (tmp_path / "o" / "config.json").is_file()
+
+
+def test_patches_of_the_same_converted_clip_compose(clip, tmp_path):
+    """A VLM demo's patch (base_model without "precision") and a `slug unlearn` one ("precision": "fp32") of the
+    same model could not be composed: "different base models: embedded … vs embedded …"."""
+    from slugkit.patch import compose_patches, load_patch
+
+    a = load_patch(_patch(clip, tmp_path / "a"))
+    b = load_patch(_patch(clip, tmp_path / "b", OTHER, base={**clip.model_id, "precision": "fp32"}))
+    assert sorted(compose_patches([a, b]).names) == sorted([NAME, OTHER])
+
+
+def test_a_gradients_file_of_other_candidates_names_the_consumer(clip, tmp_path):
+    """Gradients computed under `--consumer llava:…` read by a run without it: "computed for other model weights",
+    though only the candidates differed."""
+    from slugkit.slug.gradfile import check_provenance, run_provenance, save_full
+    from slugkit.slug.gradients import Gradients
+
+    names = [NAME, OTHER]
+    g = Gradients({n: torch.zeros(1) for n in names[:1]}, {n: torch.zeros(1) for n in names[:1]}, 1, 1)
+    save_full(tmp_path / "g.safetensors", g, run_provenance(clip, names[:1], {}))
+    with pytest.raises(ValueError, match=r"other candidate tensors than this run's \(2; the model's weights are the "
+                                         r"same\): pass the --consumer"):
+        check_provenance(tmp_path / "g.safetensors", clip, names, {})
