@@ -68,3 +68,15 @@ def test_vlm_search_lines_say_where_a_search_without_a_clip_step_started():
                            {"layer": "b", "clip_step_size": 2.0, "start_step": 2.0, "trajectory": [row]}])
     assert lines[0].startswith("- VLM step search on `a` (no CLIP step; started at 1.25): 0.5: named 0.00")
     assert lines[1].startswith("- VLM step search on `b` (CLIP step 2): ") and "None" not in "".join(lines)
+
+
+def test_a_group_edit_names_every_tensor_it_changed():
+    """An MLP edit changes fc1 and fc2 (one group); the summary line and report.md's head named fc2 alone (trial 26)."""
+    from slugkit.report.unlearn import downstream_head, edit_label
+
+    g = ["vision_model.encoder.layers.2.mlp.fc1.weight", "vision_model.encoder.layers.2.mlp.fc2.weight"]
+    result = {"layer": g[1], "group": g, "step_size": 11.72, "relative_change": 0.229, "verdict": {"status": "pass"}}
+    assert edit_label(result) == f"{g[0]} + {g[1]} (step 11.72, relative change 0.229)"
+    assert f"applied step 11.72 on `{g[0]} + {g[1]}`" in downstream_head(result, "VLM's", "VLM", "search")
+    one = {**result, "layer": "visual.proj", "group": ["visual.proj"]}
+    assert edit_label(one) == "visual.proj (step 11.72, relative change 0.229)"

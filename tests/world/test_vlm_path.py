@@ -43,6 +43,12 @@ def test_apply_llava_onto_an_existing_file_is_refused(clip, tmp_path, capsys):
     assert "exists and is not a folder; --llava writes a model folder there" in capsys.readouterr().err
     assert notes.read_text() == "my precious notes" and sorted(p.name for p in tmp_path.iterdir()) == [
         "notes.txt", "patch"]
+    # a patch found below the folder given (a model folder holding a run, by mistake) is named (trial 26)
+    (tmp_path / "m" / "run").mkdir(parents=True)
+    shutil.copytree(patch, tmp_path / "m" / "run" / "patch")
+    assert main(["apply", "--llava", "embedded", "--patch", str(tmp_path / "m"), "--out", str(notes)]) == 2
+    assert f"note: --patch {tmp_path / 'm'}: using the patch at {tmp_path / 'm' / 'run' / 'patch'}" in \
+        capsys.readouterr().err
 
 
 def test_the_audit_of_a_vlm_patch_refuses_what_it_would_ignore(clip, tmp_path, capsys):

@@ -65,7 +65,10 @@ def cmd_apply(a, revert: bool = False) -> int:
     if msg:
         return refuse(msg)
     for given in a.patch:  # --out onto the patch's own files replaced the patch with the model (new-user trial)
-        folder = os.path.realpath(resolve_patch_dir(given))
+        found = resolve_patch_dir(given)
+        if Path(given).is_dir() and found not in (Path(given), Path(given) / "patch"):  # found deeper: say which
+            print(f"note: --patch {printable(given)}: using the patch at {printable(found)}", file=sys.stderr)
+        folder = os.path.realpath(found)
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
             return refuse(f"--out {a.out} is inside the patch {given}; writing there would destroy the patch: "
                           "choose a path outside it")

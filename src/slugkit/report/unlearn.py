@@ -91,11 +91,20 @@ def headline(result: dict, subject: str, edit: str) -> str:
             + (" — with warnings" if status == "warn" else ""))
 
 
+def edit_tensors(e: dict) -> str:
+    """The tensors one edit changed: its layer, or its whole group (an MLP's fc1 and fc2 are one edit: it named
+    fc2 alone; trial 26)."""
+    group = e.get("group") or [e["layer"]]
+    return e["layer"] if len(group) <= 1 else " + ".join(group)
+
+
 def edit_label(result: dict) -> str:
-    """``layer (step η, relative change η/R)``, or every edited layer joined by `` + `` (multi-layer fallback)."""
-    edits = result.get("layers_edited") or [{"layer": result["layer"], "step_size": result["step_size"],
+    """``layer (step η, relative change η/R)`` (a group: its tensors joined by `` + ``), or every edited layer so
+    (multi-layer fallback)."""
+    edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group"),
+                                             "step_size": result["step_size"],
                                              "relative_change": result["relative_change"]}]
-    return " + ".join(f"{e['layer']} (step {e['step_size']:.4g}, relative change {e['relative_change']:.3f})"
+    return " + ".join(f"{edit_tensors(e)} (step {e['step_size']:.4g}, relative change {e['relative_change']:.3f})"
                       for e in edits)
 
 
@@ -231,7 +240,8 @@ def downstream_head(result: dict, whose: str, section: str, started: str) -> str
     images; ``--target vlm``: the VLM's answers): its verdict is that model's, and the CLIP sections below (their
     verdict, worst identity and step) describe the CLIP run the downstream search ``started`` from — a reader took
     the CLIP section's "fail" for the run's (eighth trial)."""
-    edited = " + ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`"
+    edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group")}]
+    edited = " + ".join(f"`{edit_tensors(e)}`" for e in edits)
     return (f"> **This run's verdict is the {whose}: {result['verdict']['status']}** (section \"{section}\" below; "
             f"applied step {result['step_size']:.4g} on {edited}). The CLIP sections that follow describe the CLIP "
             f"run whose gradient and layers the {started} started from; their own verdict, worst case and step are "
