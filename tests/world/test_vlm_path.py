@@ -35,7 +35,8 @@ def _patch(clip, out, name=NAME, base=None, concept=None):
 
 
 def test_apply_llava_onto_an_existing_file_is_refused(clip, tmp_path, capsys):
-    """`slug apply --llava … --out notes.txt` moved the user's file to a hidden .old and wrote a model folder, exit 0."""
+    """`slug apply --llava … --out notes.txt` moved the user's file to a hidden .old and wrote a model folder there,
+    exit 0."""
     patch = _patch(clip, tmp_path / "patch")
     notes = tmp_path / "notes.txt"
     notes.write_text("my precious notes")
