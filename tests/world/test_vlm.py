@@ -150,6 +150,8 @@ def test_demo_target_vlm_end_to_end(tmp_path, capsys):
     assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
     assert res["target"] == "vlm" and res["concept"] == world.IDENTITIES[0].name
     assert res["vlm_model"] == "embedded"  # a --vlm-model DIR is kept absolute, here and in the patch (trial 26)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["family"] == "hf_clip" and run["vlm"] == {"model": "embedded", "gradient": "clip"}
     assert res["group"][0].startswith("vision_model.encoder.layers.") and ".3." not in res["group"][0]  # read by LLaVA
     b, a = res["vlm"]["before"], res["vlm"]["after"]
     for m in (b, a):

@@ -95,8 +95,9 @@ def cmd_demo(a) -> int:
 
     from .outputs import out_inside_model
 
-    msg = demo_conflicts(a) or out_inside_model(a.out, {"--vlm-model": getattr(a, "vlm_model", None),
-                                                        "--t2i-model": getattr(a, "t2i_model", None)})
+    models = {"--vlm-model": getattr(a, "vlm_model", None) if a.target == "vlm" else None,  # the folder the run reads
+              "--t2i-model": getattr(a, "t2i_model", None) if a.target == "sd" else None}
+    msg = demo_conflicts(a) or out_inside_model(a.out, models)
     if msg:
         return refuse(msg)
     if a.target in ("sd", "vlm"):

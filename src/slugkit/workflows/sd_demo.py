@@ -291,7 +291,7 @@ def _sd_config(concept: str, out: Path, data: Path, cd: dict, search, **kw):
     from .unlearn import UnlearnConfig
 
     return UnlearnConfig(
-        concept=concept, out=str(out), model="embedded-hf", forget=cd["forget"], retain=cd["retain"],
+        concept=concept, out=str(out), model="embedded-hf", family="hf_clip", forget=cd["forget"], retain=cd["retain"],
         val_identities=str(data / "val" / "utility"), test_identities=str(data / "test" / "utility"),
         names=str(out / "data" / "concepts.txt"), identity_templates=list(world.UTILITY_EVAL_TEMPLATES),
         utility_val=str(data / "val" / "identities"), utility_test=str(data / "test" / "identities"),

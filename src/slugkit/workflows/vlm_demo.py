@@ -274,9 +274,11 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             cfg, cur, data = world_config(targets if len(targets) > 1 else targets[0], stage, data_dir,
                                           progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,
                                           threads=threads, **({"search": search} if search is not None else {}))
-            cfg = replace(cfg, model="embedded-hf", max_layers=max_layers)
+            # run.json: the converted CLIP (it said open_clip) and the VLM judged on, with the gradient (trial 26)
+            cfg = replace(cfg, model="embedded-hf", family="hf_clip", max_layers=max_layers)
+            vlm_info = {"model": os.path.realpath(vlm_dir) if vlm_dir else "embedded", "gradient": gradient}
             result = run_unlearn(cfg, adapter=adapter, choose=chooser,
-                                 extra_run_info={"curate": cur, "world_data": str(data)})
+                                 extra_run_info={"curate": cur, "world_data": str(data), "vlm": vlm_info})
             t_slug = time.perf_counter() - t0
             t = time.perf_counter()
             vlm_rec, samples = _before_after(llava, processor, stage / "patch", targets, n_target, n_other,
@@ -287,7 +289,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                 metric="share of the identity's test images the VLM answers with its name", k=k,
                 similarity="cosine of the CLIP text embeddings of the identity templates")
             result["target"] = "vlm"  # the VLM judged on (absolute: `slug audit` reads it from another folder too)
-            result["vlm_model"] = os.path.realpath(vlm_dir) if vlm_dir else "embedded"
+            result["vlm_model"] = vlm_info["model"]
             result["vlm"] = vlm_rec
             result["verdict"] = vlm_verdict(targets, result["verdict"], vlm_rec, threshold, other_budget,
                                             utility_budget, budgets).to_json()
