@@ -168,3 +168,20 @@ def test_a_failed_atomic_dir_removes_the_parents_it_created(tmp_path):
     with atomic_dir(tmp_path / "wf" / "b" / "pipe") as tmp:  # a success keeps them
         (tmp / "x").write_text("x")
     assert (tmp_path / "wf" / "b" / "pipe" / "x").read_text() == "x"
+
+
+def test_atomic_dir_never_moves_a_file_aside_and_names_its_own_path(tmp_path):
+    """A folder written over an existing file moved the file to a hidden `.NAME.….old` and left it there (`slug apply
+    --llava … --out notes.txt`, exit 0); a folder it cannot create was named by its temporary sibling
+    (`/sys/.x.ddn6uufi.tmp: Operation not permitted`; trial 26)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes.txt exists and is not a folder"):
+        with atomic_dir(notes, overwrite=True):
+            pytest.fail("the block ran")
+    assert notes.read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    if os.path.isdir("/proc/self"):  # procfs takes no new folders, even from root
+        with pytest.raises(OSError) as e:
+            with atomic_dir("/proc/slugkit-test-out"):
+                pytest.fail("the block ran")
+        assert e.value.filename == "/proc/slugkit-test-out"

@@ -229,11 +229,17 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
     is given, it holds ``marker`` (slug wrote it). The new folder's tree gets the umask's modes; ``out_dir`` itself,
     when it existed as a folder, keeps its mode (e.g. 0700)."""
     out_dir = Path(out_dir)
+    if os.path.lexists(out_dir) and not out_dir.is_dir():  # a user's file was moved to a hidden .old (trial 26)
+        raise FileExistsError(f"{out_dir} exists and is not a folder; a folder is written there: choose another "
+                              "path, or remove that file first")
     check_replaceable(out_dir, overwrite, marker)
     made = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]  # deepest first
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     mode = os.stat(out_dir).st_mode & 0o7777 if out_dir.is_dir() else None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as e:  # it named the hidden temporary folder (`/sys/.x.ddn6uufi.tmp`: trial 26), not the output
+        raise OSError(e.errno, e.strerror, str(out_dir)) from None
     try:
         yield tmp
         own = sorted(os.listdir(tmp))
