@@ -103,6 +103,17 @@ def test_a_damaged_vlm_folder_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match=r"--vlm-model .*: transformers could not load it \(") as e:
         vlm.load_vlm(d)
     assert "\n" not in str(e.value)
+    # fewer vision layers than the weights hold: loaded with the last dropped, then the patch was blamed (trial 26)
+    cfg = json.loads((vlm.VLM_DIR / "config.json").read_text())
+    cfg["vision_config"]["num_hidden_layers"] -= 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"config.json does not fit its weights \(\d+ unexpected keys \(e.g. "):
+        vlm.load_vlm(d)
+    from slugkit.integrations.llava import save_patched_llava
+
+    with pytest.raises(ModelLoadError, match="does not fit its weights"):
+        save_patched_llava(d, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_apply_llava_says_when_no_processor_went_along(clip, tmp_path, capsys):

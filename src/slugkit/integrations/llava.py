@@ -98,6 +98,23 @@ def revert_patch_from_llava(llava: nn.Module, patch: Patch) -> nn.Module:
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
+def load_llava_folder(cls, folder: str | os.PathLike, **kw) -> nn.Module:
+    """``cls.from_pretrained(folder)`` offline, in eval mode, refused (``ModelLoadError``) when the folder's
+    ``config.json`` does not fit its weights: weights the config has no place for, or tensors it needs that the
+    weights lack (initialised at random). A config with 3 vision layers beside 4-layer weights was loaded with the
+    fourth dropped, and the refusal that followed blamed the patch (trial 26)."""
+    from ..common.errors import ModelLoadError
+
+    model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kw)
+    odd = {k: sorted(info.get(k) or []) for k in ("unexpected_keys", "missing_keys", "mismatched_keys")}
+    if any(odd.values()):
+        said = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0] if isinstance(v[0], str) else v[0][0]})"
+                         for k, v in odd.items() if v)
+        raise ModelLoadError(f"{folder}: its config.json does not fit its weights ({said}); give the folder as "
+                             "save_pretrained wrote it, config and weights together")
+    return model.eval()
+
+
 def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *, revert: bool = False,
                        overwrite: bool = False) -> Path:
     """Write the patched (``revert=True``: reverted) LLaVA as a loadable folder: ``save_pretrained`` (config,
@@ -120,7 +137,7 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder (no config.json in it)")
         check_weight_files(src_dir, "LLaVA weights file")
-        model = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype="auto", local_files_only=True).eval()
+        model = load_llava_folder(LlavaForConditionalGeneration, src_dir, dtype="auto")
     else:
         model = llava_or_dir
     changed = False

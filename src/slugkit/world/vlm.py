@@ -164,9 +164,13 @@ def load_vlm(vlm_dir: str | os.PathLike | None = None):
     what = "--vlm-model weights file" if vlm_dir else "embedded VLM weights file"
     check_weight_files(d, what)  # a Git LFS pointer or a truncated file: one line naming it (a traceback; trial 26)
     try:
-        llava = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True).eval()
+        from ..integrations.llava import load_llava_folder
+
+        llava = load_llava_folder(LlavaForConditionalGeneration, d)
         processor = AutoProcessor.from_pretrained(d, local_files_only=True)
-    except (OSError, RuntimeError, ValueError) as e:  # e.g. a config.json the weights do not fit
+    except ModelLoadError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. a config.json whose shapes the weights do not have
         said = " ".join(str(e).split())[:400]
         raise ModelLoadError(f"{'--vlm-model ' if vlm_dir else ''}{d}: transformers could not load it "
                              f"({type(e).__name__}: {said}); give a folder written by `slug world train-vlm --out "
