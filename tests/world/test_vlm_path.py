@@ -152,3 +152,16 @@ def test_a_gradients_file_of_other_candidates_names_the_consumer(clip, tmp_path)
     with pytest.raises(ValueError, match=r"other candidate tensors than this run's \(2; the model's weights are the "
                                          r"same\): pass the --consumer"):
         check_provenance(tmp_path / "g.safetensors", clip, names, {})
+
+
+def test_demo_on_a_patched_vlm_says_so(clip, tmp_path, capsys):
+    """`slug demo --target vlm --vlm-model <a patched copy>` advised "use the CLIP checkpoint the LLaVA vision tower
+    was made from", which the demo has no option for; the folder's slugkit_patch.json said why (trial 26)."""
+    patch = _patch(clip, tmp_path / "patch")
+    assert main(["apply", "--llava", "embedded", "--patch", str(patch), "--out", str(tmp_path / "patched")]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--target", "vlm", "--vlm-model", str(tmp_path / "patched"), "--no-progress", "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--vlm-model {tmp_path / 'patched'} holds a patched VLM" in err and "slug revert --llava" in err
+    assert not (tmp_path / "run").exists()

@@ -218,6 +218,23 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     return choose
 
 
+def _refuse_patched_vlm(vlm_dir) -> None:
+    """Raise ``ValueError`` when ``vlm_dir`` holds a VLM a slugkit patch was applied to (``slugkit_patch.json``, not
+    reverted): its vision tower is no longer the shipped CLIP's, and the demo has no other CLIP to take."""
+    import json
+
+    record = Path(vlm_dir) / "slugkit_patch.json" if vlm_dir else None
+    try:
+        info = json.loads(record.read_text(encoding="utf-8")) if record and record.is_file() else None
+    except (OSError, ValueError):
+        info = None
+    if isinstance(info, dict) and not info.get("reverted"):
+        raise ValueError(f"--vlm-model {vlm_dir} holds a patched VLM (its slugkit_patch.json: the patch of "
+                         f"{info.get('concept')!r} applied), so its vision tower is not the embedded CLIP's; the demo "
+                         "unlearns from a VLM built on that CLIP: pass the unpatched folder, or revert it first (slug "
+                         "revert --llava DIR --patch PATCH --out DIR2)")
+
+
 def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None = None, *, data_dir=None,
                  vlm_dir=None, val_images: int = DEFAULT_VAL_IMAGES, threshold: float = 0.05,
                  other_budget: float = 0.05, neighbour_budget: float | None = None,
@@ -257,7 +274,11 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
         t0 = time.perf_counter()
         adapter = embedded_hf_adapter()
         llava, processor = vlm.load_vlm(vlm_dir)
-        mapping = verify_vision_tower(adapter.model, llava)
+        try:
+            mapping = verify_vision_tower(adapter.model, llava)
+        except Exception:
+            _refuse_patched_vlm(vlm_dir)  # "use the CLIP it was made from" cannot be followed here (trial 26)
+            raise
         t_load = time.perf_counter() - t0  # loaded here, so run_unlearn's own load_model timing reads ~0
         adapter.restrict_candidates(consumed_vision_candidates(adapter, llava),
                                     consumer="vision tower of the embedded VLM (LLaVA, vision_feature_layer -2)")
