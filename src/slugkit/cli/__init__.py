@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from ..common import interrupts
@@ -230,7 +231,15 @@ def _settle_inputs(a) -> None:
 def refusal_text(msg: str) -> str:
     """A refusal (:class:`~slugkit.slug.search.SearchFailed`) as the terminal shows it: its clauses — what no layer
     met; ``no second layer: …``; ``closest: …``; ``try …`` — on indented lines instead of one line of ~900
-    characters. Splits only outside parentheses; the message itself (result JSON, benchmark rows) stays one line."""
+    characters. Splits only outside parentheses, but for a multi-layer refusal's rounds (each round's refusal, its
+    clauses indented below it); the message itself (result JSON, benchmark rows) stays one line."""
+    rounds = re.match(r"(\d+ layers did not forget within the budgets) \(round 1: (.*)\) \(no patch\)$", msg, re.S)
+    k = rounds.group(2).rfind("; round ") if rounds else -1
+    if k > 0:  # each round's refusal on its own lines, its clauses below it (one line of ~1500 characters: trial 26)
+        label, _, last = rounds.group(2)[k + 2:].partition(": ")
+        return "\n  ".join([f"{rounds.group(1)} (no patch)",
+                             *(f"{n}: " + refusal_text(t).replace("\n  ", "\n      ")
+                               for n, t in (("round 1", rounds.group(2)[:k]), (label, last)))])
     opener = " (no second layer: "
     lines, cur, depth, group, i = [], "", 0, False, 0
     while i < len(msg):
