@@ -26,10 +26,10 @@ def clip():
     return embedded_hf_adapter()
 
 
-def _patch(clip, out, name=NAME, base=None, concept=None):
+def _patch(clip, out, name=NAME, base=None, concept=None, **extra):
     p = make_patch(clip.model, {name: dict(clip.model.named_parameters())[name].detach() * -1.0},
                    base_model=base or clip.model_id, adapter="hf_clip", concept=concept or world.IDENTITIES[0].name,
-                   extra={"target": "vlm"})
+                   extra={"target": "vlm", **extra})
     save_patch(p, out)
     return out
 
@@ -65,6 +65,14 @@ def test_the_audit_of_a_vlm_patch_refuses_what_it_would_ignore(clip, tmp_path, c
     assert ("--alias, --names: apply to the audit of a CLIP patch; this patch is of the embedded VLM model"
             in capsys.readouterr().err)
     assert not (tmp_path / "a").exists()
+    # --model took it for a CLIP audit ("--test-identities is required …"), whose options are refused (trial 27)
+    assert main(["audit", "--patch", str(patch), "--model", "ViT-B-32", "--out", str(tmp_path / "a")]) == 2
+    assert "--model ViT-B-32: this patch is of the embedded VLM" in capsys.readouterr().err
+    # the VLM folder the patch was judged on, gone: it blamed --vlm-model, an option audit has not
+    moved = _patch(clip, tmp_path / "moved", vlm_model=str(tmp_path / "gone"))
+    assert main(["audit", "--patch", str(moved), "--out", str(tmp_path / "a")]) == 2
+    assert f"the VLM this patch was judged on, {tmp_path / 'gone'} (patch.json extra.vlm_model), is gone" in \
+        capsys.readouterr().err
 
 
 def test_demo_vlm_refuses_options_and_folders_it_would_misuse(tmp_path, capsys, monkeypatch):
@@ -100,7 +108,8 @@ def test_a_damaged_vlm_folder_is_one_line(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["text_config"]["hidden_size"] = 2 * cfg["text_config"]["hidden_size"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"--vlm-model .*: transformers could not load it \(") as e:
+    with pytest.raises(ModelLoadError, match=r"--vlm-model .*: transformers could not load it \(RuntimeError: the "
+                                             r"weights hold tensors of other shapes than its config.json says\)") as e:
         vlm.load_vlm(d)
     assert "\n" not in str(e.value)
     # fewer vision layers than the weights hold: loaded with the last dropped, then the patch was blamed (trial 26)
@@ -114,6 +123,11 @@ def test_a_damaged_vlm_folder_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="does not fit its weights"):
         save_patched_llava(d, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    cfg["vision_config"]["num_hidden_layers"] += 1  # back; the language model's width changed: `slug apply --llava`
+    cfg["text_config"]["hidden_size"] *= 2  # ended in a traceback (trial 27)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"transformers could not load it \(RuntimeError: the weights hold"):
+        save_patched_llava(d, None, tmp_path / "out")
 
 
 def test_apply_llava_says_when_no_processor_went_along(clip, tmp_path, capsys):
@@ -121,12 +135,11 @@ def test_apply_llava_says_when_no_processor_went_along(clip, tmp_path, capsys):
     load; the shipped VLM's train_report.json (the unpatched model's scores) was copied into the patched folder."""
     src = tmp_path / "notok"
     shutil.copytree(vlm.VLM_DIR, src)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (src / f).unlink()
+    (src / "tokenizer.json").unlink()  # tokenizer_config.json alone is no tokenizer either (trial 27)
     patch = _patch(clip, tmp_path / "patch")
     assert main(["apply", "--llava", str(src), "--patch", str(patch), "--out", str(tmp_path / "o")]) == 0
     out, err = capsys.readouterr()
-    assert "(the model only)" in out and "holds no tokenizer files" in err
+    assert "(the model only)" in out and "holds no tokenizer (tokenizer.json" in err
     assert not (tmp_path / "o" / "train_report.json").exists() and (tmp_path / "o" / "config.json").is_file()
 
 
@@ -149,8 +162,9 @@ def test_a_gradients_file_of_other_candidates_names_the_consumer(clip, tmp_path)
     names = [NAME, OTHER]
     g = Gradients({n: torch.zeros(1) for n in names[:1]}, {n: torch.zeros(1) for n in names[:1]}, 1, 1)
     save_full(tmp_path / "g.safetensors", g, run_provenance(clip, names[:1], {}))
-    with pytest.raises(ValueError, match=r"other candidate tensors than this run's \(2; the model's weights are the "
-                                         r"same\): pass the --consumer"):
+    with pytest.raises(ValueError, match=r"other candidate tensors than this run's \(it holds the gradients of 1 "
+                                         r"tensors; this run has 2 candidates; the model's weights are the same\): "
+                                         r"pass the --consumer"):
         check_provenance(tmp_path / "g.safetensors", clip, names, {})
 
 

@@ -135,6 +135,9 @@ def cmd_audit(a) -> int:
     if there and not a.overwrite:  # audit.md alone was overwritten without a word
         return refuse(f"{out / there[0]} exists; pass --overwrite to replace it")
     for kind, is_kind, audit in (("text-to-image", _is_t2i_patch, audit_sd), ("VLM", _is_vlm_patch, audit_vlm)):
+        if kind == "VLM" and a.model != "embedded" and is_kind(patch):  # a CLIP audit: refusals in a circle (trial 27)
+            return refuse(f"--model {a.model}: this patch is of the embedded VLM and is audited on the VLM it was "
+                          "judged on (recorded in the patch); drop --model")
         if a.model == "embedded" and is_kind(patch):
             msg = _downstream_unused(a, patch, kind)
             return refuse(msg) if msg else _print_audit(audit(patch, out, a), out)
@@ -244,6 +247,7 @@ def audit_vlm(patch: Path, out: Path, a) -> dict:
     import torch
 
     from ..audit.vlm import NOT_RUN, PROBES, run_vlm_audit
+    from ..common.errors import ModelLoadError
     from ..integrations.llava import apply_patch_to_llava
     from ..patch import load_patch
     from ..world.vlm import load_vlm
@@ -254,12 +258,17 @@ def audit_vlm(patch: Path, out: Path, a) -> dict:
         if getattr(a, "threads", None):
             torch.set_num_threads(a.threads)
         p = load_patch(patch)
-        llava, processor = load_vlm((p.meta.get("extra") or {}).get("vlm_model"))
+        where = (p.meta.get("extra") or {}).get("vlm_model")
+        if where and not Path(where).is_dir():  # it blamed --vlm-model, an option audit has not (trial 27)
+            raise ModelLoadError(f"the VLM this patch was judged on, {where} (patch.json extra.vlm_model), is gone; "
+                                 "put that folder back where it was to audit the patch on it")
+        llava, processor = load_vlm(where)
         after = apply_patch_to_llava(copy.deepcopy(llava), p)
         probes = [x for x in opts["probes"] if x in PROBES or x in NOT_RUN]
         return run_vlm_audit(llava, after, processor, p.meta["concept"], probes=probes,
                              gate_representation=opts["gate_representation"], progress=opts["progress"], out=out,
-                             meta={"patch": str(patch), "model": "embedded VLM (LLaVA)", "method": p.meta.get("method"),
+                             meta={"patch": str(patch), "model": f"VLM (LLaVA) {where}" if where else
+                                   "embedded VLM (LLaVA)", "method": p.meta.get("method"),
                                    "layers": p.names})
     finally:
         torch.set_num_threads(before_threads)

@@ -58,8 +58,8 @@ def cmd_apply(a, revert: bool = False) -> int:
         a.llava, a.llava_label = str(VLM_DIR), "the embedded VLM"
     src = a.pipeline if a.pipeline and a.pipeline != "embedded" else a.llava
     if src and (os.path.realpath(a.out) + os.sep).startswith(os.path.realpath(src) + os.sep):
-        return refuse(f"--out {a.out} is inside {src}, the model it is written from (a later --full-pipeline copy "
-                      "would carry it along); write it beside that folder")
+        why = " (a later --full-pipeline copy would carry it along)" if a.pipeline else ""
+        return refuse(f"--out {a.out} is inside {src}, the model it is written from{why}; write it beside that folder")
     patches = [load_patch(p) for p in a.patch]
     msg = out_inside_run(a.out)  # a model written into RUN/patch/ (or over RUN/result.json) mixes with that run
     if msg:
@@ -139,12 +139,14 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
 
         save_patched_llava(a.llava, patch, a.out, revert=revert, overwrite=a.overwrite)
         label = getattr(a, "llava_label", None) or printable(a.llava)
-        tokenizer = any(Path(a.out).glob("tokenizer*")) or (Path(a.out) / "vocab.json").is_file()
+        # a backend file, not only tokenizer_config.json (it said "model + processor" of such a folder; trial 27)
+        tokenizer = any((Path(a.out) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
+                                                              "spiece.model"))
         what = f"{label}'s vision tower; wrote {printable(a.out)} (model + processor)"
         if not tokenizer:  # it said "model + processor" of a folder AutoProcessor cannot load (trial 26)
             what = f"{label}'s vision tower; wrote {printable(a.out)} (the model only)"
-            print(f"warning: {printable(a.llava)} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                  f"…), so AutoProcessor cannot load {printable(a.out)}: copy them from the model's source",
+            print(f"warning: {printable(a.llava)} holds no tokenizer (tokenizer.json, tokenizer.model, vocab.json), "
+                  f"so AutoProcessor cannot load {printable(a.out)}: copy the tokenizer files from the model's source",
                   file=sys.stderr)
     print(describe(patch))
     print(f"{'reverted' if revert else 'applied'} on {what}")

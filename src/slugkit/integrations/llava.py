@@ -103,9 +103,22 @@ def load_llava_folder(cls, folder: str | os.PathLike, **kw) -> nn.Module:
     ``config.json`` does not fit its weights: weights the config has no place for, or tensors it needs that the
     weights lack (initialised at random). A config with 3 vision layers beside 4-layer weights was loaded with the
     fourth dropped, and the refusal that followed blamed the patch (trial 26)."""
+    from transformers.utils import logging as hf_logging
+
     from ..common.errors import ModelLoadError
 
-    model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kw)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its LOAD REPORT table (20+ lines) above our one-line refusal (trial 27)
+    try:
+        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kw)
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. shapes the weights do not have: a traceback (trial 27)
+        said = " ".join(str(e).split())[:300]
+        if "ignore_mismatched_sizes" in said:  # "look at the above report": the report is not printed
+            said = "the weights hold tensors of other shapes than its config.json says"
+        raise ModelLoadError(f"{folder}: transformers could not load it ({type(e).__name__}: {said}); give the "
+                             "folder as save_pretrained wrote it, config and weights together") from e
+    finally:
+        hf_logging.set_verbosity(level)
     odd = {k: sorted(info.get(k) or []) for k in ("unexpected_keys", "missing_keys", "mismatched_keys")}
     if any(odd.values()):
         said = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0] if isinstance(v[0], str) else v[0][0]})"

@@ -158,9 +158,13 @@ def check_provenance(path: str | Path, adapter, names: list[str], specs: dict[st
     if prov.get("weights_sha256") == state_sha256(adapter.model) and \
             prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest():
         # the same weights, other candidates: it blamed the weights (trial 26)
-        raise ValueError(f"{path} was computed for other candidate tensors than this run's ({len(names)}; the "
-                         "model's weights are the same): pass the --consumer / --clip-skip it was computed with, or "
-                         "recompute it (slug grads)")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:  # its full gradients: every candidate, or a stats-first front
+            held = sum(1 for k in f.keys() if k.startswith("forget/"))
+        raise ValueError(f"{path} was computed for other candidate tensors than this run's (it holds the gradients "
+                         f"of {held} tensors; this run has {len(names)} candidates; the model's weights are the "
+                         "same): pass the --consumer / --clip-skip it was computed with, or recompute it (slug grads)")
     if prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest() or \
             prov.get("weights_sha256") != state_sha256(adapter.model):
         raise ValueError(f"{path} was computed for other model weights than this run's (the sha256 of its "

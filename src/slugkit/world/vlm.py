@@ -168,8 +168,8 @@ def load_vlm(vlm_dir: str | os.PathLike | None = None):
 
         llava = load_llava_folder(LlavaForConditionalGeneration, d)
         processor = AutoProcessor.from_pretrained(d, local_files_only=True)
-    except ModelLoadError:
-        raise
+    except ModelLoadError as e:
+        raise ModelLoadError(f"--vlm-model {e}" if vlm_dir else str(e)) from e
     except (OSError, RuntimeError, ValueError) as e:  # e.g. a config.json whose shapes the weights do not have
         said = " ".join(str(e).split())[:400]
         raise ModelLoadError(f"{'--vlm-model ' if vlm_dir else ''}{d}: transformers could not load it "
