@@ -4,6 +4,7 @@ CLIP model's tensor names onto it, and applying or reverting a patch through tha
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -209,7 +210,8 @@ def write_provenance(folder: Path, patch: Patch, reverted: bool, source: Path | 
     if isinstance(prev, dict):
         earlier = [*(prev.pop("earlier", None) or []), prev]
     info = {"patch_fingerprint": patch.fingerprint, "concept": patch.concept, "base_model": patch.base_model,
-            "tensors": patch.names, "reverted": reverted, "source": str(source) if source else None, **extra,
+            "tensors": patch.names, "reverted": reverted, "source": os.path.abspath(source) if source else None,
+            **extra,
             **({"earlier": earlier} if earlier else {})}
     text = json.dumps(info, indent=2, sort_keys=True, default=str) + "\n"
     atomic_write_bytes(Path(folder) / "slugkit_patch.json", text.encode())

@@ -8,6 +8,7 @@ same inputs and seed give the same records apart from timings.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -70,7 +71,8 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
         "layers_edited": [e.to_json() for e in edits],
         "pareto_front": run["table"].front_names(),
         # --gradients: the file's batching beside this run's, and what differs (gradfile.batching_record)
-        **({"gradients_file": {"path": cfg.gradients, **data["gradients_file"]}} if data.get("gradients_file") else {}),
+        **({"gradients_file": {"path": os.path.abspath(cfg.gradients), **data["gradients_file"]}}
+           if data.get("gradients_file") else {}),
         **({"chooser": run["chooser_info"]} if run["chooser_info"] is not None else {}),
         "layers_searched": [{"round": rnd, **{k: (brief(v) if k == "val_metrics" and v else v)
                                               for k, v in s.to_json().items() if k != "trajectory"},
