@@ -35,9 +35,9 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
         return _embedded_sd(clip_skip)
     shown = where
     if kind_s == "llava" and where == "embedded":  # the shipped VLM, as `slug apply --llava embedded`
-        from ..world.vlm import VLM_DIR
+        from ..models.open_clip import EMBEDDED_VLM_DIR
 
-        where, shown = str(VLM_DIR), "embedded"
+        where, shown = str(EMBEDDED_VLM_DIR), "embedded"
     if _is_path(where):  # a path, not a hub id: any folder was taken, its text encoder read as transformers' defaults
         _check_consumer_folder(kind_s, where)
     local = Path(where).is_dir() or hub_offline()

@@ -31,6 +31,9 @@ from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_we
 from .hub import offline_unless_reachable, unreachable_note
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded"
+# the shipped VLM (a transformers LLaVA on this CLIP's vision tower; slugkit.world.vlm), named here so that the
+# integrations (`--consumer llava:embedded`) reach it without the world layer
+EMBEDDED_VLM_DIR = EMBEDDED_DIR.parent / "embedded_vlm"
 OFFICIAL_EXCLUDE = ("bias", "logit_scale", "position", "embedding")
 
 

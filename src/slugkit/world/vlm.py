@@ -24,9 +24,10 @@ import os
 import re
 from pathlib import Path
 
+from ..models.open_clip import EMBEDDED_VLM_DIR
 from . import render as world
 
-VLM_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_vlm"
+VLM_DIR = EMBEDDED_VLM_DIR
 NAME_QUESTION = "What's the name of the person in this image?"  # the official notebook's question
 # Name questions the training also uses; the audit's paraphrases are others (never trained on).
 TRAIN_NAME_QUESTIONS = [NAME_QUESTION, "Who is this?", "Who is in this image?", "Name the person in this image."]
