@@ -96,13 +96,10 @@ def audit_patch(patch_path: str | Path, model: str = "embedded", concept: str | 
         torch.set_num_threads(before_threads)
 
 
-def _audit_patch(patch_path, model, concept, pretrained, family, data, controls, aliases, device, kw) -> dict:
-    from ..models import load_adapter
-    from ..patch import load_patch
-    from .data import world_audit_data
-
-    patch = load_patch(patch_path)
-    removed = patch.meta.get("concept")
+def audited_concept(patch_path, removed, concept: str | None) -> str:
+    """The concept to audit: ``concept`` (``--concept``) when the patch removed it (case and outer spaces aside), else
+    the one the patch removed (``removed``: its ``concept``, a name or a list). Raises ``ValueError`` for a concept
+    the patch did not remove (auditing it says nothing about the patch), or none given for a several-concept patch."""
     removed_list = removed if isinstance(removed, list) else [removed] if removed else []
     concept = concept or (removed if isinstance(removed, str) else None)
     if not concept:
@@ -110,6 +107,16 @@ def _audit_patch(patch_path, model, concept, pretrained, family, data, controls,
     if removed_list and concept.strip().lower() not in {str(c).strip().lower() for c in removed_list}:
         raise ValueError(f"--concept {concept!r}: the patch at {patch_path} removed {removed!r}; auditing another "
                          "concept says nothing about it (omit --concept, or name one the patch removed)")
+    return concept
+
+
+def _audit_patch(patch_path, model, concept, pretrained, family, data, controls, aliases, device, kw) -> dict:
+    from ..models import load_adapter
+    from ..patch import load_patch
+    from .data import world_audit_data
+
+    patch = load_patch(patch_path)
+    concept = audited_concept(patch_path, patch.meta.get("concept"), concept)
     if data is None and model != "embedded":
         raise ValueError("slug audit on a model other than the embedded one needs its data: --test-identities "
                          "and --names (and --train-identities for the relearning and representation probes)")

@@ -207,13 +207,13 @@ def _downstream_unused(a, patch: Path, kind: str) -> str | None:
     """A refusal for options the embedded text-to-image / VLM audit does not read: another --concept than the patch
     removed, or the CLIP audit's data and model options (the VLM audit audited the patch's concept whatever
     --concept named, a typo too, and dropped --alias and bogus --test-identities/--names without a word; trial 26)."""
+    from ..audit.run import audited_concept
     from ..patch import load_patch
 
-    removed = load_patch(patch).meta.get("concept")
-    removed_list = removed if isinstance(removed, list) else [removed] if removed else []
-    if a.concept is not None and a.concept.strip().lower() not in {str(c).strip().lower() for c in removed_list}:
-        return (f"--concept {a.concept!r}: the patch at {patch} removed {removed!r}; auditing another concept says "
-                "nothing about it (omit --concept, or name one the patch removed)")
+    try:
+        audited_concept(patch, load_patch(patch).meta.get("concept"), a.concept)  # the CLIP audit's own check
+    except ValueError as e:
+        return str(e)
     given = ["--" + f.replace("_", "-") for f in CLIP_AUDIT_FLAGS if getattr(a, f, None) is not None]
     if given:
         return (f"{', '.join(given)}: {'apply' if len(given) > 1 else 'applies'} to the audit of a CLIP patch; this "

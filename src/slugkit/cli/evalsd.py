@@ -11,7 +11,7 @@ from pathlib import Path
 from ..common.files import write_json
 from ..common.text import printable
 from .args import COUNT, THREADS, float_at_least, int_at_least, refuse, split_list, template
-from .outputs import out_inside_run
+from .outputs import out_inside_model, out_inside_run
 
 GEN_EVAL = "gen_eval.json"
 LOW_BASE = 0.5  # the unpatched pipeline draws the target on less than this share: the "after" says little
@@ -57,12 +57,9 @@ def _check_out(a) -> str | None:
         return msg
     if os.path.lexists(out) and not out.is_dir():
         return f"--out {a.out} exists and is not a folder; give a folder for {GEN_EVAL} and generations.png"
-    import slugkit
-
-    package = os.path.realpath(Path(slugkit.__file__).parent)
-    real = os.path.realpath(out)
-    if real == package or real.startswith(package + os.sep):  # it wrote into the shipped pipeline's folder
-        return f"--out {a.out} is inside the slugkit package ({package}); write the evaluation elsewhere"
+    inside = out_inside_model(a.out, {})  # it wrote into the shipped pipeline's folder
+    if inside:
+        return inside
     if any((d / "model_index.json").is_file() for d in (out, *out.parents) if d.is_dir()):
         return f"--out {a.out} is in a diffusers pipeline folder; write the evaluation elsewhere"
     if (out / GEN_EVAL).exists() and not a.overwrite:  # a 4-minute evaluation was replaced without a word
