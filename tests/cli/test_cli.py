@@ -487,6 +487,22 @@ def test_unlearn_verdict_warns_without_utility_and_refuses_foreign_forget_set(tm
     assert not (tmp_path / "foreign").exists()
 
 
+def test_unlearn_alias_reaches_the_caption_check(tmp_path, monkeypatch):
+    """`slug unlearn --alias` was read only by --audit: forget captions naming the concept by its alias were refused
+    by the caption check, which UnlearnConfig.aliases (the Python API) accepts."""
+    import slugkit.workflows.unlearn as unlearn
+
+    seen = []
+    monkeypatch.setattr(unlearn, "run_unlearn", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.setattr("slugkit.cli.run.print_summary", lambda *a: None)
+    d = tmp_path / "f"
+    d.mkdir()
+    argv = ["unlearn", "--concept", "Elon Musk", "--alias", "Musk", "--alias", "@elonmusk", "--forget", str(d),
+            "--retain", str(d), "--val-identities", str(d), "--test-identities", str(d), "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert seen[0].aliases == ["Musk", "@elonmusk"]
+
+
 def test_an_open_clip_patch_on_a_pipeline_names_the_real_reason(tmp_path, demo_run, capsys):
     """`slug apply --pipeline embedded --patch <a CLIP demo's patch>` said the text-tower tensor it edits "is not part
     of CLIP's text tower"; the patch is open_clip's, the pipeline's encoder a transformers CLIP (fifteenth trial)."""

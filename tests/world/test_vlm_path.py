@@ -75,6 +75,37 @@ def test_the_audit_of_a_vlm_patch_refuses_what_it_would_ignore(clip, tmp_path, c
         capsys.readouterr().err
 
 
+def test_audit_options_an_audit_does_not_read_are_refused(clip, tmp_path, capsys):
+    """The VLM audit ran its fixed budgets under --relearn-steps/--attack-iterations without a word, the
+    CLIP audit under --audit-images, and the run commands took every audit option without --audit."""
+    patch = _patch(clip, tmp_path / "patch")
+    assert main(["audit", "--patch", str(patch), "--relearn-steps", "5", "--attack-iterations", "3", "--out",
+                 str(tmp_path / "a")]) == 2
+    assert ("--attack-iterations, --relearn-steps: not read by the audit of a VLM patch; drop them (it reads "
+            "--gate-representation, --probes)") in capsys.readouterr().err
+    clip_patch = tmp_path / "clip_patch"
+    from slugkit.models import load_adapter
+
+    oc = load_adapter("embedded")
+    name = "visual.transformer.resblocks.1.attn.out_proj.weight"
+    save_patch(make_patch(oc.model, {name: dict(oc.model.named_parameters())[name].detach() * 0.5},
+                          base_model=oc.model_id, adapter="open_clip", concept=world.IDENTITIES[0].name), clip_patch)
+    assert main(["audit", "--patch", str(clip_patch), "--audit-images", "4", "--out", str(tmp_path / "a")]) == 2
+    assert "--audit-images: not read by the audit of a CLIP patch; drop it (it reads --attack-candidates" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    for argv, said in ((["demo", "--relearn-steps", "5"], "--relearn-steps: audit option(s), read only with --audit"),
+                       (["demo", "--target", "sd", "--audit", "--relearn-lr", "1e-3"],
+                        "--relearn-lr: not read by the audit of a text-to-image patch"),
+                       (["compare", "--probes", "prompts"], "--probes: audit option(s), read only with --audit"),
+                       (["unlearn", "--model", "embedded", "--concept", world.IDENTITIES[0].name, "--train-identities",
+                         str(tmp_path)], "--train-identities: the relearning and representation probes' images, read "
+                                         "only with --audit")):
+        assert main([*argv, "--out", str(tmp_path / "r")]) == 2, argv
+        assert said in capsys.readouterr().err, argv
+    assert not (tmp_path / "r").exists()
+
+
 def test_demo_vlm_refuses_options_and_folders_it_would_misuse(tmp_path, capsys, monkeypatch):
     """--save-gradients wrote nothing under --target vlm; --out inside the VLM folder it read, or inside the
     package's assets, was written into. --no-progress now also silences transformers' and the hub's bars."""

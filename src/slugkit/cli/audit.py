@@ -20,7 +20,8 @@ AUDIT_EXIT = {"pass": 0, "warn": 3, "fail": 4}
 
 
 def add_audit_budget_args(p) -> None:
-    """The probes and their budgets (shared by ``slug audit`` and ``--audit`` of the run commands)."""
+    """The probes and their budgets (shared by ``slug audit`` and ``--audit`` of the run commands); the parser records
+    each one's default in ``audit_defaults`` for :func:`unread_audit_options`."""
     from ..audit import PROBES
 
     g = p.add_argument_group("audit probes and budgets (slug audit; documented in slugkit.audit)")
@@ -47,6 +48,36 @@ def add_audit_budget_args(p) -> None:
                    help="text-to-image audit: DDIM steps per image (default 20)")
     g.add_argument("--gate-representation", action="store_true",
                    help="let the representation probe change the exit status (default: reported only)")
+    p.set_defaults(audit_defaults={x.dest: x.default for x in g._group_actions})
+
+
+# the audit options each audit reads (the VLM audit ran its fixed budgets under --relearn-steps 5, the CLIP audit
+# under --audit-images, the run commands without --audit took them all, without a word)
+AUDIT_READS = {"CLIP": frozenset({"probes", "attack_iterations", "attack_candidates", "attack_tokens",
+                                  "attack_restarts", "relearn_steps", "relearn_sizes", "relearn_lr", "control_name",
+                                  "gate_representation"}),
+               "text-to-image": frozenset({"probes", "attack_iterations", "attack_candidates", "attack_tokens",
+                                           "audit_images", "audit_gen_steps"}),
+               "VLM": frozenset({"probes", "gate_representation"})}
+
+
+def unread_audit_options(a, kind: str | None) -> str | None:
+    """The refusal for audit options given (``a.audit_defaults``: their defaults) that the audit of ``kind`` (a key
+    of :data:`AUDIT_READS`; None: a run command without ``--audit``) does not read; None when there are none."""
+    defaults = getattr(a, "audit_defaults", None) or {}
+    reads = AUDIT_READS[kind] if kind else frozenset()
+    given = ["--" + k.replace("_", "-") for k, d in defaults.items() if k not in reads and getattr(a, k, d) != d]
+    if kind == "VLM" or kind == "text-to-image":
+        given += ["--device"] if getattr(a, "device", "cpu") not in ("cpu", None) else []
+    if not given:
+        return None
+    them = "them" if len(given) > 1 else "it"
+    if kind is None:
+        return f"{', '.join(given)}: audit option(s), read only with --audit; add --audit or drop {them}"
+    has = [k for k in sorted(reads) if k in defaults]
+    return (f"{', '.join(given)}: not read by the audit of a {kind} patch"
+            + (" (it runs on the CPU)" if "--device" in given else "")
+            + f"; drop {them}" + (f" (it reads {', '.join('--' + k.replace('_', '-') for k in has)})" if has else ""))
 
 
 def audit_options(a) -> dict:
@@ -141,6 +172,9 @@ def cmd_audit(a) -> int:
         if a.model == "embedded" and is_kind(patch):
             msg = _downstream_unused(a, patch, kind)
             return refuse(msg) if msg else _print_audit(audit(patch, out, a), out)
+    msg = unread_audit_options(a, "CLIP")
+    if msg:
+        return refuse(msg)
     data = None
     if a.test_identities or a.model != "embedded":
         if not a.test_identities:
@@ -219,7 +253,7 @@ def _downstream_unused(a, patch: Path, kind: str) -> str | None:
         return (f"{', '.join(given)}: {'apply' if len(given) > 1 else 'applies'} to the audit of a CLIP patch; this "
                 f"patch is of the embedded {kind} model, audited on it and on the world's images: drop "
                 f"{'them' if len(given) > 1 else 'it'}")
-    return None
+    return unread_audit_options(a, kind)
 
 
 def _is_t2i_patch(patch: Path) -> bool:

@@ -28,7 +28,9 @@ def cmd_compare(a) -> int:
     from ..world import render as world
     from ..world.demo_data import default_concept
 
-    msg = data_dir_conflict(a)
+    from .audit import unread_audit_options
+
+    msg = data_dir_conflict(a) or unread_audit_options(a, "CLIP" if a.audit else None)
     if msg:
         return refuse(msg)
     concepts = split_list(a.concepts) if a.concepts else []

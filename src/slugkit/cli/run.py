@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..workflows.verdict import exit_status_of
+from .audit import unread_audit_options
 from .world import world_ignored
 from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, name_list,
                    nonempty, refuse, search_config, split_list, step_options, template, text_file,
@@ -97,7 +98,9 @@ def cmd_demo(a) -> int:
 
     models = {"--vlm-model": getattr(a, "vlm_model", None) if a.target == "vlm" else None,  # the folder the run reads
               "--t2i-model": getattr(a, "t2i_model", None) if a.target == "sd" else None}
-    msg = demo_conflicts(a) or out_inside_model(a.out, models)
+    msg = (demo_conflicts(a) or out_inside_model(a.out, models)
+           or unread_audit_options(a, {"clip": "CLIP", "sd": "text-to-image", "vlm": "VLM"}[a.target] if a.audit
+                                   else None))
     if msg:
         return refuse(msg)
     if a.target in ("sd", "vlm"):
@@ -179,7 +182,10 @@ def cmd_unlearn(a) -> int:
     concepts = split_list(a.concepts) if a.concepts else []
     if a.threads is None and a.model == "embedded" and a.device == "cpu":  # as `slug demo`: torch's 2 threads beside
         a.threads = 1  # another job ran 130 s against 13.6 s, the same patch bytes (ninth trial)
-    msg = validate_unlearn(a, concepts)
+    msg = validate_unlearn(a, concepts) or unread_audit_options(a, "CLIP" if a.audit else None)
+    if not msg and a.train_identities and not a.audit:
+        msg = "--train-identities: the relearning and representation probes' images, read only with --audit; add " \
+              "--audit or drop it"
     if msg:
         return refuse(msg)
     if a.audit and len(concepts) > 1:
@@ -197,7 +203,7 @@ def cmd_unlearn(a) -> int:
         batch_size=a.batch_size, search=search_config(a), cached_search=not a.naive_search, seed=a.seed,
         threads=a.threads, device=a.device, precision=a.precision, strict=a.strict, overwrite=a.overwrite,
         family=a.family, consumer=a.consumer, clip_skip=a.clip_skip, budgets=budgets_of(a), **step_options(a),
-        caption_check=not a.no_caption_check,
+        caption_check=not a.no_caption_check, aliases=a.alias or [],
         progress=not a.no_progress, save_gradients=a.save_gradients, gradients=a.gradients)
     result = run_unlearn(cfg)
     print_summary(result, a.out)
@@ -373,7 +379,8 @@ def add_parsers(sub) -> None:
                    help="with --audit: class folder of training-split images (the relearning and representation "
                         "probes; skipped without it)")
     u.add_argument("--alias", type=nonempty, action="append", default=None,
-                   help="with --audit: another name of the concept, tried as a prompt variant (repeatable)")
+                   help="another name of the concept (repeatable): forget captions naming it pass the caption check, "
+                        "retain captions naming it are counted; with --audit also tried as a prompt variant")
     add_run_args(u)
     _add_audit_args(u)
     u.set_defaults(func=cmd_unlearn)

@@ -95,7 +95,9 @@ def world_ignored(a) -> str | None:
                                       ("--clip-skip", a.clip_skip), ("--identity-template", a.identity_template),
                                       ("--related-names", a.related_names),
                                       ("--utility-classnames", a.utility_classnames),
-                                      ("--utility-templates", a.utility_templates != "imagenet-simple"))
+                                      ("--utility-templates", a.utility_templates != "imagenet-simple"),
+                                      ("--alias", getattr(a, "alias", None)),
+                                      ("--train-identities", getattr(a, "train_identities", None)))
              if value]
     if not given:
         return None
