@@ -171,6 +171,25 @@ def test_generation_changes_after_apply_and_returns_after_revert(clip, slug_patc
     assert torch.equal(gen(), base)
 
 
+def test_no_progress_silences_diffusers_loading_bars(tmp_path, clip, monkeypatch, capsys):
+    """`--no-progress` (HF_HUB_DISABLE_PROGRESS_BARS=1, set by the CLI) left diffusers' "Loading pipeline
+    components" bar on: diffusers reads no variable of its own."""
+    from diffusers.utils import logging as dlog
+
+    from slugkit.integrations.diffusers_sd import load_pipeline_folder
+
+    tiny_sd_pipeline(clip).save_pretrained(tmp_path / "sd")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    try:
+        load_pipeline_folder(str(tmp_path / "sd"))
+        assert "Loading pipeline components" in capsys.readouterr().err
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        load_pipeline_folder(str(tmp_path / "sd"))
+        assert "Loading pipeline components" not in capsys.readouterr().err
+    finally:
+        dlog.enable_progress_bar()
+
+
 def test_save_patched_text_encoder(tmp_path, clip, slug_patch, capsys):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel

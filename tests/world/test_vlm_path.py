@@ -50,6 +50,15 @@ def test_apply_llava_onto_an_existing_file_is_refused(clip, tmp_path, capsys):
     assert main(["apply", "--llava", "embedded", "--patch", str(tmp_path / "m"), "--out", str(notes)]) == 2
     assert f"note: --patch {tmp_path / 'm'}: using the patch at {tmp_path / 'm' / 'run' / 'patch'}" in \
         capsys.readouterr().err
+    # a --llava folder that is not there, or a file, was "not a LLaVA model folder (no config.json in it)"
+    for cmd in ("apply", "revert"):
+        assert main([cmd, "--llava", str(tmp_path / "nope"), "--patch", str(patch), "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+        assert f"{tmp_path / 'nope'}: no such folder; pass a folder written by model.save_pretrained(DIR)" in \
+            capsys.readouterr().err
+    assert main(["apply", "--llava", str(notes), "--patch", str(patch), "--out", str(tmp_path / "o")]) == 2
+    assert f"{notes}: is a file; pass the LLaVA model folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_audit_of_a_vlm_patch_refuses_what_it_would_ignore(clip, tmp_path, capsys):

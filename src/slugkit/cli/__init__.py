@@ -156,8 +156,9 @@ def _dispatch(argv: list[str] | None) -> int:
               "count", file=sys.stderr)
     if getattr(a, "no_progress", False):  # transformers' and the hub's bars too ("Loading weights": trial 26); read
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # when transformers is first imported, and by the hub
-        if "transformers" in sys.modules:
-            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        for lib in ("transformers", "diffusers"):  # imported already; else the variable above is read
+            if lib in sys.modules:
+                sys.modules[lib].utils.logging.disable_progress_bar()
     try:
         _settle_inputs(a)
         return a.func(a)

@@ -295,6 +295,8 @@ def add_parsers(sub) -> None:
                              + ("informational: revert restores whatever the patch changed"
                                 if rev else "a patch of a layer it then never reads is refused")
                              + " (default: none, the last layer)")
+        ap.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' and diffusers' "
+                                                                     "when a model folder is loaded and written)")
         ap.set_defaults(func=(lambda a, r=rev: cmd_apply(a, revert=r)))
 
     add_eval_sd_parser(sub)
@@ -320,6 +322,7 @@ def add_parsers(sub) -> None:
                     help="the pipeline is run with diffusers' clip_skip=N: a patch of a layer it then never reads is "
                          "refused (default: none)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars (when the pipeline is loaded)")
     ex.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="describe a patch")

@@ -387,7 +387,10 @@ def load_pipeline_folder(folder: str, device: str = "cpu"):
     check_pipeline_folder(p)
     check_weight_files(p, "pipeline weights file", recursive=True)
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlog
 
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # --no-progress; diffusers reads no variable of its own
+        dlog.disable_progress_bar()
     pipe = DiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None,
                                              requires_safety_checker=False)
     return pipe.to(device)

@@ -147,6 +147,12 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
         from transformers import LlavaForConditionalGeneration
 
         src_dir = Path(llava_or_dir)
+        if not src_dir.is_dir():  # it said "no config.json in it" of a folder that is not there, or of a file
+            raise FileNotFoundError(f"{src_dir}: " + ("is a file; pass the LLaVA model folder (one written by "
+                                                      "model.save_pretrained(DIR))" if src_dir.exists() else
+                                                      "no such folder; pass a folder written by "
+                                                      "model.save_pretrained(DIR) or downloaded with "
+                                                      "`huggingface-cli download ID --local-dir DIR`, or 'embedded'"))
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder (no config.json in it)")
         check_weight_files(src_dir, "LLaVA weights file")
