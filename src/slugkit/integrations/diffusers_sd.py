@@ -280,8 +280,6 @@ def _link_or_copy(src: str, dst: str) -> None:
 def _folder_encoder(src_dir: Path, patch: Patch, encoder: str | None) -> str:
     """The encoder subfolder of a pipeline folder to patch: ``encoder``, the only one, or (SDXL) the one whose config
     fits the patch's shapes (text width in every tensor's shape, layer indices below its layer count)."""
-    import json as _json
-
     if not src_dir.is_dir():  # "no such folder; pass a folder written by …", as `slug export` says (eleventh trial)
         check_pipeline_folder(src_dir)
     present = [e for e in ENCODERS if (src_dir / e / "config.json").is_file()]
@@ -296,7 +294,7 @@ def _folder_encoder(src_dir: Path, patch: Patch, encoder: str | None) -> str:
     prefix = CLIP_TOWER_PREFIX["text"] + "encoder.layers."
 
     def fits(e):
-        cfg = _json.loads((src_dir / e / "config.json").read_text())
+        cfg = json.loads((src_dir / e / "config.json").read_text())
         width, n = cfg.get("hidden_size"), cfg.get("num_hidden_layers", 0)
         for name in patch.names:
             if width not in tuple(patch.patched[name].shape):
@@ -386,18 +384,17 @@ def load_pipeline_folder(folder: str, device: str = "cpu"):
     p = Path(folder)
     check_pipeline_folder(p)
     check_weight_files(p, "pipeline weights file", recursive=True)
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as dlog
+    from diffusers import DiffusionPipeline, utils
 
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # --no-progress; diffusers reads no variable of its own
-        dlog.disable_progress_bar()
+        utils.logging.disable_progress_bar()
     pipe = DiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None,
                                              requires_safety_checker=False)
     return pipe.to(device)
 
 
 __all__ = ["ENCODERS", "apply_patch_to_pipeline", "check_pipeline_folder", "load_pipeline_folder",
-           "consumed_layer_count", "consumed_text_candidates",
-           "consumed_text_layers", "encoder_reads", "is_sdxl", "pick_encoder", "pipeline_consumption",
-           "revert_patch_from_pipeline", "save_patched_text_encoder", "text_encoder_map", "verify_text_encoder"]
+           "consumed_layer_count", "consumed_text_candidates", "consumed_text_layers", "encoder_reads", "is_sdxl",
+           "pick_encoder", "pipeline_consumption", "revert_patch_from_pipeline", "save_patched_text_encoder",
+           "text_encoder_map", "verify_text_encoder"]
 
