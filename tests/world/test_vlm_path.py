@@ -50,6 +50,9 @@ def test_apply_llava_onto_an_existing_file_is_refused(clip, tmp_path, capsys):
     assert main(["apply", "--llava", "embedded", "--patch", str(tmp_path / "m"), "--out", str(notes)]) == 2
     assert f"note: --patch {tmp_path / 'm'}: using the patch at {tmp_path / 'm' / 'run' / 'patch'}" in \
         capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "m")]) == 0  # inspect (and export, audit) used it without a word
+    assert f"note: slug inspect {tmp_path / 'm'}: using the patch at {tmp_path / 'm' / 'run' / 'patch'}" in \
+        capsys.readouterr().err
     # a --llava folder that is not there, or a file, was "not a LLaVA model folder (no config.json in it)"
     for cmd in ("apply", "revert"):
         assert main([cmd, "--llava", str(tmp_path / "nope"), "--patch", str(patch), "--out", str(tmp_path / "o"),

@@ -113,9 +113,9 @@ def _patch_and_out(a) -> tuple[Path, Path]:
         run = p.parent  # RUN/patch given for RUN: the run folder is the default --out, as for RUN
     patch = run / "patch" if run else p
     if p.is_dir() and not (patch / "patch.json").is_file():  # a compare run: slug/patch (thirteenth trial)
-        from ..patch.format import resolve_patch_dir
+        from .patches import say_found
 
-        patch, run = resolve_patch_dir(p), p  # the one patch below it (or names them); the audit goes into p
+        patch, run = say_found(str(p), "--patch"), p  # the one patch below it (or names them); the audit goes into p
     if not (patch.is_dir() and (patch / "patch.json").is_file()):
         if not p.exists():
             from ..patch.format import resolve_patch_dir

@@ -47,7 +47,6 @@ def _state_of(target):
 def cmd_apply(a, revert: bool = False) -> int:
     """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA."""
     from ..patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
-    from ..patch.format import resolve_patch_dir
 
     msg = validate_apply(a, revert)
     if msg:
@@ -65,10 +64,7 @@ def cmd_apply(a, revert: bool = False) -> int:
     if msg:
         return refuse(msg)
     for given in a.patch:  # --out onto the patch's own files replaced the patch with the model (new-user trial)
-        found = resolve_patch_dir(given)
-        if Path(given).is_dir() and found not in (Path(given), Path(given) / "patch"):  # found deeper: say which
-            print(f"note: --patch {printable(given)}: using the patch at {printable(found)}", file=sys.stderr)
-        folder = os.path.realpath(found)
+        folder = os.path.realpath(say_found(given, "--patch"))
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
             return refuse(f"--out {a.out} is inside the patch {given}; writing there would destroy the patch: "
                           "choose a path outside it")
@@ -197,6 +193,18 @@ def _max_error(text: str) -> float:
     return v
 
 
+def say_found(given: str, flag: str) -> Path:
+    """The patch folder ``given`` names (:func:`slugkit.patch.format.resolve_patch_dir`), with a note on stderr when
+    it was found below ``given`` rather than at it or at ``given/patch`` (apply said so; inspect, export and audit
+    used such a patch without a word)."""
+    from ..patch.format import resolve_patch_dir
+
+    found = resolve_patch_dir(given)
+    if Path(given).is_dir() and found not in (Path(given), Path(given) / "patch"):  # found deeper: say which
+        print(f"note: {flag} {printable(given)}: using the patch at {printable(found)}", file=sys.stderr)
+    return found
+
+
 def cmd_export(a) -> int:
     """`slug export --lora PATCH --pipeline DIR|embedded --out FILE`: the patch's text-encoder edit as a LoRA file
     (:mod:`slugkit.patch.lora`). The pipeline's text encoder is hash-checked against the patch's original weights
@@ -218,7 +226,7 @@ def cmd_export(a) -> int:
     parent = out.parent if str(out.parent) else Path(".")
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):  # said after the SVD work (twentieth trial)
         return refuse(f"--out {out}: cannot write in {parent} (read-only or not yours); choose another --out")
-    patch = load_patch(a.lora)
+    patch = load_patch(say_found(a.lora, "--lora"))
     check_exportable(patch)
     from ..patch.summary import verdict_line
 
@@ -253,7 +261,7 @@ def cmd_inspect(a) -> int:
     printed escaped: no control character reaches the terminal either way."""
     from ..patch import describe, load_patch
 
-    p = load_patch(a.patch)
+    p = load_patch(say_found(a.patch, "slug inspect"))
     if a.json:  # ASCII JSON: every control character (C0, C1) is a \uXXXX escape; DEL too
         print(json.dumps(p.meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f"))
     else:
