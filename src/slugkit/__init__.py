@@ -2,7 +2,11 @@
 
 Public API::
 
-    from slugkit import load_model, unlearn, UnlearnConfig, load_patch, apply_patch, revert_patch
+    from slugkit import load_model, unlearn, UnlearnConfig, SearchConfig, Budgets, world_config
+    from slugkit import load_patch, apply_patch, revert_patch, apply_patches, compose_patches, save_patch
+
+``unlearn(UnlearnConfig(...))`` is ``slug unlearn``; ``world_config(NAME, OUT)`` gives the configuration of a run on
+the embedded world's data (``slug demo``). The README's "Python" section shows both.
 """
 
 from __future__ import annotations
@@ -19,11 +23,28 @@ def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
     return load_adapter(model, pretrained, **kw)
 
 
-def unlearn(config):
-    """Run SLUG end to end (see :class:`slugkit.unlearn.UnlearnConfig`); returns the result dict."""
+def unlearn(config) -> dict:
+    """Run SLUG end to end (``slug unlearn``) with ``config``, an :class:`UnlearnConfig`; writes the run folder
+    ``config.out`` (``result.json``, ``report.md``, ``patch/``, …) and returns ``result.json``'s content as a dict.
+
+    Check ``result["verdict"]["status"]``: ``pass``, ``warn`` or ``fail`` (the CLI's exit status 0, 3, 4); the patch
+    is at ``Path(config.out) / result["patch"]["path"]`` when one was written. Raises ``TypeError`` for a config of
+    another type, :class:`slugkit.slug.search.SearchFailed` when no layer and step met the criteria (no patch, no
+    folder), and the input errors of :mod:`slugkit.common.errors` (``ValueError``, ``OSError`` subclasses) naming
+    the file or option."""
     from .workflows.unlearn import run_unlearn
 
     return run_unlearn(config)
+
+
+def world_config(concept, out, data_dir=None, **overrides):
+    """The :class:`UnlearnConfig` of a run on the embedded world's data (``slug demo``): the world is written to
+    ``data_dir`` (default: the shared cache) if missing, the concept's forget/retain pairs are curated into
+    ``out/data``. ``overrides``: other ``UnlearnConfig`` fields (``seed``, ``progress``, ``search``, …). Returns
+    ``(config, curate_summary, data_dir)``; pass ``config`` to :func:`unlearn`."""
+    from .workflows.world_runs import world_config as wc
+
+    return wc(concept, out, data_dir, **overrides)
 
 
 def __getattr__(name):
@@ -41,8 +62,17 @@ def __getattr__(name):
         from .slug.search import SearchConfig
 
         return SearchConfig
-    raise AttributeError(name)
+    if name == "Budgets":
+        from .workflows.verdict import Budgets
+
+        return Budgets
+    raise AttributeError(f"module 'slugkit' has no attribute {name!r}")
+
+
+def __dir__():
+    """The lazy names too: tab completion and ``help(slugkit)`` listed only ``load_model`` and ``unlearn``."""
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = ["Patch", "apply_patch", "apply_patches", "compose_patches", "load_patch", "revert_patch", "save_patch",
-           "load_model", "unlearn", "UnlearnConfig", "SearchConfig"]
+           "load_model", "unlearn", "world_config", "UnlearnConfig", "SearchConfig", "Budgets"]

@@ -362,7 +362,7 @@ def test_choose_keeps_the_worst_neighbour_within_budget():
     d = LSW("d", .99, .90, {"x": 0.85, "y": 0.9, "z": 0.9})
     assert choose_layer([b, d], "min", base, worst_budget=0.2).name == "b"
     assert choose_layer([b, d], "min", base, worst_budget=0.2, utility_budget=0.02).name == "d"
-    with pytest.raises(ValueError, match="worst budget"):
+    with pytest.raises(ValueError, match="worst_budget"):
         SearchConfig(worst_budget=1.5)
 
 

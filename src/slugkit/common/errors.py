@@ -7,8 +7,10 @@ imports nothing of ours; ``SearchFailed`` in :mod:`slugkit.slug.search`); the on
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["EmptyForgetSetError", "ModelLoadError", "OutputExistsError", "ShardError", "check_device",
-           "device_error_hint"]
+           "check_number", "device_error_hint"]
 
 
 class ShardError(RuntimeError):
@@ -63,3 +65,14 @@ def device_error_hint(e: RuntimeError) -> str | None:
                 "with the command line. `--device cpu` avoids it; `slug grads --device cuda` + `--gradients` runs "
                 "only the gradient pass on the GPU")
     return None
+
+
+def check_number(owner: str, name: str, v, lo: float = 0.0, hi: float = 1.0, hi_open: bool = False,
+                 flag: str | None = None) -> None:
+    """``owner.name`` must be a real number in [lo, hi] (or [lo, hi) with ``hi_open``): ``TypeError`` for a str (it
+    failed later, in a comparison deep in the search), ``ValueError`` naming the field and ``flag`` otherwise."""
+    where = f"{owner}.{name}" + (f" ({flag})" if flag else "")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{where}: expected a number, got {type(v).__name__} {v!r}")
+    if math.isnan(v) or v < lo or v > hi or (hi_open and v >= hi):
+        raise ValueError(f"{where}: must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v}")

@@ -35,7 +35,7 @@ def leave_bar() -> bool:
 def vanishing_bar(iterable, **kwargs):
     """``tqdm(iterable, **kwargs)`` that clears itself when done in a terminal and ends on its final state in a log
     (:func:`leave_bar`)."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # a widget in a notebook (trial 28), the plain bar elsewhere
 
     return tqdm(iterable, leave=leave_bar(), **kwargs)
 

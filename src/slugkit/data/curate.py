@@ -67,7 +67,7 @@ def curate(spec: str, concept: str, out_dir: str | Path, *, aliases: list[str] =
     # Pass 1: the captions, to find the matches (only the matches' images are decoded, up to the cap).
     it = iter_pairs(spec, strict=strict, stats=stats, decode=False)
     if progress:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         it = tqdm(it, desc="curate: scanning captions", unit="sample")
     for s in it:

@@ -43,7 +43,7 @@ def compose_patches(patches: list[Patch]) -> Patch:
     different base models / adapters / architectures (``meta['architecture']``, kept in the result). A single patch
     is returned unchanged.
     """
-    patches = list(patches)
+    patches = [patches] if isinstance(patches, Patch) else list(patches)  # a Patch is not iterable (trial 28)
     if not patches:
         raise PatchError("compose_patches needs at least one patch")
     if len(patches) == 1:
@@ -132,7 +132,8 @@ def chain_patches(patches: list[Patch]) -> Patch:
 
 
 def apply_patches(target, patches: list[Patch], *, check: bool = True):
-    """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written."""
-    return apply_patch(target, compose_patches(patches), check=check)
+    """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written. A single
+    :class:`Patch` is taken as a list of one."""
+    return apply_patch(target, compose_patches([patches] if isinstance(patches, Patch) else patches), check=check)
 
 

@@ -43,7 +43,16 @@ def _named_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, 
         if bad:
             raise PatchError(f"state dict entries must be tensors; not a tensor: {bad[:5]}")
         return dict(target)
-    raise TypeError(f"target must be an nn.Module or a dict of tensors, not {type(target).__name__}")
+    raise TypeError(f"target must be an nn.Module, a dict of tensors or a slugkit adapter, not "
+                    f"{type(target).__name__}" + (" (pass slugkit.integrations.diffusers_sd.apply_patch_to_pipeline "
+                                                  "a pipeline)" if hasattr(target, "text_encoder") else ""))
+
+
+def _unwrap(target):
+    """A slugkit adapter (``slugkit.load_model``) stands for its ``.model``; anything else is itself (trial 28: an
+    adapter was refused as "not an nn.Module")."""
+    model = getattr(target, "model", None)
+    return model if isinstance(model, nn.Module) and hasattr(target, "candidate_names") else target
 
 
 def _missing_hint(missing: Iterable[str], available: Iterable[str]) -> str:
@@ -245,7 +254,8 @@ def _copy_all(live: dict[str, torch.Tensor], values: dict[str, torch.Tensor], un
 
 
 def apply_patch(target, patch: Patch, *, check: bool = True):
-    """Write the patched values into ``target`` (an ``nn.Module`` or a state dict), in place; returns ``target``.
+    """Write the patched values into ``target`` (an ``nn.Module``, a state dict or a slugkit adapter), in place;
+    returns ``target``.
 
     Module tensors are looked up by ``named_parameters()``, then buffers / ``state_dict()`` keys. Before
     anything is written every tensor is checked: it exists, its shape and dtype match, and (``check=True``)
@@ -259,9 +269,10 @@ def apply_patch(target, patch: Patch, *, check: bool = True):
     dtype than the patch's get the patch cast to theirs first (module docstring, "Half precision"; raises
     :class:`PatchError` when the edit rounds away entirely).
     """
-    live = _named_tensors(target)
-    if check and isinstance(target, nn.Module):
-        check_architecture(target, patch)
+    module = _unwrap(target)
+    live = _named_tensors(module)
+    if check and isinstance(module, nn.Module):
+        check_architecture(module, patch)
     patch = _cast_to(live, patch)
     live = _verify_state(live, patch, "original", check_hash=check)
     _copy_all(live, patch.patched, patch.original)
@@ -274,7 +285,7 @@ def revert_patch(target, patch: Patch):
     Refuses (:class:`PatchMismatchError`, model untouched) unless every tensor currently holds exactly the
     patched values (cast to the target's dtype, as :func:`apply_patch` wrote them).
     """
-    live = _named_tensors(target)
+    live = _named_tensors(_unwrap(target))
     patch = _cast_to(live, patch)
     live = _verify_state(live, patch, "patched")
     _copy_all(live, patch.original, patch.patched)

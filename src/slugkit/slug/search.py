@@ -63,14 +63,22 @@ class SearchConfig:
     worst_budget: float | None = 0.20  # max validation drop of any single other identity at the applied step
 
     def __post_init__(self):
+        """Types and ranges as ``slug unlearn``'s parser checks them (``steps="10"``, ``initial_divisor=0`` or
+        ``threshold=5`` failed seconds into a run, blaming other things: trial 28)."""
+        from ..common.errors import check_number
+
         if self.metric not in ("forget_top1", "forget_top5"):
             raise ValueError(f"search metric must be forget_top1 or forget_top5, not {self.metric!r}")
-        if self.steps < 1:
-            raise ValueError("search steps must be >= 1")
-        if self.margin < 1.0:
-            raise ValueError("margin must be >= 1.0 (1.0 = the official smallest accepted step)")
-        if self.worst_budget is not None and not 0.0 <= self.worst_budget <= 1.0:
-            raise ValueError(f"worst budget must be a fraction in [0, 1], not {self.worst_budget}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise (ValueError if isinstance(self.steps, int) else TypeError)(
+                f"SearchConfig.steps (--steps): expected an int >= 1, got {self.steps!r}")
+        check_number("SearchConfig", "threshold", self.threshold, hi_open=True, flag="--threshold")
+        check_number("SearchConfig", "initial_divisor", self.initial_divisor, 1e-12, math.inf)
+        check_number("SearchConfig", "margin", self.margin, 1.0, math.inf, flag="--margin; 1.0 = the official "
+                                                                                "smallest accepted step")
+        for name in ("utility_floor", "worst_budget"):
+            if getattr(self, name) is not None:
+                check_number("SearchConfig", name, getattr(self, name), flag="--" + name.replace("_", "-"))
         if self.selection not in SELECTION_POLICIES:
             raise ValueError(f"selection must be one of {SELECTION_POLICIES}, not {self.selection!r}")
 

@@ -40,6 +40,27 @@ RUN_MARKER = RESULT_FILES[0]  # a folder holding it is a complete run (the run a
 
 @dataclass
 class UnlearnConfig:
+    """Everything one SLUG run reads; ``slug unlearn``'s options, field for field (``--batch-size`` is
+    ``batch_size``; errors raised during the run name the options as the CLI spells them).
+
+    Required: ``concept`` (the name to unlearn, as the captions and the identity folders spell it; or ``concepts``,
+    a list, for a joint run), ``out`` (the run folder), ``forget`` / ``retain`` (image–caption pairs: a
+    webdataset shard spec such as ``'data/{00000..00009}.tar'``, a captioned folder ``x.jpg`` + ``x.txt``, or a
+    list of them), ``val_identities`` / ``test_identities`` (disjoint class folders ``<Name>/*.jpg``: the search's
+    and the reported metrics). Paths are ``str`` or ``os.PathLike``. Optional: ``names`` (file, the full identity
+    name list), ``identity_templates`` (list, or a file one per line), ``related_names``, ``utility_val`` /
+    ``utility_test`` (class folders; utility is not measured without them: verdict warn), ``utility_classnames``,
+    ``utility_templates`` (``'imagenet-simple'``, ``'imagenet'``, a file or a list), ``aliases`` (list),
+    ``model`` / ``pretrained`` / ``family`` (``'open_clip'`` or ``'hf_clip'``), ``consumer``, ``clip_skip``,
+    ``gradients`` (a ``slug grads`` file). Numbers: ``batch_size`` ≥ 2, ``forget_samples`` ≥ 1,
+    ``retain_samples`` ≥ 2, ``threads`` ≥ 1 (default 1 for the embedded model on the CPU, else torch's),
+    ``protect_neighbours`` in [0, 50] (0: the paper's step), ``max_layers`` in [1, 3] (1: the paper's single layer);
+    ``search`` a :class:`~slugkit.slug.search.SearchConfig`, ``budgets`` a :class:`~slugkit.workflows.verdict.Budgets`.
+
+    Checked when built (:func:`slugkit.workflows.config_check.check_config`): ``TypeError`` / ``ValueError`` naming
+    the field. The embedded world's data for a run on the embedded model: :func:`slugkit.world_config`.
+    """
+
     concept: str
     out: str
     forget: str  # shards spec or captioned folder with the concept's image–caption pairs
@@ -80,6 +101,11 @@ class UnlearnConfig:
     protect_neighbours: int = DEFAULT_PROTECT  # k nearest neighbours the step is projected off (0: the paper's step)
     max_layers: int = 2  # layers the fallback may edit (1: the paper's single layer; slugkit.workflows.rounds)
 
+    def __post_init__(self):
+        from .config_check import check_config
+
+        check_config(self)
+
     def concept_list(self) -> list[str]:
         return list(self.concepts) if self.concepts else [self.concept]
 
@@ -97,15 +123,22 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     """Run SLUG end to end and write every output into ``cfg.out`` (assembled in a temporary folder, renamed into
     place at the end); returns the result dict.
 
-    ``cfg.threads`` sets torch's CPU threads for the run only (restored afterwards). ``choose``: an optional
+    ``cfg.threads`` sets torch's CPU threads for the run only (restored afterwards; default 1 for the embedded model
+    on the CPU); torch's random state is restored too. ``choose``: an optional
     ``choose(searches, adapter, grads, val_before, policy) -> (LayerSearch, info)`` replacing the CLIP layer
     choice among the searched Pareto layers (e.g. :func:`slugkit.workflows.sd_generator.generator_chooser` for a
     diffusion pipeline); ``info`` is recorded as ``result["chooser"]``."""
+    if not isinstance(cfg, UnlearnConfig):  # a dict said "'dict' object has no attribute 'threads'" (trial 28)
+        raise TypeError(f"run_unlearn takes a slugkit.UnlearnConfig, not a {type(cfg).__name__}: "
+                        "UnlearnConfig(**fields)")
     threads = torch.get_num_threads()
+    n = cfg.threads or (1 if cfg.model == "embedded" and cfg.device == "cpu" else None)  # as the CLI: 130 s vs 13.6
+    cuda = torch.device(cfg.device).type == "cuda"
     try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        return _run_unlearn(cfg, adapter, extra_run_info, choose)
+        if n:
+            torch.set_num_threads(n)
+        with torch.random.fork_rng(devices=[torch.device(cfg.device).index or 0] if cuda else []):
+            return _run_unlearn(cfg, adapter, extra_run_info, choose)  # the caller's RNG streams are left as they were
     finally:
         torch.set_num_threads(threads)
 

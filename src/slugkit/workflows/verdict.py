@@ -56,9 +56,11 @@ class Budgets:
     worst_drop: float = 0.20  # the largest drop of any single other identity / concept (issue 12)
 
     def __post_init__(self):
-        for k, v in asdict(self).items():
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"budget {k} must be a fraction in [0, 1], got {v}")
+        from ..common.errors import check_number
+
+        for k, v in asdict(self).items():  # a str failed later, in a comparison (trial 28)
+            check_number("Budgets", k, v, hi=0.5 if k == "forget_tolerance" else 1.0, hi_open=k == "forget_tolerance",
+                         flag={"forget_tolerance": "--forget-tolerance"}.get(k, f"--{k.split('_')[0]}-budget"))
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""The Python API as a notebook user drives it (trial 28): `slugkit.unlearn(UnlearnConfig(...))` checks its fields as
+`slug unlearn`'s parser does, takes paths as `pathlib.Path`, leaves the caller's RNG and threads alone; the patch
+functions take an adapter and a single patch."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import slugkit
+from slugkit import Budgets, SearchConfig, UnlearnConfig
+from slugkit.world import render as world
+
+BASE = dict(concept="A", out=Path("o"), forget=Path("f.tar"), retain=[Path("r1"), "r2"],
+            val_identities=Path("val"), test_identities="test")
+
+
+def test_paths_may_be_pathlike_and_sources_a_list():
+    cfg = UnlearnConfig(**BASE, names=Path("names.txt"), gradients=Path("g.safetensors"), model=Path("m.pt"))
+    assert (cfg.out, cfg.forget, cfg.retain, cfg.val_identities) == ("o", "f.tar", "r1::r2", "val")
+    assert (cfg.names, cfg.gradients, cfg.model) == ("names.txt", "g.safetensors", "m.pt")
+    assert UnlearnConfig(**{**BASE, "concept": " A "}).concept == "A"
+    joint = UnlearnConfig(**{**BASE, "concept": "", "concepts": ["A", "B"]})
+    assert joint.concept == "A + B"
+
+
+def test_identity_templates_may_be_a_file(tmp_path):
+    (tmp_path / "t.txt").write_text("a photo of {}.\n{}.\n")
+    assert UnlearnConfig(**BASE, identity_templates=tmp_path / "t.txt").identity_templates == ["a photo of {}.", "{}."]
+
+
+@pytest.mark.parametrize("field, value, error, said", [
+    ("batch_size", 0, ValueError, "UnlearnConfig.batch_size (--batch-size): must be >= 2"),
+    ("forget_samples", 0, ValueError, "forget_samples (--forget-samples): must be >= 1"),
+    ("retain_samples", 1, ValueError, "retain_samples (--retain-samples): must be >= 2"),
+    ("threads", -1, ValueError, "threads (--threads): must be >= 1"),
+    ("threads", "2", TypeError, "threads (--threads): expected an int, got str '2'"),
+    ("seed", "1", TypeError, "seed (--seed): expected an int"),
+    ("seed", 1.5, TypeError, "seed (--seed): expected an int"),
+    ("max_layers", 0, ValueError, "max_layers (--max-layers): must be in [1, 3]"),
+    ("protect_neighbours", 1000, ValueError, "protect_neighbours (--protect-neighbours): must be in [0, 50]"),
+    ("clip_skip", -1, ValueError, "clip_skip (--clip-skip): must be >= 0"),
+    ("aliases", "Jowen", TypeError, "aliases (--alias): expected a list of names, e.g. ['Jowen'], not the str"),
+    ("concepts", "A,B", TypeError, "concepts (--concepts): expected a list of names, e.g. ['A', 'B']"),
+    ("concepts", ["A", "a"], ValueError, "a concept is given twice"),
+    ("identity_templates", "{}.", TypeError, "identity_templates (--identity-template): expected a list"),
+    ("identity_templates", [], ValueError, "give at least one template"),
+    ("identity_templates", ["a {} of {x}"], ValueError, "must hold exactly one {}"),
+    ("identity_templates", "missing.txt", ValueError, "'missing.txt' is no file and holds no {}"),
+    ("val_identities", "", ValueError, "val_identities (--val-identities): is empty; give a path"),
+    ("forget", [], ValueError, "forget (--forget): the list is empty"),
+    ("out", None, TypeError, "out (--out): expected a path"),
+    ("concept", "", ValueError, "concept (--concept): is empty"),
+    ("concept", 123, TypeError, "concept (--concept): expected a str, got int 123"),
+    ("device", "gpu", ValueError, "UnlearnConfig.device: --device gpu: not a device"),
+    ("precision", "fp8", ValueError, "precision (--precision): expected fp32 or bf16 or fp16"),
+    ("family", "clip", ValueError, "family (--family): expected open_clip or hf_clip"),
+    ("strict", "yes", TypeError, "strict (--strict): expected True or False"),
+    ("search", {"steps": 3}, TypeError, "UnlearnConfig.search: expected a slugkit.SearchConfig, got dict"),
+    ("budgets", None, TypeError, "UnlearnConfig.budgets: expected a slugkit.Budgets"),
+])
+def test_a_bad_field_is_refused_when_the_config_is_built(field, value, error, said):
+    """Each of these ran (one forget pair with forget_samples=0, verdict pass), or failed seconds to minutes into the
+    run with a ZeroDivisionError, a TypeError deep in the search, or a message about other things."""
+    with pytest.raises(error) as e:
+        UnlearnConfig(**{**BASE, field: value})
+    assert said in str(e.value)
+
+
+@pytest.mark.parametrize("make, error, said", [
+    (lambda: SearchConfig(steps="10"), TypeError, "SearchConfig.steps (--steps): expected an int >= 1"),
+    (lambda: SearchConfig(initial_divisor=0), ValueError, "SearchConfig.initial_divisor: must be in"),
+    (lambda: SearchConfig(threshold=5), ValueError, "SearchConfig.threshold (--threshold): must be in [0, 1)"),
+    (lambda: SearchConfig(utility_floor=-0.5), ValueError, "SearchConfig.utility_floor (--utility-floor)"),
+    (lambda: SearchConfig(margin=0.5), ValueError, "SearchConfig.margin"),
+    (lambda: Budgets(utility_drop="0.1"), TypeError, "Budgets.utility_drop (--utility-budget): expected a number"),
+    (lambda: Budgets(forget_tolerance=0.9), ValueError, "Budgets.forget_tolerance (--forget-tolerance): must be in "
+                                                        "[0, 0.5)"),
+    (lambda: slugkit.unlearn({"concept": "A"}), TypeError, "takes a slugkit.UnlearnConfig, not a dict"),
+])
+def test_search_budgets_and_unlearn_check_their_arguments(make, error, said):
+    with pytest.raises(error) as e:
+        make()
+    assert said in str(e.value)
+
+
+def test_the_public_names_are_listed():
+    """`dir(slugkit)` (tab completion, help) showed only load_model and unlearn: the rest load lazily."""
+    assert {"UnlearnConfig", "SearchConfig", "Budgets", "world_config", "load_patch", "apply_patch",
+            "compose_patches"} <= set(dir(slugkit))
+    with pytest.raises(AttributeError, match="module 'slugkit' has no attribute 'nope'"):
+        slugkit.nope  # noqa: B018
+
+
+def test_a_python_run_with_paths_completes_and_leaves_the_caller_alone(tmp_path):
+    """A pathlib.Path in any path field ran the whole pipeline and then failed writing run.json ("Object of type
+    PosixPath is not JSON serializable"), keeping nothing. The run also reseeded torch's global RNG and ran on
+    torch's threads where the CLI uses one. The patch then applies to the adapter itself, and apply_patches takes
+    one patch."""
+    from slugkit.world.demo_data import ensure_world_data
+
+    data = ensure_world_data(None, progress=False)
+    name = world.IDENTITIES[0].name
+    cfg, _, _ = slugkit.world_config(name, tmp_path / "run", data, progress=False)
+    cfg = replace(cfg, out=tmp_path / "run", names=Path(cfg.names), val_identities=Path(cfg.val_identities))
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    threads = torch.get_num_threads()
+    result = slugkit.unlearn(cfg)
+    assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
+    assert result["verdict"]["status"] in ("pass", "warn")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["out"] == str(tmp_path / "run") and run["threads"] == 1  # the CLI's default for embedded
+    patch = slugkit.load_patch(tmp_path / "run" / result["patch"]["path"])
+    adapter = slugkit.load_model("embedded")
+    before = {n: t.clone() for n, t in adapter.model.state_dict().items() if n in patch.names}
+    assert slugkit.apply_patches(adapter, patch) is adapter  # an adapter was "not an nn.Module"; a Patch not a list
+    assert not all(torch.equal(adapter.model.state_dict()[n], before[n]) for n in patch.names)
+    slugkit.revert_patch(adapter, patch)
+    assert all(torch.equal(adapter.model.state_dict()[n], before[n]) for n in patch.names)
