@@ -17,7 +17,11 @@ _PATCH_API = ("Patch", "apply_patch", "apply_patches", "compose_patches", "load_
 
 
 def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
-    """Load a model adapter (open_clip ids, ``hf-hub:``/``local-dir:`` ids, local checkpoints, ``embedded``)."""
+    """Load a model adapter: open_clip ids (``"ViT-B-32"``, ``pretrained="laion400m_e32"`` or a local
+    ``.safetensors``), ``hf-hub:``/``local-dir:`` ids, a model folder, or ``"embedded"`` (the shipped tiny CLIP).
+    ``kw``: ``family`` (``"open_clip"``, default, or ``"hf_clip"``: a transformers ``CLIPModel``), ``precision``
+    (``"fp32"``, ``"bf16"``, ``"fp16"``), ``device``, ``cache_dir`` (:func:`slugkit.models.load_adapter`). The
+    adapter's ``.model`` is the ``nn.Module``; :func:`apply_patch` takes either."""
     from .models import load_adapter
 
     return load_adapter(model, pretrained, **kw)
