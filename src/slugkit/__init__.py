@@ -21,10 +21,17 @@ def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
     ``.safetensors``), ``hf-hub:``/``local-dir:`` ids, a model folder, or ``"embedded"`` (the shipped tiny CLIP).
     ``kw``: ``family`` (``"open_clip"``, default, or ``"hf_clip"``: a transformers ``CLIPModel``), ``precision``
     (``"fp32"``, ``"bf16"``, ``"fp16"``), ``device``, ``cache_dir`` (:func:`slugkit.models.load_adapter`). The
-    adapter's ``.model`` is the ``nn.Module``; :func:`apply_patch` takes either."""
+    adapter's ``.model`` is the ``nn.Module``; :func:`apply_patch` takes either. Paths may be ``os.PathLike``;
+    torch's random state is left as it was (building the model before loading its weights draws from it)."""
+    import os
+
+    import torch
+
     from .models import load_adapter
 
-    return load_adapter(model, pretrained, **kw)
+    model, pretrained = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, pretrained))
+    with torch.random.fork_rng(devices=[]):
+        return load_adapter(model, pretrained, **kw)
 
 
 def unlearn(config) -> dict:

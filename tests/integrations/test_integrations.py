@@ -180,6 +180,7 @@ def test_no_progress_silences_diffusers_loading_bars(tmp_path, clip, monkeypatch
 
     tiny_sd_pipeline(clip).save_pretrained(tmp_path / "sd")
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    dlog.enable_progress_bar()  # an earlier `main([..., "--no-progress"])` in this process turned them off
     try:
         load_pipeline_folder(str(tmp_path / "sd"))
         assert "Loading pipeline components" in capsys.readouterr().err

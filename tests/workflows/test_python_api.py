@@ -121,3 +121,32 @@ def test_a_python_run_with_paths_completes_and_leaves_the_caller_alone(tmp_path)
     assert not all(torch.equal(adapter.model.state_dict()[n], before[n]) for n in patch.names)
     slugkit.revert_patch(adapter, patch)
     assert all(torch.equal(adapter.model.state_dict()[n], before[n]) for n in patch.names)
+
+
+def test_a_field_changed_after_the_config_was_built_is_checked_by_unlearn(tmp_path):
+    """`cfg.batch_size = 1; slugkit.unlearn(cfg)` ran 11 s and then failed on a zero retain gradient (trial 29);
+    numpy integers (a sweep over np.arange) are taken, as ints."""
+    import numpy as np
+
+    cfg = UnlearnConfig(**{**BASE, "out": tmp_path / "o"}, batch_size=np.int64(32), seed=np.int64(3))
+    assert (cfg.batch_size, cfg.seed) == (32, 3) and type(cfg.batch_size) is int
+    assert SearchConfig(steps=np.int64(4)).steps == 4
+    cfg.batch_size = 1
+    with pytest.raises(ValueError, match=r"batch_size \(--batch-size\): must be >= 2"):
+        slugkit.unlearn(cfg)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="expected 'sd:DIR' or 'llava:DIR'"):
+        UnlearnConfig(**BASE, consumer="foo")
+
+
+def test_load_model_takes_a_path_and_leaves_the_rng_alone(tmp_path):
+    """`load_model(Path(...))` said "'PosixPath' object has no attribute 'startswith'"; loading moved torch's RNG."""
+    from slugkit.common.errors import ModelLoadError
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    slugkit.load_model("embedded")
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises((ModelLoadError, ValueError, FileNotFoundError)) as e:
+        slugkit.load_model(tmp_path / "none.safetensors")
+    assert "none.safetensors" in str(e.value)

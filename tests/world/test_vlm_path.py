@@ -137,7 +137,7 @@ def test_demo_vlm_refuses_options_and_folders_it_would_misuse(tmp_path, capsys, 
     assert "is inside the slugkit package" in capsys.readouterr().err and not inside.exists()
 
 
-def test_a_damaged_vlm_folder_is_one_line(tmp_path):
+def test_a_damaged_vlm_folder_is_one_line(clip, tmp_path):
     """A Git LFS pointer for the weights, or a config the weights do not fit, ended `slug demo --target vlm` in a
     traceback."""
     from slugkit.models.base import ModelLoadError
@@ -164,13 +164,13 @@ def test_a_damaged_vlm_folder_is_one_line(tmp_path):
     from slugkit.integrations.llava import save_patched_llava
 
     with pytest.raises(ModelLoadError, match="does not fit its weights"):
-        save_patched_llava(d, None, tmp_path / "out")
+        save_patched_llava(d, _patch(clip, tmp_path / "p"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     cfg["vision_config"]["num_hidden_layers"] += 1  # back; the language model's width changed: `slug apply --llava`
     cfg["text_config"]["hidden_size"] *= 2  # ended in a traceback (trial 27)
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=r"transformers could not load it \(RuntimeError: the weights hold"):
-        save_patched_llava(d, None, tmp_path / "out")
+        save_patched_llava(d, tmp_path / "p", tmp_path / "out")
 
 
 def test_apply_llava_says_when_no_processor_went_along(clip, tmp_path, capsys):

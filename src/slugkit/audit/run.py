@@ -1,8 +1,9 @@
 """Run the audit probes on a patch and write ``audit.json`` / ``audit.md`` (and the audit section of ``report.md``).
 
 :func:`run_audit` takes the unedited and the patched adapter (the same family; the patched one usually
-:func:`patched_copy` of the other) and an :class:`~slugkit.audit.data.AuditData`; :func:`audit_patch` loads them
-from a model id and a patch folder (the form ``slug audit`` takes). The result's ``status`` is the worst status of
+:func:`patched_copy` of the other) and an :class:`~slugkit.audit.data.AuditData`;
+:func:`slugkit.audit.patch_audit.audit_patch` loads them from a model id and a patch folder (the form ``slug audit``
+takes). The result's ``status`` is the worst status of
 the **gating** probes (the representation probe is reported but not gating unless asked; see
 :mod:`slugkit.audit.representation`); a skipped probe says why and does not count.
 """
@@ -78,24 +79,6 @@ def run_audit(before, after, data: AuditData, *, probes=PROBES, thresholds: Audi
     return result
 
 
-def audit_patch(patch_path: str | Path, model: str = "embedded", concept: str | None = None, *,
-                pretrained: str | None = None, family: str = "open_clip", data=None, controls: list[str] | None = None,
-                aliases: list[str] | None = None, threads: int | None = None, device: str = "cpu", **kw) -> dict:
-    """Load ``model`` and the patch at ``patch_path`` and :func:`run_audit`. ``concept`` defaults to the patch's.
-    ``data``: an :class:`AuditData`, a callable ``(adapter, concept) -> AuditData`` (called with the loaded base
-    model, so a large model is loaded once), or None for the embedded world's data (``controls``/``aliases`` then
-    passed on; the embedded model only). Raises :class:`~slugkit.patch.PatchError` for a bad patch or a wrong
-    base, ``ValueError`` when no data can be built or the patch names no concept. ``threads``: torch's CPU threads
-    for the audit only (restored afterwards)."""
-    before_threads = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        return _audit_patch(patch_path, model, concept, pretrained, family, data, controls, aliases, device, kw)
-    finally:
-        torch.set_num_threads(before_threads)
-
-
 def audited_concept(patch_path, removed, concept: str | None) -> str:
     """The concept to audit: ``concept`` (``--concept``) when the patch removed it (case and outer spaces aside), else
     the one the patch removed (``removed``: its ``concept``, a name or a list). Raises ``ValueError`` for a concept
@@ -108,26 +91,6 @@ def audited_concept(patch_path, removed, concept: str | None) -> str:
         raise ValueError(f"--concept {concept!r}: the patch at {patch_path} removed {removed!r}; auditing another "
                          "concept says nothing about it (omit --concept, or name one the patch removed)")
     return concept
-
-
-def _audit_patch(patch_path, model, concept, pretrained, family, data, controls, aliases, device, kw) -> dict:
-    from ..models import load_adapter
-    from ..patch import load_patch
-    from .data import world_audit_data
-
-    patch = load_patch(patch_path)
-    concept = audited_concept(patch_path, patch.meta.get("concept"), concept)
-    if data is None and model != "embedded":
-        raise ValueError("slug audit on a model other than the embedded one needs its data: --test-identities "
-                         "and --names (and --train-identities for the relearning and representation probes)")
-    before = load_adapter(model, pretrained, family, device=device)
-    after = patched_copy(before, patch)
-    if data is None:
-        data = world_audit_data(before, concept, controls=controls, aliases=aliases)
-    elif callable(data):
-        data = data(before, concept)
-    meta = {"patch": str(patch_path), "model": model, "method": patch.meta.get("method"), "layers": patch.names}
-    return run_audit(before, after, data, meta=meta, **kw)
 
 
 def _run_verdict(patch: str | None) -> dict:
@@ -143,6 +106,11 @@ def _run_verdict(patch: str | None) -> dict:
         doc = json.loads((resolve_patch_dir(patch) / "patch.json").read_text(encoding="utf-8")) if patch else {}
     except (OSError, ValueError):
         return {"patch_run_verdict": None}
+    return _verdict_fields(doc)
+
+
+def _verdict_fields(doc) -> dict:
+    """:func:`_run_verdict`'s fields from a patch's metadata (``patch.json``'s content)."""
     extra = doc.get("extra") if isinstance(doc, dict) else None
     if not isinstance(extra, dict):
         return {"patch_run_verdict": None}

@@ -165,13 +165,16 @@ def cmd_audit(a) -> int:
     there = [n for n in (AUDIT_JSON, AUDIT_MD) if (out / n).exists()]
     if there and not a.overwrite:  # audit.md alone was overwritten without a word
         return refuse(f"{out / there[0]} exists; pass --overwrite to replace it")
-    for kind, is_kind, audit in (("text-to-image", _is_t2i_patch, audit_sd), ("VLM", _is_vlm_patch, audit_vlm)):
-        if kind == "VLM" and a.model != "embedded" and is_kind(patch):  # a CLIP audit: refusals in a circle (trial 27)
-            return refuse(f"--model {a.model}: this patch is of the embedded VLM and is audited on the VLM it was "
-                          "judged on (recorded in the patch); drop --model")
-        if a.model == "embedded" and is_kind(patch):
-            msg = _downstream_unused(a, patch, kind)
-            return refuse(msg) if msg else _print_audit(audit(patch, out, a), out)
+    from ..audit.downstream import patch_kind
+    from ..patch import load_patch
+
+    kind = patch_kind(load_patch(patch))
+    if kind == "VLM" and a.model != "embedded":  # taken for a CLIP audit: refusals in a circle (trial 27)
+        return refuse(f"--model {a.model}: this patch is of the embedded VLM and is audited on the VLM it was "
+                      "judged on (recorded in the patch); drop --model")
+    if kind != "CLIP" and a.model == "embedded":
+        msg = _downstream_unused(a, patch, kind)
+        return refuse(msg) if msg else _print_audit(_downstream(patch, out, a, kind), out)
     msg = unread_audit_options(a, "CLIP")
     if msg:
         return refuse(msg)
@@ -203,7 +206,7 @@ def cmd_audit(a) -> int:
               file=sys.stderr)
     result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
                          controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
-                         **opts)
+                         overwrite=True, **opts)  # an audit in --out was refused above without --overwrite
     return _print_audit(result, out)
 
 
@@ -256,87 +259,37 @@ def _downstream_unused(a, patch: Path, kind: str) -> str | None:
     return unread_audit_options(a, kind)
 
 
-def _is_t2i_patch(patch: Path) -> bool:
-    """A patch of the embedded text-to-image pipeline's text encoder (``slug demo --target sd``)."""
-    from ..patch import load_patch
-    from ..world import t2i
-
-    meta = load_patch(patch).meta
-    return meta.get("adapter") == "hf_clip" and meta.get("concept") in t2i.concept_names()
-
-
-def _is_vlm_patch(patch: Path) -> bool:
-    """A patch of the embedded VLM's vision tower (``slug demo --target vlm`` marks it ``extra.target = "vlm"``)."""
-    from ..patch import load_patch
-
-    return (load_patch(patch).meta.get("extra") or {}).get("target") == "vlm"
-
-
 def audit_vlm(patch: Path, out: Path, a) -> dict:
-    """The VLM audit (:mod:`slugkit.audit.vlm`) of an embedded VLM demo patch, written to ``out``: the shipped VLM (or
-    the ``--vlm-model`` folder the run used, recorded in the patch) unedited and with the patch applied through the
-    LLaVA integration."""
-    import copy
-
-    import torch
-
-    from ..audit.vlm import NOT_RUN, PROBES, run_vlm_audit
-    from ..common.errors import ModelLoadError
-    from ..integrations.llava import apply_patch_to_llava
-    from ..patch import load_patch
-    from ..world.vlm import load_vlm
-
-    opts = audit_options(a)
-    before_threads = torch.get_num_threads()
-    try:
-        if getattr(a, "threads", None):
-            torch.set_num_threads(a.threads)
-        p = load_patch(patch)
-        where = (p.meta.get("extra") or {}).get("vlm_model")
-        if where and not Path(where).is_dir():  # it blamed --vlm-model, an option audit has not (trial 27)
-            raise ModelLoadError(f"the VLM this patch was judged on, {where} (patch.json extra.vlm_model), is gone; "
-                                 "put that folder back where it was to audit the patch on it")
-        llava, processor = load_vlm(where)
-        after = apply_patch_to_llava(copy.deepcopy(llava), p)
-        probes = [x for x in opts["probes"] if x in PROBES or x in NOT_RUN]
-        return run_vlm_audit(llava, after, processor, p.meta["concept"], probes=probes,
-                             gate_representation=opts["gate_representation"], progress=opts["progress"], out=out,
-                             meta={"patch": str(patch), "model": f"VLM (LLaVA) {where}" if where else
-                                   "embedded VLM (LLaVA)", "method": p.meta.get("method"),
-                                   "layers": p.names})
-    finally:
-        torch.set_num_threads(before_threads)
+    """The VLM audit (:func:`slugkit.audit.downstream.audit_vlm_patch`) of an embedded VLM demo patch, into ``out``."""
+    return _downstream(patch, out, a, "VLM")
 
 
 def audit_sd(patch: Path, out: Path, a) -> dict:
-    """The text-to-image audit (:mod:`slugkit.audit.t2i`) of an embedded SD demo patch, written to ``out``."""
-    from dataclasses import replace
+    """The text-to-image audit (:func:`slugkit.audit.downstream.audit_t2i_patch`) of an embedded SD demo patch."""
+    return _downstream(patch, out, a, "text-to-image")
 
+
+def _downstream(patch: Path, out: Path, a, kind: str) -> dict:
     import torch
 
-    from ..audit.t2i import T2IAuditBudget, run_t2i_audit
+    from ..audit import AttackBudget
+    from ..audit.downstream import audit_t2i_patch, audit_vlm_patch
     from ..patch import load_patch
-    from ..workflows.sd_demo import _clip_and_pipeline
 
     opts = audit_options(a)
-    probes = opts["probes"]  # relearn/representation: listed as not run, with why (run_t2i_audit)
     before_threads = torch.get_num_threads()
     try:
         if getattr(a, "threads", None):
             torch.set_num_threads(a.threads)
         p = load_patch(patch)
-        _, pipe, _, judge = _clip_and_pipeline(getattr(a, "t2i_model", None))
-        from ..audit.t2i import patched_pipeline
-
-        it = a.attack_iterations
-        budget = T2IAuditBudget(n_images=a.audit_images, gen_steps=a.audit_gen_steps,
-                                checkpoints=tuple(sorted({0, it // 8, it // 4, it // 2, it})))
-        budget = replace(budget, attack=replace(budget.attack, candidates=a.attack_candidates,
-                                                n_tokens=min(a.attack_tokens, 6)))
-        return run_t2i_audit(pipe, patched_pipeline(pipe, p), judge, p.meta["concept"], probes=probes,
-                             budget=budget, progress=opts["progress"], out=out,
-                             meta={"patch": str(patch), "model": "embedded text-to-image",
-                                   "method": p.meta.get("method"), "layers": p.names})
+        if kind == "VLM":
+            return audit_vlm_patch(p, str(patch), out, probes=opts["probes"],
+                                   gate_representation=opts["gate_representation"], progress=opts["progress"])
+        attack = AttackBudget(n_tokens=a.attack_tokens, iterations=a.attack_iterations,
+                              candidates=a.attack_candidates, restarts=1)
+        return audit_t2i_patch(p, str(patch), out, probes=opts["probes"], attack=attack, n_images=a.audit_images,
+                               gen_steps=a.audit_gen_steps, progress=opts["progress"],
+                               t2i_dir=getattr(a, "t2i_model", None))
     finally:
         torch.set_num_threads(before_threads)
 
@@ -355,7 +308,7 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
     m = result.get("model") if isinstance(result.get("model"), dict) else {}
     res = audit_patch(patch, m.get("model", "embedded"), None, pretrained=m.get("pretrained"),
                       family=m.get("family", "open_clip"),
-                      data=data, controls=a.control_name, device=getattr(a, "device", "cpu"), out=out,
+                      data=data, controls=a.control_name, device=getattr(a, "device", "cpu"), out=out, overwrite=True,
                       threads=getattr(a, "threads", None),
                       **audit_options(a))
     print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + ("; ".join(

@@ -1,13 +1,11 @@
 """Stable Diffusion 1.x / 2.x: carry a SLUG patch of a transformers ``CLIPModel`` into ``pipe.text_encoder``.
 
 SD conditions its UNet on ``text_encoder(ids).last_hidden_state`` — every encoder layer of the ``CLIPTextModel`` plus
-``final_layer_norm``, never the pooled output or ``text_projection`` (spec §6). Pairings:
-
-* SD 1.x (e.g. ``runwayml/stable-diffusion-v1-5``): gradients on ``openai/clip-vit-large-patch14``; the pipeline
-  reads all 12 text layers;
-* SD 2.x (e.g. ``stabilityai/stable-diffusion-2-1``): gradients on ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; the
-  pipeline reads 23 of its 24 text layers (SD 2 conditions on the penultimate OpenCLIP layer, so diffusers ships
-  ``text_encoder/config.json`` with ``num_hidden_layers = 23``).
+``final_layer_norm``, never the pooled output or ``text_projection`` (spec §6). Pairings: SD 1.x (e.g.
+``runwayml/stable-diffusion-v1-5``): gradients on ``openai/clip-vit-large-patch14``, the pipeline reads all 12 text
+layers; SD 2.x (e.g. ``stabilityai/stable-diffusion-2-1``): gradients on ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``,
+the pipeline reads 23 of its 24 text layers (SD 2 conditions on the penultimate OpenCLIP layer, so diffusers ships
+``text_encoder/config.json`` with ``num_hidden_layers = 23``).
 
 An edit of CLIP-H's text layer 23 (or of ``text_projection``, or of any vision tensor) therefore cannot change SD 2.x
 — the official notebook's candidate set allows it (spec §6.1 [BUG]). :func:`consumed_text_candidates` gives the
@@ -17,18 +15,16 @@ candidates that *do* reach the pipeline; restrict the adapter to them before the
 
 Where the official notebook copies every parameter of the edited CLIP text model into the pipeline with ``.half()``,
 :func:`apply_patch_to_pipeline` writes only the patched tensors, in place, after checking the encoder holds the
-patch's original values; :func:`revert_patch_from_pipeline` restores the exact bytes (fp16 encoders too).
+patch's original values; :func:`revert_patch_from_pipeline` restores the exact bytes (fp16 encoders too). Each
+function takes a :class:`~slugkit.patch.Patch` or its folder.
 
 **SDXL** has two text encoders, and each function takes ``encoder="text_encoder" | "text_encoder_2"`` (apply, revert
 and save pick the one that holds the patch's tensors when there is no doubt). SDXL reads them differently from SD
-1.x/2.x (diffusers ``StableDiffusionXLPipeline.encode_prompt``, :func:`encoder_reads`):
-
-* ``text_encoder`` (``openai/clip-vit-large-patch14``'s text tower): only ``hidden_states[-2]`` — the last layer and
-  ``final_layer_norm`` never reach the UNet;
-* ``text_encoder_2`` (a ``CLIPTextModelWithProjection``, ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``'s text tower):
-  ``hidden_states[-2]`` for the cross-attention **and** the projected pooled output for the added time embedding —
-  so every layer and ``text_projection`` are read.
-
+1.x/2.x (diffusers ``StableDiffusionXLPipeline.encode_prompt``, :func:`encoder_reads`): ``text_encoder``
+(``openai/clip-vit-large-patch14``'s text tower) only at ``hidden_states[-2]`` — the last layer and
+``final_layer_norm`` never reach the UNet; ``text_encoder_2`` (a ``CLIPTextModelWithProjection``,
+``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``'s text tower) at ``hidden_states[-2]`` for the cross-attention **and**
+through the projected pooled output for the added time embedding — so every layer and ``text_projection`` are read.
 A patch of a layer the pipeline never reads is refused by :func:`apply_patch_to_pipeline`: it would change nothing.
 
 **CLIP skip.** ``clip_skip`` follows diffusers exactly (``StableDiffusionPipeline.encode_prompt(clip_skip=k)``):
@@ -49,15 +45,14 @@ from pathlib import Path
 from torch import nn
 
 from ..common.files import atomic_dir
-from ..patch import Patch, PatchMismatchError, tensor_sha256
-from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_pipeline_folder,
-                     check_weight_files, consumer_view, layer_names, num_layers, same_tower, tower_map, verify_tower,
-                     write_provenance)
+from ..patch import Patch, PatchMismatchError, model_of, tensor_sha256
+from .sd_reads import PROJECTION, READS, consumed_extra, consumed_layer_count, encoder_reads, is_sdxl  # noqa: F401
+from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_out_outside,
+                     check_pipeline_folder, check_weight_files, consumer_view, layer_names, num_layers,
+                     same_tower, takes_patch_path, tower_map, verify_tower, write_provenance)
 
 WHAT = "text encoder"
 ENCODERS = ("text_encoder", "text_encoder_2")
-READS = ("last", "penultimate", "penultimate+pooled")
-PROJECTION = "text_projection.weight"
 
 
 def _encoder(pipe_or_encoder, encoder: str = "text_encoder") -> nn.Module:
@@ -72,44 +67,6 @@ def _encoder(pipe_or_encoder, encoder: str = "text_encoder") -> nn.Module:
     raise TypeError(f"expected a pipeline with a .{encoder} or a CLIPTextModel, got {type(pipe_or_encoder)}")
 
 
-def is_sdxl(pipe) -> bool:
-    """A pipeline object with a second text encoder (SDXL)."""
-    return isinstance(getattr(pipe, "text_encoder_2", None), nn.Module)
-
-
-def encoder_reads(sdxl: bool, encoder: str = "text_encoder") -> str:
-    """How the UNet reads an encoder: ``last`` (SD 1.x/2.x: ``last_hidden_state``, every layer and the final norm),
-    ``penultimate`` (SDXL ``text_encoder``: ``hidden_states[-2]``) or ``penultimate+pooled`` (SDXL
-    ``text_encoder_2``: ``hidden_states[-2]`` and the projected pooled output, so every layer and the projection)."""
-    if not sdxl:
-        return "last"
-    return "penultimate+pooled" if encoder == "text_encoder_2" else "penultimate"
-
-
-def consumed_layer_count(n_layers: int, reads: str = "last", clip_skip: int | None = None) -> int:
-    """Encoder layers whose output reaches the UNet. ``clip_skip`` (a pipeline call argument; None or 0: none) moves
-    the hidden state read back by that many layers (diffusers: ``hidden_states[-(clip_skip + 1)]``, SDXL
-    ``[-(clip_skip + 2)]``); SDXL's pooled output still reads every layer. Raises ``ValueError`` for an unknown
-    ``reads``, a negative ``clip_skip`` or one that leaves no layer read."""
-    skip = int(clip_skip or 0)
-    if skip < 0:
-        raise ValueError(f"clip_skip must be >= 0 (diffusers: 1 reads the penultimate layer), not {skip}")
-    if reads not in READS:
-        raise ValueError(f"reads must be one of {', '.join(READS)}, not {reads!r}")
-    n = {"last": n_layers - skip, "penultimate": n_layers - 1 - skip, "penultimate+pooled": n_layers}[reads]
-    if n < 1:
-        top = n_layers - 1 - (reads == "penultimate")
-        raise ValueError(f"clip_skip={skip} skips every layer of the {n_layers}-layer text encoder (the pipeline reads "
-                         f"its {'penultimate' if reads == 'penultimate' else 'last'} hidden state, moved back {skip} "
-                         f"layers); use a clip_skip of at most {top}")
-    return n
-
-
-def consumed_extra(reads: str) -> tuple[str, ...]:
-    """CLIP tensors outside the text transformer that the pipeline reads (SDXL ``text_encoder_2``: the projection)."""
-    return (PROJECTION,) if reads == "penultimate+pooled" else ()
-
-
 def _extra_map(te: nn.Module) -> dict[str, str]:
     """``text_projection`` of a ``CLIPTextModelWithProjection`` (same name in ``CLIPModel``)."""
     return {PROJECTION: PROJECTION} if PROJECTION in dict(te.named_parameters()) else {}
@@ -120,7 +77,7 @@ def text_encoder_map(clip_model: nn.Module, text_encoder, encoder: str = "text_e
     ``text_model.encoder.layers.3.self_attn.q_proj.weight`` → ``encoder.layers.3.self_attn.q_proj.weight``
     (``text_projection.weight`` too for a ``CLIPTextModelWithProjection``). ``text_encoder``: the encoder or a
     pipeline (then ``encoder`` names which of its encoders)."""
-    te = _encoder(text_encoder, encoder)
+    te, clip_model = _encoder(text_encoder, encoder), model_of(clip_model)  # an adapter: its model (trial 29)
     out = tower_map(clip_model, te, "text")
     extra = _extra_map(te)
     if extra:
@@ -137,7 +94,7 @@ def verify_text_encoder(clip_model: nn.Module, text_encoder, encoder: str = "tex
     ``text_encoder`` tensor equals the corresponding CLIP text tensor (SHA-256, after casting to the encoder's dtype).
     An encoder with fewer layers (SD 2.x) is checked on the layers it has; SDXL's ``text_encoder_2`` also on
     ``text_projection``. Returns :func:`text_encoder_map`."""
-    te = _encoder(text_encoder, encoder)
+    te, clip_model = _encoder(text_encoder, encoder), model_of(clip_model)
     mapping = text_encoder_map(clip_model, te)
     verify_tower(clip_model, te, "text", WHAT)
     if PROJECTION in mapping:
@@ -212,6 +169,7 @@ def _check_consumed(sdxl: bool, encoder: str, te: nn.Module, patch: Patch, clip_
             "unlearn again.")
 
 
+@takes_patch_path
 def apply_patch_to_pipeline(pipe, patch: Patch, *, check: bool = True, encoder: str | None = None,
                             clip_skip: int | None = None):
     """Write the patch into the pipeline's text encoder in place (no copy); refused (:class:`PatchMismatchError`),
@@ -226,6 +184,7 @@ def apply_patch_to_pipeline(pipe, patch: Patch, *, check: bool = True, encoder: 
     return pipe
 
 
+@takes_patch_path
 def revert_patch_from_pipeline(pipe, patch: Patch, *, encoder: str | None = None):
     """Restore the original bytes of the patched text-encoder tensors (refused unless they hold the patch)."""
     te = _encoder(pipe, pick_encoder(pipe, patch, encoder))
@@ -310,6 +269,7 @@ def _folder_encoder(src_dir: Path, patch: Patch, encoder: str | None) -> str:
     return ok[0]
 
 
+@takes_patch_path
 def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathLike, *, full_pipeline: bool = False,
                               revert: bool = False, overwrite: bool = False, encoder: str | None = None,
                               clip_skip: int | None = None) -> Path:
@@ -335,7 +295,11 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
 
     src_dir = None
     if isinstance(pipe_or_dir, (str, os.PathLike)):
+        if pipe_or_dir == "embedded":  # the CLI's name (trial 29); this layer cannot load that model
+            raise ValueError("'embedded' names the shipped text-to-image model in the CLI; from Python pass its "
+                             "pipeline object, slugkit.world.t2i.EmbeddedT2IPipeline.load()")
         src_dir = Path(pipe_or_dir)
+        check_out_outside(src_dir, out_dir, "pipeline")
         encoder = _folder_encoder(src_dir, patch, encoder)
         check_weight_files(src_dir if full_pipeline else src_dir / encoder, "pipeline weights file", full_pipeline)
         archs = json.loads((src_dir / encoder / "config.json").read_text()).get("architectures") or []
@@ -344,6 +308,9 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     else:
         encoder = pick_encoder(pipe_or_dir, patch, encoder)
         pipe, te = pipe_or_dir, _encoder(pipe_or_dir, encoder)
+    if full_pipeline and pipe is not None and pipe is not te and not hasattr(pipe, "save_pretrained"):
+        raise ValueError(f"full_pipeline: a {type(pipe).__name__} is no diffusers pipeline (no save_pretrained); "
+                         "leave full_pipeline out to write its text encoder")
     extra = _extra_map(te)
     if not revert:
         _check_consumed(is_sdxl(pipe) if src_dir is None else (src_dir / "text_encoder_2").is_dir(), encoder, te, patch,

@@ -25,8 +25,8 @@ from torch import nn
 
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError
-from .towers import (CLIP_TOWER_PREFIX, apply_to_consumer, check_weight_files, find_tower, layer_names, tower_map,
-                     verify_tower, write_provenance)
+from .towers import (CLIP_TOWER_PREFIX, apply_to_consumer, check_out_outside, check_weight_files, find_tower,
+                     layer_names, takes_patch_path, tower_map, verify_tower, write_provenance)
 
 WHAT = "LLaVA vision tower"
 QUESTION = "What's the name of the person in this image?"
@@ -74,10 +74,20 @@ def consumed_vision_candidates(adapter, llava: nn.Module) -> list[str]:
     return layer_names(names, "vision", consumed_vision_layers(llava))
 
 
+def _llava(llava) -> nn.Module:
+    if not (isinstance(llava, nn.Module) and hasattr(getattr(llava, "config", None), "vision_feature_layer")):
+        raise TypeError(f"expected a LlavaForConditionalGeneration, got {type(llava).__name__}" +
+                        (" (a pipeline: slugkit.integrations.diffusers_sd.apply_patch_to_pipeline)"
+                         if hasattr(llava, "text_encoder") else ""))
+    return llava
+
+
+@takes_patch_path
 def apply_patch_to_llava(llava: nn.Module, patch: Patch, *, check: bool = True) -> nn.Module:
-    """Write the patch into LLaVA's vision tower in place (no copy), refused unless it holds the originals
-    (``check=False`` skips that comparison) and the VLM reads every patched layer."""
-    n = consumed_vision_layers(llava)
+    """Write the patch (a :class:`~slugkit.patch.Patch` or its folder) into LLaVA's vision tower in place (no copy),
+    refused unless it holds the originals (``check=False`` skips that comparison) and the VLM reads every patched
+    layer."""
+    n = consumed_vision_layers(_llava(llava))
     prefix = CLIP_TOWER_PREFIX["vision"] + "encoder.layers."
     unread = [x for x in patch.names if x.startswith(prefix) and not layer_names([x], "vision", n)]
     if unread:
@@ -89,9 +99,10 @@ def apply_patch_to_llava(llava: nn.Module, patch: Patch, *, check: bool = True) 
     return llava
 
 
+@takes_patch_path
 def revert_patch_from_llava(llava: nn.Module, patch: Patch) -> nn.Module:
     """Restore the original bytes of the patched vision-tower tensors (refused unless they hold the patch)."""
-    apply_to_consumer(llava, patch, "vision", WHAT, revert=True)
+    apply_to_consumer(_llava(llava), patch, "vision", WHAT, revert=True)
     return llava
 
 
@@ -128,6 +139,7 @@ def load_llava_folder(cls, folder: str | os.PathLike, **kw) -> nn.Module:
     return model.eval()
 
 
+@takes_patch_path
 def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *, revert: bool = False,
                        overwrite: bool = False) -> Path:
     """Write the patched (``revert=True``: reverted) LLaVA as a loadable folder: ``save_pretrained`` (config,
@@ -135,18 +147,24 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
     are copied along, so ``out_dir`` loads with ``LlavaForConditionalGeneration.from_pretrained`` and
     ``AutoProcessor.from_pretrained``.
 
-    ``llava_or_dir``: a model object (patched in place for the write, then restored bit-exact) or a folder (loaded in
+    ``llava_or_dir``: a model object (patched in place for the write, then restored bit-exact), a folder (loaded in
     its stored dtype; its ``*.safetensors`` are checked first, so a Git LFS pointer raises ``ValueError`` naming
-    it). The folder appears atomically; a non-empty ``out_dir`` is refused unless ``overwrite``. A patch LLaVA
-    cannot use raises :class:`PatchMismatchError` and writes nothing.
+    it; an ``out_dir`` inside it is refused) or ``"embedded"`` (the shipped VLM). The folder appears atomically; a
+    non-empty ``out_dir`` is refused unless ``overwrite``. A patch LLaVA cannot use raises
+    :class:`PatchMismatchError` and writes nothing.
     """
     import shutil
 
     src_dir = None
+    if llava_or_dir == "embedded":  # the shipped VLM, as `slug apply --llava embedded` (trial 29)
+        from ..models.open_clip import EMBEDDED_VLM_DIR
+
+        llava_or_dir = EMBEDDED_VLM_DIR
     if isinstance(llava_or_dir, (str, os.PathLike)):
         from transformers import LlavaForConditionalGeneration
 
         src_dir = Path(llava_or_dir)
+        check_out_outside(src_dir, out_dir, "LLaVA model")
         if not src_dir.is_dir():  # it said "no config.json in it" of a folder that is not there, or of a file
             raise FileNotFoundError(f"{src_dir}: " + ("is a file; pass the LLaVA model folder (one written by "
                                                       "model.save_pretrained(DIR))" if src_dir.exists() else
@@ -221,9 +239,22 @@ def identity_recognition(llava: nn.Module, processor, images_by_name: Mapping[st
                          question: str = QUESTION, max_new_tokens: int = 50, prompt: str = PROMPT,
                          batch_size: int = 8, answers: dict | None = None) -> dict[str, float]:
     """Share of each identity's images whose answer names it (:func:`name_match`); the paper's VLM metric
-    (LLaVA-1.5-7B on 10 identities: 99.5 % → 2.8 %). Pass a dict as ``answers`` to receive the raw answers."""
+    (LLaVA-1.5-7B on 10 identities: 99.5 % → 2.8 %). Pass a dict as ``answers`` to receive the raw answers.
+    ``images_by_name``: ``{name: [PIL images]}``. Raises ``TypeError`` / ``ValueError`` naming the argument before
+    any answer is generated (trial 29: a list, a lone image, ``batch_size=0`` failed deep inside)."""
+    _llava(llava)
+    if not isinstance(images_by_name, Mapping):
+        raise TypeError(f"images_by_name must be a dict {{name: [images]}}, got {type(images_by_name).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if answers is not None and not isinstance(answers, dict):
+        raise TypeError(f"answers must be a dict to fill (or None), got {type(answers).__name__}")
+    if not callable(processor):
+        raise TypeError(f"processor must be the model's processor (AutoProcessor.from_pretrained), got {processor!r}")
     acc = {}
     for name, imgs in images_by_name.items():
+        if not isinstance(imgs, Iterable) or hasattr(imgs, "getpixel") or isinstance(imgs, (str, bytes)):
+            raise TypeError(f"images_by_name[{name!r}] must be a list of images, got {type(imgs).__name__}")
         imgs = list(imgs)
         if not imgs:
             raise ValueError(f"no images for {name!r}")

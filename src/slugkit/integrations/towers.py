@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..common.weights import check_weights_file
-from ..patch import (Patch, PatchMismatchError, apply_patch, cast_patch, check_architecture, revert_patch,
-                     tensor_sha256)
+from ..patch import (Patch, PatchMismatchError, apply_patch, as_patch, cast_patch, check_architecture, model_of,
+                     revert_patch, tensor_sha256)
 
 __all__ = ["CLIP_TOWER_PREFIX", "TowerMismatchError", "apply_to_consumer", "cast_patch", "check_weight_files",
            "checkpoint_tower_view", "consumer_view", "find_tower", "layer_names", "num_layers", "tower_map",
@@ -30,10 +30,35 @@ class TowerMismatchError(PatchMismatchError):
     """The consumer's tower is not the CLIP tower the edit was made on (names the first differing tensor)."""
 
 
+def takes_patch_path(fn):
+    """Let ``fn``'s second argument, ``patch``, be a patch folder too (:func:`slugkit.patch.as_patch`; a path said
+    "'str' object has no attribute 'names'": trial 29)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(target, patch, *args, **kwargs):
+        return fn(target, as_patch(patch), *args, **kwargs)
+
+    return wrapper
+
+
+def check_out_outside(src_dir: Path | None, out_dir, what: str) -> None:
+    """Refuse an ``out_dir`` inside the model folder ``src_dir`` it is written from (``slug apply`` refused it; the
+    Python call wrote into the user's model folder: trial 29)."""
+    if src_dir is not None and (os.path.realpath(out_dir) + os.sep).startswith(os.path.realpath(src_dir) + os.sep):
+        raise ValueError(f"out_dir {out_dir} is inside {src_dir}, the {what} it is written from; write it beside "
+                         "that folder")
+
+
 def find_tower(module: nn.Module, kind: str) -> tuple[str, nn.Module]:
-    """``(prefix, submodule)`` of the shallowest CLIP ``kind`` ("text" / "vision") transformer inside ``module``."""
+    """``(prefix, submodule)`` of the shallowest CLIP ``kind`` ("text" / "vision") transformer inside ``module`` (a
+    slugkit adapter: inside its model). ``TypeError`` for an object that is no torch module."""
     if kind not in _MARKERS:
         raise ValueError(f"kind must be 'text' or 'vision', not {kind!r}")
+    module = model_of(module)
+    if not isinstance(module, nn.Module):  # "'EmbeddedT2IPipeline' object has no attribute 'named_modules'"
+        raise TypeError(f"expected a torch module holding a CLIP {kind} tower (a CLIPModel, a pipeline's text encoder, "
+                        f"a LLaVA), got {type(module).__name__}")
     best = None
     for name, mod in module.named_modules():
         if all(hasattr(mod, a) for a in _MARKERS[kind]) and hasattr(getattr(mod, "encoder"), "layers"):
@@ -79,6 +104,7 @@ def verify_tower(clip_model: nn.Module, consumer: nn.Module, kind: str, what: st
     with fewer layers (SD 2.x) is checked on the layers it has. Returns the name map; raises
     :class:`TowerMismatchError` naming the first tensor that differs.
     """
+    clip_model, consumer = model_of(clip_model), model_of(consumer)  # an adapter for its model (trial 29)
     mapping = tower_map(clip_model, consumer, kind)
     src = dict(clip_model.named_parameters())
     dst = dict(consumer.named_parameters())
@@ -182,6 +208,7 @@ def apply_to_consumer(consumer: nn.Module, patch: Patch, kind: str, what: str, *
     patching a fine-tuned relative; a later revert then restores the patch's (CLIP's) originals.
     ``extra``: as in :func:`consumer_view`.
     """
+    patch = as_patch(patch)
     view = consumer_view(consumer, patch, kind, what, extra)
     p = cast_patch(patch, {n: t.dtype for n, t in view.items()})
     if revert:
@@ -227,7 +254,8 @@ def check_pipeline_folder(folder: str | Path) -> None:
             else "not a diffusers pipeline folder (no model_index.json)")
     if not (p / "model_index.json").is_file():
         raise ModelLoadError(f"{folder}: {what}; pass a folder written by pipe.save_pretrained(DIR) or downloaded with "
-                             "`huggingface-cli download ID --local-dir DIR`, or 'embedded'")
+                             "`huggingface-cli download ID --local-dir DIR`, or 'embedded' (the CLI's name of the "
+                             "shipped model)")
 
 
 def same_tower(adapter, cfg, tower: str, what: str) -> None:

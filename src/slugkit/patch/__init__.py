@@ -56,7 +56,7 @@ from .combine import apply_patches, chain_patches, compose_patches
 from .format import (FORMAT, FORMAT_VERSION, PATCH_JSON, PATCH_SAFETENSORS, Patch, PatchError, PatchFormatError,
                      PatchMismatchError, load_patch, save_patch, tensor_sha256)
 from .lora import LoraExportError, export_lora, lora_from_patch, read_lora
-from .ops import apply_patch, cast_patch, make_patch, revert_patch
+from .ops import apply_patch, as_patch, cast_patch, make_patch, model_of, revert_patch
 from .summary import describe
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "apply_patch",
     "apply_patches",
     "architecture_facts",
+    "as_patch",
     "cast_patch",
     "chain_patches",
     "check_architecture",
@@ -82,6 +83,7 @@ __all__ = [
     "load_state_dict_file",
     "lora_from_patch",
     "make_patch",
+    "model_of",
     "read_lora",
     "revert_patch",
     "save_patch",

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .carriers import save_state_dict_file
-from .format import Patch, PatchError, PatchFormatError, _toolkit_version
+from .format import Patch, PatchError, PatchFormatError, _toolkit_version, tensor_sha256
 
 __all__ = ["DEFAULT_MAX_ERROR", "LORA_FORMAT", "Lora", "LoraExportError", "LoraModule", "check_exportable",
            "export_lora", "factor_delta", "lora_from_patch", "read_lora", "save_lora"]
@@ -255,20 +255,35 @@ def _factor(d: torch.Tensor, norm: torch.Tensor, max_error: float, rank: int | N
 
 
 def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, prefix: str = "text_encoder",
-                    max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None, extra: dict | None = None) -> Lora:
+                    max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None, extra: dict | None = None,
+                    check: bool = True) -> Lora:
     """The :class:`Lora` of a text-encoder patch: one module per edited Linear weight, ``ΔW`` from the patch's own
     original and patched values (``patch.original`` / ``patch.patched``, ``[out, in]``).
 
-    ``text_encoder``: the consumer (a ``CLIPTextModel`` / ``CLIPTextModelWithProjection``); each tensor must be an
-    ``nn.Linear`` weight of that shape in it. It is *not* hash-checked here: run the consumer's hash check first
-    (``slug export`` does, as ``slug apply --pipeline``). ``prefix``: the pipeline attribute the encoder is
-    (``text_encoder`` / ``text_encoder_2``). ``max_error`` / ``rank``: :func:`factor_delta`. ``extra``: more
-    ``slugkit.*`` metadata (JSON values). Raises :class:`LoraExportError` (:func:`check_exportable`, a module that is
-    not a Linear of that shape, an unreachable bound) and ``ValueError`` for ``max_error`` outside (0, 1)."""
+    ``patch``: a :class:`~slugkit.patch.Patch` or its folder. ``text_encoder``: the consumer (a ``CLIPTextModel`` /
+    ``CLIPTextModelWithProjection``); each tensor must be an ``nn.Linear`` weight of that shape in it, holding the
+    patch's original values (``check=True``, the default: their sha256 after a cast to its dtype; a LoRA made on
+    another or an already patched encoder does not reproduce the patch). None: nothing about the consumer is
+    checked. ``prefix``: the pipeline attribute the encoder is (``text_encoder`` / ``text_encoder_2``; another
+    prefix wrote a file diffusers loads as a no-op: trial 29). ``max_error`` / ``rank``: :func:`factor_delta`.
+    ``extra``: more ``slugkit.*`` metadata (JSON values). Raises :class:`LoraExportError` (:func:`check_exportable`,
+    a module that is not a Linear of that shape or holds other values, an unreachable bound), ``ValueError`` for
+    ``max_error`` outside (0, 1), a ``rank`` below 1 or another prefix, ``TypeError`` for a rank that is no int or a
+    ``max_error`` that is no number."""
+    from .ops import as_patch
+
+    if isinstance(rank, bool) or not (rank is None or isinstance(rank, int)):
+        raise TypeError(f"rank must be an int >= 1 or None, got {type(rank).__name__} {rank!r}")
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)):
+        raise TypeError(f"max_error must be a number in (0, 1), got {type(max_error).__name__} {max_error!r}")
     if rank is None and not 0.0 < max_error < 1.0:
         raise ValueError(f"max_error must be in (0, 1), got {max_error!r}")
-    if rank is not None and int(rank) < 1:
+    if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank!r}")
+    if prefix not in ("text_encoder", "text_encoder_2"):
+        raise ValueError(f"prefix must be 'text_encoder' or 'text_encoder_2' (the pipeline attribute diffusers loads "
+                         f"the LoRA into), got {prefix!r}")
+    patch = as_patch(patch)
     check_exportable(patch)
     modules = []
     for name in patch.names:
@@ -280,14 +295,21 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
                 raise LoraExportError(f"cannot export {name!r}: the patch's tensor is {tuple(new.shape)}, the text "
                                       f"encoder's Linear {tuple(lin.weight.shape)}: not the model the patch was "
                                       "made on")
+            w = lin.weight.detach()
+            if check and tensor_sha256(w) != tensor_sha256(old.to(w.dtype)):
+                held = "the patched values: it is patched already" if tensor_sha256(w) == tensor_sha256(
+                    new.to(w.dtype)) else "other values than the patch's originals: not the model it was made on"
+                raise LoraExportError(f"cannot export {name!r}: the text encoder holds {held} (check=False skips "
+                                      "this check)")
         delta = new.to(torch.float64) - old.to(torch.float64)
         b, a, err = factor_delta(delta, max_error=max_error, rank=rank, name=name)
         modules.append(LoraModule(tensor=name, module=stem, lora_A=a, lora_B=b, rank=a.shape[0],
                                   full_rank=min(delta.shape), relative_error=err))
     tmeta = patch.meta["tensors"]
     meta = {"format": LORA_FORMAT, "format_version": LORA_FORMAT_VERSION, "created_by": f"slugkit {_toolkit_version()}",
-            "encoder": prefix, "max_error": None if rank is not None else float(max_error),
-            "rank": None if rank is None else int(rank), "patch_fingerprint": patch.fingerprint,
+            "encoder": prefix, "max_error": None if rank is not None else float(max_error),  # a forced rank: as used
+            "rank": None if rank is None else min(rank, max(m.full_rank for m in modules)),
+            "patch_fingerprint": patch.fingerprint,
             "concept": patch.concept, "base_model": patch.base_model,
             "base_sha256": {n: tmeta[n]["sha256_original"] for n in patch.names},
             "patched_sha256": {n: tmeta[n]["sha256_patched"] for n in patch.names},
@@ -343,13 +365,15 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 
 def export_lora(patch: Patch, text_encoder: nn.Module | None, path: str | os.PathLike, *, prefix: str = "text_encoder",
                 max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None, overwrite: bool = False,
-                extra: dict | None = None) -> Lora:
-    """:func:`lora_from_patch` then :func:`save_lora`; returns the :class:`Lora` written. The existing-file check
-    runs before the factorisation. Raises what those two raise."""
+                extra: dict | None = None, check: bool = True) -> Lora:
+    """:func:`lora_from_patch` (``check``: that the encoder holds the patch's originals) then :func:`save_lora`;
+    returns the :class:`Lora` written. The existing-file check runs before the factorisation. Raises what those two
+    raise."""
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not overwrite and not path.is_dir():
         raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
                               "another --out")
-    lora = lora_from_patch(patch, text_encoder, prefix=prefix, max_error=max_error, rank=rank, extra=extra)
+    lora = lora_from_patch(patch, text_encoder, prefix=prefix, max_error=max_error, rank=rank, extra=extra,
+                           check=check)
     save_lora(lora, path, overwrite=overwrite)
     return lora

@@ -12,6 +12,7 @@ restores exactly the bytes the target held. An edit that rounds away entirely in
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Iterable, Mapping
 
 import torch
@@ -48,11 +49,23 @@ def _named_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, 
                                                   "a pipeline)" if hasattr(target, "text_encoder") else ""))
 
 
-def _unwrap(target):
+def model_of(target):
     """A slugkit adapter (``slugkit.load_model``) stands for its ``.model``; anything else is itself (trial 28: an
     adapter was refused as "not an nn.Module")."""
     model = getattr(target, "model", None)
     return model if isinstance(model, nn.Module) and hasattr(target, "candidate_names") else target
+
+
+def as_patch(patch) -> Patch:
+    """``patch`` itself, or the patch loaded from a folder path (``str`` / ``os.PathLike``: :func:`load_patch`);
+    ``TypeError`` for anything else (a path said "'str' object has no attribute 'meta'": trial 29)."""
+    if isinstance(patch, Patch):
+        return patch
+    if isinstance(patch, (str, os.PathLike)):
+        from .format import load_patch
+
+        return load_patch(patch)
+    raise TypeError(f"patch must be a slugkit Patch or a patch folder (slugkit.load_patch), not {type(patch).__name__}")
 
 
 def _missing_hint(missing: Iterable[str], available: Iterable[str]) -> str:
@@ -269,7 +282,7 @@ def apply_patch(target, patch: Patch, *, check: bool = True):
     dtype than the patch's get the patch cast to theirs first (module docstring, "Half precision"; raises
     :class:`PatchError` when the edit rounds away entirely).
     """
-    module = _unwrap(target)
+    module, patch = model_of(target), as_patch(patch)
     live = _named_tensors(module)
     if check and isinstance(module, nn.Module):
         check_architecture(module, patch)
@@ -285,7 +298,7 @@ def revert_patch(target, patch: Patch):
     Refuses (:class:`PatchMismatchError`, model untouched) unless every tensor currently holds exactly the
     patched values (cast to the target's dtype, as :func:`apply_patch` wrote them).
     """
-    live = _named_tensors(_unwrap(target))
+    live, patch = _named_tensors(model_of(target)), as_patch(patch)
     patch = _cast_to(live, patch)
     live = _verify_state(live, patch, "patched")
     _copy_all(live, patch.original, patch.patched)

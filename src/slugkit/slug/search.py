@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -68,10 +69,12 @@ class SearchConfig:
         from ..common.errors import check_number
 
         if self.metric not in ("forget_top1", "forget_top5"):
-            raise ValueError(f"search metric must be forget_top1 or forget_top5, not {self.metric!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise (ValueError if isinstance(self.steps, int) else TypeError)(
+            raise ValueError(f"SearchConfig.metric (--criterion): must be forget_top1 or forget_top5, not "
+                             f"{self.metric!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+            raise (ValueError if isinstance(self.steps, numbers.Integral) else TypeError)(
                 f"SearchConfig.steps (--steps): expected an int >= 1, got {self.steps!r}")
+        self.steps = int(self.steps)
         check_number("SearchConfig", "threshold", self.threshold, hi_open=True, flag="--threshold")
         check_number("SearchConfig", "initial_divisor", self.initial_divisor, 1e-12, math.inf)
         check_number("SearchConfig", "margin", self.margin, 1.0, math.inf, flag="--margin; 1.0 = the official "
@@ -80,7 +83,8 @@ class SearchConfig:
             if getattr(self, name) is not None:
                 check_number("SearchConfig", name, getattr(self, name), flag="--" + name.replace("_", "-"))
         if self.selection not in SELECTION_POLICIES:
-            raise ValueError(f"selection must be one of {SELECTION_POLICIES}, not {self.selection!r}")
+            raise ValueError(f"SearchConfig.selection (--selection): must be one of {SELECTION_POLICIES}, not "
+                             f"{self.selection!r}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ Every error names the field and the CLI option it mirrors: ``TypeError`` for a v
 
 from __future__ import annotations
 
+import numbers
 import os
 
 _REQUIRED_PATHS = ("out", "forget", "retain", "val_identities", "test_identities")
@@ -38,7 +39,8 @@ def _where(name: str) -> str:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, numpy's too (a sweep over ``np.arange``), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _path(cfg, name: str, required: bool) -> None:
@@ -109,11 +111,14 @@ def _numbers(cfg) -> None:
             continue
         if not _is_int(v):
             raise TypeError(f"{_where(name)}: expected an int, got {type(v).__name__} {v!r}")
+        v = int(v)  # a numpy integer is no JSON value (run.json)
+        setattr(cfg, name, v)
         if v < lo or (hi is not None and v > hi):
             rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
             raise ValueError(f"{_where(name)}: must be {rng}" + (f" ({why})" if why else "") + f", got {v}")
     if not _is_int(cfg.seed):
         raise TypeError(f"{_where('seed')}: expected an int, got {type(cfg.seed).__name__} {cfg.seed!r}")
+    cfg.seed = int(cfg.seed)
 
 
 def check_config(cfg) -> None:
@@ -153,8 +158,10 @@ def check_config(cfg) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, str) or not v.strip() or (len(kinds) > 1 and v not in kinds):
             raise ValueError(f"{_where(name)}: expected {' or '.join(kinds)}, got {v!r}")
-    if cfg.consumer is not None and not (isinstance(cfg.consumer, str) and cfg.consumer.strip()):
-        raise ValueError(f"{_where('consumer')}: expected 'sd:DIR' or 'llava:DIR' or None, got {cfg.consumer!r}")
+    if cfg.consumer is not None and not (isinstance(cfg.consumer, str) and cfg.consumer.split(":", 1)[0] in
+                                         ("sd", "llava") and cfg.consumer.split(":", 1)[-1].strip()):
+        raise ValueError(f"{_where('consumer')}: expected 'sd:DIR' or 'llava:DIR' (or 'sd:embedded', "
+                         f"'llava:embedded') or None, got {cfg.consumer!r}")
     if not isinstance(cfg.device, str):
         raise TypeError(f"{_where('device')}: expected a str such as 'cpu' or 'cuda:0', got {cfg.device!r}")
     why = check_device(cfg.device)
