@@ -121,7 +121,8 @@ def test_audit_patch_checks_before_loading_and_audits_a_vlm_patch_on_the_vlm(vlm
                             (dict(attack_iterations=5), TypeError, "unknown keyword argument"),
                             (dict(threads=0), ValueError, "threads must be an int >= 1"),
                             (dict(device="gpu"), ValueError, "device: --device gpu: not a device"),
-                            (dict(relearn=None), ValueError, "relearn: not read by the audit of a VLM patch")):
+                            (dict(relearn=None), ValueError, "relearn: not read by the audit of a VLM patch"),
+                            (dict(model="ViT-B-32"), ValueError, "model: not read by the audit of a VLM patch")):
         with pytest.raises(error, match=said):
             audit_patch(vlm_patch, **kw)
     torch.manual_seed(7)

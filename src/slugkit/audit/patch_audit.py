@@ -17,7 +17,7 @@ from .run import AUDIT_JSON, AUDIT_MD, _verdict_fields, audited_concept, patched
 _RUN_AUDIT_KW = ("probes", "thresholds", "attack", "relearn", "gate_representation", "progress", "out")
 # what the audit of each kind of patch reads, beyond probes/progress/out (the others refused, as `slug audit` does)
 _READS = {"CLIP": {"thresholds", "attack", "relearn", "gate_representation", "data", "controls", "aliases",
-                   "pretrained", "device"},
+                   "pretrained", "device", "model", "family"},
           "text-to-image": {"attack", "audit_images", "audit_gen_steps"}, "VLM": {"gate_representation"}}
 
 
@@ -71,7 +71,8 @@ def audit_patch(patch_path, model: str = "embedded", concept: str | None = None,
              "gate_representation": kw.get("gate_representation", False), "data": data is not None,
              "controls": bool(controls), "aliases": bool(aliases), "pretrained": pretrained is not None,
              "device": device != "cpu", "audit_images": audit_images is not None,
-             "audit_gen_steps": audit_gen_steps is not None}
+             "audit_gen_steps": audit_gen_steps is not None, "model": model != "embedded",
+             "family": family is not None}
     unread = [k for k, v in given.items() if v and k not in _READS[kind]]
     if unread:
         raise ValueError(f"audit_patch: {', '.join(unread)}: not read by the audit of a {kind} patch; leave "
