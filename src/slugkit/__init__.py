@@ -30,6 +30,10 @@ def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
     from .models import load_adapter
 
     model, pretrained = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, pretrained))
+    if not isinstance(model, str) or not model.strip():  # None said "'NoneType' object has no attribute 'startswith'"
+        raise TypeError(f"load_model: model must be a model id, a folder or 'embedded', got {model!r}")
+    if pretrained is not None and (not isinstance(pretrained, str) or not pretrained.strip()):
+        raise ValueError(f"load_model: pretrained must be a tag, a .safetensors file or None, got {pretrained!r}")
     with torch.random.fork_rng(devices=[]):
         return load_adapter(model, pretrained, **kw)
 

@@ -198,7 +198,11 @@ def test_refuses_to_overwrite_and_bad_options(sd, tmp_path, capsys):
     assert _export(sd, out) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
-    assert _export(sd, out, "--overwrite") == 0
+    assert _export(sd, out, "--overwrite") == 2  # --overwrite replaces only a LoRA slug wrote (trial 30)
+    assert "is not a LoRA slug wrote; overwrite replaces only those" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    assert _export(sd, out) == 0 and _export(sd, out, "--overwrite") == 0
     assert read_lora(out)[1]["format"] == "slugkit-lora"
     assert _export(sd, tmp_path / "lora.bin") == 2
     assert ".safetensors" in capsys.readouterr().err

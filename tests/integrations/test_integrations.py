@@ -454,8 +454,12 @@ def test_save_patched_llava_and_refuse_unread_layers(tmp_path, clip, llava):
 
     patch = vpatch(0)
     snap = {k: v.clone() for k, v in model.state_dict().items()}
-    out = save_patched_llava(model, patch, tmp_path / "obj")
+    with pytest.warns(UserWarning, match="written without processor or tokenizer files"):  # said (trial 30)
+        out = save_patched_llava(model, patch, tmp_path / "obj")
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())  # the caller's model is restored
+    save_patched_llava(model, patch, tmp_path / "obj_proc", processor=processor)
+    assert (tmp_path / "obj_proc" / "processor_config.json").is_file() or \
+        (tmp_path / "obj_proc" / "preprocessor_config.json").is_file()
     expect = dict(snap)
     expect["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] = \
         patch.patched["vision_model.encoder.layers.0.mlp.fc1.weight"]

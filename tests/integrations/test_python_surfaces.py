@@ -61,7 +61,8 @@ def test_the_llava_functions_refuse_other_objects_and_take_an_adapter(vlm_clip, 
         apply_patch_to_llava(EmbeddedT2IPipeline.load(), vlm_patch)
     with pytest.raises(TypeError, match="patch must be a slugkit Patch or a patch folder"):
         apply_patch_to_llava(llava, {"x": 1})
-    for bad, kw, said in (([], {}, "images_by_name must be a dict"), ({"a": object()}, {}, "must be a list of images"),
+    for bad, kw, said in (([], {}, "images_by_name must be a non-empty dict"), ({}, {}, "must be a non-empty dict"),
+                          ({"a": object()}, {}, "must be a list of images"),
                           ({"a": []}, {"batch_size": 0}, "batch_size must be an int >= 1"),
                           ({"a": []}, {"answers": []}, "answers must be a dict")):
         with pytest.raises((TypeError, ValueError), match=said):
@@ -109,19 +110,35 @@ def test_export_lora_checks_its_arguments_and_the_encoder(hf_text_patch, tmp_pat
     with pytest.raises(LoraExportError, match="other values than the patch's originals"):
         lora_from_patch(patch, te)
     assert lora_from_patch(patch, te, check=False).modules
+    # overwrite=True replaced a user's file and the patch's own patch.safetensors; None checked nothing (trial 30)
+    (tmp_path / "mine.safetensors").write_bytes(b"my notes")
+    with pytest.raises(FileExistsError, match="is not a LoRA slug wrote"):
+        export_lora(patch, None, tmp_path / "mine.safetensors", overwrite=True, check=False)
+    assert (tmp_path / "mine.safetensors").read_bytes() == b"my notes"
+    save_patch(patch, tmp_path / "patch")
+    with pytest.raises(ValueError, match="is inside the patch folder"):
+        export_lora(patch, None, tmp_path / "patch" / "patch.safetensors", overwrite=True, check=False)
+    with pytest.raises(TypeError, match="text_encoder is None, so nothing can be checked"):
+        export_lora(patch, None, tmp_path / "x.safetensors")
 
 
 def test_audit_patch_checks_before_loading_and_audits_a_vlm_patch_on_the_vlm(vlm_patch, tmp_path):
     """probes="prompts" became seven one-letter probes after the model had loaded; a VLM (or text-to-image) patch
     was audited as a CLIP patch ("unknown identity"); the audit moved the caller's torch RNG; an out holding an
     audit was overwritten without a word."""
-    from slugkit.audit import audit_patch
+    from slugkit.audit import RelearnBudget, audit_patch
 
     for kw, error, said in ((dict(probes="prompts"), TypeError, "probes must be a list of probe names"),
                             (dict(attack_iterations=5), TypeError, "unknown keyword argument"),
                             (dict(threads=0), ValueError, "threads must be an int >= 1"),
                             (dict(device="gpu"), ValueError, "device: --device gpu: not a device"),
-                            (dict(relearn=None), ValueError, "relearn: not read by the audit of a VLM patch"),
+                            (dict(relearn=RelearnBudget()), ValueError, "relearn: not read by the audit of a VLM "
+                                                                        "patch"),
+                            (dict(relearn="fast"), TypeError, "relearn must be a slugkit.audit.RelearnBudget"),
+                            (dict(aliases="Gormere"), TypeError, "aliases must be a list of names"),
+                            (dict(audit_images=0), ValueError, "audit_images must be an int >= 1"),
+                            (dict(probes=[]), ValueError, "probes is empty"),
+                            (dict(out=""), ValueError, "out is empty"),
                             (dict(model="ViT-B-32"), ValueError, "model: not read by the audit of a VLM patch")):
         with pytest.raises(error, match=said):
             audit_patch(vlm_patch, **kw)
@@ -132,3 +149,6 @@ def test_audit_patch_checks_before_loading_and_audits_a_vlm_patch_on_the_vlm(vlm
     assert res["target"] == "vlm" and res["patch"] == "(a Patch object)" and (tmp_path / "audit.json").is_file()
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         audit_patch(vlm_patch, probes=["prompts"], out=tmp_path)
+    save_patch(vlm_patch, tmp_path / "patch")
+    with pytest.raises(ValueError, match="is inside the patch folder"):  # audit.json was added inside patch/
+        audit_patch(tmp_path / "patch", probes=["prompts"], out=tmp_path / "patch")

@@ -71,13 +71,16 @@ def test_a_bad_field_is_refused_when_the_config_is_built(field, value, error, sa
 
 @pytest.mark.parametrize("make, error, said", [
     (lambda: SearchConfig(steps="10"), TypeError, "SearchConfig.steps (--steps): expected an int >= 1"),
-    (lambda: SearchConfig(initial_divisor=0), ValueError, "SearchConfig.initial_divisor: must be in"),
-    (lambda: SearchConfig(threshold=5), ValueError, "SearchConfig.threshold (--threshold): must be in [0, 1)"),
+    (lambda: SearchConfig(initial_divisor=0), ValueError, "SearchConfig.initial_divisor: must be a finite number in"),
+    (lambda: SearchConfig(threshold=5), ValueError, "SearchConfig.threshold (--threshold): must be a finite number "
+                                                    "in [0, 1)"),
+    (lambda: SearchConfig(margin=float("inf")), ValueError, "smallest accepted step): must be a finite number in "
+                                                            "[1, ∞)"),
     (lambda: SearchConfig(utility_floor=-0.5), ValueError, "SearchConfig.utility_floor (--utility-floor)"),
     (lambda: SearchConfig(margin=0.5), ValueError, "SearchConfig.margin"),
     (lambda: Budgets(utility_drop="0.1"), TypeError, "Budgets.utility_drop (--utility-budget): expected a number"),
-    (lambda: Budgets(forget_tolerance=0.9), ValueError, "Budgets.forget_tolerance (--forget-tolerance): must be in "
-                                                        "[0, 0.5)"),
+    (lambda: Budgets(forget_tolerance=0.9), ValueError, "Budgets.forget_tolerance (--forget-tolerance): must be a "
+                                                        "finite number in [0, 0.5)"),
     (lambda: slugkit.unlearn({"concept": "A"}), TypeError, "takes a slugkit.UnlearnConfig, not a dict"),
 ])
 def test_search_budgets_and_unlearn_check_their_arguments(make, error, said):
@@ -150,3 +153,71 @@ def test_load_model_takes_a_path_and_leaves_the_rng_alone(tmp_path):
     with pytest.raises((ModelLoadError, ValueError, FileNotFoundError)) as e:
         slugkit.load_model(tmp_path / "none.safetensors")
     assert "none.safetensors" in str(e.value)
+    # a model folder whose weights file is missing (an interrupted copy) was initialised randomly by open_clip, with
+    # one log line, and a run on it passed its verdict (trial 30)
+    from slugkit.models.open_clip import EMBEDDED_DIR
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "open_clip_config.json").write_bytes((EMBEDDED_DIR / "open_clip_config.json").read_bytes())
+    with pytest.raises(ModelLoadError, match="holds no weights file .*open_clip would initialise the model randomly"):
+        slugkit.load_model(tmp_path / "m")
+    (tmp_path / "m" / "open_clip_pytorch_model.bin").write_bytes(b"x")
+    for pretrained in (None, EMBEDDED_DIR / "open_clip_model.safetensors"):  # open_clip read it even beside a file
+        with pytest.raises(ModelLoadError, match="only open_clip_pytorch_model.bin: slugkit never unpickles"):
+            slugkit.load_model(f"local-dir:{tmp_path / 'm'}", pretrained)
+    (tmp_path / "m" / "open_clip_pytorch_model.bin").unlink()
+    adapter = slugkit.load_model(tmp_path / "m", pretrained=EMBEDDED_DIR / "open_clip_model.safetensors")
+    assert adapter.model is not None  # the weights from the file
+
+
+def test_world_config_and_unlearn_check_before_writing(tmp_path):
+    """world_config curated into OUT/data before its overrides were checked (a typo left x/data behind) and replaced
+    a finished run's data with another concept's; unlearn wrote a run into the package's assets; a world_config
+    tuple passed whole got "not a tuple"; compose/save of a patch folder path said "'str' object has no attribute
+    'meta'" or returned the path (trial 30)."""
+    from slugkit.common.errors import OutputExistsError
+    from slugkit.models.open_clip import EMBEDDED_DIR
+    from slugkit.world.demo_data import ensure_world_data
+
+    data = ensure_world_data(None, progress=False)
+    name = world.IDENTITIES[0].name
+    for kw, error in ((dict(batchsize=3), TypeError), (dict(batch_size=0), ValueError)):
+        with pytest.raises(error):
+            slugkit.world_config(name, tmp_path / "x", data, **kw)
+    with pytest.raises(ValueError, match=r"UnlearnConfig.out \(--out\): is empty"):
+        slugkit.world_config(name, "", data)
+    assert not (tmp_path / "x").exists() and not Path("data/forget.tar").exists()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "result.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="holds a run; pass overwrite=True"):
+        slugkit.world_config(world.IDENTITIES[1].name, tmp_path / "done", data)
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["result.json"]
+    cfg, _, _ = slugkit.world_config(name, tmp_path / "run", data, progress=False)
+    with pytest.raises(TypeError, match="world_config returns .*pass its first item"):
+        slugkit.unlearn((cfg, None, None))
+    inside = EMBEDDED_DIR / "myrun"
+    with pytest.raises(ValueError, match="is inside the slugkit package"):
+        slugkit.unlearn(replace(cfg, out=inside))
+    assert not inside.exists()
+
+
+def test_patch_functions_take_folders_and_refuse_an_empty_out(tmp_path):
+    from slugkit.patch import make_patch, save_patch
+
+    adapter = slugkit.load_model("embedded")
+    name = "visual.transformer.resblocks.1.attn.out_proj.weight"
+    p = make_patch(adapter.model, {name: dict(adapter.model.named_parameters())[name].detach() * 0.5},
+                   base_model=adapter.model_id, adapter="open_clip", concept="A")
+    save_patch(p, tmp_path / "p")
+    assert slugkit.compose_patches([tmp_path / "p"]).fingerprint == p.fingerprint
+    assert slugkit.compose_patches(str(tmp_path / "p")).fingerprint == p.fingerprint
+    with pytest.raises(TypeError, match=r"save_patch takes a Patch \(slugkit.load_patch\(path\) reads one\)"):
+        save_patch(str(tmp_path / "p"), tmp_path / "q")
+    with pytest.raises(ValueError, match="out_dir is empty"):
+        save_patch(p, "")
+
+
+@pytest.mark.parametrize("args, error", [((None,), TypeError), (("",), TypeError), (("embedded", ""), ValueError)])
+def test_load_model_refuses_empty_and_none(args, error):
+    with pytest.raises(error, match="load_model: "):
+        slugkit.load_model(*args)

@@ -53,7 +53,9 @@ class AttackBudget:
     seed: int = 0
 
     def __post_init__(self):
-        for k, v in asdict(self).items():
+        for k, v in asdict(self).items():  # "20" or nan failed inside the search (trial 30)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"AttackBudget.{k} must be an int, got {type(v).__name__} {v!r}")
             if k != "seed" and v < 1:
                 raise ValueError(f"attack budget {k} must be >= 1, got {v}")
 

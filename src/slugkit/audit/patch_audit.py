@@ -54,16 +54,16 @@ def audit_patch(patch_path, model: str = "embedded", concept: str | None = None,
     if isinstance(probes, str) or not all(isinstance(x, str) for x in probes):
         raise TypeError(f"audit_patch: probes must be a list of probe names such as {list(PROBES)[:2]}, got {probes!r}")
     bad = [x for x in probes if x not in PROBES]
-    if bad:
-        raise ValueError(f"audit_patch: unknown audit probe(s) {bad}; available: {', '.join(PROBES)}")
+    if bad or not probes:
+        raise ValueError(f"audit_patch: unknown audit probe(s) {bad}; available: {', '.join(PROBES)}" if bad else
+                         f"audit_patch: probes is empty; name at least one of {', '.join(PROBES)}")
+    _check_types(kw, controls, aliases, audit_images, audit_gen_steps)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise (ValueError if isinstance(threads, int) and not isinstance(threads, bool) else TypeError)(
             f"audit_patch: threads must be an int >= 1 or None, got {threads!r}")
     if check_device(device):
         raise ValueError(f"audit_patch: device: {check_device(device)}")
-    out = kw.get("out")
-    if out is not None and not overwrite and any((Path(out) / n).exists() for n in (AUDIT_JSON, AUDIT_MD)):
-        raise FileExistsError(f"{out} holds an audit ({AUDIT_JSON}); pass overwrite=True to replace it, or another out")
+    _check_out(kw.get("out"), overwrite)
     patch = patch_path if isinstance(patch_path, Patch) else load_patch(patch_path)
     label = "(a Patch object)" if isinstance(patch_path, Patch) else str(patch_path)
     kind = patch_kind(patch)
@@ -89,6 +89,50 @@ def audit_patch(patch_path, model: str = "embedded", concept: str | None = None,
         torch.set_num_threads(before_threads)
 
 
+def _check_types(kw: dict, controls, aliases, audit_images, audit_gen_steps) -> None:
+    """``TypeError`` / ``ValueError`` naming the argument (trial 30: ``aliases="Gormere"`` became seven one-letter
+    prompt variants, ``audit_images=0`` the default, an ``attack`` dict failed after the model had loaded)."""
+    from .attack import AttackBudget
+    from .base import AuditThresholds
+    from .relearn import RelearnBudget
+
+    for name, v in (("controls", controls), ("aliases", aliases)):
+        if v is not None and (isinstance(v, str) or not all(isinstance(x, str) and x.strip() for x in v)):
+            raise TypeError(f"audit_patch: {name} must be a list of names, e.g. [{str(v)!r}], got {v!r}")
+    for name, v in (("audit_images", audit_images), ("audit_gen_steps", audit_gen_steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"audit_patch: {name} must be an int >= 1 (or None: the default), got {v!r}")
+    for name, cls in (("attack", AttackBudget), ("relearn", RelearnBudget), ("thresholds", AuditThresholds)):
+        if name in kw and not isinstance(kw[name], cls):
+            raise TypeError(f"audit_patch: {name} must be a slugkit.audit.{cls.__name__}, got "
+                            f"{type(kw[name]).__name__}")
+    for name in ("gate_representation", "progress"):
+        if name in kw and not isinstance(kw[name], bool):
+            raise TypeError(f"audit_patch: {name} must be True or False, got {kw[name]!r}")
+
+
+def _check_out(out, overwrite: bool) -> None:
+    """The audit's folder: not empty, not a file, not inside a patch folder, no audit in it unless ``overwrite`` —
+    each was found after the probes had run, or not at all (trial 30)."""
+    if out is None:
+        return
+    p = Path(out)
+    if not str(out).strip():
+        raise ValueError("audit_patch: out is empty; give a folder (or None: nothing written)")
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"audit_patch: out {out}: a file is there; out is a folder (created if missing)")
+    from ..common.outputs import out_inside_model
+
+    if out_inside_model(out, {}):  # the package's assets (trial 30)
+        raise ValueError(f"audit_patch: {out_inside_model(out, {})}")
+    for d in (p, *p.resolve().parents):
+        if (d / "patch.json").is_file() and (d / "patch.safetensors").is_file():
+            raise ValueError(f"audit_patch: out {out} is inside the patch folder {d}; write the audit into the run "
+                             "folder or elsewhere")
+    if not overwrite and any((p / n).exists() for n in (AUDIT_JSON, AUDIT_MD)):
+        raise FileExistsError(f"{out} holds an audit ({AUDIT_JSON}); pass overwrite=True to replace it, or another out")
+
+
 def _audit_downstream(patch, label, kind, concept, probes, audit_images, audit_gen_steps, kw) -> dict:
     from .downstream import audit_t2i_patch, audit_vlm_patch
 
@@ -98,7 +142,8 @@ def _audit_downstream(patch, label, kind, concept, probes, audit_images, audit_g
                                gate_representation=kw.get("gate_representation", False),
                                progress=kw.get("progress", True))
     return audit_t2i_patch(patch, label, kw.get("out"), probes=probes, attack=kw.get("attack"),
-                           n_images=audit_images or 10, gen_steps=audit_gen_steps or 20,
+                           n_images=10 if audit_images is None else audit_images,
+                           gen_steps=20 if audit_gen_steps is None else audit_gen_steps,
                            progress=kw.get("progress", True))
 
 

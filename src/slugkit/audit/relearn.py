@@ -44,6 +44,10 @@ class RelearnBudget:
     seed: int = 0
 
     def __post_init__(self):
+        if not (isinstance(self.steps, int) and isinstance(self.lr, (int, float)) and isinstance(self.sizes, tuple)
+                and all(isinstance(n, int) for n in self.sizes)) or any(isinstance(x, bool) for x in (self.steps,
+                                                                                                      self.lr)):
+            raise TypeError(f"RelearnBudget needs int steps, a tuple of int sizes and a number lr, got {self}")
         if self.steps < 1 or not self.sizes or min(self.sizes) < 1 or not self.lr > 0:
             raise ValueError(f"relearning budget needs steps >= 1, sizes >= 1 and lr > 0, got {self}")
 

@@ -329,7 +329,8 @@ def add_parsers(sub) -> None:
     ex.add_argument("--clip-skip", type=int_at_least(0), default=None, metavar="N",
                     help="the pipeline is run with diffusers' clip_skip=N: a patch of a layer it then never reads is "
                          "refused (default: none)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a LoRA slug wrote at --out (default: refuse; "
+                                                             "another file is never replaced)")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars (when the pipeline is loaded)")
     ex.set_defaults(func=cmd_export)
 

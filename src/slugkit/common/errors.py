@@ -69,10 +69,11 @@ def device_error_hint(e: RuntimeError) -> str | None:
 
 def check_number(owner: str, name: str, v, lo: float = 0.0, hi: float = 1.0, hi_open: bool = False,
                  flag: str | None = None) -> None:
-    """``owner.name`` must be a real number in [lo, hi] (or [lo, hi) with ``hi_open``): ``TypeError`` for a str (it
+    """``owner.name`` must be a finite number in [lo, hi] (or [lo, hi) with ``hi_open``): ``TypeError`` for a str (it
     failed later, in a comparison deep in the search), ``ValueError`` naming the field and ``flag`` otherwise."""
     where = f"{owner}.{name}" + (f" ({flag})" if flag else "")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{where}: expected a number, got {type(v).__name__} {v!r}")
-    if math.isnan(v) or v < lo or v > hi or (hi_open and v >= hi):
-        raise ValueError(f"{where}: must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v}")
+    if not math.isfinite(v) or v < lo or v > hi or (hi_open and v >= hi):  # margin=inf passed (trial 30)
+        top = "∞)" if math.isinf(hi) else f"{hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{where}: must be a finite number in [{lo:g}, {top}, got {v}")

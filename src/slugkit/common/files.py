@@ -228,6 +228,8 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
     ``out_dir`` is refused (``FileExistsError``, :func:`check_replaceable`) unless ``overwrite`` and, when ``marker``
     is given, it holds ``marker`` (slug wrote it). The new folder's tree gets the umask's modes; ``out_dir`` itself,
     when it existed as a folder, keeps its mode (e.g. 0700)."""
+    if not os.fspath(out_dir).strip():  # "" meant ".": ". already exists and is not empty" (trial 30)
+        raise ValueError("the output folder's path is empty; give a folder")
     out_dir = Path(out_dir)
     if os.path.lexists(out_dir) and not out_dir.is_dir():  # a user's file was moved to a hidden .old (trial 26)
         raise FileExistsError(f"{out_dir} exists and is not a folder; a folder is written there: choose another "

@@ -141,7 +141,7 @@ def load_llava_folder(cls, folder: str | os.PathLike, **kw) -> nn.Module:
 
 @takes_patch_path
 def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *, revert: bool = False,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, processor=None) -> Path:
     """Write the patched (``revert=True``: reverted) LLaVA as a loadable folder: ``save_pretrained`` (config,
     safetensors shards) plus ``slugkit_patch.json``; from a folder, its processor / tokenizer / chat-template files
     are copied along, so ``out_dir`` loads with ``LlavaForConditionalGeneration.from_pretrained`` and
@@ -149,7 +149,8 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
 
     ``llava_or_dir``: a model object (patched in place for the write, then restored bit-exact), a folder (loaded in
     its stored dtype; its ``*.safetensors`` are checked first, so a Git LFS pointer raises ``ValueError`` naming
-    it; an ``out_dir`` inside it is refused) or ``"embedded"`` (the shipped VLM). The folder appears atomically; a
+    it; an ``out_dir`` inside it is refused) or ``"embedded"`` (the shipped VLM); with an object, ``processor`` is
+    saved alongside (without one a ``UserWarning`` says the folder has none). The folder appears atomically; a
     non-empty ``out_dir`` is refused unless ``overwrite``. A patch LLaVA cannot use raises
     :class:`PatchMismatchError` and writes nothing.
     """
@@ -190,6 +191,13 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
                         or entry.name == "train_report.json"
                     if not skip and not (tmp / entry.name).exists():
                         shutil.copy2(entry, tmp / entry.name)
+            elif processor is not None:
+                processor.save_pretrained(tmp)
+            else:  # a folder AutoProcessor cannot load, without a word (trial 30)
+                import warnings
+
+                warnings.warn(f"{out_dir}: written without processor or tokenizer files (a model object was given); "
+                              "pass processor=... to save it alongside", stacklevel=3)
             write_provenance(tmp, patch, revert, src_dir)
     finally:
         if src_dir is None and changed:  # the caller's model goes back to its exact bytes
@@ -243,8 +251,8 @@ def identity_recognition(llava: nn.Module, processor, images_by_name: Mapping[st
     ``images_by_name``: ``{name: [PIL images]}``. Raises ``TypeError`` / ``ValueError`` naming the argument before
     any answer is generated (trial 29: a list, a lone image, ``batch_size=0`` failed deep inside)."""
     _llava(llava)
-    if not isinstance(images_by_name, Mapping):
-        raise TypeError(f"images_by_name must be a dict {{name: [images]}}, got {type(images_by_name).__name__}")
+    if not isinstance(images_by_name, Mapping) or not images_by_name:
+        raise TypeError(f"images_by_name must be a non-empty dict {{name: [images]}}, got {images_by_name!r:.60}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if answers is not None and not isinstance(answers, dict):

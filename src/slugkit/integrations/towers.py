@@ -66,8 +66,10 @@ def find_tower(module: nn.Module, kind: str) -> tuple[str, nn.Module]:
             if best is None or depth < best[0]:
                 best = (depth, name, mod)
     if best is None:
+        oc = hasattr(module, "visual") and hasattr(module, "transformer")  # an open_clip model (trial 30)
         raise TypeError(f"{type(module).__name__} holds no CLIP {kind} transformer (a module with "
-                        f"{', '.join(_MARKERS[kind])})")
+                        f"{', '.join(_MARKERS[kind])})" + ("; this is an open_clip model: pass the transformers CLIP, "
+                                                           "slugkit.load_model(..., family='hf_clip')" if oc else ""))
     _, name, mod = best
     return (name + "." if name else ""), mod
 

@@ -91,17 +91,33 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
     if model.startswith("hf-hub:"):
         return model, None
     if model.startswith("local-dir:"):
-        check_local_weights(Path(model.removeprefix("local-dir:")))
+        _folder_weights(Path(model.removeprefix("local-dir:")), pretrained)
         return model, None
     p = Path(model)
     if p.is_dir():
         if not (p / "open_clip_config.json").is_file():
             raise ModelLoadError(f"{p} is a directory but holds no open_clip_config.json")
-        check_local_weights(p)
+        _folder_weights(p, pretrained)
         return f"local-dir:{p.resolve()}", None
     if pretrained and (Path(pretrained).suffix or "/" in pretrained):
         _checkpoint_file(pretrained)
     return model, pretrained
+
+
+def _folder_weights(folder: Path, pretrained: str | None) -> None:
+    """A model folder must hold its weights as safetensors, unless ``pretrained`` (a file) supplies them: without a
+    weights file open_clip initialises the model randomly with one log line, and a run on it passed its verdict
+    (trial 30: an interrupted copy); a ``.bin``/``.pth`` would be unpickled. Raises :class:`ModelLoadError`."""
+    check_local_weights(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in folder.iterdir() if f.suffix in (".bin", ".pth", ".pt"))
+    if pretrained and not pickled:  # open_clip would read a pickled file there even beside --pretrained
+        return
+    raise ModelLoadError(f"{folder} holds no weights file (*.safetensors)" + (
+        f", only {', '.join(pickled)}: slugkit never unpickles model files; convert it with safetensors' save_file"
+        if pickled else ": open_clip would initialise the model randomly; copy its open_clip_model.safetensors "
+        "into the folder, or pass --pretrained FILE.safetensors"))
 
 
 class _OpenClipErrorsRaised(logging.Filter):

@@ -5,11 +5,13 @@ facts its parts record (they must agree; :mod:`slugkit.patch.architecture`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..common.text import printable
 from .format import Patch, PatchError, _base_label, _normalise_meta, _short, tensor_sha256
-from .ops import _provenance, apply_patch, make_patch
+from .ops import _provenance, apply_patch, as_patch, make_patch
 
 # --------------------------------------------------------------------------------------------------- compose
 
@@ -43,7 +45,8 @@ def compose_patches(patches: list[Patch]) -> Patch:
     different base models / adapters / architectures (``meta['architecture']``, kept in the result). A single patch
     is returned unchanged.
     """
-    patches = [patches] if isinstance(patches, Patch) else list(patches)  # a Patch is not iterable (trial 28)
+    # a Patch is not iterable (trial 28); a folder path was returned as "the composed patch" (trial 30)
+    patches = [as_patch(p) for p in ([patches] if isinstance(patches, (Patch, str, os.PathLike)) else patches)]
     if not patches:
         raise PatchError("compose_patches needs at least one patch")
     if len(patches) == 1:
@@ -133,7 +136,7 @@ def chain_patches(patches: list[Patch]) -> Patch:
 
 def apply_patches(target, patches: list[Patch], *, check: bool = True):
     """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written. A single
-    :class:`Patch` is taken as a list of one."""
-    return apply_patch(target, compose_patches([patches] if isinstance(patches, Patch) else patches), check=check)
+    :class:`Patch` (or a patch folder) is taken as a list of one."""
+    return apply_patch(target, compose_patches(patches), check=check)
 
 

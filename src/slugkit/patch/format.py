@@ -38,7 +38,6 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 
 
 # --------------------------------------------------------------------------------------------------- errors
-
 class PatchError(ValueError):
     """A patch cannot be made, composed, saved or used; the message says why and what to do."""
 
@@ -52,7 +51,6 @@ class PatchFormatError(PatchError):
 
 
 # --------------------------------------------------------------------------------------------------- hashing
-
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 (hex) of a tensor's raw bytes in C order, native (little-endian) byte order. Shape and dtype are *not*
     part of the hash; the patch records them separately. Any dtype, any device (the tensor is copied to the CPU)."""
@@ -71,7 +69,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the patch
-
 @dataclass(eq=False)
 class Patch:
     """An edit of a few named tensors, with the original values kept for verification and exact revert.
@@ -114,7 +111,6 @@ class Patch:
 
 
 # --------------------------------------------------------------------------------------------------- JSON helpers
-
 def _json_default(o: Any) -> Any:
     """Make numpy / torch scalars and paths JSON-able; anything else is an error."""
     if isinstance(o, torch.Tensor) and o.numel() == 1:
@@ -186,7 +182,6 @@ def _check_consistent(patch: Patch, where: str = "patch") -> None:
 
 # --------------------------------------------------------------------------------------------------- save / load
 
-
 def _safetensors_bytes(patch: Patch) -> bytes:
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(patch.patched):
@@ -207,10 +202,14 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``patch`` as a folder ``out_dir/{patch.safetensors, patch.json}``; returns ``out_dir``. Both files are
-    written into a temporary sibling folder which is then renamed into place, so ``out_dir``
-    is either absent, the old patch, or the complete new one. Refuses (``FileExistsError``) a non-empty ``out_dir``
-    unless ``overwrite=True``; even then it only replaces a folder holding nothing but patch files. The tensors are
-    re-verified against ``meta`` first. Output is deterministic: same patch → byte-identical files."""
+    written into a temporary sibling folder then renamed into place, so ``out_dir`` is either absent, the old patch,
+    or the complete new one. Refuses (``FileExistsError``) a non-empty ``out_dir`` unless ``overwrite=True``; even
+    then it only replaces a folder holding nothing but patch files; ``TypeError`` for a path as ``patch``,
+    ``ValueError`` for an empty ``out_dir`` (it meant "."). The tensors are re-verified against ``meta`` first.
+    Output is deterministic: same patch → byte-identical files."""
+    if not isinstance(patch, Patch) or not os.fspath(out_dir).strip():  # trial 30
+        raise (ValueError("save_patch: out_dir is empty; give a folder") if isinstance(patch, Patch) else TypeError(
+            f"save_patch takes a Patch (slugkit.load_patch(path) reads one), not {type(patch).__name__}"))
     out_dir = Path(out_dir)
     _check_consistent(patch)
     st_bytes = _safetensors_bytes(patch)

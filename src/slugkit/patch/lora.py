@@ -332,13 +332,31 @@ def save_lora(lora: Lora, path: str | os.PathLike, *, overwrite: bool = False) -
     (temporary sibling, then rename) and deterministically (sorted keys and metadata: the same LoRA gives the same
     bytes). Raises ``FileExistsError`` for an existing ``path`` unless ``overwrite``, ``IsADirectoryError`` for a
     folder, :class:`~slugkit.patch.PatchFormatError` for a name not ending in ``.safetensors``."""
+    path = _lora_target(path, overwrite)
+    return save_state_dict_file(lora.state_dict(), path, metadata=lora.file_metadata())
+
+
+def _lora_target(path, overwrite: bool) -> Path:
+    """The file a LoRA may be written to: not empty, not a folder, not inside a patch folder (it replaced
+    ``patch.safetensors`` itself), and, when it exists, a LoRA slug wrote — ``overwrite`` replaced a user's file
+    (trial 30). Raises ``ValueError``, ``IsADirectoryError`` or ``FileExistsError``."""
+    if not os.fspath(path).strip():
+        raise ValueError("the LoRA path is empty; give the .safetensors file to write")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the .safetensors file to write")
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
-                              "another --out")
-    return save_state_dict_file(lora.state_dict(), path, metadata=lora.file_metadata())
+    if (path.parent / "patch.json").is_file():
+        raise ValueError(f"{path} is inside the patch folder {path.parent}; write the LoRA outside it")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
+                                  "another --out")
+        try:
+            read_lora(path)
+        except (PatchError, ValueError, OSError):
+            raise FileExistsError(f"{path} is not a LoRA slug wrote; overwrite replaces only those: choose another "
+                                  "path, or remove that file yourself") from None
+    return path
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -369,10 +387,10 @@ def export_lora(patch: Patch, text_encoder: nn.Module | None, path: str | os.Pat
     """:func:`lora_from_patch` (``check``: that the encoder holds the patch's originals) then :func:`save_lora`;
     returns the :class:`Lora` written. The existing-file check runs before the factorisation. Raises what those two
     raise."""
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not overwrite and not path.is_dir():
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
-                              "another --out")
+    path = _lora_target(path, overwrite)
+    if text_encoder is None and check:  # "checks the encoder" held nothing (trial 30)
+        raise TypeError("export_lora: text_encoder is None, so nothing can be checked; pass the pipeline's text "
+                        "encoder, or check=False to export the patch unchecked")
     lora = lora_from_patch(patch, text_encoder, prefix=prefix, max_error=max_error, rank=rank, extra=extra,
                            check=check)
     save_lora(lora, path, overwrite=overwrite)

@@ -129,11 +129,18 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     choice among the searched Pareto layers (e.g. :func:`slugkit.workflows.sd_generator.generator_chooser` for a
     diffusion pipeline); ``info`` is recorded as ``result["chooser"]``."""
     if not isinstance(cfg, UnlearnConfig):  # a dict said "'dict' object has no attribute 'threads'" (trial 28)
-        raise TypeError(f"run_unlearn takes a slugkit.UnlearnConfig, not a {type(cfg).__name__}: "
-                        "UnlearnConfig(**fields)")
+        raise TypeError(f"slugkit.unlearn takes a slugkit.UnlearnConfig, not a {type(cfg).__name__}: "
+                        + ("world_config returns (config, curate_summary, data_dir); pass its first item"
+                           if isinstance(cfg, tuple) else "UnlearnConfig(**fields)"))
     from .config_check import check_config
 
     check_config(cfg)  # again: a field set after the config was built (cfg.batch_size = 1) ran 11 s (trial 29)
+    from ..common.outputs import out_inside_model
+
+    folder = cfg.model.removeprefix("local-dir:")
+    why = out_inside_model(cfg.out, {"--model": folder if Path(folder).is_dir() else None})
+    if why:  # a run into the package's assets or the model folder it reads, from Python (trial 30; the CLI refused)
+        raise ValueError(why)
     threads = torch.get_num_threads()
     n = cfg.threads or (1 if cfg.model == "embedded" and cfg.device == "cpu" else None)  # as the CLI: 130 s vs 13.6
     cuda = torch.device(cfg.device).type == "cuda"

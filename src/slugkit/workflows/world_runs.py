@@ -29,23 +29,27 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
     """
     concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
     data = ensure_world_data(data_dir, progress=progress)
-    out = Path(out)
-    mixed = retain_identity_fraction is not None
     inputs = inputs_folder(out) / "data"  # OUT claimed early (`slug demo`): its temporary folder; OUT is not touched
-    cur = curate(str(data / "pool"), concepts[0], inputs, aliases=concepts[1:],
-                 max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
-    if mixed:
-        cur["retain"] = RETAIN_PAIRS
-        cur["retain_mix"] = write_mixed_retain(concepts, inputs / "retain.tar", retain_identity_fraction,
-                                               seed=seed)
-    cfg = UnlearnConfig(
-        concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=str(out),
+    cfg = UnlearnConfig(  # built (and so checked: an unknown or bad override, an empty out) before anything is written
+        concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=out,
         model="embedded", forget=str(inputs / "forget.tar"),
         retain=str(inputs / "retain.tar"), val_identities=str(data / "val" / "identities"),
         test_identities=str(data / "test" / "identities"), names=str(data / "names.txt"),
         identity_templates=list(world.IDENTITY_EVAL_TEMPLATES), utility_val=str(data / "val" / "utility"),
         utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
         seed=seed, progress=progress, **overrides)
+    out = Path(out)
+    if inputs.parent == out and (out / "result.json").exists() and not cfg.overwrite:  # its data was replaced by
+        from ..common.errors import OutputExistsError  # another concept's before the run was refused (trial 30)
+
+        raise OutputExistsError(f"{out} holds a run; pass overwrite=True (--overwrite) to replace it, or another out")
+    mixed = retain_identity_fraction is not None
+    cur = curate(str(data / "pool"), concepts[0], inputs, aliases=concepts[1:],
+                 max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
+    if mixed:
+        cur["retain"] = RETAIN_PAIRS
+        cur["retain_mix"] = write_mixed_retain(concepts, inputs / "retain.tar", retain_identity_fraction,
+                                               seed=seed)
     return cfg, cur, data
 
 
