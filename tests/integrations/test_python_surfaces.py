@@ -4,6 +4,8 @@ folder, an adapter) and refuse, naming the argument, what the CLI refuses."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,9 +47,17 @@ def test_save_patched_llava_takes_embedded_and_refuses_an_out_inside_the_model(v
     save_patch(vlm_patch, tmp_path / "patch")
     out = save_patched_llava("embedded", tmp_path / "patch", tmp_path / "vlm")  # a patch folder for the Patch too
     assert (out / "config.json").is_file() and (out / "slugkit_patch.json").is_file()
-    with pytest.raises(ValueError, match="is inside .*the LLaVA model it is written from"):
+    with pytest.raises(ValueError, match="is inside .*the LLaVA model it is written from|inside the slugkit package"):
         save_patched_llava(EMBEDDED_VLM_DIR, vlm_patch, EMBEDDED_VLM_DIR / "x")
     assert not (EMBEDDED_VLM_DIR / "x").exists()
+    from slugkit.world.vlm import load_vlm
+
+    llava, processor = load_vlm(None)  # an object whose out lies in the package's assets was written (trial 31)
+    with pytest.raises(ValueError, match="is inside the slugkit package"):
+        save_patched_llava(llava, vlm_patch, EMBEDDED_VLM_DIR.parent / "patched", processor=processor)
+    with pytest.raises(TypeError, match="processor must be the model's processor"):
+        save_patched_llava(llava, vlm_patch, tmp_path / "p2", processor="x")
+    assert not (EMBEDDED_VLM_DIR.parent / "patched").exists() and not (tmp_path / "p2").exists()
 
 
 def test_the_llava_functions_refuse_other_objects_and_take_an_adapter(vlm_clip, vlm_patch):
@@ -120,6 +130,14 @@ def test_export_lora_checks_its_arguments_and_the_encoder(hf_text_patch, tmp_pat
         export_lora(patch, None, tmp_path / "patch" / "patch.safetensors", overwrite=True, check=False)
     with pytest.raises(TypeError, match="text_encoder is None, so nothing can be checked"):
         export_lora(patch, None, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=r"extra may not set \['verdict'\]"):  # it replaced a failed verdict (31)
+        export_lora(patch, None, tmp_path / "x.safetensors", check=False, extra={"verdict": "pass"})
+    import slugkit
+
+    pkg = Path(slugkit.__file__).parent
+    with pytest.raises(ValueError, match="is inside the slugkit package"):
+        export_lora(patch, None, pkg / "assets" / "l.safetensors", check=False)
+    assert not (tmp_path / "x.safetensors").exists() and not (pkg / "assets" / "l.safetensors").exists()
 
 
 def test_audit_patch_checks_before_loading_and_audits_a_vlm_patch_on_the_vlm(vlm_patch, tmp_path):
@@ -139,6 +157,9 @@ def test_audit_patch_checks_before_loading_and_audits_a_vlm_patch_on_the_vlm(vlm
                             (dict(audit_images=0), ValueError, "audit_images must be an int >= 1"),
                             (dict(probes=[]), ValueError, "probes is empty"),
                             (dict(out=""), ValueError, "out is empty"),
+                            (dict(probes=None), TypeError, "probes must be a list"),
+                            (dict(data="/some/folder"), TypeError, "data must be an AuditData or a callable"),
+                            (dict(concept=123), TypeError, "concept must be a non-empty str"),
                             (dict(model="ViT-B-32"), ValueError, "model: not read by the audit of a VLM patch")):
         with pytest.raises(error, match=said):
             audit_patch(vlm_patch, **kw)

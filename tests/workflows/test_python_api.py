@@ -184,7 +184,7 @@ def test_world_config_and_unlearn_check_before_writing(tmp_path):
     for kw, error in ((dict(batchsize=3), TypeError), (dict(batch_size=0), ValueError)):
         with pytest.raises(error):
             slugkit.world_config(name, tmp_path / "x", data, **kw)
-    with pytest.raises(ValueError, match=r"UnlearnConfig.out \(--out\): is empty"):
+    with pytest.raises(ValueError, match="world_config: out must be a folder path"):
         slugkit.world_config(name, "", data)
     assert not (tmp_path / "x").exists() and not Path("data/forget.tar").exists()
     (tmp_path / "done").mkdir()
@@ -221,3 +221,26 @@ def test_patch_functions_take_folders_and_refuse_an_empty_out(tmp_path):
 def test_load_model_refuses_empty_and_none(args, error):
     with pytest.raises(error, match="load_model: "):
         slugkit.load_model(*args)
+
+
+def test_world_config_keeps_the_users_files_and_refuses_what_it_sets(tmp_path):
+    """world_config replaced a user's OUT/data/forget.tar; wrote into the package's assets; took family='hf_clip'
+    (ignored) and concepts=[...] (a raw "multiple values" TypeError): trial 31."""
+    from slugkit.common.errors import OutputExistsError
+    from slugkit.models.open_clip import EMBEDDED_DIR
+
+    name = world.IDENTITIES[0].name
+    (tmp_path / "x" / "data").mkdir(parents=True)
+    (tmp_path / "x" / "data" / "forget.tar").write_bytes(b"mine")
+    with pytest.raises(OutputExistsError, match="world_config curates the forget and retain sets into OUT/data"):
+        slugkit.world_config(name, tmp_path / "x")
+    assert (tmp_path / "x" / "data" / "forget.tar").read_bytes() == b"mine"
+    for kw, said in ((dict(family="hf_clip"), "family: not read by a run on the embedded world's data"),
+                     (dict(concepts=["A"]), "concepts: set by world_config")):
+        with pytest.raises(TypeError, match=said):
+            slugkit.world_config(name, tmp_path / "y", **kw)
+    with pytest.raises(ValueError, match="is inside the slugkit package"):
+        slugkit.world_config(name, EMBEDDED_DIR.parent / "wc")
+    with pytest.raises(TypeError, match="concept must be an identity's name"):
+        slugkit.world_config(123, tmp_path / "y")
+    assert not (tmp_path / "y").exists() and not (EMBEDDED_DIR.parent / "wc").exists()

@@ -51,13 +51,13 @@ def audit_patch(patch_path, model: str = "embedded", concept: str | None = None,
         raise TypeError(f"audit_patch: unknown keyword argument(s) {unknown}; it takes "
                         f"{', '.join(_RUN_AUDIT_KW)} besides its own")
     probes = kw.get("probes", PROBES)
-    if isinstance(probes, str) or not all(isinstance(x, str) for x in probes):
+    if not isinstance(probes, (list, tuple)) or not all(isinstance(x, str) for x in probes):  # None, a generator
         raise TypeError(f"audit_patch: probes must be a list of probe names such as {list(PROBES)[:2]}, got {probes!r}")
     bad = [x for x in probes if x not in PROBES]
     if bad or not probes:
         raise ValueError(f"audit_patch: unknown audit probe(s) {bad}; available: {', '.join(PROBES)}" if bad else
                          f"audit_patch: probes is empty; name at least one of {', '.join(PROBES)}")
-    _check_types(kw, controls, aliases, audit_images, audit_gen_steps)
+    _check_types(kw, data, concept, pretrained, controls, aliases, audit_images, audit_gen_steps)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise (ValueError if isinstance(threads, int) and not isinstance(threads, bool) else TypeError)(
             f"audit_patch: threads must be an int >= 1 or None, got {threads!r}")
@@ -89,13 +89,21 @@ def audit_patch(patch_path, model: str = "embedded", concept: str | None = None,
         torch.set_num_threads(before_threads)
 
 
-def _check_types(kw: dict, controls, aliases, audit_images, audit_gen_steps) -> None:
+def _check_types(kw: dict, data, concept, pretrained, controls, aliases, audit_images, audit_gen_steps) -> None:
     """``TypeError`` / ``ValueError`` naming the argument (trial 30: ``aliases="Gormere"`` became seven one-letter
     prompt variants, ``audit_images=0`` the default, an ``attack`` dict failed after the model had loaded)."""
     from .attack import AttackBudget
     from .base import AuditThresholds
     from .relearn import RelearnBudget
 
+    from .data import AuditData
+
+    if data is not None and not (isinstance(data, AuditData) or callable(data)):  # a folder path (trial 31)
+        raise TypeError(f"audit_patch: data must be an AuditData or a callable (adapter, concept) -> AuditData "
+                        f"(slugkit.audit.folder_audit_data builds one from folders), got {type(data).__name__}")
+    for name, v in (("concept", concept), ("pretrained", pretrained)):
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise TypeError(f"audit_patch: {name} must be a non-empty str or None, got {v!r}")
     for name, v in (("controls", controls), ("aliases", aliases)):
         if v is not None and (isinstance(v, str) or not all(isinstance(x, str) and x.strip() for x in v)):
             raise TypeError(f"audit_patch: {name} must be a list of names, e.g. [{str(v)!r}], got {v!r}")

@@ -243,8 +243,8 @@ def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
     if found:
         if not overwrite:
             what = "a curated set" if found[0] == "curate.json" else "a run"
-            raise OutputExistsError(f"{claim.out} already holds {what} ({found[0]} present); pass --overwrite to "
-                                    "replace it or choose another --out")
+            raise OutputExistsError(f"{claim.out} already holds {what} ({found[0]} present); pass --overwrite "
+                                    "(overwrite=True) to replace it or choose another --out")
         mine = nested_foreign(target)
         if mine:  # inside the run's own folders they would go with them; top-level ones are carried over
             raise OutputExistsError(f"{claim.out} holds files slug did not write inside its run's folders "

@@ -294,12 +294,13 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     src_dir = None
+    check_out_outside(Path(pipe_or_dir) if isinstance(pipe_or_dir, (str, os.PathLike)) and pipe_or_dir != "embedded"
+                      else None, out_dir, "pipeline")  # the package, a run, the pipeline's own folder
     if isinstance(pipe_or_dir, (str, os.PathLike)):
         if pipe_or_dir == "embedded":  # the CLI's name (trial 29); this layer cannot load that model
             raise ValueError("'embedded' names the shipped text-to-image model in the CLI; from Python pass its "
                              "pipeline object, slugkit.world.t2i.EmbeddedT2IPipeline.load()")
         src_dir = Path(pipe_or_dir)
-        check_out_outside(src_dir, out_dir, "pipeline")
         encoder = _folder_encoder(src_dir, patch, encoder)
         check_weight_files(src_dir if full_pipeline else src_dir / encoder, "pipeline weights file", full_pipeline)
         archs = json.loads((src_dir / encoder / "config.json").read_text()).get("architectures") or []

@@ -161,11 +161,12 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
         from ..models.open_clip import EMBEDDED_VLM_DIR
 
         llava_or_dir = EMBEDDED_VLM_DIR
-    if isinstance(llava_or_dir, (str, os.PathLike)):
+    folder = isinstance(llava_or_dir, (str, os.PathLike))
+    check_out_outside(Path(llava_or_dir) if folder else None, out_dir, "LLaVA model")  # before any load
+    if folder:
         from transformers import LlavaForConditionalGeneration
 
         src_dir = Path(llava_or_dir)
-        check_out_outside(src_dir, out_dir, "LLaVA model")
         if not src_dir.is_dir():  # it said "no config.json in it" of a folder that is not there, or of a file
             raise FileNotFoundError(f"{src_dir}: " + ("is a file; pass the LLaVA model folder (one written by "
                                                       "model.save_pretrained(DIR))" if src_dir.exists() else
@@ -178,6 +179,8 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
         model = load_llava_folder(LlavaForConditionalGeneration, src_dir, dtype="auto")
     else:
         model = llava_or_dir
+    if processor is not None and not hasattr(processor, "save_pretrained"):
+        raise TypeError(f"processor must be the model's processor (AutoProcessor.from_pretrained), got {processor!r}")
     changed = False
     try:
         with atomic_dir(out_dir, overwrite, marker="slugkit_patch.json") as tmp:

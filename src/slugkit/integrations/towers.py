@@ -44,7 +44,13 @@ def takes_patch_path(fn):
 
 def check_out_outside(src_dir: Path | None, out_dir, what: str) -> None:
     """Refuse an ``out_dir`` inside the model folder ``src_dir`` it is written from (``slug apply`` refused it; the
-    Python call wrote into the user's model folder: trial 29)."""
+    Python call wrote into the user's model folder: trial 29), inside the slugkit package or another slug run, or
+    starting with an unexpanded ``~`` (trial 31: a model object's folder was written into the shipped assets)."""
+    from ..common.outputs import out_inside_model, out_inside_run
+
+    why = out_inside_model(out_dir, {}) or out_inside_run(out_dir)
+    if why:
+        raise ValueError(why)
     if src_dir is not None and (os.path.realpath(out_dir) + os.sep).startswith(os.path.realpath(src_dir) + os.sep):
         raise ValueError(f"out_dir {out_dir} is inside {src_dir}, the {what} it is written from; write it beside "
                          "that folder")

@@ -15,26 +15,23 @@ factors, computed in float64. By default the rank is the smallest ``r`` whose er
 float32 rounding (≈1e-7). Both the rank and the error of every module are recorded in the file and printed.
 
 **Key layout** (diffusers / peft; ComfyUI's loader maps ``text_encoder.text_model.encoder.layers.N.*`` too, by its
-source, not run here): ``<prefix>.<module>.lora_A.weight`` and
-``<prefix>.<module>.lora_B.weight``, where ``prefix`` is the pipeline's encoder (``text_encoder``; SDXL's second
-encoder: ``text_encoder_2``) and ``module`` the Linear's path in a transformers 4.x ``CLIPTextModel``, which is the
-CLIPModel tensor name without ``.weight`` (``text_model.encoder.layers.3.mlp.fc1``; ``text_projection``). diffusers
-strips ``text_model.`` itself for transformers 5's flattened encoder (``_load_lora_into_text_encoder``).
+source, not run here): ``<prefix>.<module>.lora_{A,B}.weight``, where ``prefix`` is the pipeline's encoder
+(``text_encoder``; SDXL's second: ``text_encoder_2``) and ``module`` the Linear's path in a transformers 4.x
+``CLIPTextModel``, the CLIPModel tensor name without ``.weight`` (``text_model.encoder.layers.3.mlp.fc1``;
+``text_projection``); diffusers strips ``text_model.`` for transformers 5's flattened encoder.
 
 **Scale 1.** peft scales a LoRA by ``lora_alpha / r``. The file holds no ``.alpha`` tensors (diffusers refuses
 non-``lora`` keys; ComfyUI's and kohya sd-scripts' code take a missing alpha as scale 1), and its
-``lora_adapter_metadata`` entry (the ``__metadata__`` key diffusers reads into ``LoraConfig``) sets ``lora_alpha = r``
-for every module (``rank_pattern`` = ``alpha_pattern``): the loaded weight is ``W_base + lora_B·lora_A`` exactly in
-scale.
+``lora_adapter_metadata`` entry (read by diffusers into ``LoraConfig``) sets ``lora_alpha = r`` for every module
+(``rank_pattern`` = ``alpha_pattern``): the loaded weight is ``W_base + lora_B·lora_A`` exactly in scale.
 
 **What cannot be exported** (:class:`LoraExportError`, one line naming the tensor and what to do): tensors of CLIP's
 vision tower, tensors that are not a transformers CLIP text encoder's (an open_clip patch), biases, LayerNorm
 weights, embeddings, and anything that is not an ``nn.Linear`` weight of the given text encoder. Those patches are
 carried with ``slug apply --pipeline`` instead.
 
-This module imports only torch and :mod:`slugkit.patch` / :mod:`slugkit.common`; checking that a pipeline's text
-encoder holds the patch's original weights is the caller's job (``slug export`` runs the same hash check as
-``slug apply --pipeline``).
+This module imports only torch and :mod:`slugkit.patch` / :mod:`slugkit.common`; :func:`lora_from_patch` checks that
+the text encoder it is given holds the patch's original weights (``slug export`` also runs ``slug apply``'s check).
 """
 
 from __future__ import annotations
@@ -48,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..common.outputs import out_inside_model, out_inside_run
 from .carriers import save_state_dict_file
 from .format import Patch, PatchError, PatchFormatError, _toolkit_version, tensor_sha256
 
@@ -132,7 +130,6 @@ def _js(value) -> str:
 
 # --------------------------------------------------------------------------------------------------- what exports
 
-
 def _refusal(name: str, adapter: str) -> str | None:
     """Why the patch tensor ``name`` cannot be a LoRA module (one line with what to do), or None."""
     head = f"cannot export {name!r} as a LoRA"
@@ -191,7 +188,6 @@ def _linear(encoder: nn.Module, name: str, stem: str) -> nn.Linear:
 
 
 # --------------------------------------------------------------------------------------------------- factoring
-
 
 def factor_delta(delta: torch.Tensor, *, max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None,
                  name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -313,7 +309,13 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
             "concept": patch.concept, "base_model": patch.base_model,
             "base_sha256": {n: tmeta[n]["sha256_original"] for n in patch.names},
             "patched_sha256": {n: tmeta[n]["sha256_patched"] for n in patch.names},
-            **_verdict_of(patch), **dict(extra or {})}
+            **_verdict_of(patch)}
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict of JSON values, got {type(extra).__name__}")
+    clash = sorted(set(extra or {}) & (set(meta) | {"verdict", "verdict_codes", "warning_codes"}))
+    if clash:  # extra={"verdict": "pass"} replaced a failed run's verdict (trial 31)
+        raise ValueError(f"extra may not set {clash}: the LoRA records those from the patch")
+    meta.update(extra or {})
     return Lora(prefix=prefix, modules=sorted(modules, key=lambda m: m.module), meta=meta)
 
 
@@ -326,7 +328,6 @@ def _verdict_of(patch) -> dict:
 
 # --------------------------------------------------------------------------------------------------- files
 
-
 def save_lora(lora: Lora, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``lora`` as a ``.safetensors`` file (:meth:`Lora.state_dict`, :meth:`Lora.file_metadata`), atomically
     (temporary sibling, then rename) and deterministically (sorted keys and metadata: the same LoRA gives the same
@@ -337,11 +338,13 @@ def save_lora(lora: Lora, path: str | os.PathLike, *, overwrite: bool = False) -
 
 
 def _lora_target(path, overwrite: bool) -> Path:
-    """The file a LoRA may be written to: not empty, not a folder, not inside a patch folder (it replaced
-    ``patch.safetensors`` itself), and, when it exists, a LoRA slug wrote — ``overwrite`` replaced a user's file
-    (trial 30). Raises ``ValueError``, ``IsADirectoryError`` or ``FileExistsError``."""
+    """The file a LoRA may be written to: not empty, not a folder, not inside a patch folder (it replaced its
+    ``patch.safetensors``), when it exists a LoRA slug wrote (trial 30). Raises ``ValueError``, ``OSError``s."""
     if not os.fspath(path).strip():
         raise ValueError("the LoRA path is empty; give the .safetensors file to write")
+    why = out_inside_model(path, {}) or out_inside_run(path)  # the package's assets, another run, "~/x" (trial 31)
+    if why:
+        raise ValueError(why)
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the .safetensors file to write")

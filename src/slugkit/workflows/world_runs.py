@@ -7,9 +7,11 @@ configuration a user writes by hand for LAION + CelebA + ImageNet.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
+from ..common.errors import OutputExistsError
 from ..common.outlock import inputs_folder
 from ..data.curate import curate
 from ..world import render as world
@@ -27,9 +29,13 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
 
     Returns ``(config, curate_summary, data_dir)``.
     """
+    _check_request(concept, out, overrides)
     concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
-    data = ensure_world_data(data_dir, progress=progress)
     inputs = inputs_folder(out) / "data"  # OUT claimed early (`slug demo`): its temporary folder; OUT is not touched
+    if inputs.parent == Path(out) and inputs.exists() and (not inputs.is_dir() or any(inputs.iterdir())):
+        raise OutputExistsError(f"{inputs} exists; world_config curates the forget and retain sets into OUT/data and "
+                                "would replace what is there: choose another out, or move that folder")  # trial 31
+    data = ensure_world_data(data_dir, progress=progress)
     cfg = UnlearnConfig(  # built (and so checked: an unknown or bad override, an empty out) before anything is written
         concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=out,
         model="embedded", forget=str(inputs / "forget.tar"),
@@ -40,8 +46,6 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
         seed=seed, progress=progress, **overrides)
     out = Path(out)
     if inputs.parent == out and (out / "result.json").exists() and not cfg.overwrite:  # its data was replaced by
-        from ..common.errors import OutputExistsError  # another concept's before the run was refused (trial 30)
-
         raise OutputExistsError(f"{out} holds a run; pass overwrite=True (--overwrite) to replace it, or another out")
     mixed = retain_identity_fraction is not None
     cur = curate(str(data / "pool"), concepts[0], inputs, aliases=concepts[1:],
@@ -51,6 +55,35 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
         cur["retain_mix"] = write_mixed_retain(concepts, inputs / "retain.tar", retain_identity_fraction,
                                                seed=seed)
     return cfg, cur, data
+
+
+# the fields world_config sets, and those a run on the world's data does not read (`slug unlearn`: world_ignored)
+_FIXED = ("concept", "concepts", "out", "model", "forget", "retain", "val_identities", "test_identities", "names",
+          "identity_templates", "utility_val", "utility_test", "utility_templates")
+_UNREAD = ("family", "consumer", "clip_skip", "related_names", "utility_classnames", "aliases")
+
+
+def _check_request(concept, out, overrides: dict) -> None:
+    """Refuse, before anything is written (the world, OUT/data), what world_config cannot use (trial 31): a concept
+    that is no name or list of names, an out that is no path, inside the slugkit package, or a file, an override
+    of a field it sets or of one the world's run does not read."""
+    from ..common.outputs import out_inside_model
+
+    names = [concept] if isinstance(concept, str) else concept
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(c, str) for c in names):
+        raise TypeError(f"world_config: concept must be an identity's name or a list of names, got {concept!r}")
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
+        raise ValueError(f"world_config: out must be a folder path, got {out!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"world_config: out {out} is a file; give a folder")
+    if out_inside_model(out, {}):
+        raise ValueError(f"world_config: {out_inside_model(out, {})}")
+    fixed, unread = [k for k in overrides if k in _FIXED], [k for k in overrides if k in _UNREAD]
+    if fixed or unread:
+        raise TypeError(f"world_config: {', '.join(fixed + unread)}: "
+                        + ("set by world_config from the embedded world" if fixed else "not read by a run on the "
+                           "embedded world's data (as `slug unlearn --model embedded` refuses them)")
+                        + "; build UnlearnConfig yourself to choose them")
 
 
 def sequential_world_configs(concepts: list[str], where, data_dir: str | Path | None = None, **kwargs) -> list[tuple]:
