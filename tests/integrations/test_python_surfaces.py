@@ -109,6 +109,8 @@ def test_export_lora_checks_its_arguments_and_the_encoder(hf_text_patch, tmp_pat
         with pytest.raises(error, match=said):
             export_lora(patch, te, tmp_path / "x.safetensors", **kw)
     assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(TypeError, match=r"pass the pipeline's encoder \(pipe.text_encoder\), not a"):
+        lora_from_patch(patch, tiny_sd_pipeline(clip))  # it blamed the candidates (trial 31)
     lora = lora_from_patch(patch, te, rank=1000)
     assert lora.meta["rank"] == max(m.full_rank for m in lora.modules) < 1000
     apply_patch_to_pipeline(te, patch)

@@ -254,18 +254,16 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
                     max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None, extra: dict | None = None,
                     check: bool = True) -> Lora:
     """The :class:`Lora` of a text-encoder patch: one module per edited Linear weight, ``ΔW`` from the patch's own
-    original and patched values (``patch.original`` / ``patch.patched``, ``[out, in]``).
-
-    ``patch``: a :class:`~slugkit.patch.Patch` or its folder. ``text_encoder``: the consumer (a ``CLIPTextModel`` /
+    original and patched values (``patch.original`` / ``patch.patched``, ``[out, in]``). ``patch``: a
+    :class:`~slugkit.patch.Patch` or its folder. ``text_encoder``: the consumer (a ``CLIPTextModel`` /
     ``CLIPTextModelWithProjection``); each tensor must be an ``nn.Linear`` weight of that shape in it, holding the
     patch's original values (``check=True``, the default: their sha256 after a cast to its dtype; a LoRA made on
     another or an already patched encoder does not reproduce the patch). None: nothing about the consumer is
     checked. ``prefix``: the pipeline attribute the encoder is (``text_encoder`` / ``text_encoder_2``; another
     prefix wrote a file diffusers loads as a no-op: trial 29). ``max_error`` / ``rank``: :func:`factor_delta`.
     ``extra``: more ``slugkit.*`` metadata (JSON values). Raises :class:`LoraExportError` (:func:`check_exportable`,
-    a module that is not a Linear of that shape or holds other values, an unreachable bound), ``ValueError`` for
-    ``max_error`` outside (0, 1), a ``rank`` below 1 or another prefix, ``TypeError`` for a rank that is no int or a
-    ``max_error`` that is no number."""
+    a module not a Linear of that shape or holding other values, an unreachable bound); ``ValueError`` /
+    ``TypeError`` naming a bad ``max_error``, ``rank``, ``prefix``, ``extra`` or a pipeline given as the encoder."""
     from .ops import as_patch
 
     if isinstance(rank, bool) or not (rank is None or isinstance(rank, int)):
@@ -279,6 +277,8 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
     if prefix not in ("text_encoder", "text_encoder_2"):
         raise ValueError(f"prefix must be 'text_encoder' or 'text_encoder_2' (the pipeline attribute diffusers loads "
                          f"the LoRA into), got {prefix!r}")
+    if hasattr(text_encoder, "text_encoder"):  # a pipeline: it blamed the candidates (trial 31)
+        raise TypeError(f"pass the pipeline's encoder (pipe.{prefix}), not a {type(text_encoder).__name__}")
     patch = as_patch(patch)
     check_exportable(patch)
     modules = []

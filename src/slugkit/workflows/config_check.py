@@ -52,8 +52,8 @@ def _path(cfg, name: str, required: bool) -> None:
             raise ValueError(f"{_where(name)}: the list is empty; give a shard spec, a captioned folder, or a list "
                              "of them")
         for x in v:
-            if not isinstance(x, (str, os.PathLike)):
-                raise TypeError(f"{_where(name)}: list items must be paths, got {type(x).__name__} {x!r}")
+            if not isinstance(x, (str, os.PathLike)) or not os.fspath(x).strip():  # "" became "a::" (trial 31)
+                raise TypeError(f"{_where(name)}: list items must be non-empty paths, got {type(x).__name__} {x!r}")
         v = "::".join(os.fspath(x) for x in v)
     if not isinstance(v, (str, os.PathLike)):
         raise TypeError(f"{_where(name)}: expected a path (str or os.PathLike), got {type(v).__name__} {v!r}")
@@ -77,21 +77,27 @@ def _names(cfg, name: str) -> list[str]:
     return [x.strip() for x in v]
 
 
-def _templates(cfg) -> None:
+def _templates(cfg, field: str = "identity_templates") -> None:
     from ..data.folders import read_templates
 
-    v = cfg.identity_templates
+    v = getattr(cfg, field)
+    if field == "utility_templates" and v in ("imagenet", "imagenet-simple"):
+        return
     if isinstance(v, os.PathLike) or (isinstance(v, str) and "{}" not in v):  # a template file, as utility_templates
         path = os.fspath(v)
         if not os.path.isfile(path):
-            raise ValueError(f"{_where('identity_templates')}: {path!r} is no file and holds no {{}}; give a list of "
+            raise ValueError(f"{_where(field)}: {path!r} is no file and holds no {{}}; give a list of "
                              "templates such as ['a photo of {}.'] or a file of them, one per line")
-        cfg.identity_templates = read_templates(path)
+        if field == "identity_templates":
+            cfg.identity_templates = read_templates(path)
+        else:  # kept as the file's path (run.json records it), read here for its checks
+            read_templates(path)
+            setattr(cfg, field, path)
         return
     if isinstance(v, str):
-        raise TypeError(f"{_where('identity_templates')}: expected a list of templates, e.g. [{v!r}], not a str")
+        raise TypeError(f"{_where(field)}: expected a list of templates, e.g. [{v!r}], not a str")
     if not isinstance(v, (list, tuple)) or not v:
-        raise ValueError(f"{_where('identity_templates')}: give at least one template, e.g. ['{{}}.'], got {v!r}")
+        raise ValueError(f"{_where(field)}: give at least one template, e.g. ['{{}}.'], got {v!r}")
     for t in v:
         ok = isinstance(t, str) and "{}" in t
         try:
@@ -99,9 +105,9 @@ def _templates(cfg) -> None:
         except (IndexError, KeyError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{_where('identity_templates')}: {t!r} must hold exactly one {{}} where the name goes "
+            raise ValueError(f"{_where(field)}: {t!r} must hold exactly one {{}} where the name goes "
                              "(other braces doubled: {{ }})")
-    cfg.identity_templates = list(v)
+    setattr(cfg, field, list(v))
 
 
 def _numbers(cfg) -> None:
@@ -143,12 +149,11 @@ def check_config(cfg) -> None:
         _path(cfg, name, False)
     if isinstance(cfg.model, os.PathLike):  # a local checkpoint or folder
         cfg.model = os.fspath(cfg.model)
-    if isinstance(cfg.utility_templates, os.PathLike):
-        cfg.utility_templates = os.fspath(cfg.utility_templates)
-    if not isinstance(cfg.utility_templates, (str, list)):
+    if not isinstance(cfg.utility_templates, (str, list, tuple, os.PathLike)):
         raise TypeError(f"{_where('utility_templates')}: expected 'imagenet-simple', 'imagenet', a file or a list "
                         f"of templates, got {type(cfg.utility_templates).__name__}")
     _templates(cfg)
+    _templates(cfg, "utility_templates")  # [], [1], "no braces" were taken (trial 31)
     _numbers(cfg)
     for name in _FLAGS:
         if not isinstance(getattr(cfg, name), bool):
