@@ -170,6 +170,8 @@ def test_load_model_takes_a_path_and_leaves_the_rng_alone(tmp_path):
         with pytest.raises(ModelLoadError, match="only open_clip_pytorch_model.bin: slugkit never unpickles"):
             slugkit.load_model(f"local-dir:{tmp_path / 'm'}", pretrained)
     (tmp_path / "m" / "open_clip_pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="nope: no such folder"):
+        slugkit.load_model(f"local-dir:{tmp_path / 'nope'}")
     adapter = slugkit.load_model(tmp_path / "m", pretrained=EMBEDDED_DIR / "open_clip_model.safetensors")
     assert adapter.model is not None  # the weights from the file
 

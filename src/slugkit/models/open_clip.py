@@ -108,6 +108,8 @@ def _folder_weights(folder: Path, pretrained: str | None) -> None:
     """A model folder must hold its weights as safetensors, unless ``pretrained`` (a file) supplies them: without a
     weights file open_clip initialises the model randomly with one log line, and a run on it passed its verdict
     (trial 30: an interrupted copy); a ``.bin``/``.pth`` would be unpickled. Raises :class:`ModelLoadError`."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: {'a file, not a model folder' if folder.exists() else 'no such folder'}")
     check_local_weights(folder)
     if any(folder.glob("*.safetensors")):
         return
