@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-KINDS = ("CLIP", "text-to-image", "VLM")
-
 
 def patch_kind(patch) -> str:
     """``"VLM"`` for a patch of the embedded VLM's vision tower (``extra.target = "vlm"``), ``"text-to-image"`` for
