@@ -132,8 +132,12 @@ def test_export_lora_checks_its_arguments_and_the_encoder(hf_text_patch, tmp_pat
         export_lora(patch, None, tmp_path / "patch" / "patch.safetensors", overwrite=True, check=False)
     with pytest.raises(TypeError, match="text_encoder is None, so nothing can be checked"):
         export_lora(patch, None, tmp_path / "x.safetensors")
-    with pytest.raises(ValueError, match=r"extra may not set \['verdict'\]"):  # it replaced a failed verdict (31)
-        export_lora(patch, None, tmp_path / "x.safetensors", check=False, extra={"verdict": "pass"})
+    for extra in ({"verdict": "pass"}, {"Verdict": "pass"}, {1: 2}):  # it replaced a failed verdict (trials 31, 32)
+        with pytest.raises(ValueError, match=r"extra may not set"):
+            export_lora(patch, None, tmp_path / "x.safetensors", check=False, extra=extra)
+    for encoder in ("embedded", clip):  # blamed "the candidates" (trial 32)
+        with pytest.raises(TypeError, match="pass the pipeline's encoder"):
+            lora_from_patch(patch, encoder)
     import slugkit
 
     pkg = Path(slugkit.__file__).parent

@@ -277,7 +277,7 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
     if prefix not in ("text_encoder", "text_encoder_2"):
         raise ValueError(f"prefix must be 'text_encoder' or 'text_encoder_2' (the pipeline attribute diffusers loads "
                          f"the LoRA into), got {prefix!r}")
-    if hasattr(text_encoder, "text_encoder"):  # a pipeline: it blamed the candidates (trial 31)
+    if text_encoder is not None and (hasattr(text_encoder, "text_encoder") or not isinstance(text_encoder, nn.Module)):
         raise TypeError(f"pass the pipeline's encoder (pipe.{prefix}), not a {type(text_encoder).__name__}")
     patch = as_patch(patch)
     check_exportable(patch)
@@ -312,8 +312,8 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
             **_verdict_of(patch)}
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict of JSON values, got {type(extra).__name__}")
-    clash = sorted(set(extra or {}) & (set(meta) | {"verdict", "verdict_codes", "warning_codes"}))
-    if clash:  # extra={"verdict": "pass"} replaced a failed run's verdict (trial 31)
+    taken = {k.lower() for k in (*meta, "verdict", "verdict_codes", "warning_codes")}  # any case (trial 32)
+    if clash := sorted(str(k) for k in extra or {} if not isinstance(k, str) or k.lower() in taken):  # trial 31
         raise ValueError(f"extra may not set {clash}: the LoRA records those from the patch")
     meta.update(extra or {})
     return Lora(prefix=prefix, modules=sorted(modules, key=lambda m: m.module), meta=meta)
