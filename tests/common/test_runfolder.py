@@ -840,3 +840,38 @@ def test_an_out_recreated_during_the_commit_is_carried_not_a_failure(tmp_path, m
         capfd.readouterr().err
     abandon_claims()
     assert stranded.is_dir()
+
+
+def test_what_is_left_of_a_run_whose_result_was_deleted_is_a_run(tmp_path, capfd):
+    """A run folder whose result.json the user deleted was taken for a folder of the user's: a new run into it kept
+    the old run's report.md, patch/ … as NAME.before-slug and called them the user's. Its manifest still names the
+    run's entries: it is refused without --overwrite, and replaced with it, the user's own files kept."""
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "report.md").write_text("old")
+        (tmp / "patch").mkdir()
+        (tmp / "patch" / "patch.json").write_text("{}")
+    (out / "result.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    for early in (True, False):
+        with pytest.raises(OutputExistsError, match=r"holds what is left of a run slug wrote \(\.slugkit-entries\.json "
+                                                    r"lists result\.json, which is gone\); pass --overwrite"):
+            if early:
+                claim_out(out)
+            else:
+                with run_folder(out):
+                    pass
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text('{"new": 1}')
+        (tmp / "report.md").write_text("new")
+    assert _names(out) == ["notes.txt", "report.md", "result.json"], _names(out)
+    assert (out / "report.md").read_text() == "new" and (out / "notes.txt").read_text() == "mine"
+    assert "before-slug" not in capfd.readouterr().err and _leftovers(tmp_path) == []
+    model = tmp_path / "model"  # a folder slug wrote that is no run (a trained model's): still the user's to add to
+    model.mkdir()
+    (model / MANIFEST).write_text(json.dumps({"entries": ["model.safetensors"]}))
+    (model / "model.safetensors").write_text("w")
+    with run_folder(model) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert (model / "model.safetensors").read_text() == "w"

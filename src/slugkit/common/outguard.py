@@ -34,7 +34,7 @@ from pathlib import Path
 from .files import MANIFEST, atomic_write_bytes, check_replaceable, read_manifest
 
 __all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", "foreign_entries", "inside_run",
-           "is_run", "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest",
+           "is_run", "lost_markers", "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest",
            "writer_of"]
 
 TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
@@ -132,6 +132,15 @@ def nested_foreign(folder: Path) -> list[str]:
         return []
     files = set(doc["files"])
     return [f for f in _tree(folder, doc["entries"]) if f not in files]
+
+
+def lost_markers(folder: Path, markers=RUN_MARKERS) -> list[str]:
+    """The run markers (``markers``, default :data:`RUN_MARKERS`) that ``folder``'s :data:`MANIFEST` lists but that are gone: what is left
+    of a slug run whose ``result.json`` was deleted. Judged a run, it is replaced only with ``--overwrite`` and its
+    entries are told from the user's by the manifest (they were all kept as ``NAME.before-slug``: a user's files)."""
+    doc = read_manifest(folder)
+    listed = set() if doc is None else set(doc["entries"])
+    return [m for m in markers if m in listed and not os.path.lexists(folder / m)]
 
 
 def own_entries(folder: Path) -> set[str]:

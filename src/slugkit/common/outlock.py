@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 from .files import check_folder_target, dir_mode, register_staging, unregister_staging
-from .outguard import RUN_MARKERS, TAG, nested_foreign, refuse_unsafe_out
+from .outguard import MANIFEST, RUN_MARKERS, TAG, lost_markers, nested_foreign, refuse_unsafe_out
 from .outundo import own_names, rmtree, siblings, tidy, undo_out
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "inputs_folder", "is_private", "new_stage", "pause_point"]
@@ -231,7 +231,8 @@ def _recover(claim: Claim, doc: dict) -> None:
 
 def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
     """What OUT holds: ``absent``, ``empty``, ``run`` (``marker`` or another command's marker, :data:`RUN_MARKERS`,
-    present: refused without ``overwrite``, replaced whole with it) or ``other``; a file is refused."""
+    present — or gone from a folder whose manifest lists it, what is left of a run whose ``result.json`` was deleted —
+    refused without ``overwrite``, replaced with it, the user's entries kept) or ``other``; a file is refused."""
     target = claim.target
     if not target.exists():
         return "absent"
@@ -240,17 +241,20 @@ def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
     if not any(target.iterdir()):
         return "empty"
     found = [m for m in dict.fromkeys((marker, *RUN_MARKERS)) if (target / m).exists()]
-    if found:
+    gone = [] if found else lost_markers(target, tuple(dict.fromkeys((marker, *RUN_MARKERS))))
+    if found or gone:
         if not overwrite:
-            what = "a curated set" if found[0] == "curate.json" else "a run"
-            raise OutputExistsError(f"{claim.out} already holds {what} ({found[0]} present); pass --overwrite "
-                                    "(overwrite=True) to replace it or choose another --out")
+            what = "a curated set" if (found or gone)[0] == "curate.json" else "a run"
+            held = (f"already holds {what} ({found[0]} present)" if found else
+                    f"holds what is left of {what} slug wrote ({MANIFEST} lists {gone[0]}, which is gone)")
+            raise OutputExistsError(f"{claim.out} {held}; pass --overwrite (overwrite=True) to replace it (files "
+                                    "slug did not write are kept) or choose another --out")
         mine = nested_foreign(target)
         if mine:  # inside the run's own folders they would go with them; top-level ones are carried over
             raise OutputExistsError(f"{claim.out} holds files slug did not write inside its run's folders "
                                     f"({', '.join(mine[:5])}{' …' if len(mine) > 5 else ''}); --overwrite would delete "
                                     "them with that run: move them out first")
-        if found[0] != marker:  # `slug curate --out DEMO_RUN --overwrite` replaced a demo's run without a word
+        if found and found[0] != marker:  # `slug curate --out DEMO_RUN --overwrite` replaced a demo's run without a word
             print(f"note: {claim.out} holds another command's run ({found[0]}); --overwrite replaces it",
                   file=sys.stderr)
         return "run"
