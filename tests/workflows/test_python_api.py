@@ -249,4 +249,9 @@ def test_world_config_keeps_the_users_files_and_refuses_what_it_sets(tmp_path):
         slugkit.world_config(name, EMBEDDED_DIR.parent / "wc")
     with pytest.raises(TypeError, match="concept must be an identity's name"):
         slugkit.world_config(123, tmp_path / "y")
+    from slugkit.models import ModelLoadError  # a missing checkpoint was refused by unlearn, after OUT/data was curated
+    for pretrained, said in ((tmp_path / "nope.safetensors", "pretrained checkpoint not found"),
+                             ("laion400m_e32", "is a tag of a named model")):
+        with pytest.raises(ModelLoadError, match=said):
+            slugkit.world_config(name, tmp_path / "y", pretrained=pretrained)
     assert not (tmp_path / "y").exists() and not (EMBEDDED_DIR.parent / "wc").exists()

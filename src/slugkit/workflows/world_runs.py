@@ -66,7 +66,8 @@ _UNREAD = ("family", "consumer", "clip_skip", "related_names", "utility_classnam
 def _check_request(concept, out, overrides: dict) -> None:
     """Refuse, before anything is written (the world, OUT/data), what world_config cannot use (trial 31): a concept
     that is no name or list of names, an out that is no path, inside the slugkit package, or a file, an override
-    of a field it sets or of one the world's run does not read."""
+    of a field it sets or of one the world's run does not read, a ``pretrained`` checkpoint that is missing or not
+    safetensors (:class:`~slugkit.models.ModelLoadError`)."""
     from ..common.outputs import out_inside_model
 
     names = [concept] if isinstance(concept, str) else concept
@@ -78,6 +79,11 @@ def _check_request(concept, out, overrides: dict) -> None:
         raise ValueError(f"world_config: out {out} is a file; give a folder")
     if out_inside_model(out, {}):
         raise ValueError(f"world_config: {out_inside_model(out, {})}")
+    pretrained = overrides.get("pretrained")
+    if isinstance(pretrained, (str, os.PathLike)) and os.fspath(pretrained):  # missing: refused by unlearn, after
+        from ..models.open_clip import weights_override  # OUT/data was curated (other types: UnlearnConfig's check)
+
+        weights_override("embedded", os.fspath(pretrained))
     fixed, unread = [k for k in overrides if k in _FIXED], [k for k in overrides if k in _UNREAD]
     if fixed or unread:
         raise TypeError(f"world_config: {', '.join(fixed + unread)}: "
