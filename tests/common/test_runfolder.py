@@ -11,6 +11,7 @@ import tempfile
 import textwrap
 
 import pytest
+import torch
 
 from slugkit.common.errors import OutputExistsError
 from slugkit.common.files import write_json
@@ -875,3 +876,23 @@ def test_what_is_left_of_a_run_whose_result_was_deleted_is_a_run(tmp_path, capfd
     with run_folder(model) as tmp:
         (tmp / "result.json").write_text("{}")
     assert (model / "model.safetensors").read_text() == "w"
+
+
+def test_overwrite_must_be_a_bool_everywhere_a_folder_is_replaced(tmp_path):
+    """overwrite="no" (or "False", a str from a config file) is truthy: it replaced a finished run, a patch folder or a
+    model folder. Refused as a TypeError naming overwrite by every writer, before anything is touched."""
+    from slugkit.common.files import atomic_dir, check_replaceable
+    from slugkit.patch import make_patch, save_patch
+
+    out = tmp_path / "run"
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+    for call in (lambda: claim_out(out, overwrite="no"), lambda: run_folder(out, "False").__enter__(),
+                 lambda: atomic_dir(out, overwrite="no").__enter__(), lambda: check_replaceable(out, "no")):
+        with pytest.raises(TypeError, match="overwrite: expected True or False, got str"):
+            call()
+    lin = torch.nn.Linear(2, 2)
+    patch = make_patch(lin, {"weight": lin.weight.detach() * 2}, base_model="t", adapter="t", concept="c")
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
+        save_patch(patch, tmp_path / "p", overwrite="no")
+    assert _names(out) == ["result.json"] and not (tmp_path / "p").exists() and _leftovers(tmp_path) == []

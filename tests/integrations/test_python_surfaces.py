@@ -105,7 +105,9 @@ def test_export_lora_checks_its_arguments_and_the_encoder(hf_text_patch, tmp_pat
                             (dict(rank=2.5), TypeError, "rank must be an int >= 1 or None, got float 2.5"),
                             (dict(rank=True), TypeError, "rank must be an int"),
                             (dict(rank=0), ValueError, "rank must be >= 1"),
-                            (dict(max_error="1e-3"), TypeError, "max_error must be a number")):
+                            (dict(max_error="1e-3"), TypeError, "max_error must be a number"),
+                            (dict(rank=1, max_error=5), ValueError, "give max_error or rank, not both"),
+                            (dict(overwrite="no"), TypeError, "overwrite: expected True or False, got str 'no'")):
         with pytest.raises(error, match=said):
             export_lora(patch, te, tmp_path / "x.safetensors", **kw)
     assert not (tmp_path / "x.safetensors").exists()
@@ -166,7 +168,8 @@ def test_audit_patch_checks_before_loading_and_audits_a_vlm_patch_on_the_vlm(vlm
                             (dict(probes=None), TypeError, "probes must be a list"),
                             (dict(data="/some/folder"), TypeError, "data must be an AuditData or a callable"),
                             (dict(concept=123), TypeError, "concept must be a non-empty str"),
-                            (dict(model="ViT-B-32"), ValueError, "model: not read by the audit of a VLM patch")):
+                            (dict(model="ViT-B-32"), ValueError, "model: not read by the audit of a VLM patch"),
+                            (dict(overwrite="no"), TypeError, "overwrite: expected True or False")):
         with pytest.raises(error, match=said):
             audit_patch(vlm_patch, **kw)
     torch.manual_seed(7)

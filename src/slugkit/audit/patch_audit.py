@@ -122,6 +122,9 @@ def _check_types(kw: dict, data, concept, pretrained, controls, aliases, audit_i
 def _check_out(out, overwrite: bool) -> None:
     """The audit's folder: not empty, not a file, not inside a patch folder, no audit in it unless ``overwrite`` —
     each was found after the probes had run, or not at all (trial 30)."""
+    from ..common.errors import check_flag
+
+    check_flag("audit_patch: overwrite", overwrite)
     if out is None:
         return
     p = Path(out)

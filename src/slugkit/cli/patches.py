@@ -241,7 +241,7 @@ def cmd_export(a) -> int:
     revert_patch_from_pipeline(holder, patch, encoder=encoder)
     max_error = DEFAULT_MAX_ERROR if a.max_error is None else a.max_error
     extra = {"clip_skip": a.clip_skip} if a.clip_skip is not None else None
-    lora = export_lora(patch, getattr(holder, encoder), out, prefix=encoder, max_error=max_error, rank=a.rank,
+    lora = export_lora(patch, getattr(holder, encoder), out, prefix=encoder, max_error=a.max_error, rank=a.rank,
                        overwrite=a.overwrite, extra=extra)
     for m in lora.modules:
         print(f"{lora.prefix}.{m.module}: rank {m.rank} of {m.full_rank}, relative error {m.relative_error:.3e}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["EmptyForgetSetError", "ModelLoadError", "OutputExistsError", "ShardError", "check_device",
+__all__ = ["EmptyForgetSetError", "ModelLoadError", "OutputExistsError", "ShardError", "check_device", "check_flag",
            "check_number", "device_error_hint"]
 
 
@@ -65,6 +65,13 @@ def device_error_hint(e: RuntimeError) -> str | None:
                 "with the command line. `--device cpu` avoids it; `slug grads --device cuda` + `--gradients` runs "
                 "only the gradient pass on the GPU")
     return None
+
+
+def check_flag(name: str, v) -> None:
+    """``name`` (``overwrite``) must be True or False: ``overwrite="no"`` or ``"False"`` is truthy and replaced a
+    folder. Raises ``TypeError`` naming it."""
+    if not isinstance(v, bool) and type(v).__name__ != "bool_":  # numpy's bool too
+        raise TypeError(f"{name}: expected True or False, got {type(v).__name__} {v!r}")
 
 
 def check_number(owner: str, name: str, v, lo: float = 0.0, hi: float = 1.0, hi_open: bool = False,

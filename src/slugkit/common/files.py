@@ -29,6 +29,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .errors import check_flag
 from .text import printable
 
 MANIFEST = ".slugkit-entries.json"  # the top-level entries slug wrote into an output folder (JSON: {"entries": [...]})
@@ -208,6 +209,7 @@ def check_replaceable(out_dir: str | os.PathLike, overwrite: bool, marker: str |
     """Refuse (``FileExistsError``, naming the folder and what to do) a non-empty ``out_dir`` without ``overwrite``,
     and with it one that does not hold ``marker`` (the file slug writes into every folder of this kind): slug never
     deletes a folder it did not write (``slug apply --pipeline P --out ~/Documents --overwrite`` wiped the folder)."""
+    check_flag("overwrite", overwrite)
     out_dir = Path(out_dir)
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
@@ -230,6 +232,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str 
     when it existed as a folder, keeps its mode (e.g. 0700)."""
     if not os.fspath(out_dir).strip():  # "" meant ".": ". already exists and is not empty" (trial 30)
         raise ValueError("the output folder's path is empty; give a folder")
+    check_flag("overwrite", overwrite)
     out_dir = Path(out_dir)
     if os.path.lexists(out_dir) and not out_dir.is_dir():  # a user's file was moved to a hidden .old (trial 26)
         raise FileExistsError(f"{out_dir} exists and is not a folder; a folder is written there: choose another "

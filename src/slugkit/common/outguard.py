@@ -24,6 +24,7 @@ commands write (:data:`KNOWN_ENTRIES`); anything else is kept.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -31,9 +32,10 @@ import stat
 import sys
 from pathlib import Path
 
+from .errors import OutputExistsError
 from .files import MANIFEST, atomic_write_bytes, check_replaceable, read_manifest
 
-__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", "foreign_entries", "inside_run",
+__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", "foreign_entries", "inside_run", "inspect_out",
            "is_run", "lost_markers", "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest",
            "writer_of"]
 
@@ -153,6 +155,37 @@ def foreign_entries(folder: Path) -> list[str]:
     """Top-level names in the run folder ``folder`` that no slug run wrote (a user's files), sorted."""
     own = own_entries(folder)
     return sorted(n for n in os.listdir(folder) if n not in own)
+
+
+def inspect_out(out, target: Path, overwrite: bool, marker: str) -> str:
+    """What OUT (``out`` as the user gave it, ``target`` the folder it names) holds: ``absent``, ``empty``, ``run`` (``marker`` or another command's marker, :data:`RUN_MARKERS`,
+    present — or gone from a folder whose manifest lists it, what is left of a run whose ``result.json`` was deleted —
+    refused without ``overwrite``, replaced with it, the user's entries kept) or ``other``; a file is refused."""
+    if not target.exists():
+        return "absent"
+    if not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; choose another --out", str(out))
+    if not any(target.iterdir()):
+        return "empty"
+    markers = tuple(dict.fromkeys((marker, *RUN_MARKERS)))
+    found = [m for m in markers if (target / m).exists()]
+    gone = [] if found else lost_markers(target, markers)
+    if not (found or gone):
+        return "other"
+    if not overwrite:
+        what = "a curated set" if (found or gone)[0] == "curate.json" else "a run"
+        held = (f"already holds {what} ({found[0]} present)" if found else
+                f"holds what is left of {what} slug wrote ({MANIFEST} lists {gone[0]}, which is gone)")
+        raise OutputExistsError(f"{out} {held}; pass --overwrite (overwrite=True) to replace it (files slug did "
+                                "not write are kept) or choose another --out")
+    mine = nested_foreign(target)
+    if mine:  # inside the run's own folders they would go with them; top-level ones are carried over
+        raise OutputExistsError(f"{out} holds files slug did not write inside its run's folders "
+                                f"({', '.join(mine[:5])}{' …' if len(mine) > 5 else ''}); --overwrite would delete "
+                                "them with that run: move them out first")
+    if found and found[0] != marker:  # `slug curate --out DEMO_RUN --overwrite` replaced a demo's run silently
+        print(f"note: {out} holds another command's run ({found[0]}); --overwrite replaces it", file=sys.stderr)
+    return "run"
 
 
 # ------------------------------------------------------------------------------------------------ the checks

@@ -40,9 +40,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, check_flag
 from .files import check_folder_target, dir_mode, register_staging, unregister_staging
-from .outguard import MANIFEST, RUN_MARKERS, TAG, lost_markers, nested_foreign, refuse_unsafe_out
+from .outguard import TAG, inspect_out, refuse_unsafe_out
 from .outundo import own_names, rmtree, siblings, tidy, undo_out
 
 __all__ = ["RunLockedError", "abandon_claims", "claim_out", "inputs_folder", "is_private", "new_stage", "pause_point"]
@@ -229,38 +229,6 @@ def _recover(claim: Claim, doc: dict) -> None:
           (f" (left alone: {', '.join(left)})" if left else ""), file=sys.stderr)
 
 
-def inspect_out(claim: Claim, overwrite: bool, marker: str) -> str:
-    """What OUT holds: ``absent``, ``empty``, ``run`` (``marker`` or another command's marker, :data:`RUN_MARKERS`,
-    present — or gone from a folder whose manifest lists it, what is left of a run whose ``result.json`` was deleted —
-    refused without ``overwrite``, replaced with it, the user's entries kept) or ``other``; a file is refused."""
-    target = claim.target
-    if not target.exists():
-        return "absent"
-    if not target.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; choose another --out", str(claim.out))
-    if not any(target.iterdir()):
-        return "empty"
-    found = [m for m in dict.fromkeys((marker, *RUN_MARKERS)) if (target / m).exists()]
-    gone = [] if found else lost_markers(target, tuple(dict.fromkeys((marker, *RUN_MARKERS))))
-    if found or gone:
-        if not overwrite:
-            what = "a curated set" if (found or gone)[0] == "curate.json" else "a run"
-            held = (f"already holds {what} ({found[0]} present)" if found else
-                    f"holds what is left of {what} slug wrote ({MANIFEST} lists {gone[0]}, which is gone)")
-            raise OutputExistsError(f"{claim.out} {held}; pass --overwrite (overwrite=True) to replace it (files "
-                                    "slug did not write are kept) or choose another --out")
-        mine = nested_foreign(target)
-        if mine:  # inside the run's own folders they would go with them; top-level ones are carried over
-            raise OutputExistsError(f"{claim.out} holds files slug did not write inside its run's folders "
-                                    f"({', '.join(mine[:5])}{' …' if len(mine) > 5 else ''}); --overwrite would delete "
-                                    "them with that run: move them out first")
-        if found and found[0] != marker:  # `slug curate --out DEMO_RUN --overwrite` replaced a demo's run without a word
-            print(f"note: {claim.out} holds another command's run ({found[0]}); --overwrite replaces it",
-                  file=sys.stderr)
-        return "run"
-    return "other"
-
-
 def _read_journal(fd: int) -> dict | None:
     """The record a previous holder left in the lock file (None: none; {}: unreadable)."""
     data = os.pread(fd, 1 << 16, 0)
@@ -280,6 +248,7 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
     another process holds the lock (``wait``: wait for it instead)."""
     if not os.fspath(out).strip():
         raise ValueError("the output folder (--out) is empty; name a new folder (e.g. runs/NAME)")
+    check_flag("overwrite", overwrite)
     out = Path(out)
     if not os.path.lexists(out):
         check_folder_target(out)  # under a file: say so, not "cannot create or lock … File exists"
@@ -323,7 +292,7 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
 
 def _take(claim: Claim, overwrite: bool, marker: str) -> None:
     """Early claim: check OUT (a run is refused without ``overwrite``) and create the run's temporary folder."""
-    claim.replace_run = inspect_out(claim, overwrite, marker) == "run"
+    claim.replace_run = inspect_out(claim.out, claim.target, overwrite, marker) == "run"
     new_stage(claim)
 
 

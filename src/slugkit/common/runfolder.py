@@ -36,9 +36,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from .errors import check_flag
 from .files import final_path, fix_modes, kept_name, link_or_copy, unregister_staging
-from .outguard import TAG, edited_entries, foreign_entries, nested_foreign, write_manifest, writer_of
-from .outlock import (Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inputs_folder, inspect_out,
+from .outguard import (TAG, edited_entries, foreign_entries, inspect_out, nested_foreign, write_manifest,
+                       writer_of)
+from .outlock import (Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inputs_folder,
                       is_private, new_name, new_stage, pause_point, rmtree, signals_held)
 from .text import printable
 
@@ -93,7 +95,7 @@ def _start(claim: Claim, overwrite: bool, marker: str) -> Path:
         return claim.stage
     if claim.stage is not None:
         raise RuntimeError(f"{claim.out} is already being written by this process")
-    claim.replace_run = inspect_out(claim, overwrite, marker) == "run"
+    claim.replace_run = inspect_out(claim.out, claim.target, overwrite, marker) == "run"
     return new_stage(claim)
 
 
@@ -185,6 +187,7 @@ def run_folder(out: str | os.PathLike, overwrite: bool = False, marker: str = "r
     """Yield a private temporary folder to write a whole run into; rename it to ``out`` when the block succeeds,
     remove it (and restore ``out``) when it fails. ``marker``: the file whose presence makes ``out`` a complete run
     (refused without ``overwrite``). Inside a private folder (:func:`is_private`) it yields ``out`` itself."""
+    check_flag("overwrite", overwrite)
     out = Path(out)
     if is_private(out):
         yield out

@@ -181,7 +181,6 @@ def _check_consistent(patch: Patch, where: str = "patch") -> None:
 
 
 # --------------------------------------------------------------------------------------------------- save / load
-
 def _safetensors_bytes(patch: Patch) -> bytes:
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(patch.patched):
@@ -204,12 +203,14 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
     """Write ``patch`` as a folder ``out_dir/{patch.safetensors, patch.json}``; returns ``out_dir``. Both files are
     written into a temporary sibling folder then renamed into place, so ``out_dir`` is either absent, the old patch,
     or the complete new one. Refuses (``FileExistsError``) a non-empty ``out_dir`` unless ``overwrite=True``; even
-    then it only replaces a folder holding nothing but patch files; ``TypeError`` for a path as ``patch``,
-    ``ValueError`` for an empty ``out_dir`` (it meant "."). The tensors are re-verified against ``meta`` first.
-    Output is deterministic: same patch → byte-identical files."""
+    then it only replaces a folder holding nothing but patch files; ``TypeError`` for a path as ``patch`` or an
+    ``overwrite`` not bool, ``ValueError`` for an empty ``out_dir`` (it meant "."). The tensors are re-verified
+    against ``meta`` first. Output is deterministic: same patch → byte-identical files."""
     if not isinstance(patch, Patch) or not os.fspath(out_dir).strip():  # trial 30
         raise (ValueError("save_patch: out_dir is empty; give a folder") if isinstance(patch, Patch) else TypeError(
             f"save_patch takes a Patch (slugkit.load_patch(path) reads one), not {type(patch).__name__}"))
+    if not isinstance(overwrite, bool):  # "no" is truthy
+        raise TypeError(f"save_patch: overwrite must be True or False, got {overwrite!r}")
     out_dir = Path(out_dir)
     _check_consistent(patch)
     st_bytes = _safetensors_bytes(patch)

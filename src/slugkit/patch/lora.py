@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..common.errors import check_flag
 from ..common.outputs import out_inside_model, out_inside_run
 from .carriers import save_state_dict_file
 from .format import Patch, PatchError, PatchFormatError, _toolkit_version, tensor_sha256
@@ -129,7 +130,6 @@ def _js(value) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- what exports
-
 def _refusal(name: str, adapter: str) -> str | None:
     """Why the patch tensor ``name`` cannot be a LoRA module (one line with what to do), or None."""
     head = f"cannot export {name!r} as a LoRA"
@@ -146,11 +146,9 @@ def _refusal(name: str, adapter: str) -> str | None:
         return (f"{head}: it is {what}, and a LoRA (lora_A, lora_B) changes only a Linear layer's weight; "
                 f"{_APPLY_INSTEAD}")
     last = stem.rpartition(".")[2]
-    if "layer_norm" in last or "layernorm" in last:
-        return (f"{head}: it belongs to a LayerNorm ({stem}), not a Linear layer, and a LoRA expresses only the weight "
-                f"change of a Linear; {_APPLY_INSTEAD}")
-    if "embedding" in last:
-        return (f"{head}: it is an embedding table ({stem}), not a Linear layer, and a LoRA expresses only the weight "
+    kind = "a LayerNorm" if "layer_norm" in last or "layernorm" in last else "an embedding table" * ("embedding" in last)
+    if kind:
+        return (f"{head}: it belongs to {kind} ({stem}), not a Linear layer, and a LoRA expresses only the weight "
                 f"change of a Linear; {_APPLY_INSTEAD}")
     layer = stem.startswith(_TEXT + "encoder.layers.") and stem.endswith(_LINEARS)
     if not (layer or stem == _PROJECTION):
@@ -188,7 +186,6 @@ def _linear(encoder: nn.Module, name: str, stem: str) -> nn.Linear:
 
 
 # --------------------------------------------------------------------------------------------------- factoring
-
 def factor_delta(delta: torch.Tensor, *, max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None,
                  name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor, float]:
     """Factor ``delta`` ``[out, in]`` as ``B @ A`` (module docstring): returns ``(B [out, r], A [r, in], error)``,
@@ -251,7 +248,7 @@ def _factor(d: torch.Tensor, norm: torch.Tensor, max_error: float, rank: int | N
 
 
 def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, prefix: str = "text_encoder",
-                    max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None, extra: dict | None = None,
+                    max_error: float | None = None, rank: int | None = None, extra: dict | None = None,
                     check: bool = True) -> Lora:
     """The :class:`Lora` of a text-encoder patch: one module per edited Linear weight, ``ΔW`` from the patch's own
     original and patched values (``patch.original`` / ``patch.patched``, ``[out, in]``). ``patch``: a
@@ -260,7 +257,8 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
     patch's original values (``check=True``, the default: their sha256 after a cast to its dtype; a LoRA made on
     another or an already patched encoder does not reproduce the patch). None: nothing about the consumer is
     checked. ``prefix``: the pipeline attribute the encoder is (``text_encoder`` / ``text_encoder_2``; another
-    prefix wrote a file diffusers loads as a no-op: trial 29). ``max_error`` / ``rank``: :func:`factor_delta`.
+    prefix wrote a file diffusers loads as a no-op: trial 29). ``max_error`` (None: 1e-3) or ``rank``, not both
+    (as ``slug export``): :func:`factor_delta`.
     ``extra``: more ``slugkit.*`` metadata (JSON values). Raises :class:`LoraExportError` (:func:`check_exportable`,
     a module not a Linear of that shape or holding other values, an unreachable bound); ``ValueError`` /
     ``TypeError`` naming a bad ``max_error``, ``rank``, ``prefix``, ``extra`` or a pipeline given as the encoder."""
@@ -268,12 +266,14 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
 
     if isinstance(rank, bool) or not (rank is None or isinstance(rank, int)):
         raise TypeError(f"rank must be an int >= 1 or None, got {type(rank).__name__} {rank!r}")
-    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)):
+    if rank is not None and max_error is not None:  # rank=1, max_error=5: the bound was dropped without a word
+        raise ValueError("give max_error or rank, not both: a forced rank records the error, it does not bound it")
+    max_error = DEFAULT_MAX_ERROR if max_error is None and rank is None else max_error
+    if rank is None and (isinstance(max_error, bool) or not isinstance(max_error, (int, float))):
         raise TypeError(f"max_error must be a number in (0, 1), got {type(max_error).__name__} {max_error!r}")
-    if rank is None and not 0.0 < max_error < 1.0:
-        raise ValueError(f"max_error must be in (0, 1), got {max_error!r}")
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank!r}")
+    if (rank is None and not 0.0 < max_error < 1.0) or (rank is not None and rank < 1):
+        raise ValueError(f"max_error must be in (0, 1), got {max_error!r}" if rank is None else
+                         f"rank must be >= 1, got {rank!r}")
     if prefix not in ("text_encoder", "text_encoder_2"):
         raise ValueError(f"prefix must be 'text_encoder' or 'text_encoder_2' (the pipeline attribute diffusers loads "
                          f"the LoRA into), got {prefix!r}")
@@ -327,7 +327,6 @@ def _verdict_of(patch) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- files
-
 def save_lora(lora: Lora, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``lora`` as a ``.safetensors`` file (:meth:`Lora.state_dict`, :meth:`Lora.file_metadata`), atomically
     (temporary sibling, then rename) and deterministically (sorted keys and metadata: the same LoRA gives the same
@@ -342,6 +341,7 @@ def _lora_target(path, overwrite: bool) -> Path:
     ``patch.safetensors``), when it exists a LoRA slug wrote (trial 30). Raises ``ValueError``, ``OSError``s."""
     if not os.fspath(path).strip():
         raise ValueError("the LoRA path is empty; give the .safetensors file to write")
+    check_flag("overwrite", overwrite)
     why = out_inside_model(path, {}) or out_inside_run(path)  # the package's assets, another run, "~/x" (trial 31)
     if why:
         raise ValueError(why)
@@ -385,11 +385,10 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def export_lora(patch: Patch, text_encoder: nn.Module | None, path: str | os.PathLike, *, prefix: str = "text_encoder",
-                max_error: float = DEFAULT_MAX_ERROR, rank: int | None = None, overwrite: bool = False,
+                max_error: float | None = None, rank: int | None = None, overwrite: bool = False,
                 extra: dict | None = None, check: bool = True) -> Lora:
-    """:func:`lora_from_patch` (``check``: that the encoder holds the patch's originals) then :func:`save_lora`;
-    returns the :class:`Lora` written. The existing-file check runs before the factorisation. Raises what those two
-    raise."""
+    """:func:`lora_from_patch` (``check``: that the encoder holds the patch's originals) then :func:`save_lora` (its
+    file checks run first); returns the :class:`Lora` written. Raises what those two raise."""
     path = _lora_target(path, overwrite)
     if text_encoder is None and check:  # "checks the encoder" held nothing (trial 30)
         raise TypeError("export_lora: text_encoder is None, so nothing can be checked; pass the pipeline's text "
