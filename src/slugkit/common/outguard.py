@@ -35,9 +35,9 @@ from pathlib import Path
 from .errors import OutputExistsError
 from .files import MANIFEST, atomic_write_bytes, check_replaceable, read_manifest
 
-__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", "foreign_entries", "inside_run", "inspect_out",
-           "is_run", "lost_markers", "nested_foreign", "own_entries", "record_entries", "refuse_unsafe_out", "write_manifest",
-           "writer_of"]
+__all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", "foreign_entries", "inside_run",
+           "inspect_out", "is_run", "lost_markers", "nested_foreign", "own_entries", "record_entries",
+           "refuse_unsafe_out", "write_manifest", "writer_of"]
 
 TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
 # the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
@@ -137,9 +137,10 @@ def nested_foreign(folder: Path) -> list[str]:
 
 
 def lost_markers(folder: Path, markers=RUN_MARKERS) -> list[str]:
-    """The run markers (``markers``, default :data:`RUN_MARKERS`) that ``folder``'s :data:`MANIFEST` lists but that are gone: what is left
-    of a slug run whose ``result.json`` was deleted. Judged a run, it is replaced only with ``--overwrite`` and its
-    entries are told from the user's by the manifest (they were all kept as ``NAME.before-slug``: a user's files)."""
+    """The run markers (``markers``, default :data:`RUN_MARKERS`) that ``folder``'s :data:`MANIFEST` lists but that
+    are gone: what is left of a slug run whose ``result.json`` was deleted. Judged a run, it is replaced only with
+    ``--overwrite`` and its entries are told from the user's by the manifest (they were all kept as
+    ``NAME.before-slug``: a user's files)."""
     doc = read_manifest(folder)
     listed = set() if doc is None else set(doc["entries"])
     return [m for m in markers if m in listed and not os.path.lexists(folder / m)]
@@ -158,9 +159,10 @@ def foreign_entries(folder: Path) -> list[str]:
 
 
 def inspect_out(out, target: Path, overwrite: bool, marker: str) -> str:
-    """What OUT (``out`` as the user gave it, ``target`` the folder it names) holds: ``absent``, ``empty``, ``run`` (``marker`` or another command's marker, :data:`RUN_MARKERS`,
-    present — or gone from a folder whose manifest lists it, what is left of a run whose ``result.json`` was deleted —
-    refused without ``overwrite``, replaced with it, the user's entries kept) or ``other``; a file is refused."""
+    """What OUT (``out`` as the user gave it, ``target`` the folder it names) holds: ``absent``, ``empty``, ``run``
+    (``marker`` or another command's marker, :data:`RUN_MARKERS`, present — or gone from a folder whose manifest
+    lists it, what is left of a run whose ``result.json`` was deleted — refused without ``overwrite``, replaced with
+    it, the user's entries kept) or ``other``; a file is refused."""
     if not target.exists():
         return "absent"
     if not target.is_dir():

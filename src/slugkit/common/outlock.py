@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OutputExistsError, check_flag
+from .errors import check_flag
 from .files import check_folder_target, dir_mode, register_staging, unregister_staging
 from .outguard import TAG, inspect_out, refuse_unsafe_out
 from .outundo import own_names, rmtree, siblings, tidy, undo_out

@@ -146,7 +146,8 @@ def _refusal(name: str, adapter: str) -> str | None:
         return (f"{head}: it is {what}, and a LoRA (lora_A, lora_B) changes only a Linear layer's weight; "
                 f"{_APPLY_INSTEAD}")
     last = stem.rpartition(".")[2]
-    kind = "a LayerNorm" if "layer_norm" in last or "layernorm" in last else "an embedding table" * ("embedding" in last)
+    kind = ("a LayerNorm" if "layer_norm" in last or "layernorm" in last else
+            "an embedding table" if "embedding" in last else None)
     if kind:
         return (f"{head}: it belongs to {kind} ({stem}), not a Linear layer, and a LoRA expresses only the weight "
                 f"change of a Linear; {_APPLY_INSTEAD}")
