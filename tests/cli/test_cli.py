@@ -375,6 +375,11 @@ def test_unlearn_needs_data_or_gradients(tmp_path, capsys):
     assert main(["unlearn", "--concept", "X", "--val-identities", "v", "--test-identities", "t", "--gradients", "g",
                  "--out", str(tmp_path / "o")]) == 2
     assert "pass --forget and --retain too: the pairs the --gradients were computed on" in capsys.readouterr().err
+    # --clip-skip without --consumer sd:DIR was dropped without a word; the config's check speaks the CLI's words
+    assert main(["unlearn", "--concept", "X", "--val-identities", "v", "--test-identities", "t", "--forget", "f.tar",
+                 "--retain", "r.tar", "--clip-skip", "1", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: --clip-skip: applies with consumer 'sd:DIR' only")
+    assert not (tmp_path / "o").exists()
 
 
 def test_demo_joint_concepts(tmp_path, data_dir):

@@ -42,6 +42,7 @@ def test_identity_templates_may_be_a_file(tmp_path):
     ("max_layers", 0, ValueError, "max_layers (--max-layers): must be in [1, 3]"),
     ("protect_neighbours", 1000, ValueError, "protect_neighbours (--protect-neighbours): must be in [0, 50]"),
     ("clip_skip", -1, ValueError, "clip_skip (--clip-skip): must be >= 0"),
+    ("clip_skip", 1, ValueError, "clip_skip (--clip-skip): applies with consumer 'sd:DIR' only"),
     ("aliases", "Jowen", TypeError, "aliases (--alias): expected a list of names, e.g. ['Jowen'], not the str"),
     ("concepts", "A,B", TypeError, "concepts (--concepts): expected a list of names, e.g. ['A', 'B']"),
     ("concepts", ["A", "a"], ValueError, "a concept is given twice"),

@@ -110,6 +110,12 @@ def _interrupted(e: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+def _cli_words(text: str) -> str:
+    """A config's check in the CLI's words: ``UnlearnConfig.clip_skip (--clip-skip): …`` → ``--clip-skip: …`` (the
+    Python API names the field and its option; a shell user knows only the option)."""
+    return re.sub(r"^(?:UnlearnConfig|SearchConfig|Budgets|CompareConfig)\.\w+ \((--[\w-]+)\): ", r"\1: ", text)
+
+
 def _dispatch(argv: list[str] | None) -> int:
     """Parse, check --device, run the command; user errors print `error: ...` and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -166,7 +172,8 @@ def _dispatch(argv: list[str] | None) -> int:
         raise
     except (EmptyForgetSetError, ShardError, ModelLoadError, PatchError, SearchFailed, OutputExistsError,
             RunLockedError, ValueError, NonFiniteGradientError) as e:
-        print(f"error: {refusal_text(str(e)) if isinstance(e, SearchFailed) else printable(e)}", file=sys.stderr)
+        text = refusal_text(str(e)) if isinstance(e, SearchFailed) else _cli_words(printable(e))
+        print(f"error: {text}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # NothingToUnlearnError: 4, like a failed verdict
     except OSError as e:  # a missing or existing path, a full disk, a read-only filesystem, a folder for a file ...
         print(f"error: {printable(os_error_text(e))}", file=sys.stderr)  # a newline in a path split the line

@@ -167,6 +167,9 @@ def check_config(cfg) -> None:
                                          ("sd", "llava") and cfg.consumer.split(":", 1)[-1].strip()):
         raise ValueError(f"{_where('consumer')}: expected 'sd:DIR' or 'llava:DIR' (or 'sd:embedded', "
                          f"'llava:embedded') or None, got {cfg.consumer!r}")
+    if cfg.clip_skip is not None and not (cfg.consumer or "").startswith("sd:"):  # was dropped without a word
+        raise ValueError(f"{_where('clip_skip')}: applies with consumer 'sd:DIR' only (how that pipeline reads its "
+                         "text encoder); drop it, or give --consumer sd:DIR")
     if not isinstance(cfg.device, str):
         raise TypeError(f"{_where('device')}: expected a str such as 'cpu' or 'cuda:0', got {cfg.device!r}")
     why = check_device(cfg.device)
