@@ -382,6 +382,20 @@ def test_unlearn_needs_data_or_gradients(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["unlearn", "compare"])
+def test_an_out_inside_a_folder_the_run_reads_is_refused(tmp_path, capsys, command):
+    """`--out VAL/run` made the run's temporary folder one more class: "61 class directories but 60 class names"
+    after the model had loaded; inside a captioned forget folder its files would be read as pairs."""
+    for d in ("val", "test", "pairs"):
+        (tmp_path / d).mkdir()
+    for out, flag in ((tmp_path / "val" / "run", "--val-identities"), (tmp_path / "pairs" / "x" / "run", "--forget")):
+        assert main([command, "--concept", "X", "--val-identities", str(tmp_path / "val"), "--test-identities",
+                     str(tmp_path / "test"), "--forget", str(tmp_path / "pairs"), "--retain", "r.tar",
+                     "--out", str(out), "--no-progress"]) == 2
+        assert f"is inside {flag} " in capsys.readouterr().err
+        assert [*(tmp_path / "val").iterdir(), *(tmp_path / "pairs").iterdir()] == [] and not out.exists()
+
+
 def test_demo_joint_concepts(tmp_path, data_dir):
     names = [world.IDENTITIES[0].name, world.IDENTITIES[2].name]
     out = tmp_path / "joint"

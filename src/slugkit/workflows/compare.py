@@ -146,6 +146,10 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
     if cc.unlearn is None and cc.model != "embedded":
         raise ValueError("slug compare needs the data flags of `slug unlearn` (--forget, --retain, --val-identities, "
                          "--test-identities, ...) for a model other than 'embedded'")
+    if cc.unlearn is not None:
+        from .run_inputs import refuse_out_in_inputs
+
+        refuse_out_in_inputs(cc.unlearn, cc.out)
     for m in cc.methods:
         if m != "slug":
             make_method(m)  # raises ValueError on unknown names before any work

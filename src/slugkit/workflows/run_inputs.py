@@ -18,6 +18,7 @@ from .verdict import ForgetCaptionsError, check_captions, check_retain_captions
 def check_inputs(cfg) -> None:
     """Refuse validation/test (or utility) folders that are the same folder or share images (links or copies;
     ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`), and a run without forget or retain pairs."""
+    refuse_out_in_inputs(cfg)
     if not (cfg.forget and cfg.retain):
         raise ValueError("pass forget and retain pairs (--forget, --retain), with --gradients too: the pairs they "
                          "were computed on (their captions are checked; the neighbour protection and a second layer "
@@ -36,6 +37,21 @@ def check_inputs(cfg) -> None:
                 raise ValueError(f"{flags}: {len(shared)} test image(s) are validation images too (the same file or "
                                  f"the same bytes; e.g. {shared[0][1]} = {shared[0][0]}); the search must not see "
                                  "the test images: remove them from one folder")
+
+
+def refuse_out_in_inputs(cfg, out=None) -> None:
+    """Raise ``ValueError`` for ``--out`` (``out``, default ``cfg.out``) at or inside a folder the run reads (a class
+    folder, a captioned or shard folder): the run's temporary folder was read as one more class ("61 class
+    directories but 60 class names") or its files as pairs."""
+    given = cfg.out if out is None else out
+    out = Path(given).resolve()
+    for flag, spec in (("--val-identities", cfg.val_identities), ("--test-identities", cfg.test_identities),
+                       ("--utility-val", cfg.utility_val), ("--utility-test", cfg.utility_test),
+                       ("--forget", cfg.forget), ("--retain", cfg.retain)):
+        for part in (x.strip() for x in str(spec or "").split("::")):
+            if part and Path(part).is_dir() and (out == Path(part).resolve() or Path(part).resolve() in out.parents):
+                raise ValueError(f"--out {given} is inside {flag} {part}, a folder this run reads: the run's own "
+                                 "folder would be read as part of it; write the run elsewhere")
 
 
 def refuse_forget_in_eval(cfg, manifest: list[dict]) -> None:
