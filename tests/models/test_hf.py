@@ -163,11 +163,13 @@ def test_unreachable_hub_id_explains_local_folder(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError) as ei:
         HFClipAdapter.load("openai/clip-vit-large-patch14", cache_dir=str(tmp_path / "cache"))
     msg = str(ei.value)
-    assert "openai/clip-vit-large-patch14" in msg and "--model DIR" in msg and "huggingface-cli download" in msg
+    assert "openai/clip-vit-large-patch14" in msg and "--model DIR" in msg and "hf download" in msg
     assert "\n" not in msg  # the hub's multi-line OSError is one line (it was printed as a literal \n)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match="config.json") as ei:
         HFClipAdapter.load(str(tmp_path / "empty"))
+    # a local folder was told to `huggingface-cli download <its own path>`, a command huggingface_hub 1.x dropped
+    assert "Copy the missing files into it" in str(ei.value) and "download" not in str(ei.value)
 
 
 # ---------------------------------------------------------------------------------------------- the SLUG core on HF

@@ -172,7 +172,7 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
                                                       "model.save_pretrained(DIR))" if src_dir.exists() else
                                                       "no such folder; pass a folder written by "
                                                       "model.save_pretrained(DIR) or downloaded with "
-                                                      "`huggingface-cli download ID --local-dir DIR`, or 'embedded'"))
+                                                      "`hf download ID --local-dir DIR`, or 'embedded'"))
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder (no config.json in it)")
         check_weight_files(src_dir, "LLaVA weights file")

@@ -262,7 +262,7 @@ def check_pipeline_folder(folder: str | Path) -> None:
             else "not a diffusers pipeline folder (no model_index.json)")
     if not (p / "model_index.json").is_file():
         raise ModelLoadError(f"{folder}: {what}; pass a folder written by pipe.save_pretrained(DIR) or downloaded with "
-                             "`huggingface-cli download ID --local-dir DIR`, or 'embedded' (the CLI's name of the "
+                             "`hf download ID --local-dir DIR`, or 'embedded' (the CLI's name of the "
                              "shipped model)")
 
 

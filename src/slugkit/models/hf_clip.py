@@ -154,13 +154,12 @@ class HFClipAdapter(Adapter):
             where = (f"the folder {model} (it needs config.json, model.safetensors, the tokenizer files and "
                      f"preprocessor_config.json, as written by CLIPModel/CLIPProcessor.save_pretrained)") if local \
                 else f"the hub id {model!r}"
-            raise ModelLoadError(
-                f"could not load transformers CLIPModel from {where}: {type(e).__name__}: {' '.join(str(e).split())}."
-                f"{unreachable_note(why)} "
-                "If this machine cannot reach the Hugging Face hub, fetch the model elsewhere, e.g. "
-                f"`huggingface-cli download {model} --local-dir DIR` (or CLIPModel/CLIPProcessor.from_pretrained(id)"
-                ".save_pretrained(DIR)), copy DIR here and pass --model DIR."
-            ) from e
+            how = ("Copy the missing files into it (a local folder is never completed from the hub)." if local else
+                   "If this machine cannot reach the Hugging Face hub, fetch the model elsewhere, e.g. "
+                   f"`hf download {model} --local-dir DIR` (or CLIPModel/CLIPProcessor.from_pretrained(id)"
+                   ".save_pretrained(DIR)), copy DIR here and pass --model DIR.")
+            raise ModelLoadError(f"could not load transformers CLIPModel from {where}: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())}.{unreachable_note(why)} {how}") from e
         net.to(device).eval()
         return cls(net, tokenizer, image_processor,
                    {"family": "hf_clip", "model": model, "pretrained": None, "precision": precision}, precision)
