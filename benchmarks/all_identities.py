@@ -16,6 +16,7 @@ the mean related drop and of the worst single-identity drop, and the run time.
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ from slugkit.workflows.verdict import EPS  # float32 fractions: 30/1500 = 0.02 m
 from slugkit.workflows.world_runs import world_config
 from slugkit.world.demo_data import ensure_world_data
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this script, however it is loaded
+from sweep import add_json, ints, json_out, run  # noqa: E402
+
 CHECKS = ("fa5_before>=0.9", "fa5_after<=0.05", "fa1_after<=0.02", "related_drop<=0.05", "utility_drop<=0.02",
           "patch<=1%")  # computed by score()
 WORST = 0.20
@@ -43,16 +47,28 @@ def worst_single(r):
 VARIANTS = {"default": {}, "paper": {"protect_neighbours": 0, "max_layers": 1, "worst_budget": None}}
 
 
+KEYS = {"protect_neighbours": int, "max_layers": int, "worst_budget": float, "margin": float, "selection": str}
+
+
 def variant(spec: str) -> dict:
-    """``default``, ``paper`` or ``key=value`` items, comma-separated (``paper,margin=1.0``: later items win)."""
+    """``default``, ``paper`` or ``key=value`` items, comma-separated (``paper,margin=1.0``: later items win).
+    Raises ``ValueError`` naming an unknown variant or key, or a value of the wrong kind (they were tracebacks:
+    ``KeyError: 'bogus'``); the values' ranges are checked by the run's own configuration, before any run."""
     out = {}
     for kv in spec.split(","):
         if "=" not in kv:
+            if kv not in VARIANTS:
+                raise ValueError(f"unknown variant {kv!r}; give {', '.join(VARIANTS)} or key=value items over "
+                                 f"{', '.join(KEYS)}")
             out.update(VARIANTS[kv])
             continue
-        k, v = kv.split("=")
-        out[k] = None if v == "none" else (float(v) if k in ("worst_budget", "margin") else
-                                           v if k == "selection" else int(v))
+        k, v = kv.split("=", 1)
+        if k not in KEYS:
+            raise ValueError(f"unknown key {k!r} in {kv!r}; the keys are {', '.join(KEYS)}")
+        try:
+            out[k] = None if v == "none" and k == "worst_budget" else KEYS[k](v)
+        except ValueError:
+            raise ValueError(f"{kv!r}: {k} takes {KEYS[k].__name__} values") from None
     return out
 
 
@@ -60,17 +76,34 @@ def drop(r, key):
     return r["metrics"]["before"][key] - r["metrics"]["after"][key]
 
 
+def _settings(spec: str):
+    """``(UnlearnConfig overrides, SearchConfig)`` of a variant, checked as a run checks them."""
+    v = variant(spec)
+    search = SearchConfig(**{k: v.pop(k) for k in ("margin", "selection", "worst_budget") if k in v})
+    return v, search
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--variant", default="default")
-    ap.add_argument("--json", default=None)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--limit", type=ints(1), default=None, help="the world's first N identities (default: all 60)")
+    ap.add_argument("--threads", type=ints(1), default=1)
+    ap.add_argument("--variant", default="default", help="default, paper or key=value,... (module docstring)")
+    add_json(ap, what="the summary and every run (rewritten after each run)")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--rescore", default=None, help="re-score a saved --json file with the current checks, in place")
+    ap.add_argument("--rescore", default=None, help="re-score a saved --json file with the current checks (written "
+                                                     "to --json, or in place with --overwrite)")
     a = ap.parse_args()
+    json_out(ap, a.json, a.overwrite)
     if a.rescore:
-        return rescore(a.rescore)
+        return rescore(ap, a)
+    try:
+        overrides, search = _settings(a.variant)
+        from slugkit.workflows.unlearn import UnlearnConfig
+
+        UnlearnConfig(concept="x", out="x", forget="x", retain="x", val_identities="x", test_identities="x",
+                      search=search, **overrides)  # the ranges (margin=-1, max_layers=0), before any run
+    except (TypeError, ValueError) as e:
+        ap.error(f"--variant {a.variant!r}: {e}")
     torch.set_num_threads(a.threads)
     data = ensure_world_data(a.data_dir, progress=False)
     adapter = load_adapter("embedded")
@@ -78,9 +111,7 @@ def main():
     rows, t0 = [], time.perf_counter()
     for i, name in enumerate(names):
         with tempfile.TemporaryDirectory() as tmp:
-            v = variant(a.variant)
-            search = {k: v.pop(k) for k in ("margin", "selection", "worst_budget") if k in v}
-            cfg, _, _ = world_config(name, tmp, data, progress=False, search=SearchConfig(**search), **v)
+            cfg, _, _ = world_config(name, tmp, data, progress=False, search=search, **overrides)
             try:
                 r = run_unlearn(cfg, adapter=adapter)
             except Exception as e:  # a failed search counts as failing every threshold
@@ -96,14 +127,19 @@ def main():
                            "total_s": r["timing_s"]["total"],
                            "passed": {"patch<=1%": r["patch"]["bytes"] <= 0.01 * r["model_bytes"]}}))
         core = rows[-1]["core"]
-        print(f"[{i + 1}/{len(names)}] {name}: layer {r['layer']} FA@5 {r['metrics']['after']['forget_top5']:.2f} "
-              f"FA@1 {r['metrics']['after']['forget_top1']:.2f} related {-drop(r, 'related_top1'):+.3f} "
-              f"utility {-drop(r, 'utility_top1'):+.3f} worst {wd:.2f} ({wc}) {r['timing_s']['total']:.1f}s "
+        layers = " + ".join(e["layer"] if isinstance(e, dict) else e for e in rows[-1]["layers"]) or r["layer"]
+        print(f"[{i + 1}/{len(names)}] {name}: layer {layers} FA@5 {r['metrics']['after']['forget_top5']:.2f} "
+              f"FA@1 {r['metrics']['after']['forget_top1']:.2f} related drop {drop(r, 'related_top1'):+.3f} "
+              f"utility drop {drop(r, 'utility_top1'):+.3f} worst drop {wd:.2f} ({wc}) {r['timing_s']['total']:.1f}s "
               f"{'ok' if rows[-1]['core_and_worst'] else 'core' if core else 'FAIL'}", flush=True)
+        if a.json:  # after every run: a stopped sweep keeps what it measured
+            write_json(a.json, {"summary": summarise(rows, a.variant, time.perf_counter() - t0), "runs": rows,
+                                "complete": False})
     summary = summarise(rows, a.variant, time.perf_counter() - t0)
     print(json.dumps(summary, indent=2))
     if a.json:
-        Path(a.json).write_text(json.dumps({"summary": summary, "runs": rows}, indent=2) + "\n")
+        write_json(a.json, {"summary": summary, "runs": rows, "complete": True})
+    return 1 if summary["failed_runs"] else 0
 
 
 def score(row: dict) -> dict:
@@ -139,14 +175,29 @@ def summarise(rows: list[dict], name: str, wall_s: float) -> dict:
     return summary
 
 
-def rescore(path: str) -> None:
-    """Re-score a saved run with the current checks (e.g. after the float32 slack of ``EPS`` was added) in place."""
-    d = json.loads(Path(path).read_text())
-    rows = [r if "error" in r else score(r) for r in d["runs"]]
-    d = {"summary": summarise(rows, d["summary"]["variant"], d["summary"]["wall_s"]), "runs": rows}
-    Path(path).write_text(json.dumps(d, indent=2) + "\n")
-    print(json.dumps(d["summary"], indent=2))
+def rescore(ap, a) -> int:
+    """Re-score a saved run with the current checks (e.g. after the float32 slack of ``EPS`` was added): written to
+    ``--json``, or in place with ``--overwrite``; the summary's other entries (its ``note``) are kept."""
+    path = a.json or a.rescore
+    if not a.json and not a.overwrite:  # it rewrote the file in place and dropped its note
+        ap.error(f"--rescore {a.rescore}: give --json OUT for the re-scored file, or --overwrite to rewrite it in "
+                 "place")
+    try:
+        d = json.loads(Path(a.rescore).read_text())
+        rows = [r if "error" in r else score(r) for r in d["runs"]]
+        summary = {**d["summary"], **summarise(rows, d["summary"]["variant"], d["summary"]["wall_s"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ap.error(f"--rescore {a.rescore}: not a results file of this script ({type(e).__name__}: {e})")
+    write_json(path, {**d, "summary": summary, "runs": rows})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def write_json(path: str, obj: dict) -> None:
+    from slugkit.common.files import write_json as atomic_json
+
+    atomic_json(path, obj)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,8 +17,10 @@ of the 5 nearest neighbours by the pipeline's text encoder, ``--n-other`` of eve
 
 a **refusal** (no layer/step met the validation criteria) is not a pass; it must carry a reason and leave no run
 folder (no patch). Printed: the pass fraction, the median and worst mean drop and the median and worst single-
-neighbour drop over the runs that wrote a patch; ``--json`` writes every row (rewritten atomically after each
-concept, ``"complete": false`` until the sweep ends, so a partial sweep survives).
+neighbour drop over the runs that wrote a patch, the median and worst single other concept's drop (every other
+concept) and the slowest run; ``--json`` writes every row (rewritten atomically after each concept, ``"complete":
+false`` until the sweep ends, so a partial sweep survives; an existing file needs ``--overwrite``). Exit status 1 when
+a run crashed (a refusal is a result, not a crash).
 """
 
 import argparse
@@ -28,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import counts, guarded_run, unfinished_line  # noqa: E402
+from sweep import (add_json, counts, floats, guarded_run, ints, json_out, name_list, run,  # noqa: E402
+                   unfinished_line)
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {
@@ -93,11 +96,19 @@ def line(row: dict) -> str:
 
 
 def summary(rows: list[dict]) -> dict:
+    """Pass counts, and over the runs that wrote a patch the median and worst of: the mean other drop, the worst
+    single other concept's drop (every other concept: the pass check's; the neighbours' alone missed cyan circle
+    -0.30 for red triangle) with the concept it is, the worst nearest neighbour's drop, and the slowest run."""
     ran, out = counts(rows)
     if ran:
         md, nd = [r["mean_drop"] for r in ran], [r["worst_neighbour_drop"] for r in ran]
+        od = [r["worst"]["drop"] for r in ran]
+        worst = max(ran, key=lambda r: r["worst"]["drop"])
         out.update(mean_drop_median=statistics.median(md), mean_drop_worst=max(md),
-                   neighbour_drop_median=statistics.median(nd), neighbour_drop_worst=max(nd))
+                   worst_other_drop_median=statistics.median(od), worst_other_drop_worst=max(od),
+                   worst_other=f"{worst['worst']['concept']} (unlearning {worst['concept']})",
+                   neighbour_drop_median=statistics.median(nd), neighbour_drop_worst=max(nd),
+                   slowest_s=max(r["timing_s"]["wall"] for r in ran))
     return out
 
 
@@ -115,39 +126,42 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", default=DEFAULT_SD_CONCEPT, help="comma list (default: red triangle)")
     ap.add_argument("--all", action="store_true", help="every concept with base recognition >= 0.70")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--n-target", type=int, default=50)
-    ap.add_argument("--n-other", type=int, default=10)
-    ap.add_argument("--n-neighbour", type=int, default=20)
-    ap.add_argument("--val-neighbour", type=int, default=20)
-    ap.add_argument("--neighbours-k", type=int, default=None,
+    ap.add_argument("--threads", type=ints(1), default=1)
+    ap.add_argument("--n-target", type=ints(1), default=50)
+    ap.add_argument("--n-other", type=ints(1), default=10)
+    ap.add_argument("--n-neighbour", type=ints(1), default=20)
+    ap.add_argument("--val-neighbour", type=ints(1), default=20)
+    ap.add_argument("--neighbours-k", type=ints(1), default=None,
                     help="nearest concepts searched and reported with --val-neighbour/--n-neighbour images and the "
                          "worst bound (default: the demo's 5; 29 = every other concept)")
-    ap.add_argument("--val-other", type=int, default=1, help="validation images per other concept (default 1)")
-    ap.add_argument("--neighbour-budget", type=float, default=None, help="default: the verdict's worst budget")
-    ap.add_argument("--other-budget", type=float, default=0.05)
+    ap.add_argument("--val-other", type=ints(1), default=1, help="validation images per other concept (default 1)")
+    ap.add_argument("--neighbour-budget", type=floats(0.0, 1.0), default=None,
+                    help="default: the verdict's worst budget")
+    ap.add_argument("--other-budget", type=floats(0.0, 1.0), default=0.05)
     ap.add_argument("--selection", default="shift", choices=["shift", "neighbour", "clip"])
     ap.add_argument("--step", default="slug", choices=["slug", "null-space"])
-    ap.add_argument("--null-space-energy", type=float, default=None)
+    ap.add_argument("--null-space-energy", type=floats(0.0, 1.0), default=None)
     ap.add_argument("--null-space-layers", default="front", choices=["front", "all"],
                     help="null-space step: search the CLIP Pareto layers that forgot (front) or every Linear group")
-    ap.add_argument("--max-searched", type=int, default=None,
+    ap.add_argument("--max-searched", type=ints(1), default=None,
                     help="the generator search tries at most this many layers (default: every candidate)")
     ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer forgets within the budgets (default 2, "
                          "the demo's; 1 = the paper's single layer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--json", default=None, help="write every row and the summary here")
+    add_json(ap)
     a = ap.parse_args()
+    json_out(ap, a.json, a.overwrite)
+    if a.all and a.concepts != DEFAULT_SD_CONCEPT:
+        ap.error("--all and --concepts exclude each other")
+    concepts = name_list(ap, "--concepts", a.concepts, t2i.concept_names())
     base = None
     if a.all:
         base = base_recognition(a.n_target, a.seed, a.threads)
         concepts = [c for c in t2i.concept_names() if base[c] >= BASE]
         print(f"{len(concepts)}/{len(base)} concepts recognised in >= {BASE:.0%} of {a.n_target} images before: "
               f"left out {', '.join(f'{c} {v:.2f}' for c, v in base.items() if v < BASE) or 'none'}", flush=True)
-    else:
-        concepts = [c.strip() for c in a.concepts.split(",") if c.strip()]
     rows = []
     for concept in concepts:
         rows.append(run_one(concept, a))
@@ -160,12 +174,15 @@ def main():
           f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
           f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
     if "mean_drop_median" in s:
-        print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; single "
-              f"neighbour drop: median {s['neighbour_drop_median']:+.3f}, worst {s['neighbour_drop_worst']:+.3f}")
+        print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
+              f"other concept: median {s['worst_other_drop_median']:+.3f}, worst {s['worst_other_drop_worst']:+.3f} "
+              f"({s['worst_other']}); nearest neighbour: median {s['neighbour_drop_median']:+.3f}, worst "
+              f"{s['neighbour_drop_worst']:+.3f}; slowest run {s['slowest_s']:.0f} s")
     if a.json:
         write_json(a.json, {"rows": rows, "summary": s, "base_recognition": base, "options": vars(a),
                             "complete": True})
+    return 1 if s["errors"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,9 +1,93 @@
-"""What the per-concept sweeps (``sd_embedded.py``, ``vlm_embedded.py``) share: a demo run whose refusal or crash
-becomes a row instead of ending the sweep, and the one-line form of those rows."""
+"""What the benchmark scripts share.
 
+* Every script: its arguments checked when they are parsed, as ``slug`` checks its own (:func:`ints`,
+  :func:`name_list`; a bad value was a traceback after minutes of work, or ran: ``--threads 0``, ``--first -1``, an
+  unknown concept as a "crashed" row, exit 0), the ``--json`` file checked before any work (:func:`json_out`: not a
+  folder, not inside the installed package, an existing file replaced only with ``--overwrite`` —
+  ``benchmarks/results/`` holds the published figures), SIGTERM unwound like Ctrl-C (:func:`run`: a killed script
+  left hidden run folders behind) and exit status 1 when a run crashed.
+* The per-concept sweeps (``sd_embedded.py``, ``vlm_embedded.py``): a demo run whose refusal or crash becomes a row
+  instead of ending the sweep, and the one-line form of those rows.
+"""
+
+import argparse
+import difflib
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def ints(lo: int):
+    """argparse type: an int >= ``lo`` (``--threads 0`` ran on torch's default, ``--limit 0`` divided by zero)."""
+    from slugkit.cli.args import int_at_least
+
+    return int_at_least(lo)
+
+
+def floats(lo: float, hi: float):
+    """argparse type: a finite number in [lo, hi]."""
+    from slugkit.cli.args import float_in
+
+    return float_in(lo, hi)
+
+
+def name_list(ap: argparse.ArgumentParser, flag: str, text: str, known: list[str]) -> list[str]:
+    """The comma list ``text`` of ``flag`` as the ``known`` names it means (case ignored), or ``ap.error`` for an
+    empty list, an unknown name (with the nearest) or a name given twice: each became a "crashed" row or a second
+    identical run."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        ap.error(f"{flag} {text!r} names nothing; give a comma list of names")
+    by_key = {k.casefold(): k for k in known}
+    out = []
+    for x in items:
+        if x.casefold() not in by_key:
+            near = difflib.get_close_matches(x, known, n=1)
+            ap.error(f"{flag}: unknown name {x!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                     + f"; {len(known)} are known, e.g. {known[0]!r}")
+        if by_key[x.casefold()] in out:
+            ap.error(f"{flag}: {by_key[x.casefold()]!r} is given twice")
+        out.append(by_key[x.casefold()])
+    return out
+
+
+def add_json(ap: argparse.ArgumentParser, flag: str = "--json", what: str = "every row and the summary") -> None:
+    ap.add_argument(flag, default=None, help=f"write {what} here as JSON (an existing file needs --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help=f"replace an existing {flag} file")
+
+
+def json_out(ap: argparse.ArgumentParser, path: str | None, overwrite: bool, flag: str = "--json") -> None:
+    """Refuse, before any work, a ``--json`` path that is empty, a folder, inside the installed package, under a
+    missing folder, or an existing file without ``--overwrite`` (a 1-identity run replaced the committed 60-identity
+    results without a word; a folder failed after the work)."""
+    if path is None:
+        return
+    from slugkit.common.outputs import out_inside_model
+
+    p = Path(path)
+    checks = ((not path.strip(), "is empty"), (p.is_dir(), "is a folder; give a file"),
+              (bool(out_inside_model(path, {})), "is inside the slugkit package; write it elsewhere"),
+              (not p.parent.is_dir(), f"cannot be written: {p.parent} is no folder"),
+              (p.exists() and not overwrite, "exists; pass --overwrite to replace it, or give another path"))
+    why = next((w for bad, w in checks if bad), None)
+    if why:
+        ap.error(f"{flag} {path} {why}")
+
+
+def run(main) -> None:
+    """Run a script's ``main()`` as ``slug`` runs a command: SIGTERM unwinds like Ctrl-C (run folders are removed;
+    "terminated", exit 143; Ctrl-C: "interrupted", 130); ``main``'s return value is the exit status."""
+    from slugkit.common.interrupts import Terminated, handling
+
+    with handling():
+        try:
+            status = main()
+        except KeyboardInterrupt as e:
+            print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+            status = 143 if isinstance(e, Terminated) else 130
+    sys.exit(status or 0)
 
 
 def guarded_run(name: str, run):
@@ -49,3 +133,11 @@ def counts(rows: list[dict]) -> tuple[list[dict], dict]:
     return ran, {"passed": sum(r["passed"] for r in rows), "total": len(rows),
                  "refused": sum("refused" in r for r in rows), "errors": sum("error" in r for r in rows),
                  "refusals_clean": all(r["refusal_clean"] for r in rows if "refused" in r)}
+
+
+def progress_off() -> None:
+    """No transformers/hub progress bars (``Loading weights``) in a script that passes ``progress=False``."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()

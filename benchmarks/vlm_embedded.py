@@ -14,7 +14,8 @@ target, 20 of every other identity; utility: three questions on 10 images of eac
 the worst single other identity's drop is reported next to it (median and worst over the runs). A **refusal** (no
 layer/step met the validation criteria) is not a pass; it must carry a reason and leave no run folder. ``--joint``:
 one extra run unlearning those identities together (the paper's 10-identity setting). ``--json`` is rewritten
-atomically after every run (``"complete": false`` until the sweep ends).
+atomically after every run (``"complete": false`` until the sweep ends; an existing file needs ``--overwrite``). Exit
+status 1 when a run crashed (a refusal is a result, not a crash).
 """
 
 import argparse
@@ -24,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import counts, guarded_run, unfinished_line  # noqa: E402
+from sweep import (add_json, counts, floats, guarded_run, ints, json_out, name_list, progress_off,  # noqa: E402
+                   run, unfinished_line)
 
 TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
 
@@ -89,40 +91,51 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", default=None, help="comma list (default: the demo's identity)")
-    ap.add_argument("--first", type=int, default=None, help="the world's first N identities, one run each")
+    ap.add_argument("--first", type=ints(1), default=None, help="the world's first N identities, one run each")
     ap.add_argument("--joint", default=None, help="comma list: one more run unlearning these jointly")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
-    ap.add_argument("--val-images", type=int, default=10, help="validation images of the target (default 10)")
-    ap.add_argument("--other-budget", type=float, default=0.05,
+    ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads per run (default 1)")
+    ap.add_argument("--val-images", type=ints(1), default=10, help="validation images of the target (default 10)")
+    ap.add_argument("--other-budget", type=floats(0.0, 1.0), default=0.05,
                     help="the other identities' mean naming drop allowed (default 0.05)")
-    ap.add_argument("--neighbour-budget", type=float, default=None, help="default: the verdict's worst budget")
-    ap.add_argument("--utility-budget", type=float, default=0.03, help="utility accuracy drop allowed (default 0.03)")
-    ap.add_argument("--max-searched", type=int, default=None, help="layers the VLM search tries (default: all)")
+    ap.add_argument("--neighbour-budget", type=floats(0.0, 1.0), default=None,
+                    help="default: the verdict's worst budget")
+    ap.add_argument("--utility-budget", type=floats(0.0, 1.0), default=0.03,
+                    help="utility accuracy drop allowed (default 0.03)")
+    ap.add_argument("--max-searched", type=ints(1), default=None, help="layers the VLM search tries (default: all)")
     ap.add_argument("--gradient", default="vlm", choices=["clip", "vlm"],
                     help="the edit's gradient: clip = SLUG's CLIP forget gradient (the paper's, and the default of "
                          "`slug demo --target vlm`); vlm = the VLM's own answer gradient (this benchmark's default)")
     ap.add_argument("--per-image", action="store_true",
                     help="with --gradient vlm: one protected direction per image of each other identity, instead "
                          "of one per identity (the mean over its images)")
-    ap.add_argument("--n-protect", type=int, default=None,
+    ap.add_argument("--n-protect", type=ints(1), default=None,
                     help="with --gradient vlm: images per protected identity (default: the workflow's, 5)")
     ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer passes (default 2, the demo's; 1 = the "
                          "paper's single layer)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     ap.add_argument("--data-dir", default=None, help="the world's data folder (default: written on first use)")
-    ap.add_argument("--json", default=None, help="write every row and the summary here")
+    add_json(ap)
     a = ap.parse_args()
+    json_out(ap, a.json, a.overwrite)
     if a.gradient != "vlm" and (a.per_image or a.n_protect is not None):
         ap.error("--per-image and --n-protect apply to --gradient vlm only")
-    if a.n_protect is not None and a.n_protect < 1:
-        ap.error(f"--n-protect must be >= 1, got {a.n_protect}")
-    if a.first:
-        runs = [[n] for n in world.identity_names()[:a.first]]
+    names = world.identity_names()
+    if a.first is not None and a.concepts is not None:  # --concepts was dropped without a word
+        ap.error("--first and --concepts exclude each other")
+    if a.first is not None and a.first > len(names):
+        ap.error(f"--first {a.first}: the world has {len(names)} identities")
+    if a.first is not None:
+        runs = [[n] for n in names[:a.first]]
     else:
-        runs = [[c.strip()] for c in (a.concepts or default_concept()).split(",") if c.strip()]
-    if a.joint:
-        runs.append([c.strip() for c in a.joint.split(",") if c.strip()])
+        runs = [[c] for c in name_list(ap, "--concepts", default_concept() if a.concepts is None else a.concepts,
+                                       names)]
+    if a.joint is not None:
+        joint = name_list(ap, "--joint", a.joint, names)
+        if len(joint) < 2:
+            ap.error("--joint unlearns several identities in one run: give at least two")
+        runs.append(joint)
+    progress_off()
     rows = []
     for concepts in runs:
         rows.append(run_one(concepts, a))
@@ -140,7 +153,8 @@ def main():
               f"{s['utility_drop_worst']:+.3f}; slowest run {s['slowest_s']:.0f} s")
     if a.json:
         write_json(a.json, {"rows": rows, "summary": s, "options": vars(a), "complete": True})
+    return 1 if s["errors"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

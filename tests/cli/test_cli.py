@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -571,3 +572,15 @@ def test_unlearn_refuses_a_name_listed_twice_and_a_template_without_braces(tmp_p
     assert main(args[:j + 1] + [str(bad)] + args[j + 2:]) == 2
     assert "the template 'a photo of' has no {}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_into_the_package_names_the_out_given(capsys):
+    """`slug compare --out <package>/x` said `world_config: --out <package>/.x.slug-….tmp is inside the slugkit
+    package` after claiming the folder: the hidden temporary path and a function's name (trial 33)."""
+    import slugkit
+
+    out = Path(slugkit.__file__).parent / "x"
+    assert main(["compare", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} is inside the slugkit package") and ".slug-" not in err
+    assert not out.exists() and not [p for p in out.parent.iterdir() if ".slug-" in p.name]

@@ -30,7 +30,10 @@ def cmd_compare(a) -> int:
 
     from .audit import unread_audit_options
 
-    msg = data_dir_conflict(a) or unread_audit_options(a, "CLIP" if a.audit else None)
+    from .outputs import out_inside_model
+
+    msg = (data_dir_conflict(a) or unread_audit_options(a, "CLIP" if a.audit else None)
+           or out_inside_model(a.out, {}))  # it named its hidden temporary folder there, as world_config's
     if msg:
         return refuse(msg)
     concepts = split_list(a.concepts) if a.concepts else []

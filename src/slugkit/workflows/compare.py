@@ -146,6 +146,10 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
     if cc.unlearn is None and cc.model != "embedded":
         raise ValueError("slug compare needs the data flags of `slug unlearn` (--forget, --retain, --val-identities, "
                          "--test-identities, ...) for a model other than 'embedded'")
+    from ..common.outputs import out_inside_model
+
+    if out_inside_model(cc.out, {}):  # checked by world_config on the run's temporary folder, named as such
+        raise ValueError(out_inside_model(cc.out, {}))
     if cc.unlearn is not None:
         from .run_inputs import refuse_out_in_inputs
 
@@ -155,7 +159,7 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
             make_method(m)  # raises ValueError on unknown names before any work
     if cc.lr_sweep and not any(_takes_lr(m) and m != "ft" and m not in cc.lr for m in cc.methods):  # unused
         raise ValueError(f"--lr-sweep applies to GA, GA+FT, SalUn and SalUn-RL without an --lr of their own; none "
-                         f"of --methods ({', '.join(cc.methods)}) is swept (13th and 14th trials)")
+                         f"of --methods ({', '.join(cc.methods)}) is swept")  # 13th, 14th trials
     for m in cc.lr:  # a misspelt --lr GAFT=... was dropped silently (eleventh trial)
         if m not in cc.methods:
             raise ValueError(f"--lr {m}=...: {m!r} is not among --methods ({', '.join(cc.methods)})")
