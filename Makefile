@@ -31,8 +31,9 @@ demo: $(VENV)/.installed-demo
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# regenerates the committed figures on purpose (--overwrite); a failed stage leaves them as they were and fails
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/summary.py --json benchmarks/results/summary.json
+	$(BIN)/python benchmarks/summary.py --json benchmarks/results/summary.json --overwrite
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis src/*.egg-info

@@ -12,6 +12,11 @@ float32 accumulation of the candidate tensors' gradients, non-candidates frozen.
 Real-size architectures use random weights (``open_clip.create_model(arch, pretrained=None)``: no download).
 Each architecture runs in its own subprocess so that the peak RSS is its own. A GPU is used when one is present
 (peak = ``torch.cuda.max_memory_allocated``); otherwise that part is skipped with a note.
+
+The arguments are checked before any work (an unknown or repeated ``--arch``, a count < 1, ``--batch`` < 2: the retain
+loss is contrastive); a run that fails is reported with its reason on stderr and the exit status is 1. ``--json``
+writes ``{"command", "rows", "failed"}`` (an existing file needs ``--overwrite``); the rows are printed as JSON on
+stdout as well.
 """
 
 import argparse
@@ -20,8 +25,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark helpers beside this script
+from sweep import add_json, ints, json_out, name_list, run  # noqa: E402
 
 
 HF_CONFIGS = {
@@ -37,6 +46,22 @@ HF_CONFIGS = {
                                       num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu"),
                    projection_dim=1024),
 }
+
+
+def known_archs() -> list[str]:
+    """``--arch`` values: the shipped model, the transformers configs above (``-sd``: SD's text-encoder layers) and
+    every open_clip architecture."""
+    import open_clip
+
+    return ["embedded", *(f"{h}{sd}" for h in HF_CONFIGS for sd in ("", "-sd")), *open_clip.list_models()]
+
+
+def check_archs(ap: argparse.ArgumentParser, flag: str, archs: list[str]) -> list[str]:
+    """``archs`` as the known names they mean, or ``ap.error`` for an unknown one (nearest named) or a repeat."""
+    bad = [x for x in archs if "," in x]
+    if bad:
+        ap.error(f"{flag} takes names separated by spaces, got {bad[0]!r}")
+    return name_list(ap, flag, ",".join(archs), known_archs())
 
 
 def _hf_adapter(arch: str, device: str):
@@ -137,44 +162,78 @@ def run_one(arch: str, bs: int, n: int, device: str, repeats: int = 2) -> dict:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     n_params = sum(p.numel() for p in model.parameters())
     return {"arch": arch, "device": device, "batch": bs, "batches_per_split": n, "params": n_params,
-            "candidates": len(adapter.candidate_names()), "repeats": repeats, "bare_s": round(bare, 3), "slug_s": round(slug, 3),
+            "candidates": len(adapter.candidate_names()), "repeats": repeats, "bare_s": round(bare, 3),
+            "slug_s": round(slug, 3),
             "ratio_slug_over_bare": round(slug / bare, 3),
             "peak_bytes": int(peak), "peak_kind": "cuda max_memory_allocated" if device == "cuda" else
             "process peak RSS", "model_rss_bytes": int(rss_model - rss0) if device == "cpu" else None,
-            "bare_peak_bytes": bare_peak, "threads": torch.get_num_threads(), "bare_all_s": [round(x, 3) for x in bares],
+            "bare_peak_bytes": bare_peak, "threads": torch.get_num_threads(),
+            "bare_all_s": [round(x, 3) for x in bares],
             "slug_all_s": [round(x, 3) for x in slugs]}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", nargs="+", default=["embedded", "ViT-B-32"])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=2, help="batches per split (forget and retain)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--repeats", type=int, default=2, help="alternating bare/SLUG repeats; each keeps its fastest")
+def _reason(out: subprocess.CompletedProcess) -> str:
+    """Why a child run failed: its last error line, or how it ended (a signal: killed, e.g. out of memory)."""
+    lines = [x for x in out.stderr.strip().splitlines() if x.strip()]
+    if out.returncode < 0:
+        import signal
+
+        name = signal.Signals(-out.returncode).name
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return lines[-1].strip() if lines else f"exit status {out.returncode}, nothing on stderr"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["embedded", "ViT-B-32"],
+                    help="embedded, hf-L14[-sd], hf-H14[-sd] or an open_clip architecture (default embedded ViT-B-32)")
+    ap.add_argument("--batch", type=ints(2), default=32, help="pairs per batch, >= 2 (default 32)")
+    ap.add_argument("--batches", type=ints(1), default=2, help="batches per split (forget and retain)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: the CPU, and a GPU when present)")
+    ap.add_argument("--repeats", type=ints(1), default=2, help="alternating bare/SLUG repeats; each keeps its fastest")
+    add_json(ap, what="the rows")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child mode
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.one:
         print(json.dumps(run_one(a.arch[0], a.batch, a.batches, a.device or "cpu", a.repeats)))
-        return
+        return 0
+    json_out(ap, a.json, a.overwrite)
+    if a.device is not None and a.device.split(":")[0] not in ("cpu", "cuda"):
+        ap.error(f"--device {a.device!r}: give cpu, cuda or cuda:N")
+    if a.device is not None and a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: no CUDA device on this machine")
+    a.arch = check_archs(ap, "--arch", a.arch)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not a.device:
         print("GPU: skipped (no CUDA device on this machine)")
-    rows = []
+    rows, failed = [], []
     for dev in ([a.device] if a.device else devices):
         for arch in a.arch:
             cmd = [sys.executable, __file__, "--one", "--arch", arch, "--batch", str(a.batch), "--batches",
                    str(a.batches), "--device", dev, "--repeats", str(a.repeats)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
-                print(f"{arch} on {dev}: FAILED\n{out.stderr[-2000:]}")
+                why = _reason(out)
+                failed.append({"arch": arch, "device": dev, "returncode": out.returncode, "error": why})
+                print(f"{arch} on {dev}: FAILED: {why}\n{out.stderr[-2000:]}", file=sys.stderr, flush=True)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(r)
             print(f"{arch:10s} {dev}: bare fwd+bwd {r['bare_s']:.2f} s, slug gradient pass {r['slug_s']:.2f} s, "
-                  f"ratio {r['ratio_slug_over_bare']:.2f}; peak {r['peak_bytes'] / 2**30:.2f} GiB ({r['peak_kind']})")
-    print(json.dumps(rows, indent=2))
+                  f"ratio {r['ratio_slug_over_bare']:.2f}; peak {r['peak_bytes'] / 2**30:.2f} GiB ({r['peak_kind']})",
+                  flush=True)
+    if rows:
+        print(json.dumps(rows, indent=2))
+    if failed:
+        print(f"{len(failed)} of {len(failed) + len(rows)} runs FAILED: "
+              + "; ".join(f"{f['arch']} on {f['device']}: {f['error']}" for f in failed), file=sys.stderr)
+    if a.json:
+        from slugkit.common.files import write_json
+
+        write_json(a.json, {"command": ["benchmarks/gradient_pass.py", *(sys.argv[1:] if argv is None else argv)],
+                            "rows": rows, "failed": failed})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,16 +12,23 @@ per precision the median and the worst pass are printed, and the ratio of median
 The gradients of each precision are compared with fp32's: the largest per-tensor relative error ‖g − g32‖/‖g32‖
 and the smallest cosine, over both splits. The device is the CPU unless ``--device cuda``; fp16 is refused on the CPU
 (as ``--precision fp16`` is: "use bf16 on CPU"), so ``--precisions fp32 bf16 fp16`` needs ``--device cuda``.
+Every argument is checked before any work (``--threads``, ``--repeats`` >= 1, ``--batch`` >= 2: the retain loss is
+contrastive; an unknown ``--arch``, a precision given twice; ``--json``: not a folder, an existing file only with
+``--overwrite``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark helpers beside this script
+from sweep import add_json, ints, json_out, name_list, run  # noqa: E402
 
 
 def _adapter(arch: str, device: str):
@@ -68,23 +75,46 @@ def _agreement(got, ref) -> dict:
     return {"max_rel_err": max(rel), "median_rel_err": statistics.median(rel), "min_cos": min(cos)}
 
 
-def main(argv=None) -> dict:
+def parse(argv=None) -> argparse.Namespace:
+    """The arguments, checked (an ``ap.error``, exit 2, naming the option) before any model is loaded."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random weights) or 'embedded'")
-    ap.add_argument("--batch", type=int, default=16, help="pairs per batch (one forget and one retain batch)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes per precision, after one warm-up each")
+    ap.add_argument("--batch", type=ints(2), default=16,
+                    help="pairs per batch, >= 2 (one forget and one retain batch; default 16)")
+    ap.add_argument("--repeats", type=ints(1), default=3, help="timed passes per precision, after one warm-up each")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--json", default=None, help="also write the result to this file")
+    ap.add_argument("--threads", type=ints(1), default=None, help="torch CPU threads (default: torch's choice)")
+    add_json(ap, what="the result")
     a = ap.parse_args(argv)
+    json_out(ap, a.json, a.overwrite)
+    name_list(ap, "--precisions", ",".join(a.precisions), ["fp32", "bf16", "fp16"])  # one given twice
+    from slugkit.models.base import check_precision
+
+    try:
+        kind = torch.device(a.device).type
+    except RuntimeError as e:
+        ap.error(f"--device {a.device!r}: {e}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: no CUDA device on this machine")
+    for p in a.precisions:  # before any work: fp16 on the CPU stops here with the remedy
+        try:
+            check_precision(p, a.device)
+        except (ValueError, RuntimeError) as e:
+            ap.error(f"--precisions {p}: {e}")
+    if a.arch != "embedded":
+        import open_clip
+
+        a.arch = name_list(ap, "--arch", a.arch, ["embedded", *open_clip.list_models()])[0]
+    return a
+
+
+def measure(a: argparse.Namespace) -> dict:
+    """Time the gradient pass under each precision of ``a`` and compare the gradients with fp32's; prints the
+    result and returns it."""
     if a.threads:
         torch.set_num_threads(a.threads)
     precisions = ["fp32"] + [p for p in a.precisions if p != "fp32"]
-    from slugkit.models.base import check_precision
-
-    for p in precisions:  # before any work: fp16 on the CPU stops here with the remedy
-        check_precision(p, a.device)
     adapter = _adapter(a.arch, a.device)
     forget, retain = _batch(adapter, a.batch, 1), _batch(adapter, a.batch, 2)
     times = {p: [] for p in precisions}
@@ -113,11 +143,18 @@ def main(argv=None) -> dict:
         ag = result["gradients_vs_fp32"][p]
         print(f"ratio fp32/{p} = {result['ratio_fp32_over'][p]:.2f}  (gradients vs fp32: max relative error "
               f"{ag['max_rel_err']:.4f}, median {ag['median_rel_err']:.4f}, min cosine {ag['min_cos']:.5f})")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
     return result
 
 
+def main(argv=None) -> int:
+    a = parse(argv)
+    result = measure(a)
+    if a.json:
+        from slugkit.common.files import write_json
+
+        write_json(a.json, result)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,0 +1,57 @@
+"""The benchmark scripts refuse bad arguments when they are parsed (exit 2, the option named on stderr), before any
+model or data is loaded: each was a traceback after the work, a second identical run, or ran on a silent default
+(new-user trial of the benchmark scripts). Only refusals are run here: each takes a few seconds."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script, args, named", [
+    ("compare_embedded.py", ["--methods", "slug,slug"], "--methods"),
+    ("compare_embedded.py", ["--lr-sweep", "0,1"], "--lr-sweep"),
+    ("compare_embedded.py", ["--concept", "Bogus"], "--concept"),
+    ("compare_embedded.py", ["--concept", "Jowen Gormere", "--concept", "jowen gormere"], "--concept"),
+    ("compare_embedded.py", ["--threads", "0"], "--threads"),
+    ("canvas_embedded.py", ["--max-targets", "-1"], "--max-targets"),
+    ("canvas_embedded.py", ["--per-pair", "0"], "--per-pair"),
+    ("canvas_embedded.py", ["--methods", "slug", "--baseline-max-targets", "2"], "--baseline-max-targets"),
+    ("gradient_pass.py", ["--repeats", "0"], "--repeats"),
+    ("gradient_pass.py", ["--arch", "embedded", "embedded"], "--arch"),
+    ("precision.py", ["--threads", "0"], "--threads"),
+    ("search_cache.py", ["--threads", "0"], "--threads"),
+    ("summary.py", ["--batches", "0"], "--batches"),
+])
+def test_a_bad_argument_is_refused_naming_the_option(script, args, named):
+    r = _run(script, *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "error:" in last and named in last and "Traceback" not in r.stderr
+
+
+def test_an_existing_json_file_needs_overwrite(tmp_path):
+    published = tmp_path / "summary.json"
+    published.write_text("{}\n")
+    r = _run("summary.py", "--json", str(published))
+    assert r.returncode == 2 and "--overwrite" in r.stderr.strip().splitlines()[-1]
+    assert published.read_text() == "{}\n"
+    r = _run("precision.py", "--json", str(tmp_path))  # a folder: refused before the work, not after it
+    assert r.returncode == 2 and "is a folder" in r.stderr
+
+
+def test_an_existing_comparison_folder_needs_overwrite(tmp_path):
+    (tmp_path / "Jowen_Gormere").mkdir()
+    (tmp_path / "Jowen_Gormere" / "compare.json").write_text("{}\n")
+    r = _run("compare_embedded.py", "--concept", "Jowen Gormere", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--overwrite" in r.stderr.strip().splitlines()[-1]
