@@ -74,6 +74,10 @@ def test_compare_outputs(compare_run):
         assert col in md
     for name in ("original", "slug", "ga", "ssd"):
         assert f"| {name} |" in md
+    import re  # one time line, one direction (the CLI printed its inverse beside it: trial 33)
+    ratio = re.search(r"SLUG time / method time: ga (\d+\.\d+) \(SLUG (\d+\.\d)× (faster|slower)\)", md)
+    v = slug["time_s"] / ga["time_s"]
+    assert ratio and float(ratio[1]) == pytest.approx(v, abs=1e-3) and ratio[3] == ("faster" if v <= 1 else "slower")
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

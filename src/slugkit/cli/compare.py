@@ -24,7 +24,7 @@ def lr_list(text: str) -> list[float]:
 
 def cmd_compare(a) -> int:
     """`slug compare`: SLUG and the baselines on the same data (the embedded world, or explicit data flags)."""
-    from ..workflows.compare import CompareConfig, render_compare, run_compare, time_ratios
+    from ..workflows.compare import CompareConfig, render_compare, run_compare
     from ..world import render as world
     from ..world.demo_data import default_concept
 
@@ -91,11 +91,6 @@ def cmd_compare(a) -> int:
                        audit=_audit_opts(a, concepts))
     report = run_compare(cc)
     print(render_compare(report))
-    for part in ([report] if "methods" in report else [report[m] for m in ("joint", "sequential") if m in report]):
-        ratios = time_ratios(part)
-        if ratios:
-            print(f"method time / SLUG time{' (' + part['mode'] + ')' if part.get('mode') != 'single' else ''}: "
-                  + ", ".join(f"{k} {1 / v:.1f}x" for k, v in ratios.items() if v > 0))
     from ..report.unlearn import outputs_line, verdict_lines
 
     print(outputs_line(out))

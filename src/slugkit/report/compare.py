@@ -157,7 +157,9 @@ def _render_section(report: dict, rule: str) -> list[str]:
              "forget vs held-out pairs, 50 = indistinguishable.", "", compare_table(report), ""]
     ratios = time_ratios(report)
     if ratios:
-        lines.append("SLUG time / method time: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        lines.append("SLUG time / method time: " + ", ".join(  # one line, one direction (the CLI printed the
+            f"{k} {v:.3f} (SLUG {1 / v:.1f}× faster)" if 0 < v <= 1 else  # inverse beside it: trial 33)
+            f"{k} {v:.3f} (SLUG {v:.1f}× slower)" if v > 1 else f"{k} {v:.3f}" for k, v in ratios.items()))
         cpu = time_ratios(report, "cpu_s")
         if cpu:
             lines.append("SLUG CPU seconds / method CPU seconds (one thread; insensitive to other load on the "
