@@ -1,7 +1,11 @@
 """The benchmark scripts refuse bad arguments when they are parsed (exit 2, the option named on stderr), before any
 model or data is loaded: each was a traceback after the work, a second identical run, or ran on a silent default
-(new-user trial of the benchmark scripts). Only refusals are run here: each takes a few seconds."""
+(new-user trial of the benchmark scripts, trial 33: an unknown concept became a "crashed" row with exit 0, `--limit
+0` divided by zero, a one-identity run replaced the committed 60-identity results). Only refusals are run here: each
+takes a few seconds. The SD sweep's summary names the worst other concept of every run (it was the nearest
+neighbours' alone, which missed cyan circle -0.30)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +36,16 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("precision.py", ["--threads", "0"], "--threads"),
     ("search_cache.py", ["--threads", "0"], "--threads"),
     ("summary.py", ["--batches", "0"], "--batches"),
+    ("sd_embedded.py", ["--concepts", "Bogus"], "--concepts: unknown name 'Bogus'"),
+    ("sd_embedded.py", ["--concepts", "red triangle,Red Triangle"], "'red triangle' is given twice"),
+    ("sd_embedded.py", ["--threads", "0"], "argument --threads: must be >= 1"),
+    ("sd_embedded.py", ["--json", "benchmarks/results/sd_embedded_all.json"], "exists; pass --overwrite"),
+    ("vlm_embedded.py", ["--first", "2", "--concepts", "Jowen Gormere"], "--first and --concepts exclude each other"),
+    ("vlm_embedded.py", ["--concepts", ""], "--concepts '' names nothing"),
+    ("vlm_embedded.py", ["--json", "src/slugkit/v.json"], "is inside the slugkit package"),
+    ("all_identities.py", ["--limit", "0"], "argument --limit: must be >= 1"),
+    ("all_identities.py", ["--variant", "margin=-1"], "SearchConfig.margin"),
+    ("all_identities.py", ["--rescore", "benchmarks/results/all_identities_paper.json"], "give --json OUT"),
 ])
 def test_a_bad_argument_is_refused_naming_the_option(script, args, named):
     r = _run(script, *args)
@@ -55,3 +69,14 @@ def test_an_existing_comparison_folder_needs_overwrite(tmp_path):
     (tmp_path / "Jowen_Gormere" / "compare.json").write_text("{}\n")
     r = _run("compare_embedded.py", "--concept", "Jowen Gormere", "--out", str(tmp_path))
     assert r.returncode == 2 and "--overwrite" in r.stderr.strip().splitlines()[-1]
+
+
+def test_the_sd_summary_names_the_worst_other_concept_of_every_run():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd_embedded
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "sd_embedded_all.json").read_text())["rows"]
+    s = sd_embedded.summary(rows)
+    ran = [r for r in rows if "refused" not in r and "error" not in r]
+    assert s["worst_other_drop_worst"] == max(r["worst"]["drop"] for r in ran) > s["neighbour_drop_worst"]
+    assert s["worst_other"].startswith("cyan circle (unlearning red square)")
