@@ -32,7 +32,7 @@ from slugkit.workflows.world_runs import world_config
 from slugkit.world.demo_data import ensure_world_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this script, however it is loaded
-from sweep import add_json, ints, json_out, run  # noqa: E402
+from sweep import add_json, folder, ints, json_out, run  # noqa: E402
 
 CHECKS = ("fa5_before>=0.9", "fa5_after<=0.05", "fa1_after<=0.02", "related_drop<=0.05", "utility_drop<=0.02",
           "patch<=1%")  # computed by score()
@@ -54,8 +54,12 @@ def variant(spec: str) -> dict:
     """``default``, ``paper`` or ``key=value`` items, comma-separated (``paper,margin=1.0``: later items win).
     Raises ``ValueError`` naming an unknown variant or key, or a value of the wrong kind (they were tracebacks:
     ``KeyError: 'bogus'``); the values' ranges are checked by the run's own configuration, before any run."""
-    out = {}
+    out, seen = {}, set()
     for kv in spec.split(","):
+        name = kv.split("=", 1)[0]
+        if name in seen:  # `paper,paper`, `margin=1,margin=2`: the first was dropped without a word
+            raise ValueError(f"{name!r} is given twice")
+        seen.add(name)
         if "=" not in kv:
             if kv not in VARIANTS:
                 raise ValueError(f"unknown variant {kv!r}; give {', '.join(VARIANTS)} or key=value items over "
@@ -89,11 +93,13 @@ def main():
     ap.add_argument("--threads", type=ints(1), default=1)
     ap.add_argument("--variant", default="default", help="default, paper or key=value,... (module docstring)")
     add_json(ap, what="the summary and every run (rewritten after each run)")
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--data-dir", type=folder(), default=None)
     ap.add_argument("--rescore", default=None, help="re-score a saved --json file with the current checks (written "
                                                      "to --json, or in place with --overwrite)")
     a = ap.parse_args()
     json_out(ap, a.json, a.overwrite)
+    if a.limit is not None and a.limit > len(world.identity_names()):  # it ran all 60
+        ap.error(f"--limit {a.limit}: the world has {len(world.identity_names())} identities")
     if a.rescore:
         return rescore(ap, a)
     try:

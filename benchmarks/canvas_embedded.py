@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark helpers beside this script
-from sweep import add_json, ints, json_out, name_list, run  # noqa: E402
+from sweep import add_json, folder, ints, json_out, name_list, run  # noqa: E402
 
 DEFAULT_BASELINE_MAX_TARGETS = 4
 
@@ -62,7 +62,8 @@ def parse(argv=None):
                     help=f"the baselines on the first N styles and N objects (default {DEFAULT_BASELINE_MAX_TARGETS} "
                          "when SLUG runs beside a baseline and that limits something; SLUG on all)")
     ap.add_argument("--per-pair", type=ints(1), default=2, help="answer-set images per (style, object) pair")
-    ap.add_argument("--canvas-model", default=None, help="a `slug world train-canvas` folder (default: shipped)")
+    ap.add_argument("--canvas-model", type=folder(must_exist=True), default=None,
+                    help="a `slug world train-canvas` folder (default: shipped)")
     ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (the README's run: 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the methods' randomness")
     add_json(ap, what="the whole report")

@@ -39,7 +39,7 @@ from slugkit.workflows.compare import DEFAULT_METHODS, CompareConfig, run_compar
 from slugkit.world import render as world
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark helpers beside this script
-from sweep import add_json, floats, ints, json_out, name_list, run  # noqa: E402
+from sweep import add_json, floats, folder, ints, json_out, name_list, run  # noqa: E402
 
 
 def claims(rep: dict) -> dict:
@@ -108,9 +108,10 @@ def parse(argv=None):
     ap.add_argument("--concept", type=nonempty, action="append", default=None,
                     help="identity (repeatable; default: the demo's)")
     ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=None, help="keep the outputs here, one folder per concept (default: temporary; "
-                                                "an existing comparison there needs --overwrite)")
+    ap.add_argument("--data-dir", type=folder(), default=None)
+    ap.add_argument("--out", type=folder(), default=None,
+                    help="keep the outputs here, one folder per concept (default: temporary; an existing comparison "
+                         "there needs --overwrite)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma list of slug, {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--select-metric", default="forget_top5", choices=["forget_top1", "forget_top5"],

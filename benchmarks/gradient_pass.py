@@ -61,7 +61,7 @@ def check_archs(ap: argparse.ArgumentParser, flag: str, archs: list[str]) -> lis
     bad = [x for x in archs if "," in x]
     if bad:
         ap.error(f"{flag} takes names separated by spaces, got {bad[0]!r}")
-    return name_list(ap, flag, ",".join(archs), known_archs())
+    return name_list(ap, flag, ",".join(archs), known_archs(), how="names separated by spaces")
 
 
 def _hf_adapter(arch: str, device: str):

@@ -93,8 +93,8 @@ def parse(argv=None) -> argparse.Namespace:
 
     try:
         kind = torch.device(a.device).type
-    except RuntimeError as e:
-        ap.error(f"--device {a.device!r}: {e}")
+    except RuntimeError:  # torch's own message lists every device type it knows
+        ap.error(f"--device {a.device!r}: give cpu, cuda or cuda:N")
     if kind == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: no CUDA device on this machine")
     for p in a.precisions:  # before any work: fp16 on the CPU stops here with the remedy

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, counts, floats, guarded_run, ints, json_out, name_list, run,  # noqa: E402
+from sweep import (add_json, counts, floats, folder, guarded_run, ints, json_out, name_list, run,  # noqa: E402
                    unfinished_line)
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
@@ -124,7 +124,7 @@ def main():
     from slugkit.world import t2i
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--concepts", default=DEFAULT_SD_CONCEPT, help="comma list (default: red triangle)")
+    ap.add_argument("--concepts", default=None, help="comma list (default: red triangle)")
     ap.add_argument("--all", action="store_true", help="every concept with base recognition >= 0.70")
     ap.add_argument("--threads", type=ints(1), default=1)
     ap.add_argument("--n-target", type=ints(1), default=50)
@@ -149,13 +149,15 @@ def main():
                     help="layers the fallback may edit when no single layer forgets within the budgets (default 2, "
                          "the demo's; 1 = the paper's single layer)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--data-dir", type=folder(), default=None)
     add_json(ap)
     a = ap.parse_args()
     json_out(ap, a.json, a.overwrite)
-    if a.all and a.concepts != DEFAULT_SD_CONCEPT:
+    if a.all and a.concepts is not None:
         ap.error("--all and --concepts exclude each other")
-    concepts = name_list(ap, "--concepts", a.concepts, t2i.concept_names())
+    if a.neighbours_k is not None and a.neighbours_k >= len(t2i.concept_names()):
+        ap.error(f"--neighbours-k {a.neighbours_k}: there are {len(t2i.concept_names()) - 1} other concepts")
+    concepts = name_list(ap, "--concepts", a.concepts or DEFAULT_SD_CONCEPT, t2i.concept_names())
     base = None
     if a.all:
         base = base_recognition(a.n_target, a.seed, a.threads)

@@ -24,7 +24,7 @@ from slugkit.cli.args import nonempty
 from slugkit.world import render as world
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark helpers beside this script
-from sweep import add_json, ints, json_out, run  # noqa: E402
+from sweep import add_json, folder, ints, json_out, run  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--concept", type=nonempty, default=world.IDENTITIES[0].name,
                     help=f"identity of the embedded world (default {world.IDENTITIES[0].name})")
     ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--data-dir", type=folder(), default=None)
     add_json(ap, what="the result")
     a = ap.parse_args(argv)
     json_out(ap, a.json, a.overwrite)

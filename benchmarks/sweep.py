@@ -1,11 +1,11 @@
 """What the benchmark scripts share.
 
 * Every script: its arguments checked when they are parsed, as ``slug`` checks its own (:func:`ints`,
-  :func:`name_list`; a bad value was a traceback after minutes of work, or ran: ``--threads 0``, ``--first -1``, an
-  unknown concept as a "crashed" row, exit 0), the ``--json`` file checked before any work (:func:`json_out`: not a
-  folder, not inside the installed package, an existing file replaced only with ``--overwrite`` —
-  ``benchmarks/results/`` holds the published figures), SIGTERM unwound like Ctrl-C (:func:`run`: a killed script
-  left hidden run folders behind) and exit status 1 when a run crashed.
+  :func:`name_list`, :func:`folder`; a bad value was a traceback after minutes of work, or ran: ``--threads 0``,
+  ``--first -1``, an unknown concept as a "crashed" row, exit 0), the ``--json`` file checked before any work
+  (:func:`json_out`: not a folder, not inside the installed package, an existing file replaced only with
+  ``--overwrite`` — ``benchmarks/results/`` holds the published figures), SIGTERM unwound like Ctrl-C (:func:`run`: a
+  killed script left hidden run folders behind) and exit status 1 when a run crashed.
 * The per-concept sweeps (``sd_embedded.py``, ``vlm_embedded.py``): a demo run whose refusal or crash becomes a row
   instead of ending the sweep, and the one-line form of those rows.
 """
@@ -33,13 +33,28 @@ def floats(lo: float, hi: float):
     return float_in(lo, hi)
 
 
-def name_list(ap: argparse.ArgumentParser, flag: str, text: str, known: list[str]) -> list[str]:
+def folder(must_exist: bool = False):
+    """argparse type: a folder path — not empty, not a file (``--data-dir FILE`` was a traceback or a "crashed" row
+    after the work, ``--out ''`` wrote into the current folder); ``must_exist``: a model folder to read."""
+    def check(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("is empty; give a folder")
+        if Path(text).exists() and not Path(text).is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+        if must_exist and not Path(text).is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: no such folder")
+        return text
+    return check
+
+
+def name_list(ap: argparse.ArgumentParser, flag: str, text: str, known: list[str],
+              how: str = "a comma list of names") -> list[str]:
     """The comma list ``text`` of ``flag`` as the ``known`` names it means (case ignored), or ``ap.error`` for an
     empty list, an unknown name (with the nearest) or a name given twice: each became a "crashed" row or a second
     identical run."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
-        ap.error(f"{flag} {text!r} names nothing; give a comma list of names")
+        ap.error(f"{flag} {text!r} names nothing; give {how}")
     by_key = {k.casefold(): k for k in known}
     out = []
     for x in items:

@@ -46,6 +46,13 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("all_identities.py", ["--limit", "0"], "argument --limit: must be >= 1"),
     ("all_identities.py", ["--variant", "margin=-1"], "SearchConfig.margin"),
     ("all_identities.py", ["--rescore", "benchmarks/results/all_identities_paper.json"], "give --json OUT"),
+    ("all_identities.py", ["--data-dir", "README.md"], "README.md is a file, not a folder"),
+    ("all_identities.py", ["--variant", "paper,paper"], "'paper' is given twice"),
+    ("all_identities.py", ["--limit", "61"], "the world has 60 identities"),
+    ("compare_embedded.py", ["--out", ""], "argument --out: is empty"),
+    ("sd_embedded.py", ["--concepts", "red triangle", "--all"], "--all and --concepts exclude each other"),
+    ("sd_embedded.py", ["--neighbours-k", "30"], "there are 29 other concepts"),
+    ("precision.py", ["--device", "tpu"], "give cpu, cuda or cuda:N"),
 ])
 def test_a_bad_argument_is_refused_naming_the_option(script, args, named):
     r = _run(script, *args)

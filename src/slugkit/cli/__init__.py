@@ -113,6 +113,7 @@ def _interrupted(e: BaseException) -> KeyboardInterrupt | None:
 def _cli_words(text: str) -> str:
     """A config's check in the CLI's words: ``UnlearnConfig.clip_skip (--clip-skip): …`` → ``--clip-skip: …`` (the
     Python API names the field and its option; a shell user knows only the option)."""
+    text = text.replace("--overwrite (overwrite=True)", "--overwrite")  # a message shared with the Python API
     return re.sub(r"^(?:UnlearnConfig|SearchConfig|Budgets|CompareConfig)\.\w+ \((--[\w-]+)\): ", r"\1: ", text)
 
 
@@ -176,7 +177,7 @@ def _dispatch(argv: list[str] | None) -> int:
         print(f"error: {text}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # NothingToUnlearnError: 4, like a failed verdict
     except OSError as e:  # a missing or existing path, a full disk, a read-only filesystem, a folder for a file ...
-        print(f"error: {printable(os_error_text(e))}", file=sys.stderr)  # a newline in a path split the line
+        print(f"error: {_cli_words(printable(os_error_text(e)))}", file=sys.stderr)  # a newline split the line
         return 2
     except RuntimeError as e:
         if str(e).startswith("Symlink loop from "):  # pathlib's resolve() on `ln -s a b; ln -s b a`
