@@ -43,6 +43,15 @@ def _old_run(out):
     (out / "patch" / "patch.json").write_text("old patch")
 
 
+def _committed_run(out, report: str):
+    """A run committed by run_folder (so with its manifest): result.json, report.md and patch/patch.json."""
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "report.md").write_text(report)
+        (tmp / "patch").mkdir()
+        (tmp / "patch" / "patch.json").write_text("{}")
+
+
 def _both_claims_refused(out, error, match: str) -> None:
     """An early claim (`slug demo`) and a run folder's own claim of ``out`` with --overwrite both raise ``error``."""
     for early in (True, False):
@@ -730,11 +739,7 @@ def test_a_users_edit_of_a_runs_own_file_is_kept_on_overwrite(tmp_path, capfd):
     from slugkit.common.outguard import edited_entries, record_entries
 
     out = tmp_path / "run"
-    with run_folder(out) as tmp:
-        (tmp / "result.json").write_text("{}")
-        (tmp / "report.md").write_text("slug's report\n")
-        (tmp / "patch").mkdir()
-        (tmp / "patch" / "patch.json").write_text("{}")
+    _committed_run(out, "slug's report\n")
     assert edited_entries(out) == []
     time.sleep(0.01)
     (out / "report.md").write_text("slug's report\nwith the audit section\n")  # as `slug audit RUN` does
@@ -851,11 +856,7 @@ def test_what_is_left_of_a_run_whose_result_was_deleted_is_a_run(tmp_path, capfd
     the old run's report.md, patch/ … as NAME.before-slug and called them the user's. Its manifest still names the
     run's entries: it is refused without --overwrite, and replaced with it, the user's own files kept."""
     out = tmp_path / "run"
-    with run_folder(out) as tmp:
-        (tmp / "result.json").write_text("{}")
-        (tmp / "report.md").write_text("old")
-        (tmp / "patch").mkdir()
-        (tmp / "patch" / "patch.json").write_text("{}")
+    _committed_run(out, "old")
     (out / "result.json").unlink()
     (out / "notes.txt").write_text("mine")
     for early in (True, False):
