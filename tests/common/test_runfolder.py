@@ -900,3 +900,7 @@ def test_overwrite_must_be_a_bool_everywhere_a_folder_is_replaced(tmp_path):
     with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
         save_patch(patch, tmp_path / "p", overwrite="no")
     assert _names(out) == ["result.json"] and not (tmp_path / "p").exists() and _leftovers(tmp_path) == []
+    import numpy as np  # numpy's bool (a sweep's mask) is a bool, for save_patch as for the run folder
+
+    save_patch(patch, tmp_path / "p", overwrite=np.bool_(False))
+    check_replaceable(out, np.bool_(True))

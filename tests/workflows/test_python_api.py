@@ -24,6 +24,9 @@ def test_paths_may_be_pathlike_and_sources_a_list():
     assert UnlearnConfig(**{**BASE, "concept": " A "}).concept == "A"
     joint = UnlearnConfig(**{**BASE, "concept": "", "concepts": ["A", "B"]})
     assert joint.concept == "A + B"
+    import numpy as np  # numpy's bool is a bool (as for every writer's overwrite), stored as one
+
+    assert UnlearnConfig(**BASE, overwrite=np.bool_(True)).overwrite is True
 
 
 def test_identity_templates_may_be_a_file(tmp_path):

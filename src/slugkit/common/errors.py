@@ -70,7 +70,7 @@ def device_error_hint(e: RuntimeError) -> str | None:
 def check_flag(name: str, v) -> None:
     """``name`` (``overwrite``) must be True or False: ``overwrite="no"`` or ``"False"`` is truthy and replaced a
     folder. Raises ``TypeError`` naming it."""
-    if not isinstance(v, bool) and type(v).__name__ != "bool_":  # numpy's bool too
+    if not isinstance(v, bool) and not (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")):
         raise TypeError(f"{name}: expected True or False, got {type(v).__name__} {v!r}")
 
 

@@ -209,7 +209,7 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
     if not isinstance(patch, Patch) or not os.fspath(out_dir).strip():  # trial 30
         raise (ValueError("save_patch: out_dir is empty; give a folder") if isinstance(patch, Patch) else TypeError(
             f"save_patch takes a Patch (slugkit.load_patch(path) reads one), not {type(patch).__name__}"))
-    if not isinstance(overwrite, bool):  # "no" is truthy
+    if type(overwrite).__name__ not in ("bool", "bool_"):  # "no" is truthy; numpy's bool is a bool
         raise TypeError(f"save_patch: overwrite must be True or False, got {overwrite!r}")
     out_dir = Path(out_dir)
     _check_consistent(patch)

@@ -130,7 +130,7 @@ def _numbers(cfg) -> None:
 def check_config(cfg) -> None:
     """Check (and normalise in place: paths to ``str``, templates read from a file) every field of ``cfg``, an
     ``UnlearnConfig``. Raises ``TypeError`` / ``ValueError`` naming the field and its CLI option."""
-    from ..common.errors import check_device
+    from ..common.errors import check_device, check_flag
     from ..slug.search import SearchConfig
     from .verdict import Budgets
 
@@ -155,9 +155,9 @@ def check_config(cfg) -> None:
     _templates(cfg)
     _templates(cfg, "utility_templates")  # [], [1], "no braces" were taken (trial 31)
     _numbers(cfg)
-    for name in _FLAGS:
-        if not isinstance(getattr(cfg, name), bool):
-            raise TypeError(f"{_where(name)}: expected True or False, got {getattr(cfg, name)!r}")
+    for name in _FLAGS:  # numpy's bool is taken as a bool, as by every writer's overwrite (common.errors.check_flag)
+        check_flag(_where(name), getattr(cfg, name))
+        setattr(cfg, name, bool(getattr(cfg, name)))
     for name, kinds in (("model", ("a model id, a checkpoint or 'embedded'",)), ("family", ("open_clip", "hf_clip")),
                         ("precision", ("fp32", "bf16", "fp16"))):
         v = getattr(cfg, name)
