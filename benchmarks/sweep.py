@@ -79,16 +79,20 @@ def json_out(ap: argparse.ArgumentParser, path: str | None, overwrite: bool, fla
     results without a word; a folder failed after the work)."""
     if path is None:
         return
-    from slugkit.common.outputs import out_inside_model
+    from slugkit.common.files import read_manifest
+    from slugkit.common.outputs import out_inside_model, out_inside_run
 
     p = Path(path)
-    checks = ((not path.strip(), "is empty"), (p.is_dir(), "is a folder; give a file"),
+    written = p.name in ((read_manifest(p.parent) or {}).get("entries") or []) if path.strip() else False
+    checks = ((not path.strip(), "is empty; give a file path"), (p.is_dir(), "is a folder; give a file"),
               (bool(out_inside_model(path, {})), "is inside the slugkit package; write it elsewhere"),
+              (bool(out_inside_run(path)) or written, "is inside a slug run folder (it could replace the run's own "
+                                                     "files, such as a curated set's curate.json); write it elsewhere"),
               (not p.parent.is_dir(), f"cannot be written: {p.parent} is no folder"),
               (p.exists() and not overwrite, "exists; pass --overwrite to replace it, or give another path"))
     why = next((w for bad, w in checks if bad), None)
     if why:
-        ap.error(f"{flag} {path} {why}")
+        ap.error(f"{flag} {path} {why}" if path.strip() else f"{flag} {why}")
 
 
 def run(main) -> None:

@@ -61,6 +61,18 @@ def test_a_bad_argument_is_refused_naming_the_option(script, args, named):
     assert "error:" in last and named in last and "Traceback" not in r.stderr
 
 
+def test_a_json_inside_a_run_folder_is_refused(tmp_path):
+    """`search_cache.py --json RUN/curate.json --overwrite` replaced a curated set's marker (trial 34)."""
+    run = tmp_path / "cur"
+    run.mkdir()
+    (run / "curate.json").write_text("{}\n")
+    (run / "forget.tar").write_text("")
+    (run / ".slugkit-entries.json").write_text('{"entries": ["curate.json", "forget.tar"]}')
+    r = _run("search_cache.py", "--json", str(run / "curate.json"), "--overwrite")
+    assert r.returncode == 2 and "is inside a slug run folder" in r.stderr
+    assert (run / "curate.json").read_text() == "{}\n"
+
+
 def test_an_existing_json_file_needs_overwrite(tmp_path):
     published = tmp_path / "summary.json"
     published.write_text("{}\n")

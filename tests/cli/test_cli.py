@@ -360,8 +360,10 @@ def test_a_world_run_takes_pretrained_and_refuses_what_it_would_drop(tmp_path, d
     capsys.readouterr()
     assert main(args + ["--pretrained", str(ck), "--out", str(tmp_path / "u")]) == 4  # nothing left to unlearn
     assert "nothing to unlearn" in capsys.readouterr().err.lower() and not (tmp_path / "u").exists()
-    for extra, said in ((["--identity-template", "zzz {} qqq"], "--identity-template describe(s) data"),
-                        (["--family", "hf_clip"], "--family describe(s)"),
+    for extra, said in ((["--identity-template", "zzz {} qqq"], "--identity-template describes data"),
+                        (["--family", "hf_clip"], "--family describes"),
+                        (["--clip-skip", "0"], "--clip-skip describes"),  # 0 ran without a word (trial 34)
+                        (["--family", "hf_clip", "--alias", "J"], "--family, --alias describe data"),
                         (["--pretrained", "laion400m_e32"], "'laion400m_e32' is a tag of a named model")):
         assert main(args + extra + ["--out", str(tmp_path / "v")]) == 2, extra
         assert said in capsys.readouterr().err, extra

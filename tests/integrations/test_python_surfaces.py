@@ -169,7 +169,8 @@ def test_audit_patch_checks_before_loading_and_audits_a_vlm_patch_on_the_vlm(vlm
                             (dict(data="/some/folder"), TypeError, "data must be an AuditData or a callable"),
                             (dict(concept=123), TypeError, "concept must be a non-empty str"),
                             (dict(model="ViT-B-32"), ValueError, "model: not read by the audit of a VLM patch"),
-                            (dict(overwrite="no"), TypeError, "overwrite: expected True or False")):
+                            (dict(overwrite="no"), TypeError, "overwrite: expected True or False"),
+                            (dict(probes=["prompts", "prompts"]), ValueError, "'prompts' is given twice")):
         with pytest.raises(error, match=said):
             audit_patch(vlm_patch, **kw)
     torch.manual_seed(7)

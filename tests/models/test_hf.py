@@ -170,6 +170,7 @@ def test_unreachable_hub_id_explains_local_folder(tmp_path, monkeypatch):
         HFClipAdapter.load(str(tmp_path / "empty"))
     # a local folder was told to `huggingface-cli download <its own path>`, a command huggingface_hub 1.x dropped
     assert "Copy the missing files into it" in str(ei.value) and "download" not in str(ei.value)
+    assert ".." not in str(ei.value).replace(str(tmp_path), "")  # "found in directory DIR.. Copy" (trial 34)
 
 
 # ---------------------------------------------------------------------------------------------- the SLUG core on HF

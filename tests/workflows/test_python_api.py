@@ -223,7 +223,9 @@ def test_patch_functions_take_folders_and_refuse_an_empty_out(tmp_path):
     assert slugkit.compose_patches(str(tmp_path / "p")).fingerprint == p.fingerprint
     with pytest.raises(TypeError, match=r"save_patch takes a Patch \(slugkit.load_patch\(path\) reads one\)"):
         save_patch(str(tmp_path / "p"), tmp_path / "q")
-    with pytest.raises(ValueError, match="out_dir is empty"):
+    with pytest.raises(TypeError, match="out_dir is None: give one"):  # a raw "expected str … not NoneType"
+        save_patch(p, None)
+    with pytest.raises(ValueError, match="out_dir is '': give one"):
         save_patch(p, "")
 
 

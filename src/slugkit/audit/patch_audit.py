@@ -53,6 +53,8 @@ def audit_patch(patch_path, model: str = "embedded", concept: str | None = None,
     probes = kw.get("probes", PROBES)
     if not isinstance(probes, (list, tuple)) or not all(isinstance(x, str) for x in probes):  # None, a generator
         raise TypeError(f"audit_patch: probes must be a list of probe names such as {list(PROBES)[:2]}, got {probes!r}")
+    if len(set(probes)) != len(probes):  # `slug audit --probes prompts,prompts` is refused; it ran from Python
+        raise ValueError(f"audit_patch: probes: {next(p for p in probes if probes.count(p) > 1)!r} is given twice")
     bad = [x for x in probes if x not in PROBES]
     if bad or not probes:
         raise ValueError(f"audit_patch: unknown audit probe(s) {bad}; available: {', '.join(PROBES)}" if bad else

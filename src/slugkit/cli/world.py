@@ -92,7 +92,8 @@ def world_ignored(a) -> str | None:
     (thirteenth trial: --identity-template, --related-names, --family hf_clip); None when it can. ``--pretrained``
     is passed on (a checkpoint of the embedded model's architecture)."""
     given = [flag for flag, value in (("--family", a.family not in (None, "open_clip")), ("--consumer", a.consumer),
-                                      ("--clip-skip", a.clip_skip), ("--identity-template", a.identity_template),
+                                      ("--clip-skip", a.clip_skip is not None),  # 0 passed silently
+                                      ("--identity-template", a.identity_template),
                                       ("--related-names", a.related_names),
                                       ("--utility-classnames", a.utility_classnames),
                                       ("--utility-templates", a.utility_templates != "imagenet-simple"),
@@ -101,6 +102,7 @@ def world_ignored(a) -> str | None:
              if value]
     if not given:
         return None
-    return (f"{', '.join(given)} describe(s) data or a model that a run on the embedded world's data does not use; "
+    verb = "describes" if len(given) == 1 else "describe"
+    return (f"{', '.join(given)} {verb} data or a model that a run on the embedded world's data does not use; "
             "pass the data flags (--forget, --retain, --val-identities, --test-identities, …) to use them, or leave "
             "them out")

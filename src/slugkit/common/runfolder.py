@@ -128,7 +128,7 @@ def _commit(claim: Claim) -> None:
     fix_modes(stage)  # the run's files only: a carried file is a hard link, chmod would change the user's own file
     if claim.mode is not None:
         os.chmod(stage, claim.mode)
-    kept, renamed, carried = [], [], []
+    kept, renamed = [], []
     if target.exists():
         claim.aside = new_name(target, ".old")
         claim.journal()
@@ -139,7 +139,8 @@ def _commit(claim: Claim) -> None:
             mine = {f.split("/")[0] for f in nested_foreign(src)} | set(edited_entries(src))  # kept whole
             theirs += sorted(mine - set(theirs))
         carried, renamed = _carry(src, stage, theirs, own)
-        kept = carried if replaced else []  # a folder that held no run: named once, below
+        kept = carried if replaced else []  # a folder that held no run: kept as documented, not named (its OUT/data
+        # may be world_config's curated set, written there before the run: it is no file of the user's)
     recreated = _rename_in(stage, target, own, kept, renamed)
     unregister_staging(stage)
     claim.stage, claim.committed = None, True
@@ -150,11 +151,6 @@ def _commit(claim: Claim) -> None:
     if kept or renamed:
         names = [printable(n) for n in kept + renamed]  # a newline in a name broke the line
         print(f"note: kept in {claim.out} what slug did not write there: {', '.join(names)}", file=sys.stderr)
-    beside = [] if claim.replace_run else carried
-    if beside:  # a folder of the user's files took the run without a word (trial 33: benchmarks/results/)
-        more = f" and {len(beside) - 3} more" if len(beside) > 3 else ""
-        shown = ", ".join(printable(n) for n in beside[:3]) + more
-        print(f"note: {claim.out} held files of yours ({shown}); the run was written beside them", file=sys.stderr)
 
 
 def _rename_in(stage: Path, target: Path, own: set[str], kept: list, renamed: list) -> list[Path]:

@@ -159,7 +159,7 @@ class HFClipAdapter(Adapter):
                    f"`hf download {model} --local-dir DIR` (or CLIPModel/CLIPProcessor.from_pretrained(id)"
                    ".save_pretrained(DIR)), copy DIR here and pass --model DIR.")
             raise ModelLoadError(f"could not load transformers CLIPModel from {where}: {type(e).__name__}: "
-                                 f"{' '.join(str(e).split())}.{unreachable_note(why)} {how}") from e
+                                 f"{' '.join(str(e).split()).rstrip('.')}.{unreachable_note(why)} {how}") from e
         net.to(device).eval()
         return cls(net, tokenizer, image_processor,
                    {"family": "hf_clip", "model": model, "pretrained": None, "precision": precision}, precision)

@@ -202,15 +202,15 @@ def _write_file(path: Path, data: bytes) -> None:
 def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``patch`` as a folder ``out_dir/{patch.safetensors, patch.json}``; returns ``out_dir``. Both files are
     written into a temporary sibling folder then renamed into place, so ``out_dir`` is either absent, the old patch,
-    or the complete new one. Refuses (``FileExistsError``) a non-empty ``out_dir`` unless ``overwrite=True``; even
-    then it only replaces a folder holding nothing but patch files; ``TypeError`` for a path as ``patch`` or an
-    ``overwrite`` not bool, ``ValueError`` for an empty ``out_dir`` (it meant "."). The tensors are re-verified
-    against ``meta`` first. Output is deterministic: same patch → byte-identical files."""
-    if not isinstance(patch, Patch) or not os.fspath(out_dir).strip():  # trial 30
-        raise (ValueError("save_patch: out_dir is empty; give a folder") if isinstance(patch, Patch) else TypeError(
-            f"save_patch takes a Patch (slugkit.load_patch(path) reads one), not {type(patch).__name__}"))
+    or the complete new one. Refuses (``FileExistsError``) a non-empty ``out_dir`` unless ``overwrite=True``, and
+    then any folder but a patch's; ``TypeError`` for a path as ``patch``, a non-bool ``overwrite``, ``out_dir`` None;
+    ``ValueError`` for an empty ``out_dir``. Tensors re-verified first; same patch → byte-identical files."""
+    if not isinstance(patch, Patch):  # a path (trial 30)
+        raise TypeError(f"save_patch takes a Patch (slugkit.load_patch(path) reads one), not {type(patch).__name__}")
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir).strip():  # None; "" meant "."
+        raise (ValueError if isinstance(out_dir, str) else TypeError)(f"save_patch: out_dir is {out_dir!r}: give one")
     if type(overwrite).__name__ not in ("bool", "bool_"):  # "no" is truthy; numpy's bool is a bool
-        raise TypeError(f"save_patch: overwrite must be True or False, got {overwrite!r}")
+        raise TypeError(f"save_patch: overwrite: expected True or False, got {type(overwrite).__name__} {overwrite!r}")
     out_dir = Path(out_dir)
     _check_consistent(patch)
     st_bytes = _safetensors_bytes(patch)
