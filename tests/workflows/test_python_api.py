@@ -199,7 +199,7 @@ def test_world_config_and_unlearn_check_before_writing(tmp_path):
     assert not (tmp_path / "x").exists() and not Path("data/forget.tar").exists()
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "result.json").write_text("{}")
-    with pytest.raises(OutputExistsError, match="holds a run; pass overwrite=True"):
+    with pytest.raises(OutputExistsError, match="already holds a run .*overwrite=True"):
         slugkit.world_config(world.IDENTITIES[1].name, tmp_path / "done", data)
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["result.json"]
     cfg, _, _ = slugkit.world_config(name, tmp_path / "run", data, progress=False)
@@ -209,6 +209,32 @@ def test_world_config_and_unlearn_check_before_writing(tmp_path):
     with pytest.raises(ValueError, match="is inside the slugkit package"):
         slugkit.unlearn(replace(cfg, out=inside))
     assert not inside.exists()
+
+
+def test_world_config_claims_out_so_its_data_is_the_runs(tmp_path):
+    """world_config from Python curated into a visible OUT/data before the run: the run carried that data/ in as a
+    file of the user's (not in its manifest), so a later overwrite=True run kept it as data.before-slug, and over an
+    old run it replaced the old run's data while that run was still being read. It now claims OUT as `slug demo`
+    does: the sets go into the run's temporary folder and become the run's own data/; a user's OUT/data is kept."""
+    import json
+
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "mine.txt").write_text("my notes")
+    cfg, _, _ = slugkit.world_config(world.IDENTITIES[0].name, out, progress=False, max_layers=1)
+    assert sorted(p.name for p in out.rglob("*")) == ["data", "mine.txt"]  # untouched until the commit
+    slugkit.unlearn(cfg)
+    assert (out / "data.before-slug" / "mine.txt").read_text() == "my notes"
+    own = json.loads((out / ".slugkit-entries.json").read_text())
+    assert "data" in own["entries"] and "data.before-slug" not in own["entries"]
+    assert json.loads((out / "run.json").read_text())["config"]["forget"] == str(out / "data" / "forget.tar")
+    first = (out / "data" / "forget.tar").read_bytes()
+    cfg2, _, _ = slugkit.world_config(world.IDENTITIES[1].name, out, progress=False, max_layers=1, overwrite=True)
+    assert (out / "data" / "forget.tar").read_bytes() == first  # the old run is whole until the new one lands
+    slugkit.unlearn(cfg2)
+    names = sorted(p.name for p in out.iterdir())
+    assert "data" in names and "data.before-slug" in names and "data.before-slug-1" not in names, names
+    assert (out / "data" / "forget.tar").read_bytes() != first
 
 
 def test_patch_functions_take_folders_and_refuse_an_empty_out(tmp_path):
@@ -227,6 +253,19 @@ def test_patch_functions_take_folders_and_refuse_an_empty_out(tmp_path):
         save_patch(p, None)
     with pytest.raises(ValueError, match="out_dir is '': give one"):
         save_patch(p, "")
+    run = tmp_path / "run"  # a finished run: overwrite=True replaced its patch under its result.json (trial 34 note)
+    save_patch(p, run / "patch")
+    (run / "result.json").write_text("{}")
+    before = (run / "patch" / "patch.json").read_bytes()
+    for where in (run / "patch", run / "patch2", Path(slugkit.__file__).parent / "assets" / "p"):
+        with pytest.raises(ValueError, match=r"save_patch: out_dir \(--out\) .* is inside (the run folder|the slugk)"):
+            save_patch(p, where, overwrite=True)
+    assert (run / "patch" / "patch.json").read_bytes() == before and not (run / "patch2").exists()
+    from slugkit.cli import _cli_words
+
+    assert _cli_words("path (--out) x.safetensors is inside the run folder r; …") == "--out x.safetensors is inside " \
+        "the run folder r; …"
+    assert _cli_words("UnlearnConfig.clip_skip (--clip-skip): give it") == "--clip-skip: give it"
 
 
 @pytest.mark.parametrize("args, error", [((None,), TypeError), (("",), TypeError), (("embedded", ""), ValueError)])
@@ -238,15 +277,18 @@ def test_load_model_refuses_empty_and_none(args, error):
 def test_world_config_keeps_the_users_files_and_refuses_what_it_sets(tmp_path):
     """world_config replaced a user's OUT/data/forget.tar; wrote into the package's assets; took family='hf_clip'
     (ignored) and concepts=[...] (a raw "multiple values" TypeError): trial 31."""
-    from slugkit.common.errors import OutputExistsError
+    from slugkit.common.outlock import abandon_claims
     from slugkit.models.open_clip import EMBEDDED_DIR
 
     name = world.IDENTITIES[0].name
     (tmp_path / "x" / "data").mkdir(parents=True)
     (tmp_path / "x" / "data" / "forget.tar").write_bytes(b"mine")
-    with pytest.raises(OutputExistsError, match="world_config curates the forget and retain sets into OUT/data"):
-        slugkit.world_config(name, tmp_path / "x")
+    cfg, _, _ = slugkit.world_config(name, tmp_path / "x", progress=False)  # curated beside x, not into x/data
     assert (tmp_path / "x" / "data" / "forget.tar").read_bytes() == b"mine"
+    assert Path(cfg.forget).is_file() and tmp_path / "x" not in Path(cfg.forget).parents
+    abandon_claims()  # a claim whose run never ran: its temporary folder (the curated sets) goes, x is untouched
+    assert not Path(cfg.forget).exists() and [p.name for p in tmp_path.iterdir()] == ["x"]
+    assert sorted(p.name for p in (tmp_path / "x").rglob("*")) == ["data", "forget.tar"]
     for kw, said in ((dict(family="hf_clip"), "family: not read by a run on the embedded world's data"),
                      (dict(concepts=["A"]), "concepts: set by world_config")):
         with pytest.raises(TypeError, match=said):

@@ -136,8 +136,8 @@ def _check_out(out, overwrite: bool) -> None:
         raise ValueError(f"audit_patch: out {out}: a file is there; out is a folder (created if missing)")
     from ..common.outputs import out_inside_model
 
-    if out_inside_model(out, {}):  # the package's assets (trial 30)
-        raise ValueError(f"audit_patch: {out_inside_model(out, {})}")
+    if out_inside_model(out, {}, "out"):  # the package's assets (trial 30)
+        raise ValueError(f"audit_patch: {out_inside_model(out, {}, 'out')}")
     for d in (p, *p.resolve().parents):
         if (d / "patch.json").is_file() and (d / "patch.safetensors").is_file():
             raise ValueError(f"audit_patch: out {out} is inside the patch folder {d}; write the audit into the run "

@@ -114,7 +114,8 @@ def _cli_words(text: str) -> str:
     """A config's check in the CLI's words: ``UnlearnConfig.clip_skip (--clip-skip): …`` → ``--clip-skip: …`` (the
     Python API names the field and its option; a shell user knows only the option)."""
     text = text.replace("--overwrite (overwrite=True)", "--overwrite")  # a message shared with the Python API
-    return re.sub(r"^(?:UnlearnConfig|SearchConfig|Budgets|CompareConfig)\.\w+ \((--[\w-]+)\): ", r"\1: ", text)
+    return re.sub(r"^(?:(?:UnlearnConfig|SearchConfig|Budgets|CompareConfig)\.)?[a-z_]+ \((--[\w-]+)\)(?=[: ])", r"\1",
+                  text)  # also a function's argument: `path (--out) x is inside the run folder …` → `--out x …`
 
 
 def _dispatch(argv: list[str] | None) -> int:

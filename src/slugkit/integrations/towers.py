@@ -48,7 +48,7 @@ def check_out_outside(src_dir: Path | None, out_dir, what: str) -> None:
     starting with an unexpanded ``~`` (trial 31: a model object's folder was written into the shipped assets)."""
     from ..common.outputs import out_inside_model, out_inside_run
 
-    why = out_inside_model(out_dir, {}) or out_inside_run(out_dir)
+    why = out_inside_model(out_dir, {}, "out_dir (--out)") or out_inside_run(out_dir, "out_dir (--out)")
     if why:
         raise ValueError(why)
     if src_dir is not None and (os.path.realpath(out_dir) + os.sep).startswith(os.path.realpath(src_dir) + os.sep):

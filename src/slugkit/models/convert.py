@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..common.rng import keeps_torch_rng
+
 
 def _require_transformers():
     try:
@@ -140,6 +142,7 @@ def hf_tokenizer_from_open_clip(context_length: int):
     return tok
 
 
+@keeps_torch_rng
 def embedded_hf_clip():
     """(CLIPModel, CLIPTokenizer, open_clip config) of the embedded model, converted exactly; no files written."""
     import json

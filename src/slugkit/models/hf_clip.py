@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..common.rng import keeps_torch_rng
 from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision
 from .hub import hub_offline, hub_unreachable, unreachable_note  # noqa: F401 (hub_offline: its home before)
 
@@ -115,6 +116,7 @@ class HFClipAdapter(Adapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @keeps_torch_rng
     def load(cls, model: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32",
              cache_dir: str | None = None) -> "HFClipAdapter":
         """``CLIPModel.from_pretrained(model)`` plus its tokenizer and image processor.

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..common.rng import keeps_torch_rng
 from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision
 from .hub import offline_unless_reachable, unreachable_note
 
@@ -174,6 +175,7 @@ class OpenClipAdapter(Adapter):
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @keeps_torch_rng
     def load(cls, model: str = "embedded", pretrained: str | None = None, device: str = "cpu",
              precision: str = "fp32", cache_dir: str | None = None) -> "OpenClipAdapter":
         """Load an open_clip model (ids: module docstring) in eval mode on ``device``, float32 weights.

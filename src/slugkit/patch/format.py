@@ -1,6 +1,7 @@
 """The patch format: :class:`Patch`, its files (``patch.safetensors`` + ``patch.json``), hashing, load, save
-and the consistency checks; see :mod:`slugkit.patch` for the layout and the guarantees. This module imports nothing
-of slugkit's: a patch can be read and verified with torch, safetensors and json alone."""
+and the consistency checks; see :mod:`slugkit.patch` for the layout and the guarantees. Reading imports nothing of
+slugkit's: a patch can be read and verified with torch, safetensors and json alone (:func:`save_patch` checks where it
+writes with :mod:`slugkit.common.outputs`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata as _importlib_metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -154,13 +154,6 @@ def _base_label(meta: Mapping) -> str:
     return label
 
 
-def _toolkit_version() -> str:
-    try:
-        return _importlib_metadata.version("slugkit")
-    except _importlib_metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 def _check_consistent(patch: Patch, where: str = "patch") -> None:
     """Tensors agree with ``meta['tensors']`` (names, shapes, dtypes, hashes); raises PatchError otherwise."""
     tmeta = patch.meta.get("tensors")
@@ -211,6 +204,10 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
         raise (ValueError if isinstance(out_dir, str) else TypeError)(f"save_patch: out_dir is {out_dir!r}: give one")
     if type(overwrite).__name__ not in ("bool", "bool_"):  # "no" is truthy; numpy's bool is a bool
         raise TypeError(f"save_patch: overwrite: expected True or False, got {type(overwrite).__name__} {overwrite!r}")
+    from ..common.outputs import patch_out_refusal  # the package, a run's folder (RUN/patch: its own patch replaced)
+
+    if patch_out_refusal(out_dir):
+        raise ValueError(f"save_patch: {patch_out_refusal(out_dir)}")
     out_dir = Path(out_dir)
     _check_consistent(patch)
     st_bytes = _safetensors_bytes(patch)

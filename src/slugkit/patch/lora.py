@@ -27,8 +27,7 @@ non-``lora`` keys; ComfyUI's and kohya sd-scripts' code take a missing alpha as 
 
 **What cannot be exported** (:class:`LoraExportError`, one line naming the tensor and what to do): tensors of CLIP's
 vision tower, tensors that are not a transformers CLIP text encoder's (an open_clip patch), biases, LayerNorm
-weights, embeddings, and anything that is not an ``nn.Linear`` weight of the given text encoder. Those patches are
-carried with ``slug apply --pipeline`` instead.
+weights, embeddings, what is not an ``nn.Linear`` weight of the text encoder: ``slug apply --pipeline`` carries them.
 
 This module imports only torch and :mod:`slugkit.patch` / :mod:`slugkit.common`; :func:`lora_from_patch` checks that
 the text encoder it is given holds the patch's original weights (``slug export`` also runs ``slug apply``'s check).
@@ -48,7 +47,8 @@ from torch import nn
 from ..common.errors import check_flag
 from ..common.outputs import out_inside_model, out_inside_run
 from .carriers import save_state_dict_file
-from .format import Patch, PatchError, PatchFormatError, _toolkit_version, tensor_sha256
+from .format import Patch, PatchError, PatchFormatError, tensor_sha256
+from .ops import _toolkit_version
 
 __all__ = ["DEFAULT_MAX_ERROR", "LORA_FORMAT", "Lora", "LoraExportError", "LoraModule", "check_exportable",
            "export_lora", "factor_delta", "lora_from_patch", "read_lora", "save_lora"]
@@ -343,7 +343,7 @@ def _lora_target(path, overwrite: bool) -> Path:
     if not os.fspath(path).strip():
         raise ValueError("the LoRA path is empty; give the .safetensors file to write")
     check_flag("overwrite", overwrite)
-    why = out_inside_model(path, {}) or out_inside_run(path)  # the package's assets, another run, "~/x" (trial 31)
+    why = out_inside_model(path, {}, "path (--out)") or out_inside_run(path, "path (--out)")  # assets, runs (trial 31)
     if why:
         raise ValueError(why)
     path = Path(path)

@@ -21,7 +21,18 @@ from torch import nn
 from ..common.text import printable
 from .architecture import check_architecture
 from .format import (_DTYPES, FORMAT, FORMAT_VERSION, Patch, PatchError, PatchMismatchError, _base_label, _dtype_name,
-                     _normalise_meta, _short, _toolkit_version, tensor_sha256)
+                     _normalise_meta, _short, tensor_sha256)
+
+
+def _toolkit_version() -> str:
+    """slugkit's installed version (patch.json's ``toolkit_version``; "0+unknown" when run from a bare checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("slugkit")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
 
 # --------------------------------------------------------------------------------------------------- target access
 

@@ -138,7 +138,8 @@ def run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None = 
     from ..common.outputs import out_inside_model
 
     folder = cfg.model.removeprefix("local-dir:")
-    why = out_inside_model(cfg.out, {"--model": folder if Path(folder).is_dir() else None})
+    why = out_inside_model(cfg.out, {"--model": folder if Path(folder).is_dir() else None},
+                           "UnlearnConfig.out (--out)")
     if why:  # a run into the package's assets or the model folder it reads, from Python (trial 30; the CLI refused)
         raise ValueError(why)
     threads = torch.get_num_threads()

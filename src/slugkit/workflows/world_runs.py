@@ -11,12 +11,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.errors import OutputExistsError
-from ..common.outlock import inputs_folder
+from ..common.outlock import claim_out, inputs_folder, is_private
 from ..data.curate import curate
 from ..world import render as world
 from ..world.demo_data import RETAIN_PAIRS, ensure_world_data, retain_without, write_mixed_retain
-from .unlearn import UnlearnConfig
+from .unlearn import RUN_MARKER, UnlearnConfig
 
 
 def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path | None = None, *,
@@ -27,15 +26,20 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
     ``retain_identity_fraction``: instead of the curated retain set, 900 pool pairs with that share of other
     identities' pairs, the rest utility pairs (:func:`write_mixed_retain`).
 
+    ``out`` is claimed for the run as ``slug demo`` claims it (:func:`slugkit.common.outlock.claim_out`; a run there
+    is refused without ``overwrite=True``, another process writing it raises ``RunLockedError``): the curated sets
+    are written into the run's hidden temporary folder next to ``out`` (``config.forget``/``retain`` point there),
+    which :func:`slugkit.unlearn` fills and renames to ``out`` — they become the run's ``out/data``, and ``out``
+    keeps its old content until then. When the run fails, or this process ends without running it, the temporary
+    folder goes with it: call ``world_config`` again for another try. A folder inside a run being written (``slug
+    compare``'s per-method folders) is written directly.
+
     Returns ``(config, curate_summary, data_dir)``.
     """
     _check_request(concept, out, overrides)
     concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
-    inputs = inputs_folder(out) / "data"  # OUT claimed early (`slug demo`): its temporary folder; OUT is not touched
-    if inputs.parent == Path(out) and inputs.exists() and (not inputs.is_dir() or any(inputs.iterdir())):
-        raise OutputExistsError(f"{inputs} exists; world_config curates the forget and retain sets into OUT/data and "
-                                "would replace what is there: choose another out, or move that folder")  # trial 31
     data = ensure_world_data(data_dir, progress=progress)
+    inputs = Path(out) / "data"  # the run's OUT/data; written below into OUT's temporary folder (inputs_folder)
     cfg = UnlearnConfig(  # built (and so checked: an unknown or bad override, an empty out) before anything is written
         concept=" + ".join(concepts), concepts=concepts if len(concepts) > 1 else [], out=out,
         model="embedded", forget=str(inputs / "forget.tar"),
@@ -44,9 +48,11 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
         identity_templates=list(world.IDENTITY_EVAL_TEMPLATES), utility_val=str(data / "val" / "utility"),
         utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
         seed=seed, progress=progress, **overrides)
-    out = Path(out)
-    if inputs.parent == out and (out / "result.json").exists() and not cfg.overwrite:  # its data was replaced by
-        raise OutputExistsError(f"{out} holds a run; pass overwrite=True (--overwrite) to replace it, or another out")
+    if not is_private(out):  # OUT claimed as `slug demo` claims it (a run there is refused without overwrite), so
+        claim_out(out, cfg.overwrite, RUN_MARKER)  # the data goes into the run's temporary folder; OUT is untouched
+    inputs = inputs_folder(out) / "data"
+    if inputs.parent != Path(out):  # the claim's temporary folder (not under a run being written: OUT itself)
+        cfg = replace(cfg, forget=str(inputs / "forget.tar"), retain=str(inputs / "retain.tar"))
     mixed = retain_identity_fraction is not None
     cur = curate(str(data / "pool"), concepts[0], inputs, aliases=concepts[1:],
                  max_forget=100 * len(concepts), retain=0 if mixed else RETAIN_PAIRS, seed=seed)
@@ -77,8 +83,8 @@ def _check_request(concept, out, overrides: dict) -> None:
         raise ValueError(f"world_config: out must be a folder path, got {out!r}")
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"world_config: out {out} is a file; give a folder")
-    if out_inside_model(out, {}):
-        raise ValueError(f"world_config: {out_inside_model(out, {})}")
+    if out_inside_model(out, {}, "out"):
+        raise ValueError(f"world_config: {out_inside_model(out, {}, 'out')}")
     pretrained = overrides.get("pretrained")
     if isinstance(pretrained, (str, os.PathLike)) and os.fspath(pretrained):  # missing: refused by unlearn, after
         from ..models.open_clip import weights_override  # OUT/data was curated (other types: UnlearnConfig's check)

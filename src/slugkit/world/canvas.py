@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..common.rng import keeps_torch_rng
 from .render import IMAGE_SIZE, _shape_polygon
 
 OBJECTS: list[str] = ["circle", "square", "triangle", "cross", "star"]
@@ -300,6 +301,7 @@ class CanvasJudges:
         self.style, self.object = style.eval(), obj.eval()
 
     @classmethod
+    @keeps_torch_rng
     def load(cls, canvas_dir: str | os.PathLike | None = None) -> "CanvasJudges":
         from safetensors.torch import load_file
 
@@ -343,6 +345,7 @@ class CanvasPipeline:
         return pipeline_with_unet(unet, clip)
 
     @staticmethod
+    @keeps_torch_rng
     def load(canvas_dir: str | os.PathLike | None = None, clip=None):
         """The shipped canvas generator (or the one in ``canvas_dir``); ``ModelLoadError`` names a missing file."""
         from .t2i import EmbeddedT2IPipeline

@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from slugkit.common.rng import keeps_torch_rng
 from slugkit.world import render as world
 
 T2I_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_t2i"
@@ -175,6 +176,7 @@ class EmbeddedT2IPipeline:
         self.scheduler = scheduler or make_scheduler("ddim")
 
     @classmethod
+    @keeps_torch_rng
     def load(cls, t2i_dir: str | os.PathLike | None = None, clip=None,
              files: tuple[str, str] = (CONFIG_FILE, UNET_FILE), hint: str | None = None) -> "EmbeddedT2IPipeline":
         """The shipped model (or ``t2i_dir``); ``clip``: an ``(hf CLIPModel, tokenizer)`` pair to take the text tower
