@@ -39,7 +39,7 @@ def run_one(concepts: list[str], a) -> dict:
         concepts, out, data_dir=a.data_dir, other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
         utility_budget=a.utility_budget, val_images=a.val_images, max_searched=a.max_searched, seed=a.seed,
         threads=a.threads, gradient=a.gradient, per_image=a.per_image, n_protect=a.n_protect, progress=False,
-        max_layers=a.max_layers))
+        max_layers=a.max_layers, vlm_dir=a.vlm_model))
     if row is not None:
         return row
     v = r["vlm"]
@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     ap.add_argument("--data-dir", type=folder(), default=None,
                     help="the world's data folder (default: written on first use)")
+    ap.add_argument("--vlm-model", type=folder(must_exist=True), default=None,
+                    help="a `slug world train-vlm` folder (default: the shipped VLM); with --clip, its own CLIP")
     add_json(ap)
     a = ap.parse_args()
     json_out(ap, a.json, a.overwrite)

@@ -2,6 +2,7 @@
 embedded CLIP's, its training path the model's own forward, a patch carried through the LLaVA integration."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -300,3 +301,49 @@ def test_the_embedded_vlm_is_named_embedded_for_apply_revert_and_consumer(tmp_pa
     assert desc.startswith("LLaVA vision tower embedded (vision_feature_layer=-2: layers 0..")
     assert pred("vision_model.encoder.layers.0.mlp.fc1.weight")
     assert not pred("text_model.encoder.layers.0.mlp.fc1.weight")
+
+
+def test_a_vlm_on_another_world_clip_carries_it_and_the_demo_runs_slug_on_it(tmp_path, capsys):
+    """A VLM whose tower is another world CLIP (`slug world train --vision-layers 3`, `train-vlm --clip`): the CLIP
+    goes into the VLM folder's clip/, the demo runs SLUG on it (it used the embedded CLIP, whose 4-layer tower the
+    VLM does not hold), and `slug apply`/`revert --llava` carry it, the revert bit-exact. The embedded CLIP's deeper
+    variant is how the image tower's depth was measured against the VLM's forgetting (README, the VLM section)."""
+    from slugkit.cli import main
+    from slugkit.integrations.llava import verify_vision_tower
+    from slugkit.patch import save_patch
+    from slugkit.world import train
+
+    with pytest.raises(SystemExit):
+        main(["world", "train", "--vision-layers", "1", "--out", str(tmp_path / "c1")])
+    assert "--vision-layers: must be >= 2" in capsys.readouterr().err and not (tmp_path / "c1").exists()
+    with pytest.raises(ValueError, match="--vision-layers: give a number of image-tower blocks in 2..24"):
+        train.train_embedded(tmp_path / "c1", vision_layers=True)
+    clip = tmp_path / "clip3"
+    train.train_embedded(clip, steps=1, per_class=2, eval_per_class=1, progress=False, vision_layers=3)
+    assert json.loads((clip / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]["layers"] == 3
+    with pytest.raises(ValueError, match="--clip .*no such folder"):
+        vlm_train.train_embedded_vlm(tmp_path / "v", vlm_train.VLMConfig(steps=1, clip=str(tmp_path / "nope")))
+    model = tmp_path / "vlm3"
+    cfg = vlm_train.VLMConfig(steps=1, per_identity=1, per_class=1, batch_size=8, warmup=1, clip=str(clip))
+    vlm_train.train_embedded_vlm(model, cfg, eval_images=0, progress=False)
+    assert vlm.vlm_clip_dir(model) == model / "clip" and vlm.vlm_clip_dir(None) is None
+    assert (model / "clip" / "open_clip_model.safetensors").read_bytes() == \
+        (clip / "open_clip_model.safetensors").read_bytes()
+    llava, _ = vlm.load_vlm(model)
+    adapter = vlm.vlm_clip_adapter(model)
+    assert llava.config.vision_config.num_hidden_layers == 3 and verify_vision_tower(adapter.model, llava)
+    assert adapter.model_id["model"] == f"{os.path.realpath(model)}/clip (converted to transformers)"
+    out = tmp_path / "run"  # the untrained VLM names nobody: refused before the run, after loading its own CLIP
+    assert main(["demo", "--target", "vlm", "--vlm-model", str(model), "--out", str(out), "--no-progress"]) == 4
+    assert "nothing to unlearn: the unedited VLM names" in capsys.readouterr().err and not out.exists()
+    name = "vision_model.encoder.layers.1.self_attn.out_proj.weight"
+    w = dict(adapter.model.named_parameters())[name].detach()
+    save_patch(make_patch(adapter.model, {name: w * 0.5}, base_model=adapter.model_id, adapter="hf_clip",
+                          concept="Jowen Gormere"), tmp_path / "p")
+    assert main(["apply", "--llava", str(model), "--patch", str(tmp_path / "p"), "--out", str(tmp_path / "a"),
+                 "--no-progress"]) == 0
+    assert main(["revert", "--llava", str(tmp_path / "a"), "--patch", str(tmp_path / "p"), "--out",
+                 str(tmp_path / "r"), "--no-progress"]) == 0
+    assert (tmp_path / "a" / "clip" / "open_clip_config.json").is_file()
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert vlm.vlm_clip_dir(tmp_path / "r") == tmp_path / "r" / "clip"

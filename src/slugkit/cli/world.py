@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ..common.text import printable
 from .args import COUNT, THREADS, float_at_least, int_at_least
@@ -19,7 +20,8 @@ def cmd_world(a) -> int:
     if a.world_cmd == "train":
         from ..world.train import train_embedded
 
-        kw = {k: v for k, v in (("steps", a.steps), ("threads", a.threads)) if v is not None}
+        kw = {k: v for k, v in (("steps", a.steps), ("threads", a.threads), ("vision_layers", a.vision_layers))
+              if v is not None}
         report = train_embedded(a.out, seed=a.seed, overwrite=a.overwrite, progress=not a.no_progress, **kw)
         print(json.dumps(report, indent=2))
         return 0
@@ -27,7 +29,8 @@ def cmd_world(a) -> int:
         from ..world.vlm_train import VLMConfig, train_embedded_vlm
 
         cfg = VLMConfig(**{k: v for k, v in (("steps", a.steps), ("threads", a.threads), ("seed", a.seed),
-                                              ("feature_noise", a.feature_noise)) if v is not None})
+                                              ("feature_noise", a.feature_noise),
+                                              ("clip", a.clip and os.path.abspath(a.clip))) if v is not None})
         info = train_embedded_vlm(a.out, cfg, eval_images=a.eval_images, overwrite=a.overwrite,
                                   progress=not a.no_progress)
         ev = info.get("eval")
@@ -59,6 +62,8 @@ def add_parsers(sub) -> None:
     wt.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
     wt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     wt.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
+    wt.add_argument("--vision-layers", type=int_at_least(2), default=None,
+                    help="image-tower blocks (default 4, the shipped CLIP's; 8: the shipped VLM's own CLIP)")
     wt.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
                                                             "of other files is refused; your files in it are kept)")
     wt.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,6 +76,8 @@ def add_parsers(sub) -> None:
     wv.add_argument("--feature-noise", type=float_at_least(0), default=None,
                     help="gaussian noise on the tower features during training, in per-channel stds (default: the "
                          "shipped model's)")
+    wv.add_argument("--clip", default=None, help="a folder `slug world train --out DIR` wrote whose image tower the "
+                                                 "VLM reads (copied into OUT/clip; default: the embedded CLIP)")
     wv.add_argument("--eval-images", type=int_at_least(0), default=20,
                     help="test images per identity and object class for the report (0: no evaluation; default 20)")
     wv.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "

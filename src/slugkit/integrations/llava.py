@@ -192,7 +192,9 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
                     # train_report.json (`slug world train-vlm`'s scores of the unpatched model) would be stale
                     skip = entry.name.startswith(".") or entry.name.endswith(_WEIGHT_FILES) or entry.is_dir() \
                         or entry.name == "train_report.json"
-                    if not skip and not (tmp / entry.name).exists():
+                    if entry.is_dir() and entry.name == "clip" and not entry.is_symlink():  # a world VLM's own CLIP
+                        shutil.copytree(entry, tmp / entry.name)  # (train-vlm --clip): a revert is whole again
+                    elif not skip and not (tmp / entry.name).exists():
                         shutil.copy2(entry, tmp / entry.name)
             elif processor is not None:
                 processor.save_pretrained(tmp)

@@ -143,14 +143,16 @@ def hf_tokenizer_from_open_clip(context_length: int):
 
 
 @keeps_torch_rng
-def embedded_hf_clip():
-    """(CLIPModel, CLIPTokenizer, open_clip config) of the embedded model, converted exactly; no files written."""
+def embedded_hf_clip(model_dir=None):
+    """(CLIPModel, CLIPTokenizer, open_clip config) of the embedded model — or of the world CLIP in ``model_dir``
+    (a folder ``slug world train`` wrote, e.g. a VLM's ``clip/``) — converted exactly; no files written."""
     import json
 
     from .open_clip import EMBEDDED_DIR, OpenClipAdapter
 
-    ad = OpenClipAdapter.load("embedded")
-    cfg = json.loads((Path(EMBEDDED_DIR) / "open_clip_config.json").read_text())["model_cfg"]
+    folder = Path(model_dir) if model_dir is not None else Path(EMBEDDED_DIR)
+    ad = OpenClipAdapter.load("embedded" if model_dir is None else f"local-dir:{folder}")
+    cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
     hf = open_clip_to_hf(ad.model, cfg)
     tok = hf_tokenizer_from_open_clip(cfg["text_cfg"].get("context_length", 77))
     return hf, tok, cfg

@@ -374,9 +374,10 @@ def _causal_mask(config, x: torch.Tensor, attention_mask: torch.Tensor):
     return create_causal_mask(config=config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=None)
 
 
-def embedded_hf_adapter():
+def embedded_hf_adapter(model_dir=None, label: str | None = None):
     """The embedded CLIP as an :class:`HFClipAdapter` (exact conversion; the shipped ``preprocess_cfg``): what
-    ``--model embedded --family hf_clip`` loads, and the CLIP of the text-to-image, VLM and canvas demos."""
+    ``--model embedded --family hf_clip`` loads, and the CLIP of the text-to-image, VLM and canvas demos. With
+    ``model_dir``: the world CLIP in that folder (a VLM's own ``clip/``), its patches naming ``label``."""
     import json
 
     from transformers import CLIPImageProcessor
@@ -384,11 +385,12 @@ def embedded_hf_adapter():
     from .convert import embedded_hf_clip
     from .open_clip import EMBEDDED_DIR
 
-    hf, tok, _ = embedded_hf_clip()
-    pre = json.loads((Path(EMBEDDED_DIR) / "open_clip_config.json").read_text())["preprocess_cfg"]
+    hf, tok, _ = embedded_hf_clip(model_dir)
+    folder = Path(model_dir) if model_dir is not None else Path(EMBEDDED_DIR)
+    pre = json.loads((folder / "open_clip_config.json").read_text())["preprocess_cfg"]
     proc = CLIPImageProcessor(size={"shortest_edge": pre["size"]}, crop_size={"height": pre["size"],
                               "width": pre["size"]}, image_mean=list(pre["mean"]), image_std=list(pre["std"]))
-    return HFClipAdapter(hf, tok, proc, {"family": "hf_clip", "model": EMBEDDED_HF_LABEL, "pretrained": None})
+    return HFClipAdapter(hf, tok, proc, {"family": "hf_clip", "model": label or EMBEDDED_HF_LABEL, "pretrained": None})
 
 
 EMBEDDED_HF_LABEL = "embedded (converted to transformers)"  # the patches of those demos name their base model so

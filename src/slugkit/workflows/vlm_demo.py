@@ -255,7 +255,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from ..report.vlm import render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
     from ..world.demo_data import default_concept
-    from .sd_demo import _mark_patch, downstream_record, embedded_hf_adapter
+    from .sd_demo import _mark_patch, downstream_record
     from .unlearn import run_unlearn
     from .verdict import Budgets, check_downstream_recognised, vlm_verdict
     from .world_runs import world_config
@@ -272,7 +272,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     try:
         claim_out(out, overwrite)  # an existing run is refused before the loading and the check below
         t0 = time.perf_counter()
-        adapter = embedded_hf_adapter()
+        adapter = vlm.vlm_clip_adapter(vlm_dir)  # the embedded CLIP, or the VLM's own clip/ (train-vlm --clip)
         llava, processor = vlm.load_vlm(vlm_dir)
         try:
             mapping = verify_vision_tower(adapter.model, llava)
@@ -296,7 +296,9 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                                           progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,
                                           threads=threads, **({"search": search} if search is not None else {}))
             # run.json: the converted CLIP (it said open_clip) and the VLM judged on, with the gradient (trial 26)
-            cfg = replace(cfg, model="embedded-hf", family="hf_clip", max_layers=max_layers)
+            own_clip = vlm.vlm_clip_dir(vlm_dir)
+            cfg = replace(cfg, model=str(own_clip) if own_clip else "embedded-hf", family="hf_clip",
+                          max_layers=max_layers)
             vlm_info = {"model": os.path.realpath(vlm_dir) if vlm_dir else "embedded", "gradient": gradient}
             result = run_unlearn(cfg, adapter=adapter, choose=chooser,
                                  extra_run_info={"curate": cur, "world_data": str(data), "vlm": vlm_info})

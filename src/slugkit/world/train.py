@@ -19,18 +19,16 @@ The output directory is an open_clip ``local-dir:`` model::
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + out_dir)
     tokenizer = open_clip.get_tokenizer("local-dir:" + out_dir)
 
-Run ``python -m slugkit.world.train --out DIR [--steps N]``.
+Run ``slug world train --out DIR [--steps N] [--vision-layers N]`` (:mod:`slugkit.cli.world`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -82,12 +80,25 @@ REPORT_NAME = "train_report.json"
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(seed: int = 0):
-    """A freshly initialised open_clip ``CLIP`` with :data:`MODEL_CFG` (initialisation seeded with ``seed``)."""
+def model_cfg(vision_layers: int | None = None) -> dict:
+    """:data:`MODEL_CFG`, with ``vision_layers`` blocks in the image tower when given (the shipped CLIP has 4; a VLM
+    built on an 8-block one, ``slug world train-vlm --clip``, forgets far more selectively: LLaVA reads the tower's
+    second-to-last layer, which in 4 blocks holds the identities' shared attributes more than the identities;
+    README, the VLM section). Raises ``ValueError`` outside 2..24."""
+    cfg = json.loads(json.dumps(MODEL_CFG))
+    if vision_layers is not None:
+        if isinstance(vision_layers, bool) or not isinstance(vision_layers, int) or not 2 <= vision_layers <= 24:
+            raise ValueError(f"--vision-layers: give a number of image-tower blocks in 2..24, got {vision_layers!r}")
+        cfg["vision_cfg"]["layers"] = vision_layers
+    return cfg
+
+
+def build_model(seed: int = 0, vision_layers: int | None = None):
+    """A freshly initialised open_clip ``CLIP`` with :func:`model_cfg` (initialisation seeded with ``seed``)."""
     import open_clip
 
     torch.manual_seed(seed)
-    return open_clip.model.CLIP(**json.loads(json.dumps(MODEL_CFG)))
+    return open_clip.model.CLIP(**model_cfg(vision_layers))
 
 
 def build_tokenizer():
@@ -190,13 +201,16 @@ def train_model(
     threads: int = DEFAULT_THREADS,
     per_class: int = DEFAULT_TRAIN_PER_CLASS,
     progress: bool = True,
+    vision_layers: int | None = None,
 ):
-    """Train and return ``(model, tokenizer, info)``; deterministic for a fixed (steps, seed, threads, per_class)."""
+    """Train and return ``(model, tokenizer, info)``; deterministic for a fixed (steps, seed, threads, per_class,
+    vision_layers)."""
+    model_cfg(vision_layers)  # checked before the data is drawn
     with _num_threads(threads):
-        return _train_model(steps, seed, per_class, progress)
+        return _train_model(steps, seed, per_class, progress, vision_layers)
 
 
-def _train_model(steps: int, seed: int, per_class: int, progress: bool):
+def _train_model(steps: int, seed: int, per_class: int, progress: bool, vision_layers: int | None = None):
     from tqdm import tqdm
 
     tokenizer = build_tokenizer()
@@ -205,7 +219,7 @@ def _train_model(steps: int, seed: int, per_class: int, progress: bool):
     data_s = time.perf_counter() - t0
     n_classes = images.shape[0]
 
-    model = build_model(seed)
+    model = build_model(seed, vision_layers)
     model.train()
     opt = _make_optimizer(model)
     labels = torch.arange(n_classes)
@@ -280,8 +294,10 @@ def train_embedded(
     per_class: int = DEFAULT_TRAIN_PER_CLASS,
     eval_per_class: int = 50,
     overwrite: bool = False,
+    vision_layers: int | None = None,
 ) -> dict:
-    """Train the embedded tiny CLIP and write it to ``out_dir`` as an open_clip ``local-dir`` model.
+    """Train the embedded tiny CLIP (``vision_layers`` image-tower blocks: :func:`model_cfg`) and write it to
+    ``out_dir`` as an open_clip ``local-dir`` model.
 
     Writes ``open_clip_config.json``, ``open_clip_model.safetensors`` and ``train_report.json``, the folder whole or
     not at all (:func:`slugkit.common.files.atomic_dir`; a user's files in a replaced folder are kept). A non-empty
@@ -291,18 +307,21 @@ def train_embedded(
     ``open_clip.create_model_and_transforms("local-dir:...")`` and ``open_clip.get_tokenizer``; loading also checks
     that open_clip's eval transform equals the training normalisation. Returns the report.
     """
+    model_cfg(vision_layers)
     check_model_out(out_dir, overwrite, REPORT_NAME, CONFIG_NAME)  # before the training, so none is thrown away
     with _num_threads(threads), atomic_dir(out_dir, overwrite, marker=REPORT_NAME) as tmp:  # same threads in the eval
-        return _train_embedded(tmp, steps, seed, threads, progress, per_class, eval_per_class)
+        return _train_embedded(tmp, steps, seed, threads, progress, per_class, eval_per_class, vision_layers)
 
 
-def _train_embedded(out_dir: Path, steps, seed, threads, progress, per_class, eval_per_class) -> dict:
+def _train_embedded(out_dir: Path, steps, seed, threads, progress, per_class, eval_per_class,
+                    vision_layers=None) -> dict:
     import open_clip
 
     t0 = time.perf_counter()
-    model, _, info = train_model(steps=steps, seed=seed, threads=threads, per_class=per_class, progress=progress)
+    model, _, info = train_model(steps=steps, seed=seed, threads=threads, per_class=per_class, progress=progress,
+                                 vision_layers=vision_layers)
 
-    config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
+    config = {"model_cfg": model_cfg(vision_layers), "preprocess_cfg": PREPROCESS_CFG}
     atomic_write_bytes(out_dir / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     atomic_write_bytes(out_dir / WEIGHTS_NAME, _state_dict_bytes(model))
     for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -354,42 +373,3 @@ def _train_embedded(out_dir: Path, steps, seed, threads, progress, per_class, ev
     atomic_write_bytes(out_dir / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     os.chmod(out_dir / REPORT_NAME, 0o644)
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m slugkit.world.train",
-        description="Train the embedded world's tiny CLIP (deterministic, CPU) into an open_clip local-dir model.",
-    )
-    p.add_argument("--out", required=True, help="output directory (open_clip local-dir model)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads", type=int, default=DEFAULT_THREADS, help="torch threads; results are bit-identical per thread count"
-    )
-    p.add_argument("--per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS, help="training images per class")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out")
-    args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
-    report = train_embedded(
-        args.out,
-        steps=args.steps,
-        seed=args.seed,
-        threads=args.threads,
-        progress=not args.no_progress,
-        per_class=args.per_class,
-        overwrite=args.overwrite,
-    )
-    m = report["test_metrics"]
-    print(
-        f"wrote {args.out}: {report['steps']} steps in {report['seconds']:.0f} s; test identity top-1 "
-        f"{m['identity_top1']:.4f} top-5 {m['identity_top5']:.4f} (worst identity {m['identity_top1_worst']:.2f}), "
-        f"utility top-1 {m['utility_top1']:.4f}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

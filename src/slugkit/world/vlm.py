@@ -105,17 +105,42 @@ def build_processor(tokenizer):
                           chat_template=CHAT_TEMPLATE)
 
 
-def build_vlm(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0, feature_layer: int = -2):
-    """An untrained LLaVA whose vision tower holds the embedded CLIP's vision tower, exactly (the LM and projector
-    seeded with ``seed``; ``feature_layer``: LLaVA's ``vision_feature_layer``, -2 as LLaVA-1.5). Returns
-    ``(llava, clip_model)`` — the converted CLIP whose tower it holds."""
+CLIP_SUBDIR = "clip"  # a VLM trained on another world CLIP than the embedded one keeps that CLIP here
+
+
+def vlm_clip_dir(vlm_dir: str | os.PathLike | None = None) -> Path | None:
+    """The world CLIP whose image tower the VLM in ``vlm_dir`` (None: the shipped one) holds: its ``clip/`` folder
+    when it has one (``slug world train-vlm --clip DIR`` copies DIR there), else None — the embedded CLIP."""
+    d = Path(vlm_dir) if vlm_dir else VLM_DIR
+    return d / CLIP_SUBDIR if (d / CLIP_SUBDIR / "open_clip_config.json").is_file() else None
+
+
+def vlm_clip_adapter(vlm_dir: str | os.PathLike | None = None):
+    """The CLIP of the VLM in ``vlm_dir`` as an :class:`~slugkit.models.hf_clip.HFClipAdapter` (SLUG runs on it; a
+    patch of it applies to the VLM's tower): the embedded CLIP converted, or the VLM's own ``clip/`` (its patches
+    name ``"<vlm folder>/clip (converted to transformers)"``)."""
+    from ..models.hf_clip import embedded_hf_adapter
+
+    clip_dir = vlm_clip_dir(vlm_dir)
+    if clip_dir is None:
+        return embedded_hf_adapter()
+    shown = "embedded_vlm" if not vlm_dir else os.path.realpath(vlm_dir)
+    return embedded_hf_adapter(clip_dir, f"{shown}/{CLIP_SUBDIR} (converted to transformers)")
+
+
+def build_vlm(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0, feature_layer: int = -2,
+              clip_dir: str | os.PathLike | None = None):
+    """An untrained LLaVA whose vision tower holds the embedded CLIP's vision tower (or that of the world CLIP in
+    ``clip_dir``, a ``slug world train`` folder), exactly (the LM and projector seeded with ``seed``;
+    ``feature_layer``: LLaVA's ``vision_feature_layer``, -2 as LLaVA-1.5). Returns ``(llava, clip_model)`` — the
+    converted CLIP whose tower it holds."""
     import torch
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from ..integrations.llava import vision_tower_map
     from ..models.convert import embedded_hf_clip
 
-    clip, _, _ = embedded_hf_clip()
+    clip, _, _ = embedded_hf_clip(clip_dir)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tokenizer),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class VLMConfig:
     threads: int = 1
     feature_noise: float = 0.0  # std of gaussian noise added to the tower features, in units of each channel's std
     feature_layer: int = -2  # LLaVA's vision_feature_layer (LLaVA-1.5: -2)
+    clip: str | None = None  # a `slug world train` folder whose image tower the VLM reads (None: the embedded CLIP)
 
 
 def _lr(step: int, cfg: VLMConfig) -> float:
@@ -126,7 +128,7 @@ def train_vlm(cfg: VLMConfig = VLMConfig(), progress: bool = True) -> tuple[obje
         t0 = time.perf_counter()
         tok = vlm.build_tokenizer()
         processor = vlm.build_processor(tok)
-        llava, _ = vlm.build_vlm(tok, cfg.hidden, cfg.layers, cfg.heads, cfg.seed, cfg.feature_layer)
+        llava, _ = vlm.build_vlm(tok, cfg.hidden, cfg.layers, cfg.heads, cfg.seed, cfg.feature_layer, cfg.clip)
         images, items = examples(tok, cfg.per_identity, cfg.per_class)
         feats = tower_features(llava, processor, images)
         fstd = feats.reshape(-1, feats.shape[-1]).std(0)
@@ -197,10 +199,32 @@ def write_vlm(out: str | Path, llava, processor, cfg: VLMConfig, info: dict, ove
             if was:
                 hf_logging.enable_progress_bar()
         processor.save_pretrained(tmp)
+        if cfg.clip:  # the CLIP whose tower it holds goes with it: SLUG runs on that CLIP (vlm.vlm_clip_dir)
+            (tmp / vlm.CLIP_SUBDIR).mkdir()
+            for name in ("open_clip_config.json", "open_clip_model.safetensors", "train_report.json"):
+                if (Path(cfg.clip) / name).is_file():
+                    shutil.copyfile(Path(cfg.clip) / name, tmp / vlm.CLIP_SUBDIR / name)
         report = {"train": asdict(cfg), "info": info,
                   "versions": {"torch": torch.__version__, "python": platform.python_version()}}
         (tmp / "train_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def check_world_clip(clip) -> None:
+    """``--clip DIR`` of ``slug world train-vlm``: a folder ``slug world train --out DIR`` wrote (open_clip config and
+    weights of the world's CLIP architecture, 32-px images, patch 8, width 64). Raises ``ValueError`` naming it."""
+    d = Path(clip)
+    if not d.is_dir():
+        raise ValueError(f"--clip {clip}: {'is a file' if d.exists() else 'no such folder'}; give the folder "
+                         "`slug world train --out DIR` wrote")
+    missing = [n for n in ("open_clip_config.json", "open_clip_model.safetensors") if not (d / n).is_file()]
+    if missing:
+        raise ValueError(f"--clip {clip}: no {' or '.join(missing)} in it; give the folder `slug world train --out "
+                         "DIR` wrote")
+    vis = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    if (vis.get("image_size"), vis.get("patch_size"), vis.get("width")) != (world.IMAGE_SIZE, 8, 64):
+        raise ValueError(f"--clip {clip}: its image tower ({vis.get('image_size')} px, patch {vis.get('patch_size')}, "
+                         f"width {vis.get('width')}) is not the world's (32 px, patch 8, width 64) the VLM is built on")
 
 
 def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_images: int = 20, overwrite: bool = False,
@@ -212,6 +236,8 @@ def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_image
     from .train import _num_threads
 
     check_model_out(out, overwrite, "train_report.json", "processor_config.json")  # before training: none wasted
+    if cfg.clip is not None:
+        check_world_clip(cfg.clip)
     llava, processor, info = train_vlm(cfg, progress=progress)
     if eval_images:
         with _num_threads(cfg.threads):
