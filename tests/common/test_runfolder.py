@@ -744,7 +744,9 @@ def test_a_users_edit_of_a_runs_own_file_is_kept_on_overwrite(tmp_path, capfd):
     assert edited_entries(out) == []
     with open(out / "report.md", "a") as f:
         f.write("MY IMPORTANT NOTES\n")
-    os.utime(out / "patch" / "patch.json", ns=(0, 0))  # touched, even with the same size
+    os.utime(out / "patch" / "patch.json", ns=(0, 0))  # touched only: the same content is the run's
+    assert edited_entries(out) == ["report.md"]
+    (out / "patch" / "patch.json").write_text("[]")  # the same size, another content
     assert edited_entries(out) == ["patch", "report.md"]
     capfd.readouterr()
     with run_folder(out, overwrite=True) as tmp:
@@ -753,6 +755,26 @@ def test_a_users_edit_of_a_runs_own_file_is_kept_on_overwrite(tmp_path, capfd):
     assert "MY IMPORTANT NOTES" in (out / "report.md.before-slug").read_text()
     assert (out / "report.md").read_text() == "new report\n" and (out / "patch" / "patch.json").exists()
     assert "patch, report.md as report.md.before-slug" in capfd.readouterr().err
+
+
+def test_a_run_copied_with_cp_r_is_replaced_whole_by_overwrite(tmp_path, capfd):
+    """`cp -r RUN COPY; slug demo --out COPY --overwrite` kept every entry of the copied run as NAME.before-slug and
+    called them the user's: cp -r gives every file a new modification time, which the manifest took for an edit. The
+    manifest also records each file's sha256, so a file with its content unchanged is the run's."""
+    import shutil
+
+    from slugkit.common.outguard import edited_entries
+
+    _committed_run(tmp_path / "run", "slug's report\n")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy, copy_function=shutil.copyfile)  # as cp -r: new times
+    assert os.stat(copy / "report.md").st_mtime_ns != os.stat(tmp_path / "run" / "report.md").st_mtime_ns
+    assert edited_entries(copy) == []
+    capfd.readouterr()
+    with run_folder(copy, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert _names(copy) == ["result.json"], _names(copy)
+    assert "kept in" not in capfd.readouterr().err
 
 
 def test_a_file_written_into_out_during_the_commit_is_kept(tmp_path, monkeypatch, capfd):

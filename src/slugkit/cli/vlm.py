@@ -80,7 +80,7 @@ def add_vlm_args(d):
     vg = d.add_argument_group("--target vlm (also: --val-images, default 10; --other-budget, --neighbour-budget, "
                               "--gen-threshold on the VLM's answers; --max-searched; --max-layers)")
     vg.add_argument("--vlm-model", default=None, help="folder of a VLM from `slug world train-vlm` (default: the "
-                                                      "shipped one)")
+                                                      "shipped one; SLUG runs on its clip/ when it has one: --clip)")
     vg.add_argument("--vlm-gradient", default="clip", choices=["clip", "vlm"],
                     help="the edit: SLUG's CLIP forget gradient on the CLIP Pareto layers (clip, the paper's method; "
                          "default) or the VLM's own answer-loss gradient, projected off the other identities' and the "

@@ -25,6 +25,7 @@ commands write (:data:`KNOWN_ENTRIES`); anything else is kept.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -78,8 +79,20 @@ def _tree(folder: Path, entries) -> list[str]:
     return out
 
 
-def _stamps(folder: Path, paths) -> dict[str, list[int]]:
-    """``{relative path: [size, mtime_ns]}`` of the regular files among ``paths`` (a link is not followed)."""
+HASHED_UP_TO = 64 << 20  # bytes: files up to this size are stamped with their sha256 too
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _stamps(folder: Path, paths, hashes: bool = False) -> dict[str, list]:
+    """``{relative path: [size, mtime_ns]}`` of the regular files among ``paths`` (a link is not followed); with
+    ``hashes``, ``[size, mtime_ns, sha256]`` for files up to :data:`HASHED_UP_TO` bytes."""
     out = {}
     for rel in paths:
         try:
@@ -88,7 +101,17 @@ def _stamps(folder: Path, paths) -> dict[str, list[int]]:
             continue
         if stat.S_ISREG(st.st_mode):
             out[rel] = [st.st_size, st.st_mtime_ns]
+            if hashes and st.st_size <= HASHED_UP_TO:
+                out[rel].append(_sha256(folder / rel))
     return out
+
+
+def _same(folder: Path, rel: str, now: list, then: list) -> bool:
+    """Whether the file ``rel`` is as the run wrote it: same size and time, or same size and content (``cp -r``
+    and ``touch`` change the time alone)."""
+    if now[:2] == then[:2]:
+        return True
+    return len(then) > 2 and then[2] is not None and now[0] == then[0] and _sha256(folder / rel) == then[2]
 
 
 def write_manifest(folder: Path, entries: list[str], max_files: int = 50_000) -> None:
@@ -98,7 +121,7 @@ def write_manifest(folder: Path, entries: list[str], max_files: int = 50_000) ->
     files = _tree(folder, entries)
     keep = len(files) <= max_files
     doc = {"entries": sorted(set(entries) | {MANIFEST}), "files": files if keep else None,
-           "stamps": _stamps(folder, [*entries, *files]) if keep else None}
+           "stamps": _stamps(folder, [*entries, *files], hashes=True) if keep else None}
     (folder / MANIFEST).write_text(json.dumps(doc) + "\n", encoding="utf-8")
 
 
@@ -110,20 +133,22 @@ def record_entries(folder: Path, names: list[str]) -> None:
     if doc is not None:
         doc["entries"] = sorted(set(doc["entries"]) | set(names))
         if isinstance(doc.get("stamps"), dict):
-            doc["stamps"].update(_stamps(folder, names))
+            doc["stamps"].update(_stamps(folder, names, hashes=True))
         atomic_write_bytes(folder / MANIFEST, (json.dumps(doc) + "\n").encode())
 
 
 def edited_entries(folder: Path) -> list[str]:
     """Top-level entries of the run folder ``folder`` holding a file of the run's that was changed after the run
-    wrote it (its size or modification time differs from the manifest's stamp: a user's edit of ``report.md``),
-    sorted; [] for a run that recorded no stamps."""
+    wrote it (its size, or its time and content, differ from the manifest's stamp: a user's edit of ``report.md``;
+    a run folder copied with ``cp -r`` has new times and the same content: not edited), sorted; [] for a run that
+    recorded no stamps."""
     doc = read_manifest(folder)
     stamps = doc.get("stamps") if doc else None
     if not isinstance(stamps, dict):
         return []
     now = _stamps(folder, stamps)
-    return sorted({rel.split("/")[0] for rel, st in now.items() if st != stamps[rel]})
+    return sorted({rel.split("/")[0] for rel, st in now.items()
+                   if not (isinstance(stamps[rel], list) and _same(folder, rel, st, stamps[rel]))})
 
 
 def nested_foreign(folder: Path) -> list[str]:

@@ -15,7 +15,9 @@ What it is (issue 14; the LLaVA-1.5 layout at toy scale):
 
 It answers :data:`NAME_QUESTION` about an identity's image with the name, and the utility questions
 (:data:`UTILITY_QUESTIONS`) about an object image with its concept, colour or shape. Trained by
-:mod:`slugkit.world.vlm_train` (``slug world train-vlm``); shipped in ``assets/embedded_vlm``.
+:mod:`slugkit.world.vlm_train` (``slug world train-vlm``); shipped in ``assets/embedded_vlm``. A VLM trained on
+another world CLIP (``slug world train-vlm --clip DIR``, e.g. ``slug world train --vision-layers 8``) holds that
+CLIP's tower and keeps the CLIP in its ``clip/`` folder (:func:`vlm_clip_dir`), which SLUG then runs on.
 """
 
 from __future__ import annotations
