@@ -52,14 +52,20 @@ def unlearn(config) -> dict:
     return run_unlearn(config)
 
 
-def world_config(concept, out, data_dir=None, **overrides):
+def world_config(concept, out, data_dir=None, *, progress: bool = True, seed: int = 0,
+                 retain_identity_fraction: float | None = None, **overrides):
     """The :class:`UnlearnConfig` of a run on the embedded world's data (``slug demo``): the world is written to
-    ``data_dir`` (default: the shared cache) if missing, the concept's forget/retain pairs are curated into
-    ``out/data``. ``overrides``: other ``UnlearnConfig`` fields (``seed``, ``progress``, ``search``, …). Returns
-    ``(config, curate_summary, data_dir)``; pass ``config`` to :func:`unlearn`."""
+    ``data_dir`` (default: the shared cache) if missing; ``out`` is claimed as ``slug demo`` claims it (a run there
+    is refused without ``overwrite=True``) and the concept's forget/retain pairs are curated into its temporary
+    folder, which :func:`unlearn` renames to ``out`` (they become ``out/data``; ``out`` is untouched until then; a
+    run that fails takes them along: call ``world_config`` again). ``concept``: a name or a list (unlearned jointly);
+    ``retain_identity_fraction``: a mixed retain set (:func:`slugkit.world.demo_data.write_mixed_retain`);
+    ``overrides``: other ``UnlearnConfig`` fields (``search``, ``budgets``, ``overwrite``, …). Returns ``(config,
+    curate_summary, data_dir)``; pass ``config`` to :func:`unlearn`."""
     from .workflows.world_runs import world_config as wc
 
-    return wc(concept, out, data_dir, **overrides)
+    return wc(concept, out, data_dir, progress=progress, seed=seed, retain_identity_fraction=retain_identity_fraction,
+              **overrides)
 
 
 def __getattr__(name):

@@ -145,6 +145,10 @@ def test_export_lora_checks_its_arguments_and_the_encoder(hf_text_patch, tmp_pat
     pkg = Path(slugkit.__file__).parent
     with pytest.raises(ValueError, match="is inside the slugkit package"):
         export_lora(patch, None, pkg / "assets" / "l.safetensors", check=False)
+    from slugkit.patch import PatchFormatError
+
+    with pytest.raises(PatchFormatError, match=r"path \(--out\) .*noext: give the .safetensors file"):
+        export_lora(patch, "not an encoder", tmp_path / "noext")  # refused first (after the factorisation: trial 35)
     assert not (tmp_path / "x.safetensors").exists() and not (pkg / "assets" / "l.safetensors").exists()
 
 

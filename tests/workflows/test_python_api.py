@@ -228,8 +228,13 @@ def test_world_config_claims_out_so_its_data_is_the_runs(tmp_path):
     own = json.loads((out / ".slugkit-entries.json").read_text())
     assert "data" in own["entries"] and "data.before-slug" not in own["entries"]
     assert json.loads((out / "run.json").read_text())["config"]["forget"] == str(out / "data" / "forget.tar")
+    with pytest.raises(FileNotFoundError, match="sets are gone .* call world_config again"):  # trial 35
+        slugkit.unlearn(replace(cfg, overwrite=True))  # its run took them: it said "shard(s) not found … brace"
     first = (out / "data" / "forget.tar").read_bytes()
+    stale, _, _ = slugkit.world_config(world.IDENTITIES[2].name, out, progress=False, overwrite=True)
     cfg2, _, _ = slugkit.world_config(world.IDENTITIES[1].name, out, progress=False, max_layers=1, overwrite=True)
+    with pytest.raises(ValueError, match="world_config was called again for .* its sets replaced this config's"):
+        slugkit.unlearn(stale)  # before any work: cfg2's sets are still there (it said "none of the … captions")
     assert (out / "data" / "forget.tar").read_bytes() == first  # the old run is whole until the new one lands
     slugkit.unlearn(cfg2)
     names = sorted(p.name for p in out.iterdir())
@@ -257,8 +262,9 @@ def test_patch_functions_take_folders_and_refuse_an_empty_out(tmp_path):
     save_patch(p, run / "patch")
     (run / "result.json").write_text("{}")
     before = (run / "patch" / "patch.json").read_bytes()
-    for where in (run / "patch", run / "patch2", Path(slugkit.__file__).parent / "assets" / "p"):
-        with pytest.raises(ValueError, match=r"save_patch: out_dir \(--out\) .* is inside (the run folder|the slugk)"):
+    for where in (run / "patch", run / "patch2", Path(slugkit.__file__).parent / "assets" / "p", run):
+        with pytest.raises(ValueError, match=r"save_patch: out_dir \(--out\) .* is (inside the run folder|inside the "
+                                             r"slugk|a run folder; write the patch into a folder of its own)"):
             save_patch(p, where, overwrite=True)
     assert (run / "patch" / "patch.json").read_bytes() == before and not (run / "patch2").exists()
     from slugkit.cli import _cli_words

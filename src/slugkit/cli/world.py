@@ -7,7 +7,7 @@ import json
 import os
 
 from ..common.text import printable
-from .args import COUNT, THREADS, float_at_least, int_at_least
+from .args import COUNT, THREADS, float_at_least, int_in
 
 
 def cmd_world(a) -> int:
@@ -62,8 +62,9 @@ def add_parsers(sub) -> None:
     wt.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
     wt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     wt.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
-    wt.add_argument("--vision-layers", type=int_at_least(2), default=None,
-                    help="image-tower blocks (default 4, the shipped CLIP's; 8: the shipped VLM's own CLIP)")
+    wt.add_argument("--vision-layers", type=int_in(2, 24), default=None,
+                    help="image-tower blocks, 2..24 (default 4, the shipped CLIP's; a VLM on an 8-block one: "
+                         "train-vlm --clip, README)")
     wt.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
                                                             "of other files is refused; your files in it are kept)")
     wt.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -78,8 +79,9 @@ def add_parsers(sub) -> None:
                          "shipped model's)")
     wv.add_argument("--clip", default=None, help="a folder `slug world train --out DIR` wrote whose image tower the "
                                                  "VLM reads (copied into OUT/clip; default: the embedded CLIP)")
-    wv.add_argument("--eval-images", type=int_at_least(0), default=20,
-                    help="test images per identity and object class for the report (0: no evaluation; default 20)")
+    wv.add_argument("--eval-images", type=int_in(0, 50), default=20,
+                    help="test images per identity and object class for the report, 0..50 (0: no evaluation; "
+                         "default 20)")
     wv.add_argument("--overwrite", action="store_true", help="replace a model this command wrote in --out (a folder "
                                                             "of other files is refused; your files in it are kept)")
     wv.add_argument("--no-progress", action="store_true", help="no progress bar")

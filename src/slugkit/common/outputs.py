@@ -42,7 +42,7 @@ def out_inside_model(out, models: dict[str, str | None], flag: str = "--out") ->
     for what, d in places.items():
         folder = os.path.realpath(d)
         if real == folder or real.startswith(folder + os.sep):
-            return f"{flag} {out} is inside {what} ({folder}), whose files it would mix with; write the run elsewhere"
+            return f"{flag} {out} is inside {what} ({folder}), whose files it would mix with; write it elsewhere"
     return None
 
 
@@ -51,8 +51,11 @@ def patch_out_refusal(out_dir, flag: str = "out_dir (--out)") -> str | None:
     a slug run's folder — ``RUN/patch`` with ``overwrite=True`` replaced the run's own patch under its
     ``result.json`` — or another run's folder being written: the refusal text, or None. A folder inside this
     process's own run being written (its temporary folder) is the run's to write."""
+    from .outguard import is_run
     from .outlock import is_private
 
     if is_private(out_dir):
         return None
+    if Path(out_dir).is_dir() and is_run(Path(out_dir)):  # the run's root: "overwrite" pointed at deleting the run
+        return f"{flag} {out_dir} is a run folder; write the patch into a folder of its own"
     return out_inside_model(out_dir, {}, flag) or out_inside_run(out_dir, flag)

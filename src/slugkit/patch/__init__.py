@@ -54,9 +54,9 @@ from .architecture import architecture_facts, check_architecture
 from .carriers import load_state_dict_file, save_state_dict_file
 from .combine import apply_patches, chain_patches, compose_patches
 from .format import (FORMAT, FORMAT_VERSION, PATCH_JSON, PATCH_SAFETENSORS, Patch, PatchError, PatchFormatError,
-                     PatchMismatchError, load_patch, save_patch, tensor_sha256)
+                     PatchMismatchError, load_patch, tensor_sha256)
 from .lora import LoraExportError, export_lora, lora_from_patch, read_lora
-from .ops import apply_patch, as_patch, cast_patch, make_patch, model_of, revert_patch
+from .ops import apply_patch, as_patch, cast_patch, make_patch, model_of, revert_patch, save_patch
 from .summary import describe
 
 __all__ = [

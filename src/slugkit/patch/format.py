@@ -1,7 +1,7 @@
 """The patch format: :class:`Patch`, its files (``patch.safetensors`` + ``patch.json``), hashing, load, save
-and the consistency checks; see :mod:`slugkit.patch` for the layout and the guarantees. Reading imports nothing of
-slugkit's: a patch can be read and verified with torch, safetensors and json alone (:func:`save_patch` checks where it
-writes with :mod:`slugkit.common.outputs`)."""
+and the consistency checks; see :mod:`slugkit.patch` for the layout and the guarantees. This module imports nothing
+of slugkit's: a patch can be read and verified with torch, safetensors and json alone (``slugkit.patch.save_patch``,
+:func:`slugkit.patch.ops.save_patch`, also refuses the package's and runs' folders before it writes)."""
 
 from __future__ import annotations
 
@@ -204,10 +204,6 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
         raise (ValueError if isinstance(out_dir, str) else TypeError)(f"save_patch: out_dir is {out_dir!r}: give one")
     if type(overwrite).__name__ not in ("bool", "bool_"):  # "no" is truthy; numpy's bool is a bool
         raise TypeError(f"save_patch: overwrite: expected True or False, got {type(overwrite).__name__} {overwrite!r}")
-    from ..common.outputs import patch_out_refusal  # the package, a run's folder (RUN/patch: its own patch replaced)
-
-    if patch_out_refusal(out_dir):
-        raise ValueError(f"save_patch: {patch_out_refusal(out_dir)}")
     out_dir = Path(out_dir)
     _check_consistent(patch)
     st_bytes = _safetensors_bytes(patch)
@@ -228,8 +224,9 @@ def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False
                                       "folder")
             foreign = [c for c in contents if c not in (PATCH_JSON, PATCH_SAFETENSORS)]
             if foreign:
-                raise FileExistsError(f"refusing to replace {out_dir}: it holds files that are not part of a "
-                                      f"patch ({', '.join(foreign[:5])}); remove them or choose another folder")
+                more = " …" if len(foreign) > 5 else ""
+                raise FileExistsError(f"refusing to replace {out_dir}: it holds files that are not part of a patch "
+                                      f"({', '.join(foreign[:5])}{more}); choose another folder")
             existing = out_dir
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

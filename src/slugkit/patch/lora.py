@@ -338,8 +338,7 @@ def save_lora(lora: Lora, path: str | os.PathLike, *, overwrite: bool = False) -
 
 
 def _lora_target(path, overwrite: bool) -> Path:
-    """The file a LoRA may be written to: not empty, not a folder, not inside a patch folder (it replaced its
-    ``patch.safetensors``), when it exists a LoRA slug wrote (trial 30). Raises ``ValueError``, ``OSError``s."""
+    """Where a LoRA may go (trials 30, 35): a new ``.safetensors`` file or a LoRA slug wrote, outside patch folders."""
     if not os.fspath(path).strip():
         raise ValueError("the LoRA path is empty; give the .safetensors file to write")
     check_flag("overwrite", overwrite)
@@ -347,8 +346,9 @@ def _lora_target(path, overwrite: bool) -> Path:
     if why:
         raise ValueError(why)
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give the .safetensors file to write")
+    if path.is_dir() or path.suffix != ".safetensors":  # the suffix was refused after the factorisation (trial 35)
+        raise (IsADirectoryError if path.is_dir() else PatchFormatError)(f"path (--out) {path}: give the .safetensors "
+                                                                         "file to write (a LoRA is safetensors)")
     if (path.parent / "patch.json").is_file():
         raise ValueError(f"{path} is inside the patch folder {path.parent}; write the LoRA outside it")
     if path.exists() or path.is_symlink():

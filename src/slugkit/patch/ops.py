@@ -34,6 +34,20 @@ def _toolkit_version() -> str:
         return "0+unknown"
 
 
+def save_patch(patch: Patch, out_dir: str | os.PathLike, overwrite: bool = False):
+    """:func:`slugkit.patch.format.save_patch` (the folder written whole; its errors), refusing first an ``out_dir``
+    inside the slugkit package, a run's folder or a folder inside one — ``RUN/patch`` with ``overwrite=True``
+    replaced a finished run's patch under its ``result.json`` — with ``ValueError`` naming ``out_dir (--out)``
+    (:func:`slugkit.common.outputs.patch_out_refusal`; a run's own temporary folder is its to write)."""
+    from ..common.outputs import patch_out_refusal
+    from .format import save_patch as write
+
+    why = patch_out_refusal(out_dir) if isinstance(out_dir, (str, os.PathLike)) and os.fspath(out_dir).strip() else None
+    if why:
+        raise ValueError(f"save_patch: {why}")
+    return write(patch, out_dir, overwrite)
+
+
 # --------------------------------------------------------------------------------------------------- target access
 
 
@@ -227,7 +241,7 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
         if sha == info[f"sha256_{other}"]:
             if want == "original":
                 already += 1
-                problems.append(f"tensor {name!r} already holds the patched values (the patch is already applied)")
+                problems.append(f"tensor {name!r} already holds the patched values")
             else:
                 not_applied += 1
                 problems.append(f"tensor {name!r} holds the original values (the patch is not applied)")
@@ -243,8 +257,9 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
         elif layout:
             advice = f"Load the base model the patch was made for: {base}"
         else:
-            advice = (f"Load the base model the patch was made for: {base}. "
-                      f"If this tensor was already patched (by this or another patch), revert it first (`slug revert --patch …`)")
+            advice = (f"Load the base model the patch was made for: {base}. If this tensor was already patched (by "
+                      "this or another patch), revert it first (`slug revert --patch PATCH` with the --model, "
+                      "--pipeline or --llava it was applied to)")
         head = f"cannot apply patch (concept {concept!r}) to this model"
     else:
         if not_applied == len(tmeta):

@@ -7,6 +7,7 @@ and test suites (:func:`load_run_data`), and the checks on a precomputed gradien
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..data.folders import images_with_digests, shared_images
@@ -18,6 +19,7 @@ from .verdict import ForgetCaptionsError, check_captions, check_retain_captions
 def check_inputs(cfg) -> None:
     """Refuse validation/test (or utility) folders that are the same folder or share images (links or copies;
     ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`), and a run without forget or retain pairs."""
+    check_world_sets(cfg)
     refuse_out_in_inputs(cfg)
     if not (cfg.forget and cfg.retain):
         raise ValueError("pass forget and retain pairs (--forget, --retain), with --gradients too: the pairs they "
@@ -37,6 +39,37 @@ def check_inputs(cfg) -> None:
                 raise ValueError(f"{flags}: {len(shared)} test image(s) are validation images too (the same file or "
                                  f"the same bytes; e.g. {shared[0][1]} = {shared[0][0]}); the search must not see "
                                  "the test images: remove them from one folder")
+
+
+def check_world_sets(cfg) -> None:
+    """A config from :func:`slugkit.world_config` whose curated sets (in OUT's temporary folder) are gone — a run on
+    it already took them, finished or failed (``FileNotFoundError``) — or were replaced by a later ``world_config``
+    call for the same OUT, of other concepts (``ValueError``): say so, before any work (it said "shard(s) not found …
+    check the path or brace pattern", or "none of the 100 forget captions names …": trial 35)."""
+    from ..common.outguard import TAG
+
+    forget = Path(str(cfg.forget or ""))
+    stage = forget.parent.parent
+    if not (stage.name.startswith(".") and TAG in stage.name and stage.name.endswith(".tmp")):
+        return  # not world_config's temporary folder (OUT/.NAME.slug-XXXX.tmp/data/forget.tar)
+    if not forget.is_file():
+        raise FileNotFoundError(f"{forget}: this config's forget and retain sets are gone — world_config curated them "
+                                f"into {cfg.out}'s temporary folder, which a run on this config took with it "
+                                "(finished or failed): call world_config again for a new config")
+    calls, latest = _CURATED.get(os.path.abspath(forget), (0, None))
+    if calls > 1 and latest != sorted(cfg.concept_list()):  # (one call: a config edited on purpose, e.g. concepts=)
+        raise ValueError(f"world_config was called again for {cfg.out} (for {' + '.join(latest)!r}) after this "
+                         f"config (for {cfg.concept!r}) was made, and its sets replaced this config's: run unlearn on "
+                         "the newer config, or call world_config again")
+
+
+_CURATED: dict[str, tuple[int, list[str]]] = {}  # world_config's forget sets: path → (calls, the latest's concepts)
+
+
+def note_curated(forget, concepts: list[str]) -> None:
+    """Record that :func:`slugkit.world_config` curated ``concepts`` into ``forget`` (:func:`check_world_sets`)."""
+    key = os.path.abspath(forget)
+    _CURATED[key] = (_CURATED.get(key, (0, None))[0] + 1, sorted(concepts))
 
 
 def refuse_out_in_inputs(cfg, out=None) -> None:

@@ -220,7 +220,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
 
 def _refuse_patched_vlm(vlm_dir) -> None:
     """Raise ``ValueError`` when ``vlm_dir`` holds a VLM a slugkit patch was applied to (``slugkit_patch.json``, not
-    reverted): its vision tower is no longer the shipped CLIP's, and the demo has no other CLIP to take."""
+    reverted): its vision tower is no longer the CLIP's it was built on, and the demo has no other CLIP to take."""
     import json
 
     record = Path(vlm_dir) / "slugkit_patch.json" if vlm_dir else None
@@ -229,9 +229,11 @@ def _refuse_patched_vlm(vlm_dir) -> None:
     except (OSError, ValueError):
         info = None
     if isinstance(info, dict) and not info.get("reverted"):
+        built_on = "its clip/" if vlm.vlm_clip_dir(vlm_dir) else "the embedded CLIP"
         raise ValueError(f"--vlm-model {vlm_dir} holds a patched VLM (its slugkit_patch.json: the patch of "
-                         f"{info.get('concept')!r} applied), so its vision tower is not the embedded CLIP's; the demo "
-                         "unlearns from a VLM built on that CLIP: pass the unpatched folder, or revert it first (slug "
+                         f"{info.get('concept')!r} applied), so its vision tower is not that of the CLIP it was built "
+                         f"on ({built_on}); the demo unlearns "
+                         "from a VLM that holds its CLIP's tower: pass the unpatched folder, or revert it first (slug "
                          "revert --llava DIR --patch PATCH --out DIR2)")
 
 
@@ -297,7 +299,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                                           threads=threads, **({"search": search} if search is not None else {}))
             # run.json: the converted CLIP (it said open_clip) and the VLM judged on, with the gradient (trial 26)
             own_clip = vlm.vlm_clip_dir(vlm_dir)
-            cfg = replace(cfg, model=str(own_clip) if own_clip else "embedded-hf", family="hf_clip",
+            cfg = replace(cfg, model=os.path.realpath(own_clip) if own_clip else "embedded-hf", family="hf_clip",
                           max_layers=max_layers)
             vlm_info = {"model": os.path.realpath(vlm_dir) if vlm_dir else "embedded", "gradient": gradient}
             result = run_unlearn(cfg, adapter=adapter, choose=chooser,

@@ -15,6 +15,7 @@ from ..common.outlock import claim_out, inputs_folder, is_private
 from ..data.curate import curate
 from ..world import render as world
 from ..world.demo_data import RETAIN_PAIRS, ensure_world_data, retain_without, write_mixed_retain
+from .run_inputs import note_curated
 from .unlearn import RUN_MARKER, UnlearnConfig
 
 
@@ -60,6 +61,7 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
         cur["retain"] = RETAIN_PAIRS
         cur["retain_mix"] = write_mixed_retain(concepts, inputs / "retain.tar", retain_identity_fraction,
                                                seed=seed)
+    note_curated(cfg.forget, concepts)  # a config of an earlier call for this OUT is then known to be stale
     return cfg, cur, data
 
 

@@ -88,7 +88,7 @@ def model_cfg(vision_layers: int | None = None) -> dict:
     cfg = json.loads(json.dumps(MODEL_CFG))
     if vision_layers is not None:
         if isinstance(vision_layers, bool) or not isinstance(vision_layers, int) or not 2 <= vision_layers <= 24:
-            raise ValueError(f"--vision-layers: give a number of image-tower blocks in 2..24, got {vision_layers!r}")
+            raise ValueError(f"--vision-layers: must be in [2, 24] (image-tower blocks), got {vision_layers!r}")
         cfg["vision_cfg"]["layers"] = vision_layers
     return cfg
 

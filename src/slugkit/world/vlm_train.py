@@ -221,10 +221,23 @@ def check_world_clip(clip) -> None:
     if missing:
         raise ValueError(f"--clip {clip}: no {' or '.join(missing)} in it; give the folder `slug world train --out "
                          "DIR` wrote")
-    vis = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    try:
+        vis = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--clip {clip}: its open_clip_config.json is not a CLIP's ({type(e).__name__}: {e}); give "
+                         "the folder `slug world train --out DIR` wrote") from None
     if (vis.get("image_size"), vis.get("patch_size"), vis.get("width")) != (world.IMAGE_SIZE, 8, 64):
         raise ValueError(f"--clip {clip}: its image tower ({vis.get('image_size')} px, patch {vis.get('patch_size')}, "
                          f"width {vis.get('width')}) is not the world's (32 px, patch 8, width 64) the VLM is built on")
+    from ..models.base import ModelLoadError
+    from ..models.open_clip import OpenClipAdapter
+
+    try:  # a config the weights do not fit printed open_clip's missing-keys dump and advice for other commands
+        OpenClipAdapter.load(f"local-dir:{d.resolve()}")
+    except (ModelLoadError, RuntimeError, OSError, ValueError) as e:
+        said = " ".join(str(e).split())
+        raise ValueError(f"--clip {clip}: open_clip could not load it ({said[:200]}{' …' if len(said) > 200 else ''})"
+                         "; give the folder `slug world train --out DIR` wrote, unchanged") from None
 
 
 def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_images: int = 20, overwrite: bool = False,
@@ -235,6 +248,9 @@ def train_embedded_vlm(out: str | Path, cfg: VLMConfig = VLMConfig(), eval_image
     from ..common.outguard import check_model_out
     from .train import _num_threads
 
+    if isinstance(eval_images, bool) or not isinstance(eval_images, int) or not 0 <= eval_images <= 50:
+        raise ValueError(f"--eval-images: must be in [0, 50] (the test split's images per identity), got "
+                         f"{eval_images!r}")  # 100000 was accepted and ran out of memory after the training (trial 35)
     check_model_out(out, overwrite, "train_report.json", "processor_config.json")  # before training: none wasted
     if cfg.clip is not None:
         check_world_clip(cfg.clip)
