@@ -38,6 +38,12 @@ except KeyboardInterrupt as e:
 """
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C as in a terminal, also when the tests run in a background job (`nohup make test &`
+    starts every process with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path, module: str = SLOW_MODULE) -> subprocess.Popen:
     (tmp_path / "slowlib.py").write_text(module)
 
@@ -77,7 +83,8 @@ def test_three_ctrl_c_during_one_import_stop_it_at_once(tmp_path):
 
 def test_outside_an_import_ctrl_c_raises_at_once(tmp_path):
     (tmp_path / "slowlib.py").write_text("DONE = True\n")
-    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROGRAM), str(tmp_path)], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROGRAM), str(tmp_path)], preexec_fn=_sigint_default,
+                         stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     assert p.stdout.readline().strip() == "imported whole: True"
@@ -90,6 +97,7 @@ def test_outside_an_import_ctrl_c_raises_at_once(tmp_path):
 def test_handlers_are_restored_and_an_ignored_sigint_stays_ignored():
     from slugkit.common import interrupts
 
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job: ignored)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     with interrupts.handling():
         assert signal.getsignal(signal.SIGINT) is interrupts._on_signal
@@ -101,8 +109,11 @@ def test_handlers_are_restored_and_an_ignored_sigint_stays_ignored():
             assert signal.getsignal(signal.SIGTERM) is interrupts._on_signal
     finally:
         signal.signal(signal.SIGINT, old)
-    with interrupts.handling(active=False):
-        assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    try:
+        with interrupts.handling(active=False):
+            assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_sigterm_unwinds_through_every_ctrl_c_handler():

@@ -56,20 +56,21 @@ def check_world_sets(cfg) -> None:
         raise FileNotFoundError(f"{forget}: this config's forget and retain sets are gone — world_config curated them "
                                 f"into {cfg.out}'s temporary folder, which a run on this config took with it "
                                 "(finished or failed): call world_config again for a new config")
-    calls, latest = _CURATED.get(os.path.abspath(forget), (0, None))
-    if calls > 1 and latest != sorted(cfg.concept_list()):  # (one call: a config edited on purpose, e.g. concepts=)
-        raise ValueError(f"world_config was called again for {cfg.out} (for {' + '.join(latest)!r}) after this "
-                         f"config (for {cfg.concept!r}) was made, and its sets replaced this config's: run unlearn on "
-                         "the newer config, or call world_config again")
+    calls, latest, seed = _CURATED.get(os.path.abspath(forget), (0, None, None))
+    if calls > 1 and (latest, seed) != (sorted(cfg.concept_list()), cfg.seed):  # (one call: edited on purpose)
+        raise ValueError(f"world_config was called again for {cfg.out} (for {' + '.join(latest)!r}, seed {seed}) "
+                         f"after this config (for {cfg.concept!r}, seed {cfg.seed}) was made, and its sets replaced "
+                         "this config's: run unlearn on the newer config, or call world_config again")
 
 
-_CURATED: dict[str, tuple[int, list[str]]] = {}  # world_config's forget sets: path → (calls, the latest's concepts)
+_CURATED: dict[str, tuple] = {}  # world_config's forget sets: path → (calls, the latest's concepts, its seed)
 
 
-def note_curated(forget, concepts: list[str]) -> None:
-    """Record that :func:`slugkit.world_config` curated ``concepts`` into ``forget`` (:func:`check_world_sets`)."""
+def note_curated(forget, concepts: list[str], seed: int) -> None:
+    """Record that :func:`slugkit.world_config` curated ``concepts`` with ``seed`` into ``forget``
+    (:func:`check_world_sets`)."""
     key = os.path.abspath(forget)
-    _CURATED[key] = (_CURATED.get(key, (0, None))[0] + 1, sorted(concepts))
+    _CURATED[key] = (_CURATED.get(key, (0,))[0] + 1, sorted(concepts), seed)
 
 
 def refuse_out_in_inputs(cfg, out=None) -> None:
