@@ -142,8 +142,9 @@ def test_existing_run_needs_overwrite_and_is_replaced_whole(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_other_files_in_out_are_kept(tmp_path):
-    """A folder that holds no run (a caller's inputs, a user's notes) keeps what the run does not write."""
+def test_other_files_in_out_are_kept(tmp_path, capfd):
+    """A folder that holds no run (a caller's inputs, a user's notes) keeps what the run does not write, and names it
+    (it was kept without a word: trial 36)."""
     out = tmp_path / "run"
     (out / "data").mkdir(parents=True)
     (out / "data" / "forget.tar").write_text("inputs")
@@ -156,6 +157,7 @@ def test_other_files_in_out_are_kept(tmp_path):
     assert (out / "report.md").read_text() == "new"
     assert (out / "report.md.before-slug").read_text() == "stale"  # the user's own report.md was replaced silently
     assert _leftovers(tmp_path) == []
+    assert "kept in" in (err := capfd.readouterr().err) and "data, notes.txt" in err and "report.md as" in err, err
 
 
 def test_a_users_entries_named_like_the_runs_are_kept_aside(tmp_path, capfd):

@@ -139,8 +139,7 @@ def _commit(claim: Claim) -> None:
             mine = {f.split("/")[0] for f in nested_foreign(src)} | set(edited_entries(src))  # kept whole
             theirs += sorted(mine - set(theirs))
         carried, renamed = _carry(src, stage, theirs, own)
-        kept = carried if replaced else []  # a folder that held no run: kept as documented, not named (its OUT/data
-        # may be world_config's curated set, written there before the run: it is no file of the user's)
+        kept = carried  # named, also from a folder that held no run (world_config no longer curates into OUT)
     recreated = _rename_in(stage, target, own, kept, renamed)
     unregister_staging(stage)
     claim.stage, claim.committed = None, True
