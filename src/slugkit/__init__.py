@@ -25,8 +25,6 @@ def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
     torch's random state is left as it was (building the model before loading its weights draws from it)."""
     import os
 
-    import torch
-
     from .models import load_adapter
 
     model, pretrained = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, pretrained))
@@ -34,8 +32,7 @@ def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
         raise TypeError(f"load_model: model must be a model id, a folder or 'embedded', got {model!r}")
     if pretrained is not None and (not isinstance(pretrained, str) or not pretrained.strip()):
         raise ValueError(f"load_model: pretrained must be a tag, a .safetensors file or None, got {pretrained!r}")
-    with torch.random.fork_rng(devices=[]):
-        return load_adapter(model, pretrained, **kw)
+    return load_adapter(model, pretrained, **kw)  # which keeps torch's random state (slugkit.common.rng)
 
 
 def unlearn(config) -> dict:

@@ -38,21 +38,18 @@ except KeyboardInterrupt as e:
 """
 
 
-def _sigint_default() -> None:
-    """In the child: Ctrl-C as in a terminal, also when the tests run in a background job (`nohup make test &`
-    starts every process with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)."""
+def _as_in_a_terminal() -> None:
+    """In the child: Ctrl-C as a user's shell gives it (see test_run_folders._slug), also when the tests run in a
+    background job (`nohup make test &` starts every process with SIGINT ignored: Python then installs no
+    KeyboardInterrupt handler)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _start(tmp_path, module: str = SLOW_MODULE) -> subprocess.Popen:
     (tmp_path / "slowlib.py").write_text(module)
-
-    def pre():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # what a user's shell gives (see test_run_folders._slug)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
     p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROGRAM), str(tmp_path)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, preexec_fn=pre)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_as_in_a_terminal)
     assert p.stdout.readline().strip() == "ready"
     time.sleep(0.4)  # inside the import now
     return p
@@ -83,9 +80,8 @@ def test_three_ctrl_c_during_one_import_stop_it_at_once(tmp_path):
 
 def test_outside_an_import_ctrl_c_raises_at_once(tmp_path):
     (tmp_path / "slowlib.py").write_text("DONE = True\n")
-    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROGRAM), str(tmp_path)], preexec_fn=_sigint_default,
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROGRAM), str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_as_in_a_terminal)
     assert p.stdout.readline().strip() == "ready"
     assert p.stdout.readline().strip() == "imported whole: True"
     t = time.perf_counter()
