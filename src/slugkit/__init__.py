@@ -55,7 +55,7 @@ def world_config(concept, out, data_dir=None, *, progress: bool = True, seed: in
     ``data_dir`` (default: the shared cache) if missing; ``out`` is claimed as ``slug demo`` claims it (a run there
     is refused without ``overwrite=True``) and the concept's forget/retain pairs are curated into its temporary
     folder, which :func:`unlearn` renames to ``out`` (they become ``out/data``; ``out`` is untouched until then; a
-    run that fails takes them along: call ``world_config`` again). ``concept``: a name or a list (unlearned jointly);
+    run that fails takes them along: call ``world_config`` again; :func:`release_claims` gives ``out`` back unused). ``concept``: a name or a list (unlearned jointly);
     ``retain_identity_fraction``: a mixed retain set (:func:`slugkit.world.demo_data.write_mixed_retain`);
     ``overrides``: other ``UnlearnConfig`` fields (``search``, ``budgets``, ``overwrite``, …). Returns ``(config,
     curate_summary, data_dir)``; pass ``config`` to :func:`unlearn`."""
@@ -63,6 +63,15 @@ def world_config(concept, out, data_dir=None, *, progress: bool = True, seed: in
 
     return wc(concept, out, data_dir, progress=progress, seed=seed, retain_identity_fraction=retain_identity_fraction,
               **overrides)
+
+
+def release_claims() -> None:
+    """Give up every output folder this process claimed for a run it has not started (:func:`world_config` claims
+    ``out`` until :func:`unlearn` runs on it): their temporary folders — the curated sets — are removed and the
+    folders left as they were, so another process (or ``slug demo --out``) can write them. Also done at exit."""
+    from .common.outlock import abandon_claims
+
+    abandon_claims(waiting_only=True)
 
 
 def __getattr__(name):
@@ -93,4 +102,4 @@ def __dir__():
 
 
 __all__ = ["Patch", "apply_patch", "apply_patches", "compose_patches", "load_patch", "revert_patch", "save_patch",
-           "load_model", "unlearn", "world_config", "UnlearnConfig", "SearchConfig", "Budgets"]
+           "load_model", "unlearn", "world_config", "release_claims", "UnlearnConfig", "SearchConfig", "Budgets"]

@@ -242,6 +242,25 @@ def test_world_config_claims_out_so_its_data_is_the_runs(tmp_path):
     assert (out / "data" / "forget.tar").read_bytes() != first
 
 
+def test_an_idle_world_config_claim_is_said_as_such_and_released_on_request(tmp_path):
+    """A world_config claim held idle in a notebook blocked `slug demo --out` with "another slug run is writing to
+    OUT", and only a kernel restart released it (trial 37). The lock says the run has not started, and
+    slugkit.release_claims() gives the folder back (its curated sets removed)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "held"
+    cfg, _, _ = slugkit.world_config(world.IDENTITIES[0].name, out, progress=False)
+    probe = ("import sys\nfrom slugkit.common.outlock import RunLockedError, claim_out\ntry:\n"
+             "    claim_out(sys.argv[1])\n    print('claimed')\nexcept RunLockedError as e:\n    print(e)\n")
+    said = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True).stdout
+    assert "holds" in said and "for a run it has not started" in said and "slugkit.release_claims()" in said, said
+    slugkit.release_claims()
+    assert not Path(cfg.forget).exists() and not out.exists() and list(tmp_path.iterdir()) == []
+    said = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True).stdout
+    assert said.strip() == "claimed", said
+
+
 def test_patch_functions_take_folders_and_refuse_an_empty_out(tmp_path):
     from slugkit.patch import make_patch, save_patch
 
@@ -303,6 +322,9 @@ def test_world_config_keeps_the_users_files_and_refuses_what_it_sets(tmp_path):
         slugkit.world_config(name, EMBEDDED_DIR.parent / "wc")
     with pytest.raises(TypeError, match="concept must be an identity's name"):
         slugkit.world_config(123, tmp_path / "y")
+    for concept, said in (("", "holds an empty name"), ("Nobody Here", "world_config: unknown identity 'Nobody Here'")):
+        with pytest.raises(ValueError, match=said):  # a KeyError, its message in quotes (trial 37)
+            slugkit.world_config(concept, tmp_path / "y")
     from slugkit.models import ModelLoadError  # a missing checkpoint was refused by unlearn, after OUT/data was curated
     for pretrained, said in ((tmp_path / "nope.safetensors", "pretrained checkpoint not found"),
                              ("laion400m_e32", "is a tag of a named model")):

@@ -84,7 +84,8 @@ class Claim:
         """Write the holder and its moves into the lock file (read by whoever takes over after a crash)."""
         doc = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(self.out),
                "aside": self.aside.name if self.aside else None, "stage": self.stage.name if self.stage else None,
-               "stage_id": self.stage_id, "committed": self.committed}
+               "stage_id": self.stage_id, "committed": self.committed,
+               "waiting": self.early and self.stage is not None and not self.stage_taken}  # claimed, run not started
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(doc).encode(), 0)
 
@@ -164,7 +165,13 @@ def _acquire(out: Path, target: Path, wait: bool) -> tuple[int, Path, list]:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    holder = _holder_text(_holder(lock))
+                    doc = _holder(lock)
+                    holder = _holder_text(doc)
+                    if not wait and doc.get("waiting"):  # an idle world_config claim held in a notebook (trial 37)
+                        raise RunLockedError(f"another slug process ({holder}) holds {out} for a run it has not "
+                                             "started (slug demo preparing it, or slugkit.world_config in Python): "
+                                             "wait for it, or in that process run it or call "
+                                             "slugkit.release_claims(); or choose another output folder") from None
                     if not wait:
                         raise RunLockedError(f"another slug run is writing to {out} ({holder}); wait for it or "
                                              "choose another --out") from None
@@ -359,10 +366,11 @@ def finish(claim: Claim) -> None:
                 d.rmdir()
 
 
-def abandon_claims() -> None:
-    """Undo and release every claim this process still holds (an early claim whose run never ran or failed)."""
+def abandon_claims(waiting_only: bool = False) -> None:
+    """Undo and release every claim this process still holds (an early claim whose run never ran or failed);
+    ``waiting_only``: only early claims whose run has not started (``slugkit.release_claims``)."""
     with _CLAIMS_LOCK:
-        claims = list(_CLAIMS.values())
+        claims = [c for c in _CLAIMS.values() if not waiting_only or (c.early and not c.stage_taken)]
     for claim in claims:
         with signals_held():
             abort(claim)

@@ -92,6 +92,7 @@ def _start(claim: Claim, overwrite: bool, marker: str) -> Path:
     """The temporary folder for a run into OUT: made at an early claim (holding the caller's inputs), else now."""
     if claim.early and claim.stage is not None and not claim.stage_taken:
         claim.stage_taken = True
+        claim.journal()  # no longer "waiting": the run has started
         return claim.stage
     if claim.stage is not None:
         raise RuntimeError(f"{claim.out} is already being written by this process")

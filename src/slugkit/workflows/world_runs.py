@@ -38,7 +38,10 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
     Returns ``(config, curate_summary, data_dir)``.
     """
     _check_request(concept, out, overrides)
-    concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
+    try:
+        concepts = [world.identity_by_name(c).name for c in ([concept] if isinstance(concept, str) else concept)]
+    except KeyError as e:  # a KeyError printed its message in quotes (trial 37)
+        raise ValueError(f"world_config: {e.args[0]}") from None
     data = ensure_world_data(data_dir, progress=progress)
     inputs = Path(out) / "data"  # the run's OUT/data; written below into OUT's temporary folder (inputs_folder)
     cfg = UnlearnConfig(  # built (and so checked: an unknown or bad override, an empty out) before anything is written
@@ -81,6 +84,8 @@ def _check_request(concept, out, overrides: dict) -> None:
     names = [concept] if isinstance(concept, str) else concept
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(c, str) for c in names):
         raise TypeError(f"world_config: concept must be an identity's name or a list of names, got {concept!r}")
+    if not all(c.strip() for c in names):
+        raise ValueError(f"world_config: concept {concept!r} holds an empty name; `slug world names` lists them")
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
         raise ValueError(f"world_config: out must be a folder path, got {out!r}")
     if Path(out).exists() and not Path(out).is_dir():
