@@ -55,8 +55,9 @@ def world_config(concept, out, data_dir=None, *, progress: bool = True, seed: in
     ``data_dir`` (default: the shared cache) if missing; ``out`` is claimed as ``slug demo`` claims it (a run there
     is refused without ``overwrite=True``) and the concept's forget/retain pairs are curated into its temporary
     folder, which :func:`unlearn` renames to ``out`` (they become ``out/data``; ``out`` is untouched until then; a
-    run that fails takes them along: call ``world_config`` again; :func:`release_claims` gives ``out`` back unused). ``concept``: a name or a list (unlearned jointly);
-    ``retain_identity_fraction``: a mixed retain set (:func:`slugkit.world.demo_data.write_mixed_retain`);
+    run that fails takes them along: call ``world_config`` again; :func:`release_claims` gives ``out`` back unused).
+    ``concept``: a name or a list (unlearned jointly); ``retain_identity_fraction``: a mixed retain set
+    (:func:`slugkit.world.demo_data.write_mixed_retain`);
     ``overrides``: other ``UnlearnConfig`` fields (``search``, ``budgets``, ``overwrite``, …). Returns ``(config,
     curate_summary, data_dir)``; pass ``config`` to :func:`unlearn`."""
     from .workflows.world_runs import world_config as wc
