@@ -79,13 +79,14 @@ class Claim:
     stage_id: tuple | None = None  # (st_dev, st_ino) of the temporary folder: identifies it after the rename
     committed: bool = False
     mode: int | None = None  # OUT's permission bits when it was claimed as an existing folder: the new OUT keeps them
+    for_python: bool = False  # claimed by slugkit.world_config: a caller may hold it idle (a notebook) until unlearn
 
     def journal(self) -> None:
         """Write the holder and its moves into the lock file (read by whoever takes over after a crash)."""
         doc = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(self.out),
                "aside": self.aside.name if self.aside else None, "stage": self.stage.name if self.stage else None,
                "stage_id": self.stage_id, "committed": self.committed,
-               "waiting": self.early and self.stage is not None and not self.stage_taken}  # claimed, run not started
+               "waiting": self.for_python and not self.stage_taken}  # world_config's: held until unlearn runs
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(doc).encode(), 0)
 
@@ -169,9 +170,9 @@ def _acquire(out: Path, target: Path, wait: bool) -> tuple[int, Path, list]:
                     holder = _holder_text(doc)
                     if not wait and doc.get("waiting"):  # an idle world_config claim held in a notebook (trial 37)
                         raise RunLockedError(f"another slug process ({holder}) holds {out} for a run it has not "
-                                             "started (slug demo preparing it, or slugkit.world_config in Python): "
-                                             "wait for it, or in that process run it or call "
-                                             "slugkit.release_claims(); or choose another output folder") from None
+                                             "started (slugkit.world_config in Python): wait for it, or in that "
+                                             "process run it or call slugkit.release_claims(); or choose another "
+                                             "output folder") from None
                     if not wait:
                         raise RunLockedError(f"another slug run is writing to {out} ({holder}); wait for it or "
                                              "choose another --out") from None
@@ -248,10 +249,11 @@ def _read_journal(fd: int) -> dict | None:
 
 
 def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "result.json", *, early: bool = True,
-              wait: bool = False) -> Claim:
-    """Lock OUT for this process (again: the claim it already holds). ``early`` (see the module docstring): refuse a
-    run without ``overwrite``, a file always; create the run's temporary folder. Raises :class:`RunLockedError` when
-    another process holds the lock (``wait``: wait for it instead)."""
+              wait: bool = False, for_python: bool = False) -> Claim:
+    """Lock OUT for this process (again: the claim it already holds). ``for_python``: a claim of
+    ``slugkit.world_config``, which a caller may hold idle (another process is told so). ``early`` (see the module
+    docstring): refuse a run without ``overwrite``, a file always; create the run's temporary folder. Raises
+    :class:`RunLockedError` when another process holds the lock (``wait``: wait for it instead)."""
     if not os.fspath(out).strip():
         raise ValueError("the output folder (--out) is empty; name a new folder (e.g. runs/NAME)")
     check_flag("overwrite", overwrite)
@@ -271,7 +273,7 @@ def claim_out(out: str | os.PathLike, overwrite: bool = False, marker: str = "re
         where = "" if failed is None or failed.endswith(f"{TAG}lock") or Path(failed) == out else f" at {failed}"
         raise OSError(e.errno, f"cannot create or lock this output folder{where}: {e.strerror or e}; choose "
                       "another output folder (--out)", str(out)) from None
-    claim = Claim(out, target, lock, fd, early=early, created_parents=created)
+    claim = Claim(out, target, lock, fd, early=early, created_parents=created, for_python=for_python)
     if out.is_symlink() and not target.is_dir():  # the summary names the link: say where the run goes (and made)
         print(f"note: --out {out} is a symbolic link to {target}, which does not exist yet; the run is written there"
               f"{' (made ' + ', '.join(map(str, created)) + ')' if created else ''}", file=sys.stderr, flush=True)

@@ -53,7 +53,7 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
         utility_test=str(data / "test" / "utility"), utility_templates=str(data / "utility_templates.txt"),
         seed=seed, progress=progress, **overrides)
     if not is_private(out):  # OUT claimed as `slug demo` claims it (a run there is refused without overwrite), so
-        claim_out(out, cfg.overwrite, RUN_MARKER)  # the data goes into the run's temporary folder; OUT is untouched
+        claim_out(out, cfg.overwrite, RUN_MARKER, for_python=True)  # the data goes into its temporary folder
     inputs = inputs_folder(out) / "data"
     if inputs.parent != Path(out):  # the claim's temporary folder (not under a run being written: OUT itself)
         cfg = replace(cfg, forget=str(inputs / "forget.tar"), retain=str(inputs / "retain.tar"))
