@@ -353,8 +353,8 @@ def _lora_target(path, overwrite: bool) -> Path:
         raise ValueError(f"{path} is inside the patch folder {path.parent}; write the LoRA outside it")
     if path.exists() or path.is_symlink():
         if not overwrite:
-            raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
-                                  "another --out")
+            raise FileExistsError(f"path (--out) {path} already exists; pass --overwrite (overwrite=True) to replace "
+                                  "it, or choose another path")  # a Python caller has no --out to choose
         try:
             read_lora(path)
         except (PatchError, ValueError, OSError):
