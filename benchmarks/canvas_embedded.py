@@ -16,7 +16,9 @@ table and, from this one run, the ratios the paper reports (ESD 6163 s : SalUn 6
 
 Times are per unlearning (the unlearning procedure alone, not the answer-set generation), on this machine's CPU with
 the given threads; the slowest target is printed next to each mean. The arguments are checked as ``slug canvas lite``
-checks its own, before any work; the exit status is 1 when a check fails (with no check to make, SLUG alone: 0).
+checks its own, before any work. Each check line says ``met`` or ``NOT met``; as in ``make bench``
+(``benchmarks/summary.py``) a target not met is a result, not a failure: the exit status is 0 once the run has
+finished and written its JSON (a run that fails raises, exit 1; bad arguments exit 2).
 """
 
 import argparse
@@ -99,13 +101,13 @@ def main(argv=None) -> int:
     rep["wall_s"] = time.perf_counter() - t0
     print(render_canvas(rep).split("\n## Every run")[0])
     for k, v in rep["checks"].items():
-        print(f"{'PASS' if v else 'FAIL'}  {k}")
+        print(f"{'met' if v else 'NOT met'}: {k}")
     if not rep["checks"]:
         print("no checks: they compare SLUG with ESD and SalUn, and not both SLUG and one of them ran")
     print(f"wall {rep['wall_s']:.0f} s")
     if a.json:
         write_json(Path(a.json), rep)
-    return 0 if all(rep["checks"].values()) else 1
+    return 0  # a check not met is printed as such, and is in the JSON (rep["checks"])
 
 
 if __name__ == "__main__":
