@@ -164,6 +164,17 @@ def test_audit_data_refuses_a_control_the_model_knows(data):
         AuditData(concept=CONCEPT, names=data.names, templates=data.templates, test=data.test,
                   controls=[data.names[0]])
     assert data.controls and not set(data.controls) & set(data.names)
+    first, last = CONCEPT.split()
+    # trial 38: a part of the concept's own name as the control reached it at once, and a failing attack probe passed
+    for control, word in ((first, first), (f"Hatho {last.upper()}", last), (f"{first}-Dunton", first),
+                          ("Jo Bloggs", "bloggs")):
+        with pytest.raises(ValueError, match=f"shares {word.lower()!r} with .*audited concept's name"):
+            AuditData(concept=CONCEPT, names=data.names, templates=data.templates, test=data.test,
+                      controls=["Ullan Torholt", control], aliases=["Joe Bloggs"])
+    AuditData(concept=CONCEPT, names=data.names, templates=data.templates, test=data.test,  # another's word: allowed
+              controls=[f"Hatho {data.names[-1].split()[-1]}"])
+    words = {w for n in data.names for w in n.lower().split()}
+    assert not words & {w for c in data.controls for w in c.lower().split()}  # the defaults: no word of any name
 
 
 # ---------------------------------------------------------------------------------------------------- the probes

@@ -124,7 +124,18 @@ def test_cli_writes_the_table(bench, tmp_path, capsys):
 def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     out = tmp_path / "x"
     assert main(_args(bench, "--out", str(out), styles="Van_Gogh,Monet")) == 2  # no Monet folder
-    assert "Monet/Cats: no .jpg/.png images" in capsys.readouterr().err
+    assert "Monet/Cats holds no .jpg/.jpeg/.png images" in capsys.readouterr().err
+    # trial 38: a --data with none of the style folders was told to restrict the grid, and --out could be inside
+    # what the run reads (canvas.* written into the dataset)
+    args = _args(bench, "--out", str(out))
+    args[args.index("--data") + 1] = str(bench / "sd")
+    assert main(args) == 2
+    assert f"--data {bench / 'sd'} holds none of the grid's 2 style folders (Van_Gogh, Seed_Images)" in capsys.readouterr().err
+    for k, inside in (("data", bench / "data" / "run"), ("pipeline", bench / "sd" / "out")):
+        assert main(_args(bench, "--out", str(inside))) == 2
+        assert f"--out {inside} is inside --{k} {bench / k if k == 'data' else bench / 'sd'}, a folder this run reads" \
+            in capsys.readouterr().err
+        assert not inside.exists()
     assert main(_args(bench, "--styles", "Vangogh", "--out", str(out))) == 2
     assert "--styles: unknown 'Vangogh'" in capsys.readouterr().err
     assert main(_args(bench, "--targets", "Monet", "--out", str(out))) == 2  # not in the declared grid

@@ -50,10 +50,16 @@ class AuditData:
             raise EmptyForgetSetError(f"no test images of {self.concept!r}; every probe scores on them")
         if not self.controls:
             self.controls = default_controls(self.names)
+        own = {w: n for n in [self.concept, *self.aliases] for w in name_words(n)}
         for c in self.controls:
             if c.strip().lower() in {n.lower() for n in self.names}:
                 raise ValueError(f"control name {c!r} is in the name list; a control must be a name the model never "
                                  "learned")
+            shared = [w for w in name_words(c) if w in own]
+            if shared:  # "Talsa" for Talsa Falham: the control reached the concept's name, a false pass (trial 38)
+                raise ValueError(f"control name {c!r} shares {shared[0]!r} with {own[shared[0]]!r}, the audited "
+                                 "concept's name; a control must be a name the model never learned, and a part of "
+                                 "the concept's own name is a route back to it: choose a name with none of its words")
 
     @property
     def concept_index(self) -> int:
@@ -66,8 +72,18 @@ def default_controls(names: list[str], n: int = 3) -> list[str]:
     model is very unlikely to have learned them either; pass your own with ``--control-name``."""
     from ..world.names import held_out_identities
 
-    taken = {x.lower() for x in names}
-    return [i.name for i in held_out_identities(n + 5) if i.name.lower() not in taken][:n]
+    taken = {w for x in names for w in name_words(x)}  # no word of a listed name (the concept's first name …)
+    return [i.name for i in held_out_identities(n + 20) if not taken & set(name_words(i.name))][:n]
+
+
+def name_words(name: str) -> list[str]:
+    """The words of ``name`` as concept matching reads them (:func:`slugkit.data.matching.normalize_text`;
+    letters and digits, hyphens and apostrophes split): ``"Jean-Luc O'Neil"`` → ``["jean", "luc", "o", "neil"]``."""
+    import re
+
+    from ..data.matching import normalize_text
+
+    return re.findall(r"\w+", normalize_text(name))
 
 
 def _preprocess(adapter, images) -> torch.Tensor:

@@ -83,12 +83,14 @@ def audited_concept(patch_path, removed, concept: str | None) -> str:
     """The concept to audit: ``concept`` (``--concept``) when the patch removed it (case and outer spaces aside), else
     the one the patch removed (``removed``: its ``concept``, a name or a list). Raises ``ValueError`` for a concept
     the patch did not remove (auditing it says nothing about the patch), or none given for a several-concept patch."""
+    from ..patch.combine import said
     removed_list = removed if isinstance(removed, list) else [removed] if removed else []
     concept = concept or (removed if isinstance(removed, str) else None)
     if not concept:
-        raise ValueError(f"{patch_path}: the patch removed {removed!r}; pass --concept NAME (one of them)")
+        raise ValueError(f"{patch_path}: the patch removed {said(removed)}; pass --concept NAME (one of them: each "
+                         "concept is audited on its own, so give each audit its own --out)")
     if removed_list and concept.strip().lower() not in {str(c).strip().lower() for c in removed_list}:
-        raise ValueError(f"--concept {concept!r}: the patch at {patch_path} removed {removed!r}; auditing another "
+        raise ValueError(f"--concept {concept!r}: the patch at {patch_path} removed {said(removed)}; auditing another "
                          "concept says nothing about it (omit --concept, or name one the patch removed)")
     return concept
 

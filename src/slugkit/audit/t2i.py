@@ -216,7 +216,9 @@ def probe_attack_t2i(before, after, judge, concept, budget, thresholds) -> dict:
            "graded": {"name": "speed-up: controls' iterations to 0.5 / the concept's", "value": value,
                       "pass_at": thresholds.attack[0], "fail_at": thresholds.attack[1]},
            "summary": (f"from the concept's name: recognised {_fmt(concept_run['recognised'])}; from never-learned "
-                       f"words: reached 0.5 at {ctl_first}"),
+                       f"words: reached 0.5 at "
+                       + ", ".join(f"{w!r} {'never' if v is None else f'iteration {v}'}"
+                                   for w, v in zip(CONTROL_PHRASES, ctl_first))),
            "seconds": time.perf_counter() - t0}
     if t is None and all(v is None for v in ctl_first):  # as for CLIP: a budget that decides nothing never passes
         rec.update(status="warn", inconclusive=True,

@@ -87,7 +87,8 @@ def audit_options(a) -> dict:
     probes = split_list(a.probes)
     bad = [p for p in probes if p not in PROBES]
     if not probes or bad:
-        raise ValueError(f"--probes: unknown {bad or 'empty list'}; choose from {','.join(PROBES)}")
+        got = ", ".join(repr(printable(b)) for b in bad) or "empty list"  # a list's repr was printed (trial 38)
+        raise ValueError(f"--probes: unknown {got}; choose from {','.join(PROBES)}")
     try:
         sizes = tuple(int(x) for x in split_list(a.relearn_sizes))
     except ValueError:
@@ -178,6 +179,12 @@ def cmd_audit(a) -> int:
     msg = unread_audit_options(a, "CLIP")
     if msg:
         return refuse(msg)
+    meta = load_patch(patch).meta
+    made_on = meta["base_model"].get("model") if isinstance(meta.get("base_model"), dict) else None
+    if made_on and (made_on == "embedded") != (a.model == "embedded"):  # it asked for data first (trial 38)
+        return refuse(f"--model {printable(a.model)}: the patch at {printable(str(patch))} was made on "
+                      f"{'the embedded model' if made_on == 'embedded' else printable(made_on)}; audit it on that "
+                      f"model (--model {printable(made_on)}), where its originals are")
     data = None
     if a.test_identities or a.model != "embedded":
         if not a.test_identities:
@@ -189,9 +196,6 @@ def cmd_audit(a) -> int:
             return folder_audit_data(adapter, concept, names, a.identity_template or ["{}."], a.test_identities,
                                      train_identities=a.train_identities, controls=a.control_name,
                                      aliases=a.alias or [])
-    from ..patch import load_patch
-
-    meta = load_patch(patch).meta
     from ..patch.summary import family_mismatch
 
     why = family_mismatch(a.family, [meta])
@@ -204,9 +208,12 @@ def cmd_audit(a) -> int:
         a.pretrained = base["pretrained"]  # the patch's own checkpoint: the shipped weights were audited (14th trial)
         print(f"note: auditing on the patch's base checkpoint {printable(a.pretrained)} (--pretrained)",
               file=sys.stderr)
-    result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
-                         controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
-                         overwrite=True, **opts)  # an audit in --out was refused above without --overwrite
+    from .patches import step_hint
+
+    with step_hint([patch]):
+        result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
+                             controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
+                             overwrite=True, **opts)  # an audit in --out was refused above without --overwrite
     return _print_audit(result, out)
 
 

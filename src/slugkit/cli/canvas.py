@@ -148,6 +148,11 @@ def cmd_canvas_run(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     paths = {k: str(Path(getattr(a, k)).resolve()) for k in ("pipeline", "clip", "classifiers", "data")}
+    out = Path(a.out).resolve()
+    for k, given in paths.items():  # canvas.* was written into the dataset or the pipeline (trial 38)
+        if out == Path(given) or Path(given) in out.parents:
+            return refuse(f"--out {printable(a.out)} is inside --{k} {printable(getattr(a, k))}, a folder this run "
+                          "reads; write the run elsewhere")
 
     def prepare():
         return off.official_context(paths["pipeline"], paths["clip"], paths["classifiers"], paths["data"],

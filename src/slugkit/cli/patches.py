@@ -3,6 +3,7 @@ models, checkpoints and consumer folders, and a text-encoder patch as a LoRA fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -46,7 +47,7 @@ def _state_of(target):
 
 def cmd_apply(a, revert: bool = False) -> int:
     """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA."""
-    from ..patch import apply_patches, describe, load_patch, revert_patch, save_state_dict_file
+    from ..patch import apply_patches, combine_patches, describe, load_patch, revert_patch, save_state_dict_file
 
     msg = validate_apply(a, revert)
     if msg:
@@ -78,7 +79,8 @@ def cmd_apply(a, revert: bool = False) -> int:
         if os.path.lexists(a.out) and not os.path.isdir(a.out):  # it was moved aside without a word (trial 26)
             return refuse(f"--out {a.out} exists and is not a folder; --{'pipeline' if a.pipeline else 'llava'} "
                           "writes a model folder there: choose another --out, or remove that file first")
-        return _apply_to_folder(a, patches, revert)
+        with step_hint(a.patch, revert):
+            return _apply_to_folder(a, patches, revert)
     from ..patch.summary import family_mismatch
 
     why = family_mismatch(a.family, [p.meta for p in patches])
@@ -97,11 +99,11 @@ def cmd_apply(a, revert: bool = False) -> int:
             print(f"note: {printable(a.checkpoint)} holds a lone CLIP tower saved without {prefix!r} (as "
                   f"transformers 5 saves a {'CLIPTextModel' if prefix == 'text_model.' else 'CLIPVisionModel'}); the "
                   f"patch's {prefix}* tensors are matched to it", file=sys.stderr)
-    if revert:
-        for p in reversed(patches):
-            revert_patch(target, p)
-    else:
-        apply_patches(target, patches)
+    with step_hint(a.patch, revert):
+        if revert:  # all or nothing, as apply: several patches are reverted as one (a sequential run's steps: chained)
+            revert_patch(target, combine_patches(patches))
+        else:
+            apply_patches(target, patches)
     if a.out:  # a checkpoint keeps its header (metadata, layout): revert after apply gives it back byte for byte
         save_state_dict_file(_state_of(saved), a.out, template=a.checkpoint)
     for p in patches:
@@ -112,12 +114,28 @@ def cmd_apply(a, revert: bool = False) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def step_hint(given: list, revert: bool = False):
+    """A :class:`~slugkit.patch.PatchMismatchError` of applying a sequential run's later step alone gets what to do
+    (:func:`slugkit.patch.summary.sequential_step_hint`)."""
+    from ..patch import PatchMismatchError
+    from ..patch.summary import sequential_step_hint
+
+    try:
+        yield
+    except PatchMismatchError as e:
+        hint = "" if revert else sequential_step_hint(given)
+        if not hint:
+            raise
+        raise PatchMismatchError(f"{e}{hint}") from None
+
+
 def _apply_to_folder(a, patches, revert: bool) -> int:
     """`slug apply --pipeline DIR | --llava DIR --patch P --out DIR2`: write the SD pipeline's text encoder (SDXL:
     the one the patch belongs to) or the whole LLaVA model, patched (or reverted), as a loadable folder."""
-    from ..patch import compose_patches, describe
+    from ..patch import combine_patches, describe
 
-    patch = compose_patches(patches)
+    patch = combine_patches(patches)
     if a.pipeline:
         from ..integrations.diffusers_sd import save_patched_text_encoder
 

@@ -214,6 +214,11 @@ class OpenClipAdapter(Adapter):
                         "--model ViT-B-32 --pretrained FILE)" if is_file else "") +
                     "; the names: python -c 'import open_clip; print(open_clip.list_models())'; or give a folder "
                     "(local-dir:DIR with open_clip_config.json)") from None
+            if tag and Path(tag).is_file():  # a local file open_clip could not load: no network involved (trial 38)
+                raise ModelLoadError(
+                    f"{tag} does not fit {model!r} (open_clip: {' '.join(str(e).split())[:200]}): pass the --model the "
+                    "checkpoint was saved from (its architecture), or --model local-dir:DIR for a folder with "
+                    "open_clip_config.json beside it") from None
             raise ModelLoadError(
                 f"could not load open_clip model {model!r} (pretrained={pretrained!r}): {' '.join(str(e).split())}."
                 f"{unreachable_note(why)} "

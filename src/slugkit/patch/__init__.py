@@ -30,7 +30,8 @@ Guarantees
 * **Revert is exact.** :func:`revert_patch` checks the model holds the patched values, then copies the stored
   originals back byte for byte.
 * **Patches compose** when they touch different tensors (:func:`compose_patches`, :func:`apply_patches`) and
-  are refused, naming the tensor and both concepts, when they overlap.
+  are refused, naming the tensor and both concepts, when they overlap — unless they are a sequential run's steps
+  in the order they were made, which :func:`apply_patches` / :func:`combine_patches` chain (:func:`chain_patches`).
 * **Nothing is unpickled.** Tensors are read with ``safetensors``, metadata with ``json``; checkpoints are
   recognised by parsing their header, and pickles and Git LFS pointers are refused by name
   (:func:`load_state_dict_file`). A checkpoint written back after apply / revert keeps its header (metadata and
@@ -52,7 +53,7 @@ Typical use::
 
 from .architecture import architecture_facts, check_architecture
 from .carriers import load_state_dict_file, save_state_dict_file
-from .combine import apply_patches, chain_patches, compose_patches
+from .combine import apply_patches, chain_patches, combine_patches, compose_patches
 from .format import (FORMAT, FORMAT_VERSION, PATCH_JSON, PATCH_SAFETENSORS, Patch, PatchError, PatchFormatError,
                      PatchMismatchError, load_patch, tensor_sha256)
 from .lora import LoraExportError, export_lora, lora_from_patch, read_lora
@@ -76,6 +77,7 @@ __all__ = [
     "cast_patch",
     "chain_patches",
     "check_architecture",
+    "combine_patches",
     "compose_patches",
     "describe",
     "export_lora",

@@ -23,7 +23,8 @@ def _common_architecture(patches: list[Patch]) -> dict:
     for p in recorded[1:]:
         if p.meta["architecture"] != recorded[0].meta["architecture"]:
             raise PatchError(f"cannot combine patches made on models of different architecture: concept "
-                             f"{recorded[0].concept!r} {recorded[0].meta['architecture']!r} vs concept {p.concept!r} "
+                             f"{said(recorded[0].concept)} {recorded[0].meta['architecture']!r} vs concept "
+                             f"{said(p.concept)} "
                              f"{p.meta['architecture']!r}")
     return {"architecture": dict(recorded[0].meta["architecture"])} if recorded else {}
 
@@ -63,8 +64,14 @@ def compose_patches(patches: list[Patch]) -> Patch:
                 raise PatchError(f"the same patch (concept {printable(p.concept)!r}, fingerprint {p.fingerprint[:12]}) "
                                  "is given twice; give it once")
             if name in owner:
-                raise PatchError(f"patches overlap on tensor {name!r}: concept {owner[name].concept!r} and concept "
-                                 f"{p.concept!r} both edit it; apply one, or re-run unlearning for both concepts")
+                early, late = owner[name].meta["tensors"][name], p.meta["tensors"][name]
+                if early["sha256_original"] == late["sha256_patched"]:  # a chain given last step first (trial 38)
+                    raise PatchError(f"patches overlap on tensor {name!r}: the patch for {said(owner[name].concept)} "
+                                     f"was made on top of the one for {said(p.concept)} (steps of a sequential "
+                                     "run): give them in the order they were made")
+                raise PatchError(f"patches overlap on tensor {name!r}: concept {said(owner[name].concept)} and "
+                                 f"concept {said(p.concept)} both edit it; apply one, or re-run unlearning for both "
+                                 "concepts")
             owner[name] = p
 
     components: list[dict] = []
@@ -116,7 +123,7 @@ def chain_patches(patches: list[Patch]) -> Patch:
             if name in current:
                 want = p.meta["tensors"][name]["sha256_original"]
                 if tensor_sha256(current[name]) != want:
-                    raise PatchError(f"patch for {p.concept!r} was not made on top of the earlier patches: tensor "
+                    raise PatchError(f"patch for {said(p.concept)} was not made on top of the earlier patches: tensor "
                                      f"{name!r} differs from what they produce ({_short(want)}…)")
             else:
                 originals[name] = p.original[name]
@@ -134,9 +141,38 @@ def chain_patches(patches: list[Patch]) -> Patch:
     return chained
 
 
+def combine_patches(patches: list[Patch]) -> Patch:
+    """One patch for patches applied together: :func:`chain_patches` when they are the steps of a sequential run
+    given in the order they were made (every tensor two of them edit: the later one's original is the earlier one's
+    result, by sha256; all of one base model), else :func:`compose_patches` (disjoint edits; its errors). A single
+    :class:`Patch` (or a patch folder) is taken as a list of one. (``slug apply --patch 1-A/patch --patch 2-B/patch``
+    refused the steps of a sequential run as overlapping; trial 38.)"""
+    patches = [as_patch(p) for p in ([patches] if isinstance(patches, (Patch, str, os.PathLike)) else patches)]
+    last: dict[str, str] = {}  # tensor -> sha256 of the values the patches so far leave in it
+    chained = False
+    for p in patches:
+        if _base(p.meta) != _base(patches[0].meta):
+            return compose_patches(patches)  # says which bases differ
+        for name in p.names:
+            info = p.meta["tensors"][name]
+            if name in last:
+                if info["sha256_original"] != last[name]:
+                    return compose_patches(patches)  # an overlap that is no chain: refused, naming both
+                chained = True
+            last[name] = info["sha256_patched"]
+    return chain_patches(patches) if chained else compose_patches(patches)
+
+
+def said(concept) -> str:
+    """A patch's concept for a message: ``'A'``, or ``'A' + 'B'`` for a several-concept patch (a list's repr was
+    printed: trial 38)."""
+    return " + ".join(repr(printable(c)) for c in concept) if isinstance(concept, list) else repr(printable(concept))
+
+
 def apply_patches(target, patches: list[Patch], *, check: bool = True):
-    """Apply several disjoint patches all-or-nothing: everything is checked before any tensor is written. A single
-    :class:`Patch` (or a patch folder) is taken as a list of one."""
-    return apply_patch(target, compose_patches(patches), check=check)
+    """Apply several patches all-or-nothing (:func:`combine_patches`: disjoint ones, or a sequential run's steps in
+    order): everything is checked before any tensor is written. A single :class:`Patch` (or a patch folder) is taken
+    as a list of one."""
+    return apply_patch(target, combine_patches(patches), check=check)
 
 

@@ -160,3 +160,42 @@ def _rounded(v, digits: int = 4):
     if isinstance(v, (list, tuple)):
         return [_rounded(x, digits) for x in v]
     return v
+
+
+def sequential_step_hint(given: list) -> str:
+    """What to do when a patch that is step k > 1 of a sequential run (``SEQ/<k>-<Name>/patch``, ``SEQ/result.json``
+    with ``mode: sequential``) did not fit the model: it was made on the model the earlier steps produced, so its
+    originals are no base model's (``slug apply`` said "load the base model the patch was made for: embedded" of
+    the model given, which was that base; trial 38). ``given``: the ``--patch`` paths; "" when none is such a step or
+    its earlier steps are given too."""
+    import json
+    import re
+    from pathlib import Path
+
+    from .format import resolve_patch_dir
+
+    dirs = []
+    for g in given:
+        try:
+            dirs.append(resolve_patch_dir(g).resolve())
+        except (OSError, ValueError):
+            return ""
+    for d in dirs:
+        m = re.fullmatch(r"(\d+)-.+", d.parent.name)
+        seq = d.parent.parent
+        try:
+            mode = json.loads((seq / "result.json").read_text(encoding="utf-8")).get("mode")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not m or int(m.group(1)) < 2 or mode != "sequential":
+            continue
+        steps = sorted((int(x.name.split("-", 1)[0]), x / "patch") for x in seq.iterdir()
+                       if re.fullmatch(r"\d+-.+", x.name) and (x / "patch" / "patch.json").is_file())
+        earlier = [p for k, p in steps if k < int(m.group(1))]
+        if all(p in dirs for p in earlier):
+            continue
+        order = " ".join(f"--patch {printable(str(p))}" for p in earlier + [d])
+        return (f" {printable(str(d))} is step {m.group(1)} of the sequential run {printable(str(seq))}: it was made "
+                "on the model the earlier steps produced, so apply it after them, in the order they were made "
+                f"({order}), or apply the run's chained patch {printable(str(Path(seq) / 'patch'))}")
+    return ""

@@ -110,6 +110,11 @@ class UnlearnCanvasGrid(Grid):
         from ..common.progress import vanishing_bar
 
         n = 0
+        have = [s for s in self.styles if (self.data_dir / s).is_dir()]
+        if not have:  # "<DIR>/Van_Gogh/Cats: no images; restrict the grid" for a folder that is no dataset (trial 38)
+            raise FileNotFoundError(f"--data {self.data_dir} holds none of the grid's {len(self.styles)} style folders "
+                                    f"({', '.join(self.styles[:3])}{', …' if len(self.styles) > 3 else ''}): give UnlearnCanvas's data folder, laid out "
+                                    "as DIR/{Style}/{Object}/{n}.jpg")
         pairs = [(s, o) for s in self.styles for o in self.objects]
         for s, o in vanishing_bar(pairs, desc="checking the dataset", disable=not progress):
             for f in self.files(s, o):
@@ -127,8 +132,9 @@ class UnlearnCanvasGrid(Grid):
         d = self.data_dir / style / obj
         found = sorted(p for p in d.glob("*") if p.suffix.lower() in IMAGE_EXTS) if d.is_dir() else []
         if not found:
-            raise FileNotFoundError(f"{d}: no .jpg/.png images — the UnlearnCanvas layout is DIR/{{Style}}/{{Object}}/"
-                                    "{n}.jpg; restrict the grid with --styles/--objects to the pairs you have")
+            raise FileNotFoundError(f"--data: {d} holds no .jpg/.jpeg/.png images — the UnlearnCanvas layout is "
+                                    "DIR/{Style}/{Object}/{n}.jpg; restrict the grid with --styles/--objects to the "
+                                    "pairs you have")
         return found
 
     def images(self, pairs, per_pair: int, seed: int, salt: int) -> tuple[np.ndarray, list[str]]:
