@@ -341,8 +341,21 @@ def test_cli_audit_input_errors(leaky_patch, tmp_path, capsys):
         in capsys.readouterr().err  # as `slug inspect` says it (it said "no patch there", 23rd trial)
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--probes", "prompts,bogus"]) == 2
     assert "--probes" in capsys.readouterr().err
+    # trial 38: a patch of the embedded model audited on another was asked for --test-identities first
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--model", "ViT-B-32"]) == 2
-    assert "--test-identities" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--model ViT-B-32: the patch at" in err and "was made on the embedded model; audit it on that model " \
+        "(--model embedded)" in err
+    from slugkit.patch import load_patch, make_patch, save_patch
+
+    lp = load_patch(leaky_patch)  # the same edit, recorded as made on ViT-B-32: the data it needs is asked for
+    b32 = make_patch(dict(lp.original), dict(lp.patched), base_model={"family": "open_clip", "model": "ViT-B-32",
+                     "pretrained": "laion400m_e32"}, adapter="open_clip", concept=CONCEPT, method="test")
+    save_patch(b32, tmp_path / "b32")
+    assert main(["audit", "--patch", str(tmp_path / "b32"), "--out", str(tmp_path / "o"), "--model", "ViT-B-32"]) == 2
+    assert "--test-identities is required" in capsys.readouterr().err
+    assert main(["audit", "--patch", str(tmp_path / "b32"), "--out", str(tmp_path / "o")]) == 2  # --model embedded
+    assert "the patch at" in capsys.readouterr().err
     assert main(["audit", "--patch", str(leaky_patch), "--out", str(tmp_path / "o"), "--control-name",
                  "Talsa Falham", "--probes", "prompts"]) == 2
     assert "never learned" in capsys.readouterr().err

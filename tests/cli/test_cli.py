@@ -417,7 +417,7 @@ def test_demo_joint_concepts(tmp_path, data_dir):
     assert accepted and all(e["metrics"]["forget_top5"] == 0 for e in accepted)
 
 
-def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir):
+def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir, capsys):
     from slugkit.patch import apply_patch, load_patch, revert_patch
 
     names = [world.IDENTITIES[0].name, world.IDENTITIES[2].name]
@@ -462,6 +462,29 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir):
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
     revert_patch(model, chain)
     assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())
+    # trial 38: the steps given to `slug apply` together were refused as overlapping, step 2 alone was told to load
+    # "the base model the patch was made for: embedded" (the model given), and revert in undo order failed
+    from slugkit.patch import load_state_dict_file
+
+    dirs = [str(out / f"{k + 1}-{c.replace(' ', '_')}" / "patch") for k, c in enumerate(names)]
+    assert main(["apply", "--patch", dirs[0], "--patch", dirs[1], "--model", "embedded", "--out",
+                 str(tmp_path / "s12.safetensors")]) == 0
+    got = load_state_dict_file(str(tmp_path / "s12.safetensors"))
+    assert all(torch.equal(final[k], got[k]) for k in final)
+    assert main(["revert", "--patch", dirs[0], "--patch", dirs[1], "--checkpoint", str(tmp_path / "s12.safetensors"),
+                 "--out", str(tmp_path / "r.safetensors")]) == 0
+    got = load_state_dict_file(str(tmp_path / "r.safetensors"))
+    assert all(torch.equal(base[k], got[k]) for k in base)
+    capsys.readouterr()
+    for cmd in (["apply", "--patch", dirs[1], "--patch", dirs[0], "--model", "embedded"],
+                ["revert", "--patch", dirs[1], "--patch", dirs[0], "--checkpoint", str(tmp_path / "s12.safetensors")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "was made on top of the one for" in err and "give them in the order they were made" in err
+    assert main(["apply", "--patch", dirs[1], "--model", "embedded"]) == 2
+    err = capsys.readouterr().err
+    assert f"{dirs[1]} is step 2 of the sequential run {out}: it was made on the model the earlier steps produced" in err
+    assert f"(--patch {dirs[0]} --patch {dirs[1]}), or apply the run's chained patch {out / 'patch'}" in err
 
 
 def test_demo_verdict_pass(demo_run):

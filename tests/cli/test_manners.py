@@ -302,6 +302,12 @@ def test_a_misspelled_name_gets_a_suggestion(capsys):
     assert "unknown identity 'Jowen Gormer'; did you mean 'Jowen Gormere'?" in capsys.readouterr().err
     assert main(["demo", "--target", "sd", "--concept", "red triangel"]) == 2
     assert "did you mean 'red triangle'?" in capsys.readouterr().err
+    # trial 38: a concept of the other demo got no word of where it belongs
+    assert main(["demo", "--concept", "Red Triangle"]) == 2
+    assert ("'red triangle' is an object of the embedded text-to-image model: `slug demo --target sd --concept 'red "
+            "triangle'` unlearns it") in capsys.readouterr().err
+    assert main(["demo", "--target", "sd", "--concept", "jowen gormere"]) == 2
+    assert "'Jowen Gormere' is an identity: the CLIP demo (no --target) and --target vlm" in capsys.readouterr().err
 
 
 def test_the_audit_lines_name_the_graded_number_and_a_failed_patch(tmp_path, capsys):

@@ -174,3 +174,20 @@ def test_a_folder_with_patches_below_it_names_them(tmp_path):
                                                 r".*sequential/slug/patch"):
         resolve_patch_dir(tmp_path)
     assert resolve_patch_dir(tmp_path / "joint") == tmp_path / "joint" / "slug" / "patch"
+
+
+def test_a_patch_file_given_as_the_model_is_named_as_such(tmp_path, patch_dir, capsys):
+    """Trial 38: `--checkpoint RUN/patch/patch.safetensors` said "the model has no tensor named … (did you mean
+    'patched/…')"; and an open_clip architecture given weights of another said to download them elsewhere."""
+    for flag, extra in (("--checkpoint", []), ("--pretrained", ["--model", "embedded"])):
+        assert main(["apply", "--patch", str(patch_dir), flag, str(patch_dir / "patch.safetensors"), *extra,
+                     "--out", str(tmp_path / "o.safetensors")]) == 2
+        assert (f"error: {flag} {patch_dir / 'patch.safetensors'} is a slugkit patch's tensor file, not a model"
+                in _err(capsys))
+    from slugkit.models import ModelLoadError, load_adapter
+    from slugkit.models.open_clip import EMBEDDED_DIR
+
+    with pytest.raises(ModelLoadError, match=r"does not fit 'ViT-B-32' \(open_clip: .*\): pass the --model the "
+                                             r"checkpoint was saved from") as e:
+        load_adapter("ViT-B-32", str(EMBEDDED_DIR / "open_clip_model.safetensors"))
+    assert "network" not in str(e.value)

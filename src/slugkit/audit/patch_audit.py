@@ -133,15 +133,15 @@ def _check_out(out, overwrite: bool) -> None:
     if not str(out).strip():
         raise ValueError("audit_patch: out is empty; give a folder (or None: nothing written)")
     if p.exists() and not p.is_dir():
-        raise ValueError(f"audit_patch: out {out}: a file is there; out is a folder (created if missing)")
+        raise ValueError(f"out (--out) {out}: a file is there; give a folder (created if missing)")
     from ..common.outputs import out_inside_model
 
     if out_inside_model(out, {}, "out"):  # the package's assets (trial 30)
         raise ValueError(f"audit_patch: {out_inside_model(out, {}, 'out')}")
     for d in (p, *p.resolve().parents):
         if (d / "patch.json").is_file() and (d / "patch.safetensors").is_file():
-            raise ValueError(f"audit_patch: out {out} is inside the patch folder {d}; write the audit into the run "
-                             "folder or elsewhere")
+            raise ValueError(f"out (--out) {out} is inside the patch folder {d}; write the audit into the run "
+                             "folder or elsewhere")  # named the function to a CLI user (trial 38)
     if not overwrite and any((p / n).exists() for n in (AUDIT_JSON, AUDIT_MD)):
         raise FileExistsError(f"{out} holds an audit ({AUDIT_JSON}); pass overwrite=True to replace it, or another out")
 

@@ -22,6 +22,10 @@ def _load_target(a):
     from ..common.weights import check_weights_file
     from ..patch import load_state_dict_file
 
+    for flag, spec in (("--checkpoint", a.checkpoint), ("--pretrained", a.pretrained)):
+        if spec and _is_patch_file(spec):  # "the model has no tensor named … (did you mean 'patched/…'?)" (trial 38)
+            raise ValueError(f"{flag} {printable(spec)} is a slugkit patch's tensor file, not a model: give the "
+                             "model's checkpoint (the patch goes in --patch, as its folder)")
     if a.checkpoint:
         return load_state_dict_file(a.checkpoint), None
     for spec in (a.model, a.pretrained):
@@ -35,6 +39,19 @@ def _load_target(a):
 
     adapter = load_adapter(a.model, a.pretrained, family=a.family)
     return adapter.model, adapter
+
+
+def _is_patch_file(path) -> bool:
+    """Whether ``path`` is a ``patch.safetensors``: every tensor named ``original/…`` or ``patched/…`` (read from
+    the header alone; False for anything that is not a readable safetensors file)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        return False
+    return bool(keys) and all(k.startswith(("original/", "patched/")) for k in keys)
 
 
 def _state_of(target):

@@ -245,10 +245,13 @@ class TimmJudges:
             except Exception as e:
                 raise ValueError(f"--classifiers: timm cannot build {arch!r} with {spec.get('kwargs', {})} "
                                  f"({type(e).__name__}: {e}); fix 'arch'/'kwargs' in {d / 'judges.json'}") from None
+            if f.stat().st_size == 0:  # said "is not a vit_… (header too small)" (trial 38)
+                raise ValueError(f"--classifiers: {f} is empty (0 bytes); write the {task} classifier's state dict "
+                                 "there again (README: the conversion)")
             try:
                 net.load_state_dict(load_file(str(f)))
-            except Exception as e:
-                msg = str(e).splitlines()[0][:300]
+            except Exception as e:  # load_state_dict's first line is only its heading: keep the details' start
+                msg = " ".join(str(e).split())[:300]
                 raise ValueError(f"--classifiers: {f} is not a {arch} with {len(labels[task])} {task} outputs "
                                  f"({type(e).__name__}: {msg}); {name} must hold the {task} classifier's state dict "
                                  "(README: the conversion), or describe it in judges.json") from None

@@ -102,6 +102,9 @@ def identity_by_name(name: str) -> Identity:
 
         close = difflib.get_close_matches(key, list(_BY_NAME), n=2, cutoff=0.8)  # "Jowen Gormer" got no hint (8th)
         hint = f"did you mean {' or '.join(repr(_BY_NAME[c].name) for c in close)}? " if close else ""
+        if key in {c.name for c in UTILITY_CLASSES}:  # an object for the identity demo: no word of it (trial 38)
+            hint = (f"{key!r} is an object of the embedded text-to-image model: `slug demo --target sd --concept "
+                    f"{key!r}` unlearns it; ")
         raise KeyError(
             f"unknown identity {name!r}; {hint}the embedded world has {len(IDENTITIES)} identities "
             f"(run `slug world names` to list them)"

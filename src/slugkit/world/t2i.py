@@ -121,7 +121,12 @@ def concept_by_name(name: str) -> world.UtilityClass:
     import difflib
 
     close = difflib.get_close_matches(" ".join(low.split()), concept_names(), n=1, cutoff=0.8)
-    raise ValueError(f"unknown concept {name!r} for the embedded text-to-image model; "
+    try:  # an identity for the text-to-image demo: say where identities go (trial 38)
+        person = f"{world.identity_by_name(low).name!r} is an identity: the CLIP demo (no --target) and --target vlm " \
+                 "unlearn identities; "
+    except KeyError:
+        person = ""
+    raise ValueError(f"unknown concept {name!r} for the embedded text-to-image model; {person}"
                      + (f"did you mean {close[0]!r}? " if close else "")
                      + f"choose one of: {', '.join(concept_names())}")
 
