@@ -13,7 +13,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_PATCH_API = ("Patch", "apply_patch", "apply_patches", "compose_patches", "load_patch", "revert_patch", "save_patch")
+_PATCH_API = ("Patch", "apply_patch", "apply_patches", "combine_patches", "compose_patches", "load_patch",
+              "revert_patch", "save_patch")
 
 
 def load_model(model: str = "embedded", pretrained: str | None = None, **kw):
@@ -102,5 +103,6 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Patch", "apply_patch", "apply_patches", "compose_patches", "load_patch", "revert_patch", "save_patch",
-           "load_model", "unlearn", "world_config", "release_claims", "UnlearnConfig", "SearchConfig", "Budgets"]
+__all__ = ["Patch", "apply_patch", "apply_patches", "combine_patches", "compose_patches", "load_patch", "revert_patch",
+           "save_patch", "load_model", "unlearn", "world_config", "release_claims", "UnlearnConfig", "SearchConfig",
+           "Budgets"]

@@ -483,7 +483,7 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir, capsys):
         assert "was made on top of the one for" in err and "give them in the order they were made" in err
     assert main(["apply", "--patch", dirs[1], "--model", "embedded"]) == 2
     err = capsys.readouterr().err
-    assert f"{dirs[1]} is step 2 of the sequential run {out}: it was made on the model the earlier steps produced" in err
+    assert f"{dirs[1]} is step 2 of the sequential run {out}: it was made on the model the earlier steps" in err
     assert f"(--patch {dirs[0]} --patch {dirs[1]}), or apply the run's chained patch {out / 'patch'}" in err
 
 

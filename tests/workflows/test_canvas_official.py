@@ -130,7 +130,8 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
     args = _args(bench, "--out", str(out))
     args[args.index("--data") + 1] = str(bench / "sd")
     assert main(args) == 2
-    assert f"--data {bench / 'sd'} holds none of the grid's 2 style folders (Van_Gogh, Seed_Images)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--data {bench / 'sd'} holds none of the grid's 2 style folders (Van_Gogh, Seed_Images)" in err
     for k, inside in (("data", bench / "data" / "run"), ("pipeline", bench / "sd" / "out")):
         assert main(_args(bench, "--out", str(inside))) == 2
         assert f"--out {inside} is inside --{k} {bench / k if k == 'data' else bench / 'sd'}, a folder this run reads" \

@@ -113,8 +113,8 @@ class UnlearnCanvasGrid(Grid):
         have = [s for s in self.styles if (self.data_dir / s).is_dir()]
         if not have:  # "<DIR>/Van_Gogh/Cats: no images; restrict the grid" for a folder that is no dataset (trial 38)
             raise FileNotFoundError(f"--data {self.data_dir} holds none of the grid's {len(self.styles)} style folders "
-                                    f"({', '.join(self.styles[:3])}{', …' if len(self.styles) > 3 else ''}): give UnlearnCanvas's data folder, laid out "
-                                    "as DIR/{Style}/{Object}/{n}.jpg")
+                                    f"({', '.join(self.styles[:3])}{', …' if len(self.styles) > 3 else ''}): give "
+                                    "UnlearnCanvas's data folder, laid out as DIR/{Style}/{Object}/{n}.jpg")
         pairs = [(s, o) for s in self.styles for o in self.objects]
         for s, o in vanishing_bar(pairs, desc="checking the dataset", disable=not progress):
             for f in self.files(s, o):
