@@ -138,7 +138,9 @@ def test_bad_inputs_are_refused_before_any_work(bench, tmp_path, capsys):
             in capsys.readouterr().err
         assert not inside.exists()
     assert main(_args(bench, "--styles", "Vangogh", "--out", str(out))) == 2
-    assert "--styles: unknown 'Vangogh'" in capsys.readouterr().err
+    assert "--styles: unknown 'Vangogh'; did you mean 'Van_Gogh'?" in capsys.readouterr().err
+    assert main(_args(bench, "--objects", "cats,Dogs", "--out", str(out))) == 2
+    assert "--objects: unknown 'cats'; did you mean 'Cats'?" in capsys.readouterr().err
     assert main(_args(bench, "--targets", "Monet", "--out", str(out))) == 2  # not in the declared grid
     assert "--targets: unknown 'Monet'" in capsys.readouterr().err
     for extra, msg in ((["--seeds", "188,x"], "--seeds"), (["--seeds", ","], "--seeds"),

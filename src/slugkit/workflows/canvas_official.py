@@ -69,7 +69,11 @@ def check_grid(styles: list[str], objects: list[str], targets: list[str] | None 
     for flag, given, known in (("--styles", styles, STYLE_LABELS), ("--objects", objects, OBJECTS20)):
         bad = [n for n in given if n not in known]
         if bad:
-            return f"{flag}: unknown {bad[0]!r}; UnlearnCanvas has {', '.join(known)}"
+            import difflib  # "van_gogh" got the 51 names and no hint (trial 38)
+
+            close = difflib.get_close_matches(bad[0].lower(), [k.lower() for k in known], n=1, cutoff=0.7)
+            hint = f"did you mean {next(k for k in known if k.lower() == close[0])!r}? " if close else ""
+            return f"{flag}: unknown {bad[0]!r}; {hint}UnlearnCanvas has {', '.join(known)}"
         if len(set(given)) != len(given):
             return f"{flag}: {[n for n in given if given.count(n) > 1][0]!r} is given twice"
         if len(given) < 2:
