@@ -73,7 +73,11 @@ def default_controls(names: list[str], n: int = 3) -> list[str]:
     from ..world.names import held_out_identities
 
     taken = {w for x in names for w in name_words(x)}  # no word of a listed name (the concept's first name …)
-    return [i.name for i in held_out_identities(n + 20) if not taken & set(name_words(i.name))][:n]
+    for k in (n + 5, n + 20, n + 80):  # held_out_identities(k)'s order depends on k: n + 5 first, the names it gave
+        free = [i.name for i in held_out_identities(k) if not taken & set(name_words(i.name))]
+        if len(free) >= n:
+            break
+    return free[:n]
 
 
 def name_words(name: str) -> list[str]:
