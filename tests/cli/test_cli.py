@@ -306,6 +306,29 @@ def test_precomputed_gradients_keep_the_default_step_and_check_the_pairs(tmp_pat
     assert said in capsys.readouterr().err
     assert main(fewer + other_pairs + ["--gradients", str(gfile)]) == 2
     assert "was computed on other retain pairs" in capsys.readouterr().err
+    # trial 39: another --family was blamed on the weights, another --precision was used silently
+    hf = _unlearn_args(data_dir, demo["concept"], tmp_path / "hf") + pairs + ["--family", "hf_clip"]
+    assert main(hf + ["--gradients", str(run / "gradients.safetensors")]) == 2
+    assert "was computed with --family open_clip (its tensors carry that family's names), this run is --family " \
+        "hf_clip: pass --family open_clip" in capsys.readouterr().err
+    from slugkit.slug.gradfile import batching_record
+
+    assert "was computed in fp32 (--precision), this run is bf16" in batching_record(
+        run / "gradients.safetensors", 64, 900, "bf16")["warnings"][0]
+    assert batching_record(run / "gradients.safetensors", 64, 900, "fp32")["warnings"] == []
+    # trial 39: --save-gradients beside --gradients was dropped without a word; damaged or foreign files, a folder
+    g = ["--gradients", str(run / "gradients.safetensors")]
+    assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "s") + pairs + g + ["--save-gradients"]) == 2
+    assert "--save-gradients: the gradients are read from" in capsys.readouterr().err
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((run / "gradients.safetensors").read_bytes()[:100_000])
+    for bad, words in ((cut, "is not a readable gradients file (SafetensorError"),
+                       (run / "patch" / "patch.json", "is not a readable gradients file"),
+                       (run / "patch" / "patch.safetensors", "is a slugkit patch's tensor file, not the gradients"),
+                       (run / "patch", "is a folder; give the .safetensors file")):
+        assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "b") + pairs + ["--gradients", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
     ck = tmp_path / "ck.safetensors"
     assert main(["apply", "--patch", str(demo_run), "--model", "embedded", "--out", str(ck)]) == 0
     g2 = tmp_path / "g2.safetensors"
@@ -330,7 +353,9 @@ def test_saved_gradients_record_their_provenance(tmp_path, data_dir, demo_run, c
     saved, streamed = read_provenance(run / "gradients.safetensors"), read_provenance(gfile)
     assert saved == {k: streamed[k] for k in saved} and saved["retain"] and saved["weights_sha256"]
     # what the --gradients checks read; the batching is the same as the streamed pass's (one shard each)
-    assert set(saved) == {"weights_sha256", "names_sha256", "forget", "retain", "batch_size", "retain_batches"}
+    assert set(saved) == {"weights_sha256", "names_sha256", "forget", "retain", "batch_size", "retain_batches",
+                          "family", "precision"}  # the last two: trial 39
+    assert (saved["family"], saved["precision"]) == ("open_clip", "fp32")
     assert (saved["batch_size"], saved["retain_batches"]) == (64, 15)
     assert streamed["batch_size"] == 64 and streamed["read_stats"]["retain"]["samples"] == 900  # grads says more
     (tmp_path / "r2").mkdir()
@@ -346,6 +371,29 @@ def test_saved_gradients_record_their_provenance(tmp_path, data_dir, demo_run, c
     assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "again") + other
                 + ["--gradients", str(run / "gradients.safetensors")]) == 2
     assert "was computed on other retain pairs" in capsys.readouterr().err
+    # trial 39: another --family was blamed on the weights, another --precision was used silently
+    hf = _unlearn_args(data_dir, demo["concept"], tmp_path / "hf") + pairs + ["--family", "hf_clip"]
+    assert main(hf + ["--gradients", str(run / "gradients.safetensors")]) == 2
+    assert "was computed with --family open_clip (its tensors carry that family's names), this run is --family " \
+        "hf_clip: pass --family open_clip" in capsys.readouterr().err
+    from slugkit.slug.gradfile import batching_record
+
+    assert "was computed in fp32 (--precision), this run is bf16" in batching_record(
+        run / "gradients.safetensors", 64, 900, "bf16")["warnings"][0]
+    assert batching_record(run / "gradients.safetensors", 64, 900, "fp32")["warnings"] == []
+    # trial 39: --save-gradients beside --gradients was dropped without a word; damaged or foreign files, a folder
+    g = ["--gradients", str(run / "gradients.safetensors")]
+    assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "s") + pairs + g + ["--save-gradients"]) == 2
+    assert "--save-gradients: the gradients are read from" in capsys.readouterr().err
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((run / "gradients.safetensors").read_bytes()[:100_000])
+    for bad, words in ((cut, "is not a readable gradients file (SafetensorError"),
+                       (run / "patch" / "patch.json", "is not a readable gradients file"),
+                       (run / "patch" / "patch.safetensors", "is a slugkit patch's tensor file, not the gradients"),
+                       (run / "patch", "is a folder; give the .safetensors file")):
+        assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "b") + pairs + ["--gradients", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
 
 
 def test_a_world_run_takes_pretrained_and_refuses_what_it_would_drop(tmp_path, data_dir, demo_run, capsys):

@@ -144,7 +144,8 @@ def test_a_named_model_without_pretrained_weights_is_refused_not_randomly_initia
         OpenClipAdapter.load("ViT-B-32")
     with pytest.raises(ModelLoadError, match="is not an open_clip model name"):
         OpenClipAdapter.load("ViT-B-3")
-    assert main(["grads", "--model", "ViT-B-32", "--forget", "f.tar", "--retain", "r.tar", "--out", "g"]) == 2
+    assert main(["grads", "--model", "ViT-B-32", "--forget", "f.tar", "--retain", "r.tar", "--out",
+                 "g.safetensors"]) == 2
     assert "pass --pretrained TAG (e.g. --model ViT-B-32 --pretrained laion400m_e32)" in capsys.readouterr().err
 
 

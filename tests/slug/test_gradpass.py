@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+import slugkit
+
 from conftest import TINY_CFG
 
 open_clip = pytest.importorskip("open_clip")
@@ -152,9 +154,21 @@ def test_existing_out_needs_overwrite(world, reference, tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: {out} already exists; pass --overwrite to replace it, or choose "
                                        "another --out\n")
     assert out.read_bytes() == before and not Path(f"{out}.ckpt").exists()
-    out.write_bytes(b"stale")
+    out.write_bytes(b"my notes")  # trial 39: --overwrite replaced any file; only a gradients file slug wrote now
+    assert main(_cli(world, out, "--overwrite")[2:]) == 2
+    assert "is not a gradients file slug wrote; --overwrite replaces only those" in capsys.readouterr().err
+    assert out.read_bytes() == b"my notes"
+    Gradients({"x": torch.ones(2)}, {"x": torch.ones(2)}, 1, 1).save(out)  # another pass's file: replaced
     assert main(_cli(world, out, "--overwrite")[2:]) == 0
     _assert_equal_grads(Gradients.load(out), reference[0].grads)
+    for bad, words in ((tmp_path / "g.pt", "use a name ending in .safetensors"),
+                       (Path(slugkit.__file__).parent / "g.safetensors", "inside the slugkit package")):
+        assert main(_cli(world, bad)[2:]) == 2
+        assert words in capsys.readouterr().err and not bad.exists()
+    cli = _cli(world, tmp_path / "h.safetensors")[2:]
+    cli[cli.index("--retain") + 1] = cli[cli.index("--forget") + 1]
+    assert main(cli) == 2
+    assert "--retain and --forget are the same set" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- (a)
@@ -552,3 +566,24 @@ def test_bad_input_leaves_no_checkpoint_that_blocks_the_corrected_rerun(world, t
     assert not Path(f"{out}.ckpt").exists() and not out.exists()
     _tar_with(bad, _members(Path(world["root"]) / "retain" / "00000.tar"))
     assert run_gradpass(_adapter(world), cfg).grads.n_retain == 7
+
+
+def test_a_file_that_holds_no_gradients_is_named(tmp_path):
+    """Trial 39: a LoRA given as --gradients said "not enough values to unpack (expected 2, got 1)", a truncated file
+    was safetensors' traceback."""
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "l.safetensors"
+    save_file({"text_encoder.m.lora_A.weight": torch.ones(2, 2)}, str(lora),
+              metadata={"slugkit.format": '"slugkit-lora"'})
+    other = tmp_path / "o.safetensors"
+    save_file({"w": torch.ones(2)}, str(other))
+    for path, words in ((lora, "is a slugkit LoRA, not the gradients"), (other, "is no slugkit gradients file")):
+        with pytest.raises(ValueError, match=words):
+            Gradients.load(path)
+    g = tmp_path / "g.safetensors"
+    Gradients({"x": torch.ones(3)}, {"x": torch.ones(3)}, 2, 5).save(g)
+    assert Gradients.load(g).n_retain == 5
+    g.write_bytes(g.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="is not a readable gradients file"):
+        Gradients.load(g)

@@ -255,7 +255,11 @@ def test_compare_concepts_refusals(compare_run, tmp_path, capsys):
     a, b = world.IDENTITIES[0].name, world.IDENTITIES[1].name
     assert main(["compare", "--concepts", f"{a},{b}", "--modes", "nope", "--out", str(tmp_path / "m"),
                  "--data-dir", str(data_dir), "--no-progress"]) == 2
-    assert "unknown mode" in capsys.readouterr().err
+    assert "--modes: unknown 'nope'; choose from joint, sequential, or both" in capsys.readouterr().err
+    from slugkit.cli.compare import _modes  # trial 39: "both", which --help offers, was refused
+
+    assert _modes("both") == _modes(None) == ["joint", "sequential"] and _modes("sequential,both") == [
+        "sequential", "joint"] and _modes("joint") == ["joint"]
     argv = ["compare", "--concepts", f"{a},{b}", "--forget", str(run / "data" / "forget.tar"),
             "--retain", str(run / "data" / "retain.tar"), "--val-identities", str(data_dir / "val" / "identities"),
             "--test-identities", str(data_dir / "test" / "identities"), "--names", str(data_dir / "names.txt"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,11 +61,27 @@ def cmd_grads(a) -> int:
     from ..slug.distributed import init_distributed
     from ..slug.gradpass import PassConfig, run_gradpass
 
-    if out_inside_run(a.out):
-        return refuse(out_inside_run(a.out))
+    from ..common.outputs import out_inside_model
+
+    if out_inside_run(a.out) or out_inside_model(a.out, {}):  # the package's files too (trial 39)
+        return refuse(out_inside_run(a.out) or out_inside_model(a.out, {}))
     out = Path(a.out)
+    if not out.is_dir() and out.suffix.lower() != ".safetensors":  # safetensors was written under `.pt` (trial 39), as `slug export` refuses
+        return refuse(f"--out {printable(a.out)}: the gradients are written as safetensors; use a name ending in "
+                      ".safetensors")
     if (out.is_file() or out.is_symlink()) and not a.overwrite:  # a finished pass was replaced without a word
         return refuse(f"{printable(a.out)} already exists; pass --overwrite to replace it, or choose another --out")
+    if out.is_file() or out.is_symlink():  # --overwrite replaced any file, a user's notes too (trial 39)
+        from ..slug.gradients import Gradients
+
+        try:
+            Gradients.load(out)
+        except (ValueError, OSError):
+            return refuse(f"--out {printable(a.out)} is not a gradients file slug wrote; --overwrite replaces only "
+                          "those: choose another --out, or remove that file yourself")
+    if os.path.abspath(a.forget) == os.path.abspath(a.retain):  # `slug unlearn` refuses it; grads wrote the file
+        return refuse(f"--retain and --forget are the same set ({printable(a.forget)}); the retain set is what the "
+                      "model should keep, not the concept")
     if a.threads:
         torch.set_num_threads(a.threads)
     rank, world, device = init_distributed(a.device)

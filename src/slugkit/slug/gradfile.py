@@ -91,10 +91,20 @@ def _shards(paths: list[str]) -> list[list]:
     return [[os.path.basename(p), content_sha256(p)] for p in paths]
 
 
-def provenance(fp: dict, names: list[str]) -> dict:
-    """What a gradients file records of its pass (``fp``: :func:`slugkit.slug.gradpass.fingerprint`'s)."""
+def provenance(fp: dict, names: list[str], adapter=None) -> dict:
+    """What a gradients file records of its pass (``fp``: :func:`slugkit.slug.gradpass.fingerprint`'s; ``adapter``:
+    its family and precision, read back by :func:`check_provenance` and :func:`batching_record`)."""
     return {"weights_sha256": fp["weights_sha256"], "names_sha256": fp["names_sha256"],
-            "forget": _shards([e[0] for e in fp["forget"]]), "retain": _shards([e[0] for e in fp["retain"]])}
+            "forget": _shards([e[0] for e in fp["forget"]]), "retain": _shards([e[0] for e in fp["retain"]]),
+            **_model_record(adapter)}
+
+
+def _model_record(adapter) -> dict:
+    """``{"family", "precision"}`` of the adapter a file's gradients were computed with (trial 39: a file of the
+    hf_clip family was said to be "for other model weights", and one computed in bf16 was used in fp32 silently)."""
+    if adapter is None:
+        return {}
+    return {"family": getattr(adapter, "family", None), "precision": getattr(adapter, "precision", None)}
 
 
 def run_provenance(adapter, names: list[str], specs: dict[str, str | None], batching: dict | None = None) -> dict:
@@ -107,6 +117,7 @@ def run_provenance(adapter, names: list[str], specs: dict[str, str | None], batc
             "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
     prov.update({split: _shards(list_shards(spec)) for split, spec in specs.items() if spec})
     prov.update(batching or {})
+    prov.update(_model_record(adapter))
     return prov
 
 
@@ -119,7 +130,7 @@ def read_provenance(path: str | Path) -> dict | None:
     return meta.get("provenance")
 
 
-def batching_record(path: str | Path, batch_size: int, n_retain: int) -> dict:
+def batching_record(path: str | Path, batch_size: int, n_retain: int, precision: str | None = None) -> dict:
     """How the gradients file at ``path`` batched its retain pairs, beside this run's ``batch_size`` (``n_retain``:
     the retain pairs the run read): ``{"batch_size", "retain_batches", "run_batch_size", "run_retain_batches",
     "warnings"}`` (a file of an older slugkit records no batching: ``None`` values, no warning).
@@ -145,6 +156,11 @@ def batching_record(path: str | Path, batch_size: int, n_retain: int) -> dict:
             f"(`slug grads` batches within each shard), this run would form {rec['run_retain_batches']} of up to "
             f"{batch_size}: {why}; give the pairs as fewer, larger shards (a captioned folder is read as one), or let "
             "`slug unlearn` compute the gradients")
+    made_in = prov.get("precision")
+    if precision is not None and made_in is not None and made_in != precision:  # said, not refused, as batching
+        rec["warnings"].append(f"{path} was computed in {made_in} (--precision), this run is {precision}: the "
+                               "gradients carry that precision's rounding, so the layer ranking may differ from the "
+                               f"one this run would compute; pass --precision {made_in}, or recompute the file")
     return rec
 
 
@@ -155,6 +171,10 @@ def check_provenance(path: str | Path, adapter, names: list[str], specs: dict[st
     prov = read_provenance(path)
     if not prov:
         return
+    made_by = prov.get("family")
+    if made_by and made_by != getattr(adapter, "family", made_by):  # it blamed the weights (trial 39)
+        raise ValueError(f"{path} was computed with --family {made_by} (its tensors carry that family's names), "
+                         f"this run is --family {adapter.family}: pass --family {made_by}, or recompute it (slug grads)")
     if prov.get("weights_sha256") == state_sha256(adapter.model) and \
             prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest():
         # the same weights, other candidates: it blamed the weights (trial 26)

@@ -63,17 +63,36 @@ class Gradients:
 
     @classmethod
     def load(cls, path: str | Path) -> "Gradients":
+        """The gradients file at ``path`` (:meth:`save`, ``slug grads``). Raises ``ValueError`` naming the file when
+        it is not a readable safetensors file (truncated, empty, JSON: it was safetensors' traceback) or holds no
+        slugkit gradients (a LoRA file: "not enough values to unpack"; trial 39)."""
+        import json
+
         from safetensors import safe_open
 
         forget, retain = {}, {}
-        import json
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("slugkit", "{}"))
-            for k in f.keys():
-                split, name = k.split("/", 1)
-                if split in ("forget", "retain"):  # other prefixes (e.g. gradpass's ``stats/``) are not gradients
-                    (forget if split == "forget" else retain)[name] = f.get_tensor(k)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                meta = json.loads(md.get("slugkit", "{}"))
+                fmt = meta.get("format", "") if isinstance(meta, dict) else ""
+                if not str(fmt).startswith("slugkit-gradients"):
+                    kind = ("a slugkit LoRA" if "slugkit.format" in md
+                            else "a slugkit patch's tensor file" if any(k.startswith(("original/", "patched/"))
+                                                                       for k in f.keys())
+                            else "no slugkit gradients file")
+                    raise ValueError(f"{path} is {kind}, not the gradients `slug grads` (or --save-gradients) "
+                                     "writes; give that file, or leave --gradients out to compute them")
+                for k in f.keys():
+                    split, _, name = k.partition("/")
+                    if split in ("forget", "retain") and name:  # other prefixes (gradpass's ``stats/``) are not
+                        (forget if split == "forget" else retain)[name] = f.get_tensor(k)
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError (header too small / too large / incomplete), OSError
+            raise ValueError(f"{path} is not a readable gradients file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:160]}): truncated or another kind of file; recompute it "
+                             "with `slug grads`") from None
         return cls(forget, retain, int(meta.get("n_forget", 0)), int(meta.get("n_retain", 0)))
 
 

@@ -278,7 +278,7 @@ def run_gradpass(adapter, cfg: PassConfig, names: list[str] | None = None) -> Pa
     if rank == 0:
         # what was read and skipped, and the batching (the gradients depend on it: gradfile.batching_record), kept
         # in the file: `slug grads` said nothing of the pairs it skipped (trial 24)
-        prov = {**provenance(fp, names), "batch_size": cfg.batch_size, "retain_batches": r_batches,
+        prov = {**provenance(fp, names, adapter), "batch_size": cfg.batch_size, "retain_batches": r_batches,
                 "read_stats": {s: read_stats[s].as_dict() for s in SPLITS},
                 "shards_read_once": {s: [list(x) for x in dropped[s]] for s in SPLITS if dropped[s]}}
         retain = r_sums  # divided in place: no second copy (same op, same bits as compute_gradients' sum / n)

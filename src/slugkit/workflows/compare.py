@@ -168,7 +168,8 @@ def _check_config(cc: CompareConfig, concepts: list[str]) -> None:
     if len(concepts) > 1:
         bad = [m for m in cc.modes if m not in MODES]
         if bad or not cc.modes:
-            raise ValueError(f"unknown mode(s) {bad or cc.modes}; choose from {', '.join(MODES)}")
+            raise ValueError(f"--modes: unknown {', '.join(repr(b) for b in bad) or 'empty list'}; choose from "
+                             f"{', '.join(MODES)}, or both")
         if "sequential" in cc.modes and cc.unlearn is not None:
             raise ValueError("sequential multi-concept comparison needs one forget set per concept: it runs on the "
                              "embedded world only; with explicit data use --modes joint (one --forget holding "

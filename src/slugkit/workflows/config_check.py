@@ -167,6 +167,9 @@ def check_config(cfg) -> None:
                                          ("sd", "llava") and cfg.consumer.split(":", 1)[-1].strip()):
         raise ValueError(f"{_where('consumer')}: expected 'sd:DIR' or 'llava:DIR' (or 'sd:embedded', "
                          f"'llava:embedded') or None, got {cfg.consumer!r}")
+    if cfg.save_gradients and cfg.gradients:  # nothing is computed to save: it was dropped without a word (trial 39)
+        raise ValueError(f"{_where('save_gradients')}: the gradients are read from {cfg.gradients} (gradients, "
+                         "--gradients), not computed, so there is nothing to save; drop one of the two")
     if cfg.clip_skip is not None and not (cfg.consumer or "").startswith("sd:"):  # was dropped without a word
         raise ValueError(f"{_where('clip_skip')}: applies with consumer 'sd:DIR' only (how that pipeline reads its "
                          "text encoder); drop it, or give --consumer sd:DIR")

@@ -206,9 +206,12 @@ def load_gradients_file(path: str, names: list[str], read: dict[str, int] | None
     do not match."""
     from ..slug.gradients import Gradients
 
+    if Path(path).is_dir():  # said "not found" of a folder that is there (trial 39)
+        raise IsADirectoryError(f"--gradients {path} is a folder; give the .safetensors file `slug grads` (or "
+                                "--save-gradients) wrote")
     if not Path(path).is_file():
         raise FileNotFoundError(f"gradients file not found: {path}")
-    grads = Gradients.load(path)
+    grads = Gradients.load(path)  # a damaged or foreign file: a ValueError naming it
     if grads.n_forget <= 0:
         raise EmptyForgetSetError(f"{path} records no forget samples; recompute it with `slug grads`")
     counts = {"forget": grads.n_forget, "retain": grads.n_retain}

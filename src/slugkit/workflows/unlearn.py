@@ -239,7 +239,7 @@ def _gradients(cfg: UnlearnConfig, adapter, data: dict, names: list[str]):
         loaded = load_gradients_file(cfg.gradients, names, counts, adapter,
                                      {"forget": cfg.forget, "retain": cfg.retain})
         # a file batched otherwise holds another gradient (contrastive loss): said, kept in result.json
-        data["gradients_file"] = batching_record(cfg.gradients, cfg.batch_size, counts["retain"])
+        data["gradients_file"] = batching_record(cfg.gradients, cfg.batch_size, counts["retain"], cfg.precision)
         for w in data["gradients_file"]["warnings"]:
             print(f"warning: {w}", file=sys.stderr, flush=True)
         return loaded
