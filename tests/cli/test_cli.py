@@ -306,29 +306,6 @@ def test_precomputed_gradients_keep_the_default_step_and_check_the_pairs(tmp_pat
     assert said in capsys.readouterr().err
     assert main(fewer + other_pairs + ["--gradients", str(gfile)]) == 2
     assert "was computed on other retain pairs" in capsys.readouterr().err
-    # trial 39: another --family was blamed on the weights, another --precision was used silently
-    hf = _unlearn_args(data_dir, demo["concept"], tmp_path / "hf") + pairs + ["--family", "hf_clip"]
-    assert main(hf + ["--gradients", str(run / "gradients.safetensors")]) == 2
-    assert "was computed with --family open_clip (its tensors carry that family's names), this run is --family " \
-        "hf_clip: pass --family open_clip" in capsys.readouterr().err
-    from slugkit.slug.gradfile import batching_record
-
-    assert "was computed in fp32 (--precision), this run is bf16" in batching_record(
-        run / "gradients.safetensors", 64, 900, "bf16")["warnings"][0]
-    assert batching_record(run / "gradients.safetensors", 64, 900, "fp32")["warnings"] == []
-    # trial 39: --save-gradients beside --gradients was dropped without a word; damaged or foreign files, a folder
-    g = ["--gradients", str(run / "gradients.safetensors")]
-    assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "s") + pairs + g + ["--save-gradients"]) == 2
-    assert "--save-gradients: the gradients are read from" in capsys.readouterr().err
-    cut = tmp_path / "cut.safetensors"
-    cut.write_bytes((run / "gradients.safetensors").read_bytes()[:100_000])
-    for bad, words in ((cut, "is not a readable gradients file (SafetensorError"),
-                       (run / "patch" / "patch.json", "is not a readable gradients file"),
-                       (run / "patch" / "patch.safetensors", "is a slugkit patch's tensor file, not the gradients"),
-                       (run / "patch", "is a folder; give the .safetensors file")):
-        assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "b") + pairs + ["--gradients", str(bad)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
     ck = tmp_path / "ck.safetensors"
     assert main(["apply", "--patch", str(demo_run), "--model", "embedded", "--out", str(ck)]) == 0
     g2 = tmp_path / "g2.safetensors"

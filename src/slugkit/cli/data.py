@@ -66,7 +66,7 @@ def cmd_grads(a) -> int:
     if out_inside_run(a.out) or out_inside_model(a.out, {}):  # the package's files too (trial 39)
         return refuse(out_inside_run(a.out) or out_inside_model(a.out, {}))
     out = Path(a.out)
-    if not out.is_dir() and out.suffix.lower() != ".safetensors":  # safetensors was written under `.pt` (trial 39), as `slug export` refuses
+    if not out.is_dir() and out.suffix.lower() != ".safetensors":  # written under `.pt` (trial 39); `slug export` too
         return refuse(f"--out {printable(a.out)}: the gradients are written as safetensors; use a name ending in "
                       ".safetensors")
     if (out.is_file() or out.is_symlink()) and not a.overwrite:  # a finished pass was replaced without a word

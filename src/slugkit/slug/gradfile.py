@@ -174,7 +174,8 @@ def check_provenance(path: str | Path, adapter, names: list[str], specs: dict[st
     made_by = prov.get("family")
     if made_by and made_by != getattr(adapter, "family", made_by):  # it blamed the weights (trial 39)
         raise ValueError(f"{path} was computed with --family {made_by} (its tensors carry that family's names), "
-                         f"this run is --family {adapter.family}: pass --family {made_by}, or recompute it (slug grads)")
+                         f"this run is --family {adapter.family}: pass --family {made_by}, or recompute it (slug "
+                         "grads)")
     if prov.get("weights_sha256") == state_sha256(adapter.model) and \
             prov.get("names_sha256") != hashlib.sha256("\n".join(names).encode()).hexdigest():
         # the same weights, other candidates: it blamed the weights (trial 26)
