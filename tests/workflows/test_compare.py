@@ -116,12 +116,21 @@ def test_compare_refuses_learning_rates_it_would_drop(compare_run, capsys):
         assert main(base + lr) == 2
         assert said in capsys.readouterr().err
     assert not Path(str(out) + "-lr").exists()
-    assert main(base + ["--methods", "slug,ssd", "--lr-sweep", "1e-4"]) == 2  # recorded, then unused (13th trial)
+    assert main(base[:-2] + ["--methods", "slug,ssd", "--lr-sweep", "1e-4"]) == 2  # recorded, then unused (13th)
     assert "--lr-sweep applies to GA, GA+FT, SalUn and SalUn-RL without an --lr of their own" in \
         capsys.readouterr().err
     assert main(base + ["--methods", "slug,ga", "--lr-sweep", "1e-4", "--lr", "ga=1e-3"]) == 2  # the --lr won
     assert main(base + ["--methods", "ga", "--modes", "joint"]) == 2  # ran the single-concept comparison
     assert "--modes applies to several concepts: add --concepts A,B" in capsys.readouterr().err
+    # trial 39: a method option no chosen method reads ran, silently (as --lr for a method not run is refused)
+    for extra, said in ((["--methods", "slug,ssd"], "--epochs applies to ft, ga, gaft, salun, salun-rl, and "
+                                                    "--methods slug,ssd runs none of them"),
+                        (["--methods", "ga", "--ssd-alpha", "2"], "--ssd-alpha applies to ssd, ssd-cumulative"),
+                        (["--methods", "ga", "--salun-threshold", "0.3"], "--salun-threshold applies to salun"),
+                        (["--methods", "ga", "--ssd-importance-loss", "cos"], "--ssd-importance-loss applies to ssd")):
+        assert main(base + extra) == 2
+        assert said in capsys.readouterr().err
+    assert not Path(str(out) + "-lr").exists()
     from slugkit.cli.compare import lr_list
     assert lr_list("3e-4,1e-4") == [1e-4, 3e-4]
 
@@ -185,6 +194,11 @@ def test_compare_explicit_data_flags(compare_run, tmp_path):
     rep = json.loads((out / "compare.json").read_text())
     first = json.loads((run / "compare.json").read_text())
     assert rep["data"]["mia_heldout"] == 12 and rep["methods"]["ga"]["mia"]["n"] == 12
+    from slugkit.report.compare import MIA_SKIPPED, render_compare
+
+    assert MIA_SKIPPED not in render_compare(rep) and "50 = indistinguishable" in render_compare(rep)
+    rep0 = {**rep, "data": {**rep["data"], "mia_heldout": 0}}  # without --mia-heldout: said (trial 39)
+    assert MIA_SKIPPED in render_compare(rep0) and "50 = indistinguishable" not in render_compare(rep0)
     assert rep["original"]["metrics"]["before"] == first["original"]["metrics"]["before"]  # same test suite
     assert rep["methods"]["ga"]["metrics"]["after"] == first["methods"]["ga"]["metrics"]["after"]  # same data
     assert main(["compare", "--model", "ViT-B-32", "--concept", name, "--out", str(tmp_path / "x"),

@@ -54,6 +54,9 @@ def cmd_compare(a) -> int:
         print(f"error: {'--concepts' if getattr(a, 'concepts', None) else '--concept'}: {e.args[0]}", file=sys.stderr)
         return 2
     methods = split_list(a.methods)
+    msg = _unread_method_options(a, methods)
+    if msg:
+        return refuse(msg)
     lrs = {}
     for item in a.lr or []:
         k, _, v = item.partition("=")
@@ -91,6 +94,10 @@ def cmd_compare(a) -> int:
                        audit=_audit_opts(a, concepts))
     report = run_compare(cc)
     print(render_compare(report))
+    from ..report.compare import MIA_SKIPPED, mia_skipped
+
+    if mia_skipped(report):
+        print(f"note: {MIA_SKIPPED}", file=sys.stderr)
     from ..report.unlearn import outputs_line, verdict_lines
 
     print(outputs_line(out))
@@ -138,19 +145,20 @@ def add_parsers(sub) -> None:
                     help="GA/GA+FT/SalUn: try these learning rates in ascending order, keep the smallest that meets "
                          "the epoch rule; the whole sweep counts in the method's time (default grid "
                          "3e-5,1e-4,3e-4,1e-3)")
-    cp.add_argument("--salun-threshold", type=float_in(0.0, 1.0), default=0.5, help="SalUn mask fraction (default 0.5)")
+    cp.add_argument("--salun-threshold", type=float_in(0.0, 1.0), default=None,
+                    help="SalUn mask fraction (default 0.5)")
     cp.add_argument("--ssd-alpha", type=float_at_least(0.0), default=None,
                     help="fix SSD's α (λ = 1, one application); default: sweep α 10,5,2,1 × λ 1,.5,.2,.1 by validation")
-    cp.add_argument("--forget-loss", choices=["cos", "clip"], default="cos",
+    cp.add_argument("--forget-loss", choices=["cos", "clip"], default=None,
                     help="GA, GA+FT, SalUn forget pass: ascent on 1 - cos (default, SLUG's) or on the CLIP loss "
                          "(the SLUG repo's _o variants)")
     cp.add_argument("--rl-forget-fraction", type=FRACTION, default=None, metavar="F",
                     help="salun-rl: share of relabelled forget pairs in each mixed batch (default: one shuffled "
                          "pass over relabelled forget + retain pairs)")
-    cp.add_argument("--importance-batch-size", type=BATCH, default=16,
+    cp.add_argument("--importance-batch-size", type=BATCH, default=None,
                     help="batch of SalUn's saliency gradient and SSD's importances (default 16, the SLUG repo's "
                          "calc_grad pass)")
-    cp.add_argument("--ssd-importance-loss", choices=["split", "clip", "cos"], default="split",
+    cp.add_argument("--ssd-importance-loss", choices=["split", "clip", "cos"], default=None,
                     help="SSD importances: split = mean cos on D_f, CLIP loss on D_r (default, the SLUG repo's); "
                          "clip / cos = that loss on both")
     cp.add_argument("--forget-samples", type=COUNT, default=None, help="use the first N forget pairs (default all)")
@@ -199,3 +207,27 @@ def _modes(given: str | None) -> list[str]:
     stands for the two."""
     modes = split_list(given or "both")
     return list(dict.fromkeys(m for x in modes for m in (("joint", "sequential") if x == "both" else (x,))))
+
+
+
+# the baselines that read each method option (``compare_support.make_baseline``), and the option's default
+_READ_BY = {"epochs": (("ft", "ga", "gaft", "salun", "salun-rl"), None),
+            "salun_threshold": (("salun", "salun-rl"), 0.5),
+            "forget_loss": (("ga", "gaft", "salun", "salun-rl"), "cos"),
+            "rl_forget_fraction": (("salun-rl",), None),
+            "importance_batch_size": (("salun", "salun-rl", "ssd", "ssd-cumulative"), 16),
+            "ssd_importance_loss": (("ssd", "ssd-cumulative"), "split"),
+            "ssd_alpha": (("ssd", "ssd-cumulative"), None)}
+
+
+def _unread_method_options(a, methods: list[str]) -> str | None:
+    """The refusal for a method option none of ``methods`` reads (``--methods slug --epochs 3`` ran, silently, as
+    ``--lr gaft=…`` without gaft is refused; trial 39); fills in the defaults of those given none."""
+    for name, (readers, default) in _READ_BY.items():
+        flag = "--" + name.replace("_", "-")
+        if getattr(a, name) is not None and not set(readers) & set(methods):
+            return (f"{flag} applies to {', '.join(readers)}, and --methods {','.join(methods)} runs none of them; "
+                    "drop it, or add one of those methods")
+        if getattr(a, name) is None:
+            setattr(a, name, default)
+    return None

@@ -153,8 +153,9 @@ def _render_section(report: dict, rule: str) -> list[str]:
     lines = [what + f"Test: {t['forget']} images of the concept(s), {t['related']} of other identities, "
              f"{t['utility']} utility images. Metrics in % on the **test** images; each method's result was chosen "
              f"on the validation images (baselines: first epoch with validation {rule} = 0, else the minimum). Time "
-             "includes the validation each method needs (SLUG's search, the baselines' per-epoch evaluation). MIA: "
-             "forget vs held-out pairs, 50 = indistinguishable.", "", compare_table(report), ""]
+             "includes the validation each method needs (SLUG's search, the baselines' per-epoch evaluation). "
+             + (MIA_SKIPPED if mia_skipped(report) else "MIA: forget vs held-out pairs, 50 = indistinguishable."),
+             "", compare_table(report), ""]
     ratios = time_ratios(report)
     if ratios:
         lines.append("SLUG time / method time: " + ", ".join(  # one line, one direction (the CLI printed the
@@ -191,6 +192,16 @@ def _audit_cell(p: dict | None) -> str:
         val += (f" (n={p['n']}: {_iters(p['concept_steps'], 'steps')} vs "
                 f"{_iters(p['control_steps'], 'steps')} for a new name)")
     return f"{tag}:{val}"
+
+
+MIA_SKIPPED = ("MIA: not measured (–): no held-out pairs of the concept were given; pass --mia-heldout (captioned "
+               "pairs of the concept the model never trained on) to measure it")
+
+
+def mia_skipped(report: dict) -> bool:
+    """Whether the comparison ran no MIA (explicit data without ``--mia-heldout``): said in ``compare.md`` and on
+    stderr, where the table's "–" and an explanation of the MIA were all there was (trial 39)."""
+    return not (report.get("data") or {}).get("mia_heldout", 1)
 
 
 def audit_table(report: dict) -> list[str]:
