@@ -421,6 +421,13 @@ def test_a_missing_command_names_the_commands(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"error: {prog} needs a command: {first}, " in err and f"`{prog} --help` says what each does" in err
+    # trial 39: a command's option before the command was told "slug needs a command"
+    for argv, said in ((["--threads", "1", "grads", "--out", "g.safetensors"], "error: --threads is an option of the "
+                        "command, not of slug: put it after the command (slug grads --threads …)"),
+                       (["world", "--out", "x", "data"], "error: --out is an option of the command, not of slug "
+                                                         "world: put it after the command (slug world data --out …)")):
+        assert main(argv) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_small_misleading_refusals(tmp_path, capsys):

@@ -133,6 +133,12 @@ def _dispatch(argv: list[str] | None) -> int:
     sub = _command_parser(parser, argv)
     subs = [x for x in sub._actions if isinstance(x, argparse._SubParsersAction)]
     if subs and not {"-h", "--help", "--version"} & set(argv):  # `slug`, `slug world`: "required: cmd"
+        later = next((w for w in argv if w in subs[0].choices), None)
+        depth = len(sub.prog.split()) - 1  # the words naming `sub` (`slug world`: 1)
+        if later is not None and argv[depth:] and argv[depth].startswith("-"):  # "needs a command" (trial 39)
+            print(f"{sub.format_usage().rstrip()}\nerror: {argv[depth]} is an option of the command, not of "
+                  f"{sub.prog}: put it after the command ({sub.prog} {later} {argv[depth]} …)", file=sys.stderr)
+            return 2
         print(f"{sub.format_usage().rstrip()}\nerror: {sub.prog} needs a command: {', '.join(subs[0].choices)} "
               f"(`{sub.prog} --help` says what each does)", file=sys.stderr)
         return 2
