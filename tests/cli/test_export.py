@@ -8,6 +8,8 @@ StableDiffusionPipeline folder built from it; the shipped embedded text-to-image
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -63,6 +65,15 @@ def test_full_rank_lora_loads_into_the_pipeline_as_the_patch(sd, tmp_path, hf_te
     for name in TEXT_PATCH_TENSORS:
         assert f"text_encoder.{name.removesuffix('.weight')}: rank 64 of 64, relative error" in printed
     assert f"wrote {out}" in printed
+    from slugkit.cli import main
+
+    assert main(["inspect", str(out)]) == 0  # trial 39: "is a file, not a patch"
+    shown = capsys.readouterr().out
+    assert shown.startswith("slugkit LoRA (slugkit ") and "  encoder:    text_encoder" in shown
+    assert "  rank:       forced 64" in shown and f"  modules ({len(TEXT_PATCH_TENSORS)}):" in shown
+    assert f"patch fingerprint: {patch.fingerprint[:16]}…" in shown
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["patch_fingerprint"] == patch.fingerprint
 
     ref = StableDiffusionPipeline.from_pretrained(sd / "sd", local_files_only=True)
     apply_patch_to_pipeline(ref, patch)

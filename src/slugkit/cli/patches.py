@@ -296,6 +296,20 @@ def cmd_inspect(a) -> int:
     printed escaped: no control character reaches the terminal either way."""
     from ..patch import describe, load_patch
 
+    if Path(a.patch).is_file() and Path(a.patch).suffix == ".safetensors" and not (
+            Path(a.patch).parent / "patch.json").is_file():  # a LoRA `slug export` wrote (trial 39)
+        from ..patch import PatchFormatError
+        from ..patch.lora import read_lora
+        from ..patch.summary import describe_lora
+
+        try:
+            _, meta = read_lora(a.patch)
+        except PatchFormatError:
+            meta = None
+        if meta is not None:
+            print(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f")
+                  if a.json else describe_lora(a.patch, meta))
+            return 0
     p = load_patch(say_found(a.patch, "slug inspect"))
     if a.json:  # ASCII JSON: every control character (C0, C1) is a \uXXXX escape; DEL too
         print(json.dumps(p.meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f"))

@@ -199,3 +199,36 @@ def sequential_step_hint(given: list) -> str:
                 "on the model the earlier steps produced, so apply it after them, in the order they were made "
                 f"({order}), or apply the run's chained patch {printable(str(Path(seq) / 'patch'))}")
     return ""
+
+
+def describe_lora(path, meta: dict) -> str:
+    """``slug inspect FILE.safetensors`` of a LoRA ``slug export --lora`` wrote (``meta``: what
+    :func:`slugkit.patch.lora.read_lora` returns): what it removes, for which encoder, its rank and reconstruction
+    error per module, the patch it came from and that patch's run verdict (inspect said "is a file, not a patch";
+    trial 39). Every field passes through :func:`printable`."""
+    concept = meta.get("concept")
+    names = ", ".join(map(printable, concept)) if isinstance(concept, list) else printable(concept)
+    lines = [f"slugkit LoRA ({printable(meta.get('created_by'))}, format {printable(meta.get('format_version'))}): "
+             f"{printable(str(path))}",
+             f"  concept{'s' if isinstance(concept, list) else ''}:{'  ' if isinstance(concept, list) else '   '} "
+             f"{names}",
+             f"  base model: {printable(_base_label({'base_model': meta.get('base_model')}))}",
+             f"  encoder:    {printable(meta.get('encoder'))} (diffusers' load_lora_weights key prefix)"]
+    verdict = meta.get("verdict")
+    if verdict:
+        lines.append(f"  verdict:    {printable(verdict)} (of the run that made the patch)"
+                     + (f": {failed_because(meta)}" if verdict == "fail" else
+                        f"; warned of {warned_of(meta)}" if verdict == "warn" and warned_of(meta) else ""))
+    bound = meta.get("max_error")
+    lines.append("  rank:       " + (f"forced {printable(meta.get('rank'))}" if meta.get("rank") is not None else
+                                     f"the smallest within relative error {printable(bound)} per module"))
+    ranks, errors, tensors = (meta.get(k) or {} for k in ("ranks", "relative_errors", "tensors"))
+    lines.append(f"  modules ({len(ranks)}):")
+    for key in sorted(ranks):
+        err = errors.get(key)
+        line = f"    {printable(key)}  rank {printable(ranks[key])}"
+        line += f"  relative error {err:.3g}" if isinstance(err, (int, float)) else ""
+        line += f"  (patch tensor {printable(tensors[key])})" if key in tensors else ""
+        lines.append(line)
+    lines.append(f"  patch fingerprint: {printable(str(meta.get('patch_fingerprint', ''))[:16])}…")
+    return "\n".join(lines)
