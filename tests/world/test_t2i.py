@@ -302,6 +302,7 @@ def test_eval_sd_refuses_bad_concept_lists_and_outputs_before_any_work(tmp_path,
             (["--concepts", str(tmp_path / "nofile.txt")], f"--concepts {tmp_path / 'nofile.txt'}: no such file"),
             (["--concepts", "red circle,Red Circle,blue star"], "--concepts: 'Red Circle' is given twice"),
             (["--concepts", "a,b", "--cross-concepts", "x,x"], "--cross-concepts: 'x' is given twice"),
+            (["--concepts", "a,b", "--cross-concepts", "x,Red Triangle"], "--cross-concepts holds the --target"),
             (["--concepts", "a,b", "--out", str(run / "ev")], f"is inside the run folder {run}"),
             (["--concepts", "a,b", "--out", str(tmp_path / "pipe" / "ev")], "is in a diffusers pipeline folder"),
             (["--concepts", "a,b", "--out", str(t2i.T2I_DIR / "ev")], "is inside the slugkit package")):

@@ -93,6 +93,9 @@ def cmd_eval_sd(a) -> int:
     if len(concepts) < 2:
         return refuse("--concepts needs the concept list the judge chooses from (a file or A,B,C; >= 2 names)")
     cross = concept_names(a.cross_concepts, "--cross-concepts")
+    if a.target.casefold() in {c.casefold() for c in cross}:  # taken without a word (trial 39)
+        return refuse(f"--cross-concepts holds the --target {a.target!r}: CRA measures the other domain's concepts, "
+                      "which the erasure should keep; remove it from the list")
     msg = _check_out(a)
     if msg:
         return refuse(msg)
