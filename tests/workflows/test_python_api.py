@@ -232,9 +232,13 @@ def test_world_config_claims_out_so_its_data_is_the_runs(tmp_path):
         slugkit.unlearn(replace(cfg, overwrite=True))  # its run took them: it said "shard(s) not found … brace"
     first = (out / "data" / "forget.tar").read_bytes()
     stale, _, _ = slugkit.world_config(world.IDENTITIES[2].name, out, progress=False, overwrite=True)
+    mixed, _, _ = slugkit.world_config(world.IDENTITIES[1].name, out, progress=False, max_layers=1, overwrite=True,
+                                       retain_identity_fraction=0.5)
     cfg2, _, _ = slugkit.world_config(world.IDENTITIES[1].name, out, progress=False, max_layers=1, overwrite=True)
-    with pytest.raises(ValueError, match="world_config was called again for .* seed 0.* its sets replaced this config"):
-        slugkit.unlearn(stale)  # before any work: cfg2's sets are still there (it said "none of the … captions")
+    for old in (stale, mixed):  # mixed: the same concept and seed, another retain mix — it ran on cfg2's sets
+        with pytest.raises(ValueError, match="world_config was called again for .* seed 0.* its sets replaced "
+                                             "this config"):
+            slugkit.unlearn(old)  # before any work: cfg2's sets are still there (it said "none of the … captions")
     assert (out / "data" / "forget.tar").read_bytes() == first  # the old run is whole until the new one lands
     slugkit.unlearn(cfg2)
     names = sorted(p.name for p in out.iterdir())

@@ -57,7 +57,9 @@ def check_world_sets(cfg) -> None:
                                 f"into {cfg.out}'s temporary folder, which a run on this config took with it "
                                 "(finished or failed): call world_config again for a new config")
     calls, latest, seed = _CURATED.get(os.path.abspath(forget), (0, None, None))
-    if calls > 1 and (latest, seed) != (sorted(cfg.concept_list()), cfg.seed):  # (one call: edited on purpose)
+    mine = getattr(cfg, "_world_call", None)  # which call made cfg (a dataclasses.replace copy does not carry it)
+    if calls > 1 and (mine != calls if mine is not None else  # (one call: edited on purpose)
+                      (latest, seed) != (sorted(cfg.concept_list()), cfg.seed)):
         raise ValueError(f"world_config was called again for {cfg.out} (for {' + '.join(latest)!r}, seed {seed}) "
                          f"after this config (for {cfg.concept!r}, seed {cfg.seed}) was made, and its sets replaced "
                          "this config's: run unlearn on the newer config, or call world_config again")
@@ -66,11 +68,13 @@ def check_world_sets(cfg) -> None:
 _CURATED: dict[str, tuple] = {}  # world_config's forget sets: path → (calls, the latest's concepts, its seed)
 
 
-def note_curated(forget, concepts: list[str], seed: int) -> None:
-    """Record that :func:`slugkit.world_config` curated ``concepts`` with ``seed`` into ``forget``
-    (:func:`check_world_sets`)."""
-    key = os.path.abspath(forget)
+def note_curated(cfg, concepts: list[str], seed: int) -> None:
+    """Record that :func:`slugkit.world_config` curated ``concepts`` with ``seed`` into ``cfg.forget``, and mark
+    ``cfg`` with the call's number (:func:`check_world_sets`: an earlier call's config that differs from the latest
+    in its retain mix alone, ``retain_identity_fraction``, ran on the latest's sets)."""
+    key = os.path.abspath(cfg.forget)
     _CURATED[key] = (_CURATED.get(key, (0,))[0] + 1, sorted(concepts), seed)
+    cfg._world_call = _CURATED[key][0]
 
 
 def refuse_out_in_inputs(cfg, out=None) -> None:

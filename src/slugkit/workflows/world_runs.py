@@ -64,7 +64,7 @@ def world_config(concept: str | list[str], out: str | Path, data_dir: str | Path
         cur["retain"] = RETAIN_PAIRS
         cur["retain_mix"] = write_mixed_retain(concepts, inputs / "retain.tar", retain_identity_fraction,
                                                seed=seed)
-    note_curated(cfg.forget, concepts, seed)  # a config of an earlier call for this OUT is then known to be stale
+    note_curated(cfg, concepts, seed)  # a config of an earlier call for this OUT is then known to be stale
     return cfg, cur, data
 
 
