@@ -128,6 +128,27 @@ def test_demo_vlm_refuses_options_and_folders_it_would_misuse(tmp_path, capsys, 
     assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"
     assert main(["demo", "--target", "vlm", "--batch-size", "32", "--out", str(tmp_path / "r")]) == 2
     assert "--batch-size: option(s) of the CLIP demo" in capsys.readouterr().err
+    for target in ("vlm", "sd"):  # trial 40: run with the default, recorded as 10
+        assert main(["demo", "--target", target, "--protect-neighbours", "0", "--out", str(tmp_path / "r")]) == 2
+        assert f"--protect-neighbours: option(s) of the CLIP demo (--target clip), which --target {target} does " \
+            "not use" in capsys.readouterr().err
+    from slugkit.cli import build_parser  # the CLIP search options reach the VLM demo without --criterion (trial 40)
+    from slugkit.cli.args import search_config
+    from slugkit.slug.search import SearchConfig
+
+    import slugkit.workflows.vlm_demo as vd
+
+    seen = {}
+
+    def fake(*args, **kw):
+        seen["search"] = kw["search"]
+        raise ValueError("stopped here")  # before any work
+
+    monkeypatch.setattr(vd, "run_vlm_demo", fake)
+    assert main(["demo", "--target", "vlm", "--steps", "4", "--margin", "1.3", "--out", str(tmp_path / "r")]) == 2
+    assert "stopped here" in capsys.readouterr().err
+    assert seen["search"] == SearchConfig(steps=4, margin=1.3)
+    assert search_config(build_parser().parse_args(["demo", "--target", "vlm"])) == SearchConfig()  # the old run
     copy = tmp_path / "vlm_copy"
     copy.mkdir()
     assert main(["demo", "--target", "vlm", "--vlm-model", str(copy), "--out", str(copy / "run")]) == 2

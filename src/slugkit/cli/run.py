@@ -107,7 +107,9 @@ def cmd_demo(a) -> int:
         from .vlm import unused
 
         # CLIP-run options these demos do not read (--save-gradients wrote nothing under --target vlm: trial 26)
-        ignored = {"save_gradients": False, "device": "cpu", **({"batch_size": 64} if a.target == "vlm" else {})}
+        # --protect-neighbours: the generator's / the VLM's own search bounds the neighbours there (trial 40: ignored)
+        ignored = {"save_gradients": False, "device": "cpu", "protect_neighbours": 10,
+                   **({"batch_size": 64} if a.target == "vlm" else {})}
         msg = unused(a, ignored, "the CLIP demo (--target clip)", f"--target {a.target}")
         if msg:
             return refuse(msg)

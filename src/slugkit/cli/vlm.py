@@ -32,7 +32,9 @@ def cmd_demo_vlm(a) -> int:
     except KeyError as e:
         print(f"error: {'--concepts' if a.concepts else '--concept'}: {e.args[0]}", file=sys.stderr)
         return 2
-    search = replace(search_config(a), metric=a.criterion) if a.criterion else None
+    # the CLIP search options (--steps, --margin, --threshold, …) were read only beside --criterion (trial 40);
+    # their defaults are SearchConfig's, so a run given none is the run it was
+    search = replace(search_config(a), metric=a.criterion) if a.criterion else search_config(a)
     result = run_vlm_demo(targets, a.out, data_dir=a.data_dir, vlm_dir=a.vlm_model,
                           val_images=a.val_images or DEFAULT_VAL_IMAGES, threshold=a.gen_threshold,
                           other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
