@@ -48,6 +48,15 @@ def test_brace_patterns_lists_and_dirs(tmp_path):
     assert count_samples(str(tmp_path / "{00000..00002}.tar")) == 3
     with pytest.raises(ShardError, match="2 shard.*00006.tar.*00007.tar"):
         expand_urls(str(tmp_path / "{00006..00007}.tar"))
+    cur = tmp_path / "cur"  # trial 40: `slug curate --out` given as --forget read both of its sets as the forget set
+    cur.mkdir()
+    for name in ("forget", "retain"):
+        _write(cur / f"{name}.tar", [f"{name} cap"])
+    assert len(expand_urls(str(cur))) == 2  # a folder of two shards, until it says it is a curated set
+    (cur / "curate.json").write_text("{}")
+    with pytest.raises(ShardError, match=r"is a curated set \(curate.json\): its forget.tar and retain.tar are two"):
+        expand_urls(str(cur))
+    assert len(expand_urls(str(cur / "forget.tar"))) == 1
 
 
 def test_bad_samples_are_counted_or_strict_errors(tmp_path):
