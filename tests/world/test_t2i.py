@@ -186,8 +186,19 @@ def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):
     assert [p.caption for p in pairs] == ["red circle"] * 3 and pairs[0].image.size == (32, 32)
     man = json.loads((tmp_path / "a" / "forget_manifest.json").read_text())
     assert [s["prompt"] for s in man["samples"]] == ["a red circle.", "a photo of a red circle.", "a red circle."]
+    # trial 40: the manifest named the run folder's temporary path, and the guidance used as null
+    assert man["shard"] == str(tmp_path / "a" / "forget.tar") and man["guidance"] == t2i.DEFAULT_GUIDANCE
+    cur = json.loads((tmp_path / "a" / "curate.json").read_text())
+    assert (cur["concept"], cur["pipeline"], cur["shard"]) == ("red circle", "embedded", str(tmp_path / "a" /
+                                                                                             "forget.tar"))
     assert main(["curate", "--generate", "a red circle.", "--out", str(tmp_path / "c")]) == 2
     assert "-n" in capsys.readouterr().err
+    for extra, said in ((["--generate", "x", "-n", "2", "--shards", "s.tar", "--max-forget", "1"],
+                         "--shards, --max-forget: option(s) of `slug curate` from shards"),
+                        (["--shards", "s.tar", "--concept", "c", "-n", "2", "--gen-steps", "3"],
+                         "-n, --gen-steps: option(s) of `slug curate` with --generate")):
+        assert main(["curate", *extra, "--out", str(tmp_path / "d")]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_generator_step_search_finds_the_smallest_forgetting_step():

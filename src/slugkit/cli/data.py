@@ -34,7 +34,8 @@ def cmd_curate(a) -> int:
             summary = generate_pairs(pipe, a.generate, a.n, out, caption=a.caption or a.concept, seed=a.seed,
                                      steps=a.gen_steps, guidance=a.guidance, progress=not a.no_progress)
             summary.pop("samples")
-            write_json(out / "curate.json", summary)
+            summary.update(concept=a.concept, pipeline=a.pipeline)  # which model drew them (trial 40)
+            write_json(out / "curate.json", final_paths(summary))
         else:
             summary = curate(a.shards, a.concept, out, aliases=a.alias or [], max_forget=a.max_forget,
                              retain=a.max_retain, seed=a.seed, strict=a.strict, progress=not a.no_progress)

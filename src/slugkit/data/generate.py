@@ -78,7 +78,13 @@ def generate_pairs(pipe, prompts: Sequence[str], n: int, out_dir: str | Path, *,
             manifest.append({"key": key, "prompt": p, "seed": s, "caption": caption or p,
                              "sha256": hashlib.sha256(data).hexdigest()})
     write_shard(out / f"{name}.tar", samples)
-    summary = {"prompts": prompts, "n": n, "seed": seed, "steps": steps, "guidance": guidance,
+    # the scale used (null said "unknown"), and the shard where it will lie: a run folder's temporary path was
+    # recorded (trial 40)
+    from ..common.files import final_paths
+
+    used = guidance if guidance is not None else default_guidance(pipe)
+    summary = {"prompts": prompts, "n": n, "seed": seed, "steps": steps, "guidance": used,
                "caption": caption, "shard": str(out / f"{name}.tar"), "samples": manifest}
-    atomic_write_bytes(out / f"{name}_manifest.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(out / f"{name}_manifest.json",
+                       (json.dumps(final_paths(summary), indent=2) + "\n").encode())
     return summary
