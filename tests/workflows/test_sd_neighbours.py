@@ -151,6 +151,10 @@ def test_cli_refuses_meaningless_sd_neighbour_options(capsys, tmp_path):
     # an option of the null-space step without it would be silently ignored: refused before any work
     assert main(["demo", "--target", "sd", "--null-space-energy", "0.5", "--out", "never-written"]) == 2
     assert "--null-space-energy needs --sd-step null-space" in capsys.readouterr().err
+    assert main(["demo", "--target", "sd", "--no-gen-search", "--val-images", "5", "--max-searched", "1", "--out",
+                 str(tmp_path / "never")]) == 2  # trial 40: ran, the search's options unread
+    assert "--val-images, --max-searched: option(s) of the search on generated images, which --no-gen-search turns " \
+        "off" in capsys.readouterr().err
     # options of --target sd / vlm given to the CLIP demo (the default target) would be ignored too: refused
     for extra in (["--sd-step", "null-space"], ["--max-searched", "4"], ["--vlm-gradient", "vlm"]):
         assert main(["demo", *extra, "--out", str(tmp_path / "never")]) == 2

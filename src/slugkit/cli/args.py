@@ -302,6 +302,15 @@ def validate_demo_sd(a) -> str | None:
         return "--null-space-layers all needs --sd-step null-space (the slug step searches the CLIP Pareto layers)"
     if getattr(a, "null_space_energy", None) is not None and a.sd_step != "null-space":
         return "--null-space-energy needs --sd-step null-space (the slug step projects nothing)"
+    if a.no_gen_search:  # the generator search's options ran without a word (trial 40)
+        stray = [f for f, v, default in (("--val-images", a.val_images, None), ("--val-other", a.val_other, 1),
+                                         ("--val-neighbour", a.val_neighbour, 20),
+                                         ("--neighbour-budget", a.neighbour_budget, None),
+                                         ("--max-searched", a.max_searched, None),
+                                         ("--gen-threshold", a.gen_threshold, 0.05)) if v != default]
+        if stray:
+            return (f"{', '.join(stray)}: option(s) of the search on generated images, which --no-gen-search "
+                    "turns off; drop them (or --no-gen-search)")
     return None
 
 

@@ -282,7 +282,8 @@ def add_parsers(sub) -> None:
                           "the other concepts relative to the target's; default), neighbour (least shift of the 5 "
                           "nearest neighbours relative to the target's) or clip (the CLIP --selection policy first)")
     sdg.add_argument("--no-gen-search", action="store_true",
-                     help="apply the CLIP-searched step instead of searching it on generated validation images")
+                     help="apply the CLIP-searched step x --gen-margin (default 1.2) instead of searching it on "
+                          "generated validation images")
     sdg.add_argument("--val-images", type=COUNT, default=None,
                      help="validation images of the concept per search step: generated (--target sd, default 20) or "
                           "asked about (--target vlm, default 10)")
