@@ -156,10 +156,12 @@ def test_cli_refuses_meaningless_sd_neighbour_options(capsys, tmp_path):
     assert "--val-images, --max-searched: option(s) of the search on generated images, which --no-gen-search turns " \
         "off" in capsys.readouterr().err
     # options of --target sd / vlm given to the CLIP demo (the default target) would be ignored too: refused
-    for extra in (["--sd-step", "null-space"], ["--max-searched", "4"], ["--vlm-gradient", "vlm"]):
+    for extra, owner in ((["--sd-step", "null-space"], "--target sd"),  # each its own target (trial 40)
+                         (["--max-searched", "4"], "--target sd / --target vlm"),
+                         (["--vlm-gradient", "vlm"], "--target vlm")):
         assert main(["demo", *extra, "--out", str(tmp_path / "never")]) == 2
         err = capsys.readouterr().err
-        assert f"{extra[0]}: option(s) of --target sd / --target vlm" in err and "--target clip" in err
+        assert f"{extra[0]}: option(s) of {owner}, which" in err and "--target clip" in err
         assert not (tmp_path / "never").exists()
     # and a --target vlm option given to --target sd
     assert main(["demo", "--target", "sd", "--vlm-gradient", "vlm", "--out", str(tmp_path / "never")]) == 2
