@@ -129,7 +129,11 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
                        (["--targets", "star,star"], "'star' is given twice"),
                        (["--methods", "uce,uce"], "'uce' is given twice"),
                        (["--methods", "esd", "--baseline-max-targets", "1"], "use --max-targets 1 instead"),
+                       (["--methods", "uce", "--baseline-max-targets", "20"], "it would limit nothing here: leave it "
+                                                                              "out"),  # not --max-targets 20 (trial 40)
                        (["--methods", ""], "argument --methods: is empty"),
+                       (["--methods", "SLUG"], "unknown 'SLUG'; did you mean 'slug'?"),  # trial 40
+                       (["--targets", "Harley"], "unknown 'Harley'; did you mean 'harley'?"),
                        (["--methods", "slug", "--baseline-max-targets", "1"], "with SLUG alone among the methods"),
                        # empty items ran (eleventh trial); a limit above --max-targets was accepted
                        (["--targets", "star,"], "has an empty item"), (["--methods", "slug,,uce"], "has an empty item"),

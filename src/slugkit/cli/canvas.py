@@ -15,6 +15,16 @@ from ..common.text import printable
 from .args import COUNT, THREADS, item_list, refuse, split_list
 
 
+def _near(name: str, known) -> str:
+    """``"did you mean 'harley'? "`` for a near miss of ``known`` (case aside: `--targets Harley` got no hint,
+    trial 40), else ""."""
+    import difflib
+
+    lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.7)
+    return f"did you mean {lower[close[0]]!r}? " if close else ""
+
+
 def _check(a, grid) -> str | None:
     """The usage error of the shared options, or None."""
     from ..workflows.canvas_lite import METHODS, baseline_limit_error, choose_targets, limit_does_nothing
@@ -24,7 +34,7 @@ def _check(a, grid) -> str | None:
     if not methods:
         return f"--methods: empty; choose from {', '.join(METHODS)}"
     if bad:
-        return f"--methods: unknown {bad[0]!r}; choose from {', '.join(METHODS)}"
+        return f"--methods: unknown {bad[0]!r}; {_near(bad[0], METHODS)}choose from {', '.join(METHODS)}"
     if a.targets is not None and not split_list(a.targets):
         return "--targets: empty; name styles and/or objects, or leave the option out for every one"
     targets = split_list(a.targets) if a.targets else []
@@ -34,7 +44,8 @@ def _check(a, grid) -> str | None:
             return f"{flag}: {twice[0]!r} is given twice"
     unknown = [t for t in targets if t not in grid.styles + grid.objects]
     if unknown:
-        return (f"--targets: unknown {unknown[0]!r}; styles: {', '.join(grid.styles)}; objects: "
+        return (f"--targets: unknown {unknown[0]!r}; {_near(unknown[0], grid.styles + grid.objects)}styles: "
+                f"{', '.join(grid.styles)}; objects: "
                 f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:
         return "--targets and --max-targets exclude each other"
@@ -44,7 +55,7 @@ def _check(a, grid) -> str | None:
     for flag, method in (("--esd-iterations", "esd"), ("--salun-steps", "salun")):  # dropped silently (20th trial)
         if getattr(a, flag[2:].replace("-", "_")) is not None and method not in methods:
             return f"{flag} sets {method}'s budget, and --methods {','.join(methods)} does not run {method}"
-    return baseline_limit_error(methods, a.baseline_max_targets, "--baseline-max-targets") or limit_does_nothing(
+    return baseline_limit_error(methods, a.baseline_max_targets, "--baseline-max-targets", grid) or limit_does_nothing(
         choose_targets(targets or None, a.max_targets, grid), a.baseline_max_targets, grid, "--baseline-max-targets")
 
 

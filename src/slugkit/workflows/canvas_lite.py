@@ -190,7 +190,8 @@ def choose_targets(targets: list[str] | None, max_targets: int | None, grid: can
     return styles[:k] + grid.objects[:k]
 
 
-def baseline_limit_error(methods, baseline_max_targets: int | None, flag: str = "baseline_max_targets") -> str | None:
+def baseline_limit_error(methods, baseline_max_targets: int | None, flag: str = "baseline_max_targets",
+                         grid=None) -> str | None:
     """Why ``baseline_max_targets`` cannot apply to ``methods`` (None when it can): it limits the baselines while
     SLUG runs on every target, so with SLUG alone it would do nothing, and without SLUG the other targets would run
     no method at all (``max_targets`` is the limit then). ``flag`` names the option in the message (a CLI flag
@@ -201,8 +202,11 @@ def baseline_limit_error(methods, baseline_max_targets: int | None, flag: str = 
         return f"{flag} limits the baselines; with SLUG alone among the methods it would do nothing"
     if "slug" not in methods:
         alt = "--max-targets " if flag.startswith("--") else "max_targets="
-        return (f"{flag} limits the baselines while SLUG runs on every target; without slug among the methods the "
-                f"other targets would run no method — use {alt}{baseline_max_targets} instead")
+        why = (f"{flag} limits the baselines while SLUG runs on every target; without slug among the methods the "
+               "other targets would run no method")
+        if grid is not None and limit_does_nothing(choose_targets(None, None, grid), baseline_max_targets, grid):
+            return why + " — and it would limit nothing here: leave it out"  # not "use --max-targets N" (trial 40)
+        return why + f" — use {alt}{baseline_max_targets} instead"
     return None
 
 

@@ -200,8 +200,10 @@ class EmbeddedT2IPipeline:
             if not f.is_file():
                 from slugkit.models.base import ModelLoadError
 
-                raise ModelLoadError(f"{f} is missing; "
-                                     f"{hint or f'reinstall slugkit or run `slug world train-t2i --out {d}`'}")
+                default = (f"{d} is not a complete text-to-image model; write one with `slug world train-t2i --out "
+                           "DIR` and pass it as --t2i-model DIR" if t2i_dir else  # "reinstall slugkit" (trial 40)
+                           f"reinstall slugkit or run `slug world train-t2i --out {d}`")
+                raise ModelLoadError(f"{f} is missing; {hint or default}")
         meta = json.loads(cfg_file.read_text())
         unet = diffusers.UNet2DConditionModel(**meta["unet"])
         unet.load_state_dict(load_file(str(w_file)))
