@@ -155,6 +155,9 @@ def test_curate_cli(tmp_path, data_dir, demo_run, capsys):
     assert main(again) == 2
     assert "already holds a curated set (curate.json present); pass --overwrite" in capsys.readouterr().err
     assert json.loads((out / "curate.json").read_text())["forget"] == 7
+    # trial 40: another command wrote its run into the curated set (its manifest renamed, its sets "kept" as yours)
+    assert main(["canvas", "lite", "--targets", "harley", "--methods", "uce", "--out", str(out)]) == 2
+    assert "already holds" in capsys.readouterr().err and (out / ".slugkit-entries.json").is_file()
     (out / "notes.txt").write_text("mine")
     assert main(again + ["--overwrite"]) == 0
     assert json.loads(capsys.readouterr().out)["forget"] == 5

@@ -42,7 +42,7 @@ __all__ = ["KNOWN_ENTRIES", "MANIFEST", "RUN_MARKERS", "TAG", "edited_entries", 
 
 TAG = ".slug-"  # siblings of OUT: .<name>.slug-lock, .<name>.slug-XXXX.tmp (being written), .<name>.slug-XXXX.old
 # the marker file of every slug command's run folder: a folder holding any of them is a run, whichever command asks
-RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json")
+RUN_MARKERS = ("result.json", "compare.json", "canvas.json", "world.json", "curate.json")  # curate.json: trial 40
 # what slug commands write at a run folder's top level (for folders from before MANIFEST); compare's method folders
 KNOWN_ENTRIES = frozenset({
     "result.json", "report.md", "pareto.png", "layers.json", "run.json", "generations.png", "audit.json", "audit.md",
