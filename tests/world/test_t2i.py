@@ -191,6 +191,10 @@ def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):
     cur = json.loads((tmp_path / "a" / "curate.json").read_text())
     assert (cur["concept"], cur["pipeline"], cur["shard"]) == ("red circle", "embedded", str(tmp_path / "a" /
                                                                                              "forget.tar"))
+    assert "warnings" not in cur  # the prompts name the concept
+    assert main(["curate", "--generate", "a red circle.", "-n", "1", "--concept", "blue star", "--gen-steps", "2",
+                 "--no-progress", "--out", str(tmp_path / "w")]) == 0  # trial 40: captioned "blue star" silently
+    assert "warning: no --generate prompt names 'blue star'" in capsys.readouterr().err
     assert main(["curate", "--generate", "a red circle.", "--out", str(tmp_path / "c")]) == 2
     assert "-n" in capsys.readouterr().err
     for extra, said in ((["--generate", "x", "-n", "2", "--shards", "s.tar", "--max-forget", "1"],

@@ -334,7 +334,10 @@ def validate_unlearn(a, concepts: list[str]) -> str | None:
     missing = [f for f, v in (("--val-identities", a.val_identities), ("--test-identities", a.test_identities))
                if not v]
     if missing:
-        return f"pass {' and '.join(missing)} (class folders <Name>/*.jpg for the search and the reported metrics)"
+        world = (" — with --model embedded, the world's DATA/val/identities and DATA/test/identities, from `slug world "
+                 "data --out DATA`" if a.model == "embedded" else "")  # named nowhere (trial 40)
+        return (f"pass {' and '.join(missing)} (class folders <Name>/*.jpg for the search and the reported "
+                f"metrics{world})")
     return None
 
 

@@ -35,6 +35,14 @@ def cmd_curate(a) -> int:
                                      steps=a.gen_steps, guidance=a.guidance, progress=not a.no_progress)
             summary.pop("samples")
             summary.update(concept=a.concept, pipeline=a.pipeline)  # which model drew them (trial 40)
+            from ..data.matching import concept_pattern, matches, normalize_text
+
+            named = a.caption or a.concept
+            if named and not any(matches(normalize_text(p), concept_pattern(named)) for p in a.generate):
+                # "blue star" captioned images of red triangles without a word (trial 40)
+                summary.setdefault("warnings", []).append(
+                    f"no --generate prompt names {named!r}, which captions every image: check that the prompts ask "
+                    "for what you mean to unlearn")
             write_json(out / "curate.json", final_paths(summary))
         else:
             summary = curate(a.shards, a.concept, out, aliases=a.alias or [], max_forget=a.max_forget,
