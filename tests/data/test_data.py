@@ -54,7 +54,11 @@ def test_brace_patterns_lists_and_dirs(tmp_path):
         _write(cur / f"{name}.tar", [f"{name} cap"])
     assert len(expand_urls(str(cur))) == 2  # a folder of two shards, until it says it is a curated set
     (cur / "curate.json").write_text("{}")
-    with pytest.raises(ShardError, match=r"is a curated set \(curate.json\): its forget.tar and retain.tar are two"):
+    with pytest.raises(ShardError, match=r"is a curated set \(curate.json\) holding forget.tar, retain.tar: its "
+                                         r"forget.tar and retain.tar are two"):
+        expand_urls(str(cur))
+    (cur / "retain.tar").unlink()  # a generated set (forget.tar alone) taken as --retain (verify 41)
+    with pytest.raises(ShardError, match=r"holding forget.tar: give the file you mean, e.g. .*forget.tar \(--forget\)"):
         expand_urls(str(cur))
     assert len(expand_urls(str(cur / "forget.tar"))) == 1
 

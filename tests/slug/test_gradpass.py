@@ -165,6 +165,9 @@ def test_existing_out_needs_overwrite(world, reference, tmp_path, capsys):
                        (Path(slugkit.__file__).parent / "g.safetensors", "inside the slugkit package")):
         assert main(_cli(world, bad)[2:]) == 2
         assert words in capsys.readouterr().err and not bad.exists()
+    pkg = Path(slugkit.__file__).parent / "ck"  # verify 41: the resume state was written into the package
+    assert main(_cli(world, tmp_path / "h.safetensors", "--checkpoint-dir", str(pkg))[2:]) == 2
+    assert "--checkpoint-dir" in capsys.readouterr().err and not pkg.exists()
     cli = _cli(world, tmp_path / "h.safetensors")[2:]
     cli[cli.index("--retain") + 1] = cli[cli.index("--forget") + 1]
     assert main(cli) == 2

@@ -351,28 +351,6 @@ def validate_compare_data(a, concepts: list[str]) -> str | None:
     return None
 
 
-def validate_curate(a) -> str | None:
-    """`slug curate`: --generate needs -n; otherwise --shards and --concept are required. An option of the other
-    form is refused (`--generate … --shards S` ignored S, `--shards … -n 2` ignored -n; trial 40)."""
-    given = {"--shards": a.shards, "--max-forget": a.max_forget, "--max-retain": a.max_retain, "--alias": a.alias,
-             "--strict": a.strict} if a.generate else {
-        "-n": a.n, "--caption": a.caption, "--gen-steps": a.gen_steps != 25, "--guidance": a.guidance,
-        "--pipeline": a.pipeline != "embedded", "--device": a.device != "cpu"}
-    stray = [f for f, v in given.items() if v not in (None, False, [])]
-    if stray:
-        return (f"{', '.join(stray)}: option(s) of `slug curate` " + ("from shards (--shards), which --generate does "
-                "not read: it writes only a forget set, of -n generated images" if a.generate else
-                "with --generate, which a curation from --shards does not read") + "; drop them")
-    if a.generate:
-        if not a.n:
-            return "--generate needs -n N (how many images)"
-        return None
-    missing = [f for f, v in (("--shards", a.shards), ("--concept", a.concept)) if not v]
-    if missing:  # "needs --shards and --concept" when --shards was given (twenty-second trial)
-        return f"curate needs {' and '.join(missing)} (or --generate PROMPT -n N --pipeline P)"
-    return None
-
-
 def validate_apply(a, revert: bool = False) -> str | None:
     """`slug apply` / `slug revert`: at most one of --pipeline / --llava, and either one needs --out; then the target
     checks of :func:`_apply_target`."""

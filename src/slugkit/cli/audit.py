@@ -210,7 +210,7 @@ def cmd_audit(a) -> int:
               file=sys.stderr)
     from .patches import step_hint
 
-    with step_hint([patch]):
+    with step_hint([patch], audit=True):
         result = audit_patch(patch, a.model, a.concept, pretrained=a.pretrained, family=a.family, data=data,
                              controls=a.control_name, aliases=a.alias, device=a.device, out=out, threads=a.threads,
                              overwrite=True, **opts)  # an audit in --out was refused above without --overwrite

@@ -9,10 +9,31 @@ import sys
 from pathlib import Path
 
 from ..common.text import printable
-from .args import (BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse,
-                   validate_curate)
+from .args import BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse
 from .outputs import out_inside_run
 from .evalsd import load_pipeline
+
+
+def validate_curate(a) -> str | None:
+    """`slug curate`: --generate needs -n; otherwise --shards and --concept are required. An option of the other
+    form is refused (`--generate … --shards S` ignored S, `--shards … -n 2` ignored -n; trial 40)."""
+    given = {"--shards": a.shards, "--max-forget": a.max_forget, "--max-retain": a.max_retain, "--alias": a.alias,
+             "--strict": a.strict} if a.generate else {
+        "-n": a.n, "--caption": a.caption, "--gen-steps": a.gen_steps != 25, "--guidance": a.guidance,
+        "--pipeline": a.pipeline != "embedded", "--device": a.device != "cpu"}
+    stray = [f for f, v in given.items() if v not in (None, False, [])]
+    if stray:
+        return (f"{', '.join(stray)}: option(s) of `slug curate` " + ("from shards (--shards), which --generate does "
+                "not read: it writes only a forget set, of -n generated images" if a.generate else
+                "with --generate, which a curation from --shards does not read") + "; drop them")
+    if a.generate:
+        if not a.n:
+            return "--generate needs -n N (how many images)"
+        return None
+    missing = [f for f, v in (("--shards", a.shards), ("--concept", a.concept)) if not v]
+    if missing:  # "needs --shards and --concept" when --shards was given (twenty-second trial)
+        return f"curate needs {' and '.join(missing)} (or --generate PROMPT -n N --pipeline P)"
+    return None
 
 
 def cmd_curate(a) -> int:
@@ -74,6 +95,8 @@ def cmd_grads(a) -> int:
 
     if out_inside_run(a.out) or out_inside_model(a.out, {}):  # the package's files too (trial 39)
         return refuse(out_inside_run(a.out) or out_inside_model(a.out, {}))
+    if a.checkpoint_dir and out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir"):  # written there (verify 41)
+        return refuse(out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir"))
     out = Path(a.out)
     if not out.is_dir() and out.suffix.lower() != ".safetensors":  # written under `.pt` (trial 39); `slug export` too
         return refuse(f"--out {printable(a.out)}: the gradients are written as safetensors; use a name ending in "

@@ -132,19 +132,24 @@ def cmd_apply(a, revert: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def step_hint(given: list, revert: bool = False):
+def step_hint(given: list, revert: bool = False, audit: bool = False):
     """A :class:`~slugkit.patch.PatchMismatchError` of applying a sequential run's later step alone gets what to do
-    (:func:`slugkit.patch.summary.sequential_step_hint`)."""
+    (:func:`slugkit.patch.summary.sequential_step_hint`) in place of "load the base model the patch was made for",
+    the model given; ``audit``: `slug audit` takes one --patch, so it is told to audit on the earlier steps'
+    checkpoint (--pretrained)."""
     from ..patch import PatchMismatchError
     from ..patch.summary import sequential_step_hint
 
     try:
         yield
     except PatchMismatchError as e:
-        hint = "" if revert else sequential_step_hint(given)
+        hint = "" if revert else sequential_step_hint(given, audit)
         if not hint:
             raise
-        raise PatchMismatchError(f"{e}{hint}") from None
+        text = str(e)
+        cut = text.find(" Load the base model the patch was made for")
+        text = text[:cut] + " The model was not modified." if cut > 0 else text
+        raise PatchMismatchError(f"{text}{hint}") from None
 
 
 def _apply_to_folder(a, patches, revert: bool) -> int:

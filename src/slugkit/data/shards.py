@@ -69,11 +69,13 @@ def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
                 tars = sorted(str(x) for x in p.glob("*.tar"))
                 if not tars:
                     raise ShardError(f"directory {p} holds no .tar shards")
-                if (p / "curate.json").is_file() and {"forget.tar", "retain.tar"} <= {Path(t).name for t in tars}:
-                    # `slug curate --out` given whole: both sets were read as one (trial 40)
-                    raise ShardError(f"directory {p} is a curated set (curate.json): its forget.tar and retain.tar "
-                                     f"are two sets, not one; give {p / 'forget.tar'} (--forget) or "
-                                     f"{p / 'retain.tar'} (--retain)")
+                if (p / "curate.json").is_file():  # `slug curate --out` given whole: both sets read as one (trial 40),
+                    # a generated forget set taken as a retain set (verify 41)
+                    sets = [Path(t).name for t in tars]
+                    raise ShardError(f"directory {p} is a curated set (curate.json) holding {', '.join(sets)}: "
+                                     + ("its forget.tar and retain.tar are two sets, not one; " if len(sets) > 1
+                                        else "") + "give the file you mean, e.g. "
+                                     + " or ".join(f"{p / s} (--{s.removesuffix('.tar')})" for s in sets))
                 images = [x for x in p.iterdir() if x.suffix.lower().lstrip(".") in IMAGE_EXTS]
                 if images:  # read as a folder of shards, its pairs were dropped without a word (trial 25)
                     raise ShardError(f"directory {p} holds both .tar shards ({Path(tars[0]).name}"

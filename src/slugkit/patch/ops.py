@@ -215,6 +215,7 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
     tmeta = patch.meta["tensors"]
     base = printable(_base_label(patch.meta))
     concept = patch.meta.get("concept")
+    concept = " + ".join(map(str, concept)) if isinstance(concept, list) else concept  # no list repr (verify 41)
     verb = "apply" if want == "original" else "revert"
     missing = [n for n in sorted(tmeta) if n not in live]
     if missing:

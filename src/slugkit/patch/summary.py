@@ -162,7 +162,7 @@ def _rounded(v, digits: int = 4):
     return v
 
 
-def sequential_step_hint(given: list) -> str:
+def sequential_step_hint(given: list, audit: bool = False) -> str:
     """What to do when a patch that is step k > 1 of a sequential run (``SEQ/<k>-<Name>/patch``, ``SEQ/result.json``
     with ``mode: sequential``) did not fit the model: it was made on the model the earlier steps produced, so its
     originals are no base model's (``slug apply`` said "load the base model the patch was made for: embedded" of
@@ -195,9 +195,14 @@ def sequential_step_hint(given: list) -> str:
         if all(p in dirs for p in earlier):
             continue
         order = " ".join(f"--patch {printable(str(p))}" for p in earlier + [d])
-        return (f" {printable(str(d))} is step {m.group(1)} of the sequential run {printable(str(seq))}: it was made "
-                "on the model the earlier steps produced, so apply it after them, in the order they were made "
-                f"({order}), or apply the run's chained patch {printable(str(Path(seq) / 'patch'))}")
+        head = (f" {printable(str(d))} is step {m.group(1)} of the sequential run {printable(str(seq))}: it was made "
+                "on the model the earlier steps produced")
+        if audit:  # `slug audit` takes one --patch: the earlier steps' checkpoint is its base (verify 41)
+            first = " ".join(f"--patch {printable(str(p))}" for p in earlier)
+            return (f"{head}, so audit it on that model: `slug apply {first} --model MODEL --out steps.safetensors`, "
+                    "then `slug audit --patch … --pretrained steps.safetensors`")
+        return (f"{head}, so apply it after them, in the order they were made ({order}), or apply the run's "
+                f"chained patch {printable(str(Path(seq) / 'patch'))}")
     return ""
 
 
