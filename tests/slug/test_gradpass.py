@@ -584,9 +584,14 @@ def test_a_file_that_holds_no_gradients_is_named(tmp_path):
     for path, words in ((lora, "is a slugkit LoRA, not the gradients"), (other, "is no slugkit gradients file")):
         with pytest.raises(ValueError, match=words):
             Gradients.load(path)
+    bad_meta = tmp_path / "m.safetensors"
+    save_file({"forget/w": torch.ones(2)}, str(bad_meta), metadata={"slugkit": "{not json"})
+    with pytest.raises(ValueError, match="its metadata is not JSON"):
+        Gradients.load(bad_meta)
     g = tmp_path / "g.safetensors"
     Gradients({"x": torch.ones(3)}, {"x": torch.ones(3)}, 2, 5).save(g)
     assert Gradients.load(g).n_retain == 5
+    assert Gradients.is_file_of_ours(g) and not any(Gradients.is_file_of_ours(p) for p in (lora, other, bad_meta))
     g.write_bytes(g.read_bytes()[:-4])
     with pytest.raises(ValueError, match="is not a readable gradients file"):
         Gradients.load(g)

@@ -84,6 +84,7 @@ def audited_concept(patch_path, removed, concept: str | None) -> str:
     the one the patch removed (``removed``: its ``concept``, a name or a list). Raises ``ValueError`` for a concept
     the patch did not remove (auditing it says nothing about the patch), or none given for a several-concept patch."""
     from ..patch.combine import said
+
     removed_list = removed if isinstance(removed, list) else [removed] if removed else []
     concept = concept or (removed if isinstance(removed, str) else None)
     if not concept:

@@ -303,11 +303,9 @@ def validate_demo_sd(a) -> str | None:
     if getattr(a, "null_space_energy", None) is not None and a.sd_step != "null-space":
         return "--null-space-energy needs --sd-step null-space (the slug step projects nothing)"
     if a.no_gen_search:  # the generator search's options ran without a word (trial 40)
-        stray = [f for f, v, default in (("--val-images", a.val_images, None), ("--val-other", a.val_other, 1),
-                                         ("--val-neighbour", a.val_neighbour, 20),
-                                         ("--neighbour-budget", a.neighbour_budget, None),
-                                         ("--max-searched", a.max_searched, None),
-                                         ("--gen-threshold", a.gen_threshold, 0.05)) if v != default]
+        stray = [f"--{k.replace('_', '-')}" for k in ("val_images", "val_other", "val_neighbour", "neighbour_budget",
+                                                      "max_searched", "gen_threshold")
+                 if getattr(a, k) != a.generator_defaults[k]]  # the parser's defaults
         if stray:
             return (f"{', '.join(stray)}: option(s) of the search on generated images, which --no-gen-search "
                     "turns off; drop them (or --no-gen-search)")

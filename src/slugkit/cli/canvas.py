@@ -11,18 +11,8 @@ status 0, or 2 for a usage or input error.
 
 from __future__ import annotations
 
-from ..common.text import printable
+from ..common.text import did_you_mean, printable
 from .args import COUNT, THREADS, item_list, refuse, split_list
-
-
-def _near(name: str, known) -> str:
-    """``"did you mean 'harley'? "`` for a near miss of ``known`` (case aside: `--targets Harley` got no hint,
-    trial 40), else ""."""
-    import difflib
-
-    lower = {k.lower(): k for k in known}
-    close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.7)
-    return f"did you mean {lower[close[0]]!r}? " if close else ""
 
 
 def _check(a, grid) -> str | None:
@@ -34,7 +24,7 @@ def _check(a, grid) -> str | None:
     if not methods:
         return f"--methods: empty; choose from {', '.join(METHODS)}"
     if bad:
-        return f"--methods: unknown {bad[0]!r}; {_near(bad[0], METHODS)}choose from {', '.join(METHODS)}"
+        return f"--methods: unknown {bad[0]!r}; {did_you_mean(bad[0], METHODS)}choose from {', '.join(METHODS)}"
     if a.targets is not None and not split_list(a.targets):
         return "--targets: empty; name styles and/or objects, or leave the option out for every one"
     targets = split_list(a.targets) if a.targets else []
@@ -44,7 +34,7 @@ def _check(a, grid) -> str | None:
             return f"{flag}: {twice[0]!r} is given twice"
     unknown = [t for t in targets if t not in grid.styles + grid.objects]
     if unknown:
-        return (f"--targets: unknown {unknown[0]!r}; {_near(unknown[0], grid.styles + grid.objects)}styles: "
+        return (f"--targets: unknown {unknown[0]!r}; {did_you_mean(unknown[0], grid.styles + grid.objects)}styles: "
                 f"{', '.join(grid.styles)}; objects: "
                 f"{', '.join(grid.objects)}")
     if targets and a.max_targets is not None:

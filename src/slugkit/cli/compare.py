@@ -209,25 +209,25 @@ def _modes(given: str | None) -> list[str]:
     return list(dict.fromkeys(m for x in modes for m in (("joint", "sequential") if x == "both" else (x,))))
 
 
-
-# the baselines that read each method option (``compare_support.make_baseline``), and the option's default
-_READ_BY = {"epochs": (("ft", "ga", "gaft", "salun", "salun-rl"), None),
-            "salun_threshold": (("salun", "salun-rl"), 0.5),
-            "forget_loss": (("ga", "gaft", "salun", "salun-rl"), "cos"),
-            "rl_forget_fraction": (("salun-rl",), None),
-            "importance_batch_size": (("salun", "salun-rl", "ssd", "ssd-cumulative"), 16),
-            "ssd_importance_loss": (("ssd", "ssd-cumulative"), "split"),
-            "ssd_alpha": (("ssd", "ssd-cumulative"), None)}
+# the baselines that read each method option (``compare_support.make_baseline``)
+_READ_BY = {"epochs": ("ft", "ga", "gaft", "salun", "salun-rl"), "salun_threshold": ("salun", "salun-rl"),
+            "forget_loss": ("ga", "gaft", "salun", "salun-rl"), "rl_forget_fraction": ("salun-rl",),
+            "importance_batch_size": ("salun", "salun-rl", "ssd", "ssd-cumulative"),
+            "ssd_importance_loss": ("ssd", "ssd-cumulative"), "ssd_alpha": ("ssd", "ssd-cumulative")}
 
 
 def _unread_method_options(a, methods: list[str]) -> str | None:
     """The refusal for a method option none of ``methods`` reads (``--methods slug --epochs 3`` ran, silently, as
-    ``--lr gaft=…`` without gaft is refused; trial 39); fills in the defaults of those given none."""
-    for name, (readers, default) in _READ_BY.items():
-        flag = "--" + name.replace("_", "-")
+    ``--lr gaft=…`` without gaft is refused; trial 39); those given none get :class:`CompareConfig`'s default."""
+    import dataclasses
+
+    from ..workflows.compare import CompareConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
+    for name, readers in _READ_BY.items():
         if getattr(a, name) is not None and not set(readers) & set(methods):
-            return (f"{flag} applies to {', '.join(readers)}, and --methods {','.join(methods)} runs none of them; "
-                    "drop it, or add one of those methods")
+            return (f"--{name.replace('_', '-')} applies to {', '.join(readers)}, and --methods {','.join(methods)} "
+                    "runs none of them; drop it, or add one of those methods")
         if getattr(a, name) is None:
-            setattr(a, name, default)
+            setattr(a, name, defaults[name])
     return None

@@ -104,14 +104,9 @@ def cmd_grads(a) -> int:
     if (out.is_file() or out.is_symlink()) and not a.overwrite:  # a finished pass was replaced without a word
         return refuse(f"{printable(a.out)} already exists; pass --overwrite to replace it, or choose another --out")
     if out.is_file() or out.is_symlink():  # --overwrite replaced any file, a user's notes too (trial 39)
-        try:  # the header alone: a full gradients file can be gigabytes
-            from safetensors import safe_open
+        from ..slug.gradients import Gradients
 
-            with safe_open(str(out), framework="pt") as f:
-                ours = json.loads((f.metadata() or {}).get("slugkit", "{}")).get("format", "")
-            if not str(ours).startswith("slugkit-gradients"):
-                raise ValueError(ours)
-        except Exception:
+        if not Gradients.is_file_of_ours(out):
             return refuse(f"--out {printable(a.out)} is not a gradients file slug wrote; --overwrite replaces only "
                           "those: choose another --out, or remove that file yourself")
     if os.path.abspath(a.forget) == os.path.abspath(a.retain):  # `slug unlearn` refuses it; grads wrote the file

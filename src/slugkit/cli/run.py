@@ -106,10 +106,10 @@ def cmd_demo(a) -> int:
     if a.target in ("sd", "vlm"):
         from .vlm import unused
 
-        # CLIP-run options these demos do not read (--save-gradients wrote nothing under --target vlm: trial 26)
-        # --protect-neighbours: the generator's / the VLM's own search bounds the neighbours there (trial 40: ignored)
-        ignored = {"save_gradients": False, "device": "cpu", "protect_neighbours": 10,
-                   **({"batch_size": 64} if a.target == "vlm" else {})}
+        # CLIP-run options these demos do not read (--save-gradients wrote nothing under --target vlm: trial 26;
+        # --protect-neighbours: their own searches bound the neighbours, trial 40); the values: the parser's defaults
+        ignored = {k: a.clip_defaults[k] for k in ("save_gradients", "device", "protect_neighbours",
+                                                   *(("batch_size",) if a.target == "vlm" else ()))}
         msg = unused(a, ignored, "the CLIP demo (--target clip)", f"--target {a.target}")
         if msg:
             return refuse(msg)
@@ -324,7 +324,8 @@ def add_parsers(sub) -> None:
     # what the CLIP demo refuses when given (cli.vlm.unused_by_clip): read from the two groups, not restated
     d.set_defaults(func=cmd_demo, generator_defaults={x.dest: x.default for g in (vg, sdg) for x in g._group_actions},
                    vlm_defaults={x.dest: x.default for x in vg._group_actions},
-                   sd_defaults={x.dest: x.default for x in sdg._group_actions if x.dest not in VLM_READS})
+                   sd_defaults={x.dest: x.default for x in sdg._group_actions if x.dest not in VLM_READS},
+                   clip_defaults={x.dest: x.default for x in d._actions})
 
     u = sub.add_parser("unlearn", help="unlearn a concept from a model (real-model form)")
     u.add_argument("--model", default="embedded", help="open_clip arch (ViT-B-32), hf-hub:/local-dir: id, "

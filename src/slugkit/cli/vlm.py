@@ -75,9 +75,8 @@ def unused_by_clip(a) -> str | None:
     """`slug demo` (--target clip): the --target sd / vlm options given, which it would silently ignore
     (``a.generator_defaults``: every option of those two argument groups with its default, set by the parser)."""
     given = {k for k, d in a.generator_defaults.items() if getattr(a, k, d) != d}
-    shared = {"val_images", "other_budget", "neighbour_budget", "gen_threshold", "max_searched"}  # vg's title
     owner = ("--target vlm" if given and given <= set(a.vlm_defaults) else  # it said "--target sd / --target vlm"
-             "--target sd" if given and not given & (set(a.vlm_defaults) | shared) else  # of --sd-step (trial 40)
+             "--target sd" if given and given <= set(a.sd_defaults) else  # of --sd-step (trial 40)
              "--target sd / --target vlm")
     return unused(a, a.generator_defaults, owner, "the CLIP demo (--target clip)")
 

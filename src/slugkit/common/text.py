@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["printable"]
+__all__ = ["did_you_mean", "printable"]
 
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _ESCAPED = ("Cc", "Cf", "Cs", "Zl", "Zp")  # controls, format characters, surrogates, line/paragraph separators
@@ -30,3 +30,13 @@ def printable(value) -> str:
     if s.isprintable():
         return s
     return "".join(_escape(c) if unicodedata.category(c) in _ESCAPED else c for c in s)
+
+
+def did_you_mean(name: str, known, cutoff: float = 0.7) -> str:
+    """``"did you mean 'harley'? "`` for the closest of ``known`` to ``name`` (case aside, :mod:`difflib`), else
+    ``""``: the hint of a refused name (`--targets Harley`, `--styles van_gogh` got none; trials 38, 40)."""
+    import difflib
+
+    lower = {str(k).lower(): k for k in known}
+    close = difflib.get_close_matches(str(name).lower(), list(lower), n=1, cutoff=cutoff)
+    return f"did you mean {lower[close[0]]!r}? " if close else ""

@@ -61,6 +61,21 @@ class Gradients:
                                        "n_retain": self.n_retain}, sort_keys=True)}
         atomic_write_bytes(path, save(dict(sorted(tensors.items())), metadata=meta))
 
+    @staticmethod
+    def is_file_of_ours(path: str | Path) -> bool:
+        """Whether ``path`` is a gradients file slug wrote, from its header alone (a full file can be gigabytes;
+        ``slug grads --overwrite`` replaces only those, trial 39)."""
+        import json
+
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("slugkit", "{}"))
+        except Exception:
+            return False
+        return isinstance(meta, dict) and str(meta.get("format", "")).startswith("slugkit-gradients")
+
     @classmethod
     def load(cls, path: str | Path) -> "Gradients":
         """The gradients file at ``path`` (:meth:`save`, ``slug grads``). Raises ``ValueError`` naming the file when
@@ -87,6 +102,9 @@ class Gradients:
                     split, _, name = k.partition("/")
                     if split in ("forget", "retain") and name:  # other prefixes (gradpass's ``stats/``) are not
                         (forget if split == "forget" else retain)[name] = f.get_tensor(k)
+        except json.JSONDecodeError as e:  # metadata that is no JSON: a foreign file, said as one
+            raise ValueError(f"{path} is no slugkit gradients file (its metadata is not JSON: {e}); recompute it "
+                             "with `slug grads`") from None
         except ValueError:
             raise
         except Exception as e:  # safetensors' SafetensorError (header too small / too large / incomplete), OSError

@@ -68,12 +68,10 @@ def check_grid(styles: list[str], objects: list[str], targets: list[str] | None 
     concept —, Seed_Images as a target), or None."""
     for flag, given, known in (("--styles", styles, STYLE_LABELS), ("--objects", objects, OBJECTS20)):
         bad = [n for n in given if n not in known]
-        if bad:
-            import difflib  # "van_gogh" got the 51 names and no hint (trial 38)
+        if bad:  # "van_gogh" got the 51 names and no hint (trial 38)
+            from ..common.text import did_you_mean
 
-            close = difflib.get_close_matches(bad[0].lower(), [k.lower() for k in known], n=1, cutoff=0.7)
-            hint = f"did you mean {next(k for k in known if k.lower() == close[0])!r}? " if close else ""
-            return f"{flag}: unknown {bad[0]!r}; {hint}UnlearnCanvas has {', '.join(known)}"
+            return f"{flag}: unknown {bad[0]!r}; {did_you_mean(bad[0], known)}UnlearnCanvas has {', '.join(known)}"
         if len(set(given)) != len(given):
             return f"{flag}: {[n for n in given if given.count(n) > 1][0]!r} is given twice"
         if len(given) < 2:
