@@ -516,8 +516,8 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir, capsys):
     assert "Load the base model the patch was made for" not in err  # the model given was that base
     assert main(["audit", "--patch", dirs[1], "--probes", "prompts", "--out", str(tmp_path / "a2")]) == 2
     err = capsys.readouterr().err  # audit takes one --patch: the earlier steps' checkpoint (verify 41)
-    assert f"so audit it on that model: `slug apply --patch {dirs[0]} --model MODEL --out steps.safetensors`, then " \
-        "`slug audit --patch … --pretrained steps.safetensors`" in err
+    assert f"so audit it on that model: `slug apply --patch {dirs[0]} --model embedded --out steps.safetensors`, " \
+        f"then `slug audit --patch {dirs[1]} --pretrained steps.safetensors`" in err
 
 
 def test_demo_verdict_pass(demo_run):

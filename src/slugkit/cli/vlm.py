@@ -66,7 +66,7 @@ def unused(a, defaults: dict, owner: str, target: str) -> str | None:
     given = [k for k, default in defaults.items() if getattr(a, k, default) != default]
     if not given:
         return None
-    run = "--target vlm" if any(k.startswith("vlm") for k in given) else owner.split(" / ")[0]  # --vlm-model: vlm
+    run = "--target vlm" if any(k.startswith("vlm") for k in given) else owner.replace(" / ", " or ")  # both (v42)
     return (f"{', '.join('--' + k.replace('_', '-') for k in given)}: option(s) of {owner}, which {target} does not "
             f"use; drop them or run {run}")
 

@@ -74,8 +74,8 @@ def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
                     sets = [Path(t).name for t in tars]
                     raise ShardError(f"directory {p} is a curated set (curate.json) holding {', '.join(sets)}: "
                                      + ("its forget.tar and retain.tar are two sets, not one; " if len(sets) > 1
-                                        else "") + "give the file you mean, e.g. "
-                                     + " or ".join(f"{p / s} (--{s.removesuffix('.tar')})" for s in sets))
+                                        else "") + "give the file you mean: "
+                                     + ", ".join(f"{p / s} is its {s.removesuffix('.tar')} set" for s in sets))
                 images = [x for x in p.iterdir() if x.suffix.lower().lstrip(".") in IMAGE_EXTS]
                 if images:  # read as a folder of shards, its pairs were dropped without a word (trial 25)
                     raise ShardError(f"directory {p} holds both .tar shards ({Path(tars[0]).name}"

@@ -197,10 +197,15 @@ def sequential_step_hint(given: list, audit: bool = False) -> str:
         order = " ".join(f"--patch {printable(str(p))}" for p in earlier + [d])
         head = (f" {printable(str(d))} is step {m.group(1)} of the sequential run {printable(str(seq))}: it was made "
                 "on the model the earlier steps produced")
-        if audit:  # `slug audit` takes one --patch: the earlier steps' checkpoint is its base (verify 41)
+        if audit:  # `slug audit` takes one --patch: the earlier steps' checkpoint is its base (verify 41, 42)
             first = " ".join(f"--patch {printable(str(p))}" for p in earlier)
-            return (f"{head}, so audit it on that model: `slug apply {first} --model MODEL --out steps.safetensors`, "
-                    "then `slug audit --patch … --pretrained steps.safetensors`")
+            try:
+                base = json.loads((d / "patch.json").read_text(encoding="utf-8"))["base_model"]["model"]
+            except (OSError, ValueError, KeyError, TypeError):
+                base = "MODEL"
+            return (f"{head}, so audit it on that model: `slug apply {first} --model {printable(str(base))} --out "
+                    f"steps.safetensors`, then `slug audit --patch {printable(str(d))} --pretrained "
+                    "steps.safetensors`")
         return (f"{head}, so apply it after them, in the order they were made ({order}), or apply the run's "
                 f"chained patch {printable(str(Path(seq) / 'patch'))}")
     return ""
