@@ -302,9 +302,11 @@ def test_cli_audit_writes_files_and_exit_status(leaky_patch, tmp_path):
     assert main(args) == 4  # the first name bypasses the edit: fail
     res = json.loads((run / "audit.json").read_text())
     assert res["concept"] == CONCEPT and res["status"] == "fail" and res["method"] == "test-last-name"
+    # what was audited: the model and its weights (the shipped ones here; a --pretrained file by its absolute path)
+    assert (res["model"], res["pretrained"], res["family"]) == ("embedded", None, "open_clip")
     assert [r["probe"] for r in res["probes"]] == ["prompts", "precision"]
     md = (run / "audit.md").read_text()
-    assert "Prompt variants" in md and "first name" in md
+    assert "Prompt variants" in md and "first name" in md and "Model: embedded. " in md
     report = (run / "report.md").read_text()
     assert report.startswith("# a run") and report.count("slug audit: begin") == 1
     assert main(args) == 2  # audit.json exists
@@ -482,3 +484,20 @@ def test_a_tie_at_top1_names_the_variant_with_the_highest_top5():
     conds = [{"c": c, "after": {"top1": 0.1}} for c in ("fp16", "int4")]  # no top-5 (generated images): last listed
     rec = {}
     assert grade_worst(rec, conds, (0.05, 0.2), "precision", "")["c"] == "int4" and rec["tie_break"] == "last listed"
+
+
+def test_audit_records_the_weights_it_audited(tmp_path, monkeypatch):
+    """audit.json named the model but not the checkpoint a --pretrained audit loaded, and audit.md neither: an audit
+    handed on could not say which weights it vouched for (a known item of the trial-38 session)."""
+    from slugkit.audit.patch_audit import _said_checkpoint
+    from slugkit.audit.report import audit_markdown
+
+    ck = tmp_path / "ck.safetensors"
+    ck.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert _said_checkpoint("ck.safetensors") == str(ck.resolve())  # a file: absolute, wherever it is read later
+    assert _said_checkpoint("laion400m_e32") == "laion400m_e32" and _said_checkpoint(None) is None
+    result = {"concept": "A", "status": "pass", "seconds": 1.0, "probes": [], "model": "ViT-B-32",
+              "pretrained": str(ck.resolve())}
+    assert f"Model: ViT-B-32 (weights {ck.resolve()}). Time" in audit_markdown(result)
+    assert "Model:" not in audit_markdown({**result, "model": None})

@@ -125,11 +125,12 @@ def test_a_refusal_reads_as_indented_clauses():
         "  no second layer: no searched step lowered it, nor 3 halvings (the smallest: L1 step 2: concept 0.85)",
         "  closest: L2 step 9: concept 0.10",
         "  try --other-budget (the CLIP step)"]
-    rounds = ("2 layers did not forget within the budgets (round 1: a (x; y); closest: c; try d; round 2: b; closest: "
-              "e) (no patch)")  # each round on its lines (it was one line of ~1500 characters: trial 26)
+    # each round on its lines (it was one line of ~1500 characters: trial 26)
+    rounds = ("2 rounds of layer edits did not forget within the budgets (round 1: a (x; y); closest: c; try d; "
+              "round 2: b; closest: e) (no patch)")
     assert refusal_text(rounds).split("\n") == [
-        "2 layers did not forget within the budgets (no patch)", "  round 1: a (x; y)", "      closest: c",
-        "      try d", "  round 2: b", "      closest: e"]
+        "2 rounds of layer edits did not forget within the budgets (no patch)", "  round 1: a (x; y)",
+        "      closest: c", "      try d", "  round 2: b", "      closest: e"]
 
 
 def test_version(capsys):

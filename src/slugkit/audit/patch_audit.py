@@ -160,6 +160,15 @@ def _audit_downstream(patch, label, kind, concept, probes, audit_images, audit_g
                            progress=kw.get("progress", True))
 
 
+def _said_checkpoint(pretrained) -> str | None:
+    """``pretrained`` as audit.json records it: a file as its absolute path (the folder an audit is read from is
+    rarely the one it ran in), a tag as given, None for the model's own weights (the embedded CLIP's shipped ones)."""
+    if pretrained is None:
+        return None
+    p = Path(pretrained).expanduser()
+    return str(p.resolve()) if p.exists() else str(pretrained)
+
+
 def _audit_patch(patch, label, model, concept, pretrained, family, data, controls, aliases, device, kw) -> dict:
     from ..models import load_adapter
     from .data import world_audit_data
@@ -175,6 +184,6 @@ def _audit_patch(patch, label, model, concept, pretrained, family, data, control
         data = world_audit_data(before, concept, controls=controls, aliases=aliases)
     elif callable(data):
         data = data(before, concept)
-    meta = {"patch": label, "model": model, "method": patch.meta.get("method"), "layers": patch.names,
-            **_verdict_fields(patch.meta)}
+    meta = {"patch": label, "model": model, "pretrained": _said_checkpoint(pretrained), "family": family,
+            "method": patch.meta.get("method"), "layers": patch.names, **_verdict_fields(patch.meta)}
     return run_audit(before, after, data, meta=meta, **kw)

@@ -42,13 +42,21 @@ def _before_after(rec: dict) -> str:
     return "–"
 
 
+def _audited_model(result: dict) -> str:
+    """"Model: … (weights …). " — what was audited, as audit.json records it (empty when it records no model)."""
+    if not result.get("model"):
+        return ""
+    weights = f" (weights {result['pretrained']})" if result.get("pretrained") else ""
+    return f"Model: {result['model']}{weights}. "
+
+
 def audit_markdown(result: dict) -> str:
     """The markdown text (ends with a newline)."""
     lines = [f"## Audit: does the removal of {result['concept']} hold?", "",
              f"Overall (gating probes): **{result['status']}**"
              + (f" ({result['status_note']})" if result.get("status_note") else "") + ". Control names (never "
              f"learned): {', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
-             f"Time: {result['seconds']:.0f} s."
+             + _audited_model(result) + f"Time: {result['seconds']:.0f} s."
              + (f" Not run: {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
              *([f"**Note: the run that made this patch had verdict fail** ({_why(result)}; see its result.json): "
                 f"{audit_scope(result)}.", ""]

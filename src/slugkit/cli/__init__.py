@@ -249,7 +249,8 @@ def refusal_text(msg: str) -> str:
     met; ``no second layer: …``; ``closest: …``; ``try …`` — on indented lines instead of one line of ~900
     characters. Splits only outside parentheses, but for a multi-layer refusal's rounds (each round's refusal, its
     clauses indented below it); the message itself (result JSON, benchmark rows) stays one line."""
-    rounds = re.match(r"(\d+ layers did not forget within the budgets) \(round 1: (.*)\) \(no patch\)$", msg, re.S)
+    rounds = re.match(r"(\d+ rounds of layer edits did not forget within the budgets) \(round 1: (.*)\) \(no patch\)$",
+                      msg, re.S)
     k = rounds.group(2).rfind("; round ") if rounds else -1
     if k > 0:  # each round's refusal on its own lines, its clauses below it (one line of ~1500 characters: trial 26)
         label, _, last = rounds.group(2)[k + 2:].partition(": ")

@@ -244,8 +244,8 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
                 if partial is None or rnd >= cfg.max_layers:
                     if not edits:
                         raise
-                    err = SearchFailed(f"{len(edits) + 1} layers did not forget within the budgets (round 1: "
-                                       f"{infos[0]['refusal']}; round {rnd}: {e}) (no patch)")
+                    err = SearchFailed(f"{len(edits) + 1} rounds of layer edits did not forget within the budgets "
+                                       f"(round 1: {infos[0]['refusal']}; round {rnd}: {e}) (no patch)")
                     err.info = {**infos[-1], "rounds": infos}  # every round's search, for the refusal's record
                     raise err from e
                 edits.append(Edit(partial, grads, f"partial step (no single layer forgets within the budgets; "
