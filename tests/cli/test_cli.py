@@ -368,7 +368,7 @@ def test_saved_gradients_record_their_provenance(tmp_path, data_dir, demo_run, c
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((run / "gradients.safetensors").read_bytes()[:100_000])
     for bad, words in ((cut, "is not a readable gradients file (SafetensorError"),
-                       (run / "patch" / "patch.json", "is not a readable gradients file"),
+                       (run / "patch" / "patch.json", "is a patch's metadata file (patch.json), not the gradients"),
                        (run / "patch" / "patch.safetensors", "is a slugkit patch's tensor file, not the gradients"),
                        (run / "patch", "is a folder; give the .safetensors file")):
         assert main(_unlearn_args(data_dir, demo["concept"], tmp_path / "b") + pairs + ["--gradients", str(bad)]) == 2

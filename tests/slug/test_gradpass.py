@@ -595,3 +595,12 @@ def test_a_file_that_holds_no_gradients_is_named(tmp_path):
     g.write_bytes(g.read_bytes()[:-4])
     with pytest.raises(ValueError, match="is not a readable gradients file"):
         Gradients.load(g)
+    # a folder said "(OSError: No such device)", a patch.json "header too large"; each is named for what it is
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "patch.json").write_text('{"format": "slugkit-patch"}')
+    (tmp_path / "x.json").write_text(' {"a": 1}')
+    for path, what in ((tmp_path / "p", "a patch folder"), (tmp_path, "a folder"),
+                       (tmp_path / "p" / "patch.json", r"a patch's metadata file \(patch.json\)"),
+                       (tmp_path / "x.json", "a JSON text file")):
+        with pytest.raises(ValueError, match=f"is {what}, not the gradients file `slug grads`"):
+            Gradients.load(path)

@@ -86,6 +86,10 @@ class Gradients:
         from safetensors import safe_open
 
         forget, retain = {}, {}
+        what = _not_a_tensor_file(Path(path))
+        if what:  # said "not a readable gradients file (OSError: No such device)" / "header too large"
+            raise ValueError(f"{path} is {what}, not the gradients file `slug grads` (or --save-gradients) writes (a "
+                             ".safetensors file); give that file, or leave --gradients out to compute them")
         try:
             with safe_open(str(path), framework="pt") as f:
                 md = f.metadata() or {}
@@ -112,6 +116,22 @@ class Gradients:
                              f"{' '.join(str(e).split())[:160]}): truncated or another kind of file; recompute it "
                              "with `slug grads`") from None
         return cls(forget, retain, int(meta.get("n_forget", 0)), int(meta.get("n_retain", 0)))
+
+
+def _not_a_tensor_file(path: Path) -> str | None:
+    """What ``path`` is when it plainly holds no tensors — a folder (a patch folder or a run folder named as such), a
+    JSON text file (a patch's ``patch.json``) — else None (the safetensors reader judges the rest)."""
+    if path.is_dir():
+        return ("a patch folder" if (path / "patch.json").is_file() else
+                "a run folder" if (path / "result.json").is_file() else "a folder")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64).lstrip()
+    except OSError:
+        return None
+    if head[:1] in (b"{", b"["):  # a safetensors file starts with its 8-byte header length, never with JSON text
+        return "a patch's metadata file (patch.json)" if path.name == "patch.json" else "a JSON text file"
+    return None
 
 
 class candidate_grads:
