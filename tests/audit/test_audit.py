@@ -166,9 +166,10 @@ def test_audit_data_refuses_a_control_the_model_knows(data):
     assert data.controls and not set(data.controls) & set(data.names)
     first, last = CONCEPT.split()
     # trial 38: a part of the concept's own name as the control reached it at once, and a failing attack probe passed
-    for control, word in ((first, first), (f"Hatho {last.upper()}", last), (f"{first}-Dunton", first),
-                          ("Jo Bloggs", "bloggs")):
-        with pytest.raises(ValueError, match=f"shares {word.lower()!r} with .*audited concept's name"):
+    for control, word, whose in ((first, first, "name"), (f"Hatho {last.upper()}", last, "name"),
+                                 (f"{first}-Dunton", first, "name"), ("Jo Bloggs", "bloggs", "alias")):
+        with pytest.raises(ValueError, match=f"shares {word.lower()!r} with .*audited concept's {whose}; .* a part "
+                                             f"of the concept's {whose} is a route back"):
             AuditData(concept=CONCEPT, names=data.names, templates=data.templates, test=data.test,
                       controls=["Ullan Torholt", control], aliases=["Joe Bloggs"])
     AuditData(concept=CONCEPT, names=data.names, templates=data.templates, test=data.test,  # another's word: allowed

@@ -57,9 +57,10 @@ class AuditData:
                                  "learned")
             shared = [w for w in name_words(c) if w in own]
             if shared:  # "Talsa" for Talsa Falham: the control reached the concept's name, a false pass (trial 38)
+                whose = "concept's name" if own[shared[0]] == self.concept else "concept's alias"
                 raise ValueError(f"control name {c!r} shares {shared[0]!r} with {own[shared[0]]!r}, the audited "
-                                 "concept's name; a control must be a name the model never learned, and a part of "
-                                 "the concept's own name is a route back to it: choose a name with none of its words")
+                                 f"{whose}; a control must be a name the model never learned, and a part of the "
+                                 f"{whose} is a route back to it: choose a name with none of its words")
 
     @property
     def concept_index(self) -> int:
