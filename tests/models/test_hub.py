@@ -64,3 +64,40 @@ def test_an_open_clip_tag_fails_at_once_when_the_hub_is_unreachable(no_network, 
     with pytest.raises(ModelLoadError, match="cannot be reached from this machine"):  # the cache only, no retries
         OpenClipAdapter.load("ViT-B-32", "laion400m_e32", cache_dir=str(tmp_path))
     assert no_network
+
+
+def test_a_folder_of_another_kind_given_as_the_clip_is_named(tmp_path):
+    """Trial 43: a LLaVA folder loaded as a transformers CLIPModel with every weight "unexpected" and the rest random
+    (`slug grads` wrote that random CLIP's gradients, exit 0); a pipeline's text_encoder/ became a default-size
+    random CLIP; a diffusers pipeline was said to lack model.safetensors; the other family's folder was no hint."""
+    import json
+
+    from slugkit.models import ModelLoadError, load_adapter
+
+    def folder(name, **files):
+        d = tmp_path / name
+        d.mkdir()
+        for f, content in files.items():
+            (d / f.replace("__", ".")).write_text(json.dumps(content))
+        return d
+
+    cases = [
+        (folder("sd", model_index__json={"_class_name": "StableDiffusionPipeline"}), "hf_clip",
+         "is a diffusers pipeline folder (model_index.json), not a CLIP: pass the CLIP its text encoder comes from as "
+         "--model, and the pipeline as --consumer sd:DIR"),
+        (folder("llava", config__json={"model_type": "llava"}), "hf_clip",
+         "is a LLaVA folder (config.json: model_type 'llava'), not a CLIP: pass the CLIP its vision tower comes from "
+         "as --model, and this folder as --consumer llava:DIR"),
+        (folder("te", config__json={"model_type": "clip_text_model"}), "hf_clip",
+         "holds a CLIP text tower alone (config.json: model_type 'clip_text_model', e.g. a pipeline's text_encoder/)"),
+        (folder("bert", config__json={"model_type": "bert"}), "hf_clip", "is a 'bert' model (config.json: model_type)"),
+        (folder("oc", open_clip_config__json={"model_cfg": {}}), "hf_clip",
+         "holds an open_clip_config.json, not a transformers config.json: pass --family open_clip"),
+        (folder("hf", config__json={"model_type": "clip"}), "open_clip",
+         "holds a transformers config.json, not an open_clip_config.json: pass --family hf_clip"),
+        (tmp_path / "sd", "open_clip", "is a diffusers pipeline folder (model_index.json)"),
+    ]
+    for path, family, words in cases:
+        with pytest.raises(ModelLoadError) as e:
+            load_adapter(str(path), family=family)
+        assert str(e.value).startswith(f"{path} {words}"), (family, str(e.value))

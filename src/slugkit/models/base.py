@@ -214,12 +214,16 @@ def _under_autocast(adapter: Adapter, fn: Callable, to_float32: bool) -> Callabl
     return run
 
 
-def check_local_weights(path: Path) -> None:
+def check_local_weights(path: Path, family: str | None = None) -> None:
     """Every ``*.safetensors`` of a local folder (or the file itself) must really be safetensors: a Git LFS pointer,
     a pickle or a truncated file is named here (:func:`slugkit.common.weights.check_weights_file`) instead of failing
-    deep inside the loader. Raises :class:`ModelLoadError`."""
+    deep inside the loader. With ``family``, a folder that is no CLIP of that family is named first
+    (:func:`foreign_folder`). Raises :class:`ModelLoadError`."""
     from ..common.weights import WeightsFileError, check_weights_file
 
+    what = foreign_folder(path, family) if family and path.is_dir() else None
+    if what:
+        raise ModelLoadError(f"{path} {what}")
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     for f in files:
         try:
@@ -236,3 +240,40 @@ def check_model_folder(folder, what: str) -> None:
     if p.is_dir():
         return
     raise ModelLoadError(f"{p} is {'a file, not a folder' if p.exists() else 'no such folder'}; {what}")
+
+
+def foreign_folder(folder: Path, family: str) -> str | None:
+    """What a local ``--model`` folder is when it is no CLIP of ``family`` (``"open_clip"`` | ``"hf_clip"``), else
+    None. A LLaVA folder loaded as a transformers ``CLIPModel`` with every weight "unexpected" and the rest random,
+    and ``slug grads`` wrote gradients of that random CLIP with exit 0; a pipeline's ``text_encoder/`` (a text tower
+    alone) became a default-size random CLIP; a diffusers pipeline folder was said to lack model.safetensors
+    (trial 43). Reads ``model_index.json`` / ``config.json`` / ``open_clip_config.json`` only."""
+    import json
+
+    if (folder / "model_index.json").is_file():
+        return ("is a diffusers pipeline folder (model_index.json), not a CLIP: pass the CLIP its text encoder comes "
+                "from as --model, and the pipeline as --consumer sd:DIR (slug unlearn / grads) or --pipeline DIR "
+                "(slug apply / revert / eval-sd)")
+    cfg = folder / "config.json"
+    if family == "open_clip":
+        if not (folder / "open_clip_config.json").is_file() and cfg.is_file():
+            return "holds a transformers config.json, not an open_clip_config.json: pass --family hf_clip"
+        return None
+    if not cfg.is_file():
+        return ("holds an open_clip_config.json, not a transformers config.json: pass --family open_clip"
+                if (folder / "open_clip_config.json").is_file() else None)
+    try:
+        kind = json.loads(cfg.read_text()).get("model_type")
+    except (ValueError, OSError, AttributeError):
+        return None  # transformers names a broken config itself
+    if kind in (None, "clip"):
+        return None
+    if kind == "llava":
+        return ("is a LLaVA folder (config.json: model_type 'llava'), not a CLIP: pass the CLIP its vision tower "
+                "comes from as --model, and this folder as --consumer llava:DIR")
+    if kind in ("clip_text_model", "clip_vision_model"):
+        tower = "text" if kind == "clip_text_model" else "vision"
+        return (f"holds a CLIP {tower} tower alone (config.json: model_type {kind!r}, e.g. a pipeline's "
+                f"{'text_encoder/' if tower == 'text' else 'image_encoder/'}); SLUG's gradients need the whole "
+                "CLIPModel (both towers): pass the CLIP it comes from as --model")
+    return f"is a {kind!r} model (config.json: model_type), not a CLIPModel ('clip')"

@@ -145,7 +145,7 @@ class HFClipAdapter(Adapter):
             raise ModelLoadError(f"{model} is a file; the hf_clip family loads a folder written by save_pretrained "
                                  f"(config.json + model.safetensors + tokenizer/preprocessor files) or a hub id")
         if local:
-            check_local_weights(Path(model))
+            check_local_weights(Path(model), family="hf_clip")
         why = None if local else hub_unreachable() if not hub_offline() else None  # fail at once, not after ~50 s
         kw = {"cache_dir": cache_dir, "local_files_only": local or hub_offline() or why is not None}
         try:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..common.rng import keeps_torch_rng
-from .base import Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision
+from .base import (Adapter, ModelLoadError, Stage, autocast_dtype, check_local_weights, check_precision,
+                   foreign_folder)
 from .hub import offline_unless_reachable, unreachable_note
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded"
@@ -96,8 +97,9 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
         return model, None
     p = Path(model)
     if p.is_dir():
-        if not (p / "open_clip_config.json").is_file():
-            raise ModelLoadError(f"{p} is a directory but holds no open_clip_config.json")
+        what = foreign_folder(p, "open_clip")
+        if what or not (p / "open_clip_config.json").is_file():
+            raise ModelLoadError(f"{p} {what or 'is a directory but holds no open_clip_config.json'}")
         _folder_weights(p, pretrained)
         return f"local-dir:{p.resolve()}", None
     if pretrained and (Path(pretrained).suffix or "/" in pretrained):
