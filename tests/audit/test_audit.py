@@ -502,3 +502,48 @@ def test_audit_records_the_weights_it_audited(tmp_path, monkeypatch):
               "pretrained": str(ck.resolve())}
     assert f"Model: ViT-B-32 (weights {ck.resolve()}). Time" in audit_markdown(result)
     assert "Model:" not in audit_markdown({**result, "model": None})
+
+
+def test_an_audit_run_with_its_run_folds_into_the_runs_verdict(tmp_path):
+    """Trial 44: `slug demo --concept "Talsa Falham" --audit` exited 4 with the audit failing, while the terminal,
+    result.json, report.md's head and the patch (so `slug inspect` and `slug apply`) said pass."""
+    import torch
+
+    from slugkit.audit.fold import fold_audit
+    from slugkit.patch import load_patch, make_patch, save_patch
+    from slugkit.patch.summary import verdict_line
+
+    run = tmp_path / "run"
+    base = {"w": torch.ones(3)}
+    save_patch(make_patch(base, {"w": base["w"] * 2}, base_model="toy", adapter="t", concept="A",
+                          extra={"verdict": "pass"}), run / "patch")
+    (run / "result.json").write_text(json.dumps({"concept": "A", "verdict": {"status": "pass", "reasons": [],
+                                                                           "budgets": {}}}))
+    (run / "report.md").write_text("# SLUG unlearning report: A\n\n**verdict: pass**\n\nModel: x\n")
+    audit = {"status": "fail", "probes": [{"probe": "prompts", "status": "fail", "gating": True},
+                                          {"probe": "attack", "status": "fail", "gating": True},
+                                          {"probe": "precision", "status": "pass", "gating": True}]}
+    assert fold_audit(run, audit)["status"] == "fail"
+    res = json.loads((run / "result.json").read_text())
+    assert res["verdict"]["status"] == "fail" and res["audit"]["status"] == "fail"
+    (reason,) = res["verdict"]["reasons"]
+    assert reason["code"] == "audit_fail" and "does not hold: Prompt variants fail, Adversarial prompt search fail" in \
+        reason["message"]
+    head = (run / "report.md").read_text()
+    assert "**verdict: fail**\n- fail: the audit run with this run says the removal does not hold" in head
+    assert "verdict: pass" not in head and head.endswith("Model: x\n")
+    meta = load_patch(run / "patch").meta
+    assert meta["extra"]["verdict"] == "fail" and meta["extra"]["audit"] == "fail"
+    assert "the audit run with the run found that the removal does not hold" in verdict_line(run / "patch", meta)
+    # a passing audit: recorded, no reason, the run's own verdict stands (and a second fold replaces the first)
+    assert fold_audit(run, {"status": "pass", "probes": []})["status"] == "pass"
+    assert json.loads((run / "result.json").read_text())["verdict"]["reasons"] == []
+    # a downstream run's banner carries the status and the reason
+    (run / "report.md").write_text("> **This run's verdict is the generated images': warn** (section …)\n\n"
+                                   "**verdict: fail**\n")
+    res["verdict"] = {"status": "warn", "reasons": [{"code": "worst_drop", "severity": "warn", "message": "m"}]}
+    (run / "result.json").write_text(json.dumps(res))
+    fold_audit(run, {"status": "warn", "probes": [{"probe": "attack", "status": "warn", "gating": True}]})
+    text = (run / "report.md").read_text()
+    assert text.startswith("> **This run's verdict is the generated images': warn** (the audit run with this run "
+                           "says the removal may not hold: Adversarial prompt search warn (audit.md)) (section")

@@ -117,6 +117,13 @@ def test_apply_revert_round_trip(demo_run, tmp_path, capsys):
     layer = result["layer"]
     changed = [k for k in base if not torch.equal(base[k], patched[k])]
     assert sorted(changed) == sorted(n for e in result["layers_edited"] for n in e["group"])  # every edited layer
+    rel = result["relative_change_by_tensor"]  # ‖Δ‖/‖θ‖ of every patched tensor, measured on the checkpoint
+    assert sorted(rel) == sorted(changed)
+    for k in changed:
+        d, b = (patched[k] - base[k]).double().norm(), base[k].double().norm()
+        assert rel[k] == pytest.approx(float(d / b), rel=1e-6)
+    for e in result["layers_edited"]:
+        assert e["relative_change_max"] == max(rel[n] for n in e["group"])
     assert main(["revert", "--patch", str(demo_run / "patch"), "--checkpoint", str(patched_file),
                  "--out", str(reverted_file)]) == 0
     reverted = load_state_dict_file(reverted_file)

@@ -493,3 +493,14 @@ def test_curate_names_only_the_option_missing(capsys, tmp_path):
     """Twenty-second trial: `slug curate --shards X --out O` said "curate needs --shards and --concept"."""
     assert main(["curate", "--shards", str(tmp_path / "x.tar"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("error: curate needs --concept (or --generate")
+
+
+def test_curate_generate_refuses_an_out_inside_the_pipeline(capsys, tmp_path):
+    """Trial 43: `slug curate --generate … --pipeline P --out P/gen` wrote into the pipeline folder, and a later
+    `slug apply --full-pipeline` copied it along; refused before the pipeline is loaded."""
+    (tmp_path / "sd").mkdir()
+    assert main(["curate", "--generate", "a photo of a sea turtle", "-n", "2", "--pipeline", str(tmp_path / "sd"),
+                 "--concept", "sea turtle", "--out", str(tmp_path / "sd" / "gen")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'sd' / 'gen'} is inside --pipeline {tmp_path / 'sd'}" in err
+    assert not (tmp_path / "sd" / "gen").exists()

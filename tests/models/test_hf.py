@@ -274,6 +274,60 @@ def test_slug_unlearn_hf_family_with_sd_consumer(tmp_path, trained):
     assert sorted(patch["tensors"]) == sorted(result["group"]) and patch["adapter"] == "hf_clip"
     layers = json.loads((out / "layers.json").read_text())
     assert not any("layers.3." in c["name"] or "projection" in c["name"] for c in layers["candidates"])
+    # trial 43: what the pipeline reads — the 3-layer encoder's last hidden state, i.e. the CLIP's hidden state after
+    # layer 2 through the final norm — measured before/after the patch (the CLIP checks never see it)
+    rec = result["consumer_shift"]
+    assert rec["reads"] == "hidden state after text layer 2 through the final layer norm"
+    from slugkit.patch import apply_patch, load_patch
+
+    tm, tok = trained.model.text_model, trained.tokenizer
+    ids = tok([""], padding="max_length", max_length=min(tok.model_max_length, 77), truncation=True,
+              return_tensors="pt")["input_ids"]
+
+    def read():
+        with torch.no_grad():
+            return tm.final_layer_norm(tm(input_ids=ids, output_hidden_states=True).hidden_states[3])
+
+    h0 = read()
+    model = clone(trained)
+    tm = model.model.text_model
+    apply_patch(model.model, load_patch(out / "patch"))
+    h1 = read()
+    assert rec["empty"] == pytest.approx(float((h1 - h0).norm() / h0.norm()), rel=1e-4)
+    assert rec["empty_ratio"] == pytest.approx(rec["empty"] / rec["target"])
+    assert set(rec["per_concept"]) == set(NAMES) - {NAMES[0]} and rec["worst_other"][1] == max(
+        rec["per_concept"].values())
+    report = (out / "report.md").read_text()
+    assert "## What the pipeline reads (`--consumer sd`)" in report
+    assert f"| empty prompt | {rec['empty']:.3f} |" in report
+    warned = any(r["code"] == "consumer_shift" for r in result["verdict"]["reasons"])
+    assert warned == (rec["others_ratio"] >= rec["warn_at"] or rec["empty_ratio"] >= rec["empty_warn_at"])
+
+
+def test_an_sd_consumer_whose_encoder_is_not_this_clip_is_refused(tmp_path, base):
+    """Trial 43: `--consumer sd:DIR` was read from configs alone, so a run was judged on one CLIP and its patch applied
+    to a pipeline whose text encoder differed elsewhere (only the edited tensors are hash-checked at apply). A
+    pipeline folder with weights must hold this CLIP's text tower (the layers it has), tensor for tensor."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from slugkit.integrations import TowerMismatchError
+    from slugkit.integrations.consumer import restrict_to_consumer
+
+    te_cfg = CLIPTextConfig(**{**base.model.config.text_config.to_dict(), "num_hidden_layers": 3})
+    te = CLIPTextModel(te_cfg)
+    inner = getattr(te, "text_model", te)  # transformers 5 dropped the text_model wrapper of CLIPTextModel
+    inner.load_state_dict({k.removeprefix("text_model."): v for k, v in base.model.state_dict().items()
+                           if k.startswith("text_model.") and ".layers.3." not in k})
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    te.save_pretrained(tmp_path / "pipe" / "text_encoder")
+    restrict_to_consumer(clone(base), f"sd:{tmp_path / 'pipe'}")  # its own text tower (3 of 4 layers): accepted
+    with torch.no_grad():
+        inner.encoder.layers[1].mlp.fc1.weight.add_(1e-3)  # e.g. a fine-tuned layer
+    te.save_pretrained(tmp_path / "pipe" / "text_encoder")
+    with pytest.raises(TowerMismatchError, match=r"--consumer sd:.*pipe \(text_encoder\): .*"
+                                                 r"text_model\.encoder\.layers\.1\.mlp\.fc1\.weight"):
+        restrict_to_consumer(clone(base), f"sd:{tmp_path / 'pipe'}")
 
 
 def test_embedded_with_the_hf_family_is_the_converted_clip_offline_and_apply_defaults_to_the_patchs_family(
@@ -301,3 +355,21 @@ def test_embedded_with_the_hf_family_is_the_converted_clip_offline_and_apply_def
     assert capsys.readouterr().err.strip().endswith(
         "error: --family open_clip: the patch's adapter is hf_clip (its tensors carry that family's names); leave "
         "--family out (it defaults to the patch's) or give --family hf_clip")
+
+
+def test_the_consumer_shift_warns_at_half_the_targets_shift():
+    """consumer_shift (warn) when the others' mean moves ≥ 0.5 × the target's or the empty prompt ≥ 1 × (trial 43: a
+    passing q/k/v edit moved a teapot's prompt 0.62 × as much as the target's; the embedded SD demo's patch 0.30 ×, its
+    empty prompt 0.49 ×)."""
+    from slugkit.workflows.consumer_shift import EMPTY_WARN, SELECTIVITY_WARN, consumer_check
+    from slugkit.workflows.verdict import Verdict
+
+    assert (SELECTIVITY_WARN, EMPTY_WARN) == (0.5, 1.0)
+    for others, empty, warns in ((0.3, 0.49, False), (0.49, 0.99, False), (0.5, 0.1, True), (0.1, 1.0, True),
+                                 (None, 0.1, False)):
+        v = Verdict()
+        consumer_check(v, {"target": 1.35, "others_ratio": others, "empty_ratio": empty})
+        assert (v.status == "warn") == warns
+        if warns:
+            msg = v.reasons[0]["message"]
+            assert v.reasons[0]["code"] == "consumer_shift" and "`slug eval-sd`" in msg and "shift 1.350" in msg

@@ -80,3 +80,10 @@ def test_a_group_edit_names_every_tensor_it_changed():
     assert f"applied step 11.72 on `{g[0]} + {g[1]}`" in downstream_head(result, "VLM's", "VLM", "search")
     one = {**result, "layer": "visual.proj", "group": ["visual.proj"]}
     assert edit_label(one) == "visual.proj (step 11.72, relative change 0.229)"
+    # trial 43: a q/k/v edit's headline gave q_proj's 0.032 while v_proj changed by 0.172; the largest is said too
+    qkv = [f"text_model.encoder.layers.3.self_attn.{p}_proj.weight" for p in "qkv"]
+    e = {"layer": qkv[0], "group": qkv, "step_size": 3.866, "relative_change": 0.032, "round": 1}
+    res = {**result, "layers_edited": [{**e, "relative_change_max": 0.172, "relative_change_max_tensor": qkv[2]}]}
+    assert edit_label(res).endswith("(step 3.866, relative change 0.032; largest: v_proj 0.172)")
+    res = {**result, "layers_edited": [{**e, "relative_change_max": 0.032, "relative_change_max_tensor": qkv[0]}]}
+    assert edit_label(res).endswith("(step 3.866, relative change 0.032)")

@@ -116,3 +116,36 @@ def test_a_forget_set_of_someone_else_is_said():
     v = clip_verdict(["Jowen Gormere"], "forget_top5", 0.0, m, {**m, "forget_top1": 0.0, "forget_top5": 0.0},
                      Budgets(), {}, {"named": 10, "total": 10, "truncated": 0, "forget_images": other})
     assert v.status == "warn" and "forget_images_not_concept" in [r["code"] for r in v.to_json()["reasons"]]
+
+
+def test_empty_class_folders_are_said_and_recorded(adapter, tmp_path, capsys):
+    """Trial 43: an emptied identity folder (the target's nearest neighbour) vanished from the worst case and the
+    nearest neighbours without a word; the target's own empty folder was said to be missing; unknown folders were
+    printed as a Python list."""
+    from PIL import Image
+
+    from slugkit.common.errors import EmptyForgetSetError
+    from slugkit.workflows.inputs import build_suite
+    from slugkit.workflows.unlearn import UnlearnConfig
+
+    root = tmp_path / "test"
+    for name in ("Ann_Lee", "Bob_Ray", "Cy_Dunn"):
+        (root / name).mkdir(parents=True)
+    for i in range(2):
+        for name in ("Ann_Lee", "Bob_Ray"):
+            Image.new("RGB", (8, 8), (i * 40, 9, 0)).save(root / name / f"{i}.png")
+    cfg = UnlearnConfig(concept="Ann Lee", out=str(tmp_path / "o"), forget="f", retain="r",
+                        val_identities=str(root), test_identities=str(root))
+    suite = build_suite(adapter, cfg, str(root), None)
+    assert suite.sizes()["empty_folders"] == ["test/Cy_Dunn"] and suite.sizes()["related"] == 2
+    assert ("warning: " + str(root) + ": 1 identity folder(s) hold no image and are not evaluated: Cy_Dunn"
+            in capsys.readouterr().err)
+    with pytest.raises(EmptyForgetSetError, match=r"has no images of 'Cy Dunn' \(its folder Cy_Dunn/ holds none\)"):
+        build_suite(adapter, UnlearnConfig(concept="Cy Dunn", out=str(tmp_path / "o"), forget="f", retain="r",
+                                           val_identities=str(root), test_identities=str(root)), str(root), None)
+    names = tmp_path / "names.txt"
+    names.write_text("Ann Lee\nBob Ray\n")
+    with pytest.raises(ValueError, match=r"identity folder\(s\) not in the name list: 'Cy Dunn'; add them to "):
+        build_suite(adapter, UnlearnConfig(concept="Ann Lee", out=str(tmp_path / "o"), forget="f", retain="r",
+                                           names=str(names), val_identities=str(root), test_identities=str(root)),
+                    str(root), None)

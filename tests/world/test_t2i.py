@@ -178,7 +178,7 @@ def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):
 
     args = ["curate", "--generate", "a red circle.", "--generate", "a photo of a red circle.", "-n", "3",
             "--concept", "red circle", "--gen-steps", "2", "--no-progress"]
-    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--threads", "1", "--out", str(tmp_path / "a")]) == 0  # --threads as eval-sd's (trial 43)
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     a, b = (tmp_path / "a" / "forget.tar").read_bytes(), (tmp_path / "b" / "forget.tar").read_bytes()
     assert a == b
@@ -199,8 +199,8 @@ def test_curate_generate_writes_a_deterministic_forget_shard(tmp_path, capsys):
     assert "-n" in capsys.readouterr().err
     for extra, said in ((["--generate", "x", "-n", "2", "--shards", "s.tar", "--max-forget", "1"],
                          "--shards, --max-forget: option(s) of `slug curate` from shards"),
-                        (["--shards", "s.tar", "--concept", "c", "-n", "2", "--gen-steps", "3"],
-                         "-n, --gen-steps: option(s) of `slug curate` with --generate")):
+                        (["--shards", "s.tar", "--concept", "c", "-n", "2", "--gen-steps", "3", "--threads", "1"],
+                         "-n, --gen-steps, --threads: option(s) of `slug curate` with --generate")):
         assert main(["curate", *extra, "--out", str(tmp_path / "d")]) == 2
         assert said in capsys.readouterr().err and not (tmp_path / "d").exists()
 

@@ -306,7 +306,6 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
     :func:`slugkit.audit.audit_patch` takes it; None: the embedded world's). Returns the audit's exit status, None
     when the run wrote no patch."""
     from ..audit import audit_patch
-    from ..audit.report import TITLES
 
     patch = Path(out) / "patch"
     if not (patch / "patch.json").is_file():
@@ -318,10 +317,22 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
                       data=data, controls=a.control_name, device=getattr(a, "device", "cpu"), out=out, overwrite=True,
                       threads=getattr(a, "threads", None),
                       **audit_options(a))
+    return AUDIT_EXIT[said_audit(out, res)["status"]]
+
+
+def said_audit(out, res: dict) -> dict:
+    """Print the one-line outcome of an audit run with its run (``--audit``), fold it into the run's verdict
+    (:mod:`slugkit.audit.fold`) and say the verdict now. Returns ``res``."""
+    from ..audit.fold import fold_audit
+    from ..audit.report import TITLES
+
     print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + ("; ".join(
         f"{TITLES[r['probe']]} {r['status']}" + ("" if r.get("gating") else " (not gating)") for r in res["probes"])
-        or "no probe ran") + f" (see {Path(out) / 'audit.md'})")
-    return AUDIT_EXIT[res["status"]]
+        or "no probe ran") + f" (see {printable(Path(out) / 'audit.md')})")
+    verdict = fold_audit(out, res)
+    if verdict and res.get("status") in ("warn", "fail"):
+        print(f"verdict (with the audit): {verdict['status']} — result.json, report.md and the patch say so")
+    return res
 
 
 def add_parsers(sub) -> None:

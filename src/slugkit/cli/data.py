@@ -20,7 +20,7 @@ def validate_curate(a) -> str | None:
     given = {"--shards": a.shards, "--max-forget": a.max_forget, "--max-retain": a.max_retain, "--alias": a.alias,
              "--strict": a.strict} if a.generate else {
         "-n": a.n, "--caption": a.caption, "--gen-steps": a.gen_steps != 25, "--guidance": a.guidance,
-        "--pipeline": a.pipeline != "embedded", "--device": a.device != "cpu"}
+        "--pipeline": a.pipeline != "embedded", "--device": a.device != "cpu", "--threads": a.threads}
     stray = [f for f, v in given.items() if v not in (None, False, [])]
     if stray:
         return (f"{', '.join(stray)}: option(s) of `slug curate` " + ("from shards (--shards), which --generate does "
@@ -29,7 +29,10 @@ def validate_curate(a) -> str | None:
     if a.generate:
         if not a.n:
             return "--generate needs -n N (how many images)"
-        return None
+        from ..common.outputs import out_inside_model
+
+        # inside the pipeline it reads: written there, and `apply --full-pipeline` copied it along (trial 43)
+        return out_inside_model(a.out, {"--pipeline": None if a.pipeline == "embedded" else a.pipeline})
     missing = [f for f, v in (("--shards", a.shards), ("--concept", a.concept)) if not v]
     if missing:  # "needs --shards and --concept" when --shards was given (twenty-second trial)
         return f"curate needs {' and '.join(missing)} (or --generate PROMPT -n N --pipeline P)"
@@ -49,6 +52,10 @@ def cmd_curate(a) -> int:
     msg = validate_curate(a)
     if msg:
         return refuse(msg)
+    if a.threads:  # as eval-sd's (trial 43)
+        import torch
+
+        torch.set_num_threads(a.threads)
     pipe = load_pipeline(a.pipeline, device=a.device) if a.generate else None
     with run_folder(a.out, a.overwrite, marker="curate.json") as out:
         if a.generate:
@@ -172,6 +179,8 @@ def add_parsers(sub) -> None:
     c.add_argument("--guidance", type=float_at_least(0.0), default=None,
                    help="with --generate: guidance scale (default: the pipeline's)")
     c.add_argument("--device", default="cpu", help="with --generate: the pipeline's device (default cpu)")
+    c.add_argument("--threads", type=THREADS, default=None,
+                   help="with --generate: torch CPU threads (default: torch's choice)")
     c.add_argument("--alias", type=nonempty, action="append", default=None,
                    help="another spelling of the concept that also counts as a match (repeatable)")
     c.add_argument("--max-forget", type=COUNT, default=None, help="keep at most N forget pairs (default all matches)")

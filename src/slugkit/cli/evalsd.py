@@ -18,14 +18,18 @@ LOW_BASE = 0.5  # the unpatched pipeline draws the target on less than this shar
 
 
 def load_pipeline(spec: str, device: str = "cpu"):
-    """``--pipeline``: ``embedded`` (the embedded text-to-image model) or a local diffusers pipeline folder."""
+    """``--pipeline``: ``embedded`` (the embedded text-to-image model) or a local diffusers pipeline folder, whose
+    per-call denoising bars are off (slug's own bar counts the images; `--no-progress` printed them: trial 43)."""
     if spec == "embedded":
         from ..world.t2i import EmbeddedT2IPipeline
 
         return EmbeddedT2IPipeline.load()
     from ..integrations.diffusers_sd import load_pipeline_folder
 
-    return load_pipeline_folder(spec, device=device)
+    pipe = load_pipeline_folder(spec, device=device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def concept_names(spec: str | None, option: str) -> list[str]:

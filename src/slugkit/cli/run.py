@@ -79,11 +79,9 @@ def cmd_demo_sd(a) -> int:
     print_sd_summary(result, out)
     rc = exit_status_of(result)
     if a.audit and (Path(out) / "patch" / "patch.json").is_file():
-        from .audit import AUDIT_EXIT, audit_sd
+        from .audit import AUDIT_EXIT, audit_sd, said_audit
 
-        res = audit_sd(Path(out) / "patch", Path(out), a)
-        print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + "; ".join(
-            f"{r['probe']} {r['status']}" for r in res["probes"]) + f" (see {Path(out) / 'audit.md'})")
+        res = said_audit(out, audit_sd(Path(out) / "patch", Path(out), a))
         rc = max(rc, AUDIT_EXIT[res["status"]])
     return rc
 

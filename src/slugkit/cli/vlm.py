@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..common.text import printable
 from ..workflows.verdict import exit_status_of
 from .args import FRACTION, budgets_of, refuse, search_config, split_list
 
@@ -46,12 +45,9 @@ def cmd_demo_vlm(a) -> int:
     print_vlm_summary(result, str(out))
     rc = exit_status_of(result)
     if a.audit and (out / "patch" / "patch.json").is_file():
-        from .audit import AUDIT_EXIT, audit_vlm
+        from .audit import AUDIT_EXIT, audit_vlm, said_audit
 
-        res = audit_vlm(out / "patch", out, a)
-        print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + "; ".join(
-            f"{r['probe']} {r['status']}" + ("" if r.get("gating") else " (not gating)") for r in res["probes"])
-            + f" (see {printable(out / 'audit.md')})")
+        res = said_audit(out, audit_vlm(out / "patch", out, a))
         rc = max(rc, AUDIT_EXIT[res["status"]])
     return rc
 

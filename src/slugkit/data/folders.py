@@ -230,6 +230,12 @@ class ClassFolder:
         for f, y in zip(self.files, self.labels):
             yield decode_image(f.read_bytes(), str(f)), y
 
+    @property
+    def empty(self) -> list[str]:
+        """The class folders (directory names) that hold no image: silently left out of every metric (trial 43)."""
+        held = set(self.labels)
+        return [d for y, d in enumerate(self.dirnames) if y not in held]
+
 
 def read_class_folder(root: str | Path, classnames: str | list[str] | None = None) -> ClassFolder:
     root = Path(root)

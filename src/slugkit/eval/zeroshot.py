@@ -54,6 +54,7 @@ class EvalSuite:
     utility_templates: list[str] = field(default_factory=list)
     utility: ImageSet | None = None
     targets: list[int] | None = None  # every forget concept (joint unlearning); default [target]
+    empty_folders: list[str] = field(default_factory=list)  # class folders holding no image (not evaluated)
 
     def target_list(self) -> list[int]:
         return list(self.targets) if self.targets else [self.target]
@@ -69,7 +70,8 @@ class EvalSuite:
                 "related": len(self.related) if self.related is not None else 0,
                 "related_identities": int(self.related.labels.unique().numel()) if self.related is not None else 0,
                 "utility": len(self.utility) if self.utility is not None else 0,
-                "utility_classes": len(self.utility_classnames)}
+                "utility_classes": len(self.utility_classnames),
+                **({"empty_folders": list(self.empty_folders)} if self.empty_folders else {})}
 
 
 def classifier_from_features(feats: torch.Tensor, n_classes: int, n_templates: int) -> torch.Tensor:

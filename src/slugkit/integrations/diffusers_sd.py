@@ -209,6 +209,7 @@ def pipeline_consumption(where: str, adapter, kw: dict, clip_skip: int | None = 
     skip = f", clip_skip={clip_skip}" if clip_skip else ""
     if cfg2 is None:
         same_tower(adapter, cfg1, "text", f"the text encoder of {where}")
+        _same_weights(where, adapter, "text_encoder")
         n = consumed_layer_count(cfg1.num_hidden_layers, "last", clip_skip)
         return n, set(), (f"Stable Diffusion text encoder {where} ({cfg1.num_hidden_layers} layers{skip}"
                           + (f": layers 0..{n - 1})" if skip else ")"))
@@ -223,10 +224,34 @@ def pipeline_consumption(where: str, adapter, kw: dict, clip_skip: int | None = 
                          f"{'neither' if not fits else 'ambiguous'} (SDXL pairs openai/clip-vit-large-patch14 with "
                          "text_encoder and laion/CLIP-ViT-bigG-14-laion2B-39B-b160k with text_encoder_2)")
     enc, cfg = fits[0]
+    _same_weights(where, adapter, enc)
     reads = encoder_reads(True, enc)
     n = consumed_layer_count(cfg.num_hidden_layers, reads, clip_skip)
     return n, set(consumed_extra(reads)), (f"SDXL {enc} of {where} ({cfg.num_hidden_layers} layers, read as "
                                            f"{reads}{skip})")
+
+
+def _same_weights(where: str, adapter, encoder: str) -> None:
+    """A local pipeline folder's ``encoder`` must hold this CLIP's text tower, tensor for tensor
+    (:func:`verify_text_encoder`): configs alone let a run be judged on one CLIP and its patch applied to a pipeline
+    whose encoder differs elsewhere (a fine-tuned layer 1; only the edited tensors are hash-checked at apply, trial
+    43). Loads that encoder's weights (SD 1.5: ~0.5 GB); a hub id is not fetched for it, nor is a folder holding the
+    encoder's config without weights read further (the restriction is the config's; applying needs the weights and
+    hash-checks the edited tensors there). Raises :class:`~slugkit.integrations.TowerMismatchError` naming the first
+    differing tensor."""
+    src = Path(where)
+    if adapter is None or not src.is_dir() or not any(
+            f.suffix in (".safetensors", ".bin") for f in (src / encoder).glob("*")):
+        return
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    check_weight_files(src / encoder, "pipeline weights file", False)
+    archs = json.loads((src / encoder / "config.json").read_text()).get("architectures") or []
+    cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
+    try:
+        verify_text_encoder(adapter.model, cls.from_pretrained(src, subfolder=encoder, dtype="auto"))
+    except TowerMismatchError as e:
+        raise TowerMismatchError(f"--consumer sd:{where} ({encoder}): {e}") from None
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -13,7 +13,8 @@ __all__ = ["describe", "failed_because", "family_mismatch", "printable", "warned
 
 _WHY = {"not_forgotten": "the concept was not forgotten on its test images",
         "nothing_to_unlearn": "the unedited model did not recognise the concept: there was nothing to unlearn",
-        "model_broken": "the edit broke the model: utility or the other concepts lost more than 5 × their budget"}
+        "model_broken": "the edit broke the model: utility or the other concepts lost more than 5 × their budget",
+        "audit_fail": "the audit run with the run found that the removal does not hold (its audit.md)"}
 
 
 def failed_because(extra) -> str:

@@ -104,8 +104,37 @@ def edit_label(result: dict) -> str:
     edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group"),
                                              "step_size": result["step_size"],
                                              "relative_change": result["relative_change"]}]
-    return " + ".join(f"{edit_tensors(e)} (step {e['step_size']:.4g}, relative change {e['relative_change']:.3f})"
-                      for e in edits)
+    return " + ".join(f"{edit_tensors(e)} (step {e['step_size']:.4g}, relative change {e['relative_change']:.3f}"
+                      + _largest(e) + ")" for e in edits)
+
+
+def _largest(e: dict) -> str:
+    """``; largest: v_proj 0.172`` when another tensor of the edit's group changed more than the named one (the
+    headline said the q_proj's 0.032 of a q/k/v edit: trial 43)."""
+    top, name = e.get("relative_change_max"), e.get("relative_change_max_tensor")
+    if top is None or name == e["layer"] or top <= e["relative_change"] * 1.005:
+        return ""
+    return f"; largest: {name.rsplit('.', 2)[-2] if name.endswith('.weight') else name} {top:.3f}"
+
+
+def consumer_shift_lines(rec: dict | None) -> list[str]:
+    """Markdown of ``result.json → consumer_shift`` (:mod:`slugkit.workflows.consumer_shift`), or nothing."""
+    if not rec:
+        return []
+    rows = [("the target's prompts", rec["target"], 1.0), ("empty prompt", rec["empty"], rec["empty_ratio"])]
+    if rec.get("others_mean") is not None:
+        rows.append(("other concepts (mean)", rec["others_mean"], rec["others_ratio"]))
+        name, v = rec["worst_other"]
+        rows.append((f"worst other: {name}", v, v / max(rec["target"], 1e-12)))
+    rows += [(f"nearest: {n}", v, v / max(rec["target"], 1e-12)) for n, v in rec.get("nearest", {}).items()]
+    if rec.get("utility") is not None:
+        rows.append(("utility class names", rec["utility"], rec["utility"] / max(rec["target"], 1e-12)))
+    return ["## What the pipeline reads (`--consumer sd`)", "",
+            f"Relative shift of the text encoder's {rec['reads']} (‖ΔH‖/‖H‖ over all tokens), the CLIP checks above "
+            f"do not see it; a warning at {rec['warn_at']:g} × the target's for the others' mean, "
+            f"{rec.get('empty_warn_at', 1):g} × for the empty prompt. Generated images: `slug eval-sd`.", "",
+            "| prompts | shift | × target's |", "|---|---|---|",
+            *(f"| {w} | {v:.3f} | {r:.2f} |" for w, v, r in rows), ""]
 
 
 def collateral_lines(coll: dict | None, what: str = "identity", whats: str = "identities", top: int = 5) -> list[str]:
@@ -267,12 +296,17 @@ def render_report(result: dict) -> str:
         f"{result['data']['test_sizes']['related']} images of {result['data']['test_sizes']['related_identities']} "
         f"other identities, {result['data']['test_sizes']['utility']} utility images over "
         f"{result['data']['test_sizes']['utility_classes']} classes. Validation images (used by the search) are "
-        f"disjoint from these.",
+        f"disjoint from these."
+        + "".join(f" **{what} folders holding no image, not evaluated: "
+                  f"{', '.join(result['data'][k]['empty_folders'])}.**"
+                  for what, k in (("Test", "test_sizes"), ("Validation", "val_sizes"))
+                  if result["data"][k].get("empty_folders")),
         "",
         "## Collateral: the other identities, worst first",
         "",
         *collateral_lines(result.get("collateral")),
         "",
+        *consumer_shift_lines(result.get("consumer_shift")),
         *_protection_lines(result),
         *_why_heading(result),
         f"{len(result['pareto_front'])} tensors are on the Pareto fronts (low gradient alignment, high importance). "

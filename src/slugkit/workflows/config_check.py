@@ -166,7 +166,7 @@ def check_config(cfg) -> None:
     if cfg.consumer is not None and not (isinstance(cfg.consumer, str) and cfg.consumer.split(":", 1)[0] in
                                          ("sd", "llava") and cfg.consumer.split(":", 1)[-1].strip()):
         raise ValueError(f"{_where('consumer')}: expected 'sd:DIR' or 'llava:DIR' (or 'sd:embedded', "
-                         f"'llava:embedded') or None, got {cfg.consumer!r}")
+                         f"'llava:embedded'), or left out, got {cfg.consumer!r}")
     if cfg.save_gradients and cfg.gradients:  # nothing is computed to save: it was dropped without a word (trial 39)
         raise ValueError(f"{_where('save_gradients')}: the gradients are read from {cfg.gradients} (gradients, "
                          "--gradients), not computed, so there is nothing to save; drop one of the two")

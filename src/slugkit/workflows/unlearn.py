@@ -215,6 +215,12 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         timing["evaluation"] = timing.pop("evaluation")  # keep the stages in run order in result.json
         verdict = clip_verdict(cfg.concept_list(), cfg.search.metric, cfg.search.threshold, before, after, cfg.budgets,
                                {k: data[f"{k}_stats"].as_dict() for k in ("forget", "retain")}, data["captions"])
+        shift = None
+        if (cfg.consumer or "").startswith("sd:"):  # what the pipeline reads, which the CLIP checks never see
+            from .consumer_shift import consumer_check, consumer_shift
+
+            shift = consumer_shift(adapter, lambda: applied(adapter.model, edits), data["test_suite"], neighbours)
+            consumer_check(verdict, shift)
         with _timed(timing, "patch"):
             patch, patch_bytes = _write_patch(cfg, adapter, edits, before, after, out, verdict.to_json(), protection)
         timing["total"] = time.perf_counter() - t_start
@@ -222,7 +228,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
                "edits": edits,
                "chooser_info": chooser_info, "table": table, "grads": grads, "timing": timing, "patch": patch,
                "patch_bytes": patch_bytes, "verdict": verdict.to_json(), "neighbours": neighbours,
-               "protection": protection, "cpu": cpu}
+               "protection": protection, "cpu": cpu, "consumer_shift": shift}
         result = result_record(cfg, adapter, data, run)
         write_run_files(cfg, out, data, run, result, extra_run_info)
     return result
