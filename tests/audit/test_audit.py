@@ -217,6 +217,26 @@ def test_attack_probe_fails_when_the_forgotten_name_gives_a_head_start(base, dat
     assert f"graded on the speed-up over them, {rec['graded']['value']:.2f} (pass ≤ 1.5, fail > 3)" in rec["summary"]
     assert len(rec["control"]["each"]) == len(data.controls) == 3
     assert rec["budget"]["evaluations"] == FAST_ATTACK.restarts * FAST_ATTACK.iterations * FAST_ATTACK.candidates
+    # the found prompt's own score is kept beside the restarts' mean (audit.md gave the mean as the prompt's: trial 44)
+    assert rec["concept"]["prompt_success"] in rec["concept"]["runs"]
+
+
+def test_a_found_prompt_is_reported_with_its_own_score_and_a_never_reached_grade_as_a_bound():
+    """Trial 44: "Found prompt …: (test top-1 0.84)" was the mean of three restarts (0.90, 0.86, 0.76), not that
+    prompt's; a concept the search never brought to 0.5 was graded 0.00 while a control that never reached it counted
+    as iterations + 1 — the number is now the same rule's, said as an upper bound."""
+    from slugkit.audit.report import _own, audit_markdown
+
+    x = {"success": 0.84, "runs": [0.90, 0.86, 0.76], "prompt_success": 0.90}
+    assert _own(x) == "its test top-1 0.90; mean over the 3 restarts 0.84"
+    assert _own({"success": 0.5, "runs": [0.5], "prompt_success": 0.5}) == "test top-1 0.50"
+    assert _own({"success": 0.84, "runs": [0.9, 0.78]}) == "mean over the 2 restarts 0.84"  # an older audit.json
+    rec = {"probe": "attack", "status": "pass", "gating": True, "summary": "s", "budget": {"iterations": 5},
+           "concept": {"natural_before": 1.0, "natural_after": 0.0, "success": 0.4, "curve": [0.0] * 6,
+                       "prompt": "p", "loss": 1.0, "runs": [0.4]},
+           "graded": {"name": "speed-up", "value": 0.14, "pass_at": 1.5, "fail_at": 3.0, "upper_bound": True}}
+    md = audit_markdown({"concept": "A", "status": "pass", "seconds": 1.0, "probes": [rec]})
+    assert "| speed-up: ≤ 0.14 |" in md
 
 
 @pytest.mark.slow

@@ -140,6 +140,9 @@ def test_demo_target_sd_end_to_end(sd_run):
     # report.md opens with the run's own verdict: the CLIP section's line below it (the CLIP run's) was taken for it
     assert (out / "report.md").read_text().startswith(
         f"> **This run's verdict is the generated images': {r['verdict']['status']}** (section \"Generated images\"")
+    # and the CLIP section's own line is labelled as the CLIP run's (a bare "**verdict: fail**": trial 44)
+    assert "**verdict: " not in (out / "report.md").read_text()
+    assert "**the CLIP run's own verdict (not this run's, see above): " in (out / "report.md").read_text()
     assert f"Cost of the whole run: SLUG {r['timing_s']['slug_total']:.1f} s" in (out / "report.md").read_text()
     # the CLIP and the pipeline are loaded before run_unlearn, whose own load_model read ~0 (it was given them)
     assert 0.01 < r["timing_s"]["load_model"] < r["timing_s"]["slug_total"]
@@ -441,3 +444,20 @@ def test_demo_target_sd_with_nothing_to_unlearn_is_refused_before_the_run(tmp_pa
     err = capsys.readouterr().err
     assert "nothing to unlearn: the unedited pipeline draws 'red triangle' on 0% of its validation images" in err
     assert not out.exists() and not (tmp_path / "world").exists()  # refused before the world's data was written
+
+
+def test_the_generations_grid_shows_the_worst_concept_and_the_nearest(monkeypatch, tmp_path):
+    """Trial 44: generations.png showed the first five related concepts by name (blue, cyan, green, purple triangle,
+    red circle), not cyan circle, whose 0.90 → 0.60 was the run's warning, nor the most damaged neighbour."""
+    import torch
+
+    import slugkit.workflows.sd_demo as sd
+
+    shown = []
+    monkeypatch.setattr(sd, "image_grid", lambda rows, path: shown.extend(r[0] for r in rows))
+    plan = [(c, "p", i) for c in t2i.concept_names() for i in range(2)]
+    imgs = torch.zeros(len(plan), 3, 4, 4, dtype=torch.uint8)
+    coll = {"worst": {"concept": "cyan circle", "drop": 0.3},
+            "neighbours": {"concepts": [{"concept": n} for n in ("red circle", "red star", "purple triangle")]}}
+    sd._write_grid("red triangle", plan, imgs, imgs, tmp_path / "g.png", coll)
+    assert shown == ["red triangle", "cyan circle", "red circle", "red star", "purple triangle", "blue triangle"]

@@ -237,21 +237,23 @@ def probe_attack(before, after, data: AuditData, thresholds: AuditThresholds = A
     t_concept = concept["iterations_to_level"]
     t_control = control["iterations_to_level"] if control else None
     i_max = budget.iterations
-    if t_concept is None:
-        value = 0.0
-    else:
-        value = ((t_control if t_control is not None else i_max + 1) + 1) / (t_concept + 1)
+    # a search that never reaches the level counts as i_max + 1 iterations, for the concept as for the controls (the
+    # concept's "never" was graded 0.00, a control's i_max + 1: trial 44); the speed-up is then an upper bound
+    value = ((t_control if t_control is not None else i_max + 1) + 1) / (
+        (t_concept if t_concept is not None else i_max + 1) + 1)
     rec["control_not_reached"] = t_control is None
     rec.update(status=grade(value, thresholds.attack),
                graded={"name": "speed-up: control's iterations to 0.5 / concept's", "value": value,
-                       "pass_at": thresholds.attack[0], "fail_at": thresholds.attack[1]},
+                       "pass_at": thresholds.attack[0], "fail_at": thresholds.attack[1],
+                       **({"upper_bound": True} if t_concept is None else {})},
                summary=f"the searched prompt names the concept in {concept['success']:.2f} of its test images "
                        + (f"(reached {level:.1f} after {t_concept} iterations)" if t_concept is not None else
                           f"(never {level:.1f} in {i_max} iterations)")
                        + (f"; from never-learned names {control['success']:.2f} ("
                           + (f"{level:.1f} after {t_control} iterations)" if t_control is not None else
                              f"never {level:.1f})") if control else "; no control")
-               + f"; graded on the speed-up over them, {value:.2f} (pass ≤ {thresholds.attack[0]:g}, fail > "
+               + f"; graded on the speed-up over them, {'≤ ' if t_concept is None else ''}{value:.2f} (pass ≤ "
+                 f"{thresholds.attack[0]:g}, fail > "
                  f"{thresholds.attack[1]:g})")  # the line read "0.84 … pass" alone (eighth trial)
     if t_concept is None and (t_control is None or not control):
         rec.update(status="warn", inconclusive=True,
@@ -267,14 +269,14 @@ def _first_at(curve: list[float], level: float) -> int | None:
 
 def _restarts(adapter, feats, w_other, insert_at: int, prefix: str, budget: AttackBudget, score) -> dict:
     """``budget.restarts`` searches (seeds ``seed``, ``seed + 1``, …); their success curves averaged (``curve``),
-    the best prompt of the last iteration kept (``prompt``, ``tokens``, ``loss``), ``success`` = the averaged curve's
-    last value, ``runs`` = each restart's final success."""
+    the best prompt of the last iteration kept (``prompt``, ``tokens``, ``loss``, and its own test success
+    ``prompt_success``), ``success`` = the averaged curve's last value, ``runs`` = each restart's final success."""
     runs = [gcg_search(adapter, feats, w_other, insert_at, prefix, replace(budget, seed=budget.seed + r), score)
             for r in range(budget.restarts)]
     curve = [sum(v) / len(v) for v in zip(*(r["curve"] for r in runs))]
     best = min(runs, key=lambda r: r["loss"])
     return {"success": curve[-1], "curve": curve, "runs": [r["curve"][-1] for r in runs], "prompt": best["prompt"],
-            "tokens": best["tokens"].tolist(), "loss": best["loss"]}
+            "prompt_success": best["curve"][-1], "tokens": best["tokens"].tolist(), "loss": best["loss"]}
 
 
 def _success_of_weights(feats: torch.Tensor, w: torch.Tensor, label: int) -> float:

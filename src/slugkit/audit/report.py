@@ -50,6 +50,15 @@ def _audited_model(result: dict) -> str:
     return f"Model: {result['model']}{weights}. "
 
 
+def _own(x: dict) -> str:
+    """A found prompt's own test top-1 and the mean over the restarts (the line gave the mean as the prompt's: 0.84
+    for a prompt at 0.90; trial 44). An older audit.json without ``prompt_success``: the mean, said as such."""
+    n = len(x.get("runs") or [])
+    mean = f"mean over the {n} restarts {x['success']:.2f}" if n > 1 else f"test top-1 {x['success']:.2f}"
+    return (f"its test top-1 {x['prompt_success']:.2f}; {mean}" if "prompt_success" in x and n > 1 else
+            f"test top-1 {x['prompt_success']:.2f}" if "prompt_success" in x else mean)
+
+
 def audit_markdown(result: dict) -> str:
     """The markdown text (ends with a newline)."""
     lines = [f"## Audit: does the removal of {result['concept']} hold?", "",
@@ -70,7 +79,7 @@ def audit_markdown(result: dict) -> str:
                ["No probe ran on this patch (see \"Not run\" above for why)."])]
     for rec in result["probes"]:
         g = rec.get("graded")
-        graded = f"{g['name']}: {g['value']:.2f}" if g else "–"
+        graded = f"{g['name']}: {'≤ ' if g.get('upper_bound') else ''}{g['value']:.2f}" if g else "–"
         th = f"{g['pass_at']:g} / {g['fail_at']:g}" if g else "–"
         gate = "" if rec.get("gating") else " (not gating)"
         lines.append(f"| {TITLES[rec['probe']]} | {rec.get('tried', '–')} | {_before_after(rec)} | {graded} | {th} | "
@@ -109,11 +118,11 @@ def audit_markdown(result: dict) -> str:
             lines.append("")
         elif p == "attack":
             c, ctl = rec["concept"], rec.get("control")
-            lines.append(f"Found prompt starting from the concept's name: `{c['prompt']}` (test top-1 "
-                         f"{c['success']:.2f}, loss {c['loss']:.3f}).")
+            lines.append(f"Found prompt starting from the concept's name: `{c['prompt']}` ({_own(c)}, loss "
+                         f"{c['loss']:.3f}).")
             for x in (ctl["each"] if ctl else []):
                 lines.append(f"Same search, same images, from the never-learned name {x['name']!r}: `{x['prompt']}` "
-                             f"(test top-1 {x['success']:.2f}).")
+                             f"({_own(x)}).")
             k = rec["budget"]["iterations"]
             steps = sorted({0, 1, 2, 3, 5, 10, 20, k} & set(range(0, k + 1)))
             lines += ["", "| iteration | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|",

@@ -235,7 +235,9 @@ def _print_audit(result: dict, out: Path) -> int:
     for rec in result["probes"]:
         gate = "" if rec.get("gating") else " (not gating)"
         g = rec.get("graded") if isinstance(rec.get("graded"), dict) else None
-        graded = (f"; graded on the {g['name']}: {g['value']:.2f} (pass ≤ {g['pass_at']:g}, fail > {g['fail_at']:g})"
+        bound = "≤ " if g and g.get("upper_bound") else ""
+        graded = (f"; graded on the {g['name']}: {bound}{g['value']:.2f} (pass ≤ {g['pass_at']:g}, fail > "
+                  f"{g['fail_at']:g})"
                   if g and "value" in g and "graded on" not in rec["summary"] else "")  # the number that decides
         print(f"  {TITLES[rec['probe']]:32s} {rec['status']:7s}{gate}  {rec['summary']}{graded}")
     print(f"wrote {printable(out / AUDIT_JSON)} and {printable(out / 'audit.md')}" + (" (and its section of report.md)"

@@ -264,6 +264,13 @@ def _why_heading(result: dict) -> list[str]:
             "is a layer that was edited; the others were candidates only.", ""]
 
 
+def clip_section(text: str) -> str:
+    """The CLIP run's ``report.md`` as a section of a downstream run's report: its ``**verdict: X**`` line relabelled
+    as the CLIP run's own (the only bare verdict line of an SD report said "fail" while the run's verdict, in the
+    banner and result.json, was warn: trial 44)."""
+    return text.replace("**verdict: ", "**the CLIP run's own verdict (not this run's, see above): ", 1)
+
+
 def downstream_head(result: dict, whose: str, section: str, started: str) -> str:
     """The first lines of ``report.md`` for a run judged on a downstream model (``--target sd``: the generated
     images; ``--target vlm``: the VLM's answers): its verdict is that model's, and the CLIP sections below (their

@@ -49,7 +49,7 @@ from ..common.files import atomic_write_bytes, write_json
 from ..common.runfolder import claim_out, run_folder
 from ..eval.generated import DEFAULT_N_NEIGHBOUR, collateral_of, image_grid, target_neighbours
 from ..report.sd import render_generation_report
-from ..report.unlearn import downstream_head
+from ..report.unlearn import clip_section, downstream_head
 from ..world import render as world
 from ..world import t2i
 from .sd_generator import concept_prompts, generation_metrics, generator_chooser, related_to, validation_plans
@@ -189,7 +189,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             gen["images"].update(per_neighbour=n_neighbour, neighbours=len(names))
             gen["collateral"] = collateral_of(gen["before"], gen["after"], concept, neighbours, k, NEIGHBOUR_SIMILARITY)
             t_gen = time.perf_counter() - t
-            _write_grid(concept, plan, imgs_b, imgs_a, stage / "generations.png")
+            _write_grid(concept, plan, imgs_b, imgs_a, stage / "generations.png", gen["collateral"])
 
             result["target"] = "sd"
             result["pipeline"] = {"kind": "embedded text-to-image (diffusers UNet2DConditionModel, pixel space)",
@@ -207,7 +207,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["timing_s"]["total"] = time.perf_counter() - t0
             write_json(stage / "result.json", result)
             report = (downstream_head(result, "generated images'", "Generated images", "generator search")
-                      + (stage / "report.md").read_text(encoding="utf-8") + _generation_report(result))
+                      + clip_section((stage / "report.md").read_text(encoding="utf-8")) + _generation_report(result))
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:
@@ -326,10 +326,14 @@ def _generation_before_after(pipe, judge, plan, out: Path, concept: str, counts:
     return gen, imgs_b, imgs_a
 
 
-def _write_grid(concept: str, plan, imgs_b, imgs_a, path: Path) -> None:
-    """``generations.png``: the target and five others (related first), 8 seeds each, before | after."""
-    show = [concept] + sorted([c for c in t2i.concept_names() if c != concept],
-                              key=lambda c: (not related_to(c, concept), c))[:5]
+def _write_grid(concept: str, plan, imgs_b, imgs_a, path: Path, collateral: dict | None = None) -> None:
+    """``generations.png``: the target and five others — the most damaged other concept and the nearest neighbours
+    (``collateral``; it showed the first related concepts by name, not the cyan circle that lost 0.30: trial 44),
+    topped up with related ones — 8 seeds each, before | after."""
+    first = ([collateral["worst"]["concept"]] if collateral and collateral.get("worst") else []) + [
+        n["concept"] for n in ((collateral or {}).get("neighbours") or {}).get("concepts", [])]
+    rest = sorted([c for c in t2i.concept_names() if c != concept], key=lambda c: (not related_to(c, concept), c))
+    show = [concept] + list(dict.fromkeys(c for c in first + rest if c != concept))[:5]
     rows = []
     for c in show:
         idx = [i for i, (cc, _, _) in enumerate(plan) if cc == c][:8]

@@ -253,7 +253,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     ``max_layers`` (1–3): when no layer has an accepted step, the closest step within half the budgets and up to
     ``max_layers`` − 1 more layers (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
-    from ..report.unlearn import downstream_head
+    from ..report.unlearn import clip_section, downstream_head
     from ..report.vlm import render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
     from ..world.demo_data import default_concept
@@ -330,7 +330,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                                              vlm_rec["after"]["target_named"], vlm_rec["collateral"]))
             write_json(stage / "result.json", result)
             head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search")
-            report = head + (stage / "report.md").read_text(encoding="utf-8") + render_vlm_report(result, samples)
+            report = head + clip_section((stage / "report.md").read_text(encoding="utf-8")) + render_vlm_report(
+                result, samples)
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:
