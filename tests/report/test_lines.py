@@ -87,3 +87,13 @@ def test_a_group_edit_names_every_tensor_it_changed():
     assert edit_label(res).endswith("(step 3.866, relative change 0.032; largest: v_proj 0.172)")
     res = {**result, "layers_edited": [{**e, "relative_change_max": 0.032, "relative_change_max_tensor": qkv[0]}]}
     assert edit_label(res).endswith("(step 3.866, relative change 0.032)")
+
+
+def test_a_verdict_with_the_worst_drop_check_off_says_so():
+    """Trial 44: `--worst-budget off` gave a bare "verdict: pass" beside Hasa Malwick 1.00 → 0.42."""
+    from slugkit.report.unlearn import verdict_lines
+
+    v = {"status": "pass", "reasons": [], "budgets": {"worst_drop": 1.0}}
+    assert verdict_lines(v) == ["verdict: pass", "note: the worst single-concept drop was not checked "
+                                                 "(--worst-budget off); see the collateral above"]
+    assert verdict_lines({**v, "budgets": {"worst_drop": 0.2}}) == ["verdict: pass"]

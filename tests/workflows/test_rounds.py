@@ -54,11 +54,16 @@ def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
     assert sorted(patch.names) == sorted(n for e in edits for n in e["group"])
     assert json.loads((tmp_path / "two" / "result.json").read_text())["layers_edited"] == edits
     assert "Layers edited (multi-layer fallback" in (tmp_path / "two" / "report.md").read_text()
+    layers = json.loads((tmp_path / "two" / "layers.json").read_text())  # round 1's front, the later layer named
+    assert layers["round"] == 1 and layers["later_rounds_edited"] == [edits[1]["layer"]]
     # "gradients" holds both rounds' gradient passes (it held the first only, the second sat in "search")
     t = r["timing_s"]
     first = json.loads((tmp_path / "two" / "run.json").read_text())["gradient_seconds"]
     assert t["gradients"] > 1.5 * sum(first.values())  # two passes of about the same cost (1.8x measured)
     assert "later_gradients" not in t and t["search"] > 0
+    # the CPU seconds are split the same way (one thread: CPU ≤ wall; round 2's pass sat in cpu_s.search: trial 44)
+    c = r["cpu_s"]
+    assert "later_gradients" not in c and c["search"] <= t["search"] * 1.1 + 0.1 and c["gradients"] > 0
 
     # the patch is the edit that was measured: applied to a fresh model it gives the recorded test metrics
     from slugkit.eval.zeroshot import evaluate_suite

@@ -185,11 +185,15 @@ def worst_line(coll: dict | None, what: str = "identity") -> str | None:
 
 
 def verdict_lines(verdict: dict | None) -> list[str]:
-    """``verdict: STATUS`` and one ``fail:`` / ``warning:`` line per reason."""
+    """``verdict: STATUS`` and one ``fail:`` / ``warning:`` line per reason, and a ``note:`` when the worst-drop check
+    was off (``--worst-budget off``: a bare "pass" beside Hasa Malwick 1.00 → 0.42; trial 44)."""
     if not verdict:
         return []
+    off = (verdict.get("budgets") or {}).get("worst_drop", 0) >= 1.0
     return [f"verdict: {verdict['status']}"] + [
-        f"{'fail' if r['severity'] == 'fail' else 'warning'}: {r['message']}" for r in verdict["reasons"]]
+        f"{'fail' if r['severity'] == 'fail' else 'warning'}: {r['message']}" for r in verdict["reasons"]] + (
+        ["note: the worst single-concept drop was not checked (--worst-budget off); see the collateral above"]
+        if off else [])
 
 
 def _protection_lines(result: dict) -> list[str]:

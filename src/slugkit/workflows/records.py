@@ -151,9 +151,14 @@ def write_run_files(cfg, out: Path, data: dict, run: dict, result: dict, extra_r
     """``layers.json``, ``pareto.png``, ``result.json``, ``run.json`` and ``report.md`` into ``out``."""
     table, chosen = run["table"], (run["edits"][0].search if run.get("edits") else run["chosen"])
     f_stats, r_stats = data["forget_stats"], data["retain_stats"]
-    write_json(out / "layers.json", table.to_json())
+    later = [e.search.name for e in run.get("edits") or [] if e.round > 1]
+    # round 1's front (the unedited model's gradients); a later round's layer is named, not plotted (trial 44)
+    note = {"round": 1, "later_rounds_edited": later} if later else {}
+    write_json(out / "layers.json", {**table.to_json(), **note})
     pareto_plot(table.to_json(), out / "pareto.png",
-                title=f"SLUG Pareto fronts: {cfg.concept} ({result['model_label']})", chosen=chosen.name)
+                title=f"SLUG Pareto fronts: {cfg.concept} ({result['model_label']})"
+                + (f"\nround 1 (unedited model); round 2+ edited {', '.join(later)}: see report.md" if later else ""),
+                chosen=chosen.name)
     write_json(out / "result.json", result)
     record = {"config": asdict(cfg), "seed": cfg.seed, "versions": versions(), "threads": torch.get_num_threads(),
               "data": {"forget": {"spec": cfg.forget, "read_stats": f_stats.as_dict(), "samples": f_stats.manifest},

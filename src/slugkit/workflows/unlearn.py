@@ -205,9 +205,10 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
             searches, chosen, chooser_info = _search(cfg, adapter, grads, table, ratios, val_eval, val_before,
                                                      choose)
             edits, chooser_info = _rounds(cfg, adapter, data, (searches, chosen, grads), val_before, neighbours,
-                                          choose, timing)
+                                          choose, timing, cpu)
             chosen = edits[-1].search
         timing["search"] -= timing.pop("later_gradients", 0.0)  # a later round's gradient pass is "gradients" time
+        cpu["search"] -= cpu.pop("later_gradients", 0.0)  # and its CPU seconds too (they stayed in "search": trial 44)
         with _timed(timing, "evaluation"):
             status(f"evaluating the edit of {' + '.join(e.search.name for e in edits)} on the test images",
                    cfg.progress)
@@ -314,18 +315,21 @@ def _search_front(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval):
                          progress=cfg.progress)
 
 
-def _rounds(cfg: UnlearnConfig, adapter, data, first, val_before, neighbours, choose, timing: dict):
+def _rounds(cfg: UnlearnConfig, adapter, data, first, val_before, neighbours, choose, timing: dict,
+            cpu: dict | None = None):
     """(edits, chooser record): round 1's layer, or the multi-layer fallback's (:mod:`slugkit.workflows.rounds`);
     with a ``choose`` callback (the SD demo's generator-aware choice) its rounds (:func:`generator_rounds`). A later
     round's gradient pass is added to ``timing["gradients"]`` and ``timing["later_gradients"]`` (the report's
     "gradients" counted the first pass only: eighth trial)."""
     def gradients(c, *args):  # on the edited model: in-process, a --gradients file holds the unedited model's
-        t = time.perf_counter()
+        t, p = time.perf_counter(), time.process_time()
         try:
             return _gradients(replace(c, gradients=None), *args)
         finally:
             for key in ("gradients", "later_gradients"):
                 timing[key] = timing.get(key, 0.0) + time.perf_counter() - t
+                if cpu is not None:
+                    cpu[key] = cpu.get(key, 0.0) + time.process_time() - p
 
     stages = {"gradients": gradients, "layers": _layers, "search": _search_front,
               "protect": lambda c, a, g, t, d: _protect(c, a, g, t, d, neighbours)}
