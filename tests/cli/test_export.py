@@ -22,7 +22,7 @@ from hf_tiny import build_adapter, tiny_sd_pipeline  # noqa: E402
 
 from slugkit.cli import main  # noqa: E402
 from slugkit.integrations.diffusers_sd import apply_patch_to_pipeline  # noqa: E402
-from slugkit.patch import make_patch, save_patch  # noqa: E402
+from slugkit.patch import load_patch, make_patch, save_patch  # noqa: E402
 from slugkit.patch.lora import DEFAULT_MAX_ERROR, read_lora  # noqa: E402
 
 PROMPTS = ["a photo of alice abbott.", "a photo of bruno baker.", ""]
@@ -89,7 +89,11 @@ def test_error_bound_and_forced_rank(sd, tmp_path, hf_text_patch, capsys):
     assert _export(sd, default) == 0
     printed = capsys.readouterr().out
     assert _export(sd, loose, "--max-error", "0.3") == 0
+    assert "warning:" not in capsys.readouterr().err
     assert _export(sd, one, "--rank", "1") == 0
+    # a forced rank far from the edit is said (rank 1 at error 0.51 was written without a word: trial 43)
+    assert "warning: the forced rank reproduces the patch's edit only to a relative error of" in \
+        capsys.readouterr().err
     (t_d, m_d), (_, m_l), (_, m_1) = read_lora(default), read_lora(loose), read_lora(one)
     assert m_d["max_error"] == DEFAULT_MAX_ERROR and m_l["max_error"] == 0.3 and m_1["max_error"] is None
     assert m_1["rank"] == 1 and m_d["rank"] is None
@@ -252,3 +256,17 @@ def test_two_exports_are_byte_identical(sd, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert _export(sd, a) == 0 and _export(sd, b) == 0
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_inspect_of_a_model_folder_slug_wrote_describes_its_record(sd, tmp_path, capsys):
+    """Trial 43: `slug inspect` of a patched pipeline folder said "not a patch"; it holds the record of the patch
+    applied (slugkit_patch.json), which is described (and printed with --json)."""
+    out = tmp_path / "patched"
+    assert main(["apply", "--patch", str(sd / "patch"), "--pipeline", str(sd / "sd"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    said = capsys.readouterr().out
+    fp = load_patch(sd / "patch").fingerprint
+    assert said.startswith(f"{out} is a model slug wrote with a patch applied (") and f"patch {fp[:12]} of " in said
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["patch_fingerprint"] == fp

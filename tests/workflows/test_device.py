@@ -166,15 +166,15 @@ def test_cli_device_errors(monkeypatch, capsys, tmp_path):
             raise RuntimeError(msg)
         return f
 
-    monkeypatch.setattr(cli.patches, "cmd_inspect", boom("Input type (torch.FloatTensor) and weight type "
+    monkeypatch.setattr(cli.inspect_cmd, "cmd_inspect", boom("Input type (torch.FloatTensor) and weight type "
                                                          "(torch.cuda.FloatTensor) should be the same"))
     assert cli.main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Input type") and "device problem" in err
-    monkeypatch.setattr(cli.patches, "cmd_inspect", boom("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    monkeypatch.setattr(cli.inspect_cmd, "cmd_inspect", boom("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert cli.main(["inspect", str(tmp_path)]) == 2
     assert "--batch-size" in capsys.readouterr().err
-    monkeypatch.setattr(cli.patches, "cmd_inspect", boom("some other bug"))
+    monkeypatch.setattr(cli.inspect_cmd, "cmd_inspect", boom("some other bug"))
     with pytest.raises(RuntimeError, match="some other bug"):
         cli.main(["inspect", str(tmp_path)])
 

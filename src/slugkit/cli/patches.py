@@ -293,33 +293,10 @@ def cmd_export(a) -> int:
            else f"pipe.load_lora_weights({str(out)!r})")
     print(f"wrote {out}: LoRA of '{printable(patch.concept)}' (patch {patch.fingerprint[:12]}), {len(lora.modules)} "
           f"module(s) of {encoder}, largest relative error {worst:.3e} ({bound}); load it with {how}")
-    return 0
-
-
-def cmd_inspect(a) -> int:
-    """`slug inspect`: describe a patch (or print its metadata as JSON). Fields of the untrusted ``patch.json`` are
-    printed escaped: no control character reaches the terminal either way."""
-    from ..patch import describe, load_patch
-
-    if Path(a.patch).is_file() and Path(a.patch).suffix == ".safetensors" and not (
-            Path(a.patch).parent / "patch.json").is_file():  # a LoRA `slug export` wrote (trial 39)
-        from ..patch import PatchFormatError
-        from ..patch.lora import read_lora
-        from ..patch.summary import describe_lora
-
-        try:
-            _, meta = read_lora(a.patch)
-        except PatchFormatError:
-            meta = None
-        if meta is not None:
-            print(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f")
-                  if a.json else describe_lora(a.patch, meta))
-            return 0
-    p = load_patch(say_found(a.patch, "slug inspect"))
-    if a.json:  # ASCII JSON: every control character (C0, C1) is a \uXXXX escape; DEL too
-        print(json.dumps(p.meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f"))
-    else:
-        print(describe(p))
+    if a.rank is not None and worst > DEFAULT_MAX_ERROR:  # rank 1 at error 0.51, without a word (trial 43)
+        print(f"warning: the forced rank reproduces the patch's edit only to a relative error of {worst:.2g} (the "
+              f"default bound is {DEFAULT_MAX_ERROR:g}): this LoRA is not the measured patch, so its removal and "
+              "collateral are unmeasured — check it (slug eval-sd) or drop --rank", file=sys.stderr)
     return 0
 
 
@@ -388,7 +365,10 @@ def add_parsers(sub) -> None:
     ex.add_argument("--no-progress", action="store_true", help="no progress bars (when the pipeline is loaded)")
     ex.set_defaults(func=cmd_export)
 
-    i = sub.add_parser("inspect", help="describe a patch")
-    i.add_argument("patch", help="a patch folder (or its patch.json)")
+    from .inspect_cmd import cmd_inspect
+
+    i = sub.add_parser("inspect", help="describe a patch (or a LoRA or model folder slug wrote)")
+    i.add_argument("patch", help="a patch folder (or its patch.json); a LoRA `slug export` wrote; a model folder "
+                                 "`slug apply` wrote")
     i.add_argument("--json", action="store_true", help="print patch.json's metadata as JSON")
     i.set_defaults(func=cmd_inspect)

@@ -213,10 +213,11 @@ def check_replaceable(out_dir: str | os.PathLike, overwrite: bool, marker: str |
     out_dir = Path(out_dir)
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
-    if not overwrite:
+    foreign = marker is not None and not (out_dir / marker).is_file()
+    if not overwrite and not foreign:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it (overwrite=True in "
                               "Python), or choose another --out")
-    if marker is not None and not (out_dir / marker).is_file():
+    if foreign:  # refused with or without --overwrite (it advised --overwrite, then refused it: trial 43)
         names = sorted(os.listdir(out_dir))
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise FileExistsError(f"{out_dir} holds files slug did not write ({shown}; no {marker}); --overwrite "

@@ -1,0 +1,65 @@
+"""``slug inspect``: a patch, a LoRA `slug export` wrote, or a model folder `slug apply` wrote (its
+``slugkit_patch.json``), described — every field of the untrusted files escaped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..common.text import printable
+from .patches import say_found
+
+
+def _provenance_of(folder: Path) -> tuple[Path, dict] | None:
+    """``(file, record)`` of the ``slugkit_patch.json`` a patched model folder holds (at its top or in one of its
+    sub-folders, e.g. ``text_encoder/``), when ``folder`` holds no patch itself; else None."""
+    if not folder.is_dir() or (folder / "patch.json").is_file() or (folder / "patch" / "patch.json").is_file():
+        return None
+    for f in [folder / "slugkit_patch.json", *sorted(folder.glob("*/slugkit_patch.json"))]:
+        try:
+            rec = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and "patch_fingerprint" in rec:
+            return f, rec
+    return None
+
+
+def cmd_inspect(a) -> int:
+    """`slug inspect`: describe a patch (or print its metadata as JSON). Fields of the untrusted ``patch.json`` are
+    printed escaped: no control character reaches the terminal either way."""
+    from ..patch import describe, load_patch
+
+    if Path(a.patch).is_file() and Path(a.patch).suffix == ".safetensors" and not (
+            Path(a.patch).parent / "patch.json").is_file():  # a LoRA `slug export` wrote (trial 39)
+        from ..patch import PatchFormatError
+        from ..patch.lora import read_lora
+        from ..patch.summary import describe_lora
+
+        try:
+            _, meta = read_lora(a.patch)
+        except PatchFormatError:
+            meta = None
+        if meta is not None:
+            print(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f")
+                  if a.json else describe_lora(a.patch, meta))
+            return 0
+    written = _provenance_of(Path(a.patch))
+    if written is not None:  # a model `slug apply` wrote: "not a patch" (trial 43)
+        where, rec = written
+        if a.json:
+            print(json.dumps(rec, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f"))
+            return 0
+        state = "reverted" if rec.get("reverted") else "applied"
+        print(f"{printable(a.patch)} is a model slug wrote with a patch {state} ({printable(where)}): patch "
+              f"{printable(str(rec.get('patch_fingerprint', '?'))[:12])} of {printable(repr(rec.get('concept')))}, "
+              f"{len(rec.get('tensors') or [])} tensor(s), written from {printable(str(rec.get('source')))}"
+              + (f"; {len(rec['earlier'])} earlier record(s) (--json)" if rec.get("earlier") else "")
+              + ". Inspect the patch itself with slug inspect PATCH_FOLDER.")
+        return 0
+    p = load_patch(say_found(a.patch, "slug inspect"))
+    if a.json:  # ASCII JSON: every control character (C0, C1) is a \uXXXX escape; DEL too
+        print(json.dumps(p.meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f"))
+    else:
+        print(describe(p))
+    return 0
