@@ -326,6 +326,10 @@ def test_cli_audit_writes_files_and_exit_status(leaky_patch, tmp_path):
     # what was audited: the model and its weights (the shipped ones here; a --pretrained file by its absolute path)
     assert (res["model"], res["pretrained"], res["family"]) == ("embedded", None, "open_clip")
     assert [r["probe"] for r in res["probes"]] == ["prompts", "precision"]
+    # graded on top-1; the highest top-5 after is said beside it (a FA@5 run read pass at top-5 1.00: trial 43)
+    p = res["probes"][0]
+    assert p["top5_after_max"]["after"] >= p["worst"]["after"] > 0.05
+    assert f"top-5 (not graded) up to {p['top5_after_max']['after']:.2f}" in p["summary"]
     md = (run / "audit.md").read_text()
     assert "Prompt variants" in md and "first name" in md and "Model: embedded. " in md
     report = (run / "report.md").read_text()
@@ -529,7 +533,7 @@ def test_an_audit_run_with_its_run_folds_into_the_runs_verdict(tmp_path):
     result.json, report.md's head and the patch (so `slug inspect` and `slug apply`) said pass."""
     import torch
 
-    from slugkit.audit.fold import fold_audit
+    from slugkit.workflows.audit_fold import fold_audit
     from slugkit.patch import load_patch, make_patch, save_patch
     from slugkit.patch.summary import verdict_line
 

@@ -119,7 +119,7 @@ def test_train_canvas_refuses_bad_options(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     (tmp_path / "file").write_text("")
-    for args, msg in ((["--out", str(tmp_path / "full")], "is not empty; pass --overwrite"),
+    for args, msg in ((["--out", str(tmp_path / "full")], "holds files slug did not write (x; no canvas_config.json)"),
                       (["--out", str(tmp_path / "file")], "exists and is not a folder"),
                       (["--out", str(tmp_path / "new"), "--steps", "0"], "--steps must be >= 1, got 0"),
                       (["--out", str(tmp_path / "new"), "--per-pair", "0"], "--per-pair must be >= 1"),

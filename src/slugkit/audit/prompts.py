@@ -135,4 +135,11 @@ def probe_prompts(before, after, data: AuditData, thresholds: AuditThresholds = 
                            f"{worst['variant']!r}: top-1 {worst['before']['top1']:.2f} -> {value:.2f}"
                            + (f", top-5 {worst['after']['top5']:.2f} ({rec['tied']} variants tied at top-1 "
                               f"{value:.2f}: the one with the highest top-5 named)" if rec.get("tied") else ""))
+        # graded on top-1; a run judged on FA@5 read "pass" while a variant still ranked the name in the top 5 of
+        # every image (trial 43): the highest top-5 after is said beside it, not graded
+        top5 = max(informative, key=lambda r: r["after"].get("top5", 0.0))
+        rec["top5_after_max"] = {"variant": top5["variant"], "after": top5["after"].get("top5")}
+        if (top5["after"].get("top5") or 0.0) > 0.05:
+            rec["summary"] += (f"; top-5 (not graded) up to {top5['after']['top5']:.2f} ({top5['kind']} "
+                               f"{top5['variant']!r})")
     return rec

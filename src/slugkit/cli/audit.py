@@ -114,7 +114,7 @@ def _patch_and_out(a) -> tuple[Path, Path]:
         run = p.parent  # RUN/patch given for RUN: the run folder is the default --out, as for RUN
     patch = run / "patch" if run else p
     if p.is_dir() and not (patch / "patch.json").is_file():  # a compare run: slug/patch (thirteenth trial)
-        from .patches import say_found
+        from .inspect_cmd import say_found
 
         patch, run = say_found(str(p), "--patch"), p  # the one patch below it (or names them); the audit goes into p
     if not (patch.is_dir() and (patch / "patch.json").is_file()):
@@ -325,7 +325,7 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
 def said_audit(out, res: dict) -> dict:
     """Print the one-line outcome of an audit run with its run (``--audit``), fold it into the run's verdict
     (:mod:`slugkit.audit.fold`) and say the verdict now. Returns ``res``."""
-    from ..audit.fold import fold_audit
+    from ..workflows.audit_fold import fold_audit
     from ..audit.report import TITLES
 
     print(f"audit ({res['seconds']:.0f} s): {res['status']} — " + ("; ".join(

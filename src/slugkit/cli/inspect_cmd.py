@@ -4,10 +4,22 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..common.text import printable
-from .patches import say_found
+
+
+def say_found(given: str, flag: str) -> Path:
+    """The patch folder ``given`` names (:func:`slugkit.patch.format.resolve_patch_dir`), with a note on stderr when
+    it was found below ``given`` rather than at it or at ``given/patch`` (apply said so; inspect, export and audit
+    used such a patch without a word)."""
+    from ..patch.format import resolve_patch_dir
+
+    found = resolve_patch_dir(given)
+    if Path(given).is_dir() and found not in (Path(given), Path(given) / "patch"):  # found deeper: say which
+        print(f"note: {flag} {printable(given)}: using the patch at {printable(found)}", file=sys.stderr)
+    return found
 
 
 def _provenance_of(folder: Path) -> tuple[Path, dict] | None:

@@ -13,6 +13,7 @@ from ..common.text import printable
 from .args import int_at_least, refuse, validate_apply
 from .evalsd import add_eval_sd_parser, load_pipeline
 from .outputs import out_inside_run
+from .inspect_cmd import say_found
 
 
 def _load_target(a):
@@ -231,18 +232,6 @@ def _max_error(text: str) -> float:
     if not (math.isfinite(v) and 0.0 < v < 1.0):
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return v
-
-
-def say_found(given: str, flag: str) -> Path:
-    """The patch folder ``given`` names (:func:`slugkit.patch.format.resolve_patch_dir`), with a note on stderr when
-    it was found below ``given`` rather than at it or at ``given/patch`` (apply said so; inspect, export and audit
-    used such a patch without a word)."""
-    from ..patch.format import resolve_patch_dir
-
-    found = resolve_patch_dir(given)
-    if Path(given).is_dir() and found not in (Path(given), Path(given) / "patch"):  # found deeper: say which
-        print(f"note: {flag} {printable(given)}: using the patch at {printable(found)}", file=sys.stderr)
-    return found
 
 
 def cmd_export(a) -> int:

@@ -25,7 +25,7 @@ SEVERITY = {"pass": 0, "warn": 1, "fail": 2}
 
 def audit_reason(audit: dict) -> dict | None:
     """The verdict reason for ``audit`` (``audit.json``'s content), or None when it passed."""
-    from .report import TITLES
+    from ..audit.report import TITLES
 
     status = audit.get("status")
     if status not in ("warn", "fail"):
@@ -75,7 +75,7 @@ def _mark(folder: Path, verdict: dict, status: str | None) -> None:
     run folder is finished: :func:`slugkit.patch.save_patch` refuses a run's patch, for a user's call)."""
     from ..patch import load_patch
     from ..patch.format import save_patch as write
-    from ..workflows.verdict import verdict_fields
+    from .verdict import verdict_fields
 
     patch = load_patch(folder)
     extra = {**(patch.meta.get("extra") or {}), **verdict_fields(verdict), "audit": status}
