@@ -324,7 +324,7 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
 
 def said_audit(out, res: dict) -> dict:
     """Print the one-line outcome of an audit run with its run (``--audit``), fold it into the run's verdict
-    (:mod:`slugkit.audit.fold`) and say the verdict now. Returns ``res``."""
+    (:mod:`slugkit.workflows.audit_fold`) and say the verdict now. Returns ``res``."""
     from ..workflows.audit_fold import fold_audit
     from ..audit.report import TITLES
 
