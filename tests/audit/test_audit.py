@@ -571,3 +571,21 @@ def test_an_audit_run_with_its_run_folds_into_the_runs_verdict(tmp_path):
     text = (run / "report.md").read_text()
     assert text.startswith("> **This run's verdict is the generated images': warn** (the audit run with this run "
                            "says the removal may not hold: Adversarial prompt search warn (audit.md)) (section")
+
+
+def test_an_audit_of_a_run_folder_says_its_status_under_the_reports_title(tmp_path):
+    """Trial 44: the audit section sat at the end of report.md, under a head that read pass; a line under the title
+    now says the audit's status, replaced (not repeated) by a later audit."""
+    from slugkit.audit.run import write_audit
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.md").write_text("# SLUG unlearning report: A\n\n**verdict: pass**\n")
+    res = {"concept": "A", "seconds": 1.0, "status": "fail", "probes": []}
+    write_audit(res, run)
+    write_audit({**res, "status": "pass"}, run)
+    lines = (run / "report.md").read_text().split("\n")
+    assert lines[:5] == ["# SLUG unlearning report: A", "",
+                         "> **Audit: pass** — the removal held under every gating probe (section \"Audit\" at the "
+                         "end; audit.md). <!-- slug audit: banner -->", "", "**verdict: pass**"]
+    assert sum("Audit:" in ln and "banner" in ln for ln in lines) == 1

@@ -29,6 +29,7 @@ from .representation import probe_representation
 
 AUDIT_JSON, AUDIT_MD = "audit.json", "audit.md"
 REPORT_BEGIN, REPORT_END = "<!-- slug audit: begin -->", "<!-- slug audit: end -->"
+BANNER = "<!-- slug audit: banner -->"  # the line under report.md's title that says the audit's status
 
 
 def patched_copy(adapter, patch):
@@ -124,6 +125,19 @@ def _verdict_fields(doc) -> dict:
                {"patch_run_why": warned_of(extra)} if extra.get("verdict") == "warn" and warned_of(extra) else {})}
 
 
+def _with_banner(text: str, result: dict) -> str:
+    """``report.md`` with one line under its first line (the title, or a downstream run's verdict banner) saying the
+    audit's status: the audit section sits at the end, and a failed audit left a head that read pass (trial 44)."""
+    lines = text.split("\n")
+    for i in [i for i, ln in enumerate(lines) if ln.endswith(BANNER)][::-1]:  # an earlier audit's, with its gap
+        del lines[i - 1 if i > 0 and not lines[i - 1] else i:i + 1]
+    status = result.get("status", "?")
+    what = {"pass": "the removal held under every gating probe", "warn": "the removal may not hold",
+            "fail": "the removal does not hold"}.get(status, "see the section")
+    line = f"> **Audit: {status}** — {what} (section \"Audit\" at the end; audit.md). {BANNER}"
+    return "\n".join(lines[:1] + ["", line] + lines[1:]) if lines else text
+
+
 def write_audit(result: dict, out: str | Path) -> None:
     """``audit.json`` and ``audit.md`` in ``out`` (created if missing), each written atomically; if ``out`` holds a
     ``report.md`` (a run folder), its audit section is replaced (or appended) with the same markdown."""
@@ -146,5 +160,5 @@ def write_audit(result: dict, out: str | Path) -> None:
             text = head + section + rest.split(REPORT_END, 1)[1].lstrip("\n")
         else:
             text = text.rstrip("\n") + "\n\n" + section
-        atomic_write_bytes(report, text.encode())
+        atomic_write_bytes(report, _with_banner(text, result).encode())
         record_entries(out, ["report.md"])  # slug's own change: not a user's edit (outguard.edited_entries)
