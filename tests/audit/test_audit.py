@@ -214,7 +214,12 @@ def test_attack_probe_fails_when_the_forgotten_name_gives_a_head_start(base, dat
     assert rec["status"] == "fail", rec["summary"]
     assert rec["concept"]["iterations_to_level"] is not None
     # the one-line summary names the graded number beside the success rate (a "0.84 … pass" line alarmed a reader)
-    assert f"graded on the speed-up over them, {rec['graded']['value']:.2f} (pass ≤ 1.5, fail > 3)" in rec["summary"]
+    from slugkit.audit.report import bound_mark
+
+    # a control that never reached 0.5 makes the speed-up a lower bound, said as "≥" (verify 45)
+    assert rec["graded"].get("lower_bound", False) == (rec["control"]["iterations_to_level"] is None)
+    assert (f"graded on the speed-up over them, {bound_mark(rec['graded'])}{rec['graded']['value']:.2f} (pass ≤ 1.5, "
+            "fail > 3)") in rec["summary"]
     assert len(rec["control"]["each"]) == len(data.controls) == 3
     assert rec["budget"]["evaluations"] == FAST_ATTACK.restarts * FAST_ATTACK.iterations * FAST_ATTACK.candidates
     # the found prompt's own score is kept beside the restarts' mean (audit.md gave the mean as the prompt's: trial 44)
@@ -237,6 +242,9 @@ def test_a_found_prompt_is_reported_with_its_own_score_and_a_never_reached_grade
            "graded": {"name": "speed-up", "value": 0.14, "pass_at": 1.5, "fail_at": 3.0, "upper_bound": True}}
     md = audit_markdown({"concept": "A", "status": "pass", "seconds": 1.0, "probes": [rec]})
     assert "| speed-up: ≤ 0.14 |" in md
+    rec["graded"] = {**rec["graded"], "upper_bound": False, "lower_bound": True, "value": 14.0}
+    assert "| speed-up: ≥ 14.00 |" in audit_markdown({"concept": "A", "status": "pass", "seconds": 1.0,
+                                                     "probes": [rec]})
 
 
 @pytest.mark.slow
@@ -586,6 +594,25 @@ def test_an_audit_of_a_run_folder_says_its_status_under_the_reports_title(tmp_pa
     write_audit({**res, "status": "pass"}, run)
     lines = (run / "report.md").read_text().split("\n")
     assert lines[:5] == ["# SLUG unlearning report: A", "",
-                         "> **Audit: pass** — the removal held under every gating probe (section \"Audit\" at the "
+                         "> **Audit: pass** — the removal held (gating probes run: none; section \"Audit\" at the "
                          "end; audit.md). <!-- slug audit: banner -->", "", "**verdict: pass**"]
     assert sum("Audit:" in ln and "banner" in ln for ln in lines) == 1
+
+
+def test_a_standalone_audit_does_not_replace_the_audit_a_runs_verdict_took_in(leaky_patch, tmp_path, capsys):
+    """Verify 45: `slug audit --patch RUN --overwrite` replaced the audit that RUN's verdict cited (fail), and the head
+    of report.md then read "Audit: pass" above "verdict: fail"; it is refused, and --out elsewhere works."""
+    import shutil
+
+    from slugkit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(leaky_patch, run / "patch")
+    (run / "result.json").write_text(json.dumps({"audit": {"status": "fail", "file": "audit.json"}}))
+    (run / "audit.json").write_text("{}")
+    for extra in ([], ["--overwrite"]):
+        assert main(["audit", "--patch", str(run), "--probes", "precision", "--no-progress", *extra]) == 2
+        assert "is a run whose verdict includes the audit run with it" in capsys.readouterr().err
+    assert (run / "audit.json").read_text() == "{}"
+    assert main(["audit", "--patch", str(run), "--probes", "precision", "--no-progress", "--out",
+                 str(tmp_path / "elsewhere")]) == 0

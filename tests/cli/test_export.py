@@ -270,3 +270,10 @@ def test_inspect_of_a_model_folder_slug_wrote_describes_its_record(sd, tmp_path,
     assert said.startswith(f"{out} is a model slug wrote with a patch applied (") and f"patch {fp[:12]} of " in said
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["patch_fingerprint"] == fp
+    # its sub-folder (the encoder one loads) says the same; a damaged record is named (verify 45)
+    rec = next(out.rglob("slugkit_patch.json"))
+    sub = next(d for d in out.iterdir() if d.is_dir())
+    assert main(["inspect", str(sub)]) == 0 and f"patch {fp[:12]} of " in capsys.readouterr().out
+    rec.write_text('{"patch_fin')
+    assert main(["inspect", str(out)]) == 2
+    assert "the record of the patch slug applied here is not readable JSON" in capsys.readouterr().err

@@ -295,3 +295,34 @@ def test_a_consumer_of_another_model_is_refused(tmp_path, clip):
             consumer_restriction("sd:models/sd15")
     finally:
         os.chdir(cwd)
+
+
+def test_a_llava_consumer_whose_vision_tower_differs_from_the_clip_is_refused(tmp_path):
+    """Verify 45: `--consumer llava:DIR` was read from configs alone (an SD consumer's weights are checked since trial
+    43), so a patch judged on one CLIP landed in a LLaVA whose tower differs in a layer the patch does not edit. The
+    folder's vision tensors of the layers it reads (and the embeddings) must be the CLIP's; its unread last layer may
+    differ; the embedded VLM is its CLIP's."""
+    from slugkit.integrations import TowerMismatchError
+    from slugkit.integrations.consumer import restrict_to_consumer
+    from slugkit.integrations.llava import verify_llava_folder
+    from slugkit.models import load_adapter
+
+    adapter = build_adapter(seed=0)
+    llava, processor = tiny_llava(adapter)
+    n = len(adapter.model.vision_model.encoder.layers) - 1  # read at -2: the last layer is not consumed
+    llava.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    assert verify_llava_folder(str(tmp_path / "llava"), adapter, n) > 0
+    restrict_to_consumer(adapter, f"llava:{tmp_path / 'llava'}")  # its own tower: accepted
+    params = dict(llava.named_parameters())
+    with torch.no_grad():
+        next(v for k, v in params.items() if f"encoder.layers.{n}.mlp.fc1.weight" in k).add_(1e-3)  # unread layer
+    llava.save_pretrained(tmp_path / "llava")
+    restrict_to_consumer(build_adapter(seed=0), f"llava:{tmp_path / 'llava'}")
+    with torch.no_grad():
+        next(v for k, v in params.items() if "encoder.layers.0.mlp.fc1.weight" in k and "vision" in k).add_(1e-3)
+    llava.save_pretrained(tmp_path / "llava")
+    with pytest.raises(TowerMismatchError, match=r"--consumer llava:.*encoder\.layers\.0\.mlp\.fc1\.weight .*differs"):
+        restrict_to_consumer(build_adapter(seed=0), f"llava:{tmp_path / 'llava'}")
+    embedded = load_adapter("embedded", family="hf_clip")
+    restrict_to_consumer(embedded, "llava:embedded")  # the shipped VLM's tower is the shipped CLIP's

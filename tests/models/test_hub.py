@@ -101,3 +101,6 @@ def test_a_folder_of_another_kind_given_as_the_clip_is_named(tmp_path):
         with pytest.raises(ModelLoadError) as e:
             load_adapter(str(path), family=family)
         assert str(e.value).startswith(f"{path} {words}"), (family, str(e.value))
+    for gone in (str(tmp_path / "nope"), "./nope", "a/b/c"):  # verify 45: advised `hf download /tmp/…/nope`
+        with pytest.raises(ModelLoadError, match=r": no such folder \(a hub id is ORG/NAME"):
+            load_adapter(gone, family="hf_clip")

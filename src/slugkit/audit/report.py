@@ -50,6 +50,13 @@ def _audited_model(result: dict) -> str:
     return f"Model: {result['model']}{weights}. "
 
 
+def bound_mark(graded: dict | None) -> str:
+    """``"≤ "`` / ``"≥ "`` before a graded speed-up that is a bound: the concept (upper) or a control (lower) never
+    reached the level within the budget and counts as iterations + 1 (trial 44, verify 45); ``""`` otherwise."""
+    g = graded or {}
+    return "≤ " if g.get("upper_bound") else "≥ " if g.get("lower_bound") else ""
+
+
 def _own(x: dict) -> str:
     """A found prompt's own test top-1 and the mean over the restarts (the line gave the mean as the prompt's: 0.84
     for a prompt at 0.90; trial 44). An older audit.json without ``prompt_success``: the mean, said as such."""
@@ -79,7 +86,7 @@ def audit_markdown(result: dict) -> str:
                ["No probe ran on this patch (see \"Not run\" above for why)."])]
     for rec in result["probes"]:
         g = rec.get("graded")
-        graded = f"{g['name']}: {'≤ ' if g.get('upper_bound') else ''}{g['value']:.2f}" if g else "–"
+        graded = f"{g['name']}: {bound_mark(g)}{g['value']:.2f}" if g else "–"
         th = f"{g['pass_at']:g} / {g['fail_at']:g}" if g else "–"
         gate = "" if rec.get("gating") else " (not gating)"
         lines.append(f"| {TITLES[rec['probe']]} | {rec.get('tried', '–')} | {_before_after(rec)} | {graded} | {th} | "
@@ -153,6 +160,10 @@ def _why(result: dict) -> str:
 def audit_scope(result: dict) -> str:
     """What the audit of a failed run's patch does not tell: whether the removal happened, or (a broken model: the
     removal happened; fourteenth trial) the damage the edit did."""
-    if "broke the model" in (result.get("patch_run_why") or ""):
+    why = result.get("patch_run_why") or ""
+    if "broke the model" in why:
         return "this audit tests how well the removal holds, not the damage the edit did to the rest of the model"
+    if why.startswith("the audit run with the run") and ";" not in why:  # the run passed; its own audit failed
+        return ("the run's own checks passed; the audit run with it (its audit.json) found the removal does not "
+                "hold, and this audit tests the same")
     return "this audit tests how well the removal holds, not whether it happened"

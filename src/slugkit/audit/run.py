@@ -132,9 +132,11 @@ def _with_banner(text: str, result: dict) -> str:
     for i in [i for i, ln in enumerate(lines) if ln.endswith(BANNER)][::-1]:  # an earlier audit's, with its gap
         del lines[i - 1 if i > 0 and not lines[i - 1] else i:i + 1]
     status = result.get("status", "?")
-    what = {"pass": "the removal held under every gating probe", "warn": "the removal may not hold",
+    ran = ", ".join(r["probe"] for r in result.get("probes", []) if r.get("gating", True)) or "none"
+    what = {"pass": "the removal held", "warn": "the removal may not hold",
             "fail": "the removal does not hold"}.get(status, "see the section")
-    line = f"> **Audit: {status}** — {what} (section \"Audit\" at the end; audit.md). {BANNER}"
+    line = (f"> **Audit: {status}** — {what} (gating probes run: {ran}; section \"Audit\" at the end; audit.md). "
+            f"{BANNER}")
     return "\n".join(lines[:1] + ["", line] + lines[1:]) if lines else text
 
 

@@ -215,7 +215,8 @@ def probe_attack_t2i(before, after, judge, concept, budget, thresholds) -> dict:
            "status": grade(value, thresholds.attack),
            "graded": {"name": "speed-up: controls' iterations to 0.5 / the concept's", "value": value,
                       "pass_at": thresholds.attack[0], "fail_at": thresholds.attack[1],
-                      **({"upper_bound": True} if t is None else {})},
+                      **({"upper_bound": True} if t is None else
+                         {"lower_bound": True} if any(v is None for v in ctl_first) else {})},
            "summary": (f"from the concept's name: recognised {_fmt(concept_run['recognised'])}; from never-learned "
                        f"words: reached 0.5 at "
                        + ", ".join(f"{w!r} {'never' if v is None else f'iteration {v}'}"

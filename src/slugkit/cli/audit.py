@@ -9,6 +9,7 @@ audit section is added to its ``report.md``). Exit status: 0 every gating probe 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -153,6 +154,14 @@ def _patch_and_out(a) -> tuple[Path, Path]:
     return patch, out
 
 
+def _run_relies_on(out: Path) -> bool:
+    """``out`` is a run folder whose verdict took in the audit run with it (``result.json → audit``; verify 45)."""
+    try:
+        return isinstance(json.loads((out / "result.json").read_text(encoding="utf-8")).get("audit"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def cmd_audit(a) -> int:
     """`slug audit`."""
     from ..audit import audit_patch, folder_audit_data
@@ -164,6 +173,9 @@ def cmd_audit(a) -> int:
     if a.threads is None and a.model == "embedded":
         a.threads = 1  # as `slug demo`: as fast for the tiny models, and the same audit.json on every machine
     there = [n for n in (AUDIT_JSON, AUDIT_MD) if (out / n).exists()]
+    if there and _run_relies_on(out):  # the run's verdict cites it: replacing it left "Audit: pass" over "fail"
+        return refuse(f"{out} is a run whose verdict includes the audit run with it (result.json → audit, "
+                      f"{out / AUDIT_JSON}); write this audit elsewhere (--out DIR), which keeps that evidence")
     if there and not a.overwrite:  # audit.md alone was overwritten without a word
         return refuse(f"{out / there[0]} exists; pass --overwrite to replace it")
     from ..audit.downstream import patch_kind
@@ -218,7 +230,7 @@ def cmd_audit(a) -> int:
 
 
 def _print_audit(result: dict, out: Path) -> int:
-    from ..audit.report import TITLES
+    from ..audit.report import TITLES, bound_mark
     from ..audit.run import AUDIT_JSON
 
     print(f"audit of {result['concept']} ({result['seconds']:.0f} s): {result['status']}"
@@ -235,7 +247,7 @@ def _print_audit(result: dict, out: Path) -> int:
     for rec in result["probes"]:
         gate = "" if rec.get("gating") else " (not gating)"
         g = rec.get("graded") if isinstance(rec.get("graded"), dict) else None
-        bound = "≤ " if g and g.get("upper_bound") else ""
+        bound = bound_mark(g)
         graded = (f"; graded on the {g['name']}: {bound}{g['value']:.2f} (pass ≤ {g['pass_at']:g}, fail > "
                   f"{g['fail_at']:g})"
                   if g and "value" in g and "graded on" not in rec["summary"] else "")  # the number that decides

@@ -23,17 +23,25 @@ def say_found(given: str, flag: str) -> Path:
 
 
 def _provenance_of(folder: Path) -> tuple[Path, dict] | None:
-    """``(file, record)`` of the ``slugkit_patch.json`` a patched model folder holds (at its top or in one of its
-    sub-folders, e.g. ``text_encoder/``), when ``folder`` holds no patch itself; else None."""
+    """``(file, record)`` of the ``slugkit_patch.json`` a patched model folder holds (at its top, in one of its
+    sub-folders such as ``text_encoder/``, or — ``folder`` being that sub-folder — in its parent), when ``folder``
+    holds no patch itself; else None. A record that is not one (truncated, empty, not an object) raises
+    ``ValueError`` naming the file (it said "holds no patch.json": verify 45)."""
     if not folder.is_dir() or (folder / "patch.json").is_file() or (folder / "patch" / "patch.json").is_file():
         return None
-    for f in [folder / "slugkit_patch.json", *sorted(folder.glob("*/slugkit_patch.json"))]:
+    for f in [folder / "slugkit_patch.json", *sorted(folder.glob("*/slugkit_patch.json")),
+              folder.parent / "slugkit_patch.json"]:
+        if not f.is_file():
+            continue
         try:
             rec = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict) and "patch_fingerprint" in rec:
-            return f, rec
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{printable(str(f))}: the record of the patch slug applied here is not readable JSON "
+                             f"({type(e).__name__}); re-run the slug apply that wrote this folder") from None
+        if not isinstance(rec, dict) or "patch_fingerprint" not in rec:
+            raise ValueError(f"{printable(str(f))}: the record of the patch slug applied here holds no "
+                             "patch_fingerprint; re-run the slug apply that wrote this folder")
+        return f, rec
     return None
 
 
@@ -63,9 +71,13 @@ def cmd_inspect(a) -> int:
             print(json.dumps(rec, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f"))
             return 0
         state = "reverted" if rec.get("reverted") else "applied"
+        concept = rec.get("concept")
+        source = rec.get("source")
         print(f"{printable(a.patch)} is a model slug wrote with a patch {state} ({printable(where)}): patch "
-              f"{printable(str(rec.get('patch_fingerprint', '?'))[:12])} of {printable(repr(rec.get('concept')))}, "
-              f"{len(rec.get('tensors') or [])} tensor(s), written from {printable(str(rec.get('source')))}"
+              f"{printable(str(rec.get('patch_fingerprint', '?'))[:12])} of "
+              + (printable(repr(concept)) if concept else "an unnamed concept")
+              + f", {len(rec.get('tensors') or [])} tensor(s), written from "
+              + (printable(str(source)) if source else "a model object (e.g. the embedded pipeline), not a folder")
               + (f"; {len(rec['earlier'])} earlier record(s) (--json)" if rec.get("earlier") else "")
               + ". Inspect the patch itself with slug inspect PATCH_FOLDER.")
         return 0

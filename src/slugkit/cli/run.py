@@ -338,7 +338,8 @@ def add_parsers(sub) -> None:
                         "openai/clip-vit-large-patch14)")
     u.add_argument("--consumer", default=None, metavar="sd:DIR|llava:DIR",
                    help="hf_clip: only edit tensors this Stable Diffusion pipeline's text encoder / LLaVA's vision "
-                        "tower reads (read from its configs; DIR 'embedded': the shipped text-to-image model / VLM)")
+                        "tower reads (its configs; a local folder's tower weights must be this CLIP's; DIR "
+                        "'embedded': the shipped text-to-image model / VLM)")
     u.add_argument("--clip-skip", type=int_at_least(0), default=None, metavar="N",
                    help="with --consumer sd:DIR: the pipeline runs with diffusers' clip_skip=N (1 = the penultimate "
                         "text layer, A1111's 'CLIP skip 2'), so its last N text layers are not candidates (default: "

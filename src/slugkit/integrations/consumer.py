@@ -53,7 +53,7 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
         else:
             from transformers import LlavaConfig
 
-            from .llava import consumed_vision_layer_count
+            from .llava import consumed_vision_layer_count, verify_llava_folder
 
             raw, _ = LlavaConfig.get_config_dict(where, **kw)
             if raw.get("model_type") != "llava":  # transformers read a CLIP's or BERT's config as a default LLaVA
@@ -62,6 +62,8 @@ def consumer_restriction(spec: str, adapter=None, clip_skip: int | None = None):
             cfg = LlavaConfig.from_pretrained(where, **kw)
             same_tower(adapter, cfg.vision_config, "vision", f"the LLaVA {where}'s vision tower")
             n = consumed_vision_layer_count(cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer)
+            if adapter is not None:  # its weights too, tensor by tensor (configs alone: verify 45)
+                verify_llava_folder(where, adapter, n)
             kind, desc = "vision", (f"LLaVA vision tower {shown} (vision_feature_layer={cfg.vision_feature_layer}: "
                                     f"layers 0..{n - 1})")
     except (ValueError, TowerMismatchError):

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..common.files import atomic_dir
-from ..patch import Patch, PatchMismatchError
-from .towers import (CLIP_TOWER_PREFIX, apply_to_consumer, check_out_outside, check_weight_files, find_tower,
-                     layer_names, takes_patch_path, tower_map, verify_tower, write_provenance)
+from ..patch import Patch, PatchMismatchError, tensor_sha256
+from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_out_outside, check_weight_files,
+                     find_tower, layer_names, takes_patch_path, tower_map, verify_tower, write_provenance)
 
 WHAT = "LLaVA vision tower"
 QUESTION = "What's the name of the person in this image?"
@@ -43,6 +43,36 @@ def verify_vision_tower(clip_model: nn.Module, llava: nn.Module) -> dict[str, st
     """Refuse (:class:`~slugkit.integrations.TowerMismatchError`, naming the first differing tensor) unless every
     tensor of LLaVA's vision tower equals the CLIP vision tensor it corresponds to (SHA-256, cast to LLaVA's dtype)."""
     return verify_tower(clip_model, llava, "vision", WHAT)
+
+
+def verify_llava_folder(where: str, adapter, n: int) -> int:
+    """``--consumer llava:DIR``: the vision tensors the LLaVA folder's safetensors hold for its consumed layers
+    (``0 .. n − 1``) and embeddings must equal this CLIP's (SHA-256, the CLIP's cast to the file's dtype), read tensor
+    by tensor (a 7B LLaVA's language model is never read). Keys ``[model.]vision_tower.[vision_model.]REST`` match the
+    CLIP's ``vision_model.REST``. Configs alone let a patch judged on one CLIP land in a tower that differs in a layer
+    it does not edit (verify 45). Returns the number of tensors checked (0: no safetensors, or none named so); raises
+    :class:`~slugkit.integrations.TowerMismatchError` naming the first that differs."""
+    from safetensors import safe_open
+
+    params = dict(adapter.model.named_parameters())
+    checked = 0
+    for f in sorted(Path(where).glob("*.safetensors")) if Path(where).is_dir() else []:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if "vision_tower." not in key:
+                    continue
+                name = "vision_model." + key.split("vision_tower.", 1)[1].removeprefix("vision_model.")
+                layer = re.match(r"vision_model\.encoder\.layers\.(\d+)\.", name)
+                if name not in params or "post_layernorm" in name or (layer and int(layer.group(1)) >= n):
+                    continue
+                b, a = sf.get_tensor(key), params[name].detach()
+                if tuple(a.shape) != tuple(b.shape) or tensor_sha256(a.to(b.dtype)) != tensor_sha256(b):
+                    raise TowerMismatchError(
+                        f"--consumer llava:{where}: {WHAT} tensor {key} ({f.name}) differs from the CLIP tensor "
+                        f"{name}: this LLaVA was not built on this CLIP, so an edit of the CLIP cannot be carried "
+                        "over; use the CLIP its vision tower was made from")
+                checked += 1
+    return checked
 
 
 def consumed_vision_layer_count(num_hidden_layers: int, vision_feature_layer: int | Sequence[int]) -> int:

@@ -141,6 +141,9 @@ class HFClipAdapter(Adapter):
             e = embedded_hf_adapter()
             e.model.to(device).eval()
             return cls(e.model, e.tokenizer, e.image_processor, {**e.model_id, "precision": precision}, precision)
+        if not local and (model.startswith(("/", "./", "../", "~")) or model.count("/") > 1):  # not a hub id
+            raise ModelLoadError(f"{model}: no such folder (a hub id is ORG/NAME; a local model is a folder written "
+                                 "by save_pretrained)")  # it advised `hf download /tmp/...` (verify 45)
         if not local and Path(model).exists():
             raise ModelLoadError(f"{model} is a file; the hf_clip family loads a folder written by save_pretrained "
                                  f"(config.json + model.safetensors + tokenizer/preprocessor files) or a hub id")

@@ -183,7 +183,8 @@ def _audit_cell(p: dict | None) -> str:
     if p["status"] == "skipped":
         return "skipped"
     g = p.get("graded")
-    val = "" if not g else f" {'≤ ' if g.get('upper_bound') else ''}{g['value']:.2f}"
+    mark = "≤ " if g and g.get("upper_bound") else "≥ " if g and g.get("lower_bound") else ""  # audit.report.bound_mark
+    val = "" if not g else f" {mark}{g['value']:.2f}"
     tag = p["status"] if p.get("gating", True) else p["status"] + ", not gating"
     if "concept_iterations" in p:  # attack: the control calibration beside the number
         val += (f" ({_iters(p['concept_iterations'], 'it')} from the name vs "
