@@ -10,8 +10,10 @@ kept ``verdict: pass`` in the terminal, ``result.json``, the head of ``report.md
 * ``patch.json``: ``extra``'s verdict fields and ``extra.audit`` (only ``patch.json`` changes; the tensors and their
   hashes stay, the fingerprint follows the metadata as for any verdict mark).
 
-A standalone ``slug audit`` leaves the run and its patch as they were (a patch may have been handed on, or built on
-by a sequential run's next step); its outcome is in ``audit.json`` / ``audit.md`` and the report's audit section.
+A standalone ``slug audit`` leaves the run's verdict and its patch as they were (a patch may have been handed on, or
+built on by a sequential run's next step); its outcome is in ``audit.json`` / ``audit.md``, the report's audit
+section and the status line under its title; into a run whose verdict took in an audit it is refused
+(:func:`slugkit.cli.audit.cmd_audit`: that evidence is kept).
 """
 
 from __future__ import annotations

@@ -66,21 +66,22 @@ def _shift(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
-def prompt_sets(suite, neighbours: list[tuple[str, float]]) -> dict[str, list[str]]:
-    """``{"target": [...], "<other name>": [...], ..., "utility": [...], "empty": [""]}`` from the run's test suite
-    (its names, identity templates and utility class names) and its nearest neighbours (closest first)."""
+def prompt_sets(suite, neighbours: list[tuple[str, float]]) -> dict[tuple, list[str]]:
+    """``{("target",): [...], ("other", NAME): [...], ..., ("utility",): [...], ("empty",): [""]}`` from the run's
+    test suite (its names, identity templates and utility class names) and its nearest neighbours (closest first);
+    tuple keys, so that no concept's name can be taken for one of the groups."""
     templates = list(suite.identity_templates[:MAX_TEMPLATES])
     targets = {suite.names[i] for i in suite.target_list()}
     near = [n for n, _ in neighbours if n not in targets]
     rest = [n for n in suite.names if n not in targets and n not in near]
     step = max(1, len(rest) // MAX_OTHERS)
     others = near + rest[::step][:MAX_OTHERS]
-    sets = {"target": [t.format(n) for n in sorted(targets) for t in templates]}
-    sets.update({n: [t.format(n) for t in templates] for n in others})
+    sets = {("target",): [t.format(n) for n in sorted(targets) for t in templates]}
+    sets.update({("other", n): [t.format(n) for t in templates] for n in others})
     util_t = suite.utility_templates[0] if suite.utility_templates else "a photo of a {}."
     if suite.utility_classnames:
-        sets["utility"] = [util_t.format(c) for c in suite.utility_classnames[:MAX_UTILITY]]
-    sets["empty"] = [""]
+        sets[("utility",)] = [util_t.format(c) for c in suite.utility_classnames[:MAX_UTILITY]]
+    sets[("empty",)] = [""]
     return sets
 
 
@@ -98,9 +99,9 @@ def consumer_shift(adapter, apply_edits, suite, neighbours: list[tuple[str, floa
     for key, ps in sets.items():
         per[key] = float(s[at:at + len(ps)].mean())
         at += len(ps)
-    target = per.pop("target")
-    empty, utility = per.pop("empty"), per.pop("utility", None)
-    others = per
+    target = per.pop(("target",))
+    empty, utility = per.pop(("empty",)), per.pop(("utility",), None)
+    others = {key[1]: v for key, v in per.items()}
     worst = max(others, key=others.get) if others else None
     mean_o = sum(others.values()) / len(others) if others else None
     near = [n for n, _ in neighbours if n in others][:5]
