@@ -504,3 +504,26 @@ def test_curate_generate_refuses_an_out_inside_the_pipeline(capsys, tmp_path):
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'sd' / 'gen'} is inside --pipeline {tmp_path / 'sd'}" in err
     assert not (tmp_path / "sd" / "gen").exists()
+
+
+def test_the_steps_of_a_sequential_run_applied_in_order_carry_the_runs_verdict(tmp_path):
+    """Trial 46: the steps applied in order are the chained patch's model, yet printed their own "pass" where the
+    chained patch warned "verdict was fail" (the final model failed); the run's verdict is said beside them."""
+    import torch
+
+    from slugkit.patch import make_patch, save_patch
+    from slugkit.patch.summary import sequential_run_line
+
+    seq = tmp_path / "seq"
+    base = {"w": torch.ones(3)}
+    for k, name in ((1, "A"), (2, "B")):
+        save_patch(make_patch(base, {"w": base["w"] * (k + 1)}, base_model="toy", adapter="t", concept=name,
+                              extra={"verdict": "pass"}), seq / f"{k}-{name}" / "patch")
+    save_patch(make_patch(base, {"w": base["w"] * 3}, base_model="toy", adapter="t", concept=["A", "B"],
+                          extra={"verdict": "fail", "verdict_codes": ["not_forgotten"]}), seq / "patch")
+    steps = [str(seq / "1-A" / "patch"), str(seq / "2-B" / "patch")]
+    assert sequential_run_line(steps) is None  # no result.json: not a sequential run's folder
+    (seq / "result.json").write_text(json.dumps({"mode": "sequential"}))
+    line = sequential_run_line(steps)
+    assert line.startswith(f"warning: the sequential run {seq} has verdict fail on the model all its steps make")
+    assert "of them" in sequential_run_line(steps[:1] + steps[:1]) and sequential_run_line(steps[:1]) is None

@@ -87,10 +87,10 @@ def cmd_apply(a, revert: bool = False) -> int:
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
             return refuse(f"--out {a.out} is inside the patch {given}; writing there would destroy the patch: "
                           "choose a path outside it")
-    for path, p in zip(a.patch, patches):
-        from ..patch.summary import verdict_line
+    from ..patch.summary import sequential_run_line, verdict_line
 
-        line = None if revert else verdict_line(path, p.meta)
+    for line in ([] if revert else [verdict_line(path, p.meta) for path, p in zip(a.patch, patches)]
+                 + [sequential_run_line(a.patch)]):
         if line:
             print(line, file=sys.stderr)
     if a.pipeline or a.llava:

@@ -58,6 +58,46 @@ def verdict_line(path, meta: dict) -> str | None:
     return None
 
 
+def sequential_run_line(given: list) -> str | None:
+    """For ``--patch`` paths that are steps of one sequential run (``SEQ/<k>-<Name>/patch``, ``SEQ/result.json`` with
+    ``mode: sequential``): the verdict of that run's final model (``SEQ/patch``'s ``extra.verdict``), which the
+    steps' own verdicts do not carry — applied in order they are that model, and printed "pass" where the chained
+    patch said fail (trial 46). A ``warning:``/``note:`` line (:func:`verdict_line`), or None: not such steps, a
+    pass, or an unreadable record."""
+    import json
+    import re
+
+    from .format import resolve_patch_dir
+
+    seqs, steps = set(), set()
+    for g in given:
+        try:
+            d = resolve_patch_dir(g).resolve()
+        except (OSError, ValueError):
+            return None
+        if not re.fullmatch(r"\d+-.+", d.parent.name):
+            return None
+        seqs.add(d.parent.parent)
+        steps.add(d)
+    if len(seqs) != 1 or len(given) < 2:
+        return None
+    seq = seqs.pop()
+    try:
+        if json.loads((seq / "result.json").read_text(encoding="utf-8")).get("mode") != "sequential":
+            return None
+        meta = json.loads((seq / "patch" / "patch.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    n = len([x for x in seq.iterdir() if re.fullmatch(r"\d+-.+", x.name)])
+    line = verdict_line(seq / "patch", meta)
+    if line is None:
+        return None
+    scope = ("the model all its steps make, which these patches applied in order are" if len(steps) >= n else
+             f"the model all its {n} steps make (these are {len(steps)} of them)")
+    return (f"{line.split(':', 1)[0]}: the sequential run {printable(str(seq))} has verdict "
+            f"{printable(str((meta.get('extra') or {}).get('verdict')))} on {scope}; see its result.json")
+
+
 def _steps(m: dict) -> str:
     """The step size line; a patch of several layers (``extra.layers_edited``, the multi-layer fallback) gives each
     layer's step and round — the top-level ``step_size`` is the first layer's only."""
