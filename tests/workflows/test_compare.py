@@ -64,6 +64,9 @@ def test_compare_outputs(compare_run):
     assert slug["cpu_s"] == pytest.approx(sum(result["cpu_s"][k] for k in stages))
     rounds = max(e["round"] for e in result["layers_edited"])
     assert slug["passes"]["gradient_passes"] == rounds and slug["passes"]["backward_samples"] == rounds * (40 + 64)
+    # every edited layer (compare.json named the first of a two-layer edit: trial 46), and the table says how many
+    assert slug["layers"] == [e["layer"] for e in result["layers_edited"]]
+    assert ("search (2 layers)" if len(slug["layers"]) == 2 else "| search |") in (out / "compare.md").read_text()
     ga = rep["methods"]["ga"]
     assert len(ga["epochs"]) == 1 and ga["selected_epoch"] == 1
     assert ga["passes"]["backward_samples"] == 40 and ga["passes"]["optimizer_steps"] == 2  # batch 32
@@ -260,6 +263,13 @@ def test_compare_concepts_output_shape(multi_run):
     assert seq["data"]["mia_heldout"] == 20 and joint["data"]["mia_heldout"] == 20
     md = (out / "compare.md").read_text()
     assert "## Joint" in md and "## Sequential" in md
+    # the headline verdict covers both modes and says each; each section has its own (trial 46)
+    v = rep["verdict"]
+    assert v["by_mode"] == {m: rep[m]["methods"]["slug"]["verdict"]["status"] for m in ("joint", "sequential")}
+    assert (f"SLUG's verdict: **{v['status']}** (the more severe of joint: {v['by_mode']['joint']}, sequential: "
+            f"{v['by_mode']['sequential']})") in md
+    assert f"## Joint\n\nSLUG's verdict in this mode: **{v['by_mode']['joint']}**" in md
+    assert all(st["layers"][0] == st["layer"] for st in s["steps"])
     for c in concepts:
         assert f"{c} FA@1" in md and f"{c} FA@5" in md
 

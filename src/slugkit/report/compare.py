@@ -51,8 +51,10 @@ def _selected(epochs: list[dict], selected: int | None, config: dict | None) -> 
 
 
 def _epoch_cell(name: str, e: dict) -> str:
-    if name == "slug":
-        return f"search ×{len(e['steps'])}" if "steps" in e else "search"
+    if name == "slug":  # a second layer is said (compare.json named one layer of a two-layer edit: trial 46)
+        n = sum(len(s.get("layers") or [1]) for s in e["steps"]) if "steps" in e else len(e.get("layers") or [1])
+        layers = f" ({n} layers)" if n > (len(e["steps"]) if "steps" in e else 1) else ""
+        return (f"search ×{len(e['steps'])}" if "steps" in e else "search") + layers
     cells = [_selected(s["epochs"], s["selected_epoch"], s.get("config")) for s in e["steps"]] if "steps" in e \
         else [_selected(e["epochs"], e["selected_epoch"], e.get("config"))]
     notes = [n for _, n in cells]
@@ -232,8 +234,9 @@ def render_compare(report: dict) -> str:
     several-concept one."""
     rule = _rule(report)
     v = report.get("verdict")
-    verdict = ([f"SLUG's verdict: **{v['status']}**" + "".join(f"; {r['message']}" for r in v["reasons"]), ""]
-               if v else [])
+    modes = ", ".join(f"{m}: {s}" for m, s in (v or {}).get("by_mode", {}).items())
+    verdict = ([f"SLUG's verdict: **{v['status']}**" + (f" (the more severe of {modes})" if modes else "")
+                + "".join(f"; {r['message']}" for r in v["reasons"]), ""] if v else [])
     if "methods" in report:
         lines = [f"# Unlearning methods compared: {report['concept']} ({report['model'].get('model')})", "", *verdict]
         lines += _render_section(report, rule)
@@ -243,7 +246,9 @@ def render_compare(report: dict) -> str:
              *verdict]
     for mode in MODES:
         if mode in report:
-            lines += [f"## {mode.capitalize()}", ""] + _render_section(report[mode], rule) + [""]
+            sv = (report[mode].get("methods", {}).get("slug") or {}).get("verdict")
+            lines += [f"## {mode.capitalize()}", "", *([f"SLUG's verdict in this mode: **{sv['status']}**", ""]
+                                                      if sv else [])] + _render_section(report[mode], rule) + [""]
     if "joint" in report:
         lines += ["![trade-off (joint)](tradeoff.png)", ""]
     return "\n".join(lines)

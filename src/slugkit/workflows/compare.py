@@ -133,7 +133,9 @@ def slug_verdict(report: dict) -> dict | None:
     order = ("pass", "warn", "fail")
     status = max((v["status"] for _, v in found), key=order.index)
     reasons = [{**r, "message": p + r["message"]} for p, v in found for r in v["reasons"]]
-    return {"status": status, "reasons": reasons, "budgets": found[0][1].get("budgets", {})}
+    by_mode = {p.rstrip(": "): v["status"] for p, v in found if p}  # the headline sat above "Joint" alone (trial 46)
+    return {"status": status, "reasons": reasons, "budgets": found[0][1].get("budgets", {}),
+            **({"by_mode": by_mode} if by_mode else {})}
 
 
 def _check_config(cc: CompareConfig, concepts: list[str]) -> None:

@@ -106,6 +106,7 @@ def _slug_joint(cc, cfg, adapter, base: Base, out: Path, j: _Inputs) -> dict:
         "epochs": [{"epoch": i + 1, "layer": e["layer"], "step_size": e["step_size"], "val": e["metrics"],
                     "accepted": e["accepted"]} for i, e in enumerate(result["search"])],
         "selected_epoch": None, "layer": result["layer"], "step_size": result["step_size"],
+        "layers": [e["layer"] for e in result.get("layers_edited") or []] or [result["layer"]],
         "config": result["config"], "result": "slug/result.json",
     }
     base.check_unchanged("run_unlearn")

@@ -128,6 +128,7 @@ def _slug_sequential(cc, adapter, base, out: Path, s: _Steps) -> dict:
         "changed_params": changed_storage(adapter.model, base.state)["changed_params"],
         "passes": _slug_seq_passes(step_results),
         "steps": [{"concept": c.concept, "layer": r["layer"], "step_size": r["step_size"],
+                   "layers": [e["layer"] for e in r.get("layers_edited") or []] or [r["layer"]],
                    "time_s": slug_cost(r)[0],
                    "validation_after": r["metrics"]["validation_after"],
                    "result": str(Path(c.out).relative_to(out) / "result.json")}
