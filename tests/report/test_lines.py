@@ -97,3 +97,16 @@ def test_a_verdict_with_the_worst_drop_check_off_says_so():
     assert verdict_lines(v) == ["verdict: pass", "note: the worst single-concept drop was not checked "
                                                  "(--worst-budget off); see the collateral above"]
     assert verdict_lines({**v, "budgets": {"worst_drop": 0.2}}) == ["verdict: pass"]
+
+
+def test_a_selection_that_never_met_the_rule_is_marked():
+    """Trial 46: SSD's joint cell "15/16 (α 1, λ 0.2)" read like the rows that met the rule (validation FA@5 = 0),
+    though its minimum was 0.05; FT (the control) likewise."""
+    from slugkit.report.compare import _epoch_cell
+
+    grid = {"epochs": [{"epoch": 1, "alpha": 1, "lambda": 0.2, "val": {"forget_top5": 0.05, "forget_top1": 0.0}}],
+            "selected_epoch": 1}
+    assert _epoch_cell("ssd", grid) == "1/1 (α 1, λ 0.2; rule not met: validation FA@5 0.05)"
+    assert _epoch_cell("ssd", grid, "forget_top1") == "1/1 (α 1, λ 0.2)"  # the paper's FA@1 rule: met
+    met = {"epochs": [{"epoch": 1, "val": {"forget_top5": 0.0}}], "selected_epoch": 1, "config": {"lr": 1e-4}}
+    assert _epoch_cell("gaft", met) == "1/1 (lr 1e-4)"

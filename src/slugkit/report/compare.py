@@ -41,22 +41,29 @@ def _lr(x: float) -> str:
     return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
 
 
-def _selected(epochs: list[dict], selected: int | None, config: dict | None) -> tuple[str, str]:
-    """('selected/run' epochs, the learning rate (gradient methods) or the (α, λ) point (SSD))."""
+def _selected(epochs: list[dict], selected: int | None, config: dict | None,
+              metric: str = "forget_top5") -> tuple[str, str]:
+    """('selected/run' epochs, the learning rate (gradient methods) or the (α, λ) point (SSD)); when the selected
+    epoch's validation ``metric`` is not 0 (no epoch met the rule: the minimum was kept), that is said too — "15/16
+    (α 1, λ 0.2)" read like the rows that met it (trial 46)."""
     sel = next((e for e in epochs if e.get("epoch") == selected), {})
+    v = (sel.get("val") or {}).get(metric)
+    unmet = (f"; rule not met: validation {'FA@5' if metric == 'forget_top5' else 'FA@1'} {v:.2f}"
+             if isinstance(v, (int, float)) and v > 0 else "")
     if "alpha" in sel:
-        return f"{selected}/{len(epochs)}", f"α {sel['alpha']:g}, λ {sel['lambda']:g}"
+        return f"{selected}/{len(epochs)}", f"α {sel['alpha']:g}, λ {sel['lambda']:g}{unmet}"
     lr = (config or {}).get("lr")
-    return f"{selected}/{len(epochs)}", (f"lr {_lr(lr)}" if isinstance(lr, float) else "")
+    note = f"lr {_lr(lr)}" if isinstance(lr, float) else ""
+    return f"{selected}/{len(epochs)}", (note + unmet).lstrip("; ")
 
 
-def _epoch_cell(name: str, e: dict) -> str:
+def _epoch_cell(name: str, e: dict, metric: str = "forget_top5") -> str:
     if name == "slug":  # a second layer is said (compare.json named one layer of a two-layer edit: trial 46)
         n = sum(len(s.get("layers") or [1]) for s in e["steps"]) if "steps" in e else len(e.get("layers") or [1])
         layers = f" ({n} layers)" if n > (len(e["steps"]) if "steps" in e else 1) else ""
         return (f"search ×{len(e['steps'])}" if "steps" in e else "search") + layers
-    cells = [_selected(s["epochs"], s["selected_epoch"], s.get("config")) for s in e["steps"]] if "steps" in e \
-        else [_selected(e["epochs"], e["selected_epoch"], e.get("config"))]
+    cells = [_selected(s["epochs"], s["selected_epoch"], s.get("config"), metric) for s in e["steps"]] \
+        if "steps" in e else [_selected(e["epochs"], e["selected_epoch"], e.get("config"), metric)]
     notes = [n for _, n in cells]
     if len(set(notes)) == 1:
         return " + ".join(c for c, _ in cells) + (f" ({notes[0]})" if notes[0] else "")
@@ -96,7 +103,7 @@ def compare_table(report: dict) -> str:
         rows.append(f"| {name} | {_pct(a['forget_top1'])} | {_pct(a['forget_top5'])} |{pc_cells(a)} "
                     f"{_pct(a.get('utility_top1'))} | {_pct(a.get('related_top1'))} | {_worst(e)} | {_mia(e['mia'])} "
                     f"| {e['time_s']:.1f} | {_cpu(e)} | {_bytes(e['peak_mem_bytes'])} | {_bytes(e['storage_bytes'])} "
-                    f"| {_epoch_cell(name, e)} |")
+                    f"| {_epoch_cell(name, e, (report.get('config') or {}).get('select_metric', 'forget_top5'))} |")
     return "\n".join(rows)
 
 
