@@ -96,6 +96,10 @@ def test_a_folder_of_another_kind_given_as_the_clip_is_named(tmp_path):
         (folder("hf", config__json={"model_type": "clip"}), "open_clip",
          "holds a transformers config.json, not an open_clip_config.json: pass --family hf_clip"),
         (tmp_path / "sd", "open_clip", "is a diffusers pipeline folder (model_index.json)"),
+        # the default family given a LLaVA or a text tower: named as such, not "pass --family hf_clip" (which then
+        # named it: the same kind of input, one step later)
+        (tmp_path / "llava", "open_clip", "is a LLaVA folder (config.json: model_type 'llava')"),
+        (tmp_path / "te", "open_clip", "holds a CLIP text tower alone"),
     ]
     for path, family, words in cases:
         with pytest.raises(ModelLoadError) as e:

@@ -243,15 +243,21 @@ def _same_weights(where: str, adapter, encoder: str) -> None:
     if adapter is None or not src.is_dir() or not any(
             f.suffix in (".safetensors", ".bin") for f in (src / encoder).glob("*")):
         return
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     check_weight_files(src / encoder, "pipeline weights file", False)
-    archs = json.loads((src / encoder / "config.json").read_text()).get("architectures") or []
-    cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
     try:
-        verify_text_encoder(adapter.model, cls.from_pretrained(src, subfolder=encoder, dtype="auto"))
+        verify_text_encoder(adapter.model, _folder_text_encoder(src, encoder))
     except TowerMismatchError as e:
         raise TowerMismatchError(f"--consumer sd:{where} ({encoder}): {e}") from None
+
+
+def _folder_text_encoder(src: Path, encoder: str):
+    """The ``encoder`` sub-folder of a pipeline folder as transformers loads it, in its stored dtype
+    (``CLIPTextModelWithProjection`` when its config says so: SDXL's ``text_encoder_2``)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    archs = json.loads((src / encoder / "config.json").read_text()).get("architectures") or []
+    cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
+    return cls.from_pretrained(src, subfolder=encoder, dtype="auto")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -316,8 +322,6 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     checked first (:func:`~slugkit.integrations.check_weight_files`): a Git LFS pointer raises ``ValueError`` naming
     it. Refusals raise :class:`PatchMismatchError` and write nothing.
     """
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     src_dir = None
     check_out_outside(Path(pipe_or_dir) if isinstance(pipe_or_dir, (str, os.PathLike)) and pipe_or_dir != "embedded"
                       else None, out_dir, "pipeline")  # the package, a run, the pipeline's own folder
@@ -328,9 +332,7 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
         src_dir = Path(pipe_or_dir)
         encoder = _folder_encoder(src_dir, patch, encoder)
         check_weight_files(src_dir if full_pipeline else src_dir / encoder, "pipeline weights file", full_pipeline)
-        archs = json.loads((src_dir / encoder / "config.json").read_text()).get("architectures") or []
-        cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in archs else CLIPTextModel
-        te, pipe = cls.from_pretrained(src_dir, subfolder=encoder, dtype="auto"), None
+        te, pipe = _folder_text_encoder(src_dir, encoder), None
     else:
         encoder = pick_encoder(pipe_or_dir, patch, encoder)
         pipe, te = pipe_or_dir, _encoder(pipe_or_dir, encoder)

@@ -256,8 +256,9 @@ def foreign_folder(folder: Path, family: str) -> str | None:
                 "(slug apply / revert / eval-sd)")
     cfg = folder / "config.json"
     if family == "open_clip":
-        if not (folder / "open_clip_config.json").is_file() and cfg.is_file():
-            return "holds a transformers config.json, not an open_clip_config.json: pass --family hf_clip"
+        if not (folder / "open_clip_config.json").is_file() and cfg.is_file():  # a LLaVA is named as one here too
+            return foreign_folder(folder, "hf_clip") or ("holds a transformers config.json, not an "
+                                                         "open_clip_config.json: pass --family hf_clip")
         return None
     if not cfg.is_file():
         return ("holds an open_clip_config.json, not a transformers config.json: pass --family open_clip"

@@ -58,6 +58,16 @@ def verdict_line(path, meta: dict) -> str | None:
     return None
 
 
+def _is_sequential_run(folder) -> bool:
+    """``folder/result.json`` says ``mode: sequential`` (a run of `slug demo/unlearn --sequential`)."""
+    import json
+
+    try:
+        return json.loads((folder / "result.json").read_text(encoding="utf-8")).get("mode") == "sequential"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def sequential_run_line(given: list) -> str | None:
     """For ``--patch`` paths that are steps of one sequential run (``SEQ/<k>-<Name>/patch``, ``SEQ/result.json`` with
     ``mode: sequential``): the verdict of that run's final model (``SEQ/patch``'s ``extra.verdict``), which the
@@ -79,12 +89,9 @@ def sequential_run_line(given: list) -> str | None:
             return None
         seqs.add(d.parent.parent)
         steps.add(d)
-    if len(seqs) != 1 or len(given) < 2:
+    if len(seqs) != 1 or len(given) < 2 or not _is_sequential_run(seq := seqs.pop()):
         return None
-    seq = seqs.pop()
     try:
-        if json.loads((seq / "result.json").read_text(encoding="utf-8")).get("mode") != "sequential":
-            return None
         meta = json.loads((seq / "patch" / "patch.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, AttributeError):
         return None
@@ -224,11 +231,7 @@ def sequential_step_hint(given: list, audit: bool = False) -> str:
     for d in dirs:
         m = re.fullmatch(r"(\d+)-.+", d.parent.name)
         seq = d.parent.parent
-        try:
-            mode = json.loads((seq / "result.json").read_text(encoding="utf-8")).get("mode")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if not m or int(m.group(1)) < 2 or mode != "sequential":
+        if not m or int(m.group(1)) < 2 or not _is_sequential_run(seq):
             continue
         steps = sorted((int(x.name.split("-", 1)[0]), x / "patch") for x in seq.iterdir()
                        if re.fullmatch(r"\d+-.+", x.name) and (x / "patch" / "patch.json").is_file())

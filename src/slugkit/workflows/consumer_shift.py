@@ -61,11 +61,6 @@ def conditioning(adapter, prompts: list[str], k: int, final_norm: bool) -> torch
     return (tm.final_layer_norm(h) if final_norm else h).float().cpu()
 
 
-def _shift(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Per prompt ``‖ΔH‖_F / ‖H‖_F`` over all token positions."""
-    return (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1).clamp_min(1e-12)
-
-
 def prompt_sets(suite, neighbours: list[tuple[str, float]]) -> dict[tuple, list[str]]:
     """``{("target",): [...], ("other", NAME): [...], ..., ("utility",): [...], ("empty",): [""]}`` from the run's
     test suite (its names, identity templates and utility class names) and its nearest neighbours (closest first);
@@ -95,7 +90,9 @@ def consumer_shift(adapter, apply_edits, suite, neighbours: list[tuple[str, floa
     before = conditioning(adapter, flat, k, final_norm)
     with apply_edits():
         after = conditioning(adapter, flat, k, final_norm)
-    s, at, per = _shift(before, after), 0, {}
+    from .sd_conditioning import per_prompt_shift
+
+    s, at, per = per_prompt_shift(before, after), 0, {}
     for key, ps in sets.items():
         per[key] = float(s[at:at + len(ps)].mean())
         at += len(ps)

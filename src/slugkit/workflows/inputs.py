@@ -190,10 +190,7 @@ def build_suite(adapter, cfg, identities_dir: str, utility_dir: str | None) -> E
                                       + (f"its folder {d}/ holds none" if d in empty else
                                          f"expected a folder {concept.replace(' ', '_')}/")
                                       + "); FA cannot be measured")
-    if empty:  # an identity left out of the worst case and the nearest neighbours without a word (trial 43)
-        print(f"warning: {identities_dir}: {len(empty)} identity folder(s) hold no image and are not evaluated: "
-              f"{', '.join(empty[:5])}{' …' if len(empty) > 5 else ''} (recorded in result.json → data)",
-              file=sys.stderr, flush=True)
+    _say_empty(identities_dir, "identity", empty)  # left out of the worst case without a word (trial 43)
     suite = EvalSuite(
         names=names, identity_templates=list(cfg.identity_templates), target=targets[0],
         targets=targets if len(targets) > 1 else None,
@@ -202,16 +199,21 @@ def build_suite(adapter, cfg, identities_dir: str, utility_dir: str | None) -> E
         empty_folders=[f"{Path(identities_dir).name}/{d}" for d in empty])
     if utility_dir:
         uf = read_class_folder(utility_dir, cfg.utility_classnames)
-        if uf.empty:
-            print(f"warning: {utility_dir}: {len(uf.empty)} utility class folder(s) hold no image and are not "
-                  f"evaluated: {', '.join(uf.empty[:5])}{' …' if len(uf.empty) > 5 else ''}", file=sys.stderr,
-                  flush=True)
-            suite.empty_folders += [f"{Path(utility_dir).name}/{d}" for d in uf.empty]
+        _say_empty(utility_dir, "utility class", uf.empty)
+        suite.empty_folders += [f"{Path(utility_dir).name}/{d}" for d in uf.empty]
         imgs, labels = zip(*uf.load())
         suite.utility_classnames = list(uf.classnames)
         suite.utility_templates = _templates(cfg.utility_templates)
         suite.utility = ImageSet(_stack(adapter, list(imgs)), torch.tensor(labels, dtype=torch.long))
     return suite
+
+
+def _say_empty(root: str, what: str, empty: list[str]) -> None:
+    """The warning for class folders of ``root`` that hold no image (recorded in ``result.json → data``)."""
+    if empty:
+        print(f"warning: {root}: {len(empty)} {what} folder(s) hold no image and are not evaluated: "
+              f"{', '.join(empty[:5])}{' …' if len(empty) > 5 else ''} (recorded in result.json → data)",
+              file=sys.stderr, flush=True)
 
 
 def load_gradients_file(path: str, names: list[str], read: dict[str, int] | None = None, adapter=None,

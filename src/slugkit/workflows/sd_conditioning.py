@@ -26,11 +26,14 @@ def conditioning(adapter, prompts: list[str]) -> torch.Tensor:
     return adapter.model.text_model(input_ids=ids).last_hidden_state
 
 
+def per_prompt_shift(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``[P]``: per prompt ||ΔH||_F / ||H||_F over all token positions (``before``/``after``: ``[P, T, D]``)."""
+    return (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
 def relative_shift(before: torch.Tensor, after: torch.Tensor) -> float:
-    """Mean over prompts of ||ΔH||_F / ||H||_F (all token positions)."""
-    num = (after - before).flatten(1).norm(dim=1)
-    den = before.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return float((num / den).mean())
+    """Mean over prompts of :func:`per_prompt_shift`."""
+    return float(per_prompt_shift(before, after).mean())
 
 
 def concept_prompts(name: str) -> list[str]:
