@@ -567,6 +567,9 @@ def test_an_audit_run_with_its_run_folds_into_the_runs_verdict(tmp_path):
     meta = load_patch(run / "patch").meta
     assert meta["extra"]["verdict"] == "fail" and meta["extra"]["audit"] == "fail"
     assert "the audit run with the run found that the removal does not hold" in verdict_line(run / "patch", meta)
+    # before an audit runs it is recorded as unfinished (a Ctrl-C during it left "pass" and no trace: verify 47)
+    assert fold_audit(run, {"status": "unfinished", "probes": []})["status"] == "warn"
+    assert json.loads((run / "result.json").read_text())["verdict"]["reasons"][0]["code"] == "audit_unfinished"
     # a passing audit: recorded, no reason, the run's own verdict stands (and a second fold replaces the first)
     assert fold_audit(run, {"status": "pass", "probes": []})["status"] == "pass"
     assert json.loads((run / "result.json").read_text())["verdict"]["reasons"] == []
@@ -616,3 +619,27 @@ def test_a_standalone_audit_does_not_replace_the_audit_a_runs_verdict_took_in(le
     assert (run / "audit.json").read_text() == "{}"
     assert main(["audit", "--patch", str(run), "--probes", "precision", "--no-progress", "--out",
                  str(tmp_path / "elsewhere")]) == 0
+
+
+def test_two_audits_into_one_folder_are_one_at_a_time(leaky_patch, tmp_path, capsys):
+    """Verify 47: two `slug audit --out SAME` at once both said "wrote", and one's files were the other's. A live
+    writer's sentinel refuses the second; a dead writer's is taken over; none is left behind."""
+    import subprocess
+    import sys
+
+    from slugkit.cli import main
+
+    out = tmp_path / "same"
+    mark = tmp_path / ".same.slug-audit"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mark.write_text(str(sleeper.pid))
+        args = ["audit", "--patch", str(leaky_patch), "--out", str(out), "--probes", "precision", "--no-progress"]
+        assert main(args) == 2
+        assert f"another slug audit (pid {sleeper.pid}) is writing to {out}" in capsys.readouterr().err
+        assert not out.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert main(args) == 0  # its writer is gone: taken over
+    assert (out / "audit.json").is_file() and not mark.exists()

@@ -163,7 +163,15 @@ def _run_relies_on(out: Path) -> bool:
 
 
 def cmd_audit(a) -> int:
-    """`slug audit`."""
+    """`slug audit`, one at a time per --out (:func:`slugkit.common.sentinel.one_writer`: two audits into one folder
+    both said "wrote", and one's files were the other's; verify 47)."""
+    from ..common.sentinel import one_writer
+
+    with one_writer(_patch_and_out(a)[1]):
+        return _cmd_audit(a)
+
+
+def _cmd_audit(a) -> int:
     from ..audit import audit_patch, folder_audit_data
     from ..audit.run import AUDIT_JSON, AUDIT_MD
     from ..audit.data import name_list
@@ -280,13 +288,24 @@ def _downstream_unused(a, patch: Path, kind: str) -> str | None:
     return unread_audit_options(a, kind)
 
 
+def pending(out) -> None:
+    """Before an audit run with its run (``--audit``): the run's verdict records it as unfinished
+    (``audit_unfinished``, warn), replaced by the audit's own outcome when it ends — a Ctrl-C during the audit left a
+    run reading "pass" with no trace of the audit it asked for (verify 47)."""
+    from ..workflows.audit_fold import fold_audit
+
+    fold_audit(out, {"status": "unfinished", "probes": []})
+
+
 def audit_vlm(patch: Path, out: Path, a) -> dict:
     """The VLM audit (:func:`slugkit.audit.downstream.audit_vlm_patch`) of an embedded VLM demo patch, into ``out``."""
+    pending(out)
     return _downstream(patch, out, a, "VLM")
 
 
 def audit_sd(patch: Path, out: Path, a) -> dict:
     """The text-to-image audit (:func:`slugkit.audit.downstream.audit_t2i_patch`) of an embedded SD demo patch."""
+    pending(out)
     return _downstream(patch, out, a, "text-to-image")
 
 
@@ -326,6 +345,7 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
         print("audit: no patch was written; nothing to audit", file=sys.stderr)
         return None
     m = result.get("model") if isinstance(result.get("model"), dict) else {}
+    pending(out)
     res = audit_patch(patch, m.get("model", "embedded"), None, pretrained=m.get("pretrained"),
                       family=m.get("family", "open_clip"),
                       data=data, controls=a.control_name, device=getattr(a, "device", "cpu"), out=out, overwrite=True,

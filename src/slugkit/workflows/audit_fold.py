@@ -30,6 +30,10 @@ def audit_reason(audit: dict) -> dict | None:
     from ..audit.report import TITLES
 
     status = audit.get("status")
+    if status == "unfinished":  # recorded before the audit runs; its outcome replaces it (a Ctrl-C leaves it)
+        return {"code": "audit_unfinished", "severity": "warn",
+                "message": "the audit asked with --audit did not finish (interrupted?): the removal was not audited; "
+                           "run slug audit --patch RUN --out DIR"}
     if status not in ("warn", "fail"):
         return None
     probes = [r for r in audit.get("probes", []) if r.get("gating", True) and r.get("status") in ("warn", "fail")]
