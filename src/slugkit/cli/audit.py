@@ -9,11 +9,11 @@ audit section is added to its ``report.md``). Exit status: 0 every gating probe 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from ..common.text import printable
+from ..workflows.audit_fold import pending, run_took_in_audit
 from .args import COUNT, THREADS, float_at_least, item_list, nonempty, refuse, split_list, template
 from .outputs import out_inside_run
 
@@ -154,14 +154,6 @@ def _patch_and_out(a) -> tuple[Path, Path]:
     return patch, out
 
 
-def _run_relies_on(out: Path) -> bool:
-    """``out`` is a run folder whose verdict took in the audit run with it (``result.json → audit``; verify 45)."""
-    try:
-        return isinstance(json.loads((out / "result.json").read_text(encoding="utf-8")).get("audit"), dict)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def cmd_audit(a) -> int:
     """`slug audit`, one at a time per --out (:func:`slugkit.common.sentinel.one_writer`: two audits into one folder
     both said "wrote", and one's files were the other's; verify 47)."""
@@ -181,7 +173,7 @@ def _cmd_audit(a) -> int:
     if a.threads is None and a.model == "embedded":
         a.threads = 1  # as `slug demo`: as fast for the tiny models, and the same audit.json on every machine
     there = [n for n in (AUDIT_JSON, AUDIT_MD) if (out / n).exists()]
-    if there and _run_relies_on(out):  # the run's verdict cites it: replacing it left "Audit: pass" over "fail"
+    if there and run_took_in_audit(out):  # the run's verdict cites it: replacing it left "Audit: pass" over "fail"
         return refuse(f"{out} is a run whose verdict includes the audit run with it (result.json → audit, "
                       f"{out / AUDIT_JSON}); write this audit elsewhere (--out DIR), which keeps that evidence")
     if there and not a.overwrite:  # audit.md alone was overwritten without a word
@@ -288,24 +280,15 @@ def _downstream_unused(a, patch: Path, kind: str) -> str | None:
     return unread_audit_options(a, kind)
 
 
-def pending(out) -> None:
-    """Before an audit run with its run (``--audit``): the run's verdict records it as unfinished
-    (``audit_unfinished``, warn), replaced by the audit's own outcome when it ends — a Ctrl-C during the audit left a
-    run reading "pass" with no trace of the audit it asked for (verify 47)."""
-    from ..workflows.audit_fold import fold_audit
-
-    fold_audit(out, {"status": "unfinished", "probes": []})
-
-
 def audit_vlm(patch: Path, out: Path, a) -> dict:
     """The VLM audit (:func:`slugkit.audit.downstream.audit_vlm_patch`) of an embedded VLM demo patch, into ``out``."""
-    pending(out)
+    pending(out)  # recorded unfinished until it ends (verify 47)
     return _downstream(patch, out, a, "VLM")
 
 
 def audit_sd(patch: Path, out: Path, a) -> dict:
     """The text-to-image audit (:func:`slugkit.audit.downstream.audit_t2i_patch`) of an embedded SD demo patch."""
-    pending(out)
+    pending(out)  # recorded unfinished until it ends (verify 47)
     return _downstream(patch, out, a, "text-to-image")
 
 
@@ -345,7 +328,7 @@ def audit_run_folder(out: str | Path, a, result: dict, data=None) -> int | None:
         print("audit: no patch was written; nothing to audit", file=sys.stderr)
         return None
     m = result.get("model") if isinstance(result.get("model"), dict) else {}
-    pending(out)
+    pending(out)  # recorded unfinished until it ends (verify 47)
     res = audit_patch(patch, m.get("model", "embedded"), None, pretrained=m.get("pretrained"),
                       family=m.get("family", "open_clip"),
                       data=data, controls=a.control_name, device=getattr(a, "device", "cpu"), out=out, overwrite=True,

@@ -106,3 +106,18 @@ def _report_head(text: str, verdict: dict, verdict_lines) -> str:
             new = [f"**{x}**" if k == 0 else f"- {x}" for k, x in enumerate(verdict_lines(verdict))]
             return "\n".join(lines[:i] + new + lines[j:])
     return text
+
+
+def pending(out) -> None:
+    """Before an audit run with its run (``--audit``): the run's verdict records it as unfinished
+    (``audit_unfinished``, warn), replaced by the audit's own outcome when it ends — a Ctrl-C during the audit left a
+    run reading "pass" with no trace of the audit it asked for (verify 47)."""
+    fold_audit(out, {"status": "unfinished", "probes": []})
+
+
+def run_took_in_audit(out: Path) -> bool:
+    """``out`` is a run folder whose verdict took in the audit run with it (``result.json → audit``; verify 45)."""
+    try:
+        return isinstance(json.loads((Path(out) / "result.json").read_text(encoding="utf-8")).get("audit"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
