@@ -2,7 +2,8 @@
 
 Ctrl-C handling (:mod:`slugkit.common.interrupts`: never inside an import) is installed before the command line
 interface and its libraries are imported, so a Ctrl-C in the first tenth of a second is ``interrupted`` (exit 130)
-like any other, not a traceback from the middle of an import.
+like any other, not a traceback from the middle of an import. Once the command has returned, Ctrl-C and SIGTERM
+are ignored while the interpreter shuts down, so that the exit status is the command's.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ def main() -> int:
         try:
             from .cli import main as cli_main
 
-            return cli_main()
+            rc = cli_main()
         except KeyboardInterrupt as e:  # while importing the CLI, or after its own handling (a late Ctrl-C)
             terminated = isinstance(e, interrupts.Terminated)
             print("terminated" if terminated else "interrupted", file=sys.stderr)
-            return 143 if terminated else 130
+            rc = 143 if terminated else 130
+    interrupts.ignore_while_exiting()  # the command has ended and said so: its exit status is rc, not the signal's
+    return rc
 
 
 if __name__ == "__main__":

@@ -121,3 +121,22 @@ def test_sigterm_unwinds_through_every_ctrl_c_handler():
     assert issubclass(Terminated, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         raise Terminated()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_command_has_ended_leaves_its_exit_status(sig):
+    """Trial 48: Ctrl-C in the ~1.5 s of interpreter shutdown after `wrote …` turned a complete run into exit 130.
+    The `slug` program's main ignores both signals once the command has returned."""
+    prog = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.argv = ["slug", "world", "names"]
+        from slugkit.__main__ import main
+        rc = main()
+        print("returned", rc, flush=True)
+        os.kill(os.getpid(), {int(sig)})  # as during the shutdown that follows
+        time.sleep(0.3)
+        sys.exit(rc)
+        """)
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_as_in_a_terminal)
+    assert "returned 0" in p.stdout and p.returncode == 0, p.stderr[-2000:]

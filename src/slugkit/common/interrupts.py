@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 
-__all__ = ["Terminated", "handling"]
+__all__ = ["Terminated", "handling", "ignore_while_exiting"]
 
 RETRY_S = 0.05  # how often a held-back signal is re-checked
 PRESSES_TO_FORCE = 3  # Ctrl-C presses during one import that raise at once
@@ -99,3 +99,13 @@ def handling(active: bool = True):
         _pending.clear()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def ignore_while_exiting() -> None:
+    """SIGINT and SIGTERM ignored from here on — for the ``slug`` program once its command has returned: the work is
+    done and said (``wrote …``, ``verdict: pass``), and the interpreter's shutdown (torch's teardown, ~1.5 s) would
+    otherwise end by the signal with exit 130/143, a complete artifact reading as an interrupted run (trial 48). Main
+    thread only (elsewhere nothing changes); a signal the shell already made us ignore stays ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
