@@ -604,3 +604,21 @@ def test_a_file_that_holds_no_gradients_is_named(tmp_path):
                        (tmp_path / "x.json", "a JSON text file")):
         with pytest.raises(ValueError, match=f"is {what}, not the gradients file `slug grads`"):
             Gradients.load(path)
+
+
+def test_a_checkpoint_dir_holding_files_of_ours_that_are_no_checkpoint_is_refused_without_advising_deletion(tmp_path):
+    """Trial 48: --checkpoint-dir RUN/patch was "a checkpoint of a different command … or delete the directory"."""
+    from safetensors.torch import save_file
+
+    from slugkit.slug.checkpoint import CheckpointMismatchError, check_checkpoint_dir
+
+    folder = tmp_path / "patch"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "patch.safetensors"), metadata={"format": "slugkit-patch"})
+    with pytest.raises(CheckpointMismatchError) as e:
+        check_checkpoint_dir(folder, {"format": "slugkit-gradpass-1"})
+    assert "holds patch.safetensors, which is no `slug grads` checkpoint" in str(e.value)
+    assert "delete" not in str(e.value)
+    (folder / "junk.safetensors").write_bytes(b"not a safetensors file")  # unreadable: named too, never deleted
+    with pytest.raises(CheckpointMismatchError, match="junk.safetensors, patch.safetensors, which are no"):
+        check_checkpoint_dir(folder, {"format": "slugkit-gradpass-1"})

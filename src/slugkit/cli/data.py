@@ -102,8 +102,10 @@ def cmd_grads(a) -> int:
 
     if out_inside_run(a.out) or out_inside_model(a.out, {}):  # the package's files too (trial 39)
         return refuse(out_inside_run(a.out) or out_inside_model(a.out, {}))
-    if a.checkpoint_dir and out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir"):  # written there (verify 41)
-        return refuse(out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir"))
+    if a.checkpoint_dir and (out_inside_run(a.checkpoint_dir, "--checkpoint-dir")  # a run folder too (trial 48)
+                             or out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir")):  # written there (verify 41)
+        return refuse(out_inside_run(a.checkpoint_dir, "--checkpoint-dir")
+                      or out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir"))
     out = Path(a.out)
     if not out.is_dir() and out.suffix.lower() != ".safetensors":  # written under `.pt` (trial 39); `slug export` too
         return refuse(f"--out {printable(a.out)}: the gradients are written as safetensors; use a name ending in "

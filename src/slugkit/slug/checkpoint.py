@@ -61,15 +61,29 @@ def fingerprint_digest(fp: dict) -> str:
 
 
 def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
-    """Refuse a checkpoint directory that holds files of another command."""
+    """Refuse a checkpoint directory that holds files of another command, or files that are no gradient-pass
+    checkpoint at all (a patch, a model, gradients: trial 48 was told to delete its patch folder) — the directory is
+    the pass's working folder, emptied and removed on success, so it is not advised to delete one holding those."""
     if not ckdir.is_dir():
         return
     want = fingerprint_digest(fp)
+    foreign = []
     for path in sorted(ckdir.glob("*.safetensors")):
         try:
             meta = _read_meta(path)
-        except Exception as e:  # unreadable header: not ours to overwrite silently
-            raise CheckpointMismatchError(f"checkpoint {path} is unreadable ({e}); delete {ckdir} to start over")
+        except Exception:  # unreadable header: not ours to overwrite or delete
+            foreign.append(path.name)
+            continue
+        if not str((meta.get("fingerprint") or {}).get("format", "")).startswith("slugkit-gradpass"):
+            foreign.append(path.name)
+    if foreign:
+        raise CheckpointMismatchError(
+            f"--checkpoint-dir {ckdir} holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which "
+            f"{'is' if len(foreign) == 1 else 'are'} no `slug grads` checkpoint: the checkpoint directory is the "
+            "pass's own working folder (emptied and removed when the pass ends); pass a new folder, or leave the "
+            "option out for OUT.ckpt beside the gradients file")
+    for path in sorted(ckdir.glob("*.safetensors")):
+        meta = _read_meta(path)
         if meta.get("digest") == want:
             continue
         old = meta.get("fingerprint", {})
