@@ -1,13 +1,15 @@
 """UnlearnCanvas on the embedded canvas, every method side by side in one run, and issue 15's efficiency checks.
 
     python benchmarks/canvas_embedded.py [--baseline-max-targets 4] [--targets A,B | --max-targets N]
-                                         [--methods slug,esd,salun,uce] [--per-pair 2] [--json results.json]
+                                         [--methods slug,slug-null-space,esd,salun,uce] [--per-pair 2]
+                                         [--json results.json]
 
 Runs :func:`slugkit.workflows.canvas_lite.run_canvas_lite` (the same code as ``slug canvas lite``): SLUG on every
 chosen target (default: every style and object), the baselines on the first ``--baseline-max-targets`` styles and
 objects of them (default 4 when SLUG runs beside a baseline and 4 limits something; otherwise no limit); prints the
 table and, from this one run, the ratios the paper reports (ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 : 4.0 :
-0.04 GB) with the checks, SLUG taken on the baselines' targets (paired):
+0.04 GB) with the checks, SLUG taken on the baselines' targets (paired) — once for SLUG with the paper's step
+(``slug``) and once with the null-space step (``slug-null-space``, issue 12's variant), each that ran:
 
 * SLUG's mean time <= 1/10 of ESD's and <= 1/5 of SalUn's;
 * SLUG's style UA within 10 points of each of theirs;
@@ -32,19 +34,20 @@ from sweep import add_json, folder, ints, json_out, name_list, run  # noqa: E402
 DEFAULT_BASELINE_MAX_TARGETS = 4
 
 
-def checks(methods: dict, slug: dict) -> dict:
-    """Issue 15's criteria, ``slug``: SLUG's summary on the baselines' targets."""
+def checks(methods: dict, slug: dict, name: str = "slug") -> dict:
+    """Issue 15's criteria, ``slug``: the summary of SLUG (``name``: which of its steps) on the baselines'
+    targets."""
     out = {}
     for m, limit in (("esd", 10), ("salun", 5)):
         r = methods.get(m)
         if not r or not slug.get("time_s") or not r.get("time_s"):
             continue
-        out[f"time slug <= 1/{limit} {m} ({slug['time_s']:.1f} s vs {r['time_s']:.1f} s)"] = \
+        out[f"time {name} <= 1/{limit} {m} ({slug['time_s']:.1f} s vs {r['time_s']:.1f} s)"] = \
             slug["time_s"] * limit <= r["time_s"]
         if "style" in slug and "style" in r:
-            out[f"style UA slug within 10 pts of {m} ({slug['style']['ua']:.2f} vs {r['style']['ua']:.2f})"] = \
+            out[f"style UA {name} within 10 pts of {m} ({slug['style']['ua']:.2f} vs {r['style']['ua']:.2f})"] = \
                 abs(slug["style"]["ua"] - r["style"]["ua"]) <= 0.10 + 1e-9
-        out[f"storage slug patch <= 1/50 {m} checkpoint ({slug['storage_bytes']:.0f} B vs "
+        out[f"storage {name} patch <= 1/50 {m} checkpoint ({slug['storage_bytes']:.0f} B vs "
             f"{r['storage_full_bytes']:.0f} B; changed tensors only: {r['storage_bytes']:.0f} B)"] = \
             slug["storage_bytes"] * 50 <= r["storage_full_bytes"]
     return out
@@ -53,11 +56,11 @@ def checks(methods: dict, slug: dict) -> dict:
 def parse(argv=None):
     """The arguments, checked as ``slug canvas lite`` checks its own (an ``ap.error``, exit 2, naming the option)."""
     from slugkit.cli.canvas import _check
-    from slugkit.workflows.canvas_lite import METHODS, choose_targets, limit_does_nothing
+    from slugkit.workflows.canvas_lite import METHODS, SLUG_METHODS, choose_targets, limit_does_nothing
     from slugkit.world import canvas
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default="slug,esd,salun,uce", help="comma list (default all four)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list (default all: {','.join(METHODS)})")
     ap.add_argument("--targets", default=None, help="comma list of styles/objects (default: every one)")
     ap.add_argument("--max-targets", type=ints(1), default=None, help="at most N styles and N objects")
     ap.add_argument("--baseline-max-targets", type=ints(1), default=None,
@@ -74,7 +77,8 @@ def parse(argv=None):
     grid = canvas.EMBEDDED
     a.methods = name_list(ap, "--methods", a.methods, list(METHODS))
     a.targets = None if a.targets is None else name_list(ap, "--targets", a.targets, grid.styles + grid.objects)
-    if a.baseline_max_targets is None and "slug" in a.methods and len(a.methods) > 1:  # the default, where it applies
+    if (a.baseline_max_targets is None and set(a.methods) & set(SLUG_METHODS)  # the default, where it applies
+            and not set(a.methods) <= set(SLUG_METHODS)):
         chosen = choose_targets(a.targets, a.max_targets, grid)
         if limit_does_nothing(chosen, DEFAULT_BASELINE_MAX_TARGETS, grid) is None:
             a.baseline_max_targets = DEFAULT_BASELINE_MAX_TARGETS
@@ -91,13 +95,17 @@ def main(argv=None) -> int:
     a = parse(argv)
     from slugkit.common.files import write_json
     from slugkit.report.canvas import render_canvas
-    from slugkit.workflows.canvas_lite import row_line, run_canvas_lite
+    from slugkit.workflows.canvas_lite import SLUG_METHODS, row_line, run_canvas_lite
 
     t0 = time.perf_counter()
     rep = run_canvas_lite(a.methods, a.targets, a.max_targets, a.per_pair, a.canvas_model, a.seed, a.threads,
                           progress=False, on_row=lambda r: print(row_line(r), flush=True),
                           baseline_max_targets=a.baseline_max_targets)
-    rep["checks"] = checks(rep["methods"], rep.get("slug_on_baseline_targets", rep["methods"].get("slug", {})))
+    rep["checks"] = {}
+    for m in SLUG_METHODS:
+        if m in rep["methods"]:
+            key = f"{m.replace('-', '_')}_on_baseline_targets"
+            rep["checks"].update(checks(rep["methods"], rep.get(key, rep["methods"][m]), m))
     rep["wall_s"] = time.perf_counter() - t0
     print(render_canvas(rep).split("\n## Every run")[0])
     for k, v in rep["checks"].items():

@@ -7,6 +7,7 @@ import torch
 from slugkit.slug.nullspace import (
     input_projector,
     linear_inputs,
+    linear_moments,
     module_of,
     null_space_gradients,
     project_gradient,
@@ -102,3 +103,23 @@ def test_null_space_gradients_for_a_group_and_the_refusals():
         input_projector(torch.randn(3, 4), energy=0.0)
     with pytest.raises(ValueError, match="do not fit"):
         project_gradient(torch.randn(3, 4), torch.eye(3))
+
+
+def test_second_moments_give_the_projector_of_the_rows_batch_by_batch():
+    """null_space_gradients accumulates Σ x xᵀ (memory in², not N x in): the same projector as from the rows."""
+    m = _model()
+    batches = [torch.randn(2, 5, 16), torch.randn(3, 4, 16)]
+    name = "mid.weight"
+    acts = linear_inputs(m, [name], lambda: [m(b) for b in batches])[name]
+    moment, n = linear_moments(m, [name], lambda: [m(b) for b in batches])[name]
+    assert n == 22 and moment.dtype == torch.float64
+    torch.testing.assert_close(moment, acts.double().T @ acts.double(), rtol=1e-9, atol=1e-9)
+    for kw in ({"energy": 0.9}, {"energy": 1.0}, {"rank": 3}):
+        p_rows, i_rows = input_projector(acts, **kw)
+        g = torch.randn(24, 24)
+        proj, info = null_space_gradients(m, {name: g}, [name], lambda: [m(b) for b in batches], **kw)
+        assert info[name]["rank"] == i_rows["rank"] and info[name]["inputs"] == 22
+        torch.testing.assert_close(proj[name], project_gradient(g, p_rows), rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="never reached"):
+        linear_moments(m, ["out.weight"], lambda: m.inp(batches[0]))
+    assert not m.out._forward_hooks

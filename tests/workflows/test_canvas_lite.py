@@ -57,10 +57,11 @@ def test_choose_targets():
 def test_every_method_runs_the_protocol(tiny_canvas):
     fast = {"esd": {"iterations": 2, "ddim_steps": 3}, "salun": {"steps": 2, "per_pair": 1},
             "slug": {"max_searched": 1, "search_steps": 2, "val_target": 2, "val_other": 1}}
-    r = run_canvas_lite(["slug", "esd", "salun", "uce"], ["slan"], per_pair=1, canvas_dir=tiny_canvas,
-                        progress=False, settings=fast, steps=3)
-    assert [(x["method"], x["target"]) for x in r["rows"]] == [(m, "slan") for m in ("slug", "esd", "salun", "uce")]
-    for m in ("slug", "esd", "salun", "uce"):
+    fast["slug-null-space"] = fast["slug"]
+    methods = ["slug", "slug-null-space", "esd", "salun", "uce"]
+    r = run_canvas_lite(methods, ["slan"], per_pair=1, canvas_dir=tiny_canvas, progress=False, settings=fast, steps=3)
+    assert [(x["method"], x["target"]) for x in r["rows"]] == [(m, "slan") for m in methods]
+    for m in methods:
         rec = r["methods"][m]
         assert rec["targets"] == 1 and set(rec["style"]) >= {"ua", "ira", "cra", "worst_ira"}
         row = next(x for x in r["rows"] if x["method"] == m)
@@ -68,6 +69,10 @@ def test_every_method_runs_the_protocol(tiny_canvas):
         assert row["peak_mem_method"] in ("hwm", "sampled")  # which measure the number comes from
         if not row.get("refused"):
             assert rec["storage_bytes"] > 0
+    ns = next(x for x in r["rows"] if x["method"] == "slug-null-space")
+    assert ns.get("refused") or (ns["info"]["step"] == "null-space" and ns["module"] == "text_encoder"
+                                 and ns["info"]["null_space"]["kept_prompts"] == 36)  # 35 other pairs + ""
+    assert "ratios_null_space" in r  # the baselines' costs over each SLUG's
     uce = next(x for x in r["rows"] if x["method"] == "uce")
     assert uce["module"] == "unet" and uce["info"]["preserve_scale"] == pytest.approx(0.1)  # max(0.1, 1/35)
     assert uce["storage_full_bytes"] > uce["storage_bytes"]  # the whole UNet against its K/V tensors
@@ -94,7 +99,7 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     assert main(["canvas", "lite", "--targets", "star", "--max-targets", "2", "--out", str(tmp_path / "x")]) == 2
     assert main(["canvas", "lite", "--targets", "cubism", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "unknown 'cubism'" in err and "--methods: unknown 'sgd'; choose from slug, esd, salun, uce" in err
+    assert "unknown 'cubism'" in err and "--methods: unknown 'sgd'; choose from slug, slug-null-space, esd, salun, uce" in err
     assert not (tmp_path / "x").exists()
     assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(tmp_path / "none"), "--out",
                  str(tmp_path / "y")]) == 2
@@ -219,7 +224,8 @@ def test_recognised_plan_takes_the_first_recognised_candidates_generating_only_w
 def test_baseline_limit_without_slug_is_refused_not_a_silent_drop():
     from slugkit.workflows.canvas_lite import run_protocol
 
-    for methods, msg in ((["esd"], "use max_targets=1 instead"), (["slug"], "would do nothing")):
+    for methods, msg in ((["esd"], "use max_targets=1 instead"), (["slug"], "would do nothing"),
+                         (["slug", "slug-null-space"], "would do nothing")):
         with pytest.raises(ValueError, match=msg):  # refused before any model is touched
             run_protocol(None, methods=methods, baseline_max_targets=1)
 
@@ -268,3 +274,39 @@ def test_report_says_why_there_is_no_cost_ratio_when_every_slug_search_was_refus
         "style_accuracy": 0.7, "object_accuracy": 0.8}, "options": {"per_pair": 1, "targets": ["harley"]}})
     assert "No cost ratios against SLUG: every SLUG search on the baselines' targets was refused" in md
     assert "| 9.00 (harley, refused) |" in md
+
+
+def test_null_space_step_keeps_the_other_prompts_conditioning_and_tries_layers_by_the_target_shift():
+    """slug-null-space (issue 12's step on the canvas): every candidate Linear group's forget gradient projected off
+    the other pairs' prompts (and ""); at the start step (the official 40 % relative change) the first layer moves
+    the target prompts' text states far more than the others', which the unprojected edit moves wholesale."""
+    from slugkit.slug.search import edited
+    from slugkit.workflows.canvas_lite import embedded_context
+    from slugkit.workflows.canvas_slug import START, canvas_gradients, canvas_pairs, null_space_order, text_states
+    from slugkit.workflows.sd_conditioning import per_prompt_shift
+    from slugkit.workflows.vlm_gradients import vlm_layer_order
+
+    ctx = embedded_context()
+    grid, model = ctx.grid, ctx.adapter.model
+    forget, retain = canvas_pairs(ctx, "harley", n_forget=2, n_retain=1)
+    grads = canvas_gradients(ctx, forget, retain)
+    order, _ = vlm_layer_order(ctx.adapter, grads.forget, grads.retain)
+    projected, rows, rec = null_space_order(ctx, "harley", grads.forget, order, 0.999)
+    shifts = [r[2] for r in rows]
+    assert shifts == sorted(shifts, reverse=True) and rec["kept_prompts"] == 36
+    assert [o["layer"] for o in rec["order"]] == [r[0].name for r in rows]
+    layer, start, shift = rows[0]
+    params = dict(model.named_parameters())
+    theta = float(params[layer.name].detach().norm())
+    assert start * float(projected[layer.name].norm()) / theta == pytest.approx(START)
+    others = [grid.prompt(o, s) for s, o in grid.other_pairs("harley")] + [""]
+    h0 = text_states(ctx, others)
+    with edited(model, projected, layer.group, start):
+        kept = per_prompt_shift(h0, text_states(ctx, others)).mean()
+    with edited(model, grads.forget, layer.group, START * theta / float(grads.forget[layer.name].norm())):
+        raw = per_prompt_shift(h0, text_states(ctx, others)).mean()
+    assert kept < 0.1 * shift and raw > 10 * kept
+    assert torch.equal(params[layer.name], dict(embedded_context().adapter.model.named_parameters())[layer.name])
+    with pytest.raises(ValueError, match="unknown step 'nullspace'"):
+        from slugkit.workflows.canvas_slug import slug_canvas
+        slug_canvas("harley", ctx, step="nullspace")

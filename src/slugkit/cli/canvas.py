@@ -1,7 +1,8 @@
 """``slug canvas lite``: UnlearnCanvas on the embedded canvas (:mod:`slugkit.workflows.canvas_lite`);
 ``slug canvas run``: the official protocol on a local UnlearnCanvas (:mod:`slugkit.workflows.canvas_official`).
 
-    slug canvas lite [--methods slug,esd,salun,uce] [--targets A,B | --max-targets N] [--per-pair 2] --out DIR
+    slug canvas lite [--methods slug,slug-null-space,esd,salun,uce] [--targets A,B | --max-targets N]
+                     [--per-pair 2] --out DIR
     slug canvas run --pipeline DIR --clip DIR --classifiers DIR --data DIR [--targets ...] --out DIR
 
 Writes ``canvas.json`` (every run and the per-method table; ``time_s``, ``peak_mem_bytes``, ``storage_bytes`` per
@@ -173,8 +174,9 @@ def cmd_canvas_run(a) -> int:
 
 
 def _shared(p, what: str) -> None:
-    p.add_argument("--methods", type=item_list, default="slug,esd,salun,uce",
-                   help="comma list (default slug,esd,salun,uce)")
+    p.add_argument("--methods", type=item_list, default="slug,slug-null-space,esd,salun,uce",
+                   help="comma list (default slug,slug-null-space,esd,salun,uce: SLUG with the paper's step and "
+                        "with the null-space step, and the three baselines)")
     p.add_argument("--targets", type=item_list, default=None,
                    help=f"comma list of styles and/or objects (default: every {what})")
     p.add_argument("--max-targets", type=COUNT, default=None, help="at most N styles and N objects")

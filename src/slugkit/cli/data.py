@@ -103,7 +103,7 @@ def cmd_grads(a) -> int:
     if out_inside_run(a.out) or out_inside_model(a.out, {}):  # the package's files too (trial 39)
         return refuse(out_inside_run(a.out) or out_inside_model(a.out, {}))
     if a.checkpoint_dir and (out_inside_run(a.checkpoint_dir, "--checkpoint-dir")  # a run folder too (trial 48)
-                             or out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir")):  # written there (verify 41)
+                             or out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir")):  # verify 41
         return refuse(out_inside_run(a.checkpoint_dir, "--checkpoint-dir")
                       or out_inside_model(a.checkpoint_dir, {}, "--checkpoint-dir"))
     out = Path(a.out)

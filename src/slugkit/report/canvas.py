@@ -95,27 +95,35 @@ def render_canvas(report: dict) -> str:
             if dom in r:
                 w = r[dom]["worst_ira"]
                 lines.append(f"- {m}, {dom}: {w['target']} (IRA {_pct(w['ira'])} %)")
-    ratios = report.get("ratios") or {}
-    if report.get("slug_on_baseline_targets"):
+    if report.get("slug_on_baseline_targets") or report.get("slug_null_space_on_baseline_targets"):
         lines += ["", f"The baselines ran on {', '.join(o['baseline_targets'])} only; the ratios below compare SLUG "
                       "on those targets (paired), the table above averages each method over its own targets."]
-    if ratios:
-        lines += ["", "Cost against SLUG (the paper: ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 GB : 4.0 GB : "
-                      "0.04 GB):", ""]
-        for m, r in ratios.items():
-            lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of SLUG's (checkpoint against "
-                         f"SLUG's edited layer, the paper's comparison; a slugkit patch file, which keeps the original "
-                         f"values too, is 2× that; changed tensors only: × {r['storage_minimal']:.3g})"
-                         + _changed(o, m))
-    elif "slug" in report["methods"] and any(m != "slug" for m in report["methods"]):
-        lines += ["", "No cost ratios against SLUG: every SLUG search on the baselines' targets was refused, so there "
-                      "is no SLUG edit to compare with (its search times are in the table above)."]
+    if "slug-null-space" in report["methods"]:
+        lines += ["", "`slug-null-space` is SLUG with issue 12's null-space step, not the paper's: the forget gradient "
+                      "projected off the other prompts' text-layer inputs (their conditioning is kept), layers tried "
+                      "by how far the projected edit moves the target's; `slug` is the paper's step."]
+    for slug, key in (("slug", "ratios"), ("slug-null-space", "ratios_null_space")):
+        ratios, label = report.get(key) or {}, "SLUG" if slug == "slug" else slug
+        if slug not in report["methods"]:
+            continue
+        if ratios:
+            lines += ["", f"Cost against {label} (the paper: ESD 6163 s : SalUn 667 s : SLUG 39 s; storage 4.3 GB : "
+                          "4.0 GB : 0.04 GB):", ""]
+            for m, r in ratios.items():
+                lines.append(f"- {m}: time × {r['time']:.3g}, storage × {r['storage']:.3g} of {label}'s (checkpoint "
+                             f"against SLUG's edited layer, the paper's comparison; a slugkit patch file, which keeps "
+                             f"the original values too, is 2× that; changed tensors only: × "
+                             f"{r['storage_minimal']:.3g})" + _changed(o, m))
+        elif any(m not in ("slug", "slug-null-space") for m in report["methods"]):
+            lines += ["", f"No cost ratios against {label}: every {label} search on the baselines' targets was "
+                          "refused, so there is no SLUG edit to compare with (its search times are in the table "
+                          "above)."]
     lines += ["", "## Every run", "", "Base: the unedited model's values on the same answer set.", "",
               "| method | target | UA (base) | IRA (base) | CRA (base) | time (s) | storage | note |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         note = ("refused: " + r["refused"][:400]) if r.get("refused") else \
-            (f"layer {r['info'].get('layer')}" if r["method"] == "slug" else "")
+            (f"layer {r['info'].get('layer')}" if r["method"] in ("slug", "slug-null-space") else "")
         took = "—" if r["time_s"] is None else f"{r['time_s']:.2f}"
         b = r["base"]
         lines.append(f"| {r['method']} | {r['target']} | {_pct(r['ua'])} ({_pct(b['ua'])}) | {_pct(r['ira'])} "

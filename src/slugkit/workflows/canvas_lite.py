@@ -44,7 +44,8 @@ import torch
 
 from ..world import canvas
 
-METHODS = ("slug", "esd", "salun", "uce")
+METHODS = ("slug", "slug-null-space", "esd", "salun", "uce")
+SLUG_METHODS = ("slug", "slug-null-space")  # the paper's step; issue 12's null-space variant (canvas_slug)
 # ESD: the CompVis code's 1,000 iterations (the code UnlearnCanvas ran for its 6,163 s), z_t sampled with the canvas's
 # 20 DDIM steps, Adam lr 4e-5 — the total displacement (iterations × lr) of 200 × 2e-4, the rate measured to erase on
 # this 1 M-parameter UNet (the official 1e-5 is for SD 1.x). SalUn: 100 steps (its NSFW schedule), lr 5e-4.
@@ -155,9 +156,9 @@ def unlearn(method: str, target: str, ctx, seed: int = 0, progress: bool = False
     te, tok, unet = pipe.text_encoder, pipe.tokenizer, pipe.unet
     style = grid.domain_of(target) == "style"
     pairs, others = grid.target_pairs(target), grid.other_pairs(target)
-    if method == "slug":
-        return "text_encoder", slug_canvas(target, ctx, seed=seed, progress=progress,
-                                           **(settings or {}).get("slug", {}))
+    if method in SLUG_METHODS:
+        kw = {**({"step": "null-space"} if method == "slug-null-space" else {}), **(settings or {}).get(method, {})}
+        return "text_encoder", slug_canvas(target, ctx, seed=seed, progress=progress, **kw)
     if method == "esd":
         concept = f"{grid.display(target)} Style" if style else f"An image of {target}"
         kw = {**BASELINE_SETTINGS["esd"], **(settings or {}).get("esd", {})}
@@ -198,9 +199,9 @@ def baseline_limit_error(methods, baseline_max_targets: int | None, flag: str = 
     such as ``--baseline-max-targets`` makes it suggest ``--max-targets N``)."""
     if baseline_max_targets is None:
         return None
-    if list(methods) == ["slug"]:
+    if set(methods) <= set(SLUG_METHODS):
         return f"{flag} limits the baselines; with SLUG alone among the methods it would do nothing"
-    if "slug" not in methods:
+    if not set(methods) & set(SLUG_METHODS):
         alt = "--max-targets " if flag.startswith("--") else "max_targets="
         why = (f"{flag} limits the baselines while SLUG runs on every target; without slug among the methods the "
                "other targets would run no method")
@@ -284,7 +285,7 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
     rows = []
     for target in chosen:
         for method in methods:
-            if method != "slug" and target not in baseline:
+            if method not in SLUG_METHODS and target not in baseline:
                 continue
             status(f"{method} on {target!r}", progress)
             row = {"method": method, "target": target, "domain": grid.domain_of(target),
@@ -316,13 +317,13 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
             if on_row:
                 on_row(row)
     table = summarise(rows, methods)
-    paired = table
-    if "slug" in table and set(baseline) != set(chosen):  # compare SLUG on the baselines' targets only
-        keep = set(baseline)
-        paired = {**table, "slug": summarise([r for r in rows if r["method"] == "slug" and r["target"] in keep],
-                                             ["slug"])["slug"]}
+    paired, slugs = table, [m for m in SLUG_METHODS if m in table]
+    if slugs and set(baseline) != set(chosen):  # compare SLUG on the baselines' targets only
+        paired = {**table, **summarise([r for r in rows if r["method"] in slugs and r["target"] in set(baseline)],
+                                       slugs)}
     return {"rows": rows, "methods": table, "ratios": ratios(paired),
-            **({"slug_on_baseline_targets": paired["slug"]} if paired is not table else {}),
+            **({"ratios_null_space": ratios(paired, "slug-null-space")} if "slug-null-space" in table else {}),
+            **{f"{m.replace('-', '_')}_on_baseline_targets": paired[m] for m in slugs if paired is not table},
             "base": {"per_pair": per_pair, "answer_set_images": len(base.styles), "generation_s": base_s,
                      "style_accuracy": float((base.pred_style == base.styles).mean()),
                      "object_accuracy": float((base.pred_object == base.objects).mean()),
@@ -362,26 +363,27 @@ def summarise(rows: list[dict], methods) -> dict:
     return out
 
 
-def ratios(methods: dict) -> dict:
-    """Per baseline, over SLUG's: mean ``time`` (the paper's 6163 : 667 : 39 s comparison), ``storage`` — the
-    baseline's checkpoint as UnlearnCanvas stores it (the whole edited UNet) over SLUG's patch, the paper's 4.3 GB :
-    0.04 GB comparison — and ``storage_minimal`` (the changed tensors only, both sides); empty without a timed SLUG."""
-    s = methods.get("slug", {})
+def ratios(methods: dict, slug: str = "slug") -> dict:
+    """Per baseline, over SLUG's (``slug``: which of :data:`SLUG_METHODS`): mean ``time`` (the paper's 6163 : 667 :
+    39 s comparison), ``storage`` — the baseline's checkpoint as UnlearnCanvas stores it (the whole edited UNet)
+    over SLUG's patch, the paper's 4.3 GB : 0.04 GB comparison — and ``storage_minimal`` (the changed tensors only,
+    both sides); empty without a timed SLUG."""
+    s = methods.get(slug, {})
     if not s.get("time_s") or not s.get("storage_bytes"):
         return {}
     return {m: {"time": r["time_s"] / s["time_s"],
                 "storage": r.get("storage_full_bytes", r["storage_bytes"]) / max(s["storage_bytes"], 1),
                 "storage_minimal": r["storage_bytes"] / max(s["storage_bytes"], 1)}
-            for m, r in methods.items() if m != "slug" and r.get("time_s") and r.get("storage_bytes")}
+            for m, r in methods.items() if m not in SLUG_METHODS and r.get("time_s") and r.get("storage_bytes")}
 
 
 def row_line(row: dict) -> str:
     """One progress line per run: method, target, UA/IRA/CRA, time (or "refused")."""
     cost = f"{row['time_s']:.1f} s" + (" (refused)" if row.get("refused") else "")
-    return (f"{row['method']:6s} {row['target']:9s} UA {row['ua']:.2f} IRA {row['ira']:.2f} CRA {row['cra']:.2f}  "
+    return (f"{row['method']:15s} {row['target']:9s} UA {row['ua']:.2f} IRA {row['ira']:.2f} CRA {row['cra']:.2f}  "
             f"{cost}")
 
 
-__all__ = ["AnswerSet", "BASELINE_SETTINGS", "CanvasContext", "METHODS", "answer_set", "choose_targets",
+__all__ = ["AnswerSet", "BASELINE_SETTINGS", "CanvasContext", "METHODS", "SLUG_METHODS", "answer_set", "choose_targets",
            "embedded_context", "renders", "ratios", "row_line", "run_canvas_lite", "run_protocol", "summarise",
            "unlearn"]

@@ -22,6 +22,15 @@ iterations. Here, on any :class:`~slugkit.world.canvas.Grid` (the embedded canva
    (:func:`recognised_plan`), and a layer whose step cannot forget without harming is left for the next Pareto
    layer (the official script searches one layer).
 
+``step="null-space"`` (``slug canvas lite --methods slug-null-space``; not the paper's step): issue 12's null-space
+variant (:mod:`slugkit.slug.nullspace`) — every candidate Linear group's forget gradient projected onto the null
+space of its inputs on the **other** pairs' prompts and the empty prompt (classifier-free guidance encodes it with the
+edited encoder too), keeping ``null_energy`` of their second moment, so that the edit leaves what the UNet reads for
+every other (style, object) prompt unchanged up to the energy left out; the layers are then tried by how far the
+projected edit at its start step moves the target prompts' text states (:func:`null_space_order`: the Pareto order
+says how the *unprojected* gradient would act), and searched by the same rule from the same relative first step.
+The kept prompts are the answer set's other prompts, as the baselines' retain data and UCE's preserved prompts are.
+
 Returns the edited text-encoder tensors as a :class:`~slugkit.methods.diffusion.DiffusionEdit` (its tensors are
 named as in the pipeline's text encoder; apply with :func:`slugkit.methods.diffusion.applied` on
 ``pipe.text_encoder``). Raises :class:`~slugkit.slug.search.SearchFailed` when no searched layer has an accepted step.
@@ -43,6 +52,7 @@ SEARCH_STEPS = 11  # the official iteration cap
 IRA_BUDGET = 0.10  # the official stopping rule: IRA changed by < 0.1
 START = 0.4  # the official first step, x R = ||theta|| / ||g_f|| (a 40 % relative change; spec §4.1, §4.4)
 BRACKET = 10.0  # the official r_hi = 10 x the first step (growing bisects towards it)
+STEPS = ("slug", "null-space")  # the paper's step; issue 12's null-space variant (module docstring)
 
 
 def canvas_pairs(ctx, target: str, n_forget: int = 8, n_retain: int = 2, seed: int = 0):
@@ -134,15 +144,82 @@ def recognised_plan(ctx, target: str, val_target: int = VAL_TARGET, val_other: i
     return [cand[i] for i in tgt + [oth[n] for n in other_names if n in oth]], info
 
 
+@torch.no_grad()
+def text_states(ctx, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """``[P, context, width]`` float32 CPU: the CLIP text tower's ``last_hidden_state`` of ``prompts`` tokenized by
+    the generator's tokenizer at ``ctx.max_length`` — what the generator's UNet reads (the towers are hash-checked
+    to be one)."""
+    model, tok = ctx.adapter.model, ctx.pipe.tokenizer
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tok(list(prompts[i:i + batch_size]), padding="max_length", max_length=ctx.max_length,
+                  truncation=True, return_tensors="pt")["input_ids"].to(dev)
+        out.append(model.text_model(input_ids=ids).last_hidden_state.float().cpu())
+    return torch.cat(out)
+
+
+def null_space_order(ctx, target: str, forget: dict, order: list, energy: float,
+                     start_fraction: float = START) -> tuple[dict, list, dict]:
+    """The null-space step's gradients and layer order (module docstring): ``(forget gradients with every candidate
+    Linear group's replaced by g(I − P), [(layer, start step, target shift)] by descending target shift, record)``.
+    The start step is ``start_fraction`` × ‖θ‖/‖g(I − P)‖ (the layer's first tensor, as the SLUG step's); the target
+    shift is the mean relative change ‖ΔH‖/‖H‖ of the target prompts' text states at that step. Groups holding a
+    non-Linear tensor cannot be projected and are left out; a group whose projected gradient vanishes (< 1e-9 of
+    the raw norm) too. Raises :class:`SearchFailed` when none is left."""
+    from ..slug.nullspace import module_of, null_space_gradients
+    from ..slug.search import edited
+    from .sd_conditioning import per_prompt_shift
+
+    model, grid = ctx.adapter.model, ctx.grid
+    linear = []
+    for layer in order:
+        try:
+            [module_of(model, n) for n in layer.group]
+        except ValueError:
+            continue
+        linear.append(layer)
+    kept = [grid.prompt(o, s) for s, o in grid.other_pairs(target)] + [""]
+    names = list(dict.fromkeys(n for layer in linear for n in layer.group))
+    proj, tensors = null_space_gradients(model, forget, names, lambda: text_states(ctx, kept), energy=energy)
+    projected = {**forget, **proj}
+    prompts = [grid.prompt(o, s) for s, o in grid.target_pairs(target)]
+    h0 = text_states(ctx, prompts)
+    params = dict(model.named_parameters())
+    rows = []
+    for layer in linear:
+        g = float(sum(float(proj[n].float().norm()) ** 2 for n in layer.group)) ** 0.5
+        if g < 1e-9 * float(sum(float(forget[n].float().norm()) ** 2 for n in layer.group)) ** 0.5:
+            continue
+        start = start_fraction * float(params[layer.name].detach().norm()) / max(
+            float(proj[layer.name].float().norm()), 1e-30)
+        with edited(model, projected, layer.group, start):
+            shift = float(per_prompt_shift(h0, text_states(ctx, prompts)).mean())
+        rows.append((layer, start, shift))
+    if not rows:
+        raise SearchFailed(f"the null-space projection (energy {energy:g}) leaves no forget gradient in any candidate "
+                           "text layer; lower the energy")
+    rows.sort(key=lambda r: -r[2])
+    record = {"energy": energy, "kept_prompts": len(kept), "tensors": tensors,
+              "order": [{"layer": r[0].name, "start_step": r[1], "target_shift": r[2]} for r in rows]}
+    return projected, rows, record
+
+
 def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float = IRA_BUDGET,
                 val_target: int = VAL_TARGET, val_other: int = VAL_OTHER, search_steps: int = SEARCH_STEPS,
                 max_searched: int | None = 4, seed: int = 0, sampling_steps: int | None = None,
-                start_fraction: float = START, progress: bool = False) -> DiffusionEdit:
+                start_fraction: float = START, step: str = "slug", null_energy: float | None = None,
+                progress: bool = False) -> DiffusionEdit:
     """SLUG on ``ctx``'s canvas for ``target`` (module docstring). ``ctx``: a
     :class:`~slugkit.workflows.canvas_lite.CanvasContext` (its adapter restricted to the text layers the generator
     consumes, its mapping from adapter tensor names to ``pipe.text_encoder`` names); ``sampling_steps``: DDIM steps
-    of the validation images (default: the context's)."""
+    of the validation images (default: the context's); ``step``: ``"slug"`` (the paper's) or ``"null-space"``
+    (``null_energy``: default :data:`slugkit.slug.nullspace.DEFAULT_ENERGY`). ``ValueError`` for another step."""
+    from ..slug.nullspace import DEFAULT_ENERGY
     from .vlm_gradients import vlm_layer_order
+
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}: {' or '.join(STEPS)}")
 
     adapter, pipe, mapping, judges, grid = ctx.adapter, ctx.pipe, ctx.mapping, ctx.judges, ctx.grid
     t_data = time.perf_counter()
@@ -153,13 +230,20 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
         grads = canvas_gradients(ctx, forget, retain, progress=progress)
         order, table = vlm_layer_order(adapter, grads.forget, grads.retain)
         params = dict(adapter.model.named_parameters())
+        forget, null_space = grads.forget, None
+        starts = [(layer, start_fraction * float(params[layer.name].detach().norm()) / max(
+            float(grads.forget[layer.name].norm()), 1e-30)) for layer in order]
+        if step == "null-space":
+            energy = DEFAULT_ENERGY if null_energy is None else null_energy
+            forget, rows, null_space = null_space_order(ctx, target, grads.forget, order, energy, start_fraction)
+            starts = [(layer, start) for layer, start, _ in rows]
         plan, val_info = recognised_plan(ctx, target, val_target, val_other, seed, sampling_steps=sampling_steps)
         dom = grid.domain_of(target)
         names = grid.names(dom)
         truth = np.array([names.index(s if dom == "style" else o) for s, o, _, _ in plan])
 
         def score(group, eta):
-            with edited_consumer(pipe.text_encoder, mapping, adapter.model, grads.forget, group, eta):
+            with edited_consumer(pipe.text_encoder, mapping, adapter.model, forget, group, eta):
                 imgs = pipe([p for _, _, p, _ in plan], [s for *_, s in plan], **ctx.sampling(sampling_steps))
             ps, po = judges.predict(imgs)
             pred = ps if dom == "style" else po
@@ -174,9 +258,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
             return t_acc, base_o - o_acc
 
         searched, chosen = [], None
-        for layer in order[:max_searched]:
-            ratio = float(params[layer.name].detach().norm()) / max(float(grads.forget[layer.name].norm()), 1e-30)
-            start = start_fraction * ratio
+        for layer, start in starts[:max_searched]:
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), start, search_steps, threshold,
                                               ira_budget, first_accepted=True, upper=BRACKET * start)
             searched.append({"layer": layer.name, "group": layer.group, "start_step": start, "trajectory": traj,
@@ -190,20 +272,22 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
                      f"<= {threshold:.0%} of its validation images")
             raise SearchFailed(f"no searched text layer has a step at which the canvas stops drawing {target!r} "
                                f"(recognised on {share}) while the other {dom}s' "
-                               f"accuracy drops <= {ira_budget:.0%} (searched {len(searched)} layers)"
+                               f"accuracy drops <= {ira_budget:.0%} (searched {len(searched)} layers"
+                               f"{', null-space step' if step == 'null-space' else ''})"
                                f"{closest(searched, threshold, ira_budget, None)}")
     except SearchFailed as e:  # a refusal costs its search: the caller records this time (as the edit's time_s)
         e.time_s = time.perf_counter() - t0
         raise
     layer, eta = chosen
-    values = edited_values(adapter.model, grads.forget, layer.group, eta)
+    values = edited_values(adapter.model, forget, layer.group, eta)
     tensors = {mapping[n]: v.detach().float().cpu().contiguous() for n, v in values.items()}
     return DiffusionEdit(tensors, time.perf_counter() - t0, storage(tensors), None,
                          {"layer": layer.name, "group": layer.group, "step_size": eta, "module": "text_encoder",
                           "data_s": t_data,
                           "base_validation": {"target": base_t, "others": base_o, **val_info}, "search": searched,
-                          "front": table["fronts"]})
+                          "front": table["fronts"], "step": step,
+                          **({"null_space": null_space} if null_space else {})})
 
 
-__all__ = ["IRA_BUDGET", "SEARCH_STEPS", "VAL_OTHER", "VAL_TARGET", "SearchFailed", "canvas_gradients", "canvas_pairs",
-           "slug_canvas", "validation_plan"]
+__all__ = ["IRA_BUDGET", "SEARCH_STEPS", "STEPS", "VAL_OTHER", "VAL_TARGET", "SearchFailed", "canvas_gradients",
+           "canvas_pairs", "null_space_order", "slug_canvas", "text_states", "validation_plan"]
