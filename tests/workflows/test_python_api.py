@@ -335,3 +335,20 @@ def test_world_config_keeps_the_users_files_and_refuses_what_it_sets(tmp_path):
         with pytest.raises(ModelLoadError, match=said):
             slugkit.world_config(name, tmp_path / "y", pretrained=pretrained)
     assert not (tmp_path / "y").exists() and not (EMBEDDED_DIR.parent / "wc").exists()
+
+
+def test_worst_budget_off_from_python_is_both_fields_and_half_of_it_warns():
+    """Trial 48: `--worst-budget off` sets the search's bound and the verdict's budget; from Python the obvious
+    SearchConfig(worst_budget=None) left the verdict at 0.20 (warn where the CLI passes) and Budgets(worst_drop=None)
+    was refused."""
+    import warnings
+
+    from slugkit import Budgets, SearchConfig
+
+    assert Budgets(worst_drop=None).worst_drop == 1.0  # off, as the CLI's (a drop never exceeds 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UnlearnConfig(**BASE, search=SearchConfig(worst_budget=None), budgets=Budgets(worst_drop=None))
+    with pytest.warns(UserWarning, match=r"budgets.worst_drop is 0.2, so the verdict still warns.*"
+                                         r"Budgets\(worst_drop=None\)"):
+        UnlearnConfig(**BASE, search=SearchConfig(worst_budget=None))

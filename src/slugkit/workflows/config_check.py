@@ -182,3 +182,10 @@ def check_config(cfg) -> None:
         raise TypeError(f"UnlearnConfig.search: expected a slugkit.SearchConfig, got {type(cfg.search).__name__}")
     if not isinstance(cfg.budgets, Budgets):
         raise TypeError(f"UnlearnConfig.budgets: expected a slugkit.Budgets, got {type(cfg.budgets).__name__}")
+    if cfg.search.worst_budget is None and cfg.budgets.worst_drop < 1.0:  # half of --worst-budget off (trial 48)
+        import warnings
+
+        warnings.warn(f"UnlearnConfig.search.worst_budget is None (the search's bound off) while budgets.worst_drop "
+                      f"is {cfg.budgets.worst_drop:g}, so the verdict still warns on a larger drop; --worst-budget off "
+                      "is both: search=SearchConfig(worst_budget=None), budgets=Budgets(worst_drop=None)",
+                      UserWarning, stacklevel=4)

@@ -53,11 +53,13 @@ class Budgets:
     forget_tolerance: float = 0.05  # test criterion metric may exceed the validation threshold by this much
     utility_drop: float = 0.02  # TA_IN@1 drop that turns the verdict into a warning
     related_drop: float = 0.05  # TA_CA@1 drop (mean over the other identities / concepts)
-    worst_drop: float = 0.20  # the largest drop of any single other identity / concept (issue 12)
+    worst_drop: float | None = 0.20  # the largest drop of any single other identity / concept (issue 12); None: off
 
     def __post_init__(self):
         from ..common.errors import check_number
 
+        if self.worst_drop is None:  # off, as --worst-budget off (a drop never exceeds 1; trial 48 found no way)
+            self.worst_drop = 1.0
         for k, v in asdict(self).items():  # a str failed later, in a comparison (trial 28)
             check_number("Budgets", k, v, hi=0.5 if k == "forget_tolerance" else 1.0, hi_open=k == "forget_tolerance",
                          flag={"forget_tolerance": "--forget-tolerance"}.get(k, f"--{k.split('_')[0]}-budget"))
