@@ -269,6 +269,12 @@ def test_resume_after_sigkill_equals_uninterrupted(world, reference, tmp_path):
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "different command" in bad.stderr and "batch_size" in bad.stderr
     assert rank_file.is_file() and not out.exists()
+    # so is another CPU thread count: the sums' bits follow it (trial 49: a resume under 2 threads matched neither)
+    two = [x if x != "1" or i == 0 or c[i - 1] != "--threads" else "2"
+           for c in [_cli(world, out, "--checkpoint-dir", str(ck))] for i, x in enumerate(c)]
+    bad = subprocess.run([sys.executable, *two], env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "differs in: cpu_threads" in bad.stderr, bad.stderr[-3000:]
+    assert "with --threads 1: it was written with 1 CPU threads" in bad.stderr and rank_file.is_file()
 
     # the same command resumes and gives exactly the uninterrupted result
     p = subprocess.run([sys.executable, *_cli(world, out, "--checkpoint-dir", str(ck))], env=_env(),

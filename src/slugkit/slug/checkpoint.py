@@ -43,7 +43,15 @@ def fingerprint(adapter, names: list[str], forget: list[str], retain: list[str],
         "batch_size": cfg.batch_size,
         "world_size": world,
         "strict": cfg.strict,
+        # the float sums' order, hence the bits, follow the CPU thread count: a resume under another count gave a
+        # file matching neither uninterrupted run (trial 49); on a GPU it does not enter
+        "cpu_threads": torch.get_num_threads() if _on_cpu(adapter) else None,
     }
+
+
+def _on_cpu(adapter) -> bool:
+    p = next(iter(adapter.model.parameters()), None)
+    return p is None or p.device.type == "cpu"
 
 
 def folder_stat(path: str) -> list[int]:
@@ -96,8 +104,11 @@ def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
         raise CheckpointMismatchError(
             f"checkpoint directory {ckdir} holds a checkpoint of a different command ({path.name} differs in: "
             f"{', '.join(diff) or 'format'}" + (f"; changed shards: {', '.join(changed)}" if changed else "")
-            + "); rerun the original command to resume it, or delete the directory / pass another --checkpoint-dir "
-            "to start over" + (" (the shards changed: the checkpoint's sums are of the old data)" if changed else ""))
+            + "); rerun the original command to resume it" + (
+                f" — with --threads {old['cpu_threads']}: it was written with {old['cpu_threads']} CPU threads, and "
+                "the sums' bits follow the thread count" if "cpu_threads" in diff and old.get("cpu_threads") else "")
+            + ", or delete the directory / pass another --checkpoint-dir to start over"
+            + (" (the shards changed: the checkpoint's sums are of the old data)" if changed else ""))
 
 
 def save_sums(path: Path, sums: dict[str, torch.Tensor], names: list[str], meta: dict,
