@@ -630,7 +630,7 @@ def test_two_audits_into_one_folder_are_one_at_a_time(leaky_patch, tmp_path, cap
     from slugkit.cli import main
 
     out = tmp_path / "same"
-    mark = tmp_path / ".same.slug-audit"
+    mark = tmp_path / ".same.slug-writing"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         mark.write_text(str(sleeper.pid))

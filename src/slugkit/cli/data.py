@@ -91,7 +91,24 @@ def cmd_curate(a) -> int:
 
 def cmd_grads(a) -> int:
     """`slug grads`: the streamed / distributed / resumable gradient pass (see slugkit.slug.gradpass); one process, or
-    one rank of ``torchrun --nproc_per_node N -m slugkit.cli grads ...``."""
+    one rank of ``torchrun --nproc_per_node N -m slugkit.cli grads ...``. A single process holds ``--out`` and its
+    checkpoint directory for the pass (:func:`slugkit.common.sentinel.one_writer`: two passes into one --out resumed
+    from each other's live checkpoint and one died on a file the other removed; trial 49); torchrun's ranks share
+    them by design and take no sentinel."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return _grads(a)
+    from ..common.outlock import RunLockedError
+    from ..common.sentinel import one_writer
+
+    ck = a.checkpoint_dir if a.checkpoint_dir else f"{a.out}.ckpt"
+    try:
+        with one_writer(a.out, "slug grads"), one_writer(ck, "slug grads"):
+            return _grads(a)
+    except RunLockedError as e:
+        return refuse(str(e))
+
+
+def _grads(a) -> int:
     import torch
 
     from ..models import load_adapter

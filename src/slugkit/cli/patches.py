@@ -64,7 +64,22 @@ def _state_of(target):
 
 
 def cmd_apply(a, revert: bool = False) -> int:
-    """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA."""
+    """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA; one
+    writer per ``--out`` at a time (:func:`slugkit.common.sentinel.one_writer`: two applies into one file both said
+    "wrote" and one's model was the other's; trial 49)."""
+    if not getattr(a, "out", None):
+        return _apply(a, revert)
+    from ..common.outlock import RunLockedError
+    from ..common.sentinel import one_writer
+
+    try:
+        with one_writer(a.out, "slug revert" if revert else "slug apply"):
+            return _apply(a, revert)
+    except RunLockedError as e:
+        return refuse(str(e))
+
+
+def _apply(a, revert: bool) -> int:
     from ..patch import apply_patches, combine_patches, describe, load_patch, revert_patch, save_state_dict_file
 
     msg = validate_apply(a, revert)

@@ -1,6 +1,8 @@
-"""One writer at a time for an output that is not a run folder (``slug audit --out``): a sentinel file beside it,
+"""One writer at a time for an output that is not a run folder (``slug audit --out``, ``slug apply``/``revert``/``grads``
+``--out``): a sentinel file beside it,
 created exclusively and holding the writer's pid. Two audits into one folder both said "wrote", and one's files were
-the other's (verify 47: the "audit.json exists" check and the write were apart). A sentinel whose writer died is
+the other's (verify 47: the "audit.json exists" check and the write were apart; trial 49: two ``slug apply --out
+X`` both said "wrote X", and two ``slug grads`` shared one checkpoint folder). A sentinel whose writer died is
 taken over. (Run folders have the flock-based claim of :mod:`slugkit.common.outlock`, with its journal and
 recovery; an audit writes two files and a report section, which need neither.)"""
 
@@ -15,18 +17,37 @@ from .outlock import RunLockedError
 
 @contextlib.contextmanager
 def one_writer(out: str | os.PathLike, what: str = "slug audit"):
-    """Hold ``.<out name>.slug-audit`` beside ``out`` for the block; :class:`RunLockedError` naming the holder's pid
-    when a live process holds it."""
+    """Hold ``.<out name>.slug-writing`` beside ``out`` for the block; :class:`RunLockedError` naming the holder's
+    pid (and ``what`` it is) when a live process holds it. Folders created for the sentinel are removed again when
+    the block leaves them empty (a refusal inside it leaves nothing behind)."""
     out = Path(out)
-    mark = out.parent / f".{out.name}.slug-audit"
+    mark = out.parent / f".{out.name}.slug-writing"
+    made, d = [], out.parent
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _held(mark, out, what):
+            yield
+    finally:
+        for d in made:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+@contextlib.contextmanager
+def _held(mark: Path, out: Path, what: str):
     for _ in range(3):
         try:
             fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             try:
-                pid = int(mark.read_text() or 0)
+                pid_text, _, holder = (mark.read_text() or "0").partition(" ")
+                pid = int(pid_text)
                 if pid <= 0:
                     raise ValueError(pid)
                 os.kill(pid, 0)
@@ -35,12 +56,12 @@ def one_writer(out: str | os.PathLike, what: str = "slug audit"):
                 continue
             except PermissionError:  # alive, another user's
                 pass
-            raise RunLockedError(f"another {what} (pid {pid}) is writing to {out}; wait for it or choose another "
-                                 "--out") from None
+            raise RunLockedError(f"another {holder or what} (pid {pid}) is writing to {out}; wait for it or choose "
+                                 "another --out") from None
     else:
         raise RunLockedError(f"could not take {mark}; remove it if no {what} is running")
     try:
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()} {what}".encode())
         os.close(fd)
         yield
     finally:

@@ -1,0 +1,46 @@
+"""One writer per --out for outputs that are not run folders (slugkit.common.sentinel): `slug audit`, `slug apply` /
+`revert`, `slug grads` (trial 49: two `slug apply --out X` both said "wrote X", one's model was the other's; two
+`slug grads` resumed from each other's live checkpoint)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from slugkit.cli import main
+from slugkit.common.outlock import RunLockedError
+from slugkit.common.sentinel import one_writer
+
+
+@pytest.fixture()
+def sleeper():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+@pytest.mark.parametrize("argv, holder", [
+    (["apply", "--patch", "p", "--checkpoint", "c.safetensors", "--out"], "slug apply"),
+    (["revert", "--patch", "p", "--checkpoint", "c.safetensors", "--out"], "slug apply"),
+    (["grads", "--model", "embedded", "--forget", "f.tar", "--retain", "r.tar", "--out"], "slug grads")])
+def test_a_live_writer_of_the_same_out_refuses_the_second_command(tmp_path, capsys, sleeper, argv, holder):
+    out = tmp_path / "m.safetensors"
+    (tmp_path / ".m.safetensors.slug-writing").write_text(f"{sleeper} {holder}")
+    assert main([*argv, str(out)]) == 2
+    assert f"another {holder} (pid {sleeper}) is writing to {out}; wait for it" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_sentinel_is_taken_over_from_a_dead_writer_and_leaves_no_folder(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".x.slug-writing").write_text(f"{dead.stdout.strip()} slug apply")
+    with one_writer(tmp_path / "x", "slug revert"):
+        assert (tmp_path / ".x.slug-writing").read_text().endswith(" slug revert")
+        with pytest.raises(RunLockedError, match="another slug revert"):
+            with one_writer(tmp_path / "x", "slug apply"):
+                pass
+    assert not (tmp_path / ".x.slug-writing").exists()
+    with one_writer(tmp_path / "new" / "deeper" / "x.safetensors"):
+        assert (tmp_path / "new" / "deeper").is_dir()
+    assert not (tmp_path / "new").exists()  # made for the sentinel only, removed again
