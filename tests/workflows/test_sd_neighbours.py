@@ -31,6 +31,21 @@ def test_step_search_bounds_the_worst_neighbour_as_well_as_the_mean():
     assert none is None and len(traj) == 1
 
 
+def test_plateau_stop_leaves_a_layer_whose_growing_steps_change_nothing():
+    """The canvas's null-space step: two growing steps measuring the same recognition and drop end the layer (the
+    official bisection towards the bracket's end spent 9 more generations there); a layer that moves is searched on."""
+    from slugkit.workflows.gen_search import generator_step_search
+
+    flat = lambda eta: (0.67, 0.0)  # noqa: E731
+    traj, none = generator_step_search(flat, 0.4, 11, 0.0, 0.1, first_accepted=True, upper=4.0)
+    assert none is None and len(traj) == 11  # the official rule
+    traj, none = generator_step_search(flat, 0.4, 11, 0.0, 0.1, first_accepted=True, upper=4.0, plateau_stop=True)
+    assert none is None and [t["step_size"] for t in traj] == [0.4, 2.2] and traj[-1]["plateau"] is True
+    moving = lambda eta: (0.0 if eta >= 3.0 else 0.67 if eta < 2.0 else 0.33, 0.0)  # noqa: E731
+    traj, best = generator_step_search(moving, 0.4, 11, 0.0, 0.1, first_accepted=True, upper=4.0, plateau_stop=True)
+    assert best == pytest.approx(3.1) and not any(t.get("plateau") for t in traj)
+
+
 def test_validation_and_reported_plans_give_the_neighbours_20_images_on_disjoint_seeds():
     from slugkit.workflows.sd_demo import reported_plan
     from slugkit.workflows.sd_generator import validation_plans

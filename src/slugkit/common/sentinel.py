@@ -1,5 +1,5 @@
-"""One writer at a time for an output that is not a run folder (``slug audit --out``, ``slug apply``/``revert``/``grads``
-``--out``): a sentinel file beside it,
+"""One writer at a time for an output that is not a run folder (``slug audit --out``, ``slug apply``/``revert``/
+``grads`` ``--out``): a sentinel file beside it,
 created exclusively and holding the writer's pid. Two audits into one folder both said "wrote", and one's files were
 the other's (verify 47: the "audit.json exists" check and the write were apart; trial 49: two ``slug apply --out
 X`` both said "wrote X", and two ``slug grads`` shared one checkpoint folder). A sentinel whose writer died is

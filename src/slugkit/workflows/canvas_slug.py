@@ -28,7 +28,9 @@ space of its inputs on the **other** pairs' prompts and the empty prompt (classi
 edited encoder too), keeping ``null_energy`` of their second moment, so that the edit leaves what the UNet reads for
 every other (style, object) prompt unchanged up to the energy left out; the layers are then tried by how far the
 projected edit at its start step moves the target prompts' text states (:func:`null_space_order`: the Pareto order
-says how the *unprojected* gradient would act), and searched by the same rule from the same relative first step.
+says how the *unprojected* gradient would act), and searched by the same rule from the same relative first step,
+leaving a layer whose recognition and drop did not change between two growing steps (``plateau_stop`` of
+:func:`~slugkit.workflows.gen_search.generator_step_search`).
 The kept prompts are the answer set's other prompts, as the baselines' retain data and UCE's preserved prompts are.
 
 Returns the edited text-encoder tensors as a :class:`~slugkit.methods.diffusion.DiffusionEdit` (its tensors are
@@ -260,7 +262,8 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
         searched, chosen = [], None
         for layer, start in starts[:max_searched]:
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), start, search_steps, threshold,
-                                              ira_budget, first_accepted=True, upper=BRACKET * start)
+                                              ira_budget, first_accepted=True, upper=BRACKET * start,
+                                              plateau_stop=step == "null-space")
             searched.append({"layer": layer.name, "group": layer.group, "start_step": start, "trajectory": traj,
                              "accepted_step": eta})
             if eta is not None:
