@@ -328,6 +328,12 @@ def test_an_sd_consumer_whose_encoder_is_not_this_clip_is_refused(tmp_path, base
     with pytest.raises(TowerMismatchError, match=r"--consumer sd:.*pipe \(text_encoder\): .*"
                                                  r"text_model\.encoder\.layers\.1\.mlp\.fc1\.weight"):
         restrict_to_consumer(clone(base), f"sd:{tmp_path / 'pipe'}")
+    # a folder `slug apply` wrote patched is named as such, not as "not built from this CLIP" only (trial 48)
+    (tmp_path / "pipe" / "slugkit_patch.json").write_text('{"concept": "Jowen Gormere", "reverted": false, '
+                                                          '"source": "/models/sd"}')
+    with pytest.raises(TowerMismatchError, match=r"holds slugkit_patch\.json: `slug apply` wrote it patched "
+                                                 r"\('Jowen Gormere' patch\) from /models/sd; give the folder"):
+        restrict_to_consumer(clone(base), f"sd:{tmp_path / 'pipe'}")
 
 
 def test_embedded_with_the_hf_family_is_the_converted_clip_offline_and_apply_defaults_to_the_patchs_family(

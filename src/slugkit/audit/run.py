@@ -92,8 +92,13 @@ def audited_concept(patch_path, removed, concept: str | None) -> str:
         raise ValueError(f"{patch_path}: the patch removed {said(removed)}; pass --concept NAME (one of them: each "
                          "concept is audited on its own, so give each audit its own --out)")
     if removed_list and concept.strip().lower() not in {str(c).strip().lower() for c in removed_list}:
+        from ..common.text import did_you_mean
+
+        # "omit --concept" was advised for a several-concept patch, which then refused that (trial 48)
+        what = ("name one the patch removed" if len(removed_list) > 1 else
+                "omit --concept, or name the one the patch removed")
         raise ValueError(f"--concept {concept!r}: the patch at {patch_path} removed {said(removed)}; auditing another "
-                         "concept says nothing about it (omit --concept, or name one the patch removed)")
+                         f"concept says nothing about it ({did_you_mean(concept.strip(), removed_list)}{what})")
     return concept
 
 

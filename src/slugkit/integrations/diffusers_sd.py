@@ -247,7 +247,9 @@ def _same_weights(where: str, adapter, encoder: str) -> None:
     try:
         verify_text_encoder(adapter.model, _folder_text_encoder(src, encoder))
     except TowerMismatchError as e:
-        raise TowerMismatchError(f"--consumer sd:{where} ({encoder}): {e}") from None
+        from .towers import patched_folder_hint
+
+        raise TowerMismatchError(f"--consumer sd:{where} ({encoder}): {e}{patched_folder_hint(src)}") from None
 
 
 def _folder_text_encoder(src: Path, encoder: str):

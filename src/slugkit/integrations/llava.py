@@ -26,7 +26,8 @@ from torch import nn
 from ..common.files import atomic_dir
 from ..patch import Patch, PatchMismatchError, tensor_sha256
 from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_out_outside, check_weight_files,
-                     find_tower, layer_names, takes_patch_path, tower_map, verify_tower, write_provenance)
+                     find_tower, layer_names, patched_folder_hint, takes_patch_path, tower_map, verify_tower,
+                     write_provenance)
 
 WHAT = "LLaVA vision tower"
 QUESTION = "What's the name of the person in this image?"
@@ -70,7 +71,7 @@ def verify_llava_folder(where: str, adapter, n: int) -> int:
                     raise TowerMismatchError(
                         f"--consumer llava:{where}: {WHAT} tensor {key} ({f.name}) differs from the CLIP tensor "
                         f"{name}: this LLaVA was not built on this CLIP, so an edit of the CLIP cannot be carried "
-                        "over; use the CLIP its vision tower was made from")
+                        "over; use the CLIP its vision tower was made from" + patched_folder_hint(where))
                 checked += 1
     return checked
 

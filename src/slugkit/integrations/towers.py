@@ -252,6 +252,25 @@ def write_provenance(folder: Path, patch: Patch, reverted: bool, source: Path | 
     atomic_write_bytes(Path(folder) / "slugkit_patch.json", text.encode())
 
 
+def patched_folder_hint(folder: str | Path) -> str:
+    """For a mismatch refusal: ``" — DIR holds slugkit_patch.json: `slug apply` wrote it … "`` when the folder is one
+    ``slug apply`` wrote (its encoder differs from the CLIP because a patch is in it: the refusal said "not built from
+    this CLIP", trial 48); ``""`` otherwise."""
+    import json
+
+    rec = Path(folder) / "slugkit_patch.json"
+    try:
+        info = json.loads(rec.read_text(encoding="utf-8")) if rec.is_file() else None
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        return ""
+    how = "reverted" if info.get("reverted") else "patched"
+    src = f" from {info['source']}" if info.get("source") else ""
+    return (f" — {folder} holds slugkit_patch.json: `slug apply` wrote it {how} ({info.get('concept')!r} patch){src}; "
+            "give the folder it was written from" if how == "patched" else "")
+
+
 def check_pipeline_folder(folder: str | Path) -> None:
     """Raise :class:`~slugkit.common.errors.ModelLoadError` naming ``folder`` when it is not a diffusers pipeline
     folder (missing, a file, or no ``model_index.json``), with how to get one."""
