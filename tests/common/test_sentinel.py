@@ -44,3 +44,20 @@ def test_the_sentinel_is_taken_over_from_a_dead_writer_and_leaves_no_folder(tmp_
     with one_writer(tmp_path / "new" / "deeper" / "x.safetensors"):
         assert (tmp_path / "new" / "deeper").is_dir()
     assert not (tmp_path / "new").exists()  # made for the sentinel only, removed again
+
+
+def test_temporary_files_a_killed_write_left_are_removed_and_named(tmp_path, capsys):
+    """Trial 49: `kill -9` of `slug revert --out m.safetensors` left `.m.safetensors.670mymfv.tmp` (the whole
+    checkpoint) that no later write removed or named."""
+    stale = tmp_path / ".m.safetensors.670mymfv.tmp"
+    stale.write_bytes(b"x" * 10)
+    folder = tmp_path / ".m.safetensors.ab_cd123.tmp"
+    folder.mkdir()
+    mine = tmp_path / ".m.safetensors.notes.tmp"  # not a slug temp name: kept
+    mine.write_text("keep")
+    with one_writer(tmp_path / "m.safetensors", "slug revert"):
+        pass
+    assert not stale.exists() and not folder.exists() and mine.exists()
+    err = capsys.readouterr().err
+    assert f"note: removed {stale}, a temporary file an interrupted write of {tmp_path / 'm.safetensors'} left" in err
+    assert "a temporary folder" in err

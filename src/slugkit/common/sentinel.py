@@ -63,6 +63,29 @@ def _held(mark: Path, out: Path, what: str):
     try:
         os.write(fd, f"{os.getpid()} {what}".encode())
         os.close(fd)
+        _drop_stale_temps(out)
         yield
     finally:
         mark.unlink(missing_ok=True)
+
+
+def _drop_stale_temps(out: Path) -> None:
+    """Remove the temporary files and folders a killed write of ``out`` left beside it (``.<name>.XXXXXXXX.tmp``,
+    :func:`slugkit.common.files.atomic_write_bytes` / ``atomic_dir``), saying so: with the sentinel held no other slug
+    process writes ``out``, so they are no one's (trial 49: a ``kill -9`` of ``slug revert --out`` left a full-size
+    hidden copy of the checkpoint that later writes neither removed nor named)."""
+    import glob
+    import re
+    import shutil
+    import sys
+
+    pattern = re.compile(r"\." + re.escape(out.name) + r"\.[A-Za-z0-9_]{8}\.tmp")
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.tmp")):
+        if not pattern.fullmatch(p.name) or p.is_symlink():
+            continue
+        kind = "folder" if p.is_dir() else "file"
+        try:
+            shutil.rmtree(p) if kind == "folder" else p.unlink()
+        except OSError:
+            continue
+        print(f"note: removed {p}, a temporary {kind} an interrupted write of {out} left", file=sys.stderr)
