@@ -43,8 +43,10 @@ def test_test_images_that_are_validation_images_are_refused(tmp_path):
     for i in range(3):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(val / f"{i}.png")
         Image.new("RGB", (8, 8), (0, i * 40 + 1, 0)).save(test / f"{i}.png")
-    cfg = UnlearnConfig(concept="A", out=str(tmp_path / "o"), forget="f", retain="r", val_identities=str(val.parent),
-                        test_identities=str(test.parent))
+    (tmp_path / "f.tar").touch()
+    (tmp_path / "r.tar").touch()
+    cfg = UnlearnConfig(concept="A", out=str(tmp_path / "o"), forget=str(tmp_path / "f.tar"),
+                        retain=str(tmp_path / "r.tar"), val_identities=str(val.parent), test_identities=str(test.parent))
     _check_inputs(cfg)  # disjoint: fine
     for share in (os.link, shutil.copyfile):  # the same file, or the same bytes
         (test / "x.png").unlink(missing_ok=True)
@@ -135,17 +137,19 @@ def test_empty_class_folders_are_said_and_recorded(adapter, tmp_path, capsys):
         for name in ("Ann_Lee", "Bob_Ray"):
             Image.new("RGB", (8, 8), (i * 40, 9, 0)).save(root / name / f"{i}.png")
     cfg = UnlearnConfig(concept="Ann Lee", out=str(tmp_path / "o"), forget="f", retain="r",
-                        val_identities=str(root), test_identities=str(root))
+                        val_identities=str(tmp_path / "val"), test_identities=str(root))
     suite = build_suite(adapter, cfg, str(root), None)
     assert suite.sizes()["empty_folders"] == ["test/Cy_Dunn"] and suite.sizes()["related"] == 2
     assert ("warning: " + str(root) + ": 1 identity folder(s) hold no image and are not evaluated: Cy_Dunn"
             in capsys.readouterr().err)
     with pytest.raises(EmptyForgetSetError, match=r"has no images of 'Cy Dunn' \(its folder Cy_Dunn/ holds none\)"):
         build_suite(adapter, UnlearnConfig(concept="Cy Dunn", out=str(tmp_path / "o"), forget="f", retain="r",
-                                           val_identities=str(root), test_identities=str(root)), str(root), None)
+                                           val_identities=str(tmp_path / "val"), test_identities=str(root)), str(root),
+                    None)
     names = tmp_path / "names.txt"
     names.write_text("Ann Lee\nBob Ray\n")
     with pytest.raises(ValueError, match=r"identity folder\(s\) not in the name list: 'Cy Dunn'; add them to "):
         build_suite(adapter, UnlearnConfig(concept="Ann Lee", out=str(tmp_path / "o"), forget="f", retain="r",
-                                           names=str(names), val_identities=str(root), test_identities=str(root)),
+                                           names=str(names), val_identities=str(tmp_path / "val"),
+                                           test_identities=str(root)),
                     str(root), None)

@@ -352,3 +352,19 @@ def test_worst_budget_off_from_python_is_both_fields_and_half_of_it_warns():
     with pytest.warns(UserWarning, match=r"budgets.worst_drop is 0.2, so the verdict still warns.*"
                                          r"Budgets\(worst_drop=None\)"):
         UnlearnConfig(**BASE, search=SearchConfig(worst_budget=None))
+
+
+def test_what_the_cli_refuses_up_front_a_config_refuses_when_built(tmp_path):
+    """Trial 48: fp16 on the CPU, a quoted '~', the same forget and retain set or validation and test folder were
+    refused only after the model had loaded; a missing input path after the hub weights were fetched."""
+    for kw, msg in (({"precision": "fp16"}, r"UnlearnConfig.precision \(--precision\): --precision fp16 needs"),
+                    ({"out": "~/nowhere-slug"}, r"starts with '~', which Python does not expand"),
+                    ({"retain": "f.tar"}, r"--retain and --forget are the same set \(f.tar\); the retain set"),
+                    ({"test_identities": "val"}, r"--test-identities and --val-identities are the same folder")):
+        with pytest.raises(ValueError, match=msg):
+            UnlearnConfig(**{**BASE, **kw})
+    cfg = UnlearnConfig(**{**BASE, "out": str(tmp_path / "o"), "forget": str(tmp_path / "missing.tar"),
+                           "model": "ViT-B-32", "pretrained": "laion400m_e32"})
+    with pytest.raises(FileNotFoundError, match=r"--forget .*missing.tar: no such file or folder"):
+        slugkit.unlearn(cfg)  # before the model loads: no hub, no weights
+    assert not (tmp_path / "o").exists()

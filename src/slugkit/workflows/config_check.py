@@ -182,6 +182,7 @@ def check_config(cfg) -> None:
         raise TypeError(f"UnlearnConfig.search: expected a slugkit.SearchConfig, got {type(cfg.search).__name__}")
     if not isinstance(cfg.budgets, Budgets):
         raise TypeError(f"UnlearnConfig.budgets: expected a slugkit.Budgets, got {type(cfg.budgets).__name__}")
+    _refused_at_build(cfg)
     if cfg.search.worst_budget is None and cfg.budgets.worst_drop < 1.0:  # half of --worst-budget off (trial 48)
         import warnings
 
@@ -189,3 +190,26 @@ def check_config(cfg) -> None:
                       f"is {cfg.budgets.worst_drop:g}, so the verdict still warns on a larger drop; --worst-budget off "
                       "is both: search=SearchConfig(worst_budget=None), budgets=Budgets(worst_drop=None)",
                       UserWarning, stacklevel=4)
+
+
+def _refused_at_build(cfg) -> None:
+    """What the CLI refuses before any work and a config took until the run (trial 48: a precision the device cannot
+    run, a quoted ``~``, the same forget and retain set, the same validation and test folder were refused only
+    after the model had loaded): ``ValueError`` naming the field. Pure checks of the values; whether the paths exist
+    is checked when the run starts, before the model loads (:func:`slugkit.workflows.run_inputs.check_inputs`)."""
+    from ..models.base import check_precision
+
+    try:
+        check_precision(cfg.precision, cfg.device)
+    except ValueError as e:
+        raise ValueError(f"{_where('precision')}: {e}") from None
+    if str(cfg.out).startswith("~") and not os.path.lexists(cfg.out):
+        raise ValueError(f"{_where('out')}: starts with '~', which Python does not expand; write the path out, e.g. "
+                         f"{os.path.expanduser(cfg.out)}")
+    for a, b, what in (("forget", "retain", "set; the retain set is what the model should keep, not the concept"),
+                       ("val_identities", "test_identities", "folder; the search must not see the test images"),
+                       ("utility_val", "utility_test", "folder; they must be disjoint")):
+        x, y = getattr(cfg, a), getattr(cfg, b)
+        if x and y and os.path.abspath(os.path.expanduser(x)) == os.path.abspath(os.path.expanduser(y)):
+            fa, fb = (_CLI.get(n, "--" + n.replace("_", "-")) for n in (a, b))
+            raise ValueError(f"UnlearnConfig.{b}: {fb} and {fa} are the same {what.replace('; ', f' ({x}); ', 1)}")

@@ -21,6 +21,7 @@ def check_inputs(cfg) -> None:
     ``--out`` is checked by :func:`~slugkit.common.runfolder.run_folder`), and a run without forget or retain pairs."""
     check_world_sets(cfg)
     refuse_out_in_inputs(cfg)
+    check_paths_exist(cfg)
     if not (cfg.forget and cfg.retain):
         raise ValueError("pass forget and retain pairs (--forget, --retain), with --gradients too: the pairs they "
                          "were computed on (their captions are checked; the neighbour protection and a second layer "
@@ -39,6 +40,28 @@ def check_inputs(cfg) -> None:
                 raise ValueError(f"{flags}: {len(shared)} test image(s) are validation images too (the same file or "
                                  f"the same bytes; e.g. {shared[0][1]} = {shared[0][0]}); the search must not see "
                                  "the test images: remove them from one folder")
+
+
+def check_paths_exist(cfg) -> None:
+    """``FileNotFoundError`` naming the option for an input path that does not exist — before the model loads (the
+    README's Python snippet fetched the hub weights, then said the forget shard was missing; trial 48). Shard specs
+    are brace-expanded and split at ``::``; the shards' contents are read later."""
+    from ..data.shards import braceexpand
+
+    for flag, spec, folder in (("--forget", cfg.forget, False), ("--retain", cfg.retain, False),
+                               ("--val-identities", cfg.val_identities, True),
+                               ("--test-identities", cfg.test_identities, True),
+                               ("--utility-val", cfg.utility_val, True), ("--utility-test", cfg.utility_test, True),
+                               ("--names", cfg.names, False), ("--related-names", cfg.related_names, False),
+                               ("--gradients", cfg.gradients, False)):
+        for part in (x.strip() for x in str(spec or "").split("::")):
+            for path in (braceexpand(part) if part else []):
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"{flag} {path}: no such {'folder' if folder else 'file or folder'}"
+                                            + (f" (from {spec!r})" if path != str(spec) else ""))
+                if folder and not os.path.isdir(path):
+                    raise NotADirectoryError(f"{flag} {path}: a file; it takes a folder of class folders "
+                                             "(<Name>/*.jpg)")
 
 
 def check_world_sets(cfg) -> None:
