@@ -46,7 +46,8 @@ def test_test_images_that_are_validation_images_are_refused(tmp_path):
     (tmp_path / "f.tar").touch()
     (tmp_path / "r.tar").touch()
     cfg = UnlearnConfig(concept="A", out=str(tmp_path / "o"), forget=str(tmp_path / "f.tar"),
-                        retain=str(tmp_path / "r.tar"), val_identities=str(val.parent), test_identities=str(test.parent))
+                        retain=str(tmp_path / "r.tar"), val_identities=str(val.parent),
+                        test_identities=str(test.parent))
     _check_inputs(cfg)  # disjoint: fine
     for share in (os.link, shutil.copyfile):  # the same file, or the same bytes
         (test / "x.png").unlink(missing_ok=True)
