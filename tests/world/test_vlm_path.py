@@ -61,6 +61,11 @@ def test_apply_llava_onto_an_existing_file_is_refused(clip, tmp_path, capsys):
             capsys.readouterr().err
     assert main(["apply", "--llava", str(notes), "--patch", str(patch), "--out", str(tmp_path / "o")]) == 2
     assert f"{notes}: is a file; pass the LLaVA model folder" in capsys.readouterr().err
+    (tmp_path / "sd").mkdir()  # a diffusers pipeline folder is named as one (trial 48: "no config.json in it")
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    assert main(["apply", "--llava", str(tmp_path / "sd"), "--patch", str(patch), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'sd'} is a diffusers pipeline folder (model_index.json), not a LLaVA" in \
+        capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

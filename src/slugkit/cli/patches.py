@@ -22,11 +22,15 @@ def _load_target(a):
     a Git LFS pointer is named as one (``WeightsFileError``), not a loader's error."""
     from ..common.weights import check_weights_file
     from ..patch import load_state_dict_file
+    from .filekinds import is_patch_file, other_file_of_ours
 
     for flag, spec in (("--checkpoint", a.checkpoint), ("--pretrained", a.pretrained)):
-        if spec and _is_patch_file(spec):  # "the model has no tensor named … (did you mean 'patched/…'?)" (trial 38)
+        if spec and is_patch_file(spec):  # "the model has no tensor named … (did you mean 'patched/…'?)" (trial 38)
             raise ValueError(f"{flag} {printable(spec)} is a slugkit patch's tensor file, not a model: give the "
                              "model's checkpoint (the patch goes in --patch, as its folder)")
+        kind = other_file_of_ours(spec) if spec else None
+        if kind:  # a gradients file said "no tensor named … (did you mean 'retain/…')", a LoRA "no tensor" (trial 48)
+            raise ValueError(f"{flag} {printable(spec)} is {kind}, not a model: give the model's checkpoint")
     if a.checkpoint:
         return load_state_dict_file(a.checkpoint), None
     for spec in (a.model, a.pretrained):
@@ -40,19 +44,6 @@ def _load_target(a):
 
     adapter = load_adapter(a.model, a.pretrained, family=a.family)
     return adapter.model, adapter
-
-
-def _is_patch_file(path) -> bool:
-    """Whether ``path`` is a ``patch.safetensors``: every tensor named ``original/…`` or ``patched/…`` (read from
-    the header alone; False for anything that is not a readable safetensors file)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-    except Exception:
-        return False
-    return bool(keys) and all(k.startswith(("original/", "patched/")) for k in keys)
 
 
 def _state_of(target):

@@ -204,6 +204,9 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
                                                       "no such folder; pass a folder written by "
                                                       "model.save_pretrained(DIR) or downloaded with "
                                                       "`hf download ID --local-dir DIR`, or 'embedded'"))
+        if (src_dir / "model_index.json").is_file():  # it said "no config.json in it" (trial 48)
+            raise FileNotFoundError(f"{src_dir} is a diffusers pipeline folder (model_index.json), not a LLaVA: an SD "
+                                    "pipeline takes a text-encoder patch through --pipeline DIR")
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder (no config.json in it)")
         check_weight_files(src_dir, "LLaVA weights file")
