@@ -231,3 +231,35 @@ def test_the_lora_file_carries_the_runs_verdict(tmp_path, hf_text_patch):
     assert {k: meta[k] for k in verdict} == verdict
     export_lora(patch, None, tmp_path / "p.safetensors", check=False)  # no recorded verdict: nothing invented
     assert "verdict" not in read_lora(tmp_path / "p.safetensors")[1]
+
+
+def test_a_lora_whose_metadata_or_tensors_were_edited_is_refused(tmp_path, hf_text_patch, capsys):
+    """Trial 48: re-saving a LoRA with `slugkit.verdict` "warn" → "pass" was shown by `slug inspect` as the file's
+    own. The seal (metadata and tensor hashes) catches hand edits, as patch.json's fingerprint does."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    from slugkit.cli import main
+    from slugkit.patch import PatchFormatError
+
+    clip, patch = hf_text_patch
+    f = tmp_path / "l.safetensors"
+    export_lora(patch, None, f, check=False)
+    tensors, meta = read_lora(f)
+    assert len(meta["seal"]) == 64
+    with safetensors.safe_open(str(f), framework="pt") as h:
+        raw = h.metadata()
+    for name, md, ts in (("verdict", {**raw, "slugkit.verdict": json.dumps("pass")}, tensors),
+                         ("tensor", raw, {k: (v * 2 if i == 0 else v) for i, (k, v) in enumerate(tensors.items())})):
+        g = tmp_path / f"{name}.safetensors"
+        save_file(ts, str(g), metadata=md)
+        with pytest.raises(PatchFormatError, match="was edited after slug wrote it"):
+            read_lora(g)
+        assert main(["inspect", str(g)]) == 2  # said as a damaged LoRA, not "a file, not a patch"
+        assert f"{g} is a LoRA slug wrote, damaged: " in capsys.readouterr().err
+    g = tmp_path / "cut.safetensors"
+    g.write_bytes(f.read_bytes()[:-40])
+    assert main(["inspect", str(g)]) == 2 and f"{g} is a LoRA slug wrote, damaged: " in capsys.readouterr().err
+    unsealed = {k: v for k, v in raw.items() if k != "slugkit.seal"}  # an earlier slugkit's LoRA: read, unsealed
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=unsealed)
+    assert "seal" not in read_lora(tmp_path / "old.safetensors")[1]

@@ -58,8 +58,13 @@ def cmd_inspect(a) -> int:
 
         try:
             _, meta = read_lora(a.patch)
-        except PatchFormatError:
+        except (PatchFormatError, OSError, ValueError) as e:
             meta = None
+            with open(a.patch, "rb") as f:  # a LoRA of ours, damaged (edited, truncated) was "a file, not a patch"
+                if b'"slugkit-lora' in f.read(1 << 16):  # (trial 48): its header names it
+                    print(f"error: {printable(a.patch)} is a LoRA slug wrote, damaged: {printable(str(e))}",
+                          file=sys.stderr)
+                    return 2
         if meta is not None:
             print(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=True).replace("\x7f", "\\u007f")
                   if a.json else describe_lora(a.patch, meta))

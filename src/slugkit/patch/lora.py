@@ -122,11 +122,26 @@ class Lora:
         for key, attr in (("ranks", "rank"), ("relative_errors", "relative_error"), ("tensors", "tensor")):
             meta[f"slugkit.{key}"] = _js({f"{self.prefix}.{m.module}": getattr(m, attr) for m in self.modules})
         meta.update({f"slugkit.{k}": _js(v) for k, v in self.meta.items()})
+        meta[SEAL_KEY] = _js(lora_seal(meta, self.state_dict()))
         return meta
 
 
 def _js(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True)
+
+
+SEAL_KEY = "slugkit.seal"
+
+
+def lora_seal(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over a LoRA file's metadata (every entry but the seal, as stored) and its tensors' hashes: a hand edit
+    of ``slugkit.verdict`` (``warn`` → ``pass``) was shown by ``slug inspect`` as the LoRA's own (trial 48). Like
+    ``patch.json``'s fingerprint it catches edits, it is not a signature."""
+    import hashlib
+
+    doc = {"metadata": {k: v for k, v in sorted(metadata.items()) if k != SEAL_KEY},
+           "tensors": {k: tensor_sha256(t) for k, t in sorted(tensors.items())}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------- what exports
@@ -382,6 +397,10 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         raise PatchFormatError(f"{path}: metadata is not valid JSON ({e})") from e
     if meta.get("format") != LORA_FORMAT:
         raise PatchFormatError(f"{path}: not a slugkit LoRA (slugkit.format={meta.get('format')!r})")
+    if "seal" in meta and meta["seal"] != lora_seal(raw, tensors):  # a LoRA of an earlier slugkit has none
+        raise PatchFormatError(f"{path}: was edited after slug wrote it — its metadata (concept, verdict, ranks…) or "
+                               "tensors no longer match the seal slug recorded; export it again from the patch "
+                               "(`slug export --lora`)")
     return tensors, meta
 
 
