@@ -35,7 +35,6 @@ the text encoder it is given holds the patch's original weights (``slug export``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from ..common.errors import check_flag
 from ..common.outputs import out_inside_model, out_inside_run
 from .carriers import save_state_dict_file
 from .format import Patch, PatchError, PatchFormatError, tensor_sha256
+from .lora_seal import SEAL_KEY, lora_seal, one_thread as _one_thread
 from .ops import _toolkit_version
 
 __all__ = ["DEFAULT_MAX_ERROR", "LORA_FORMAT", "Lora", "LoraExportError", "LoraModule", "check_exportable",
@@ -130,20 +130,6 @@ def _js(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True)
 
 
-SEAL_KEY = "slugkit.seal"
-
-
-def lora_seal(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over a LoRA file's metadata (every entry but the seal, as stored) and its tensors' hashes: a hand edit
-    of ``slugkit.verdict`` (``warn`` → ``pass``) was shown by ``slug inspect`` as the LoRA's own (trial 48). Like
-    ``patch.json``'s fingerprint it catches edits, it is not a signature."""
-    import hashlib
-
-    doc = {"metadata": {k: v for k, v in sorted(metadata.items()) if k != SEAL_KEY},
-           "tensors": {k: tensor_sha256(t) for k, t in sorted(tensors.items())}}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------- what exports
 def _refusal(name: str, adapter: str) -> str | None:
     """Why the patch tensor ``name`` cannot be a LoRA module (one line with what to do), or None."""
@@ -219,17 +205,6 @@ def factor_delta(delta: torch.Tensor, *, max_error: float = DEFAULT_MAX_ERROR, r
         raise LoraExportError(f"cannot export {name!r} as a LoRA: its edit ΔW is zero or not finite")
     with _one_thread():
         return _factor(d, norm, max_error, rank, name)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one CPU thread inside the block (BLAS / LAPACK results may depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _factor(d: torch.Tensor, norm: torch.Tensor, max_error: float, rank: int | None, name: str):
