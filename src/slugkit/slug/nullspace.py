@@ -52,27 +52,36 @@ def module_of(model: torch.nn.Module, param_name: str) -> tuple[str, torch.nn.Li
     return mod_name, mod
 
 
-@torch.no_grad()
-def linear_inputs(model: torch.nn.Module, param_names: list[str], run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """The inputs of the Linear modules owning ``param_names`` while ``run()`` executes (e.g. a forward pass over the
-    kept prompts): ``{param name: [N, in_features] float32 CPU tensor}``, every leading dimension (batch, token
-    position) flattened into N. Hooks are removed on exit, also when ``run`` raises. Raises ``ValueError`` for a
-    name that is not a Linear weight and ``RuntimeError`` when ``run`` never called a module."""
+def _each_input(model: torch.nn.Module, param_names: list[str], run: Callable[[], object],
+                take: Callable[[str, torch.Tensor], None]) -> None:
+    """Call ``take(name, x)`` with every input ``x`` (``[N, in_features]``, leading dimensions flattened) that the
+    Linear owning ``name`` receives while ``run()`` executes. Hooks are removed on exit, also when ``run`` raises;
+    ``ValueError`` for a name that is not a Linear weight, ``RuntimeError`` when ``run`` never called a module."""
     mods = {n: module_of(model, n)[1] for n in param_names}
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in param_names}
+    reached: set[str] = set()
     handles = []
     for n, m in mods.items():
         def hook(_m, args, _out, n=n):
-            seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+            reached.add(n)
+            take(n, args[0].detach().reshape(-1, args[0].shape[-1]))
         handles.append(m.register_forward_hook(hook))
     try:
         run()
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n, v in seen.items() if not v]
+    missing = [n for n in param_names if n not in reached]
     if missing:
         raise RuntimeError(f"the forward pass never reached the module(s) of {missing[:3]}")
+
+
+@torch.no_grad()
+def linear_inputs(model: torch.nn.Module, param_names: list[str], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """The inputs of the Linear modules owning ``param_names`` while ``run()`` executes (e.g. a forward pass over the
+    kept prompts): ``{param name: [N, in_features] float32 CPU tensor}``, every leading dimension (batch, token
+    position) flattened into N. Errors as :func:`_each_input`'s."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in param_names}
+    _each_input(model, param_names, run, lambda n, x: seen[n].append(x.float().cpu()))
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
@@ -82,24 +91,15 @@ def linear_moments(model: torch.nn.Module, param_names: list[str],
     """What :func:`input_projector` needs of :func:`linear_inputs`, accumulated while ``run()`` executes: per name
     ``(Σ x xᵀ [in_features, in_features] float64 CPU, N)`` over every input row ``x``. Memory is in² per layer
     instead of N x in — at SD 1.5 scale the ~75,000 token states of UnlearnCanvas's other prompts entering a
-    3,072-wide ``fc2`` would be 0.9 GB as rows. Same hooks, errors and cleanup as :func:`linear_inputs`."""
-    mods = {n: module_of(model, n)[1] for n in param_names}
+    3,072-wide ``fc2`` would be 0.9 GB as rows. Errors as :func:`_each_input`'s."""
     acc: dict[str, list] = {n: [None, 0] for n in param_names}
-    handles = []
-    for n, m in mods.items():
-        def hook(_m, args, _out, n=n):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(device="cpu", dtype=torch.float64)
-            acc[n][0] = x.T @ x if acc[n][0] is None else acc[n][0] + x.T @ x
-            acc[n][1] += x.shape[0]
-        handles.append(m.register_forward_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n, v in acc.items() if v[0] is None]
-    if missing:
-        raise RuntimeError(f"the forward pass never reached the module(s) of {missing[:3]}")
+
+    def take(n: str, x: torch.Tensor) -> None:
+        x = x.to(device="cpu", dtype=torch.float64)
+        acc[n][0] = x.T @ x if acc[n][0] is None else acc[n][0] + x.T @ x
+        acc[n][1] += x.shape[0]
+
+    _each_input(model, param_names, run, take)
     return {n: (m2, k) for n, (m2, k) in acc.items()}
 
 
