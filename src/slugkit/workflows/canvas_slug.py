@@ -232,12 +232,12 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
         grads = canvas_gradients(ctx, forget, retain, progress=progress)
         order, table = vlm_layer_order(adapter, grads.forget, grads.retain)
         params = dict(adapter.model.named_parameters())
-        forget, null_space = grads.forget, None
+        g_forget, null_space = grads.forget, None  # the step's direction (the projected one with null-space)
         starts = [(layer, start_fraction * float(params[layer.name].detach().norm()) / max(
             float(grads.forget[layer.name].norm()), 1e-30)) for layer in order]
         if step == "null-space":
             energy = DEFAULT_ENERGY if null_energy is None else null_energy
-            forget, rows, null_space = null_space_order(ctx, target, grads.forget, order, energy, start_fraction)
+            g_forget, rows, null_space = null_space_order(ctx, target, grads.forget, order, energy, start_fraction)
             starts = [(layer, start) for layer, start, _ in rows]
         plan, val_info = recognised_plan(ctx, target, val_target, val_other, seed, sampling_steps=sampling_steps)
         dom = grid.domain_of(target)
@@ -245,7 +245,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
         truth = np.array([names.index(s if dom == "style" else o) for s, o, _, _ in plan])
 
         def score(group, eta):
-            with edited_consumer(pipe.text_encoder, mapping, adapter.model, forget, group, eta):
+            with edited_consumer(pipe.text_encoder, mapping, adapter.model, g_forget, group, eta):
                 imgs = pipe([p for _, _, p, _ in plan], [s for *_, s in plan], **ctx.sampling(sampling_steps))
             ps, po = judges.predict(imgs)
             pred = ps if dom == "style" else po
@@ -282,7 +282,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
         e.time_s = time.perf_counter() - t0
         raise
     layer, eta = chosen
-    values = edited_values(adapter.model, forget, layer.group, eta)
+    values = edited_values(adapter.model, g_forget, layer.group, eta)
     tensors = {mapping[n]: v.detach().float().cpu().contiguous() for n, v in values.items()}
     return DiffusionEdit(tensors, time.perf_counter() - t0, storage(tensors), None,
                          {"layer": layer.name, "group": layer.group, "step_size": eta, "module": "text_encoder",
