@@ -580,10 +580,12 @@ def test_unlearn_alias_reaches_the_caption_check(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(unlearn, "run_unlearn", lambda cfg: seen.append(cfg) or {})
     monkeypatch.setattr("slugkit.cli.run.print_summary", lambda *a: None)
-    d = tmp_path / "f"
-    d.mkdir()
-    argv = ["unlearn", "--concept", "Elon Musk", "--alias", "Musk", "--alias", "@elonmusk", "--forget", str(d),
-            "--retain", str(d), "--val-identities", str(d), "--test-identities", str(d), "--out", str(tmp_path / "o")]
+    d = {k: tmp_path / k for k in ("f", "r", "v", "t")}
+    for x in d.values():
+        x.mkdir()
+    argv = ["unlearn", "--concept", "Elon Musk", "--alias", "Musk", "--alias", "@elonmusk", "--forget", str(d["f"]),
+            "--retain", str(d["r"]), "--val-identities", str(d["v"]), "--test-identities", str(d["t"]),
+            "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     assert seen[0].aliases == ["Musk", "@elonmusk"]
 

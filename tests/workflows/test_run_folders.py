@@ -249,7 +249,8 @@ def test_every_run_command_refuses_a_folder_being_written(tmp_path, world_dir, c
         "demo-sequential": _demo_args(out, world_dir, "--concepts", f"{a},{b}", "--sequential"),
         "demo-sd": _demo_args(out, world_dir, "--target", "sd"),
         "compare": ["compare", "--out", str(out), "--data-dir", str(world_dir), "--no-progress"],
-        "unlearn": ["unlearn", "--concept", a, "--forget", str(world_dir / "pool"), "--retain", str(world_dir / "pool"),
+        "unlearn": ["unlearn", "--concept", a, "--forget", str(world_dir / "pool"),
+                    "--retain", str(world_dir / "val" / "identities"),  # not read: the lock refuses first
                     "--val-identities", str(world_dir / "val" / "identities"),
                     "--test-identities", str(world_dir / "test" / "identities"), "--out", str(out), "--no-progress"],
     }[command]

@@ -26,7 +26,11 @@ def one_writer(out: str | os.PathLike, what: str = "slug audit"):
     while not d.exists() and d != d.parent:
         made.append(d)
         d = d.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # under a file, or not creatable: no one can write there; the command's own check says why
+        yield
+        return
     try:
         with _held(mark, out, what):
             yield
