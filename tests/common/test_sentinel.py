@@ -23,7 +23,8 @@ def sleeper():
 @pytest.mark.parametrize("argv, holder", [
     (["apply", "--patch", "p", "--checkpoint", "c.safetensors", "--out"], "slug apply"),
     (["revert", "--patch", "p", "--checkpoint", "c.safetensors", "--out"], "slug apply"),
-    (["grads", "--model", "embedded", "--forget", "f.tar", "--retain", "r.tar", "--out"], "slug grads")])
+    (["grads", "--model", "embedded", "--forget", "f.tar", "--retain", "r.tar", "--out"], "slug grads"),
+    (["export", "--lora", "p", "--pipeline", "embedded", "--out"], "slug export")])
 def test_a_live_writer_of_the_same_out_refuses_the_second_command(tmp_path, capsys, sleeper, argv, holder):
     out = tmp_path / "m.safetensors"
     (tmp_path / ".m.safetensors.slug-writing").write_text(f"{sleeper} {holder}")

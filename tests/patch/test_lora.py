@@ -260,6 +260,12 @@ def test_a_lora_whose_metadata_or_tensors_were_edited_is_refused(tmp_path, hf_te
     g = tmp_path / "cut.safetensors"
     g.write_bytes(f.read_bytes()[:-40])
     assert main(["inspect", str(g)]) == 2 and f"{g} is a LoRA slug wrote, damaged: " in capsys.readouterr().err
-    unsealed = {k: v for k, v in raw.items() if k != "slugkit.seal"}  # an earlier slugkit's LoRA: read, unsealed
-    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=unsealed)
+    unsealed = {k: v for k, v in raw.items() if k != "slugkit.seal"}  # the seal deleted: refused (verify 50)
+    save_file(tensors, str(tmp_path / "cut-seal.safetensors"), metadata=unsealed)
+    with pytest.raises(PatchFormatError, match="has no slugkit.seal, which its format_version 2 requires"):
+        read_lora(tmp_path / "cut-seal.safetensors")
+    old = {**unsealed, "slugkit.format_version": "1"}  # an earlier slugkit's LoRA: read, said unsealed
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old)
     assert "seal" not in read_lora(tmp_path / "old.safetensors")[1]
+    assert main(["inspect", str(tmp_path / "old.safetensors")]) == 0
+    assert "sealed:     no (a format 1 LoRA" in capsys.readouterr().out

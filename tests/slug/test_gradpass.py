@@ -274,7 +274,7 @@ def test_resume_after_sigkill_equals_uninterrupted(world, reference, tmp_path):
            for c in [_cli(world, out, "--checkpoint-dir", str(ck))] for i, x in enumerate(c)]
     bad = subprocess.run([sys.executable, *two], env=_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "differs in: cpu_threads" in bad.stderr, bad.stderr[-3000:]
-    assert "with --threads 1: it was written with 1 CPU threads" in bad.stderr and rank_file.is_file()
+    assert "with --threads 1: it was written with 1 CPU thread, and" in bad.stderr and rank_file.is_file()
 
     # the same command resumes and gives exactly the uninterrupted result
     p = subprocess.run([sys.executable, *_cli(world, out, "--checkpoint-dir", str(ck))], env=_env(),

@@ -66,6 +66,10 @@ def test_apply_llava_onto_an_existing_file_is_refused(clip, tmp_path, capsys):
     assert main(["apply", "--llava", str(tmp_path / "sd"), "--patch", str(patch), "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'sd'} is a diffusers pipeline folder (model_index.json), not a LLaVA" in \
         capsys.readouterr().err
+    (tmp_path / "te").mkdir()  # a pipeline's text_encoder/ was loaded as a default 7B LLaVA (OOM; verify 50)
+    (tmp_path / "te" / "config.json").write_text('{"model_type": "clip_text_model"}')
+    assert main(["apply", "--llava", str(tmp_path / "te"), "--patch", str(patch), "--out", str(tmp_path / "o")]) == 2
+    assert "its config.json says model_type 'clip_text_model', not 'llava'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -244,7 +244,21 @@ def cmd_export(a) -> int:
     """`slug export --lora PATCH --pipeline DIR|embedded --out FILE`: the patch's text-encoder edit as a LoRA file
     (:mod:`slugkit.patch.lora`). The pipeline's text encoder is hash-checked against the patch's original weights
     exactly as `slug apply --pipeline` does (apply, then revert in memory: bit-exact), so the LoRA is written only
-    for the model it reproduces the patch on."""
+    for the model it reproduces the patch on. One writer per ``--out`` (two exports with --overwrite both said
+    "wrote"; verify 50)."""
+    if not getattr(a, "out", None):
+        return _export(a)
+    from ..common.outlock import RunLockedError
+    from ..common.sentinel import one_writer
+
+    try:
+        with one_writer(a.out, "slug export"):
+            return _export(a)
+    except RunLockedError as e:
+        return refuse(str(e))
+
+
+def _export(a) -> int:
     from ..common.files import check_file_target
     from ..integrations.diffusers_sd import apply_patch_to_pipeline, pick_encoder, revert_patch_from_pipeline
     from ..patch import PatchMismatchError, load_patch

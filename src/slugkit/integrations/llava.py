@@ -209,6 +209,16 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
                                     "pipeline takes a text-encoder patch through --pipeline DIR")
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder (no config.json in it)")
+        try:
+            import json
+
+            kind = json.loads((src_dir / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != "llava":  # a text_encoder/ or a CLIP folder was built as a default 7B LLaVA: 24 GB, OOM (verify 50)
+            raise FileNotFoundError(f"{src_dir} is not a LLaVA model folder: its config.json says model_type "
+                                    f"{kind!r}, not 'llava'; pass the folder LlavaForConditionalGeneration."
+                                    "save_pretrained wrote")
         check_weight_files(src_dir, "LLaVA weights file")
         model = load_llava_folder(LlavaForConditionalGeneration, src_dir, dtype="auto")
     else:

@@ -54,7 +54,7 @@ __all__ = ["DEFAULT_MAX_ERROR", "LORA_FORMAT", "Lora", "LoraExportError", "LoraM
            "export_lora", "factor_delta", "lora_from_patch", "read_lora", "save_lora"]
 
 LORA_FORMAT = "slugkit-lora"
-LORA_FORMAT_VERSION = 1
+LORA_FORMAT_VERSION = 2  # 2: the file carries slugkit.seal (format 1 LoRAs read unsealed)
 DEFAULT_MAX_ERROR = 1e-3
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 _TEXT = "text_model."
@@ -372,6 +372,10 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         raise PatchFormatError(f"{path}: metadata is not valid JSON ({e})") from e
     if meta.get("format") != LORA_FORMAT:
         raise PatchFormatError(f"{path}: not a slugkit LoRA (slugkit.format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if "seal" not in meta and not (isinstance(version, int) and version < 2):  # deleting it must not turn it off
+        raise PatchFormatError(f"{path}: has no slugkit.seal, which its format_version {version!r} requires: it was "
+                               "edited by hand; export it again from the patch (`slug export --lora`)")
     if "seal" in meta and meta["seal"] != lora_seal(raw, tensors):  # a LoRA of an earlier slugkit has none
         raise PatchFormatError(f"{path}: was edited after slug wrote it — its metadata (concept, verdict, ranks…) or "
                                "tensors no longer match the seal slug recorded; export it again from the patch "

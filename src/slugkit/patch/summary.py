@@ -267,7 +267,9 @@ def describe_lora(path, meta: dict) -> str:
              f"  concept{'s' if isinstance(concept, list) else ''}:{'  ' if isinstance(concept, list) else '   '} "
              f"{names}",
              f"  base model: {printable(_base_label({'base_model': meta.get('base_model')}))}",
-             f"  encoder:    {printable(meta.get('encoder'))} (diffusers' load_lora_weights key prefix)"]
+             f"  encoder:    {printable(meta.get('encoder'))} (diffusers' load_lora_weights key prefix)",
+             *([] if meta.get("seal") else ["  sealed:     no (a format 1 LoRA, written before the seal: its metadata "
+                                            "cannot be checked)"])]
     verdict = meta.get("verdict")
     if verdict:
         lines.append(f"  verdict:    {printable(verdict)} (of the run that made the patch)"

@@ -99,9 +99,10 @@ def render_canvas(report: dict) -> str:
         lines += ["", f"The baselines ran on {', '.join(o['baseline_targets'])} only; the ratios below compare SLUG "
                       "on those targets (paired), the table above averages each method over its own targets."]
     if "slug-null-space" in report["methods"]:
-        lines += ["", "`slug-null-space` is SLUG with issue 12's null-space step, not the paper's: the forget gradient "
-                      "projected off the other prompts' text-layer inputs (their conditioning is kept), layers tried "
-                      "by how far the projected edit moves the target's; `slug` is the paper's step."]
+        lines += ["", "`slug-null-space` is SLUG with the null-space step (`slugkit.slug.nullspace`), not the paper's: "
+                      "the forget gradient projected off the other prompts' text-layer inputs (their conditioning is "
+                      "kept), layers tried by how far the projected edit moves the target's"
+                      + ("; `slug` is the paper's step." if "slug" in report["methods"] else ".")]
     for slug, key in (("slug", "ratios"), ("slug-null-space", "ratios_null_space")):
         ratios, label = report.get(key) or {}, "SLUG" if slug == "slug" else slug
         if slug not in report["methods"]:

@@ -105,7 +105,8 @@ def check_checkpoint_dir(ckdir: Path, fp: dict) -> None:
             f"checkpoint directory {ckdir} holds a checkpoint of a different command ({path.name} differs in: "
             f"{', '.join(diff) or 'format'}" + (f"; changed shards: {', '.join(changed)}" if changed else "")
             + "); rerun the original command to resume it" + (
-                f" — with --threads {old['cpu_threads']}: it was written with {old['cpu_threads']} CPU threads, and "
+                f" — with --threads {old['cpu_threads']}: it was written with {old['cpu_threads']} CPU "
+                f"thread{'' if old['cpu_threads'] == 1 else 's'}, and "
                 "the sums' bits follow the thread count" if "cpu_threads" in diff and old.get("cpu_threads") else "")
             + ", or delete the directory / pass another --checkpoint-dir to start over"
             + (" (the shards changed: the checkpoint's sums are of the old data)" if changed else ""))
