@@ -97,15 +97,10 @@ def cmd_grads(a) -> int:
     them by design and take no sentinel."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return _grads(a)
-    from ..common.outlock import RunLockedError
-    from ..common.sentinel import one_writer
+    from ..common.sentinel import run_as_one_writer
 
     ck = a.checkpoint_dir if a.checkpoint_dir else f"{a.out}.ckpt"
-    try:
-        with one_writer(a.out, "slug grads"), one_writer(ck, "slug grads"):
-            return _grads(a)
-    except RunLockedError as e:
-        return refuse(str(e))
+    return run_as_one_writer([a.out, ck], "slug grads", lambda: _grads(a), refuse)
 
 
 def _grads(a) -> int:

@@ -58,16 +58,10 @@ def cmd_apply(a, revert: bool = False) -> int:
     """`slug apply` / `slug revert`: apply or revert patches on a model, a checkpoint, an SD pipeline or LLaVA; one
     writer per ``--out`` at a time (:func:`slugkit.common.sentinel.one_writer`: two applies into one file both said
     "wrote" and one's model was the other's; trial 49)."""
-    if not getattr(a, "out", None):
-        return _apply(a, revert)
-    from ..common.outlock import RunLockedError
-    from ..common.sentinel import one_writer
+    from ..common.sentinel import run_as_one_writer
 
-    try:
-        with one_writer(a.out, "slug revert" if revert else "slug apply"):
-            return _apply(a, revert)
-    except RunLockedError as e:
-        return refuse(str(e))
+    return run_as_one_writer([getattr(a, "out", None)], "slug revert" if revert else "slug apply",
+                             lambda: _apply(a, revert), refuse)
 
 
 def _apply(a, revert: bool) -> int:
@@ -246,16 +240,9 @@ def cmd_export(a) -> int:
     exactly as `slug apply --pipeline` does (apply, then revert in memory: bit-exact), so the LoRA is written only
     for the model it reproduces the patch on. One writer per ``--out`` (two exports with --overwrite both said
     "wrote"; verify 50)."""
-    if not getattr(a, "out", None):
-        return _export(a)
-    from ..common.outlock import RunLockedError
-    from ..common.sentinel import one_writer
+    from ..common.sentinel import run_as_one_writer
 
-    try:
-        with one_writer(a.out, "slug export"):
-            return _export(a)
-    except RunLockedError as e:
-        return refuse(str(e))
+    return run_as_one_writer([getattr(a, "out", None)], "slug export", lambda: _export(a), refuse)
 
 
 def _export(a) -> int:

@@ -73,6 +73,19 @@ def _held(mark: Path, out: Path, what: str):
         mark.unlink(missing_ok=True)
 
 
+def run_as_one_writer(outs, what: str, run, refuse):
+    """``run()`` holding :func:`one_writer` on each of ``outs`` (falsy ones skipped) — the CLI's ``slug apply`` /
+    ``revert`` / ``export`` / ``grads`` —, or ``refuse(message)`` when another live writer holds one of them."""
+    with contextlib.ExitStack() as stack:
+        try:
+            for out in outs:
+                if out:
+                    stack.enter_context(one_writer(out, what))
+        except RunLockedError as e:
+            return refuse(str(e))
+        return run()
+
+
 def _drop_stale_temps(out: Path) -> None:
     """Remove the temporary files and folders a killed write of ``out`` left beside it (``.<name>.XXXXXXXX.tmp``,
     :func:`slugkit.common.files.atomic_write_bytes` / ``atomic_dir``), saying so: with the sentinel held no other slug
