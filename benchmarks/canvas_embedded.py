@@ -12,7 +12,8 @@ table and, from this one run, the ratios the paper reports (ESD 6163 s : SalUn 6
 (``slug``) and once with the null-space step (``slug-null-space``, issue 12's variant), each that ran:
 
 * SLUG's mean time <= 1/10 of ESD's and <= 1/5 of SalUn's;
-* SLUG's style UA within 10 points of each of theirs;
+* SLUG's style UA within 10 points of each of theirs, read as "at most 10 points below" (forgetting more than a
+  baseline is not a miss; the paper's own SLUG row is 12 points below ESD's 98.6); how far above is printed;
 * SLUG's storage (its patch) <= 1/50 of theirs as UnlearnCanvas stores them (the whole UNet: the paper's 4.3 / 4.0
   GB are full checkpoints); the changed-tensors-only ratio is printed beside it, unchecked.
 
@@ -45,8 +46,9 @@ def checks(methods: dict, slug: dict, name: str = "slug") -> dict:
         out[f"time {name} <= 1/{limit} {m} ({slug['time_s']:.1f} s vs {r['time_s']:.1f} s)"] = \
             slug["time_s"] * limit <= r["time_s"]
         if "style" in slug and "style" in r:
-            out[f"style UA {name} within 10 pts of {m} ({slug['style']['ua']:.2f} vs {r['style']['ua']:.2f})"] = \
-                abs(slug["style"]["ua"] - r["style"]["ua"]) <= 0.10 + 1e-9
+            d = slug["style"]["ua"] - r["style"]["ua"]
+            out[f"style UA {name} at most 10 pts below {m} ({slug['style']['ua']:.3f} vs {r['style']['ua']:.3f}: "
+                f"{100 * d:+.1f} pts)"] = d >= -0.10 - 1e-9
         out[f"storage {name} patch <= 1/50 {m} checkpoint ({slug['storage_bytes']:.0f} B vs "
             f"{r['storage_full_bytes']:.0f} B; changed tensors only: {r['storage_bytes']:.0f} B)"] = \
             slug["storage_bytes"] * 50 <= r["storage_full_bytes"]

@@ -100,3 +100,22 @@ def test_the_sd_summary_names_the_worst_other_concept_of_every_run():
     ran = [r for r in rows if "refused" not in r and "error" not in r]
     assert s["worst_other_drop_worst"] == max(r["worst"]["drop"] for r in ran) > s["neighbour_drop_worst"]
     assert s["worst_other"].startswith("cyan circle (unlearning red square)")
+
+
+def test_the_canvas_checks_read_within_10_points_as_at_most_10_below():
+    """Issue 15's "style UA within 10 points of theirs": forgetting more than a baseline is not a miss (the paper's
+    SLUG is 12 points below ESD's UA); 10.5 points below is. Time and storage ratios as the issue states them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import canvas_embedded
+
+    def method(ua, t, full):
+        return {"style": {"ua": ua}, "time_s": t, "storage_bytes": full / 10, "storage_full_bytes": full}
+
+    slug = {"style": {"ua": 0.85}, "time_s": 2.0, "storage_bytes": 100}
+    out = canvas_embedded.checks({"esd": method(0.65, 20.0, 5000), "salun": method(0.955, 9.0, 5001)}, slug)
+    verdict = {k.split(" (")[0]: v for k, v in out.items()}
+    assert verdict == {"time slug <= 1/10 esd": True, "style UA slug at most 10 pts below esd": True,
+                       "storage slug patch <= 1/50 esd checkpoint": True, "time slug <= 1/5 salun": False,
+                       "style UA slug at most 10 pts below salun": False,
+                       "storage slug patch <= 1/50 salun checkpoint": True}
+    assert any("+20.0 pts" in k for k in out) and any("-10.5 pts" in k for k in out)

@@ -11,6 +11,7 @@ import torch
 from slugkit.cli import main
 from slugkit.world import canvas
 from slugkit.workflows.canvas_lite import AnswerSet, choose_targets, run_canvas_lite
+from slugkit.workflows.canvas_slug import NULL_START
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,8 @@ def test_every_method_runs_the_protocol(tiny_canvas):
             assert rec["storage_bytes"] > 0
     ns = next(x for x in r["rows"] if x["method"] == "slug-null-space")
     assert ns.get("refused") or (ns["info"]["step"] == "null-space" and ns["module"] == "text_encoder"
-                                 and ns["info"]["null_space"]["kept_prompts"] == 36)  # 35 other pairs + ""
+                                 and ns["info"]["null_space"]["kept_prompts"] == 36  # 35 other pairs + ""
+                                 and ns["info"]["start_fraction"] == NULL_START)
     assert "ratios_null_space" in r  # the baselines' costs over each SLUG's
     uce = next(x for x in r["rows"] if x["method"] == "uce")
     assert uce["module"] == "unet" and uce["info"]["preserve_scale"] == pytest.approx(0.1)  # max(0.1, 1/35)
@@ -278,11 +280,13 @@ def test_report_says_why_there_is_no_cost_ratio_when_every_slug_search_was_refus
 
 def test_null_space_step_keeps_the_other_prompts_conditioning_and_tries_layers_by_the_target_shift():
     """slug-null-space (issue 12's step on the canvas): every candidate Linear group's forget gradient projected off
-    the other pairs' prompts (and ""); at the start step (the official 40 % relative change) the first layer moves
-    the target prompts' text states far more than the others', which the unprojected edit moves wholesale."""
+    the other pairs' prompts (and ""); at the official 40 % relative change the first layer moves the target
+    prompts' text states far more than the others', which the unprojected edit moves wholesale; its first step is
+    NULL_START (2.2 R), where the others still move 7x less than the target."""
     from slugkit.slug.search import edited
     from slugkit.workflows.canvas_lite import embedded_context
-    from slugkit.workflows.canvas_slug import START, canvas_gradients, canvas_pairs, null_space_order, text_states
+    from slugkit.workflows.canvas_slug import (NULL_START, START, canvas_gradients, canvas_pairs, null_space_order,
+                                              text_states)
     from slugkit.workflows.sd_conditioning import per_prompt_shift
     from slugkit.workflows.vlm_gradients import vlm_layer_order
 
@@ -298,14 +302,20 @@ def test_null_space_step_keeps_the_other_prompts_conditioning_and_tries_layers_b
     layer, start, shift = rows[0]
     params = dict(model.named_parameters())
     theta = float(params[layer.name].detach().norm())
-    assert start * float(projected[layer.name].norm()) / theta == pytest.approx(START)
+    assert start * float(projected[layer.name].norm()) / theta == pytest.approx(NULL_START)
     others = [grid.prompt(o, s) for s, o in grid.other_pairs("harley")] + [""]
     h0 = text_states(ctx, others)
-    with edited(model, projected, layer.group, start):
+    # at the same relative change, the official first step's, for both: the projection keeps the others' states
+    targets = [grid.prompt(o, s) for s, o in grid.target_pairs("harley")]
+    t0 = text_states(ctx, targets)
+    with edited(model, projected, layer.group, START * theta / float(projected[layer.name].norm())):
         kept = per_prompt_shift(h0, text_states(ctx, others)).mean()
+        moved = per_prompt_shift(t0, text_states(ctx, targets)).mean()
     with edited(model, grads.forget, layer.group, START * theta / float(grads.forget[layer.name].norm())):
         raw = per_prompt_shift(h0, text_states(ctx, others)).mean()
-    assert kept < 0.1 * shift and raw > 10 * kept
+    assert kept < 0.1 * moved and raw > 10 * kept
+    with edited(model, projected, layer.group, start):  # at its own first step (NULL_START): still 7x apart
+        assert per_prompt_shift(h0, text_states(ctx, others)).mean() < shift / 5
     assert torch.equal(params[layer.name], dict(embedded_context().adapter.model.named_parameters())[layer.name])
     with pytest.raises(ValueError, match="unknown step 'nullspace'"):
         from slugkit.workflows.canvas_slug import slug_canvas
