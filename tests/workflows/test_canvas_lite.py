@@ -320,3 +320,17 @@ def test_null_space_step_keeps_the_other_prompts_conditioning_and_tries_layers_b
     with pytest.raises(ValueError, match="unknown step 'nullspace'"):
         from slugkit.workflows.canvas_slug import slug_canvas
         slug_canvas("harley", ctx, step="nullspace")
+
+
+def test_report_names_the_null_space_steps_first_step():
+    from slugkit.report.canvas import render_canvas
+    from slugkit.workflows.canvas_lite import summarise
+
+    base = {"ua": 0.2, "ira": 0.7, "cra": 0.8}
+    rows = [{"method": "slug-null-space", "target": "harley", "domain": "style", "ua": 0.9, "ira": 0.7, "cra": 0.8,
+             "base": base, "time_s": 3.0, "peak_mem_bytes": 1, "storage_bytes": 400, "storage_full_bytes": 400,
+             "module": "text_encoder", "info": {"layer": "l0", "step": "null-space", "start_fraction": NULL_START}}]
+    methods = summarise(rows, ["slug-null-space"])
+    md = render_canvas({"rows": rows, "methods": methods, "base": {"style_accuracy": 0.7, "object_accuracy": 0.8},
+                        "options": {"per_pair": 1, "targets": ["harley"]}})
+    assert f"searched from a first step of {NULL_START:g} R (the paper's: 0.4 R)." in md

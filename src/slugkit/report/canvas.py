@@ -99,9 +99,12 @@ def render_canvas(report: dict) -> str:
         lines += ["", f"The baselines ran on {', '.join(o['baseline_targets'])} only; the ratios below compare SLUG "
                       "on those targets (paired), the table above averages each method over its own targets."]
     if "slug-null-space" in report["methods"]:
+        first = next((r["info"]["start_fraction"] for r in report["rows"] if r["method"] == "slug-null-space"
+                      and (r.get("info") or {}).get("start_fraction") is not None), None)
         lines += ["", "`slug-null-space` is SLUG with the null-space step (`slugkit.slug.nullspace`), not the paper's: "
                       "the forget gradient projected off the other prompts' text-layer inputs (their conditioning is "
                       "kept), layers tried by how far the projected edit moves the target's"
+                      + (f", searched from a first step of {first:g} R (the paper's: 0.4 R)" if first else "")
                       + ("; `slug` is the paper's step." if "slug" in report["methods"] else ".")]
     for slug, key in (("slug", "ratios"), ("slug-null-space", "ratios_null_space")):
         ratios, label = report.get(key) or {}, "SLUG" if slug == "slug" else slug
