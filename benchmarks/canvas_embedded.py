@@ -2,6 +2,7 @@
 
     python benchmarks/canvas_embedded.py [--baseline-max-targets 4] [--targets A,B | --max-targets N]
                                          [--methods slug,slug-null-space,esd,salun,uce] [--per-pair 2]
+                                         [--sampling-steps 20] [--esd-iterations N] [--salun-steps N]
                                          [--json results.json]
 
 Runs :func:`slugkit.workflows.canvas_lite.run_canvas_lite` (the same code as ``slug canvas lite``): SLUG on every
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark helpers beside this script
-from sweep import add_json, folder, ints, json_out, name_list, run  # noqa: E402
+from sweep import add_json, folder, seed_type, ints, json_out, name_list, run  # noqa: E402
 
 DEFAULT_BASELINE_MAX_TARGETS = 4
 
@@ -71,8 +72,12 @@ def parse(argv=None):
     ap.add_argument("--per-pair", type=ints(1), default=2, help="answer-set images per (style, object) pair")
     ap.add_argument("--canvas-model", type=folder(must_exist=True), default=None,
                     help="a `slug world train-canvas` folder (default: shipped)")
-    ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (the README's run: 2)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the methods' randomness")
+    ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (the README's run: 1)")
+    ap.add_argument("--seed", type=seed_type(), default=0, help="seed of the methods' randomness")
+    ap.add_argument("--sampling-steps", type=ints(1), default=20,
+                    help="DDIM steps of every generated image (default 20; fewer: a quick check, not the figures)")
+    ap.add_argument("--esd-iterations", type=ints(1), default=None, help="ESD's iterations (default: the settings')")
+    ap.add_argument("--salun-steps", type=ints(1), default=None, help="SalUn's steps (default: the settings')")
     add_json(ap, what="the whole report")
     a = ap.parse_args(argv)
     json_out(ap, a.json, a.overwrite)
@@ -86,8 +91,8 @@ def parse(argv=None):
             a.baseline_max_targets = DEFAULT_BASELINE_MAX_TARGETS
     why = _check(argparse.Namespace(methods=",".join(a.methods), targets=None if a.targets is None else
                                     ",".join(a.targets), max_targets=a.max_targets,
-                                    baseline_max_targets=a.baseline_max_targets, esd_iterations=None,
-                                    salun_steps=None), grid)
+                                    baseline_max_targets=a.baseline_max_targets, esd_iterations=a.esd_iterations,
+                                    salun_steps=a.salun_steps), grid)
     if why:
         ap.error(why)
     return a
@@ -99,10 +104,14 @@ def main(argv=None) -> int:
     from slugkit.report.canvas import render_canvas
     from slugkit.workflows.canvas_lite import SLUG_METHODS, row_line, run_canvas_lite
 
+    from slugkit.cli.canvas import _settings
+
     t0 = time.perf_counter()
+    settings = _settings(a)  # a quick check's budgets (no check run); said in the report as `slug canvas lite` does
     rep = run_canvas_lite(a.methods, a.targets, a.max_targets, a.per_pair, a.canvas_model, a.seed, a.threads,
                           progress=False, on_row=lambda r: print(row_line(r), flush=True),
-                          baseline_max_targets=a.baseline_max_targets)
+                          baseline_max_targets=a.baseline_max_targets, settings=settings, steps=a.sampling_steps)
+    rep["options"]["overridden"] = settings
     rep["checks"] = {}
     for m in SLUG_METHODS:
         if m in rep["methods"]:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, counts, floats, folder, guarded_run, ints, json_out, name_list, run,  # noqa: E402
+from sweep import (add_json, seed_type, counts, floats, folder, guarded_run, ints, json_out, name_list, run,  # noqa: E402
                    unfinished_line)
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
@@ -148,7 +148,7 @@ def main():
     ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer forgets within the budgets (default 2, "
                          "the demo's; 1 = the paper's single layer)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_type(), default=0)
     ap.add_argument("--data-dir", type=folder(), default=None)
     add_json(ap)
     a = ap.parse_args()

@@ -26,6 +26,14 @@ def ints(lo: int):
     return int_at_least(lo)
 
 
+def seed_type():
+    """argparse type: a seed in [0, 2^63), as the CLI's ``--seed`` (a negative one was a traceback after the first
+    runs: trial 51)."""
+    from slugkit.cli.args import seed
+
+    return seed
+
+
 def floats(lo: float, hi: float):
     """argparse type: a finite number in [lo, hi]."""
     from slugkit.cli.args import float_in
@@ -55,13 +63,16 @@ def name_list(ap: argparse.ArgumentParser, flag: str, text: str, known: list[str
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         ap.error(f"{flag} {text!r} names nothing; give {how}")
+    if len(items) != len(text.split(",")):  # `A,` or `A,,B`: a value lost, as the CLI's lists refuse (trial 51)
+        ap.error(f"{flag} {text!r} has an empty item; give each name once, separated by commas")
     by_key = {k.casefold(): k for k in known}
     out = []
     for x in items:
         if x.casefold() not in by_key:
             near = difflib.get_close_matches(x, known, n=1)
             ap.error(f"{flag}: unknown name {x!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                     + f"; {len(known)} are known, e.g. {known[0]!r}")
+                     + (f"; known: {', '.join(known)}" if len(known) <= 20 else
+                        f"; {len(known)} are known, e.g. {known[0]!r}"))
         if by_key[x.casefold()] in out:
             ap.error(f"{flag}: {by_key[x.casefold()]!r} is given twice")
         out.append(by_key[x.casefold()])

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, counts, floats, folder, guarded_run, ints, json_out, name_list,  # noqa: E402
+from sweep import (add_json, seed_type, counts, floats, folder, guarded_run, ints, json_out, name_list,  # noqa: E402
                    progress_off, run, unfinished_line)
 
 TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
@@ -113,7 +113,7 @@ def main():
     ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer passes (default 2, the demo's; 1 = the "
                          "paper's single layer)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    ap.add_argument("--seed", type=seed_type(), default=0, help="seed of the run (default 0)")
     ap.add_argument("--data-dir", type=folder(), default=None,
                     help="the world's data folder (default: written on first use)")
     ap.add_argument("--vlm-model", type=folder(must_exist=True), default=None,

@@ -30,6 +30,12 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("compare_embedded.py", ["--threads", "0"], "--threads"),
     ("canvas_embedded.py", ["--max-targets", "-1"], "--max-targets"),
     ("canvas_embedded.py", ["--per-pair", "0"], "--per-pair"),
+    ("canvas_embedded.py", ["--seed", "-1"], "--seed"),  # a traceback after the first runs (trial 51)
+    ("canvas_embedded.py", ["--targets", "harley,"], "--targets"),  # ran (the CLI refuses an empty item)
+    ("canvas_embedded.py", ["--methods", "uce", "--esd-iterations", "5"], "--esd-iterations"),
+    ("canvas_embedded.py", ["--sampling-steps", "0"], "--sampling-steps"),
+    ("canvas_embedded.py", ["--methods", "bogus"], "known: slug, slug-null-space, esd, salun, uce"),
+    ("vlm_embedded.py", ["--seed", "-1"], "--seed"),
     ("canvas_embedded.py", ["--methods", "slug", "--baseline-max-targets", "2"], "--baseline-max-targets"),
     ("gradient_pass.py", ["--repeats", "0"], "--repeats"),
     ("gradient_pass.py", ["--arch", "embedded", "embedded"], "--arch"),

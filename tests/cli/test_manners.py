@@ -527,3 +527,15 @@ def test_the_steps_of_a_sequential_run_applied_in_order_carry_the_runs_verdict(t
     line = sequential_run_line(steps)
     assert line.startswith(f"warning: the sequential run {seq} has verdict fail on the model all its steps make")
     assert "of them" in sequential_run_line(steps[:1] + steps[:1]) and sequential_run_line(steps[:1]) is None
+
+
+def test_every_seed_option_refuses_a_negative_seed_at_parse_time(capsys):
+    """`slug canvas lite --seed -5` ran its first method, then failed in numpy naming no option (trial 51): every
+    command's --seed is a seed in [0, 2^63), refused when parsed."""
+    commands = [cmd.split()[1:] for cmd, a in _options(build_parser()) if "--seed" in a.option_strings]
+    assert len(commands) >= 8  # unlearn, demo, compare, curate, eval-sd, canvas lite/run, world train/train-vlm
+    for argv in commands:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--seed", "-5"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--seed" in err and "[0, 2^63), got -5" in err, (argv, err)

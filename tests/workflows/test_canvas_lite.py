@@ -3,6 +3,7 @@ layout): every method runs through the protocol, the JSON carries the table's co
 their definitions on a constructed answer set, and bad options are refused."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from slugkit.cli import main
 from slugkit.world import canvas
 from slugkit.workflows.canvas_lite import AnswerSet, choose_targets, run_canvas_lite
-from slugkit.workflows.canvas_slug import NULL_START
+from slugkit.workflows.canvas_slug import NULL_START, START
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,10 @@ def test_every_method_runs_the_protocol(tiny_canvas):
         assert row["peak_mem_method"] in ("hwm", "sampled")  # which measure the number comes from
         if not row.get("refused"):
             assert rec["storage_bytes"] > 0
+    for m, first in (("slug", START), ("slug-null-space", NULL_START)):  # refused runs too (trial 51)
+        info = next(x for x in r["rows"] if x["method"] == m)["info"]
+        assert info["start_fraction"] == first and isinstance(info["search"], list)
+        assert all({"layer", "start_step", "trajectory"} <= set(L) and "group" not in L for L in info["search"])
     ns = next(x for x in r["rows"] if x["method"] == "slug-null-space")
     assert ns.get("refused") or (ns["info"]["step"] == "null-space" and ns["module"] == "text_encoder"
                                  and ns["info"]["null_space"]["kept_prompts"] == 36  # 35 other pairs + ""
@@ -87,7 +92,7 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     rc = main(["canvas", "lite", "--methods", "uce,esd", "--targets", "star", "--per-pair", "1", "--sampling-steps",
                "3", "--esd-iterations", "2", "--canvas-model",
                str(tiny_canvas), "--out", str(out), "--no-progress"])
-    assert rc == 0
+    assert rc == 3  # written, and a warning: the stand-in's random judges recognise no star (exit 0 before trial 51)
     rep = json.loads((out / "canvas.json").read_text())
     assert rep["methods"]["uce"]["object"]["ua"] >= 0 and (out / "canvas.png").stat().st_size > 1000
     md = (out / "canvas.md").read_text()
@@ -102,6 +107,13 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
     assert main(["canvas", "lite", "--targets", "cubism", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "unknown 'cubism'" in err and "--methods: unknown 'sgd'; choose from slug, slug-null-space, esd, salun, uce" in err
+    # an --out inside the package or the canvas model it reads (canvas.* was written beside the UNet: trial 51)
+    capsys.readouterr()
+    for inside, flag in ((Path(canvas.__file__).parent / "run_x", "the slugkit package"),
+                         (tiny_canvas / "run", f"--canvas-model {tiny_canvas}")):
+        assert main(["canvas", "lite", "--methods", "uce", "--targets", "star", "--canvas-model", str(tiny_canvas),
+                     "--out", str(inside), "--no-progress"]) == 2
+        assert f"is inside {flag}" in capsys.readouterr().err and not inside.exists()
     assert not (tmp_path / "x").exists()
     assert main(["canvas", "lite", "--methods", "uce", "--canvas-model", str(tmp_path / "none"), "--out",
                  str(tmp_path / "y")]) == 2
@@ -329,8 +341,19 @@ def test_report_names_the_null_space_steps_first_step():
     base = {"ua": 0.2, "ira": 0.7, "cra": 0.8}
     rows = [{"method": "slug-null-space", "target": "harley", "domain": "style", "ua": 0.9, "ira": 0.7, "cra": 0.8,
              "base": base, "time_s": 3.0, "peak_mem_bytes": 1, "storage_bytes": 400, "storage_full_bytes": 400,
-             "module": "text_encoder", "info": {"layer": "l0", "step": "null-space", "start_fraction": NULL_START}}]
+             "module": "text_encoder", "info": {"layer": "text_model.encoder.l0.v", "step": "null-space",
+                                                "group": ["text_model.encoder.l0.k", "text_model.encoder.l0.v"],
+                                                "start_fraction": NULL_START}}]
     methods = summarise(rows, ["slug-null-space"])
     md = render_canvas({"rows": rows, "methods": methods, "base": {"style_accuracy": 0.7, "object_accuracy": 0.8},
                         "options": {"per_pair": 1, "targets": ["harley"]}})
     assert f"searched from a first step of {NULL_START:g} R (the paper's: 0.4 R)." in md
+    assert "| edited: `l0.k`, `l0.v` |" in md  # every tensor of the group (it named one: trial 51)
+    assert "Peak memory: how far the process's resident set grew" in md and "| peak memory growth |" in md
+
+
+def test_plot_markers_shrink_method_by_method_so_ties_stay_visible():
+    from slugkit.report.canvas import marker_sizes
+
+    sizes = list(marker_sizes(["slug", "slug-null-space", "esd", "salun", "uce"]).values())
+    assert all(a > b for a, b in zip(sizes, sizes[1:])) and sizes[-1] >= 3.0

@@ -106,8 +106,9 @@ def test_judges_map_official_labels_into_the_grid(bench):
 
 def test_cli_writes_the_table(bench, tmp_path, capsys):
     out = tmp_path / "run"
+    # exit 3 (a warning, as a run's warn verdict): the stand-in judges recognise no Dogs (it exited 0: trial 51)
     assert main(_args(bench, "--methods", "uce", "--targets", "Dogs", "--seeds", "188", "--steps", "2", "--out",
-                      str(out), "--no-progress")) == 0
+                      str(out), "--no-progress")) == 3
     rep = json.loads((out / "canvas.json").read_text())
     assert rep["protocol"] == "official" and rep["methods"]["uce"]["object"]["ua"] >= 0
     assert "the official protocol (`slug canvas run`)" in (out / "canvas.md").read_text()
@@ -117,7 +118,7 @@ def test_cli_writes_the_table(bench, tmp_path, capsys):
     from slugkit.report.canvas import unrecognised_warning
 
     assert rep["base"]["unrecognised_targets"] == ["Dogs"]
-    assert f"warning: {unrecognised_warning(['Dogs'])}" in capsys.readouterr().err
+    assert f"warning: {unrecognised_warning(['Dogs'])} (exit status 3)" in capsys.readouterr().err
     assert unrecognised_warning(["Dogs"], bold=True) in (out / "canvas.md").read_text()
 
 

@@ -41,6 +41,20 @@ def int_at_least(lo: int):
     return check
 
 
+def seed(text: str) -> int:
+    """A seed: an integer in [0, 2^63) — numpy's generators refuse a negative one and torch's an overflowing one,
+    which a run met after minutes of work, naming no option (`slug canvas lite --seed -5`: "expected non-negative
+    integer" after the first method had run, trial 51)."""
+    v = _number(int, text)
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {v}")
+    return v
+
+
+seed.__name__ = "seed"
+SEED = seed
+
+
 def fraction_or_off(text: str) -> float | None:
     """A fraction in [0, 1], or ``off`` (None)."""
     if text.strip().lower() in ("off", "none"):
@@ -224,7 +238,7 @@ def add_run_args(p: argparse.ArgumentParser, threads: int | None = None, out_def
     p.add_argument("--batch-size", type=BATCH, default=64,
                    help="pairs per batch of the gradient pass, >= 2: the retain loss is contrastive (default 64; the "
                         "official script uses 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=THREADS, default=threads,
                    help="torch CPU threads (default: "
                         + ("1 for --model embedded on the CPU, as `slug demo`; else torch's choice)" if threads is None

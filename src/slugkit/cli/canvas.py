@@ -13,7 +13,7 @@ status 0, or 2 for a usage or input error.
 from __future__ import annotations
 
 from ..common.text import did_you_mean, printable
-from .args import COUNT, THREADS, item_list, refuse, split_list
+from .args import COUNT, SEED, THREADS, item_list, refuse, split_list
 
 
 def _check(a, grid) -> str | None:
@@ -50,15 +50,25 @@ def _check(a, grid) -> str | None:
         choose_targets(targets or None, a.max_targets, grid), a.baseline_max_targets, grid, "--baseline-max-targets")
 
 
-def _run_and_write(a, run, prepare=None) -> int:
-    """Claim ``--out`` (an existing run is refused before any work), ``prepare()`` (loading; its
-    ``FileNotFoundError``/``ValueError`` is a usage error), run, write JSON + markdown + plot at once."""
+def _run_and_write(a, run, prepare=None, models: dict | None = None) -> int:
+    """Refuse an ``--out`` inside the slugkit package or one of ``models`` (``{"--flag": folder the run reads}``;
+    both canvas commands wrote canvas.* beside the shipped canvas UNet, trial 51, which `slug demo` refuses), claim
+    ``--out`` (an existing run is refused before any work), ``prepare()`` (loading; its
+    ``FileNotFoundError``/``ValueError`` is a usage error), run, write JSON + markdown + plot at once. Exit status 0,
+    or 3 (a warning, as a run's ``warn`` verdict) when the judges recognise a target on none of the unedited
+    model's answer-set images: its UA reads 100 % for any method (trial 51: a script checking the status took it as a
+    result)."""
     from ..common.files import atomic_write_bytes, write_json
     from ..common.outlock import claim_out
+    from ..common.outputs import out_inside_model
     from ..common.runfolder import run_folder
     from ..report.canvas import canvas_plot, render_canvas
     from ..workflows.canvas_lite import row_line
+    from ..workflows.verdict import EXIT_STATUS
 
+    why = out_inside_model(a.out, models or {})
+    if why:
+        return refuse(why)
     claim_out(a.out, a.overwrite, "canvas.json")
     state = None
     if prepare is not None:
@@ -85,7 +95,9 @@ def _run_and_write(a, run, prepare=None) -> int:
 
         from ..report.canvas import unrecognised_warning
 
-        print(f"warning: {unrecognised_warning([printable(g) for g in gone])}", file=sys.stderr)
+        print(f"warning: {unrecognised_warning([printable(g) for g in gone])} (exit status "
+              f"{EXIT_STATUS['warn']})", file=sys.stderr)
+        return EXIT_STATUS["warn"]
     return 0
 
 
@@ -114,7 +126,7 @@ def cmd_canvas(a) -> int:
                             baseline_max_targets=a.baseline_max_targets, settings=_settings(a))
         return {"protocol": "lite", **r}
 
-    return _run_and_write(a, run)
+    return _run_and_write(a, run, models={"--canvas-model": a.canvas_model})
 
 
 def cmd_canvas_run(a) -> int:
@@ -170,7 +182,7 @@ def cmd_canvas_run(a) -> int:
         r["options"].update(paths, device=a.device, threads=a.threads, declared_subset=not full)
         return {"protocol": "official", **r}
 
-    return _run_and_write(a, run, prepare)
+    return _run_and_write(a, run, prepare, models={})  # the folders it reads: refused above, each named
 
 
 def _shared(p, what: str) -> None:
@@ -184,7 +196,7 @@ def _shared(p, what: str) -> None:
                    help="the baselines on at most N of those styles and N objects (SLUG on all; default: all)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of the methods' own randomness (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the methods' own randomness (default 0)")
     p.add_argument("--esd-iterations", type=COUNT, default=None, help="ESD's iterations (default: the settings')")
     p.add_argument("--salun-steps", type=COUNT, default=None, help="SalUn's steps (default: the settings')")
     p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")

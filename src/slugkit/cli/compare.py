@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from .args import (BATCH, COUNT, FRACTION, THREADS, _number, data_dir_conflict, float_at_least, float_in, item_list,
-                   method_lr, name_list, nonempty, refuse, split_list, template, text_file, validate_compare_data)
+from .args import (BATCH, COUNT, FRACTION, SEED, THREADS, _number, data_dir_conflict, float_at_least, float_in,
+                   item_list, method_lr, name_list, nonempty, refuse, split_list, template, text_file,
+                   validate_compare_data)
 
 
 def lr_list(text: str) -> list[float]:
@@ -189,7 +190,7 @@ def add_parsers(sub) -> None:
     cp.add_argument("--overwrite", action="store_true", help="replace an existing comparison in --out")
     cp.add_argument("--batch-size", type=BATCH, default=32, help="baselines' batch size (official 32); SLUG keeps "
                                                                "`slug demo`'s settings")
-    cp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    cp.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
     cp.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
     cp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cp.add_argument("--audit", action="store_true",

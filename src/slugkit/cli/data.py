@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..common.text import printable
-from .args import BATCH, COUNT, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse
+from .args import BATCH, COUNT, SEED, THREADS, deprecated_alias, float_at_least, int_at_least, nonempty, refuse
 from .outputs import out_inside_run
 from .evalsd import load_pipeline
 
@@ -202,7 +202,7 @@ def add_parsers(sub) -> None:
                    help="retain pairs to keep (default all non-matches; 0: no retain set)")
     c.add_argument("--retain", type=int_at_least(0), dest="max_retain", action=deprecated_alias("--max-retain"),
                    help=argparse.SUPPRESS)  # old spelling: elsewhere --retain is a path, here it was a count
-    c.add_argument("--seed", type=int, default=0, help="seed of the retain subsample (default 0)")
+    c.add_argument("--seed", type=SEED, default=0, help="seed of the retain subsample (default 0)")
     c.add_argument("--strict", action="store_true", help="fail on unreadable samples instead of skipping them")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--out", required=True, help="output folder for forget.tar, retain.tar, the manifests and "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..common.files import write_json
 from ..common.text import printable
-from .args import COUNT, THREADS, float_at_least, int_at_least, refuse, split_list, template
+from .args import COUNT, SEED, THREADS, float_at_least, int_at_least, refuse, split_list, template
 from .outputs import out_inside_model, out_inside_run
 
 GEN_EVAL = "gen_eval.json"
@@ -186,7 +186,7 @@ def add_eval_sd_parser(sub) -> None:
     ev.add_argument("--steps", type=COUNT, default=25, help="denoising steps (default 25)")
     ev.add_argument("--guidance", type=float_at_least(0.0), default=None,
                     help="guidance scale (default: the pipeline's)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the generation plan (default 0)")
+    ev.add_argument("--seed", type=SEED, default=0, help="seed of the generation plan (default 0)")
     ev.add_argument("--device", default="cpu", help="the pipeline's and the judge's device (default cpu)")
     ev.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,7 +7,7 @@ import json
 import os
 
 from ..common.text import printable
-from .args import COUNT, THREADS, float_at_least, int_in
+from .args import COUNT, SEED, THREADS, float_at_least, int_in
 
 
 def cmd_world(a) -> int:
@@ -60,7 +60,7 @@ def add_parsers(sub) -> None:
     wt = wsub.add_parser("train", help="train the embedded tiny CLIP")
     wt.add_argument("--out", required=True, help="folder for open_clip_config.json, the weights and train_report.json")
     wt.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
-    wt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    wt.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
     wt.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
     wt.add_argument("--vision-layers", type=int_in(2, 24), default=None,
                     help="image-tower blocks, 2..24 (default 4, the shipped CLIP's; a VLM on an 8-block one: "
@@ -72,7 +72,7 @@ def add_parsers(sub) -> None:
                                            "projector and a small Llama)")
     wv.add_argument("--out", required=True, help="folder for the model, its processor files and train_report.json")
     wv.add_argument("--steps", type=COUNT, default=None, help="training steps (default 3000)")
-    wv.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    wv.add_argument("--seed", type=SEED, default=None, help="random seed (default 0)")
     wv.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default 1: bit-reproducible)")
     wv.add_argument("--feature-noise", type=float_at_least(0), default=None,
                     help="gaussian noise on the tower features during training, in per-channel stds (default: the "

@@ -43,6 +43,13 @@ def unrecognised_warning(targets: list[str], bold: bool = False) -> str:
             "image size — and the pipeline).")
 
 
+def _edited(info: dict) -> str:
+    """``"edited: <every tensor of the layer's group>"`` (the note named the group's first tensor alone, while the
+    edit and its storage covered q, k and v: trial 51)."""
+    group = info.get("group") or [info.get("layer")]
+    return "edited: " + ", ".join(f"`{str(n).removeprefix('text_model.encoder.')}`" for n in group)
+
+
 def render_canvas(report: dict) -> str:
     """Markdown: the method table (style UA/IRA/CRA, object UA/IRA/CRA in %, time, peak memory, storage), the
     worst target per method and domain, the cost ratios against SLUG, then every row."""
@@ -64,11 +71,13 @@ def render_canvas(report: dict) -> str:
              + (" — **a declared subset of the official protocol** (its answer set: 51 styles × 20 objects × 5 seeds, "
                 "DDIM 100, guidance 9.0)." if o.get("declared_subset") else "."), "",
              "Storage: the changed tensors (float32) / the checkpoint as UnlearnCanvas stores it (the whole edited "
-             "UNet; SLUG's is its patch).", "",
+             "UNet; SLUG's is its patch). Peak memory: how far the process's resident set grew above where it stood "
+             "when the method began (its peak during the call, minus its start), the models and the answer set "
+             "already loaded not counted; `peak_mem_method` in the JSON says how it was read.", "",
              *([f"**Settings changed on the command line** (the times and UA below are for these, not the defaults): "
                 f"{_overrides(o)}.", ""] if o.get("overridden") else []),
              "| method | targets (refused) | style UA | style IRA | style CRA | object UA | object IRA | object CRA "
-             "| time (s, mean) | slowest (s) | peak memory | storage (changed / checkpoint) |",
+             "| time (s, mean) | slowest (s) | peak memory growth | storage (changed / checkpoint) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for row in report["rows"]:  # the unedited model, averaged over the distinct targets of the table
@@ -127,7 +136,7 @@ def render_canvas(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         note = ("refused: " + r["refused"][:400]) if r.get("refused") else \
-            (f"layer {r['info'].get('layer')}" if r["method"] in ("slug", "slug-null-space") else "")
+            (_edited(r["info"]) if r["method"] in ("slug", "slug-null-space") else "")
         took = "—" if r["time_s"] is None else f"{r['time_s']:.2f}"
         b = r["base"]
         lines.append(f"| {r['method']} | {r['target']} | {_pct(r['ua'])} ({_pct(b['ua'])}) | {_pct(r['ira'])} "
@@ -158,9 +167,17 @@ def plot_series(report: dict) -> list[dict]:
     return out
 
 
+def marker_sizes(methods: list[str]) -> dict[str, float]:
+    """Per method a marker size (points), each smaller than the one before, so that two methods' runs at the same
+    (IRA, UA) — 10 answer-set images per concept make ties common — show as a dot inside a ring, not as one point
+    (slug's wesley hid under UCE's: trial 51)."""
+    return {m: max(11.0 - 1.6 * i, 3.0) for i, m in enumerate(methods)}
+
+
 def canvas_plot(report: dict, path: str | Path) -> None:
-    """UA against IRA per run (one colour per method; circles styles, squares objects; refused SLUG runs hollow),
-    the unedited model's mean over the targets as a black × (styles) and + (objects) (:func:`plot_series`)."""
+    """UA against IRA per run (one colour and size per method, :func:`marker_sizes`; circles styles, squares objects;
+    refused SLUG runs hollow), the unedited model's mean over the targets as a black × (styles) and + (objects)
+    (:func:`plot_series`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,6 +185,7 @@ def canvas_plot(report: dict, path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     colour = {m: f"C{i}" for i, m in enumerate(report["methods"])}
+    size = marker_sizes(list(report["methods"]))
     for ser in plot_series(report):
         xs, ys = zip(*ser["points"])
         mk = "o" if ser["domain"] == "style" else "s"
@@ -176,9 +194,10 @@ def canvas_plot(report: dict, path: str | Path) -> None:
                     label=f"unedited ({ser['domain']}, mean)")
         elif ser["refused"]:
             ax.plot(xs, ys, mk, markerfacecolor="none", color=colour[ser["method"]],
-                    label=f"{ser['method']} ({ser['domain']}) refused: scored unedited")
+                    markersize=size[ser["method"]], label=f"{ser['method']} ({ser['domain']}) refused: scored unedited")
         else:
-            ax.plot(xs, ys, mk, color=colour[ser["method"]], alpha=0.8, label=f"{ser['method']} ({ser['domain']})")
+            ax.plot(xs, ys, mk, color=colour[ser["method"]], alpha=0.8, markersize=size[ser["method"]],
+                    label=f"{ser['method']} ({ser['domain']})")
     ax.set_xlabel("IRA: in-domain retention (higher is better)")
     ax.set_ylabel("UA: unlearning accuracy (higher is better)")
     ax.set_xlim(-0.02, 1.02)

@@ -260,6 +260,7 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
     from ..common.progress import status
     from ..methods.diffusion import applied
     from ..slug.search import SearchFailed
+    from .canvas_slug import row_info
     from .compare_support import PeakRSS
 
     for m in methods:
@@ -302,7 +303,8 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
                 spent = getattr(e, "time_s", None)  # SLUG's own clock (data in hand), else the whole call
                 spent = time.perf_counter() - t_run if spent is None else spent
                 row.update(refused=str(e), **row["base"], time_s=spent,
-                           peak_mem_bytes=pm.bytes, peak_mem_method=pm.mode, storage_bytes=0, storage_full_bytes=0)
+                           peak_mem_bytes=pm.bytes, peak_mem_method=pm.mode, storage_bytes=0, storage_full_bytes=0,
+                           **({"info": row_info(e.record)} if getattr(e, "record", None) else {}))
             else:
                 with applied(getattr(ctx.pipe, module), edit.tensors):
                     sc = answer_set(ctx, per_pair).scores(target, grid)
@@ -312,7 +314,7 @@ def run_protocol(ctx: CanvasContext, methods=METHODS, targets: list[str] | None 
                            storage_bytes=edit.storage_bytes,
                            **({"peak_gpu_mem_bytes": torch.cuda.max_memory_allocated()} if cuda else {}),
                            storage_full_bytes=full if module == "unet" else edit.storage_bytes,
-                           info={k: v for k, v in edit.info.items() if k not in ("log", "search")})
+                           info=row_info({k: v for k, v in edit.info.items() if k != "log"}))
             rows.append(row)
             if on_row:
                 on_row(row)

@@ -46,7 +46,8 @@ The kept prompts are the answer set's other prompts, as the baselines' retain da
 
 Returns the edited text-encoder tensors as a :class:`~slugkit.methods.diffusion.DiffusionEdit` (its tensors are
 named as in the pipeline's text encoder; apply with :func:`slugkit.methods.diffusion.applied` on
-``pipe.text_encoder``). Raises :class:`~slugkit.slug.search.SearchFailed` when no searched layer has an accepted step.
+``pipe.text_encoder``). Raises :class:`~slugkit.slug.search.SearchFailed` when no searched layer has an accepted step
+(its ``time_s``: the search's seconds; ``record``: the step, its first step and every searched layer's trajectory).
 """
 
 from __future__ import annotations
@@ -244,6 +245,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
     forget, retain = canvas_pairs(ctx, target, seed=seed)
     t0 = time.perf_counter()  # the method's time starts with its data in hand, as the baselines' does
     t_data = t0 - t_data
+    searched = []
     try:
         grads = canvas_gradients(ctx, forget, retain, progress=progress)
         order, table = vlm_layer_order(adapter, grads.forget, grads.retain)
@@ -275,7 +277,7 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
             t_acc, o_acc = score(group, eta)
             return t_acc, base_o - o_acc
 
-        searched, chosen = [], None
+        chosen = None
         for layer, start in starts[:max_searched]:
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), start, search_steps, threshold,
                                               ira_budget, first_accepted=True, upper=BRACKET * start,
@@ -295,7 +297,8 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
                                f"{', null-space step' if step == 'null-space' else ''})"
                                f"{closest(searched, threshold, ira_budget, None)}")
     except SearchFailed as e:  # a refusal costs its search: the caller records this time (as the edit's time_s)
-        e.time_s = time.perf_counter() - t0
+        e.time_s = time.perf_counter() - t0  # and what it measured (a refused row's info: trial 51)
+        e.record = {"step": step, "start_fraction": start_fraction, "search": searched}
         raise
     layer, eta = chosen
     values = edited_values(adapter.model, g_forget, layer.group, eta)
@@ -308,5 +311,16 @@ def slug_canvas(target: str, ctx, *, threshold: float = 0.0, ira_budget: float =
                           **({"null_space": null_space} if null_space else {})})
 
 
+def row_info(info: dict) -> dict:
+    """A SLUG row's ``info`` as ``canvas.json`` keeps it: the search's measured steps per layer tried (``search``:
+    ``layer``, ``start_step``, ``accepted_step``, ``trajectory`` of ``step_size`` / ``target_recognised`` /
+    ``other_drop`` / ``accepted``), without each layer's repeated tensor group (``info.group`` names the chosen
+    one). The steps were left out, so "accepted at the first step" could not be read from the files (trial 51)."""
+    if "search" not in info:
+        return info
+    return {**info, "search": [{k: v for k, v in L.items() if k != "group"} for L in info["search"]]}
+
+
 __all__ = ["IRA_BUDGET", "NULL_START", "SEARCH_STEPS", "STEPS", "VAL_OTHER", "VAL_TARGET", "SearchFailed",
-           "canvas_gradients", "canvas_pairs", "null_space_order", "slug_canvas", "text_states", "validation_plan"]
+           "canvas_gradients", "canvas_pairs", "null_space_order", "row_info", "slug_canvas", "text_states",
+           "validation_plan"]
