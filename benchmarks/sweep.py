@@ -27,11 +27,11 @@ def ints(lo: int):
 
 
 def seed_type():
-    """argparse type: a seed in [0, 2^63), as the CLI's ``--seed`` (a negative one was a traceback after the first
+    """argparse type: a seed in [0, 2^63 - 1], as the CLI's ``--seed`` (a negative one was a traceback after the first
     runs: trial 51)."""
-    from slugkit.cli.args import seed
+    from slugkit.cli.args import SEED
 
-    return seed
+    return SEED
 
 
 def floats(lo: float, hi: float):

@@ -34,7 +34,9 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("canvas_embedded.py", ["--targets", "harley,"], "--targets"),  # ran (the CLI refuses an empty item)
     ("canvas_embedded.py", ["--methods", "uce", "--esd-iterations", "5"], "--esd-iterations"),
     ("canvas_embedded.py", ["--sampling-steps", "0"], "--sampling-steps"),
-    ("canvas_embedded.py", ["--methods", "bogus"], "known: slug, slug-null-space, esd, salun, uce"),
+    ("canvas_embedded.py", ["--methods", "bogus"], "choose from slug, slug-null-space, esd, salun, uce"),
+    ("canvas_embedded.py", ["--targets", "Harley"], "did you mean 'harley'?"),  # ran (the CLI refuses it)
+    ("canvas_embedded.py", ["--methods", "SLUG"], "did you mean 'slug'?"),
     ("vlm_embedded.py", ["--seed", "-1"], "--seed"),
     ("canvas_embedded.py", ["--methods", "slug", "--baseline-max-targets", "2"], "--baseline-max-targets"),
     ("gradient_pass.py", ["--repeats", "0"], "--repeats"),
@@ -125,3 +127,5 @@ def test_the_canvas_checks_read_within_10_points_as_at_most_10_below():
                        "style UA slug at most 10 pts below salun": False,
                        "storage slug patch <= 1/50 salun checkpoint": True}
     assert any("+20.0 pts" in k for k in out) and any("-10.5 pts" in k for k in out)
+    refused = canvas_embedded.checks({"salun": method(0.9, 9.0, 5000)}, {"style": {"ua": 0.2}, "time_s": 1.0})
+    assert not any(k.startswith("storage") for k in refused)  # every SLUG search refused: a KeyError before

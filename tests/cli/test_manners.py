@@ -531,11 +531,16 @@ def test_the_steps_of_a_sequential_run_applied_in_order_carry_the_runs_verdict(t
 
 def test_every_seed_option_refuses_a_negative_seed_at_parse_time(capsys):
     """`slug canvas lite --seed -5` ran its first method, then failed in numpy naming no option (trial 51): every
-    command's --seed is a seed in [0, 2^63), refused when parsed."""
+    command's --seed is a seed in [0, 2^63 - 1], refused when parsed (world train-t2i and train-canvas too:
+    verification 52)."""
     commands = [cmd.split()[1:] for cmd, a in _options(build_parser()) if "--seed" in a.option_strings]
     assert len(commands) >= 8  # unlearn, demo, compare, curate, eval-sd, canvas lite/run, world train/train-vlm
     for argv in commands:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--seed", "-5"])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and "--seed" in err and "[0, 2^63), got -5" in err, (argv, err)
+        assert e.value.code == 2 and "--seed" in err and "must be in [0, 2^63 - 1], got -5" in err, (argv, err)
+    for trainer in ("train-t2i", "train-canvas"):  # their own parsers, checked before any training
+        for bad in ("-5", str(2 ** 64)):
+            assert main(["world", trainer, "--seed", bad, "--out", "/nonexistent/never-written"]) == 2
+            assert f"--seed must be in [0, 2^63 - 1], got {bad}" in capsys.readouterr().err

@@ -93,6 +93,7 @@ def test_cli_writes_the_table_and_refuses_bad_input(tiny_canvas, tmp_path, capsy
                "3", "--esd-iterations", "2", "--canvas-model",
                str(tiny_canvas), "--out", str(out), "--no-progress"])
     assert rc == 3  # written, and a warning: the stand-in's random judges recognise no star (exit 0 before trial 51)
+    assert "(check --sampling-steps — the shipped judges" in capsys.readouterr().err  # not "the classifiers" (v. 52)
     rep = json.loads((out / "canvas.json").read_text())
     assert rep["methods"]["uce"]["object"]["ua"] >= 0 and (out / "canvas.png").stat().st_size > 1000
     md = (out / "canvas.md").read_text()
@@ -343,12 +344,13 @@ def test_report_names_the_null_space_steps_first_step():
              "base": base, "time_s": 3.0, "peak_mem_bytes": 1, "storage_bytes": 400, "storage_full_bytes": 400,
              "module": "text_encoder", "info": {"layer": "text_model.encoder.l0.v", "step": "null-space",
                                                 "group": ["text_model.encoder.l0.k", "text_model.encoder.l0.v"],
-                                                "start_fraction": NULL_START}}]
+                                                "start_fraction": NULL_START, "step_size": 27.0,
+                                                "search": [{"layer": "text_model.encoder.l0.v", "start_step": 54.0}]}}]
     methods = summarise(rows, ["slug-null-space"])
     md = render_canvas({"rows": rows, "methods": methods, "base": {"style_accuracy": 0.7, "object_accuracy": 0.8},
                         "options": {"per_pair": 1, "targets": ["harley"]}})
     assert f"searched from a first step of {NULL_START:g} R (the paper's: 0.4 R)." in md
-    assert "| edited: `l0.k`, `l0.v` |" in md  # every tensor of the group (it named one: trial 51)
+    assert "| edited: `l0.k`, `l0.v`; step 1.1 R (first step 2.2 R) |" in md  # every tensor (it named one: trial 51)
     assert "Peak memory: how far the process's resident set grew" in md and "| peak memory growth |" in md
 
 

@@ -41,20 +41,6 @@ def int_at_least(lo: int):
     return check
 
 
-def seed(text: str) -> int:
-    """A seed: an integer in [0, 2^63) — numpy's generators refuse a negative one and torch's an overflowing one,
-    which a run met after minutes of work, naming no option (`slug canvas lite --seed -5`: "expected non-negative
-    integer" after the first method had run, trial 51)."""
-    v = _number(int, text)
-    if not 0 <= v < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {v}")
-    return v
-
-
-seed.__name__ = "seed"
-SEED = seed
-
-
 def fraction_or_off(text: str) -> float | None:
     """A fraction in [0, 1], or ``off`` (None)."""
     if text.strip().lower() in ("off", "none"):
@@ -68,15 +54,20 @@ def fraction_or_off(text: str) -> float | None:
 fraction_or_off.__name__ = "fraction or off"
 
 
-def int_in(lo: int, hi: int):
-    """An integer in [lo, hi]."""
+def int_in(lo: int, hi: int, hi_text: str | None = None):
+    """An integer in [lo, hi] (``hi_text``: how messages write ``hi``)."""
     def check(text: str) -> int:
         v = _number(int, text)
         if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}")
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi_text or hi}], got {v}")
         return v
-    check.__name__ = f"integer in [{lo}, {hi}]"
+    check.__name__ = f"integer in [{lo}, {hi_text or hi}]"
     return check
+
+
+# every --seed: numpy refuses a negative seed and torch an overflowing one, after minutes of work and naming no
+# option (`slug canvas lite --seed -5`, trial 51)
+SEED = int_in(0, 2 ** 63 - 1, "2^63 - 1")
 
 
 def float_in(lo: float, hi: float, hi_open: bool = False):
@@ -238,7 +229,7 @@ def add_run_args(p: argparse.ArgumentParser, threads: int | None = None, out_def
     p.add_argument("--batch-size", type=BATCH, default=64,
                    help="pairs per batch of the gradient pass, >= 2: the retain loss is contrastive (default 64; the "
                         "official script uses 16)")
-    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=THREADS, default=threads,
                    help="torch CPU threads (default: "
                         + ("1 for --model embedded on the CPU, as `slug demo`; else torch's choice)" if threads is None

@@ -95,7 +95,8 @@ def _run_and_write(a, run, prepare=None, models: dict | None = None) -> int:
 
         from ..report.canvas import unrecognised_warning
 
-        print(f"warning: {unrecognised_warning([printable(g) for g in gone])} (exit status "
+        print(f"warning: {unrecognised_warning([printable(g) for g in gone], protocol=report.get('protocol'))} "
+              f"(exit status "
               f"{EXIT_STATUS['warn']})", file=sys.stderr)
         return EXIT_STATUS["warn"]
     return 0
@@ -205,7 +206,12 @@ def _shared(p, what: str) -> None:
 
 def add_parsers(sub) -> None:
     """Add ``canvas lite`` and ``canvas run`` to ``sub``."""
-    c = sub.add_parser("canvas", help="UnlearnCanvas: styles and objects, SLUG beside ESD, SalUn and UCE")
+    c = sub.add_parser("canvas", help="UnlearnCanvas: styles and objects, SLUG beside ESD, SalUn and UCE",
+                       description="UnlearnCanvas: styles and objects, SLUG beside ESD, SalUn and UCE. A benchmark: a "
+                                   "SLUG search that finds no step is a refused row of its table, not the run's "
+                                   "failure. Exit status: 0 the table written, 3 written with a warning (a target the "
+                                   "judges recognise on none of the unedited model's images), 2 a usage or input "
+                                   "error (nothing written).")
     csub = c.add_subparsers(dest="canvas_cmd", required=True)
     lite = csub.add_parser("lite", help="the UnlearnCanvas protocol on the embedded canvas (8 styles x 5 objects)")
     _shared(lite, "style and object")

@@ -34,20 +34,30 @@ def _changed(o: dict, method: str) -> str:
     return f" — at {', '.join(f'{k} {v}' for k, v in kv.items())}, not the default" if kv else ""
 
 
-def unrecognised_warning(targets: list[str], bold: bool = False) -> str:
+def unrecognised_warning(targets: list[str], bold: bool = False, protocol: str | None = "official") -> str:
     """The one sentence ``canvas.md`` and the CLI's stderr give for targets the judges recognise on none of the
-    unedited model's answer-set images (``canvas.json → base.unrecognised_targets``)."""
+    unedited model's answer-set images (``canvas.json → base.unrecognised_targets``); what to check depends on the
+    ``protocol``: the user's classifiers and pipeline (``"official"``), or on the embedded canvas, whose judges
+    are shipped, the sampler steps and the canvas model (``"lite"``: it pointed a `--sampling-steps 2` run at
+    classifiers it was never given, verification 52)."""
     b = "**" if bold else ""
+    check = ("check --sampling-steps — the shipped judges recognise the shipped canvas's images at its default 20 "
+             "DDIM steps — and --canvas-model" if protocol == "lite" else
+             "check the classifiers — labels, image size — and the pipeline")
     return (f"{b}The judges recognise none of the unedited model's answer-set images of {', '.join(targets)}{b}: "
-            "their UA reads 100 % for any method and says nothing of the method (check the classifiers — labels, "
-            "image size — and the pipeline).")
+            f"their UA reads 100 % for any method and says nothing of the method ({check}).")
 
 
 def _edited(info: dict) -> str:
     """``"edited: <every tensor of the layer's group>"`` (the note named the group's first tensor alone, while the
     edit and its storage covered q, k and v: trial 51)."""
     group = info.get("group") or [info.get("layer")]
-    return "edited: " + ", ".join(f"`{str(n).removeprefix('text_model.encoder.')}`" for n in group)
+    out = "edited: " + ", ".join(f"`{str(n).removeprefix('text_model.encoder.')}`" for n in group)
+    first = info.get("start_fraction")
+    row = next((L for L in info.get("search") or [] if L.get("layer") == info.get("layer")), None)
+    if first and row and row.get("start_step") and info.get("step_size"):  # the step used, in R (verification 52)
+        out += f"; step {first * info['step_size'] / row['start_step']:.3g} R (first step {first:g} R)"
+    return out
 
 
 def render_canvas(report: dict) -> str:
@@ -64,7 +74,8 @@ def render_canvas(report: dict) -> str:
              "shared by every method; base model: style accuracy "
              f"{_pct(report['base']['style_accuracy'])} %, object "
              f"accuracy {_pct(report['base']['object_accuracy'])} %. Targets: {', '.join(o['targets'])}.", "",
-             *([unrecognised_warning(report["base"]["unrecognised_targets"], bold=True), ""]
+             *([unrecognised_warning(report["base"]["unrecognised_targets"], bold=True,
+                                    protocol=report.get("protocol")), ""]
                if report["base"].get("unrecognised_targets") else []),
              f"Grid: {len(o.get('styles', []))} styles ({', '.join(o.get('styles', []))}) × "
              f"{len(o.get('objects', []))} objects ({', '.join(o.get('objects', []))})"

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         bad.append(f"--cond-noise must be a finite number >= 0, got {a.cond_noise}")
     if a.eval_per_pair < 0:
         bad.append(f"--eval-per-pair must be >= 0, got {a.eval_per_pair}")
+    if not 0 <= a.seed < 2 ** 63:  # as every CLI --seed (it trained a judge, then overflowed: verification 52)
+        bad.append(f"--seed must be in [0, 2^63 - 1], got {a.seed}")
     try:  # a file, a run folder (or inside one), a non-empty folder without --overwrite, another model's folder
         check_model_out(out, a.overwrite, canvas.CONFIG_FILE)  # (it wrote into any of them: fifteenth trial)
     except FileExistsError as e:

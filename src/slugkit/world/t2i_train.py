@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     bad = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in
            (("steps", a.steps), ("batch_size", a.batch_size), ("threads", a.threads)) if v < 1]
+    if not 0 <= a.seed < 2 ** 63:  # as every CLI --seed (torch overflowed after the training began: verification 52)
+        bad.append(f"--seed must be in [0, 2^63 - 1], got {a.seed}")
     try:
         channels = tuple(int(c) for c in a.channels.split(","))
     except ValueError:
