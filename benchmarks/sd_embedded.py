@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, seed_type, counts, floats, folder, guarded_run, ints, json_out, name_list, run,  # noqa: E402
-                   unfinished_line)
+from sweep import (add_json, counts, floats, folder, guarded_run, ints, json_out, name_list, run,  # noqa: E402
+                   seed_type, unfinished_line)
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, seed_type, counts, floats, folder, guarded_run, ints, json_out, name_list,  # noqa: E402
-                   progress_off, run, unfinished_line)
+from sweep import (add_json, counts, floats, folder, guarded_run, ints, json_out, name_list,  # noqa: E402
+                   progress_off, run, seed_type, unfinished_line)
 
 TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
 

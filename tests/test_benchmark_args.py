@@ -128,4 +128,16 @@ def test_the_canvas_checks_read_within_10_points_as_at_most_10_below():
                        "storage slug patch <= 1/50 salun checkpoint": True}
     assert any("+20.0 pts" in k for k in out) and any("-10.5 pts" in k for k in out)
     refused = canvas_embedded.checks({"salun": method(0.9, 9.0, 5000)}, {"style": {"ua": 0.2}, "time_s": 1.0})
-    assert not any(k.startswith("storage") for k in refused)  # every SLUG search refused: a KeyError before
+    assert refused == {"slug: every search on the baselines' targets was refused, no edit to check": False}
+
+
+def test_a_canvas_quick_check_that_recognises_nothing_exits_3_with_the_embedded_advice(tmp_path):
+    """Two DDIM steps draw nothing the judges recognise: the benchmark said 0 and "met", with the official
+    protocol's advice (check the classifiers) it was never given (verification 53)."""
+    out = tmp_path / "q.json"
+    r = _run("canvas_embedded.py", "--methods", "uce", "--targets", "harley", "--per-pair", "1", "--sampling-steps",
+             "2", "--json", str(out))
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "check --sampling-steps" in r.stderr and "check the classifiers" not in r.stdout + r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["protocol"] == "lite" and rep["options"]["quick_check"] == {"sampling_steps": 2, "per_pair": 1}

@@ -7,7 +7,8 @@
 
 Writes ``canvas.json`` (every run and the per-method table; ``time_s``, ``peak_mem_bytes``, ``storage_bytes`` per
 method), ``canvas.md`` and ``canvas.png`` into ``--out`` at once (a temporary folder renamed into place). Exit
-status 0, or 2 for a usage or input error.
+status 0 (a refused SLUG search is a row of the table), 3 when the judges recognise a target on none of the unedited
+model's images (written, with a warning), or 2 for a usage or input error (nothing written).
 """
 
 from __future__ import annotations
@@ -95,9 +96,8 @@ def _run_and_write(a, run, prepare=None, models: dict | None = None) -> int:
 
         from ..report.canvas import unrecognised_warning
 
-        print(f"warning: {unrecognised_warning([printable(g) for g in gone], protocol=report.get('protocol'))} "
-              f"(exit status "
-              f"{EXIT_STATUS['warn']})", file=sys.stderr)
+        said = unrecognised_warning([printable(g) for g in gone], protocol=report.get("protocol"))
+        print(f"warning: {said} (exit status {EXIT_STATUS['warn']})", file=sys.stderr)
         return EXIT_STATUS["warn"]
     return 0
 
@@ -204,16 +204,18 @@ def _shared(p, what: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
 
 
+EXITS = ("A benchmark: a SLUG search that finds no step is a refused row of its table, not the run's failure. Exit "
+         "status: 0 the table written, 3 written with a warning (a target the judges recognise on none of the "
+         "unedited model's images), 2 a usage or input error (nothing written).")  # each --help (verification 53)
+
+
 def add_parsers(sub) -> None:
     """Add ``canvas lite`` and ``canvas run`` to ``sub``."""
     c = sub.add_parser("canvas", help="UnlearnCanvas: styles and objects, SLUG beside ESD, SalUn and UCE",
-                       description="UnlearnCanvas: styles and objects, SLUG beside ESD, SalUn and UCE. A benchmark: a "
-                                   "SLUG search that finds no step is a refused row of its table, not the run's "
-                                   "failure. Exit status: 0 the table written, 3 written with a warning (a target the "
-                                   "judges recognise on none of the unedited model's images), 2 a usage or input "
-                                   "error (nothing written).")
+                       description=f"UnlearnCanvas: styles and objects, SLUG beside ESD, SalUn and UCE. {EXITS}")
     csub = c.add_subparsers(dest="canvas_cmd", required=True)
-    lite = csub.add_parser("lite", help="the UnlearnCanvas protocol on the embedded canvas (8 styles x 5 objects)")
+    lite = csub.add_parser("lite", help="the UnlearnCanvas protocol on the embedded canvas (8 styles x 5 objects)",
+                           description=f"The UnlearnCanvas protocol on the embedded canvas. {EXITS}")
     _shared(lite, "style and object")
     lite.add_argument("--per-pair", type=COUNT, default=2,
                       help="answer-set images per (style, object) pair (default 2: 80 images per model)")
@@ -223,7 +225,8 @@ def add_parsers(sub) -> None:
                       help="folder written by `slug world train-canvas` (default: the shipped canvas)")
     lite.set_defaults(func=cmd_canvas)
     run = csub.add_parser("run", help="the official UnlearnCanvas protocol on your local copy (SD v1.5 fine-tuned, "
-                                      "its two classifiers, its dataset)")
+                                      "its two classifiers, its dataset)",
+                          description=f"The official UnlearnCanvas protocol on your local copy. {EXITS}")
     run.add_argument("--pipeline", required=True, help="the fine-tuned SD v1.5, a diffusers folder (model_index.json)")
     run.add_argument("--clip", required=True,
                      help="the CLIP folder whose text tower is the pipeline's text encoder (openai/clip-vit-large-"
