@@ -542,5 +542,7 @@ def test_every_seed_option_refuses_a_negative_seed_at_parse_time(capsys):
         assert e.value.code == 2 and "--seed" in err and "must be in [0, 2^63 - 1], got -5" in err, (argv, err)
     for trainer in ("train-t2i", "train-canvas"):  # their own parsers, checked before any training
         for bad in ("-5", str(2 ** 64)):
-            assert main(["world", trainer, "--seed", bad, "--out", "/nonexistent/never-written"]) == 2
-            assert f"--seed must be in [0, 2^63 - 1], got {bad}" in capsys.readouterr().err
+            with pytest.raises(SystemExit) as e:
+                main(["world", trainer, "--seed", bad, "--out", "/nonexistent/never-written"])
+            assert e.value.code == 2
+            assert f"argument --seed: must be in [0, 2^63 - 1], got {bad}" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..common.argv import SlugParser  # noqa: F401 (one-line errors; shared with the trainers' parsers)
+from ..common.argv import seed as SEED  # noqa: F401 (every --seed; shared with the trainers' parsers)
 
 
 # --------------------------------------------------------------------------------------------- value checks
@@ -54,20 +55,15 @@ def fraction_or_off(text: str) -> float | None:
 fraction_or_off.__name__ = "fraction or off"
 
 
-def int_in(lo: int, hi: int, hi_text: str | None = None):
-    """An integer in [lo, hi] (``hi_text``: how messages write ``hi``)."""
+def int_in(lo: int, hi: int):
+    """An integer in [lo, hi]."""
     def check(text: str) -> int:
         v = _number(int, text)
         if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi_text or hi}], got {v}")
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}")
         return v
-    check.__name__ = f"integer in [{lo}, {hi_text or hi}]"
+    check.__name__ = f"integer in [{lo}, {hi}]"
     return check
-
-
-# every --seed: numpy refuses a negative seed and torch an overflowing one, after minutes of work and naming no
-# option (`slug canvas lite --seed -5`, trial 51)
-SEED = int_in(0, 2 ** 63 - 1, "2^63 - 1")
 
 
 def float_in(lo: float, hi: float, hi_open: bool = False):

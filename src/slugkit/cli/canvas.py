@@ -183,7 +183,7 @@ def cmd_canvas_run(a) -> int:
         r["options"].update(paths, device=a.device, threads=a.threads, declared_subset=not full)
         return {"protocol": "official", **r}
 
-    return _run_and_write(a, run, prepare, models={})  # the folders it reads: refused above, each named
+    return _run_and_write(a, run, prepare)  # the folders it reads: refused above, each named
 
 
 def _shared(p, what: str) -> None:

@@ -77,3 +77,16 @@ class SlugParser(argparse.ArgumentParser):
             near = next((m for m in (difflib.get_close_matches(w, flags, 1) for w in words) if m), [])
         self.exit(2, f"error: {message}" + (f" (did you mean {near[0]}?)" if near else "")
                   + f" (see `{self.prog} --help`)\n")
+
+
+def seed(text: str) -> int:
+    """argparse type of every ``--seed`` (the CLI's, the trainers', the benchmarks'): an integer in [0, 2^63 − 1].
+    numpy refuses a negative seed and torch an overflowing one, after minutes of work and naming no option (`slug
+    canvas lite --seed -5`, trial 51; `slug world train-canvas --seed 2^64`, verification 52)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^63 - 1], got {v}")
+    return v
