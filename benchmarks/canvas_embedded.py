@@ -67,7 +67,10 @@ def parse(argv=None):
     from slugkit.workflows.canvas_lite import METHODS, SLUG_METHODS, choose_targets, limit_does_nothing
     from slugkit.world import canvas
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "Exit status: 0 once the run has finished and written its JSON — a check NOT met is a result, printed and in "
+        "the JSON's checks, not a failure; 3 when the judges recognise a target on none of the unedited model's "
+        "images; 2 bad arguments or a canvas model that does not load; 1 a run that failed."))
     ap.add_argument("--methods", type=item_list, default=",".join(METHODS),
                     help=f"comma list (default all: {','.join(METHODS)})")
     ap.add_argument("--targets", type=item_list, default=None, help="comma list of styles/objects (default: every one)")
@@ -117,10 +120,16 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     settings = _settings(a)  # a quick check's budgets (no check run); said in the report as `slug canvas lite` does
-    rep = {"protocol": "lite",  # as `slug canvas lite` writes it (the report's advice depends on it: verify 53)
-           **run_canvas_lite(a.methods, a.targets, a.max_targets, a.per_pair, a.canvas_model, a.seed, a.threads,
-                             progress=False, on_row=lambda r: print(row_line(r), flush=True),
-                             baseline_max_targets=a.baseline_max_targets, settings=settings, steps=a.sampling_steps)}
+    from slugkit.common.errors import ModelLoadError
+
+    try:
+        lite = run_canvas_lite(a.methods, a.targets, a.max_targets, a.per_pair, a.canvas_model, a.seed, a.threads,
+                               progress=False, on_row=lambda r: print(row_line(r), flush=True),
+                               baseline_max_targets=a.baseline_max_targets, settings=settings, steps=a.sampling_steps)
+    except ModelLoadError as e:  # an incomplete --canvas-model: a traceback and exit 1 (verification 54)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rep = {"protocol": "lite", **lite}  # as `slug canvas lite` writes it (its advice depends on it: verify 53)
     rep["options"]["overridden"] = settings
     quick = {k: v for k, v, default in (("sampling_steps", a.sampling_steps, 20), ("per_pair", a.per_pair, 2))
              if v != default} | {f"{m} {k}": v for m, kv in settings.items() for k, v in kv.items()}

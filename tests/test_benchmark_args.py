@@ -141,3 +141,11 @@ def test_a_canvas_quick_check_that_recognises_nothing_exits_3_with_the_embedded_
     assert "check --sampling-steps" in r.stderr and "check the classifiers" not in r.stdout + r.stderr
     rep = json.loads(out.read_text())
     assert rep["protocol"] == "lite" and rep["options"]["quick_check"] == {"sampling_steps": 2, "per_pair": 1}
+
+
+def test_the_canvas_benchmark_refuses_a_canvas_model_that_does_not_load(tmp_path):
+    """An incomplete --canvas-model was a traceback and exit 1 (verification 54); `slug canvas lite` says it in one
+    line, exit 2."""
+    r = _run("canvas_embedded.py", "--canvas-model", str(tmp_path), "--methods", "uce", "--targets", "harley")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "canvas_config.json is missing" in r.stderr
