@@ -39,7 +39,7 @@ def run_one(concepts: list[str], a) -> dict:
         concepts, out, data_dir=a.data_dir, other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
         utility_budget=a.utility_budget, val_images=a.val_images, max_searched=a.max_searched, seed=a.seed,
         threads=a.threads, gradient=a.gradient, per_image=a.per_image, n_protect=a.n_protect, progress=False,
-        max_layers=a.max_layers, vlm_dir=a.vlm_model))
+        max_layers=a.max_layers, vlm_dir=a.vlm_model, name_prob=a.name_prob))
     if row is not None:
         return row
     v = r["vlm"]
@@ -87,6 +87,8 @@ def summary(rows: list[dict]) -> dict:
 def main():
     from slugkit.common.files import write_json
     from slugkit.world import render as world
+    from slugkit.cli.vlm import name_prob as vlm_name_prob
+    from slugkit.workflows.vlm_demo import DEFAULT_NAME_PROB
     from slugkit.world.demo_data import default_concept
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,6 +115,9 @@ def main():
     ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer passes (default 2, the demo's; 1 = the "
                          "paper's single layer)")
+    ap.add_argument("--name-prob", type=vlm_name_prob, default=DEFAULT_NAME_PROB,
+                    help="`slug demo --vlm-name-prob`: a validation image counts as naming the target when the VLM "
+                         f"gives its name this probability or more (default {DEFAULT_NAME_PROB:g}; off: answers only)")
     ap.add_argument("--seed", type=seed_type(), default=0, help="seed of the run (default 0)")
     ap.add_argument("--data-dir", type=folder(), default=None,
                     help="the world's data folder (default: written on first use)")

@@ -105,6 +105,27 @@ def test_a_patch_changes_the_answers_and_reverts_bit_exactly(shipped):
     assert vlm.vlm_scores(llava, processor, target, answers=True)["answers"] == before["answers"]
 
 
+def test_name_probability_is_the_teacher_forced_likelihood_of_the_full_or_last_name(shipped):
+    llava, processor = shipped
+    a, b = world.IDENTITIES[0].name, world.IDENTITIES[1].name
+    ims = vlm.identity_images("test", 3, [a])[a]
+    own, other = vlm.name_probability(llava, processor, ims, a), vlm.name_probability(llava, processor, ims, b)
+    assert min(own) >= 0.9 and max(other) <= 0.1
+    tok = processor.tokenizer
+
+    def prob(said):  # llava's own loss over the answer tokens but the end token, for the first image alone
+        p, ans = vlm_train.qa_ids(tok, vlm.NAME_QUESTION, said)
+        ids, mask, labels, _ = vlm_train._batch([(0, p, ans[:-1])], tok.pad_token_id)
+        px = processor.image_processor(images=ims[:1], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            loss = llava(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
+        return float(torch.exp(-loss * (len(ans) - 1)))
+
+    want = min(1.0, prob(a) + prob(a.split()[-1]))  # name_match counts the last name alone too
+    assert abs(vlm.name_probability(llava, processor, ims[:1], a)[0] - want) < 1e-5
+    assert abs(vlm.name_probability(llava, processor, ims[:1], b)[0] - (prob(b) + prob(b.split()[-1]))) < 1e-5
+
+
 def test_audit_paraphrases_are_never_trained():
     from slugkit.audit.vlm import PARAPHRASES
 
@@ -204,7 +225,10 @@ def test_the_options_each_target_refuses_come_from_the_parser():
     a = build_parser().parse_args(["demo", "--target", "vlm"])
     assert {"n_other", "gen_margin", "sd_step", "t2i_model"} <= set(a.sd_defaults)
     assert not {"val_images", "other_budget", "max_searched"} & set(a.sd_defaults)
-    assert set(a.vlm_defaults) == {"vlm_model", "vlm_gradient", "vlm_utility_budget"}
+    assert set(a.vlm_defaults) == {"vlm_model", "vlm_gradient", "vlm_utility_budget", "vlm_name_prob"}
+    from slugkit.workflows import vlm_demo
+
+    assert (a.vlm_name_prob, a.vlm_utility_budget) == (vlm_demo.DEFAULT_NAME_PROB, vlm_demo.UTILITY_BUDGET)
     assert set(a.generator_defaults) >= set(a.sd_defaults) | set(a.vlm_defaults) | {"val_images", "max_searched"}
     for d in (a.sd_defaults, a.vlm_defaults, a.generator_defaults):
         assert all(getattr(a, k) == v for k, v in d.items())

@@ -6,7 +6,25 @@ import sys
 from pathlib import Path
 
 from ..workflows.verdict import exit_status_of
-from .args import FRACTION, budgets_of, refuse, search_config, split_list
+from .args import FRACTION, budgets_of, fraction_or_off, refuse, search_config, split_list
+
+
+def name_prob(text: str) -> float | None:
+    """``--vlm-name-prob``: a probability in (0, 1], or ``off`` (None: the answers only)."""
+    import argparse
+
+    try:
+        v = fraction_or_off(text)
+    except argparse.ArgumentTypeError as e:
+        if "expected" in str(e):
+            raise
+        v = 0.0  # out of range: one message for every value outside (0, 1]
+    if v is not None and not 0.0 < v <= 1.0:  # 0: every image would name the target, no step ever accepted
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a probability above 0), got {text}; or 'off'")
+    return v
+
+
+name_prob.__name__ = "probability or off"
 
 
 def cmd_demo_vlm(a) -> int:
@@ -39,7 +57,8 @@ def cmd_demo_vlm(a) -> int:
                           other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
                           utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
-                          max_searched=a.max_searched, gradient=a.vlm_gradient, max_layers=a.max_layers)
+                          max_searched=a.max_searched, gradient=a.vlm_gradient, max_layers=a.max_layers,
+                          name_prob=a.vlm_name_prob)
     done = result["concepts"] if result.get("concepts") else [result["concept"]]
     out = Path(a.out if a.out is not None else default_out(done))
     print_vlm_summary(result, str(out))
@@ -78,7 +97,8 @@ def unused_by_clip(a) -> str | None:
 
 
 def add_vlm_args(d):
-    """The ``--target vlm`` options of ``slug demo``; returns their argument group."""
+    """The ``--target vlm`` options of ``slug demo``; returns their argument group. Their defaults are written here
+    (the parser imports no torch); a test holds them to :mod:`slugkit.workflows.vlm_demo`'s."""
     vg = d.add_argument_group("--target vlm (also: --val-images, default 10; --other-budget, --neighbour-budget, "
                               "--gen-threshold on the VLM's answers; --max-searched; --max-layers)")
     vg.add_argument("--vlm-model", default=None, help="folder of a VLM from `slug world train-vlm` (default: the "
@@ -87,6 +107,10 @@ def add_vlm_args(d):
                     help="the edit: SLUG's CLIP forget gradient on the CLIP Pareto layers (clip, the paper's method; "
                          "default) or the VLM's own answer-loss gradient, projected off the other identities' and the "
                          "utility answers' gradients, on every consumed layer (vlm)")
+    vg.add_argument("--vlm-name-prob", type=name_prob, default=0.1, metavar="P",
+                    help="the step search counts a validation image as still naming the target when the answer "
+                         "names it or the VLM gives the full or last name probability >= P (default 0.1: a margin "
+                         "for the unseen images; 'off': the answers only)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")

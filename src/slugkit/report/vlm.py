@@ -60,6 +60,10 @@ def render_vlm_report(result: dict, samples: dict) -> str:
     if line:
         lines += [line[0].upper() + line[1:] + ".", ""]
     rounds = ch.get("rounds") or [ch]
+    first = rounds[0].get("vlm_search") or {}
+    if first.get("name_prob") is not None:
+        lines += [f"The VLM step search counts a validation image as naming the target when the answer names it or "
+                  f"the VLM gives the name probability >= {first['name_prob']:g} (`--vlm-name-prob`).", ""]
     for rd in rounds:
         if len(rounds) > 1:
             part = rd.get("partial_step")

@@ -12,7 +12,8 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
    "What's the name of the person in this image?" on validation images (the paper uses a 10-image subset per
    identity; here the world's ``val`` split, disjoint from the reported ``test`` images), with the doubling/
    bisection rule of :func:`slugkit.workflows.gen_search.generator_step_search`: accepted when at most
-   ``threshold`` of the target's validation images are still named (every target's, for several) while the other
+   ``threshold`` of the target's validation images are still named (every target's, for several; an image whose
+   answer is another still counts when the VLM gives the name probability >= ``name_prob``, 0.1) while the other
    identities' naming drops by at most ``other_budget`` on average, the worst of the ``k`` nearest identities (by
    the CLIP text embedding) by at most ``neighbour_budget`` and the utility questions' accuracy by at most
    ``utility_budget``; the collateral is scored at 1.2 × the step (the step applied). Layers are tried in the CLIP
@@ -50,6 +51,9 @@ VAL_OTHER, VAL_NEIGHBOUR, VAL_UTILITY = 5, 20, 3  # validation images per other 
 TEST_TARGET, TEST_OTHER, TEST_UTILITY = 50, 20, 10  # reported images (one image moves a neighbour by <= 0.05)
 UTILITY_BUDGET = 0.03  # issue 14: utility accuracy may drop by at most 3 points
 DEFAULT_MARGIN = 1.2  # applied step = 1.2 x the smallest that forgot on 10 validation images (as the SD demo's)
+# A validation image still names the target when the VLM gives the name this probability (vlm.name_probability),
+# even if its greedy answer is another: the target's validation-to-test gap (README, issue 14: 2 -> 4 of 10)
+DEFAULT_NAME_PROB = 0.1
 
 
 def default_out(targets: list[str]) -> str:
@@ -85,7 +89,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 neighbour_budget: float | None = 0.20, utility_budget: float = UTILITY_BUDGET, search_steps: int = 8,
                 max_searched: int | None = None, gradient: str = "clip", protect_all: bool = True,
                 margin: float = DEFAULT_MARGIN, per_image: bool = False, n_protect: int | None = None,
-                progress: bool = True, max_layers: int = 1):
+                progress: bool = True, max_layers: int = 1, name_prob: float | None = DEFAULT_NAME_PROB):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3).
 
     ``gradient="clip"``: SLUG's CLIP forget gradient on the CLIP Pareto layers (the paper's method); ``"vlm"``: the
@@ -94,7 +98,10 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     :func:`vlm_layer_order`, each searched from 0.1 × its ratio; the chosen group's VLM gradient is **written into**
     ``grads.forget``, so the test evaluation and the patch use it. The target is scored at η and the collateral at
     ``margin`` × η, the step finally applied (10 validation images leave noise: without the margin Dorla Volwick
-    forgot on validation and was still named on 12 % of 50 test images). Raises
+    forgot on validation and was still named on 12 % of 50 test images). A validation image counts as naming the
+    target when its answer names it or, with ``name_prob`` (None: answers only), when the VLM gives the full or last
+    name that probability or more (:func:`slugkit.world.vlm.name_probability`): 0 of 10 validation images named
+    left Zomi Harford named on 6 % of the test images, 0 of 10 with the name below 0.1 on each, on none. Raises
     :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
     accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1. ``max_layers`` > 1: a refusal
     carries the partial step a next layer may build on and ``choose(..., prior=edits)`` searches that layer with the
@@ -102,6 +109,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     (:func:`slugkit.workflows.rounds.generator_rounds`)."""
     if gradient not in ("clip", "vlm"):
         raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
+    if name_prob is not None and not 0.0 < name_prob <= 1.0:
+        raise ValueError(f"name_prob must be in (0, 1] (or None: the answers only), got {name_prob!r}")
     if n_protect is not None and n_protect < 1:
         raise ValueError(f"n_protect must be >= 1 (images per protected identity), got {n_protect}")
     from ..common.progress import status
@@ -145,7 +154,18 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
 
         def score(group, eta):
             with edited_consumer(llava, mapping, adapter.model, g_edit, group, eta):
-                return _metrics(vlm.vlm_scores(llava, processor, named_val, util_val), targets)
+                raw = vlm.vlm_scores(llava, processor, named_val, util_val, answers=name_prob is not None)
+                m = _metrics(raw, targets)
+                if name_prob is not None:  # an image counts as naming the target when its name is likely
+                    from ..integrations.llava import name_match
+
+                    m["target_likely_by_concept"] = {}
+                    for t in targets:
+                        p = vlm.name_probability(llava, processor, named_val[t], t)
+                        said = raw["answers"]["name"][t]
+                        m["target_likely_by_concept"][t] = sum(
+                            name_match(a, t) or q >= name_prob for a, q in zip(said, p)) / len(p)
+                return m
 
         if not order:
             raise SearchFailed("no candidate layer of the VLM's vision tower has a CLIP step search to start from")
@@ -155,7 +175,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
 
         def evaluate(group, eta):
             m = score(group, eta)
-            worst_t = max(m["target_named_by_concept"].values())
+            worst_t = max(m["target_likely_by_concept" if name_prob is not None else "target_named_by_concept"]
+                          .values())
             if margin != 1.0:
                 m = score(group, eta * margin)  # the collateral at the step that will be applied
             drops = {n: base["per_identity"][n] - m["per_identity"][n] for n in neighbours}
@@ -184,7 +205,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                                "validation_per_neighbour": val_neighbour, "validation_utility_per_class": val_utility,
                                "threshold": threshold, "other_budget": other_budget,
                                "neighbour_budget": neighbour_budget, "utility_budget": utility_budget,
-                               "margin": margin,
+                               "margin": margin, "name_prob": name_prob,
                                "base_target_named": base["target_named_by_concept"],
                                "base_other_named": base["other_named"], "base_utility": base["utility_accuracy"],
                                "layers_in_order": len(order), "layers": searched}}
@@ -202,7 +223,9 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                     grads.forget.update({n: g_edit[n] for n in partial.group})
             raise GeneratorRefused(
                 f"no candidate layer of the VLM's vision tower has a step at which the VLM stops naming "
-                f"{' + '.join(targets)} (<= {threshold:.0%} of {val_images} validation images) while the other "
+                f"{' + '.join(targets)} (<= {threshold:.0%} of {val_images} validation images"
+                + (f" answered with the name or giving it probability >= {name_prob:g}" if name_prob is not None
+                   else "") + ") while the other "
                 f"identities lose <= {other_budget:.0%} on average"
                 + (f", none of the {len(neighbours)} nearest more than {neighbour_budget:.0%}"
                    if neighbour_budget is not None and neighbours else "")
@@ -244,7 +267,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                  n_utility: int = TEST_UTILITY, search=None, seed: int = 0, threads: int | None = 1,
                  progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
                  max_searched: int | None = None, gradient: str = "clip", per_image: bool = False,
-                 n_protect: int | None = None, max_layers: int = 2) -> dict:
+                 n_protect: int | None = None, max_layers: int = 2,
+                 name_prob: float | None = DEFAULT_NAME_PROB) -> dict:
     """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
     answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
     ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
@@ -292,7 +316,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
         chooser = vlm_chooser(targets, llava, processor, mapping, names, val_images=val_images, threshold=threshold,
                               other_budget=other_budget, neighbour_budget=neighbour_budget,
                               utility_budget=utility_budget, max_searched=max_searched, gradient=gradient,
-                              per_image=per_image, n_protect=n_protect, progress=progress, max_layers=max_layers)
+                              per_image=per_image, n_protect=n_protect, progress=progress, max_layers=max_layers,
+                              name_prob=name_prob)
         with run_folder(out, overwrite) as stage:  # the whole run folder appears at once, or not at all
             cfg, cur, data = world_config(targets if len(targets) > 1 else targets[0], stage, data_dir,
                                           progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,
