@@ -282,7 +282,7 @@ def test_the_vlm_chooser_takes_the_same_two_rounds(embedded, monkeypatch):
               "layers": lambda *a: None, "protect": lambda cfg, adapter, grads, table, data: (grads, None, None),
               "search": lambda *a: [layer(vb)]}
     kw = dict(val_images=2, val_other=1, val_neighbour=2, val_utility=1, search_steps=6, margin=1.0,
-              neighbour_budget=0.2, progress=False)
+              neighbour_budget=0.2, progress=False, name_prob=None)  # the answers only (test_vlm_name_prob.py)
     first = ([layer(va)], None, grads_of([va]))
     with pytest.raises(SearchFailed, match="stops naming") as e:
         rounds.generator_rounds(_cfg(1), ad, {"val_suite": None}, first, {},

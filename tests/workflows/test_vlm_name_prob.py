@@ -50,7 +50,7 @@ def _run(ad, monkeypatch, name_prob, floor=0.0):
         return [max(floor, 1.0 - moved() / 0.4)] * len(images)
 
     monkeypatch.setattr(vlm_demo.vlm, "vlm_scores", scores)
-    monkeypatch.setattr(vlm_demo.vlm, "name_probability", probability)
+    monkeypatch.setattr(vlm_demo, "name_probability", probability)
     monkeypatch.setattr(rounds, "SuiteEvaluator", lambda *a, **k: None)
     params = dict(ad.model.named_parameters())
     grads = SimpleNamespace(forget={LAYER: params[LAYER].detach().clone()})  # θ − η·θ: a relative change of η

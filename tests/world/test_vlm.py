@@ -109,7 +109,8 @@ def test_name_probability_is_the_teacher_forced_likelihood_of_the_full_or_last_n
     llava, processor = shipped
     a, b = world.IDENTITIES[0].name, world.IDENTITIES[1].name
     ims = vlm.identity_images("test", 3, [a])[a]
-    own, other = vlm.name_probability(llava, processor, ims, a), vlm.name_probability(llava, processor, ims, b)
+    own = vlm_train.name_probability(llava, processor, ims, a)
+    other = vlm_train.name_probability(llava, processor, ims, b)
     assert min(own) >= 0.9 and max(other) <= 0.1
     tok = processor.tokenizer
 
@@ -122,8 +123,8 @@ def test_name_probability_is_the_teacher_forced_likelihood_of_the_full_or_last_n
         return float(torch.exp(-loss * (len(ans) - 1)))
 
     want = min(1.0, prob(a) + prob(a.split()[-1]))  # name_match counts the last name alone too
-    assert abs(vlm.name_probability(llava, processor, ims[:1], a)[0] - want) < 1e-5
-    assert abs(vlm.name_probability(llava, processor, ims[:1], b)[0] - (prob(b) + prob(b.split()[-1]))) < 1e-5
+    assert abs(vlm_train.name_probability(llava, processor, ims[:1], a)[0] - want) < 1e-5
+    assert abs(vlm_train.name_probability(llava, processor, ims[:1], b)[0] - (prob(b) + prob(b.split()[-1]))) < 1e-5
 
 
 def test_audit_paraphrases_are_never_trained():

@@ -43,6 +43,7 @@ from ..slug.neighbours import project_off
 from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import render as world
 from ..world import vlm
+from ..world.vlm_train import name_probability
 from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search
 from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
 
@@ -51,7 +52,7 @@ VAL_OTHER, VAL_NEIGHBOUR, VAL_UTILITY = 5, 20, 3  # validation images per other 
 TEST_TARGET, TEST_OTHER, TEST_UTILITY = 50, 20, 10  # reported images (one image moves a neighbour by <= 0.05)
 UTILITY_BUDGET = 0.03  # issue 14: utility accuracy may drop by at most 3 points
 DEFAULT_MARGIN = 1.2  # applied step = 1.2 x the smallest that forgot on 10 validation images (as the SD demo's)
-# A validation image still names the target when the VLM gives the name this probability (vlm.name_probability),
+# A validation image still names the target when the VLM gives the name this probability (name_probability),
 # even if its greedy answer is another: the target's validation-to-test gap (README, issue 14: 2 -> 4 of 10)
 DEFAULT_NAME_PROB = 0.1
 
@@ -100,7 +101,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     ``margin`` × η, the step finally applied (10 validation images leave noise: without the margin Dorla Volwick
     forgot on validation and was still named on 12 % of 50 test images). A validation image counts as naming the
     target when its answer names it or, with ``name_prob`` (None: answers only), when the VLM gives the full or last
-    name that probability or more (:func:`slugkit.world.vlm.name_probability`): 0 of 10 validation images named
+    name that probability or more (:func:`slugkit.world.vlm_train.name_probability`): 0 of 10 validation images named
     left Zomi Harford named on 6 % of the test images, 0 of 10 with the name below 0.1 on each, on none. Raises
     :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
     accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1. ``max_layers`` > 1: a refusal
@@ -161,7 +162,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
 
                     m["target_likely_by_concept"] = {}
                     for t in targets:
-                        p = vlm.name_probability(llava, processor, named_val[t], t)
+                        p = name_probability(llava, processor, named_val[t], t)
                         said = raw["answers"]["name"][t]
                         m["target_likely_by_concept"][t] = sum(
                             name_match(a, t) or q >= name_prob for a, q in zip(said, p)) / len(p)

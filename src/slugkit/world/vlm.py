@@ -254,38 +254,6 @@ def vlm_scores(llava, processor, named_images: dict, utility_images: dict | None
     return res
 
 
-def name_probability(llava, processor, images, name: str, batch_size: int = 64) -> list[float]:
-    """The VLM's probability of answering :data:`NAME_QUESTION` about each PIL image with ``name`` or its last
-    name (what :func:`slugkit.integrations.llava.name_match` counts): for each, the product of its token
-    probabilities under teacher forcing, the end-of-answer token excluded (the prompt and answer tokens as
-    :func:`slugkit.world.vlm_train.qa_ids` builds them for training); the two summed, at most 1. A margin below
-    greedy naming: an image the VLM does not name may still give the name 0.4, and one like it name it.
-    Returns ``[float]`` in [0, 1], one per image."""
-    import torch
-
-    from .vlm_train import _batch, qa_ids
-
-    tok = processor.tokenizer
-    words = name.split()
-    answers = [" ".join(words)] + ([words[-1]] if len(words) > 1 else [])  # name_match: full or last name
-    out = [0.0] * len(images)
-    for said in answers:
-        prompt, answer = qa_ids(tok, NAME_QUESTION, said)
-        answer = answer[:-1]  # the name alone: a longer answer that starts with it names the person too
-        for i in range(0, len(images), batch_size):
-            chunk = list(images[i:i + batch_size])
-            ids, mask, labels, _ = _batch([(k, prompt, answer) for k in range(len(chunk))], tok.pad_token_id)
-            px = processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
-            with torch.no_grad():
-                logits = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = labels[:, 1:]
-            picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
-            for k, v in enumerate(picked.sum(1).exp()):
-                out[i + k] = min(1.0, out[i + k] + float(v))
-    return out
-
-
 def identity_images(split: str, n: int, names=None, start: int = 0) -> dict:
     """``{identity: [PIL]}``: ``n`` images (indices ``start..``) of each identity in ``names`` (default all) in the
     world's ``split``."""

@@ -90,6 +90,34 @@ def examples(tokenizer, per_identity: int, per_class: int, split: str = "train")
     return images, items
 
 
+def name_probability(llava, processor, images, name: str, batch_size: int = 64) -> list[float]:
+    """The VLM's probability of answering :data:`~slugkit.world.vlm.NAME_QUESTION` about each PIL image with
+    ``name`` or its last name (what :func:`slugkit.integrations.llava.name_match` counts): for each, the product of
+    its token probabilities under teacher forcing, the end-of-answer token excluded (prompt and answer tokens as
+    :func:`qa_ids` builds them for training); the two summed, at most 1. The search's margin below greedy naming
+    (``slug demo --target vlm --vlm-name-prob``): an image the VLM does not name may still give the name 0.4, and an
+    unseen one like it name it. Returns ``[float]`` in [0, 1], one per image."""
+    tok = processor.tokenizer
+    words = name.split()
+    answers = [" ".join(words)] + ([words[-1]] if len(words) > 1 else [])  # name_match: full or last name
+    out = [0.0] * len(images)
+    for said in answers:
+        prompt, answer = qa_ids(tok, vlm.NAME_QUESTION, said)
+        answer = answer[:-1]  # the name alone: a longer answer that starts with it names the person too
+        for i in range(0, len(images), batch_size):
+            chunk = list(images[i:i + batch_size])
+            ids, mask, labels, _ = _batch([(k, prompt, answer) for k in range(len(chunk))], tok.pad_token_id)
+            px = processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                logits = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            tgt = labels[:, 1:]
+            picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
+            for k, v in enumerate(picked.sum(1).exp()):
+                out[i + k] = min(1.0, out[i + k] + float(v))
+    return out
+
+
 def _batch(items, pad: int):
     """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 outside the answers) and image indices."""
     n = max(len(p) + len(a) for _, p, a in items)
