@@ -37,10 +37,12 @@ def _names(out):
 
 
 def _old_run(out):
-    out.mkdir(parents=True)
-    (out / "result.json").write_text('{"old": true}')
-    (out / "patch").mkdir()
-    (out / "patch" / "patch.json").write_text("old patch")
+    """A run slug wrote (with its manifest of entries): result.json and patch/patch.json."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with run_folder(out) as tmp:
+        (tmp / "result.json").write_text('{"old": true}')
+        (tmp / "patch").mkdir()
+        (tmp / "patch" / "patch.json").write_text("old patch")
 
 
 def _committed_run(out, report: str):
@@ -214,9 +216,9 @@ def test_another_commands_run_is_a_run_too(tmp_path, foreign, capfd):
     """`slug compare --out` on a demo's run folder (or the reverse) must not merge into it: every command's marker
     counts, whichever command asks."""
     out = tmp_path / "run"
-    out.mkdir()
-    (out / foreign).write_text('{"old": true}')
-    (out / "data").mkdir()
+    with run_folder(out, marker=foreign) as tmp:  # that command's run, with its manifest
+        (tmp / foreign).write_text('{"old": true}')
+        (tmp / "data").mkdir()
     for marker in ("result.json", "compare.json", "canvas.json"):
         with pytest.raises(OutputExistsError, match=f"already holds a run \\({foreign} present\\)"):
             with run_folder(out, marker=marker):
@@ -295,7 +297,7 @@ def test_early_claim_owns_what_the_caller_writes(tmp_path):
         with run_folder(out, overwrite=True) as tmp:
             (tmp / "result.json").write_text("{}")
             raise KeyboardInterrupt
-    assert sorted(p.name for p in out.iterdir()) == ["patch", "result.json"]  # the old run, untouched
+    assert _names(out) == ["patch", "result.json"]  # the old run, untouched
     assert _leftovers(tmp_path) == []
 
     claim_out(out, overwrite=True)
@@ -440,7 +442,8 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
     assert f"note: kept in {out} what slug did not write there: notes.txt, odd\\nname, thesis\n" in \
         capfd.readouterr().err
     assert json.loads((out / MANIFEST).read_text())["entries"] == [MANIFEST, "result.json"]  # still the user's
-    # an early claim (slug demo) replacing a run keeps them too; a folder from before the manifest: by known names
+    # an early claim (slug demo) replacing a run keeps them too; a run folder without its manifest (an older
+    # slugkit's): nothing says which entries a run wrote, so every one is kept, a name the new run writes aside
     (out / MANIFEST).unlink()
     (out / "report.md").write_text("old report")
     claim_out(out, overwrite=True)
@@ -448,8 +451,32 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
     (inp / "data").mkdir()
     with run_folder(out, overwrite=True) as tmp:
         (tmp / "result.json").write_text("{}")
-    assert _names(out) == ["data", "notes.txt", "odd\nname", "result.json", "thesis"] and _leftovers(tmp_path) == []
-    assert "what slug did not write there: notes.txt, odd\\nname, thesis" in capfd.readouterr().err
+    assert _names(out) == ["data", "notes.txt", "odd\nname", "report.md", "result.json", "result.json.before-slug",
+                           "thesis"] and _leftovers(tmp_path) == []
+    assert (out / "result.json.before-slug").read_text() == '{"new": true}'
+    assert (out / "result.json").read_text() == "{}"
+    err = capfd.readouterr().err
+    assert f"everything the folder held, as it has no {MANIFEST}" in err and "result.json as result.json.before-slug" \
+        in err and "report.md" in err
+
+
+def test_a_users_folder_holding_a_result_json_loses_nothing_to_overwrite(tmp_path, capfd):
+    """A folder of the user's that happens to hold a ``result.json`` (and a ``data/`` and ``report.md`` of theirs)
+    is taken for a run — refused without --overwrite — and with it is replaced keeping every entry: without a
+    manifest nothing tells a run's files from the user's (their data/ and report.md were deleted as a run's)."""
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "scan.csv").write_text("1,2")
+    (out / "result.json").write_text('{"accuracy": 0.9}')
+    (out / "report.md").write_text("my report")
+    with pytest.raises(OutputExistsError):
+        claim_out(out, overwrite=False)
+    with run_folder(out, overwrite=True) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "data").mkdir()
+    assert (out / "data.before-slug" / "scan.csv").read_text() == "1,2" and (out / "report.md").read_text() == \
+        "my report" and (out / "result.json.before-slug").read_text() == '{"accuracy": 0.9}'
+    assert "data as data.before-slug" in capfd.readouterr().err and _leftovers(tmp_path) == []
 
 
 def test_a_users_files_put_into_out_while_a_run_goes_on_are_kept(tmp_path, capfd):

@@ -18,8 +18,10 @@ slug never deletes a file it did not write. Three checks keep that promise befor
 the old folder that slug did not write — a user's ``notes.txt`` — are carried into the new folder and named on
 stderr (:func:`foreign_entries`); a user's file inside the old run's own folders refuses the ``--overwrite``
 (:func:`nested_foreign`); an entry of the user's named like one the run writes is kept as ``NAME.before-slug``
-(:mod:`slugkit.common.runfolder`). A folder written by an older slugkit (no manifest) is judged by the names slug
-commands write (:data:`KNOWN_ENTRIES`); anything else is kept.
+(:mod:`slugkit.common.runfolder`). A run folder without a manifest (an older slugkit's, or a folder of the user's
+that holds a ``result.json``) is still a run (refused without ``--overwrite``), but nothing records which of its
+entries a run wrote, so ``--overwrite`` keeps every one of them (its ``report.md`` as ``report.md.before-slug``
+beside the new run's): a user's ``data/`` beside their own ``result.json`` was deleted as a run's.
 """
 
 from __future__ import annotations

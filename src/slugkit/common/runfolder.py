@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from .errors import check_flag
-from .files import final_path, fix_modes, kept_name, link_or_copy, unregister_staging
+from .files import MANIFEST, final_path, fix_modes, kept_name, link_or_copy, read_manifest, unregister_staging
 from .outguard import (TAG, edited_entries, foreign_entries, inspect_out, nested_foreign, write_manifest,
                        writer_of)
 from .outlock import (Claim, RunLockedError, abandon_claims, abort, claim_out, finish, inputs_folder,
@@ -120,8 +120,9 @@ def _commit(claim: Claim) -> None:
     """Rename the temporary folder to OUT. The run's own entries are recorded first (:data:`MANIFEST`); then OUT is
     renamed away — from then on nothing can be written into it — and the entries it held that the run did not write
     are linked into the new folder: of a replaced run only those slug did not write (:func:`foreign_entries`) and
-    its entries holding a user's file or edit, named on stderr; an entry of the user's with a name the run wrote is
-    kept as ``NAME.before-slug``. The old folder is deleted once the new one is in place. (Listing OUT before the
+    its entries holding a user's file or edit, named on stderr (of a run folder without :data:`MANIFEST`, every
+    entry: nothing tells its run's files from a user's); an entry of the user's with a name the run wrote is kept as
+    ``NAME.before-slug``. The old folder is deleted once the new one is in place. (Listing OUT before the
     rename lost files written in between: sixth trial.)"""
     stage, target = claim.stage, claim.target
     own = set(os.listdir(stage))
@@ -129,13 +130,16 @@ def _commit(claim: Claim) -> None:
     fix_modes(stage)  # the run's files only: a carried file is a hard link, chmod would change the user's own file
     if claim.mode is not None:
         os.chmod(stage, claim.mode)
-    kept, renamed = [], []
+    kept, renamed, legacy = [], [], False
     if target.exists():
         claim.aside = new_name(target, ".old")
         claim.journal()
         os.rename(target, claim.aside)
         src, replaced = claim.aside, claim.replace_run
-        theirs = foreign_entries(src) if replaced else os.listdir(src)
+        # a run folder without MANIFEST (an older slugkit's, or a folder of yours holding a result.json): nothing
+        # records which entries a run wrote, so every one is kept (a name the new run writes as NAME.before-slug)
+        legacy = replaced and read_manifest(src) is None
+        theirs = foreign_entries(src) if replaced and not legacy else os.listdir(src)
         if replaced:  # an entry of the old run holding a file the user put there or edited (even during this run):
             mine = {f.split("/")[0] for f in nested_foreign(src)} | set(edited_entries(src))  # kept whole
             theirs += sorted(mine - set(theirs))
@@ -150,7 +154,9 @@ def _commit(claim: Claim) -> None:
     claim.aside = None
     if kept or renamed:
         names = [printable(n) for n in kept + renamed]  # a newline in a name broke the line
-        print(f"note: kept in {claim.out} what slug did not write there: {', '.join(names)}", file=sys.stderr)
+        what = ("everything the folder held, as it has no " + MANIFEST + " to tell a run's files from yours (an "
+                "older slugkit's run; delete what you no longer need)" if legacy else "what slug did not write there")
+        print(f"note: kept in {claim.out} {what}: {', '.join(names)}", file=sys.stderr)
 
 
 def _rename_in(stage: Path, target: Path, own: set[str], kept: list, renamed: list) -> list[Path]:
