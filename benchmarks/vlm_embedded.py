@@ -117,7 +117,8 @@ def main():
                          "paper's single layer)")
     ap.add_argument("--name-prob", type=vlm_name_prob, default=DEFAULT_NAME_PROB,
                     help="`slug demo --vlm-name-prob`: a validation image counts as naming the target when the VLM "
-                         f"gives its name this probability or more (default {DEFAULT_NAME_PROB:g}; off: answers only)")
+                         "gives its full and last name this summed probability or more (default "
+                         f"{DEFAULT_NAME_PROB:g}; off: the answers only)")
     ap.add_argument("--seed", type=seed_type(), default=0, help="seed of the run (default 0)")
     ap.add_argument("--data-dir", type=folder(), default=None,
                     help="the world's data folder (default: written on first use)")
@@ -154,6 +155,10 @@ def main():
     print(f"{s['passed']}/{s['total']} runs pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
           f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
           f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
+    verdicts = [r["verdict"] for r in rows if r.get("verdict")]  # the demo's own verdict bounds the worst identity
+    if verdicts:
+        print("the demo's verdicts of the runs that wrote a patch (they bound the worst single identity too): "
+              + ", ".join(f"{k} {verdicts.count(k)}" for k in ("pass", "warn", "fail") if k in verdicts))
     if "mean_drop_median" in s:
         print(f"other identities' drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
               f"single identity: median {s['worst_identity_drop_median']:+.3f}, worst "

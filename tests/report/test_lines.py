@@ -70,6 +70,20 @@ def test_vlm_search_lines_say_where_a_search_without_a_clip_step_started():
     assert lines[1].startswith("- VLM step search on `b` (CLIP step 2): ") and "None" not in "".join(lines)
 
 
+def test_the_vlm_report_says_what_its_search_counted_as_naming_the_target():
+    """With the name margin (``--vlm-name-prob``) the search's rows count "named or likely", and the report and
+    console say so; without it, that the answers alone were counted (verification 55: "named 0.10" read as answers,
+    and an ``off`` run said nothing)."""
+    from slugkit.report.vlm import _search_lines, search_criterion
+
+    row = {"step_size": 0.5, "target_recognised": 0.1, "other_drop": 0.01, "accepted": False}
+    layer = [{"layer": "a", "clip_step_size": 1.0, "trajectory": [row]}]
+    assert ": named or likely 0.10" in _search_lines(layer, likely=True)[0]
+    margin = {"rounds": [{"vlm_search": {"name_prob": 0.1}}, {"vlm_search": {"name_prob": 0.1}}]}
+    assert "summed probability >= 0.1" in search_criterion(margin)
+    assert "answer names it (`--vlm-name-prob off`)" in search_criterion({"vlm_search": {"name_prob": None}})
+
+
 def test_a_group_edit_names_every_tensor_it_changed():
     """An MLP edit changes fc1 and fc2 (one group); the summary line and report.md's head named fc2 alone (trial 26)."""
     from slugkit.report.unlearn import downstream_head, edit_label

@@ -108,9 +108,10 @@ def add_vlm_args(d):
                          "default) or the VLM's own answer-loss gradient, projected off the other identities' and the "
                          "utility answers' gradients, on every consumed layer (vlm)")
     vg.add_argument("--vlm-name-prob", type=name_prob, default=0.1, metavar="P",
-                    help="the step search counts a validation image as still naming the target when the answer "
-                         "names it or the VLM gives the full or last name probability >= P (default 0.1: a margin "
-                         "for the unseen images; 'off': the answers only)")
+                    help="the step search counts a validation image as still naming the target when its answer "
+                         "names it or the VLM gives the full and the last name a summed probability >= P, P in "
+                         "(0, 1] (default 0.1: a margin for the unseen images; 'off': the answers only). The search's "
+                         "criterion only: the test figures and the verdict are the answers'")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")

@@ -32,6 +32,8 @@ def print_vlm_summary(result: dict, out: str) -> None:
     line = worst_line(v["collateral"])
     if line:
         print(line)
+    if result.get("chooser"):
+        print(search_criterion(result["chooser"]).replace("`", ""))
     m = result["metrics"]
     print(f"CLIP (test): FA@1 {m['before']['forget_top1']:.3f} -> {m['after']['forget_top1']:.3f}, other identities "
           f"top-1 {m['before']['related_top1']:.3f} -> {m['after']['related_top1']:.3f}")
@@ -60,16 +62,14 @@ def render_vlm_report(result: dict, samples: dict) -> str:
     if line:
         lines += [line[0].upper() + line[1:] + ".", ""]
     rounds = ch.get("rounds") or [ch]
-    first = rounds[0].get("vlm_search") or {}
-    if first.get("name_prob") is not None:
-        lines += [f"The VLM step search counts a validation image as naming the target when the answer names it or "
-                  f"the VLM gives the name probability >= {first['name_prob']:g} (`--vlm-name-prob`).", ""]
+    lines += [search_criterion(ch), ""]
+    likely = (rounds[0].get("vlm_search") or {}).get("name_prob") is not None
     for rd in rounds:
         if len(rounds) > 1:
             part = rd.get("partial_step")
             lines.append(f"- **round {rd['round']}**" + (f": partial step {part['applied_step']:.4g} of "
                                                           f"`{part['layer']}` kept" if part else ""))
-        lines += _search_lines((rd.get("vlm_search") or {}).get("layers", []))
+        lines += _search_lines((rd.get("vlm_search") or {}).get("layers", []), likely)
     lines += ["", "Sample answers (before -> after):", ""]
     for t in v["before"]["target_named_by_concept"]:
         for i in range(SAMPLES):
@@ -82,10 +82,23 @@ def render_vlm_report(result: dict, samples: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _search_lines(layers: list[dict]) -> list[str]:
+def search_criterion(chooser: dict) -> str:
+    """What the VLM step search counted as naming the target (``--vlm-name-prob``), one sentence."""
+    rounds = chooser.get("rounds") or [chooser]
+    p = (rounds[0].get("vlm_search") or {}).get("name_prob")
+    if p is None:
+        return ("The VLM step search counted a validation image as naming the target when its answer names it "
+                "(`--vlm-name-prob off`).")
+    return (f"The VLM step search counted a validation image as naming the target (\"named or likely\") when its "
+            f"answer names it or the VLM gives the full and the last name a summed probability >= {p:g} "
+            "(`--vlm-name-prob`, a margin for unseen images; the test figures are the answers alone).")
+
+
+def _search_lines(layers: list[dict], likely: bool = False) -> list[str]:
     lines = []
+    said = "named or likely" if likely else "named"
     for L in layers:
-        steps = "; ".join(f"{t['step_size']:.4g}: named {t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}"
+        steps = "; ".join(f"{t['step_size']:.4g}: {said} {t['target_recognised']:.2f}, others {-t['other_drop']:+.3f}"
                           + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
                           + (" (accepted)" if t["accepted"] else " (probe)" if t.get("probe") else "")
                           for t in L["trajectory"])

@@ -233,6 +233,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 + f" and utility <= {utility_budget:.0%}{why_not}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try "
                 + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
+                + ("--vlm-name-prob (a larger P, or off: a looser target criterion, which the test images may not "
+                   "bear out), " if name_prob is not None else "")
                 + "--other-budget / --neighbour-budget / --vlm-utility-budget, or more --val-images", partial, info)
         info.update(step_size=chosen.step_size, clip_step_size=searched[-1]["clip_step_size"])
         if gradient == "vlm":
