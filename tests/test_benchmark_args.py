@@ -52,6 +52,8 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("vlm_embedded.py", ["--concepts", ""], "--concepts '' names nothing"),
     ("vlm_embedded.py", ["--json", "src/slugkit/v.json"], "is inside the slugkit package"),
     ("vlm_embedded.py", ["--vlm-model", "no_such_vlm"], "--vlm-model"),
+    ("vlm_embedded.py", ["--name-prob", "0"], "--name-prob: must be in (0, 1]"),
+    ("vlm_embedded.py", ["--neighbours-k", "0"], "--neighbours-k: must be >= 1"),
     ("all_identities.py", ["--limit", "0"], "argument --limit: must be >= 1"),
     ("all_identities.py", ["--variant", "margin=-1"], "SearchConfig.margin"),
     ("all_identities.py", ["--rescore", "benchmarks/results/all_identities_paper.json"], "give --json OUT"),
