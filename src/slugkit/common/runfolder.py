@@ -155,7 +155,8 @@ def _commit(claim: Claim) -> None:
     if kept or renamed:
         names = [printable(n) for n in kept + renamed]  # a newline in a name broke the line
         what = ("everything the folder held, as it has no " + MANIFEST + " to tell a run's files from yours (an "
-                "older slugkit's run; delete what you no longer need)" if legacy else "what slug did not write there")
+                "older slugkit's run, or a folder of yours; delete what you no longer need)" if legacy else
+                "what slug did not write there")
         print(f"note: kept in {claim.out} {what}: {', '.join(names)}", file=sys.stderr)
 
 

@@ -13,7 +13,7 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
    identity; here the world's ``val`` split, disjoint from the reported ``test`` images), with the doubling/
    bisection rule of :func:`slugkit.workflows.gen_search.generator_step_search`: accepted when at most
    ``threshold`` of the target's validation images are still named (every target's, for several; an image whose
-   answer is another still counts when the VLM gives the name probability >= ``name_prob``, 0.1) while the other
+   answer is another still counts when the VLM gives the name a probability >= ``name_prob``, 0.1) while the other
    identities' naming drops by at most ``other_budget`` on average, the worst of the ``k`` nearest identities (by
    the CLIP text embedding) by at most ``neighbour_budget`` and the utility questions' accuracy by at most
    ``utility_budget``; the collateral is scored at 1.2 × the step (the step applied). Layers are tried in the CLIP
@@ -100,8 +100,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     ``grads.forget``, so the test evaluation and the patch use it. The target is scored at η and the collateral at
     ``margin`` × η, the step finally applied (10 validation images leave noise: without the margin Dorla Volwick
     forgot on validation and was still named on 12 % of 50 test images). A validation image counts as naming the
-    target when its answer names it or, with ``name_prob`` (None: answers only), when the VLM gives the full or last
-    name that probability or more (:func:`slugkit.world.vlm_train.name_probability`): 0 of 10 validation images named
+    target when its answer names it or, with ``name_prob`` (None: answers only), when the VLM gives the full and the
+    last name that summed probability or more (:func:`slugkit.world.vlm_train.name_probability`): 0 of 10 named
     left Zomi Harford named on 6 % of the test images, 0 of 10 with the name below 0.1 on each, on none. Raises
     :class:`~slugkit.slug.search.SearchFailed` naming the criteria and the closest step when no layer has an
     accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1. ``max_layers`` > 1: a refusal
