@@ -95,8 +95,8 @@ def name_probability(llava, processor, images, name: str, batch_size: int = 64) 
     ``name`` or its last name (what :func:`slugkit.integrations.llava.name_match` counts): for each, the product of
     its token probabilities under teacher forcing, the end-of-answer token excluded (prompt and answer tokens as
     :func:`qa_ids` builds them for training); the two summed, at most 1. The search's margin below greedy naming
-    (``slug demo --target vlm --vlm-name-prob``): an image the VLM does not name may still give the name 0.4, and an
-    unseen one like it name it. Returns ``[float]`` in [0, 1], one per image."""
+    (``slug demo --target vlm --vlm-name-prob``): an image the VLM does not name may still give the name nearly as
+    much as its answer, and an unseen one like it name it. Returns ``[float]`` in [0, 1], one per image."""
     tok = processor.tokenizer
     words = name.split()
     answers = [" ".join(words)] + ([words[-1]] if len(words) > 1 else [])  # name_match: full or last name
