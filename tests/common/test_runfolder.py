@@ -460,22 +460,23 @@ def test_overwrite_keeps_the_users_files_and_names_them(tmp_path, capfd):
         in err and "report.md" in err
 
 
-def test_a_users_folder_holding_a_result_json_loses_nothing_to_overwrite(tmp_path, capfd):
+@pytest.mark.parametrize("marker", ["result.json", "canvas.json", "compare.json", "curate.json"])
+def test_a_users_folder_holding_a_result_json_loses_nothing_to_overwrite(tmp_path, capfd, marker):
     """A folder of the user's that happens to hold a ``result.json`` (and a ``data/`` and ``report.md`` of theirs)
     is taken for a run — refused without --overwrite — and with it is replaced keeping every entry: without a
     manifest nothing tells a run's files from the user's (their data/ and report.md were deleted as a run's)."""
     out = tmp_path / "mine"
     (out / "data").mkdir(parents=True)
     (out / "data" / "scan.csv").write_text("1,2")
-    (out / "result.json").write_text('{"accuracy": 0.9}')
+    (out / marker).write_text('{"accuracy": 0.9}')
     (out / "report.md").write_text("my report")
     with pytest.raises(OutputExistsError):
-        claim_out(out, overwrite=False)
-    with run_folder(out, overwrite=True) as tmp:
-        (tmp / "result.json").write_text("{}")
+        claim_out(out, overwrite=False, marker=marker)
+    with run_folder(out, overwrite=True, marker=marker) as tmp:
+        (tmp / marker).write_text("{}")
         (tmp / "data").mkdir()
     assert (out / "data.before-slug" / "scan.csv").read_text() == "1,2" and (out / "report.md").read_text() == \
-        "my report" and (out / "result.json.before-slug").read_text() == '{"accuracy": 0.9}'
+        "my report" and (out / f"{marker}.before-slug").read_text() == '{"accuracy": 0.9}'
     assert "data as data.before-slug" in capfd.readouterr().err and _leftovers(tmp_path) == []
 
 

@@ -6,20 +6,20 @@ import sys
 from pathlib import Path
 
 from ..workflows.verdict import exit_status_of
-from .args import FRACTION, budgets_of, fraction_or_off, refuse, search_config, split_list
+from .args import FRACTION, _number, budgets_of, refuse, search_config, split_list
 
 
 def name_prob(text: str) -> float | None:
     """``--vlm-name-prob``: a probability in (0, 1], or ``off`` (None: the answers only)."""
     import argparse
 
+    if text.strip().lower() in ("off", "none"):
+        return None
     try:
-        v = fraction_or_off(text)
+        v = _number(float, text)
     except argparse.ArgumentTypeError as e:
-        if "expected" in str(e):
-            raise
-        v = 0.0  # out of range: one message for every value outside (0, 1]
-    if v is not None and not 0.0 < v <= 1.0:  # 0: every image would name the target, no step ever accepted
+        raise argparse.ArgumentTypeError(f"{e}; or 'off'") from None
+    if not 0.0 < v <= 1.0:  # 0: every image would name the target, no step could be accepted
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (a probability above 0), got {text}; or 'off'")
     return v
 

@@ -153,11 +153,14 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             order = first + [s for s in searches if s not in first and s.step_size is not None] + \
                 [s for s in searches if s.step_size is None and s.trajectory]
 
-        def score(group, eta):
+        def score(group, eta, likely=False):
+            """The validation scores at ``eta``; with ``likely`` (the target's criterion, not the collateral's)
+            also the share of the target's images named or giving the name >= ``name_prob``."""
+            likely = likely and name_prob is not None
             with edited_consumer(llava, mapping, adapter.model, g_edit, group, eta):
-                raw = vlm.vlm_scores(llava, processor, named_val, util_val, answers=name_prob is not None)
+                raw = vlm.vlm_scores(llava, processor, named_val, util_val, answers=likely)
                 m = _metrics(raw, targets)
-                if name_prob is not None:  # an image counts as naming the target when its name is likely
+                if likely:  # an image counts as naming the target when its name is likely
                     from ..integrations.llava import name_match
 
                     m["target_likely_by_concept"] = {}
@@ -175,7 +178,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
         base = state["base"]
 
         def evaluate(group, eta):
-            m = score(group, eta)
+            m = score(group, eta, likely=True)
             worst_t = max(m["target_likely_by_concept" if name_prob is not None else "target_named_by_concept"]
                           .values())
             if margin != 1.0:
