@@ -477,7 +477,9 @@ def test_a_users_folder_holding_a_result_json_loses_nothing_to_overwrite(tmp_pat
         (tmp / "data").mkdir()
     assert (out / "data.before-slug" / "scan.csv").read_text() == "1,2" and (out / "report.md").read_text() == \
         "my report" and (out / f"{marker}.before-slug").read_text() == '{"accuracy": 0.9}'
-    assert "data as data.before-slug" in capfd.readouterr().err and _leftovers(tmp_path) == []
+    err = capfd.readouterr().err
+    assert "data as data.before-slug" in err and _leftovers(tmp_path) == []
+    assert "--overwrite replaces it" not in err  # another command's marker: kept too, not replaced (verify 56)
 
 
 def test_a_users_files_put_into_out_while_a_run_goes_on_are_kept(tmp_path, capfd):
@@ -953,3 +955,17 @@ def test_overwrite_must_be_a_bool_everywhere_a_folder_is_replaced(tmp_path):
 
     save_patch(patch, tmp_path / "p", overwrite=np.bool_(False))
     check_replaceable(out, np.bool_(True))
+
+
+def test_another_commands_marker_without_a_manifest_is_kept_and_not_said_to_be_replaced(tmp_path, capfd):
+    """`slug curate --out F --overwrite` where F is a folder of the user's holding a `result.json`: kept whole, and
+    the note "holds another command's run …; --overwrite replaces it" is not printed beside the one saying it was
+    kept (verification 56: the two contradicted each other)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "result.json").write_text('{"a": 1}')
+    with run_folder(out, overwrite=True, marker="curate.json") as tmp:
+        (tmp / "curate.json").write_text("{}")
+    err = capfd.readouterr().err
+    assert (out / "result.json").read_text() == '{"a": 1}' and (out / "curate.json").read_text() == "{}"
+    assert "--overwrite replaces it" not in err and "everything the folder held" in err

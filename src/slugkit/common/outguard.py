@@ -212,7 +212,9 @@ def inspect_out(out, target: Path, overwrite: bool, marker: str) -> str:
         raise OutputExistsError(f"{out} holds files slug did not write inside its run's folders "
                                 f"({', '.join(mine[:5])}{' …' if len(mine) > 5 else ''}); --overwrite would delete "
                                 "them with that run: move them out first")
-    if found and found[0] != marker:  # `slug curate --out DEMO_RUN --overwrite` replaced a demo's run silently
+    # `slug curate --out DEMO_RUN --overwrite` replaced a demo's run silently; a folder without MANIFEST is not
+    # replaced but kept whole (runfolder's note says so; this one contradicted it, verification 56)
+    if found and found[0] != marker and read_manifest(target) is not None:
         print(f"note: {out} holds another command's run ({found[0]}); --overwrite replaces it", file=sys.stderr)
     return "run"
 
