@@ -64,6 +64,12 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("sd_embedded.py", ["--concepts", "red triangle", "--all"], "--all and --concepts exclude each other"),
     ("sd_embedded.py", ["--neighbours-k", "30"], "there are 29 other concepts"),
     ("precision.py", ["--device", "tpu"], "give cpu, cuda or cuda:N"),
+    ("vlm_ceiling.py", ["--scopes", "layers.3"], "--scopes: scope 'layers.3' names no parameter"),  # past layer -2
+    ("vlm_ceiling.py", ["--scopes", " , "], "--scopes ' , ' names nothing"),
+    ("vlm_ceiling.py", ["--first", "2", "--concepts", "Jowen Gormere"], "--first and --concepts exclude each other"),
+    ("vlm_ceiling.py", ["--first", "61"], "the world has 60 identities"),
+    ("vlm_ceiling.py", ["--steps", "0"], "--steps: must be >= 1"),
+    ("vlm_ceiling.py", ["--concepts", "Bogus"], "--concepts: unknown name 'Bogus'"),
 ])
 def test_a_bad_argument_is_refused_naming_the_option(script, args, named):
     r = _run(script, *args)
@@ -151,3 +157,33 @@ def test_the_canvas_benchmark_refuses_a_canvas_model_that_does_not_load(tmp_path
     r = _run("canvas_embedded.py", "--canvas-model", str(tmp_path), "--methods", "uce", "--targets", "harley")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "canvas_config.json is missing" in r.stderr
+
+
+def test_the_ceilings_scopes_stop_at_the_layer_the_vlm_reads():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import vlm_ceiling
+
+    from slugkit.world import vlm
+
+    llava, _ = vlm.load_vlm()
+    tower, read = llava.model.vision_tower, llava.config.vision_feature_layer
+    short = lambda ps: sorted(n.removeprefix("vision_model.") for n in ps)  # noqa: E731
+    assert short(vlm_ceiling.scope_params(tower, "layers.2.mlp", read)) == [
+        "encoder.layers.2.mlp.fc1.bias", "encoder.layers.2.mlp.fc1.weight", "encoder.layers.2.mlp.fc2.bias",
+        "encoder.layers.2.mlp.fc2.weight"]
+    whole = short(vlm_ceiling.scope_params(tower, "tower", read))  # hidden_states[-2] of 4 blocks: blocks 0-2 feed it
+    assert "embeddings.patch_embedding.weight" in whole and "encoder.layers.2.mlp.fc2.weight" in whole
+    assert not [n for n in whole if n.startswith(("encoder.layers.3.", "post_layernorm"))]
+    with pytest.raises(ValueError, match="layers 0..2"):
+        vlm_ceiling.scope_params(tower, "layers.3.mlp", read)
+
+
+def test_the_ceilings_look_alikes_are_the_nearest_mean_features():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import vlm_ceiling
+
+    feats = {"T": torch.tensor([1.0, 0.0]), "far": torch.tensor([-1.0, 0.1]), "near": torch.tensor([2.0, 0.2]),
+             "mid": torch.tensor([1.0, 1.0])}  # cosine, not distance: "near" is twice T's norm
+    assert vlm_ceiling.look_alikes(feats, "T", 2) == ["near", "mid"]

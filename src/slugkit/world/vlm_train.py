@@ -132,15 +132,22 @@ def _batch(items, pad: int):
     return ids, mask, labels, torch.tensor([i for i, _, _ in items])
 
 
-def lm_loss(llava, feats: torch.Tensor, ids, mask, labels) -> torch.Tensor:
-    """Next-token cross-entropy of the answers with image features ``feats`` ``[B, 16, 64]`` in the image-token
-    positions: projector -> embeddings (``masked_scatter`` as ``LlavaModel``) -> Llama -> tied head."""
+def next_token_logits(llava, feats: torch.Tensor, ids, mask) -> torch.Tensor:
+    """``[B, T-1, vocab]``: the logits predicting tokens ``1..T-1`` of ``ids`` ``[B, T]`` with image features
+    ``feats`` ``[B, 16, 64]`` in the image-token positions: projector -> embeddings (``masked_scatter`` as
+    ``LlavaModel``) -> Llama -> tied head. Differentiable in ``feats``."""
     emb = llava.get_input_embeddings()(ids)
     img = llava.model.multi_modal_projector(feats).to(emb.dtype)
     where = (ids == llava.config.image_token_id).unsqueeze(-1).expand_as(emb)
     emb = emb.masked_scatter(where, img.reshape(-1))
     h = llava.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
-    logits = llava.lm_head(h[:, :-1])
+    return llava.lm_head(h[:, :-1])
+
+
+def lm_loss(llava, feats: torch.Tensor, ids, mask, labels) -> torch.Tensor:
+    """Next-token cross-entropy of the answers (``labels`` ``[B, T]``, -100 outside them) with image features
+    ``feats`` ``[B, 16, 64]`` (:func:`next_token_logits`)."""
+    logits = next_token_logits(llava, feats, ids, mask)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
 
