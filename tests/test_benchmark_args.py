@@ -70,6 +70,10 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("vlm_ceiling.py", ["--first", "61"], "the world has 60 identities"),
     ("vlm_ceiling.py", ["--steps", "0"], "--steps: must be >= 1"),
     ("vlm_ceiling.py", ["--concepts", "Bogus"], "--concepts: unknown name 'Bogus'"),
+    ("sd_ceiling.py", ["--scopes", "encoder.layers.9"], "--scopes: scope 'encoder.layers.9' names no parameter"),
+    ("sd_ceiling.py", ["--scopes", ","], "--scopes ',' names nothing"),
+    ("sd_ceiling.py", ["--concepts", "red triangel"], "did you mean 'red triangle'"),
+    ("sd_ceiling.py", ["--n", "0"], "--n: must be >= 1"),
 ])
 def test_a_bad_argument_is_refused_naming_the_option(script, args, named):
     r = _run(script, *args)
@@ -187,3 +191,18 @@ def test_the_ceilings_look_alikes_are_the_nearest_mean_features():
     feats = {"T": torch.tensor([1.0, 0.0]), "far": torch.tensor([-1.0, 0.1]), "near": torch.tensor([2.0, 0.2]),
              "mid": torch.tensor([1.0, 1.0])}  # cosine, not distance: "near" is twice T's norm
     assert vlm_ceiling.look_alikes(feats, "T", 2) == ["near", "mid"]
+
+
+def test_the_sd_ceilings_scopes_are_dotted_prefixes_of_the_text_encoder():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd_ceiling
+
+    from slugkit.world import t2i
+
+    te = t2i.EmbeddedT2IPipeline.load().text_encoder
+    assert list(sd_ceiling.scope_params(te, "encoder.layers.2.mlp.fc1.weight")) == ["encoder.layers.2.mlp.fc1.weight"]
+    block = sd_ceiling.scope_params(te, "encoder.layers.2")
+    assert block and all(n.startswith("encoder.layers.2.") for n in block)
+    assert not sd_ceiling.scope_params(te, "encoder.layers.1").keys() & block.keys()
+    with pytest.raises(ValueError, match="names no parameter"):
+        sd_ceiling.scope_params(te, "encoder.layers.2.mlp.fc")  # a prefix of a name, not a dotted part of it
