@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import add_json, floats, ints, json_out, name_list, run  # noqa: E402
+from sweep import add_json, floats, ints, json_out, name_list, optimised, run  # noqa: E402
 
 TARGET_AFTER, OTHER_DROP, WORST_DROP, BATCH = 0.10, 0.05, 0.20, 10
 FAILURES = ("green triangle,yellow triangle,cyan square,cyan triangle,cyan cross,red square,purple cross,"
@@ -102,40 +102,34 @@ def main():
         scale = h_o.pow(2).mean()
         for scope in scopes:
             params = scope_params(te, scope)
-            saved = {n: p.detach().clone() for n, p in params.items()}
-            for p in params.values():
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params.values(), lr=a.lr)
-            gen = torch.Generator().manual_seed(0)
-            t1 = time.perf_counter()
-            for step in range(a.steps):
-                pick = torch.randperm(len(x0), generator=gen)[:BATCH]
-                ts = torch.randint(0, sched.config.num_train_timesteps, (len(pick),), generator=gen)
-                noise = torch.randn(x0[pick].shape, generator=gen)
-                x_t = sched.add_noise(x0[pick], noise, ts)
-                which = torch.randint(len(t_prompts), (len(pick),), generator=gen)
+            with optimised(params, a.lr) as (opt, saved):  # restored on leaving
+                gen = torch.Generator().manual_seed(0)
+                t1 = time.perf_counter()
+                for step in range(a.steps):
+                    pick = torch.randperm(len(x0), generator=gen)[:BATCH]
+                    ts = torch.randint(0, sched.config.num_train_timesteps, (len(pick),), generator=gen)
+                    noise = torch.randn(x0[pick].shape, generator=gen)
+                    x_t = sched.add_noise(x0[pick], noise, ts)
+                    which = torch.randint(len(t_prompts), (len(pick),), generator=gen)
+                    with torch.no_grad():
+                        e_null = unet(x_t, ts, encoder_hidden_states=null.expand(len(pick), -1, -1)).sample
+                        e_c = unet(x_t, ts, encoder_hidden_states=h_t[which]).sample
+                        want = e_null - a.eta * (e_c - e_null)
+                    edited = unet(x_t, ts, encoder_hidden_states=states(t_prompts)[which]).sample
+                    forget = torch.nn.functional.mse_loss(edited, want)
+                    if step == 0:
+                        forget0 = forget.item()  # the forget loss is taken relative to where it starts
+                    forget = forget / forget0
+                    retain = (states(o_prompts) - h_o).pow(2).mean() / scale
+                    loss = forget + a.retain_weight * retain
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                train_s = time.perf_counter() - t1
                 with torch.no_grad():
-                    e_null = unet(x_t, ts, encoder_hidden_states=null.expand(len(pick), -1, -1)).sample
-                    e_c = unet(x_t, ts, encoder_hidden_states=h_t[which]).sample
-                    want = e_null - a.eta * (e_c - e_null)
-                forget = torch.nn.functional.mse_loss(unet(x_t, ts, encoder_hidden_states=states(t_prompts)[which])
-                                                      .sample, want)
-                if step == 0:
-                    forget0 = forget.item()  # the forget loss is taken relative to where it starts
-                forget = forget / forget0
-                retain = (states(o_prompts) - h_o).pow(2).mean() / scale
-                loss = forget + a.retain_weight * retain
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            train_s = time.perf_counter() - t1
-            with torch.no_grad():
-                for p in params.values():
-                    p.requires_grad_(False)
-                moved = {n: float((p - saved[n]).norm() / saved[n].norm().clamp_min(1e-12)) for n, p in params.items()}
-                after, _, _ = t2i.recognition(pipe, judge, plan)
-                for n, p in params.items():
-                    p.copy_(saved[n])
+                    moved = {n: float((p - saved[n]).norm() / saved[n].norm().clamp_min(1e-12))
+                             for n, p in params.items()}
+                    after, _, _ = t2i.recognition(pipe, judge, plan)
             drops = {c: before[c] - after[c] for c in names if c != target}
             worst = max(drops, key=drops.get)
             row = {"concept": target, "scope": scope, "params": sorted(params), "relative_change": moved,

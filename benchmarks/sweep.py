@@ -171,3 +171,28 @@ def progress_off() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+
+
+def optimised(params: dict, lr: float):
+    """Context manager for the ceiling scripts (``vlm_ceiling.py``, ``sd_ceiling.py``): ``params`` (``{name:
+    tensor}``) made trainable under a fresh Adam (``lr``), yielded as ``(optimizer, saved values)``; on exit — also on
+    an error or Ctrl-C — their values are restored and their gradients switched off, so the next run starts from the
+    unedited model."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def scope():
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        for p in params.values():
+            p.requires_grad_(True)
+        try:
+            yield torch.optim.Adam(params.values(), lr=lr), saved
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.requires_grad_(False)
+                    p.copy_(saved[n])
+
+    return scope()

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import add_json, floats, ints, json_out, name_list, run  # noqa: E402
+from sweep import add_json, floats, ints, json_out, name_list, optimised, run  # noqa: E402
 
 TARGET_AFTER, OTHER_DROP, UTILITY_DROP, WORST_DROP = 0.05, 0.05, 0.03, 0.20
 N_FORGET, N_RETAIN_ID, N_RETAIN_CLS, BATCH, K_ALIKE = 20, 5, 5, 64, 8
@@ -162,38 +162,32 @@ def main():
         r_px = pixels(r_px_list)
         for scope in scopes:
             params = scope_params(tower, scope, read)
-            saved = {n: p.detach().clone() for n, p in params.items()}
-            for p in params.values():
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params.values(), lr=a.lr)
-            gen = torch.Generator().manual_seed(0)
-            t1 = time.perf_counter()
-            for step in range(a.steps):
-                forget = sum(torch.relu(answer_logp(f_px, p, ans[:-1]) - torch.log(torch.tensor(a.tau))).mean()
-                             for p, ans in f_answers)
-                if step == 0:  # the direction one step of forget-gradient descent would take, for the comparison
-                    first = torch.cat([g.flatten() for g in torch.autograd.grad(forget, list(params.values()),
-                                                                                retain_graph=True)])
-                pick = torch.randint(len(r_items), (BATCH,), generator=gen).tolist()
-                ids, mask, labels, img = _batch([r_items[i] for i in pick], tok.pad_token_id)
-                logits = next_token_logits(llava, features(r_px[img]), ids, mask)
-                retain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                           labels[:, 1:].reshape(-1), ignore_index=-100)
-                loss = forget + a.retain_weight * retain
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            train_s = time.perf_counter() - t1
-            with torch.no_grad():
-                moved = {n: float((p - saved[n]).norm() / saved[n].norm().clamp_min(1e-12)) for n, p in params.items()}
-                delta = torch.cat([(p - saved[n]).flatten() for n, p in params.items()])
-                cos_first = float(torch.nn.functional.cosine_similarity(-first, delta, dim=0))
-                for p in params.values():
-                    p.requires_grad_(False)
-                after = vlm.vlm_scores(llava, processor, {**test_named, **vlm.identity_images("test", 50, [t])},
-                                       test_util)
-                for n, p in params.items():
-                    p.copy_(saved[n])
+            with optimised(params, a.lr) as (opt, saved):  # restored on leaving
+                gen = torch.Generator().manual_seed(0)
+                t1 = time.perf_counter()
+                for step in range(a.steps):
+                    forget = sum(torch.relu(answer_logp(f_px, q, ans[:-1]) - torch.log(torch.tensor(a.tau))).mean()
+                                 for q, ans in f_answers)
+                    if step == 0:  # the direction one step of forget-gradient descent would take, for the comparison
+                        first = torch.cat([g.flatten() for g in torch.autograd.grad(forget, list(params.values()),
+                                                                                    retain_graph=True)])
+                    pick = torch.randint(len(r_items), (BATCH,), generator=gen).tolist()
+                    ids, mask, labels, img = _batch([r_items[i] for i in pick], tok.pad_token_id)
+                    logits = next_token_logits(llava, features(r_px[img]), ids, mask)
+                    retain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                               labels[:, 1:].reshape(-1), ignore_index=-100)
+                    loss = forget + a.retain_weight * retain
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                train_s = time.perf_counter() - t1
+                with torch.no_grad():
+                    moved = {n: float((p - saved[n]).norm() / saved[n].norm().clamp_min(1e-12))
+                             for n, p in params.items()}
+                    delta = torch.cat([(p - saved[n]).flatten() for n, p in params.items()])
+                    cos_first = float(torch.nn.functional.cosine_similarity(-first, delta, dim=0))
+                    after = vlm.vlm_scores(llava, processor, {**test_named, **vlm.identity_images("test", 50, [t])},
+                                           test_util)
             b = base_scores[t]
             drops = {n: b["named"][n] - after["named"][n] for n in b["named"] if n != t}
             worst = max(drops, key=drops.get)
