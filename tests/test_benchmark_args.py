@@ -206,3 +206,21 @@ def test_the_sd_ceilings_scopes_are_dotted_prefixes_of_the_text_encoder():
     assert not sd_ceiling.scope_params(te, "encoder.layers.1").keys() & block.keys()
     with pytest.raises(ValueError, match="names no parameter"):
         sd_ceiling.scope_params(te, "encoder.layers.2.mlp.fc")  # a prefix of a name, not a dotted part of it
+
+
+def test_a_ceiling_scope_is_restored_bit_exactly_also_when_its_run_fails():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sweep
+
+    w = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3), requires_grad=False)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="mid-run"):
+        with sweep.optimised({"w": w}, lr=0.5) as (opt, saved):
+            assert w.requires_grad and torch.equal(saved["w"], before)
+            (w ** 2).sum().backward()
+            opt.step()
+            assert not torch.equal(w.detach(), before)
+            raise RuntimeError("mid-run")
+    assert torch.equal(w.detach(), before) and not w.requires_grad
