@@ -216,3 +216,29 @@ def failed_checks(checks: dict) -> str:
     """``PASS``, or ``FAIL`` with the names of the checks that failed (a row's ``checks``: ``{name: bool}``)."""
     bad = [k for k, ok in checks.items() if not ok]
     return "PASS" if not bad else "FAIL " + ", ".join(bad)
+
+
+def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, summarise) -> int:
+    """``--merge`` of the ceiling scripts: the rows of complete ``--json`` files of runs over disjoint concepts (e.g.
+    two processes) as one run — ``summarise(rows, json_path, options, **extra)`` prints the summary and writes
+``json_path`` (``extra``: the first part's other top-level keys, e.g. the scores before the edit).
+    A part that is unreadable, incomplete, or shares a (concept, scope) with another is refused."""
+    import json
+
+    rows, options, extra = [], [], {}
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--merge {path}: not readable JSON ({e})")
+        if not isinstance(part, dict) or part.get("complete") is not True or not isinstance(part.get("rows"), list):
+            ap.error(f"--merge {path}: not a complete --json file of this script (\"complete\": true)")
+        rows += part["rows"]
+        options.append(part.get("options", {}))
+        extra = extra or {k: v for k, v in part.items() if k not in ("rows", "summary", "options", "complete")}
+    seen = [(r["concept"], r["scope"]) for r in rows]
+    if len(set(seen)) != len(seen):
+        ap.error("--merge: the parts share a concept and scope; merge runs over disjoint concepts")
+    summarise(rows, json_path, {**options[0], "concepts": ",".join(dict.fromkeys(r["concept"] for r in rows)),
+                                "merged_from": paths}, **extra)
+    return 0

@@ -66,6 +66,13 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("precision.py", ["--device", "tpu"], "give cpu, cuda or cuda:N"),
     ("vlm_ceiling.py", ["--scopes", "layers.3"], "--scopes: scope 'layers.3' names no parameter"),  # past layer -2
     ("vlm_ceiling.py", ["--scopes", " , "], "--scopes ' , ' names nothing"),
+    ("vlm_ceiling.py", ["--scopes", "layers.2,"], "has an empty item"),
+    ("vlm_ceiling.py", ["--scopes", "layers.2,layers.2"], "'layers.2' is given twice"),
+    ("vlm_ceiling.py", ["--neighbour-images", "101"], "give at most 100"),
+    ("vlm_ceiling.py", ["--merge", "README.md", "--json", "/tmp/never-written.json"], "not readable JSON"),
+    ("sd_ceiling.py", ["--n", "201"], "at most 200"),
+    ("sd_ceiling.py", ["--merge", "benchmarks/results/sd_embedded_all.json", "--json", "/tmp/never-written.json"],
+     "not a complete --json file of this script"),
     ("vlm_ceiling.py", ["--first", "2", "--concepts", "Jowen Gormere"], "--first and --concepts exclude each other"),
     ("vlm_ceiling.py", ["--first", "61"], "the world has 60 identities"),
     ("vlm_ceiling.py", ["--steps", "0"], "--steps: must be >= 1"),
@@ -224,3 +231,29 @@ def test_a_ceiling_scope_is_restored_bit_exactly_also_when_its_run_fails():
             assert not torch.equal(w.detach(), before)
             raise RuntimeError("mid-run")
     assert torch.equal(w.detach(), before) and not w.requires_grad
+
+
+def test_the_vlm_ceiling_takes_slugs_full_layer_names_and_merges_disjoint_parts(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import vlm_ceiling
+
+    from slugkit.world import vlm
+
+    llava, _ = vlm.load_vlm()
+    tower, read = llava.model.vision_tower, llava.config.vision_feature_layer
+    full = "vision_model.encoder.layers.2.mlp.fc1.weight"  # how SLUG's results name the layer
+    assert list(vlm_ceiling.scope_params(tower, full, read)) == list(
+        vlm_ceiling.scope_params(tower, "layers.2.mlp.fc1.weight", read))
+    rows = json.loads((ROOT / "benchmarks" / "results" / "vlm_ceiling.json").read_text())["rows"]
+    parts = []
+    for k, half in enumerate((rows[:20], rows[20:])):
+        parts.append(tmp_path / f"part{k}.json")
+        parts[-1].write_text(json.dumps({"rows": half, "options": {"steps": 300}, "complete": True}))
+    out = tmp_path / "merged.json"
+    r = _run("vlm_ceiling.py", "--merge", *map(str, parts), "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = json.loads(out.read_text())
+    assert merged["complete"] and len(merged["rows"]) == 40 and merged["summary"]["layers.2"]["passed"] == 9
+    assert merged["summary"]["layers.2.mlp.fc1.weight"]["passed_and_worst_ok"] == 1
+    r = _run("vlm_ceiling.py", "--merge", str(parts[0]), str(parts[0]), "--json", str(tmp_path / "twice.json"))
+    assert r.returncode == 2 and "share a concept and scope" in r.stderr
