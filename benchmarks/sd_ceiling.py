@@ -81,7 +81,7 @@ def main():
         return merge(ap, a.merge, a.json, summary)
     names = t2i.concept_names()
     targets = name_list(ap, "--concepts", a.concepts, names)
-    scopes = scope_list(ap, a.scopes)
+    scopes = scope_list(ap, a.scopes, "encoder.layers.2.mlp.fc1.weight")
     if a.n > 200:
         ap.error(f"--n {a.n}: at most 200 images per concept (each is a 20-step generation, twice)")
     torch.set_num_threads(a.threads)

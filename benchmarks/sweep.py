@@ -198,12 +198,12 @@ def optimised(params: dict, lr: float):
     return scope()
 
 
-def scope_list(ap: argparse.ArgumentParser, text: str, flag: str = "--scopes") -> list[str]:
+def scope_list(ap: argparse.ArgumentParser, text: str, example: str, flag: str = "--scopes") -> list[str]:
     """The ceiling scripts' comma list of parameter-name prefixes: an empty item or one given twice is refused (it ran
     the same edit twice, or dropped an item without a word); whether each names parameters is the script's check."""
     items = [s.strip() for s in text.split(",")]
     if not any(items):
-        ap.error(f"{flag} {text!r} names nothing; give e.g. {flag} layers.2.mlp.fc1.weight")
+        ap.error(f"{flag} {text!r} names nothing; give e.g. {flag} {example}")
     if not all(items):
         ap.error(f"{flag} {text!r} has an empty item; remove the extra comma")
     twice = next((s for i, s in enumerate(items) if s in items[:i]), None)

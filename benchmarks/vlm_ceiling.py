@@ -109,7 +109,7 @@ def main():
     if a.neighbour_images > 100:
         ap.error(f"--neighbour-images {a.neighbour_images}: give at most 100 (each is rendered and kept in memory)")
     targets = name_list(ap, "--concepts", a.concepts, names) if a.concepts is not None else names[:a.first or 10]
-    scopes = scope_list(ap, a.scopes)
+    scopes = scope_list(ap, a.scopes, "layers.2.mlp.fc1.weight")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
 
