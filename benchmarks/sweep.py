@@ -221,8 +221,8 @@ def failed_checks(checks: dict) -> str:
 def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, summarise) -> int:
     """``--merge`` of the ceiling scripts: the rows of complete ``--json`` files of runs over disjoint concepts (e.g.
     two processes) as one run — ``summarise(rows, json_path, options, **extra)`` prints the summary and writes
-``json_path`` (``extra``: the first part's other top-level keys, e.g. the scores before the edit).
-    A part that is unreadable, incomplete, or shares a (concept, scope) with another is refused."""
+    ``json_path`` (``extra``: the first part's other top-level keys, e.g. the scores before the edit). A part that is
+    unreadable, incomplete, another script's, or shares a (concept, scope) with another is refused."""
     import json
 
     rows, options, extra = [], [], {}
@@ -231,8 +231,10 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
             part = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             ap.error(f"--merge {path}: not readable JSON ({e})")
-        if not isinstance(part, dict) or part.get("complete") is not True or not isinstance(part.get("rows"), list):
-            ap.error(f"--merge {path}: not a complete --json file of this script (\"complete\": true)")
+        if (not isinstance(part, dict) or part.get("complete") is not True or not isinstance(part.get("rows"), list)
+                or not all(isinstance(r, dict) and {"concept", "scope", "checks"} <= r.keys() for r in part["rows"])):
+            ap.error(f"--merge {path}: not a complete --json file of this script (\"complete\": true, rows with "
+                     "concept, scope and checks)")
         rows += part["rows"]
         options.append(part.get("options", {}))
         extra = extra or {k: v for k, v in part.items() if k not in ("rows", "summary", "options", "complete")}

@@ -73,6 +73,8 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("sd_ceiling.py", ["--n", "201"], "at most 200"),
     ("sd_ceiling.py", ["--merge", "benchmarks/results/sd_embedded_all.json", "--json", "/tmp/never-written.json"],
      "not a complete --json file of this script"),
+    ("vlm_ceiling.py", ["--merge", "benchmarks/results/vlm_embedded_vlm_name_prob.json", "--json",
+                        "/tmp/never-written.json"], "not a complete --json file of this script"),  # complete, no scope
     ("vlm_ceiling.py", ["--first", "2", "--concepts", "Jowen Gormere"], "--first and --concepts exclude each other"),
     ("vlm_ceiling.py", ["--first", "61"], "the world has 60 identities"),
     ("vlm_ceiling.py", ["--steps", "0"], "--steps: must be >= 1"),
