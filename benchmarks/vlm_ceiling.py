@@ -1,6 +1,6 @@
 """How far can *any* edit of the embedded VLM's vision tower go? An optimised edit as a ceiling for SLUG's.
 
-    python benchmarks/vlm_ceiling.py --first 10 [--scopes layers.2.mlp.fc1.weight,layers.2.mlp,layers.2,tower]
+    python benchmarks/vlm_ceiling.py --first 10 [--scopes layers.2.mlp.fc1.weight,layers.2,tower]
                                      [--steps 300] [--lr 1e-3] [--json results.json]
 
 `slug demo --target vlm` (issue 14) refuses most identities: at every step of every layer it tried, the VLM stops
