@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import (add_json, failed_checks, floats, ints, json_out, merge, name_list, optimised, run,  # noqa: E402
-                   scope_list)
+from sweep import (ceiling_args, failed_checks, floats, ints, name_list, optimised, per_scope, run,  # noqa: E402
+                   scope_list, write_complete)
 
 TARGET_AFTER, OTHER_DROP, WORST_DROP, BATCH, N_FORGET = 0.10, 0.05, 0.20, 10, 20
 TRAIN_SEEDS = 500_000  # the forget images' seeds: disjoint from the scored images' (1000 x concept + i, i < --n)
@@ -70,15 +70,9 @@ def main():
                     help="weight of the retain loss (default 1)")
     ap.add_argument("--n", type=ints(1), default=20, help="images per concept, before and after (default 20, at most "
                                                           "200)")
-    ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--merge", nargs="+", metavar="PART.json", default=None,
-                    help="no run: merge the --json files of runs over disjoint concepts (e.g. two processes) into "
-                         "--json, with the summary recomputed")
-    add_json(ap)
-    a = ap.parse_args()
-    json_out(ap, a.json, a.overwrite)
-    if a.merge:
-        return merge(ap, a.merge, a.json, summary)
+    a = ceiling_args(ap, summary, "concepts")
+    if a is None:
+        return 0
     names = t2i.concept_names()
     targets = name_list(ap, "--concepts", a.concepts, names)
     scopes = scope_list(ap, a.scopes, "encoder.layers.2.mlp.fc1.weight")
@@ -117,7 +111,7 @@ def main():
         scale = h_o.pow(2).mean()
         for scope in scopes:
             params = scope_params(te, scope)
-            with optimised(params, a.lr) as (opt, saved):  # restored on leaving
+            with optimised(params, a.lr) as sc:  # restored on leaving
                 gen = torch.Generator().manual_seed(0)
                 t1 = time.perf_counter()
                 for step in range(a.steps):
@@ -136,14 +130,10 @@ def main():
                         forget0 = forget.item()  # the forget loss is taken relative to where it starts
                     forget = forget / forget0
                     retain = (states(o_prompts) - h_o).pow(2).mean() / scale
-                    loss = forget + a.retain_weight * retain
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    sc.step(forget + a.retain_weight * retain)
                 train_s = time.perf_counter() - t1
                 with torch.no_grad():
-                    moved = {n: float((p - saved[n]).norm() / saved[n].norm().clamp_min(1e-12))
-                             for n, p in params.items()}
+                    moved = sc.moved()
                     after, _, _ = t2i.recognition(pipe, judge, plan)
             drops = {c: before[c] - after[c] for c in names if c != target}
             worst = max(drops, key=drops.get)
@@ -171,23 +161,13 @@ def summary(rows: list[dict], json_path: str | None, options: dict, **extra) -> 
     """Per scope over ``rows``: passes (the concept recognised <= 10 % after, the others' mean drop <= 0.05, every
     other concept's drop <= 0.20) and the median and worst of the worst other concept's drop and of the others' mean
     drop; printed, and written with the rows (and ``extra``, e.g. ``before``) to ``json_path``."""
-    from slugkit.common.files import write_json
-
-    out = {}
-    for scope in dict.fromkeys(r["scope"] for r in rows):
-        rs = [r for r in rows if r["scope"] == scope]
-        s = out[scope] = {"passed": sum(r["passed"] for r in rs), "total": len(rs),
-                          "target_after_worst": max(r["target"][1] for r in rs),
-                          "slowest_s": max(r["timing_s"]["wall"] for r in rs)}
-        for key, get in (("worst_other_drop", lambda r: r["worst"]["drop"]), ("mean_drop", lambda r: r["mean_drop"])):
-            s[f"{key}_median"], s[f"{key}_worst"] = statistics.median(map(get, rs)), max(map(get, rs))
+    out = per_scope(rows, {"worst_other_drop": lambda r: r["worst"]["drop"], "mean_drop": lambda r: r["mean_drop"]})
+    for scope, s in out.items():
         print(f"{scope:32s} {s['passed']}/{s['total']} pass (concept <= {TARGET_AFTER}, others' mean drop <= "
               f"{OTHER_DROP}, every other concept's drop <= {WORST_DROP}); worst other concept: median "
               f"{s['worst_other_drop_median']:.2f}, worst {s['worst_other_drop_worst']:.2f}; others' mean drop: median "
               f"{s['mean_drop_median']:.3f}, worst {s['mean_drop_worst']:.3f}")
-    if json_path:
-        write_json(json_path, {"rows": rows, "summary": out, "options": options, **extra, "complete": True})
-    return out
+    return write_complete(json_path, rows, out, options, **extra)
 
 
 if __name__ == "__main__":

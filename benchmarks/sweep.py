@@ -175,25 +175,41 @@ def progress_off() -> None:
 
 def optimised(params: dict, lr: float):
     """Context manager for the ceiling scripts (``vlm_ceiling.py``, ``sd_ceiling.py``): ``params`` (``{name:
-    tensor}``) made trainable under a fresh Adam (``lr``), yielded as ``(optimizer, saved values)``; on exit — also on
-    an error or Ctrl-C — their values are restored and their gradients switched off, so the next run starts from the
-    unedited model."""
+    tensor}``) made trainable under a fresh Adam (``lr``). It yields a scope with ``step(loss)`` (one Adam step on
+    ``loss``), ``moved()`` (``{name: ||now - before|| / ||before||}``) and ``saved`` (the values before); on exit —
+    also on an error or Ctrl-C — the values are restored and the gradients switched off, so the next run starts from
+    the unedited model."""
     import contextlib
 
     import torch
 
+    class Scope:
+        def __init__(self):
+            self.saved = {n: p.detach().clone() for n, p in params.items()}
+            self.opt = torch.optim.Adam(params.values(), lr=lr)
+
+        def step(self, loss):
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+
+        @torch.no_grad()
+        def moved(self) -> dict:
+            return {n: float((p - self.saved[n]).norm() / self.saved[n].norm().clamp_min(1e-12))
+                    for n, p in params.items()}
+
     @contextlib.contextmanager
     def scope():
-        saved = {n: p.detach().clone() for n, p in params.items()}
         for p in params.values():
             p.requires_grad_(True)
+        sc = Scope()
         try:
-            yield torch.optim.Adam(params.values(), lr=lr), saved
+            yield sc
         finally:
             with torch.no_grad():
                 for n, p in params.items():
                     p.requires_grad_(False)
-                    p.copy_(saved[n])
+                    p.copy_(sc.saved[n])
 
     return scope()
 
@@ -244,3 +260,46 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     summarise(rows, json_path, {**options[0], "concepts": ",".join(dict.fromkeys(r["concept"] for r in rows)),
                                 "merged_from": paths}, **extra)
     return 0
+
+
+def ceiling_args(ap: argparse.ArgumentParser, summarise, what: str):
+    """The ceiling scripts' shared tail of options — ``--threads``, ``--merge`` (runs over disjoint ``what``, e.g.
+    identities) and ``--json``/``--overwrite`` — parsed and checked. Returns the arguments, or ``None`` when
+    ``--merge`` did the whole job (``summarise`` as :func:`merge` takes it)."""
+    ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--merge", nargs="+", metavar="PART.json", default=None,
+                    help=f"no run: merge the --json files of runs over disjoint {what} (e.g. two processes) into "
+                         "--json, with the summary recomputed")
+    add_json(ap)
+    a = ap.parse_args()
+    json_out(ap, a.json, a.overwrite)
+    if a.merge:
+        merge(ap, a.merge, a.json, summarise)
+        return None
+    return a
+
+
+def per_scope(rows: list[dict], stats: dict) -> dict:
+    """The ceiling scripts' summary: per scope of ``rows`` (first-seen order), ``passed``/``total``, the worst target
+    value after (``target[1]``), the slowest run, and for each ``stats`` entry ``name: row -> float`` its
+    ``name_median`` and ``name_worst`` (the largest)."""
+    import statistics
+
+    out = {}
+    for scope in dict.fromkeys(r["scope"] for r in rows):
+        rs = [r for r in rows if r["scope"] == scope]
+        s = out[scope] = {"passed": sum(r["passed"] for r in rs), "total": len(rs),
+                          "target_after_worst": max(r["target"][1] for r in rs),
+                          "slowest_s": max(r["timing_s"]["wall"] for r in rs)}
+        for key, get in stats.items():
+            s[f"{key}_median"], s[f"{key}_worst"] = statistics.median(map(get, rs)), max(map(get, rs))
+    return out
+
+
+def write_complete(json_path: str | None, rows: list[dict], summary: dict, options: dict, **extra) -> dict:
+    """Write a finished sweep's ``--json`` (``"complete": true``; nothing without a path); returns ``summary``."""
+    if json_path:
+        from slugkit.common.files import write_json
+
+        write_json(json_path, {"rows": rows, "summary": summary, "options": options, **extra, "complete": True})
+    return summary

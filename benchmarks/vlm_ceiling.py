@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import (add_json, failed_checks, floats, ints, json_out, merge, name_list, optimised, run,  # noqa: E402
-                   scope_list)
+from sweep import (ceiling_args, failed_checks, floats, ints, name_list, optimised, per_scope, run,  # noqa: E402
+                   scope_list, write_complete)
 
 TARGET_BEFORE, TARGET_AFTER, OTHER_DROP, UTILITY_DROP, WORST_DROP = 0.90, 0.05, 0.05, 0.03, 0.20
 N_FORGET, N_RETAIN_ID, N_RETAIN_CLS, BATCH, K_ALIKE = 20, 5, 5, 64, 8
@@ -92,15 +92,9 @@ def main():
                     help="retain images of each of the target's 8 look-alikes (nearest mean features at the layer "
                          "the VLM reads) besides the 5 every identity has (default 0: no extra weight on them; at "
                          "most 100)")
-    ap.add_argument("--threads", type=ints(1), default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--merge", nargs="+", metavar="PART.json", default=None,
-                    help="no run: merge the --json files of runs over disjoint identities (e.g. two processes) into "
-                         "--json, with the summary recomputed")
-    add_json(ap)
-    a = ap.parse_args()
-    json_out(ap, a.json, a.overwrite)
-    if a.merge:
-        return merge(ap, a.merge, a.json, summary)
+    a = ceiling_args(ap, summary, "identities")
+    if a is None:
+        return 0
     names = world.identity_names()
     if a.concepts is not None and a.first is not None:
         ap.error("--first and --concepts exclude each other")
@@ -173,7 +167,7 @@ def main():
         r_px = pixels(r_px_list)
         for scope in scopes:
             params = scope_params(tower, scope, read)
-            with optimised(params, a.lr) as (opt, saved):  # restored on leaving
+            with optimised(params, a.lr) as sc:  # restored on leaving
                 gen = torch.Generator().manual_seed(0)
                 t1 = time.perf_counter()
                 for step in range(a.steps):
@@ -187,15 +181,11 @@ def main():
                     logits = next_token_logits(llava, features(r_px[img]), ids, mask)
                     retain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                                labels[:, 1:].reshape(-1), ignore_index=-100)
-                    loss = forget + a.retain_weight * retain
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    sc.step(forget + a.retain_weight * retain)
                 train_s = time.perf_counter() - t1
                 with torch.no_grad():
-                    moved = {n: float((p - saved[n]).norm() / saved[n].norm().clamp_min(1e-12))
-                             for n, p in params.items()}
-                    delta = torch.cat([(p - saved[n]).flatten() for n, p in params.items()])
+                    moved = sc.moved()
+                    delta = torch.cat([(p - sc.saved[n]).flatten() for n, p in params.items()])
                     cos_first = float(torch.nn.functional.cosine_similarity(-first, delta, dim=0))
                     after = vlm.vlm_scores(llava, processor, {**test_named, **vlm.identity_images("test", 50, [t])},
                                            test_util)
@@ -219,9 +209,10 @@ def main():
             row["passed"] = all(row["checks"].values())
             row["verdict_worst"] = drops[worst] <= WORST_DROP + 1e-9
             rows.append(row)
-            lost = f"worst {worst} lost {drops[worst]:.2f}" if drops[worst] > 0 else "no other identity lost"
+            lost = (f"worst {worst} lost {drops[worst]:.2f}{' (<= 0.20)' if row['verdict_worst'] else ''}"
+                    if drops[worst] > 0 else "no other identity lost")
             print(f"{t:16s} {scope:24s} named {row['target'][0]:.2f}->{row['target'][1]:.2f}  others' mean drop "
-                  f"{row['mean_drop']:+.3f}  {lost}{' (<= 0.20)' if row['verdict_worst'] else ''}  utility drop "
+                  f"{row['mean_drop']:+.3f}  {lost}  utility drop "
                   f"{row['utility_drop']:+.3f}  {failed_checks(row['checks'])}  cos(edit, -forget grad) "
                   f"{cos_first:+.2f}  {row['timing_s']['wall']:.0f} s", flush=True)
             if a.json:
@@ -235,27 +226,17 @@ def summary(rows: list[dict], json_path: str | None, options: dict, **extra) -> 
     mean drop <= 0.05; utility drop <= 0.03), passes that also keep every other identity within 0.20, and the median
     and worst of the worst single identity's drop, the others' mean drop and the utility drop; printed, and written
     with the rows to ``json_path`` (``"complete": true``)."""
-    from slugkit.common.files import write_json
-
-    out = {}
-    for scope in dict.fromkeys(r["scope"] for r in rows):
-        rs = [r for r in rows if r["scope"] == scope]
-        s = out[scope] = {"passed": sum(r["passed"] for r in rs),
-                          "passed_and_worst_ok": sum(r["passed"] and r["verdict_worst"] for r in rs),
-                          "total": len(rs), "target_after_worst": max(r["target"][1] for r in rs),
-                          "slowest_s": max(r["timing_s"]["wall"] for r in rs)}
-        for key, get in (("worst_identity_drop", lambda r: r["worst"]["drop"]), ("mean_drop", lambda r: r["mean_drop"]),
-                         ("utility_drop", lambda r: r["utility_drop"])):
-            s[f"{key}_median"], s[f"{key}_worst"] = statistics.median(map(get, rs)), max(map(get, rs))
+    out = per_scope(rows, {"worst_identity_drop": lambda r: r["worst"]["drop"], "mean_drop": lambda r: r["mean_drop"],
+                           "utility_drop": lambda r: r["utility_drop"]})
+    for scope, s in out.items():
+        s["passed_and_worst_ok"] = sum(r["passed"] and r["verdict_worst"] for r in rows if r["scope"] == scope)
         print(f"{scope:24s} {s['passed']}/{s['total']} pass (target named <= 0.05, others' mean drop <= 0.05, "
               f"utility drop <= 0.03), {s['passed_and_worst_ok']} of them with every other identity's drop <= 0.20; "
               f"worst single identity: median {s['worst_identity_drop_median']:.2f}, worst "
               f"{s['worst_identity_drop_worst']:.2f}; others' mean drop: median {s['mean_drop_median']:.3f}, worst "
               f"{s['mean_drop_worst']:.3f}; utility drop: median {s['utility_drop_median']:.3f}, worst "
               f"{s['utility_drop_worst']:.3f}")
-    if json_path:
-        write_json(json_path, {"rows": rows, "summary": out, "options": options, **extra, "complete": True})
-    return out
+    return write_complete(json_path, rows, out, options, **extra)
 
 
 if __name__ == "__main__":
