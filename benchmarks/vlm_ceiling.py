@@ -22,8 +22,10 @@ A scope is a prefix of the tower's parameter names below ``vision_model.encoder.
 Linear weight, as SLUG edits; ``layers.2.mlp``: fc1+fc2 with biases; ``layers.2``: a block), or ``tower``: every
 parameter that the features the VLM reads depend on. Each row also gives the cosine between the optimised edit and
 the first forget gradient's descent direction (what one gradient step of the forget loss alone would change). This
-is a measurement, not a method slugkit ships: it trains on the VLM's answers for hundreds of steps where SLUG takes
-one step. Weights are restored after each run.
+is a measurement of how far an edit can go, not SLUG: it trains on the VLM's answers for hundreds of steps where SLUG
+takes one step. The optimiser is :func:`slugkit.workflows.vlm_layer_ft.finetune_answers`, the same code
+``slug demo --target vlm --vlm-fallback finetune`` runs (labelled, not SLUG) when SLUG's search refuses. Weights are
+restored after each run.
 """
 
 import argparse
@@ -33,11 +35,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import (ceiling_args, failed_checks, floats, ints, name_list, optimised, per_scope, run,  # noqa: E402
-                   scope_list, write_complete)
+from sweep import (ceiling_args, failed_checks, floats, ints, name_list, per_scope, run, scope_list,  # noqa: E402
+                   write_complete)
 
 TARGET_BEFORE, TARGET_AFTER, OTHER_DROP, UTILITY_DROP, WORST_DROP = 0.90, 0.05, 0.05, 0.03, 0.20
-N_FORGET, N_RETAIN_ID, N_RETAIN_CLS, BATCH, K_ALIKE = 20, 5, 5, 64, 8
+K_ALIKE = 8  # look-alikes given extra retain images (--neighbour-images)
+N_RETAIN_ID = 5  # retain images per identity (the README's table; the demo's fallback takes 15)
 SCOPES = "layers.2.mlp.fc1.weight,layers.2.self_attn.out_proj.weight,layers.2,tower"  # the README's table
 
 
@@ -76,7 +79,8 @@ def main():
     from slugkit.common.files import write_json
     from slugkit.world import render as world
     from slugkit.world import vlm
-    from slugkit.world.vlm_train import _batch, next_token_logits, qa_ids
+    from slugkit.slug.search import written
+    from slugkit.workflows.vlm_layer_ft import finetune_answers
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--first", type=ints(1), default=None, help="the world's first N identities (default 10)")
@@ -108,7 +112,7 @@ def main():
     torch.manual_seed(0)
 
     llava, processor = vlm.load_vlm()
-    tok, tower = processor.tokenizer, llava.model.vision_tower
+    tower = llava.model.vision_tower
     read = llava.config.vision_feature_layer
     for s in scopes:
         try:
@@ -123,19 +127,6 @@ def main():
     def features(px):
         return tower(px, output_hidden_states=True).hidden_states[read][:, 1:]
 
-    def answer_logp(px, prompt, answer):
-        """``[N]`` summed log-probability of ``answer`` (no end token) after ``prompt`` for each image."""
-        ids, mask, labels, _ = _batch([(0, prompt, answer)] * len(px), tok.pad_token_id)
-        logp = torch.log_softmax(next_token_logits(llava, features(px), ids, mask).float(), -1)
-        tgt = labels[:, 1:]
-        return (logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)).sum(1)
-
-    # retain items: (pixel row, prompt ids, answer ids) over every other identity's and every object class's images
-    ret_px, ret_items = [], []
-    for s in world.make_samples("pool", "utility", N_RETAIN_CLS):
-        ans = vlm.utility_answers(world.UTILITY_CLASSES[s.label])
-        ret_px.append(s.image)
-        ret_items += [(len(ret_px) - 1, *qa_ids(tok, q, ans[k])) for k, q in vlm.UTILITY_QUESTIONS.items()]
     id_pool = world.make_samples("pool", "identity", N_RETAIN_ID)
     with torch.no_grad():
         pooled = features(pixels(s.image for s in id_pool)).flatten(1)
@@ -152,56 +143,33 @@ def main():
 
     rows = []
     for t in targets:
-        f_px = pixels(s.image for s in world.make_samples("pool", "identity", N_FORGET,
-                                                          classes=[world.identity_by_name(t).index]))
-        words = t.split()
-        f_answers = [qa_ids(tok, vlm.NAME_QUESTION, " ".join(words)), qa_ids(tok, vlm.NAME_QUESTION, words[-1])]
-        r_px_list, r_items = list(ret_px), list(ret_items)
         alike = look_alikes(mean_features, t, K_ALIKE) if a.neighbour_images else []
-        extra = [s for n in alike for s in world.make_samples(
-            "pool", "identity", a.neighbour_images, classes=[world.identity_by_name(n).index], start=N_RETAIN_ID)]
-        for s in id_pool + extra:
-            if s.class_name != t:
-                r_px_list.append(s.image)
-                r_items.append((len(r_px_list) - 1, *qa_ids(tok, vlm.NAME_QUESTION, s.class_name)))
-        r_px = pixels(r_px_list)
         for scope in scopes:
             params = scope_params(tower, scope, read)
-            with optimised(params, a.lr) as sc:  # restored on leaving
-                gen = torch.Generator().manual_seed(0)
-                t1 = time.perf_counter()
-                for step in range(a.steps):
-                    forget = sum(torch.relu(answer_logp(f_px, q, ans[:-1]) - torch.log(torch.tensor(a.tau))).mean()
-                                 for q, ans in f_answers)
-                    if step == 0:  # the direction one step of forget-gradient descent would take, for the comparison
-                        first = torch.cat([g.flatten() for g in torch.autograd.grad(forget, list(params.values()),
-                                                                                    retain_graph=True)])
-                    pick = torch.randint(len(r_items), (BATCH,), generator=gen).tolist()
-                    ids, mask, labels, img = _batch([r_items[i] for i in pick], tok.pad_token_id)
-                    logits = next_token_logits(llava, features(r_px[img]), ids, mask)
-                    retain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                               labels[:, 1:].reshape(-1), ignore_index=-100)
-                    sc.step(forget + a.retain_weight * retain)
-                train_s = time.perf_counter() - t1
-                with torch.no_grad():
-                    moved = sc.moved()
-                    delta = torch.cat([(p - sc.saved[n]).flatten() for n, p in params.items()])
-                    cos_first = float(torch.nn.functional.cosine_similarity(-first, delta, dim=0))
+            t1 = time.perf_counter()
+            ft = finetune_answers(llava, processor, params, [t], alike, steps=a.steps, lr=a.lr, tau=a.tau,
+                                  retain_weight=a.retain_weight, look_alike_images=a.neighbour_images,
+                                  n_forget=20, forget_batch=None, n_retain=N_RETAIN_ID, n_retain_cls=5, batch=64,
+                                  first_grad=True, progress=False)
+            with torch.no_grad():
+                delta = torch.cat([d.flatten() for d in ft["delta"].values()])
+                cos_first = float(torch.nn.functional.cosine_similarity(-ft["first_grad"], delta, dim=0))
+                with written(tower, {n: n for n in params}, {n: params[n] + d for n, d in ft["delta"].items()}):
                     after = vlm.vlm_scores(llava, processor, {**test_named, **vlm.identity_images("test", 50, [t])},
                                            test_util)
             b = base_scores[t]
             drops = {n: b["named"][n] - after["named"][n] for n in b["named"] if n != t}
             worst = max(drops, key=drops.get)
             row = {"concept": t, "scope": scope, "look_alikes": alike, "params": sorted(params),
-                   "numel": sum(p.numel() for p in params.values()), "relative_change": moved,
+                   "numel": sum(p.numel() for p in params.values()), "relative_change": ft["relative_change"],
                    "cos_with_first_forget_step": cos_first, "target": [b["named"][t], after["named"][t]],
                    "mean_drop": statistics.mean(drops.values()),
                    "worst": {"concept": worst, "before": b["named"][worst], "after": after["named"][worst],
                              "drop": drops[worst]},
                    "utility": [b["utility_accuracy"], after["utility_accuracy"]],
                    "utility_drop": b["utility_accuracy"] - after["utility_accuracy"],
-                   "final_loss": {"forget": forget.item(), "retain": retain.item()},
-                   "timing_s": {"train": train_s, "wall": time.perf_counter() - t1}}
+                   "final_loss": ft["final_loss"],
+                   "timing_s": {"train": ft["train_s"], "wall": time.perf_counter() - t1}}
             row["checks"] = {"target_before>=0.9": row["target"][0] >= TARGET_BEFORE - 1e-9,
                              "target_after<=0.05": row["target"][1] <= TARGET_AFTER + 1e-9,
                              "other_drop<=0.05": row["mean_drop"] <= OTHER_DROP + 1e-9,

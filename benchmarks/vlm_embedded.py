@@ -39,7 +39,8 @@ def run_one(concepts: list[str], a) -> dict:
         concepts, out, data_dir=a.data_dir, other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
         utility_budget=a.utility_budget, val_images=a.val_images, max_searched=a.max_searched, seed=a.seed,
         threads=a.threads, gradient=a.gradient, per_image=a.per_image, n_protect=a.n_protect, progress=False,
-        max_layers=a.max_layers, vlm_dir=a.vlm_model, name_prob=a.name_prob, neighbours_k=a.neighbours_k))
+        max_layers=a.max_layers, vlm_dir=a.vlm_model, name_prob=a.name_prob, neighbours_k=a.neighbours_k,
+        fallback=a.fallback))
     if row is not None:
         return row
     v = r["vlm"]
@@ -50,7 +51,7 @@ def run_one(concepts: list[str], a) -> dict:
         "other_drop<=0.05": c["mean_drop"] <= OTHER_DROP + 1e-9,
         "utility_drop<=0.03": b["utility_accuracy"] - af["utility_accuracy"] <= UTILITY_DROP + 1e-9,
     }
-    return {"concept": name, "layer": r["layer"], "layers_edited": r.get("layers_edited") or [],
+    return {"concept": name, "method": r["method"], "layer": r["layer"], "layers_edited": r.get("layers_edited") or [],
             "step_size": r["step_size"],
             "target": [b["target_named"], af["target_named"]], "other": [c["mean_before"], c["mean_after"]],
             "mean_drop": c["mean_drop"], "worst": c["worst"], "neighbours": c["neighbours"]["concepts"],
@@ -67,7 +68,8 @@ def line(row: dict) -> str:
         return done
     w = row["worst"]
     verdict = "PASS" if row["passed"] else "FAIL " + str([k for k, v in row["checks"].items() if not v])
-    return (f"{row['concept']:16s} {row['layer'][21:]:30s} named {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
+    how = " (fine-tune, not SLUG)" if row.get("method") == "layer-finetune" else ""
+    return (f"{row['concept']:16s} {row['layer'][21:]:30s}{how} named {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
             f"others {row['other'][0]:.3f}->{row['other'][1]:.3f} (drop {row['mean_drop']:+.3f})  worst "
             f"{w['concept']} {w['before']:.2f}->{w['after']:.2f}  utility {row['utility'][0]:.3f}->"
             f"{row['utility'][1]:.3f}  {verdict}  {row['timing_s']['wall']:.0f} s")
@@ -112,7 +114,10 @@ def main():
                          "of one per identity (the mean over its images)")
     ap.add_argument("--n-protect", type=ints(1), default=None,
                     help="with --gradient vlm: images per protected identity (default: the workflow's, 5)")
-    ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
+    ap.add_argument("--fallback", default=None, choices=["finetune"],
+                    help="slug demo's --vlm-fallback: when SLUG refuses, a one-layer fine-tune on the VLM's answers "
+                         "(not SLUG; rows say method layer-finetune); needs --max-layers 1, its default then")
+    ap.add_argument("--max-layers", type=int, default=None, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer passes (default 2, the demo's; 1 = the "
                          "paper's single layer)")
     ap.add_argument("--neighbours-k", type=ints(1), default=None,
@@ -130,6 +135,9 @@ def main():
     add_json(ap)
     a = ap.parse_args()
     json_out(ap, a.json, a.overwrite)
+    if a.fallback and (a.max_layers or 1) > 1:
+        ap.error(f"--fallback finetune takes the second SLUG layer's place: drop --max-layers {a.max_layers}")
+    a.max_layers = a.max_layers or (1 if a.fallback else 2)
     if a.gradient != "vlm" and (a.per_image or a.n_protect is not None):
         ap.error("--per-image and --n-protect apply to --gradient vlm only")
     names = world.identity_names()

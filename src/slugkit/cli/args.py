@@ -194,7 +194,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protect-neighbours", type=int_in(0, 50), default=10, metavar="K",
                    help="project the step off the K nearest identities' own alignment gradients, so the edit leaves "
                         "them unchanged to first order, K in [0, 50] (default 10; 0 = the paper's step)")
-    g.add_argument("--max-layers", type=int_in(1, 3), default=2,
+    g.add_argument("--max-layers", type=int_in(1, 3), default=None,  # None: 2 (read as a.max_layers or 2)
                    help="when no single layer forgets within the budgets, edit up to this many layers (1-3), "
                         "recomputing the gradients after each (default 2; 1 = the paper's single layer). With "
                         "--target sd/vlm: judged on the generated images / the VLM's answers, and 1 = refuse rather "
@@ -212,7 +212,12 @@ def search_config(a):
 def step_options(a) -> dict:
     """The :class:`~slugkit.workflows.unlearn.UnlearnConfig` fields of the neighbour-safe step and the multi-layer
     fallback."""
-    return {"protect_neighbours": a.protect_neighbours, "max_layers": a.max_layers}
+    return {"protect_neighbours": a.protect_neighbours, "max_layers": max_layers(a)}
+
+
+def max_layers(a) -> int:
+    """``--max-layers`` as given, else its default 2 (the parser keeps None so a demo can tell "not given")."""
+    return a.max_layers or 2
 
 
 def add_run_args(p: argparse.ArgumentParser, threads: int | None = None, out_default: str = "") -> None:

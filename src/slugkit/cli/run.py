@@ -9,10 +9,9 @@ from pathlib import Path
 from ..workflows.verdict import exit_status_of
 from .audit import unread_audit_options
 from .world import world_ignored
-from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, name_list,
-                   nonempty, refuse, search_config, split_list, step_options, template, text_file,
-                   validate_demo_sd,
-                   validate_unlearn, world_mode)
+from .args import (COUNT, FRACTION, add_run_args, budgets_of, demo_conflicts, float_at_least, int_at_least, max_layers,
+                   name_list, nonempty, refuse, search_config, split_list, step_options, template, text_file,
+                   validate_demo_sd, validate_unlearn, world_mode)
 
 
 def print_summary(result: dict, out: str) -> None:
@@ -75,7 +74,7 @@ def cmd_demo_sd(a) -> int:
                          progress=not a.no_progress, overwrite=a.overwrite, batch_size=a.batch_size,
                          budgets=budgets_of(a), n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
                          neighbour_budget=a.neighbour_budget, step=a.sd_step, null_energy=a.null_space_energy,
-                         null_layers=a.null_space_layers, max_searched=a.max_searched, max_layers=a.max_layers)
+                         null_layers=a.null_space_layers, max_searched=a.max_searched, max_layers=max_layers(a))
     print_sd_summary(result, out)
     rc = exit_status_of(result)
     if a.audit and (Path(out) / "patch" / "patch.json").is_file():

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..workflows.verdict import exit_status_of
-from .args import FRACTION, _number, budgets_of, refuse, search_config, split_list
+from .args import FRACTION, _number, budgets_of, max_layers, refuse, search_config, split_list
 
 
 def name_prob(text: str) -> float | None:
@@ -41,6 +41,9 @@ def cmd_demo_vlm(a) -> int:
     msg = unused(a, a.sd_defaults, "--target sd", "--target vlm")
     if msg:
         return refuse(msg)
+    if a.vlm_fallback and (a.max_layers or 1) > 1:
+        return refuse(f"--vlm-fallback finetune takes the second SLUG layer's place: drop --max-layers "
+                      f"{a.max_layers} or give --max-layers 1")
     wanted = split_list(a.concepts) if a.concepts else ([a.concept] if a.concept is not None else None)
     if a.audit and wanted and len(wanted) > 1:
         return refuse("--audit audits one concept: run `slug audit --patch RUN` for a single-identity run")
@@ -57,8 +60,9 @@ def cmd_demo_vlm(a) -> int:
                           other_budget=a.other_budget, neighbour_budget=a.neighbour_budget,
                           utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
-                          max_searched=a.max_searched, gradient=a.vlm_gradient, max_layers=a.max_layers,
-                          name_prob=a.vlm_name_prob)
+                          max_searched=a.max_searched, gradient=a.vlm_gradient,
+                          max_layers=1 if a.vlm_fallback else max_layers(a), name_prob=a.vlm_name_prob,
+                          fallback=a.vlm_fallback)
     done = result["concepts"] if result.get("concepts") else [result["concept"]]
     out = Path(a.out if a.out is not None else default_out(done))
     print_vlm_summary(result, str(out))
@@ -112,6 +116,12 @@ def add_vlm_args(d):
                          "names it or the VLM gives the full and the last name a summed probability >= P, P in "
                          "(0, 1] (default 0.1: a margin for the unseen images; 'off': the answers only). The search's "
                          "criterion only: the test figures and the verdict are the answers'")
+    vg.add_argument("--vlm-fallback", default=None, choices=["finetune"],
+                    help="when SLUG's search refuses (no step of one layer forgets within the budgets), fine-tune "
+                         "the first two layers it searched, in turn, on the VLM's answers (Adam, 300 steps; NOT "
+                         "SLUG) and keep the first that passes the same validation criteria; the run, its report and "
+                         "its patch say method layer-finetune. Takes the second SLUG layer's place (--max-layers 1). "
+                         "Default: off (refuse)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")

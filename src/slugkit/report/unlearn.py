@@ -79,15 +79,20 @@ def broke_the_model(verdict: dict | None) -> bool:
         and not codes & {"not_forgotten", "nothing_to_unlearn"}
 
 
+# result["method"] -> who made the edit, for a headline (SLUG unless the run says otherwise)
+METHOD_WORDS = {"layer-finetune": "A one-layer fine-tune (NOT SLUG: SLUG's search refused; --vlm-fallback finetune)"}
+
+
 def headline(result: dict, subject: str, edit: str) -> str:
     """The one line a run opens its summary with; it says "unlearned" only when the verdict is not ``fail``."""
     status = result.get("verdict", {}).get("status", "pass")
+    who = METHOD_WORDS.get(result.get("method"), "SLUG")
     if broke_the_model(result.get("verdict")):
-        return (f"SLUG removed {result['concept']!r} from {subject} by editing {edit}, but the edit BROKE the model "
+        return (f"{who} removed {result['concept']!r} from {subject} by editing {edit}, but the edit BROKE the model "
                 "(see the verdict); do not ship the patch")
     if status == "fail":
-        return f"SLUG did NOT unlearn {result['concept']!r} from {subject} (edit of {edit} kept for inspection)"
-    return (f"SLUG unlearned {result['concept']!r} from {subject} by editing {edit}"
+        return f"{who} did NOT unlearn {result['concept']!r} from {subject} (edit of {edit} kept for inspection)"
+    return (f"{who} unlearned {result['concept']!r} from {subject} by editing {edit}"
             + (" — with warnings" if status == "warn" else ""))
 
 

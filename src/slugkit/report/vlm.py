@@ -34,6 +34,8 @@ def print_vlm_summary(result: dict, out: str) -> None:
         print(line)
     if result.get("chooser"):
         print(search_criterion(result["chooser"]).replace("`", ""))
+        for line in fallback_lines(result["chooser"]):
+            print(line.replace("`", "").replace("**", ""))
     m = result["metrics"]
     print(f"CLIP (test): FA@1 {m['before']['forget_top1']:.3f} -> {m['after']['forget_top1']:.3f}, other identities "
           f"top-1 {m['before']['related_top1']:.3f} -> {m['after']['related_top1']:.3f}")
@@ -70,6 +72,7 @@ def render_vlm_report(result: dict, samples: dict) -> str:
             lines.append(f"- **round {rd['round']}**" + (f": partial step {part['applied_step']:.4g} of "
                                                           f"`{part['layer']}` kept" if part else ""))
         lines += _search_lines((rd.get("vlm_search") or {}).get("layers", []), likely)
+    lines += [""] + fallback_lines(ch) if ch.get("fallback") else []
     lines += ["", "Sample answers (before -> after):", ""]
     for t in v["before"]["target_named_by_concept"]:
         for i in range(SAMPLES):
@@ -92,6 +95,25 @@ def search_criterion(chooser: dict) -> str:
     return (f"The VLM step search counted a validation image as naming the target (\"named or likely\") when its "
             f"answer names it or the VLM gives the full and the last name a summed probability >= {p:g} "
             "(`--vlm-name-prob`, a margin for unseen images; the test figures are the answers alone).")
+
+
+def fallback_lines(chooser: dict) -> list[str]:
+    """The ``--vlm-fallback finetune`` record (``chooser["fallback"]``, :mod:`slugkit.workflows.vlm_layer_ft`) in
+    words: whether the edit is the fine-tune (**not SLUG**) and each group it fine-tuned, with its validation
+    figures; [] when the run had no fallback."""
+    fb = chooser.get("fallback")
+    if not fb:
+        return []
+    head = (f"**Not SLUG: method layer-finetune.** SLUG's search refused, and the edit is a one-layer fine-tune on the "
+            f"VLM's answers (`--vlm-fallback finetune`: {fb['steps']} Adam steps at {fb['lr']:g}, the target's name "
+            f"pushed below {fb['tau']:g} on its pool images, the other identities' and the utility answers kept)"
+            if fb.get("accepted") else "SLUG's search refused, and the one-layer fine-tune did not pass either")
+    rows = [f"- fine-tuned `{' + '.join(t['group'])}` (relative change "
+            f"{max(t['relative_change'].values()):.3g}, {t['train_s']:.0f} s): named or likely "
+            f"{t['target_recognised']:.2f} on validation, others {-t['other_drop']:+.3f}, worst neighbour "
+            f"{t.get('worst_neighbour')} {-(t.get('neighbour_drop') or 0.0):+.2f}, utility {-t['utility_drop']:+.3f}"
+            + (" (accepted)" if t["accepted"] else "") for t in fb["tried"]]
+    return [head + ":", *rows]
 
 
 def _search_lines(layers: list[dict], likely: bool = False) -> list[str]:

@@ -237,20 +237,23 @@ def downstream_record(judged_on: str, before: float, after: float, collateral: d
 def _mark_patch(folder: Path, verdict: dict, step: str = "slug", edit: str | None = None, **fields) -> None:
     """Record the pipeline's verdict in the patch (``extra.verdict``; the CLIP run marked it with CLIP's, which does
     not decide for a generator) and, for the null-space step (or any ``edit`` text), what the edit is
-    (``extra.edit``), and any other ``fields`` (e.g. ``target="vlm"``). Only ``patch.json`` changes; the tensors
+    (``extra.edit``), and any other ``fields`` (e.g. ``target="vlm"``; ``method`` replaces the patch's own
+    ``method``, "slug", e.g. with "layer-finetune"). Only ``patch.json`` changes; the tensors
     and their hashes stay as they are."""
     from ..patch import load_patch, save_patch
 
     patch = load_patch(folder)
     extra = dict(patch.meta.get("extra") or {})
+    method = fields.pop("method", patch.meta.get("method"))  # the patch's own "method" (e.g. layer-finetune)
     want = {**verdict_fields(verdict), **fields}
     if edit is not None:
         want["edit"] = edit
     elif step == "null-space":
         want["edit"] = ("theta <- theta - step_size * g (I - P): the forget gradient projected onto the null space "
                         "of the layer's inputs on the other concepts' prompts (slugkit.slug.nullspace)")
-    if any(extra.get(key) != v for key, v in want.items()):
+    if any(extra.get(key) != v for key, v in want.items()) or method != patch.meta.get("method"):
         patch.meta["extra"] = {**extra, **want}
+        patch.meta["method"] = method
         save_patch(patch, folder, overwrite=True)
 
 

@@ -44,7 +44,9 @@ from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import render as world
 from ..world import vlm
 from ..world.vlm_train import name_probability
-from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search
+from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, judged
+from .vlm_eval import scored_before_after, vlm_metrics
+from .vlm_layer_ft import METHOD, finetune_fallback, finetune_refusal
 from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
 
 DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
@@ -74,23 +76,14 @@ def text_neighbours(adapter, targets: list[str], k: int) -> list[tuple[str, floa
     return nearest_concepts(torch.nn.functional.normalize(emb, dim=-1), names, [names.index(t) for t in targets], k)
 
 
-def _metrics(scores: dict, targets: list[str]) -> dict:
-    named = scores["named"]
-    others = {n: v for n, v in named.items() if n not in targets}
-    return {"target_named": sum(named[t] for t in targets) / len(targets),
-            "target_named_by_concept": {t: named[t] for t in targets},
-            "other_named": sum(others.values()) / len(others) if others else None,
-            "utility_accuracy": scores.get("utility_accuracy"), "utility_per_kind": scores.get("utility_per_kind"),
-            "per_identity": named, "utility_per_class": scores.get("utility_per_class")}
-
-
 def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], neighbours: list[str], *,
                 val_images: int = DEFAULT_VAL_IMAGES, val_other: int = VAL_OTHER, val_neighbour: int = VAL_NEIGHBOUR,
                 val_utility: int = VAL_UTILITY, threshold: float = 0.05, other_budget: float = 0.05,
                 neighbour_budget: float | None = 0.20, utility_budget: float = UTILITY_BUDGET, search_steps: int = 8,
                 max_searched: int | None = None, gradient: str = "clip", protect_all: bool = True,
                 margin: float = DEFAULT_MARGIN, per_image: bool = False, n_protect: int | None = None,
-                progress: bool = True, max_layers: int = 1, name_prob: float | None = DEFAULT_NAME_PROB):
+                progress: bool = True, max_layers: int = 1, name_prob: float | None = DEFAULT_NAME_PROB,
+                fallback: str | None = None, seed: int = 0):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 3).
 
     ``gradient="clip"``: SLUG's CLIP forget gradient on the CLIP Pareto layers (the paper's method); ``"vlm"``: the
@@ -107,13 +100,19 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1. ``max_layers`` > 1: a refusal
     carries the partial step a next layer may build on and ``choose(..., prior=edits)`` searches that layer with the
     earlier edits in the VLM, drops measured against the unedited VLM, exactly as the SD path's
-    (:func:`slugkit.workflows.rounds.generator_rounds`)."""
+    (:func:`slugkit.workflows.rounds.generator_rounds`). ``fallback="finetune"`` (not SLUG; needs ``max_layers``
+    1): when round 1 has no accepted step, the first :data:`~slugkit.workflows.vlm_layer_ft.FT_LAYERS` searched
+    groups are fine-tuned on the VLM's answers in turn (:func:`slugkit.workflows.vlm_layer_ft.finetune_fallback`,
+    ``seed``) and judged by the same criteria; the first accepted is returned, its displacement as the edit."""
     if gradient not in ("clip", "vlm"):
         raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
     if name_prob is not None and not 0.0 < name_prob <= 1.0:
         raise ValueError(f"name_prob must be in (0, 1] (or None: the answers only), got {name_prob!r}")
     if n_protect is not None and n_protect < 1:
         raise ValueError(f"n_protect must be >= 1 (images per protected identity), got {n_protect}")
+    if fallback not in (None, "finetune") or (fallback and max_layers > 1):
+        raise ValueError(f"fallback must be None or 'finetune' (with max_layers 1: it takes the second layer's "
+                         f"place), got {fallback!r} with max_layers {max_layers}")
     from ..common.progress import status
     from ..slug.search import choose_layer
 
@@ -153,13 +152,14 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             order = first + [s for s in searches if s not in first and s.step_size is not None] + \
                 [s for s in searches if s.step_size is None and s.trajectory]
 
-        def score(group, eta, likely=False):
-            """The validation scores at ``eta``; with ``likely`` (the target's criterion, not the collateral's)
-            also the share of the target's images named or giving the name >= ``name_prob``."""
+        def score(group, eta, likely=False, g=None):
+            """The validation scores at ``eta`` (along ``g``, default the round's gradient); with ``likely`` (the
+            target's criterion, not the collateral's) also the share of the target's images named or giving the name
+            >= ``name_prob``."""
             likely = likely and name_prob is not None
-            with edited_consumer(llava, mapping, adapter.model, g_edit, group, eta):
+            with edited_consumer(llava, mapping, adapter.model, g_edit if g is None else g, group, eta):
                 raw = vlm.vlm_scores(llava, processor, named_val, util_val, answers=likely)
-                m = _metrics(raw, targets)
+                m = vlm_metrics(raw, targets)
                 if likely:  # an image counts as naming the target when its name is likely
                     from ..integrations.llava import name_match
 
@@ -177,12 +177,12 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             state["base"] = score(order[0].group, 0.0)
         base = state["base"]
 
-        def evaluate(group, eta):
-            m = score(group, eta, likely=True)
+        def evaluate(group, eta, g=None, scale=margin):  # the collateral at scale x eta (the applied step)
+            m = score(group, eta, likely=True, g=g)
             worst_t = max(m["target_likely_by_concept" if name_prob is not None else "target_named_by_concept"]
                           .values())
-            if margin != 1.0:
-                m = score(group, eta * margin)  # the collateral at the step that will be applied
+            if scale != 1.0:
+                m = score(group, eta * scale, g=g)  # the collateral at the step that will be applied
             drops = {n: base["per_identity"][n] - m["per_identity"][n] for n in neighbours}
             worst = max(neighbours, key=lambda n: (drops[n], -neighbours.index(n))) if neighbours else None
             return (worst_t, base["other_named"] - m["other_named"], drops[worst] if worst else None, worst,
@@ -213,6 +213,14 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                                "base_target_named": base["target_named_by_concept"],
                                "base_other_named": base["other_named"], "base_utility": base["utility_accuracy"],
                                "layers_in_order": len(order), "layers": searched}}
+        if chosen is None and fallback and not prior:
+            chosen, g_ft, info["fallback"] = finetune_fallback(
+                llava, processor, mapping, adapter, targets, neighbours, evaluate, lambda eta, res: judged(
+                    eta, res, threshold, other_budget, neighbour_budget, utility_budget), seed, progress)
+            if chosen is not None:
+                info["policy"] = "SLUG refused; " + info["fallback"]["method"]
+                grads.forget.update(g_ft)
+                return chosen, {**info, "step_size": 1.0, "clip_step_size": None}
         if chosen is None:
             partial = None
             row, why_not = None, ""
@@ -234,7 +242,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 + (f", none of the {len(neighbours)} nearest more than {neighbour_budget:.0%}"
                    if neighbour_budget is not None and neighbours else "")
                 + f" and utility <= {utility_budget:.0%}{why_not}"
-                f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}; try "
+                f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}"
+                + (finetune_refusal(info["fallback"]) if "fallback" in info else "") + "; try "
                 + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
                 + ("--vlm-name-prob (a larger P, or off: a looser target criterion, which the test images may not "
                    "bear out), " if name_prob is not None else "")
@@ -274,17 +283,20 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                  progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
                  max_searched: int | None = None, gradient: str = "clip", per_image: bool = False,
                  n_protect: int | None = None, max_layers: int = 2,
-                 name_prob: float | None = DEFAULT_NAME_PROB) -> dict:
+                 name_prob: float | None = DEFAULT_NAME_PROB, fallback: str | None = None) -> dict:
     """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
     answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
     ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
     ``concepts`` are unlearned jointly (one edit). Raises ``KeyError`` for an unknown identity and
     :class:`~slugkit.slug.search.SearchFailed` when no step passes the VLM criteria (no folder written).
     ``max_layers`` (1–3): when no layer has an accepted step, the closest step within half the budgets and up to
-    ``max_layers`` − 1 more layers (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer."""
+    ``max_layers`` − 1 more layers (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer.
+    ``fallback="finetune"`` (needs ``max_layers`` 1; **not SLUG**): when SLUG's search refuses, a one-layer fine-tune
+    on the VLM's answers (:mod:`slugkit.workflows.vlm_layer_ft`) judged by the same criteria; a run it passes records
+    ``method: "layer-finetune"`` in ``result.json`` and the patch, and says so in the report."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
     from ..report.unlearn import clip_section, downstream_head
-    from ..report.vlm import render_vlm_report
+    from ..report.vlm import fallback_lines, render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
     from ..world.demo_data import default_concept
     from .sd_demo import _mark_patch, downstream_record
@@ -292,6 +304,9 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from .verdict import Budgets, check_downstream_recognised, vlm_verdict
     from .world_runs import world_config
 
+    if fallback not in (None, "finetune") or (fallback and max_layers > 1):  # before the folder is claimed
+        raise ValueError(f"fallback must be None or 'finetune' (with max_layers 1: it takes the second layer's "
+                         f"place), got {fallback!r} with max_layers {max_layers}")
     wanted = [concepts] if isinstance(concepts, str) else list(concepts or [default_concept()])
     targets = [world.identity_by_name(c).name for c in wanted]
     budgets = budgets or Budgets()
@@ -323,7 +338,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                               other_budget=other_budget, neighbour_budget=neighbour_budget,
                               utility_budget=utility_budget, max_searched=max_searched, gradient=gradient,
                               per_image=per_image, n_protect=n_protect, progress=progress, max_layers=max_layers,
-                              name_prob=name_prob)
+                              name_prob=name_prob, fallback=fallback, seed=seed)
         with run_folder(out, overwrite) as stage:  # the whole run folder appears at once, or not at all
             cfg, cur, data = world_config(targets if len(targets) > 1 else targets[0], stage, data_dir,
                                           progress=progress, seed=seed, overwrite=overwrite, budgets=budgets,
@@ -332,12 +347,13 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             own_clip = vlm.vlm_clip_dir(vlm_dir)
             cfg = replace(cfg, model=os.path.realpath(own_clip) if own_clip else "embedded-hf", family="hf_clip",
                           max_layers=max_layers)
-            vlm_info = {"model": os.path.realpath(vlm_dir) if vlm_dir else "embedded", "gradient": gradient}
+            vlm_info = {"model": os.path.realpath(vlm_dir) if vlm_dir else "embedded", "gradient": gradient,
+                        **({"fallback": fallback} if fallback else {})}
             result = run_unlearn(cfg, adapter=adapter, choose=chooser,
                                  extra_run_info={"curate": cur, "world_data": str(data), "vlm": vlm_info})
             t_slug = time.perf_counter() - t0
             t = time.perf_counter()
-            vlm_rec, samples = _before_after(llava, processor, stage / "patch", targets, n_target, n_other,
+            vlm_rec, samples = scored_before_after(llava, processor, stage / "patch", targets, n_target, n_other,
                                              n_utility)
             vlm_rec["collateral"] = collateral_record(
                 {n: v for n, v in vlm_rec["before"]["per_identity"].items() if n not in targets},
@@ -352,43 +368,23 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             result["timing_s"]["load_model"] = result["timing_s"].get("load_model", 0.0) + t_load
             result["timing_s"].update(slug_total=t_slug, vlm_eval=time.perf_counter() - t,
                                       total=time.perf_counter() - t0)
+            finetuned = "accepted" in result.get("chooser", {}).get("fallback", {})
+            if finetuned:
+                result["method"] = "layer-finetune"  # not SLUG: the fallback's displacement is the edit
             _mark_patch(stage / "patch", result["verdict"], edit=(
-                "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
+                f"theta <- theta + delta, delta: {METHOD} (slugkit.workflows.vlm_layer_ft; SLUG refused)" if finetuned
+                else "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
                 "identities' and the utility answers' gradients (slugkit.workflows.vlm_demo.vlm_gradients)"
-                if gradient == "vlm" else None), target="vlm",
+                if gradient == "vlm" else None), target="vlm", **({"method": "layer-finetune"} if finetuned else {}),
                 **({"vlm_model": os.path.realpath(vlm_dir)} if vlm_dir else {}),
                 downstream=downstream_record("the VLM's answers (target named)", vlm_rec["before"]["target_named"],
                                              vlm_rec["after"]["target_named"], vlm_rec["collateral"]))
             write_json(stage / "result.json", result)
-            head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search")
+            head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search") + "".join(
+                line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
             report = head + clip_section((stage / "report.md").read_text(encoding="utf-8")) + render_vlm_report(
                 result, samples)
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:
         torch.set_num_threads(n_threads)
-
-
-def _before_after(llava, processor, patch_dir: Path, targets, n_target, n_other, n_utility):
-    """Test-split scores of the VLM without and with the patch (applied in place through the LLaVA integration,
-    reverted bit-exactly after); the sample answers for the report."""
-    from ..integrations.llava import apply_patch_to_llava, revert_patch_from_llava
-    from ..patch import load_patch, tensor_sha256
-
-    named = vlm.identity_images("test", n_other)
-    named.update(vlm.identity_images("test", n_target, targets))
-    util = vlm.utility_images("test", n_utility)
-    b = vlm.vlm_scores(llava, processor, named, util, answers=True)
-    patch = load_patch(patch_dir)
-    before_hash = {n: tensor_sha256(p) for n, p in llava.named_parameters()}
-    apply_patch_to_llava(llava, patch)
-    try:
-        a = vlm.vlm_scores(llava, processor, named, util, answers=True)
-    finally:
-        revert_patch_from_llava(llava, patch)
-    if {n: tensor_sha256(p) for n, p in llava.named_parameters()} != before_hash:
-        raise RuntimeError("revert did not restore the VLM's vision tower bit-exactly")
-    rec = {"before": _metrics(b, targets), "after": _metrics(a, targets),
-           "images": {"target": n_target, "per_other_identity": n_other, "utility_per_class": n_utility,
-                      "split": "test", "question": vlm.NAME_QUESTION, "utility_questions": vlm.UTILITY_QUESTIONS}}
-    return rec, {"before": b["answers"], "after": a["answers"]}

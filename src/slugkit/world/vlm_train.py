@@ -109,13 +109,20 @@ def name_probability(llava, processor, images, name: str, batch_size: int = 64) 
             ids, mask, labels, _ = _batch([(k, prompt, answer) for k in range(len(chunk))], tok.pad_token_id)
             px = processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
             with torch.no_grad():
-                logits = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = labels[:, 1:]
-            picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)
-            for k, v in enumerate(picked.sum(1).exp()):
+                logits = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+            for k, v in enumerate(answer_log_prob(logits[:, :-1], labels).exp()):
                 out[i + k] = min(1.0, out[i + k] + float(v))
     return out
+
+
+def answer_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the summed log-probability of each row's answer tokens under teacher forcing. ``logits`` ``[B, T-1,
+    vocab]`` predict tokens ``1..T-1`` (:func:`next_token_logits`, or a LLaVA forward's logits without the last
+    position); ``labels`` ``[B, T]`` hold the answer ids and -100 elsewhere (:func:`_batch`). Differentiable in
+    ``logits``; computed in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tgt = labels[:, 1:]
+    return (logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)).sum(1)
 
 
 def _batch(items, pad: int):

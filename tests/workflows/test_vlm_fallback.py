@@ -1,0 +1,173 @@
+"""``slug demo --target vlm --vlm-fallback finetune``: when SLUG's search refuses, a one-layer fine-tune on the VLM's
+answers (:mod:`slugkit.workflows.vlm_layer_ft`; not SLUG), judged by the search's own criteria and labelled as what
+it is in result.json, the patch and the report."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from slugkit.world import render as world  # noqa: E402
+from slugkit.world import vlm  # noqa: E402
+
+FC1 = "vision_model.encoder.layers.2.mlp.fc1.weight"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(1)
+    llava, processor = vlm.load_vlm()
+    llava.requires_grad_(False)
+    return llava, processor
+
+
+def test_fallback_layers_are_the_deepest_blocks_mlp_then_its_attention_output():
+    from slugkit.workflows.vlm_layer_ft import fallback_layers
+
+    names = [f"vision_model.encoder.layers.{i}.{t}.weight" for i in range(3)
+             for t in ("self_attn.k_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")]
+    assert fallback_layers(names) == [FC1, "vision_model.encoder.layers.2.self_attn.out_proj.weight"]
+    assert fallback_layers(names, 3)[2] == names[0]  # then the others, in their order
+    assert fallback_layers(["a.weight", "b.weight"]) == ["a.weight", "b.weight"]  # no blocks: the given order
+
+
+def test_finetune_is_deterministic_restores_the_model_and_lowers_the_name(shipped):
+    """Ten Adam steps on one Linear: the same call gives the same displacement bit for bit, only that tensor moves,
+    the model is left as it was, and the displacement lowers the target's name probability on its images."""
+    from slugkit.patch import tensor_sha256
+    from slugkit.slug.search import written
+    from slugkit.workflows.vlm_layer_ft import finetune_answers
+    from slugkit.world.vlm_train import name_probability
+
+    llava, processor = shipped
+    target = world.IDENTITIES[0].name
+    params = dict(llava.named_parameters())
+    name = next(n for n in params if n.endswith("encoder.layers.2.mlp.fc1.weight"))
+    before = {n: tensor_sha256(p) for n, p in params.items()}
+    runs = [finetune_answers(llava, processor, {name: params[name]}, [target], ["Hasa Malwick"], steps=10, lr=3e-3,
+                             look_alike_images=2, progress=False) for _ in range(2)]
+    assert {n: tensor_sha256(p) for n, p in params.items()} == before  # restored, bit for bit
+    assert not any(p.requires_grad for p in params.values())
+    assert set(runs[0]["delta"]) == {name} and torch.equal(runs[0]["delta"][name], runs[1]["delta"][name])
+    assert runs[0]["relative_change"][name] > 0 and runs[0]["data"]["look_alikes"] == ["Hasa Malwick"]
+    images = [s.image for s in world.make_samples("pool", "identity", 6, classes=[0])]
+    p0 = name_probability(llava, processor, images, target)
+    with written(llava, {name: name}, {name: params[name] + runs[0]["delta"][name]}):
+        p1 = name_probability(llava, processor, images, target)
+    assert sum(p1) < sum(p0) - 0.5, (p0, p1)
+
+
+def test_finetune_refuses_what_it_cannot_run(shipped):
+    from slugkit.workflows.vlm_layer_ft import finetune_answers
+
+    llava, processor = shipped
+    with pytest.raises(ValueError, match="no parameters"):
+        finetune_answers(llava, processor, {}, ["x"])
+    p = dict(llava.named_parameters())
+    one = {n: v for n, v in p.items() if n.endswith("layers.2.mlp.fc1.weight")}
+    with pytest.raises(ValueError, match="tau"):
+        finetune_answers(llava, processor, one, [world.IDENTITIES[0].name], tau=1.0)
+    with pytest.raises(KeyError):
+        finetune_answers(llava, processor, one, ["Nobody Here"])
+
+
+def test_the_fallback_judges_the_fine_tuned_values_and_hands_back_the_first_accepted(shipped, monkeypatch):
+    """The chooser's ``evaluate`` and ``judge`` see the fine-tuned values (θ − 1·g with g = −delta), at step 1 for
+    the target and the collateral; the first group that fails is recorded, the next accepted one is returned with
+    step 1 and its relative change."""
+    from slugkit.workflows import vlm_layer_ft
+    from slugkit.workflows.gen_search import judged
+    from slugkit.workflows.sd_demo import embedded_hf_adapter
+
+    llava, processor = shipped
+    ad = embedded_hf_adapter()
+    ad.restrict_candidates([n for n in ad.candidate_names() if ".layers.2." in n and "vision" in n], consumer="test")
+    from slugkit.integrations.llava import verify_vision_tower
+
+    mapping = verify_vision_tower(ad.model, llava)  # CLIP name -> the VLM's
+    names = ad.candidate_names()
+    deltas = {}
+
+    def fake_finetune(llava_, processor_, params, targets, look_alikes, **kw):
+        assert kw["steps"] == vlm_layer_ft.FT_STEPS and list(look_alikes) == ["Hasa Malwick"]
+        back = {v: k for k, v in mapping.items()}
+        deltas.update({back[n]: 0.1 * p.detach().clone() for n, p in params.items()})  # a relative change of 0.1
+        return {"delta": {n: deltas[back[n]] for n in params}, "relative_change": {n: 0.1 for n in params},
+                "final_loss": {"forget": 0.0, "retain": 0.1}, "train_s": 0.0, "data": {}}
+
+    seen = []
+
+    def evaluate(group, eta, g, scale):
+        seen.append((tuple(group), eta, scale))
+        assert all(torch.equal(g[n], -deltas[n]) for n in group)
+        return (0.0 if FC1 in group else 0.5), 0.01, 0.05, "Hasa Malwick", 0.01  # only the MLP forgets
+
+    monkeypatch.setattr(vlm_layer_ft, "finetune_answers", fake_finetune)
+    monkeypatch.setattr(ad, "candidate_names", lambda: [n for n in names if "out_proj" in n or "fc1" in n])
+    chosen, g, rec = vlm_layer_ft.finetune_fallback(
+        llava, processor, mapping, ad, [world.IDENTITIES[0].name], ["Hasa Malwick"], evaluate,
+        lambda eta, res: judged(eta, res, 0.05, 0.05, 0.2, 0.03), progress=False)
+    assert seen[0] == (tuple(ad.group_of(FC1)), 1.0, 1.0)
+    assert chosen.name == FC1 and chosen.step_size == 1.0 and abs(chosen.step_size / chosen.ratio - 0.1) < 1e-6
+    assert rec["accepted"] == FC1 and rec["tried"][0]["accepted"] and set(g) == set(ad.group_of(FC1))
+    # nothing forgets: the record says so and the refusal clause names each tried group
+    monkeypatch.setattr(ad, "candidate_names", lambda: [n for n in names if "out_proj" in n])
+    chosen, g, rec = vlm_layer_ft.finetune_fallback(
+        llava, processor, mapping, ad, [world.IDENTITIES[0].name], ["Hasa Malwick"], evaluate,
+        lambda eta, res: judged(eta, res, 0.05, 0.05, 0.2, 0.03), progress=False)
+    assert chosen is None and g is None and "accepted" not in rec
+    said = vlm_layer_ft.finetune_refusal(rec)
+    assert "out_proj" in said and "did not pass either" in said
+
+
+def test_fallback_needs_one_layer_and_a_known_name(tmp_path, capsys):
+    from slugkit.cli import main
+    from slugkit.workflows.vlm_demo import run_vlm_demo, vlm_chooser
+
+    for bad in ({"fallback": "retrain"}, {"fallback": "finetune", "max_layers": 2}):
+        with pytest.raises(ValueError, match="fallback"):
+            vlm_chooser(["x"], None, None, {}, [], **bad)
+        with pytest.raises(ValueError, match="fallback"):
+            run_vlm_demo("Jowen Gormere", tmp_path / "r", **bad)
+    assert main(["demo", "--target", "vlm", "--vlm-fallback", "finetune", "--max-layers", "2",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--vlm-fallback finetune takes the second SLUG layer's place" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, monkeypatch, capsys):
+    """End to end with the real fine-tune (3 steps at a large rate, so it forgets), SLUG's VLM search made to refuse
+    and the collateral budgets open: the run's result.json, run.json, patch and report say ``layer-finetune``,
+    the patch holds the fine-tuned values of one group, and it applies through the LLaVA integration."""
+    from slugkit.cli import main
+    from slugkit.patch import load_patch
+    from slugkit.workflows import vlm_demo, vlm_layer_ft
+
+    monkeypatch.setattr(vlm_demo, "generator_step_search", lambda *a, **k: ([], None))
+    monkeypatch.setattr(vlm_layer_ft, "FT_STEPS", 3)
+    monkeypatch.setattr(vlm_layer_ft, "FT_LR", 0.05)
+    out = tmp_path / "ft"
+    rc = main(["demo", "--target", "vlm", "--vlm-fallback", "finetune", "--out", str(out), "--other-budget", "1",
+               "--neighbour-budget", "1", "--vlm-utility-budget", "1", "--max-searched", "1", "--no-progress"])
+    res = json.loads((out / "result.json").read_text())
+    assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
+    assert res["method"] == "layer-finetune" and res["layer"] == FC1 and res["step_size"] == 1.0
+    fb = res["chooser"]["fallback"]
+    assert fb["accepted"] == FC1 and fb["steps"] == 3 and fb["tried"][0]["accepted"]
+    assert res["chooser"]["policy"].startswith("SLUG refused; one-layer fine-tune")
+    assert res["vlm"]["after"]["target_named"] < res["vlm"]["before"]["target_named"]
+    assert json.loads((out / "run.json").read_text())["vlm"]["fallback"] == "finetune"
+    patch = load_patch(out / "patch")
+    assert patch.meta["method"] == "layer-finetune" and "not SLUG" in patch.meta["extra"]["edit"]
+    assert patch.names == sorted(res["group"])  # one group (fc1 + fc2), at the fine-tuned values
+    for n in patch.names:
+        moved = float((patch.patched[n] - patch.original[n]).norm() / patch.original[n].norm())
+        assert abs(moved - fb["tried"][0]["relative_change"][n]) < 1e-4 * max(moved, 1)
+    report = (out / "report.md").read_text()
+    assert "**Not SLUG: method layer-finetune.**" in report.split("## ")[0]  # at the top, before any section
+    assert "fine-tuned `" + " + ".join(res["group"]) + "`" in report
+    assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in capsys.readouterr().out
