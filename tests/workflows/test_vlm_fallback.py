@@ -155,18 +155,19 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
                "--neighbour-budget", "1", "--vlm-utility-budget", "1", "--max-searched", "1", "--no-progress"])
     res = json.loads((out / "result.json").read_text())
     assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
-    assert res["method"] == "layer-finetune" and res["layer"] == FC1 and res["step_size"] == 1.0
     fb = res["chooser"]["fallback"]
-    assert fb["accepted"] == FC1 and fb["steps"] == 3 and fb["tried"][0]["accepted"]
+    assert res["method"] == "layer-finetune" and res["layer"] == fb["accepted"] and res["step_size"] == 1.0
+    assert fb["steps"] == 3 and fb["tried"][-1]["accepted"] and fb["tried"][0]["layer"] == FC1  # the MLP first
+    assert [t["accepted"] for t in fb["tried"]] == [False] * (len(fb["tried"]) - 1) + [True]
     assert res["chooser"]["policy"].startswith("SLUG refused; one-layer fine-tune")
     assert res["vlm"]["after"]["target_named"] < res["vlm"]["before"]["target_named"]
     assert json.loads((out / "run.json").read_text())["vlm"]["fallback"] == "finetune"
     patch = load_patch(out / "patch")
     assert patch.meta["method"] == "layer-finetune" and "not SLUG" in patch.meta["extra"]["edit"]
-    assert patch.names == sorted(res["group"])  # one group (fc1 + fc2), at the fine-tuned values
+    assert patch.names == sorted(res["group"]) == sorted(fb["tried"][-1]["group"])  # at the fine-tuned values
     for n in patch.names:
         moved = float((patch.patched[n] - patch.original[n]).norm() / patch.original[n].norm())
-        assert abs(moved - fb["tried"][0]["relative_change"][n]) < 1e-4 * max(moved, 1)
+        assert abs(moved - fb["tried"][-1]["relative_change"][n]) < 1e-4 * max(moved, 1)
     report = (out / "report.md").read_text()
     assert "**Not SLUG: method layer-finetune.**" in report.split("## ")[0]  # at the top, before any section
     assert "fine-tuned `" + " + ".join(res["group"]) + "`" in report

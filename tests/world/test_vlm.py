@@ -226,7 +226,7 @@ def test_the_options_each_target_refuses_come_from_the_parser():
     a = build_parser().parse_args(["demo", "--target", "vlm"])
     assert {"n_other", "gen_margin", "sd_step", "t2i_model"} <= set(a.sd_defaults)
     assert not {"val_images", "other_budget", "max_searched"} & set(a.sd_defaults)
-    assert set(a.vlm_defaults) == {"vlm_model", "vlm_gradient", "vlm_utility_budget", "vlm_name_prob"}
+    assert set(a.vlm_defaults) == {"vlm_model", "vlm_gradient", "vlm_utility_budget", "vlm_name_prob", "vlm_fallback"}
     from slugkit.workflows import vlm_demo
 
     assert (a.vlm_name_prob, a.vlm_utility_budget) == (vlm_demo.DEFAULT_NAME_PROB, vlm_demo.UTILITY_BUDGET)
