@@ -70,6 +70,8 @@ def test_finetune_refuses_what_it_cannot_run(shipped):
     one = {n: v for n, v in p.items() if n.endswith("layers.2.mlp.fc1.weight")}
     with pytest.raises(ValueError, match="tau"):
         finetune_answers(llava, processor, one, [world.IDENTITIES[0].name], tau=1.0)
+    with pytest.raises(ValueError, match="n_forget must be >= 1"):
+        finetune_answers(llava, processor, one, [world.IDENTITIES[0].name], n_forget=0)
     with pytest.raises(KeyError):
         finetune_answers(llava, processor, one, ["Nobody Here"])
 

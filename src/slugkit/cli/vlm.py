@@ -118,10 +118,10 @@ def add_vlm_args(d):
                          "criterion only: the test figures and the verdict are the answers'")
     vg.add_argument("--vlm-fallback", default=None, choices=["finetune"],
                     help="when SLUG's search refuses (no step of one layer forgets within the budgets), fine-tune "
-                         "the first two layers it searched, in turn, on the VLM's answers (Adam, 300 steps; NOT "
-                         "SLUG) and keep the first that passes the same validation criteria; the run, its report and "
-                         "its patch say method layer-finetune. Takes the second SLUG layer's place (--max-layers 1). "
-                         "Default: off (refuse)")
+                         "one layer on the VLM's answers (Adam, 300 steps; NOT SLUG): the deepest block's MLP, then "
+                         "its attention output, keeping the first that passes the same validation criteria; the run, "
+                         "its report and its patch say method layer-finetune. Takes the second SLUG layer's place "
+                         "(--max-layers 1). Default: off (refuse)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")

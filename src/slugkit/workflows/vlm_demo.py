@@ -46,7 +46,7 @@ from ..world import vlm
 from ..world.vlm_train import name_probability
 from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, judged
 from .vlm_eval import scored_before_after, vlm_metrics
-from .vlm_layer_ft import METHOD, finetune_fallback, finetune_refusal
+from .vlm_layer_ft import METHOD, check_fallback, finetune_fallback, finetune_refusal
 from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
 
 DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
@@ -101,18 +101,16 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     carries the partial step a next layer may build on and ``choose(..., prior=edits)`` searches that layer with the
     earlier edits in the VLM, drops measured against the unedited VLM, exactly as the SD path's
     (:func:`slugkit.workflows.rounds.generator_rounds`). ``fallback="finetune"`` (not SLUG; needs ``max_layers``
-    1): when round 1 has no accepted step, the first :data:`~slugkit.workflows.vlm_layer_ft.FT_LAYERS` searched
-    groups are fine-tuned on the VLM's answers in turn (:func:`slugkit.workflows.vlm_layer_ft.finetune_fallback`,
-    ``seed``) and judged by the same criteria; the first accepted is returned, its displacement as the edit."""
+    1): when round 1 has no accepted step, the groups of :func:`slugkit.workflows.vlm_layer_ft.fallback_layers` are
+    fine-tuned on the VLM's answers in turn (:func:`~slugkit.workflows.vlm_layer_ft.finetune_fallback`, ``seed``)
+    and judged by the same criteria; the first accepted is returned, its displacement as the edit."""
     if gradient not in ("clip", "vlm"):
         raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
     if name_prob is not None and not 0.0 < name_prob <= 1.0:
         raise ValueError(f"name_prob must be in (0, 1] (or None: the answers only), got {name_prob!r}")
     if n_protect is not None and n_protect < 1:
         raise ValueError(f"n_protect must be >= 1 (images per protected identity), got {n_protect}")
-    if fallback not in (None, "finetune") or (fallback and max_layers > 1):
-        raise ValueError(f"fallback must be None or 'finetune' (with max_layers 1: it takes the second layer's "
-                         f"place), got {fallback!r} with max_layers {max_layers}")
+    check_fallback(fallback, max_layers)
     from ..common.progress import status
     from ..slug.search import choose_layer
 
@@ -304,9 +302,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from .verdict import Budgets, check_downstream_recognised, vlm_verdict
     from .world_runs import world_config
 
-    if fallback not in (None, "finetune") or (fallback and max_layers > 1):  # before the folder is claimed
-        raise ValueError(f"fallback must be None or 'finetune' (with max_layers 1: it takes the second layer's "
-                         f"place), got {fallback!r} with max_layers {max_layers}")
+    check_fallback(fallback, max_layers)  # before the folder is claimed
     wanted = [concepts] if isinstance(concepts, str) else list(concepts or [default_concept()])
     targets = [world.identity_by_name(c).name for c in wanted]
     budgets = budgets or Budgets()
@@ -354,7 +350,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             t_slug = time.perf_counter() - t0
             t = time.perf_counter()
             vlm_rec, samples = scored_before_after(llava, processor, stage / "patch", targets, n_target, n_other,
-                                             n_utility)
+                                                   n_utility)
             vlm_rec["collateral"] = collateral_record(
                 {n: v for n, v in vlm_rec["before"]["per_identity"].items() if n not in targets},
                 {n: v for n, v in vlm_rec["after"]["per_identity"].items() if n not in targets}, neighbours,

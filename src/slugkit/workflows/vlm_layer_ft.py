@@ -60,12 +60,13 @@ def finetune_answers(llava, processor, params: dict, targets: list[str], look_al
     dtype), "relative_change": {name: ||delta|| / ||θ||}, "final_loss": {"forget", "retain"}, "train_s",
     "data": the image counts}`` and, with ``first_grad``, ``"first_grad"``: the flattened forget-loss gradient at
     step 0 (what one step of forget-gradient descent would follow). The values are restored also on an error or
-    Ctrl-C. Raises ``KeyError`` for an unknown identity, ``ValueError`` for no parameters, ``steps`` < 1 or
-    ``tau`` outside (0, 1)."""
+    Ctrl-C. Raises ``KeyError`` for an unknown identity, ``ValueError`` for no parameters, ``steps`` or
+    ``n_forget`` < 1 or ``tau`` outside (0, 1)."""
     if not params:
         raise ValueError("finetune_answers: no parameters to optimise")
-    if steps < 1 or not 0.0 < tau < 1.0:
-        raise ValueError(f"finetune_answers: steps must be >= 1 and tau in (0, 1), got {steps}, {tau}")
+    if steps < 1 or n_forget < 1 or not 0.0 < tau < 1.0:  # no forget image: nothing would be unlearned
+        raise ValueError(f"finetune_answers: steps and n_forget must be >= 1 and tau in (0, 1), got {steps}, "
+                         f"{n_forget}, {tau}")
     tok, tower, read = processor.tokenizer, llava.model.vision_tower, llava.config.vision_feature_layer
     idx = {t: world.identity_by_name(t).index for t in [*targets, *look_alikes]}  # KeyError before any work
 
@@ -146,6 +147,14 @@ def finetune_answers(llava, processor, params: dict, targets: list[str], look_al
 
 
 FT_LAYERS = 2  # groups fine-tuned in turn when SLUG refuses (fallback_layers)
+
+
+def check_fallback(fallback: str | None, max_layers: int) -> None:
+    """``ValueError`` unless ``fallback`` is None or ``"finetune"`` with ``max_layers`` 1 (the fine-tune takes the
+    second SLUG layer's place: a run does one or the other)."""
+    if fallback not in (None, "finetune") or (fallback and max_layers > 1):
+        raise ValueError(f"fallback must be None or 'finetune' (with max_layers 1: it takes the second layer's "
+                         f"place), got {fallback!r} with max_layers {max_layers}")
 
 
 def fallback_layers(names: list[str], k: int = FT_LAYERS) -> list[str]:
