@@ -91,7 +91,7 @@ def test_a_broken_model_fails_even_when_the_concept_is_gone(key, broken, budget)
 
 def test_a_sequential_run_that_broke_the_model_says_so(capsys):
     """The sequential summary said "did NOT unlearn A, B" when both were gone and the edits broke the model."""
-    from slugkit.report.unlearn import print_sequential_summary
+    from slugkit.report.sequential import print_sequential_summary
 
     m = {"forget_top1": 0.0, "forget_top5": 0.0, "related_top1": 0.5, "utility_top1": 0.4}
     result = {"concepts": ["A", "B"], "steps": [{"layer": "visual.proj"}, {"layer": "ln_final"}],

@@ -173,4 +173,12 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     report = (out / "report.md").read_text()
     assert "**Not SLUG: method layer-finetune.**" in report.split("## ")[0]  # at the top, before any section
     assert "fine-tuned `" + " + ".join(res["group"]) + "`" in report
-    assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in capsys.readouterr().out
+    assert "# layer-finetune unlearning report" in report and "method: A one-layer fine-tune (NOT SLUG" in report
+    assert "step 1," not in report and "applied the fine-tuned values (not a SLUG step) of" in report
+    assert "Cost of the whole run: SLUG + the fine-tune" in report and "Step projected off" not in report
+    assert len(res["layers_edited"]) == 1 and "not SLUG" in res["layers_edited"][0]["why"]
+    said = capsys.readouterr().out
+    assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in said and "time: SLUG + the fine-tune" in said
+    # carried into a VLM folder: its record says which method made the patch
+    assert main(["apply", "--llava", "embedded", "--patch", str(out / "patch"), "--out", str(tmp_path / "v")]) == 0
+    assert json.loads((tmp_path / "v" / "slugkit_patch.json").read_text())["method"] == "layer-finetune"

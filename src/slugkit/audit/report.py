@@ -73,6 +73,8 @@ def audit_markdown(result: dict) -> str:
              + (f" ({result['status_note']})" if result.get("status_note") else "") + ". Control names (never "
              f"learned): {', '.join(result.get('controls') or []) or 'none'}. Data: {result.get('data', '')}. "
              + _audited_model(result) + f"Time: {result['seconds']:.0f} s."
+             + (f" **The patch's method is {result['method']}, not SLUG.**"
+                if result.get("method") not in (None, "slug", "composed") else "")
              + (f" Not run: {', '.join(result['not_run'])}." if result.get("not_run") else ""), "",
              *([f"**Note: the run that made this patch had verdict fail** ({_why(result)}; see its result.json): "
                 f"{audit_scope(result)}.", ""]

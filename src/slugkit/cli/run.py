@@ -152,7 +152,7 @@ def cmd_demo(a) -> int:
         cfgs = [s[0] for s in sequential_world_configs(concepts, lambda k, c: steps / f"{k + 1}-{c.replace(' ', '_')}",
                                                         a.data_dir, **common)]
         result = run_sequential(cfgs, out, overwrite=a.overwrite)
-        from ..report.unlearn import print_sequential_summary
+        from ..report.sequential import print_sequential_summary
 
         print_sequential_summary(result, str(out))
         return exit_status_of(result)

@@ -245,6 +245,7 @@ def write_provenance(folder: Path, patch: Patch, reverted: bool, source: Path | 
     if isinstance(prev, dict):
         earlier = [*(prev.pop("earlier", None) or []), prev]
     info = {"patch_fingerprint": patch.fingerprint, "concept": patch.concept, "base_model": patch.base_model,
+            "method": patch.meta.get("method"),
             "tensors": patch.names, "reverted": reverted, "source": os.path.abspath(source) if source else None,
             **extra,
             **({"earlier": earlier} if earlier else {})}

@@ -78,7 +78,8 @@ def cost_lines(result: dict, key: str, what: str) -> list[str]:
     t = result.get("timing_s") or {}
     if not all(k in t for k in ("slug_total", key, "total")):  # a result put together by hand (no run's timings)
         return []
-    return [f"Cost of the whole run: SLUG {t['slug_total']:.1f} s (the world's data, the CLIP run above with its "
+    who = "SLUG + the fine-tune" if result.get("method") == "layer-finetune" else "SLUG"
+    return [f"Cost of the whole run: {who} {t['slug_total']:.1f} s (the world's data, the CLIP run above with its "
             f"search on the downstream model) · {what} {t[key]:.1f} s · total {t['total']:.1f} s "
             "(`timing_s` in result.json; the CLIP section's \"Cost\" counts the CLIP run, its \"search\" the "
             "search on the downstream model too).", ""]

@@ -79,8 +79,9 @@ def broke_the_model(verdict: dict | None) -> bool:
         and not codes & {"not_forgotten", "nothing_to_unlearn"}
 
 
-# result["method"] -> who made the edit, for a headline (SLUG unless the run says otherwise)
+# result["method"] -> who made the edit, for a headline and a report title (SLUG unless the run says otherwise)
 METHOD_WORDS = {"layer-finetune": "A one-layer fine-tune (NOT SLUG: SLUG's search refused; --vlm-fallback finetune)"}
+FINETUNED = "the fine-tuned values (not a SLUG step)"
 
 
 def headline(result: dict, subject: str, edit: str) -> str:
@@ -109,7 +110,9 @@ def edit_label(result: dict) -> str:
     edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group"),
                                              "step_size": result["step_size"],
                                              "relative_change": result["relative_change"]}]
-    return " + ".join(f"{edit_tensors(e)} (step {e['step_size']:.4g}, relative change {e['relative_change']:.3f}"
+    step = (lambda e: FINETUNED) if result.get("method") == "layer-finetune" else (
+        lambda e: f"step {e['step_size']:.4g}")
+    return " + ".join(f"{edit_tensors(e)} ({step(e)}, relative change {e['relative_change']:.3f}"
                       + _largest(e) + ")" for e in edits)
 
 
@@ -209,7 +212,11 @@ def _protection_lines(result: dict) -> list[str]:
         lines += ["Neighbour protection off: the paper's step (`--protect-neighbours 0`, or precomputed gradients, "
                   "which carry no retain pairs). The defaults project the step off the nearest identities' "
                   "gradients; see the README's \"The nearest neighbours\".", ""]
-    if prot.get("k"):
+    if prot.get("k") and result.get("method") == "layer-finetune":
+        lines += [f"The edit is not SLUG's step, so no projection applies to it: SLUG's refused search was projected "
+                  f"off the {prot['k']} nearest identities' gradients; the fine-tune protects identities through its "
+                  "retain set (`chooser.fallback` in result.json).", ""]
+    elif prot.get("k"):
         used = ", ".join(f"{n['concept']} ({n['pairs']} pairs)" for n in prot["neighbours"])
         lines += [f"Step projected off the alignment gradients of the {prot['k']} nearest identities ({used})"
                   + (f"; skipped for too few retain pairs: {', '.join(str(n['concept']) for n in prot['skipped'])}"
@@ -268,8 +275,10 @@ def _why_heading(result: dict) -> list[str]:
         return ["## Why this layer", ""]
     edited = ", ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`"
     return ["## The CLIP search over the candidate layers", "",
-            f"The edited layers ({edited}) and their steps were chosen by the search on {what} (its section below); "
-            "the CLIP search summarised here gave the candidates and their starting steps. A row marked **(edited)** "
+            (f"The edited layer ({edited}) was fine-tuned after SLUG's search on {what} refused (its section below); "
+             if result.get("method") == "layer-finetune" else
+             f"The edited layers ({edited}) and their steps were chosen by the search on {what} (its section below); ")
+            + "the CLIP search summarised here gave the candidates and their starting steps. A row marked **(edited)** "
             "is a layer that was edited; the others were candidates only.", ""]
 
 
@@ -288,7 +297,9 @@ def downstream_head(result: dict, whose: str, section: str, started: str) -> str
     edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group")}]
     edited = " + ".join(f"`{edit_tensors(e)}`" for e in edits)
     return (f"> **This run's verdict is the {whose}: {result['verdict']['status']}** (section \"{section}\" below; "
-            f"applied step {result['step_size']:.4g} on {edited}). The CLIP sections that follow describe the CLIP "
+            + (f"applied {FINETUNED} of {edited}" if result.get("method") == "layer-finetune" else
+               f"applied step {result['step_size']:.4g} on {edited}")
+            + "). The CLIP sections that follow describe the CLIP "
             f"run whose gradient and layers the {started} started from; their own verdict, worst case and step are "
             f"CLIP's (their \"Cost\" counts the {started} in \"search\"; the whole run's cost ends this report)."
             "\n\n")
@@ -298,11 +309,13 @@ def render_report(result: dict) -> str:
     m = result["metrics"]
     chosen = result["layer"]
     lines = [
-        f"# SLUG unlearning report: {result['concept']}",
+        f"# {'SLUG' if result.get('method', 'slug') == 'slug' else result['method']} unlearning report: "
+        f"{result['concept']}",
         "",
         *(f"**{x}**" if i == 0 else f"- {x}" for i, x in enumerate(verdict_lines(result.get("verdict")))),
         "",
-        f"Model: `{result['model_label']}` · method: SLUG · edit: {edit_label(result)}",
+        f"Model: `{result['model_label']}` · method: {METHOD_WORDS.get(result.get('method'), 'SLUG')} · edit: "
+        f"{edit_label(result)}",
         "",
         "## Before / after (held-out test images)",
         "",
@@ -365,27 +378,3 @@ def render_report(result: dict) -> str:
               "Apply it: `slug apply --patch patch/ ...` or `slugkit.apply_patch(model, slugkit.load_patch('patch'))`; "
               "revert is bit-exact.", ""]
     return "\n".join(lines)
-
-
-def print_sequential_summary(result: dict, out: str) -> None:
-    """Print the outcome of a sequential multi-concept run: per-concept and shared metrics, the chained patch."""
-    print()
-    verb = "removed" if broke_the_model(result["verdict"]) else "did NOT unlearn" \
-        if result["verdict"]["status"] == "fail" else "unlearned"  # verdict_lines say why
-    print(f"SLUG {verb} {', '.join(result['concepts'])} one after another ("
-          + " then ".join(" + ".join(e["layer"] for e in s.get("layers_edited") or [s]) for s in result["steps"])
-          + ")" + (", but the edits BROKE the model (see the verdict); do not ship the patch"
-                   if broke_the_model(result["verdict"]) else ""))  # every layer of a step named (eighth trial)
-    print("| concept | FA@1 before | FA@1 after | FA@5 before | FA@5 after |")
-    print("|---|---|---|---|---|")
-    for c, m in result["per_concept"].items():
-        b, a = m["before"], m["after"]
-        print(f"| {c} | {b['forget_top1']:.3f} | {a['forget_top1']:.3f} | {b['forget_top5']:.3f} | "
-              f"{a['forget_top5']:.3f} |")
-    b, a = result["metrics"]["before"], result["metrics"]["after"]
-    print(f"shared: related top-1 (identities not unlearned) {b['related_top1']:.3f} -> {a['related_top1']:.3f}, "
-          f"utility top-1 {b['utility_top1']:.3f} -> {a['utility_top1']:.3f}")
-    print(f"one chained patch: {printable(out)}/patch ({result['patch']['bytes']:,} bytes); "
-          f"per-step runs in {printable(out)}/<k>-<Name>/")
-    for line in verdict_lines(result.get("verdict")):
-        print(line)

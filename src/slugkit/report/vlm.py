@@ -40,7 +40,8 @@ def print_vlm_summary(result: dict, out: str) -> None:
     print(f"CLIP (test): FA@1 {m['before']['forget_top1']:.3f} -> {m['after']['forget_top1']:.3f}, other identities "
           f"top-1 {m['before']['related_top1']:.3f} -> {m['after']['related_top1']:.3f}")
     t = result["timing_s"]
-    print(f"time: SLUG {t['slug_total']:.1f} s, VLM evaluation {t['vlm_eval']:.1f} s; "
+    who = "SLUG + the fine-tune" if result.get("method") == "layer-finetune" else "SLUG"
+    print(f"time: {who} {t['slug_total']:.1f} s, VLM evaluation {t['vlm_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
     print(f"{outputs_line(out)} (apply the patch: slug apply --llava DIR --patch {out}/patch --out DIR2)")
     for line in verdict_lines(result.get("verdict")):

@@ -57,7 +57,7 @@ def result_record(cfg, adapter, data: dict, run: dict) -> dict:
         "concepts": cfg.concept_list(),
         "model": adapter.model_id,
         "model_label": model_label(adapter.model_id),
-        "method": "slug",
+        "method": (run["chooser_info"] or {}).get("edit_method", "slug"),  # a chooser's fallback may not be SLUG
         "verdict": run["verdict"],
         "layer": chosen.name,
         "group": chosen.group,

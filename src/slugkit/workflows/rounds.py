@@ -252,7 +252,7 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
                                   f"lowered the concept most within half of them): {str(e).split(';')[0]}", rnd))
                 continue
         infos.append(info)
-        edits.append(Edit(chosen, grads, "chosen by the generator-aware search" if rnd == 1 else
+        edits.append(Edit(chosen, grads, info.get("why", "chosen by the generator-aware search") if rnd == 1 else
                           f"{VALIDATED} (generator-aware search)", rnd,
                           searches if rnd > 1 else []))  # round 1's searches are the run's own (records.py)
         break

@@ -216,7 +216,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 llava, processor, mapping, adapter, targets, neighbours, evaluate, lambda eta, res: judged(
                     eta, res, threshold, other_budget, neighbour_budget, utility_budget), seed, progress)
             if chosen is not None:
-                info["policy"] = "SLUG refused; " + info["fallback"]["method"]
+                info.update(policy="SLUG refused; " + info["fallback"]["method"], edit_method="layer-finetune",
+                            why="fine-tuned after SLUG's search refused (--vlm-fallback finetune; not SLUG)")
                 grads.forget.update(g_ft)
                 return chosen, {**info, "step_size": 1.0, "clip_step_size": None}
         if chosen is None:
@@ -280,16 +281,17 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                  n_utility: int = TEST_UTILITY, search=None, seed: int = 0, threads: int | None = 1,
                  progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
                  max_searched: int | None = None, gradient: str = "clip", per_image: bool = False,
-                 n_protect: int | None = None, max_layers: int = 2,
+                 n_protect: int | None = None, max_layers: int | None = None,
                  name_prob: float | None = DEFAULT_NAME_PROB, fallback: str | None = None) -> dict:
     """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
     answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
     ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
     ``concepts`` are unlearned jointly (one edit). Raises ``KeyError`` for an unknown identity and
     :class:`~slugkit.slug.search.SearchFailed` when no step passes the VLM criteria (no folder written).
-    ``max_layers`` (1–3): when no layer has an accepted step, the closest step within half the budgets and up to
-    ``max_layers`` − 1 more layers (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer.
-    ``fallback="finetune"`` (needs ``max_layers`` 1; **not SLUG**): when SLUG's search refuses, a one-layer fine-tune
+    ``max_layers`` (1–3; default 2, 1 with ``fallback``): when no layer has an accepted step, the closest step
+    within half the budgets and up to ``max_layers`` − 1 more layers
+    (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer.
+    ``fallback="finetune"`` (``max_layers`` 1; **not SLUG**): when SLUG's search refuses, a one-layer fine-tune
     on the VLM's answers (:mod:`slugkit.workflows.vlm_layer_ft`) judged by the same criteria; a run it passes records
     ``method: "layer-finetune"`` in ``result.json`` and the patch, and says so in the report."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
@@ -302,6 +304,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from .verdict import Budgets, check_downstream_recognised, vlm_verdict
     from .world_runs import world_config
 
+    max_layers = max_layers or (1 if fallback else 2)
     check_fallback(fallback, max_layers)  # before the folder is claimed
     wanted = [concepts] if isinstance(concepts, str) else list(concepts or [default_concept()])
     targets = [world.identity_by_name(c).name for c in wanted]
@@ -364,9 +367,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             result["timing_s"]["load_model"] = result["timing_s"].get("load_model", 0.0) + t_load
             result["timing_s"].update(slug_total=t_slug, vlm_eval=time.perf_counter() - t,
                                       total=time.perf_counter() - t0)
-            finetuned = "accepted" in result.get("chooser", {}).get("fallback", {})
-            if finetuned:
-                result["method"] = "layer-finetune"  # not SLUG: the fallback's displacement is the edit
+            finetuned = result["method"] == "layer-finetune"  # not SLUG: the fallback's displacement is the edit
             _mark_patch(stage / "patch", result["verdict"], edit=(
                 f"theta <- theta + delta, delta: {METHOD} (slugkit.workflows.vlm_layer_ft; SLUG refused)" if finetuned
                 else "theta <- theta - step_size * g, g: the VLM's own answer-loss gradient projected off the other "
