@@ -83,6 +83,10 @@ def summary(rows: list[dict]) -> dict:
                    worst_identity_drop_median=statistics.median(wd), worst_identity_drop_worst=max(wd),
                    utility_drop_median=statistics.median(ud), utility_drop_worst=max(ud),
                    slowest_s=max(r["timing_s"]["wall"] for r in ran))
+    # --fallback: which method made each patch (SLUG's step or the labelled fine-tune), with its passes
+    out["by_method"] = {m: {"runs": sum(r.get("method", "slug") == m for r in ran),
+                            "passed": sum(r["passed"] for r in ran if r.get("method", "slug") == m)}
+                        for m in sorted({r.get("method", "slug") for r in ran})}
     return out
 
 
@@ -166,6 +170,9 @@ def main():
     print(f"{s['passed']}/{s['total']} runs pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
           f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
           f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
+    if set(s.get("by_method") or {}) - {"slug"}:  # a fallback ran: say which passes are not SLUG's
+        print("by method: " + "; ".join(f"{m} {v['passed']} of {v['runs']} passed"
+                                        for m, v in s["by_method"].items()))
     verdicts = [r["verdict"] for r in rows if r.get("verdict")]  # the demo's own verdict bounds the worst identity
     if verdicts:
         print("the demo's verdicts of the runs that wrote a patch (they bound the worst single identity too): "

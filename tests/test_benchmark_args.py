@@ -133,6 +133,20 @@ def test_the_sd_summary_names_the_worst_other_concept_of_every_run():
     assert s["worst_other"].startswith("cyan circle (unlearning red square)")
 
 
+def test_the_vlm_summary_splits_the_passes_by_the_method_that_made_the_patch():
+    """With --fallback, a pass by the fine-tune is not SLUG's: the summary counts each method's runs and passes
+    (the README's "2 by SLUG's own step, 7 by the fine-tune")."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import vlm_embedded
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "vlm_embedded_vlm_fallback.json").read_text())["rows"]
+    s = vlm_embedded.summary(rows)
+    assert s["by_method"] == {"layer-finetune": {"runs": 7, "passed": 7}, "slug": {"runs": 2, "passed": 2}}
+    assert (s["passed"], s["refused"], s["total"]) == (9, 1, 10)
+    old = json.loads((ROOT / "benchmarks" / "results" / "vlm_embedded_vlm_name_prob.json").read_text())["rows"]
+    assert vlm_embedded.summary(old)["by_method"] == {"slug": {"runs": 4, "passed": 4}}  # rows from before "method"
+
+
 def test_the_canvas_checks_read_within_10_points_as_at_most_10_below():
     """Issue 15's "style UA within 10 points of theirs": forgetting more than a baseline is not a miss (the paper's
     SLUG is 12 points below ESD's UA); 10.5 points below is. Time and storage ratios as the issue states them."""
