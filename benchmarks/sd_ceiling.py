@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import (ceiling_args, failed_checks, floats, ints, name_list, optimised, per_scope, run,  # noqa: E402
-                   scope_list, write_complete)
+from sweep import (ceiling_args, failed_checks, floats, ints, name_list, per_scope, run, scope_list,  # noqa: E402
+                   write_complete)
 
 TARGET_AFTER, OTHER_DROP, WORST_DROP, BATCH, N_FORGET = 0.10, 0.05, 0.20, 10, 20
 TRAIN_SEEDS = 500_000  # the forget images' seeds: disjoint from the scored images' (1000 x concept + i, i < --n)
@@ -56,6 +56,8 @@ def main():
     import torch
 
     from slugkit.common.files import write_json
+    from slugkit.slug.search import written
+    from slugkit.workflows.sd_layer_ft import finetune_conditioning
     from slugkit.world import t2i
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,67 +82,36 @@ def main():
         ap.error(f"--n {a.n}: at most 200 images per concept (each is a 20-step generation, twice)")
     torch.set_num_threads(a.threads)
     pipe, judge = t2i.EmbeddedT2IPipeline.load(), t2i.ConceptJudge()
-    te, unet, sched = pipe.text_encoder, pipe.unet, pipe.scheduler
+    te = pipe.text_encoder
     for s in scopes:
         try:
             scope_params(te, s)
         except ValueError as e:
             ap.error(f"--scopes: {e}")
-    te.requires_grad_(False)
-    unet.requires_grad_(False)
 
     plan = [(c, t2i.prompt_for(c, i), 1000 * k + i) for k, c in enumerate(names) for i in range(a.n)]
     t0 = time.perf_counter()
     before, images, _ = t2i.recognition(pipe, judge, plan)
     print(f"generated and judged {len(plan)} images before ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    def states(prompts):
-        return te(input_ids=pipe.tokenize(prompts)).last_hidden_state
-
-    with torch.no_grad():
-        null = states([""])
     rows = []
     for target in targets:
-        k = names.index(target)  # the forget images: the concept drawn by the unedited model with other seeds
-        x0 = pipe([t2i.prompt_for(target, i) for i in range(N_FORGET)],
-                  [TRAIN_SEEDS + 1000 * k + i for i in range(N_FORGET)]).float() / 127.5 - 1
-        t_prompts = [t2i.prompt_for(target, i) for i in range(8)]
-        o_prompts = [t2i.prompt_for(c, i) for c in names if c != target for i in range(8)] + [""]
-        with torch.no_grad():
-            h_t, h_o = states(t_prompts), states(o_prompts)
-        scale = h_o.pow(2).mean()
         for scope in scopes:
+            t1 = time.perf_counter()
             params = scope_params(te, scope)
-            with optimised(params, a.lr) as sc:  # restored on leaving
-                gen = torch.Generator().manual_seed(0)
-                t1 = time.perf_counter()
-                for step in range(a.steps):
-                    pick = torch.randperm(len(x0), generator=gen)[:BATCH]
-                    ts = torch.randint(0, sched.config.num_train_timesteps, (len(pick),), generator=gen)
-                    noise = torch.randn(x0[pick].shape, generator=gen)
-                    x_t = sched.add_noise(x0[pick], noise, ts)
-                    which = torch.randint(len(t_prompts), (len(pick),), generator=gen)
-                    with torch.no_grad():
-                        e_null = unet(x_t, ts, encoder_hidden_states=null.expand(len(pick), -1, -1)).sample
-                        e_c = unet(x_t, ts, encoder_hidden_states=h_t[which]).sample
-                        want = e_null - a.eta * (e_c - e_null)
-                    edited = unet(x_t, ts, encoder_hidden_states=states(t_prompts)[which]).sample
-                    forget = torch.nn.functional.mse_loss(edited, want)
-                    if step == 0:
-                        forget0 = forget.item()  # the forget loss is taken relative to where it starts
-                    forget = forget / forget0
-                    retain = (states(o_prompts) - h_o).pow(2).mean() / scale
-                    sc.step(forget + a.retain_weight * retain)
-                train_s = time.perf_counter() - t1
-                with torch.no_grad():
-                    moved = sc.moved()
-                    after, _, _ = t2i.recognition(pipe, judge, plan)
+            ft = finetune_conditioning(pipe, params, target, steps=a.steps, lr=a.lr, eta=a.eta,
+                                       retain_weight=a.retain_weight, n_forget=N_FORGET, batch=BATCH,
+                                       train_seed=TRAIN_SEEDS, progress=False)  # restores the encoder
+            with torch.no_grad(), written(te, {n: n for n in params},
+                                          {n: p.detach() + ft["delta"][n] for n, p in params.items()}):
+                after, _, _ = t2i.recognition(pipe, judge, plan)
+            moved, train_s, forget, retain = ft["relative_change"], ft["train_s"], *ft["final_loss"].values()
             drops = {c: before[c] - after[c] for c in names if c != target}
             worst = max(drops, key=drops.get)
             row = {"concept": target, "scope": scope, "params": sorted(params), "relative_change": moved,
                    "target": [before[target], after[target]], "mean_drop": statistics.mean(drops.values()),
                    "worst": {"concept": worst, "before": before[worst], "after": after[worst], "drop": drops[worst]},
-                   "final_loss": {"forget": forget.item(), "retain": retain.item()},
+                   "final_loss": {"forget": forget, "retain": retain},
                    "timing_s": {"train": train_s, "wall": time.perf_counter() - t1}}
             row["checks"] = {"target_after<=0.10": after[target] <= TARGET_AFTER + 1e-9,
                              "other_drop<=0.05": row["mean_drop"] <= OTHER_DROP + 1e-9,
@@ -150,7 +121,7 @@ def main():
             lost = f"worst {worst} lost {drops[worst]:.2f}" if drops[worst] > 0 else "no other concept lost"
             print(f"{target:16s} {scope:32s} recognised {before[target]:.2f}->{after[target]:.2f}  others' mean drop "
                   f"{row['mean_drop']:+.3f}  {lost}  {failed_checks(row['checks'])}  (losses: forget "
-                  f"{forget.item():.3f}, retain {retain.item():.4f})  {row['timing_s']['wall']:.0f} s", flush=True)
+                  f"{forget:.3f}, retain {retain:.4f})  {row['timing_s']['wall']:.0f} s", flush=True)
             if a.json:
                 write_json(a.json, {"rows": rows, "before": before, "options": vars(a), "complete": False})
     summary(rows, a.json, vars(a), before=before)

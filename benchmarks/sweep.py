@@ -173,47 +173,6 @@ def progress_off() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def optimised(params: dict, lr: float):
-    """Context manager for the ceiling scripts (``vlm_ceiling.py``, ``sd_ceiling.py``): ``params`` (``{name:
-    tensor}``) made trainable under a fresh Adam (``lr``). It yields a scope with ``step(loss)`` (one Adam step on
-    ``loss``), ``moved()`` (``{name: ||now - before|| / ||before||}``) and ``saved`` (the values before); on exit —
-    also on an error or Ctrl-C — the values are restored and the gradients switched off, so the next run starts from
-    the unedited model."""
-    import contextlib
-
-    import torch
-
-    class Scope:
-        def __init__(self):
-            self.saved = {n: p.detach().clone() for n, p in params.items()}
-            self.opt = torch.optim.Adam(params.values(), lr=lr)
-
-        def step(self, loss):
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-
-        @torch.no_grad()
-        def moved(self) -> dict:
-            return {n: float((p - self.saved[n]).norm() / self.saved[n].norm().clamp_min(1e-12))
-                    for n, p in params.items()}
-
-    @contextlib.contextmanager
-    def scope():
-        for p in params.values():
-            p.requires_grad_(True)
-        sc = Scope()
-        try:
-            yield sc
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.requires_grad_(False)
-                    p.copy_(sc.saved[n])
-
-    return scope()
-
-
 def scope_list(ap: argparse.ArgumentParser, text: str, example: str, flag: str = "--scopes") -> list[str]:
     """The ceiling scripts' comma list of parameter-name prefixes: an empty item or one given twice is refused (it ran
     the same edit twice, or dropped an item without a word); whether each names parameters is the script's check."""

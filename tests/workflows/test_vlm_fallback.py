@@ -121,7 +121,9 @@ def test_the_fallback_judges_the_fine_tuned_values_and_hands_back_the_first_acce
         llava, processor, mapping, ad, [world.IDENTITIES[0].name], ["Hasa Malwick"], evaluate,
         lambda eta, res: judged(eta, res, 0.05, 0.05, 0.2, 0.03), progress=False)
     assert chosen is None and g is None and "accepted" not in rec
-    said = vlm_layer_ft.finetune_refusal(rec)
+    from slugkit.workflows.layer_ft import finetune_refusal
+
+    said = finetune_refusal(rec, "--vlm-fallback finetune")
     assert "out_proj" in said and "did not pass either" in said
 
 

@@ -310,7 +310,7 @@ def validate_demo_sd(a) -> str | None:
         return "--null-space-energy needs --sd-step null-space (the slug step projects nothing)"
     if a.no_gen_search:  # the generator search's options ran without a word (trial 40)
         stray = [f"--{k.replace('_', '-')}" for k in ("val_images", "val_other", "val_neighbour", "neighbour_budget",
-                                                      "max_searched", "gen_threshold")
+                                                      "max_searched", "gen_threshold", "sd_fallback")
                  if getattr(a, k) != a.generator_defaults[k]]  # the parser's defaults
         if stray:
             return (f"{', '.join(stray)}: option(s) of the search on generated images, which --no-gen-search "

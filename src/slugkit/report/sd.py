@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .fallback import fallback_lines
+
 
 def render_generation_report(result: dict) -> str:
     g = result["generation"]
@@ -53,7 +55,12 @@ def render_generation_report(result: dict) -> str:
             lines += [f"| {L['layer']} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
                       f"{t['other_drop']:+.3f} | {_nb(t)} | {_accepted(t)} |"
                       for L in rd["generator_search"]["layers"] for t in L["trajectory"]]
-        if len(rounds) > 1:
+        finetuned = result.get("method") == "layer-finetune"
+        if finetuned:
+            lines += ["", f"No step above was accepted ({len(rounds)} round{'s' if len(rounds) > 1 else ''} of SLUG), "
+                      "so the edit is the fine-tune below, judged by the same criteria (`--sd-fallback finetune`, "
+                      "not SLUG)."]
+        elif len(rounds) > 1:
             lines += ["", "No single layer had an accepted step, so the closest step within half the budgets was kept "
                       "and the next round searched on the edited model (drops against the unedited pipeline; "
                       "`--max-layers 1` is the paper's single layer)."]
@@ -62,10 +69,15 @@ def render_generation_report(result: dict) -> str:
                       f"{gs['validation_per_neighbour']} validation images each; a step was accepted only if none "
                       f"lost more than {gs['neighbour_budget']:.0%}."]
         edits = result.get("layers_edited") or []
-        lines += ["", "Applied steps: " + "; ".join(f"round {e['round']}: `{e['layer']}` {e['step_size']:.4g}"
-                                                    for e in edits) + "." if len(edits) > 1 else
-                  f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
-                  f"{result['chooser']['clip_step_size']:.4g})."]
+        clip = result["chooser"].get("clip_step_size")
+        if finetuned:
+            lines += ["", *fallback_lines(result["chooser"])]
+        elif len(edits) > 1:
+            lines += ["", "Applied steps: " + "; ".join(f"round {e['round']}: `{e['layer']}` {e['step_size']:.4g}"
+                                                        for e in edits) + "."]
+        else:
+            lines += ["", f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
+                      + (f"{clip:.4g})." if clip is not None else "none: not a layer that forgot on CLIP).")]
     lines += ["", "In the CLIP table at the top of this report, \"other identities\" are the 29 other object concepts "
               "and \"utility\" the world's 60 identities (the SD demo unlearns an object concept).", "",
               "![before/after](generations.png)", "", *cost_lines(result, "generation_eval", "generation evaluation")]
@@ -124,7 +136,9 @@ def print_sd_summary(result: dict, out: str) -> None:
     b, a = g["before"], g["after"]
     print()
     edits = result.get("layers_edited") or [{"group": result["group"], "step_size": result["step_size"]}]
-    where = " + ".join(f"{', '.join(e['group'])} (step {e['step_size']:.4g})" for e in edits)
+    finetuned = result.get("method") == "layer-finetune"  # not SLUG (--sd-fallback finetune)
+    where = " + ".join(f"{', '.join(e['group'])} (" + ("the fine-tuned values" if finetuned else
+                                                        f"step {e['step_size']:.4g}") + ")" for e in edits)
     print(headline(result, "the embedded text-to-image pipeline", f"{where} of its CLIP text encoder"
                    + (f" ({len(edits)} layers: no single layer forgot within the budgets)" if len(edits) > 1 else "")))
     print("| generated images | before | after |")
@@ -136,11 +150,14 @@ def print_sd_summary(result: dict, out: str) -> None:
     print(f"| CLIP score | {b['clip_score']:.2f} | {a['clip_score']:.2f} |")
     if line := worst_line(g.get("collateral"), "concept"):
         print(line)
+    for line in fallback_lines(result.get("chooser") or {}):
+        print(line.replace("`", "").replace("**", ""))
     m = result["metrics"]
     print(f"CLIP (test): FA@1 {m['before']['forget_top1']:.3f} -> {m['after']['forget_top1']:.3f}, other concepts "
           f"top-1 {m['before']['related_top1']:.3f} -> {m['after']['related_top1']:.3f}")
     t = result["timing_s"]
-    print(f"time: SLUG {t['slug_total']:.1f} s, generation eval {t['generation_eval']:.1f} s; "
+    who = "SLUG + the fine-tune" if finetuned else "SLUG"
+    print(f"time: {who} {t['slug_total']:.1f} s, generation eval {t['generation_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
     print(outputs_line(out))
     for line in verdict_lines(result.get("verdict")):

@@ -80,14 +80,20 @@ def broke_the_model(verdict: dict | None) -> bool:
 
 
 # result["method"] -> who made the edit, for a headline and a report title (SLUG unless the run says otherwise)
-METHOD_WORDS = {"layer-finetune": "A one-layer fine-tune (NOT SLUG: SLUG's search refused; --vlm-fallback finetune)"}
+METHOD_WORDS = {"layer-finetune": "A one-layer fine-tune (NOT SLUG: SLUG's search refused; {option})"}
+
+
+def method_words(result: dict) -> str:
+    """Who made the edit: "SLUG", or e.g. the fine-tune fallback with the option that asked for it."""
+    option = ((result.get("chooser") or {}).get("fallback") or {}).get("option", "--vlm-fallback finetune")
+    return METHOD_WORDS.get(result.get("method"), "SLUG").format(option=option)
 FINETUNED = "the fine-tuned values (not a SLUG step)"
 
 
 def headline(result: dict, subject: str, edit: str) -> str:
     """The one line a run opens its summary with; it says "unlearned" only when the verdict is not ``fail``."""
     status = result.get("verdict", {}).get("status", "pass")
-    who = METHOD_WORDS.get(result.get("method"), "SLUG")
+    who = method_words(result)
     if broke_the_model(result.get("verdict")):
         return (f"{who} removed {result['concept']!r} from {subject} by editing {edit}, but the edit BROKE the model "
                 "(see the verdict); do not ship the patch")
@@ -314,7 +320,7 @@ def render_report(result: dict) -> str:
         "",
         *(f"**{x}**" if i == 0 else f"- {x}" for i, x in enumerate(verdict_lines(result.get("verdict")))),
         "",
-        f"Model: `{result['model_label']}` · method: {METHOD_WORDS.get(result.get('method'), 'SLUG')} · edit: "
+        f"Model: `{result['model_label']}` · method: {method_words(result)} · edit: "
         f"{edit_label(result)}",
         "",
         "## Before / after (held-out test images)",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .fallback import fallback_lines
 from .sd import cost_lines
 from .unlearn import outputs_line, worst_line
 
@@ -96,25 +97,6 @@ def search_criterion(chooser: dict) -> str:
     return (f"The VLM step search counted a validation image as naming the target (\"named or likely\") when its "
             f"answer names it or the VLM gives the full and the last name a summed probability >= {p:g} "
             "(`--vlm-name-prob`, a margin for unseen images; the test figures are the answers alone).")
-
-
-def fallback_lines(chooser: dict) -> list[str]:
-    """The ``--vlm-fallback finetune`` record (``chooser["fallback"]``, :mod:`slugkit.workflows.vlm_layer_ft`) in
-    words: whether the edit is the fine-tune (**not SLUG**) and each group it fine-tuned, with its validation
-    figures; [] when the run had no fallback."""
-    fb = chooser.get("fallback")
-    if not fb:
-        return []
-    head = (f"**Not SLUG: method layer-finetune.** SLUG's search refused, and the edit is a one-layer fine-tune on the "
-            f"VLM's answers (`--vlm-fallback finetune`: {fb['steps']} Adam steps at {fb['lr']:g}, the target's name "
-            f"pushed below {fb['tau']:g} on its pool images, the other identities' and the utility answers kept)"
-            if fb.get("accepted") else "SLUG's search refused, and the one-layer fine-tune did not pass either")
-    rows = [f"- fine-tuned `{' + '.join(t['group'])}` (relative change "
-            f"{max(t['relative_change'].values()):.3g}, {t['train_s']:.0f} s): named or likely "
-            f"{t['target_recognised']:.2f} on validation, others {-t['other_drop']:+.3f}, worst neighbour "
-            f"{t.get('worst_neighbour')} {-(t.get('neighbour_drop') or 0.0):+.2f}, utility {-t['utility_drop']:+.3f}"
-            + (" (accepted)" if t["accepted"] else "") for t in fb["tried"]]
-    return [head + ":", *rows]
 
 
 def _search_lines(layers: list[dict], likely: bool = False) -> list[str]:

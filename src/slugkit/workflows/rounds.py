@@ -221,8 +221,22 @@ def generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose,
     remaining candidates are ranked and searched, and ``choose(..., prior=edits)`` judges the next layer with every
     earlier edit applied, its budgets measured against the unedited pipeline. A run whose last round still refuses
     raises :class:`SearchFailed` (no patch; its ``info`` holds every round's record, as a refusal in round 1 carries
-    its own). Returns (edits, the chooser record: the last round's, with every
+    its own), unless ``choose`` has a ``fallback`` attribute (``fallback(error, adapter, round 1's gradients)`` →
+    ``(chosen, record)``, e.g. the SD chooser's ``--sd-fallback finetune``, not SLUG): then that makes the one edit
+    on the unedited model, or raises. Returns (edits, the chooser record: the last round's, with every
     round's under ``rounds`` when there are several)."""
+    try:
+        return _generator_rounds(cfg, adapter, data, first, val_before, choose, stages)
+    except SearchFailed as e:
+        fallback = getattr(choose, "fallback", None)  # e.g. --sd-fallback finetune: not SLUG, labelled as such
+        if fallback is None:
+            raise
+        grads = first[2]
+        chosen, info = fallback(e, adapter, grads)  # on the unedited model; raises SearchFailed when it fails too
+        return [Edit(chosen, grads, info["why"], 1)], info
+
+
+def _generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose, stages) -> tuple[list[Edit], dict]:
     searches, _, grads = first
     edits, infos = [], []
     for rnd in range(1, max(cfg.max_layers, 1) + 1):

@@ -48,10 +48,13 @@ import torch
 from ..common.files import atomic_write_bytes, write_json
 from ..common.runfolder import claim_out, run_folder
 from ..eval.generated import DEFAULT_N_NEIGHBOUR, collateral_of, image_grid, target_neighbours
+from ..report.fallback import fallback_lines
 from ..report.sd import render_generation_report
 from ..report.unlearn import clip_section, downstream_head
 from ..world import render as world
 from ..world import t2i
+from .layer_ft import FINETUNE_METHOD
+from .sd_layer_ft import METHOD as FT_METHOD
 from .sd_generator import concept_prompts, generation_metrics, generator_chooser, related_to, validation_plans
 from .verdict import Budgets, check_downstream_recognised, sd_verdict, verdict_fields
 
@@ -122,7 +125,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 budgets=None, neighbours_k: int | None = None, n_neighbour: int = DEFAULT_N_NEIGHBOUR,
                 val_neighbour: int = DEFAULT_N_NEIGHBOUR, neighbour_budget: float | None = None,
                 step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
-                max_searched: int | None = None, max_layers: int = 2) -> dict:
+                max_searched: int | None = None, max_layers: int = 2, fallback: str | None = None) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``
     with ``result.json → verdict`` judged on the generated images (:func:`slugkit.workflows.verdict.sd_verdict`:
     ``gen_threshold`` + ``budgets.forget_tolerance``, ``other_budget``, ``budgets.worst_drop``)
@@ -137,13 +140,20 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     Pareto layers that forgot; ``max_searched``: the generator search tries at most that many layers.
     ``max_layers`` (1–3): when no layer has an accepted step, the closest layer's partial step and up to
     ``max_layers`` − 1 more layers, each searched on the edited model
-    (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's single layer."""
+    (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's single layer. ``fallback="finetune"``
+    (**not SLUG**, needs the generator search): when every SLUG round refused, one Linear of the text encoder is
+    fine-tuned on the generator (:mod:`slugkit.workflows.sd_layer_ft`) and judged by the same validation criteria;
+    a passing edit is written as ``method: "layer-finetune"`` in ``result.json`` and the patch, and the report says
+    so."""
     from ..eval.collateral import NEIGHBOURS_K
     from ..slug.search import SearchConfig
     from ..world.demo_data import ensure_world_data
     from .unlearn import run_unlearn
 
     concept = t2i.concept_by_name(concept).name
+    if fallback not in (None, "finetune") or (fallback and not gen_search):
+        raise ValueError(f"fallback must be None or 'finetune' (judged on generated validation images: it needs the "
+                         f"generator search), got {fallback!r} with gen_search={gen_search}")
     gen_margin = DEFAULT_GEN_MARGIN if gen_margin is None else gen_margin
     budgets = budgets or Budgets()
     k = NEIGHBOURS_K if neighbours_k is None else neighbours_k
@@ -178,8 +188,9 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                                         val_neighbour=val_neighbour, neighbour_budget=neighbour_budget,
                                         step=step, null_energy=null_energy, null_layers=null_layers,
                                         max_searched=max_searched, max_layers=max_layers,
-                                        base_target=base_target, progress=progress)
-            result = run_unlearn(cfg, adapter=adapter, choose=chooser)  # writes into the temporary folder
+                                        base_target=base_target, fallback=fallback, progress=progress)
+            result = run_unlearn(cfg, adapter=adapter, choose=chooser,  # writes into the temporary folder
+                                 extra_run_info={"sd": {"step": step, "fallback": fallback}})
             t_slug = time.perf_counter() - t0
 
             t = time.perf_counter()
@@ -198,7 +209,11 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["generation"] = gen
             result["verdict"] = sd_verdict(concept, result["verdict"], gen["before"], gen["after"], gen_threshold,
                                            other_budget, budgets.forget_tolerance).to_json()
-            _mark_patch(stage / "patch", result["verdict"], step, downstream=downstream_record(
+            finetuned = result["method"] == FINETUNE_METHOD  # not SLUG: the fallback's displacement is the edit
+            _mark_patch(stage / "patch", result["verdict"], step, edit=(
+                f"theta <- theta + delta, delta: {FT_METHOD} (slugkit.workflows.sd_layer_ft; SLUG refused)"
+                if finetuned else None), **({"method": FINETUNE_METHOD} if finetuned else {}),
+                downstream=downstream_record(
                 "generated images", gen["before"]["generated_target_recognised"],
                 gen["after"]["generated_target_recognised"], gen["collateral"]))
             result["timing_s"]["load_model"] = result["timing_s"].get("load_model", 0.0) + t_load
@@ -207,6 +222,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["timing_s"]["total"] = time.perf_counter() - t0
             write_json(stage / "result.json", result)
             report = (downstream_head(result, "generated images'", "Generated images", "generator search")
+                      + "".join(line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
                       + clip_section((stage / "report.md").read_text(encoding="utf-8")) + _generation_report(result))
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result

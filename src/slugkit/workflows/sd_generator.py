@@ -11,7 +11,7 @@ from dataclasses import replace
 from ..common.progress import status
 from ..slug.search import SearchFailed, carried_edits, edited_consumer
 from ..world import t2i
-from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, partial_row
+from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, judged, partial_row
 from .sd_conditioning import (EXTRA_SHIFT_GOAL, NULL_LAYERS, concept_prompts, conditioning, extra_groups,
                               kept_prompts, matched_steps, null_space_forget, relative_shift, secant_log)
 
@@ -72,7 +72,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                       neighbours: list[str] = (), val_neighbour: int = 20, neighbour_budget: float | None = 0.20,
                       step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
                       max_searched: int | None = None, max_layers: int = 1, base_target: float | None = None,
-                      progress: bool = False):
+                      fallback: str | None = None, progress: bool = False):
     """A ``choose`` callback for :func:`slugkit.workflows.unlearn.run_unlearn` (module docstring, point 4).
 
     Layers are tried in order of conditioning-shift selectivity (``policy="shift"``: other / target shift;
@@ -103,7 +103,13 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
 
     ``choose(..., prior=edits)`` (round ≥ 2 of :func:`slugkit.workflows.rounds.generator_rounds`): ``edits`` are
     already applied to ``adapter.model``; their values are copied into the pipeline's text encoder for the round, and
-    every drop is measured against the **unedited** pipeline's validation recognition (kept from round 1)."""
+    every drop is measured against the **unedited** pipeline's validation recognition (kept from round 1).
+
+    ``fallback="finetune"`` (**not SLUG**): ``choose.fallback`` is set, so that when every round refused,
+    :func:`slugkit.workflows.rounds.generator_rounds` fine-tunes the Linears of
+    :func:`slugkit.workflows.sd_layer_ft.fallback_layers` in turn on the unedited model and keeps the first the same
+    validation criteria accept (its displacement as the edit, step 1; the record says ``edit_method:
+    layer-finetune``), or refuses with each try's row added to the message."""
     from types import SimpleNamespace
 
     from ..slug.nullspace import DEFAULT_ENERGY
@@ -116,11 +122,46 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
         raise ValueError(f"unknown null_layers {null_layers!r}: {' or '.join(NULL_LAYERS)}")
     if max_searched is not None and max_searched < 1:
         raise ValueError(f"max_searched must be >= 1 or None, got {max_searched}")
+    if fallback not in (None, "finetune"):
+        raise ValueError(f"unknown fallback {fallback!r}: None or 'finetune'")
     if null_layers != "front" and step != "null-space":
         raise ValueError(f"null_layers={null_layers!r} needs the null-space step (the SLUG step searches the Pareto "
                          "layers that forgot on CLIP)")
 
     state = {}  # the unedited pipeline's validation recognition, measured once (round 1)
+
+    tplan, oplan = validation_plans(target, neighbours, val_images, val_other, val_neighbour, seed)
+
+    def scorer(adapter, g_edit, group0):
+        """``evaluate(group, eta, g=None, scale=gen_margin)`` on the validation images: the target at η along ``g``
+        (default ``g_edit.forget``), the others at ``scale``·η (the step applied), drops against the unedited
+        pipeline (measured once, at η = 0 on ``group0``)."""
+        def recognised(plan, group, eta, g):
+            if group is None:  # the unedited pipeline
+                return t2i.recognition(pipe, judge, plan, gen_steps, guidance)[0]
+            with pipeline_edit(pipe, mapping, adapter, SimpleNamespace(forget=g_edit.forget if g is None else g),
+                               group, eta):
+                return t2i.recognition(pipe, judge, plan, gen_steps, guidance)[0]
+
+        if "base" not in state:
+            state["base"] = (recognised(tplan, group0, 0.0, None)[target] if base_target is None else base_target,
+                             recognised(oplan, group0, 0.0, None))
+        base_t, base_per = state["base"]
+        base_o = float(sum(base_per.values()) / len(base_per))
+
+        def evaluate(group, eta, g=None, scale=gen_margin):
+            rec_t = recognised(tplan, group, eta, g)[target]
+            per = recognised(oplan, group, eta * scale, g)
+            drops = {c: base_per[c] - per[c] for c in neighbours}
+            worst = max(neighbours, key=lambda c: (drops[c], -neighbours.index(c))) if neighbours else None
+            mean_drop = base_o - float(sum(per.values()) / len(per))
+            at = "," if scale == 1.0 else f"; at the step applied ({scale:g} × η = {eta * scale:.4g}):"
+            status(f"  step {eta:.4g}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}){at} others "
+                   f"{-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
+                   progress)  # the collateral is measured at the margin's step (the trial took it for η's)
+            return (rec_t, mean_drop) if worst is None else (rec_t, mean_drop, drops[worst], worst)
+
+        return evaluate
 
     def choose(searches, adapter, grads, val_before, clip_policy, prior=()):
         if not prior:  # round 1: nothing to carry (and no pipeline touched before the search needs it)
@@ -164,34 +205,9 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             chosen = replace(order[0], step_size=order[0].step_size * gen_margin)
             info.update(clip_step_size=clip_steps[order[0].name], step_size=chosen.step_size)
             return done(chosen)
-        tplan, oplan = validation_plans(target, neighbours, val_images, val_other, val_neighbour, seed)
-
-        def others(group, eta):
-            with pipeline_edit(pipe, mapping, adapter, g_edit, group, eta):
-                return t2i.recognition(pipe, judge, oplan, gen_steps, guidance)[0]
-
-        def tgt(group, eta):
-            with pipeline_edit(pipe, mapping, adapter, g_edit, group, eta):
-                return t2i.recognition(pipe, judge, tplan, gen_steps, guidance)[0][target]
-
-        if "base" not in state:
-            state["base"] = (tgt(order[0].group, 0.0) if base_target is None else base_target,
-                             others(order[0].group, 0.0))
+        evaluate = scorer(adapter, g_edit, order[0].group)
         base_t, base_per = state["base"]
         base_o = float(sum(base_per.values()) / len(base_per))
-
-        def evaluate(group, eta):
-            rec_t = tgt(group, eta)
-            per = others(group, eta * gen_margin)
-            drops = {c: base_per[c] - per[c] for c in neighbours}
-            worst = max(neighbours, key=lambda c: (drops[c], -neighbours.index(c))) if neighbours else None
-            mean_drop = base_o - float(sum(per.values()) / len(per))
-            at = "," if gen_margin == 1.0 else f"; at the step applied ({gen_margin:g} × η = {eta * gen_margin:.4g}):"
-            status(f"  step {eta:.4g}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}){at} others "
-                   f"{-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
-                   progress)  # the collateral is measured at the margin's step (the trial took it for η's)
-            return (rec_t, mean_drop) if worst is None else (rec_t, mean_drop, drops[worst], worst)
-
         searched, chosen = [], None
         for k, layer in enumerate(order[:max_searched]):
             status(f"round {rnd}: generator step search on {layer.name} ({k + 1} of "
@@ -233,6 +249,30 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
         info["step_size"] = chosen.step_size
         return done(chosen)
 
+    def finetune_after(err, adapter, grads):
+        """``choose.fallback`` (``--sd-fallback finetune``): every SLUG round refused (``err``); the pipeline and
+        ``adapter.model`` are unedited again. Returns ``(chosen, record)`` and writes the fine-tune's −delta into
+        ``grads.forget``, or raises :class:`SearchFailed` with ``err``'s message and each try's row."""
+        from .layer_ft import FINETUNE_METHOD, finetune_refusal
+        from .sd_layer_ft import METHOD, finetune_fallback
+
+        info = {**(getattr(err, "info", None) or {}), "refusal": str(err)}
+        chosen, g, info["fallback"] = finetune_fallback(
+            pipe, mapping, adapter, target, scorer(adapter, grads, None), lambda eta, res: judged(
+                eta, res, threshold, other_budget, neighbour_budget), seed=seed, gen_steps=gen_steps,
+            guidance=guidance, progress=progress)
+        if chosen is None:
+            refused = SearchFailed(f"{err}{finetune_refusal(info['fallback'], '--sd-fallback finetune')}")
+            refused.info = info
+            raise refused from err
+        grads.forget.update(g)
+        info.update(policy="SLUG refused; " + METHOD, edit_method=FINETUNE_METHOD, step_size=1.0,
+                    clip_step_size=None,
+                    why="fine-tuned after SLUG's search refused (--sd-fallback finetune; not SLUG)")
+        return chosen, info
+
+    if fallback:
+        choose.fallback = finetune_after
     return choose
 
 

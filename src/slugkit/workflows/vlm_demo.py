@@ -46,7 +46,8 @@ from ..world import vlm
 from ..world.vlm_train import name_probability
 from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, judged
 from .vlm_eval import scored_before_after, vlm_metrics
-from .vlm_layer_ft import METHOD, check_fallback, finetune_fallback, finetune_refusal
+from .layer_ft import check_fallback, finetune_refusal
+from .vlm_layer_ft import METHOD, finetune_fallback
 from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
 
 DEFAULT_VAL_IMAGES = 10  # the paper's 10-image subset per identity
@@ -242,7 +243,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                    if neighbour_budget is not None and neighbours else "")
                 + f" and utility <= {utility_budget:.0%}{why_not}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}"
-                + (finetune_refusal(info["fallback"]) if "fallback" in info else "") + "; try "
+                + (finetune_refusal(info["fallback"], "--vlm-fallback finetune") if "fallback" in info else "")
+                + "; try "
                 + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
                 + ("--vlm-name-prob (a larger P, or off: a looser target criterion, which the test images may not "
                    "bear out), " if name_prob is not None else "")
@@ -296,7 +298,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     ``method: "layer-finetune"`` in ``result.json`` and the patch, and says so in the report."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
     from ..report.unlearn import clip_section, downstream_head
-    from ..report.vlm import fallback_lines, render_vlm_report
+    from ..report.fallback import fallback_lines
+    from ..report.vlm import render_vlm_report
     from ..integrations.llava import consumed_vision_candidates, verify_vision_tower
     from ..world.demo_data import default_concept
     from .sd_demo import _mark_patch, downstream_record

@@ -150,14 +150,6 @@ def finetune_answers(llava, processor, params: dict, targets: list[str], look_al
 FT_LAYERS = 2  # groups fine-tuned in turn when SLUG refuses (fallback_layers)
 
 
-def check_fallback(fallback: str | None, max_layers: int) -> None:
-    """``ValueError`` unless ``fallback`` is None or ``"finetune"`` with ``max_layers`` 1 (the fine-tune takes the
-    second SLUG layer's place: a run does one or the other)."""
-    if fallback not in (None, "finetune") or (fallback and max_layers > 1):
-        raise ValueError(f"fallback must be None or 'finetune' (with max_layers 1: it takes the second layer's "
-                         f"place), got {fallback!r} with max_layers {max_layers}")
-
-
 def fallback_layers(names: list[str], k: int = FT_LAYERS) -> list[str]:
     """The candidate tensors (``names``: the CLIP's names the VLM reads) whose groups the fallback fine-tunes, in
     turn: in the deepest block among them, the MLP's input projection (its group: fc1 + fc2), then the attention
@@ -178,42 +170,19 @@ def finetune_fallback(llava, processor, mapping: dict, adapter, targets: list[st
     """``slug demo --target vlm --vlm-fallback finetune``: after SLUG's search refused, fine-tune the groups of
     :func:`fallback_layers` (``adapter``: the CLIP, its candidates the layers the VLM reads) in turn with
     :func:`finetune_answers` (``neighbours`` as the look-alikes; ``kw`` its options) and judge each exactly as the
-    search judges a SLUG step, on the validation images: ``judge(1, evaluate(group, 1, g, 1))`` (the target and the
-    collateral both at the fine-tuned values; the fine-tune's own margin is ``tau``, 1 %, below the search's name
-    criterion). ``mapping``: CLIP name → VLM name. Returns ``(chosen, g, record)``: the first accepted group as a
-    :class:`~slugkit.slug.search.LayerSearch` with ``step_size`` 1 and ``g`` ``{CLIP name: −delta}`` (θ − 1·g is the
-    fine-tuned value, what the patch stores), or ``(None, None, record)``; ``record`` holds every tried group's row
-    (the validation figures, relative change, losses, seconds)."""
-    from ..slug.search import LayerSearch
+    search judges a SLUG step, on the validation images (:func:`slugkit.workflows.layer_ft.try_finetunes`; the
+    fine-tune's own margin is ``tau``, 1 %, below the search's name criterion). ``mapping``: CLIP name → VLM name.
+    Returns ``(chosen, g, record)``: the first accepted group as a :class:`~slugkit.slug.search.LayerSearch` with
+    ``step_size`` 1 and ``g`` ``{CLIP name: −delta}``, or ``(None, None, record)``; ``record`` holds every tried
+    group's row (the validation figures, relative change, losses, seconds)."""
+    from .layer_ft import try_finetunes
 
-    params = dict(llava.named_parameters())
-    clip_params = dict(adapter.model.named_parameters())
     opts = {"steps": FT_STEPS, "lr": FT_LR, "tau": FT_TAU, "retain_weight": FT_RETAIN_WEIGHT, **kw}  # read now
-    rec = {"method": METHOD, **opts, "look_alikes": list(neighbours), "seed": seed, "tried": []}
-    for name in fallback_layers(adapter.candidate_names(), layers):
-        group = adapter.group_of(name)
-        status(f"SLUG refused: fine-tuning {' + '.join(group)} on the VLM's answers (--vlm-fallback finetune, not "
-               "SLUG)", progress)
-        ft = finetune_answers(llava, processor, {mapping[n]: params[mapping[n]] for n in group}, targets,
-                              neighbours, seed=seed, progress=progress, **opts)
-        g = {n: -ft["delta"][mapping[n]] for n in group}
-        row, _, _ = judge(1.0, evaluate(group, 1.0, g, 1.0))
-        rec["tried"].append({"layer": name, "group": group, **row,
-                             "relative_change": {n: ft["relative_change"][mapping[n]] for n in group},
-                             "final_loss": ft["final_loss"], "train_s": ft["train_s"], "data": ft["data"]})
-        if row["accepted"]:
-            rec["accepted"] = name
-            tower = adapter.tower_of(name)
-            ratio = float(clip_params[name].detach().float().norm()) / max(float(g[name].float().norm()), 1e-30)
-            return LayerSearch(name, group, tower, ratio, depth=adapter.stage_index(tower, name), accepted_step=1.0,
-                               step_size=1.0, val_metrics={}), g, rec
-    return None, None, rec
-
-
-def finetune_refusal(rec: dict) -> str:
-    """The refusal's clause for a fallback that did not pass either (``rec``: :func:`finetune_fallback`'s record)."""
-    from .gen_search import described
-
-    rows = "; ".join(described(r["layer"], r) for r in rec["tried"]) or "no group to fine-tune"
-    return (f"; the one-layer fine-tune (--vlm-fallback finetune, step 1 = the fine-tuned values) did not pass "
-            f"either: {rows}")
+    rec = {"method": METHOD, **opts, "look_alikes": list(neighbours), "seed": seed, "tried": [],
+           "option": "--vlm-fallback finetune",
+           "summary": f"on the VLM's answers ({opts['steps']} Adam steps at {opts['lr']:g}, the target's name pushed "
+                      f"below {opts['tau']:g} on its pool images, the other identities' and the utility answers kept)"}
+    groups = [adapter.group_of(n) for n in fallback_layers(adapter.candidate_names(), layers)]
+    return try_finetunes(adapter, llava, mapping, groups, lambda params: finetune_answers(
+        llava, processor, params, targets, neighbours, seed=seed, progress=progress, **opts), evaluate, judge, rec,
+        "the VLM's answers (--vlm-fallback finetune)", progress)

@@ -1,0 +1,29 @@
+"""The labelled fine-tune fallbacks (``--vlm-fallback finetune``, ``--sd-fallback finetune``; not SLUG) in words,
+for the console summary and ``report.md`` (``result.json → chooser.fallback``: :mod:`slugkit.workflows.layer_ft`)."""
+
+from __future__ import annotations
+
+
+def fallback_lines(chooser: dict) -> list[str]:
+    """Whether the edit is the fine-tune (**not SLUG**) and each group it fine-tuned, with its validation figures;
+    [] when the run had no fallback. Records written before ``option`` / ``summary`` existed are the VLM's."""
+    fb = chooser.get("fallback")
+    if not fb:
+        return []
+    option = fb.get("option", "--vlm-fallback finetune")
+    summary = fb.get("summary") or (
+        f"on the VLM's answers ({fb['steps']} Adam steps at {fb['lr']:g}, the target's name pushed below "
+        f"{fb['tau']:g} on its pool images, the other identities' and the utility answers kept)")
+    head = (f"**Not SLUG: method layer-finetune.** SLUG's search refused, and the edit is a one-layer fine-tune "
+            f"{summary} (`{option}`)" if fb.get("accepted") else
+            f"SLUG's search refused, and the one-layer fine-tune (`{option}`) did not pass either")
+    rows = []
+    for t in fb["tried"]:
+        said = "named or likely" if "utility_drop" in t else "recognised"
+        rows.append(f"- fine-tuned `{' + '.join(t['group'])}` (relative change {max(t['relative_change'].values()):.3g}"
+                    f", {t['train_s']:.0f} s): {said} {t['target_recognised']:.2f} on validation, others "
+                    f"{-t['other_drop']:+.3f}, worst neighbour {t.get('worst_neighbour')} "
+                    f"{-(t.get('neighbour_drop') or 0.0):+.2f}"
+                    + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
+                    + (" (accepted)" if t["accepted"] else ""))
+    return [head + ":", *rows]

@@ -1,0 +1,61 @@
+"""The part of the labelled fine-tune fallbacks (``slug demo --target vlm --vlm-fallback finetune``,
+``--target sd --sd-fallback finetune``; **not SLUG**) that does not depend on the downstream model: fine-tune the
+candidate groups in turn, judge each exactly as the downstream search judges a SLUG step, keep the first accepted
+as a step-1 edit. The optimisers are :mod:`slugkit.workflows.vlm_layer_ft` (the VLM's answers) and
+:mod:`slugkit.workflows.sd_layer_ft` (the generator)."""
+
+from __future__ import annotations
+
+from ..common.progress import status
+
+FINETUNE_METHOD = "layer-finetune"  # result.json's and the patch's "method" for such an edit
+
+
+def try_finetunes(adapter, consumer, mapping: dict, groups: list[list[str]], optimise, evaluate, judge, rec: dict,
+                  what: str, progress: bool = True) -> tuple:
+    """Fine-tune each group of ``groups`` (lists of the CLIP's tensor names) in turn: ``optimise({consumer name:
+    parameter})`` returns the optimiser's record (``delta``: consumer name → θ_ft − θ, ``relative_change``,
+    ``final_loss``, ``train_s``, ``data``) with the consumer restored, and ``judge(1, evaluate(group, 1, g, 1))``
+    judges the edit θ − 1·g with ``g = −delta`` (``mapping``: CLIP name → ``consumer``'s name) as a SLUG step is
+    judged: the target and the collateral both at the fine-tuned values. Every try's row (validation figures,
+    relative change, losses, seconds) is appended to ``rec["tried"]``; the first accepted group's first tensor is
+    ``rec["accepted"]``. Returns ``(chosen, g, rec)``: a :class:`~slugkit.slug.search.LayerSearch` with
+    ``step_size`` 1 and ``g`` ``{CLIP name: −delta}`` (θ − 1·g is the fine-tuned value, what the patch stores), or
+    ``(None, None, rec)`` when none is accepted."""
+    from ..slug.search import LayerSearch
+
+    params = dict(consumer.named_parameters())
+    clip_params = dict(adapter.model.named_parameters())
+    rec.setdefault("tried", [])
+    for group in groups:
+        status(f"SLUG refused: fine-tuning {' + '.join(group)} on {what} (not SLUG)", progress)
+        ft = optimise({mapping[n]: params[mapping[n]] for n in group})
+        g = {n: -ft["delta"][mapping[n]] for n in group}
+        row, _, _ = judge(1.0, evaluate(group, 1.0, g, 1.0))
+        rec["tried"].append({"layer": group[0], "group": group, **row,
+                             "relative_change": {n: ft["relative_change"][mapping[n]] for n in group},
+                             "final_loss": ft["final_loss"], "train_s": ft["train_s"], "data": ft["data"]})
+        if row["accepted"]:
+            name = rec["accepted"] = group[0]
+            tower = adapter.tower_of(name)
+            ratio = float(clip_params[name].detach().float().norm()) / max(float(g[name].float().norm()), 1e-30)
+            return LayerSearch(name, group, tower, ratio, depth=adapter.stage_index(tower, name), accepted_step=1.0,
+                               step_size=1.0, val_metrics={}), g, rec
+    return None, None, rec
+
+
+def finetune_refusal(rec: dict, option: str) -> str:
+    """The refusal's clause for a fallback that did not pass either (``rec``: :func:`try_finetunes`' record,
+    ``option``: e.g. ``"--vlm-fallback finetune"``)."""
+    from .gen_search import described
+
+    rows = "; ".join(described(r["layer"], r) for r in rec["tried"]) or "no group to fine-tune"
+    return f"; the one-layer fine-tune ({option}, step 1 = the fine-tuned values) did not pass either: {rows}"
+
+
+def check_fallback(fallback: str | None, max_layers: int, option: str = "fallback") -> None:
+    """``ValueError`` unless ``fallback`` is None or ``"finetune"`` with ``max_layers`` 1 (the fine-tune takes the
+    second SLUG layer's place: a run does one or the other)."""
+    if fallback not in (None, "finetune") or (fallback and max_layers > 1):
+        raise ValueError(f"{option} must be None or 'finetune' (with max_layers 1: it takes the second layer's "
+                         f"place), got {fallback!r} with max_layers {max_layers}")

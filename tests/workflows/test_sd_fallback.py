@@ -1,0 +1,214 @@
+"""``slug demo --target sd --sd-fallback finetune``: the labelled one-Linear fine-tune (not SLUG) when every SLUG
+round refuses (:mod:`slugkit.workflows.sd_layer_ft`, :mod:`slugkit.workflows.layer_ft`)."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+FC1 = "text_model.encoder.layers.{}.mlp.fc1.weight"
+
+
+def test_fallback_layers_are_fc1_of_layers_2_3_1_each_alone():
+    from slugkit.workflows.sd_layer_ft import fallback_layers
+
+    names = [f"text_model.encoder.layers.{i}.{t}" for i in range(4)
+             for t in ("self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")]
+    assert fallback_layers(names) == [FC1.format(2), FC1.format(3), FC1.format(1)]
+    assert fallback_layers([n for n in names if "layers.3" not in n]) == [FC1.format(2), FC1.format(1)]
+    assert fallback_layers(["text_model.encoder.layers.0.mlp.fc1.weight"]) == []  # none: nothing to try
+
+
+def _pipe():
+    from slugkit.workflows.sd_demo import _clip_and_pipeline
+
+    return _clip_and_pipeline(None)
+
+
+def test_the_fine_tune_is_deterministic_restores_the_encoder_and_moves_only_its_linear():
+    from slugkit.patch import tensor_sha256
+    from slugkit.workflows.sd_layer_ft import finetune_conditioning
+
+    adapter, pipe, mapping, judge = _pipe()
+    te = pipe.text_encoder
+    before = {n: tensor_sha256(p) for n, p in te.named_parameters()}
+    flags = {n: p.requires_grad for n, p in te.named_parameters()}
+    name = mapping[FC1.format(2)]
+    params = {name: dict(te.named_parameters())[name]}
+    kw = dict(steps=3, lr=0.05, n_forget=4, batch=2, gen_steps=4, progress=False)
+    a = finetune_conditioning(pipe, params, "red triangle", **kw)
+    b = finetune_conditioning(pipe, params, "red triangle", **kw)
+    assert {n: tensor_sha256(p) for n, p in te.named_parameters()} == before  # restored bit for bit
+    assert {n: p.requires_grad for n, p in te.named_parameters()} == flags
+    assert list(a["delta"]) == [name] and torch.equal(a["delta"][name], b["delta"][name])  # deterministic
+    assert a["relative_change"][name] > 0 and a["final_loss"] == b["final_loss"]
+    assert a["data"]["retain_prompts"] == 29 * 8 + 1
+    # the edit moves the concept's text states more than the others' (what the two losses ask for)
+    from slugkit.slug.search import written
+
+    ids_t = pipe.tokenize(["a red triangle"])
+    ids_o = pipe.tokenize(["a blue circle"])
+    with torch.no_grad():
+        h_t, h_o = te(input_ids=ids_t).last_hidden_state, te(input_ids=ids_o).last_hidden_state
+        with written(te, {name: name}, {name: params[name].detach() + a["delta"][name]}):
+            s_t = (te(input_ids=ids_t).last_hidden_state - h_t).norm() / h_t.norm()
+            s_o = (te(input_ids=ids_o).last_hidden_state - h_o).norm() / h_o.norm()
+    assert s_t > s_o
+    for bad in ({"steps": 0}, {"n_forget": 0}, {"eta": -1.0}):
+        with pytest.raises(ValueError, match="finetune_conditioning"):
+            finetune_conditioning(pipe, params, "red triangle", **{**kw, **bad})
+    with pytest.raises(ValueError, match="no parameters"):
+        finetune_conditioning(pipe, {}, "red triangle", **kw)
+    assert {n: tensor_sha256(p) for n, p in te.named_parameters()} == before
+
+    class Interrupted(torch.optim.Adam):  # a run stopped mid-way (an error, Ctrl-C) leaves the encoder as it was
+        def step(self, *a, **k):
+            super().step(*a, **k)
+            raise KeyboardInterrupt
+
+    from slugkit.workflows import sd_layer_ft
+
+    sd_layer_ft.torch.optim.Adam, adam = Interrupted, torch.optim.Adam
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune_conditioning(pipe, params, "red triangle", **kw)
+    finally:
+        sd_layer_ft.torch.optim.Adam = adam
+    assert {n: tensor_sha256(p) for n, p in te.named_parameters()} == before
+    assert {n: p.requires_grad for n, p in te.named_parameters()} == flags
+
+
+@pytest.mark.slow
+def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, monkeypatch, capsys):
+    """End to end with the real fine-tune (3 steps at a large rate), SLUG's generator search made to refuse and the
+    collateral budgets open: result.json, the patch, the report and the console say ``layer-finetune``; the patch
+    holds the fine-tuned values of one Linear."""
+    from slugkit.cli import main
+    from slugkit.patch import load_patch
+    from slugkit.workflows import sd_generator, sd_layer_ft
+    from slugkit.world.demo_data import ensure_world_data
+
+    monkeypatch.setattr(sd_generator, "generator_step_search", lambda *a, **k: ([], None))
+    for k, v in {"FT_STEPS": 10, "FT_LR": 0.02, "FT_ETA": 3.0, "N_FORGET": 4, "BATCH": 2}.items():
+        monkeypatch.setattr(sd_layer_ft, k, v)  # a fine-tune of seconds that halves the concept (measured)
+    out = tmp_path / "ft"
+    rc = main(["demo", "--target", "sd", "--sd-fallback", "finetune", "--out", str(out), "--data-dir",
+               str(ensure_world_data(None, progress=False)), "--no-progress", "--n-target", "8", "--n-other", "1",
+               "--gen-steps", "10", "--val-images", "8", "--other-budget", "1", "--n-neighbour", "3",
+               "--val-neighbour", "3", "--neighbour-budget", "1", "--worst-budget", "off", "--gen-threshold", "0.6"])
+    res = json.loads((out / "result.json").read_text())
+    assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
+    fb = res["chooser"]["fallback"]
+    tried = fb["tried"]
+    assert [t["layer"] for t in tried] == [FC1.format(i) for i in (2, 3, 1)][:len(tried)]  # in turn, each alone
+    assert [t["accepted"] for t in tried] == [False] * (len(tried) - 1) + [True]
+    assert all(t["target_recognised"] > 0.6 for t in tried[:-1]) and tried[-1]["target_recognised"] <= 0.6
+    assert res["method"] == "layer-finetune" and res["layer"] == fb["accepted"] == tried[-1]["layer"]
+    assert res["step_size"] == 1.0 and res["group"] == [res["layer"]] and fb["steps"] == 10
+    assert res["chooser"]["policy"].startswith("SLUG refused; one-Linear fine-tune")
+    assert "not SLUG" in res["layers_edited"][0]["why"] and len(res["layers_edited"]) == 1
+    patch = load_patch(out / "patch")
+    assert patch.meta["method"] == "layer-finetune" and "not SLUG" in patch.meta["extra"]["edit"]
+    assert patch.names == [res["layer"]]  # one Linear, at the fine-tuned values
+    moved = float((patch.patched[res["layer"]] - patch.original[res["layer"]]).norm()
+                  / patch.original[res["layer"]].norm())
+    assert abs(moved - tried[-1]["relative_change"][res["layer"]]) < 1e-4 * max(moved, 1)
+    report = (out / "report.md").read_text()
+    assert "**Not SLUG: method layer-finetune.**" in report.split("## ")[0]  # at the top, before any section
+    assert "(`--sd-fallback finetune`)" in report and f"fine-tuned `{res['layer']}`" in report
+    assert "method: A one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune)" in report
+    assert "Applied step" not in report and "Cost of the whole run: SLUG + the fine-tune" in report
+    said = capsys.readouterr().out
+    assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune) unlearned" in said
+    assert "(the fine-tuned values)" in said and "time: SLUG + the fine-tune" in said
+    assert json.loads((out / "run.json").read_text())["sd"]["fallback"] == "finetune"
+
+
+def _constructed(monkeypatch, forgets: str | None):
+    """The constructed two-round case of ``test_sd_rounds`` (SLUG's steps cannot forget within the budgets, a second
+    layer neither) with the fine-tune faked: it moves its Linear by half its norm, and the stand-in generator stops
+    drawing the concept when the Linear ``forgets`` has moved (None: none does)."""
+    from test_sd_rounds import _cfg, _setup
+
+    from slugkit.slug.search import SearchFailed  # noqa: F401
+    from slugkit.workflows import sd_layer_ft
+    from slugkit.workflows.sd_demo import embedded_hf_adapter
+
+    ad = embedded_hf_adapter()
+    sg, pipe, mapping, base, stages, kw, first, _ = _setup(ad, monkeypatch, harm_b=3.0)
+    monkeypatch.setattr(ad, "candidate_names", lambda: [n for n, _ in ad.model.named_parameters()
+                                                        if n.startswith("text_model.encoder.layers.")])
+    slug_recognition = sg.t2i.recognition
+    unedited = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters() if "fc1.weight" in n}
+
+    def recognition(pipe_, judge, plan, *args, **kw_):
+        rec, _, _ = slug_recognition(pipe_, judge, plan)
+        if forgets is not None and not torch.equal(dict(pipe.text_encoder.named_parameters())[forgets],
+                                                   unedited[forgets]):
+            rec = {c: 0.0 if c == "red triangle" else r for c, r in rec.items()}
+        return rec, None, None
+
+    monkeypatch.setattr(sg.t2i, "recognition", recognition)
+    calls = []
+
+    def fake(pipe_, params, target, **k):
+        calls.append((list(params), k["steps"]))
+        return {"delta": {n: -0.5 * p.detach().clone() for n, p in params.items()},
+                "relative_change": {n: 0.5 for n in params}, "final_loss": {"forget": 0.1, "retain": 0.01},
+                "train_s": 0.0, "data": {}}
+
+    monkeypatch.setattr(sd_layer_ft, "finetune_conditioning", fake)
+    chooser = sg.generator_chooser("red triangle", pipe, None, mapping, max_layers=2, fallback="finetune", **kw)
+    return ad, pipe, base, stages, first, chooser, calls, _cfg(2)
+
+
+def test_every_refused_slug_round_then_the_fine_tune_in_turn_on_the_unedited_model(monkeypatch):
+    from slugkit.workflows.rounds import generator_rounds
+
+    ad, pipe, base, stages, first, chooser, calls, cfg = _constructed(monkeypatch, FC1.format(3))
+    edits, info = generator_rounds(cfg, ad, {"val_suite": None}, first, {}, chooser, stages)
+    assert [c[0] for c in calls] == [[FC1.format(2)], [FC1.format(3)]]  # in turn, each alone; layer 3's forgets
+    assert len(edits) == 1 and edits[0].search.name == FC1.format(3) and edits[0].search.group == [FC1.format(3)]
+    assert edits[0].search.step_size == 1.0 and abs(edits[0].search.step_size / edits[0].search.ratio - 0.5) < 1e-6
+    w = dict(ad.model.named_parameters())[FC1.format(3)].detach()
+    assert torch.equal(edits[0].grads.forget[FC1.format(3)], 0.5 * w)  # θ − 1·g = the fine-tuned value, θ/2
+    assert info["edit_method"] == "layer-finetune" and "not SLUG" in edits[0].why and info["step_size"] == 1.0
+    assert info["refusal"].startswith("2 rounds of layer edits did not forget") and len(info["rounds"]) == 2
+    assert [t["accepted"] for t in info["fallback"]["tried"]] == [False, True]
+    # every SLUG edit was taken back before the fine-tune: the pipeline is the unedited one again
+    assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
+
+
+def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch):
+    from slugkit.slug.search import SearchFailed
+    from slugkit.workflows.rounds import generator_rounds
+
+    ad, pipe, base, stages, first, chooser, calls, cfg = _constructed(monkeypatch, None)
+    with pytest.raises(SearchFailed, match=r"2 rounds of layer edits .*the one-layer fine-tune \(--sd-fallback "
+                                           r"finetune, step 1 = the fine-tuned values\) did not pass either: "
+                                           r"layers\.2\.mlp\.fc1\.weight step 1: concept recognised 1\.00.*"
+                                           r"layers\.1\.mlp\.fc1\.weight") as err:
+        generator_rounds(cfg, ad, {"val_suite": None}, first, {}, chooser, stages)
+    assert len(err.value.info["fallback"]["tried"]) == 3 and "accepted" not in err.value.info["fallback"]
+    assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
+
+
+def test_the_fallback_is_refused_where_it_could_not_run(tmp_path, capsys):
+    from slugkit.cli import main
+    from slugkit.workflows.sd_demo import run_sd_demo
+    from slugkit.workflows.sd_generator import generator_chooser
+
+    with pytest.raises(ValueError, match="fallback"):
+        generator_chooser("red triangle", None, None, {}, fallback="retrain")
+    for bad in ({"fallback": "retrain"}, {"fallback": "finetune", "gen_search": False}):
+        with pytest.raises(ValueError, match="fallback"):
+            run_sd_demo("red triangle", tmp_path / "r", **bad)
+    cases = [(["--target", "sd", "--sd-fallback", "finetune", "--no-gen-search"], "--sd-fallback: option(s) of the "
+              "search on generated images, which --no-gen-search turns off"),
+             (["--target", "vlm", "--sd-fallback", "finetune"], "--sd-fallback: option(s) of --target sd"),
+             (["--sd-fallback", "finetune"], "--sd-fallback: option(s) of --target sd")]
+    for args, said in cases:
+        assert main(["demo", *args, "--out", str(tmp_path / "c")]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
