@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, counts, floats, folder, guarded_run, ints, json_out, name_list, run,  # noqa: E402
-                   seed_type, unfinished_line)
+from sweep import (add_json, by_method, by_method_line, counts, floats, folder, guarded_run, ints,  # noqa: E402
+                   json_out, name_list, run, seed_type, unfinished_line)
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {
@@ -62,13 +62,14 @@ def run_one(concept: str, a) -> dict:
         val_neighbour=a.val_neighbour, neighbour_budget=a.neighbour_budget, other_budget=a.other_budget,
         selection=a.selection, step=a.step, null_energy=a.null_space_energy, null_layers=a.null_space_layers,
         max_searched=a.max_searched, max_layers=a.max_layers, neighbours_k=a.neighbours_k, val_other=a.val_other,
-        seed=a.seed, threads=a.threads, progress=False))
+        seed=a.seed, threads=a.threads, fallback=a.fallback, progress=False))
     if row is not None:
         return row
     g, c = r["generation"], r["generation"]["collateral"]
     nbs = c["neighbours"]["concepts"]
     checks = {k: bool(f(g, c)) for k, f in CHECKS.items()}
-    return {"concept": concept, "layer": r["layer"], "group": r["group"], "step_size": r["step_size"],
+    return {"concept": concept, "method": r["method"], "layer": r["layer"], "group": r["group"],
+            "step_size": r["step_size"],
             "layers_edited": r.get("layers_edited") or [], "step": r["chooser"].get("step", "slug"),
             "clip_step_size": r["chooser"]["clip_step_size"],
             "target": [g["before"]["generated_target_recognised"], g["after"]["generated_target_recognised"]],
@@ -88,6 +89,7 @@ def line(row: dict) -> str:
         return done
     w, nb = row["worst"], ", ".join(f"{n['concept']} {n['before']:.2f}->{n['after']:.2f}" for n in row["neighbours"])
     layers = " + ".join(e["layer"][19:] for e in row.get("layers_edited") or []) or row["layer"][19:]
+    layers += " (fine-tune, not SLUG)" if row.get("method") == "layer-finetune" else ""
     return (f"{row['concept']:16s} {layers:34s} target {row['target'][0]:.2f}->{row['target'][1]:.2f}  "
             f"others {row['other'][0]:.3f}->{row['other'][1]:.3f} (drop {row['mean_drop']:+.3f})  worst "
             f"{w['concept']} {w['before']:.2f}->{w['after']:.2f}  neighbours [{nb}]  "
@@ -109,6 +111,7 @@ def summary(rows: list[dict]) -> dict:
                    worst_other=f"{worst['worst']['concept']} (unlearning {worst['concept']})",
                    neighbour_drop_median=statistics.median(nd), neighbour_drop_worst=max(nd),
                    slowest_s=max(r["timing_s"]["wall"] for r in ran))
+    out["by_method"] = by_method(ran)  # --fallback: SLUG's step or the labelled fine-tune made each patch
     return out
 
 
@@ -148,6 +151,9 @@ def main():
     ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer forgets within the budgets (default 2, "
                          "the demo's; 1 = the paper's single layer)")
+    ap.add_argument("--fallback", default=None, choices=["finetune"],
+                    help="slug demo's --sd-fallback: when every SLUG round refuses, a one-Linear fine-tune of the "
+                         "text encoder on the generator (not SLUG; rows say method layer-finetune)")
     ap.add_argument("--seed", type=seed_type(), default=0)
     ap.add_argument("--data-dir", type=folder(), default=None)
     add_json(ap)
@@ -175,6 +181,8 @@ def main():
     print(f"{s['passed']}/{s['total']} concepts pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
           f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
           f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
+    if said := by_method_line(s):  # a fallback ran: say which passes are not SLUG's
+        print(said)
     if "mean_drop_median" in s:
         print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
               f"other concept: median {s['worst_other_drop_median']:+.3f}, worst {s['worst_other_drop_worst']:+.3f} "

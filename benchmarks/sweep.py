@@ -262,3 +262,19 @@ def write_complete(json_path: str | None, rows: list[dict], summary: dict, optio
 
         write_json(json_path, {"rows": rows, "summary": summary, "options": options, **extra, "complete": True})
     return summary
+
+
+def by_method(ran: list[dict]) -> dict:
+    """``{method: {"runs", "passed"}}`` over the rows of runs that wrote a patch: which method made each (SLUG's step,
+    ``slug``, or a demo's labelled fine-tune fallback, ``layer-finetune``); rows from before the field are SLUG's."""
+    return {m: {"runs": sum(r.get("method", "slug") == m for r in ran),
+                "passed": sum(r["passed"] for r in ran if r.get("method", "slug") == m)}
+            for m in sorted({r.get("method", "slug") for r in ran})}
+
+
+def by_method_line(summary: dict) -> str | None:
+    """The summary's line on which passes are not SLUG's, when a fallback made a patch (None otherwise)."""
+    if not set(summary.get("by_method") or {}) - {"slug"}:
+        return None
+    return "by method: " + "; ".join(f"{m} {v['passed']} of {v['runs']} passed"
+                                     for m, v in summary["by_method"].items())

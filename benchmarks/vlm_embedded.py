@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, counts, floats, folder, guarded_run, ints, json_out, name_list,  # noqa: E402
-                   progress_off, run, seed_type, unfinished_line)
+from sweep import (add_json, by_method, by_method_line, counts, floats, folder, guarded_run, ints,  # noqa: E402
+                   json_out, name_list, progress_off, run, seed_type, unfinished_line)
 
 TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
 
@@ -84,9 +84,7 @@ def summary(rows: list[dict]) -> dict:
                    utility_drop_median=statistics.median(ud), utility_drop_worst=max(ud),
                    slowest_s=max(r["timing_s"]["wall"] for r in ran))
     # --fallback: which method made each patch (SLUG's step or the labelled fine-tune), with its passes
-    out["by_method"] = {m: {"runs": sum(r.get("method", "slug") == m for r in ran),
-                            "passed": sum(r["passed"] for r in ran if r.get("method", "slug") == m)}
-                        for m in sorted({r.get("method", "slug") for r in ran})}
+    out["by_method"] = by_method(ran)
     return out
 
 
@@ -170,9 +168,8 @@ def main():
     print(f"{s['passed']}/{s['total']} runs pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
           f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
           f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
-    if set(s.get("by_method") or {}) - {"slug"}:  # a fallback ran: say which passes are not SLUG's
-        print("by method: " + "; ".join(f"{m} {v['passed']} of {v['runs']} passed"
-                                        for m, v in s["by_method"].items()))
+    if said := by_method_line(s):  # a fallback ran: say which passes are not SLUG's
+        print(said)
     verdicts = [r["verdict"] for r in rows if r.get("verdict")]  # the demo's own verdict bounds the worst identity
     if verdicts:
         print("the demo's verdicts of the runs that wrote a patch (they bound the worst single identity too): "

@@ -56,6 +56,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("vlm_embedded.py", ["--neighbours-k", "0"], "--neighbours-k: must be >= 1"),
     ("vlm_embedded.py", ["--fallback", "finetune", "--max-layers", "2"], "--fallback finetune takes the second"),
     ("vlm_embedded.py", ["--fallback", "retrain"], "invalid choice: 'retrain'"),
+    ("sd_embedded.py", ["--fallback", "retrain"], "invalid choice: 'retrain'"),
     ("all_identities.py", ["--limit", "0"], "argument --limit: must be >= 1"),
     ("all_identities.py", ["--variant", "margin=-1"], "SearchConfig.margin"),
     ("all_identities.py", ["--rescore", "benchmarks/results/all_identities_paper.json"], "give --json OUT"),

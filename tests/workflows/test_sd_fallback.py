@@ -10,13 +10,13 @@ torch = pytest.importorskip("torch")
 FC1 = "text_model.encoder.layers.{}.mlp.fc1.weight"
 
 
-def test_fallback_layers_are_fc1_of_layers_2_3_1_each_alone():
+def test_fallback_layers_are_fc1_of_layers_2_then_3_each_alone():
     from slugkit.workflows.sd_layer_ft import fallback_layers
 
     names = [f"text_model.encoder.layers.{i}.{t}" for i in range(4)
              for t in ("self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")]
-    assert fallback_layers(names) == [FC1.format(2), FC1.format(3), FC1.format(1)]
-    assert fallback_layers([n for n in names if "layers.3" not in n]) == [FC1.format(2), FC1.format(1)]
+    assert fallback_layers(names) == [FC1.format(2), FC1.format(3)]
+    assert fallback_layers([n for n in names if "layers.3" not in n]) == [FC1.format(2)]
     assert fallback_layers(["text_model.encoder.layers.0.mlp.fc1.weight"]) == []  # none: nothing to try
 
 
@@ -101,7 +101,7 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
     fb = res["chooser"]["fallback"]
     tried = fb["tried"]
-    assert [t["layer"] for t in tried] == [FC1.format(i) for i in (2, 3, 1)][:len(tried)]  # in turn, each alone
+    assert [t["layer"] for t in tried] == [FC1.format(i) for i in (2, 3)][:len(tried)]  # in turn, each alone
     assert [t["accepted"] for t in tried] == [False] * (len(tried) - 1) + [True]
     assert all(t["target_recognised"] > 0.6 for t in tried[:-1]) and tried[-1]["target_recognised"] <= 0.6
     assert res["method"] == "layer-finetune" and res["layer"] == fb["accepted"] == tried[-1]["layer"]
@@ -188,9 +188,9 @@ def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch):
     with pytest.raises(SearchFailed, match=r"2 rounds of layer edits .*the one-layer fine-tune \(--sd-fallback "
                                            r"finetune, step 1 = the fine-tuned values\) did not pass either: "
                                            r"layers\.2\.mlp\.fc1\.weight step 1: concept recognised 1\.00.*"
-                                           r"layers\.1\.mlp\.fc1\.weight") as err:
+                                           r"layers\.3\.mlp\.fc1\.weight") as err:
         generator_rounds(cfg, ad, {"val_suite": None}, first, {}, chooser, stages)
-    assert len(err.value.info["fallback"]["tried"]) == 3 and "accepted" not in err.value.info["fallback"]
+    assert len(err.value.info["fallback"]["tried"]) == 2 and "accepted" not in err.value.info["fallback"]
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
 
 

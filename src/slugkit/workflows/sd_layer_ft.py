@@ -45,8 +45,7 @@ METHOD = ("one-Linear fine-tune of the text encoder on the generator (not SLUG):
 def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_STEPS, lr: float = FT_LR,
                           eta: float = FT_ETA, retain_weight: float = FT_RETAIN_WEIGHT, n_forget: int = N_FORGET,
                           batch: int = BATCH, train_seed: int = TRAIN_SEEDS, gen_steps: int = 20,
-                          guidance: float = t2i.DEFAULT_GUIDANCE, seed: int = 0, progress: bool = True,
-                          neighbours=(), neighbour_weight: float = 0.0, n_neighbour: int = 8) -> dict:
+                          guidance: float = t2i.DEFAULT_GUIDANCE, seed: int = 0, progress: bool = True) -> dict:
     """Optimise ``params`` (``{pipe.text_encoder parameter name: tensor}``) so the pipeline stops drawing ``target``
     (module docstring) and restore them; returns ``{"delta": {name: θ_ft − θ} (CPU, the parameter's dtype),
     "relative_change": {name: ||delta|| / ||θ||}, "final_loss": {"forget", "retain"}, "train_s", "data": the image
@@ -77,16 +76,6 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
     with torch.no_grad():
         null, h_t, h_o = states(null_ids), states(t_ids), states(o_ids)
     scale = h_o.pow(2).mean()
-    nb = [c for c in neighbours if c != target] if neighbour_weight > 0 else []
-    if nb:  # the neighbours' own images, drawn by the unedited pipeline: their noise predictions are kept
-        n_plan = [(t2i.prompt_for(c, i), train_seed + 1000 * names.index(c) + i) for c in nb
-                  for i in range(n_neighbour)]
-        with torch.no_grad():
-            xn = pipe([p for p, _ in n_plan], [s for _, s in n_plan], steps=gen_steps,
-                      guidance=guidance).float() / 127.5 - 1
-        n_ids = pipe.tokenize([p for p, _ in n_plan])
-        with torch.no_grad():
-            h_n = states(n_ids)
     saved = {n: p.detach().clone() for n, p in params.items()}
     frozen = [*te.parameters(), *unet.parameters()]  # only ``params`` train; the flags are restored after
     grad_was = [p.requires_grad for p in frozen]
@@ -118,19 +107,8 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
                 forget0 = forget.item()  # the forget loss is taken relative to where it starts
             forget = forget / forget0
             retain = (states(o_ids) - h_o).pow(2).mean() / scale
-            loss = forget + retain_weight * retain
-            if nb:
-                pick = torch.randperm(len(xn), generator=gen)[:batch]
-                ts = torch.randint(0, sched.config.num_train_timesteps, (len(pick),), generator=gen)
-                x_t = sched.add_noise(xn[pick], torch.randn(xn[pick].shape, generator=gen), ts)
-                with torch.no_grad():
-                    e_orig = unet(x_t, ts, encoder_hidden_states=h_n[pick]).sample
-                    e_null = unet(x_t, ts, encoder_hidden_states=null.expand(len(pick), -1, -1)).sample
-                edited = unet(x_t, ts, encoder_hidden_states=states(n_ids[pick])).sample
-                kept = torch.nn.functional.mse_loss(edited, e_orig) / torch.nn.functional.mse_loss(e_orig, e_null)
-                loss = loss + neighbour_weight * kept
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (forget + retain_weight * retain).backward()
             opt.step()
         with torch.no_grad():
             out["delta"] = {n: (p.detach() - saved[n]).to("cpu", copy=True) for n, p in params.items()}
@@ -150,13 +128,14 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
 
 # the Linears the fallback fine-tunes in turn (suffixes of the text encoder's tensor names), each alone: a one-Linear
 # patch (64 KB on the embedded CLIP, 0.45 % of its bytes; an MLP group would be 1.8 %)
-FT_LINEARS = ("encoder.layers.2.mlp.fc1.weight", "encoder.layers.3.mlp.fc1.weight", "encoder.layers.1.mlp.fc1.weight")
+FT_LINEARS = ("encoder.layers.2.mlp.fc1.weight", "encoder.layers.3.mlp.fc1.weight")
 
 
 def fallback_layers(names: list[str], linears=FT_LINEARS) -> list[str]:
     """The candidate tensors (``names``: the CLIP's names the pipeline's text encoder feeds the UNet) the fallback
-    fine-tunes, in turn: those ending in one of ``linears``, in that order (README: layer 2's ``fc1`` alone passed
-    3 of SLUG's 8 failures in the ceiling); [] when none is a candidate."""
+    fine-tunes, in turn: those ending in one of ``linears``, in that order (README: in the ceiling layer 2's ``fc1``
+    alone passed 3 of SLUG's 8 failures; layers 1 and 3's failed where it failed, on the two concepts tried, so
+    layer 1 is not tried and layer 3 is a second chance); [] when none is a candidate."""
     return [n for end in linears for n in names if n.endswith(end)]
 
 
