@@ -178,6 +178,23 @@ def test_every_refused_slug_round_then_the_fine_tune_in_turn_on_the_unedited_mod
     assert [t["accepted"] for t in info["fallback"]["tried"]] == [False, True]
     # every SLUG edit was taken back before the fine-tune: the pipeline is the unedited one again
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
+    # the report: SLUG's rounds were tried, their partial step is not in the patch, the fine-tune is the edit
+    from slugkit.report.sd import render_generation_report
+    from slugkit.workflows.sd_generator import generation_metrics
+    from slugkit.world import t2i
+
+    g = {k: {**generation_metrics({c: 0.9 for c in t2i.concept_names()}, "red triangle"), "clip_score": 70.0}
+         for k in ("before", "after")}
+    md = render_generation_report({
+        "generation": {**g, "collateral": None, "images": {"target": 2, "per_other_concept": 1, "other_concepts": 29,
+                                                            "sampler": "DDIM 4 steps"}},
+        "method": "layer-finetune", "step_size": 1.0, "chooser": {**info, "gen_margin": 1.0},
+        "layers_edited": [e.to_json() for e in edits]})
+    part = info["rounds"][0]["partial_step"]
+    assert f"partial step {part['applied_step']:.4g} of {part['layer']} tried (not in the patch)" in md
+    assert "No step above was accepted (2 rounds of SLUG), so the edit is the fine-tune below" in md
+    assert f"- fine-tuned `{FC1.format(3)}` (relative change 0.5" in md and "(accepted)" in md
+    assert "Applied step" not in md and " kept |" not in md
 
 
 def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch):

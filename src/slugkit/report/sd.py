@@ -46,16 +46,16 @@ def render_generation_report(result: dict) -> str:
                   "| layer | step | concept recognised | others' drop | worst neighbour's drop | accepted |",
                   "|---|---|---|---|---|---|"]
         rounds = result["chooser"].get("rounds") or [result["chooser"]]
+        finetuned = result.get("method") == "layer-finetune"  # SLUG's rounds refused: their steps are not the edit
         for rd in rounds:
             if len(rounds) > 1:
                 part = rd.get("partial_step")
                 lines.append(f"| **round {rd['round']}** (rows below)" + (
-                    f": partial step {part['applied_step']:.4g} of {part['layer']} kept" if part else "")
-                    + " | | | | | |")
+                    f": partial step {part['applied_step']:.4g} of {part['layer']} "
+                    + ("tried (not in the patch)" if finetuned else "kept") if part else "") + " | | | | | |")
             lines += [f"| {L['layer']} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
                       f"{t['other_drop']:+.3f} | {_nb(t)} | {_accepted(t)} |"
                       for L in rd["generator_search"]["layers"] for t in L["trajectory"]]
-        finetuned = result.get("method") == "layer-finetune"
         if finetuned:
             lines += ["", f"No step above was accepted ({len(rounds)} round{'s' if len(rounds) > 1 else ''} of SLUG), "
                       "so the edit is the fine-tune below, judged by the same criteria (`--sd-fallback finetune`, "
