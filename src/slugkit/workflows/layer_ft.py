@@ -6,6 +6,10 @@ as a step-1 edit. The optimisers are :mod:`slugkit.workflows.vlm_layer_ft` (the 
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from ..common.progress import status
 
 FINETUNE_METHOD = "layer-finetune"  # result.json's and the patch's "method" for such an edit
@@ -59,3 +63,36 @@ def check_fallback(fallback: str | None, max_layers: int, option: str = "fallbac
     if fallback not in (None, "finetune") or (fallback and max_layers > 1):
         raise ValueError(f"{option} must be None or 'finetune' (with max_layers 1: it takes the second layer's "
                          f"place), got {fallback!r} with max_layers {max_layers}")
+
+
+@contextlib.contextmanager
+def trained(params: dict, lr: float, frozen=()):
+    """``params`` (``{name: parameter}``) made trainable under a fresh Adam (``lr``), the ``frozen`` parameters (an
+    iterable; e.g. the rest of the model) not; yields ``(optimizer, saved values)``. On exit — also on an error or
+    Ctrl-C — the values are restored bit for bit, their gradients dropped and every ``requires_grad`` flag put back,
+    so the caller's model is the one it passed in."""
+    frozen = [p for p in frozen if all(p is not q for q in params.values())]
+    was = [(p, p.requires_grad) for p in [*params.values(), *frozen]]
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        yield torch.optim.Adam(params.values(), lr=lr), saved
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+                p.grad = None
+            for p, flag in was:
+                p.requires_grad_(flag)
+
+
+def displacement(params: dict, saved: dict) -> dict:
+    """``{"delta": {name: θ_now − θ_saved} (CPU, the parameter's dtype), "relative_change": {name: ||delta|| /
+    ||θ_saved||}}`` of an optimisation run inside :func:`trained`."""
+    with torch.no_grad():
+        delta = {n: (p.detach() - saved[n]).to("cpu", copy=True) for n, p in params.items()}
+        return {"delta": delta, "relative_change": {n: float(d.float().norm() / saved[n].float().norm().clamp_min(
+            1e-12)) for n, d in delta.items()}}

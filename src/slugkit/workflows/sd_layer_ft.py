@@ -32,6 +32,7 @@ import torch
 
 from ..common.progress import status
 from ..world import t2i
+from .layer_ft import displacement, trained
 
 # the ceiling's settings (benchmarks/sd_ceiling.py, README): with them one Linear of layer 2 passed 3 of the 8
 # concepts SLUG refuses or fails; the demo's fallback uses the same
@@ -76,18 +77,10 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
     with torch.no_grad():
         null, h_t, h_o = states(null_ids), states(t_ids), states(o_ids)
     scale = h_o.pow(2).mean()
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    frozen = [*te.parameters(), *unet.parameters()]  # only ``params`` train; the flags are restored after
-    grad_was = [p.requires_grad for p in frozen]
     gen = torch.Generator().manual_seed(seed)
     out = {"data": {"forget_images": n_forget, "batch": batch, "forget_prompts": len(t_prompts),
                     "retain_prompts": len(o_prompts), "train_seeds": f"{train_seed} + 1000 x {k} + i"}}
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params.values(), lr=lr)
+    with trained(params, lr, frozen=[*te.parameters(), *unet.parameters()]) as (opt, saved):  # restored on exit
         t0 = time.perf_counter()
         for step in range(steps):
             if step % 50 == 0:
@@ -110,19 +103,9 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
             opt.zero_grad(set_to_none=True)
             (forget + retain_weight * retain).backward()
             opt.step()
-        with torch.no_grad():
-            out["delta"] = {n: (p.detach() - saved[n]).to("cpu", copy=True) for n, p in params.items()}
-            out["relative_change"] = {n: float(d.float().norm() / saved[n].float().norm().clamp_min(1e-12))
-                                      for n, d in out["delta"].items()}
-        out.update(final_loss={"forget": forget.item(), "retain": retain.item()}, train_s=time.perf_counter() - t0,
-                   steps=steps, lr=lr, eta=eta, retain_weight=retain_weight, seed=seed)
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-                p.grad = None
-            for p, g in zip(frozen, grad_was):
-                p.requires_grad_(g)
+        out.update(displacement(params, saved), final_loss={"forget": forget.item(), "retain": retain.item()},
+                   train_s=time.perf_counter() - t0, steps=steps, lr=lr, eta=eta, retain_weight=retain_weight,
+                   seed=seed)
     return out
 
 

@@ -34,6 +34,7 @@ from ..common.progress import status
 from ..world import render as world
 from ..world import vlm
 from ..world.vlm_train import _batch, answer_log_prob, next_token_logits, qa_ids
+from .layer_ft import displacement, trained
 
 FT_STEPS, FT_LR, FT_TAU = 300, 1e-3, 0.01  # measured in benchmarks/vlm_ceiling.py (README)
 # the demo's fallback, chosen on two identities (README: their benchmark rows are not out of sample). On Jowen
@@ -101,16 +102,11 @@ def finetune_answers(llava, processor, params: dict, targets: list[str], look_al
     f_px, r_px = pixels(f_px), pixels(r_px)
     log_tau = torch.log(torch.tensor(tau))
 
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    grad_was = {n: p.requires_grad for n, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
     out = {"data": {"forget_images": n_images, "forget_batch": forget_batch, "retain_images": len(r_px),
                     "retain_answers": len(r_items), "split": "pool",
                     "look_alikes": [n for n in look_alikes if n not in targets]}}
-    try:
-        for p in params.values():
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params.values(), lr=lr)
+    with trained(params, lr) as (opt, saved):  # restored on exit, also on an error or Ctrl-C
         t0 = time.perf_counter()
         for step in range(steps):
             if progress and step % 50 == 0:
@@ -132,18 +128,9 @@ def finetune_answers(llava, processor, params: dict, targets: list[str], look_al
             opt.zero_grad(set_to_none=True)
             (forget + retain_weight * retain).backward()
             opt.step()
-        with torch.no_grad():
-            out["delta"] = {n: (p.detach() - saved[n]).to("cpu", copy=True) for n, p in params.items()}
-            out["relative_change"] = {n: float(d.float().norm() / saved[n].float().norm().clamp_min(1e-12))
-                                      for n, d in out["delta"].items()}
-        out.update(final_loss={"forget": forget.item(), "retain": retain.item()}, train_s=time.perf_counter() - t0,
-                   steps=steps, lr=lr, tau=tau, retain_weight=retain_weight, seed=seed)
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.requires_grad_(grad_was[n])
-                p.copy_(saved[n])
-                p.grad = None
+        out.update(displacement(params, saved), final_loss={"forget": forget.item(), "retain": retain.item()},
+                   train_s=time.perf_counter() - t0, steps=steps, lr=lr, tau=tau, retain_weight=retain_weight,
+                   seed=seed)
     return out
 
 
