@@ -34,9 +34,13 @@ from ..common.progress import status
 from ..world import t2i
 from .layer_ft import displacement, trained
 
-# the ceiling's settings (benchmarks/sd_ceiling.py, README): with them one Linear of layer 2 passed 3 of the 8
-# concepts SLUG refuses or fails; the demo's fallback uses the same
-FT_STEPS, FT_LR, FT_ETA, FT_RETAIN_WEIGHT, N_FORGET, BATCH = 300, 3e-3, 1.0, 1.0, 20, 10
+# the ceiling's settings (benchmarks/sd_ceiling.py, README: with them one Linear of layer 2 passed 3 of the 8 concepts
+# SLUG refuses or fails) but twice the steps: chosen on the *validation* figures of two concepts (README: their rows
+# are not out of sample). At 300 steps the demo's judge refused both (cyan square: layer 2 left the concept at 0.05
+# with green square -0.30, layer 3 at 0.10 with it -0.85; green triangle: layer 2 took cyan triangle -0.30, layer 3
+# left the concept at 0.10); at 600, cyan square's layer 2 (0.00, nearest -0.10) and green triangle's layer 3 (0.00,
+# -0.10) were accepted. A retain weight of 2, 3 or 10 forgot less (0.10-0.30) or not within the budgets.
+FT_STEPS, FT_LR, FT_ETA, FT_RETAIN_WEIGHT, N_FORGET, BATCH = 600, 3e-3, 1.0, 1.0, 20, 10
 TRAIN_SEEDS = 5_000_000  # forget images: 5e6 + 1000·k + i; validation 7e6/8e6, reported 10,000·(seed + 1) + 1000·k + i
 METHOD = ("one-Linear fine-tune of the text encoder on the generator (not SLUG): Adam on the layer's weight, "
           "forget = ESD's negatively guided noise prediction for the concept's prompts, retain = the other concepts' "
