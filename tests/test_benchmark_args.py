@@ -258,3 +258,22 @@ def test_the_vlm_ceiling_takes_slugs_full_layer_names_and_merges_disjoint_parts(
     assert merged["summary"]["layers.2.mlp.fc1.weight"]["passed_and_worst_ok"] == 1
     r = _run("vlm_ceiling.py", "--merge", str(parts[0]), str(parts[0]), "--json", str(tmp_path / "twice.json"))
     assert r.returncode == 2 and "share a concept and scope" in r.stderr
+
+
+def test_the_sd_summary_splits_the_passes_by_the_method_that_made_the_patch():
+    """sd_embedded.py --fallback: a patch the labelled fine-tune made is counted apart from SLUG's, and said so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd_embedded
+    import sweep
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "sd_embedded_all.json").read_text())["rows"]
+    s = sd_embedded.summary(rows)
+    assert set(s["by_method"]) == {"slug"} and sweep.by_method_line(s) is None  # rows from before "method"
+    ran = [r for r in rows if "refused" not in r and "error" not in r]
+    ft = [{**ran[0], "method": "layer-finetune", "passed": True}, {**ran[1], "method": "layer-finetune",
+                                                                     "passed": False}]
+    s = sd_embedded.summary(rows + ft)
+    assert s["by_method"]["layer-finetune"] == {"runs": 2, "passed": 1}
+    assert s["by_method"]["slug"] == {"runs": len(ran), "passed": sum(r["passed"] for r in ran)}
+    assert sweep.by_method_line(s).startswith("by method: layer-finetune 1 of 2 passed; slug ")
+    assert "(fine-tune, not SLUG)" in sd_embedded.line(ft[0]) and "not SLUG" not in sd_embedded.line(ran[0])
