@@ -233,6 +233,27 @@ def test_the_lora_file_carries_the_runs_verdict(tmp_path, hf_text_patch):
     assert "verdict" not in read_lora(tmp_path / "p.safetensors")[1]
 
 
+def test_the_lora_file_says_which_method_made_the_patch(tmp_path, hf_text_patch):
+    """Verification 60: the LoRA of a ``--sd-fallback finetune`` patch (method layer-finetune, not SLUG) lost that label
+    once exported; the method now travels in the metadata and ``slug inspect`` says it."""
+    from slugkit.patch import architecture_facts
+    from slugkit.patch.summary import describe_lora
+
+    clip, patch = hf_text_patch
+    ft = make_patch(clip.model, dict(patch.patched), base_model=clip.model_id, adapter=clip.family,
+                    concept="alice abbott", architecture=architecture_facts(clip.model), method="layer-finetune")
+    export_lora(ft, None, tmp_path / "ft.safetensors", check=False)
+    meta = read_lora(tmp_path / "ft.safetensors")[1]
+    assert meta["method"] == "layer-finetune"
+    assert "  method:     layer-finetune (NOT SLUG: a fine-tune after SLUG's search refused)" in describe_lora(
+        tmp_path / "ft.safetensors", meta)
+    export_lora(patch, None, tmp_path / "slug.safetensors", check=False)
+    meta = read_lora(tmp_path / "slug.safetensors")[1]
+    assert meta["method"] == "slug" and "NOT SLUG" not in describe_lora(tmp_path / "slug.safetensors", meta)
+    with pytest.raises(ValueError, match="may not set .*Method"):  # the patch's, not the caller's to set
+        lora_from_patch(ft, None, check=False, extra={"Method": "slug"})
+
+
 def test_a_lora_whose_metadata_or_tensors_were_edited_is_refused(tmp_path, hf_text_patch, capsys):
     """Trial 48: re-saving a LoRA with `slugkit.verdict` "warn" → "pass" was shown by `slug inspect` as the file's
     own. The seal (metadata and tensor hashes) catches hand edits, as patch.json's fingerprint does."""

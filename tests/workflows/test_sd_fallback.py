@@ -119,6 +119,11 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "(`--sd-fallback finetune`)" in report and f"fine-tuned `{res['layer']}`" in report
     assert "method: A one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune)" in report
     assert "Applied step" not in report and "Cost of the whole run: SLUG + the fine-tune" in report
+    # SLUG's CLIP search of the fine-tuned layer is not presented as the applied step (verification 60)
+    rows = [ln for ln in report.splitlines() if ln.startswith("| ") and "**(edited" in ln]  # the CLIP table's
+    assert all("not this row's step" in ln for ln in rows)
+    trajectory = report.split("## Search trajectory of the first edited layer")[1].split("## ")[0]
+    assert "| # | η |" not in trajectory or "**None of these steps was applied**" in trajectory
     said = capsys.readouterr().out
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune) unlearned" in said
     assert "(the fine-tuned values)" in said and "time: SLUG + the fine-tune" in said

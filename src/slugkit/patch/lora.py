@@ -298,6 +298,7 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
             "rank": None if rank is None else min(rank, max(m.full_rank for m in modules)),
             "patch_fingerprint": patch.fingerprint,
             "concept": patch.concept, "base_model": patch.base_model,
+            "method": patch.meta.get("method", "slug"),  # e.g. layer-finetune: a fallback's, not SLUG (v60)
             "base_sha256": {n: tmeta[n]["sha256_original"] for n in patch.names},
             "patched_sha256": {n: tmeta[n]["sha256_patched"] for n in patch.names},
             **_verdict_of(patch)}

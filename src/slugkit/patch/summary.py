@@ -266,6 +266,9 @@ def describe_lora(path, meta: dict) -> str:
              f"{printable(str(path))}",
              f"  concept{'s' if isinstance(concept, list) else ''}:{'  ' if isinstance(concept, list) else '   '} "
              f"{names}",
+             *([f"  method:     {printable(meta['method'])}" + (" (NOT SLUG: a fine-tune after SLUG's search "
+                                                                 "refused)" if meta["method"] == "layer-finetune"
+                                                                 else "")] if meta.get("method") else []),
              f"  base model: {printable(_base_label({'base_model': meta.get('base_model')}))}",
              f"  encoder:    {printable(meta.get('encoder'))} (diffusers' load_lora_weights key prefix)",
              *([] if meta.get("seal") else ["  sealed:     no (a format 1 LoRA, written before the seal: its metadata "

@@ -22,8 +22,8 @@ def fallback_lines(chooser: dict) -> list[str]:
         said = "named or likely" if "utility_drop" in t else "recognised"
         rows.append(f"- fine-tuned `{' + '.join(t['group'])}` (relative change {max(t['relative_change'].values()):.3g}"
                     f", {t['train_s']:.0f} s): {said} {t['target_recognised']:.2f} on validation, others "
-                    f"{-t['other_drop']:+.3f}, worst neighbour {t.get('worst_neighbour')} "
-                    f"{-(t.get('neighbour_drop') or 0.0):+.2f}"
-                    + (f", utility {-t['utility_drop']:+.3f}" if "utility_drop" in t else "")
+                    f"{0.0 - t['other_drop']:+.3f}, worst neighbour {t.get('worst_neighbour')} "  # 0 - x: no "-0.00"
+                    f"{0.0 - (t.get('neighbour_drop') or 0.0):+.2f}"
+                    + (f", utility {0.0 - t['utility_drop']:+.3f}" if "utility_drop" in t else "")
                     + (" (accepted)" if t["accepted"] else ""))
     return [head + ":", *rows]

@@ -220,8 +220,8 @@ def _protection_lines(result: dict) -> list[str]:
                   "gradients; see the README's \"The nearest neighbours\".", ""]
     if prot.get("k") and result.get("method") == "layer-finetune":
         lines += [f"The edit is not SLUG's step, so no projection applies to it: SLUG's refused search was projected "
-                  f"off the {prot['k']} nearest identities' gradients; the fine-tune protects identities through its "
-                  "retain set (`chooser.fallback` in result.json).", ""]
+                  f"off the {prot['k']} nearest concepts' gradients; the fine-tune protects the other concepts through "
+                  "its retain set (`chooser.fallback` in result.json).", ""]
     elif prot.get("k"):
         used = ", ".join(f"{n['concept']} ({n['pairs']} pairs)" for n in prot["neighbours"])
         lines += [f"Step projected off the alignment gradients of the {prot['k']} nearest identities ({used})"
@@ -258,6 +258,9 @@ def trajectory_lines(result: dict, chosen: str) -> list[str]:
              + f"; S = {c['steps']} evaluations; applied step = {c['margin']} × smallest accepted step"
              + _partial_note(result) + ".", ""]
     rows = [e for e in result["search"] if e["layer"] == chosen and e.get("round", 1) == 1]
+    if rows and result.get("method") == "layer-finetune":  # the table below was never applied (verification 60)
+        lines += [f"**None of these steps was applied**: SLUG's search refused, and `{chosen}` holds "
+                  f"{FINETUNED}. Its CLIP step search, for reference:", ""]
     if not rows:
         return lines + [f"`{chosen}` was not searched on the CLIP's validation metrics: its step comes from the "
                         "search on the downstream model's outputs, whose trajectory is in that section below."]
@@ -366,6 +369,8 @@ def render_report(result: dict) -> str:
         vm = s.get("val_metrics") or {}
         rnd = s.get("round", 1)
         mark = " **(edited)**" if (rnd, s["name"]) in edited_in or (not edited_in and s["name"] == chosen) else ""
+        if mark and result.get("method") == "layer-finetune":
+            mark = f" **(edited: {FINETUNED}, not this row's step)**"
         rel = None if s["step_size"] is None else s["step_size"] / s["ratio"]
         w = s.get("val_worst")
         lines.append(

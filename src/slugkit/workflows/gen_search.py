@@ -183,10 +183,10 @@ def described(layer: str, t: dict) -> str:
     """``"<layer> step η: concept recognised r, others −d[, worst neighbour …][, utility …]"``: one measured step.
     A row with a utility drop is the VLM's (only its search measures one), whose answers name the person or not:
     ``"named on r of the validation images"``."""
-    nb = (f", worst neighbour {t['worst_neighbour']!r} {-t['neighbour_drop']:+.2f}"
+    nb = (f", worst neighbour {t['worst_neighbour']!r} {0.0 - t['neighbour_drop']:+.2f}"  # 0 - x: no "-0.00"
           if t.get("neighbour_drop") is not None else "")
-    ut = f", utility {-t['utility_drop']:+.3f}" if t.get("utility_drop") is not None else ""
+    ut = f", utility {0.0 - t['utility_drop']:+.3f}" if t.get("utility_drop") is not None else ""
     rec = (f"named on {t['target_recognised']:.2f} of the validation images" if "utility_drop" in t else
            f"concept recognised {t['target_recognised']:.2f}")
     return (f"{layer.removeprefix('text_model.encoder.')} step {t['step_size']:.4g}: {rec}, "
-            f"others {-t['other_drop']:+.3f}{nb}{ut}")
+            f"others {0.0 - t['other_drop']:+.3f}{nb}{ut}")

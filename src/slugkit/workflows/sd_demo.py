@@ -151,9 +151,11 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     from .unlearn import run_unlearn
 
     concept = t2i.concept_by_name(concept).name
-    if fallback not in (None, "finetune") or (fallback and not gen_search):
-        raise ValueError(f"fallback must be None or 'finetune' (judged on generated validation images: it needs the "
-                         f"generator search), got {fallback!r} with gen_search={gen_search}")
+    if fallback not in (None, "finetune"):
+        raise ValueError(f"fallback must be None or 'finetune', got {fallback!r}")
+    if fallback and not gen_search:
+        raise ValueError("fallback='finetune' is judged on generated validation images: it needs the generator "
+                         "search (gen_search=True)")
     gen_margin = DEFAULT_GEN_MARGIN if gen_margin is None else gen_margin
     budgets = budgets or Budgets()
     k = NEIGHBOURS_K if neighbours_k is None else neighbours_k

@@ -245,7 +245,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                 f"forgets {target!r} (≤ {threshold:.0%} of {val_images} validation images) while the other "
                 f"concepts lose ≤ {other_budget:.0%} on average{nb}{why_not}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget)}; try --other-budget / "
-                "--neighbour-budget, more --val-images, or --no-gen-search (the CLIP step)", partial, info)
+                "--neighbour-budget, more --val-images" + ("" if fallback else ", or --no-gen-search (the CLIP step)"),
+                partial, info)
         info["step_size"] = chosen.step_size
         return done(chosen)
 
