@@ -55,8 +55,8 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
     (module docstring) and restore them; returns ``{"delta": {name: θ_ft − θ} (CPU, the parameter's dtype),
     "relative_change": {name: ||delta|| / ||θ||}, "final_loss": {"forget", "retain"}, "train_s", "data": the image
     and prompt counts}`` plus the settings. The forget images are drawn with ``gen_steps`` DDIM steps at
-    ``guidance``. The values are restored also on an error or Ctrl-C. Raises ``KeyError`` for an unknown concept,
-    ``ValueError`` for no parameters, ``steps``, ``n_forget`` or ``batch`` < 1 or a negative ``eta`` /
+    ``guidance``. The values are restored also on an error or Ctrl-C. Raises ``ValueError`` for an unknown concept,
+    no parameters, ``steps``, ``n_forget`` or ``batch`` < 1 or a negative ``eta`` /
     ``retain_weight``."""
     if not params:
         raise ValueError("finetune_conditioning: no parameters to optimise")
