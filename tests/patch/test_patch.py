@@ -630,6 +630,23 @@ def test_describe_gives_every_layers_step_of_a_multi_layer_patch():
     assert "; b\\x1b[2J" in describe(p)
 
 
+def test_describe_says_a_fine_tune_patch_is_not_slug_and_has_no_step():
+    """A ``--sd/--vlm-fallback finetune`` patch stores ``step_size`` 1.0 (θ ← θ − 1·(−delta)); inspect printed
+    "step size: 1.0" and the bare method name, as if SLUG had stepped by 1."""
+    from slugkit.patch import make_patch
+
+    base = {"a": torch.ones(3)}
+    p = make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept="A", step_size=1.0,
+                   method="layer-finetune")
+    lines = describe(p).splitlines()
+    assert "  method:     layer-finetune (NOT SLUG: a fine-tune after SLUG's search refused)" in lines, lines
+    assert not any(ln.startswith("  step size:  1") for ln in lines)
+    assert any(ln.startswith("  step size:  none (a fine-tune") for ln in lines)
+    slug = describe(make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept="A",
+                               step_size=1.0)).splitlines()
+    assert "  step size:  1.0" in slug and not any("NOT SLUG" in ln for ln in slug)
+
+
 def test_describe_names_a_joint_runs_concepts_as_words():
     """`slug inspect` of a joint run's patch printed the concept list as Python's ``['A', 'B']``."""
     from slugkit.patch import make_patch

@@ -111,11 +111,20 @@ def _steps(m: dict) -> str:
     edits = (m.get("extra") or {}).get("layers_edited") if isinstance(m.get("extra"), dict) else None
     if m.get("step_size") is None and m.get("components"):  # a chained or composed patch ("step size: None")
         return "  step sizes: per component, below (η of each component's first layer)"
+    if m.get("method") == "layer-finetune":  # the stored 1.0 is not a SLUG step (it read "step size: 1.0")
+        return "  step size:  none (a fine-tune: the patch holds the fine-tuned values, not a step along a gradient)"
     if not isinstance(edits, list) or len(edits) < 2:
         return f"  step size:  {printable(_rounded(m.get('step_size'), 6))}"
     return "  step sizes: " + "; ".join(
         f"{printable(e.get('layer'))} {printable(_rounded(e.get('step_size'), 6))} (round {printable(e.get('round'))})"
         if isinstance(e, dict) else printable(e) for e in edits)
+
+
+def method_line(method) -> str:
+    """``inspect``'s method line; a fine-tune's (``layer-finetune``, ``--sd/--vlm-fallback finetune``) says it is not
+    SLUG, for a patch as for its LoRA (the patch's line said the bare name)."""
+    return f"  method:     {printable(method)}" + (" (NOT SLUG: a fine-tune after SLUG's search refused)"
+                                                   if method == "layer-finetune" else "")
 
 
 def describe(patch: Patch) -> str:
@@ -128,7 +137,7 @@ def describe(patch: Patch) -> str:
         *(["  sealed:     no (a format 1 patch: its concept and metrics are not covered by a fingerprint)"]
           if m.get("format_version") == 1 else []),
         ("  concepts:   " if isinstance(m.get("concept"), list) else "  concept:    ") + _names(m.get("concept")),
-        f"  method:     {p(m.get('method'))}",
+        method_line(m.get("method")),
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
         *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"
            + (f": {p(failed_because(m['extra']))}" if m["extra"].get("verdict") == "fail" else
@@ -266,9 +275,7 @@ def describe_lora(path, meta: dict) -> str:
              f"{printable(str(path))}",
              f"  concept{'s' if isinstance(concept, list) else ''}:{'  ' if isinstance(concept, list) else '   '} "
              f"{names}",
-             *([f"  method:     {printable(meta['method'])}" + (" (NOT SLUG: a fine-tune after SLUG's search "
-                                                                 "refused)" if meta["method"] == "layer-finetune"
-                                                                 else "")] if meta.get("method") else []),
+             *([method_line(meta["method"])] if meta.get("method") else []),
              f"  base model: {printable(_base_label({'base_model': meta.get('base_model')}))}",
              f"  encoder:    {printable(meta.get('encoder'))} (diffusers' load_lora_weights key prefix)",
              *([] if meta.get("seal") else ["  sealed:     no (a format 1 LoRA, written before the seal: its metadata "
