@@ -93,8 +93,11 @@ def test_the_fallback_judges_the_fine_tuned_values_and_hands_back_the_first_acce
     names = ad.candidate_names()
     deltas = {}
 
+    calls = []
+
     def fake_finetune(llava_, processor_, params, targets, look_alikes, **kw):
-        assert kw["steps"] == vlm_layer_ft.FT_STEPS and list(look_alikes) == ["Hasa Malwick"]
+        calls.append(kw)
+        assert list(look_alikes) == ["Hasa Malwick"]
         back = {v: k for k, v in mapping.items()}
         deltas.update({back[n]: 0.1 * p.detach().clone() for n, p in params.items()})  # a relative change of 0.1
         return {"delta": {n: deltas[back[n]] for n in params}, "relative_change": {n: 0.1 for n in params},
@@ -115,6 +118,16 @@ def test_the_fallback_judges_the_fine_tuned_values_and_hands_back_the_first_acce
     assert seen[0] == (tuple(ad.group_of(FC1)), 1.0, 1.0)
     assert chosen.name == FC1 and chosen.step_size == 1.0 and abs(chosen.step_size / chosen.ratio - 0.1) < 1e-6
     assert rec["accepted"] == FC1 and rec["tried"][0]["accepted"] and set(g) == set(ad.group_of(FC1))
+    assert calls[-1]["steps"] == vlm_layer_ft.FT_STEPS and "forget_batch" not in calls[-1]  # its own default, 32
+    assert "300 Adam steps at 0.001, the target's name" in rec["summary"]
+    # a joint run (several targets, one edit): longer, on larger forget batches, and said so
+    chosen, g, rec = vlm_layer_ft.finetune_fallback(
+        llava, processor, mapping, ad, [i.name for i in world.IDENTITIES[:2]], ["Hasa Malwick"], evaluate,
+        lambda eta, res: judged(eta, res, 0.05, 0.05, 0.2, 0.03), progress=False)
+    joint = (vlm_layer_ft.JOINT_STEPS, vlm_layer_ft.JOINT_FORGET_BATCH)
+    assert (calls[-1]["steps"], calls[-1]["forget_batch"]) == joint
+    assert (rec["steps"], rec["forget_batch"]) == (900, 64) and chosen.name == FC1
+    assert "900 Adam steps at 0.001, forget batches of 64, the targets' names" in rec["summary"]
     # nothing forgets: the record says so and the refusal clause names each tried group
     monkeypatch.setattr(ad, "candidate_names", lambda: [n for n in names if "out_proj" in n])
     chosen, g, rec = vlm_layer_ft.finetune_fallback(

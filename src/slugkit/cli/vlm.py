@@ -118,7 +118,8 @@ def add_vlm_args(d):
                          "criterion only: the test figures and the verdict are the answers'")
     vg.add_argument("--vlm-fallback", default=None, choices=["finetune"],
                     help="when SLUG's search refuses (no step of one layer forgets within the budgets), fine-tune "
-                         "one layer on the VLM's answers (Adam, 300 steps; NOT SLUG): the deepest block's MLP, then "
+                         "one layer on the VLM's answers (Adam, 300 steps; 900 for several --concepts; NOT SLUG): the "
+                         "deepest block's MLP, then "
                          "its attention output, keeping the first that passes the same validation criteria; the run, "
                          "its report and its patch say method layer-finetune. Takes the second SLUG layer's place "
                          "(--max-layers 1). Default: off (refuse)")

@@ -46,6 +46,12 @@ FT_STEPS, FT_LR, FT_TAU = 300, 1e-3, 0.01  # measured in benchmarks/vlm_ceiling.
 # whole, 5 per identity and per class, 64 and weight 1: benchmarks/vlm_ceiling.py passes them explicitly.
 N_FORGET, FORGET_BATCH, N_RETAIN_ID, N_RETAIN_CLS, BATCH, FT_RETAIN_WEIGHT = 100, 32, 15, 15, 128, 3.0
 LOOK_ALIKE_IMAGES = 20  # extra retain images per look-alike (the ceiling's --neighbour-images 20)
+# several targets at once (``--concepts``): one edit forgets them all, so the fallback trains longer on larger forget
+# batches. Chosen on the paper's setting, the first 10 identities jointly (README: that row is not out of sample):
+# with the single-target 300 steps in batches of 32 it was refused (one identity named or likely on 2 of its 10
+# validation images while utility lost 0.048); 900 steps in batches of 64 were accepted (named 0.00 on validation,
+# utility -0.026). A retain weight of 6 with 30 images per object class instead was refused (one identity on 1 of 10).
+JOINT_STEPS, JOINT_FORGET_BATCH = 900, 64
 METHOD = ("one-layer fine-tune on the VLM's answers (not SLUG): Adam on the layer's weights, forget = a hinge on "
           "the target's name probability, retain = the other identities' and the utility answers")
 
@@ -161,14 +167,23 @@ def finetune_fallback(llava, processor, mapping: dict, adapter, targets: list[st
     fine-tune's own margin is ``tau``, 1 %, below the search's name criterion). ``mapping``: CLIP name → VLM name.
     Returns ``(chosen, g, record)``: the first accepted group as a :class:`~slugkit.slug.search.LayerSearch` with
     ``step_size`` 1 and ``g`` ``{CLIP name: −delta}``, or ``(None, None, record)``; ``record`` holds every tried
-    group's row (the validation figures, relative change, losses, seconds)."""
+    group's row (the validation figures, relative change, losses, seconds). Several ``targets`` (a joint run): one
+    edit forgets them all, trained :data:`JOINT_STEPS` steps on forget batches of :data:`JOINT_FORGET_BATCH` (the
+    single target's :data:`FT_STEPS` and :data:`FORGET_BATCH` left one of the paper's 10 named); ``kw`` overrides
+    either."""
     from .layer_ft import try_finetunes
 
-    opts = {"steps": FT_STEPS, "lr": FT_LR, "tau": FT_TAU, "retain_weight": FT_RETAIN_WEIGHT, **kw}  # read now
+    joint = {"forget_batch": JOINT_FORGET_BATCH} if len(targets) > 1 else {}  # several targets: one edit for all
+    opts = {"steps": JOINT_STEPS if joint else FT_STEPS, "lr": FT_LR, "tau": FT_TAU,
+            "retain_weight": FT_RETAIN_WEIGHT, **joint, **kw}  # read now
     rec = {"method": METHOD, **opts, "look_alikes": list(neighbours), "seed": seed, "tried": [],
            "option": "--vlm-fallback finetune",
-           "summary": f"on the VLM's answers ({opts['steps']} Adam steps at {opts['lr']:g}, the target's name pushed "
-                      f"below {opts['tau']:g} on its pool images, the other identities' and the utility answers kept)"}
+           "summary": f"on the VLM's answers ({opts['steps']} Adam steps at {opts['lr']:g}"
+                      + (f", forget batches of {opts['forget_batch']}" if "forget_batch" in opts else "")
+                      + (", the targets' names pushed below {:g} on their" if joint else
+                         ", the target's name pushed below {:g} on its").format(opts["tau"])
+                      + " pool images, the other identities' "
+                      "and the utility answers kept)"}
     groups = [adapter.group_of(n) for n in fallback_layers(adapter.candidate_names(), layers)]
     return try_finetunes(adapter, llava, mapping, groups, lambda params: finetune_answers(
         llava, processor, params, targets, neighbours, seed=seed, progress=progress, **opts), evaluate, judge, rec,
