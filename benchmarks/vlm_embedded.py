@@ -118,8 +118,8 @@ def main():
                     help="with --gradient vlm: images per protected identity (default: the workflow's, 5)")
     ap.add_argument("--fallback", default=None, choices=["finetune"],
                     help="slug demo's --vlm-fallback: when SLUG refuses, a one-layer fine-tune on the VLM's answers "
-                         "(not SLUG; rows say method layer-finetune); needs --max-layers 1, its default then")
-    ap.add_argument("--max-layers", type=int, default=None, choices=[1, 2, 3],
+                         "(not SLUG; rows say method layer-finetune), after every SLUG round --max-layers allows")
+    ap.add_argument("--max-layers", type=int, default=2, choices=[1, 2, 3],
                     help="layers the fallback may edit when no single layer passes (default 2, the demo's; 1 = the "
                          "paper's single layer)")
     ap.add_argument("--neighbours-k", type=ints(1), default=None,
@@ -137,9 +137,6 @@ def main():
     add_json(ap)
     a = ap.parse_args()
     json_out(ap, a.json, a.overwrite)
-    if a.fallback and (a.max_layers or 1) > 1:
-        ap.error(f"--fallback finetune takes the second SLUG layer's place: drop --max-layers {a.max_layers}")
-    a.max_layers = a.max_layers or (1 if a.fallback else 2)
     if a.gradient != "vlm" and (a.per_image or a.n_protect is not None):
         ap.error("--per-image and --n-protect apply to --gradient vlm only")
     names = world.identity_names()

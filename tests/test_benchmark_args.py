@@ -54,7 +54,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("vlm_embedded.py", ["--vlm-model", "no_such_vlm"], "--vlm-model"),
     ("vlm_embedded.py", ["--name-prob", "0"], "--name-prob: must be in (0, 1]"),
     ("vlm_embedded.py", ["--neighbours-k", "0"], "--neighbours-k: must be >= 1"),
-    ("vlm_embedded.py", ["--fallback", "finetune", "--max-layers", "2"], "--fallback finetune takes the second"),
+    ("vlm_embedded.py", ["--fallback", "finetune", "--max-layers", "4"], "invalid choice: 4"),
     ("vlm_embedded.py", ["--fallback", "retrain"], "invalid choice: 'retrain'"),
     ("sd_embedded.py", ["--fallback", "retrain"], "invalid choice: 'retrain'"),
     ("all_identities.py", ["--limit", "0"], "argument --limit: must be >= 1"),

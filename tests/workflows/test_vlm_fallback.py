@@ -140,19 +140,25 @@ def test_the_fallback_judges_the_fine_tuned_values_and_hands_back_the_first_acce
     assert "out_proj" in said and "did not pass either" in said
 
 
-def test_fallback_needs_one_layer_and_a_known_name(tmp_path, capsys):
+def test_fallback_needs_a_known_name_and_runs_after_the_slug_rounds(tmp_path, capsys):
+    """An unknown fallback is refused before any work; ``finetune`` beside ``max_layers`` 2 is not (it was: the
+    fine-tune took the second SLUG layer's place, so turning it on replaced two-layer SLUG passes by fine-tunes) —
+    the chooser hands it to :func:`slugkit.workflows.rounds.generator_rounds` as ``choose.fallback``."""
     from slugkit.cli import main
     from slugkit.workflows.vlm_demo import run_vlm_demo, vlm_chooser
 
-    for bad in ({"fallback": "retrain"}, {"fallback": "finetune", "max_layers": 2}):
-        with pytest.raises(ValueError, match="fallback"):
-            vlm_chooser(["x"], None, None, {}, [], **bad)
-        with pytest.raises(ValueError, match="fallback"):
-            run_vlm_demo("Jowen Gormere", tmp_path / "r", **bad)
-    assert main(["demo", "--target", "vlm", "--vlm-fallback", "finetune", "--max-layers", "2",
-                 "--out", str(tmp_path / "c")]) == 2
-    assert "--vlm-fallback finetune takes the second SLUG layer's place" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fallback"):
+        vlm_chooser(["x"], None, None, {}, [], fallback="retrain")
+    with pytest.raises(ValueError, match="fallback"):
+        run_vlm_demo("Jowen Gormere", tmp_path / "r", fallback="retrain")
+    with pytest.raises(SystemExit) as e:  # argparse's choices
+        main(["demo", "--target", "vlm", "--vlm-fallback", "retrain", "--out", str(tmp_path / "c")])
+    assert e.value.code == 2
+    assert "invalid choice: 'retrain'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+    name = world.IDENTITIES[0].name
+    assert callable(vlm_chooser([name], None, None, {}, [], fallback="finetune", max_layers=2).fallback)
+    assert not hasattr(vlm_chooser([name], None, None, {}, [], max_layers=2), "fallback")
 
 
 @pytest.mark.slow
@@ -164,7 +170,11 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     from slugkit.patch import load_patch
     from slugkit.workflows import vlm_demo, vlm_layer_ft
 
-    monkeypatch.setattr(vlm_demo, "generator_step_search", lambda *a, **k: ([], None))
+    def refused(evaluate, start, *a, **k):  # a step that lowers the naming within half the budgets: a partial step
+        return [{"step_size": start, "target_recognised": 0.5, "other_drop": 0.0, "accepted": False,
+                 "neighbour_drop": 0.0, "worst_neighbour": None, "utility_drop": 0.0}], None
+
+    monkeypatch.setattr(vlm_demo, "generator_step_search", refused)
     monkeypatch.setattr(vlm_layer_ft, "FT_STEPS", 3)
     monkeypatch.setattr(vlm_layer_ft, "FT_LR", 0.05)
     out = tmp_path / "ft"
@@ -177,11 +187,19 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert fb["steps"] == 3 and fb["tried"][-1]["accepted"] and fb["tried"][0]["layer"] == FC1  # the MLP first
     assert [t["accepted"] for t in fb["tried"]] == [False] * (len(fb["tried"]) - 1) + [True]
     assert res["chooser"]["policy"].startswith("SLUG refused; one-layer fine-tune")
+    # SLUG's two rounds ran first (round 1's partial step, then a refusal on the edited model); the fine-tune ran on
+    # the unedited model: the patch's originals are the shipped CLIP's, not the partial step's
+    rounds = res["chooser"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["partial_step"]["target_recognised"] == 0.5
+    from slugkit.world.vlm import vlm_clip_adapter
+
+    unedited = dict(vlm_clip_adapter(None).model.named_parameters())
     assert res["vlm"]["after"]["target_named"] < res["vlm"]["before"]["target_named"]
     assert json.loads((out / "run.json").read_text())["vlm"]["fallback"] == "finetune"
     patch = load_patch(out / "patch")
     assert patch.meta["method"] == "layer-finetune" and "not SLUG" in patch.meta["extra"]["edit"]
     assert patch.names == sorted(res["group"]) == sorted(fb["tried"][-1]["group"])  # at the fine-tuned values
+    assert all(torch.equal(patch.original[n], unedited[n].detach()) for n in patch.names)
     for n in patch.names:
         moved = float((patch.patched[n] - patch.original[n]).norm() / patch.original[n].norm())
         assert abs(moved - fb["tried"][-1]["relative_change"][n]) < 1e-4 * max(moved, 1)
@@ -190,6 +208,8 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "fine-tuned `" + " + ".join(res["group"]) + "`" in report
     assert "# layer-finetune unlearning report" in report and "method: A one-layer fine-tune (NOT SLUG" in report
     assert "step 1," not in report and "applied the fine-tuned values (not a SLUG step) of" in report
+    assert f"- **round 1**: partial step {rounds[0]['partial_step']['applied_step']:.4g} of `" in report
+    assert "tried (not in the patch)" in report and "` kept" not in report
     assert "Cost of the whole run: SLUG + the fine-tune" in report and "Step projected off" not in report
     assert len(res["layers_edited"]) == 1 and "not SLUG" in res["layers_edited"][0]["why"]
     said = capsys.readouterr().out

@@ -41,9 +41,6 @@ def cmd_demo_vlm(a) -> int:
     msg = unused(a, a.sd_defaults, "--target sd", "--target vlm")
     if msg:
         return refuse(msg)
-    if a.vlm_fallback and (a.max_layers or 1) > 1:
-        return refuse(f"--vlm-fallback finetune takes the second SLUG layer's place: drop --max-layers "
-                      f"{a.max_layers} or give --max-layers 1")
     wanted = split_list(a.concepts) if a.concepts else ([a.concept] if a.concept is not None else None)
     if a.audit and wanted and len(wanted) > 1:
         return refuse("--audit audits one concept: run `slug audit --patch RUN` for a single-identity run")
@@ -61,7 +58,7 @@ def cmd_demo_vlm(a) -> int:
                           utility_budget=a.vlm_utility_budget, search=search, seed=a.seed, threads=a.threads,
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
                           max_searched=a.max_searched, gradient=a.vlm_gradient,
-                          max_layers=1 if a.vlm_fallback else max_layers(a), name_prob=a.vlm_name_prob,
+                          max_layers=max_layers(a), name_prob=a.vlm_name_prob,
                           fallback=a.vlm_fallback)
     done = result["concepts"] if result.get("concepts") else [result["concept"]]
     out = Path(a.out if a.out is not None else default_out(done))
@@ -121,8 +118,8 @@ def add_vlm_args(d):
                          "one layer on the VLM's answers (Adam, 300 steps; 900 for several --concepts; NOT SLUG): the "
                          "deepest block's MLP, then "
                          "its attention output, keeping the first that passes the same validation criteria; the run, "
-                         "its report and its patch say method layer-finetune. Takes the second SLUG layer's place "
-                         "(--max-layers 1). Default: off (refuse)")
+                         "its report and its patch say method layer-finetune. Runs on the unedited VLM only after "
+                         "every SLUG round (--max-layers) refused. Default: off (refuse)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")

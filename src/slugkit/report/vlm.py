@@ -68,11 +68,14 @@ def render_vlm_report(result: dict, samples: dict) -> str:
     rounds = ch.get("rounds") or [ch]
     lines += [search_criterion(ch), ""]
     likely = (rounds[0].get("vlm_search") or {}).get("name_prob") is not None
+    finetuned = result.get("method") == "layer-finetune"  # SLUG's rounds refused: their steps are not the edit
     for rd in rounds:
         if len(rounds) > 1:
             part = rd.get("partial_step")
             lines.append(f"- **round {rd['round']}**" + (f": partial step {part['applied_step']:.4g} of "
-                                                          f"`{part['layer']}` kept" if part else ""))
+                                                          f"`{part['layer']}` " + ("tried (not in the patch)"
+                                                                                   if finetuned else "kept")
+                                                          if part else ""))
         lines += _search_lines((rd.get("vlm_search") or {}).get("layers", []), likely)
     lines += [""] + fallback_lines(ch) if ch.get("fallback") else []
     lines += ["", "Sample answers (before -> after):", ""]

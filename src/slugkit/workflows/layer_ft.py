@@ -57,12 +57,12 @@ def finetune_refusal(rec: dict, option: str) -> str:
     return f"; the one-layer fine-tune ({option}, step 1 = the fine-tuned values) did not pass either: {rows}"
 
 
-def check_fallback(fallback: str | None, max_layers: int, option: str = "fallback") -> None:
-    """``ValueError`` unless ``fallback`` is None or ``"finetune"`` with ``max_layers`` 1 (the fine-tune takes the
-    second SLUG layer's place: a run does one or the other)."""
-    if fallback not in (None, "finetune") or (fallback and max_layers > 1):
-        raise ValueError(f"{option} must be None or 'finetune' (with max_layers 1: it takes the second layer's "
-                         f"place), got {fallback!r} with max_layers {max_layers}")
+def check_fallback(fallback: str | None, option: str = "fallback") -> None:
+    """``ValueError`` unless ``fallback`` is None or ``"finetune"``. The fine-tune runs after every SLUG round
+    ``max_layers`` allows has refused, on the unedited model (:func:`slugkit.workflows.rounds.generator_rounds`), so
+    it never replaces an edit SLUG would make."""
+    if fallback not in (None, "finetune"):
+        raise ValueError(f"{option} must be None or 'finetune', got {fallback!r}")
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from ..world import render as world
 from ..world import vlm
 from ..world.vlm_train import name_probability
 from .gen_search import GeneratorRefused, closest, fallback_partial, generator_step_search, judged
-from .vlm_eval import scored_before_after, vlm_metrics
+from .vlm_eval import scored_before_after, text_neighbours, vlm_metrics  # noqa: F401  (text_neighbours: re-exported)
 from .layer_ft import check_fallback, finetune_refusal
 from .vlm_layer_ft import METHOD, finetune_fallback
 from .vlm_gradients import vlm_gradients, vlm_layer_order  # noqa: F401  (re-exported: callers know them from here)
@@ -63,18 +63,6 @@ DEFAULT_NAME_PROB = 0.1
 def default_out(targets: list[str]) -> str:
     """``runs/demo-vlm-<Name>[+<Name>...]``."""
     return f"runs/demo-vlm-{'+'.join(t.replace(' ', '_') for t in targets)}"
-
-
-def text_neighbours(adapter, targets: list[str], k: int) -> list[tuple[str, float]]:
-    """The ``k`` identities nearest the targets by the CLIP text embedding (identity templates averaged, cosine;
-    :func:`slugkit.eval.collateral.nearest_concepts`), ``[(name, cosine)]`` nearest first."""
-    from ..eval.collateral import nearest_concepts
-
-    names = world.identity_names()
-    with torch.no_grad():
-        emb = torch.stack([torch.nn.functional.normalize(adapter.encode_text(adapter.tokenize(
-            [t.format(n) for t in world.IDENTITY_EVAL_TEMPLATES])), dim=-1).mean(0) for n in names])
-    return nearest_concepts(torch.nn.functional.normalize(emb, dim=-1), names, [names.index(t) for t in targets], k)
 
 
 def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], neighbours: list[str], *,
@@ -101,17 +89,18 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     accepted step, ``ValueError`` for another ``gradient`` or ``n_protect`` < 1. ``max_layers`` > 1: a refusal
     carries the partial step a next layer may build on and ``choose(..., prior=edits)`` searches that layer with the
     earlier edits in the VLM, drops measured against the unedited VLM, exactly as the SD path's
-    (:func:`slugkit.workflows.rounds.generator_rounds`). ``fallback="finetune"`` (not SLUG; needs ``max_layers``
-    1): when round 1 has no accepted step, the groups of :func:`slugkit.workflows.vlm_layer_ft.fallback_layers` are
-    fine-tuned on the VLM's answers in turn (:func:`~slugkit.workflows.vlm_layer_ft.finetune_fallback`, ``seed``)
-    and judged by the same criteria; the first accepted is returned, its displacement as the edit."""
+    (:func:`slugkit.workflows.rounds.generator_rounds`). ``fallback="finetune"`` (**not SLUG**): ``choose.fallback``
+    is set, so that when every round refused, the groups of :func:`slugkit.workflows.vlm_layer_ft.fallback_layers`
+    are fine-tuned on the unedited VLM's answers in turn (:func:`~slugkit.workflows.vlm_layer_ft.finetune_fallback`,
+    ``seed``) and judged by the same criteria; the first accepted is the edit (its displacement, step 1; the record
+    says ``edit_method: layer-finetune``), none a refusal with each try's row added to the message."""
     if gradient not in ("clip", "vlm"):
         raise ValueError(f"unknown gradient {gradient!r}: clip or vlm")
     if name_prob is not None and not 0.0 < name_prob <= 1.0:
         raise ValueError(f"name_prob must be in (0, 1] (or None: the answers only), got {name_prob!r}")
     if n_protect is not None and n_protect < 1:
         raise ValueError(f"n_protect must be >= 1 (images per protected identity), got {n_protect}")
-    check_fallback(fallback, max_layers)
+    check_fallback(fallback)
     from ..common.progress import status
     from ..slug.search import choose_layer
 
@@ -121,6 +110,45 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     util_val = vlm.utility_images("val", val_utility)
 
     state = {}  # the unedited VLM's validation scores, measured once (round 1)
+
+    def scorer(adapter, g_edit, group0):
+        """``evaluate(group, eta, g=None, scale=margin)`` on the validation images: the target at η along ``g``
+        (default ``g_edit``), the collateral at ``scale`` × η (the step applied), drops against the unedited VLM
+        (measured once, at η = 0 on ``group0``)."""
+        def score(group, eta, likely=False, g=None):
+            """The validation scores at ``eta``; with ``likely`` (the target's criterion, not the collateral's)
+            also the share of the target's images named or giving the name >= ``name_prob``."""
+            likely = likely and name_prob is not None
+            with edited_consumer(llava, mapping, adapter.model, g_edit if g is None else g, group, eta):
+                raw = vlm.vlm_scores(llava, processor, named_val, util_val, answers=likely)
+                m = vlm_metrics(raw, targets)
+                if likely:  # an image counts as naming the target when its name is likely
+                    from ..integrations.llava import name_match
+
+                    m["target_likely_by_concept"] = {}
+                    for t in targets:
+                        p = name_probability(llava, processor, named_val[t], t)
+                        said = raw["answers"]["name"][t]
+                        m["target_likely_by_concept"][t] = sum(
+                            name_match(a, t) or q >= name_prob for a, q in zip(said, p)) / len(p)
+                return m
+
+        if "base" not in state:
+            state["base"] = score(group0, 0.0)
+        base = state["base"]
+
+        def evaluate(group, eta, g=None, scale=margin):
+            m = score(group, eta, likely=True, g=g)
+            worst_t = max(m["target_likely_by_concept" if name_prob is not None else "target_named_by_concept"]
+                          .values())
+            if scale != 1.0:
+                m = score(group, eta * scale, g=g)  # the collateral at the step that will be applied
+            drops = {n: base["per_identity"][n] - m["per_identity"][n] for n in neighbours}
+            worst = max(neighbours, key=lambda n: (drops[n], -neighbours.index(n))) if neighbours else None
+            return (worst_t, base["other_named"] - m["other_named"], drops[worst] if worst else None, worst,
+                    base["utility_accuracy"] - m["utility_accuracy"])
+
+        return evaluate
 
     def choose(searches, adapter, grads, val_before, clip_policy, prior=()):
         with carried_edits(llava, mapping, adapter.model, [n for e in prior for n in e.search.group]):
@@ -151,41 +179,10 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             order = first + [s for s in searches if s not in first and s.step_size is not None] + \
                 [s for s in searches if s.step_size is None and s.trajectory]
 
-        def score(group, eta, likely=False, g=None):
-            """The validation scores at ``eta`` (along ``g``, default the round's gradient); with ``likely`` (the
-            target's criterion, not the collateral's) also the share of the target's images named or giving the name
-            >= ``name_prob``."""
-            likely = likely and name_prob is not None
-            with edited_consumer(llava, mapping, adapter.model, g_edit if g is None else g, group, eta):
-                raw = vlm.vlm_scores(llava, processor, named_val, util_val, answers=likely)
-                m = vlm_metrics(raw, targets)
-                if likely:  # an image counts as naming the target when its name is likely
-                    from ..integrations.llava import name_match
-
-                    m["target_likely_by_concept"] = {}
-                    for t in targets:
-                        p = name_probability(llava, processor, named_val[t], t)
-                        said = raw["answers"]["name"][t]
-                        m["target_likely_by_concept"][t] = sum(
-                            name_match(a, t) or q >= name_prob for a, q in zip(said, p)) / len(p)
-                return m
-
         if not order:
             raise SearchFailed("no candidate layer of the VLM's vision tower has a CLIP step search to start from")
-        if "base" not in state:
-            state["base"] = score(order[0].group, 0.0)
+        evaluate = scorer(adapter, g_edit, order[0].group)
         base = state["base"]
-
-        def evaluate(group, eta, g=None, scale=margin):  # the collateral at scale x eta (the applied step)
-            m = score(group, eta, likely=True, g=g)
-            worst_t = max(m["target_likely_by_concept" if name_prob is not None else "target_named_by_concept"]
-                          .values())
-            if scale != 1.0:
-                m = score(group, eta * scale, g=g)  # the collateral at the step that will be applied
-            drops = {n: base["per_identity"][n] - m["per_identity"][n] for n in neighbours}
-            worst = max(neighbours, key=lambda n: (drops[n], -neighbours.index(n))) if neighbours else None
-            return (worst_t, base["other_named"] - m["other_named"], drops[worst] if worst else None, worst,
-                    base["utility_accuracy"] - m["utility_accuracy"])
 
         searched, chosen = [], None
         for layer in order[:max_searched]:
@@ -212,15 +209,6 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                                "base_target_named": base["target_named_by_concept"],
                                "base_other_named": base["other_named"], "base_utility": base["utility_accuracy"],
                                "layers_in_order": len(order), "layers": searched}}
-        if chosen is None and fallback and not prior:
-            chosen, g_ft, info["fallback"] = finetune_fallback(
-                llava, processor, mapping, adapter, targets, neighbours, evaluate, lambda eta, res: judged(
-                    eta, res, threshold, other_budget, neighbour_budget, utility_budget), seed, progress)
-            if chosen is not None:
-                info.update(policy="SLUG refused; " + info["fallback"]["method"], edit_method="layer-finetune",
-                            why="fine-tuned after SLUG's search refused (--vlm-fallback finetune; not SLUG)")
-                grads.forget.update(g_ft)
-                return chosen, {**info, "step_size": 1.0, "clip_step_size": None}
         if chosen is None:
             partial = None
             row, why_not = None, ""
@@ -243,7 +231,6 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                    if neighbour_budget is not None and neighbours else "")
                 + f" and utility <= {utility_budget:.0%}{why_not}"
                 f"{closest(searched, threshold, other_budget, neighbour_budget, utility_budget)}"
-                + (finetune_refusal(info["fallback"], "--vlm-fallback finetune") if "fallback" in info else "")
                 + "; try "
                 + ("--vlm-gradient vlm (the VLM's own gradient, more selective), " if gradient == "clip" else "")
                 + ("--vlm-name-prob (a larger P, or off: a looser target criterion, which the test images may not "
@@ -254,6 +241,28 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             grads.forget.update({n: g_edit[n] for n in chosen.group})
         return chosen, info
 
+    def finetune_after(err, adapter, grads):
+        """``choose.fallback`` (``--vlm-fallback finetune``): every SLUG round refused (``err``); the VLM and
+        ``adapter.model`` are unedited again. Returns ``(chosen, record)`` and writes the fine-tune's −delta into
+        ``grads.forget``, or raises :class:`SearchFailed` with ``err``'s message and each try's row."""
+        info = {**(getattr(err, "info", None) or {}), "refusal": str(err)}
+        first = adapter.group_of(adapter.candidate_names()[0])  # η = 0: any group is the unedited VLM
+        chosen, g_ft, info["fallback"] = finetune_fallback(
+            llava, processor, mapping, adapter, targets, neighbours, scorer(adapter, grads.forget, first),
+            lambda eta, res: judged(eta, res, threshold, other_budget, neighbour_budget, utility_budget), seed,
+            progress)
+        if chosen is None:
+            refused = SearchFailed(f"{err}{finetune_refusal(info['fallback'], '--vlm-fallback finetune')}")
+            refused.info = info
+            raise refused from err
+        grads.forget.update(g_ft)
+        info.update(policy="SLUG refused; " + METHOD, edit_method="layer-finetune", step_size=1.0,
+                    clip_step_size=None, why="fine-tuned after SLUG's search refused (--vlm-fallback finetune; "
+                    "not SLUG)")
+        return chosen, info
+
+    if fallback:
+        choose.fallback = finetune_after
     return choose
 
 
@@ -290,11 +299,11 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     ``report.md`` with sample answers, ``patch/``), assembled in a temporary folder and renamed into place. Several
     ``concepts`` are unlearned jointly (one edit). Raises ``KeyError`` for an unknown identity and
     :class:`~slugkit.slug.search.SearchFailed` when no step passes the VLM criteria (no folder written).
-    ``max_layers`` (1–3; default 2, 1 with ``fallback``): when no layer has an accepted step, the closest step
+    ``max_layers`` (1–3; default 2): when no layer has an accepted step, the closest step
     within half the budgets and up to ``max_layers`` − 1 more layers
     (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer.
-    ``fallback="finetune"`` (``max_layers`` 1; **not SLUG**): when SLUG's search refuses, a one-layer fine-tune
-    on the VLM's answers (:mod:`slugkit.workflows.vlm_layer_ft`) judged by the same criteria; a run it passes records
+    ``fallback="finetune"`` (**not SLUG**): when every SLUG round refuses, a one-layer fine-tune of the unedited VLM
+    on its answers (:mod:`slugkit.workflows.vlm_layer_ft`) judged by the same criteria; a run it passes records
     ``method: "layer-finetune"`` in ``result.json`` and the patch, and says so in the report."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
     from ..report.unlearn import clip_section, downstream_head
@@ -307,8 +316,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     from .verdict import Budgets, check_downstream_recognised, vlm_verdict
     from .world_runs import world_config
 
-    max_layers = max_layers or (1 if fallback else 2)
-    check_fallback(fallback, max_layers)  # before the folder is claimed
+    max_layers = max_layers or 2
+    check_fallback(fallback)  # before the folder is claimed
     wanted = [concepts] if isinstance(concepts, str) else list(concepts or [default_concept()])
     targets = [world.identity_by_name(c).name for c in wanted]
     budgets = budgets or Budgets()

@@ -1,10 +1,14 @@
 """The embedded VLM's scores as ``slug demo --target vlm`` records them (:mod:`slugkit.workflows.vlm_demo`): one
-scoring's metrics, and the test-split scores before and after a patch applied through the LLaVA integration."""
+scoring's metrics, the test-split scores before and after a patch applied through the LLaVA integration, and the
+identities nearest the targets (the look-alikes the search bounds and the report names)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from ..world import render as world
 from ..world import vlm
 
 
@@ -44,3 +48,15 @@ def scored_before_after(llava, processor, patch_dir: Path, targets, n_target, n_
            "images": {"target": n_target, "per_other_identity": n_other, "utility_per_class": n_utility,
                       "split": "test", "question": vlm.NAME_QUESTION, "utility_questions": vlm.UTILITY_QUESTIONS}}
     return rec, {"before": b["answers"], "after": a["answers"]}
+
+
+def text_neighbours(adapter, targets: list[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` identities nearest the targets by the CLIP text embedding (identity templates averaged, cosine;
+    :func:`slugkit.eval.collateral.nearest_concepts`), ``[(name, cosine)]`` nearest first."""
+    from ..eval.collateral import nearest_concepts
+
+    names = world.identity_names()
+    with torch.no_grad():
+        emb = torch.stack([torch.nn.functional.normalize(adapter.encode_text(adapter.tokenize(
+            [t.format(n) for t in world.IDENTITY_EVAL_TEMPLATES])), dim=-1).mean(0) for n in names])
+    return nearest_concepts(torch.nn.functional.normalize(emb, dim=-1), names, [names.index(t) for t in targets], k)
