@@ -274,6 +274,12 @@ def test_inspect_of_a_model_folder_slug_wrote_describes_its_record(sd, tmp_path,
     rec = next(out.rglob("slugkit_patch.json"))
     sub = next(d for d in out.iterdir() if d.is_dir())
     assert main(["inspect", str(sub)]) == 0 and f"patch {fp[:12]} of " in capsys.readouterr().out
+    # a joint fine-tune's record: the names as words (it printed Python's ['A', 'B']) and "NOT SLUG"
+    data = json.loads(rec.read_text())
+    rec.write_text(json.dumps({**data, "concept": ["Jowen Gormere", "Hasa Malwick"], "method": "layer-finetune"}))
+    assert main(["inspect", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "of 'Jowen Gormere', 'Hasa Malwick' (method layer-finetune: NOT SLUG" in said and "['" not in said
     rec.write_text('{"patch_fin')
     assert main(["inspect", str(out)]) == 2
     assert "the record of the patch slug applied here is not readable JSON" in capsys.readouterr().err

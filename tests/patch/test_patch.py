@@ -656,6 +656,12 @@ def test_describe_names_a_joint_runs_concepts_as_words():
                    step_size=1.0)
     lines = describe(p).splitlines()
     assert "  concepts:   Jowen Gormere, B\\x1b[2J" in lines, lines
+    by = {"before": {"forget_top1": 1.0, "forget_by_concept": {"Jowen Gormere": {"forget_top1": 1.0}}},
+          "after": {"forget_top1": 0.5, "forget_by_concept": {"Jowen Gormere": {"forget_top1": 0.25}}}}
+    q = make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept=["Jowen Gormere", "B"],
+                   step_size=1.0, metrics=by)
+    lines = describe(q).splitlines()  # the per-concept figures one line each (a Python dict was printed)
+    assert "    FA@1 of Jowen Gormere: 1.0 → 0.25" in lines and not any("{" in ln for ln in lines), lines
 
 
 def test_chain_patches_folds_sequential_edits():

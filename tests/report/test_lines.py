@@ -124,3 +124,18 @@ def test_a_selection_that_never_met_the_rule_is_marked():
     assert _epoch_cell("ssd", grid, "forget_top1") == "1/1 (α 1, λ 0.2)"  # the paper's FA@1 rule: met
     met = {"epochs": [{"epoch": 1, "val": {"forget_top5": 0.0}}], "selected_epoch": 1, "config": {"lr": 1e-4}}
     assert _epoch_cell("gaft", met) == "1/1 (lr 1e-4)"
+
+
+def test_the_headline_names_every_edited_layer_and_never_a_fine_tunes_step():
+    """A two-layer SLUG run's console headline named its first layer only; a fine-tune's said "(step 1)"."""
+    from slugkit.report.fallback import edited_phrase
+
+    two = {"group": ["b.q", "b.k"], "step_size": 52.57, "layers_edited": [
+        {"group": ["b.q", "b.k"], "step_size": 52.57, "round": 2}, {"group": ["a.out"], "step_size": 0.733}]}
+    said = edited_phrase(two, "of its CLIP vision tower")
+    assert said == ("b.q, b.k (step 52.57) + a.out (step 0.733) of its CLIP vision tower (2 layers: no single layer "
+                    "forgot within the budgets)")
+    assert edited_phrase({"group": ["x"], "step_size": 3.0}, "of it") == "x (step 3) of it"
+    ft = {"method": "layer-finetune", "group": ["f1", "f2"], "step_size": 1.0,
+          "layers_edited": [{"group": ["f1", "f2"], "step_size": 1.0}]}
+    assert edited_phrase(ft, "of it") == "f1, f2 (the fine-tuned values, not a SLUG step) of it"

@@ -210,10 +210,14 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "step 1," not in report and "applied the fine-tuned values (not a SLUG step) of" in report
     assert f"- **round 1**: partial step {rounds[0]['partial_step']['applied_step']:.4g} of `" in report
     assert "tried (not in the patch)" in report and "` kept" not in report
+    assert "Apply it: `slug apply --llava VLM_DIR --patch patch/" in report
+    assert "A row marked **(edited)**, if any, is the fine-tuned layer" in report
+    assert "SLUG's own refusal, before the fine-tune: " in report and "(no patch)" not in report
     assert "Cost of the whole run: SLUG + the fine-tune" in report and "Step projected off" not in report
     assert len(res["layers_edited"]) == 1 and "not SLUG" in res["layers_edited"][0]["why"]
     said = capsys.readouterr().out
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in said and "time: SLUG + the fine-tune" in said
+    assert "(the fine-tuned values, not a SLUG step) of its CLIP vision tower" in said and "(step 1)" not in said
     # carried into a VLM folder: its record says which method made the patch
     assert main(["apply", "--llava", "embedded", "--patch", str(out / "patch"), "--out", str(tmp_path / "v")]) == 0
     assert json.loads((tmp_path / "v" / "slugkit_patch.json").read_text())["method"] == "layer-finetune"

@@ -80,7 +80,10 @@ def cmd_inspect(a) -> int:
         source = rec.get("source")
         print(f"{printable(a.patch)} is a model slug wrote with a patch {state} ({printable(where)}): patch "
               f"{printable(str(rec.get('patch_fingerprint', '?'))[:12])} of "
-              + (printable(repr(concept)) if concept else "an unnamed concept")
+              + (", ".join(printable(repr(c)) for c in concept) if isinstance(concept, list) and concept else
+                 printable(repr(concept)) if concept else "an unnamed concept")  # a joint run's: not ['A', 'B']
+              + (" (method layer-finetune: NOT SLUG, a fine-tune after SLUG's search refused)"
+                 if rec.get("method") == "layer-finetune" else "")
               + f", {len(rec.get('tensors') or [])} tensor(s), written from "
               + (printable(str(source)) if source else "a model object (e.g. the embedded pipeline), not a folder")
               + (f"; {len(rec['earlier'])} earlier record(s) (--json)" if rec.get("earlier") else "")

@@ -187,7 +187,22 @@ def _before_after(before: dict, after: dict) -> list[str]:
     def v(d, k):
         return printable(_rounded(d[k])) if k in d else "–"
 
-    return [f"    {printable(METRIC_NAMES.get(k, k))}: {v(before, k)} → {v(after, k)}" for k in keys]
+    lines = []
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        if isinstance(b, dict) or isinstance(a, dict):  # per concept (a joint run's forget_by_concept): one line each
+            b, a = b if isinstance(b, dict) else {}, a if isinstance(a, dict) else {}
+            for c in list(dict.fromkeys([*b, *a])):
+                bc, ac = b.get(c), a.get(c)
+                if isinstance(bc, dict) or isinstance(ac, dict):
+                    bc, ac = bc if isinstance(bc, dict) else {}, ac if isinstance(ac, dict) else {}
+                    lines += [f"    {printable(METRIC_NAMES.get(m, m))} of {printable(c)}: {v(bc, m)} → {v(ac, m)}"
+                              for m in list(dict.fromkeys([*bc, *ac]))]
+                else:
+                    lines.append(f"    {printable(k)} of {printable(c)}: {v(b, c)} → {v(a, c)}")
+            continue
+        lines.append(f"    {printable(METRIC_NAMES.get(k, k))}: {v(before, k)} → {v(after, k)}")
+    return lines
 
 
 def _names(v) -> str:

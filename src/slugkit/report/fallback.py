@@ -26,4 +26,17 @@ def fallback_lines(chooser: dict) -> list[str]:
                     f"{0.0 - (t.get('neighbour_drop') or 0.0):+.2f}"
                     + (f", utility {0.0 - t['utility_drop']:+.3f}" if "utility_drop" in t else "")
                     + (" (accepted)" if t["accepted"] else ""))
-    return [head + ":", *rows]
+    why = str(chooser.get("refusal") or "").replace(" (no patch)", "")  # SLUG's rounds made none; the fine-tune did
+    return [head + ":", *rows] + ([f"SLUG's own refusal, before the fine-tune: {why}"] if why else [])
+
+
+def edited_phrase(result: dict, where: str) -> str:
+    """The console headline's "by editing …" object: every edited group with its step and round (a two-layer SLUG
+    run named its first layer only), or the fine-tuned values of a ``layer-finetune`` edit (it said "step 1", the
+    stored step of θ ← θ − 1·(−delta)); ``where``: e.g. "of its CLIP vision tower"."""
+    edits = result.get("layers_edited") or [{"group": result["group"], "step_size": result["step_size"]}]
+    if result.get("method") == "layer-finetune":
+        return f"{', '.join(edits[0]['group'])} (the fine-tuned values, not a SLUG step) {where}"
+    said = " + ".join(f"{', '.join(e['group'])} (step {e['step_size']:.4g})" for e in edits)
+    return f"{said} {where}" + (f" ({len(edits)} layers: no single layer forgot within the budgets)"
+                                if len(edits) > 1 else "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .fallback import fallback_lines
+from .fallback import edited_phrase, fallback_lines
 
 
 def render_generation_report(result: dict) -> str:
@@ -135,12 +135,8 @@ def print_sd_summary(result: dict, out: str) -> None:
     g = result["generation"]
     b, a = g["before"], g["after"]
     print()
-    edits = result.get("layers_edited") or [{"group": result["group"], "step_size": result["step_size"]}]
     finetuned = result.get("method") == "layer-finetune"  # not SLUG (--sd-fallback finetune)
-    where = " + ".join(f"{', '.join(e['group'])} (" + ("the fine-tuned values" if finetuned else
-                                                        f"step {e['step_size']:.4g}") + ")" for e in edits)
-    print(headline(result, "the embedded text-to-image pipeline", f"{where} of its CLIP text encoder"
-                   + (f" ({len(edits)} layers: no single layer forgot within the budgets)" if len(edits) > 1 else "")))
+    print(headline(result, "the embedded text-to-image pipeline", edited_phrase(result, "of its CLIP text encoder")))
     print("| generated images | before | after |")
     print("|---|---|---|")
     print(f"| '{result['concept']}' recognised | {b['generated_target_recognised']:.3f} | "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..common.files import atomic_write_bytes
 from ..common.text import printable
+from .search_lines import _why_heading, apply_command, trajectory_lines  # noqa: F401  (re-exported: tests and callers know them from here)
 
 METRIC_LABELS = [
     ("forget_top1", "FA@1 (forget top-1)", "lower is better"),
@@ -237,60 +238,6 @@ def _protection_lines(result: dict) -> list[str]:
     return lines
 
 
-def _partial_note(result: dict) -> str:
-    """", except here: …" when the multi-layer fallback applied only part of the first layer's step (the heading
-    gave the margin rule alone, twenty-third trial)."""
-    first = (result.get("layers_edited") or [{}])[0]
-    if not str(first.get("why", "")).startswith("partial step"):
-        return ""
-    return (f", except here: the fallback applied a partial step of it, η = {first['step_size']:.6g} (η/R "
-            f"{first['relative_change']:.4f}; \"Layers edited\"), and searched the next round on the edited model")
-
-
-def trajectory_lines(result: dict, chosen: str) -> list[str]:
-    """The report's "Search trajectory of the first edited layer": its CLIP step search, or — when the layer was
-    chosen off that search (by the search on a pipeline's generations or a VLM's answers) — a line saying where its
-    trajectory is instead of an empty table."""
-    c = result["config"]
-    lines = ["## Search trajectory of the first edited layer", "",
-             f"Criterion: validation `{c['metric']}` ≤ {c['threshold']}"
-             + (f", utility drop ≤ {c['utility_floor']}" if c['utility_floor'] is not None else "")
-             + f"; S = {c['steps']} evaluations; applied step = {c['margin']} × smallest accepted step"
-             + _partial_note(result) + ".", ""]
-    rows = [e for e in result["search"] if e["layer"] == chosen and e.get("round", 1) == 1]
-    if rows and result.get("method") == "layer-finetune":  # the table below was never applied (verification 60)
-        lines += [f"**None of these steps was applied**: SLUG's search refused, and `{chosen}` holds "
-                  f"{FINETUNED}. Its CLIP step search, for reference:", ""]
-    if not rows:
-        return lines + [f"`{chosen}` was not searched on the CLIP's validation metrics: its step comes from the "
-                        "search on the downstream model's outputs, whose trajectory is in that section below."]
-    lines += ["| # | η | η/R | val FA@1 | val FA@5 | accepted |", "|---|---|---|---|---|---|"]
-    for k, e in enumerate(rows, 1):
-        lines.append(f"| {k} | {e['step_size']:.6g} | {e['relative_change']:.4f} | "
-                     f"{_fmt(e['metrics'].get('forget_top1'))} | {_fmt(e['metrics'].get('forget_top5'))} | "
-                     f"{'yes' if e['accepted'] else 'no'} |")
-    return lines
-
-
-def _why_heading(result: dict) -> list[str]:
-    """"Why this layer" — or, when a search on a downstream model's outputs chose the edited layers (``--target sd``:
-    generated images, ``--target vlm``: the VLM's answers), a heading saying that the table below is the CLIP side's
-    search over the candidates, so layers it lists but nobody edited are not mistaken for the edit."""
-    ch = result.get("chooser") or {}
-    rounds = ch.get("rounds") or [ch]
-    what = ("the generated images" if any(r.get("generator_search") for r in rounds)
-            else "the VLM's answers" if any(r.get("vlm_search") for r in rounds) else None)
-    if what is None:
-        return ["## Why this layer", ""]
-    edited = ", ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`"
-    return ["## The CLIP search over the candidate layers", "",
-            (f"The edited layer ({edited}) was fine-tuned after SLUG's search on {what} refused (its section below); "
-             if result.get("method") == "layer-finetune" else
-             f"The edited layers ({edited}) and their steps were chosen by the search on {what} (its section below); ")
-            + "the CLIP search summarised here gave the candidates and their starting steps. A row marked **(edited)** "
-            "is a layer that was edited; the others were candidates only.", ""]
-
-
 def clip_section(text: str) -> str:
     """The CLIP run's ``report.md`` as a section of a downstream run's report: its ``**verdict: X**`` line relabelled
     as the CLIP run's own (the only bare verdict line of an SD report said "fail" while the run's verdict, in the
@@ -356,9 +303,10 @@ def render_report(result: dict) -> str:
                   "the applied step.",
            "deepest": "the deepest front layer that reached the criterion."}[result["config"]["selection"]],
         "",
-        "Each layer below is scored at 1.1 × its smallest accepted step; an edited layer's applied step is in "
-        "\"Layers edited\" when the fallback took only part of it. Round 2+ rows were searched on the model with the "
-        "earlier edits applied.",
+        "Each layer below is scored at 1.1 × its smallest accepted step"
+        + ("; an edited layer's applied step is in \"Layers edited\" when the fallback took only part of it"
+           if len(result.get("layers_edited") or []) > 1 else "")
+        + ". Round 2+ rows were searched on the model with the earlier edits applied.",
         "",
         "| round | layer | tower | accepted η | η at scoring | η/R | val FA@5 | val related | val utility | val worst "
         "identity |",
@@ -386,6 +334,6 @@ def render_report(result: dict) -> str:
               f"evaluation {t['evaluation']:.1f} s · total {t['total']:.1f} s. Patch: {result['patch']['bytes']:,} "
               f"bytes ({100 * result['patch']['bytes'] / result['model_bytes']:.3f}% of the model's "
               f"{result['model_bytes']:,} bytes).", "",
-              "Apply it: `slug apply --patch patch/ ...` or `slugkit.apply_patch(model, slugkit.load_patch('patch'))`; "
+              f"Apply it: `{apply_command(result)}` or `slugkit.apply_patch(model, slugkit.load_patch('patch'))`; "
               "revert is bit-exact.", ""]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .fallback import fallback_lines
+from .fallback import edited_phrase, fallback_lines
 from .sd import cost_lines
 from .unlearn import outputs_line, worst_line
 
@@ -24,8 +24,7 @@ def print_vlm_summary(result: dict, out: str) -> None:
 
     v = result["vlm"]
     print()
-    print(headline(result, "the embedded VLM (LLaVA)",
-                   f"{', '.join(result['group'])} (step {result['step_size']:.4g}) of its CLIP vision tower"))
+    print(headline(result, "the embedded VLM (LLaVA)", edited_phrase(result, "of its CLIP vision tower")))
     print("\n".join(_table(v["before"], v["after"], v["collateral"]["concepts"])))
     for t, x in v["after"]["target_named_by_concept"].items():
         if len(v["after"]["target_named_by_concept"]) > 1:
