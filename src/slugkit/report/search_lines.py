@@ -4,6 +4,12 @@ layer's CLIP search trajectory, the heading of the layer table when a downstream
 
 from __future__ import annotations
 
+FINETUNED = "the fine-tuned values (not a SLUG step)"
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
 
 def _partial_note(result: dict) -> str:
     """", except here: …" when the multi-layer fallback applied only part of the first layer's step (the heading
@@ -19,8 +25,6 @@ def trajectory_lines(result: dict, chosen: str) -> list[str]:
     """The report's "Search trajectory of the first edited layer": its CLIP step search, or — when the layer was
     chosen off that search (by the search on a pipeline's generations or a VLM's answers) — a line saying where its
     trajectory is instead of an empty table."""
-    from .unlearn import FINETUNED, _fmt
-
     c = result["config"]
     lines = ["## Search trajectory of the first edited layer", "",
              f"Criterion: validation `{c['metric']}` ≤ {c['threshold']}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..common.files import atomic_write_bytes
 from ..common.text import printable
-from .search_lines import _why_heading, apply_command, trajectory_lines  # noqa: F401  (re-exported: tests and callers know them from here)
+from .search_lines import FINETUNED, _fmt, _why_heading, apply_command, trajectory_lines  # noqa: F401  (re-exported)
 
 METRIC_LABELS = [
     ("forget_top1", "FA@1 (forget top-1)", "lower is better"),
@@ -58,10 +58,6 @@ def pareto_plot(table_json: dict, path: str | Path, title: str = "", chosen: str
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
 def metrics_table(before: dict, after: dict) -> str:
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for key, label, _ in METRIC_LABELS:
@@ -88,7 +84,6 @@ def method_words(result: dict) -> str:
     """Who made the edit: "SLUG", or e.g. the fine-tune fallback with the option that asked for it."""
     option = ((result.get("chooser") or {}).get("fallback") or {}).get("option", "--vlm-fallback finetune")
     return METHOD_WORDS.get(result.get("method"), "SLUG").format(option=option)
-FINETUNED = "the fine-tuned values (not a SLUG step)"
 
 
 def headline(result: dict, subject: str, edit: str) -> str:
