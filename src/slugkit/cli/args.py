@@ -198,7 +198,8 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    help="when no single layer forgets within the budgets, edit up to this many layers (1-3), "
                         "recomputing the gradients after each (default 2; 1 = the paper's single layer). With "
                         "--target sd/vlm: judged on the generated images / the VLM's answers, and 1 = refuse rather "
-                        "than add a layer; a patch of several layers stays within 1%% of the CLIP's bytes")
+                        "than add a layer (or, with --sd/--vlm-fallback finetune, fine-tune after that one round); "
+                        "a patch of several SLUG layers stays within 1%% of the CLIP's bytes")
 
 
 def search_config(a):

@@ -114,12 +114,12 @@ def add_vlm_args(d):
                          "(0, 1] (default 0.1: a margin for the unseen images; 'off': the answers only). The search's "
                          "criterion only: the test figures and the verdict are the answers'")
     vg.add_argument("--vlm-fallback", default=None, choices=["finetune"],
-                    help="when SLUG's search refuses (no step of one layer forgets within the budgets), fine-tune "
-                         "one layer on the VLM's answers (Adam, 300 steps; 900 for several --concepts; NOT SLUG): the "
-                         "deepest block's MLP, then "
-                         "its attention output, keeping the first that passes the same validation criteria; the run, "
-                         "its report and its patch say method layer-finetune. Runs on the unedited VLM only after "
-                         "every SLUG round (--max-layers) refused. Default: off (refuse)")
+                    help="when every SLUG round refuses (no step forgets within the budgets, --max-layers "
+                         "rounds), fine-tune one layer of the unedited VLM on its answers (Adam, 300 steps; 900 for "
+                         "several --concepts; NOT SLUG): the deepest block's MLP (fc1 + fc2, 1.8%% of the CLIP's "
+                         "bytes: above the 1%% of SLUG's layers), then its attention output, keeping the first that "
+                         "passes the same validation criteria; the run, its report and its patch say method "
+                         "layer-finetune. Default: off (refuse)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")
