@@ -116,8 +116,9 @@ def add_vlm_args(d):
     vg.add_argument("--vlm-fallback", default=None, choices=["finetune"],
                     help="when every SLUG round refuses (no step forgets within the budgets, --max-layers "
                          "rounds), fine-tune one layer of the unedited VLM on its answers (Adam, 300 steps; 900 for "
-                         "several --concepts; NOT SLUG): the deepest block's MLP (fc1 + fc2, 1.8%% of the CLIP's "
-                         "bytes: above the 1%% of SLUG's layers), then its attention output, keeping the first that "
+                         "several --concepts; NOT SLUG): the deepest block's MLP (fc1 + fc2, SLUG's group of fc1: a "
+                         "patch of 1.8%% of the CLIP's bytes, as SLUG's step there), then its attention output, "
+                         "keeping the first that "
                          "passes the same validation criteria; the run, its report and its patch say method "
                          "layer-finetune. Default: off (refuse)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
