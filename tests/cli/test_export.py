@@ -283,3 +283,21 @@ def test_inspect_of_a_model_folder_slug_wrote_describes_its_record(sd, tmp_path,
     rec.write_text('{"patch_fin')
     assert main(["inspect", str(out)]) == 2
     assert "the record of the patch slug applied here is not readable JSON" in capsys.readouterr().err
+
+
+def test_apply_to_a_non_empty_out_is_refused_before_the_model_loads(sd, tmp_path, monkeypatch, capsys):
+    """`slug apply --pipeline/--llava … --out EXISTING` loaded the weights, then refused the folder (verification
+    61): the refusal now comes first."""
+    import slugkit.integrations.diffusers_sd as dsd
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded the text encoder before refusing the --out")
+
+    monkeypatch.setattr(dsd, "_folder_text_encoder", no_load)
+    assert main(["apply", "--patch", str(sd / "patch"), "--pipeline", str(sd / "sd"), "--out", str(out)]) == 2
+    assert "holds files slug did not write (notes.txt" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

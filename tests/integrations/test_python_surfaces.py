@@ -39,7 +39,7 @@ def vlm_patch(vlm_clip):
                       concept=world.IDENTITIES[0].name, extra={"target": "vlm"})
 
 
-def test_save_patched_llava_takes_embedded_and_refuses_an_out_inside_the_model(vlm_patch, tmp_path):
+def test_save_patched_llava_takes_embedded_and_refuses_an_out_inside_the_model(vlm_patch, tmp_path, monkeypatch):
     """'embedded' was refused with a message that said to pass 'embedded' (only the CLI knew the name); an out_dir
     inside the model folder was written into (the CLI refuses it)."""
     from slugkit.models.open_clip import EMBEDDED_VLM_DIR
@@ -47,6 +47,16 @@ def test_save_patched_llava_takes_embedded_and_refuses_an_out_inside_the_model(v
     save_patch(vlm_patch, tmp_path / "patch")
     out = save_patched_llava("embedded", tmp_path / "patch", tmp_path / "vlm")  # a patch folder for the Patch too
     assert (out / "config.json").is_file() and (out / "slugkit_patch.json").is_file()
+    # a non-empty out is refused before the weights load (it loaded the model first: verification 61)
+    import slugkit.integrations.llava as integ
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded the weights before refusing the --out")
+
+    with monkeypatch.context() as m:
+        m.setattr(integ, "load_llava_folder", no_load)
+        with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
+            save_patched_llava("embedded", tmp_path / "patch", out)
     with pytest.raises(ValueError, match="is inside .*the LLaVA model it is written from|inside the slugkit package"):
         save_patched_llava(EMBEDDED_VLM_DIR, vlm_patch, EMBEDDED_VLM_DIR / "x")
     assert not (EMBEDDED_VLM_DIR / "x").exists()

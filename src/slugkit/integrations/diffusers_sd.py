@@ -44,7 +44,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..common.files import atomic_dir
+from ..common.files import atomic_dir, check_replaceable
 from ..patch import Patch, PatchMismatchError, model_of, tensor_sha256
 from .sd_reads import PROJECTION, READS, consumed_extra, consumed_layer_count, encoder_reads, is_sdxl  # noqa: F401
 from .towers import (CLIP_TOWER_PREFIX, TowerMismatchError, apply_to_consumer, check_out_outside,
@@ -327,6 +327,8 @@ def save_patched_text_encoder(pipe_or_dir, patch: Patch, out_dir: str | os.PathL
     src_dir = None
     check_out_outside(Path(pipe_or_dir) if isinstance(pipe_or_dir, (str, os.PathLike)) and pipe_or_dir != "embedded"
                       else None, out_dir, "pipeline")  # the package, a run, the pipeline's own folder
+    if os.path.isdir(out_dir):  # a non-empty out is refused before the text encoder loads (verification 61)
+        check_replaceable(out_dir, overwrite, "slugkit_patch.json")
     if isinstance(pipe_or_dir, (str, os.PathLike)):
         if pipe_or_dir == "embedded":  # the CLI's name (trial 29); this layer cannot load that model
             raise ValueError("'embedded' names the shipped text-to-image model in the CLI; from Python pass its "

@@ -194,6 +194,10 @@ def save_patched_llava(llava_or_dir, patch: Patch, out_dir: str | os.PathLike, *
         llava_or_dir = EMBEDDED_VLM_DIR
     folder = isinstance(llava_or_dir, (str, os.PathLike))
     check_out_outside(Path(llava_or_dir) if folder else None, out_dir, "LLaVA model")  # before any load
+    if os.path.isdir(out_dir):  # a non-empty --out is refused before the weights load (verification 61), not after
+        from ..common.files import check_replaceable
+
+        check_replaceable(out_dir, overwrite, "slugkit_patch.json")
     if folder:
         from transformers import LlavaForConditionalGeneration
 
