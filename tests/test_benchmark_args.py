@@ -136,14 +136,16 @@ def test_the_sd_summary_names_the_worst_other_concept_of_every_run():
 
 def test_the_vlm_summary_splits_the_passes_by_the_method_that_made_the_patch():
     """With --fallback, a pass by the fine-tune is not SLUG's: the summary counts each method's runs and passes
-    (the README's "2 by SLUG's own step, 7 by the fine-tune")."""
+    (the README's "4 of the single passes by SLUG's own step ..., 5 and the joint one by the fine-tune")."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import vlm_embedded
 
     rows = json.loads((ROOT / "benchmarks" / "results" / "vlm_embedded_vlm_fallback.json").read_text())["rows"]
     s = vlm_embedded.summary(rows)
-    assert s["by_method"] == {"layer-finetune": {"runs": 7, "passed": 7}, "slug": {"runs": 2, "passed": 2}}
+    assert s["by_method"] == {"layer-finetune": {"runs": 5, "passed": 5}, "slug": {"runs": 4, "passed": 4}}
     assert (s["passed"], s["refused"], s["total"]) == (9, 1, 10)
+    joint = json.loads((ROOT / "benchmarks" / "results" / "vlm_embedded_vlm_fallback_joint.json").read_text())["rows"]
+    assert vlm_embedded.summary(joint)["by_method"] == {"layer-finetune": {"runs": 1, "passed": 1}}
     old = json.loads((ROOT / "benchmarks" / "results" / "vlm_embedded_vlm_name_prob.json").read_text())["rows"]
     assert vlm_embedded.summary(old)["by_method"] == {"slug": {"runs": 4, "passed": 4}}  # rows from before "method"
 
