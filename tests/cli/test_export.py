@@ -301,3 +301,8 @@ def test_apply_to_a_non_empty_out_is_refused_before_the_model_loads(sd, tmp_path
     assert main(["apply", "--patch", str(sd / "patch"), "--pipeline", str(sd / "sd"), "--out", str(out)]) == 2
     assert "holds files slug did not write (notes.txt" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    import slugkit.cli.patches as cli_patches  # --pipeline embedded loaded the shipped model first (verification 62)
+
+    monkeypatch.setattr(cli_patches, "load_pipeline", no_load, raising=False)
+    assert main(["apply", "--patch", str(sd / "patch"), "--pipeline", "embedded", "--out", str(out)]) == 2
+    assert "holds files slug did not write (notes.txt" in capsys.readouterr().err

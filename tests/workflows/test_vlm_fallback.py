@@ -211,6 +211,9 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert f"- **round 1**: partial step {rounds[0]['partial_step']['applied_step']:.4g} of `" in report
     assert "tried (not in the patch)" in report and "` kept" not in report
     assert "Apply it: `slug apply --llava VLM_DIR --patch patch/" in report
+    traj = report.split("## Search trajectory of the first edited layer")[1].split("## ")[0]
+    assert "None of these steps was applied" in traj or (  # no SLUG step rule for the fine-tuned group
+        " + ".join(f"`{n}`" for n in res["group"]) + " were not searched" in traj and "applied step =" not in traj)
     assert "A row marked **(edited)**, if any, is the fine-tuned layer" in report
     assert "SLUG's own refusal, before the fine-tune: " in report and "(no patch)" not in report
     assert "Cost of the whole run: SLUG + the fine-tune" in report and "Step projected off" not in report
@@ -219,5 +222,9 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in said and "time: SLUG + the fine-tune" in said
     assert "(the fine-tuned values, not a SLUG step) of its CLIP vision tower" in said and "(step 1)" not in said
     # carried into a VLM folder: its record says which method made the patch
+    capsys.readouterr()
+    assert main(["apply", "--llava", "embedded", "--patch", str(out / "patch"), "--out", str(out)]) == 2
+    assert "is a slug run folder; write the LLaVA model outside that run" in capsys.readouterr().err  # not "holds
+    # files slug did not write" of the run's own files (verification 62)
     assert main(["apply", "--llava", "embedded", "--patch", str(out / "patch"), "--out", str(tmp_path / "v")]) == 0
     assert json.loads((tmp_path / "v" / "slugkit_patch.json").read_text())["method"] == "layer-finetune"

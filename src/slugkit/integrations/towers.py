@@ -51,6 +51,11 @@ def check_out_outside(src_dir: Path | None, out_dir, what: str) -> None:
     why = out_inside_model(out_dir, {}, "out_dir (--out)") or out_inside_run(out_dir, "out_dir (--out)")
     if why:
         raise ValueError(why)
+    from ..common.outguard import is_run
+
+    # a run folder itself: the refusal said it "holds files slug did not write" of the run's own files (verify 62)
+    if os.path.isdir(out_dir) and is_run(Path(os.path.realpath(out_dir))) is not None:
+        raise ValueError(f"out_dir (--out) {out_dir} is a slug run folder; write the {what} outside that run")
     if src_dir is not None and (os.path.realpath(out_dir) + os.sep).startswith(os.path.realpath(src_dir) + os.sep):
         raise ValueError(f"out_dir {out_dir} is inside {src_dir}, the {what} it is written from; write it beside "
                          "that folder")

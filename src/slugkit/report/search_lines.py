@@ -32,12 +32,14 @@ def trajectory_lines(result: dict, chosen: str) -> list[str]:
              + f"; S = {c['steps']} evaluations; applied step = {c['margin']} × smallest accepted step"
              + _partial_note(result) + ".", ""]
     rows = [e for e in result["search"] if e["layer"] == chosen and e.get("round", 1) == 1]
+    if not rows and result.get("method") == "layer-finetune":  # no step rule applies to it (verification 62)
+        group = " + ".join(f"`{n}`" for n in result.get("group") or [chosen])
+        return [*lines[:2], f"{group} {'were' if len(result.get('group') or []) > 1 else 'was'} not searched on the "
+                f"CLIP's validation metrics: {'they hold' if len(result.get('group') or []) > 1 else 'it holds'} "
+                f"{FINETUNED}, judged on the downstream model's outputs (the fine-tune's lines below)."]
     if rows and result.get("method") == "layer-finetune":  # the table below was never applied (verification 60)
         lines += [f"**None of these steps was applied**: SLUG's search refused, and `{chosen}` holds "
                   f"{FINETUNED}. Its CLIP step search, for reference:", ""]
-    if not rows and result.get("method") == "layer-finetune":
-        return lines + [f"`{chosen}` was not searched on the CLIP's validation metrics: it holds {FINETUNED}, "
-                        "judged on the downstream model's outputs (the fine-tune's lines below)."]
     if not rows:
         return lines + [f"`{chosen}` was not searched on the CLIP's validation metrics: its step comes from the "
                         "search on the downstream model's outputs, whose trajectory is in that section below."]
@@ -59,7 +61,9 @@ def _why_heading(result: dict) -> list[str]:
             else "the VLM's answers" if any(r.get("vlm_search") for r in rounds) else None)
     if what is None:
         return ["## Why this layer", ""]
-    edited = ", ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`"
+    edited = (" + ".join(f"`{n}`" for n in result.get("group") or [result["layer"]])  # every tensor fine-tuned
+              if result.get("method") == "layer-finetune" else
+              ", ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`")
     return ["## The CLIP search over the candidate layers", "",
             (f"The edited layer ({edited}) was fine-tuned after SLUG's search on {what} refused (its section below); "
              if result.get("method") == "layer-finetune" else
@@ -75,7 +79,9 @@ def apply_command(result: dict) -> str:
     ``--patch patch/ ...`` for every run)."""
     rounds = (result.get("chooser") or {}).get("rounds") or [result.get("chooser") or {}]
     if any(r.get("vlm_search") for r in rounds):
-        return "slug apply --llava VLM_DIR --patch patch/ --out DIR"
+        return ("`slug apply --llava VLM_DIR --patch patch/ --out DIR` (VLM_DIR: the VLM's folder, `embedded` for the "
+                "shipped one)")
     if any(r.get("generator_search") for r in rounds):
-        return "slug apply --pipeline SD_DIR --patch patch/ --out DIR"
-    return "slug apply --patch patch/ ..."
+        return ("`slug apply --pipeline SD_DIR --patch patch/ --out DIR` (SD_DIR: the pipeline's folder, `embedded` "
+                "for the shipped one)")
+    return "`slug apply --patch patch/ ...`"

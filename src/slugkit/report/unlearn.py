@@ -329,6 +329,6 @@ def render_report(result: dict) -> str:
               f"evaluation {t['evaluation']:.1f} s · total {t['total']:.1f} s. Patch: {result['patch']['bytes']:,} "
               f"bytes ({100 * result['patch']['bytes'] / result['model_bytes']:.3f}% of the model's "
               f"{result['model_bytes']:,} bytes).", "",
-              f"Apply it: `{apply_command(result)}` or `slugkit.apply_patch(model, slugkit.load_patch('patch'))`; "
+              f"Apply it: {apply_command(result)} or `slugkit.apply_patch(model, slugkit.load_patch('patch'))`; "
               "revert is bit-exact.", ""]
     return "\n".join(lines)
