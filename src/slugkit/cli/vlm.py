@@ -118,9 +118,8 @@ def add_vlm_args(d):
                          "rounds), fine-tune one layer of the unedited VLM on its answers (Adam, 300 steps; 900 for "
                          "several --concepts; NOT SLUG): the deepest block's MLP (fc1 + fc2, SLUG's group of fc1: a "
                          "patch of 1.8%% of the CLIP's bytes, as SLUG's step there), then its attention output, "
-                         "keeping the first that "
-                         "passes the same validation criteria; the run, its report and its patch say method "
-                         "layer-finetune. Default: off (refuse)")
+                         "keeping the first that passes the same validation criteria; the run, its report and its "
+                         "patch say method layer-finetune. Default: off (refuse)")
     vg.add_argument("--vlm-utility-budget", type=FRACTION, default=0.03,
                     help="search accepts a step only if the VLM's utility-question accuracy drops by at most this "
                          "(default 0.03; also the verdict's)")
