@@ -175,11 +175,21 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
                  "neighbour_drop": 0.0, "worst_neighbour": None, "utility_drop": 0.0}], None
 
     monkeypatch.setattr(vlm_demo, "generator_step_search", refused)
+    from slugkit.slug import search
+
+    choose = search.choose_layer
+
+    def attention_first(found, *a):  # a group of several tensors (q, k, v) searched first, for the stage lines
+        qkv = [s for s in found if len(s.group) == 3]
+        return qkv[0] if qkv else choose(found, *a)
+
+    monkeypatch.setattr(search, "choose_layer", attention_first)
     monkeypatch.setattr(vlm_layer_ft, "FT_STEPS", 3)
     monkeypatch.setattr(vlm_layer_ft, "FT_LR", 0.05)
     out = tmp_path / "ft"
     rc = main(["demo", "--target", "vlm", "--vlm-fallback", "finetune", "--out", str(out), "--other-budget", "1",
-               "--neighbour-budget", "1", "--vlm-utility-budget", "1", "--max-searched", "1", "--no-progress"])
+               "--neighbour-budget", "1", "--vlm-utility-budget", "1", "--max-searched", "1"])
+    said, err = capsys.readouterr()
     res = json.loads((out / "result.json").read_text())
     assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
     fb = res["chooser"]["fallback"]
@@ -193,7 +203,12 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["partial_step"]["target_recognised"] == 0.5
     from slugkit.world.vlm import vlm_clip_adapter
 
-    unedited = dict(vlm_clip_adapter(None).model.named_parameters())
+    adapter = vlm_clip_adapter(None)
+    unedited = dict(adapter.model.named_parameters())
+    # the stage lines name every tensor of a group (they named its first: verification 61)
+    group = ", ".join(adapter.group_of(rounds[0]["vlm_search"]["layers"][0]["layer"]))
+    assert group.count(", ") == 2  # q, k, v
+    assert f"VLM step search on {group} from step" in err and f"round 2: partial step of {group};" in err
     assert res["vlm"]["after"]["target_named"] < res["vlm"]["before"]["target_named"]
     assert json.loads((out / "run.json").read_text())["vlm"]["fallback"] == "finetune"
     patch = load_patch(out / "patch")
@@ -218,7 +233,6 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "SLUG's own refusal, before the fine-tune: " in report and "(no patch)" not in report
     assert "Cost of the whole run: SLUG + the fine-tune" in report and "Step projected off" not in report
     assert len(res["layers_edited"]) == 1 and "not SLUG" in res["layers_edited"][0]["why"]
-    said = capsys.readouterr().out
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in said and "time: SLUG + the fine-tune" in said
     assert "(the fine-tuned values, not a SLUG step) of its CLIP vision tower" in said and "(step 1)" not in said
     # carried into a VLM folder: its record says which method made the patch

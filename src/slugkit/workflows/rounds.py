@@ -246,8 +246,8 @@ def _generator_rounds(cfg, adapter, data, first: tuple, val_before: dict, choose
                 if not names:
                     raise SearchFailed(f"{infos[-1]['refusal']}; no other candidate fits the patch-size cap for a "
                                        f"round {rnd} (no patch)")
-                status(f"round {rnd}: partial step of {edits[-1].search.name}; recomputing gradients on the edited "
-                       "model", cfg.progress)
+                status(f"round {rnd}: partial step of {', '.join(edits[-1].search.group)}; recomputing gradients "
+                       "on the edited model", cfg.progress)
                 grads, searches = next_front(cfg, adapter, data, names, stages)
             try:
                 chosen, info = choose(searches, adapter, grads, val_before, cfg.search.selection,

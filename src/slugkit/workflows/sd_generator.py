@@ -210,7 +210,7 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
         base_o = float(sum(base_per.values()) / len(base_per))
         searched, chosen = [], None
         for k, layer in enumerate(order[:max_searched]):
-            status(f"round {rnd}: generator step search on {layer.name} ({k + 1} of "
+            status(f"round {rnd}: generator step search on {', '.join(layer.group)} ({k + 1} of "
                    f"{len(order[:max_searched])}), from step {layer.step_size:.4g}", progress)
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), layer.step_size,
                                               search_steps, threshold, other_budget, neighbour_budget)

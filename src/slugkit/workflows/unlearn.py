@@ -210,7 +210,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
         timing["search"] -= timing.pop("later_gradients", 0.0)  # a later round's gradient pass is "gradients" time
         cpu["search"] -= cpu.pop("later_gradients", 0.0)  # and its CPU seconds too (they stayed in "search": trial 44)
         with _timed(timing, "evaluation"):
-            status(f"evaluating the edit of {' + '.join(e.search.name for e in edits)} on the test images",
+            status(f"evaluating the edit of {' + '.join(', '.join(e.search.group) for e in edits)} on the test images",
                    cfg.progress)
             after = _evaluate_edits(adapter, edits, test_eval)
         timing["evaluation"] = timing.pop("evaluation")  # keep the stages in run order in result.json

@@ -190,7 +190,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
                 start = 0.1 * layer.ratio
             else:
                 start = layer.step_size if layer.step_size is not None else max(t.step_size for t in layer.trajectory)
-            status(f"VLM step search on {layer.name} from step {start:.4g}", progress)
+            status(f"VLM step search on {', '.join(layer.group)} from step {start:.4g}", progress)
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), start, search_steps,
                                               threshold, other_budget, neighbour_budget, utility_budget)
             searched.append({"layer": layer.name, "clip_step_size": layer.step_size, "start_step": start,
