@@ -139,3 +139,15 @@ def test_the_headline_names_every_edited_layer_and_never_a_fine_tunes_step():
     ft = {"method": "layer-finetune", "group": ["f1", "f2"], "step_size": 1.0,
           "layers_edited": [{"group": ["f1", "f2"], "step_size": 1.0}]}
     assert edited_phrase(ft, "of it") == "f1, f2 (the fine-tuned values, not a SLUG step) of it"
+
+
+def test_the_apply_hint_names_the_model_the_run_was_judged_on_and_quotes_the_folder():
+    """The console's apply command after the outputs line: the pipeline for a text-to-image run (it printed none),
+    LLaVA for a VLM run, the run folder quoted for a shell."""
+    from slugkit.report.search_lines import apply_hint
+
+    assert apply_hint({"target": "sd"}, "my runs/r") == (
+        "apply the patch: slug apply --pipeline SD_DIR --patch 'my runs/r/patch' --out DIR (SD_DIR: the pipeline's "
+        "folder, embedded for the shipped one)")
+    assert apply_hint({"target": "vlm"}, "r").startswith("apply the patch: slug apply --llava VLM_DIR --patch r/patch")
+    assert apply_hint({"chooser": {}}, "r") == "apply the patch: slug apply --patch r/patch ..."

@@ -128,6 +128,7 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune) unlearned" in said
     assert "(the fine-tuned values, not a SLUG step) of its CLIP text encoder" in said
     assert "time: SLUG + the fine-tune" in said and "Apply it: `slug apply --pipeline SD_DIR" in report
+    assert f"; apply the patch: slug apply --pipeline SD_DIR --patch {out}/patch --out DIR" in said  # it had none
     assert "SLUG's own refusal, before the fine-tune: " in report and "(no patch)" not in report
     assert json.loads((out / "run.json").read_text())["sd"]["fallback"] == "finetune"
 

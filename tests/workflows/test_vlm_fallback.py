@@ -235,6 +235,7 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert len(res["layers_edited"]) == 1 and "not SLUG" in res["layers_edited"][0]["why"]
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in said and "time: SLUG + the fine-tune" in said
     assert "(the fine-tuned values, not a SLUG step) of its CLIP vision tower" in said and "(step 1)" not in said
+    assert f"; apply the patch: slug apply --llava VLM_DIR --patch {out}/patch --out DIR (VLM_DIR" in said
     # carried into a VLM folder: its record says which method made the patch
     capsys.readouterr()
     assert main(["apply", "--llava", "embedded", "--patch", str(out / "patch"), "--out", str(out)]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .fallback import edited_phrase, fallback_lines
+from .search_lines import apply_hint
 
 
 def render_generation_report(result: dict) -> str:
@@ -155,6 +156,6 @@ def print_sd_summary(result: dict, out: str) -> None:
     who = "SLUG + the fine-tune" if finetuned else "SLUG"
     print(f"time: {who} {t['slug_total']:.1f} s, generation eval {t['generation_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
-    print(outputs_line(out))
+    print(f"{outputs_line(out)}; {apply_hint(result, out)}")
     for line in verdict_lines(result.get("verdict")):
         print(line)

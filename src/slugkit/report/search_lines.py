@@ -74,14 +74,25 @@ def _why_heading(result: dict) -> list[str]:
                "A row marked **(edited)** is a layer that was edited; the others were candidates only."), ""]
 
 
-def apply_command(result: dict) -> str:
-    """The ``slug apply`` form for the model the run judged on (a VLM run's patch goes into LLaVA; it said
-    ``--patch patch/ ...`` for every run)."""
+def apply_command(result: dict, patch: str = "patch/") -> str:
+    """The ``slug apply`` form for the model the run judged on, ``patch`` the patch folder as the reader should type
+    it (a VLM run's patch goes into LLaVA, a text-to-image run's into the pipeline; it said ``--patch patch/ ...`` for
+    every run)."""
     rounds = (result.get("chooser") or {}).get("rounds") or [result.get("chooser") or {}]
-    if any(r.get("vlm_search") for r in rounds):
-        return ("`slug apply --llava VLM_DIR --patch patch/ --out DIR` (VLM_DIR: the VLM's folder, `embedded` for the "
-                "shipped one)")
-    if any(r.get("generator_search") for r in rounds):
-        return ("`slug apply --pipeline SD_DIR --patch patch/ --out DIR` (SD_DIR: the pipeline's folder, `embedded` "
-                "for the shipped one)")
-    return "`slug apply --patch patch/ ...`"
+    if result.get("target") == "vlm" or any(r.get("vlm_search") for r in rounds):
+        return (f"`slug apply --llava VLM_DIR --patch {patch} --out DIR` (VLM_DIR: the VLM's folder, `embedded` for "
+                "the shipped one)")
+    if result.get("target") == "sd" or any(r.get("generator_search") for r in rounds):
+        return (f"`slug apply --pipeline SD_DIR --patch {patch} --out DIR` (SD_DIR: the pipeline's folder, "
+                "`embedded` for the shipped one)")
+    return f"`slug apply --patch {patch} ...`"
+
+
+def apply_hint(result: dict, out) -> str:
+    """The console's ``apply the patch: slug apply …`` for the run folder ``out`` (quoted for a shell), after the
+    outputs line (the text-to-image summary had none; the VLM's said ``--llava DIR``)."""
+    import shlex
+
+    from ..common.text import printable
+
+    return "apply the patch: " + apply_command(result, shlex.quote(f"{printable(out)}/patch")).replace("`", "")

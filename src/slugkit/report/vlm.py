@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .fallback import edited_phrase, fallback_lines
 from .sd import cost_lines
+from .search_lines import apply_hint
 from .unlearn import outputs_line, worst_line
 
 SAMPLES = 4  # sample answers per target in report.md
@@ -43,7 +44,7 @@ def print_vlm_summary(result: dict, out: str) -> None:
     who = "SLUG + the fine-tune" if result.get("method") == "layer-finetune" else "SLUG"
     print(f"time: {who} {t['slug_total']:.1f} s, VLM evaluation {t['vlm_eval']:.1f} s; "
           f"patch {result['patch']['bytes']:,} bytes")
-    print(f"{outputs_line(out)} (apply the patch: slug apply --llava DIR --patch {out}/patch --out DIR2)")
+    print(f"{outputs_line(out)}; {apply_hint(result, out)}")
     for line in verdict_lines(result.get("verdict")):
         print(line)
 
