@@ -10,14 +10,17 @@ torch = pytest.importorskip("torch")
 FC1 = "text_model.encoder.layers.{}.mlp.fc1.weight"
 
 
-def test_fallback_layers_are_fc1_of_layers_2_then_3_each_alone():
-    from slugkit.workflows.sd_layer_ft import fallback_layers
+def test_fallback_groups_are_layer_2s_attention_then_fc1_of_layers_2_and_3():
+    from slugkit.workflows.sd_layer_ft import fallback_groups
 
-    names = [f"text_model.encoder.layers.{i}.{t}" for i in range(4)
-             for t in ("self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")]
-    assert fallback_layers(names) == [FC1.format(2), FC1.format(3)]
-    assert fallback_layers([n for n in names if "layers.3" not in n]) == [FC1.format(2)]
-    assert fallback_layers(["text_model.encoder.layers.0.mlp.fc1.weight"]) == []  # none: nothing to try
+    names = [f"{tower}.encoder.layers.{i}.{t}" for tower in ("text_model", "vision_model") for i in range(4)
+             for t in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.q_proj.weight",
+                       "self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")]
+    attention = [f"text_model.encoder.layers.2.self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out")]
+    assert fallback_groups(names) == [attention, [FC1.format(2)], [FC1.format(3)]]  # the text tower's only
+    assert fallback_groups([n for n in names if "layers.2" not in n]) == [[FC1.format(3)]]
+    assert fallback_groups([n for n in names if "out_proj" not in n])[0] == [FC1.format(2)]  # a group only whole
+    assert fallback_groups(["text_model.encoder.layers.0.mlp.fc1.weight"]) == []  # none: nothing to try
 
 
 def _pipe():

@@ -113,22 +113,30 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
     return out
 
 
-# the Linears the fallback fine-tunes in turn (suffixes of the text encoder's tensor names), each alone: a one-Linear
-# patch (131 KB on the embedded CLIP: its original and new values, 0.9 % of the CLIP's bytes; an MLP group is 1.8 %)
-FT_LINEARS = ("encoder.layers.2.mlp.fc1.weight", "encoder.layers.3.mlp.fc1.weight")
+# the groups the fallback fine-tunes in turn (suffixes of the text encoder's tensor names), each alone: first layer 2's
+# attention (q, k, v, out_proj: 4 x 64 x 64, 131 KB in a patch with the original values, 0.9 % of the CLIP's bytes),
+# then one Linear, layer 2's fc1, then layer 3's (each 131 KB too; an MLP group, fc1 + fc2, would be 1.8 %). In the
+# ceiling (benchmarks/sd_ceiling.py, README) the attention passed 6 of the 6 concepts that layer 2's fc1 failed.
+ATTENTION_2 = tuple(f"text_model.encoder.layers.2.self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out"))
+FT_GROUPS = (ATTENTION_2, ("text_model.encoder.layers.2.mlp.fc1.weight",),
+             ("text_model.encoder.layers.3.mlp.fc1.weight",))
 
 
-def fallback_layers(names: list[str], linears=FT_LINEARS) -> list[str]:
-    """The candidate tensors (``names``: the CLIP's names the pipeline's text encoder feeds the UNet) the fallback
-    fine-tunes, in turn: those ending in one of ``linears``, in that order (README: in the ceiling layer 2's ``fc1``
-    alone passed 3 of SLUG's 8 failures; layers 1 and 3's failed where it failed, on the two concepts tried, so
-    layer 1 is not tried and layer 3 is a second chance); [] when none is a candidate."""
-    return [n for end in linears for n in names if n.endswith(end)]
+def fallback_groups(names: list[str], groups=FT_GROUPS) -> list[list[str]]:
+    """The groups of candidate tensors (``names``: the CLIP's names the pipeline's text encoder feeds the UNet) the
+    fallback fine-tunes, in turn: for each entry of ``groups`` (suffixes), the names ending in them, in that order,
+    when every suffix is among ``names``; [] when none is."""
+    out = []
+    for suffixes in groups:
+        group = [n for end in suffixes for n in names if n.endswith(end)]
+        if len(group) == len(suffixes):
+            out.append(group)
+    return out
 
 
 def finetune_fallback(pipe, mapping: dict, adapter, target: str, evaluate, judge, *, seed: int = 0,
                       gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE, progress: bool = True,
-                      linears=FT_LINEARS, **kw) -> tuple:
+                      groups=FT_GROUPS, **kw) -> tuple:
     """``slug demo --target sd --sd-fallback finetune``: after every SLUG round refused, fine-tune each Linear of
     :func:`fallback_layers` alone with :func:`finetune_conditioning` (``kw``: its options) and judge it exactly as the
     generator search judges a SLUG step, on the validation images
@@ -145,7 +153,7 @@ def finetune_fallback(pipe, mapping: dict, adapter, target: str, evaluate, judge
                       f"Linear: ESD's negatively guided prediction, eta {opts['eta']:g}, for {opts['n_forget']} images "
                       "of the concept drawn by the unedited pipeline; the other concepts' and the empty prompt's text "
                       "states kept)"}
-    groups = [[n] for n in fallback_layers(adapter.candidate_names(), linears)]
-    return try_finetunes(adapter, pipe.text_encoder, mapping, groups, lambda params: finetune_conditioning(
+    return try_finetunes(adapter, pipe.text_encoder, mapping, fallback_groups(adapter.candidate_names(), groups),
+                         lambda params: finetune_conditioning(
         pipe, params, target, seed=seed, gen_steps=gen_steps, guidance=guidance, progress=progress, **opts),
         evaluate, judge, rec, "the generator (--sd-fallback finetune)", progress)
