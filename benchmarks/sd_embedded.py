@@ -152,7 +152,7 @@ def main():
                     help="layers the fallback may edit when no single layer forgets within the budgets (default 2, "
                          "the demo's; 1 = the paper's single layer)")
     ap.add_argument("--fallback", default=None, choices=["finetune"],
-                    help="slug demo's --sd-fallback: when every SLUG round refuses, a one-Linear fine-tune of the "
+                    help="slug demo's --sd-fallback: when every SLUG round refuses, a one-layer fine-tune of the "
                          "text encoder on the generator (not SLUG; rows say method layer-finetune)")
     ap.add_argument("--seed", type=seed_type(), default=0)
     ap.add_argument("--data-dir", type=folder(), default=None)

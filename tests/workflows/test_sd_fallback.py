@@ -1,4 +1,4 @@
-"""``slug demo --target sd --sd-fallback finetune``: the labelled one-Linear fine-tune (not SLUG) when every SLUG
+"""``slug demo --target sd --sd-fallback finetune``: the labelled one-layer fine-tune (not SLUG) when every SLUG
 round refuses (:mod:`slugkit.workflows.sd_layer_ft`, :mod:`slugkit.workflows.layer_ft`)."""
 
 import json
@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 FC1 = "text_model.encoder.layers.{}.mlp.fc1.weight"
+ATTENTION = [f"text_model.encoder.layers.2.self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out")]
 
 
 def test_fallback_groups_are_layer_2s_attention_then_fc1_of_layers_2_and_3():
@@ -86,7 +87,7 @@ def test_the_fine_tune_is_deterministic_restores_the_encoder_and_moves_only_its_
 def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, monkeypatch, capsys):
     """End to end with the real fine-tune (3 steps at a large rate), SLUG's generator search made to refuse and the
     collateral budgets open: result.json, the patch, the report and the console say ``layer-finetune``; the patch
-    holds the fine-tuned values of one Linear."""
+    holds the fine-tuned values of one group (layer 2's attention, or one Linear)."""
     from slugkit.cli import main
     from slugkit.patch import load_patch
     from slugkit.workflows import sd_generator, sd_layer_ft
@@ -104,22 +105,22 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert rc == {"pass": 0, "warn": 3, "fail": 4}[res["verdict"]["status"]]
     fb = res["chooser"]["fallback"]
     tried = fb["tried"]
-    assert [t["layer"] for t in tried] == [FC1.format(i) for i in (2, 3)][:len(tried)]  # in turn, each alone
+    assert [t["group"] for t in tried] == [ATTENTION, [FC1.format(2)], [FC1.format(3)]][:len(tried)]  # in turn
     assert [t["accepted"] for t in tried] == [False] * (len(tried) - 1) + [True]
     assert all(t["target_recognised"] > 0.6 for t in tried[:-1]) and tried[-1]["target_recognised"] <= 0.6
     assert res["method"] == "layer-finetune" and res["layer"] == fb["accepted"] == tried[-1]["layer"]
-    assert res["step_size"] == 1.0 and res["group"] == [res["layer"]] and fb["steps"] == 10
-    assert res["chooser"]["policy"].startswith("SLUG refused; one-Linear fine-tune")
+    assert res["step_size"] == 1.0 and res["group"] == tried[-1]["group"] and fb["steps"] == 10
+    assert res["chooser"]["policy"].startswith("SLUG refused; one-layer fine-tune")
     assert "not SLUG" in res["layers_edited"][0]["why"] and len(res["layers_edited"]) == 1
     patch = load_patch(out / "patch")
     assert patch.meta["method"] == "layer-finetune" and "not SLUG" in patch.meta["extra"]["edit"]
-    assert patch.names == [res["layer"]]  # one Linear, at the fine-tuned values
-    moved = float((patch.patched[res["layer"]] - patch.original[res["layer"]]).norm()
-                  / patch.original[res["layer"]].norm())
-    assert abs(moved - tried[-1]["relative_change"][res["layer"]]) < 1e-4 * max(moved, 1)
+    assert patch.names == sorted(res["group"])  # the one group, at the fine-tuned values
+    for n in patch.names:
+        moved = float((patch.patched[n] - patch.original[n]).norm() / patch.original[n].norm())
+        assert abs(moved - tried[-1]["relative_change"][n]) < 1e-4 * max(moved, 1)
     report = (out / "report.md").read_text()
     assert "**Not SLUG: method layer-finetune.**" in report.split("## ")[0]  # at the top, before any section
-    assert "(`--sd-fallback finetune`)" in report and f"fine-tuned `{res['layer']}`" in report
+    assert "(`--sd-fallback finetune`)" in report and f"fine-tuned `{' + '.join(res['group'])}`" in report
     assert "method: A one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune)" in report
     assert "Applied step" not in report and "Cost of the whole run: SLUG + the fine-tune" in report
     # SLUG's CLIP search of the fine-tuned layer is not presented as the applied step (verification 60)
@@ -179,14 +180,14 @@ def test_every_refused_slug_round_then_the_fine_tune_in_turn_on_the_unedited_mod
 
     ad, pipe, base, stages, first, chooser, calls, cfg = _constructed(monkeypatch, FC1.format(3))
     edits, info = generator_rounds(cfg, ad, {"val_suite": None}, first, {}, chooser, stages)
-    assert [c[0] for c in calls] == [[FC1.format(2)], [FC1.format(3)]]  # in turn, each alone; layer 3's forgets
+    assert [c[0] for c in calls] == [ATTENTION, [FC1.format(2)], [FC1.format(3)]]  # in turn; layer 3's fc1 forgets
     assert len(edits) == 1 and edits[0].search.name == FC1.format(3) and edits[0].search.group == [FC1.format(3)]
     assert edits[0].search.step_size == 1.0 and abs(edits[0].search.step_size / edits[0].search.ratio - 0.5) < 1e-6
     w = dict(ad.model.named_parameters())[FC1.format(3)].detach()
     assert torch.equal(edits[0].grads.forget[FC1.format(3)], 0.5 * w)  # θ − 1·g = the fine-tuned value, θ/2
     assert info["edit_method"] == "layer-finetune" and "not SLUG" in edits[0].why and info["step_size"] == 1.0
     assert info["refusal"].startswith("2 rounds of layer edits did not forget") and len(info["rounds"]) == 2
-    assert [t["accepted"] for t in info["fallback"]["tried"]] == [False, True]
+    assert [t["accepted"] for t in info["fallback"]["tried"]] == [False, False, True]
     # every SLUG edit was taken back before the fine-tune: the pipeline is the unedited one again
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
     # the report: SLUG's rounds were tried, their partial step is not in the patch, the fine-tune is the edit
@@ -215,10 +216,11 @@ def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch):
     ad, pipe, base, stages, first, chooser, calls, cfg = _constructed(monkeypatch, None)
     with pytest.raises(SearchFailed, match=r"2 rounds of layer edits .*the one-layer fine-tune \(--sd-fallback "
                                            r"finetune, step 1 = the fine-tuned values\) did not pass either: "
-                                           r"layers\.2\.mlp\.fc1\.weight step 1: concept recognised 1\.00.*"
-                                           r"layers\.3\.mlp\.fc1\.weight") as err:
+                                           r"layers\.2\.self_attn\.q_proj\.weight \+ layers\.2\.self_attn\.k_proj"
+                                           r"\.weight \+ .*out_proj\.weight step 1: concept recognised 1\.00.*"
+                                           r"layers\.2\.mlp\.fc1\.weight step 1: .*layers\.3\.mlp\.fc1\.weight") as err:
         generator_rounds(cfg, ad, {"val_suite": None}, first, {}, chooser, stages)
-    assert len(err.value.info["fallback"]["tried"]) == 2 and "accepted" not in err.value.info["fallback"]
+    assert len(err.value.info["fallback"]["tried"]) == 3 and "accepted" not in err.value.info["fallback"]
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
 
 

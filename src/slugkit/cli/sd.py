@@ -104,8 +104,9 @@ def add_sd_args(d) -> argparse._ArgumentGroup:
                           "README's neighbour-safe criteria with it, 20 with a second layer)")
     sdg.add_argument("--sd-fallback", default=None, choices=["finetune"],
                      help="when every SLUG round refuses (no step forgets within the budgets, --max-layers rounds), "
-                          "fine-tune one Linear of the text encoder on the generator (Adam, 600 steps, ESD's "
-                          "objective; NOT SLUG): layer 2's fc1, then layer 3's, keeping the first "
+                          "fine-tune one layer of the text encoder on the generator (Adam, 600 steps, ESD's "
+                          "objective; NOT SLUG): layer 2's attention (q, k, v, out_proj), then layer 2's fc1, then "
+                          "layer 3's, keeping the first "
                           "that passes the same validation criteria; the run, its report and its patch say method "
                           "layer-finetune. Default: off (refuse)")
     sdg.add_argument("--max-searched", type=COUNT, default=None,

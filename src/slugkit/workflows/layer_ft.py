@@ -53,7 +53,10 @@ def finetune_refusal(rec: dict, option: str) -> str:
     ``option``: e.g. ``"--vlm-fallback finetune"``)."""
     from .gen_search import described
 
-    rows = "; ".join(described(r["layer"], r) for r in rec["tried"]) or "no group to fine-tune"
+    def named(r):  # every tensor of a group (it named the first)
+        return " + ".join(n.removeprefix("text_model.encoder.") for n in r.get("group") or [r["layer"]])
+
+    rows = "; ".join(described(named(r), r) for r in rec["tried"]) or "no group to fine-tune"
     return f"; the one-layer fine-tune ({option}, step 1 = the fine-tuned values) did not pass either: {rows}"
 
 

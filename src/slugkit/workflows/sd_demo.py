@@ -141,7 +141,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
     ``max_layers`` (1–3): when no layer has an accepted step, the closest layer's partial step and up to
     ``max_layers`` − 1 more layers, each searched on the edited model
     (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's single layer. ``fallback="finetune"``
-    (**not SLUG**, needs the generator search): when every SLUG round refused, one Linear of the text encoder is
+    (**not SLUG**, needs the generator search): when every SLUG round refused, one layer of the text encoder is
     fine-tuned on the generator (:mod:`slugkit.workflows.sd_layer_ft`) and judged by the same validation criteria;
     a passing edit is written as ``method: "layer-finetune"`` in ``result.json`` and the patch, and the report says
     so."""

@@ -106,8 +106,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     every drop is measured against the **unedited** pipeline's validation recognition (kept from round 1).
 
     ``fallback="finetune"`` (**not SLUG**): ``choose.fallback`` is set, so that when every round refused,
-    :func:`slugkit.workflows.rounds.generator_rounds` fine-tunes the Linears of
-    :func:`slugkit.workflows.sd_layer_ft.fallback_layers` in turn on the unedited model and keeps the first the same
+    :func:`slugkit.workflows.rounds.generator_rounds` fine-tunes the groups of
+    :func:`slugkit.workflows.sd_layer_ft.fallback_groups` in turn on the unedited model and keeps the first the same
     validation criteria accept (its displacement as the edit, step 1; the record says ``edit_method:
     layer-finetune``), or refuses with each try's row added to the message."""
     from types import SimpleNamespace

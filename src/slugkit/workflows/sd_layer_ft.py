@@ -1,11 +1,11 @@
-"""A one-Linear fine-tune of the text encoder on the generator: the labelled fallback of ``slug demo --target sd
+"""A one-layer fine-tune of the text encoder on the generator: the labelled fallback of ``slug demo --target sd
 --sd-fallback finetune``, and the optimiser of ``benchmarks/sd_ceiling.py``. **Not SLUG** (not the paper's method).
 
 SLUG takes one gradient step on one layer (two or three with ``--max-layers``). On the embedded text-to-image model
-that passes issue 12's checks for 20 of the 28 concepts drawn at >= 0.70; an edit of one Linear of the text encoder
-*optimised* on the generator passes for some of the 8 others (README, "Is it the layer or the step?" on the
-text-to-image side). This module is that optimisation, kept in the package so the demo can offer it when SLUG's
-search refuses and the ceiling benchmark measures the same code:
+that passes issue 12's checks for 20 of the 28 concepts drawn at >= 0.70; an edit of one layer of the text encoder
+(one Linear, or one block's attention projections) *optimised* on the generator passes for some of the 8 others
+(README, "Is it the layer or the step?" on the text-to-image side). This module is that optimisation, kept in the
+package so the demo can offer it when SLUG's search refuses and the ceiling benchmark measures the same code:
 
 * forget (ESD's objective, Gandikota et al. 2023, moved to the text encoder): ``n_forget`` images of the concept
   drawn by the **unedited** pipeline (seeds ``train_seed + 1000·k + i``, k the concept's index, disjoint from the
@@ -42,7 +42,7 @@ from .layer_ft import displacement, trained
 # -0.10) were accepted. A retain weight of 2, 3 or 10 forgot less (0.10-0.30) or not within the budgets.
 FT_STEPS, FT_LR, FT_ETA, FT_RETAIN_WEIGHT, N_FORGET, BATCH = 600, 3e-3, 1.0, 1.0, 20, 10
 TRAIN_SEEDS = 5_000_000  # forget images: 5e6 + 1000·k + i; validation 7e6/8e6, reported 10,000·(seed + 1) + 1000·k + i
-METHOD = ("one-Linear fine-tune of the text encoder on the generator (not SLUG): Adam on the layer's weight, "
+METHOD = ("one-layer fine-tune of the text encoder on the generator (not SLUG): Adam on the layer's weights, "
           "forget = ESD's negatively guided noise prediction for the concept's prompts, retain = the other concepts' "
           "and the empty prompt's text states")
 
@@ -88,7 +88,7 @@ def finetune_conditioning(pipe, params: dict, target: str, *, steps: int = FT_ST
         t0 = time.perf_counter()
         for step in range(steps):
             if step % 50 == 0:
-                status(f"one-Linear fine-tune (not SLUG): step {step}/{steps}", progress)
+                status(f"one-layer fine-tune (not SLUG): step {step}/{steps}", progress)
             pick = torch.randperm(n_forget, generator=gen)[:batch]
             ts = torch.randint(0, sched.config.num_train_timesteps, (len(pick),), generator=gen)
             noise = torch.randn(x0[pick].shape, generator=gen)
@@ -137,20 +137,20 @@ def fallback_groups(names: list[str], groups=FT_GROUPS) -> list[list[str]]:
 def finetune_fallback(pipe, mapping: dict, adapter, target: str, evaluate, judge, *, seed: int = 0,
                       gen_steps: int = 20, guidance: float = t2i.DEFAULT_GUIDANCE, progress: bool = True,
                       groups=FT_GROUPS, **kw) -> tuple:
-    """``slug demo --target sd --sd-fallback finetune``: after every SLUG round refused, fine-tune each Linear of
-    :func:`fallback_layers` alone with :func:`finetune_conditioning` (``kw``: its options) and judge it exactly as the
-    generator search judges a SLUG step, on the validation images
+    """``slug demo --target sd --sd-fallback finetune``: after every SLUG round refused, fine-tune each group of
+    :func:`fallback_groups` (``groups``) alone with :func:`finetune_conditioning` (``kw``: its options) and judge it
+    exactly as the generator search judges a SLUG step, on the validation images
     (:func:`slugkit.workflows.layer_ft.try_finetunes`). ``mapping``: CLIP name → pipeline text-encoder name.
-    Returns ``(chosen, g, record)``: the first accepted Linear as a :class:`~slugkit.slug.search.LayerSearch` with
+    Returns ``(chosen, g, record)``: the first accepted group as a :class:`~slugkit.slug.search.LayerSearch` with
     ``step_size`` 1 and ``g`` ``{CLIP name: −delta}``, or ``(None, None, record)``; ``record`` holds every tried
-    Linear's row (the validation figures, relative change, losses, seconds)."""
+    group's row (the validation figures, relative change, losses, seconds)."""
     from .layer_ft import try_finetunes
 
     opts = {"steps": FT_STEPS, "lr": FT_LR, "eta": FT_ETA, "retain_weight": FT_RETAIN_WEIGHT, "n_forget": N_FORGET,
             "batch": BATCH, **kw}  # read now, recorded
     rec = {"method": METHOD, **opts, "seed": seed, "option": "--sd-fallback finetune", "tried": [],
            "summary": f"of the text encoder on the generator ({opts['steps']} Adam steps at {opts['lr']:g} on one "
-                      f"Linear: ESD's negatively guided prediction, eta {opts['eta']:g}, for {opts['n_forget']} images "
+                      f"layer: ESD's negatively guided prediction, eta {opts['eta']:g}, for {opts['n_forget']} images "
                       "of the concept drawn by the unedited pipeline; the other concepts' and the empty prompt's text "
                       "states kept)"}
     return try_finetunes(adapter, pipe.text_encoder, mapping, fallback_groups(adapter.candidate_names(), groups),
