@@ -21,6 +21,10 @@ neighbour drop over the runs that wrote a patch, the median and worst single oth
 concept) and the slowest run; ``--json`` writes every row (rewritten atomically after each concept, ``"complete":
 false`` until the sweep ends, so a partial sweep survives; an existing file needs ``--overwrite``). Exit status 1 when
 a run crashed (a refusal is a result, not a crash).
+
+``--merge A.json B.json --json ALL.json`` (no run): the rows of parts of one sweep — two processes over disjoint
+concepts, or a sweep stopped and finished in a later session (a stopped part gives the rows of its finished runs) —
+as one sweep, the summary recomputed; parts run with other options, or sharing a concept, are refused.
 """
 
 import argparse
@@ -31,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
 from sweep import (add_json, by_method, by_method_line, counts, floats, folder, guarded_run, ints,  # noqa: E402
-                   json_out, name_list, run, seed_type, unfinished_line)
+                   json_out, merge, name_list, run, seed_type, unfinished_line, write_complete)
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {
@@ -122,6 +126,24 @@ def write_json(path: str, obj: dict) -> None:
     atomic_json(path, obj)
 
 
+def report(rows: list[dict], json_path: str | None, options: dict, base_recognition: dict | None = None,
+           complete: bool = True) -> dict:
+    """Print the sweep's summary of ``rows`` (pass count, by method, the medians and worsts) and write the ``--json``
+    file; a sweep's end and ``--merge`` both end here. Returns the summary."""
+    s = summary(rows)
+    print(f"{s['passed']}/{s['total']} concepts pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
+          f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
+          f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
+    if said := by_method_line(s):  # a fallback ran: say which passes are not SLUG's
+        print(said)
+    if "mean_drop_median" in s:
+        print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
+              f"other concept: median {s['worst_other_drop_median']:+.3f}, worst {s['worst_other_drop_worst']:+.3f} "
+              f"({s['worst_other']}); nearest neighbour: median {s['neighbour_drop_median']:+.3f}, worst "
+              f"{s['neighbour_drop_worst']:+.3f}; slowest run {s['slowest_s']:.0f} s")
+    return write_complete(json_path, rows, s, options, complete=complete, base_recognition=base_recognition)
+
+
 def main():
     from slugkit.workflows.sd_demo import DEFAULT_SD_CONCEPT
     from slugkit.world import t2i
@@ -156,9 +178,16 @@ def main():
                          "text encoder on the generator (not SLUG; rows say method layer-finetune)")
     ap.add_argument("--seed", type=seed_type(), default=0)
     ap.add_argument("--data-dir", type=folder(), default=None)
+    ap.add_argument("--merge", nargs="+", metavar="PART.json", default=None,
+                    help="no run: merge the --json files of runs of one sweep over disjoint concepts (two processes, "
+                         "or a sweep finished in a later session; a part whose run was stopped gives its finished "
+                         "rows, and the merged file says \"complete\": false) into --json, the summary recomputed")
     add_json(ap)
     a = ap.parse_args()
     json_out(ap, a.json, a.overwrite)
+    if a.merge:
+        return merge(ap, a.merge, a.json, report, key=("concept",), partial_ok=True,
+                     row_keys=("worst", "mean_drop", "worst_neighbour_drop", "timing_s"))
     if a.all and a.concepts is not None:
         ap.error("--all and --concepts exclude each other")
     if a.neighbours_k is not None and a.neighbours_k >= len(t2i.concept_names()):
@@ -177,20 +206,7 @@ def main():
         if a.json:  # after every row, so that a partial sweep survives
             write_json(a.json, {"rows": rows, "summary": summary(rows), "base_recognition": base,
                                 "options": vars(a), "complete": False})
-    s = summary(rows)
-    print(f"{s['passed']}/{s['total']} concepts pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
-          f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
-          f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
-    if said := by_method_line(s):  # a fallback ran: say which passes are not SLUG's
-        print(said)
-    if "mean_drop_median" in s:
-        print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
-              f"other concept: median {s['worst_other_drop_median']:+.3f}, worst {s['worst_other_drop_worst']:+.3f} "
-              f"({s['worst_other']}); nearest neighbour: median {s['neighbour_drop_median']:+.3f}, worst "
-              f"{s['neighbour_drop_worst']:+.3f}; slowest run {s['slowest_s']:.0f} s")
-    if a.json:
-        write_json(a.json, {"rows": rows, "summary": s, "base_recognition": base, "options": vars(a),
-                            "complete": True})
+    s = report(rows, a.json, vars(a), base)
     return 1 if s["errors"] else 0
 
 

@@ -193,31 +193,57 @@ def failed_checks(checks: dict) -> str:
     return "PASS" if not bad else "FAIL " + ", ".join(bad)
 
 
-def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, summarise) -> int:
-    """``--merge`` of the ceiling scripts: the rows of complete ``--json`` files of runs over disjoint concepts (e.g.
-    two processes) as one run — ``summarise(rows, json_path, options, **extra)`` prints the summary and writes
-    ``json_path`` (``extra``: the first part's other top-level keys, e.g. the scores before the edit). A part that is
-    unreadable, incomplete, another script's, or shares a (concept, scope) with another is refused."""
+PER_PROCESS = ("concepts", "first", "all", "scopes", "json", "overwrite", "threads", "merge")
+
+
+def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, summarise,
+          key: tuple[str, ...] = ("concept", "scope"), partial_ok: bool = False, row_keys: tuple[str, ...] = ()) -> int:
+    """``--merge``: the rows of ``--json`` files of runs over disjoint concepts (e.g. two processes, or a sweep
+    finished in a later session) as one run — ``summarise(rows, json_path, options, **extra)`` prints the summary
+    and writes ``json_path`` (``extra``: the first part's other top-level keys, e.g. the scores before the edit, and
+    ``complete``: whether every part was). Refused: a part that is unreadable or another script's (a finished row
+    lacks a ``key`` or ``row_keys`` field, or ``checks``), one still running
+    (``"complete": false``) unless ``partial_ok`` (its rows are whole rows: the sweep writes a row when its run has
+    ended), parts that share a ``key`` (a concept run twice), and parts run with different options (any but
+    :data:`PER_PROCESS`: merging them would report one sweep that never ran)."""
     import json
 
-    rows, options, extra = [], [], {}
+    rows, options, extra, partial = [], [], {}, []
     for path in paths:
         try:
             part = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             ap.error(f"--merge {path}: not readable JSON ({e})")
-        if (not isinstance(part, dict) or part.get("complete") is not True or not isinstance(part.get("rows"), list)
-                or not all(isinstance(r, dict) and {"concept", "scope", "checks"} <= r.keys() for r in part["rows"])):
-            ap.error(f"--merge {path}: not a complete --json file of this script (\"complete\": true, rows with "
-                     "concept, scope and checks)")
+        if (not isinstance(part, dict) or part.get("complete") not in (True, False)
+                or not isinstance(part.get("rows"), list)
+                or not all(isinstance(r, dict) and {*key, *row_keys, "checks"} <= r.keys() for r in part["rows"]
+                           if "refused" not in r and "error" not in r)
+                or not all(isinstance(r, dict) and "concept" in r for r in part["rows"])):
+            ap.error(f"--merge {path}: not a --json file of this script (\"complete\", rows with "
+                     f"{', '.join((*key, *row_keys))} and checks)")
+        if part["complete"] is not True:
+            if not partial_ok:
+                ap.error(f"--merge {path}: its run has not ended (\"complete\": false); merge it when it has")
+            partial.append(path)
         rows += part["rows"]
-        options.append(part.get("options", {}))
+        options.append(part.get("options") or {})
         extra = extra or {k: v for k, v in part.items() if k not in ("rows", "summary", "options", "complete")}
-    seen = [(r["concept"], r["scope"]) for r in rows]
+    for path, opts in zip(paths[1:], options[1:]):
+        differ = sorted(k for k in {*opts, *options[0]} - set(PER_PROCESS) if opts.get(k) != options[0].get(k))
+        if differ:
+            ap.error(f"--merge {path}: run with other options than {paths[0]} ("
+                     + ", ".join(f"{k}: {opts.get(k)!r} vs {options[0].get(k)!r}" for k in differ)
+                     + "); merge runs of one sweep only")
+    seen = [tuple(r.get(k) for k in key) for r in rows]
     if len(set(seen)) != len(seen):
-        ap.error("--merge: the parts share a concept and scope; merge runs over disjoint concepts")
+        twice = next(s for i, s in enumerate(seen) if s in seen[:i])
+        ap.error(f"--merge: the parts share {' and '.join(key)} {' / '.join(map(str, twice))}; merge runs over "
+                 "disjoint concepts")
+    if partial:
+        print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}): their finished rows are merged and "
+              "the merged file says \"complete\": false", flush=True)
     summarise(rows, json_path, {**options[0], "concepts": ",".join(dict.fromkeys(r["concept"] for r in rows)),
-                                "merged_from": paths}, **extra)
+                                "merged_from": paths}, **extra, complete=not partial)
     return 0
 
 
@@ -255,12 +281,14 @@ def per_scope(rows: list[dict], stats: dict) -> dict:
     return out
 
 
-def write_complete(json_path: str | None, rows: list[dict], summary: dict, options: dict, **extra) -> dict:
-    """Write a finished sweep's ``--json`` (``"complete": true``; nothing without a path); returns ``summary``."""
+def write_complete(json_path: str | None, rows: list[dict], summary: dict, options: dict, complete: bool = True,
+                   **extra) -> dict:
+    """Write a finished sweep's ``--json`` (``"complete": true``, or false for a merge with a part that had not
+    ended; nothing without a path); returns ``summary``."""
     if json_path:
         from slugkit.common.files import write_json
 
-        write_json(json_path, {"rows": rows, "summary": summary, "options": options, **extra, "complete": True})
+        write_json(json_path, {"rows": rows, "summary": summary, "options": options, **extra, "complete": complete})
     return summary
 
 

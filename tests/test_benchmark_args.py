@@ -75,9 +75,12 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("vlm_ceiling.py", ["--merge", "README.md", "--json", "/tmp/never-written.json"], "not readable JSON"),
     ("sd_ceiling.py", ["--n", "201"], "at most 200"),
     ("sd_ceiling.py", ["--merge", "benchmarks/results/sd_embedded_all.json", "--json", "/tmp/never-written.json"],
-     "not a complete --json file of this script"),
+     "not a --json file of this script"),
     ("vlm_ceiling.py", ["--merge", "benchmarks/results/vlm_embedded_vlm_name_prob.json", "--json",
-                        "/tmp/never-written.json"], "not a complete --json file of this script"),  # complete, no scope
+                        "/tmp/never-written.json"], "not a --json file of this script"),  # complete, no scope
+    ("sd_embedded.py", ["--merge", "benchmarks/results/vlm_ceiling.json", "--json", "/tmp/never-written.json"],
+     "not a --json file of this script"),  # no "complete"
+    ("sd_ceiling.py", ["--merge", "benchmarks/results/sd_ceiling.json", "/tmp/nothing.json"], "not readable JSON"),
     ("vlm_ceiling.py", ["--first", "2", "--concepts", "Jowen Gormere"], "--first and --concepts exclude each other"),
     ("vlm_ceiling.py", ["--first", "61"], "the world has 60 identities"),
     ("vlm_ceiling.py", ["--steps", "0"], "--steps: must be >= 1"),
@@ -259,7 +262,7 @@ def test_the_vlm_ceiling_takes_slugs_full_layer_names_and_merges_disjoint_parts(
     assert merged["complete"] and len(merged["rows"]) == 40 and merged["summary"]["layers.2"]["passed"] == 9
     assert merged["summary"]["layers.2.mlp.fc1.weight"]["passed_and_worst_ok"] == 1
     r = _run("vlm_ceiling.py", "--merge", str(parts[0]), str(parts[0]), "--json", str(tmp_path / "twice.json"))
-    assert r.returncode == 2 and "share a concept and scope" in r.stderr
+    assert r.returncode == 2 and "share concept and scope Jowen Gormere / layers.2.mlp.fc1.weight" in r.stderr
 
 
 def test_the_sd_summary_splits_the_passes_by_the_method_that_made_the_patch():
@@ -279,3 +282,28 @@ def test_the_sd_summary_splits_the_passes_by_the_method_that_made_the_patch():
     assert s["by_method"]["slug"] == {"runs": len(ran), "passed": sum(r["passed"] for r in ran)}
     assert sweep.by_method_line(s).startswith("by method: layer-finetune 1 of 2 passed; slug ")
     assert "(fine-tune, not SLUG)" in sd_embedded.line(ft[0]) and "not SLUG" not in sd_embedded.line(ran[0])
+
+
+def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
+    """sd_embedded.py --merge: a sweep run in two processes, or stopped and finished in a later session, is one
+    sweep again — a stopped part gives its finished rows and the merged file says it is not complete; parts with a
+    concept in common or run with other options are refused, naming what differs."""
+    done = json.loads((ROOT / "benchmarks" / "results" / "sd_embedded_all.json").read_text())
+    rows, opts = done["rows"], done["options"]
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    parts[0].write_text(json.dumps({"rows": rows[:9], "options": {**opts, "concepts": "x", "threads": 2},
+                                    "base_recognition": None, "complete": True}))
+    parts[1].write_text(json.dumps({"rows": rows[9:], "options": opts, "base_recognition": None, "complete": False}))
+    out = tmp_path / "merged.json"
+    r = _run("sd_embedded.py", "--merge", *map(str, parts), "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "13/16 concepts pass" in r.stdout and "had not ended" in r.stdout
+    merged = json.loads(out.read_text())
+    assert merged["complete"] is False and [x["concept"] for x in merged["rows"]] == [x["concept"] for x in rows]
+    assert merged["summary"]["passed"] == 13 and merged["options"]["merged_from"] == list(map(str, parts))
+    parts[1].write_text(json.dumps({"rows": rows[9:], "options": {**opts, "neighbours_k": 29}, "complete": True}))
+    r = _run("sd_embedded.py", "--merge", *map(str, parts), "--json", str(tmp_path / "other.json"))
+    assert r.returncode == 2 and "other options" in r.stderr and "neighbours_k: 29" in r.stderr
+    r = _run("sd_embedded.py", "--merge", str(parts[0]), str(parts[0]), "--json", str(tmp_path / "twice.json"))
+    assert r.returncode == 2 and "share concept red circle" in r.stderr
+    assert not (tmp_path / "other.json").exists() and not (tmp_path / "twice.json").exists()

@@ -17,8 +17,7 @@ def test_fallback_groups_are_layer_2s_attention_then_fc1_of_layers_2_and_3():
     names = [f"{tower}.encoder.layers.{i}.{t}" for tower in ("text_model", "vision_model") for i in range(4)
              for t in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.q_proj.weight",
                        "self_attn.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")]
-    attention = [f"text_model.encoder.layers.2.self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out")]
-    assert fallback_groups(names) == [attention, [FC1.format(2)], [FC1.format(3)]]  # the text tower's only
+    assert fallback_groups(names) == [ATTENTION, [FC1.format(2)], [FC1.format(3)]]  # the text tower's only
     assert fallback_groups([n for n in names if "layers.2" not in n]) == [[FC1.format(3)]]
     assert fallback_groups([n for n in names if "out_proj" not in n])[0] == [FC1.format(2)]  # a group only whole
     assert fallback_groups(["text_model.encoder.layers.0.mlp.fc1.weight"]) == []  # none: nothing to try
