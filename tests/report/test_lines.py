@@ -142,12 +142,37 @@ def test_the_headline_names_every_edited_layer_and_never_a_fine_tunes_step():
 
 
 def test_the_apply_hint_names_the_model_the_run_was_judged_on_and_quotes_the_folder():
-    """The console's apply command after the outputs line: the pipeline for a text-to-image run (it printed none),
-    LLaVA for a VLM run, the run folder quoted for a shell."""
-    from slugkit.report.search_lines import apply_hint
+    """The console's apply command after the outputs line, to paste as printed: the pipeline for a text-to-image run
+    (it printed none), LLaVA for a VLM run, the model the run used and a new folder beside the run's, quoted for a
+    shell (it named SD_DIR and DIR, and failed when pasted: verification 64); placeholders only where the result does
+    not say the model (a result from before the field), and said."""
+    from slugkit.report.search_lines import apply_command, apply_hint
 
-    assert apply_hint({"target": "sd"}, "my runs/r") == (
-        "apply the patch: slug apply --pipeline SD_DIR --patch 'my runs/r/patch' --out DIR (SD_DIR: the pipeline's "
+    assert apply_hint({"target": "sd", "pipeline": {"model": "embedded"}}, "my runs/r/") == (
+        "apply the patch: slug apply --pipeline embedded --patch 'my runs/r/patch' --out 'my runs/r-pipeline'")
+    assert apply_hint({"target": "vlm", "vlm_model": "/m/my vlm"}, "r") == (
+        "apply the patch: slug apply --llava '/m/my vlm' --patch r/patch --out r-vlm")
+    assert apply_hint({"target": "sd"}, "r") == (
+        "apply the patch: slug apply --pipeline SD_DIR --patch r/patch --out r-pipeline (SD_DIR: the pipeline's "
         "folder, embedded for the shipped one)")
-    assert apply_hint({"target": "vlm"}, "r").startswith("apply the patch: slug apply --llava VLM_DIR --patch r/patch")
+    assert apply_command({"target": "sd", "pipeline": {"model": "embedded"}}) == (
+        "`slug apply --pipeline embedded --patch patch/ --out DIR` (DIR: a new folder for the patched copy)")
     assert apply_hint({"chooser": {}}, "r") == "apply the patch: slug apply --patch r/patch ..."
+
+
+def test_a_downstream_reports_clip_section_says_its_verdict_is_the_clip_used_on_its_own():
+    """Under a run judged on the pipeline or the VLM, the CLIP section's verdict is labelled the CLIP's, used on its
+    own, and a broken CLIP's "do not ship this patch" no longer contradicts the run's warn (verification 64)."""
+    from slugkit.report.unlearn import clip_section
+
+    text = ("# SLUG unlearning report: x\n\n**verdict: fail**\n- fail: utility (TA_IN@1) accuracy dropped 0.996 -> "
+            "0.831 (drop 0.165, more than 0.1 = 5 × the budget): the edit broke the model; do not ship this patch\n")
+    out = clip_section(text)
+    assert "**the CLIP's own verdict, used on its own (not this run's, see above): fail**" in out
+    assert "do not ship" not in out and "do not use the patched CLIP on its own" in out
+    # its apply command names the model the downstream run used (written before the run recorded it)
+    text += ("Apply it: `slug apply --pipeline SD_DIR --patch patch/ --out DIR` (SD_DIR: the pipeline's folder, "
+             "`embedded` for the shipped one; DIR: a new folder for the patched copy) or `slugkit.apply_patch(…)`")
+    out = clip_section(text, {"target": "sd", "pipeline": {"model": "/p/my sd"}})
+    assert ("Apply it: `slug apply --pipeline '/p/my sd' --patch patch/ --out DIR` (DIR: a new folder for the patched "
+            "copy) or `slugkit.apply_patch(…)`") in out and "SD_DIR" not in out

@@ -130,13 +130,16 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     said = capsys.readouterr().out
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune) unlearned" in said
     assert "(the fine-tuned values, not a SLUG step) of its CLIP text encoder" in said
-    assert "time: SLUG + the fine-tune" in said and "Apply it: `slug apply --pipeline SD_DIR" in report
-    assert f"; apply the patch: slug apply --pipeline SD_DIR --patch {out}/patch --out DIR" in said  # it had none
+    assert "time: SLUG + the fine-tune" in said and "Apply it: `slug apply --pipeline embedded --patch patch/" in report
+    # the console's apply command runs as printed (it had none; then it named SD_DIR and DIR: verification 64)
+    hint = f"apply the patch: slug apply --pipeline embedded --patch {out}/patch --out {out}-pipeline"
+    assert hint in said
+    assert main(hint.split()[4:]) == 0 and (tmp_path / f"{out.name}-pipeline" / "slugkit_patch.json").is_file()
     assert "SLUG's own refusal, before the fine-tune: " in report and "(no patch)" not in report
     assert json.loads((out / "run.json").read_text())["sd"]["fallback"] == "finetune"
 
 
-def _constructed(monkeypatch, forgets: str | None):
+def _constructed(monkeypatch, forgets: str | None, progress: bool = False):
     """The constructed two-round case of ``test_sd_rounds`` (SLUG's steps cannot forget within the budgets, a second
     layer neither) with the fine-tune faked: it moves its Linear by half its norm, and the stand-in generator stops
     drawing the concept when the Linear ``forgets`` has moved (None: none does)."""
@@ -170,7 +173,8 @@ def _constructed(monkeypatch, forgets: str | None):
                 "train_s": 0.0, "data": {}}
 
     monkeypatch.setattr(sd_layer_ft, "finetune_conditioning", fake)
-    chooser = sg.generator_chooser("red triangle", pipe, None, mapping, max_layers=2, fallback="finetune", **kw)
+    chooser = sg.generator_chooser("red triangle", pipe, None, mapping, max_layers=2, fallback="finetune",
+                                   progress=progress, **kw)
     return ad, pipe, base, stages, first, chooser, calls, _cfg(2)
 
 
@@ -208,11 +212,11 @@ def test_every_refused_slug_round_then_the_fine_tune_in_turn_on_the_unedited_mod
     assert "Applied step" not in md and " kept |" not in md
 
 
-def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch):
+def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch, capsys):
     from slugkit.slug.search import SearchFailed
     from slugkit.workflows.rounds import generator_rounds
 
-    ad, pipe, base, stages, first, chooser, calls, cfg = _constructed(monkeypatch, None)
+    ad, pipe, base, stages, first, chooser, calls, cfg = _constructed(monkeypatch, None, progress=True)  # its lines
     with pytest.raises(SearchFailed, match=r"2 rounds of layer edits .*the one-layer fine-tune \(--sd-fallback "
                                            r"finetune, step 1 = the fine-tuned values\) did not pass either: "
                                            r"layers\.2\.self_attn\.q_proj\.weight \+ layers\.2\.self_attn\.k_proj"
@@ -220,6 +224,11 @@ def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch):
                                            r"layers\.2\.mlp\.fc1\.weight step 1: .*layers\.3\.mlp\.fc1\.weight") as err:
         generator_rounds(cfg, ad, {"val_suite": None}, first, {}, chooser, stages)
     assert len(err.value.info["fallback"]["tried"]) == 3 and "accepted" not in err.value.info["fallback"]
+    # each try says which it is and why it was not accepted (every one began "SLUG refused:", none said the outcome)
+    said = capsys.readouterr().err
+    assert said.count("SLUG refused: fine-tune 1 of 3 (not SLUG): ") == 1
+    assert "fine-tune 3 of 3 (not SLUG), as fine-tune 2 was not accepted: text_model.encoder.layers.3.mlp.fc1" in said
+    assert said.count("not accepted: the concept is still recognised") == 3
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
 
 

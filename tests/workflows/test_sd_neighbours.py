@@ -230,6 +230,10 @@ def test_a_refusal_names_the_step_that_came_closest():
     never_forgot = [{**searched[0], "trajectory": searched[0]["trajectory"][:1]}]
     assert "step 1: concept recognised 0.50" in closest(never_forgot, 0.05, 0.05, 0.2)
     assert closest([], 0.05, 0.05, 0.2) == ""
+    # a group searched together is named whole (an MLP group was named by its first tensor: verification 64)
+    mlp = ["text_model.encoder.layers.2.mlp.fc1.weight", "text_model.encoder.layers.2.mlp.fc2.weight"]
+    assert closest([{**searched[0], "layer": mlp[0], "group": mlp}], 0.05, 0.05, 0.2).startswith(
+        "; closest: layers.2.mlp.fc1.weight + layers.2.mlp.fc2.weight step 1.5: ")
     # the VLM's rows (the only ones with a utility drop): its answers name the person, nothing is "recognised"
     vlm = [{"layer": "vision_model.encoder.layers.2.self_attn.v_proj.weight", "trajectory": [
         {"step_size": 2.2, "target_recognised": 0.3, "other_drop": 0.01, "utility_drop": 0.004}]}]

@@ -225,7 +225,7 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "step 1," not in report and "applied the fine-tuned values (not a SLUG step) of" in report
     assert f"- **round 1**: partial step {rounds[0]['partial_step']['applied_step']:.4g} of `" in report
     assert "tried (not in the patch)" in report and "` kept" not in report
-    assert "Apply it: `slug apply --llava VLM_DIR --patch patch/" in report
+    assert "Apply it: `slug apply --llava embedded --patch patch/" in report
     traj = report.split("## Search trajectory of the first edited layer")[1].split("## ")[0]
     assert "None of these steps was applied" in traj or (  # no SLUG step rule for the fine-tuned group
         " + ".join(f"`{n}`" for n in res["group"]) + " were not searched" in traj and "applied step =" not in traj)
@@ -235,11 +235,12 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert len(res["layers_edited"]) == 1 and "not SLUG" in res["layers_edited"][0]["why"]
     assert "\nA one-layer fine-tune (NOT SLUG: SLUG's search refused" in said and "time: SLUG + the fine-tune" in said
     assert "(the fine-tuned values, not a SLUG step) of its CLIP vision tower" in said and "(step 1)" not in said
-    assert f"; apply the patch: slug apply --llava VLM_DIR --patch {out}/patch --out DIR (VLM_DIR" in said
+    hint = f"apply the patch: slug apply --llava embedded --patch {out}/patch --out {out}-vlm"  # runs as printed
+    assert f"; {hint}\n" in said and " (VLM_DIR" not in said
     # carried into a VLM folder: its record says which method made the patch
     capsys.readouterr()
     assert main(["apply", "--llava", "embedded", "--patch", str(out / "patch"), "--out", str(out)]) == 2
     assert "is a slug run folder; write the LLaVA model outside that run" in capsys.readouterr().err  # not "holds
     # files slug did not write" of the run's own files (verification 62)
-    assert main(["apply", "--llava", "embedded", "--patch", str(out / "patch"), "--out", str(tmp_path / "v")]) == 0
-    assert json.loads((tmp_path / "v" / "slugkit_patch.json").read_text())["method"] == "layer-finetune"
+    assert main(hint.split()[4:]) == 0  # the console's command, as printed
+    assert json.loads((tmp_path / f"{out.name}-vlm" / "slugkit_patch.json").read_text())["method"] == "layer-finetune"

@@ -142,7 +142,11 @@ def test_demo_target_sd_end_to_end(sd_run):
         f"> **This run's verdict is the generated images': {r['verdict']['status']}** (section \"Generated images\"")
     # and the CLIP section's own line is labelled as the CLIP run's (a bare "**verdict: fail**": trial 44)
     assert "**verdict: " not in (out / "report.md").read_text()
-    assert "**the CLIP run's own verdict (not this run's, see above): " in (out / "report.md").read_text()
+    assert "**the CLIP's own verdict, used on its own (not this run's, see above): " in (out / "report.md").read_text()
+    # the CLIP sections are said to measure the patched CLIP, and what their words mean, before them (verification 64:
+    # a fine-tune run's said "the CLIP run the search started from", and the relabelling came after the tables)
+    head = (out / "report.md").read_text().split("# ", 1)[0]
+    assert "measure the CLIP with this patch applied" in head and '"identities" are the 30 object concepts' in head
     assert f"Cost of the whole run: SLUG {r['timing_s']['slug_total']:.1f} s" in (out / "report.md").read_text()
     # the CLIP and the pipeline are loaded before run_unlearn, whose own load_model read ~0 (it was given them)
     assert 0.01 < r["timing_s"]["load_model"] < r["timing_s"]["slug_total"]

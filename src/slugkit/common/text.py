@@ -40,3 +40,11 @@ def did_you_mean(name: str, known, cutoff: float = 0.7) -> str:
     lower = {str(k).lower(): k for k in known}
     close = difflib.get_close_matches(str(name).lower(), list(lower), n=1, cutoff=cutoff)
     return f"did you mean {lower[close[0]]!r}? " if close else ""
+
+
+def group_label(entry: dict, short: bool = True) -> str:
+    """Every tensor of a searched or tried entry (``{"layer", "group"?}``), ``" + "``-joined — an MLP group was named
+    by its first tensor in a refusal's "closest" and the reports' tables (verification 64); ``short``: without the
+    text tower's ``text_model.encoder.`` prefix, as the refusals write names."""
+    names = entry.get("group") or [entry["layer"]]
+    return " + ".join(n.removeprefix("text_model.encoder.") if short else n for n in names)

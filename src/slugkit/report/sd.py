@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..common.text import group_label
 from .fallback import edited_phrase, fallback_lines
 from .search_lines import apply_hint
 
@@ -52,9 +53,9 @@ def render_generation_report(result: dict) -> str:
             if len(rounds) > 1:
                 part = rd.get("partial_step")
                 lines.append(f"| **round {rd['round']}** (rows below)" + (
-                    f": partial step {part['applied_step']:.4g} of {part['layer']} "
+                    f": partial step {part['applied_step']:.4g} of {group_label(part, short=False)} "
                     + ("tried (not in the patch)" if finetuned else "kept") if part else "") + " | | | | | |")
-            lines += [f"| {L['layer']} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
+            lines += [f"| {group_label(L, short=False)} | {t['step_size']:.4g} | {t['target_recognised']:.2f} | "
                       f"{t['other_drop']:+.3f} | {_nb(t)} | {_accepted(t)} |"
                       for L in rd["generator_search"]["layers"] for t in L["trajectory"]]
         if finetuned:
@@ -79,9 +80,8 @@ def render_generation_report(result: dict) -> str:
         else:
             lines += ["", f"Applied step: {result['step_size']:.4g} (the CLIP search's step for this layer: "
                       + (f"{clip:.4g})." if clip is not None else "none: not a layer that forgot on CLIP).")]
-    lines += ["", "In the CLIP table at the top of this report, \"other identities\" are the 29 other object concepts "
-              "and \"utility\" the world's 60 identities (the SD demo unlearns an object concept).", "",
-              "![before/after](generations.png)", "", *cost_lines(result, "generation_eval", "generation evaluation")]
+    lines += ["", "![before/after](generations.png)", "",
+              *cost_lines(result, "generation_eval", "generation evaluation")]
     return "\n".join(lines)
 
 
@@ -159,3 +159,8 @@ def print_sd_summary(result: dict, out: str) -> None:
     print(f"{outputs_line(out)}; {apply_hint(result, out)}")
     for line in verdict_lines(result.get("verdict")):
         print(line)
+
+
+# what the CLIP sections' words mean in an SD demo's report (it was said at the report's end, after the tables)
+CLIP_TERMS = ("in its tables \"identities\" are the 30 object concepts, the forgotten one and the 29 others, and "
+              "\"utility\" the world's 60 identities")

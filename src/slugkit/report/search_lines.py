@@ -74,25 +74,36 @@ def _why_heading(result: dict) -> list[str]:
                "A row marked **(edited)** is a layer that was edited; the others were candidates only."), ""]
 
 
-def apply_command(result: dict, patch: str = "patch/") -> str:
+def apply_command(result: dict, patch: str = "patch/", out: str | None = None) -> str:
     """The ``slug apply`` form for the model the run judged on, ``patch`` the patch folder as the reader should type
     it (a VLM run's patch goes into LLaVA, a text-to-image run's into the pipeline; it said ``--patch patch/ ...`` for
-    every run)."""
+    every run): the model the run used (``embedded`` for the shipped one; ``result["vlm_model"]``,
+    ``result["pipeline"]["model"]``) and ``out`` as the new folder when given, else placeholders that are said
+    (``SD_DIR``/``VLM_DIR``, ``DIR``: pasted as printed, the command failed on them: verification 64)."""
+    import shlex
+
     rounds = (result.get("chooser") or {}).get("rounds") or [result.get("chooser") or {}]
     if result.get("target") == "vlm" or any(r.get("vlm_search") for r in rounds):
-        return (f"`slug apply --llava VLM_DIR --patch {patch} --out DIR` (VLM_DIR: the VLM's folder, `embedded` for "
-                "the shipped one)")
-    if result.get("target") == "sd" or any(r.get("generator_search") for r in rounds):
-        return (f"`slug apply --pipeline SD_DIR --patch {patch} --out DIR` (SD_DIR: the pipeline's folder, "
-                "`embedded` for the shipped one)")
-    return f"`slug apply --patch {patch} ...`"
+        flag, holder, model, what = "--llava", "VLM_DIR", result.get("vlm_model"), "the VLM's folder"
+    elif result.get("target") == "sd" or any(r.get("generator_search") for r in rounds):
+        flag, holder, model, what = "--pipeline", "SD_DIR", (result.get("pipeline") or {}).get("model"), \
+            "the pipeline's folder"
+    else:
+        return f"`slug apply --patch {patch} ...`"
+    said = ([] if model else [f"{holder}: {what}, `embedded` for the shipped one"]) + (
+        [] if out else ["DIR: a new folder for the patched copy"])
+    return (f"`slug apply {flag} {shlex.quote(model) if model else holder} --patch {patch} --out "
+            f"{shlex.quote(out) if out else 'DIR'}`" + (f" ({'; '.join(said)})" if said else ""))
 
 
 def apply_hint(result: dict, out) -> str:
-    """The console's ``apply the patch: slug apply …`` for the run folder ``out`` (quoted for a shell), after the
-    outputs line (the text-to-image summary had none; the VLM's said ``--llava DIR``)."""
+    """The console's ``apply the patch: slug apply …`` for the run folder ``out``, to paste as printed (quoted for a
+    shell): the model the run used and a new folder beside the run's, ``<out>-pipeline`` / ``<out>-vlm`` (the
+    text-to-image summary had none; then it named ``SD_DIR`` and ``DIR``, which failed when pasted)."""
     import shlex
 
     from ..common.text import printable
 
-    return "apply the patch: " + apply_command(result, shlex.quote(f"{printable(out)}/patch")).replace("`", "")
+    run = printable(str(out)).rstrip("/") or "."
+    kind = "vlm" if result.get("target") == "vlm" else "pipeline"
+    return "apply the patch: " + apply_command(result, shlex.quote(f"{run}/patch"), f"{run}-{kind}").replace("`", "")

@@ -233,26 +233,40 @@ def _protection_lines(result: dict) -> list[str]:
     return lines
 
 
-def clip_section(text: str) -> str:
+def clip_section(text: str, result: dict | None = None) -> str:
     """The CLIP run's ``report.md`` as a section of a downstream run's report: its ``**verdict: X**`` line relabelled
-    as the CLIP run's own (the only bare verdict line of an SD report said "fail" while the run's verdict, in the
-    banner and result.json, was warn: trial 44)."""
-    return text.replace("**verdict: ", "**the CLIP run's own verdict (not this run's, see above): ", 1)
+    as the CLIP's own (the only bare verdict line of an SD report said "fail" while the run's verdict, in the banner
+    and result.json, was warn: trial 44), a broken CLIP's "do not ship this patch" said of the CLIP used on its own
+    (it stood under a run whose verdict was warn: verification 64), and with the downstream run's ``result`` its
+    "Apply it" command for the model the run used (the CLIP section is written before the run records it)."""
+    import re
+
+    text = (text.replace("**verdict: ", "**the CLIP's own verdict, used on its own (not this run's, see above): ", 1)
+            .replace("the edit broke the model; do not ship this patch", "the edit broke the CLIP as a standalone "
+                     "model: do not use the patched CLIP on its own (this run is judged on the downstream model's "
+                     "outputs, see above)"))
+    if result is None:
+        return text
+    said = apply_command(result)
+    return re.sub(r"Apply it: `slug apply [^`]*`( \([A-Z_]+: [^)]*\))?", lambda _: f"Apply it: {said}", text, count=1)
 
 
-def downstream_head(result: dict, whose: str, section: str, started: str) -> str:
+def downstream_head(result: dict, whose: str, section: str, started: str, terms: str = "") -> str:
     """The first lines of ``report.md`` for a run judged on a downstream model (``--target sd``: the generated
-    images; ``--target vlm``: the VLM's answers): its verdict is that model's, and the CLIP sections below (their
-    verdict, worst identity and step) describe the CLIP run the downstream search ``started`` from — a reader took
-    the CLIP section's "fail" for the run's (eighth trial)."""
+    images; ``--target vlm``: the VLM's answers): its verdict is that model's, and the CLIP sections below measure
+    the CLIP with the patch applied, used on its own (their verdict, worst identity and step are the CLIP's), and the
+    CLIP run the downstream search ``started`` from — a reader took the CLIP section's "fail" for the run's (eighth
+    trial), and the sections of a fine-tune run for the CLIP run before it (verification 64). ``terms``: what the
+    CLIP tables' words mean here (the SD demo's "identities" are object concepts; it was said at the report's end)."""
     edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group")}]
     edited = " + ".join(f"`{edit_tensors(e)}`" for e in edits)
     return (f"> **This run's verdict is the {whose}: {result['verdict']['status']}** (section \"{section}\" below; "
             + (f"applied {FINETUNED} of {edited}" if result.get("method") == "layer-finetune" else
                f"applied step {result['step_size']:.4g} on {edited}")
-            + "). The CLIP sections that follow describe the CLIP "
+            + "). The CLIP sections that follow measure the CLIP with this patch applied, used on its own (zero-shot"
+            + (f"; {terms}" if terms else "") + "), and describe the CLIP "
             f"run whose gradient and layers the {started} started from; their own verdict, worst case and step are "
-            f"CLIP's (their \"Cost\" counts the {started} in \"search\"; the whole run's cost ends this report)."
+            f"the CLIP's (their \"Cost\" counts the {started} in \"search\"; the whole run's cost ends this report)."
             "\n\n")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ..common.text import group_label
 from .fallback import edited_phrase, fallback_lines
 from .sd import cost_lines
 from .search_lines import apply_hint
@@ -72,10 +73,9 @@ def render_vlm_report(result: dict, samples: dict) -> str:
     for rd in rounds:
         if len(rounds) > 1:
             part = rd.get("partial_step")
-            lines.append(f"- **round {rd['round']}**" + (f": partial step {part['applied_step']:.4g} of "
-                                                          f"`{part['layer']}` " + ("tried (not in the patch)"
-                                                                                   if finetuned else "kept")
-                                                          if part else ""))
+            lines.append(f"- **round {rd['round']}**" + (
+                f": partial step {part['applied_step']:.4g} of `{group_label(part, short=False)}` "
+                + ("tried (not in the patch)" if finetuned else "kept") if part else ""))
         lines += _search_lines((rd.get("vlm_search") or {}).get("layers", []), likely)
     lines += [""] + fallback_lines(ch) if ch.get("fallback") else []
     lines += ["", "Sample answers (before -> after):", ""]
@@ -113,5 +113,5 @@ def _search_lines(layers: list[dict], likely: bool = False) -> list[str]:
         clip = L.get("clip_step_size")  # None: the layer had no accepted CLIP step (the VLM gradient's search)
         start = f"CLIP step {clip:.4g}" if clip is not None else \
             f"no CLIP step; started at {L.get('start_step') or 0:.4g}"
-        lines.append(f"- VLM step search on `{L['layer']}` ({start}): {steps}")
+        lines.append(f"- VLM step search on `{group_label(L, short=False)}` ({start}): {steps}")
     return lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from ..common.text import group_label
 from ..slug.search import SearchFailed
 
 
@@ -110,7 +111,7 @@ def partial_row(searched: list[dict], base_target: float, other_budget: float,
             if (t["target_recognised"] < base_target - 1e-9 and t["other_drop"] <= other_budget / 2 + 1e-9
                     and (nb is None or neighbour_budget is None or nb <= neighbour_budget / 2 + 1e-9)
                     and (ut is None or utility_budget is None or ut <= utility_budget / 2 + 1e-9)):
-                rows.append({"layer": L["layer"], **t})
+                rows.append({"layer": L["layer"], **({"group": L["group"]} if L.get("group") else {}), **t})
     return min(rows, key=lambda r: (r["target_recognised"], r["other_drop"]), default=None)
 
 
@@ -148,7 +149,7 @@ def fallback_partial(adapter, prior, order, searched: list[dict], base_target: f
             row = partial_row([L], base_target, other_budget, neighbour_budget, allowed, utility_budget)
             if row is not None:
                 return row, ""
-    smallest = (f" (the smallest: {described(layers[0]['layer'], layers[0]['trajectory'][-1])}; unedited "
+    smallest = (f" (the smallest: {described(group_label(layers[0]), layers[0]['trajectory'][-1])}; unedited "
                 f"{base_target:.2f})" if probe is not None and layers else None)
     if partial_row(searched, base_target, other_budget, neighbour_budget, None, utility_budget) is not None:
         return None, (" (no second layer: the layers whose steps lowered it within half the budgets leave no room "
@@ -171,7 +172,7 @@ def closest(searched: list[dict], threshold: float, other_budget: float, neighbo
             h = max(h, t["utility_drop"] / max(utility_budget, 1e-9))
         return h
 
-    rows = [(L["layer"], t) for L in searched for t in L["trajectory"]]
+    rows = [(group_label(L), t) for L in searched for t in L["trajectory"]]
     if not rows:
         return ""
     forgot = [r for r in rows if r[1]["target_recognised"] <= threshold + 1e-9]

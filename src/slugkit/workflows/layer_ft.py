@@ -31,11 +31,17 @@ def try_finetunes(adapter, consumer, mapping: dict, groups: list[list[str]], opt
     params = dict(consumer.named_parameters())
     clip_params = dict(adapter.model.named_parameters())
     rec.setdefault("tried", [])
-    for group in groups:
-        status(f"SLUG refused: fine-tuning {' + '.join(group)} on {what} (not SLUG)", progress)
+    for i, group in enumerate(groups, 1):
+        try_ = f"fine-tune {i} of {len(groups)} (not SLUG)"  # each try's lines say which (each said "SLUG refused")
+        status(f"SLUG refused: {try_}: {' + '.join(group)} on {what}" if i == 1 else
+               f"{try_}, as fine-tune {i - 1} was not accepted: {' + '.join(group)} on {what}", progress)
         ft = optimise({mapping[n]: params[mapping[n]] for n in group})
         g = {n: -ft["delta"][mapping[n]] for n in group}
-        row, _, _ = judge(1.0, evaluate(group, 1.0, g, 1.0))
+        row, forgot, harm = judge(1.0, evaluate(group, 1.0, g, 1.0))
+        why = "; ".join(w for bad, w in ((not forgot, "the concept is still recognised"),
+                                         (harm, "the collateral exceeds a budget (the figures above)")) if bad)
+        status(f"  {try_}: " + ("accepted on the validation images" if row["accepted"] else f"not accepted: {why}"),
+               progress)
         rec["tried"].append({"layer": group[0], "group": group, **row,
                              "relative_change": {n: ft["relative_change"][mapping[n]] for n in group},
                              "final_loss": ft["final_loss"], "train_s": ft["train_s"], "data": ft["data"]})
@@ -51,12 +57,9 @@ def try_finetunes(adapter, consumer, mapping: dict, groups: list[list[str]], opt
 def finetune_refusal(rec: dict, option: str) -> str:
     """The refusal's clause for a fallback that did not pass either (``rec``: :func:`try_finetunes`' record,
     ``option``: e.g. ``"--vlm-fallback finetune"``)."""
-    from .gen_search import described
+    from .gen_search import described, group_label
 
-    def named(r):  # every tensor of a group (it named the first)
-        return " + ".join(n.removeprefix("text_model.encoder.") for n in r.get("group") or [r["layer"]])
-
-    rows = "; ".join(described(named(r), r) for r in rec["tried"]) or "no group to fine-tune"
+    rows = "; ".join(described(group_label(r), r) for r in rec["tried"]) or "no group to fine-tune"
     return f"; the one-layer fine-tune ({option}, step 1 = the fine-tuned values) did not pass either: {rows}"
 
 

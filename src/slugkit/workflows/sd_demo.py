@@ -40,6 +40,7 @@ The flow is SD's (spec §6.1), run on the embedded stand-ins:
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from ..common.files import atomic_write_bytes, write_json
 from ..common.runfolder import claim_out, run_folder
 from ..eval.generated import DEFAULT_N_NEIGHBOUR, collateral_of, image_grid, target_neighbours
 from ..report.fallback import fallback_lines
-from ..report.sd import render_generation_report
+from ..report.sd import CLIP_TERMS, render_generation_report
 from ..report.unlearn import clip_section, downstream_head
 from ..world import render as world
 from ..world import t2i
@@ -206,6 +207,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
 
             result["target"] = "sd"
             result["pipeline"] = {"kind": "embedded text-to-image (diffusers UNet2DConditionModel, pixel space)",
+                                  "model": os.path.realpath(t2i_dir) if t2i_dir else "embedded",  # what to apply to
                                   "text_encoder_verified": True, "consumer": adapter.consumer,
                                   "candidates": len(adapter.candidate_names())}
             result["generation"] = gen
@@ -223,9 +225,10 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["timing_s"]["generation_eval"] = t_gen
             result["timing_s"]["total"] = time.perf_counter() - t0
             write_json(stage / "result.json", result)
-            report = (downstream_head(result, "generated images'", "Generated images", "generator search")
+            report = (downstream_head(result, "generated images'", "Generated images", "generator search", CLIP_TERMS)
                       + "".join(line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
-                      + clip_section((stage / "report.md").read_text(encoding="utf-8")) + _generation_report(result))
+                      + clip_section((stage / "report.md").read_text(encoding="utf-8"), result)
+                      + _generation_report(result))
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:

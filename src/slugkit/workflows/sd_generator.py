@@ -214,8 +214,9 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
                    f"{len(order[:max_searched])}), from step {layer.step_size:.4g}", progress)
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), layer.step_size,
                                               search_steps, threshold, other_budget, neighbour_budget)
-            searched.append({"layer": layer.name, "clip_step_size": clip_steps[layer.name],
-                             "start_step": layer.step_size, "trajectory": traj, "accepted_step": eta})
+            searched.append({"layer": layer.name, "group": list(layer.group),
+                             "clip_step_size": clip_steps[layer.name], "start_step": layer.step_size,
+                             "trajectory": traj, "accepted_step": eta})
             if eta is not None:
                 chosen = replace(layer, step_size=eta * gen_margin, accepted_step=eta)  # not the CLIP search's
                 info["clip_step_size"] = clip_steps[layer.name]

@@ -193,8 +193,8 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             status(f"VLM step search on {', '.join(layer.group)} from step {start:.4g}", progress)
             traj, eta = generator_step_search(lambda e, g=layer.group: evaluate(g, e), start, search_steps,
                                               threshold, other_budget, neighbour_budget, utility_budget)
-            searched.append({"layer": layer.name, "clip_step_size": layer.step_size, "start_step": start,
-                             "trajectory": traj, "accepted_step": eta})
+            searched.append({"layer": layer.name, "group": list(layer.group), "clip_step_size": layer.step_size,
+                             "start_step": start, "trajectory": traj, "accepted_step": eta})
             if eta is not None:
                 chosen = replace(layer, step_size=eta * margin, accepted_step=eta)  # not the CLIP search's
                 break
@@ -391,8 +391,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             write_json(stage / "result.json", result)
             head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search") + "".join(
                 line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
-            report = head + clip_section((stage / "report.md").read_text(encoding="utf-8")) + render_vlm_report(
-                result, samples)
+            report = (head + clip_section((stage / "report.md").read_text(encoding="utf-8"), result)
+                      + render_vlm_report(result, samples))
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
     finally:
