@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, by_method, by_method_line, counts, floats, folder, guarded_run, ints,  # noqa: E402
-                   json_out, merge, name_list, run, seed_type, unfinished_line, write_complete)
+from sweep import (add_json, by_method, counts, floats, folder, guarded_run, ints,  # noqa: E402
+                   json_out, merge, name_list, print_counts, run, seed_type, unfinished_line, write_complete)
 
 TARGET_AFTER, MEAN_DROP, WORST_DROP, BASE = 0.10, 0.05, 0.20, 0.70
 CHECKS = {
@@ -131,11 +131,7 @@ def report(rows: list[dict], json_path: str | None, options: dict, base_recognit
     """Print the sweep's summary of ``rows`` (pass count, by method, the medians and worsts) and write the ``--json``
     file; a sweep's end and ``--merge`` both end here. Returns the summary."""
     s = summary(rows)
-    print(f"{s['passed']}/{s['total']} concepts pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
-          f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
-          f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
-    if said := by_method_line(s):  # a fallback ran: say which passes are not SLUG's
-        print(said)
+    print_counts(s, "concepts")
     if "mean_drop_median" in s:
         print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
               f"other concept: median {s['worst_other_drop_median']:+.3f}, worst {s['worst_other_drop_worst']:+.3f} "

@@ -292,6 +292,16 @@ def write_complete(json_path: str | None, rows: list[dict], summary: dict, optio
     return summary
 
 
+def print_counts(s: dict, what: str) -> None:
+    """The sweeps' first summary lines: ``N/M <what> pass (P%); R refused[, C crashed]`` and, when a fallback made
+    some patches, which passes are not SLUG's (``s``: :func:`counts` with ``by_method``)."""
+    print(f"{s['passed']}/{s['total']} {what} pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
+          f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
+          f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
+    if said := by_method_line(s):  # a fallback ran: say which passes are not SLUG's
+        print(said)
+
+
 def by_method(ran: list[dict]) -> dict:
     """``{method: {"runs", "passed"}}`` over the rows of runs that wrote a patch: which method made each (SLUG's step,
     ``slug``, or a demo's labelled fine-tune fallback, ``layer-finetune``); rows from before the field are SLUG's."""

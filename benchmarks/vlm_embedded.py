@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep helpers beside this script, however it is loaded
-from sweep import (add_json, by_method, by_method_line, counts, floats, folder, guarded_run, ints,  # noqa: E402
-                   json_out, name_list, progress_off, run, seed_type, unfinished_line)
+from sweep import (add_json, by_method, counts, floats, folder, guarded_run, ints,  # noqa: E402
+                   json_out, name_list, print_counts, progress_off, run, seed_type, unfinished_line)
 
 TARGET_AFTER, TARGET_BEFORE, OTHER_DROP, UTILITY_DROP = 0.05, 0.90, 0.05, 0.03
 
@@ -162,11 +162,7 @@ def main():
         if a.json:
             write_json(a.json, {"rows": rows, "summary": summary(rows), "options": vars(a), "complete": False})
     s = summary(rows)
-    print(f"{s['passed']}/{s['total']} runs pass ({s['passed'] / max(s['total'], 1):.0%}); {s['refused']} refused"
-          f"{', %d crashed' % s['errors'] if s['errors'] else ''}"
-          f"{'' if s['refusals_clean'] else ' (SOME LEFT A RUN FOLDER)'}")
-    if said := by_method_line(s):  # a fallback ran: say which passes are not SLUG's
-        print(said)
+    print_counts(s, "runs")
     verdicts = [r["verdict"] for r in rows if r.get("verdict")]  # the demo's own verdict bounds the worst identity
     if verdicts:
         print("the demo's verdicts of the runs that wrote a patch (they bound the worst single identity too): "
