@@ -120,6 +120,8 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     report = (out / "report.md").read_text()
     assert "**Not SLUG: method layer-finetune.**" in report.split("## ")[0]  # at the top, before any section
     assert "(`--sd-fallback finetune`)" in report and f"fine-tuned `{' + '.join(res['group'])}`" in report
+    top = max(tried[0]["relative_change"], key=tried[0]["relative_change"].get)  # the attention, tried first
+    assert f"` (largest relative change {tried[0]['relative_change'][top]:.3g}, {top.split('.')[-2]}, " in report
     assert "method: A one-layer fine-tune (NOT SLUG: SLUG's search refused; --sd-fallback finetune)" in report
     assert "Applied step" not in report and "Cost of the whole run: SLUG + the fine-tune" in report
     # SLUG's CLIP search of the fine-tuned layer is not presented as the applied step (verification 60)
@@ -135,6 +137,12 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     hint = f"apply the patch: slug apply --pipeline embedded --patch {out}/patch --out {out}-pipeline"
     assert hint in said
     assert main(hint.split()[4:]) == 0 and (tmp_path / f"{out.name}-pipeline" / "slugkit_patch.json").is_file()
+    # report.md's, to paste in the run folder (it said --out DIR: verification 65)
+    assert "Apply it: `slug apply --pipeline embedded --patch patch/ --out ../ft-pipeline` in this folder" in report
+    # the run folder itself as --out is refused as one (it said "holds files slug did not write": verification 65)
+    capsys.readouterr()
+    assert main(["apply", "--pipeline", "embedded", "--patch", str(out / "patch"), "--out", str(out)]) == 2
+    assert "is a slug run folder; write the pipeline outside that run" in capsys.readouterr().err
     assert "SLUG's own refusal, before the fine-tune: " in report and "(no patch)" not in report
     assert json.loads((out / "run.json").read_text())["sd"]["fallback"] == "finetune"
 

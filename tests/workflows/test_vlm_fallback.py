@@ -225,7 +225,7 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     assert "step 1," not in report and "applied the fine-tuned values (not a SLUG step) of" in report
     assert f"- **round 1**: partial step {rounds[0]['partial_step']['applied_step']:.4g} of `" in report
     assert "tried (not in the patch)" in report and "` kept" not in report
-    assert "Apply it: `slug apply --llava embedded --patch patch/" in report
+    assert "Apply it: `slug apply --llava embedded --patch patch/ --out ../ft-vlm` in this folder" in report
     traj = report.split("## Search trajectory of the first edited layer")[1].split("## ")[0]
     assert "None of these steps was applied" in traj or (  # no SLUG step rule for the fine-tuned group
         " + ".join(f"`{n}`" for n in res["group"]) + " were not searched" in traj and "applied step =" not in traj)

@@ -166,10 +166,14 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
             raise ValueError("--full-pipeline: the embedded text-to-image model is not a diffusers pipeline; without "
                              "--full-pipeline its patched text encoder is written (as `slug export --pipeline embedded`"
                              " reads it)")
-        if a.pipeline == "embedded" and os.path.isdir(a.out):  # refused before the model loads (verification 62)
-            from ..common.files import check_replaceable
+        if a.pipeline == "embedded":  # refused before the model loads (verification 62), a run folder as one
+            from ..integrations.towers import check_out_outside  # (it said "holds files slug did not write": 65)
 
-            check_replaceable(a.out, a.overwrite, "slugkit_patch.json")
+            check_out_outside(None, a.out, "pipeline")
+            if os.path.isdir(a.out):
+                from ..common.files import check_replaceable
+
+                check_replaceable(a.out, a.overwrite, "slugkit_patch.json")
         source = load_pipeline("embedded") if a.pipeline == "embedded" else a.pipeline
         save_patched_text_encoder(source, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
                                   overwrite=a.overwrite, encoder=a.text_encoder, clip_skip=a.clip_skip)

@@ -20,7 +20,10 @@ def fallback_lines(chooser: dict) -> list[str]:
     rows = []
     for t in fb["tried"]:
         said = "named or likely" if "utility_drop" in t else "recognised"
-        rows.append(f"- fine-tuned `{' + '.join(t['group'])}` (relative change {max(t['relative_change'].values()):.3g}"
+        top = max(t["relative_change"], key=t["relative_change"].get)  # which tensor (it read as the group's: 65)
+        largest = (f"relative change {t['relative_change'][top]:.3g}" if len(t["relative_change"]) == 1 else
+                   f"largest relative change {t['relative_change'][top]:.3g}, {top.rsplit('.', 2)[-2]}")
+        rows.append(f"- fine-tuned `{' + '.join(t['group'])}` ({largest}"
                     f", {t['train_s']:.0f} s): {said} {t['target_recognised']:.2f} on validation, others "
                     f"{0.0 - t['other_drop']:+.3f}, worst neighbour {t.get('worst_neighbour')} "  # 0 - x: no "-0.00"
                     f"{0.0 - (t.get('neighbour_drop') or 0.0):+.2f}"

@@ -33,7 +33,8 @@ def render_generation_report(result: dict) -> str:
               + (" neighbour shift | neighbour/target |" if nb else ""), "|---|---|---|---|---|" + ("---|---|" if nb
                                                                                                   else "")]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['step_size']:.4g} | {r['target_shift']:.3f} | {r['other_shift']:.3f} | "
+        lines.append(f"| {group_label(r, short=False)} | {r['step_size']:.4g} | {r['target_shift']:.3f} | "
+                     f"{r['other_shift']:.3f} | "
                      f"{r['selectivity']:.3f} |" + (f" {r['neighbour_shift']:.3f} | {r['neighbour_selectivity']:.3f} |"
                                                     if "neighbour_shift" in r else ""))
     gs = result.get("chooser", {}).get("generator_search")

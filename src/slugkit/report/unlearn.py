@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 from ..common.files import atomic_write_bytes
-from ..common.text import printable
+from ..common.text import group_label, printable
 from .search_lines import FINETUNED, _fmt, _why_heading, apply_command, trajectory_lines  # noqa: F401  (re-exported)
 
 METRIC_LABELS = [
@@ -233,12 +233,14 @@ def _protection_lines(result: dict) -> list[str]:
     return lines
 
 
-def clip_section(text: str, result: dict | None = None) -> str:
+def clip_section(text: str, result: dict | None = None, out=None) -> str:
     """The CLIP run's ``report.md`` as a section of a downstream run's report: its ``**verdict: X**`` line relabelled
     as the CLIP's own (the only bare verdict line of an SD report said "fail" while the run's verdict, in the banner
     and result.json, was warn: trial 44), a broken CLIP's "do not ship this patch" said of the CLIP used on its own
     (it stood under a run whose verdict was warn: verification 64), and with the downstream run's ``result`` its
-    "Apply it" command for the model the run used (the CLIP section is written before the run records it)."""
+    "Apply it" command for the model the run used (the CLIP section is written before the run records it) — with the
+    run folder ``out``, one to paste in that folder, writing ``../<run>-pipeline`` (``-vlm``) beside it (it said
+    ``--out DIR``: verification 65)."""
     import re
 
     text = (text.replace("**verdict: ", "**the CLIP's own verdict, used on its own (not this run's, see above): ", 1)
@@ -247,7 +249,9 @@ def clip_section(text: str, result: dict | None = None) -> str:
                      "outputs, see above)"))
     if result is None:
         return text
-    said = apply_command(result)
+    kind = "vlm" if result.get("target") == "vlm" else "pipeline"
+    said = (apply_command(result, "patch/", f"../{Path(out).name}-{kind}") + " in this folder" if out is not None
+            else apply_command(result))
     return re.sub(r"Apply it: `slug apply [^`]*`( \([A-Z_]+: [^)]*\))?", lambda _: f"Apply it: {said}", text, count=1)
 
 
@@ -331,7 +335,8 @@ def render_report(result: dict) -> str:
         rel = None if s["step_size"] is None else s["step_size"] / s["ratio"]
         w = s.get("val_worst")
         lines.append(
-            f"| {rnd} | `{s['name']}`{mark} | {s['tower']} | "
+            f"| {rnd} | `{group_label({'layer': s['name'], 'group': s.get('group')}, short=False)}`{mark} | "
+            f"{s['tower']} | "
             f"{_fmt(s['accepted_step']) if s['accepted_step'] else 'none'} | "
             f"{_fmt(s['step_size']) if s['step_size'] else '–'} | {_fmt(rel)} | {_fmt(vm.get('forget_top5'))} | "
             f"{_fmt(vm.get('related_top1'))} | {_fmt(vm.get('utility_top1'))} | "

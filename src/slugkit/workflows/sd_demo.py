@@ -227,7 +227,7 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             write_json(stage / "result.json", result)
             report = (downstream_head(result, "generated images'", "Generated images", "generator search", CLIP_TERMS)
                       + "".join(line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
-                      + clip_section((stage / "report.md").read_text(encoding="utf-8"), result)
+                      + clip_section((stage / "report.md").read_text(encoding="utf-8"), result, out)
                       + _generation_report(result))
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result

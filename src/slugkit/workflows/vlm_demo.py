@@ -391,7 +391,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             write_json(stage / "result.json", result)
             head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search") + "".join(
                 line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
-            report = (head + clip_section((stage / "report.md").read_text(encoding="utf-8"), result)
+            report = (head + clip_section((stage / "report.md").read_text(encoding="utf-8"), result, out)
                       + render_vlm_report(result, samples))
             atomic_write_bytes(stage / "report.md", report.encode("utf-8"))
         return result
