@@ -57,7 +57,8 @@ def try_finetunes(adapter, consumer, mapping: dict, groups: list[list[str]], opt
 def finetune_refusal(rec: dict, option: str) -> str:
     """The refusal's clause for a fallback that did not pass either (``rec``: :func:`try_finetunes`' record,
     ``option``: e.g. ``"--vlm-fallback finetune"``)."""
-    from .gen_search import described, group_label
+    from ..common.text import group_label
+    from .gen_search import described
 
     rows = "; ".join(described(group_label(r), r) for r in rec["tried"]) or "no group to fine-tune"
     return f"; the one-layer fine-tune ({option}, step 1 = the fine-tuned values) did not pass either: {rows}"
