@@ -157,6 +157,9 @@ def test_the_apply_hint_names_the_model_the_run_was_judged_on_and_quotes_the_fol
         "folder, embedded for the shipped one)")
     assert apply_command({"target": "sd", "pipeline": {"model": "embedded"}}) == (
         "`slug apply --pipeline embedded --patch patch/ --out DIR` (DIR: a new folder for the patched copy)")
+    # a result that says VLM only by its search record gets the LLaVA form and a -vlm folder, as the console's does
+    assert apply_hint({"chooser": {"vlm_search": {}, "rounds": [{"vlm_search": {"layers": []}}]}, "vlm_model": "m"},
+                      "r") == "apply the patch: slug apply --llava m --patch r/patch --out r-vlm"
     assert apply_hint({"chooser": {}}, "r") == "apply the patch: slug apply --patch r/patch ..."
 
 

@@ -74,22 +74,24 @@ def _why_heading(result: dict) -> list[str]:
                "A row marked **(edited)** is a layer that was edited; the others were candidates only."), ""]
 
 
-def apply_command(result: dict, patch: str = "patch/", out: str | None = None) -> str:
+def apply_command(result: dict, patch: str = "patch/", beside: str | None = None) -> str:
     """The ``slug apply`` form for the model the run judged on, ``patch`` the patch folder as the reader should type
     it (a VLM run's patch goes into LLaVA, a text-to-image run's into the pipeline; it said ``--patch patch/ ...`` for
     every run): the model the run used (``embedded`` for the shipped one; ``result["vlm_model"]``,
-    ``result["pipeline"]["model"]``) and ``out`` as the new folder when given, else placeholders that are said
-    (``SD_DIR``/``VLM_DIR``, ``DIR``: pasted as printed, the command failed on them: verification 64)."""
+    ``result["pipeline"]["model"]``) and, given the run folder as the reader types it (``beside``), a new folder
+    beside it, ``<beside>-vlm`` / ``<beside>-pipeline``; else placeholders that are said (``SD_DIR``/``VLM_DIR``,
+    ``DIR``: pasted as printed, the command failed on them: verification 64)."""
     import shlex
 
     rounds = (result.get("chooser") or {}).get("rounds") or [result.get("chooser") or {}]
     if result.get("target") == "vlm" or any(r.get("vlm_search") for r in rounds):
-        flag, holder, model, what = "--llava", "VLM_DIR", result.get("vlm_model"), "the VLM's folder"
+        flag, holder, model, what, kind = "--llava", "VLM_DIR", result.get("vlm_model"), "the VLM's folder", "vlm"
     elif result.get("target") == "sd" or any(r.get("generator_search") for r in rounds):
-        flag, holder, model, what = "--pipeline", "SD_DIR", (result.get("pipeline") or {}).get("model"), \
-            "the pipeline's folder"
+        flag, holder, model, what, kind = "--pipeline", "SD_DIR", (result.get("pipeline") or {}).get("model"), \
+            "the pipeline's folder", "pipeline"
     else:
         return f"`slug apply --patch {patch} ...`"
+    out = f"{beside}-{kind}" if beside is not None else None
     said = ([] if model else [f"{holder}: {what}, `embedded` for the shipped one"]) + (
         [] if out else ["DIR: a new folder for the patched copy"])
     return (f"`slug apply {flag} {shlex.quote(model) if model else holder} --patch {patch} --out "
@@ -105,5 +107,4 @@ def apply_hint(result: dict, out) -> str:
     from ..common.text import printable
 
     run = printable(str(out)).rstrip("/") or "."
-    kind = "vlm" if result.get("target") == "vlm" else "pipeline"
-    return "apply the patch: " + apply_command(result, shlex.quote(f"{run}/patch"), f"{run}-{kind}").replace("`", "")
+    return "apply the patch: " + apply_command(result, shlex.quote(f"{run}/patch"), run).replace("`", "")

@@ -249,8 +249,7 @@ def clip_section(text: str, result: dict | None = None, out=None) -> str:
                      "outputs, see above)"))
     if result is None:
         return text
-    kind = "vlm" if result.get("target") == "vlm" else "pipeline"
-    said = (apply_command(result, "patch/", f"../{Path(out).name}-{kind}") + " in this folder" if out is not None
+    said = (apply_command(result, "patch/", f"../{Path(out).name}") + " in this folder" if out is not None
             else apply_command(result))
     return re.sub(r"Apply it: `slug apply [^`]*`( \([A-Z_]+: [^)]*\))?", lambda _: f"Apply it: {said}", text, count=1)
 
