@@ -546,3 +546,31 @@ def test_every_seed_option_refuses_a_negative_seed_at_parse_time(capsys):
                 main(["world", trainer, "--seed", bad, "--out", "/nonexistent/never-written"])
             assert e.value.code == 2
             assert f"argument --seed: must be in [0, 2^63 - 1], got {bad}" in capsys.readouterr().err
+
+
+def test_a_warn_patch_is_noted_once_it_is_applied_not_above_a_refusal(tmp_path, capsys):
+    """Verification 65: `slug apply` printed "note: P comes from a run whose verdict was warn" and then refused the
+    --out (two messages for one mistake, the first about something else). The note now comes once the model is
+    written, beside what was applied; a refusal is said alone."""
+    import torch
+
+    from slugkit.patch import make_patch, save_patch, save_state_dict_file
+    from slugkit.workflows.verdict import verdict_fields
+
+    fields = verdict_fields({"status": "warn", "reasons": [{"severity": "warn", "code": "worst_drop"}]})
+    base = {"a": torch.ones(2)}
+    save_patch(make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="open_clip", concept="A",
+                          step_size=1.0, extra=fields), tmp_path / "patch")
+    save_state_dict_file(base, tmp_path / "m.safetensors")
+    save_state_dict_file({"a": torch.zeros(2)}, tmp_path / "wrong.safetensors")
+    apply = ["apply", "--patch", str(tmp_path / "patch"), "--out", str(tmp_path / "o.safetensors"), "--checkpoint"]
+    assert main(apply + [str(tmp_path / "wrong.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot apply patch" in err and "verdict was warn" not in err
+    assert not (tmp_path / "o.safetensors").exists()
+    assert main(apply + [str(tmp_path / "m.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "comes from a run whose verdict was warn (worst_drop)" in captured.err
+    assert "applied 1 patch(es); wrote" in captured.out
+    assert main(["apply", "--patch", str(tmp_path / "patch"), "--pipeline", "embedded", "--out", str(tmp_path)]) == 2
+    assert "verdict was warn" not in capsys.readouterr().err  # --out refused after the patch loaded: alone too

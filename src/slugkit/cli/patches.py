@@ -89,16 +89,15 @@ def _apply(a, revert: bool) -> int:
                           "choose a path outside it")
     from ..patch.summary import sequential_run_line, verdict_line
 
-    for line in ([] if revert else [verdict_line(path, p.meta) for path, p in zip(a.patch, patches)]
-                 + [sequential_run_line(a.patch)]):
-        if line:
-            print(line, file=sys.stderr)
+    notes = [] if revert else [line for line in [verdict_line(path, p.meta) for path, p in zip(a.patch, patches)]
+                               + [sequential_run_line(a.patch)] if line]  # said once the apply has worked:
+    # they stood above a refusal of --out, two messages for one mistake (verification 65)
     if a.pipeline or a.llava:
         if os.path.lexists(a.out) and not os.path.isdir(a.out):  # it was moved aside without a word (trial 26)
             return refuse(f"--out {a.out} exists and is not a folder; --{'pipeline' if a.pipeline else 'llava'} "
                           "writes a model folder there: choose another --out, or remove that file first")
         with step_hint(a.patch, revert):
-            return _apply_to_folder(a, patches, revert)
+            return _apply_to_folder(a, patches, revert, notes)
     from ..patch.summary import family_mismatch
 
     why = family_mismatch(a.family, [p.meta for p in patches])
@@ -124,6 +123,7 @@ def _apply(a, revert: bool) -> int:
             apply_patches(target, patches)
     if a.out:  # a checkpoint keeps its header (metadata, layout): revert after apply gives it back byte for byte
         save_state_dict_file(_state_of(saved), a.out, template=a.checkpoint)
+    say(notes)
     for p in patches:
         print(describe(p))
     verb = "reverted" if revert else "applied"
@@ -153,9 +153,17 @@ def step_hint(given: list, revert: bool = False, audit: bool = False):
         raise PatchMismatchError(f"{text}{hint}") from None
 
 
-def _apply_to_folder(a, patches, revert: bool) -> int:
+def say(notes: list[str]) -> None:
+    """The patches' provenance notes (:func:`slugkit.patch.summary.verdict_line`, ``sequential_run_line``) on
+    stderr."""
+    for line in notes:
+        print(line, file=sys.stderr)
+
+
+def _apply_to_folder(a, patches, revert: bool, notes: list[str]) -> int:
     """`slug apply --pipeline DIR | --llava DIR --patch P --out DIR2`: write the SD pipeline's text encoder (SDXL:
-    the one the patch belongs to) or the whole LLaVA model, patched (or reverted), as a loadable folder."""
+    the one the patch belongs to) or the whole LLaVA model, patched (or reverted), as a loadable folder; ``notes``
+    (:func:`say`) once it is written."""
     from ..patch import combine_patches, describe
 
     patch = combine_patches(patches)
@@ -193,6 +201,7 @@ def _apply_to_folder(a, patches, revert: bool) -> int:
             print(f"warning: {printable(a.llava)} holds no tokenizer (tokenizer.json, tokenizer.model, vocab.json), "
                   f"so AutoProcessor cannot load {printable(a.out)}: copy the tokenizer files from the model's source",
                   file=sys.stderr)
+    say(notes)
     print(describe(patch))
     print(f"{'reverted' if revert else 'applied'} on {what}")
     return 0
@@ -274,8 +283,6 @@ def _export(a) -> int:
     check_exportable(patch)
     from ..patch.summary import verdict_line
 
-    if verdict_line(a.lora, patch.meta):
-        print(verdict_line(a.lora, patch.meta), file=sys.stderr)
     holder = _text_encoders(a.pipeline)
     encoder = pick_encoder(holder, patch, a.text_encoder)
     try:
@@ -287,6 +294,7 @@ def _export(a) -> int:
     extra = {"clip_skip": a.clip_skip} if a.clip_skip is not None else None
     lora = export_lora(patch, getattr(holder, encoder), out, prefix=encoder, max_error=a.max_error, rank=a.rank,
                        overwrite=a.overwrite, extra=extra)
+    say([line for line in [verdict_line(a.lora, patch.meta)] if line])  # once written, as apply's (not above an error)
     for m in lora.modules:
         print(f"{lora.prefix}.{m.module}: rank {m.rank} of {m.full_rank}, relative error {m.relative_error:.3e}")
     worst = max(m.relative_error for m in lora.modules)
