@@ -217,9 +217,15 @@ def _downstream(m: dict) -> list[str]:
         return []
     c, w = d.get("concept") or [None, None], list(d.get("worst_other") or [None, None]) + [None, None]
     values = f" ({w[2]:.2f} → {w[3]:.2f})" if all(isinstance(x, (int, float)) for x in w[2:4]) else ""
-    return [f"  judged on:  {printable(d.get('judged_on'))}: concept {printable(_rounded(c[0]))} → "
-            f"{printable(_rounded(c[-1]))}, others' mean drop {printable(_rounded(d.get('others_mean_drop')))}, worst "
-            f"{printable(w[0])} drop {printable(_rounded(w[1]))}{values} (the metrics below are the CLIP's)"]
+    return [f"  judged on:  {printable(d.get('judged_on'))}: concept {_fixed(c[0], 2)} → {_fixed(c[-1], 2)}, others' "
+            f"mean drop {_fixed(d.get('others_mean_drop'), 3)}, worst {printable(w[0])} drop {_fixed(w[1], 2)}{values} "
+            "(the metrics below are the CLIP's)"]
+
+
+def _fixed(v, decimals: int) -> str:
+    """A fraction as the reports print it (``decimals`` places: a mean drop of 0.0034482758620689 read "0.003448"
+    here and "0.003" in report.md; verification 65); anything else as :func:`printable` gives it."""
+    return f"{v:.{decimals}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else printable(v)
 
 
 def _rounded(v, digits: int = 4):
