@@ -237,6 +237,8 @@ def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch, capsys):
     assert said.count("SLUG refused: fine-tune 1 of 3 (not SLUG): ") == 1
     assert "fine-tune 3 of 3 (not SLUG), as fine-tune 2 was not accepted: text_model.encoder.layers.3.mlp.fc1" in said
     assert said.count("not accepted: the concept is still recognised") == 3
+    # each try's validation line names the fine-tuned values (it read "step 1:", a step no search measured)
+    assert said.count("  the fine-tuned values: concept recognised 1.00") == 3 and "  step 1: concept" not in said
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
 
 

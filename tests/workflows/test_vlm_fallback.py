@@ -105,8 +105,9 @@ def test_the_fallback_judges_the_fine_tuned_values_and_hands_back_the_first_acce
 
     seen = []
 
-    def evaluate(group, eta, g, scale):
+    def evaluate(group, eta, g, scale, label):
         seen.append((tuple(group), eta, scale))
+        assert label == "the fine-tuned values"  # the SD scorer prints it for "step 1" (verification 65)
         assert all(torch.equal(g[n], -deltas[n]) for n in group)
         return (0.0 if FC1 in group else 0.5), 0.01, 0.05, "Hasa Malwick", 0.01  # only the MLP forgets
 

@@ -19,13 +19,13 @@ def try_finetunes(adapter, consumer, mapping: dict, groups: list[list[str]], opt
                   what: str, progress: bool = True) -> tuple:
     """Fine-tune each group of ``groups`` (lists of the CLIP's tensor names) in turn: ``optimise({consumer name:
     parameter})`` returns the optimiser's record (``delta``: consumer name → θ_ft − θ, ``relative_change``,
-    ``final_loss``, ``train_s``, ``data``) with the consumer restored, and ``judge(1, evaluate(group, 1, g, 1))``
-    judges the edit θ − 1·g with ``g = −delta`` (``mapping``: CLIP name → ``consumer``'s name) as a SLUG step is
-    judged: the target and the collateral both at the fine-tuned values. Every try's row (validation figures,
-    relative change, losses, seconds) is appended to ``rec["tried"]``; the first accepted group's first tensor is
-    ``rec["accepted"]``. Returns ``(chosen, g, rec)``: a :class:`~slugkit.slug.search.LayerSearch` with
-    ``step_size`` 1 and ``g`` ``{CLIP name: −delta}`` (θ − 1·g is the fine-tuned value, what the patch stores), or
-    ``(None, None, rec)`` when none is accepted."""
+    ``final_loss``, ``train_s``, ``data``) with the consumer restored, and ``judge(1, evaluate(group, 1, g, 1,
+    label="the fine-tuned values"))`` judges the edit θ − 1·g with ``g = −delta`` (``mapping``: CLIP name →
+    ``consumer``'s name) as a SLUG step is judged: the target and the collateral both at the fine-tuned values.
+    Every try's row (validation figures, relative change, losses, seconds) is appended to ``rec["tried"]``; the
+    first accepted group's first tensor is ``rec["accepted"]``. Returns ``(chosen, g, rec)``: a
+    :class:`~slugkit.slug.search.LayerSearch` with ``step_size`` 1 and ``g`` ``{CLIP name: −delta}`` (θ − 1·g is
+    the fine-tuned value, what the patch stores), or ``(None, None, rec)`` when none is accepted."""
     from ..slug.search import LayerSearch
 
     params = dict(consumer.named_parameters())
@@ -37,7 +37,7 @@ def try_finetunes(adapter, consumer, mapping: dict, groups: list[list[str]], opt
                f"{try_}, as fine-tune {i - 1} was not accepted: {' + '.join(group)} on {what}", progress)
         ft = optimise({mapping[n]: params[mapping[n]] for n in group})
         g = {n: -ft["delta"][mapping[n]] for n in group}
-        row, forgot, harm = judge(1.0, evaluate(group, 1.0, g, 1.0))
+        row, forgot, harm = judge(1.0, evaluate(group, 1.0, g, 1.0, label="the fine-tuned values"))  # not "step 1"
         why = "; ".join(w for bad, w in ((not forgot, "the concept is still recognised"),
                                          (harm, "the collateral exceeds a budget (the figures above)")) if bad)
         status(f"  {try_}: " + ("accepted on the validation images" if row["accepted"] else f"not accepted: {why}"),

@@ -133,9 +133,10 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
     tplan, oplan = validation_plans(target, neighbours, val_images, val_other, val_neighbour, seed)
 
     def scorer(adapter, g_edit, group0):
-        """``evaluate(group, eta, g=None, scale=gen_margin)`` on the validation images: the target at η along ``g``
-        (default ``g_edit.forget``), the others at ``scale``·η (the step applied), drops against the unedited
-        pipeline (measured once, at η = 0 on ``group0``)."""
+        """``evaluate(group, eta, g=None, scale=gen_margin, label=None)`` on the validation images: the target at η
+        along ``g`` (default ``g_edit.forget``), the others at ``scale``·η (the step applied), drops against the
+        unedited pipeline (measured once, at η = 0 on ``group0``); ``label`` names the edit in the progress line in
+        place of "step η" (a fine-tune's "step 1" is its fine-tuned values)."""
         def recognised(plan, group, eta, g):
             if group is None:  # the unedited pipeline
                 return t2i.recognition(pipe, judge, plan, gen_steps, guidance)[0]
@@ -149,15 +150,15 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
         base_t, base_per = state["base"]
         base_o = float(sum(base_per.values()) / len(base_per))
 
-        def evaluate(group, eta, g=None, scale=gen_margin):
+        def evaluate(group, eta, g=None, scale=gen_margin, label=None):
             rec_t = recognised(tplan, group, eta, g)[target]
             per = recognised(oplan, group, eta * scale, g)
             drops = {c: base_per[c] - per[c] for c in neighbours}
             worst = max(neighbours, key=lambda c: (drops[c], -neighbours.index(c))) if neighbours else None
             mean_drop = base_o - float(sum(per.values()) / len(per))
             at = "," if scale == 1.0 else f"; at the step applied ({scale:g} × η = {eta * scale:.4g}):"
-            status(f"  step {eta:.4g}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}){at} others "
-                   f"{-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
+            status(f"  {label or f'step {eta:.4g}'}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}){at} "
+                   f"others {-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
                    progress)  # the collateral is measured at the margin's step (the trial took it for η's)
             return (rec_t, mean_drop) if worst is None else (rec_t, mean_drop, drops[worst], worst)
 

@@ -112,9 +112,9 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
     state = {}  # the unedited VLM's validation scores, measured once (round 1)
 
     def scorer(adapter, g_edit, group0):
-        """``evaluate(group, eta, g=None, scale=margin)`` on the validation images: the target at η along ``g``
-        (default ``g_edit``), the collateral at ``scale`` × η (the step applied), drops against the unedited VLM
-        (measured once, at η = 0 on ``group0``)."""
+        """``evaluate(group, eta, g=None, scale=margin, label=None)`` on the validation images: the target at η along
+        ``g`` (default ``g_edit``), the collateral at ``scale`` × η (the step applied), drops against the unedited VLM
+        (measured once, at η = 0 on ``group0``); ``label`` is the SD scorer's (this one prints no step line)."""
         def score(group, eta, likely=False, g=None):
             """The validation scores at ``eta``; with ``likely`` (the target's criterion, not the collateral's)
             also the share of the target's images named or giving the name >= ``name_prob``."""
@@ -137,7 +137,7 @@ def vlm_chooser(targets: list[str], llava, processor, mapping: dict[str, str], n
             state["base"] = score(group0, 0.0)
         base = state["base"]
 
-        def evaluate(group, eta, g=None, scale=margin):
+        def evaluate(group, eta, g=None, scale=margin, label=None):
             m = score(group, eta, likely=True, g=g)
             worst_t = max(m["target_likely_by_concept" if name_prob is not None else "target_named_by_concept"]
                           .values())
