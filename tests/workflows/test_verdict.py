@@ -87,6 +87,13 @@ def test_a_broken_model_fails_even_when_the_concept_is_gone(key, broken, budget)
                                                           "generated_other_recognised": 0.87}, 0.05, 0.05, 0.05)
     assert sd.status == "warn" and [r["code"] for r in sd.reasons] == ["clip_broken"]  # the pipeline is fine
     assert sd.reasons[0]["message"].startswith("CLIP zero-shot, the text encoder on its own: ")  # whose numbers
+    assert sd.reasons[0]["on"] == "clip"  # for a program too: the CLIP's worst_drop and the images' share a code
+    clip_worst = {"status": "warn", "budgets": {"worst_drop": 0.2}, "reasons": [
+        {"severity": "warn", "code": "worst_drop", "message": "'A' dropped 0.5"}]}
+    per = {"generated_target_recognised": 0.9, "generated_other_recognised": 0.9, "per_concept": {"x": 0.9, "y": 0.9}}
+    sd = sd_verdict("red triangle", clip_worst, per, {**per, "generated_target_recognised": 0.0,
+                                                      "per_concept": {"x": 0.9, "y": 0.5}}, 0.05, 0.05, 0.05)
+    assert [(r["code"], r.get("on")) for r in sd.reasons] == [("worst_drop", None), ("worst_drop", "clip")]
 
 
 def test_a_sequential_run_that_broke_the_model_says_so(capsys):

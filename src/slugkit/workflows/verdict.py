@@ -346,12 +346,14 @@ CLIP_SIDE = "CLIP zero-shot, the text encoder on its own: "  # beside the genera
 def _as_warning(r: dict) -> dict:
     """A downstream run keeps the CLIP's own ``model_broken`` as a warning (module docstring); the CLIP's collateral
     reasons say they are the CLIP's (a worst-drop warning from the CLIP's ranking sat unlabelled beside the generated
-    images' neighbours, with other numbers: fifteenth trial)."""
+    images' neighbours, with other numbers: fifteenth trial), in words and as ``"on": "clip"`` (the reasons'
+    codes alone listed ``worst_drop`` twice, the CLIP's and the images', with nothing for a program to tell them
+    apart: verification 65)."""
     if r["code"] in ("utility_drop", "related_drop", "worst_drop"):
-        return {**r, "message": CLIP_SIDE + r["message"]}
+        return {**r, "message": CLIP_SIDE + r["message"], "on": "clip"}
     if r["code"] != "model_broken":
         return r
-    return {**r, "severity": "warn", "code": "clip_broken",
+    return {**r, "severity": "warn", "code": "clip_broken", "on": "clip",
             "message": CLIP_SIDE + r["message"].replace("; do not ship this patch", "") + " — the pipeline is "
                                                                                           "judged on its outputs"}
 
