@@ -91,7 +91,7 @@ def test_a_group_edit_names_every_tensor_it_changed():
     g = ["vision_model.encoder.layers.2.mlp.fc1.weight", "vision_model.encoder.layers.2.mlp.fc2.weight"]
     result = {"layer": g[1], "group": g, "step_size": 11.72, "relative_change": 0.229, "verdict": {"status": "pass"}}
     assert edit_label(result) == f"{g[0]} + {g[1]} (step 11.72, relative change 0.229)"
-    assert f"applied step 11.72 on `{g[0]} + {g[1]}`" in downstream_head(result, "VLM's", "VLM", "search")
+    assert f"applied step 11.72 on `{g[0]} + {g[1]}`" in downstream_head(result, "the VLM's answers", "VLM", "search")
     one = {**result, "layer": "visual.proj", "group": ["visual.proj"]}
     assert edit_label(one) == "visual.proj (step 11.72, relative change 0.229)"
     # trial 43: a q/k/v edit's headline gave q_proj's 0.032 while v_proj changed by 0.172; the largest is said too
@@ -179,3 +179,38 @@ def test_a_downstream_reports_clip_section_says_its_verdict_is_the_clip_used_on_
     out = clip_section(text, {"target": "sd", "pipeline": {"model": "/p/my sd"}})
     assert ("Apply it: `slug apply --pipeline '/p/my sd' --patch patch/ --out DIR` (DIR: a new folder for the patched "
             "copy) or `slugkit.apply_patch(…)`") in out and "SD_DIR" not in out
+
+
+def test_a_downstream_banner_gives_the_runs_reasons_and_whose_they_are():
+    """Verification 66: report.md's banner said "This run's verdict is the generated images': warn" and no reason
+    (they were on the console and in result.json only), and said so when the only reason was the CLIP's own utility,
+    with the images passing every check. The banner now lists the reasons, and says when all are the CLIP's; an audit
+    folded in later rewrites them (:func:`slugkit.workflows.audit_fold._report_head`)."""
+    from slugkit.report.unlearn import downstream_head, verdict_lines
+    from slugkit.workflows.audit_fold import _report_head
+
+    clip = {"severity": "warn", "code": "utility_drop", "on": "clip",
+            "message": "CLIP zero-shot, the text encoder on its own: utility (TA_IN@1) accuracy dropped 0.996 -> 0.914"}
+    images = {"severity": "warn", "code": "worst_drop", "message": "'cyan circle' dropped 0.300 (0.900 -> 0.600)"}
+    result = {"layer": "a", "group": ["a"], "step_size": 2.0, "verdict": {"status": "warn", "reasons": [clip]}}
+    head = downstream_head(result, "the generated images", "Generated images", "generator search")
+    lines = head.split("\n")
+    assert lines[0].startswith("> **This run's verdict, judged on the generated images: warn** (section")
+    assert lines[1] == f"> - warning: {clip['message']}"
+    assert lines[2] == "> - The generated images pass every check of their own: the warning is the CLIP's, used on " \
+                       "its own."
+    assert lines[3] == ">" and lines[4].startswith("> The CLIP sections that follow")
+    both = downstream_head({**result, "verdict": {"status": "warn", "reasons": [images, clip]}},
+                           "the VLM's answers", "VLM", "VLM search")
+    assert f"> - warning: {images['message']}\n> - warning: {clip['message']}\n>\n" in both
+    assert "pass every check" not in both
+    passed = downstream_head({**result, "verdict": {"status": "pass", "reasons": []}}, "the generated images", "G", "s")
+    assert passed.split("\n")[1] == ">"
+    # an audit folded in: the status and the reason lines are rewritten, the rest kept
+    audit = {"severity": "warn", "code": "audit_warn", "message": "the audit says the removal may not hold"}
+    body = "# SLUG unlearning report: x\n"
+    for text in (head, passed):
+        out = _report_head(text + body, {"status": "warn", "reasons": [clip, audit]}, verdict_lines)
+        assert out.startswith("> **This run's verdict, judged on the generated images: warn** (section")
+        assert f"> - warning: {clip['message']}\n> - warning: {audit['message']}\n>\n> The CLIP sections" in out
+        assert out.count("pass every check") == 0 and out.endswith(body)

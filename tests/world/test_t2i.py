@@ -139,7 +139,12 @@ def test_demo_target_sd_end_to_end(sd_run):
     assert "Generated images" in (out / "report.md").read_text()
     # report.md opens with the run's own verdict: the CLIP section's line below it (the CLIP run's) was taken for it
     assert (out / "report.md").read_text().startswith(
-        f"> **This run's verdict is the generated images': {r['verdict']['status']}** (section \"Generated images\"")
+        f"> **This run's verdict, judged on the generated images: {r['verdict']['status']}** (section \"Generated "
+        "images\"")
+    # with its reasons (they were on the console and in result.json only: verification 66)
+    for reason in r["verdict"]["reasons"]:
+        assert f"> - {'fail' if reason['severity'] == 'fail' else 'warning'}: {reason['message']}\n" in \
+            (out / "report.md").read_text()
     # and the CLIP section's own line is labelled as the CLIP run's (a bare "**verdict: fail**": trial 44)
     assert "**verdict: " not in (out / "report.md").read_text()
     assert "**the CLIP's own verdict, used on its own (not this run's, see above): " in (out / "report.md").read_text()

@@ -184,7 +184,8 @@ def test_demo_target_vlm_end_to_end(tmp_path, capsys):
     assert len(res["vlm"]["collateral"]["neighbours"]["concepts"]) == 5
     report = (out / "report.md").read_text()
     assert "## The embedded VLM (LLaVA)" in report and "Sample answers" in report
-    assert report.startswith(f"> **This run's verdict is the VLM's: {res['verdict']['status']}**")
+    assert report.startswith(f"> **This run's verdict, judged on the VLM's answers: {res['verdict']['status']}**")
+    assert all(f"> - warning: {r['message']}\n" in report for r in res["verdict"]["reasons"] if r["severity"] == "warn")
     assert f"VLM evaluation {res['timing_s']['vlm_eval']:.1f} s · total {res['timing_s']['total']:.1f} s" in report
     assert 0.01 < res["timing_s"]["load_model"] < res["timing_s"]["slug_total"]  # the CLIP and the VLM's load
     patch = json.loads((out / "patch" / "patch.json").read_text())

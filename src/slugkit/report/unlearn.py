@@ -254,23 +254,39 @@ def clip_section(text: str, result: dict | None = None, out=None) -> str:
     return re.sub(r"Apply it: `slug apply [^`]*`( \([A-Z_]+: [^)]*\))?", lambda _: f"Apply it: {said}", text, count=1)
 
 
-def downstream_head(result: dict, whose: str, section: str, started: str, terms: str = "") -> str:
-    """The first lines of ``report.md`` for a run judged on a downstream model (``--target sd``: the generated
-    images; ``--target vlm``: the VLM's answers): its verdict is that model's, and the CLIP sections below measure
-    the CLIP with the patch applied, used on its own (their verdict, worst identity and step are the CLIP's), and the
-    CLIP run the downstream search ``started`` from — a reader took the CLIP section's "fail" for the run's (eighth
-    trial), and the sections of a fine-tune run for the CLIP run before it (verification 64). ``terms``: what the
-    CLIP tables' words mean here (the SD demo's "identities" are object concepts; it was said at the report's end)."""
+def downstream_head(result: dict, judged: str, section: str, started: str, terms: str = "") -> str:
+    """The first lines of ``report.md`` for a run judged on a downstream model (``judged``: "the generated images"
+    for ``--target sd``, "the VLM's answers" for ``--target vlm``): the run's verdict **with its reasons**
+    (:func:`downstream_reason_lines`), and that the CLIP sections below measure the CLIP with the patch applied, used
+    on its own (their verdict, worst identity and step are the CLIP's), and the CLIP run the downstream search
+    ``started`` from — a reader took the CLIP section's "fail" for the run's (eighth trial), and the sections of a
+    fine-tune run for the CLIP run before it (verification 64). The reasons were on the console and in result.json
+    only, and a warning that was the CLIP's own alone read as the images' ("This run's verdict is the generated
+    images': warn"; verification 66). ``terms``: what the CLIP tables' words mean here (the SD demo's
+    "identities" are object concepts; it was said at the report's end)."""
     edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group")}]
     edited = " + ".join(f"`{edit_tensors(e)}`" for e in edits)
-    return (f"> **This run's verdict is the {whose}: {result['verdict']['status']}** (section \"{section}\" below; "
-            + (f"applied {FINETUNED} of {edited}" if result.get("method") == "layer-finetune" else
+    applied = (f"applied {FINETUNED} of {edited}" if result.get("method") == "layer-finetune" else
                f"applied step {result['step_size']:.4g} on {edited}")
-            + "). The CLIP sections that follow measure the CLIP with this patch applied, used on its own (zero-shot"
+    return (f"> **This run's verdict, judged on {judged}: {result['verdict']['status']}** (section \"{section}\" "
+            f"below; {applied}).\n"
+            + "".join(f"> {line}\n" for line in downstream_reason_lines(result["verdict"], judged))
+            + ">\n> The CLIP sections that follow measure the CLIP with this patch applied, used on its own (zero-shot"
             + (f"; {terms}" if terms else "") + "), and describe the CLIP "
             f"run whose gradient and layers the {started} started from; their own verdict, worst case and step are "
             f"the CLIP's (their \"Cost\" counts the {started} in \"search\"; the whole run's cost ends this report)."
             "\n\n")
+
+
+def downstream_reason_lines(verdict: dict, judged: str) -> list[str]:
+    """The banner's reason lines (``- fail: …`` / ``- warning: …``, as :func:`verdict_lines` words them), and, when
+    every reason is the CLIP's own (``"on": "clip"``), that ``judged`` passed every check of its own."""
+    reasons = verdict.get("reasons") or []
+    lines = [f"- {line}" for line in verdict_lines({**verdict, "reasons": reasons})[1:]]
+    if reasons and all(r.get("on") == "clip" for r in reasons):
+        lines.append(f"- {judged[0].upper() + judged[1:]} pass every check of their own: the "
+                     f"{'warning is' if len(reasons) == 1 else 'warnings are'} the CLIP's, used on its own.")
+    return lines
 
 
 def render_report(result: dict) -> str:

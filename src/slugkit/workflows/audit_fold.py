@@ -92,9 +92,22 @@ def _mark(folder: Path, verdict: dict, status: str | None) -> None:
 
 def _report_head(text: str, verdict: dict, verdict_lines) -> str:
     """``report.md`` with its first verdict block (``**verdict: X**`` and the ``- `` lines under it) rewritten, or,
-    for a downstream run, its banner's status ("This run's verdict is the …: X**")."""
-    banner = re.search(r"(> \*\*This run's verdict is the [^:]*: )(\w+)(\*\*)", text)
+    for a downstream run, its banner's status ("This run's verdict, judged on …: X**") and the ``> - `` reason lines
+    under it (:func:`slugkit.report.unlearn.downstream_reason_lines`); a banner of an earlier version ("This run's
+    verdict is the …: X**", no reason lines) gets the audit's reason beside its status."""
+    banner = re.search(r"(> \*\*This run's verdict[^:*]*: )(\w+)(\*\*)", text)
     if banner:
+        from ..report.unlearn import downstream_reason_lines
+
+        end = text.find("\n", banner.end(3))
+        end = len(text) if end < 0 else end + 1
+        rest = text[end:]
+        old = re.match(r"(> - [^\n]*\n)+", rest)
+        judged = re.match(r"This run's verdict, judged on ([^:*]*): ", banner.group(1)[4:])
+        if judged:  # this version's banner: its reason lines rewritten (a pass had none)
+            new = "".join(f"> {line}\n" for line in downstream_reason_lines(verdict, judged.group(1)))
+            return (text[:banner.start(2)] + verdict["status"] + text[banner.end(2):end] + new
+                    + (rest[old.end():] if old else rest))
         said = next((f" ({r['message']})" for r in verdict["reasons"] if r["code"].startswith("audit_")), "")
         return text[:banner.start(2)] + verdict["status"] + "**" + said + text[banner.end(3):]
     lines = text.split("\n")

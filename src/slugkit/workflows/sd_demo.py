@@ -225,7 +225,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             result["timing_s"]["generation_eval"] = t_gen
             result["timing_s"]["total"] = time.perf_counter() - t0
             write_json(stage / "result.json", result)
-            report = (downstream_head(result, "generated images'", "Generated images", "generator search", CLIP_TERMS)
+            report = (downstream_head(result, "the generated images", "Generated images", "generator search",
+                                      CLIP_TERMS)
                       + "".join(line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
                       + clip_section((stage / "report.md").read_text(encoding="utf-8"), result, out)
                       + _generation_report(result))

@@ -389,7 +389,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                 downstream=downstream_record("the VLM's answers (target named)", vlm_rec["before"]["target_named"],
                                              vlm_rec["after"]["target_named"], vlm_rec["collateral"]))
             write_json(stage / "result.json", result)
-            head = downstream_head(result, "VLM's", "The embedded VLM", "VLM search") + "".join(
+            head = downstream_head(result, "the VLM's answers", "The embedded VLM", "VLM search") + "".join(
                 line + "\n" for line in fallback_lines(result["chooser"]) + [""] if finetuned)
             report = (head + clip_section((stage / "report.md").read_text(encoding="utf-8"), result, out)
                       + render_vlm_report(result, samples))
