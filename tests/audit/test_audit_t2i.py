@@ -220,6 +220,24 @@ def test_a_warn_patch_is_said_by_apply_export_and_audit_alike(tmp_path):
     assert fields == {"verdict": "warn", "verdict_codes": [], "warning_codes": ["samples_skipped", "worst_drop"]}
     assert verdict_line("p", {"extra": fields}) == ("note: p comes from a run whose verdict was warn (samples_skipped, "
                                                     "worst_drop); its warnings are in that run's result.json")
+    # a downstream run's CLIP, used on its own, apart: `utility_drop` alone read as the pipeline's (verification 66)
+    sd = verdict_fields({"status": "warn", "reasons": [{"severity": "warn", "code": "worst_drop"},
+                                                       {"severity": "warn", "code": "utility_drop", "on": "clip"},
+                                                       {"severity": "warn", "code": "worst_drop", "on": "clip"}]})
+    assert sd == {"verdict": "warn", "verdict_codes": [], "warning_codes": ["worst_drop"],
+                  "clip_warning_codes": ["utility_drop", "worst_drop"]}
+    assert verdict_line("p", {"extra": sd}) == ("note: p comes from a run whose verdict was warn (worst_drop; the "
+                                                "CLIP's own, used on its own: utility_drop, worst_drop); its warnings "
+                                                "are in that run's result.json")
+    only_clip = verdict_fields({"status": "warn", "reasons": [{"severity": "warn", "code": "utility_drop",
+                                                                "on": "clip"}]})
+    assert verdict_line("p", {"extra": only_clip}).startswith(
+        "note: p comes from a run whose verdict was warn (the CLIP's own, used on its own: utility_drop); ")
+    from slugkit.patch.lora import _verdict_of
+
+    carried = make_patch({"a": torch.ones(2)}, {"a": torch.ones(2) * 2}, base_model="toy", adapter="t", concept="A",
+                         step_size=1.0, extra=only_clip)
+    assert _verdict_of(carried)["clip_warning_codes"] == ["utility_drop"]  # a LoRA of it says so too
     base = {"a": torch.ones(2)}
     patch = make_patch(base, {"a": base["a"] * 2}, base_model="toy", adapter="t", concept="A", step_size=1.0,
                        extra=fields)

@@ -304,7 +304,7 @@ def lora_from_patch(patch: Patch, text_encoder: nn.Module | None = None, *, pref
             **_verdict_of(patch)}
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict of JSON values, got {type(extra).__name__}")
-    taken = {k.lower() for k in (*meta, "verdict", "verdict_codes", "warning_codes")}  # any case (trial 32)
+    taken = {k.lower() for k in (*meta, *VERDICT_KEYS)}  # any case (trial 32)
     if clash := sorted(str(k) for k in extra or {} if not isinstance(k, str) or k.lower() in taken):  # trial 31
         raise ValueError(f"extra may not set {clash}: the LoRA records those from the patch")
     meta.update(extra or {})
@@ -315,7 +315,10 @@ def _verdict_of(patch) -> dict:
     """The verdict of the run that made ``patch`` (``patch.json → extra``: status, fail and warning codes), carried
     into the LoRA file: a fail patch's LoRA said nothing of it once handed on without the patch (twentieth trial)."""
     extra = patch.meta.get("extra") if isinstance(patch.meta.get("extra"), dict) else {}
-    return {k: extra[k] for k in ("verdict", "verdict_codes", "warning_codes") if k in extra}
+    return {k: extra[k] for k in VERDICT_KEYS if k in extra}
+
+
+VERDICT_KEYS = ("verdict", "verdict_codes", "warning_codes", "clip_warning_codes")  # what a LoRA carries of them
 
 
 # --------------------------------------------------------------------------------------------------- files

@@ -39,9 +39,15 @@ def family_mismatch(family: str | None, metas: list[dict]) -> str | None:
 
 def warned_of(extra) -> str:
     """``"worst_drop, samples_skipped"``: the warning codes a warn run recorded in its patch
-    (``extra.warning_codes``), escaped; ``""`` when it recorded none (an older slugkit's patch)."""
-    codes = extra.get("warning_codes") if isinstance(extra, dict) else None
-    return ", ".join(printable(c) for c in codes) if isinstance(codes, list) else ""
+    (``extra.warning_codes``), then a downstream run's CLIP's own (``extra.clip_warning_codes``: ``"worst_drop; the
+    CLIP's own, used on its own: utility_drop"``), escaped; ``""`` when it recorded none (an older slugkit's
+    patch)."""
+    def listed(key):
+        codes = extra.get(key) if isinstance(extra, dict) else None
+        return ", ".join(printable(c) for c in codes) if isinstance(codes, list) else ""
+
+    own, clip = listed("warning_codes"), listed("clip_warning_codes")
+    return "; ".join(x for x in (own, clip and f"the CLIP's own, used on its own: {clip}") if x)
 
 
 def verdict_line(path, meta: dict) -> str | None:

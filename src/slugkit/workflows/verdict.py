@@ -225,13 +225,18 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
 
 def verdict_fields(verdict: dict) -> dict:
     """What a patch records of its run's verdict (``patch.json → extra``): the status, its fail reasons' codes and
-    its warnings' codes, so that `slug inspect`, `apply`, `export` and `audit` say why
+    its warnings' codes (``warning_codes``; those of a downstream run's CLIP, used on its own, apart in
+    ``clip_warning_codes``), so that `slug inspect`, `apply`, `export` and `audit` say why
     (:func:`slugkit.patch.summary.failed_because`, :func:`~slugkit.patch.summary.verdict_line`; a warn patch said
     only "see result.json", which a patch handed on does not come with)."""
-    def codes(severity):
-        return sorted({r["code"] for r in verdict.get("reasons", []) if r["severity"] == severity})
+    def codes(severity, on=None):
+        return sorted({r["code"] for r in verdict.get("reasons", []) if r["severity"] == severity
+                       and r.get("on") == on})
 
-    return {"verdict": verdict["status"], "verdict_codes": codes("fail"), "warning_codes": codes("warn")}
+    clip = codes("warn", "clip")  # a downstream run's CLIP used on its own (`"on": "clip"`), apart: `utility_drop`
+    # alone read as the pipeline's (verification 66)
+    return {"verdict": verdict["status"], "verdict_codes": codes("fail"), "warning_codes": codes("warn"),
+            **({"clip_warning_codes": clip} if clip else {})}
 
 
 def exit_status_of(result: dict) -> int:
