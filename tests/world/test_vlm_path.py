@@ -137,23 +137,32 @@ def test_demo_vlm_refuses_options_and_folders_it_would_misuse(tmp_path, capsys, 
     assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"
     assert main(["demo", "--target", "vlm", "--batch-size", "32", "--out", str(tmp_path / "r")]) == 2
     assert "--batch-size: option(s) of the CLIP demo" in capsys.readouterr().err
-    for target in ("vlm", "sd"):  # trial 40: run with the default, recorded as 10
-        assert main(["demo", "--target", target, "--protect-neighbours", "0", "--out", str(tmp_path / "r")]) == 2
-        assert f"--protect-neighbours: option(s) of the CLIP demo (--target clip), which --target {target} does " \
-            "not use" in capsys.readouterr().err
     from slugkit.cli import build_parser  # the CLIP search options reach the VLM demo without --criterion (trial 40)
     from slugkit.cli.args import search_config
     from slugkit.slug.search import SearchConfig
 
+    import slugkit.workflows.sd_demo as sdd
     import slugkit.workflows.vlm_demo as vd
 
     seen = {}
 
     def fake(*args, **kw):
-        seen["search"] = kw["search"]
+        seen.update(kw)
         raise ValueError("stopped here")  # before any work
 
     monkeypatch.setattr(vd, "run_vlm_demo", fake)
+    monkeypatch.setattr(sdd, "run_sd_demo", fake)
+    # trial 40: --protect-neighbours 0 ran with the default (recorded 10), so it was refused, while the run projected
+    # its CLIP step off 10 neighbours and its report named `--protect-neighbours 0` (verification 66): it is read now
+    for target in ("vlm", "sd"):
+        seen.clear()
+        assert main(["demo", "--target", target, "--protect-neighbours", "0", "--out", str(tmp_path / "r")]) == 2
+        assert "stopped here" in capsys.readouterr().err and seen["protect_neighbours"] == 0
+    # not beside the VLM's own gradient, which is projected off every other identity's instead
+    assert main(["demo", "--target", "vlm", "--vlm-gradient", "vlm", "--protect-neighbours", "3", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "--protect-neighbours projects SLUG's CLIP gradient; --vlm-gradient vlm edits along the VLM's own" in \
+        capsys.readouterr().err
     assert main(["demo", "--target", "vlm", "--steps", "4", "--margin", "1.3", "--out", str(tmp_path / "r")]) == 2
     assert "stopped here" in capsys.readouterr().err
     assert seen["search"] == SearchConfig(steps=4, margin=1.3)

@@ -51,13 +51,20 @@ def cmd_demo(a) -> int:
     if a.target in ("sd", "vlm"):
         from .vlm import unused
 
-        # CLIP-run options these demos do not read (--save-gradients wrote nothing under --target vlm: trial 26;
-        # --protect-neighbours: their own searches bound the neighbours, trial 40); the values: the parser's defaults
-        ignored = {k: a.clip_defaults[k] for k in ("save_gradients", "device", "protect_neighbours",
+        # CLIP-run options these demos do not read (--save-gradients wrote nothing under --target vlm: trial 26);
+        # the values: the parser's defaults. --protect-neighbours is read: their CLIP step is projected as the CLIP
+        # demo's (it was refused while the run projected off 10 and its report named `--protect-neighbours 0`;
+        # verification 66), but not by the VLM's own gradient, which protects every other identity
+        ignored = {k: a.clip_defaults[k] for k in ("save_gradients", "device",
                                                    *(("batch_size",) if a.target == "vlm" else ()))}
         msg = unused(a, ignored, "the CLIP demo (--target clip)", f"--target {a.target}")
         if msg:
             return refuse(msg)
+        if a.target == "vlm" and a.vlm_gradient == "vlm" and \
+                a.protect_neighbours != a.clip_defaults["protect_neighbours"]:
+            return refuse("--protect-neighbours projects SLUG's CLIP gradient; --vlm-gradient vlm edits along the "
+                          "VLM's own answer-loss gradient, projected off every other identity's instead: drop "
+                          "--protect-neighbours, or use --vlm-gradient clip")
         try:
             if a.target == "sd":
                 from .sd import cmd_demo_sd

@@ -50,7 +50,7 @@ def cmd_demo_sd(a) -> int:
                          budgets=budgets_of(a), n_neighbour=a.n_neighbour, val_neighbour=a.val_neighbour,
                          neighbour_budget=a.neighbour_budget, step=a.sd_step, null_energy=a.null_space_energy,
                          null_layers=a.null_space_layers, max_searched=a.max_searched, max_layers=max_layers(a),
-                         fallback=a.sd_fallback)
+                         fallback=a.sd_fallback, protect_neighbours=a.protect_neighbours)
     print_sd_summary(result, out)
     rc = exit_status_of(result)
     if a.audit and (Path(out) / "patch" / "patch.json").is_file():

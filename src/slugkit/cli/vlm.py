@@ -59,7 +59,7 @@ def cmd_demo_vlm(a) -> int:
                           progress=not a.no_progress, overwrite=a.overwrite, budgets=budgets_of(a),
                           max_searched=a.max_searched, gradient=a.vlm_gradient,
                           max_layers=max_layers(a), name_prob=a.vlm_name_prob,
-                          fallback=a.vlm_fallback)
+                          fallback=a.vlm_fallback, protect_neighbours=a.protect_neighbours)
     done = result["concepts"] if result.get("concepts") else [result["concept"]]
     out = Path(a.out if a.out is not None else default_out(done))
     print_vlm_summary(result, str(out))

@@ -126,11 +126,15 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
                 budgets=None, neighbours_k: int | None = None, n_neighbour: int = DEFAULT_N_NEIGHBOUR,
                 val_neighbour: int = DEFAULT_N_NEIGHBOUR, neighbour_budget: float | None = None,
                 step: str = "slug", null_energy: float | None = None, null_layers: str = "front",
-                max_searched: int | None = None, max_layers: int = 2, fallback: str | None = None) -> dict:
+                max_searched: int | None = None, max_layers: int = 2, fallback: str | None = None,
+                protect_neighbours: int | None = None) -> dict:
     """SLUG on the embedded CLIP's text tower, applied to the embedded text-to-image pipeline; writes ``out``
     with ``result.json → verdict`` judged on the generated images (:func:`slugkit.workflows.verdict.sd_verdict`:
     ``gen_threshold`` + ``budgets.forget_tolerance``, ``other_budget``, ``budgets.worst_drop``)
     (assembled in a temporary folder and renamed into place at the end, :func:`slugkit.common.runfolder.run_folder`).
+
+    ``protect_neighbours``: the CLIP run's (:class:`~slugkit.workflows.unlearn.UnlearnConfig`; None: its default,
+    10): its step is projected off the nearest concepts' gradients, 0 the paper's step.
 
     Worst-case collateral (issue 12): the ``neighbours_k`` (default :data:`slugkit.eval.collateral.NEIGHBOURS_K`)
     concepts nearest the target by the pipeline's text encoder (:func:`target_neighbours`) get ``n_neighbour``
@@ -183,7 +187,8 @@ def run_sd_demo(concept: str = DEFAULT_SD_CONCEPT, out: str | Path | None = None
             names = [c for c, _ in neighbours]
             cfg = _sd_config(concept, stage, data, cd, search or SearchConfig(metric=SD_CRITERION),
                              batch_size=batch_size, seed=seed, progress=progress, overwrite=overwrite,
-                             budgets=budgets, max_layers=max_layers)
+                             budgets=budgets, max_layers=max_layers,
+                             **({} if protect_neighbours is None else {"protect_neighbours": protect_neighbours}))
             chooser = generator_chooser(concept, pipe, judge, mapping, policy=selection, gen_search=gen_search,
                                         gen_margin=gen_margin, val_images=val_images, val_other=val_other,
                                         threshold=gen_threshold, other_budget=other_budget,

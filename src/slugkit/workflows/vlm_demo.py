@@ -21,8 +21,7 @@ The flow is the paper's for LLaVA-1.5, run on the embedded VLM (:mod:`slugkit.wo
    search tried. No accepted step: the run fails with a clear message and ships no patch.
    ``--vlm-gradient vlm`` (not the paper's): the edit uses the VLM's own answer-loss gradient instead, projected off
    the other identities' and the utility answers' gradients (:func:`vlm_gradients`), on every consumed layer.
-   Measured on the first ten identities (README): the CLIP gradient forgets only by breaking other identities, the
-   VLM's is far more selective but the nearest look-alike usually still falls; the default stays the paper's.
+   The VLM's is far more selective than the CLIP's on ten identities (README); the default stays the paper's.
 4. **Evaluation** on held-out ``test`` images, before and after the patch applied through the LLaVA integration
    (hash-checked, reverted bit-exactly after): naming accuracy of the target(s), of every other identity (mean,
    worst, nearest neighbours) and utility-question accuracy (the benchmark analogue); sample answers in the report.
@@ -292,7 +291,7 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
                  n_utility: int = TEST_UTILITY, search=None, seed: int = 0, threads: int | None = 1,
                  progress: bool = True, overwrite: bool = False, budgets=None, neighbours_k: int | None = None,
                  max_searched: int | None = None, gradient: str = "clip", per_image: bool = False,
-                 n_protect: int | None = None, max_layers: int | None = None,
+                 n_protect: int | None = None, max_layers: int | None = None, protect_neighbours: int | None = None,
                  name_prob: float | None = DEFAULT_NAME_PROB, fallback: str | None = None) -> dict:
     """SLUG on the embedded CLIP's vision tower, the step searched and the result measured on the embedded VLM's
     answers; writes ``out`` (``result.json`` with the CLIP demo's keys plus ``vlm.before`` / ``vlm.after``,
@@ -304,7 +303,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
     (:func:`slugkit.workflows.rounds.generator_rounds`); 1: the paper's one layer.
     ``fallback="finetune"`` (**not SLUG**): when every SLUG round refuses, a one-layer fine-tune of the unedited VLM
     on its answers (:mod:`slugkit.workflows.vlm_layer_ft`) judged by the same criteria; a run it passes records
-    ``method: "layer-finetune"`` in ``result.json`` and the patch, and says so in the report."""
+    ``method: "layer-finetune"`` in ``result.json`` and the patch, and says so in the report.
+    ``protect_neighbours``: the CLIP run's (None: its default, 10); it projects the CLIP gradient, not the VLM's."""
     from ..eval.collateral import NEIGHBOURS_K, collateral_record
     from ..report.unlearn import clip_section, downstream_head
     from ..report.fallback import fallback_lines
@@ -357,7 +357,8 @@ def run_vlm_demo(concepts: list[str] | str | None = None, out: str | Path | None
             # run.json: the converted CLIP (it said open_clip) and the VLM judged on, with the gradient (trial 26)
             own_clip = vlm.vlm_clip_dir(vlm_dir)
             cfg = replace(cfg, model=os.path.realpath(own_clip) if own_clip else "embedded-hf", family="hf_clip",
-                          max_layers=max_layers)
+                          max_layers=max_layers, protect_neighbours=cfg.protect_neighbours if protect_neighbours
+                          is None else protect_neighbours)
             vlm_info = {"model": os.path.realpath(vlm_dir) if vlm_dir else "embedded", "gradient": gradient,
                         **({"fallback": fallback} if fallback else {})}
             result = run_unlearn(cfg, adapter=adapter, choose=chooser,
