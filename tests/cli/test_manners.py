@@ -574,3 +574,12 @@ def test_a_warn_patch_is_noted_once_it_is_applied_not_above_a_refusal(tmp_path, 
     assert "applied 1 patch(es); wrote" in captured.out
     assert main(["apply", "--patch", str(tmp_path / "patch"), "--pipeline", "embedded", "--out", str(tmp_path)]) == 2
     assert "verdict was warn" not in capsys.readouterr().err  # --out refused after the patch loaded: alone too
+    # verification 66: --out onto the patch's own file said "pass --overwrite", which then said "inside the patch"
+    inside = str(tmp_path / "patch" / "patch.safetensors")
+    for cmd in (apply[:4] + [inside, "--checkpoint", str(tmp_path / "m.safetensors")],
+                ["export", "--lora", str(tmp_path / "patch"), "--pipeline", "embedded", "--out", inside]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "inside the patch" in err and "--overwrite" not in err, cmd
+    assert main(apply + [str(tmp_path / "m.safetensors")]) == 2  # o.safetensors exists now: that advice stands
+    assert "o.safetensors already exists; pass --overwrite" in capsys.readouterr().err

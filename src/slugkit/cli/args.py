@@ -369,8 +369,8 @@ def validate_apply(a, revert: bool = False) -> str | None:
 
 def _apply_target(a, revert: bool) -> str | None:
     """What is wrong with the target options of `slug apply` / `slug revert`, or None: one of --model, --checkpoint,
-    --pipeline, --llava is needed (no silent default model); --clip-skip is for --pipeline; a file --out is not
-    replaced without --overwrite."""
+    --pipeline, --llava is needed (no silent default model); --clip-skip is for --pipeline; a file --out is a file
+    (whether it may be replaced: :func:`out_file_taken`, later)."""
     cmd = "revert" if revert else "apply"
     if not (a.model or a.checkpoint or a.pipeline or a.llava):
         return f"slug {cmd} needs --model M (or --checkpoint FILE, --pipeline DIR, --llava DIR)"
@@ -388,11 +388,6 @@ def _apply_target(a, revert: bool) -> str | None:
     if a.clip_skip is not None and (not a.pipeline or a.clip_skip < 0):
         return ("--clip-skip must be >= 0" if a.pipeline else
                 "--clip-skip applies to --pipeline only (how the pipeline reads its text encoder)")
-    if a.out and not (a.pipeline or a.llava):
-        out = Path(a.out)
-        if out.is_dir():
-            return f"--out {out} is a folder; give the .safetensors file to write"
-        if os.path.lexists(out) and not a.overwrite:  # a symbolic link too (dangling, or a loop: exists() is False)
-            what = "is a symbolic link" if out.is_symlink() else "already exists"
-            return f"{out} {what}; pass --overwrite to replace it, or choose another --out"
+    if a.out and not (a.pipeline or a.llava) and Path(a.out).is_dir():
+        return f"--out {a.out} is a folder; give the .safetensors file to write"
     return None

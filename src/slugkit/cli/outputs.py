@@ -1,5 +1,21 @@
-"""Re-exported from :mod:`slugkit.common.outputs` (the Python API checks outputs the same way)."""
+"""Where a CLI command may write: :mod:`slugkit.common.outputs`' checks re-exported (the Python API checks outputs
+the same way), and :func:`out_file_taken` of `slug apply` / `revert`."""
+
+import os
+from pathlib import Path
 
 from ..common.outputs import out_inside_model, out_inside_run
 
-__all__ = ["out_inside_model", "out_inside_run"]
+__all__ = ["out_file_taken", "out_inside_model", "out_inside_run"]
+
+
+def out_file_taken(a) -> str | None:
+    """`slug apply` / `revert` into a file (--model / --checkpoint): an existing ``--out`` is not replaced without
+    --overwrite. Checked after the run-folder and patch-folder checks, where --overwrite would not help (it said
+    "pass --overwrite", which then said "inside the patch": verification 66)."""
+    if not a.out or a.pipeline or a.llava:
+        return None
+    if os.path.lexists(a.out) and not a.overwrite:  # a symbolic link too (dangling, or a loop: exists() is False)
+        what = "is a symbolic link" if Path(a.out).is_symlink() else "already exists"
+        return f"{a.out} {what}; pass --overwrite to replace it, or choose another --out"
+    return None

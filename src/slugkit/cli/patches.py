@@ -12,7 +12,7 @@ from pathlib import Path
 from ..common.text import printable
 from .args import int_at_least, refuse, validate_apply
 from .evalsd import add_eval_sd_parser, load_pipeline
-from .outputs import out_inside_run
+from .outputs import out_file_taken, out_inside_run
 from .inspect_cmd import say_found
 
 
@@ -87,6 +87,9 @@ def _apply(a, revert: bool) -> int:
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
             return refuse(f"--out {a.out} is inside the patch {given}; writing there would destroy the patch: "
                           "choose a path outside it")
+    msg = out_file_taken(a)  # after the checks above: its "pass --overwrite" led to them (verification 66)
+    if msg:
+        return refuse(msg)
     from ..patch.summary import sequential_run_line, verdict_line
 
     notes = [] if revert else [line for line in [verdict_line(path, p.meta) for path, p in zip(a.patch, patches)]
@@ -274,6 +277,8 @@ def _export(a) -> int:
         return refuse(out_inside_run(a.out))
     if out.suffix.lower() != ".safetensors":
         return refuse(f"--out {out}: a LoRA is written as .safetensors; use a name ending in .safetensors")
+    if (out.parent / "patch.json").is_file():  # before "pass --overwrite", which would end here (verification 66)
+        return refuse(f"--out {out} is inside the patch folder {out.parent}; write the LoRA outside it")
     if (out.exists() or out.is_symlink()) and not a.overwrite:
         return refuse(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     parent = out.parent if str(out.parent) else Path(".")
