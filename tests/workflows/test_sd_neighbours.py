@@ -393,6 +393,11 @@ def test_null_space_layers_all_lets_the_search_choose_a_layer_off_the_clip_front
     for n in chosen.group:
         assert not torch.equal(grads.forget[n], raw[n])
         assert float(grads.forget[n].norm()) < float(raw[n].norm())
+    # the record's relative change η/ratio is the projected edit's (the raw gradient's read 7.34 of a tensor that
+    # moved by 0.224: verification 66)
+    theta = dict(ad.model.named_parameters())[mlp].detach()
+    assert chosen.step_size / chosen.ratio == pytest.approx(
+        float((chosen.step_size * grads.forget[mlp]).norm() / theta.norm()), rel=1e-5)
     order = list(state["searched"])
     assert len(order) >= 2 and order[-1] == tuple(chosen.group)  # it came after layers that damaged the others
     with pytest.raises(SearchFailed, match=f"searched the first {len(order) - 1} of 12 in selectivity order"):

@@ -6,6 +6,7 @@ doubling/bisection step search on generated validation images, and the ``choose`
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from ..common.progress import status
@@ -198,8 +199,11 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             order = [by_name[r["layer"]] for r in sorted(rows, key=key)]
 
         def done(chosen):
-            if step == "null-space":
-                grads.forget.update({n: g_edit.forget[n] for n in chosen.group})
+            if step == "null-space":  # the projected gradient is the edit: its ratio ‖θ‖/‖g‖ too (the raw one's
+                grads.forget.update({n: g_edit.forget[n] for n in chosen.group})  # gave relative change 7.34 of a
+                theta = dict(adapter.model.named_parameters())[chosen.name]  # tensor moved by 0.224; verification 66)
+                gn = float(g_edit.forget[chosen.name].float().norm())
+                chosen = replace(chosen, ratio=float(theta.detach().float().norm()) / gn if gn > 0 else math.inf)
             return chosen, info
 
         if not gen_search:
