@@ -239,6 +239,9 @@ def test_a_fine_tune_that_fails_too_refuses_with_every_try(monkeypatch, capsys):
     assert said.count("not accepted: the concept is still recognised") == 3
     # each try's validation line names the fine-tuned values (it read "step 1:", a step no search measured)
     assert said.count("  the fine-tuned values: concept recognised 1.00") == 3 and "  step 1: concept" not in said
+    import re  # a zero change read "-0.00" (verification 66)
+
+    assert re.search(r"\+0\.0+(?![0-9])", said) and not re.search(r"-0\.0+(?![0-9])", said)
     assert all(torch.equal(dict(pipe.text_encoder.named_parameters())[n], v) for n, v in base.items())
 
 

@@ -159,7 +159,8 @@ def generator_chooser(target: str, pipe, judge, mapping: dict[str, str], *, poli
             mean_drop = base_o - float(sum(per.values()) / len(per))
             at = "," if scale == 1.0 else f"; at the step applied ({scale:g} × η = {eta * scale:.4g}):"
             status(f"  {label or f'step {eta:.4g}'}: concept recognised {rec_t:.2f} (unedited {base_t:.2f}){at} "
-                   f"others {-mean_drop:+.3f}" + (f", worst neighbour {worst!r} {-drops[worst]:+.2f}" if worst else ""),
+                   f"others {round(-mean_drop, 3) + 0.0:+.3f}"  # + 0.0: no "-0.00" (verification 66)
+                   + (f", worst neighbour {worst!r} {round(-drops[worst], 2) + 0.0:+.2f}" if worst else ""),
                    progress)  # the collateral is measured at the margin's step (the trial took it for η's)
             return (rec_t, mean_drop) if worst is None else (rec_t, mean_drop, drops[worst], worst)
 
