@@ -245,7 +245,7 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
                 problems.append(f"tensor {name!r} already holds the patched values")
             else:
                 not_applied += 1
-                problems.append(f"tensor {name!r} holds the original values (the patch is not applied)")
+                problems.append(f"tensor {name!r} holds the original values")
         else:
             problems.append(f"tensor {name!r}: expected sha256 {_short(info[f'sha256_{want}'])}, found {_short(sha)}")
     if not problems:
@@ -264,7 +264,7 @@ def _verify_state(live: dict[str, torch.Tensor], patch: Patch, want: str, *,
         head = f"cannot apply patch (concept {concept!r}) to this model"
     else:
         if not_applied == len(tmeta):
-            advice = "The model is not in the patched state: the patch is not applied, there is nothing to revert"
+            advice = "The patch is not applied: there is nothing to revert"  # (said twice before: verification 66)
         else:
             advice = (f"The model is not in the patched state: revert only a model this patch was applied to "
                       f"(base: {base})")
