@@ -306,3 +306,18 @@ def test_apply_to_a_non_empty_out_is_refused_before_the_model_loads(sd, tmp_path
     monkeypatch.setattr(cli_patches, "load_pipeline", no_load, raising=False)
     assert main(["apply", "--patch", str(sd / "patch"), "--pipeline", "embedded", "--out", str(out)]) == 2
     assert "holds files slug did not write (notes.txt" in capsys.readouterr().err
+
+
+def test_refuses_a_pipeline_that_already_holds_the_patch(sd, tmp_path, capsys):
+    """Verification 66: exporting from a pipeline `slug apply` had patched ended in apply's advice, "The patch is
+    already applied to this model; nothing to do (`slug revert` …)", which an export cannot follow."""
+    patched = tmp_path / "patched"
+    assert main(["apply", "--pipeline", str(sd / "sd"), "--patch", str(sd / "patch"), "--out", str(patched),
+                 "--full-pipeline"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "x.safetensors"
+    assert main(["export", "--lora", str(sd / "patch"), "--pipeline", str(patched), "--out", str(out)]) == 2
+    err = _error_line(capsys)
+    assert "does not fit the patch, no LoRA written" in err and "holds the patched values" in err
+    assert "give the pipeline the patch was made for, not a patched copy" in err and "nothing to do" not in err
+    assert not out.exists()

@@ -293,7 +293,11 @@ def _export(a) -> int:
     try:
         apply_patch_to_pipeline(holder, patch, encoder=encoder, clip_skip=a.clip_skip)
     except PatchMismatchError as e:
-        raise PatchMismatchError(f"{a.pipeline} ({encoder}) does not fit the patch, no LoRA written: {e}") from e
+        text, cut = str(e), str(e).find(" The patch is already applied to this model")
+        if cut > 0:  # apply's "nothing to do (`slug revert` …)" does not fit an export (verification 66)
+            text = (text[:cut] + " A LoRA carries the edit onto the unpatched text encoder: give the pipeline the "
+                    "patch was made for, not a patched copy.")
+        raise PatchMismatchError(f"{a.pipeline} ({encoder}) does not fit the patch, no LoRA written: {text}") from e
     revert_patch_from_pipeline(holder, patch, encoder=encoder)
     max_error = DEFAULT_MAX_ERROR if a.max_error is None else a.max_error
     extra = {"clip_skip": a.clip_skip} if a.clip_skip is not None else None
