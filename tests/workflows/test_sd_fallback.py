@@ -137,7 +137,8 @@ def test_a_refused_slug_run_passed_by_the_fine_tune_is_labelled_so(tmp_path, mon
     hint = f"apply the patch: slug apply --pipeline embedded --patch {out}/patch --out {out}-pipeline"
     assert hint in said
     assert main(hint.split()[4:]) == 0 and (tmp_path / f"{out.name}-pipeline" / "slugkit_patch.json").is_file()
-    # report.md's, to paste in the run folder (it said --out DIR: verification 65)
+    assert "applied on the embedded text-to-image pipeline's text encoder; wrote" in capsys.readouterr().out  # (v. 66:
+    # "applied on embedded's text encoder")    # report.md's, to paste in the run folder (it said --out DIR: verification 65)
     assert "Apply it: `slug apply --pipeline embedded --patch patch/ --out ../ft-pipeline` in this folder" in report
     # the run folder itself as --out is refused as one (it said "holds files slug did not write": verification 65)
     capsys.readouterr()

@@ -188,7 +188,8 @@ def _apply_to_folder(a, patches, revert: bool, notes: list[str]) -> int:
         source = load_pipeline("embedded") if a.pipeline == "embedded" else a.pipeline
         save_patched_text_encoder(source, patch, a.out, full_pipeline=a.full_pipeline, revert=revert,
                                   overwrite=a.overwrite, encoder=a.text_encoder, clip_skip=a.clip_skip)
-        what = (f"{printable(a.pipeline)}'s text encoder; wrote {printable(a.out)} "
+        what = (("the embedded text-to-image pipeline" if a.pipeline == "embedded" else printable(a.pipeline))
+                + f"'s text encoder; wrote {printable(a.out)} "  # it read "embedded's" (verification 66)
                 f"({'pipeline' if a.full_pipeline else 'text encoder'})")
     else:
         from ..integrations.llava import save_patched_llava
