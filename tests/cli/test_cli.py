@@ -502,8 +502,10 @@ def test_demo_sequential_concepts_chain_patch(tmp_path, data_dir, capsys):
     from slugkit.patch import load_state_dict_file
 
     dirs = [str(out / f"{k + 1}-{c.replace(' ', '_')}" / "patch") for k, c in enumerate(names)]
+    capsys.readouterr()
     assert main(["apply", "--patch", dirs[0], "--patch", dirs[1], "--model", "embedded", "--out",
                  str(tmp_path / "s12.safetensors")]) == 0
+    assert "patches composed" not in capsys.readouterr().err  # a sequential run's steps: its own verdict line
     got = load_state_dict_file(str(tmp_path / "s12.safetensors"))
     assert all(torch.equal(final[k], got[k]) for k in final)
     assert main(["revert", "--patch", dirs[0], "--patch", dirs[1], "--checkpoint", str(tmp_path / "s12.safetensors"),

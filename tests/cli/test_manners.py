@@ -583,3 +583,13 @@ def test_a_warn_patch_is_noted_once_it_is_applied_not_above_a_refusal(tmp_path, 
         assert "inside the patch" in err and "--overwrite" not in err, cmd
     assert main(apply + [str(tmp_path / "m.safetensors")]) == 2  # o.safetensors exists now: that advice stands
     assert "o.safetensors already exists; pass --overwrite" in capsys.readouterr().err
+    # two runs' patches composed: their combination was never measured, which was not said (verification 66)
+    base2 = {"a": torch.ones(2), "b": torch.ones(3)}
+    save_state_dict_file(base2, tmp_path / "m2.safetensors")
+    for name in "ab":
+        save_patch(make_patch({name: base2[name]}, {name: base2[name] * 2}, base_model="toy", adapter="open_clip",
+                              concept="A", step_size=1.0), tmp_path / f"p{name}")
+    assert main(["apply", "--patch", str(tmp_path / "pa"), "--patch", str(tmp_path / "pb"), "--checkpoint",
+                 str(tmp_path / "m2.safetensors"), "--out", str(tmp_path / "o2.safetensors")]) == 0
+    assert "note: 2 patches composed; each was measured on its own, their combination was not" in \
+        capsys.readouterr().err

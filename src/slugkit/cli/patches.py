@@ -90,11 +90,11 @@ def _apply(a, revert: bool) -> int:
     msg = out_file_taken(a)  # after the checks above: its "pass --overwrite" led to them (verification 66)
     if msg:
         return refuse(msg)
-    from ..patch.summary import sequential_run_line, verdict_line
+    from ..patch.summary import composed_line, sequential_run_line, verdict_line
 
+    # said once the apply has worked: they stood above a refusal of --out, two messages for one mistake (v. 65)
     notes = [] if revert else [line for line in [verdict_line(path, p.meta) for path, p in zip(a.patch, patches)]
-                               + [sequential_run_line(a.patch)] if line]  # said once the apply has worked:
-    # they stood above a refusal of --out, two messages for one mistake (verification 65)
+                               + [sequential_run_line(a.patch), composed_line(a.patch)] if line]
     if a.pipeline or a.llava:
         if os.path.lexists(a.out) and not os.path.isdir(a.out):  # it was moved aside without a word (trial 26)
             return refuse(f"--out {a.out} exists and is not a folder; --{'pipeline' if a.pipeline else 'llava'} "

@@ -83,19 +83,8 @@ def sequential_run_line(given: list) -> str | None:
     import json
     import re
 
-    from .format import resolve_patch_dir
-
-    seqs, steps = set(), set()
-    for g in given:
-        try:
-            d = resolve_patch_dir(g).resolve()
-        except (OSError, ValueError):
-            return None
-        if not re.fullmatch(r"\d+-.+", d.parent.name):
-            return None
-        seqs.add(d.parent.parent)
-        steps.add(d)
-    if len(seqs) != 1 or len(given) < 2 or not _is_sequential_run(seq := seqs.pop()):
+    seq, steps = _sequential_run_of(given)
+    if seq is None:
         return None
     try:
         meta = json.loads((seq / "patch" / "patch.json").read_text(encoding="utf-8"))
@@ -109,6 +98,38 @@ def sequential_run_line(given: list) -> str | None:
              f"the model all its {n} steps make (these are {len(steps)} of them)")
     return (f"{line.split(':', 1)[0]}: the sequential run {printable(str(seq))} has verdict "
             f"{printable(str((meta.get('extra') or {}).get('verdict')))} on {scope}; see its result.json")
+
+
+def _sequential_run_of(given: list):
+    """``(SEQ, {step folders})`` when the ``--patch`` paths are two or more steps of one sequential run, else
+    ``(None, set())``."""
+    import re
+
+    from .format import resolve_patch_dir
+
+    seqs, steps = set(), set()
+    for g in given:
+        try:
+            d = resolve_patch_dir(g).resolve()
+        except (OSError, ValueError):
+            return None, set()
+        if not re.fullmatch(r"\d+-.+", d.parent.name):
+            return None, set()
+        seqs.add(d.parent.parent)
+        steps.add(d)
+    if len(seqs) != 1 or len(given) < 2 or not _is_sequential_run(seq := seqs.pop()):
+        return None, set()
+    return seq, steps
+
+
+def composed_line(given: list) -> str | None:
+    """`slug apply` of several patches that are not the steps of one sequential run: a ``note:`` that their
+    combination was never measured (two runs' patches of one concept were applied without a word; verification
+    66). None for one patch or a sequential run's steps (:func:`sequential_run_line` says that run's verdict)."""
+    if len(given) < 2 or _sequential_run_of(given)[0] is not None:
+        return None
+    return (f"note: {len(given)} patches composed; each was measured on its own, their combination was not: measure "
+            "the result (`slug eval-sd`, `slug audit`) before you ship it")
 
 
 def _steps(m: dict) -> str:
