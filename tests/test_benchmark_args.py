@@ -137,6 +137,42 @@ def test_the_sd_summary_names_the_worst_other_concept_of_every_run():
     assert s["worst_other"].startswith("cyan circle (unlearning red square)")
 
 
+def test_the_sd_sweep_reuses_the_unedited_pipelines_images_exactly(monkeypatch):
+    """`sd_embedded.py` keeps what the unedited pipeline drew for a plan (with 50 images of every concept each
+    concept's test plan is the same plan); the same call on the same weights is given back, an edited text encoder
+    or another plan is drawn."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd_embedded
+
+    from slugkit.workflows.sd_demo import _clip_and_pipeline
+    from slugkit.world import t2i
+
+    drawn = []
+    original = t2i.recognition
+    monkeypatch.setattr(t2i, "recognition", lambda *a, **k: drawn.append(a[2]) or original(*a, **k))
+    stats = sd_embedded.reuse_unedited_images()
+    _, pipe, _, judge = _clip_and_pipeline(None)
+    plan = t2i.generation_plan(None, 0, 1, seed_base=10_000)[:3]
+    first = t2i.recognition(pipe, judge, plan, 2)
+    again = t2i.recognition(pipe, judge, plan, 2)
+    assert stats["hits"] == 1 and len(drawn) == 1 and first[0] == again[0] and first[2] == again[2]
+    assert torch.equal(first[1], again[1]) and first[1] is not again[1]
+    t2i.recognition(pipe, judge, plan[:2], 2)  # another plan: drawn
+    assert len(drawn) == 2
+    w = next(p for n, p in pipe.text_encoder.named_parameters() if n.endswith("fc1.weight"))
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+        t2i.recognition(pipe, judge, plan, 2)  # an edited encoder: drawn, and not kept
+        t2i.recognition(pipe, judge, plan, 2)
+        w.copy_(saved)
+    assert len(drawn) == 4 and stats["hits"] == 1
+    t2i.recognition(pipe, judge, plan, 2)
+    assert len(drawn) == 4 and stats["hits"] == 2  # the unedited weights again
+
+
 def test_the_vlm_summary_splits_the_passes_by_the_method_that_made_the_patch():
     """With --fallback, a pass by the fine-tune is not SLUG's: the summary counts each method's runs and passes
     (the README's "4 of the single passes by SLUG's own step ..., 5 and the joint one by the fine-tune")."""
