@@ -107,6 +107,8 @@ def test_f_out_over_an_existing_file_needs_overwrite(tmp_path, patch_dir, capsys
         assert main(["apply", "--patch", str(patch_dir), "--checkpoint", str(src), "--out", str(inside),
                      "--overwrite"]) == 2
         assert "is inside the patch" in _err(capsys)
+    assert main(["apply", "--patch", str(patch_dir), "--pipeline", "embedded", "--out", str(patch_dir)]) == 2
+    assert f"--out {patch_dir} is the patch folder {patch_dir}" in _err(capsys)  # "inside" it: verification 66
     assert load_patch(patch_dir).fingerprint == before
     for target in ("nowhere/q.safetensors", "loop.safetensors"):  # a dangling link, a loop: replaced without a word
         link = tmp_path / f"link-{target.replace('/', '_')}"

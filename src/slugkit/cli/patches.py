@@ -85,8 +85,9 @@ def _apply(a, revert: bool) -> int:
     for given in a.patch:  # --out onto the patch's own files replaced the patch with the model (new-user trial)
         folder = os.path.realpath(say_found(given, "--patch"))
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
-            return refuse(f"--out {a.out} is inside the patch {given}; writing there would destroy the patch: "
-                          "choose a path outside it")
+            where = "is the patch folder" if os.path.realpath(a.out) == folder else "is inside the patch"  # v. 66
+            return refuse(f"--out {a.out} {where} {given}; writing there would destroy the patch: choose a path "
+                          "outside it")
     msg = out_file_taken(a)  # after the checks above: its "pass --overwrite" led to them (verification 66)
     if msg:
         return refuse(msg)
