@@ -71,6 +71,10 @@ def test_full_rank_lora_loads_into_the_pipeline_as_the_patch(sd, tmp_path, hf_te
     shown = capsys.readouterr().out
     assert shown.startswith("slugkit LoRA (slugkit ") and "  encoder:    text_encoder" in shown
     assert "  rank:       forced 64" in shown and f"  modules ({len(TEXT_PATCH_TENSORS)}):" in shown
+    import re  # each module's error as export printed it (0.000887 here, 8.866e-04 there: verification 66)
+
+    said = re.findall(r"relative error (\S+)", printed)
+    assert said and all(f"relative error {e}" in shown for e in said)
     assert f"patch fingerprint: {patch.fingerprint[:16]}…" in shown
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["patch_fingerprint"] == patch.fingerprint

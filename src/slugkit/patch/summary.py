@@ -341,7 +341,7 @@ def describe_lora(path, meta: dict) -> str:
     for key in sorted(ranks):
         err = errors.get(key)
         line = f"    {printable(key)}  rank {printable(ranks[key])}"
-        line += f"  relative error {err:.3g}" if isinstance(err, (int, float)) else ""
+        line += f"  relative error {err:.3e}" if isinstance(err, (int, float)) else ""  # as export prints it (v. 66)
         line += f"  (patch tensor {printable(tensors[key])})" if key in tensors else ""
         lines.append(line)
     lines.append(f"  patch fingerprint: {printable(str(meta.get('patch_fingerprint', ''))[:16])}…")
