@@ -90,17 +90,30 @@ def test_a_group_edit_names_every_tensor_it_changed():
 
     g = ["vision_model.encoder.layers.2.mlp.fc1.weight", "vision_model.encoder.layers.2.mlp.fc2.weight"]
     result = {"layer": g[1], "group": g, "step_size": 11.72, "relative_change": 0.229, "verdict": {"status": "pass"}}
-    assert edit_label(result) == f"{g[0]} + {g[1]} (step 11.72, relative change 0.229)"
+    assert edit_label(result) == f"{g[0]} + {g[1]} (step 11.72, relative change 0.229 of fc2)"  # which (v. 67)
     assert f"applied step 11.72 on `{g[0]} + {g[1]}`" in downstream_head(result, "the VLM's answers", "VLM", "search")
     one = {**result, "layer": "visual.proj", "group": ["visual.proj"]}
     assert edit_label(one) == "visual.proj (step 11.72, relative change 0.229)"
     # trial 43: a q/k/v edit's headline gave q_proj's 0.032 while v_proj changed by 0.172; the largest is said too
     qkv = [f"text_model.encoder.layers.3.self_attn.{p}_proj.weight" for p in "qkv"]
-    e = {"layer": qkv[0], "group": qkv, "step_size": 3.866, "relative_change": 0.032, "round": 1}
+    e = {"layer": qkv[0], "group": qkv, "step_size": 3.866, "relative_change": 0.032, "round": 1, "why": "w"}
     res = {**result, "layers_edited": [{**e, "relative_change_max": 0.172, "relative_change_max_tensor": qkv[2]}]}
-    assert edit_label(res).endswith("(step 3.866, relative change 0.032; largest: v_proj 0.172)")
+    assert edit_label(res).endswith("(step 3.866, relative change 0.032 of q_proj; largest: v_proj 0.172)")
     res = {**result, "layers_edited": [{**e, "relative_change_max": 0.032, "relative_change_max_tensor": qkv[0]}]}
-    assert edit_label(res).endswith("(step 3.866, relative change 0.032)")
+    assert edit_label(res).endswith("(step 3.866, relative change 0.032 of q_proj)")
+    # verification 67: a two-layer edit's banner gave the first layer's step for both
+    two = {**result, "layers_edited": [{**e, "layer": "a.weight", "group": ["a.weight"], "step_size": 9.497},
+                                       {**e, "layer": "b.weight", "group": ["b.weight"], "step_size": 19.91}]}
+    assert "applied step 9.497 on `a.weight`, then step 19.91 on `b.weight`)" in downstream_head(
+        two, "the generated images", "G", "s")
+    # and its protection line claimed the projection for a layer `--null-space-layers all` took in unprojected
+    from slugkit.report.unlearn import _protection_lines
+
+    prot = {"k": 10, "neighbours": [{"concept": "red circle", "pairs": 5}], "groups": {"a.weight": {"rank": 10}}}
+    said = " ".join(_protection_lines({**two, "neighbour_protection": prot}))
+    assert "projected on the Pareto layers (`a.weight`) only; the edited `b.weight` is not among them" in said
+    assert "not among them" not in " ".join(_protection_lines({**two, "layers_edited": two["layers_edited"][:1],
+                                                               "neighbour_protection": prot}))
 
 
 def test_a_verdict_with_the_worst_drop_check_off_says_so():

@@ -163,6 +163,10 @@ def test_demo_vlm_refuses_options_and_folders_it_would_misuse(tmp_path, capsys, 
                  str(tmp_path / "r")]) == 2
     assert "--protect-neighbours projects SLUG's CLIP gradient; --vlm-gradient vlm edits along the VLM's own" in \
         capsys.readouterr().err
+    # nor beyond the other concepts there are (it said "the 50 nearest" of 29: verification 67)
+    assert main(["demo", "--target", "sd", "--protect-neighbours", "30", "--out", str(tmp_path / "r")]) == 2
+    assert "--protect-neighbours 30: --target sd has 29 other concepts to protect; give 0 to 29" in \
+        capsys.readouterr().err
     assert main(["demo", "--target", "vlm", "--steps", "4", "--margin", "1.3", "--out", str(tmp_path / "r")]) == 2
     assert "stopped here" in capsys.readouterr().err
     assert seen["search"] == SearchConfig(steps=4, margin=1.3)

@@ -65,6 +65,12 @@ def cmd_demo(a) -> int:
             return refuse("--protect-neighbours projects SLUG's CLIP gradient; --vlm-gradient vlm edits along the "
                           "VLM's own answer-loss gradient, projected off every other identity's instead: drop "
                           "--protect-neighbours, or use --vlm-gradient clip")
+        if a.target == "sd":  # it said "the 50 nearest" of 29 concepts (verification 67)
+            from ..world.t2i import concept_names
+
+            if a.protect_neighbours > (others := len(concept_names()) - 1):
+                return refuse(f"--protect-neighbours {a.protect_neighbours}: --target sd has {others} other "
+                              f"concepts to protect; give 0 to {others}")
         try:
             if a.target == "sd":
                 from .sd import cmd_demo_sd

@@ -114,8 +114,19 @@ def edit_label(result: dict) -> str:
                                              "relative_change": result["relative_change"]}]
     step = (lambda e: FINETUNED) if result.get("method") == "layer-finetune" else (
         lambda e: f"step {e['step_size']:.4g}")
-    return " + ".join(f"{edit_tensors(e)} ({step(e)}, relative change {e['relative_change']:.3f}"
+    return " + ".join(f"{edit_tensors(e)} ({step(e)}, relative change {e['relative_change']:.3f}" + _of(e)
                       + _largest(e) + ")" for e in edits)
+
+
+def _of(e: dict) -> str:
+    """`` of fc1``: which tensor a group's relative change is (it read as the group's: verification 67)."""
+    group = e.get("group") or [e["layer"]]
+    return f" of {_short(e['layer'])}" if len(group) > 1 else ""
+
+
+def _short(name: str) -> str:
+    """``fc1`` of ``…mlp.fc1.weight``."""
+    return name.rsplit('.', 2)[-2] if name.endswith('.weight') else name
 
 
 def _largest(e: dict) -> str:
@@ -124,7 +135,7 @@ def _largest(e: dict) -> str:
     top, name = e.get("relative_change_max"), e.get("relative_change_max_tensor")
     if top is None or name == e["layer"] or top <= e["relative_change"] * 1.005:
         return ""
-    return f"; largest: {name.rsplit('.', 2)[-2] if name.endswith('.weight') else name} {top:.3f}"
+    return f"; largest: {_short(name)} {top:.3f}"
 
 
 def consumer_shift_lines(rec: dict | None) -> list[str]:
@@ -206,6 +217,20 @@ def verdict_lines(verdict: dict | None) -> list[str]:
         if off else [])
 
 
+def _unprotected(result: dict, prot: dict) -> str:
+    """The clause for edited layers the projection did not reach (``prot["groups"]``: the Pareto layers'; a layer
+    ``--null-space-layers all`` took in kept its raw gradient, and the line claimed the protection for it:
+    verification 67)."""
+    done = set(prot.get("groups") or {})
+    edits = result.get("layers_edited") or [{"layer": result["layer"]}]
+    left = [e["layer"] for e in edits if e["layer"] not in done]
+    if not done or not left:
+        return ""
+    return (f" It was projected on the Pareto layers ({', '.join(f'`{n}`' for n in sorted(done))}) only; the edited "
+            f"{', '.join(f'`{n}`' for n in left)} {'is' if len(left) == 1 else 'are'} not among them (taken in by "
+            "`--null-space-layers all`), so the applied edit was not projected off the neighbours.")
+
+
 def _protection_lines(result: dict) -> list[str]:
     """The neighbour-protected step and the layers edited, when the run used them."""
     lines = []
@@ -222,7 +247,8 @@ def _protection_lines(result: dict) -> list[str]:
         used = ", ".join(f"{n['concept']} ({n['pairs']} pairs)" for n in prot["neighbours"])
         lines += [f"Step projected off the alignment gradients of the {prot['k']} nearest identities ({used})"
                   + (f"; skipped for too few retain pairs: {', '.join(str(n['concept']) for n in prot['skipped'])}"
-                     if prot.get("skipped") else "") + " — `--protect-neighbours 0` is the paper's step.", ""]
+                     if prot.get("skipped") else "") + " — `--protect-neighbours 0` is the paper's step."
+                  + _unprotected(result, prot), ""]
     edits = result.get("layers_edited") or []
     if len(edits) > 1 or any(e.get("why", "").startswith("single layer kept") for e in edits):
         lines += ["Layers edited (multi-layer fallback, `--max-layers 1` is the paper's method):", "",
@@ -267,7 +293,8 @@ def downstream_head(result: dict, judged: str, section: str, started: str, terms
     edits = result.get("layers_edited") or [{"layer": result["layer"], "group": result.get("group")}]
     edited = " + ".join(f"`{edit_tensors(e)}`" for e in edits)
     applied = (f"applied {FINETUNED} of {edited}" if result.get("method") == "layer-finetune" else
-               f"applied step {result['step_size']:.4g} on {edited}")
+               f"applied step {result['step_size']:.4g} on {edited}" if len(edits) == 1 else  # one step for two
+               "applied " + ", then ".join(f"step {e['step_size']:.4g} on `{edit_tensors(e)}`" for e in edits))
     return (f"> **This run's verdict, judged on {judged}: {result['verdict']['status']}** (section \"{section}\" "
             f"below; {applied}).\n"
             + "".join(f"> {line}\n" for line in downstream_reason_lines(result["verdict"], judged))
