@@ -583,6 +583,12 @@ def test_a_warn_patch_is_noted_once_it_is_applied_not_above_a_refusal(tmp_path, 
         assert "inside the patch" in err and "--overwrite" not in err, cmd
     assert main(apply + [str(tmp_path / "m.safetensors")]) == 2  # o.safetensors exists now: that advice stands
     assert "o.safetensors already exists; pass --overwrite" in capsys.readouterr().err
+    # a refusal writes nothing beside --out first (the writer's sentinel went into the patch folder: verification 67)
+    listed, mtime = sorted(os.listdir(tmp_path / "patch")), os.stat(tmp_path / "patch").st_mtime_ns
+    for out in (tmp_path / "patch" / "pipe", tmp_path / "patch" / "new" / "sub"):
+        assert main(["apply", "--patch", str(tmp_path / "patch"), "--pipeline", "embedded", "--out", str(out)]) == 2
+        assert "inside the patch" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "patch")) == listed and os.stat(tmp_path / "patch").st_mtime_ns == mtime
     # two runs' patches composed: their combination was never measured, which was not said (verification 66)
     base2 = {"a": torch.ones(2), "b": torch.ones(3)}
     save_state_dict_file(base2, tmp_path / "m2.safetensors")

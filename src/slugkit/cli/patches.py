@@ -60,16 +60,17 @@ def cmd_apply(a, revert: bool = False) -> int:
     "wrote" and one's model was the other's; trial 49)."""
     from ..common.sentinel import run_as_one_writer
 
+    if msg := _refusal(a, revert):  # before the writer's sentinel, put beside --out: into a patch (verification 67)
+        return refuse(msg)
     return run_as_one_writer([getattr(a, "out", None)], "slug revert" if revert else "slug apply",
                              lambda: _apply(a, revert), refuse)
 
 
-def _apply(a, revert: bool) -> int:
-    from ..patch import apply_patches, combine_patches, describe, load_patch, revert_patch, save_state_dict_file
-
+def _refusal(a, revert: bool) -> str | None:
+    """What is wrong with `slug apply` / `revert`'s options and --out (nothing loaded, nothing written), or None."""
     msg = validate_apply(a, revert)
     if msg:
-        return refuse(msg)
+        return msg
     if a.llava == "embedded":  # the shipped VLM (`slug demo --target vlm` patches it), as --pipeline embedded
         from ..world.vlm import VLM_DIR
 
@@ -77,20 +78,22 @@ def _apply(a, revert: bool) -> int:
     src = a.pipeline if a.pipeline and a.pipeline != "embedded" else a.llava
     if src and (os.path.realpath(a.out) + os.sep).startswith(os.path.realpath(src) + os.sep):
         why = " (a later --full-pipeline copy would carry it along)" if a.pipeline else ""
-        return refuse(f"--out {a.out} is inside {src}, the model it is written from{why}; write it beside that folder")
-    patches = [load_patch(p) for p in a.patch]
+        return f"--out {a.out} is inside {src}, the model it is written from{why}; write it beside that folder"
     msg = out_inside_run(a.out)  # a model written into RUN/patch/ (or over RUN/result.json) mixes with that run
     if msg:
-        return refuse(msg)
+        return msg
     for given in a.patch:  # --out onto the patch's own files replaced the patch with the model (new-user trial)
         folder = os.path.realpath(say_found(given, "--patch"))
         if a.out and (os.path.realpath(a.out) + os.sep).startswith(folder + os.sep):
             where = "is the patch folder" if os.path.realpath(a.out) == folder else "is inside the patch"  # v. 66
-            return refuse(f"--out {a.out} {where} {given}; writing there would destroy the patch: choose a path "
-                          "outside it")
-    msg = out_file_taken(a)  # after the checks above: its "pass --overwrite" led to them (verification 66)
-    if msg:
-        return refuse(msg)
+            return f"--out {a.out} {where} {given}; writing there would destroy the patch: choose a path outside it"
+    return out_file_taken(a)  # after the checks above: its "pass --overwrite" led to them (verification 66)
+
+
+def _apply(a, revert: bool) -> int:
+    from ..patch import apply_patches, combine_patches, describe, load_patch, revert_patch, save_state_dict_file
+
+    patches = [load_patch(p) for p in a.patch]
     from ..patch.summary import composed_line, sequential_run_line, verdict_line
 
     # said once the apply has worked: they stood above a refusal of --out, two messages for one mistake (v. 65)
