@@ -26,8 +26,16 @@ def sleeper():
     (["grads", "--model", "embedded", "--forget", "f.tar", "--retain", "r.tar", "--out"], "slug grads"),
     (["export", "--lora", "p", "--pipeline", "embedded", "--out"], "slug export")])
 def test_a_live_writer_of_the_same_out_refuses_the_second_command(tmp_path, capsys, sleeper, argv, holder):
+    import torch
+
+    from slugkit.patch import make_patch, save_patch
+
     out = tmp_path / "m.safetensors"
     (tmp_path / ".m.safetensors.slug-writing").write_text(f"{sleeper} {holder}")
+    patch = tmp_path / "p"  # a real patch: apply / revert check their --patch before taking --out (verification 67)
+    save_patch(make_patch({"a": torch.ones(2)}, {"a": torch.ones(2) * 2}, base_model="toy", adapter="open_clip",
+                          concept="A", step_size=1.0), patch)
+    argv = [str(patch) if x == "p" else x for x in argv]
     assert main([*argv, str(out)]) == 2
     assert f"another {holder} (pid {sleeper}) is writing to {out}; wait for it" in capsys.readouterr().err
     assert not out.exists()

@@ -56,6 +56,7 @@ __all__ = ["DEFAULT_MAX_ERROR", "LORA_FORMAT", "Lora", "LoraExportError", "LoraM
 LORA_FORMAT = "slugkit-lora"
 LORA_FORMAT_VERSION = 2  # 2: the file carries slugkit.seal (format 1 LoRAs read unsealed)
 DEFAULT_MAX_ERROR = 1e-3
+VERDICT_KEYS = ("verdict", "verdict_codes", "warning_codes", "clip_warning_codes")  # what a LoRA carries of them
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 _TEXT = "text_model."
 _PROJECTION = "text_projection"
@@ -316,9 +317,6 @@ def _verdict_of(patch) -> dict:
     into the LoRA file: a fail patch's LoRA said nothing of it once handed on without the patch (twentieth trial)."""
     extra = patch.meta.get("extra") if isinstance(patch.meta.get("extra"), dict) else {}
     return {k: extra[k] for k in VERDICT_KEYS if k in extra}
-
-
-VERDICT_KEYS = ("verdict", "verdict_codes", "warning_codes", "clip_warning_codes")  # what a LoRA carries of them
 
 
 # --------------------------------------------------------------------------------------------------- files

@@ -8,14 +8,12 @@ A run never says "unlearned" because its search stopped; it says so when the **h
   * ``not_forgotten``: after the edit the test criterion metric (FA@5 by default) exceeds the threshold by more than
     ``forget_tolerance`` (default 0.05: the search decides on *validation* images, so one test image in 20 may still
     be recognised), or FA@1 exceeds ``forget_tolerance`` — for every concept of a joint run;
-  * for text-to-image runs the same two checks on the generated images the judge recognises
-    (:func:`generation_checks`);
+  * text-to-image runs: the same two checks on the generated images the judge recognises (:func:`generation_checks`);
   * ``model_broken``: utility (TA_IN@1) or the other identities' mean (TA_CA@1) dropped by more than
     :data:`BROKEN` × its budget (0.10 / 0.25 at the defaults; never less than at the defaults, never more than
-    :data:`BROKEN_CAP` unless the budget is): the concept may be gone, but so is the model — a
-    run that lost 0.48 of utility said "unlearned — with warnings" (tenth and twelfth trials). Runs judged on a
-    downstream model (``--target sd``/``vlm``) keep the CLIP's own drop as a warning: their patch is for the
-    pipeline, which is judged on its own outputs.
+    :data:`BROKEN_CAP` unless the budget is): the concept may be gone, but so is the model — a run that lost 0.48 of
+    utility said "unlearned — with warnings" (tenth and twelfth trials). Runs judged on a downstream model (``--target
+    sd``/``vlm``) keep the CLIP's own drop as a warning: their patch is for the pipeline, judged on its own outputs.
 
 ``warn`` (exit status 3) — the removal happened, but something a user must know did too:
   * ``utility_drop`` / ``related_drop``: utility (TA_IN@1) or other-identity (TA_CA@1) accuracy dropped by more than
@@ -28,8 +26,8 @@ A run never says "unlearned" because its search stopped; it says so when the **h
     gradient pass: :func:`caption_check`);
   * ``name_truncated``: captions whose concept name falls beyond the text context (the tokenizer cuts it).
 
-``pass`` (exit status 0) otherwise. Reasons are dicts ``{"code", "severity", "message"}``; ``result.json`` holds
-``{"verdict": {"status", "reasons", "budgets"}}``.
+``pass`` (exit status 0) otherwise. Reasons are dicts ``{"code", "severity", "message"}`` (a downstream run's CLIP's
+own add ``"on": "clip"``); ``result.json`` holds ``{"verdict": {"status", "reasons", "budgets"}}``.
 """
 
 from __future__ import annotations
@@ -225,18 +223,15 @@ def generation_checks(v: Verdict, concept: str, before: dict, after: dict, thres
 
 def verdict_fields(verdict: dict) -> dict:
     """What a patch records of its run's verdict (``patch.json → extra``): the status, its fail reasons' codes and
-    its warnings' codes (``warning_codes``; those of a downstream run's CLIP, used on its own, apart in
-    ``clip_warning_codes``), so that `slug inspect`, `apply`, `export` and `audit` say why
+    its warnings' codes (a downstream run's CLIP's own apart, ``clip_warning_codes``: a bare utility_drop read as the
+    pipeline's, verification 66), so that `slug inspect`, `apply`, `export` and `audit` say why
     (:func:`slugkit.patch.summary.failed_because`, :func:`~slugkit.patch.summary.verdict_line`; a warn patch said
     only "see result.json", which a patch handed on does not come with)."""
     def codes(severity, on=None):
-        return sorted({r["code"] for r in verdict.get("reasons", []) if r["severity"] == severity
-                       and r.get("on") == on})
+        return sorted({r["code"] for r in verdict.get("reasons", []) if (r["severity"], r.get("on")) == (severity, on)})
 
-    clip = codes("warn", "clip")  # a downstream run's CLIP used on its own (`"on": "clip"`), apart: `utility_drop`
-    # alone read as the pipeline's (verification 66)
     return {"verdict": verdict["status"], "verdict_codes": codes("fail"), "warning_codes": codes("warn"),
-            **({"clip_warning_codes": clip} if clip else {})}
+            **({"clip_warning_codes": clip} if (clip := codes("warn", "clip")) else {})}
 
 
 def exit_status_of(result: dict) -> int:
@@ -351,9 +346,7 @@ CLIP_SIDE = "CLIP zero-shot, the text encoder on its own: "  # beside the genera
 def _as_warning(r: dict) -> dict:
     """A downstream run keeps the CLIP's own ``model_broken`` as a warning (module docstring); the CLIP's collateral
     reasons say they are the CLIP's (a worst-drop warning from the CLIP's ranking sat unlabelled beside the generated
-    images' neighbours, with other numbers: fifteenth trial), in words and as ``"on": "clip"`` (the reasons'
-    codes alone listed ``worst_drop`` twice, the CLIP's and the images', with nothing for a program to tell them
-    apart: verification 65)."""
+    images' neighbours, with other numbers: fifteenth trial), also as ``"on": "clip"`` (verification 65)."""
     if r["code"] in ("utility_drop", "related_drop", "worst_drop"):
         return {**r, "message": CLIP_SIDE + r["message"], "on": "clip"}
     if r["code"] != "model_broken":
