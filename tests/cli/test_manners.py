@@ -589,6 +589,13 @@ def test_a_warn_patch_is_noted_once_it_is_applied_not_above_a_refusal(tmp_path, 
         assert main(["apply", "--patch", str(tmp_path / "patch"), "--pipeline", "embedded", "--out", str(out)]) == 2
         assert "inside the patch" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "patch")) == listed and os.stat(tmp_path / "patch").st_mtime_ns == mtime
+    # --out under a file said "FILE: File exists" (the writer's mkdir; verification 67's leftovers): the file is named
+    (tmp_path / "FILE").write_text("x")
+    for cmd in (apply[:4] + [str(tmp_path / "FILE" / "x.safetensors"), "--checkpoint", str(tmp_path / "m.safetensors")],
+                ["apply", "--patch", str(tmp_path / "patch"), "--pipeline", "embedded", "--out",
+                 str(tmp_path / "FILE" / "x" / "y")]):
+        assert main(cmd) == 2
+        assert f"{tmp_path / 'FILE'} is a file, not a folder" in capsys.readouterr().err, cmd
     # two runs' patches composed: their combination was never measured, which was not said (verification 66)
     base2 = {"a": torch.ones(2), "b": torch.ones(3)}
     save_state_dict_file(base2, tmp_path / "m2.safetensors")

@@ -35,8 +35,9 @@ from .text import printable
 MANIFEST = ".slugkit-entries.json"  # the top-level entries slug wrote into an output folder (JSON: {"entries": [...]})
 
 __all__ = ["MANIFEST", "atomic_dir", "atomic_write_bytes", "atomic_writer", "check_file_target", "check_folder_target",
-           "check_replaceable", "current_umask", "dir_mode", "file_mode", "final_path", "final_paths", "fix_modes",
-           "kept_name", "link_or_copy", "read_manifest", "register_staging", "unregister_staging", "write_json"]
+           "check_parents", "check_replaceable", "current_umask", "dir_mode", "file_mode", "final_path", "final_paths",
+           "fix_modes", "kept_name", "link_or_copy", "read_manifest", "register_staging", "unregister_staging",
+           "write_json"]
 
 
 # ------------------------------------------------------------------------------------------------------- modes
@@ -143,7 +144,7 @@ def check_file_target(path: str | os.PathLike | None, hint: str = "expected a fi
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"is a folder; {hint}", str(p))
-    _check_parents(p)
+    check_parents(p)
 
 
 def check_folder_target(path: str | os.PathLike, hint: str = "expected a folder") -> None:
@@ -151,10 +152,11 @@ def check_folder_target(path: str | os.PathLike, hint: str = "expected a folder"
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"is not a folder; {hint}", str(p))
-    _check_parents(p)
+    check_parents(p)
 
 
-def _check_parents(p: Path) -> None:
+def check_parents(p: Path) -> None:
+    """Refuse an output ``p`` whose nearest existing ancestor is a file (``NotADirectoryError`` naming that file)."""
     parent = p.parent
     while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
         parent = parent.parent
