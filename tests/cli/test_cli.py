@@ -550,6 +550,9 @@ def test_demo_verdict_fail_when_test_forgetting_does_not_happen(tmp_path, data_d
     assert rc == 4 and result["verdict"]["status"] == "fail"
     assert [r["code"] for r in result["verdict"]["reasons"]] == ["not_forgotten"]
     assert "SLUG did NOT unlearn" in printed and "SLUG unlearned" not in printed
+    # the trajectory heading said "scored at 1.1 ×" whatever --margin was, and "Round 2+ rows" in one-round runs
+    report = (out / "report.md").read_text()
+    assert "Each layer below is scored at 1 × its smallest accepted step." in report and "Round 2+" not in report
 
 
 def test_unlearn_verdict_warns_without_utility_and_refuses_foreign_forget_set(tmp_path, data_dir, demo_run,

@@ -54,6 +54,8 @@ def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
     assert sorted(patch.names) == sorted(n for e in edits for n in e["group"])
     assert json.loads((tmp_path / "two" / "result.json").read_text())["layers_edited"] == edits
     assert "Layers edited (multi-layer fallback" in (tmp_path / "two" / "report.md").read_text()
+    assert "Round 2+ rows were searched on the model with the earlier edits applied" in \
+        (tmp_path / "two" / "report.md").read_text()
     layers = json.loads((tmp_path / "two" / "layers.json").read_text())  # round 1's front, the later layer named
     assert layers["round"] == 1 and layers["later_rounds_edited"] == [edits[1]["layer"]]
     # "gradients" holds both rounds' gradient passes (it held the first only, the second sat in "search")

@@ -358,10 +358,11 @@ def render_report(result: dict) -> str:
                   "the applied step.",
            "deepest": "the deepest front layer that reached the criterion."}[result["config"]["selection"]],
         "",
-        "Each layer below is scored at 1.1 × its smallest accepted step"
+        f"Each layer below is scored at {result['config'].get('margin', 1.1):g} × its smallest accepted step"
         + ("; an edited layer's applied step is in \"Layers edited\" when the fallback took only part of it"
            if len(result.get("layers_edited") or []) > 1 else "")
-        + ". Round 2+ rows were searched on the model with the earlier edits applied.",
+        + (". Round 2+ rows were searched on the model with the earlier edits applied."
+           if any(s.get("round", 1) > 1 for s in result["layers_searched"]) else "."),
         "",
         "| round | layer | tower | accepted η | η at scoring | η/R | val FA@5 | val related | val utility | val worst "
         "identity |",
