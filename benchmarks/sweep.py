@@ -193,7 +193,7 @@ def failed_checks(checks: dict) -> str:
     return "PASS" if not bad else "FAIL " + ", ".join(bad)
 
 
-PER_PROCESS = ("concepts", "first", "all", "scopes", "json", "overwrite", "threads", "merge")
+PER_PROCESS = ("concepts", "first", "all", "scopes", "json", "overwrite", "threads", "merge", "merged_from")
 
 
 def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, summarise,
@@ -201,7 +201,8 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     """``--merge``: the rows of ``--json`` files of runs over disjoint concepts (e.g. two processes, or a sweep
     finished in a later session) as one run — ``summarise(rows, json_path, options, **extra)`` prints the summary
     and writes ``json_path`` (``extra``: the first part's other top-level keys, e.g. the scores before the edit, and
-    ``complete``: whether every part was). Refused: a part that is unreadable or another script's (a finished row
+    ``complete``: whether every part was, or — a stopped sweep finished by later parts — whether every concept a part
+    was given with ``--concepts`` has its row). Refused: a part that is unreadable or another script's (a finished row
     lacks a ``key`` or ``row_keys`` field, or ``checks``), one still running
     (``"complete": false``) unless ``partial_ok`` (its rows are whole rows: the sweep writes a row when its run has
     ended), parts that share a ``key`` (a concept run twice), and parts run with different options (any but
@@ -239,11 +240,17 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
         twice = next(s for i, s in enumerate(seen) if s in seen[:i])
         ap.error(f"--merge: the parts share {' and '.join(key)} {' / '.join(map(str, twice))}; merge runs over "
                  "disjoint concepts")
-    if partial:
+    given = [o.get("concepts") for o in options]  # each process's --concepts (a merged part's: the ones it had)
+    wanted = {c.strip() for g in given if g for c in g.split(",")}
+    covered = all(given) and wanted <= {r["concept"] for r in rows}  # what a stopped part left, a later one ran
+    if partial and not covered:
         print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}): their finished rows are merged and "
               "the merged file says \"complete\": false", flush=True)
+    elif partial:  # merging a stopped sweep with the parts that finished it (it said "complete": false: 2026-12-04)
+        print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}); every concept the parts were given "
+              "has its row, so the merged file says \"complete\": true", flush=True)
     summarise(rows, json_path, {**options[0], "concepts": ",".join(dict.fromkeys(r["concept"] for r in rows)),
-                                "merged_from": paths}, **extra, complete=not partial)
+                                "merged_from": paths}, **extra, complete=not partial or covered)
     return 0
 
 

@@ -337,6 +337,21 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
     merged = json.loads(out.read_text())
     assert merged["complete"] is False and [x["concept"] for x in merged["rows"]] == [x["concept"] for x in rows]
     assert merged["summary"]["passed"] == 13 and merged["options"]["merged_from"] == list(map(str, parts))
+    # that stopped sweep, finished later by a part over the rest: merged again, it is one complete sweep (the merged
+    # file's own merged_from was taken for an option that differs, and a stopped part kept "complete": false)
+    stopped = tmp_path / "stopped.json"
+    stopped.write_text(json.dumps({"rows": rows[9:], "options": {**opts, "concepts": ",".join(
+        [x["concept"] for x in rows[9:]] + ["unfinished"])}, "complete": False}))
+    r = _run("sd_embedded.py", "--merge", str(parts[0]), str(stopped), "--json", str(tmp_path / "m2.json"))
+    assert r.returncode == 0 and json.loads((tmp_path / "m2.json").read_text())["complete"] is False, r.stderr[-2000:]
+    rest = tmp_path / "rest.json"
+    rest.write_text(json.dumps({"rows": [{**rows[0], "concept": "unfinished"}],
+                                "options": {**opts, "concepts": "unfinished"}, "complete": True}))
+    r = _run("sd_embedded.py", "--merge", str(tmp_path / "m2.json"), str(rest), "--json", str(tmp_path / "m3.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "every concept the parts were given has its row" in r.stdout
+    m3 = json.loads((tmp_path / "m3.json").read_text())
+    assert m3["complete"] is True and len(m3["rows"]) == len(rows) + 1
     parts[1].write_text(json.dumps({"rows": rows[9:], "options": {**opts, "neighbours_k": 29}, "complete": True}))
     r = _run("sd_embedded.py", "--merge", *map(str, parts), "--json", str(tmp_path / "other.json"))
     assert r.returncode == 2 and "other options" in r.stderr and "neighbours_k: 29" in r.stderr
