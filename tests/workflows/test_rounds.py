@@ -56,6 +56,11 @@ def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
     assert "Layers edited (multi-layer fallback" in (tmp_path / "two" / "report.md").read_text()
     assert "Round 2+ rows were searched on the model with the earlier edits applied" in \
         (tmp_path / "two" / "report.md").read_text()
+    # round 2's step is projected off the neighbours as round 1's; its record was dropped, and report.md said the
+    # round-2 layer "is not among them (taken in by `--null-space-layers all`)" (verification 69)
+    later = r["neighbour_protection"]["later_rounds"]
+    assert [x["round"] for x in later] == [2] and edits[1]["layer"] in later[0]["groups"]
+    assert "not among them" not in (tmp_path / "two" / "report.md").read_text()
     layers = json.loads((tmp_path / "two" / "layers.json").read_text())  # round 1's front, the later layer named
     assert layers["round"] == 1 and layers["later_rounds_edited"] == [edits[1]["layer"]]
     # "gradients" holds both rounds' gradient passes (it held the first only, the second sat in "search")

@@ -218,10 +218,10 @@ def verdict_lines(verdict: dict | None) -> list[str]:
 
 
 def _unprotected(result: dict, prot: dict) -> str:
-    """The clause for edited layers the projection did not reach (``prot["groups"]``: the Pareto layers'; a layer
-    ``--null-space-layers all`` took in kept its raw gradient, and the line claimed the protection for it:
-    verification 67)."""
-    done = set(prot.get("groups") or {})
+    """The clause for edited layers the projection did not reach (``prot["groups"]``: the Pareto layers', and each
+    later round's; a layer ``--null-space-layers all`` took in kept its raw gradient, and the line claimed the
+    protection for it: verification 67)."""
+    done = {n for g in [prot.get("groups") or {}] + [r["groups"] for r in prot.get("later_rounds") or []] for n in g}
     edits = result.get("layers_edited") or [{"layer": result["layer"]}]
     left = [e["layer"] for e in edits if e["layer"] not in done]
     if not done or not left:

@@ -42,16 +42,19 @@ MIN_PAIRS = 3  # a neighbour needs this many retain pairs naming it to have a gr
 @dataclass
 class NeighbourProtection:
     """What the projection protected: ``neighbours`` [{"concept", "similarity", "pairs"}], ``skipped`` (too few
-    retain pairs), per group the basis rank and the share of ‖g_f‖ removed."""
+    retain pairs), per group the basis rank and the share of ‖g_f‖ removed; ``later_rounds`` [{"round", "groups"}]:
+    the same for each later round of the multi-layer fallback (its own front, on the edited model)."""
 
     k: int
     neighbours: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     groups: dict = field(default_factory=dict)
+    later_rounds: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"k": self.k, "gradient": "mean cos over the retain pairs naming the neighbour",
-                "neighbours": self.neighbours, "skipped": self.skipped, "groups": self.groups}
+                "neighbours": self.neighbours, "skipped": self.skipped, "groups": self.groups,
+                **({"later_rounds": self.later_rounds} if self.later_rounds else {})}
 
 
 def neighbour_pairs(captions: list[str], neighbours: list[tuple[str, float]],

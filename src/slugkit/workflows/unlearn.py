@@ -205,7 +205,7 @@ def _run_unlearn(cfg: UnlearnConfig, adapter=None, extra_run_info: dict | None =
             searches, chosen, chooser_info = _search(cfg, adapter, grads, table, ratios, val_eval, val_before,
                                                      choose)
             edits, chooser_info = _rounds(cfg, adapter, data, (searches, chosen, grads), val_before, neighbours,
-                                          choose, timing, cpu)
+                                          choose, timing, cpu, protection)
             chosen = edits[-1].search
         timing["search"] -= timing.pop("later_gradients", 0.0)  # a later round's gradient pass is "gradients" time
         cpu["search"] -= cpu.pop("later_gradients", 0.0)  # and its CPU seconds too (they stayed in "search": trial 44)
@@ -316,7 +316,7 @@ def _search_front(cfg: UnlearnConfig, adapter, grads, table, ratios, val_eval):
 
 
 def _rounds(cfg: UnlearnConfig, adapter, data, first, val_before, neighbours, choose, timing: dict,
-            cpu: dict | None = None):
+            cpu: dict | None = None, protection: NeighbourProtection | None = None):
     """(edits, chooser record): round 1's layer, or the multi-layer fallback's (:mod:`slugkit.workflows.rounds`);
     with a ``choose`` callback (the SD demo's generator-aware choice) its rounds (:func:`generator_rounds`). A later
     round's gradient pass is added to ``timing["gradients"]`` and ``timing["later_gradients"]`` (the report's
@@ -331,8 +331,13 @@ def _rounds(cfg: UnlearnConfig, adapter, data, first, val_before, neighbours, ch
                 if cpu is not None:
                     cpu[key] = cpu.get(key, 0.0) + time.process_time() - p
 
-    stages = {"gradients": gradients, "layers": _layers, "search": _search_front,
-              "protect": lambda c, a, g, t, d: _protect(c, a, g, t, d, neighbours)}
+    def protect(c, *args):  # a later round's projection goes into ``protection`` (it was dropped: verification 69)
+        g, rec, ratios = _protect(c, *args, neighbours)
+        if protection is not None and rec.groups:
+            protection.later_rounds.append({"round": len(protection.later_rounds) + 2, "groups": rec.groups})
+        return g, rec, ratios
+
+    stages = {"gradients": gradients, "layers": _layers, "search": _search_front, "protect": protect}
     if choose is not None:
         return generator_rounds(cfg, adapter, data, first, val_before, choose, stages)
     return more_rounds(cfg, adapter, data, first, val_before, stages), None
