@@ -175,15 +175,17 @@ def write_json(path: str, obj: dict) -> None:
 def report(rows: list[dict], json_path: str | None, options: dict, base_recognition: dict | None = None,
            complete: bool = True) -> dict:
     """Print the sweep's summary of ``rows`` (pass count, by method, the medians and worsts) and write the ``--json``
-    file; a sweep's end and ``--merge`` both end here. Returns the summary."""
+    file (first: a closed pipe on the printing lost it); a sweep's end and ``--merge`` both end here. Returns the
+    summary."""
     s = summary(rows)
+    write_complete(json_path, rows, s, options, complete=complete, base_recognition=base_recognition)
     print_counts(s, "concepts")
     if "mean_drop_median" in s:
         print(f"mean other drop: median {s['mean_drop_median']:+.3f}, worst {s['mean_drop_worst']:+.3f}; worst "
               f"other concept: median {s['worst_other_drop_median']:+.3f}, worst {s['worst_other_drop_worst']:+.3f} "
               f"({s['worst_other']}); nearest neighbour: median {s['neighbour_drop_median']:+.3f}, worst "
               f"{s['neighbour_drop_worst']:+.3f}; slowest run {s['slowest_s']:.0f} s")
-    return write_complete(json_path, rows, s, options, complete=complete, base_recognition=base_recognition)
+    return s
 
 
 def main():

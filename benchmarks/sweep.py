@@ -202,8 +202,9 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     finished in a later session) as one run — ``summarise(rows, json_path, options, **extra)`` prints the summary
     and writes ``json_path`` (``extra``: the first part's other top-level keys, e.g. the scores before the edit, and
     ``complete``: whether every part was, or — a stopped sweep finished by later parts — whether every concept a part
-    was given with ``--concepts`` has its row). Refused: a part that is unreadable or another script's (a finished row
-    lacks a ``key`` or ``row_keys`` field, or ``checks``), one still running
+    was given with ``--concepts`` has its row; the merged file's ``options.concepts`` keeps those not run, so merging
+    it again stays incomplete until a part runs them). Refused: a part that is unreadable or another script's (a
+    finished row lacks a ``key`` or ``row_keys`` field, or ``checks``), one still running
     (``"complete": false``) unless ``partial_ok`` (its rows are whole rows: the sweep writes a row when its run has
     ended), parts that share a ``key`` (a concept run twice), and parts run with different options (any but
     :data:`PER_PROCESS`: merging them would report one sweep that never ran)."""
@@ -240,17 +241,19 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
         twice = next(s for i, s in enumerate(seen) if s in seen[:i])
         ap.error(f"--merge: the parts share {' and '.join(key)} {' / '.join(map(str, twice))}; merge runs over "
                  "disjoint concepts")
-    given = [o.get("concepts") for o in options]  # each process's --concepts (a merged part's: the ones it had)
-    wanted = {c.strip() for g in given if g for c in g.split(",")}
-    covered = all(given) and wanted <= {r["concept"] for r in rows}  # what a stopped part left, a later one ran
-    if partial and not covered:
-        print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}): their finished rows are merged and "
-              "the merged file says \"complete\": false", flush=True)
+    given = [o.get("concepts") for o in options]  # each process's --concepts; a merged file keeps its parts' given
+    wanted = list(dict.fromkeys(c.strip() for g in given if g for c in g.split(",")))  # so a later merge sees them
+    ran = list(dict.fromkeys(r["concept"] for r in rows))
+    missing = [c for c in wanted if c not in ran] if all(given) else None  # None: a part was --all / --first
+    file = "the merged file says" if json_path else "(no --json: nothing written) it would say"
+    if partial and missing != []:
+        print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}): their finished rows are merged"
+              + (f"; not run: {', '.join(missing)}" if missing else "") + f"; {file} \"complete\": false", flush=True)
     elif partial:  # merging a stopped sweep with the parts that finished it (it said "complete": false: 2026-12-04)
         print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}); every concept the parts were given "
-              "has its row, so the merged file says \"complete\": true", flush=True)
-    summarise(rows, json_path, {**options[0], "concepts": ",".join(dict.fromkeys(r["concept"] for r in rows)),
-                                "merged_from": paths}, **extra, complete=not partial or covered)
+              f"has its row, so {file} \"complete\": true", flush=True)
+    summarise(rows, json_path, {**options[0], "concepts": ",".join(dict.fromkeys([*ran, *(missing or [])])),
+                                "merged_from": paths}, **extra, complete=not partial or missing == [])
     return 0
 
 

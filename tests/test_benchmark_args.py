@@ -344,10 +344,18 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
         [x["concept"] for x in rows[9:]] + ["unfinished"])}, "complete": False}))
     r = _run("sd_embedded.py", "--merge", str(parts[0]), str(stopped), "--json", str(tmp_path / "m2.json"))
     assert r.returncode == 0 and json.loads((tmp_path / "m2.json").read_text())["complete"] is False, r.stderr[-2000:]
+    assert "not run: x, unfinished" in r.stdout
+    # merged again on its own it stays incomplete: the concepts not run are kept (they were dropped: verification 69)
+    r = _run("sd_embedded.py", "--merge", str(tmp_path / "m2.json"))
+    assert r.returncode == 0 and "not run: x, unfinished" in r.stdout and "(no --json: nothing written)" in r.stdout
+    rows = rows + [{**rows[0], "concept": "x"}]
+    (tmp_path / "x.json").write_text(json.dumps({"rows": rows[-1:], "options": {**opts, "concepts": "x"},
+                                                 "complete": True}))
     rest = tmp_path / "rest.json"
     rest.write_text(json.dumps({"rows": [{**rows[0], "concept": "unfinished"}],
                                 "options": {**opts, "concepts": "unfinished"}, "complete": True}))
-    r = _run("sd_embedded.py", "--merge", str(tmp_path / "m2.json"), str(rest), "--json", str(tmp_path / "m3.json"))
+    r = _run("sd_embedded.py", "--merge", str(tmp_path / "m2.json"), str(rest), str(tmp_path / "x.json"), "--json",
+             str(tmp_path / "m3.json"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "every concept the parts were given has its row" in r.stdout
     m3 = json.loads((tmp_path / "m3.json").read_text())

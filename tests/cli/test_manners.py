@@ -595,7 +595,8 @@ def test_a_warn_patch_is_noted_once_it_is_applied_not_above_a_refusal(tmp_path, 
                 ["apply", "--patch", str(tmp_path / "patch"), "--pipeline", "embedded", "--out",
                  str(tmp_path / "FILE" / "x" / "y")]):
         assert main(cmd) == 2
-        assert f"{tmp_path / 'FILE'} is a file, not a folder" in capsys.readouterr().err, cmd
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'FILE'} is a file, not a folder" in err and "choose another --out" in err, cmd
     # two runs' patches composed: their combination was never measured, which was not said (verification 66)
     base2 = {"a": torch.ones(2), "b": torch.ones(3)}
     save_state_dict_file(base2, tmp_path / "m2.safetensors")

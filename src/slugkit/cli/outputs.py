@@ -20,7 +20,7 @@ def out_file_taken(a) -> str | None:
     try:
         check_parents(Path(a.out))
     except NotADirectoryError as e:
-        return f"--out {a.out}: {e.filename} {e.strerror}"
+        return f"--out {a.out}: {e.filename} {e.strerror}; choose another --out"
     if a.pipeline or a.llava:
         return None
     if os.path.lexists(a.out) and not a.overwrite:  # a symbolic link too (dangling, or a loop: exists() is False)
