@@ -206,6 +206,10 @@ def test_a_warn_patch_is_said_by_apply_export_and_audit_alike(tmp_path):
     said = verdict_line("p", {"extra": {"verdict": "warn"}})
     assert said.startswith("note: p comes from a run whose verdict was warn")
     assert verdict_line("p", {"extra": {"verdict": "fail", "verdict_codes": []}}).startswith("warning: p comes from")
+    # a fail's warnings as well (a fail with a worst_drop warning named the fail alone: verification 69)
+    said = verdict_line("p", {"extra": {"verdict": "fail", "verdict_codes": ["not_forgotten"],
+                                        "warning_codes": ["worst_drop"]}})
+    assert "; also warned: worst_drop; see its result.json" in said
     assert verdict_line("p", {"extra": {"verdict": "pass"}}) is None and verdict_line("p", {}) is None
     r = run_t2i_audit(None, None, None, "red triangle", probes=(), progress=False)
     r["patch_run_verdict"] = "warn"

@@ -52,11 +52,13 @@ def warned_of(extra) -> str:
 
 def verdict_line(path, meta: dict) -> str | None:
     """What ``slug apply`` and ``slug export`` print of the verdict of the run that made the patch at ``path``: a
-    ``warning:`` for fail (with :func:`failed_because`), a ``note:`` for warn (export said nothing of a warn patch;
-    eighteenth trial), None for pass or an unknown verdict."""
+    ``warning:`` for fail (with :func:`failed_because` and any warning codes), a ``note:`` for warn (export said
+    nothing of a warn patch; eighteenth trial), None for pass or an unknown verdict."""
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
-    if extra.get("verdict") == "fail":
-        return f"warning: {path} comes from a run whose verdict was fail ({failed_because(extra)}); see its result.json"
+    if extra.get("verdict") == "fail":  # its warnings too (a fail's worst_drop went unsaid: verification 69)
+        codes = warned_of(extra)
+        return (f"warning: {path} comes from a run whose verdict was fail ({failed_because(extra)})"
+                + (f"; also warned: {codes}" if codes else "") + "; see its result.json")
     if extra.get("verdict") == "warn":
         codes = warned_of(extra)
         return (f"note: {path} comes from a run whose verdict was warn" + (f" ({codes})" if codes else "")
