@@ -703,6 +703,8 @@ def test_describe_shows_the_verdict_and_rounded_numbers():
     p.meta["extra"]["verdict_codes"] = ["model_broken"]
     assert ("  verdict:    fail (of the run that made it; see its result.json): the edit broke the model: utility or "
             "the other concepts lost more than 5 × their budget") in describe(p).splitlines()
+    p.meta["extra"]["warning_codes"] = ["worst_drop"]  # a fail's warnings too (verification 69)
+    assert any(x.endswith("5 × their budget; also warned: worst_drop") for x in describe(p).splitlines())
     assert "  step size:  2.19362" in lines and "    after: {'forget_top5': 0.04}" in lines
     # before and after: one line a metric in report.md's names (Python dicts of internal keys, 23rd trial)
     p.meta["metrics"] = {"before": {"forget_top1": 1.0, "utility_top1": 0.99399}, "after": {"forget_top1": 0.0}}

@@ -169,7 +169,9 @@ def describe(patch: Patch) -> str:
         method_line(m.get("method")),
         f"  base model: {p(_base_label(m))}  [adapter: {p(m.get('adapter'))}]",
         *([f"  verdict:    {p((m.get('extra') or {}).get('verdict'))} (of the run that made it; see its result.json)"
-           + (f": {p(failed_because(m['extra']))}" if m["extra"].get("verdict") == "fail" else
+           + (f": {p(failed_because(m['extra']))}" + (f"; also warned: {warned_of(m['extra'])}"
+                                                         if warned_of(m["extra"]) else "")
+              if m["extra"].get("verdict") == "fail" else
               f": warnings {warned_of(m['extra'])}" if warned_of(m["extra"]) else "")]
           if isinstance(m.get("extra"), dict) and m["extra"].get("verdict") else []),
         *_downstream(m),
