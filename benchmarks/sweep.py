@@ -252,8 +252,9 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     elif partial:  # merging a stopped sweep with the parts that finished it (it said "complete": false: 2026-12-04)
         print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}); every concept the parts were given "
               f"has its row, so {file} \"complete\": true", flush=True)
-    summarise(rows, json_path, {**options[0], "concepts": ",".join(dict.fromkeys([*ran, *(missing or [])])),
-                                "merged_from": paths}, **extra, complete=not partial or missing == [])
+    merged = {**options[0], "concepts": ",".join(dict.fromkeys([*ran, *(missing or [])])), "json": json_path,
+              "merged_from": paths}
+    summarise(rows, json_path, merged, **extra, complete=not partial or missing == [])
     return 0
 
 

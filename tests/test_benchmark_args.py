@@ -360,6 +360,7 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
     assert "every concept the parts were given has its row" in r.stdout
     m3 = json.loads((tmp_path / "m3.json").read_text())
     assert m3["complete"] is True and len(m3["rows"]) == len(rows) + 1
+    assert m3["options"]["json"] == str(tmp_path / "m3.json")  # it kept the first part's --json (verification 69)
     parts[1].write_text(json.dumps({"rows": rows[9:], "options": {**opts, "neighbours_k": 29}, "complete": True}))
     r = _run("sd_embedded.py", "--merge", *map(str, parts), "--json", str(tmp_path / "other.json"))
     assert r.returncode == 2 and "other options" in r.stderr and "neighbours_k: 29" in r.stderr
