@@ -108,15 +108,20 @@ def json_out(ap: argparse.ArgumentParser, path: str | None, overwrite: bool, fla
 
 def run(main) -> None:
     """Run a script's ``main()`` as ``slug`` runs a command: SIGTERM unwinds like Ctrl-C (run folders are removed;
-    "terminated", exit 143; Ctrl-C: "interrupted", 130); ``main``'s return value is the exit status."""
+    "terminated", exit 143; Ctrl-C: "interrupted", 130); stdout closed early (``… | head -1``) ends quietly with 141
+    (it was a traceback: verification 70); ``main``'s return value is the exit status."""
     from slugkit.common.interrupts import Terminated, handling
 
     with handling():
         try:
             status = main()
+            sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
         except KeyboardInterrupt as e:
             print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
             status = 143 if isinstance(e, Terminated) else 130
+        except BrokenPipeError:  # Python docs, "Note on SIGPIPE": stdout to devnull, so the flush at exit is quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status = 141
     sys.exit(status or 0)
 
 
@@ -247,11 +252,12 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     missing = [c for c in wanted if c not in ran] if all(given) else None  # None: a part was --all / --first
     file = "the merged file says" if json_path else "(no --json: nothing written) it would say"
     if partial and missing != []:
-        print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}): their finished rows are merged"
+        print(f"note: {len(partial)} part(s) had not ended, or merged one that had not ({', '.join(partial)}): "
+              "their finished rows are merged"
               + (f"; not run: {', '.join(missing)}" if missing else "") + f"; {file} \"complete\": false", flush=True)
     elif partial:  # merging a stopped sweep with the parts that finished it (it said "complete": false: 2026-12-04)
-        print(f"note: {len(partial)} part(s) had not ended ({', '.join(partial)}); every concept the parts were given "
-              f"has its row, so {file} \"complete\": true", flush=True)
+        print(f"note: {len(partial)} part(s) had not ended, or merged one that had not ({', '.join(partial)}); every "
+              f"concept the parts were given has its row, so {file} \"complete\": true", flush=True)
     merged = {**options[0], "concepts": ",".join(dict.fromkeys([*ran, *(missing or [])])), "json": json_path,
               "merged_from": paths}
     summarise(rows, json_path, merged, **extra, complete=not partial or missing == [])

@@ -361,6 +361,17 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
     m3 = json.loads((tmp_path / "m3.json").read_text())
     assert m3["complete"] is True and len(m3["rows"]) == len(rows) + 1
     assert m3["options"]["json"] == str(tmp_path / "m3.json")  # it kept the first part's --json (verification 69)
+    # stdout closed early (`… | head -1`): the file is written, the script ends quietly with 141 (a traceback, 1)
+    r_end, w_end = os.pipe()
+    os.close(r_end)
+    try:
+        done = subprocess.run([sys.executable, "benchmarks/sd_embedded.py", "--merge", str(tmp_path / "m3.json"),
+                               "--json", str(tmp_path / "m4.json")], cwd=ROOT, stdout=w_end, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, text=True, timeout=60)
+    finally:
+        os.close(w_end)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert json.loads((tmp_path / "m4.json").read_text())["complete"] is True
     parts[1].write_text(json.dumps({"rows": rows[9:], "options": {**opts, "neighbours_k": 29}, "complete": True}))
     r = _run("sd_embedded.py", "--merge", *map(str, parts), "--json", str(tmp_path / "other.json"))
     assert r.returncode == 2 and "other options" in r.stderr and "neighbours_k: 29" in r.stderr

@@ -247,7 +247,9 @@ def _protection_lines(result: dict) -> list[str]:
         used = ", ".join(f"{n['concept']} ({n['pairs']} pairs)" for n in prot["neighbours"])
         lines += [f"Step projected off the alignment gradients of the {prot['k']} nearest identities ({used})"
                   + (f"; skipped for too few retain pairs: {', '.join(str(n['concept']) for n in prot['skipped'])}"
-                     if prot.get("skipped") else "") + " — `--protect-neighbours 0` is the paper's step."
+                     if prot.get("skipped") else "")
+                  + ("; the later rounds' steps too, off the same neighbours" if prot.get("later_rounds") else "")
+                  + " — `--protect-neighbours 0` is the paper's step."
                   + _unprotected(result, prot), ""]
     edits = result.get("layers_edited") or []
     if len(edits) > 1 or any(e.get("why", "").startswith("single layer kept") for e in edits):
