@@ -62,6 +62,9 @@ def test_one_layer_cannot_so_a_second_finishes_the_removal(tmp_path, world_dir):
     assert [x["round"] for x in later] == [2] and edits[1]["layer"] in later[0]["groups"]
     assert "not among them" not in (tmp_path / "two" / "report.md").read_text()
     assert "; the later rounds' steps too, off the same neighbours" in (tmp_path / "two" / "report.md").read_text()
+    n2 = sum(s["round"] == 2 for s in r["layers_searched"])  # the front size was round 1's alone (verification 70)
+    assert f"; round 2's, on the edited model: {n2}. " in (tmp_path / "two" / "report.md").read_text()
+    assert "## Why these layers" in (tmp_path / "two" / "report.md").read_text()
     layers = json.loads((tmp_path / "two" / "layers.json").read_text())  # round 1's front, the later layer named
     assert layers["round"] == 1 and layers["later_rounds_edited"] == [edits[1]["layer"]]
     # "gradients" holds both rounds' gradient passes (it held the first only, the second sat in "search")

@@ -60,7 +60,7 @@ def _why_heading(result: dict) -> list[str]:
     what = ("the generated images" if any(r.get("generator_search") for r in rounds)
             else "the VLM's answers" if any(r.get("vlm_search") for r in rounds) else None)
     if what is None:
-        return ["## Why this layer", ""]
+        return ["## Why " + ("these layers" if len(result.get("layers_edited") or []) > 1 else "this layer"), ""]
     edited = (" + ".join(f"`{n}`" for n in result.get("group") or [result["layer"]])  # every tensor fine-tuned
               if result.get("method") == "layer-finetune" else
               ", ".join(f"`{e['layer']}`" for e in result.get("layers_edited") or []) or f"`{result['layer']}`")
@@ -108,3 +108,9 @@ def apply_hint(result: dict, out) -> str:
 
     run = printable(str(out)).rstrip("/") or "."
     return "apply the patch: " + apply_command(result, shlex.quote(f"{run}/patch"), run).replace("`", "")
+
+
+def later_fronts(result: dict) -> list[tuple[int, int]]:
+    """(round, layers searched) of each later round (the front size was round 1's alone: verification 70)."""
+    rounds = [s.get("round", 1) for s in result["layers_searched"]]
+    return [(r, rounds.count(r)) for r in sorted(set(rounds)) if r > 1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..common.files import atomic_write_bytes
 from ..common.text import group_label, printable
-from .search_lines import FINETUNED, _fmt, _why_heading, apply_command, trajectory_lines  # noqa: F401  (re-exported)
+from .search_lines import FINETUNED, _fmt, _why_heading, apply_command, later_fronts, trajectory_lines  # noqa: F401  (re-exported)
 
 METRIC_LABELS = [
     ("forget_top1", "FA@1 (forget top-1)", "lower is better"),
@@ -351,7 +351,8 @@ def render_report(result: dict) -> str:
         *consumer_shift_lines(result.get("consumer_shift")),
         *_protection_lines(result),
         *_why_heading(result),
-        f"{len(result['pareto_front'])} tensors are on the Pareto fronts (low gradient alignment, high importance). "
+        f"{len(result['pareto_front'])} tensors are on the Pareto fronts (low gradient alignment, high importance)"
+        + "".join(f"; round {r}'s, on the edited model: {n}" for r, n in later_fronts(result)) + ". "
         f"The step-size search ran on each; selection policy `{result['config']['selection']}`: "
         + {"utility": "best validation utility retention at the applied step (ties: related, then the smaller "
                       "relative change).",
