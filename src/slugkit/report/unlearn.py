@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..common.files import atomic_write_bytes
 from ..common.text import group_label, printable
-from .search_lines import FINETUNED, _fmt, _why_heading, apply_command, later_fronts, trajectory_lines  # noqa: F401  (re-exported)
+from .search_lines import FINETUNED, _fmt, _why_heading, apply_command, trajectory_lines  # noqa: F401  (re-exported)
+from .search_lines import later_fronts
 
 METRIC_LABELS = [
     ("forget_top1", "FA@1 (forget top-1)", "lower is better"),
