@@ -212,9 +212,16 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     finished row lacks a ``key`` or ``row_keys`` field, or ``checks``), one still running
     (``"complete": false``) unless ``partial_ok`` (its rows are whole rows: the sweep writes a row when its run has
     ended), parts that share a ``key`` (a concept run twice), and parts run with different options (any but
-    :data:`PER_PROCESS`: merging them would report one sweep that never ran)."""
+    :data:`PER_PROCESS`: merging them would report one sweep that never ran); a part given twice, a part with no
+    rows, one that says it ended without a row for a concept it was given (with ``partial_ok``), and ``--json``
+    onto a part (verification 71)."""
     import json
 
+    real = [os.path.realpath(p) for p in paths]
+    if twice := next((p for i, p in enumerate(paths) if real[i] in real[:i]), None):
+        ap.error(f"--merge {twice}: given twice; give each part once")
+    if json_path and os.path.realpath(json_path) in real:
+        ap.error(f"--json {json_path} is one of the --merge parts; write the merged file elsewhere")
     rows, options, extra, partial = [], [], {}, []
     for path in paths:
         try:
@@ -228,6 +235,12 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
                 or not all(isinstance(r, dict) and "concept" in r for r in part["rows"])):
             ap.error(f"--merge {path}: not a --json file of this script (\"complete\", rows with "
                      f"{', '.join((*key, *row_keys))} and checks)")
+        if not part["rows"]:
+            ap.error(f"--merge {path}: no rows; nothing to merge (a run that ended before its first concept)")
+        given_here = [c.strip() for c in ((part.get("options") or {}).get("concepts") or "").split(",") if c.strip()]
+        if partial_ok and part["complete"] is True and (lack := set(given_here) - {r["concept"] for r in part["rows"]}):
+            ap.error(f"--merge {path}: says \"complete\": true but has no row for {', '.join(sorted(lack))}, "
+                     "which it was given; it is not a part of this script's run")
         if part["complete"] is not True:
             if not partial_ok:
                 ap.error(f"--merge {path}: its run has not ended (\"complete\": false); merge it when it has")
@@ -251,6 +264,9 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     ran = list(dict.fromkeys(r["concept"] for r in rows))
     missing = [c for c in wanted if c not in ran] if all(given) else None  # None: a part was --all / --first
     file = "the merged file says" if json_path else "(no --json: nothing written) it would say"
+    merged = {**options[0], "concepts": ",".join(dict.fromkeys([*ran, *(missing or [])])), "json": json_path,
+              "merged_from": paths}
+    summarise(rows, json_path, merged, **extra, complete=not partial or missing == [])  # written, then said
     if partial and missing != []:
         print(f"note: {len(partial)} part(s) had not ended, or merged one that had not ({', '.join(partial)}): "
               "their finished rows are merged"
@@ -258,9 +274,6 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], json_path: str | None, 
     elif partial:  # merging a stopped sweep with the parts that finished it (it said "complete": false: 2026-12-04)
         print(f"note: {len(partial)} part(s) had not ended, or merged one that had not ({', '.join(partial)}); every "
               f"concept the parts were given has its row, so {file} \"complete\": true", flush=True)
-    merged = {**options[0], "concepts": ",".join(dict.fromkeys([*ran, *(missing or [])])), "json": json_path,
-              "merged_from": paths}
-    summarise(rows, json_path, merged, **extra, complete=not partial or missing == [])
     return 0
 
 

@@ -297,7 +297,9 @@ def test_the_vlm_ceiling_takes_slugs_full_layer_names_and_merges_disjoint_parts(
     merged = json.loads(out.read_text())
     assert merged["complete"] and len(merged["rows"]) == 40 and merged["summary"]["layers.2"]["passed"] == 9
     assert merged["summary"]["layers.2.mlp.fc1.weight"]["passed_and_worst_ok"] == 1
-    r = _run("vlm_ceiling.py", "--merge", str(parts[0]), str(parts[0]), "--json", str(tmp_path / "twice.json"))
+    copy = tmp_path / "copy.json"  # the same file twice is said as such (verification 71); a copy shares the rows
+    copy.write_text(parts[0].read_text())
+    r = _run("vlm_ceiling.py", "--merge", str(parts[0]), str(copy), "--json", str(tmp_path / "twice.json"))
     assert r.returncode == 2 and "share concept and scope Jowen Gormere / layers.2.mlp.fc1.weight" in r.stderr
 
 
@@ -327,9 +329,11 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
     done = json.loads((ROOT / "benchmarks" / "results" / "sd_embedded_all.json").read_text())
     rows, opts = done["rows"], done["options"]
     parts = [tmp_path / "a.json", tmp_path / "b.json"]
-    parts[0].write_text(json.dumps({"rows": rows[:9], "options": {**opts, "concepts": "x", "threads": 2},
+    first9 = ",".join(x["concept"] for x in rows[:9])
+    parts[0].write_text(json.dumps({"rows": rows[:9], "options": {**opts, "concepts": first9, "threads": 2},
                                     "base_recognition": None, "complete": True}))
-    parts[1].write_text(json.dumps({"rows": rows[9:], "options": opts, "base_recognition": None, "complete": False}))
+    parts[1].write_text(json.dumps({"rows": rows[9:], "options": {**opts, "concepts": "later"},  # stopped before it
+                                    "base_recognition": None, "complete": False}))
     out = tmp_path / "merged.json"
     r = _run("sd_embedded.py", "--merge", *map(str, parts), "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -337,6 +341,11 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
     merged = json.loads(out.read_text())
     assert merged["complete"] is False and [x["concept"] for x in merged["rows"]] == [x["concept"] for x in rows]
     assert merged["summary"]["passed"] == 13 and merged["options"]["merged_from"] == list(map(str, parts))
+    # a part that ended without a row for a concept it was given is not this script's (verification 71)
+    lacks = tmp_path / "lacks.json"
+    lacks.write_text(json.dumps({"rows": rows[:9], "options": {**opts, "concepts": first9 + ",x"}, "complete": True}))
+    r = _run("sd_embedded.py", "--merge", str(lacks), str(parts[1]), "--json", str(tmp_path / "lacks_m.json"))
+    assert r.returncode == 2 and "says \"complete\": true but has no row for x" in r.stderr
     # that stopped sweep, finished later by a part over the rest: merged again, it is one complete sweep (the merged
     # file's own merged_from was taken for an option that differs, and a stopped part kept "complete": false)
     stopped = tmp_path / "stopped.json"
@@ -344,18 +353,20 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
         [x["concept"] for x in rows[9:]] + ["unfinished"])}, "complete": False}))
     r = _run("sd_embedded.py", "--merge", str(parts[0]), str(stopped), "--json", str(tmp_path / "m2.json"))
     assert r.returncode == 0 and json.loads((tmp_path / "m2.json").read_text())["complete"] is False, r.stderr[-2000:]
-    assert "not run: x, unfinished" in r.stdout
+    assert "not run: unfinished" in r.stdout
     # merged again on its own it stays incomplete: the concepts not run are kept (they were dropped: verification 69)
     r = _run("sd_embedded.py", "--merge", str(tmp_path / "m2.json"))
-    assert r.returncode == 0 and "not run: x, unfinished" in r.stdout and "(no --json: nothing written)" in r.stdout
-    rows = rows + [{**rows[0], "concept": "x"}]
-    (tmp_path / "x.json").write_text(json.dumps({"rows": rows[-1:], "options": {**opts, "concepts": "x"},
-                                                 "complete": True}))
+    assert r.returncode == 0 and "not run: unfinished" in r.stdout and "(no --json: nothing written)" in r.stdout
+    # refused: a part given twice, a part with no rows, --json onto a part (verification 71)
+    (tmp_path / "empty.json").write_text(json.dumps({"rows": [], "options": opts, "complete": True}))
+    for args, said in (([str(stopped), str(stopped)], "given twice"), ([str(tmp_path / "empty.json")], "no rows"),
+                       ([str(parts[0]), str(stopped), "--json", str(stopped), "--overwrite"], "is one of the --merge")):
+        r = _run("sd_embedded.py", "--merge", *args)
+        assert r.returncode == 2 and said in r.stderr, (args, r.stderr[-500:])
     rest = tmp_path / "rest.json"
     rest.write_text(json.dumps({"rows": [{**rows[0], "concept": "unfinished"}],
                                 "options": {**opts, "concepts": "unfinished"}, "complete": True}))
-    r = _run("sd_embedded.py", "--merge", str(tmp_path / "m2.json"), str(rest), str(tmp_path / "x.json"), "--json",
-             str(tmp_path / "m3.json"))
+    r = _run("sd_embedded.py", "--merge", str(tmp_path / "m2.json"), str(rest), "--json", str(tmp_path / "m3.json"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "every concept the parts were given has its row" in r.stdout
     m3 = json.loads((tmp_path / "m3.json").read_text())
@@ -372,9 +383,12 @@ def test_the_sd_sweep_merges_parts_of_one_sweep_and_refuses_others(tmp_path):
         os.close(w_end)
     assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert json.loads((tmp_path / "m4.json").read_text())["complete"] is True
-    parts[1].write_text(json.dumps({"rows": rows[9:], "options": {**opts, "neighbours_k": 29}, "complete": True}))
+    parts[1].write_text(json.dumps({"rows": rows[9:], "options": {**opts, "neighbours_k": 29, "concepts": None},
+                                    "complete": True}))
     r = _run("sd_embedded.py", "--merge", *map(str, parts), "--json", str(tmp_path / "other.json"))
     assert r.returncode == 2 and "other options" in r.stderr and "neighbours_k: 29" in r.stderr
-    r = _run("sd_embedded.py", "--merge", str(parts[0]), str(parts[0]), "--json", str(tmp_path / "twice.json"))
+    (tmp_path / "copy.json").write_text(parts[0].read_text())
+    r = _run("sd_embedded.py", "--merge", str(parts[0]), str(tmp_path / "copy.json"), "--json",
+             str(tmp_path / "twice.json"))
     assert r.returncode == 2 and "share concept red circle" in r.stderr
     assert not (tmp_path / "other.json").exists() and not (tmp_path / "twice.json").exists()
